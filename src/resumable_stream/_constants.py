@@ -1,0 +1,33 @@
+"""Defaults, limits and key names, kept in one place."""
+
+from __future__ import annotations
+
+import re
+
+#: Version of the event vocabulary written into streams (see docs/events.md).
+EVENT_SCHEMA_VERSION = 1
+
+#: Seconds a producer's lease lasts without a heartbeat; consumers report a run whose
+#: lease lapsed as ``error`` / ``producer_lost``.
+DEFAULT_LEASE = 5.0
+#: Seconds finished streams stay readable.
+DEFAULT_RETENTION = 3600.0
+#: Seconds the stream's metadata outlives its data, so "expired" differs from "never existed".
+DEFAULT_TOMBSTONE = 86400.0
+#: Seconds a running stream's keys live without a heartbeat (the heartbeat extends them).
+DEFAULT_RUNNING_TTL = 600.0
+#: Approximate cap on entries (not events: one entry holds a batch of events) per stream.
+DEFAULT_MAX_ENTRIES = 100_000
+#: Events a producer buffers before it waits for the transport (backpressure).
+DEFAULT_MAX_BUFFER = 8192
+#: Entries a consumer fetches per page when replaying.
+DEFAULT_PAGE_SIZE = 512
+#: Entries a live subscription buffers before it drops old ones (the consumer refills the gap).
+DEFAULT_SUBSCRIPTION_BUFFER = 4096
+
+DEFAULT_REDIS_PREFIX = "rstream"
+#: Redis connections: commands share a small pool; reads and cancel signals have one each.
+DEFAULT_REDIS_POOL_SIZE = 2
+
+STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@~-]{1,200}")
+STREAM_ID_RULES = "1-200 characters from A-Z a-z 0-9 and _ . : @ ~ -"

@@ -1,0 +1,259 @@
+"""The event vocabulary and the normalization of sources into it.
+
+Every source (LangGraph ``astream_events(version="v2")``, ``astream`` in any stream mode,
+plain strings, dicts) becomes a sequence of ``(type, data)`` pairs with JSON-safe ``data``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from typing import Any, Final, NamedTuple
+
+TOKEN: Final = "token"
+MESSAGE: Final = "message"
+TOOL_START: Final = "tool_start"
+TOOL_END: Final = "tool_end"
+CUSTOM: Final = "custom"
+UPDATE: Final = "update"
+END: Final = "end"
+ERROR: Final = "error"
+CANCELLED: Final = "cancelled"
+
+EVENT_TYPES: Final = frozenset(
+    {TOKEN, MESSAGE, TOOL_START, TOOL_END, CUSTOM, UPDATE, END, ERROR, CANCELLED}
+)
+TERMINAL_TYPES: Final = frozenset({END, ERROR, CANCELLED})
+
+_STREAM_MODES: Final = frozenset(
+    {"values", "updates", "messages", "custom", "checkpoints", "tasks", "debug", "events"}
+)
+
+
+class Event(NamedTuple):
+    """One event read from a stream.
+
+    ``offset`` identifies this event; pass it as ``after=`` (or send it back as SSE
+    ``Last-Event-ID``) to resume with the next event.
+    """
+
+    type: str
+    data: dict[str, Any]
+    offset: str
+
+    @property
+    def terminal(self) -> bool:
+        """True for ``end``, ``error`` and ``cancelled``: nothing follows it."""
+        return self.type in TERMINAL_TYPES
+
+
+Item = tuple[str, dict[str, Any]]
+
+
+def error_data(exc: BaseException) -> dict[str, Any]:
+    """The ``data`` of an ``error`` event describing ``exc``."""
+    return {"error": type(exc).__name__, "message": str(exc) or repr(exc)}
+
+
+def text_of(content: Any) -> str:
+    """The text of a message's content: a string, or a list of content blocks."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for block in content:
+            if isinstance(block, str):
+                parts.append(block)
+            elif isinstance(block, Mapping) and block.get("type", "text") == "text":
+                text = block.get("text")
+                if isinstance(text, str):
+                    parts.append(text)
+        return "".join(parts)
+    return ""
+
+
+def _is_message(obj: Any) -> bool:
+    return hasattr(obj, "content") and hasattr(obj, "type") and hasattr(obj, "id")
+
+
+def message_to_dict(message: Any) -> dict[str, Any]:
+    """A compact JSON-safe view of a LangChain message."""
+    out: dict[str, Any] = {
+        "id": message.id,
+        "role": message.type.removesuffix("Chunk"),
+        "text": text_of(message.content),
+        "content": to_jsonable(message.content),
+    }
+    tool_calls = getattr(message, "tool_calls", None)
+    if tool_calls:
+        out["tool_calls"] = [
+            {"id": c.get("id"), "name": c.get("name"), "args": to_jsonable(c.get("args"))}
+            for c in tool_calls
+        ]
+    for attr in ("name", "tool_call_id", "status"):
+        value = getattr(message, attr, None)
+        if value:
+            out[attr] = value
+    usage = getattr(message, "usage_metadata", None)
+    if usage:
+        out["usage"] = to_jsonable(usage)
+    return out
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Convert LangGraph/LangChain values (messages, models, dataclasses) to JSON types."""
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return obj
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set | frozenset):
+        return [to_jsonable(v) for v in obj]
+    if _is_message(obj):
+        return message_to_dict(obj)
+    dump = getattr(obj, "model_dump", None)
+    if callable(dump):
+        return to_jsonable(dump())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(dataclasses.asdict(obj))
+    return repr(obj)
+
+
+def _token(text: str, message_id: Any, node: Any, ns: list[str] | None) -> Item:
+    data: dict[str, Any] = {"text": text, "message_id": message_id, "node": node}
+    if ns:
+        data["ns"] = ns
+    return (TOKEN, data)
+
+
+def _from_message(message: Any, metadata: Mapping[str, Any], ns: list[str] | None) -> Item | None:
+    node = metadata.get("langgraph_node")
+    if type(message).__name__.endswith("Chunk"):
+        text = text_of(message.content)
+        return _token(text, message.id, node, ns) if text else None
+    data: dict[str, Any] = {"message": message_to_dict(message), "node": node}
+    if ns:
+        data["ns"] = ns
+    return (MESSAGE, data)
+
+
+def _from_langchain_event(event: Mapping[str, Any]) -> Item | None:
+    kind = event["event"]
+    data = event.get("data") or {}
+    node = (event.get("metadata") or {}).get("langgraph_node")
+    if kind == "on_chat_model_stream":
+        chunk = data.get("chunk")
+        text = text_of(getattr(chunk, "content", ""))
+        return _token(text, getattr(chunk, "id", None), node, None) if text else None
+    if kind == "on_chat_model_end":
+        output = data.get("output")
+        if _is_message(output):
+            return (MESSAGE, {"message": message_to_dict(output), "node": node})
+        return None
+    if kind == "on_tool_start":
+        return (
+            TOOL_START,
+            {
+                "name": event.get("name"),
+                "run_id": str(event.get("run_id")),
+                "input": to_jsonable(data.get("input")),
+                "node": node,
+            },
+        )
+    if kind in ("on_tool_end", "on_tool_error"):
+        out: dict[str, Any] = {
+            "name": event.get("name"),
+            "run_id": str(event.get("run_id")),
+            "node": node,
+        }
+        if kind == "on_tool_error":
+            out["error"] = str(data.get("error"))
+        else:
+            out["output"] = to_jsonable(data.get("output"))
+        return (TOOL_END, out)
+    if kind == "on_custom_event":
+        return (CUSTOM, {"name": event.get("name"), "data": to_jsonable(data), "node": node})
+    return None
+
+
+def _from_mode(mode: str, payload: Any, ns: list[str] | None) -> Iterator[Item]:
+    if mode == "messages":
+        message, metadata = payload
+        item = _from_message(message, metadata or {}, ns)
+        if item is not None:
+            yield item
+        return
+    if mode == "custom":
+        data: dict[str, Any] = {"data": to_jsonable(payload)}
+        if ns:
+            data["ns"] = ns
+        yield (CUSTOM, data)
+        return
+    if mode == "updates" and isinstance(payload, Mapping):
+        for node, update in payload.items():
+            yield (UPDATE, _update(mode, str(node), update, ns))
+        return
+    yield (UPDATE, _update(mode, None, payload, ns))
+
+
+def _update(
+    mode: str | None, node: str | None, payload: Any, ns: list[str] | None
+) -> dict[str, Any]:
+    data: dict[str, Any] = {"mode": mode, "node": node, "data": to_jsonable(payload)}
+    if ns:
+        data["ns"] = ns
+    return data
+
+
+def normalize(item: Any) -> Iterator[Item]:
+    """Turn one item of a source into zero or more ``(type, data)`` pairs.
+
+    Understands every shape LangGraph streams (see docs/events.md) and passes through
+    :class:`Event` objects and ``{"type": ..., "data": ...}`` dicts of the vocabulary.
+    """
+    if isinstance(item, str):
+        if item:
+            yield _token(item, None, None, None)
+        return
+    if isinstance(item, Event):
+        yield (item.type, item.data)
+        return
+    if isinstance(item, Mapping):
+        kind = item.get("type")
+        if isinstance(kind, str) and "ns" in item and "data" in item and kind in _STREAM_MODES:
+            yield from _from_mode(kind, item["data"], list(item["ns"]) or None)
+            return
+        if isinstance(kind, str) and kind in EVENT_TYPES and isinstance(item.get("data"), Mapping):
+            yield (kind, to_jsonable(item["data"]))
+            return
+        event = item.get("event")
+        if isinstance(event, str) and event.startswith("on_"):
+            found = _from_langchain_event(item)
+            if found is not None:
+                yield found
+            return
+        yield (UPDATE, _update(None, None, item, None))
+        return
+    if isinstance(item, tuple):
+        if len(item) == 2 and _is_message(item[0]) and isinstance(item[1], Mapping):
+            yield from _from_mode("messages", item, None)
+            return
+        if len(item) == 2 and isinstance(item[0], str) and item[0] in _STREAM_MODES:
+            yield from _from_mode(item[0], item[1], None)
+            return
+        if len(item) == 3 and isinstance(item[0], tuple) and isinstance(item[1], str):
+            yield from _from_mode(item[1], item[2], list(item[0]) or None)
+            return
+        if len(item) == 2 and isinstance(item[0], tuple):
+            ns = list(item[0]) or None
+            inner = item[1]
+            if isinstance(inner, tuple) and len(inner) == 2 and _is_message(inner[0]):
+                yield from _from_mode("messages", inner, ns)
+            else:
+                yield (UPDATE, _update(None, None, inner, ns))
+            return
+    if _is_message(item):
+        found = _from_message(item, {}, None)
+        if found is not None:
+            yield found
+        return
+    yield (CUSTOM, {"data": to_jsonable(item)})

@@ -1,0 +1,84 @@
+"""Every exception the library raises.
+
+Hierarchy::
+
+    ResumableStreamError
+    ├── InvalidStreamId      (also a ValueError)
+    ├── InvalidOffset        (also a ValueError)
+    ├── StreamNotFound
+    ├── OffsetExpired
+    ├── StreamAlreadyRunning
+    ├── LeaseLost
+    ├── TransportError
+    │   └── TransportClosed
+    └── ConfigurationError   (also a ValueError)
+
+Errors from backends (redis-py and others) never cross the public API: transports map
+them to :class:`TransportError` and chain the original as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+
+class ResumableStreamError(Exception):
+    """Base class of every error raised by resumable_stream."""
+
+
+class InvalidStreamId(ResumableStreamError, ValueError):
+    """A stream id is malformed (bad characters or length)."""
+
+
+class InvalidOffset(ResumableStreamError, ValueError):
+    """An offset string is malformed or points past the end of the stream."""
+
+
+class StreamNotFound(ResumableStreamError):
+    """No stream with this id exists, or it expired together with its metadata."""
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__(f"stream {stream_id!r} does not exist (never created, or long expired)")
+        self.stream_id = stream_id
+
+
+class OffsetExpired(ResumableStreamError):
+    """The offset is older than the retained data, or from an earlier run of the same id.
+
+    Resuming is impossible without a gap; the client must start over (reload).
+    """
+
+    def __init__(self, stream_id: str, offset: str | None, reason: str) -> None:
+        super().__init__(f"cannot resume stream {stream_id!r} after {offset!r}: {reason}")
+        self.stream_id = stream_id
+        self.offset = offset
+        self.reason = reason
+
+
+class StreamAlreadyRunning(ResumableStreamError):
+    """A live producer already holds this stream id."""
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__(f"stream {stream_id!r} is already being produced by a live producer")
+        self.stream_id = stream_id
+
+
+class LeaseLost(ResumableStreamError):
+    """This producer lost its lease on the stream and may no longer write to it."""
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__(
+            f"lost the lease on stream {stream_id!r}: another producer took over or the run "
+            "was declared lost; this producer is fenced"
+        )
+        self.stream_id = stream_id
+
+
+class TransportError(ResumableStreamError):
+    """The storage backend failed (connection lost, timeout, server error)."""
+
+
+class TransportClosed(TransportError):
+    """The transport was closed while the operation was in progress."""
+
+
+class ConfigurationError(ResumableStreamError, ValueError):
+    """An argument or URL cannot be used (unknown scheme, missing extra, bad value)."""

@@ -1,0 +1,289 @@
+"""StreamProducer: runs a source in the background and appends its events to a stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterable
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from ._codec import encode_entry
+from ._constants import DEFAULT_LEASE, DEFAULT_MAX_BUFFER
+from ._events import CANCELLED, END, ERROR, TERMINAL_TYPES, TOKEN, Item, error_data, normalize
+from ._exceptions import ConfigurationError, LeaseLost, TransportError
+from ._ids import check_stream_id, new_stream_id
+from .transports._base import Entry, Status, Transport
+
+logger = logging.getLogger("resumable_stream")
+
+_STATUS_OF: dict[str, Status] = {END: "completed", ERROR: "error", CANCELLED: "cancelled"}
+CancelReason = Literal["requested", "shutdown"]
+
+
+class Run:
+    """A run started by :meth:`StreamProducer.start`, writing stream ``stream_id``."""
+
+    def __init__(
+        self,
+        producer: StreamProducer,
+        stream_id: str,
+        epoch: int,
+        owner: str,
+        source: AsyncIterable[Any],
+    ) -> None:
+        self.stream_id = stream_id
+        self.epoch = epoch
+        #: Final status once the run ended: "completed", "error" or "cancelled".
+        self.status: Status | None = None
+        self._producer = producer
+        self._transport = producer.transport
+        self._owner = owner
+        self._source = source
+        self._seq = 0
+        self._buffer: list[Item] = []
+        self._terminal: Item | None = None
+        self._wake = asyncio.Event()
+        self._space = asyncio.Event()
+        self._cancel_reason: CancelReason | None = None
+        self._failure: BaseException | None = None
+        self._pump = asyncio.create_task(self._read_source(), name=f"rstream pump {stream_id}")
+        self._task = asyncio.create_task(self._main(), name=f"rstream run {stream_id}")
+
+    def __repr__(self) -> str:
+        return f"<Run stream_id={self.stream_id!r} status={self.status or 'running'}>"
+
+    def done(self) -> bool:
+        """True once the terminal event is written (or the run failed to write it)."""
+        return self._task.done()
+
+    async def wait(self) -> Status:
+        """Wait for the run to end and return its final status.
+
+        Raises :class:`LeaseLost` or :class:`TransportError` if the run could not write
+        its terminal event. Cancelling ``wait()`` does not cancel the run.
+        """
+        await asyncio.shield(self._task)
+        if self._failure is not None:
+            raise self._failure
+        assert self.status is not None
+        return self.status
+
+    async def cancel(self) -> Status:
+        """Stop the run; return its final status once the terminal event is written."""
+        self._request_cancel("requested")
+        return await self.wait()
+
+    def _request_cancel(self, reason: CancelReason) -> None:
+        if self._cancel_reason is None and not self._pump.done():
+            self._cancel_reason = reason
+            self._pump.cancel()
+
+    async def _read_source(self) -> Item:
+        buffer_limit = self._producer.max_buffer
+        source = self._source
+        try:
+            async for item in source:
+                if type(item) is str:  # the hot path: plain token text
+                    if item:
+                        self._buffer.append(
+                            (TOKEN, {"text": item, "message_id": None, "node": None})
+                        )
+                else:
+                    for kind, data in normalize(item):
+                        if kind in TERMINAL_TYPES:
+                            return (kind, data)
+                        self._buffer.append((kind, data))
+                self._wake.set()
+                while len(self._buffer) >= buffer_limit:
+                    self._space.clear()
+                    await self._space.wait()
+            return (END, {})
+        except Exception as exc:
+            logger.info("run %s: source raised %r", self.stream_id, exc)
+            return (ERROR, error_data(exc))
+        finally:
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(Exception):
+                    await aclose()
+
+    async def _main(self) -> None:
+        flusher = asyncio.create_task(self._flush_loop(), name=f"rstream flush {self.stream_id}")
+        helpers = [
+            asyncio.create_task(self._heartbeat(), name=f"rstream lease {self.stream_id}"),
+            asyncio.create_task(self._watch_cancel(), name=f"rstream cancel {self.stream_id}"),
+        ]
+        shutting_down = False
+        try:
+            try:
+                terminal = await self._pump
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                shutting_down = task is not None and task.cancelling() > 0
+                reason = self._cancel_reason or "shutdown"
+                terminal = (CANCELLED, {"reason": reason})
+            self._terminal = terminal
+            self._wake.set()
+            await flusher
+            self.status = _STATUS_OF[terminal[0]]
+        except (LeaseLost, TransportError) as exc:
+            self._failure = exc
+            logger.warning("run %s could not write its terminal event: %s", self.stream_id, exc)
+        finally:
+            for task in (*helpers, self._pump, flusher):
+                task.cancel()
+            await asyncio.gather(*helpers, self._pump, flusher, return_exceptions=True)
+        if shutting_down:
+            raise asyncio.CancelledError
+
+    async def _flush_loop(self) -> None:
+        try:
+            while True:
+                if not self._buffer and self._terminal is None:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                batch, self._buffer = self._buffer, []
+                terminal = self._terminal
+                if terminal is not None:
+                    batch.append(terminal)
+                await self._write(batch, None if terminal is None else _STATUS_OF[terminal[0]])
+                self._space.set()
+                if terminal is not None:
+                    return
+        except (LeaseLost, TransportError):
+            self._pump.cancel()
+            raise
+
+    async def _write(self, batch: list[Item], final: Status | None) -> None:
+        entry = Entry(self.epoch, self._seq + 1, encode_entry(batch))
+        give_up = time.monotonic() + self._producer.lease
+        delay = 0.02
+        while True:
+            try:
+                await self._transport.append(self.stream_id, self._owner, entry, len(batch), final)
+                break
+            except TransportError:
+                # A write whose reply was lost is retried with the same seq; the transport
+                # makes that idempotent. Past the lease, consumers will report the run lost.
+                if time.monotonic() + delay > give_up:
+                    raise
+                await asyncio.sleep(delay)  # backoff between retries
+                delay = min(delay * 2, 1.0)
+        self._seq += 1
+
+    async def _heartbeat(self) -> None:
+        producer = self._producer
+        interval = producer.lease / 3
+        while True:
+            await asyncio.sleep(interval)  # the heartbeat period
+            try:
+                cancel = await self._transport.renew(self.stream_id, self._owner, producer.lease_ms)
+            except LeaseLost as exc:
+                self._failure = exc
+                self._pump.cancel()
+                return
+            except TransportError as exc:
+                logger.warning("run %s: heartbeat failed: %s", self.stream_id, exc)
+                continue
+            if cancel:
+                self._request_cancel("requested")
+
+    async def _watch_cancel(self) -> None:
+        try:
+            await self._transport.wait_cancel(self.stream_id, self.epoch)
+        except TransportError as exc:
+            logger.warning(
+                "run %s: cancel watch failed (heartbeat still checks): %s", self.stream_id, exc
+            )
+            return
+        self._request_cancel("requested")
+
+
+class StreamProducer:
+    """Starts runs: each reads a source in the background and writes it to a stream.
+
+    The producer owns its runs; :meth:`aclose` (or leaving ``async with``) cancels the ones
+    still running, each of which still writes its ``cancelled`` terminal event.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        lease: float = DEFAULT_LEASE,
+        max_buffer: int = DEFAULT_MAX_BUFFER,
+    ) -> None:
+        if lease < 0.1:
+            raise ConfigurationError("lease must be at least 0.1 seconds")
+        if max_buffer < 1:
+            raise ConfigurationError("max_buffer must be at least 1")
+        self.transport = transport
+        self.lease = lease
+        self.lease_ms = int(lease * 1000)
+        self.max_buffer = max_buffer
+        self._runs: dict[str, Run] = {}
+
+    @property
+    def runs(self) -> dict[str, Run]:
+        """The runs of this producer that have not ended, by stream id."""
+        return dict(self._runs)
+
+    async def start(self, source: AsyncIterable[Any], *, stream_id: str | None = None) -> Run:
+        """Start reading ``source`` into a stream in the background; return its :class:`Run`.
+
+        ``source`` is a LangGraph ``astream_events(..., version="v2")`` or ``astream(...)``
+        iterator, or any async iterable of ``str`` tokens, events or dicts. Without
+        ``stream_id`` an unguessable id is generated. Raises :class:`StreamAlreadyRunning`
+        if a live producer holds ``stream_id``.
+        """
+        if not isinstance(source, AsyncIterable):
+            raise TypeError(
+                f"source must be an async iterable (e.g. graph.astream_events(...)), "
+                f"not {type(source).__name__}"
+            )
+        stream_id = new_stream_id() if stream_id is None else check_stream_id(stream_id)
+        owner = secrets.token_hex(16)
+        info = await self.transport.create(stream_id, owner, self.lease_ms)
+        run = Run(self, stream_id, info.epoch, owner, source)
+        self._runs[stream_id] = run
+        run._task.add_done_callback(lambda _: self._forget(run))
+        return run
+
+    def _forget(self, run: Run) -> None:
+        if self._runs.get(run.stream_id) is run:
+            del self._runs[run.stream_id]
+
+    async def cancel(self, stream_id: str) -> bool:
+        """Ask the run writing ``stream_id`` to stop, wherever it runs.
+
+        Returns False if the stream is not running. The run writes ``cancelled`` within
+        about a second (at once when it runs in this process).
+        """
+        check_stream_id(stream_id)
+        run = self._runs.get(stream_id)
+        if run is not None:
+            run._request_cancel("requested")
+        return await self.transport.request_cancel(stream_id) or run is not None
+
+    async def aclose(self) -> None:
+        """Cancel the runs still going and wait until each wrote its terminal event."""
+        runs = list(self._runs.values())
+        for run in runs:
+            run._request_cancel("shutdown")
+        await asyncio.gather(*(run._task for run in runs), return_exceptions=True)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()

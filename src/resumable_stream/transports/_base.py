@@ -1,0 +1,233 @@
+"""The transport contract: what a storage backend must provide.
+
+A transport stores streams of *entries*. An entry is an opaque ``payload`` (bytes) with a
+sequence number ``seq``; the first entry of a run is 1 and each next one is exactly one more.
+Each run of a stream id has an ``epoch``: an integer chosen by the transport when the run is
+created, larger than any earlier epoch of that id, so offsets from an earlier run are told
+apart. Producers *own* a running stream through an ``owner`` token (a lease); every write
+checks it, which fences a producer that lost its lease.
+
+Implementations must be safe to use from many tasks of one event loop at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from abc import ABC, abstractmethod
+from types import TracebackType
+from typing import Literal, NamedTuple, Self
+
+from .._constants import DEFAULT_SUBSCRIPTION_BUFFER
+
+Status = Literal["running", "completed", "error", "cancelled"]
+FINAL_STATUSES: frozenset[str] = frozenset({"completed", "error", "cancelled"})
+
+
+class Entry(NamedTuple):
+    """One stored entry: a batch of encoded events."""
+
+    epoch: int
+    seq: int
+    payload: bytes
+
+
+class StreamInfo(NamedTuple):
+    """What a transport knows about a stream, without reading its entries."""
+
+    stream_id: str
+    epoch: int
+    status: Status
+    #: Unix time (seconds) the run was created and last written.
+    created_at: float
+    updated_at: float
+    #: Sequence number of the last entry (0 before the first write) and its number of events.
+    last_seq: int
+    last_count: int
+    #: Lease duration of the producer in milliseconds (consumers check for a lost producer
+    #: at half this interval when the stream is quiet).
+    lease_ms: int
+
+    @property
+    def last_offset(self) -> str | None:
+        """Offset of the last event written, or None before the first event."""
+        if self.last_seq == 0:
+            return None
+        return f"{self.epoch}-{self.last_seq}-{self.last_count - 1}"
+
+
+class Subscription(ABC):
+    """Live entries of one stream, as returned by :meth:`Transport.subscribe`."""
+
+    @abstractmethod
+    async def get(self, max_wait: float) -> list[Entry]:
+        """Wait up to ``max_wait`` seconds for entries; return them (empty on timeout).
+
+        Entries arrive in order. A subscription may repeat entries or skip some (for
+        example when its buffer overflows); consumers check ``seq`` and fill gaps with
+        :meth:`Transport.read`. Cancelling ``get`` must leave the subscription usable.
+        """
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop receiving entries. Idempotent; never blocks."""
+
+
+class QueueSubscription(Subscription):
+    """A ready-made :class:`Subscription` fed by :meth:`push` (for transport authors)."""
+
+    def __init__(self, on_close: collections.abc.Callable[[QueueSubscription], None]) -> None:
+        self._entries: collections.deque[Entry] = collections.deque()
+        self._ready = asyncio.Event()
+        self._on_close = on_close
+        self.closed = False
+
+    def push(self, entries: list[Entry]) -> None:
+        """Deliver entries; drops the oldest beyond the buffer limit (readers refill gaps)."""
+        self._entries.extend(entries)
+        overflow = len(self._entries) - DEFAULT_SUBSCRIPTION_BUFFER
+        for _ in range(overflow):
+            self._entries.popleft()
+        self._ready.set()
+
+    async def get(self, max_wait: float) -> list[Entry]:
+        if not self._entries:
+            self._ready.clear()
+            try:
+                async with asyncio.timeout(max_wait):
+                    await self._ready.wait()
+            except TimeoutError:
+                pass
+        entries = list(self._entries)
+        self._entries.clear()
+        return entries
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._on_close(self)
+
+
+class Transport(ABC):
+    """Storage for streams. Subclass it to add a backend (see docs/custom-transport.md).
+
+    Settings shared by every transport:
+
+    * ``retention``: seconds a finished stream stays readable;
+    * ``tombstone``: seconds its metadata stays after that, so late readers get
+      "expired" (``OffsetExpired``) rather than "not found";
+    * ``running_ttl``: seconds a running stream lives without a heartbeat (a safety net
+      against a key left behind; heartbeats extend it);
+    * ``max_entries``: approximate cap on entries kept per stream.
+    """
+
+    def __init__(
+        self,
+        *,
+        retention: float,
+        tombstone: float,
+        running_ttl: float,
+        max_entries: int,
+    ) -> None:
+        if retention <= 0 or tombstone < 0 or running_ttl <= 0 or max_entries < 1:
+            from .._exceptions import ConfigurationError
+
+            raise ConfigurationError(
+                "retention and running_ttl must be > 0, tombstone >= 0, max_entries >= 1"
+            )
+        self.retention = retention
+        self.tombstone = tombstone
+        self.running_ttl = running_ttl
+        self.max_entries = max_entries
+
+    @abstractmethod
+    async def create(self, stream_id: str, owner: str, lease_ms: int) -> StreamInfo:
+        """Start a new run of ``stream_id`` owned by ``owner``; return its info.
+
+        Discards whatever the id held before and picks a new epoch larger than the last
+        one. Raises :class:`StreamAlreadyRunning` when the id is running under a lease that
+        has not lapsed. A running id whose lease lapsed (a dead producer) is taken over.
+        """
+
+    @abstractmethod
+    async def append(
+        self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None = None
+    ) -> None:
+        """Append ``entry`` (holding ``count`` events) to the run ``entry.epoch``.
+
+        ``entry.seq`` must be the last seq + 1. Appending a seq that is already stored
+        is a no-op, so a write whose reply was lost can be retried. With ``final`` set, the
+        run ends with that status: the owner can no longer write and the stream expires
+        after ``retention``. Raises :class:`LeaseLost` if ``owner`` no longer owns the run.
+        """
+
+    @abstractmethod
+    async def renew(self, stream_id: str, owner: str, lease_ms: int) -> bool:
+        """Extend the owner's lease by ``lease_ms`` (and the running stream's expiry).
+
+        Returns True if a cancel was requested. Raises :class:`LeaseLost`.
+        """
+
+    @abstractmethod
+    async def request_cancel(self, stream_id: str) -> bool:
+        """Ask the producer of a running stream, in any process, to stop.
+
+        Returns False when the stream is not running. Wakes :meth:`wait_cancel`.
+        """
+
+    @abstractmethod
+    async def wait_cancel(self, stream_id: str, epoch: int) -> None:
+        """Return once a cancel of run ``epoch`` has been requested (in any process).
+
+        Called once per run by its producer and cancelled when the run ends; must not
+        cost a backend round trip per call beyond setup.
+        """
+
+    @abstractmethod
+    async def info(self, stream_id: str) -> StreamInfo | None:
+        """The stream's metadata, or None if it does not exist (or fully expired)."""
+
+    @abstractmethod
+    async def read(self, stream_id: str, epoch: int, after: int, limit: int) -> list[Entry]:
+        """Up to ``limit`` stored entries of run ``epoch`` with ``seq > after``, in order.
+
+        Never blocks for new entries. Returns fewer (or none) at the end, and also when the
+        data expired or was trimmed: callers detect gaps by ``seq``.
+        """
+
+    @abstractmethod
+    def subscribe(self, stream_id: str, epoch: int, after: int) -> Subscription:
+        """Start delivering live entries of run ``epoch`` with ``seq > after``.
+
+        Readers in one process should share backend resources (one blocking read for
+        all subscriptions); subscribing must not block.
+        """
+
+    @abstractmethod
+    async def reap(self, stream_id: str, epoch: int, payload: bytes) -> bool:
+        """End run ``epoch`` with ``payload`` as its last entry if its producer is gone.
+
+        Atomically: only if the run is still running and its lease has lapsed, append
+        ``payload`` (one event) as the next entry, set status ``error`` and fence the old
+        owner. Returns True if it did.
+        """
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, not abstract
+        """Release connections and background tasks. Idempotent."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def now() -> float:
+    """Wall-clock time in seconds (what ``created_at`` / ``updated_at`` use)."""
+    return time.time()

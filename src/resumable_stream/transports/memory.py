@@ -1,0 +1,224 @@
+"""In-process transport: the embedded default and a test double.
+
+Streams live in this process only; share the transport object between producer and
+consumers. Expiry follows the same rules as Redis (checked lazily on access).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from .._constants import (
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_RETENTION,
+    DEFAULT_RUNNING_TTL,
+    DEFAULT_TOMBSTONE,
+)
+from .._exceptions import LeaseLost, StreamAlreadyRunning, TransportClosed
+from ._base import Entry, QueueSubscription, Status, StreamInfo, Subscription, Transport, now
+
+
+@dataclass(eq=False)
+class _Stream:
+    epoch: int
+    owner: str
+    lease_ms: int
+    lease_until: float
+    created_at: float
+    updated_at: float
+    data_until: float
+    meta_until: float
+    status: Status = "running"
+    entries: list[Entry] = field(default_factory=list)
+    first_seq: int = 1
+    last_count: int = 0
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    subscribers: set[QueueSubscription] = field(default_factory=set)
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.entries) - 1
+
+
+class MemoryTransport(Transport):
+    """Streams kept in this process's memory (``memory://``)."""
+
+    def __init__(
+        self,
+        *,
+        retention: float = DEFAULT_RETENTION,
+        tombstone: float = DEFAULT_TOMBSTONE,
+        running_ttl: float = DEFAULT_RUNNING_TTL,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+    ) -> None:
+        super().__init__(
+            retention=retention,
+            tombstone=tombstone,
+            running_ttl=running_ttl,
+            max_entries=max_entries,
+        )
+        self._streams: dict[str, _Stream] = {}
+        self._closed = False
+
+    def _get(self, stream_id: str) -> _Stream | None:
+        if self._closed:
+            raise TransportClosed("the memory transport is closed")
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return None
+        clock = time.monotonic()
+        if clock >= stream.meta_until:
+            del self._streams[stream_id]
+            return None
+        if clock >= stream.data_until and stream.entries:
+            stream.first_seq += len(stream.entries)
+            stream.entries.clear()
+        return stream
+
+    def _owned(self, stream_id: str, owner: str) -> _Stream:
+        stream = self._get(stream_id)
+        if stream is None or stream.owner != owner:
+            raise LeaseLost(stream_id)
+        return stream
+
+    def _sweep(self) -> None:
+        for stream_id in list(self._streams):
+            self._get(stream_id)
+
+    async def create(self, stream_id: str, owner: str, lease_ms: int) -> StreamInfo:
+        self._sweep()
+        old = self._get(stream_id)
+        clock = time.monotonic()
+        if old is not None and old.status == "running" and clock < old.lease_until:
+            raise StreamAlreadyRunning(stream_id)
+        created = now()
+        epoch = int(created * 1000)
+        if old is not None:
+            epoch = max(epoch, old.epoch + 1)
+            old.owner = ""
+            for sub in old.subscribers:
+                sub.push([])  # wake readers of the old run so they notice the new epoch
+        stream = _Stream(
+            epoch=epoch,
+            owner=owner,
+            lease_ms=lease_ms,
+            lease_until=clock + lease_ms / 1000,
+            created_at=created,
+            updated_at=created,
+            data_until=clock + self.running_ttl,
+            meta_until=clock + self.running_ttl,
+        )
+        self._streams[stream_id] = stream
+        return _info(stream_id, stream)
+
+    def _store(self, stream: _Stream, entry: Entry, count: int) -> None:
+        stream.entries.append(entry)
+        stream.last_count = count
+        stream.updated_at = now()
+        overflow = len(stream.entries) - self.max_entries
+        if overflow > 0:
+            del stream.entries[:overflow]
+            stream.first_seq += overflow
+        for sub in stream.subscribers:
+            sub.push([entry])
+
+    async def append(
+        self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None = None
+    ) -> None:
+        stream = self._owned(stream_id, owner)
+        if entry.epoch != stream.epoch:
+            raise LeaseLost(stream_id)
+        if entry.seq <= stream.last_seq:
+            return
+        if stream.status != "running":
+            raise LeaseLost(stream_id)
+        if entry.seq != stream.last_seq + 1:
+            raise ValueError(f"entry {entry.seq} does not follow {stream.last_seq}")
+        self._store(stream, entry, count)
+        if final is not None:
+            self._finish(stream, final)
+
+    def _finish(self, stream: _Stream, status: Status) -> None:
+        clock = time.monotonic()
+        stream.status = status
+        stream.data_until = clock + self.retention
+        stream.meta_until = clock + self.retention + self.tombstone
+
+    async def renew(self, stream_id: str, owner: str, lease_ms: int) -> bool:
+        stream = self._owned(stream_id, owner)
+        if stream.status != "running":
+            raise LeaseLost(stream_id)
+        clock = time.monotonic()
+        stream.lease_until = clock + lease_ms / 1000
+        stream.data_until = stream.meta_until = clock + self.running_ttl
+        return stream.cancel.is_set()
+
+    async def request_cancel(self, stream_id: str) -> bool:
+        stream = self._get(stream_id)
+        if stream is None or stream.status != "running":
+            return False
+        stream.cancel.set()
+        return True
+
+    async def wait_cancel(self, stream_id: str, epoch: int) -> None:
+        stream = self._get(stream_id)
+        if stream is None or stream.epoch != epoch:
+            return
+        await stream.cancel.wait()
+
+    async def info(self, stream_id: str) -> StreamInfo | None:
+        stream = self._get(stream_id)
+        return None if stream is None else _info(stream_id, stream)
+
+    async def read(self, stream_id: str, epoch: int, after: int, limit: int) -> list[Entry]:
+        stream = self._get(stream_id)
+        if stream is None or stream.epoch != epoch:
+            return []
+        start = max(after + 1 - stream.first_seq, 0)
+        return stream.entries[start : start + limit]
+
+    def subscribe(self, stream_id: str, epoch: int, after: int) -> Subscription:
+        stream = self._get(stream_id)
+        subs = stream.subscribers if stream is not None and stream.epoch == epoch else set()
+        sub = QueueSubscription(subs.discard)
+        subs.add(sub)
+        if stream is not None and stream.epoch == epoch and stream.last_seq > after:
+            start = max(after + 1 - stream.first_seq, 0)
+            sub.push(stream.entries[start:])
+        return sub
+
+    async def reap(self, stream_id: str, epoch: int, payload: bytes) -> bool:
+        stream = self._get(stream_id)
+        if (
+            stream is None
+            or stream.epoch != epoch
+            or stream.status != "running"
+            or time.monotonic() < stream.lease_until
+        ):
+            return False
+        stream.owner = ""
+        self._store(stream, Entry(epoch, stream.last_seq + 1, payload), 1)
+        self._finish(stream, "error")
+        return True
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for stream in self._streams.values():
+            for sub in list(stream.subscribers):
+                sub.push([])
+        self._streams.clear()
+
+
+def _info(stream_id: str, stream: _Stream) -> StreamInfo:
+    return StreamInfo(
+        stream_id=stream_id,
+        epoch=stream.epoch,
+        status=stream.status,
+        created_at=stream.created_at,
+        updated_at=stream.updated_at,
+        last_seq=stream.last_seq,
+        last_count=stream.last_count,
+        lease_ms=stream.lease_ms,
+    )
