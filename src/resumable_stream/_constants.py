@@ -20,6 +20,12 @@ DEFAULT_RUNNING_TTL = 600.0
 DEFAULT_MAX_ENTRIES = 100_000
 #: Events a producer buffers before it waits for the transport (backpressure).
 DEFAULT_MAX_BUFFER = 8192
+#: When events arrive while the previous write is in flight (the source outruns round trips),
+#: the producer lets the next entry fill up to this many events or this many seconds, which
+#: keeps bursts at a few Redis commands per hundred events. A source that pauses between
+#: events (an LLM at its own pace) is written at once, without this delay.
+COALESCE_EVENTS = 256
+COALESCE_DELAY = 0.05
 #: Entries a consumer fetches per page when replaying.
 DEFAULT_PAGE_SIZE = 512
 #: Entries a live subscription buffers before it drops old ones (the consumer refills the gap).

@@ -60,6 +60,7 @@ class StreamConsumer:
         self._subscription: Subscription | None = None
         self._finished = False
         self._gap = False
+        self._caught_up = False
 
     @property
     def last_offset(self) -> str | None:
@@ -128,17 +129,26 @@ class StreamConsumer:
     async def _fill(self) -> None:
         """Put at least one event in the queue, or mark the stream finished."""
         info = self._info or await self._start()
-        if self._subscription is None or self._gap:
+        if (self._subscription is None and not self._caught_up) or self._gap:
             # Replay (or refill a gap in live delivery) from storage, a page at a time.
             entries = await self.transport.read(
                 self.stream_id, self._epoch, self._seq, self._page_size
             )
+            if not entries:
+                info = await self._refresh()
+                if self._seq < info.last_seq:
+                    # Written since the read, or gone: read again, after the info.
+                    entries = await self.transport.read(
+                        self.stream_id, self._epoch, self._seq, self._page_size
+                    )
+                    if not entries:
+                        self._expired("the events were trimmed or expired")
             if entries:
                 self._take(entries, stored=True)
+                # A short page reached the end of what is stored: follow the live feed from
+                # here rather than poll storage once per entry while the producer writes.
+                self._caught_up = len(entries) < self._page_size
                 return
-            info = await self._refresh()
-            if self._seq < info.last_seq:
-                self._expired("the events were trimmed or expired")
             if info.status in FINAL_STATUSES:
                 self._finished = True
                 return

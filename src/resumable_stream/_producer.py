@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 from ._codec import encode_entry
-from ._constants import DEFAULT_LEASE, DEFAULT_MAX_BUFFER
+from ._constants import COALESCE_DELAY, COALESCE_EVENTS, DEFAULT_LEASE, DEFAULT_MAX_BUFFER
 from ._events import CANCELLED, END, ERROR, TERMINAL_TYPES, TOKEN, Item, error_data, normalize
 from ._exceptions import ConfigurationError, LeaseLost, TransportError
 from ._ids import check_stream_id, new_stream_id
@@ -50,6 +50,7 @@ class Run:
         self._space = asyncio.Event()
         self._cancel_reason: CancelReason | None = None
         self._failure: BaseException | None = None
+        self._coalesce_events = min(COALESCE_EVENTS, producer.max_buffer)
         self._pump = asyncio.create_task(self._read_source(), name=f"rstream pump {stream_id}")
         self._task = asyncio.create_task(self._main(), name=f"rstream run {stream_id}")
 
@@ -84,9 +85,11 @@ class Run:
 
     async def _read_source(self) -> Item:
         buffer_limit = self._producer.max_buffer
+        full = self._coalesce_events
         source = self._source
         try:
             async for item in source:
+                buffered = len(self._buffer)
                 if type(item) is str:  # the hot path: plain token text
                     if item:
                         self._buffer.append(
@@ -97,7 +100,9 @@ class Run:
                         if kind in TERMINAL_TYPES:
                             return (kind, data)
                         self._buffer.append((kind, data))
-                self._wake.set()
+                # The flusher needs waking for the first event of a batch and for a full one.
+                if buffered == 0 or len(self._buffer) >= full:
+                    self._wake.set()
                 while len(self._buffer) >= buffer_limit:
                     self._space.clear()
                     await self._space.wait()
@@ -141,12 +146,24 @@ class Run:
             raise asyncio.CancelledError
 
     async def _flush_loop(self) -> None:
+        bursting = False
         try:
             while True:
                 if not self._buffer and self._terminal is None:
                     self._wake.clear()
                     await self._wake.wait()
                     continue
+                if (
+                    bursting
+                    and self._terminal is None
+                    and len(self._buffer) < self._coalesce_events
+                ):
+                    # Events arrived during the last write: the source outruns round trips,
+                    # so let this entry fill a little (docs/performance.md, "coalescing").
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(COALESCE_DELAY):
+                            await self._wake.wait()
                 batch, self._buffer = self._buffer, []
                 terminal = self._terminal
                 if terminal is not None:
@@ -155,6 +172,7 @@ class Run:
                 self._space.set()
                 if terminal is not None:
                     return
+                bursting = bool(self._buffer)
         except (LeaseLost, TransportError):
             self._pump.cancel()
             raise

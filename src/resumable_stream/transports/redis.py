@@ -245,8 +245,7 @@ class _Reader:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         # The XREAD was interrupted mid-command: drop the connection, never reuse it.
-        await self._client.connection_pool.disconnect()
-        await self._client.aclose()
+        await self._client.aclose(close_connection_pool=True)
 
 
 class _CancelListener:
@@ -306,8 +305,7 @@ class _CancelListener:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        await self._client.connection_pool.disconnect()
-        await self._client.aclose()
+        await self._client.aclose(close_connection_pool=True)
 
 
 class RedisTransport(Transport):
@@ -482,7 +480,7 @@ class RedisTransport(Transport):
                     await part.aclose()
         if self._owns_client:
             with _mapped():
-                await self.client.aclose()
+                await self.client.aclose(close_connection_pool=True)
 
 
 def _entry(entry_id: bytes, fields: dict[bytes, bytes] | list[bytes]) -> Entry:

@@ -1,0 +1,205 @@
+"""HTTP values that do not depend on a web framework: defaults, wire formats, errors.
+
+The adapters (``resumable_stream.starlette``, ``resumable_stream.fastapi``) map requests to
+producer/consumer calls and render these values; nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final, Literal, NamedTuple
+
+import orjson
+
+from ._events import Event
+from ._exceptions import (
+    InvalidOffset,
+    InvalidStreamId,
+    OffsetExpired,
+    ResumableStreamError,
+    StreamAlreadyRunning,
+    StreamNotFound,
+    TransportError,
+)
+from ._sse import PING, encode_event
+
+# --- defaults and limits -----------------------------------------------------------------
+
+#: Seconds without an event after which an idle stream gets a keep-alive line.
+DEFAULT_PING_INTERVAL: Final = 15.0
+#: Seconds an SSE client waits before it reconnects (sent as ``retry:``).
+DEFAULT_RETRY: Final = 1.0
+#: Seconds one write to the client may take before the client counts as stuck.
+DEFAULT_SEND_TIMEOUT: Final = 30.0
+#: Stream connections one router serves at once (the library targets 1,000 per worker).
+DEFAULT_MAX_CONNECTIONS: Final = 1000
+#: Seconds a stream response waits for its first events before it sends the headers: long
+#: enough for the consumer's first reads, so that their errors still get a status code.
+FIRST_EVENT_WAIT: Final = 0.5
+#: Encoded bytes a response buffers ahead of a slow client before it stops reading.
+BUFFER_LIMIT: Final = 64 * 1024
+#: ``Retry-After`` seconds when the router is full or the transport is down.
+RETRY_AFTER: Final = 1
+
+# --- wire formats --------------------------------------------------------------------------
+
+EVENT_STREAM_TYPE: Final = "text/event-stream"
+NDJSON_TYPE: Final = "application/x-ndjson"
+JSON_TYPE: Final = "application/json"
+_NDJSON_TYPES = (NDJSON_TYPE, "application/ndjson", "application/jsonl")
+
+
+def encode_ndjson(event: Event) -> bytes:
+    """One JSON object and a newline: ``{"offset": ..., "type": ..., "data": ...}``."""
+    return orjson.dumps(
+        {"offset": event.offset, "type": event.type, "data": event.data},
+        option=orjson.OPT_APPEND_NEWLINE,
+    )
+
+
+class WireFormat(NamedTuple):
+    """How a stream response writes events and keep-alives."""
+
+    name: Literal["sse", "ndjson"]
+    media_type: str
+    encode: Callable[[Event], bytes]
+    keepalive: bytes
+
+
+SSE: Final = WireFormat("sse", EVENT_STREAM_TYPE, encode_event, PING)
+# A blank line: NDJSON readers skip empty lines (ndjson spec, "parsing").
+NDJSON: Final = WireFormat("ndjson", NDJSON_TYPE, encode_ndjson, b"\n")
+
+
+def stream_headers(wire: WireFormat) -> list[tuple[bytes, bytes]]:
+    """Headers of a stream response.
+
+    The content type carries no charset (SSE is always UTF-8, and some clients compare it
+    exactly). ``X-Accel-Buffering: no`` stops nginx from buffering the stream. There is no
+    ``Connection`` or ``Transfer-Encoding``: hop-by-hop headers are invalid in HTTP/2.
+    """
+    return [
+        (b"content-type", wire.media_type.encode()),
+        (b"cache-control", b"no-store"),
+        (b"x-accel-buffering", b"no"),
+        (b"vary", b"accept"),
+    ]
+
+
+def _media_ranges(accept: str) -> dict[str, float]:
+    ranges: dict[str, float] = {}
+    for part in accept.lower().split(","):
+        media, *params = part.split(";")
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        media = media.strip()
+        if media:
+            ranges[media] = max(quality, ranges.get(media, 0.0))
+    return ranges
+
+
+class Negotiated(NamedTuple):
+    wire: WireFormat
+    #: The client asked for ``text/event-stream`` (it may be a browser's ``EventSource``).
+    event_stream_client: bool
+
+
+def negotiate(accept: str) -> Negotiated:
+    """Choose SSE or NDJSON from an ``Accept`` header; SSE unless NDJSON is preferred."""
+    ranges = _media_ranges(accept)
+    sse_quality = ranges.get(EVENT_STREAM_TYPE, 0.0)
+    ndjson_quality = max(ranges.get(media, 0.0) for media in _NDJSON_TYPES)
+    wire = NDJSON if ndjson_quality > sse_quality else SSE
+    return Negotiated(wire, sse_quality > 0)
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPError:
+    """An error response: ``status`` and a JSON body ``{"code": ..., "message": ...}``.
+
+    ``code`` is stable (clients branch on it); ``message`` is for people.
+    """
+
+    status: int
+    code: str
+    message: str
+    retry_after: int | None = None
+
+    def body(self) -> bytes:
+        return orjson.dumps({"code": self.code, "message": self.message})
+
+    def headers(self) -> dict[str, str]:
+        headers = {"cache-control": "no-store"}
+        if self.retry_after is not None:
+            headers["retry-after"] = str(self.retry_after)
+        return headers
+
+
+def error_for(exc: BaseException, *, event_stream_client: bool = False) -> HTTPError:
+    """The response for an error raised by a producer, consumer or transport.
+
+    An unknown or fully expired stream is ``204 No Content`` for SSE clients, the one status
+    that makes a browser's ``EventSource`` stop reconnecting, and 404 for others.
+    """
+    if isinstance(exc, InvalidStreamId):
+        return HTTPError(400, "invalid_stream_id", str(exc))
+    if isinstance(exc, InvalidOffset):
+        return HTTPError(400, "invalid_offset", str(exc))
+    if isinstance(exc, StreamNotFound):
+        return HTTPError(204 if event_stream_client else 404, "stream_not_found", str(exc))
+    if isinstance(exc, OffsetExpired):
+        if exc.offset is None:
+            # Read from the start, yet the events are gone: the stream expired; nothing to
+            # reload, so this is "not found", not "start over".
+            return HTTPError(
+                204 if event_stream_client else 404,
+                "stream_expired",
+                f"the events of stream {exc.stream_id!r} expired",
+            )
+        return HTTPError(
+            410,
+            "offset_expired",
+            f"{exc}; the client must reload: read the stream again from the start "
+            "(without after / Last-Event-ID)",
+        )
+    if isinstance(exc, StreamAlreadyRunning):
+        return HTTPError(409, "stream_already_running", str(exc))
+    if isinstance(exc, TransportError):
+        return HTTPError(
+            503, "unavailable", f"stream storage unavailable: {exc}", retry_after=RETRY_AFTER
+        )
+    if isinstance(exc, ResumableStreamError):
+        return HTTPError(500, "internal_error", str(exc))
+    return HTTPError(500, "internal_error", "internal server error")
+
+
+FORBIDDEN: Final = HTTPError(403, "forbidden", "not allowed to access this stream")
+
+
+def too_many_streams(limit: int) -> HTTPError:
+    return HTTPError(
+        503,
+        "too_many_streams",
+        f"this server already serves {limit} streams; retry later",
+        retry_after=RETRY_AFTER,
+    )
+
+
+def not_running(stream_id: str, status: str) -> HTTPError:
+    return HTTPError(409, "stream_not_running", f"stream {stream_id!r} is {status}, not running")
+
+
+def http_status_error(status: int, detail: str) -> HTTPError:
+    """Routing errors (unknown path, wrong method) in the same JSON shape."""
+    codes = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
+    return HTTPError(status, codes.get(status, "http_error"), detail)

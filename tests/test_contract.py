@@ -1,0 +1,284 @@
+"""The behaviour every transport must give producers and consumers (memory and Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from resumable_stream import (
+    InvalidOffset,
+    InvalidStreamId,
+    LeaseLost,
+    OffsetExpired,
+    StreamAlreadyRunning,
+    StreamConsumer,
+    StreamNotFound,
+    StreamProducer,
+    Transport,
+)
+from resumable_stream._codec import encode_entry
+from resumable_stream.transports import Entry
+from tests._helpers import collect, eventually, joined, text_of, tokens
+
+
+async def test_full_stream_rebuilds_the_text(transport: Transport) -> None:
+    run = await StreamProducer(transport).start(tokens(2000))
+    events = await collect(transport, run.stream_id)
+    assert joined(events) == text_of(2000)
+    assert [e.type for e in events[-1:]] == ["end"]
+    assert sum(e.terminal for e in events) == 1
+    assert len({e.offset for e in events}) == len(events)
+    assert await run.wait() == "completed"
+
+
+async def test_generated_ids_are_unguessable(transport: Transport) -> None:
+    producer = StreamProducer(transport)
+    ids = {(await producer.start(tokens(1))).stream_id for _ in range(20)}
+    assert len(ids) == 20
+    assert all(len(i) >= 22 for i in ids)  # 16 random bytes, url-safe base64
+    await producer.aclose()
+
+
+async def test_resume_from_any_offset_has_no_gap_and_no_duplicate(transport: Transport) -> None:
+    run = await StreamProducer(transport, max_buffer=7).start(tokens(300, every=3))
+    events = await collect(transport, run.stream_id)
+    for cut in range(0, len(events), 13):
+        rest = await collect(transport, run.stream_id, after=events[cut].offset)
+        assert rest == events[cut + 1 :]
+    assert await collect(transport, run.stream_id, after=events[-1].offset) == []
+
+
+async def test_late_joiner_and_live_reader_see_the_same_events(transport: Transport) -> None:
+    gate = asyncio.Event()
+    run = await StreamProducer(transport).start(tokens(400, pause=gate))
+    early = asyncio.create_task(collect(transport, run.stream_id))
+    consumer = StreamConsumer(transport, run.stream_id)
+    first = await anext(consumer)  # the stream is live and half written
+    gate.set()
+    late = [first, *[event async for event in consumer]]
+    assert late == await early
+    assert joined(late) == text_of(400)
+
+
+async def test_replay_after_the_run_ended(transport: Transport) -> None:
+    run = await StreamProducer(transport).start(tokens(50))
+    await run.wait()
+    assert joined(await collect(transport, run.stream_id)) == text_of(50)
+    assert joined(await collect(transport, run.stream_id)) == text_of(50)
+
+
+async def test_unknown_stream_is_not_found(transport: Transport) -> None:
+    with pytest.raises(StreamNotFound):
+        await collect(transport, "no-such-stream")
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "{tag}", "x" * 201, "é", "a/b"])
+async def test_bad_stream_ids_are_refused(transport: Transport, bad: str) -> None:
+    with pytest.raises(InvalidStreamId):
+        StreamConsumer(transport, bad)
+    with pytest.raises(InvalidStreamId):
+        await StreamProducer(transport).start(tokens(1), stream_id=bad)
+
+
+@pytest.mark.parametrize("bad", ["", "1-2", "a-b-c", "1-0-0", "1-2-3-4", "-1-2", "1--2"])
+async def test_malformed_offsets_are_refused(transport: Transport, bad: str) -> None:
+    with pytest.raises(InvalidOffset):
+        StreamConsumer(transport, "s", after=bad)
+
+
+async def test_offset_past_the_end_is_refused(transport: Transport) -> None:
+    run = await StreamProducer(transport).start(tokens(5))
+    events = await collect(transport, run.stream_id)
+    epoch = events[0].offset.split("-")[0]
+    with pytest.raises(InvalidOffset):
+        await collect(transport, run.stream_id, after=f"{epoch}-999-0")
+
+
+async def test_offset_from_an_earlier_run_is_expired(transport: Transport) -> None:
+    producer = StreamProducer(transport)
+    first = await producer.start(tokens(20), stream_id="again")
+    old = await collect(transport, "again")
+    await first.wait()
+    await (await producer.start(tokens(30), stream_id="again")).wait()
+    with pytest.raises(OffsetExpired):
+        await collect(transport, "again", after=old[5].offset)
+    assert joined(await collect(transport, "again")) == text_of(30)
+
+
+async def test_second_start_on_a_live_id_is_refused(
+    transport: Transport, peer_transport: Transport
+) -> None:
+    gate = asyncio.Event()
+    results = await asyncio.gather(
+        StreamProducer(transport).start(tokens(10, pause=gate), stream_id="solo"),
+        StreamProducer(peer_transport).start(tokens(10, pause=gate), stream_id="solo"),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(r, StreamAlreadyRunning) for r in results) == 1
+    gate.set()
+    (run,) = [r for r in results if not isinstance(r, BaseException)]
+    assert await run.wait() == "completed"
+    assert joined(await collect(transport, "solo")) == text_of(10)
+
+
+async def test_source_exception_ends_with_one_error_event(transport: Transport) -> None:
+    async def failing() -> AsyncIterator[str]:
+        yield "partial "
+        raise RuntimeError("model exploded")
+
+    run = await StreamProducer(transport).start(failing())
+    events = await collect(transport, run.stream_id)
+    assert [e.type for e in events] == ["token", "error"]
+    assert events[-1].data == {"error": "RuntimeError", "message": "model exploded"}
+    assert await run.wait() == "error"
+
+
+async def test_cancel_from_another_transport_instance(
+    transport: Transport, peer_transport: Transport
+) -> None:
+    gate = asyncio.Event()  # never set: the source blocks like a slow model
+    run = await StreamProducer(transport).start(tokens(10, pause=gate), stream_id="stop-me")
+    consumer = StreamConsumer(peer_transport, "stop-me")
+    await anext(consumer)
+    started = time.monotonic()
+    assert await StreamProducer(peer_transport).cancel("stop-me") is True
+    rest = [event async for event in consumer]
+    assert time.monotonic() - started < 1.0
+    assert rest[-1].type == "cancelled"
+    assert rest[-1].data == {"reason": "requested"}
+    assert await run.wait() == "cancelled"
+    assert await StreamProducer(peer_transport).cancel("stop-me") is False
+
+
+async def test_run_cancel_and_producer_close_write_terminal_events(transport: Transport) -> None:
+    gate = asyncio.Event()
+    producer = StreamProducer(transport)
+    first = await producer.start(tokens(10, pause=gate))
+    second = await producer.start(tokens(10, pause=gate))
+    assert await first.cancel() == "cancelled"
+    await producer.aclose()
+    assert second.status == "cancelled"
+    last = (await collect(transport, second.stream_id))[-1]
+    assert (last.type, last.data) == ("cancelled", {"reason": "shutdown"})
+    assert producer.runs == {}
+
+
+async def test_dead_producer_is_reported_lost(transport: Transport) -> None:
+    # A run created but never written nor renewed: what a kill -9 leaves behind.
+    await transport.create("orphan", owner="gone", lease_ms=300)
+    started = time.monotonic()
+    events = await collect(transport, "orphan")
+    assert [e.type for e in events] == ["error"]
+    assert events[0].data["error"] == "producer_lost"
+    assert time.monotonic() - started < 2.0
+    info = await transport.info("orphan")
+    assert info is not None and info.status == "error"
+
+
+async def test_fenced_producer_cannot_append(
+    transport: Transport, peer_transport: Transport
+) -> None:
+    old = await transport.create("fence", owner="old", lease_ms=200)
+
+    async def lapsed() -> bool:
+        try:
+            await peer_transport.create("fence", owner="new", lease_ms=5000)
+        except StreamAlreadyRunning:
+            return False
+        return True
+
+    await eventually(lapsed)
+    with pytest.raises(LeaseLost):
+        await transport.append("fence", "old", Entry(old.epoch, 1, encode_entry([])), 0)
+    with pytest.raises(LeaseLost):
+        await transport.renew("fence", "old", 1000)
+
+
+async def test_appends_are_idempotent_per_seq(transport: Transport) -> None:
+    info = await transport.create("idem", owner="me", lease_ms=5000)
+    entry = Entry(
+        info.epoch, 1, encode_entry([("token", {"text": "a", "message_id": None, "node": None})])
+    )
+    await transport.append("idem", "me", entry, 1)
+    await transport.append("idem", "me", entry, 1)  # a retry after a lost reply
+    final = Entry(info.epoch, 2, encode_entry([("end", {})]))
+    await transport.append("idem", "me", final, 1, final="completed")
+    assert [e.type for e in await collect(transport, "idem")] == ["token", "end"]
+
+
+async def test_expired_data_is_told_apart_from_unknown(
+    transport_factory: Callable[..., Transport],
+) -> None:
+    transport = transport_factory(retention=0.3, tombstone=0.5)
+    run = await StreamProducer(transport).start(tokens(20))
+    events = await collect(transport, run.stream_id)
+
+    async def data_gone() -> bool:
+        try:
+            await collect(transport, run.stream_id, after=events[3].offset)
+        except OffsetExpired:
+            return True
+        return False
+
+    await eventually(data_gone)
+    with pytest.raises(OffsetExpired):
+        await collect(transport, run.stream_id)
+
+    async def all_gone() -> bool:
+        return await transport.info(run.stream_id) is None
+
+    await eventually(all_gone)
+    with pytest.raises(StreamNotFound):
+        await collect(transport, run.stream_id)
+
+
+async def test_trimmed_offsets_are_expired_never_skipped(
+    transport_factory: Callable[..., Transport],
+) -> None:
+    transport = transport_factory(max_entries=10)
+    run = await StreamProducer(transport, max_buffer=1).start(tokens(1500, every=1))
+    await run.wait()
+    info = await transport.info(run.stream_id)
+    assert info is not None and info.last_seq > 1000  # one entry per token
+    with pytest.raises(OffsetExpired):
+        await collect(transport, run.stream_id)
+    with pytest.raises(OffsetExpired):
+        await collect(transport, run.stream_id, after=f"{info.epoch}-2-0")
+    tail = await collect(transport, run.stream_id, after=f"{info.epoch}-{info.last_seq - 3}-0")
+    assert joined(tail) == text_of(1500)[-len(joined(tail)) :] and tail[-1].type == "end"
+
+
+async def test_status_info(transport: Transport) -> None:
+    gate = asyncio.Event()
+    run = await StreamProducer(transport).start(tokens(10, pause=gate), stream_id="info")
+    consumer = StreamConsumer(transport, "info")
+    first = await anext(consumer)
+    info = await transport.info("info")
+    assert info is not None
+    assert info.status == "running" and info.epoch == run.epoch
+    assert info.created_at <= info.updated_at <= time.time() + 1
+    assert info.last_offset is not None and info.last_offset >= first.offset
+    gate.set()
+    events = [first, *[e async for e in consumer]]
+    info = await transport.info("info")
+    assert info is not None and info.status == "completed"
+    assert info.last_offset == events[-1].offset
+
+
+async def test_cancelled_consumers_release_everything(transport: Transport) -> None:
+    gate = asyncio.Event()
+    producer = StreamProducer(transport)
+    runs = [await producer.start(tokens(10, pause=gate)) for _ in range(20)]
+    readers = [asyncio.create_task(collect(transport, r.stream_id)) for r in runs]
+    await asyncio.sleep(0.05)  # let the readers block on live reads
+    for reader in readers:
+        reader.cancel()
+    await asyncio.gather(*readers, return_exceptions=True)
+    gate.set()
+    # The transport is still healthy: every stream reads back whole.
+    for run in runs:
+        await run.wait()
+        assert joined(await collect(transport, run.stream_id)) == text_of(10)

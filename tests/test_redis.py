@@ -1,0 +1,235 @@
+"""Redis-only behaviour, against a real redis-server and real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+from redis.crc import key_slot
+
+from resumable_stream import (
+    StreamAlreadyRunning,
+    StreamConsumer,
+    StreamProducer,
+    TransportError,
+    from_url,
+)
+from resumable_stream.transports.redis import RedisTransport
+from tests._helpers import collect, eventually, joined, text_of, tokens
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+async def transport(redis_url: str, prefix: str) -> AsyncIterator[RedisTransport]:
+    async with RedisTransport.from_url(redis_url, prefix=prefix) as created:
+        yield created
+
+
+@pytest.fixture
+async def admin(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+class ProducerProcess:
+    def __init__(self, redis_url: str, prefix: str, stream_id: str, lease: float) -> None:
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests._producer_process",
+                redis_url,
+                prefix,
+                stream_id,
+                str(lease),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().strip()
+        if line != "started":
+            self.process.kill()
+            raise AssertionError(f"producer process did not start: {line!r}")
+
+    def finish(self) -> str:
+        out, _ = self.process.communicate(timeout=30)
+        return out.strip()
+
+
+@pytest.fixture
+def producer_process(redis_url: str, prefix: str) -> Iterator[type[ProducerProcess]]:
+    started: list[ProducerProcess] = []
+
+    def start(stream_id: str, lease: float) -> ProducerProcess:
+        proc = ProducerProcess(redis_url, prefix, stream_id, lease)
+        started.append(proc)
+        return proc
+
+    yield start  # type: ignore[misc]
+    for proc in started:
+        if proc.process.poll() is None:
+            proc.process.kill()
+            proc.process.wait()
+        if proc.process.stdout is not None:
+            proc.process.stdout.close()
+
+
+async def test_sigkilled_producer_ends_readers_with_producer_lost(
+    transport: RedisTransport, producer_process: type[ProducerProcess]
+) -> None:
+    proc = producer_process("killed", 5.0)  # the default lease
+    consumer = StreamConsumer(transport, "killed")
+    seen = [await anext(consumer) for _ in range(5)]
+    proc.process.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    rest = [event async for event in consumer]
+    assert time.monotonic() - killed_at < 10.0
+    assert rest[-1].type == "error" and rest[-1].data["error"] == "producer_lost"
+    # Everything written before the crash is still there, once, in order.
+    replay = await collect(transport, "killed")
+    assert replay == seen + rest
+
+
+async def test_paused_producer_is_fenced_after_takeover(
+    transport: RedisTransport, producer_process: type[ProducerProcess]
+) -> None:
+    proc = producer_process("paused", 0.5)
+    proc.process.send_signal(signal.SIGSTOP)
+
+    async def taken_over() -> bool:
+        try:
+            await StreamProducer(transport).start(tokens(20), stream_id="paused")
+        except StreamAlreadyRunning:
+            return False
+        return True
+
+    await eventually(taken_over)
+    proc.process.send_signal(signal.SIGCONT)
+    assert proc.finish().splitlines()[-1] == "failed LeaseLost"
+    events = await collect(transport, "paused")
+    assert joined(events) == text_of(20)  # nothing of the fenced producer got in
+
+
+async def _ttls(admin: aioredis.Redis, prefix: str) -> dict[bytes, int]:
+    return {key: await admin.pttl(key) async for key in admin.scan_iter(match=f"{prefix}:*")}
+
+
+async def test_every_key_has_an_expiry(
+    transport: RedisTransport, admin: aioredis.Redis, prefix: str
+) -> None:
+    gate = asyncio.Event()
+    producer = StreamProducer(transport)
+    runs = [await producer.start(tokens(100, pause=gate)) for _ in range(5)]
+    consumers = [StreamConsumer(transport, r.stream_id) for r in runs]
+    for consumer in consumers:
+        await anext(consumer)
+    await StreamProducer(transport).cancel(runs[0].stream_id)
+    running = await _ttls(admin, prefix)
+    assert running and all(ttl > 0 for ttl in running.values()), running
+    gate.set()
+    for run in runs:
+        await run.wait()
+    await transport.create("orphan", owner="x", lease_ms=100)
+    await collect(transport, "orphan")  # reaped by the reader
+    done = await _ttls(admin, prefix)
+    assert len(done) >= 2 * len(runs) + 1  # meta + events of each run, plus the orphan
+    assert all(ttl > 0 for ttl in done.values()), done
+    retention_ms = transport.retention * 1000
+    assert all(ttl <= retention_ms for key, ttl in done.items() if key.endswith(b":events"))
+
+
+async def _connections(admin: aioredis.Redis) -> int:
+    """Connections to the server, not counting the admin client itself."""
+    return len(await admin.client_list()) - 1
+
+
+async def test_many_live_readers_share_a_constant_number_of_connections(
+    redis_url: str, admin: aioredis.Redis, prefix: str
+) -> None:
+    gate = asyncio.Event()
+    async with RedisTransport.from_url(redis_url, prefix=prefix) as transport:
+        producer = StreamProducer(transport)
+        runs = [await producer.start(tokens(40, pause=gate)) for _ in range(200)]
+        readers = [asyncio.create_task(collect(transport, r.stream_id)) for r in runs]
+
+        async def all_reading() -> bool:
+            return transport._reader is not None and len(transport._reader._feeds) == 200
+
+        await eventually(all_reading)
+        assert await _connections(admin) <= 4
+        gate.set()
+        results = await asyncio.gather(*readers)
+        assert all(joined(events) == text_of(40) for events in results)
+        assert await _connections(admin) <= 4
+    assert await _connections(admin) == 0
+
+
+async def test_writes_are_batched_not_one_round_trip_per_token(
+    transport: RedisTransport, admin: aioredis.Redis
+) -> None:
+    await admin.config_resetstat()
+    producer = StreamProducer(transport)
+    runs = [await producer.start(tokens(2000, every=1)) for _ in range(20)]
+    results = await asyncio.gather(*(collect(transport, r.stream_id) for r in runs))
+    assert all(joined(events) == text_of(2000) for events in results)
+    stats = await admin.info("commandstats")
+    commands = sum(
+        v["calls"] for k, v in stats.items() if k not in ("cmdstat_config", "cmdstat_info")
+    )
+    assert commands < 0.1 * 20 * 2000, stats
+
+
+async def test_scripts_survive_a_script_flush(
+    transport: RedisTransport, admin: aioredis.Redis
+) -> None:
+    assert joined(
+        await collect(transport, (await StreamProducer(transport).start(tokens(5))).stream_id)
+    ) == text_of(5)
+    await admin.script_flush()
+    run = await StreamProducer(transport).start(tokens(5))
+    assert joined(await collect(transport, run.stream_id)) == text_of(5)
+
+
+async def test_unreachable_redis_raises_transport_error() -> None:
+    async with from_url("redis://127.0.0.1:1/0") as transport:
+        with pytest.raises(TransportError):
+            await StreamProducer(transport).start(tokens(1))
+        with pytest.raises(TransportError):
+            await collect(transport, "anything")
+
+
+async def test_user_supplied_client(redis_url: str, prefix: str) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    transport = RedisTransport(client, prefix=prefix)
+    run = await StreamProducer(transport).start(tokens(30))
+    assert joined(await collect(transport, run.stream_id)) == text_of(30)
+    await transport.aclose()
+    assert await client.ping()  # the caller's client stays open
+    await client.aclose()
+
+
+async def test_keys_use_one_hash_tag_per_stream(
+    transport: RedisTransport, admin: aioredis.Redis, prefix: str
+) -> None:
+    run = await StreamProducer(transport).start(tokens(3), stream_id="tagged:1")
+    await run.wait()
+    keys = sorted([k.decode() async for k in admin.scan_iter(match=f"{prefix}:*")])
+    assert keys == [f"{prefix}:{{tagged:1}}:events", f"{prefix}:{{tagged:1}}:meta"]
+    assert len({key_slot(k.encode()) for k in keys}) == 1  # one Redis Cluster slot
