@@ -1,0 +1,51 @@
+"""Entry encoding and offsets."""
+
+from __future__ import annotations
+
+import pytest
+
+from resumable_stream import InvalidOffset, Position, parse_offset
+from resumable_stream._codec import decode_entry, encode_entry, format_offset
+
+
+def tok(text: str, message_id: str | None = None, node: str | None = None) -> tuple[str, dict]:
+    return ("token", {"text": text, "message_id": message_id, "node": node})
+
+
+def test_round_trip_keeps_every_event_and_its_metadata() -> None:
+    items = [
+        tok("Hel", "m1", "agent"),
+        tok("lo", "m1", "agent"),
+        ("tool_start", {"name": "search", "input": {"q": "x"}}),
+        tok(" wor", "m2", "agent"),
+        tok("ld", "m2", "agent"),
+        tok("!", "m2", None),
+        ("token", {"text": "ns", "message_id": "m2", "node": "agent", "ns": ["sub:1"]}),
+        tok("", None, None),
+        ("end", {}),
+    ]
+    events = decode_entry(encode_entry(items), 17, 4)
+    assert [(e.type, e.data) for e in events] == items
+    assert [e.offset for e in events] == [f"17-4-{i}" for i in range(len(items))]
+
+
+def test_repeated_token_metadata_is_written_once() -> None:
+    payload = encode_entry([tok("abcd", "run-0b6f1d2e-9a7c-4b7e-8c43-5d6e7f8a9b0c", "agent")] * 100)
+    assert len(payload) < 100 * 8 + 120
+
+
+def test_non_json_values_are_converted() -> None:
+    class Custom:
+        def __repr__(self) -> str:
+            return "<custom>"
+
+    (event,) = decode_entry(encode_entry([("custom", {"data": {1: Custom(), "s": {2}}})]), 1, 1)
+    assert event.data == {"data": {"1": "<custom>", "s": [2]}}
+
+
+def test_offsets() -> None:
+    assert parse_offset(format_offset(1732170000000, 12, 3)) == Position(1732170000000, 12, 3)
+    assert parse_offset("5-1-0") < parse_offset("5-1-1") < parse_offset("5-2-0")
+    for bad in ["", "1-2", "x-1-1", "1-0-1", "1-1-1-1", "1-1-", " 1-1-1", "1" * 21 + "-1-1"]:
+        with pytest.raises(InvalidOffset):
+            parse_offset(bad)
