@@ -83,8 +83,9 @@ class StreamConsumer:
                 raise
         event = events.popleft()
         self.after = event.offset
-        if not events and event.terminal:
+        if event.terminal:  # nothing follows: release now, even if the caller breaks here
             self._finished = True
+            self._close_subscription()
         return event
 
     async def aclose(self) -> None:
@@ -103,6 +104,11 @@ class StreamConsumer:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+    def __del__(self) -> None:
+        # A consumer dropped mid-stream without aclose() must not keep a live subscription.
+        if getattr(self, "_subscription", None) is not None:
+            self._close_subscription()
 
     def _close_subscription(self) -> None:
         if self._subscription is not None:

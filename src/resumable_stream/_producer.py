@@ -68,10 +68,9 @@ class Run:
         its terminal event. Cancelling ``wait()`` does not cancel the run.
         """
         await asyncio.shield(self._task)
-        if self._failure is not None:
-            raise self._failure
-        assert self.status is not None
-        return self.status
+        if self.status is not None:
+            return self.status
+        raise self._failure or TransportError(f"run {self.stream_id!r} ended without a status")
 
     async def cancel(self) -> Status:
         """Stop the run; return its final status once the terminal event is written."""
@@ -202,8 +201,9 @@ class Run:
             try:
                 cancel = await self._transport.renew(self.stream_id, self._owner, producer.lease_ms)
             except LeaseLost as exc:
-                self._failure = exc
-                self._pump.cancel()
+                if self._terminal is None:  # not a renewal racing the final write
+                    self._failure = exc
+                    self._pump.cancel()
                 return
             except TransportError as exc:
                 logger.warning("run %s: heartbeat failed: %s", self.stream_id, exc)

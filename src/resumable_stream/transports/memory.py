@@ -165,8 +165,10 @@ class MemoryTransport(Transport):
     async def wait_cancel(self, stream_id: str, epoch: int) -> None:
         stream = self._get(stream_id)
         if stream is None or stream.epoch != epoch:
-            return
-        await stream.cancel.wait()
+            # That run was replaced or expired: its writes fail, no cancel will come.
+            await asyncio.get_running_loop().create_future()
+        else:
+            await stream.cancel.wait()
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         stream = self._get(stream_id)
