@@ -60,6 +60,7 @@ class ProducerProcess:
             ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
         )
         assert self.process.stdout is not None
@@ -69,7 +70,17 @@ class ProducerProcess:
             raise AssertionError(f"producer process did not start: {line!r}")
 
     def finish(self) -> str:
-        out, _ = self.process.communicate(timeout=30)
+        try:
+            out, _ = self.process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.send_signal(signal.SIGUSR2)
+            self.process.send_signal(signal.SIGUSR1)
+            try:
+                out, err = self.process.communicate(timeout=2)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                out, err = self.process.communicate()
+            raise AssertionError(f"producer process hung; output {out!r}, stacks:\n{err}") from None
         return out.strip()
 
 
@@ -87,8 +98,9 @@ def producer_process(redis_url: str, prefix: str) -> Iterator[type[ProducerProce
         if proc.process.poll() is None:
             proc.process.kill()
             proc.process.wait()
-        if proc.process.stdout is not None:
-            proc.process.stdout.close()
+        for pipe in (proc.process.stdout, proc.process.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 async def test_sigkilled_producer_ends_readers_with_producer_lost(
