@@ -40,6 +40,8 @@ logger = logging.getLogger("resumable_stream.redis")
 _READ_BLOCK_MS = 10_000
 _READ_COUNT = 1024
 _RECONNECT_DELAY = 0.5
+_READ_SPACING_PER_STREAM = 2e-6
+_READ_SPACING_MAX = 0.002
 
 
 @contextlib.contextmanager
@@ -93,7 +95,7 @@ class _Pipeliner:
         return await self.submit(*args)
 
     async def _work(self) -> None:
-        while True:
+        while not self.closed:
             if not self._queue:
                 self._ready.clear()
                 await self._ready.wait()
@@ -139,9 +141,8 @@ class _Pipeliner:
 
     async def aclose(self) -> None:
         self.closed = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._ready.set()
+        await asyncio.gather(*(_stop(task) for task in self._tasks))
         for _, future in self._queue:
             if not future.done():
                 future.set_exception(TransportClosed("the Redis transport is closed"))
@@ -203,10 +204,19 @@ class _Reader:
                 self._transport._pipeline.submit(*args).add_done_callback(_ignore_result)
 
     async def _run(self) -> None:
+        clock = asyncio.get_running_loop().time
+        sent_at = -_READ_SPACING_MAX
         while self._feeds:
+            # An XREAD costs in proportion to the streams it names; while entries keep coming,
+            # space the reads a little so that each carries many entries (docs/performance.md).
+            spacing = min(len(self._feeds) * _READ_SPACING_PER_STREAM, _READ_SPACING_MAX)
+            delay = sent_at + spacing - clock()
+            if delay > 0:
+                await asyncio.sleep(delay)  # the read spacing, not a wait for state
             keys = list(self._feeds)
             cursors = [self._feeds[k].cursor for k in keys]
             self._wake_sent = False
+            sent_at = clock()
             try:
                 reply = await self._client.execute_command(  # type: ignore[no-untyped-call]
                     "XREAD",
@@ -242,8 +252,7 @@ class _Reader:
                 sub.push([])
         self._feeds.clear()
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await _stop(self._task)
         # The XREAD was interrupted mid-command: drop the connection, never reuse it.
         await self._client.aclose(close_connection_pool=True)
 
@@ -257,6 +266,7 @@ class _CancelListener:
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def wait(self, stream_id: str, epoch: int) -> None:
         if self._task is None:
@@ -282,7 +292,7 @@ class _CancelListener:
 
     async def _run(self) -> None:
         channel = self._transport._cancel_channel
-        while True:
+        while not self._closed:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(channel)
@@ -302,9 +312,9 @@ class _CancelListener:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def aclose(self) -> None:
+        self._closed = True
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await _stop(self._task)
         await self._client.aclose(close_connection_pool=True)
 
 
@@ -492,6 +502,19 @@ def _entry(entry_id: bytes, fields: dict[bytes, bytes] | list[bytes]) -> Entry:
 def _xread_items(reply: Any) -> list[tuple[bytes, list[Any]]]:
     # The reader's own connection speaks RESP2: [[key, [(id, fields), ...]], ...]
     return [(key, entries) for key, entries in reply or ()]
+
+
+async def _stop(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` and wait for it to end.
+
+    redis-py may turn the CancelledError thrown into a command into another exception,
+    which a retry loop then survives; so cancel again until the task has really ended.
+    """
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.1)
+    if not task.cancelled():
+        task.exception()  # retrieved: a failure at shutdown is not worth a warning
 
 
 def _ignore_result(future: asyncio.Future[Any]) -> None:
