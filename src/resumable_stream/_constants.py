@@ -20,20 +20,20 @@ DEFAULT_RUNNING_TTL = 600.0
 DEFAULT_MAX_ENTRIES = 100_000
 #: Events a producer buffers before it waits for the transport (backpressure).
 DEFAULT_MAX_BUFFER = 8192
-#: When events arrive while the previous write is in flight (the source outruns round trips),
-#: the producer lets the next entry fill up to this many events or this many seconds, which
-#: keeps bursts at a few Redis commands per hundred events. A source that pauses between
-#: events (an LLM at its own pace) is written at once, without this delay.
+#: When events arrive while the previous write is in flight, or within COALESCE_GAP seconds
+#: after it (the source outruns the writes), the producer lets the next entry fill up to
+#: COALESCE_EVENTS events or COALESCE_DELAY seconds: bursts then cost a few Redis commands
+#: per hundred events. A source that pauses between events (an LLM at its own pace) is
+#: written at once, without this delay.
 COALESCE_EVENTS = 256
 COALESCE_DELAY = 0.05
+COALESCE_GAP = 0.001
 #: Entries a consumer fetches per page when replaying.
 DEFAULT_PAGE_SIZE = 512
 #: Entries a live subscription buffers before it drops old ones (the consumer refills the gap).
 DEFAULT_SUBSCRIPTION_BUFFER = 4096
 
 DEFAULT_REDIS_PREFIX = "rstream"
-#: Redis connections: commands share a small pool; reads and cancel signals have one each.
-DEFAULT_REDIS_POOL_SIZE = 2
 
 STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@~-]{1,200}")
 STREAM_ID_RULES = "1-200 characters from A-Z a-z 0-9 and _ . : @ ~ -"

@@ -3,10 +3,10 @@
 Keys of a stream share one hash tag, ``<prefix>:{<stream id>}:meta|events|lease``, so each
 stream lives in one cluster slot. Every key has an expiry.
 
-Connections per process stay constant however many streams are live: commands from all
-producers and consumers are coalesced into one pipeline per round trip (at most
-``pool_size`` in flight), all live readers share one blocking ``XREAD``, and cancel
-requests arrive on one pub/sub connection.
+Connections per process stay constant however many streams are live (three at most):
+commands from every producer and consumer are pipelined on one connection (packed once,
+written together each event-loop turn), all live readers share one blocking ``XREAD``,
+and cancel requests arrive on one pub/sub connection.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
 from typing import Any, Self
 
 import redis.asyncio as aioredis
@@ -25,34 +24,31 @@ from redis import exceptions as rex
 
 from .._constants import (
     DEFAULT_MAX_ENTRIES,
-    DEFAULT_REDIS_POOL_SIZE,
     DEFAULT_REDIS_PREFIX,
     DEFAULT_RETENTION,
     DEFAULT_RUNNING_TTL,
     DEFAULT_TOMBSTONE,
 )
-from .._exceptions import LeaseLost, StreamAlreadyRunning, TransportClosed, TransportError
+from .._exceptions import (
+    ConfigurationError,
+    LeaseLost,
+    StreamAlreadyRunning,
+    TransportClosed,
+    TransportError,
+)
 from . import _redis_scripts as scripts
 from ._base import Entry, QueueSubscription, Status, StreamInfo, Subscription, Transport
+from ._resp import RespConnection, RespError, pack, settings_of
 
 logger = logging.getLogger("resumable_stream.redis")
 
 _READ_BLOCK_MS = 10_000
 _READ_COUNT = 1024
 _RECONNECT_DELAY = 0.5
+# While entries keep coming, back-to-back XREADs start at least this far apart per followed
+# stream (capped), so that each read carries many entries (docs/performance.md).
 _READ_SPACING_PER_STREAM = 2e-6
 _READ_SPACING_MAX = 0.002
-
-
-@contextlib.contextmanager
-def _mapped() -> Iterator[None]:
-    """Map redis-py errors to the library's (never leak a dependency's exceptions)."""
-    try:
-        yield
-    except rex.RedisError as exc:
-        raise TransportError(f"Redis error: {exc}") from exc
-    except OSError as exc:
-        raise TransportError(f"Redis connection error: {exc}") from exc
 
 
 class _Script:
@@ -61,102 +57,22 @@ class _Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
 
-_CREATE, _APPEND, _RENEW, _CANCEL, _REAP = (
-    _Script(s)
-    for s in (scripts.CREATE, scripts.APPEND, scripts.RENEW, scripts.CANCEL, scripts.REAP)
-)
-
-
-class _Pipeliner:
-    """Coalesces commands from every task into one pipeline per round trip."""
-
-    def __init__(self, client: aioredis.Redis, workers: int) -> None:
-        self._client = client
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._ready = asyncio.Event()
-        self._workers = workers
-        self._tasks: list[asyncio.Task[None]] = []
-        self.closed = False
-
-    def submit(self, *args: Any) -> asyncio.Future[Any]:
-        if self.closed:
-            raise TransportClosed("the Redis transport is closed")
-        if not self._tasks:
-            self._tasks = [
-                asyncio.create_task(self._work(), name="rstream redis pipeline")
-                for _ in range(self._workers)
-            ]
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((args, future))
-        self._ready.set()
-        return future
-
-    async def call(self, *args: Any) -> Any:
-        return await self.submit(*args)
-
-    async def _work(self) -> None:
-        while not self.closed:
-            if not self._queue:
-                self._ready.clear()
-                await self._ready.wait()
-                continue
-            batch, self._queue = self._queue, []
-            try:
-                results = await self._execute([args for args, _ in batch])
-            except Exception as exc:  # the connection failed: every command in it fails
-                error = TransportError(f"Redis error: {exc}")
-                error.__cause__ = exc
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if future.done():
-                    continue
-                if isinstance(result, Exception):
-                    error = TransportError(f"Redis error: {result}")
-                    error.__cause__ = result
-                    future.set_exception(error)
-                else:
-                    future.set_result(result)
-
-    async def _execute(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        results = await self._run(commands)
-        missing = [i for i, r in enumerate(results) if isinstance(r, rex.NoScriptError)]
-        if missing:  # first use, or the server restarted: load the scripts and retry those
-            pipe = self._client.pipeline(transaction=False)
-            for script in (_CREATE, _APPEND, _RENEW, _CANCEL, _REAP):
-                pipe.execute_command("SCRIPT", "LOAD", script.source)
-            await pipe.execute()
-            retried = await self._run([commands[i] for i in missing])
-            for i, result in zip(missing, retried, strict=True):
-                results[i] = result
-        return results
-
-    async def _run(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
-        for args in commands:
-            pipe.execute_command(*args)
-        return list(await pipe.execute(raise_on_error=False))
-
-    async def aclose(self) -> None:
-        self.closed = True
-        self._ready.set()
-        await asyncio.gather(*(_stop(task) for task in self._tasks))
-        for _, future in self._queue:
-            if not future.done():
-                future.set_exception(TransportClosed("the Redis transport is closed"))
-        self._queue.clear()
+_CREATE = _Script(scripts.CREATE)
+_APPEND = _Script(scripts.APPEND)
+_RENEW = _Script(scripts.RENEW)
+_CANCEL = _Script(scripts.CANCEL)
+_REAP = _Script(scripts.REAP)
 
 
 class _Feed:
     """Live entries of one stream, read by the shared XREAD and fanned out."""
 
-    __slots__ = ("cursor", "epoch", "subscribers")
+    __slots__ = ("cursor", "epoch", "packed_key", "subscribers")
 
-    def __init__(self, epoch: int, after: int) -> None:
+    def __init__(self, key: bytes, epoch: int, after: int) -> None:
         self.epoch = epoch
-        self.cursor = f"{epoch}-{after}"
+        self.cursor = b"%d-%d" % (epoch, after)
+        self.packed_key = b"$%d\r\n%b\r\n" % (len(key), key)
         self.subscribers: set[QueueSubscription] = set()
 
 
@@ -165,12 +81,12 @@ class _Reader:
 
     def __init__(self, transport: RedisTransport) -> None:
         self._transport = transport
-        self._client = transport._dedicated_client()
+        self._connection = transport._connection()
         self._feeds: dict[bytes, _Feed] = {}
         # XADDing to this key wakes the blocked XREAD when the set of streams changes;
         # cursor-based, so a wake sent before the XREAD starts is not lost.
         self._wake_key = f"{transport.prefix}:reader:{uuid.uuid4().hex}".encode()
-        self._wake_cursor = "0-0"
+        self._wake_cursor = b"0-0"
         self._wake_sent = False
         self._task: asyncio.Task[None] | None = None
 
@@ -180,7 +96,7 @@ class _Reader:
             if feed is not None:
                 for sub in feed.subscribers:
                     sub.push([])
-            feed = self._feeds[key] = _Feed(epoch, after)
+            feed = self._feeds[key] = _Feed(key, epoch, after)
             self._changed()
         subscription = QueueSubscription(lambda sub: self._unsubscribe(key, feed, sub))
         feed.subscribers.add(subscription)
@@ -196,52 +112,53 @@ class _Reader:
             self._task = asyncio.create_task(self._run(), name="rstream redis reader")
         elif not self._wake_sent:
             self._wake_sent = True
-            ttl = str(int(self._transport.running_ttl * 1000))
+            ttl = int(self._transport.running_ttl * 1000)
+            commands = self._transport._commands
             for args in (
                 ("XADD", self._wake_key, "MAXLEN", "1", "*", "w", "1"),
                 ("PEXPIRE", self._wake_key, ttl),
             ):
-                self._transport._pipeline.submit(*args).add_done_callback(_ignore_result)
+                commands.submit(pack(args)).add_done_callback(_ignore_result)
+
+    def _command(self) -> bytes:
+        feeds = list(self._feeds.values())
+        head = pack(("XREAD", "COUNT", _READ_COUNT, "BLOCK", _READ_BLOCK_MS, "STREAMS"))
+        wake_key = b"$%d\r\n%b\r\n" % (len(self._wake_key), self._wake_key)
+        cursors = [b"$%d\r\n%b\r\n" % (len(f.cursor), f.cursor) for f in feeds]
+        wake_cursor = b"$%d\r\n%b\r\n" % (len(self._wake_cursor), self._wake_cursor)
+        return b"*%d\r\n%b%b%b%b%b" % (
+            6 + 2 * (len(feeds) + 1),
+            head[head.index(b"\r\n") + 2 :],
+            wake_key,
+            b"".join(f.packed_key for f in feeds),
+            wake_cursor,
+            b"".join(cursors),
+        )
 
     async def _run(self) -> None:
         clock = asyncio.get_running_loop().time
         sent_at = -_READ_SPACING_MAX
         while self._feeds:
-            # An XREAD costs in proportion to the streams it names; while entries keep coming,
-            # space the reads a little so that each carries many entries (docs/performance.md).
             spacing = min(len(self._feeds) * _READ_SPACING_PER_STREAM, _READ_SPACING_MAX)
             delay = sent_at + spacing - clock()
             if delay > 0:
                 await asyncio.sleep(delay)  # the read spacing, not a wait for state
-            keys = list(self._feeds)
-            cursors = [self._feeds[k].cursor for k in keys]
             self._wake_sent = False
             sent_at = clock()
             try:
-                reply = await self._client.execute_command(  # type: ignore[no-untyped-call]
-                    "XREAD",
-                    "COUNT",
-                    _READ_COUNT,
-                    "BLOCK",
-                    _READ_BLOCK_MS,
-                    "STREAMS",
-                    self._wake_key,
-                    *keys,
-                    self._wake_cursor,
-                    *cursors,
-                )
-            except (rex.RedisError, OSError) as exc:
+                reply = await self._connection.send(self._command())
+            except TransportError as exc:
                 logger.warning("stream reader: %s; reconnecting", exc)
                 await asyncio.sleep(_RECONNECT_DELAY)  # backoff before reconnecting
                 continue
-            for key, entries in _xread_items(reply):
+            for key, entries in reply or ():
                 if key == self._wake_key:
-                    self._wake_cursor = entries[-1][0].decode()
+                    self._wake_cursor = entries[-1][0]
                     continue
                 feed = self._feeds.get(key)
                 if feed is None or not entries:
                     continue
-                feed.cursor = entries[-1][0].decode()
+                feed.cursor = entries[-1][0]
                 batch = [_entry(entry_id, fields) for entry_id, fields in entries]
                 for subscription in feed.subscribers:
                     subscription.push(batch)
@@ -253,8 +170,7 @@ class _Reader:
         self._feeds.clear()
         if self._task is not None:
             await _stop(self._task)
-        # The XREAD was interrupted mid-command: drop the connection, never reuse it.
-        await self._client.aclose(close_connection_pool=True)
+        self._connection.close()  # a blocked XREAD's connection is never reused
 
 
 class _CancelListener:
@@ -262,7 +178,7 @@ class _CancelListener:
 
     def __init__(self, transport: RedisTransport) -> None:
         self._transport = transport
-        self._client = transport._dedicated_client()
+        self._client = transport._pubsub_client()
         self._waiters: dict[str, set[asyncio.Event]] = {}
         self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -277,10 +193,10 @@ class _CancelListener:
             await self._subscribed.wait()
             # A cancel requested before the subscription existed is in the metadata.
             transport = self._transport
-            cancel, current = await transport._pipeline.call(
+            cancel, current = await transport._call(
                 "HMGET", transport._key(stream_id, "meta"), "cancel", "epoch"
             )
-            if cancel and current == str(epoch).encode():
+            if cancel and current == b"%d" % epoch:
                 return
             await event.wait()
         finally:
@@ -321,9 +237,9 @@ class _CancelListener:
 class RedisTransport(Transport):
     """Streams stored in Redis Streams.
 
-    Pass a URL (``RedisTransport.from_url("redis://localhost:6379/0")``) or your own
-    ``redis.asyncio.Redis`` client (its pool is used for commands; the transport opens
-    two more connections from the same settings, for live reads and cancel signals).
+    Pass a URL (``RedisTransport.from_url("redis://localhost:6379/0")``) or a
+    ``redis.asyncio.Redis`` client: the transport opens its own connections with that
+    client's settings (address, TLS, credentials, db) and leaves the client to you.
     """
 
     def __init__(
@@ -335,7 +251,6 @@ class RedisTransport(Transport):
         tombstone: float = DEFAULT_TOMBSTONE,
         running_ttl: float = DEFAULT_RUNNING_TTL,
         max_entries: int = DEFAULT_MAX_ENTRIES,
-        pool_size: int = DEFAULT_REDIS_POOL_SIZE,
         owns_client: bool = False,
     ) -> None:
         super().__init__(
@@ -348,29 +263,32 @@ class RedisTransport(Transport):
         self.prefix = prefix
         self._owns_client = owns_client
         self._cancel_channel = f"{prefix}:cancel"
-        self._pipeline = _Pipeliner(client, pool_size)
+        self._settings = settings_of(client.connection_pool)
+        self._commands = self._connection()
         self._reader: _Reader | None = None
         self._listener: _CancelListener | None = None
-        self._retention_ms = str(int(retention * 1000))
-        self._meta_ttl_ms = str(int((retention + tombstone) * 1000))
-        self._running_ttl_ms = str(int(running_ttl * 1000))
-        self._max_entries = str(max_entries)
+        self._closed = False
+        self._retention_ms = int(retention * 1000)
+        self._meta_ttl_ms = int((retention + tombstone) * 1000)
+        self._running_ttl_ms = int(running_ttl * 1000)
 
     @classmethod
-    def from_url(
-        cls, url: str, *, pool_size: int = DEFAULT_REDIS_POOL_SIZE, **options: Any
-    ) -> Self:
+    def from_url(cls, url: str, **options: Any) -> Self:
         """Connect to the Redis server at ``url``; ``options`` as for the constructor."""
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=pool_size, timeout=None
-        )
-        client = aioredis.Redis(connection_pool=pool)
-        return cls(client, pool_size=pool_size, owns_client=True, **options)
+        try:
+            client = aioredis.Redis.from_url(url)
+        except ValueError as exc:
+            raise ConfigurationError(f"invalid Redis URL {url!r}: {exc}") from exc
+        return cls(client, owns_client=True, **options)
 
-    def _dedicated_client(self) -> aioredis.Redis:
+    def _connection(self) -> RespConnection:
+        settings, ssl_context = self._settings
+        return RespConnection(settings, ssl_context)
+
+    def _pubsub_client(self) -> aioredis.Redis:
         pool = self.client.connection_pool
         kwargs = dict(pool.connection_kwargs)
-        kwargs["socket_timeout"] = None  # blocking reads wait longer than any timeout
+        kwargs["socket_timeout"] = None  # a subscriber waits longer than any timeout
         kwargs.pop("protocol", None)
         dedicated = aioredis.ConnectionPool(
             connection_class=pool.connection_class, max_connections=1, **kwargs
@@ -380,12 +298,26 @@ class RedisTransport(Transport):
     def _key(self, stream_id: str, kind: str) -> str:
         return f"{self.prefix}:{{{stream_id}}}:{kind}"
 
-    def _keys(self, stream_id: str) -> tuple[str, str, str]:
-        tag = f"{self.prefix}:{{{stream_id}}}:"
-        return (tag + "meta", tag + "events", tag + "lease")
+    async def _call(self, *args: Any) -> Any:
+        if self._closed:
+            raise TransportClosed("the Redis transport is closed")
+        return await self._commands.send(pack(args))
 
     async def _eval(self, script: _Script, stream_id: str, *args: Any) -> Any:
-        return await self._pipeline.call("EVALSHA", script.sha, 3, *self._keys(stream_id), *args)
+        tag = f"{self.prefix}:{{{stream_id}}}:"
+        packed = pack(
+            ("EVALSHA", script.sha, 3, tag + "meta", tag + "events", tag + "lease", *args)
+        )
+        if self._closed:
+            raise TransportClosed("the Redis transport is closed")
+        try:
+            return await self._commands.send(packed)
+        except RespError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            # First use, or the server restarted or flushed its scripts.
+            await self._commands.send(pack(("SCRIPT", "LOAD", script.source)))
+            return await self._commands.send(packed)
 
     async def create(self, stream_id: str, owner: str, lease_ms: int) -> StreamInfo:
         now_ms = int(time.time() * 1000)
@@ -408,7 +340,7 @@ class RedisTransport(Transport):
             entry.payload,
             count,
             int(time.time() * 1000),
-            self._max_entries,
+            self.max_entries,
             final or "",
             self._running_ttl_ms,
             self._retention_ms,
@@ -432,25 +364,24 @@ class RedisTransport(Transport):
         await self._listener.wait(stream_id, epoch)
 
     async def info(self, stream_id: str) -> StreamInfo | None:
-        fields = await self._pipeline.call("HGETALL", self._key(stream_id, "meta"))
-        if not fields:
+        flat = await self._call("HGETALL", self._key(stream_id, "meta"))
+        if not flat:
             return None
-        if isinstance(next(iter(fields)), bytes):
-            fields = {k.decode(): v.decode() for k, v in fields.items()}
-        status: Status = fields["status"]  # written by our scripts only
+        fields = dict(zip(flat[::2], flat[1::2], strict=True))
+        status: Status = fields[b"status"].decode()  # written by our scripts only
         return StreamInfo(
             stream_id=stream_id,
-            epoch=int(fields["epoch"]),
+            epoch=int(fields[b"epoch"]),
             status=status,
-            created_at=int(fields["created"]) / 1000,
-            updated_at=int(fields["updated"]) / 1000,
-            last_seq=int(fields["last"]),
-            last_count=int(fields["count"]),
-            lease_ms=int(fields["lease_ms"]),
+            created_at=int(fields[b"created"]) / 1000,
+            updated_at=int(fields[b"updated"]) / 1000,
+            last_seq=int(fields[b"last"]),
+            last_count=int(fields[b"count"]),
+            lease_ms=int(fields[b"lease_ms"]),
         )
 
     async def read(self, stream_id: str, epoch: int, after: int, limit: int) -> list[Entry]:
-        reply = await self._pipeline.call(
+        reply = await self._call(
             "XRANGE",
             self._key(stream_id, "events"),
             f"{epoch}-{after + 1}",
@@ -461,7 +392,7 @@ class RedisTransport(Transport):
         return [_entry(entry_id, fields) for entry_id, fields in reply]
 
     def subscribe(self, stream_id: str, epoch: int, after: int) -> Subscription:
-        if self._pipeline.closed:
+        if self._closed:
             raise TransportClosed("the Redis transport is closed")
         if self._reader is None:
             self._reader = _Reader(self)
@@ -474,41 +405,36 @@ class RedisTransport(Transport):
             epoch,
             payload,
             int(time.time() * 1000),
-            self._max_entries,
+            self.max_entries,
             self._retention_ms,
             self._meta_ttl_ms,
         )
         return bool(result)
 
     async def aclose(self) -> None:
-        if self._pipeline.closed:
+        if self._closed:
             return
-        await self._pipeline.aclose()
+        self._closed = True
         for part in (self._reader, self._listener):
             if part is not None:
-                with _mapped():
+                with contextlib.suppress(rex.RedisError, OSError):
                     await part.aclose()
+        self._commands.close()
         if self._owns_client:
-            with _mapped():
+            with contextlib.suppress(rex.RedisError, OSError):
                 await self.client.aclose(close_connection_pool=True)
 
 
-def _entry(entry_id: bytes, fields: dict[bytes, bytes] | list[bytes]) -> Entry:
+def _entry(entry_id: bytes, fields: list[bytes]) -> Entry:
     epoch, _, seq = entry_id.partition(b"-")
-    payload = fields[b"e"] if isinstance(fields, dict) else fields[1]
-    return Entry(int(epoch), int(seq), payload)
-
-
-def _xread_items(reply: Any) -> list[tuple[bytes, list[Any]]]:
-    # The reader's own connection speaks RESP2: [[key, [(id, fields), ...]], ...]
-    return [(key, entries) for key, entries in reply or ()]
+    return Entry(int(epoch), int(seq), fields[1])
 
 
 async def _stop(task: asyncio.Task[Any]) -> None:
     """Cancel ``task`` and wait for it to end.
 
-    redis-py may turn the CancelledError thrown into a command into another exception,
-    which a retry loop then survives; so cancel again until the task has really ended.
+    A library may turn the CancelledError thrown into it into another exception, which a
+    retry loop then survives; so cancel again until the task has really ended.
     """
     while not task.done():
         task.cancel()
