@@ -245,3 +245,23 @@ async def test_keys_use_one_hash_tag_per_stream(
     keys = sorted([k.decode() async for k in admin.scan_iter(match=f"{prefix}:*")])
     assert keys == [f"{prefix}:{{tagged:1}}:events", f"{prefix}:{{tagged:1}}:meta"]
     assert len({key_slot(k.encode()) for k in keys}) == 1  # one Redis Cluster slot
+
+
+async def test_streams_survive_redis_dropping_every_connection(
+    transport: RedisTransport, admin: aioredis.Redis
+) -> None:
+    gate = asyncio.Event()
+    producer = StreamProducer(transport)
+    runs = [await producer.start(tokens(300, every=1, pause=gate)) for _ in range(5)]
+    readers = [asyncio.create_task(collect(transport, r.stream_id)) for r in runs]
+
+    async def all_live() -> bool:
+        return transport._reader is not None and len(transport._reader._feeds) == len(runs)
+
+    await eventually(all_live)
+    killed = await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    assert killed >= 2  # the command and the reader connections
+    gate.set()
+    for run, reader in zip(runs, readers, strict=True):
+        assert joined(await reader) == text_of(300)  # no gap, no duplicate across reconnects
+        assert await run.wait() == "completed"
