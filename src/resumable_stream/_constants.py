@@ -37,3 +37,20 @@ DEFAULT_REDIS_PREFIX = "rstream"
 
 STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@~-]{1,200}")
 STREAM_ID_RULES = "1-200 characters from A-Z a-z 0-9 and _ . : @ ~ -"
+
+# HTTP adapters (resumable_stream.starlette / .fastapi)
+#: Seconds without an event after which an idle stream gets a keep-alive line.
+DEFAULT_PING_INTERVAL = 15.0
+#: Seconds an SSE client waits before it reconnects (sent as ``retry:``).
+DEFAULT_RETRY = 1.0
+#: Seconds one write to the client may take before the client counts as stuck.
+DEFAULT_SEND_TIMEOUT = 30.0
+#: Stream connections one router serves at once (the library targets 1,000 per worker).
+DEFAULT_MAX_CONNECTIONS = 1000
+#: Seconds a stream response waits for its first events before it sends the headers: long
+#: enough for the consumer's first reads, so that their errors still get a status code.
+FIRST_EVENT_WAIT = 0.5
+#: Encoded bytes a response buffers ahead of a slow client before it stops reading.
+BUFFER_LIMIT = 64 * 1024
+#: ``Retry-After`` seconds when the router is full or the transport is down.
+RETRY_AFTER = 1

@@ -12,6 +12,9 @@ from typing import Final, Literal, NamedTuple
 
 import orjson
 
+from ._constants import (
+    RETRY_AFTER,
+)
 from ._events import Event
 from ._exceptions import (
     InvalidOffset,
@@ -23,24 +26,6 @@ from ._exceptions import (
     TransportError,
 )
 from ._sse import PING, encode_event
-
-# --- defaults and limits -----------------------------------------------------------------
-
-#: Seconds without an event after which an idle stream gets a keep-alive line.
-DEFAULT_PING_INTERVAL: Final = 15.0
-#: Seconds an SSE client waits before it reconnects (sent as ``retry:``).
-DEFAULT_RETRY: Final = 1.0
-#: Seconds one write to the client may take before the client counts as stuck.
-DEFAULT_SEND_TIMEOUT: Final = 30.0
-#: Stream connections one router serves at once (the library targets 1,000 per worker).
-DEFAULT_MAX_CONNECTIONS: Final = 1000
-#: Seconds a stream response waits for its first events before it sends the headers: long
-#: enough for the consumer's first reads, so that their errors still get a status code.
-FIRST_EVENT_WAIT: Final = 0.5
-#: Encoded bytes a response buffers ahead of a slow client before it stops reading.
-BUFFER_LIMIT: Final = 64 * 1024
-#: ``Retry-After`` seconds when the router is full or the transport is down.
-RETRY_AFTER: Final = 1
 
 # --- wire formats --------------------------------------------------------------------------
 

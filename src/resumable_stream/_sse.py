@@ -39,7 +39,7 @@ class ServerSentEvent:
     def from_event(cls, event: Event) -> ServerSentEvent:
         """``id:`` is the event's offset, ``event:`` its type, ``data:`` its data as JSON."""
         data = orjson.dumps(event.data).decode()
-        return cls(data=data, event=event.type.translate(_FORBIDDEN), id=event.offset)
+        return cls(data=data, event=event.type.translate(_FORBIDDEN), id=event.offset or None)
 
     def encode(self) -> bytes:
         lines: list[str] = []
@@ -70,11 +70,15 @@ def _single_line(field: str, value: str, forbidden: str) -> str:
 def encode_event(event: Event) -> bytes:
     """``ServerSentEvent.from_event(event).encode()``, at a fraction of the cost.
 
-    JSON from orjson never holds a raw line break, so ``data`` is always one line.
+    JSON from orjson never holds a raw line break, so ``data`` is always one line. An event
+    without an offset (made up by the app, not stored) gets no ``id:``: an empty one would
+    reset the browser's ``Last-Event-ID``.
     """
     type_line = _TYPE_LINES.get(event.type)
     if type_line is None:
         type_line = _type_line(event.type)
+    if not event.offset:
+        return b"".join((type_line[1:], orjson.dumps(event.data), b"\n\n"))
     return b"".join((b"id: ", event.offset.encode(), type_line, orjson.dumps(event.data), b"\n\n"))
 
 

@@ -46,9 +46,9 @@ class StreamStatus(BaseModel):
 
     stream_id: str
     status: Literal["running", "completed", "error", "cancelled"]
-    last_offset: str | None = Field(
-        description="Offset of the last event written (null before the first): pass it as "
-        "`after` to read only what comes next."
+    next_offset: str | None = Field(
+        description="Where to resume for only what comes next: pass it as `after` (it is "
+        "the offset of the last event written; null before the first)."
     )
     created_at: float = Field(description="Unix time the run started.")
     updated_at: float = Field(description="Unix time the run last wrote.")

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import math
 from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any, Literal
 from urllib.parse import quote
@@ -31,15 +32,17 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, Router
 from starlette.types import Message, Receive, Scope, Send
 
-from ._consumer import StreamConsumer
-from ._exceptions import ConfigurationError, ResumableStreamError, StreamNotFound
-from ._http import (
+from ._constants import (
     BUFFER_LIMIT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_PING_INTERVAL,
     DEFAULT_RETRY,
     DEFAULT_SEND_TIMEOUT,
     FIRST_EVENT_WAIT,
+)
+from ._consumer import StreamConsumer
+from ._exceptions import ConfigurationError, ResumableStreamError, StreamNotFound
+from ._http import (
     FORBIDDEN,
     JSON_TYPE,
     NDJSON,
@@ -103,8 +106,7 @@ async def error_response(request: Request, exc: Exception) -> Response:
     Also an exception handler for custom routes:
     ``app.add_exception_handler(ResumableStreamError, error_response)``.
     """
-    event_stream_client = negotiate(request.headers.get("accept", "")).event_stream_client
-    return _render(error_for(exc, event_stream_client=event_stream_client))
+    return _refusal(request, exc, stream=True)
 
 
 async def start_stream(
@@ -139,18 +141,50 @@ class _ClientStuck(Exception):
     """The client stopped reading: one write took longer than the send timeout."""
 
 
-class _Buffer:
-    """Encoded events read ahead of the client, between a response's reader and writer."""
+class _Forbidden(Exception):
+    """``authorize`` said no."""
 
-    __slots__ = ("chunks", "done", "error", "ready", "size", "space")
 
-    def __init__(self) -> None:
+class _Connection:
+    """One stream response in flight: the events read ahead of the client, and its clock.
+
+    The reader task puts encoded events in; the writer takes all that is there in one write
+    (so events that are ready together leave together). One timer per connection makes a
+    keep-alive due after ``ping_interval`` idle seconds and declares the client stuck when
+    one write takes ``send_timeout`` seconds. It is re-armed lazily: a timeout around every
+    write or wait would put a timer in the loop's heap per event of every connection.
+    """
+
+    __slots__ = (
+        "_handle",
+        "_loop",
+        "_send",
+        "chunks",
+        "done",
+        "error",
+        "last_write",
+        "ping_due",
+        "ready",
+        "sending_since",
+        "size",
+        "space",
+        "stuck",
+    )
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = None
         self.chunks: list[bytes] = []
         self.size = 0
         self.done = False
         self.error: ResumableStreamError | None = None
         self.ready = asyncio.Event()
         self.space = asyncio.Event()
+        self.stuck = asyncio.Event()
+        self.ping_due = False
+        self.last_write = self._loop.time()
+        self.sending_since: float | None = None
 
     def put(self, chunk: bytes) -> None:
         self.chunks.append(chunk)
@@ -169,11 +203,70 @@ class _Buffer:
         self.done = True
         self.ready.set()
 
+    async def write(self, message: Message) -> None:
+        self.sending_since = self._loop.time()
+        try:
+            await self._send(message)
+        except OSError:
+            # ASGI 2.4 servers may raise it for a client that is gone (uvicorn drops the
+            # message instead, and the disconnect watcher notices).
+            raise _ClientGone from None
+        self.sending_since = None
+        self.last_write = self._loop.time()
+
+    def start_clock(self, ping_interval: float | None, send_timeout: float | None) -> None:
+        loop = self._loop
+
+        def check() -> None:
+            now = loop.time()
+            wait = math.inf
+            if send_timeout is not None:
+                if self.sending_since is None:
+                    wait = send_timeout
+                elif now - self.sending_since >= send_timeout:
+                    self.stuck.set()
+                    return
+                else:
+                    wait = self.sending_since + send_timeout - now
+            if ping_interval is not None:
+                idle = 0.0 if self.sending_since is not None else now - self.last_write
+                if idle >= ping_interval:
+                    self.ping_due = True
+                    self.ready.set()
+                    idle = 0.0
+                wait = min(wait, ping_interval - idle)
+            self._handle = loop.call_later(wait, check)
+
+        if ping_interval is not None or send_timeout is not None:
+            self._handle = loop.call_later(
+                min(ping_interval or math.inf, send_timeout or math.inf), check
+            )
+
+    def stop_clock(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+
+
+def _check_options(
+    retry: float | None, ping_interval: float | None, send_timeout: float | None
+) -> None:
+    if retry is not None and retry < 0:
+        raise ConfigurationError("retry must be >= 0 seconds (or None)")
+    if ping_interval is not None and ping_interval <= 0:
+        raise ConfigurationError("ping_interval must be > 0 seconds (or None for no pings)")
+    if send_timeout is not None and send_timeout <= 0:
+        raise ConfigurationError("send_timeout must be > 0 seconds (or None for no timeout)")
+
 
 async def _until_disconnect(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
     raise _ClientGone
+
+
+async def _until_stuck(connection: _Connection) -> None:
+    await connection.stuck.wait()
+    raise _ClientStuck
 
 
 class StreamResponse(Response):
@@ -185,7 +278,7 @@ class StreamResponse(Response):
     failure get a status code (204/404, 410, 400, 503) instead of an empty stream.
 
     Then it sends events as they come, several per write when several are ready, a
-    keep-alive every ``ping_interval`` seconds of silence, and stops after the terminal
+    keep-alive after ``ping_interval`` seconds of silence, and stops after the terminal
     event. If the client goes away (or does not read for ``send_timeout`` seconds) the
     consumer is released at once and ``on_disconnect`` is awaited; the run goes on.
     Times are in seconds; ``None`` turns pings, the send timeout or ``retry:`` off.
@@ -202,6 +295,7 @@ class StreamResponse(Response):
         send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
         on_disconnect: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
+        _check_options(retry, ping_interval, send_timeout)
         negotiated = negotiate("" if request is None else request.headers.get("accept", ""))
         if format is None:
             self.wire = negotiated.wire
@@ -232,15 +326,19 @@ class StreamResponse(Response):
             await self.background()
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        buffer = _Buffer()
+        connection = _Connection(send)
+        connection.start_clock(self.ping_interval, self.send_timeout)
         gone = False
         try:
             async with asyncio.TaskGroup() as tasks:
-                watcher = tasks.create_task(_until_disconnect(receive))
-                reader = tasks.create_task(self._read(buffer))
-                await self._write(scope, send, buffer)
-                watcher.cancel()
-                reader.cancel()
+                helpers = [
+                    tasks.create_task(_until_disconnect(receive)),
+                    tasks.create_task(_until_stuck(connection)),
+                    tasks.create_task(self._read(connection)),
+                ]
+                await self._write(scope, connection)
+                for task in helpers:
+                    task.cancel()
         except* _ClientGone:
             gone = True
         except* _ClientStuck:
@@ -250,7 +348,9 @@ class StreamResponse(Response):
                 self.consumer.stream_id,
                 self.send_timeout,
             )
-        if gone and not buffer.done and self.on_disconnect is not None:
+        finally:
+            connection.stop_clock()
+        if gone and not connection.done and self.on_disconnect is not None:
             try:
                 await self.on_disconnect()
             except Exception:
@@ -258,76 +358,70 @@ class StreamResponse(Response):
                     "stream %s: on_disconnect failed", self.consumer.stream_id, exc_info=True
                 )
 
-    async def _read(self, buffer: _Buffer) -> None:
+    async def _read(self, connection: _Connection) -> None:
         encode = self.wire.encode
         try:
             async for event in self.consumer:
-                buffer.put(encode(event))
-                if buffer.size >= BUFFER_LIMIT:
-                    buffer.space.clear()
-                    await buffer.space.wait()
+                connection.put(encode(event))
+                if connection.size >= BUFFER_LIMIT:
+                    connection.space.clear()
+                    await connection.space.wait()
         except ResumableStreamError as exc:
-            buffer.finish(exc)
+            connection.finish(exc)
         else:
-            buffer.finish()
+            connection.finish()
 
-    async def _send(self, send: Send, message: Message) -> None:
-        try:
-            async with asyncio.timeout(self.send_timeout):
-                await send(message)
-        except TimeoutError:
-            raise _ClientStuck from None
-
-    async def _write(self, scope: Scope, send: Send, buffer: _Buffer) -> None:
+    async def _write(self, scope: Scope, connection: _Connection) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FIRST_EVENT_WAIT):
-                await buffer.ready.wait()
-        if buffer.done and not buffer.chunks:
-            if buffer.error is not None:
-                error = error_for(buffer.error, event_stream_client=self.event_stream_client)
-                response = _render(error)
-            elif self.event_stream_client:
-                # Resumed after the terminal event: a 200 would make EventSource reconnect
-                # for ever; 204 makes it stop.
-                response = Response(status_code=204, headers={"cache-control": "no-store"})
-            else:
-                response = Response(
-                    headers={"cache-control": "no-store"}, media_type=self.media_type
-                )
-            await self._send(send, _start(response.raw_headers, response.status_code))
-            await self._send(send, _body(bytes(response.body), more=False))
+                await connection.ready.wait()
+        if connection.done and not connection.chunks:
+            await self._write_empty(connection)
             return
-
-        await self._send(send, _start(self.raw_headers))
+        await connection.write(_start(self.raw_headers))
         if scope.get("method") == "HEAD":
-            await self._send(send, _body(b"", more=False))
+            await connection.write(_body(b"", more=False))
             return
         retry_line = self._retry_line
         while True:
-            if not buffer.chunks and not buffer.done:
-                buffer.ready.clear()
-                try:
-                    async with asyncio.timeout(self.ping_interval):
-                        await buffer.ready.wait()
-                except TimeoutError:
-                    await self._send(send, _body(self.wire.keepalive, more=True))
-                    continue
-            body = buffer.take()
+            if not connection.chunks and not connection.done and not connection.ping_due:
+                connection.ready.clear()
+                await connection.ready.wait()
+            if connection.ping_due and not connection.chunks and not connection.done:
+                connection.ping_due = False
+                await connection.write(_body(self.wire.keepalive, more=True))
+                continue
+            connection.ping_due = False
+            body = connection.take()
             if body and retry_line:
                 # In front of the first event, so that it joins that event's block.
                 body, retry_line = retry_line + body, b""
-            if buffer.done:
-                if buffer.error is not None:
+            if connection.done:
+                if connection.error is not None:
                     # Headers are gone: end the response; the client resumes from its last
                     # offset and then gets the error's status code.
                     logger.warning(
                         "stream %s: ending the response early: %s",
                         self.consumer.stream_id,
-                        buffer.error,
+                        connection.error,
                     )
-                await self._send(send, _body(body, more=False))
+                await connection.write(_body(body, more=False))
                 return
-            await self._send(send, _body(body, more=True))
+            await connection.write(_body(body, more=True))
+
+    async def _write_empty(self, connection: _Connection) -> None:
+        """Answer a stream that has nothing to send: an error, or a resume after the end."""
+        if connection.error is not None:
+            error = error_for(connection.error, event_stream_client=self.event_stream_client)
+            response = _render(error)
+        elif self.event_stream_client:
+            # Resumed after the terminal event: a 200 would make EventSource reconnect for
+            # ever; 204 makes it stop.
+            response = Response(status_code=204, headers={"cache-control": "no-store"})
+        else:
+            response = Response(headers={"cache-control": "no-store"}, media_type=self.media_type)
+        await connection.write(_start(response.raw_headers, response.status_code))
+        await connection.write(_body(bytes(response.body), more=False))
 
 
 def _start(headers: list[tuple[bytes, bytes]], status: int = 200) -> Message:
@@ -359,13 +453,28 @@ class _RouterStreamResponse(StreamResponse):
             router._connections -= 1
 
 
+def _refusal(request: Request, exc: Exception, *, stream: bool = False) -> Response:
+    """The response of an endpoint that refuses: denied, an HTTPException, a library error.
+
+    The endpoints render these themselves, rather than leave them to the app's exception
+    handlers, so that their errors are the same JSON mounted or in a FastAPI router.
+    """
+    if isinstance(exc, _Forbidden):
+        return _render(FORBIDDEN)
+    if isinstance(exc, HTTPException):
+        response = _render(http_status_error(exc.status_code, exc.detail))
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+    event_stream_client = (
+        stream and negotiate(request.headers.get("accept", "")).event_stream_client
+    )
+    return _render(error_for(exc, event_stream_client=event_stream_client))
+
+
 async def _http_exception(request: Request, exc: Exception) -> Response:
-    if not isinstance(exc, HTTPException):  # pragma: no cover - registered for it only
-        raise exc
-    response = _render(http_status_error(exc.status_code, exc.detail))
-    if exc.headers:
-        response.headers.update(exc.headers)
-    return response
+    # Routing errors of the mounted router (unknown path, wrong method).
+    return _refusal(request, exc)
 
 
 class StreamRouter:
@@ -397,15 +506,9 @@ class StreamRouter:
         send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
         max_connections: int | None = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
-        for name, value in (
-            ("ping_interval", ping_interval),
-            ("send_timeout", send_timeout),
-            ("max_connections", max_connections),
-        ):
-            if value is not None and value <= 0:
-                raise ConfigurationError(f"{name} must be positive (or None for no limit)")
-        if retry is not None and retry < 0:
-            raise ConfigurationError("retry must be >= 0 seconds (or None)")
+        _check_options(retry, ping_interval, send_timeout)
+        if max_connections is not None and max_connections < 1:
+            raise ConfigurationError("max_connections must be at least 1 (or None for no cap)")
         self.transport = transport
         self.authorize = authorize
         self.producer = StreamProducer(transport) if producer is None else producer
@@ -449,10 +552,8 @@ class StreamRouter:
         try:
             stream_id = await self._check(request, "read")
             consumer = StreamConsumer(self.transport, stream_id, after=resume_after(request))
-        except _Forbidden:
-            return _render(FORBIDDEN)
-        except ResumableStreamError as exc:
-            return await error_response(request, exc)
+        except (_Forbidden, HTTPException, ResumableStreamError) as exc:
+            return _refusal(request, exc, stream=True)
         on_disconnect = None
         if self.cancel_on_disconnect:
 
@@ -474,10 +575,8 @@ class StreamRouter:
         try:
             stream_id = await self._check(request, "status")
             info = await self.transport.info(stream_id)
-        except _Forbidden:
-            return _render(FORBIDDEN)
-        except ResumableStreamError as exc:
-            return _render(error_for(exc))
+        except (_Forbidden, HTTPException, ResumableStreamError) as exc:
+            return _refusal(request, exc)
         if info is None:
             return _render(error_for(StreamNotFound(stream_id)))
         return _json(
@@ -485,7 +584,7 @@ class StreamRouter:
             {
                 "stream_id": stream_id,
                 "status": info.status,
-                "last_offset": info.last_offset,
+                "next_offset": info.last_offset,
                 "created_at": info.created_at,
                 "updated_at": info.updated_at,
             },
@@ -498,14 +597,8 @@ class StreamRouter:
             if await self.producer.cancel(stream_id):
                 return _json(202, {"stream_id": stream_id, "cancel_requested": True})
             info = await self.transport.info(stream_id)
-        except _Forbidden:
-            return _render(FORBIDDEN)
-        except ResumableStreamError as exc:
-            return _render(error_for(exc))
+        except (_Forbidden, HTTPException, ResumableStreamError) as exc:
+            return _refusal(request, exc)
         if info is None:
             return _render(error_for(StreamNotFound(stream_id)))
         return _render(not_running(stream_id, info.status))
-
-
-class _Forbidden(Exception):
-    """``authorize`` said no."""

@@ -1,0 +1,814 @@
+"""The Starlette router and stream response, against a real uvicorn server and real clients.
+
+httpx's ASGITransport buffers whole bodies, so every test here talks HTTP to uvicorn over a
+loopback socket: live reads with httpx-sse, dropped and resumed readers, raw sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import re
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from httpx_sse import EventSource, ServerSentEvent, aconnect_sse
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from resumable_stream import (
+    ResumableStreamError,
+    StreamConsumer,
+    StreamProducer,
+    Transport,
+    from_url,
+)
+from resumable_stream.starlette import (
+    StreamResponse,
+    StreamRouter,
+    error_response,
+    resume_after,
+    start_stream,
+)
+from resumable_stream.transports.memory import MemoryTransport
+from tests._services import uvicorn_server
+
+SSE_ACCEPT = {"accept": "text/event-stream"}
+NDJSON_ACCEPT = {"accept": "application/x-ndjson"}
+HOP_BY_HOP = {b"connection", b"keep-alive", b"transfer-encoding", b"upgrade", b"te", b"trailer"}
+
+
+async def eventually(check: Callable[[], Awaitable[bool] | bool], within: float = 10.0) -> None:
+    """Poll a condition of another thread or of a clock until it holds, or fail at the deadline."""
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if await result if inspect.isawaitable(result) else result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{check.__name__} did not hold within {within}s")
+        await asyncio.sleep(0.01)  # polling the server's thread or a TTL, not our own tasks
+
+
+def word(i: int) -> str:
+    return f"w{i} "
+
+
+def full_text(n: int) -> str:
+    return "".join(word(i) for i in range(n))
+
+
+async def paced_tokens(
+    n: int, delay: float, size: int = 0, hold: bool = False
+) -> AsyncIterator[str]:
+    """``n`` tokens, ``delay`` seconds apart, like a model; with ``hold``, then wait until
+    cancelled (a run that is still thinking)."""
+    for i in range(n):
+        yield word(i).ljust(size, "x")
+        if delay:
+            await asyncio.sleep(delay)  # the pace of the fake model, not a wait for state
+    if hold:
+        await asyncio.get_running_loop().create_future()
+
+
+def build_app(
+    transport: Transport, router: StreamRouter, *, wrap: Any = None, routes: Sequence[Any] = ()
+) -> Starlette:
+    """A test app: ``POST /runs`` starts a paced run; the router is mounted on /streams.
+
+    ``wrap`` is an ASGI middleware put around the router (to observe or cut its responses).
+    """
+    producer = StreamProducer(transport)
+
+    async def runs(request: Request) -> Response:
+        query = request.query_params
+        source = paced_tokens(
+            int(query.get("tokens", "20")),
+            float(query.get("delay", "0")),
+            int(query.get("size", "0")),
+            query.get("hold") == "1",
+        )
+        return await start_stream(
+            producer, source, stream_url="/streams/{stream_id}", stream_id=query.get("stream_id")
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await producer.aclose()
+        await transport.aclose()
+
+    return Starlette(
+        routes=[
+            Route("/runs", runs, methods=["POST"]),
+            *routes,
+            Mount("/streams", router if wrap is None else wrap(router), name="streams"),
+        ],
+        exception_handlers={ResumableStreamError: error_response},
+        lifespan=lifespan,
+    )
+
+
+class Recorder:
+    """Pass as ``wrap=``: keeps every message the router sends (from the server's thread)."""
+
+    def __init__(self) -> None:
+        self.sent: list[Message] = []
+
+    def __call__(self, app: ASGIApp) -> ASGIApp:
+        async def recording_app(scope: Scope, receive: Receive, send: Send) -> None:
+            async def recording_send(message: Message) -> None:
+                self.sent.append(message)
+                await send(message)
+
+            await app(scope, receive, recording_send)
+
+        return recording_app
+
+
+@dataclass
+class Server:
+    url: str
+    router: StreamRouter
+
+    def client(self, **kwargs: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=10, **kwargs)
+
+
+@contextlib.contextmanager
+def serve(
+    transport: Transport | None = None,
+    *,
+    wrap: Any = None,
+    routes: Sequence[Any] = (),
+    **router_options: Any,
+) -> Iterator[Server]:
+    """Serve a test app with real uvicorn; ``router_options`` configure its StreamRouter."""
+    transport = from_url("memory://") if transport is None else transport
+    router = StreamRouter(transport, **router_options)
+    app = build_app(transport, router, wrap=wrap, routes=routes)
+    with uvicorn_server(app, graceful_timeout=2) as url:
+        yield Server(url, router)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    with serve() as served:
+        yield served
+
+
+async def start(client: httpx.AsyncClient, **params: Any) -> str:
+    response = await client.post("/runs", params=params)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert response.headers["location"] == body["stream_url"] == f"/streams/{body['stream_id']}"
+    return str(body["stream_url"])
+
+
+async def read_sse(
+    client: httpx.AsyncClient, url: str, *, limit: int | None = None, **kwargs: Any
+) -> list[ServerSentEvent]:
+    """Read SSE events until the stream ends, or drop the connection after ``limit``."""
+    events: list[ServerSentEvent] = []
+    async with aconnect_sse(client, "GET", url, **kwargs) as source:
+        assert source.response.status_code == 200, await source.response.aread()
+        async for sse in source.aiter_sse():
+            events.append(sse)
+            if len(events) == limit:
+                break
+    return events
+
+
+def text(events: list[ServerSentEvent]) -> str:
+    return "".join(orjson.loads(e.data)["text"] for e in events if e.event == "token")
+
+
+def assert_unique_and_ordered(offsets: list[str]) -> None:
+    assert len(set(offsets)) == len(offsets)
+    positions = [tuple(int(p) for p in offset.split("-")) for offset in offsets]
+    assert positions == sorted(positions)
+
+
+# --- reading and resuming --------------------------------------------------------------------
+
+
+async def test_sse_client_reads_a_running_stream_live(server: Server) -> None:
+    async with server.client() as client:
+        url = await start(client, tokens=200, delay=0.002)
+        events: list[ServerSentEvent] = []
+        async with aconnect_sse(client, "GET", url) as source:
+            headers = source.response.headers
+            async for sse in source.aiter_sse():
+                if not events:
+                    # Live: the first event is here long before the run ends.
+                    assert (await client.get(f"{url}/status")).json()["status"] == "running"
+                events.append(sse)
+
+    assert headers["content-type"] == "text/event-stream"
+    assert headers["cache-control"] == "no-store"
+    assert headers["x-accel-buffering"] == "no"
+    assert text(events) == full_text(200)
+    assert [e.event for e in events[-1:]] == ["end"]
+    assert events[0].retry == 1000
+    assert_unique_and_ordered([e.id for e in events])
+
+
+@pytest.mark.parametrize("resume", ["last-event-id", "after"])
+async def test_reader_dropped_mid_stream_resumes_without_gap_or_duplicate(
+    server: Server, resume: str
+) -> None:
+    async with server.client() as client:
+        url = await start(client, tokens=150, delay=0.002)
+        events = await read_sse(client, url, limit=40)
+        last = events[-1].id
+        if resume == "last-event-id":
+            events += await read_sse(client, url, headers={"last-event-id": last})
+        else:
+            events += await read_sse(client, url, params={"after": last})
+
+    assert text(events) == full_text(150)
+    assert_unique_and_ordered([e.id for e in events])
+
+
+async def test_last_event_id_header_wins_over_after(server: Server) -> None:
+    async with server.client() as client:
+        url = await start(client, tokens=30)
+        events = await read_sse(client, url)
+        resumed = await read_sse(
+            client, url, params={"after": events[2].id}, headers={"last-event-id": events[9].id}
+        )
+
+    assert [e.id for e in resumed] == [e.id for e in events[10:]]
+
+
+async def test_two_readers_on_one_stream_each_get_everything(server: Server) -> None:
+    async with server.client() as client:
+        url = await start(client, tokens=120, delay=0.002)
+        first, second = await asyncio.gather(read_sse(client, url), read_sse(client, url))
+
+    assert text(first) == text(second) == full_text(120)
+    assert [e.id for e in first] == [e.id for e in second]
+
+
+async def test_ndjson_for_clients_that_ask_for_it(server: Server) -> None:
+    async with server.client() as client:
+        url = await start(client, tokens=50, delay=0.001)
+        async with client.stream("GET", url, headers=NDJSON_ACCEPT) as response:
+            assert response.headers["content-type"] == "application/x-ndjson"
+            records = [orjson.loads(line) async for line in response.aiter_lines() if line]
+        resumed = await client.get(
+            url, params={"after": records[19]["offset"]}, headers=NDJSON_ACCEPT
+        )
+
+    assert [set(r) for r in records[:1]] == [{"offset", "type", "data"}]
+    assert "".join(r["data"]["text"] for r in records if r["type"] == "token") == full_text(50)
+    assert records[-1]["type"] == "end"
+    assert [orjson.loads(line) for line in resumed.text.splitlines()] == records[20:]
+
+
+async def test_resuming_after_the_terminal_event_tells_event_source_to_stop(server: Server) -> None:
+    async with server.client() as client:
+        url = await start(client, tokens=5)
+        last = (await read_sse(client, url))[-1].id
+        sse = await client.get(url, headers={**SSE_ACCEPT, "last-event-id": last})
+        ndjson = await client.get(url, params={"after": last}, headers=NDJSON_ACCEPT)
+
+    # A 200 with an empty body would make EventSource reconnect for ever.
+    assert (sse.status_code, sse.content) == (204, b"")
+    assert (ndjson.status_code, ndjson.content) == (200, b"")
+
+
+async def test_headers_are_sent_before_the_first_event(server: Server) -> None:
+    async with server.client() as client:
+        url = await start(client, tokens=0, hold=1)
+        async with aconnect_sse(client, "GET", url) as source:
+            assert source.response.status_code == 200
+            assert (await client.post(f"{url}/cancel")).status_code == 202
+            events = [sse async for sse in source.aiter_sse()]
+
+    assert [(e.event, orjson.loads(e.data)) for e in events] == [
+        ("cancelled", {"reason": "requested"})
+    ]
+    assert events[0].retry == 1000  # the retry hint rides on the first event
+
+
+async def test_ready_events_are_batched_into_few_writes() -> None:
+    recorder = Recorder()
+    with serve(wrap=recorder) as server:
+        async with server.client() as client:
+            url = await start(client, tokens=2000)
+            live = await read_sse(client, url)  # returns at the end: all of it is stored now
+            recorder.sent.clear()
+            replayed = await read_sse(client, url)
+
+    bodies = [m for m in recorder.sent if m["type"] == "http.response.body"]
+    assert len(live) == len(replayed) == 2001
+    assert len(bodies) < 20
+
+
+async def test_stream_headers_suit_browsers_proxies_and_http2() -> None:
+    recorder = Recorder()
+    with serve(wrap=recorder) as server:
+        async with server.client() as client:
+            url = await start(client, tokens=3)
+            await read_sse(client, url)
+            head = await client.head(url, headers=SSE_ACCEPT)
+
+    start_message = next(m for m in recorder.sent if m["type"] == "http.response.start")
+    headers = dict(start_message["headers"])
+    assert headers[b"content-type"] == b"text/event-stream"  # exactly: no charset
+    assert headers[b"cache-control"] == b"no-store"
+    assert headers[b"x-accel-buffering"] == b"no"
+    assert not HOP_BY_HOP & set(headers)  # hop-by-hop headers are illegal in HTTP/2
+    assert (head.status_code, head.headers["content-type"], head.content) == (
+        200,
+        "text/event-stream",
+        b"",
+    )
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body: dict[str, Any] = response.json()
+    assert set(body) == {"code", "message"}
+    assert body["code"] == code
+    assert body["message"]
+    return body
+
+
+async def test_unknown_stream_is_204_for_sse_clients_and_404_json_for_others(
+    server: Server,
+) -> None:
+    async with server.client() as client:
+        sse = await client.get("/streams/unknown", headers=SSE_ACCEPT)
+        plain = await client.get("/streams/unknown")
+        ndjson = await client.get("/streams/unknown", headers=NDJSON_ACCEPT)
+
+    assert (sse.status_code, sse.content) == (204, b"")  # EventSource stops reconnecting
+    assert_error(plain, 404, "stream_not_found")
+    assert_error(ndjson, 404, "stream_not_found")
+
+
+@pytest.mark.parametrize(
+    ("path", "headers", "code"),
+    [
+        ("/streams/" + "x" * 201, {}, "invalid_stream_id"),
+        ("/streams/bad%20id", SSE_ACCEPT, "invalid_stream_id"),
+        ("/streams/abc?after=garbage", SSE_ACCEPT, "invalid_offset"),
+        ("/streams/abc?after=1-0-0", {}, "invalid_offset"),
+        ("/streams/abc", {"last-event-id": "1-2"}, "invalid_offset"),
+    ],
+)
+async def test_malformed_id_or_offset_is_400(
+    server: Server, path: str, headers: dict[str, str], code: str
+) -> None:
+    async with server.client() as client:
+        assert_error(await client.get(path, headers=headers), 400, code)
+
+
+async def test_offset_past_the_end_is_400(server: Server) -> None:
+    async with server.client() as client:
+        url = await start(client, tokens=3)
+        last = (await read_sse(client, url))[-1].id
+        epoch, seq, _ = last.split("-")
+        response = await client.get(url, params={"after": f"{epoch}-{int(seq) + 5}-0"})
+
+    assert_error(response, 400, "invalid_offset")
+
+
+async def test_offset_from_an_earlier_run_is_410_reload(server: Server) -> None:
+    async with server.client() as client:
+        url = await start(client, tokens=5, stream_id="run-twice")
+        old = await read_sse(client, url)
+        await start(client, tokens=5, stream_id="run-twice")  # a new run: a new epoch
+        responses = [
+            await client.get(url, headers={**accept, "last-event-id": old[2].id})
+            for accept in (SSE_ACCEPT, NDJSON_ACCEPT, {})
+        ]
+
+    for response in responses:
+        assert "reload" in assert_error(response, 410, "offset_expired")["message"]
+
+
+async def test_offset_older_than_the_retained_events_is_410() -> None:
+    with serve(MemoryTransport(max_entries=5)) as server:
+        async with server.client() as client:
+            url = await start(client, tokens=40, delay=0.002)  # about one entry per token
+
+            async def completed() -> bool:
+                return (await client.get(f"{url}/status")).json()["status"] == "completed"
+
+            await eventually(completed)
+            epoch = (await client.get(f"{url}/status")).json()["next_offset"].split("-")[0]
+            response = await client.get(
+                url, headers={**SSE_ACCEPT, "last-event-id": f"{epoch}-1-0"}
+            )
+
+    assert_error(response, 410, "offset_expired")
+
+
+async def test_expired_stream_is_204_for_sse_clients_and_404_for_others() -> None:
+    with serve(MemoryTransport(retention=0.2)) as server:
+        async with server.client() as client:
+            url = await start(client, tokens=3)
+
+            async def expired() -> bool:
+                return (await client.get(url)).status_code == 404
+
+            await eventually(expired)  # retention is a clock: poll it
+            sse = await client.get(url, headers=SSE_ACCEPT)
+            plain = await client.get(url)
+
+    assert (sse.status_code, sse.content) == (204, b"")
+    assert_error(plain, 404, "stream_expired")
+
+
+async def test_authorize_guards_every_endpoint_and_deny_is_403() -> None:
+    calls: list[tuple[str, str]] = []
+
+    async def authorize(request: Request, stream_id: str, action: str) -> bool:
+        calls.append((stream_id, action))
+        return request.headers.get("x-user") == "alice"
+
+    with serve(authorize=authorize) as server:
+        async with server.client() as client:
+            url = await start(client, tokens=3, hold=1)
+            stream_id = url.rsplit("/", 1)[1]
+            for method, path in [("GET", url), ("GET", f"{url}/status"), ("POST", f"{url}/cancel")]:
+                assert_error(
+                    await client.request(method, path, headers=SSE_ACCEPT), 403, "forbidden"
+                )
+
+            alice = {"x-user": "alice"}
+            assert (await client.get(f"{url}/status", headers=alice)).status_code == 200
+            assert (await client.post(f"{url}/cancel", headers=alice)).status_code == 202
+            events = await read_sse(client, url, headers=alice)
+
+    assert events[-1].event == "cancelled"
+    assert sorted(set(calls)) == [(stream_id, "cancel"), (stream_id, "read"), (stream_id, "status")]
+
+
+async def test_authorize_may_be_sync_and_raise_its_own_http_error() -> None:
+    def authorize(request: Request, stream_id: str, action: str) -> bool:
+        if "authorization" not in request.headers:
+            raise HTTPException(401, "log in first", headers={"www-authenticate": "Bearer"})
+        return True
+
+    with serve(authorize=authorize) as server:
+        async with server.client() as client:
+            response = await client.get("/streams/abc/status")
+
+    assert_error(response, 401, "unauthorized")
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+async def test_connection_cap_answers_503_with_retry_after() -> None:
+    with serve(max_connections=2) as server:
+        async with server.client() as client:
+            url = await start(client, tokens=1, hold=1)
+            async with contextlib.AsyncExitStack() as readers:
+                for _ in range(2):
+                    source = await readers.enter_async_context(aconnect_sse(client, "GET", url))
+                    events = source.aiter_sse()
+                    readers.push_async_callback(events.aclose)
+                    await anext(events)
+                assert server.router.connections == 2
+                refused = await client.get(url, headers=SSE_ACCEPT)
+
+            def released() -> bool:
+                return server.router.connections == 0
+
+            await eventually(released)
+            async with aconnect_sse(client, "GET", url) as source:
+                assert source.response.status_code == 200
+            await client.post(f"{url}/cancel")
+
+    assert_error(refused, 503, "too_many_streams")
+    assert refused.headers["retry-after"] == "1"
+
+
+async def test_storage_failure_is_503_unavailable() -> None:
+    transport = MemoryTransport()
+    await transport.aclose()
+    with serve(transport) as server:
+        async with server.client() as client:
+            responses = [
+                await client.get("/streams/abc", headers=SSE_ACCEPT),
+                await client.get("/streams/abc/status"),
+                await client.post("/streams/abc/cancel"),
+                await client.post("/runs"),
+            ]
+
+    for response in responses:
+        assert_error(response, 503, "unavailable")
+        assert response.headers["retry-after"] == "1"
+
+
+async def test_unknown_paths_and_methods_get_json_errors(server: Server) -> None:
+    async with server.client() as client:
+        assert_error(await client.get("/streams/a/b/c"), 404, "not_found")
+        response = await client.delete("/streams/abc")
+
+    assert_error(response, 405, "method_not_allowed")
+    assert set(response.headers["allow"].split(", ")) == {"GET", "HEAD"}
+
+
+# --- status and cancel -----------------------------------------------------------------------
+
+
+async def test_status_reports_the_run(server: Server) -> None:
+    async with server.client() as client:
+        url = await start(client, tokens=3, hold=1)
+        stream_id = url.rsplit("/", 1)[1]
+        events = await read_sse(client, url, limit=3)
+        running = (await client.get(f"{url}/status")).json()
+        await client.post(f"{url}/cancel")
+        cancelled = (await read_sse(client, url, headers={"last-event-id": events[-1].id}))[-1]
+        final = (await client.get(f"{url}/status")).json()
+        unknown = await client.get("/streams/unknown/status")
+
+    assert running == {
+        "stream_id": stream_id,
+        "status": "running",
+        "next_offset": events[-1].id,
+        "created_at": running["created_at"],
+        "updated_at": running["updated_at"],
+    }
+    assert running["created_at"] <= running["updated_at"] <= final["updated_at"]
+    assert (final["status"], final["next_offset"]) == ("cancelled", cancelled.id)
+    assert_error(unknown, 404, "stream_not_found")
+
+
+async def test_cancel_stops_the_run_and_readers_see_cancelled(server: Server) -> None:
+    async with server.client() as client:
+        url = await start(client, tokens=2, hold=1)
+        stream_id = url.rsplit("/", 1)[1]
+        async with aconnect_sse(client, "GET", url) as source:
+            events = []
+            async for sse in source.aiter_sse():
+                events.append(sse)
+                if len(events) == 1:
+                    cancel = await client.post(f"{url}/cancel")
+        again = await client.post(f"{url}/cancel")
+        unknown = await client.post("/streams/unknown/cancel")
+
+    assert (cancel.status_code, cancel.json()) == (
+        202,
+        {"stream_id": stream_id, "cancel_requested": True},
+    )
+    assert [e.event for e in events] == ["token", "token", "cancelled"]
+    assert_error(again, 409, "stream_not_running")
+    assert_error(unknown, 404, "stream_not_found")
+
+
+# --- disconnects, keep-alives, slow clients ----------------------------------------------------
+
+
+async def test_client_gone_releases_the_consumer_and_the_run_goes_on(server: Server) -> None:
+    async with server.client() as client:
+        url = await start(client, tokens=30, delay=0.005, hold=1)
+        await read_sse(client, url, limit=2)
+
+        def released() -> bool:
+            return server.router.connections == 0
+
+        await eventually(released, within=2)
+        # The run did not stop: it wrote every token after the reader left, and still runs.
+        events = await read_sse(client, url, limit=30)
+        status = (await client.get(f"{url}/status")).json()["status"]
+        await client.post(f"{url}/cancel")
+
+    assert text(events) == full_text(30)
+    assert status == "running"
+
+
+async def test_cancel_on_disconnect_stops_the_run() -> None:
+    with serve(cancel_on_disconnect=True) as server:
+        async with server.client() as client:
+            url = await start(client, tokens=2, hold=1)
+            await read_sse(client, url, limit=1)
+            events = await read_sse(client, url)  # ends when the first reader's leaving cancels
+
+    assert [e.event for e in events] == ["token", "token", "cancelled"]
+
+
+@pytest.mark.parametrize(
+    ("accept", "keepalive", "count"),
+    [(SSE_ACCEPT, b": ping\n", 2), (NDJSON_ACCEPT, b"\n", 3)],
+    ids=["sse", "ndjson"],
+)
+async def test_idle_streams_get_keepalives(
+    accept: dict[str, str], keepalive: bytes, count: int
+) -> None:
+    with serve(ping_interval=0.05) as server:
+        async with server.client() as client:
+            url = await start(client, tokens=1, hold=1)
+            received = b""
+            async with client.stream("GET", url, headers=accept) as response:
+                async for chunk in response.aiter_bytes():
+                    received += chunk
+                    if received.count(keepalive) >= count:
+                        break
+            await client.post(f"{url}/cancel")
+
+    first, _, rest = received.partition(b"\n\n" if accept is SSE_ACCEPT else b"\n")
+    assert rest.replace(keepalive, b"") == b""
+    if accept is SSE_ACCEPT:
+        assert first.startswith(b"retry: 1000\nid: ")
+        assert len(await _sse_events(received)) == 1  # pings are comments, never events
+
+
+async def _sse_events(raw: bytes) -> list[ServerSentEvent]:
+    response = httpx.Response(200, headers={"content-type": "text/event-stream"}, content=raw)
+    return [sse async for sse in EventSource(response).aiter_sse()]
+
+
+async def test_stuck_client_is_cut_after_the_send_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="resumable_stream.http")
+    with serve(send_timeout=0.3) as server:
+        async with server.client() as client:
+            # 8 MB of events: more than the kernel buffers between server and client hold.
+            url = await start(client, tokens=2000, size=4096)
+            port = int(server.url.rsplit(":", 1)[1])
+            stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            try:
+                stuck.connect(("127.0.0.1", port))
+                stuck.sendall(f"GET {url} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+
+                def serving() -> bool:
+                    return server.router.connections == 1
+
+                def released() -> bool:
+                    return server.router.connections == 0
+
+                await eventually(serving, within=5)
+                await eventually(released, within=5)  # it never read a byte
+            finally:
+                stuck.close()
+
+    assert "the client read nothing for 0.3s" in caplog.text
+
+
+async def test_a_stuck_write_is_cut_without_busy_waiting() -> None:
+    """ASGI-level: the send never returns; the send timeout cuts it, at no CPU cost."""
+    transport = from_url("memory://")
+    client_reads = asyncio.Event()  # never set: the client stopped reading
+    sent: list[Message] = []
+    left = asyncio.Event()
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            await client_reads.wait()
+
+    async def receive() -> Message:
+        await client_reads.wait()
+        return {"type": "http.disconnect"}
+
+    async def on_disconnect() -> None:
+        left.set()
+
+    async with transport, StreamProducer(transport) as producer:
+        run = await producer.start(paced_tokens(3, 0, hold=True))
+        consumer = StreamConsumer(transport, run.stream_id)
+        response = StreamResponse(
+            consumer, ping_interval=0.005, send_timeout=0.3, on_disconnect=on_disconnect
+        )
+        cpu = time.process_time()
+        await response({"type": "http", "method": "GET"}, receive, send)
+        cpu = time.process_time() - cpu
+
+    assert left.is_set()
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert cpu < 0.15  # pings fall due during the stuck write: no timer may spin
+
+
+# --- building blocks for custom routes ----------------------------------------------------------
+
+
+async def test_stream_response_and_error_response_serve_custom_routes() -> None:
+    transport = from_url("memory://")
+
+    async def custom(request: Request) -> Response:
+        stream_id = request.path_params["stream_id"]
+        consumer = StreamConsumer(transport, stream_id, after=resume_after(request))
+        return StreamResponse(consumer, request, ping_interval=None)
+
+    route = Route("/custom/{stream_id}", custom)
+    with serve(transport, routes=[route]) as server:
+        async with server.client() as client:
+            url = await start(client, tokens=20)
+            stream_id = url.rsplit("/", 1)[1]
+            events = await read_sse(client, f"/custom/{stream_id}")
+            resumed = await read_sse(client, f"/custom/{stream_id}", params={"after": events[4].id})
+            malformed = await client.get(f"/custom/{stream_id}", params={"after": "x"})
+            unknown = await client.get("/custom/unknown", headers=SSE_ACCEPT)
+
+    assert text(events) == full_text(20)
+    assert [(e.id, e.data) for e in resumed] == [(e.id, e.data) for e in events[5:]]
+    assert_error(malformed, 400, "invalid_offset")  # via the app's exception handler
+    assert unknown.status_code == 204
+
+
+# --- two app instances sharing Redis -------------------------------------------------------------
+
+
+@pytest.fixture
+def two_instances(redis_url: str) -> Iterator[tuple[Server, Server]]:
+    prefix = f"http{uuid.uuid4().hex[:8]}"
+    with (
+        serve(from_url(redis_url, prefix=prefix)) as first,
+        serve(from_url(redis_url, prefix=prefix)) as second,
+    ):
+        yield first, second
+
+
+@pytest.mark.redis
+async def test_cancel_from_a_second_app_instance_sharing_redis(
+    two_instances: tuple[Server, Server],
+) -> None:
+    producing, other = two_instances
+    async with producing.client() as client_a, other.client() as client_b:
+        url = await start(client_a, tokens=3, hold=1)  # the run lives in the first instance
+        events: list[ServerSentEvent] = []
+        async with aconnect_sse(client_b, "GET", url) as source:
+            async for sse in source.aiter_sse():
+                events.append(sse)
+                if len(events) == 3:
+                    cancel = await client_b.post(f"{url}/cancel")
+        status = (await client_a.get(f"{url}/status")).json()["status"]
+
+    assert cancel.status_code == 202
+    assert text(events) == full_text(3)
+    assert events[-1].event == "cancelled"
+    assert status == "cancelled"
+
+
+@pytest.mark.redis
+async def test_reader_resumes_on_another_app_instance(two_instances: tuple[Server, Server]) -> None:
+    first, second = two_instances
+    async with first.client() as client_a, second.client() as client_b:
+        url = await start(client_a, tokens=100, delay=0.002)
+        events = await read_sse(client_a, url, limit=30)
+        events += await read_sse(client_b, url, headers={"last-event-id": events[-1].id})
+
+    assert text(events) == full_text(100)
+    assert_unique_and_ordered([e.id for e in events])
+
+
+# --- the examples of docs/http.md run as written ------------------------------------------------
+
+
+def docs_example(marker: str) -> str:
+    """The Python block of docs/http.md that contains ``marker``."""
+    page = (Path(__file__).resolve().parent.parent / "docs" / "http.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", page, re.S) if marker in b]
+    return block
+
+
+@pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+async def test_docs_examples_serve_and_resume_streams(framework: str) -> None:
+    namespace: dict[str, Any] = {"__name__": "docs_http_example"}
+    exec(docs_example("app = Starlette("), namespace)
+    if framework == "fastapi":
+        exec(docs_example("StreamAPIRouter(streams)"), namespace)  # replaces `app`
+        assert "/streams/{stream_id}" in namespace["app"].openapi()["paths"]
+    exec(docs_example("def chat_events("), namespace)  # "Your own routes"
+    namespace["app"].router.routes.insert(
+        0, Route("/chats/{chat_id}/events", namespace["chat_events"])
+    )
+
+    with uvicorn_server(namespace["app"], graceful_timeout=2) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            started = await client.post("/chat", json={"question": "why resume?"})
+            location = started.headers["location"]
+            events = await read_sse(client, location, limit=2)
+            events += await read_sse(client, location, headers={"last-event-id": events[-1].id})
+            own_route = f"/chats/{started.json()['stream_id']}/events"
+            replayed = await read_sse(client, own_route)
+            malformed = await client.get(own_route, params={"after": "x"})
+
+    assert started.status_code == 202
+    assert location == f"/streams/{started.json()['stream_id']}"
+    assert text(events) == text(replayed) == "You asked: why resume? "
+    assert events[-1].event == "end"
+    assert_error(malformed, 400, "invalid_offset")
