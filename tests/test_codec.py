@@ -21,6 +21,8 @@ def test_round_trip_keeps_every_event_and_its_metadata() -> None:
         tok("ld", "m2", "agent"),
         tok("!", "m2", None),
         ("token", {"text": "ns", "message_id": "m2", "node": "agent", "ns": ["sub:1"]}),
+        ("token", {"text": "user-made", "lang": "en", "score": 1}),  # three other keys
+        tok("after", "m2", "agent"),
         tok("", None, None),
         ("end", {}),
     ]

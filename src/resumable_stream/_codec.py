@@ -3,8 +3,9 @@
 A stream is a sequence of *entries*; each entry holds one or more events (a producer
 coalesces the events that arrive while its previous write is in flight). An entry is a
 JSON array whose items are ``[type, data]`` pairs, except that a ``token`` whose
-``message_id``/``node`` equal those of the previous token in the same entry is written as a
-bare string: most of a stream is tokens, and this keeps a 4-character token near 7 bytes.
+``message_id``/``node`` equal those of the previous token in the same entry (both null for
+the first token) is written as a bare string: most of a stream is tokens, and this keeps a
+4-character token near 7 bytes.
 
 An offset names one event: ``"<epoch>-<seq>-<index>"``, where ``epoch`` identifies the run
 that wrote the stream (a new run under the same id gets a new, larger epoch), ``seq`` the
@@ -22,6 +23,7 @@ from ._events import TOKEN, Event, Item
 from ._exceptions import InvalidOffset
 
 _DUMPS_OPTIONS = orjson.OPT_NON_STR_KEYS
+_TOKEN_KEYS = frozenset({"text", "message_id", "node"})
 
 
 class Position(NamedTuple):
@@ -62,9 +64,10 @@ def _default(obj: Any) -> Any:
 def encode_entry(items: Sequence[Item]) -> bytes:
     """Encode a batch of events as one entry payload."""
     out: list[Any] = []
-    last_meta: tuple[Any, Any] | None = None
+    # The decoder starts from null message_id/node: a first token without them is bare too.
+    last_meta: tuple[Any, Any] = (None, None)
     for kind, data in items:
-        if kind == TOKEN and len(data) == 3:
+        if kind == TOKEN and data.keys() == _TOKEN_KEYS:
             meta = (data["message_id"], data["node"])
             if meta == last_meta:
                 out.append(data["text"])
@@ -86,7 +89,7 @@ def decode_entry(payload: bytes, epoch: int, seq: int) -> list[Event]:
             events.append(Event(TOKEN, data, prefix + str(index)))
             continue
         kind, data = item
-        if kind == TOKEN and len(data) == 3:
+        if kind == TOKEN and data.keys() == _TOKEN_KEYS:
             message_id, node = data["message_id"], data["node"]
         events.append(Event(kind, data, prefix + str(index)))
     return events

@@ -12,7 +12,13 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 from ._codec import encode_entry
-from ._constants import COALESCE_DELAY, COALESCE_EVENTS, DEFAULT_LEASE, DEFAULT_MAX_BUFFER
+from ._constants import (
+    COALESCE_DELAY,
+    COALESCE_EVENTS,
+    COALESCE_GAP,
+    DEFAULT_LEASE,
+    DEFAULT_MAX_BUFFER,
+)
 from ._events import CANCELLED, END, ERROR, TERMINAL_TYPES, TOKEN, Item, error_data, normalize
 from ._exceptions import ConfigurationError, LeaseLost, TransportError
 from ._ids import check_stream_id, new_stream_id
@@ -145,20 +151,23 @@ class Run:
             raise asyncio.CancelledError
 
     async def _flush_loop(self) -> None:
+        clock = asyncio.get_running_loop().time
         bursting = False
+        written_at = -COALESCE_GAP
         try:
             while True:
                 if not self._buffer and self._terminal is None:
                     self._wake.clear()
                     await self._wake.wait()
+                    bursting = clock() - written_at < COALESCE_GAP
                     continue
                 if (
                     bursting
                     and self._terminal is None
                     and len(self._buffer) < self._coalesce_events
                 ):
-                    # Events arrived during the last write: the source outruns round trips,
-                    # so let this entry fill a little (docs/performance.md, "coalescing").
+                    # Events arrive faster than writes complete: let this entry fill a
+                    # little (see docs/performance.md).
                     self._wake.clear()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(COALESCE_DELAY):
@@ -171,6 +180,7 @@ class Run:
                 self._space.set()
                 if terminal is not None:
                     return
+                written_at = clock()
                 bursting = bool(self._buffer)
         except (LeaseLost, TransportError):
             self._pump.cancel()

@@ -1,0 +1,1 @@
+"""Benchmarks of resumable_stream: ``python -m benchmarks`` (see docs/performance.md)."""

@@ -1,0 +1,204 @@
+"""Scenarios 3, 6 and the SSE half of 4: the router on one uvicorn worker, clients apart."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+
+from ._clients import read_whole
+from ._support import ConnectionSampler, Figure, RedisServer, Result, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+LATE_MS = 1000.0  # a client whose worst token came later than this has fallen behind
+
+
+class HTTPServer:
+    """``python -m benchmarks._server`` in a child process."""
+
+    def __init__(self, redis: RedisServer) -> None:
+        self.redis = redis
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks._server", redis.url, str(self.port)], cwd=ROOT
+        )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.call("GET", "/bench/status")
+                return
+            except OSError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("the benchmark HTTP server did not start") from None
+                time.sleep(0.1)  # an external process coming up: poll with a deadline
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            payload = None if body is None else json.dumps(body)
+            connection.request(method, path, body=payload)
+            response = connection.getresponse()
+            data = response.read()
+            if response.status != 200:
+                raise RuntimeError(f"{method} {path}: {response.status} {data!r}")
+            return json.loads(data)
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def fanout_row(server: HTTPServer, streams: int, rate: float, seconds: float) -> dict[str, Any]:
+    """``streams`` paced streams, each read by one SSE client in a separate process."""
+    created = server.call(
+        "POST", "/bench/create", {"streams": streams, "rate": rate, "seconds": seconds}
+    )
+    expected = created["tokens_per_stream"]
+    clients = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks._clients",
+            str(server.port),
+            str(streams),
+            str(expected),
+            str(LATE_MS),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert clients.stdout is not None
+    try:
+        if clients.stdout.readline().strip() != "ready":
+            raise RuntimeError("the SSE clients did not connect")
+        process = psutil.Process(server.pid)
+        before = process.cpu_times()
+        with ConnectionSampler(server.redis, server.pid, interval=0.25) as sampler:
+            server.call("POST", "/bench/go")
+            line = clients.stdout.readline()
+        after = process.cpu_times()
+        clients.wait(30)
+    finally:
+        if clients.poll() is None:
+            clients.kill()
+            clients.wait()
+    result: dict[str, Any] = orjson.loads(line)
+    status = server.call("GET", "/bench/status")
+    cpu = (after.user - before.user) + (after.system - before.system)
+    tokens = result["tokens"] or 1
+    result.update(
+        streams=streams,
+        expected_tokens=streams * expected,
+        tokens_per_s=result["tokens"] / result["seconds"],
+        server_cpu_s=cpu,
+        cpu_s_per_1000_tokens=cpu / tokens * 1000,
+        peak_redis_connections=sampler.peak,
+        producer_max_lag_ms=status["max_lag_ms"],
+    )
+    return result
+
+
+def live_fanout(server: HTTPServer, quick: bool) -> Result:
+    """Scenario 3: 1,000 streams at 20 tokens/s for 30 s, one SSE client each."""
+    streams, seconds = (100, 5.0) if quick else (1000, 30.0)
+    row = fanout_row(server, streams, 20.0, seconds)
+    return Result(
+        figures=[
+            Figure("3", "p50 added latency", round(row["p50_ms"], 2), "ms", note="info"),
+            Figure("3", "p99 added latency", round(row["p99_ms"], 2), "ms", "<=", 25),
+            Figure("3", "max added latency", round(row["max_ms"], 2), "ms", note="info"),
+            Figure("3", "tokens/s delivered", round(row["tokens_per_s"]), "tok/s", note="info"),
+            Figure(
+                "3",
+                "server CPU s per 1,000 tokens",
+                round(row["cpu_s_per_1000_tokens"], 4),
+                "s",
+                note="info",
+            ),
+            Figure(
+                "3", "Redis connections (server, peak)", row["peak_redis_connections"], "", "<=", 4
+            ),
+            Figure("3", "clients behind or incomplete", row["behind"], "", "==", 0),
+            Figure(
+                "3",
+                "tokens delivered == sent",
+                row["tokens"] == row["expected_tokens"],
+                "",
+                "==",
+                True,
+            ),
+        ],
+        details=row,
+    )
+
+
+def scaling(server: HTTPServer, quick: bool, largest: dict[str, Any] | None) -> Result:
+    """Scenario 6: scenario 3 at 10, 100 and 1,000 streams."""
+    sizes, seconds = ((10, 50, 100), 3.0) if quick else ((10, 100, 1000), 10.0)
+    rows = []
+    for streams in sizes:
+        if largest is not None and largest["streams"] == streams:
+            rows.append(largest)  # scenario 3's own run, just measured
+        else:
+            rows.append(fanout_row(server, streams, 20.0, seconds))
+    figures = [
+        Figure(
+            "6",
+            f"{row['streams']:>4} streams: CPU s/1k tok | p99 ms | Redis conns",
+            f"{row['cpu_s_per_1000_tokens']:.4f} | {row['p99_ms']:.1f} | "
+            f"{row['peak_redis_connections']}",
+            note="info",
+        )
+        for row in rows
+    ]
+    costs = [row["cpu_s_per_1000_tokens"] for row in rows]
+    connections = {row["peak_redis_connections"] for row in rows}
+    figures += [
+        Figure(
+            "6",
+            f"cost per token, {sizes[-1]} vs {sizes[0]} streams",
+            round(costs[-1] / costs[0], 3),
+            "x",
+            "<=",
+            1.25,
+            note="flat: within noise",
+        ),
+        Figure("6", "Redis connections constant", len(connections) == 1, "", "==", True),
+    ]
+    return Result(figures=figures, details={"rows": rows})
+
+
+def sse_replay(server: HTTPServer, stream_id: str, tokens: int) -> Result:
+    """Scenario 4 (HTTP part): the whole finished stream over SSE."""
+    seconds, events = min(
+        (asyncio.run(read_whole(server.port, stream_id)) for _ in range(3)),
+        key=lambda r: r[0],
+    )
+    return Result(
+        figures=[
+            Figure("4", "whole stream over SSE", round(seconds, 3), "s", "<=", 2),
+            Figure("4", "SSE events == tokens + end", events == tokens + 1, "", "==", True),
+        ],
+        details={"sse_seconds": seconds, "sse_events": events},
+    )
