@@ -79,7 +79,7 @@ class QueueSubscription(Subscription):
 
     def __init__(self, on_close: collections.abc.Callable[[QueueSubscription], None]) -> None:
         self._entries: collections.deque[Entry] = collections.deque()
-        self._ready = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
         self._on_close = on_close
         self.closed = False
 
@@ -89,16 +89,21 @@ class QueueSubscription(Subscription):
         overflow = len(self._entries) - DEFAULT_SUBSCRIPTION_BUFFER
         for _ in range(overflow):
             self._entries.popleft()
-        self._ready.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def get(self, max_wait: float) -> list[Entry]:
         if not self._entries:
-            self._ready.clear()
+            # A bare future and timer: asyncio.timeout() costs more, on every live event.
+            loop = asyncio.get_running_loop()
+            waiter = self._waiter = loop.create_future()
+            timer = loop.call_later(max_wait, _wake, waiter)
             try:
-                async with asyncio.timeout(max_wait):
-                    await self._ready.wait()
-            except TimeoutError:
-                pass
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
         entries = list(self._entries)
         self._entries.clear()
         return entries
@@ -107,6 +112,11 @@ class QueueSubscription(Subscription):
         if not self.closed:
             self.closed = True
             self._on_close(self)
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class Transport(ABC):

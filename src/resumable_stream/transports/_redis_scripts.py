@@ -19,20 +19,21 @@ redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
 return epoch
 """
 
-# ARGV: owner, epoch, seq, payload, count, now_ms, max_entries, final status or '',
-#       running_ttl_ms, retention_ms, metadata_ttl_ms
+# ARGV: owner, epoch, seq, payload, count, now_ms, final status or '',
+#       then the transport's constants: max_entries, running_ttl_ms, retention_ms,
+#       metadata_ttl_ms
 APPEND = """
 local m = redis.call('HMGET', KEYS[1], 'owner', 'last', 'status')
 if m[1] ~= ARGV[1] then return -1 end
 if tonumber(m[2]) >= tonumber(ARGV[3]) then return 0 end
 if m[3] ~= 'running' then return -1 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], ARGV[2] .. '-' .. ARGV[3], 'e', ARGV[4])
-if ARGV[8] == '' then
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], ARGV[2] .. '-' .. ARGV[3], 'e', ARGV[4])
+if ARGV[7] == '' then
   redis.call('HSET', KEYS[1], 'last', ARGV[3], 'count', ARGV[5], 'updated', ARGV[6])
   if ARGV[3] == '1' then redis.call('PEXPIRE', KEYS[2], ARGV[9]) end
 else
   redis.call('HSET', KEYS[1], 'last', ARGV[3], 'count', ARGV[5], 'updated', ARGV[6],
-    'status', ARGV[8])
+    'status', ARGV[7])
   redis.call('PEXPIRE', KEYS[2], ARGV[10])
   redis.call('PEXPIRE', KEYS[1], ARGV[11])
   redis.call('DEL', KEYS[3])

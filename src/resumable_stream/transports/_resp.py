@@ -22,15 +22,20 @@ from .._exceptions import TransportClosed, TransportError
 Arg = bytes | str | int
 
 
+def bulk(arg: Arg) -> bytes:
+    """Encode one argument as a RESP bulk string."""
+    if isinstance(arg, bytes):
+        data = arg
+    elif isinstance(arg, str):
+        data = arg.encode()
+    else:
+        data = b"%d" % arg
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
 def pack(args: Iterable[Arg]) -> bytes:
     """Encode one command as a RESP array of bulk strings."""
-    parts = []
-    for arg in args:
-        if isinstance(arg, str):
-            arg = arg.encode()
-        elif isinstance(arg, int):
-            arg = b"%d" % arg
-        parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+    parts = [bulk(arg) for arg in args]
     return b"*%d\r\n%b" % (len(parts), b"".join(parts))
 
 

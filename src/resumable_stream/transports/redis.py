@@ -38,7 +38,7 @@ from .._exceptions import (
 )
 from . import _redis_scripts as scripts
 from ._base import Entry, QueueSubscription, Status, StreamInfo, Subscription, Transport
-from ._resp import RespConnection, RespError, pack, settings_of
+from ._resp import RespConnection, RespError, bulk, pack, settings_of
 
 logger = logging.getLogger("resumable_stream.redis")
 
@@ -55,6 +55,8 @@ class _Script:
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
+        #: "EVALSHA <sha> 3", packed once: every call names three keys.
+        self.head = b"".join(bulk(arg) for arg in ("EVALSHA", self.sha, 3))
 
 
 _CREATE = _Script(scripts.CREATE)
@@ -271,6 +273,10 @@ class RedisTransport(Transport):
         self._retention_ms = int(retention * 1000)
         self._meta_ttl_ms = int((retention + tombstone) * 1000)
         self._running_ttl_ms = int(running_ttl * 1000)
+        # The trailing arguments of the append and reap scripts never change: pack them once.
+        constants = (max_entries, self._running_ttl_ms, self._retention_ms, self._meta_ttl_ms)
+        self._append_tail = b"".join(bulk(arg) for arg in constants)
+        self._keys_packed: dict[str, bytes] = {}
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Self:
@@ -303,13 +309,28 @@ class RedisTransport(Transport):
             raise TransportClosed("the Redis transport is closed")
         return await self._commands.send(pack(args))
 
-    async def _eval(self, script: _Script, stream_id: str, *args: Any) -> Any:
-        tag = f"{self.prefix}:{{{stream_id}}}:"
-        packed = pack(
-            ("EVALSHA", script.sha, 3, tag + "meta", tag + "events", tag + "lease", *args)
-        )
+    def _packed_keys(self, stream_id: str) -> bytes:
+        packed = self._keys_packed.get(stream_id)
+        if packed is None:
+            if len(self._keys_packed) >= 4096:
+                self._keys_packed.clear()
+            tag = f"{self.prefix}:{{{stream_id}}}:"
+            packed = b"".join(bulk(tag + kind) for kind in ("meta", "events", "lease"))
+            self._keys_packed[stream_id] = packed
+        return packed
+
+    async def _eval(
+        self, script: _Script, stream_id: str, *args: Any, tail: bytes = b"", tail_count: int = 0
+    ) -> Any:
         if self._closed:
             raise TransportClosed("the Redis transport is closed")
+        packed = b"*%d\r\n%b%b%b%b" % (
+            3 + 3 + len(args) + tail_count,
+            script.head,
+            self._packed_keys(stream_id),
+            b"".join(bulk(arg) for arg in args),
+            tail,
+        )
         try:
             return await self._commands.send(packed)
         except RespError as exc:
@@ -340,11 +361,9 @@ class RedisTransport(Transport):
             entry.payload,
             count,
             int(time.time() * 1000),
-            self.max_entries,
             final or "",
-            self._running_ttl_ms,
-            self._retention_ms,
-            self._meta_ttl_ms,
+            tail=self._append_tail,
+            tail_count=4,
         )
         if result == -1:
             raise LeaseLost(stream_id)

@@ -1,0 +1,438 @@
+"""The chat service's HTTP API, end to end against the real server process.
+
+Every test here runs twice: on embedded defaults (memory streams, SQLite) and on Redis +
+PostgreSQL. `fast` streams as fast as the offline model goes; `paced` at 40 tokens per
+second, for tests that act in the middle of an answer.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+
+import orjson
+import pytest
+
+from tests.examples._chat import (
+    ChatServer,
+    Sse,
+    answer_text,
+    ask,
+    eventually,
+    final_answer,
+    history,
+    idle,
+    post_message,
+    read_sse,
+    servers,
+    settled,
+    terminal,
+)
+
+ALLOWED_ORIGIN = "http://allowed.example"
+
+
+@pytest.fixture(scope="module")
+def fast(
+    chat_backend: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ChatServer]:
+    directory = tmp_path_factory.mktemp("chat-fast")
+    with servers(directory) as make:
+        yield make(
+            DATA_DIR=str(directory / "data"),
+            SUMMARIZE_AFTER_TOKENS="400",
+            CORS_ORIGINS=ALLOWED_ORIGIN,
+            **chat_backend,
+        )
+
+
+@pytest.fixture(scope="module")
+def paced(
+    chat_backend: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ChatServer]:
+    directory = tmp_path_factory.mktemp("chat-paced")
+    with servers(directory) as make:
+        yield make(DATA_DIR=str(directory / "data"), OFFLINE_TOKENS_PER_SECOND="40", **chat_backend)
+
+
+def chunks_at_least(n: int) -> Callable[[list[Sse]], bool]:
+    return lambda events: sum(e.event == "chunk" for e in events) >= n
+
+
+# --------------------------------------------------------------------------- answering
+
+
+def test_answer_streams_tool_call_and_text_and_is_saved(fast: ChatServer) -> None:
+    with fast.client() as client:
+        started, events = ask(client, "search for Redis Streams")
+        thread = history(client, started["thread_id"])
+        threads = client.get("/v1/threads").json()["threads"]
+
+    kinds = [e.event for e in events]
+    assert started["status"] == "started"  # its stream exists when POST answers
+    assert events[0].data == {
+        "type": "start",
+        "thread_id": started["thread_id"],
+        "run": 1,
+        "model": "offline",
+        "cached": False,
+    }
+    calls = [e.data for e in events if e.event == "tool_call"]
+    assert [(c["name"], c["args"]) for c in calls] == [("web_search", {"query": "Redis Streams"})]
+    assert kinds.index("tool_call") < kinds.index("chunk")
+    ended = [e for e in events if e.event == "system" and e.data["type"] == "message_ended"]
+    assert len(ended) == 2  # the tool-calling message, then the answer
+    assert len({e.id for e in events}) == len(events)  # every event has its own offset
+
+    text = answer_text(events)
+    assert text.startswith("Here's what I found about Redis Streams.")
+    assert [m["role"] for m in thread["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert thread["messages"][1]["tool_calls"][0]["name"] == "web_search"
+    assert final_answer(thread) == text
+    assert thread["active_run"] is None
+    assert threads[0]["thread_id"] == started["thread_id"]
+    assert threads[0]["title"] == "search for Redis Streams"
+
+
+def test_last_event_id_resumes_after_a_dropped_connection(fast: ChatServer) -> None:
+    with fast.client() as client:
+        started = post_message(client, "How should I design a reliable queue?")
+        url = started["stream_url"]
+        _, first = read_sse(client, url, stop_after=chunks_at_least(5))
+        _, rest = read_sse(client, url, last_event_id=first[-1].id)
+        after_end, _ = read_sse(client, url, last_event_id=rest[-1].id)
+        thread = history(client, started["thread_id"])
+
+    ids = [e.id for e in first + rest]
+    assert len(set(ids)) == len(ids)  # nothing twice
+    assert terminal(rest) == {"type": "end"}
+    assert answer_text(first) + answer_text(rest) == final_answer(thread)
+    assert after_end == 204  # resumed after the last event: EventSource stops reconnecting
+
+
+def test_a_second_message_continues_the_thread(fast: ChatServer) -> None:
+    with fast.client() as client:
+        started, _ = ask(client, "Hi, my name is Ada")
+        again, events = ask(client, "What is my name?", thread_id=started["thread_id"])
+
+    assert again["thread_id"] == started["thread_id"]
+    assert again["run"] == 2
+    assert answer_text(events).startswith("Your name is Ada")
+
+
+def test_long_threads_are_summarized_before_the_model_call(fast: ChatServer) -> None:
+    with fast.client() as client:
+        thread_id = ask(client, "Hi, my name is Ada")[0]["thread_id"]
+        for question in ("search for Redis Streams", "what is 12*7", "search for PostgreSQL"):
+            ask(client, question, thread_id=thread_id)
+        _, events = ask(client, "What is my name?", thread_id=thread_id)
+        thread = history(client, thread_id)
+
+    roles = [m["role"] for m in thread["messages"]]
+    assert roles[0] == "summary"
+    assert "Ada" in thread["messages"][0]["text"]
+    assert roles.count("user") < 5  # older turns were folded into the summary
+    # Only the agent's tokens are streamed, not the summarizer's.
+    assert answer_text(events) == final_answer(thread)
+    assert final_answer(thread).startswith("Your name is Ada")
+
+
+def test_no_answer_to_read_is_204(fast: ChatServer) -> None:
+    with fast.client() as client:
+        thread_id = ask(client, "hello")[0]["thread_id"]
+        assert client.put(f"/threads/{thread_id}/clear").status_code == 200
+        current, _ = read_sse(client, f"/v1/chat/stream?thread_id={thread_id}")
+        unknown_run, _ = read_sse(client, f"/v1/chat/stream?thread_id={thread_id}&run=99")
+
+    assert current == 204
+    assert unknown_run == 204
+
+
+def test_response_cache_replays_the_same_first_question(fast: ChatServer) -> None:
+    question = f"Tell me about cache warming {uuid.uuid4().hex[:6]}"
+    with fast.client() as client:
+        before = client.get("/info").json()["stats"]
+        first, first_events = ask(client, question, use_cache=True)
+        first_thread = history(client, first["thread_id"])
+        # Normalized: case, spacing and trailing punctuation do not matter.
+        second, second_events = ask(client, "  " + question.upper() + " ?", use_cache=True)
+        _, uncached_events = ask(client, question)
+        replayed_thread = history(client, second["thread_id"])
+        after = client.get("/info").json()["stats"]
+
+    assert first_events[0].data["cached"] is False
+    assert second_events[0].data["cached"] is True
+    assert uncached_events[0].data["cached"] is False
+    assert answer_text(second_events) == answer_text(first_events)
+    assert after.get("cache_hits", 0) - before.get("cache_hits", 0) == 1
+    assert after["model_runs"] - before.get("model_runs", 0) == 2  # first and uncached
+    # The replayed answer is part of the new thread, like a generated one.
+    roles = [m["role"] for m in replayed_thread["messages"]]
+    assert roles == [m["role"] for m in first_thread["messages"]]
+    assert roles[0] == "user"
+    assert final_answer(replayed_thread) == answer_text(first_events)
+
+
+# --------------------------------------------------------------------------- threads
+
+
+def test_threads_are_listed_newest_first_and_renamed(fast: ChatServer) -> None:
+    with fast.client() as client:
+        older = ask(client, "first thread")[0]["thread_id"]
+        newer = ask(client, "second thread")[0]["thread_id"]
+        order_before = [t["thread_id"] for t in client.get("/v1/threads").json()["threads"]]
+        ask(client, "back to the first", thread_id=older)
+        order_after = [t["thread_id"] for t in client.get("/v1/threads").json()["threads"]]
+        renamed = client.patch(
+            "/v1/thread", params={"thread_id": older}, json={"chat_name": "  My   thread "}
+        )
+        titles = {t["thread_id"]: t["title"] for t in client.get("/v1/threads").json()["threads"]}
+
+    assert order_before == [newer, older]
+    assert order_after == [older, newer]
+    assert renamed.json() == {"thread_id": older, "title": "My thread"}
+    assert titles[older] == "My thread"
+
+
+def test_each_user_sees_only_their_own_threads(fast: ChatServer) -> None:
+    with fast.client() as alice, fast.client() as bob:
+        thread_id = ask(alice, "hello")[0]["thread_id"]
+        attempts = {
+            "history": bob.get("/v1/thread", params={"thread_id": thread_id}),
+            "stream": bob.get("/v1/chat/stream", params={"thread_id": thread_id}),
+            "stop": bob.post("/v1/chat/stop", params={"thread_id": thread_id}),
+            "rename": bob.patch(
+                "/v1/thread", params={"thread_id": thread_id}, json={"chat_name": "mine"}
+            ),
+            "message": bob.post("/v1/chat/message", json={"message": "hi", "thread_id": thread_id}),
+            "compat history": bob.get(f"/threads/{thread_id}/history"),
+            "clear": bob.put(f"/threads/{thread_id}/clear"),
+            "archive": bob.put(f"/threads/{thread_id}/archive"),
+            "delete": bob.delete("/v1/thread", params={"thread_id": thread_id}),
+            "compat delete": bob.delete(f"/threads/{thread_id}"),
+        }
+        bobs_threads = bob.get("/v1/threads").json()["threads"]
+        alices_thread = history(alice, thread_id)
+
+    assert {name: r.status_code for name, r in attempts.items()} == dict.fromkeys(attempts, 404)
+    assert attempts["history"].json()["code"] == "thread_not_found"
+    assert bobs_threads == []
+    assert [m["role"] for m in alices_thread["messages"]] == ["user", "assistant"]
+
+
+def test_bearer_tokens_are_identities(fast: ChatServer) -> None:
+    token_a, token_b = "a" * 24, "b" * 24
+    with (
+        fast.client(headers={"authorization": f"Bearer {token_a}"}) as a,
+        fast.client(headers={"authorization": f"Bearer {token_b}"}) as b,
+        fast.client(headers={"authorization": "Bearer short"}) as bad,
+    ):
+        thread_id = ask(a, "hello")[0]["thread_id"]
+        with fast.client(headers={"authorization": f"Bearer {token_a}"}) as a_again:
+            listed_again = [t["thread_id"] for t in a_again.get("/v1/threads").json()["threads"]]
+        listed_b = b.get("/v1/threads").json()["threads"]
+        rejected = bad.get("/v1/threads")
+
+    assert thread_id in listed_again
+    assert "set-cookie" not in rejected.headers
+    assert listed_b == []
+    assert rejected.status_code == 401
+    assert rejected.json()["code"] == "invalid_token"
+
+
+def test_compat_endpoints(fast: ChatServer) -> None:
+    with fast.client() as client:
+        with client.stream(
+            "POST", "/chat/stream", json={"message": "search for PostgreSQL"}
+        ) as response:
+            assert response.headers["content-type"] == "application/x-ndjson"
+            lines = [orjson.loads(line) for line in response.iter_lines() if line]
+        thread_id = lines[0]["data"]["thread_id"]
+        compat_history = client.get(f"/threads/{thread_id}/history").json()
+
+        cleared = client.put(f"/threads/{thread_id}/clear")
+        after_clear = client.get(f"/threads/{thread_id}/history").json()
+        listed_after_clear = [t["thread_id"] for t in client.get("/v1/threads").json()["threads"]]
+
+        ask(client, "hello again", thread_id=thread_id)
+        archived = client.put(f"/threads/{thread_id}/archive")
+        listed = [t["thread_id"] for t in client.get("/v1/threads").json()["threads"]]
+        archived_list = client.get("/v1/threads", params={"archived": "true"}).json()["threads"]
+        write_archived = client.post(
+            "/v1/chat/message", json={"message": "more", "thread_id": thread_id}
+        )
+        read_archived = client.get(f"/threads/{thread_id}/history")
+
+        deleted = client.delete(f"/threads/{thread_id}")
+        after_delete = client.get(f"/threads/{thread_id}/history")
+
+    types = [line["type"] for line in lines]
+    assert types[0] == "metadata"
+    assert lines[1]["data"]["status"] == "started"
+    assert "tool_event" in types
+    assert lines[types.index("tool_event")]["data"]["name"] == "web_search"
+    assert lines[-1] == {
+        "offset": lines[-1]["offset"],
+        "type": "metadata",
+        "data": {"status": "completed"},
+    }
+    tokens = "".join(line["data"]["content"] for line in lines if line["type"] == "token")
+    assert tokens == final_answer(compat_history)
+
+    assert cleared.json() == {"thread_id": thread_id, "cleared": True}
+    assert after_clear["messages"] == []  # really emptied
+    assert thread_id in listed_after_clear  # the thread itself stays
+
+    assert archived.json() == {"thread_id": thread_id, "archived": True}
+    assert thread_id not in listed
+    assert [t["thread_id"] for t in archived_list] == [thread_id]
+    assert write_archived.status_code == 409
+    assert write_archived.json()["code"] == "thread_archived"
+    assert read_archived.status_code == 200
+
+    assert deleted.json() == {"thread_id": thread_id, "deleted": True}
+    assert after_delete.status_code == 404
+
+
+# --------------------------------------------------------------------------- limits
+
+
+def test_messages_are_validated_with_clear_errors(fast: ChatServer) -> None:
+    with fast.client() as client:
+        too_long = client.post("/v1/chat/message", json={"message": "x" * 8001})
+        too_large = client.post("/v1/chat/message", json={"message": "x" * 100_000})
+        empty = client.post("/v1/chat/message", json={"message": "   "})
+        unknown = client.post("/v1/chat/message", json={"message": "hi", "model": "nope:x"})
+        unavailable = client.post(
+            "/v1/chat/message", json={"message": "hi", "model": "anthropic:claude-3-5-haiku-latest"}
+        )
+        malformed = client.post(
+            "/v1/chat/message", content=b"{", headers={"content-type": "application/json"}
+        )
+        retry_nothing = client.post("/v1/chat/message", json={"retry": True})
+
+    assert (too_long.status_code, too_long.json()["code"]) == (422, "message_too_long")
+    assert "limit is 8000" in too_long.json()["message"]
+    assert (too_large.status_code, too_large.json()["code"]) == (413, "payload_too_large")
+    assert (empty.status_code, empty.json()["code"]) == (422, "empty_message")
+    assert (unknown.status_code, unknown.json()["code"]) == (422, "unknown_model")
+    assert (unavailable.status_code, unavailable.json()["code"]) == (422, "model_unavailable")
+    assert (malformed.status_code, malformed.json()["code"]) == (422, "invalid_request")
+    assert (retry_nothing.status_code, retry_nothing.json()["code"]) == (422, "nothing_to_retry")
+
+
+def test_cors_allows_the_configured_origin_only(fast: ChatServer) -> None:
+    preflight = {"access-control-request-method": "POST"}
+    with fast.client() as client:
+        allowed = client.options(
+            "/v1/chat/message", headers={"origin": ALLOWED_ORIGIN, **preflight}
+        )
+        other = client.options(
+            "/v1/chat/message", headers={"origin": "http://evil.example", **preflight}
+        )
+        simple = client.get("/v1/threads", headers={"origin": "http://evil.example"})
+
+    assert allowed.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
+    assert allowed.headers["access-control-allow-credentials"] == "true"
+    assert "access-control-allow-origin" not in other.headers
+    assert "access-control-allow-origin" not in simple.headers
+
+
+def test_info_and_health(fast: ChatServer, chat_backend: dict[str, str]) -> None:
+    with fast.client() as client:
+        info = client.get("/info").json()
+        health = client.get("/health")
+
+    assert info["transport"] == ("redis" if chat_backend else "memory")
+    assert info["database"] == ("postgresql" if chat_backend else "sqlite")
+    assert info["default_model"] == "offline"
+    specs = {m["spec"]: m for m in info["models"]}
+    assert specs["offline"]["available"] is True
+    assert {"openai:gpt-4o-mini", "anthropic:claude-3-5-haiku-latest", "ollama:llama3.1"} <= set(
+        specs
+    )
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "checks": {"streams": "ok", "database": "ok"}}
+
+
+# --------------------------------------------------------------------------- mid-answer
+
+
+def test_stop_ends_the_answer_and_keeps_what_was_said(paced: ChatServer) -> None:
+    with paced.client() as client:
+        started = post_message(client, "How should I structure a small side project?")
+        url, thread_id = started["stream_url"], started["thread_id"]
+        _, first = read_sse(client, url, stop_after=chunks_at_least(3))
+        stopped = client.post("/v1/chat/stop", params={"thread_id": thread_id}).json()
+        _, rest = read_sse(client, url, last_event_id=first[-1].id)
+        said = answer_text(first) + answer_text(rest)
+        saved = eventually(lambda: settled(client, thread_id), what="the save")
+        again = client.post("/v1/chat/stop", params={"thread_id": thread_id}).json()
+
+    assert stopped == {"thread_id": thread_id, "stopped": True}
+    assert terminal(rest) == {"type": "end", "reason": "stopped"}
+    assert 0 < len(said) < 300  # the whole answer takes ~100 tokens
+    assert saved["messages"][-1] == {**saved["messages"][-1], "text": said, "stopped": True}
+    assert again["stopped"] is False
+
+
+def test_reject_policy_answers_409_while_busy(paced: ChatServer) -> None:
+    with paced.client() as client:
+        started = post_message(client, "How should I structure a small side project?")
+        thread_id = started["thread_id"]
+        busy = client.post("/v1/chat/message", json={"message": "and?", "thread_id": thread_id})
+        _, events = read_sse(client, started["stream_url"])  # to its end
+        after = client.post("/v1/chat/message", json={"message": "hello", "thread_id": thread_id})
+
+    assert busy.status_code == 409
+    assert busy.json()["code"] == "thread_busy"
+    assert terminal(events) == {"type": "end"}
+    assert after.status_code == 202  # at once after `end`: no window where it is still busy
+
+
+def test_delete_stops_a_live_answer_and_removes_the_thread(paced: ChatServer) -> None:
+    with paced.client() as client:
+        started = post_message(client, "How should I structure a small side project?")
+        thread_id = started["thread_id"]
+        _, first = read_sse(client, started["stream_url"], stop_after=chunks_at_least(2))
+        deleted = client.delete("/v1/thread", params={"thread_id": thread_id})
+        gone = client.get("/v1/thread", params={"thread_id": thread_id})
+        stream = client.get(started["stream_url"], headers={"last-event-id": first[-1].id})
+        listed = [t["thread_id"] for t in client.get("/v1/threads").json()["threads"]]
+        # The same id, asked for again, is not resurrected by the stopped run's bookkeeping.
+        again = eventually(
+            lambda: (
+                client.get("/v1/thread", params={"thread_id": thread_id}).status_code == 404
+                and client.get("/v1/threads").json()["threads"] == []
+            ),
+            what="thread stays deleted",
+        )
+
+    assert deleted.json() == {"thread_id": thread_id, "deleted": True}
+    assert gone.status_code == 404
+    assert stream.status_code == 404
+    assert thread_id not in listed
+    assert again
+
+
+def test_retry_answers_the_last_question_again(paced: ChatServer) -> None:
+    with paced.client() as client:
+        started = post_message(client, "what is 12*7")
+        thread_id = started["thread_id"]
+        read_sse(
+            client,
+            started["stream_url"],
+            stop_after=lambda events: any(e.event == "tool_call" for e in events),
+        )
+        client.post("/v1/chat/stop", params={"thread_id": thread_id})
+        eventually(lambda: idle(client, thread_id), what="stopped")
+        retried = client.post("/v1/chat/message", json={"thread_id": thread_id, "retry": True})
+        assert retried.status_code == 202, retried.text
+        _, events = read_sse(client, retried.json()["stream_url"])
+        thread = history(client, thread_id)
+
+    assert terminal(events) == {"type": "end"}
+    assert "84" in answer_text(events)
+    # The stopped turn was replaced by the new answer, not appended to.
+    assert [m["role"] for m in thread["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert final_answer(thread) == answer_text(events)

@@ -1,0 +1,88 @@
+"""The terminal client, driven as a subprocess: commands, streaming, stop, and resuming an
+answer across a server restart."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from tests.examples._chat import ChatServer, cli, eventually, final_answer, settled
+from tests.examples.conftest import redis_postgres_env
+
+TOKEN = "cli-test-token-0123456789"
+
+
+def test_commands_stream_answers_and_manage_threads(
+    chat_servers: Callable[..., ChatServer],
+) -> None:
+    server = chat_servers(OFFLINE_TOKENS_PER_SECOND="60")
+    with cli(server.url, TOKEN) as client:
+        client.type("Hi, my name is Ada")
+        client.stdout.wait_for(lambda out: "What would you like to talk about?\n" in out)
+        client.type("what is 12*7")
+        client.stdout.wait_for(lambda out: "The answer is 84" in out and out.endswith("\n"))
+        client.type("/threads")
+        listed = client.stdout.wait_for(lambda out: "*1. Hi, my name is Ada" in out)
+        client.type("/history")
+        client.stdout.wait_for(lambda out: "you: what is 12*7" in out)
+
+        # /stop while an answer streams.
+        client.type("How should I structure a small side project?")
+        client.stdout.wait_for(lambda out: "structure a small side project. " in out)
+        client.type("/stop")
+        client.stdout.wait_for(lambda out: "[stopped]\n" in out)
+
+        client.type("/new")
+        client.type("search for Redis Streams")
+        client.stdout.wait_for(lambda out: "Sources:" in out and out.endswith("\n"))
+        client.type("/threads")
+        client.stdout.wait_for(lambda out: "2. Hi, my name is Ada" in out)
+        client.type("/use 2")
+        client.type("/history")
+        client.stdout.wait_for(lambda out: out.count("you: what is 12*7") == 2)
+        client.type("/clear")
+        client.type("/history")
+        client.stdout.wait_for(lambda out: "[cleared]\n(no messages)\n" in out)
+        client.type("/delete")
+        client.type("/threads")
+        client.stdout.wait_for(lambda out: "[deleted]\n 1. search for Redis Streams" in out)
+        client.type("/exit")
+        code = client.process.wait(timeout=20)
+        output = client.stdout.text()
+
+    assert code == 0
+    assert '[tool: calculator {"expression": "12*7"}]' in output
+    assert re.search(r"\*1\. Hi, my name is Ada  \[[0-9a-f]{32}\]", listed)
+    with httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {TOKEN}"}) as api:
+        threads = api.get("/v1/threads").json()["threads"]
+    assert [t["title"] for t in threads] == ["search for Redis Streams"]
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_an_answer_resumes_across_a_server_restart(
+    chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest
+) -> None:
+    # The answer is written by a worker, so it goes on while the API server is down.
+    env = {**redis_postgres_env(request), "WORKER_MODE": "1", "OFFLINE_TOKENS_PER_SECOND": "25"}
+    api = chat_servers(**env)
+    chat_servers("worker", **env)
+    with cli(api.url, TOKEN, "--reconnect-for", "30") as client:
+        client.type("How should I design a reliable queue?")
+        client.stdout.wait_for(lambda out: len(out) > len("assistant> ") + 40)
+        api.kill()
+        client.stderr.wait_for(lambda err: "[connection lost, resuming...]" in err)
+        api.start()
+        client.stderr.wait_for(lambda err: "[resumed]" in err)
+        output = client.stdout.wait_for(lambda out: out.count("\n") >= 1, timeout=30)
+        assert client.close() == 0
+        thread_id = re.search(r"\[thread ([0-9a-f]{32})\]", client.stderr.text())
+    assert thread_id is not None
+
+    with httpx.Client(base_url=api.url, headers={"authorization": f"Bearer {TOKEN}"}) as http:
+        thread = eventually(lambda: settled(http, thread_id[1]), what="the answer saved")
+    printed = output.removeprefix("assistant> ").rstrip("\n")
+    assert printed == final_answer(thread)  # all of it, nothing twice

@@ -1,0 +1,127 @@
+"""A message on a busy thread, and two API processes sharing Redis + PostgreSQL.
+
+`reject` is covered in test_chat_api.py; here `interrupt` and `queue`, and the cross-process
+guarantees: any process reads, stops and serializes the answers of any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.examples._chat import (
+    ChatServer,
+    Sse,
+    answer_text,
+    history,
+    post_message,
+    read_sse,
+    terminal,
+)
+from tests.examples.conftest import redis_postgres_env
+
+GENERAL = "How should I structure a small side project?"
+#: Each answer depends on the ones before it, so an answer that ran too early shows.
+CONVERSATION = ("Hi, my name is Ada", "what is 12*7", "What is my name?", "Thanks!")
+ROLES = (
+    ["user", "assistant"] + ["user", "assistant", "tool", "assistant"] + ["user", "assistant"] * 2
+)
+
+
+def chunks_at_least(n: int) -> Callable[[list[Sse]], bool]:
+    return lambda events: sum(e.event == "chunk" for e in events) >= n
+
+
+def assert_answered_in_order(thread: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    messages = thread["messages"]
+    assert [m["role"] for m in messages] == ROLES
+    assert [m["text"] for m in messages if m["role"] == "user"] == list(CONVERSATION)
+    assert [r["run"] for r in runs] == sorted(r["run"] for r in runs)
+    assert messages[-3]["text"].startswith("Your name is Ada")  # it saw the first answer
+    assert "84" in messages[5]["text"]
+
+
+def test_interrupt_policy_stops_the_answer_in_flight(
+    chat_servers: Callable[..., ChatServer],
+) -> None:
+    server = chat_servers(BUSY_POLICY="interrupt", OFFLINE_TOKENS_PER_SECOND="40")
+    with server.client() as client:
+        first = post_message(client, GENERAL)
+        thread_id = first["thread_id"]
+        _, head = read_sse(client, first["stream_url"], stop_after=chunks_at_least(3))
+        second = post_message(client, "what is 12*7", thread_id=thread_id)
+        _, rest = read_sse(client, first["stream_url"], last_event_id=head[-1].id)
+        _, answer = read_sse(client, second["stream_url"])
+        thread = history(client, thread_id)
+
+    assert terminal(rest) == {"type": "end", "reason": "stopped"}
+    assert terminal(answer) == {"type": "end"}
+    assert "84" in answer_text(answer)
+    roles = [m["role"] for m in thread["messages"]]
+    assert roles == ["user", "assistant", "user", "assistant", "tool", "assistant"]
+    assert thread["messages"][1]["stopped"] is True
+    assert thread["messages"][1]["text"] == answer_text(head) + answer_text(rest)
+
+
+def test_queue_policy_answers_one_after_the_other(chat_servers: Callable[..., ChatServer]) -> None:
+    server = chat_servers(BUSY_POLICY="queue", OFFLINE_TOKENS_PER_SECOND="100")
+    with server.client() as client:
+        first = post_message(client, CONVERSATION[0])
+        thread_id = first["thread_id"]
+        runs = [first] + [
+            post_message(client, text, thread_id=thread_id) for text in CONVERSATION[1:]
+        ]
+        # All four are accepted at once; each stream waits for its turn.
+        assert [run["status"] for run in runs] == ["started"] + ["queued"] * 3
+        endings = [terminal(read_sse(client, run["stream_url"])[1]) for run in runs]
+        thread = history(client, thread_id)
+
+    assert endings == [{"type": "end"}] * 4
+    assert_answered_in_order(thread, runs)
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_any_api_process_reads_and_stops_an_answer_of_another(
+    chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest
+) -> None:
+    env = {**redis_postgres_env(request), "OFFLINE_TOKENS_PER_SECOND": "40"}
+    a, b = chat_servers(**env), chat_servers(**env)
+    with a.client() as on_a:
+        started = post_message(on_a, GENERAL)
+        thread_id = started["thread_id"]
+        # The same session cookie works on B: the processes share SECRET_KEY.
+        with httpx.Client(base_url=b.url, cookies=on_a.cookies, timeout=20) as on_b:
+            _, head = read_sse(on_b, started["stream_url"], stop_after=chunks_at_least(3))
+            busy = on_b.post("/v1/chat/message", json={"message": "hi", "thread_id": thread_id})
+            stopped = on_b.post("/v1/chat/stop", params={"thread_id": thread_id}).json()
+            _, rest = read_sse(on_b, started["stream_url"], last_event_id=head[-1].id)
+
+    assert busy.status_code == 409  # the thread's lock lives in Redis, held by A
+    assert stopped == {"thread_id": thread_id, "stopped": True}
+    assert terminal(rest) == {"type": "end", "reason": "stopped"}
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_two_api_processes_never_answer_one_thread_at_once(
+    chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest
+) -> None:
+    env = {**redis_postgres_env(request), "BUSY_POLICY": "queue"}
+    env["OFFLINE_TOKENS_PER_SECOND"] = "100"
+    a, b = chat_servers(**env), chat_servers(**env)
+    with a.client() as on_a:
+        first = post_message(on_a, CONVERSATION[0])
+        thread_id = first["thread_id"]
+        with httpx.Client(base_url=b.url, cookies=on_a.cookies, timeout=20) as on_b:
+            runs = [first]
+            for i, text in enumerate(CONVERSATION[1:]):
+                runs.append(post_message(on_b if i % 2 == 0 else on_a, text, thread_id=thread_id))
+            endings = [terminal(read_sse(on_b, run["stream_url"])[1]) for run in runs]
+            thread = history(on_b, thread_id)
+
+    assert endings == [{"type": "end"}] * 4
+    assert_answered_in_order(thread, runs)

@@ -1,0 +1,140 @@
+"""The chat service's small pure parts, in process: settings, cache keys, the mapping of
+stream events to the chat API's names, session signing, and CORS."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+from chat_service.app import create_app
+from chat_service.auth import session_value, user_from_session, user_from_token
+from chat_service.cache import MemoryCache, cache_key
+from chat_service.events import RUN_STARTED, to_ndjson, to_sse
+from chat_service.settings import Settings, SettingsError
+
+from resumable_stream import Event
+
+
+def test_settings_come_from_the_environment() -> None:
+    settings = Settings.from_env(
+        {
+            "REDIS_URL": "redis://r:6379/0",
+            "DATABASE_URL": "postgresql://u@h/db",
+            "BUSY_POLICY": "Queue",
+            "CORS_ORIGINS": "https://a.example/, https://b.example",
+            "WORKER_MODE": "true",
+            "SUMMARIZE_AFTER_TOKENS": "0",
+        }
+    )
+    assert settings.busy_policy == "queue"
+    assert settings.cors_origins == ("https://a.example", "https://b.example")
+    assert settings.worker_mode is True
+    assert settings.uses_postgres
+    assert settings.summarize_after_tokens == 0
+    assert Settings.from_env({}).transport_url == "memory://"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"BUSY_POLICY": "wait"}, "BUSY_POLICY"),
+        ({"WORKER_MODE": "1"}, "WORKER_MODE needs REDIS_URL"),
+        ({"CACHE_TTL": "soon"}, "CACHE_TTL must be a number"),
+        ({"CORS_ORIGINS": "*,https://a.example"}, r"either \* or a list"),
+    ],
+)
+def test_bad_settings_are_refused(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(env)
+
+
+def test_cache_key_ignores_case_spacing_and_trailing_punctuation() -> None:
+    key = cache_key("offline", "What is Redis?")
+    assert cache_key("offline", "  what   is redis ") == key
+    assert cache_key("offline", "WHAT IS REDIS!?") == key
+    assert cache_key("openai:gpt-4o-mini", "What is Redis?") != key
+    assert cache_key("offline", "What is Postgres?") != key
+
+
+async def test_memory_cache_expires_and_stays_bounded() -> None:
+    cache = MemoryCache(ttl=60, max_entries=2)
+    for name in ("a", "b", "c"):
+        await cache.put(name, {"value": name})
+    assert await cache.get("a") is None  # the oldest made room
+    assert await cache.get("c") == {"value": "c"}
+    expired = MemoryCache(ttl=-1)
+    await expired.put("a", {"value": "a"})
+    assert await expired.get("a") is None
+
+
+@pytest.mark.parametrize(
+    ("event", "sse", "ndjson"),
+    [
+        (
+            Event("token", {"text": "Hi", "message_id": None, "node": None}, "1-1-0"),
+            Event("chunk", {"text": "Hi"}, "1-1-0"),
+            Event("token", {"content": "Hi"}, "1-1-0"),
+        ),
+        (
+            Event("tool_start", {"id": "c1", "name": "calculator", "args": {"x": 1}}, "1-2-0"),
+            Event("tool_call", {"id": "c1", "name": "calculator", "args": {"x": 1}}, "1-2-0"),
+            Event("tool_event", {"id": "c1", "name": "calculator", "args": {"x": 1}}, "1-2-0"),
+        ),
+        (
+            Event("end", {}, "1-3-0"),
+            Event("system", {"type": "end"}, "1-3-0"),
+            Event("metadata", {"status": "completed"}, "1-3-0"),
+        ),
+        (
+            Event("cancelled", {"reason": "requested"}, "1-3-0"),
+            Event("system", {"type": "end", "reason": "stopped"}, "1-3-0"),
+            Event("metadata", {"status": "stopped"}, "1-3-0"),
+        ),
+        (
+            Event("error", {"error": "ValueError", "message": "bad"}, "1-3-0"),
+            Event("system", {"type": "error", "code": "ValueError", "message": "bad"}, "1-3-0"),
+            Event("error", {"code": "ValueError", "message": "bad"}, "1-3-0"),
+        ),
+        (
+            Event("update", {"mode": None, "node": None, "data": {}}, "1-4-0"),
+            None,
+            None,
+        ),
+    ],
+)
+def test_stream_events_get_the_chat_api_names_and_keep_their_offsets(
+    event: Event, sse: Event | None, ndjson: Event | None
+) -> None:
+    assert to_sse(event) == sse
+    assert to_ndjson(event) == ndjson
+
+
+def test_a_run_lost_or_shut_down_reads_as_an_error_to_retry() -> None:
+    lost = to_sse(Event("error", {"error": "producer_lost", "message": "x"}, "1-9-0"))
+    shutdown = to_sse(Event("cancelled", {"reason": "shutdown"}, "1-9-0"))
+    started = to_sse(Event("custom", {"name": RUN_STARTED, "data": {"run": 3}}, "1-1-0"))
+    assert lost is not None and lost.data["code"] == "producer_lost"
+    assert shutdown is not None and shutdown.data["type"] == "error"
+    assert started == Event("system", {"type": "start", "run": 3}, "1-1-0")
+
+
+def test_sessions_are_signed_and_tokens_hashed() -> None:
+    value = session_value(b"secret", "u123")
+    assert user_from_session(b"secret", value) == "u123"
+    assert user_from_session(b"other secret", value) is None
+    assert user_from_session(b"secret", "u999." + value.split(".", 1)[1]) is None
+    assert user_from_token("x" * 16) == user_from_token("x" * 16) != user_from_token("y" * 16)
+    assert user_from_token("short") is None
+
+
+async def test_cors_wildcard_never_allows_credentials(tmp_path: Path) -> None:
+    app = create_app(Settings(cors_origins=("*",), secret_key="s", data_dir=tmp_path))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.options(
+            "/v1/threads",
+            headers={"origin": "http://any.example", "access-control-request-method": "GET"},
+        )
+    assert response.headers["access-control-allow-origin"] == "*"
+    assert "access-control-allow-credentials" not in response.headers
