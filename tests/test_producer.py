@@ -84,3 +84,15 @@ async def test_consumers_dropped_or_broken_release_their_subscription() -> None:
         if event.terminal:
             break
     assert stream.subscribers == set()
+
+
+async def test_malformed_chat_model_events_are_skipped_not_fatal() -> None:
+    async def events():  # shapes a hand-written source might produce
+        yield {"event": "on_chat_model_stream", "data": {}}
+        yield {"event": "on_chat_model_stream"}
+        yield {"event": "on_chat_model_stream", "data": {"chunk": None}}
+        yield "ok"
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(events())
+    assert [e.type for e in await collect(transport, run.stream_id)] == ["token", "end"]

@@ -19,7 +19,17 @@ from ._constants import (
     DEFAULT_LEASE,
     DEFAULT_MAX_BUFFER,
 )
-from ._events import CANCELLED, END, ERROR, TERMINAL_TYPES, TOKEN, Item, error_data, normalize
+from ._events import (
+    CANCELLED,
+    END,
+    ERROR,
+    TERMINAL_TYPES,
+    TOKEN,
+    Item,
+    error_data,
+    normalize,
+    text_of,
+)
 from ._exceptions import ConfigurationError, LeaseLost, TransportError
 from ._ids import check_stream_id, new_stream_id
 from .transports._base import Entry, Status, Transport
@@ -95,10 +105,22 @@ class Run:
         try:
             async for item in source:
                 buffered = len(self._buffer)
-                if type(item) is str:  # the hot path: plain token text
+                if type(item) is str:  # hot path: plain token text
                     if item:
                         self._buffer.append(
                             (TOKEN, {"text": item, "message_id": None, "node": None})
+                        )
+                elif type(item) is dict and item.get("event") == "on_chat_model_stream":
+                    # Hot path: most astream_events items are string tokens of a chat model.
+                    chunk = (item.get("data") or {}).get("chunk")
+                    content = getattr(chunk, "content", "")
+                    if type(content) is not str:
+                        content = text_of(content)
+                    if content:
+                        node = (item.get("metadata") or {}).get("langgraph_node")
+                        message_id = getattr(chunk, "id", None)
+                        self._buffer.append(
+                            (TOKEN, {"text": content, "message_id": message_id, "node": node})
                         )
                 else:
                     for kind, data in normalize(item):
