@@ -282,3 +282,27 @@ async def test_cancelled_consumers_release_everything(transport: Transport) -> N
     for run in runs:
         await run.wait()
         assert joined(await collect(transport, run.stream_id)) == text_of(10)
+
+
+async def test_slow_reader_joining_a_shared_feed_after_the_end_gets_everything(
+    transport: Transport,
+) -> None:
+    # Regression: a reader that caught up, paused, then subscribed to a live feed that
+    # another reader in the process had already moved past it, waited forever once the
+    # stream had ended (nothing new arrived to reveal the gap).
+    gate = asyncio.Event()
+    run = await StreamProducer(transport).start(tokens(200, pause=gate))
+    slow = StreamConsumer(transport, run.stream_id)
+    first = await anext(slow)  # caught up with what is stored, not yet subscribed
+    held = transport.subscribe(run.stream_id, run.epoch, 0)  # another live reader's feed
+    gate.set()
+    expected = await collect(transport, run.stream_id)
+    while not any(entry.payload.endswith(b'["end",{}]]') for entry in await held.get(1.0)):
+        pass  # the shared feed has now moved past the slow reader, to the end
+    rest = await asyncio.wait_for(collect_from(slow), timeout=5)
+    held.close()
+    assert [first, *rest] == expected
+
+
+async def collect_from(consumer: StreamConsumer) -> list:
+    return [event async for event in consumer]

@@ -169,7 +169,11 @@ class StreamConsumer:
         if await self.transport.reap(self.stream_id, self._epoch, _LOST_PAYLOAD):
             return
         info = await self._refresh()
-        if info.status in FINAL_STATUSES and info.last_seq <= self._seq:
+        if info.last_seq > self._seq:
+            # Stored entries this subscription never delivered (it joined a feed that had
+            # already passed them): read them from storage.
+            self._gap = True
+        elif info.status in FINAL_STATUSES:
             self._finished = True
 
     async def _refresh(self) -> StreamInfo:

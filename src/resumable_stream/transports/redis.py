@@ -102,6 +102,8 @@ class _Reader:
             self._changed()
         subscription = QueueSubscription(lambda sub: self._unsubscribe(key, feed, sub))
         feed.subscribers.add(subscription)
+        if int(feed.cursor.partition(b"-")[2]) > after:
+            subscription.push([])  # the feed is past this reader: wake it to read the gap
         return subscription
 
     def _unsubscribe(self, key: bytes, feed: _Feed, subscription: QueueSubscription) -> None:
