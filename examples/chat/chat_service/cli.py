@@ -1,0 +1,327 @@
+"""Terminal client: chat with the service, with answers that survive dropped connections.
+
+    python -m chat_service.cli [--url http://127.0.0.1:8000] [--token TOKEN] [--thread ID]
+
+Type a message to send it. Commands: /new, /threads, /use N, /history, /clear, /delete,
+/stop (while an answer streams), /help, /exit. Answers print on stdout as they stream;
+notices (reconnecting, errors) go to stderr.
+
+The client identifies itself with a bearer token (``--token``, ``$CHAT_TOKEN``, else one made
+once and kept in ``~/.config/resumable-chat/token``). When the connection drops, or the server
+restarts, it reconnects to the answer's stream with ``Last-Event-ID`` and goes on from the
+next event, so nothing is printed twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+from httpx_sse import aconnect_sse
+
+TOKEN_FILE = Path.home() / ".config" / "resumable-chat" / "token"
+HELP = """commands:
+  /new          start a new thread          /threads   list your threads
+  /use N        switch to thread N of /threads
+  /history      show this thread            /clear     empty this thread
+  /delete       delete this thread          /stop      stop the answer in flight
+  /exit         quit (also Ctrl-D)"""
+
+
+def _token(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    if os.environ.get("CHAT_TOKEN"):
+        return os.environ["CHAT_TOKEN"]
+    if TOKEN_FILE.exists():
+        return TOKEN_FILE.read_text().strip()
+    TOKEN_FILE.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    TOKEN_FILE.write_text(token)
+    TOKEN_FILE.chmod(0o600)
+    return token
+
+
+def out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def note(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+class ApiError(Exception):
+    pass
+
+
+class ChatClient:
+    def __init__(
+        self, client: httpx.AsyncClient, *, model: str | None, reconnect_for: float
+    ) -> None:
+        self.http = client
+        self.model = model
+        self.reconnect_for = reconnect_for
+        self.thread_id: str | None = None
+        self.listed: list[str] = []
+
+    async def call(self, method: str, path: str, body: Any = None) -> Any:
+        """One API call, retried while the server is unreachable (it may be restarting)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.reconnect_for
+        delay = 0.2
+        while True:
+            try:
+                response = await self.http.request(method, path, json=body)
+            except httpx.TransportError:
+                if loop.time() > deadline:
+                    raise ApiError("the server is unreachable") from None
+                await asyncio.sleep(delay)  # backoff while the server is down
+                delay = min(delay * 2, 2.0)
+                continue
+            if response.status_code == 204:
+                return None
+            data = response.json() if response.content else {}
+            if response.is_error:
+                raise ApiError(data.get("message") or response.reason_phrase)
+            return data
+
+    # -- commands ------------------------------------------------------------------------
+
+    async def send(self, text: str) -> None:
+        body: dict[str, Any] = {"message": text}
+        if self.thread_id:
+            body["thread_id"] = self.thread_id
+        if self.model:
+            body["model"] = self.model
+        started = await self.call("POST", "/v1/chat/message", body)
+        if self.thread_id != started["thread_id"]:
+            self.thread_id = started["thread_id"]
+            note(f"[thread {self.thread_id}]")
+        await self.stream(started["stream_url"])
+
+    async def stream(self, url: str) -> str:
+        """Print an answer as it streams; resume after ``Last-Event-ID`` when the connection
+        drops. Returns how the answer ended: end, stopped, error or lost."""
+        loop = asyncio.get_running_loop()
+        last_id: str | None = None
+        outage_since: float | None = None
+        delay = 0.2
+        out("assistant> ")
+        while True:
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            try:
+                async with aconnect_sse(self.http, "GET", url, headers=headers) as source:
+                    status = source.response.status_code
+                    if status == 204:
+                        out("\n")
+                        note("[this answer is no longer available]")
+                        return "lost"
+                    if status >= 500:
+                        raise httpx.TransportError(f"server answered {status}")
+                    if status >= 400:
+                        await source.response.aread()
+                        out("\n")
+                        note(f"[error: {source.response.json().get('message', status)}]")
+                        return "error"
+                    if outage_since is not None:
+                        note("[resumed]")
+                        outage_since, delay = None, 0.2
+                    async for event in source.aiter_sse():
+                        if event.id:
+                            last_id = event.id
+                        ended = self._show(event.event, json.loads(event.data or "{}"))
+                        if ended is not None:
+                            return ended
+            except httpx.TransportError:
+                pass
+            # Dropped, or the server went away: resume from the last event we printed.
+            now = loop.time()
+            if outage_since is None:
+                outage_since = now
+                note("\n[connection lost, resuming...]")
+            elif now - outage_since > self.reconnect_for:
+                out("\n")
+                note("[gave up: the server did not come back]")
+                return "lost"
+            await asyncio.sleep(delay)  # backoff between reconnection attempts
+            delay = min(delay * 2, 2.0)
+
+    @staticmethod
+    def _show(kind: str, data: dict[str, Any]) -> str | None:
+        if kind == "chunk":
+            out(data.get("text", ""))
+        elif kind == "tool_call":
+            out(f"[tool: {data.get('name')} {json.dumps(data.get('args', {}))}]\n")
+        elif kind == "system":
+            if data.get("type") == "end":
+                stopped = data.get("reason") == "stopped"
+                out("\n[stopped]\n" if stopped else "\n")
+                return "stopped" if stopped else "end"
+            if data.get("type") == "error":
+                out("\n")
+                note(f"[error: {data.get('message')}]")
+                return "error"
+        return None
+
+    async def threads(self) -> None:
+        data = await self.call("GET", "/v1/threads")
+        self.listed = [t["thread_id"] for t in data["threads"]]
+        if not self.listed:
+            out("(no threads)\n")
+        for i, thread in enumerate(data["threads"], 1):
+            mark = "*" if thread["thread_id"] == self.thread_id else " "
+            out(f"{mark}{i}. {thread['title']}  [{thread['thread_id']}]\n")
+
+    async def use(self, arg: str) -> None:
+        if arg.isdigit() and 0 < int(arg) <= len(self.listed):
+            arg = self.listed[int(arg) - 1]
+        thread = await self.call("GET", f"/v1/thread?thread_id={arg}")
+        self.thread_id = thread["thread_id"]
+        out(f"[thread {thread['title']}]\n")
+        if thread["active_run"]:
+            await self.stream(thread["active_run"]["stream_url"])
+
+    async def history(self) -> None:
+        if not self.thread_id:
+            out("(new thread: no messages yet)\n")
+            return
+        thread = await self.call("GET", f"/v1/thread?thread_id={self.thread_id}")
+        if not thread["messages"]:
+            out("(no messages)\n")
+        for message in thread["messages"]:
+            if message["role"] == "user":
+                out(f"you: {message['text']}\n")
+            elif message["role"] == "assistant":
+                for call in message["tool_calls"]:
+                    out(f"[tool: {call['name']} {json.dumps(call['args'])}]\n")
+                if message["text"]:
+                    out(f"assistant: {message['text']}\n")
+            elif message["role"] == "summary":
+                out(f"(summary) {message['text']}\n")
+
+    async def command(self, line: str) -> bool:
+        """Run one input line; False to quit."""
+        name, _, arg = line.partition(" ")
+        if name in ("/exit", "/quit"):
+            return False
+        if name == "/help":
+            out(HELP + "\n")
+        elif name == "/new":
+            self.thread_id = None
+            out("[new thread]\n")
+        elif name == "/threads":
+            await self.threads()
+        elif name == "/use":
+            await self.use(arg.strip())
+        elif name == "/history":
+            await self.history()
+        elif name in ("/clear", "/delete", "/stop") and not self.thread_id:
+            out("(no thread yet)\n")
+        elif name == "/clear":
+            await self.call("PUT", f"/threads/{self.thread_id}/clear")
+            out("[cleared]\n")
+        elif name == "/delete":
+            await self.call("DELETE", f"/v1/thread?thread_id={self.thread_id}")
+            self.thread_id = None
+            out("[deleted]\n")
+        elif name == "/stop":
+            stopped = await self.call("POST", f"/v1/chat/stop?thread_id={self.thread_id}")
+            if not stopped["stopped"]:
+                out("(nothing to stop)\n")
+        elif name.startswith("/"):
+            out(f"unknown command {name}; /help lists them\n")
+        else:
+            await self.send(line)
+        return True
+
+
+def _read_lines(loop: asyncio.AbstractEventLoop, lines: asyncio.Queue[str | None]) -> None:
+    """Feed stdin lines to the loop from a thread (stdin may be a pipe or a terminal)."""
+    for line in sys.stdin:
+        loop.call_soon_threadsafe(lines.put_nowait, line.rstrip("\n"))
+    loop.call_soon_threadsafe(lines.put_nowait, None)
+
+
+async def run(args: argparse.Namespace) -> None:
+    headers = {"Authorization": f"Bearer {_token(args.token)}"}
+    timeout = httpx.Timeout(10.0, read=None)  # an answer may be quiet for a while
+    async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=timeout) as http:
+        chat = ChatClient(http, model=args.model, reconnect_for=args.reconnect_for)
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue[str | None] = asyncio.Queue()
+        threading.Thread(target=_read_lines, args=(loop, lines), daemon=True).start()
+        if args.thread:
+            await chat.use(args.thread)
+        if sys.stdin.isatty():
+            out(f"Connected to {args.url}. /help for commands.\n")
+        held: list[str | None] = []
+        end_of_input = False
+        while True:
+            line = held.pop(0) if held else await lines.get()
+            if line is None:
+                return
+            line = line.strip()
+            if not line:
+                continue
+            work = asyncio.create_task(_guarded(chat.command(line)))
+            # While a command runs (an answer streams), /stop acts at once; other lines
+            # (and the end of the input) wait for their turn.
+            while not work.done():
+                if end_of_input:
+                    await work
+                    break
+                reader = asyncio.create_task(lines.get())
+                await asyncio.wait({work, reader}, return_when=asyncio.FIRST_COMPLETED)
+                if not reader.done():
+                    reader.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reader
+                    continue
+                extra = reader.result()
+                end_of_input = extra is None
+                if extra is not None and extra.strip() == "/stop":
+                    await _guarded(chat.command("/stop"))
+                else:
+                    held.append(extra)
+            if not work.result():
+                return
+
+
+async def _guarded(command: Any) -> bool:
+    try:
+        return bool(await command)
+    except ApiError as exc:
+        note(f"[error: {exc}]")
+        return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m chat_service.cli", description=__doc__)
+    parser.add_argument("--url", default=os.environ.get("CHAT_URL", "http://127.0.0.1:8000"))
+    parser.add_argument("--token", help="bearer token (default: $CHAT_TOKEN or a saved one)")
+    parser.add_argument("--thread", help="continue this thread (and its answer in flight)")
+    parser.add_argument("--model", help="model spec for your messages (see GET /info)")
+    parser.add_argument(
+        "--reconnect-for",
+        type=float,
+        default=120.0,
+        help="seconds to keep trying while the server is unreachable",
+    )
+    args = parser.parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""What a run writes to its stream, and how readers see it.
+
+A run writes the library's event vocabulary (docs/events.md): ``token`` for the agent's text,
+``tool_start`` when the model calls a tool, ``message`` when an AI message is complete,
+``custom`` once at the start (which answer this is, from which model, cached or not), then
+``end``, ``error`` or ``cancelled``.
+
+Readers get it in the chat API's own names, with each event's offset kept as its SSE ``id``
+so that ``Last-Event-ID`` resumes: :class:`ChatEvents` is a ``StreamConsumer`` that renames
+events on the way out, so the library's ``StreamResponse`` serves it unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from resumable_stream import Event, StreamConsumer, Transport
+
+#: ``custom`` event name of the first event of every run.
+RUN_STARTED = "run_started"
+
+Mapper = Callable[[Event], Event | None]
+
+
+def to_sse(event: Event) -> Event | None:
+    """The ``GET /v1/chat/stream`` view: ``chunk``, ``tool_call`` and ``system``."""
+    kind, data, offset = event
+    if kind == "token":
+        return Event("chunk", {"text": data.get("text", "")}, offset)
+    if kind == "tool_start":
+        return Event(
+            "tool_call", {"id": data.get("id"), "name": data["name"], "args": data["args"]}, offset
+        )
+    if kind == "message":
+        return Event("system", {"type": "message_ended", "message_id": data.get("id")}, offset)
+    if kind == "custom" and data.get("name") == RUN_STARTED:
+        return Event("system", {"type": "start", **data.get("data", {})}, offset)
+    if kind == "end":
+        return Event("system", {"type": "end"}, offset)
+    if kind == "cancelled":
+        if data.get("reason") == "shutdown":
+            return Event("system", _shutdown_error(), offset)
+        return Event("system", {"type": "end", "reason": "stopped"}, offset)
+    if kind == "error":
+        return Event("system", {"type": "error", **_error(data)}, offset)
+    return None
+
+
+def to_ndjson(event: Event) -> Event | None:
+    """The ``POST /chat/stream`` view: ``token``, ``tool_event``, ``error`` and ``metadata``."""
+    kind, data, offset = event
+    if kind == "token":
+        return Event("token", {"content": data.get("text", "")}, offset)
+    if kind == "tool_start":
+        return Event(
+            "tool_event", {"id": data.get("id"), "name": data["name"], "args": data["args"]}, offset
+        )
+    if kind == "custom" and data.get("name") == RUN_STARTED:
+        return Event("metadata", {"status": "started", **data.get("data", {})}, offset)
+    if kind == "end":
+        return Event("metadata", {"status": "completed"}, offset)
+    if kind == "cancelled":
+        if data.get("reason") == "shutdown":
+            return Event("error", _shutdown_error(), offset)
+        return Event("metadata", {"status": "stopped"}, offset)
+    if kind == "error":
+        return Event("error", _error(data), offset)
+    return None
+
+
+def _error(data: dict[str, Any]) -> dict[str, Any]:
+    code = str(data.get("error") or "error")
+    message = str(data.get("message") or code)
+    if code == "producer_lost":
+        message = "the server generating this answer stopped (crashed or was restarted)"
+    return {"code": code, "message": message}
+
+
+def _shutdown_error() -> dict[str, Any]:
+    return {
+        "type": "error",
+        "code": "shutdown",
+        "message": "the server shut down before the answer was complete; retry",
+    }
+
+
+class ChatEvents(StreamConsumer):
+    """A ``StreamConsumer`` whose events are renamed by ``mapper`` (events it maps to None
+    are skipped), for the library's ``StreamResponse`` to serve.
+
+    ``prelude`` events come first (they are not stored: give them an empty offset). ``ready``
+    is awaited before the first read: it waits for a queued answer's stream to exist, so
+    the response goes out (with keep-alives) while the answer waits for its turn.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        stream_id: str,
+        mapper: Mapper,
+        *,
+        after: str | None = None,
+        prelude: list[Event] | None = None,
+        ready: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        super().__init__(transport, stream_id, after=after)
+        self._mapper = mapper
+        self._prelude = list(prelude or [])
+        self._ready = ready
+
+    async def __anext__(self) -> Event:
+        if self._prelude:
+            return self._prelude.pop(0)
+        if self._ready is not None:
+            ready, self._ready = self._ready, None
+            await ready()
+        while True:
+            mapped = self._mapper(await super().__anext__())
+            if mapped is not None:
+                return mapped

@@ -1,0 +1,604 @@
+"""Answers: start them in the background, one at a time per thread, stop them, cache them.
+
+Each answer is a run of ``StreamProducer`` writing stream ``thread-<id>-<n>``, where ``n`` is
+the answer's number in ``chat_runs`` (the durable job record, see threads.py). Readers find
+the current answer through that table, and resume it with the stream's offsets.
+
+One thread, one writer: whoever answers a thread first takes the thread's *lock*, a second
+stream ``thread-<id>-lock`` whose run stays open (and empty) while the lock is held. The
+library gives it the properties a lock needs, in every process that shares the transport:
+``start()`` raises ``StreamAlreadyRunning`` while a live holder renews its lease, takes over
+the id once a dead holder's lease lapsed, and a reader of the lock stream wakes up when the
+holder releases it (its ``end`` event) or dies (``error``/``producer_lost``).
+
+The lock holder *drains* the thread: it answers the queued messages one after the other,
+oldest first, then releases the lock and looks once more, so that a message queued while it
+was releasing is not left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from langchain_core.messages import (
+    AIMessage,
+    AnyMessage,
+    BaseMessage,
+    HumanMessage,
+    messages_from_dict,
+    messages_to_dict,
+)
+from langgraph.checkpoint.base import BaseCheckpointSaver
+
+from resumable_stream import (
+    ResumableStreamError,
+    Run,
+    StreamAlreadyRunning,
+    StreamConsumer,
+    StreamProducer,
+    Transport,
+)
+
+from .agent import Agent
+from .cache import AnswerCache, cache_key
+from .events import RUN_STARTED
+from .offline_model import split_tokens
+from .settings import BusyPolicy, Settings
+from .threads import RunRecord, Thread, ThreadStore
+
+logger = logging.getLogger("chat_service.runs")
+
+
+class ThreadBusy(Exception):
+    """The thread is answering another message and the policy is ``reject``."""
+
+
+class NothingToRetry(Exception):
+    """A retry was asked on a thread without a question to answer again."""
+
+
+def lock_id_for(thread_id: str) -> str:
+    return f"thread-{thread_id}-lock"
+
+
+# --------------------------------------------------------------------------- the thread lock
+
+
+class _Hold:
+    """The lock run's source: yields nothing until released."""
+
+    def __init__(self) -> None:
+        self.released = asyncio.Event()
+
+    def __aiter__(self) -> _Hold:
+        return self
+
+    async def __anext__(self) -> str:
+        await self.released.wait()
+        raise StopAsyncIteration
+
+
+@dataclass
+class HeldLock:
+    thread_id: str
+    run: Run
+    _hold: _Hold = field(repr=False)
+
+    async def release(self) -> None:
+        self._hold.released.set()
+        with contextlib.suppress(ResumableStreamError):
+            await self.run.wait()
+
+
+class ThreadLock:
+    """Per-thread mutual exclusion across processes, on the library's stream leases."""
+
+    def __init__(self, producer: StreamProducer) -> None:
+        self.producer = producer
+
+    async def try_acquire(self, thread_id: str) -> HeldLock | None:
+        hold = _Hold()
+        try:
+            run = await self.producer.start(hold, stream_id=lock_id_for(thread_id))
+        except StreamAlreadyRunning:
+            return None
+        return HeldLock(thread_id, run, hold)
+
+    async def acquire(self, thread_id: str, within: float) -> HeldLock:
+        """Wait up to ``within`` seconds for the lock; raises TimeoutError."""
+        async with asyncio.timeout(within):
+            while True:
+                held = await self.try_acquire(thread_id)
+                if held is not None:
+                    return held
+                # Reading the lock stream to its end waits for the holder to release it, or
+                # (through the library's crash detection) for its lease to lapse.
+                with contextlib.suppress(ResumableStreamError):
+                    async for _ in StreamConsumer(self.producer.transport, lock_id_for(thread_id)):
+                        pass
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Submitted:
+    run: RunRecord
+    #: True once the answer's stream exists; False while it waits for the thread (or a worker).
+    started: bool
+
+
+@dataclass
+class _Recorder:
+    """What a run streamed, for the cache and for saving a stopped answer."""
+
+    events: list[list[Any]] = field(default_factory=list)
+    messages: list[BaseMessage] = field(default_factory=list)
+    partial: list[str] = field(default_factory=list)
+    cached: bool = False
+
+    def text(self, text: str) -> None:
+        self.partial.append(text)
+        if self.events and self.events[-1][0] == "text":
+            self.events[-1][1] += text
+        else:
+            self.events.append(["text", text])
+
+
+@dataclass
+class _Active:
+    """An answer this process is writing."""
+
+    job: RunRecord
+    run: Run
+    recorder: _Recorder
+
+
+class RunService:
+    """Starts, drains, stops and cleans up the answers of threads.
+
+    ``enqueue`` (worker mode) hands a thread to the workers instead of answering it in this
+    process. Every background task belongs to the service; :meth:`aclose` ends them.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        transport: Transport,
+        producer: StreamProducer,
+        store: ThreadStore,
+        agent: Agent,
+        checkpointer: BaseCheckpointSaver[Any],
+        cache: AnswerCache | None,
+        enqueue: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.transport = transport
+        self.producer = producer
+        self.store = store
+        self.agent = agent
+        self.checkpointer = checkpointer
+        self.cache = cache
+        self.enqueue = enqueue
+        self.lock = ThreadLock(producer)
+        self.stats: Counter[str] = Counter()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._closing = False
+
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`aclose` was called."""
+        return self._closing
+
+    # -- public operations ---------------------------------------------------------------
+
+    async def submit(
+        self,
+        thread: Thread,
+        *,
+        message: str | None,
+        model: str,
+        use_cache: bool = False,
+        policy: BusyPolicy | None = None,
+    ) -> Submitted:
+        """Queue a message on ``thread`` and get it answered as the busy policy says.
+
+        ``message=None`` retries: it answers the thread's last question again. Raises
+        :class:`ThreadBusy` (policy ``reject``) or :class:`NothingToRetry`.
+        """
+        policy = policy or self.settings.busy_policy
+        held: HeldLock | None = None
+        if policy == "reject":
+            held = await self.lock.try_acquire(thread.id)
+            if held is None and not await self._answering(thread.id):
+                # The answer's stream has ended; its holder is saving the outcome (the
+                # client may see `end` first): wait for it rather than reject.
+                with contextlib.suppress(TimeoutError):
+                    held = await self.lock.acquire(thread.id, within=self.settings.stream_lease * 2)
+            # With the lock held, a run still marked started is a dead holder's (the drain
+            # cleans it up); in worker mode a queued run waits for a worker: busy.
+            busy = held is None or (
+                self.enqueue is not None and bool(await self.store.runs(thread.id, "queued"))
+            )
+            if busy:
+                if held is not None:
+                    await held.release()
+                raise ThreadBusy(thread.id)
+            if self.enqueue is not None and held is not None:
+                # A worker takes the lock; two messages racing in the next milliseconds may
+                # both be accepted, and are then answered one after the other.
+                await held.release()
+                held = None
+        elif policy == "interrupt":
+            await self.stop(thread.id)
+        try:
+            message, human_id = await self._question(thread.id, message)
+            run = await self.store.add_run(
+                thread.id, message=message, model=model, use_cache=use_cache, human_id=human_id
+            )
+        except BaseException:
+            if held is not None:
+                await held.release()
+            raise
+        if held is None:
+            return Submitted(run, await self.kick(thread.id))
+        await self._begin(held)
+        return Submitted(run, True)
+
+    async def _answering(self, thread_id: str) -> bool:
+        """True while an answer of the thread is queued or its stream still running."""
+        if await self.store.runs(thread_id, "queued"):
+            return True
+        for run in await self.store.runs(thread_id, "started"):
+            info = await self.transport.info(run.stream_id)
+            if info is not None and info.status == "running":
+                return True
+        return False
+
+    async def kick(self, thread_id: str) -> bool:
+        """Make sure somebody answers the thread's queued messages.
+
+        Returns True if this call started an answer in this process.
+        """
+        if self.enqueue is not None:
+            await self.enqueue(thread_id)
+            return False
+        held = await self.lock.try_acquire(thread_id)
+        if held is None:
+            return False  # the holder drains the queue, and looks again after releasing
+        return await self._begin(held) is not None
+
+    async def try_drain(self, thread_id: str) -> asyncio.Task[None] | None:
+        """(Workers) answer the thread's queue if nobody does; returns the task doing it."""
+        held = await self.lock.try_acquire(thread_id)
+        if held is None:
+            return None
+        return await self._begin(held)
+
+    async def stop(self, thread_id: str) -> bool:
+        """Stop the answer in flight and drop the queued ones; True if there was any."""
+        dropped = await self.store.drop_queued(thread_id)
+        stopped = False
+        for run in await self.store.runs(thread_id, "started"):
+            stopped |= await self.producer.cancel(run.stream_id)
+        return stopped or bool(dropped)
+
+    async def forget(self, thread_id: str, *, delete_thread: bool) -> None:
+        """Stop the thread, then delete its checkpoints, its answers' streams and its runs
+        (and the thread itself with ``delete_thread``), holding its lock meanwhile."""
+        await self.stop(thread_id)
+        held = await self.lock.acquire(thread_id, within=self.settings.stream_lease * 3)
+        try:
+            await self.checkpointer.adelete_thread(thread_id)
+            runs = await self.store.runs(thread_id, "queued", "started", "done", "dropped")
+            for run in runs:
+                if run.state in ("started", "done"):
+                    await self._wipe_stream(run.stream_id)
+            if delete_thread:
+                await self.store.delete_thread(thread_id)
+            else:
+                for run in runs:
+                    await self.store.set_run_state(thread_id, run.seq, "dropped")
+        finally:
+            await held.release()
+
+    async def aclose(self, grace: float = 5.0) -> None:
+        """Stop answering: running answers end with ``cancelled`` (reason ``shutdown``);
+        their drain tasks get ``grace`` seconds to record that, then are cancelled."""
+        self._closing = True
+        await self.producer.aclose()
+        tasks = list(self._tasks)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- draining ------------------------------------------------------------------------
+
+    async def _begin(self, held: HeldLock) -> asyncio.Task[None] | None:
+        """With the lock held: start the next queued answer (its stream exists on return),
+        and leave the rest of the queue to a background task."""
+        try:
+            active = await self._start_next(held.thread_id)
+        except BaseException:
+            await held.release()
+            raise
+        if active is None:
+            await held.release()
+            return None
+        return self._spawn(self._drain(held, active))
+
+    async def _drain(self, held: HeldLock, active: _Active) -> None:
+        thread_id = held.thread_id
+        try:
+            next_active: _Active | None = active
+            while next_active is not None:
+                await self._finish(next_active)
+                if self._closing:
+                    return
+                next_active = await self._start_next(thread_id)
+        finally:
+            await held.release()
+        if not self._closing and await self.store.runs(thread_id, "queued"):
+            await self.kick(thread_id)
+
+    async def _start_next(self, thread_id: str) -> _Active | None:
+        """Start the oldest queued message. A run still marked started belongs to a holder
+        that died (we hold the lock now): end its stream and mark it done first."""
+        for stale in await self.store.runs(thread_id, "started"):
+            await self._end_orphan(stale)
+        for job in await self.store.runs(thread_id, "queued"):
+            if await self.transport.info(job.stream_id) is not None:
+                await self._end_orphan(job)  # started by a holder that died before marking it
+                continue
+            active = await self._start(job)
+            if active is not None:
+                return active
+        return None
+
+    async def _end_orphan(self, job: RunRecord) -> None:
+        info = await self.transport.info(job.stream_id)
+        if info is not None and info.status == "running":
+            # Reading to the end makes the library end it with error/producer_lost once the
+            # dead producer's lease has lapsed, so its readers learn what happened.
+            with contextlib.suppress(ResumableStreamError, TimeoutError):
+                async with asyncio.timeout(self.settings.stream_lease * 3):
+                    consumer = StreamConsumer(self.transport, job.stream_id, after=info.last_offset)
+                    async for _ in consumer:
+                        pass
+        await self.store.set_run_state(job.thread_id, job.seq, "done")
+
+    async def _start(self, job: RunRecord) -> _Active | None:
+        recorder = _Recorder()
+        try:
+            run = await self.producer.start(self._source(job, recorder), stream_id=job.stream_id)
+        except ResumableStreamError:
+            logger.exception("could not start answer %s", job.stream_id)
+            await self.store.set_run_state(job.thread_id, job.seq, "done")
+            return None
+        await self.store.set_run_state(job.thread_id, job.seq, "started")
+        return _Active(job, run, recorder)
+
+    async def _finish(self, active: _Active) -> None:
+        job, run, recorder = active.job, active.run, active.recorder
+        try:
+            status = await run.wait()
+        except ResumableStreamError as exc:
+            logger.warning("answer %s lost its stream: %s", job.stream_id, exc)
+            status = "error"
+        if status == "completed" and job.use_cache and not recorder.cached:
+            try:
+                await self._cache_put(job, recorder)
+            except Exception:
+                logger.exception("answer %s: could not cache it", job.stream_id)
+        await self.store.set_run_state(job.thread_id, job.seq, "done")
+        await self.store.update_thread(job.thread_id)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("background task failed", exc_info=task.exception())
+
+    # -- what a run streams ---------------------------------------------------------------
+
+    async def _question(self, thread_id: str, message: str | None) -> tuple[str | None, str]:
+        """(message, id of its HumanMessage); for a retry, the question to answer again."""
+        if message is not None:
+            return message, f"human-{uuid.uuid4().hex}"
+        state = await self.agent.aget_state(_config(thread_id))
+        messages: list[AnyMessage] = state.values.get("messages", [])
+        last = next((m for m in reversed(messages) if isinstance(m, HumanMessage)), None)
+        if last is None or last.id is None:
+            raise NothingToRetry(thread_id)
+        return None, last.id
+
+    async def _retry_plan(self, job: RunRecord) -> tuple[dict[str, Any] | None, Any]:
+        """(inputs, config) of a retry. It resumes the work a failed run left pending; if
+        there is none (the answer ended, or was stopped), it forks the thread from the last
+        checkpoint before the question and asks it again, which replaces the old turn.
+
+        Forking (LangGraph's "time travel") rather than removing messages: after a cancel,
+        the state can show messages that are only pending writes, which cannot be removed.
+        """
+        config = _config(job.thread_id, job.model)
+        state = await self.agent.aget_state(config)
+        if state.next:
+            return None, config
+        question = next((m for m in state.values.get("messages", []) if m.id == job.human_id), None)
+        if question is None:
+            return None, config  # cleared meanwhile: nothing to answer
+        async for snapshot in self.agent.aget_state_history(config):
+            if job.human_id not in [m.id for m in snapshot.values.get("messages", [])]:
+                fork = {"configurable": {**snapshot.config["configurable"], "model": job.model}}
+                return {"messages": [HumanMessage(question.content, id=job.human_id)]}, fork
+        return None, config
+
+    async def _source(self, job: RunRecord, recorder: _Recorder) -> AsyncIterator[Any]:
+        config = _config(job.thread_id, job.model)
+        entry = await self._cache_get(job)
+        recorder.cached = entry is not None
+        yield {
+            "type": "custom",
+            "data": {
+                "name": RUN_STARTED,
+                "data": {
+                    "thread_id": job.thread_id,
+                    "run": job.seq,
+                    "model": job.model,
+                    "cached": recorder.cached,
+                },
+            },
+        }
+        if entry is not None:
+            self.stats["cache_hits"] += 1
+            async for item in self._replay(job, entry):
+                yield item
+            return
+        self.stats["model_runs"] += 1
+        inputs: dict[str, Any] | None = None
+        if job.message is not None:
+            inputs = {"messages": [HumanMessage(job.message, id=job.human_id)]}
+        else:
+            inputs, config = await self._retry_plan(job)
+        # "messages" streams the agent's tokens (the summarizer's model call is tagged
+        # nostream, so its tokens stay out); "updates" gives each node's finished messages.
+        # With a list of modes, astream yields (mode, payload) pairs; its annotations
+        # cannot say so.
+        stream: AsyncIterator[Any] = self.agent.astream(
+            cast(Any, inputs), config, stream_mode=["messages", "updates"]
+        )
+        try:
+            async for mode, payload in stream:
+                if mode == "messages":
+                    chunk, metadata = payload
+                    if metadata.get("langgraph_node") == "agent" and (text := chunk.text):
+                        recorder.text(text)
+                        yield text
+                    continue
+                for node, update in (payload or {}).items():
+                    if node not in ("agent", "tools") or not update:
+                        continue
+                    for message in update.get("messages", []):
+                        recorder.messages.append(message)
+                        if node == "agent":
+                            for item in _finished_message(message):
+                                recorder.events.append([item["type"], item["data"]])
+                                yield item
+                            recorder.partial.clear()
+        except asyncio.CancelledError:
+            # Stopped: keep what the user saw, before the library writes `cancelled`, so a
+            # client that reads the thread after the stream's end finds it there.
+            if recorder.partial:
+                try:
+                    async with asyncio.timeout(5.0):
+                        await self._save_stopped(job, "".join(recorder.partial))
+                except Exception:
+                    logger.exception("answer %s: could not save the stopped text", job.stream_id)
+            raise
+
+    async def _replay(self, job: RunRecord, entry: dict[str, Any]) -> AsyncIterator[Any]:
+        pace = self.settings.offline_tokens_per_second
+        for kind, data in entry["events"]:
+            if kind != "text":
+                yield {"type": kind, "data": data}
+                continue
+            for i, token in enumerate(split_tokens(data)):
+                if i and pace:
+                    await asyncio.sleep(1 / pace)  # the replay's pace, like the model's
+                yield token
+        messages = [
+            HumanMessage(job.message or "", id=job.human_id),
+            *messages_from_dict(entry["messages"]),
+        ]
+        await self.agent.aupdate_state(
+            _config(job.thread_id, job.model), {"messages": messages}, as_node="agent"
+        )
+
+    # -- cache and stopped answers --------------------------------------------------------
+
+    async def _cache_get(self, job: RunRecord) -> dict[str, Any] | None:
+        if self.cache is None or not job.use_cache or job.message is None:
+            return None
+        state = await self.agent.aget_state(_config(job.thread_id))
+        if state.values.get("messages"):
+            return None  # not a fresh thread: the answer depends on the conversation
+        return await self.cache.get(cache_key(job.model, job.message))
+
+    async def _cache_put(self, job: RunRecord, recorder: _Recorder) -> None:
+        if self.cache is None or job.message is None or not recorder.messages:
+            return
+        state = await self.agent.aget_state(_config(job.thread_id))
+        if [m.id for m in state.values.get("messages", [])][:1] != [job.human_id]:
+            return  # the thread had history (or was summarized): not a first question
+        await self.cache.put(
+            cache_key(job.model, job.message),
+            {"events": recorder.events, "messages": messages_to_dict(recorder.messages)},
+        )
+
+    async def _save_stopped(self, job: RunRecord, text: str) -> None:
+        """Keep what the user saw of a stopped answer in the conversation."""
+        config = _config(job.thread_id, job.model)
+        state = await self.agent.aget_state(config)
+        ids = {m.id for m in state.values.get("messages", [])}
+        messages: list[BaseMessage] = []
+        if job.message is not None and job.human_id not in ids:
+            messages.append(HumanMessage(job.message, id=job.human_id))
+        messages.append(
+            AIMessage(text, id=f"stopped-{uuid.uuid4().hex}", response_metadata={"stopped": True})
+        )
+        await self.agent.aupdate_state(config, {"messages": messages}, as_node="agent")
+
+    async def _wipe_stream(self, stream_id: str) -> None:
+        """Replace a stream's events with a bare ``end``: starting a new run on an id
+        discards what it held (the public API has no delete; the stub expires by itself)."""
+        with contextlib.suppress(ResumableStreamError):
+            run = await self.producer.start(_nothing(), stream_id=stream_id)
+            await run.wait()
+
+
+def _config(thread_id: str, model: str | None = None) -> Any:
+    configurable: dict[str, Any] = {"thread_id": thread_id}
+    if model:
+        configurable["model"] = model
+    return {"configurable": configurable}
+
+
+def _finished_message(message: Any) -> list[dict[str, Any]]:
+    """The events of a finished AI message: its tool calls, then ``message``."""
+    if not isinstance(message, AIMessage):
+        return []
+    items: list[dict[str, Any]] = [
+        {
+            "type": "tool_start",
+            "data": {"id": call.get("id"), "name": call["name"], "args": call.get("args", {})},
+        }
+        for call in message.tool_calls
+    ]
+    items.append(
+        {
+            "type": "message",
+            "data": {"id": message.id, "tool_calls": [c["name"] for c in message.tool_calls]},
+        }
+    )
+    return items
+
+
+async def _nothing() -> AsyncIterator[str]:
+    nothing: tuple[str, ...] = ()
+    for item in nothing:
+        yield item

@@ -1,0 +1,99 @@
+"""Everything an API process or a worker holds open, opened once at start, closed at exit."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from langgraph.checkpoint.base import BaseCheckpointSaver
+
+from resumable_stream import StreamProducer, Transport, from_url
+
+from .agent import Agent, build_agent
+from .cache import AnswerCache, MemoryCache, RedisCache
+from .checkpoint import open_checkpointer
+from .models import make_chat_model
+from .runs import RunService
+from .settings import Settings
+from .threads import ThreadStore, thread_store_for
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    transport: Transport
+    producer: StreamProducer
+    store: ThreadStore
+    checkpointer: BaseCheckpointSaver[Any]
+    agent: Agent
+    cache: AnswerCache | None
+    runs: RunService
+    redis: Any | None  # redis.asyncio.Redis, for the cache and the jobs stream
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(
+    settings: Settings, *, role: Literal["api", "worker"] = "api"
+) -> AsyncIterator[Runtime]:
+    """Open the transport, databases and agent; on exit, stop the answers in flight first.
+
+    In worker mode, an API process enqueues jobs rather than answering; a worker answers.
+    """
+    from .worker import JobQueue
+
+    async with contextlib.AsyncExitStack() as stack:
+        options: dict[str, Any] = {"retention": settings.stream_retention}
+        if settings.redis_url:
+            options["prefix"] = settings.redis_prefix
+        transport = from_url(settings.transport_url, **options)
+        stack.push_async_callback(transport.aclose)
+        producer = StreamProducer(transport, lease=settings.stream_lease)
+
+        # Postgres tables are set up here, once per process, not per request.
+        checkpointer = await stack.enter_async_context(open_checkpointer(settings.checkpoint_url))
+        store = thread_store_for(settings.database_url, settings.sqlite_path)
+        stack.push_async_callback(store.aclose)
+        await store.setup()
+
+        redis = None
+        if settings.redis_url:
+            import redis.asyncio as aioredis
+
+            redis = aioredis.Redis.from_url(settings.redis_url)
+            stack.push_async_callback(redis.aclose)
+
+        cache: AnswerCache | None = None
+        if settings.cache_ttl > 0:
+            if redis is not None:
+                cache = RedisCache(redis, settings.redis_prefix, settings.cache_ttl)
+            else:
+                cache = MemoryCache(settings.cache_ttl)
+
+        enqueue = None
+        if redis is not None and (settings.worker_mode or role == "worker"):
+            jobs = JobQueue(redis, settings.redis_prefix)
+            await jobs.setup()
+            enqueue = jobs.enqueue
+
+        def model_factory(spec: str) -> Any:
+            return make_chat_model(spec, tokens_per_second=settings.offline_tokens_per_second)
+
+        agent = build_agent(
+            model_factory,
+            checkpointer=checkpointer,
+            summarize_after_tokens=settings.summarize_after_tokens or None,
+        )
+        runs = RunService(
+            settings,
+            transport=transport,
+            producer=producer,
+            store=store,
+            agent=agent,
+            checkpointer=checkpointer,
+            cache=cache,
+            enqueue=enqueue,
+        )
+        stack.push_async_callback(runs.aclose)  # first out: answers end before storage closes
+        yield Runtime(settings, transport, producer, store, checkpointer, agent, cache, runs, redis)

@@ -1,0 +1,161 @@
+"""Configuration from environment variables; every default runs with no service at all.
+
+REDIS_URL                  streams, thread locks, the answer cache and worker jobs in Redis
+                           (default: all in this process)
+DATABASE_URL               postgresql://... for checkpoints and threads (default: SQLite file)
+CHAT_MODEL                 default model spec, "offline" unless set (see models.py)
+BUSY_POLICY                a message on a busy thread: reject (409), interrupt or queue
+CACHE_TTL                  seconds a first question's answer is replayed (0: no cache)
+MAX_MESSAGE_CHARS          longer messages get 422
+CORS_ORIGINS               comma-separated origins allowed to call the API (default: none)
+SUMMARIZE_AFTER_TOKENS     history size that triggers a summary (0: never)
+OFFLINE_TOKENS_PER_SECOND  pace of the offline model (0: as fast as possible)
+WORKER_MODE                hand generation to `python -m chat_service worker` processes
+SECRET_KEY                 signs session cookies (default: made once in DATA_DIR)
+DATA_DIR                   where the SQLite file and the generated secret live
+STREAM_LEASE               seconds after which a dead generator's answer ends with an error
+STREAM_RETENTION           seconds a finished answer stays resumable
+REDIS_PREFIX               prefix of every Redis key the service writes
+WORKER_CONCURRENCY         threads one worker process answers at once
+WORKER_RECLAIM_IDLE        seconds before the job of a dead worker is taken over
+HOST, PORT                 where `python -m chat_service` listens
+
+The README of the example has the same list with the defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+BusyPolicy = Literal["reject", "interrupt", "queue"]
+BUSY_POLICIES: tuple[BusyPolicy, ...] = ("reject", "interrupt", "queue")
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+class SettingsError(ValueError):
+    """An environment variable has a value the service cannot use."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from its environment; see the module docstring."""
+
+    redis_url: str | None = None
+    database_url: str | None = None
+    chat_model: str = "offline"
+    busy_policy: BusyPolicy = "reject"
+    cache_ttl: float = 3600.0
+    max_message_chars: int = 8000
+    cors_origins: tuple[str, ...] = ()
+    summarize_after_tokens: int = 3000
+    offline_tokens_per_second: float = 40.0
+    worker_mode: bool = False
+    secret_key: str | None = None
+    data_dir: Path = DEFAULT_DATA_DIR
+    stream_lease: float = 5.0
+    stream_retention: float = 3600.0
+    redis_prefix: str = "chat"
+    worker_concurrency: int = 16
+    worker_reclaim_idle: float = 30.0
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def __post_init__(self) -> None:
+        if self.busy_policy not in BUSY_POLICIES:
+            raise SettingsError(f"BUSY_POLICY must be one of {', '.join(BUSY_POLICIES)}")
+        if self.worker_mode and not self.redis_url:
+            raise SettingsError("WORKER_MODE needs REDIS_URL: workers get their jobs through Redis")
+        if "*" in self.cors_origins and len(self.cors_origins) > 1:
+            raise SettingsError("CORS_ORIGINS is either * or a list of origins, not both")
+        if self.max_message_chars < 1:
+            raise SettingsError("MAX_MESSAGE_CHARS must be at least 1")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read the settings from `env` (the process environment by default)."""
+        env = os.environ if env is None else env
+
+        def text(name: str, default: str | None = None) -> str | None:
+            value = env.get(name, "").strip()
+            return value or default
+
+        def number(name: str, default: float) -> float:
+            value = text(name)
+            try:
+                return default if value is None else float(value)
+            except ValueError:
+                raise SettingsError(f"{name} must be a number, not {value!r}") from None
+
+        policy = (text("BUSY_POLICY") or "reject").lower()
+        if policy not in BUSY_POLICIES:
+            raise SettingsError(f"BUSY_POLICY must be one of {', '.join(BUSY_POLICIES)}")
+        origins = tuple(o.strip().rstrip("/") for o in (text("CORS_ORIGINS") or "").split(","))
+        return cls(
+            redis_url=text("REDIS_URL"),
+            database_url=text("DATABASE_URL"),
+            chat_model=text("CHAT_MODEL", "offline") or "offline",
+            busy_policy=policy,
+            cache_ttl=number("CACHE_TTL", 3600.0),
+            max_message_chars=int(number("MAX_MESSAGE_CHARS", 8000)),
+            cors_origins=tuple(o for o in origins if o),
+            summarize_after_tokens=int(number("SUMMARIZE_AFTER_TOKENS", 3000)),
+            offline_tokens_per_second=number("OFFLINE_TOKENS_PER_SECOND", 40.0),
+            worker_mode=(text("WORKER_MODE") or "").lower() in {"1", "true", "yes", "on"},
+            secret_key=text("SECRET_KEY"),
+            data_dir=Path(text("DATA_DIR") or DEFAULT_DATA_DIR),
+            stream_lease=number("STREAM_LEASE", 5.0),
+            stream_retention=number("STREAM_RETENTION", 3600.0),
+            redis_prefix=text("REDIS_PREFIX", "chat") or "chat",
+            worker_concurrency=int(number("WORKER_CONCURRENCY", 16)),
+            worker_reclaim_idle=number("WORKER_RECLAIM_IDLE", 30.0),
+            host=text("HOST", "127.0.0.1") or "127.0.0.1",
+            port=int(number("PORT", 8000)),
+        )
+
+    @property
+    def transport_url(self) -> str:
+        return self.redis_url or "memory://"
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "chat.sqlite"
+
+    @property
+    def checkpoint_url(self) -> str:
+        """The URL `open_checkpointer` gets: Postgres, or the SQLite file in DATA_DIR."""
+        return self.database_url or f"sqlite:///{self.sqlite_path}"
+
+    @property
+    def uses_postgres(self) -> bool:
+        return bool(self.database_url) and self.checkpoint_url.startswith(
+            ("postgres://", "postgresql://")
+        )
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Request bodies above this get 413 before they are parsed (4 bytes per character
+        is UTF-8's worst case, plus room for the other fields)."""
+        return self.max_message_chars * 4 + 4096
+
+    def session_secret(self) -> bytes:
+        """SECRET_KEY, or a random key made once and kept in DATA_DIR, so sessions survive
+        a restart. Several processes (API replicas, workers) must share SECRET_KEY."""
+        if self.secret_key:
+            return self.secret_key.encode()
+        path = self.data_dir / "secret_key"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            # O_EXCL: two processes starting together keep the first one's key.
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as file:
+                    file.write(secrets.token_urlsafe(32))
+        return path.read_text().strip().encode()
