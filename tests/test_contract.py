@@ -306,3 +306,22 @@ async def test_slow_reader_joining_a_shared_feed_after_the_end_gets_everything(
 
 async def collect_from(consumer: StreamConsumer) -> list:
     return [event async for event in consumer]
+
+
+async def test_delete_stops_the_writer_and_removes_the_stream(
+    transport: Transport, peer_transport: Transport
+) -> None:
+    gate = asyncio.Event()  # never set: a slow model
+    run = await StreamProducer(transport).start(tokens(10, pause=gate), stream_id="gone")
+    reader = StreamConsumer(peer_transport, "gone")
+    await anext(reader)
+    assert await peer_transport.delete("gone") is True
+    with pytest.raises(LeaseLost):
+        await run.wait()  # stopped, and fenced: it could not write a terminal event
+    with pytest.raises(OffsetExpired):
+        async for _ in reader:
+            pass
+    with pytest.raises(StreamNotFound):
+        await collect(peer_transport, "gone")
+    assert await peer_transport.delete("gone") is False
+    assert await transport.info("gone") is None

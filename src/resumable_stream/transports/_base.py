@@ -215,6 +215,15 @@ class Transport(ABC):
         """
 
     @abstractmethod
+    async def delete(self, stream_id: str) -> bool:
+        """Remove the stream: entries and metadata. Returns False if it did not exist.
+
+        A producer still writing it is asked to stop (as by :meth:`request_cancel`) and
+        is fenced: its next write raises :class:`LeaseLost`. Readers of it end with
+        ``OffsetExpired``; new readers get ``StreamNotFound``.
+        """
+
+    @abstractmethod
     async def reap(self, stream_id: str, epoch: int, payload: bytes) -> bool:
         """End run ``epoch`` with ``payload`` as its last entry if its producer is gone.
 

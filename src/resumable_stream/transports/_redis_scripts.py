@@ -60,6 +60,14 @@ redis.call('PUBLISH', ARGV[1], ARGV[2])
 return 1
 """
 
+# ARGV: cancel channel, stream id
+DELETE = """
+if redis.call('HGET', KEYS[1], 'status') == 'running' then
+  redis.call('PUBLISH', ARGV[1], ARGV[2])
+end
+return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+"""
+
 # ARGV: epoch, payload, now_ms, max_entries, retention_ms, metadata_ttl_ms
 REAP = """
 local m = redis.call('HMGET', KEYS[1], 'status', 'epoch', 'last')

@@ -191,6 +191,17 @@ class MemoryTransport(Transport):
             sub.push(stream.entries[start:])
         return sub
 
+    async def delete(self, stream_id: str) -> bool:
+        stream = self._get(stream_id)
+        if stream is None:
+            return False
+        del self._streams[stream_id]
+        stream.owner = ""
+        stream.cancel.set()
+        for sub in stream.subscribers:
+            sub.push([])  # wake readers so they notice
+        return True
+
     async def reap(self, stream_id: str, epoch: int, payload: bytes) -> bool:
         stream = self._get(stream_id)
         if (

@@ -64,6 +64,7 @@ _APPEND = _Script(scripts.APPEND)
 _RENEW = _Script(scripts.RENEW)
 _CANCEL = _Script(scripts.CANCEL)
 _REAP = _Script(scripts.REAP)
+_DELETE = _Script(scripts.DELETE)
 
 
 class _Feed:
@@ -105,6 +106,12 @@ class _Reader:
         if int(feed.cursor.partition(b"-")[2]) > after:
             subscription.push([])  # the feed is past this reader: wake it to read the gap
         return subscription
+
+    def wake(self, key: bytes) -> None:
+        """Make the readers of ``key`` look at the stream's metadata again."""
+        feed = self._feeds.get(key)
+        for sub in feed.subscribers if feed is not None else ():
+            sub.push([])
 
     def _unsubscribe(self, key: bytes, feed: _Feed, subscription: QueueSubscription) -> None:
         feed.subscribers.discard(subscription)
@@ -418,6 +425,13 @@ class RedisTransport(Transport):
         if self._reader is None:
             self._reader = _Reader(self)
         return self._reader.subscribe(self._key(stream_id, "events").encode(), epoch, after)
+
+    async def delete(self, stream_id: str) -> bool:
+        # Deleting the metadata fences the producer: its owner token is gone.
+        deleted = bool(await self._eval(_DELETE, stream_id, self._cancel_channel, stream_id))
+        if self._reader is not None:  # readers here notice at once, others when quiet
+            self._reader.wake(self._key(stream_id, "events").encode())
+        return deleted
 
     async def reap(self, stream_id: str, epoch: int, payload: bytes) -> bool:
         result = await self._eval(
