@@ -564,11 +564,8 @@ class RunService:
         await self.agent.aupdate_state(config, {"messages": messages}, as_node="agent")
 
     async def _wipe_stream(self, stream_id: str) -> None:
-        """Replace a stream's events with a bare ``end``: starting a new run on an id
-        discards what it held (the public API has no delete; the stub expires by itself)."""
-        with contextlib.suppress(ResumableStreamError):
-            run = await self.producer.start(_nothing(), stream_id=stream_id)
-            await run.wait()
+        """Delete an answer's stream (a run still writing it is stopped and fenced)."""
+        await self.transport.delete(stream_id)
 
 
 def _config(thread_id: str, model: str | None = None) -> Any:
@@ -596,9 +593,3 @@ def _finished_message(message: Any) -> list[dict[str, Any]]:
         }
     )
     return items
-
-
-async def _nothing() -> AsyncIterator[str]:
-    nothing: tuple[str, ...] = ()
-    for item in nothing:
-        yield item
