@@ -80,6 +80,8 @@ class QueueSubscription(Subscription):
     def __init__(self, on_close: collections.abc.Callable[[QueueSubscription], None]) -> None:
         self._entries: collections.deque[Entry] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
         self._on_close = on_close
         self.closed = False
 
@@ -95,28 +97,40 @@ class QueueSubscription(Subscription):
 
     async def get(self, max_wait: float) -> list[Entry]:
         if not self._entries:
-            # A bare future and timer: asyncio.timeout() costs more, on every live event.
             loop = asyncio.get_running_loop()
+            self._deadline = loop.time() + max_wait
             waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(max_wait, _wake, waiter)
+            if self._timer is None:
+                self._timer = loop.call_at(self._deadline, self._on_timer)
             try:
                 await waiter
             finally:
-                timer.cancel()
                 self._waiter = None
         entries = list(self._entries)
         self._entries.clear()
         return entries
 
+    def _on_timer(self) -> None:
+        # One timer per subscription, re-armed lazily: a timer armed and cancelled on every
+        # live event leaves thousands of dead handles in the loop's heap, which age into
+        # the old GC generation and make full collections (tens of ms) frequent.
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._on_timer)
+        else:
+            waiter.set_result(None)
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self._on_close(self)
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 class Transport(ABC):
