@@ -265,3 +265,13 @@ async def test_streams_survive_redis_dropping_every_connection(
     for run, reader in zip(runs, readers, strict=True):
         assert joined(await reader) == text_of(300)  # no gap, no duplicate across reconnects
         assert await run.wait() == "completed"
+
+
+def test_a_cluster_client_is_refused_with_a_clear_error() -> None:
+    from redis.asyncio.cluster import RedisCluster
+
+    from resumable_stream import ConfigurationError
+
+    client = RedisCluster.__new__(RedisCluster)  # not connected: only its type matters
+    with pytest.raises(ConfigurationError, match="single-endpoint"):
+        RedisTransport(client)

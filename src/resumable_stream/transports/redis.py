@@ -270,6 +270,12 @@ class RedisTransport(Transport):
             running_ttl=running_ttl,
             max_entries=max_entries,
         )
+        if not hasattr(client, "connection_pool"):
+            raise ConfigurationError(
+                f"RedisTransport needs a single-endpoint redis.asyncio.Redis client, not "
+                f"{type(client).__name__}: its shared XREAD reads many streams in one command. "
+                "Keys are hash-tagged per stream ({id}), ready for a cluster-aware transport."
+            )
         self.client = client
         self.prefix = prefix
         self._owns_client = owns_client
