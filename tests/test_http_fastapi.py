@@ -114,11 +114,13 @@ async def test_fastapi_app_starts_streams_and_serves_them_live() -> None:
             events += await read_sse(client, stream_url, headers={"last-event-id": events[-1].id})
             status = await client.get(f"{stream_url}/status")
             mounted = await read_sse(client, stream_url.replace("/streams/", "/mounted/"))
+            head = await client.head(stream_url, headers={"accept": "text/event-stream"})
 
     assert started.status_code == 202
     assert started.headers["location"] == stream_url == f"/streams/{started.json()['stream_id']}"
     assert text(events) == text(mounted) == full_text(60)
     assert status.json()["status"] == "completed"
+    assert (head.status_code, head.headers["content-type"]) == (200, "text/event-stream")
 
 
 async def test_fastapi_routes_answer_with_the_router_errors() -> None:

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from resumable_stream import (
     ResumableStreamError,
     StreamConsumer,
+    StreamNotFound,
     StreamProducer,
     Transport,
     from_url,
@@ -290,6 +291,48 @@ async def test_resuming_after_the_terminal_event_tells_event_source_to_stop(serv
     # A 200 with an empty body would make EventSource reconnect for ever.
     assert (sse.status_code, sse.content) == (204, b"")
     assert (ndjson.status_code, ndjson.content) == (200, b"")
+    # The empty stream still carries the stream's headers (regression: a charset, no
+    # X-Accel-Buffering).
+    assert ndjson.headers["content-type"] == "application/x-ndjson"
+    assert ndjson.headers["x-accel-buffering"] == "no"
+
+
+async def test_short_ping_interval_still_lets_errors_have_their_status() -> None:
+    class LateNotFound(StreamConsumer):
+        async def __anext__(self) -> Any:
+            await asyncio.sleep(0.3)  # a slow first read; pings fall due meanwhile
+            raise StreamNotFound(self.stream_id)
+
+    transport = from_url("memory://")
+
+    async def slow(request: Request) -> Response:
+        return StreamResponse(LateNotFound(transport, "slow"), request, ping_interval=0.05)
+
+    with serve(transport, routes=[Route("/slow", slow)]) as server:
+        async with server.client() as client:
+            response = await client.get("/slow", headers=SSE_ACCEPT)
+    assert (response.status_code, response.content) == (204, b"")
+
+
+async def test_a_bug_in_a_consumer_reaches_the_app_as_itself() -> None:
+    class Broken(StreamConsumer):
+        async def __anext__(self) -> Any:
+            raise KeyError("mapper bug")
+
+    transport = from_url("memory://")
+
+    async def broken(request: Request) -> Response:
+        return StreamResponse(Broken(transport, "broken"), request)
+
+    async def on_key_error(request: Request, exc: Exception) -> Response:
+        return Response(f"handled {type(exc).__name__}", status_code=500)
+
+    app = build_app(transport, StreamRouter(transport), routes=[Route("/broken", broken)])
+    app.add_exception_handler(KeyError, on_key_error)
+    with uvicorn_server(app, graceful_timeout=2) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            response = await client.get("/broken", headers=SSE_ACCEPT)
+    assert (response.status_code, response.text) == (500, "handled KeyError")
 
 
 async def test_headers_are_sent_before_the_first_event(server: Server) -> None:

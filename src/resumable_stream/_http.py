@@ -133,8 +133,9 @@ class HTTPError:
 def error_for(exc: BaseException, *, event_stream_client: bool = False) -> HTTPError:
     """The response for an error raised by a producer, consumer or transport.
 
-    An unknown or fully expired stream is ``204 No Content`` for SSE clients, the one status
-    that makes a browser's ``EventSource`` stop reconnecting, and 404 for others.
+    An unknown or fully expired stream is ``204 No Content`` for SSE clients (``EventSource``
+    stops on any non-200 status, and 204 means "nothing to read" rather than an error), and
+    404 for others.
     """
     if isinstance(exc, InvalidStreamId):
         return HTTPError(400, "invalid_stream_id", str(exc))

@@ -150,6 +150,13 @@ class StreamAPIRouter(APIRouter):
             response_class=Response,
             responses=_READ_RESPONSES,
         )
+        self.add_api_route(  # HEAD, as the mounted router answers it; not in the schema
+            "/{stream_id}",
+            read_stream,
+            methods=["HEAD"],
+            name="read_stream_head",
+            include_in_schema=False,
+        )
         self.add_api_route(
             "/{stream_id}/status",
             stream_status,

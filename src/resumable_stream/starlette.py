@@ -330,24 +330,31 @@ class StreamResponse(Response):
         connection.start_clock(self.ping_interval, self.send_timeout)
         gone = False
         try:
-            async with asyncio.TaskGroup() as tasks:
-                helpers = [
-                    tasks.create_task(_until_disconnect(receive)),
-                    tasks.create_task(_until_stuck(connection)),
-                    tasks.create_task(self._read(connection)),
-                ]
-                await self._write(scope, connection)
-                for task in helpers:
-                    task.cancel()
-        except* _ClientGone:
-            gone = True
-        except* _ClientStuck:
-            gone = True
-            logger.info(
-                "stream %s: the client read nothing for %ss; dropping the connection",
-                self.consumer.stream_id,
-                self.send_timeout,
-            )
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    helpers = [
+                        tasks.create_task(_until_disconnect(receive)),
+                        tasks.create_task(_until_stuck(connection)),
+                        tasks.create_task(self._read(connection)),
+                    ]
+                    await self._write(scope, connection)
+                    for task in helpers:
+                        task.cancel()
+            except* _ClientGone:
+                gone = True
+            except* _ClientStuck:
+                gone = True
+                logger.info(
+                    "stream %s: the client read nothing for %ss; dropping the connection",
+                    self.consumer.stream_id,
+                    self.send_timeout,
+                )
+        except BaseExceptionGroup as group:
+            # Anything else (say, a bug in a consumer subclass) reaches the app as itself,
+            # so that its exception handlers match.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
         finally:
             connection.stop_clock()
         if gone and not connection.done and self.on_disconnect is not None:
@@ -372,9 +379,14 @@ class StreamResponse(Response):
             connection.finish()
 
     async def _write(self, scope: Scope, connection: _Connection) -> None:
+        # Hold the headers until the first events or an error (so errors get their status
+        # code), for at most FIRST_EVENT_WAIT: a ping due meanwhile does not count.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(FIRST_EVENT_WAIT):
-                await connection.ready.wait()
+                while not connection.chunks and not connection.done:
+                    connection.ready.clear()
+                    await connection.ready.wait()
+        connection.ping_due = False
         if connection.done and not connection.chunks:
             await self._write_empty(connection)
             return
@@ -418,8 +430,10 @@ class StreamResponse(Response):
             # Resumed after the terminal event: a 200 would make EventSource reconnect for
             # ever; 204 makes it stop.
             response = Response(status_code=204, headers={"cache-control": "no-store"})
-        else:
-            response = Response(headers={"cache-control": "no-store"}, media_type=self.media_type)
+        else:  # an empty stream, with the stream's own headers
+            await connection.write(_start(self.raw_headers))
+            await connection.write(_body(b"", more=False))
+            return
         await connection.write(_start(response.raw_headers, response.status_code))
         await connection.write(_body(bytes(response.body), more=False))
 
