@@ -96,3 +96,18 @@ async def test_malformed_chat_model_events_are_skipped_not_fatal() -> None:
     transport = MemoryTransport()
     run = await StreamProducer(transport).start(events())
     assert [e.type for e in await collect(transport, run.stream_id)] == ["token", "end"]
+
+
+async def test_an_event_json_cannot_hold_ends_the_run_with_an_error(transport: Transport) -> None:
+    # Regression: the writer died on the encoding error and the run hung, never ending.
+    async def tool_output():
+        yield "before "
+        yield {"type": "tool_end", "data": {"output": {"id": 2**70}}}
+        yield "never stored"
+
+    run = await StreamProducer(transport).start(tool_output())
+    events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=5)
+    assert events[-1].type == "error"
+    assert events[-1].data["error"] == "TypeError"
+    assert "never stored" not in joined(events)
+    assert await run.wait() == "error"

@@ -160,8 +160,7 @@ class Run:
                 terminal = (CANCELLED, {"reason": reason})
             self._terminal = terminal
             self._wake.set()
-            await flusher
-            self.status = _STATUS_OF[terminal[0]]
+            self.status = await flusher
         except (LeaseLost, TransportError) as exc:
             self._failure = exc
             logger.warning("run %s could not write its terminal event: %s", self.stream_id, exc)
@@ -172,7 +171,8 @@ class Run:
         if shutting_down:
             raise asyncio.CancelledError
 
-    async def _flush_loop(self) -> None:
+    async def _flush_loop(self) -> Status:
+        """Write the buffer, an entry per write; return the status of the final entry."""
         clock = asyncio.get_running_loop().time
         bursting = False
         written_at = -COALESCE_GAP
@@ -198,23 +198,33 @@ class Run:
                 terminal = self._terminal
                 if terminal is not None:
                     batch.append(terminal)
-                await self._write(batch, None if terminal is None else _STATUS_OF[terminal[0]])
+                try:
+                    payload = encode_entry(batch)
+                except Exception as exc:  # e.g. an integer beyond 64 bits in a tool's output
+                    # End the run with an error rather than hang with a dead writer.
+                    logger.warning("run %s: an event cannot be stored: %r", self.stream_id, exc)
+                    terminal = (ERROR, {"error": type(exc).__name__, "message": str(exc)})
+                    batch = [terminal]
+                    payload = encode_entry(batch)
+                    self._pump.cancel()
+                final = None if terminal is None else _STATUS_OF[terminal[0]]
+                await self._write(payload, len(batch), final)
                 self._space.set()
-                if terminal is not None:
-                    return
+                if final is not None:
+                    return final
                 written_at = clock()
                 bursting = bool(self._buffer)
         except (LeaseLost, TransportError):
             self._pump.cancel()
             raise
 
-    async def _write(self, batch: list[Item], final: Status | None) -> None:
-        entry = Entry(self.epoch, self._seq + 1, encode_entry(batch))
+    async def _write(self, payload: bytes, count: int, final: Status | None) -> None:
+        entry = Entry(self.epoch, self._seq + 1, payload)
         give_up = time.monotonic() + self._producer.lease
         delay = 0.02
         while True:
             try:
-                await self._transport.append(self.stream_id, self._owner, entry, len(batch), final)
+                await self._transport.append(self.stream_id, self._owner, entry, count, final)
                 break
             except TransportError:
                 # A write whose reply was lost is retried with the same seq; the transport
