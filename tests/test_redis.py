@@ -275,3 +275,32 @@ def test_a_cluster_client_is_refused_with_a_clear_error() -> None:
     client = RedisCluster.__new__(RedisCluster)  # not connected: only its type matters
     with pytest.raises(ConfigurationError, match="single-endpoint"):
         RedisTransport(client)
+
+
+async def test_a_refused_connection_set_up_fails_calls_with_the_real_error(
+    redis_url: str, admin: aioredis.Redis, prefix: str
+) -> None:
+    # Regression: a refused SELECT was ignored and commands ran on db 0 instead.
+    async with RedisTransport.from_url(redis_url.rsplit("/", 1)[0] + "/999", prefix=prefix) as bad:
+        for _ in range(3):
+            with pytest.raises(TransportError, match="refused the connection set-up"):
+                await StreamProducer(bad).start(tokens(1))
+    assert [key async for key in admin.scan_iter(match=f"{prefix}:*")] == []
+
+
+async def test_a_server_that_stops_answering_fails_calls_after_socket_timeout() -> None:
+    async def black_hole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accept and read, never answer
+        writer.close()
+
+    server = await asyncio.start_server(black_hole, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with from_url(f"redis://127.0.0.1:{port}/0?socket_timeout=0.3") as transport:
+            started = time.monotonic()
+            with pytest.raises(TransportError):
+                await transport.info("any")
+            assert time.monotonic() - started < 2.0
+    finally:
+        server.close()
+        await server.wait_closed()

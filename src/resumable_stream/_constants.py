@@ -34,6 +34,9 @@ DEFAULT_PAGE_SIZE = 512
 DEFAULT_SUBSCRIPTION_BUFFER = 4096
 
 DEFAULT_REDIS_PREFIX = "rstream"
+#: Seconds Redis may stay silent while replies are owed before the connection is dropped
+#: (``socket_timeout`` in the URL overrides it).
+DEFAULT_REDIS_TIMEOUT = 30.0
 
 STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@~-]{1,200}")
 STREAM_ID_RULES = "1-200 characters from A-Z a-z 0-9 and _ . : @ ~ -"

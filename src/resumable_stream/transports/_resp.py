@@ -48,23 +48,33 @@ class _Protocol(asyncio.Protocol):
         self._connection = connection
 
     def data_received(self, data: bytes) -> None:
-        self._connection._received(data)
+        self._connection._received(self, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._connection._lost(exc)
+        self._connection._lost(self, exc)
 
 
 class RespConnection:
-    """One connection, opened on first use; many tasks may send on it at once (pipelined)."""
+    """One connection, opened on first use; many tasks may send on it at once (pipelined).
 
-    def __init__(self, settings: dict[str, Any], ssl_context: ssl.SSLContext | None) -> None:
+    ``timeout``: seconds the server may stay silent while replies are owed before the
+    connection is dropped (its calls then fail with :class:`TransportError`).
+    """
+
+    def __init__(
+        self, settings: dict[str, Any], ssl_context: ssl.SSLContext | None, timeout: float
+    ) -> None:
         self._settings = settings
         self._ssl = ssl_context
-        self._transport: asyncio.Transport | None = None
+        self._timeout = timeout
+        self._protocol: _Protocol | None = None
+        self._transport: asyncio.Transport | None = None  # set once the set-up succeeded
         self._connecting: asyncio.Task[None] | None = None
         self._pending: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._outgoing: list[bytes] = []
         self._reader = hiredis.Reader()
+        self._progress = 0.0  # when a reply last came, or the first owed one was sent
+        self._watchdog: asyncio.TimerHandle | None = None
         self._closed = False
 
     def submit(self, packed: bytes) -> asyncio.Future[Any]:
@@ -74,6 +84,10 @@ class RespConnection:
             raise TransportClosed("the Redis transport is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        if not self._pending:
+            self._progress = loop.time()
+            if self._watchdog is None:
+                self._watchdog = loop.call_at(self._progress + self._timeout, self._check)
         if not self._outgoing and self._transport is not None:
             loop.call_soon(self._flush)
         self._outgoing.append(packed)
@@ -94,58 +108,96 @@ class RespConnection:
             data, self._outgoing = b"".join(self._outgoing), []
             self._transport.write(data)
 
+    def _check(self) -> None:
+        # One timer per connection, re-armed from the last progress (not one per command).
+        self._watchdog = None
+        if not self._pending:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._progress + self._timeout
+        if loop.time() < due:
+            self._watchdog = loop.call_at(due, self._check)
+            return
+        error = TransportError(f"Redis did not answer within {self._timeout:g} s")
+        self._fail(error)
+        if self._protocol is not None:
+            self._protocol = None
+            transport, self._transport = self._transport, None
+            if transport is not None:
+                transport.abort()
+
     async def _open(self) -> None:
+        try:
+            await self._connect_and_set_up()
+        finally:
+            self._connecting = None
+
+    async def _connect_and_set_up(self) -> None:
         loop = asyncio.get_running_loop()
         settings = self._settings
+        protocol = _Protocol(self)
         try:
             async with asyncio.timeout(settings.get("socket_connect_timeout") or 10.0):
                 if settings.get("path"):
                     transport, _ = await loop.create_unix_connection(
-                        lambda: _Protocol(self), settings["path"]
+                        lambda: protocol, settings["path"]
                     )
                 else:
                     transport, _ = await loop.create_connection(
-                        lambda: _Protocol(self),
+                        lambda: protocol,
                         settings.get("host", "localhost"),
                         settings.get("port", 6379),
                         ssl=self._ssl,
                     )
-        except (OSError, TimeoutError) as exc:
-            self._connecting = None
+                self._protocol = protocol
+                self._reader = hiredis.Reader()
+                # Set up first, and wait for the answers before sending anything else: a
+                # refused AUTH or SELECT must fail the waiting commands, not run them
+                # elsewhere.
+                required = []
+                if settings.get("password"):
+                    credentials = [settings.get("username"), settings["password"]]
+                    required.append(pack(("AUTH", *[c for c in credentials if c])))
+                if settings.get("db"):
+                    required.append(pack(("SELECT", settings["db"])))
+                name = settings.get("client_name") or "resumable_stream"
+                setup = [
+                    *required,
+                    pack(("CLIENT", "SETNAME", name)),
+                ]  # a courtesy; ACLs may refuse
+                checks = [loop.create_future() for _ in setup]
+                self._pending.extendleft(reversed(checks))
+                transport.write(b"".join(setup))
+                replies = [await check for check in checks]
+        except (OSError, TimeoutError, TransportError) as exc:
+            self._protocol = None
             self._fail(TransportError(f"cannot connect to Redis: {exc}"))
             return
-        self._connecting = None
-        self._reader = hiredis.Reader()
+        refused = [r for r in replies[: len(required)] if isinstance(r, hiredis.ReplyError)]
+        if refused:
+            self._protocol = None
+            transport.abort()
+            self._fail(TransportError(f"Redis refused the connection set-up: {refused[0]}"))
+            return
         self._transport = transport
-        # The set-up goes ahead of the commands that waited for the connection.
-        setup = []
-        if settings.get("password"):
-            credentials = [settings.get("username"), settings["password"]]
-            setup.append(pack(("AUTH", *[c for c in credentials if c])))
-        if settings.get("db"):
-            setup.append(pack(("SELECT", settings["db"])))
-        setup.append(pack(("CLIENT", "SETNAME", settings.get("client_name") or "resumable_stream")))
-        checks = [loop.create_future() for _ in setup]
-        self._pending.extendleft(reversed(checks))
-        self._outgoing[:0] = setup
         self._flush()
-        for check in checks:
-            reply = await check
-            if isinstance(reply, hiredis.ReplyError):
-                transport.close()
-                self._fail(TransportError(f"Redis refused the connection set-up: {reply}"))
-                return
 
-    def _received(self, data: bytes) -> None:
+    def _received(self, protocol: _Protocol, data: bytes) -> None:
+        if protocol is not self._protocol:
+            return  # a dropped connection's late bytes
         reader = self._reader
         reader.feed(data)
         pending = self._pending
         while (reply := reader.gets()) is not False:
+            self._progress = asyncio.get_running_loop().time()
             future = pending.popleft()
             if not future.done():
                 future.set_result(reply)
 
-    def _lost(self, exc: Exception | None) -> None:
+    def _lost(self, protocol: _Protocol, exc: Exception | None) -> None:
+        if protocol is not self._protocol:
+            return
+        self._protocol = None
         self._transport = None
         self._fail(TransportError(f"Redis connection lost: {exc or 'closed by the server'}"))
 
@@ -159,11 +211,15 @@ class RespConnection:
     def close(self) -> None:
         """Drop the connection; calls still waiting fail with :class:`TransportError`."""
         self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self._connecting is not None:
             self._connecting.cancel()
-            self._connecting = None
-        if self._transport is not None:
-            self._transport.abort()
+        transport, self._transport = self._transport, None
+        self._protocol = None
+        if transport is not None:
+            transport.abort()
         self._fail(TransportClosed("the Redis transport is closed"))
 
 

@@ -25,6 +25,7 @@ from redis import exceptions as rex
 from .._constants import (
     DEFAULT_MAX_ENTRIES,
     DEFAULT_REDIS_PREFIX,
+    DEFAULT_REDIS_TIMEOUT,
     DEFAULT_RETENTION,
     DEFAULT_RUNNING_TTL,
     DEFAULT_TOMBSTONE,
@@ -84,7 +85,7 @@ class _Reader:
 
     def __init__(self, transport: RedisTransport) -> None:
         self._transport = transport
-        self._connection = transport._connection()
+        self._connection = transport._connection(blocking_ms=_READ_BLOCK_MS)
         self._feeds: dict[bytes, _Feed] = {}
         # XADDing to this key wakes the blocked XREAD when the set of streams changes;
         # cursor-based, so a wake sent before the XREAD starts is not lost.
@@ -302,9 +303,10 @@ class RedisTransport(Transport):
             raise ConfigurationError(f"invalid Redis URL {url!r}: {exc}") from exc
         return cls(client, owns_client=True, **options)
 
-    def _connection(self) -> RespConnection:
+    def _connection(self, *, blocking_ms: int = 0) -> RespConnection:
         settings, ssl_context = self._settings
-        return RespConnection(settings, ssl_context)
+        timeout = settings.get("socket_timeout") or DEFAULT_REDIS_TIMEOUT
+        return RespConnection(settings, ssl_context, timeout + blocking_ms / 1000)
 
     def _pubsub_client(self) -> aioredis.Redis:
         pool = self.client.connection_pool
