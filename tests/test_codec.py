@@ -51,3 +51,11 @@ def test_offsets() -> None:
     for bad in ["", "1-2", "x-1-1", "1-0-1", "1-1-1-1", "1-1-", " 1-1-1", "1" * 21 + "-1-1"]:
         with pytest.raises(InvalidOffset):
             parse_offset(bad)
+
+
+def test_token_texts_that_are_not_strings_round_trip() -> None:
+    items = [
+        ("token", {"text": 5, "message_id": None, "node": None}),
+        ("token", {"text": ["a", "b"], "message_id": None, "node": None}),
+    ]
+    assert [(e.type, e.data) for e in decode_entry(encode_entry(items), 1, 1)] == items

@@ -325,3 +325,32 @@ async def test_delete_stops_the_writer_and_removes_the_stream(
         await collect(peer_transport, "gone")
     assert await peer_transport.delete("gone") is False
     assert await transport.info("gone") is None
+
+
+async def test_aclose_from_another_task_ends_a_waiting_iteration(transport: Transport) -> None:
+    gate = asyncio.Event()  # never set: the reader waits live
+    run = await StreamProducer(transport).start(tokens(10, pause=gate))
+    consumer = StreamConsumer(transport, run.stream_id)
+    reading = asyncio.create_task(collect_from(consumer))
+
+    async def waiting_live() -> bool:
+        return consumer._subscription is not None
+
+    await eventually(waiting_live)
+    await consumer.aclose()
+    events = await asyncio.wait_for(reading, timeout=1)  # regression: blocked for ever
+    assert len(events) == 5
+    await run.cancel()
+
+
+async def test_a_stream_deleted_and_recreated_at_once_gets_a_new_epoch(
+    transport: Transport,
+) -> None:
+    producer = StreamProducer(transport)
+    await (await producer.start(tokens(5), stream_id="again")).wait()
+    old = await collect(transport, "again")
+    for _ in range(20):  # delete and re-create within the same millisecond, again and again
+        await transport.delete("again")
+        await (await producer.start(tokens(5), stream_id="again")).wait()
+        with pytest.raises(OffsetExpired):
+            await collect(transport, "again", after=old[1].offset)

@@ -8,7 +8,8 @@ the first token) is written as a bare string: most of a stream is tokens, and th
 4-character token near 7 bytes.
 
 An offset names one event: ``"<epoch>-<seq>-<index>"``, where ``epoch`` identifies the run
-that wrote the stream (a new run under the same id gets a new, larger epoch), ``seq`` the
+that wrote the stream (a new run under the same id gets a new, larger epoch: the time it
+started, in microseconds), ``seq`` the
 entry (1, 2, 3, ... without gaps) and ``index`` the event inside the entry.
 """
 
@@ -67,7 +68,7 @@ def encode_entry(items: Sequence[Item]) -> bytes:
     # The decoder starts from null message_id/node: a first token without them is bare too.
     last_meta: tuple[Any, Any] = (None, None)
     for kind, data in items:
-        if kind == TOKEN and data.keys() == _TOKEN_KEYS:
+        if kind == TOKEN and data.keys() == _TOKEN_KEYS and type(data["text"]) is str:
             meta = (data["message_id"], data["node"])
             if meta == last_meta:
                 out.append(data["text"])

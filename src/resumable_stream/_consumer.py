@@ -154,6 +154,8 @@ class StreamConsumer:
                 # A short page reached the end of what is stored: follow the live feed from
                 # here rather than poll storage once per entry while the producer writes.
                 self._caught_up = len(entries) < self._page_size
+                if not self._caught_up and self._subscription is not None:
+                    self._gap = True  # a long gap: read on from storage, not the live feed
                 return
             if info.status in FINAL_STATUSES:
                 self._finished = True
@@ -161,6 +163,8 @@ class StreamConsumer:
         if self._subscription is None:
             self._subscription = self.transport.subscribe(self.stream_id, self._epoch, self._seq)
         entries = await self._subscription.get(max_wait=max(info.lease_ms / 2000, 0.05))
+        if self._finished:  # closed by aclose() from another task meanwhile
+            return
         if entries:
             self._take(entries, stored=False)
             return

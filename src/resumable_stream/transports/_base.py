@@ -100,6 +100,9 @@ class QueueSubscription(Subscription):
             loop = asyncio.get_running_loop()
             self._deadline = loop.time() + max_wait
             waiter = self._waiter = loop.create_future()
+            if self._timer is not None and self._timer.when() > self._deadline:
+                self._timer.cancel()  # a shorter wait than the one armed for
+                self._timer = None
             if self._timer is None:
                 self._timer = loop.call_at(self._deadline, self._on_timer)
             try:
@@ -130,6 +133,8 @@ class QueueSubscription(Subscription):
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+            if self._waiter is not None and not self._waiter.done():
+                self._waiter.set_result(None)  # a get() waiting elsewhere returns at once
             self._on_close(self)
 
 

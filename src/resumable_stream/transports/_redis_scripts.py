@@ -5,10 +5,14 @@ Metadata fields: epoch, status, owner, lease_ms, created, updated (ms), last (se
 last entry), count (events in it), cancel ("1" once requested).
 """
 
+# The epoch is the server's clock in microseconds (never the same for two runs of an id,
+# even one deleted and re-created at once), and always above the previous epoch.
 CREATE = """
+redis.replicate_commands()
 local m = redis.call('HMGET', KEYS[1], 'status', 'epoch')
 if m[1] == 'running' and redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
-local epoch = tonumber(ARGV[3])
+local now = redis.call('TIME')
+local epoch = tonumber(now[1]) * 1000000 + tonumber(now[2])
 if m[2] and tonumber(m[2]) >= epoch then epoch = tonumber(m[2]) + 1 end
 epoch = string.format('%.0f', epoch)
 redis.call('DEL', KEYS[1], KEYS[2])

@@ -61,6 +61,8 @@ class MemoryTransport(Transport):
         )
         self._streams: dict[str, _Stream] = {}
         self._closed = False
+        self._swept_at = 0.0
+        self._last_epoch = 0
 
     def _get(self, stream_id: str) -> _Stream | None:
         if self._closed:
@@ -84,6 +86,10 @@ class MemoryTransport(Transport):
         return stream
 
     def _sweep(self) -> None:
+        clock = time.monotonic()
+        if clock - self._swept_at < 1.0:  # amortized: a full scan per create is quadratic
+            return
+        self._swept_at = clock
         for stream_id in list(self._streams):
             self._get(stream_id)
 
@@ -94,11 +100,12 @@ class MemoryTransport(Transport):
         if old is not None and old.status == "running" and clock < old.lease_until:
             raise StreamAlreadyRunning(stream_id)
         created = now()
-        epoch = int(created * 1000)
+        # Microseconds, and above any epoch this transport gave before: a stream deleted
+        # and re-created at once still gets a new epoch.
+        epoch = self._last_epoch = max(time.time_ns() // 1000, self._last_epoch + 1)
         if old is not None:
-            epoch = max(epoch, old.epoch + 1)
             old.owner = ""
-            for sub in old.subscribers:
+            for sub in tuple(old.subscribers):
                 sub.push([])  # wake readers of the old run so they notice the new epoch
         stream = _Stream(
             epoch=epoch,
@@ -121,7 +128,7 @@ class MemoryTransport(Transport):
         if overflow > 0:
             del stream.entries[:overflow]
             stream.first_seq += overflow
-        for sub in stream.subscribers:
+        for sub in tuple(stream.subscribers):
             sub.push([entry])
 
     async def append(
@@ -198,7 +205,7 @@ class MemoryTransport(Transport):
         del self._streams[stream_id]
         stream.owner = ""
         stream.cancel.set()
-        for sub in stream.subscribers:
+        for sub in tuple(stream.subscribers):
             sub.push([])  # wake readers so they notice
         return True
 
@@ -219,7 +226,7 @@ class MemoryTransport(Transport):
     async def aclose(self) -> None:
         self._closed = True
         for stream in self._streams.values():
-            for sub in list(stream.subscribers):
+            for sub in tuple(stream.subscribers):
                 sub.push([])
         self._streams.clear()
 

@@ -96,9 +96,15 @@ class _Reader:
 
     def subscribe(self, key: bytes, epoch: int, after: int) -> Subscription:
         feed = self._feeds.get(key)
+        if feed is not None and feed.epoch > epoch:
+            # A reader of an earlier run: it must not take the feed from the current one.
+            # Woken at once, it finds the stream restarted (OffsetExpired).
+            stale = QueueSubscription(lambda sub: None)
+            stale.push([])
+            return stale
         if feed is None or feed.epoch != epoch:
             if feed is not None:
-                for sub in feed.subscribers:
+                for sub in tuple(feed.subscribers):
                     sub.push([])
             feed = self._feeds[key] = _Feed(key, epoch, after)
             self._changed()
@@ -111,7 +117,7 @@ class _Reader:
     def wake(self, key: bytes) -> None:
         """Make the readers of ``key`` look at the stream's metadata again."""
         feed = self._feeds.get(key)
-        for sub in feed.subscribers if feed is not None else ():
+        for sub in tuple(feed.subscribers) if feed is not None else ():
             sub.push([])
 
     def _unsubscribe(self, key: bytes, feed: _Feed, subscription: QueueSubscription) -> None:
@@ -172,12 +178,12 @@ class _Reader:
                     continue
                 feed.cursor = entries[-1][0]
                 batch = [_entry(entry_id, fields) for entry_id, fields in entries]
-                for subscription in feed.subscribers:
+                for subscription in tuple(feed.subscribers):
                     subscription.push(batch)
 
     async def aclose(self) -> None:
         for feed in self._feeds.values():
-            for sub in feed.subscribers:
+            for sub in tuple(feed.subscribers):
                 sub.push([])
         self._feeds.clear()
         if self._task is not None:

@@ -1,0 +1,29 @@
+"""QueueSubscription, the live feed transports hand to consumers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from resumable_stream.transports import Entry, QueueSubscription
+
+
+async def test_a_short_wait_after_a_long_one_is_not_stretched() -> None:
+    subscription = QueueSubscription(lambda sub: None)
+    subscription.push([Entry(1, 1, b"[]")])
+    assert len(await subscription.get(10.0)) == 1  # arms nothing: an entry was there
+    waiting = asyncio.create_task(subscription.get(10.0))
+    await asyncio.sleep(0.01)
+    subscription.push([Entry(1, 2, b"[]")])
+    assert len(await waiting) == 1  # its 10 s timer stays armed
+    started = time.monotonic()
+    assert await subscription.get(0.05) == []
+    assert time.monotonic() - started < 0.5  # regression: waited out the 10 s timer
+
+
+async def test_close_wakes_a_waiting_get() -> None:
+    subscription = QueueSubscription(lambda sub: None)
+    waiting = asyncio.create_task(subscription.get(10.0))
+    await asyncio.sleep(0.01)
+    subscription.close()
+    assert await asyncio.wait_for(waiting, timeout=1) == []
