@@ -289,9 +289,11 @@ async def test_a_refused_connection_set_up_fails_calls_with_the_real_error(
 
 
 async def test_a_server_that_stops_answering_fails_calls_after_socket_timeout() -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
     async def black_hole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
         await reader.read()  # accept and read, never answer
-        writer.close()
 
     server = await asyncio.start_server(black_hole, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -302,5 +304,7 @@ async def test_a_server_that_stops_answering_fails_calls_after_socket_timeout() 
                 await transport.info("any")
             assert time.monotonic() - started < 2.0
     finally:
+        for writer in accepted:
+            writer.close()
         server.close()
         await server.wait_closed()

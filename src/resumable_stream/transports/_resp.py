@@ -136,6 +136,7 @@ class RespConnection:
         loop = asyncio.get_running_loop()
         settings = self._settings
         protocol = _Protocol(self)
+        transport: asyncio.BaseTransport | None = None
         try:
             async with asyncio.timeout(settings.get("socket_connect_timeout") or 10.0):
                 if settings.get("path"):
@@ -171,6 +172,8 @@ class RespConnection:
                 replies = [await check for check in checks]
         except (OSError, TimeoutError, TransportError) as exc:
             self._protocol = None
+            if transport is not None:
+                transport.abort()  # type: ignore[attr-defined]
             self._fail(TransportError(f"cannot connect to Redis: {exc}"))
             return
         refused = [r for r in replies[: len(required)] if isinstance(r, hiredis.ReplyError)]
