@@ -452,17 +452,15 @@ async def test_offset_from_an_earlier_run_is_410_reload(server: Server) -> None:
 
 
 async def test_offset_older_than_the_retained_events_is_410() -> None:
-    with serve(MemoryTransport(max_entries=5)) as server:
+    transport = MemoryTransport(max_entries=5)
+    # max_buffer=1: one entry per token, so the first ones are trimmed whatever the load.
+    run = await StreamProducer(transport, max_buffer=1).start(paced_tokens(40, 0, 0, False))
+    assert await run.wait() == "completed"
+    with serve(transport) as server:
         async with server.client() as client:
-            url = await start(client, tokens=40, delay=0.002)  # about one entry per token
-
-            async def completed() -> bool:
-                return (await client.get(f"{url}/status")).json()["status"] == "completed"
-
-            await eventually(completed)
-            epoch = (await client.get(f"{url}/status")).json()["next_offset"].split("-")[0]
             response = await client.get(
-                url, headers={**SSE_ACCEPT, "last-event-id": f"{epoch}-1-0"}
+                f"/streams/{run.stream_id}",
+                headers={**SSE_ACCEPT, "last-event-id": f"{run.epoch}-1-0"},
             )
 
     assert_error(response, 410, "offset_expired")
