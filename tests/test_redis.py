@@ -308,3 +308,22 @@ async def test_a_server_that_stops_answering_fails_calls_after_socket_timeout() 
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_cancel_sent_while_the_listener_reconnects_still_lands_within_a_second(
+    transport: RedisTransport, admin: aioredis.Redis
+) -> None:
+    gate = asyncio.Event()  # never set: a slow model
+    run = await StreamProducer(transport).start(tokens(10, pause=gate))
+    consumer = StreamConsumer(transport, run.stream_id)
+    await anext(consumer)  # the run is live and its cancel listener subscribed
+
+    async def listening() -> bool:
+        return any(c.get("flags") == "P" for c in await admin.client_list())
+
+    await eventually(listening)
+    await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    started = time.monotonic()
+    assert await StreamProducer(transport).cancel(run.stream_id)  # published to nobody
+    assert await asyncio.wait_for(run.wait(), timeout=5) == "cancelled"
+    assert time.monotonic() - started < 1.0  # not at the next heartbeat (lease / 3)

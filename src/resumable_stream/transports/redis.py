@@ -197,7 +197,8 @@ class _CancelListener:
     def __init__(self, transport: RedisTransport) -> None:
         self._transport = transport
         self._client = transport._pubsub_client()
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        # Runs of this process waiting for a cancel: stream id -> {event: epoch}.
+        self._waiters: dict[str, dict[asyncio.Event, int]] = {}
         self._subscribed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -206,34 +207,52 @@ class _CancelListener:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="rstream redis cancel listener")
         event = asyncio.Event()
-        self._waiters.setdefault(stream_id, set()).add(event)
+        self._waiters.setdefault(stream_id, {})[event] = epoch
         try:
             await self._subscribed.wait()
             # A cancel requested before the subscription existed is in the metadata.
-            transport = self._transport
-            cancel, current = await transport._call(
-                "HMGET", transport._key(stream_id, "meta"), "cancel", "epoch"
-            )
-            if cancel and current == b"%d" % epoch:
+            if await self._requested(stream_id, epoch):
                 return
             await event.wait()
         finally:
             waiters = self._waiters.get(stream_id)
             if waiters is not None:
-                waiters.discard(event)
+                waiters.pop(event, None)
                 if not waiters:
                     del self._waiters[stream_id]
+
+    async def _requested(self, stream_id: str, epoch: int) -> bool:
+        transport = self._transport
+        cancel, current = await transport._call(
+            "HMGET", transport._key(stream_id, "meta"), "cancel", "epoch"
+        )
+        return bool(cancel) and current == b"%d" % epoch
+
+    async def _recheck(self) -> None:
+        """After a reconnection: the cancels published meanwhile are in the metadata."""
+        for stream_id, waiters in list(self._waiters.items()):
+            for event, epoch in list(waiters.items()):
+                with contextlib.suppress(TransportError):
+                    if await self._requested(stream_id, epoch):
+                        event.set()
 
     async def _run(self) -> None:
         channel = self._transport._cancel_channel
         while not self._closed:
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._client.pubsub()
             try:
                 await pubsub.subscribe(channel)
+                # Subscribed only once Redis confirms: a cancel published before that
+                # would be missed, and found only by the next heartbeat.
+                message = None
+                while message is None or message["type"] != "subscribe":
+                    message = await pubsub.get_message(timeout=None)
+                if self._subscribed.is_set():
+                    await self._recheck()
                 self._subscribed.set()
                 while True:
                     message = await pubsub.get_message(timeout=None)
-                    if message is None:
+                    if message is None or message["type"] != "message":
                         continue
                     stream_id = message["data"].decode()
                     for event in self._waiters.get(stream_id, ()):
