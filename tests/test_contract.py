@@ -354,3 +354,22 @@ async def test_a_stream_deleted_and_recreated_at_once_gets_a_new_epoch(
         await (await producer.start(tokens(5), stream_id="again")).wait()
         with pytest.raises(OffsetExpired):
             await collect(transport, "again", after=old[1].offset)
+
+
+async def test_an_abandoned_run_expires_into_a_tombstone(
+    transport_factory: Callable[..., Transport],
+) -> None:
+    # What a process killed mid-run leaves when no reader ever comes to reap it.
+    transport = transport_factory(running_ttl=0.3, tombstone=30)
+    info = await transport.create("abandoned", owner="gone", lease_ms=100)
+    token = ("token", {"text": "a", "message_id": None, "node": None})
+    await transport.append("abandoned", "gone", Entry(info.epoch, 1, encode_entry([token])), 1)
+    offset = f"{info.epoch}-1-0"
+
+    async def data_gone() -> bool:  # storage only: a reader would reap the run first
+        return await transport.read("abandoned", info.epoch, 0, 10) == []
+
+    await eventually(data_gone)
+    with pytest.raises(OffsetExpired):  # expired, told apart from "never existed"
+        await collect(transport, "abandoned", after=offset)
+    assert await transport.info("abandoned") is not None

@@ -115,7 +115,7 @@ class MemoryTransport(Transport):
             created_at=created,
             updated_at=created,
             data_until=clock + self.running_ttl,
-            meta_until=clock + self.running_ttl,
+            meta_until=clock + self.running_ttl + self.tombstone,
         )
         self._streams[stream_id] = stream
         return _info(stream_id, stream)
@@ -159,7 +159,8 @@ class MemoryTransport(Transport):
             raise LeaseLost(stream_id)
         clock = time.monotonic()
         stream.lease_until = clock + lease_ms / 1000
-        stream.data_until = stream.meta_until = clock + self.running_ttl
+        stream.data_until = clock + self.running_ttl
+        stream.meta_until = clock + self.running_ttl + self.tombstone
         return stream.cancel.is_set()
 
     async def request_cancel(self, stream_id: str) -> bool:

@@ -314,6 +314,9 @@ class RedisTransport(Transport):
         self._retention_ms = int(retention * 1000)
         self._meta_ttl_ms = int((retention + tombstone) * 1000)
         self._running_ttl_ms = int(running_ttl * 1000)
+        # Metadata outlives data while running too: an abandoned run, never reaped, still
+        # reads as expired (OffsetExpired), not as never created (StreamNotFound).
+        self._meta_running_ms = int((running_ttl + tombstone) * 1000)
         # The trailing arguments of the append and reap scripts never change: pack them once.
         constants = (max_entries, self._running_ttl_ms, self._retention_ms, self._meta_ttl_ms)
         self._append_tail = b"".join(bulk(arg) for arg in constants)
@@ -384,7 +387,9 @@ class RedisTransport(Transport):
 
     async def create(self, stream_id: str, owner: str, lease_ms: int) -> StreamInfo:
         now_ms = int(time.time() * 1000)
-        result = await self._eval(_CREATE, stream_id, owner, lease_ms, now_ms, self._running_ttl_ms)
+        result = await self._eval(
+            _CREATE, stream_id, owner, lease_ms, now_ms, self._running_ttl_ms, self._meta_running_ms
+        )
         if result == -1:
             raise StreamAlreadyRunning(stream_id)
         epoch = int(result)
@@ -411,7 +416,9 @@ class RedisTransport(Transport):
             raise LeaseLost(stream_id)
 
     async def renew(self, stream_id: str, owner: str, lease_ms: int) -> bool:
-        result = await self._eval(_RENEW, stream_id, owner, lease_ms, self._running_ttl_ms)
+        result = await self._eval(
+            _RENEW, stream_id, owner, lease_ms, self._running_ttl_ms, self._meta_running_ms
+        )
         if result == -1:
             raise LeaseLost(stream_id)
         return bool(result)
