@@ -136,14 +136,27 @@ def _from_message(message: Any, metadata: Mapping[str, Any], ns: list[str] | Non
     return (MESSAGE, data)
 
 
+def chat_model_token(event: Mapping[str, Any]) -> Item | None:
+    """The ``token`` of an ``astream_events`` ``on_chat_model_stream`` event, if it has text.
+
+    Most events of a LangGraph stream are these, so the producer calls this directly.
+    """
+    chunk = (event.get("data") or {}).get("chunk")
+    text = getattr(chunk, "content", "")
+    if type(text) is not str:
+        text = text_of(text)
+    if not text:
+        return None
+    node = (event.get("metadata") or {}).get("langgraph_node")
+    return (TOKEN, {"text": text, "message_id": getattr(chunk, "id", None), "node": node})
+
+
 def _from_langchain_event(event: Mapping[str, Any]) -> Item | None:
     kind = event["event"]
     data = event.get("data") or {}
     node = (event.get("metadata") or {}).get("langgraph_node")
     if kind == "on_chat_model_stream":
-        chunk = data.get("chunk")
-        text = text_of(getattr(chunk, "content", ""))
-        return _token(text, getattr(chunk, "id", None), node, None) if text else None
+        return chat_model_token(event)
     if kind == "on_chat_model_end":
         output = data.get("output")
         if _is_message(output):

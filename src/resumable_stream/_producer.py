@@ -26,9 +26,9 @@ from ._events import (
     TERMINAL_TYPES,
     TOKEN,
     Item,
+    chat_model_token,
     error_data,
     normalize,
-    text_of,
 )
 from ._exceptions import ConfigurationError, LeaseLost, TransportError
 from ._ids import check_stream_id, new_stream_id
@@ -111,17 +111,10 @@ class Run:
                             (TOKEN, {"text": item, "message_id": None, "node": None})
                         )
                 elif type(item) is dict and item.get("event") == "on_chat_model_stream":
-                    # Hot path: most astream_events items are string tokens of a chat model.
-                    chunk = (item.get("data") or {}).get("chunk")
-                    content = getattr(chunk, "content", "")
-                    if type(content) is not str:
-                        content = text_of(content)
-                    if content:
-                        node = (item.get("metadata") or {}).get("langgraph_node")
-                        message_id = getattr(chunk, "id", None)
-                        self._buffer.append(
-                            (TOKEN, {"text": content, "message_id": message_id, "node": node})
-                        )
+                    # Hot path: most astream_events items; skips normalize()'s shape checks.
+                    token = chat_model_token(item)
+                    if token is not None:
+                        self._buffer.append(token)
                 else:
                     for kind, data in normalize(item):
                         if kind in TERMINAL_TYPES:

@@ -7,7 +7,8 @@ last entry), count (events in it), cancel ("1" once requested).
 
 # The epoch is the server's clock in microseconds (never the same for two runs of an id,
 # even one deleted and re-created at once), and always above the previous epoch.
-# ARGV: owner, lease_ms, now_ms, running_ttl_ms, metadata running_ttl_ms
+# ARGV: owner, lease_ms, now_ms, metadata running_ttl_ms (the data key gets its expiry
+#       with the first entry)
 CREATE = """
 redis.replicate_commands()
 local m = redis.call('HMGET', KEYS[1], 'status', 'epoch')
@@ -19,7 +20,7 @@ epoch = string.format('%.0f', epoch)
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('HSET', KEYS[1], 'epoch', epoch, 'status', 'running', 'owner', ARGV[1],
   'lease_ms', ARGV[2], 'created', ARGV[3], 'updated', ARGV[3], 'last', 0, 'count', 0)
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
 return epoch
 """

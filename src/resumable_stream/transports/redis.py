@@ -50,6 +50,9 @@ _RECONNECT_DELAY = 0.5
 # stream (capped), so that each read carries many entries (docs/performance.md).
 _READ_SPACING_PER_STREAM = 2e-6
 _READ_SPACING_MAX = 0.002
+_XREAD_HEAD = b"".join(
+    bulk(arg) for arg in ("XREAD", "COUNT", _READ_COUNT, "BLOCK", _READ_BLOCK_MS, "STREAMS")
+)
 
 
 class _Script:
@@ -76,7 +79,7 @@ class _Feed:
     def __init__(self, key: bytes, epoch: int, after: int) -> None:
         self.epoch = epoch
         self.cursor = b"%d-%d" % (epoch, after)
-        self.packed_key = b"$%d\r\n%b\r\n" % (len(key), key)
+        self.packed_key = bulk(key)
         self.subscribers: set[QueueSubscription] = set()
 
 
@@ -139,18 +142,15 @@ class _Reader:
                 commands.submit(pack(args)).add_done_callback(_ignore_result)
 
     def _command(self) -> bytes:
+        """XREAD over the wake key and every feed (stream keys are packed once per feed)."""
         feeds = list(self._feeds.values())
-        head = pack(("XREAD", "COUNT", _READ_COUNT, "BLOCK", _READ_BLOCK_MS, "STREAMS"))
-        wake_key = b"$%d\r\n%b\r\n" % (len(self._wake_key), self._wake_key)
-        cursors = [b"$%d\r\n%b\r\n" % (len(f.cursor), f.cursor) for f in feeds]
-        wake_cursor = b"$%d\r\n%b\r\n" % (len(self._wake_cursor), self._wake_cursor)
         return b"*%d\r\n%b%b%b%b%b" % (
             6 + 2 * (len(feeds) + 1),
-            head[head.index(b"\r\n") + 2 :],
-            wake_key,
+            _XREAD_HEAD,
+            bulk(self._wake_key),
             b"".join(f.packed_key for f in feeds),
-            wake_cursor,
-            b"".join(cursors),
+            bulk(self._wake_cursor),
+            b"".join(bulk(f.cursor) for f in feeds),
         )
 
     async def _run(self) -> None:
@@ -388,7 +388,7 @@ class RedisTransport(Transport):
     async def create(self, stream_id: str, owner: str, lease_ms: int) -> StreamInfo:
         now_ms = int(time.time() * 1000)
         result = await self._eval(
-            _CREATE, stream_id, owner, lease_ms, now_ms, self._running_ttl_ms, self._meta_running_ms
+            _CREATE, stream_id, owner, lease_ms, now_ms, self._meta_running_ms
         )
         if result == -1:
             raise StreamAlreadyRunning(stream_id)
