@@ -272,8 +272,13 @@ async def test_cancelled_consumers_release_everything(transport: Transport) -> N
     gate = asyncio.Event()
     producer = StreamProducer(transport)
     runs = [await producer.start(tokens(10, pause=gate)) for _ in range(20)]
-    readers = [asyncio.create_task(collect(transport, r.stream_id)) for r in runs]
-    await asyncio.sleep(0.05)  # let the readers block on live reads
+    consumers = [StreamConsumer(transport, r.stream_id) for r in runs]
+    readers = [asyncio.create_task(collect_from(c)) for c in consumers]
+
+    async def all_waiting_live() -> bool:
+        return all(c._subscription is not None for c in consumers)
+
+    await eventually(all_waiting_live)
     for reader in readers:
         reader.cancel()
     await asyncio.gather(*readers, return_exceptions=True)

@@ -13,7 +13,8 @@ async def test_a_short_wait_after_a_long_one_is_not_stretched() -> None:
     subscription.push([Entry(1, 1, b"[]")])
     assert len(await subscription.get(10.0)) == 1  # arms nothing: an entry was there
     waiting = asyncio.create_task(subscription.get(10.0))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # one loop turn: the task runs to its first await
+    assert subscription._waiter is not None
     subscription.push([Entry(1, 2, b"[]")])
     assert len(await waiting) == 1  # its 10 s timer stays armed
     started = time.monotonic()
@@ -24,6 +25,7 @@ async def test_a_short_wait_after_a_long_one_is_not_stretched() -> None:
 async def test_close_wakes_a_waiting_get() -> None:
     subscription = QueueSubscription(lambda sub: None)
     waiting = asyncio.create_task(subscription.get(10.0))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # one loop turn: the task runs to its first await
+    assert subscription._waiter is not None
     subscription.close()
     assert await asyncio.wait_for(waiting, timeout=1) == []
