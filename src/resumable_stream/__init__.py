@@ -15,12 +15,15 @@ from ._constants import EVENT_SCHEMA_VERSION
 from ._consumer import StreamConsumer
 from ._events import EVENT_TYPES, TERMINAL_TYPES, Event
 from ._exceptions import (
+    BackendRefused,
     ConfigurationError,
+    EventTooLarge,
     InvalidOffset,
     InvalidStreamId,
     LeaseLost,
     OffsetExpired,
     ResumableStreamError,
+    StorageRollback,
     StreamAlreadyRunning,
     StreamNotFound,
     TransportClosed,
@@ -33,11 +36,13 @@ from .transports import StreamInfo, Transport, from_url
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendRefused",
     "EVENT_SCHEMA_VERSION",
     "EVENT_TYPES",
     "TERMINAL_TYPES",
     "ConfigurationError",
     "Event",
+    "EventTooLarge",
     "InvalidOffset",
     "InvalidStreamId",
     "LeaseLost",
@@ -45,6 +50,7 @@ __all__ = [
     "Position",
     "ResumableStreamError",
     "Run",
+    "StorageRollback",
     "StreamAlreadyRunning",
     "StreamConsumer",
     "StreamInfo",

@@ -9,8 +9,11 @@ Hierarchy::
     ├── OffsetExpired
     ├── StreamAlreadyRunning
     ├── LeaseLost
-    ├── TransportError
-    │   └── TransportClosed
+    ├── StorageRollback
+    ├── EventTooLarge        (also a ValueError)
+    ├── TransportError       (transient: retried)
+    │   ├── TransportClosed
+    │   └── BackendRefused   (not transient: never retried)
     └── ConfigurationError   (also a ValueError)
 
 Errors from backends (redis-py and others) never cross the public API: transports map
@@ -72,12 +75,38 @@ class LeaseLost(ResumableStreamError):
         self.stream_id = stream_id
 
 
+class StorageRollback(ResumableStreamError):
+    """The storage lost entries it had acknowledged (e.g. a failover to a lagging replica).
+
+    Raised by :meth:`Transport.append` when ``entry.seq`` is beyond the stored last seq + 1;
+    ``last_seq`` is what the storage holds now.
+    """
+
+    def __init__(self, stream_id: str, last_seq: int) -> None:
+        super().__init__(
+            f"stream {stream_id!r}: the storage lost acknowledged entries and now ends at "
+            f"entry {last_seq} (a failover to a replica that had not caught up?)"
+        )
+        self.stream_id = stream_id
+        self.last_seq = last_seq
+
+
+class EventTooLarge(ResumableStreamError, ValueError):
+    """One event is larger than the configured limit, or cannot be encoded as JSON."""
+
+
 class TransportError(ResumableStreamError):
-    """The storage backend failed (connection lost, timeout, server error)."""
+    """The storage backend failed in a way a retry may fix (connection lost, timeout,
+    failover in progress)."""
 
 
 class TransportClosed(TransportError):
     """The transport was closed while the operation was in progress."""
+
+
+class BackendRefused(TransportError):
+    """The backend refused a command for a reason a retry will not fix (out of memory,
+    wrong key type, missing permission); never retried."""
 
 
 class ConfigurationError(ResumableStreamError, ValueError):

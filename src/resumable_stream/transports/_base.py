@@ -186,9 +186,14 @@ class Transport(ABC):
         """Append ``entry`` (holding ``count`` events) to the run ``entry.epoch``.
 
         ``entry.seq`` must be the last seq + 1. Appending a seq that is already stored
-        is a no-op, so a write whose reply was lost can be retried. With ``final`` set, the
-        run ends with that status: the owner can no longer write and the stream expires
-        after ``retention``. Raises :class:`LeaseLost` if ``owner`` no longer owns the run.
+        is a no-op, so a write whose reply was lost can be retried. A seq beyond the last
+        seq + 1 means the storage lost entries it had acknowledged (a failover to a lagging
+        replica): nothing is written and :class:`StorageRollback` is raised with the seq
+        the storage now ends at, so the producer can write the lost entries again. With
+        ``final`` set, the run ends with that status: the owner can no longer write and the
+        stream expires after ``retention``. Raises :class:`LeaseLost` if ``owner`` no longer
+        owns the run, :class:`TransportError` for a fault a retry may fix and
+        :class:`BackendRefused` for one it will not.
         """
 
     @abstractmethod
