@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
 from resumable_stream import Run, StreamProducer, from_url
-from resumable_stream.starlette import StreamRouter
+from resumable_stream.starlette import StreamRouter, allow_all
 
 from ._sources import Pacer
 
@@ -72,7 +72,10 @@ def build_app(redis_url: str) -> Starlette:
             Route("/bench/go", go, methods=["POST"]),
             Route("/bench/status", status),
             # 1,000 clients is the scenario, not a limit to enforce here.
-            Mount("/streams", StreamRouter(transport, max_connections=None)),
+            Mount(
+                "/streams",
+                StreamRouter(transport, authorize=allow_all, max_connections=None),
+            ),
         ],
         lifespan=lifespan,
     )

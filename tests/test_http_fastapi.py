@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from resumable_stream import StreamProducer, Transport, from_url
 from resumable_stream.fastapi import StreamAPIRouter, StreamError, StreamStarted, start_stream
-from resumable_stream.starlette import StreamRouter
+from resumable_stream.starlette import StreamRouter, allow_all
 from tests._services import uvicorn_server
 from tests.test_http_starlette import (
     SSE_ACCEPT,
@@ -49,7 +49,7 @@ def build_fastapi_app(transport: Transport) -> FastAPI:
     app.include_router(
         StreamAPIRouter(StreamRouter(transport, authorize=authorize)), prefix="/streams"
     )
-    app.mount("/mounted", StreamRouter(transport))
+    app.mount("/mounted", StreamRouter(transport, authorize=allow_all))
 
     @app.post(
         "/chat",

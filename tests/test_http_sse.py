@@ -26,7 +26,7 @@ from resumable_stream import (
 )
 from resumable_stream._http import NDJSON, SSE, encode_ndjson, error_for, negotiate, stream_headers
 from resumable_stream._sse import PING, ServerSentEvent, encode_event, retry_field
-from resumable_stream.starlette import StreamResponse, StreamRouter
+from resumable_stream.starlette import StreamResponse, StreamRouter, allow_all
 
 EVENTS = [
     Event("custom", {"note": "made up by the app, not stored"}, ""),
@@ -151,9 +151,9 @@ def test_stream_headers_are_exact_and_hop_by_hop_free() -> None:
         (OffsetExpired("s", None, "trimmed"), 204, 404, "stream_expired"),
         (OffsetExpired("s", "1-2-3", "trimmed"), 410, 410, "offset_expired"),
         (StreamAlreadyRunning("s"), 409, 409, "stream_already_running"),
-        (TransportError("down"), 503, 503, "unavailable"),
+        (TransportError("cannot connect to secret-host:6379"), 503, 503, "unavailable"),
         (TransportClosed("closed"), 503, 503, "unavailable"),
-        (ConfigurationError("odd"), 500, 500, "internal_error"),
+        (ConfigurationError("odd secret://user:pw@host"), 500, 500, "internal_error"),
         (RuntimeError("secret detail"), 500, 500, "internal_error"),
     ],
 )
@@ -182,7 +182,7 @@ def test_error_for(exc: Exception, sse_status: int, other_status: int, code: str
 def test_router_and_response_reject_bad_options(options: dict[str, Any]) -> None:
     transport = from_url("memory://")
     with pytest.raises(ConfigurationError):
-        StreamRouter(transport, **options)
+        StreamRouter(transport, authorize=allow_all, **options)
     if "max_connections" not in options:
         with pytest.raises(ConfigurationError):
             StreamResponse(StreamConsumer(transport, "abc"), **options)

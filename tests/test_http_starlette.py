@@ -31,6 +31,7 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from resumable_stream import (
+    ConfigurationError,
     ResumableStreamError,
     StreamConsumer,
     StreamNotFound,
@@ -41,6 +42,7 @@ from resumable_stream import (
 from resumable_stream.starlette import (
     StreamResponse,
     StreamRouter,
+    allow_all,
     error_response,
     resume_after,
     start_stream,
@@ -160,6 +162,7 @@ def serve(
 ) -> Iterator[Server]:
     """Serve a test app with real uvicorn; ``router_options`` configure its StreamRouter."""
     transport = from_url("memory://") if transport is None else transport
+    router_options.setdefault("authorize", allow_all)
     router = StreamRouter(transport, **router_options)
     app = build_app(transport, router, wrap=wrap, routes=routes)
     with uvicorn_server(app, graceful_timeout=2) as url:
@@ -327,7 +330,9 @@ async def test_a_bug_in_a_consumer_reaches_the_app_as_itself() -> None:
     async def on_key_error(request: Request, exc: Exception) -> Response:
         return Response(f"handled {type(exc).__name__}", status_code=500)
 
-    app = build_app(transport, StreamRouter(transport), routes=[Route("/broken", broken)])
+    app = build_app(
+        transport, StreamRouter(transport, authorize=allow_all), routes=[Route("/broken", broken)]
+    )
     app.add_exception_handler(KeyError, on_key_error)
     with uvicorn_server(app, graceful_timeout=2) as url:
         async with httpx.AsyncClient(base_url=url) as client:
@@ -563,6 +568,41 @@ async def test_storage_failure_is_503_unavailable() -> None:
         assert response.headers["retry-after"] == "1"
 
 
+def test_router_requires_an_explicit_authorize() -> None:
+    """Regression (issue 9): without authorize, every stream was world-readable and
+    world-cancellable."""
+    transport = from_url("memory://")
+    with pytest.raises(ConfigurationError, match="authorize=allow_all"):
+        StreamRouter(transport)
+    with pytest.raises(ConfigurationError, match="needs authorize="):
+        StreamRouter(transport, authorize=None)
+    assert StreamRouter(transport, authorize=allow_all).authorize is allow_all
+
+
+async def test_server_errors_name_no_internal_address(caplog: pytest.LogCaptureFixture) -> None:
+    """Regression (issue 9): 503 bodies carried the backend's host and port."""
+    with socket.socket() as probe:  # a port where nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    transport = from_url(f"redis://127.0.0.1:{port}/0")
+    with serve(transport) as server:
+        async with server.client() as client:
+            responses = [
+                await client.get("/streams/abc", headers=SSE_ACCEPT),
+                await client.get("/streams/abc/status"),
+                await client.post("/streams/abc/cancel"),
+                await client.post("/runs"),
+            ]
+
+    for response in responses:
+        body = assert_error(response, 503, "unavailable")
+        assert str(port) not in response.text
+        assert "127.0.0.1" not in response.text
+        assert body["message"] == "stream storage is unavailable; retry later"
+    # The detail is in the server's log instead.
+    assert f"127.0.0.1', {port}" in caplog.text or f"127.0.0.1:{port}" in caplog.text
+
+
 async def test_unknown_paths_and_methods_get_json_errors(server: Server) -> None:
     async with server.client() as client:
         assert_error(await client.get("/streams/a/b/c"), 404, "not_found")
@@ -649,6 +689,33 @@ async def test_cancel_on_disconnect_stops_the_run() -> None:
             events = await read_sse(client, url)  # ends when the first reader's leaving cancels
 
     assert [e.event for e in events] == ["token", "token", "cancelled"]
+
+
+async def test_disconnect_cancels_only_for_readers_allowed_to_cancel() -> None:
+    """Regression (issue 9): a reader allowed only to read stopped the run by leaving."""
+    asked: list[tuple[str, str]] = []
+
+    def authorize(request: Request, stream_id: str, action: str) -> bool:
+        asked.append((request.headers.get("x-user", ""), action))
+        return action != "cancel" or request.headers.get("x-user") == "owner"
+
+    with serve(cancel_on_disconnect=True, authorize=authorize) as server:
+        async with server.client() as client:
+            url = await start(client, tokens=30, delay=0.005, hold=1)
+            await read_sse(client, url, limit=2, headers={"x-user": "reader"})
+
+            def released() -> bool:
+                return server.router.connections == 0  # after on_disconnect returned
+
+            await eventually(released)
+            # The run went on: the owner reads every token (then leaves, which cancels).
+            events = await read_sse(client, url, limit=30, headers={"x-user": "owner"})
+            ended = await read_sse(client, url, headers={"x-user": "reader"})
+
+    assert text(events) == full_text(30)
+    assert ("reader", "cancel") in asked
+    assert text(ended) == full_text(30)
+    assert ended[-1].event == "cancelled"
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ producer/consumer calls and render these values; nothing here does I/O.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Literal, NamedTuple
@@ -20,7 +21,6 @@ from ._exceptions import (
     InvalidOffset,
     InvalidStreamId,
     OffsetExpired,
-    ResumableStreamError,
     StreamAlreadyRunning,
     StreamNotFound,
     TransportError,
@@ -112,7 +112,8 @@ def negotiate(accept: str) -> Negotiated:
 class HTTPError:
     """An error response: ``status`` and a JSON body ``{"code": ..., "message": ...}``.
 
-    ``code`` is stable (clients branch on it); ``message`` is for people.
+    ``code`` is stable (clients branch on it); ``message`` is for people, and names no
+    internal address.
     """
 
     status: int
@@ -160,13 +161,27 @@ def error_for(exc: BaseException, *, event_stream_client: bool = False) -> HTTPE
         )
     if isinstance(exc, StreamAlreadyRunning):
         return HTTPError(409, "stream_already_running", str(exc))
+    # A 5xx says what to do, never why: the detail names hosts, ports and keys of the
+    # backend (issue 9). The adapters log it with :func:`log_server_error`.
     if isinstance(exc, TransportError):
         return HTTPError(
-            503, "unavailable", f"stream storage unavailable: {exc}", retry_after=RETRY_AFTER
+            503,
+            "unavailable",
+            "stream storage is unavailable; retry later",
+            retry_after=RETRY_AFTER,
         )
-    if isinstance(exc, ResumableStreamError):
-        return HTTPError(500, "internal_error", str(exc))
     return HTTPError(500, "internal_error", "internal server error")
+
+
+def log_server_error(logger: logging.Logger, error: HTTPError, exc: BaseException) -> None:
+    """Log the detail that a 5xx response leaves out of its body."""
+    if error.status < 500:
+        return
+    if isinstance(exc, TransportError):
+        # Expected in operation (a failover, a restart): the message is the whole story.
+        logger.warning("answering %d %s: %s", error.status, error.code, exc)
+    else:
+        logger.error("answering %d %s", error.status, error.code, exc_info=exc)
 
 
 FORBIDDEN: Final = HTTPError(403, "forbidden", "not allowed to access this stream")

@@ -8,6 +8,10 @@ transport = from_url("redis://localhost:6379/0")
 app.mount("/streams", StreamRouter(transport, authorize=my_check), name="streams")
 ```
 
+``authorize`` is required: ``my_check(request, stream_id, action)`` returns true to allow
+``action`` (``"read"``, ``"status"`` or ``"cancel"``); :func:`allow_all` opens every stream
+to anyone who knows its id.
+
 A browser's ``EventSource`` on ``/streams/{stream_id}`` resumes by itself after a dropped
 connection: it sends back the last event's id (its offset) as ``Last-Event-ID``. Needs the
 ``web`` extra (Starlette); see docs/http.md.
@@ -50,6 +54,7 @@ from ._http import (
     HTTPError,
     error_for,
     http_status_error,
+    log_server_error,
     negotiate,
     not_running,
     stream_headers,
@@ -65,6 +70,7 @@ __all__ = [
     "Authorize",
     "StreamResponse",
     "StreamRouter",
+    "allow_all",
     "error_response",
     "resume_after",
     "start_stream",
@@ -79,6 +85,16 @@ Action = Literal["read", "status", "cancel"]
 Authorize = Callable[[Request, str, Action], bool | Awaitable[bool]]
 
 
+def allow_all(request: Request, stream_id: str, action: Action) -> bool:
+    """An ``authorize`` that allows every action on every stream to anyone.
+
+    Anyone who knows a stream id may then read, inspect and cancel it. Generated ids are
+    unguessable (128 random bits), so they work as capability URLs; pass it on purpose,
+    when that is what you want: ``StreamRouter(transport, authorize=allow_all)``.
+    """
+    return True
+
+
 def resume_after(request: Request) -> str | None:
     """The offset to resume after: ``Last-Event-ID``, else the ``after`` query parameter.
 
@@ -86,6 +102,12 @@ def resume_after(request: Request) -> str | None:
     on reconnection they send ``Last-Event-ID`` to the same URL, so the header wins.
     """
     return request.headers.get("last-event-id") or request.query_params.get("after") or None
+
+
+def _error_for(exc: BaseException, *, event_stream_client: bool = False) -> HTTPError:
+    error = error_for(exc, event_stream_client=event_stream_client)
+    log_server_error(logger, error, exc)
+    return error
 
 
 def _render(error: HTTPError) -> Response:
@@ -125,7 +147,7 @@ async def start_stream(
     try:
         run = await producer.start(source, stream_id=stream_id)
     except ResumableStreamError as exc:
-        return _render(error_for(exc))
+        return _render(_error_for(exc))
     if callable(stream_url):
         url = stream_url(run.stream_id)
     else:
@@ -424,7 +446,7 @@ class StreamResponse(Response):
     async def _write_empty(self, connection: _Connection) -> None:
         """Answer a stream that has nothing to send: an error, or a resume after the end."""
         if connection.error is not None:
-            error = error_for(connection.error, event_stream_client=self.event_stream_client)
+            error = _error_for(connection.error, event_stream_client=self.event_stream_client)
             response = _render(error)
         elif self.event_stream_client:
             # Resumed after the terminal event: a 200 would make EventSource reconnect for
@@ -483,7 +505,7 @@ def _refusal(request: Request, exc: Exception, *, stream: bool = False) -> Respo
     event_stream_client = (
         stream and negotiate(request.headers.get("accept", "")).event_stream_client
     )
-    return _render(error_for(exc, event_stream_client=event_stream_client))
+    return _render(_error_for(exc, event_stream_client=event_stream_client))
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -499,12 +521,14 @@ class StreamRouter:
     * ``GET /{stream_id}/status``: status, last offset, created and updated times;
     * ``POST /{stream_id}/cancel``: stop the run, in whichever process it runs.
 
-    ``authorize(request, stream_id, action)`` is called by every endpoint (action
-    ``"read"``, ``"status"`` or ``"cancel"``); false answers 403. ``producer`` serves cancel
-    requests (a new one on ``transport`` by default; pass the app's own to stop its runs
-    without a round trip). With ``cancel_on_disconnect`` a reader that goes away before the
-    end stops the run. At most ``max_connections`` streams are served at once; more get
-    503 with ``Retry-After``. The other options are those of :class:`StreamResponse`.
+    ``authorize(request, stream_id, action)`` is required and asked before every action
+    (``"read"``, ``"status"`` or ``"cancel"``); false answers 403. Pass :func:`allow_all`
+    to open every stream to anyone who knows its id. ``producer`` serves cancel requests (a
+    new one on ``transport`` by default; pass the app's own to stop its runs without a
+    round trip). With ``cancel_on_disconnect`` a reader that goes away before the end stops
+    the run, if ``authorize`` allows that reader to ``"cancel"``. At most
+    ``max_connections`` streams are served at once; more get 503 with ``Retry-After``. The
+    other options are those of :class:`StreamResponse`.
     Every error is JSON: ``{"code": ..., "message": ...}``.
     """
 
@@ -521,6 +545,13 @@ class StreamRouter:
         max_connections: int | None = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
         _check_options(retry, ping_interval, send_timeout)
+        if authorize is None:
+            raise ConfigurationError(
+                "StreamRouter needs authorize=: a function (request, stream_id, action) that "
+                "returns true when the caller may 'read', 'status' or 'cancel' the stream. "
+                "Without one, anyone who knows a stream id could read and cancel it; if that is "
+                "what you want, pass authorize=allow_all (from resumable_stream.starlette)."
+            )
         if max_connections is not None and max_connections < 1:
             raise ConfigurationError("max_connections must be at least 1 (or None for no cap)")
         self.transport = transport
@@ -551,15 +582,29 @@ class StreamRouter:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._app(scope, receive, send)
 
+    async def _allowed(self, request: Request, stream_id: str, action: Action) -> bool:
+        allowed = self.authorize(request, stream_id, action)
+        if inspect.isawaitable(allowed):
+            allowed = await allowed
+        return bool(allowed)
+
     async def _check(self, request: Request, action: Action) -> str:
         stream_id = check_stream_id(request.path_params["stream_id"])
-        if self.authorize is not None:
-            allowed = self.authorize(request, stream_id, action)
-            if inspect.isawaitable(allowed):
-                allowed = await allowed
-            if not allowed:
-                raise _Forbidden
+        if not await self._allowed(request, stream_id, action):
+            raise _Forbidden
         return stream_id
+
+    async def _cancel_on_disconnect(self, request: Request, stream_id: str) -> None:
+        # Leaving is a cancel like POST /cancel: a reader allowed to read, and not to
+        # cancel, must not stop someone else's answer by closing its tab (issue 9).
+        try:
+            allowed = await self._allowed(request, stream_id, "cancel")
+        except HTTPException:
+            allowed = False
+        if not allowed:
+            logger.debug("stream %s: the reader left; not allowed to cancel", stream_id)
+            return
+        await self.producer.cancel(stream_id)
 
     async def read_stream(self, request: Request) -> Response:
         """``GET /{stream_id}``: the stream's events, from ``Last-Event-ID`` / ``after``."""
@@ -572,7 +617,7 @@ class StreamRouter:
         if self.cancel_on_disconnect:
 
             async def on_disconnect() -> None:
-                await self.producer.cancel(stream_id)
+                await self._cancel_on_disconnect(request, stream_id)
 
         return _RouterStreamResponse(
             self,
