@@ -284,20 +284,19 @@ async def test_ndjson_for_clients_that_ask_for_it(server: Server) -> None:
     assert [orjson.loads(line) for line in resumed.text.splitlines()] == records[20:]
 
 
-async def test_resuming_after_the_terminal_event_tells_event_source_to_stop(server: Server) -> None:
+async def test_resuming_after_the_terminal_event_is_204_for_every_format(server: Server) -> None:
     async with server.client() as client:
         url = await start(client, tokens=5)
         last = (await read_sse(client, url))[-1].id
         sse = await client.get(url, headers={**SSE_ACCEPT, "last-event-id": last})
         ndjson = await client.get(url, params={"after": last}, headers=NDJSON_ACCEPT)
+        plain = await client.get(url, params={"after": last})
 
-    # A 200 with an empty body would make EventSource reconnect for ever.
-    assert (sse.status_code, sse.content) == (204, b"")
-    assert (ndjson.status_code, ndjson.content) == (200, b"")
-    # The empty stream still carries the stream's headers (regression: a charset, no
-    # X-Accel-Buffering).
-    assert ndjson.headers["content-type"] == "application/x-ndjson"
-    assert ndjson.headers["x-accel-buffering"] == "no"
+    # A 200 with an empty body would make EventSource reconnect for ever. Regression
+    # (issue 9): NDJSON answered 200 with an empty body where SSE answered 204.
+    for response in (sse, ndjson, plain):
+        assert (response.status_code, response.content) == (204, b"")
+        assert response.headers["cache-control"] == "no-store"
 
 
 async def test_short_ping_interval_still_lets_errors_have_their_status() -> None:
@@ -440,6 +439,50 @@ async def test_offset_past_the_end_is_400(server: Server) -> None:
         response = await client.get(url, params={"after": f"{epoch}-{int(seq) + 5}-0"})
 
     assert_error(response, 400, "invalid_offset")
+
+
+async def test_offset_from_a_future_run_is_400_not_410(server: Server) -> None:
+    """Regression (issue 9): an epoch newer than the stream's answered 410 "reload"."""
+    async with server.client() as client:
+        url = await start(client, tokens=3)
+        first = (await read_sse(client, url))[0].id
+        epoch, seq, index = first.split("-")
+        future = f"{int(epoch) + 1}-{seq}-{index}"
+        responses = [
+            await client.get(url, headers={**accept, "last-event-id": future})
+            for accept in (SSE_ACCEPT, NDJSON_ACCEPT, {})
+        ]
+        after = await client.get(url, params={"after": future})
+
+    for response in [*responses, after]:
+        assert_error(response, 400, "invalid_offset")
+
+
+async def test_offset_past_the_end_of_its_entry_is_400() -> None:
+    """Regression (issue 9): an event index past its entry was accepted (as the entry's end)."""
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(paced_tokens(3, 0))
+    assert await run.wait() == "completed"
+    with serve(transport) as server:
+        async with server.client() as client:
+            url = f"/streams/{run.stream_id}"
+            events = await read_sse(client, url)
+            # Every event's entry, with one index past the entry's last event.
+            entries: dict[tuple[str, str], int] = {}
+            for event in events:
+                epoch, seq, index = event.id.split("-")
+                entries[epoch, seq] = max(entries.get((epoch, seq), 0), int(index) + 1)
+            past = [f"{epoch}-{seq}-{count}" for (epoch, seq), count in entries.items()]
+            responses = [
+                await client.get(url, headers={**accept, "last-event-id": offset})
+                for offset in past
+                for accept in (SSE_ACCEPT, NDJSON_ACCEPT)
+            ]
+
+    for response in responses:
+        assert (
+            "past the end of its entry" in assert_error(response, 400, "invalid_offset")["message"]
+        )
 
 
 async def test_offset_from_an_earlier_run_is_410_reload(server: Server) -> None:

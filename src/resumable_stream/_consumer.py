@@ -121,6 +121,12 @@ class StreamConsumer:
             raise StreamNotFound(self.stream_id)
         if self.after is None:
             self._epoch = info.epoch
+        elif self._epoch > info.epoch:
+            # Epochs only grow: no run of this stream issued this offset (issue 9: a
+            # malformed offset, not one to reload from).
+            raise InvalidOffset(
+                f"offset {self.after!r} is from a run newer than stream {self.stream_id!r} has"
+            )
         elif self._epoch != info.epoch:
             raise OffsetExpired(
                 self.stream_id, self.after, "the stream was restarted since (another run)"
@@ -202,6 +208,11 @@ class StreamConsumer:
             self._seq = entry.seq
             events = decode_entry(entry.payload, entry.epoch, entry.seq)
             if self._skip_to >= 0:
+                if self._skip_to >= len(events):  # issue 9: was accepted, as if at its end
+                    raise InvalidOffset(
+                        f"offset {self.after!r} is past the end of its entry in stream "
+                        f"{self.stream_id!r} (which holds {len(events)} events)"
+                    )
                 if any(e.terminal for e in events[: self._skip_to + 1]):
                     self._finished = True
                 events = events[self._skip_to + 1 :]

@@ -70,7 +70,8 @@ class StreamStarted(BaseModel):
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     descriptions = {
-        400: "Malformed stream id (`invalid_stream_id`) or offset (`invalid_offset`).",
+        400: "Malformed stream id (`invalid_stream_id`), or an offset no run issued "
+        "(`invalid_offset`): malformed, past the end, or from a newer run.",
         403: "Denied by `authorize` (`forbidden`).",
         404: "Unknown or expired stream (`stream_not_found`, `stream_expired`).",
         409: "The stream is not running (`stream_not_running`).",
@@ -97,8 +98,8 @@ _READ_RESPONSES: dict[int | str, dict[str, Any]] = {
         },
     },
     204: {
-        "description": "For SSE clients: the stream is unknown or expired, or was resumed "
-        "after its terminal event; EventSource stops reconnecting."
+        "description": "Resumed after the terminal event (any format), or, for SSE "
+        "clients, the stream is unknown or expired; EventSource stops reconnecting."
     },
     **_errors(400, 403, 404, 410, 503),
 }

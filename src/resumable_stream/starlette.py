@@ -448,14 +448,10 @@ class StreamResponse(Response):
         if connection.error is not None:
             error = _error_for(connection.error, event_stream_client=self.event_stream_client)
             response = _render(error)
-        elif self.event_stream_client:
-            # Resumed after the terminal event: a 200 would make EventSource reconnect for
-            # ever; 204 makes it stop.
+        else:
+            # Resumed after the terminal event: nothing to read, for every format (issue 9:
+            # NDJSON answered an empty 200). A 200 would make EventSource reconnect for ever.
             response = Response(status_code=204, headers={"cache-control": "no-store"})
-        else:  # an empty stream, with the stream's own headers
-            await connection.write(_start(self.raw_headers))
-            await connection.write(_body(b"", more=False))
-            return
         await connection.write(_start(response.raw_headers, response.status_code))
         await connection.write(_body(bytes(response.body), more=False))
 
