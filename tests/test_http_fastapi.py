@@ -51,6 +51,10 @@ def build_fastapi_app(transport: Transport) -> FastAPI:
     )
     app.mount("/mounted", StreamRouter(transport, authorize=allow_all))
 
+    @app.get("/streams/app/own-route")  # under the prefix, added after the router
+    async def own_route() -> dict[str, bool]:
+        return {"own": True}
+
     @app.post(
         "/chat",
         status_code=202,
@@ -148,3 +152,30 @@ async def test_fastapi_routes_answer_with_the_router_errors() -> None:
         "token",
         "cancelled",
     ]
+
+
+async def test_fastapi_router_answers_404_and_405_with_code_and_message() -> None:
+    """Regression (issue 9): FastAPI's ``{"detail": ...}`` bodies, not the router's JSON."""
+    with serve_fastapi() as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            wrong_methods = [
+                await client.delete("/streams/abc"),
+                await client.post("/streams/abc"),
+                await client.put("/streams/abc/status"),
+                await client.get("/streams/abc/cancel"),
+            ]
+            unknown_paths = [
+                await client.get("/streams/a/b/c"),
+                await client.post("/streams/abc/status/more"),
+                await client.get("/streams/"),
+            ]
+            own = await client.get("/streams/app/own-route")
+
+    allowed = [{"GET", "HEAD"}, {"GET", "HEAD"}, {"GET"}, {"POST"}]
+    for response, methods in zip(wrong_methods, allowed, strict=True):
+        assert_error(response, 405, "method_not_allowed")
+        assert set(response.headers["allow"].split(", ")) == methods
+    for response in unknown_paths:
+        assert_error(response, 404, "not_found")
+    # The fallback never shadows a route of the app under the same prefix.
+    assert (own.status_code, own.json()) == (200, {"own": True})

@@ -18,11 +18,14 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
+from starlette.routing import Match
+from starlette.types import Receive, Scope, Send
 
 from ._constants import STREAM_ID_RULES
-from ._http import EVENT_STREAM_TYPE, NDJSON_TYPE
-from .starlette import StreamRouter, start_stream
+from ._http import EVENT_STREAM_TYPE, NDJSON_TYPE, http_status_error
+from .starlette import StreamRouter, _render, start_stream
 
 __all__ = [
     "CancelRequested",
@@ -105,15 +108,56 @@ _READ_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+class _StreamRoute(APIRoute):
+    """A path operation whose 405 is the router's JSON error, not FastAPI's ``{detail}``."""
+
+    #: Methods that another route of the same path answers (a class attribute: FastAPI
+    #: may re-create routes from their class when a router is included).
+    also_allowed: frozenset[str] = frozenset()
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.methods and scope["method"] not in self.methods:
+            response = _render(http_status_error(405, "Method Not Allowed"))
+            response.headers["allow"] = ", ".join(sorted(self.methods | self.also_allowed))
+            await response(scope, receive, send)
+            return
+        await super().handle(scope, receive, send)
+
+
+class _ReadRoute(_StreamRoute):
+    also_allowed = frozenset({"HEAD"})  # the HEAD route, kept out of the schema
+
+
+class _NotFoundRoute(_StreamRoute):
+    """Any other path under the router's prefix: 404 in the router's JSON.
+
+    It never matches more than partially, so that whatever route of the app matches a
+    path fully still wins, wherever it was added.
+    """
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        return (Match.PARTIAL if match is Match.FULL else match), child_scope
+
+
+async def _not_found() -> Response:
+    return _render(http_status_error(404, "Not Found"))
+
+
+_ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+
+
 class StreamAPIRouter(APIRouter):
     """The endpoints of ``streams`` (a :class:`StreamRouter`) as FastAPI path operations.
 
     They run the same code as the mounted router, with parameters and responses in the
     app's OpenAPI schema. Include it with ``app.include_router(..., prefix="/streams")``.
+    As in the mounted router, a wrong method (405) or a path under the prefix that no route
+    of the app matches (404) gets a ``{"code", "message"}`` body.
     """
 
     def __init__(self, streams: StreamRouter, *, tags: Sequence[str] = ("streams",)) -> None:
-        super().__init__(tags=list(tags))
+        super().__init__(tags=list(tags), route_class=_StreamRoute)
         self.streams = streams
 
         async def read_stream(
@@ -150,6 +194,7 @@ class StreamAPIRouter(APIRouter):
             name="read_stream",
             response_class=Response,
             responses=_READ_RESPONSES,
+            route_class_override=_ReadRoute,
         )
         self.add_api_route(  # HEAD, as the mounted router answers it; not in the schema
             "/{stream_id}",
@@ -174,4 +219,12 @@ class StreamAPIRouter(APIRouter):
             status_code=202,
             response_model=CancelRequested,
             responses=_errors(400, 403, 404, 409, 503),
+        )
+        self.add_api_route(
+            "/{path:path}",
+            _not_found,
+            methods=_ALL_METHODS,
+            name="stream_not_found_fallback",
+            include_in_schema=False,
+            route_class_override=_NotFoundRoute,
         )
