@@ -88,6 +88,8 @@ def test_openapi_describes_the_stream_endpoints() -> None:
         ("after", "query"),
         ("Last-Event-ID", "header"),
     }
+    (stream_id,) = [p for p in read["parameters"] if p["name"] == "stream_id"]
+    assert stream_id["schema"]["pattern"] == "^[A-Za-z0-9_.:@~-]{1,200}$"
     assert set(read["responses"]["200"]["content"]) == {"text/event-stream", "application/x-ndjson"}
     assert {"204", "400", "403", "404", "410", "503"} <= set(read["responses"])
     error_ref = {"$ref": "#/components/schemas/StreamError"}

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from starlette.routing import Match
 from starlette.types import Receive, Scope, Send
 
-from ._constants import STREAM_ID_RULES
+from ._constants import STREAM_ID_PATTERN, STREAM_ID_RULES
 from ._http import EVENT_STREAM_TYPE, NDJSON_TYPE, http_status_error
 from .starlette import StreamRouter, _render, start_stream
 
@@ -88,7 +88,15 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
-_STREAM_ID = Annotated[str, Path(description=f"Stream id: {STREAM_ID_RULES}.")]
+# The pattern is documented, not enforced by FastAPI: a bad id gets the router's 400
+# `invalid_stream_id`, not FastAPI's 422.
+_STREAM_ID = Annotated[
+    str,
+    Path(
+        description=f"Stream id: {STREAM_ID_RULES}.",
+        json_schema_extra={"pattern": f"^{STREAM_ID_PATTERN.pattern}$"},
+    ),
+]
 
 _READ_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
