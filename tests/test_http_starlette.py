@@ -12,6 +12,8 @@ import inspect
 import logging
 import re
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -592,6 +594,39 @@ async def test_connection_cap_answers_503_with_retry_after() -> None:
 
     assert_error(refused, 503, "too_many_streams")
     assert refused.headers["retry-after"] == "1"
+
+
+async def test_custom_routes_share_the_router_connection_cap() -> None:
+    transport = from_url("memory://")
+    router = StreamRouter(transport, authorize=allow_all, max_connections=1)
+
+    async def custom(request: Request) -> Response:
+        consumer = StreamConsumer(transport, request.path_params["stream_id"])
+        return StreamResponse(consumer, request, limit=router.limit)
+
+    app = build_app(transport, router, routes=[Route("/custom/{stream_id}", custom)])
+    with uvicorn_server(app, graceful_timeout=2) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            stream_url = await start(client, tokens=1, hold=1)
+            stream_id = stream_url.rsplit("/", 1)[1]
+            async with aconnect_sse(client, "GET", f"/custom/{stream_id}") as source:
+                events = source.aiter_sse()
+                await anext(events)
+                assert router.connections == 1
+                refused = await client.get(stream_url, headers=SSE_ACCEPT)
+                await events.aclose()
+            await client.post(f"{stream_url}/cancel")
+
+    assert_error(refused, 503, "too_many_streams")
+
+
+def test_the_streaming_engine_imports_no_web_framework() -> None:
+    code = (
+        "import sys, resumable_stream._asgi; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in {'starlette', 'fastapi'}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (result.returncode, result.stdout) == (0, "[]\n"), result.stderr
 
 
 async def test_storage_failure_is_503_unavailable() -> None:

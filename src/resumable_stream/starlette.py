@@ -19,11 +19,8 @@ connection: it sends back the last event's id (its offset) as ``Last-Event-ID``.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import inspect
 import logging
-import math
 from collections.abc import AsyncIterable, Awaitable, Callable
 from typing import Any, Literal
 from urllib.parse import quote
@@ -34,15 +31,14 @@ from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route, Router
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
+from ._asgi import ConnectionLimit, StreamEngine, check_options, http_error
 from ._constants import (
-    BUFFER_LIMIT,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_PING_INTERVAL,
     DEFAULT_RETRY,
     DEFAULT_SEND_TIMEOUT,
-    FIRST_EVENT_WAIT,
 )
 from ._consumer import StreamConsumer
 from ._exceptions import ConfigurationError, ResumableStreamError, StreamNotFound
@@ -52,22 +48,19 @@ from ._http import (
     NDJSON,
     SSE,
     HTTPError,
-    error_for,
     http_status_error,
-    log_server_error,
     negotiate,
     not_running,
     stream_headers,
-    too_many_streams,
 )
 from ._ids import check_stream_id
 from ._producer import StreamProducer
-from ._sse import retry_field
 from .transports import Transport
 
 __all__ = [
     "Action",
     "Authorize",
+    "ConnectionLimit",
     "StreamResponse",
     "StreamRouter",
     "allow_all",
@@ -102,12 +95,6 @@ def resume_after(request: Request) -> str | None:
     on reconnection they send ``Last-Event-ID`` to the same URL, so the header wins.
     """
     return request.headers.get("last-event-id") or request.query_params.get("after") or None
-
-
-def _error_for(exc: BaseException, *, event_stream_client: bool = False) -> HTTPError:
-    error = error_for(exc, event_stream_client=event_stream_client)
-    log_server_error(logger, error, exc)
-    return error
 
 
 def _render(error: HTTPError) -> Response:
@@ -147,7 +134,7 @@ async def start_stream(
     try:
         run = await producer.start(source, stream_id=stream_id)
     except ResumableStreamError as exc:
-        return _render(_error_for(exc))
+        return _render(http_error(exc))
     if callable(stream_url):
         url = stream_url(run.stream_id)
     else:
@@ -155,140 +142,8 @@ async def start_stream(
     return _json(202, {"stream_id": run.stream_id, "stream_url": url}, {"location": url})
 
 
-class _ClientGone(Exception):
-    """The client closed the connection."""
-
-
-class _ClientStuck(Exception):
-    """The client stopped reading: one write took longer than the send timeout."""
-
-
 class _Forbidden(Exception):
     """``authorize`` said no."""
-
-
-class _Connection:
-    """One stream response in flight: the events read ahead of the client, and its clock.
-
-    The reader task puts encoded events in; the writer takes all that is there in one write
-    (so events that are ready together leave together). One timer per connection makes a
-    keep-alive due after ``ping_interval`` idle seconds and declares the client stuck when
-    one write takes ``send_timeout`` seconds. It is re-armed lazily: a timeout around every
-    write or wait would put a timer in the loop's heap per event of every connection.
-    """
-
-    __slots__ = (
-        "_handle",
-        "_loop",
-        "_send",
-        "chunks",
-        "done",
-        "error",
-        "last_write",
-        "ping_due",
-        "ready",
-        "sending_since",
-        "size",
-        "space",
-        "stuck",
-    )
-
-    def __init__(self, send: Send) -> None:
-        self._send = send
-        self._loop = asyncio.get_running_loop()
-        self._handle: asyncio.TimerHandle | None = None
-        self.chunks: list[bytes] = []
-        self.size = 0
-        self.done = False
-        self.error: ResumableStreamError | None = None
-        self.ready = asyncio.Event()
-        self.space = asyncio.Event()
-        self.stuck = asyncio.Event()
-        self.ping_due = False
-        self.last_write = self._loop.time()
-        self.sending_since: float | None = None
-
-    def put(self, chunk: bytes) -> None:
-        self.chunks.append(chunk)
-        self.size += len(chunk)
-        self.ready.set()
-
-    def take(self) -> bytes:
-        body = b"".join(self.chunks)
-        self.chunks.clear()
-        self.size = 0
-        self.space.set()
-        return body
-
-    def finish(self, error: ResumableStreamError | None = None) -> None:
-        self.error = error
-        self.done = True
-        self.ready.set()
-
-    async def write(self, message: Message) -> None:
-        self.sending_since = self._loop.time()
-        try:
-            await self._send(message)
-        except OSError:
-            # ASGI 2.4 servers may raise it for a client that is gone (uvicorn drops the
-            # message instead, and the disconnect watcher notices).
-            raise _ClientGone from None
-        self.sending_since = None
-        self.last_write = self._loop.time()
-
-    def start_clock(self, ping_interval: float | None, send_timeout: float | None) -> None:
-        loop = self._loop
-
-        def check() -> None:
-            now = loop.time()
-            wait = math.inf
-            if send_timeout is not None:
-                if self.sending_since is None:
-                    wait = send_timeout
-                elif now - self.sending_since >= send_timeout:
-                    self.stuck.set()
-                    return
-                else:
-                    wait = self.sending_since + send_timeout - now
-            if ping_interval is not None:
-                idle = 0.0 if self.sending_since is not None else now - self.last_write
-                if idle >= ping_interval:
-                    self.ping_due = True
-                    self.ready.set()
-                    idle = 0.0
-                wait = min(wait, ping_interval - idle)
-            self._handle = loop.call_later(wait, check)
-
-        if ping_interval is not None or send_timeout is not None:
-            self._handle = loop.call_later(
-                min(ping_interval or math.inf, send_timeout or math.inf), check
-            )
-
-    def stop_clock(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-
-
-def _check_options(
-    retry: float | None, ping_interval: float | None, send_timeout: float | None
-) -> None:
-    if retry is not None and retry < 0:
-        raise ConfigurationError("retry must be >= 0 seconds (or None)")
-    if ping_interval is not None and ping_interval <= 0:
-        raise ConfigurationError("ping_interval must be > 0 seconds (or None for no pings)")
-    if send_timeout is not None and send_timeout <= 0:
-        raise ConfigurationError("send_timeout must be > 0 seconds (or None for no timeout)")
-
-
-async def _until_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    raise _ClientGone
-
-
-async def _until_stuck(connection: _Connection) -> None:
-    await connection.stuck.wait()
-    raise _ClientStuck
 
 
 class StreamResponse(Response):
@@ -304,6 +159,8 @@ class StreamResponse(Response):
     event. If the client goes away (or does not read for ``send_timeout`` seconds) the
     consumer is released at once and ``on_disconnect`` is awaited; the run goes on.
     Times are in seconds; ``None`` turns pings, the send timeout or ``retry:`` off.
+    ``limit`` (a :class:`ConnectionLimit`, such as a router's ``limit``) counts the
+    response against that cap: past it, the answer is 503 ``too_many_streams``.
     """
 
     def __init__(
@@ -316,173 +173,38 @@ class StreamResponse(Response):
         ping_interval: float | None = DEFAULT_PING_INTERVAL,
         send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
         on_disconnect: Callable[[], Awaitable[object]] | None = None,
+        limit: ConnectionLimit | None = None,
     ) -> None:
-        _check_options(retry, ping_interval, send_timeout)
         negotiated = negotiate("" if request is None else request.headers.get("accept", ""))
-        if format is None:
-            self.wire = negotiated.wire
-        else:
-            self.wire = SSE if format == "sse" else NDJSON
+        wires = {None: negotiated.wire, "sse": SSE, "ndjson": NDJSON}
+        if format not in wires:
+            raise ConfigurationError(f"format must be 'sse', 'ndjson' or None, not {format!r}")
+        wire = wires[format]
         # Without a request to tell, an SSE response is for an SSE client.
-        self.event_stream_client = self.wire is SSE and (
-            request is None or negotiated.event_stream_client
+        event_stream_client = wire is SSE and (request is None or negotiated.event_stream_client)
+        # The ASGI engine does the work; this class is the Starlette face of it.
+        self.engine = StreamEngine(
+            consumer,
+            wire,
+            event_stream_client=event_stream_client,
+            retry=retry,
+            ping_interval=ping_interval,
+            send_timeout=send_timeout,
+            on_disconnect=on_disconnect,
+            limit=limit,
         )
         self.consumer = consumer
-        self.ping_interval = ping_interval
-        self.send_timeout = send_timeout
-        self.on_disconnect = on_disconnect
-        self._retry_line = b""
-        if retry is not None and self.wire is SSE:
-            self._retry_line = retry_field(round(retry * 1000))
+        self.wire = wire
+        self.event_stream_client = event_stream_client
         self.status_code = 200
-        self.media_type = self.wire.media_type
+        self.media_type = wire.media_type
         self.background = None
-        self.raw_headers = stream_headers(self.wire)
+        self.raw_headers = stream_headers(wire)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await self._serve(scope, receive, send)
-        finally:
-            await self.consumer.aclose()
+        await self.engine(scope, receive, send)
         if self.background is not None:
             await self.background()
-
-    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        connection = _Connection(send)
-        connection.start_clock(self.ping_interval, self.send_timeout)
-        gone = False
-        try:
-            try:
-                async with asyncio.TaskGroup() as tasks:
-                    helpers = [
-                        tasks.create_task(_until_disconnect(receive)),
-                        tasks.create_task(_until_stuck(connection)),
-                        tasks.create_task(self._read(connection)),
-                    ]
-                    await self._write(scope, connection)
-                    for task in helpers:
-                        task.cancel()
-            except* _ClientGone:
-                gone = True
-            except* _ClientStuck:
-                gone = True
-                logger.info(
-                    "stream %s: the client read nothing for %ss; dropping the connection",
-                    self.consumer.stream_id,
-                    self.send_timeout,
-                )
-        except BaseExceptionGroup as group:
-            # Anything else (say, a bug in a consumer subclass) reaches the app as itself,
-            # so that its exception handlers match.
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
-        finally:
-            connection.stop_clock()
-        if gone and not connection.done and self.on_disconnect is not None:
-            try:
-                await self.on_disconnect()
-            except Exception:
-                logger.warning(
-                    "stream %s: on_disconnect failed", self.consumer.stream_id, exc_info=True
-                )
-
-    async def _read(self, connection: _Connection) -> None:
-        encode = self.wire.encode
-        try:
-            async for event in self.consumer:
-                connection.put(encode(event))
-                if connection.size >= BUFFER_LIMIT:
-                    connection.space.clear()
-                    await connection.space.wait()
-        except ResumableStreamError as exc:
-            connection.finish(exc)
-        else:
-            connection.finish()
-
-    async def _write(self, scope: Scope, connection: _Connection) -> None:
-        # Hold the headers until the first events or an error (so errors get their status
-        # code), for at most FIRST_EVENT_WAIT: a ping due meanwhile does not count.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(FIRST_EVENT_WAIT):
-                while not connection.chunks and not connection.done:
-                    connection.ready.clear()
-                    await connection.ready.wait()
-        connection.ping_due = False
-        if connection.done and not connection.chunks:
-            await self._write_empty(connection)
-            return
-        await connection.write(_start(self.raw_headers))
-        if scope.get("method") == "HEAD":
-            await connection.write(_body(b"", more=False))
-            return
-        retry_line = self._retry_line
-        while True:
-            if not connection.chunks and not connection.done and not connection.ping_due:
-                connection.ready.clear()
-                await connection.ready.wait()
-            if connection.ping_due and not connection.chunks and not connection.done:
-                connection.ping_due = False
-                await connection.write(_body(self.wire.keepalive, more=True))
-                continue
-            connection.ping_due = False
-            body = connection.take()
-            if body and retry_line:
-                # In front of the first event, so that it joins that event's block.
-                body, retry_line = retry_line + body, b""
-            if connection.done:
-                if connection.error is not None:
-                    # Headers are gone: end the response; the client resumes from its last
-                    # offset and then gets the error's status code.
-                    logger.warning(
-                        "stream %s: ending the response early: %s",
-                        self.consumer.stream_id,
-                        connection.error,
-                    )
-                await connection.write(_body(body, more=False))
-                return
-            await connection.write(_body(body, more=True))
-
-    async def _write_empty(self, connection: _Connection) -> None:
-        """Answer a stream that has nothing to send: an error, or a resume after the end."""
-        if connection.error is not None:
-            error = _error_for(connection.error, event_stream_client=self.event_stream_client)
-            response = _render(error)
-        else:
-            # Resumed after the terminal event: nothing to read, for every format (issue 9:
-            # NDJSON answered an empty 200). A 200 would make EventSource reconnect for ever.
-            response = Response(status_code=204, headers={"cache-control": "no-store"})
-        await connection.write(_start(response.raw_headers, response.status_code))
-        await connection.write(_body(bytes(response.body), more=False))
-
-
-def _start(headers: list[tuple[bytes, bytes]], status: int = 200) -> Message:
-    return {"type": "http.response.start", "status": status, "headers": headers}
-
-
-def _body(body: bytes, *, more: bool) -> Message:
-    return {"type": "http.response.body", "body": body, "more_body": more}
-
-
-class _RouterStreamResponse(StreamResponse):
-    """A stream response that counts against its router's connection cap."""
-
-    def __init__(self, router: StreamRouter, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._router = router
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        router = self._router
-        limit = router.max_connections
-        if limit is not None and router._connections >= limit:
-            await self.consumer.aclose()
-            await _render(too_many_streams(limit))(scope, receive, send)
-            return
-        router._connections += 1
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            router._connections -= 1
 
 
 def _refusal(request: Request, exc: Exception, *, stream: bool = False) -> Response:
@@ -501,7 +223,7 @@ def _refusal(request: Request, exc: Exception, *, stream: bool = False) -> Respo
     event_stream_client = (
         stream and negotiate(request.headers.get("accept", "")).event_stream_client
     )
-    return _render(_error_for(exc, event_stream_client=event_stream_client))
+    return _render(http_error(exc, event_stream_client=event_stream_client))
 
 
 async def _http_exception(request: Request, exc: Exception) -> Response:
@@ -540,7 +262,7 @@ class StreamRouter:
         send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
         max_connections: int | None = DEFAULT_MAX_CONNECTIONS,
     ) -> None:
-        _check_options(retry, ping_interval, send_timeout)
+        check_options(retry, ping_interval, send_timeout)
         if authorize is None:
             raise ConfigurationError(
                 "StreamRouter needs authorize=: a function (request, stream_id, action) that "
@@ -548,8 +270,6 @@ class StreamRouter:
                 "Without one, anyone who knows a stream id could read and cancel it; if that is "
                 "what you want, pass authorize=allow_all (from resumable_stream.starlette)."
             )
-        if max_connections is not None and max_connections < 1:
-            raise ConfigurationError("max_connections must be at least 1 (or None for no cap)")
         self.transport = transport
         self.authorize = authorize
         self.producer = StreamProducer(transport) if producer is None else producer
@@ -558,7 +278,9 @@ class StreamRouter:
         self.ping_interval = ping_interval
         self.send_timeout = send_timeout
         self.max_connections = max_connections
-        self._connections = 0
+        #: The cap on this router's stream responses; give it to your own routes'
+        #: ``StreamResponse(..., limit=router.limit)`` to count them against it too.
+        self.limit = ConnectionLimit(max_connections)
         self.routes: list[BaseRoute] = [
             Route("/{stream_id}", self.read_stream, methods=["GET"], name="read_stream"),
             Route("/{stream_id}/status", self.stream_status, methods=["GET"], name="stream_status"),
@@ -573,7 +295,7 @@ class StreamRouter:
     @property
     def connections(self) -> int:
         """Stream responses open right now."""
-        return self._connections
+        return self.limit.count
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._app(scope, receive, send)
@@ -615,14 +337,14 @@ class StreamRouter:
             async def on_disconnect() -> None:
                 await self._cancel_on_disconnect(request, stream_id)
 
-        return _RouterStreamResponse(
-            self,
+        return StreamResponse(
             consumer,
             request,
             retry=self.retry,
             ping_interval=self.ping_interval,
             send_timeout=self.send_timeout,
             on_disconnect=on_disconnect,
+            limit=self.limit,
         )
 
     async def stream_status(self, request: Request) -> Response:
@@ -633,7 +355,7 @@ class StreamRouter:
         except (_Forbidden, HTTPException, ResumableStreamError) as exc:
             return _refusal(request, exc)
         if info is None:
-            return _render(error_for(StreamNotFound(stream_id)))
+            return _render(http_error(StreamNotFound(stream_id)))
         return _json(
             200,
             {
@@ -655,5 +377,5 @@ class StreamRouter:
         except (_Forbidden, HTTPException, ResumableStreamError) as exc:
             return _refusal(request, exc)
         if info is None:
-            return _render(error_for(StreamNotFound(stream_id)))
+            return _render(http_error(StreamNotFound(stream_id)))
         return _render(not_running(stream_id, info.status))

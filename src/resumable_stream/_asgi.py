@@ -1,0 +1,399 @@
+"""The streaming engine: a consumer's events as one ASGI response, with no web framework.
+
+``resumable_stream.starlette`` is the glue (requests, routing, ``authorize``); this module
+speaks plain ASGI 3: it holds the headers until the first events (so that errors still get
+their status code), writes the events that are ready together in one message, sends
+keep-alives on idle streams, cuts a client that stops reading, and notices a client that
+leaves at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import Awaitable, Callable
+
+from ._constants import BUFFER_LIMIT, FIRST_EVENT_WAIT
+from ._consumer import StreamConsumer
+from ._exceptions import ConfigurationError, ResumableStreamError
+from ._http import (
+    JSON_TYPE,
+    SSE,
+    HTTPError,
+    WireFormat,
+    error_for,
+    log_server_error,
+    stream_headers,
+)
+from ._http import too_many_streams as _too_many_streams
+from ._sse import retry_field
+from ._types import Message, Receive, Scope, Send
+
+logger = logging.getLogger("resumable_stream.http")
+
+
+class ConnectionLimit:
+    """A cap on the stream responses served at once, shared by every response given it.
+
+    ``limit=None`` counts without a cap. A response that finds the cap reached answers 503
+    ``too_many_streams`` with ``Retry-After``. One per router by default, so per process;
+    pass the router's own (``router.limit``) to your routes' responses to share its cap.
+    """
+
+    __slots__ = ("_count", "limit")
+
+    def __init__(self, limit: int | None) -> None:
+        if limit is not None and limit < 1:
+            raise ConfigurationError("max_connections must be at least 1 (or None for no cap)")
+        self.limit = limit
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        """Responses holding a place now."""
+        return self._count
+
+    def acquire(self) -> bool:
+        """Take a place; false if the cap is reached."""
+        if self.limit is not None and self._count >= self.limit:
+            return False
+        self._count += 1
+        return True
+
+    def release(self) -> None:
+        """Give a place back."""
+        self._count -= 1
+
+
+def check_options(
+    retry: float | None, ping_interval: float | None, send_timeout: float | None
+) -> None:
+    if retry is not None and retry < 0:
+        raise ConfigurationError("retry must be >= 0 seconds (or None)")
+    if ping_interval is not None and ping_interval <= 0:
+        raise ConfigurationError("ping_interval must be > 0 seconds (or None for no pings)")
+    if send_timeout is not None and send_timeout <= 0:
+        raise ConfigurationError("send_timeout must be > 0 seconds (or None for no timeout)")
+
+
+def http_error(exc: BaseException, *, event_stream_client: bool = False) -> HTTPError:
+    """:func:`error_for`, with the detail of a 5xx logged (its body leaves it out)."""
+    error = error_for(exc, event_stream_client=event_stream_client)
+    log_server_error(logger, error, exc)
+    return error
+
+
+async def send_error(send: Send, error: HTTPError) -> None:
+    """Answer ``error`` as a whole response: JSON ``{code, message}``, or empty for 204."""
+    headers = [(name.encode(), value.encode()) for name, value in error.headers().items()]
+    body = b""
+    if error.status != 204:
+        body = error.body()
+        headers += [
+            (b"content-type", JSON_TYPE.encode()),
+            (b"content-length", str(len(body)).encode()),
+        ]
+    await send(_start(headers, error.status))
+    await send(_body(body, more=False))
+
+
+def _start(headers: list[tuple[bytes, bytes]], status: int = 200) -> Message:
+    return {"type": "http.response.start", "status": status, "headers": headers}
+
+
+def _body(body: bytes, *, more: bool) -> Message:
+    return {"type": "http.response.body", "body": body, "more_body": more}
+
+
+class _ClientGone(Exception):
+    """The client closed the connection."""
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    raise _ClientGone
+
+
+class _Connection:
+    """One stream response in flight: the events read ahead of the client, and its clock.
+
+    The reader task puts encoded events in; the writer takes all that is there in one write
+    (so events that are ready together leave together). One timer per connection makes a
+    keep-alive due after ``ping_interval`` idle seconds, and cancels the writer when one
+    write takes ``send_timeout`` seconds (the client stopped reading). It is re-armed
+    lazily: a timeout around every write or wait would put a timer in the loop's heap per
+    event of every connection.
+    """
+
+    __slots__ = (
+        "_handle",
+        "_loop",
+        "_send",
+        "chunks",
+        "done",
+        "error",
+        "last_write",
+        "ping_due",
+        "ready",
+        "sending_since",
+        "size",
+        "space",
+        "stuck",
+    )
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = None
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.done = False
+        self.error: ResumableStreamError | None = None
+        self.ready = asyncio.Event()
+        self.space = asyncio.Event()
+        self.stuck = False
+        self.ping_due = False
+        self.last_write = self._loop.time()
+        self.sending_since: float | None = None
+
+    def put(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+        self.size += len(chunk)
+        self.ready.set()
+
+    def take(self) -> bytes:
+        body = b"".join(self.chunks)
+        self.chunks.clear()
+        self.size = 0
+        self.space.set()
+        return body
+
+    def finish(self, error: ResumableStreamError | None = None) -> None:
+        self.error = error
+        self.done = True
+        self.ready.set()
+
+    async def write(self, message: Message) -> None:
+        self.sending_since = self._loop.time()
+        try:
+            await self._send(message)
+        except OSError:
+            # ASGI 2.4 servers may raise it for a client that is gone (uvicorn drops the
+            # message instead, and the disconnect watcher notices).
+            raise _ClientGone from None
+        self.sending_since = None
+        self.last_write = self._loop.time()
+
+    def start_clock(
+        self, ping_interval: float | None, send_timeout: float | None, writer: asyncio.Task[None]
+    ) -> None:
+        loop = self._loop
+
+        def check() -> None:
+            now = loop.time()
+            wait = math.inf
+            if send_timeout is not None:
+                if self.sending_since is None:
+                    wait = send_timeout
+                elif now - self.sending_since >= send_timeout:
+                    # As asyncio.timeout() does, without a timer per write: the writer
+                    # tells this cancellation from others by `stuck`.
+                    self.stuck = True
+                    writer.cancel()
+                    return
+                else:
+                    wait = self.sending_since + send_timeout - now
+            if ping_interval is not None:
+                idle = 0.0 if self.sending_since is not None else now - self.last_write
+                if idle >= ping_interval:
+                    self.ping_due = True
+                    self.ready.set()
+                    idle = 0.0
+                wait = min(wait, ping_interval - idle)
+            self._handle = loop.call_later(wait, check)
+
+        if ping_interval is not None or send_timeout is not None:
+            self._handle = loop.call_later(
+                min(ping_interval or math.inf, send_timeout or math.inf), check
+            )
+
+    def stop_clock(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+
+
+class StreamEngine:
+    """Serve ``consumer``'s events as one ASGI HTTP response, in ``wire`` format.
+
+    Three tasks per connection: the one that calls it writes, one reads the consumer ahead
+    of the client, one waits for ``http.disconnect``. The consumer is closed when it
+    returns. ``limit``, if given, is held for as long as the response is served.
+    """
+
+    __slots__ = (
+        "_headers",
+        "_retry_line",
+        "consumer",
+        "event_stream_client",
+        "limit",
+        "on_disconnect",
+        "ping_interval",
+        "send_timeout",
+        "wire",
+    )
+
+    def __init__(
+        self,
+        consumer: StreamConsumer,
+        wire: WireFormat,
+        *,
+        event_stream_client: bool,
+        retry: float | None,
+        ping_interval: float | None,
+        send_timeout: float | None,
+        on_disconnect: Callable[[], Awaitable[object]] | None = None,
+        limit: ConnectionLimit | None = None,
+    ) -> None:
+        check_options(retry, ping_interval, send_timeout)
+        self.consumer = consumer
+        self.wire = wire
+        self.event_stream_client = event_stream_client
+        self.ping_interval = ping_interval
+        self.send_timeout = send_timeout
+        self.on_disconnect = on_disconnect
+        self.limit = limit
+        self._retry_line = b""
+        if retry is not None and wire is SSE:
+            self._retry_line = retry_field(round(retry * 1000))
+        self._headers = stream_headers(wire)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        limit = self.limit
+        if limit is not None and not limit.acquire():
+            await self.consumer.aclose()
+            await send_error(send, _too_many_streams(limit.count))
+            return
+        try:
+            await self._serve(scope, receive, send)
+        finally:
+            await self.consumer.aclose()
+            if limit is not None:
+                limit.release()
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        writer = asyncio.current_task()
+        if writer is None:  # pragma: no cover - ASGI servers run each request in a task
+            raise RuntimeError("a stream response must run in an asyncio task")
+        cancelling = writer.cancelling()
+        connection = _Connection(send)
+        connection.start_clock(self.ping_interval, self.send_timeout, writer)
+        gone = False
+        try:
+            try:
+                async with asyncio.TaskGroup() as tasks:
+                    helpers = [
+                        tasks.create_task(_until_disconnect(receive)),
+                        tasks.create_task(self._read(connection)),
+                    ]
+                    await self._write(scope, connection)
+                    for task in helpers:
+                        task.cancel()
+            except* _ClientGone:
+                gone = True
+        except asyncio.CancelledError:
+            if not connection.stuck or writer.uncancel() > cancelling:
+                raise  # not (only) the clock's: the server is shutting down, say
+            gone = True
+            logger.info(
+                "stream %s: the client read nothing for %ss; dropping the connection",
+                self.consumer.stream_id,
+                self.send_timeout,
+            )
+        except BaseExceptionGroup as group:
+            # Anything else (say, a bug in a consumer subclass) reaches the app as itself,
+            # so that its exception handlers match.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        else:
+            if connection.stuck:  # the clock cancelled, and a disconnect won the race
+                writer.uncancel()
+        finally:
+            connection.stop_clock()
+        if gone and not connection.done and self.on_disconnect is not None:
+            try:
+                await self.on_disconnect()
+            except Exception:
+                logger.warning(
+                    "stream %s: on_disconnect failed", self.consumer.stream_id, exc_info=True
+                )
+
+    async def _read(self, connection: _Connection) -> None:
+        encode = self.wire.encode
+        try:
+            async for event in self.consumer:
+                connection.put(encode(event))
+                if connection.size >= BUFFER_LIMIT:
+                    connection.space.clear()
+                    await connection.space.wait()
+        except ResumableStreamError as exc:
+            connection.finish(exc)
+        else:
+            connection.finish()
+
+    async def _write(self, scope: Scope, connection: _Connection) -> None:
+        # Hold the headers until the first events or an error (so errors get their status
+        # code), for at most FIRST_EVENT_WAIT: a ping due meanwhile does not count.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(FIRST_EVENT_WAIT):
+                while not connection.chunks and not connection.done:
+                    connection.ready.clear()
+                    await connection.ready.wait()
+        connection.ping_due = False
+        if connection.done and not connection.chunks:
+            await self._write_empty(connection)
+            return
+        await connection.write(_start(self._headers))
+        if scope.get("method") == "HEAD":
+            await connection.write(_body(b"", more=False))
+            return
+        retry_line = self._retry_line
+        keepalive = self.wire.keepalive
+        while True:
+            if not connection.chunks and not connection.done and not connection.ping_due:
+                connection.ready.clear()
+                await connection.ready.wait()
+            if connection.ping_due and not connection.chunks and not connection.done:
+                connection.ping_due = False
+                await connection.write(_body(keepalive, more=True))
+                continue
+            connection.ping_due = False
+            body = connection.take()
+            if body and retry_line:
+                # In front of the first event, so that it joins that event's block.
+                body, retry_line = retry_line + body, b""
+            if connection.done:
+                if connection.error is not None:
+                    # Headers are gone: end the response; the client resumes from its last
+                    # offset and then gets the error's status code.
+                    logger.warning(
+                        "stream %s: ending the response early: %s",
+                        self.consumer.stream_id,
+                        connection.error,
+                    )
+                await connection.write(_body(body, more=False))
+                return
+            await connection.write(_body(body, more=True))
+
+    async def _write_empty(self, connection: _Connection) -> None:
+        """Answer a stream that has nothing to send: an error, or a resume after the end."""
+        if connection.error is not None:
+            error = http_error(connection.error, event_stream_client=self.event_stream_client)
+        else:
+            # Resumed after the terminal event: nothing to read, for every format (issue 9:
+            # NDJSON answered an empty 200). A 200 would make EventSource reconnect for ever.
+            error = HTTPError(204, "", "")
+        await send_error(connection.write, error)
