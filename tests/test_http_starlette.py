@@ -41,6 +41,7 @@ from resumable_stream import (
     Transport,
     from_url,
 )
+from resumable_stream._http import WireFormat
 from resumable_stream.starlette import (
     StreamResponse,
     StreamRouter,
@@ -286,7 +287,7 @@ async def test_ndjson_for_clients_that_ask_for_it(server: Server) -> None:
     assert [orjson.loads(line) for line in resumed.text.splitlines()] == records[20:]
 
 
-async def test_resuming_after_the_terminal_event_is_204_for_every_format(server: Server) -> None:
+async def test_resuming_after_the_terminal_event_is_204_for_sse_and_ndjson(server: Server) -> None:
     async with server.client() as client:
         url = await start(client, tokens=5)
         last = (await read_sse(client, url))[-1].id
@@ -296,9 +297,39 @@ async def test_resuming_after_the_terminal_event_is_204_for_every_format(server:
 
     # A 200 with an empty body would make EventSource reconnect for ever. Regression
     # (issue 9): NDJSON answered 200 with an empty body where SSE answered 204.
-    for response in (sse, ndjson, plain):
+    for response in (sse, ndjson):
         assert (response.status_code, response.content) == (204, b"")
         assert response.headers["cache-control"] == "no-store"
+    # An SSE client that is not an EventSource gets an empty stream, with its headers.
+    assert (plain.status_code, plain.content) == (200, b"")
+    assert plain.headers["content-type"] == "text/event-stream"
+    assert plain.headers["x-accel-buffering"] == "no"
+
+
+async def test_a_subclass_may_change_the_wire_format_and_headers() -> None:
+    """Protocol adapters (AI SDK, LangGraph) subclass StreamResponse this way."""
+
+    class Shouting(StreamResponse):
+        def __init__(self, consumer: StreamConsumer, request: Request) -> None:
+            super().__init__(consumer, request, format="sse", retry=None)
+            self.wire = WireFormat("sse", "text/event-stream", self.encode, b": ping\n")
+            self.raw_headers = [*self.raw_headers, (b"x-protocol", b"shouting")]
+
+        def encode(self, event: Any) -> bytes:
+            return f"data: {event.type.upper()}\n\n".encode()
+
+    transport = from_url("memory://")
+
+    async def shouting(request: Request) -> Response:
+        return Shouting(StreamConsumer(transport, request.path_params["stream_id"]), request)
+
+    with serve(transport, routes=[Route("/shout/{stream_id}", shouting)]) as server:
+        async with server.client() as client:
+            url = await start(client, tokens=2)
+            response = await client.get(url.replace("/streams/", "/shout/"))
+
+    assert response.headers["x-protocol"] == "shouting"
+    assert response.text == "data: TOKEN\n\ndata: TOKEN\n\ndata: END\n\n"
 
 
 async def test_short_ping_interval_still_lets_errors_have_their_status() -> None:

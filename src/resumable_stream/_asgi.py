@@ -20,7 +20,6 @@ from ._consumer import StreamConsumer
 from ._exceptions import ConfigurationError, ResumableStreamError
 from ._http import (
     JSON_TYPE,
-    SSE,
     HTTPError,
     WireFormat,
     error_for,
@@ -231,6 +230,7 @@ class StreamEngine:
     Three tasks per connection: the one that calls it writes, one reads the consumer ahead
     of the client, one waits for ``http.disconnect``. The consumer is closed when it
     returns. ``limit``, if given, is held for as long as the response is served.
+    ``headers`` default to the wire format's stream headers.
     """
 
     __slots__ = (
@@ -250,6 +250,7 @@ class StreamEngine:
         consumer: StreamConsumer,
         wire: WireFormat,
         *,
+        headers: list[tuple[bytes, bytes]] | None = None,
         event_stream_client: bool,
         retry: float | None,
         ping_interval: float | None,
@@ -266,9 +267,9 @@ class StreamEngine:
         self.on_disconnect = on_disconnect
         self.limit = limit
         self._retry_line = b""
-        if retry is not None and wire is SSE:
+        if retry is not None and wire.name == "sse":
             self._retry_line = retry_field(round(retry * 1000))
-        self._headers = stream_headers(wire)
+        self._headers = stream_headers(wire) if headers is None else headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.limit
@@ -392,8 +393,12 @@ class StreamEngine:
         """Answer a stream that has nothing to send: an error, or a resume after the end."""
         if connection.error is not None:
             error = http_error(connection.error, event_stream_client=self.event_stream_client)
-        else:
-            # Resumed after the terminal event: nothing to read, for every format (issue 9:
-            # NDJSON answered an empty 200). A 200 would make EventSource reconnect for ever.
+        elif self.event_stream_client or self.wire.name == "ndjson":
+            # Resumed after the terminal event: a 200 would make EventSource reconnect for
+            # ever; 204 makes it stop. NDJSON answers the same (issue 9: an empty 200).
             error = HTTPError(204, "", "")
+        else:  # an SSE client that is not an EventSource: an empty stream
+            await connection.write(_start(self._headers))
+            await connection.write(_body(b"", more=False))
+            return
         await send_error(connection.write, error)

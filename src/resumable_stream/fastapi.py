@@ -109,8 +109,9 @@ _READ_RESPONSES: dict[int | str, dict[str, Any]] = {
         },
     },
     204: {
-        "description": "Resumed after the terminal event (any format), or, for SSE "
-        "clients, the stream is unknown or expired; EventSource stops reconnecting."
+        "description": "Resumed after the terminal event (EventSource and NDJSON "
+        "clients), or, for EventSource clients, the stream is unknown or expired; "
+        "EventSource stops reconnecting."
     },
     **_errors(400, 403, 404, 410, 503),
 }

@@ -175,34 +175,42 @@ class StreamResponse(Response):
         on_disconnect: Callable[[], Awaitable[object]] | None = None,
         limit: ConnectionLimit | None = None,
     ) -> None:
+        check_options(retry, ping_interval, send_timeout)
         negotiated = negotiate("" if request is None else request.headers.get("accept", ""))
         wires = {None: negotiated.wire, "sse": SSE, "ndjson": NDJSON}
         if format not in wires:
             raise ConfigurationError(f"format must be 'sse', 'ndjson' or None, not {format!r}")
-        wire = wires[format]
-        # Without a request to tell, an SSE response is for an SSE client.
-        event_stream_client = wire is SSE and (request is None or negotiated.event_stream_client)
-        # The ASGI engine does the work; this class is the Starlette face of it.
-        self.engine = StreamEngine(
-            consumer,
-            wire,
-            event_stream_client=event_stream_client,
-            retry=retry,
-            ping_interval=ping_interval,
-            send_timeout=send_timeout,
-            on_disconnect=on_disconnect,
-            limit=limit,
-        )
         self.consumer = consumer
-        self.wire = wire
-        self.event_stream_client = event_stream_client
+        self.wire = wires[format]
+        # Without a request to tell, an SSE response is for an SSE client.
+        self.event_stream_client = self.wire is SSE and (
+            request is None or negotiated.event_stream_client
+        )
+        self.retry = retry
+        self.ping_interval = ping_interval
+        self.send_timeout = send_timeout
+        self.on_disconnect = on_disconnect
+        self.limit = limit
         self.status_code = 200
-        self.media_type = wire.media_type
+        self.media_type = self.wire.media_type
         self.background = None
-        self.raw_headers = stream_headers(wire)
+        self.raw_headers = stream_headers(self.wire)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.engine(scope, receive, send)
+        # The ASGI engine does the work, with this response's settings as they are now
+        # (a subclass may have replaced the wire format or added headers).
+        engine = StreamEngine(
+            self.consumer,
+            self.wire,
+            headers=self.raw_headers,
+            event_stream_client=self.event_stream_client,
+            retry=self.retry,
+            ping_interval=self.ping_interval,
+            send_timeout=self.send_timeout,
+            on_disconnect=self.on_disconnect,
+            limit=self.limit,
+        )
+        await engine(scope, receive, send)
         if self.background is not None:
             await self.background()
 
