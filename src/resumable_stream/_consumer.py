@@ -216,11 +216,31 @@ class StreamConsumer:
                 self.stream_id, self.after, "the stream was restarted since (another run)"
             )
         elif self._seq + 1 > info.last_seq:
+            if await self._ends_rewritten(info):
+                self._expired(
+                    f"the storage ends at entry {info.last_seq}, before this offset: it was "
+                    "rolled back (lost events it had acknowledged)"
+                )
             raise InvalidOffset(
                 f"offset {self.after!r} is past the end of stream {self.stream_id!r}"
             )
         self._info = info
         return info
+
+    async def _ends_rewritten(self, info: StreamInfo) -> bool:
+        """True if the stream ended with an error written past what the storage kept:
+        offsets beyond its end were then real, and are lost rather than malformed."""
+        if info.status != "error" or info.last_seq < 1:
+            return False
+        last = await self.transport.read(self.stream_id, info.epoch, info.last_seq - 1, 1)
+        if not last:
+            return False
+        first = next(iter_entry(last[0].payload, last[0].epoch, last[0].seq), None)
+        return (
+            first is not None
+            and first.type == ERROR
+            and first.data.get("error") in _REWRITTEN_ERRORS
+        )
 
     async def _fill(self) -> None:
         """Queue at least one entry, or mark the stream finished."""
