@@ -22,7 +22,7 @@ padding (by earlier versions) are still accepted.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import orjson
 
@@ -78,21 +78,23 @@ def _dumps(obj: Any) -> bytes:
     return orjson.dumps(obj, default=_default, option=_DUMPS_OPTIONS)
 
 
-class Encoded(NamedTuple):
-    """One event encoded for storage, as :meth:`EventEncoder.encode` returns it.
+#: One event encoded for storage, as :class:`EventEncoder` returns it: for a token without
+#: ``message_id``/``node`` (most of a plain-text stream), the JSON of its text; for another
+#: token that may be written bare, ``(text JSON, (message_id, node), their JSON, size)``;
+#: for any other event, ``(JSON of [type, data], None, b"", size)``. ``size`` is what the
+#: event adds to an entry (a token's metadata counts where it changes). Plain tuples: this
+#: is the hot path.
+Encoded = bytes | tuple[bytes, tuple[Any, Any] | None, bytes, int]
 
-    For a token that may be written bare, ``body`` is the JSON of its text and ``meta`` its
-    ``(message_id, node)`` with ``meta_json`` their JSON; otherwise ``body`` is the JSON of
-    the ``[type, data]`` pair and ``meta`` is None.
-    """
+_BARE_HEAD = b'["token",{"text":'
+_NO_META_TAIL = b',"message_id":null,"node":null}]'
 
-    body: bytes
-    meta: tuple[Any, Any] | None
-    meta_json: bytes
 
-    @property
-    def size(self) -> int:
-        return len(self.body) + len(self.meta_json)
+def size_of(event: Encoded) -> int:
+    """Bytes ``event`` adds to an entry (about: metadata counts where it changes)."""
+    if isinstance(event, bytes):
+        return len(event)
+    return event[3]
 
 
 class EventEncoder:
@@ -101,7 +103,7 @@ class EventEncoder:
     def __init__(self, max_event_bytes: int) -> None:
         self.max_event_bytes = max_event_bytes
         self._meta: tuple[Any, Any] = _NO_META
-        self._meta_json = b'"message_id":null,"node":null}'
+        self._meta_json = b""
 
     def encode(self, kind: str, data: dict[str, Any]) -> Encoded:
         """Encode one event; raise :class:`EventTooLarge` if it is too large.
@@ -110,41 +112,58 @@ class EventEncoder:
         """
         if kind == TOKEN and type(data.get("text")) is str and data.keys() == _TOKEN_KEYS:
             return self.token(data["text"], data["message_id"], data["node"])
-        return self._checked(kind, Encoded(_dumps((kind, data)), None, b""))
+        body = _dumps((kind, data))
+        if len(body) > self.max_event_bytes:
+            self.too_large(kind, len(body))
+        return (body, None, b"", len(body))
 
     def token(self, text: str, message_id: Any, node: Any) -> Encoded:
         """Encode a ``token`` event with string text (the hot path)."""
+        body = orjson.dumps(text)
+        if message_id is None and node is None:
+            if len(body) > self.max_event_bytes:
+                self.too_large(TOKEN, len(body))
+            return body
         meta = (message_id, node)
-        if meta != self._meta:
+        if meta == self._meta:
+            size = len(body)
+        else:
             # The JSON object of a token without its text, from its second key on:
             # join_entry() writes '{"text":<text>,' before it.
             self._meta_json = _dumps({"message_id": message_id, "node": node})[1:]
             self._meta = meta
-        encoded = Encoded(orjson.dumps(text), meta, self._meta_json)
-        if len(encoded.body) + len(encoded.meta_json) > self.max_event_bytes:
-            return self._checked(TOKEN, encoded)
-        return encoded
+            size = len(body) + len(self._meta_json)
+        if len(body) + len(self._meta_json) > self.max_event_bytes:
+            self.too_large(TOKEN, len(body) + len(self._meta_json))
+        return (body, meta, self._meta_json, size)
 
-    def _checked(self, kind: str, encoded: Encoded) -> Encoded:
-        if encoded.size > self.max_event_bytes:
-            raise EventTooLarge(
-                f"a {kind!r} event of {encoded.size} bytes is larger than the limit of "
-                f"{self.max_event_bytes} bytes (max_event_bytes)"
-            )
-        return encoded
+    def too_large(self, kind: str, size: int) -> NoReturn:
+        raise EventTooLarge(
+            f"a {kind!r} event of {size} bytes is larger than the limit of "
+            f"{self.max_event_bytes} bytes (max_event_bytes)"
+        )
 
 
 def join_entry(events: Sequence[Encoded]) -> bytes:
     """The payload of an entry holding ``events``, in order."""
     parts: list[bytes] = []
-    last: tuple[Any, Any] = _NO_META  # the decoder starts from null message_id/node
+    append = parts.append
+    bare = True  # the decoder starts from null message_id/node
+    last: tuple[Any, Any] | None = None
     for event in events:
-        meta = event.meta
-        if meta is None or meta == last:
-            parts.append(event.body)
+        if isinstance(event, bytes):  # a token without message_id/node
+            if bare:
+                append(event)
+            else:
+                bare, last = True, None
+                append(_BARE_HEAD + event + _NO_META_TAIL)
+            continue
+        body, meta, meta_json, _ = event
+        if meta is None or (not bare and meta == last):
+            append(body)
         else:
-            last = meta
-            parts.append(b'["token",{"text":' + event.body + b"," + event.meta_json + b"]")
+            bare, last = False, meta
+            append(_BARE_HEAD + body + b"," + meta_json + b"]")
     return b"[" + b",".join(parts) + b"]"
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
+import itertools
 import logging
 import secrets
 import time
@@ -11,7 +13,9 @@ from collections.abc import AsyncIterable, Awaitable, Callable
 from types import TracebackType
 from typing import Any, Literal, Self
 
-from ._codec import Encoded, EventEncoder, join_entry
+import orjson
+
+from ._codec import Encoded, EventEncoder, join_entry, size_of
 from ._constants import (
     COALESCE_DELAY,
     COALESCE_EVENTS,
@@ -31,6 +35,7 @@ from ._events import (
     END,
     ERROR,
     TERMINAL_TYPES,
+    TOKEN,
     Item,
     chat_model_token,
     error_data,
@@ -84,6 +89,7 @@ class Run:
         self._encoder = EventEncoder(producer.max_event_bytes)
         self._seq = 0
         self._buffer: list[Encoded] = []
+        self._sizes: list[int] = []  # size_of() each event of _buffer
         self._terminal: Item | None = None
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
@@ -212,7 +218,10 @@ class Run:
         full = self._coalesce_events
         source = self._source
         buffer = self._buffer
+        sizes = self._sizes
         encoder = self._encoder
+        max_event_bytes = encoder.max_event_bytes
+        dumps = orjson.dumps
         terminal: Item | None = (END, {})
         try:
             if self._cancel_reason is not None:  # cancelled before the run started
@@ -221,20 +230,29 @@ class Run:
                 buffered = len(buffer)
                 # Each event is encoded as it arrives: one that cannot be stored ends the
                 # run after the good events before it (issue 9).
-                if type(item) is str:  # hot path: plain token text
+                if type(item) is str:  # hot path: plain token text (encoder.token() inlined)
                     if item:
-                        buffer.append(encoder.token(item, None, None))
+                        body = dumps(item)
+                        if len(body) > max_event_bytes:
+                            encoder.too_large(TOKEN, len(body))
+                        buffer.append(body)
+                        sizes.append(len(body))
                 elif type(item) is dict and item.get("event") == "on_chat_model_stream":
                     # Hot path: most astream_events items; skips normalize()'s shape checks.
                     token = chat_model_token(item)
                     if token is not None:
-                        buffer.append(encoder.encode(*token))
+                        data = token[1]
+                        encoded = encoder.token(data["text"], data["message_id"], data["node"])
+                        buffer.append(encoded)
+                        sizes.append(size_of(encoded))
                 else:
                     for kind, data in normalize(item):
                         if kind in TERMINAL_TYPES:
                             terminal = (kind, data)
                             return
-                        buffer.append(encoder.encode(kind, data))
+                        encoded = encoder.encode(kind, data)
+                        buffer.append(encoded)
+                        sizes.append(size_of(encoded))
                 # The flusher needs waking for the first event of a batch and for a full one.
                 if buffered == 0 or len(buffer) >= full:
                     self._wake.set()
@@ -329,16 +347,14 @@ class Run:
         """Write one entry: the next events of the buffer, and the terminal event after
         the last of them."""
         producer = self._producer
-        buffer = self._buffer
-        taken, size = 0, 0
-        limit = min(len(buffer), producer.max_entry_events)
-        while taken < limit:
-            size += buffer[taken].size
-            if taken and size > producer.max_entry_bytes:
-                break
-            taken += 1
+        buffer, sizes = self._buffer, self._sizes
+        # The most events that fit: at most max_entry_events, and past the first, no more
+        # than max_entry_bytes in all (prefix sums and bisect: no Python loop per event).
+        totals = list(itertools.accumulate(sizes[: producer.max_entry_events]))
+        taken = max(bisect.bisect_right(totals, producer.max_entry_bytes), min(len(buffer), 1))
         events = buffer[:taken]
         del buffer[:taken]
+        del sizes[:taken]
         final: Status | None = None
         terminal = self._terminal
         if not buffer and terminal is not None and taken < producer.max_entry_events:
@@ -425,6 +441,7 @@ class Run:
         self._window_bytes = 0
         self._inflight = None
         self._buffer.clear()
+        self._sizes.clear()
         self._request_cancel("stopped")  # stop reading the source
         self._terminal = (ERROR, rollback_error(last_seq))
         raise _RolledBack
