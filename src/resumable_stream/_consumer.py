@@ -48,9 +48,20 @@ class _Check:
 # Quiet-stream checks (reap, then info) by transport and (stream id, epoch): one per stream
 # per process and interval, however many readers follow it (issue 9: 1,000 readers of a
 # quiet stream cost ~800 Redis commands/s).
-_CHECKS: weakref.WeakKeyDictionary[Transport, dict[tuple[str, int], _Check]] = (
-    weakref.WeakKeyDictionary()
-)
+# Keyed by id(): a transport need not be hashable; the entry goes with the transport.
+_CHECKS: dict[int, dict[tuple[str, int], _Check]] = {}
+
+
+def _checks_of(transport: Transport) -> dict[tuple[str, int], _Check]:
+    checks = _CHECKS.get(id(transport))
+    if checks is None:
+        checks = {}
+        try:
+            weakref.finalize(transport, _CHECKS.pop, id(transport), None)
+        except TypeError:  # no weak references (__slots__): checks are not shared
+            return checks
+        _CHECKS[id(transport)] = checks
+    return checks
 
 
 class StreamConsumer:
@@ -311,9 +322,7 @@ class StreamConsumer:
     async def _check_quiet(self, info: StreamInfo) -> StreamInfo:
         """Reap the run if its producer is gone, then refresh the info: shared by every
         reader of this stream in the process, at most once per half lease."""
-        checks = _CHECKS.get(self.transport)
-        if checks is None:
-            checks = _CHECKS[self.transport] = {}
+        checks = _checks_of(self.transport)
         key = (self.stream_id, self._epoch)
         loop = asyncio.get_running_loop()
         interval = max(info.lease_ms / 2000, 0.05)
