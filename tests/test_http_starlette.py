@@ -491,8 +491,13 @@ async def test_offset_from_a_future_run_is_400_not_410(server: Server) -> None:
         assert_error(response, 400, "invalid_offset")
 
 
-async def test_offset_past_the_end_of_its_entry_is_400() -> None:
-    """Regression (issue 9): an event index past its entry was accepted (as the entry's end)."""
+async def test_offset_past_the_end_of_its_entry_is_refused() -> None:
+    """Regression (issue 9): an event index past its entry was accepted (as the entry's end).
+
+    The core answers it as expired rather than malformed: after a storage rollback the
+    producer may write an entry again with fewer events, so a real offset can point past
+    it, and a reload is the answer that never leaves a client stuck.
+    """
     transport = MemoryTransport()
     run = await StreamProducer(transport).start(paced_tokens(3, 0))
     assert await run.wait() == "completed"
@@ -513,9 +518,9 @@ async def test_offset_past_the_end_of_its_entry_is_400() -> None:
             ]
 
     for response in responses:
-        assert (
-            "past the end of its entry" in assert_error(response, 400, "invalid_offset")["message"]
-        )
+        message = assert_error(response, 410, "offset_expired")["message"]
+        assert "fewer than this offset names" in message
+        assert "reload" in message
 
 
 async def test_offset_from_an_earlier_run_is_410_reload(server: Server) -> None:
