@@ -62,3 +62,30 @@ def test_transport_resume_on_another_process_redis(
     first, second = redis_servers
     seen = run_node(node_modules, "ai_sdk_transport.mjs", first, second, "r")
     _check_transport_run(seen, "r")
+
+
+def _check_use_chat_run(seen: dict[str, object], prompt: str) -> None:
+    expected = answer_text(prompt)
+    assert seen["error"] is None
+    assert seen["roles"] == ["user", "assistant"]  # the resumed answer replaced, not added
+    assert seen["id"] == seen["cutId"]
+    assert seen["text"] == expected
+    assert seen["resumeStatuses"] == [200, 204]
+    assert seen["afterRoles"] == ["user", "assistant"]
+    assert seen["afterText"] == expected
+    parts = seen["parts"]
+    assert isinstance(parts, list)
+    assert [p["state"] for p in parts if p["type"] == "tool-search"] == ["output-available"]
+
+
+def test_use_chat_resume_memory(node_modules: Path, memory_server: str) -> None:
+    seen = run_node(node_modules, "ai_sdk_use_chat.mjs", memory_server, memory_server, "u")
+    _check_use_chat_run(seen, "u")
+
+
+def test_use_chat_resume_on_another_process_redis(
+    node_modules: Path, redis_servers: tuple[str, str]
+) -> None:
+    first, second = redis_servers
+    seen = run_node(node_modules, "ai_sdk_use_chat.mjs", first, second, "v")
+    _check_use_chat_run(seen, "v")
