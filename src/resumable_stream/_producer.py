@@ -7,7 +7,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -25,6 +25,7 @@ from ._events import (
     ERROR,
     TERMINAL_TYPES,
     TOKEN,
+    Event,
     Item,
     chat_model_token,
     error_data,
@@ -286,19 +287,32 @@ class StreamProducer:
         """The runs of this producer that have not ended, by stream id."""
         return dict(self._runs)
 
-    async def start(self, source: AsyncIterable[Any], *, stream_id: str | None = None) -> Run:
+    async def start(
+        self,
+        source: AsyncIterable[Any],
+        *,
+        stream_id: str | None = None,
+        events: Callable[[Any], Iterable[Item]] | None = None,
+    ) -> Run:
         """Start reading ``source`` into a stream in the background; return its :class:`Run`.
 
         ``source`` is a LangGraph ``astream_events(..., version="v2")`` or ``astream(...)``
         iterator, or any async iterable of ``str`` tokens, events or dicts. Without
         ``stream_id`` an unguessable id is generated. Raises :class:`StreamAlreadyRunning`
         if a live producer holds ``stream_id``.
+
+        ``events(item)`` replaces the normalization into the event vocabulary: it returns
+        the ``(type, data)`` pairs to store for each item (``data`` a JSON-safe dict), so
+        that a protocol can keep what the vocabulary drops (as
+        ``resumable_stream.langgraph_api`` keeps LangGraph's stream parts whole).
         """
         if not isinstance(source, AsyncIterable):
             raise TypeError(
                 f"source must be an async iterable (e.g. graph.astream_events(...)), "
                 f"not {type(source).__name__}"
             )
+        if events is not None:
+            source = _mapped(source, events)
         stream_id = new_stream_id() if stream_id is None else check_stream_id(stream_id)
         owner = secrets.token_hex(16)
         info = await self.transport.create(stream_id, owner, self.lease_ms)
@@ -340,3 +354,18 @@ class StreamProducer:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+async def _mapped(
+    source: AsyncIterable[Any], events: Callable[[Any], Iterable[Item]]
+) -> AsyncIterator[Any]:
+    """``source`` with each item turned into events by ``events`` (see ``start``)."""
+    try:
+        async for item in source:
+            for kind, data in events(item):
+                # An Event passes normalization unchanged (offset unused until stored).
+                yield Event(kind, data, "")
+    finally:
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()

@@ -1,0 +1,85 @@
+"""Unit layer of resumable_stream.langgraph_api and the producer's `events=` hook."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from langchain_core.messages import AIMessageChunk
+
+from resumable_stream import StreamConsumer, StreamProducer
+from resumable_stream.langgraph_api import stream_parts, to_wire
+from resumable_stream.transports.memory import MemoryTransport
+from tests.clients._graph import answer_text, build_graph
+
+
+def test_message_parts_keep_tool_call_chunks_and_metadata() -> None:
+    chunk = AIMessageChunk(
+        content="",
+        id="m1",
+        tool_call_chunks=[{"name": "search", "args": '{"q": ', "id": "call_1", "index": 0}],
+    )
+    metadata = {"langgraph_node": "agent", "ls_model_name": "x"}
+    [(name, data)] = stream_parts((("sub:1",), "messages", (chunk, metadata)))
+    assert name == "messages|sub:1"
+    message, meta = data["data"]
+    assert message["type"] == "AIMessageChunk"
+    assert message["tool_call_chunks"][0]["args"] == '{"q": '
+    assert meta == metadata
+    [(legacy, data)] = stream_parts(("messages", (chunk, metadata)), tuples=False)
+    assert legacy == "messages/partial"
+    assert data["data"][0]["id"] == "m1"
+
+
+def test_to_wire_serializes_like_the_api() -> None:
+    wire = to_wire({"messages": [AIMessageChunk(content="hi", id="x")], "n": (1, 2)})
+    assert wire["messages"][0]["content"] == "hi"
+    assert wire["messages"][0]["response_metadata"] == {}
+    assert wire["n"] == [1, 2]
+
+
+async def test_producer_events_hook_stores_parts_whole_and_closes_the_source() -> None:
+    closed: list[bool] = []
+
+    async def source() -> AsyncIterator[Any]:
+        try:
+            yield ("custom", {"a": 1})
+            yield ("values", {"b": 2})
+        finally:
+            closed.append(True)
+
+    transport = MemoryTransport()
+    async with StreamProducer(transport) as producer:
+        run = await producer.start(source(), events=stream_parts)
+        assert await run.wait() == "completed"
+    events = [(e.type, e.data) async for e in StreamConsumer(transport, run.stream_id)]
+    assert events == [
+        ("custom", {"data": {"a": 1}}),
+        ("values", {"data": {"b": 2}}),
+        ("end", {}),
+    ]
+    assert closed == [True]
+
+
+async def test_a_real_graph_streamed_through_the_hook() -> None:
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    released = asyncio.Event()
+    released.set()
+    graph = build_graph({"t": released}, InMemorySaver())
+    source = graph.astream(
+        {"messages": [{"role": "user", "content": "g"}]},
+        {"configurable": {"thread_id": "t"}},
+        stream_mode=["messages", "custom", "values"],
+    )
+    transport = MemoryTransport()
+    async with StreamProducer(transport) as producer:
+        run = await producer.start(source, events=stream_parts)
+        await run.wait()
+    events = [e async for e in StreamConsumer(transport, run.stream_id)]
+    tuples = [e.data["data"] for e in events if e.type == "messages"]
+    assert "".join(m["content"] for m, _ in tuples) == answer_text("g")
+    assert {meta["langgraph_node"] for _, meta in tuples} == {"agent"}
+    assert [e.data["data"] for e in events if e.type == "custom"] == [{"step": "prepare"}]
+    assert events[-1].type == "end"
