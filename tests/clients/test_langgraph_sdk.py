@@ -13,6 +13,7 @@ from langgraph_sdk.client import LangGraphClient
 
 from tests._services import run_app_subprocess, uvicorn_command, uvicorn_server
 from tests.clients._graph import HOLD_AT, answer_text, create_app
+from tests.clients.conftest import run_node
 
 MODES = ["values", "messages-tuple", "custom"]
 
@@ -154,3 +155,33 @@ async def test_cancel_then_a_new_run_with_type_human_messages(
     ]
     assert parts[-1].event == "end"
     assert parts[-2].data["messages"][-1]["content"] == answer_text("h")
+
+
+def test_js_client_stream_cut_join_replay_cancel(
+    node_modules: Path, servers: tuple[str, str]
+) -> None:
+    first, second = servers
+    seen = run_node(node_modules, "langgraph_sdk.mjs", first, second, "j")
+    expected = answer_text("j")
+    assert seen["firstEvent"] == "metadata"
+    assert seen["firstData"] == {"run_id": seen["runId"], "attempt": 1}
+    assert seen["statusMid"] == "running"
+    assert seen["cutText"] + seen["restText"] == expected  # no gap, no duplicate
+    assert seen["lastEvent"] == "end"
+    assert seen["replayText"] == expected
+    assert seen["replayIds"] == seen["cutIds"]
+    assert seen["custom"] == [{"step": "prepare"}]
+    assert seen["stateTypes"] == ["human", "ai"]
+    assert seen["stateText"] == expected
+    assert seen["statusEnd"] == "success"
+    assert seen["statusCancelled"] == "interrupted"
+
+
+def test_js_use_stream_reconnects_on_mount(node_modules: Path, servers: tuple[str, str]) -> None:
+    first, second = servers
+    seen = run_node(node_modules, "langgraph_use_stream.mjs", first, second, "s")
+    assert seen["error"] is None
+    assert seen["storedRun"]  # useStream kept the run id from Content-Location
+    assert seen["types"] == ["human", "ai"]  # the replay did not add a second answer
+    assert seen["text"] == answer_text("s")
+    assert seen["storedAfter"] is None  # the run finished: nothing left to rejoin
