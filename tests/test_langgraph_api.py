@@ -27,9 +27,6 @@ def test_message_parts_keep_tool_call_chunks_and_metadata() -> None:
     assert message["type"] == "AIMessageChunk"
     assert message["tool_call_chunks"][0]["args"] == '{"q": '
     assert meta == metadata
-    [(legacy, data)] = stream_parts(("messages", (chunk, metadata)), tuples=False)
-    assert legacy == "messages/partial"
-    assert data["data"][0]["id"] == "m1"
 
 
 def test_to_wire_serializes_like_the_api() -> None:

@@ -88,15 +88,14 @@ def to_wire(obj: Any) -> Any:
     return repr(obj)
 
 
-def stream_parts(item: Any, *, tuples: bool = True) -> Iterable[Item]:
+def stream_parts(item: Any) -> Iterable[Item]:
     """The events to store for one item of ``graph.astream(..., stream_mode=[...])``.
 
     For ``StreamProducer.start(source, events=stream_parts)``: each part is kept whole
     under its SSE event name (``values``, ``updates``, ``messages``, ``custom``... with
-    ``|<namespace>`` for subgraphs), its payload in ``data["data"]``. Items are
-    ``(mode, payload)``, or ``(namespace, mode, payload)`` with ``subgraphs=True``.
-    ``tuples=False`` names message parts ``messages/partial`` (the API's legacy
-    ``messages`` mode) instead of ``messages`` tuples.
+    ``|<namespace>`` for subgraphs), its payload in ``data["data"]``; a ``messages`` part is
+    the ``[message chunk, metadata]`` tuple. Items are ``(mode, payload)``, or
+    ``(namespace, mode, payload)`` with ``subgraphs=True``.
     """
     if isinstance(item, tuple) and len(item) == 3:
         namespace, mode, payload = item
@@ -105,18 +104,9 @@ def stream_parts(item: Any, *, tuples: bool = True) -> Iterable[Item]:
     else:  # a single-mode stream
         namespace, mode, payload = (), "values", item
     name = str(mode)
-    if name == "messages":
-        message, metadata = payload
-        if tuples:
-            data: Any = [to_wire(message), to_wire(metadata)]
-        else:
-            name = "messages/partial"
-            data = [to_wire(message)]
-    else:
-        data = to_wire(payload)
     if namespace:
         name += "|" + "|".join(namespace)
-    yield (name, {"data": data})
+    yield (name, {"data": to_wire(payload)})
 
 
 def _json(status: int, content: Any, headers: Mapping[str, str] | None = None) -> Response:
@@ -399,8 +389,7 @@ class LangGraphRouter:
                 )
             )
         modes = _stream_modes(body.get("stream_mode"))
-        graph_modes = sorted({"messages" if m == "messages-tuple" else m for m in modes})
-        tuples = "messages" not in modes
+        graph_modes = ["messages" if m == "messages-tuple" else m for m in modes]
         inputs = body.get("input")
         command = body.get("command")
         if command:
@@ -424,7 +413,7 @@ class LangGraphRouter:
         def parts(item: Any) -> Iterable[Item]:
             if type(item) is Event:
                 return ((item.type, item.data),)
-            return stream_parts(item, tuples=tuples)
+            return stream_parts(item)
 
         try:
             run = await self.producer.start(source, stream_id=stream_id, events=parts)
