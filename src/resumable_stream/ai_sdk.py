@@ -106,7 +106,8 @@ class UIMessageChunks:
         self._streamed: set[Any] = set()  # message ids whose text came as tokens
         self._parts = 0
         self._calls: dict[str, _ToolCall] = {}
-        self._announced: dict[str, list[str]] = {}  # tool name → calls no tool run claimed yet
+        # tool name → the model's calls (id, args) that no tool run has claimed yet
+        self._announced: dict[str, list[tuple[str, Any]]] = {}
         self._run_calls: dict[str, str] = {}  # tool run id → tool call id
         self.finished = False
 
@@ -199,7 +200,7 @@ class UIMessageChunks:
                     and isinstance(name, str)
                     and self._announce(call_id, name, call.get("args"), out)
                 ):
-                    self._announced.setdefault(name, []).append(call_id)
+                    self._announced.setdefault(name, []).append((call_id, call.get("args")))
         elif role == "tool":
             call_id = message.get("tool_call_id")
             if isinstance(call_id, str):
@@ -244,15 +245,21 @@ class UIMessageChunks:
         name = str(data.get("name") or "tool")
         run_id = str(data.get("run_id"))
         tool_input = data.get("input")
-        call_id: str | None = None
+        call_id: Any = None
         if isinstance(tool_input, Mapping) and tool_input.get("type") == "tool_call":
             call_id = tool_input.get("id")  # a ToolCall passed whole
             tool_input = tool_input.get("args")
-        announced = self._announced.get(name)
-        if call_id is None and announced:
-            call_id = announced.pop(0)  # the model's call this tool run executes
-        elif call_id is not None and announced and call_id in announced:
-            announced.remove(call_id)
+        announced = self._announced.get(name) or []
+        # The model's call this tool run executes: the one named, else the first with
+        # these arguments (parallel calls of one tool start in any order), else the first.
+        match = next((c for c in announced if c[0] == call_id), None)
+        if match is None and call_id is None:
+            match = next((c for c in announced if c[1] == tool_input), None)
+            if match is None and announced:
+                match = announced[0]
+        if match is not None:
+            announced.remove(match)
+            call_id = match[0]
         if not isinstance(call_id, str):
             call_id = run_id
         self._run_calls[run_id] = call_id
@@ -260,9 +267,10 @@ class UIMessageChunks:
 
     def _tool_end(self, data: Mapping[str, Any], out: list[dict[str, Any]]) -> None:
         output = data.get("output")
-        call_id = self._run_calls.pop(str(data.get("run_id")), None)
+        call_id: Any = self._run_calls.pop(str(data.get("run_id")), None)
         if isinstance(output, Mapping) and output.get("role") == "tool":
-            call_id = output.get("tool_call_id") or call_id  # the ToolMessage names the call
+            # A ToolMessage: its tool_call_id names the call, unless this run had one.
+            call_id = call_id or output.get("tool_call_id")
             output = output.get("content")
         if not isinstance(call_id, str):
             call_id = str(data.get("run_id"))
@@ -517,14 +525,17 @@ class ChatRouter:
             return refused
         try:
             stream_id = check_stream_id(self.stream_id(chat_id))
-            if await self.producer.cancel(stream_id):
-                return Response(
-                    orjson.dumps({"chat_id": chat_id, "cancel_requested": True}),
-                    202,
-                    {"cache-control": "no-store"},
-                    JSON_TYPE,
-                )
+            # Asked first: a run that wrote its end may linger in the producer a moment.
             info = await self.transport.info(stream_id)
+            if info is None or info.status != "running":
+                status = "unknown" if info is None else info.status
+                return _error(not_running(stream_id, status))
+            await self.producer.cancel(stream_id)
         except ResumableStreamError as exc:
             return _error(error_for(exc))
-        return _error(not_running(stream_id, "unknown" if info is None else info.status))
+        return Response(
+            orjson.dumps({"chat_id": chat_id, "cancel_requested": True}),
+            202,
+            {"cache-control": "no-store"},
+            JSON_TYPE,
+        )

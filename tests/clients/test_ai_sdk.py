@@ -39,6 +39,9 @@ def _check_transport_run(seen: dict[str, object], prompt: str) -> None:
     assert tools[0]["output"] == f"found {prompt}"
     assert [p["data"] for p in parts if p["type"] == "data-progress"] == [{"step": 1}]
     assert [p["type"] for p in parts].count("text") == 1
+    assert seen["stopStatus"] == 202
+    assert seen["stopText"] == expected[: len(seen["stopText"])]  # type: ignore[arg-type]
+    assert seen["stopLast"] == ["text-end", "abort"]
 
 
 def test_transport_cut_and_resume_memory(node_modules: Path, memory_server: str) -> None:

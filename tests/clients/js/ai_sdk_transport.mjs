@@ -53,8 +53,32 @@ const whole = await readUntil(resumed, (m) => {
 // 3. After the end there is nothing to resume: 204, which the SDK returns as null.
 const after = await transportB.reconnectToStream({ chatId });
 
+// 4. Stop (the app's endpoint; useChat's stop() only aborts the fetch) from the other server:
+// the answer in flight ends with `abort`.
+const stopChatId = generateId();
+const chunks = [];
+const stopped = await transportA.sendMessages({
+  chatId: stopChatId,
+  messages: [userMessage],
+  trigger: "submit-message",
+  messageId: undefined,
+  abortSignal: undefined,
+});
+let stopStatus = null;
+let stopText = "";
+for await (const chunk of stopped) {
+  chunks.push(chunk.type);
+  if (chunk.type === "text-delta") stopText += chunk.delta;
+  if (stopStatus === null && stopText.endsWith(half)) {
+    stopStatus = (await fetch(`${serverB}/api/chat/${stopChatId}/stop`, { method: "POST" })).status;
+  }
+}
+
 console.log(
   JSON.stringify({
+    stopStatus,
+    stopText,
+    stopLast: chunks.slice(-2),
     chatId,
     cutId: cut.id,
     cutText: textOf(cut),
