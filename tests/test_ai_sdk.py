@@ -211,3 +211,15 @@ async def test_router_resume_is_204_without_an_answer_and_stop_is_409(
     stop = await http.post("/api/chat/abcdefghijklmnop/stop")
     assert stop.status_code == 409
     assert stop.json()["code"] == "stream_not_running"
+
+
+def test_app_events_naming_the_call_and_its_args() -> None:
+    # The reference chat service writes tool_start {id, name, args} (and may add tool_end).
+    chunker = UIMessageChunks(start=False)
+    start = Event("tool_start", {"id": "c1", "name": "calc", "args": {"x": 2}}, "1-1-0")
+    end = Event("tool_end", {"id": "c1", "name": "calc", "output": 4}, "1-1-1")
+    assert chunker.chunks(start) + chunker.chunks(end) == [
+        {"type": "tool-input-start", "toolCallId": "c1", "toolName": "calc"},
+        {"type": "tool-input-available", "toolCallId": "c1", "toolName": "calc", "input": {"x": 2}},
+        {"type": "tool-output-available", "toolCallId": "c1", "output": 4},
+    ]

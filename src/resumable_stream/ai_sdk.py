@@ -243,9 +243,10 @@ class UIMessageChunks:
 
     def _tool_start(self, data: Mapping[str, Any], out: list[dict[str, Any]]) -> None:
         name = str(data.get("name") or "tool")
-        run_id = str(data.get("run_id"))
-        tool_input = data.get("input")
-        call_id: Any = None
+        # An app's own events may name the call and its arguments: {id, name, args}.
+        call_id: Any = data.get("id")
+        run_id = str(data.get("run_id") or call_id)
+        tool_input = data.get("input", data.get("args"))
         if isinstance(tool_input, Mapping) and tool_input.get("type") == "tool_call":
             call_id = tool_input.get("id")  # a ToolCall passed whole
             tool_input = tool_input.get("args")
@@ -267,13 +268,14 @@ class UIMessageChunks:
 
     def _tool_end(self, data: Mapping[str, Any], out: list[dict[str, Any]]) -> None:
         output = data.get("output")
-        call_id: Any = self._run_calls.pop(str(data.get("run_id")), None)
+        run_id = str(data.get("run_id") or data.get("id"))
+        call_id: Any = self._run_calls.pop(run_id, None) or data.get("id")
         if isinstance(output, Mapping) and output.get("role") == "tool":
             # A ToolMessage: its tool_call_id names the call, unless this run had one.
             call_id = call_id or output.get("tool_call_id")
             output = output.get("content")
         if not isinstance(call_id, str):
-            call_id = str(data.get("run_id"))
+            call_id = run_id
         self._announce(call_id, str(data.get("name") or "tool"), None, out)
         error = data.get("error")
         self._output(call_id, output, None if error is None else str(error), out)

@@ -186,10 +186,10 @@ class LangGraphRouter:
 
     ``graphs`` maps assistant ids (the SDKs' ``assistantId``) to compiled graphs that share
     a checkpointer; the first one answers thread state and history. Each thread has one
-    stream (``stream_prefix + thread_id``), and each run of the thread a new epoch of it,
-    so a second run while one is in progress is refused (409, the API's ``reject``
-    strategy) in every process at once. Runs are detached: they go on when the client goes
-    away, unless it asked for ``on_disconnect: "cancel"``.
+    stream (``stream_id(thread_id)``, by default ``"langgraph:<thread_id>"``), and each run
+    of the thread a new epoch of it, so a second run while one is in progress is refused
+    (409, the API's ``reject`` strategy) in every process at once. Runs are detached: they
+    go on when the client goes away, unless it asked for ``on_disconnect: "cancel"``.
 
     ``authorize(request, thread_id, action)`` (``thread_id`` None for ``"create"``) may
     refuse with false (403) or raise Starlette's ``HTTPException`` (say 401).
@@ -207,7 +207,7 @@ class LangGraphRouter:
         | None = None,
         create_thread: Callable[[Request, str | None, dict[str, Any]], Awaitable[str]]
         | None = None,
-        stream_prefix: str = "langgraph:",
+        stream_id: Callable[[str], str] | None = None,
         ping_interval: float | None = DEFAULT_PING_INTERVAL,
         send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
     ) -> None:
@@ -218,7 +218,7 @@ class LangGraphRouter:
         self.producer = StreamProducer(transport) if producer is None else producer
         self.authorize = authorize
         self.create_thread = create_thread
-        self.stream_prefix = stream_prefix
+        self.stream_id = stream_id or (lambda thread_id: f"langgraph:{thread_id}")
         self.ping_interval = ping_interval
         self.send_timeout = send_timeout
         self._state_graph = next(iter(self.graphs.values()))
@@ -279,7 +279,7 @@ class LangGraphRouter:
         """The thread id of the path, authorized for ``action``, and its stream id."""
         thread_id = request.path_params["thread_id"]
         await self._check(request, action, thread_id)
-        return thread_id, check_stream_id(self.stream_prefix + thread_id)
+        return thread_id, check_stream_id(self.stream_id(thread_id))
 
     async def _body(self, request: Request) -> dict[str, Any]:
         raw = await request.body()
@@ -332,7 +332,7 @@ class LangGraphRouter:
             thread_id = await self.create_thread(request, thread_id, metadata)
         elif thread_id is None:
             thread_id = str(uuid.uuid4())
-        check_stream_id(self.stream_prefix + thread_id)
+        check_stream_id(self.stream_id(thread_id))
         return _json(200, self._thread_record(thread_id, metadata, "idle"))
 
     async def get_thread(self, request: Request) -> Response:
