@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -80,3 +81,43 @@ async def test_a_real_graph_streamed_through_the_hook() -> None:
     assert {meta["langgraph_node"] for _, meta in tuples} == {"agent"}
     assert [e.data["data"] for e in events if e.type == "custom"] == [{"step": "prepare"}]
     assert events[-1].type == "end"
+
+
+async def test_http_errors_are_json_with_codes() -> None:
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    api = LangGraphRouter(MemoryTransport(), {"agent": build_graph({}, InMemorySaver())})
+    app = Starlette(routes=[Mount("/lg", api)])
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://t/lg"
+    ) as http:
+        thread_id = (await http.post("/threads", json={})).json()["thread_id"]
+        runs = f"/threads/{thread_id}/runs"
+        cases = [
+            (
+                await http.post(f"{runs}/stream", json={"assistant_id": "nope"}),
+                404,
+                "assistant_not_found",
+            ),
+            (
+                await http.post(
+                    f"{runs}/stream", json={"assistant_id": "agent", "stream_mode": "events"}
+                ),
+                422,
+                "invalid_request",
+            ),
+            (await http.post(f"{runs}/stream", content=b"{"), 422, "invalid_request"),
+            (await http.get(f"{runs}/not-a-uuid"), 404, "run_not_found"),
+            (await http.get(f"{runs}/{uuid.uuid4()}/stream"), 404, "run_not_found"),
+            (await http.post("/threads", json={"thread_id": "bad id!"}), 400, "invalid_stream_id"),
+        ]
+        for response, status, code in cases:
+            assert (response.status_code, response.json()["code"]) == (status, code)
+        state = (await http.get(f"/threads/{thread_id}/state")).json()
+        assert state["values"] == {} and state["next"] == []
+    await api.producer.aclose()
