@@ -61,6 +61,7 @@ __all__ = [
     "UIMessageChunks",
     "UIMessageStreamResponse",
     "UI_MESSAGE_STREAM_HEADERS",
+    "ui_message_text",
 ]
 
 #: The header of a UI message stream (ai: ``src/ui-message-stream/ui-message-stream-headers.ts``).
