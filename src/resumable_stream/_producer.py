@@ -7,7 +7,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -25,7 +25,6 @@ from ._events import (
     ERROR,
     TERMINAL_TYPES,
     TOKEN,
-    Event,
     Item,
     chat_model_token,
     error_data,
@@ -33,6 +32,7 @@ from ._events import (
 )
 from ._exceptions import ConfigurationError, LeaseLost, TransportError
 from ._ids import check_stream_id, new_stream_id
+from ._sources import EventsFunction, mapped
 from .transports._base import Entry, Status, Transport
 
 logger = logging.getLogger("resumable_stream")
@@ -292,7 +292,7 @@ class StreamProducer:
         source: AsyncIterable[Any],
         *,
         stream_id: str | None = None,
-        events: Callable[[Any], Iterable[Item]] | None = None,
+        events: EventsFunction | None = None,
     ) -> Run:
         """Start reading ``source`` into a stream in the background; return its :class:`Run`.
 
@@ -312,7 +312,7 @@ class StreamProducer:
                 f"not {type(source).__name__}"
             )
         if events is not None:
-            source = _mapped(source, events)
+            source = mapped(source, events)
         stream_id = new_stream_id() if stream_id is None else check_stream_id(stream_id)
         owner = secrets.token_hex(16)
         info = await self.transport.create(stream_id, owner, self.lease_ms)
@@ -354,18 +354,3 @@ class StreamProducer:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-
-async def _mapped(
-    source: AsyncIterable[Any], events: Callable[[Any], Iterable[Item]]
-) -> AsyncIterator[Any]:
-    """``source`` with each item turned into events by ``events`` (see ``start``)."""
-    try:
-        async for item in source:
-            for kind, data in events(item):
-                # An Event passes normalization unchanged (offset unused until stored).
-                yield Event(kind, data, "")
-    finally:
-        aclose = getattr(source, "aclose", None)
-        if aclose is not None:
-            await aclose()
