@@ -223,3 +223,19 @@ def test_app_events_naming_the_call_and_its_args() -> None:
         {"type": "tool-input-available", "toolCallId": "c1", "toolName": "calc", "input": {"x": 2}},
         {"type": "tool-output-available", "toolCallId": "c1", "output": 4},
     ]
+
+
+async def test_each_message_is_a_new_run_with_its_own_message_id(http: httpx.AsyncClient) -> None:
+    def body(text: str) -> dict[str, Any]:
+        message = {"id": text, "role": "user", "parts": [{"type": "text", "text": text}]}
+        return {"id": "chat-1", "messages": [message], "trigger": "submit-message"}
+
+    starts, texts = [], []
+    for text in ("one", "two"):
+        response = await http.post("/api/chat", json=body(text))
+        chunks = [orjson.loads(b[6:]) for b in response.text.split("\n\n") if b[6:7] == "{"]
+        starts.append(chunks[0])
+        texts.append("".join(c["delta"] for c in chunks if c["type"] == "text-delta"))
+    assert texts == ["ONE", "TWO"]  # the second answer replays nothing of the first
+    assert starts[0]["messageId"] != starts[1]["messageId"]
+    assert all(s["messageId"].startswith("chat-1-") for s in starts)

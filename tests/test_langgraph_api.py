@@ -121,3 +121,34 @@ async def test_http_errors_are_json_with_codes() -> None:
         state = (await http.get(f"/threads/{thread_id}/state")).json()
         assert state["values"] == {} and state["next"] == []
     await api.producer.aclose()
+
+
+async def test_an_idle_run_sends_comment_heartbeats() -> None:
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+    from tests._services import uvicorn_server
+
+    hold = asyncio.Event()  # never set: the model holds halfway until the run is cancelled
+    transport = MemoryTransport()
+    api = LangGraphRouter(
+        transport, {"agent": build_graph({"t1": hold}, InMemorySaver())}, ping_interval=0.1
+    )
+    app = Starlette(routes=[Mount("/lg", api)])
+    with uvicorn_server(app) as url:
+        async with httpx.AsyncClient(base_url=f"{url}/lg") as http:
+            body = {"assistant_id": "agent", "input": {"messages": [("user", "x")]}}
+            request = http.stream("POST", "/threads/t1/runs/stream", json=body)
+            async with request as response:
+                run_url = response.headers["content-location"]
+                lines = response.aiter_lines()
+                async for line in lines:
+                    if line.startswith(":"):
+                        break  # a comment: the SDKs' idle watchdog counts it as a heartbeat
+            cancelled = await http.post(f"{run_url}/cancel", params={"wait": 1})
+            assert cancelled.status_code == 202
+            assert (await http.get(run_url)).json()["status"] == "interrupted"
+        await api.producer.aclose()
