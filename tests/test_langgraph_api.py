@@ -7,6 +7,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
 from langchain_core.messages import AIMessageChunk
 
 from resumable_stream import StreamConsumer, StreamProducer
@@ -112,6 +113,13 @@ async def test_http_errors_are_json_with_codes() -> None:
                 "invalid_request",
             ),
             (await http.post(f"{runs}/stream", content=b"{"), 422, "invalid_request"),
+            (
+                await http.post(
+                    f"{runs}/stream", json={"assistant_id": "agent", "command": {"x": 1}}
+                ),
+                422,
+                "invalid_request",
+            ),
             (await http.get(f"{runs}/not-a-uuid"), 404, "run_not_found"),
             (await http.get(f"{runs}/{uuid.uuid4()}/stream"), 404, "run_not_found"),
             (await http.post("/threads", json={"thread_id": "bad id!"}), 400, "invalid_stream_id"),
@@ -152,3 +160,58 @@ async def test_an_idle_run_sends_comment_heartbeats() -> None:
             assert cancelled.status_code == 202
             assert (await http.get(run_url)).json()["status"] == "interrupted"
         await api.producer.aclose()
+
+
+async def test_an_interrupt_then_a_resume_command() -> None:
+    import httpx
+    from langchain_core.messages import AIMessage
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.types import interrupt
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    def ask(state: MessagesState) -> dict[str, Any]:
+        name = interrupt("your name?")
+        return {"messages": [AIMessage(f"hi {name}")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("ask", ask)
+    builder.add_edge(START, "ask")
+    api = LangGraphRouter(MemoryTransport(), {"agent": builder.compile(InMemorySaver())})
+    app = Starlette(routes=[Mount("/lg", api)])
+
+    def parts(text: str) -> list[tuple[str, Any]]:
+        blocks = [b for b in text.split("\n\n") if b.startswith("id: ")]
+        return [
+            (lines[1].removeprefix("event: "), orjson.loads(lines[2].removeprefix("data: ")))
+            for lines in (b.split("\n") for b in blocks)
+        ]
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://t/lg"
+    ) as http:
+        first = await http.post(
+            "/threads/t/runs/stream",
+            json={
+                "assistant_id": "agent",
+                "input": {"messages": [{"role": "user", "content": "hey"}]},
+            },
+        )
+        seen = parts(first.text)
+        assert seen[-2][1]["__interrupt__"][0]["value"] == "your name?"
+        assert seen[-1] == ("end", {"status": "success"})
+        run = first.headers["content-location"]
+        assert (await http.get(run)).json()["status"] == "interrupted"
+        assert (await http.get("/threads/t")).json()["status"] == "interrupted"
+        second = await http.post(
+            "/threads/t/runs/stream",
+            json={"assistant_id": "agent", "command": {"resume": "Bob"}},
+        )
+        values = [data for event, data in parts(second.text) if event == "values"]
+        assert values[-1]["messages"][-1]["content"] == "hi Bob"
+        assert (await http.get(second.headers["content-location"])).json()["status"] == "success"
+        assert (await http.get(run)).json()["status"] == "success"  # replaced by a later run
+    await api.producer.aclose()

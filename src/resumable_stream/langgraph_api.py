@@ -395,8 +395,8 @@ class LangGraphRouter:
         if command:
             from langgraph.types import Command
 
-            if not isinstance(command, dict):
-                raise _bad("'command' must be an object")
+            if not isinstance(command, dict) or not set(command) <= {"resume", "update", "goto"}:
+                raise _bad("'command' must be an object with resume, update and/or goto")
             inputs = Command(**{k: v for k, v in command.items() if v is not None})
         config = self._config(thread_id, body.get("config"))
         kwargs: dict[str, Any] = {"stream_mode": graph_modes}
