@@ -8,12 +8,14 @@ them under `CI=true`.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +34,8 @@ def _cache_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def node_modules() -> Path:
-    """A directory holding node_modules (from `npm ci`) and this directory's js/ scripts."""
+def node_modules() -> Iterator[Path]:
+    """A copy of js/ inside the directory where `npm ci` installed node_modules."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         unavailable("node and npm are needed for the client protocol tests")
@@ -41,32 +43,37 @@ def node_modules() -> Path:
     digest = hashlib.sha256(lock + (HERE / "package.json").read_bytes()).hexdigest()[:16]
     root = _cache_root() / f"npm-{digest}"
     marker = root / ".installed"
-    if not marker.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.copy(HERE / "package.json", root / "package.json")
-        shutil.copy(HERE / "package-lock.json", root / "package-lock.json")
-        done = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--prefer-offline", "--loglevel=error"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        if done.returncode != 0:
-            unavailable(f"npm ci failed in {root}:\n{done.stdout}\n{done.stderr}")
-        marker.write_text(digest)
-    # The scripts sit next to node_modules so that their imports resolve there.
-    scripts = root / "js"
-    if scripts.exists():
-        shutil.rmtree(scripts)
-    shutil.copytree(JS_DIR, scripts)
-    return root
+    root.mkdir(parents=True, exist_ok=True)
+    # Test sessions running at once (several checkouts) share the cache: one installs.
+    with (root / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.exists():
+            shutil.copy(HERE / "package.json", root / "package.json")
+            shutil.copy(HERE / "package-lock.json", root / "package-lock.json")
+            done = subprocess.run(
+                [npm, "ci", "--no-audit", "--no-fund", "--prefer-offline", "--loglevel=error"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=False,
+            )
+            if done.returncode != 0:
+                unavailable(f"npm ci failed in {root}:\n{done.stdout}\n{done.stderr}")
+            marker.write_text(digest)
+    # The scripts sit next to node_modules, where their imports resolve; a directory per
+    # session, so that sessions at once do not replace each other's scripts.
+    scripts = Path(tempfile.mkdtemp(prefix="js-", dir=root))
+    shutil.copytree(JS_DIR, scripts, dirs_exist_ok=True)
+    try:
+        yield scripts
+    finally:
+        shutil.rmtree(scripts, ignore_errors=True)
 
 
 def run_node(modules: Path, script: str, *args: str, timeout: float = NODE_TIMEOUT) -> Any:
     """Run js/<script> with node; return the JSON it prints last; fail with its output."""
-    command: Sequence[str] = ["node", str(modules / "js" / script), *args]
+    command: Sequence[str] = ["node", str(modules / script), *args]
     done = subprocess.run(
         command, cwd=modules, capture_output=True, text=True, timeout=timeout, check=False
     )
