@@ -66,6 +66,7 @@ __all__ = [
 
 #: The header of a UI message stream (ai: ``src/ui-message-stream/ui-message-stream-headers.ts``).
 UI_MESSAGE_STREAM_HEADERS: Mapping[str, str] = {"x-vercel-ai-ui-message-stream": "v1"}
+# @ai-sdk/provider-utils parseJsonEventStream skips it; AI SDK servers end with it.
 _DONE = b"data: [DONE]\n\n"
 _AI_ROLES = frozenset({"ai", "AIMessage", "assistant"})
 _DATA_NAME = re.compile(r"[^A-Za-z0-9_.:-]+")
@@ -118,6 +119,8 @@ class UIMessageChunks:
             return []
         out: list[dict[str, Any]] = []
         if self._need_start:
+            # ai (src/ui/chat.ts): a resume is a replay (resumeStreamIsReplay); the client
+            # resets its message at the first `start` and keeps its id, hence a stable one.
             self._need_start = False
             start: dict[str, Any] = {"type": "start"}
             if self.message_id is not None:

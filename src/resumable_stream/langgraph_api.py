@@ -163,6 +163,8 @@ def _encode_part(event: Event) -> bytes:
         )
     else:
         body = orjson.dumps(event.data.get("data"))
+    # Both SDKs end a stream on `end` or `error` without asking the run's status
+    # (langgraph-sdk: _async/http.py; @langchain/langgraph-sdk: client/base.ts).
     return b"id: %s\nevent: %s\ndata: %s\n\n" % (event.offset.encode(), kind.encode(), body)
 
 
@@ -172,6 +174,8 @@ class _PartsResponse(StreamResponse):
     def __init__(
         self, consumer: StreamConsumer, request: Request, headers: Mapping[str, str], **kw: Any
     ) -> None:
+        # Keep-alive comments feed the SDKs' idle watchdog (3x the heartbeat interval,
+        # 6-30 s: @langchain/langgraph-sdk utils/stream.ts idleReconnectStream).
         super().__init__(consumer, request, format="sse", retry=None, **kw)
         self.wire = WireFormat("sse", EVENT_STREAM_TYPE, _encode_part, PING)
         self.event_stream_client = False  # nothing to send is an empty 200, not a 204
@@ -468,6 +472,7 @@ class LangGraphRouter:
         location = f"/threads/{thread_id}/runs/{run_id}"
         last_id = request.headers.get("last-event-id")
         after: str | None
+        # langgraph-sdk (ui/orchestrator.ts joinStream) sends "-1" to replay a run whole.
         if last_id == "-1":
             after = None
         elif last_id:
