@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+import pytest
 from langchain_core.messages import AIMessageChunk
 
 from resumable_stream import StreamConsumer, StreamProducer
@@ -214,4 +215,52 @@ async def test_an_interrupt_then_a_resume_command() -> None:
         assert values[-1]["messages"][-1]["content"] == "hi Bob"
         assert (await http.get(second.headers["content-location"])).json()["status"] == "success"
         assert (await http.get(run)).json()["status"] == "success"  # replaced by a later run
+    await api.producer.aclose()
+
+
+@pytest.mark.parametrize("honoured", [True, False])
+async def test_on_disconnect_cancel(honoured: bool) -> None:
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+    from tests._helpers import eventually
+    from tests._services import uvicorn_server
+
+    hold = asyncio.Event()
+    graph = build_graph({"t1": hold}, InMemorySaver())
+    api = LangGraphRouter(MemoryTransport(), {"agent": graph}, cancel_on_disconnect=honoured)
+    app = Starlette(routes=[Mount("/lg", api)])
+    with uvicorn_server(app) as url:
+        async with httpx.AsyncClient(base_url=f"{url}/lg") as http:
+            body = {
+                "assistant_id": "agent",
+                "input": {"messages": [("user", "x")]},
+                "stream_mode": ["messages-tuple"],
+                "on_disconnect": "cancel",
+            }
+            async with http.stream("POST", "/threads/t1/runs/stream", json=body) as response:
+                run_url = response.headers["content-location"]
+                async for line in response.aiter_lines():
+                    if "x19 " in line:
+                        break  # held halfway: walk away
+            status = (await http.get(run_url)).json()["status"]
+            if honoured:
+
+                async def stopped() -> bool:
+                    return bool((await http.get(run_url)).json()["status"] == "interrupted")
+
+                await eventually(stopped)
+            else:
+                # (Weaker: nothing tells when the server noticed the disconnect; a run that
+                # was wrongly cancelled by then ends "interrupted" and fails this.)
+                assert status == "running"
+                hold.set()
+
+                async def done() -> bool:
+                    return bool((await http.get(run_url)).json()["status"] == "success")
+
+                await eventually(done)
     await api.producer.aclose()

@@ -193,7 +193,9 @@ class LangGraphRouter:
     stream (``stream_id(thread_id)``, by default ``"langgraph:<thread_id>"``), and each run
     of the thread a new epoch of it, so a second run while one is in progress is refused
     (409, the API's ``reject`` strategy) in every process at once. Runs are detached: they
-    go on when the client goes away, unless it asked for ``on_disconnect: "cancel"``.
+    go on when the client goes away, unless it asked for ``on_disconnect: "cancel"`` (which
+    ``useStream`` does unless ``reconnectOnMount`` is set); ``cancel_on_disconnect=False``
+    ignores that request, so that only a cancel stops a run.
 
     ``authorize(request, thread_id, action)`` (``thread_id`` None for ``"create"``) may
     refuse with false (403) or raise Starlette's ``HTTPException`` (say 401).
@@ -212,6 +214,7 @@ class LangGraphRouter:
         create_thread: Callable[[Request, str | None, dict[str, Any]], Awaitable[str]]
         | None = None,
         stream_id: Callable[[str], str] | None = None,
+        cancel_on_disconnect: bool = True,
         ping_interval: float | None = DEFAULT_PING_INTERVAL,
         send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
     ) -> None:
@@ -223,6 +226,7 @@ class LangGraphRouter:
         self.authorize = authorize
         self.create_thread = create_thread
         self.stream_id = stream_id or (lambda thread_id: f"langgraph:{thread_id}")
+        self.cancel_on_disconnect = cancel_on_disconnect
         self.ping_interval = ping_interval
         self.send_timeout = send_timeout
         self._state_graph = next(iter(self.graphs.values()))
@@ -433,7 +437,7 @@ class LangGraphRouter:
         run_id = run_id_for(run.epoch)
         started.set_result(run_id)
         on_disconnect = None
-        if body.get("on_disconnect") == "cancel":
+        if self.cancel_on_disconnect and body.get("on_disconnect") == "cancel":
 
             async def on_disconnect() -> None:
                 await self.producer.cancel(stream_id)
@@ -485,7 +489,10 @@ class LangGraphRouter:
         if info.epoch != epoch:
             await consumer.aclose()  # a later run replaced this one's stream: it is over
         on_disconnect = None
-        if request.query_params.get("cancel_on_disconnect") in ("1", "true"):
+        if self.cancel_on_disconnect and request.query_params.get("cancel_on_disconnect") in (
+            "1",
+            "true",
+        ):
 
             async def on_disconnect() -> None:
                 await self.producer.cancel(stream_id)

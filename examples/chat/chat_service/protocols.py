@@ -188,6 +188,9 @@ class LangGraphAPI:
                 # A run holds the thread's lock: the chat API waits for it, and a LangGraph
                 # run waits for no one (409 while the thread answers).
                 stream_id=lock_id_for,
+                # An answer whose client went away is finished, not stopped (useStream asks
+                # for on_disconnect "cancel" unless reconnectOnMount is set).
+                cancel_on_disconnect=False,
             )
         await self._router(scope, receive, send)
 
