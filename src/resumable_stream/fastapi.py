@@ -162,7 +162,8 @@ class StreamAPIRouter(APIRouter):
     They run the same code as the mounted router, with parameters and responses in the
     app's OpenAPI schema. Include it with ``app.include_router(..., prefix="/streams")``.
     As in the mounted router, a wrong method (405) or a path under the prefix that no route
-    of the app matches (404) gets a ``{"code", "message"}`` body.
+    of the app matches (404) gets a ``{"code", "message"}`` body; so give it a prefix of its
+    own.
     """
 
     def __init__(self, streams: StreamRouter, *, tags: Sequence[str] = ("streams",)) -> None:
