@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from resumable_stream import (
     ConfigurationError,
+    Event,
     ResumableStreamError,
     StreamConsumer,
     StreamNotFound,
@@ -419,6 +420,23 @@ async def test_stream_headers_suit_browsers_proxies_and_http2() -> None:
         "text/event-stream",
         b"",
     )
+
+
+async def test_head_of_a_stream_still_thinking_answers_after_the_first_event_wait(
+    server: Server,
+) -> None:
+    async with server.client() as client:
+        url = await start(client, tokens=0, hold=1)
+        head = await client.head(url, headers=SSE_ACCEPT)
+        still = (await client.get(f"{url}/status")).json()["status"]
+        await client.post(f"{url}/cancel")
+
+    assert (head.status_code, head.headers["content-type"], head.content) == (
+        200,
+        "text/event-stream",
+        b"",
+    )
+    assert still == "running"
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -922,6 +940,46 @@ async def test_a_stuck_write_is_cut_without_busy_waiting() -> None:
     assert left.is_set()
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     assert cpu < 0.15  # pings fall due during the stuck write: no timer may spin
+
+
+async def test_a_consumer_timing_out_its_own_waits_is_served_as_if_awaited() -> None:
+    """The response runs the consumer in its own task: the consumer's asyncio.timeout
+    (which cancels the current task) must reach the consumer, not end the response."""
+
+    class Patient(StreamConsumer):
+        def __init__(self) -> None:
+            super().__init__(from_url("memory://"), "patient")
+            self.sent = 0
+
+        async def __anext__(self) -> Event:
+            if self.sent == 3:
+                raise StopAsyncIteration
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.01):
+                    await asyncio.get_running_loop().create_future()  # never done
+            self.sent += 1
+            kind = "end" if self.sent == 3 else "token"
+            return Event(kind, {"text": f"t{self.sent}"}, f"1-{self.sent}-0")
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        await asyncio.get_running_loop().create_future()  # the client stays
+        raise AssertionError("unreachable")
+
+    response = StreamResponse(Patient(), format="ndjson", ping_interval=None)
+    await response({"type": "http", "method": "GET"}, receive, send)
+
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert [orjson.loads(line)["offset"] for line in body.splitlines()] == [
+        "1-1-0",
+        "1-2-0",
+        "1-3-0",
+    ]
+    assert sent[-1] == {"type": "http.response.body", "body": sent[-1]["body"], "more_body": False}
 
 
 # --- building blocks for custom routes ----------------------------------------------------------
