@@ -118,8 +118,10 @@ class Run:
     async def wait(self) -> Status:
         """Wait for the run to end and return its final status.
 
-        Raises :class:`LeaseLost` or :class:`TransportError` if the run could not write
-        its terminal event. Cancelling ``wait()`` does not cancel the run.
+        Raises what kept the run from writing its terminal event: :class:`LeaseLost` (it
+        was fenced), :class:`BackendRefused`, or a :class:`TransportError` that outlasted
+        the write-retry budget; readers then report ``producer_lost``. Cancelling
+        ``wait()`` does not cancel the run.
         """
         await asyncio.shield(self._task)
         if self.status is not None:
