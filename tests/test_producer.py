@@ -6,6 +6,7 @@ import asyncio
 import gc
 
 import pytest
+from langchain_core.messages import AIMessageChunk
 
 from resumable_stream import (
     BackendRefused,
@@ -281,3 +282,26 @@ async def test_a_cancelled_run_task_still_writes_its_terminal_event() -> None:
         await run.wait()
     rest = [event async for event in reader]
     assert [(e.type, e.data) for e in rest] == [("cancelled", {"reason": "shutdown"})]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "lone surrogate \ud800",  # UTF-8 cannot hold it
+        "x" * 5000,  # larger than max_event_bytes
+        {"event": "on_chat_model_stream", "data": {"chunk": AIMessageChunk("\ud800", id="m")}},
+    ],
+)
+async def test_a_token_that_cannot_be_stored_ends_the_run_after_the_good_ones(bad: object) -> None:
+    async def source():
+        yield "kept "
+        yield {"event": "on_chat_model_stream", "data": {"chunk": AIMessageChunk("too", id="m")}}
+        yield bad
+        yield "never stored"
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport, max_event_bytes=4096).start(source())
+    assert await run.wait() == "error"
+    events = await collect(transport, run.stream_id)
+    assert joined(events) == "kept too"
+    assert [e.type for e in events] == ["token", "token", "error"]
