@@ -86,7 +86,7 @@ async def test_consumers_dropped_or_broken_release_their_subscription() -> None:
     assert len(stream.subscribers) == 1
     # Regression (issue 9): dropped without aclose(), it is reported, not silently cleaned up
     # from the garbage collector; its subscription is closed on the event loop.
-    with pytest.warns(ResourceWarning, match="was not closed"):  # noqa: PT031
+    with pytest.warns(ResourceWarning, match="dropped while following"):  # noqa: PT031
         del consumer
         gc.collect()
 
