@@ -11,6 +11,7 @@ from langchain_core.messages import AIMessageChunk
 from resumable_stream import (
     BackendRefused,
     LeaseLost,
+    StorageRollback,
     StreamConsumer,
     StreamProducer,
     Transport,
@@ -305,3 +306,11 @@ async def test_a_token_that_cannot_be_stored_ends_the_run_after_the_good_ones(ba
     events = await collect(transport, run.stream_id)
     assert joined(events) == "kept too"
     assert [e.type for e in events] == ["token", "token", "error"]
+
+
+async def test_a_transport_misreporting_a_rollback_fails_the_run_instead_of_looping() -> None:
+    # StorageRollback claiming the storage already holds the entry: a contract breach.
+    transport = Faulty("append", StorageRollback("s", last_seq=7), times=1000)
+    run = await StreamProducer(transport).start(endless(["a"]))
+    with pytest.raises(StorageRollback):
+        await asyncio.wait_for(run.wait(), timeout=10)

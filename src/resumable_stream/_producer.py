@@ -403,6 +403,8 @@ class Run:
                 await self._transport.append(self.stream_id, self._owner, entry, count, final)
                 return
             except StorageRollback as exc:
+                if exc.last_seq + 1 >= entry.seq:
+                    raise  # not a rollback: a transport breaking the contract
                 await self._rewrite_lost(exc.last_seq, entry.seq)
             except BackendRefused:
                 raise  # a retry will not fix it (out of memory, no permission...)
