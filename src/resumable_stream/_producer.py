@@ -46,6 +46,7 @@ from ._exceptions import (
     TransportError,
 )
 from ._ids import check_stream_id, new_stream_id
+from ._sources import EventsFunction, mapped
 from .transports._base import Entry, Status, Transport
 
 logger = logging.getLogger("resumable_stream")
@@ -541,19 +542,32 @@ class StreamProducer:
         """The runs of this producer that have not ended, by stream id."""
         return dict(self._runs)
 
-    async def start(self, source: AsyncIterable[Any], *, stream_id: str | None = None) -> Run:
+    async def start(
+        self,
+        source: AsyncIterable[Any],
+        *,
+        stream_id: str | None = None,
+        events: EventsFunction | None = None,
+    ) -> Run:
         """Start reading ``source`` into a stream in the background; return its :class:`Run`.
 
         ``source`` is a LangGraph ``astream_events(..., version="v2")`` or ``astream(...)``
         iterator, or any async iterable of ``str`` tokens, events or dicts. Without
         ``stream_id`` an unguessable id is generated. Raises :class:`StreamAlreadyRunning`
         if a live producer holds ``stream_id``.
+
+        ``events(item)`` replaces the normalization into the event vocabulary: it returns
+        the ``(type, data)`` pairs to store for each item (``data`` a JSON-safe dict), so
+        that a protocol can keep what the vocabulary drops (as
+        ``resumable_stream.langgraph_api`` keeps LangGraph's stream parts whole).
         """
         if not isinstance(source, AsyncIterable):
             raise TypeError(
                 f"source must be an async iterable (e.g. graph.astream_events(...)), "
                 f"not {type(source).__name__}"
             )
+        if events is not None:
+            source = mapped(source, events)
         stream_id = new_stream_id() if stream_id is None else check_stream_id(stream_id)
         owner = secrets.token_hex(16)
         info = await self.transport.create(stream_id, owner, self.lease_ms)
