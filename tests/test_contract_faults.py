@@ -45,8 +45,9 @@ def lose_tail(transport_kind: str, request: pytest.FixtureRequest) -> LoseTail:
 
     async def lose_in_redis(transport: Transport, stream_id: str, keep: int) -> None:
         assert isinstance(transport, RedisTransport)
-        events = f"{transport.prefix}:{{{stream_id}}}:events"
-        meta = f"{transport.prefix}:{{{stream_id}}}:meta"
+        # The transport's key layout (docs/retention.md): metadata hash + Redis Stream.
+        events = transport._key(stream_id, "events")
+        meta = transport._key(stream_id, "meta")
         async with aioredis.Redis.from_url(url) as client:
             kept = [
                 (entry_id, fields)

@@ -78,8 +78,9 @@ class StreamConsumer:
     every few hundred events, so a long replay neither holds a whole stream in memory nor
     starves the other tasks.
 
-    Breaking out of the loop or cancelling the task releases everything at once; call
-    :meth:`aclose` (or use ``async with``) to release without finishing the loop.
+    The terminal event, an error or cancelling the task releases everything at once. To
+    stop earlier (``break``), use ``async with`` or call :meth:`aclose`: a consumer dropped
+    while still following a stream is reported with a ``ResourceWarning``.
     """
 
     def __init__(
@@ -178,8 +179,8 @@ class StreamConsumer:
         # Dropped mid-stream without aclose(): say so, and close on the loop's own thread
         # (the garbage collector may run anywhere, and transports are not thread-safe).
         warnings.warn(
-            f"StreamConsumer of {self.stream_id!r} was not closed: break out of the loop, "
-            "call aclose() or use 'async with'",
+            f"StreamConsumer of {self.stream_id!r} was dropped while following the stream: "
+            "use 'async with' or call aclose() when leaving the loop early",
             ResourceWarning,
             stacklevel=2,
         )

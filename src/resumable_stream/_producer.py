@@ -13,8 +13,6 @@ from collections.abc import AsyncIterable, Awaitable, Callable
 from types import TracebackType
 from typing import Any, Literal, Self
 
-import orjson
-
 from ._codec import Encoded, EventEncoder, join_entry, size_of
 from ._constants import (
     COALESCE_DELAY,
@@ -35,9 +33,8 @@ from ._events import (
     END,
     ERROR,
     TERMINAL_TYPES,
-    TOKEN,
     Item,
-    chat_model_token,
+    chat_model_text,
     error_data,
     normalize,
 )
@@ -119,8 +116,10 @@ class Run:
     async def wait(self) -> Status:
         """Wait for the run to end and return its final status.
 
-        Raises :class:`LeaseLost` or :class:`TransportError` if the run could not write
-        its terminal event. Cancelling ``wait()`` does not cancel the run.
+        Raises what kept the run from writing its terminal event: :class:`LeaseLost` (it
+        was fenced), :class:`BackendRefused`, or a :class:`TransportError` that outlasted
+        the write-retry budget; readers then report ``producer_lost``. Cancelling
+        ``wait()`` does not cancel the run.
         """
         await asyncio.shield(self._task)
         if self.status is not None:
@@ -221,8 +220,6 @@ class Run:
         buffer = self._buffer
         sizes = self._sizes
         encoder = self._encoder
-        max_event_bytes = encoder.max_event_bytes
-        dumps = orjson.dumps
         terminal: Item | None = (END, {})
         try:
             if self._cancel_reason is not None:  # cancelled before the run started
@@ -233,19 +230,24 @@ class Run:
                 # run after the good events before it (issue 9).
                 if type(item) is str:  # hot path: plain token text (encoder.token() inlined)
                     if item:
-                        body = dumps(item)
-                        if len(body) > max_event_bytes:
-                            encoder.too_large(TOKEN, len(body))
-                        buffer.append(body)
-                        sizes.append(len(body))
+                        if len(item) > encoder.plain_text_limit or not item.isascii():
+                            encoder.token(item, None, None)  # the full checks
+                        buffer.append(item)
+                        sizes.append(len(item) + 3)
                 elif type(item) is dict and item.get("event") == "on_chat_model_stream":
                     # Hot path: most astream_events items; skips normalize()'s shape checks.
-                    token = chat_model_token(item)
-                    if token is not None:
-                        data = token[1]
-                        encoded = encoder.token(data["text"], data["message_id"], data["node"])
-                        buffer.append(encoded)
-                        sizes.append(size_of(encoded))
+                    parts = chat_model_text(item)
+                    if parts is not None:
+                        text = parts[0]
+                        if (
+                            parts[1:] == encoder.meta
+                            and len(text) <= encoder.text_limit
+                            and text.isascii()
+                        ):  # same message and node as the last token: nothing to check
+                            buffer.append((text, encoder.meta))
+                        else:
+                            buffer.append(encoder.token(*parts))
+                        sizes.append(len(text) + 3)
                 else:
                     for kind, data in normalize(item):
                         if kind in TERMINAL_TYPES:
@@ -402,6 +404,8 @@ class Run:
                 await self._transport.append(self.stream_id, self._owner, entry, count, final)
                 return
             except StorageRollback as exc:
+                if exc.last_seq + 1 >= entry.seq:
+                    raise  # not a rollback: a transport breaking the contract
                 await self._rewrite_lost(exc.last_seq, entry.seq)
             except BackendRefused:
                 raise  # a retry will not fix it (out of memory, no permission...)
