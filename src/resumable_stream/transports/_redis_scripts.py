@@ -25,14 +25,20 @@ redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
 return epoch
 """
 
+# Returns 1 (written), 0 (seq already stored: a retried write), -1 (lease lost) or
+# {last seq} (seq past last + 1: nothing written).
 # ARGV: owner, epoch, seq, payload, count, now_ms, final status or '',
 #       then the transport's constants: max_entries, running_ttl_ms, retention_ms,
 #       metadata_ttl_ms
 APPEND = """
 local m = redis.call('HMGET', KEYS[1], 'owner', 'last', 'status')
 if m[1] ~= ARGV[1] then return -1 end
-if tonumber(m[2]) >= tonumber(ARGV[3]) then return 0 end
+local last = tonumber(m[2])
+if last >= tonumber(ARGV[3]) then return 0 end
 if m[3] ~= 'running' then return -1 end
+-- A seq past last + 1: the storage lost acknowledged entries (a failover to a lagging
+-- replica). Write nothing; report where the storage ends (issue 8, part 4).
+if tonumber(ARGV[3]) > last + 1 then return {m[2]} end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], ARGV[2] .. '-' .. ARGV[3], 'e', ARGV[4])
 if ARGV[7] == '' then
   redis.call('HSET', KEYS[1], 'last', ARGV[3], 'count', ARGV[5], 'updated', ARGV[6])
