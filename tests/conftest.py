@@ -52,10 +52,8 @@ _MARKERS_BY_FIXTURE = {
     "chromium_path": ("browser",),
 }
 
-#: The transports the contract suite (tests/test_contract.py) runs on. "redis_cluster" and
-#: "redis_sentinel" are wired below and join this list once the Redis transport accepts
-#: `redis+cluster://` and `redis+sentinel://` URLs.
-CONTRACT_TRANSPORTS = ("memory", "redis")
+#: The transports the contract suite (tests/test_contract.py) runs on.
+CONTRACT_TRANSPORTS = ("memory", "redis", "redis_cluster", "redis_sentinel")
 
 #: The fixture giving each Redis transport kind its URL, and the markers its tests get.
 _REDIS_KINDS = {

@@ -3,7 +3,15 @@
 KEYS are always: 1 = metadata hash, 2 = events stream, 3 = lease string.
 Metadata fields: epoch, status, owner, lease_ms, created, updated (ms), last (seq of the
 last entry), count (events in it), cancel ("1" once requested).
+
+Shard channels, in the stream's slot too (``KEYS[1]`` with ``meta`` replaced): ``...:n``
+carries a notice per write (the new last seq; empty when the stream was deleted), read by
+the processes following the stream, which then fetch the entries with ``XRANGE``;
+``...:c`` carries the epoch of a run asked to stop.
 """
+
+# Lua for the stream's shard channel of a kind ('n' or 'c'): '<prefix>:{id}:' .. kind
+_CHANNEL = "string.sub(KEYS[1], 1, -5) .. "
 
 # The epoch is the server's clock in microseconds (never the same for two runs of an id,
 # even one deleted and re-created at once), and always above the previous epoch.
@@ -25,14 +33,21 @@ redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
 return epoch
 """
 
+# Returns 1 (written), 0 (seq already stored: a retried write), -1 (lease lost) or
+# {last seq} (seq past last + 1: nothing written).
 # ARGV: owner, epoch, seq, payload, count, now_ms, final status or '',
 #       then the transport's constants: max_entries, running_ttl_ms, retention_ms,
 #       metadata_ttl_ms
-APPEND = """
+APPEND = (
+    """
 local m = redis.call('HMGET', KEYS[1], 'owner', 'last', 'status')
 if m[1] ~= ARGV[1] then return -1 end
-if tonumber(m[2]) >= tonumber(ARGV[3]) then return 0 end
+local last = tonumber(m[2])
+if last >= tonumber(ARGV[3]) then return 0 end
 if m[3] ~= 'running' then return -1 end
+-- A seq past last + 1: the storage lost acknowledged entries (a failover to a lagging
+-- replica). Write nothing; report where the storage ends (issue 8, part 4).
+if tonumber(ARGV[3]) > last + 1 then return {m[2]} end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], ARGV[2] .. '-' .. ARGV[3], 'e', ARGV[4])
 if ARGV[7] == '' then
   redis.call('HSET', KEYS[1], 'last', ARGV[3], 'count', ARGV[5], 'updated', ARGV[6])
@@ -44,8 +59,12 @@ else
   redis.call('PEXPIRE', KEYS[1], ARGV[11])
   redis.call('DEL', KEYS[3])
 end
+redis.call('SPUBLISH', """
+    + _CHANNEL
+    + """'n', ARGV[3])
 return 1
 """
+)
 
 # ARGV: owner, lease_ms, running_ttl_ms, metadata running_ttl_ms (plus the tombstone)
 RENEW = """
@@ -58,24 +77,39 @@ if m[3] then return 1 end
 return 0
 """
 
-# ARGV: cancel channel, stream id
-CANCEL = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+# No ARGV.
+CANCEL = (
+    """
+local m = redis.call('HMGET', KEYS[1], 'status', 'epoch')
+if m[1] ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'cancel', '1')
-redis.call('PUBLISH', ARGV[1], ARGV[2])
+redis.call('SPUBLISH', """
+    + _CHANNEL
+    + """'c', m[2])
 return 1
 """
+)
 
-# ARGV: cancel channel, stream id
-DELETE = """
-if redis.call('HGET', KEYS[1], 'status') == 'running' then
-  redis.call('PUBLISH', ARGV[1], ARGV[2])
+# No ARGV.
+DELETE = (
+    """
+local m = redis.call('HMGET', KEYS[1], 'status', 'epoch')
+if m[1] == 'running' then
+  redis.call('SPUBLISH', """
+    + _CHANNEL
+    + """'c', m[2])
 end
-return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+local deleted = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('SPUBLISH', """
+    + _CHANNEL
+    + """'n', '')
+return deleted
 """
+)
 
 # ARGV: epoch, payload, now_ms, max_entries, retention_ms, metadata_ttl_ms
-REAP = """
+REAP = (
+    """
 local m = redis.call('HMGET', KEYS[1], 'status', 'epoch', 'last')
 if m[1] ~= 'running' or m[2] ~= ARGV[1] then return 0 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
@@ -85,5 +119,9 @@ redis.call('HSET', KEYS[1], 'last', seq, 'count', 1, 'updated', ARGV[3], 'status
   'owner', '')
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('SPUBLISH', """
+    + _CHANNEL
+    + """'n', seq)
 return 1
 """
+)

@@ -1,0 +1,291 @@
+"""The Redis transport's own behaviour on a real redis-server: the APPEND script's
+contiguity, error classification, the connection layer and live notices."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+import redis.asyncio as aioredis
+from redis import exceptions as rex
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.credentials import UsernamePasswordCredentialProvider
+
+from resumable_stream import (
+    BackendRefused,
+    ConfigurationError,
+    StorageRollback,
+    StreamProducer,
+    TransportError,
+    from_url,
+)
+from resumable_stream.transports import Entry
+from resumable_stream.transports._redis_pipe import fault
+from resumable_stream.transports.redis import DEFAULT_WRITE_RETRY, RedisTransport
+from tests._helpers import collect, eventually, joined, text_of, tokens
+from tests._services import RedisServer
+
+
+@pytest.fixture
+async def transport(redis_url: str) -> AsyncIterator[RedisTransport]:
+    async with RedisTransport.from_url(redis_url, prefix=f"t{uuid.uuid4().hex[:12]}") as made:
+        yield made
+
+
+async def test_append_past_last_plus_one_writes_nothing_and_reports_the_last_seq(
+    transport: RedisTransport,
+) -> None:
+    info = await transport.create("s", owner="o", lease_ms=5000)
+    await transport.append("s", "o", Entry(info.epoch, 1, b"[1]"), 1)
+    await transport.append("s", "o", Entry(info.epoch, 2, b"[2]"), 1)
+    await transport.append("s", "o", Entry(info.epoch, 2, b"[2]"), 1)  # a retry: no-op
+    with pytest.raises(StorageRollback) as caught:
+        await transport.append("s", "o", Entry(info.epoch, 4, b"[4]"), 1)
+    assert (caught.value.stream_id, caught.value.last_seq) == ("s", 2)
+    assert [e.seq for e in await transport.read("s", info.epoch, 0, 10)] == [1, 2]
+    stored = await transport.info("s")
+    assert stored is not None and stored.last_seq == 2
+    await transport.append("s", "o", Entry(info.epoch, 3, b"[3]"), 1)  # re-append the hole
+    assert [e.seq for e in await transport.read("s", info.epoch, 0, 10)] == [1, 2, 3]
+
+
+# -- configuration --------------------------------------------------------------------
+
+
+def test_a_client_it_cannot_use_is_refused_when_the_transport_is_built() -> None:
+    import redis
+
+    sync_client = redis.Redis()
+    with pytest.raises(ConfigurationError, match=r"redis\.asyncio\.Redis or RedisCluster"):
+        RedisTransport(sync_client)  # type: ignore[arg-type]
+    sync_client.close()
+    replica = aioredis.Sentinel([("127.0.0.1", 1)]).slave_for("m")  # type: ignore[no-untyped-call]
+    with pytest.raises(ConfigurationError, match="master_for"):
+        RedisTransport(replica)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "rediss://127.0.0.1:1/0?ssl_cert_reqs=sometimes",  # redis-py's own option check
+        "redis://127.0.0.1:1/0?protocol=4",
+        "redis+cluster://127.0.0.1",  # no port
+        "redis+cluster://127.0.0.1:7000/3",  # a cluster has only db 0
+        "redis+sentinel://127.0.0.1:26379",  # no service name
+        "redis+sentinel://127.0.0.1:26379/m/x",  # db not a number
+        "redis+queue://127.0.0.1:6379",
+    ],
+)
+def test_a_bad_url_raises_configuration_error_not_a_redis_py_error(url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        from_url(url)
+
+
+def test_schemes_build_the_matching_redis_py_client() -> None:
+    cluster = from_url("redis+cluster://127.0.0.1:7000,127.0.0.1:7001?socket_timeout=3")
+    assert isinstance(cluster, RedisTransport) and isinstance(cluster.client, RedisCluster)
+    assert {n.port for n in cluster.client.nodes_manager.startup_nodes.values()} == {7000, 7001}
+    sentinel = from_url("redis+sentinel://u:pw@127.0.0.1:26379,127.0.0.1:26380/mymaster/2")
+    assert isinstance(sentinel, RedisTransport) and isinstance(sentinel.client, aioredis.Redis)
+    pool = sentinel.client.connection_pool
+    assert isinstance(pool, SentinelConnectionPool) and pool.service_name == "mymaster"
+    assert pool.connection_kwargs["db"] == 2 and pool.connection_kwargs["password"] == "pw"
+    assert sentinel.write_retry == DEFAULT_WRITE_RETRY
+
+
+# -- connections go through redis-py -------------------------------------------------
+
+
+async def _client_names(admin: aioredis.Redis) -> list[str]:
+    return [c["name"] for c in await admin.client_list()]
+
+
+async def test_what_the_users_client_configures_is_honoured(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    """ACL user through a credential provider, RESP3, db and client name, as configured."""
+    server = redis_server_factory()
+    admin = aioredis.Redis(port=server.port)
+    await admin.execute_command("ACL", "SETUSER", "streams", "on", ">s3cret", "~*", "&*", "+@all")
+    await admin.execute_command("ACL", "SETUSER", "default", "off")
+    admin_auth = aioredis.Redis(port=server.port, username="streams", password="s3cret")
+    client = aioredis.Redis(
+        port=server.port,
+        db=3,
+        protocol=3,
+        client_name="my-app",
+        credential_provider=UsernamePasswordCredentialProvider("streams", "s3cret"),
+    )
+    async with RedisTransport(client, prefix="p") as transport:
+        run = await StreamProducer(transport).start(tokens(30))
+        assert joined(await collect(transport, run.stream_id)) == text_of(30)
+        clients = await admin_auth.client_list()
+        ours = [c for c in clients if c["name"] == "my-app"]
+        assert len(ours) == 2  # commands and notices
+        assert all(c["user"] == "streams" and c["db"] == "3" and c["resp"] == "3" for c in ours)
+    assert await admin_auth.execute_command("DBSIZE") == 0  # db 0 untouched
+    await admin_auth.select(3)  # type: ignore[attr-defined]
+    for closing in (client, admin, admin_auth):
+        await closing.aclose()
+
+
+async def test_a_wrong_password_is_a_refusal_not_a_transient_fault(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    server = redis_server_factory()
+    admin = aioredis.Redis(port=server.port)
+    await admin.config_set("requirepass", "right")
+    await admin.aclose()
+    async with from_url(f"redis://:wrong@127.0.0.1:{server.port}/0") as transport:
+        with pytest.raises(BackendRefused, match="connection set-up"):
+            await transport.info("any")
+
+
+async def test_cancelled_callers_leave_the_connection_in_step(transport: RedisTransport) -> None:
+    for i in range(40):
+        info = await transport.create(f"s{i}", owner="o", lease_ms=60_000)
+        await transport.append(f"s{i}", "o", Entry(info.epoch, 1, b"[%d]" % i), 1)
+
+    async def read(i: int) -> tuple[int, bytes]:
+        info = await transport.info(f"s{i}")
+        assert info is not None
+        entries = await transport.read(f"s{i}", info.epoch, 0, 10)
+        return i, entries[0].payload
+
+    for _ in range(5):
+        tasks = [asyncio.create_task(read(i)) for i in range(40)]
+        await asyncio.sleep(0)  # one turn: every task has queued its first command
+        for task in tasks[::2]:
+            task.cancel()  # their replies are still owed and must be skipped
+        results = await asyncio.gather(*tasks[1::2])
+        assert results == [(i, b"[%d]" % i) for i in range(1, 40, 2)]
+    assert transport._node_for_slot(0).pipe.connects == 1  # never resynchronised
+
+
+# -- error classification (issue 9) ---------------------------------------------------
+
+
+async def test_a_refusal_is_not_retried_and_is_typed(
+    transport: RedisTransport, redis_url: str
+) -> None:
+    admin = aioredis.Redis.from_url(redis_url)
+    await admin.set(transport._key("typed", "meta"), "a string, not a hash")
+    with pytest.raises(BackendRefused, match="WRONGTYPE"):
+        await transport.info("typed")
+    with pytest.raises(BackendRefused, match="WRONGTYPE"):
+        await transport.create("typed", owner="o", lease_ms=1000)
+    await admin.aclose()
+
+
+@pytest.mark.parametrize(
+    ("error", "refused"),
+    [
+        (rex.OutOfMemoryError("command not allowed", status_code="OOM"), True),
+        (rex.ResponseError("WRONGTYPE Operation against a key"), True),
+        (rex.NoPermissionError("no permissions", status_code="NOPERM"), True),
+        (rex.AuthenticationError("Authentication required.", status_code="NOAUTH"), True),
+        (rex.ResponseError("ERR unknown command"), True),
+        (rex.ReadOnlyError("You can't write against a replica", status_code="READONLY"), False),
+        (rex.BusyLoadingError("Redis is loading", status_code="LOADING"), False),
+        (rex.ResponseError("MASTERDOWN Link with MASTER is down"), False),
+        (
+            rex.TryAgainError("Multiple keys request during rehashing", status_code="TRYAGAIN"),
+            False,
+        ),
+        (rex.ClusterDownError("The cluster is down", status_code="CLUSTERDOWN"), False),
+        (rex.ConnectionError("Connection reset by peer"), False),
+        (rex.TimeoutError("Timeout reading"), False),
+        (ConnectionResetError(104, "reset"), False),
+    ],
+)
+def test_errors_are_classified_as_refused_or_transient(error: Exception, refused: bool) -> None:
+    mapped = fault(error, "the command")
+    assert isinstance(mapped, TransportError)
+    assert isinstance(mapped, BackendRefused) is refused
+    code = getattr(error, "status_code", None)
+    if code:
+        assert str(mapped).startswith(f"Redis {'refused' if refused else 'is not ready for'}")
+        assert code in str(mapped)
+
+
+async def test_a_missing_permission_is_a_refusal(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    server = redis_server_factory()
+    admin = aioredis.Redis(port=server.port)
+    await admin.execute_command(
+        "ACL", "SETUSER", "reader", "on", ">pw", "~*", "&*", "+@read", "+@connection"
+    )
+    async with from_url(f"redis://reader:pw@127.0.0.1:{server.port}/0") as transport:
+        assert await transport.info("nothing") is None  # reading is allowed
+        with pytest.raises(BackendRefused, match="NOPERM"):
+            await transport.create("s", owner="o", lease_ms=1000)
+    await admin.aclose()
+
+
+async def test_readonly_is_transient_and_drops_the_connection(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    """A demoted master answers READONLY: a fault a retry fixes, on a new connection."""
+    primary, demoted = redis_server_factory(), redis_server_factory()
+    admin = aioredis.Redis(port=demoted.port)
+    async with RedisTransport.from_url(demoted.url) as transport:
+        assert await transport.info("s") is None
+        await admin.execute_command("REPLICAOF", "127.0.0.1", primary.port)
+        with pytest.raises(TransportError) as caught:
+            await transport.create("s", owner="o", lease_ms=1000)
+        assert not isinstance(caught.value, BackendRefused)
+        await admin.execute_command("REPLICAOF", "NO", "ONE")
+        await transport.create("s", owner="o", lease_ms=1000)  # the retry works
+        assert transport._node_for_slot(0).pipe.connects == 2  # reconnected after READONLY
+    await admin.aclose()
+
+
+# -- live delivery: notify, then fetch -------------------------------------------------
+
+
+async def test_a_burst_of_notices_is_fetched_with_few_xranges(
+    transport: RedisTransport, redis_url: str
+) -> None:
+    admin = aioredis.Redis.from_url(redis_url)
+    info = await transport.create("burst", owner="o", lease_ms=60_000)
+    subscription = transport.subscribe("burst", info.epoch, 0)
+    channel = transport._key("burst", "n").encode()
+
+    async def subscribed() -> bool:
+        return channel in transport._node_for_slot(0).subscriber.confirmed
+
+    await eventually(subscribed)
+    await admin.config_resetstat()
+    await asyncio.gather(
+        *(transport.append("burst", "o", Entry(info.epoch, seq, b"[]"), 1) for seq in range(1, 201))
+    )
+    received: list[int] = []
+    while len(received) < 200:
+        received += [entry.seq for entry in await subscription.get(5.0)]
+    assert received == list(range(1, 201))
+    stats = await admin.info("commandstats")
+    assert stats["cmdstat_xrange"]["calls"] < 50, stats["cmdstat_xrange"]  # not 200
+    subscription.close()
+    await admin.aclose()
+
+
+async def test_a_deleted_stream_wakes_its_readers_in_another_process(
+    transport: RedisTransport, redis_url: str
+) -> None:
+    async with RedisTransport.from_url(redis_url, prefix=transport.prefix) as other:
+        info = await transport.create("gone", owner="o", lease_ms=60_000)
+        subscription = transport.subscribe("gone", info.epoch, 0)
+        channel = transport._key("gone", "n").encode()
+
+        async def subscribed() -> bool:
+            return channel in transport._node_for_slot(0).subscriber.confirmed
+
+        await eventually(subscribed)
+        waiting = asyncio.create_task(subscription.get(30.0))
+        assert await other.delete("gone")
+        assert await asyncio.wait_for(waiting, timeout=5) == []  # woken, not timed out
+        assert await transport.info("gone") is None
