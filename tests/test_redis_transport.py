@@ -24,6 +24,7 @@ from resumable_stream import (
 )
 from resumable_stream.transports import Entry
 from resumable_stream.transports._redis_pipe import fault
+from resumable_stream.transports._redis_scripts import NOTICE_PAYLOAD_MAX
 from resumable_stream.transports.redis import DEFAULT_WRITE_RETRY, RedisTransport
 from tests._helpers import collect, eventually, joined, text_of, tokens
 from tests._services import RedisServer
@@ -247,8 +248,13 @@ async def test_readonly_is_transient_and_drops_the_connection(
 # -- live delivery: notify, then fetch -------------------------------------------------
 
 
-async def test_a_burst_of_notices_is_fetched_with_few_xranges(
-    transport: RedisTransport, redis_url: str
+@pytest.mark.parametrize(
+    ("size", "most_xranges"),
+    [(100, 0), (NOTICE_PAYLOAD_MAX + 1, 50)],
+    ids=["carried-by-the-notice", "too-large-fetched"],
+)
+async def test_live_entries_come_with_their_notice_or_a_coalesced_fetch(
+    transport: RedisTransport, redis_url: str, size: int, most_xranges: int
 ) -> None:
     admin = aioredis.Redis.from_url(redis_url)
     info = await transport.create("burst", owner="o", lease_ms=60_000)
@@ -260,15 +266,21 @@ async def test_a_burst_of_notices_is_fetched_with_few_xranges(
 
     await eventually(subscribed)
     await admin.config_resetstat()
+    payloads = [b"%d:" % seq + b"x" * (size - len(b"%d:" % seq)) for seq in range(1, 201)]
     await asyncio.gather(
-        *(transport.append("burst", "o", Entry(info.epoch, seq, b"[]"), 1) for seq in range(1, 201))
+        *(
+            transport.append("burst", "o", Entry(info.epoch, seq, payload), 1)
+            for seq, payload in enumerate(payloads, start=1)
+        )
     )
-    received: list[int] = []
+    received: list[Entry] = []
     while len(received) < 200:
-        received += [entry.seq for entry in await subscription.get(5.0)]
-    assert received == list(range(1, 201))
+        received += await subscription.get(5.0)
+    assert [(e.seq, e.payload) for e in received] == list(enumerate(payloads, start=1))
     stats = await admin.info("commandstats")
-    assert stats["cmdstat_xrange"]["calls"] < 50, stats["cmdstat_xrange"]  # not 200
+    # Entries within NOTICE_PAYLOAD_MAX need no read; larger ones are fetched, one
+    # XRANGE per burst of notices rather than one per entry.
+    assert stats.get("cmdstat_xrange", {"calls": 0})["calls"] <= most_xranges, stats
     subscription.close()
     await admin.aclose()
 

@@ -4,14 +4,16 @@ KEYS are always: 1 = metadata hash, 2 = events stream, 3 = lease string.
 Metadata fields: epoch, status, owner, lease_ms, created, updated (ms), last (seq of the
 last entry), count (events in it), cancel ("1" once requested).
 
-Shard channels, in the stream's slot too (``KEYS[1]`` with ``meta`` replaced): ``...:n``
-carries a notice per write (the new last seq; empty when the stream was deleted), read by
-the processes following the stream, which then fetch the entries with ``XRANGE``;
-``...:c`` carries the epoch of a run asked to stop.
+Shard channels, in the stream's slot too (``KEYS[1]`` with ``meta`` replaced by ``n`` or
+``c``): ``...:n`` carries a notice per write to the processes following the stream: the
+entry id ``<epoch>-<seq>``, then a space and the entry itself when it is at most
+NOTICE_PAYLOAD_MAX bytes (larger ones are fetched with ``XRANGE``); an empty notice when
+the stream was deleted. ``...:c`` carries the epoch of a run asked to stop.
 """
 
-# Lua for the stream's shard channel of a kind ('n' or 'c'): '<prefix>:{id}:' .. kind
-_CHANNEL = "string.sub(KEYS[1], 1, -5) .. "
+#: Entries up to this size travel inside their notice (no fetch); larger ones are fetched,
+#: which keeps pub/sub output buffers small.
+NOTICE_PAYLOAD_MAX = 8192
 
 # The epoch is the server's clock in microseconds (never the same for two runs of an id,
 # even one deleted and re-created at once), and always above the previous epoch.
@@ -38,8 +40,7 @@ return epoch
 # ARGV: owner, epoch, seq, payload, count, now_ms, final status or '',
 #       then the transport's constants: max_entries, running_ttl_ms, retention_ms,
 #       metadata_ttl_ms
-APPEND = (
-    """
+APPEND = """
 local m = redis.call('HMGET', KEYS[1], 'owner', 'last', 'status')
 if m[1] ~= ARGV[1] then return -1 end
 local last = tonumber(m[2])
@@ -59,12 +60,11 @@ else
   redis.call('PEXPIRE', KEYS[1], ARGV[11])
   redis.call('DEL', KEYS[3])
 end
-redis.call('SPUBLISH', """
-    + _CHANNEL
-    + """'n', ARGV[3])
+local id = ARGV[2] .. '-' .. ARGV[3]
+if #ARGV[4] <= NOTICE_PAYLOAD_MAX then id = id .. ' ' .. ARGV[4] end
+redis.call('SPUBLISH', NOTICES, id)
 return 1
 """
-)
 
 # ARGV: owner, lease_ms, running_ttl_ms, metadata running_ttl_ms (plus the tombstone)
 RENEW = """
@@ -78,38 +78,27 @@ return 0
 """
 
 # No ARGV.
-CANCEL = (
-    """
+CANCEL = """
 local m = redis.call('HMGET', KEYS[1], 'status', 'epoch')
 if m[1] ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'cancel', '1')
-redis.call('SPUBLISH', """
-    + _CHANNEL
-    + """'c', m[2])
+redis.call('SPUBLISH', CANCELS, m[2])
 return 1
 """
-)
 
 # No ARGV.
-DELETE = (
-    """
+DELETE = """
 local m = redis.call('HMGET', KEYS[1], 'status', 'epoch')
 if m[1] == 'running' then
-  redis.call('SPUBLISH', """
-    + _CHANNEL
-    + """'c', m[2])
+  redis.call('SPUBLISH', CANCELS, m[2])
 end
 local deleted = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-redis.call('SPUBLISH', """
-    + _CHANNEL
-    + """'n', '')
+redis.call('SPUBLISH', NOTICES, '')
 return deleted
 """
-)
 
 # ARGV: epoch, payload, now_ms, max_entries, retention_ms, metadata_ttl_ms
-REAP = (
-    """
+REAP = """
 local m = redis.call('HMGET', KEYS[1], 'status', 'epoch', 'last')
 if m[1] ~= 'running' or m[2] ~= ARGV[1] then return 0 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
@@ -119,9 +108,18 @@ redis.call('HSET', KEYS[1], 'last', seq, 'count', 1, 'updated', ARGV[3], 'status
   'owner', '')
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
-redis.call('SPUBLISH', """
-    + _CHANNEL
-    + """'n', seq)
+redis.call('SPUBLISH', NOTICES, ARGV[1] .. '-' .. seq .. ' ' .. ARGV[2])
 return 1
 """
-)
+
+
+def _channels(script: str) -> str:
+    base = "string.sub(KEYS[1], 1, -5)"  # '<prefix>:{<id>}:' from '<prefix>:{<id>}:meta'
+    return (
+        script.replace("NOTICES", f"{base} .. 'n'")
+        .replace("CANCELS", f"{base} .. 'c'")
+        .replace("NOTICE_PAYLOAD_MAX", str(NOTICE_PAYLOAD_MAX))
+    )
+
+
+APPEND, CANCEL, DELETE, REAP = map(_channels, (APPEND, CANCEL, DELETE, REAP))

@@ -7,10 +7,13 @@ write) and ``...:c`` (cancel requests). Every key has an expiry.
 Connections per process stay constant however many streams are live: two per Redis
 master. Commands of every producer and consumer are pipelined on one connection
 (:class:`~._redis_pipe.Pipe`); live readers and cancel watchers share one sharded pub/sub
-connection (:class:`~._redis_pipe.Subscriber`). Live delivery is notify-then-fetch: the
-append script ``SPUBLISH``es the new last seq on the stream's channel, and a notice makes
-this process fetch the new entries with one non-blocking ``XRANGE`` for all the stream's
-readers here (one in flight per stream; notices arriving meanwhile are coalesced).
+connection (:class:`~._redis_pipe.Subscriber`). Live delivery is by notice: the append
+script ``SPUBLISH``es the entry's id on the stream's channel, with the entry itself when it
+is small (``NOTICE_PAYLOAD_MAX``), and each process hands it to all its readers of the
+stream. A notice without the entry, or one that shows a gap (notices missed while
+reconnecting), makes the process fetch with one non-blocking ``XRANGE`` for all the
+stream's readers here (one in flight per stream; notices arriving meanwhile are coalesced
+into one more).
 """
 
 from __future__ import annotations
@@ -596,19 +599,27 @@ class RedisTransport(Transport):
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         if channel.endswith(b":c"):
-            epoch = int(data) if data.isdigit() else -1
+            cancelled = int(data) if data.isdigit() else -1
             for waiter in self._cancel_waiters.get(channel, ()):
-                if waiter.epoch == epoch:
+                if waiter.epoch == cancelled:
                     waiter.cancelled = True
                     waiter.event.set()
             return
         feed = self._feeds.get(channel)
         if feed is None:
             return
-        if not data:  # deleted: readers find out from the metadata
-            feed.wake()
-        elif int(data) > feed.cursor:
-            self._fetch(feed)
+        entry_id, carried, payload = data.partition(b" ")
+        epoch, _, seq = entry_id.partition(b"-")
+        if not seq or int(epoch) != feed.epoch:
+            feed.wake()  # deleted, or another run: the readers find out from the metadata
+        elif int(seq) == feed.cursor + 1 and carried and not feed.fetching:
+            # The usual case: the next entry, carried by its notice. No fetch.
+            feed.cursor += 1
+            entries = [Entry(feed.epoch, feed.cursor, payload)]
+            for subscription in tuple(feed.subscribers):
+                subscription.push(entries)
+        elif int(seq) > feed.cursor:
+            self._fetch(feed)  # too large to carry, or a gap (a notice missed)
 
     def _fetch(self, feed: _Feed) -> None:
         """Read the feed's new entries (one XRANGE in flight per stream; notices that
