@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -110,9 +110,7 @@ async def test_sigkilled_producer_ends_readers_with_producer_lost(
     consumer = StreamConsumer(transport, "killed")
     seen = [await anext(consumer) for _ in range(5)]
     proc.process.send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
-    rest = [event async for event in consumer]
-    assert time.monotonic() - killed_at < 10.0
+    rest = [event async for event in consumer]  # ends once the lease expired: no hang
     assert rest[-1].type == "error" and rest[-1].data["error"] == "producer_lost"
     # Everything written before the crash is still there, once, in order.
     replay = await collect(transport, "killed")
@@ -299,16 +297,24 @@ async def test_a_server_that_stops_answering_fails_calls_after_socket_timeout() 
 
     async def black_hole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted.append(writer)
-        await reader.read()  # accept and read, never answer
+        await reader.read()  # accept and read, never answer, never close
 
     server = await asyncio.start_server(black_hole, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        async with from_url(f"redis://127.0.0.1:{port}/0?socket_timeout=0.3") as transport:
-            started = time.monotonic()
+        async with (
+            from_url(f"redis://127.0.0.1:{port}/0?socket_timeout=0.3") as short,
+            from_url(f"redis://127.0.0.1:{port}/0") as default,
+        ):
+            # Started together: only a timeout ends a call here, and the short one must end
+            # first (the option is honoured) while a call with the default still waits.
+            waiting = asyncio.create_task(default.info("any"))
             with pytest.raises(TransportError):
-                await transport.info("any")
-            assert time.monotonic() - started < 2.0
+                await short.info("any")
+            assert not waiting.done()
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TransportError):
+                await waiting
     finally:
         for writer in accepted:
             writer.close()
@@ -316,11 +322,13 @@ async def test_a_server_that_stops_answering_fails_calls_after_socket_timeout() 
         await server.wait_closed()
 
 
-async def test_a_cancel_sent_while_the_listener_reconnects_still_lands_within_a_second(
+async def test_a_cancel_sent_while_the_listener_reconnects_still_lands_before_a_heartbeat(
     transport: RedisTransport, admin: aioredis.Redis
 ) -> None:
     gate = asyncio.Event()  # never set: a slow model
-    run = await StreamProducer(transport).start(tokens(10, pause=gate))
+    # A lease so long that its heartbeat (lease / 3) comes after the test's timeout: only the
+    # listener re-checking after it reconnected can deliver the cancel.
+    run = await StreamProducer(transport, lease=3600).start(tokens(10, pause=gate))
     consumer = StreamConsumer(transport, run.stream_id)
     await anext(consumer)  # the run is live and its cancel listener subscribed
 
@@ -329,7 +337,5 @@ async def test_a_cancel_sent_while_the_listener_reconnects_still_lands_within_a_
 
     await eventually(listening)
     await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-    started = time.monotonic()
     assert await StreamProducer(transport).cancel(run.stream_id)  # published to nobody
-    assert await asyncio.wait_for(run.wait(), timeout=5) == "cancelled"
-    assert time.monotonic() - started < 1.0  # not at the next heartbeat (lease / 3)
+    assert await run.wait() == "cancelled"
