@@ -524,6 +524,12 @@ class RedisTransport(Transport):
             if node is not None:
                 await node.aclose()
         if self._owns_client:
+            # Made by from_url: close it, and the Sentinel clients behind its pool.
+            pool = getattr(self.client, "connection_pool", None)
+            manager = getattr(pool, "sentinel_manager", None)
+            for sentinel in getattr(manager, "sentinels", ()):
+                with contextlib.suppress(Exception):
+                    await sentinel.aclose()
             with contextlib.suppress(Exception):
                 await self.client.aclose()
 
