@@ -4,8 +4,9 @@ contiguity, error classification, the connection layer and live notices."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -17,7 +18,9 @@ from redis.credentials import UsernamePasswordCredentialProvider
 from resumable_stream import (
     BackendRefused,
     ConfigurationError,
+    Event,
     StorageRollback,
+    StreamConsumer,
     StreamProducer,
     TransportError,
     from_url,
@@ -27,7 +30,7 @@ from resumable_stream.transports._redis_pipe import fault
 from resumable_stream.transports._redis_scripts import NOTICE_PAYLOAD_MAX
 from resumable_stream.transports.redis import DEFAULT_WRITE_RETRY, RedisTransport
 from tests._helpers import collect, eventually, joined, text_of, tokens
-from tests._services import RedisServer
+from tests._services import RedisClusterService, RedisSentinelService, RedisServer
 
 
 @pytest.fixture
@@ -301,3 +304,153 @@ async def test_a_deleted_stream_wakes_its_readers_in_another_process(
         assert await other.delete("gone")
         assert await asyncio.wait_for(waiting, timeout=5) == []  # woken, not timed out
         assert await transport.info("gone") is None
+
+
+# -- Redis Cluster: routing by slot, redirects, connections per master -----------------
+
+
+def _phased(phases: list[asyncio.Event], per_phase: int) -> AsyncIterator[str]:
+    async def source() -> AsyncIterator[str]:
+        n = 0
+        for phase in phases:
+            await phase.wait()
+            for _ in range(per_phase):
+                yield f"t{n} "
+                n += 1
+
+    return source()
+
+
+async def test_a_slot_migrated_mid_stream_loses_nothing(
+    redis_cluster: RedisClusterService,
+) -> None:
+    """Keys moved while the slot is MIGRATING (writes and reads follow ASK), then the slot
+    given to the target (MOVED; the live subscription moves too): no gap, no duplicate."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    phases = [asyncio.Event() for _ in range(3)]
+    async with (
+        from_url(redis_cluster.url, prefix=prefix) as producing,
+        from_url(redis_cluster.url, prefix=prefix) as reading,
+    ):
+        run = await StreamProducer(producing).start(_phased(phases, 20), stream_id="mig")
+        received: list[Event] = []
+
+        async def read() -> None:
+            async for event in StreamConsumer(reading, "mig"):
+                received.append(event)
+
+        reader = asyncio.create_task(read())
+
+        def has(n: int) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                return joined(received) == text_of(n)
+
+            return check
+
+        slot = redis_cluster.slot_of(f"{prefix}:{{mig}}:meta")
+        source = redis_cluster.owner(slot)
+        target = next(port for port in redis_cluster.master_ports() if port != source)
+        phases[0].set()
+        await eventually(has(20))
+        migration = redis_cluster.migrating_slot(slot, target)
+        assert migration.move_keys() >= 2  # meta and events now on the target: ASK
+        phases[1].set()
+        await eventually(has(40))
+        migration.finish()  # the target owns the slot: MOVED
+        phases[2].set()
+        assert await run.wait() == "completed"
+        await asyncio.wait_for(reader, timeout=30)
+        assert joined(received) == text_of(60)
+        assert received[-1].type == "end"
+        assert await collect(reading, "mig") == received  # storage agrees, once each
+        assert redis_cluster.owner(slot) == target
+        assert producing.redirects["ASK"] > 0 and producing.redirects["MOVED"] > 0
+
+
+async def test_connections_per_master_stay_at_two_whatever_the_streams(
+    redis_cluster: RedisClusterService,
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    name = f"conns-{prefix}"
+    gate = asyncio.Event()
+    url = f"{redis_cluster.url}?client_name={name}"
+    async with from_url(url, prefix=prefix) as transport:
+        assert isinstance(transport, RedisTransport)
+        producer = StreamProducer(transport)
+        runs = [await producer.start(tokens(20, pause=gate)) for _ in range(60)]
+        readers = [asyncio.create_task(collect(transport, r.stream_id)) for r in runs]
+        slots = {redis_cluster.slot_of(f"{prefix}:{{{r.stream_id}}}:meta") for r in runs}
+        assert len({redis_cluster.owner(slot) for slot in slots}) == 3  # every master used
+
+        async def all_reading() -> bool:
+            return len(transport._feeds) == 60 and all(
+                channel in transport._channel_node[channel].subscriber.confirmed
+                for channel in transport._feeds
+            )
+
+        await eventually(all_reading)
+        for port in redis_cluster.master_ports():
+            with contextlib.closing(redis_cluster.node(port).client()) as client:
+                ours = [c for c in client.client_list() if c["name"] == name]
+            # One pipelined command connection, one sharded pub/sub connection.
+            assert len(ours) == 2, (port, ours)
+        gate.set()
+        results = await asyncio.gather(*readers)
+        assert all(joined(events) == text_of(20) for events in results)
+
+
+async def test_a_cancel_reaches_a_run_on_another_master_through_any_node(
+    redis_cluster: RedisClusterService,
+) -> None:
+    """The issue's probe: a cancel sent through a transport seeded with another master."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    ports = redis_cluster.master_ports()
+    gate = asyncio.Event()  # never set: a slow model
+    async with (
+        from_url(f"redis+cluster://127.0.0.1:{ports[0]}", prefix=prefix) as here,
+        from_url(f"redis+cluster://127.0.0.1:{ports[1]}", prefix=prefix) as there,
+    ):
+        runs = [
+            await StreamProducer(here, lease=3600).start(tokens(10, pause=gate)) for _ in range(6)
+        ]
+        for run in runs:
+            await anext(StreamConsumer(here, run.stream_id).__aiter__())  # live
+            assert await StreamProducer(there).cancel(run.stream_id)
+        for run in runs:
+            assert await asyncio.wait_for(run.wait(), timeout=10) == "cancelled"
+
+
+# -- Sentinel ----------------------------------------------------------------------------
+
+
+async def test_after_a_sentinel_failover_the_same_transport_runs_and_reads(
+    redis_sentinel: RedisSentinelService,
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    async with from_url(redis_sentinel.url, prefix=prefix) as transport:
+        before = await StreamProducer(transport).start(tokens(30))
+        assert joined(await collect(transport, before.stream_id)) == text_of(30)
+        old_master = redis_sentinel.master_port()
+        await asyncio.to_thread(redis_sentinel.failover)
+        assert redis_sentinel.master_port() != old_master
+
+        async def works() -> bool:
+            # The old master's connections answer READONLY or are killed by Sentinel; the
+            # transport reconnects to the master Sentinel names now, unconfigured.
+            try:
+                run = await StreamProducer(transport).start(tokens(30))
+                return joined(await collect(transport, run.stream_id)) == text_of(30)
+            except BackendRefused:
+                raise  # never a refusal: a failover is transient
+            except TransportError:
+                return False
+
+        await eventually(works, within=30)
+        assert joined(await collect(transport, before.stream_id)) == text_of(30)  # replicated
+
+
+def test_a_sentinel_client_is_accepted_as_is(redis_sentinel: RedisSentinelService) -> None:
+    sentinel = aioredis.Sentinel(redis_sentinel.sentinel_addresses)  # type: ignore[no-untyped-call]
+    client = sentinel.master_for(redis_sentinel.service)
+    transport = RedisTransport(client)
+    assert transport._single is not None

@@ -19,6 +19,7 @@ into one more).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -216,6 +217,8 @@ class RedisTransport(Transport):
         self._meta_running_ms = int((running_ttl + tombstone) * 1000)
         self._append_tail = (max_entries, self._running_ttl_ms, self._retention_ms)
         self._slots: dict[str, int] = {}
+        #: Error replies met, by code (MOVED, ASK, NOSCRIPT, READONLY...): for tests, metrics.
+        self.redirects: collections.Counter[str] = collections.Counter()
         # Live delivery and cancels: channel -> feed / waiters; channel -> its node.
         self._feeds: dict[bytes, _Feed] = {}
         self._cancel_waiters: dict[bytes, set[_CancelWaiter]] = {}
@@ -270,7 +273,8 @@ class RedisTransport(Transport):
     async def _release_client_connections(self) -> None:
         """Our own cluster client's connections were only for discovering the topology."""
         if self._owns_client and self._cluster is not None:
-            for cluster_node in self._cluster.get_nodes():
+            manager = self._cluster.nodes_manager
+            for cluster_node in (*manager.nodes_cache.values(), *manager.startup_nodes.values()):
                 with contextlib.suppress(Exception):
                     await cluster_node.disconnect_free_connections()
 
@@ -334,6 +338,7 @@ class RedisTransport(Transport):
             if not isinstance(reply, rex.RedisError):
                 return reply
             code = error_code(reply)
+            self.redirects[code] += 1
             if code == "NOSCRIPT" and script is not None:
                 # First use on this node, or the server restarted or flushed its scripts.
                 loaded = await node.pipe.call(script.load)
