@@ -28,7 +28,7 @@ from resumable_stream import (
 from resumable_stream.transports import Entry
 from resumable_stream.transports._redis_pipe import fault
 from resumable_stream.transports._redis_scripts import NOTICE_PAYLOAD_MAX
-from resumable_stream.transports.redis import DEFAULT_WRITE_RETRY, RedisTransport
+from resumable_stream.transports.redis import DEFAULT_WRITE_RETRY_BUDGET, RedisTransport
 from tests._helpers import collect, eventually, joined, text_of, tokens
 from tests._services import RedisClusterService, RedisSentinelService, RedisServer
 
@@ -97,7 +97,7 @@ def test_schemes_build_the_matching_redis_py_client() -> None:
     pool = sentinel.client.connection_pool
     assert isinstance(pool, SentinelConnectionPool) and pool.service_name == "mymaster"
     assert pool.connection_kwargs["db"] == 2 and pool.connection_kwargs["password"] == "pw"
-    assert sentinel.write_retry == DEFAULT_WRITE_RETRY
+    assert sentinel.write_retry_budget == DEFAULT_WRITE_RETRY_BUDGET
 
 
 # -- connections go through redis-py -------------------------------------------------

@@ -66,7 +66,7 @@ logger = logging.getLogger("resumable_stream.redis")
 #: Seconds a producer keeps retrying a write that fails for a transient reason (a
 #: failover in progress). A Sentinel failover takes ``down-after-milliseconds`` plus a
 #: few seconds of election; 30 s covers the usual 5-10 s settings with room to spare.
-DEFAULT_WRITE_RETRY = 30.0
+DEFAULT_WRITE_RETRY_BUDGET = 30.0
 #: Entries one live fetch asks for; a full page is followed by another fetch at once.
 _FETCH_COUNT = 1024
 #: Redirections (MOVED, ASK, NOSCRIPT) one command may follow before failing.
@@ -147,9 +147,9 @@ class RedisTransport(Transport):
     credentials or credential provider, RESP version, db, client name, Sentinel master
     look-up) and leaves the client to you.
 
-    ``write_retry``: seconds a producer keeps retrying a write that fails for a transient
+    ``write_retry_budget``: seconds a producer keeps retrying a write that fails for a transient
     reason (a failover in progress), separate from the lease; see
-    :data:`DEFAULT_WRITE_RETRY`. Producers read it as :attr:`write_retry`.
+    :data:`DEFAULT_WRITE_RETRY_BUDGET`. Producers read it as :attr:`write_retry_budget`.
     """
 
     def __init__(
@@ -161,7 +161,7 @@ class RedisTransport(Transport):
         tombstone: float = DEFAULT_TOMBSTONE,
         running_ttl: float = DEFAULT_RUNNING_TTL,
         max_entries: int = DEFAULT_MAX_ENTRIES,
-        write_retry: float = DEFAULT_WRITE_RETRY,
+        write_retry_budget: float = DEFAULT_WRITE_RETRY_BUDGET,
         owns_client: bool = False,
     ) -> None:
         super().__init__(
@@ -170,11 +170,11 @@ class RedisTransport(Transport):
             running_ttl=running_ttl,
             max_entries=max_entries,
         )
-        if write_retry < 0:
-            raise ConfigurationError("write_retry must be >= 0 seconds")
+        if write_retry_budget < 0:
+            raise ConfigurationError("write_retry_budget must be >= 0 seconds")
         self.client = client
         self.prefix = prefix
-        self.write_retry = write_retry
+        self.write_retry_budget = write_retry_budget
         self._owns_client = owns_client
         self._cluster: RedisCluster | None = None
         self._single: _Node | None = None
