@@ -31,6 +31,7 @@ from resumable_stream.transports._redis_scripts import NOTICE_PAYLOAD_MAX
 from resumable_stream.transports.redis import DEFAULT_WRITE_RETRY_BUDGET, RedisTransport
 from tests._helpers import collect, eventually, joined, text_of, tokens
 from tests._services import RedisClusterService, RedisSentinelService, RedisServer
+from tests.conftest import TlsRedis
 
 
 @pytest.fixture
@@ -134,6 +135,17 @@ async def test_what_the_users_client_configures_is_honoured(
     await admin_auth.select(3)  # type: ignore[attr-defined]
     for closing in (client, admin, admin_auth):
         await closing.aclose()
+
+
+async def test_tls_with_the_test_ca_and_a_refused_certificate(redis_tls: TlsRedis) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    async with from_url(redis_tls.url, prefix=prefix) as transport:
+        run = await StreamProducer(transport).start(tokens(30))
+        assert joined(await collect(transport, run.stream_id)) == text_of(30)  # live, too
+    untrusted = f"rediss://127.0.0.1:{redis_tls.server.port}/0"  # no CA: unknown certificate
+    async with from_url(untrusted, prefix=prefix) as transport:
+        with pytest.raises(TransportError, match="certificate verify failed"):
+            await transport.info("any")
 
 
 async def test_a_wrong_password_is_a_refusal_not_a_transient_fault(
