@@ -409,6 +409,91 @@ async def test_moved_updates_the_slot_map_and_resends(
         assert transport.redirects["MOVED"] == 1
 
 
+async def test_a_cluster_failover_mid_stream_loses_nothing(
+    redis_cluster: RedisClusterService,
+) -> None:
+    """The stream's master hands over to its replica (CLUSTER FAILOVER) while a reader
+    follows it live from another transport: writes follow MOVED (the old master, now a
+    replica, still relays the shard channel) and the reader gets every token once."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    phases = [asyncio.Event() for _ in range(2)]
+    async with (
+        from_url(redis_cluster.url, prefix=prefix) as producing,
+        from_url(redis_cluster.url, prefix=prefix) as reading,
+    ):
+        run = await StreamProducer(producing).start(_phased(phases, 30), stream_id="fo")
+        received: list[Event] = []
+
+        async def read() -> None:
+            async for event in StreamConsumer(reading, "fo"):
+                received.append(event)
+
+        reader = asyncio.create_task(read())
+        phases[0].set()
+
+        async def first_half() -> bool:
+            return joined(received) == text_of(30)
+
+        await eventually(first_half)
+        slot = redis_cluster.slot_of(f"{prefix}:{{fo}}:meta")
+        old = redis_cluster.owner(slot)
+        new = await asyncio.to_thread(redis_cluster.failover, old)
+        assert redis_cluster.owner(slot) == new != old
+        phases[1].set()
+        assert await asyncio.wait_for(run.wait(), timeout=60) == "completed"
+        await asyncio.wait_for(reader, timeout=60)
+        assert joined(received) == text_of(60) and received[-1].type == "end"
+        assert await collect(reading, "fo") == received
+
+
+async def test_a_killed_master_is_replaced_and_its_streams_followed_on_the_new_one(
+    redis_cluster: RedisClusterService,
+) -> None:
+    """The master of a followed stream dies: writes fail as transient faults until its
+    replica takes over, then go to it; the live subscription moves there by itself."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    async with RedisTransport.from_url(redis_cluster.url, prefix=prefix) as transport:
+        info = await transport.create("dead", owner="o", lease_ms=600_000)
+        await transport.append("dead", "o", Entry(info.epoch, 1, b"[1]"), 1)
+        subscription = transport.subscribe("dead", info.epoch, 1)
+        channel = transport._key("dead", "n").encode()
+        slot = redis_cluster.slot_of(f"{prefix}:{{dead}}:meta")
+        old = redis_cluster.owner(slot)
+        replica = redis_cluster.replica_of(old)
+
+        async def followed_on(port: int) -> bool:
+            node = transport._channel_node.get(channel)
+            return (
+                node is not None
+                and node.name.endswith(f":{port}")
+                and channel in node.subscriber.confirmed
+            )
+
+        await eventually(lambda: followed_on(old))
+        with contextlib.closing(redis_cluster.node(old).client()) as client:
+            assert client.execute_command("WAIT", 1, 5000) == 1  # the replica has entry 1
+        redis_cluster.kill(old)
+
+        async def appended() -> bool:
+            try:
+                await transport.append("dead", "o", Entry(info.epoch, 2, b"[2]"), 1)
+            except BackendRefused:
+                raise  # a dead node is never a refusal
+            except TransportError:
+                return False  # what the producer retries within its write-retry budget
+            return True
+
+        await eventually(appended, within=60)
+        assert redis_cluster.owner(slot) == replica
+        await eventually(lambda: followed_on(replica))
+        await transport.append("dead", "o", Entry(info.epoch, 3, b"[3]"), 1)
+        received: list[int] = []
+        while 3 not in received:
+            received += [entry.seq for entry in await subscription.get(10.0)]
+        assert received[-1] == 3 and sorted(set(received)) == [s for s in (2, 3) if s in received]
+        subscription.close()
+
+
 async def test_connections_per_master_stay_at_two_whatever_the_streams(
     redis_cluster: RedisClusterService,
 ) -> None:

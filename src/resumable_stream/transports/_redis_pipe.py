@@ -265,7 +265,7 @@ class Subscriber:
     time Redis confirms a subscription (after a reconnection too: messages published
     meanwhile were lost, so look at the state again); ``on_moved(channel)`` runs when the
     channel's slot is served elsewhere now (Redis Cluster), the channel having been
-    dropped here.
+    dropped here; ``on_fault()`` when the connection failed (the node may be gone).
     """
 
     def __init__(
@@ -276,12 +276,14 @@ class Subscriber:
         on_message: Callable[[bytes, bytes], None],
         on_subscribed: Callable[[bytes], None],
         on_moved: Callable[[bytes], None],
+        on_fault: Callable[[], None],
     ) -> None:
         self._make = make
         self.name = name
         self._on_message = on_message
         self._on_subscribed = on_subscribed
         self._on_moved = on_moved
+        self._on_fault = on_fault
         self.channels: set[bytes] = set()  # wanted
         self.confirmed: set[bytes] = set()
         self._sent: set[bytes] = set()  # SSUBSCRIBE sent on the current connection
@@ -311,6 +313,9 @@ class Subscriber:
 
     async def _run(self) -> None:
         while not self._closed:
+            if not self.channels:
+                self._task = None  # nothing to follow: no connection (add() starts again)
+                return
             connection = self._make()
             self._sent = set()
             try:
@@ -330,6 +335,7 @@ class Subscriber:
                 raise
             except Exception as exc:
                 logger.warning("%s: %s; reconnecting", self.name, exc)
+                self._on_fault()
             finally:
                 self.confirmed.clear()
                 await _discard(connection)

@@ -42,6 +42,7 @@ from .._constants import (
     DEFAULT_TOMBSTONE,
 )
 from .._exceptions import (
+    BackendRefused,
     ConfigurationError,
     LeaseLost,
     StorageRollback,
@@ -69,6 +70,8 @@ logger = logging.getLogger("resumable_stream.redis")
 DEFAULT_WRITE_RETRY_BUDGET = 30.0
 #: Entries one live fetch asks for; a full page is followed by another fetch at once.
 _FETCH_COUNT = 1024
+#: Seconds between attempts to read a cluster's slot map that failed.
+_ROUTE_RETRY = 0.5
 #: Redirections (MOVED, ASK, NOSCRIPT) one command may follow before failing.
 _MAX_REDIRECTS = 5
 _META_FIELDS = ("epoch", "status", "created", "updated", "last", "count", "lease_ms")
@@ -102,6 +105,7 @@ class _Node:
             on_message=transport._on_message,
             on_subscribed=transport._on_subscribed,
             on_moved=transport._on_moved,
+            on_fault=transport._refresh_topology,
         )
 
     async def aclose(self) -> None:
@@ -226,6 +230,7 @@ class RedisTransport(Transport):
         self._unrouted: set[bytes] = set()
         self._router: asyncio.Task[None] | None = None
         self._router_wake = asyncio.Event()
+        self._refresh_wanted = False
 
     # -- construction -----------------------------------------------------------------
 
@@ -331,10 +336,16 @@ class RedisTransport(Transport):
         node = self._node_for_slot(slot)
         asking = False
         for _ in range(_MAX_REDIRECTS):
-            if asking:
-                reply = (await asyncio.gather(*node.pipe.submit(pack("ASKING"), packed)))[1]
-            else:
-                reply = await node.pipe.call(packed)
+            try:
+                if asking:
+                    reply = (await asyncio.gather(*node.pipe.submit(pack("ASKING"), packed)))[1]
+                else:
+                    reply = await node.pipe.call(packed)
+            except TransportError as exc:
+                if not isinstance(exc, BackendRefused):
+                    # A node down: its replica may be taking over (the producer retries).
+                    self._refresh_topology()
+                raise
             if not isinstance(reply, rex.RedisError):
                 return reply
             code = error_code(reply)
@@ -569,35 +580,54 @@ class RedisTransport(Transport):
         if self._router is None and not self._closed:
             self._router = asyncio.create_task(self._route(), name="rstream redis router")
 
+    def _refresh_topology(self) -> None:
+        """A cluster node failed or gave up a slot: ask the cluster for its slot map again,
+        and move the subscriptions whose slot has a new master (in the router task)."""
+        if self._cluster is not None and not self._closed:
+            self._refresh_wanted = True
+            self._start_router()
+
     async def _route(self) -> None:
-        """Subscribe the channels not yet placed, once the cluster topology is known (or
-        known again, after a slot moved)."""
-        refresh = False
+        """Subscribe the channels not yet placed once the cluster topology is known, and
+        re-place subscriptions after the topology changed."""
         while True:
             await self._router_wake.wait()
             self._router_wake.clear()
             try:
                 await self._ensure_ready()
-                if refresh and self._cluster is not None:
+                if self._refresh_wanted and self._cluster is not None:
+                    self._refresh_wanted = False
                     await self._cluster.nodes_manager.initialize()
                     await self._release_client_connections()
+                    self._replace_subscriptions()
             except Exception as exc:
-                logger.warning("cannot place live subscriptions: %s; retrying", exc)
-                await asyncio.sleep(0.5)  # backoff before asking the cluster again
+                logger.warning("cannot read the cluster's slot map: %s; retrying", exc)
+                self._refresh_wanted = self._cluster is not None
+                await asyncio.sleep(_ROUTE_RETRY)  # backoff before asking the cluster again
                 self._router_wake.set()
                 continue
-            refresh = True
             for channel in tuple(self._unrouted):
                 self._unrouted.discard(channel)
                 if channel in self._feeds or channel in self._cancel_waiters:
                     self._follow(channel)
+
+    def _replace_subscriptions(self) -> None:
+        for channel, node in tuple(self._channel_node.items()):
+            try:
+                owner = self._node_for_slot(key_slot(channel))
+            except TransportError:
+                owner = None
+            if owner is not node:
+                del self._channel_node[channel]
+                node.subscriber.remove(channel)
+                self._unrouted.add(channel)
 
     def _on_moved(self, channel: bytes) -> None:
         # Redis Cluster moved the channel's slot away: place it again.
         self._channel_node.pop(channel, None)
         if channel in self._feeds or channel in self._cancel_waiters:
             self._unrouted.add(channel)
-            self._start_router()
+            self._refresh_topology()
 
     def _on_subscribed(self, channel: bytes) -> None:
         # Notices sent before this (re)subscription were missed: look again.
