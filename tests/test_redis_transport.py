@@ -148,6 +148,27 @@ async def test_tls_with_the_test_ca_and_a_refused_certificate(redis_tls: TlsRedi
             await transport.info("any")
 
 
+def test_a_prefix_that_would_move_the_hash_tag_is_refused() -> None:
+    for prefix in ("", "app{1}", "a}b"):
+        with pytest.raises(ConfigurationError, match="prefix"):
+            RedisTransport(aioredis.Redis(), prefix=prefix)
+
+
+async def test_a_cluster_node_behind_a_single_server_url_says_what_to_use(
+    redis_cluster: RedisClusterService,
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    ports = redis_cluster.master_ports()
+    elsewhere = next(
+        f"s{i}"  # a stream whose slot this node does not serve
+        for i in range(100)
+        if redis_cluster.owner(redis_cluster.slot_of(f"{prefix}:{{s{i}}}:meta")) != ports[0]
+    )
+    async with from_url(f"redis://127.0.0.1:{ports[0]}/0", prefix=prefix) as transport:
+        with pytest.raises(BackendRefused, match=r"redis\+cluster://"):
+            await transport.info(elsewhere)
+
+
 async def test_a_wrong_password_is_a_refusal_not_a_transient_fault(
     redis_server_factory: Callable[..., RedisServer],
 ) -> None:

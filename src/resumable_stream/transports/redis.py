@@ -56,6 +56,7 @@ from ._redis_pipe import (
     ConnectionFactory,
     Pipe,
     Subscriber,
+    describe,
     error_code,
     fault,
     pack,
@@ -176,6 +177,9 @@ class RedisTransport(Transport):
         )
         if write_retry_budget < 0:
             raise ConfigurationError("write_retry_budget must be >= 0 seconds")
+        if not prefix or "{" in prefix or "}" in prefix:
+            # Keys are hash-tagged by the stream id: a brace in the prefix would move the tag.
+            raise ConfigurationError(f"invalid key prefix {prefix!r}: non-empty, no braces")
         self.client = client
         self.prefix = prefix
         self.write_retry_budget = write_retry_budget
@@ -356,9 +360,18 @@ class RedisTransport(Transport):
                 if isinstance(loaded, rex.RedisError):
                     raise fault(loaded, "SCRIPT LOAD") from loaded
                 continue
+            if code in ("MOVED", "ASK") and self._cluster is None:
+                raise BackendRefused(
+                    f"this Redis server is part of a Redis Cluster ({describe(reply)}): "
+                    "connect with redis+cluster://HOST:PORT or a RedisCluster client"
+                ) from reply
             if code == "MOVED" and isinstance(reply, rex.AskError) and self._cluster:
                 # The slot has a new owner (a migration finished, or a failover).
-                await self._cluster.nodes_manager.move_slot(reply)
+                try:
+                    await self._cluster.nodes_manager.move_slot(reply)
+                except Exception as exc:
+                    self._refresh_topology()
+                    raise TransportError(f"the Redis Cluster is changing: {exc}") from exc
                 node, asking = self._node_for_slot(slot), False
                 continue
             if code == "ASK" and isinstance(reply, rex.AskError):
