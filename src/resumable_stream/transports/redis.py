@@ -561,11 +561,6 @@ class RedisTransport(Transport):
                     await sentinel.aclose()
             with contextlib.suppress(Exception):
                 await self.client.aclose()
-            # A client made from a redis+sentinel:// URL also holds clients of the Sentinels.
-            pool = getattr(self.client, "connection_pool", None)
-            for sentinel in getattr(getattr(pool, "sentinel_manager", None), "sentinels", ()):
-                with contextlib.suppress(Exception):
-                    await sentinel.aclose()
 
     # -- live notices -----------------------------------------------------------------
 
