@@ -234,6 +234,7 @@ async def test_a_refusal_is_not_retried_and_is_typed(
         ),
         (rex.ClusterDownError("The cluster is down", status_code="CLUSTERDOWN"), False),
         (rex.ConnectionError("Connection reset by peer"), False),
+        (rex.ConnectionError("max number of clients reached", status_code="ERR"), False),
         (rex.TimeoutError("Timeout reading"), False),
         (ConnectionResetError(104, "reset"), False),
     ],

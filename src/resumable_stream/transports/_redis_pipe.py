@@ -78,6 +78,11 @@ def fault(error: BaseException, what: str) -> TransportError:
         return error
     if isinstance(error, rex.AuthenticationError | rex.AuthorizationError):
         return BackendRefused(f"Redis refused {what}: {describe(error)}")
+    if isinstance(error, rex.ConnectionError | rex.TimeoutError):
+        # Also LOADING and "max number of clients reached", which redis-py raises as these.
+        if getattr(error, "status_code", None):
+            return TransportError(f"Redis is not ready for {what}: {describe(error)}")
+        return TransportError(f"Redis connection failed during {what}: {error}")
     if isinstance(error, rex.ResponseError) or (
         isinstance(error, rex.RedisError) and getattr(error, "status_code", None)
     ):
