@@ -4,8 +4,9 @@ contiguity, error classification, the connection layer and live notices."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
@@ -17,7 +18,9 @@ from redis.credentials import UsernamePasswordCredentialProvider
 from resumable_stream import (
     BackendRefused,
     ConfigurationError,
+    Event,
     StorageRollback,
+    StreamConsumer,
     StreamProducer,
     TransportError,
     from_url,
@@ -25,9 +28,10 @@ from resumable_stream import (
 from resumable_stream.transports import Entry
 from resumable_stream.transports._redis_pipe import fault
 from resumable_stream.transports._redis_scripts import NOTICE_PAYLOAD_MAX
-from resumable_stream.transports.redis import DEFAULT_WRITE_RETRY, RedisTransport
+from resumable_stream.transports.redis import DEFAULT_WRITE_RETRY_BUDGET, RedisTransport
 from tests._helpers import collect, eventually, joined, text_of, tokens
-from tests._services import RedisServer
+from tests._services import RedisClusterService, RedisSentinelService, RedisServer
+from tests.conftest import TlsRedis
 
 
 @pytest.fixture
@@ -94,7 +98,7 @@ def test_schemes_build_the_matching_redis_py_client() -> None:
     pool = sentinel.client.connection_pool
     assert isinstance(pool, SentinelConnectionPool) and pool.service_name == "mymaster"
     assert pool.connection_kwargs["db"] == 2 and pool.connection_kwargs["password"] == "pw"
-    assert sentinel.write_retry == DEFAULT_WRITE_RETRY
+    assert sentinel.write_retry_budget == DEFAULT_WRITE_RETRY_BUDGET
 
 
 # -- connections go through redis-py -------------------------------------------------
@@ -131,6 +135,38 @@ async def test_what_the_users_client_configures_is_honoured(
     await admin_auth.select(3)  # type: ignore[attr-defined]
     for closing in (client, admin, admin_auth):
         await closing.aclose()
+
+
+async def test_tls_with_the_test_ca_and_a_refused_certificate(redis_tls: TlsRedis) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    async with from_url(redis_tls.url, prefix=prefix) as transport:
+        run = await StreamProducer(transport).start(tokens(30))
+        assert joined(await collect(transport, run.stream_id)) == text_of(30)  # live, too
+    untrusted = f"rediss://127.0.0.1:{redis_tls.server.port}/0"  # no CA: unknown certificate
+    async with from_url(untrusted, prefix=prefix) as transport:
+        with pytest.raises(TransportError, match="certificate verify failed"):
+            await transport.info("any")
+
+
+def test_a_prefix_that_would_move_the_hash_tag_is_refused() -> None:
+    for prefix in ("", "app{1}", "a}b"):
+        with pytest.raises(ConfigurationError, match="prefix"):
+            RedisTransport(aioredis.Redis(), prefix=prefix)
+
+
+async def test_a_cluster_node_behind_a_single_server_url_says_what_to_use(
+    redis_cluster: RedisClusterService,
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    ports = redis_cluster.master_ports()
+    elsewhere = next(
+        f"s{i}"  # a stream whose slot this node does not serve
+        for i in range(100)
+        if redis_cluster.owner(redis_cluster.slot_of(f"{prefix}:{{s{i}}}:meta")) != ports[0]
+    )
+    async with from_url(f"redis://127.0.0.1:{ports[0]}/0", prefix=prefix) as transport:
+        with pytest.raises(BackendRefused, match=r"redis\+cluster://"):
+            await transport.info(elsewhere)
 
 
 async def test_a_wrong_password_is_a_refusal_not_a_transient_fault(
@@ -198,6 +234,7 @@ async def test_a_refusal_is_not_retried_and_is_typed(
         ),
         (rex.ClusterDownError("The cluster is down", status_code="CLUSTERDOWN"), False),
         (rex.ConnectionError("Connection reset by peer"), False),
+        (rex.ConnectionError("max number of clients reached", status_code="ERR"), False),
         (rex.TimeoutError("Timeout reading"), False),
         (ConnectionResetError(104, "reset"), False),
     ],
@@ -301,3 +338,268 @@ async def test_a_deleted_stream_wakes_its_readers_in_another_process(
         assert await other.delete("gone")
         assert await asyncio.wait_for(waiting, timeout=5) == []  # woken, not timed out
         assert await transport.info("gone") is None
+
+
+# -- Redis Cluster: routing by slot, redirects, connections per master -----------------
+
+
+def _phased(phases: list[asyncio.Event], per_phase: int) -> AsyncIterator[str]:
+    async def source() -> AsyncIterator[str]:
+        n = 0
+        for phase in phases:
+            await phase.wait()
+            for _ in range(per_phase):
+                yield f"t{n} "
+                n += 1
+
+    return source()
+
+
+async def test_a_slot_migrated_mid_stream_loses_nothing(
+    redis_cluster: RedisClusterService,
+) -> None:
+    """Keys moved while the slot is MIGRATING (writes and reads follow ASK), then the slot
+    given to the target (MOVED; the live subscription moves too): no gap, no duplicate."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    phases = [asyncio.Event() for _ in range(3)]
+    async with (
+        from_url(redis_cluster.url, prefix=prefix) as producing,
+        from_url(redis_cluster.url, prefix=prefix) as reading,
+    ):
+        run = await StreamProducer(producing).start(_phased(phases, 20), stream_id="mig")
+        received: list[Event] = []
+
+        async def read() -> None:
+            async for event in StreamConsumer(reading, "mig"):
+                received.append(event)
+
+        reader = asyncio.create_task(read())
+
+        def has(n: int) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                return joined(received) == text_of(n)
+
+            return check
+
+        slot = redis_cluster.slot_of(f"{prefix}:{{mig}}:meta")
+        source = redis_cluster.owner(slot)
+        target = next(port for port in redis_cluster.master_ports() if port != source)
+        phases[0].set()
+        await eventually(has(20))
+        migration = redis_cluster.migrating_slot(slot, target)
+        assert migration.move_keys() >= 2  # meta and events now on the target: ASK
+        phases[1].set()
+        await eventually(has(40))
+        migration.finish()  # the target owns the slot: MOVED
+        channel = reading._key("mig", "n").encode()  # type: ignore[attr-defined]
+
+        async def followed_on_the_target() -> bool:
+            node = reading._channel_node.get(channel)  # type: ignore[attr-defined]
+            return (
+                node is not None
+                and node.name.endswith(f":{target}")
+                and channel in node.subscriber.confirmed
+            )
+
+        await eventually(followed_on_the_target)  # Redis dropped it from the old owner
+        phases[2].set()
+        assert await run.wait() == "completed"
+        await asyncio.wait_for(reader, timeout=30)
+        assert joined(received) == text_of(60)
+        assert received[-1].type == "end"
+        assert await collect(reading, "mig") == received  # storage agrees, once each
+        assert redis_cluster.owner(slot) == target
+        # Followed ASK while migrating; afterwards the slot map came either from a MOVED or
+        # from the refresh that re-placed the run's cancel subscription.
+        assert producing.redirects["ASK"] > 0  # type: ignore[attr-defined]
+
+
+async def test_moved_updates_the_slot_map_and_resends(
+    redis_cluster: RedisClusterService,
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    async with RedisTransport.from_url(redis_cluster.url, prefix=prefix) as transport:
+        info = await transport.create("mv", owner="o", lease_ms=60_000)
+        await transport.append("mv", "o", Entry(info.epoch, 1, b"[1]"), 1)
+        slot = redis_cluster.slot_of(f"{prefix}:{{mv}}:meta")
+        target = next(p for p in redis_cluster.master_ports() if p != redis_cluster.owner(slot))
+        await asyncio.to_thread(redis_cluster.migrate_slot, slot, target)
+        await transport.append("mv", "o", Entry(info.epoch, 2, b"[2]"), 1)
+        assert transport.redirects["MOVED"] == 1  # then the slot map knew the new owner
+        entries = await transport.read("mv", info.epoch, 0, 10)
+        assert [(e.seq, e.payload) for e in entries] == [(1, b"[1]"), (2, b"[2]")]
+        assert transport.redirects["MOVED"] == 1
+
+
+async def test_a_cluster_failover_mid_stream_loses_nothing(
+    redis_cluster: RedisClusterService,
+) -> None:
+    """The stream's master hands over to its replica (CLUSTER FAILOVER) while a reader
+    follows it live from another transport: writes follow MOVED (the old master, now a
+    replica, still relays the shard channel) and the reader gets every token once."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    phases = [asyncio.Event() for _ in range(2)]
+    async with (
+        from_url(redis_cluster.url, prefix=prefix) as producing,
+        from_url(redis_cluster.url, prefix=prefix) as reading,
+    ):
+        run = await StreamProducer(producing).start(_phased(phases, 30), stream_id="fo")
+        received: list[Event] = []
+
+        async def read() -> None:
+            async for event in StreamConsumer(reading, "fo"):
+                received.append(event)
+
+        reader = asyncio.create_task(read())
+        phases[0].set()
+
+        async def first_half() -> bool:
+            return joined(received) == text_of(30)
+
+        await eventually(first_half)
+        slot = redis_cluster.slot_of(f"{prefix}:{{fo}}:meta")
+        old = redis_cluster.owner(slot)
+        new = await asyncio.to_thread(redis_cluster.failover, old)
+        assert redis_cluster.owner(slot) == new != old
+        phases[1].set()
+        assert await asyncio.wait_for(run.wait(), timeout=60) == "completed"
+        await asyncio.wait_for(reader, timeout=60)
+        assert joined(received) == text_of(60) and received[-1].type == "end"
+        assert await collect(reading, "fo") == received
+
+
+async def test_a_killed_master_is_replaced_and_its_streams_followed_on_the_new_one(
+    redis_cluster: RedisClusterService,
+) -> None:
+    """The master of a followed stream dies: writes fail as transient faults until its
+    replica takes over, then go to it; the live subscription moves there by itself."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    async with RedisTransport.from_url(redis_cluster.url, prefix=prefix) as transport:
+        info = await transport.create("dead", owner="o", lease_ms=600_000)
+        await transport.append("dead", "o", Entry(info.epoch, 1, b"[1]"), 1)
+        subscription = transport.subscribe("dead", info.epoch, 1)
+        channel = transport._key("dead", "n").encode()
+        slot = redis_cluster.slot_of(f"{prefix}:{{dead}}:meta")
+        old = redis_cluster.owner(slot)
+        replica = redis_cluster.replica_of(old)
+
+        async def followed_on(port: int) -> bool:
+            node = transport._channel_node.get(channel)
+            return (
+                node is not None
+                and node.name.endswith(f":{port}")
+                and channel in node.subscriber.confirmed
+            )
+
+        await eventually(lambda: followed_on(old))
+        with contextlib.closing(redis_cluster.node(old).client()) as client:
+            assert client.execute_command("WAIT", 1, 5000) == 1  # the replica has entry 1
+        redis_cluster.kill(old)
+
+        async def appended() -> bool:
+            try:
+                await transport.append("dead", "o", Entry(info.epoch, 2, b"[2]"), 1)
+            except BackendRefused:
+                raise  # a dead node is never a refusal
+            except TransportError:
+                return False  # what the producer retries within its write-retry budget
+            return True
+
+        await eventually(appended, within=60)
+        assert redis_cluster.owner(slot) == replica
+        await eventually(lambda: followed_on(replica))
+        await transport.append("dead", "o", Entry(info.epoch, 3, b"[3]"), 1)
+        received: list[int] = []
+        while 3 not in received:
+            received += [entry.seq for entry in await subscription.get(10.0)]
+        assert received[-1] == 3 and sorted(set(received)) == [s for s in (2, 3) if s in received]
+        subscription.close()
+
+
+async def test_connections_per_master_stay_at_two_whatever_the_streams(
+    redis_cluster: RedisClusterService,
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    name = f"conns-{prefix}"
+    gate = asyncio.Event()
+    url = f"{redis_cluster.url}?client_name={name}"
+    async with from_url(url, prefix=prefix) as transport:
+        assert isinstance(transport, RedisTransport)
+        producer = StreamProducer(transport)
+        runs = [await producer.start(tokens(20, pause=gate)) for _ in range(60)]
+        readers = [asyncio.create_task(collect(transport, r.stream_id)) for r in runs]
+        slots = {redis_cluster.slot_of(f"{prefix}:{{{r.stream_id}}}:meta") for r in runs}
+        assert len({redis_cluster.owner(slot) for slot in slots}) == 3  # every master used
+
+        async def all_reading() -> bool:
+            return len(transport._feeds) == 60 and all(
+                channel in transport._channel_node[channel].subscriber.confirmed
+                for channel in transport._feeds
+            )
+
+        await eventually(all_reading)
+        for port in redis_cluster.master_ports():
+            with contextlib.closing(redis_cluster.node(port).client()) as client:
+                ours = [c for c in client.client_list() if c["name"] == name]
+            # One pipelined command connection, one sharded pub/sub connection.
+            assert len(ours) == 2, (port, ours)
+        gate.set()
+        results = await asyncio.gather(*readers)
+        assert all(joined(events) == text_of(20) for events in results)
+
+
+async def test_a_cancel_reaches_a_run_on_another_master_through_any_node(
+    redis_cluster: RedisClusterService,
+) -> None:
+    """The issue's probe: a cancel sent through a transport seeded with another master."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    ports = redis_cluster.master_ports()
+    gate = asyncio.Event()  # never set: a slow model
+    async with (
+        from_url(f"redis+cluster://127.0.0.1:{ports[0]}", prefix=prefix) as here,
+        from_url(f"redis+cluster://127.0.0.1:{ports[1]}", prefix=prefix) as there,
+    ):
+        runs = [
+            await StreamProducer(here, lease=3600).start(tokens(10, pause=gate)) for _ in range(6)
+        ]
+        for run in runs:
+            await anext(StreamConsumer(here, run.stream_id).__aiter__())  # live
+            assert await StreamProducer(there).cancel(run.stream_id)
+        for run in runs:
+            assert await asyncio.wait_for(run.wait(), timeout=10) == "cancelled"
+
+
+# -- Sentinel ----------------------------------------------------------------------------
+
+
+async def test_after_a_sentinel_failover_the_same_transport_runs_and_reads(
+    redis_sentinel: RedisSentinelService,
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    async with from_url(redis_sentinel.url, prefix=prefix) as transport:
+        before = await StreamProducer(transport).start(tokens(30))
+        assert joined(await collect(transport, before.stream_id)) == text_of(30)
+        old_master = redis_sentinel.master_port()
+        await asyncio.to_thread(redis_sentinel.failover)
+        assert redis_sentinel.master_port() != old_master
+
+        async def works() -> bool:
+            # The old master's connections answer READONLY or are killed by Sentinel; the
+            # transport reconnects to the master Sentinel names now, unconfigured.
+            try:
+                run = await StreamProducer(transport).start(tokens(30))
+                return joined(await collect(transport, run.stream_id)) == text_of(30)
+            except BackendRefused:
+                raise  # never a refusal: a failover is transient
+            except TransportError:
+                return False
+
+        await eventually(works, within=30)
+        assert joined(await collect(transport, before.stream_id)) == text_of(30)  # replicated
+
+
+def test_a_sentinel_client_is_accepted_as_is(redis_sentinel: RedisSentinelService) -> None:
+    sentinel = aioredis.Sentinel(redis_sentinel.sentinel_addresses)  # type: ignore[no-untyped-call]
+    client = sentinel.master_for(redis_sentinel.service)
+    transport = RedisTransport(client)
+    assert transport._single is not None

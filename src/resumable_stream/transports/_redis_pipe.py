@@ -8,7 +8,7 @@ its ``connect()``. What redis-py's pool does not give is what makes the transpor
 
 * :class:`Pipe`: one connection shared by every task of the process. Commands are packed
   once (hiredis' packer), everything queued in one event-loop turn goes out in one write
-  (``send_packed_command``), and one reader resolves the replies in order
+  (on the connection's stream writer), and one reader resolves the replies in order
   (``read_response``): any number in flight, no task or timer per command. A caller
   cancelled while waiting leaves the connection in step (its reply is read and dropped).
 * :class:`Subscriber`: one sharded pub/sub connection, ``SSUBSCRIBE`` per channel (Redis
@@ -27,7 +27,7 @@ import collections
 import contextlib
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
@@ -78,6 +78,11 @@ def fault(error: BaseException, what: str) -> TransportError:
         return error
     if isinstance(error, rex.AuthenticationError | rex.AuthorizationError):
         return BackendRefused(f"Redis refused {what}: {describe(error)}")
+    if isinstance(error, rex.ConnectionError | rex.TimeoutError):
+        # Also LOADING and "max number of clients reached", which redis-py raises as these.
+        if getattr(error, "status_code", None):
+            return TransportError(f"Redis is not ready for {what}: {describe(error)}")
+        return TransportError(f"Redis connection failed during {what}: {error}")
     if isinstance(error, rex.ResponseError) or (
         isinstance(error, rex.RedisError) and getattr(error, "status_code", None)
     ):
@@ -99,12 +104,13 @@ async def _discard(connection: AbstractConnection) -> None:
 class _Session:
     """One connection's life: the commands written to it and the replies it owes."""
 
-    __slots__ = ("outgoing", "pending", "task", "writable")
+    __slots__ = ("flushing", "outgoing", "pending", "stream", "task")
 
     def __init__(self) -> None:
         self.pending: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.outgoing: list[bytes] = []
-        self.writable: asyncio.Future[None] | None = None  # the writer waits for data
+        self.stream: asyncio.StreamWriter | None = None  # set once connected
+        self.flushing = False
         self.task: asyncio.Task[None] | None = None
 
     def fail(self, error: TransportError) -> None:
@@ -157,9 +163,9 @@ class Pipe:
         futures = [loop.create_future() for _ in packed]
         session.outgoing.extend(packed)
         session.pending.extend(futures)
-        writable = session.writable
-        if writable is not None and not writable.done():
-            writable.set_result(None)
+        if not session.flushing and session.stream is not None:
+            session.flushing = True
+            loop.call_soon(self._flush, session)
         return futures
 
     async def call(self, packed: bytes) -> Any:
@@ -181,20 +187,9 @@ class Pipe:
             except (rex.RedisError, OSError) as exc:
                 raise fault(exc, "the connection set-up") from exc
             self.connects += 1
-            reader = asyncio.create_task(
-                self._guard(session, self._read(session, connection)),
-                name=f"{self.name} reader",
-            )
-            writer = asyncio.create_task(
-                self._guard(session, self._write(session, connection)),
-                name=f"{self.name} writer",
-            )
-            try:
-                done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                await stop(reader, writer)
-            for task in done:
-                task.result()  # raises the fault that ended it
+            session.stream = connection._writer  # see _flush
+            self._flush(session)  # what was queued while connecting
+            await self._read(session, connection)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -203,27 +198,15 @@ class Pipe:
             self._end(session, error)
             await _discard(connection)
 
-    async def _guard(self, session: _Session, work: Awaitable[None]) -> None:
-        try:
-            await work
-        except Exception as exc:
-            # End the session at once: a command queued from now on must go to a new
-            # connection, not wait on this dying one.
-            self._end(session, fault(exc, "the command"))
-            raise
-
-    async def _write(self, session: _Session, connection: AbstractConnection) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not session.outgoing:
-                session.writable = loop.create_future()
-                await session.writable
-                session.writable = None
+    def _flush(self, session: _Session) -> None:
+        # Everything queued during one event-loop turn goes out in one write. The write is
+        # redis-py's stream writer's, called here without awaiting drain(): a task per
+        # flush (send_packed_command) costs an event-loop turn per round trip. A broken
+        # socket shows up on the reader side.
+        session.flushing = False
+        if session.outgoing and session.stream is not None:
             batch, session.outgoing = session.outgoing, []
-            try:
-                await connection.send_packed_command(batch, check_health=False)
-            except (rex.RedisError, OSError) as exc:
-                raise fault(exc, "a write") from exc
+            session.stream.writelines(batch)
 
     async def _read(self, session: _Session, connection: AbstractConnection) -> None:
         pending = session.pending
@@ -287,7 +270,7 @@ class Subscriber:
     time Redis confirms a subscription (after a reconnection too: messages published
     meanwhile were lost, so look at the state again); ``on_moved(channel)`` runs when the
     channel's slot is served elsewhere now (Redis Cluster), the channel having been
-    dropped here.
+    dropped here; ``on_fault()`` when the connection failed (the node may be gone).
     """
 
     def __init__(
@@ -298,12 +281,14 @@ class Subscriber:
         on_message: Callable[[bytes, bytes], None],
         on_subscribed: Callable[[bytes], None],
         on_moved: Callable[[bytes], None],
+        on_fault: Callable[[], None],
     ) -> None:
         self._make = make
         self.name = name
         self._on_message = on_message
         self._on_subscribed = on_subscribed
         self._on_moved = on_moved
+        self._on_fault = on_fault
         self.channels: set[bytes] = set()  # wanted
         self.confirmed: set[bytes] = set()
         self._sent: set[bytes] = set()  # SSUBSCRIBE sent on the current connection
@@ -333,6 +318,9 @@ class Subscriber:
 
     async def _run(self) -> None:
         while not self._closed:
+            if not self.channels:
+                self._task = None  # nothing to follow: no connection (add() starts again)
+                return
             connection = self._make()
             self._sent = set()
             try:
@@ -352,6 +340,7 @@ class Subscriber:
                 raise
             except Exception as exc:
                 logger.warning("%s: %s; reconnecting", self.name, exc)
+                self._on_fault()
             finally:
                 self.confirmed.clear()
                 await _discard(connection)

@@ -19,6 +19,7 @@ into one more).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -41,6 +42,7 @@ from .._constants import (
     DEFAULT_TOMBSTONE,
 )
 from .._exceptions import (
+    BackendRefused,
     ConfigurationError,
     LeaseLost,
     StorageRollback,
@@ -54,6 +56,7 @@ from ._redis_pipe import (
     ConnectionFactory,
     Pipe,
     Subscriber,
+    describe,
     error_code,
     fault,
     pack,
@@ -65,9 +68,11 @@ logger = logging.getLogger("resumable_stream.redis")
 #: Seconds a producer keeps retrying a write that fails for a transient reason (a
 #: failover in progress). A Sentinel failover takes ``down-after-milliseconds`` plus a
 #: few seconds of election; 30 s covers the usual 5-10 s settings with room to spare.
-DEFAULT_WRITE_RETRY = 30.0
+DEFAULT_WRITE_RETRY_BUDGET = 30.0
 #: Entries one live fetch asks for; a full page is followed by another fetch at once.
 _FETCH_COUNT = 1024
+#: Seconds between attempts to read a cluster's slot map that failed.
+_ROUTE_RETRY = 0.5
 #: Redirections (MOVED, ASK, NOSCRIPT) one command may follow before failing.
 _MAX_REDIRECTS = 5
 _META_FIELDS = ("epoch", "status", "created", "updated", "last", "count", "lease_ms")
@@ -101,6 +106,7 @@ class _Node:
             on_message=transport._on_message,
             on_subscribed=transport._on_subscribed,
             on_moved=transport._on_moved,
+            on_fault=transport._refresh_topology,
         )
 
     async def aclose(self) -> None:
@@ -146,9 +152,9 @@ class RedisTransport(Transport):
     credentials or credential provider, RESP version, db, client name, Sentinel master
     look-up) and leaves the client to you.
 
-    ``write_retry``: seconds a producer keeps retrying a write that fails for a transient
+    ``write_retry_budget``: seconds a producer keeps retrying a write that fails for a transient
     reason (a failover in progress), separate from the lease; see
-    :data:`DEFAULT_WRITE_RETRY`. Producers read it as :attr:`write_retry`.
+    :data:`DEFAULT_WRITE_RETRY_BUDGET`. Producers read it as :attr:`write_retry_budget`.
     """
 
     def __init__(
@@ -160,7 +166,7 @@ class RedisTransport(Transport):
         tombstone: float = DEFAULT_TOMBSTONE,
         running_ttl: float = DEFAULT_RUNNING_TTL,
         max_entries: int = DEFAULT_MAX_ENTRIES,
-        write_retry: float = DEFAULT_WRITE_RETRY,
+        write_retry_budget: float = DEFAULT_WRITE_RETRY_BUDGET,
         owns_client: bool = False,
     ) -> None:
         super().__init__(
@@ -169,11 +175,14 @@ class RedisTransport(Transport):
             running_ttl=running_ttl,
             max_entries=max_entries,
         )
-        if write_retry < 0:
-            raise ConfigurationError("write_retry must be >= 0 seconds")
+        if write_retry_budget < 0:
+            raise ConfigurationError("write_retry_budget must be >= 0 seconds")
+        if not prefix or "{" in prefix or "}" in prefix:
+            # Keys are hash-tagged by the stream id: a brace in the prefix would move the tag.
+            raise ConfigurationError(f"invalid key prefix {prefix!r}: non-empty, no braces")
         self.client = client
         self.prefix = prefix
-        self.write_retry = write_retry
+        self.write_retry_budget = write_retry_budget
         self._owns_client = owns_client
         self._cluster: RedisCluster | None = None
         self._single: _Node | None = None
@@ -216,6 +225,8 @@ class RedisTransport(Transport):
         self._meta_running_ms = int((running_ttl + tombstone) * 1000)
         self._append_tail = (max_entries, self._running_ttl_ms, self._retention_ms)
         self._slots: dict[str, int] = {}
+        #: Error replies met, by code (MOVED, ASK, NOSCRIPT, READONLY...): for tests, metrics.
+        self.redirects: collections.Counter[str] = collections.Counter()
         # Live delivery and cancels: channel -> feed / waiters; channel -> its node.
         self._feeds: dict[bytes, _Feed] = {}
         self._cancel_waiters: dict[bytes, set[_CancelWaiter]] = {}
@@ -223,6 +234,7 @@ class RedisTransport(Transport):
         self._unrouted: set[bytes] = set()
         self._router: asyncio.Task[None] | None = None
         self._router_wake = asyncio.Event()
+        self._refresh_wanted = False
 
     # -- construction -----------------------------------------------------------------
 
@@ -270,7 +282,8 @@ class RedisTransport(Transport):
     async def _release_client_connections(self) -> None:
         """Our own cluster client's connections were only for discovering the topology."""
         if self._owns_client and self._cluster is not None:
-            for cluster_node in self._cluster.get_nodes():
+            manager = self._cluster.nodes_manager
+            for cluster_node in (*manager.nodes_cache.values(), *manager.startup_nodes.values()):
                 with contextlib.suppress(Exception):
                     await cluster_node.disconnect_free_connections()
 
@@ -327,22 +340,38 @@ class RedisTransport(Transport):
         node = self._node_for_slot(slot)
         asking = False
         for _ in range(_MAX_REDIRECTS):
-            if asking:
-                reply = (await asyncio.gather(*node.pipe.submit(pack("ASKING"), packed)))[1]
-            else:
-                reply = await node.pipe.call(packed)
+            try:
+                if asking:
+                    reply = (await asyncio.gather(*node.pipe.submit(pack("ASKING"), packed)))[1]
+                else:
+                    reply = await node.pipe.call(packed)
+            except TransportError as exc:
+                if not isinstance(exc, BackendRefused):
+                    # A node down: its replica may be taking over (the producer retries).
+                    self._refresh_topology()
+                raise
             if not isinstance(reply, rex.RedisError):
                 return reply
             code = error_code(reply)
+            self.redirects[code] += 1
             if code == "NOSCRIPT" and script is not None:
                 # First use on this node, or the server restarted or flushed its scripts.
                 loaded = await node.pipe.call(script.load)
                 if isinstance(loaded, rex.RedisError):
                     raise fault(loaded, "SCRIPT LOAD") from loaded
                 continue
+            if code in ("MOVED", "ASK") and self._cluster is None:
+                raise BackendRefused(
+                    f"this Redis server is part of a Redis Cluster ({describe(reply)}): "
+                    "connect with redis+cluster://HOST:PORT or a RedisCluster client"
+                ) from reply
             if code == "MOVED" and isinstance(reply, rex.AskError) and self._cluster:
                 # The slot has a new owner (a migration finished, or a failover).
-                await self._cluster.nodes_manager.move_slot(reply)
+                try:
+                    await self._cluster.nodes_manager.move_slot(reply)
+                except Exception as exc:
+                    self._refresh_topology()
+                    raise TransportError(f"the Redis Cluster is changing: {exc}") from exc
                 node, asking = self._node_for_slot(slot), False
                 continue
             if code == "ASK" and isinstance(reply, rex.AskError):
@@ -524,13 +553,14 @@ class RedisTransport(Transport):
             if node is not None:
                 await node.aclose()
         if self._owns_client:
-            with contextlib.suppress(Exception):
-                await self.client.aclose()
-            # A client made from a redis+sentinel:// URL also holds clients of the Sentinels.
+            # Made by from_url: close it, and the Sentinel clients behind its pool.
             pool = getattr(self.client, "connection_pool", None)
-            for sentinel in getattr(getattr(pool, "sentinel_manager", None), "sentinels", ()):
+            manager = getattr(pool, "sentinel_manager", None)
+            for sentinel in getattr(manager, "sentinels", ()):
                 with contextlib.suppress(Exception):
                     await sentinel.aclose()
+            with contextlib.suppress(Exception):
+                await self.client.aclose()
 
     # -- live notices -----------------------------------------------------------------
 
@@ -563,35 +593,54 @@ class RedisTransport(Transport):
         if self._router is None and not self._closed:
             self._router = asyncio.create_task(self._route(), name="rstream redis router")
 
+    def _refresh_topology(self) -> None:
+        """A cluster node failed or gave up a slot: ask the cluster for its slot map again,
+        and move the subscriptions whose slot has a new master (in the router task)."""
+        if self._cluster is not None and not self._closed:
+            self._refresh_wanted = True
+            self._start_router()
+
     async def _route(self) -> None:
-        """Subscribe the channels not yet placed, once the cluster topology is known (or
-        known again, after a slot moved)."""
-        refresh = False
+        """Subscribe the channels not yet placed once the cluster topology is known, and
+        re-place subscriptions after the topology changed."""
         while True:
             await self._router_wake.wait()
             self._router_wake.clear()
             try:
                 await self._ensure_ready()
-                if refresh and self._cluster is not None:
+                if self._refresh_wanted and self._cluster is not None:
+                    self._refresh_wanted = False
                     await self._cluster.nodes_manager.initialize()
                     await self._release_client_connections()
+                    self._replace_subscriptions()
             except Exception as exc:
-                logger.warning("cannot place live subscriptions: %s; retrying", exc)
-                await asyncio.sleep(0.5)  # backoff before asking the cluster again
+                logger.warning("cannot read the cluster's slot map: %s; retrying", exc)
+                self._refresh_wanted = self._cluster is not None
+                await asyncio.sleep(_ROUTE_RETRY)  # backoff before asking the cluster again
                 self._router_wake.set()
                 continue
-            refresh = True
             for channel in tuple(self._unrouted):
                 self._unrouted.discard(channel)
                 if channel in self._feeds or channel in self._cancel_waiters:
                     self._follow(channel)
+
+    def _replace_subscriptions(self) -> None:
+        for channel, node in tuple(self._channel_node.items()):
+            try:
+                owner = self._node_for_slot(key_slot(channel))
+            except TransportError:
+                owner = None
+            if owner is not node:
+                del self._channel_node[channel]
+                node.subscriber.remove(channel)
+                self._unrouted.add(channel)
 
     def _on_moved(self, channel: bytes) -> None:
         # Redis Cluster moved the channel's slot away: place it again.
         self._channel_node.pop(channel, None)
         if channel in self._feeds or channel in self._cancel_waiters:
             self._unrouted.add(channel)
-            self._start_router()
+            self._refresh_topology()
 
     def _on_subscribed(self, channel: bytes) -> None:
         # Notices sent before this (re)subscription were missed: look again.
