@@ -1,5 +1,6 @@
-"""How the Redis transport connects: a unix socket, an ACL user. Each is checked from the
-server's side (who is connected, and how), not only by a run that happens to work."""
+"""How the Redis transport connects: TLS with a CA made by the test, a unix socket, an ACL
+user, a redis-py credential provider. Each is checked from the server's side (who may
+connect, and how), not only by a run that happens to work."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
+import redis.asyncio as aioredis
+from redis.credentials import CredentialProvider
 
 from resumable_stream import StreamProducer, Transport, TransportError, from_url
+from resumable_stream.transports.redis import RedisTransport
 from tests._helpers import collect, joined, text_of, tokens
 from tests._services import RedisServer
+from tests.conftest import TlsRedis
 
 
 @pytest.fixture
@@ -78,5 +83,62 @@ async def test_acl_user_with_a_wrong_password_fails_with_a_transport_error(
 ) -> None:
     wrong = locked_server.url.replace(locked_server.password, "wrong")
     async with from_url(wrong, prefix=prefix) as transport:
+        with pytest.raises(TransportError):
+            await StreamProducer(transport).start(tokens(1))
+
+
+class CountingProvider(CredentialProvider):
+    """Hands out credentials (as a vault or an IAM token source would) and counts asks."""
+
+    def __init__(self, username: str, password: str) -> None:
+        self.username, self.password = username, password
+        self.calls = 0
+
+    def get_credentials(self) -> tuple[str, str]:
+        self.calls += 1
+        return self.username, self.password
+
+    async def get_credentials_async(self) -> tuple[str, str]:
+        return self.get_credentials()
+
+
+async def test_credential_provider_on_the_users_client(
+    locked_server: LockedServer, prefix: str
+) -> None:
+    provider = CountingProvider(locked_server.username, locked_server.password)
+    client = aioredis.Redis(
+        host="127.0.0.1", port=locked_server.server.port, credential_provider=provider
+    )
+    try:
+        # Every connection of the transport (commands, live reads, cancels) must log in
+        # through the provider: the default user is off.
+        async with RedisTransport(client, prefix=prefix) as transport:
+            await _round_trip(transport)
+        assert provider.calls >= 1
+    finally:
+        await client.aclose()
+
+
+async def test_a_credential_provider_handing_out_a_wrong_password_fails_calls(
+    locked_server: LockedServer, prefix: str
+) -> None:
+    provider = CountingProvider(locked_server.username, "wrong")
+    client = aioredis.Redis(
+        host="127.0.0.1", port=locked_server.server.port, credential_provider=provider
+    )
+    try:
+        async with RedisTransport(client, prefix=prefix) as transport:
+            with pytest.raises(TransportError):
+                await StreamProducer(transport).start(tokens(1))
+        assert provider.calls >= 1
+    finally:
+        await client.aclose()
+
+
+async def test_tls_with_an_unknown_ca_fails_with_a_transport_error(
+    redis_tls: TlsRedis, prefix: str
+) -> None:
+    url = f"rediss://127.0.0.1:{redis_tls.server.port}/0"  # the system CAs: test CA unknown
+    async with from_url(url, prefix=prefix) as transport:
         with pytest.raises(TransportError):
             await StreamProducer(transport).start(tokens(1))
