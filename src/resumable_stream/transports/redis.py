@@ -101,7 +101,6 @@ class _Node:
 
     def __init__(self, transport: RedisTransport, name: str, make: ConnectionFactory) -> None:
         self.name = name
-        self.make = make
         self.pipe = Pipe(make, timeout=transport._timeout, name=f"commands {name}")
         self.subscriber = Subscriber(
             make,
