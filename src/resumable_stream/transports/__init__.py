@@ -18,22 +18,34 @@ __all__ = [
     "from_url",
 ]
 
-_SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
+_SCHEMES = (
+    "memory://",
+    "redis://",
+    "rediss://",
+    "unix://",
+    "redis+cluster://",
+    "rediss+cluster://",
+    "redis+sentinel://",
+    "rediss+sentinel://",
+)
+_REDIS_SCHEMES = {scheme.removesuffix("://") for scheme in _SCHEMES} - {"memory"}
 
 
 def from_url(url: str, **options: Any) -> Transport:
     """Create a transport from a URL; ``options`` go to the transport's constructor.
 
     ``memory://`` keeps streams in this process; ``redis://``, ``rediss://`` and
-    ``unix://`` use Redis Streams (install the ``redis`` extra). Each call creates a new
-    transport: create one per process and share it.
+    ``unix://`` use Redis Streams on one server, ``redis+cluster://HOST:PORT[,...]`` on a
+    Redis Cluster and ``redis+sentinel://HOST:PORT[,...]/SERVICE[/DB]`` on the master
+    Sentinel names (``rediss+...`` for TLS; install the ``redis`` extra). Each call
+    creates a new transport: create one per process and share it.
     """
     scheme = urlsplit(url).scheme.lower()
     if scheme == "memory":
         from .memory import MemoryTransport
 
         return MemoryTransport(**options)
-    if scheme in ("redis", "rediss", "unix"):
+    if scheme in _REDIS_SCHEMES:
         try:
             from .redis import RedisTransport
         except ImportError as exc:  # pragma: no cover - depends on the environment
