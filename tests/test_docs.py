@@ -40,9 +40,10 @@ def test_quickstart_runs(path: str) -> None:
 def test_custom_transport_example_matches_the_tested_one() -> None:
     page = (ROOT / "docs/custom-transport.md").read_text()
     tested = (ROOT / "tests/test_custom_transport.py").read_text()
-    example = re.search(r"class CountingTransport.*?await super\(\).append\([^)]*\)\n", page, re.S)
+    example = re.search(r"```python\n(from typing import Any.*?)```", page, re.S)
     assert example is not None
-    body = [line.strip() for line in example.group(0).splitlines() if line.strip()]
+    body = [line.strip() for line in example.group(1).splitlines() if line.strip()]
     assert len(body) < 15
     for line in body:
-        assert line in tested, line
+        if not line.startswith(("from ", "import ")):  # the test module imports more names
+            assert line in tested, line
