@@ -25,6 +25,8 @@ redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
 return epoch
 """
 
+# Returns 1 (written), 0 (already stored), -1 (lease lost) or {-2, last} when seq is past
+# last + 1: the storage lost acknowledged entries (StorageRollback).
 # ARGV: owner, epoch, seq, payload, count, now_ms, final status or '',
 #       then the transport's constants: max_entries, running_ttl_ms, retention_ms,
 #       metadata_ttl_ms
@@ -33,6 +35,7 @@ local m = redis.call('HMGET', KEYS[1], 'owner', 'last', 'status')
 if m[1] ~= ARGV[1] then return -1 end
 if tonumber(m[2]) >= tonumber(ARGV[3]) then return 0 end
 if m[3] ~= 'running' then return -1 end
+if tonumber(ARGV[3]) > tonumber(m[2]) + 1 then return {-2, m[2]} end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], ARGV[2] .. '-' .. ARGV[3], 'e', ARGV[4])
 if ARGV[7] == '' then
   redis.call('HSET', KEYS[1], 'last', ARGV[3], 'count', ARGV[5], 'updated', ARGV[6])

@@ -33,6 +33,7 @@ from .._constants import (
 from .._exceptions import (
     ConfigurationError,
     LeaseLost,
+    StorageRollback,
     StreamAlreadyRunning,
     TransportClosed,
     TransportError,
@@ -414,6 +415,8 @@ class RedisTransport(Transport):
         )
         if result == -1:
             raise LeaseLost(stream_id)
+        if isinstance(result, list):  # {-2, last}: entries acknowledged earlier are gone
+            raise StorageRollback(stream_id, int(result[1]))
 
     async def renew(self, stream_id: str, owner: str, lease_ms: int) -> bool:
         result = await self._eval(
