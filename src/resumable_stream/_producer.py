@@ -75,8 +75,9 @@ class Run:
     ) -> None:
         self.stream_id = stream_id
         self.epoch = epoch
-        #: Final status once the run ended: "completed", "error" or "cancelled".
-        self.status: Status | None = None
+        #: "running", then the final status once the terminal event is written:
+        #: "completed", "error" or "cancelled" (still "running" if the run failed to write it).
+        self.status: Status = "running"
         self._producer = producer
         self._transport = producer.transport
         self._owner = owner
@@ -103,7 +104,7 @@ class Run:
         self._task = asyncio.create_task(self._main(), name=f"rstream run {stream_id}")
 
     def __repr__(self) -> str:
-        return f"<Run stream_id={self.stream_id!r} status={self.status or 'running'}>"
+        return f"<Run stream_id={self.stream_id!r} status={self.status}>"
 
     def done(self) -> bool:
         """True once the terminal event is written (or the run failed to write it)."""
@@ -116,7 +117,7 @@ class Run:
         its terminal event. Cancelling ``wait()`` does not cancel the run.
         """
         await asyncio.shield(self._task)
-        if self.status is not None:
+        if self.status != "running":
             return self.status
         raise self._failure or TransportError(f"run {self.stream_id!r} ended without a status")
 
@@ -162,7 +163,7 @@ class Run:
                 self._tasks += self._helpers
         except asyncio.CancelledError:
             shutting_down = True  # the run's task itself was cancelled (shutdown)
-        if self.status is None:
+        if self.status == "running":
             await self._salvage(shutting_down)
         if shutting_down:
             raise asyncio.CancelledError
@@ -201,7 +202,7 @@ class Run:
                 entry, count, final = self._inflight
                 await self._append(entry, count, final)
                 self._written(entry, count, final)
-            while self.status is None:
+            while self.status == "running":
                 await self._flush_once()
         except Exception as exc:
             self._failure = exc
@@ -273,7 +274,7 @@ class Run:
         written_at = -COALESCE_GAP
         # One turn of the loop for the source: what it yields at once goes in the first entry.
         await asyncio.sleep(0)
-        while self.status is None:
+        while self.status == "running":
             if not self._buffer and self._terminal is None:
                 self._wake.clear()
                 await self._wake.wait()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict, Unpack, cast
 from urllib.parse import urlsplit
 
 from .._exceptions import ConfigurationError
@@ -11,18 +11,38 @@ from ._base import Entry, QueueSubscription, Status, StreamInfo, Subscription, T
 __all__ = [
     "Entry",
     "QueueSubscription",
+    "RedisOptions",
     "Status",
     "StreamInfo",
     "Subscription",
     "Transport",
+    "TransportOptions",
     "from_url",
 ]
 
 _SCHEMES = ("memory://", "redis://", "rediss://", "unix://")
 
 
-def from_url(url: str, **options: Any) -> Transport:
+class TransportOptions(TypedDict, total=False):
+    """Settings every transport takes (see :class:`Transport`)."""
+
+    retention: float
+    tombstone: float
+    running_ttl: float
+    max_entries: int
+
+
+class RedisOptions(TransportOptions, total=False):
+    """Settings of the Redis transports: those of every transport, and ``prefix`` (of keys)."""
+
+    prefix: str
+
+
+def from_url(url: str, **options: Unpack[RedisOptions]) -> Transport:
     """Create a transport from a URL; ``options`` go to the transport's constructor.
+
+    ``options`` are typed (:class:`RedisOptions`, :class:`TransportOptions` for
+    ``memory://``), so a type checker catches a misspelt or mistyped one.
 
     ``memory://`` keeps streams in this process; ``redis://``, ``rediss://`` and
     ``unix://`` use Redis Streams (install the ``redis`` extra). Each call creates a new
@@ -32,7 +52,9 @@ def from_url(url: str, **options: Any) -> Transport:
     if scheme == "memory":
         from .memory import MemoryTransport
 
-        return MemoryTransport(**options)
+        if "prefix" in options:
+            raise ConfigurationError("prefix= is an option of the Redis transports, not memory://")
+        return MemoryTransport(**cast(TransportOptions, options))
     if scheme in ("redis", "rediss", "unix"):
         try:
             from .redis import RedisTransport
