@@ -11,6 +11,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable
 from types import TracebackType
 from typing import Any, Literal, Self
 
+from . import telemetry
 from ._codec import Encoded, EventEncoder, join_entry
 from ._constants import (
     COALESCE_DELAY,
@@ -309,6 +310,7 @@ class Run:
                     return
                 raise
             except TransportError as exc:
+                telemetry.transport_error("renew")
                 logger.warning("run %s: heartbeat failed: %s", self.stream_id, exc)
                 continue
             if cancel:
@@ -318,6 +320,7 @@ class Run:
         try:
             await self._transport.wait_cancel(self.stream_id, self.epoch)
         except TransportError as exc:
+            telemetry.transport_error("wait_cancel")
             logger.warning(
                 "run %s: cancel watch failed (heartbeat still checks): %s", self.stream_id, exc
             )
@@ -381,15 +384,19 @@ class Run:
         """Append ``entry``, retrying transient faults within the write-retry budget."""
         give_up = time.monotonic() + self._producer.write_retry_budget
         delay = 0.02
+        began = telemetry.clock()
         while True:
             try:
                 await self._transport.append(self.stream_id, self._owner, entry, count, final)
+                telemetry.appended(count, began)
                 return
             except StorageRollback as exc:
                 await self._rewrite_lost(exc.last_seq, entry.seq)
             except BackendRefused:
+                telemetry.transport_error("append")
                 raise  # a retry will not fix it (out of memory, no permission...)
             except TransportError:
+                telemetry.transport_error("append")
                 # A write whose reply was lost is retried with the same seq; the transport
                 # makes that idempotent.
                 if time.monotonic() + delay > give_up:
@@ -537,7 +544,9 @@ class StreamProducer:
         stream_id = new_stream_id() if stream_id is None else check_stream_id(stream_id)
         owner = secrets.token_hex(16)
         info = await self.transport.create(stream_id, owner, self.lease_ms)
-        run = Run(self, stream_id, info.epoch, owner, source)
+        with telemetry.run_span(stream_id, info.epoch) as span:  # the run's tasks inherit it
+            run = Run(self, stream_id, info.epoch, owner, source)
+        telemetry.run_started(run, span)
         self._runs[stream_id] = run
         run._task.add_done_callback(lambda _: self._forget(run))
         return run

@@ -22,6 +22,7 @@ from typing import Any, Self
 import redis.asyncio as aioredis
 from redis import exceptions as rex
 
+from .. import telemetry
 from .._constants import (
     DEFAULT_MAX_ENTRIES,
     DEFAULT_REDIS_PREFIX,
@@ -168,6 +169,7 @@ class _Reader:
                 reply = await self._connection.send(self._command())
             except TransportError as exc:
                 logger.warning("stream reader: %s; reconnecting", exc)
+                telemetry.reconnecting("reader")
                 await asyncio.sleep(_RECONNECT_DELAY)  # backoff before reconnecting
                 continue
             for key, entries in reply or ():
@@ -260,6 +262,7 @@ class _CancelListener:
                         event.set()
             except (rex.RedisError, OSError) as exc:
                 logger.warning("cancel listener: %s; reconnecting", exc)
+                telemetry.reconnecting("cancel_listener")
                 await asyncio.sleep(_RECONNECT_DELAY)  # backoff before reconnecting
             finally:
                 with contextlib.suppress(Exception):
