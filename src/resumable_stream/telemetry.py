@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = ["configure"]
 
 _SCOPE = "resumable_stream"
+_APPEND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 try:
     from opentelemetry import metrics as _otel_metrics
@@ -71,7 +72,11 @@ class _Instruments:
             "resumable_stream.entries.appended", "{entry}", "Entries (batches) written"
         )
         self.append_duration = meter.create_histogram(
-            "resumable_stream.append.duration", "s", "Time of one append, retries included"
+            "resumable_stream.append.duration",
+            "s",
+            "Time of one append, retries included",
+            # Appends take about a millisecond; the SDK's default buckets are for milliseconds.
+            explicit_bucket_boundaries_advisory=_APPEND_BUCKETS,
         )
         self.consumers_live = meter.create_up_down_counter(
             "resumable_stream.consumers.live", "{consumer}", "Consumers following a stream live"

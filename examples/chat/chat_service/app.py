@@ -39,6 +39,7 @@ from resumable_stream.starlette import StreamResponse, error_response, resume_af
 
 from .auth import SessionMiddleware, current_user
 from .events import ChatEvents, Mapper, to_ndjson, to_sse
+from .metrics import metrics_router
 from .models import available_models
 from .runs import NothingToRetry, Submitted, ThreadBusy
 from .runtime import Runtime, open_runtime
@@ -245,6 +246,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
 
     _routes(app, settings)
+    app.include_router(metrics_router())  # GET /metrics (Prometheus)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
