@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -230,18 +228,3 @@ async def test_a_custom_transport_is_used_for_every_write() -> None:
     assert joined(await collect(transport, run.stream_id)) == text_of(500)
     stored = transport.store.runs[run.stream_id]
     assert 1 <= stored.last_seq < 500  # events are coalesced into few entries
-
-
-def test_the_kit_without_pytest_names_the_extra_to_install() -> None:
-    code = (
-        "import sys\n"
-        "sys.modules['pytest'] = None  # as if pytest were not installed\n"
-        "import resumable_stream\n"
-        "try:\n"
-        "    import resumable_stream.testing\n"
-        "except ImportError as exc:\n"
-        "    print(exc)\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
-    assert "pip install 'resumable-llm-stream[testing]'" in result.stdout
