@@ -76,15 +76,14 @@ def recorded() -> Iterator[Recorded]:
 async def test_a_run_and_its_readers_are_counted(transport: Transport, recorded: Recorded) -> None:
     gate = asyncio.Event()
     run = await StreamProducer(transport).start(tokens(300, pause=gate))
-    live = StreamConsumer(transport, run.stream_id)
-    first = await anext(live)
+    reading = asyncio.create_task(collect(transport, run.stream_id))
 
-    async def following_live() -> bool:
+    async def following_live() -> bool:  # the reader caught up and waits for the rest
         return recorded.value("resumable_stream.consumers.live") == 1
 
     await eventually(following_live)
     gate.set()
-    events = [first, *[event async for event in live]]
+    events = await reading
     assert await run.wait() == "completed"
     info = await transport.info(run.stream_id)
     assert info is not None
