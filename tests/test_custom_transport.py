@@ -226,5 +226,6 @@ async def test_a_custom_transport_is_used_for_every_write() -> None:
     transport = DictTransport(Store())
     run = await StreamProducer(transport).start(tokens(500))
     assert joined(await collect(transport, run.stream_id)) == text_of(500)
+    assert await run.wait() == "completed"
     stored = transport.store.runs[run.stream_id]
     assert 1 <= stored.last_seq < 500  # events are coalesced into few entries
