@@ -194,3 +194,14 @@ async def test_a_quiet_stream_is_checked_once_per_process_not_once_per_reader() 
     # One check per half lease for the whole process (about 3 before the lease lapsed),
     # where each reader used to run its own.
     assert transport.reaps < readers // 4
+
+
+class Unhashable(MemoryTransport):
+    __hash__ = None  # type: ignore[assignment]  # e.g. a dataclass transport with eq=True
+
+
+async def test_checks_of_a_quiet_stream_work_with_an_unhashable_transport() -> None:
+    transport = Unhashable()
+    await transport.create("quiet", owner="gone", lease_ms=200)
+    events = await collect(transport, "quiet")
+    assert [e.data["error"] for e in events] == ["producer_lost"]

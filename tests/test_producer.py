@@ -6,10 +6,12 @@ import asyncio
 import gc
 
 import pytest
+from langchain_core.messages import AIMessageChunk
 
 from resumable_stream import (
     BackendRefused,
     LeaseLost,
+    StorageRollback,
     StreamConsumer,
     StreamProducer,
     Transport,
@@ -85,7 +87,7 @@ async def test_consumers_dropped_or_broken_release_their_subscription() -> None:
     assert len(stream.subscribers) == 1
     # Regression (issue 9): dropped without aclose(), it is reported, not silently cleaned up
     # from the garbage collector; its subscription is closed on the event loop.
-    with pytest.warns(ResourceWarning, match="was not closed"):  # noqa: PT031
+    with pytest.warns(ResourceWarning, match="dropped while following"):  # noqa: PT031
         del consumer
         gc.collect()
 
@@ -281,3 +283,34 @@ async def test_a_cancelled_run_task_still_writes_its_terminal_event() -> None:
         await run.wait()
     rest = [event async for event in reader]
     assert [(e.type, e.data) for e in rest] == [("cancelled", {"reason": "shutdown"})]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "lone surrogate \ud800",  # UTF-8 cannot hold it
+        "x" * 5000,  # larger than max_event_bytes
+        {"event": "on_chat_model_stream", "data": {"chunk": AIMessageChunk("\ud800", id="m")}},
+    ],
+)
+async def test_a_token_that_cannot_be_stored_ends_the_run_after_the_good_ones(bad: object) -> None:
+    async def source():
+        yield "kept "
+        yield {"event": "on_chat_model_stream", "data": {"chunk": AIMessageChunk("too", id="m")}}
+        yield bad
+        yield "never stored"
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport, max_event_bytes=4096).start(source())
+    assert await run.wait() == "error"
+    events = await collect(transport, run.stream_id)
+    assert joined(events) == "kept too"
+    assert [e.type for e in events] == ["token", "token", "error"]
+
+
+async def test_a_transport_misreporting_a_rollback_fails_the_run_instead_of_looping() -> None:
+    # StorageRollback claiming the storage already holds the entry: a contract breach.
+    transport = Faulty("append", StorageRollback("s", last_seq=7), times=1000)
+    run = await StreamProducer(transport).start(endless(["a"]))
+    with pytest.raises(StorageRollback):
+        await asyncio.wait_for(run.wait(), timeout=10)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NoReturn
 
 import orjson
 
@@ -33,6 +33,7 @@ from ._exceptions import EventTooLarge, InvalidOffset
 _DUMPS_OPTIONS = orjson.OPT_NON_STR_KEYS
 _TOKEN_KEYS = frozenset({"text", "message_id", "node"})
 _NO_META = (None, None)
+_NO_META_SIZE = len(b'{"message_id":null,"node":null}')
 # Widths of an offset's fields: string order is stream order while epochs stay below 10**16
 # (microsecond clocks until the year 2286), entries below 10**10 and events per entry below
 # 10**5 (MAX_ENTRY_EVENTS_LIMIT).
@@ -83,74 +84,109 @@ def _dumps(obj: Any) -> bytes:
     return orjson.dumps(obj, default=_default, option=_DUMPS_OPTIONS)
 
 
-class Encoded(NamedTuple):
-    """One event encoded for storage, as :meth:`EventEncoder.encode` returns it.
-
-    For a token that may be written bare, ``body`` is the JSON of its text and ``meta`` its
-    ``(message_id, node)`` with ``meta_json`` their JSON; otherwise ``body`` is the JSON of
-    the ``[type, data]`` pair and ``meta`` is None.
-    """
-
-    body: bytes
-    meta: tuple[Any, Any] | None
-    meta_json: bytes
-
-    @property
-    def size(self) -> int:
-        return len(self.body) + len(self.meta_json)
+#: One event checked and prepared for storage, as :class:`EventEncoder` returns it: a token
+#: without ``message_id``/``node`` (most of a plain-text stream) as its text; another token
+#: as ``(text, (message_id, node))``; any other event as the JSON of its ``[type, data]``
+#: pair (bytes). Tokens are checked (valid text, metadata JSON can hold,
+#: size) but written by :func:`join_entry` with one ``orjson.dumps`` per entry: the hot path.
+Encoded = str | tuple[str, tuple[Any, Any]] | bytes
 
 
 class EventEncoder:
-    """Encodes events one at a time, checking each against ``max_event_bytes``."""
+    """Checks and encodes events one at a time, each against ``max_event_bytes``.
+
+    What it returns can always be written: an event that cannot be stored raises here,
+    when it arrives, not when its entry is written.
+    """
 
     def __init__(self, max_event_bytes: int) -> None:
         self.max_event_bytes = max_event_bytes
-        self._meta: tuple[Any, Any] = _NO_META
-        self._meta_json = b'"message_id":null,"node":null}'
+        #: ``(message_id, node)`` of the last token with metadata, checked.
+        self.meta: tuple[Any, Any] = _NO_META
+        self._meta_size = _NO_META_SIZE
+        #: Texts of tokens with ``meta`` (resp. without metadata) up to this many
+        #: characters fit in max_event_bytes whatever they hold (6 bytes per escaped char).
+        self.text_limit = self._text_limit(_NO_META_SIZE)
+        self.plain_text_limit = self.text_limit
+
+    def _text_limit(self, meta_size: int) -> int:
+        return max((self.max_event_bytes - meta_size - 2) // 6, 0)
 
     def encode(self, kind: str, data: dict[str, Any]) -> Encoded:
-        """Encode one event; raise :class:`EventTooLarge` if it is too large.
+        """Check and encode one event; raise :class:`EventTooLarge` if it is too large.
 
-        An event JSON cannot hold (an integer beyond 64 bits...) raises ``TypeError``.
+        An event JSON cannot hold (an integer beyond 64 bits, a lone surrogate...) raises
+        ``TypeError``.
         """
         if kind == TOKEN and type(data.get("text")) is str and data.keys() == _TOKEN_KEYS:
             return self.token(data["text"], data["message_id"], data["node"])
-        return self._checked(kind, Encoded(_dumps((kind, data)), None, b""))
+        body = _dumps((kind, data))
+        if len(body) > self.max_event_bytes:
+            self.too_large(kind, len(body))
+        return body
 
     def token(self, text: str, message_id: Any, node: Any) -> Encoded:
-        """Encode a ``token`` event with string text (the hot path)."""
+        """Check a ``token`` event with string text."""
+        if message_id is None and node is None:
+            self.check_text(text, _NO_META_SIZE, self.plain_text_limit)
+            return text
         meta = (message_id, node)
-        if meta != self._meta:
-            # The JSON object of a token without its text, from its second key on:
-            # join_entry() writes '{"text":<text>,' before it.
-            self._meta_json = _dumps({"message_id": message_id, "node": node})[1:]
-            self._meta = meta
-        encoded = Encoded(orjson.dumps(text), meta, self._meta_json)
-        if len(encoded.body) + len(encoded.meta_json) > self.max_event_bytes:
-            return self._checked(TOKEN, encoded)
-        return encoded
+        if meta != self.meta:
+            # Raises here if the metadata cannot be JSON; join_entry() converts it the same.
+            self._meta_size = len(_dumps({"message_id": message_id, "node": node}))
+            self.text_limit = self._text_limit(self._meta_size)
+            self.meta = meta
+        self.check_text(text, self._meta_size, self.text_limit)
+        return (text, meta)
 
-    def _checked(self, kind: str, encoded: Encoded) -> Encoded:
-        if encoded.size > self.max_event_bytes:
-            raise EventTooLarge(
-                f"a {kind!r} event of {encoded.size} bytes is larger than the limit of "
-                f"{self.max_event_bytes} bytes (max_event_bytes)"
-            )
-        return encoded
+    def check_text(self, text: str, meta_size: int, limit: int) -> None:
+        """Raise if a token's ``text`` cannot be stored (the cheap checks first)."""
+        if len(text) > limit:
+            size = len(orjson.dumps(text)) + meta_size
+            if size > self.max_event_bytes:
+                self.too_large(TOKEN, size)
+        elif not text.isascii():
+            orjson.dumps(text)  # raises for a lone surrogate, which UTF-8 cannot hold
+
+    def too_large(self, kind: str, size: int) -> NoReturn:
+        raise EventTooLarge(
+            f"a {kind!r} event of {size} bytes is larger than the limit of "
+            f"{self.max_event_bytes} bytes (max_event_bytes)"
+        )
+
+
+def size_of(event: Encoded) -> int:
+    """About the bytes ``event`` adds to an entry (token metadata not counted)."""
+    if isinstance(event, str):
+        return len(event) + 3
+    if isinstance(event, tuple):
+        return len(event[0]) + 3
+    return len(event) + 1
 
 
 def join_entry(events: Sequence[Encoded]) -> bytes:
     """The payload of an entry holding ``events``, in order."""
-    parts: list[bytes] = []
-    last: tuple[Any, Any] = _NO_META  # the decoder starts from null message_id/node
+    out: list[Any] = []
+    append = out.append
+    bare = True  # the decoder starts from null message_id/node
+    last: tuple[Any, Any] | None = None
     for event in events:
-        meta = event.meta
-        if meta is None or meta == last:
-            parts.append(event.body)
+        if isinstance(event, str):  # a token without message_id/node
+            if bare:
+                append(event)
+            else:
+                bare, last = True, None
+                append((TOKEN, {"text": event, "message_id": None, "node": None}))
+        elif isinstance(event, tuple):
+            text, meta = event
+            if not bare and meta == last:
+                append(text)
+            else:
+                bare, last = False, meta
+                append((TOKEN, {"text": text, "message_id": meta[0], "node": meta[1]}))
         else:
-            last = meta
-            parts.append(b'["token",{"text":' + event.body + b"," + event.meta_json + b"]")
-    return b"[" + b",".join(parts) + b"]"
+            append(orjson.Fragment(event))
+    return _dumps(out)
 
 
 def encode_entry(items: Sequence[Item]) -> bytes:

@@ -49,9 +49,20 @@ class _Check:
 # Quiet-stream checks (reap, then info) by transport and (stream id, epoch): one per stream
 # per process and interval, however many readers follow it (issue 9: 1,000 readers of a
 # quiet stream cost ~800 Redis commands/s).
-_CHECKS: weakref.WeakKeyDictionary[Transport, dict[tuple[str, int], _Check]] = (
-    weakref.WeakKeyDictionary()
-)
+# Keyed by id(): a transport need not be hashable; the entry goes with the transport.
+_CHECKS: dict[int, dict[tuple[str, int], _Check]] = {}
+
+
+def _checks_of(transport: Transport) -> dict[tuple[str, int], _Check]:
+    checks = _CHECKS.get(id(transport))
+    if checks is None:
+        checks = {}
+        try:
+            weakref.finalize(transport, _CHECKS.pop, id(transport), None)
+        except TypeError:  # no weak references (__slots__): checks are not shared
+            return checks
+        _CHECKS[id(transport)] = checks
+    return checks
 
 
 class StreamConsumer:
@@ -68,8 +79,9 @@ class StreamConsumer:
     every few hundred events, so a long replay neither holds a whole stream in memory nor
     starves the other tasks.
 
-    Breaking out of the loop or cancelling the task releases everything at once; call
-    :meth:`aclose` (or use ``async with``) to release without finishing the loop.
+    The terminal event, an error or cancelling the task releases everything at once. To
+    stop earlier (``break``), use ``async with`` or call :meth:`aclose`: a consumer dropped
+    while still following a stream is reported with a ``ResourceWarning``.
     """
 
     def __init__(
@@ -169,8 +181,8 @@ class StreamConsumer:
         # Dropped mid-stream without aclose(): say so, and close on the loop's own thread
         # (the garbage collector may run anywhere, and transports are not thread-safe).
         warnings.warn(
-            f"StreamConsumer of {self.stream_id!r} was not closed: break out of the loop, "
-            "call aclose() or use 'async with'",
+            f"StreamConsumer of {self.stream_id!r} was dropped while following the stream: "
+            "use 'async with' or call aclose() when leaving the loop early",
             ResourceWarning,
             stacklevel=2,
         )
@@ -220,12 +232,32 @@ class StreamConsumer:
                 self.stream_id, self.after, "the stream was restarted since (another run)"
             )
         elif self._seq + 1 > info.last_seq:
+            if await self._ends_rewritten(info):
+                self._expired(
+                    f"the storage ends at entry {info.last_seq}, before this offset: it was "
+                    "rolled back (lost events it had acknowledged)"
+                )
             raise InvalidOffset(
                 f"offset {self.after!r} is past the end of stream {self.stream_id!r}"
             )
         self._info = info
         telemetry.consumer_started(resumed=self.after is not None)
         return info
+
+    async def _ends_rewritten(self, info: StreamInfo) -> bool:
+        """True if the stream ended with an error written past what the storage kept:
+        offsets beyond its end were then real, and are lost rather than malformed."""
+        if info.status != "error" or info.last_seq < 1:
+            return False
+        last = await self.transport.read(self.stream_id, info.epoch, info.last_seq - 1, 1)
+        if not last:
+            return False
+        first = next(iter_entry(last[0].payload, last[0].epoch, last[0].seq), None)
+        return (
+            first is not None
+            and first.type == ERROR
+            and first.data.get("error") in _REWRITTEN_ERRORS
+        )
 
     async def _fill(self) -> None:
         """Queue at least one entry, or mark the stream finished."""
@@ -297,9 +329,7 @@ class StreamConsumer:
     async def _check_quiet(self, info: StreamInfo) -> StreamInfo:
         """Reap the run if its producer is gone, then refresh the info: shared by every
         reader of this stream in the process, at most once per half lease."""
-        checks = _CHECKS.get(self.transport)
-        if checks is None:
-            checks = _CHECKS[self.transport] = {}
+        checks = _checks_of(self.transport)
         key = (self.stream_id, self._epoch)
         loop = asyncio.get_running_loop()
         interval = max(info.lease_ms / 2000, 0.05)

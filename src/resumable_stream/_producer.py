@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
+import itertools
 import logging
 import secrets
 import time
@@ -12,7 +14,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 from . import telemetry
-from ._codec import Encoded, EventEncoder, join_entry
+from ._codec import Encoded, EventEncoder, join_entry, size_of
 from ._constants import (
     COALESCE_DELAY,
     COALESCE_EVENTS,
@@ -33,7 +35,7 @@ from ._events import (
     ERROR,
     TERMINAL_TYPES,
     Item,
-    chat_model_token,
+    chat_model_text,
     error_data,
     normalize,
 )
@@ -45,6 +47,7 @@ from ._exceptions import (
     TransportError,
 )
 from ._ids import check_stream_id, new_stream_id
+from ._sources import EventsFunction, mapped
 from .transports._base import Entry, Status, Transport
 
 logger = logging.getLogger("resumable_stream")
@@ -86,6 +89,7 @@ class Run:
         self._encoder = EventEncoder(producer.max_event_bytes)
         self._seq = 0
         self._buffer: list[Encoded] = []
+        self._sizes: list[int] = []  # size_of() each event of _buffer
         self._terminal: Item | None = None
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
@@ -114,8 +118,10 @@ class Run:
     async def wait(self) -> Status:
         """Wait for the run to end and return its final status.
 
-        Raises :class:`LeaseLost` or :class:`TransportError` if the run could not write
-        its terminal event. Cancelling ``wait()`` does not cancel the run.
+        Raises what kept the run from writing its terminal event: :class:`LeaseLost` (it
+        was fenced), :class:`BackendRefused`, or a :class:`TransportError` that outlasted
+        the write-retry budget; readers then report ``producer_lost``. Cancelling
+        ``wait()`` does not cancel the run.
         """
         await asyncio.shield(self._task)
         if self.status != "running":
@@ -214,6 +220,7 @@ class Run:
         full = self._coalesce_events
         source = self._source
         buffer = self._buffer
+        sizes = self._sizes
         encoder = self._encoder
         terminal: Item | None = (END, {})
         try:
@@ -223,20 +230,34 @@ class Run:
                 buffered = len(buffer)
                 # Each event is encoded as it arrives: one that cannot be stored ends the
                 # run after the good events before it (issue 9).
-                if type(item) is str:  # hot path: plain token text
+                if type(item) is str:  # hot path: plain token text (encoder.token() inlined)
                     if item:
-                        buffer.append(encoder.token(item, None, None))
+                        if len(item) > encoder.plain_text_limit or not item.isascii():
+                            encoder.token(item, None, None)  # the full checks
+                        buffer.append(item)
+                        sizes.append(len(item) + 3)
                 elif type(item) is dict and item.get("event") == "on_chat_model_stream":
                     # Hot path: most astream_events items; skips normalize()'s shape checks.
-                    token = chat_model_token(item)
-                    if token is not None:
-                        buffer.append(encoder.encode(*token))
+                    parts = chat_model_text(item)
+                    if parts is not None:
+                        text = parts[0]
+                        if (
+                            parts[1:] == encoder.meta
+                            and len(text) <= encoder.text_limit
+                            and text.isascii()
+                        ):  # same message and node as the last token: nothing to check
+                            buffer.append((text, encoder.meta))
+                        else:
+                            buffer.append(encoder.token(*parts))
+                        sizes.append(len(text) + 3)
                 else:
                     for kind, data in normalize(item):
                         if kind in TERMINAL_TYPES:
                             terminal = (kind, data)
                             return
-                        buffer.append(encoder.encode(kind, data))
+                        encoded = encoder.encode(kind, data)
+                        buffer.append(encoded)
+                        sizes.append(size_of(encoded))
                 # The flusher needs waking for the first event of a batch and for a full one.
                 if buffered == 0 or len(buffer) >= full:
                     self._wake.set()
@@ -333,16 +354,14 @@ class Run:
         """Write one entry: the next events of the buffer, and the terminal event after
         the last of them."""
         producer = self._producer
-        buffer = self._buffer
-        taken, size = 0, 0
-        limit = min(len(buffer), producer.max_entry_events)
-        while taken < limit:
-            size += buffer[taken].size
-            if taken and size > producer.max_entry_bytes:
-                break
-            taken += 1
+        buffer, sizes = self._buffer, self._sizes
+        # The most events that fit: at most max_entry_events, and past the first, no more
+        # than max_entry_bytes in all (prefix sums and bisect: no Python loop per event).
+        totals = list(itertools.accumulate(sizes[: producer.max_entry_events]))
+        taken = max(bisect.bisect_right(totals, producer.max_entry_bytes), min(len(buffer), 1))
         events = buffer[:taken]
         del buffer[:taken]
+        del sizes[:taken]
         final: Status | None = None
         terminal = self._terminal
         if not buffer and terminal is not None and taken < producer.max_entry_events:
@@ -391,6 +410,8 @@ class Run:
                 telemetry.appended(count, began)
                 return
             except StorageRollback as exc:
+                if exc.last_seq + 1 >= entry.seq:
+                    raise  # not a rollback: a transport breaking the contract
                 await self._rewrite_lost(exc.last_seq, entry.seq)
             except BackendRefused:
                 telemetry.transport_error("append")
@@ -433,6 +454,7 @@ class Run:
         self._window_bytes = 0
         self._inflight = None
         self._buffer.clear()
+        self._sizes.clear()
         self._request_cancel("stopped")  # stop reading the source
         self._terminal = (ERROR, rollback_error(last_seq))
         raise _RolledBack
@@ -528,19 +550,32 @@ class StreamProducer:
         """The runs of this producer that have not ended, by stream id."""
         return dict(self._runs)
 
-    async def start(self, source: AsyncIterable[Any], *, stream_id: str | None = None) -> Run:
+    async def start(
+        self,
+        source: AsyncIterable[Any],
+        *,
+        stream_id: str | None = None,
+        events: EventsFunction | None = None,
+    ) -> Run:
         """Start reading ``source`` into a stream in the background; return its :class:`Run`.
 
         ``source`` is a LangGraph ``astream_events(..., version="v2")`` or ``astream(...)``
         iterator, or any async iterable of ``str`` tokens, events or dicts. Without
         ``stream_id`` an unguessable id is generated. Raises :class:`StreamAlreadyRunning`
         if a live producer holds ``stream_id``.
+
+        ``events(item)`` replaces the normalization into the event vocabulary: it returns
+        the ``(type, data)`` pairs to store for each item (``data`` a JSON-safe dict), so
+        that a protocol can keep what the vocabulary drops (as
+        ``resumable_stream.langgraph_api`` keeps LangGraph's stream parts whole).
         """
         if not isinstance(source, AsyncIterable):
             raise TypeError(
                 f"source must be an async iterable (e.g. graph.astream_events(...)), "
                 f"not {type(source).__name__}"
             )
+        if events is not None:
+            source = mapped(source, events)
         stream_id = new_stream_id() if stream_id is None else check_stream_id(stream_id)
         owner = secrets.token_hex(16)
         info = await self.transport.create(stream_id, owner, self.lease_ms)

@@ -412,17 +412,22 @@ class TransportContract:
         self, transport: Transport
     ) -> None:
         gate = asyncio.Event()  # never set: the reader waits live
-        run = await StreamProducer(transport).start(tokens(10, pause=gate))
+        # A long lease: a reader polls a quiet stream every half lease (30 s here), so only
+        # aclose() waking it ends the wait within the bound below.
+        run = await StreamProducer(transport, lease=60).start(tokens(10, pause=gate))
         consumer = StreamConsumer(transport, run.stream_id)
+        # Everything written before the pause; then nothing more comes.
+        first = [await anext(consumer) for _ in range(5)]
         reading = asyncio.create_task(collect_from(consumer))
 
-        async def waiting_live() -> bool:
-            return consumer._subscription is not None
+        async def waiting_live() -> bool:  # blocked in get(), when the transport tells
+            subscription = consumer._subscription
+            return subscription is not None and getattr(subscription, "_waiter", 1) is not None
 
         await eventually(waiting_live)
         await consumer.aclose()
-        events = await asyncio.wait_for(reading, timeout=1)  # regression: blocked for ever
-        assert len(events) == 5
+        rest = await asyncio.wait_for(reading, timeout=10)  # regression: blocked for ever
+        assert [e.type for e in first] == ["token"] * 5 and rest == []
         await run.cancel()
 
     async def test_a_stream_deleted_and_recreated_at_once_gets_a_new_epoch(

@@ -41,6 +41,7 @@ from .auth import SessionMiddleware, current_user
 from .events import ChatEvents, Mapper, to_ndjson, to_sse
 from .metrics import metrics_router
 from .models import available_models
+from .protocols import add_client_protocols
 from .runs import NothingToRetry, Submitted, ThreadBusy
 from .runtime import Runtime, open_runtime
 from .settings import Settings
@@ -243,9 +244,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_credentials=not wildcard,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            # The LangGraph SDKs rejoin a run through these (protocols.py).
+            expose_headers=["Content-Location", "Location"],
         )
 
     _routes(app, settings)
+    add_client_protocols(app)  # /api/chat (AI SDK) and /langgraph (LangGraph SDK)
     app.include_router(metrics_router())  # GET /metrics (Prometheus)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
