@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from resumable_stream import (
@@ -229,3 +233,30 @@ async def test_a_custom_transport_is_used_for_every_write() -> None:
     assert await run.wait() == "completed"
     stored = transport.store.runs[run.stream_id]
     assert 1 <= stored.last_seq < 500  # events are coalesced into few entries
+
+
+def test_the_kit_runs_in_a_project_of_its_own(tmp_path: Path) -> None:
+    # A user's project: pytest-asyncio in its default strict mode, none of this repository's
+    # configuration or fixtures.
+    (tmp_path / "pytest.ini").write_text(
+        "[pytest]\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    (tmp_path / "test_theirs.py").write_text(
+        "from typing import Any\n"
+        "from resumable_stream import Transport\n"
+        "from resumable_stream.testing import TransportContract\n"
+        "from resumable_stream.transports.memory import MemoryTransport\n"
+        "class TestTheirs(TransportContract):\n"
+        "    shared_storage = False\n"
+        "    def make_transport(self, namespace: str, **options: Any) -> Transport:\n"
+        "        return MemoryTransport(**options)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert re.search(r"\b3\d passed\b", result.stdout), result.stdout[-500:]
