@@ -28,11 +28,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import quote
 
 import pytest
 import uvicorn
 
 if TYPE_CHECKING:
+    import redis
     from playwright.async_api import Browser as AsyncBrowser
     from playwright.async_api import Playwright as AsyncPlaywright
     from playwright.sync_api import Browser, Playwright
@@ -183,48 +185,235 @@ def _signal(process: subprocess.Popen[bytes], sig: signal.Signals, *, group: boo
 # --- redis-server ----------------------------------------------------------------------------
 
 
+def _redis_executable() -> str:
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise ServiceUnavailable("redis-server is not installed (apt-get install redis-server)")
+    return executable
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA made by the test session, and a server and a client certificate it signed (PEM)."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    """Write a throwaway CA and two certificates it signed into `directory`.
+
+    The server certificate is valid for 127.0.0.1 and localhost; the client one is for mutual
+    TLS. Keys are P-256: quick to make, accepted by redis-server's OpenSSL and by Python's ssl.
+    """
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(common_name: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+    def write(path: Path, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> Path:
+        path.with_suffix(".key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        path.with_suffix(".key").chmod(0o600)
+        path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return path
+
+    def builder(subject: str, issuer: x509.Name, public_key: Any) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = name("resumable_stream test CA")
+    ca_cert = (
+        builder("resumable_stream test CA", ca_name, ca_key.public_key())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    authority = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+
+    def leaf(subject: str, usage: x509.ObjectIdentifier, san: list[x509.GeneralName]) -> Any:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            builder(subject, ca_name, key.public_key())
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(san), critical=False)
+            .add_extension(authority, critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        return key, cert
+
+    server = leaf(
+        "127.0.0.1",
+        ExtendedKeyUsageOID.SERVER_AUTH,
+        [x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")), x509.DNSName("localhost")],
+    )
+    client = leaf("resumable_stream test client", ExtendedKeyUsageOID.CLIENT_AUTH, [])
+    ca_path = directory / "ca.crt"
+    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    server_cert = write(directory / "server.crt", *server)
+    client_cert = write(directory / "client.crt", *client)
+    return TlsFiles(
+        ca_cert=ca_path,
+        server_cert=server_cert,
+        server_key=server_cert.with_suffix(".key"),
+        client_cert=client_cert,
+        client_key=client_cert.with_suffix(".key"),
+    )
+
+
 @dataclass
 class RedisServer:
     """A redis-server child process on 127.0.0.1 with no persistence.
 
     `kill()` simulates a crash; `restart()` starts a fresh server on the same port, so clients
     configured with `url` can reconnect. Data does not survive a restart unless `extra_args`
-    turn persistence on.
+    turn persistence on. With `tls`, the port speaks TLS only (`url` is `rediss://...`); with
+    `unix_socket`, the server also listens on `socket_path` (`unix_url`); with `cluster`, it is
+    a Redis Cluster node (its bus on `bus_port`, its state in `directory`/nodes.conf).
     """
 
     directory: Path
     port: int = 0
     extra_args: Sequence[str] = ()
+    tls: TlsFiles | None = None
+    unix_socket: bool = False
+    cluster: bool = False
+    cluster_node_timeout_ms: int = 3000
+    bus_port: int = 0
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            return f"rediss://127.0.0.1:{self.port}/0?ssl_ca_certs={quote(str(self.tls.ca_cert))}"
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.directory / "redis.sock"
+
+    @property
+    def unix_url(self) -> str:
+        if not self.unix_socket:
+            raise ValueError("this server was started without unix_socket=True")
+        return f"unix://{self.socket_path}?db=0"
 
     @property
     def log(self) -> Path:
         return self.directory / "redis.log"
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def client(self, **options: Any) -> redis.Redis:
+        """A synchronous redis-py client of this server (decoding replies to str)."""
+        import redis
+
+        options.setdefault("socket_connect_timeout", 2)
+        options.setdefault("socket_timeout", 10)
+        options.setdefault("decode_responses", True)
+        if self.tls is not None:
+            options.update(ssl=True, ssl_ca_certs=str(self.tls.ca_cert))
+        return redis.Redis(host="127.0.0.1", port=self.port, **options)
+
+    def _command(self, executable: str) -> list[str]:
+        directives = {
+            "port": str(self.port),
+            "bind": "127.0.0.1",
+            "save": "",
+            "appendonly": "no",
+            "dir": str(self.directory),
+            "daemonize": "no",
+            # Replicas sync at once, not after the default 5 s wait for more replicas.
+            "repl-diskless-sync-delay": "0",
+        }
+        if self.tls is not None:
+            directives |= {
+                "port": "0",
+                "tls-port": str(self.port),
+                "tls-cert-file": str(self.tls.server_cert),
+                "tls-key-file": str(self.tls.server_key),
+                "tls-ca-cert-file": str(self.tls.ca_cert),
+                # Clients may present a certificate (then it must be signed by the CA).
+                "tls-auth-clients": "optional",
+            }
+        if self.unix_socket:
+            directives |= {"unixsocket": str(self.socket_path), "unixsocketperm": "700"}
+        if self.cluster:
+            directives |= {
+                "cluster-enabled": "yes",
+                "cluster-config-file": "nodes.conf",
+                # Set explicitly: the default (port + 10000) may be taken or past 65535.
+                "cluster-port": str(self.bus_port),
+                "cluster-node-timeout": str(self.cluster_node_timeout_ms),
+                # A replica may always take over, however long its master was gone.
+                "cluster-replica-validity-factor": "0",
+            }
+        args = [arg for key, value in directives.items() for arg in (f"--{key}", value)]
+        return [executable, *args, *self.extra_args]
+
+    def _pings(self) -> bool:
+        import redis
+
+        client = self.client(socket_connect_timeout=0.5, socket_timeout=2)
+        try:
+            return bool(client.ping())
+        except redis.exceptions.RedisError:
+            return False
+        finally:
+            client.close()
+
     def start(self) -> RedisServer:
-        executable = shutil.which("redis-server")
-        if executable is None:
-            raise ServiceUnavailable("redis-server is not installed (apt-get install redis-server)")
+        executable = _redis_executable()
         keep_port = self.port != 0
         for _attempt in range(3):
-            port = self.port if keep_port else free_port()
-            directives = {
-                "port": str(port),
-                "bind": "127.0.0.1",
-                "save": "",
-                "appendonly": "no",
-                "dir": str(self.directory),
-                "daemonize": "no",
-            }
-            args = [arg for key, value in directives.items() for arg in (f"--{key}", value)]
+            if not keep_port:
+                self.port = free_port()
+                self.bus_port = free_port() if self.cluster else 0
             log_start = self.log.stat().st_size if self.log.exists() else 0
             with self.log.open("ab") as log:
                 process = subprocess.Popen(
-                    dies_with_us([executable, *args, *self.extra_args]),
+                    dies_with_us(self._command(executable)),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -233,8 +422,8 @@ class RedisServer:
                 )
             try:
                 wait_until_ready(
-                    functools.partial(_redis_pings, port),
-                    what=f"redis-server on port {port}",
+                    self._pings,
+                    what=f"{Path(executable).name} on port {self.port}",
                     process=process,
                     log=self.log,
                 )
@@ -244,18 +433,32 @@ class RedisServer:
                 if not keep_port and "Address already in use" in _read_from(self.log, log_start):
                     continue
                 raise
-            self.port, self.process = port, process
+            self.process = process
             return self
         raise ServiceUnavailable(f"redis-server found no free port{_log_tail(self.log)}")
 
     def kill(self) -> None:
         """SIGKILL the server, as a crash would."""
         if self.process is not None:
+            self.resume()  # a stopped process dies on SIGKILL too, but say so explicitly
             self.process.kill()
             self.process.wait()
 
+    def pause(self) -> None:
+        """SIGSTOP the server: it keeps its sockets open and answers nothing, like a hung host."""
+        if self.running:
+            assert self.process is not None
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT a paused server (harmless on a running one)."""
+        if self.running:
+            assert self.process is not None
+            self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.process is not None:
+            self.resume()
             _stop_process(self.process)
 
     def restart(self) -> None:
@@ -263,20 +466,732 @@ class RedisServer:
         self.start()
 
 
-def _redis_pings(port: int) -> bool:
+def start_redis_server(
+    directory: Path,
+    *,
+    extra_args: Sequence[str] = (),
+    tls: TlsFiles | None = None,
+    unix_socket: bool = False,
+) -> RedisServer:
+    return RedisServer(
+        directory=directory, extra_args=extra_args, tls=tls, unix_socket=unix_socket
+    ).start()
+
+
+def _info(server: RedisServer, section: str) -> dict[str, str]:
+    """`INFO section` with every value as a string; empty if the server does not answer."""
     import redis
 
-    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+    client = server.client(socket_connect_timeout=0.5, socket_timeout=2)
     try:
-        return bool(client.ping())
+        return {key: str(value) for key, value in client.info(section).items()}
     except redis.exceptions.RedisError:
-        return False
+        return {}
     finally:
         client.close()
 
 
-def start_redis_server(directory: Path, *, extra_args: Sequence[str] = ()) -> RedisServer:
-    return RedisServer(directory=directory, extra_args=extra_args).start()
+def _wait_for(condition: Callable[[], bool], *, what: str, timeout: float) -> None:
+    """Poll a condition of external processes (a cluster, sentinels) until it holds."""
+    try:
+        wait_until_ready(condition, what=what, timeout=timeout)
+    except ServiceUnavailable as exc:
+        # Raised mid-test (after a failover, a migration): a failure, not a missing service.
+        raise AssertionError(str(exc)) from None
+
+
+# --- Redis Cluster -----------------------------------------------------------------------------
+
+CLUSTER_SLOTS = 16384
+
+
+@dataclass(frozen=True)
+class ClusterNodeView:
+    """One line of `CLUSTER NODES`, as one node sees another."""
+
+    node_id: str
+    port: int
+    flags: frozenset[str]
+    master_id: str | None
+    slots: tuple[tuple[int, int], ...]
+
+    @property
+    def is_master(self) -> bool:
+        return "master" in self.flags
+
+    @property
+    def failing(self) -> bool:
+        return bool(self.flags & {"fail", "fail?", "handshake", "noaddr"})
+
+
+def _parse_cluster_nodes(text: str) -> list[ClusterNodeView]:
+    views = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        address = fields[1].split("@", 1)[0]
+        slots = []
+        for item in fields[8:]:
+            if item.startswith("["):  # a slot being imported or migrated
+                continue
+            first, _, last = item.partition("-")
+            slots.append((int(first), int(last or first)))
+        views.append(
+            ClusterNodeView(
+                node_id=fields[0],
+                port=int(address.rsplit(":", 1)[1]),
+                flags=frozenset(fields[2].split(",")),
+                master_id=None if fields[3] == "-" else fields[3],
+                slots=tuple(slots),
+            )
+        )
+    return views
+
+
+@dataclass
+class SlotMigration:
+    """A slot half-way between two masters: keys still on the source answer there, the rest
+    get `ASK` redirections to the target. Made by `RedisClusterService.migrating_slot`."""
+
+    cluster: RedisClusterService
+    slot: int
+    source: RedisServer
+    target: RedisServer
+    source_id: str
+    target_id: str
+
+    def move_keys(self) -> int:
+        """MIGRATE every key now in the slot from the source to the target; returns how many."""
+        moved = 0
+        client = self.source.client()
+        try:
+            while True:
+                keys = client.execute_command("CLUSTER", "GETKEYSINSLOT", self.slot, 100)
+                if not keys:
+                    return moved
+                client.execute_command(
+                    "MIGRATE", "127.0.0.1", self.target.port, "", 0, 10_000, "KEYS", *keys
+                )
+                moved += len(keys)
+        finally:
+            client.close()
+
+    def finish(self) -> None:
+        """Move the keys left, then give the slot to the target on every master."""
+        self.move_keys()
+        # The target first, then the source, then everyone else (Redis Cluster specification).
+        nodes = [self.target, self.source]
+        nodes += [
+            self.cluster.node(view.port)
+            for view in self.cluster.view()
+            if view.is_master and view.port not in (self.target.port, self.source.port)
+        ]
+        for node in nodes:
+            with contextlib.closing(node.client()) as client:
+                client.execute_command("CLUSTER", "SETSLOT", self.slot, "NODE", self.target_id)
+        self.cluster.wait_healthy(replicas=False)
+
+
+@dataclass
+class RedisClusterService:
+    """A local Redis Cluster: 3 masters with one replica each, all on 127.0.0.1.
+
+    Helpers are synchronous (redis-py's sync client, polling the cluster's own state with a
+    deadline); from an async test call the slow ones through `asyncio.to_thread` so the event
+    loop keeps serving producers and readers meanwhile.
+    """
+
+    directory: Path
+    masters: int = 3
+    node_timeout_ms: int = 3000
+    nodes: list[RedisServer] = field(default_factory=list)
+
+    @property
+    def ports(self) -> list[int]:
+        return [node.port for node in self.nodes]
+
+    @property
+    def url(self) -> str:
+        """`redis+cluster://` with two seed nodes; clients discover the others."""
+        seeds = ",".join(f"127.0.0.1:{port}" for port in self.ports[:2])
+        return f"redis+cluster://{seeds}"
+
+    def node(self, port: int) -> RedisServer:
+        for node in self.nodes:
+            if node.port == port:
+                return node
+        raise KeyError(f"no cluster node on port {port}")
+
+    def start(self) -> RedisClusterService:
+        try:
+            for index in range(2 * self.masters):
+                directory = self.directory / f"node{index}"
+                directory.mkdir(exist_ok=True)
+                node = RedisServer(
+                    directory=directory, cluster=True, cluster_node_timeout_ms=self.node_timeout_ms
+                )
+                self.nodes.append(node.start())
+            redis_cli = shutil.which("redis-cli")
+            if redis_cli is None:
+                raise ServiceUnavailable("redis-cli is not installed (apt-get install redis-tools)")
+            addresses = [f"127.0.0.1:{port}" for port in self.ports]
+            options = ["--cluster-replicas", "1", "--cluster-yes"]
+            created = subprocess.run(
+                [redis_cli, "--cluster", "create", *addresses, *options],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+            if created.returncode != 0:
+                raise ServiceUnavailable(
+                    f"redis-cli --cluster create failed ({created.returncode}):\n"
+                    f"{created.stdout}{created.stderr}"
+                )
+            self.wait_healthy(timeout=STARTUP_TIMEOUT, error=ServiceUnavailable)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def view(self, port: int | None = None) -> list[ClusterNodeView]:
+        """`CLUSTER NODES` as seen by the node on `port` (default: the first one that answers)."""
+        candidates = [self.node(port)] if port is not None else self.nodes
+        for node in candidates:
+            if not node.running:
+                continue
+            with contextlib.closing(node.client()) as client:
+                try:
+                    return _parse_cluster_nodes(str(client.execute_command("CLUSTER", "NODES")))
+                except Exception:
+                    if port is not None:
+                        raise
+        raise AssertionError("no cluster node answers CLUSTER NODES")
+
+    def master_ports(self) -> list[int]:
+        return sorted(v.port for v in self.view() if v.is_master and not v.failing and v.slots)
+
+    def replica_of(self, master_port: int) -> int:
+        """Port of a healthy replica of the master on `master_port`."""
+        views = self.view()
+        master_id = next(v.node_id for v in views if v.port == master_port)
+        for view in views:
+            if view.master_id == master_id and not view.failing:
+                return view.port
+        raise AssertionError(f"the master on port {master_port} has no healthy replica")
+
+    def owner(self, slot: int) -> int:
+        """Port of the master serving `slot`."""
+        for view in self.view():
+            if view.is_master and any(first <= slot <= last for first, last in view.slots):
+                return view.port
+        raise AssertionError(f"no master serves slot {slot}")
+
+    @staticmethod
+    def slot_of(key: str | bytes) -> int:
+        from redis.crc import key_slot
+
+        return int(key_slot(key.encode() if isinstance(key, str) else key))
+
+    def _node_id(self, port: int) -> str:
+        with contextlib.closing(self.node(port).client()) as client:
+            return str(client.execute_command("CLUSTER", "MYID"))
+
+    def _healthy(self, *, replicas: bool) -> bool:
+        running = [node for node in self.nodes if node.running]
+        live_ports = {node.port for node in running}
+        layouts = []
+        for node in running:
+            with contextlib.closing(node.client(socket_timeout=2)) as client:
+                try:
+                    state = str(client.execute_command("CLUSTER", "INFO"))
+                    views = _parse_cluster_nodes(str(client.execute_command("CLUSTER", "NODES")))
+                except Exception:
+                    return False
+            fields = dict(line.split(":", 1) for line in state.split() if ":" in line)
+            if fields.get("cluster_state") != "ok":
+                return False
+            if fields.get("cluster_slots_ok") != str(CLUSTER_SLOTS):
+                return False
+            port_of = {view.node_id: view.port for view in views}
+            # Who is what, as this node sees it: master -> its slots, replica -> its master.
+            layout: dict[int, Any] = {}
+            for view in views:
+                if view.port not in live_ports:
+                    if view.is_master and view.slots:
+                        return False  # a dead master still serves slots
+                    continue
+                if view.failing:
+                    return False
+                if view.is_master:
+                    layout[view.port] = view.slots
+                else:
+                    layout[view.port] = port_of.get(view.master_id or "")
+            if set(layout) != live_ports:
+                return False
+            served = sum(
+                last - first + 1
+                for ranges in layout.values()
+                if isinstance(ranges, tuple)
+                for first, last in ranges
+            )
+            if served != CLUSTER_SLOTS:
+                return False
+            layouts.append(layout)
+        if not layouts or any(layout != layouts[0] for layout in layouts):
+            return False  # the nodes do not agree yet on who is what
+        if replicas:
+            serving = {
+                port for port, what in layouts[0].items() if isinstance(what, tuple) and what
+            }
+            followed = {what for what in layouts[0].values() if isinstance(what, int)}
+            if not serving <= followed:
+                return False
+            for node in running:
+                role = _info(node, "replication")
+                if role.get("role") == "slave" and role.get("master_link_status") != "up":
+                    return False
+        return True
+
+    def wait_healthy(
+        self,
+        *,
+        replicas: bool = True,
+        timeout: float = 60.0,
+        error: type[Exception] = AssertionError,
+    ) -> None:
+        """Wait until every running node says `cluster_state:ok`, all 16384 slots are served by
+        running masters that every node agrees on, and (with `replicas`) every master has one
+        replica in sync."""
+        try:
+            wait_until_ready(
+                functools.partial(self._healthy, replicas=replicas),
+                what="the Redis Cluster",
+                timeout=timeout,
+            )
+        except ServiceUnavailable as exc:
+            raise error(f"{exc}\n{self._describe()}") from None
+
+    def _describe(self) -> str:
+        lines = []
+        for node in self.nodes:
+            if not node.running:
+                lines.append(f"port {node.port}: not running")
+                continue
+            try:
+                view = next(v for v in self.view(node.port) if "myself" in v.flags)
+                lines.append(f"port {node.port}: {sorted(view.flags)} {view.slots}")
+            except Exception as exc:
+                lines.append(f"port {node.port}: {exc!r}")
+        return "\n".join(lines)
+
+    # -- changes -------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """FLUSHALL on every master (their replicas follow)."""
+        for port in self.master_ports():
+            with contextlib.closing(self.node(port).client()) as client:
+                client.flushall()
+
+    def heal(self) -> None:
+        """Resume paused nodes, restart dead ones, and wait until the cluster is healthy."""
+        for node in self.nodes:
+            node.resume()
+            if not node.running:
+                # nodes.conf keeps its identity: it rejoins, as a replica if it lost its slots.
+                node.start()
+        self.wait_healthy()
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node. If it was a master, its replica takes over after the node timeout
+        (`wait_healthy(replicas=False)` waits for that)."""
+        self.node(port).kill()
+
+    def restart(self, port: int) -> None:
+        """Start a killed node again on its port (it comes back empty; nodes.conf keeps its
+        identity and the cluster tells it its role)."""
+        node = self.node(port)
+        if node.running:
+            node.kill()
+        node.start()
+
+    def failover(self, master_port: int) -> int:
+        """Promote the replica of the master on `master_port` (`CLUSTER FAILOVER` on the
+        replica: a manual failover that loses no acknowledged write). Returns the new master's
+        port once every node agrees and the old master follows it."""
+        replica = self.replica_of(master_port)
+        with contextlib.closing(self.node(replica).client()) as client:
+            client.execute_command("CLUSTER", "FAILOVER")
+
+        def promoted() -> bool:
+            return self._everyone_sees_master(replica)
+
+        _wait_for(promoted, what=f"every node sees replica {replica} promoted", timeout=60)
+        self.wait_healthy()
+        return replica
+
+    def _everyone_sees_master(self, port: int) -> bool:
+        for node in self.nodes:
+            if not node.running:
+                continue
+            try:
+                views = self.view(node.port)
+            except Exception:
+                return False
+            if not any(v.port == port and v.is_master and v.slots for v in views):
+                return False
+        return True
+
+    def migrating_slot(self, slot: int, to_port: int) -> SlotMigration:
+        """Start moving `slot` to the master on `to_port` (`CLUSTER SETSLOT ... IMPORTING` on
+        the target, `MIGRATING` on the source). Call `move_keys()` to move what is there now,
+        `finish()` to complete; in between, clients get `ASK` and `TRYAGAIN` replies."""
+        source_port = self.owner(slot)
+        if source_port == to_port:
+            raise ValueError(f"slot {slot} is already on port {to_port}")
+        migration = SlotMigration(
+            cluster=self,
+            slot=slot,
+            source=self.node(source_port),
+            target=self.node(to_port),
+            source_id=self._node_id(source_port),
+            target_id=self._node_id(to_port),
+        )
+        with contextlib.closing(migration.target.client()) as client:
+            client.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", migration.source_id)
+        with contextlib.closing(migration.source.client()) as client:
+            client.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", migration.target_id)
+        return migration
+
+    def migrate_slot(self, slot: int, to_port: int) -> None:
+        """Move `slot` and its keys to the master on `to_port`, as `redis-cli --cluster
+        reshard` would."""
+        self.migrating_slot(slot, to_port).finish()
+
+
+def start_redis_cluster(directory: Path) -> RedisClusterService:
+    return RedisClusterService(directory=directory).start()
+
+
+# --- Redis Sentinel ----------------------------------------------------------------------------
+
+
+@dataclass
+class SentinelProcess(RedisServer):
+    """A Redis Sentinel (`redis-server sentinel.conf --sentinel`) watching one master."""
+
+    service: str = "resumable"
+    master_port: int = 0
+    quorum: int = 2
+    down_after_ms: int = 2000
+    failover_timeout_ms: int = 6000
+
+    @property
+    def config(self) -> Path:
+        return self.directory / "sentinel.conf"
+
+    def _command(self, executable: str) -> list[str]:
+        # Sentinel rewrites its config file with what it learns; a restart keeps that state.
+        if not self.config.exists() or f"port {self.port}\n" not in self.config.read_text():
+            self.config.write_text(
+                "\n".join(
+                    [
+                        f"port {self.port}",
+                        "bind 127.0.0.1",
+                        f"dir {self.directory}",
+                        "daemonize no",
+                        f"sentinel monitor {self.service} 127.0.0.1 {self.master_port} "
+                        f"{self.quorum}",
+                        f"sentinel down-after-milliseconds {self.service} {self.down_after_ms}",
+                        f"sentinel failover-timeout {self.service} {self.failover_timeout_ms}",
+                        f"sentinel parallel-syncs {self.service} 1",
+                        "",
+                    ]
+                )
+            )
+        return [executable, str(self.config), "--sentinel"]
+
+
+def _pairs(reply: Any) -> dict[str, str]:
+    """A SENTINEL MASTER/REPLICAS item as a dict of strings (RESP3 map or RESP2 flat list)."""
+    if isinstance(reply, dict):
+        return {str(key): str(value) for key, value in reply.items()}
+    items = list(reply)
+    return {str(items[i]): str(items[i + 1]) for i in range(0, len(items) - 1, 2)}
+
+
+@dataclass
+class RedisSentinelService:
+    """One master, one replica and three Sentinels, all on 127.0.0.1.
+
+    Sentinels mark a silent master down after `down_after_ms` and fail over within a few
+    seconds. Helpers are synchronous (polling the servers' and Sentinels' own state with a
+    deadline); from an async test call the slow ones through `asyncio.to_thread`.
+    """
+
+    directory: Path
+    service: str = "resumable"
+    down_after_ms: int = 2000
+    failover_timeout_ms: int = 6000
+    servers: list[RedisServer] = field(default_factory=list)
+    sentinels: list[SentinelProcess] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        """`redis+sentinel://S1,S2,S3/SERVICE/0`."""
+        hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+        return f"redis+sentinel://{hosts}/{self.service}/0"
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """For `redis.asyncio.sentinel.Sentinel(...)`."""
+        return [("127.0.0.1", s.port) for s in self.sentinels]
+
+    def server(self, port: int) -> RedisServer:
+        for server in self.servers:
+            if server.port == port:
+                return server
+        raise KeyError(f"no Redis server of this Sentinel set-up on port {port}")
+
+    def start(self) -> RedisSentinelService:
+        try:
+            master = RedisServer(directory=self._subdir("server0")).start()
+            replica = RedisServer(
+                directory=self._subdir("server1"),
+                extra_args=("--replicaof", "127.0.0.1", str(master.port)),
+            )
+            self.servers += [master, replica.start()]
+            # Sentinels learn replicas from the master's INFO, every 10 s: connect it first.
+            _wait_for_replica_link(replica, timeout=STARTUP_TIMEOUT)
+            for index in range(3):
+                sentinel = SentinelProcess(
+                    directory=self._subdir(f"sentinel{index}"),
+                    service=self.service,
+                    master_port=master.port,
+                    down_after_ms=self.down_after_ms,
+                    failover_timeout_ms=self.failover_timeout_ms,
+                )
+                self.sentinels.append(sentinel.start())
+            self.wait_healthy(timeout=STARTUP_TIMEOUT, error=ServiceUnavailable)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _subdir(self, name: str) -> Path:
+        path = self.directory / name
+        path.mkdir(exist_ok=True)
+        return path
+
+    def stop(self) -> None:
+        for process in [*self.sentinels, *self.servers]:
+            process.stop()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _ask(self, sentinel: SentinelProcess, *command: Any) -> Any:
+        with contextlib.closing(sentinel.client(socket_timeout=2)) as client:
+            return client.execute_command("SENTINEL", *command)
+
+    def master_port(self) -> int:
+        """The master's port, as the Sentinels say (all must agree)."""
+        answers = {
+            int(self._ask(s, "GET-MASTER-ADDR-BY-NAME", self.service)[1]) for s in self.sentinels
+        }
+        if len(answers) != 1:
+            raise AssertionError(f"the Sentinels disagree on the master: {sorted(answers)}")
+        return answers.pop()
+
+    def master(self) -> RedisServer:
+        return self.server(self.master_port())
+
+    def replica(self) -> RedisServer:
+        master = self.master_port()
+        return next(server for server in self.servers if server.port != master)
+
+    def _healthy(self) -> bool:
+        import redis
+
+        try:
+            master = self.master_port()
+            for sentinel in self.sentinels:
+                state = _pairs(self._ask(sentinel, "MASTER", self.service))
+                if state.get("flags") != "master" or state.get("num-other-sentinels") != "2":
+                    return False
+                replicas = [_pairs(r) for r in self._ask(sentinel, "REPLICAS", self.service)]
+                # Not their view of the replica's link: they refresh it every 10 s only.
+                healthy = [r for r in replicas if r.get("flags") == "slave"]
+                if len(healthy) != len(self.servers) - 1:
+                    return False
+        except (redis.exceptions.RedisError, AssertionError, IndexError, TypeError):
+            return False
+        for server in self.servers:
+            role = _info(server, "replication")
+            if server.port == master:
+                if role.get("role") != "master" or role.get("connected_slaves") != "1":
+                    return False
+            elif (role.get("role"), role.get("master_link_status"), role.get("master_port")) != (
+                "slave",
+                "up",
+                str(master),
+            ):
+                return False
+        return True
+
+    def wait_healthy(
+        self, *, timeout: float = 60.0, error: type[Exception] = AssertionError
+    ) -> None:
+        """Wait until the three Sentinels agree on the master, know each other, and see its
+        replica in sync; and the servers agree with them."""
+        try:
+            wait_until_ready(self._healthy, what="the Sentinel set-up", timeout=timeout)
+        except ServiceUnavailable as exc:
+            raise error(f"{exc}\n{self._describe()}") from None
+
+    def _describe(self) -> str:
+        lines = []
+        for server in self.servers:
+            role = _info(server, "replication") if server.running else {}
+            lines.append(f"server {server.port}: running={server.running} {role.get('role')}")
+        for sentinel in self.sentinels:
+            try:
+                state = _pairs(self._ask(sentinel, "MASTER", self.service))
+                lines.append(
+                    f"sentinel {sentinel.port}: master {state.get('port')} {state.get('flags')}"
+                )
+            except Exception as exc:
+                lines.append(f"sentinel {sentinel.port}: {exc!r}")
+        return "\n".join(lines)
+
+    # -- changes -------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """FLUSHALL on the master (the replica follows)."""
+        with contextlib.closing(self.master().client()) as client:
+            client.flushall()
+
+    def heal(self) -> None:
+        """Resume paused servers, restart dead ones as replicas of the current master, and
+        wait until everything is healthy."""
+        for process in [*self.servers, *self.sentinels]:
+            process.resume()
+        for sentinel in self.sentinels:
+            if not sentinel.running:
+                sentinel.start()
+        dead = [server for server in self.servers if not server.running]
+        if dead:
+            # If the master died, the Sentinels promote the replica first.
+            _wait_for(
+                lambda: self._agreed_master() is not None,
+                what="the Sentinels agree on a running master",
+                timeout=60,
+            )
+            master = self._agreed_master()
+            for server in dead:
+                server.extra_args = ("--replicaof", "127.0.0.1", str(master))
+                server.start()
+        self.wait_healthy()
+
+    def _agreed_master(self) -> int | None:
+        try:
+            port = self.master_port()
+        except Exception:
+            return None
+        try:
+            return port if self.server(port).running else None
+        except KeyError:
+            return None
+
+    def failover(self) -> int:
+        """`SENTINEL FAILOVER`: promote the replica. Returns the new master's port once the
+        Sentinels agree on it and the old master replicates from it."""
+        old = self.master_port()
+
+        def started() -> bool:
+            import redis
+
+            try:
+                self._ask(self.sentinels[0], "FAILOVER", self.service)
+            except redis.exceptions.ResponseError:
+                return False  # INPROG or NOGOODSLAVE (replica's state not yet refreshed)
+            return True
+
+        _wait_for(started, what="SENTINEL FAILOVER accepted", timeout=30)
+        new = self._wait_for_new_master(old)
+        # The Sentinels would turn the old master into a replica at their next INFO, up to
+        # 10 s later (it takes writes meanwhile); do it now, as they will.
+        with contextlib.closing(self.server(old).client()) as client:
+            client.execute_command("REPLICAOF", "127.0.0.1", new)
+        self.wait_healthy()
+        return new
+
+    def _wait_for_new_master(self, old: int) -> int:
+        def moved() -> bool:
+            port = self._agreed_master()
+            return port is not None and port != old
+
+        _wait_for(moved, what=f"the Sentinels promote a new master (was {old})", timeout=60)
+        new = self.master_port()
+        _wait_for(
+            lambda: _info(self.server(new), "replication").get("role") == "master",
+            what=f"server {new} becomes master",
+            timeout=60,
+        )
+        return new
+
+    def kill_master(self) -> int:
+        """SIGKILL the master; returns its port. The Sentinels promote the replica after
+        `down_after_ms` (`wait_for_failover` waits for that)."""
+        old = self.master_port()
+        self.server(old).kill()
+        return old
+
+    def wait_for_failover(self, old_master: int) -> int:
+        """Wait until the Sentinels promoted a master other than `old_master`; its port."""
+        return self._wait_for_new_master(old_master)
+
+    def pause_replication(self) -> None:
+        """Cut the replica off: SIGSTOP it and close its link on the master, so writes from
+        now on reach the master only. (SIGSTOP alone is not enough: what the master already
+        sent waits in the stopped replica's socket and would be applied when it resumes.)"""
+        replica, master = self.replica(), self.master()
+        replica.pause()
+        with contextlib.closing(master.client()) as client:
+            client.execute_command("CLIENT", "KILL", "TYPE", "replica")
+        _wait_for(
+            lambda: _info(master, "replication").get("connected_slaves") == "0",
+            what="the master drops its replica",
+            timeout=30,
+        )
+
+    def fail_over_to_lagging_replica(self) -> int:
+        """After `pause_replication()`: SIGKILL the master, SIGCONT the replica, and wait until
+        the Sentinels promote it. Writes made since the pause are lost, as asynchronous
+        replication loses them. Returns the new master's port."""
+        old = self.master_port()
+        replica = self.replica()
+        self.server(old).kill()
+        replica.resume()
+        return self._wait_for_new_master(old)
+
+
+def _wait_for_replica_link(replica: RedisServer, *, timeout: float) -> None:
+    def linked() -> bool:
+        return _info(replica, "replication").get("master_link_status") == "up"
+
+    wait_until_ready(linked, what=f"replica {replica.port} in sync", timeout=timeout)
+
+
+def start_redis_sentinel(directory: Path) -> RedisSentinelService:
+    return RedisSentinelService(directory=directory).start()
 
 
 # --- PostgreSQL --------------------------------------------------------------------------------
@@ -469,7 +1384,7 @@ def chromium_executable() -> str:
     candidates = [os.environ.get("CHROMIUM_PATH"), "/usr/bin/chromium", shutil.which("chromium")]
     path = next((c for c in candidates if c and os.access(c, os.X_OK)), None)
     if path is None:
-        raise ServiceUnavailable("Chromium not found (apt-get install chromium chromium-driver)")
+        raise ServiceUnavailable("Chromium not found (apt-get install chromium)")
     try:
         result = subprocess.run(
             [path, "--version"],

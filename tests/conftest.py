@@ -1,62 +1,107 @@
-"""Session-wide real services: redis-server, PostgreSQL and Chromium.
+"""Session-wide real services: redis-server (one node, Cluster, Sentinel, TLS), PostgreSQL and
+Chromium.
 
 A service that cannot be started skips the tests that need it, except under `CI=true`, where
 it fails them: CI must never pass by skipping. Tests that request a service fixture get the
-matching marker (`redis`, `postgres`, `browser`), so `pytest -m "not browser"` works.
+matching marker (`redis`, `redis_cluster`, `redis_sentinel`, `postgres`, `browser`), so
+`pytest -m "not browser"` works.
+
+The Redis Cluster and the Sentinel set-up start once per session; each test gets them healed
+(paused nodes resumed, killed ones restarted, the topology agreed) and flushed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import secrets
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from resumable_stream import Transport
+from resumable_stream import Transport, from_url
 from resumable_stream.transports.memory import MemoryTransport
-from resumable_stream.transports.redis import RedisTransport
 from tests._services import (
+    RedisClusterService,
+    RedisSentinelService,
     RedisServer,
     ServiceUnavailable,
+    TlsFiles,
     chromium_executable,
+    make_tls_files,
     postgres_cluster,
+    start_redis_cluster,
+    start_redis_sentinel,
     start_redis_server,
     unavailable,
 )
 
 _MARKERS_BY_FIXTURE = {
-    "redis_url": "redis",
-    "redis_flush": "redis",
-    "redis_server_factory": "redis",
-    "postgres_dsn": "postgres",
-    "chromium_path": "browser",
+    "redis_server": ("redis",),
+    "redis_url": ("redis",),
+    "redis_unix_url": ("redis",),
+    "redis_flush": ("redis",),
+    "redis_server_factory": ("redis",),
+    "redis_acl_user": ("redis",),
+    "redis_tls": ("redis",),
+    "redis_cluster": ("redis", "redis_cluster"),
+    "redis_sentinel": ("redis", "redis_sentinel"),
+    "postgres_dsn": ("postgres",),
+    "chromium_path": ("browser",),
+}
+
+#: The transports the contract suite (tests/test_contract.py) runs on.
+CONTRACT_TRANSPORTS = ("memory", "redis", "redis_cluster", "redis_sentinel")
+
+#: The fixture giving each Redis transport kind its URL, and the markers its tests get.
+_REDIS_KINDS = {
+    "redis": "redis_url",
+    "redis_cluster": "redis_cluster",
+    "redis_sentinel": "redis_sentinel",
 }
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        fixturenames = getattr(item, "fixturenames", ())
-        markers = {_MARKERS_BY_FIXTURE.get(name) for name in fixturenames} - {None}
+        fixturenames = list(getattr(item, "fixturenames", ()))
         callspec = getattr(item, "callspec", None)
-        if callspec is not None and callspec.params.get("transport_kind") == "redis":
-            markers.add("redis")  # the contract suite asks for redis_url at run time
+        kind = callspec.params.get("transport_kind") if callspec is not None else None
+        if kind in _REDIS_KINDS:
+            # The contract suite asks for the service at run time.
+            fixturenames.append(_REDIS_KINDS[kind])
+        markers = {m for name in fixturenames for m in _MARKERS_BY_FIXTURE.get(name, ())}
         for marker in sorted(markers):
             item.add_marker(marker)
 
 
+# --- one redis-server -------------------------------------------------------------------------
+
+
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of a redis-server started for this test session, e.g. redis://127.0.0.1:PORT/0."""
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """The session's redis-server: TCP on a free port, plus a unix socket."""
     try:
-        server = start_redis_server(tmp_path_factory.mktemp("redis"))
+        server = start_redis_server(tmp_path_factory.mktemp("redis"), unix_socket=True)
     except ServiceUnavailable as exc:
         unavailable(f"cannot start redis-server: {exc}")
     try:
-        yield server.url
+        yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of the session's redis-server, e.g. redis://127.0.0.1:PORT/0."""
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_unix_url(redis_server: RedisServer) -> str:
+    """The same server through its unix socket: unix:///PATH/redis.sock?db=0."""
+    return redis_server.unix_url
 
 
 @pytest.fixture
@@ -70,6 +115,69 @@ def redis_flush(redis_url: str) -> str:
     finally:
         client.close()
     return redis_url
+
+
+@dataclass(frozen=True)
+class AclUser:
+    """A Redis ACL user made for one test; `url` logs in as it (redis://USER:PASSWORD@...)."""
+
+    username: str
+    password: str
+    url: str
+    rules: tuple[str, ...]
+
+
+@pytest.fixture
+def redis_acl_user(redis_server: RedisServer) -> Iterator[Callable[..., AclUser]]:
+    """Make ACL users on the session's server: `redis_acl_user("~app:*", "+@all")` returns an
+    `AclUser` with those rules (default: every key and channel, every command but the
+    dangerous ones). The users are deleted when the test ends."""
+    made: list[str] = []
+
+    def make(*rules: str) -> AclUser:
+        username = f"user-{secrets.token_hex(4)}"
+        password = secrets.token_urlsafe(16)
+        rules = rules or ("~*", "&*", "+@all", "-@dangerous")
+        with contextlib.closing(redis_server.client()) as client:
+            client.execute_command(
+                "ACL", "SETUSER", username, "reset", "on", f">{password}", *rules
+            )
+        made.append(username)
+        url = f"redis://{username}:{password}@127.0.0.1:{redis_server.port}/0"
+        return AclUser(username=username, password=password, url=url, rules=tuple(rules))
+
+    yield make
+    if made:
+        with contextlib.closing(redis_server.client()) as client:
+            client.execute_command("ACL", "DELUSER", *made)
+
+
+@dataclass(frozen=True)
+class TlsRedis:
+    """A redis-server speaking TLS only, with a certificate from a CA made by the session."""
+
+    server: RedisServer
+    files: TlsFiles
+
+    @property
+    def url(self) -> str:
+        """rediss://127.0.0.1:PORT/0?ssl_ca_certs=CA (the server certificate is checked)."""
+        return self.server.url
+
+
+@pytest.fixture(scope="session")
+def redis_tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
+    """A TLS-only redis-server; clients may also present `files.client_cert` (mutual TLS)."""
+    directory = tmp_path_factory.mktemp("redis-tls")
+    try:
+        files = make_tls_files(directory)
+        server = start_redis_server(directory, tls=files)
+    except ServiceUnavailable as exc:
+        unavailable(f"cannot start redis-server with TLS: {exc}")
+    try:
+        yield TlsRedis(server=server, files=files)
+    finally:
+        server.stop()
 
 
 @pytest.fixture
@@ -95,6 +203,66 @@ def redis_server_factory(
         yield start
 
 
+# --- Redis Cluster and Sentinel -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_service(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RedisClusterService]:
+    try:
+        cluster = start_redis_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    except ServiceUnavailable as exc:
+        unavailable(f"cannot start a Redis Cluster: {exc}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def redis_cluster(redis_cluster_service: RedisClusterService) -> RedisClusterService:
+    """The session's Redis Cluster (3 masters, 3 replicas), healthy and flushed.
+
+    `.url` is `redis+cluster://127.0.0.1:P1,127.0.0.1:P2`; `.migrating_slot()`,
+    `.migrate_slot()`, `.failover()`, `.kill()`, `.restart()` change it mid-test (the next
+    test gets it healed).
+    """
+    redis_cluster_service.heal()
+    redis_cluster_service.flush()
+    return redis_cluster_service
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel_service(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[RedisSentinelService]:
+    try:
+        sentinel = start_redis_sentinel(tmp_path_factory.mktemp("redis-sentinel"))
+    except ServiceUnavailable as exc:
+        unavailable(f"cannot start Redis Sentinel: {exc}")
+    try:
+        yield sentinel
+    finally:
+        sentinel.stop()
+
+
+@pytest.fixture
+def redis_sentinel(redis_sentinel_service: RedisSentinelService) -> RedisSentinelService:
+    """The session's Sentinel set-up (master, replica, 3 Sentinels), healthy and flushed.
+
+    `.url` is `redis+sentinel://S1,S2,S3/SERVICE/0`; `.failover()`, `.kill_master()`,
+    `.pause_replication()` + `.fail_over_to_lagging_replica()` change it mid-test (the next
+    test gets it healed).
+    """
+    redis_sentinel_service.heal()
+    redis_sentinel_service.flush()
+    return redis_sentinel_service
+
+
+# --- PostgreSQL, Chromium ------------------------------------------------------------------------
+
+
 @pytest.fixture(scope="session")
 def postgres_dsn() -> Iterator[str]:
     """DSN of an empty database in a throwaway PostgreSQL cluster made for this session."""
@@ -115,10 +283,15 @@ def chromium_path() -> str:
         unavailable(str(exc))
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=CONTRACT_TRANSPORTS)
 def transport_kind(request: pytest.FixtureRequest) -> str:
-    """Every contract test runs against each transport (Redis: the real server)."""
+    """Every contract test runs against each transport (Redis ones: real servers)."""
     return str(request.param)
+
+
+def _redis_url_of(kind: str, request: pytest.FixtureRequest) -> str:
+    service = request.getfixturevalue(_REDIS_KINDS[kind])
+    return service if isinstance(service, str) else str(service.url)
 
 
 @pytest.fixture
@@ -127,7 +300,7 @@ async def transport_factory(
 ) -> AsyncIterator[Callable[..., Transport]]:
     """Make transports of the kind under test. Redis ones share this test's key prefix,
     so they see the same streams, like two worker processes would."""
-    url = request.getfixturevalue("redis_url") if transport_kind == "redis" else None
+    url = _redis_url_of(transport_kind, request) if transport_kind in _REDIS_KINDS else None
     prefix = f"t{uuid.uuid4().hex[:12]}"
     made: list[Transport] = []
 
@@ -136,7 +309,7 @@ async def transport_factory(
         if url is None:
             created = MemoryTransport(**options)
         else:
-            created = RedisTransport.from_url(url, prefix=prefix, **options)
+            created = from_url(url, prefix=prefix, **options)
         made.append(created)
         return created
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -110,9 +110,7 @@ async def test_sigkilled_producer_ends_readers_with_producer_lost(
     consumer = StreamConsumer(transport, "killed")
     seen = [await anext(consumer) for _ in range(5)]
     proc.process.send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
-    rest = [event async for event in consumer]
-    assert time.monotonic() - killed_at < 10.0
+    rest = [event async for event in consumer]  # ends once the lease expired: no hang
     assert rest[-1].type == "error" and rest[-1].data["error"] == "producer_lost"
     # Everything written before the crash is still there, once, in order.
     replay = await collect(transport, "killed")
@@ -167,30 +165,44 @@ async def test_every_key_has_an_expiry(
     assert all(ttl <= retention_ms for key, ttl in done.items() if key.endswith(b":events"))
 
 
-async def _connections(admin: aioredis.Redis) -> int:
-    """Connections to the server, not counting the admin client itself."""
-    return len(await admin.client_list()) - 1
-
-
 async def test_many_live_readers_share_a_constant_number_of_connections(
     redis_url: str, admin: aioredis.Redis, prefix: str
 ) -> None:
+    # Named connections: the count ignores any other client of the shared server.
+    name = f"conns-{prefix}"
+
+    async def connections() -> int:
+        return sum(1 for c in await admin.client_list() if c["name"] == name)
+
     gate = asyncio.Event()
-    async with RedisTransport.from_url(redis_url, prefix=prefix) as transport:
+    client = aioredis.Redis.from_url(redis_url, client_name=name)
+    async with RedisTransport(client, prefix=prefix) as transport:
         producer = StreamProducer(transport)
         runs = [await producer.start(tokens(40, pause=gate)) for _ in range(200)]
         readers = [asyncio.create_task(collect(transport, r.stream_id)) for r in runs]
 
         async def all_reading() -> bool:
-            return transport._reader is not None and len(transport._reader._feeds) == 200
+            # Every stream followed live, and Redis confirmed each subscription.
+            subscriber = transport._node_for_slot(0).subscriber
+            return len(transport._feeds) == 200 and all(
+                channel in subscriber.confirmed for channel in transport._feeds
+            )
 
         await eventually(all_reading)
-        assert await _connections(admin) <= 4
+        # One pipelined command connection and one sharded pub/sub connection (which
+        # also carries the 200 runs' cancel channels), whatever the number of streams.
+        assert await connections() == 2
         gate.set()
         results = await asyncio.gather(*readers)
         assert all(joined(events) == text_of(40) for events in results)
-        assert await _connections(admin) <= 4
-    assert await _connections(admin) == 0
+        assert await connections() == 2
+
+    async def all_closed() -> bool:
+        # CLIENT LIST may still show a connection whose close Redis has not processed.
+        return await connections() == 0
+
+    await eventually(all_closed)
+    await client.aclose()
 
 
 async def test_writes_are_batched_not_one_round_trip_per_token(
@@ -256,25 +268,17 @@ async def test_streams_survive_redis_dropping_every_connection(
     readers = [asyncio.create_task(collect(transport, r.stream_id)) for r in runs]
 
     async def all_live() -> bool:
-        return transport._reader is not None and len(transport._reader._feeds) == len(runs)
+        return len(transport._feeds) == len(runs)
 
     await eventually(all_live)
     killed = await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-    assert killed >= 2  # the command and the reader connections
+    assert killed == 1  # the pipelined command connection
+    killed = await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    assert killed == 1  # the sharded pub/sub connection of live notices and cancels
     gate.set()
     for run, reader in zip(runs, readers, strict=True):
         assert joined(await reader) == text_of(300)  # no gap, no duplicate across reconnects
         assert await run.wait() == "completed"
-
-
-def test_a_cluster_client_is_refused_with_a_clear_error() -> None:
-    from redis.asyncio.cluster import RedisCluster
-
-    from resumable_stream import ConfigurationError
-
-    client = RedisCluster.__new__(RedisCluster)  # not connected: only its type matters
-    with pytest.raises(ConfigurationError, match="single-endpoint"):
-        RedisTransport(client)
 
 
 async def test_a_refused_connection_set_up_fails_calls_with_the_real_error(
@@ -293,16 +297,24 @@ async def test_a_server_that_stops_answering_fails_calls_after_socket_timeout() 
 
     async def black_hole(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted.append(writer)
-        await reader.read()  # accept and read, never answer
+        await reader.read()  # accept and read, never answer, never close
 
     server = await asyncio.start_server(black_hole, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        async with from_url(f"redis://127.0.0.1:{port}/0?socket_timeout=0.3") as transport:
-            started = time.monotonic()
+        async with (
+            from_url(f"redis://127.0.0.1:{port}/0?socket_timeout=0.3") as short,
+            from_url(f"redis://127.0.0.1:{port}/0") as default,
+        ):
+            # Started together: only a timeout ends a call here, and the short one must end
+            # first (the option is honoured) while a call with the default still waits.
+            waiting = asyncio.create_task(default.info("any"))
             with pytest.raises(TransportError):
-                await transport.info("any")
-            assert time.monotonic() - started < 2.0
+                await short.info("any")
+            assert not waiting.done()
+            waiting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, TransportError):
+                await waiting
     finally:
         for writer in accepted:
             writer.close()
@@ -310,11 +322,13 @@ async def test_a_server_that_stops_answering_fails_calls_after_socket_timeout() 
         await server.wait_closed()
 
 
-async def test_a_cancel_sent_while_the_listener_reconnects_still_lands_within_a_second(
+async def test_a_cancel_sent_while_the_listener_reconnects_still_lands_before_a_heartbeat(
     transport: RedisTransport, admin: aioredis.Redis
 ) -> None:
     gate = asyncio.Event()  # never set: a slow model
-    run = await StreamProducer(transport).start(tokens(10, pause=gate))
+    # A lease so long that its heartbeat (lease / 3) comes after the test's timeout: only the
+    # listener re-checking after it reconnected can deliver the cancel.
+    run = await StreamProducer(transport, lease=3600).start(tokens(10, pause=gate))
     consumer = StreamConsumer(transport, run.stream_id)
     await anext(consumer)  # the run is live and its cancel listener subscribed
 
@@ -323,7 +337,5 @@ async def test_a_cancel_sent_while_the_listener_reconnects_still_lands_within_a_
 
     await eventually(listening)
     await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-    started = time.monotonic()
     assert await StreamProducer(transport).cancel(run.stream_id)  # published to nobody
-    assert await asyncio.wait_for(run.wait(), timeout=5) == "cancelled"
-    assert time.monotonic() - started < 1.0  # not at the next heartbeat (lease / 3)
+    assert await run.wait() == "cancelled"

@@ -17,11 +17,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response
-from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field
-from starlette.routing import Match
-from starlette.types import Receive, Scope, Send
+try:
+    from fastapi import APIRouter, Header, Path, Query, Request, Response
+    from fastapi.routing import APIRoute
+    from pydantic import BaseModel, Field
+    from starlette.routing import Match
+    from starlette.types import Receive, Scope, Send
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"resumable_stream.fastapi needs FastAPI ({exc.name} is missing): "
+        "pip install 'resumable-llm-stream[fastapi]'"
+    ) from exc
 
 from ._constants import STREAM_ID_PATTERN, STREAM_ID_RULES
 from ._http import EVENT_STREAM_TYPE, NDJSON_TYPE, http_status_error

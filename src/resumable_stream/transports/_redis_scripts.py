@@ -3,7 +3,17 @@
 KEYS are always: 1 = metadata hash, 2 = events stream, 3 = lease string.
 Metadata fields: epoch, status, owner, lease_ms, created, updated (ms), last (seq of the
 last entry), count (events in it), cancel ("1" once requested).
+
+Shard channels, in the stream's slot too (``KEYS[1]`` with ``meta`` replaced by ``n`` or
+``c``): ``...:n`` carries a notice per write to the processes following the stream: the
+entry id ``<epoch>-<seq>``, then a space and the entry itself when it is at most
+NOTICE_PAYLOAD_MAX bytes (larger ones are fetched with ``XRANGE``); an empty notice when
+the stream was deleted. ``...:c`` carries the epoch of a run asked to stop.
 """
+
+#: Entries up to this size travel inside their notice (no fetch); larger ones are fetched,
+#: which keeps pub/sub output buffers small.
+NOTICE_PAYLOAD_MAX = 8192
 
 # The epoch is the server's clock in microseconds (never the same for two runs of an id,
 # even one deleted and re-created at once), and always above the previous epoch.
@@ -25,17 +35,20 @@ redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
 return epoch
 """
 
-# Returns 1 (written), 0 (already stored), -1 (lease lost) or {-2, last} when seq is past
-# last + 1: the storage lost acknowledged entries (StorageRollback).
+# Returns 1 (written), 0 (seq already stored: a retried write), -1 (lease lost) or
+# {last seq} (seq past last + 1: nothing written).
 # ARGV: owner, epoch, seq, payload, count, now_ms, final status or '',
 #       then the transport's constants: max_entries, running_ttl_ms, retention_ms,
 #       metadata_ttl_ms
 APPEND = """
 local m = redis.call('HMGET', KEYS[1], 'owner', 'last', 'status')
 if m[1] ~= ARGV[1] then return -1 end
-if tonumber(m[2]) >= tonumber(ARGV[3]) then return 0 end
+local last = tonumber(m[2])
+if last >= tonumber(ARGV[3]) then return 0 end
 if m[3] ~= 'running' then return -1 end
-if tonumber(ARGV[3]) > tonumber(m[2]) + 1 then return {-2, m[2]} end
+-- A seq past last + 1: the storage lost acknowledged entries (a failover to a lagging
+-- replica). Write nothing; report where the storage ends (issue 8, part 4).
+if tonumber(ARGV[3]) > last + 1 then return {m[2]} end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], ARGV[2] .. '-' .. ARGV[3], 'e', ARGV[4])
 if ARGV[7] == '' then
   redis.call('HSET', KEYS[1], 'last', ARGV[3], 'count', ARGV[5], 'updated', ARGV[6])
@@ -47,6 +60,9 @@ else
   redis.call('PEXPIRE', KEYS[1], ARGV[11])
   redis.call('DEL', KEYS[3])
 end
+local id = ARGV[2] .. '-' .. ARGV[3]
+if #ARGV[4] <= NOTICE_PAYLOAD_MAX then id = id .. ' ' .. ARGV[4] end
+redis.call('SPUBLISH', NOTICES, id)
 return 1
 """
 
@@ -61,32 +77,101 @@ if m[3] then return 1 end
 return 0
 """
 
-# ARGV: cancel channel, stream id
+# No ARGV.
 CANCEL = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+local m = redis.call('HMGET', KEYS[1], 'status', 'epoch')
+if m[1] ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'cancel', '1')
-redis.call('PUBLISH', ARGV[1], ARGV[2])
+redis.call('SPUBLISH', CANCELS, m[2])
 return 1
 """
 
-# ARGV: cancel channel, stream id
+# No ARGV.
 DELETE = """
-if redis.call('HGET', KEYS[1], 'status') == 'running' then
-  redis.call('PUBLISH', ARGV[1], ARGV[2])
+local m = redis.call('HMGET', KEYS[1], 'status', 'epoch')
+if m[1] == 'running' then
+  redis.call('SPUBLISH', CANCELS, m[2])
 end
-return redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+local deleted = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('SPUBLISH', NOTICES, '')
+return deleted
 """
 
 # ARGV: epoch, payload, now_ms, max_entries, retention_ms, metadata_ttl_ms
 REAP = """
-local m = redis.call('HMGET', KEYS[1], 'status', 'epoch', 'last')
+local m = redis.call('HMGET', KEYS[1], 'status', 'epoch', 'last', 'written')
 if m[1] ~= 'running' or m[2] ~= ARGV[1] then return 0 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-local seq = string.format('%.0f', tonumber(m[3]) + 1)
+-- After entries held for replicas (HOLD) if any: they become readable with it.
+local seq = string.format('%.0f', math.max(tonumber(m[3]), tonumber(m[4] or 0)) + 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], ARGV[1] .. '-' .. seq, 'e', ARGV[2])
 redis.call('HSET', KEYS[1], 'last', seq, 'count', 1, 'updated', ARGV[3], 'status', 'error',
   'owner', '')
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('SPUBLISH', NOTICES, ARGV[1] .. '-' .. seq .. ' ' .. ARGV[2])
 return 1
 """
+
+
+# Durable appends (RedisTransport(replicas=N)): HOLD stores the entry without making it
+# readable, the transport sends WAIT N on the same connection, then RELEASE makes it
+# readable and notifies. Metadata field 'written' is the last seq stored, 'last' the last
+# seq readable. HOLD always writes (the 'written' field), so that the WAIT that follows it
+# counts this entry even when HOLD is a retry.
+# Returns as APPEND. ARGV: owner, epoch, seq, payload, max_entries, running_ttl_ms
+HOLD = """
+local m = redis.call('HMGET', KEYS[1], 'owner', 'written', 'status', 'last')
+if m[1] ~= ARGV[1] then return -1 end
+local written = tonumber(m[2] or m[4])
+if written >= tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'written', m[2] or m[4])
+  return 0
+end
+if m[3] ~= 'running' then return -1 end
+if tonumber(ARGV[3]) > written + 1 then return {string.format('%.0f', written)} end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], ARGV[2] .. '-' .. ARGV[3], 'e', ARGV[4])
+redis.call('HSET', KEYS[1], 'written', ARGV[3])
+if ARGV[3] == '1' then redis.call('PEXPIRE', KEYS[2], ARGV[6]) end
+return 1
+"""
+
+# ARGV: owner, epoch, seq, count, now_ms, final status or '', retention_ms, metadata_ttl_ms
+RELEASE = """
+local m = redis.call('HMGET', KEYS[1], 'owner', 'last', 'status')
+if m[1] ~= ARGV[1] then return -1 end
+if tonumber(m[2]) >= tonumber(ARGV[3]) then return 0 end
+if m[3] ~= 'running' then return -1 end
+if ARGV[6] == '' then
+  redis.call('HSET', KEYS[1], 'last', ARGV[3], 'count', ARGV[4], 'updated', ARGV[5])
+else
+  redis.call('HSET', KEYS[1], 'last', ARGV[3], 'count', ARGV[4], 'updated', ARGV[5],
+    'status', ARGV[6])
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+  redis.call('PEXPIRE', KEYS[1], ARGV[8])
+  redis.call('DEL', KEYS[3])
+end
+redis.call('SPUBLISH', NOTICES, ARGV[2] .. '-' .. ARGV[3])
+return 1
+"""
+
+# Reads of a durable transport: only entries released (acknowledged by the replicas).
+# ARGV: epoch, after, limit
+READ = """
+local last = redis.call('HGET', KEYS[1], 'last')
+if not last or tonumber(last) <= tonumber(ARGV[2]) then return {} end
+return redis.call('XRANGE', KEYS[2], ARGV[1] .. '-' .. string.format('%.0f', ARGV[2] + 1),
+  ARGV[1] .. '-' .. last, 'COUNT', ARGV[3])
+"""
+
+
+def _channels(script: str) -> str:
+    base = "string.sub(KEYS[1], 1, -5)"  # '<prefix>:{<id>}:' from '<prefix>:{<id>}:meta'
+    return (
+        script.replace("NOTICES", f"{base} .. 'n'")
+        .replace("CANCELS", f"{base} .. 'c'")
+        .replace("NOTICE_PAYLOAD_MAX", str(NOTICE_PAYLOAD_MAX))
+    )
+
+
+APPEND, CANCEL, DELETE, REAP, RELEASE = map(_channels, (APPEND, CANCEL, DELETE, REAP, RELEASE))

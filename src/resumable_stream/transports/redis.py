@@ -1,26 +1,37 @@
-"""Redis Streams transport (``redis://``, ``rediss://``, ``unix://``).
+"""Redis Streams transport: one node, Redis Cluster or Sentinel.
 
 Keys of a stream share one hash tag, ``<prefix>:{<stream id>}:meta|events|lease``, so each
-stream lives in one cluster slot. Every key has an expiry.
+stream lives in one cluster slot, and so do its shard channels ``...:n`` (a notice per
+write) and ``...:c`` (cancel requests). Every key has an expiry.
 
-Connections per process stay constant however many streams are live (three at most):
-commands from every producer and consumer are pipelined on one connection (packed once,
-written together each event-loop turn), all live readers share one blocking ``XREAD``,
-and cancel requests arrive on one pub/sub connection.
+Connections per process stay constant however many streams are live: two per Redis
+master. Commands of every producer and consumer are pipelined on one connection
+(:class:`~._redis_pipe.Pipe`); live readers and cancel watchers share one sharded pub/sub
+connection (:class:`~._redis_pipe.Subscriber`). Live delivery is by notice: the append
+script ``SPUBLISH``es the entry's id on the stream's channel, with the entry itself when it
+is small (``NOTICE_PAYLOAD_MAX``), and each process hands it to all its readers of the
+stream. A notice without the entry, or one that shows a gap (notices missed while
+reconnecting), makes the process fetch with one non-blocking ``XRANGE`` for all the
+stream's readers here (one in flight per stream; notices arriving meanwhile are coalesced
+into one more).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
 import time
-import uuid
 from typing import Any, Self
+from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as rex
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import AbstractConnection, parse_url
+from redis.crc import key_slot
 
 from .._constants import (
     DEFAULT_MAX_ENTRIES,
@@ -31,6 +42,7 @@ from .._constants import (
     DEFAULT_TOMBSTONE,
 )
 from .._exceptions import (
+    BackendRefused,
     ConfigurationError,
     LeaseLost,
     StorageRollback,
@@ -40,28 +52,37 @@ from .._exceptions import (
 )
 from . import _redis_scripts as scripts
 from ._base import Entry, QueueSubscription, Status, StreamInfo, Subscription, Transport
-from ._resp import RespConnection, RespError, bulk, pack, settings_of
+from ._redis_pipe import (
+    ConnectionFactory,
+    Pipe,
+    Subscriber,
+    describe,
+    error_code,
+    fault,
+    pack,
+    stop,
+)
 
 logger = logging.getLogger("resumable_stream.redis")
 
-_READ_BLOCK_MS = 10_000
-_READ_COUNT = 1024
-_RECONNECT_DELAY = 0.5
-# While entries keep coming, back-to-back XREADs start at least this far apart per followed
-# stream (capped), so that each read carries many entries (docs/performance.md).
-_READ_SPACING_PER_STREAM = 2e-6
-_READ_SPACING_MAX = 0.002
-_XREAD_HEAD = b"".join(
-    bulk(arg) for arg in ("XREAD", "COUNT", _READ_COUNT, "BLOCK", _READ_BLOCK_MS, "STREAMS")
-)
+#: Seconds a producer keeps retrying a write that fails for a transient reason (a
+#: failover in progress). A Sentinel failover takes ``down-after-milliseconds`` plus a
+#: few seconds of election; 30 s covers the usual 5-10 s settings with room to spare.
+DEFAULT_WRITE_RETRY_BUDGET = 30.0
+#: Entries one live fetch asks for; a full page is followed by another fetch at once.
+_FETCH_COUNT = 1024
+#: Seconds between attempts to read a cluster's slot map that failed.
+_ROUTE_RETRY = 0.5
+#: Redirections (MOVED, ASK, NOSCRIPT) one command may follow before failing.
+_MAX_REDIRECTS = 5
+_META_FIELDS = ("epoch", "status", "created", "updated", "last", "count", "lease_ms")
 
 
 class _Script:
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
-        #: "EVALSHA <sha> 3", packed once: every call names three keys.
-        self.head = b"".join(bulk(arg) for arg in ("EVALSHA", self.sha, 3))
+        self.load = pack("SCRIPT", "LOAD", source)
 
 
 _CREATE = _Script(scripts.CREATE)
@@ -70,225 +91,95 @@ _RENEW = _Script(scripts.RENEW)
 _CANCEL = _Script(scripts.CANCEL)
 _REAP = _Script(scripts.REAP)
 _DELETE = _Script(scripts.DELETE)
+_HOLD = _Script(scripts.HOLD)
+_RELEASE = _Script(scripts.RELEASE)
+_READ = _Script(scripts.READ)
+
+
+class _Node:
+    """One Redis master: a pipelined command connection and a sharded subscriber."""
+
+    def __init__(self, transport: RedisTransport, name: str, make: ConnectionFactory) -> None:
+        self.name = name
+        self.pipe = Pipe(make, timeout=transport._timeout, name=f"commands {name}")
+        self.subscriber = Subscriber(
+            make,
+            name=f"notices {name}",
+            on_message=transport._on_message,
+            on_subscribed=transport._on_subscribed,
+            on_moved=transport._on_moved,
+            on_fault=transport._refresh_topology,
+        )
+
+    async def aclose(self) -> None:
+        await self.subscriber.aclose()
+        await self.pipe.aclose()
 
 
 class _Feed:
-    """Live entries of one stream, read by the shared XREAD and fanned out."""
+    """The live entries of one stream followed in this process, fanned out to readers."""
 
-    __slots__ = ("cursor", "epoch", "packed_key", "subscribers")
+    __slots__ = (
+        "channel", "cursor", "epoch", "fetching", "key", "loading", "refetch", "subscribers",
+    )  # fmt: skip
 
-    def __init__(self, key: bytes, epoch: int, after: int) -> None:
+    def __init__(self, key: bytes, channel: bytes, epoch: int, after: int) -> None:
+        self.key = key
+        self.channel = channel
         self.epoch = epoch
-        self.cursor = b"%d-%d" % (epoch, after)
-        self.packed_key = bulk(key)
+        self.cursor = after  # seq of the last entry delivered
+        self.fetching = False
+        self.refetch = False
+        self.loading = False  # a SCRIPT LOAD for the fetch is under way
         self.subscribers: set[QueueSubscription] = set()
 
-
-class _Reader:
-    """One blocking XREAD over every subscribed stream of this process."""
-
-    def __init__(self, transport: RedisTransport) -> None:
-        self._transport = transport
-        self._connection = transport._connection(blocking_ms=_READ_BLOCK_MS)
-        self._feeds: dict[bytes, _Feed] = {}
-        # XADDing to this key wakes the blocked XREAD when the set of streams changes;
-        # cursor-based, so a wake sent before the XREAD starts is not lost.
-        self._wake_key = f"{transport.prefix}:reader:{uuid.uuid4().hex}".encode()
-        self._wake_cursor = b"0-0"
-        self._wake_sent = False
-        self._task: asyncio.Task[None] | None = None
-
-    def subscribe(self, key: bytes, epoch: int, after: int) -> Subscription:
-        feed = self._feeds.get(key)
-        if feed is not None and feed.epoch > epoch:
-            # A reader of an earlier run: it must not take the feed from the current one.
-            # Woken at once, it finds the stream restarted (OffsetExpired).
-            stale = QueueSubscription(lambda sub: None)
-            stale.push([])
-            return stale
-        if feed is None or feed.epoch != epoch:
-            if feed is not None:
-                for sub in tuple(feed.subscribers):
-                    sub.push([])
-            feed = self._feeds[key] = _Feed(key, epoch, after)
-            self._changed()
-        subscription = QueueSubscription(lambda sub: self._unsubscribe(key, feed, sub))
-        feed.subscribers.add(subscription)
-        if int(feed.cursor.partition(b"-")[2]) > after:
-            subscription.push([])  # the feed is past this reader: wake it to read the gap
-        return subscription
-
-    def wake(self, key: bytes) -> None:
-        """Make the readers of ``key`` look at the stream's metadata again."""
-        feed = self._feeds.get(key)
-        for sub in tuple(feed.subscribers) if feed is not None else ():
-            sub.push([])
-
-    def _unsubscribe(self, key: bytes, feed: _Feed, subscription: QueueSubscription) -> None:
-        feed.subscribers.discard(subscription)
-        if not feed.subscribers and self._feeds.get(key) is feed:
-            del self._feeds[key]  # dropped from the next XREAD; no need to wake it
-
-    def _changed(self) -> None:
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="rstream redis reader")
-        elif not self._wake_sent:
-            self._wake_sent = True
-            ttl = int(self._transport.running_ttl * 1000)
-            commands = self._transport._commands
-            for args in (
-                ("XADD", self._wake_key, "MAXLEN", "1", "*", "w", "1"),
-                ("PEXPIRE", self._wake_key, ttl),
-            ):
-                commands.submit(pack(args)).add_done_callback(_ignore_result)
-
-    def _command(self) -> bytes:
-        """XREAD over the wake key and every feed (stream keys are packed once per feed)."""
-        feeds = list(self._feeds.values())
-        return b"*%d\r\n%b%b%b%b%b" % (
-            6 + 2 * (len(feeds) + 1),
-            _XREAD_HEAD,
-            bulk(self._wake_key),
-            b"".join(f.packed_key for f in feeds),
-            bulk(self._wake_cursor),
-            b"".join(bulk(f.cursor) for f in feeds),
-        )
-
-    async def _run(self) -> None:
-        clock = asyncio.get_running_loop().time
-        sent_at = -_READ_SPACING_MAX
-        while self._feeds:
-            spacing = min(len(self._feeds) * _READ_SPACING_PER_STREAM, _READ_SPACING_MAX)
-            delay = sent_at + spacing - clock()
-            if delay > 0:
-                await asyncio.sleep(delay)  # the read spacing, not a wait for state
-            self._wake_sent = False
-            sent_at = clock()
-            try:
-                reply = await self._connection.send(self._command())
-            except TransportError as exc:
-                logger.warning("stream reader: %s; reconnecting", exc)
-                await asyncio.sleep(_RECONNECT_DELAY)  # backoff before reconnecting
-                continue
-            for key, entries in reply or ():
-                if key == self._wake_key:
-                    self._wake_cursor = entries[-1][0]
-                    continue
-                feed = self._feeds.get(key)
-                if feed is None or not entries:
-                    continue
-                feed.cursor = entries[-1][0]
-                batch = [_entry(entry_id, fields) for entry_id, fields in entries]
-                for subscription in tuple(feed.subscribers):
-                    subscription.push(batch)
-
-    async def aclose(self) -> None:
-        for feed in self._feeds.values():
-            for sub in tuple(feed.subscribers):
-                sub.push([])
-        self._feeds.clear()
-        if self._task is not None:
-            await _stop(self._task)
-        self._connection.close()  # a blocked XREAD's connection is never reused
+    def wake(self) -> None:
+        """Make the readers look at the stream's metadata (and storage) again."""
+        for subscription in tuple(self.subscribers):
+            subscription.push([])
 
 
-class _CancelListener:
-    """One pub/sub connection delivering cancel requests to the runs of this process."""
+class _CancelWaiter:
+    __slots__ = ("cancelled", "epoch", "event")
 
-    def __init__(self, transport: RedisTransport) -> None:
-        self._transport = transport
-        self._client = transport._pubsub_client()
-        # Runs of this process waiting for a cancel: stream id -> {event: epoch}.
-        self._waiters: dict[str, dict[asyncio.Event, int]] = {}
-        self._subscribed = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
-
-    async def wait(self, stream_id: str, epoch: int) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="rstream redis cancel listener")
-        event = asyncio.Event()
-        self._waiters.setdefault(stream_id, {})[event] = epoch
-        try:
-            await self._subscribed.wait()
-            # A cancel requested before the subscription existed is in the metadata.
-            if await self._requested(stream_id, epoch):
-                return
-            await event.wait()
-        finally:
-            waiters = self._waiters.get(stream_id)
-            if waiters is not None:
-                waiters.pop(event, None)
-                if not waiters:
-                    del self._waiters[stream_id]
-
-    async def _requested(self, stream_id: str, epoch: int) -> bool:
-        transport = self._transport
-        cancel, current = await transport._call(
-            "HMGET", transport._key(stream_id, "meta"), "cancel", "epoch"
-        )
-        return bool(cancel) and current == b"%d" % epoch
-
-    async def _recheck(self) -> None:
-        """After a reconnection: the cancels published meanwhile are in the metadata."""
-        for stream_id, waiters in list(self._waiters.items()):
-            for event, epoch in list(waiters.items()):
-                with contextlib.suppress(TransportError):
-                    if await self._requested(stream_id, epoch):
-                        event.set()
-
-    async def _run(self) -> None:
-        channel = self._transport._cancel_channel
-        while not self._closed:
-            pubsub = self._client.pubsub()
-            try:
-                await pubsub.subscribe(channel)
-                # Subscribed only once Redis confirms: a cancel published before that
-                # would be missed, and found only by the next heartbeat.
-                message = None
-                while message is None or message["type"] != "subscribe":
-                    message = await pubsub.get_message(timeout=None)
-                if self._subscribed.is_set():
-                    await self._recheck()
-                self._subscribed.set()
-                while True:
-                    message = await pubsub.get_message(timeout=None)
-                    if message is None or message["type"] != "message":
-                        continue
-                    stream_id = message["data"].decode()
-                    for event in self._waiters.get(stream_id, ()):
-                        event.set()
-            except (rex.RedisError, OSError) as exc:
-                logger.warning("cancel listener: %s; reconnecting", exc)
-                await asyncio.sleep(_RECONNECT_DELAY)  # backoff before reconnecting
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    async def aclose(self) -> None:
-        self._closed = True
-        if self._task is not None:
-            await _stop(self._task)
-        await self._client.aclose(close_connection_pool=True)
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.event = asyncio.Event()
+        self.cancelled = False
 
 
 class RedisTransport(Transport):
-    """Streams stored in Redis Streams.
+    """Streams stored in Redis Streams, on one node, a Redis Cluster or behind Sentinel.
 
-    Pass a URL (``RedisTransport.from_url("redis://localhost:6379/0")``) or a
-    ``redis.asyncio.Redis`` client: the transport opens its own connections with that
-    client's settings (address, TLS, credentials, db) and leaves the client to you.
+    Pass a URL (:meth:`from_url`) or a redis-py asyncio client: ``redis.asyncio.Redis``
+    (also one from ``Sentinel(...).master_for(...)``) or ``redis.asyncio.RedisCluster``.
+    The transport opens its own connections with the client's settings (address, TLS,
+    credentials or credential provider, RESP version, db, client name, Sentinel master
+    look-up) and leaves the client to you.
+
+    ``write_retry_budget``: seconds a producer keeps retrying a write that fails for a transient
+    reason (a failover in progress), separate from the lease; see
+    :data:`DEFAULT_WRITE_RETRY_BUDGET`. Producers read it as :attr:`write_retry_budget`.
+
+    ``replicas``: with N > 0, each append waits until N replicas hold the entry (``WAIT N
+    replica_timeout``) before readers may see it, so a failover to a replica never takes
+    back an event a reader received. An entry not acknowledged in time raises
+    :class:`TransportError` (the producer retries it). Costs a round trip to the replicas
+    per write and a read per live entry; see docs/transports.md.
     """
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | RedisCluster,
         *,
         prefix: str = DEFAULT_REDIS_PREFIX,
         retention: float = DEFAULT_RETENTION,
         tombstone: float = DEFAULT_TOMBSTONE,
         running_ttl: float = DEFAULT_RUNNING_TTL,
         max_entries: int = DEFAULT_MAX_ENTRIES,
+        write_retry_budget: float = DEFAULT_WRITE_RETRY_BUDGET,
+        replicas: int = 0,
+        replica_timeout: float = 1.0,
         owns_client: bool = False,
     ) -> None:
         super().__init__(
@@ -297,20 +188,51 @@ class RedisTransport(Transport):
             running_ttl=running_ttl,
             max_entries=max_entries,
         )
-        if not hasattr(client, "connection_pool"):
-            raise ConfigurationError(
-                f"RedisTransport needs a single-endpoint redis.asyncio.Redis client, not "
-                f"{type(client).__name__}: its shared XREAD reads many streams in one command. "
-                "Keys are hash-tagged per stream ({id}), ready for a cluster-aware transport."
-            )
+        if write_retry_budget < 0:
+            raise ConfigurationError("write_retry_budget must be >= 0 seconds")
+        if replicas < 0 or replica_timeout <= 0:
+            raise ConfigurationError("replicas must be >= 0 and replica_timeout > 0 seconds")
+        if not prefix or "{" in prefix or "}" in prefix:
+            # Keys are hash-tagged by the stream id: a brace in the prefix would move the tag.
+            raise ConfigurationError(f"invalid key prefix {prefix!r}: non-empty, no braces")
         self.client = client
         self.prefix = prefix
+        self.write_retry_budget = write_retry_budget
+        self.replicas = replicas
+        self._wait = pack("WAIT", replicas, max(1, int(replica_timeout * 1000)))
         self._owns_client = owns_client
-        self._cancel_channel = f"{prefix}:cancel"
-        self._settings = settings_of(client.connection_pool)
-        self._commands = self._connection()
-        self._reader: _Reader | None = None
-        self._listener: _CancelListener | None = None
+        self._cluster: RedisCluster | None = None
+        self._single: _Node | None = None
+        self._nodes: dict[str, _Node] = {}
+        if isinstance(client, RedisCluster):
+            self._cluster = client
+            self._timeout = _timeout_of(client.get_connection_kwargs())
+        elif isinstance(client, aioredis.Redis):
+            pool = client.connection_pool
+            make = getattr(pool, "make_connection", None)
+            if make is None or not hasattr(pool, "connection_kwargs"):
+                raise ConfigurationError(
+                    f"RedisTransport cannot open connections from a {type(pool).__name__}: "
+                    "use a redis.asyncio ConnectionPool (the default), a Sentinel client "
+                    "(Sentinel.master_for) or a RedisCluster"
+                )
+            if getattr(pool, "is_master", True) is False:
+                raise ConfigurationError(
+                    "RedisTransport writes: give it Sentinel.master_for(...), not slave_for(...)"
+                )
+            try:
+                probe = make()  # checks the options now, not at the first command
+            except (rex.RedisError, TypeError, ValueError) as exc:
+                raise ConfigurationError(f"invalid Redis connection settings: {exc}") from exc
+            self._timeout = probe.socket_timeout or DEFAULT_REDIS_TIMEOUT
+            self._single = _Node(self, "redis", make)
+        else:
+            raise ConfigurationError(
+                f"RedisTransport needs a redis.asyncio.Redis or RedisCluster client, not "
+                f"{type(client).__module__}.{type(client).__name__}"
+            )
+        self._ready = self._cluster is None
+        self._init_lock = asyncio.Lock()
         self._closed = False
         self._retention_ms = int(retention * 1000)
         self._meta_ttl_ms = int((retention + tombstone) * 1000)
@@ -318,73 +240,173 @@ class RedisTransport(Transport):
         # Metadata outlives data while running too: an abandoned run, never reaped, still
         # reads as expired (OffsetExpired), not as never created (StreamNotFound).
         self._meta_running_ms = int((running_ttl + tombstone) * 1000)
-        # The trailing arguments of the append and reap scripts never change: pack them once.
-        constants = (max_entries, self._running_ttl_ms, self._retention_ms, self._meta_ttl_ms)
-        self._append_tail = b"".join(bulk(arg) for arg in constants)
-        self._keys_packed: dict[str, bytes] = {}
+        self._append_tail = (max_entries, self._running_ttl_ms, self._retention_ms)
+        self._slots: dict[str, int] = {}
+        #: Error replies met, by code (MOVED, ASK, NOSCRIPT, READONLY...): for tests, metrics.
+        self.redirects: collections.Counter[str] = collections.Counter()
+        # Live delivery and cancels: channel -> feed / waiters; channel -> its node.
+        self._feeds: dict[bytes, _Feed] = {}
+        self._cancel_waiters: dict[bytes, set[_CancelWaiter]] = {}
+        self._channel_node: dict[bytes, _Node] = {}
+        self._unrouted: set[bytes] = set()
+        self._router: asyncio.Task[None] | None = None
+        self._router_wake = asyncio.Event()
+        self._refresh_wanted = False
+
+    # -- construction -----------------------------------------------------------------
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Self:
-        """Connect to the Redis server at ``url``; ``options`` as for the constructor."""
+        """Connect to Redis at ``url``; ``options`` as for the constructor.
+
+        ``redis://``, ``rediss://`` (TLS), ``unix://``: one server, redis-py URL syntax.
+        ``redis+cluster://HOST:PORT[,HOST:PORT...]`` (``rediss+cluster://`` for TLS): a
+        Redis Cluster, found from any of the nodes listed.
+        ``redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]`` (``rediss+sentinel``):
+        the master of ``SERVICE`` as the Sentinels name it, looked up on every
+        (re)connection. Query options (``?socket_timeout=5&...``) and credentials in
+        the URL apply to the Redis servers; ``sentinel_username`` / ``sentinel_password``
+        to the Sentinels.
+        """
         try:
-            client = aioredis.Redis.from_url(url)
-        except ValueError as exc:
-            raise ConfigurationError(f"invalid Redis URL {url!r}: {exc}") from exc
+            client = _client_from_url(url)
+        except ConfigurationError:
+            raise
+        except (rex.RedisError, TypeError, ValueError, IndexError) as exc:
+            raise ConfigurationError(f"invalid Redis URL {_redact(url)!r}: {exc}") from exc
         return cls(client, owns_client=True, **options)
 
-    def _connection(self, *, blocking_ms: int = 0) -> RespConnection:
-        settings, ssl_context = self._settings
-        timeout = settings.get("socket_timeout") or DEFAULT_REDIS_TIMEOUT
-        return RespConnection(settings, ssl_context, timeout + blocking_ms / 1000)
+    # -- routing ----------------------------------------------------------------------
 
-    def _pubsub_client(self) -> aioredis.Redis:
-        pool = self.client.connection_pool
-        kwargs = dict(pool.connection_kwargs)
-        kwargs["socket_timeout"] = None  # a subscriber waits longer than any timeout
-        kwargs.pop("protocol", None)
-        dedicated = aioredis.ConnectionPool(
-            connection_class=pool.connection_class, max_connections=1, **kwargs
-        )
-        return aioredis.Redis(connection_pool=dedicated)
+    async def _ensure_ready(self) -> None:
+        if self._ready:
+            return
+        if self._closed:
+            raise TransportClosed("the Redis transport is closed")
+        async with self._init_lock:
+            if self._ready:
+                return
+            cluster = self._cluster
+            if cluster is None:  # pragma: no cover - _ready is True without a cluster
+                return
+            try:
+                await cluster.initialize()
+            except (rex.RedisError, rex.RedisClusterException, OSError) as exc:
+                raise fault(exc, "the cluster discovery") from exc
+            await self._release_client_connections()
+            self._ready = True
+
+    async def _release_client_connections(self) -> None:
+        """Our own cluster client's connections were only for discovering the topology."""
+        if self._owns_client and self._cluster is not None:
+            manager = self._cluster.nodes_manager
+            for cluster_node in (*manager.nodes_cache.values(), *manager.startup_nodes.values()):
+                with contextlib.suppress(Exception):
+                    await cluster_node.disconnect_free_connections()
+
+    def _slot(self, stream_id: str) -> int:
+        slot = self._slots.get(stream_id)
+        if slot is None:
+            if len(self._slots) >= 65536:
+                self._slots.clear()
+            slot = self._slots[stream_id] = key_slot(stream_id.encode())
+        return slot
+
+    def _node_for_slot(self, slot: int) -> _Node:
+        if self._single is not None:
+            return self._single
+        cluster = self._cluster
+        if cluster is None:  # pragma: no cover - one of the two is set
+            raise TransportClosed("the Redis transport is closed")
+        try:
+            cluster_node = cluster.nodes_manager.get_node_from_slot(slot)
+        except (rex.RedisError, rex.RedisClusterException) as exc:
+            raise TransportError(f"no Redis Cluster node serves slot {slot}: {exc}") from exc
+        return self._node(cluster_node)
+
+    def _node(self, cluster_node: ClusterNode) -> _Node:
+        node = self._nodes.get(cluster_node.name)
+        if node is None:
+            if self._closed:
+                raise TransportClosed("the Redis transport is closed")
+            kwargs = dict(cluster_node.connection_kwargs)
+            connection_class = cluster_node.connection_class
+
+            def make() -> AbstractConnection:
+                return connection_class(**kwargs)
+
+            node = self._nodes[cluster_node.name] = _Node(self, cluster_node.name, make)
+        return node
+
+    def _redirected_node(self, error: rex.AskError) -> _Node:
+        cluster = self._cluster
+        if cluster is None:
+            raise TransportError(f"a single Redis server answered a cluster redirect: {error}")
+        manager = cluster.nodes_manager
+        target = manager.get_node(host=error.host, port=error.port)
+        if target is None:
+            target = ClusterNode(error.host, error.port, **manager.connection_kwargs)
+        return self._node(target)
+
+    async def _execute(self, slot: int, packed: bytes, script: _Script | None = None) -> Any:
+        """Send a command for ``slot``; follow MOVED / ASK / NOSCRIPT; map errors."""
+        if self._closed:
+            raise TransportClosed("the Redis transport is closed")
+        if not self._ready:
+            await self._ensure_ready()
+        node = self._node_for_slot(slot)
+        asking = False
+        for _ in range(_MAX_REDIRECTS):
+            try:
+                if asking:
+                    reply = (await asyncio.gather(*node.pipe.submit(pack("ASKING"), packed)))[1]
+                else:
+                    reply = await node.pipe.call(packed)
+            except TransportError as exc:
+                if not isinstance(exc, BackendRefused):
+                    # A node down: its replica may be taking over (the producer retries).
+                    self._refresh_topology()
+                raise
+            if not isinstance(reply, rex.RedisError):
+                return reply
+            code = error_code(reply)
+            self.redirects[code] += 1
+            if code == "NOSCRIPT" and script is not None:
+                # First use on this node, or the server restarted or flushed its scripts.
+                loaded = await node.pipe.call(script.load)
+                if isinstance(loaded, rex.RedisError):
+                    raise fault(loaded, "SCRIPT LOAD") from loaded
+                continue
+            if code in ("MOVED", "ASK") and self._cluster is None:
+                raise BackendRefused(
+                    f"this Redis server is part of a Redis Cluster ({describe(reply)}): "
+                    "connect with redis+cluster://HOST:PORT or a RedisCluster client"
+                ) from reply
+            if code == "MOVED" and isinstance(reply, rex.AskError) and self._cluster:
+                # The slot has a new owner (a migration finished, or a failover).
+                try:
+                    await self._cluster.nodes_manager.move_slot(reply)
+                except Exception as exc:
+                    self._refresh_topology()
+                    raise TransportError(f"the Redis Cluster is changing: {exc}") from exc
+                node, asking = self._node_for_slot(slot), False
+                continue
+            if code == "ASK" and isinstance(reply, rex.AskError):
+                # The slot is migrating and this key already moved: ask the target once.
+                node, asking = self._redirected_node(reply), True
+                continue
+            raise fault(reply, "the command") from reply
+        raise TransportError(f"too many redirections for slot {slot}; the cluster is changing")
+
+    async def _eval(self, script: _Script, stream_id: str, *args: Any) -> Any:
+        tag = f"{self.prefix}:{{{stream_id}}}:"
+        packed = pack("EVALSHA", script.sha, 3, tag + "meta", tag + "events", tag + "lease", *args)
+        return await self._execute(self._slot(stream_id), packed, script)
 
     def _key(self, stream_id: str, kind: str) -> str:
         return f"{self.prefix}:{{{stream_id}}}:{kind}"
 
-    async def _call(self, *args: Any) -> Any:
-        if self._closed:
-            raise TransportClosed("the Redis transport is closed")
-        return await self._commands.send(pack(args))
-
-    def _packed_keys(self, stream_id: str) -> bytes:
-        packed = self._keys_packed.get(stream_id)
-        if packed is None:
-            if len(self._keys_packed) >= 4096:
-                self._keys_packed.clear()
-            tag = f"{self.prefix}:{{{stream_id}}}:"
-            packed = b"".join(bulk(tag + kind) for kind in ("meta", "events", "lease"))
-            self._keys_packed[stream_id] = packed
-        return packed
-
-    async def _eval(
-        self, script: _Script, stream_id: str, *args: Any, tail: bytes = b"", tail_count: int = 0
-    ) -> Any:
-        if self._closed:
-            raise TransportClosed("the Redis transport is closed")
-        packed = b"*%d\r\n%b%b%b%b" % (
-            3 + 3 + len(args) + tail_count,
-            script.head,
-            self._packed_keys(stream_id),
-            b"".join(bulk(arg) for arg in args),
-            tail,
-        )
-        try:
-            return await self._commands.send(packed)
-        except RespError as exc:
-            if not str(exc).startswith("NOSCRIPT"):
-                raise
-            # First use, or the server restarted or flushed its scripts.
-            await self._commands.send(pack(("SCRIPT", "LOAD", script.source)))
-            return await self._commands.send(packed)
+    # -- the transport contract -------------------------------------------------------
 
     async def create(self, stream_id: str, owner: str, lease_ms: int) -> StreamInfo:
         now_ms = int(time.time() * 1000)
@@ -400,6 +422,9 @@ class RedisTransport(Transport):
     async def append(
         self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None = None
     ) -> None:
+        if self.replicas:
+            await self._append_durably(stream_id, owner, entry, count, final)
+            return
         result = await self._eval(
             _APPEND,
             stream_id,
@@ -410,13 +435,75 @@ class RedisTransport(Transport):
             count,
             int(time.time() * 1000),
             final or "",
-            tail=self._append_tail,
-            tail_count=4,
+            *self._append_tail,
+            self._meta_ttl_ms,
         )
         if result == -1:
             raise LeaseLost(stream_id)
-        if isinstance(result, list):  # {-2, last}: entries acknowledged earlier are gone
-            raise StorageRollback(stream_id, int(result[1]))
+        if isinstance(result, list):
+            raise StorageRollback(stream_id, int(result[0]))
+
+    async def _append_durably(
+        self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None
+    ) -> None:
+        tag = f"{self.prefix}:{{{stream_id}}}:"
+        keys = (tag + "meta", tag + "events", tag + "lease")
+        hold = pack(
+            "EVALSHA",
+            _HOLD.sha,
+            3,
+            *keys,
+            owner,
+            entry.epoch,
+            entry.seq,
+            entry.payload,
+            self.max_entries,
+            self._running_ttl_ms,
+        )
+        slot = self._slot(stream_id)
+        # HOLD and WAIT adjacent on one connection: WAIT counts that connection's writes.
+        # A redirect or a missing script is settled by _execute, then the pair is sent again.
+        for _ in range(_MAX_REDIRECTS):
+            if not self._ready:
+                await self._ensure_ready()
+            node = self._node_for_slot(slot)
+            try:
+                held, acked = await asyncio.gather(*node.pipe.submit(hold, self._wait))
+            except TransportError as exc:
+                if not isinstance(exc, BackendRefused):
+                    self._refresh_topology()
+                raise
+            if isinstance(held, rex.RedisError):
+                await self._execute(slot, hold, _HOLD)  # follows MOVED/ASK, loads, or raises
+                continue
+            break
+        else:
+            raise TransportError(f"too many redirections for slot {slot}; the cluster is changing")
+        if held == -1:
+            raise LeaseLost(stream_id)
+        if isinstance(held, list):
+            raise StorageRollback(stream_id, int(held[0]))
+        if isinstance(acked, rex.RedisError):
+            raise fault(acked, "WAIT") from acked
+        if acked < self.replicas:
+            raise TransportError(
+                f"stream {stream_id!r}: entry {entry.seq} reached {acked} of {self.replicas} "
+                "replicas in time; not readable yet (retried)"
+            )
+        released = await self._eval(
+            _RELEASE,
+            stream_id,
+            owner,
+            entry.epoch,
+            entry.seq,
+            count,
+            int(time.time() * 1000),
+            final or "",
+            self._retention_ms,
+            self._meta_ttl_ms,
+        )
+        if released == -1:
+            raise LeaseLost(stream_id)
 
     async def renew(self, stream_id: str, owner: str, lease_ms: int) -> bool:
         result = await self._eval(
@@ -427,54 +514,99 @@ class RedisTransport(Transport):
         return bool(result)
 
     async def request_cancel(self, stream_id: str) -> bool:
-        return bool(await self._eval(_CANCEL, stream_id, self._cancel_channel, stream_id))
+        return bool(await self._eval(_CANCEL, stream_id))
 
     async def wait_cancel(self, stream_id: str, epoch: int) -> None:
-        if self._listener is None:
-            self._listener = _CancelListener(self)
-        await self._listener.wait(stream_id, epoch)
+        channel = self._key(stream_id, "c").encode()
+        waiter = _CancelWaiter(epoch)
+        waiters = self._cancel_waiters.setdefault(channel, set())
+        waiters.add(waiter)
+        try:
+            self._follow(channel)
+            node = self._channel_node.get(channel)
+            if node is not None and channel in node.subscriber.confirmed:
+                waiter.event.set()  # already subscribed: check the metadata once
+            while True:
+                await waiter.event.wait()
+                waiter.event.clear()
+                if waiter.cancelled:
+                    return
+                # (Re)subscribed: a cancel published before that is in the metadata.
+                cancel, current = await self._execute(
+                    self._slot(stream_id),
+                    pack("HMGET", self._key(stream_id, "meta"), "cancel", "epoch"),
+                )
+                if cancel and current == b"%d" % epoch:
+                    return
+        finally:
+            waiters.discard(waiter)
+            if not waiters:
+                del self._cancel_waiters[channel]
+                self._unfollow(channel)
 
     async def info(self, stream_id: str) -> StreamInfo | None:
-        flat = await self._call("HGETALL", self._key(stream_id, "meta"))
-        if not flat:
+        values = await self._execute(
+            self._slot(stream_id), pack("HMGET", self._key(stream_id, "meta"), *_META_FIELDS)
+        )
+        if values[0] is None:
             return None
-        fields = dict(zip(flat[::2], flat[1::2], strict=True))
-        status: Status = fields[b"status"].decode()  # written by our scripts only
+        epoch, status, created, updated, last, count, lease_ms = values
         return StreamInfo(
             stream_id=stream_id,
-            epoch=int(fields[b"epoch"]),
-            status=status,
-            created_at=int(fields[b"created"]) / 1000,
-            updated_at=int(fields[b"updated"]) / 1000,
-            last_seq=int(fields[b"last"]),
-            last_count=int(fields[b"count"]),
-            lease_ms=int(fields[b"lease_ms"]),
+            epoch=int(epoch),
+            status=status.decode(),  # written by our scripts only
+            created_at=int(created) / 1000,
+            updated_at=int(updated) / 1000,
+            last_seq=int(last),
+            last_count=int(count),
+            lease_ms=int(lease_ms),
         )
 
     async def read(self, stream_id: str, epoch: int, after: int, limit: int) -> list[Entry]:
-        reply = await self._call(
-            "XRANGE",
-            self._key(stream_id, "events"),
-            f"{epoch}-{after + 1}",
-            f"{epoch}-18446744073709551615",
-            "COUNT",
-            limit,
-        )
+        if self.replicas:  # only what the replicas acknowledged
+            reply = await self._eval(_READ, stream_id, epoch, after, limit)
+        else:
+            reply = await self._execute(
+                self._slot(stream_id), _xrange(self._key(stream_id, "events"), epoch, after, limit)
+            )
         return [_entry(entry_id, fields) for entry_id, fields in reply]
 
     def subscribe(self, stream_id: str, epoch: int, after: int) -> Subscription:
         if self._closed:
             raise TransportClosed("the Redis transport is closed")
-        if self._reader is None:
-            self._reader = _Reader(self)
-        return self._reader.subscribe(self._key(stream_id, "events").encode(), epoch, after)
+        channel = self._key(stream_id, "n").encode()
+        feed = self._feeds.get(channel)
+        if feed is not None and feed.epoch > epoch:
+            # A reader of an earlier run: it must not take the feed from the current one.
+            # Woken at once, it finds the stream restarted (OffsetExpired).
+            stale = QueueSubscription(lambda sub: None)
+            stale.push([])
+            return stale
+        if feed is None or feed.epoch != epoch:
+            if feed is not None:
+                feed.wake()
+            key = self._key(stream_id, "events").encode()
+            feed = self._feeds[channel] = _Feed(key, channel, epoch, after)
+            self._follow(channel)
+            node = self._channel_node.get(channel)
+            if node is not None and channel in node.subscriber.confirmed:
+                self._fetch(feed)  # subscribed already (another run's readers)
+        subscription = QueueSubscription(lambda sub: self._unsubscribe(feed, sub))
+        feed.subscribers.add(subscription)
+        if feed.cursor > after:
+            subscription.push([])  # the feed is past this reader: wake it to read the gap
+        return subscription
+
+    def _unsubscribe(self, feed: _Feed, subscription: QueueSubscription) -> None:
+        feed.subscribers.discard(subscription)
+        if not feed.subscribers and self._feeds.get(feed.channel) is feed:
+            del self._feeds[feed.channel]
+            self._unfollow(feed.channel)
 
     async def delete(self, stream_id: str) -> bool:
-        # Deleting the metadata fences the producer: its owner token is gone.
-        deleted = bool(await self._eval(_DELETE, stream_id, self._cancel_channel, stream_id))
-        if self._reader is not None:  # readers here notice at once, others when quiet
-            self._reader.wake(self._key(stream_id, "events").encode())
-        return deleted
+        # Deleting the metadata fences the producer: its owner token is gone. The script
+        # notifies the stream's readers and its producer, in every process.
+        return bool(await self._eval(_DELETE, stream_id))
 
     async def reap(self, stream_id: str, epoch: int, payload: bytes) -> bool:
         result = await self._eval(
@@ -493,14 +625,208 @@ class RedisTransport(Transport):
         if self._closed:
             return
         self._closed = True
-        for part in (self._reader, self._listener):
-            if part is not None:
-                with contextlib.suppress(rex.RedisError, OSError):
-                    await part.aclose()
-        self._commands.close()
+        for feed in self._feeds.values():
+            feed.wake()
+        self._feeds.clear()
+        for waiters in self._cancel_waiters.values():
+            for waiter in waiters:
+                waiter.event.set()  # they re-check and fail with TransportClosed
+        if self._router is not None:
+            await stop(self._router)
+        nodes = [self._single] if self._single is not None else list(self._nodes.values())
+        for node in nodes:
+            if node is not None:
+                await node.aclose()
         if self._owns_client:
-            with contextlib.suppress(rex.RedisError, OSError):
-                await self.client.aclose(close_connection_pool=True)
+            # Made by from_url: close it, and the Sentinel clients behind its pool.
+            pool = getattr(self.client, "connection_pool", None)
+            manager = getattr(pool, "sentinel_manager", None)
+            for sentinel in getattr(manager, "sentinels", ()):
+                with contextlib.suppress(Exception):
+                    await sentinel.aclose()
+            with contextlib.suppress(Exception):
+                await self.client.aclose()
+
+    # -- live notices -----------------------------------------------------------------
+
+    def _follow(self, channel: bytes) -> None:
+        """Subscribe to a stream's channel on the node serving its slot."""
+        if channel in self._channel_node or channel in self._unrouted:
+            return
+        if self._ready:
+            try:
+                node = self._node_for_slot(key_slot(channel))
+            except TransportError:
+                pass
+            else:
+                self._channel_node[channel] = node
+                node.subscriber.add(channel)
+                return
+        self._unrouted.add(channel)  # routed by the router task once the topology is known
+        self._start_router()
+
+    def _unfollow(self, channel: bytes) -> None:
+        if channel in self._feeds or channel in self._cancel_waiters:
+            return  # still wanted (the notice channel by readers, the cancel one by runs)
+        self._unrouted.discard(channel)
+        node = self._channel_node.pop(channel, None)
+        if node is not None:
+            node.subscriber.remove(channel)
+
+    def _start_router(self) -> None:
+        self._router_wake.set()
+        if self._router is None and not self._closed:
+            self._router = asyncio.create_task(self._route(), name="rstream redis router")
+
+    def _refresh_topology(self) -> None:
+        """A cluster node failed or gave up a slot: ask the cluster for its slot map again,
+        and move the subscriptions whose slot has a new master (in the router task)."""
+        if self._cluster is not None and not self._closed:
+            self._refresh_wanted = True
+            self._start_router()
+
+    async def _route(self) -> None:
+        """Subscribe the channels not yet placed once the cluster topology is known, and
+        re-place subscriptions after the topology changed."""
+        while True:
+            await self._router_wake.wait()
+            self._router_wake.clear()
+            try:
+                await self._ensure_ready()
+                if self._refresh_wanted and self._cluster is not None:
+                    self._refresh_wanted = False
+                    await self._cluster.nodes_manager.initialize()
+                    await self._release_client_connections()
+                    self._replace_subscriptions()
+            except Exception as exc:
+                logger.warning("cannot read the cluster's slot map: %s; retrying", exc)
+                self._refresh_wanted = self._cluster is not None
+                await asyncio.sleep(_ROUTE_RETRY)  # backoff before asking the cluster again
+                self._router_wake.set()
+                continue
+            for channel in tuple(self._unrouted):
+                self._unrouted.discard(channel)
+                if channel in self._feeds or channel in self._cancel_waiters:
+                    self._follow(channel)
+
+    def _replace_subscriptions(self) -> None:
+        for channel, node in tuple(self._channel_node.items()):
+            try:
+                owner = self._node_for_slot(key_slot(channel))
+            except TransportError:
+                owner = None
+            if owner is not node:
+                del self._channel_node[channel]
+                node.subscriber.remove(channel)
+                self._unrouted.add(channel)
+
+    def _on_moved(self, channel: bytes) -> None:
+        # Redis Cluster moved the channel's slot away: place it again.
+        self._channel_node.pop(channel, None)
+        if channel in self._feeds or channel in self._cancel_waiters:
+            self._unrouted.add(channel)
+            self._refresh_topology()
+
+    def _on_subscribed(self, channel: bytes) -> None:
+        # Notices sent before this (re)subscription were missed: look again.
+        feed = self._feeds.get(channel)
+        if feed is not None:
+            feed.refetch = True
+            self._fetch(feed)
+        for waiter in self._cancel_waiters.get(channel, ()):
+            waiter.event.set()
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        if channel.endswith(b":c"):
+            cancelled = int(data) if data.isdigit() else -1
+            for waiter in self._cancel_waiters.get(channel, ()):
+                if waiter.epoch == cancelled:
+                    waiter.cancelled = True
+                    waiter.event.set()
+            return
+        feed = self._feeds.get(channel)
+        if feed is None:
+            return
+        entry_id, carried, payload = data.partition(b" ")
+        epoch, _, seq = entry_id.partition(b"-")
+        if not seq or int(epoch) != feed.epoch:
+            feed.wake()  # deleted, or another run: the readers find out from the metadata
+        elif int(seq) == feed.cursor + 1 and carried and not feed.fetching:
+            # The usual case: the next entry, carried by its notice. No fetch.
+            feed.cursor += 1
+            entries = [Entry(feed.epoch, feed.cursor, payload)]
+            for subscription in tuple(feed.subscribers):
+                subscription.push(entries)
+        elif int(seq) > feed.cursor:
+            self._fetch(feed)  # too large to carry, or a gap (a notice missed)
+
+    def _fetch(self, feed: _Feed) -> None:
+        """Read the feed's new entries (one XRANGE in flight per stream; notices that
+        arrive meanwhile are coalesced into one more)."""
+        if feed.fetching:
+            feed.refetch = True
+            return
+        node = self._channel_node.get(feed.channel)
+        if node is None or self._closed:
+            return
+        feed.fetching = True
+        feed.refetch = False
+        if self.replicas:
+            tag = feed.key.removesuffix(b"events")
+            packed = pack(
+                "EVALSHA", _READ.sha, 3, tag + b"meta", feed.key, tag + b"lease",
+                feed.epoch, feed.cursor, _FETCH_COUNT,
+            )  # fmt: skip
+        else:
+            packed = _xrange(feed.key, feed.epoch, feed.cursor, _FETCH_COUNT)
+        future = node.pipe.submit(packed)[0]
+        future.add_done_callback(lambda done: self._fetched(feed, node, done))
+
+    def _fetched(self, feed: _Feed, node: _Node, done: asyncio.Future[Any]) -> None:
+        feed.fetching = False
+        reply = None if done.cancelled() or done.exception() else done.result()
+        noscript = isinstance(reply, rex.RedisError) and error_code(reply) == "NOSCRIPT"
+        if noscript and not feed.loading:
+            # The read script is new to this node: load it, ahead of the fetch sent again
+            # on the same connection (a failure of either wakes the readers below).
+            feed.loading = True
+            node.pipe.submit(_READ.load)[0].add_done_callback(_retrieve)
+            feed.refetch = True
+        elif not isinstance(reply, list):
+            # A fault, a redirect or a refusal: the readers read through the safe path
+            # (metadata and storage, which follow redirects and report errors).
+            feed.wake()
+            return
+        else:
+            feed.loading = False
+            self._deliver(feed, reply)
+        if feed.refetch and self._feeds.get(feed.channel) is feed:
+            self._fetch(feed)
+
+    def _deliver(self, feed: _Feed, reply: list[Any]) -> None:
+        if reply:
+            entries = [_entry(entry_id, fields) for entry_id, fields in reply]
+            feed.cursor = max(feed.cursor, entries[-1].seq)
+            for subscription in tuple(feed.subscribers):
+                subscription.push(entries)
+        if len(reply) == _FETCH_COUNT:
+            feed.refetch = True  # a full page: more may be there
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # a lost connection is handled by whoever waits on it
+
+
+def _xrange(key: str | bytes, epoch: int, after: int, limit: int) -> bytes:
+    return pack(
+        "XRANGE",
+        key,
+        b"%d-%d" % (epoch, after + 1),
+        b"%d-18446744073709551615" % epoch,
+        "COUNT",
+        limit,
+    )
 
 
 def _entry(entry_id: bytes, fields: list[bytes]) -> Entry:
@@ -508,19 +834,76 @@ def _entry(entry_id: bytes, fields: list[bytes]) -> Entry:
     return Entry(int(epoch), int(seq), fields[1])
 
 
-async def _stop(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` and wait for it to end.
-
-    A library may turn the CancelledError thrown into it into another exception, which a
-    retry loop then survives; so cancel again until the task has really ended.
-    """
-    while not task.done():
-        task.cancel()
-        await asyncio.wait({task}, timeout=0.1)
-    if not task.cancelled():
-        task.exception()  # retrieved: a failure at shutdown is not worth a warning
+def _timeout_of(kwargs: dict[str, Any]) -> float:
+    return float(kwargs.get("socket_timeout") or DEFAULT_REDIS_TIMEOUT)
 
 
-def _ignore_result(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return url.replace(f":{parts.password}@", ":***@", 1)
+
+
+def _hosts(netloc: str, url: str) -> tuple[str, list[tuple[str, int]]]:
+    """Credentials and the HOST:PORT list of a multi-host URL."""
+    userinfo, _, hostlist = netloc.rpartition("@")
+    hosts = []
+    for item in hostlist.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise ConfigurationError(
+                f"invalid Redis URL {_redact(url)!r}: list the nodes as HOST:PORT,HOST:PORT"
+            )
+        hosts.append((host.strip("[]"), int(port)))
+    return userinfo, hosts
+
+
+def _client_from_url(url: str) -> aioredis.Redis | RedisCluster:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("redis", "rediss", "unix"):
+        return aioredis.Redis.from_url(url)
+    base, _, kind = scheme.partition("+")
+    if base not in ("redis", "rediss") or kind not in ("cluster", "sentinel"):
+        raise ConfigurationError(
+            f"unknown Redis URL scheme {scheme!r}: use redis://, rediss://, unix://, "
+            "redis+cluster:// or redis+sentinel://"
+        )
+    userinfo, hosts = _hosts(parts.netloc, url)
+    query = parts.query
+    sentinel_kwargs: dict[str, Any] = {}
+    if kind == "sentinel":
+        kept = []
+        for pair in query.split("&") if query else ():
+            name, _, value = pair.partition("=")
+            if name in ("sentinel_username", "sentinel_password"):
+                sentinel_kwargs[name.removeprefix("sentinel_")] = unquote(value)
+            else:
+                kept.append(pair)
+        query = "&".join(kept)
+    # redis-py parses the credentials and options of one-host URLs: reuse it.
+    single = f"{base}://{userinfo + '@' if userinfo else ''}{hosts[0][0]}:{hosts[0][1]}/"
+    kwargs: dict[str, Any] = dict(parse_url(single + ("?" + query if query else "")))
+    for name in ("host", "port", "path", "db"):
+        kwargs.pop(name, None)
+    if kwargs.pop("connection_class", None) is not None or base == "rediss":
+        kwargs["ssl"] = True
+    if kind == "cluster":
+        if parts.path.strip("/") not in ("", "0"):
+            raise ConfigurationError("a Redis Cluster has only database 0")
+        nodes = [ClusterNode(host, port) for host, port in hosts]
+        return RedisCluster(startup_nodes=nodes, **kwargs)
+    path = [segment for segment in parts.path.split("/") if segment]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ConfigurationError(
+            f"invalid Sentinel URL {_redact(url)!r}: "
+            "redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
+        )
+    service = unquote(path[0])
+    db = int(path[1]) if len(path) == 2 else 0
+    sentinel = aioredis.Sentinel(  # type: ignore[no-untyped-call]
+        hosts, sentinel_kwargs=sentinel_kwargs or None, **kwargs
+    )
+    master: aioredis.Redis = sentinel.master_for(service, db=db)
+    return master

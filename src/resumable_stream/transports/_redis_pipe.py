@@ -1,0 +1,417 @@
+"""Pipelined and sharded-pub/sub connections of the Redis transport, on redis-py.
+
+Connecting (TCP, unix socket, TLS), authentication (password, ACL user, credential
+provider), ``HELLO`` (RESP3), ``SELECT``, the client name, Sentinel's master look-up and
+reply parsing are redis-py's: every connection here is made by the user's pool or cluster
+node (``make_connection()`` / ``connection_class(**connection_kwargs)``) and opened with
+its ``connect()``. What redis-py's pool does not give is what makes the transport fast:
+
+* :class:`Pipe`: one connection shared by every task of the process. Commands are packed
+  once (hiredis' packer), everything queued in one event-loop turn goes out in one write
+  (on the connection's stream writer), and one reader resolves the replies in order
+  (``read_response``): any number in flight, no task or timer per command. A caller
+  cancelled while waiting leaves the connection in step (its reply is read and dropped).
+* :class:`Subscriber`: one sharded pub/sub connection, ``SSUBSCRIBE`` per channel (Redis
+  refuses one ``SSUBSCRIBE`` over channels of several slots), re-subscribed after a
+  reconnection.
+
+Replies that are errors are returned as redis-py exception objects (the caller classifies
+them, see :func:`error_code`); a lost connection or a silent server fails the commands in
+flight with :class:`TransportError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import hiredis
+from redis import exceptions as rex
+from redis.asyncio.connection import AbstractConnection
+
+from .. import telemetry
+from .._exceptions import BackendRefused, TransportClosed, TransportError
+
+logger = logging.getLogger("resumable_stream.redis")
+
+Arg = bytes | str | int
+ConnectionFactory = Callable[[], AbstractConnection]
+
+#: Error codes of faults a retry may fix (a failover, a cluster reconfiguring).
+TRANSIENT_CODES = frozenset({"TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "BUSY"})
+#: Error codes meaning "this connection talks to the wrong server now": drop it and
+#: reconnect (Sentinel resolves the master again).
+RECONNECT_CODES = frozenset({"READONLY", "LOADING"})
+#: Seconds between reconnection attempts of a subscriber.
+RECONNECT_DELAY = 0.5
+
+
+def pack(*args: Arg) -> bytes:
+    """One command in RESP, packed by hiredis."""
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]  # a tuple of any length
+    return packed
+
+
+def error_code(error: BaseException) -> str:
+    """The Redis error code of an error reply (``MOVED``, ``OOM``, ``ERR``...)."""
+    code = getattr(error, "status_code", None)
+    if code:
+        return str(code)
+    # redis-py keeps the code only for the errors it knows; others start with it.
+    return str(error).split(" ", 1)[0]
+
+
+def describe(error: BaseException) -> str:
+    """An error reply as Redis wrote it: its code, then the message."""
+    text = str(error)
+    code = getattr(error, "status_code", None)
+    return f"{code} {text}" if code and not text.startswith(code) else text
+
+
+def fault(error: BaseException, what: str) -> TransportError:
+    """Our exception for a redis-py (or socket) error met while doing ``what``."""
+    if isinstance(error, TransportError):
+        return error
+    if isinstance(error, rex.AuthenticationError | rex.AuthorizationError):
+        return BackendRefused(f"Redis refused {what}: {describe(error)}")
+    if isinstance(error, rex.ConnectionError | rex.TimeoutError):
+        # Also LOADING and "max number of clients reached", which redis-py raises as these.
+        if getattr(error, "status_code", None):
+            return TransportError(f"Redis is not ready for {what}: {describe(error)}")
+        return TransportError(f"Redis connection failed during {what}: {error}")
+    if isinstance(error, rex.ResponseError) or (
+        isinstance(error, rex.RedisError) and getattr(error, "status_code", None)
+    ):
+        code = error_code(error)
+        if code in TRANSIENT_CODES or code in RECONNECT_CODES:
+            return TransportError(f"Redis is not ready for {what}: {describe(error)}")
+        return BackendRefused(f"Redis refused {what}: {describe(error)}")
+    if isinstance(error, rex.DataError | TypeError | ValueError):
+        return BackendRefused(f"Redis refused {what}: {error}")
+    return TransportError(f"Redis connection failed during {what}: {error}")
+
+
+async def _discard(connection: AbstractConnection) -> None:
+    # Shielded: a second cancellation must not leave the socket open.
+    with contextlib.suppress(Exception):
+        await asyncio.shield(connection.disconnect(nowait=True))
+
+
+class _Session:
+    """One connection's life: the commands written to it and the replies it owes."""
+
+    __slots__ = ("flushing", "outgoing", "pending", "stream", "task")
+
+    def __init__(self) -> None:
+        self.pending: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.outgoing: list[bytes] = []
+        self.stream: asyncio.StreamWriter | None = None  # set once connected
+        self.flushing = False
+        self.task: asyncio.Task[None] | None = None
+
+    def fail(self, error: TransportError) -> None:
+        self.outgoing.clear()
+        while self.pending:
+            future = self.pending.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+
+class Pipe:
+    """One pipelined connection, opened on first use and reopened after a fault.
+
+    ``timeout``: seconds the server may stay silent while replies are owed before the
+    connection is dropped (the redis-py ``socket_timeout``, or a default).
+    """
+
+    def __init__(self, make: ConnectionFactory, *, timeout: float, name: str) -> None:
+        self._make = make
+        self._timeout = timeout
+        self.name = name
+        self._session: _Session | None = None  # the one new commands go to
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._progress = 0.0  # when a reply last came, or the first owed one was queued
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._closed = False
+        #: Connections opened so far (tests and metrics).
+        self.connects = 0
+
+    def submit(self, *packed: bytes) -> list[asyncio.Future[Any]]:
+        """Queue packed commands, adjacent on the wire; a future per reply.
+
+        A reply that is an error is the redis-py exception object (not raised).
+        """
+        if self._closed:
+            raise TransportClosed("the Redis transport is closed")
+        loop = asyncio.get_running_loop()
+        session = self._session
+        if session is None:
+            session = self._session = _Session()
+            task = session.task = loop.create_task(
+                self._run(session), name=f"rstream redis {self.name}"
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if not session.pending:
+            self._progress = loop.time()
+            if self._watchdog is None:
+                self._watchdog = loop.call_at(self._progress + self._timeout, self._check)
+        futures = [loop.create_future() for _ in packed]
+        session.outgoing.extend(packed)
+        session.pending.extend(futures)
+        if not session.flushing and session.stream is not None:
+            session.flushing = True
+            loop.call_soon(self._flush, session)
+        return futures
+
+    async def call(self, packed: bytes) -> Any:
+        """Send one packed command; return its reply (an error reply is returned too)."""
+        return await self.submit(packed)[0]
+
+    def _end(self, session: _Session, error: TransportError) -> None:
+        """Fail what ``session`` owes; commands queued from now on go to a new one."""
+        if self._session is session:
+            self._session = None
+        session.fail(error)
+
+    async def _run(self, session: _Session) -> None:
+        connection = self._make()
+        error = TransportError("Redis connection closed")
+        try:
+            try:
+                await connection.connect()  # type: ignore[no-untyped-call]
+            except (rex.RedisError, OSError) as exc:
+                raise fault(exc, "the connection set-up") from exc
+            self.connects += 1
+            if self.connects > 1:
+                telemetry.reconnecting(self.name)
+            session.stream = connection._writer  # see _flush
+            self._flush(session)  # what was queued while connecting
+            await self._read(session, connection)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            error = fault(exc, "the command")
+        finally:
+            self._end(session, error)
+            await _discard(connection)
+
+    def _flush(self, session: _Session) -> None:
+        # Everything queued during one event-loop turn goes out in one write. The write is
+        # redis-py's stream writer's, called here without awaiting drain(): a task per
+        # flush (send_packed_command) costs an event-loop turn per round trip. A broken
+        # socket shows up on the reader side.
+        session.flushing = False
+        if session.outgoing and session.stream is not None:
+            batch, session.outgoing = session.outgoing, []
+            session.stream.writelines(batch)
+
+    async def _read(self, session: _Session, connection: AbstractConnection) -> None:
+        pending = session.pending
+        clock = asyncio.get_running_loop().time
+        while True:
+            try:
+                reply = await connection.read_response(disable_decoding=True, timeout=math.inf)
+            except rex.ResponseError as exc:
+                reply = exc  # an error reply: it answers the next command like any reply
+            except (rex.RedisError, OSError) as exc:
+                raise fault(exc, "a read") from exc
+            if not pending:
+                raise TransportError(f"Redis sent a reply nobody asked for: {reply!r}")
+            self._progress = clock()
+            future = pending.popleft()
+            if not future.done():  # done: its caller was cancelled; the reply is dropped
+                future.set_result(reply)
+            if isinstance(reply, rex.ResponseError) and error_code(reply) in RECONNECT_CODES:
+                # A demoted master (READONLY) or a server loading its data: this
+                # connection points at the wrong server for now (issue 8, part 3).
+                raise TransportError(f"Redis answered {error_code(reply)}: reconnecting")
+
+    def _check(self) -> None:
+        # One timer per connection, re-armed from the last progress (not one per command).
+        self._watchdog = None
+        session = self._session
+        if session is None or not session.pending:
+            return
+        loop = asyncio.get_running_loop()
+        due = self._progress + self._timeout
+        if loop.time() < due:
+            self._watchdog = loop.call_at(due, self._check)
+            return
+        self._end(session, TransportError(f"Redis did not answer within {self._timeout:g} s"))
+        if session.task is not None:
+            session.task.cancel()
+
+    async def aclose(self) -> None:
+        """Close the connection; calls still waiting fail with :class:`TransportClosed`."""
+        self._closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if self._session is not None:
+            self._end(self._session, TransportClosed("the Redis transport is closed"))
+        await stop(*self._tasks)
+
+
+class Subscriber:
+    """One sharded pub/sub connection: ``SSUBSCRIBE`` per channel, kept across reconnects.
+
+    ``on_message(channel, data)`` gets every message; ``on_subscribed(channel)`` runs each
+    time Redis confirms a subscription (after a reconnection too: messages published
+    meanwhile were lost, so look at the state again); ``on_moved(channel)`` runs when the
+    channel's slot is served elsewhere now (Redis Cluster), the channel having been
+    dropped here; ``on_fault()`` when the connection failed (the node may be gone).
+    """
+
+    def __init__(
+        self,
+        make: ConnectionFactory,
+        *,
+        name: str,
+        on_message: Callable[[bytes, bytes], None],
+        on_subscribed: Callable[[bytes], None],
+        on_moved: Callable[[bytes], None],
+        on_fault: Callable[[], None],
+    ) -> None:
+        self._make = make
+        self.name = name
+        self._on_message = on_message
+        self._on_subscribed = on_subscribed
+        self._on_moved = on_moved
+        self._on_fault = on_fault
+        self.channels: set[bytes] = set()  # wanted
+        self.confirmed: set[bytes] = set()
+        self._sent: set[bytes] = set()  # SSUBSCRIBE sent on the current connection
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.connects = 0
+
+    def add(self, channel: bytes) -> None:
+        if self._closed:
+            raise TransportClosed("the Redis transport is closed")
+        if channel in self.channels:
+            return
+        self.channels.add(channel)
+        self._poke()
+
+    def remove(self, channel: bytes) -> None:
+        if channel in self.channels:
+            self.channels.discard(channel)
+            self.confirmed.discard(channel)
+            self._poke()
+
+    def _poke(self) -> None:
+        self._changed.set()
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"rstream redis {self.name}")
+
+    async def _run(self) -> None:
+        while not self._closed:
+            if not self.channels:
+                self._task = None  # nothing to follow: no connection (add() starts again)
+                return
+            connection = self._make()
+            self._sent = set()
+            try:
+                await connection.connect()  # type: ignore[no-untyped-call]
+                self.connects += 1
+                reader = asyncio.create_task(self._read(connection), name=f"{self.name} reader")
+                writer = asyncio.create_task(self._write(connection), name=f"{self.name} writer")
+                try:
+                    done, _ = await asyncio.wait(
+                        {reader, writer}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                finally:
+                    await stop(reader, writer)
+                for task in done:
+                    task.result()  # raises the fault
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("%s: %s; reconnecting", self.name, exc)
+                telemetry.reconnecting(self.name)
+                self._on_fault()
+            finally:
+                self.confirmed.clear()
+                await _discard(connection)
+            if not self._closed:
+                await asyncio.sleep(RECONNECT_DELAY)  # backoff before reconnecting
+
+    async def _write(self, connection: AbstractConnection) -> None:
+        changed = self._changed
+        while True:
+            changed.clear()
+            wanted = self.channels
+            commands = [pack("SSUBSCRIBE", c) for c in wanted - self._sent]
+            commands += [pack("SUNSUBSCRIBE", c) for c in self._sent - wanted]
+            self._sent = set(wanted)
+            if commands:
+                await connection.send_packed_command(commands, check_health=False)
+            await changed.wait()
+
+    async def _read(self, connection: AbstractConnection) -> None:
+        while True:
+            try:
+                message = await connection.read_response(
+                    disable_decoding=True, timeout=math.inf, push_request=True
+                )
+            except rex.ResponseError as exc:
+                if error_code(exc) == "MOVED" and isinstance(exc, rex.AskError):
+                    # SSUBSCRIBE of a channel whose slot lives elsewhere.
+                    for channel in [c for c in self._sent if _slot_of(c) == exc.slot_id]:
+                        self._lose(channel)
+                    continue
+                raise
+            if not isinstance(message, list) or len(message) < 3:
+                continue
+            kind, channel = message[0], message[1]
+            if kind == b"smessage":
+                self._on_message(channel, message[2])
+            elif kind == b"ssubscribe":
+                if channel in self.channels:
+                    self.confirmed.add(channel)
+                    self._on_subscribed(channel)
+            elif kind == b"sunsubscribe" and channel in self._sent:
+                # Not asked for: Redis dropped the channel because its slot moved away.
+                self._lose(channel)
+
+    def _lose(self, channel: bytes) -> None:
+        self._sent.discard(channel)
+        self.confirmed.discard(channel)
+        if channel in self.channels:
+            self.channels.discard(channel)
+            self._on_moved(channel)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            await stop(self._task)
+
+
+async def stop(*tasks: asyncio.Task[Any]) -> None:
+    """Cancel ``tasks`` and wait until they have ended.
+
+    Code inside redis-py (or asyncio's own ``wait_for`` on Python 3.11) may swallow the
+    CancelledError thrown into a task, which then carries on; so cancel again until it
+    has really ended.
+    """
+    waiting = {task for task in tasks if not task.done()}
+    while waiting:
+        for task in waiting:
+            task.cancel()
+        _, waiting = await asyncio.wait(waiting, timeout=0.1)
+    for task in tasks:
+        if not task.cancelled():
+            task.exception()  # retrieved: a failure at shutdown is not worth a warning
+
+
+def _slot_of(channel: bytes) -> int:
+    from redis.crc import key_slot
+
+    return int(key_slot(channel))

@@ -1,0 +1,656 @@
+"""The Redis transport's own behaviour on a real redis-server: the APPEND script's
+contiguity, error classification, the connection layer and live notices."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import redis.asyncio as aioredis
+from redis import exceptions as rex
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
+from redis.credentials import UsernamePasswordCredentialProvider
+
+from resumable_stream import (
+    BackendRefused,
+    ConfigurationError,
+    Event,
+    StorageRollback,
+    StreamConsumer,
+    StreamProducer,
+    TransportError,
+    from_url,
+)
+from resumable_stream.transports import Entry
+from resumable_stream.transports._redis_pipe import fault
+from resumable_stream.transports._redis_scripts import NOTICE_PAYLOAD_MAX
+from resumable_stream.transports.redis import DEFAULT_WRITE_RETRY_BUDGET, RedisTransport
+from tests._helpers import collect, eventually, joined, text_of, tokens
+from tests._services import RedisClusterService, RedisSentinelService, RedisServer
+from tests.conftest import TlsRedis
+
+
+@pytest.fixture
+async def transport(redis_url: str) -> AsyncIterator[RedisTransport]:
+    async with RedisTransport.from_url(redis_url, prefix=f"t{uuid.uuid4().hex[:12]}") as made:
+        yield made
+
+
+async def test_append_past_last_plus_one_writes_nothing_and_reports_the_last_seq(
+    transport: RedisTransport,
+) -> None:
+    info = await transport.create("s", owner="o", lease_ms=5000)
+    await transport.append("s", "o", Entry(info.epoch, 1, b"[1]"), 1)
+    await transport.append("s", "o", Entry(info.epoch, 2, b"[2]"), 1)
+    await transport.append("s", "o", Entry(info.epoch, 2, b"[2]"), 1)  # a retry: no-op
+    with pytest.raises(StorageRollback) as caught:
+        await transport.append("s", "o", Entry(info.epoch, 4, b"[4]"), 1)
+    assert (caught.value.stream_id, caught.value.last_seq) == ("s", 2)
+    assert [e.seq for e in await transport.read("s", info.epoch, 0, 10)] == [1, 2]
+    stored = await transport.info("s")
+    assert stored is not None and stored.last_seq == 2
+    await transport.append("s", "o", Entry(info.epoch, 3, b"[3]"), 1)  # re-append the hole
+    assert [e.seq for e in await transport.read("s", info.epoch, 0, 10)] == [1, 2, 3]
+
+
+# -- configuration --------------------------------------------------------------------
+
+
+def test_a_client_it_cannot_use_is_refused_when_the_transport_is_built() -> None:
+    import redis
+
+    sync_client = redis.Redis()
+    with pytest.raises(ConfigurationError, match=r"redis\.asyncio\.Redis or RedisCluster"):
+        RedisTransport(sync_client)  # type: ignore[arg-type]
+    sync_client.close()
+    replica = aioredis.Sentinel([("127.0.0.1", 1)]).slave_for("m")  # type: ignore[no-untyped-call]
+    with pytest.raises(ConfigurationError, match="master_for"):
+        RedisTransport(replica)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "rediss://127.0.0.1:1/0?ssl_cert_reqs=sometimes",  # redis-py's own option check
+        "redis://127.0.0.1:1/0?protocol=4",
+        "redis+cluster://127.0.0.1",  # no port
+        "redis+cluster://127.0.0.1:7000/3",  # a cluster has only db 0
+        "redis+sentinel://127.0.0.1:26379",  # no service name
+        "redis+sentinel://127.0.0.1:26379/m/x",  # db not a number
+        "redis+queue://127.0.0.1:6379",
+    ],
+)
+def test_a_bad_url_raises_configuration_error_not_a_redis_py_error(url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        from_url(url)
+
+
+def test_schemes_build_the_matching_redis_py_client() -> None:
+    cluster = from_url("redis+cluster://127.0.0.1:7000,127.0.0.1:7001?socket_timeout=3")
+    assert isinstance(cluster, RedisTransport) and isinstance(cluster.client, RedisCluster)
+    assert {n.port for n in cluster.client.nodes_manager.startup_nodes.values()} == {7000, 7001}
+    sentinel = from_url("redis+sentinel://u:pw@127.0.0.1:26379,127.0.0.1:26380/mymaster/2")
+    assert isinstance(sentinel, RedisTransport) and isinstance(sentinel.client, aioredis.Redis)
+    pool = sentinel.client.connection_pool
+    assert isinstance(pool, SentinelConnectionPool) and pool.service_name == "mymaster"
+    assert pool.connection_kwargs["db"] == 2 and pool.connection_kwargs["password"] == "pw"
+    assert sentinel.write_retry_budget == DEFAULT_WRITE_RETRY_BUDGET
+
+
+# -- connections go through redis-py -------------------------------------------------
+
+
+async def _client_names(admin: aioredis.Redis) -> list[str]:
+    return [c["name"] for c in await admin.client_list()]
+
+
+async def test_what_the_users_client_configures_is_honoured(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    """ACL user through a credential provider, RESP3, db and client name, as configured."""
+    server = redis_server_factory()
+    admin = aioredis.Redis(port=server.port)
+    await admin.execute_command("ACL", "SETUSER", "streams", "on", ">s3cret", "~*", "&*", "+@all")
+    await admin.execute_command("ACL", "SETUSER", "default", "off")
+    admin_auth = aioredis.Redis(port=server.port, username="streams", password="s3cret")
+    client = aioredis.Redis(
+        port=server.port,
+        db=3,
+        protocol=3,
+        client_name="my-app",
+        credential_provider=UsernamePasswordCredentialProvider("streams", "s3cret"),
+    )
+    async with RedisTransport(client, prefix="p") as transport:
+        run = await StreamProducer(transport).start(tokens(30))
+        assert joined(await collect(transport, run.stream_id)) == text_of(30)
+        clients = await admin_auth.client_list()
+        ours = [c for c in clients if c["name"] == "my-app"]
+        assert len(ours) == 2  # commands and notices
+        assert all(c["user"] == "streams" and c["db"] == "3" and c["resp"] == "3" for c in ours)
+    assert await admin_auth.execute_command("DBSIZE") == 0  # db 0 untouched
+    await admin_auth.select(3)  # type: ignore[attr-defined]
+    for closing in (client, admin, admin_auth):
+        await closing.aclose()
+
+
+async def test_tls_with_the_test_ca_and_a_refused_certificate(redis_tls: TlsRedis) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    async with from_url(redis_tls.url, prefix=prefix) as transport:
+        run = await StreamProducer(transport).start(tokens(30))
+        assert joined(await collect(transport, run.stream_id)) == text_of(30)  # live, too
+    untrusted = f"rediss://127.0.0.1:{redis_tls.server.port}/0"  # no CA: unknown certificate
+    async with from_url(untrusted, prefix=prefix) as transport:
+        with pytest.raises(TransportError, match="certificate verify failed"):
+            await transport.info("any")
+
+
+def test_a_prefix_that_would_move_the_hash_tag_is_refused() -> None:
+    for prefix in ("", "app{1}", "a}b"):
+        with pytest.raises(ConfigurationError, match="prefix"):
+            RedisTransport(aioredis.Redis(), prefix=prefix)
+
+
+async def test_a_cluster_node_behind_a_single_server_url_says_what_to_use(
+    redis_cluster: RedisClusterService,
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    ports = redis_cluster.master_ports()
+    elsewhere = next(
+        f"s{i}"  # a stream whose slot this node does not serve
+        for i in range(100)
+        if redis_cluster.owner(redis_cluster.slot_of(f"{prefix}:{{s{i}}}:meta")) != ports[0]
+    )
+    async with from_url(f"redis://127.0.0.1:{ports[0]}/0", prefix=prefix) as transport:
+        with pytest.raises(BackendRefused, match=r"redis\+cluster://"):
+            await transport.info(elsewhere)
+
+
+async def test_a_wrong_password_is_a_refusal_not_a_transient_fault(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    server = redis_server_factory()
+    admin = aioredis.Redis(port=server.port)
+    await admin.config_set("requirepass", "right")
+    await admin.aclose()
+    async with from_url(f"redis://:wrong@127.0.0.1:{server.port}/0") as transport:
+        with pytest.raises(BackendRefused, match="connection set-up"):
+            await transport.info("any")
+
+
+async def test_cancelled_callers_leave_the_connection_in_step(transport: RedisTransport) -> None:
+    for i in range(40):
+        info = await transport.create(f"s{i}", owner="o", lease_ms=60_000)
+        await transport.append(f"s{i}", "o", Entry(info.epoch, 1, b"[%d]" % i), 1)
+
+    async def read(i: int) -> tuple[int, bytes]:
+        info = await transport.info(f"s{i}")
+        assert info is not None
+        entries = await transport.read(f"s{i}", info.epoch, 0, 10)
+        return i, entries[0].payload
+
+    for _ in range(5):
+        tasks = [asyncio.create_task(read(i)) for i in range(40)]
+        await asyncio.sleep(0)  # one turn: every task has queued its first command
+        for task in tasks[::2]:
+            task.cancel()  # their replies are still owed and must be skipped
+        results = await asyncio.gather(*tasks[1::2])
+        assert results == [(i, b"[%d]" % i) for i in range(1, 40, 2)]
+    assert transport._node_for_slot(0).pipe.connects == 1  # never resynchronised
+
+
+# -- error classification (issue 9) ---------------------------------------------------
+
+
+async def test_a_refusal_is_not_retried_and_is_typed(
+    transport: RedisTransport, redis_url: str
+) -> None:
+    admin = aioredis.Redis.from_url(redis_url)
+    await admin.set(transport._key("typed", "meta"), "a string, not a hash")
+    with pytest.raises(BackendRefused, match="WRONGTYPE"):
+        await transport.info("typed")
+    with pytest.raises(BackendRefused, match="WRONGTYPE"):
+        await transport.create("typed", owner="o", lease_ms=1000)
+    await admin.aclose()
+
+
+@pytest.mark.parametrize(
+    ("error", "refused"),
+    [
+        (rex.OutOfMemoryError("command not allowed", status_code="OOM"), True),
+        (rex.ResponseError("WRONGTYPE Operation against a key"), True),
+        (rex.NoPermissionError("no permissions", status_code="NOPERM"), True),
+        (rex.AuthenticationError("Authentication required.", status_code="NOAUTH"), True),
+        (rex.ResponseError("ERR unknown command"), True),
+        (rex.ReadOnlyError("You can't write against a replica", status_code="READONLY"), False),
+        (rex.BusyLoadingError("Redis is loading", status_code="LOADING"), False),
+        (rex.ResponseError("MASTERDOWN Link with MASTER is down"), False),
+        (
+            rex.TryAgainError("Multiple keys request during rehashing", status_code="TRYAGAIN"),
+            False,
+        ),
+        (rex.ClusterDownError("The cluster is down", status_code="CLUSTERDOWN"), False),
+        (rex.ConnectionError("Connection reset by peer"), False),
+        (rex.ConnectionError("max number of clients reached", status_code="ERR"), False),
+        (rex.TimeoutError("Timeout reading"), False),
+        (ConnectionResetError(104, "reset"), False),
+    ],
+)
+def test_errors_are_classified_as_refused_or_transient(error: Exception, refused: bool) -> None:
+    mapped = fault(error, "the command")
+    assert isinstance(mapped, TransportError)
+    assert isinstance(mapped, BackendRefused) is refused
+    code = getattr(error, "status_code", None)
+    if code:
+        assert str(mapped).startswith(f"Redis {'refused' if refused else 'is not ready for'}")
+        assert code in str(mapped)
+
+
+async def test_a_missing_permission_is_a_refusal(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    server = redis_server_factory()
+    admin = aioredis.Redis(port=server.port)
+    await admin.execute_command(
+        "ACL", "SETUSER", "reader", "on", ">pw", "~*", "&*", "+@read", "+@connection"
+    )
+    async with from_url(f"redis://reader:pw@127.0.0.1:{server.port}/0") as transport:
+        assert await transport.info("nothing") is None  # reading is allowed
+        with pytest.raises(BackendRefused, match="NOPERM"):
+            await transport.create("s", owner="o", lease_ms=1000)
+    await admin.aclose()
+
+
+async def test_readonly_is_transient_and_drops_the_connection(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    """A demoted master answers READONLY: a fault a retry fixes, on a new connection."""
+    primary, demoted = redis_server_factory(), redis_server_factory()
+    admin = aioredis.Redis(port=demoted.port)
+    async with RedisTransport.from_url(demoted.url) as transport:
+        assert await transport.info("s") is None
+        await admin.execute_command("REPLICAOF", "127.0.0.1", primary.port)
+        with pytest.raises(TransportError) as caught:
+            await transport.create("s", owner="o", lease_ms=1000)
+        assert not isinstance(caught.value, BackendRefused)
+        await admin.execute_command("REPLICAOF", "NO", "ONE")
+        await transport.create("s", owner="o", lease_ms=1000)  # the retry works
+        assert transport._node_for_slot(0).pipe.connects == 2  # reconnected after READONLY
+    await admin.aclose()
+
+
+# -- live delivery: notify, then fetch -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "most_xranges"),
+    [(100, 0), (NOTICE_PAYLOAD_MAX + 1, 50)],
+    ids=["carried-by-the-notice", "too-large-fetched"],
+)
+async def test_live_entries_come_with_their_notice_or_a_coalesced_fetch(
+    transport: RedisTransport, redis_url: str, size: int, most_xranges: int
+) -> None:
+    admin = aioredis.Redis.from_url(redis_url)
+    info = await transport.create("burst", owner="o", lease_ms=60_000)
+    subscription = transport.subscribe("burst", info.epoch, 0)
+    channel = transport._key("burst", "n").encode()
+
+    async def subscribed() -> bool:
+        return channel in transport._node_for_slot(0).subscriber.confirmed
+
+    await eventually(subscribed)
+    await admin.config_resetstat()
+    payloads = [b"%d:" % seq + b"x" * (size - len(b"%d:" % seq)) for seq in range(1, 201)]
+    await asyncio.gather(
+        *(
+            transport.append("burst", "o", Entry(info.epoch, seq, payload), 1)
+            for seq, payload in enumerate(payloads, start=1)
+        )
+    )
+    received: list[Entry] = []
+    while len(received) < 200:
+        received += await subscription.get(5.0)
+    assert [(e.seq, e.payload) for e in received] == list(enumerate(payloads, start=1))
+    stats = await admin.info("commandstats")
+    # Entries within NOTICE_PAYLOAD_MAX need no read; larger ones are fetched, one
+    # XRANGE per burst of notices rather than one per entry.
+    assert stats.get("cmdstat_xrange", {"calls": 0})["calls"] <= most_xranges, stats
+    subscription.close()
+    await admin.aclose()
+
+
+async def test_a_deleted_stream_wakes_its_readers_in_another_process(
+    transport: RedisTransport, redis_url: str
+) -> None:
+    async with RedisTransport.from_url(redis_url, prefix=transport.prefix) as other:
+        info = await transport.create("gone", owner="o", lease_ms=60_000)
+        subscription = transport.subscribe("gone", info.epoch, 0)
+        channel = transport._key("gone", "n").encode()
+
+        async def subscribed() -> bool:
+            return channel in transport._node_for_slot(0).subscriber.confirmed
+
+        await eventually(subscribed)
+        waiting = asyncio.create_task(subscription.get(30.0))
+        assert await other.delete("gone")
+        assert await asyncio.wait_for(waiting, timeout=5) == []  # woken, not timed out
+        assert await transport.info("gone") is None
+
+
+# -- Redis Cluster: routing by slot, redirects, connections per master -----------------
+
+
+def _phased(phases: list[asyncio.Event], per_phase: int) -> AsyncIterator[str]:
+    async def source() -> AsyncIterator[str]:
+        n = 0
+        for phase in phases:
+            await phase.wait()
+            for _ in range(per_phase):
+                yield f"t{n} "
+                n += 1
+
+    return source()
+
+
+async def test_a_slot_migrated_mid_stream_loses_nothing(
+    redis_cluster: RedisClusterService,
+) -> None:
+    """Keys moved while the slot is MIGRATING (writes and reads follow ASK), then the slot
+    given to the target (MOVED; the live subscription moves too): no gap, no duplicate."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    phases = [asyncio.Event() for _ in range(3)]
+    async with (
+        from_url(redis_cluster.url, prefix=prefix) as producing,
+        from_url(redis_cluster.url, prefix=prefix) as reading,
+    ):
+        run = await StreamProducer(producing).start(_phased(phases, 20), stream_id="mig")
+        received: list[Event] = []
+
+        async def read() -> None:
+            async for event in StreamConsumer(reading, "mig"):
+                received.append(event)
+
+        reader = asyncio.create_task(read())
+
+        def has(n: int) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                return joined(received) == text_of(n)
+
+            return check
+
+        slot = redis_cluster.slot_of(f"{prefix}:{{mig}}:meta")
+        source = redis_cluster.owner(slot)
+        target = next(port for port in redis_cluster.master_ports() if port != source)
+        phases[0].set()
+        await eventually(has(20))
+        migration = redis_cluster.migrating_slot(slot, target)
+        assert migration.move_keys() >= 2  # meta and events now on the target: ASK
+        phases[1].set()
+        await eventually(has(40))
+        migration.finish()  # the target owns the slot: MOVED
+        channel = reading._key("mig", "n").encode()  # type: ignore[attr-defined]
+
+        async def followed_on_the_target() -> bool:
+            node = reading._channel_node.get(channel)  # type: ignore[attr-defined]
+            return (
+                node is not None
+                and node.name.endswith(f":{target}")
+                and channel in node.subscriber.confirmed
+            )
+
+        await eventually(followed_on_the_target)  # Redis dropped it from the old owner
+        phases[2].set()
+        assert await run.wait() == "completed"
+        await asyncio.wait_for(reader, timeout=30)
+        assert joined(received) == text_of(60)
+        assert received[-1].type == "end"
+        assert await collect(reading, "mig") == received  # storage agrees, once each
+        assert redis_cluster.owner(slot) == target
+        # Followed ASK while migrating; afterwards the slot map came either from a MOVED or
+        # from the refresh that re-placed the run's cancel subscription.
+        assert producing.redirects["ASK"] > 0  # type: ignore[attr-defined]
+
+
+async def test_moved_updates_the_slot_map_and_resends(
+    redis_cluster: RedisClusterService,
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    async with RedisTransport.from_url(redis_cluster.url, prefix=prefix) as transport:
+        info = await transport.create("mv", owner="o", lease_ms=60_000)
+        await transport.append("mv", "o", Entry(info.epoch, 1, b"[1]"), 1)
+        slot = redis_cluster.slot_of(f"{prefix}:{{mv}}:meta")
+        target = next(p for p in redis_cluster.master_ports() if p != redis_cluster.owner(slot))
+        await asyncio.to_thread(redis_cluster.migrate_slot, slot, target)
+        await transport.append("mv", "o", Entry(info.epoch, 2, b"[2]"), 1)
+        assert transport.redirects["MOVED"] == 1  # then the slot map knew the new owner
+        entries = await transport.read("mv", info.epoch, 0, 10)
+        assert [(e.seq, e.payload) for e in entries] == [(1, b"[1]"), (2, b"[2]")]
+        assert transport.redirects["MOVED"] == 1
+
+
+async def test_a_cluster_failover_mid_stream_loses_nothing(
+    redis_cluster: RedisClusterService,
+) -> None:
+    """The stream's master hands over to its replica (CLUSTER FAILOVER) while a reader
+    follows it live from another transport: writes follow MOVED (the old master, now a
+    replica, still relays the shard channel) and the reader gets every token once."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    phases = [asyncio.Event() for _ in range(2)]
+    async with (
+        from_url(redis_cluster.url, prefix=prefix) as producing,
+        from_url(redis_cluster.url, prefix=prefix) as reading,
+    ):
+        run = await StreamProducer(producing).start(_phased(phases, 30), stream_id="fo")
+        received: list[Event] = []
+
+        async def read() -> None:
+            async for event in StreamConsumer(reading, "fo"):
+                received.append(event)
+
+        reader = asyncio.create_task(read())
+        phases[0].set()
+
+        async def first_half() -> bool:
+            return joined(received) == text_of(30)
+
+        await eventually(first_half)
+        slot = redis_cluster.slot_of(f"{prefix}:{{fo}}:meta")
+        old = redis_cluster.owner(slot)
+        new = await asyncio.to_thread(redis_cluster.failover, old)
+        assert redis_cluster.owner(slot) == new != old
+        phases[1].set()
+        assert await asyncio.wait_for(run.wait(), timeout=60) == "completed"
+        await asyncio.wait_for(reader, timeout=60)
+        assert joined(received) == text_of(60) and received[-1].type == "end"
+        assert await collect(reading, "fo") == received
+
+
+async def test_a_killed_master_is_replaced_and_its_streams_followed_on_the_new_one(
+    redis_cluster: RedisClusterService,
+) -> None:
+    """The master of a followed stream dies: writes fail as transient faults until its
+    replica takes over, then go to it; the live subscription moves there by itself."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    async with RedisTransport.from_url(redis_cluster.url, prefix=prefix) as transport:
+        info = await transport.create("dead", owner="o", lease_ms=600_000)
+        await transport.append("dead", "o", Entry(info.epoch, 1, b"[1]"), 1)
+        subscription = transport.subscribe("dead", info.epoch, 1)
+        channel = transport._key("dead", "n").encode()
+        slot = redis_cluster.slot_of(f"{prefix}:{{dead}}:meta")
+        old = redis_cluster.owner(slot)
+        replica = redis_cluster.replica_of(old)
+
+        async def followed_on(port: int) -> bool:
+            node = transport._channel_node.get(channel)
+            return (
+                node is not None
+                and node.name.endswith(f":{port}")
+                and channel in node.subscriber.confirmed
+            )
+
+        await eventually(lambda: followed_on(old))
+        with contextlib.closing(redis_cluster.node(old).client()) as client:
+            assert client.execute_command("WAIT", 1, 5000) == 1  # the replica has entry 1
+        redis_cluster.kill(old)
+
+        async def appended() -> bool:
+            try:
+                await transport.append("dead", "o", Entry(info.epoch, 2, b"[2]"), 1)
+            except BackendRefused:
+                raise  # a dead node is never a refusal
+            except TransportError:
+                return False  # what the producer retries within its write-retry budget
+            return True
+
+        await eventually(appended, within=60)
+        assert redis_cluster.owner(slot) == replica
+        await eventually(lambda: followed_on(replica))
+        await transport.append("dead", "o", Entry(info.epoch, 3, b"[3]"), 1)
+        received: list[int] = []
+        while 3 not in received:
+            received += [entry.seq for entry in await subscription.get(10.0)]
+        assert received[-1] == 3 and sorted(set(received)) == [s for s in (2, 3) if s in received]
+        subscription.close()
+
+
+async def test_connections_per_master_stay_at_two_whatever_the_streams(
+    redis_cluster: RedisClusterService,
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    name = f"conns-{prefix}"
+    gate = asyncio.Event()
+    url = f"{redis_cluster.url}?client_name={name}"
+    async with from_url(url, prefix=prefix) as transport:
+        assert isinstance(transport, RedisTransport)
+        producer = StreamProducer(transport)
+        runs = [await producer.start(tokens(20, pause=gate)) for _ in range(60)]
+        readers = [asyncio.create_task(collect(transport, r.stream_id)) for r in runs]
+        slots = {redis_cluster.slot_of(f"{prefix}:{{{r.stream_id}}}:meta") for r in runs}
+        assert len({redis_cluster.owner(slot) for slot in slots}) == 3  # every master used
+
+        async def all_reading() -> bool:
+            return len(transport._feeds) == 60 and all(
+                channel in transport._channel_node[channel].subscriber.confirmed
+                for channel in transport._feeds
+            )
+
+        await eventually(all_reading)
+        for port in redis_cluster.master_ports():
+            with contextlib.closing(redis_cluster.node(port).client()) as client:
+                ours = [c for c in client.client_list() if c["name"] == name]
+            # One pipelined command connection, one sharded pub/sub connection.
+            assert len(ours) == 2, (port, ours)
+        gate.set()
+        results = await asyncio.gather(*readers)
+        assert all(joined(events) == text_of(20) for events in results)
+
+
+async def test_a_cancel_reaches_a_run_on_another_master_through_any_node(
+    redis_cluster: RedisClusterService,
+) -> None:
+    """The issue's probe: a cancel sent through a transport seeded with another master."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    ports = redis_cluster.master_ports()
+    gate = asyncio.Event()  # never set: a slow model
+    async with (
+        from_url(f"redis+cluster://127.0.0.1:{ports[0]}", prefix=prefix) as here,
+        from_url(f"redis+cluster://127.0.0.1:{ports[1]}", prefix=prefix) as there,
+    ):
+        runs = [
+            await StreamProducer(here, lease=3600).start(tokens(10, pause=gate)) for _ in range(6)
+        ]
+        for run in runs:
+            await anext(StreamConsumer(here, run.stream_id).__aiter__())  # live
+            assert await StreamProducer(there).cancel(run.stream_id)
+        for run in runs:
+            assert await asyncio.wait_for(run.wait(), timeout=10) == "cancelled"
+
+
+# -- Sentinel ----------------------------------------------------------------------------
+
+
+async def test_after_a_sentinel_failover_the_same_transport_runs_and_reads(
+    redis_sentinel: RedisSentinelService,
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    async with from_url(redis_sentinel.url, prefix=prefix) as transport:
+        before = await StreamProducer(transport).start(tokens(30))
+        assert joined(await collect(transport, before.stream_id)) == text_of(30)
+        old_master = redis_sentinel.master_port()
+        await asyncio.to_thread(redis_sentinel.failover)
+        assert redis_sentinel.master_port() != old_master
+
+        async def works() -> bool:
+            # The old master's connections answer READONLY or are killed by Sentinel; the
+            # transport reconnects to the master Sentinel names now, unconfigured.
+            try:
+                run = await StreamProducer(transport).start(tokens(30))
+                return joined(await collect(transport, run.stream_id)) == text_of(30)
+            except BackendRefused:
+                raise  # never a refusal: a failover is transient
+            except TransportError:
+                return False
+
+        await eventually(works, within=30)
+        assert joined(await collect(transport, before.stream_id)) == text_of(30)  # replicated
+
+
+def test_a_sentinel_client_is_accepted_as_is(redis_sentinel: RedisSentinelService) -> None:
+    sentinel = aioredis.Sentinel(redis_sentinel.sentinel_addresses)  # type: ignore[no-untyped-call]
+    client = sentinel.master_for(redis_sentinel.service)
+    transport = RedisTransport(client)
+    assert transport._single is not None
+
+
+# -- durable appends: readable once the replicas hold them -----------------------------
+
+
+async def test_durable_appends_are_readable_only_once_a_replica_holds_them(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    primary, replica = redis_server_factory(), redis_server_factory()
+    with contextlib.closing(replica.client()) as client:
+        client.execute_command("REPLICAOF", "127.0.0.1", primary.port)
+
+    async def linked() -> bool:
+        with contextlib.closing(primary.client()) as client:
+            return int(client.info("replication")["connected_slaves"]) == 1
+
+    await eventually(linked)
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    async with RedisTransport.from_url(
+        primary.url, prefix=prefix, replicas=1, replica_timeout=0.3
+    ) as transport:
+        info = await transport.create("d", owner="o", lease_ms=600_000)
+        await transport.append("d", "o", Entry(info.epoch, 1, b"[1]"), 1)
+        subscription = transport.subscribe("d", info.epoch, 1)
+        await transport.append("d", "o", Entry(info.epoch, 2, b"[2]"), 1)
+        live: list[Entry] = []
+        while not live:
+            live += await subscription.get(10.0)  # the notice is fetched (an empty wake first)
+        assert [(e.seq, e.payload) for e in live] == [(2, b"[2]")]
+
+        replica.pause()  # the replica stops acknowledging
+        try:
+            with pytest.raises(TransportError) as caught:
+                await transport.append("d", "o", Entry(info.epoch, 3, b"[3]"), 1)
+            assert not isinstance(caught.value, BackendRefused)
+            assert "0 of 1 replicas" in str(caught.value)
+            # Stored on the master, but no reader sees it: a failover could take it back.
+            assert [e.seq for e in await transport.read("d", info.epoch, 0, 10)] == [1, 2]
+            stored = await transport.info("d")
+            assert stored is not None and stored.last_seq == 2
+        finally:
+            replica.resume()
+        await transport.append("d", "o", Entry(info.epoch, 3, b"[3]"), 1)  # the retry
+        assert [e.seq for e in await transport.read("d", info.epoch, 0, 10)] == [1, 2, 3]
+        with pytest.raises(StorageRollback) as rolled:
+            await transport.append("d", "o", Entry(info.epoch, 9, b"[9]"), 1)
+        assert rolled.value.last_seq == 3
+        await transport.append("d", "o", Entry(info.epoch, 4, b"[4]"), 1, final="completed")
+        done = await transport.info("d")
+        assert done is not None and (done.status, done.last_seq) == ("completed", 4)
+        subscription.close()
