@@ -1,8 +1,9 @@
 """SSE clients for scenarios 3, 4 and 6, on raw asyncio streams (cheap enough for 1,000).
 
-Run as ``python -m benchmarks._clients PORT STREAMS``: connects to ``/streams/fan-<i>`` for
-every i, prints ``ready`` once all answered, reads every stream to its end event and prints
-one JSON line of results. Latency is receipt time minus the send time each token carries
+Run as ``python -m benchmarks._clients PORT STREAMS EXPECTED LATE_MS [PREFIX]``: connects to
+``/<PREFIX>/fan-<i>`` for every i (``PREFIX`` is ``streams``, the router, or ``bare``, the
+baseline endpoint), prints ``ready`` once all answered, reads every stream to its end event
+and prints one JSON line of results. Latency is receipt time minus the send time each token carries
 (``time.time_ns()`` in the server process).
 """
 
@@ -41,10 +42,12 @@ class SSEReader:
         return blocks
 
 
-async def open_stream(port: int, stream_id: str) -> tuple[SSEReader, asyncio.StreamWriter]:
+async def open_stream(
+    port: int, stream_id: str, prefix: str = "streams"
+) -> tuple[SSEReader, asyncio.StreamWriter]:
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
     writer.write(
-        f"GET /streams/{stream_id} HTTP/1.1\r\nHost: bench\r\n"
+        f"GET /{prefix}/{stream_id} HTTP/1.1\r\nHost: bench\r\n"
         "Accept: text/event-stream\r\n\r\n".encode()
     )
     return SSEReader(reader), writer
@@ -91,8 +94,10 @@ async def _follow(
     return received, worst, ended
 
 
-async def follow_all(port: int, streams: int, expected: int, late_ms: float) -> dict[str, Any]:
-    opened = await asyncio.gather(*(open_stream(port, f"fan-{i}") for i in range(streams)))
+async def follow_all(
+    port: int, streams: int, expected: int, late_ms: float, prefix: str = "streams"
+) -> dict[str, Any]:
+    opened = await asyncio.gather(*(open_stream(port, f"fan-{i}", prefix) for i in range(streams)))
     await asyncio.gather(*(sse.read_head() for sse, _ in opened))
     statuses = {sse.status for sse, _ in opened}
     print("ready", flush=True)
@@ -130,7 +135,8 @@ def main() -> None:
     raise_fd_limit()
     port, streams, expected = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     late_ms = float(sys.argv[4]) if len(sys.argv) > 4 else 1000.0
-    result = asyncio.run(follow_all(port, streams, expected, late_ms))
+    prefix = sys.argv[5] if len(sys.argv) > 5 else "streams"
+    result = asyncio.run(follow_all(port, streams, expected, late_ms, prefix))
     print(orjson.dumps(result).decode(), flush=True)
 
 

@@ -74,15 +74,21 @@ def fanout_row(
     rate: float,
     seconds: float,
     producers: HTTPServer | None = None,
+    *,
+    bare: bool = False,
 ) -> dict[str, Any]:
     """``streams`` paced streams, each read by one SSE client in a separate process.
 
     The producers run in ``server`` itself, or in the ``producers`` process (as with
-    generation workers), in which case ``server`` only fans the streams out.
+    generation workers), in which case ``server`` only fans the streams out. ``bare``
+    serves the same paced tokens from in-process queues through a plain Starlette SSE
+    endpoint instead of the library (the baseline).
     """
     producers = producers or server
     created = producers.call(
-        "POST", "/bench/create", {"streams": streams, "rate": rate, "seconds": seconds}
+        "POST",
+        "/bench/create",
+        {"streams": streams, "rate": rate, "seconds": seconds, "bare": bare},
     )
     expected = created["tokens_per_stream"]
     clients = subprocess.Popen(
@@ -94,6 +100,7 @@ def fanout_row(
             str(streams),
             str(expected),
             str(LATE_MS),
+            "bare" if bare else "streams",
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -124,6 +131,7 @@ def fanout_row(
         tokens_per_s=result["tokens"] / result["seconds"],
         server_cpu_s=cpu,
         cpu_s_per_1000_tokens=cpu / tokens * 1000,
+        cpu_us_per_event=cpu / tokens * 1e6,
         peak_redis_connections=sampler.peak,
         producer_max_lag_ms=status["max_lag_ms"],
     )
@@ -134,10 +142,13 @@ def live_fanout(server: HTTPServer, quick: bool) -> Result:
     """Scenario 3: 1,000 streams at 20 tokens/s for 30 s, one SSE client each.
 
     The target applies to producers and router in one process. The same load with the
-    producers in another process (generation workers) shows what fan-out alone costs.
+    producers in another process (generation workers) shows what fan-out alone costs, and
+    the same load served by a bare Starlette SSE endpoint from in-process queues (no
+    storage, no resume) is the baseline the CPU per event is a ratio against (issue 11).
     """
     streams, seconds = (100, 5.0) if quick else (1000, 30.0)
     row = fanout_row(server, streams, 20.0, seconds)
+    baseline = fanout_row(server, streams, 20.0, seconds, bare=True)
     workers = HTTPServer(server.redis)
     try:
         split = fanout_row(server, streams, 20.0, seconds, producers=workers)
@@ -160,6 +171,37 @@ def live_fanout(server: HTTPServer, quick: bool) -> Result:
                 "3", "Redis connections (server, peak)", row["peak_redis_connections"], "", "<=", 4
             ),
             Figure("3", "clients behind or incomplete", row["behind"], "", "==", 0),
+            Figure(
+                "3",
+                "server CPU per SSE event",
+                round(row["cpu_us_per_event"], 1),
+                "us",
+                note="info",
+            ),
+            Figure(
+                "3",
+                "bare Starlette SSE: server CPU per SSE event",
+                round(baseline["cpu_us_per_event"], 1),
+                "us",
+                note="info",
+            ),
+            Figure(
+                "3",
+                "bare Starlette SSE: p99 added latency",
+                round(baseline["p99_ms"], 2),
+                "ms",
+                note="info",
+            ),
+            Figure("3", "bare Starlette SSE: clients behind", baseline["behind"], note="info"),
+            Figure(
+                "3",
+                "CPU per SSE event, router / bare Starlette SSE",
+                round(row["cpu_us_per_event"] / baseline["cpu_us_per_event"], 2),
+                "x",
+                "<=",
+                1.5,
+                note="same run, same clients",
+            ),
             Figure(
                 "3",
                 "tokens delivered == sent",
@@ -193,7 +235,7 @@ def live_fanout(server: HTTPServer, quick: bool) -> Result:
                 "3", "producers apart: clients behind or incomplete", split["behind"], note="info"
             ),
         ],
-        details={**row, "producers_apart": split},
+        details={**row, "producers_apart": split, "bare_starlette_sse": baseline},
     )
 
 
