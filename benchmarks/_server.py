@@ -7,6 +7,10 @@ Run as ``python -m benchmarks._server REDIS_URL PORT``. Besides ``/streams`` (th
 ``POST /bench/create`` with ``"bare": true`` instead starts the same paced sources
 feeding in-process queues, served by ``/bare/<stream id>``: a plain Starlette SSE
 endpoint with no storage and no resume, the baseline scenario 3's CPU is compared with.
+
+``POST /bench/plan`` takes a plan (``benchmarks/_shape.py``): after ``POST /bench/go``
+(with the plan's start as ``t0_wall``), each planned stream's producer starts just before
+its first token is due, so streams start and end all through the run.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -67,8 +72,32 @@ def build_app(redis_url: str) -> Starlette:
         ]
         return JSONResponse({"streams": streams, "tokens_per_stream": pacer.count})
 
+    async def planned(pacer: Pacer, key: str, start: float, count: int) -> None:
+        await state["go"].wait()
+        loop = asyncio.get_running_loop()
+        first_due = state["start"] + start
+        # Start the producer 20 ms before its first token, as a request would.
+        await asyncio.sleep(max(0.0, first_due - 0.02 - loop.time()))
+        run = await producer.start(pacer.source(first_due, count=count), stream_id=key)
+        state["runs"].append(run)
+
+    async def plan(request: Request) -> JSONResponse:
+        body = await request.json()
+        pacer = Pacer(float(body["rate"]), 0.0, clock="wall")
+        state.update(pacer=pacer, go=asyncio.Event(), runs=[])
+        await _stop(pumps)
+        queues.clear()
+        for item in body["plan"]:
+            task = planned(pacer, item["key"], float(item["start"]), int(item["count"]))
+            pumps.append(asyncio.create_task(task))
+        return JSONResponse({"streams": len(body["plan"])})
+
     async def go(request: Request) -> JSONResponse:
-        state["start"] = asyncio.get_running_loop().time() + 0.05
+        body = await request.body()
+        t0_wall = orjson.loads(body).get("t0_wall") if body else None
+        loop = asyncio.get_running_loop()
+        delay = 0.05 if t0_wall is None else float(t0_wall) - time.time()
+        state["start"] = loop.time() + delay
         state["go"].set()
         return JSONResponse({})
 
@@ -108,6 +137,7 @@ def build_app(redis_url: str) -> Starlette:
     return Starlette(
         routes=[
             Route("/bench/create", create, methods=["POST"]),
+            Route("/bench/plan", plan, methods=["POST"]),
             Route("/bench/go", go, methods=["POST"]),
             Route("/bench/status", status),
             Route("/bare/{stream_id}", bare),
@@ -119,7 +149,8 @@ def build_app(redis_url: str) -> Starlette:
 
 
 async def _stop(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel and await the bare baseline's pump tasks (they end on their own when done)."""
+    """Cancel and await the bare baseline's pumps or the plan's starters (they end by
+    themselves when done)."""
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -46,7 +46,9 @@ def steady(streams: int, rate: float, duration: float) -> list[PlannedStream]:
     return [PlannedStream(f"s{i}", (i / streams) / rate, count) for i in range(streams)]
 
 
-def churn(streams: int, rate: float, duration: float, seed: int = 11) -> list[PlannedStream]:
+def churn(
+    streams: int, rate: float, duration: float, seed: int = 11, prefix: str = ""
+) -> list[PlannedStream]:
     """``streams`` slots, each running streams back to back for ``duration`` seconds.
 
     A slot's first stream is cut short at random, so streams end and new ones start all
@@ -61,7 +63,7 @@ def churn(streams: int, rate: float, duration: float, seed: int = 11) -> list[Pl
     for slot in range(streams):
         at, spread, length = 0.0, (slot / streams) / rate, rng.uniform(0.1, 1.0) * mean
         while (count := min(round(length * rate), round((duration - at) * rate))) >= 1:
-            key = f"c{slot}-{len(plan)}"
+            key = f"{prefix}c{slot}-{len(plan)}"
             kind = rng.random()
             if count > 2 and kind < 0.25:
                 stream = PlannedStream(key, at + spread, count, "late", rng.uniform(0.1, 0.5))
