@@ -211,7 +211,7 @@ def live_fanout(server: HTTPServer, quick: bool) -> Result:
         split = fanout_row(server, streams, 20.0, seconds, producers=workers)
     finally:
         workers.stop()
-    churn_sizes, churn_seconds = ((50, 100), 4.0) if quick else ((100, 500, 1000), 15.0)
+    churn_sizes, churn_seconds = ((20, 50), 3.0) if quick else ((100, 500, 1000), 15.0)
     churn = [churn_row(server, n, 20.0, churn_seconds) for n in churn_sizes]
     figures = [
         Figure("3", "p50 added latency", round(row["p50_ms"], 2), "ms", note="info"),
