@@ -107,12 +107,13 @@ def build_app(redis_url: str) -> Starlette:
             return JSONResponse({"code": "not_found", "message": "no such stream"}, 404)
 
         async def body() -> AsyncIterator[bytes]:
+            # The same event the router sends for a token, with an id of the same shape.
             sent = 0
             while (item := await queue.get()) is not None:
                 sent += 1
-                data = orjson.dumps({"text": item}).decode()
-                yield f"id: {sent}\nevent: token\ndata: {data}\n\n".encode()
-            yield f"id: {sent + 1}\nevent: end\ndata: {{}}\n\n".encode()
+                data = orjson.dumps({"text": item, "message_id": None, "node": None}).decode()
+                yield f"id: 1-{sent}-0\nevent: token\ndata: {data}\n\n".encode()
+            yield f"id: 1-{sent + 1}-0\nevent: end\ndata: {{}}\n\n".encode()
 
         return StreamingResponse(body(), media_type="text/event-stream")
 

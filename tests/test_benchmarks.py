@@ -47,6 +47,7 @@ def test_quick_paced_and_fanout_rows_carry_their_targets(tmp_path: Path) -> None
         assert name in result.stdout
 
     judged("CPU per SSE event, router / bare Starlette SSE", "<= 1.5")
+    judged("library CPU per token (minus pass-through)", "<= 15")
     judged("churn: library CPU per token (minus pass-through)", "<= 15")
     judged("churn: readers missing tokens", "== 0")
     for streams in (20, 50):
