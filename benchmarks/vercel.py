@@ -91,6 +91,7 @@ def figures(node: dict[str, Any], our_p99: float) -> list[Figure]:
             node["short"],
             note="info",
         ),
+        Figure("2b", f"{NAME}: reader errors (ack timeouts)", node["errors"], note="info"),
         Figure(
             "2b",
             f"{NAME}: process CPU per token",

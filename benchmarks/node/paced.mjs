@@ -30,6 +30,9 @@ const context = resumable.createResumableStreamContext({
 const latencies = [];
 let maxLag = 0;
 let unresumable = 0;
+const errors = [];
+// A failure inside the package's own callbacks is counted and reported, not fatal.
+process.on("unhandledRejection", (reason) => errors.push(String(reason)));
 
 function source(firstDue, count) {
   let sent = 0;
@@ -50,7 +53,14 @@ function source(firstDue, count) {
 
 async function read(key, skipCharacters, limit) {
   const attached = nowNs();
-  const stream = await context.resumeExistingStream(key, skipCharacters);
+  let stream;
+  try {
+    stream = await context.resumeExistingStream(key, skipCharacters);
+  } catch (error) {
+    // "Timeout waiting for ack": the producer did not answer within the package's 1 s.
+    errors.push(String(error));
+    return { tokens: 0, chars: 0 };
+  }
   if (!stream) {
     unresumable += 1; // null: already done, which this package cannot replay
     return { tokens: 0, chars: 0 };
@@ -60,7 +70,14 @@ async function read(key, skipCharacters, limit) {
   let tokens = 0;
   let chars = 0;
   for (;;) {
-    const { done, value } = await reader.read();
+    let chunk;
+    try {
+      chunk = await reader.read();
+    } catch (error) {
+      errors.push(String(error));
+      return { tokens, chars };
+    }
+    const { done, value } = chunk;
     if (done) return { tokens, chars };
     const now = nowNs();
     buffer += value;
@@ -108,6 +125,8 @@ console.log(
     expected: plan.reduce((a, p) => a + p.count, 0),
     short: counts.filter((n, i) => n !== plan[i].count).length,
     unresumable,
+    errors: errors.length,
+    first_errors: errors.slice(0, 3),
     p50_ms: pct(50),
     p99_ms: pct(99),
     max_ms: latencies.length ? latencies[latencies.length - 1] : null,
