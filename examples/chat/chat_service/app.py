@@ -43,7 +43,7 @@ from .models import available_models
 from .runs import NothingToRetry, Submitted, ThreadBusy
 from .runtime import Runtime, open_runtime
 from .settings import Settings
-from .threads import RunRecord, Thread
+from .threads import MAX_RUN_SEQ, RunRecord, Thread
 
 logger = logging.getLogger("chat_service")
 
@@ -65,6 +65,23 @@ class ApiError(Exception):
         self.message = message
 
 
+def storable(text: str, field: str) -> str:
+    """``text`` if every database can store it, else a 422 ``invalid_text``.
+
+    PostgreSQL refuses NUL in text, and UTF-8 (SQLite, PostgreSQL, Redis) cannot encode a
+    lone surrogate such as ``"\\ud800"``, which JSON's ``\\u`` escapes can produce.
+    """
+    if "\x00" in text:
+        raise ApiError(422, "invalid_text", f"{field} must not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(
+            422, "invalid_text", f"{field} contains a lone surrogate: it is not valid Unicode"
+        ) from None
+    return text
+
+
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"code": code, "message": message, **extra}, status_code=status)
 
@@ -80,9 +97,11 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
         {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
         for e in exc.errors()
     ]
-    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request", "type": ""}
     where = ".".join(str(part) for part in first["loc"][1:]) or "body"
-    return _error(422, "invalid_request", f"{where}: {first['msg']}", errors=errors)
+    # pydantic refuses lone surrogates in constrained strings itself: the same code as ours.
+    code = "invalid_text" if first["type"] == "string_unicode" else "invalid_request"
+    return _error(422, code, f"{where}: {first['msg']}", errors=errors)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -288,7 +307,7 @@ async def _submit(request: Request, body: ChatMessage) -> Submitted:
     settings = runtime.settings
     message = None
     if not body.retry:
-        message = (body.message or "").strip()
+        message = storable(body.message or "", "message").strip()
         if not message:
             raise ApiError(422, "empty_message", "message must not be empty")
         if len(message) > settings.max_message_chars:
@@ -386,7 +405,10 @@ def _routes(app: FastAPI, settings: Settings) -> None:
     async def get_stream(
         request: Request,
         thread_id: str,
-        run: Annotated[int | None, Query(description="Answer number (default: current)")] = None,
+        run: Annotated[
+            int | None,
+            Query(ge=1, le=MAX_RUN_SEQ, description="Answer number (default: current)"),
+        ] = None,
     ) -> Response:
         """The answer as SSE (``chunk``, ``tool_call``, ``system``); resumes after
         ``Last-Event-ID``; 204 when the thread has no active or recent answer."""
@@ -431,7 +453,7 @@ def _routes(app: FastAPI, settings: Settings) -> None:
     async def rename_thread(request: Request, thread_id: str, body: Rename) -> dict[str, Any]:
         thread = await _owned_thread(request, thread_id)
         _writable(thread)
-        title = " ".join(body.chat_name.split())
+        title = " ".join(storable(body.chat_name, "chat_name").split())
         await _runtime(request).store.update_thread(thread_id, title=title)
         return {"thread_id": thread_id, "title": title}
 

@@ -537,7 +537,14 @@ class RunService:
         state = await self.agent.aget_state(_config(job.thread_id))
         if state.values.get("messages"):
             return None  # not a fresh thread: the answer depends on the conversation
-        return await self.cache.get(cache_key(job.model, job.message))
+        key = await self._cache_key(job)
+        return None if key is None else await self.cache.get(key)
+
+    async def _cache_key(self, job: RunRecord) -> str | None:
+        thread = await self.store.get_thread(job.thread_id)
+        if thread is None or job.message is None:
+            return None
+        return cache_key(thread.owner, job.model, job.message)
 
     async def _cache_put(self, job: RunRecord, recorder: _Recorder) -> None:
         if self.cache is None or job.message is None or not recorder.messages:
@@ -545,10 +552,11 @@ class RunService:
         state = await self.agent.aget_state(_config(job.thread_id))
         if [m.id for m in state.values.get("messages", [])][:1] != [job.human_id]:
             return  # the thread had history (or was summarized): not a first question
-        await self.cache.put(
-            cache_key(job.model, job.message),
-            {"events": recorder.events, "messages": messages_to_dict(recorder.messages)},
-        )
+        key = await self._cache_key(job)
+        if key is not None:
+            await self.cache.put(
+                key, {"events": recorder.events, "messages": messages_to_dict(recorder.messages)}
+            )
 
     async def _save_stopped(self, job: RunRecord, text: str) -> None:
         """Keep what the user saw of a stopped answer in the conversation."""
