@@ -19,11 +19,12 @@ import pytest
 from tests.examples._chat import (
     ChatServer,
     ask,
+    eventually,
+    idle,
     post_message,
-    read_sse,
     servers,
-    terminal,
 )
+from tests.examples.conftest import redis_postgres_env
 
 
 @pytest.fixture(scope="module")
@@ -152,25 +153,66 @@ def both(calls: list[Callable[[], httpx.Response]]) -> list[httpx.Response]:
         return list(pool.map(go, calls))
 
 
-def test_reject_policy_is_exact_within_a_process(
-    chat_servers: Callable[..., ChatServer], chat_backend: dict[str, str]
-) -> None:
-    # Issue 12: two concurrent POSTs to an idle thread both got 202 in 5 of 6 trials.
-    server = chat_servers(BUSY_POLICY="reject", **chat_backend)
+def reject_trials(first: ChatServer, second: ChatServer, trials: int = 6) -> list[list[int]]:
+    """Post two messages at the same moment to an idle thread, through `first` and `second`;
+    the sorted statuses of each trial. Answers are paced: the accepted one is still being
+    written when the other arrives."""
     token = f"user-{uuid.uuid4().hex}"
     outcomes = []
-    with token_client(server, token) as a, token_client(server, token) as b:
-        for trial in range(6):
+    with token_client(first, token) as a, token_client(second, token) as b:
+        for trial in range(trials):
             thread_id = post_message(a, f"hello {trial}")["thread_id"]
-            _, events = read_sse(a, f"/v1/chat/stream?thread_id={thread_id}")
-            assert terminal(events) == {"type": "end"}
+            a.post("/v1/chat/stop", params={"thread_id": thread_id})
+            eventually(lambda t=thread_id: idle(a, t), what="idle")  # type: ignore[misc]
             responses = both(
                 [
                     lambda c=c, t=thread_id: c.post(  # type: ignore[misc]
-                        "/v1/chat/message", json={"message": "again", "thread_id": t}
+                        "/v1/chat/message",
+                        json={
+                            "message": "How should I structure a small side project?",
+                            "thread_id": t,
+                        },
                     )
                     for c in (a, b)
                 ]
             )
             outcomes.append(sorted(r.status_code for r in responses))
-    assert outcomes == [[202, 409]] * 6
+            a.post("/v1/chat/stop", params={"thread_id": thread_id})
+    return outcomes
+
+
+def test_reject_policy_is_exact_within_a_process(
+    chat_servers: Callable[..., ChatServer], chat_backend: dict[str, str]
+) -> None:
+    # Issue 12: two concurrent POSTs to an idle thread both got 202 in 5 of 6 trials.
+    server = chat_servers(BUSY_POLICY="reject", OFFLINE_TOKENS_PER_SECOND="40", **chat_backend)
+    assert reject_trials(server, server) == [[202, 409]] * 6
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_reject_policy_is_exact_across_processes(
+    chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest
+) -> None:
+    env = {
+        **redis_postgres_env(request),
+        "BUSY_POLICY": "reject",
+        "OFFLINE_TOKENS_PER_SECOND": "40",
+    }
+    assert reject_trials(chat_servers(**env), chat_servers(**env)) == [[202, 409]] * 6
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_reject_policy_is_exact_in_worker_mode(
+    chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest
+) -> None:
+    env = {
+        **redis_postgres_env(request),
+        "BUSY_POLICY": "reject",
+        "OFFLINE_TOKENS_PER_SECOND": "40",
+        "WORKER_MODE": "1",
+    }
+    api, other = chat_servers(**env), chat_servers(**env)
+    chat_servers("worker", **env)
+    assert reject_trials(api, other) == [[202, 409]] * 6

@@ -38,7 +38,7 @@ from resumable_stream import (
 from resumable_stream.starlette import StreamResponse, error_response, resume_after
 
 from .auth import SessionMiddleware, current_user
-from .events import ChatEvents, Mapper, to_ndjson, to_sse
+from .events import PRODUCER_LOST, ChatEvents, Mapper, run_error, to_ndjson, to_sse
 from .models import available_models
 from .runs import NothingToRetry, Submitted, ThreadBusy
 from .runtime import Runtime, open_runtime
@@ -205,13 +205,15 @@ def message_view(message: Any) -> dict[str, Any] | None:
     return None
 
 
-def thread_view(thread: Thread) -> dict[str, Any]:
+def thread_view(thread: Thread, *, streaming: bool = False) -> dict[str, Any]:
     return {
         "thread_id": thread.id,
         "title": thread.title,
         "archived": thread.archived,
         "created_at": thread.created_at,
         "updated_at": thread.updated_at,
+        # An answer is queued or being written.
+        "streaming": streaming,
     }
 
 
@@ -339,10 +341,11 @@ async def _submit(request: Request, body: ChatMessage) -> Submitted:
     return submitted
 
 
-def _waiter(runtime: Runtime, run: RunRecord) -> Callable[[], Awaitable[None]]:
-    """``ready`` for ChatEvents: wait until a queued answer's stream exists."""
+def _waiter(runtime: Runtime, run: RunRecord) -> Callable[[], Awaitable[Event | None]]:
+    """``ready`` for ChatEvents: wait until a queued answer's stream exists; or the error
+    event of an answer that failed without one (its server restarted)."""
 
-    async def ready() -> None:
+    async def ready() -> Event | None:
         delay = 0.05
         while await runtime.transport.info(run.stream_id) is None:
             # The answer waits for its thread or for a worker, maybe in another process:
@@ -350,8 +353,11 @@ def _waiter(runtime: Runtime, run: RunRecord) -> Callable[[], Awaitable[None]]:
             current = await runtime.store.get_run(run.thread_id, run.seq)
             if current is None or current.state in ("done", "dropped"):
                 raise StreamNotFound(run.stream_id)
+            if current.state == "failed":
+                return run_error(current.error or PRODUCER_LOST)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
+        return None
 
     return ready
 
@@ -366,6 +372,11 @@ async def _stream_response(
     prelude: list[Event] | None = None,
 ) -> Response:
     runtime = _runtime(request)
+
+    async def on_terminal(event: Event) -> None:
+        if run.state in ("queued", "started"):
+            await runtime.runs.settle_from_reader(run, event)
+
     try:
         events = ChatEvents(
             runtime.transport,
@@ -374,6 +385,7 @@ async def _stream_response(
             after=after,
             prelude=prelude,
             ready=_waiter(runtime, run),
+            on_terminal=on_terminal,
         )
     except ResumableStreamError as exc:
         return await error_response(request, exc)
@@ -460,10 +472,11 @@ def _routes(app: FastAPI, settings: Settings) -> None:
     @app.get("/v1/threads", tags=["threads"])
     async def list_threads(request: Request, archived: bool = False) -> dict[str, Any]:
         """The caller's threads, most recently active first."""
-        threads = await _runtime(request).store.list_threads(
-            current_user(request), archived=archived
-        )
-        return {"threads": [thread_view(t) for t in threads]}
+        store = _runtime(request).store
+        user = current_user(request)
+        threads = await store.list_threads(user, archived=archived)
+        streaming = await store.streaming_threads(user)
+        return {"threads": [thread_view(t, streaming=t.id in streaming) for t in threads]}
 
     # ----------------------------------------------------------------------- compatibility
 
@@ -568,9 +581,14 @@ async def _history(request: Request, thread: Thread) -> dict[str, Any]:
         if active.human_id in ids:
             messages = messages[: ids.index(active.human_id) + 1]
     views = [v for v in (message_view(m) for m in messages) if v is not None]
+    latest = await runtime.store.current_run(thread.id)
     return {
-        **thread_view(thread),
+        **thread_view(thread, streaming=active is not None),
         "messages": views,
+        # The latest answer failed without a word (its server died): show it, with Retry.
+        "last_error": {"run": latest.seq, "code": latest.error}
+        if latest is not None and latest.state == "failed" and active is None
+        else None,
         "active_run": None
         if active is None
         else {

@@ -105,4 +105,5 @@ async def open_runtime(
             enqueue=enqueue,
         )
         stack.push_async_callback(runs.aclose)  # first out: answers end before storage closes
+        await runs.recover()
         yield Runtime(settings, transport, producer, store, checkpointer, agent, cache, runs, redis)

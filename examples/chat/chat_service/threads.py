@@ -237,15 +237,22 @@ class ThreadStore(ABC):
             (state, thread_id, seq),
         )
 
-    async def fail_run(
-        self, thread_id: str, seq: int, error: str, *, states: tuple[RunState, ...]
+    async def settle_run(
+        self,
+        thread_id: str,
+        seq: int,
+        state: RunState,
+        *,
+        error: str | None = None,
+        only_from: tuple[RunState, ...] = ("queued", "started"),
     ) -> bool:
-        """Mark a run ``failed`` with ``error`` if it is in one of ``states``; True if it was."""
-        marks = ", ".join("?" for _ in states)
+        """Move a run to ``state`` (with ``error``) if it is in one of ``only_from``; True
+        if it was. For whoever notices a run's end other than the process writing it."""
+        marks = ", ".join("?" for _ in only_from)
         rows = await self._fetch(
-            f"UPDATE chat_runs SET state = 'failed', error = ? WHERE thread_id = ? AND seq = ? "
+            f"UPDATE chat_runs SET state = ?, error = ? WHERE thread_id = ? AND seq = ? "
             f"AND state IN ({marks}) RETURNING seq",
-            (error, thread_id, seq, *states),
+            (state, error, thread_id, seq, *only_from),
         )
         return bool(rows)
 
