@@ -43,7 +43,7 @@ from .models import available_models
 from .runs import NothingToRetry, Submitted, ThreadBusy
 from .runtime import Runtime, open_runtime
 from .settings import Settings
-from .threads import MAX_RUN_SEQ, RunRecord, Thread
+from .threads import MAX_RUN_SEQ, RunKind, RunRecord, Thread
 
 logger = logging.getLogger("chat_service")
 
@@ -166,6 +166,15 @@ class ChatMessage(BaseModel):
     model: str | None = Field(default=None, description="A model spec from GET /info.")
     use_cache: bool = Field(default=False, description="Replay a cached answer if any.")
     retry: bool = Field(default=False, description="Answer the last question again.")
+    edit_last: bool = Field(
+        default=False,
+        description="Replace the thread's last message (and its answer) with this one.",
+    )
+
+
+class Regenerate(BaseModel):
+    thread_id: str = Field(description="The thread whose last answer to replace.")
+    model: str | None = Field(default=None, description="A model spec from GET /info.")
 
 
 class Rename(BaseModel):
@@ -319,16 +328,18 @@ async def _submit(request: Request, body: ChatMessage) -> Submitted:
                 f"message has {len(message)} characters; the limit is {settings.max_message_chars}",
             )
     model = _check_model(settings, body.model)
+    kind: RunKind = "regenerate" if body.retry else "edit" if body.edit_last else "message"
     if body.thread_id:
         thread = await _owned_thread(request, body.thread_id)
         _writable(thread)
-    elif message is None:
-        raise ApiError(422, "nothing_to_retry", "retry needs the thread_id of a thread")
+    elif kind != "message" or message is None:
+        what = "retry" if body.retry else "edit_last"
+        raise ApiError(422, "nothing_to_retry", f"{what} needs the thread_id of a thread")
     else:
         thread = await runtime.store.create_thread(current_user(request), title_for(message))
     try:
         submitted = await runtime.runs.submit(
-            thread, message=message, model=model, use_cache=body.use_cache
+            thread, message=message, model=model, use_cache=body.use_cache, kind=kind
         )
     except ThreadBusy:
         raise ApiError(
@@ -337,7 +348,9 @@ async def _submit(request: Request, body: ChatMessage) -> Submitted:
             "this thread is still answering; stop it first (POST /v1/chat/stop)",
         ) from None
     except NothingToRetry:
-        raise ApiError(409, "nothing_to_retry", "this thread has no question to retry") from None
+        raise ApiError(
+            409, "nothing_to_retry", "this thread has no message to answer again"
+        ) from None
     return submitted
 
 
@@ -397,8 +410,17 @@ def _routes(app: FastAPI, settings: Settings) -> None:
 
     @app.post("/v1/chat/message", status_code=202, tags=["chat"])
     async def post_message(request: Request, body: ChatMessage) -> JSONResponse:
-        """Start answering in the background; read the answer at ``stream_url``."""
-        submitted = await _submit(request, body)
+        """Start answering in the background; read the answer at ``stream_url``.
+        ``edit_last`` replaces the thread's last message (and its answer) instead."""
+        return _accepted(await _submit(request, body))
+
+    @app.post("/v1/chat/regenerate", status_code=202, tags=["chat"])
+    async def regenerate(request: Request, body: Regenerate) -> JSONResponse:
+        """Answer the thread's last message again, replacing its last answer."""
+        retry = ChatMessage(thread_id=body.thread_id, model=body.model, retry=True)
+        return _accepted(await _submit(request, retry))
+
+    def _accepted(submitted: Submitted) -> JSONResponse:
         run = submitted.run
         return JSONResponse(
             {

@@ -52,7 +52,7 @@ from .cache import AnswerCache, cache_key
 from .events import PRODUCER_LOST, RUN_STARTED, SERVER_RESTARTED
 from .offline_model import split_tokens
 from .settings import BusyPolicy, Settings
-from .threads import RunRecord, Thread, ThreadStore
+from .threads import RunKind, RunRecord, Thread, ThreadStore
 
 logger = logging.getLogger("chat_service.runs")
 
@@ -228,10 +228,13 @@ class RunService:
         model: str,
         use_cache: bool = False,
         policy: BusyPolicy | None = None,
+        kind: RunKind = "message",
     ) -> Submitted:
         """Queue a message on ``thread`` and get it answered as the busy policy says.
 
-        ``message=None`` retries: it answers the thread's last question again. Raises
+        ``kind="regenerate"`` (``message=None``) answers the thread's last question again,
+        replacing its answer; ``kind="edit"`` replaces the last question (and its answer)
+        with ``message``. Both rewind the thread's checkpoints when the run starts. Raises
         :class:`ThreadBusy` (policy ``reject``) or :class:`NothingToRetry`.
         """
         policy = policy or self.settings.busy_policy
@@ -243,9 +246,14 @@ class RunService:
         elif policy == "interrupt":
             await self.stop(thread.id)
         try:
-            message, human_id = await self._question(thread.id, message)
+            message, human_id = await self._question(thread.id, message, kind)
             run = await self.store.add_run(
-                thread.id, message=message, model=model, use_cache=use_cache, human_id=human_id
+                thread.id,
+                message=message,
+                model=model,
+                use_cache=use_cache,
+                human_id=human_id,
+                kind=kind,
             )
         finally:
             if held is not None and self.enqueue is not None:
@@ -513,8 +521,12 @@ class RunService:
 
     # -- what a run streams ---------------------------------------------------------------
 
-    async def _question(self, thread_id: str, message: str | None) -> tuple[str | None, str]:
+    async def _question(
+        self, thread_id: str, message: str | None, kind: RunKind
+    ) -> tuple[str | None, str]:
         """(message, id of its HumanMessage); for a retry, the question to answer again."""
+        if kind == "edit" and not await self._last_question(thread_id):
+            raise NothingToRetry(thread_id)
         if message is not None:
             return message, f"human-{uuid.uuid4().hex}"
         state = await self.agent.aget_state(_config(thread_id))
@@ -523,6 +535,25 @@ class RunService:
         if last is None or last.id is None:
             raise NothingToRetry(thread_id)
         return None, last.id
+
+    async def _last_question(self, thread_id: str) -> HumanMessage | None:
+        state = await self.agent.aget_state(_config(thread_id))
+        messages: list[AnyMessage] = state.values.get("messages", [])
+        return next((m for m in reversed(messages) if isinstance(m, HumanMessage)), None)
+
+    async def _edit_plan(self, job: RunRecord) -> tuple[dict[str, Any], Any]:
+        """(inputs, config) of an edit: the new question, on a fork of the thread from the
+        last checkpoint before its last question (which the fork then replaces)."""
+        config = _config(job.thread_id, job.model)
+        inputs = {"messages": [HumanMessage(job.message or "", id=job.human_id)]}
+        last = await self._last_question(job.thread_id)
+        if last is None:
+            return inputs, config  # cleared meanwhile: just ask
+        async for snapshot in self.agent.aget_state_history(config):
+            if last.id not in [m.id for m in snapshot.values.get("messages", [])]:
+                fork = {"configurable": {**snapshot.config["configurable"], "model": job.model}}
+                return inputs, fork
+        return inputs, config
 
     async def _retry_plan(self, job: RunRecord) -> tuple[dict[str, Any] | None, Any]:
         """(inputs, config) of a retry. It resumes the work a failed run left pending; if
@@ -568,7 +599,9 @@ class RunService:
             return
         self.stats["model_runs"] += 1
         inputs: dict[str, Any] | None = None
-        if job.message is not None:
+        if job.kind == "edit":
+            inputs, config = await self._edit_plan(job)
+        elif job.message is not None:
             inputs = {"messages": [HumanMessage(job.message, id=job.human_id)]}
         else:
             inputs, config = await self._retry_plan(job)
