@@ -38,12 +38,12 @@ from resumable_stream import (
 from resumable_stream.starlette import StreamResponse, error_response, resume_after
 
 from .auth import SessionMiddleware, current_user
-from .events import ChatEvents, Mapper, to_ndjson, to_sse
+from .events import PRODUCER_LOST, ChatEvents, Mapper, run_error, to_ndjson, to_sse
 from .models import available_models
 from .runs import NothingToRetry, Submitted, ThreadBusy
 from .runtime import Runtime, open_runtime
 from .settings import Settings
-from .threads import RunRecord, Thread
+from .threads import MAX_RUN_SEQ, RunKind, RunRecord, Thread
 
 logger = logging.getLogger("chat_service")
 
@@ -65,6 +65,23 @@ class ApiError(Exception):
         self.message = message
 
 
+def storable(text: str, field: str) -> str:
+    """``text`` if every database can store it, else a 422 ``invalid_text``.
+
+    PostgreSQL refuses NUL in text, and UTF-8 (SQLite, PostgreSQL, Redis) cannot encode a
+    lone surrogate such as ``"\\ud800"``, which JSON's ``\\u`` escapes can produce.
+    """
+    if "\x00" in text:
+        raise ApiError(422, "invalid_text", f"{field} must not contain NUL characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(
+            422, "invalid_text", f"{field} contains a lone surrogate: it is not valid Unicode"
+        ) from None
+    return text
+
+
 def _error(status: int, code: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"code": code, "message": message, **extra}, status_code=status)
 
@@ -80,9 +97,11 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
         {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
         for e in exc.errors()
     ]
-    first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+    first = errors[0] if errors else {"loc": [], "msg": "invalid request", "type": ""}
     where = ".".join(str(part) for part in first["loc"][1:]) or "body"
-    return _error(422, "invalid_request", f"{where}: {first['msg']}", errors=errors)
+    # pydantic refuses lone surrogates in constrained strings itself: the same code as ours.
+    code = "invalid_text" if first["type"] == "string_unicode" else "invalid_request"
+    return _error(422, code, f"{where}: {first['msg']}", errors=errors)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -147,6 +166,15 @@ class ChatMessage(BaseModel):
     model: str | None = Field(default=None, description="A model spec from GET /info.")
     use_cache: bool = Field(default=False, description="Replay a cached answer if any.")
     retry: bool = Field(default=False, description="Answer the last question again.")
+    edit_last: bool = Field(
+        default=False,
+        description="Replace the thread's last message (and its answer) with this one.",
+    )
+
+
+class Regenerate(BaseModel):
+    thread_id: str = Field(description="The thread whose last answer to replace.")
+    model: str | None = Field(default=None, description="A model spec from GET /info.")
 
 
 class Rename(BaseModel):
@@ -186,13 +214,15 @@ def message_view(message: Any) -> dict[str, Any] | None:
     return None
 
 
-def thread_view(thread: Thread) -> dict[str, Any]:
+def thread_view(thread: Thread, *, streaming: bool = False) -> dict[str, Any]:
     return {
         "thread_id": thread.id,
         "title": thread.title,
         "archived": thread.archived,
         "created_at": thread.created_at,
         "updated_at": thread.updated_at,
+        # An answer is queued or being written.
+        "streaming": streaming,
     }
 
 
@@ -288,7 +318,7 @@ async def _submit(request: Request, body: ChatMessage) -> Submitted:
     settings = runtime.settings
     message = None
     if not body.retry:
-        message = (body.message or "").strip()
+        message = storable(body.message or "", "message").strip()
         if not message:
             raise ApiError(422, "empty_message", "message must not be empty")
         if len(message) > settings.max_message_chars:
@@ -298,16 +328,18 @@ async def _submit(request: Request, body: ChatMessage) -> Submitted:
                 f"message has {len(message)} characters; the limit is {settings.max_message_chars}",
             )
     model = _check_model(settings, body.model)
+    kind: RunKind = "regenerate" if body.retry else "edit" if body.edit_last else "message"
     if body.thread_id:
         thread = await _owned_thread(request, body.thread_id)
         _writable(thread)
-    elif message is None:
-        raise ApiError(422, "nothing_to_retry", "retry needs the thread_id of a thread")
+    elif kind != "message" or message is None:
+        what = "retry" if body.retry else "edit_last"
+        raise ApiError(422, "nothing_to_retry", f"{what} needs the thread_id of a thread")
     else:
         thread = await runtime.store.create_thread(current_user(request), title_for(message))
     try:
         submitted = await runtime.runs.submit(
-            thread, message=message, model=model, use_cache=body.use_cache
+            thread, message=message, model=model, use_cache=body.use_cache, kind=kind
         )
     except ThreadBusy:
         raise ApiError(
@@ -316,14 +348,17 @@ async def _submit(request: Request, body: ChatMessage) -> Submitted:
             "this thread is still answering; stop it first (POST /v1/chat/stop)",
         ) from None
     except NothingToRetry:
-        raise ApiError(409, "nothing_to_retry", "this thread has no question to retry") from None
+        raise ApiError(
+            409, "nothing_to_retry", "this thread has no message to answer again"
+        ) from None
     return submitted
 
 
-def _waiter(runtime: Runtime, run: RunRecord) -> Callable[[], Awaitable[None]]:
-    """``ready`` for ChatEvents: wait until a queued answer's stream exists."""
+def _waiter(runtime: Runtime, run: RunRecord) -> Callable[[], Awaitable[Event | None]]:
+    """``ready`` for ChatEvents: wait until a queued answer's stream exists; or the error
+    event of an answer that failed without one (its server restarted)."""
 
-    async def ready() -> None:
+    async def ready() -> Event | None:
         delay = 0.05
         while await runtime.transport.info(run.stream_id) is None:
             # The answer waits for its thread or for a worker, maybe in another process:
@@ -331,8 +366,11 @@ def _waiter(runtime: Runtime, run: RunRecord) -> Callable[[], Awaitable[None]]:
             current = await runtime.store.get_run(run.thread_id, run.seq)
             if current is None or current.state in ("done", "dropped"):
                 raise StreamNotFound(run.stream_id)
+            if current.state == "failed":
+                return run_error(current.error or PRODUCER_LOST)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
+        return None
 
     return ready
 
@@ -347,6 +385,11 @@ async def _stream_response(
     prelude: list[Event] | None = None,
 ) -> Response:
     runtime = _runtime(request)
+
+    async def on_terminal(event: Event) -> None:
+        if run.state in ("queued", "started"):
+            await runtime.runs.settle_from_reader(run, event)
+
     try:
         events = ChatEvents(
             runtime.transport,
@@ -355,6 +398,7 @@ async def _stream_response(
             after=after,
             prelude=prelude,
             ready=_waiter(runtime, run),
+            on_terminal=on_terminal,
         )
     except ResumableStreamError as exc:
         return await error_response(request, exc)
@@ -366,8 +410,17 @@ def _routes(app: FastAPI, settings: Settings) -> None:
 
     @app.post("/v1/chat/message", status_code=202, tags=["chat"])
     async def post_message(request: Request, body: ChatMessage) -> JSONResponse:
-        """Start answering in the background; read the answer at ``stream_url``."""
-        submitted = await _submit(request, body)
+        """Start answering in the background; read the answer at ``stream_url``.
+        ``edit_last`` replaces the thread's last message (and its answer) instead."""
+        return _accepted(await _submit(request, body))
+
+    @app.post("/v1/chat/regenerate", status_code=202, tags=["chat"])
+    async def regenerate(request: Request, body: Regenerate) -> JSONResponse:
+        """Answer the thread's last message again, replacing its last answer."""
+        retry = ChatMessage(thread_id=body.thread_id, model=body.model, retry=True)
+        return _accepted(await _submit(request, retry))
+
+    def _accepted(submitted: Submitted) -> JSONResponse:
         run = submitted.run
         return JSONResponse(
             {
@@ -386,7 +439,10 @@ def _routes(app: FastAPI, settings: Settings) -> None:
     async def get_stream(
         request: Request,
         thread_id: str,
-        run: Annotated[int | None, Query(description="Answer number (default: current)")] = None,
+        run: Annotated[
+            int | None,
+            Query(ge=1, le=MAX_RUN_SEQ, description="Answer number (default: current)"),
+        ] = None,
     ) -> Response:
         """The answer as SSE (``chunk``, ``tool_call``, ``system``); resumes after
         ``Last-Event-ID``; 204 when the thread has no active or recent answer."""
@@ -431,17 +487,18 @@ def _routes(app: FastAPI, settings: Settings) -> None:
     async def rename_thread(request: Request, thread_id: str, body: Rename) -> dict[str, Any]:
         thread = await _owned_thread(request, thread_id)
         _writable(thread)
-        title = " ".join(body.chat_name.split())
+        title = " ".join(storable(body.chat_name, "chat_name").split())
         await _runtime(request).store.update_thread(thread_id, title=title)
         return {"thread_id": thread_id, "title": title}
 
     @app.get("/v1/threads", tags=["threads"])
     async def list_threads(request: Request, archived: bool = False) -> dict[str, Any]:
         """The caller's threads, most recently active first."""
-        threads = await _runtime(request).store.list_threads(
-            current_user(request), archived=archived
-        )
-        return {"threads": [thread_view(t) for t in threads]}
+        store = _runtime(request).store
+        user = current_user(request)
+        threads = await store.list_threads(user, archived=archived)
+        streaming = await store.streaming_threads(user)
+        return {"threads": [thread_view(t, streaming=t.id in streaming) for t in threads]}
 
     # ----------------------------------------------------------------------- compatibility
 
@@ -546,9 +603,14 @@ async def _history(request: Request, thread: Thread) -> dict[str, Any]:
         if active.human_id in ids:
             messages = messages[: ids.index(active.human_id) + 1]
     views = [v for v in (message_view(m) for m in messages) if v is not None]
+    latest = await runtime.store.current_run(thread.id)
     return {
-        **thread_view(thread),
+        **thread_view(thread, streaming=active is not None),
         "messages": views,
+        # The latest answer failed without a word (its server died): show it, with Retry.
+        "last_error": {"run": latest.seq, "code": latest.error}
+        if latest is not None and latest.state == "failed" and active is None
+        else None,
         "active_run": None
         if active is None
         else {

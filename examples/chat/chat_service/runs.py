@@ -38,6 +38,7 @@ from langchain_core.messages import (
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
 from resumable_stream import (
+    Event,
     ResumableStreamError,
     Run,
     StreamAlreadyRunning,
@@ -48,10 +49,10 @@ from resumable_stream import (
 
 from .agent import Agent
 from .cache import AnswerCache, cache_key
-from .events import RUN_STARTED
+from .events import PRODUCER_LOST, RUN_STARTED, SERVER_RESTARTED
 from .offline_model import split_tokens
 from .settings import BusyPolicy, Settings
-from .threads import RunRecord, Thread, ThreadStore
+from .threads import RunKind, RunRecord, Thread, ThreadStore
 
 logger = logging.getLogger("chat_service.runs")
 
@@ -72,17 +73,31 @@ def lock_id_for(thread_id: str) -> str:
 
 
 class _Hold:
-    """The lock run's source: yields nothing until released."""
+    """The lock run's source: yields the marks it is given, and ends once released."""
 
     def __init__(self) -> None:
         self.released = asyncio.Event()
+        self._marks: list[str] = []
+        self._changed = asyncio.Event()
+
+    def mark(self, text: str) -> None:
+        self._marks.append(text)
+        self._changed.set()
+
+    def release(self) -> None:
+        self.released.set()
+        self._changed.set()
 
     def __aiter__(self) -> _Hold:
         return self
 
     async def __anext__(self) -> str:
-        await self.released.wait()
-        raise StopAsyncIteration
+        while not self._marks:
+            if self.released.is_set():
+                raise StopAsyncIteration
+            self._changed.clear()
+            await self._changed.wait()
+        return self._marks.pop(0)
 
 
 @dataclass
@@ -91,8 +106,13 @@ class HeldLock:
     run: Run
     _hold: _Hold = field(repr=False)
 
+    def answering(self, seq: int) -> None:
+        """Note in the lock stream that the holder started answer ``seq``: a lock without
+        a mark is held by a request that is still submitting its message (see submit)."""
+        self._hold.mark(str(seq))
+
     async def release(self) -> None:
-        self._hold.released.set()
+        self._hold.release()
         with contextlib.suppress(ResumableStreamError):
             await self.run.wait()
 
@@ -208,50 +228,70 @@ class RunService:
         model: str,
         use_cache: bool = False,
         policy: BusyPolicy | None = None,
+        kind: RunKind = "message",
     ) -> Submitted:
         """Queue a message on ``thread`` and get it answered as the busy policy says.
 
-        ``message=None`` retries: it answers the thread's last question again. Raises
+        ``kind="regenerate"`` (``message=None``) answers the thread's last question again,
+        replacing its answer; ``kind="edit"`` replaces the last question (and its answer)
+        with ``message``. Both rewind the thread's checkpoints when the run starts. Raises
         :class:`ThreadBusy` (policy ``reject``) or :class:`NothingToRetry`.
         """
         policy = policy or self.settings.busy_policy
         held: HeldLock | None = None
         if policy == "reject":
-            held = await self.lock.try_acquire(thread.id)
-            if held is None and not await self._answering(thread.id):
-                # The answer's stream has ended; its holder is saving the outcome (the
-                # client may see `end` first): wait for it rather than reject.
-                with contextlib.suppress(TimeoutError):
-                    held = await self.lock.acquire(thread.id, within=self.settings.stream_lease * 2)
-            # With the lock held, a run still marked started is a dead holder's (the drain
-            # cleans it up); in worker mode a queued run waits for a worker: busy.
-            busy = held is None or (
-                self.enqueue is not None and bool(await self.store.runs(thread.id, "queued"))
-            )
-            if busy:
-                if held is not None:
-                    await held.release()
+            held = await self._lock_if_idle(thread.id)
+            if held is None:
                 raise ThreadBusy(thread.id)
-            if self.enqueue is not None and held is not None:
-                # A worker takes the lock; two messages racing in the next milliseconds may
-                # both be accepted, and are then answered one after the other.
-                await held.release()
-                held = None
         elif policy == "interrupt":
             await self.stop(thread.id)
         try:
-            message, human_id = await self._question(thread.id, message)
+            message, human_id = await self._question(thread.id, message, kind)
             run = await self.store.add_run(
-                thread.id, message=message, model=model, use_cache=use_cache, human_id=human_id
+                thread.id,
+                message=message,
+                model=model,
+                use_cache=use_cache,
+                human_id=human_id,
+                kind=kind,
             )
-        except BaseException:
-            if held is not None:
+        finally:
+            if held is not None and self.enqueue is not None:
+                # Worker mode: a worker takes the lock to answer. Released only now that the
+                # run is queued, so a second message sees it and is rejected.
                 await held.release()
-            raise
+                held = None
         if held is None:
             return Submitted(run, await self.kick(thread.id))
         await self._begin(held)
         return Submitted(run, True)
+
+    async def _lock_if_idle(self, thread_id: str) -> HeldLock | None:
+        """(Policy ``reject``) the thread's lock if nothing is answering it, else None.
+
+        Exact within a process and across processes sharing the transport (issue 12): the
+        lock is taken atomically, and held until the new run is recorded. A holder that has
+        not marked the lock with the answer it started is a request still submitting its
+        message: busy. One whose answer's stream has ended is saving it (a client may see
+        ``end`` first): wait for it rather than reject.
+        """
+        held = await self.lock.try_acquire(thread_id)
+        if held is None:
+            lock = await self.transport.info(lock_id_for(thread_id))
+            if lock is not None and lock.status == "running" and lock.last_seq == 0:
+                return None
+            if await self._answering(thread_id):
+                return None
+            try:
+                held = await self.lock.acquire(thread_id, within=self.settings.stream_lease * 2)
+            except TimeoutError:
+                return None
+        # Holding the lock: a queued run waits for a worker (worker mode), or was left by a
+        # holder that died; either way the thread is not idle.
+        if await self.store.runs(thread_id, "queued"):
+            await held.release()
+            return None
+        return held
 
     async def _answering(self, thread_id: str) -> bool:
         """True while an answer of the thread is queued or its stream still running."""
@@ -322,13 +362,76 @@ class RunService:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    # -- after a crash -------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Settle the runs a dead process left unfinished; called once at start (issue 12).
+
+        On embedded defaults the streams lived in the memory of the process that died:
+        its queued and started runs fail at once with ``server_restarted``, which their
+        readers get as the answer's error. With a shared transport (Redis), a run whose
+        writer died ends with ``producer_lost`` once its lease lapses (the library's crash
+        detection, which reading the stream to its end triggers): each unfinished run is
+        watched in the background until its stream ends, then recorded, and a queue a dead
+        holder left is answered.
+        """
+        if not self.settings.redis_url:
+            failed = await self.store.fail_all(SERVER_RESTARTED, "queued", "started")
+            if failed:
+                logger.warning("%d answer(s) were lost when the server last stopped", failed)
+            return
+        queues: set[str] = set()
+        for run in await self.store.unfinished_runs():
+            if run.state == "started":
+                self._spawn(self._settle(run))
+            elif self.enqueue is None and run.thread_id not in queues:
+                queues.add(run.thread_id)
+                self._spawn(self._resume_queue(run.thread_id))
+
+    async def _settle(self, run: RunRecord) -> None:
+        """Wait for the end of a started run's stream, wherever it is written; record it."""
+        info = await self.transport.info(run.stream_id)
+        if info is None:
+            return  # another deployment's, or long expired: nothing to read
+        last = None
+        with contextlib.suppress(ResumableStreamError):
+            async for event in StreamConsumer(self.transport, run.stream_id):
+                last = event
+        await self.settle_from_reader(run, last)
+
+    async def settle_from_reader(self, run: RunRecord, terminal: Event | None) -> None:
+        """A reader saw the run's terminal event (``Event`` or None if it could not read
+        one): record a lost run as failed, so the thread shows no answer in progress."""
+        if terminal is None:
+            await self.store.settle_run(
+                run.thread_id, run.seq, "failed", error=PRODUCER_LOST, only_from=("started",)
+            )
+        elif terminal.type == "error" and terminal.data.get("error") == PRODUCER_LOST:
+            await self.store.settle_run(
+                run.thread_id, run.seq, "failed", error=PRODUCER_LOST, only_from=("started",)
+            )
+            if self.enqueue is None and not self._closing:
+                await self.kick(run.thread_id)  # messages queued behind it
+        # Any other end is recorded by the process that wrote it, or by the next drain.
+
+    async def _resume_queue(self, thread_id: str) -> None:
+        if await self.transport.info(lock_id_for(thread_id)) is None:
+            # Not a thread this deployment answered (its lock stream is not ours): a
+            # database may be shared by deployments with other Redis prefixes.
+            return
+        try:
+            held = await self.lock.acquire(thread_id, within=self.settings.stream_lease * 3)
+        except TimeoutError:
+            return  # a live holder has it, and answers the queue
+        await self._begin(held)
+
     # -- draining ------------------------------------------------------------------------
 
     async def _begin(self, held: HeldLock) -> asyncio.Task[None] | None:
         """With the lock held: start the next queued answer (its stream exists on return),
         and leave the rest of the queue to a background task."""
         try:
-            active = await self._start_next(held.thread_id)
+            active = await self._start_next(held)
         except BaseException:
             await held.release()
             raise
@@ -345,15 +448,16 @@ class RunService:
                 await self._finish(next_active)
                 if self._closing:
                     return
-                next_active = await self._start_next(thread_id)
+                next_active = await self._start_next(held)
         finally:
             await held.release()
         if not self._closing and await self.store.runs(thread_id, "queued"):
             await self.kick(thread_id)
 
-    async def _start_next(self, thread_id: str) -> _Active | None:
+    async def _start_next(self, held: HeldLock) -> _Active | None:
         """Start the oldest queued message. A run still marked started belongs to a holder
         that died (we hold the lock now): end its stream and mark it done first."""
+        thread_id = held.thread_id
         for stale in await self.store.runs(thread_id, "started"):
             await self._end_orphan(stale)
         for job in await self.store.runs(thread_id, "queued"):
@@ -362,6 +466,7 @@ class RunService:
                 continue
             active = await self._start(job)
             if active is not None:
+                held.answering(job.seq)
                 return active
         return None
 
@@ -416,8 +521,12 @@ class RunService:
 
     # -- what a run streams ---------------------------------------------------------------
 
-    async def _question(self, thread_id: str, message: str | None) -> tuple[str | None, str]:
+    async def _question(
+        self, thread_id: str, message: str | None, kind: RunKind
+    ) -> tuple[str | None, str]:
         """(message, id of its HumanMessage); for a retry, the question to answer again."""
+        if kind == "edit" and not await self._last_question(thread_id):
+            raise NothingToRetry(thread_id)
         if message is not None:
             return message, f"human-{uuid.uuid4().hex}"
         state = await self.agent.aget_state(_config(thread_id))
@@ -426,6 +535,25 @@ class RunService:
         if last is None or last.id is None:
             raise NothingToRetry(thread_id)
         return None, last.id
+
+    async def _last_question(self, thread_id: str) -> HumanMessage | None:
+        state = await self.agent.aget_state(_config(thread_id))
+        messages: list[AnyMessage] = state.values.get("messages", [])
+        return next((m for m in reversed(messages) if isinstance(m, HumanMessage)), None)
+
+    async def _edit_plan(self, job: RunRecord) -> tuple[dict[str, Any], Any]:
+        """(inputs, config) of an edit: the new question, on a fork of the thread from the
+        last checkpoint before its last question (which the fork then replaces)."""
+        config = _config(job.thread_id, job.model)
+        inputs = {"messages": [HumanMessage(job.message or "", id=job.human_id)]}
+        last = await self._last_question(job.thread_id)
+        if last is None:
+            return inputs, config  # cleared meanwhile: just ask
+        async for snapshot in self.agent.aget_state_history(config):
+            if last.id not in [m.id for m in snapshot.values.get("messages", [])]:
+                fork = {"configurable": {**snapshot.config["configurable"], "model": job.model}}
+                return inputs, fork
+        return inputs, config
 
     async def _retry_plan(self, job: RunRecord) -> tuple[dict[str, Any] | None, Any]:
         """(inputs, config) of a retry. It resumes the work a failed run left pending; if
@@ -471,7 +599,9 @@ class RunService:
             return
         self.stats["model_runs"] += 1
         inputs: dict[str, Any] | None = None
-        if job.message is not None:
+        if job.kind == "edit":
+            inputs, config = await self._edit_plan(job)
+        elif job.message is not None:
             inputs = {"messages": [HumanMessage(job.message, id=job.human_id)]}
         else:
             inputs, config = await self._retry_plan(job)
@@ -537,7 +667,14 @@ class RunService:
         state = await self.agent.aget_state(_config(job.thread_id))
         if state.values.get("messages"):
             return None  # not a fresh thread: the answer depends on the conversation
-        return await self.cache.get(cache_key(job.model, job.message))
+        key = await self._cache_key(job)
+        return None if key is None else await self.cache.get(key)
+
+    async def _cache_key(self, job: RunRecord) -> str | None:
+        thread = await self.store.get_thread(job.thread_id)
+        if thread is None or job.message is None:
+            return None
+        return cache_key(thread.owner, job.model, job.message)
 
     async def _cache_put(self, job: RunRecord, recorder: _Recorder) -> None:
         if self.cache is None or job.message is None or not recorder.messages:
@@ -545,10 +682,11 @@ class RunService:
         state = await self.agent.aget_state(_config(job.thread_id))
         if [m.id for m in state.values.get("messages", [])][:1] != [job.human_id]:
             return  # the thread had history (or was summarized): not a first question
-        await self.cache.put(
-            cache_key(job.model, job.message),
-            {"events": recorder.events, "messages": messages_to_dict(recorder.messages)},
-        )
+        key = await self._cache_key(job)
+        if key is not None:
+            await self.cache.put(
+                key, {"events": recorder.events, "messages": messages_to_dict(recorder.messages)}
+            )
 
     async def _save_stopped(self, job: RunRecord, text: str) -> None:
         """Keep what the user saw of a stopped answer in the conversation."""

@@ -17,7 +17,7 @@ from .checkpoint import open_checkpointer
 from .models import make_chat_model
 from .runs import RunService
 from .settings import Settings
-from .threads import ThreadStore, thread_store_for
+from .threads import SqliteThreadStore, ThreadStore, thread_store_for
 
 
 @dataclass
@@ -51,11 +51,20 @@ async def open_runtime(
         stack.push_async_callback(transport.aclose)
         producer = StreamProducer(transport, lease=settings.stream_lease)
 
-        # Postgres tables are set up here, once per process, not per request.
-        checkpointer = await stack.enter_async_context(open_checkpointer(settings.checkpoint_url))
         store = thread_store_for(settings.database_url, settings.sqlite_path)
         stack.push_async_callback(store.aclose)
         await store.setup()
+        checkpointer: BaseCheckpointSaver[Any]
+        if isinstance(store, SqliteThreadStore) and settings.checkpoint_url.startswith("sqlite:"):
+            from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+            # One connection per process for the SQLite file (see threads.py).
+            checkpointer = AsyncSqliteSaver(store.connection)
+        else:
+            # Postgres tables are set up here, once per process, not per request.
+            checkpointer = await stack.enter_async_context(
+                open_checkpointer(settings.checkpoint_url)
+            )
 
         redis = None
         if settings.redis_url:
@@ -96,4 +105,5 @@ async def open_runtime(
             enqueue=enqueue,
         )
         stack.push_async_callback(runs.aclose)  # first out: answers end before storage closes
+        await runs.recover()
         yield Runtime(settings, transport, producer, store, checkpointer, agent, cache, runs, redis)
