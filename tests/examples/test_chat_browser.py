@@ -287,6 +287,115 @@ def test_an_error_offers_retry_and_clears_stale_status(
     assert [m["role"] for m in saved["messages"]] == ["user", "assistant", "tool", "assistant"]
 
 
+def test_a_server_killed_mid_answer_shows_the_error_with_retry(
+    page: Page, paced_server: ChatServer
+) -> None:
+    server = paced_server
+    page.goto(server.url)
+    send(page, "How should I structure a small side project?")
+    answer = page.locator(ANSWER).last
+    expect(answer.locator(".text")).to_contain_text("structure")
+    server.kill()
+    server.start()
+
+    # EventSource reconnects by itself; the restarted server ends the lost answer with an
+    # error event, which the page shows with Retry, and the thread takes messages again.
+    expect(answer).to_have_attribute("data-state", "error")
+    expect(answer.locator(".error")).to_contain_text("restarted")
+    expect(page.locator("#status")).to_have_text("")
+    expect(page.locator("#send")).to_be_enabled()
+    expect(page.locator("#stop")).to_be_hidden()
+
+    # After a reload, the saved thread says the same.
+    page.reload()
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "error")
+    expect(answer.locator(".error")).to_contain_text("restarted while writing this answer")
+    answer.locator(".retry").click()
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "done")
+    expect(page.locator(ANSWER)).to_have_count(1)
+    expect(page.locator(".error")).to_have_count(0)
+    saved = saved_thread(page, server, thread_id_of(page))
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"]
+    assert saved["messages"][-1]["text"] == source_of(answer)
+
+
+def test_regenerate_and_edit_the_last_message(
+    page: Page, chat_servers: Callable[..., ChatServer]
+) -> None:
+    server = chat_servers()
+    page.goto(server.url)
+    send(page, "How should I structure a small side project?")
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "done")
+    thread_id = thread_id_of(page)
+    first = source_of(answer)
+
+    # Regenerate: the last answer is replaced by a new one, here and in the saved thread.
+    regenerate = answer.locator(".regenerate")
+    expect(page.locator(".regenerate")).to_have_count(1)
+    regenerate.click()
+    expect(page.locator(ANSWER)).to_have_count(1)
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "done")
+    saved = saved_thread(page, server, thread_id)
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"]
+    assert saved["messages"][-1]["text"] == source_of(answer)
+    assert source_of(answer) == first  # the offline model answers the same question alike
+
+    # Edit: the last question is replaced, and answered; Escape would have cancelled.
+    page.locator(".msg.user .edit").click()
+    editor = page.locator(".msg.user .edit-input")
+    expect(editor).to_have_value("How should I structure a small side project?")
+    editor.press("Escape")
+    expect(page.locator(".msg.user .bubble")).to_have_text(
+        "How should I structure a small side project?"
+    )
+    page.locator(".msg.user .edit").click()
+    editor.fill("what is 6*7")
+    editor.press("Enter")
+    expect(page.locator(".msg.user .bubble")).to_have_text("what is 6*7")
+    expect(page.locator(ANSWER)).to_have_count(1)
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "done")
+    expect(answer.locator(".text")).to_contain_text("The answer is 42")
+    saved = saved_thread(page, server, thread_id)
+    assert [(m["role"], m["text"]) for m in saved["messages"] if m["role"] == "user"] == [
+        ("user", "what is 6*7")
+    ]
+    assert saved["messages"][-1]["text"] == source_of(answer)
+    # Only the last question and the last answer have these.
+    expect(page.locator(".edit")).to_have_count(1)
+    expect(page.locator(".regenerate")).to_have_count(1)
+
+
+def test_the_thread_list_marks_streaming_threads(
+    new_page: PageFactory, paced_server: ChatServer
+) -> None:
+    server = paced_server
+    page = new_page()
+    page.goto(server.url)
+    send(page, "How should I structure a small side project?")
+    answer = page.locator(ANSWER).last
+    expect(answer.locator(".text")).not_to_be_empty()
+    thread_id = thread_id_of(page)
+    item = page.locator(f'.thread[data-thread-id="{thread_id}"]')
+    expect(item.locator(".live")).to_be_visible()
+
+    # Another tab of the same user, on a new chat, sees the marker too, and sees it go
+    # when the answer ends elsewhere.
+    other = new_page()
+    other.context.add_cookies(page.context.cookies())
+    other.goto(server.url)
+    other_item = other.locator(f'.thread[data-thread-id="{thread_id}"]')
+    expect(other_item.locator(".live")).to_be_visible()
+    expect(answer).to_have_attribute("data-state", "done")
+    expect(item.locator(".live")).to_have_count(0)
+    expect(other_item.locator(".live")).to_have_count(0)
+    expect(other_item).to_be_visible()
+
+
 def test_markdown_from_the_model_is_rendered_and_its_html_stays_text(
     page: Page, chat_servers: Callable[..., ChatServer]
 ) -> None:

@@ -218,7 +218,13 @@ function showError(turn, message) {
   contentChanged();
 }
 
-function renderHistory(messages, active) {
+// The saved thread's `last_error` has a code only; say what it means for the user.
+const ERRORS = {
+  server_restarted: "The server restarted while writing this answer, and it was lost.",
+  producer_lost: "The server writing this answer stopped before it was complete.",
+};
+
+function renderHistory(messages, active, lastError) {
   let turn = null;
   for (const message of messages) {
     if (message.role === "user") {
@@ -240,8 +246,12 @@ function renderHistory(messages, active) {
     }
   }
   if (turn) settleText(turn);
+  if (active) return;
   const last = messages[messages.length - 1];
-  if (!active && last && last.role === "user") {
+  if (lastError) {
+    const message = ERRORS[lastError.code] || `The answer failed (${lastError.code}).`;
+    showError(turn && last.role !== "user" ? turn : addTurn(), message);
+  } else if (last && last.role === "user") {
     // A question with no answer and none coming: its answer failed or its server died.
     showError(addTurn(), "This question has no answer: it failed or was interrupted.");
   }
@@ -507,7 +517,7 @@ async function openThread(threadId, { keepStatus = false } = {}) {
   ui.title.textContent = thread.title;
   clearMessages();
   const active = thread.active_run;
-  renderHistory(thread.messages, active);
+  renderHistory(thread.messages, active, thread.last_error);
   if (active) {
     const asked = thread.messages.some((m) => m.id === active.human_id);
     if (!asked && active.message) addUser(active.message);
