@@ -107,7 +107,9 @@ def sse(*events: tuple[str, dict[str, Any]]) -> str:
     )
 
 
-def test_send_stream_reload_stop_and_switch_threads(page: Page, paced_server: ChatServer) -> None:
+def test_send_stream_reload_stop_and_switch_threads(
+    page: Page, paced_server: ChatServer, shots: Path
+) -> None:
     server = paced_server
     page.goto(server.url)
     expect(page.locator("#model")).to_have_value("offline")
@@ -120,6 +122,8 @@ def test_send_stream_reload_stop_and_switch_threads(page: Page, paced_server: Ch
     expect(answer.locator(".text")).to_contain_text("According to")
     expect(answer).to_have_attribute("data-state", "streaming")
     expect(page.locator("#stop")).to_be_visible()
+    expect(page.locator(".regenerate, .edit")).to_have_count(0)  # not while streaming
+    page.screenshot(path=shots / "streaming.png")
     # What was shown so far, up to where Markdown could still change it (an open `code`).
     seen_before_reload = answer.locator(".text").inner_text().split("`")[0].rsplit(" ", 2)[0]
 
@@ -156,6 +160,7 @@ def test_send_stream_reload_stop_and_switch_threads(page: Page, paced_server: Ch
     expect(answer).to_have_attribute("data-state", "stopped")
     expect(answer.locator(".stopped-tag")).to_be_visible()
     expect(page.locator("#stop")).to_be_hidden()
+    page.screenshot(path=shots / "stopped.png")
     saved = saved_thread(page, server, first_thread)
     assert saved["messages"][-1]["stopped"] is True
     assert saved["messages"][-1]["text"] == source_of(answer)
@@ -242,7 +247,7 @@ def test_a_dropped_connection_resumes_by_itself(page: Page, paced_server: ChatSe
 
 
 def test_an_error_offers_retry_and_clears_stale_status(
-    page: Page, paced_server: ChatServer
+    page: Page, paced_server: ChatServer, shots: Path
 ) -> None:
     server = paced_server
     staged: list[str] = []
@@ -272,6 +277,7 @@ def test_an_error_offers_retry_and_clears_stale_status(
     assert len(staged) == 2  # the page did reconnect after the first, empty response
     expect(page.locator("#status")).to_have_text("")  # "reconnecting…" is stale now
     expect(answer.locator(".regenerate")).to_have_count(0)  # Retry is the way out
+    page.screenshot(path=shots / "error.png")
 
     # The failure was staged in the browser: the real answer ran on; let it end, as a
     # failed one has, before retrying (the thread rejects a second message while busy).
@@ -437,11 +443,12 @@ def test_markdown_from_the_model_is_rendered_and_its_html_stays_text(
     expect(page.locator(".msg.user .bubble").last).to_have_text(question)
 
 
+@pytest.mark.parametrize("scheme", ["light", "dark"])
 def test_code_blocks_stream_in_pieces_and_copy(
-    new_page: PageFactory, chat_servers: Callable[..., ChatServer]
+    new_page: PageFactory, chat_servers: Callable[..., ChatServer], shots: Path, scheme: str
 ) -> None:
     server = chat_servers()
-    page = new_page()
+    page = new_page(color_scheme=scheme)
     page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
     markdown = (
         "Here is a script:\n\n```python\nprint('<b>hi</b>')\nfor i in range(3):\n"
@@ -478,6 +485,7 @@ def test_code_blocks_stream_in_pieces_and_copy(
     copy.click()
     expect(copy).to_have_text("Copied")
     assert page.evaluate("navigator.clipboard.readText()") == code.inner_text()
+    page.screenshot(path=shots / f"code-{scheme}.png")
 
 
 # Markdown of every kind the live renderer must get right while the text grows.
