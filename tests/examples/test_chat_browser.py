@@ -377,9 +377,10 @@ def test_regenerate_and_edit_the_last_message(
 
 
 def test_the_thread_list_marks_streaming_threads(
-    new_page: PageFactory, paced_server: ChatServer
+    new_page: PageFactory, chat_servers: Callable[..., ChatServer]
 ) -> None:
-    server = paced_server
+    # Slow enough for a second tab to open while the answer streams.
+    server = chat_servers(OFFLINE_TOKENS_PER_SECOND="10")
     page = new_page()
     page.goto(server.url)
     send(page, "How should I structure a small side project?")
@@ -571,7 +572,7 @@ def test_live_rendering_equals_a_full_render_at_every_step_and_stays_linear(page
 def test_scroll_follows_only_at_the_bottom(
     new_page: PageFactory, chat_servers: Callable[..., ChatServer]
 ) -> None:
-    server = chat_servers(OFFLINE_TOKENS_PER_SECOND="20")
+    server = chat_servers(OFFLINE_TOKENS_PER_SECOND="12")
     page = new_page(viewport={"width": 900, "height": 420})
     page.goto(server.url)
     messages = page.locator("#messages")
