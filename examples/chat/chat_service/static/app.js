@@ -180,7 +180,10 @@ function addTool(turn, call, status) {
   tool.dataset.name = call.name;
   if (call.id) tool.dataset.callId = call.id;
   const summary = element("summary");
-  summary.append(element("span", "tool-name", call.name), element("span", "tool-args", formatArgs(call.args)));
+  summary.append(
+    element("span", "tool-name", call.name),
+    element("span", "tool-args", formatArgs(call.args)),
+  );
   const body = element("div", "tool-body");
   body.append(
     element("div", "tool-label", "Input"),
