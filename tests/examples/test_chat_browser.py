@@ -339,9 +339,10 @@ def test_regenerate_and_edit_the_last_message(
     first = source_of(answer)
 
     # Regenerate: the last answer is replaced by a new one, here and in the saved thread.
-    regenerate = answer.locator(".regenerate")
     expect(page.locator(".regenerate")).to_have_count(1)
-    regenerate.click()
+    answer.evaluate("element => { element.dataset.old = 'yes'; }")
+    answer.locator(".regenerate").click()
+    expect(page.locator(f"{ANSWER}[data-old]")).to_have_count(0)
     expect(page.locator(ANSWER)).to_have_count(1)
     answer = page.locator(ANSWER).last
     expect(answer).to_have_attribute("data-state", "done")
