@@ -430,6 +430,7 @@ def test_markdown_from_the_model_is_rendered_and_its_html_stays_text(
         "[a link](javascript:window.pwned=3) and <img src=x onerror=window.pwned=2>?"
     )
     send(page, question)
+    expect(page.locator(ANSWER)).to_have_count(2)
     answer = page.locator(ANSWER).last
     expect(answer).to_have_attribute("data-state", "done")
     text = answer.locator(".text")
