@@ -422,6 +422,11 @@ def test_markdown_from_the_model_is_rendered_and_its_html_stays_text(
     expect(link).to_have_attribute("target", "_blank")
     expect(link).to_have_attribute("rel", "noopener noreferrer nofollow")
     assert "`" not in answer.locator(".text").inner_text()
+    # The stream has the tool call; its result comes from the saved thread once it ends.
+    answer.locator(".tool summary").click()
+    saved = saved_thread(page, server, thread_id_of(page))
+    tool_message = next(m for m in saved["messages"] if m["role"] == "tool")
+    expect(answer.locator(".tool-result")).to_have_text(tool_message["text"])
 
     # The offline model repeats the question's topic: its HTML comes back in the answer,
     # and is shown as the text it is. Nothing runs, nothing loads, no unsafe link survives.
