@@ -634,12 +634,16 @@ function openDrawer() {
   document.body.classList.add("drawer-open");
   ui.backdrop.hidden = false;
   ui.menu.setAttribute("aria-expanded", "true");
+  $("#new-chat").focus();
 }
 
 function closeDrawer() {
+  if (!document.body.classList.contains("drawer-open")) return;
+  const hadFocus = $("#sidebar").contains(document.activeElement);
   document.body.classList.remove("drawer-open");
   ui.backdrop.hidden = true;
   ui.menu.setAttribute("aria-expanded", "false");
+  if (hadFocus) ui.menu.focus();
 }
 
 ui.menu.addEventListener("click", () => {
