@@ -327,6 +327,33 @@ def test_a_server_killed_mid_answer_shows_the_error_with_retry(
     assert saved["messages"][-1]["text"] == source_of(answer)
 
 
+def test_a_question_saved_without_an_answer_offers_retry(
+    page: Page, chat_servers: Callable[..., ChatServer]
+) -> None:
+    # Stopped before its first word (the model is slowly writing a tool call), an answer
+    # leaves nothing in the thread but the question.
+    server = chat_servers(OFFLINE_TOKENS_PER_SECOND="2")
+    started = page.request.post(
+        f"{server.url}/v1/chat/message", data={"message": "search for Redis Streams"}
+    ).json()
+    thread_id = started["thread_id"]
+    assert page.request.post(f"{server.url}/v1/chat/stop?thread_id={thread_id}").ok
+    eventually(lambda: saved_thread(page, server, thread_id)["active_run"] is None, what="idle")
+    assert [m["role"] for m in saved_thread(page, server, thread_id)["messages"]] == ["user"]
+
+    page.goto(f"{server.url}/#thread={thread_id}")
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "unanswered")
+    expect(answer.locator(".notice")).to_contain_text("No answer was saved")
+    expect(page.locator(".regenerate")).to_have_count(0)
+    answer.locator(".retry").click()  # asks again: the (slow) answer streams
+    expect(page.locator(ANSWER)).to_have_count(1)
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "streaming")
+    expect(answer.locator('.tool[data-name="web_search"]')).to_be_visible()
+    assert saved_thread(page, server, thread_id)["active_run"] is not None
+
+
 def test_regenerate_and_edit_the_last_message(
     page: Page, chat_servers: Callable[..., ChatServer]
 ) -> None:

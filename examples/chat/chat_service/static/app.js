@@ -212,10 +212,13 @@ function toolsDone(turn) {
   }
 }
 
-function showError(turn, message) {
-  turn.el.dataset.state = "error";
+// `state` "error": the answer failed; "unanswered": the saved thread ends with a question
+// and nothing says why (an answer stopped before its first word, or lost): no alarm, but the
+// same way out.
+function showError(turn, message, state = "error") {
+  turn.el.dataset.state = state;
   turn.el.querySelector(":scope > .error")?.remove();
-  const error = element("div", "error", message);
+  const error = element("div", state === "error" ? "error" : "error notice", message);
   error.append(button("retry", "Retry", () => retryAnswer(turn)));
   turn.el.append(error);
   contentChanged();
@@ -255,8 +258,7 @@ function renderHistory(messages, active, lastError) {
     const message = ERRORS[lastError.code] || `The answer failed (${lastError.code}).`;
     showError(turn && last.role !== "user" ? turn : addTurn(), message);
   } else if (last && last.role === "user") {
-    // A question with no answer and none coming: its answer failed or its server died.
-    showError(addTurn(), "This question has no answer: it failed or was interrupted.");
+    showError(addTurn(), "No answer was saved for this question.", "unanswered");
   }
 }
 
@@ -272,7 +274,8 @@ function refreshActions() {
     actions.append(button("edit", "Edit", () => startEdit(lastUser), "Edit this message"));
     lastUser.append(actions);
   }
-  if (last && last.classList.contains("assistant") && last.dataset.state !== "error") {
+  const settled = last && !["error", "unanswered"].includes(last.dataset.state);
+  if (settled && last.classList.contains("assistant")) {
     const actions = element("div", "actions");
     actions.append(button("regenerate", "↻ Regenerate", regenerate, "Answer again"));
     last.querySelector(".meta").append(actions);
