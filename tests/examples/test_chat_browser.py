@@ -328,7 +328,7 @@ def test_a_server_killed_mid_answer_shows_the_error_with_retry(
 
 
 def test_a_question_saved_without_an_answer_offers_retry(
-    page: Page, chat_servers: Callable[..., ChatServer]
+    page: Page, chat_servers: Callable[..., ChatServer], shots: Path
 ) -> None:
     # Stopped before its first word (the model is slowly writing a tool call), an answer
     # leaves nothing in the thread but the question.
@@ -346,6 +346,7 @@ def test_a_question_saved_without_an_answer_offers_retry(
     expect(answer).to_have_attribute("data-state", "unanswered")
     expect(answer.locator(".notice")).to_contain_text("No answer was saved")
     expect(page.locator(".regenerate")).to_have_count(0)
+    page.screenshot(path=shots / "unanswered.png")
     answer.locator(".retry").click()  # asks again: the (slow) answer streams
     expect(page.locator(ANSWER)).to_have_count(1)
     answer = page.locator(ANSWER).last
@@ -355,7 +356,7 @@ def test_a_question_saved_without_an_answer_offers_retry(
 
 
 def test_regenerate_and_edit_the_last_message(
-    page: Page, chat_servers: Callable[..., ChatServer]
+    page: Page, chat_servers: Callable[..., ChatServer], shots: Path
 ) -> None:
     server = chat_servers()
     page.goto(server.url)
@@ -388,6 +389,7 @@ def test_regenerate_and_edit_the_last_message(
     )
     page.locator(".msg.user .edit").click()
     editor.fill("what is 6*7")
+    page.screenshot(path=shots / "editing.png")
     editor.press("Enter")
     expect(page.locator(".msg.user .bubble")).to_have_text("what is 6*7")
     expect(page.locator(ANSWER)).to_have_count(1)
