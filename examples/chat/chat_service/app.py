@@ -40,7 +40,7 @@ from resumable_stream.starlette import StreamResponse, error_response, resume_af
 from .auth import SessionMiddleware, current_user
 from .events import PRODUCER_LOST, ChatEvents, Mapper, run_error, to_ndjson, to_sse
 from .models import available_models
-from .runs import NothingToRetry, Submitted, ThreadBusy
+from .runs import NothingToRetry, QueueUnavailable, Submitted, ThreadBusy
 from .runtime import Runtime, open_runtime
 from .settings import Settings
 from .threads import MAX_RUN_SEQ, RunKind, RunRecord, Thread
@@ -346,6 +346,10 @@ async def _submit(request: Request, body: ChatMessage) -> Submitted:
             409,
             "thread_busy",
             "this thread is still answering; stop it first (POST /v1/chat/stop)",
+        ) from None
+    except QueueUnavailable:
+        raise ApiError(
+            503, "queue_unavailable", "the answer could not be handed to the workers; retry"
         ) from None
     except NothingToRetry:
         raise ApiError(

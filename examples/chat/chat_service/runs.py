@@ -39,6 +39,8 @@ from langgraph.checkpoint.base import BaseCheckpointSaver
 
 from resumable_stream import (
     Event,
+    Reservation,
+    ReservationExpired,
     ResumableStreamError,
     Run,
     StreamAlreadyRunning,
@@ -49,7 +51,7 @@ from resumable_stream import (
 
 from .agent import Agent
 from .cache import AnswerCache, cache_key
-from .events import PRODUCER_LOST, RUN_STARTED, SERVER_RESTARTED
+from .events import NOT_STARTED, PRODUCER_LOST, QUEUE_DOWN, RUN_STARTED, SERVER_RESTARTED
 from .offline_model import split_tokens
 from .settings import BusyPolicy, Settings
 from .threads import RunKind, RunRecord, Thread, ThreadStore
@@ -63,6 +65,16 @@ class ThreadBusy(Exception):
 
 class NothingToRetry(Exception):
     """A retry was asked on a thread without a question to answer again."""
+
+
+class QueueUnavailable(Exception):
+    """Worker mode: the task of a run could not be sent (the broker is down)."""
+
+
+#: Seconds a message under ``reject`` waits for a lock whose holder has not marked it.
+UNMARKED_LOCK_WAIT = 0.5
+#: Seconds a lock holder waits for its mark to be stored (it is, within a write).
+MARK_TIMEOUT = 2.0
 
 
 def lock_id_for(thread_id: str) -> str:
@@ -106,10 +118,16 @@ class HeldLock:
     run: Run
     _hold: _Hold = field(repr=False)
 
-    def answering(self, seq: int) -> None:
-        """Note in the lock stream that the holder started answer ``seq``: a lock without
-        a mark is held by a request that is still submitting its message (see submit)."""
+    async def answering(self, seq: int, transport: Transport) -> None:
+        """Note in the lock stream that the holder started answer ``seq``, and wait until
+        it is stored: a lock without a mark is held by a request that is still submitting
+        its message (see RunService._lock_if_idle)."""
         self._hold.mark(str(seq))
+        with contextlib.suppress(ResumableStreamError, TimeoutError):
+            async with asyncio.timeout(MARK_TIMEOUT):
+                async for event in StreamConsumer(transport, self.run.stream_id):
+                    if event.type == "token" and event.data.get("text") == str(seq):
+                        break
 
     async def release(self) -> None:
         self._hold.release()
@@ -184,8 +202,10 @@ class _Active:
 class RunService:
     """Starts, drains, stops and cleans up the answers of threads.
 
-    ``enqueue`` (worker mode) hands a thread to the workers instead of answering it in this
-    process. Every background task belongs to the service; :meth:`aclose` ends them.
+    With ``workers`` (worker mode), answers are written by Celery workers, one task per
+    run (worker.py): ``enqueue`` (in API processes) reserves the run's stream and sends its
+    task, and :meth:`answer_reserved` (in workers) answers it. Every background task
+    belongs to the service; :meth:`aclose` ends them.
     """
 
     def __init__(
@@ -198,7 +218,8 @@ class RunService:
         agent: Agent,
         checkpointer: BaseCheckpointSaver[Any],
         cache: AnswerCache | None,
-        enqueue: Callable[[str], Awaitable[None]] | None = None,
+        enqueue: Callable[[RunRecord], Awaitable[None]] | None = None,
+        workers: bool = False,
     ) -> None:
         self.settings = settings
         self.transport = transport
@@ -208,6 +229,7 @@ class RunService:
         self.checkpointer = checkpointer
         self.cache = cache
         self.enqueue = enqueue
+        self.workers = workers
         self.lock = ThreadLock(producer)
         self.stats: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -256,11 +278,14 @@ class RunService:
                 kind=kind,
             )
         finally:
-            if held is not None and self.enqueue is not None:
+            if held is not None and self.workers:
                 # Worker mode: a worker takes the lock to answer. Released only now that the
                 # run is queued, so a second message sees it and is rejected.
                 await held.release()
                 held = None
+        if self.workers:
+            await self._enqueue(run)
+            return Submitted(run, False)
         if held is None:
             return Submitted(run, await self.kick(thread.id))
         await self._begin(held)
@@ -275,23 +300,34 @@ class RunService:
         message: busy. One whose answer's stream has ended is saving it (a client may see
         ``end`` first): wait for it rather than reject.
         """
+        seen = await self._run_count(thread_id)
         held = await self.lock.try_acquire(thread_id)
         if held is None:
             lock = await self.transport.info(lock_id_for(thread_id))
             if lock is not None and lock.status == "running" and lock.last_seq == 0:
+                # Unmarked: a request submitting (it releases soon in worker mode), or a
+                # holder whose mark is not written yet. A short wait tells; the run count
+                # below rejects us if the other request added its run.
+                within = UNMARKED_LOCK_WAIT
+            elif await self._answering(thread_id):
                 return None
-            if await self._answering(thread_id):
-                return None
+            else:
+                within = self.settings.stream_lease * 2
             try:
-                held = await self.lock.acquire(thread_id, within=self.settings.stream_lease * 2)
+                held = await self.lock.acquire(thread_id, within=within)
             except TimeoutError:
                 return None
         # Holding the lock: a queued run waits for a worker (worker mode), or was left by a
-        # holder that died; either way the thread is not idle.
-        if await self.store.runs(thread_id, "queued"):
+        # holder that died; either way the thread is not idle. A run added since we looked
+        # is another request's that got the lock first (both waited for a holder to finish).
+        if await self._run_count(thread_id) != seen or await self.store.runs(thread_id, "queued"):
             await held.release()
             return None
         return held
+
+    async def _run_count(self, thread_id: str) -> int:
+        thread = await self.store.get_thread(thread_id)
+        return -1 if thread is None else thread.run_seq
 
     async def _answering(self, thread_id: str) -> bool:
         """True while an answer of the thread is queued or its stream still running."""
@@ -303,13 +339,22 @@ class RunService:
                 return True
         return False
 
+    async def _enqueue(self, run: RunRecord) -> None:
+        if self.enqueue is None:
+            raise RuntimeError("worker mode needs enqueue (API processes)")
+        try:
+            await self.enqueue(run)
+        except Exception as exc:
+            await self.store.settle_run(run.thread_id, run.seq, "failed", error=QUEUE_DOWN)
+            raise QueueUnavailable(str(exc)) from exc
+
     async def kick(self, thread_id: str) -> bool:
-        """Make sure somebody answers the thread's queued messages.
+        """Make sure somebody answers the thread's queued messages (not in worker mode:
+        each run has its task).
 
         Returns True if this call started an answer in this process.
         """
-        if self.enqueue is not None:
-            await self.enqueue(thread_id)
+        if self.workers:
             return False
         held = await self.lock.try_acquire(thread_id)
         if held is None:
@@ -340,7 +385,7 @@ class RunService:
             await self.checkpointer.adelete_thread(thread_id)
             runs = await self.store.runs(thread_id, "queued", "started", "done", "dropped")
             for run in runs:
-                if run.state in ("started", "done"):
+                if run.state != "dropped":  # queued ones may have a reserved stream
                     await self._wipe_stream(run.stream_id)
             if delete_thread:
                 await self.store.delete_thread(thread_id)
@@ -384,7 +429,7 @@ class RunService:
         for run in await self.store.unfinished_runs():
             if run.state == "started":
                 self._spawn(self._settle(run))
-            elif self.enqueue is None and run.thread_id not in queues:
+            elif not self.workers and run.thread_id not in queues:
                 queues.add(run.thread_id)
                 self._spawn(self._resume_queue(run.thread_id))
 
@@ -410,9 +455,52 @@ class RunService:
             await self.store.settle_run(
                 run.thread_id, run.seq, "failed", error=PRODUCER_LOST, only_from=("started",)
             )
-            if self.enqueue is None and not self._closing:
+            if not self.workers and not self._closing:
                 await self.kick(run.thread_id)  # messages queued behind it
+        elif terminal.type == "error" and terminal.data.get("error") == NOT_STARTED:
+            await self.store.settle_run(
+                run.thread_id, run.seq, "failed", error=NOT_STARTED, only_from=("queued",)
+            )
         # Any other end is recorded by the process that wrote it, or by the next drain.
+
+    # -- worker mode ---------------------------------------------------------------------
+
+    async def answer_reserved(self, thread_id: str, seq: int, reservation: Reservation) -> str:
+        """(Celery task) Answer run ``seq`` of a thread, continuing its reserved stream.
+
+        Returns what happened, for the worker's log. A task delivered again after its
+        worker died finds the run started (or ended) and does nothing: the library has
+        ended that answer with ``producer_lost``.
+        """
+        job = await self.store.get_run(thread_id, seq)
+        if job is None or job.state != "queued":
+            return await self._not_answering(job, reservation)
+        try:
+            held = await self.lock.acquire(thread_id, within=self.settings.worker_start_timeout)
+        except TimeoutError:
+            return "the thread stayed busy: the answer's readers get not_started"
+        # Marked at once: this holder is not a request still submitting (see submit).
+        await held.answering(seq, self.transport)
+        try:
+            job = await self.store.get_run(thread_id, seq)  # stopped while waiting?
+            if job is None or job.state != "queued":
+                return await self._not_answering(job, reservation)
+            active = await self._start(job, reservation=reservation)
+            if active is None:
+                return "not started"
+            await self._finish(active)
+            return "answered"
+        finally:
+            await held.release()
+
+    async def _not_answering(self, job: RunRecord | None, reservation: Reservation) -> str:
+        if job is not None and job.state == "dropped":
+            # Stopped before a worker got to it: end its reserved stream as stopped, so its
+            # readers do not wait for the start timeout.
+            with contextlib.suppress(ResumableStreamError):
+                run = await self.producer.start(_Hold(), reservation=reservation)
+                await run.cancel()
+        return f"nothing to do: the run is {job.state if job else 'deleted'}"
 
     async def _resume_queue(self, thread_id: str) -> None:
         if await self.transport.info(lock_id_for(thread_id)) is None:
@@ -466,7 +554,7 @@ class RunService:
                 continue
             active = await self._start(job)
             if active is not None:
-                held.answering(job.seq)
+                await held.answering(job.seq, self.transport)
                 return active
         return None
 
@@ -482,10 +570,26 @@ class RunService:
                         pass
         await self.store.set_run_state(job.thread_id, job.seq, "done")
 
-    async def _start(self, job: RunRecord) -> _Active | None:
+    async def _start(
+        self, job: RunRecord, *, reservation: Reservation | None = None
+    ) -> _Active | None:
         recorder = _Recorder()
+        source = self._source(job, recorder)
         try:
-            run = await self.producer.start(self._source(job, recorder), stream_id=job.stream_id)
+            if reservation is None:
+                run = await self.producer.start(source, stream_id=job.stream_id)
+            else:
+                run = await self.producer.start(source, reservation=reservation)
+        except StreamAlreadyRunning:
+            if reservation is None:
+                raise
+            return None  # started by another delivery of its task, which records it
+        except ReservationExpired:
+            # Its readers were told not_started (or producer_lost, if a dead worker had
+            # started it): record that.
+            error = NOT_STARTED if job.state == "queued" else PRODUCER_LOST
+            await self.store.settle_run(job.thread_id, job.seq, "failed", error=error)
+            return None
         except ResumableStreamError:
             logger.exception("could not start answer %s", job.stream_id)
             await self.store.set_run_state(job.thread_id, job.seq, "done")
@@ -527,6 +631,14 @@ class RunService:
         """(message, id of its HumanMessage); for a retry, the question to answer again."""
         if kind == "edit" and not await self._last_question(thread_id):
             raise NothingToRetry(thread_id)
+        if kind == "regenerate":
+            latest = await self.store.current_run(thread_id)
+            if latest is not None and latest.state == "failed" and latest.message is not None:
+                state = await self.agent.aget_state(_config(thread_id))
+                if latest.human_id not in [m.id for m in state.values.get("messages", [])]:
+                    # It failed before the question reached the conversation (no worker
+                    # started it, its server died): ask it again.
+                    return latest.message, f"human-{uuid.uuid4().hex}"
         if message is not None:
             return message, f"human-{uuid.uuid4().hex}"
         state = await self.agent.aget_state(_config(thread_id))
