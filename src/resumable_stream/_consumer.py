@@ -11,8 +11,20 @@ from ._constants import DEFAULT_PAGE_SIZE
 from ._events import ERROR, Event
 from ._exceptions import InvalidOffset, OffsetExpired, StreamNotFound
 from ._ids import check_stream_id
+from ._producer import RESERVED_PAYLOAD
 from .transports._base import FINAL_STATUSES, Entry, StreamInfo, Subscription, Transport
 
+_NOT_STARTED_PAYLOAD = encode_entry(
+    [
+        (
+            ERROR,
+            {
+                "error": "not_started",
+                "message": "no producer started this reserved run within its start timeout",
+            },
+        )
+    ]
+)
 _LOST_PAYLOAD = encode_entry(
     [
         (
@@ -170,7 +182,7 @@ class StreamConsumer:
             return
         # Quiet stream: is its producer still alive? A lapsed lease ends it with an error
         # event (written once, by whichever reader gets there first).
-        if await self.transport.reap(self.stream_id, self._epoch, _LOST_PAYLOAD):
+        if await self.transport.reap(self.stream_id, self._epoch, await self._lost_payload()):
             return
         info = await self._refresh()
         if info.last_seq > self._seq:
@@ -179,6 +191,16 @@ class StreamConsumer:
             self._gap = True
         elif info.status in FINAL_STATUSES:
             self._finished = True
+
+    async def _lost_payload(self) -> bytes:
+        """The error a reaper writes: ``not_started`` for a reserved run whose only entry
+        is still the reservation's (StreamProducer.reserve), else ``producer_lost``."""
+        if self._seq > 1:
+            return _LOST_PAYLOAD
+        entries = await self.transport.read(self.stream_id, self._epoch, 0, 2)
+        if len(entries) == 1 and entries[0].payload == RESERVED_PAYLOAD:
+            return _NOT_STARTED_PAYLOAD
+        return _LOST_PAYLOAD
 
     async def _refresh(self) -> StreamInfo:
         info = await self.transport.info(self.stream_id)

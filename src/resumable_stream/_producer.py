@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Mapping
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -21,6 +22,7 @@ from ._constants import (
 )
 from ._events import (
     CANCELLED,
+    CUSTOM,
     END,
     ERROR,
     TERMINAL_TYPES,
@@ -30,7 +32,13 @@ from ._events import (
     error_data,
     normalize,
 )
-from ._exceptions import ConfigurationError, LeaseLost, TransportError
+from ._exceptions import (
+    ConfigurationError,
+    LeaseLost,
+    ReservationExpired,
+    StreamAlreadyRunning,
+    TransportError,
+)
 from ._ids import check_stream_id, new_stream_id
 from .transports._base import Entry, Status, Transport
 
@@ -38,6 +46,53 @@ logger = logging.getLogger("resumable_stream")
 
 _STATUS_OF: dict[str, Status] = {END: "completed", ERROR: "error", CANCELLED: "cancelled"}
 CancelReason = Literal["requested", "shutdown"]
+
+
+#: ``custom`` events that open a reserved run: written by reserve(), then by start().
+RESERVED_EVENT = "resumable_stream.reserved"
+STARTED_EVENT = "resumable_stream.started"
+RESERVED_PAYLOAD = encode_entry([(CUSTOM, {"name": RESERVED_EVENT, "data": {}})])
+# Not naming the value: it holds the token that owns the run.
+_NOT_A_RESERVATION = "not a reservation: expected stream_id, epoch and token"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reservation:
+    """A run created by :meth:`StreamProducer.reserve`, for :meth:`StreamProducer.start`.
+
+    Send it with the task that will start it: ``str(reservation)`` and
+    :meth:`Reservation.parse`, or :meth:`to_dict` and :meth:`from_dict`. Whoever holds it
+    can start the run, so treat it like the task itself.
+    """
+
+    stream_id: str
+    epoch: int
+    token: str = dataclasses.field(repr=False)
+
+    def __str__(self) -> str:
+        return f"{self.epoch}:{self.token}:{self.stream_id}"
+
+    @classmethod
+    def parse(cls, text: str) -> Reservation:
+        """The reservation ``str(reservation)`` made; ValueError if ``text`` is not one."""
+        epoch, _, rest = text.partition(":")
+        token, _, stream_id = rest.partition(":")
+        return cls.from_dict({"stream_id": stream_id, "epoch": epoch, "token": token})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stream_id": self.stream_id, "epoch": self.epoch, "token": self.token}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Reservation:
+        """The reservation :meth:`to_dict` made; ValueError if ``data`` is not one."""
+        try:
+            epoch = int(data["epoch"])
+            token, stream_id = data["token"], data["stream_id"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(_NOT_A_RESERVATION) from None
+        if not isinstance(token, str) or not token or not isinstance(stream_id, str):
+            raise ValueError(_NOT_A_RESERVATION)
+        return cls(check_stream_id(stream_id), epoch, token)
 
 
 class Run:
@@ -50,6 +105,8 @@ class Run:
         epoch: int,
         owner: str,
         source: AsyncIterable[Any],
+        *,
+        seq: int = 0,
     ) -> None:
         self.stream_id = stream_id
         self.epoch = epoch
@@ -59,7 +116,7 @@ class Run:
         self._transport = producer.transport
         self._owner = owner
         self._source = source
-        self._seq = 0
+        self._seq = seq  # entries already written (a reserved run starts after two)
         self._buffer: list[Item] = []
         self._terminal: Item | None = None
         self._wake = asyncio.Event()
@@ -286,26 +343,88 @@ class StreamProducer:
         """The runs of this producer that have not ended, by stream id."""
         return dict(self._runs)
 
-    async def start(self, source: AsyncIterable[Any], *, stream_id: str | None = None) -> Run:
+    async def start(
+        self,
+        source: AsyncIterable[Any],
+        *,
+        stream_id: str | None = None,
+        reservation: Reservation | None = None,
+    ) -> Run:
         """Start reading ``source`` into a stream in the background; return its :class:`Run`.
 
         ``source`` is a LangGraph ``astream_events(..., version="v2")`` or ``astream(...)``
         iterator, or any async iterable of ``str`` tokens, events or dicts. Without
         ``stream_id`` an unguessable id is generated. Raises :class:`StreamAlreadyRunning`
         if a live producer holds ``stream_id``.
+
+        With ``reservation`` (from :meth:`reserve`, maybe in another process), the reserved
+        run continues: its readers are already waiting. Raises :class:`ReservationExpired`
+        if it lapsed before this call (its readers got ``not_started``) and
+        :class:`StreamAlreadyRunning` if another producer started it (a task delivered
+        twice).
         """
         if not isinstance(source, AsyncIterable):
             raise TypeError(
                 f"source must be an async iterable (e.g. graph.astream_events(...)), "
                 f"not {type(source).__name__}"
             )
-        stream_id = new_stream_id() if stream_id is None else check_stream_id(stream_id)
-        owner = secrets.token_hex(16)
-        info = await self.transport.create(stream_id, owner, self.lease_ms)
-        run = Run(self, stream_id, info.epoch, owner, source)
+        if reservation is not None:
+            if stream_id is not None and stream_id != reservation.stream_id:
+                raise ValueError("stream_id and reservation name different streams")
+            await self._claim(reservation)
+            stream_id, epoch, owner = reservation.stream_id, reservation.epoch, reservation.token
+            run = Run(self, stream_id, epoch, owner, source, seq=2)
+        else:
+            stream_id = new_stream_id() if stream_id is None else check_stream_id(stream_id)
+            owner = secrets.token_hex(16)
+            info = await self.transport.create(stream_id, owner, self.lease_ms)
+            run = Run(self, stream_id, info.epoch, owner, source)
         self._runs[stream_id] = run
         run._task.add_done_callback(lambda _: self._forget(run))
         return run
+
+    async def reserve(self, stream_id: str | None = None, *, start_timeout: float) -> Reservation:
+        """Create a run for another producer (a task queue's worker) to :meth:`start` later.
+
+        The stream exists at once, so readers can wait on it from the moment the work is
+        queued. If no producer starts it within ``start_timeout`` seconds, the first reader
+        to notice ends it with an ``error`` event whose code is ``not_started``. Send the
+        returned :class:`Reservation` with the task (``str(reservation)`` or
+        ``reservation.to_dict()``). Raises :class:`StreamAlreadyRunning` like :meth:`start`.
+        """
+        if not start_timeout >= 0.1:
+            raise ConfigurationError("start_timeout must be at least 0.1 seconds")
+        stream_id = new_stream_id() if stream_id is None else check_stream_id(stream_id)
+        token = secrets.token_hex(16)
+        # Created with this producer's lease, which sets the pace at which readers check
+        # for a lost producer; then held for start_timeout.
+        info = await self.transport.create(stream_id, token, self.lease_ms)
+        # The reservation's own first entry, which tells readers (and the reaper, see
+        # _consumer.py) that this run is waiting for a producer.
+        await self.transport.append(stream_id, token, Entry(info.epoch, 1, RESERVED_PAYLOAD), 1)
+        await self.transport.renew(stream_id, token, int(start_timeout * 1000))
+        return Reservation(stream_id, info.epoch, token)
+
+    async def _claim(self, reservation: Reservation) -> None:
+        """Take a reserved run over, exactly once: entry 2 names the claimant, and appends
+        of a seq already stored are no-ops, so of two claims the one stored wins."""
+        stream_id, epoch, token = reservation.stream_id, reservation.epoch, reservation.token
+        info = await self.transport.info(stream_id)
+        if info is None or info.epoch != epoch or info.status != "running":
+            raise ReservationExpired(stream_id)
+        if info.last_seq >= 2:
+            raise StreamAlreadyRunning(stream_id)
+        claim = encode_entry(
+            [(CUSTOM, {"name": STARTED_EVENT, "data": {"claim": secrets.token_hex(8)}})]
+        )
+        try:
+            await self.transport.renew(stream_id, token, self.lease_ms)
+            await self.transport.append(stream_id, token, Entry(epoch, 2, claim), 1)
+        except LeaseLost:
+            raise ReservationExpired(stream_id) from None
+        stored = await self.transport.read(stream_id, epoch, 1, 1)
+        if not stored or stored[0].payload != claim:
+            raise StreamAlreadyRunning(stream_id)
 
     def _forget(self, run: Run) -> None:
         if self._runs.get(run.stream_id) is run:

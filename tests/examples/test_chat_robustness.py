@@ -19,9 +19,8 @@ import pytest
 from tests.examples._chat import (
     ChatServer,
     ask,
-    eventually,
-    idle,
     post_message,
+    read_sse,
     servers,
 )
 from tests.examples.conftest import redis_postgres_env
@@ -158,12 +157,15 @@ def reject_trials(first: ChatServer, second: ChatServer, trials: int = 6) -> lis
     the sorted statuses of each trial. Answers are paced: the accepted one is still being
     written when the other arrives."""
     token = f"user-{uuid.uuid4().hex}"
-    outcomes = []
+    outcomes, bodies = [], []
     with token_client(first, token) as a, token_client(second, token) as b:
         for trial in range(trials):
-            thread_id = post_message(a, f"hello {trial}")["thread_id"]
+            started = post_message(a, f"hello {trial}")
+            thread_id = started["thread_id"]
             a.post("/v1/chat/stop", params={"thread_id": thread_id})
-            eventually(lambda t=thread_id: idle(a, t), what="idle")  # type: ignore[misc]
+            # At once after the end of the answer, while its holder may still be saving it
+            # (both requests then wait for the lock: only one may get through).
+            read_sse(a, started["stream_url"])
             responses = both(
                 [
                     lambda c=c, t=thread_id: c.post(  # type: ignore[misc]
@@ -177,7 +179,9 @@ def reject_trials(first: ChatServer, second: ChatServer, trials: int = 6) -> lis
                 ]
             )
             outcomes.append(sorted(r.status_code for r in responses))
+            bodies.append([r.text for r in responses])
             a.post("/v1/chat/stop", params={"thread_id": thread_id})
+    print("responses:", bodies)  # shown when an assertion on the outcomes fails
     return outcomes
 
 

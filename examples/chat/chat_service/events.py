@@ -25,11 +25,17 @@ RUN_STARTED = "run_started"
 SERVER_RESTARTED = "server_restarted"
 #: Error code of an answer whose producer stopped sending heartbeats (the library's).
 PRODUCER_LOST = "producer_lost"
+#: Worker mode: no worker started the answer within WORKER_START_TIMEOUT (the library's).
+NOT_STARTED = "not_started"
+#: Worker mode: the answer's task could not be sent to the workers.
+QUEUE_DOWN = "queue_unavailable"
 
 _MESSAGES = {
     PRODUCER_LOST: "the server generating this answer stopped (crashed or was restarted); retry",
     SERVER_RESTARTED: "the server restarted while writing this answer, and it was lost "
     "(on this set-up, answers in progress live in the server's memory); retry",
+    NOT_STARTED: "no worker started this answer in time (are workers running?); retry",
+    QUEUE_DOWN: "the answer could not be handed to the workers; retry",
 }
 
 

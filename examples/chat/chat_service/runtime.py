@@ -30,7 +30,7 @@ class Runtime:
     agent: Agent
     cache: AnswerCache | None
     runs: RunService
-    redis: Any | None  # redis.asyncio.Redis, for the cache and the jobs stream
+    redis: Any | None  # redis.asyncio.Redis, for the cache
 
 
 @contextlib.asynccontextmanager
@@ -39,9 +39,9 @@ async def open_runtime(
 ) -> AsyncIterator[Runtime]:
     """Open the transport, databases and agent; on exit, stop the answers in flight first.
 
-    In worker mode, an API process enqueues jobs rather than answering; a worker answers.
+    In worker mode, an API process queues Celery tasks rather than answering; a worker
+    answers them (worker.py).
     """
-    from .worker import JobQueue
 
     async with contextlib.AsyncExitStack() as stack:
         options: dict[str, Any] = {"retention": settings.stream_retention}
@@ -81,10 +81,12 @@ async def open_runtime(
                 cache = MemoryCache(settings.cache_ttl)
 
         enqueue = None
-        if redis is not None and (settings.worker_mode or role == "worker"):
-            jobs = JobQueue(redis, settings.redis_prefix)
-            await jobs.setup()
-            enqueue = jobs.enqueue
+        if settings.worker_mode and role == "api":
+            from .worker import CeleryQueue
+
+            queue = CeleryQueue(settings, producer)
+            stack.callback(queue.close)
+            enqueue = queue.enqueue
 
         def model_factory(spec: str) -> Any:
             return make_chat_model(spec, tokens_per_second=settings.offline_tokens_per_second)
@@ -103,6 +105,7 @@ async def open_runtime(
             checkpointer=checkpointer,
             cache=cache,
             enqueue=enqueue,
+            workers=settings.worker_mode or role == "worker",
         )
         stack.push_async_callback(runs.aclose)  # first out: answers end before storage closes
         await runs.recover()
