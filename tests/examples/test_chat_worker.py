@@ -27,6 +27,7 @@ from tests.examples._chat import (
     terminal,
 )
 from tests.examples.conftest import redis_postgres_env
+from tests.examples.test_chat_policies import CONVERSATION, assert_answered_in_order
 
 pytestmark = [pytest.mark.redis, pytest.mark.postgres]
 
@@ -162,3 +163,29 @@ def test_an_answer_no_worker_starts_in_time_ends_with_not_started(
     assert terminal(answer) == {"type": "end"}
     assert "84" in answer_text(answer)
     assert skipped
+
+
+def test_queued_messages_of_a_thread_are_answered_in_order_by_concurrent_workers(
+    chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest
+) -> None:
+    env = {
+        **redis_postgres_env(request),
+        "WORKER_MODE": "1",
+        "BUSY_POLICY": "queue",
+        "WORKER_CONCURRENCY": "4",
+        "OFFLINE_TOKENS_PER_SECOND": "100",
+    }
+    api = chat_servers(**env)
+    chat_servers("worker", **env)
+    chat_servers("worker", **env)
+    with api.client() as client:
+        first = post_message(client, CONVERSATION[0])
+        thread_id = first["thread_id"]
+        runs = [first] + [
+            post_message(client, text, thread_id=thread_id) for text in CONVERSATION[1:]
+        ]
+        endings = [terminal(read_sse(client, run["stream_url"])[1]) for run in runs]
+        thread = history(client, thread_id)
+
+    assert endings == [{"type": "end"}] * 4
+    assert_answered_in_order(thread, runs)

@@ -359,7 +359,7 @@ class RunService:
         if job is None or job.state != "queued":
             return await self._not_answering(job, reservation)
         try:
-            held = await self.lock.acquire(thread_id, within=self.settings.worker_start_timeout)
+            held = await self._lock_in_turn(thread_id, seq)
         except TimeoutError:
             return "the thread stayed busy: the answer's readers get not_started"
         # Marked at once: this holder is not a request still submitting (see submit).
@@ -375,6 +375,29 @@ class RunService:
             return "answered"
         finally:
             await held.release()
+
+    async def _lock_in_turn(self, thread_id: str, seq: int) -> HeldLock:
+        """The thread's lock, once the thread's older queued runs were answered: the tasks
+        of one thread may run on several worker threads at once, and wait for the lock in
+        no particular order. Raises TimeoutError after WORKER_START_TIMEOUT."""
+        async with asyncio.timeout(self.settings.worker_start_timeout):
+            while True:
+                held = await self.lock.acquire(thread_id, within=self.settings.worker_start_timeout)
+                older = [r for r in await self.store.runs(thread_id, "queued") if r.seq < seq]
+                if not older:
+                    return held
+                await held.release()
+                # Wait for the oldest to be answered: its reserved stream ends.
+                with contextlib.suppress(ResumableStreamError):
+                    async for _ in StreamConsumer(self.transport, older[0].stream_id):
+                        pass
+                info = await self.transport.info(older[0].stream_id)
+                if info is None or info.status != "running":
+                    # Ended without a worker taking it (not_started), or deleted: record it,
+                    # so that it is not waited for again.
+                    await self.store.settle_run(
+                        thread_id, older[0].seq, "failed", error=NOT_STARTED, only_from=("queued",)
+                    )
 
     async def _not_answering(self, job: RunRecord | None, reservation: Reservation) -> str:
         if job is not None and job.state == "dropped":
