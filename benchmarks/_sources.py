@@ -36,11 +36,14 @@ class Pacer:
         self.max_lag = 0.0
         self._clock_ns = time.perf_counter_ns if clock == "perf" else time.time_ns
 
-    async def source(self, start: float, offset: float = 0.0) -> AsyncIterator[str]:
-        """Tokens ``"<send time ns> "`` at ``start + offset + i * period`` (loop time)."""
+    async def source(
+        self, start: float, offset: float = 0.0, count: int | None = None
+    ) -> AsyncIterator[str]:
+        """``count`` tokens ``"<send time ns> "`` at ``start + offset + i * period`` (loop
+        time); ``count`` defaults to the pacer's rate x duration."""
         loop = asyncio.get_running_loop()
         clock_ns = self._clock_ns
-        for i in range(self.count):
+        for i in range(self.count if count is None else count):
             due = start + offset + i * self.period
             delay = due - loop.time()
             if delay > 0:

@@ -7,6 +7,7 @@ import http.client
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import orjson
 import psutil
 
+from . import _shape
 from ._clients import read_whole
 from ._support import ConnectionSampler, Figure, RedisServer, Result, free_port
 
@@ -74,15 +76,21 @@ def fanout_row(
     rate: float,
     seconds: float,
     producers: HTTPServer | None = None,
+    *,
+    bare: bool = False,
 ) -> dict[str, Any]:
     """``streams`` paced streams, each read by one SSE client in a separate process.
 
     The producers run in ``server`` itself, or in the ``producers`` process (as with
-    generation workers), in which case ``server`` only fans the streams out.
+    generation workers), in which case ``server`` only fans the streams out. ``bare``
+    serves the same paced tokens from in-process queues through a plain Starlette SSE
+    endpoint instead of the library (the baseline).
     """
     producers = producers or server
     created = producers.call(
-        "POST", "/bench/create", {"streams": streams, "rate": rate, "seconds": seconds}
+        "POST",
+        "/bench/create",
+        {"streams": streams, "rate": rate, "seconds": seconds, "bare": bare},
     )
     expected = created["tokens_per_stream"]
     clients = subprocess.Popen(
@@ -94,6 +102,7 @@ def fanout_row(
             str(streams),
             str(expected),
             str(LATE_MS),
+            "bare" if bare else "streams",
         ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
@@ -124,8 +133,64 @@ def fanout_row(
         tokens_per_s=result["tokens"] / result["seconds"],
         server_cpu_s=cpu,
         cpu_s_per_1000_tokens=cpu / tokens * 1000,
+        cpu_us_per_event=cpu / tokens * 1e6,
         peak_redis_connections=sampler.peak,
         producer_max_lag_ms=status["max_lag_ms"],
+    )
+    return result
+
+
+def churn_row(server: HTTPServer, streams: int, rate: float, seconds: float) -> dict[str, Any]:
+    """Scenario 3's load with streams starting and ending all through the run, readers
+    connecting late and resuming with ``Last-Event-ID`` (``_shape.churn``)."""
+    plan = _shape.churn(streams, rate, seconds, prefix=f"n{streams}-")
+    server.call("POST", "/bench/plan", {"rate": rate, "plan": [p.as_dict() for p in plan]})
+    with tempfile.NamedTemporaryFile("wb", suffix=".json", delete=False) as file:
+        file.write(orjson.dumps([p.as_dict() for p in plan]))
+    t0 = time.time() + 1.0 + len(plan) * 0.0005
+    clients = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks._clients",
+            "plan",
+            str(server.port),
+            file.name,
+            repr(t0),
+            str(LATE_MS),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert clients.stdout is not None
+    try:
+        if clients.stdout.readline().strip() != "ready":
+            raise RuntimeError("the SSE clients did not start")
+        process = psutil.Process(server.pid)
+        before = process.cpu_times()
+        with ConnectionSampler(server.redis, server.pid, interval=0.25) as sampler:
+            server.call("POST", "/bench/go", {"t0_wall": t0})
+            line = clients.stdout.readline()
+        after = process.cpu_times()
+        clients.wait(30)
+    finally:
+        if clients.poll() is None:
+            clients.kill()
+            clients.wait()
+        Path(file.name).unlink(missing_ok=True)
+    if not line:
+        raise RuntimeError("the SSE clients failed (see their stderr)")
+    result: dict[str, Any] = orjson.loads(line)
+    cpu = (after.user - before.user) + (after.system - before.system)
+    result.update(
+        streams=streams,
+        streams_in_plan=len(plan),
+        expected_tokens=sum(p.count for p in plan),
+        server_cpu_s=cpu,
+        cpu_us_per_event=cpu / max(result["tokens"], 1) * 1e6,
+        peak_redis_connections=sampler.peak,
+        producer_max_lag_ms=server.call("GET", "/bench/status")["max_lag_ms"],
     )
     return result
 
@@ -134,66 +199,136 @@ def live_fanout(server: HTTPServer, quick: bool) -> Result:
     """Scenario 3: 1,000 streams at 20 tokens/s for 30 s, one SSE client each.
 
     The target applies to producers and router in one process. The same load with the
-    producers in another process (generation workers) shows what fan-out alone costs.
+    producers in another process (generation workers) shows what fan-out alone costs, and
+    the same load served by a bare Starlette SSE endpoint from in-process queues (no
+    storage, no resume) is the baseline the CPU per event is a ratio against (issue 11).
     """
     streams, seconds = (100, 5.0) if quick else (1000, 30.0)
     row = fanout_row(server, streams, 20.0, seconds)
+    baseline = fanout_row(server, streams, 20.0, seconds, bare=True)
     workers = HTTPServer(server.redis)
     try:
         split = fanout_row(server, streams, 20.0, seconds, producers=workers)
     finally:
         workers.stop()
+    churn_sizes, churn_seconds = ((20, 50), 3.0) if quick else ((100, 500, 1000), 15.0)
+    churn = [churn_row(server, n, 20.0, churn_seconds) for n in churn_sizes]
+    figures = [
+        Figure("3", "p50 added latency", round(row["p50_ms"], 2), "ms", note="info"),
+        Figure("3", "p99 added latency", round(row["p99_ms"], 2), "ms", "<=", 25),
+        Figure("3", "max added latency", round(row["max_ms"], 2), "ms", note="info"),
+        Figure("3", "tokens/s delivered", round(row["tokens_per_s"]), "tok/s", note="info"),
+        Figure(
+            "3",
+            "server CPU s per 1,000 tokens",
+            round(row["cpu_s_per_1000_tokens"], 4),
+            "s",
+            note="info",
+        ),
+        Figure("3", "Redis connections (server, peak)", row["peak_redis_connections"], "", "<=", 4),
+        Figure("3", "clients behind or incomplete", row["behind"], "", "==", 0),
+        Figure(
+            "3",
+            "server CPU per SSE event",
+            round(row["cpu_us_per_event"], 1),
+            "us",
+            note="info",
+        ),
+        Figure(
+            "3",
+            "bare Starlette SSE: server CPU per SSE event",
+            round(baseline["cpu_us_per_event"], 1),
+            "us",
+            note="info",
+        ),
+        Figure(
+            "3",
+            "bare Starlette SSE: p99 added latency",
+            round(baseline["p99_ms"], 2),
+            "ms",
+            note="info",
+        ),
+        Figure("3", "bare Starlette SSE: clients behind", baseline["behind"], note="info"),
+        Figure(
+            "3",
+            "CPU per SSE event, router / bare Starlette SSE",
+            round(row["cpu_us_per_event"] / baseline["cpu_us_per_event"], 2),
+            "x",
+            "<=",
+            1.5,
+            note="same run, same clients",
+        ),
+        Figure(
+            "3",
+            "tokens delivered == sent",
+            row["tokens"] == row["expected_tokens"],
+            "",
+            "==",
+            True,
+        ),
+        Figure(
+            "3",
+            "producers apart: p50 added latency",
+            round(split["p50_ms"], 2),
+            "ms",
+            note="info",
+        ),
+        Figure(
+            "3",
+            "producers apart: p99 added latency",
+            round(split["p99_ms"], 2),
+            "ms",
+            note="info",
+        ),
+        Figure(
+            "3",
+            "producers apart: server CPU s per 1,000 tokens",
+            round(split["cpu_s_per_1000_tokens"], 4),
+            "s",
+            note="info",
+        ),
+        Figure("3", "producers apart: clients behind or incomplete", split["behind"], note="info"),
+    ]
     return Result(
-        figures=[
-            Figure("3", "p50 added latency", round(row["p50_ms"], 2), "ms", note="info"),
-            Figure("3", "p99 added latency", round(row["p99_ms"], 2), "ms", "<=", 25),
-            Figure("3", "max added latency", round(row["max_ms"], 2), "ms", note="info"),
-            Figure("3", "tokens/s delivered", round(row["tokens_per_s"]), "tok/s", note="info"),
-            Figure(
-                "3",
-                "server CPU s per 1,000 tokens",
-                round(row["cpu_s_per_1000_tokens"], 4),
-                "s",
-                note="info",
-            ),
-            Figure(
-                "3", "Redis connections (server, peak)", row["peak_redis_connections"], "", "<=", 4
-            ),
-            Figure("3", "clients behind or incomplete", row["behind"], "", "==", 0),
-            Figure(
-                "3",
-                "tokens delivered == sent",
-                row["tokens"] == row["expected_tokens"],
-                "",
-                "==",
-                True,
-            ),
-            Figure(
-                "3",
-                "producers apart: p50 added latency",
-                round(split["p50_ms"], 2),
-                "ms",
-                note="info",
-            ),
-            Figure(
-                "3",
-                "producers apart: p99 added latency",
-                round(split["p99_ms"], 2),
-                "ms",
-                note="info",
-            ),
-            Figure(
-                "3",
-                "producers apart: server CPU s per 1,000 tokens",
-                round(split["cpu_s_per_1000_tokens"], 4),
-                "s",
-                note="info",
-            ),
-            Figure(
-                "3", "producers apart: clients behind or incomplete", split["behind"], note="info"
-            ),
+        figures=figures
+        + [
+            figure
+            for c in churn
+            for figure in (
+                Figure(
+                    "3",
+                    f"churn, {c['streams']:,} streams ({c['streams_in_plan']:,} in the run):"
+                    " p99 added latency",
+                    round(c["p99_ms"], 2),
+                    "ms",
+                    "<=",
+                    25,
+                ),
+                Figure(
+                    "3",
+                    f"churn, {c['streams']:,} streams: clients behind or incomplete",
+                    c["behind"],
+                    "",
+                    "==",
+                    0,
+                ),
+                Figure(
+                    "3",
+                    f"churn, {c['streams']:,} streams: producer max lag",
+                    round(c["producer_max_lag_ms"], 1),
+                    "ms",
+                    note="info",
+                ),
+                Figure(
+                    "3",
+                    f"churn, {c['streams']:,} streams: server CPU per SSE event",
+                    round(c["cpu_us_per_event"], 1),
+                    "us",
+                    note="info",
+                ),
+            )
         ],
-        details={**row, "producers_apart": split},
+        details={**row, "producers_apart": split, "bare_starlette_sse": baseline, "churn": churn},
     )
 
 

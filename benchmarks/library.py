@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-from resumable_stream import StreamConsumer, StreamProducer, from_url
+from resumable_stream import Run, StreamConsumer, StreamProducer, Transport, from_url
 
+from . import _shape, vercel
+from ._shape import PlannedStream
 from ._sources import Pacer, burst, tokens
 from ._support import ConnectionSampler, Figure, RedisServer, Result, percentile
 
@@ -77,68 +83,269 @@ def burst_throughput(server: RedisServer, quick: bool) -> Result:
     return result
 
 
-async def _paced(
-    url: str, streams: int, rate: float, duration: float
-) -> tuple[list[float], float, int, int]:
-    pacer = Pacer(rate, duration)
-    latencies: list[float] = []
-    async with from_url(url) as transport:
-        producer = StreamProducer(transport)
-        loop = asyncio.get_running_loop()
-        start = loop.time() + 0.5 + streams * 0.0005
-        # Spread the streams' ticks over one period, as independent clients would be.
-        runs = [
-            await producer.start(pacer.source(start, (s / streams) * pacer.period))
-            for s in range(streams)
-        ]
+class _Backend(Protocol):
+    """What a paced run needs from the thing measured: start a stream, read it from an offset."""
 
-        async def consume(stream_id: str) -> int:
-            received = 0
-            async for event in StreamConsumer(transport, stream_id):
+    async def start(self, key: str, source: AsyncIterator[str]) -> None: ...
+
+    def read(self, key: str, after: str | None) -> AsyncGenerator[tuple[str, str]]: ...
+
+    async def wait(self, key: str) -> None: ...
+
+
+class _Library:
+    """The library: a producer appends each stream to Redis, consumers read it back."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.producer = StreamProducer(transport)
+        self.runs: dict[str, Run] = {}
+
+    async def start(self, key: str, source: AsyncIterator[str]) -> None:
+        self.runs[key] = await self.producer.start(source, stream_id=key)
+
+    async def read(self, key: str, after: str | None) -> AsyncGenerator[tuple[str, str]]:
+        async with StreamConsumer(self.transport, key, after=after) as consumer:
+            async for event in consumer:
                 if event.type == "token":
-                    latencies.append((time.perf_counter_ns() - int(event.data["text"])) / 1e6)
-                    received += 1
-            return received
+                    yield event.offset, event.data["text"]
 
-        counts = await asyncio.gather(*(consume(run.stream_id) for run in runs))
-        for run in runs:
-            await run.wait()
-    short = sum(1 for n in counts if n != pacer.count)
-    return latencies, pacer.max_lag, short, sum(counts)
+    async def wait(self, key: str) -> None:
+        await self.runs.pop(key).wait()
+
+
+class _Log:
+    def __init__(self) -> None:
+        self.items: list[str] = []
+        self.done = False
+        self.changed = asyncio.Event()
+
+    def notify(self) -> None:
+        self.changed.set()
+        self.changed = asyncio.Event()
+
+
+class _PassThrough:
+    """The same run without the library: a list per stream in memory, readers woken by an
+    event. What the paced run costs besides the library (pacing, timers, bookkeeping)."""
+
+    def __init__(self) -> None:
+        self.logs: dict[str, _Log] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    async def start(self, key: str, source: AsyncIterator[str]) -> None:
+        log = self.logs[key] = _Log()
+
+        async def pump() -> None:
+            async for item in source:
+                log.items.append(item)
+                log.notify()
+            log.done = True
+            log.notify()
+
+        self.tasks[key] = asyncio.create_task(pump())
+
+    async def read(self, key: str, after: str | None) -> AsyncGenerator[tuple[str, str]]:
+        log = self.logs[key]
+        position = 0 if after is None else int(after) + 1
+        while True:
+            changed = log.changed
+            while position < len(log.items):
+                yield str(position), log.items[position]
+                position += 1
+            if log.done:
+                return
+            await changed.wait()
+
+    async def wait(self, key: str) -> None:
+        await self.tasks.pop(key)
+        del self.logs[key]
+
+
+@dataclass
+class _PacedRun:
+    latencies: list[float] = field(default_factory=list)
+    max_lag: float = 0.0
+    short: int = 0
+    delivered: int = 0
+    cpu: float = 0.0
+
+
+async def _read_planned(
+    backend: _Backend, plan: PlannedStream, first_due: float, latencies: list[float]
+) -> int:
+    """Read one planned stream as its reader would; return the tokens read (once each)."""
+    loop = asyncio.get_running_loop()
+    if plan.reader == "late":
+        await asyncio.sleep(max(0.0, first_due + plan.attach - loop.time()))
+    received, after = 0, None
+    for leg in range(2):
+        attached = time.perf_counter_ns()
+        async with contextlib.aclosing(backend.read(plan.key, after)) as events:
+            async for offset, text in events:
+                now = time.perf_counter_ns()
+                latencies.append((now - max(int(text), attached)) / 1e6)
+                received, after = received + 1, offset
+                if leg == 0 and plan.reader == "resume" and received == plan.detach_after:
+                    break
+        if plan.reader != "resume" or received != plan.detach_after:
+            break
+        await asyncio.sleep(plan.gap)  # the client's reconnection delay
+    return received
+
+
+async def _run_plan(backend: _Backend, plan: list[PlannedStream], rate: float) -> _PacedRun:
+    pacer = Pacer(rate, 0.0)
+    run = _PacedRun()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time() + 0.5 + len(plan) * 0.0005
+
+    async def one(stream: PlannedStream) -> int:
+        first_due = t0 + stream.start
+        # Start each producer 20 ms before its first token, as a request would.
+        await asyncio.sleep(max(0.0, first_due - 0.02 - loop.time()))
+        await backend.start(stream.key, pacer.source(first_due, count=stream.count))
+        received = await _read_planned(backend, stream, first_due, run.latencies)
+        await backend.wait(stream.key)
+        return received
+
+    counts = await asyncio.gather(*(one(stream) for stream in plan))
+    run.max_lag = pacer.max_lag
+    run.short = sum(1 for n, stream in zip(counts, plan, strict=True) if n != stream.count)
+    run.delivered = sum(counts)
+    return run
+
+
+def _paced(url: str | None, plan: list[PlannedStream], rate: float) -> _PacedRun:
+    """One paced run in this process; ``url=None`` runs the in-process pass-through.
+
+    CPU is this thread's (the event loop's), so the connection sampler's thread is not
+    counted.
+    """
+
+    async def main() -> _PacedRun:
+        if url is None:
+            return await _run_plan(_PassThrough(), plan, rate)
+        async with from_url(url) as transport:
+            return await _run_plan(_Library(transport), plan, rate)
+
+    started = time.thread_time()
+    run = asyncio.run(main())
+    run.cpu = time.thread_time() - started
+    return run
+
+
+def _library_us(library: _PacedRun, passthrough: _PacedRun) -> float:
+    """Library CPU per delivered token: the difference of the two runs' CPU per token."""
+    per_token = library.cpu / max(library.delivered, 1)
+    return (per_token - passthrough.cpu / max(passthrough.delivered, 1)) * 1e6
 
 
 def paced_latency(server: RedisServer, quick: bool) -> Result:
-    """Scenario 2b: 200 streams x 50 tokens/s for 6 s, latency from append to receipt."""
+    """Scenario 2b: 200 streams x 50 tokens/s, latency from append to receipt.
+
+    Run twice: every stream started at once and read live (``steady``), then with streams
+    starting and ending all through the run and readers attaching late or resuming
+    (``churn``). Both plans also run through an in-process pass-through (library CPU is
+    the difference), and the churn plan through vercel's ``resumable-stream`` in Node.
+    """
     streams, rate, duration = (50, 50.0, 2.0) if quick else (200, 50.0, 6.0)
+    steady_plan = _shape.steady(streams, rate, duration)
+    churn_plan = _shape.churn(streams, rate, duration)
     admin = server.admin()
+    details: dict[str, Any] = {"streams": streams, "rate": rate, "seconds": duration}
     try:
         admin.flush()
         admin.reset_stats()
         with ConnectionSampler(server, os.getpid()) as sampler:
-            latencies, max_lag, short, delivered = asyncio.run(
-                _paced(server.url, streams, rate, duration)
-            )
+            steady = _paced(server.url, steady_plan, rate)
         commands, _calls = admin.library_commands()
+        steady_passthrough = _paced(None, steady_plan, rate)
+        admin.flush()
+        with ConnectionSampler(server, os.getpid()) as churn_sampler:
+            churn = _paced(server.url, churn_plan, rate)
+        passthrough = _paced(None, churn_plan, rate)
+        admin.flush()
+        node = vercel.paced(server, churn_plan, rate)
     finally:
         admin.close()
-    p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-    return Result(
-        figures=[
-            Figure("2b", "p50 latency", round(p50, 2), "ms", note="info"),
-            Figure("2b", "p99 latency", round(p99, 2), "ms", "<=", 5),
-            Figure("2b", "max latency", round(max(latencies), 2), "ms", note="info"),
-            Figure("2b", "Redis connections (peak)", sampler.peak, "", "<=", 4),
-            Figure(
-                "2b",
-                "producer max lag behind schedule",
-                round(max_lag * 1000, 2),
-                "ms",
-                "<=",
-                20,
-                note="one period",
-            ),
-            Figure("2b", "consumers missing tokens", short, "", "==", 0),
-            Figure("2b", "Redis commands per token", round(commands / delivered, 4), note="info"),
-        ],
-        details={"streams": streams, "rate": rate, "seconds": duration, "tokens": delivered},
-    )
+    runs = {
+        "steady": steady,
+        "steady_pass_through": steady_passthrough,
+        "churn": churn,
+        "pass_through": passthrough,
+    }
+    for name, run in runs.items():
+        details[name] = {
+            "tokens": run.delivered,
+            "cpu_s": run.cpu,
+            "p50_ms": percentile(run.latencies, 50),
+            "p99_ms": percentile(run.latencies, 99),
+            "max_ms": max(run.latencies, default=None),
+            "max_lag_ms": run.max_lag * 1000,
+            "short": run.short,
+        }
+    details["churn"]["streams_in_plan"] = len(churn_plan)
+    details["churn"]["readers"] = {
+        kind: sum(1 for p in churn_plan if p.reader == kind) for kind in ("live", "late", "resume")
+    }
+    details["vercel_resumable_stream"] = node
+    p50, p99 = percentile(steady.latencies, 50), percentile(steady.latencies, 99)
+    churn_p99 = percentile(churn.latencies, 99)
+    library_us = _library_us(churn, passthrough)
+    figures = [
+        Figure("2b", "p50 latency", round(p50, 2), "ms", note="info"),
+        Figure("2b", "p99 latency", round(p99, 2), "ms", "<=", 5),
+        Figure("2b", "max latency", round(max(steady.latencies), 2), "ms", note="info"),
+        Figure("2b", "Redis connections (peak)", sampler.peak, "", "<=", 4),
+        Figure(
+            "2b",
+            "producer max lag behind schedule",
+            round(steady.max_lag * 1000, 2),
+            "ms",
+            "<=",
+            20,
+            note="one period",
+        ),
+        Figure("2b", "consumers missing tokens", steady.short, "", "==", 0),
+        Figure(
+            "2b", "Redis commands per token", round(commands / steady.delivered, 4), note="info"
+        ),
+        Figure(
+            "2b",
+            "library CPU per token (minus pass-through)",
+            round(_library_us(steady, steady_passthrough), 1),
+            "us",
+            "<=",
+            15,
+        ),
+        Figure(
+            "2b",
+            f"churn ({len(churn_plan)} streams start/end, late/resuming readers): p99",
+            round(churn_p99, 2),
+            "ms",
+            "<=",
+            5,
+        ),
+        Figure("2b", "churn: producer max lag", round(churn.max_lag * 1000, 2), "ms", "<=", 20),
+        Figure("2b", "churn: readers missing tokens", churn.short, "", "==", 0),
+        Figure("2b", "churn: Redis connections (peak)", churn_sampler.peak, "", "<=", 4),
+        Figure(
+            "2b",
+            "churn: pass-through process CPU per token",
+            round(passthrough.cpu / max(passthrough.delivered, 1) * 1e6, 1),
+            "us",
+            note="info",
+        ),
+        Figure(
+            "2b",
+            "churn: library CPU per token (minus pass-through)",
+            round(library_us, 1),
+            "us",
+            "<=",
+            15,
+        ),
+        Figure("2b", "churn: pass-through readers missing tokens", passthrough.short, "", "==", 0),
+    ]
+    figures += vercel.figures(node, churn_p99)
+    return Result(figures=figures, details=details)

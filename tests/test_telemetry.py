@@ -180,10 +180,10 @@ async def test_a_redis_reconnect_is_counted(
             return recorded.value("resumable_stream.consumers.live") == 1
 
         await eventually(following_live)
-        server.restart()  # the shared XREAD connection drops
+        server.restart()  # the live reader's notice connection drops
 
         async def reconnected() -> bool:
-            return recorded.value("resumable_stream.transport.reconnects", connection="reader") > 0
+            return recorded.value("resumable_stream.transport.reconnects", connection="notices") > 0
 
         await eventually(reconnected)
         waiting.cancel()

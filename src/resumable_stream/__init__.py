@@ -22,6 +22,7 @@ from ._exceptions import (
     InvalidStreamId,
     LeaseLost,
     OffsetExpired,
+    ReservationExpired,
     ResumableStreamError,
     StorageRollback,
     StreamAlreadyRunning,
@@ -30,7 +31,7 @@ from ._exceptions import (
     TransportError,
 )
 from ._ids import check_stream_id, new_stream_id
-from ._producer import Run, StreamProducer
+from ._producer import Reservation, Run, StreamProducer
 from .transports import StreamInfo, Transport, from_url
 
 __version__ = "0.1.0"
@@ -48,6 +49,8 @@ __all__ = [
     "LeaseLost",
     "OffsetExpired",
     "Position",
+    "Reservation",
+    "ReservationExpired",
     "ResumableStreamError",
     "Run",
     "StorageRollback",

@@ -18,8 +18,20 @@ from ._constants import CONSUMER_CHECKPOINT, DEFAULT_PAGE_SIZE
 from ._events import ERROR, Event
 from ._exceptions import ConfigurationError, InvalidOffset, OffsetExpired, StreamNotFound
 from ._ids import check_stream_id
+from ._producer import RESERVED_PAYLOAD
 from .transports._base import FINAL_STATUSES, Entry, StreamInfo, Subscription, Transport
 
+_NOT_STARTED_PAYLOAD = encode_entry(
+    [
+        (
+            ERROR,
+            {
+                "error": "not_started",
+                "message": "no producer started this reserved run within its start timeout",
+            },
+        )
+    ]
+)
 _LOST_PAYLOAD = encode_entry(
     [
         (
@@ -314,6 +326,16 @@ class StreamConsumer:
         elif info.status in FINAL_STATUSES:
             self._end_of_stream(info)
 
+    async def _lost_payload(self) -> bytes:
+        """The error a reaper writes: ``not_started`` for a reserved run whose only entry
+        is still the reservation's (StreamProducer.reserve), else ``producer_lost``."""
+        if self._seq > 1:
+            return _LOST_PAYLOAD
+        entries = await self.transport.read(self.stream_id, self._epoch, 0, 2)
+        if len(entries) == 1 and entries[0].payload == RESERVED_PAYLOAD:
+            return _NOT_STARTED_PAYLOAD
+        return _LOST_PAYLOAD
+
     def _end_of_stream(self, info: StreamInfo) -> None:
         """Nothing is stored after this reader's position and the stream ended."""
         if info.last_seq < self._seq:
@@ -359,7 +381,7 @@ class StreamConsumer:
         waiter = loop.create_future()
         check = checks[key] = _Check(waiter=waiter)
         try:
-            if await self.transport.reap(self.stream_id, self._epoch, _LOST_PAYLOAD):
+            if await self.transport.reap(self.stream_id, self._epoch, await self._lost_payload()):
                 telemetry.reaped()
             fresh = await self.transport.info(self.stream_id)
         except BaseException as exc:

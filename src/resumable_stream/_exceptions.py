@@ -9,6 +9,7 @@ Hierarchy::
     ├── OffsetExpired
     ├── StreamAlreadyRunning
     ├── LeaseLost
+    │   └── ReservationExpired
     ├── StorageRollback
     ├── EventTooLarge        (also a ValueError)
     ├── TransportError       (transient: retried)
@@ -71,6 +72,18 @@ class LeaseLost(ResumableStreamError):
         super().__init__(
             f"lost the lease on stream {stream_id!r}: another producer took over or the run "
             "was declared lost; this producer is fenced"
+        )
+        self.stream_id = stream_id
+
+
+class ReservationExpired(LeaseLost):
+    """A reserved run lapsed (or was ended or taken over) before a producer started it."""
+
+    def __init__(self, stream_id: str) -> None:
+        ResumableStreamError.__init__(
+            self,
+            f"the reservation of stream {stream_id!r} expired before it was started (its "
+            "start_timeout lapsed and readers were told), or it was ended or taken over",
         )
         self.stream_id = stream_id
 

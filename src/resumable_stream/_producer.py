@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import dataclasses
 import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Literal, Self
 
 from . import telemetry
-from ._codec import Encoded, EventEncoder, join_entry, size_of
+from ._codec import Encoded, EventEncoder, encode_entry, join_entry, size_of
 from ._constants import (
     COALESCE_DELAY,
     COALESCE_EVENTS,
@@ -31,6 +32,7 @@ from ._constants import (
 )
 from ._events import (
     CANCELLED,
+    CUSTOM,
     END,
     ERROR,
     TERMINAL_TYPES,
@@ -43,7 +45,9 @@ from ._exceptions import (
     BackendRefused,
     ConfigurationError,
     LeaseLost,
+    ReservationExpired,
     StorageRollback,
+    StreamAlreadyRunning,
     TransportError,
 )
 from ._ids import check_stream_id, new_stream_id
@@ -54,6 +58,53 @@ logger = logging.getLogger("resumable_stream")
 
 _STATUS_OF: dict[str, Status] = {END: "completed", ERROR: "error", CANCELLED: "cancelled"}
 CancelReason = Literal["requested", "shutdown"]
+
+
+#: ``custom`` events that open a reserved run: written by reserve(), then by start().
+RESERVED_EVENT = "resumable_stream.reserved"
+STARTED_EVENT = "resumable_stream.started"
+RESERVED_PAYLOAD = encode_entry([(CUSTOM, {"name": RESERVED_EVENT, "data": {}})])
+# Not naming the value: it holds the token that owns the run.
+_NOT_A_RESERVATION = "not a reservation: expected stream_id, epoch and token"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reservation:
+    """A run created by :meth:`StreamProducer.reserve`, for :meth:`StreamProducer.start`.
+
+    Send it with the task that will start it: ``str(reservation)`` and
+    :meth:`Reservation.parse`, or :meth:`to_dict` and :meth:`from_dict`. Whoever holds it
+    can start the run, so treat it like the task itself.
+    """
+
+    stream_id: str
+    epoch: int
+    token: str = dataclasses.field(repr=False)
+
+    def __str__(self) -> str:
+        return f"{self.epoch}:{self.token}:{self.stream_id}"
+
+    @classmethod
+    def parse(cls, text: str) -> Reservation:
+        """The reservation ``str(reservation)`` made; ValueError if ``text`` is not one."""
+        epoch, _, rest = text.partition(":")
+        token, _, stream_id = rest.partition(":")
+        return cls.from_dict({"stream_id": stream_id, "epoch": epoch, "token": token})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stream_id": self.stream_id, "epoch": self.epoch, "token": self.token}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Reservation:
+        """The reservation :meth:`to_dict` made; ValueError if ``data`` is not one."""
+        try:
+            epoch = int(data["epoch"])
+            token, stream_id = data["token"], data["stream_id"]
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(_NOT_A_RESERVATION) from None
+        if not isinstance(token, str) or not token or not isinstance(stream_id, str):
+            raise ValueError(_NOT_A_RESERVATION)
+        return cls(check_stream_id(stream_id), epoch, token)
 
 
 class _RolledBack(Exception):
@@ -76,6 +127,8 @@ class Run:
         epoch: int,
         owner: str,
         source: AsyncIterable[Any],
+        *,
+        seq: int = 0,
     ) -> None:
         self.stream_id = stream_id
         self.epoch = epoch
@@ -87,7 +140,7 @@ class Run:
         self._owner = owner
         self._source = source
         self._encoder = EventEncoder(producer.max_event_bytes)
-        self._seq = 0
+        self._seq = seq  # entries already written (a reserved run starts after two)
         self._buffer: list[Encoded] = []
         self._sizes: list[int] = []  # size_of() each event of _buffer
         self._terminal: Item | None = None
@@ -556,6 +609,7 @@ class StreamProducer:
         *,
         stream_id: str | None = None,
         events: EventsFunction | None = None,
+        reservation: Reservation | None = None,
     ) -> Run:
         """Start reading ``source`` into a stream in the background; return its :class:`Run`.
 
@@ -568,6 +622,12 @@ class StreamProducer:
         the ``(type, data)`` pairs to store for each item (``data`` a JSON-safe dict), so
         that a protocol can keep what the vocabulary drops (as
         ``resumable_stream.langgraph_api`` keeps LangGraph's stream parts whole).
+
+        With ``reservation`` (from :meth:`reserve`, maybe in another process), the reserved
+        run continues: its readers are already waiting. Raises :class:`ReservationExpired`
+        if it lapsed before this call (its readers got ``not_started``) and
+        :class:`StreamAlreadyRunning` if another producer started it (a task delivered
+        twice).
         """
         if not isinstance(source, AsyncIterable):
             raise TypeError(
@@ -576,15 +636,66 @@ class StreamProducer:
             )
         if events is not None:
             source = mapped(source, events)
-        stream_id = new_stream_id() if stream_id is None else check_stream_id(stream_id)
-        owner = secrets.token_hex(16)
-        info = await self.transport.create(stream_id, owner, self.lease_ms)
-        with telemetry.run_span(stream_id, info.epoch) as span:  # the run's tasks inherit it
-            run = Run(self, stream_id, info.epoch, owner, source)
+        if reservation is not None:
+            if stream_id is not None and stream_id != reservation.stream_id:
+                raise ValueError("stream_id and reservation name different streams")
+            await self._claim(reservation)
+            stream_id, epoch, owner = reservation.stream_id, reservation.epoch, reservation.token
+            seq = 2
+        else:
+            stream_id = new_stream_id() if stream_id is None else check_stream_id(stream_id)
+            owner = secrets.token_hex(16)
+            info = await self.transport.create(stream_id, owner, self.lease_ms)
+            epoch, seq = info.epoch, 0
+        with telemetry.run_span(stream_id, epoch) as span:  # the run's tasks inherit it
+            run = Run(self, stream_id, epoch, owner, source, seq=seq)
         telemetry.run_started(run, span)
         self._runs[stream_id] = run
         run._task.add_done_callback(lambda _: self._forget(run))
         return run
+
+    async def reserve(self, stream_id: str | None = None, *, start_timeout: float) -> Reservation:
+        """Create a run for another producer (a task queue's worker) to :meth:`start` later.
+
+        The stream exists at once, so readers can wait on it from the moment the work is
+        queued. If no producer starts it within ``start_timeout`` seconds, the first reader
+        to notice ends it with an ``error`` event whose code is ``not_started``. Send the
+        returned :class:`Reservation` with the task (``str(reservation)`` or
+        ``reservation.to_dict()``). Raises :class:`StreamAlreadyRunning` like :meth:`start`.
+        """
+        if not start_timeout >= 0.1:
+            raise ConfigurationError("start_timeout must be at least 0.1 seconds")
+        stream_id = new_stream_id() if stream_id is None else check_stream_id(stream_id)
+        token = secrets.token_hex(16)
+        # Created with this producer's lease, which sets the pace at which readers check
+        # for a lost producer; then held for start_timeout.
+        info = await self.transport.create(stream_id, token, self.lease_ms)
+        # The reservation's own first entry, which tells readers (and the reaper, see
+        # _consumer.py) that this run is waiting for a producer.
+        await self.transport.append(stream_id, token, Entry(info.epoch, 1, RESERVED_PAYLOAD), 1)
+        await self.transport.renew(stream_id, token, int(start_timeout * 1000))
+        return Reservation(stream_id, info.epoch, token)
+
+    async def _claim(self, reservation: Reservation) -> None:
+        """Take a reserved run over, exactly once: entry 2 names the claimant, and appends
+        of a seq already stored are no-ops, so of two claims the one stored wins."""
+        stream_id, epoch, token = reservation.stream_id, reservation.epoch, reservation.token
+        info = await self.transport.info(stream_id)
+        if info is None or info.epoch != epoch or info.status != "running":
+            raise ReservationExpired(stream_id)
+        if info.last_seq >= 2:
+            raise StreamAlreadyRunning(stream_id)
+        claim = encode_entry(
+            [(CUSTOM, {"name": STARTED_EVENT, "data": {"claim": secrets.token_hex(8)}})]
+        )
+        try:
+            await self.transport.renew(stream_id, token, self.lease_ms)
+            await self.transport.append(stream_id, token, Entry(epoch, 2, claim), 1)
+        except LeaseLost:
+            raise ReservationExpired(stream_id) from None
+        stored = await self.transport.read(stream_id, epoch, 1, 1)
+        if not stored or stored[0].payload != claim:
+            raise StreamAlreadyRunning(stream_id)
 
     def _forget(self, run: Run) -> None:
         if self._runs.get(run.stream_id) is run:

@@ -436,3 +436,69 @@ def test_retry_answers_the_last_question_again(paced: ChatServer) -> None:
     # The stopped turn was replaced by the new answer, not appended to.
     assert [m["role"] for m in thread["messages"]] == ["user", "assistant", "tool", "assistant"]
     assert final_answer(thread) == answer_text(events)
+
+
+# --------------------------------------------------------------------------- regenerate / edit
+
+
+def test_regenerate_replaces_the_last_answer(fast: ChatServer) -> None:
+    with fast.client() as client:
+        first, _ = ask(client, "Hi, my name is Ada")
+        thread_id = first["thread_id"]
+        ask(client, "what is 12*7", thread_id=thread_id)
+        before = history(client, thread_id)
+        response = client.post("/v1/chat/regenerate", json={"thread_id": thread_id})
+        assert response.status_code == 202, response.text
+        again = response.json()
+        _, events = read_sse(client, again["stream_url"])
+        after = history(client, thread_id)
+        nothing = client.post("/v1/chat/regenerate", json={"thread_id": uuid.uuid4().hex})
+
+    assert set(again) == {"thread_id", "run", "stream_url", "model", "status"}
+    assert again["run"] == first["run"] + 2
+    assert terminal(events) == {"type": "end"}
+    assert "84" in answer_text(events)
+    # The same conversation, the last answer replaced rather than appended to.
+    assert [m["role"] for m in after["messages"]] == [m["role"] for m in before["messages"]]
+    assert [m["id"] for m in after["messages"]][:3] == [m["id"] for m in before["messages"]][:3]
+    assert after["messages"][-1]["id"] != before["messages"][-1]["id"]
+    assert final_answer(after) == answer_text(events)
+    assert nothing.status_code == 404
+
+
+def test_edit_last_replaces_the_last_message_and_its_answer(fast: ChatServer) -> None:
+    with fast.client() as client:
+        first, _ = ask(client, "Hi, my name is Ada")
+        thread_id = first["thread_id"]
+        ask(client, "what is 12*7", thread_id=thread_id)
+        edited, events = ask(client, "What is my name?", thread_id=thread_id, edit_last=True)
+        thread = history(client, thread_id)
+        fresh = client.post("/v1/chat/message", json={"message": "x", "edit_last": True})
+        empty = client.post("/v1/chat/message", json={"message": "hi"}).json()["thread_id"]
+
+    assert edited["run"] == first["run"] + 2
+    assert "Ada" in answer_text(events)
+    assert [m["text"] for m in thread["messages"] if m["role"] == "user"] == [
+        "Hi, my name is Ada",
+        "What is my name?",
+    ]
+    assert [m["role"] for m in thread["messages"]] == ["user", "assistant"] * 2
+    assert final_answer(thread) == answer_text(events)
+    assert (fresh.status_code, fresh.json()["code"]) == (422, "nothing_to_retry")
+    assert empty
+
+
+def test_threads_list_which_ones_are_streaming(paced: ChatServer) -> None:
+    with paced.client() as client:
+        idle_thread, _ = ask(client, "hello")
+        started = post_message(client, "How should I structure a small side project?")
+        during = client.get("/v1/threads").json()["threads"]
+        client.post("/v1/chat/stop", params={"thread_id": started["thread_id"]})
+        eventually(lambda: idle(client, started["thread_id"]), what="stopped")
+        after = client.get("/v1/threads").json()["threads"]
+
+    def streaming(threads: list[dict[str, object]]) -> dict[object, object]:
+        return {t["thread_id"]: t["streaming"] for t in threads}
+
+    assert streaming(during) == {started["thread_id"]: True, idle_thread["thread_id"]: False}
+    assert streaming(after) == {started["thread_id"]: False, idle_thread["thread_id"]: False}

@@ -1,24 +1,29 @@
 """The chat UI in headless Chromium, against the real server process.
 
 The offline model streams at 40 tokens per second, so the page can be reloaded and stopped
-in the middle of an answer. Screenshots go to tests/artifacts/chat-*.png.
+in the middle of an answer. Screenshots go to each test's temporary directory (pytest prints
+it on failure; `--basetemp` keeps them in one place).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Page, Route, expect, sync_playwright
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
-from tests._services import REPO_ROOT, launch_chromium
+from tests._services import launch_chromium
 from tests.examples._chat import ChatServer, eventually
 
-ARTIFACTS = REPO_ROOT / "tests" / "artifacts"
 TIMEOUT = 20_000  # ms, for expect() and waits
 ANSWER = ".msg.assistant"
+DESKTOP = {"width": 1200, "height": 760}
+PHONE = {"width": 390, "height": 844}
+
+PageFactory = Callable[..., Page]
 
 
 @pytest.fixture
@@ -26,19 +31,50 @@ def paced_server(chat_servers: Callable[..., ChatServer]) -> ChatServer:
     return chat_servers(OFFLINE_TOKENS_PER_SECOND="40")
 
 
-@pytest.fixture
-def page(chromium_path: str) -> Iterator[Page]:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+@pytest.fixture(scope="module")
+def browser(chromium_path: str) -> Iterator[Browser]:
     with sync_playwright() as playwright:
         browser = launch_chromium(playwright, chromium_path)
         try:
-            context = browser.new_context(viewport={"width": 1200, "height": 760})
-            page = context.new_page()
-            page.set_default_timeout(TIMEOUT)
-            expect.set_options(timeout=TIMEOUT)
-            yield page
+            yield browser
         finally:
             browser.close()
+
+
+@pytest.fixture
+def new_page(browser: Browser) -> Iterator[PageFactory]:
+    """`new_page(viewport=..., color_scheme=...)`: a page in a fresh context (its own
+    cookies: a user of its own). Any uncaught script error fails the test."""
+    contexts = []
+    errors: list[str] = []
+
+    def make(viewport: dict[str, int] = DESKTOP, color_scheme: Any = "light") -> Page:
+        context = browser.new_context(viewport=viewport, color_scheme=color_scheme)
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        return page
+
+    expect.set_options(timeout=TIMEOUT)
+    try:
+        yield make
+    finally:
+        for context in contexts:
+            context.close()
+    assert errors == []
+
+
+@pytest.fixture
+def page(new_page: PageFactory) -> Page:
+    return new_page()
+
+
+@pytest.fixture
+def shots(tmp_path: Path) -> Path:
+    path = tmp_path / "screenshots"
+    path.mkdir()
+    return path
 
 
 def send(page: Page, text: str) -> None:
@@ -58,7 +94,22 @@ def saved_thread(page: Page, server: ChatServer, thread_id: str) -> dict[str, An
     return thread
 
 
-def test_send_stream_reload_stop_and_switch_threads(page: Page, paced_server: ChatServer) -> None:
+def source_of(answer: Any) -> str:
+    """The Markdown source of an answer that has ended (the page keeps it on the element)."""
+    return str(answer.locator(".text").get_attribute("data-source"))
+
+
+def sse(*events: tuple[str, dict[str, Any]]) -> str:
+    """An SSE body of `(event, data)` pairs, with ids the way the server writes them."""
+    return "".join(
+        f"id: 1-{n}-0\nevent: {name}\ndata: {json.dumps(data)}\n\n"
+        for n, (name, data) in enumerate(events, 1)
+    )
+
+
+def test_send_stream_reload_stop_and_switch_threads(
+    page: Page, paced_server: ChatServer, shots: Path
+) -> None:
     server = paced_server
     page.goto(server.url)
     expect(page.locator("#model")).to_have_value("offline")
@@ -71,8 +122,10 @@ def test_send_stream_reload_stop_and_switch_threads(page: Page, paced_server: Ch
     expect(answer.locator(".text")).to_contain_text("According to")
     expect(answer).to_have_attribute("data-state", "streaming")
     expect(page.locator("#stop")).to_be_visible()
-    page.screenshot(path=ARTIFACTS / "chat-streaming.png")
-    seen_before_reload = answer.locator(".text").inner_text()
+    expect(page.locator(".regenerate, .edit")).to_have_count(0)  # not while streaming
+    page.screenshot(path=shots / "streaming.png")
+    # What was shown so far, up to where Markdown could still change it (an open `code`).
+    seen_before_reload = answer.locator(".text").inner_text().split("`")[0].rsplit(" ", 2)[0]
 
     # Reload mid-answer: the answer continues live where it was, with nothing repeated.
     page.reload()
@@ -81,14 +134,23 @@ def test_send_stream_reload_stop_and_switch_threads(page: Page, paced_server: Ch
     expect(answer).to_have_attribute("data-state", "done")
     first_thread = thread_id_of(page)
     saved = saved_thread(page, server, first_thread)
+    assert source_of(answer) == saved["messages"][-1]["text"]
     text = answer.locator(".text").inner_text()
     assert text.startswith(seen_before_reload)
-    assert text == saved["messages"][-1]["text"]
     assert text.count("According to") == 1
     expect(page.locator(".msg.user")).to_have_count(1)
     expect(page.locator(ANSWER)).to_have_count(1)
     expect(answer.locator('.tool[data-state="done"]')).to_have_count(1)
-    page.screenshot(path=ARTIFACTS / "chat-after-reload.png")
+
+    # The tool call is collapsed to its name and input; open, it shows what the tool returned.
+    tool = answer.locator(".tool")
+    expect(tool).not_to_have_attribute("open", "")
+    expect(tool.locator("summary")).to_have_text("web_searchquery: Redis Streams")
+    expect(tool.locator(".tool-result")).to_be_hidden()
+    tool.locator("summary").click()
+    expect(tool.locator(".tool-input")).to_have_text('{\n  "query": "Redis Streams"\n}')
+    tool_message = next(m for m in saved["messages"] if m["role"] == "tool")
+    expect(tool.locator(".tool-result")).to_have_text(tool_message["text"])
 
     # Stop an answer in flight: what was said stays, marked as stopped.
     send(page, "How should I structure a small side project?")
@@ -98,11 +160,10 @@ def test_send_stream_reload_stop_and_switch_threads(page: Page, paced_server: Ch
     expect(answer).to_have_attribute("data-state", "stopped")
     expect(answer.locator(".stopped-tag")).to_be_visible()
     expect(page.locator("#stop")).to_be_hidden()
-    page.screenshot(path=ARTIFACTS / "chat-stopped.png")
-    stopped_text = answer.locator(".text").inner_text()
+    page.screenshot(path=shots / "stopped.png")
     saved = saved_thread(page, server, first_thread)
     assert saved["messages"][-1]["stopped"] is True
-    assert saved["messages"][-1]["text"] == stopped_text
+    assert saved["messages"][-1]["text"] == source_of(answer)
 
     # A second thread, then switch between the two from the list.
     page.click("#new-chat")
@@ -123,7 +184,6 @@ def test_send_stream_reload_stop_and_switch_threads(page: Page, paced_server: Ch
     expect(page.locator(f'.thread[data-thread-id="{second_thread}"]')).to_have_class(
         "thread current"
     )
-    page.screenshot(path=ARTIFACTS / "chat-threads.png")
 
     # Rename, then delete, from the thread list.
     current = page.locator(f'.thread[data-thread-id="{second_thread}"]')
@@ -163,11 +223,10 @@ def test_a_dropped_connection_resumes_by_itself(page: Page, paced_server: ChatSe
     send(page, "search for PostgreSQL")
     answer = page.locator(ANSWER).last
     expect(page.locator("#status")).to_contain_text("reconnecting")
-    page.screenshot(path=ARTIFACTS / "chat-reconnecting.png")
     expect(answer).to_have_attribute("data-state", "done")
 
     saved = saved_thread(page, server, thread_id_of(page))
-    text = answer.locator(".text").inner_text()
+    text = source_of(answer)
     # One reconnection, by EventSource itself. It sent Last-Event-ID (Chromium adds the
     # header below Playwright's interception, so it is not visible here), and the server
     # resumed after it: a restart from the first event would repeat what was delivered.
@@ -187,21 +246,26 @@ def test_a_dropped_connection_resumes_by_itself(page: Page, paced_server: ChatSe
     expect(page.locator("#status")).to_have_text("")
 
 
-def test_an_error_offers_retry(page: Page, paced_server: ChatServer) -> None:
+def test_an_error_offers_retry_and_clears_stale_status(
+    page: Page, paced_server: ChatServer, shots: Path
+) -> None:
     server = paced_server
-    failed: list[bool] = []
+    staged: list[str] = []
 
     def fail_first_stream(route: Route) -> None:
-        if failed:
+        staged.append(route.request.url)
+        if len(staged) == 1:
+            # The connection ends before any event: the page says it is reconnecting.
+            route.fulfill(status=200, content_type="text/event-stream", body=": hello\n\n")
+        elif len(staged) == 2:
+            error = {"type": "error", "code": "producer_lost", "message": "the model went away"}
+            route.fulfill(
+                status=200,
+                content_type="text/event-stream",
+                body=sse(("chunk", {"text": "Half an"}), ("system", error)),
+            )
+        else:
             route.continue_()
-            return
-        failed.append(True)
-        error = '{"type":"error","code":"producer_lost","message":"the model went away"}'
-        route.fulfill(
-            status=200,
-            content_type="text/event-stream",
-            body=f"id: 1-1-0\nevent: system\ndata: {error}\n\n",
-        )
 
     page.route("**/v1/chat/stream*", fail_first_stream)
     page.goto(server.url)
@@ -209,7 +273,11 @@ def test_an_error_offers_retry(page: Page, paced_server: ChatServer) -> None:
     answer = page.locator(ANSWER).last
     expect(answer).to_have_attribute("data-state", "error")
     expect(answer.locator(".error")).to_contain_text("the model went away")
-    page.screenshot(path=ARTIFACTS / "chat-error.png")
+    expect(answer.locator(".text")).to_have_text("Half an")
+    assert len(staged) == 2  # the page did reconnect after the first, empty response
+    expect(page.locator("#status")).to_have_text("")  # "reconnecting…" is stale now
+    expect(answer.locator(".regenerate")).to_have_count(0)  # Retry is the way out
+    page.screenshot(path=shots / "error.png")
 
     # The failure was staged in the browser: the real answer ran on; let it end, as a
     # failed one has, before retrying (the thread rejects a second message while busy).
@@ -220,5 +288,480 @@ def test_an_error_offers_retry(page: Page, paced_server: ChatServer) -> None:
     expect(answer).to_have_attribute("data-state", "done")
     expect(answer.locator(".text")).to_contain_text("The answer is 84")
     expect(page.locator(ANSWER)).to_have_count(1)  # the failed turn was replaced
+    expect(page.locator(".error")).to_have_count(0)
     saved = saved_thread(page, server, thread_id_of(page))
     assert [m["role"] for m in saved["messages"]] == ["user", "assistant", "tool", "assistant"]
+
+
+def test_a_server_killed_mid_answer_shows_the_error_with_retry(
+    page: Page, paced_server: ChatServer
+) -> None:
+    server = paced_server
+    page.goto(server.url)
+    send(page, "How should I structure a small side project?")
+    answer = page.locator(ANSWER).last
+    expect(answer.locator(".text")).to_contain_text("structure")
+    server.kill()
+    server.start()
+
+    # EventSource reconnects by itself; the restarted server ends the lost answer with an
+    # error event, which the page shows with Retry, and the thread takes messages again.
+    expect(answer).to_have_attribute("data-state", "error")
+    expect(answer.locator(".error")).to_contain_text("restarted")
+    expect(page.locator("#status")).to_have_text("")
+    expect(page.locator("#send")).to_be_enabled()
+    expect(page.locator("#stop")).to_be_hidden()
+
+    # After a reload, the saved thread says the same.
+    page.reload()
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "error")
+    expect(answer.locator(".error")).to_contain_text("restarted while writing this answer")
+    answer.locator(".retry").click()
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "done")
+    expect(page.locator(ANSWER)).to_have_count(1)
+    expect(page.locator(".error")).to_have_count(0)
+    saved = saved_thread(page, server, thread_id_of(page))
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"]
+    assert saved["messages"][-1]["text"] == source_of(answer)
+
+
+def test_a_question_saved_without_an_answer_offers_retry(
+    page: Page, chat_servers: Callable[..., ChatServer], shots: Path
+) -> None:
+    # Stopped before its first word (the model is slowly writing a tool call), an answer
+    # leaves nothing in the thread but the question.
+    server = chat_servers(OFFLINE_TOKENS_PER_SECOND="2")
+    started = page.request.post(
+        f"{server.url}/v1/chat/message", data={"message": "search for Redis Streams"}
+    ).json()
+    thread_id = started["thread_id"]
+    assert page.request.post(f"{server.url}/v1/chat/stop?thread_id={thread_id}").ok
+    eventually(lambda: saved_thread(page, server, thread_id)["active_run"] is None, what="idle")
+    assert [m["role"] for m in saved_thread(page, server, thread_id)["messages"]] == ["user"]
+
+    page.goto(f"{server.url}/#thread={thread_id}")
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "unanswered")
+    expect(answer.locator(".notice")).to_contain_text("No answer was saved")
+    expect(page.locator(".regenerate")).to_have_count(0)
+    page.screenshot(path=shots / "unanswered.png")
+    answer.locator(".retry").click()  # asks again: the (slow) answer streams
+    expect(page.locator(ANSWER)).to_have_count(1)
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "streaming")
+    expect(answer.locator('.tool[data-name="web_search"]')).to_be_visible()
+    assert saved_thread(page, server, thread_id)["active_run"] is not None
+
+
+def test_regenerate_and_edit_the_last_message(
+    page: Page, chat_servers: Callable[..., ChatServer], shots: Path
+) -> None:
+    server = chat_servers()
+    page.goto(server.url)
+    send(page, "How should I structure a small side project?")
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "done")
+    thread_id = thread_id_of(page)
+    first = source_of(answer)
+
+    # Regenerate: the last answer is replaced by a new one, here and in the saved thread.
+    expect(page.locator(".regenerate")).to_have_count(1)
+    answer.evaluate("element => { element.dataset.old = 'yes'; }")
+    answer.locator(".regenerate").click()
+    expect(page.locator(f"{ANSWER}[data-old]")).to_have_count(0)
+    expect(page.locator(ANSWER)).to_have_count(1)
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "done")
+    saved = saved_thread(page, server, thread_id)
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"]
+    assert saved["messages"][-1]["text"] == source_of(answer)
+    assert source_of(answer) == first  # the offline model answers the same question alike
+
+    # Edit: the last question is replaced, and answered; Escape would have cancelled.
+    page.locator(".msg.user .edit").click()
+    editor = page.locator(".msg.user .edit-input")
+    expect(editor).to_have_value("How should I structure a small side project?")
+    editor.press("Escape")
+    expect(page.locator(".msg.user .bubble")).to_have_text(
+        "How should I structure a small side project?"
+    )
+    page.locator(".msg.user .edit").click()
+    editor.fill("what is 6*7")
+    page.screenshot(path=shots / "editing.png")
+    editor.press("Enter")
+    expect(page.locator(".msg.user .bubble")).to_have_text("what is 6*7")
+    expect(page.locator(ANSWER)).to_have_count(1)
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "done")
+    expect(answer.locator(".text")).to_contain_text("The answer is 42")
+    saved = saved_thread(page, server, thread_id)
+    assert [(m["role"], m["text"]) for m in saved["messages"] if m["role"] == "user"] == [
+        ("user", "what is 6*7")
+    ]
+    assert saved["messages"][-1]["text"] == source_of(answer)
+    # Only the last question and the last answer have these.
+    expect(page.locator(".edit")).to_have_count(1)
+    expect(page.locator(".regenerate")).to_have_count(1)
+
+
+def test_the_thread_list_marks_streaming_threads(
+    new_page: PageFactory, chat_servers: Callable[..., ChatServer]
+) -> None:
+    # Slow enough for a second tab to open while the answer streams.
+    server = chat_servers(OFFLINE_TOKENS_PER_SECOND="10")
+    page = new_page()
+    page.goto(server.url)
+    send(page, "How should I structure a small side project?")
+    answer = page.locator(ANSWER).last
+    expect(answer.locator(".text")).not_to_be_empty()
+    thread_id = thread_id_of(page)
+    item = page.locator(f'.thread[data-thread-id="{thread_id}"]')
+    expect(item.locator(".live")).to_be_visible()
+
+    # Another tab of the same user, on a new chat, sees the marker too, and sees it go
+    # when the answer ends elsewhere.
+    other = new_page()
+    other.context.add_cookies(page.context.cookies())
+    other.goto(server.url)
+    other_item = other.locator(f'.thread[data-thread-id="{thread_id}"]')
+    expect(other_item.locator(".live")).to_be_visible()
+    expect(answer).to_have_attribute("data-state", "done")
+    expect(item.locator(".live")).to_have_count(0)
+    expect(other_item.locator(".live")).to_have_count(0)
+    expect(other_item).to_be_visible()
+
+
+def test_markdown_from_the_model_is_rendered_and_its_html_stays_text(
+    page: Page, chat_servers: Callable[..., ChatServer]
+) -> None:
+    server = chat_servers()
+    page.goto(server.url)
+
+    # A real answer with Markdown in it: the search result has `code` and bare URLs.
+    send(page, "search for Redis Streams")
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "done")
+    expect(answer.locator(".text code").first).to_have_text("<milliseconds>-<sequence>")
+    link = answer.locator(
+        '.text a[href="https://redis.io/docs/latest/develop/data-types/streams/"]'
+    )
+    expect(link).to_have_text("https://redis.io/docs/latest/develop/data-types/streams/")
+    expect(link).to_have_attribute("target", "_blank")
+    expect(link).to_have_attribute("rel", "noopener noreferrer nofollow")
+    assert "`" not in answer.locator(".text").inner_text()
+    # The stream has the tool call; its result comes from the saved thread once it ends.
+    answer.locator(".tool summary").click()
+    saved = saved_thread(page, server, thread_id_of(page))
+    tool_message = next(m for m in saved["messages"] if m["role"] == "tool")
+    expect(answer.locator(".tool-result")).to_have_text(tool_message["text"])
+
+    # The offline model repeats the question's topic: its HTML comes back in the answer,
+    # and is shown as the text it is. Nothing runs, nothing loads, no unsafe link survives.
+    question = (
+        "How should I handle <script>window.pwned = 1</script>, **bold** text, "
+        "[a link](javascript:window.pwned=3) and <img src=x onerror=window.pwned=2>?"
+    )
+    send(page, question)
+    expect(page.locator(ANSWER)).to_have_count(2)
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "done")
+    text = answer.locator(".text")
+    expect(text).to_contain_text("<script>window.pwned = 1</script>")
+    expect(text).to_contain_text("<img src=x onerror=window.pwned=2>")
+    expect(text.locator("strong")).to_have_text("bold")
+    expect(text.locator("script, img, [onerror]")).to_have_count(0)
+    expect(text.locator("a")).to_have_text("a link")
+    assert text.locator("a").get_attribute("href") is None
+    text.locator("a").click()
+    assert page.evaluate("window.pwned") is None
+    # The question is shown exactly as typed, not as Markdown.
+    expect(page.locator(".msg.user .bubble").last).to_have_text(question)
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_code_blocks_stream_in_pieces_and_copy(
+    new_page: PageFactory, chat_servers: Callable[..., ChatServer], shots: Path, scheme: str
+) -> None:
+    server = chat_servers()
+    page = new_page(color_scheme=scheme)
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=server.url)
+    markdown = (
+        "Here is a script:\n\n```python\nprint('<b>hi</b>')\nfor i in range(3):\n"
+        "    print(i)\n```\n\n- one\n- two with `code`\n\n<div onclick=x>raw</div>\n\nDone."
+    )
+    # Chunks that split the fence, the list and the tag, as a model's tokens do.
+    chunks = [markdown[i : i + 5] for i in range(0, len(markdown), 5)]
+
+    def staged_answer(route: Route) -> None:
+        route.fulfill(
+            status=200,
+            content_type="text/event-stream",
+            body=sse(
+                ("system", {"type": "start", "run": 1, "model": "offline", "cached": False}),
+                *(("chunk", {"text": chunk}) for chunk in chunks),
+                ("system", {"type": "end"}),
+            ),
+        )
+
+    page.route("**/v1/chat/stream*", staged_answer)
+    page.goto(server.url)
+    send(page, "a question")
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "done")
+    assert source_of(answer) == markdown
+    code = answer.locator(".codeblock pre code")
+    expect(code).to_have_text("print('<b>hi</b>')\nfor i in range(3):\n    print(i)\n")
+    expect(answer.locator(".codeblock .codebar span")).to_have_text("python")
+    expect(answer.locator("li")).to_have_text(["one", "two with code"])
+    expect(answer.locator(".text")).to_contain_text("<div onclick=x>raw</div>")
+    expect(answer.locator(".text div[onclick], .text b")).to_have_count(0)
+
+    copy = answer.locator(".codeblock .copy")
+    copy.click()
+    expect(copy).to_have_text("Copied")
+    assert page.evaluate("navigator.clipboard.readText()") == code.inner_text()
+    page.screenshot(path=shots / f"code-{scheme}.png")
+
+
+# Markdown of every kind the live renderer must get right while the text grows.
+LIVE_SAMPLE = """# Title
+
+A paragraph with **bold**, `code` and a [link](https://example.com/).
+Setext heading
+---
+
+1. first
+2. second
+
+   still the second item
+
+3. third
+
+> a quote
+> on two lines
+
+| a | b |
+|---|---|
+| 1 | 2 |
+
+```js
+const x = "<i>";
+
+console.log(x);
+```
+
+    indented code
+
+- [ ] a task
+- [x] done
+
+Last words with trailing spaces.
+"""
+
+
+def test_live_rendering_equals_a_full_render_at_every_step_and_stays_linear(page: Page) -> None:
+    # The renderer is plain JavaScript in the page: drive it there, chunk by chunk.
+    page.goto("about:blank")
+    page.add_script_tag(path=_static("vendor/marked.umd.js"))
+    page.add_script_tag(path=_static("vendor/purify.min.js"))
+    page.add_script_tag(path=_static("markdown.js"))
+    mismatches = page.evaluate(
+        """(text) => {
+            const live = new Markdown.LiveMarkdown(document.createElement("div"));
+            const full = document.createElement("div");
+            const bad = [];
+            for (let end = 1; end <= text.length; end += 3) {
+                const part = text.slice(0, end);
+                live.update(part);
+                Markdown.render(full, part);
+                const shown = live.done.innerHTML + live.live.innerHTML;
+                if (shown !== full.innerHTML) bad.push({end, shown, full: full.innerHTML});
+            }
+            return bad.slice(0, 3);
+        }""",
+        LIVE_SAMPLE,
+    )
+    assert mismatches == []
+
+    # A long answer (about 200 KB) in small chunks: the work stays proportional to its
+    # length; re-rendering the whole text at every chunk would lex about 10,000 times more.
+    lexed, length = page.evaluate(
+        """(text) => {
+            const live = new Markdown.LiveMarkdown(document.createElement("div"));
+            let so_far = "";
+            for (let i = 0; i < 200; i++) {
+                for (let j = 0; j < text.length; j += 40) {
+                    so_far += text.slice(j, j + 40);
+                    live.update(so_far);
+                }
+            }
+            return [live.lexed, so_far.length];
+        }""",
+        LIVE_SAMPLE * 3,
+    )
+    assert length > 200_000
+    assert lexed < 20 * length
+
+
+def test_scroll_follows_only_at_the_bottom(
+    new_page: PageFactory, chat_servers: Callable[..., ChatServer]
+) -> None:
+    server = chat_servers(OFFLINE_TOKENS_PER_SECOND="12")
+    page = new_page(viewport={"width": 900, "height": 420})
+    page.goto(server.url)
+    messages = page.locator("#messages")
+    at_bottom = "m => m.scrollHeight - m.scrollTop - m.clientHeight < 2"
+
+    # While the user stays at the bottom, the view follows the answer as it grows.
+    send(page, "search for Redis Streams")
+    answer = page.locator(ANSWER).last
+    page.wait_for_function(
+        "() => { const m = document.querySelector('#messages');"
+        " return m.scrollHeight > m.clientHeight + 100; }"
+    )
+    assert messages.evaluate(at_bottom)
+    expect(answer).to_have_attribute("data-state", "done")
+    assert messages.evaluate(at_bottom)
+    expect(page.locator("#jump")).to_be_hidden()
+
+    # Scrolled up to read, the view stays put while the next answer streams below,
+    # and a button offers the way back.
+    send(page, "How should I structure a small side project?")
+    expect(page.locator(ANSWER)).to_have_count(2)
+    answer = page.locator(ANSWER).nth(1)
+    expect(answer.locator(".text")).not_to_be_empty()
+    messages.evaluate("m => { m.scrollTop = 0; }")
+    expect(page.locator("#jump")).to_be_visible()
+    length = len(answer.locator(".text").inner_text())
+    page.wait_for_function(
+        f"() => document.querySelector('.msg.assistant:last-child .text').innerText.length"
+        f" > {length}"
+    )
+    assert messages.evaluate("m => m.scrollTop") == 0
+    expect(answer).to_have_attribute("data-state", "streaming")
+
+    # Back at the bottom, the view follows again to the end.
+    page.click("#jump")
+    expect(page.locator("#jump")).to_be_hidden()
+    assert messages.evaluate(at_bottom)
+    expect(answer).to_have_attribute("data-state", "done")
+    assert messages.evaluate(at_bottom)
+
+
+def test_enter_twice_while_sending_sends_once_and_keeps_what_was_typed(
+    page: Page, chat_servers: Callable[..., ChatServer]
+) -> None:
+    server = chat_servers()
+    held: list[Route] = []
+    posts: list[str] = []
+
+    def hold_message_posts(route: Route) -> None:
+        posts.append(route.request.post_data or "")
+        held.append(route)  # answered below, once the test has pressed Enter again
+
+    page.route("**/v1/chat/message", hold_message_posts)
+    page.goto(server.url)
+    send(page, "what is 12*7")
+    expect(page.locator("#send")).to_be_disabled()
+    page.press("#input", "Enter")
+    page.click("#send", force=True)
+    page.type("#input", "a draft")
+    page.press("#input", "Enter")
+    expect(page.locator("#input")).to_have_value("a draft")
+    assert len(posts) == len(held) == 1
+
+    held[0].continue_()
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "done")
+    expect(page.locator("#input")).to_have_value("a draft")
+    expect(page.locator(".msg.user")).to_have_count(1)
+    assert len(posts) == 1
+    threads = page.request.get(f"{server.url}/v1/threads").json()["threads"]
+    assert len(threads) == 1
+
+    # A POST that fails gives the message back, in front of what was typed since.
+    page.unroute("**/v1/chat/message")
+    page.route(
+        "**/v1/chat/message",
+        lambda route: route.fulfill(
+            status=503,
+            content_type="application/json",
+            body='{"code": "unavailable", "message": "try again later"}',
+        ),
+    )
+    page.fill("#input", "second question")
+    page.press("#input", "Enter")
+    expect(page.locator("#status")).to_have_text("try again later")
+    expect(page.locator("#input")).to_have_value("second question")
+    expect(page.locator("#send")).to_be_enabled()
+
+
+def test_phone_and_desktop_layouts_light_and_dark(
+    new_page: PageFactory, paced_server: ChatServer, shots: Path
+) -> None:
+    server = paced_server
+    for scheme in ("light", "dark"):
+        desktop = new_page(viewport=DESKTOP, color_scheme=scheme)
+        desktop.goto(server.url)
+        background = desktop.evaluate("getComputedStyle(document.body).backgroundColor")
+        assert _luminance(background) > 0.8 if scheme == "light" else _luminance(background) < 0.1
+        expect(desktop.locator("#sidebar")).to_be_visible()
+        expect(desktop.locator("#menu")).to_be_hidden()
+        send(desktop, "search for Redis Streams")
+        expect(desktop.locator(ANSWER).last).to_have_attribute("data-state", "done")
+        send(desktop, "How should I handle `async` code with **care**?")
+        expect(desktop.locator(ANSWER)).to_have_count(2)
+        expect(desktop.locator(ANSWER).last).to_have_attribute("data-state", "done")
+        desktop.locator(".tool summary").first.click()
+        desktop.screenshot(path=shots / f"desktop-{scheme}.png")
+        thread_id = thread_id_of(desktop)
+
+        # The same user on a phone (the session cookie goes with it).
+        phone = new_page(viewport=PHONE, color_scheme=scheme)
+        phone.context.add_cookies(desktop.context.cookies())
+        phone.goto(f"{server.url}/#thread={thread_id}")
+        expect(phone.locator(ANSWER)).to_have_count(2)
+        expect(phone.locator("#sidebar")).to_be_hidden()
+        expect(phone.locator("#menu")).to_be_visible()
+        composer = phone.locator("#composer").bounding_box()
+        field = phone.locator("#input").bounding_box()
+        assert composer is not None and field is not None
+        assert composer["width"] == PHONE["width"]
+        assert field["width"] > 0.7 * PHONE["width"]
+        page_width = phone.evaluate("document.documentElement.scrollWidth")
+        assert page_width == PHONE["width"]  # nothing sticks out sideways
+        phone.screenshot(path=shots / f"phone-{scheme}.png")
+
+        # The thread list is a drawer: it opens from the menu and closes on a choice.
+        phone.click("#menu")
+        expect(phone.locator("#sidebar")).to_be_visible()
+        expect(phone.locator("#menu")).to_have_attribute("aria-expanded", "true")
+        expect(phone.locator(f'.thread[data-thread-id="{thread_id}"]')).to_be_visible()
+        phone.wait_for_function(  # the end of the slide-in, for the screenshot
+            "getComputedStyle(document.querySelector('#sidebar')).transform === 'none'"
+        )
+        phone.screenshot(path=shots / f"phone-drawer-{scheme}.png")
+        phone.click("#backdrop", position={"x": PHONE["width"] - 20, "y": 400})
+        expect(phone.locator("#sidebar")).to_be_hidden()
+        phone.click("#menu")
+        phone.locator("#new-chat").click()
+        expect(phone.locator("#sidebar")).to_be_hidden()
+        expect(phone.locator("#title")).to_have_text("New chat")
+        phone.click("#menu")
+        phone.locator(f'.thread[data-thread-id="{thread_id}"] .name').click()
+        expect(phone.locator("#sidebar")).to_be_hidden()
+        expect(phone.locator(ANSWER)).to_have_count(2)
+
+
+def _static(name: str) -> str:
+    from tests.examples._chat import CHAT_DIR
+
+    return str(CHAT_DIR / "chat_service" / "static" / name)
+
+
+def _luminance(css_color: str) -> float:
+    """0 (black) to 1 (white) for an `rgb(r, g, b)` computed style."""
+    red, green, blue = (int(part) for part in css_color[4:-1].split(",")[:3])
+    return (0.2126 * red + 0.7152 * green + 0.0722 * blue) / 255

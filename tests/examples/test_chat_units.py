@@ -50,11 +50,12 @@ def test_bad_settings_are_refused(env: dict[str, str], message: str) -> None:
 
 
 def test_cache_key_ignores_case_spacing_and_trailing_punctuation() -> None:
-    key = cache_key("offline", "What is Redis?")
-    assert cache_key("offline", "  what   is redis ") == key
-    assert cache_key("offline", "WHAT IS REDIS!?") == key
-    assert cache_key("openai:gpt-4o-mini", "What is Redis?") != key
-    assert cache_key("offline", "What is Postgres?") != key
+    key = cache_key("ada", "offline", "What is Redis?")
+    assert cache_key("ada", "offline", "  what   is redis ") == key
+    assert cache_key("ada", "offline", "WHAT IS REDIS!?") == key
+    assert cache_key("ada", "openai:gpt-4o-mini", "What is Redis?") != key
+    assert cache_key("ada", "offline", "What is Postgres?") != key
+    assert cache_key("bob", "offline", "What is Redis?") != key  # per user (issue 12)
 
 
 async def test_memory_cache_expires_and_stays_bounded() -> None:

@@ -90,6 +90,7 @@ async def test_web_search_reports_tavily_errors_to_the_model(
         ("10 / 4", 2.5),
         ("3 \u00d7 4 \u00f7 6", 2),
         ("round(pi, 2)", 3.14),
+        ("2^1000 // 2^999", 2),  # large, but within the bound
     ],
 )
 def test_evaluate_does_arithmetic(expression: str, value: float) -> None:
@@ -103,6 +104,12 @@ def test_evaluate_does_arithmetic(expression: str, value: float) -> None:
         ("(1).__class__", "unsupported syntax"),
         ("x + 1", "unsupported syntax"),
         ("9**9**9", "too large"),
+        # Issue 12: every exponent is small, but the result of the inner power is huge; the
+        # size of each step is bounded before computing it.
+        ("(999^999)^999", "too large"),
+        ("(10^3000) * (10^3000)", "too large"),
+        ("(2^9000) * (2^9000) * 3", "too large"),
+        ("(10^300)^20.5", "too large"),
         ("1/0", "division by zero"),
         ("2 +", "not an arithmetic expression"),
         ("1" * 300, "too long"),
@@ -113,8 +120,18 @@ def test_evaluate_rejects_anything_but_arithmetic(expression: str, error: str) -
         evaluate(expression)
 
 
+async def test_web_search_bounds_its_inputs() -> None:
+    too_long = await web_search.ainvoke({"query": "redis " * 200})
+    too_many = await web_search.ainvoke({"query": "redis", "max_results": 10_000})
+    assert "too long" in too_long
+    assert "between 1 and 10" in too_many
+
+
 def test_calculator_tool_shows_the_expression_and_reports_errors_as_content() -> None:
     assert calculator.invoke({"expression": "12*7"}) == "12*7 = 84"
+    # The largest result allowed still prints (str() of an int has a digit limit).
+    assert calculator.invoke({"expression": "9^2500"}).startswith("9^2500 = 4038997629")
+    assert "too large" in calculator.invoke({"expression": "(999^999)^999"})
     assert calculator.invoke({"expression": "0.1 + 0.2"}) == "0.1 + 0.2 = 0.3"
     assert calculator.invoke({"expression": "1/0"}) == "division by zero"
 

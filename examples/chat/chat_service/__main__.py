@@ -6,7 +6,6 @@ Configuration comes from the environment (settings.py); with none, everything is
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
 from .settings import Settings
@@ -21,17 +20,17 @@ def main(argv: list[str] | None = None) -> None:
         nargs="?",
         choices=("serve", "worker"),
         default="serve",
-        help="serve: the HTTP API and UI (default); worker: answer jobs (WORKER_MODE)",
+        help="serve: the HTTP API and UI (default); worker: a Celery worker (WORKER_MODE)",
     )
     args = parser.parse_args(argv)
     settings = Settings.from_env()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "worker":
-        from .worker import serve_worker
+        from .worker import run_worker
 
         if not settings.redis_url:
             parser.error("the worker needs REDIS_URL (and the API WORKER_MODE=1)")
-        asyncio.run(serve_worker(settings))
+        run_worker(settings)
         return
 
     import uvicorn

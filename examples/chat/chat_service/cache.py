@@ -1,9 +1,11 @@
 """Answer cache: the same first question to the same model, within a TTL, is replayed.
 
 Only a thread's first question is cached: later answers depend on the conversation. The key
-is a hash of the model spec and the normalized question (case, spacing and trailing
-punctuation ignored). An entry holds what the run streamed (to replay it) and the messages
-it added to the thread (to write them into the new thread's checkpoint).
+is a hash of the user, the model spec and the normalized question (case, spacing and trailing
+punctuation ignored): an answer is only ever replayed to the user it was made for, since a
+question, and the fact that somebody asked it, can be private (issue 12). An entry holds
+what the run streamed (to replay it) and the messages it added to the thread (to write them
+into the new thread's checkpoint).
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import orjson
 _SPACES = re.compile(r"\s+")
 
 
-def cache_key(model: str, question: str) -> str:
+def cache_key(user: str, model: str, question: str) -> str:
     normalized = _SPACES.sub(" ", question).strip().rstrip("?!. ").casefold()
-    return hashlib.sha256(f"{model}\x00{normalized}".encode()).hexdigest()
+    return hashlib.sha256(f"{user}\x00{model}\x00{normalized}".encode()).hexdigest()
 
 
 class AnswerCache(ABC):

@@ -20,6 +20,31 @@ from resumable_stream import Event, StreamConsumer, Transport
 #: ``custom`` event name of the first event of every run.
 RUN_STARTED = "run_started"
 
+#: Error code of an answer whose server restarted while it was being written, on a set-up
+#: whose streams live in the server's memory (embedded defaults): they died with it.
+SERVER_RESTARTED = "server_restarted"
+#: Error code of an answer whose producer stopped sending heartbeats (the library's).
+PRODUCER_LOST = "producer_lost"
+#: Worker mode: no worker started the answer within WORKER_START_TIMEOUT (the library's).
+NOT_STARTED = "not_started"
+#: Worker mode: the answer's task could not be sent to the workers.
+QUEUE_DOWN = "queue_unavailable"
+
+_MESSAGES = {
+    PRODUCER_LOST: "the server generating this answer stopped (crashed or was restarted); retry",
+    SERVER_RESTARTED: "the server restarted while writing this answer, and it was lost "
+    "(on this set-up, answers in progress live in the server's memory); retry",
+    NOT_STARTED: "no worker started this answer in time (are workers running?); retry",
+    QUEUE_DOWN: "the answer could not be handed to the workers; retry",
+}
+
+
+def run_error(code: str) -> Event:
+    """The terminal ``error`` event of a run that ended without writing one (not stored:
+    its offset is empty)."""
+    return Event("error", {"error": code, "message": _MESSAGES.get(code, code)}, "")
+
+
 Mapper = Callable[[Event], Event | None]
 
 
@@ -71,9 +96,7 @@ def to_ndjson(event: Event) -> Event | None:
 
 def _error(data: dict[str, Any]) -> dict[str, Any]:
     code = str(data.get("error") or "error")
-    message = str(data.get("message") or code)
-    if code == "producer_lost":
-        message = "the server generating this answer stopped (crashed or was restarted)"
+    message = _MESSAGES.get(code) or str(data.get("message") or code)
     return {"code": code, "message": message}
 
 
@@ -91,7 +114,9 @@ class ChatEvents(StreamConsumer):
 
     ``prelude`` events come first (they are not stored: give them an empty offset). ``ready``
     is awaited before the first read: it waits for a queued answer's stream to exist, so
-    the response goes out (with keep-alives) while the answer waits for its turn.
+    the response goes out (with keep-alives) while the answer waits for its turn; if it
+    returns an event instead (the answer will never have a stream), that event is the last.
+    ``on_terminal`` is awaited with the stream's terminal event before it is passed on.
     """
 
     def __init__(
@@ -102,20 +127,31 @@ class ChatEvents(StreamConsumer):
         *,
         after: str | None = None,
         prelude: list[Event] | None = None,
-        ready: Callable[[], Awaitable[None]] | None = None,
+        ready: Callable[[], Awaitable[Event | None]] | None = None,
+        on_terminal: Callable[[Event], Awaitable[None]] | None = None,
     ) -> None:
         super().__init__(transport, stream_id, after=after)
         self._mapper = mapper
         self._prelude = list(prelude or [])
         self._ready = ready
+        self._on_terminal = on_terminal
+        self._ended = False
 
     async def __anext__(self) -> Event:
         if self._prelude:
             return self._prelude.pop(0)
+        if self._ended:
+            raise StopAsyncIteration
         if self._ready is not None:
             ready, self._ready = self._ready, None
-            await ready()
+            instead = await ready()
+            if instead is not None:
+                self._ended = True
+                return self._mapper(instead) or instead
         while True:
-            mapped = self._mapper(await super().__anext__())
+            event = await super().__anext__()
+            if event.terminal and self._on_terminal is not None:
+                await self._on_terminal(event)
+            mapped = self._mapper(event)
             if mapped is not None:
                 return mapped

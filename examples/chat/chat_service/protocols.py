@@ -34,7 +34,8 @@ from resumable_stream.starlette import error_response
 
 from .auth import current_user
 from .events import ChatEvents
-from .runs import ThreadBusy, lock_id_for
+from .lock import lock_id_for
+from .runs import ThreadBusy
 from .runtime import Runtime
 from .threads import RunRecord, Thread
 

@@ -1,19 +1,14 @@
-"""Answers: start them in the background, one at a time per thread, stop them, cache them.
+"""Answers: start them in the background, one at a time per thread, stop them, recover them.
 
 Each answer is a run of ``StreamProducer`` writing stream ``thread-<id>-<n>``, where ``n`` is
 the answer's number in ``chat_runs`` (the durable job record, see threads.py). Readers find
 the current answer through that table, and resume it with the stream's offsets.
 
-One thread, one writer: whoever answers a thread first takes the thread's *lock*, a second
-stream ``thread-<id>-lock`` whose run stays open (and empty) while the lock is held. The
-library gives it the properties a lock needs, in every process that shares the transport:
-``start()`` raises ``StreamAlreadyRunning`` while a live holder renews its lease, takes over
-the id once a dead holder's lease lapsed, and a reader of the lock stream wakes up when the
-holder releases it (its ``end`` event) or dies (``error``/``producer_lost``).
-
-The lock holder *drains* the thread: it answers the queued messages one after the other,
-oldest first, then releases the lock and looks once more, so that a message queued while it
-was releasing is not left behind.
+One thread, one writer: whoever answers a thread takes its lock (lock.py). The lock holder
+*drains* the thread: it answers the queued messages one after the other, oldest first, then
+releases the lock and looks once more, so that a message queued while it was releasing is
+not left behind. In worker mode each run is a Celery task instead (worker.py), which takes
+the lock to answer it. What a run streams, and how it is recorded, is answers.py.
 """
 
 from __future__ import annotations
@@ -21,23 +16,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
 
-from langchain_core.messages import (
-    AIMessage,
-    AnyMessage,
-    BaseMessage,
-    HumanMessage,
-    messages_from_dict,
-    messages_to_dict,
-)
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
 from resumable_stream import (
+    Event,
+    Reservation,
+    ReservationExpired,
     ResumableStreamError,
     Run,
     StreamAlreadyRunning,
@@ -47,11 +36,12 @@ from resumable_stream import (
 )
 
 from .agent import Agent
-from .cache import AnswerCache, cache_key
-from .events import RUN_STARTED
-from .offline_model import split_tokens
+from .answers import Answers, Recorder
+from .cache import AnswerCache
+from .events import NOT_STARTED, PRODUCER_LOST, QUEUE_DOWN, SERVER_RESTARTED
+from .lock import HeldLock, Hold, ThreadLock, lock_id_for
 from .settings import BusyPolicy, Settings
-from .threads import RunRecord, Thread, ThreadStore
+from .threads import RunKind, RunRecord, Thread, ThreadStore
 
 logger = logging.getLogger("chat_service.runs")
 
@@ -60,69 +50,12 @@ class ThreadBusy(Exception):
     """The thread is answering another message and the policy is ``reject``."""
 
 
-class NothingToRetry(Exception):
-    """A retry was asked on a thread without a question to answer again."""
+class QueueUnavailable(Exception):
+    """Worker mode: the task of a run could not be sent (the broker is down)."""
 
 
-def lock_id_for(thread_id: str) -> str:
-    return f"thread-{thread_id}-lock"
-
-
-# --------------------------------------------------------------------------- the thread lock
-
-
-class _Hold:
-    """The lock run's source: yields nothing until released."""
-
-    def __init__(self) -> None:
-        self.released = asyncio.Event()
-
-    def __aiter__(self) -> _Hold:
-        return self
-
-    async def __anext__(self) -> str:
-        await self.released.wait()
-        raise StopAsyncIteration
-
-
-@dataclass
-class HeldLock:
-    thread_id: str
-    run: Run
-    _hold: _Hold = field(repr=False)
-
-    async def release(self) -> None:
-        self._hold.released.set()
-        with contextlib.suppress(ResumableStreamError):
-            await self.run.wait()
-
-
-class ThreadLock:
-    """Per-thread mutual exclusion across processes, on the library's stream leases."""
-
-    def __init__(self, producer: StreamProducer) -> None:
-        self.producer = producer
-
-    async def try_acquire(self, thread_id: str) -> HeldLock | None:
-        hold = _Hold()
-        try:
-            run = await self.producer.start(hold, stream_id=lock_id_for(thread_id))
-        except StreamAlreadyRunning:
-            return None
-        return HeldLock(thread_id, run, hold)
-
-    async def acquire(self, thread_id: str, within: float) -> HeldLock:
-        """Wait up to ``within`` seconds for the lock; raises TimeoutError."""
-        async with asyncio.timeout(within):
-            while True:
-                held = await self.try_acquire(thread_id)
-                if held is not None:
-                    return held
-                # Reading the lock stream to its end waits for the holder to release it, or
-                # (through the library's crash detection) for its lease to lapse.
-                with contextlib.suppress(ResumableStreamError):
-                    async for _ in StreamConsumer(self.producer.transport, lock_id_for(thread_id)):
-                        pass
+#: Seconds a message under ``reject`` waits for a lock whose holder has not marked it.
+UNMARKED_LOCK_WAIT = 0.5
 
 
 # --------------------------------------------------------------------------- runs
@@ -136,36 +69,21 @@ class Submitted:
 
 
 @dataclass
-class _Recorder:
-    """What a run streamed, for the cache and for saving a stopped answer."""
-
-    events: list[list[Any]] = field(default_factory=list)
-    messages: list[BaseMessage] = field(default_factory=list)
-    partial: list[str] = field(default_factory=list)
-    cached: bool = False
-
-    def text(self, text: str) -> None:
-        self.partial.append(text)
-        if self.events and self.events[-1][0] == "text":
-            self.events[-1][1] += text
-        else:
-            self.events.append(["text", text])
-
-
-@dataclass
 class _Active:
     """An answer this process is writing."""
 
     job: RunRecord
     run: Run
-    recorder: _Recorder
+    recorder: Recorder
 
 
 class RunService:
     """Starts, drains, stops and cleans up the answers of threads.
 
-    ``enqueue`` (worker mode) hands a thread to the workers instead of answering it in this
-    process. Every background task belongs to the service; :meth:`aclose` ends them.
+    With ``workers`` (worker mode), answers are written by Celery workers, one task per
+    run (worker.py): ``enqueue`` (in API processes) reserves the run's stream and sends its
+    task, and :meth:`answer_reserved` (in workers) answers it. Every background task
+    belongs to the service; :meth:`aclose` ends them.
     """
 
     def __init__(
@@ -178,7 +96,8 @@ class RunService:
         agent: Agent,
         checkpointer: BaseCheckpointSaver[Any],
         cache: AnswerCache | None,
-        enqueue: Callable[[str], Awaitable[None]] | None = None,
+        enqueue: Callable[[RunRecord], Awaitable[None]] | None = None,
+        workers: bool = False,
     ) -> None:
         self.settings = settings
         self.transport = transport
@@ -188,10 +107,16 @@ class RunService:
         self.checkpointer = checkpointer
         self.cache = cache
         self.enqueue = enqueue
+        self.workers = workers
         self.lock = ThreadLock(producer)
-        self.stats: Counter[str] = Counter()
+        self.answers = Answers(settings, store=store, agent=agent, cache=cache)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
+
+    @property
+    def stats(self) -> Counter[str]:
+        """Counters for ``GET /info``: model runs, cache hits."""
+        return self.answers.stats
 
     @property
     def closing(self) -> bool:
@@ -208,50 +133,84 @@ class RunService:
         model: str,
         use_cache: bool = False,
         policy: BusyPolicy | None = None,
+        kind: RunKind = "message",
     ) -> Submitted:
         """Queue a message on ``thread`` and get it answered as the busy policy says.
 
-        ``message=None`` retries: it answers the thread's last question again. Raises
+        ``kind="regenerate"`` (``message=None``) answers the thread's last question again,
+        replacing its answer; ``kind="edit"`` replaces the last question (and its answer)
+        with ``message``. Both rewind the thread's checkpoints when the run starts. Raises
         :class:`ThreadBusy` (policy ``reject``) or :class:`NothingToRetry`.
         """
         policy = policy or self.settings.busy_policy
         held: HeldLock | None = None
         if policy == "reject":
-            held = await self.lock.try_acquire(thread.id)
-            if held is None and not await self._answering(thread.id):
-                # The answer's stream has ended; its holder is saving the outcome (the
-                # client may see `end` first): wait for it rather than reject.
-                with contextlib.suppress(TimeoutError):
-                    held = await self.lock.acquire(thread.id, within=self.settings.stream_lease * 2)
-            # With the lock held, a run still marked started is a dead holder's (the drain
-            # cleans it up); in worker mode a queued run waits for a worker: busy.
-            busy = held is None or (
-                self.enqueue is not None and bool(await self.store.runs(thread.id, "queued"))
-            )
-            if busy:
-                if held is not None:
-                    await held.release()
+            held = await self._lock_if_idle(thread.id)
+            if held is None:
                 raise ThreadBusy(thread.id)
-            if self.enqueue is not None and held is not None:
-                # A worker takes the lock; two messages racing in the next milliseconds may
-                # both be accepted, and are then answered one after the other.
-                await held.release()
-                held = None
         elif policy == "interrupt":
             await self.stop(thread.id)
         try:
-            message, human_id = await self._question(thread.id, message)
+            message, human_id = await self.answers.question(thread.id, message, kind)
             run = await self.store.add_run(
-                thread.id, message=message, model=model, use_cache=use_cache, human_id=human_id
+                thread.id,
+                message=message,
+                model=model,
+                use_cache=use_cache,
+                human_id=human_id,
+                kind=kind,
             )
-        except BaseException:
-            if held is not None:
+        finally:
+            if held is not None and self.workers:
+                # Worker mode: a worker takes the lock to answer. Released only now that the
+                # run is queued, so a second message sees it and is rejected.
                 await held.release()
-            raise
+                held = None
+        if self.workers:
+            await self._enqueue(run)
+            return Submitted(run, False)
         if held is None:
             return Submitted(run, await self.kick(thread.id))
         await self._begin(held)
         return Submitted(run, True)
+
+    async def _lock_if_idle(self, thread_id: str) -> HeldLock | None:
+        """(Policy ``reject``) the thread's lock if nothing is answering it, else None.
+
+        Exact within a process and across processes sharing the transport (issue 12): the
+        lock is taken atomically, and held until the new run is recorded. A holder that has
+        not marked the lock with the answer it started is a request still submitting its
+        message: busy. One whose answer's stream has ended is saving it (a client may see
+        ``end`` first): wait for it rather than reject.
+        """
+        seen = await self._run_count(thread_id)
+        held = await self.lock.try_acquire(thread_id)
+        if held is None:
+            lock = await self.transport.info(lock_id_for(thread_id))
+            if lock is not None and lock.status == "running" and lock.last_seq == 0:
+                # Unmarked: a request submitting (it releases soon in worker mode), or a
+                # holder whose mark is not written yet. A short wait tells; the run count
+                # below rejects us if the other request added its run.
+                within = UNMARKED_LOCK_WAIT
+            elif await self._answering(thread_id):
+                return None
+            else:
+                within = self.settings.stream_lease * 2
+            try:
+                held = await self.lock.acquire(thread_id, within=within)
+            except TimeoutError:
+                return None
+        # Holding the lock: a queued run waits for a worker (worker mode), or was left by a
+        # holder that died; either way the thread is not idle. A run added since we looked
+        # is another request's that got the lock first (both waited for a holder to finish).
+        if await self._run_count(thread_id) != seen or await self.store.runs(thread_id, "queued"):
+            await held.release()
+            return None
+        return held
+
+    async def _run_count(self, thread_id: str) -> int:
+        thread = await self.store.get_thread(thread_id)
+        return -1 if thread is None else thread.run_seq
 
     async def _answering(self, thread_id: str) -> bool:
         """True while an answer of the thread is queued or its stream still running."""
@@ -263,13 +222,22 @@ class RunService:
                 return True
         return False
 
+    async def _enqueue(self, run: RunRecord) -> None:
+        if self.enqueue is None:
+            raise RuntimeError("worker mode needs enqueue (API processes)")
+        try:
+            await self.enqueue(run)
+        except Exception as exc:
+            await self.store.settle_run(run.thread_id, run.seq, "failed", error=QUEUE_DOWN)
+            raise QueueUnavailable(str(exc)) from exc
+
     async def kick(self, thread_id: str) -> bool:
-        """Make sure somebody answers the thread's queued messages.
+        """Make sure somebody answers the thread's queued messages (not in worker mode:
+        each run has its task).
 
         Returns True if this call started an answer in this process.
         """
-        if self.enqueue is not None:
-            await self.enqueue(thread_id)
+        if self.workers:
             return False
         held = await self.lock.try_acquire(thread_id)
         if held is None:
@@ -300,7 +268,7 @@ class RunService:
             await self.checkpointer.adelete_thread(thread_id)
             runs = await self.store.runs(thread_id, "queued", "started", "done", "dropped")
             for run in runs:
-                if run.state in ("started", "done"):
+                if run.state != "dropped":  # queued ones may have a reserved stream
                     await self._wipe_stream(run.stream_id)
             if delete_thread:
                 await self.store.delete_thread(thread_id)
@@ -322,13 +290,142 @@ class RunService:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    # -- after a crash -------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """Settle the runs a dead process left unfinished; called once at start (issue 12).
+
+        On embedded defaults the streams lived in the memory of the process that died:
+        its queued and started runs fail at once with ``server_restarted``, which their
+        readers get as the answer's error. With a shared transport (Redis), a run whose
+        writer died ends with ``producer_lost`` once its lease lapses (the library's crash
+        detection, which reading the stream to its end triggers): each unfinished run is
+        watched in the background until its stream ends, then recorded, and a queue a dead
+        holder left is answered.
+        """
+        if not self.settings.redis_url:
+            failed = await self.store.fail_all(SERVER_RESTARTED, "queued", "started")
+            if failed:
+                logger.warning("%d answer(s) were lost when the server last stopped", failed)
+            return
+        queues: set[str] = set()
+        for run in await self.store.unfinished_runs():
+            if run.state == "started":
+                self._spawn(self._settle(run))
+            elif not self.workers and run.thread_id not in queues:
+                queues.add(run.thread_id)
+                self._spawn(self._resume_queue(run.thread_id))
+
+    async def _settle(self, run: RunRecord) -> None:
+        """Wait for the end of a started run's stream, wherever it is written; record it."""
+        info = await self.transport.info(run.stream_id)
+        if info is None:
+            return  # another deployment's, or long expired: nothing to read
+        last = None
+        with contextlib.suppress(ResumableStreamError):
+            async for event in StreamConsumer(self.transport, run.stream_id):
+                last = event
+        await self.settle_from_reader(run, last)
+
+    async def settle_from_reader(self, run: RunRecord, terminal: Event | None) -> None:
+        """A reader saw the run's terminal event (``Event`` or None if it could not read
+        one): record a lost run as failed, so the thread shows no answer in progress."""
+        if terminal is None:
+            await self.store.settle_run(
+                run.thread_id, run.seq, "failed", error=PRODUCER_LOST, only_from=("started",)
+            )
+        elif terminal.type == "error" and terminal.data.get("error") == PRODUCER_LOST:
+            await self.store.settle_run(
+                run.thread_id, run.seq, "failed", error=PRODUCER_LOST, only_from=("started",)
+            )
+            if not self.workers and not self._closing:
+                await self.kick(run.thread_id)  # messages queued behind it
+        elif terminal.type == "error" and terminal.data.get("error") == NOT_STARTED:
+            await self.store.settle_run(
+                run.thread_id, run.seq, "failed", error=NOT_STARTED, only_from=("queued",)
+            )
+        # Any other end is recorded by the process that wrote it, or by the next drain.
+
+    # -- worker mode ---------------------------------------------------------------------
+
+    async def answer_reserved(self, thread_id: str, seq: int, reservation: Reservation) -> str:
+        """(Celery task) Answer run ``seq`` of a thread, continuing its reserved stream.
+
+        Returns what happened, for the worker's log. A task delivered again after its
+        worker died finds the run started (or ended) and does nothing: the library has
+        ended that answer with ``producer_lost``.
+        """
+        job = await self.store.get_run(thread_id, seq)
+        if job is None or job.state != "queued":
+            return await self._not_answering(job, reservation)
+        try:
+            held = await self._lock_in_turn(thread_id, seq)
+        except TimeoutError:
+            return "the thread stayed busy: the answer's readers get not_started"
+        # Marked at once: this holder is not a request still submitting (see submit).
+        await held.answering(seq, self.transport)
+        try:
+            job = await self.store.get_run(thread_id, seq)  # stopped while waiting?
+            if job is None or job.state != "queued":
+                return await self._not_answering(job, reservation)
+            active = await self._start(job, reservation=reservation)
+            if active is None:
+                return "not started"
+            await self._finish(active)
+            return "answered"
+        finally:
+            await held.release()
+
+    async def _lock_in_turn(self, thread_id: str, seq: int) -> HeldLock:
+        """The thread's lock, once the thread's older queued runs were answered: the tasks
+        of one thread may run on several worker threads at once, and wait for the lock in
+        no particular order. Raises TimeoutError after WORKER_START_TIMEOUT."""
+        async with asyncio.timeout(self.settings.worker_start_timeout):
+            while True:
+                held = await self.lock.acquire(thread_id, within=self.settings.worker_start_timeout)
+                older = [r for r in await self.store.runs(thread_id, "queued") if r.seq < seq]
+                if not older:
+                    return held
+                await held.release()
+                # Wait for the oldest to be answered: its reserved stream ends.
+                with contextlib.suppress(ResumableStreamError):
+                    async for _ in StreamConsumer(self.transport, older[0].stream_id):
+                        pass
+                info = await self.transport.info(older[0].stream_id)
+                if info is None or info.status != "running":
+                    # Ended without a worker taking it (not_started), or deleted: record it,
+                    # so that it is not waited for again.
+                    await self.store.settle_run(
+                        thread_id, older[0].seq, "failed", error=NOT_STARTED, only_from=("queued",)
+                    )
+
+    async def _not_answering(self, job: RunRecord | None, reservation: Reservation) -> str:
+        if job is not None and job.state == "dropped":
+            # Stopped before a worker got to it: end its reserved stream as stopped, so its
+            # readers do not wait for the start timeout.
+            with contextlib.suppress(ResumableStreamError):
+                run = await self.producer.start(Hold(), reservation=reservation)
+                await run.cancel()
+        return f"nothing to do: the run is {job.state if job else 'deleted'}"
+
+    async def _resume_queue(self, thread_id: str) -> None:
+        if await self.transport.info(lock_id_for(thread_id)) is None:
+            # Not a thread this deployment answered (its lock stream is not ours): a
+            # database may be shared by deployments with other Redis prefixes.
+            return
+        try:
+            held = await self.lock.acquire(thread_id, within=self.settings.stream_lease * 3)
+        except TimeoutError:
+            return  # a live holder has it, and answers the queue
+        await self._begin(held)
+
     # -- draining ------------------------------------------------------------------------
 
     async def _begin(self, held: HeldLock) -> asyncio.Task[None] | None:
         """With the lock held: start the next queued answer (its stream exists on return),
         and leave the rest of the queue to a background task."""
         try:
-            active = await self._start_next(held.thread_id)
+            active = await self._start_next(held)
         except BaseException:
             await held.release()
             raise
@@ -345,15 +442,16 @@ class RunService:
                 await self._finish(next_active)
                 if self._closing:
                     return
-                next_active = await self._start_next(thread_id)
+                next_active = await self._start_next(held)
         finally:
             await held.release()
         if not self._closing and await self.store.runs(thread_id, "queued"):
             await self.kick(thread_id)
 
-    async def _start_next(self, thread_id: str) -> _Active | None:
+    async def _start_next(self, held: HeldLock) -> _Active | None:
         """Start the oldest queued message. A run still marked started belongs to a holder
         that died (we hold the lock now): end its stream and mark it done first."""
+        thread_id = held.thread_id
         for stale in await self.store.runs(thread_id, "started"):
             await self._end_orphan(stale)
         for job in await self.store.runs(thread_id, "queued"):
@@ -362,6 +460,7 @@ class RunService:
                 continue
             active = await self._start(job)
             if active is not None:
+                await held.answering(job.seq, self.transport)
                 return active
         return None
 
@@ -377,10 +476,26 @@ class RunService:
                         pass
         await self.store.set_run_state(job.thread_id, job.seq, "done")
 
-    async def _start(self, job: RunRecord) -> _Active | None:
-        recorder = _Recorder()
+    async def _start(
+        self, job: RunRecord, *, reservation: Reservation | None = None
+    ) -> _Active | None:
+        recorder = Recorder()
+        source = self.answers.source(job, recorder)
         try:
-            run = await self.producer.start(self._source(job, recorder), stream_id=job.stream_id)
+            if reservation is None:
+                run = await self.producer.start(source, stream_id=job.stream_id)
+            else:
+                run = await self.producer.start(source, reservation=reservation)
+        except StreamAlreadyRunning:
+            if reservation is None:
+                raise
+            return None  # started by another delivery of its task, which records it
+        except ReservationExpired:
+            # Its readers were told not_started (or producer_lost, if a dead worker had
+            # started it): record that.
+            error = NOT_STARTED if job.state == "queued" else PRODUCER_LOST
+            await self.store.settle_run(job.thread_id, job.seq, "failed", error=error)
+            return None
         except ResumableStreamError:
             logger.exception("could not start answer %s", job.stream_id)
             await self.store.set_run_state(job.thread_id, job.seq, "done")
@@ -397,7 +512,7 @@ class RunService:
             status = "error"
         if status == "completed" and job.use_cache and not recorder.cached:
             try:
-                await self._cache_put(job, recorder)
+                await self.answers.cache_put(job, recorder)
             except Exception:
                 logger.exception("answer %s: could not cache it", job.stream_id)
         await self.store.set_run_state(job.thread_id, job.seq, "done")
@@ -414,182 +529,6 @@ class RunService:
         if not task.cancelled() and task.exception() is not None:
             logger.error("background task failed", exc_info=task.exception())
 
-    # -- what a run streams ---------------------------------------------------------------
-
-    async def _question(self, thread_id: str, message: str | None) -> tuple[str | None, str]:
-        """(message, id of its HumanMessage); for a retry, the question to answer again."""
-        if message is not None:
-            return message, f"human-{uuid.uuid4().hex}"
-        state = await self.agent.aget_state(_config(thread_id))
-        messages: list[AnyMessage] = state.values.get("messages", [])
-        last = next((m for m in reversed(messages) if isinstance(m, HumanMessage)), None)
-        if last is None or last.id is None:
-            raise NothingToRetry(thread_id)
-        return None, last.id
-
-    async def _retry_plan(self, job: RunRecord) -> tuple[dict[str, Any] | None, Any]:
-        """(inputs, config) of a retry. It resumes the work a failed run left pending; if
-        there is none (the answer ended, or was stopped), it forks the thread from the last
-        checkpoint before the question and asks it again, which replaces the old turn.
-
-        Forking (LangGraph's "time travel") rather than removing messages: after a cancel,
-        the state can show messages that are only pending writes, which cannot be removed.
-        """
-        config = _config(job.thread_id, job.model)
-        state = await self.agent.aget_state(config)
-        if state.next:
-            return None, config
-        question = next((m for m in state.values.get("messages", []) if m.id == job.human_id), None)
-        if question is None:
-            return None, config  # cleared meanwhile: nothing to answer
-        async for snapshot in self.agent.aget_state_history(config):
-            if job.human_id not in [m.id for m in snapshot.values.get("messages", [])]:
-                fork = {"configurable": {**snapshot.config["configurable"], "model": job.model}}
-                return {"messages": [HumanMessage(question.content, id=job.human_id)]}, fork
-        return None, config
-
-    async def _source(self, job: RunRecord, recorder: _Recorder) -> AsyncIterator[Any]:
-        config = _config(job.thread_id, job.model)
-        entry = await self._cache_get(job)
-        recorder.cached = entry is not None
-        yield {
-            "type": "custom",
-            "data": {
-                "name": RUN_STARTED,
-                "data": {
-                    "thread_id": job.thread_id,
-                    "run": job.seq,
-                    "model": job.model,
-                    "cached": recorder.cached,
-                },
-            },
-        }
-        if entry is not None:
-            self.stats["cache_hits"] += 1
-            async for item in self._replay(job, entry):
-                yield item
-            return
-        self.stats["model_runs"] += 1
-        inputs: dict[str, Any] | None = None
-        if job.message is not None:
-            inputs = {"messages": [HumanMessage(job.message, id=job.human_id)]}
-        else:
-            inputs, config = await self._retry_plan(job)
-        # "messages" streams the agent's tokens (the summarizer's model call is tagged
-        # nostream, so its tokens stay out); "updates" gives each node's finished messages.
-        # With a list of modes, astream yields (mode, payload) pairs; its annotations
-        # cannot say so.
-        stream: AsyncIterator[Any] = self.agent.astream(
-            cast(Any, inputs), config, stream_mode=["messages", "updates"]
-        )
-        try:
-            async for mode, payload in stream:
-                if mode == "messages":
-                    chunk, metadata = payload
-                    if metadata.get("langgraph_node") == "agent" and (text := chunk.text):
-                        recorder.text(text)
-                        yield text
-                    continue
-                for node, update in (payload or {}).items():
-                    if node not in ("agent", "tools") or not update:
-                        continue
-                    for message in update.get("messages", []):
-                        recorder.messages.append(message)
-                        if node == "agent":
-                            for item in _finished_message(message):
-                                recorder.events.append([item["type"], item["data"]])
-                                yield item
-                            recorder.partial.clear()
-        except asyncio.CancelledError:
-            # Stopped: keep what the user saw, before the library writes `cancelled`, so a
-            # client that reads the thread after the stream's end finds it there.
-            if recorder.partial:
-                try:
-                    async with asyncio.timeout(5.0):
-                        await self._save_stopped(job, "".join(recorder.partial))
-                except Exception:
-                    logger.exception("answer %s: could not save the stopped text", job.stream_id)
-            raise
-
-    async def _replay(self, job: RunRecord, entry: dict[str, Any]) -> AsyncIterator[Any]:
-        pace = self.settings.offline_tokens_per_second
-        for kind, data in entry["events"]:
-            if kind != "text":
-                yield {"type": kind, "data": data}
-                continue
-            for i, token in enumerate(split_tokens(data)):
-                if i and pace:
-                    await asyncio.sleep(1 / pace)  # the replay's pace, like the model's
-                yield token
-        messages = [
-            HumanMessage(job.message or "", id=job.human_id),
-            *messages_from_dict(entry["messages"]),
-        ]
-        await self.agent.aupdate_state(
-            _config(job.thread_id, job.model), {"messages": messages}, as_node="agent"
-        )
-
-    # -- cache and stopped answers --------------------------------------------------------
-
-    async def _cache_get(self, job: RunRecord) -> dict[str, Any] | None:
-        if self.cache is None or not job.use_cache or job.message is None:
-            return None
-        state = await self.agent.aget_state(_config(job.thread_id))
-        if state.values.get("messages"):
-            return None  # not a fresh thread: the answer depends on the conversation
-        return await self.cache.get(cache_key(job.model, job.message))
-
-    async def _cache_put(self, job: RunRecord, recorder: _Recorder) -> None:
-        if self.cache is None or job.message is None or not recorder.messages:
-            return
-        state = await self.agent.aget_state(_config(job.thread_id))
-        if [m.id for m in state.values.get("messages", [])][:1] != [job.human_id]:
-            return  # the thread had history (or was summarized): not a first question
-        await self.cache.put(
-            cache_key(job.model, job.message),
-            {"events": recorder.events, "messages": messages_to_dict(recorder.messages)},
-        )
-
-    async def _save_stopped(self, job: RunRecord, text: str) -> None:
-        """Keep what the user saw of a stopped answer in the conversation."""
-        config = _config(job.thread_id, job.model)
-        state = await self.agent.aget_state(config)
-        ids = {m.id for m in state.values.get("messages", [])}
-        messages: list[BaseMessage] = []
-        if job.message is not None and job.human_id not in ids:
-            messages.append(HumanMessage(job.message, id=job.human_id))
-        messages.append(
-            AIMessage(text, id=f"stopped-{uuid.uuid4().hex}", response_metadata={"stopped": True})
-        )
-        await self.agent.aupdate_state(config, {"messages": messages}, as_node="agent")
-
     async def _wipe_stream(self, stream_id: str) -> None:
         """Delete an answer's stream (a run still writing it is stopped and fenced)."""
         await self.transport.delete(stream_id)
-
-
-def _config(thread_id: str, model: str | None = None) -> Any:
-    configurable: dict[str, Any] = {"thread_id": thread_id}
-    if model:
-        configurable["model"] = model
-    return {"configurable": configurable}
-
-
-def _finished_message(message: Any) -> list[dict[str, Any]]:
-    """The events of a finished AI message: its tool calls, then ``message``."""
-    if not isinstance(message, AIMessage):
-        return []
-    items: list[dict[str, Any]] = [
-        {
-            "type": "tool_start",
-            "data": {"id": call.get("id"), "name": call["name"], "args": call.get("args", {})},
-        }
-        for call in message.tool_calls
-    ]
-    items.append(
-        {
-            "type": "message",
-            "data": {"id": message.id, "tool_calls": [c["name"] for c in message.tool_calls]},
-        }
-    )
-    return items

@@ -17,7 +17,7 @@ from .checkpoint import open_checkpointer
 from .models import make_chat_model
 from .runs import RunService
 from .settings import Settings
-from .threads import ThreadStore, thread_store_for
+from .threads import SqliteThreadStore, ThreadStore, thread_store_for
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Runtime:
     agent: Agent
     cache: AnswerCache | None
     runs: RunService
-    redis: Any | None  # redis.asyncio.Redis, for the cache and the jobs stream
+    redis: Any | None  # redis.asyncio.Redis, for the cache
 
 
 @contextlib.asynccontextmanager
@@ -39,9 +39,9 @@ async def open_runtime(
 ) -> AsyncIterator[Runtime]:
     """Open the transport, databases and agent; on exit, stop the answers in flight first.
 
-    In worker mode, an API process enqueues jobs rather than answering; a worker answers.
+    In worker mode, an API process queues Celery tasks rather than answering; a worker
+    answers them (worker.py).
     """
-    from .worker import JobQueue
 
     async with contextlib.AsyncExitStack() as stack:
         options: dict[str, Any] = {"retention": settings.stream_retention}
@@ -51,11 +51,20 @@ async def open_runtime(
         stack.push_async_callback(transport.aclose)
         producer = StreamProducer(transport, lease=settings.stream_lease)
 
-        # Postgres tables are set up here, once per process, not per request.
-        checkpointer = await stack.enter_async_context(open_checkpointer(settings.checkpoint_url))
         store = thread_store_for(settings.database_url, settings.sqlite_path)
         stack.push_async_callback(store.aclose)
         await store.setup()
+        checkpointer: BaseCheckpointSaver[Any]
+        if isinstance(store, SqliteThreadStore) and settings.checkpoint_url.startswith("sqlite:"):
+            from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+            # One connection per process for the SQLite file (see threads.py).
+            checkpointer = AsyncSqliteSaver(store.connection)
+        else:
+            # Postgres tables are set up here, once per process, not per request.
+            checkpointer = await stack.enter_async_context(
+                open_checkpointer(settings.checkpoint_url)
+            )
 
         redis = None
         if settings.redis_url:
@@ -72,10 +81,12 @@ async def open_runtime(
                 cache = MemoryCache(settings.cache_ttl)
 
         enqueue = None
-        if redis is not None and (settings.worker_mode or role == "worker"):
-            jobs = JobQueue(redis, settings.redis_prefix)
-            await jobs.setup()
-            enqueue = jobs.enqueue
+        if settings.worker_mode and role == "api":
+            from .worker import CeleryQueue
+
+            queue = CeleryQueue(settings, producer)
+            stack.callback(queue.close)
+            enqueue = queue.enqueue
 
         def model_factory(spec: str) -> Any:
             return make_chat_model(spec, tokens_per_second=settings.offline_tokens_per_second)
@@ -94,6 +105,8 @@ async def open_runtime(
             checkpointer=checkpointer,
             cache=cache,
             enqueue=enqueue,
+            workers=settings.worker_mode or role == "worker",
         )
         stack.push_async_callback(runs.aclose)  # first out: answers end before storage closes
+        await runs.recover()
         yield Runtime(settings, transport, producer, store, checkpointer, agent, cache, runs, redis)

@@ -1,6 +1,6 @@
 """Configuration from environment variables; every default runs with no service at all.
 
-REDIS_URL                  streams, thread locks, the answer cache and worker jobs in Redis
+REDIS_URL                  streams, thread locks, the answer cache (and Celery's broker) in Redis
                            (default: all in this process)
 DATABASE_URL               postgresql://... for checkpoints and threads (default: SQLite file)
 CHAT_MODEL                 default model spec, "offline" unless set (see models.py)
@@ -10,14 +10,15 @@ MAX_MESSAGE_CHARS          longer messages get 422
 CORS_ORIGINS               comma-separated origins allowed to call the API (default: none)
 SUMMARIZE_AFTER_TOKENS     history size that triggers a summary (0: never)
 OFFLINE_TOKENS_PER_SECOND  pace of the offline model (0: as fast as possible)
-WORKER_MODE                hand generation to `python -m chat_service worker` processes
+WORKER_MODE                hand generation to Celery workers (`python -m chat_service worker`)
 SECRET_KEY                 signs session cookies (default: made once in DATA_DIR)
 DATA_DIR                   where the SQLite file and the generated secret live
 STREAM_LEASE               seconds after which a dead generator's answer ends with an error
 STREAM_RETENTION           seconds a finished answer stays resumable
 REDIS_PREFIX               prefix of every Redis key the service writes
-WORKER_CONCURRENCY         threads one worker process answers at once
-WORKER_RECLAIM_IDLE        seconds before the job of a dead worker is taken over
+WORKER_CONCURRENCY         answers one worker process writes at once (Celery threads)
+WORKER_START_TIMEOUT       seconds a queued answer waits for a worker before it fails
+WORKER_VISIBILITY_TIMEOUT  seconds before the task of a dead worker is delivered again
 HOST, PORT                 where `python -m chat_service` listens
 
 The README of the example has the same list with the defaults.
@@ -61,7 +62,8 @@ class Settings:
     stream_retention: float = 3600.0
     redis_prefix: str = "chat"
     worker_concurrency: int = 16
-    worker_reclaim_idle: float = 30.0
+    worker_start_timeout: float = 60.0
+    worker_visibility_timeout: float = 3600.0
     host: str = "127.0.0.1"
     port: int = 8000
 
@@ -74,6 +76,10 @@ class Settings:
             raise SettingsError("CORS_ORIGINS is either * or a list of origins, not both")
         if self.max_message_chars < 1:
             raise SettingsError("MAX_MESSAGE_CHARS must be at least 1")
+        if self.worker_start_timeout < 0.1 or self.worker_visibility_timeout < 1:
+            raise SettingsError(
+                "WORKER_START_TIMEOUT must be at least 0.1, WORKER_VISIBILITY_TIMEOUT at least 1"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -112,7 +118,8 @@ class Settings:
             stream_retention=number("STREAM_RETENTION", 3600.0),
             redis_prefix=text("REDIS_PREFIX", "chat") or "chat",
             worker_concurrency=int(number("WORKER_CONCURRENCY", 16)),
-            worker_reclaim_idle=number("WORKER_RECLAIM_IDLE", 30.0),
+            worker_start_timeout=number("WORKER_START_TIMEOUT", 60.0),
+            worker_visibility_timeout=number("WORKER_VISIBILITY_TIMEOUT", 3600.0),
             host=text("HOST", "127.0.0.1") or "127.0.0.1",
             port=int(number("PORT", 8000)),
         )

@@ -4,8 +4,14 @@ The conversation itself lives in the LangGraph checkpointer; these two small tab
 to it, in the same database (the SQLite file, or PostgreSQL when DATABASE_URL says so):
 
 * ``chat_threads``: one row per thread; ``run_seq`` numbers its answers;
-* ``chat_runs``: one row per message to answer: ``queued``, ``started``, ``done`` or
-  ``dropped``. It is the durable job record; a run's stream id is derived from its number.
+* ``chat_runs``: one row per message to answer: ``queued``, ``started``, ``done``,
+  ``dropped`` or ``failed`` (its process died: ``error`` says why). It is the durable job
+  record; a run's stream id is derived from its number.
+
+SQLite is used the way it works best under concurrent requests: one connection per process
+(aiosqlite runs its statements one at a time, on one thread: a single writer path, shared
+with the checkpointer), WAL so other processes can read while it writes, and a busy timeout
+for the moments another process holds the write lock.
 """
 
 from __future__ import annotations
@@ -18,7 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-RunState = Literal["queued", "started", "done", "dropped"]
+RunState = Literal["queued", "started", "done", "dropped", "failed"]
+#: What a run does: answer a new message, answer the last one again, or replace the last
+#: user message (and its answer) with a new one.
+RunKind = Literal["message", "regenerate", "edit"]
+#: Largest run number (PostgreSQL INTEGER).
+MAX_RUN_SEQ = 2**31 - 1
 
 _SCHEMA = (
     """
@@ -47,8 +58,10 @@ _SCHEMA = (
     )
     """,
 )
+#: Columns added since the first release, for databases created before (name, SQL type).
+_ADDED_RUN_COLUMNS = (("kind", "TEXT NOT NULL DEFAULT 'message'"), ("error", "TEXT"))
 _THREAD_COLUMNS = "id, owner, title, archived, created_at, updated_at, run_seq"
-_RUN_COLUMNS = "thread_id, seq, message, model, use_cache, human_id, state, created_at"
+_RUN_COLUMNS = "thread_id, seq, message, model, use_cache, human_id, state, created_at, kind, error"
 
 
 def new_thread_id() -> str:
@@ -83,6 +96,9 @@ class RunRecord:
     human_id: str | None
     state: RunState
     created_at: float
+    kind: RunKind = "message"
+    #: Why a ``failed`` run failed: an error code of the chat API.
+    error: str | None = None
 
     @property
     def stream_id(self) -> str:
@@ -94,7 +110,9 @@ def _thread(row: Sequence[Any]) -> Thread:
 
 
 def _run(row: Sequence[Any]) -> RunRecord:
-    return RunRecord(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6], row[7])
+    return RunRecord(
+        row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6], row[7], row[8], row[9]
+    )
 
 
 class ThreadStore(ABC):
@@ -107,10 +125,16 @@ class ThreadStore(ABC):
     @abstractmethod
     async def aclose(self) -> None: ...
 
+    @abstractmethod
+    async def _add_column(self, table: str, name: str, definition: str) -> None:
+        """Add a column to ``table`` unless it has it."""
+
     async def setup(self) -> None:
-        """Create the tables if they do not exist; called once at start."""
+        """Create the tables if they do not exist (or add what they lack); once at start."""
         for statement in _SCHEMA:
             await self._fetch(statement)
+        for name, definition in _ADDED_RUN_COLUMNS:
+            await self._add_column("chat_runs", name, definition)
 
     async def ping(self) -> None:
         await self._fetch("SELECT 1")
@@ -170,6 +194,7 @@ class ThreadStore(ABC):
         model: str,
         use_cache: bool,
         human_id: str | None,
+        kind: RunKind = "message",
     ) -> RunRecord:
         """Queue a message; its number comes from one atomic UPDATE ... RETURNING, so two
         processes adding runs to one thread at once never get the same number."""
@@ -181,10 +206,11 @@ class ThreadStore(ABC):
         )
         if not rows:
             raise LookupError(f"thread {thread_id!r} does not exist")
-        run = RunRecord(thread_id, rows[0][0], message, model, use_cache, human_id, "queued", now)
+        seq = rows[0][0]
+        run = RunRecord(thread_id, seq, message, model, use_cache, human_id, "queued", now, kind)
         await self._fetch(
-            f"INSERT INTO chat_runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (thread_id, run.seq, message, model, use_cache, human_id, "queued", now),
+            f"INSERT INTO chat_runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (thread_id, seq, message, model, use_cache, human_id, "queued", now, kind, None),
         )
         return run
 
@@ -211,6 +237,53 @@ class ThreadStore(ABC):
             (state, thread_id, seq),
         )
 
+    async def settle_run(
+        self,
+        thread_id: str,
+        seq: int,
+        state: RunState,
+        *,
+        error: str | None = None,
+        only_from: tuple[RunState, ...] = ("queued", "started"),
+    ) -> bool:
+        """Move a run to ``state`` (with ``error``) if it is in one of ``only_from``; True
+        if it was. For whoever notices a run's end other than the process writing it."""
+        marks = ", ".join("?" for _ in only_from)
+        rows = await self._fetch(
+            f"UPDATE chat_runs SET state = ?, error = ? WHERE thread_id = ? AND seq = ? "
+            f"AND state IN ({marks}) RETURNING seq",
+            (state, error, thread_id, seq, *only_from),
+        )
+        return bool(rows)
+
+    async def fail_all(self, error: str, *states: RunState) -> int:
+        """Mark every run in ``states`` ``failed`` with ``error`` (after a crash of the only
+        process that could have been answering them); returns how many."""
+        marks = ", ".join("?" for _ in states)
+        rows = await self._fetch(
+            f"UPDATE chat_runs SET state = 'failed', error = ? WHERE state IN ({marks}) "
+            "RETURNING seq",
+            (error, *states),
+        )
+        return len(rows)
+
+    async def unfinished_runs(self) -> list[RunRecord]:
+        """Every run still queued or started, in any thread, oldest first."""
+        rows = await self._fetch(
+            f"SELECT {_RUN_COLUMNS} FROM chat_runs WHERE state IN ('queued', 'started') "
+            "ORDER BY created_at"
+        )
+        return [_run(row) for row in rows]
+
+    async def streaming_threads(self, owner: str) -> set[str]:
+        """The owner's threads with an answer queued or being written."""
+        rows = await self._fetch(
+            "SELECT DISTINCT r.thread_id FROM chat_runs r JOIN chat_threads t "
+            "ON t.id = r.thread_id WHERE t.owner = ? AND r.state IN ('queued', 'started')",
+            (owner,),
+        )
+        return {row[0] for row in rows}
+
     async def drop_queued(self, thread_id: str) -> list[RunRecord]:
         """Mark the thread's queued runs dropped; return them."""
         rows = await self._fetch(
@@ -222,7 +295,7 @@ class ThreadStore(ABC):
 
     async def current_run(self, thread_id: str) -> RunRecord | None:
         """The answer a reader of the thread wants: the one being written, else the next
-        queued one, else the latest finished one."""
+        queued one, else the latest finished (or failed) one."""
         runs = await self.runs(thread_id, "started", "queued")
         started = [r for r in runs if r.state == "started"]
         if started:
@@ -230,33 +303,60 @@ class ThreadStore(ABC):
         if runs:
             return runs[0]
         rows = await self._fetch(
-            f"SELECT {_RUN_COLUMNS} FROM chat_runs WHERE thread_id = ? AND state = 'done' "
-            "ORDER BY seq DESC LIMIT 1",
+            f"SELECT {_RUN_COLUMNS} FROM chat_runs WHERE thread_id = ? "
+            "AND state IN ('done', 'failed') ORDER BY seq DESC LIMIT 1",
             (thread_id,),
         )
         return _run(rows[0]) if rows else None
 
 
+#: Seconds a statement waits for another process's write lock before failing.
+SQLITE_BUSY_TIMEOUT = 30.0
+
+
 class SqliteThreadStore(ThreadStore):
-    """The tables in the SQLite file that also holds the checkpoints."""
+    """The tables in the SQLite file that also holds the checkpoints.
+
+    :attr:`connection` is the process's one connection to the file: the checkpointer uses it
+    too (runtime.py). Two connections of one process writing at once is what made
+    concurrent requests fail with ``database is locked``: a connection holding a read
+    snapshot cannot take the write lock after another one wrote (SQLITE_BUSY_SNAPSHOT, which
+    no busy timeout waits out).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._conn: Any = None
 
+    @property
+    def connection(self) -> Any:
+        """The open ``aiosqlite.Connection``."""
+        if self._conn is None:
+            raise RuntimeError("SqliteThreadStore.setup() was not called")
+        return self._conn
+
     async def setup(self) -> None:
         import aiosqlite
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: autocommit, each statement is its own transaction.
-        self._conn = await aiosqlite.connect(self.path, isolation_level=None, timeout=10.0)
-        # WAL lets the checkpointer's connection (and other processes) read while we write.
+        # isolation_level=None: autocommit, each statement is its own transaction (the
+        # checkpointer's commit() calls are then no-ops).
+        self._conn = await aiosqlite.connect(
+            self.path, isolation_level=None, timeout=SQLITE_BUSY_TIMEOUT
+        )
+        # WAL: readers in other processes (workers) do not block the writer, nor it them.
         await self._conn.execute("PRAGMA journal_mode=WAL")
+        await self._conn.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT * 1000)}")
         await super().setup()
 
     async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
         async with self._conn.execute(sql, tuple(params)) as cursor:
             return list(await cursor.fetchall())
+
+    async def _add_column(self, table: str, name: str, definition: str) -> None:
+        columns = {row[1] for row in await self._fetch(f"PRAGMA table_info({table})")}
+        if name not in columns:
+            await self._fetch(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
 
     async def aclose(self) -> None:
         if self._conn is not None:
@@ -289,6 +389,9 @@ class PostgresThreadStore(ThreadStore):
         async with self._pool.connection() as conn:
             cursor = await conn.execute(sql.replace("?", "%s"), tuple(params))
             return list(await cursor.fetchall()) if cursor.description else []
+
+    async def _add_column(self, table: str, name: str, definition: str) -> None:
+        await self._fetch(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {definition}")
 
     async def aclose(self) -> None:
         if self._pool is not None:

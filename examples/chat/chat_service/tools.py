@@ -25,6 +25,8 @@ from langchain_core.tools import BaseTool, StructuredTool, ToolException, tool
 DOCS_DIR = Path(__file__).parent / "data" / "docs"
 TAVILY_URL = "https://api.tavily.com/search"
 MAX_RESULTS = 3
+#: Largest query web_search accepts, in characters.
+MAX_QUERY_CHARS = 500
 
 
 class SearchResult(TypedDict):
@@ -154,7 +156,15 @@ def format_results(query: str, results: list[SearchResult]) -> str:
     )
 
 
+def _check_query(query: str, max_results: int) -> None:
+    if len(query) > MAX_QUERY_CHARS:
+        raise ToolException(f"the query is too long (over {MAX_QUERY_CHARS} characters)")
+    if not 1 <= max_results <= 10:
+        raise ToolException("max_results must be between 1 and 10")
+
+
 def _search_sync(query: str, max_results: int = MAX_RESULTS) -> tuple[str, list[SearchResult]]:
+    _check_query(query, max_results)
     if os.environ.get("TAVILY_API_KEY"):
         import httpx
 
@@ -172,6 +182,7 @@ def _search_sync(query: str, max_results: int = MAX_RESULTS) -> tuple[str, list[
 async def _search_async(
     query: str, max_results: int = MAX_RESULTS
 ) -> tuple[str, list[SearchResult]]:
+    _check_query(query, max_results)
     if not os.environ.get("TAVILY_API_KEY"):
         return _search_sync(query, max_results)  # CPU-only and fast: no thread needed
     import httpx
@@ -225,8 +236,29 @@ _FUNCTIONS: dict[str, Callable[..., Any]] = {
     "tan": math.tan,
 }
 _CONSTANTS = {"pi": math.pi, "e": math.e, "tau": math.tau}
-_MAX_EXPONENT = 1000  # 9**9**9 would otherwise hang the worker
 _MAX_LENGTH = 200
+#: Largest integer a step may produce, in bits (about 3,000 digits). Every step's size is
+#: bounded *before* it is computed: `(999^999)^999` would otherwise hold the GIL for seconds
+#: and stall every stream of the process (issue 12).
+_MAX_BITS = 10_000
+
+
+def _check_size(op: ast.operator, left: int | float, right: int | float) -> None:
+    """Refuse an integer operation whose result would exceed ``_MAX_BITS``.
+
+    Float operations need no check: they overflow to an error or to ``inf`` at once.
+    """
+    if type(left) is not int or type(right) is not int:
+        if isinstance(op, ast.Pow) and type(left) is int and left.bit_length() > 1023:
+            raise ValueError("the base is too large")  # float(left) would overflow anyway
+        return
+    if isinstance(op, ast.Pow):
+        if right < 0 or abs(left) <= 1:
+            return  # a float, or 0, 1 or -1
+        if right > _MAX_BITS or left.bit_length() * right > _MAX_BITS:  # an upper bound
+            raise ValueError(f"{left}^{right} is too large to compute")
+    elif isinstance(op, ast.Mult) and left.bit_length() + right.bit_length() > _MAX_BITS + 1:
+        raise ValueError("the product is too large to compute")
 
 
 def _eval_node(node: ast.AST) -> int | float:
@@ -241,8 +273,7 @@ def _eval_node(node: ast.AST) -> int | float:
         return _UNARY_OPS[type(node.op)](_eval_node(node.operand))  # type: ignore[no-any-return]
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
         left, right = _eval_node(node.left), _eval_node(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT:
-            raise ValueError(f"exponent {right} is too large")
+        _check_size(node.op, left, right)
         return _BINARY_OPS[type(node.op)](left, right)  # type: ignore[no-any-return]
     if (
         isinstance(node, ast.Call)
@@ -268,6 +299,8 @@ def evaluate(expression: str) -> int | float:
         result = _eval_node(ast.parse(cleaned.strip(), mode="eval"))
     except SyntaxError as exc:
         raise ValueError(f"not an arithmetic expression: {expression!r}") from exc
+    except OverflowError as exc:
+        raise ValueError("the result is too large") from exc
     except (ArithmeticError, TypeError) as exc:
         raise ValueError(str(exc)) from exc
     if isinstance(result, float) and result.is_integer() and abs(result) < 1e15:

@@ -1,21 +1,24 @@
-"""Worker mode: API processes hand generation to worker processes through Redis.
+"""Worker mode on Celery: API processes queue answers, Celery workers write them.
 
-    python -m chat_service worker        # as many as you like, next to WORKER_MODE=1 APIs
+    python -m chat_service worker        # scripts/chat worker: a Celery worker, Redis broker
 
-The message to answer is already durable in ``chat_runs`` (threads.py) when the API
-enqueues; what travels through Redis is the *job* "answer the queue of thread T", as an entry
-of a Redis Stream read by a consumer group (``XREADGROUP``). Consumer groups are Redis's own
-at-least-once delivery: an entry stays pending until a worker acknowledges it (``XACK``),
-and a worker reclaims (``XAUTOCLAIM``) entries left pending by a worker that died.
+When a message is accepted in worker mode, the API process records it (``chat_runs``),
+reserves its answer's stream with ``StreamProducer.reserve()`` (readers can wait on it from
+that moment) and sends the Celery task ``chat_service.answer`` with the run and the
+reservation. A worker runs the task: it takes the thread's lock, continues the reserved run
+with ``StreamProducer.start(..., reservation=...)`` and records the outcome (runs.py).
 
-A worker acknowledges a job once it has answered the thread's queue to the end, holding the
-thread's lock. While it answers, it keeps its entry fresh (``XCLAIM`` to itself), so only the
-entries of dead workers go idle long enough to be reclaimed. A job that finds the thread busy
-stays pending: the lock's holder answers that queue, and should it die, the job comes back.
+Delivery is Celery's: ``acks_late`` acknowledges a task when it returns, and
+``task_reject_on_worker_lost`` puts a task back when its worker process is lost, so the
+task of a dead worker is delivered again (with the Redis broker: once the
+``visibility_timeout`` lapses). A task delivered again does not answer twice: the reserved
+run is started once (``StreamAlreadyRunning`` for the second), and an answer cut by its
+worker's death has already ended with ``producer_lost`` (the library's crash detection). If
+no worker starts an answer within ``WORKER_START_TIMEOUT``, its readers get ``not_started``.
 
-An answer whose worker died is not restarted: the library's crash detection ends its stream
-with ``error``/``producer_lost`` when the worker's lease lapses, and the next queued message
-of the thread is answered.
+Celery tasks are synchronous; the worker runs one asyncio event loop in a thread of its own
+(the chat service's runtime lives there) and each task, on Celery's thread pool, waits for
+its coroutine on that loop.
 """
 
 from __future__ import annotations
@@ -23,138 +26,131 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
-import socket
-import uuid
-from typing import Any
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from resumable_stream import Reservation, StreamProducer
 
 from .runtime import Runtime, open_runtime
 from .settings import Settings
+from .threads import RunRecord
 
 logger = logging.getLogger("chat_service.worker")
 
-GROUP = "workers"
-#: Approximate cap on the jobs stream (entries, not pending ones, are trimmed).
-MAX_JOBS = 100_000
+ANSWER_TASK = "chat_service.answer"
+T = TypeVar("T")
 
 
-class JobQueue:
-    """The jobs stream ``<prefix>:jobs`` and its consumer group."""
+def celery_app(settings: Settings) -> Any:
+    """The Celery app of the service: Redis broker, late acknowledgement, JSON only."""
+    from celery import Celery
 
-    def __init__(self, client: Any, prefix: str) -> None:
-        self.client = client
-        self.key = f"{prefix}:jobs"
+    app = Celery("chat_service", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # One task at a time per worker thread: a task waiting in a prefetch buffer would
+        # wait for a busy worker rather than go to an idle one.
+        worker_prefetch_multiplier=1,
+        task_default_queue=f"{settings.redis_prefix}.answers",
+        broker_transport_options={
+            "visibility_timeout": settings.worker_visibility_timeout,
+            # How often workers look for tasks whose visibility timeout lapsed (kombu's
+            # default scans about every 100 s).
+            "unacked_restore_interval": max(1.0, min(10.0, settings.worker_visibility_timeout / 3)),
+            "unacked_restore_throttle": 1,
+            "global_keyprefix": f"{settings.redis_prefix}:celery:",
+        },
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_publish_retry_policy={"max_retries": 3, "interval_start": 0.1},
+    )
+    return app
 
-    async def setup(self) -> None:
-        import redis.exceptions
 
-        try:
-            # From "0": jobs enqueued before the first worker ever started are delivered too.
-            await self.client.xgroup_create(self.key, GROUP, id="0", mkstream=True)
-        except redis.exceptions.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+class CeleryQueue:
+    """(API processes) Reserve a run's stream and send its task."""
 
-    async def enqueue(self, thread_id: str) -> None:
-        await self.client.xadd(
-            self.key, {"thread_id": thread_id}, maxlen=MAX_JOBS, approximate=True
+    def __init__(self, settings: Settings, producer: StreamProducer) -> None:
+        self.settings = settings
+        self.producer = producer
+        self.app = celery_app(settings)
+
+    async def enqueue(self, run: RunRecord) -> None:
+        reservation = await self.producer.reserve(
+            run.stream_id, start_timeout=self.settings.worker_start_timeout
+        )
+        # kombu's publish is blocking I/O.
+        await asyncio.to_thread(
+            self.app.send_task, ANSWER_TASK, args=[run.thread_id, run.seq, str(reservation)]
         )
 
-
-class Worker:
-    """Reads jobs and answers threads, ``settings.worker_concurrency`` at a time."""
-
-    def __init__(self, runtime: Runtime, client: Any, *, name: str | None = None) -> None:
-        self.runtime = runtime
-        self.settings = runtime.settings
-        self.client = client  # its own connection: XREADGROUP blocks it
-        self.key = f"{self.settings.redis_prefix}:jobs"
-        self.name = name or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self._slots = asyncio.Semaphore(self.settings.worker_concurrency)
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Work until ``stop`` is set; then stop answering (the answers in flight end with
-        an error telling their readers to retry) and leave unfinished jobs to other workers."""
-        logger.info("worker %s reading %s", self.name, self.key)
-        reclaim_ms = int(self.settings.worker_reclaim_idle * 1000)
-        try:
-            while not stop.is_set():
-                await self._slots.acquire()
-                self._slots.release()
-                free = self._free_slots()
-                _, claimed, _ = await self.client.xautoclaim(
-                    self.key, GROUP, self.name, reclaim_ms, "0-0", count=free
-                )
-                entries = list(claimed)
-                if len(entries) < free:
-                    reply = await self.client.xreadgroup(
-                        GROUP, self.name, {self.key: ">"}, count=free - len(entries), block=1000
-                    )
-                    for _, stream_entries in reply or []:
-                        entries.extend(stream_entries)
-                for entry_id, fields in entries:
-                    if fields is None:
-                        continue  # trimmed while pending
-                    thread_id = _text(fields.get(b"thread_id") or fields.get("thread_id"))
-                    await self._slots.acquire()
-                    task = asyncio.create_task(self._handle(entry_id, thread_id))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
-        finally:
-            await self.runtime.runs.aclose()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    def _free_slots(self) -> int:
-        return max(self.settings.worker_concurrency - len(self._tasks), 1)
-
-    async def _handle(self, entry_id: Any, thread_id: str) -> None:
-        runs = self.runtime.runs
-        keeper = asyncio.create_task(self._keep_claimed(entry_id))
-        try:
-            drain = await runs.try_drain(thread_id)
-            if drain is None:
-                # Busy: its holder answers the queue. Left pending, the job comes back after
-                # WORKER_RECLAIM_IDLE, in case that holder died before it could.
-                return
-            await asyncio.shield(drain)
-            if runs.closing:
-                return  # interrupted: leave the entry pending for another worker
-            await self.client.xack(self.key, GROUP, entry_id)
-        except Exception:
-            logger.exception("job for thread %s failed; it will be retried", thread_id)
-        finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
-            self._slots.release()
-
-    async def _keep_claimed(self, entry_id: Any) -> None:
-        period = self.settings.worker_reclaim_idle / 3
-        while True:
-            await asyncio.sleep(period)  # the refresh period, well inside the reclaim idle time
-            with contextlib.suppress(Exception):
-                await self.client.xclaim(self.key, GROUP, self.name, 0, [entry_id], justid=True)
+    def close(self) -> None:
+        self.app.close()
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+class _Portal:
+    """An event loop in a thread of its own, and the runtime opened on it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="chat-loop")
+        self._stack = contextlib.AsyncExitStack()
+        self.runtime: Runtime | None = None
+
+    def call(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run ``coroutine`` on the loop; wait for its result (from any other thread)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def open(self) -> Runtime:
+        self._thread.start()
+        self.runtime = self.call(self._open())
+        return self.runtime
+
+    async def _open(self) -> Runtime:
+        return await self._stack.enter_async_context(open_runtime(self.settings, role="worker"))
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            try:
+                self.call(self._stack.aclose())
+            finally:
+                self.loop.call_soon_threadsafe(self.loop.stop)
+                self._thread.join()
+        self.loop.close()
 
 
-async def serve_worker(settings: Settings) -> None:
-    """Run one worker process until SIGINT or SIGTERM."""
-    import redis.asyncio as aioredis
+def run_worker(settings: Settings) -> None:
+    """Run a Celery worker (threads pool, ``WORKER_CONCURRENCY`` threads) until stopped."""
+    portal = _Portal(settings)
+    runtime = portal.open()
+    app = celery_app(settings)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with open_runtime(settings, role="worker") as runtime:
-        client = aioredis.Redis.from_url(settings.redis_url or "")
-        try:
-            worker = Worker(runtime, client)
-            print(f"chat worker {worker.name} ready (jobs: {worker.key})", flush=True)
-            await worker.run(stop)
-        finally:
-            await client.aclose()
+    @app.task(name=ANSWER_TASK)  # type: ignore[untyped-decorator]
+    def answer(thread_id: str, seq: int, reservation: str) -> str:
+        """Answer run ``seq`` of a thread, continuing its reserved stream."""
+        return portal.call(
+            runtime.runs.answer_reserved(thread_id, seq, Reservation.parse(reservation))
+        )
+
+    try:
+        app.worker_main(
+            [
+                "worker",
+                "--pool=threads",
+                f"--concurrency={settings.worker_concurrency}",
+                "--loglevel=INFO",
+                "--without-heartbeat",
+                "--without-mingle",
+                "--without-gossip",
+            ]
+        )
+    finally:
+        # After a warm shutdown (SIGTERM) Celery has let the tasks in flight finish.
+        portal.close()

@@ -189,7 +189,7 @@ class Pipe:
                 raise fault(exc, "the connection set-up") from exc
             self.connects += 1
             if self.connects > 1:
-                telemetry.reconnecting(self.name)
+                telemetry.reconnecting("commands")
             session.stream = connection._writer  # see _flush
             self._flush(session)  # what was queued while connecting
             await self._read(session, connection)
@@ -335,7 +335,7 @@ class Subscriber:
                 raise
             except Exception as exc:
                 logger.warning("%s: %s; reconnecting", self.name, exc)
-                telemetry.reconnecting(self.name)
+                telemetry.reconnecting("notices")
                 self._on_fault()
             finally:
                 self.confirmed.clear()

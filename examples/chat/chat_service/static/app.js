@@ -19,8 +19,17 @@ const ui = {
   stop: $("#stop"),
   status: $("#status"),
   info: $("#service-info"),
+  jump: $("#jump"),
+  menu: $("#menu"),
+  backdrop: $("#backdrop"),
 };
-const state = { threadId: null, stream: null, info: null };
+const state = {
+  threadId: null,
+  stream: null, // the answer being read: {es, turn, finished}
+  sending: false, // a POST is in flight: a second Enter must not send again (issue 12)
+  follow: true, // the view follows new text: the user is at the bottom
+  threadsTimer: 0,
+};
 
 // --------------------------------------------------------------------------- HTTP
 
@@ -47,6 +56,37 @@ function setStatus(text, kind) {
   ui.status.className = kind || "";
 }
 
+// --------------------------------------------------------------------------- scrolling
+
+// The view follows the answer only while the user is at the bottom; scrolled up to read,
+// it stays put and offers a button back to the latest text.
+function atBottom() {
+  const m = ui.messages;
+  return m.scrollHeight - m.scrollTop - m.clientHeight < 32;
+}
+
+function updateJump() {
+  ui.jump.hidden = state.follow || atBottom();
+}
+
+function contentChanged() {
+  if (state.follow) ui.messages.scrollTop = ui.messages.scrollHeight;
+  updateJump();
+}
+
+function scrollToLatest() {
+  state.follow = true;
+  contentChanged();
+}
+
+ui.messages.addEventListener("scroll", () => {
+  // Content only changes in animation frames, after scroll events: a scroll event always
+  // sees the position the user (or scrollToLatest) left.
+  state.follow = atBottom();
+  updateJump();
+});
+ui.jump.addEventListener("click", scrollToLatest);
+
 // --------------------------------------------------------------------------- rendering
 
 function element(tag, className, text) {
@@ -56,13 +96,19 @@ function element(tag, className, text) {
   return node;
 }
 
-function scrollDown() {
-  ui.messages.scrollTop = ui.messages.scrollHeight;
+function button(className, text, onClick, title) {
+  const node = element("button", className, text);
+  node.type = "button";
+  if (title) node.title = title;
+  node.addEventListener("click", onClick);
+  return node;
 }
 
 function clearMessages() {
   ui.messages.replaceChildren(ui.empty);
   ui.empty.hidden = false;
+  state.follow = true;
+  updateJump();
 }
 
 function addUser(text) {
@@ -70,7 +116,7 @@ function addUser(text) {
   const message = element("div", "msg user");
   message.append(element("div", "bubble", text));
   ui.messages.append(message);
-  scrollDown();
+  contentChanged();
   return message;
 }
 
@@ -87,72 +133,174 @@ function addTurn() {
   const el = element("div", "msg assistant");
   const bubble = element("div", "bubble");
   const tools = element("div", "tools");
-  const text = element("span", "text");
+  const text = element("div", "text markdown");
   const meta = element("div", "meta");
   bubble.append(tools, text);
   el.append(bubble, meta);
   ui.messages.append(el);
-  scrollDown();
-  return { el, tools, text, meta, segmentEnded: false };
+  contentChanged();
+  return { el, tools, text, meta, raw: "", segmentEnded: false, live: null, frame: 0, calls: {} };
 }
 
 function appendText(turn, text) {
-  if (turn.segmentEnded && turn.text.textContent) text = "\n\n" + text.replace(/^\s+/, "");
+  if (turn.segmentEnded && turn.raw) text = "\n\n" + text.replace(/^\s+/, "");
   turn.segmentEnded = false;
-  turn.text.textContent += text;
-  scrollDown();
+  turn.raw += text;
+  if (!turn.live) turn.live = new Markdown.LiveMarkdown(turn.text);
+  // At most one render per animation frame, however fast the chunks come.
+  if (!turn.frame) {
+    turn.frame = requestAnimationFrame(() => {
+      turn.frame = 0;
+      turn.live.update(turn.raw);
+      contentChanged();
+    });
+  }
 }
 
-function addTool(turn, call, status) {
-  const args = Object.entries(call.args || {})
+// The final rendering of a turn's text, and its source for whoever needs it (tests, copy).
+function settleText(turn) {
+  if (turn.frame) cancelAnimationFrame(turn.frame);
+  turn.frame = 0;
+  Markdown.render(turn.text, turn.raw);
+  turn.live = null;
+  turn.text.dataset.source = turn.raw;
+  contentChanged();
+}
+
+function formatArgs(args) {
+  return Object.entries(args || {})
     .map(([key, value]) => `${key}: ${typeof value === "string" ? value : JSON.stringify(value)}`)
     .join(", ");
-  const tool = element("div", "tool", `${call.name}(${args})`);
+}
+
+// A tool call, collapsed to its name and input; open, it shows the input and the result.
+function addTool(turn, call, status) {
+  const tool = element("details", "tool");
   tool.dataset.state = status;
   tool.dataset.name = call.name;
+  if (call.id) tool.dataset.callId = call.id;
+  const summary = element("summary");
+  summary.append(
+    element("span", "tool-name", call.name),
+    element("span", "tool-args", formatArgs(call.args)),
+  );
+  const body = element("div", "tool-body");
+  body.append(
+    element("div", "tool-label", "Input"),
+    element("pre", "tool-input", JSON.stringify(call.args || {}, null, 2)),
+    element("div", "tool-label", "Result"),
+    element("pre", "tool-result", status === "running" ? "running…" : "(not saved)"),
+  );
+  tool.append(summary, body);
   turn.tools.append(tool);
-  scrollDown();
+  if (call.id) turn.calls[call.id] = tool;
+  contentChanged();
+}
+
+function setToolResult(turn, result) {
+  const tool = turn.calls[result.tool_call_id];
+  if (!tool) return;
+  tool.querySelector(".tool-result").textContent = result.text;
+  if (result.status === "error") tool.dataset.state = "failed";
 }
 
 function toolsDone(turn) {
   for (const tool of turn.tools.querySelectorAll('.tool[data-state="running"]')) {
     tool.dataset.state = "done";
+    const result = tool.querySelector(".tool-result");
+    if (result.textContent === "running…") result.textContent = "(shown when the answer ends)";
   }
 }
 
-function renderHistory(messages) {
+// `state` "error": the answer failed; "unanswered": the saved thread ends with a question
+// and nothing says why (an answer stopped before its first word, or lost): no alarm, but the
+// same way out.
+function showError(turn, message, state = "error") {
+  turn.el.dataset.state = state;
+  turn.el.querySelector(":scope > .error")?.remove();
+  const error = element("div", state === "error" ? "error" : "error notice", message);
+  error.append(button("retry", "Retry", () => retryAnswer(turn)));
+  turn.el.append(error);
+  contentChanged();
+}
+
+// The saved thread's `last_error` has a code only; say what it means for the user.
+const ERRORS = {
+  server_restarted: "The server restarted while writing this answer, and it was lost.",
+  producer_lost: "The server writing this answer stopped before it was complete.",
+};
+
+function renderHistory(messages, active, lastError) {
   let turn = null;
   for (const message of messages) {
     if (message.role === "user") {
-      addUser(message.text);
+      if (turn) settleText(turn);
+      addUser(message.text).dataset.messageId = message.id || "";
       turn = null;
     } else if (message.role === "summary") {
       addSummary("Earlier messages were summarized: " + message.text.replace(/^[^:]*:\s*/, ""));
     } else if (message.role === "assistant") {
       turn = turn || addTurn();
       turn.el.dataset.state = message.stopped ? "stopped" : "done";
-      if (message.text) appendText(turn, message.text);
-      turn.segmentEnded = true;
+      if (message.text) {
+        turn.raw += (turn.raw ? "\n\n" : "") + message.text;
+      }
       for (const call of message.tool_calls) addTool(turn, call, "done");
       if (message.stopped) turn.meta.replaceChildren(element("span", "stopped-tag", "stopped"));
+    } else if (message.role === "tool" && turn) {
+      setToolResult(turn, message);
     }
   }
+  if (turn) settleText(turn);
+  if (active) return;
+  const last = messages[messages.length - 1];
+  if (lastError) {
+    const message = ERRORS[lastError.code] || `The answer failed (${lastError.code}).`;
+    showError(turn && last.role !== "user" ? turn : addTurn(), message);
+  } else if (last && last.role === "user") {
+    showError(addTurn(), "No answer was saved for this question.", "unanswered");
+  }
+}
+
+// Regenerate (on the last answer) and Edit (on the last question), when nothing streams.
+function refreshActions() {
+  for (const node of ui.messages.querySelectorAll(".actions")) node.remove();
+  if (state.stream || state.sending || !state.threadId) return;
+  const messages = [...ui.messages.querySelectorAll(".msg.user, .msg.assistant")];
+  const lastUser = messages.findLast((m) => m.classList.contains("user"));
+  const last = messages[messages.length - 1];
+  if (lastUser && !lastUser.querySelector(".editor")) {
+    const actions = element("div", "actions");
+    actions.append(button("edit", "Edit", () => startEdit(lastUser), "Edit this message"));
+    lastUser.append(actions);
+  }
+  const settled = last && !["error", "unanswered"].includes(last.dataset.state);
+  if (settled && last.classList.contains("assistant")) {
+    const actions = element("div", "actions");
+    actions.append(button("regenerate", "↻ Regenerate", regenerate, "Answer again"));
+    last.querySelector(".meta").append(actions);
+  }
+  contentChanged();
 }
 
 // --------------------------------------------------------------------------- streaming
 
-function setStreaming(on) {
-  ui.stop.hidden = !on;
-  ui.send.disabled = on;
+function updateComposer() {
+  const busy = Boolean(state.stream);
+  ui.stop.hidden = !busy;
+  ui.send.disabled = busy || state.sending;
+  refreshActions();
 }
 
 function closeStream() {
   if (state.stream) {
     state.stream.finished = true;
     state.stream.es.close();
+    const turn = state.stream.turn;
+    if (turn.frame) cancelAnimationFrame(turn.frame);
     state.stream = null;
   }
-  setStreaming(false);
+  updateComposer();
 }
 
 function attach(url, turn) {
@@ -161,7 +309,7 @@ function attach(url, turn) {
   const stream = { es, turn, finished: false };
   state.stream = stream;
   turn.el.dataset.state = "streaming";
-  setStreaming(true);
+  updateComposer();
 
   es.addEventListener("chunk", (event) => {
     toolsDone(turn);
@@ -189,7 +337,7 @@ function attach(url, turn) {
       // 204 or an HTTP error: this answer cannot be read any more; show the thread as saved.
       closeStream();
       setStatus("The answer is no longer available; showing the saved thread.", "warn");
-      if (state.threadId) openThread(state.threadId);
+      if (state.threadId) openThread(state.threadId, { keepStatus: true });
     } else {
       setStatus("Connection lost, reconnecting…", "warn"); // EventSource retries by itself
     }
@@ -202,36 +350,61 @@ function finish(stream, outcome, message) {
   if (state.stream === stream) state.stream = null;
   const turn = stream.turn;
   toolsDone(turn);
+  settleText(turn);
   turn.el.dataset.state = outcome;
-  setStreaming(false);
-  setStatus("");
+  setStatus(""); // a "reconnecting…" line is stale now
   if (outcome === "stopped") turn.meta.append(element("span", "stopped-tag", "stopped"));
-  if (outcome === "error") {
-    const error = element("div", "error", message || "the answer failed");
-    const retry = element("button", "retry", "Retry");
-    retry.type = "button";
-    retry.addEventListener("click", () => retryAnswer(turn));
-    error.append(retry);
-    turn.el.append(error);
-  }
+  if (outcome === "error") showError(turn, message || "the answer failed");
+  updateComposer();
   loadThreads();
+  if (Object.keys(turn.calls).length) fillToolResults(turn);
+}
+
+// The stream carries tool calls, not their results: those are read from the saved thread.
+async function fillToolResults(turn) {
+  const threadId = state.threadId;
+  try {
+    const thread = await api("GET", "/v1/thread?thread_id=" + encodeURIComponent(threadId));
+    for (const message of thread.messages) {
+      if (message.role === "tool") setToolResult(turn, message);
+    }
+  } catch {
+    // Not worth a status line: the results stay "shown when the answer ends" until reload.
+  }
 }
 
 // --------------------------------------------------------------------------- actions
 
-async function send(text) {
-  text = text.trim();
-  if (!text || state.stream) return;
-  const body = { message: text, model: ui.model.value };
-  if (state.threadId) body.thread_id = state.threadId;
-  let started;
+// Every action that POSTs goes through here: one at a time, whatever the user presses.
+async function post(path, body) {
+  if (state.sending || state.stream) return null;
+  state.sending = true;
+  updateComposer();
   try {
-    started = await api("POST", "/v1/chat/message", body);
+    return await api("POST", path, body);
   } catch (error) {
     setStatus(error.message, "warn");
+    return null;
+  } finally {
+    state.sending = false;
+    updateComposer();
+  }
+}
+
+async function send(text, { fromInput = false } = {}) {
+  text = text.trim();
+  if (!text || state.sending || state.stream) return;
+  // The input is emptied at once: what the user types while the POST is in flight is theirs
+  // to keep. If the POST fails, the message comes back in front of it.
+  if (fromInput) ui.input.value = "";
+  const body = { message: text, model: ui.model.value };
+  if (state.threadId) body.thread_id = state.threadId;
+  const started = await post("/v1/chat/message", body);
+  if (!started) {
+    if (fromInput) ui.input.value = ui.input.value ? text + "\n" + ui.input.value : text;
     return;
   }
-  ui.input.value = "";
+  setStatus("");
   if (state.threadId !== started.thread_id) {
     state.threadId = started.thread_id;
     history.replaceState(null, "", "#thread=" + started.thread_id);
@@ -239,22 +412,89 @@ async function send(text) {
     ui.title.textContent = text.length > 60 ? text.slice(0, 59) + "…" : text;
   }
   addUser(text);
+  scrollToLatest();
   attach(started.stream_url, addTurn());
   loadThreads();
 }
 
 async function retryAnswer(turn) {
-  try {
-    const started = await api("POST", "/v1/chat/message", {
-      thread_id: state.threadId,
-      retry: true,
-      model: ui.model.value,
-    });
-    turn.el.remove();
-    attach(started.stream_url, addTurn());
-  } catch (error) {
-    setStatus(error.message, "warn");
+  const started = await post("/v1/chat/message", {
+    thread_id: state.threadId,
+    retry: true,
+    model: ui.model.value,
+  });
+  if (!started) return;
+  setStatus("");
+  turn.el.remove();
+  scrollToLatest();
+  attach(started.stream_url, addTurn());
+  loadThreads();
+}
+
+async function regenerate() {
+  const started = await post("/v1/chat/regenerate", {
+    thread_id: state.threadId,
+    model: ui.model.value,
+  });
+  if (!started) return;
+  setStatus("");
+  // The answers after the last question are replaced.
+  const messages = [...ui.messages.querySelectorAll(".msg")];
+  const lastUser = messages.findLastIndex((m) => m.classList.contains("user"));
+  for (const node of messages.slice(lastUser + 1)) node.remove();
+  scrollToLatest();
+  attach(started.stream_url, addTurn());
+  loadThreads();
+}
+
+function startEdit(message) {
+  const bubble = message.querySelector(".bubble");
+  const original = bubble.textContent;
+  const editor = element("div", "editor");
+  const field = element("textarea", "edit-input");
+  field.value = original;
+  field.rows = Math.min(8, original.split("\n").length + 1);
+  const save = button("save", "Send", () => saveEdit(message, field.value));
+  const cancel = button("cancel", "Cancel", () => {
+    editor.replaceWith(bubble);
+    refreshActions();
+  });
+  field.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey) {
+      event.preventDefault();
+      saveEdit(message, field.value);
+    } else if (event.key === "Escape") {
+      cancel.click();
+    }
+  });
+  editor.append(field, element("div", "editor-buttons"));
+  editor.lastChild.append(cancel, save);
+  message.querySelector(".actions")?.remove();
+  bubble.replaceWith(editor);
+  field.focus();
+}
+
+async function saveEdit(message, text) {
+  text = text.trim();
+  if (!text) return;
+  const started = await post("/v1/chat/message", {
+    thread_id: state.threadId,
+    message: text,
+    edit_last: true,
+    model: ui.model.value,
+  });
+  if (!started) return;
+  setStatus("");
+  message.querySelector(".editor")?.replaceWith(element("div", "bubble", text));
+  let next = message.nextElementSibling;
+  while (next) {
+    const after = next.nextElementSibling;
+    next.remove();
+    next = after;
   }
+  scrollToLatest();
+  attach(started.stream_url, addTurn());
+  loadThreads();
 }
 
 async function stopAnswer() {
@@ -266,8 +506,9 @@ async function stopAnswer() {
   }
 }
 
-async function openThread(threadId) {
+async function openThread(threadId, { keepStatus = false } = {}) {
   closeStream();
+  closeDrawer();
   let thread;
   try {
     thread = await api("GET", "/v1/thread?thread_id=" + encodeURIComponent(threadId));
@@ -276,23 +517,27 @@ async function openThread(threadId) {
     setStatus(error.status === 404 ? "That thread does not exist." : error.message, "warn");
     return;
   }
+  if (!keepStatus) setStatus("");
   state.threadId = threadId;
   history.replaceState(null, "", "#thread=" + threadId);
   ui.title.textContent = thread.title;
   clearMessages();
-  renderHistory(thread.messages);
   const active = thread.active_run;
+  renderHistory(thread.messages, active, thread.last_error);
   if (active) {
     const asked = thread.messages.some((m) => m.id === active.human_id);
     if (!asked && active.message) addUser(active.message);
     attach(active.stream_url, addTurn());
   }
   markCurrent();
-  scrollDown();
+  refreshActions();
+  scrollToLatest();
 }
 
 function newChat() {
   closeStream();
+  closeDrawer();
+  setStatus("");
   state.threadId = null;
   history.replaceState(null, "", location.pathname);
   ui.title.textContent = "New chat";
@@ -310,6 +555,7 @@ function markCurrent() {
 }
 
 async function loadThreads() {
+  clearTimeout(state.threadsTimer);
   let data;
   try {
     data = await api("GET", "/v1/threads");
@@ -319,6 +565,10 @@ async function loadThreads() {
   }
   ui.threads.replaceChildren(...data.threads.map(threadItem));
   markCurrent();
+  // Answers end in other tabs and processes too: while one streams, look again now and then.
+  if (data.threads.some((thread) => thread.streaming)) {
+    state.threadsTimer = setTimeout(loadThreads, 3000);
+  }
 }
 
 function threadItem(thread) {
@@ -326,13 +576,19 @@ function threadItem(thread) {
   item.dataset.threadId = thread.thread_id;
   const name = element("span", "name", thread.title);
   name.title = thread.title;
+  if (thread.streaming) {
+    const live = element("span", "live");
+    live.title = "answering";
+    item.classList.add("streaming");
+    item.append(live);
+  }
   const rename = element("button", "rename", "✎");
   rename.title = "Rename";
   const remove = element("button", "delete", "✕");
   remove.title = "Delete";
   item.append(name, rename, remove);
   item.addEventListener("click", (event) => {
-    if (event.target === item || event.target === name) openThread(thread.thread_id);
+    if (!event.target.closest("button, input")) openThread(thread.thread_id);
   });
   rename.addEventListener("click", () => startRename(item, thread));
   remove.addEventListener("click", () => deleteThread(thread));
@@ -375,11 +631,37 @@ async function deleteThread(thread) {
   loadThreads();
 }
 
+// --------------------------------------------------------------------------- drawer (phones)
+
+function openDrawer() {
+  document.body.classList.add("drawer-open");
+  ui.backdrop.hidden = false;
+  ui.menu.setAttribute("aria-expanded", "true");
+  $("#new-chat").focus();
+}
+
+function closeDrawer() {
+  if (!document.body.classList.contains("drawer-open")) return;
+  const hadFocus = $("#sidebar").contains(document.activeElement);
+  document.body.classList.remove("drawer-open");
+  ui.backdrop.hidden = true;
+  ui.menu.setAttribute("aria-expanded", "false");
+  if (hadFocus) ui.menu.focus();
+}
+
+ui.menu.addEventListener("click", () => {
+  if (document.body.classList.contains("drawer-open")) closeDrawer();
+  else openDrawer();
+});
+ui.backdrop.addEventListener("click", closeDrawer);
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape") closeDrawer();
+});
+
 // --------------------------------------------------------------------------- start
 
 async function loadInfo() {
   const info = await api("GET", "/info");
-  state.info = info;
   const saved = localStorage.getItem("chat-model");
   ui.model.replaceChildren(
     ...info.models.map((option) => {
@@ -399,12 +681,12 @@ async function loadInfo() {
 
 document.querySelector("#composer").addEventListener("submit", (event) => {
   event.preventDefault();
-  send(ui.input.value);
+  send(ui.input.value, { fromInput: true });
 });
 ui.input.addEventListener("keydown", (event) => {
-  if (event.key === "Enter" && !event.shiftKey) {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
     event.preventDefault();
-    send(ui.input.value);
+    send(ui.input.value, { fromInput: true });
   }
 });
 ui.stop.addEventListener("click", stopAnswer);
@@ -413,6 +695,11 @@ $("#new-chat").addEventListener("click", newChat);
 for (const hint of document.querySelectorAll(".hint")) {
   hint.addEventListener("click", () => send(hint.textContent));
 }
+document.addEventListener("visibilitychange", () => {
+  if (!document.hidden) loadThreads();
+});
+
+if (matchMedia("(max-width: 760px)").matches) ui.input.placeholder = "Message";
 
 (async () => {
   await loadInfo();

@@ -1,0 +1,1 @@
+"""The HTTP API, one router per family: chat, threads, compat, service (see app.py)."""

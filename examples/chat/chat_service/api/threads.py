@@ -1,0 +1,47 @@
+"""The threads API: read, rename, delete one thread; list the caller's threads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from ..auth import current_user
+from .deps import OwnedThread, RuntimeDep, writable
+from .errors import storable
+from .views import Rename, history, thread_view
+
+router = APIRouter(tags=["threads"])
+
+
+@router.get("/v1/thread")
+async def get_thread(runtime: RuntimeDep, thread: OwnedThread) -> dict[str, Any]:
+    """The thread's messages; ``active_run`` is the answer in flight, if any."""
+    return await history(runtime, thread)
+
+
+@router.delete("/v1/thread")
+async def delete_thread(runtime: RuntimeDep, thread: OwnedThread) -> dict[str, Any]:
+    """Delete the thread, its checkpoints and its answers (stopping a live one first)."""
+    await runtime.runs.forget(thread.id, delete_thread=True)
+    return {"thread_id": thread.id, "deleted": True}
+
+
+@router.patch("/v1/thread")
+async def rename_thread(runtime: RuntimeDep, thread: OwnedThread, body: Rename) -> dict[str, Any]:
+    writable(thread)
+    title = " ".join(storable(body.chat_name, "chat_name").split())
+    await runtime.store.update_thread(thread.id, title=title)
+    return {"thread_id": thread.id, "title": title}
+
+
+@router.get("/v1/threads")
+async def list_threads(
+    request: Request, runtime: RuntimeDep, archived: bool = False
+) -> dict[str, Any]:
+    """The caller's threads, most recently active first; ``streaming`` while an answer is
+    queued or being written."""
+    user = current_user(request)
+    threads = await runtime.store.list_threads(user, archived=archived)
+    streaming = await runtime.store.streaming_threads(user)
+    return {"threads": [thread_view(t, streaming=t.id in streaming) for t in threads]}

@@ -1,0 +1,222 @@
+"""No input makes the chat service answer 5xx, and concurrent requests are served correctly.
+
+Regression tests of issue 12: `database is locked` under concurrent requests on SQLite, 500s
+for text the databases cannot store and for numbers out of range, `BUSY_POLICY=reject`
+accepting two messages at once, and the answer cache showing one user's answer to another.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.examples._chat import (
+    ChatServer,
+    ask,
+    post_message,
+    read_sse,
+    servers,
+)
+from tests.examples.conftest import redis_postgres_env
+
+
+@pytest.fixture(scope="module")
+def server(
+    chat_backend: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ChatServer]:
+    directory = tmp_path_factory.mktemp("chat-robust")
+    with servers(directory) as make:
+        yield make(
+            DATA_DIR=str(directory / "data"),
+            BUSY_POLICY="queue",
+            OFFLINE_TOKENS_PER_SECOND="400",  # answers write checkpoints while requests come
+            **chat_backend,
+        )
+
+
+def token_client(server: ChatServer, token: str) -> httpx.Client:
+    return server.client(headers={"authorization": f"Bearer {token}"})
+
+
+def test_concurrent_mixed_requests_of_one_user_all_succeed(server: ChatServer) -> None:
+    # Issue 12: 16 concurrent mixed requests of one user gave `database is locked` (500).
+    token = f"user-{uuid.uuid4().hex}"
+    with token_client(server, token) as client:
+        seed = post_message(client, "Hi, my name is Ada")["thread_id"]
+    statuses: list[tuple[str, int, str]] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        with token_client(server, token) as client:
+            mine = post_message(client, f"what is {n}*7")["thread_id"]
+            for i in range(5):
+                kind = (n + i) % 6
+                if kind == 0:
+                    response = client.post("/v1/chat/message", json={"message": f"hello {n} {i}"})
+                elif kind == 5:
+                    response = client.delete("/v1/thread", params={"thread_id": mine})
+                elif kind == 1:
+                    response = client.post(
+                        "/v1/chat/message", json={"message": f"and {n} {i}?", "thread_id": seed}
+                    )
+                elif kind == 2:
+                    response = client.get("/v1/threads")
+                elif kind == 3:
+                    response = client.get("/v1/thread", params={"thread_id": seed})
+                else:
+                    response = client.patch(
+                        "/v1/thread", params={"thread_id": seed}, json={"chat_name": f"n{n}"}
+                    )
+                with lock:
+                    statuses.append((f"{kind}", response.status_code, response.text[:200]))
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(worker, range(16)))
+
+    failed = [s for s in statuses if s[1] >= 500]
+    assert len(statuses) == 80 + 0
+    assert failed == []
+    assert {status for _, status, _ in statuses} <= {200, 202}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"message": "lone \\ud800 surrogate"}',
+        b'{"message": "a \\u0000 NUL"}',
+    ],
+    ids=["lone-surrogate", "nul"],
+)
+def test_text_the_databases_cannot_store_is_422(server: ChatServer, body: bytes) -> None:
+    with server.client() as client:
+        response = client.post(
+            "/v1/chat/message", content=body, headers={"content-type": "application/json"}
+        )
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "invalid_text"
+
+
+@pytest.mark.parametrize("name", ["lone \\ud800", "a \\u0000 NUL"], ids=["lone-surrogate", "nul"])
+def test_thread_names_the_databases_cannot_store_are_422(server: ChatServer, name: str) -> None:
+    with server.client() as client:
+        thread_id = post_message(client, "hello")["thread_id"]
+        response = client.patch(
+            "/v1/thread",
+            params={"thread_id": thread_id},
+            content=b'{"chat_name": "' + name.encode() + b'"}',
+            headers={"content-type": "application/json"},
+        )
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "invalid_text"
+
+
+@pytest.mark.parametrize("run", ["99999999999999999999999", "2147483648", "0", "-1"])
+def test_run_numbers_out_of_range_are_4xx(server: ChatServer, run: str) -> None:
+    with server.client() as client:
+        thread_id = post_message(client, "hello")["thread_id"]
+        response = client.get("/v1/chat/stream", params={"thread_id": thread_id, "run": run})
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "invalid_request"
+
+
+def test_the_answer_cache_is_per_user(server: ChatServer) -> None:
+    # Issue 12: user B's start response said "cached": true for user A's first question.
+    question = f"What is the capital of France? {uuid.uuid4().hex}"
+    with server.client() as alice, server.client() as bob:
+        ask(alice, question, use_cache=True)
+        _, again = ask(alice, question, use_cache=True)
+        _, other = ask(bob, question, use_cache=True)
+
+    def cached(events: list[Any]) -> Any:
+        return next(e.data["cached"] for e in events if e.data.get("type") == "start")
+
+    assert cached(again) is True  # the cache works...
+    assert cached(other) is False  # ...for its user only
+
+
+def both(calls: list[Callable[[], httpx.Response]]) -> list[httpx.Response]:
+    """Run the calls at the same moment, each in its own thread."""
+    barrier = threading.Barrier(len(calls))
+
+    def go(call: Callable[[], httpx.Response]) -> httpx.Response:
+        barrier.wait()
+        return call()
+
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(go, calls))
+
+
+def reject_trials(first: ChatServer, second: ChatServer, trials: int = 6) -> list[list[int]]:
+    """Post two messages at the same moment to an idle thread, through `first` and `second`;
+    the sorted statuses of each trial. Answers are paced: the accepted one is still being
+    written when the other arrives."""
+    token = f"user-{uuid.uuid4().hex}"
+    outcomes, bodies = [], []
+    with token_client(first, token) as a, token_client(second, token) as b:
+        for trial in range(trials):
+            started = post_message(a, f"hello {trial}")
+            thread_id = started["thread_id"]
+            a.post("/v1/chat/stop", params={"thread_id": thread_id})
+            # At once after the end of the answer, while its holder may still be saving it
+            # (both requests then wait for the lock: only one may get through).
+            read_sse(a, started["stream_url"])
+            responses = both(
+                [
+                    lambda c=c, t=thread_id: c.post(  # type: ignore[misc]
+                        "/v1/chat/message",
+                        json={
+                            "message": "How should I structure a small side project?",
+                            "thread_id": t,
+                        },
+                    )
+                    for c in (a, b)
+                ]
+            )
+            outcomes.append(sorted(r.status_code for r in responses))
+            bodies.append([r.text for r in responses])
+            a.post("/v1/chat/stop", params={"thread_id": thread_id})
+    print("responses:", bodies)  # shown when an assertion on the outcomes fails
+    return outcomes
+
+
+def test_reject_policy_is_exact_within_a_process(
+    chat_servers: Callable[..., ChatServer], chat_backend: dict[str, str]
+) -> None:
+    # Issue 12: two concurrent POSTs to an idle thread both got 202 in 5 of 6 trials.
+    server = chat_servers(BUSY_POLICY="reject", OFFLINE_TOKENS_PER_SECOND="40", **chat_backend)
+    assert reject_trials(server, server) == [[202, 409]] * 6
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_reject_policy_is_exact_across_processes(
+    chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest
+) -> None:
+    env = {
+        **redis_postgres_env(request),
+        "BUSY_POLICY": "reject",
+        "OFFLINE_TOKENS_PER_SECOND": "40",
+    }
+    assert reject_trials(chat_servers(**env), chat_servers(**env)) == [[202, 409]] * 6
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_reject_policy_is_exact_in_worker_mode(
+    chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest
+) -> None:
+    env = {
+        **redis_postgres_env(request),
+        "BUSY_POLICY": "reject",
+        "OFFLINE_TOKENS_PER_SECOND": "40",
+        "WORKER_MODE": "1",
+    }
+    api, other = chat_servers(**env), chat_servers(**env)
+    chat_servers("worker", **env)
+    assert reject_trials(api, other) == [[202, 409]] * 6

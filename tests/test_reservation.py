@@ -1,0 +1,112 @@
+"""StreamProducer.reserve(): a run readers can wait on before a worker starts it.
+
+For task queues: the process that queues the work reserves the run and sends the
+`Reservation` with the task; the worker that runs the task continues it with
+`start(source, reservation=...)`. Run against every transport; with Redis the reserving and
+the starting producers use separate transports, like two processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from resumable_stream import (
+    ConfigurationError,
+    InvalidStreamId,
+    LeaseLost,
+    Reservation,
+    ReservationExpired,
+    StreamAlreadyRunning,
+    StreamProducer,
+    Transport,
+)
+from tests._helpers import collect, joined, text_of, tokens
+
+
+async def test_readers_wait_from_the_reservation_and_get_the_whole_run(
+    transport: Transport, peer_transport: Transport
+) -> None:
+    api = StreamProducer(transport)
+    worker = StreamProducer(peer_transport)
+    reservation = await api.reserve("job-1", start_timeout=30)
+    reader = asyncio.create_task(collect(transport, "job-1"))
+    info = await transport.info("job-1")
+    assert info is not None and info.status == "running"
+
+    # The task travels as text; the worker continues the very run readers wait on.
+    received = Reservation.parse(str(reservation))
+    run = await worker.start(tokens(20), reservation=received)
+    assert await run.wait() == "completed"
+    events = await reader
+
+    assert received == reservation
+    assert run.stream_id == "job-1" and run.epoch == reservation.epoch
+    assert [e.type for e in events[:2]] == ["custom", "custom"]
+    assert [e.data["name"] for e in events[:2]] == [
+        "resumable_stream.reserved",
+        "resumable_stream.started",
+    ]
+    assert joined(events) == text_of(20)
+    assert events[-1].type == "end"
+    # A reader joining later, or resuming from the reservation's event, reads the same.
+    assert await collect(transport, "job-1") == events
+    assert await collect(transport, "job-1", after=events[0].offset) == events[1:]
+
+
+async def test_a_run_nobody_starts_ends_with_not_started(
+    transport: Transport, peer_transport: Transport
+) -> None:
+    reservation = await StreamProducer(transport).reserve(start_timeout=0.3)
+
+    events = await collect(transport, reservation.stream_id)  # waits, then reaps
+    with pytest.raises(ReservationExpired) as raised:
+        await StreamProducer(peer_transport).start(tokens(3), reservation=reservation)
+
+    assert events[-1].type == "error"
+    assert events[-1].data["error"] == "not_started"
+    assert isinstance(raised.value, LeaseLost)
+    assert raised.value.stream_id == reservation.stream_id
+
+
+async def test_a_reservation_starts_once(transport: Transport, peer_transport: Transport) -> None:
+    # A task delivered twice (a visibility timeout that lapsed, a redelivery).
+    reservation = await StreamProducer(transport).reserve(start_timeout=30)
+    first, second = StreamProducer(transport), StreamProducer(peer_transport)
+    pause = asyncio.Event()
+    outcomes = await asyncio.gather(
+        first.start(tokens(10, pause=pause), reservation=reservation),
+        second.start(tokens(10, pause=pause), reservation=reservation),
+        return_exceptions=True,
+    )
+    refused = [o for o in outcomes if isinstance(o, StreamAlreadyRunning)]
+    started = [o for o in outcomes if not isinstance(o, BaseException)]
+    pause.set()
+    assert len(started) == 1 and len(refused) == 1, outcomes
+    assert await started[0].wait() == "completed"
+    with pytest.raises((StreamAlreadyRunning, ReservationExpired)):
+        await second.start(tokens(1), reservation=reservation)  # and not after either
+    events = await collect(transport, reservation.stream_id)
+    assert joined(events) == text_of(10)
+
+
+async def test_reservations_are_checked(transport: Transport) -> None:
+    producer = StreamProducer(transport)
+    reservation = await producer.reserve("job-2", start_timeout=30)
+
+    with pytest.raises(StreamAlreadyRunning):
+        await producer.reserve("job-2", start_timeout=30)
+    with pytest.raises(StreamAlreadyRunning):
+        await producer.start(tokens(1), stream_id="job-2")
+    with pytest.raises(ConfigurationError):
+        await producer.reserve(start_timeout=0)
+    with pytest.raises(ValueError, match="different streams"):
+        await producer.start(tokens(1), stream_id="other", reservation=reservation)
+    for text in ("", "x:y", ":token:job", "12::job"):
+        with pytest.raises(ValueError, match="not a reservation"):
+            Reservation.parse(text)
+    with pytest.raises(InvalidStreamId):
+        Reservation.from_dict({"stream_id": "bad id!", "epoch": 1, "token": "t"})
+    assert Reservation.from_dict(reservation.to_dict()) == reservation
+    assert reservation.token not in repr(reservation)
