@@ -57,12 +57,33 @@ def pack(*args: Arg) -> bytes:
     return packed
 
 
+# redis-py before 5.1 keeps no ``status_code``: the error replies it knows become these
+# classes with the code cut from the message (subclasses before their base class).
+_CODE_OF_CLASS: tuple[tuple[type[BaseException], str], ...] = (
+    (rex.NoScriptError, "NOSCRIPT"),
+    (rex.ReadOnlyError, "READONLY"),
+    (rex.BusyLoadingError, "LOADING"),
+    (rex.ExecAbortError, "EXECABORT"),
+    (rex.OutOfMemoryError, "OOM"),
+    (rex.NoPermissionError, "NOPERM"),
+    (rex.MovedError, "MOVED"),
+    (rex.AskError, "ASK"),
+    (rex.TryAgainError, "TRYAGAIN"),
+    (rex.MasterDownError, "MASTERDOWN"),
+    (rex.ClusterDownError, "CLUSTERDOWN"),
+    (rex.ClusterCrossSlotError, "CROSSSLOT"),
+)
+
+
 def error_code(error: BaseException) -> str:
     """The Redis error code of an error reply (``MOVED``, ``OOM``, ``ERR``...)."""
     code = getattr(error, "status_code", None)
     if code:
         return str(code)
-    # redis-py keeps the code only for the errors it knows; others start with it.
+    for cls, known in _CODE_OF_CLASS:
+        if isinstance(error, cls):
+            return known
+    # The errors redis-py does not know keep their code in front of the message.
     return str(error).split(" ", 1)[0]
 
 
