@@ -502,3 +502,15 @@ def test_threads_list_which_ones_are_streaming(paced: ChatServer) -> None:
 
     assert streaming(during) == {started["thread_id"]: True, idle_thread["thread_id"]: False}
     assert streaming(after) == {started["thread_id"]: False, idle_thread["thread_id"]: False}
+
+
+def test_ai_sdk_regenerate_on_a_thread_without_a_question_is_409(fast: ChatServer) -> None:
+    # The AI SDK endpoint let NothingToRetry through as a 500.
+    with fast.client() as client:
+        thread_id = post_message(client, "hello")["thread_id"]
+        eventually(lambda: idle(client, thread_id), what="answered")
+        client.put(f"/threads/{thread_id}/clear")
+        response = client.post(
+            "/api/chat", json={"id": thread_id, "messages": [], "trigger": "regenerate-message"}
+        )
+    assert (response.status_code, response.json()["code"]) == (409, "nothing_to_retry")

@@ -16,7 +16,6 @@ The caller is the service's user (session cookie, or ``Authorization: Bearer`` f
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 
@@ -27,15 +26,17 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from resumable_stream import ResumableStreamError, StreamConsumer, StreamNotFound
+from resumable_stream import ResumableStreamError, StreamConsumer
 from resumable_stream.ai_sdk import UIMessageStreamResponse, ui_message_text
 from resumable_stream.langgraph_api import LangGraphAction, LangGraphRouter
 from resumable_stream.starlette import error_response
 
+from .answers import NothingToRetry
+from .api.chat import waiter
 from .auth import current_user
 from .events import ChatEvents
 from .lock import lock_id_for
-from .runs import ThreadBusy
+from .runs import QueueUnavailable, ThreadBusy
 from .runtime import Runtime
 from .threads import RunRecord, Thread
 
@@ -68,24 +69,13 @@ def _not_found(thread_id: str) -> JSONResponse:
 # --------------------------------------------------------------------------- AI SDK
 
 
-async def _stream_exists(runtime: Runtime, run: RunRecord) -> None:
-    """Wait until a queued answer's stream exists (as app.py's stream endpoint does)."""
-    delay = 0.05
-    while await runtime.transport.info(run.stream_id) is None:
-        current = await runtime.store.get_run(run.thread_id, run.seq)
-        if current is None or current.state in ("done", "dropped"):
-            raise StreamNotFound(run.stream_id)
-        await asyncio.sleep(delay)  # the answer waits for its thread, maybe in another process
-        delay = min(delay * 2, 0.5)
-
-
 def _answer(request: Request, run: RunRecord) -> Response:
     runtime = _runtime(request)
     events = ChatEvents(
         runtime.transport,
         run.stream_id,
         lambda event: event,
-        ready=lambda: _stream_exists(runtime, run),
+        ready=waiter(runtime, run),  # as the chat API: failed runs end with their error
     )
     return UIMessageStreamResponse(events, request)
 
@@ -118,6 +108,10 @@ async def ai_chat_send(request: Request) -> Response:
         )
     except ThreadBusy:
         return _error(409, "thread_busy", "this thread is still answering; stop it first")
+    except NothingToRetry:
+        return _error(409, "nothing_to_retry", "this thread has no message to answer again")
+    except QueueUnavailable:
+        return _error(503, "queue_unavailable", "the answer could not be handed to the workers")
     return _answer(request, submitted.run)
 
 
