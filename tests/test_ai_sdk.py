@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 
 from resumable_stream import Event, StreamConsumer, StreamProducer
 from resumable_stream.ai_sdk import ChatRequest, ChatRouter, UIMessageChunks
+from resumable_stream.starlette import allow_all
 from resumable_stream.transports.memory import MemoryTransport
 
 
@@ -179,7 +180,7 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
         return tokens()
 
-    router = ChatRouter(MemoryTransport(), answer)
+    router = ChatRouter(MemoryTransport(), answer, authorize=allow_all)
     app = Starlette(routes=router.routes)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
         yield c

@@ -13,6 +13,7 @@ from langchain_core.messages import AIMessageChunk
 
 from resumable_stream import StreamConsumer, StreamProducer
 from resumable_stream.langgraph_api import stream_parts, to_wire
+from resumable_stream.starlette import allow_all
 from resumable_stream.transports.memory import MemoryTransport
 from tests.clients._graph import answer_text, build_graph
 
@@ -93,7 +94,9 @@ async def test_http_errors_are_json_with_codes() -> None:
 
     from resumable_stream.langgraph_api import LangGraphRouter
 
-    api = LangGraphRouter(MemoryTransport(), {"agent": build_graph({}, InMemorySaver())})
+    api = LangGraphRouter(
+        MemoryTransport(), {"agent": build_graph({}, InMemorySaver())}, authorize=allow_all
+    )
     app = Starlette(routes=[Mount("/lg", api)])
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app), base_url="http://t/lg"
@@ -144,7 +147,10 @@ async def test_an_idle_run_sends_comment_heartbeats() -> None:
     hold = asyncio.Event()  # never set: the model holds halfway until the run is cancelled
     transport = MemoryTransport()
     api = LangGraphRouter(
-        transport, {"agent": build_graph({"t1": hold}, InMemorySaver())}, ping_interval=0.1
+        transport,
+        {"agent": build_graph({"t1": hold}, InMemorySaver())},
+        authorize=allow_all,
+        ping_interval=0.1,
     )
     app = Starlette(routes=[Mount("/lg", api)])
     with uvicorn_server(app) as url:
@@ -181,7 +187,9 @@ async def test_an_interrupt_then_a_resume_command() -> None:
     builder = StateGraph(MessagesState)
     builder.add_node("ask", ask)
     builder.add_edge(START, "ask")
-    api = LangGraphRouter(MemoryTransport(), {"agent": builder.compile(InMemorySaver())})
+    api = LangGraphRouter(
+        MemoryTransport(), {"agent": builder.compile(InMemorySaver())}, authorize=allow_all
+    )
     app = Starlette(routes=[Mount("/lg", api)])
 
     def parts(text: str) -> list[tuple[str, Any]]:
@@ -231,7 +239,9 @@ async def test_on_disconnect_cancel(honoured: bool) -> None:
 
     hold = asyncio.Event()
     graph = build_graph({"t1": hold}, InMemorySaver())
-    api = LangGraphRouter(MemoryTransport(), {"agent": graph}, cancel_on_disconnect=honoured)
+    api = LangGraphRouter(
+        MemoryTransport(), {"agent": graph}, authorize=allow_all, cancel_on_disconnect=honoured
+    )
     app = Starlette(routes=[Mount("/lg", api)])
     with uvicorn_server(app) as url:
         async with httpx.AsyncClient(base_url=f"{url}/lg") as http:

@@ -6,7 +6,8 @@ from resumable_stream.ai_sdk import ChatRequest, ChatRouter
 async def answer(chat: ChatRequest):
     return graph.astream_events({"messages": [("user", chat.text)]}, version="v2")
 
-chat = ChatRouter(transport, answer, path="/api/chat")
+# authorize(request, chat_id, action) -> bool: may this caller use this chat?
+chat = ChatRouter(transport, answer, path="/api/chat", authorize=may_use_chat)
 app.router.routes.extend(chat.routes)
 ```
 
@@ -46,7 +47,7 @@ from ._events import (
     TOOL_START,
     Event,
 )
-from ._exceptions import ResumableStreamError, StreamAlreadyRunning
+from ._exceptions import ConfigurationError, ResumableStreamError, StreamAlreadyRunning
 from ._http import EVENT_STREAM_TYPE, JSON_TYPE, HTTPError, WireFormat, error_for, not_running
 from ._ids import check_stream_id
 from ._producer import StreamProducer
@@ -421,6 +422,13 @@ class ChatRouter:
         ping_interval: float | None = DEFAULT_PING_INTERVAL,
         send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
     ) -> None:
+        if authorize is None:
+            raise ConfigurationError(
+                "ChatRouter needs authorize=: a function (request, chat_id, action) that returns "
+                "true when the caller may act on the chat. Without one, anyone who knows a chat "
+                "id could read, continue and stop it; if that is what you want, pass "
+                "authorize=allow_all (from resumable_stream.starlette)."
+            )
         self.transport = transport
         self.source = source
         self.producer = StreamProducer(transport) if producer is None else producer
@@ -442,8 +450,6 @@ class ChatRouter:
         await self._app(scope, receive, send)
 
     async def _allowed(self, request: Request, chat_id: str, action: ChatAction) -> Response | None:
-        if self.authorize is None:
-            return None
         try:
             allowed = self.authorize(request, chat_id, action)
             if inspect.isawaitable(allowed):

@@ -3,8 +3,9 @@
 ```python
 from resumable_stream.langgraph_api import LangGraphRouter
 
-api = LangGraphRouter(transport, {"agent": graph})  # graph compiled with a checkpointer
-app.mount("/langgraph", api)                       # the SDKs' apiUrl: http://host/langgraph
+# graph compiled with a checkpointer; authorize(request, thread_id, action) -> bool
+api = LangGraphRouter(transport, {"agent": graph}, authorize=may_use_thread)
+app.mount("/langgraph", api)  # the SDKs' apiUrl: http://host/langgraph
 ```
 
 A subset of the LangGraph Agent Server API: ``POST /threads``, ``GET /threads/{id}``,
@@ -37,7 +38,12 @@ from ._codec import parse_offset
 from ._constants import DEFAULT_PING_INTERVAL, DEFAULT_SEND_TIMEOUT
 from ._consumer import StreamConsumer
 from ._events import CANCELLED, END, ERROR, Event, Item
-from ._exceptions import InvalidOffset, ResumableStreamError, StreamAlreadyRunning
+from ._exceptions import (
+    ConfigurationError,
+    InvalidOffset,
+    ResumableStreamError,
+    StreamAlreadyRunning,
+)
 from ._http import EVENT_STREAM_TYPE, JSON_TYPE, HTTPError, WireFormat, error_for
 from ._ids import check_stream_id
 from ._producer import StreamProducer
@@ -220,6 +226,14 @@ class LangGraphRouter:
     ) -> None:
         if not graphs:
             raise ValueError("graphs must name at least one compiled graph")
+        if authorize is None:
+            raise ConfigurationError(
+                "LangGraphRouter needs authorize=: a function (request, thread_id, action) that "
+                "returns true when the caller may act on the thread (thread_id is None for "
+                "'create'). Without one, anyone who knows a thread id could read, run and "
+                "cancel it; if that is what you want, pass authorize=allow_all (from "
+                "resumable_stream.starlette)."
+            )
         self.transport = transport
         self.graphs = dict(graphs)
         self.producer = StreamProducer(transport) if producer is None else producer
@@ -275,8 +289,6 @@ class LangGraphRouter:
     async def _check(
         self, request: Request, action: LangGraphAction, thread_id: str | None = None
     ) -> None:
-        if self.authorize is None:
-            return
         allowed = self.authorize(request, thread_id, action)
         if inspect.isawaitable(allowed):
             allowed = await allowed

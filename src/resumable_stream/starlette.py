@@ -84,7 +84,7 @@ Action = Literal["read", "status", "cancel"]
 Authorize = Callable[[Request, str, Action], bool | Awaitable[bool]]
 
 
-def allow_all(request: Request, stream_id: str, action: Action) -> bool:
+def allow_all(request: Request, stream_id: str | None, action: str) -> bool:
     """An ``authorize`` that allows every action on every stream to anyone.
 
     Anyone who knows a stream id may then read, inspect and cancel it. Generated ids are

@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from resumable_stream import Transport, from_url
 from resumable_stream.ai_sdk import ChatRequest, ChatRouter
+from resumable_stream.starlette import allow_all
 
 ANSWER_TOKENS = 40
 HOLD_AT = 20
@@ -64,7 +65,7 @@ def create_app(transport: Transport | None = None) -> Starlette:
         hold_for(request.path_params["chat_id"]).set()
         return JSONResponse({"released": True})
 
-    chat = ChatRouter(transport, answer, path="/api/chat")
+    chat = ChatRouter(transport, answer, path="/api/chat", authorize=allow_all)
     routes = [*chat.routes, Route("/test/release/{chat_id}", release, methods=["POST"])]
 
     @contextlib.asynccontextmanager
