@@ -603,3 +603,54 @@ def test_a_sentinel_client_is_accepted_as_is(redis_sentinel: RedisSentinelServic
     client = sentinel.master_for(redis_sentinel.service)
     transport = RedisTransport(client)
     assert transport._single is not None
+
+
+# -- durable appends: readable once the replicas hold them -----------------------------
+
+
+async def test_durable_appends_are_readable_only_once_a_replica_holds_them(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    primary, replica = redis_server_factory(), redis_server_factory()
+    with contextlib.closing(replica.client()) as client:
+        client.execute_command("REPLICAOF", "127.0.0.1", primary.port)
+
+    async def linked() -> bool:
+        with contextlib.closing(primary.client()) as client:
+            return int(client.info("replication")["connected_slaves"]) == 1
+
+    await eventually(linked)
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    async with RedisTransport.from_url(
+        primary.url, prefix=prefix, replicas=1, replica_timeout=0.3
+    ) as transport:
+        info = await transport.create("d", owner="o", lease_ms=600_000)
+        await transport.append("d", "o", Entry(info.epoch, 1, b"[1]"), 1)
+        subscription = transport.subscribe("d", info.epoch, 1)
+        await transport.append("d", "o", Entry(info.epoch, 2, b"[2]"), 1)
+        live: list[Entry] = []
+        while not live:
+            live += await subscription.get(10.0)  # the notice is fetched (an empty wake first)
+        assert [(e.seq, e.payload) for e in live] == [(2, b"[2]")]
+
+        replica.pause()  # the replica stops acknowledging
+        try:
+            with pytest.raises(TransportError) as caught:
+                await transport.append("d", "o", Entry(info.epoch, 3, b"[3]"), 1)
+            assert not isinstance(caught.value, BackendRefused)
+            assert "0 of 1 replicas" in str(caught.value)
+            # Stored on the master, but no reader sees it: a failover could take it back.
+            assert [e.seq for e in await transport.read("d", info.epoch, 0, 10)] == [1, 2]
+            stored = await transport.info("d")
+            assert stored is not None and stored.last_seq == 2
+        finally:
+            replica.resume()
+        await transport.append("d", "o", Entry(info.epoch, 3, b"[3]"), 1)  # the retry
+        assert [e.seq for e in await transport.read("d", info.epoch, 0, 10)] == [1, 2, 3]
+        with pytest.raises(StorageRollback) as rolled:
+            await transport.append("d", "o", Entry(info.epoch, 9, b"[9]"), 1)
+        assert rolled.value.last_seq == 3
+        await transport.append("d", "o", Entry(info.epoch, 4, b"[4]"), 1, final="completed")
+        done = await transport.info("d")
+        assert done is not None and (done.status, done.last_seq) == ("completed", 4)
+        subscription.close()

@@ -244,14 +244,6 @@ class Pipe:
         if session.task is not None:
             session.task.cancel()
 
-    def drop(self) -> None:
-        """Drop the connection (commands in flight fail); the next command reconnects."""
-        session = self._session
-        if session is not None:
-            self._end(session, TransportError("Redis connection dropped"))
-            if session.task is not None:
-                session.task.cancel()
-
     async def aclose(self) -> None:
         """Close the connection; calls still waiting fail with :class:`TransportClosed`."""
         self._closed = True

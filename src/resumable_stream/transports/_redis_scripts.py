@@ -99,10 +99,11 @@ return deleted
 
 # ARGV: epoch, payload, now_ms, max_entries, retention_ms, metadata_ttl_ms
 REAP = """
-local m = redis.call('HMGET', KEYS[1], 'status', 'epoch', 'last')
+local m = redis.call('HMGET', KEYS[1], 'status', 'epoch', 'last', 'written')
 if m[1] ~= 'running' or m[2] ~= ARGV[1] then return 0 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-local seq = string.format('%.0f', tonumber(m[3]) + 1)
+-- After entries held for replicas (HOLD) if any: they become readable with it.
+local seq = string.format('%.0f', math.max(tonumber(m[3]), tonumber(m[4] or 0)) + 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], ARGV[1] .. '-' .. seq, 'e', ARGV[2])
 redis.call('HSET', KEYS[1], 'last', seq, 'count', 1, 'updated', ARGV[3], 'status', 'error',
   'owner', '')
@@ -110,6 +111,57 @@ redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('SPUBLISH', NOTICES, ARGV[1] .. '-' .. seq .. ' ' .. ARGV[2])
 return 1
+"""
+
+
+# Durable appends (RedisTransport(replicas=N)): HOLD stores the entry without making it
+# readable, the transport sends WAIT N on the same connection, then RELEASE makes it
+# readable and notifies. Metadata field 'written' is the last seq stored, 'last' the last
+# seq readable. HOLD always writes (the 'written' field), so that the WAIT that follows it
+# counts this entry even when HOLD is a retry.
+# Returns as APPEND. ARGV: owner, epoch, seq, payload, max_entries, running_ttl_ms
+HOLD = """
+local m = redis.call('HMGET', KEYS[1], 'owner', 'written', 'status', 'last')
+if m[1] ~= ARGV[1] then return -1 end
+local written = tonumber(m[2] or m[4])
+if written >= tonumber(ARGV[3]) then
+  redis.call('HSET', KEYS[1], 'written', m[2] or m[4])
+  return 0
+end
+if m[3] ~= 'running' then return -1 end
+if tonumber(ARGV[3]) > written + 1 then return {string.format('%.0f', written)} end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], ARGV[2] .. '-' .. ARGV[3], 'e', ARGV[4])
+redis.call('HSET', KEYS[1], 'written', ARGV[3])
+if ARGV[3] == '1' then redis.call('PEXPIRE', KEYS[2], ARGV[6]) end
+return 1
+"""
+
+# ARGV: owner, epoch, seq, count, now_ms, final status or '', retention_ms, metadata_ttl_ms
+RELEASE = """
+local m = redis.call('HMGET', KEYS[1], 'owner', 'last', 'status')
+if m[1] ~= ARGV[1] then return -1 end
+if tonumber(m[2]) >= tonumber(ARGV[3]) then return 0 end
+if m[3] ~= 'running' then return -1 end
+if ARGV[6] == '' then
+  redis.call('HSET', KEYS[1], 'last', ARGV[3], 'count', ARGV[4], 'updated', ARGV[5])
+else
+  redis.call('HSET', KEYS[1], 'last', ARGV[3], 'count', ARGV[4], 'updated', ARGV[5],
+    'status', ARGV[6])
+  redis.call('PEXPIRE', KEYS[2], ARGV[7])
+  redis.call('PEXPIRE', KEYS[1], ARGV[8])
+  redis.call('DEL', KEYS[3])
+end
+redis.call('SPUBLISH', NOTICES, ARGV[2] .. '-' .. ARGV[3])
+return 1
+"""
+
+# Reads of a durable transport: only entries released (acknowledged by the replicas).
+# ARGV: epoch, after, limit
+READ = """
+local last = redis.call('HGET', KEYS[1], 'last')
+if not last or tonumber(last) <= tonumber(ARGV[2]) then return {} end
+return redis.call('XRANGE', KEYS[2], ARGV[1] .. '-' .. string.format('%.0f', ARGV[2] + 1),
+  ARGV[1] .. '-' .. last, 'COUNT', ARGV[3])
 """
 
 
@@ -122,4 +174,4 @@ def _channels(script: str) -> str:
     )
 
 
-APPEND, CANCEL, DELETE, REAP = map(_channels, (APPEND, CANCEL, DELETE, REAP))
+APPEND, CANCEL, DELETE, REAP, RELEASE = map(_channels, (APPEND, CANCEL, DELETE, REAP, RELEASE))

@@ -91,6 +91,9 @@ _RENEW = _Script(scripts.RENEW)
 _CANCEL = _Script(scripts.CANCEL)
 _REAP = _Script(scripts.REAP)
 _DELETE = _Script(scripts.DELETE)
+_HOLD = _Script(scripts.HOLD)
+_RELEASE = _Script(scripts.RELEASE)
+_READ = _Script(scripts.READ)
 
 
 class _Node:
@@ -98,7 +101,6 @@ class _Node:
 
     def __init__(self, transport: RedisTransport, name: str, make: ConnectionFactory) -> None:
         self.name = name
-        self.make = make
         self.pipe = Pipe(make, timeout=transport._timeout, name=f"commands {name}")
         self.subscriber = Subscriber(
             make,
@@ -117,7 +119,9 @@ class _Node:
 class _Feed:
     """The live entries of one stream followed in this process, fanned out to readers."""
 
-    __slots__ = ("channel", "cursor", "epoch", "fetching", "key", "refetch", "subscribers")
+    __slots__ = (
+        "channel", "cursor", "epoch", "fetching", "key", "loading", "refetch", "subscribers",
+    )  # fmt: skip
 
     def __init__(self, key: bytes, channel: bytes, epoch: int, after: int) -> None:
         self.key = key
@@ -126,6 +130,7 @@ class _Feed:
         self.cursor = after  # seq of the last entry delivered
         self.fetching = False
         self.refetch = False
+        self.loading = False  # a SCRIPT LOAD for the fetch is under way
         self.subscribers: set[QueueSubscription] = set()
 
     def wake(self) -> None:
@@ -155,6 +160,12 @@ class RedisTransport(Transport):
     ``write_retry_budget``: seconds a producer keeps retrying a write that fails for a transient
     reason (a failover in progress), separate from the lease; see
     :data:`DEFAULT_WRITE_RETRY_BUDGET`. Producers read it as :attr:`write_retry_budget`.
+
+    ``replicas``: with N > 0, each append waits until N replicas hold the entry (``WAIT N
+    replica_timeout``) before readers may see it, so a failover to a replica never takes
+    back an event a reader received. An entry not acknowledged in time raises
+    :class:`TransportError` (the producer retries it). Costs a round trip to the replicas
+    per write and a read per live entry; see docs/transports.md.
     """
 
     def __init__(
@@ -167,6 +178,8 @@ class RedisTransport(Transport):
         running_ttl: float = DEFAULT_RUNNING_TTL,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         write_retry_budget: float = DEFAULT_WRITE_RETRY_BUDGET,
+        replicas: int = 0,
+        replica_timeout: float = 1.0,
         owns_client: bool = False,
     ) -> None:
         super().__init__(
@@ -177,12 +190,16 @@ class RedisTransport(Transport):
         )
         if write_retry_budget < 0:
             raise ConfigurationError("write_retry_budget must be >= 0 seconds")
+        if replicas < 0 or replica_timeout <= 0:
+            raise ConfigurationError("replicas must be >= 0 and replica_timeout > 0 seconds")
         if not prefix or "{" in prefix or "}" in prefix:
             # Keys are hash-tagged by the stream id: a brace in the prefix would move the tag.
             raise ConfigurationError(f"invalid key prefix {prefix!r}: non-empty, no braces")
         self.client = client
         self.prefix = prefix
         self.write_retry_budget = write_retry_budget
+        self.replicas = replicas
+        self._wait = pack("WAIT", replicas, max(1, int(replica_timeout * 1000)))
         self._owns_client = owns_client
         self._cluster: RedisCluster | None = None
         self._single: _Node | None = None
@@ -405,6 +422,9 @@ class RedisTransport(Transport):
     async def append(
         self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None = None
     ) -> None:
+        if self.replicas:
+            await self._append_durably(stream_id, owner, entry, count, final)
+            return
         result = await self._eval(
             _APPEND,
             stream_id,
@@ -422,6 +442,68 @@ class RedisTransport(Transport):
             raise LeaseLost(stream_id)
         if isinstance(result, list):
             raise StorageRollback(stream_id, int(result[0]))
+
+    async def _append_durably(
+        self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None
+    ) -> None:
+        tag = f"{self.prefix}:{{{stream_id}}}:"
+        keys = (tag + "meta", tag + "events", tag + "lease")
+        hold = pack(
+            "EVALSHA",
+            _HOLD.sha,
+            3,
+            *keys,
+            owner,
+            entry.epoch,
+            entry.seq,
+            entry.payload,
+            self.max_entries,
+            self._running_ttl_ms,
+        )
+        slot = self._slot(stream_id)
+        # HOLD and WAIT adjacent on one connection: WAIT counts that connection's writes.
+        # A redirect or a missing script is settled by _execute, then the pair is sent again.
+        for _ in range(_MAX_REDIRECTS):
+            if not self._ready:
+                await self._ensure_ready()
+            node = self._node_for_slot(slot)
+            try:
+                held, acked = await asyncio.gather(*node.pipe.submit(hold, self._wait))
+            except TransportError as exc:
+                if not isinstance(exc, BackendRefused):
+                    self._refresh_topology()
+                raise
+            if isinstance(held, rex.RedisError):
+                await self._execute(slot, hold, _HOLD)  # follows MOVED/ASK, loads, or raises
+                continue
+            break
+        else:
+            raise TransportError(f"too many redirections for slot {slot}; the cluster is changing")
+        if held == -1:
+            raise LeaseLost(stream_id)
+        if isinstance(held, list):
+            raise StorageRollback(stream_id, int(held[0]))
+        if isinstance(acked, rex.RedisError):
+            raise fault(acked, "WAIT") from acked
+        if acked < self.replicas:
+            raise TransportError(
+                f"stream {stream_id!r}: entry {entry.seq} reached {acked} of {self.replicas} "
+                "replicas in time; not readable yet (retried)"
+            )
+        released = await self._eval(
+            _RELEASE,
+            stream_id,
+            owner,
+            entry.epoch,
+            entry.seq,
+            count,
+            int(time.time() * 1000),
+            final or "",
+            self._retention_ms,
+            self._meta_ttl_ms,
+        )
+        if released == -1:
+            raise LeaseLost(stream_id)
 
     async def renew(self, stream_id: str, owner: str, lease_ms: int) -> bool:
         result = await self._eval(
@@ -481,9 +563,12 @@ class RedisTransport(Transport):
         )
 
     async def read(self, stream_id: str, epoch: int, after: int, limit: int) -> list[Entry]:
-        reply = await self._execute(
-            self._slot(stream_id), _xrange(self._key(stream_id, "events"), epoch, after, limit)
-        )
+        if self.replicas:  # only what the replicas acknowledged
+            reply = await self._eval(_READ, stream_id, epoch, after, limit)
+        else:
+            reply = await self._execute(
+                self._slot(stream_id), _xrange(self._key(stream_id, "events"), epoch, after, limit)
+            )
         return [_entry(entry_id, fields) for entry_id, fields in reply]
 
     def subscribe(self, stream_id: str, epoch: int, after: int) -> Subscription:
@@ -686,25 +771,51 @@ class RedisTransport(Transport):
             return
         feed.fetching = True
         feed.refetch = False
-        packed = _xrange(feed.key, feed.epoch, feed.cursor, _FETCH_COUNT)
+        if self.replicas:
+            tag = feed.key.removesuffix(b"events")
+            packed = pack(
+                "EVALSHA", _READ.sha, 3, tag + b"meta", feed.key, tag + b"lease",
+                feed.epoch, feed.cursor, _FETCH_COUNT,
+            )  # fmt: skip
+        else:
+            packed = _xrange(feed.key, feed.epoch, feed.cursor, _FETCH_COUNT)
         future = node.pipe.submit(packed)[0]
-        future.add_done_callback(lambda done: self._fetched(feed, done))
+        future.add_done_callback(lambda done: self._fetched(feed, node, done))
 
-    def _fetched(self, feed: _Feed, done: asyncio.Future[Any]) -> None:
+    def _fetched(self, feed: _Feed, node: _Node, done: asyncio.Future[Any]) -> None:
         feed.fetching = False
         reply = None if done.cancelled() or done.exception() else done.result()
-        if not isinstance(reply, list):
+        noscript = isinstance(reply, rex.RedisError) and error_code(reply) == "NOSCRIPT"
+        if noscript and not feed.loading:
+            # The read script is new to this node: load it, ahead of the fetch sent again
+            # on the same connection (a failure of either wakes the readers below).
+            feed.loading = True
+            node.pipe.submit(_READ.load)[0].add_done_callback(_retrieve)
+            feed.refetch = True
+        elif not isinstance(reply, list):
             # A fault, a redirect or a refusal: the readers read through the safe path
             # (metadata and storage, which follow redirects and report errors).
             feed.wake()
             return
+        else:
+            feed.loading = False
+            self._deliver(feed, reply)
+        if feed.refetch and self._feeds.get(feed.channel) is feed:
+            self._fetch(feed)
+
+    def _deliver(self, feed: _Feed, reply: list[Any]) -> None:
         if reply:
             entries = [_entry(entry_id, fields) for entry_id, fields in reply]
             feed.cursor = max(feed.cursor, entries[-1].seq)
             for subscription in tuple(feed.subscribers):
                 subscription.push(entries)
-        if (len(reply) == _FETCH_COUNT or feed.refetch) and self._feeds.get(feed.channel) is feed:
-            self._fetch(feed)
+        if len(reply) == _FETCH_COUNT:
+            feed.refetch = True  # a full page: more may be there
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # a lost connection is handled by whoever waits on it
 
 
 def _xrange(key: str | bytes, epoch: int, after: int, limit: int) -> bytes:
