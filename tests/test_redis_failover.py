@@ -288,3 +288,39 @@ async def test_a_sentinel_failover_mid_stream_loses_nothing(
     # New runs need no reconfiguration either.
     again = await StreamProducer(sentinel_transport).start(Stages(20).source())
     assert joined(await collect(sentinel_transport, again.stream_id)) == text_of(20)
+
+
+async def test_with_durable_appends_a_failover_to_a_lagging_replica_loses_nothing_read(
+    redis_sentinel: RedisSentinelService, prefix: str
+) -> None:
+    async with from_url(redis_sentinel.url, prefix=prefix, replicas=1) as transport:
+        stages = Stages(N, N // 3, 2 * N // 3)
+        # The producer's write-retry budget (its lease, on today's producer) must outlast
+        # the failover: a few seconds with down-after-milliseconds 2000.
+        run = await StreamProducer(transport, lease=30).start(stages.source())
+        reader = Reader(transport, run.stream_id)
+        await reader.reached(N // 3)
+        events_key = f"{prefix}:{{{run.stream_id}}}:events"
+        master = redis_sentinel.master()
+
+        def stored() -> int:
+            with contextlib.closing(master.client()) as client:
+                return int(client.xlen(events_key))
+
+        before = await asyncio.to_thread(stored)
+        await asyncio.to_thread(redis_sentinel.pause_replication)
+        stages.release(N // 3)
+
+        async def stored_on_the_master_only() -> bool:
+            return await asyncio.to_thread(stored) > before
+
+        await eventually(stored_on_the_master_only)
+        # Stored, but no replica has it: no reader may see it.
+        assert reader.tokens == N // 3
+        await asyncio.to_thread(redis_sentinel.fail_over_to_lagging_replica)
+        # The new master needs a replica to acknowledge writes: the old one comes back as it.
+        await asyncio.to_thread(redis_sentinel.heal)
+        stages.release(2 * N // 3)
+        assert_whole(await reader.result())
+        assert await run.wait() == "completed"
+        assert_whole(await collect(transport, run.stream_id))
