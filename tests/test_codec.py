@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from resumable_stream import InvalidOffset, Position, parse_offset
-from resumable_stream._codec import decode_entry, encode_entry, format_offset
+from resumable_stream import EventTooLarge, InvalidOffset, Position, parse_offset
+from resumable_stream._codec import (
+    EventEncoder,
+    decode_entry,
+    encode_entry,
+    format_offset,
+    join_entry,
+)
 
 
 def tok(text: str, message_id: str | None = None, node: str | None = None) -> tuple[str, dict]:
@@ -28,7 +34,7 @@ def test_round_trip_keeps_every_event_and_its_metadata() -> None:
     ]
     events = decode_entry(encode_entry(items), 17, 4)
     assert [(e.type, e.data) for e in events] == items
-    assert [e.offset for e in events] == [f"17-4-{i}" for i in range(len(items))]
+    assert [e.offset for e in events] == [format_offset(17, 4, i) for i in range(len(items))]
 
 
 def test_repeated_token_metadata_is_written_once() -> None:
@@ -47,6 +53,7 @@ def test_non_json_values_are_converted() -> None:
 
 def test_offsets() -> None:
     assert parse_offset(format_offset(1732170000000, 12, 3)) == Position(1732170000000, 12, 3)
+    assert format_offset(1732170000123456, 12, 3) == "1732170000123456-0000000012-00003"
     assert parse_offset("5-1-0") < parse_offset("5-1-1") < parse_offset("5-2-0")
     for bad in ["", "1-2", "x-1-1", "1-0-1", "1-1-1-1", "1-1-", " 1-1-1", "1" * 21 + "-1-1"]:
         with pytest.raises(InvalidOffset):
@@ -59,3 +66,53 @@ def test_token_texts_that_are_not_strings_round_trip() -> None:
         ("token", {"text": ["a", "b"], "message_id": None, "node": None}),
     ]
     assert [(e.type, e.data) for e in decode_entry(encode_entry(items), 1, 1)] == items
+
+
+def test_offsets_compare_as_plain_strings_in_stream_order() -> None:
+    # Clients (LangGraph SDK, AI SDK) compare ids as strings: "5-10-0" < "5-9-0" was wrong.
+    positions = [(5, 9, 0), (5, 9, 10), (5, 10, 0), (5, 10, 2), (5, 100, 0), (6, 1, 0)]
+    positions += [(1732170000123456, 1, 0), (1732170000123457, 1, 0)]
+    offsets = [format_offset(*p) for p in positions]
+    assert sorted(offsets) == offsets
+    assert sorted(offsets, key=parse_offset) == offsets
+
+
+def test_unpadded_offsets_issued_before_stay_readable() -> None:
+    assert parse_offset("1732170000123456-42-7") == Position(1732170000123456, 42, 7)
+    assert parse_offset("1732170000123456-42-7") == parse_offset(
+        format_offset(*Position(1732170000123456, 42, 7))
+    )
+
+
+def test_token_metadata_does_not_drift_past_a_non_string_token() -> None:
+    # Regression (issue 9): the encoder remembered metadata only for string texts, the
+    # decoder for any token, so "b" came back attributed to m2.
+    items = [
+        ("token", {"text": "a", "message_id": "m1", "node": "n"}),
+        ("token", {"text": 5, "message_id": "m2", "node": "n"}),
+        ("token", {"text": "b", "message_id": "m1", "node": "n"}),
+    ]
+    assert [(e.type, e.data) for e in decode_entry(encode_entry(items), 1, 1)] == items
+
+
+def test_events_encoded_one_at_a_time_join_into_the_same_entry() -> None:
+    items = [
+        tok("a", "m1", "agent"),
+        tok("b", "m1", "agent"),
+        ("custom", {"data": [1, 2]}),
+        tok("c", "m1", "agent"),
+        tok("d"),
+    ]
+    encoder = EventEncoder(max_event_bytes=1000)
+    payload = join_entry([encoder.encode(kind, data) for kind, data in items])
+    assert payload == encode_entry(items)
+    assert [(e.type, e.data) for e in decode_entry(payload, 1, 1)] == items
+
+
+def test_an_event_larger_than_the_cap_is_refused_with_a_typed_error() -> None:
+    encoder = EventEncoder(max_event_bytes=100)
+    encoder.encode("token", {"text": "x" * 60, "message_id": None, "node": None})
+    with pytest.raises(EventTooLarge, match="max_event_bytes"):
+        encoder.encode("token", {"text": "x" * 120, "message_id": None, "node": None})
+    with pytest.raises(EventTooLarge):
+        encoder.encode("custom", {"data": "y" * 100})

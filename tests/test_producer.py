@@ -6,11 +6,21 @@ import asyncio
 import gc
 
 import pytest
+from langchain_core.messages import AIMessageChunk
 
-from resumable_stream import LeaseLost, StreamConsumer, StreamProducer, Transport
+from resumable_stream import (
+    BackendRefused,
+    LeaseLost,
+    StorageRollback,
+    StreamConsumer,
+    StreamProducer,
+    Transport,
+    TransportError,
+)
+from resumable_stream._codec import decode_entry
 from resumable_stream.transports import Entry, Status
 from resumable_stream.transports.memory import MemoryTransport
-from tests._helpers import collect, joined, text_of, tokens
+from tests._helpers import collect, eventually, joined, text_of, tokens
 
 
 class LateHeartbeat(MemoryTransport):
@@ -75,9 +85,16 @@ async def test_consumers_dropped_or_broken_release_their_subscription() -> None:
     await anext(consumer)  # now subscribed live
     stream = transport._streams[run.stream_id]
     assert len(stream.subscribers) == 1
-    del consumer
-    gc.collect()
-    assert stream.subscribers == set()
+    # Regression (issue 9): dropped without aclose(), it is reported, not silently cleaned up
+    # from the garbage collector; its subscription is closed on the event loop.
+    with pytest.warns(ResourceWarning, match="dropped while following"):  # noqa: PT031
+        del consumer
+        gc.collect()
+
+    async def released() -> bool:
+        return stream.subscribers == set()
+
+    await eventually(released)
     reader = StreamConsumer(transport, run.stream_id)
     gate.set()
     async for event in reader:
@@ -111,3 +128,189 @@ async def test_an_event_json_cannot_hold_ends_the_run_with_an_error(transport: T
     assert events[-1].data["error"] == "TypeError"
     assert "never stored" not in joined(events)
     assert await run.wait() == "error"
+
+
+class Faulty(MemoryTransport):
+    """Raises ``error`` from ``method`` the first ``times`` calls (a custom transport's bug)."""
+
+    def __init__(self, method: str, error: BaseException, times: int = 1) -> None:
+        super().__init__()
+        self.method, self.error, self.times = method, error, times
+        self.calls: dict[str, int] = {}
+
+    def _fault(self, method: str) -> None:
+        self.calls[method] = self.calls.get(method, 0) + 1
+        if method == self.method and self.calls[method] <= self.times:
+            raise self.error
+
+    async def append(
+        self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None = None
+    ) -> None:
+        self._fault("append")
+        await super().append(stream_id, owner, entry, count, final)
+
+    async def renew(self, stream_id: str, owner: str, lease_ms: int) -> bool:
+        self._fault("renew")
+        return await super().renew(stream_id, owner, lease_ms)
+
+    async def wait_cancel(self, stream_id: str, epoch: int) -> None:
+        self._fault("wait_cancel")
+        await super().wait_cancel(stream_id, epoch)
+
+
+async def endless(first: list[str]):  # a slow model that never finishes by itself
+    for token in first:
+        yield token
+    await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("method", ["append", "renew", "wait_cancel"])
+async def test_an_unexpected_error_in_any_task_of_a_run_ends_it_with_one_error(
+    method: str,
+) -> None:
+    # Regression (issue 9): the run awaited only its source; a writer, heartbeat or cancel
+    # watcher dying on an unexpected exception left it hanging, readers waiting for ever.
+    transport = Faulty(method, RuntimeError("driver bug"))
+    run = await StreamProducer(transport, lease=0.3).start(endless(["a", "b"]))
+    assert await asyncio.wait_for(run.wait(), timeout=10) == "error"
+    events = await collect(transport, run.stream_id)
+    assert joined(events) == "ab"  # the good events before the failure are kept
+    assert [e.type for e in events][-1:] == ["error"] and sum(e.terminal for e in events) == 1
+    assert events[-1].data["error"] == "producer_failed"
+    assert "RuntimeError: driver bug" in events[-1].data["message"]
+
+
+async def test_one_bad_event_ends_the_run_after_every_good_event_before_it() -> None:
+    # Regression (issue 9): the bad value replaced its whole batch: 50 tokens + 1 bad = error.
+    async def source():
+        for i in range(50):
+            yield f"t{i} "
+        yield {"type": "tool_end", "data": {"output": {"id": 2**70}}}
+        yield "never stored"
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(source())
+    events = await collect(transport, run.stream_id)
+    assert joined(events) == text_of(50)
+    assert [e.type for e in events[50:]] == ["error"]
+    assert events[-1].data["error"] == "TypeError"
+    assert await run.wait() == "error"
+
+
+async def test_an_oversized_event_ends_the_run_with_event_too_large() -> None:
+    async def source():
+        yield "kept "
+        yield {"type": "custom", "data": {"blob": "x" * 5000}}
+        yield "never stored"
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport, max_event_bytes=4096).start(source())
+    events = await collect(transport, run.stream_id)
+    assert [(e.type, e.data.get("text")) for e in events] == [("token", "kept "), ("error", None)]
+    assert events[-1].data["error"] == "EventTooLarge"
+    assert "max_event_bytes" in events[-1].data["message"]
+
+
+async def test_entries_are_capped_in_events_and_bytes() -> None:
+    transport = MemoryTransport()
+    gate = asyncio.Event()
+    producer = StreamProducer(transport, max_entry_events=10, max_entry_bytes=200)
+    run = await producer.start(tokens(500, every=500, pause=gate))
+    gate.set()
+    assert await run.wait() == "completed"
+    stream = transport._streams[run.stream_id]
+    assert all(len(decode_entry(e.payload, 1, 1)) <= 10 for e in stream.entries)
+    assert all(len(e.payload) <= 200 + 20 for e in stream.entries)
+    assert joined(await collect(transport, run.stream_id)) == text_of(500)
+
+
+async def test_exceptions_from_a_sources_aclose_are_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Regression (issue 9): they were swallowed silently.
+    class Source:
+        def __aiter__(self) -> Source:
+            return self
+
+        async def __anext__(self) -> str:
+            raise StopAsyncIteration
+
+        async def aclose(self) -> None:
+            raise RuntimeError("cleanup failed")
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(Source())
+    assert await run.wait() == "completed"
+    assert "aclose() raised" in caplog.text and "cleanup failed" in caplog.text
+
+
+async def test_a_refused_write_fails_at_once_without_retries() -> None:
+    # Regression (issue 9): every error reply (OOM, NOAUTH...) was retried for a whole lease.
+    transport = Faulty("append", BackendRefused("OOM command not allowed"), times=1000)
+    run = await StreamProducer(transport, write_retry_budget=60).start(endless(["a"]))
+    with pytest.raises(BackendRefused):
+        await asyncio.wait_for(run.wait(), timeout=10)
+    assert transport.calls["append"] == 1
+
+
+async def test_transient_write_errors_are_retried_within_the_budget() -> None:
+    transport = Faulty("append", TransportError("connection reset"), times=3)
+    run = await StreamProducer(transport).start(tokens(5))
+    assert await run.wait() == "completed"
+    assert joined(await collect(transport, run.stream_id)) == text_of(5)
+
+    exhausted = Faulty("append", TransportError("connection reset"), times=1000)
+    run = await StreamProducer(exhausted, write_retry_budget=0.1).start(tokens(5))
+    with pytest.raises(TransportError):
+        await asyncio.wait_for(run.wait(), timeout=10)
+
+
+def test_the_write_retry_budget_comes_from_the_transport_unless_given() -> None:
+    transport = MemoryTransport()
+    assert StreamProducer(transport).write_retry_budget == 5.0
+    transport.write_retry_budget = 30.0  # e.g. a Redis transport behind Sentinel
+    assert StreamProducer(transport).write_retry_budget == 30.0
+    assert StreamProducer(transport, write_retry_budget=2).write_retry_budget == 2
+
+
+async def test_a_cancelled_run_task_still_writes_its_terminal_event() -> None:
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(endless(["a"]))
+    reader = StreamConsumer(transport, run.stream_id)
+    assert (await anext(reader)).type == "token"
+    run._task.cancel()  # e.g. the event loop shutting down
+    with pytest.raises(asyncio.CancelledError):
+        await run.wait()
+    rest = [event async for event in reader]
+    assert [(e.type, e.data) for e in rest] == [("cancelled", {"reason": "shutdown"})]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "lone surrogate \ud800",  # UTF-8 cannot hold it
+        "x" * 5000,  # larger than max_event_bytes
+        {"event": "on_chat_model_stream", "data": {"chunk": AIMessageChunk("\ud800", id="m")}},
+    ],
+)
+async def test_a_token_that_cannot_be_stored_ends_the_run_after_the_good_ones(bad: object) -> None:
+    async def source():
+        yield "kept "
+        yield {"event": "on_chat_model_stream", "data": {"chunk": AIMessageChunk("too", id="m")}}
+        yield bad
+        yield "never stored"
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport, max_event_bytes=4096).start(source())
+    assert await run.wait() == "error"
+    events = await collect(transport, run.stream_id)
+    assert joined(events) == "kept too"
+    assert [e.type for e in events] == ["token", "token", "error"]
+
+
+async def test_a_transport_misreporting_a_rollback_fails_the_run_instead_of_looping() -> None:
+    # StorageRollback claiming the storage already holds the entry: a contract breach.
+    transport = Faulty("append", StorageRollback("s", last_seq=7), times=1000)
+    run = await StreamProducer(transport).start(endless(["a"]))
+    with pytest.raises(StorageRollback):
+        await asyncio.wait_for(run.wait(), timeout=10)

@@ -36,10 +36,10 @@ from .transports import StreamInfo, Transport, from_url
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendRefused",
     "EVENT_SCHEMA_VERSION",
     "EVENT_TYPES",
     "TERMINAL_TYPES",
+    "BackendRefused",
     "ConfigurationError",
     "Event",
     "EventTooLarge",

@@ -1,30 +1,42 @@
-"""Entry encoding and offsets.
+"""Event and entry encoding, and offsets.
 
 A stream is a sequence of *entries*; each entry holds one or more events (a producer
 coalesces the events that arrive while its previous write is in flight). An entry is a
-JSON array whose items are ``[type, data]`` pairs, except that a ``token`` whose
-``message_id``/``node`` equal those of the previous token in the same entry (both null for
-the first token) is written as a bare string: most of a stream is tokens, and this keeps a
-4-character token near 7 bytes.
+JSON array whose items are ``[type, data]`` pairs, except that a ``token`` whose text is a
+string and whose ``message_id``/``node`` equal those of the previous such token in the same
+entry (both null for the first one) is written as a bare string: most of a stream is
+tokens, and this keeps a 4-character token near 7 bytes.
+
+The producer encodes each event when it arrives (:class:`EventEncoder`), so an event that
+cannot be stored is found before it is batched with good ones, and joins the encoded
+events into an entry when it writes (:func:`join_entry`).
 
 An offset names one event: ``"<epoch>-<seq>-<index>"``, where ``epoch`` identifies the run
 that wrote the stream (a new run under the same id gets a new, larger epoch: the time it
-started, in microseconds), ``seq`` the
-entry (1, 2, 3, ... without gaps) and ``index`` the event inside the entry.
+started, in microseconds), ``seq`` the entry (1, 2, 3, ... without gaps) and ``index`` the
+event inside the entry. The fields are zero-padded to a fixed width (16, 10 and 5 digits),
+so offsets of one stream compare as plain strings in stream order; offsets written without
+padding (by earlier versions) are still accepted.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple, NoReturn
 
 import orjson
 
 from ._events import TOKEN, Event, Item
-from ._exceptions import InvalidOffset
+from ._exceptions import EventTooLarge, InvalidOffset
 
 _DUMPS_OPTIONS = orjson.OPT_NON_STR_KEYS
 _TOKEN_KEYS = frozenset({"text", "message_id", "node"})
+_NO_META = (None, None)
+_NO_META_SIZE = len(b'{"message_id":null,"node":null}')
+# Widths of an offset's fields: string order is stream order while epochs stay below 10**16
+# (microsecond clocks until the year 2286), entries below 10**10 and events per entry below
+# 10**5 (MAX_ENTRY_EVENTS_LIMIT).
+_EPOCH_WIDTH, _SEQ_WIDTH, _INDEX_WIDTH = 16, 10, 5
 
 
 class Position(NamedTuple):
@@ -36,13 +48,14 @@ class Position(NamedTuple):
 
 
 def format_offset(epoch: int, seq: int, index: int) -> str:
-    return f"{epoch}-{seq}-{index}"
+    """The offset string of event ``index`` of entry ``seq`` of run ``epoch``."""
+    return f"{epoch:0{_EPOCH_WIDTH}d}-{seq:0{_SEQ_WIDTH}d}-{index:0{_INDEX_WIDTH}d}"
 
 
 def parse_offset(offset: str) -> Position:
     """Parse an offset string; raise :class:`InvalidOffset` if it is malformed."""
     parts = offset.split("-")
-    if len(parts) != 3 or not all(p.isdigit() and len(p) <= 20 for p in parts):
+    if len(parts) != 3 or not all(p.isdigit() and p.isascii() and len(p) <= 20 for p in parts):
         raise InvalidOffset(
             f"malformed offset {offset!r}: expected '<epoch>-<seq>-<index>' as given in an "
             "event's offset (SSE id)"
@@ -62,35 +75,140 @@ def _default(obj: Any) -> Any:
     return converted
 
 
-def encode_entry(items: Sequence[Item]) -> bytes:
-    """Encode a batch of events as one entry payload."""
+def _dumps(obj: Any) -> bytes:
+    return orjson.dumps(obj, default=_default, option=_DUMPS_OPTIONS)
+
+
+#: One event checked and prepared for storage, as :class:`EventEncoder` returns it: a token
+#: without ``message_id``/``node`` (most of a plain-text stream) as its text; another token
+#: as ``(text, (message_id, node))``; any other event as the JSON of its ``[type, data]``
+#: pair (bytes). Tokens are checked (valid text, metadata JSON can hold,
+#: size) but written by :func:`join_entry` with one ``orjson.dumps`` per entry: the hot path.
+Encoded = str | tuple[str, tuple[Any, Any]] | bytes
+
+
+class EventEncoder:
+    """Checks and encodes events one at a time, each against ``max_event_bytes``.
+
+    What it returns can always be written: an event that cannot be stored raises here,
+    when it arrives, not when its entry is written.
+    """
+
+    def __init__(self, max_event_bytes: int) -> None:
+        self.max_event_bytes = max_event_bytes
+        #: ``(message_id, node)`` of the last token with metadata, checked.
+        self.meta: tuple[Any, Any] = _NO_META
+        self._meta_size = _NO_META_SIZE
+        #: Texts of tokens with ``meta`` (resp. without metadata) up to this many
+        #: characters fit in max_event_bytes whatever they hold (6 bytes per escaped char).
+        self.text_limit = self._text_limit(_NO_META_SIZE)
+        self.plain_text_limit = self.text_limit
+
+    def _text_limit(self, meta_size: int) -> int:
+        return max((self.max_event_bytes - meta_size - 2) // 6, 0)
+
+    def encode(self, kind: str, data: dict[str, Any]) -> Encoded:
+        """Check and encode one event; raise :class:`EventTooLarge` if it is too large.
+
+        An event JSON cannot hold (an integer beyond 64 bits, a lone surrogate...) raises
+        ``TypeError``.
+        """
+        if kind == TOKEN and type(data.get("text")) is str and data.keys() == _TOKEN_KEYS:
+            return self.token(data["text"], data["message_id"], data["node"])
+        body = _dumps((kind, data))
+        if len(body) > self.max_event_bytes:
+            self.too_large(kind, len(body))
+        return body
+
+    def token(self, text: str, message_id: Any, node: Any) -> Encoded:
+        """Check a ``token`` event with string text."""
+        if message_id is None and node is None:
+            self.check_text(text, _NO_META_SIZE, self.plain_text_limit)
+            return text
+        meta = (message_id, node)
+        if meta != self.meta:
+            # Raises here if the metadata cannot be JSON; join_entry() converts it the same.
+            self._meta_size = len(_dumps({"message_id": message_id, "node": node}))
+            self.text_limit = self._text_limit(self._meta_size)
+            self.meta = meta
+        self.check_text(text, self._meta_size, self.text_limit)
+        return (text, meta)
+
+    def check_text(self, text: str, meta_size: int, limit: int) -> None:
+        """Raise if a token's ``text`` cannot be stored (the cheap checks first)."""
+        if len(text) > limit:
+            size = len(orjson.dumps(text)) + meta_size
+            if size > self.max_event_bytes:
+                self.too_large(TOKEN, size)
+        elif not text.isascii():
+            orjson.dumps(text)  # raises for a lone surrogate, which UTF-8 cannot hold
+
+    def too_large(self, kind: str, size: int) -> NoReturn:
+        raise EventTooLarge(
+            f"a {kind!r} event of {size} bytes is larger than the limit of "
+            f"{self.max_event_bytes} bytes (max_event_bytes)"
+        )
+
+
+def size_of(event: Encoded) -> int:
+    """About the bytes ``event`` adds to an entry (token metadata not counted)."""
+    if isinstance(event, str):
+        return len(event) + 3
+    if isinstance(event, tuple):
+        return len(event[0]) + 3
+    return len(event) + 1
+
+
+def join_entry(events: Sequence[Encoded]) -> bytes:
+    """The payload of an entry holding ``events``, in order."""
     out: list[Any] = []
-    # The decoder starts from null message_id/node: a first token without them is bare too.
-    last_meta: tuple[Any, Any] = (None, None)
-    for kind, data in items:
-        if kind == TOKEN and data.keys() == _TOKEN_KEYS and type(data["text"]) is str:
-            meta = (data["message_id"], data["node"])
-            if meta == last_meta:
-                out.append(data["text"])
-                continue
-            last_meta = meta
-        out.append((kind, data))
-    return orjson.dumps(out, default=_default, option=_DUMPS_OPTIONS)
+    append = out.append
+    bare = True  # the decoder starts from null message_id/node
+    last: tuple[Any, Any] | None = None
+    for event in events:
+        if isinstance(event, str):  # a token without message_id/node
+            if bare:
+                append(event)
+            else:
+                bare, last = True, None
+                append((TOKEN, {"text": event, "message_id": None, "node": None}))
+        elif isinstance(event, tuple):
+            text, meta = event
+            if not bare and meta == last:
+                append(text)
+            else:
+                bare, last = False, meta
+                append((TOKEN, {"text": text, "message_id": meta[0], "node": meta[1]}))
+        else:
+            append(orjson.Fragment(event))
+    return _dumps(out)
+
+
+def encode_entry(items: Sequence[Item]) -> bytes:
+    """Encode a batch of events as one entry payload (no size limit)."""
+    encoder = EventEncoder(max_event_bytes=2**63)
+    return join_entry([encoder.encode(kind, data) for kind, data in items])
+
+
+def iter_entry(payload: bytes, epoch: int, seq: int) -> Iterator[Event]:
+    """Decode an entry payload into events with their offsets, one at a time."""
+    prefix = f"{epoch:0{_EPOCH_WIDTH}d}-{seq:0{_SEQ_WIDTH}d}-"
+    message_id: Any = None
+    node: Any = None
+    for index, item in enumerate(orjson.loads(payload)):
+        offset = f"{prefix}{index:0{_INDEX_WIDTH}d}"
+        if isinstance(item, str):
+            data: dict[str, Any] = {"text": item, "message_id": message_id, "node": node}
+            yield Event(TOKEN, data, offset)
+            continue
+        kind, data = item
+        # Only a string text sets the metadata bare tokens inherit: that is what the
+        # encoder remembers too (issue 9: a non-string token shifted the metadata).
+        if kind == TOKEN and type(data.get("text")) is str and data.keys() == _TOKEN_KEYS:
+            message_id, node = data["message_id"], data["node"]
+        yield Event(kind, data, offset)
 
 
 def decode_entry(payload: bytes, epoch: int, seq: int) -> list[Event]:
     """Decode an entry payload into events with their offsets."""
-    events: list[Event] = []
-    prefix = f"{epoch}-{seq}-"
-    message_id: Any = None
-    node: Any = None
-    for index, item in enumerate(orjson.loads(payload)):
-        if isinstance(item, str):
-            data: dict[str, Any] = {"text": item, "message_id": message_id, "node": node}
-            events.append(Event(TOKEN, data, prefix + str(index)))
-            continue
-        kind, data = item
-        if kind == TOKEN and data.keys() == _TOKEN_KEYS:
-            message_id, node = data["message_id"], data["node"]
-        events.append(Event(kind, data, prefix + str(index)))
-    return events
+    return list(iter_entry(payload, epoch, seq))

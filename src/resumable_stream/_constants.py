@@ -28,8 +28,29 @@ DEFAULT_MAX_BUFFER = 8192
 COALESCE_EVENTS = 256
 COALESCE_DELAY = 0.05
 COALESCE_GAP = 0.001
-#: Entries a consumer fetches per page when replaying.
+#: Entries a consumer fetches per page when replaying (kept raw: decoded one at a time).
 DEFAULT_PAGE_SIZE = 512
+#: Events a consumer hands out without awaiting before it yields to the event loop once, so
+#: a replay of a long stream cannot starve the other tasks of the process.
+CONSUMER_CHECKPOINT = 256
+#: Largest encoded event (bytes of JSON) a producer writes; a larger one ends the run with
+#: an ``error`` event whose ``error`` is ``EventTooLarge`` (after every event before it).
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+#: Most events in one entry, and the byte size past which an entry takes no further event
+#: (one event up to DEFAULT_MAX_EVENT_BYTES still fits alone): a consumer decodes an entry
+#: at once, so this bounds its memory.
+DEFAULT_MAX_ENTRY_EVENTS = 1024
+DEFAULT_MAX_ENTRY_BYTES = 256 * 1024
+#: Upper bound of max_entry_events: an event's index is written in 5 digits of its offset.
+MAX_ENTRY_EVENTS_LIMIT = 99_999
+#: Seconds a producer retries a write that fails with a transient TransportError (a lost
+#: connection, a failover) before it gives up; transports may suggest their own
+#: (``Transport.write_retry_budget``). Separate from the lease.
+DEFAULT_WRITE_RETRY_BUDGET = 5.0
+#: Recent entries a producer keeps to write again if the storage loses them (a failover to
+#: a replica that had not caught up), bounded in count and in bytes.
+DEFAULT_ROLLBACK_WINDOW = 256
+ROLLBACK_WINDOW_BYTES = 4 * 1024 * 1024
 #: Entries a live subscription buffers before it drops old ones (the consumer refills the gap).
 DEFAULT_SUBSCRIPTION_BUFFER = 4096
 

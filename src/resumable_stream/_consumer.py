@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import itertools
+import warnings
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import NoReturn, Self
 
-from ._codec import decode_entry, encode_entry, parse_offset
-from ._constants import DEFAULT_PAGE_SIZE
+from ._codec import encode_entry, iter_entry, parse_offset
+from ._constants import CONSUMER_CHECKPOINT, DEFAULT_PAGE_SIZE
 from ._events import ERROR, Event
-from ._exceptions import InvalidOffset, OffsetExpired, StreamNotFound
+from ._exceptions import ConfigurationError, InvalidOffset, OffsetExpired, StreamNotFound
 from ._ids import check_stream_id
 from .transports._base import FINAL_STATUSES, Entry, StreamInfo, Subscription, Transport
 
@@ -24,6 +30,38 @@ _LOST_PAYLOAD = encode_entry(
         )
     ]
 )
+# Errors written at the first offset past what the storage holds, which a reader may have
+# already received holding other data (a reaped run after a failover, a producer whose
+# storage rolled back): resuming after such an offset cannot tell them apart, so it expires.
+_REWRITTEN_ERRORS = frozenset({"producer_lost", "storage_rollback"})
+
+
+@dataclass(eq=False)
+class _Check:
+    """The last check of a quiet stream, shared by its readers in this process."""
+
+    at: float = float("-inf")
+    info: StreamInfo | None = None
+    waiter: asyncio.Future[StreamInfo | None] | None = field(default=None)
+
+
+# Quiet-stream checks (reap, then info) by transport and (stream id, epoch): one per stream
+# per process and interval, however many readers follow it (issue 9: 1,000 readers of a
+# quiet stream cost ~800 Redis commands/s).
+# Keyed by id(): a transport need not be hashable; the entry goes with the transport.
+_CHECKS: dict[int, dict[tuple[str, int], _Check]] = {}
+
+
+def _checks_of(transport: Transport) -> dict[tuple[str, int], _Check]:
+    checks = _CHECKS.get(id(transport))
+    if checks is None:
+        checks = {}
+        try:
+            weakref.finalize(transport, _CHECKS.pop, id(transport), None)
+        except TypeError:  # no weak references (__slots__): checks are not shared
+            return checks
+        _CHECKS[id(transport)] = checks
+    return checks
 
 
 class StreamConsumer:
@@ -32,10 +70,17 @@ class StreamConsumer:
     ``after=None`` starts at the first event. Iteration follows the stream live and stops
     after its terminal event (``end``, ``error`` or ``cancelled``). Raises
     :class:`StreamNotFound` for an unknown stream and :class:`OffsetExpired` when the events
-    after ``after`` are no longer all retained; nothing is skipped silently.
+    after ``after`` are no longer all retained, or when the storage lost events this reader
+    had already received; nothing is skipped and nothing ends silently.
 
-    Breaking out of the loop or cancelling the task releases everything at once; call
-    :meth:`aclose` (or use ``async with``) to release without finishing the loop.
+    ``page_size`` is the number of entries read from storage at once when replaying; they
+    are kept encoded and decoded one at a time, and the consumer yields to the event loop
+    every few hundred events, so a long replay neither holds a whole stream in memory nor
+    starves the other tasks.
+
+    The terminal event, an error or cancelling the task releases everything at once. To
+    stop earlier (``break``), use ``async with`` or call :meth:`aclose`: a consumer dropped
+    while still following a stream is reported with a ``ResourceWarning``.
     """
 
     def __init__(
@@ -46,19 +91,26 @@ class StreamConsumer:
         after: str | None = None,
         page_size: int = DEFAULT_PAGE_SIZE,
     ) -> None:
+        if page_size < 1:
+            raise ConfigurationError("page_size must be at least 1")
         self.stream_id = check_stream_id(stream_id)
         self.transport = transport
         self.after = after
         position = None if after is None else parse_offset(after)
         self._epoch = 0 if position is None else position.epoch
-        # Entries up to _seq are consumed; events up to _skip_to of entry _seq + 1 too.
+        # Entries up to _seq are taken (queued or consumed); events up to _skip_to of entry
+        # _seq + 1 were consumed before this consumer started.
         self._seq = 0 if position is None else position.seq - 1
         self._skip_to = -1 if position is None else position.event
         self._page_size = page_size
-        self._events: collections.deque[Event] = collections.deque()
+        self._entries: collections.deque[Entry] = collections.deque()
+        self._events: Iterator[Event] | None = None
+        self._budget = CONSUMER_CHECKPOINT
         self._info: StreamInfo | None = None
         self._subscription: Subscription | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._finished = False
+        self._terminal_seen = False
         self._gap = False
         self._caught_up = False
 
@@ -71,8 +123,21 @@ class StreamConsumer:
         return self
 
     async def __anext__(self) -> Event:
-        events = self._events
-        while not events:
+        self._budget -= 1
+        if self._budget <= 0:
+            # A checkpoint: buffered events and a transport that answers without waiting
+            # (memory) would otherwise replay a long stream without ever yielding (issue 9).
+            self._budget = CONSUMER_CHECKPOINT
+            await asyncio.sleep(0)
+        while True:
+            if self._events is not None:
+                event = next(self._events, None)
+                if event is not None:
+                    break
+                self._events = None
+            if self._entries:
+                self._open(self._entries.popleft())
+                continue
             if self._finished:
                 self._close_subscription()
                 raise StopAsyncIteration
@@ -81,17 +146,19 @@ class StreamConsumer:
             except BaseException:
                 self._close_subscription()
                 raise
-        event = events.popleft()
         self.after = event.offset
         if event.terminal:  # nothing follows: release now, even if the caller breaks here
-            self._finished = True
+            self._terminal_seen = self._finished = True
+            self._entries.clear()
+            self._events = None
             self._close_subscription()
         return event
 
     async def aclose(self) -> None:
         """Stop reading and release the live subscription."""
         self._finished = True
-        self._events.clear()
+        self._entries.clear()
+        self._events = None
         self._close_subscription()
 
     async def __aenter__(self) -> Self:
@@ -106,14 +173,49 @@ class StreamConsumer:
         await self.aclose()
 
     def __del__(self) -> None:
-        # A consumer dropped mid-stream without aclose() must not keep a live subscription.
-        if getattr(self, "_subscription", None) is not None:
-            self._close_subscription()
+        subscription = getattr(self, "_subscription", None)
+        if subscription is None:
+            return
+        # Dropped mid-stream without aclose(): say so, and close on the loop's own thread
+        # (the garbage collector may run anywhere, and transports are not thread-safe).
+        warnings.warn(
+            f"StreamConsumer of {self.stream_id!r} was dropped while following the stream: "
+            "use 'async with' or call aclose() when leaving the loop early",
+            ResourceWarning,
+            stacklevel=2,
+        )
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(subscription.close)
 
     def _close_subscription(self) -> None:
         if self._subscription is not None:
             self._subscription.close()
             self._subscription = None
+
+    def _open(self, entry: Entry) -> None:
+        """Start handing out the events of ``entry`` (decoded one at a time)."""
+        events = iter_entry(entry.payload, entry.epoch, entry.seq)
+        skip = self._skip_to
+        if skip >= 0:
+            self._skip_to = -1
+            skipped = list(itertools.islice(events, skip + 1))
+            if len(skipped) <= skip:
+                self._expired(
+                    f"entry {entry.seq} holds {len(skipped)} events, fewer than this offset "
+                    "names: the storage was rolled back (or the offset is not from this stream)"
+                )
+            first = skipped[0]
+            if first.type == ERROR and first.data.get("error") in _REWRITTEN_ERRORS:
+                self._expired(
+                    f"the storage lost the events at this offset (rolled back) and entry "
+                    f"{entry.seq} now ends the stream with {first.data.get('error')!r}"
+                )
+            if any(e.terminal for e in skipped):
+                self._terminal_seen = self._finished = True
+                self._entries.clear()
+                return
+        self._events = events
 
     async def _start(self) -> StreamInfo:
         info = await self.transport.info(self.stream_id)
@@ -126,14 +228,34 @@ class StreamConsumer:
                 self.stream_id, self.after, "the stream was restarted since (another run)"
             )
         elif self._seq + 1 > info.last_seq:
+            if await self._ends_rewritten(info):
+                self._expired(
+                    f"the storage ends at entry {info.last_seq}, before this offset: it was "
+                    "rolled back (lost events it had acknowledged)"
+                )
             raise InvalidOffset(
                 f"offset {self.after!r} is past the end of stream {self.stream_id!r}"
             )
         self._info = info
         return info
 
+    async def _ends_rewritten(self, info: StreamInfo) -> bool:
+        """True if the stream ended with an error written past what the storage kept:
+        offsets beyond its end were then real, and are lost rather than malformed."""
+        if info.status != "error" or info.last_seq < 1:
+            return False
+        last = await self.transport.read(self.stream_id, info.epoch, info.last_seq - 1, 1)
+        if not last:
+            return False
+        first = next(iter_entry(last[0].payload, last[0].epoch, last[0].seq), None)
+        return (
+            first is not None
+            and first.type == ERROR
+            and first.data.get("error") in _REWRITTEN_ERRORS
+        )
+
     async def _fill(self) -> None:
-        """Put at least one event in the queue, or mark the stream finished."""
+        """Queue at least one entry, or mark the stream finished."""
         info = self._info or await self._start()
         if (self._subscription is None and not self._caught_up) or self._gap:
             # Replay (or refill a gap in live delivery) from storage, a page at a time.
@@ -157,10 +279,12 @@ class StreamConsumer:
                 if not self._caught_up and self._subscription is not None:
                     self._gap = True  # a long gap: read on from storage, not the live feed
                 return
+            self._gap = False
             if info.status in FINAL_STATUSES:
-                self._finished = True
+                self._end_of_stream(info)
                 return
         if self._subscription is None:
+            self._loop = asyncio.get_running_loop()
             self._subscription = self.transport.subscribe(self.stream_id, self._epoch, self._seq)
         entries = await self._subscription.get(max_wait=max(info.lease_ms / 2000, 0.05))
         if self._finished:  # closed by aclose() from another task meanwhile
@@ -169,44 +293,106 @@ class StreamConsumer:
             self._take(entries, stored=False)
             return
         # Quiet stream: is its producer still alive? A lapsed lease ends it with an error
-        # event (written once, by whichever reader gets there first).
-        if await self.transport.reap(self.stream_id, self._epoch, _LOST_PAYLOAD):
-            return
-        info = await self._refresh()
+        # event (written once, by whichever reader of the whole process gets there first).
+        info = await self._check_quiet(info)
         if info.last_seq > self._seq:
             # Stored entries this subscription never delivered (it joined a feed that had
-            # already passed them): read them from storage.
+            # already passed them, or the reaper just wrote one): read them from storage.
             self._gap = True
         elif info.status in FINAL_STATUSES:
-            self._finished = True
+            self._end_of_stream(info)
 
-    async def _refresh(self) -> StreamInfo:
-        info = await self.transport.info(self.stream_id)
+    def _end_of_stream(self, info: StreamInfo) -> None:
+        """Nothing is stored after this reader's position and the stream ended."""
+        if info.last_seq < self._seq:
+            self._expired(
+                f"the storage ends at entry {info.last_seq}, before entry {self._seq} this "
+                "reader already received (the storage was rolled back, e.g. a failover to a "
+                "replica that had not caught up)"
+            )
+        if not self._terminal_seen:
+            # Final, yet the terminal event is not after this reader's position: it was
+            # written at an offset the reader had received holding other data.
+            self._expired(
+                f"the stream ended ({info.status}) at entry {info.last_seq}, but this "
+                "reader never received its terminal event: the storage lost events it had "
+                "received (rolled back)"
+            )
+        self._finished = True
+
+    async def _check_quiet(self, info: StreamInfo) -> StreamInfo:
+        """Reap the run if its producer is gone, then refresh the info: shared by every
+        reader of this stream in the process, at most once per half lease."""
+        checks = _checks_of(self.transport)
+        key = (self.stream_id, self._epoch)
+        loop = asyncio.get_running_loop()
+        interval = max(info.lease_ms / 2000, 0.05)
+        check = checks.get(key)
+        if check is not None:
+            waiter = check.waiter
+            if waiter is not None:
+                try:
+                    shared = await asyncio.shield(waiter)
+                except asyncio.CancelledError:
+                    if not waiter.cancelled():
+                        raise  # this reader was cancelled
+                else:
+                    return self._checked(shared)
+            elif loop.time() - check.at < interval and check.info is not None:
+                return self._checked(check.info)
+        if len(checks) > 1000:  # forget the checks of streams nobody followed lately
+            stale = loop.time() - 60
+            for old in [k for k, c in checks.items() if c.waiter is None and c.at < stale]:
+                del checks[old]
+        waiter = loop.create_future()
+        check = checks[key] = _Check(waiter=waiter)
+        try:
+            await self.transport.reap(self.stream_id, self._epoch, _LOST_PAYLOAD)
+            fresh = await self.transport.info(self.stream_id)
+        except BaseException as exc:
+            if checks.get(key) is check:
+                del checks[key]
+            if isinstance(exc, Exception):
+                waiter.set_exception(exc)
+                waiter.exception()  # retrieved: the readers waiting on it raise it
+            else:
+                waiter.cancel()  # this reader was cancelled: the others check themselves
+            raise
+        check.waiter = None
+        check.info, check.at = fresh, loop.time()
+        waiter.set_result(fresh)
+        return self._checked(fresh)
+
+    def _checked(self, info: StreamInfo | None) -> StreamInfo:
         if info is None or info.epoch != self._epoch:
             self._expired("the stream expired or was restarted")
         self._info = info
         return info
 
+    async def _refresh(self) -> StreamInfo:
+        return self._checked(await self.transport.info(self.stream_id))
+
     def _take(self, entries: list[Entry], *, stored: bool) -> None:
         self._gap = False
         for entry in entries:
             if entry.epoch != self._epoch:
+                if entry.epoch < self._epoch:
+                    continue  # a late entry of a replaced run (issue 9): not ours
                 self._expired("the stream was restarted since (another run)")
             if entry.seq <= self._seq:
                 continue  # a repeat (subscriptions may overlap reads)
             if entry.seq != self._seq + 1:
-                if stored:
-                    self._expired("the events were trimmed or expired")
-                self._gap = True  # live delivery skipped entries: the next _fill reads them
+                if stored and not self._entries:
+                    self._expired(
+                        f"entries {self._seq + 1}-{entry.seq - 1} are no longer stored "
+                        "(trimmed or expired)"
+                    )
+                # Deliver the contiguous prefix first; the next _fill reads on from storage
+                # (and expires there if the entries are really missing).
+                self._gap = True
                 return
             self._seq = entry.seq
-            events = decode_entry(entry.payload, entry.epoch, entry.seq)
-            if self._skip_to >= 0:
-                if any(e.terminal for e in events[: self._skip_to + 1]):
-                    self._finished = True
-                events = events[self._skip_to + 1 :]
-                self._skip_to = -1
-            self._events.extend(events)
+            self._entries.append(entry)
 
     def _expired(self, reason: str) -> NoReturn:
         raise OffsetExpired(self.stream_id, self.after, reason)

@@ -137,7 +137,16 @@ def _from_message(message: Any, metadata: Mapping[str, Any], ns: list[str] | Non
 
 
 def chat_model_token(event: Mapping[str, Any]) -> Item | None:
-    """The ``token`` of an ``astream_events`` ``on_chat_model_stream`` event, if it has text.
+    """The ``token`` of an ``astream_events`` ``on_chat_model_stream`` event, if it has text."""
+    parts = chat_model_text(event)
+    if parts is None:
+        return None
+    text, message_id, node = parts
+    return (TOKEN, {"text": text, "message_id": message_id, "node": node})
+
+
+def chat_model_text(event: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
+    """``(text, message_id, node)`` of an ``on_chat_model_stream`` event, if it has text.
 
     Most events of a LangGraph stream are these, so the producer calls this directly.
     """
@@ -148,7 +157,7 @@ def chat_model_token(event: Mapping[str, Any]) -> Item | None:
     if not text:
         return None
     node = (event.get("metadata") or {}).get("langgraph_node")
-    return (TOKEN, {"text": text, "message_id": getattr(chunk, "id", None), "node": node})
+    return (text, getattr(chunk, "id", None), node)
 
 
 def _from_langchain_event(event: Mapping[str, Any]) -> Item | None:

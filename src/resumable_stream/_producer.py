@@ -3,35 +3,50 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import bisect
+import collections
+import itertools
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Awaitable, Callable
 from types import TracebackType
 from typing import Any, Literal, Self
 
-from ._codec import encode_entry
+from ._codec import Encoded, EventEncoder, join_entry, size_of
 from ._constants import (
     COALESCE_DELAY,
     COALESCE_EVENTS,
     COALESCE_GAP,
     DEFAULT_LEASE,
     DEFAULT_MAX_BUFFER,
+    DEFAULT_MAX_ENTRY_BYTES,
+    DEFAULT_MAX_ENTRY_EVENTS,
+    DEFAULT_MAX_EVENT_BYTES,
+    DEFAULT_ROLLBACK_WINDOW,
+    DEFAULT_WRITE_RETRY_BUDGET,
+    MAX_ENTRY_EVENTS_LIMIT,
+    ROLLBACK_WINDOW_BYTES,
 )
 from ._events import (
     CANCELLED,
     END,
     ERROR,
     TERMINAL_TYPES,
-    TOKEN,
     Item,
-    chat_model_token,
+    chat_model_text,
     error_data,
     normalize,
 )
-from ._exceptions import ConfigurationError, LeaseLost, TransportError
+from ._exceptions import (
+    BackendRefused,
+    ConfigurationError,
+    LeaseLost,
+    StorageRollback,
+    TransportError,
+)
 from ._ids import check_stream_id, new_stream_id
+from ._sources import EventsFunction, mapped
 from .transports._base import Entry, Status, Transport
 
 logger = logging.getLogger("resumable_stream")
@@ -40,8 +55,18 @@ _STATUS_OF: dict[str, Status] = {END: "completed", ERROR: "error", CANCELLED: "c
 CancelReason = Literal["requested", "shutdown"]
 
 
+class _RolledBack(Exception):
+    """The storage lost entries beyond the rollback window: the run ends in error."""
+
+
 class Run:
-    """A run started by :meth:`StreamProducer.start`, writing stream ``stream_id``."""
+    """A run started by :meth:`StreamProducer.start`, writing stream ``stream_id``.
+
+    The run is one supervised unit: the task reading the source, the one writing entries,
+    the heartbeat and the cancel watcher live in one task group. Whichever of them fails,
+    the run ends with exactly one terminal event (or, when its lease is lost, is fenced and
+    reported lost to readers), and :meth:`wait` returns.
+    """
 
     def __init__(
         self,
@@ -59,15 +84,26 @@ class Run:
         self._transport = producer.transport
         self._owner = owner
         self._source = source
+        self._encoder = EventEncoder(producer.max_event_bytes)
         self._seq = 0
-        self._buffer: list[Item] = []
+        self._buffer: list[Encoded] = []
+        self._sizes: list[int] = []  # size_of() each event of _buffer
         self._terminal: Item | None = None
         self._wake = asyncio.Event()
         self._space = asyncio.Event()
-        self._cancel_reason: CancelReason | None = None
+        self._cancel_reason: CancelReason | Literal["stopped"] | None = None
         self._failure: BaseException | None = None
-        self._coalesce_events = min(COALESCE_EVENTS, producer.max_buffer)
-        self._pump = asyncio.create_task(self._read_source(), name=f"rstream pump {stream_id}")
+        self._coalesce_events = min(
+            producer.coalesce_events, producer.max_buffer, producer.max_entry_events
+        )
+        # The entry being written (re-sent unchanged if its write is interrupted) and the
+        # recent entries written, to write again if the storage loses them (issue 8).
+        self._inflight: tuple[Entry, int, Status | None] | None = None
+        self._window: collections.deque[tuple[Entry, int]] = collections.deque()
+        self._window_bytes = 0
+        self._pump: asyncio.Task[None] | None = None
+        self._helpers: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._task = asyncio.create_task(self._main(), name=f"rstream run {stream_id}")
 
     def __repr__(self) -> str:
@@ -80,8 +116,10 @@ class Run:
     async def wait(self) -> Status:
         """Wait for the run to end and return its final status.
 
-        Raises :class:`LeaseLost` or :class:`TransportError` if the run could not write
-        its terminal event. Cancelling ``wait()`` does not cancel the run.
+        Raises what kept the run from writing its terminal event: :class:`LeaseLost` (it
+        was fenced), :class:`BackendRefused`, or a :class:`TransportError` that outlasted
+        the write-retry budget; readers then report ``producer_lost``. Cancelling
+        ``wait()`` does not cancel the run.
         """
         await asyncio.shield(self._task)
         if self.status is not None:
@@ -93,140 +131,189 @@ class Run:
         self._request_cancel("requested")
         return await self.wait()
 
-    def _request_cancel(self, reason: CancelReason) -> None:
-        if self._cancel_reason is None and not self._pump.done():
+    def _request_cancel(self, reason: CancelReason | Literal["stopped"]) -> None:
+        if self._cancel_reason is None and self._terminal is None:
             self._cancel_reason = reason
-            self._pump.cancel()
+            if self._pump is not None and not self._pump.done():
+                self._pump.cancel()
 
-    async def _read_source(self) -> Item:
-        buffer_limit = self._producer.max_buffer
-        full = self._coalesce_events
-        source = self._source
-        try:
-            async for item in source:
-                buffered = len(self._buffer)
-                if type(item) is str:  # hot path: plain token text
-                    if item:
-                        self._buffer.append(
-                            (TOKEN, {"text": item, "message_id": None, "node": None})
-                        )
-                elif type(item) is dict and item.get("event") == "on_chat_model_stream":
-                    # Hot path: most astream_events items; skips normalize()'s shape checks.
-                    token = chat_model_token(item)
-                    if token is not None:
-                        self._buffer.append(token)
-                else:
-                    for kind, data in normalize(item):
-                        if kind in TERMINAL_TYPES:
-                            return (kind, data)
-                        self._buffer.append((kind, data))
-                # The flusher needs waking for the first event of a batch and for a full one.
-                if buffered == 0 or len(self._buffer) >= full:
-                    self._wake.set()
-                while len(self._buffer) >= buffer_limit:
-                    self._space.clear()
-                    await self._space.wait()
-            return (END, {})
-        except Exception as exc:
-            logger.info("run %s: source raised %r", self.stream_id, exc)
-            return (ERROR, error_data(exc))
-        finally:
-            aclose = getattr(source, "aclose", None)
-            if aclose is not None:
-                with contextlib.suppress(Exception):
-                    await aclose()
+    def _end(self, terminal: Item) -> None:
+        """Set the terminal event (the first one set wins) and wake the writer."""
+        if self._terminal is None:
+            self._terminal = terminal
+        self._wake.set()
+
+    # -- the four tasks of a run -------------------------------------------------------
 
     async def _main(self) -> None:
-        flusher = asyncio.create_task(self._flush_loop(), name=f"rstream flush {self.stream_id}")
-        helpers = [
-            asyncio.create_task(self._heartbeat(), name=f"rstream lease {self.stream_id}"),
-            asyncio.create_task(self._watch_cancel(), name=f"rstream cancel {self.stream_id}"),
-        ]
         shutting_down = False
         try:
-            try:
-                terminal = await self._pump
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                shutting_down = task is not None and task.cancelling() > 0
-                reason = self._cancel_reason or "shutdown"
-                terminal = (CANCELLED, {"reason": reason})
-            self._terminal = terminal
-            self._wake.set()
-            self.status = await flusher
-        except (LeaseLost, TransportError) as exc:
-            self._failure = exc
-            logger.warning("run %s could not write its terminal event: %s", self.stream_id, exc)
-        finally:
-            for task in (*helpers, self._pump, flusher):
-                task.cancel()
-            await asyncio.gather(*helpers, self._pump, flusher, return_exceptions=True)
+            async with asyncio.TaskGroup() as group:
+                name = self.stream_id
+                self._pump = group.create_task(self._read_source(), name=f"rstream pump {name}")
+                self._tasks = [
+                    self._pump,
+                    group.create_task(
+                        self._supervised(self._flush_loop), name=f"rstream flush {name}"
+                    ),
+                ]
+                self._helpers = [
+                    group.create_task(
+                        self._supervised(self._heartbeat), name=f"rstream lease {name}"
+                    ),
+                    group.create_task(
+                        self._supervised(self._watch_cancel), name=f"rstream cancel {name}"
+                    ),
+                ]
+                self._tasks += self._helpers
+        except asyncio.CancelledError:
+            shutting_down = True  # the run's task itself was cancelled (shutdown)
+        if self.status is None:
+            await self._salvage(shutting_down)
         if shutting_down:
             raise asyncio.CancelledError
 
-    async def _flush_loop(self) -> Status:
-        """Write the buffer, an entry per write; return the status of the final entry."""
+    async def _supervised(self, work: Callable[[], Awaitable[None]]) -> None:
+        # A failing task stops its siblings itself rather than through the task group:
+        # Python 3.11's TaskGroup leaves its parent task marked as cancelling when a child
+        # fails while the group is exiting, which would hide a real shutdown.
+        try:
+            await work()
+        except Exception as exc:
+            if self._failure is None:
+                self._failure = exc
+            current = asyncio.current_task()
+            for task in self._tasks:
+                if task is not current:
+                    task.cancel()
+
+    async def _salvage(self, shutting_down: bool) -> None:
+        """End a run whose task group stopped before the terminal event was written."""
+        failure = self._failure
+        if isinstance(failure, LeaseLost | TransportError):
+            # Fenced, refused, or the write-retry budget is spent: readers will report the
+            # run lost once its lease lapses.
+            logger.warning("run %s could not write its terminal event: %s", self.stream_id, failure)
+            return
+        if failure is not None:
+            # A bug in a transport or a helper: still end the stream for its readers.
+            logger.error("run %s failed", self.stream_id, exc_info=failure)
+            message = f"the producer failed: {type(failure).__name__}: {failure}"
+            self._terminal = (ERROR, {"error": "producer_failed", "message": message})
+        elif self._terminal is None:
+            self._terminal = (CANCELLED, {"reason": "shutdown" if shutting_down else "stopped"})
+        try:
+            if self._inflight is not None:  # interrupted mid-write: send it again unchanged
+                entry, count, final = self._inflight
+                await self._append(entry, count, final)
+                self._written(entry, count, final)
+            while self.status is None:
+                await self._flush_once()
+        except Exception as exc:
+            self._failure = exc
+            logger.warning("run %s could not write its terminal event: %r", self.stream_id, exc)
+
+    async def _read_source(self) -> None:
+        buffer_limit = self._producer.max_buffer
+        full = self._coalesce_events
+        source = self._source
+        buffer = self._buffer
+        sizes = self._sizes
+        encoder = self._encoder
+        terminal: Item | None = (END, {})
+        try:
+            if self._cancel_reason is not None:  # cancelled before the run started
+                raise asyncio.CancelledError
+            async for item in source:
+                buffered = len(buffer)
+                # Each event is encoded as it arrives: one that cannot be stored ends the
+                # run after the good events before it (issue 9).
+                if type(item) is str:  # hot path: plain token text (encoder.token() inlined)
+                    if item:
+                        if len(item) > encoder.plain_text_limit or not item.isascii():
+                            encoder.token(item, None, None)  # the full checks
+                        buffer.append(item)
+                        sizes.append(len(item) + 3)
+                elif type(item) is dict and item.get("event") == "on_chat_model_stream":
+                    # Hot path: most astream_events items; skips normalize()'s shape checks.
+                    parts = chat_model_text(item)
+                    if parts is not None:
+                        text = parts[0]
+                        if (
+                            parts[1:] == encoder.meta
+                            and len(text) <= encoder.text_limit
+                            and text.isascii()
+                        ):  # same message and node as the last token: nothing to check
+                            buffer.append((text, encoder.meta))
+                        else:
+                            buffer.append(encoder.token(*parts))
+                        sizes.append(len(text) + 3)
+                else:
+                    for kind, data in normalize(item):
+                        if kind in TERMINAL_TYPES:
+                            terminal = (kind, data)
+                            return
+                        encoded = encoder.encode(kind, data)
+                        buffer.append(encoded)
+                        sizes.append(size_of(encoded))
+                # The flusher needs waking for the first event of a batch and for a full one.
+                if buffered == 0 or len(buffer) >= full:
+                    self._wake.set()
+                while len(buffer) >= buffer_limit:
+                    self._space.clear()
+                    await self._space.wait()
+        except asyncio.CancelledError:
+            reason = self._cancel_reason
+            if reason is None:
+                terminal = None
+                raise  # the run's task group is stopping: _salvage() ends the stream
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # our own request: end the stream with `cancelled`
+            terminal = (CANCELLED, {"reason": reason})
+        except Exception as exc:
+            logger.info("run %s: source raised or yielded a bad event: %r", self.stream_id, exc)
+            terminal = (ERROR, error_data(exc))
+        finally:
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except Exception:
+                    logger.warning(
+                        "run %s: the source's aclose() raised", self.stream_id, exc_info=True
+                    )
+            if terminal is not None:
+                self._end(terminal)
+
+    async def _flush_loop(self) -> None:
+        """Write the buffer, an entry per write, until the terminal event is written."""
         clock = asyncio.get_running_loop().time
+        coalesce_delay = self._producer.coalesce_delay
         bursting = False
         written_at = -COALESCE_GAP
-        try:
-            while True:
-                if not self._buffer and self._terminal is None:
-                    self._wake.clear()
-                    await self._wake.wait()
-                    bursting = clock() - written_at < COALESCE_GAP
-                    continue
-                if (
-                    bursting
-                    and self._terminal is None
-                    and len(self._buffer) < self._coalesce_events
-                ):
-                    # Events arrive faster than writes complete: let this entry fill a
-                    # little (see docs/performance.md).
-                    self._wake.clear()
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(COALESCE_DELAY):
-                            await self._wake.wait()
-                batch, self._buffer = self._buffer, []
-                terminal = self._terminal
-                if terminal is not None:
-                    batch.append(terminal)
+        # One turn of the loop for the source: what it yields at once goes in the first entry.
+        await asyncio.sleep(0)
+        while self.status is None:
+            if not self._buffer and self._terminal is None:
+                self._wake.clear()
+                await self._wake.wait()
+                bursting = clock() - written_at < COALESCE_GAP
+                continue
+            if bursting and self._terminal is None and len(self._buffer) < self._coalesce_events:
+                # Events arrive faster than writes complete: let this entry fill a little
+                # (see docs/performance.md).
+                self._wake.clear()
                 try:
-                    payload = encode_entry(batch)
-                except Exception as exc:  # e.g. an integer beyond 64 bits in a tool's output
-                    # End the run with an error rather than hang with a dead writer.
-                    logger.warning("run %s: an event cannot be stored: %r", self.stream_id, exc)
-                    terminal = (ERROR, {"error": type(exc).__name__, "message": str(exc)})
-                    batch = [terminal]
-                    payload = encode_entry(batch)
-                    self._pump.cancel()
-                final = None if terminal is None else _STATUS_OF[terminal[0]]
-                await self._write(payload, len(batch), final)
-                self._space.set()
-                if final is not None:
-                    return final
-                written_at = clock()
-                bursting = bool(self._buffer)
-        except (LeaseLost, TransportError):
-            self._pump.cancel()
-            raise
-
-    async def _write(self, payload: bytes, count: int, final: Status | None) -> None:
-        entry = Entry(self.epoch, self._seq + 1, payload)
-        give_up = time.monotonic() + self._producer.lease
-        delay = 0.02
-        while True:
-            try:
-                await self._transport.append(self.stream_id, self._owner, entry, count, final)
-                break
-            except TransportError:
-                # A write whose reply was lost is retried with the same seq; the transport
-                # makes that idempotent. Past the lease, consumers will report the run lost.
-                if time.monotonic() + delay > give_up:
-                    raise
-                await asyncio.sleep(delay)  # backoff between retries
-                delay = min(delay * 2, 1.0)
-        self._seq += 1
+                    async with asyncio.timeout(coalesce_delay):
+                        await self._wake.wait()
+                except TimeoutError:
+                    pass
+            await self._flush_once()
+            written_at = clock()
+            bursting = bool(self._buffer)
+        for helper in self._helpers:
+            helper.cancel()
 
     async def _heartbeat(self) -> None:
         producer = self._producer
@@ -235,11 +322,12 @@ class Run:
             await asyncio.sleep(interval)  # the heartbeat period
             try:
                 cancel = await self._transport.renew(self.stream_id, self._owner, producer.lease_ms)
-            except LeaseLost as exc:
-                if self._terminal is None:  # not a renewal racing the final write
-                    self._failure = exc
-                    self._pump.cancel()
-                return
+            except LeaseLost:
+                if self._terminal is not None:
+                    # A renewal racing the final write; if the lease is really gone, the
+                    # writes find out themselves.
+                    return
+                raise
             except TransportError as exc:
                 logger.warning("run %s: heartbeat failed: %s", self.stream_id, exc)
                 continue
@@ -256,12 +344,151 @@ class Run:
             return
         self._request_cancel("requested")
 
+    # -- writing -----------------------------------------------------------------------
+
+    async def _flush_once(self) -> None:
+        """Write one entry: the next events of the buffer, and the terminal event after
+        the last of them."""
+        producer = self._producer
+        buffer, sizes = self._buffer, self._sizes
+        # The most events that fit: at most max_entry_events, and past the first, no more
+        # than max_entry_bytes in all (prefix sums and bisect: no Python loop per event).
+        totals = list(itertools.accumulate(sizes[: producer.max_entry_events]))
+        taken = max(bisect.bisect_right(totals, producer.max_entry_bytes), min(len(buffer), 1))
+        events = buffer[:taken]
+        del buffer[:taken]
+        del sizes[:taken]
+        final: Status | None = None
+        terminal = self._terminal
+        if not buffer and terminal is not None and taken < producer.max_entry_events:
+            events.append(self._encode_terminal(terminal))
+            final = _STATUS_OF[terminal[0]]
+        try:
+            await self._write(join_entry(events), len(events), final)
+        except _RolledBack:
+            return  # the terminal event changed to `storage_rollback`: written next
+        self._space.set()
+
+    def _encode_terminal(self, terminal: Item) -> Encoded:
+        try:
+            return self._encoder.encode(*terminal)
+        except Exception as exc:  # a relayed terminal event that cannot be stored
+            self._terminal = terminal = (ERROR, error_data(exc))
+            return self._encoder.encode(*terminal)
+
+    async def _write(self, payload: bytes, count: int, final: Status | None) -> None:
+        entry = Entry(self.epoch, self._seq + 1, payload)
+        self._inflight = (entry, count, final)
+        await self._append(entry, count, final)
+        self._written(entry, count, final)
+
+    def _written(self, entry: Entry, count: int, final: Status | None) -> None:
+        self._inflight = None
+        self._seq = entry.seq
+        if final is not None:
+            self.status = final
+            return
+        window = self._window
+        window.append((entry, count))
+        self._window_bytes += len(entry.payload)
+        limit = self._producer.rollback_window
+        while window and (len(window) > limit or self._window_bytes > ROLLBACK_WINDOW_BYTES):
+            self._window_bytes -= len(window.popleft()[0].payload)
+
+    async def _append(self, entry: Entry, count: int, final: Status | None) -> None:
+        """Append ``entry``, retrying transient faults within the write-retry budget."""
+        give_up = time.monotonic() + self._producer.write_retry_budget
+        delay = 0.02
+        while True:
+            try:
+                await self._transport.append(self.stream_id, self._owner, entry, count, final)
+                return
+            except StorageRollback as exc:
+                if exc.last_seq + 1 >= entry.seq:
+                    raise  # not a rollback: a transport breaking the contract
+                await self._rewrite_lost(exc.last_seq, entry.seq)
+            except BackendRefused:
+                raise  # a retry will not fix it (out of memory, no permission...)
+            except TransportError:
+                # A write whose reply was lost is retried with the same seq; the transport
+                # makes that idempotent.
+                if time.monotonic() + delay > give_up:
+                    raise
+                await asyncio.sleep(delay)  # backoff between retries
+                delay = min(delay * 2, 1.0)
+
+    async def _rewrite_lost(self, last_seq: int, seq: int) -> None:
+        """The storage ends at ``last_seq`` although entries up to ``seq - 1`` were written:
+        write the lost ones again from the window, or end the run with `storage_rollback`."""
+        kept = {e.seq: (e, count) for e, count in self._window}
+        lost = range(last_seq + 1, seq)
+        if all(s in kept for s in lost):
+            logger.warning(
+                "run %s: the storage lost entries %d-%d; writing them again",
+                self.stream_id,
+                last_seq + 1,
+                seq - 1,
+            )
+            for s in lost:
+                await self._append(*kept[s], None)
+            return
+        # The lost entries are gone for good. The run ends at once with an error written
+        # right after what the storage holds; readers that had received lost entries get
+        # OffsetExpired (the consumer recognizes this error at an offset they passed).
+        logger.error(
+            "run %s: the storage lost entries %d-%d, beyond the rollback window",
+            self.stream_id,
+            last_seq + 1,
+            seq - 1,
+        )
+        self._seq = last_seq
+        self._window.clear()
+        self._window_bytes = 0
+        self._inflight = None
+        self._buffer.clear()
+        self._sizes.clear()
+        self._request_cancel("stopped")  # stop reading the source
+        self._terminal = (ERROR, rollback_error(last_seq))
+        raise _RolledBack
+
+
+def rollback_error(last_seq: int) -> dict[str, Any]:
+    """The ``data`` of the ``error`` event ending a run whose storage lost entries."""
+    return {
+        "error": "storage_rollback",
+        "message": (
+            f"the storage lost entries after entry {last_seq} that it had acknowledged (a "
+            "failover to a replica that had not caught up); the events after them are lost"
+        ),
+        "last_seq": last_seq,
+    }
+
 
 class StreamProducer:
     """Starts runs: each reads a source in the background and writes it to a stream.
 
     The producer owns its runs; :meth:`aclose` (or leaving ``async with``) cancels the ones
     still running, each of which still writes its ``cancelled`` terminal event.
+
+    Tunables (defaults in ``resumable_stream._constants``):
+
+    * ``lease``: seconds a run's lease lasts without a heartbeat (renewed every third);
+      readers report a run whose lease lapsed as ``error`` / ``producer_lost``.
+    * ``max_buffer``: events read ahead of the writes before the source waits
+      (backpressure).
+    * ``coalesce_events``, ``coalesce_delay``: when events arrive faster than writes
+      complete, an entry may wait up to ``coalesce_delay`` seconds to hold up to
+      ``coalesce_events`` events (see docs/performance.md).
+    * ``max_event_bytes``: largest encoded event; a larger one ends the run with an
+      ``error`` event whose ``error`` is ``EventTooLarge``, after the events before it.
+    * ``max_entry_events``, ``max_entry_bytes``: most events per entry, and the size past
+      which an entry takes no further event; they bound what a reader decodes at once.
+    * ``write_retry_budget``: seconds a write failing with a transient
+      :class:`TransportError` is retried; None takes the transport's
+      ``write_retry_budget`` (a Redis transport behind Sentinel may suggest one covering a
+      failover), else 5 s. :class:`BackendRefused` is never retried.
+    * ``rollback_window``: recent entries kept to write again if the storage loses them
+      (a failover to a lagging replica); past it the run ends with ``storage_rollback``.
     """
 
     def __init__(
@@ -270,15 +497,44 @@ class StreamProducer:
         *,
         lease: float = DEFAULT_LEASE,
         max_buffer: int = DEFAULT_MAX_BUFFER,
+        coalesce_events: int = COALESCE_EVENTS,
+        coalesce_delay: float = COALESCE_DELAY,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
+        max_entry_events: int = DEFAULT_MAX_ENTRY_EVENTS,
+        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
+        write_retry_budget: float | None = None,
+        rollback_window: int = DEFAULT_ROLLBACK_WINDOW,
     ) -> None:
         if lease < 0.1:
             raise ConfigurationError("lease must be at least 0.1 seconds")
         if max_buffer < 1:
             raise ConfigurationError("max_buffer must be at least 1")
+        if coalesce_events < 1 or coalesce_delay < 0:
+            raise ConfigurationError("coalesce_events must be >= 1 and coalesce_delay >= 0")
+        if not 1 <= max_entry_events <= MAX_ENTRY_EVENTS_LIMIT:
+            raise ConfigurationError(
+                f"max_entry_events must be between 1 and {MAX_ENTRY_EVENTS_LIMIT}"
+            )
+        if max_event_bytes < 64 or max_entry_bytes < 1:
+            raise ConfigurationError("max_event_bytes must be >= 64 and max_entry_bytes >= 1")
+        if rollback_window < 0:
+            raise ConfigurationError("rollback_window must be >= 0")
+        if write_retry_budget is None:
+            suggested = getattr(transport, "write_retry_budget", None)
+            write_retry_budget = DEFAULT_WRITE_RETRY_BUDGET if suggested is None else suggested
+        if write_retry_budget < 0:
+            raise ConfigurationError("write_retry_budget must be >= 0 seconds")
         self.transport = transport
         self.lease = lease
         self.lease_ms = int(lease * 1000)
         self.max_buffer = max_buffer
+        self.coalesce_events = coalesce_events
+        self.coalesce_delay = coalesce_delay
+        self.max_event_bytes = max_event_bytes
+        self.max_entry_events = max_entry_events
+        self.max_entry_bytes = max_entry_bytes
+        self.write_retry_budget: float = write_retry_budget
+        self.rollback_window = rollback_window
         self._runs: dict[str, Run] = {}
 
     @property
@@ -286,19 +542,32 @@ class StreamProducer:
         """The runs of this producer that have not ended, by stream id."""
         return dict(self._runs)
 
-    async def start(self, source: AsyncIterable[Any], *, stream_id: str | None = None) -> Run:
+    async def start(
+        self,
+        source: AsyncIterable[Any],
+        *,
+        stream_id: str | None = None,
+        events: EventsFunction | None = None,
+    ) -> Run:
         """Start reading ``source`` into a stream in the background; return its :class:`Run`.
 
         ``source`` is a LangGraph ``astream_events(..., version="v2")`` or ``astream(...)``
         iterator, or any async iterable of ``str`` tokens, events or dicts. Without
         ``stream_id`` an unguessable id is generated. Raises :class:`StreamAlreadyRunning`
         if a live producer holds ``stream_id``.
+
+        ``events(item)`` replaces the normalization into the event vocabulary: it returns
+        the ``(type, data)`` pairs to store for each item (``data`` a JSON-safe dict), so
+        that a protocol can keep what the vocabulary drops (as
+        ``resumable_stream.langgraph_api`` keeps LangGraph's stream parts whole).
         """
         if not isinstance(source, AsyncIterable):
             raise TypeError(
                 f"source must be an async iterable (e.g. graph.astream_events(...)), "
                 f"not {type(source).__name__}"
             )
+        if events is not None:
+            source = mapped(source, events)
         stream_id = new_stream_id() if stream_id is None else check_stream_id(stream_id)
         owner = secrets.token_hex(16)
         info = await self.transport.create(stream_id, owner, self.lease_ms)

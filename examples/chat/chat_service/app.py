@@ -40,6 +40,7 @@ from resumable_stream.starlette import StreamResponse, error_response, resume_af
 from .auth import SessionMiddleware, current_user
 from .events import ChatEvents, Mapper, to_ndjson, to_sse
 from .models import available_models
+from .protocols import add_client_protocols
 from .runs import NothingToRetry, Submitted, ThreadBusy
 from .runtime import Runtime, open_runtime
 from .settings import Settings
@@ -242,9 +243,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             allow_credentials=not wildcard,
             allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            # The LangGraph SDKs rejoin a run through these (protocols.py).
+            expose_headers=["Content-Location", "Location"],
         )
 
     _routes(app, settings)
+    add_client_protocols(app)  # /api/chat (AI SDK) and /langgraph (LangGraph SDK)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 

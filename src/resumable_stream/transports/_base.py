@@ -3,9 +3,10 @@
 A transport stores streams of *entries*. An entry is an opaque ``payload`` (bytes) with a
 sequence number ``seq``; the first entry of a run is 1 and each next one is exactly one more.
 Each run of a stream id has an ``epoch``: an integer chosen by the transport when the run is
-created, larger than any earlier epoch of that id, so offsets from an earlier run are told
-apart. Producers *own* a running stream through an ``owner`` token (a lease); every write
-checks it, which fences a producer that lost its lease.
+created, larger than any earlier epoch of that id and below 10**16 (offsets write it in 16
+digits so that they compare as strings), so offsets from an earlier run are told apart.
+Producers *own* a running stream through an ``owner`` token (a lease); every write checks
+it, which fences a producer that lost its lease.
 
 Implementations must be safe to use from many tasks of one event loop at once.
 """
@@ -19,6 +20,7 @@ from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Literal, NamedTuple, Self
 
+from .._codec import format_offset
 from .._constants import DEFAULT_SUBSCRIPTION_BUFFER
 
 Status = Literal["running", "completed", "error", "cancelled"]
@@ -54,7 +56,7 @@ class StreamInfo(NamedTuple):
         """Offset of the last event written, or None before the first event."""
         if self.last_seq == 0:
             return None
-        return f"{self.epoch}-{self.last_seq}-{self.last_count - 1}"
+        return format_offset(self.epoch, self.last_seq, self.last_count - 1)
 
 
 class Subscription(ABC):
@@ -149,7 +151,15 @@ class Transport(ABC):
     * ``running_ttl``: seconds a running stream lives without a heartbeat (a safety net
       against a key left behind; heartbeats extend it);
     * ``max_entries``: approximate cap on entries kept per stream.
+
+    A transport may set ``write_retry_budget`` (seconds) to the time its backend may need to
+    recover from a fault, e.g. a Sentinel failover: producers retry a write failing with a
+    transient :class:`TransportError` that long unless given their own budget. None (the
+    default) leaves the producer's default.
     """
+
+    #: Seconds producers should retry transient write failures; None: their default.
+    write_retry_budget: float | None = None
 
     def __init__(
         self,
@@ -192,8 +202,9 @@ class Transport(ABC):
         the storage now ends at, so the producer can write the lost entries again. With
         ``final`` set, the run ends with that status: the owner can no longer write and the
         stream expires after ``retention``. Raises :class:`LeaseLost` if ``owner`` no longer
-        owns the run, :class:`TransportError` for a fault a retry may fix and
-        :class:`BackendRefused` for one it will not.
+        owns the run, :class:`TransportError` for a fault a retry may fix (the producer
+        retries within its write-retry budget) and :class:`BackendRefused` for one it will
+        not (the run fails at once).
         """
 
     @abstractmethod

@@ -16,7 +16,7 @@ from .._constants import (
     DEFAULT_RUNNING_TTL,
     DEFAULT_TOMBSTONE,
 )
-from .._exceptions import LeaseLost, StreamAlreadyRunning, TransportClosed
+from .._exceptions import LeaseLost, StorageRollback, StreamAlreadyRunning, TransportClosed
 from ._base import Entry, QueueSubscription, Status, StreamInfo, Subscription, Transport, now
 
 
@@ -142,7 +142,7 @@ class MemoryTransport(Transport):
         if stream.status != "running":
             raise LeaseLost(stream_id)
         if entry.seq != stream.last_seq + 1:
-            raise ValueError(f"entry {entry.seq} does not follow {stream.last_seq}")
+            raise StorageRollback(stream_id, stream.last_seq)
         self._store(stream, entry, count)
         if final is not None:
             self._finish(stream, final)

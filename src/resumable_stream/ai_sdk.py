@@ -1,0 +1,547 @@
+"""Serve the Vercel AI SDK's ``useChat`` (with ``resume: true``): the UI message stream protocol.
+
+```python
+from resumable_stream.ai_sdk import ChatRequest, ChatRouter
+
+async def answer(chat: ChatRequest):
+    return graph.astream_events({"messages": [("user", chat.text)]}, version="v2")
+
+chat = ChatRouter(transport, answer, path="/api/chat")
+app.router.routes.extend(chat.routes)
+```
+
+``POST /api/chat`` starts a run keyed by the chat id and answers it as a UI message stream;
+``GET /api/chat/{id}/stream`` replays the answer in progress from its start and follows it
+(204 when none is); ``POST /api/chat/{id}/stop`` stops it. The encoder,
+:class:`UIMessageChunks`, and :class:`UIMessageStreamResponse` work in any route too. Needs
+the ``web`` extra; see docs/ai-sdk.md.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route, Router
+from starlette.types import Receive, Scope, Send
+
+from ._codec import parse_offset
+from ._constants import DEFAULT_PING_INTERVAL, DEFAULT_SEND_TIMEOUT
+from ._consumer import StreamConsumer
+from ._events import (
+    CANCELLED,
+    CUSTOM,
+    END,
+    ERROR,
+    MESSAGE,
+    TOKEN,
+    TOOL_END,
+    TOOL_START,
+    Event,
+)
+from ._exceptions import ResumableStreamError, StreamAlreadyRunning
+from ._http import EVENT_STREAM_TYPE, JSON_TYPE, HTTPError, WireFormat, error_for, not_running
+from ._ids import check_stream_id
+from ._producer import StreamProducer
+from ._sse import PING
+from .starlette import StreamResponse
+from .transports import Transport
+
+__all__ = [
+    "ChatAction",
+    "ChatRequest",
+    "ChatRouter",
+    "UIMessageChunks",
+    "UIMessageStreamResponse",
+    "UI_MESSAGE_STREAM_HEADERS",
+    "ui_message_text",
+]
+
+#: The header of a UI message stream (ai: ``src/ui-message-stream/ui-message-stream-headers.ts``).
+UI_MESSAGE_STREAM_HEADERS: Mapping[str, str] = {"x-vercel-ai-ui-message-stream": "v1"}
+# @ai-sdk/provider-utils parseJsonEventStream skips it; AI SDK servers end with it.
+_DONE = b"data: [DONE]\n\n"
+_AI_ROLES = frozenset({"ai", "AIMessage", "assistant"})
+_DATA_NAME = re.compile(r"[^A-Za-z0-9_.:-]+")
+
+
+def _sse(chunk: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+@dataclass(slots=True)
+class _ToolCall:
+    name: str
+    output_sent: bool = False
+
+
+class UIMessageChunks:
+    """Turns one stream's events into AI SDK UI message chunks, in an order the client accepts.
+
+    The client (ai: ``ui/process-ui-message-stream.ts``) rejects a ``text-delta`` without its
+    ``text-start`` and a tool output without its call, so this keeps the parts it opened:
+
+    * ``token`` → ``text-start`` (once per LangChain message id), ``text-delta``;
+    * ``message`` → ``text-end`` for its streamed text, or its whole text if it was not
+      streamed; each tool call → ``tool-input-start`` and ``tool-input-available``; a tool
+      message → ``tool-output-available``;
+    * ``tool_start`` / ``tool_end`` → the call (unless the model's message announced it) and
+      ``tool-output-available`` or ``tool-output-error``;
+    * ``custom`` → ``data-<name>`` (``data-custom`` without a name);
+    * ``end`` / ``error`` / ``cancelled`` → ``finish`` / ``error`` / ``abort``, then ``[DONE]``.
+
+    ``start`` (with ``message_id``) comes first when ``start`` is true, as a replay from the
+    beginning needs: the client resets its message on it. ``update`` events are not sent.
+    """
+
+    def __init__(self, message_id: str | None = None, *, start: bool = True) -> None:
+        self.message_id = message_id
+        self._need_start = start
+        self._open_text: dict[Any, str] = {}  # LangChain message id (or None) → text part id
+        self._streamed: set[Any] = set()  # message ids whose text came as tokens
+        self._parts = 0
+        self._calls: dict[str, _ToolCall] = {}
+        # tool name → the model's calls (id, args) that no tool run has claimed yet
+        self._announced: dict[str, list[tuple[str, Any]]] = {}
+        self._run_calls: dict[str, str] = {}  # tool run id → tool call id
+        self.finished = False
+
+    def chunks(self, event: Event) -> list[dict[str, Any]]:
+        """The chunks for ``event`` (none after the terminal one)."""
+        if self.finished:
+            return []
+        out: list[dict[str, Any]] = []
+        if self._need_start:
+            # ai (src/ui/chat.ts): a resume is a replay (resumeStreamIsReplay); the client
+            # resets its message at the first `start` and keeps its id, hence a stable one.
+            self._need_start = False
+            start: dict[str, Any] = {"type": "start"}
+            if self.message_id is not None:
+                start["messageId"] = self.message_id
+            out.append(start)
+        kind, data = event.type, event.data
+        if kind == TOKEN:
+            self._token(data, out)
+        elif kind == MESSAGE:
+            self._message(data.get("message"), out)
+        elif kind == TOOL_START:
+            self._tool_start(data, out)
+        elif kind == TOOL_END:
+            self._tool_end(data, out)
+        elif kind == CUSTOM:
+            name = data.get("name")
+            suffix = _DATA_NAME.sub("-", name) if isinstance(name, str) and name else "custom"
+            out.append({"type": f"data-{suffix}", "data": data.get("data")})
+        elif kind in (END, ERROR, CANCELLED):
+            self.finished = True
+            self._close_text(out)
+            if kind == END:
+                out.append({"type": "finish", "finishReason": "stop"})
+            elif kind == ERROR:
+                message = data.get("message") or data.get("error") or "the answer failed"
+                out.append({"type": "error", "errorText": str(message)})
+            else:
+                out.append({"type": "abort", "reason": str(data.get("reason") or "cancelled")})
+        return out
+
+    def encode(self, event: Event) -> bytes:
+        """The SSE bytes for ``event``: ``data: <chunk>`` blocks, and ``[DONE]`` at the end."""
+        body = b"".join(_sse(chunk) for chunk in self.chunks(event))
+        if event.terminal and body:
+            body += _DONE
+        return body
+
+    # --- text ---------------------------------------------------------------------------
+
+    def _open(self, key: Any, out: list[dict[str, Any]]) -> str:
+        part = self._open_text.get(key)
+        if part is None:
+            self._parts += 1
+            part = self._open_text[key] = f"text-{self._parts}"
+            out.append({"type": "text-start", "id": part})
+        return part
+
+    def _close_text(self, out: list[dict[str, Any]], key: Any = ...) -> None:
+        keys = list(self._open_text) if key is ... else [key]
+        for k in keys:
+            part = self._open_text.pop(k, None)
+            if part is not None:
+                out.append({"type": "text-end", "id": part})
+
+    def _token(self, data: Mapping[str, Any], out: list[dict[str, Any]]) -> None:
+        text = data.get("text")
+        if not isinstance(text, str) or not text:
+            return
+        key = data.get("message_id")
+        self._streamed.add(key)
+        out.append({"type": "text-delta", "id": self._open(key, out), "delta": text})
+
+    def _message(self, message: Any, out: list[dict[str, Any]]) -> None:
+        if not isinstance(message, Mapping):
+            return
+        role = message.get("role")
+        if role in _AI_ROLES:
+            key = message.get("id")
+            if key in self._open_text:
+                self._close_text(out, key)
+            elif key not in self._streamed and message.get("text"):
+                # A model that does not stream: its text arrives whole.
+                self._streamed.add(key)
+                part = self._open(key, out)
+                out.append({"type": "text-delta", "id": part, "delta": message["text"]})
+                self._close_text(out, key)
+            for call in message.get("tool_calls") or ():
+                call_id, name = call.get("id"), call.get("name")
+                if (
+                    isinstance(call_id, str)
+                    and isinstance(name, str)
+                    and self._announce(call_id, name, call.get("args"), out)
+                ):
+                    self._announced.setdefault(name, []).append((call_id, call.get("args")))
+        elif role == "tool":
+            call_id = message.get("tool_call_id")
+            if isinstance(call_id, str):
+                name = message.get("name") or "tool"
+                self._announce(call_id, str(name), None, out)
+                if message.get("status") == "error":
+                    self._output(call_id, None, str(message.get("text")), out)
+                else:
+                    self._output(call_id, message.get("content"), None, out)
+
+    # --- tools --------------------------------------------------------------------------
+
+    def _announce(self, call_id: str, name: str, args: Any, out: list[dict[str, Any]]) -> bool:
+        """Send a tool call's input once; true if it is new."""
+        if call_id in self._calls:
+            return False
+        self._calls[call_id] = _ToolCall(name)
+        out.append({"type": "tool-input-start", "toolCallId": call_id, "toolName": name})
+        out.append(
+            {
+                "type": "tool-input-available",
+                "toolCallId": call_id,
+                "toolName": name,
+                "input": {} if args is None else args,
+            }
+        )
+        return True
+
+    def _output(
+        self, call_id: str, output: Any, error: str | None, out: list[dict[str, Any]]
+    ) -> None:
+        call = self._calls[call_id]
+        if call.output_sent:
+            return
+        call.output_sent = True
+        if error is not None:
+            out.append({"type": "tool-output-error", "toolCallId": call_id, "errorText": error})
+        else:
+            out.append({"type": "tool-output-available", "toolCallId": call_id, "output": output})
+
+    def _tool_start(self, data: Mapping[str, Any], out: list[dict[str, Any]]) -> None:
+        name = str(data.get("name") or "tool")
+        # An app's own events may name the call and its arguments: {id, name, args}.
+        call_id: Any = data.get("id")
+        run_id = str(data.get("run_id") or call_id)
+        tool_input = data.get("input", data.get("args"))
+        if isinstance(tool_input, Mapping) and tool_input.get("type") == "tool_call":
+            call_id = tool_input.get("id")  # a ToolCall passed whole
+            tool_input = tool_input.get("args")
+        announced = self._announced.get(name) or []
+        # The model's call this tool run executes: the one named, else the first with
+        # these arguments (parallel calls of one tool start in any order), else the first.
+        match = next((c for c in announced if c[0] == call_id), None)
+        if match is None and call_id is None:
+            match = next((c for c in announced if c[1] == tool_input), None)
+            if match is None and announced:
+                match = announced[0]
+        if match is not None:
+            announced.remove(match)
+            call_id = match[0]
+        if not isinstance(call_id, str):
+            call_id = run_id
+        self._run_calls[run_id] = call_id
+        self._announce(call_id, name, tool_input, out)
+
+    def _tool_end(self, data: Mapping[str, Any], out: list[dict[str, Any]]) -> None:
+        output = data.get("output")
+        run_id = str(data.get("run_id") or data.get("id"))
+        call_id: Any = self._run_calls.pop(run_id, None) or data.get("id")
+        if isinstance(output, Mapping) and output.get("role") == "tool":
+            # A ToolMessage: its tool_call_id names the call, unless this run had one.
+            call_id = call_id or output.get("tool_call_id")
+            output = output.get("content")
+        if not isinstance(call_id, str):
+            call_id = run_id
+        self._announce(call_id, str(data.get("name") or "tool"), None, out)
+        error = data.get("error")
+        self._output(call_id, output, None if error is None else str(error), out)
+
+
+def default_message_id(stream_id: str, epoch: int) -> str:
+    """The assistant message id of a run: the same for every replay of it."""
+    return f"{stream_id}-{epoch}"
+
+
+class UIMessageStreamResponse(StreamResponse):
+    """A :class:`~resumable_stream.starlette.StreamResponse` speaking the UI message stream.
+
+    Replayed from the start (a consumer without ``after``), it begins with ``start`` and
+    ``message_id`` (by default ``"<stream_id>-<epoch>"``, the same in every replay, so the
+    client replaces its partial message instead of adding one). A stream with nothing to send
+    answers 204, which ``useChat`` reads as "nothing to resume".
+    """
+
+    def __init__(
+        self,
+        consumer: StreamConsumer,
+        request: Request | None = None,
+        *,
+        message_id: str | None = None,
+        ping_interval: float | None = DEFAULT_PING_INTERVAL,
+        send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
+        on_disconnect: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        super().__init__(
+            consumer,
+            request,
+            format="sse",
+            retry=None,  # not an EventSource: the SDK reconnects through its own GET
+            ping_interval=ping_interval,
+            send_timeout=send_timeout,
+            on_disconnect=on_disconnect,
+        )
+        self.chunker = UIMessageChunks(message_id, start=consumer.after is None)
+        self.wire = WireFormat("sse", EVENT_STREAM_TYPE, self._encode, PING)
+        self.event_stream_client = True  # nothing to send is 204, which the SDK understands
+        self.raw_headers = [
+            *self.raw_headers,
+            *((k.encode(), v.encode()) for k, v in UI_MESSAGE_STREAM_HEADERS.items()),
+        ]
+
+    def _encode(self, event: Event) -> bytes:
+        chunker = self.chunker
+        if chunker.message_id is None:
+            chunker.message_id = default_message_id(
+                self.consumer.stream_id, parse_offset(event.offset).epoch
+            )
+        return chunker.encode(event)
+
+
+# --- the ready-made router ---------------------------------------------------------------
+
+#: What a request wants to do with a chat, as passed to ``authorize``.
+ChatAction = Literal["send", "resume", "stop"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    """A ``useChat`` request: ``POST {api}`` with ``{id, messages, trigger, messageId}``."""
+
+    chat_id: str
+    #: The UI messages the client holds, the new user message last (``{id, role, parts}``).
+    messages: list[dict[str, Any]]
+    #: ``"submit-message"`` or ``"regenerate-message"``.
+    trigger: str
+    #: The message to replace (an edit or a regeneration), if any.
+    message_id: str | None
+    #: The whole JSON body, with the fields the app added through the transport's ``body``.
+    body: dict[str, Any]
+    request: Request = field(repr=False)
+
+    @property
+    def text(self) -> str:
+        """The text of the last user message."""
+        for message in reversed(self.messages):
+            if isinstance(message, Mapping) and message.get("role") == "user":
+                return ui_message_text(message)
+        return ""
+
+
+def ui_message_text(message: Mapping[str, Any]) -> str:
+    """The text parts of a UI message, joined."""
+    parts = message.get("parts")
+    if not isinstance(parts, list):
+        content = message.get("content")  # the AI SDK 4 shape
+        return content if isinstance(content, str) else ""
+    return "".join(
+        p["text"]
+        for p in parts
+        if isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
+    )
+
+
+ChatSource = Callable[[ChatRequest], AsyncIterable[Any] | Awaitable[AsyncIterable[Any]]]
+
+
+def _error(error: HTTPError) -> Response:
+    if error.status == 204:
+        return Response(status_code=204, headers=error.headers())
+    return Response(error.body(), error.status, error.headers(), JSON_TYPE)
+
+
+def _bad_request(message: str) -> Response:
+    return _error(HTTPError(400, "invalid_request", message))
+
+
+class ChatRouter:
+    """The endpoints ``useChat`` calls, with runs that outlive their requests.
+
+    * ``POST {path}``: start a run for chat ``id`` with the source ``source(ChatRequest)``
+      returns, and answer it as a UI message stream. A client that goes away does not stop
+      it: the answer finishes and the next resume or reload shows it;
+    * ``GET {path}/{chat_id}/stream``: 204 when no answer is in progress, else the answer
+      replayed from its start and followed live (``useChat({resume: true})`` calls it on
+      mount);
+    * ``POST {path}/{chat_id}/stop``: stop the answer (``useChat``'s ``stop()`` only aborts
+      the fetch; call this too), in whichever process it runs.
+
+    ``stream_id(chat_id)`` maps a chat to its stream (the chat id by default); each message
+    starts a new run of it (a new epoch). A chat with an answer in progress refuses another
+    with 409. ``authorize(request, chat_id, action)`` may refuse with false (403) or raise
+    Starlette's ``HTTPException``. Add :attr:`routes` to the app, or serve the router itself.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        source: ChatSource,
+        *,
+        path: str = "/api/chat",
+        producer: StreamProducer | None = None,
+        authorize: Callable[[Request, str, ChatAction], bool | Awaitable[bool]] | None = None,
+        stream_id: Callable[[str], str] | None = None,
+        ping_interval: float | None = DEFAULT_PING_INTERVAL,
+        send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
+    ) -> None:
+        self.transport = transport
+        self.source = source
+        self.producer = StreamProducer(transport) if producer is None else producer
+        self.authorize = authorize
+        self.stream_id = stream_id or (lambda chat_id: chat_id)
+        self.ping_interval = ping_interval
+        self.send_timeout = send_timeout
+        path = "/" + path.strip("/") if path.strip("/") else ""
+        self.routes: list[BaseRoute] = [
+            Route(path or "/", self.send, methods=["POST"], name="ai_chat_send"),
+            Route(
+                f"{path}/{{chat_id}}/stream", self.resume, methods=["GET"], name="ai_chat_resume"
+            ),
+            Route(f"{path}/{{chat_id}}/stop", self.stop, methods=["POST"], name="ai_chat_stop"),
+        ]
+        self._app = Router(self.routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+
+    async def _allowed(self, request: Request, chat_id: str, action: ChatAction) -> Response | None:
+        if self.authorize is None:
+            return None
+        try:
+            allowed = self.authorize(request, chat_id, action)
+            if inspect.isawaitable(allowed):
+                allowed = await allowed
+        except HTTPException as exc:
+            response = _error(HTTPError(exc.status_code, "http_error", exc.detail))
+            if exc.headers:
+                response.headers.update(exc.headers)
+            return response
+        if not allowed:
+            return _error(HTTPError(403, "forbidden", "not allowed to access this chat"))
+        return None
+
+    def _response(self, request: Request, stream_id: str) -> Response:
+        return UIMessageStreamResponse(
+            StreamConsumer(self.transport, stream_id),
+            request,
+            ping_interval=self.ping_interval,
+            send_timeout=self.send_timeout,
+        )
+
+    async def send(self, request: Request) -> Response:
+        """``POST {path}``: answer the chat's new message as a UI message stream."""
+        try:
+            body = orjson.loads(await request.body())
+        except orjson.JSONDecodeError:
+            return _bad_request("the body must be JSON: {id, messages, trigger, messageId}")
+        if not isinstance(body, dict):
+            return _bad_request("the body must be a JSON object: {id, messages, ...}")
+        chat_id, messages = body.get("id"), body.get("messages")
+        if not isinstance(chat_id, str) or not chat_id:
+            return _bad_request("'id' (the chat id) must be a non-empty string")
+        if not isinstance(messages, list):
+            return _bad_request("'messages' must be a list of UI messages")
+        trigger = body.get("trigger")
+        message_id = body.get("messageId")
+        refused = await self._allowed(request, chat_id, "send")
+        if refused is not None:
+            return refused
+        chat = ChatRequest(
+            chat_id,
+            messages,
+            trigger if isinstance(trigger, str) else "submit-message",
+            message_id if isinstance(message_id, str) else None,
+            body,
+            request,
+        )
+        try:
+            stream_id = check_stream_id(self.stream_id(chat_id))
+            source = self.source(chat)
+            if inspect.isawaitable(source):
+                source = await source
+            await self.producer.start(source, stream_id=stream_id)
+        except HTTPException as exc:
+            return _error(HTTPError(exc.status_code, "http_error", exc.detail))
+        except StreamAlreadyRunning:
+            return _error(
+                HTTPError(409, "answer_in_progress", f"chat {chat_id!r} is answering already")
+            )
+        except ResumableStreamError as exc:
+            return _error(error_for(exc))
+        return self._response(request, stream_id)
+
+    async def resume(self, request: Request) -> Response:
+        """``GET {path}/{chat_id}/stream``: the answer in progress from its start, or 204."""
+        chat_id = request.path_params["chat_id"]
+        refused = await self._allowed(request, chat_id, "resume")
+        if refused is not None:
+            return refused
+        try:
+            stream_id = check_stream_id(self.stream_id(chat_id))
+            info = await self.transport.info(stream_id)
+        except ResumableStreamError as exc:
+            return _error(error_for(exc))
+        if info is None or info.status != "running":
+            # ai: ui/http-chat-transport.ts reads 204 as "nothing to resume".
+            return Response(status_code=204, headers={"cache-control": "no-store"})
+        return self._response(request, stream_id)
+
+    async def stop(self, request: Request) -> Response:
+        """``POST {path}/{chat_id}/stop``: stop the answer in progress."""
+        chat_id = request.path_params["chat_id"]
+        refused = await self._allowed(request, chat_id, "stop")
+        if refused is not None:
+            return refused
+        try:
+            stream_id = check_stream_id(self.stream_id(chat_id))
+            # Asked first: a run that wrote its end may linger in the producer a moment.
+            info = await self.transport.info(stream_id)
+            if info is None or info.status != "running":
+                status = "unknown" if info is None else info.status
+                return _error(not_running(stream_id, status))
+            await self.producer.cancel(stream_id)
+        except ResumableStreamError as exc:
+            return _error(error_for(exc))
+        return Response(
+            orjson.dumps({"chat_id": chat_id, "cancel_requested": True}),
+            202,
+            {"cache-control": "no-store"},
+            JSON_TYPE,
+        )

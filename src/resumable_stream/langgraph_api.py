@@ -1,0 +1,618 @@
+"""Serve the LangGraph SDKs (``runs.stream``, ``joinStream``, ``useStream``) over your graphs.
+
+```python
+from resumable_stream.langgraph_api import LangGraphRouter
+
+api = LangGraphRouter(transport, {"agent": graph})  # graph compiled with a checkpointer
+app.mount("/langgraph", api)                       # the SDKs' apiUrl: http://host/langgraph
+```
+
+A subset of the LangGraph Agent Server API: ``POST /threads``, ``GET /threads/{id}``,
+``POST /threads/{id}/runs/stream``, ``GET /threads/{id}/runs/{run_id}[/stream]``,
+``POST /threads/{id}/runs/{run_id}/cancel``, ``GET /threads/{id}/state`` and ``POST
+/threads/{id}/history``. Runs are detached: they go on when the client goes away, and any
+process sharing the transport can join them from any event. Needs the ``web`` and
+``langgraph`` extras; see docs/langgraph-sdk.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import secrets
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route, Router
+from starlette.types import Receive, Scope, Send
+
+from ._codec import parse_offset
+from ._constants import DEFAULT_PING_INTERVAL, DEFAULT_SEND_TIMEOUT
+from ._consumer import StreamConsumer
+from ._events import CANCELLED, END, ERROR, Event, Item
+from ._exceptions import InvalidOffset, ResumableStreamError, StreamAlreadyRunning
+from ._http import EVENT_STREAM_TYPE, JSON_TYPE, HTTPError, WireFormat, error_for
+from ._ids import check_stream_id
+from ._producer import StreamProducer
+from ._sse import PING
+from .starlette import StreamResponse
+from .transports import StreamInfo, Transport
+
+__all__ = [
+    "LangGraphAction",
+    "LangGraphRouter",
+    "stream_parts",
+    "to_wire",
+]
+
+#: What a request wants to do, as passed to ``authorize`` (thread id None for ``create``).
+LangGraphAction = Literal["create", "read", "run", "cancel"]
+
+# The graph's own stream modes; "messages-tuple" is the API's name for "messages"
+# (langgraph-sdk: schema.py StreamMode).
+_GRAPH_MODES = frozenset(
+    {"values", "updates", "messages", "custom", "debug", "tasks", "checkpoints"}
+)
+_API_MODES = _GRAPH_MODES | {"messages-tuple"}
+
+
+def to_wire(obj: Any) -> Any:
+    """``obj`` as the JSON the LangGraph SDKs parse.
+
+    Messages are their full LangChain serialization (``type``, ``content``, ``id``,
+    ``tool_calls``, ``tool_call_chunks``, ``response_metadata``...), as the SDKs rebuild
+    message objects from it; Pydantic models and dataclasses become dicts.
+    """
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return obj
+    if isinstance(obj, Mapping):
+        return {str(k): to_wire(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple | set | frozenset):
+        return [to_wire(v) for v in obj]
+    dump = getattr(obj, "model_dump", None)
+    if callable(dump):
+        return to_wire(dump())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_wire(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, datetime):
+        return obj.isoformat()
+    if isinstance(obj, uuid.UUID):
+        return str(obj)
+    return repr(obj)
+
+
+def stream_parts(item: Any) -> Iterable[Item]:
+    """The events to store for one item of ``graph.astream(..., stream_mode=[...])``.
+
+    For ``StreamProducer.start(source, events=stream_parts)``: each part is kept whole
+    under its SSE event name (``values``, ``updates``, ``messages``, ``custom``... with
+    ``|<namespace>`` for subgraphs), its payload in ``data["data"]``; a ``messages`` part is
+    the ``[message chunk, metadata]`` tuple. Items are ``(mode, payload)``, or
+    ``(namespace, mode, payload)`` with ``subgraphs=True``.
+    """
+    if isinstance(item, tuple) and len(item) == 3:
+        namespace, mode, payload = item
+    elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+        namespace, (mode, payload) = (), item
+    else:  # a single-mode stream
+        namespace, mode, payload = (), "values", item
+    name = str(mode)
+    if namespace:
+        name += "|" + "|".join(namespace)
+    yield (name, {"data": to_wire(payload)})
+
+
+def _json(status: int, content: Any, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(content), status, {"cache-control": "no-store", **(headers or {})}, JSON_TYPE
+    )
+
+
+def _error(error: HTTPError) -> Response:
+    return Response(error.body(), error.status, error.headers(), JSON_TYPE)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat()
+
+
+class _Refused(Exception):
+    def __init__(self, error: HTTPError) -> None:
+        self.error = error
+
+
+def _bad(message: str, code: str = "invalid_request") -> _Refused:
+    return _Refused(HTTPError(422, code, message))
+
+
+def run_id_for(epoch: int) -> str:
+    """A run id (a UUID) naming the run of a thread that started at ``epoch``."""
+    return str(uuid.UUID(int=(epoch << 64) | secrets.randbits(64)))
+
+
+def _epoch_of(run_id: str) -> int:
+    try:
+        return uuid.UUID(run_id).int >> 64
+    except ValueError:
+        raise _Refused(HTTPError(404, "run_not_found", f"no run {run_id!r}")) from None
+
+
+def _encode_part(event: Event) -> bytes:
+    """One stored part as the SSE block the SDKs read: ``id``, ``event``, ``data``."""
+    kind = event.type
+    if kind == END:
+        body = b'{"status":"success"}'
+        kind = "end"
+    elif kind == CANCELLED:
+        body = b'{"status":"interrupted"}'
+        kind = "end"
+    elif kind == ERROR:
+        body = orjson.dumps(
+            {"error": event.data.get("error"), "message": event.data.get("message")}
+        )
+    else:
+        body = orjson.dumps(event.data.get("data"))
+    # Both SDKs end a stream on `end` or `error` without asking the run's status
+    # (langgraph-sdk: _async/http.py; @langchain/langgraph-sdk: client/base.ts).
+    return b"id: %s\nevent: %s\ndata: %s\n\n" % (event.offset.encode(), kind.encode(), body)
+
+
+class _PartsResponse(StreamResponse):
+    """A stream response writing stored LangGraph parts (see :func:`_encode_part`)."""
+
+    def __init__(
+        self, consumer: StreamConsumer, request: Request, headers: Mapping[str, str], **kw: Any
+    ) -> None:
+        # Keep-alive comments feed the SDKs' idle watchdog (3x the heartbeat interval,
+        # 6-30 s: @langchain/langgraph-sdk utils/stream.ts idleReconnectStream).
+        super().__init__(consumer, request, format="sse", retry=None, **kw)
+        self.wire = WireFormat("sse", EVENT_STREAM_TYPE, _encode_part, PING)
+        self.event_stream_client = False  # nothing to send is an empty 200, not a 204
+        self.raw_headers = [
+            *self.raw_headers,
+            *((k.lower().encode(), v.encode()) for k, v in headers.items()),
+        ]
+
+
+class LangGraphRouter:
+    """An ASGI app with the LangGraph Agent Server endpoints the SDKs use, over your graphs.
+
+    ``graphs`` maps assistant ids (the SDKs' ``assistantId``) to compiled graphs that share
+    a checkpointer; the first one answers thread state and history. Each thread has one
+    stream (``stream_id(thread_id)``, by default ``"langgraph:<thread_id>"``), and each run
+    of the thread a new epoch of it, so a second run while one is in progress is refused
+    (409, the API's ``reject`` strategy) in every process at once. Runs are detached: they
+    go on when the client goes away, unless it asked for ``on_disconnect: "cancel"`` (which
+    ``useStream`` does unless ``reconnectOnMount`` is set); ``cancel_on_disconnect=False``
+    ignores that request, so that only a cancel stops a run.
+
+    ``authorize(request, thread_id, action)`` (``thread_id`` None for ``"create"``) may
+    refuse with false (403) or raise Starlette's ``HTTPException`` (say 401).
+    ``create_thread(request, thread_id, metadata)``, if given, records a new thread in the
+    app (the id is None when the client did not choose one) and returns its id.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        graphs: Mapping[str, Any],
+        *,
+        producer: StreamProducer | None = None,
+        authorize: Callable[[Request, str | None, LangGraphAction], bool | Awaitable[bool]]
+        | None = None,
+        create_thread: Callable[[Request, str | None, dict[str, Any]], Awaitable[str]]
+        | None = None,
+        stream_id: Callable[[str], str] | None = None,
+        cancel_on_disconnect: bool = True,
+        ping_interval: float | None = DEFAULT_PING_INTERVAL,
+        send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
+    ) -> None:
+        if not graphs:
+            raise ValueError("graphs must name at least one compiled graph")
+        self.transport = transport
+        self.graphs = dict(graphs)
+        self.producer = StreamProducer(transport) if producer is None else producer
+        self.authorize = authorize
+        self.create_thread = create_thread
+        self.stream_id = stream_id or (lambda thread_id: f"langgraph:{thread_id}")
+        self.cancel_on_disconnect = cancel_on_disconnect
+        self.ping_interval = ping_interval
+        self.send_timeout = send_timeout
+        self._state_graph = next(iter(self.graphs.values()))
+        run = "/threads/{thread_id}/runs/{run_id}"
+        self.routes: list[BaseRoute] = [
+            Route("/threads", self._endpoint(self.post_thread), methods=["POST"]),
+            Route("/threads/{thread_id}", self._endpoint(self.get_thread), methods=["GET"]),
+            Route(
+                "/threads/{thread_id}/runs/stream",
+                self._endpoint(self.stream_run),
+                methods=["POST"],
+            ),
+            Route(run, self._endpoint(self.get_run), methods=["GET"]),
+            Route(f"{run}/stream", self._endpoint(self.join_run), methods=["GET"]),
+            Route(f"{run}/cancel", self._endpoint(self.cancel_run), methods=["POST"]),
+            Route("/threads/{thread_id}/state", self._endpoint(self.get_state), methods=["GET"]),
+            Route(
+                "/threads/{thread_id}/history", self._endpoint(self.get_history), methods=["POST"]
+            ),
+        ]
+        self._app = Router(self.routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._app(scope, receive, send)
+
+    # --- plumbing -----------------------------------------------------------------------
+
+    def _endpoint(
+        self, handler: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except _Refused as exc:
+                return _error(exc.error)
+            except HTTPException as exc:
+                response = _error(HTTPError(exc.status_code, "http_error", exc.detail))
+                if exc.headers:
+                    response.headers.update(exc.headers)
+                return response
+            except ResumableStreamError as exc:
+                return _error(error_for(exc))
+
+        return endpoint
+
+    async def _check(
+        self, request: Request, action: LangGraphAction, thread_id: str | None = None
+    ) -> None:
+        if self.authorize is None:
+            return
+        allowed = self.authorize(request, thread_id, action)
+        if inspect.isawaitable(allowed):
+            allowed = await allowed
+        if not allowed:
+            raise _Refused(HTTPError(403, "forbidden", "not allowed to access this thread"))
+
+    async def _thread(self, request: Request, action: LangGraphAction) -> tuple[str, str]:
+        """The thread id of the path, authorized for ``action``, and its stream id."""
+        thread_id = request.path_params["thread_id"]
+        await self._check(request, action, thread_id)
+        return thread_id, check_stream_id(self.stream_id(thread_id))
+
+    async def _body(self, request: Request) -> dict[str, Any]:
+        raw = await request.body()
+        if not raw:
+            return {}
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise _bad("the body must be JSON") from None
+        if not isinstance(body, dict):
+            raise _bad("the body must be a JSON object")
+        return body
+
+    def _config(self, thread_id: str, extra: Any = None) -> dict[str, Any]:
+        config = dict(extra) if isinstance(extra, Mapping) else {}
+        configurable = config.get("configurable")
+        config["configurable"] = {
+            **(configurable if isinstance(configurable, Mapping) else {}),
+            "thread_id": thread_id,
+        }
+        return config
+
+    # --- threads ------------------------------------------------------------------------
+
+    def _thread_record(
+        self, thread_id: str, metadata: Any, status: str, values: Any = None
+    ) -> dict[str, Any]:
+        now = _now()
+        return {
+            "thread_id": thread_id,
+            "created_at": now,
+            "updated_at": now,
+            "metadata": metadata if isinstance(metadata, dict) else {},
+            "status": status,
+            "values": values,
+            "interrupts": {},
+        }
+
+    async def post_thread(self, request: Request) -> Response:
+        """``POST /threads``: a new thread (its id chosen by the client or made here)."""
+        body = await self._body(request)
+        await self._check(request, "create")
+        thread_id = body.get("thread_id")
+        metadata = body.get("metadata")
+        if not isinstance(metadata, dict):
+            metadata = {}
+        if thread_id is not None and not isinstance(thread_id, str):
+            raise _bad("'thread_id' must be a string")
+        if self.create_thread is not None:
+            thread_id = await self.create_thread(request, thread_id, metadata)
+        elif thread_id is None:
+            thread_id = str(uuid.uuid4())
+        check_stream_id(self.stream_id(thread_id))
+        return _json(200, self._thread_record(thread_id, metadata, "idle"))
+
+    async def get_thread(self, request: Request) -> Response:
+        """``GET /threads/{thread_id}``: the thread, ``busy`` while a run is in progress."""
+        thread_id, stream_id = await self._thread(request, "read")
+        info = await self.transport.info(stream_id)
+        state = await self._state_graph.aget_state(self._config(thread_id))
+        status = "busy" if info is not None and info.status == "running" else "idle"
+        if status == "idle" and state.next:
+            status = "interrupted"
+        return _json(200, self._thread_record(thread_id, {}, status, to_wire(state.values)))
+
+    async def get_state(self, request: Request) -> Response:
+        """``GET /threads/{thread_id}/state``: the thread's latest checkpoint."""
+        thread_id, _ = await self._thread(request, "read")
+        state = await self._state_graph.aget_state(self._config(thread_id))
+        return _json(200, _state_json(state, thread_id))
+
+    async def get_history(self, request: Request) -> Response:
+        """``POST /threads/{thread_id}/history``: checkpoints, newest first (``limit``)."""
+        thread_id, _ = await self._thread(request, "read")
+        body = await self._body(request)
+        limit = body.get("limit", 10)
+        if not isinstance(limit, int) or limit < 1:
+            raise _bad("'limit' must be a positive integer")
+        before = body.get("before")
+        kwargs: dict[str, Any] = {"limit": min(limit, 1000)}
+        if isinstance(before, Mapping) and before.get("checkpoint_id"):
+            kwargs["before"] = self._config(thread_id, {"configurable": dict(before)})
+        if isinstance(body.get("metadata"), dict):
+            kwargs["filter"] = body["metadata"]
+        states = [
+            _state_json(state, thread_id)
+            async for state in self._state_graph.aget_state_history(
+                self._config(thread_id), **kwargs
+            )
+        ]
+        return _json(200, states)
+
+    # --- runs ---------------------------------------------------------------------------
+
+    async def stream_run(self, request: Request) -> Response:
+        """``POST /threads/{thread_id}/runs/stream``: start a run and stream it."""
+        thread_id, stream_id = await self._thread(request, "run")
+        body = await self._body(request)
+        assistant_id = body.get("assistant_id")
+        graph = self.graphs.get(assistant_id) if isinstance(assistant_id, str) else None
+        if graph is None:
+            raise _Refused(
+                HTTPError(
+                    404,
+                    "assistant_not_found",
+                    f"no assistant {assistant_id!r}; this server has {sorted(self.graphs)}",
+                )
+            )
+        modes = _stream_modes(body.get("stream_mode"))
+        graph_modes = ["messages" if m == "messages-tuple" else m for m in modes]
+        inputs = body.get("input")
+        command = body.get("command")
+        if command:
+            from langgraph.types import Command
+
+            if not isinstance(command, dict) or not set(command) <= {"resume", "update", "goto"}:
+                raise _bad("'command' must be an object with resume, update and/or goto")
+            inputs = Command(**{k: v for k, v in command.items() if v is not None})
+        config = self._config(thread_id, body.get("config"))
+        kwargs: dict[str, Any] = {"stream_mode": graph_modes}
+        if body.get("stream_subgraphs"):
+            kwargs["subgraphs"] = True
+        if isinstance(body.get("context"), dict):
+            kwargs["context"] = body["context"]
+        for key in ("interrupt_before", "interrupt_after"):
+            if body.get(key):
+                kwargs[key] = body[key]
+        started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        source = _run_source(graph, inputs, config, kwargs, started)
+
+        def parts(item: Any) -> Iterable[Item]:
+            if type(item) is Event:
+                return ((item.type, item.data),)
+            return stream_parts(item)
+
+        try:
+            run = await self.producer.start(source, stream_id=stream_id, events=parts)
+        except StreamAlreadyRunning:
+            await source.aclose()
+            raise _Refused(
+                HTTPError(
+                    409,
+                    "thread_busy",
+                    f"thread {thread_id!r} has a run in progress; join it or cancel it first",
+                )
+            ) from None
+        run_id = run_id_for(run.epoch)
+        started.set_result(run_id)
+        on_disconnect = None
+        if self.cancel_on_disconnect and body.get("on_disconnect") == "cancel":
+
+            async def on_disconnect() -> None:
+                await self.producer.cancel(stream_id)
+
+        location = f"/threads/{thread_id}/runs/{run_id}"
+        return _PartsResponse(
+            StreamConsumer(self.transport, stream_id),
+            request,
+            # langgraph-sdk (client/base.ts getRunMetadataFromResponse) reads the run id
+            # from Content-Location; both SDKs reconnect to Location, relative to apiUrl.
+            {"Content-Location": location, "Location": f"{location}/stream"},
+            ping_interval=self.ping_interval,
+            send_timeout=self.send_timeout,
+            on_disconnect=on_disconnect,
+        )
+
+    async def _run_info(
+        self, request: Request, action: LangGraphAction
+    ) -> tuple[str, str, str, int, StreamInfo]:
+        """Thread id, stream id, run id, the run's epoch and the thread stream's info."""
+        thread_id, stream_id = await self._thread(request, action)
+        run_id = request.path_params["run_id"]
+        epoch = _epoch_of(run_id)
+        info = await self.transport.info(stream_id)
+        if info is None or info.epoch < epoch:
+            raise _Refused(HTTPError(404, "run_not_found", f"no run {run_id!r} in this thread"))
+        return thread_id, stream_id, run_id, epoch, info
+
+    async def join_run(self, request: Request) -> Response:
+        """``GET .../runs/{run_id}/stream``: the run's parts after ``Last-Event-ID``.
+
+        ``-1`` replays the run from its first part; without the header the stream starts
+        with the next part (what the SDKs' ``joinStream`` without an id expects).
+        """
+        thread_id, stream_id, run_id, epoch, info = await self._run_info(request, "read")
+        location = f"/threads/{thread_id}/runs/{run_id}"
+        last_id = request.headers.get("last-event-id")
+        after: str | None
+        # langgraph-sdk (ui/orchestrator.ts joinStream) sends "-1" to replay a run whole.
+        if last_id == "-1":
+            after = None
+        elif last_id:
+            if parse_offset(last_id).epoch != epoch:
+                raise InvalidOffset(f"Last-Event-ID {last_id!r} is not an event of this run")
+            after = last_id
+        else:
+            after = info.last_offset
+        consumer = StreamConsumer(self.transport, stream_id, after=after)
+        if info.epoch != epoch:
+            await consumer.aclose()  # a later run replaced this one's stream: it is over
+        on_disconnect = None
+        if self.cancel_on_disconnect and request.query_params.get("cancel_on_disconnect") in (
+            "1",
+            "true",
+        ):
+
+            async def on_disconnect() -> None:
+                await self.producer.cancel(stream_id)
+
+        return _PartsResponse(
+            consumer,
+            request,
+            {"Content-Location": location, "Location": f"{location}/stream"},
+            ping_interval=self.ping_interval,
+            send_timeout=self.send_timeout,
+            on_disconnect=on_disconnect,
+        )
+
+    async def get_run(self, request: Request) -> Response:
+        """``GET .../runs/{run_id}``: ``pending``, ``running``, ``success``, ``error`` or
+        ``interrupted``."""
+        thread_id, _, run_id, epoch, info = await self._run_info(request, "read")
+        status = "success"
+        if info.epoch == epoch:
+            status = {
+                "running": "running",
+                "completed": "success",
+                "error": "error",
+                "cancelled": "interrupted",
+            }[info.status]
+            if status == "success":
+                state = await self._state_graph.aget_state(self._config(thread_id))
+                if state.next:  # stopped at an interrupt
+                    status = "interrupted"
+        created = epoch / 1_000_000
+        return _json(
+            200,
+            {
+                "run_id": run_id,
+                "thread_id": thread_id,
+                "assistant_id": None,
+                "created_at": _iso(created),
+                "updated_at": _iso(info.updated_at if info.epoch == epoch else created),
+                "status": status,
+                "metadata": {},
+                "kwargs": {},
+                "multitask_strategy": "reject",
+            },
+        )
+
+    async def cancel_run(self, request: Request) -> Response:
+        """``POST .../runs/{run_id}/cancel``: stop the run (``?wait=1``: until it stopped)."""
+        _, stream_id, _, epoch, info = await self._run_info(request, "cancel")
+        if info.epoch != epoch or info.status != "running":
+            return Response(status_code=202, headers={"cache-control": "no-store"})
+        await self.producer.cancel(stream_id)
+        if request.query_params.get("wait") in ("1", "true"):
+            async with StreamConsumer(self.transport, stream_id, after=info.last_offset) as rest:
+                async for _event in rest:
+                    pass  # until the terminal event
+        return Response(status_code=202, headers={"cache-control": "no-store"})
+
+
+def _stream_modes(value: Any) -> list[str]:
+    if value is None:
+        return ["values"]
+    modes = [value] if isinstance(value, str) else value
+    if not isinstance(modes, list) or not all(isinstance(m, str) for m in modes):
+        raise _bad("'stream_mode' must be a stream mode or a list of them")
+    unknown = sorted(set(modes) - _API_MODES)
+    if unknown:
+        raise _bad(f"unsupported stream_mode {unknown}; supported: {sorted(_API_MODES)}")
+    return list(dict.fromkeys(modes)) or ["values"]
+
+
+async def _run_source(
+    graph: Any,
+    inputs: Any,
+    config: dict[str, Any],
+    kwargs: dict[str, Any],
+    started: asyncio.Future[str],
+) -> AsyncGenerator[Any, None]:
+    """The run: its ``metadata`` part (once the run id is known), then the graph's parts."""
+    run_id = await started
+    # langgraph-sdk (ui/manager.ts) expects `metadata` first: it carries the run id.
+    yield Event("metadata", {"data": {"run_id": run_id, "attempt": 1}}, "")
+    config = {**config, "run_id": uuid.UUID(run_id)}
+    # An exception ends the run with an `error` part: {error, message}, the API's shape.
+    async for item in graph.astream(inputs, config, **kwargs):
+        yield item
+
+
+def _checkpoint(config: Any, thread_id: str) -> dict[str, Any] | None:
+    if not isinstance(config, Mapping):
+        return None
+    configurable = config.get("configurable") or {}
+    return {
+        "thread_id": thread_id,
+        "checkpoint_ns": configurable.get("checkpoint_ns", ""),
+        "checkpoint_id": configurable.get("checkpoint_id"),
+        "checkpoint_map": configurable.get("checkpoint_map"),
+    }
+
+
+def _state_json(state: Any, thread_id: str) -> dict[str, Any]:
+    """A ``StateSnapshot`` as the API's ``ThreadState``."""
+    tasks = [
+        {
+            "id": task.id,
+            "name": task.name,
+            "error": None if task.error is None else str(task.error),
+            "interrupts": to_wire(task.interrupts),
+            "checkpoint": None,
+            "state": None,
+            "result": to_wire(getattr(task, "result", None)),
+        }
+        for task in state.tasks
+    ]
+    return {
+        "values": to_wire(state.values),
+        "next": list(state.next),
+        "tasks": tasks,
+        "checkpoint": _checkpoint(state.config, thread_id),
+        "metadata": to_wire(state.metadata),
+        "created_at": state.created_at,
+        "parent_checkpoint": _checkpoint(state.parent_config, thread_id),
+        "interrupts": to_wire(getattr(state, "interrupts", ())),
+    }

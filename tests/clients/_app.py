@@ -1,0 +1,76 @@
+"""The app the client protocol tests serve: the AI SDK chat router over a scripted answer.
+
+`create_app()` reads RSTREAM_TEST_URL (default "memory://"), so two processes can share one
+Redis. Each answer announces a tool call, runs it, sends a custom event, then streams
+ANSWER_TOKENS tokens; it holds after the first HOLD_AT of them until
+`POST /test/release/{chat_id}` is called on the process that runs it, so that a test can
+cut and resume a connection mid-answer without timing anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from resumable_stream import Transport, from_url
+from resumable_stream.ai_sdk import ChatRequest, ChatRouter
+
+ANSWER_TOKENS = 40
+HOLD_AT = 20
+
+
+def answer_text(prompt: str) -> str:
+    return "".join(f"{prompt}{i} " for i in range(ANSWER_TOKENS))
+
+
+async def scripted_answer(prompt: str, hold: asyncio.Event) -> AsyncIterator[Any]:
+    call = {"id": "call_1", "name": "search", "args": {"q": prompt}}
+    yield {
+        "type": "message",
+        "data": {"message": {"id": "m0", "role": "ai", "text": "", "tool_calls": [call]}},
+    }
+    yield {"type": "tool_start", "data": {"name": "search", "run_id": "r1", "input": {"q": prompt}}}
+    tool_message = {"role": "tool", "tool_call_id": "call_1", "content": f"found {prompt}"}
+    yield {"type": "tool_end", "data": {"name": "search", "run_id": "r1", "output": tool_message}}
+    yield {"type": "custom", "data": {"name": "progress", "data": {"step": 1}}}
+    for i in range(ANSWER_TOKENS):
+        if i == HOLD_AT:
+            await hold.wait()
+        yield {
+            "type": "token",
+            "data": {"text": f"{prompt}{i} ", "message_id": "m1", "node": "agent"},
+        }
+
+
+def create_app(transport: Transport | None = None) -> Starlette:
+    transport = transport or from_url(os.environ.get("RSTREAM_TEST_URL", "memory://"))
+    holds: dict[str, asyncio.Event] = {}
+
+    def hold_for(chat_id: str) -> asyncio.Event:
+        return holds.setdefault(chat_id, asyncio.Event())
+
+    async def answer(chat: ChatRequest) -> AsyncIterator[Any]:
+        return scripted_answer(chat.text, hold_for(chat.chat_id))
+
+    async def release(request: Request) -> JSONResponse:
+        hold_for(request.path_params["chat_id"]).set()
+        return JSONResponse({"released": True})
+
+    chat = ChatRouter(transport, answer, path="/api/chat")
+    routes = [*chat.routes, Route("/test/release/{chat_id}", release, methods=["POST"])]
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await chat.producer.aclose()
+        await transport.aclose()
+
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,94 @@
+"""The AI SDK protocol against the real `ai` and `@ai-sdk/react` clients and a real uvicorn.
+
+Memory transport in one server, and Redis shared by two server processes (the answer runs
+in one, the client resumes from the other).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests._services import run_app_subprocess, uvicorn_command, uvicorn_server
+from tests.clients._app import answer_text, create_app
+from tests.clients.conftest import run_node
+
+APP = "tests.clients._app:create_app"
+
+
+@pytest.fixture
+def memory_server() -> Iterator[str]:
+    with uvicorn_server(create_app()) as url:
+        yield url
+
+
+def _check_transport_run(seen: dict[str, object], prompt: str) -> None:
+    expected = answer_text(prompt)
+    assert seen["cutText"] == expected[: len(seen["cutText"])]  # type: ignore[arg-type]
+    assert seen["text"] == expected  # the whole answer: no gap, no duplicate
+    assert seen["id"] == seen["cutId"]  # the replay is the same message
+    assert seen["afterEnd"] is None  # 204 once the answer is over
+    parts = seen["parts"]
+    assert isinstance(parts, list)
+    tools = [p for p in parts if p["type"] == "tool-search"]
+    assert len(tools) == 1
+    assert tools[0]["state"] == "output-available"
+    assert tools[0]["input"] == {"q": prompt}
+    assert tools[0]["output"] == f"found {prompt}"
+    assert [p["data"] for p in parts if p["type"] == "data-progress"] == [{"step": 1}]
+    assert [p["type"] for p in parts].count("text") == 1
+    assert seen["stopStatus"] == 202
+    assert seen["stopText"] == expected[: len(seen["stopText"])]  # type: ignore[arg-type]
+    assert seen["stopLast"] == ["text-end", "abort"]
+
+
+def test_transport_cut_and_resume_memory(node_modules: Path, memory_server: str) -> None:
+    seen = run_node(node_modules, "ai_sdk_transport.mjs", memory_server, memory_server, "w")
+    _check_transport_run(seen, "w")
+
+
+@pytest.fixture
+def redis_servers(redis_flush: str) -> Iterator[tuple[str, str]]:
+    env = {"RSTREAM_TEST_URL": redis_flush}
+    with (
+        run_app_subprocess(uvicorn_command(APP, "--factory"), env) as first,
+        run_app_subprocess(uvicorn_command(APP, "--factory"), env) as second,
+    ):
+        yield first.url, second.url
+
+
+def test_transport_resume_on_another_process_redis(
+    node_modules: Path, redis_servers: tuple[str, str]
+) -> None:
+    first, second = redis_servers
+    seen = run_node(node_modules, "ai_sdk_transport.mjs", first, second, "r")
+    _check_transport_run(seen, "r")
+
+
+def _check_use_chat_run(seen: dict[str, object], prompt: str) -> None:
+    expected = answer_text(prompt)
+    assert seen["error"] is None
+    assert seen["roles"] == ["user", "assistant"]  # the resumed answer replaced, not added
+    assert seen["id"] == seen["cutId"]
+    assert seen["text"] == expected
+    assert seen["resumeStatuses"] == [200, 204]
+    assert seen["afterRoles"] == ["user", "assistant"]
+    assert seen["afterText"] == expected
+    parts = seen["parts"]
+    assert isinstance(parts, list)
+    assert [p["state"] for p in parts if p["type"] == "tool-search"] == ["output-available"]
+
+
+def test_use_chat_resume_memory(node_modules: Path, memory_server: str) -> None:
+    seen = run_node(node_modules, "ai_sdk_use_chat.mjs", memory_server, memory_server, "u")
+    _check_use_chat_run(seen, "u")
+
+
+def test_use_chat_resume_on_another_process_redis(
+    node_modules: Path, redis_servers: tuple[str, str]
+) -> None:
+    first, second = redis_servers
+    seen = run_node(node_modules, "ai_sdk_use_chat.mjs", first, second, "v")
+    _check_use_chat_run(seen, "v")

@@ -1,0 +1,119 @@
+"""The reference chat service speaks both client protocols on its own threads and auth:
+`/api/chat` (AI SDK, chat id = thread id) and `/langgraph` (LangGraph SDK, graph `agent`)."""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from langgraph_sdk import get_client
+
+from tests._services import REPO_ROOT, AppProcess, run_app_subprocess
+from tests.clients.conftest import run_node
+
+CHAT_DIR = REPO_ROOT / "examples" / "chat"
+ORIGIN = "http://ui.example"
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppProcess]:
+    data = tmp_path_factory.mktemp("chat-protocols")
+    env = {
+        "DATA_DIR": str(data),
+        "CHAT_MODEL": "offline",
+        "SECRET_KEY": "test-secret-key",
+        "OFFLINE_TOKENS_PER_SECOND": "10",  # slow enough to stop an answer halfway
+        "REDIS_URL": "",
+        "DATABASE_URL": "",
+        "WORKER_MODE": "",
+        "CORS_ORIGINS": ORIGIN,
+    }
+    with run_app_subprocess([sys.executable, "-m", "chat_service"], env, cwd=CHAT_DIR) as app:
+        yield app
+
+
+def bearer() -> dict[str, str]:
+    return {"Authorization": f"Bearer {secrets.token_hex(16)}"}
+
+
+def history(service: AppProcess, headers: dict[str, str], thread_id: str) -> dict[str, Any]:
+    response = httpx.get(
+        f"{service.url}/v1/thread", params={"thread_id": thread_id}, headers=headers
+    )
+    response.raise_for_status()
+    return dict(response.json())
+
+
+async def test_langgraph_threads_are_the_service_threads(service: AppProcess) -> None:
+    headers = bearer()
+    async with get_client(url=f"{service.url}/langgraph", headers=headers) as client:
+        thread_id = (await client.threads.create())["thread_id"]
+        parts = [
+            p
+            async for p in client.runs.stream(
+                thread_id,
+                "agent",
+                input={"messages": [{"type": "human", "content": "hello there"}]},
+                stream_mode=["values", "messages-tuple"],
+            )
+        ]
+        state = await client.threads.get_state(thread_id)
+    assert parts[0].event == "metadata"
+    assert parts[-1].event == "end"
+    streamed = "".join(
+        p.data[0]["content"]
+        for p in parts
+        if p.event == "messages" and p.data[0]["type"] == "AIMessageChunk"
+    )
+    answer = state["values"]["messages"][-1]["content"]
+    assert streamed == answer
+    # The same thread, owner and history in the service's own API.
+    async with httpx.AsyncClient(base_url=service.url, headers=headers) as http:
+        listed = (await http.get("/v1/threads")).json()["threads"]
+        found = await http.get("/v1/thread", params={"thread_id": thread_id})
+    assert thread_id in [t["thread_id"] for t in listed]
+    messages = found.json()["messages"]
+    assert [(m["role"], m["text"]) for m in messages] == [
+        ("user", "hello there"),
+        ("assistant", answer),
+    ]
+    # Another user does not see it.
+    async with get_client(url=f"{service.url}/langgraph", headers=bearer()) as stranger:
+        with pytest.raises(httpx.HTTPStatusError) as missing:
+            await stranger.threads.get_state(thread_id)
+    assert missing.value.response.status_code == 404
+
+
+def test_ai_sdk_on_service_threads(service: AppProcess, node_modules: Path) -> None:
+    headers = bearer()
+    token = headers["Authorization"].removeprefix("Bearer ")
+    threads = [
+        httpx.post(f"{service.url}/langgraph/threads", json={}, headers=headers).json()["thread_id"]
+        for _ in range(2)
+    ]
+    seen = run_node(node_modules, "ai_sdk_service.mjs", service.url, token, *threads)
+    messages = history(service, headers, threads[0])["messages"]
+    assert messages[0] == {**messages[0], "role": "user", "text": "hello there"}
+    assert seen["text"] == messages[-1]["text"]  # the stored answer, nothing more or less
+    assert seen["resumedAfterEnd"] is None
+    assert seen["stopStatus"] == 200
+    assert seen["lastTypes"] == ["text-end", "abort"]
+
+
+def test_cors_exposes_the_rejoin_headers(service: AppProcess) -> None:
+    response = httpx.options(
+        f"{service.url}/langgraph/threads",
+        headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"},
+    )
+    assert response.status_code == 200
+    thread = httpx.post(
+        f"{service.url}/langgraph/threads", json={}, headers={"Origin": ORIGIN, **bearer()}
+    )
+    exposed = thread.headers["access-control-expose-headers"].lower()
+    assert "content-location" in exposed
+    assert "location" in exposed.split(", ")

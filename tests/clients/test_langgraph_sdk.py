@@ -1,0 +1,187 @@
+"""The LangGraph API subset against the real PyPI `langgraph-sdk` and a real uvicorn."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from langgraph_sdk import get_client
+from langgraph_sdk.client import LangGraphClient
+
+from tests._services import run_app_subprocess, uvicorn_command, uvicorn_server
+from tests.clients._graph import HOLD_AT, answer_text, create_app
+from tests.clients.conftest import run_node
+
+MODES = ["values", "messages-tuple", "custom"]
+
+
+APP = "tests.clients._graph:create_app"
+
+
+@pytest.fixture(params=["memory", "redis"])
+def servers(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """Two base URLs: one server twice (memory), or two processes sharing Redis + SQLite."""
+    if request.param == "memory":
+        with uvicorn_server(create_app()) as url:
+            yield url, url
+        return
+    redis_url = request.getfixturevalue("redis_flush")
+    env = {"RSTREAM_TEST_URL": redis_url, "RSTREAM_TEST_SQLITE": str(tmp_path / "cp.sqlite")}
+    with (
+        run_app_subprocess(uvicorn_command(APP, "--factory"), env) as first,
+        run_app_subprocess(uvicorn_command(APP, "--factory"), env) as second,
+    ):
+        yield first.url, second.url
+
+
+@pytest.fixture
+def server(servers: tuple[str, str]) -> str:
+    """The server that runs the runs (and gets the releases)."""
+    return servers[0]
+
+
+@pytest.fixture
+async def client(servers: tuple[str, str]) -> AsyncIterator[LangGraphClient]:
+    async with get_client(url=f"{servers[0]}/langgraph") as sdk:
+        yield sdk
+
+
+@pytest.fixture
+async def other(servers: tuple[str, str]) -> AsyncIterator[LangGraphClient]:
+    """A client of the other process (the same server on memory)."""
+    async with get_client(url=f"{servers[1]}/langgraph") as sdk:
+        yield sdk
+
+
+def _text(parts: list[Any]) -> str:
+    """The answer's text from `messages` tuples (AI message chunks only)."""
+    return "".join(
+        p.data[0]["content"]
+        for p in parts
+        if p.event == "messages" and p.data[0]["type"] == "AIMessageChunk"
+    )
+
+
+async def _release(server: str, thread_id: str) -> None:
+    async with httpx.AsyncClient() as http:
+        (await http.post(f"{server}/test/release/{thread_id}")).raise_for_status()
+
+
+async def test_stream_cut_then_join_with_last_id_and_replay(
+    server: str, client: LangGraphClient, other: LangGraphClient
+) -> None:
+    thread = await client.threads.create()
+    thread_id = thread["thread_id"]
+    created: list[Any] = []
+    first: list[Any] = []
+    stream = client.runs.stream(
+        thread_id,
+        "agent",
+        input={"messages": [{"role": "user", "content": "p"}]},
+        stream_mode=MODES,
+        on_run_created=created.append,
+    )
+    async for part in stream:
+        first.append(part)
+        if _text(first).endswith(f"p{HOLD_AT - 1} "):
+            break  # the client walks away mid-answer
+    await stream.aclose()
+    run_id = created[0]["run_id"]
+    assert first[0].event == "metadata"
+    assert first[0].data == {"run_id": run_id, "attempt": 1}
+    assert any(p.event == "custom" and p.data == {"step": "prepare"} for p in first)
+    assert (await client.runs.get(thread_id, run_id))["status"] == "running"
+
+    await _release(server, thread_id)
+    rest = [p async for p in other.runs.join_stream(thread_id, run_id, last_event_id=first[-1].id)]
+    assert _text(first) + _text(rest) == answer_text("p")  # no gap, no duplicate
+    assert rest[-1].event == "end"
+
+    replay = [p async for p in other.runs.join_stream(thread_id, run_id, last_event_id="-1")]
+    assert [p.id for p in replay[: len(first)]] == [p.id for p in first]
+    assert _text(replay) == answer_text("p")
+    values = [p.data for p in replay if p.event == "values"]
+    assert values[-1]["messages"][-1]["content"] == answer_text("p")
+    assert values[-1]["messages"][-1]["type"] == "ai"
+
+    assert (await other.runs.get(thread_id, run_id))["status"] == "success"
+    state = await other.threads.get_state(thread_id)
+    assert [m["type"] for m in state["values"]["messages"]] == ["human", "ai"]
+    assert state["values"]["messages"][-1]["content"] == answer_text("p")
+    history = await other.threads.get_history(thread_id, limit=20)
+    assert history[0]["checkpoint"]["checkpoint_id"] == state["checkpoint"]["checkpoint_id"]
+    assert len(history) > 2
+
+
+async def test_cancel_then_a_new_run_with_type_human_messages(
+    server: str, client: LangGraphClient, other: LangGraphClient
+) -> None:
+    thread_id = (await client.threads.create())["thread_id"]
+    created: list[Any] = []
+    seen: list[Any] = []
+    stream = client.runs.stream(
+        thread_id,
+        "agent",
+        input={"messages": [{"role": "user", "content": "c"}]},
+        stream_mode=MODES,
+        on_run_created=created.append,
+    )
+    async for part in stream:
+        seen.append(part)
+        if _text(seen).endswith(f"c{HOLD_AT - 1} "):
+            break
+    await stream.aclose()
+    run_id = created[0]["run_id"]
+    with pytest.raises(httpx.HTTPStatusError) as busy:  # one run at a time per thread
+        async for _ in client.runs.stream(thread_id, "agent", input={"messages": []}):
+            pass
+    assert busy.value.response.status_code == 409
+    await other.runs.cancel(thread_id, run_id, wait=True)  # from the other process
+    assert (await other.runs.get(thread_id, run_id))["status"] == "interrupted"
+
+    # The thread takes a new run; {"type": "human"} messages are accepted like {"role": ...}.
+    await _release(server, thread_id)
+    parts = [
+        p
+        async for p in client.runs.stream(
+            thread_id,
+            "agent",
+            input={"messages": [{"type": "human", "content": "h"}]},
+            stream_mode="values",
+        )
+    ]
+    assert parts[-1].event == "end"
+    assert parts[-2].data["messages"][-1]["content"] == answer_text("h")
+
+
+def test_js_client_stream_cut_join_replay_cancel(
+    node_modules: Path, servers: tuple[str, str]
+) -> None:
+    first, second = servers
+    seen = run_node(node_modules, "langgraph_sdk.mjs", first, second, "j")
+    expected = answer_text("j")
+    assert seen["firstEvent"] == "metadata"
+    assert seen["firstData"] == {"run_id": seen["runId"], "attempt": 1}
+    assert seen["statusMid"] == "running"
+    assert seen["cutText"] + seen["restText"] == expected  # no gap, no duplicate
+    assert seen["lastEvent"] == "end"
+    assert seen["replayText"] == expected
+    assert seen["replayIds"] == seen["cutIds"]
+    assert seen["custom"] == [{"step": "prepare"}]
+    assert seen["stateTypes"] == ["human", "ai"]
+    assert seen["stateText"] == expected
+    assert seen["statusEnd"] == "success"
+    assert seen["statusCancelled"] == "interrupted"
+
+
+def test_js_use_stream_reconnects_on_mount(node_modules: Path, servers: tuple[str, str]) -> None:
+    first, second = servers
+    seen = run_node(node_modules, "langgraph_use_stream.mjs", first, second, "s")
+    assert seen["error"] is None
+    assert seen["storedRun"]  # useStream kept the run id from Content-Location
+    assert seen["types"] == ["human", "ai"]  # the replay did not add a second answer
+    assert seen["text"] == answer_text("s")
+    assert seen["storedAfter"] is None  # the run finished: nothing left to rejoin

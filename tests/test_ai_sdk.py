@@ -1,0 +1,241 @@
+"""Unit layer of resumable_stream.ai_sdk: chunks from real LangGraph streams, router errors.
+
+The client tests (tests/clients/test_ai_sdk.py) run the real `ai` / `@ai-sdk/react`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.tools import tool
+from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode
+from starlette.applications import Starlette
+
+from resumable_stream import Event, StreamConsumer, StreamProducer
+from resumable_stream.ai_sdk import ChatRequest, ChatRouter, UIMessageChunks
+from resumable_stream.transports.memory import MemoryTransport
+
+
+def check_order(chunks: list[dict[str, Any]]) -> None:
+    """The ordering rules of ai's process-ui-message-stream.ts, as the client enforces them."""
+    assert chunks[0]["type"] == "start"
+    open_text: set[str] = set()
+    calls: set[str] = set()
+    outputs: list[str] = []
+    for chunk in chunks[1:]:
+        kind = chunk["type"]
+        if kind == "text-start":
+            open_text.add(chunk["id"])
+        elif kind == "text-delta":
+            assert chunk["id"] in open_text, chunk
+        elif kind == "text-end":
+            open_text.remove(chunk["id"])
+        elif kind in ("tool-input-start", "tool-input-available"):
+            calls.add(chunk["toolCallId"])
+        elif kind in ("tool-output-available", "tool-output-error"):
+            assert chunk["toolCallId"] in calls, chunk
+            outputs.append(chunk["toolCallId"])
+    assert not open_text
+    assert sorted(outputs) == sorted(calls)  # every call gets exactly one output
+    assert len(outputs) == len(set(outputs))
+
+
+@tool
+def search(q: str) -> str:
+    """Look q up."""
+    return f"found {q}"
+
+
+class ToolCallingModel(BaseChatModel):
+    """Calls `search` twice in parallel, then answers (without streaming)."""
+
+    @property
+    def _llm_type(self) -> str:
+        return "tool-calling-test-model"
+
+    def _generate(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> ChatResult:
+        if isinstance(messages[-1], ToolMessage):
+            message = AIMessage(content="both found", id="answer")
+        else:
+            calls = [
+                {"id": "c1", "name": "search", "args": {"q": "x"}},
+                {"id": "c2", "name": "search", "args": {"q": "y"}},
+            ]
+            message = AIMessage(content="", id="calls", tool_calls=calls)
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+
+def agent_graph() -> Any:
+    model = ToolCallingModel()
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await model.ainvoke(state["messages"])]}
+
+    def route(state: MessagesState) -> str:
+        last = state["messages"][-1]
+        return "tools" if isinstance(last, AIMessage) and last.tool_calls else END
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_node("tools", ToolNode([search]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", route, ["tools", END])
+    builder.add_edge("tools", "agent")
+    return builder.compile()
+
+
+async def stored_events(source: Any) -> list[Event]:
+    transport = MemoryTransport()
+    async with StreamProducer(transport) as producer:
+        run = await producer.start(source)
+        await run.wait()
+    return [e async for e in StreamConsumer(transport, run.stream_id)]
+
+
+async def test_a_tool_calling_graph_gives_every_call_its_output() -> None:
+    inputs = {"messages": [("user", "look up x and y")]}
+    events = await stored_events(agent_graph().astream_events(inputs, version="v2"))
+    chunker = UIMessageChunks("msg-1")
+    chunks = [c for e in events for c in chunker.chunks(e)]
+    check_order(chunks)
+    assert chunks[0] == {"type": "start", "messageId": "msg-1"}
+    outputs = {c["toolCallId"]: c["output"] for c in chunks if c["type"] == "tool-output-available"}
+    assert outputs == {"c1": "found x", "c2": "found y"}  # each output on its own call
+    inputs_of = {c["toolCallId"]: c["input"] for c in chunks if c["type"] == "tool-input-available"}
+    assert inputs_of == {"c1": {"q": "x"}, "c2": {"q": "y"}}
+    text = "".join(c["delta"] for c in chunks if c["type"] == "text-delta")
+    assert text == "both found"  # a model that does not stream: its text sent whole
+    assert chunks[-1] == {"type": "finish", "finishReason": "stop"}
+
+
+async def test_tool_runs_without_a_model_message_keep_their_own_call() -> None:
+    async def source() -> AsyncIterator[Any]:
+        output = {"role": "tool", "tool_call_id": "c9", "content": "ok"}
+        yield {"type": "tool_start", "data": {"name": "t", "run_id": "r1", "input": {"a": 1}}}
+        yield {"type": "tool_end", "data": {"name": "t", "run_id": "r1", "output": output}}
+        yield {"type": "tool_start", "data": {"name": "t", "run_id": "r2", "input": {}}}
+        yield {"type": "tool_end", "data": {"name": "t", "run_id": "r2", "error": "boom"}}
+
+    chunker = UIMessageChunks()
+    chunks = [c for e in await stored_events(source()) for c in chunker.chunks(e)]
+    check_order(chunks)
+    ends = [c for c in chunks if c["type"].startswith("tool-output")]
+    assert ends == [
+        {"type": "tool-output-available", "toolCallId": "r1", "output": "ok"},
+        {"type": "tool-output-error", "toolCallId": "r2", "errorText": "boom"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("terminal", "chunk"),
+    [
+        (Event("end", {}, "1-2-0"), {"type": "finish", "finishReason": "stop"}),
+        (
+            Event("error", {"error": "X", "message": "bad"}, "1-2-0"),
+            {"type": "error", "errorText": "bad"},
+        ),
+        (
+            Event("cancelled", {"reason": "requested"}, "1-2-0"),
+            {"type": "abort", "reason": "requested"},
+        ),
+    ],
+)
+def test_terminal_events_close_the_text_and_end_with_done(
+    terminal: Event, chunk: dict[str, Any]
+) -> None:
+    chunker = UIMessageChunks("m")
+    token = Event("token", {"text": "hi", "message_id": "a", "node": None}, "1-1-0")
+    assert [c["type"] for c in chunker.chunks(token)] == ["start", "text-start", "text-delta"]
+    body = chunker.encode(terminal)
+    blocks = body.split(b"\n\n")
+    assert orjson.loads(blocks[0].removeprefix(b"data: ")) == {"type": "text-end", "id": "text-1"}
+    assert orjson.loads(blocks[1].removeprefix(b"data: ")) == chunk
+    assert blocks[2] == b"data: [DONE]"
+    assert chunker.chunks(token) == []  # nothing after the end
+
+
+def test_custom_events_become_data_parts() -> None:
+    chunker = UIMessageChunks(start=False)
+    event = Event("custom", {"name": "progress bar!", "data": {"p": 1}}, "1-1-0")
+    assert chunker.chunks(event) == [{"type": "data-progress-bar-", "data": {"p": 1}}]
+    assert chunker.chunks(Event("custom", {"data": 3}, "1-1-1")) == [
+        {"type": "data-custom", "data": 3}
+    ]
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async def answer(chat: ChatRequest) -> AsyncIterator[str]:
+        async def tokens() -> AsyncIterator[str]:
+            yield chat.text.upper()
+
+        return tokens()
+
+    router = ChatRouter(MemoryTransport(), answer)
+    app = Starlette(routes=router.routes)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        yield c
+    await router.producer.aclose()
+
+
+async def test_router_refuses_bad_bodies_with_json_errors(http: httpx.AsyncClient) -> None:
+    for body in (b"nope", b"[]", b'{"messages": []}', b'{"id": "c", "messages": 1}'):
+        response = await http.post("/api/chat", content=body)
+        assert response.status_code == 400
+        assert response.json()["code"] == "invalid_request"
+    response = await http.post("/api/chat", json={"id": "bad id!", "messages": []})
+    assert response.status_code == 400
+    assert response.json()["code"] == "invalid_stream_id"
+
+
+async def test_router_resume_is_204_without_an_answer_and_stop_is_409(
+    http: httpx.AsyncClient,
+) -> None:
+    assert (await http.get("/api/chat/abcdefghijklmnop/stream")).status_code == 204
+    message = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hey"}]}
+    response = await http.post("/api/chat", json={"id": "abcdefghijklmnop", "messages": [message]})
+    assert response.headers["x-vercel-ai-ui-message-stream"] == "v1"
+    lines = [line for line in response.text.split("\n\n") if line]
+    assert lines[-1] == "data: [DONE]"
+    deltas = [orjson.loads(line[6:]) for line in lines[:-1]]
+    assert [d["delta"] for d in deltas if d["type"] == "text-delta"] == ["HEY"]
+    assert (await http.get("/api/chat/abcdefghijklmnop/stream")).status_code == 204  # over
+    stop = await http.post("/api/chat/abcdefghijklmnop/stop")
+    assert stop.status_code == 409
+    assert stop.json()["code"] == "stream_not_running"
+
+
+def test_app_events_naming_the_call_and_its_args() -> None:
+    # The reference chat service writes tool_start {id, name, args} (and may add tool_end).
+    chunker = UIMessageChunks(start=False)
+    start = Event("tool_start", {"id": "c1", "name": "calc", "args": {"x": 2}}, "1-1-0")
+    end = Event("tool_end", {"id": "c1", "name": "calc", "output": 4}, "1-1-1")
+    assert chunker.chunks(start) + chunker.chunks(end) == [
+        {"type": "tool-input-start", "toolCallId": "c1", "toolName": "calc"},
+        {"type": "tool-input-available", "toolCallId": "c1", "toolName": "calc", "input": {"x": 2}},
+        {"type": "tool-output-available", "toolCallId": "c1", "output": 4},
+    ]
+
+
+async def test_each_message_is_a_new_run_with_its_own_message_id(http: httpx.AsyncClient) -> None:
+    def body(text: str) -> dict[str, Any]:
+        message = {"id": text, "role": "user", "parts": [{"type": "text", "text": text}]}
+        return {"id": "chat-1", "messages": [message], "trigger": "submit-message"}
+
+    starts, texts = [], []
+    for text in ("one", "two"):
+        response = await http.post("/api/chat", json=body(text))
+        chunks = [orjson.loads(b[6:]) for b in response.text.split("\n\n") if b[6:7] == "{"]
+        starts.append(chunks[0])
+        texts.append("".join(c["delta"] for c in chunks if c["type"] == "text-delta"))
+    assert texts == ["ONE", "TWO"]  # the second answer replays nothing of the first
+    assert starts[0]["messageId"] != starts[1]["messageId"]
+    assert all(s["messageId"].startswith("chat-1-") for s in starts)

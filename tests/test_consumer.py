@@ -1,0 +1,207 @@
+"""StreamConsumer: bounded memory, fairness, and never ending silently (issue 9)."""
+
+from __future__ import annotations
+
+import asyncio
+import tracemalloc
+
+import pytest
+
+from resumable_stream import Event, OffsetExpired, StreamConsumer, StreamProducer
+from resumable_stream._codec import encode_entry, format_offset
+from resumable_stream._constants import CONSUMER_CHECKPOINT
+from resumable_stream.transports import Entry
+from resumable_stream.transports._base import QueueSubscription, Subscription
+from resumable_stream.transports.memory import MemoryTransport
+from tests._helpers import collect, joined, text_of, tokens
+
+
+def token_entry(epoch: int, seq: int, *texts: str) -> Entry:
+    items = [("token", {"text": t, "message_id": None, "node": None}) for t in texts]
+    return Entry(epoch, seq, encode_entry(items))
+
+
+async def written(transport: MemoryTransport, stream_id: str, n: int, lease_ms: int) -> int:
+    """A run with ``n`` entries of two tokens each and no producer renewing it."""
+    info = await transport.create(stream_id, "gone", lease_ms)
+    for seq in range(1, n + 1):
+        await transport.append(stream_id, "gone", token_entry(info.epoch, seq, "a", "b"), 2)
+    return info.epoch
+
+
+def lose_tail(transport: MemoryTransport, stream_id: str, keep: int) -> None:
+    """What a failover to a replica that had not caught up does: entries past ``keep`` go."""
+    stream = transport._streams[stream_id]
+    del stream.entries[keep - stream.first_seq + 1 :]
+
+
+async def test_reading_one_event_decodes_one_entry_not_a_page() -> None:
+    # Regression (issue 9): one event read of a finished 100k-token stream held 39 MB.
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(tokens(100_000, every=100_000))
+    assert await run.wait() == "completed"
+    consumer = StreamConsumer(transport, run.stream_id)
+    tracemalloc.start()
+    try:
+        first = await anext(consumer)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert first.data["text"] == "t0 "
+    assert held < 4_000_000  # one entry (<= 1,024 events) decoded, not 100,000
+    await consumer.aclose()
+
+
+async def test_a_long_replay_lets_other_tasks_run() -> None:
+    # Regression (issue 9): events buffered and a transport that never waits (memory)
+    # replayed 300k events without yielding once, starving every other task.
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(tokens(20_000, every=20_000))
+    await run.wait()
+    progress = 0
+
+    async def other_task() -> None:
+        nonlocal progress
+        while True:
+            progress += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(other_task())
+    await asyncio.sleep(0)  # let it start
+    longest, run_length, seen = 0, 0, progress
+    count = 0
+    async for _ in StreamConsumer(transport, run.stream_id):
+        count += 1
+        if progress == seen:
+            run_length += 1
+            longest = max(longest, run_length)
+        else:
+            seen, run_length = progress, 0
+    other.cancel()
+    assert count == 20_001
+    assert longest <= CONSUMER_CHECKPOINT
+
+
+async def test_storage_behind_what_was_delivered_raises_instead_of_ending_silently() -> None:
+    # Regression (issues 8, 9): entries already delivered were lost, the run was then
+    # reaped at an offset the reader had passed, and the reader stopped with no error.
+    transport = MemoryTransport()
+    await written(transport, "behind", 5, lease_ms=200)
+    consumer = StreamConsumer(transport, "behind")
+    delivered = [await anext(consumer) for _ in range(10)]
+    assert joined(delivered) == "ab" * 5
+    lose_tail(transport, "behind", keep=3)
+    with pytest.raises(OffsetExpired, match="rolled back"):
+        async for _ in consumer:
+            pass
+    info = await transport.info("behind")
+    assert info is not None and info.status == "error"  # reaped at entry 4
+
+
+async def test_a_final_stream_whose_terminal_this_reader_never_got_raises() -> None:
+    transport = MemoryTransport()
+    await written(transport, "rewritten", 4, lease_ms=200)
+    consumer = StreamConsumer(transport, "rewritten")
+    assert len([await anext(consumer) for _ in range(8)]) == 8  # entries 1-4, no terminal
+    lose_tail(transport, "rewritten", keep=3)  # the reaper now writes entry 4 again
+    with pytest.raises(OffsetExpired, match="never received its terminal event"):
+        async for _ in consumer:
+            pass
+
+
+async def test_resuming_after_an_offset_that_now_holds_other_data_expires() -> None:
+    transport = MemoryTransport()
+    epoch = await written(transport, "reused", 4, lease_ms=200)
+    lose_tail(transport, "reused", keep=3)
+    fresh = await collect(transport, "reused")  # reaps: entry 4 is now producer_lost
+    assert [e.type for e in fresh][-1] == "error"
+    assert fresh[-1].offset == format_offset(epoch, 4, 0)
+    # Readers that had received the lost entry 4 ("a" at index 0, "b" at index 1):
+    with pytest.raises(OffsetExpired, match="rolled back"):
+        await collect(transport, "reused", after=format_offset(epoch, 4, 0))
+    with pytest.raises(OffsetExpired, match="fewer than this offset names"):
+        await collect(transport, "reused", after=format_offset(epoch, 4, 1))
+    # Resuming before the rewritten entry gets the error; after the end, nothing.
+    rest = await collect(transport, "reused", after=format_offset(epoch, 3, 1))
+    assert [(e.type, e.data["error"]) for e in rest] == [("error", "producer_lost")]
+
+
+class HoleInStorage(MemoryTransport):
+    """Storage that lost entry ``missing`` (a hole inside what a page returns)."""
+
+    missing = 4
+
+    async def read(self, stream_id: str, epoch: int, after: int, limit: int) -> list[Entry]:
+        entries = await super().read(stream_id, epoch, after, limit)
+        return [e for e in entries if e.seq != self.missing]
+
+
+async def test_a_hole_inside_a_page_delivers_the_entries_before_it_first() -> None:
+    # Regression (issue 8): the whole page raised, a fresh reader got 0 events.
+    transport = HoleInStorage()
+    await written(transport, "holey", 6, lease_ms=60_000)
+    consumer = StreamConsumer(transport, "holey")
+    events = [await anext(consumer) for _ in range(6)]  # entries 1-3 first
+    assert joined(events) == "ab" * 3
+    with pytest.raises(OffsetExpired, match="entries 4-4 are no longer stored"):
+        await anext(consumer)
+
+
+class LateOldEpoch(MemoryTransport):
+    """A live feed that delivers an entry of the replaced run late (Redis can)."""
+
+    def subscribe(self, stream_id: str, epoch: int, after: int) -> Subscription:
+        subscription = super().subscribe(stream_id, epoch, after)
+        assert isinstance(subscription, QueueSubscription)
+        subscription.push([token_entry(epoch - 1, after + 1, "old")])
+        return subscription
+
+
+async def test_a_late_entry_of_a_replaced_run_is_ignored() -> None:
+    # Regression (issue 9): it raised a false OffsetExpired.
+    transport = LateOldEpoch()
+    gate = asyncio.Event()
+    run = await StreamProducer(transport).start(tokens(4, pause=gate))
+    consumer = StreamConsumer(transport, run.stream_id)
+    first = [await anext(consumer) for _ in range(2)]  # read from storage
+    reading = asyncio.create_task(collect_from(consumer))  # now live
+    gate.set()
+    events = first + await reading
+    assert joined(events) == text_of(4) and events[-1].type == "end"
+
+
+async def collect_from(consumer: StreamConsumer) -> list[Event]:
+    return [event async for event in consumer]
+
+
+class CountingChecks(MemoryTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reaps = 0
+
+    async def reap(self, stream_id: str, epoch: int, payload: bytes) -> bool:
+        self.reaps += 1
+        return await super().reap(stream_id, epoch, payload)
+
+
+async def test_a_quiet_stream_is_checked_once_per_process_not_once_per_reader() -> None:
+    # Regression (issue 9): every reader ran the reaper (1,000 readers ≈ 800 commands/s).
+    transport = CountingChecks()
+    await transport.create("quiet", owner="gone", lease_ms=300)
+    readers = 200
+    results = await asyncio.gather(*(collect(transport, "quiet") for _ in range(readers)))
+    assert all([e.data["error"] for e in events] == ["producer_lost"] for events in results)
+    # One check per half lease for the whole process (about 3 before the lease lapsed),
+    # where each reader used to run its own.
+    assert transport.reaps < readers // 4
+
+
+class Unhashable(MemoryTransport):
+    __hash__ = None  # type: ignore[assignment]  # e.g. a dataclass transport with eq=True
+
+
+async def test_checks_of_a_quiet_stream_work_with_an_unhashable_transport() -> None:
+    transport = Unhashable()
+    await transport.create("quiet", owner="gone", lease_ms=200)
+    events = await collect(transport, "quiet")
+    assert [e.data["error"] for e in events] == ["producer_lost"]

@@ -1,0 +1,266 @@
+"""Unit layer of resumable_stream.langgraph_api and the producer's `events=` hook."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from langchain_core.messages import AIMessageChunk
+
+from resumable_stream import StreamConsumer, StreamProducer
+from resumable_stream.langgraph_api import stream_parts, to_wire
+from resumable_stream.transports.memory import MemoryTransport
+from tests.clients._graph import answer_text, build_graph
+
+
+def test_message_parts_keep_tool_call_chunks_and_metadata() -> None:
+    chunk = AIMessageChunk(
+        content="",
+        id="m1",
+        tool_call_chunks=[{"name": "search", "args": '{"q": ', "id": "call_1", "index": 0}],
+    )
+    metadata = {"langgraph_node": "agent", "ls_model_name": "x"}
+    [(name, data)] = stream_parts((("sub:1",), "messages", (chunk, metadata)))
+    assert name == "messages|sub:1"
+    message, meta = data["data"]
+    assert message["type"] == "AIMessageChunk"
+    assert message["tool_call_chunks"][0]["args"] == '{"q": '
+    assert meta == metadata
+
+
+def test_to_wire_serializes_like_the_api() -> None:
+    wire = to_wire({"messages": [AIMessageChunk(content="hi", id="x")], "n": (1, 2)})
+    assert wire["messages"][0]["content"] == "hi"
+    assert wire["messages"][0]["response_metadata"] == {}
+    assert wire["n"] == [1, 2]
+
+
+async def test_producer_events_hook_stores_parts_whole_and_closes_the_source() -> None:
+    closed: list[bool] = []
+
+    async def source() -> AsyncIterator[Any]:
+        try:
+            yield ("custom", {"a": 1})
+            yield ("values", {"b": 2})
+        finally:
+            closed.append(True)
+
+    transport = MemoryTransport()
+    async with StreamProducer(transport) as producer:
+        run = await producer.start(source(), events=stream_parts)
+        assert await run.wait() == "completed"
+    events = [(e.type, e.data) async for e in StreamConsumer(transport, run.stream_id)]
+    assert events == [
+        ("custom", {"data": {"a": 1}}),
+        ("values", {"data": {"b": 2}}),
+        ("end", {}),
+    ]
+    assert closed == [True]
+
+
+async def test_a_real_graph_streamed_through_the_hook() -> None:
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    released = asyncio.Event()
+    released.set()
+    graph = build_graph({"t": released}, InMemorySaver())
+    source = graph.astream(
+        {"messages": [{"role": "user", "content": "g"}]},
+        {"configurable": {"thread_id": "t"}},
+        stream_mode=["messages", "custom", "values"],
+    )
+    transport = MemoryTransport()
+    async with StreamProducer(transport) as producer:
+        run = await producer.start(source, events=stream_parts)
+        await run.wait()
+    events = [e async for e in StreamConsumer(transport, run.stream_id)]
+    tuples = [e.data["data"] for e in events if e.type == "messages"]
+    assert "".join(m["content"] for m, _ in tuples) == answer_text("g")
+    assert {meta["langgraph_node"] for _, meta in tuples} == {"agent"}
+    assert [e.data["data"] for e in events if e.type == "custom"] == [{"step": "prepare"}]
+    assert events[-1].type == "end"
+
+
+async def test_http_errors_are_json_with_codes() -> None:
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    api = LangGraphRouter(MemoryTransport(), {"agent": build_graph({}, InMemorySaver())})
+    app = Starlette(routes=[Mount("/lg", api)])
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://t/lg"
+    ) as http:
+        thread_id = (await http.post("/threads", json={})).json()["thread_id"]
+        runs = f"/threads/{thread_id}/runs"
+        cases = [
+            (
+                await http.post(f"{runs}/stream", json={"assistant_id": "nope"}),
+                404,
+                "assistant_not_found",
+            ),
+            (
+                await http.post(
+                    f"{runs}/stream", json={"assistant_id": "agent", "stream_mode": "events"}
+                ),
+                422,
+                "invalid_request",
+            ),
+            (await http.post(f"{runs}/stream", content=b"{"), 422, "invalid_request"),
+            (
+                await http.post(
+                    f"{runs}/stream", json={"assistant_id": "agent", "command": {"x": 1}}
+                ),
+                422,
+                "invalid_request",
+            ),
+            (await http.get(f"{runs}/not-a-uuid"), 404, "run_not_found"),
+            (await http.get(f"{runs}/{uuid.uuid4()}/stream"), 404, "run_not_found"),
+            (await http.post("/threads", json={"thread_id": "bad id!"}), 400, "invalid_stream_id"),
+        ]
+        for response, status, code in cases:
+            assert (response.status_code, response.json()["code"]) == (status, code)
+        state = (await http.get(f"/threads/{thread_id}/state")).json()
+        assert state["values"] == {} and state["next"] == []
+    await api.producer.aclose()
+
+
+async def test_an_idle_run_sends_comment_heartbeats() -> None:
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+    from tests._services import uvicorn_server
+
+    hold = asyncio.Event()  # never set: the model holds halfway until the run is cancelled
+    transport = MemoryTransport()
+    api = LangGraphRouter(
+        transport, {"agent": build_graph({"t1": hold}, InMemorySaver())}, ping_interval=0.1
+    )
+    app = Starlette(routes=[Mount("/lg", api)])
+    with uvicorn_server(app) as url:
+        async with httpx.AsyncClient(base_url=f"{url}/lg") as http:
+            body = {"assistant_id": "agent", "input": {"messages": [("user", "x")]}}
+            request = http.stream("POST", "/threads/t1/runs/stream", json=body)
+            async with request as response:
+                run_url = response.headers["content-location"]
+                lines = response.aiter_lines()
+                async for line in lines:
+                    if line.startswith(":"):
+                        break  # a comment: the SDKs' idle watchdog counts it as a heartbeat
+            cancelled = await http.post(f"{run_url}/cancel", params={"wait": 1})
+            assert cancelled.status_code == 202
+            assert (await http.get(run_url)).json()["status"] == "interrupted"
+        await api.producer.aclose()
+
+
+async def test_an_interrupt_then_a_resume_command() -> None:
+    import httpx
+    from langchain_core.messages import AIMessage
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.types import interrupt
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    def ask(state: MessagesState) -> dict[str, Any]:
+        name = interrupt("your name?")
+        return {"messages": [AIMessage(f"hi {name}")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("ask", ask)
+    builder.add_edge(START, "ask")
+    api = LangGraphRouter(MemoryTransport(), {"agent": builder.compile(InMemorySaver())})
+    app = Starlette(routes=[Mount("/lg", api)])
+
+    def parts(text: str) -> list[tuple[str, Any]]:
+        blocks = [b for b in text.split("\n\n") if b.startswith("id: ")]
+        return [
+            (lines[1].removeprefix("event: "), orjson.loads(lines[2].removeprefix("data: ")))
+            for lines in (b.split("\n") for b in blocks)
+        ]
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://t/lg"
+    ) as http:
+        first = await http.post(
+            "/threads/t/runs/stream",
+            json={
+                "assistant_id": "agent",
+                "input": {"messages": [{"role": "user", "content": "hey"}]},
+            },
+        )
+        seen = parts(first.text)
+        assert seen[-2][1]["__interrupt__"][0]["value"] == "your name?"
+        assert seen[-1] == ("end", {"status": "success"})
+        run = first.headers["content-location"]
+        assert (await http.get(run)).json()["status"] == "interrupted"
+        assert (await http.get("/threads/t")).json()["status"] == "interrupted"
+        second = await http.post(
+            "/threads/t/runs/stream",
+            json={"assistant_id": "agent", "command": {"resume": "Bob"}},
+        )
+        values = [data for event, data in parts(second.text) if event == "values"]
+        assert values[-1]["messages"][-1]["content"] == "hi Bob"
+        assert (await http.get(second.headers["content-location"])).json()["status"] == "success"
+        assert (await http.get(run)).json()["status"] == "success"  # replaced by a later run
+    await api.producer.aclose()
+
+
+@pytest.mark.parametrize("honoured", [True, False])
+async def test_on_disconnect_cancel(honoured: bool) -> None:
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+    from tests._helpers import eventually
+    from tests._services import uvicorn_server
+
+    hold = asyncio.Event()
+    graph = build_graph({"t1": hold}, InMemorySaver())
+    api = LangGraphRouter(MemoryTransport(), {"agent": graph}, cancel_on_disconnect=honoured)
+    app = Starlette(routes=[Mount("/lg", api)])
+    with uvicorn_server(app) as url:
+        async with httpx.AsyncClient(base_url=f"{url}/lg") as http:
+            body = {
+                "assistant_id": "agent",
+                "input": {"messages": [("user", "x")]},
+                "stream_mode": ["messages-tuple"],
+                "on_disconnect": "cancel",
+            }
+            async with http.stream("POST", "/threads/t1/runs/stream", json=body) as response:
+                run_url = response.headers["content-location"]
+                async for line in response.aiter_lines():
+                    if "x19 " in line:
+                        break  # held halfway: walk away
+            status = (await http.get(run_url)).json()["status"]
+            if honoured:
+
+                async def stopped() -> bool:
+                    return bool((await http.get(run_url)).json()["status"] == "interrupted")
+
+                await eventually(stopped)
+            else:
+                # (Weaker: nothing tells when the server noticed the disconnect; a run that
+                # was wrongly cancelled by then ends "interrupted" and fails this.)
+                assert status == "running"
+                hold.set()
+
+                async def done() -> bool:
+                    return bool((await http.get(run_url)).json()["status"] == "success")
+
+                await eventually(done)
+    await api.producer.aclose()
