@@ -11,6 +11,7 @@ a failure under `CI=true` (see `unavailable`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import glob
@@ -122,6 +123,20 @@ def _log_tail(log: Path | None, lines: int = 20) -> str:
         return ""
     tail = log.read_text(errors="replace").splitlines()[-lines:]
     return "\n--- " + str(log) + " ---\n" + "\n".join(tail) if tail else ""
+
+
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawner")
+
+
+def spawn_for_the_session(command: Sequence[str], **options: Any) -> subprocess.Popen[bytes]:
+    """`subprocess.Popen` from one thread that lives as long as the test session.
+
+    setpriv's --pdeathsig (see `dies_with_us`) fires when the *thread* that started the
+    process exits, and helpers that restart servers are called from `asyncio.to_thread`
+    workers, which end with the test's event loop: a server restarted there died a moment
+    after the test.
+    """
+    return _SPAWNER.submit(subprocess.Popen, command, **options).result()
 
 
 def dies_with_us(command: Sequence[str], *, as_postgres: bool = False) -> list[str]:
@@ -412,7 +427,7 @@ class RedisServer:
                 self.bus_port = free_port() if self.cluster else 0
             log_start = self.log.stat().st_size if self.log.exists() else 0
             with self.log.open("ab") as log:
-                process = subprocess.Popen(
+                process = spawn_for_the_session(
                     dies_with_us(self._command(executable)),
                     stdin=subprocess.DEVNULL,
                     stdout=log,

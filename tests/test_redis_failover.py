@@ -11,11 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from resumable_stream import Event, OffsetExpired, StreamConsumer, StreamProducer, Transport
+from resumable_stream import (
+    Event,
+    OffsetExpired,
+    StreamConsumer,
+    StreamProducer,
+    Transport,
+    TransportError,
+)
 from resumable_stream.transports import from_url
 from tests._helpers import collect, eventually, joined, text_of
 from tests._services import RedisClusterService, RedisSentinelService
@@ -51,18 +58,41 @@ class Stages:
 class Reader:
     """A live reader recording what it got; `await reached(k)` until it holds k tokens."""
 
-    def __init__(self, transport: Transport, stream_id: str) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        stream_id: str,
+        *,
+        resume_when: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.events: list[Event] = []
         self.error: Exception | None = None
+        self.resumed = 0
         self._changed = asyncio.Condition()
-        self.task = asyncio.create_task(self._read(transport, stream_id))
+        self.task = asyncio.create_task(self._read(transport, stream_id, resume_when))
 
-    async def _read(self, transport: Transport, stream_id: str) -> None:
+    async def _read(
+        self,
+        transport: Transport,
+        stream_id: str,
+        resume_when: Callable[[], Awaitable[None]] | None,
+    ) -> None:
         try:
-            async for event in StreamConsumer(transport, stream_id):
-                self.events.append(event)
-                async with self._changed:
-                    self._changed.notify_all()
+            while True:
+                after = self.events[-1].offset if self.events else None
+                try:
+                    async for event in StreamConsumer(transport, stream_id, after=after):
+                        self.events.append(event)
+                        async with self._changed:
+                            self._changed.notify_all()
+                    return
+                except TransportError:
+                    # Like an SSE client: reconnect with the last offset it got, once
+                    # `resume_when` says the storage is back.
+                    if resume_when is None:
+                        raise
+                    await resume_when()
+                    self.resumed += 1
         except OffsetExpired as exc:
             self.error = exc
         finally:
@@ -227,6 +257,14 @@ async def test_connections_per_master_stay_constant_in_the_number_of_streams(
             assert joined(await reader.result()) == text_of(40)
 
 
+def replicated(sentinel: RedisSentinelService) -> None:
+    """Wait until the replica holds everything the master has now (WAIT counts the writes
+    of the client that sends it: write a marker first)."""
+    with contextlib.closing(sentinel.master().client()) as client:
+        client.set("replicated-marker", "1")
+        assert client.execute_command("WAIT", 1, 10_000) == 1
+
+
 # --- Sentinel ----------------------------------------------------------------------------------
 
 
@@ -324,3 +362,25 @@ async def test_with_durable_appends_a_failover_to_a_lagging_replica_loses_nothin
         assert_whole(await reader.result())
         assert await run.wait() == "completed"
         assert_whole(await collect(transport, run.stream_id))
+
+
+async def test_a_killed_master_mid_stream_the_producer_survives(
+    redis_sentinel: RedisSentinelService, sentinel_transport: Transport
+) -> None:
+    stages = Stages(N, N // 2, N // 2 + 10)
+    run = await StreamProducer(sentinel_transport).start(stages.source())
+    old = redis_sentinel.master_port()
+
+    async def failed_over() -> None:
+        await asyncio.to_thread(redis_sentinel.wait_for_failover, old)
+
+    reader = Reader(sentinel_transport, run.stream_id, resume_when=failed_over)
+    await reader.reached(N // 2)
+    await asyncio.to_thread(replicated, redis_sentinel)
+    redis_sentinel.kill_master()
+    stages.release(N // 2)  # these writes are retried until the failover is over
+    await failed_over()
+    stages.release(N // 2 + 10)
+    assert_whole(await reader.result())
+    assert await run.wait() == "completed"
+    assert_whole(await collect(sentinel_transport, run.stream_id))
