@@ -41,14 +41,14 @@ def lose_tail(transport_kind: str, request: pytest.FixtureRequest) -> LoseTail:
             stream.last_count = len(decode_entry(stream.entries[-1].payload, 1, 1))
 
         return lose_in_memory
-    url = request.getfixturevalue("redis_url")
+    url_holding = request.getfixturevalue("redis_url_holding")  # Cluster, Sentinel too
 
     async def lose_in_redis(transport: Transport, stream_id: str, keep: int) -> None:
         assert isinstance(transport, RedisTransport)
         # The transport's key layout (docs/retention.md): metadata hash + Redis Stream.
         events = transport._key(stream_id, "events")
         meta = transport._key(stream_id, "meta")
-        async with aioredis.Redis.from_url(url) as client:
+        async with aioredis.Redis.from_url(url_holding(events)) as client:
             kept = [
                 (entry_id, fields)
                 for entry_id, fields in await client.xrange(events)
