@@ -1399,7 +1399,7 @@ def chromium_executable() -> str:
     candidates = [os.environ.get("CHROMIUM_PATH"), "/usr/bin/chromium", shutil.which("chromium")]
     path = next((c for c in candidates if c and os.access(c, os.X_OK)), None)
     if path is None:
-        raise ServiceUnavailable("Chromium not found (apt-get install chromium chromium-driver)")
+        raise ServiceUnavailable("Chromium not found (apt-get install chromium)")
     try:
         result = subprocess.run(
             [path, "--version"],

@@ -319,23 +319,6 @@ async def transport_factory(
 
 
 @pytest.fixture
-def redis_url_holding(transport_kind: str, request: pytest.FixtureRequest) -> Callable[[str], str]:
-    """For a Redis kind of the contract suite: `redis_url_holding(key)` is the redis:// URL
-    of the one server that holds `key` (the single server, the Cluster master serving its
-    slot, the Sentinels' current master), for tests that reach into storage directly."""
-    if transport_kind == "redis":
-        url = request.getfixturevalue("redis_url")
-        return lambda key: str(url)
-    if transport_kind == "redis_cluster":
-        cluster: RedisClusterService = request.getfixturevalue("redis_cluster")
-        return lambda key: cluster.node(cluster.owner(cluster.slot_of(key))).url
-    if transport_kind == "redis_sentinel":
-        sentinel: RedisSentinelService = request.getfixturevalue("redis_sentinel")
-        return lambda key: sentinel.master().url
-    raise ValueError(f"{transport_kind!r} is not a Redis transport kind")
-
-
-@pytest.fixture
 def transport(transport_factory: Callable[..., Transport]) -> Transport:
     return transport_factory()
 

@@ -80,7 +80,7 @@ def test_offsets_compare_as_plain_strings_in_stream_order() -> None:
 def test_unpadded_offsets_issued_before_stay_readable() -> None:
     assert parse_offset("1732170000123456-42-7") == Position(1732170000123456, 42, 7)
     assert parse_offset("1732170000123456-42-7") == parse_offset(
-        format_offset(*Position(1732170000123456, 42, 7))
+        format_offset(1732170000123456, 42, 7)
     )
 
 

@@ -10,7 +10,6 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import pytest
-import redis.asyncio as aioredis
 
 from resumable_stream import (
     Event,
@@ -41,30 +40,29 @@ def lose_tail(transport_kind: str, request: pytest.FixtureRequest) -> LoseTail:
             stream.last_count = len(decode_entry(stream.entries[-1].payload, 1, 1))
 
         return lose_in_memory
-    url_holding = request.getfixturevalue("redis_url_holding")  # Cluster, Sentinel too
 
     async def lose_in_redis(transport: Transport, stream_id: str, keep: int) -> None:
         assert isinstance(transport, RedisTransport)
-        # The transport's key layout (docs/retention.md): metadata hash + Redis Stream.
+        # The transport's key layout (docs/retention.md): metadata hash + Redis Stream, on
+        # whatever topology the transport uses (its own client: one node, the Sentinel
+        # master or the cluster). The producer is held meanwhile, so plain commands will do.
         events = transport._key(stream_id, "events")
         meta = transport._key(stream_id, "meta")
-        async with aioredis.Redis.from_url(url_holding(events)) as client:
-            kept = [
-                (entry_id, fields)
-                for entry_id, fields in await client.xrange(events)
-                if int(entry_id.split(b"-")[1]) <= keep
-            ]
-            ttl = await client.pttl(events)
-            # Rebuilt rather than XDEL'd: a replica that never got the entries has a lower
-            # last id too, so the producer can add them again.
-            async with client.pipeline(transaction=True) as pipe:
-                pipe.delete(events)
-                for entry_id, fields in kept:
-                    pipe.xadd(events, fields, id=entry_id)
-                pipe.pexpire(events, ttl)
-                count = len(decode_entry(kept[-1][1][b"e"], 1, 1))
-                pipe.hset(meta, mapping={"last": keep, "count": count})
-                await pipe.execute()
+        client = transport.client
+        kept = [
+            (entry_id, fields)
+            for entry_id, fields in await client.xrange(events)
+            if int(entry_id.split(b"-")[1]) <= keep
+        ]
+        ttl = await client.pttl(events)
+        # Rebuilt rather than XDEL'd: a replica that never got the entries has a lower
+        # last id too, so the producer can add them again.
+        await client.delete(events)
+        for entry_id, fields in kept:
+            await client.xadd(events, fields, id=entry_id)
+        await client.pexpire(events, ttl)
+        count = len(decode_entry(kept[-1][1][b"e"], 1, 1))
+        await client.hset(meta, mapping={"last": keep, "count": count})
 
     return lose_in_redis
 

@@ -1,27 +1,262 @@
-"""The extension point: a user-written transport works with producer and consumer."""
+"""The extension point: a transport written from scratch passes the shipped contract suite.
+
+`DictTransport` implements every abstract method of `Transport` over plain dicts (no code
+from `MemoryTransport`). Its streams live in a `Store` that several transport objects can
+share, like processes sharing one Redis, so the kit's cross-instance tests (a cancel or a
+delete from "another process") run for real.
+"""
 
 from __future__ import annotations
 
-from resumable_stream import StreamProducer
-from resumable_stream.transports import Entry, Status
-from resumable_stream.transports.memory import MemoryTransport
+import asyncio
+import collections
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from resumable_stream import (
+    LeaseLost,
+    StorageRollback,
+    StreamAlreadyRunning,
+    StreamProducer,
+    Transport,
+    TransportClosed,
+)
+from resumable_stream.testing import TransportContract
+from resumable_stream.transports import Entry, QueueSubscription, Status, StreamInfo, Subscription
 from tests._helpers import collect, joined, text_of, tokens
 
 
-class CountingTransport(MemoryTransport):
-    """Counts the writes: the 15-line example of docs/custom-transport.md."""
+@dataclass(eq=False)
+class _Run:
+    epoch: int
+    owner: str
+    lease_ms: int
+    created_at: float
+    lease_until: float = 0.0
+    data_until: float = 0.0  # monotonic deadlines, checked on access
+    meta_until: float = 0.0
+    status: Status = "running"
+    last_seq: int = 0
+    last_count: int = 0
+    updated_at: float = 0.0
+    payloads: collections.deque[bytes] = field(default_factory=collections.deque)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    readers: set[QueueSubscription] = field(default_factory=set)
 
-    appends = 0
+    def entries_after(self, after: int) -> list[Entry]:
+        first = self.last_seq - len(self.payloads) + 1
+        skip = max(after + 1 - first, 0)
+        return [
+            Entry(self.epoch, first + i, payload)
+            for i, payload in enumerate(self.payloads)
+            if i >= skip
+        ]
+
+    def wake(self, entries: list[Entry]) -> None:
+        for reader in tuple(self.readers):
+            reader.push(entries)
+
+
+@dataclass
+class Store:
+    """What the transports of one "deployment" share."""
+
+    runs: dict[str, _Run] = field(default_factory=dict)
+    last_epoch: int = 0
+
+
+class DictTransport(Transport):
+    def __init__(self, store: Store, **options: Any) -> None:
+        settings = {"retention": 60.0, "tombstone": 60.0, "running_ttl": 60.0}
+        super().__init__(**{**settings, "max_entries": 10_000, **options})
+        self.store = store
+        self.closed = False
+
+    def _run(self, stream_id: str) -> _Run | None:
+        if self.closed:
+            raise TransportClosed("closed")
+        run = self.store.runs.get(stream_id)
+        clock = time.monotonic()
+        if run is not None and clock >= run.meta_until:
+            del self.store.runs[stream_id]
+            return None
+        if run is not None and clock >= run.data_until:
+            run.payloads.clear()
+        return run
+
+    def _owned(self, stream_id: str, owner: str, epoch: int | None = None) -> _Run:
+        run = self._run(stream_id)
+        if run is None or run.owner != owner or epoch not in (None, run.epoch):
+            raise LeaseLost(stream_id)
+        return run
+
+    def _expire_in(self, run: _Run, seconds: float) -> None:
+        run.data_until = time.monotonic() + seconds
+        run.meta_until = run.data_until + self.tombstone
+
+    async def create(self, stream_id: str, owner: str, lease_ms: int) -> StreamInfo:
+        old = self._run(stream_id)
+        if old is not None and old.status == "running" and time.monotonic() < old.lease_until:
+            raise StreamAlreadyRunning(stream_id)
+        epoch = max(time.time_ns() // 1000, self.store.last_epoch + 1)
+        self.store.last_epoch = epoch
+        run = _Run(epoch, owner, lease_ms, created_at=time.time(), updated_at=time.time())
+        run.lease_until = time.monotonic() + lease_ms / 1000
+        self._expire_in(run, self.running_ttl)
+        self.store.runs[stream_id] = run
+        if old is not None:
+            old.owner = ""
+            old.wake([])
+        return _info(stream_id, run)
 
     async def append(
         self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None = None
     ) -> None:
-        self.appends += 1
-        await super().append(stream_id, owner, entry, count, final)
+        run = self._owned(stream_id, owner, entry.epoch)
+        if entry.seq <= run.last_seq:
+            return  # a retried write
+        if run.status != "running":
+            raise LeaseLost(stream_id)
+        if entry.seq != run.last_seq + 1:
+            raise StorageRollback(stream_id, run.last_seq)
+        self._store(run, entry.payload, count)
+        if final is not None:
+            run.status = final
+            self._expire_in(run, self.retention)
+
+    def _store(self, run: _Run, payload: bytes, count: int) -> None:
+        run.payloads.append(payload)
+        while len(run.payloads) > self.max_entries:
+            run.payloads.popleft()
+        run.last_seq += 1
+        run.last_count = count
+        run.updated_at = time.time()
+        run.wake([Entry(run.epoch, run.last_seq, payload)])
+
+    async def renew(self, stream_id: str, owner: str, lease_ms: int) -> bool:
+        run = self._owned(stream_id, owner)
+        if run.status != "running":
+            raise LeaseLost(stream_id)
+        run.lease_until = time.monotonic() + lease_ms / 1000
+        self._expire_in(run, self.running_ttl)
+        return run.cancelled.is_set()
+
+    async def request_cancel(self, stream_id: str) -> bool:
+        run = self._run(stream_id)
+        if run is None or run.status != "running":
+            return False
+        run.cancelled.set()
+        return True
+
+    async def wait_cancel(self, stream_id: str, epoch: int) -> None:
+        run = self._run(stream_id)
+        if run is None or run.epoch != epoch:
+            await asyncio.Event().wait()  # a replaced run: no cancel will come
+        else:
+            await run.cancelled.wait()
+
+    async def info(self, stream_id: str) -> StreamInfo | None:
+        run = self._run(stream_id)
+        return None if run is None else _info(stream_id, run)
+
+    async def read(self, stream_id: str, epoch: int, after: int, limit: int) -> list[Entry]:
+        run = self._run(stream_id)
+        if run is None or run.epoch != epoch:
+            return []
+        return run.entries_after(after)[:limit]
+
+    def subscribe(self, stream_id: str, epoch: int, after: int) -> Subscription:
+        run = self._run(stream_id)
+        readers = run.readers if run is not None and run.epoch == epoch else set()
+        subscription = QueueSubscription(readers.discard)
+        readers.add(subscription)
+        if run is not None and run.epoch == epoch:
+            subscription.push(run.entries_after(after))
+        return subscription
+
+    async def delete(self, stream_id: str) -> bool:
+        run = self._run(stream_id)
+        if run is None:
+            return False
+        del self.store.runs[stream_id]
+        run.owner = ""
+        run.cancelled.set()
+        run.wake([])
+        return True
+
+    async def reap(self, stream_id: str, epoch: int, payload: bytes) -> bool:
+        run = self._run(stream_id)
+        if run is None or run.epoch != epoch or run.status != "running":
+            return False
+        if time.monotonic() < run.lease_until:
+            return False
+        run.owner = ""
+        self._store(run, payload, 1)
+        run.status = "error"
+        self._expire_in(run, self.retention)
+        return True
+
+    async def aclose(self) -> None:
+        self.closed = True
 
 
-async def test_a_subclassed_transport_is_used_for_every_write() -> None:
-    transport = CountingTransport()
+def _info(stream_id: str, run: _Run) -> StreamInfo:
+    return StreamInfo(
+        stream_id=stream_id,
+        epoch=run.epoch,
+        status=run.status,
+        created_at=run.created_at,
+        updated_at=run.updated_at,
+        last_seq=run.last_seq,
+        last_count=run.last_count,
+        lease_ms=run.lease_ms,
+    )
+
+
+STORES: dict[str, Store] = {}
+
+
+class TestDictTransport(TransportContract):
+    def make_transport(self, namespace: str, **options: Any) -> Transport:
+        return DictTransport(STORES.setdefault(namespace, Store()), **options)
+
+
+async def test_a_custom_transport_is_used_for_every_write() -> None:
+    transport = DictTransport(Store())
     run = await StreamProducer(transport).start(tokens(500))
     assert joined(await collect(transport, run.stream_id)) == text_of(500)
-    assert 1 <= transport.appends < 500  # events are coalesced into few entries
+    assert await run.wait() == "completed"
+    stored = transport.store.runs[run.stream_id]
+    assert 1 <= stored.last_seq < 500  # events are coalesced into few entries
+
+
+def test_the_kit_runs_in_a_project_of_its_own(tmp_path: Path) -> None:
+    # A user's project: pytest-asyncio in its default strict mode, none of this repository's
+    # configuration or fixtures.
+    (tmp_path / "pytest.ini").write_text(
+        "[pytest]\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    (tmp_path / "test_theirs.py").write_text(
+        "from typing import Any\n"
+        "from resumable_stream import Transport\n"
+        "from resumable_stream.testing import TransportContract\n"
+        "from resumable_stream.transports.memory import MemoryTransport\n"
+        "class TestTheirs(TransportContract):\n"
+        "    shared_storage = False\n"
+        "    def make_transport(self, namespace: str, **options: Any) -> Transport:\n"
+        "        return MemoryTransport(**options)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert re.search(r"\b3\d passed\b", result.stdout), result.stdout[-500:]

@@ -21,8 +21,9 @@ padding (by earlier versions) are still accepted.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, NoReturn
 
 import orjson
 
@@ -39,8 +40,12 @@ _NO_META_SIZE = len(b'{"message_id":null,"node":null}')
 _EPOCH_WIDTH, _SEQ_WIDTH, _INDEX_WIDTH = 16, 10, 5
 
 
-class Position(NamedTuple):
-    """A parsed offset."""
+@dataclasses.dataclass(frozen=True, slots=True, order=True)
+class Position:
+    """A parsed offset: the run (``epoch``), the entry (``seq``) and the ``event`` in it.
+
+    Positions of one stream compare in stream order.
+    """
 
     epoch: int
     seq: int

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import NoReturn, Self
 
+from . import telemetry
 from ._codec import encode_entry, iter_entry, parse_offset
 from ._constants import CONSUMER_CHECKPOINT, DEFAULT_PAGE_SIZE
 from ._events import ERROR, Event
@@ -143,7 +144,8 @@ class StreamConsumer:
                 raise StopAsyncIteration
             try:
                 await self._fill()
-            except BaseException:
+            except BaseException as exc:
+                telemetry.failed(exc, "read")
                 self._close_subscription()
                 raise
         self.after = event.offset
@@ -187,11 +189,13 @@ class StreamConsumer:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(subscription.close)
+        telemetry.live(-1)
 
     def _close_subscription(self) -> None:
         if self._subscription is not None:
             self._subscription.close()
             self._subscription = None
+            telemetry.live(-1)
 
     def _open(self, entry: Entry) -> None:
         """Start handing out the events of ``entry`` (decoded one at a time)."""
@@ -215,7 +219,7 @@ class StreamConsumer:
                 self._terminal_seen = self._finished = True
                 self._entries.clear()
                 return
-        self._events = events
+        self._events = telemetry.delivered(events)
 
     async def _start(self) -> StreamInfo:
         info = await self.transport.info(self.stream_id)
@@ -237,6 +241,7 @@ class StreamConsumer:
                 f"offset {self.after!r} is past the end of stream {self.stream_id!r}"
             )
         self._info = info
+        telemetry.consumer_started(resumed=self.after is not None)
         return info
 
     async def _ends_rewritten(self, info: StreamInfo) -> bool:
@@ -286,6 +291,7 @@ class StreamConsumer:
         if self._subscription is None:
             self._loop = asyncio.get_running_loop()
             self._subscription = self.transport.subscribe(self.stream_id, self._epoch, self._seq)
+            telemetry.live(+1)
         entries = await self._subscription.get(max_wait=max(info.lease_ms / 2000, 0.05))
         if self._finished:  # closed by aclose() from another task meanwhile
             return
@@ -347,7 +353,8 @@ class StreamConsumer:
         waiter = loop.create_future()
         check = checks[key] = _Check(waiter=waiter)
         try:
-            await self.transport.reap(self.stream_id, self._epoch, _LOST_PAYLOAD)
+            if await self.transport.reap(self.stream_id, self._epoch, _LOST_PAYLOAD):
+                telemetry.reaped()
             fresh = await self.transport.info(self.stream_id)
         except BaseException as exc:
             if checks.get(key) is check:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Mapping
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 TOKEN: Final = "token"
 MESSAGE: Final = "message"
@@ -30,7 +30,8 @@ _STREAM_MODES: Final = frozenset(
 )
 
 
-class Event(NamedTuple):
+@dataclasses.dataclass(frozen=True, slots=True)
+class Event:
     """One event read from a stream.
 
     ``offset`` identifies this event; pass it as ``after=`` (or send it back as SSE

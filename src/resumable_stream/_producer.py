@@ -13,6 +13,7 @@ from collections.abc import AsyncIterable, Awaitable, Callable
 from types import TracebackType
 from typing import Any, Literal, Self
 
+from . import telemetry
 from ._codec import Encoded, EventEncoder, join_entry, size_of
 from ._constants import (
     COALESCE_DELAY,
@@ -78,8 +79,9 @@ class Run:
     ) -> None:
         self.stream_id = stream_id
         self.epoch = epoch
-        #: Final status once the run ended: "completed", "error" or "cancelled".
-        self.status: Status | None = None
+        #: "running", then the final status once the terminal event is written:
+        #: "completed", "error" or "cancelled" (still "running" if the run failed to write it).
+        self.status: Status = "running"
         self._producer = producer
         self._transport = producer.transport
         self._owner = owner
@@ -107,7 +109,7 @@ class Run:
         self._task = asyncio.create_task(self._main(), name=f"rstream run {stream_id}")
 
     def __repr__(self) -> str:
-        return f"<Run stream_id={self.stream_id!r} status={self.status or 'running'}>"
+        return f"<Run stream_id={self.stream_id!r} status={self.status}>"
 
     def done(self) -> bool:
         """True once the terminal event is written (or the run failed to write it)."""
@@ -122,7 +124,7 @@ class Run:
         ``wait()`` does not cancel the run.
         """
         await asyncio.shield(self._task)
-        if self.status is not None:
+        if self.status != "running":
             return self.status
         raise self._failure or TransportError(f"run {self.stream_id!r} ended without a status")
 
@@ -168,7 +170,7 @@ class Run:
                 self._tasks += self._helpers
         except asyncio.CancelledError:
             shutting_down = True  # the run's task itself was cancelled (shutdown)
-        if self.status is None:
+        if self.status == "running":
             await self._salvage(shutting_down)
         if shutting_down:
             raise asyncio.CancelledError
@@ -207,7 +209,7 @@ class Run:
                 entry, count, final = self._inflight
                 await self._append(entry, count, final)
                 self._written(entry, count, final)
-            while self.status is None:
+            while self.status == "running":
                 await self._flush_once()
         except Exception as exc:
             self._failure = exc
@@ -294,7 +296,7 @@ class Run:
         written_at = -COALESCE_GAP
         # One turn of the loop for the source: what it yields at once goes in the first entry.
         await asyncio.sleep(0)
-        while self.status is None:
+        while self.status == "running":
             if not self._buffer and self._terminal is None:
                 self._wake.clear()
                 await self._wake.wait()
@@ -329,6 +331,7 @@ class Run:
                     return
                 raise
             except TransportError as exc:
+                telemetry.transport_error("renew")
                 logger.warning("run %s: heartbeat failed: %s", self.stream_id, exc)
                 continue
             if cancel:
@@ -338,6 +341,7 @@ class Run:
         try:
             await self._transport.wait_cancel(self.stream_id, self.epoch)
         except TransportError as exc:
+            telemetry.transport_error("wait_cancel")
             logger.warning(
                 "run %s: cancel watch failed (heartbeat still checks): %s", self.stream_id, exc
             )
@@ -399,17 +403,21 @@ class Run:
         """Append ``entry``, retrying transient faults within the write-retry budget."""
         give_up = time.monotonic() + self._producer.write_retry_budget
         delay = 0.02
+        began = telemetry.clock()
         while True:
             try:
                 await self._transport.append(self.stream_id, self._owner, entry, count, final)
+                telemetry.appended(count, began)
                 return
             except StorageRollback as exc:
                 if exc.last_seq + 1 >= entry.seq:
                     raise  # not a rollback: a transport breaking the contract
                 await self._rewrite_lost(exc.last_seq, entry.seq)
             except BackendRefused:
+                telemetry.transport_error("append")
                 raise  # a retry will not fix it (out of memory, no permission...)
             except TransportError:
+                telemetry.transport_error("append")
                 # A write whose reply was lost is retried with the same seq; the transport
                 # makes that idempotent.
                 if time.monotonic() + delay > give_up:
@@ -571,7 +579,9 @@ class StreamProducer:
         stream_id = new_stream_id() if stream_id is None else check_stream_id(stream_id)
         owner = secrets.token_hex(16)
         info = await self.transport.create(stream_id, owner, self.lease_ms)
-        run = Run(self, stream_id, info.epoch, owner, source)
+        with telemetry.run_span(stream_id, info.epoch) as span:  # the run's tasks inherit it
+            run = Run(self, stream_id, info.epoch, owner, source)
+        telemetry.run_started(run, span)
         self._runs[stream_id] = run
         run._task.add_done_callback(lambda _: self._forget(run))
         return run

@@ -17,8 +17,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response
-from pydantic import BaseModel, Field
+try:
+    from fastapi import APIRouter, Header, Path, Query, Request, Response
+    from pydantic import BaseModel, Field
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"resumable_stream.fastapi needs FastAPI ({exc.name} is missing): "
+        "pip install 'resumable-llm-stream[fastapi]'"
+    ) from exc
 
 from ._constants import STREAM_ID_RULES
 from ._http import EVENT_STREAM_TYPE, NDJSON_TYPE

@@ -25,12 +25,18 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 import orjson
-from starlette.exceptions import HTTPException
-from starlette.middleware.exceptions import ExceptionMiddleware
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import BaseRoute, Route, Router
-from starlette.types import Message, Receive, Scope, Send
+
+try:
+    from starlette.exceptions import HTTPException
+    from starlette.middleware.exceptions import ExceptionMiddleware
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import BaseRoute, Route, Router
+    from starlette.types import Message, Receive, Scope, Send
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "resumable_stream.starlette needs Starlette: pip install 'resumable-llm-stream[web]'"
+    ) from exc
 
 from ._constants import (
     BUFFER_LIMIT,

@@ -39,6 +39,7 @@ from resumable_stream.starlette import StreamResponse, error_response, resume_af
 
 from .auth import SessionMiddleware, current_user
 from .events import ChatEvents, Mapper, to_ndjson, to_sse
+from .metrics import metrics_router
 from .models import available_models
 from .protocols import add_client_protocols
 from .runs import NothingToRetry, Submitted, ThreadBusy
@@ -249,6 +250,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     _routes(app, settings)
     add_client_protocols(app)  # /api/chat (AI SDK) and /langgraph (LangGraph SDK)
+    app.include_router(metrics_router())  # GET /metrics (Prometheus)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 

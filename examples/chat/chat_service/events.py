@@ -25,7 +25,7 @@ Mapper = Callable[[Event], Event | None]
 
 def to_sse(event: Event) -> Event | None:
     """The ``GET /v1/chat/stream`` view: ``chunk``, ``tool_call`` and ``system``."""
-    kind, data, offset = event
+    kind, data, offset = event.type, event.data, event.offset
     if kind == "token":
         return Event("chunk", {"text": data.get("text", "")}, offset)
     if kind == "tool_start":
@@ -49,7 +49,7 @@ def to_sse(event: Event) -> Event | None:
 
 def to_ndjson(event: Event) -> Event | None:
     """The ``POST /chat/stream`` view: ``token``, ``tool_event``, ``error`` and ``metadata``."""
-    kind, data, offset = event
+    kind, data, offset = event.type, event.data, event.offset
     if kind == "token":
         return Event("token", {"content": data.get("text", "")}, offset)
     if kind == "tool_start":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict, Unpack, cast
 from urllib.parse import urlsplit
 
 from .._exceptions import ConfigurationError
@@ -11,10 +11,12 @@ from ._base import Entry, QueueSubscription, Status, StreamInfo, Subscription, T
 __all__ = [
     "Entry",
     "QueueSubscription",
+    "RedisOptions",
     "Status",
     "StreamInfo",
     "Subscription",
     "Transport",
+    "TransportOptions",
     "from_url",
 ]
 
@@ -31,8 +33,30 @@ _SCHEMES = (
 _REDIS_SCHEMES = {scheme.removesuffix("://") for scheme in _SCHEMES} - {"memory"}
 
 
-def from_url(url: str, **options: Any) -> Transport:
+class TransportOptions(TypedDict, total=False):
+    """Settings every transport takes (see :class:`Transport`)."""
+
+    retention: float
+    tombstone: float
+    running_ttl: float
+    max_entries: int
+
+
+class RedisOptions(TransportOptions, total=False):
+    """Settings of the Redis transports: those of every transport, ``prefix`` (of keys),
+    ``write_retry_budget`` and the durability settings ``replicas`` / ``replica_timeout``."""
+
+    prefix: str
+    write_retry_budget: float
+    replicas: int
+    replica_timeout: float
+
+
+def from_url(url: str, **options: Unpack[RedisOptions]) -> Transport:
     """Create a transport from a URL; ``options`` go to the transport's constructor.
+
+    ``options`` are typed (:class:`RedisOptions`, :class:`TransportOptions` for
+    ``memory://``), so a type checker catches a misspelt or mistyped one.
 
     ``memory://`` keeps streams in this process; ``redis://``, ``rediss://`` and
     ``unix://`` use Redis Streams on one server, ``redis+cluster://HOST:PORT[,...]`` on a
@@ -44,7 +68,12 @@ def from_url(url: str, **options: Any) -> Transport:
     if scheme == "memory":
         from .memory import MemoryTransport
 
-        return MemoryTransport(**options)
+        redis_only = sorted(options.keys() - TransportOptions.__annotations__.keys())
+        if redis_only:
+            raise ConfigurationError(
+                f"{', '.join(redis_only)}: option(s) of the Redis transports, not memory://"
+            )
+        return MemoryTransport(**cast(TransportOptions, options))
     if scheme in _REDIS_SCHEMES:
         try:
             from .redis import RedisTransport

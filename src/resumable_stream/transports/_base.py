@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import time
 from abc import ABC, abstractmethod
 from types import TracebackType
-from typing import Literal, NamedTuple, Self
+from typing import Literal, Self
 
 from .._codec import format_offset
 from .._constants import DEFAULT_SUBSCRIPTION_BUFFER
@@ -27,16 +28,21 @@ Status = Literal["running", "completed", "error", "cancelled"]
 FINAL_STATUSES: frozenset[str] = frozenset({"completed", "error", "cancelled"})
 
 
-class Entry(NamedTuple):
-    """One stored entry: a batch of encoded events."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Entry:
+    """One stored entry: a batch of encoded events. Fields are read by name."""
 
     epoch: int
     seq: int
     payload: bytes
 
 
-class StreamInfo(NamedTuple):
-    """What a transport knows about a stream, without reading its entries."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """What a transport knows about a stream, without reading its entries.
+
+    A value type that may gain fields: read them by name, never by position.
+    """
 
     stream_id: str
     epoch: int

@@ -34,6 +34,7 @@ import hiredis
 from redis import exceptions as rex
 from redis.asyncio.connection import AbstractConnection
 
+from .. import telemetry
 from .._exceptions import BackendRefused, TransportClosed, TransportError
 
 logger = logging.getLogger("resumable_stream.redis")
@@ -187,6 +188,8 @@ class Pipe:
             except (rex.RedisError, OSError) as exc:
                 raise fault(exc, "the connection set-up") from exc
             self.connects += 1
+            if self.connects > 1:
+                telemetry.reconnecting("commands")
             session.stream = connection._writer  # see _flush
             self._flush(session)  # what was queued while connecting
             await self._read(session, connection)
@@ -332,6 +335,7 @@ class Subscriber:
                 raise
             except Exception as exc:
                 logger.warning("%s: %s; reconnecting", self.name, exc)
+                telemetry.reconnecting("notices")
                 self._on_fault()
             finally:
                 self.confirmed.clear()

@@ -1,0 +1,227 @@
+"""Metrics and traces through OpenTelemetry (``pip install "resumable-llm-stream[otel]"``).
+
+With ``opentelemetry-api`` installed, the library records the metrics below on the global
+``MeterProvider`` and a span per run on the global ``TracerProvider`` (or on the providers
+given to :func:`configure`). Without it, every call here is a no-op. Nothing is exported
+until the application sets up an SDK and an exporter: see docs/howto/observability.md.
+
+Metrics (OpenTelemetry names; Prometheus turns the dots into underscores and adds
+``_total`` to counters, ``_seconds`` to the histogram):
+
+* ``resumable_stream.runs.started``: runs started by producers of this process;
+* ``resumable_stream.runs.ended`` by ``status``: ``completed``, ``error``, ``cancelled``, or
+  ``failed`` (the run could not write its terminal event);
+* ``resumable_stream.events.appended`` and ``resumable_stream.entries.appended`` (an entry is
+  a batch of events written at once);
+* ``resumable_stream.append.duration`` (histogram, seconds): one append, retries included;
+* ``resumable_stream.consumers.live`` (up-down counter): consumers following a stream live;
+* ``resumable_stream.events.delivered``: events handed to consumers;
+* ``resumable_stream.resumes``: consumers started after an offset (``after=``,
+  ``Last-Event-ID``);
+* ``resumable_stream.reaps``: runs a reader ended as ``producer_lost``;
+* ``resumable_stream.transport.errors`` by ``operation``: transport faults met by
+  producers and consumers;
+* ``resumable_stream.transport.reconnects`` by ``connection``: connections a transport
+  re-established.
+
+The span of a run, ``resumable_stream.run``, lives as long as the run; it links to the span
+current when :meth:`~resumable_stream.StreamProducer.start` was called (the request that
+started it) and is current in the run's tasks, so the source's own spans (LangGraph, model
+calls) nest under it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from ._exceptions import ConfigurationError, TransportError
+
+if TYPE_CHECKING:
+    from ._events import Event
+    from ._producer import Run
+
+__all__ = ["configure"]
+
+_SCOPE = "resumable_stream"
+_APPEND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+try:
+    from opentelemetry import metrics as _otel_metrics
+    from opentelemetry import trace as _otel_trace
+except ImportError:  # the otel extra is not installed: every recording call is a no-op
+    _otel_metrics = None  # type: ignore[assignment]
+    _otel_trace = None  # type: ignore[assignment]
+
+
+class _Instruments:
+    def __init__(self, meter_provider: Any = None, tracer_provider: Any = None) -> None:
+        if _otel_metrics is None or _otel_trace is None:  # pragma: no cover - guarded by callers
+            raise ConfigurationError("OpenTelemetry is not installed")
+        meter = _otel_metrics.get_meter(_SCOPE, meter_provider=meter_provider)
+        self.tracer = _otel_trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
+        counter = meter.create_counter
+        self.runs_started = counter("resumable_stream.runs.started", "{run}", "Runs started")
+        self.runs_ended = counter("resumable_stream.runs.ended", "{run}", "Runs ended, by status")
+        self.events_appended = counter(
+            "resumable_stream.events.appended", "{event}", "Events written to streams"
+        )
+        self.entries_appended = counter(
+            "resumable_stream.entries.appended", "{entry}", "Entries (batches) written"
+        )
+        self.append_duration = meter.create_histogram(
+            "resumable_stream.append.duration",
+            "s",
+            "Time of one append, retries included",
+            # Appends take about a millisecond; the SDK's default buckets are for milliseconds.
+            explicit_bucket_boundaries_advisory=_APPEND_BUCKETS,
+        )
+        self.consumers_live = meter.create_up_down_counter(
+            "resumable_stream.consumers.live", "{consumer}", "Consumers following a stream live"
+        )
+        self.events_delivered = counter(
+            "resumable_stream.events.delivered", "{event}", "Events handed to consumers"
+        )
+        self.resumes = counter(
+            "resumable_stream.resumes", "{consumer}", "Consumers started after an offset"
+        )
+        self.reaps = counter(
+            "resumable_stream.reaps", "{run}", "Runs ended as producer_lost by a reader"
+        )
+        self.transport_errors = counter(
+            "resumable_stream.transport.errors", "{error}", "Transport faults met"
+        )
+        self.reconnects = counter(
+            "resumable_stream.transport.reconnects",
+            "{connection}",
+            "Connections a transport re-established",
+        )
+
+
+_instruments: _Instruments | None = None if _otel_metrics is None else _Instruments()
+
+
+def configure(*, meter_provider: Any = None, tracer_provider: Any = None) -> None:
+    """Record on these OpenTelemetry providers instead of the global ones.
+
+    ``configure()`` with no argument goes back to the global providers. Raises
+    :class:`ConfigurationError` when OpenTelemetry is not installed.
+    """
+    global _instruments
+    if _otel_metrics is None:
+        raise ConfigurationError(
+            "metrics and traces need OpenTelemetry: pip install 'resumable-llm-stream[otel]'"
+        )
+    _instruments = _Instruments(meter_provider, tracer_provider)
+
+
+# --- Recording calls: one line at each call site in the library --------------------------
+
+
+@contextlib.contextmanager
+def run_span(stream_id: str, epoch: int) -> Iterator[Any]:
+    """The span of a new run, current while its tasks are created (they inherit it)."""
+    i = _instruments
+    if i is None:
+        yield None
+        return
+    request = _otel_trace.get_current_span().get_span_context()
+    span = i.tracer.start_span(
+        "resumable_stream.run",
+        # A new trace: the run outlives the request, which it links to.
+        context=_otel_trace.set_span_in_context(_otel_trace.INVALID_SPAN),
+        links=[_otel_trace.Link(request)] if request.is_valid else None,
+        attributes={"resumable_stream.stream_id": stream_id, "resumable_stream.epoch": epoch},
+    )
+    with _otel_trace.use_span(span, end_on_exit=False):
+        yield span
+
+
+def run_started(run: Run, span: Any) -> None:
+    """Count a started run; end its span and count its end when its task finishes."""
+    i = _instruments
+    if i is None:
+        return
+    i.runs_started.add(1)
+
+    def ended(_: object) -> None:
+        status = run.status if run.status != "running" else "failed"
+        i.runs_ended.add(1, {"status": status})
+        if span is not None:
+            span.set_attribute("resumable_stream.status", status)
+            if status in ("error", "failed"):
+                span.set_status(_otel_trace.StatusCode.ERROR, status)
+            span.end()
+
+    run._task.add_done_callback(ended)
+
+
+def clock() -> float:
+    return time.perf_counter()
+
+
+def appended(events: int, began: float) -> None:
+    """Count one successful append of an entry of ``events`` events begun at ``began``."""
+    i = _instruments
+    if i is not None:
+        i.append_duration.record(time.perf_counter() - began)
+        i.entries_appended.add(1)
+        i.events_appended.add(events)
+
+
+def transport_error(operation: str) -> None:
+    i = _instruments
+    if i is not None:
+        i.transport_errors.add(1, {"operation": operation})
+
+
+def failed(exc: BaseException, operation: str) -> None:
+    """Count ``exc`` if it is a transport fault."""
+    if isinstance(exc, TransportError):
+        transport_error(operation)
+
+
+def reconnecting(connection: str) -> None:
+    i = _instruments
+    if i is not None:
+        i.reconnects.add(1, {"connection": connection})
+
+
+def consumer_started(resumed: bool) -> None:
+    i = _instruments
+    if i is not None and resumed:
+        i.resumes.add(1)
+
+
+def live(change: int) -> None:
+    """A consumer started (+1) or stopped (-1) following a stream live."""
+    i = _instruments
+    if i is not None:
+        i.consumers_live.add(change)
+
+
+def reaped() -> None:
+    i = _instruments
+    if i is not None:
+        i.reaps.add(1)
+
+
+def delivered(events: Iterator[Event]) -> Iterator[Event]:
+    """``events``, counted as delivered once the entry is done (one add per entry)."""
+    i = _instruments
+    if i is None:
+        return events
+    return _counted(events, i)
+
+
+def _counted(events: Iterator[Event], i: _Instruments) -> Iterator[Event]:
+    count = 0
+    try:
+        for event in events:
+            count += 1
+            yield event
+    finally:
+        if count:
+            i.events_delivered.add(count)

@@ -1,0 +1,500 @@
+"""The transport contract suite, for authors of custom transports.
+
+Subclass :class:`TransportContract` in a test module and say how to make your transport;
+pytest then runs every test the built-in transports pass against yours:
+
+```python
+from resumable_stream.testing import TransportContract
+
+
+class TestMyTransport(TransportContract):
+    def make_transport(self, namespace: str, **options: Any) -> Transport:
+        return MyTransport(database=f"/tmp/{namespace}.db", **options)
+```
+
+It needs pytest and pytest-asyncio (``pip install "resumable-llm-stream[testing]"``); the
+library itself never imports this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, ClassVar, Protocol
+
+try:
+    import pytest
+    import pytest_asyncio
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "resumable_stream.testing needs pytest and pytest-asyncio: "
+        "pip install 'resumable-llm-stream[testing]'"
+    ) from exc
+
+from ._codec import encode_entry
+from ._consumer import StreamConsumer
+from ._events import Event
+from ._exceptions import (
+    InvalidOffset,
+    InvalidStreamId,
+    LeaseLost,
+    OffsetExpired,
+    StreamAlreadyRunning,
+    StreamNotFound,
+)
+from ._producer import StreamProducer
+from .transports import Entry, Transport
+
+__all__ = ["TransportContract", "TransportFactory"]
+
+
+class TransportFactory(Protocol):
+    """Makes transports on the storage of the test running: ``factory(retention=0.3)``."""
+
+    def __call__(self, **options: Any) -> Transport: ...
+
+
+class TransportContract:
+    """The behaviour every transport must give producers and consumers, as pytest tests.
+
+    Subclass it in a module whose name pytest collects (``test_*.py``), with a class name
+    starting with ``Test``, and override :meth:`make_transport`. The tests use three
+    fixtures, which a subclass (or a ``conftest.py``) may override instead:
+
+    * ``transport_factory``: a :class:`TransportFactory` that makes transports on one
+      fresh storage namespace per test, and closes them after the test;
+    * ``transport``: one transport made by it;
+    * ``peer_transport``: a second handle on the same storage, like another process's
+      (``transport`` itself when :attr:`shared_storage` is False).
+
+    Tests use stream ids such as ``"again"`` and expect each test to start from empty
+    storage: honour ``namespace``. Expiry tests pass short ``retention``, ``tombstone``,
+    ``running_ttl`` and ``max_entries`` options, which every :class:`Transport` accepts.
+    """
+
+    #: Whether two transports made for the same namespace see the same streams (as two
+    #: processes on one Redis do). Set it to False for a transport that keeps its streams in
+    #: the object, like ``memory://``: the cross-instance tests then use one instance.
+    shared_storage: ClassVar[bool] = True
+
+    pytestmark: ClassVar[list[pytest.MarkDecorator]] = [pytest.mark.asyncio]
+
+    def make_transport(self, namespace: str, **options: Any) -> Transport:
+        """Return a new transport on the storage named ``namespace``.
+
+        ``namespace`` is fresh for each test: storage (a key prefix, a database file, a
+        table) named by it starts empty. ``options`` are :class:`Transport` settings
+        (``retention``, ``tombstone``, ``running_ttl``, ``max_entries``).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must override make_transport(namespace, **options)"
+        )
+
+    @pytest_asyncio.fixture
+    async def transport_factory(self) -> AsyncIterator[TransportFactory]:
+        namespace = f"rs{uuid.uuid4().hex[:12]}"
+        made: list[Transport] = []
+
+        def make(**options: Any) -> Transport:
+            transport = self.make_transport(namespace, **options)
+            made.append(transport)
+            return transport
+
+        yield make
+        for transport in made:
+            await transport.aclose()
+
+    @pytest.fixture
+    def transport(self, transport_factory: TransportFactory) -> Transport:
+        return transport_factory()
+
+    @pytest.fixture
+    def peer_transport(
+        self, transport: Transport, transport_factory: TransportFactory
+    ) -> Transport:
+        return transport_factory() if self.shared_storage else transport
+
+    async def test_full_stream_rebuilds_the_text(self, transport: Transport) -> None:
+        run = await StreamProducer(transport).start(tokens(2000))
+        events = await collect(transport, run.stream_id)
+        assert joined(events) == text_of(2000)
+        assert [e.type for e in events[-1:]] == ["end"]
+        assert sum(e.terminal for e in events) == 1
+        assert len({e.offset for e in events}) == len(events)
+        assert await run.wait() == "completed"
+
+    async def test_generated_ids_are_unguessable(self, transport: Transport) -> None:
+        producer = StreamProducer(transport)
+        ids = {(await producer.start(tokens(1))).stream_id for _ in range(20)}
+        assert len(ids) == 20
+        assert all(len(i) >= 22 for i in ids)  # 16 random bytes, url-safe base64
+        await producer.aclose()
+
+    async def test_resume_from_any_offset_has_no_gap_and_no_duplicate(
+        self, transport: Transport
+    ) -> None:
+        run = await StreamProducer(transport, max_buffer=7).start(tokens(300, every=3))
+        events = await collect(transport, run.stream_id)
+        for cut in range(0, len(events), 13):
+            rest = await collect(transport, run.stream_id, after=events[cut].offset)
+            assert rest == events[cut + 1 :]
+        assert await collect(transport, run.stream_id, after=events[-1].offset) == []
+
+    async def test_late_joiner_and_live_reader_see_the_same_events(
+        self, transport: Transport
+    ) -> None:
+        gate = asyncio.Event()
+        run = await StreamProducer(transport).start(tokens(400, pause=gate))
+        early = asyncio.create_task(collect(transport, run.stream_id))
+        consumer = StreamConsumer(transport, run.stream_id)
+        first = await anext(consumer)  # the stream is live and half written
+        gate.set()
+        late = [first, *[event async for event in consumer]]
+        assert late == await early
+        assert joined(late) == text_of(400)
+
+    async def test_replay_after_the_run_ended(self, transport: Transport) -> None:
+        run = await StreamProducer(transport).start(tokens(50))
+        await run.wait()
+        assert joined(await collect(transport, run.stream_id)) == text_of(50)
+        assert joined(await collect(transport, run.stream_id)) == text_of(50)
+
+    async def test_unknown_stream_is_not_found(self, transport: Transport) -> None:
+        with pytest.raises(StreamNotFound):
+            await collect(transport, "no-such-stream")
+
+    @pytest.mark.parametrize("bad", ["", "a b", "{tag}", "x" * 201, "é", "a/b"])
+    async def test_bad_stream_ids_are_refused(self, transport: Transport, bad: str) -> None:
+        with pytest.raises(InvalidStreamId):
+            StreamConsumer(transport, bad)
+        with pytest.raises(InvalidStreamId):
+            await StreamProducer(transport).start(tokens(1), stream_id=bad)
+
+    @pytest.mark.parametrize("bad", ["", "1-2", "a-b-c", "1-0-0", "1-2-3-4", "-1-2", "1--2"])
+    async def test_malformed_offsets_are_refused(self, transport: Transport, bad: str) -> None:
+        with pytest.raises(InvalidOffset):
+            StreamConsumer(transport, "s", after=bad)
+
+    async def test_offset_past_the_end_is_refused(self, transport: Transport) -> None:
+        run = await StreamProducer(transport).start(tokens(5))
+        events = await collect(transport, run.stream_id)
+        epoch = events[0].offset.split("-")[0]
+        with pytest.raises(InvalidOffset):
+            await collect(transport, run.stream_id, after=f"{epoch}-999-0")
+
+    async def test_offset_from_an_earlier_run_is_expired(self, transport: Transport) -> None:
+        producer = StreamProducer(transport)
+        first = await producer.start(tokens(20), stream_id="again")
+        old = await collect(transport, "again")
+        await first.wait()
+        await (await producer.start(tokens(30), stream_id="again")).wait()
+        with pytest.raises(OffsetExpired):
+            await collect(transport, "again", after=old[5].offset)
+        assert joined(await collect(transport, "again")) == text_of(30)
+
+    async def test_second_start_on_a_live_id_is_refused(
+        self, transport: Transport, peer_transport: Transport
+    ) -> None:
+        gate = asyncio.Event()
+        results = await asyncio.gather(
+            StreamProducer(transport).start(tokens(10, pause=gate), stream_id="solo"),
+            StreamProducer(peer_transport).start(tokens(10, pause=gate), stream_id="solo"),
+            return_exceptions=True,
+        )
+        assert sum(isinstance(r, StreamAlreadyRunning) for r in results) == 1
+        gate.set()
+        (run,) = [r for r in results if not isinstance(r, BaseException)]
+        assert await run.wait() == "completed"
+        assert joined(await collect(transport, "solo")) == text_of(10)
+
+    async def test_source_exception_ends_with_one_error_event(self, transport: Transport) -> None:
+        async def failing() -> AsyncIterator[str]:
+            yield "partial "
+            raise RuntimeError("model exploded")
+
+        run = await StreamProducer(transport).start(failing())
+        events = await collect(transport, run.stream_id)
+        assert [e.type for e in events] == ["token", "error"]
+        assert events[-1].data == {"error": "RuntimeError", "message": "model exploded"}
+        assert await run.wait() == "error"
+
+    async def test_cancel_from_another_transport_instance(
+        self, transport: Transport, peer_transport: Transport
+    ) -> None:
+        gate = asyncio.Event()  # never set: the source blocks like a slow model
+        # A long lease: its heartbeat (every 20 s) would notice the cancel far later than
+        # the bound below, so only wait_cancel()'s push delivers it in time.
+        producer = StreamProducer(transport, lease=60)
+        run = await producer.start(tokens(10, pause=gate), stream_id="stop-me")
+        consumer = StreamConsumer(peer_transport, "stop-me")
+        await anext(consumer)
+        assert await StreamProducer(peer_transport).cancel("stop-me") is True
+        rest = await asyncio.wait_for(collect_from(consumer), timeout=10)
+        assert rest[-1].type == "cancelled"
+        assert rest[-1].data == {"reason": "requested"}
+        assert await run.wait() == "cancelled"
+        assert await StreamProducer(peer_transport).cancel("stop-me") is False
+
+    async def test_run_cancel_and_producer_close_write_terminal_events(
+        self, transport: Transport
+    ) -> None:
+        gate = asyncio.Event()
+        producer = StreamProducer(transport)
+        first = await producer.start(tokens(10, pause=gate))
+        second = await producer.start(tokens(10, pause=gate))
+        assert await first.cancel() == "cancelled"
+        await producer.aclose()
+        assert second.status == "cancelled"
+        last = (await collect(transport, second.stream_id))[-1]
+        assert (last.type, last.data) == ("cancelled", {"reason": "shutdown"})
+        assert producer.runs == {}
+
+    async def test_dead_producer_is_reported_lost(self, transport: Transport) -> None:
+        # A run created but never written nor renewed: what a kill -9 leaves behind.
+        await transport.create("orphan", owner="gone", lease_ms=300)
+        # Readers check a quiet stream every half lease: reaped long before the bound.
+        events = await asyncio.wait_for(collect(transport, "orphan"), timeout=10)
+        assert [e.type for e in events] == ["error"]
+        assert events[0].data["error"] == "producer_lost"
+        info = await transport.info("orphan")
+        assert info is not None and info.status == "error"
+
+    async def test_fenced_producer_cannot_append(
+        self, transport: Transport, peer_transport: Transport
+    ) -> None:
+        old = await transport.create("fence", owner="old", lease_ms=200)
+
+        async def lapsed() -> bool:
+            try:
+                await peer_transport.create("fence", owner="new", lease_ms=5000)
+            except StreamAlreadyRunning:
+                return False
+            return True
+
+        await eventually(lapsed)
+        with pytest.raises(LeaseLost):
+            await transport.append("fence", "old", Entry(old.epoch, 1, encode_entry([])), 0)
+        with pytest.raises(LeaseLost):
+            await transport.renew("fence", "old", 1000)
+
+    async def test_appends_are_idempotent_per_seq(self, transport: Transport) -> None:
+        info = await transport.create("idem", owner="me", lease_ms=5000)
+        entry = Entry(
+            info.epoch,
+            1,
+            encode_entry([("token", {"text": "a", "message_id": None, "node": None})]),
+        )
+        await transport.append("idem", "me", entry, 1)
+        await transport.append("idem", "me", entry, 1)  # a retry after a lost reply
+        final = Entry(info.epoch, 2, encode_entry([("end", {})]))
+        await transport.append("idem", "me", final, 1, final="completed")
+        assert [e.type for e in await collect(transport, "idem")] == ["token", "end"]
+
+    async def test_expired_data_is_told_apart_from_unknown(
+        self,
+        transport_factory: TransportFactory,
+    ) -> None:
+        transport = transport_factory(retention=0.3, tombstone=0.5)
+        run = await StreamProducer(transport).start(tokens(20))
+        events = await collect(transport, run.stream_id)
+
+        async def data_gone() -> bool:
+            try:
+                await collect(transport, run.stream_id, after=events[3].offset)
+            except OffsetExpired:
+                return True
+            return False
+
+        await eventually(data_gone)
+        with pytest.raises(OffsetExpired):
+            await collect(transport, run.stream_id)
+
+        async def all_gone() -> bool:
+            return await transport.info(run.stream_id) is None
+
+        await eventually(all_gone)
+        with pytest.raises(StreamNotFound):
+            await collect(transport, run.stream_id)
+
+    async def test_trimmed_offsets_are_expired_never_skipped(
+        self,
+        transport_factory: TransportFactory,
+    ) -> None:
+        transport = transport_factory(max_entries=10)
+        run = await StreamProducer(transport, max_buffer=1).start(tokens(1500, every=1))
+        await run.wait()
+        info = await transport.info(run.stream_id)
+        assert info is not None and info.last_seq > 1000  # one entry per token
+        with pytest.raises(OffsetExpired):
+            await collect(transport, run.stream_id)
+        with pytest.raises(OffsetExpired):
+            await collect(transport, run.stream_id, after=f"{info.epoch}-2-0")
+        tail = await collect(transport, run.stream_id, after=f"{info.epoch}-{info.last_seq - 3}-0")
+        assert joined(tail) == text_of(1500)[-len(joined(tail)) :] and tail[-1].type == "end"
+
+    async def test_status_info(self, transport: Transport) -> None:
+        gate = asyncio.Event()
+        run = await StreamProducer(transport).start(tokens(10, pause=gate), stream_id="info")
+        consumer = StreamConsumer(transport, "info")
+        first = await anext(consumer)
+        info = await transport.info("info")
+        assert info is not None
+        assert info.status == "running" and info.epoch == run.epoch
+        assert info.created_at <= info.updated_at <= time.time() + 1
+        assert info.last_offset is not None and info.last_offset >= first.offset
+        gate.set()
+        events = [first, *[e async for e in consumer]]
+        info = await transport.info("info")
+        assert info is not None and info.status == "completed"
+        assert info.last_offset == events[-1].offset
+
+    async def test_cancelled_consumers_release_everything(self, transport: Transport) -> None:
+        gate = asyncio.Event()
+        producer = StreamProducer(transport)
+        runs = [await producer.start(tokens(10, pause=gate)) for _ in range(20)]
+        consumers = [StreamConsumer(transport, r.stream_id) for r in runs]
+        readers = [asyncio.create_task(collect_from(c)) for c in consumers]
+
+        async def all_waiting_live() -> bool:
+            return all(c._subscription is not None for c in consumers)
+
+        await eventually(all_waiting_live)
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        gate.set()
+        # The transport is still healthy: every stream reads back whole.
+        for run in runs:
+            await run.wait()
+            assert joined(await collect(transport, run.stream_id)) == text_of(10)
+
+    async def test_slow_reader_joining_a_shared_feed_after_the_end_gets_everything(
+        self,
+        transport: Transport,
+    ) -> None:
+        # Regression: a reader that caught up, paused, then subscribed to a live feed that
+        # another reader in the process had already moved past it, waited forever once the
+        # stream had ended (nothing new arrived to reveal the gap).
+        gate = asyncio.Event()
+        run = await StreamProducer(transport).start(tokens(200, pause=gate))
+        slow = StreamConsumer(transport, run.stream_id)
+        first = await anext(slow)  # caught up with what is stored, not yet subscribed
+        held = transport.subscribe(run.stream_id, run.epoch, 0)  # another live reader's feed
+        gate.set()
+        expected = await collect(transport, run.stream_id)
+        while not any(entry.payload.endswith(b'["end",{}]]') for entry in await held.get(1.0)):
+            pass  # the shared feed has now moved past the slow reader, to the end
+        rest = await asyncio.wait_for(collect_from(slow), timeout=5)
+        held.close()
+        assert [first, *rest] == expected
+
+    async def test_delete_stops_the_writer_and_removes_the_stream(
+        self, transport: Transport, peer_transport: Transport
+    ) -> None:
+        gate = asyncio.Event()  # never set: a slow model
+        run = await StreamProducer(transport).start(tokens(10, pause=gate), stream_id="gone")
+        reader = StreamConsumer(peer_transport, "gone")
+        await anext(reader)
+        assert await peer_transport.delete("gone") is True
+        with pytest.raises(LeaseLost):
+            await run.wait()  # stopped, and fenced: it could not write a terminal event
+        with pytest.raises(OffsetExpired):
+            async for _ in reader:
+                pass
+        with pytest.raises(StreamNotFound):
+            await collect(peer_transport, "gone")
+        assert await peer_transport.delete("gone") is False
+        assert await transport.info("gone") is None
+
+    async def test_aclose_from_another_task_ends_a_waiting_iteration(
+        self, transport: Transport
+    ) -> None:
+        gate = asyncio.Event()  # never set: the reader waits live
+        # A long lease: a reader polls a quiet stream every half lease (30 s here), so only
+        # aclose() waking it ends the wait within the bound below.
+        run = await StreamProducer(transport, lease=60).start(tokens(10, pause=gate))
+        consumer = StreamConsumer(transport, run.stream_id)
+        # Everything written before the pause; then nothing more comes.
+        first = [await anext(consumer) for _ in range(5)]
+        reading = asyncio.create_task(collect_from(consumer))
+
+        async def waiting_live() -> bool:  # blocked in get(), when the transport tells
+            subscription = consumer._subscription
+            return subscription is not None and getattr(subscription, "_waiter", 1) is not None
+
+        await eventually(waiting_live)
+        await consumer.aclose()
+        rest = await asyncio.wait_for(reading, timeout=10)  # regression: blocked for ever
+        assert [e.type for e in first] == ["token"] * 5 and rest == []
+        await run.cancel()
+
+    async def test_a_stream_deleted_and_recreated_at_once_gets_a_new_epoch(
+        self,
+        transport: Transport,
+    ) -> None:
+        producer = StreamProducer(transport)
+        await (await producer.start(tokens(5), stream_id="again")).wait()
+        old = await collect(transport, "again")
+        for _ in range(20):  # delete and re-create within the same millisecond, again and again
+            await transport.delete("again")
+            await (await producer.start(tokens(5), stream_id="again")).wait()
+            with pytest.raises(OffsetExpired):
+                await collect(transport, "again", after=old[1].offset)
+
+    async def test_an_abandoned_run_expires_into_a_tombstone(
+        self,
+        transport_factory: TransportFactory,
+    ) -> None:
+        # What a process killed mid-run leaves when no reader ever comes to reap it.
+        transport = transport_factory(running_ttl=0.3, tombstone=30)
+        info = await transport.create("abandoned", owner="gone", lease_ms=100)
+        token = ("token", {"text": "a", "message_id": None, "node": None})
+        await transport.append("abandoned", "gone", Entry(info.epoch, 1, encode_entry([token])), 1)
+        offset = f"{info.epoch}-1-0"
+
+        async def data_gone() -> bool:  # storage only: a reader would reap the run first
+            return await transport.read("abandoned", info.epoch, 0, 10) == []
+
+        await eventually(data_gone)
+        with pytest.raises(OffsetExpired):  # expired, told apart from "never existed"
+            await collect(transport, "abandoned", after=offset)
+        assert await transport.info("abandoned") is not None
+
+
+async def tokens(
+    n: int, *, every: int = 50, pause: asyncio.Event | None = None
+) -> AsyncIterator[str]:
+    """``n`` distinct tokens; yields to the loop every ``every`` tokens, waits on ``pause``."""
+    for i in range(n):
+        if pause is not None and i == n // 2:
+            await pause.wait()
+        yield f"t{i} "
+        if i % every == 0:
+            await asyncio.sleep(0)
+
+
+def text_of(n: int) -> str:
+    return "".join(f"t{i} " for i in range(n))
+
+
+async def collect(transport: Transport, stream_id: str, after: str | None = None) -> list[Event]:
+    return [event async for event in StreamConsumer(transport, stream_id, after=after)]
+
+
+async def collect_from(consumer: StreamConsumer) -> list[Event]:
+    return [event async for event in consumer]
+
+
+def joined(events: list[Event]) -> str:
+    return "".join(e.data["text"] for e in events if e.type == "token")
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
+    """Poll an external condition (a TTL, another process) until it holds."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.02)  # polling an external clock/process, not task state

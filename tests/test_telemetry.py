@@ -1,0 +1,221 @@
+"""Metrics and traces (resumable_stream.telemetry) read back after real runs.
+
+Each test records on its own OpenTelemetry SDK providers: an in-memory metric reader and
+an in-memory span exporter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from resumable_stream import (
+    LeaseLost,
+    StreamConsumer,
+    StreamProducer,
+    Transport,
+    TransportError,
+    telemetry,
+)
+from resumable_stream.transports import Entry, Status
+from resumable_stream.transports.memory import MemoryTransport
+from resumable_stream.transports.redis import RedisTransport
+from tests._helpers import collect, eventually, tokens
+from tests._services import RedisServer
+
+
+@dataclass
+class Recorded:
+    reader: InMemoryMetricReader
+    spans: InMemorySpanExporter
+    tracer: trace.Tracer
+
+    def points(self, name: str) -> dict[tuple[tuple[str, Any], ...], Any]:
+        """The data points of metric ``name`` (values, or histogram counts), by attributes."""
+        found: dict[tuple[tuple[str, Any], ...], Any] = {}
+        data = self.reader.get_metrics_data()
+        for resource in data.resource_metrics if data is not None else ():
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == name:
+                        for point in metric.data.data_points:
+                            key = tuple(sorted(point.attributes.items()))
+                            found[key] = getattr(point, "value", getattr(point, "count", None))
+        return found
+
+    def value(self, name: str, **attributes: Any) -> Any:
+        return self.points(name).get(tuple(sorted(attributes.items())), 0)
+
+
+@pytest.fixture
+def recorded() -> Iterator[Recorded]:
+    reader = InMemoryMetricReader()
+    spans = InMemorySpanExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    telemetry.configure(
+        meter_provider=MeterProvider(metric_readers=[reader]), tracer_provider=tracer_provider
+    )
+    yield Recorded(reader, spans, tracer_provider.get_tracer("tests"))
+    telemetry.configure()  # back to the global (no-op) providers
+
+
+async def test_a_run_and_its_readers_are_counted(transport: Transport, recorded: Recorded) -> None:
+    gate = asyncio.Event()
+    run = await StreamProducer(transport).start(tokens(300, pause=gate))
+    reading = asyncio.create_task(collect(transport, run.stream_id))
+
+    async def following_live() -> bool:  # the reader caught up and waits for the rest
+        return recorded.value("resumable_stream.consumers.live") == 1
+
+    await eventually(following_live)
+    gate.set()
+    events = await reading
+    assert await run.wait() == "completed"
+    info = await transport.info(run.stream_id)
+    assert info is not None
+
+    assert recorded.value("resumable_stream.runs.started") == 1
+    assert recorded.points("resumable_stream.runs.ended") == {(("status", "completed"),): 1}
+    assert recorded.value("resumable_stream.events.appended") == len(events) == 301
+    assert recorded.value("resumable_stream.entries.appended") == info.last_seq
+    assert recorded.value("resumable_stream.append.duration") == info.last_seq  # one per entry
+    assert recorded.value("resumable_stream.consumers.live") == 0
+    assert recorded.value("resumable_stream.events.delivered") == 301
+    assert recorded.value("resumable_stream.resumes") == 0
+
+    rest = await collect(transport, run.stream_id, after=events[99].offset)
+    assert len(rest) == 201
+    assert recorded.value("resumable_stream.resumes") == 1
+    assert recorded.value("resumable_stream.events.delivered") == 301 + 201
+
+
+async def test_a_reaped_run_is_counted(transport: Transport, recorded: Recorded) -> None:
+    await transport.create("orphan", owner="gone", lease_ms=200)  # what a kill -9 leaves
+    events = await collect(transport, "orphan")
+    assert [e.data.get("error") for e in events] == ["producer_lost"]
+    assert recorded.value("resumable_stream.reaps") == 1
+
+
+class FlakyTransport(MemoryTransport):
+    """Loses the reply of the first append, as a dropped connection would."""
+
+    failed = False
+
+    async def append(
+        self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None = None
+    ) -> None:
+        await super().append(stream_id, owner, entry, count, final)
+        if not self.failed:
+            self.failed = True
+            raise TransportError("connection lost before the reply")
+
+
+async def test_transport_errors_and_failed_runs_are_counted(recorded: Recorded) -> None:
+    transport = FlakyTransport()
+    run = await StreamProducer(transport).start(tokens(5))
+    assert await run.wait() == "completed"  # the append was retried
+    assert recorded.points("resumable_stream.transport.errors") == {(("operation", "append"),): 1}
+
+    # A run fenced by a delete cannot write its terminal event: it ends as "failed".
+    gate = asyncio.Event()
+    fenced = await StreamProducer(transport).start(tokens(10, pause=gate))
+    async with StreamConsumer(transport, fenced.stream_id) as reader:
+        await anext(reader)
+    await transport.delete(fenced.stream_id)
+    with pytest.raises(Exception):  # noqa: B017, PT011 - LeaseLost, as the contract says
+        await fenced.wait()
+    assert recorded.value("resumable_stream.runs.ended", status="failed") == 1
+
+
+async def test_a_run_has_a_span_linked_to_the_request(recorded: Recorded) -> None:
+    transport = MemoryTransport()
+    tracer = recorded.tracer
+
+    async def source() -> Any:
+        with tracer.start_as_current_span("model call"):  # e.g. LangGraph's own spans
+            yield "hello "
+        yield "world"
+
+    with tracer.start_as_current_span("POST /chat") as request:
+        run = await StreamProducer(transport).start(source())
+    assert await run.wait() == "completed"
+    spans = {span.name: span for span in recorded.spans.get_finished_spans()}
+    run_span, model_call = spans["resumable_stream.run"], spans["model call"]
+    assert run_span.attributes is not None
+    assert run_span.attributes["resumable_stream.stream_id"] == run.stream_id
+    assert run_span.attributes["resumable_stream.status"] == "completed"
+    assert [link.context for link in run_span.links] == [request.get_span_context()]
+    assert run_span.parent is None  # its own trace: the run outlives the request
+    assert model_call.parent is not None
+    assert model_call.parent.span_id == run_span.context.span_id
+
+
+async def test_a_redis_reconnect_is_counted(
+    redis_server_factory: Callable[..., RedisServer], recorded: Recorded
+) -> None:
+    server = redis_server_factory()
+    transport = RedisTransport.from_url(server.url)
+    try:
+        gate = asyncio.Event()
+        run = await StreamProducer(transport).start(tokens(10, pause=gate))
+        reader = StreamConsumer(transport, run.stream_id)
+        await anext(reader)
+        waiting = asyncio.ensure_future(anext(reader))
+
+        async def following_live() -> bool:
+            return recorded.value("resumable_stream.consumers.live") == 1
+
+        await eventually(following_live)
+        server.restart()  # the live reader's notice connection drops
+
+        async def reconnected() -> bool:
+            return recorded.value("resumable_stream.transport.reconnects", connection="notices") > 0
+
+        await eventually(reconnected)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        await reader.aclose()
+        with contextlib.suppress(LeaseLost):  # the restarted server lost the stream
+            await run.cancel()
+    finally:
+        await transport.aclose()
+
+
+def test_without_opentelemetry_everything_is_a_no_op() -> None:
+    code = (
+        "import sys, asyncio\n"
+        "sys.modules['opentelemetry'] = None  # as if the otel extra were not installed\n"
+        "from resumable_stream import StreamConsumer, StreamProducer, from_url, telemetry\n"
+        "async def main():\n"
+        "    transport = from_url('memory://')\n"
+        "    async def source():\n"
+        "        yield 'a'\n"
+        "    run = await StreamProducer(transport).start(source())\n"
+        "    print([e.type async for e in StreamConsumer(transport, run.stream_id)])\n"
+        "    try:\n"
+        "        telemetry.configure(meter_provider=object())\n"
+        "    except Exception as exc:\n"
+        "        print(type(exc).__name__, exc)\n"
+        "asyncio.run(main())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "['token', 'end']",
+        "ConfigurationError metrics and traces need OpenTelemetry: "
+        "pip install 'resumable-llm-stream[otel]'",
+    ]
