@@ -703,12 +703,24 @@ class RedisClusterService:
                 return view.port
         raise AssertionError(f"the master on port {master_port} has no healthy replica")
 
-    def owner(self, slot: int) -> int:
-        """Port of the master serving `slot`."""
-        for view in self.view():
-            if view.is_master and any(first <= slot <= last for first, last in view.slots):
-                return view.port
-        raise AssertionError(f"no master serves slot {slot}")
+    def owner(self, s: int) -> int:
+        """Port of the running master serving slot `s`.
+
+        Right after a failover some nodes still name the dead master: the first node whose
+        view names a running, non-failing owner answers.
+        """
+        for node in self.nodes:
+            if not node.running:
+                continue
+            try:
+                views = self.view(node.port)
+            except Exception:
+                continue
+            for view in views:
+                serves = view.is_master and any(first <= s <= last for first, last in view.slots)
+                if serves and not view.failing and self.node(view.port).running:
+                    return view.port
+        raise AssertionError(f"no running master serves slot {s}")
 
     @staticmethod
     def slot_of(key: str | bytes) -> int:
