@@ -1151,8 +1151,16 @@ class RedisSentinelService:
                 return False  # INPROG or NOGOODSLAVE (replica's state not yet refreshed)
             return True
 
-        _wait_for(started, what="SENTINEL FAILOVER accepted", timeout=30)
-        new = self._wait_for_new_master(old)
+        for attempt in range(3):
+            _wait_for(started, what="SENTINEL FAILOVER accepted", timeout=30)
+            try:
+                # A failover can abort (the replica's state looked stale to the Sentinel
+                # leading it); then it is asked again.
+                new = self._wait_for_new_master(old, timeout=self.failover_timeout_ms / 500 + 10)
+                break
+            except AssertionError:
+                if attempt == 2:
+                    raise
         # The Sentinels would turn the old master into a replica at their next INFO, up to
         # 10 s later (it takes writes meanwhile); do it now, as they will.
         with contextlib.closing(self.server(old).client()) as client:
@@ -1160,12 +1168,12 @@ class RedisSentinelService:
         self.wait_healthy()
         return new
 
-    def _wait_for_new_master(self, old: int) -> int:
+    def _wait_for_new_master(self, old: int, *, timeout: float = 60.0) -> int:
         def moved() -> bool:
             port = self._agreed_master()
             return port is not None and port != old
 
-        _wait_for(moved, what=f"the Sentinels promote a new master (was {old})", timeout=60)
+        _wait_for(moved, what=f"the Sentinels promote a new master (was {old})", timeout=timeout)
         new = self.master_port()
         _wait_for(
             lambda: _info(self.server(new), "replication").get("role") == "master",
