@@ -200,18 +200,15 @@ async def test_a_cluster_failover_mid_stream_loses_nothing(
     assert_whole(await collect(cluster_transport, run.stream_id))
 
 
-async def _connections_per_node(cluster: RedisClusterService) -> dict[int, int]:
+async def _connections_per_node(cluster: RedisClusterService, name: str) -> dict[int, int]:
+    """Connections named `name` on each node (other tests' clients do not count)."""
+
     def count() -> dict[int, int]:
         counts = {}
         for port in cluster.ports:
             with contextlib.closing(cluster.node(port).client()) as client:
                 entries = client.client_list()
-            # Not this admin client, nor replication links (flags M and S).
-            counts[port] = sum(
-                1
-                for e in entries
-                if e.get("cmd") != "client|list" and not set(e["flags"]) & {"M", "S"}
-            )
+            counts[port] = sum(1 for e in entries if e.get("name") == name)
         return counts
 
     return await asyncio.to_thread(count)
@@ -229,7 +226,8 @@ async def test_connections_per_master_stay_constant_in_the_number_of_streams(
         found = ids[redis_cluster.owner(redis_cluster.slot_of("{" + stream_id + "}"))]
         if len(found) < streams // len(masters):
             found.append(stream_id)
-    async with from_url(redis_cluster.url, prefix=prefix) as transport:
+    name = f"conns-{prefix}"
+    async with from_url(f"{redis_cluster.url}?client_name={name}", prefix=prefix) as transport:
         stages = [Stages(40, 20) for _ in range(streams)]
         producer = StreamProducer(transport)
         chosen = [stream_id for found in ids.values() for stream_id in found]
@@ -243,9 +241,9 @@ async def test_connections_per_master_stay_constant_in_the_number_of_streams(
 
         async def two_per_master() -> bool:
             # One pipelined command connection and one sharded pub/sub connection per
-            # master, whatever the number of streams; none to replicas. (Polled: a
-            # connection closed by an earlier test may linger in CLIENT LIST a moment.)
-            counts = await _connections_per_node(redis_cluster)
+            # master, whatever the number of streams; none to replicas. (Polled: the
+            # transport opens its connections to each master as it needs them.)
+            counts = await _connections_per_node(redis_cluster, name)
             return all(
                 counts[port] == (2 if port in masters else 0) for port in redis_cluster.ports
             )
