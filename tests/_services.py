@@ -11,6 +11,7 @@ a failure under `CI=true` (see `unavailable`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import glob
@@ -122,6 +123,20 @@ def _log_tail(log: Path | None, lines: int = 20) -> str:
         return ""
     tail = log.read_text(errors="replace").splitlines()[-lines:]
     return "\n--- " + str(log) + " ---\n" + "\n".join(tail) if tail else ""
+
+
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="spawner")
+
+
+def spawn_for_the_session(command: Sequence[str], **options: Any) -> subprocess.Popen[bytes]:
+    """`subprocess.Popen` from one thread that lives as long as the test session.
+
+    setpriv's --pdeathsig (see `dies_with_us`) fires when the *thread* that started the
+    process exits, and helpers that restart servers are called from `asyncio.to_thread`
+    workers, which end with the test's event loop: a server restarted there died a moment
+    after the test.
+    """
+    return _SPAWNER.submit(subprocess.Popen, command, **options).result()
 
 
 def dies_with_us(command: Sequence[str], *, as_postgres: bool = False) -> list[str]:
@@ -412,7 +427,7 @@ class RedisServer:
                 self.bus_port = free_port() if self.cluster else 0
             log_start = self.log.stat().st_size if self.log.exists() else 0
             with self.log.open("ab") as log:
-                process = subprocess.Popen(
+                process = spawn_for_the_session(
                     dies_with_us(self._command(executable)),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
@@ -688,12 +703,24 @@ class RedisClusterService:
                 return view.port
         raise AssertionError(f"the master on port {master_port} has no healthy replica")
 
-    def owner(self, slot: int) -> int:
-        """Port of the master serving `slot`."""
-        for view in self.view():
-            if view.is_master and any(first <= slot <= last for first, last in view.slots):
-                return view.port
-        raise AssertionError(f"no master serves slot {slot}")
+    def owner(self, s: int) -> int:
+        """Port of the running master serving slot `s`.
+
+        Right after a failover some nodes still name the dead master: the first node whose
+        view names a running, non-failing owner answers.
+        """
+        for node in self.nodes:
+            if not node.running:
+                continue
+            try:
+                views = self.view(node.port)
+            except Exception:
+                continue
+            for view in views:
+                serves = view.is_master and any(first <= s <= last for first, last in view.slots)
+                if serves and not view.failing and self.node(view.port).running:
+                    return view.port
+        raise AssertionError(f"no running master serves slot {s}")
 
     @staticmethod
     def slot_of(key: str | bytes) -> int:
@@ -1124,8 +1151,16 @@ class RedisSentinelService:
                 return False  # INPROG or NOGOODSLAVE (replica's state not yet refreshed)
             return True
 
-        _wait_for(started, what="SENTINEL FAILOVER accepted", timeout=30)
-        new = self._wait_for_new_master(old)
+        for attempt in range(3):
+            _wait_for(started, what="SENTINEL FAILOVER accepted", timeout=30)
+            try:
+                # A failover can abort (the replica's state looked stale to the Sentinel
+                # leading it); then it is asked again.
+                new = self._wait_for_new_master(old, timeout=self.failover_timeout_ms / 500 + 10)
+                break
+            except AssertionError:
+                if attempt == 2:
+                    raise
         # The Sentinels would turn the old master into a replica at their next INFO, up to
         # 10 s later (it takes writes meanwhile); do it now, as they will.
         with contextlib.closing(self.server(old).client()) as client:
@@ -1133,12 +1168,12 @@ class RedisSentinelService:
         self.wait_healthy()
         return new
 
-    def _wait_for_new_master(self, old: int) -> int:
+    def _wait_for_new_master(self, old: int, *, timeout: float = 60.0) -> int:
         def moved() -> bool:
             port = self._agreed_master()
             return port is not None and port != old
 
-        _wait_for(moved, what=f"the Sentinels promote a new master (was {old})", timeout=60)
+        _wait_for(moved, what=f"the Sentinels promote a new master (was {old})", timeout=timeout)
         new = self.master_port()
         _wait_for(
             lambda: _info(self.server(new), "replication").get("role") == "master",

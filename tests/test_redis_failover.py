@@ -1,0 +1,384 @@
+"""Streams through Redis Cluster and Sentinel topology changes, on real servers.
+
+Each scenario runs a stream whose source the test drives stage by stage, with a live
+reader, and changes the topology mid-stream: a slot migrated between masters (ASK, then
+MOVED; or keys split between masters, TRYAGAIN), a Cluster failover, a Sentinel failover.
+Readers must get every event exactly once, in order, ending with the one terminal event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from resumable_stream import (
+    Event,
+    OffsetExpired,
+    StreamConsumer,
+    StreamProducer,
+    Transport,
+    TransportError,
+)
+from resumable_stream.transports import from_url
+from tests._helpers import collect, eventually, joined, text_of
+from tests._services import RedisClusterService, RedisSentinelService
+
+N = 300
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:12]}"
+
+
+class Stages:
+    """A source of N tokens that stops before each of `stops` until the test lets it go."""
+
+    def __init__(self, n: int, *stops: int) -> None:
+        self.n = n
+        self.gates = {stop: asyncio.Event() for stop in stops}
+
+    def release(self, stop: int) -> None:
+        self.gates[stop].set()
+
+    async def source(self) -> AsyncIterator[str]:
+        for i in range(self.n):
+            gate = self.gates.get(i)
+            if gate is not None:
+                await gate.wait()
+            yield f"t{i} "
+            if i % 25 == 0:
+                await asyncio.sleep(0)  # let the flusher write entries of a few events
+
+
+class Reader:
+    """A live reader recording what it got; `await reached(k)` until it holds k tokens."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        stream_id: str,
+        *,
+        resume_when: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.events: list[Event] = []
+        self.error: Exception | None = None
+        self.resumed = 0
+        self._changed = asyncio.Condition()
+        self.task = asyncio.create_task(self._read(transport, stream_id, resume_when))
+
+    async def _read(
+        self,
+        transport: Transport,
+        stream_id: str,
+        resume_when: Callable[[], Awaitable[None]] | None,
+    ) -> None:
+        try:
+            while True:
+                after = self.events[-1].offset if self.events else None
+                try:
+                    async for event in StreamConsumer(transport, stream_id, after=after):
+                        self.events.append(event)
+                        async with self._changed:
+                            self._changed.notify_all()
+                    return
+                except TransportError:
+                    # Like an SSE client: reconnect with the last offset it got, once
+                    # `resume_when` says the storage is back.
+                    if resume_when is None:
+                        raise
+                    await resume_when()
+                    self.resumed += 1
+        except OffsetExpired as exc:
+            self.error = exc
+        finally:
+            async with self._changed:
+                self._changed.notify_all()
+
+    @property
+    def tokens(self) -> int:
+        return sum(e.type == "token" for e in self.events)
+
+    async def reached(self, count: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.tokens >= count or self.task.done())
+        assert self.tokens >= count, (self.tokens, self.error, self.events[-1:])
+
+    async def result(self) -> list[Event]:
+        await self.task
+        return self.events
+
+
+def assert_whole(events: list[Event], n: int = N) -> None:
+    """Every token once, in order, then `end`."""
+    assert joined(events) == text_of(n)
+    assert [e.type for e in events if e.terminal] == ["end"]
+    assert events[-1].type == "end"
+    assert len({e.offset for e in events}) == len(events)
+
+
+# --- Redis Cluster -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def cluster_transport(
+    redis_cluster: RedisClusterService, prefix: str
+) -> AsyncIterator[Transport]:
+    async with from_url(redis_cluster.url, prefix=prefix) as transport:
+        yield transport
+
+
+def _errorstat(cluster: RedisClusterService, port: int, code: str) -> int:
+    with contextlib.closing(cluster.node(port).client()) as client:
+        stats = client.info("errorstats")
+    entry = stats.get(f"errorstat_{code}")
+    return int(entry["count"]) if isinstance(entry, dict) else 0
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["ask-then-moved", "keys-split-tryagain"])
+async def test_a_slot_migrated_mid_stream_loses_nothing(
+    redis_cluster: RedisClusterService,
+    cluster_transport: Transport,
+    prefix: str,
+    split: bool,
+) -> None:
+    stages = Stages(N, N // 3, 2 * N // 3)
+    run = await StreamProducer(cluster_transport).start(stages.source())
+    reader = Reader(cluster_transport, run.stream_id)
+    await reader.reached(N // 3)
+    slot = redis_cluster.slot_of("{" + run.stream_id + "}")
+    source = redis_cluster.owner(slot)
+    target = next(port for port in redis_cluster.master_ports() if port != source)
+    migration = redis_cluster.migrating_slot(slot, target)
+    if split:
+        # The events key moves first: the stream's scripts touch keys on both masters now,
+        # and Redis answers TRYAGAIN until the rest follows.
+        events_key = f"{prefix}:{{{run.stream_id}}}:events"
+        with contextlib.closing(redis_cluster.node(source).client()) as client:
+            client.execute_command(
+                "MIGRATE", "127.0.0.1", target, "", 0, 10_000, "KEYS", events_key
+            )
+        refused = _errorstat(redis_cluster, source, "TRYAGAIN")
+        stages.release(N // 3)
+
+        async def refused_again() -> bool:
+            return await asyncio.to_thread(_errorstat, redis_cluster, source, "TRYAGAIN") > (
+                refused
+            )
+
+        await eventually(refused_again, within=30)
+        await asyncio.to_thread(migration.move_keys)
+    else:
+        # Every key moves, the slot is still MIGRATING: the source answers ASK.
+        await asyncio.to_thread(migration.move_keys)
+        stages.release(N // 3)
+        await reader.reached(2 * N // 3)
+    await asyncio.to_thread(migration.finish)  # MOVED from now on
+    assert redis_cluster.owner(slot) == target
+    stages.release(2 * N // 3)
+    assert_whole(await reader.result())
+    assert await run.wait() == "completed"
+    assert_whole(await collect(cluster_transport, run.stream_id))  # a fresh reader too
+
+
+async def test_a_cluster_failover_mid_stream_loses_nothing(
+    redis_cluster: RedisClusterService, cluster_transport: Transport
+) -> None:
+    stages = Stages(N, N // 2)
+    run = await StreamProducer(cluster_transport).start(stages.source())
+    reader = Reader(cluster_transport, run.stream_id)
+    await reader.reached(N // 2)
+    master = redis_cluster.owner(redis_cluster.slot_of("{" + run.stream_id + "}"))
+    await asyncio.to_thread(redis_cluster.failover, master)
+    stages.release(N // 2)
+    assert_whole(await reader.result())
+    assert await run.wait() == "completed"
+    assert_whole(await collect(cluster_transport, run.stream_id))
+
+
+async def _connections_per_node(cluster: RedisClusterService, name: str) -> dict[int, int]:
+    """Connections named `name` on each node (other tests' clients do not count)."""
+
+    def count() -> dict[int, int]:
+        counts = {}
+        for port in cluster.ports:
+            with contextlib.closing(cluster.node(port).client()) as client:
+                entries = client.client_list()
+            counts[port] = sum(1 for e in entries if e.get("name") == name)
+        return counts
+
+    return await asyncio.to_thread(count)
+
+
+@pytest.mark.parametrize("streams", [6, 120])
+async def test_connections_per_master_stay_constant_in_the_number_of_streams(
+    redis_cluster: RedisClusterService, prefix: str, streams: int
+) -> None:
+    masters = redis_cluster.master_ports()
+    # The same number of streams on every master.
+    ids: dict[int, list[str]] = {port: [] for port in masters}
+    while any(len(found) < streams // len(masters) for found in ids.values()):
+        stream_id = uuid.uuid4().hex
+        found = ids[redis_cluster.owner(redis_cluster.slot_of("{" + stream_id + "}"))]
+        if len(found) < streams // len(masters):
+            found.append(stream_id)
+    name = f"conns-{prefix}"
+    async with from_url(f"{redis_cluster.url}?client_name={name}", prefix=prefix) as transport:
+        stages = [Stages(40, 20) for _ in range(streams)]
+        producer = StreamProducer(transport)
+        chosen = [stream_id for found in ids.values() for stream_id in found]
+        runs = [
+            await producer.start(stage.source(), stream_id=stream_id)
+            for stage, stream_id in zip(stages, chosen, strict=True)
+        ]
+        readers = [Reader(transport, run.stream_id) for run in runs]
+        for reader in readers:
+            await reader.reached(20)
+
+        async def two_per_master() -> bool:
+            # One pipelined command connection and one sharded pub/sub connection per
+            # master, whatever the number of streams; none to replicas. (Polled: the
+            # transport opens its connections to each master as it needs them.)
+            counts = await _connections_per_node(redis_cluster, name)
+            return all(
+                counts[port] == (2 if port in masters else 0) for port in redis_cluster.ports
+            )
+
+        await eventually(two_per_master)
+        for stage in stages:
+            stage.release(20)
+        for reader in readers:
+            assert joined(await reader.result()) == text_of(40)
+
+
+def replicated(sentinel: RedisSentinelService) -> None:
+    """Wait until the replica holds everything the master has now (WAIT counts the writes
+    of the client that sends it: write a marker first)."""
+    with contextlib.closing(sentinel.master().client()) as client:
+        client.set("replicated-marker", "1")
+        assert client.execute_command("WAIT", 1, 10_000) == 1
+
+
+# --- Sentinel ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def sentinel_transport(
+    redis_sentinel: RedisSentinelService, prefix: str
+) -> AsyncIterator[Transport]:
+    async with from_url(redis_sentinel.url, prefix=prefix) as transport:
+        yield transport
+
+
+async def test_a_sentinel_url_reaches_the_master(
+    redis_sentinel: RedisSentinelService, sentinel_transport: Transport, prefix: str
+) -> None:
+    run = await StreamProducer(sentinel_transport).start(Stages(20).source())
+    assert joined(await collect(sentinel_transport, run.stream_id)) == text_of(20)
+    with contextlib.closing(redis_sentinel.master().client()) as client:
+        assert list(client.scan_iter(match=f"{prefix}:*"))
+
+
+async def test_a_sentinel_managed_client_follows_the_master(
+    redis_sentinel: RedisSentinelService, prefix: str
+) -> None:
+    from redis.asyncio.sentinel import Sentinel
+
+    from resumable_stream.transports.redis import RedisTransport
+
+    sentinel = Sentinel(redis_sentinel.sentinel_addresses)
+    client = sentinel.master_for(redis_sentinel.service)
+    try:
+        async with RedisTransport(client, prefix=prefix) as transport:
+            stages = Stages(N, N // 2)
+            run = await StreamProducer(transport).start(stages.source())
+            reader = Reader(transport, run.stream_id)
+            await reader.reached(N // 2)
+            await asyncio.to_thread(redis_sentinel.failover)
+            stages.release(N // 2)
+            assert_whole(await reader.result())
+            assert await run.wait() == "completed"
+    finally:
+        await client.aclose()
+        for node in sentinel.sentinels:
+            await node.aclose()
+
+
+async def test_a_sentinel_failover_mid_stream_loses_nothing(
+    redis_sentinel: RedisSentinelService, sentinel_transport: Transport
+) -> None:
+    stages = Stages(N, N // 2)
+    run = await StreamProducer(sentinel_transport).start(stages.source())
+    reader = Reader(sentinel_transport, run.stream_id)
+    await reader.reached(N // 2)
+    old = redis_sentinel.master_port()
+    assert await asyncio.to_thread(redis_sentinel.failover) != old
+    stages.release(N // 2)  # the producer writes to the new master, found through Sentinel
+    assert_whole(await reader.result())
+    assert await run.wait() == "completed"
+    assert_whole(await collect(sentinel_transport, run.stream_id))
+    # New runs need no reconfiguration either.
+    again = await StreamProducer(sentinel_transport).start(Stages(20).source())
+    assert joined(await collect(sentinel_transport, again.stream_id)) == text_of(20)
+
+
+async def test_with_durable_appends_a_failover_to_a_lagging_replica_loses_nothing_read(
+    redis_sentinel: RedisSentinelService, prefix: str
+) -> None:
+    async with from_url(redis_sentinel.url, prefix=prefix, replicas=1) as transport:
+        stages = Stages(N, N // 3, 2 * N // 3)
+        # The producer's write-retry budget (its lease, on today's producer) must outlast
+        # the failover: a few seconds with down-after-milliseconds 2000.
+        run = await StreamProducer(transport, lease=30).start(stages.source())
+        reader = Reader(transport, run.stream_id)
+        await reader.reached(N // 3)
+        events_key = f"{prefix}:{{{run.stream_id}}}:events"
+        master = redis_sentinel.master()
+
+        def stored() -> int:
+            with contextlib.closing(master.client()) as client:
+                return int(client.xlen(events_key))
+
+        before = await asyncio.to_thread(stored)
+        await asyncio.to_thread(redis_sentinel.pause_replication)
+        stages.release(N // 3)
+
+        async def stored_on_the_master_only() -> bool:
+            return await asyncio.to_thread(stored) > before
+
+        await eventually(stored_on_the_master_only)
+        # Stored, but no replica has it: no reader may see it.
+        assert reader.tokens == N // 3
+        await asyncio.to_thread(redis_sentinel.fail_over_to_lagging_replica)
+        # The new master needs a replica to acknowledge writes: the old one comes back as it.
+        await asyncio.to_thread(redis_sentinel.heal)
+        stages.release(2 * N // 3)
+        assert_whole(await reader.result())
+        assert await run.wait() == "completed"
+        assert_whole(await collect(transport, run.stream_id))
+
+
+async def test_a_killed_master_mid_stream_the_producer_survives(
+    redis_sentinel: RedisSentinelService, sentinel_transport: Transport
+) -> None:
+    stages = Stages(N, N // 2, N // 2 + 10)
+    run = await StreamProducer(sentinel_transport).start(stages.source())
+    old = redis_sentinel.master_port()
+
+    async def failed_over() -> None:
+        await asyncio.to_thread(redis_sentinel.wait_for_failover, old)
+
+    reader = Reader(sentinel_transport, run.stream_id, resume_when=failed_over)
+    await reader.reached(N // 2)
+    await asyncio.to_thread(replicated, redis_sentinel)
+    redis_sentinel.kill_master()
+    stages.release(N // 2)  # these writes are retried until the failover is over
+    await failed_over()
+    stages.release(N // 2 + 10)
+    assert_whole(await reader.result())
+    assert await run.wait() == "completed"
+    assert_whole(await collect(sentinel_transport, run.stream_id))
