@@ -117,6 +117,28 @@ async def test_entries_lost_by_the_storage_are_written_again(
     assert await collect(transport, "rolled") == seen  # and the storage holds the same
 
 
+async def test_a_reader_resuming_in_a_lost_tail_waits_for_it_to_be_written_again(
+    transport: Transport, lose_tail: LoseTail
+) -> None:
+    # Regression (issue 8): a client that received entries 1-10 reconnects after the
+    # storage lost 8-10 but before the producer wrote them again; it used to get
+    # InvalidOffset ("past the end", HTTP 400) for an offset the stream had issued.
+    gate, _ = await half_written(transport)
+    seen = await collect_first(transport, 10)
+    await lose_tail(transport, "rolled", 7)
+    resumed = StreamConsumer(transport, "rolled", after=seen[-1].offset)
+    first = asyncio.ensure_future(anext(resumed))
+    gate.set()
+    rest = [await first] + [event async for event in resumed]
+    assert joined(seen + rest) == text_of(20) and rest[-1].type == "end"
+    assert await collect(transport, "rolled") == seen + rest  # no duplicate, no gap
+
+
+async def collect_first(transport: Transport, count: int) -> list[Event]:
+    async with StreamConsumer(transport, "rolled") as reader:
+        return [await anext(reader) for _ in range(count)]
+
+
 async def test_a_rollback_beyond_the_window_ends_with_storage_rollback(
     transport: Transport, lose_tail: LoseTail
 ) -> None:

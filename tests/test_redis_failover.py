@@ -326,6 +326,53 @@ async def test_a_sentinel_failover_mid_stream_loses_nothing(
     assert joined(await collect(sentinel_transport, again.stream_id)) == text_of(20)
 
 
+async def test_a_failover_to_a_lagging_replica_has_no_silent_gap_duplicate_or_end(
+    redis_sentinel: RedisSentinelService, sentinel_transport: Transport
+) -> None:
+    """Issue 8: asynchronous replication loses the last writes; without durable appends the
+    producer writes them again from its window (or ends with storage_rollback), and a
+    reader that had them resumes after them, never reading a gap, a repeat or a silent end."""
+    stages = Stages(N, N // 3, 2 * N // 3)
+    run = await StreamProducer(sentinel_transport).start(stages.source())
+    old = redis_sentinel.master_port()
+
+    async def failed_over() -> None:
+        await asyncio.to_thread(redis_sentinel.wait_for_failover, old)
+
+    caught_up = Reader(sentinel_transport, run.stream_id, resume_when=failed_over)
+    await caught_up.reached(N // 3)
+    await asyncio.to_thread(replicated, redis_sentinel)
+    await asyncio.to_thread(redis_sentinel.pause_replication)
+    stages.release(N // 3)
+    # The reader sees the middle third: entries only the master has.
+    await caught_up.reached(2 * N // 3)
+    await asyncio.to_thread(redis_sentinel.fail_over_to_lagging_replica)
+    stages.release(2 * N // 3)
+    assert await run.wait() in ("completed", "error")
+    assert_no_silent_loss(await caught_up.result(), caught_up.error)
+    late = Reader(sentinel_transport, run.stream_id)
+    assert_no_silent_loss(await late.result(), late.error)
+
+
+def assert_no_silent_loss(events: list[Event], error: Exception | None, n: int = N) -> None:
+    """No gap, no duplicate, no silent end: all of it, or a prefix then a typed error."""
+    texts = [e.data["text"] for e in events if e.type == "token"]
+    assert joined(events) == text_of(len(texts))  # a contiguous prefix, no repeat
+    assert len({e.offset for e in events}) == len(events)
+    terminals = [e for e in events if e.terminal]
+    if error is not None:
+        assert not terminals
+        assert isinstance(error, OffsetExpired)
+        assert str(error)  # says why
+        return
+    assert len(terminals) == 1 and events[-1] is terminals[0], events[-3:]
+    if terminals[0].type == "end":
+        assert len(texts) == n
+    else:
+        assert terminals[0].type == "error", terminals[0]
+        assert terminals[0].data.get("error") == "storage_rollback", terminals[0].data
+
+
 async def test_with_durable_appends_a_failover_to_a_lagging_replica_loses_nothing_read(
     redis_sentinel: RedisSentinelService, prefix: str
 ) -> None:

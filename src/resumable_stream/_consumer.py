@@ -249,7 +249,7 @@ class StreamConsumer:
             raise OffsetExpired(
                 self.stream_id, self.after, "the stream was restarted since (another run)"
             )
-        elif self._seq + 1 > info.last_seq:
+        elif self._seq + 1 > info.last_seq and info.status != "running":
             if await self._ends_rewritten(info):
                 self._expired(
                     f"the storage ends at entry {info.last_seq}, before this offset: it was "
@@ -258,6 +258,10 @@ class StreamConsumer:
             raise InvalidOffset(
                 f"offset {self.after!r} is past the end of stream {self.stream_id!r}"
             )
+        # An offset past the end of a running stream: the storage may have lost entries
+        # this offset came from (a failover to a lagging replica) that the producer is
+        # writing again (issue 8). Follow the stream until it reaches the offset; if it
+        # ends short of it, _end_of_stream says the storage was rolled back.
         self._info = info
         telemetry.consumer_started(resumed=self.after is not None)
         return info
