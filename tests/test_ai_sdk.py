@@ -170,6 +170,9 @@ def test_custom_events_become_data_parts() -> None:
     assert chunker.chunks(Event("custom", {"data": 3}, "1-1-1")) == [
         {"type": "data-custom", "data": 3}
     ]
+    # A reserved run's own markers are not the app's data: no data part for them.
+    reserved = Event("custom", {"name": "resumable_stream.reserved", "data": {}}, "1-1-2")
+    assert chunker.chunks(reserved) == []
 
 
 @pytest.fixture

@@ -71,6 +71,8 @@ UI_MESSAGE_STREAM_HEADERS: Mapping[str, str] = {"x-vercel-ai-ui-message-stream":
 _DONE = b"data: [DONE]\n\n"
 _AI_ROLES = frozenset({"ai", "AIMessage", "assistant"})
 _DATA_NAME = re.compile(r"[^A-Za-z0-9_.:-]+")
+#: Names of the ``custom`` events the library writes itself (StreamProducer.reserve).
+_LIFECYCLE_PREFIX = "resumable_stream."
 
 
 def _sse(chunk: dict[str, Any]) -> bytes:
@@ -95,7 +97,8 @@ class UIMessageChunks:
       message → ``tool-output-available``;
     * ``tool_start`` / ``tool_end`` → the call (unless the model's message announced it) and
       ``tool-output-available`` or ``tool-output-error``;
-    * ``custom`` → ``data-<name>`` (``data-custom`` without a name);
+    * ``custom`` → ``data-<name>`` (``data-custom`` without a name), except the library's
+      own ``resumable_stream.*`` markers (a reserved run's), which are not sent;
     * ``end`` / ``error`` / ``cancelled`` → ``finish`` / ``error`` / ``abort``, then ``[DONE]``.
 
     ``start`` (with ``message_id``) comes first when ``start`` is true, as a replay from the
@@ -138,6 +141,8 @@ class UIMessageChunks:
             self._tool_end(data, out)
         elif kind == CUSTOM:
             name = data.get("name")
+            if isinstance(name, str) and name.startswith(_LIFECYCLE_PREFIX):
+                return out  # the library's own markers (a reserved run's), not app data
             suffix = _DATA_NAME.sub("-", name) if isinstance(name, str) and name else "custom"
             out.append({"type": f"data-{suffix}", "data": data.get("data")})
         elif kind in (END, ERROR, CANCELLED):
