@@ -616,13 +616,23 @@ async def test_durable_appends_are_readable_only_once_a_replica_holds_them(
         client.execute_command("REPLICAOF", "127.0.0.1", primary.port)
 
     async def linked() -> bool:
+        # Connected is not enough: during its first full sync the replica acknowledges
+        # nothing, so WAIT would time out. Wait for the link to be up and online.
+        with contextlib.closing(replica.client()) as client:
+            if client.info("replication").get("master_link_status") != "up":
+                return False
         with contextlib.closing(primary.client()) as client:
-            return int(client.info("replication")["connected_slaves"]) == 1
+            slave = client.info("replication").get("slave0")
+            return isinstance(slave, dict) and slave.get("state") == "online"
 
     await eventually(linked)
     prefix = f"t{uuid.uuid4().hex[:12]}"
     async with RedisTransport.from_url(
-        primary.url, prefix=prefix, replicas=1, replica_timeout=0.3
+        # A timeout generous for a loaded machine: only the paused replica must miss it.
+        primary.url,
+        prefix=prefix,
+        replicas=1,
+        replica_timeout=2.0,
     ) as transport:
         info = await transport.create("d", owner="o", lease_ms=600_000)
         await transport.append("d", "o", Entry(info.epoch, 1, b"[1]"), 1)
