@@ -130,7 +130,10 @@ class _Connection:
     __slots__ = (
         "_handle",
         "_loop",
+        "_ping_interval",
         "_send",
+        "_send_timeout",
+        "_writer",
         "chunks",
         "done",
         "error",
@@ -147,6 +150,9 @@ class _Connection:
         self._send = send
         self._loop = asyncio.get_running_loop()
         self._handle: asyncio.TimerHandle | None = None
+        self._ping_interval: float | None = None
+        self._send_timeout: float | None = None
+        self._writer: asyncio.Task[None] | None = None
         self.chunks: list[bytes] = []
         self.size = 0
         self.done = False
@@ -189,39 +195,46 @@ class _Connection:
     def start_clock(
         self, ping_interval: float | None, send_timeout: float | None, writer: asyncio.Task[None]
     ) -> None:
-        loop = self._loop
-
-        def check() -> None:
-            now = loop.time()
-            wait = math.inf
-            if send_timeout is not None:
-                if self.sending_since is None:
-                    wait = send_timeout
-                elif now - self.sending_since >= send_timeout:
-                    # As asyncio.timeout() does, without a timer per write: the writer
-                    # tells this cancellation from others by `stuck`.
-                    self.stuck = True
-                    writer.cancel()
-                    return
-                else:
-                    wait = self.sending_since + send_timeout - now
-            if ping_interval is not None:
-                idle = 0.0 if self.sending_since is not None else now - self.last_write
-                if idle >= ping_interval:
-                    self.ping_due = True
-                    self.ready.set()
-                    idle = 0.0
-                wait = min(wait, ping_interval - idle)
-            self._handle = loop.call_later(wait, check)
-
+        # A method, not a closure: a closure re-arming itself is a reference cycle, and
+        # every finished connection would wait for the garbage collector (issue 11).
+        self._ping_interval = ping_interval
+        self._send_timeout = send_timeout
+        self._writer = writer
         if ping_interval is not None or send_timeout is not None:
-            self._handle = loop.call_later(
-                min(ping_interval or math.inf, send_timeout or math.inf), check
+            self._handle = self._loop.call_later(
+                min(ping_interval or math.inf, send_timeout or math.inf), self._check
             )
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        wait = math.inf
+        send_timeout, ping_interval = self._send_timeout, self._ping_interval
+        if send_timeout is not None:
+            if self.sending_since is None:
+                wait = send_timeout
+            elif now - self.sending_since >= send_timeout:
+                # As asyncio.timeout() does, without a timer per write: the writer tells
+                # this cancellation from others by `stuck`.
+                self.stuck = True
+                if self._writer is not None:
+                    self._writer.cancel()
+                return
+            else:
+                wait = self.sending_since + send_timeout - now
+        if ping_interval is not None:
+            idle = 0.0 if self.sending_since is not None else now - self.last_write
+            if idle >= ping_interval:
+                self.ping_due = True
+                self.ready.set()
+                idle = 0.0
+            wait = min(wait, ping_interval - idle)
+        self._handle = self._loop.call_later(wait, self._check)
 
     def stop_clock(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
+            self._handle = None
+        self._writer = None
 
 
 class StreamEngine:

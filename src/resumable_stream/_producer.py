@@ -154,7 +154,10 @@ class Run:
         # The entry being written (re-sent unchanged if its write is interrupted) and the
         # recent entries written, to write again if the storage loses them (issue 8).
         self._inflight: tuple[Entry, int, Status | None] | None = None
-        self._window: collections.deque[tuple[Entry, int]] = collections.deque()
+        # (payload, event count) of the entries up to _seq, oldest first: plain bytes and
+        # ints, which the garbage collector stops tracking (issue 11: a window of Entry
+        # objects per run made every full collection walk them).
+        self._window: collections.deque[tuple[bytes, int]] = collections.deque()
         self._window_bytes = 0
         self._pump: asyncio.Task[None] | None = None
         self._helpers: list[asyncio.Task[None]] = []
@@ -223,8 +226,17 @@ class Run:
                 self._tasks += self._helpers
         except asyncio.CancelledError:
             shutting_down = True  # the run's task itself was cancelled (shutdown)
-        if self.status == "running":
-            await self._salvage(shutting_down)
+        try:
+            if self.status == "running":
+                await self._salvage(shutting_down)
+        finally:
+            # A cancelled helper's exception holds its frames, which hold this run, which
+            # held the helper: drop the tasks and the window now rather than leave them to
+            # a full garbage collection (tens of ms with many runs; issue 11).
+            self._pump = None
+            self._tasks = []
+            self._helpers = []
+            self._window.clear()
         if shutting_down:
             raise asyncio.CancelledError
 
@@ -446,11 +458,11 @@ class Run:
             self.status = final
             return
         window = self._window
-        window.append((entry, count))
+        window.append((entry.payload, count))
         self._window_bytes += len(entry.payload)
         limit = self._producer.rollback_window
         while window and (len(window) > limit or self._window_bytes > ROLLBACK_WINDOW_BYTES):
-            self._window_bytes -= len(window.popleft()[0].payload)
+            self._window_bytes -= len(window.popleft()[0])
 
     async def _append(self, entry: Entry, count: int, final: Status | None) -> None:
         """Append ``entry``, retrying transient faults within the write-retry budget."""
@@ -481,7 +493,11 @@ class Run:
     async def _rewrite_lost(self, last_seq: int, seq: int) -> None:
         """The storage ends at ``last_seq`` although entries up to ``seq - 1`` were written:
         write the lost ones again from the window, or end the run with `storage_rollback`."""
-        kept = {e.seq: (e, count) for e, count in self._window}
+        first = self._seq - len(self._window) + 1  # the window ends at entry _seq
+        kept = {
+            first + i: (Entry(self.epoch, first + i, payload), count)
+            for i, (payload, count) in enumerate(self._window)
+        }
         lost = range(last_seq + 1, seq)
         if all(s in kept for s in lost):
             logger.warning(
