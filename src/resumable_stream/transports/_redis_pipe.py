@@ -308,6 +308,15 @@ class Subscriber:
         self.channels: set[bytes] = set()  # wanted
         self.confirmed: set[bytes] = set()
         self._sent: set[bytes] = set()  # SSUBSCRIBE sent on the current connection
+        # Changes not yet sent, kept as they come: comparing the whole sets on each change
+        # cost O(channels) per stream started or ended (issue 11).
+        self._to_subscribe: set[bytes] = set()
+        self._to_unsubscribe: set[bytes] = set()
+        # SUNSUBSCRIBEs sent and not yet confirmed, by channel: a confirmation nobody asked
+        # for means Redis dropped the channel (its slot moved), one asked for does not,
+        # even when the channel was followed again meanwhile.
+        self._unsubscribing: collections.Counter[bytes] = collections.Counter()
+        self._acked: set[bytes] = set()  # subscribed, as Redis confirmed
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -319,12 +328,20 @@ class Subscriber:
         if channel in self.channels:
             return
         self.channels.add(channel)
+        self._to_unsubscribe.discard(channel)
+        if channel not in self._sent:
+            self._to_subscribe.add(channel)
+        elif channel in self._acked:
+            self.confirmed.add(channel)  # left and followed again before it was sent
         self._poke()
 
     def remove(self, channel: bytes) -> None:
         if channel in self.channels:
             self.channels.discard(channel)
             self.confirmed.discard(channel)
+            self._to_subscribe.discard(channel)
+            if channel in self._sent:
+                self._to_unsubscribe.add(channel)
             self._poke()
 
     def _poke(self) -> None:
@@ -339,6 +356,10 @@ class Subscriber:
                 return
             connection = self._make()
             self._sent = set()
+            self._to_subscribe = set(self.channels)
+            self._to_unsubscribe = set()
+            self._unsubscribing.clear()
+            self._acked.clear()
             try:
                 await connection.connect()  # type: ignore[no-untyped-call]
                 self.connects += 1
@@ -368,10 +389,13 @@ class Subscriber:
         changed = self._changed
         while True:
             changed.clear()
-            wanted = self.channels
-            commands = [pack("SSUBSCRIBE", c) for c in wanted - self._sent]
-            commands += [pack("SUNSUBSCRIBE", c) for c in self._sent - wanted]
-            self._sent = set(wanted)
+            adding, self._to_subscribe = self._to_subscribe, set()
+            dropping, self._to_unsubscribe = self._to_unsubscribe, set()
+            self._sent |= adding
+            self._sent -= dropping
+            commands = [pack("SSUBSCRIBE", c) for c in adding]
+            commands += [pack("SUNSUBSCRIBE", c) for c in dropping]
+            self._unsubscribing.update(dropping)
             if commands:
                 await connection.send_packed_command(commands, check_health=False)
             await changed.wait()
@@ -395,15 +419,24 @@ class Subscriber:
             if kind == b"smessage":
                 self._on_message(channel, message[2])
             elif kind == b"ssubscribe":
+                self._acked.add(channel)
                 if channel in self.channels:
                     self.confirmed.add(channel)
                     self._on_subscribed(channel)
-            elif kind == b"sunsubscribe" and channel in self._sent:
-                # Not asked for: Redis dropped the channel because its slot moved away.
-                self._lose(channel)
+            elif kind == b"sunsubscribe":
+                self._acked.discard(channel)
+                if self._unsubscribing[channel] > 0:
+                    self._unsubscribing[channel] -= 1  # ours
+                    if not self._unsubscribing[channel]:
+                        del self._unsubscribing[channel]
+                elif channel in self._sent:
+                    # Not asked for: Redis dropped the channel because its slot moved away.
+                    self._lose(channel)
 
     def _lose(self, channel: bytes) -> None:
         self._sent.discard(channel)
+        self._to_unsubscribe.discard(channel)
+        self._acked.discard(channel)
         self.confirmed.discard(channel)
         if channel in self.channels:
             self.channels.discard(channel)
