@@ -1,19 +1,21 @@
 """Pipelined and sharded-pub/sub connections of the Redis transport, on redis-py.
 
 Connecting (TCP, unix socket, TLS), authentication (password, ACL user, credential
-provider), ``HELLO`` (RESP3), ``SELECT``, the client name, Sentinel's master look-up and
-reply parsing are redis-py's: every connection here is made by the user's pool or cluster
-node (``make_connection()`` / ``connection_class(**connection_kwargs)``) and opened with
-its ``connect()``. What redis-py's pool does not give is what makes the transport fast:
+provider), ``HELLO`` (RESP3), ``SELECT``, the client name and Sentinel's master look-up are
+redis-py's: every connection here is made by the user's pool or cluster node
+(``make_connection()`` / ``connection_class(**connection_kwargs)``) and opened with its
+``connect()``. Replies are then parsed by hiredis with redis-py's error classes, where they
+arrive (:class:`_Replies`, the socket's protocol from then on). What redis-py's pool does
+not give is what makes the transport fast:
 
 * :class:`Pipe`: one connection shared by every task of the process. Commands are packed
-  once (hiredis' packer), everything queued in one event-loop turn goes out in one write
-  (on the connection's stream writer), and one reader resolves the replies in order
-  (``read_response``): any number in flight, no task or timer per command. A caller
-  cancelled while waiting leaves the connection in step (its reply is read and dropped).
+  once (hiredis' packer), everything queued in one event-loop turn goes out in one write,
+  and replies resolve their futures in order as they are parsed: any number in flight, no
+  task or timer per command, no task waking up to read. A caller cancelled while waiting
+  leaves the connection in step (its reply is read and dropped).
 * :class:`Subscriber`: one sharded pub/sub connection, ``SSUBSCRIBE`` per channel (Redis
   refuses one ``SSUBSCRIBE`` over channels of several slots), re-subscribed after a
-  reconnection.
+  reconnection; messages are handed over as they are parsed.
 
 Replies that are errors are returned as redis-py exception objects (the caller classifies
 them, see :func:`error_code`); a lost connection or a silent server fails the commands in
@@ -26,12 +28,12 @@ import asyncio
 import collections
 import contextlib
 import logging
-import math
 from collections.abc import Callable
 from typing import Any
 
 import hiredis
 from redis import exceptions as rex
+from redis._parsers import BaseParser
 from redis.asyncio.connection import AbstractConnection
 
 from .. import telemetry
@@ -123,6 +125,62 @@ async def _discard(connection: AbstractConnection) -> None:
         await asyncio.shield(connection.disconnect(nowait=True))
 
 
+#: What the reply reader gives while a reply is incomplete (False is a RESP3 reply).
+_INCOMPLETE: Any = object()
+#: hiredis' type for RESP3 push messages (pub/sub, invalidations): never a command's reply.
+_PUSH: type | None = getattr(hiredis, "PushNotification", None)
+
+
+class _Replies(asyncio.Protocol):
+    """Takes over a redis-py connection's socket once it is set up (TLS, AUTH, HELLO,
+    SELECT done) and hands each reply to ``on_reply`` from ``data_received``: replies are
+    parsed where they arrive, with redis-py's error classes, and no task wakes up to read
+    them (one event-loop turn and a few coroutines less per reply; issue 11).
+
+    ``lost`` fails when the connection ends or ``on_reply`` raises.
+    """
+
+    def __init__(self, on_reply: Callable[[Any], None]) -> None:
+        self._reader = hiredis.Reader(
+            protocolError=rex.InvalidResponse,
+            replyError=BaseParser.parse_error,
+            notEnoughData=_INCOMPLETE,
+        )
+        self._on_reply = on_reply
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        if self.lost.done():
+            return
+        reader = self._reader
+        try:
+            reader.feed(data)
+            while (reply := reader.gets(False)) is not _INCOMPLETE:
+                self._on_reply(reply)
+        except Exception as exc:  # a protocol error, or a reply that makes no sense here
+            self._fail(exc)
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(exc or rex.ConnectionError("Redis closed the connection"))
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self.lost.done():
+            self.lost.set_exception(exc)
+
+
+def _take_over(connection: AbstractConnection, on_reply: Callable[[Any], None]) -> _Replies:
+    """Read ``connection``'s replies with a :class:`_Replies` from now on."""
+    writer = connection._writer
+    if writer is None:
+        raise TransportError("the Redis connection closed while it was being set up")
+    protocol = _Replies(on_reply)
+    writer.transport.set_protocol(protocol)
+    return protocol
+
+
 class _Session:
     """One connection's life: the commands written to it and the replies it owes."""
 
@@ -131,7 +189,7 @@ class _Session:
     def __init__(self) -> None:
         self.pending: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.outgoing: list[bytes] = []
-        self.stream: asyncio.StreamWriter | None = None  # set once connected
+        self.stream: asyncio.WriteTransport | None = None  # set once connected
         self.flushing = False
         self.task: asyncio.Task[None] | None = None
 
@@ -211,9 +269,10 @@ class Pipe:
             self.connects += 1
             if self.connects > 1:
                 telemetry.reconnecting("commands")
-            session.stream = connection._writer  # see _flush
+            protocol = _take_over(connection, lambda reply: self._reply(session, reply))
+            session.stream = connection._writer.transport  # type: ignore[union-attr]
             self._flush(session)  # what was queued while connecting
-            await self._read(session, connection)
+            await protocol.lost  # raises what ended the connection
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -223,35 +282,29 @@ class Pipe:
             await _discard(connection)
 
     def _flush(self, session: _Session) -> None:
-        # Everything queued during one event-loop turn goes out in one write. The write is
-        # redis-py's stream writer's, called here without awaiting drain(): a task per
-        # flush (send_packed_command) costs an event-loop turn per round trip. A broken
-        # socket shows up on the reader side.
+        # Everything queued during one event-loop turn goes out in one write, on the
+        # connection's transport, without awaiting drain(): a task per flush
+        # (send_packed_command) costs an event-loop turn per round trip. A broken socket
+        # shows up on the reading side (connection_lost).
         session.flushing = False
         if session.outgoing and session.stream is not None:
             batch, session.outgoing = session.outgoing, []
             session.stream.writelines(batch)
 
-    async def _read(self, session: _Session, connection: AbstractConnection) -> None:
+    def _reply(self, session: _Session, reply: Any) -> None:
+        if _PUSH is not None and isinstance(reply, _PUSH):
+            return  # a RESP3 push (a server notification), not the reply to a command
         pending = session.pending
-        clock = asyncio.get_running_loop().time
-        while True:
-            try:
-                reply = await connection.read_response(disable_decoding=True, timeout=math.inf)
-            except rex.ResponseError as exc:
-                reply = exc  # an error reply: it answers the next command like any reply
-            except (rex.RedisError, OSError) as exc:
-                raise fault(exc, "a read") from exc
-            if not pending:
-                raise TransportError(f"Redis sent a reply nobody asked for: {reply!r}")
-            self._progress = clock()
-            future = pending.popleft()
-            if not future.done():  # done: its caller was cancelled; the reply is dropped
-                future.set_result(reply)
-            if isinstance(reply, rex.ResponseError) and error_code(reply) in RECONNECT_CODES:
-                # A demoted master (READONLY) or a server loading its data: this
-                # connection points at the wrong server for now (issue 8, part 3).
-                raise TransportError(f"Redis answered {error_code(reply)}: reconnecting")
+        if not pending:
+            raise TransportError(f"Redis sent a reply nobody asked for: {reply!r}")
+        self._progress = asyncio.get_running_loop().time()
+        future = pending.popleft()
+        if not future.done():  # done: its caller was cancelled; the reply is dropped
+            future.set_result(reply)  # an error reply is returned too, as an exception
+        if isinstance(reply, rex.ResponseError) and error_code(reply) in RECONNECT_CODES:
+            # A demoted master (READONLY) or a server loading its data: this connection
+            # points at the wrong server for now (issue 8, part 3).
+            raise TransportError(f"Redis answered {error_code(reply)}: reconnecting")
 
     def _check(self) -> None:
         # One timer per connection, re-armed from the last progress (not one per command).
@@ -363,16 +416,13 @@ class Subscriber:
             try:
                 await connection.connect()  # type: ignore[no-untyped-call]
                 self.connects += 1
-                reader = asyncio.create_task(self._read(connection), name=f"{self.name} reader")
-                writer = asyncio.create_task(self._write(connection), name=f"{self.name} writer")
+                protocol = _take_over(connection, self._message)
+                transport = connection._writer.transport  # type: ignore[union-attr]
+                writer = asyncio.create_task(self._write(transport), name=f"{self.name} writer")
                 try:
-                    done, _ = await asyncio.wait(
-                        {reader, writer}, return_when=asyncio.FIRST_COMPLETED
-                    )
+                    await protocol.lost  # raises what ended the connection
                 finally:
-                    await stop(reader, writer)
-                for task in done:
-                    task.result()  # raises the fault
+                    await stop(writer)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -385,7 +435,7 @@ class Subscriber:
             if not self._closed:
                 await asyncio.sleep(RECONNECT_DELAY)  # backoff before reconnecting
 
-    async def _write(self, connection: AbstractConnection) -> None:
+    async def _write(self, transport: asyncio.WriteTransport) -> None:
         changed = self._changed
         while True:
             changed.clear()
@@ -396,42 +446,38 @@ class Subscriber:
             commands = [pack("SSUBSCRIBE", c) for c in adding]
             commands += [pack("SUNSUBSCRIBE", c) for c in dropping]
             self._unsubscribing.update(dropping)
-            if commands:
-                await connection.send_packed_command(commands, check_health=False)
+            if commands and not transport.is_closing():
+                transport.writelines(commands)  # a broken socket shows up in `lost`
             await changed.wait()
 
-    async def _read(self, connection: AbstractConnection) -> None:
-        while True:
-            try:
-                message = await connection.read_response(
-                    disable_decoding=True, timeout=math.inf, push_request=True
-                )
-            except rex.ResponseError as exc:
-                if error_code(exc) == "MOVED" and isinstance(exc, rex.AskError):
-                    # SSUBSCRIBE of a channel whose slot lives elsewhere.
-                    for channel in [c for c in self._sent if _slot_of(c) == exc.slot_id]:
-                        self._lose(channel)
-                    continue
-                raise
-            if not isinstance(message, list) or len(message) < 3:
-                continue
-            kind, channel = message[0], message[1]
-            if kind == b"smessage":
-                self._on_message(channel, message[2])
-            elif kind == b"ssubscribe":
-                self._acked.add(channel)
-                if channel in self.channels:
-                    self.confirmed.add(channel)
-                    self._on_subscribed(channel)
-            elif kind == b"sunsubscribe":
-                self._acked.discard(channel)
-                if self._unsubscribing[channel] > 0:
-                    self._unsubscribing[channel] -= 1  # ours
-                    if not self._unsubscribing[channel]:
-                        del self._unsubscribing[channel]
-                elif channel in self._sent:
-                    # Not asked for: Redis dropped the channel because its slot moved away.
+    def _message(self, message: Any) -> None:
+        """One message or reply of the subscriber connection, as it arrives."""
+        if isinstance(message, rex.ResponseError):
+            if error_code(message) == "MOVED" and isinstance(message, rex.AskError):
+                # SSUBSCRIBE of a channel whose slot lives elsewhere.
+                for channel in [c for c in self._sent if _slot_of(c) == message.slot_id]:
                     self._lose(channel)
+                return
+            raise message  # the connection is dropped and made again
+        if not isinstance(message, list) or len(message) < 3:
+            return
+        kind, channel = message[0], message[1]
+        if kind == b"smessage":
+            self._on_message(channel, message[2])
+        elif kind == b"ssubscribe":
+            self._acked.add(channel)
+            if channel in self.channels:
+                self.confirmed.add(channel)
+                self._on_subscribed(channel)
+        elif kind == b"sunsubscribe":
+            self._acked.discard(channel)
+            if self._unsubscribing[channel] > 0:
+                self._unsubscribing[channel] -= 1  # ours
+                if not self._unsubscribing[channel]:
+                    del self._unsubscribing[channel]
+            elif channel in self._sent:
+                # Not asked for: Redis dropped the channel because its slot moved away.
+                self._lose(channel)
 
     def _lose(self, channel: bytes) -> None:
         self._sent.discard(channel)
