@@ -69,13 +69,43 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class RedisServer:
-    """A redis-server child process on a free loopback port, without persistence."""
+def _cluster_node_port() -> int:
+    """A free port whose cluster bus port (the port + 10,000) is free too."""
+    for _attempt in range(100):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("found no free port pair for a cluster node and its bus")
 
-    def __init__(self) -> None:
+
+class RedisServer:
+    """A redis-server child process on a free loopback port, without persistence.
+
+    With ``cluster=True`` it is a Redis Cluster node with no slots yet (its bus on another
+    free port, its ``nodes.conf`` in its own temporary folder); :class:`LocalCluster` joins
+    such nodes into a cluster.
+    """
+
+    def __init__(self, cluster: bool = False) -> None:
         self.port = 0
+        self.cluster = cluster
         self.process: subprocess.Popen[bytes] | None = None
         self._dir = tempfile.mkdtemp(prefix="rstream-bench-redis-")
+
+    @property
+    def log(self) -> str:
+        return os.path.join(self._dir, "redis.log")
+
+    @property
+    def output(self) -> str:
+        """A cluster node's stdout and stderr (where a refused option is reported)."""
+        return os.path.join(self._dir, "output.log")
 
     @property
     def url(self) -> str:
@@ -86,7 +116,7 @@ class RedisServer:
         if executable is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         for _attempt in range(5):
-            port = free_port()
+            port = _cluster_node_port() if self.cluster else free_port()
             args = [
                 executable,
                 "--port",
@@ -104,9 +134,17 @@ class RedisServer:
                 "--maxclients",
                 "10000",
                 "--logfile",
-                os.path.join(self._dir, "redis.log"),
+                self.log,
             ]
-            process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+            if not self.cluster:
+                process = subprocess.Popen(args, stdin=subprocess.DEVNULL)
+            else:
+                # The bus listens on port + 10,000: no --cluster-port, which Redis 6 lacks.
+                args += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+                with open(self.output, "ab") as output:
+                    process = subprocess.Popen(
+                        args, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT
+                    )
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and process.poll() is None:
                 if _pings(port):
@@ -134,6 +172,107 @@ class RedisServer:
 
     def admin(self) -> Admin:
         return Admin(self)
+
+
+class ClusterUnavailable(RuntimeError):
+    """This machine cannot run a local Redis Cluster; the message says why."""
+
+
+class LocalCluster:
+    """A Redis Cluster of ``masters`` redis-server nodes on loopback ports, no replicas.
+
+    :meth:`start` joins them with ``redis-cli --cluster create`` and waits until every node
+    reports ``cluster_state:ok``; it raises :class:`ClusterUnavailable` with the reason when
+    ``redis-cli`` or ``redis-server`` lack cluster support or the cluster does not form.
+    """
+
+    def __init__(self, masters: int = 3, timeout: float = 30.0) -> None:
+        self.nodes = [RedisServer(cluster=True) for _ in range(masters)]
+        self.timeout = timeout
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def start(self) -> LocalCluster:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self) -> None:
+        redis_cli = shutil.which("redis-cli")
+        if redis_cli is None:
+            raise ClusterUnavailable("redis-cli is not installed (apt-get install redis-tools)")
+        usage = subprocess.run(
+            [redis_cli, "--cluster", "help"], capture_output=True, text=True, timeout=10
+        )
+        if "create" not in usage.stdout + usage.stderr:  # redis-cli before Redis 5
+            raise ClusterUnavailable(f"{redis_cli} has no --cluster (Redis 5 or later needed)")
+        for node in self.nodes:
+            try:
+                node.start()
+            except RuntimeError as exc:
+                why = _last_line(node.output) or _last_line(node.log) or str(exc)
+                raise ClusterUnavailable(
+                    f"redis-server does not start in cluster mode: {why}"
+                ) from exc
+        created = subprocess.run(
+            [
+                redis_cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                "--cluster-yes",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if created.returncode != 0:
+            output = (created.stdout + created.stderr).strip()
+            raise ClusterUnavailable(f"redis-cli --cluster create failed: {output[-300:]}")
+        waiting = list(self.nodes)
+        deadline = time.monotonic() + self.timeout
+        while waiting:
+            waiting = [node for node in waiting if not _cluster_ok(node.port, len(self.nodes))]
+            if waiting and time.monotonic() > deadline:
+                ports = ", ".join(str(node.port) for node in waiting)
+                raise ClusterUnavailable(
+                    f"cluster_state is not ok on port(s) {ports} after {self.timeout:.0f} s"
+                )
+            if waiting:
+                time.sleep(0.05)  # the nodes agreeing over their bus: poll with a deadline
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def _cluster_ok(port: int, nodes: int) -> bool:
+    """The node on ``port`` serves every slot and knows all ``nodes`` cluster nodes."""
+    client = redis.Redis(host="127.0.0.1", port=port, client_name=ADMIN_NAME, decode_responses=True)
+    try:
+        info = str(client.execute_command("CLUSTER", "INFO"))  # type: ignore[no-untyped-call]
+    except redis.exceptions.RedisError:
+        return False
+    finally:
+        client.close()
+    fields = dict(line.split(":", 1) for line in info.split() if ":" in line)
+    return fields.get("cluster_state") == "ok" and fields.get("cluster_known_nodes") == str(nodes)
+
+
+def _last_line(path: str) -> str:
+    """The last non-blank line of a file, or "" when it is missing or empty."""
+    try:
+        with open(path, errors="replace") as log:
+            lines = [line.strip() for line in log if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
 
 
 def _pings(port: int) -> bool:
@@ -190,13 +329,11 @@ class Admin:
 
     def connections_of(self, pid: int) -> int:
         """Redis connections held by process ``pid`` (matched by local port), admin excluded."""
-        try:
-            ports = {
-                c.laddr.port
-                for c in psutil.Process(pid).net_connections(kind="tcp")
-                if c.raddr and c.raddr.port == self.server.port
-            }
-        except psutil.Error:
+        return self.connections_from(_local_ports(pid).get(self.server.port, set()))
+
+    def connections_from(self, ports: set[int]) -> int:
+        """Clients of this server connected from the loopback ``ports``, admin excluded."""
+        if not ports:
             return 0
         count = 0
         for client in self.clients():
@@ -217,16 +354,36 @@ class Admin:
         return total, keys
 
 
-class ConnectionSampler:
-    """Samples a process's Redis connections from a thread; keeps the peak."""
+def _local_ports(pid: int) -> dict[int, set[int]]:
+    """Process ``pid``'s TCP sockets: its local ports, by the remote port they connect to."""
+    ports: dict[int, set[int]] = {}
+    try:
+        for c in psutil.Process(pid).net_connections(kind="tcp"):
+            if c.raddr:
+                ports.setdefault(c.raddr.port, set()).add(c.laddr.port)
+    except psutil.Error:
+        pass
+    return ports
 
-    def __init__(self, server: RedisServer, pid: int, interval: float = 0.1) -> None:
-        self._admin = Admin(server)
+
+class ConnectionSampler:
+    """Samples a process's Redis connections from a thread; keeps the peak.
+
+    Given several servers (the nodes of a cluster), ``peak`` is the peak of the sum over
+    them and ``peaks`` each one's own peak, by port.
+    """
+
+    def __init__(
+        self, servers: RedisServer | Sequence[RedisServer], pid: int, interval: float = 0.1
+    ) -> None:
+        servers = [servers] if isinstance(servers, RedisServer) else list(servers)
+        self._admins = [Admin(server) for server in servers]
         self._pid = pid
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.peak = 0
+        self.peaks = {server.port: 0 for server in servers}
         self.samples = 0
 
     def _run(self) -> None:
@@ -235,8 +392,25 @@ class ConnectionSampler:
             self._stop.wait(self._interval)
 
     def sample(self) -> None:
-        self.peak = max(self.peak, self._admin.connections_of(self._pid))
+        ports = _local_ports(self._pid)
+        total = 0
+        for admin in self._admins:
+            port = admin.server.port
+            count = admin.connections_from(ports.get(port, set()))
+            self.peaks[port] = max(self.peaks[port], count)
+            total += count
+        self.peak = max(self.peak, total)
         self.samples += 1
+
+    def connect(self) -> None:
+        """Open the sampler's connections now, so that their handshake is not counted by a
+        ``CONFIG RESETSTAT`` sent afterwards."""
+        for admin in self._admins:
+            admin.client.ping()
+
+    def own_commands(self, server: RedisServer) -> int:
+        """Commands this sampler sent to ``server`` (``CLIENT LIST``), to leave out of counts."""
+        return sum(admin._own for admin in self._admins if admin.server is server)
 
     def __enter__(self) -> ConnectionSampler:
         self._thread.start()
@@ -246,7 +420,8 @@ class ConnectionSampler:
         self._stop.set()
         self._thread.join()
         self.sample()
-        self._admin.close()
+        for admin in self._admins:
+            admin.close()
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -265,6 +440,16 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@contextlib.contextmanager
+def redis_cluster(masters: int = 3) -> Iterator[LocalCluster]:
+    """A started :class:`LocalCluster`, stopped (its folders removed) on exit."""
+    cluster = LocalCluster(masters).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def raise_fd_limit(wanted: int = 65536) -> int:

@@ -1,10 +1,11 @@
-"""Scenarios 2 and 2b: many streams through Redis with the library API, in one process."""
+"""Scenarios 2, 2b and 2c: many streams through Redis with the library API, in one process."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
@@ -15,7 +16,15 @@ from resumable_stream import Run, StreamConsumer, StreamProducer, Transport, fro
 from . import _shape, vercel
 from ._shape import PlannedStream
 from ._sources import Pacer, burst, tokens
-from ._support import ConnectionSampler, Figure, RedisServer, Result, percentile
+from ._support import (
+    ClusterUnavailable,
+    ConnectionSampler,
+    Figure,
+    LocalCluster,
+    RedisServer,
+    Result,
+    percentile,
+)
 
 
 async def _one_burst(
@@ -241,6 +250,23 @@ def _library_us(library: _PacedRun, passthrough: _PacedRun) -> float:
     return (per_token - passthrough.cpu / max(passthrough.delivered, 1)) * 1e6
 
 
+def _paced_sizes(quick: bool) -> tuple[int, float, float]:
+    """Streams (or churn slots), tokens per second, seconds: 2b's and 2c's sizes."""
+    return (50, 50.0, 2.0) if quick else (200, 50.0, 6.0)
+
+
+def _run_details(run: _PacedRun) -> dict[str, Any]:
+    return {
+        "tokens": run.delivered,
+        "cpu_s": run.cpu,
+        "p50_ms": percentile(run.latencies, 50),
+        "p99_ms": percentile(run.latencies, 99),
+        "max_ms": max(run.latencies, default=None),
+        "max_lag_ms": run.max_lag * 1000,
+        "short": run.short,
+    }
+
+
 def paced_latency(server: RedisServer, quick: bool) -> Result:
     """Scenario 2b: 200 streams x 50 tokens/s, latency from append to receipt.
 
@@ -249,7 +275,7 @@ def paced_latency(server: RedisServer, quick: bool) -> Result:
     (``churn``). Both plans also run through an in-process pass-through (library CPU is
     the difference), and the churn plan through vercel's ``resumable-stream`` in Node.
     """
-    streams, rate, duration = (50, 50.0, 2.0) if quick else (200, 50.0, 6.0)
+    streams, rate, duration = _paced_sizes(quick)
     steady_plan = _shape.steady(streams, rate, duration)
     churn_plan = _shape.churn(streams, rate, duration)
     admin = server.admin()
@@ -276,15 +302,7 @@ def paced_latency(server: RedisServer, quick: bool) -> Result:
         "pass_through": passthrough,
     }
     for name, run in runs.items():
-        details[name] = {
-            "tokens": run.delivered,
-            "cpu_s": run.cpu,
-            "p50_ms": percentile(run.latencies, 50),
-            "p99_ms": percentile(run.latencies, 99),
-            "max_ms": max(run.latencies, default=None),
-            "max_lag_ms": run.max_lag * 1000,
-            "short": run.short,
-        }
+        details[name] = _run_details(run)
     details["churn"]["streams_in_plan"] = len(churn_plan)
     details["churn"]["readers"] = {
         kind: sum(1 for p in churn_plan if p.reader == kind) for kind in ("live", "late", "resume")
@@ -349,3 +367,118 @@ def paced_latency(server: RedisServer, quick: bool) -> Result:
     ]
     figures += vercel.figures(node, churn_p99)
     return Result(figures=figures, details=details)
+
+
+CLUSTER_MASTERS = 3
+CLUSTER_ROW = f"Redis Cluster ({CLUSTER_MASTERS} masters)"
+
+
+def cluster_latency(quick: bool) -> Result:
+    """Scenario 2c: 2b's churn plan through ``redis+cluster://`` on a local Redis Cluster.
+
+    The cluster (3 masters, no replicas) is started here and stopped at the end. Besides
+    latency, it counts this process's connections to each master (issue 8: at most 2 per
+    master, whatever the number of streams). Without cluster support on this machine the
+    scenario is one row saying why.
+    """
+    streams, rate, duration = _paced_sizes(quick)
+    plan = _shape.churn(streams, rate, duration)
+    try:
+        cluster = LocalCluster(CLUSTER_MASTERS).start()
+    except ClusterUnavailable as exc:
+        print(f"scenario 2c: skipping the Redis Cluster rows: {exc}", file=sys.stderr, flush=True)
+        return Result(
+            figures=[Figure("2c", CLUSTER_ROW, f"skipped: {exc}", note="skipped")],
+            details={"skipped": str(exc)},
+        )
+    admins = [node.admin() for node in cluster.nodes]
+    try:
+        sampler = ConnectionSampler(cluster.nodes, os.getpid())
+        sampler.connect()
+        for admin in admins:
+            admin.reset_stats()
+        with sampler:
+            run = _paced(cluster.url, plan, rate)
+        commands: dict[int, dict[str, int]] = {}
+        total = 0
+        for admin in admins:
+            count, calls = admin.library_commands()
+            total += count - sampler.own_commands(admin.server)
+            commands[admin.server.port] = calls
+    finally:
+        for admin in admins:
+            admin.close()
+        cluster.stop()
+    passthrough = _paced(None, plan, rate)
+    per_master = max(sampler.peaks.values())
+    details: dict[str, Any] = {
+        "streams": streams,
+        "rate": rate,
+        "seconds": duration,
+        "masters": CLUSTER_MASTERS,
+        "churn": {
+            **_run_details(run),
+            "streams_in_plan": len(plan),
+            "commands": total,
+            "commandstats_by_port": commands,
+            "peak_connections_by_port": sampler.peaks,
+            "peak_connections": sampler.peak,
+            "connection_samples": sampler.samples,
+        },
+        "pass_through": _run_details(passthrough),
+    }
+    return Result(
+        figures=[
+            Figure(
+                "2c",
+                f"cluster churn ({len(plan)} streams start/end, late/resuming readers): p99",
+                round(percentile(run.latencies, 99), 2),
+                "ms",
+                note="info (2b's churn row has the target)",
+            ),
+            Figure(
+                "2c",
+                "cluster churn: p50",
+                round(percentile(run.latencies, 50), 2),
+                "ms",
+                note="info",
+            ),
+            Figure(
+                "2c",
+                "cluster churn: producer max lag",
+                round(run.max_lag * 1000, 2),
+                "ms",
+                note="info",
+            ),
+            Figure("2c", "cluster churn: readers missing tokens", run.short, "", "==", 0),
+            Figure(
+                "2c",
+                "cluster: Redis connections per master (peak)",
+                per_master,
+                "",
+                "<=",
+                2,
+                note="issue 8: constant in the number of streams",
+            ),
+            Figure(
+                "2c",
+                f"cluster: Redis connections, all {CLUSTER_MASTERS} masters (peak)",
+                sampler.peak,
+                note="info",
+            ),
+            Figure(
+                "2c",
+                "cluster: Redis commands per token",
+                round(total / max(run.delivered, 1), 4),
+                note="info",
+            ),
+            Figure(
+                "2c",
+                "cluster: library CPU per token (minus pass-through)",
+                round(_library_us(run, passthrough), 1),
+                "us",
+                note="info (2b's churn row has the target)",
+            ),
+        ],
+        details=details,
+    )

@@ -22,7 +22,7 @@ from typing import Any
 
 from ._support import Figure, RedisServer, Result, raise_fd_limit, redis_server
 
-SCENARIOS = ("1", "2", "2b", "3", "4", "5", "6")
+SCENARIOS = ("1", "2", "2b", "2c", "3", "4", "5", "6")
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
@@ -60,6 +60,7 @@ def run(selected: list[str], quick: bool) -> dict[str, Any]:
             ("1", lambda: producer_overhead.producer_overhead(redis, quick)),
             ("2", lambda: library.burst_throughput(redis, quick)),
             ("2b", lambda: library.paced_latency(redis, quick)),
+            ("2c", lambda: library.cluster_latency(quick)),
             ("4", lambda: _replay(redis, server, quick)),
             ("5", lambda: replay.storage(redis, quick)),
             ("3", lambda: fanout.live_fanout(server(), quick)),

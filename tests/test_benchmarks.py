@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,89 @@ def test_node_row_says_why_it_is_skipped(
     [row] = vercel.figures(node, 1.0)
     assert row.value == "skipped: node is not installed"
     assert row.verdict == ""
+
+
+@pytest.mark.timeout(300)
+def test_quick_cluster_rows_carry_their_targets(tmp_path: Path) -> None:
+    """Issue 8's cluster figures: 2b's churn plan through redis+cluster:// on a local
+    3-master cluster, with the connections per master judged against 2 (or a row saying why
+    the cluster could not run; under CI=true a Redis Cluster is required, so it must run)."""
+    output = tmp_path / "figures.json"
+    command = [sys.executable, "-m", "benchmarks", "--quick", "--only", "2c"]
+    result = subprocess.run(
+        [*command, "--output", str(output)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(output.read_text())
+    figures = {f["name"]: f for f in report["figures"]}
+    assert {f["scenario"] for f in report["figures"]} == {"2c"}
+    if "Redis Cluster (3 masters)" in figures:
+        skipped = figures["Redis Cluster (3 masters)"]
+        assert str(skipped["value"]).startswith("skipped: ")
+        assert "skipping the Redis Cluster rows" in result.stderr
+        assert os.environ.get("CI") != "true", skipped["value"]
+        return
+    for name, target in (
+        ("cluster churn: readers missing tokens", "== 0"),
+        ("cluster: Redis connections per master (peak)", "<= 2"),
+    ):
+        assert figures[name]["target"] == target
+        assert figures[name]["verdict"] in ("PASS", "FAIL")
+        assert name in result.stdout
+    [p99] = [n for n in figures if n.startswith("cluster churn (") and n.endswith("): p99")]
+    for name in (
+        p99,
+        "cluster churn: p50",
+        "cluster churn: producer max lag",
+        "cluster: Redis connections, all 3 masters (peak)",
+        "cluster: Redis commands per token",
+        "cluster: library CPU per token (minus pass-through)",
+    ):
+        assert isinstance(figures[name]["value"], int | float), name
+        assert name in result.stdout
+    details = report["details"]["2c"]["churn"]
+    assert details["tokens"] > 0
+    # Every master was sampled and the library used each of them (streams spread by slot).
+    assert len(details["peak_connections_by_port"]) == 3
+    assert all(peak >= 1 for peak in details["peak_connections_by_port"].values())
+
+
+def test_cluster_row_says_why_redis_cli_is_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import _support, library
+
+    which = _support.shutil.which
+    monkeypatch.setattr(
+        _support.shutil, "which", lambda tool: None if tool == "redis-cli" else which(tool)
+    )
+    result = library.cluster_latency(quick=True)
+    reason = "redis-cli is not installed (apt-get install redis-tools)"
+    assert result.details == {"skipped": reason}
+    [row] = result.figures
+    assert (row.scenario, row.value, row.verdict) == ("2c", f"skipped: {reason}", "")
+    assert f"scenario 2c: skipping the Redis Cluster rows: {reason}" in capsys.readouterr().err
+
+
+def test_cluster_row_says_why_redis_server_refuses_cluster_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A redis-server that refuses the cluster options (as one built before Redis Cluster
+    would): the row carries the server's own complaint, and no node's folder is left."""
+    from benchmarks import library
+
+    fake = tmp_path / "redis-server"
+    fake.write_text(
+        '#!/bin/sh\necho "*** FATAL CONFIG FILE ERROR ***"\n'
+        'echo "Bad directive or wrong number of arguments" >&2\nexit 1\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    result = library.cluster_latency(quick=True)
+    [row] = result.figures
+    assert row.value == (
+        "skipped: redis-server does not start in cluster mode: "
+        "Bad directive or wrong number of arguments"
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["redis-server"]
