@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import psutil
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 ADMIN_NAME = "rstream-bench-admin"
 
@@ -276,7 +278,10 @@ def _last_line(path: str) -> str:
 
 
 def _pings(port: int) -> bool:
-    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+    # One attempt: the caller polls, and redis-py's default retries back off for seconds.
+    client = redis.Redis(
+        host="127.0.0.1", port=port, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+    )
     try:
         return bool(client.ping())
     except redis.exceptions.RedisError:
