@@ -447,16 +447,6 @@ def redis_server() -> Iterator[RedisServer]:
         server.stop()
 
 
-@contextlib.contextmanager
-def redis_cluster(masters: int = 3) -> Iterator[LocalCluster]:
-    """A started :class:`LocalCluster`, stopped (its folders removed) on exit."""
-    cluster = LocalCluster(masters).start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
 def raise_fd_limit(wanted: int = 65536) -> int:
     """Raise the soft open-files limit towards ``wanted`` (1,000+ sockets); return it."""
     import resource
