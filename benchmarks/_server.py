@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -170,7 +171,8 @@ def main() -> None:
         build_app(redis_url),
         host="127.0.0.1",
         port=port,
-        loop="asyncio",
+        loop=os.environ.get("RS_BENCH_LOOP", "asyncio"),
+        http=os.environ.get("RS_BENCH_HTTP", "h11"),
         log_level="warning",
         access_log=False,
         backlog=4096,

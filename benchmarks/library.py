@@ -7,7 +7,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -225,11 +225,16 @@ async def _run_plan(backend: _Backend, plan: list[PlannedStream], rate: float) -
     return run
 
 
-def _paced(url: str | None, plan: list[PlannedStream], rate: float) -> _PacedRun:
+def _paced(
+    url: str | None,
+    plan: list[PlannedStream],
+    rate: float,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+) -> _PacedRun:
     """One paced run in this process; ``url=None`` runs the in-process pass-through.
 
     CPU is this thread's (the event loop's), so the connection sampler's thread is not
-    counted.
+    counted. ``loop_factory``: the event loop to run on (default: asyncio's).
     """
 
     async def main() -> _PacedRun:
@@ -239,9 +244,18 @@ def _paced(url: str | None, plan: list[PlannedStream], rate: float) -> _PacedRun
             return await _run_plan(_Library(transport), plan, rate)
 
     started = time.thread_time()
-    run = asyncio.run(main())
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        run = runner.run(main())
     run.cpu = time.thread_time() - started
     return run
+
+
+def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _library_us(library: _PacedRun, passthrough: _PacedRun) -> float:
@@ -293,6 +307,15 @@ def paced_latency(server: RedisServer, quick: bool) -> Result:
         passthrough = _paced(None, churn_plan, rate)
         admin.flush()
         node = vercel.paced(server, churn_plan, rate)
+        # The same churn plan on uvloop (the loop uvicorn[standard] runs), both sides.
+        uvloop_factory = _uvloop_factory()
+        on_uvloop: tuple[_PacedRun, _PacedRun] | None = None
+        if uvloop_factory is not None:
+            admin.flush()
+            on_uvloop = (
+                _paced(server.url, churn_plan, rate, uvloop_factory),
+                _paced(None, churn_plan, rate, uvloop_factory),
+            )
     finally:
         admin.close()
     runs = {
@@ -366,7 +389,48 @@ def paced_latency(server: RedisServer, quick: bool) -> Result:
         Figure("2b", "churn: pass-through readers missing tokens", passthrough.short, "", "==", 0),
     ]
     figures += vercel.figures(node, churn_p99)
+    figures += _uvloop_figures(on_uvloop, node, details)
     return Result(figures=figures, details=details)
+
+
+def _uvloop_figures(
+    runs: tuple[_PacedRun, _PacedRun] | None, node: dict[str, Any], details: dict[str, Any]
+) -> list[Figure]:
+    if runs is None:
+        return [Figure("2b", "churn on uvloop", "skipped: uvloop is not installed", note="skipped")]
+    library, passthrough = runs
+    p99 = percentile(library.latencies, 99)
+    details["churn_uvloop"] = {
+        "tokens": library.delivered,
+        "cpu_s": library.cpu,
+        "p99_ms": p99,
+        "max_lag_ms": library.max_lag * 1000,
+        "short": library.short,
+        "pass_through_cpu_s": passthrough.cpu,
+    }
+    figures = [
+        Figure("2b", "churn on uvloop: p99", round(p99, 2), "ms", note="info"),
+        Figure(
+            "2b",
+            "churn on uvloop: library CPU per token (minus pass-through)",
+            round(_library_us(library, passthrough), 1),
+            "us",
+            note="info",
+        ),
+        Figure("2b", "churn on uvloop: readers missing tokens", library.short, "", "==", 0),
+    ]
+    node_p99 = node.get("p99_ms") if isinstance(node, dict) else None
+    if node_p99:
+        figures.append(
+            Figure(
+                "2b",
+                "churn on uvloop p99 / resumable-stream (Node) p99",
+                round(p99 / node_p99, 2),
+                "x",
+                note="info",
+            )
+        )
+    return figures
 
 
 CLUSTER_MASTERS = 3

@@ -361,7 +361,7 @@ class RedisTransport(Transport):
                 if asking:
                     reply = (await asyncio.gather(*node.pipe.submit(pack("ASKING"), packed)))[1]
                 else:
-                    reply = await node.pipe.call(packed)
+                    reply = await node.pipe.submit(packed)[0]  # the hot path: no call()
             except TransportError as exc:
                 if not isinstance(exc, BackendRefused):
                     # A node down: its replica may be taking over (the producer retries).
