@@ -117,3 +117,50 @@ def test_cors_exposes_the_rejoin_headers(service: AppProcess) -> None:
     exposed = thread.headers["access-control-expose-headers"].lower()
     assert "content-location" in exposed
     assert "location" in exposed.split(", ")
+
+
+def calculator_part(output: str, expression: str) -> dict[str, Any]:
+    return {
+        "type": "tool-calculator",
+        "state": "output-available",
+        "input": {"expression": expression},
+        "output": output,
+    }
+
+
+def test_use_chat_shows_tool_results_live_and_on_resume(
+    service: AppProcess, node_modules: Path
+) -> None:
+    # Issue 10: the chat service stored no tool results, so useChat showed the calculator's
+    # call but never its output.
+    headers = bearer()
+    token = headers["Authorization"].removeprefix("Bearer ")
+    thread_id = httpx.post(f"{service.url}/langgraph/threads", json={}, headers=headers).json()[
+        "thread_id"
+    ]
+    seen = run_node(
+        node_modules,
+        "ai_sdk_service_tools.mjs",
+        service.url,
+        token,
+        "what is 12*7",
+        "and what is 2+3?",
+        thread_id,
+    )
+    messages = history(service, headers, thread_id)["messages"]
+
+    assert seen["error"] is None
+    assert seen["chatId"] == thread_id
+    assert seen["resumeStatuses"] == [204, 200]  # nothing yet; then the answer in progress
+    for tools, expression, output in [
+        (seen["cutTools"], "12*7", "12*7 = 84"),
+        (seen["resumedTools"], "12*7", "12*7 = 84"),
+        (seen["secondTools"], "2+3", "2+3 = 5"),
+    ]:
+        assert len(tools) == 1
+        assert tools[0] == {**tools[0], **calculator_part(output, expression)}
+    assert seen["resumedTools"][0]["toolCallId"] == seen["cutTools"][0]["toolCallId"]
+    assert seen["resumedId"] == seen["cutId"]  # the resume replaced the cut message
+    assert seen["roles"] == ["user", "assistant", "user", "assistant"]
+    assistant = [m["text"] for m in messages if m["role"] == "assistant" and m["text"]]
+    assert [seen["resumedText"], seen["secondText"]] == assistant

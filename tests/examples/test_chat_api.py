@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import httpx
 import orjson
 import pytest
 
@@ -514,3 +516,59 @@ def test_ai_sdk_regenerate_on_a_thread_without_a_question_is_409(fast: ChatServe
             "/api/chat", json={"id": thread_id, "messages": [], "trigger": "regenerate-message"}
         )
     assert (response.status_code, response.json()["code"]) == (409, "nothing_to_retry")
+
+
+# --------------------------------------------------------------------------- AI SDK endpoint
+
+
+def ui_chunks(
+    client: httpx.Client, method: str, url: str, **kwargs: Any
+) -> tuple[int, list[dict[str, Any]]]:
+    """(status, chunks) of a UI message stream (`data: <chunk>` lines, `[DONE]` left out)."""
+    chunks: list[dict[str, Any]] = []
+    with client.stream(method, url, **kwargs) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(orjson.loads(line.removeprefix("data: ")))
+    return response.status_code, chunks
+
+
+def ui_user_message(text: str) -> dict[str, Any]:
+    return {"id": uuid.uuid4().hex[:16], "role": "user", "parts": [{"type": "text", "text": text}]}
+
+
+def tool_chunks(chunks: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """The tool chunks in order: (type, the input, output or error they carry)."""
+    return [
+        (c["type"], c.get("input", c.get("output", c.get("errorText"))))
+        for c in chunks
+        if c["type"].startswith("tool-")
+    ]
+
+
+def test_ai_sdk_streams_each_tool_result_after_its_call(fast: ChatServer) -> None:
+    # Issue 10: the chat service stored no tool results, so /api/chat showed the calculator's
+    # call (tool-input-*) but never its output.
+    with fast.client() as client:
+        answers = []
+        for _ in range(2):  # the second question is the cache's replay of the first
+            thread_id = client.post("/langgraph/threads", json={}).json()["thread_id"]
+            body = {"id": thread_id, "messages": [ui_user_message("what is 12*7")]}
+            status, chunks = ui_chunks(client, "POST", "/api/chat", json=body)
+            assert status == 200
+            answers.append(chunks)
+        stored = history(client, thread_id)
+        after_end = client.get(f"/api/chat/{thread_id}/stream")
+
+    for chunks in answers:
+        assert tool_chunks(chunks) == [
+            ("tool-input-start", None),
+            ("tool-input-available", {"expression": "12*7"}),
+            ("tool-output-available", "12*7 = 84"),
+        ]
+        calls = {c["toolCallId"] for c in chunks if c["type"].startswith("tool-")}
+        assert len(calls) == 1
+        text = "".join(c["delta"] for c in chunks if c["type"] == "text-delta")
+        assert text == final_answer(stored)
+        assert chunks[-1] == {"type": "finish", "finishReason": "stop"}
+    assert after_end.status_code == 204
