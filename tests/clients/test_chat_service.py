@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -164,3 +166,73 @@ def test_use_chat_shows_tool_results_live_and_on_resume(
     assert seen["roles"] == ["user", "assistant", "user", "assistant"]
     assistant = [m["text"] for m in messages if m["role"] == "assistant" and m["text"]]
     assert [seen["resumedText"], seen["secondText"]] == assistant
+
+
+async def test_use_chat_without_an_id_starts_a_thread_with_its_own_id(
+    service: AppProcess, node_modules: Path
+) -> None:
+    # Issue 10: useChat without `id` sends the SDK's 16-character chat id, which was a 404.
+    headers = bearer()
+    token = headers["Authorization"].removeprefix("Bearer ")
+    seen = run_node(
+        node_modules,
+        "ai_sdk_service_tools.mjs",
+        service.url,
+        token,
+        "what is 12*7",
+        "and what is 2+3?",
+    )
+    chat_id = seen["chatId"]
+    assert re.fullmatch(r"[A-Za-z0-9]{16}", chat_id), chat_id
+    assert seen["error"] is None
+    assert seen["resumeStatuses"] == [204, 200]
+    assert seen["roles"] == ["user", "assistant", "user", "assistant"]
+    assert seen["secondTools"][0]["output"] == "2+3 = 5"
+
+    # The same thread, owned by the caller, in the service's API and the LangGraph API.
+    messages = history(service, headers, chat_id)["messages"]
+    async with httpx.AsyncClient(base_url=service.url, headers=headers) as http:
+        listed = (await http.get("/v1/threads")).json()["threads"]
+    async with get_client(url=f"{service.url}/langgraph", headers=headers) as client:
+        state = await client.threads.get_state(chat_id)
+    assert chat_id in [t["thread_id"] for t in listed]
+    assert [m["text"] for m in messages if m["role"] == "user"] == [
+        "what is 12*7",
+        "and what is 2+3?",
+    ]
+    assert messages[-1]["text"] == seen["secondText"]
+    assert state["values"]["messages"][-1]["content"] == seen["secondText"]
+
+    # Another user cannot adopt it, resume it or read it.
+    stranger = bearer()
+    body = {"id": chat_id, "messages": [ui_user_message("mine now")]}
+    async with httpx.AsyncClient(base_url=service.url, headers=stranger) as http:
+        taken = await http.post("/api/chat", json=body)
+        resume = await http.get(f"/api/chat/{chat_id}/stream")
+        read = await http.get("/v1/thread", params={"thread_id": chat_id})
+    assert (taken.status_code, taken.json()["code"]) == (404, "thread_not_found")
+    assert (resume.status_code, read.status_code) == (404, 404)
+    assert len(history(service, headers, chat_id)["messages"]) == len(messages)
+
+
+async def test_langgraph_clients_may_name_their_threads(service: AppProcess) -> None:
+    headers = bearer()
+    thread_id = str(uuid.uuid4())
+    async with get_client(url=f"{service.url}/langgraph", headers=headers) as client:
+        created = await client.threads.create(thread_id=thread_id, metadata={"title": "Named"})
+        again = await client.threads.create(thread_id=thread_id)
+    async with get_client(url=f"{service.url}/langgraph", headers=bearer()) as stranger:
+        with pytest.raises(httpx.HTTPStatusError) as taken:
+            await stranger.threads.create(thread_id=thread_id)
+        with pytest.raises(httpx.HTTPStatusError) as invalid:
+            await stranger.threads.create(thread_id="too-short")
+    async with httpx.AsyncClient(base_url=service.url, headers=headers) as http:
+        listed = (await http.get("/v1/threads")).json()["threads"]
+    assert created["thread_id"] == again["thread_id"] == thread_id
+    assert [(t["thread_id"], t["title"]) for t in listed] == [(thread_id, "Named")]
+    assert taken.value.response.status_code == 409
+    assert invalid.value.response.status_code == 422
+
+
+def ui_user_message(text: str) -> dict[str, Any]:
+    return {"id": secrets.token_hex(8), "role": "user", "parts": [{"type": "text", "text": text}]}

@@ -572,3 +572,54 @@ def test_ai_sdk_streams_each_tool_result_after_its_call(fast: ChatServer) -> Non
         assert text == final_answer(stored)
         assert chunks[-1] == {"type": "finish", "finishReason": "stop"}
     assert after_end.status_code == 204
+
+
+@pytest.mark.parametrize(
+    "bad_id",
+    ["short1234", "x" * 65, "abcdefgh.ijklmnop", "abcdefgh ijklmnop", "abcdefghijklmnöp"],
+)
+def test_ai_sdk_refuses_invalid_chat_ids(fast: ChatServer, bad_id: str) -> None:
+    with fast.client() as client:
+        body = {"id": bad_id, "messages": [ui_user_message("hello")]}
+        response = client.post("/api/chat", json=body)
+        threads = client.get("/v1/threads").json()["threads"]
+    assert response.status_code == 422
+    assert response.json()["code"] == "invalid_thread_id"
+    assert "16 to 64 characters" in response.json()["message"]
+    assert threads == []
+
+
+def test_ai_sdk_chat_ids_start_threads_of_their_own(fast: ChatServer) -> None:
+    # Issue 10: useChat without `id` sends its own 16-character chat id; the first message
+    # starts the thread under that id, the next ones continue it, and it stays its owner's.
+    chat_id = "AbCdEfGh12345678"
+    with fast.client() as owner, fast.client() as stranger:
+        before = owner.get(f"/api/chat/{chat_id}/stream")  # useChat(resume) on mount
+        answers = []
+        for question in ("hello there", "what is 2+3"):
+            body = {"id": chat_id, "messages": [ui_user_message(question)]}
+            status, chunks = ui_chunks(owner, "POST", "/api/chat", json=body)
+            assert status == 200
+            answers.append("".join(c["delta"] for c in chunks if c["type"] == "text-delta"))
+        thread = history(owner, chat_id)
+        listed = owner.get("/v1/threads").json()["threads"]
+        taken = stranger.post("/api/chat", json={"id": chat_id, "messages": [ui_user_message("x")]})
+        regenerate = stranger.post(
+            "/api/chat",
+            json={"id": "ZyXwVuTs98765432", "messages": [], "trigger": "regenerate-message"},
+        )
+        unseen = stranger.get("/v1/threads").json()["threads"]
+
+    assert before.status_code == 204
+    assert [t["thread_id"] for t in listed] == [chat_id]
+    assert listed[0]["title"] == "hello there"
+    messages = thread["messages"]
+    assert [(m["role"], m["text"]) for m in messages if m["role"] != "tool" and m["text"]] == [
+        ("user", "hello there"),
+        ("assistant", answers[0]),
+        ("user", "what is 2+3"),
+        ("assistant", answers[1]),
+    ]
+    assert (taken.status_code, taken.json()["code"]) == (404, "thread_not_found")
+    assert (regenerate.status_code, regenerate.json()["code"]) == (404, "thread_not_found")
+    assert unseen == []
