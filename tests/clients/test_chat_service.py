@@ -8,6 +8,7 @@ import secrets
 import sys
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -232,6 +233,34 @@ async def test_langgraph_clients_may_name_their_threads(service: AppProcess) -> 
     assert [(t["thread_id"], t["title"]) for t in listed] == [(thread_id, "Named")]
     assert taken.value.response.status_code == 409
     assert invalid.value.response.status_code == 422
+
+
+async def test_langgraph_threads_get_returns_the_thread_record(service: AppProcess) -> None:
+    # Issue 10: GET /langgraph/threads/{id} answered the time of the request as created_at,
+    # and no metadata.
+    headers = bearer()
+    async with get_client(url=f"{service.url}/langgraph", headers=headers) as client:
+        created = await client.threads.create(metadata={"title": "Trip plans"})
+        thread_id = created["thread_id"]
+        before = await client.threads.get(thread_id)
+        async for _ in client.runs.stream(
+            thread_id, "agent", input={"messages": [{"role": "user", "content": "hello"}]}
+        ):
+            pass
+        after = await client.threads.get(thread_id)
+    async with httpx.AsyncClient(base_url=service.url, headers=headers) as http:
+        [listed] = (await http.get("/v1/threads")).json()["threads"]
+
+    def stamp(value: str) -> float:
+        return datetime.fromisoformat(value).timestamp()
+
+    assert before["thread_id"] == after["thread_id"] == listed["thread_id"] == thread_id
+    assert created["created_at"] == before["created_at"] == after["created_at"]
+    assert stamp(after["created_at"]) == pytest.approx(listed["created_at"], abs=1e-5)
+    assert stamp(after["updated_at"]) == pytest.approx(listed["updated_at"], abs=1e-5)
+    assert stamp(after["updated_at"]) > stamp(before["updated_at"])  # the run changed it
+    assert after["metadata"] == {"title": "Trip plans", "archived": False}
+    assert after["status"] == "idle"
 
 
 def ui_user_message(text: str) -> dict[str, Any]:

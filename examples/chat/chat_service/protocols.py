@@ -18,6 +18,7 @@ The caller is the service's user (session cookie, or ``Authorization: Bearer`` f
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI
@@ -29,7 +30,7 @@ from starlette.types import Receive, Scope, Send
 
 from resumable_stream import ResumableStreamError, StreamConsumer
 from resumable_stream.ai_sdk import UIMessageStreamResponse, ui_message_text
-from resumable_stream.langgraph_api import LangGraphAction, LangGraphRouter
+from resumable_stream.langgraph_api import LangGraphAction, LangGraphRouter, ThreadInfo
 from resumable_stream.starlette import error_response
 
 from .answers import NothingToRetry
@@ -176,6 +177,10 @@ async def ai_chat_stop(request: Request) -> Response:
 async def _authorize(request: Request, thread_id: str | None, action: LangGraphAction) -> bool:
     if thread_id is not None and await _owned(request, thread_id) is None:
         raise HTTPException(404, f"no thread {thread_id!r}")
+    if thread_id is not None and action == "run":
+        # A run is activity, as a message of the chat API is: the thread's updated_at (the
+        # order of /v1/threads, the LangGraph thread's updated_at) moves.
+        await _runtime(request).store.update_thread(thread_id)
     return True
 
 
@@ -194,6 +199,19 @@ async def _create_thread(request: Request, thread_id: str | None, metadata: dict
     return thread.id
 
 
+async def _thread_info(request: Request, thread_id: str) -> ThreadInfo | None:
+    """The thread's record for ``GET /langgraph/threads/{id}``: the service's own times and
+    the metadata it keeps (title, archived)."""
+    thread = await _owned(request, thread_id)
+    if thread is None:
+        return None
+    return ThreadInfo(
+        created_at=datetime.fromtimestamp(thread.created_at, UTC),
+        updated_at=datetime.fromtimestamp(thread.updated_at, UTC),
+        metadata={"title": thread.title, "archived": thread.archived},
+    )
+
+
 class LangGraphAPI:
     """``/langgraph``: a :class:`LangGraphRouter` over the runtime, made on first use (the
     runtime exists once the app started)."""
@@ -210,6 +228,7 @@ class LangGraphAPI:
                 producer=runtime.producer,
                 authorize=_authorize,
                 create_thread=_create_thread,
+                thread_info=_thread_info,
                 # A run holds the thread's lock: the chat API waits for it, and a LangGraph
                 # run waits for no one (409 while the thread answers).
                 stream_id=lock_id_for,
