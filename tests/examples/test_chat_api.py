@@ -7,6 +7,7 @@ second, for tests that act in the middle of an answer.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -623,3 +624,27 @@ def test_ai_sdk_chat_ids_start_threads_of_their_own(fast: ChatServer) -> None:
     assert (taken.status_code, taken.json()["code"]) == (404, "thread_not_found")
     assert (regenerate.status_code, regenerate.json()["code"]) == (404, "thread_not_found")
     assert unseen == []
+
+
+def test_ai_sdk_messages_are_validated_like_the_chat_apis(fast: ChatServer) -> None:
+    # /api/chat skipped the checks of POST /v1/chat/message: a lone surrogate was a 500 (a
+    # NUL too, on PostgreSQL), and a message over MAX_MESSAGE_CHARS had no clear error.
+    with fast.client() as client:
+        responses = [
+            # json.dumps escapes a lone surrogate ("\\ud800"), as a browser's JSON may.
+            client.post(
+                "/api/chat",
+                content=json.dumps(
+                    {"id": uuid.uuid4().hex[:16], "messages": [ui_user_message(text)]}
+                ),
+                headers={"content-type": "application/json"},
+            )
+            for text in ("nul \x00 here", "lone \ud800 surrogate", "x" * 8001)
+        ]
+        threads = client.get("/v1/threads").json()["threads"]
+    assert [(r.status_code, r.json()["code"]) for r in responses] == [
+        (422, "invalid_text"),
+        (422, "invalid_text"),
+        (422, "message_too_long"),
+    ]
+    assert threads == []  # no thread was started for a message that was refused

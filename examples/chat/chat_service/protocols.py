@@ -35,6 +35,7 @@ from resumable_stream.starlette import error_response
 
 from .answers import NothingToRetry
 from .api.chat import waiter
+from .api.errors import ApiError, storable
 from .api.views import title_for
 from .auth import current_user
 from .events import ChatEvents
@@ -117,6 +118,18 @@ async def ai_chat_send(request: Request) -> Response:
         message = ui_message_text(users[-1]).strip() if users else ""
         if not message:
             return _error(422, "empty_message", "the last user message has no text")
+        # The checks of POST /v1/chat/message: text every database stores, within the limit.
+        try:
+            storable(message, "the message")
+        except ApiError as exc:
+            return _error(exc.status, exc.code, exc.message)
+        limit = _runtime(request).settings.max_message_chars
+        if len(message) > limit:
+            return _error(
+                422,
+                "message_too_long",
+                f"the message has {len(message)} characters; the limit is {limit}",
+            )
     if message is None:
         thread = await _owned(request, thread_id)
     else:
