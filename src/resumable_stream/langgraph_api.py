@@ -144,8 +144,9 @@ def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat()
 
 
-def _iso_datetime(value: datetime) -> str:
-    return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+def _aware(value: datetime) -> datetime:
+    """``value``, taken as UTC if it is naive."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class _Refused(Exception):
@@ -353,24 +354,27 @@ class LangGraphRouter:
             if info is None:
                 raise _Refused(HTTPError(404, "thread_not_found", f"no thread {thread_id!r}"))
             return info
-        first = latest = None
+        stamps: list[datetime] = []
         checkpointer = getattr(self._state_graph, "checkpointer", None)
         if checkpointer is not None and hasattr(checkpointer, "alist"):
-            # Newest first: the last one listed is the thread's first checkpoint.
+            # Every namespace's checkpoints (subgraphs' too), in no order across them.
             async for checkpoint in checkpointer.alist(self._config(thread_id)):
-                stamp = datetime.fromisoformat(checkpoint.checkpoint["ts"])
-                latest = latest or stamp
-                first = stamp
-        now = datetime.now(UTC)
-        return ThreadInfo(first or now, latest or now)
+                try:
+                    stamps.append(_aware(datetime.fromisoformat(checkpoint.checkpoint["ts"])))
+                except (KeyError, TypeError, ValueError):
+                    continue  # a checkpoint without a readable time says nothing
+        if not stamps:
+            now = datetime.now(UTC)
+            return ThreadInfo(now, now)
+        return ThreadInfo(min(stamps), max(stamps))
 
     def _thread_record(
         self, thread_id: str, info: ThreadInfo, status: str, values: Any = None
     ) -> dict[str, Any]:
         return {
             "thread_id": thread_id,
-            "created_at": _iso_datetime(info.created_at),
-            "updated_at": _iso_datetime(info.updated_at),
+            "created_at": _aware(info.created_at).isoformat(),
+            "updated_at": _aware(info.updated_at).isoformat(),
             "metadata": to_wire(info.metadata),
             "status": status,
             "values": values,
