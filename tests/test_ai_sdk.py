@@ -243,3 +243,31 @@ async def test_each_message_is_a_new_run_with_its_own_message_id(http: httpx.Asy
     assert texts == ["ONE", "TWO"]  # the second answer replays nothing of the first
     assert starts[0]["messageId"] != starts[1]["messageId"]
     assert all(s["messageId"].startswith("chat-1-") for s in starts)
+
+
+def test_text_after_a_tool_call_is_a_new_text_part() -> None:
+    # Tokens without a message id (the reference chat service's) went on adding to the text
+    # before a tool call, so the client showed the answer above the tool that produced it.
+    chunker = UIMessageChunks("m")
+    events = [
+        Event("token", {"text": "Let me see. ", "message_id": None, "node": None}, "1-1-0"),
+        Event("tool_start", {"id": "c1", "name": "calc", "args": {"x": 2}}, "1-1-1"),
+        Event("tool_end", {"id": "c1", "name": "calc", "output": 4}, "1-1-2"),
+        Event("token", {"text": "It is 4.", "message_id": None, "node": None}, "1-1-3"),
+        Event("end", {}, "1-1-4"),
+    ]
+    chunks = [c for e in events for c in chunker.chunks(e)]
+    check_order(chunks)
+    assert [(c["type"], c.get("id")) for c in chunks] == [
+        ("start", None),
+        ("text-start", "text-1"),
+        ("text-delta", "text-1"),
+        ("text-end", "text-1"),
+        ("tool-input-start", None),
+        ("tool-input-available", None),
+        ("tool-output-available", None),
+        ("text-start", "text-2"),
+        ("text-delta", "text-2"),
+        ("text-end", "text-2"),
+        ("finish", None),
+    ]

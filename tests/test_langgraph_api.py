@@ -274,3 +274,89 @@ async def test_on_disconnect_cancel(honoured: bool) -> None:
 
                 await eventually(done)
     await api.producer.aclose()
+
+
+async def test_threads_have_the_times_of_their_checkpoints() -> None:
+    # Issue 10: GET /threads/{id} answered the time of the request as created_at.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    released = asyncio.Event()
+    released.set()
+    graph = build_graph({"t": released}, InMemorySaver())
+    api = LangGraphRouter(MemoryTransport(), {"agent": graph}, authorize=allow_all)
+    app = Starlette(routes=[Mount("/lg", api)])
+    config = {"configurable": {"thread_id": "t"}}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://t/lg"
+    ) as http:
+        created = (
+            await http.post("/threads", json={"thread_id": "t", "metadata": {"a": 1}})
+        ).json()
+        for text in ("one", "two"):
+            body = {"assistant_id": "agent", "input": {"messages": [("user", text)]}}
+            assert (await http.post("/threads/t/runs/stream", json=body)).status_code == 200
+        thread = (await http.get("/threads/t")).json()
+    checkpoints = [state.created_at async for state in graph.aget_state_history(config)]
+    assert len(checkpoints) > 2
+    assert created["metadata"] == {"a": 1}  # echoed: the router keeps no metadata itself
+    assert created["created_at"] <= checkpoints[-1]
+    assert (thread["created_at"], thread["updated_at"]) == (checkpoints[-1], checkpoints[0])
+    assert thread["metadata"] == {}
+    await api.producer.aclose()
+
+
+async def test_thread_info_gives_the_apps_thread_record() -> None:
+    from datetime import UTC, datetime
+
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter, ThreadInfo
+
+    records = {
+        "kept": ThreadInfo(
+            datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC),
+            datetime(2026, 1, 3),  # naive: UTC
+            {"title": "Kept", "tags": ("a", "b")},
+        )
+    }
+
+    async def thread_info(request: Request, thread_id: str) -> ThreadInfo | None:
+        return records.get(thread_id)
+
+    async def create_thread(request: Request, thread_id: str | None, metadata: Any) -> str:
+        return "kept"
+
+    api = LangGraphRouter(
+        MemoryTransport(),
+        {"agent": build_graph({}, InMemorySaver())},
+        authorize=allow_all,
+        create_thread=create_thread,
+        thread_info=thread_info,
+    )
+    app = Starlette(routes=[Mount("/lg", api)])
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://t/lg"
+    ) as http:
+        created = (await http.post("/threads", json={})).json()
+        thread = await http.get("/threads/kept")
+        missing = await http.get("/threads/gone")
+    expected = {
+        "thread_id": "kept",
+        "created_at": "2026-01-02T03:04:05+00:00",
+        "updated_at": "2026-01-03T00:00:00+00:00",
+        "metadata": {"title": "Kept", "tags": ["a", "b"]},
+        "status": "idle",
+    }
+    assert created == {**created, **expected}
+    assert thread.json() == {**thread.json(), **expected}
+    assert (missing.status_code, missing.json()["code"]) == (404, "thread_not_found")
+    await api.producer.aclose()

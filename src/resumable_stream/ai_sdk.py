@@ -96,7 +96,8 @@ class UIMessageChunks:
       streamed; each tool call → ``tool-input-start`` and ``tool-input-available``; a tool
       message → ``tool-output-available``;
     * ``tool_start`` / ``tool_end`` → the call (unless the model's message announced it) and
-      ``tool-output-available`` or ``tool-output-error``;
+      ``tool-output-available`` or ``tool-output-error``; a call ends the text parts before
+      it, so the text after it is a new part;
     * ``custom`` → ``data-<name>`` (``data-custom`` without a name), except the library's
       own ``resumable_stream.*`` markers (a reserved run's), which are not sent;
     * ``end`` / ``error`` / ``cancelled`` → ``finish`` / ``error`` / ``abort``, then ``[DONE]``.
@@ -227,6 +228,10 @@ class UIMessageChunks:
         """Send a tool call's input once; true if it is new."""
         if call_id in self._calls:
             return False
+        # Text after a tool call is a new text part, as the AI SDK's own servers send it (a
+        # text part per step): tokens without a message id would otherwise add it to the
+        # text before the call, and the client would show it above the tool.
+        self._close_text(out)
         self._calls[call_id] = _ToolCall(name)
         out.append({"type": "tool-input-start", "toolCallId": call_id, "toolName": name})
         out.append(

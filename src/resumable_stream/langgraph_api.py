@@ -54,12 +54,27 @@ from .transports import StreamInfo, Transport
 __all__ = [
     "LangGraphAction",
     "LangGraphRouter",
+    "ThreadInfo",
     "stream_parts",
     "to_wire",
 ]
 
 #: What a request wants to do, as passed to ``authorize`` (thread id None for ``create``).
 LangGraphAction = Literal["create", "read", "run", "cancel"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ThreadInfo:
+    """What the app keeps about a thread: ``thread_info``'s answer, for ``GET /threads/{id}``.
+
+    Naive datetimes are taken as UTC.
+    """
+
+    created_at: datetime
+    updated_at: datetime
+    #: The thread's ``metadata`` as the SDKs read it (``Thread.metadata``).
+    metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
 
 # The graph's own stream modes; "messages-tuple" is the API's name for "messages"
 # (langgraph-sdk: schema.py StreamMode).
@@ -125,12 +140,13 @@ def _error(error: HTTPError) -> Response:
     return Response(error.body(), error.status, error.headers(), JSON_TYPE)
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat()
-
-
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat()
+
+
+def _aware(value: datetime) -> datetime:
+    """``value``, taken as UTC if it is naive."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 class _Refused(Exception):
@@ -207,6 +223,11 @@ class LangGraphRouter:
     refuse with false (403) or raise Starlette's ``HTTPException`` (say 401).
     ``create_thread(request, thread_id, metadata)``, if given, records a new thread in the
     app (the id is None when the client did not choose one) and returns its id.
+    ``thread_info(request, thread_id)``, if given, returns the app's record of a thread
+    (:class:`ThreadInfo`: its creation and update times and metadata; None for no such
+    thread: 404), which ``GET /threads/{id}`` and ``POST /threads`` answer with. Without it,
+    the times are those of the thread's first and latest checkpoints (finding the first walks
+    the thread's checkpoints), and the metadata is empty.
     """
 
     def __init__(
@@ -219,6 +240,7 @@ class LangGraphRouter:
         | None = None,
         create_thread: Callable[[Request, str | None, dict[str, Any]], Awaitable[str]]
         | None = None,
+        thread_info: Callable[[Request, str], Awaitable[ThreadInfo | None]] | None = None,
         stream_id: Callable[[str], str] | None = None,
         cancel_on_disconnect: bool = True,
         ping_interval: float | None = DEFAULT_PING_INTERVAL,
@@ -239,6 +261,7 @@ class LangGraphRouter:
         self.producer = StreamProducer(transport) if producer is None else producer
         self.authorize = authorize
         self.create_thread = create_thread
+        self.thread_info = thread_info
         self.stream_id = stream_id or (lambda thread_id: f"langgraph:{thread_id}")
         self.cancel_on_disconnect = cancel_on_disconnect
         self.ping_interval = ping_interval
@@ -324,15 +347,35 @@ class LangGraphRouter:
 
     # --- threads ------------------------------------------------------------------------
 
+    async def _info(self, request: Request, thread_id: str) -> ThreadInfo:
+        """The app's record of the thread (``thread_info``), else what its checkpoints say."""
+        if self.thread_info is not None:
+            info = await self.thread_info(request, thread_id)
+            if info is None:
+                raise _Refused(HTTPError(404, "thread_not_found", f"no thread {thread_id!r}"))
+            return info
+        stamps: list[datetime] = []
+        checkpointer = getattr(self._state_graph, "checkpointer", None)
+        if checkpointer is not None and hasattr(checkpointer, "alist"):
+            # Every namespace's checkpoints (subgraphs' too), in no order across them.
+            async for checkpoint in checkpointer.alist(self._config(thread_id)):
+                try:
+                    stamps.append(_aware(datetime.fromisoformat(checkpoint.checkpoint["ts"])))
+                except (KeyError, TypeError, ValueError):
+                    continue  # a checkpoint without a readable time says nothing
+        if not stamps:
+            now = datetime.now(UTC)
+            return ThreadInfo(now, now)
+        return ThreadInfo(min(stamps), max(stamps))
+
     def _thread_record(
-        self, thread_id: str, metadata: Any, status: str, values: Any = None
+        self, thread_id: str, info: ThreadInfo, status: str, values: Any = None
     ) -> dict[str, Any]:
-        now = _now()
         return {
             "thread_id": thread_id,
-            "created_at": now,
-            "updated_at": now,
-            "metadata": metadata if isinstance(metadata, dict) else {},
+            "created_at": _aware(info.created_at).isoformat(),
+            "updated_at": _aware(info.updated_at).isoformat(),
+            "metadata": to_wire(info.metadata),
             "status": status,
             "values": values,
             "interrupts": {},
@@ -353,17 +396,21 @@ class LangGraphRouter:
         elif thread_id is None:
             thread_id = str(uuid.uuid4())
         check_stream_id(self.stream_id(thread_id))
-        return _json(200, self._thread_record(thread_id, metadata, "idle"))
+        info = await self._info(request, thread_id)
+        if self.thread_info is None:
+            info = dataclasses.replace(info, metadata=metadata)  # kept by no one: echoed
+        return _json(200, self._thread_record(thread_id, info, "idle"))
 
     async def get_thread(self, request: Request) -> Response:
         """``GET /threads/{thread_id}``: the thread, ``busy`` while a run is in progress."""
         thread_id, stream_id = await self._thread(request, "read")
-        info = await self.transport.info(stream_id)
+        record = await self._info(request, thread_id)
+        stream = await self.transport.info(stream_id)
         state = await self._state_graph.aget_state(self._config(thread_id))
-        status = "busy" if info is not None and info.status == "running" else "idle"
+        status = "busy" if stream is not None and stream.status == "running" else "idle"
         if status == "idle" and state.next:
             status = "interrupted"
-        return _json(200, self._thread_record(thread_id, {}, status, to_wire(state.values)))
+        return _json(200, self._thread_record(thread_id, record, status, to_wire(state.values)))
 
     async def get_state(self, request: Request) -> Response:
         """``GET /threads/{thread_id}/state``: the thread's latest checkpoint."""

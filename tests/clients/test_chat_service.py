@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 import sys
+import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -117,3 +120,148 @@ def test_cors_exposes_the_rejoin_headers(service: AppProcess) -> None:
     exposed = thread.headers["access-control-expose-headers"].lower()
     assert "content-location" in exposed
     assert "location" in exposed.split(", ")
+
+
+def calculator_part(output: str, expression: str) -> dict[str, Any]:
+    return {
+        "type": "tool-calculator",
+        "state": "output-available",
+        "input": {"expression": expression},
+        "output": output,
+    }
+
+
+def test_use_chat_shows_tool_results_live_and_on_resume(
+    service: AppProcess, node_modules: Path
+) -> None:
+    # Issue 10: the chat service stored no tool results, so useChat showed the calculator's
+    # call but never its output.
+    headers = bearer()
+    token = headers["Authorization"].removeprefix("Bearer ")
+    thread_id = httpx.post(f"{service.url}/langgraph/threads", json={}, headers=headers).json()[
+        "thread_id"
+    ]
+    seen = run_node(
+        node_modules,
+        "ai_sdk_service_tools.mjs",
+        service.url,
+        token,
+        "what is 12*7",
+        "and what is 2+3?",
+        thread_id,
+    )
+    messages = history(service, headers, thread_id)["messages"]
+
+    assert seen["error"] is None
+    assert seen["chatId"] == thread_id
+    assert seen["resumeStatuses"] == [204, 200]  # nothing yet; then the answer in progress
+    for tools, expression, output in [
+        (seen["cutTools"], "12*7", "12*7 = 84"),
+        (seen["resumedTools"], "12*7", "12*7 = 84"),
+        (seen["secondTools"], "2+3", "2+3 = 5"),
+    ]:
+        assert len(tools) == 1
+        assert tools[0] == {**tools[0], **calculator_part(output, expression)}
+    assert seen["resumedTools"][0]["toolCallId"] == seen["cutTools"][0]["toolCallId"]
+    assert seen["resumedId"] == seen["cutId"]  # the resume replaced the cut message
+    assert seen["roles"] == ["user", "assistant", "user", "assistant"]
+    assistant = [m["text"] for m in messages if m["role"] == "assistant" and m["text"]]
+    assert [seen["resumedText"], seen["secondText"]] == assistant
+
+
+async def test_use_chat_without_an_id_starts_a_thread_with_its_own_id(
+    service: AppProcess, node_modules: Path
+) -> None:
+    # Issue 10: useChat without `id` sends the SDK's 16-character chat id, which was a 404.
+    headers = bearer()
+    token = headers["Authorization"].removeprefix("Bearer ")
+    seen = run_node(
+        node_modules,
+        "ai_sdk_service_tools.mjs",
+        service.url,
+        token,
+        "what is 12*7",
+        "and what is 2+3?",
+    )
+    chat_id = seen["chatId"]
+    assert re.fullmatch(r"[A-Za-z0-9]{16}", chat_id), chat_id
+    assert seen["error"] is None
+    assert seen["resumeStatuses"] == [204, 200]
+    assert seen["roles"] == ["user", "assistant", "user", "assistant"]
+    assert seen["secondTools"][0]["output"] == "2+3 = 5"
+
+    # The same thread, owned by the caller, in the service's API and the LangGraph API.
+    messages = history(service, headers, chat_id)["messages"]
+    async with httpx.AsyncClient(base_url=service.url, headers=headers) as http:
+        listed = (await http.get("/v1/threads")).json()["threads"]
+    async with get_client(url=f"{service.url}/langgraph", headers=headers) as client:
+        state = await client.threads.get_state(chat_id)
+    assert chat_id in [t["thread_id"] for t in listed]
+    assert [m["text"] for m in messages if m["role"] == "user"] == [
+        "what is 12*7",
+        "and what is 2+3?",
+    ]
+    assert messages[-1]["text"] == seen["secondText"]
+    assert state["values"]["messages"][-1]["content"] == seen["secondText"]
+
+    # Another user cannot adopt it, resume it or read it.
+    stranger = bearer()
+    body = {"id": chat_id, "messages": [ui_user_message("mine now")]}
+    async with httpx.AsyncClient(base_url=service.url, headers=stranger) as http:
+        taken = await http.post("/api/chat", json=body)
+        resume = await http.get(f"/api/chat/{chat_id}/stream")
+        read = await http.get("/v1/thread", params={"thread_id": chat_id})
+    assert (taken.status_code, taken.json()["code"]) == (404, "thread_not_found")
+    assert (resume.status_code, read.status_code) == (404, 404)
+    assert len(history(service, headers, chat_id)["messages"]) == len(messages)
+
+
+async def test_langgraph_clients_may_name_their_threads(service: AppProcess) -> None:
+    headers = bearer()
+    thread_id = str(uuid.uuid4())
+    async with get_client(url=f"{service.url}/langgraph", headers=headers) as client:
+        created = await client.threads.create(thread_id=thread_id, metadata={"title": "Named"})
+        again = await client.threads.create(thread_id=thread_id)
+    async with get_client(url=f"{service.url}/langgraph", headers=bearer()) as stranger:
+        with pytest.raises(httpx.HTTPStatusError) as taken:
+            await stranger.threads.create(thread_id=thread_id)
+        with pytest.raises(httpx.HTTPStatusError) as invalid:
+            await stranger.threads.create(thread_id="too-short")
+    async with httpx.AsyncClient(base_url=service.url, headers=headers) as http:
+        listed = (await http.get("/v1/threads")).json()["threads"]
+    assert created["thread_id"] == again["thread_id"] == thread_id
+    assert [(t["thread_id"], t["title"]) for t in listed] == [(thread_id, "Named")]
+    assert taken.value.response.status_code == 409
+    assert invalid.value.response.status_code == 422
+
+
+async def test_langgraph_threads_get_returns_the_thread_record(service: AppProcess) -> None:
+    # Issue 10: GET /langgraph/threads/{id} answered the time of the request as created_at,
+    # and no metadata.
+    headers = bearer()
+    async with get_client(url=f"{service.url}/langgraph", headers=headers) as client:
+        created = await client.threads.create(metadata={"title": "Trip plans"})
+        thread_id = created["thread_id"]
+        before = await client.threads.get(thread_id)
+        async for _ in client.runs.stream(
+            thread_id, "agent", input={"messages": [{"role": "user", "content": "hello"}]}
+        ):
+            pass
+        after = await client.threads.get(thread_id)
+    async with httpx.AsyncClient(base_url=service.url, headers=headers) as http:
+        [listed] = (await http.get("/v1/threads")).json()["threads"]
+
+    def stamp(value: str) -> float:
+        return datetime.fromisoformat(value).timestamp()
+
+    assert before["thread_id"] == after["thread_id"] == listed["thread_id"] == thread_id
+    assert created["created_at"] == before["created_at"] == after["created_at"]
+    assert stamp(after["created_at"]) == pytest.approx(listed["created_at"], abs=1e-5)
+    assert stamp(after["updated_at"]) == pytest.approx(listed["updated_at"], abs=1e-5)
+    assert stamp(after["updated_at"]) > stamp(before["updated_at"])  # the run changed it
+    assert after["metadata"] == {"title": "Trip plans", "archived": False}
+    assert after["status"] == "idle"
+
+
+def ui_user_message(text: str) -> dict[str, Any]:
+    return {"id": secrets.token_hex(8), "role": "user", "parts": [{"type": "text", "text": text}]}

@@ -7,9 +7,12 @@ second, for tests that act in the middle of an answer.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
+import httpx
 import orjson
 import pytest
 
@@ -514,3 +517,134 @@ def test_ai_sdk_regenerate_on_a_thread_without_a_question_is_409(fast: ChatServe
             "/api/chat", json={"id": thread_id, "messages": [], "trigger": "regenerate-message"}
         )
     assert (response.status_code, response.json()["code"]) == (409, "nothing_to_retry")
+
+
+# --------------------------------------------------------------------------- AI SDK endpoint
+
+
+def ui_chunks(
+    client: httpx.Client, method: str, url: str, **kwargs: Any
+) -> tuple[int, list[dict[str, Any]]]:
+    """(status, chunks) of a UI message stream (`data: <chunk>` lines, `[DONE]` left out)."""
+    chunks: list[dict[str, Any]] = []
+    with client.stream(method, url, **kwargs) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(orjson.loads(line.removeprefix("data: ")))
+    return response.status_code, chunks
+
+
+def ui_user_message(text: str) -> dict[str, Any]:
+    return {"id": uuid.uuid4().hex[:16], "role": "user", "parts": [{"type": "text", "text": text}]}
+
+
+def tool_chunks(chunks: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """The tool chunks in order: (type, the input, output or error they carry)."""
+    return [
+        (c["type"], c.get("input", c.get("output", c.get("errorText"))))
+        for c in chunks
+        if c["type"].startswith("tool-")
+    ]
+
+
+def test_ai_sdk_streams_each_tool_result_after_its_call(fast: ChatServer) -> None:
+    # Issue 10: the chat service stored no tool results, so /api/chat showed the calculator's
+    # call (tool-input-*) but never its output.
+    with fast.client() as client:
+        answers = []
+        for _ in range(2):  # the second question is the cache's replay of the first
+            thread_id = client.post("/langgraph/threads", json={}).json()["thread_id"]
+            body = {"id": thread_id, "messages": [ui_user_message("what is 12*7")]}
+            status, chunks = ui_chunks(client, "POST", "/api/chat", json=body)
+            assert status == 200
+            answers.append(chunks)
+        stored = history(client, thread_id)
+        after_end = client.get(f"/api/chat/{thread_id}/stream")
+
+    for chunks in answers:
+        assert tool_chunks(chunks) == [
+            ("tool-input-start", None),
+            ("tool-input-available", {"expression": "12*7"}),
+            ("tool-output-available", "12*7 = 84"),
+        ]
+        calls = {c["toolCallId"] for c in chunks if c["type"].startswith("tool-")}
+        assert len(calls) == 1
+        text = "".join(c["delta"] for c in chunks if c["type"] == "text-delta")
+        assert text == final_answer(stored)
+        assert chunks[-1] == {"type": "finish", "finishReason": "stop"}
+    assert after_end.status_code == 204
+
+
+@pytest.mark.parametrize(
+    "bad_id",
+    ["short1234", "x" * 65, "abcdefgh.ijklmnop", "abcdefgh ijklmnop", "abcdefghijklmnöp"],
+)
+def test_ai_sdk_refuses_invalid_chat_ids(fast: ChatServer, bad_id: str) -> None:
+    with fast.client() as client:
+        body = {"id": bad_id, "messages": [ui_user_message("hello")]}
+        response = client.post("/api/chat", json=body)
+        threads = client.get("/v1/threads").json()["threads"]
+    assert response.status_code == 422
+    assert response.json()["code"] == "invalid_thread_id"
+    assert "16 to 64 characters" in response.json()["message"]
+    assert threads == []
+
+
+def test_ai_sdk_chat_ids_start_threads_of_their_own(fast: ChatServer) -> None:
+    # Issue 10: useChat without `id` sends its own 16-character chat id; the first message
+    # starts the thread under that id, the next ones continue it, and it stays its owner's.
+    chat_id = "AbCdEfGh12345678"
+    with fast.client() as owner, fast.client() as stranger:
+        before = owner.get(f"/api/chat/{chat_id}/stream")  # useChat(resume) on mount
+        answers = []
+        for question in ("hello there", "what is 2+3"):
+            body = {"id": chat_id, "messages": [ui_user_message(question)]}
+            status, chunks = ui_chunks(owner, "POST", "/api/chat", json=body)
+            assert status == 200
+            answers.append("".join(c["delta"] for c in chunks if c["type"] == "text-delta"))
+        thread = history(owner, chat_id)
+        listed = owner.get("/v1/threads").json()["threads"]
+        taken = stranger.post("/api/chat", json={"id": chat_id, "messages": [ui_user_message("x")]})
+        regenerate = stranger.post(
+            "/api/chat",
+            json={"id": "ZyXwVuTs98765432", "messages": [], "trigger": "regenerate-message"},
+        )
+        unseen = stranger.get("/v1/threads").json()["threads"]
+
+    assert before.status_code == 204
+    assert [t["thread_id"] for t in listed] == [chat_id]
+    assert listed[0]["title"] == "hello there"
+    messages = thread["messages"]
+    assert [(m["role"], m["text"]) for m in messages if m["role"] != "tool" and m["text"]] == [
+        ("user", "hello there"),
+        ("assistant", answers[0]),
+        ("user", "what is 2+3"),
+        ("assistant", answers[1]),
+    ]
+    assert (taken.status_code, taken.json()["code"]) == (404, "thread_not_found")
+    assert (regenerate.status_code, regenerate.json()["code"]) == (404, "thread_not_found")
+    assert unseen == []
+
+
+def test_ai_sdk_messages_are_validated_like_the_chat_apis(fast: ChatServer) -> None:
+    # /api/chat skipped the checks of POST /v1/chat/message: a lone surrogate was a 500 (a
+    # NUL too, on PostgreSQL), and a message over MAX_MESSAGE_CHARS had no clear error.
+    with fast.client() as client:
+        responses = [
+            # json.dumps escapes a lone surrogate ("\\ud800"), as a browser's JSON may.
+            client.post(
+                "/api/chat",
+                content=json.dumps(
+                    {"id": uuid.uuid4().hex[:16], "messages": [ui_user_message(text)]}
+                ),
+                headers={"content-type": "application/json"},
+            )
+            for text in ("nul \x00 here", "lone \ud800 surrogate", "x" * 8001)
+        ]
+        threads = client.get("/v1/threads").json()["threads"]
+    assert [(r.status_code, r.json()["code"]) for r in responses] == [
+        (422, "invalid_text"),
+        (422, "invalid_text"),
+        (422, "message_too_long"),
+    ]
+    assert threads == []  # no thread was started for a message that was refused

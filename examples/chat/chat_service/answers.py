@@ -1,10 +1,10 @@
 """Recording an answer: what a run streams, the cache, regenerate/edit and stopped text.
 
 :class:`Answers` turns a run record into the source a ``StreamProducer`` run reads: the
-agent's ``astream`` (tokens, tool calls, finished messages), or a cached answer replayed. It
-rewinds the thread's LangGraph checkpoints for regenerate and edit ("time travel": a fork
-from the last checkpoint before the last user message), caches a first question's answer per
-user, and keeps what the user saw of a stopped answer.
+agent's ``astream`` (tokens, tool calls and their results, finished messages), or a cached
+answer replayed. It rewinds the thread's LangGraph checkpoints for regenerate and edit
+("time travel": a fork from the last checkpoint before the last user message), caches a
+first question's answer per user, and keeps what the user saw of a stopped answer.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from langchain_core.messages import (
     AnyMessage,
     BaseMessage,
     HumanMessage,
+    ToolMessage,
     messages_from_dict,
     messages_to_dict,
 )
@@ -181,10 +182,13 @@ class Answers:
                         continue
                     for message in update.get("messages", []):
                         recorder.messages.append(message)
+                        items = (
+                            _finished_message(message) if node == "agent" else _tool_result(message)
+                        )
+                        for item in items:
+                            recorder.events.append([item["type"], item["data"]])
+                            yield item
                         if node == "agent":
-                            for item in _finished_message(message):
-                                recorder.events.append([item["type"], item["data"]])
-                                yield item
                             recorder.partial.clear()
         except asyncio.CancelledError:
             # Stopped: keep what the user saw, before the library writes `cancelled`, so a
@@ -263,6 +267,19 @@ def _config(thread_id: str, model: str | None = None) -> Any:
     if model:
         configurable["model"] = model
     return {"configurable": configurable}
+
+
+def _tool_result(message: Any) -> list[dict[str, Any]]:
+    """The ``tool_end`` event of a tool node's message: the result of the call it answers
+    (its ``id``), or its ``error`` (a tool that raised, with ``handle_tool_error``)."""
+    if not isinstance(message, ToolMessage):
+        return []
+    data: dict[str, Any] = {"id": message.tool_call_id, "name": message.name or "tool"}
+    if message.status == "error":
+        data["error"] = message.text
+    else:
+        data["output"] = message.content
+    return [{"type": "tool_end", "data": data}]
 
 
 def _finished_message(message: Any) -> list[dict[str, Any]]:

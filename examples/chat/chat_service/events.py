@@ -1,9 +1,9 @@
 """What a run writes to its stream, and how readers see it.
 
 A run writes the library's event vocabulary (docs/events.md): ``token`` for the agent's text,
-``tool_start`` when the model calls a tool, ``message`` when an AI message is complete,
-``custom`` once at the start (which answer this is, from which model, cached or not), then
-``end``, ``error`` or ``cancelled``.
+``tool_start`` when the model calls a tool, ``tool_end`` with the tool's result (or error),
+``message`` when an AI message is complete, ``custom`` once at the start (which answer this
+is, from which model, cached or not), then ``end``, ``error`` or ``cancelled``.
 
 Readers get it in the chat API's own names, with each event's offset kept as its SSE ``id``
 so that ``Last-Event-ID`` resumes: :class:`ChatEvents` is a ``StreamConsumer`` that renames

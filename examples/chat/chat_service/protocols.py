@@ -1,8 +1,10 @@
 """The clients people already use, on the service's own threads and auth.
 
 * ``/api/chat``: the Vercel AI SDK's ``useChat`` (``resume: true`` included), chat id =
-  thread id. ``POST /api/chat`` submits the last user message like ``POST /v1/chat/message``
-  (same busy policy, same runs) and answers it as a UI message stream;
+  thread id; the first message of a chat whose id the client made (``useChat`` without
+  ``id`` sends its own) creates the thread. ``POST /api/chat`` submits the last user message
+  like ``POST /v1/chat/message`` (same busy policy, same runs) and answers it as a UI
+  message stream;
   ``GET /api/chat/{thread_id}/stream`` replays the answer in progress (204 when none);
   ``POST /api/chat/{thread_id}/stop`` stops it.
 * ``/langgraph``: the LangGraph Agent Server API (``useStream``, ``joinStream``, PyPI
@@ -16,7 +18,7 @@ The caller is the service's user (session cookie, or ``Authorization: Bearer`` f
 
 from __future__ import annotations
 
-import re
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI
@@ -28,19 +30,20 @@ from starlette.types import Receive, Scope, Send
 
 from resumable_stream import ResumableStreamError, StreamConsumer
 from resumable_stream.ai_sdk import UIMessageStreamResponse, ui_message_text
-from resumable_stream.langgraph_api import LangGraphAction, LangGraphRouter
+from resumable_stream.langgraph_api import LangGraphAction, LangGraphRouter, ThreadInfo
 from resumable_stream.starlette import error_response
 
 from .answers import NothingToRetry
 from .api.chat import waiter
+from .api.errors import ApiError, storable
+from .api.views import title_for
 from .auth import current_user
 from .events import ChatEvents
 from .lock import lock_id_for
 from .runs import QueueUnavailable, ThreadBusy
 from .runtime import Runtime
-from .threads import RunRecord, Thread
+from .threads import THREAD_ID_RULES, RunRecord, Thread, is_thread_id
 
-_THREAD_ID = re.compile(r"[0-9a-f]{32}")
 NEW_THREAD_TITLE = "New chat"
 
 
@@ -54,12 +57,29 @@ def _runtime(request: Request) -> Runtime:
 
 
 async def _owned(request: Request, thread_id: str) -> Thread | None:
-    if not _THREAD_ID.fullmatch(thread_id):
+    if not is_thread_id(thread_id):
         return None
     thread = await _runtime(request).store.get_thread(thread_id)
     if thread is None or thread.owner != current_user(request):
         return None
     return thread
+
+
+async def _own_or_create(request: Request, thread_id: str, title: str) -> Thread | None:
+    """The caller's thread ``thread_id``, created for them if no one has it (a client that
+    names its chats, like ``useChat``); None if it is another user's."""
+    runtime = _runtime(request)
+    try:
+        thread = await runtime.store.get_or_create_thread(thread_id, current_user(request), title)
+    except LookupError:  # deleted as it was being created
+        return None
+    return thread if thread.owner == current_user(request) else None
+
+
+def _invalid_id(thread_id: str) -> JSONResponse:
+    return _error(
+        422, "invalid_thread_id", f"invalid thread id {thread_id!r}: use {THREAD_ID_RULES}"
+    )
 
 
 def _not_found(thread_id: str) -> JSONResponse:
@@ -88,11 +108,9 @@ async def ai_chat_send(request: Request) -> Response:
         return _error(400, "invalid_request", "the body must be JSON: {id, messages, trigger}")
     if not isinstance(body, dict) or not isinstance(body.get("id"), str):
         return _error(400, "invalid_request", "'id' must be the thread id")
-    thread = await _owned(request, body["id"])
-    if thread is None:
-        return _not_found(body["id"])
-    if thread.archived:
-        return _error(409, "thread_archived", "this thread is archived: it is read-only")
+    thread_id: str = body["id"]
+    if not is_thread_id(thread_id):
+        return _invalid_id(thread_id)
     messages = body.get("messages")
     message: str | None = None
     if body.get("trigger") != "regenerate-message":
@@ -100,6 +118,28 @@ async def ai_chat_send(request: Request) -> Response:
         message = ui_message_text(users[-1]).strip() if users else ""
         if not message:
             return _error(422, "empty_message", "the last user message has no text")
+        # The checks of POST /v1/chat/message: text every database stores, within the limit.
+        try:
+            storable(message, "the message")
+        except ApiError as exc:
+            return _error(exc.status, exc.code, exc.message)
+        limit = _runtime(request).settings.max_message_chars
+        if len(message) > limit:
+            return _error(
+                422,
+                "message_too_long",
+                f"the message has {len(message)} characters; the limit is {limit}",
+            )
+    if message is None:
+        thread = await _owned(request, thread_id)
+    else:
+        # The first message of a chat whose id the client made (useChat without `id` sends
+        # its own) starts the thread; another user's thread is not found, never adopted.
+        thread = await _own_or_create(request, thread_id, title_for(message))
+    if thread is None:
+        return _not_found(thread_id)
+    if thread.archived:
+        return _error(409, "thread_archived", "this thread is archived: it is read-only")
     runtime = _runtime(request)
     try:
         # message=None answers the thread's last question again (the chat API's retry).
@@ -116,11 +156,14 @@ async def ai_chat_send(request: Request) -> Response:
 
 
 async def ai_chat_resume(request: Request) -> Response:
-    """``GET /api/chat/{thread_id}/stream``: the answer in progress from its start, or 204."""
+    """``GET /api/chat/{thread_id}/stream``: the answer in progress from its start, or 204
+    (also for a chat the client named but has not sent a message to yet)."""
     thread_id = request.path_params["thread_id"]
+    runtime = _runtime(request)
+    if is_thread_id(thread_id) and await runtime.store.get_thread(thread_id) is None:
+        return Response(status_code=204, headers={"cache-control": "no-store"})
     if await _owned(request, thread_id) is None:
         return _not_found(thread_id)
-    runtime = _runtime(request)
     run = await runtime.store.current_run(thread_id)
     info = None if run is None else await runtime.transport.info(run.stream_id)
     if run is None or info is None or info.status != "running":
@@ -147,21 +190,39 @@ async def ai_chat_stop(request: Request) -> Response:
 async def _authorize(request: Request, thread_id: str | None, action: LangGraphAction) -> bool:
     if thread_id is not None and await _owned(request, thread_id) is None:
         raise HTTPException(404, f"no thread {thread_id!r}")
+    if thread_id is not None and action == "run":
+        # A run is activity, as a message of the chat API is: the thread's updated_at (the
+        # order of /v1/threads, the LangGraph thread's updated_at) moves.
+        await _runtime(request).store.update_thread(thread_id)
     return True
 
 
 async def _create_thread(request: Request, thread_id: str | None, metadata: dict[str, Any]) -> str:
+    given = metadata.get("title")
+    title = given if isinstance(given, str) and given else NEW_THREAD_TITLE
     if thread_id is not None:
-        # The service names its threads; a client may only "create" one it already has.
-        if await _owned(request, thread_id) is None:
-            raise HTTPException(422, "thread ids are chosen by the service: omit thread_id")
+        # A client may name the thread (the SDKs' `threadId`); creating one it already has
+        # returns it, and another user's id is refused.
+        if not is_thread_id(thread_id):
+            raise HTTPException(422, f"invalid thread id {thread_id!r}: use {THREAD_ID_RULES}")
+        if await _own_or_create(request, thread_id, title) is None:
+            raise HTTPException(409, f"thread id {thread_id!r} is taken: choose another or omit it")
         return thread_id
-    title = metadata.get("title")
-    runtime = _runtime(request)
-    thread = await runtime.store.create_thread(
-        current_user(request), title if isinstance(title, str) and title else NEW_THREAD_TITLE
-    )
+    thread = await _runtime(request).store.create_thread(current_user(request), title)
     return thread.id
+
+
+async def _thread_info(request: Request, thread_id: str) -> ThreadInfo | None:
+    """The thread's record for ``GET /langgraph/threads/{id}``: the service's own times and
+    the metadata it keeps (title, archived)."""
+    thread = await _owned(request, thread_id)
+    if thread is None:
+        return None
+    return ThreadInfo(
+        created_at=datetime.fromtimestamp(thread.created_at, UTC),
+        updated_at=datetime.fromtimestamp(thread.updated_at, UTC),
+        metadata={"title": thread.title, "archived": thread.archived},
+    )
 
 
 class LangGraphAPI:
@@ -180,6 +241,7 @@ class LangGraphAPI:
                 producer=runtime.producer,
                 authorize=_authorize,
                 create_thread=_create_thread,
+                thread_info=_thread_info,
                 # A run holds the thread's lock: the chat API waits for it, and a LangGraph
                 # run waits for no one (409 while the thread answers).
                 stream_id=lock_id_for,

@@ -16,6 +16,7 @@ for the moments another process holds the write lock.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -64,8 +65,19 @@ _THREAD_COLUMNS = "id, owner, title, archived, created_at, updated_at, run_seq"
 _RUN_COLUMNS = "thread_id, seq, message, model, use_cache, human_id, state, created_at, kind, error"
 
 
+#: A thread id: one the service made (32 hex digits), or one a client chose, such as the
+#: 16-character id ``useChat`` generates when the app gives it none (AI SDK ``generateId``).
+THREAD_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
+THREAD_ID_RULES = "16 to 64 characters from A-Z, a-z, 0-9, '_' and '-'"
+
+
 def new_thread_id() -> str:
     return uuid.uuid4().hex
+
+
+def is_thread_id(value: object) -> bool:
+    """True if ``value`` follows the thread id rules (THREAD_ID_RULES)."""
+    return isinstance(value, str) and THREAD_ID_PATTERN.fullmatch(value) is not None
 
 
 def stream_id_for(thread_id: str, seq: int) -> str:
@@ -148,6 +160,21 @@ class ThreadStore(ABC):
             f"INSERT INTO chat_threads ({_THREAD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (thread.id, owner, title, False, now, now, 0),
         )
+        return thread
+
+    async def get_or_create_thread(self, thread_id: str, owner: str, title: str) -> Thread:
+        """Thread ``thread_id``, created for ``owner`` if it does not exist. The caller checks
+        the owner of what it gets: an id another user took first stays theirs."""
+        now = time.time()
+        # One statement, so two requests creating the same id at once get the same thread.
+        await self._fetch(
+            f"INSERT INTO chat_threads ({_THREAD_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO NOTHING",
+            (thread_id, owner, title, False, now, now, 0),
+        )
+        thread = await self.get_thread(thread_id)
+        if thread is None:  # deleted in between: the caller's request lost the race
+            raise LookupError(f"thread {thread_id!r} does not exist")
         return thread
 
     async def get_thread(self, thread_id: str) -> Thread | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -11,10 +10,8 @@ from ..auth import current_user
 from ..models import available_models
 from ..runtime import Runtime
 from ..settings import Settings
-from ..threads import Thread
+from ..threads import Thread, is_thread_id
 from .errors import ApiError
-
-_THREAD_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def get_runtime(request: Request) -> Runtime:
@@ -29,7 +26,7 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 async def find_thread(request: Request, runtime: Runtime, thread_id: str) -> Thread:
     """The caller's thread, or 404: another user's thread is not found, not forbidden."""
     thread = None
-    if _THREAD_ID.fullmatch(thread_id):
+    if is_thread_id(thread_id):
         thread = await runtime.store.get_thread(thread_id)
     if thread is None or thread.owner != current_user(request):
         raise ApiError(404, "thread_not_found", f"no thread {thread_id!r}")

@@ -704,7 +704,7 @@ if (matchMedia("(max-width: 760px)").matches) ui.input.placeholder = "Message";
 (async () => {
   await loadInfo();
   await loadThreads();
-  const match = location.hash.match(/thread=([0-9a-f]{32})/);
+  const match = location.hash.match(/thread=([A-Za-z0-9_-]{16,64})$/);
   if (match) await openThread(match[1]);
   else newChat();
 })();
