@@ -314,3 +314,43 @@ async def test_a_transport_misreporting_a_rollback_fails_the_run_instead_of_loop
     run = await StreamProducer(transport).start(endless(["a"]))
     with pytest.raises(StorageRollback):
         await asyncio.wait_for(run.wait(), timeout=10)
+
+
+class HeldAppend(MemoryTransport):
+    """Holds the append of entry ``seq`` until ``release`` is set."""
+
+    def __init__(self, seq: int) -> None:
+        super().__init__()
+        self.seq = seq
+        self.held = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def append(
+        self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None = None
+    ) -> None:
+        if entry.seq == self.seq and not self.release.is_set():
+            self.held.set()
+            await self.release.wait()
+        await super().append(stream_id, owner, entry, count, final)
+
+
+async def test_a_rollback_met_while_ending_an_interrupted_run_is_written() -> None:
+    """The run's task is cancelled mid-write (a process shutting down), and sending that
+    entry again finds the storage rolled back beyond the window: the stream still ends
+    with `storage_rollback` after what the storage kept (it was left running, for readers
+    to wait on until the lease lapsed)."""
+    transport = HeldAppend(seq=11)
+    producer = StreamProducer(transport, max_buffer=1, rollback_window=2)
+    run = await producer.start(tokens(20, every=1), stream_id="s")
+    await transport.held.wait()
+    # A failover to a replica that had not caught up: entries 8-10 are gone.
+    stream = transport._streams["s"]
+    del stream.entries[8 - stream.first_seq :]
+    stream.last_count = 1
+    run._task.cancel()  # what asyncio.run() does to every task at shutdown...
+    transport.release.set()  # ...while entry 11 is being written: it is sent again
+    with pytest.raises(asyncio.CancelledError):
+        await run._task
+    events = await collect(transport, "s")
+    assert joined(events) == text_of(7)
+    assert events[-1].type == "error" and events[-1].data["error"] == "storage_rollback"

@@ -272,8 +272,12 @@ class Run:
         try:
             if self._inflight is not None:  # interrupted mid-write: send it again unchanged
                 entry, count, final = self._inflight
-                await self._append(entry, count, final)
-                self._written(entry, count, final)
+                try:
+                    await self._append(entry, count, final)
+                except _RolledBack:
+                    pass  # the terminal event is `storage_rollback` now: written below
+                else:
+                    self._written(entry, count, final)
             while self.status == "running":
                 await self._flush_once()
         except Exception as exc:

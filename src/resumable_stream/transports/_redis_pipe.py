@@ -140,10 +140,10 @@ class _Replies(asyncio.Protocol):
     ``lost`` fails when the connection ends or ``on_reply`` raises.
     """
 
-    def __init__(self, on_reply: Callable[[Any], None]) -> None:
+    def __init__(self, on_reply: Callable[[Any], None], parse_error: Callable[[str], Any]) -> None:
         self._reader = hiredis.Reader(
             protocolError=rex.InvalidResponse,
-            replyError=BaseParser.parse_error,
+            replyError=parse_error,
             notEnoughData=_INCOMPLETE,
         )
         self._on_reply = on_reply
@@ -176,7 +176,10 @@ def _take_over(connection: AbstractConnection, on_reply: Callable[[Any], None]) 
     writer = connection._writer
     if writer is None:
         raise TransportError("the Redis connection closed while it was being set up")
-    protocol = _Replies(on_reply)
+    # Error replies become the exceptions the connection's own parser makes (a cluster
+    # node's parser knows MOVED and ASK on every redis-py version).
+    parse_error = getattr(connection._parser, "parse_error", BaseParser.parse_error)
+    protocol = _Replies(on_reply, parse_error)
     writer.transport.set_protocol(protocol)
     return protocol
 
@@ -287,9 +290,11 @@ class Pipe:
         # (send_packed_command) costs an event-loop turn per round trip. A broken socket
         # shows up on the reading side (connection_lost).
         session.flushing = False
-        if session.outgoing and session.stream is not None:
+        stream = session.stream
+        if session.outgoing and stream is not None and not stream.is_closing():
+            # (Closing: the connection is going; its commands fail with it.)
             batch, session.outgoing = session.outgoing, []
-            session.stream.writelines(batch)
+            stream.writelines(batch)
 
     def _reply(self, session: _Session, reply: Any) -> None:
         if _PUSH is not None and isinstance(reply, _PUSH):
@@ -301,9 +306,10 @@ class Pipe:
         future = pending.popleft()
         if not future.done():  # done: its caller was cancelled; the reply is dropped
             future.set_result(reply)  # an error reply is returned too, as an exception
-        if isinstance(reply, rex.ResponseError) and error_code(reply) in RECONNECT_CODES:
-            # A demoted master (READONLY) or a server loading its data: this connection
-            # points at the wrong server for now (issue 8, part 3).
+        if isinstance(reply, rex.RedisError) and error_code(reply) in RECONNECT_CODES:
+            # A demoted master (READONLY) or a server loading its data (redis-py makes
+            # that a ConnectionError): this connection points at the wrong server for now
+            # (issue 8, part 3).
             raise TransportError(f"Redis answered {error_code(reply)}: reconnecting")
 
     def _check(self) -> None:
@@ -430,7 +436,10 @@ class Subscriber:
                 telemetry.reconnecting("notices")
                 self._on_fault()
             finally:
+                # What the dead connection had subscribed is gone with it.
                 self.confirmed.clear()
+                self._acked.clear()
+                self._sent = set()
                 await _discard(connection)
             if not self._closed:
                 await asyncio.sleep(RECONNECT_DELAY)  # backoff before reconnecting
@@ -452,10 +461,14 @@ class Subscriber:
 
     def _message(self, message: Any) -> None:
         """One message or reply of the subscriber connection, as it arrives."""
-        if isinstance(message, rex.ResponseError):
+        if isinstance(message, rex.RedisError):
             if error_code(message) == "MOVED" and isinstance(message, rex.AskError):
-                # SSUBSCRIBE of a channel whose slot lives elsewhere.
-                for channel in [c for c in self._sent if _slot_of(c) == message.slot_id]:
+                # SSUBSCRIBE or SUNSUBSCRIBE of a channel whose slot lives elsewhere: Redis
+                # did not run it, and will not confirm it.
+                slot = message.slot_id
+                for channel in [c for c in self._unsubscribing if _slot_of(c) == slot]:
+                    del self._unsubscribing[channel]
+                for channel in [c for c in self._sent if _slot_of(c) == slot]:
                     self._lose(channel)
                 return
             raise message  # the connection is dropped and made again

@@ -1,0 +1,210 @@
+"""The Redis transport's connections (Pipe, Subscriber) against real servers: faults, Redis
+Cluster redirects, reconnections, on asyncio and uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+import redis.asyncio.cluster as redis_py_cluster
+import uvloop
+from redis.asyncio.connection import Connection
+
+from resumable_stream import TransportError
+from resumable_stream.transports._redis_pipe import Pipe, Subscriber, pack
+from resumable_stream.transports.redis import RedisTransport
+from tests._helpers import eventually
+from tests._services import RedisClusterService, RedisServer
+
+# Connections as the transport makes them for a cluster node: before redis-py 5.1, with
+# redis-py's ClusterParser (which alone knows MOVED and ASK there).
+_PARSER = getattr(redis_py_cluster, "ClusterParser", None)
+_CLUSTER_KW: dict[str, Any] = {"parser_class": _PARSER} if _PARSER is not None else {}
+
+
+async def test_loading_is_transient_and_drops_the_connection(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    server = redis_server_factory(extra_args=("--enable-debug-command", "yes"))
+    admin = aioredis.Redis(port=server.port)
+    watcher = aioredis.Redis(port=server.port)
+    await admin.execute_command("DEBUG", "POPULATE", "200000")
+    await admin.config_set("key-load-delay", 50)  # microseconds per key while loading
+    await admin.config_set("loading-process-events-interval-bytes", 1024)
+    async with RedisTransport.from_url(server.url) as transport:
+        assert await transport.info("s") is None
+        assert transport._node_for_slot(0).pipe.connects == 1
+        reload = asyncio.create_task(admin.execute_command("DEBUG", "RELOAD"))
+
+        async def loading() -> bool:
+            return bool((await watcher.info("persistence"))["loading"])
+
+        await eventually(loading, within=30)
+        with pytest.raises(TransportError, match="LOADING"):
+            await transport.info("s")
+        await reload
+        assert await transport.info("s") is None
+        # The LOADING reply dropped the connection: a new one answered.
+        assert transport._node_for_slot(0).pipe.connects == 2
+    await admin.aclose()
+    await watcher.aclose()
+
+
+async def _flood(port: int, kill: Any) -> list[dict[str, Any]]:
+    errors: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+    pipe = Pipe(lambda: Connection(port=port), timeout=5.0, name="t")
+    futures: list[asyncio.Future[Any]] = []
+    try:
+        assert await pipe.call(pack("PING")) == b"PONG"
+        for i in range(20000):
+            futures += pipe.submit(pack("PING"))
+            if i == 2000:
+                kill()
+            if pipe.connects > 1 or (i > 2000 and futures[-1].done()):
+                break
+            await asyncio.sleep(0)
+        await asyncio.gather(*futures, return_exceptions=True)
+    finally:
+        await pipe.aclose()
+    return errors
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_connection_dropped_under_load_logs_no_loop_error(
+    redis_server_factory: Callable[..., RedisServer], loop: str
+) -> None:
+    server = redis_server_factory()
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        errors = runner.run(_flood(server.port, server.kill))
+    assert [f"{e.get('message')}: {e.get('exception')!r}" for e in errors] == []
+
+
+async def test_ssubscribe_on_a_node_without_the_slot_reports_moved(
+    redis_cluster: RedisClusterService,
+) -> None:
+    channel = b"t:{moved}:n"
+    slot = redis_cluster.slot_of("{moved}")
+    port = next(p for p in redis_cluster.master_ports() if p != redis_cluster.owner(slot))
+    moved: list[bytes] = []
+    faults: list[int] = []
+    sub = Subscriber(
+        # As the transport makes cluster connections: redis-py's ClusterParser.
+        lambda: Connection(port=port, **_CLUSTER_KW),
+        name="t",
+        on_message=lambda c, d: None,
+        on_subscribed=lambda c: None,
+        on_moved=moved.append,
+        on_fault=lambda: faults.append(1),
+    )
+    try:
+        sub.add(channel)
+
+        async def reported() -> bool:
+            return bool(moved) or len(faults) >= 3
+
+        await eventually(reported, within=10)
+        assert moved == [channel], (moved, len(faults), sub.connects)
+        assert faults == []
+    finally:
+        await sub.aclose()
+
+
+async def test_unsubscribe_answered_moved_leaves_no_phantom_count(
+    redis_cluster: RedisClusterService,
+) -> None:
+    """SSUBSCRIBE then SUNSUBSCRIBE of a channel whose slot is elsewhere: both answered
+    MOVED. Later the slot comes to this node, the channel is followed here, and the slot
+    leaves again: Redis drops the channel, which must be reported (on_moved)."""
+    channel = b"t:{leak}:n"
+    slot = redis_cluster.slot_of("{leak}")
+    home = redis_cluster.owner(slot)
+    port = next(p for p in redis_cluster.master_ports() if p != home)
+    anchor, barrier = [
+        f"t:{{a{i}}}:n".encode()
+        for i in range(10_000)
+        if redis_cluster.owner(redis_cluster.slot_of(f"{{a{i}}}")) == port
+    ][:2]
+    moved: list[bytes] = []
+    sub = Subscriber(
+        lambda: Connection(port=port, **_CLUSTER_KW),
+        name="t",
+        on_message=lambda c, d: None,
+        on_subscribed=lambda c: None,
+        on_moved=moved.append,
+        on_fault=lambda: None,
+    )
+    try:
+        sub.add(anchor)
+
+        async def up() -> bool:
+            return anchor in sub.confirmed
+
+        await eventually(up)
+        sub.add(channel)
+        await asyncio.sleep(0)  # the writer sends SSUBSCRIBE...
+        assert channel in sub._sent and not moved
+        sub.remove(channel)  # ...and the reader leaves before the MOVED reply
+        # Replies come in order: once a later subscription is confirmed, both MOVED
+        # replies (to SSUBSCRIBE and SUNSUBSCRIBE) have been read.
+        sub.add(barrier)
+
+        async def read() -> bool:
+            return barrier in sub.confirmed
+
+        await eventually(read)
+        await asyncio.to_thread(redis_cluster.migrating_slot(slot, port).finish)
+        sub.add(channel)
+
+        async def here() -> bool:
+            return channel in sub.confirmed
+
+        await eventually(here)
+        await asyncio.to_thread(redis_cluster.migrating_slot(slot, home).finish)
+
+        async def reported() -> bool:
+            return channel in moved
+
+        await eventually(reported, within=10)
+    finally:
+        await sub.aclose()
+
+
+async def test_confirmed_only_while_subscribed(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    """Between a lost connection and the next one, a channel left and followed again must
+    not count as confirmed (there is no connection)."""
+    server = redis_server_factory()
+    faults: list[int] = []
+    sub = Subscriber(
+        lambda: Connection(port=server.port),
+        name="t",
+        on_message=lambda c, d: None,
+        on_subscribed=lambda c: None,
+        on_moved=lambda c: None,
+        on_fault=lambda: faults.append(1),
+    )
+    try:
+        sub.add(b"c")
+
+        async def up() -> bool:
+            return b"c" in sub.confirmed
+
+        await eventually(up)
+        server.kill()
+
+        async def faulted() -> bool:
+            return bool(faults)
+
+        await eventually(faulted)
+        assert b"c" not in sub.confirmed
+        sub.remove(b"c")
+        sub.add(b"c")
+        assert b"c" not in sub.confirmed, "confirmed with no connection"
+    finally:
+        await sub.aclose()
