@@ -308,7 +308,8 @@ class Subscriber:
         self.channels: set[bytes] = set()  # wanted
         self.confirmed: set[bytes] = set()
         self._sent: set[bytes] = set()  # SSUBSCRIBE sent on the current connection
-        self._changed = asyncio.Event()
+        self._stream: asyncio.StreamWriter | None = None  # set while connected
+        self._flushing = False
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.connects = 0
@@ -328,9 +329,11 @@ class Subscriber:
             self._poke()
 
     def _poke(self) -> None:
-        self._changed.set()
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"rstream redis {self.name}")
+        elif self._stream is not None and not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     async def _run(self) -> None:
         while not self._closed:
@@ -340,18 +343,17 @@ class Subscriber:
             connection = self._make()
             self._sent = set()
             try:
-                await connection.connect()  # type: ignore[no-untyped-call]
-                self.connects += 1
-                reader = asyncio.create_task(self._read(connection), name=f"{self.name} reader")
-                writer = asyncio.create_task(self._write(connection), name=f"{self.name} writer")
                 try:
-                    done, _ = await asyncio.wait(
-                        {reader, writer}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                finally:
-                    await stop(reader, writer)
-                for task in done:
-                    task.result()  # raises the fault
+                    await connection.connect()  # type: ignore[no-untyped-call]
+                    self.connects += 1
+                    # Written on the connection's own stream writer, as Pipe does: no writer
+                    # task, so nothing is left running (or failing unseen) when the
+                    # connection drops. A dead socket shows up on the reader side.
+                    self._stream = connection._writer
+                    self._flush()
+                    await self._read(connection)
+                except Exception as exc:  # redis-py's, the socket's, or a bug's: one type
+                    raise fault(exc, "the notices connection") from exc
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -359,22 +361,24 @@ class Subscriber:
                 telemetry.reconnecting("notices")
                 self._on_fault()
             finally:
+                self._stream = None
                 self.confirmed.clear()
                 await _discard(connection)
             if not self._closed:
                 await asyncio.sleep(RECONNECT_DELAY)  # backoff before reconnecting
 
-    async def _write(self, connection: AbstractConnection) -> None:
-        changed = self._changed
-        while True:
-            changed.clear()
-            wanted = self.channels
-            commands = [pack("SSUBSCRIBE", c) for c in wanted - self._sent]
-            commands += [pack("SUNSUBSCRIBE", c) for c in self._sent - wanted]
-            self._sent = set(wanted)
-            if commands:
-                await connection.send_packed_command(commands, check_health=False)
-            await changed.wait()
+    def _flush(self) -> None:
+        """Send the (S)SUBSCRIBEs and SUNSUBSCRIBEs the wanted channels need now."""
+        self._flushing = False
+        stream = self._stream
+        if stream is None:
+            return  # the next connection subscribes to everything wanted
+        wanted = self.channels
+        commands = [pack("SSUBSCRIBE", c) for c in wanted - self._sent]
+        commands += [pack("SUNSUBSCRIBE", c) for c in self._sent - wanted]
+        self._sent = set(wanted)
+        if commands:
+            stream.writelines(commands)
 
     async def _read(self, connection: AbstractConnection) -> None:
         while True:
@@ -423,13 +427,21 @@ async def stop(*tasks: asyncio.Task[Any]) -> None:
     has really ended.
     """
     waiting = {task for task in tasks if not task.done()}
+    interrupted = False
     while waiting:
         for task in waiting:
             task.cancel()
-        _, waiting = await asyncio.wait(waiting, timeout=0.1)
+        try:
+            _, waiting = await asyncio.wait(waiting, timeout=0.1)
+        except asyncio.CancelledError:
+            # Our caller is being cancelled too: finish stopping the tasks first, so none
+            # is left running without an owner (or failing with nobody to see it).
+            interrupted = True
     for task in tasks:
         if not task.cancelled():
             task.exception()  # retrieved: a failure at shutdown is not worth a warning
+    if interrupted:
+        raise asyncio.CancelledError
 
 
 def _slot_of(channel: bytes) -> int:
