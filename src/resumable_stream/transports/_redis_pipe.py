@@ -49,6 +49,9 @@ TRANSIENT_CODES = frozenset({"TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "BUSY"})
 RECONNECT_CODES = frozenset({"READONLY", "LOADING"})
 #: Seconds between reconnection attempts of a subscriber.
 RECONNECT_DELAY = 0.5
+#: Seconds a discarded connection may take to close (a TLS close_notify round trip)
+#: before it is aborted.
+CLOSE_TIMEOUT = 1.0
 
 
 def pack(*args: Arg) -> bytes:
@@ -117,10 +120,28 @@ def fault(error: BaseException, what: str) -> TransportError:
     return TransportError(f"Redis connection failed during {what}: {error}")
 
 
-async def _discard(connection: AbstractConnection) -> None:
+async def _discard(connection: AbstractConnection, writer: asyncio.StreamWriter | None) -> None:
+    """Close ``connection`` (whose stream writer was ``writer``) and wait until its socket
+    is closed.
+
+    redis-py's ``disconnect(nowait=True)``, which its ``read_response`` also calls on an
+    error or a cancellation, only starts closing: a TLS connection sends close_notify and
+    closes its socket once the server answers, so a transport closed just before its event
+    loop left the socket open (ResourceWarning, issue 8). Wait a bounded time for the
+    close; past it, or when cancelled, abort the connection.
+    """
     # Shielded: a second cancellation must not leave the socket open.
     with contextlib.suppress(Exception):
         await asyncio.shield(connection.disconnect(nowait=True))
+    if writer is None:
+        return
+    try:
+        await asyncio.wait_for(asyncio.shield(writer.wait_closed()), CLOSE_TIMEOUT)
+    except asyncio.CancelledError:
+        writer.transport.abort()
+        raise
+    except Exception:  # no answer in time, or the connection failed: drop it now
+        writer.transport.abort()
 
 
 class _Session:
@@ -202,6 +223,7 @@ class Pipe:
 
     async def _run(self, session: _Session) -> None:
         connection = self._make()
+        writer: asyncio.StreamWriter | None = None
         error = TransportError("Redis connection closed")
         try:
             try:
@@ -211,7 +233,7 @@ class Pipe:
             self.connects += 1
             if self.connects > 1:
                 telemetry.reconnecting("commands")
-            session.stream = connection._writer  # see _flush
+            writer = session.stream = connection._writer  # see _flush
             self._flush(session)  # what was queued while connecting
             await self._read(session, connection)
         except asyncio.CancelledError:
@@ -220,7 +242,7 @@ class Pipe:
             error = fault(exc, "the command")
         finally:
             self._end(session, error)
-            await _discard(connection)
+            await _discard(connection, writer)
 
     def _flush(self, session: _Session) -> None:
         # Everything queued during one event-loop turn goes out in one write. The write is
@@ -341,6 +363,7 @@ class Subscriber:
                 self._task = None  # nothing to follow: no connection (add() starts again)
                 return
             connection = self._make()
+            writer: asyncio.StreamWriter | None = None
             self._sent = set()
             try:
                 try:
@@ -349,7 +372,7 @@ class Subscriber:
                     # Written on the connection's own stream writer, as Pipe does: no writer
                     # task, so nothing is left running (or failing unseen) when the
                     # connection drops. A dead socket shows up on the reader side.
-                    self._stream = connection._writer
+                    writer = self._stream = connection._writer
                     self._flush()
                     await self._read(connection)
                 except Exception as exc:  # redis-py's, the socket's, or a bug's: one type
@@ -363,7 +386,7 @@ class Subscriber:
             finally:
                 self._stream = None
                 self.confirmed.clear()
-                await _discard(connection)
+                await _discard(connection, writer)
             if not self._closed:
                 await asyncio.sleep(RECONNECT_DELAY)  # backoff before reconnecting
 
