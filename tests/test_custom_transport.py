@@ -8,6 +8,7 @@ delete from "another process") run for real.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import collections
 import re
@@ -25,6 +26,7 @@ from resumable_stream import (
     StreamProducer,
     Transport,
     TransportClosed,
+    testing,
 )
 from resumable_stream.testing import TransportContract
 from resumable_stream.transports import Entry, QueueSubscription, Status, StreamInfo, Subscription
@@ -260,3 +262,31 @@ def test_the_kit_runs_in_a_project_of_its_own(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout[-3000:]
     assert re.search(r"\b3\d passed\b", result.stdout), result.stdout[-500:]
+
+
+def test_the_kit_reads_no_private_attribute() -> None:
+    # Issue 13: a kit for third-party transports observes them through the public API only.
+    # It used to read StreamConsumer._subscription, and QueueSubscription._waiter on any
+    # transport's subscription (getattr with a default, which a transport of its own
+    # Subscription class satisfied at once, turning a wait into a race).
+    tree = ast.parse(Path(testing.__file__).read_text())
+    private = [
+        f"line {node.lineno}: {ast.unparse(node)}"
+        for node in ast.walk(tree)
+        if (
+            isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+        )
+        or (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in {"getattr", "setattr", "hasattr"}
+            and any(
+                isinstance(arg, ast.Constant) and str(arg.value).startswith("_")
+                for arg in node.args[1:2]
+            )
+        )
+    ]
+    assert private == []

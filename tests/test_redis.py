@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import logging
 import os
 import signal
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -281,6 +284,50 @@ async def test_streams_survive_redis_dropping_every_connection(
     for run, reader in zip(runs, readers, strict=True):
         assert joined(await reader) == text_of(300)  # no gap, no duplicate across reconnects
         assert await run.wait() == "completed"
+
+
+async def test_a_notices_connection_dropped_while_channels_are_added_is_a_transport_error(
+    transport: RedisTransport, admin: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Regression (issue 8): the subscriber wrote its SSUBSCRIBEs from a task of its own
+    # through redis-py's send_packed_command, which on a connection redis-py has just
+    # dropped reconnects it behind our back or fails inside redis-py (an AttributeError,
+    # "Task exception was never retrieved" under -X dev); the faults were logged as
+    # redis-py's exceptions, not as TransportError.
+    loop = asyncio.get_running_loop()
+    unhandled: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unhandled.append(context))
+    caplog.set_level(logging.WARNING, logger="resumable_stream.redis")
+    subscriptions = [transport.subscribe("first", 1, 0)]
+
+    async def subscribed() -> bool:
+        channels = await _notice_channels(admin, transport.prefix)
+        return len(channels) == len(subscriptions)
+
+    try:
+        for round_ in range(5):
+            await eventually(subscribed)
+            kill = asyncio.create_task(admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub"))
+            for i in range(20):  # channels added while the connection goes down
+                subscriptions.append(transport.subscribe(f"s{round_}-{i}", 1, 0))
+                await asyncio.sleep(0)
+            assert await kill == 1
+        # Reconnected, with every channel: a live reader gets a new run whole.
+        await eventually(subscribed)
+        run = await StreamProducer(transport).start(tokens(100, every=1))
+        assert joined(await collect(transport, run.stream_id)) == text_of(100)
+        for subscription in subscriptions:
+            subscription.close()
+        gc.collect()  # an unretrieved task exception is reported when the task is freed
+    finally:
+        loop.set_exception_handler(previous)
+    assert unhandled == []
+    faults = [r for r in caplog.records if r.name == "resumable_stream.redis"]
+    assert len(faults) >= 5  # each drop seen and reported, as our exception type
+    assert all(isinstance(record.args[1], TransportError) for record in faults), [  # type: ignore[index]
+        record.getMessage() for record in faults
+    ]
 
 
 async def test_a_refused_connection_set_up_fails_calls_with_the_real_error(

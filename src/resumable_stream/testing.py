@@ -45,7 +45,7 @@ from ._exceptions import (
     StreamNotFound,
 )
 from ._producer import StreamProducer
-from .transports import Entry, Transport
+from .transports import Entry, Status, StreamInfo, Subscription, Transport
 
 __all__ = ["TransportContract", "TransportFactory"]
 
@@ -354,16 +354,18 @@ class TransportContract:
         gate = asyncio.Event()
         producer = StreamProducer(transport)
         runs = [await producer.start(tokens(10, pause=gate)) for _ in range(20)]
-        consumers = [StreamConsumer(transport, r.stream_id) for r in runs]
+        watched = _WatchedTransport(transport)
+        consumers = [StreamConsumer(watched, r.stream_id) for r in runs]
         readers = [asyncio.create_task(collect_from(c)) for c in consumers]
 
         async def all_waiting_live() -> bool:
-            return all(c._subscription is not None for c in consumers)
+            return watched.waiting == len(readers)
 
         await eventually(all_waiting_live)
         for reader in readers:
             reader.cancel()
         await asyncio.gather(*readers, return_exceptions=True)
+        assert watched.open == 0  # every live subscription was closed
         gate.set()
         # The transport is still healthy: every stream reads back whole.
         for run in runs:
@@ -415,19 +417,20 @@ class TransportContract:
         # A long lease: a reader polls a quiet stream every half lease (30 s here), so only
         # aclose() waking it ends the wait within the bound below.
         run = await StreamProducer(transport, lease=60).start(tokens(10, pause=gate))
-        consumer = StreamConsumer(transport, run.stream_id)
+        watched = _WatchedTransport(transport)
+        consumer = StreamConsumer(watched, run.stream_id)
         # Everything written before the pause; then nothing more comes.
         first = [await anext(consumer) for _ in range(5)]
         reading = asyncio.create_task(collect_from(consumer))
 
-        async def waiting_live() -> bool:  # blocked in get(), when the transport tells
-            subscription = consumer._subscription
-            return subscription is not None and getattr(subscription, "_waiter", 1) is not None
+        async def waiting_live() -> bool:  # suspended in Subscription.get()
+            return watched.waiting == 1
 
         await eventually(waiting_live)
         await consumer.aclose()
         rest = await asyncio.wait_for(reading, timeout=10)  # regression: blocked for ever
         assert [e.type for e in first] == ["token"] * 5 and rest == []
+        assert (watched.waiting, watched.open) == (0, 0)
         await run.cancel()
 
     async def test_a_stream_deleted_and_recreated_at_once_gets_a_new_epoch(
@@ -461,6 +464,81 @@ class TransportContract:
         with pytest.raises(OffsetExpired):  # expired, told apart from "never existed"
             await collect(transport, "abandoned", after=offset)
         assert await transport.info("abandoned") is not None
+
+
+class _WatchedTransport(Transport):
+    """Delegates to ``inner`` and counts the live subscriptions readers hold.
+
+    The contract tests observe readers through the public :class:`Transport` and
+    :class:`Subscription` API only: a transport under test is never looked into.
+    """
+
+    def __init__(self, inner: Transport) -> None:
+        super().__init__(
+            retention=inner.retention,
+            tombstone=inner.tombstone,
+            running_ttl=inner.running_ttl,
+            max_entries=inner.max_entries,
+        )
+        self.inner = inner
+        self.write_retry_budget = inner.write_retry_budget
+        #: Subscriptions made and not yet closed.
+        self.open = 0
+        #: ``Subscription.get()`` calls in progress.
+        self.waiting = 0
+
+    async def create(self, stream_id: str, owner: str, lease_ms: int) -> StreamInfo:
+        return await self.inner.create(stream_id, owner, lease_ms)
+
+    async def append(
+        self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None = None
+    ) -> None:
+        await self.inner.append(stream_id, owner, entry, count, final)
+
+    async def renew(self, stream_id: str, owner: str, lease_ms: int) -> bool:
+        return await self.inner.renew(stream_id, owner, lease_ms)
+
+    async def request_cancel(self, stream_id: str) -> bool:
+        return await self.inner.request_cancel(stream_id)
+
+    async def wait_cancel(self, stream_id: str, epoch: int) -> None:
+        await self.inner.wait_cancel(stream_id, epoch)
+
+    async def info(self, stream_id: str) -> StreamInfo | None:
+        return await self.inner.info(stream_id)
+
+    async def read(self, stream_id: str, epoch: int, after: int, limit: int) -> list[Entry]:
+        return await self.inner.read(stream_id, epoch, after, limit)
+
+    def subscribe(self, stream_id: str, epoch: int, after: int) -> Subscription:
+        return _WatchedSubscription(self, self.inner.subscribe(stream_id, epoch, after))
+
+    async def delete(self, stream_id: str) -> bool:
+        return await self.inner.delete(stream_id)
+
+    async def reap(self, stream_id: str, epoch: int, payload: bytes) -> bool:
+        return await self.inner.reap(stream_id, epoch, payload)
+
+
+class _WatchedSubscription(Subscription):
+    def __init__(self, watch: _WatchedTransport, inner: Subscription) -> None:
+        self._watch = watch
+        self._inner = inner
+        self._closed = False
+        watch.open += 1
+
+    async def get(self, max_wait: float) -> list[Entry]:
+        self._watch.waiting += 1
+        try:
+            return await self._inner.get(max_wait)
+        finally:
+            self._watch.waiting -= 1
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._watch.open -= 1
+        self._inner.close()
 
 
 async def tokens(

@@ -51,6 +51,9 @@ TRANSIENT_CODES = frozenset({"TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "BUSY"})
 RECONNECT_CODES = frozenset({"READONLY", "LOADING"})
 #: Seconds between reconnection attempts of a subscriber.
 RECONNECT_DELAY = 0.5
+#: Seconds a discarded connection may take to close (a TLS close_notify round trip)
+#: before it is aborted.
+CLOSE_TIMEOUT = 1.0
 
 
 def pack(*args: Arg) -> bytes:
@@ -119,10 +122,27 @@ def fault(error: BaseException, what: str) -> TransportError:
     return TransportError(f"Redis connection failed during {what}: {error}")
 
 
-async def _discard(connection: AbstractConnection) -> None:
+async def _discard(connection: AbstractConnection, protocol: _Replies | None) -> None:
+    """Close ``connection`` (read by ``protocol`` once set up) and wait until its socket
+    is closed.
+
+    redis-py's ``disconnect(nowait=True)`` only starts closing: a TLS connection sends
+    close_notify and closes its socket once the server answers, so a transport closed just
+    before its event loop left the socket open (ResourceWarning, issue 8). Wait a bounded
+    time for the close; past it, or when cancelled, abort the connection.
+    """
     # Shielded: a second cancellation must not leave the socket open.
     with contextlib.suppress(Exception):
         await asyncio.shield(connection.disconnect(nowait=True))
+    if protocol is None:
+        return
+    try:
+        await asyncio.wait_for(asyncio.shield(protocol.closed), CLOSE_TIMEOUT)
+    except asyncio.CancelledError:
+        protocol.transport.abort()
+        raise
+    except Exception:  # no answer in time: drop it now
+        protocol.transport.abort()
 
 
 #: What the reply reader gives while a reply is incomplete (False is a RESP3 reply).
@@ -140,14 +160,23 @@ class _Replies(asyncio.Protocol):
     ``lost`` fails when the connection ends or ``on_reply`` raises.
     """
 
-    def __init__(self, on_reply: Callable[[Any], None], parse_error: Callable[[str], Any]) -> None:
+    def __init__(
+        self,
+        transport: asyncio.WriteTransport,
+        on_reply: Callable[[Any], None],
+        parse_error: Callable[[str], Any],
+    ) -> None:
+        self.transport = transport
         self._reader = hiredis.Reader(
             protocolError=rex.InvalidResponse,
             replyError=parse_error,
             notEnoughData=_INCOMPLETE,
         )
         self._on_reply = on_reply
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        #: Done once the socket is closed.
+        self.closed: asyncio.Future[None] = loop.create_future()
 
     def data_received(self, data: bytes) -> None:
         if self.lost.done():
@@ -165,6 +194,8 @@ class _Replies(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(exc or rex.ConnectionError("Redis closed the connection"))
+        if not self.closed.done():
+            self.closed.set_result(None)
 
     def _fail(self, exc: BaseException) -> None:
         if not self.lost.done():
@@ -179,7 +210,7 @@ def _take_over(connection: AbstractConnection, on_reply: Callable[[Any], None]) 
     # Error replies become the exceptions the connection's own parser makes (a cluster
     # node's parser knows MOVED and ASK on every redis-py version).
     parse_error = getattr(connection._parser, "parse_error", BaseParser.parse_error)
-    protocol = _Replies(on_reply, parse_error)
+    protocol = _Replies(writer.transport, on_reply, parse_error)
     writer.transport.set_protocol(protocol)
     return protocol
 
@@ -263,6 +294,7 @@ class Pipe:
 
     async def _run(self, session: _Session) -> None:
         connection = self._make()
+        protocol: _Replies | None = None
         error = TransportError("Redis connection closed")
         try:
             try:
@@ -282,7 +314,7 @@ class Pipe:
             error = fault(exc, "the command")
         finally:
             self._end(session, error)
-            await _discard(connection)
+            await _discard(connection, protocol)
 
     def _flush(self, session: _Session) -> None:
         # Everything queued during one event-loop turn goes out in one write, on the
@@ -414,21 +446,26 @@ class Subscriber:
                 self._task = None  # nothing to follow: no connection (add() starts again)
                 return
             connection = self._make()
+            protocol: _Replies | None = None
             self._sent = set()
             self._to_subscribe = set(self.channels)
             self._to_unsubscribe = set()
             self._unsubscribing.clear()
             self._acked.clear()
             try:
-                await connection.connect()  # type: ignore[no-untyped-call]
-                self.connects += 1
-                protocol = _take_over(connection, self._message)
-                transport = connection._writer.transport  # type: ignore[union-attr]
-                writer = asyncio.create_task(self._write(transport), name=f"{self.name} writer")
                 try:
-                    await protocol.lost  # raises what ended the connection
-                finally:
-                    await stop(writer)
+                    await connection.connect()  # type: ignore[no-untyped-call]
+                    self.connects += 1
+                    protocol = _take_over(connection, self._message)
+                    writer = asyncio.create_task(
+                        self._write(protocol.transport), name=f"{self.name} writer"
+                    )
+                    try:
+                        await protocol.lost  # raises what ended the connection
+                    finally:
+                        await stop(writer)
+                except Exception as exc:  # redis-py's, the socket's, or a bug's: one type
+                    raise fault(exc, "the notices connection") from exc
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -440,7 +477,7 @@ class Subscriber:
                 self.confirmed.clear()
                 self._acked.clear()
                 self._sent = set()
-                await _discard(connection)
+                await _discard(connection, protocol)
             if not self._closed:
                 await asyncio.sleep(RECONNECT_DELAY)  # backoff before reconnecting
 
@@ -515,13 +552,21 @@ async def stop(*tasks: asyncio.Task[Any]) -> None:
     has really ended.
     """
     waiting = {task for task in tasks if not task.done()}
+    interrupted = False
     while waiting:
         for task in waiting:
             task.cancel()
-        _, waiting = await asyncio.wait(waiting, timeout=0.1)
+        try:
+            _, waiting = await asyncio.wait(waiting, timeout=0.1)
+        except asyncio.CancelledError:
+            # Our caller is being cancelled too: finish stopping the tasks first, so none
+            # is left running without an owner (or failing with nobody to see it).
+            interrupted = True
     for task in tasks:
         if not task.cancelled():
             task.exception()  # retrieved: a failure at shutdown is not worth a warning
+    if interrupted:
+        raise asyncio.CancelledError
 
 
 def _slot_of(channel: bytes) -> int:

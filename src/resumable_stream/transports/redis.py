@@ -462,21 +462,38 @@ class RedisTransport(Transport):
         )
         slot = self._slot(stream_id)
         # HOLD and WAIT adjacent on one connection: WAIT counts that connection's writes.
-        # A redirect or a missing script is settled by _execute, then the pair is sent again.
+        node: _Node | None = None
+        asking = False
         for _ in range(_MAX_REDIRECTS):
             if not self._ready:
                 await self._ensure_ready()
-            node = self._node_for_slot(slot)
+            if node is None:
+                node = self._node_for_slot(slot)
+            commands = (pack("ASKING"), hold, self._wait) if asking else (hold, self._wait)
             try:
-                held, acked = await asyncio.gather(*node.pipe.submit(hold, self._wait))
+                *_, held, acked = await asyncio.gather(*node.pipe.submit(*commands))
             except TransportError as exc:
                 if not isinstance(exc, BackendRefused):
                     self._refresh_topology()
                 raise
-            if isinstance(held, rex.RedisError):
-                await self._execute(slot, hold, _HOLD)  # follows MOVED/ASK, loads, or raises
-                continue
-            break
+            if not isinstance(held, rex.RedisError):
+                break
+            code = error_code(held)
+            if code == "ASK" and isinstance(held, rex.AskError) and self._cluster is not None:
+                # The slot is migrating and the stream's keys moved already: the pair goes
+                # to the target, after ASKING (issue 8: it went back to the old owner,
+                # which answered ASK again until the redirect budget ran out).
+                self.redirects[code] += 1
+                node, asking = self._redirected_node(held), True
+            elif code == "NOSCRIPT":
+                self.redirects[code] += 1
+                loaded = await node.pipe.call(_HOLD.load)
+                if isinstance(loaded, rex.RedisError):
+                    raise fault(loaded, "SCRIPT LOAD") from loaded
+            else:
+                # MOVED (the slot map is updated) or a refusal (raised); then sent again.
+                await self._execute(slot, hold, _HOLD)
+                node, asking = None, False
         else:
             raise TransportError(f"too many redirections for slot {slot}; the cluster is changing")
         if held == -1:
