@@ -200,10 +200,18 @@ def _signal(process: subprocess.Popen[bytes], sig: signal.Signals, *, group: boo
 # --- redis-server ----------------------------------------------------------------------------
 
 
-def _redis_executable() -> str:
-    executable = shutil.which("redis-server")
+#: How to install each server program the tests start (Debian 12).
+_SERVER_PACKAGES = {
+    "redis-server": "apt-get install redis-server",
+    # Valkey is not in Debian 12 itself; bookworm-backports has valkey-server 8.0 (.ci/run).
+    "valkey-server": "apt-get install -t bookworm-backports valkey-server",
+}
+
+
+def _redis_executable(name: str = "redis-server") -> str:
+    executable = shutil.which(name)
     if executable is None:
-        raise ServiceUnavailable("redis-server is not installed (apt-get install redis-server)")
+        raise ServiceUnavailable(f"{name} is not installed ({_SERVER_PACKAGES[name]})")
     return executable
 
 
@@ -324,10 +332,12 @@ class RedisServer:
     turn persistence on. With `tls`, the port speaks TLS only (`url` is `rediss://...`); with
     `unix_socket`, the server also listens on `socket_path` (`unix_url`); with `cluster`, it is
     a Redis Cluster node (its bus on `bus_port`, its state in `directory`/nodes.conf).
+    `program` is the server to run: `redis-server`, or `valkey-server` (same options).
     """
 
     directory: Path
     port: int = 0
+    program: str = "redis-server"
     extra_args: Sequence[str] = ()
     tls: TlsFiles | None = None
     unix_socket: bool = False
@@ -419,7 +429,7 @@ class RedisServer:
             client.close()
 
     def start(self) -> RedisServer:
-        executable = _redis_executable()
+        executable = _redis_executable(self.program)
         keep_port = self.port != 0
         for _attempt in range(3):
             if not keep_port:
@@ -450,7 +460,7 @@ class RedisServer:
                 raise
             self.process = process
             return self
-        raise ServiceUnavailable(f"redis-server found no free port{_log_tail(self.log)}")
+        raise ServiceUnavailable(f"{self.program} found no free port{_log_tail(self.log)}")
 
     def kill(self) -> None:
         """SIGKILL the server, as a crash would."""
@@ -487,9 +497,14 @@ def start_redis_server(
     extra_args: Sequence[str] = (),
     tls: TlsFiles | None = None,
     unix_socket: bool = False,
+    program: str = "redis-server",
 ) -> RedisServer:
     return RedisServer(
-        directory=directory, extra_args=extra_args, tls=tls, unix_socket=unix_socket
+        directory=directory,
+        extra_args=extra_args,
+        tls=tls,
+        unix_socket=unix_socket,
+        program=program,
     ).start()
 
 

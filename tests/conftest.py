@@ -49,19 +49,21 @@ _MARKERS_BY_FIXTURE = {
     "redis_acl_user": ("redis",),
     "redis_tls": ("redis",),
     "redis_cluster": ("redis", "redis_cluster"),
+    "valkey_url": ("valkey",),
     "redis_sentinel": ("redis", "redis_sentinel"),
     "postgres_dsn": ("postgres",),
     "chromium_path": ("browser",),
 }
 
 #: The transports the contract suite (tests/test_contract.py) runs on.
-CONTRACT_TRANSPORTS = ("memory", "redis", "redis_cluster", "redis_sentinel")
+CONTRACT_TRANSPORTS = ("memory", "redis", "redis_cluster", "redis_sentinel", "valkey")
 
 #: The fixture giving each Redis transport kind its URL, and the markers its tests get.
 _REDIS_KINDS = {
     "redis": "redis_url",
     "redis_cluster": "redis_cluster",
     "redis_sentinel": "redis_sentinel",
+    "valkey": "valkey_url",
 }
 
 
@@ -104,6 +106,19 @@ def redis_url(redis_server: RedisServer) -> str:
 def redis_unix_url(redis_server: RedisServer) -> str:
     """The same server through its unix socket: unix:///PATH/redis.sock?db=0."""
     return redis_server.unix_url
+
+
+@pytest.fixture(scope="session")
+def valkey_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of the session's valkey-server (Redis' fork, same protocol), for the contract suite."""
+    try:
+        server = start_redis_server(tmp_path_factory.mktemp("valkey"), program="valkey-server")
+    except ServiceUnavailable as exc:
+        unavailable(f"cannot start valkey-server: {exc}")
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 @pytest.fixture
