@@ -142,6 +142,7 @@ async def test_an_idle_run_sends_comment_heartbeats() -> None:
     from starlette.routing import Mount
 
     from resumable_stream.langgraph_api import LangGraphRouter
+    from tests._helpers import eventually
     from tests._services import uvicorn_server
 
     hold = asyncio.Event()  # never set: the model holds halfway until the run is cancelled
@@ -166,7 +167,13 @@ async def test_an_idle_run_sends_comment_heartbeats() -> None:
             cancelled = await http.post(f"{run_url}/cancel", params={"wait": 1})
             assert cancelled.status_code == 202
             assert (await http.get(run_url)).json()["status"] == "interrupted"
-        await api.producer.aclose()
+
+        # The run lives on the server's event loop (another thread): wait for it to end
+        # there rather than close the producer from this loop.
+        async def ended() -> bool:
+            return not api.producer.runs
+
+        await eventually(ended)
 
 
 async def test_an_interrupt_then_a_resume_command() -> None:
