@@ -283,21 +283,24 @@ class StreamConsumer:
 
     async def _fill(self) -> None:
         """Queue at least one entry, or mark the stream finished."""
+        fresh = self._info is None
         info = self._info or await self._start()
         if (self._subscription is None and not self._caught_up) or self._gap:
             # Replay (or refill a gap in live delivery) from storage, a page at a time.
             entries = await self.transport.read(
                 self.stream_id, self._epoch, self._seq, self._page_size
             )
-            if not entries:
+            if not entries and not (fresh and info.last_seq <= self._seq):
+                # Unless the info, read just before, showed nothing after this reader: a
+                # second look would only find what the live subscription's first fetch does.
                 info = await self._refresh()
-                if self._seq < info.last_seq:
-                    # Written since the read, or gone: read again, after the info.
-                    entries = await self.transport.read(
-                        self.stream_id, self._epoch, self._seq, self._page_size
-                    )
-                    if not entries:
-                        self._expired("the events were trimmed or expired")
+            if not entries and self._seq < info.last_seq:
+                # Written since the read, or gone: read again, after the info.
+                entries = await self.transport.read(
+                    self.stream_id, self._epoch, self._seq, self._page_size
+                )
+                if not entries:
+                    self._expired("the events were trimmed or expired")
             if entries:
                 self._take(entries, stored=True)
                 # A short page reached the end of what is stored: follow the live feed from
