@@ -80,22 +80,27 @@ _CODE_OF_CLASS: tuple[tuple[type[BaseException], str], ...] = (
 )
 
 
-def error_code(error: BaseException) -> str:
-    """The Redis error code of an error reply (``MOVED``, ``OOM``, ``ERR``...)."""
+def _known_code(error: BaseException) -> str | None:
+    """The code of an error reply redis-py made into one of its classes, if it did."""
     code = getattr(error, "status_code", None)
     if code:
         return str(code)
     for cls, known in _CODE_OF_CLASS:
         if isinstance(error, cls):
             return known
+    return None
+
+
+def error_code(error: BaseException) -> str:
+    """The Redis error code of an error reply (``MOVED``, ``OOM``, ``ERR``...)."""
     # The errors redis-py does not know keep their code in front of the message.
-    return str(error).split(" ", 1)[0]
+    return _known_code(error) or str(error).split(" ", 1)[0]
 
 
 def describe(error: BaseException) -> str:
     """An error reply as Redis wrote it: its code, then the message."""
     text = str(error)
-    code = getattr(error, "status_code", None)
+    code = _known_code(error)
     return f"{code} {text}" if code and not text.startswith(code) else text
 
 
@@ -107,7 +112,7 @@ def fault(error: BaseException, what: str) -> TransportError:
         return BackendRefused(f"Redis refused {what}: {describe(error)}")
     if isinstance(error, rex.ConnectionError | rex.TimeoutError):
         # Also LOADING and "max number of clients reached", which redis-py raises as these.
-        if getattr(error, "status_code", None):
+        if _known_code(error):  # LOADING (redis-py before 5.1 keeps no status_code)
             return TransportError(f"Redis is not ready for {what}: {describe(error)}")
         return TransportError(f"Redis connection failed during {what}: {error}")
     if isinstance(error, rex.ResponseError) or (
