@@ -25,6 +25,20 @@ _PARSER = getattr(redis_py_cluster, "ClusterParser", None)
 _CLUSTER_KW: dict[str, Any] = {"parser_class": _PARSER} if _PARSER is not None else {}
 
 
+def _subscriber(
+    port: int, *, moved: list[bytes] | None = None, faults: list[int] | None = None, **kw: Any
+) -> Subscriber:
+    """A Subscriber on ``port`` recording the channels reported moved and the faults."""
+    return Subscriber(
+        lambda: Connection(port=port, **kw),
+        name="t",
+        on_message=lambda c, d: None,
+        on_subscribed=lambda c: None,
+        on_moved=(moved if moved is not None else []).append,
+        on_fault=lambda: (faults if faults is not None else []).append(1),
+    )
+
+
 async def test_loading_is_transient_and_drops_the_connection(
     redis_server_factory: Callable[..., RedisServer],
 ) -> None:
@@ -92,15 +106,8 @@ async def test_ssubscribe_on_a_node_without_the_slot_reports_moved(
     port = next(p for p in redis_cluster.master_ports() if p != redis_cluster.owner(slot))
     moved: list[bytes] = []
     faults: list[int] = []
-    sub = Subscriber(
-        # As the transport makes cluster connections: redis-py's ClusterParser.
-        lambda: Connection(port=port, **_CLUSTER_KW),
-        name="t",
-        on_message=lambda c, d: None,
-        on_subscribed=lambda c: None,
-        on_moved=moved.append,
-        on_fault=lambda: faults.append(1),
-    )
+    # As the transport makes cluster connections: redis-py's ClusterParser (before 5.1).
+    sub = _subscriber(port, moved=moved, faults=faults, **_CLUSTER_KW)
     try:
         sub.add(channel)
 
@@ -130,14 +137,7 @@ async def test_unsubscribe_answered_moved_leaves_no_phantom_count(
         if redis_cluster.owner(redis_cluster.slot_of(f"{{a{i}}}")) == port
     ][:2]
     moved: list[bytes] = []
-    sub = Subscriber(
-        lambda: Connection(port=port, **_CLUSTER_KW),
-        name="t",
-        on_message=lambda c, d: None,
-        on_subscribed=lambda c: None,
-        on_moved=moved.append,
-        on_fault=lambda: None,
-    )
+    sub = _subscriber(port, moved=moved, **_CLUSTER_KW)
     try:
         sub.add(anchor)
 
@@ -181,14 +181,7 @@ async def test_confirmed_only_while_subscribed(
     not count as confirmed (there is no connection)."""
     server = redis_server_factory()
     faults: list[int] = []
-    sub = Subscriber(
-        lambda: Connection(port=server.port),
-        name="t",
-        on_message=lambda c, d: None,
-        on_subscribed=lambda c: None,
-        on_moved=lambda c: None,
-        on_fault=lambda: faults.append(1),
-    )
+    sub = _subscriber(server.port, faults=faults)
     try:
         sub.add(b"c")
 
