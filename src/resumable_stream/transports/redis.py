@@ -348,27 +348,43 @@ class RedisTransport(Transport):
             target = ClusterNode(error.host, error.port, **manager.connection_kwargs)
         return self._node(target)
 
-    async def _execute(self, slot: int, packed: bytes, script: _Script | None = None) -> Any:
-        """Send a command for ``slot``; follow MOVED / ASK / NOSCRIPT; map errors."""
+    async def _execute(
+        self,
+        slot: int,
+        packed: bytes,
+        script: _Script | None = None,
+        *,
+        then: tuple[bytes, ...] = (),
+    ) -> Any:
+        """Send a command for ``slot``; follow MOVED / ASK / NOSCRIPT; map errors.
+
+        ``then``: commands sent right after it on the same connection, each time it is
+        sent (``WAIT`` counts that connection's writes); the result is then the list of
+        the command's reply and theirs.
+        """
         if self._closed:
             raise TransportClosed("the Redis transport is closed")
         if not self._ready:
             await self._ensure_ready()
         node = self._node_for_slot(slot)
         asking = False
+        replies: list[Any] = []
         for _ in range(_MAX_REDIRECTS):
             try:
-                if asking:
-                    reply = (await asyncio.gather(*node.pipe.submit(pack("ASKING"), packed)))[1]
+                if asking or then:
+                    commands = (pack("ASKING"), packed, *then) if asking else (packed, *then)
+                    replies = await asyncio.gather(*node.pipe.submit(*commands))
+                    replies = replies[1:] if asking else replies
+                    reply = replies[0]
                 else:
-                    reply = await node.pipe.submit(packed)[0]  # the hot path: no call()
+                    reply = await node.pipe.submit(packed)[0]  # the hot path: no gather()
             except TransportError as exc:
                 if not isinstance(exc, BackendRefused):
                     # A node down: its replica may be taking over (the producer retries).
                     self._refresh_topology()
                 raise
             if not isinstance(reply, rex.RedisError):
-                return reply
+                return replies if then else reply
             code = error_code(reply)
             self.redirects[code] += 1
             if code == "NOSCRIPT" and script is not None:
@@ -460,42 +476,10 @@ class RedisTransport(Transport):
             self.max_entries,
             self._running_ttl_ms,
         )
-        slot = self._slot(stream_id)
-        # HOLD and WAIT adjacent on one connection: WAIT counts that connection's writes.
-        node: _Node | None = None
-        asking = False
-        for _ in range(_MAX_REDIRECTS):
-            if not self._ready:
-                await self._ensure_ready()
-            if node is None:
-                node = self._node_for_slot(slot)
-            commands = (pack("ASKING"), hold, self._wait) if asking else (hold, self._wait)
-            try:
-                *_, held, acked = await asyncio.gather(*node.pipe.submit(*commands))
-            except TransportError as exc:
-                if not isinstance(exc, BackendRefused):
-                    self._refresh_topology()
-                raise
-            if not isinstance(held, rex.RedisError):
-                break
-            code = error_code(held)
-            if code == "ASK" and isinstance(held, rex.AskError) and self._cluster is not None:
-                # The slot is migrating and the stream's keys moved already: the pair goes
-                # to the target, after ASKING (issue 8: it went back to the old owner,
-                # which answered ASK again until the redirect budget ran out).
-                self.redirects[code] += 1
-                node, asking = self._redirected_node(held), True
-            elif code == "NOSCRIPT":
-                self.redirects[code] += 1
-                loaded = await node.pipe.call(_HOLD.load)
-                if isinstance(loaded, rex.RedisError):
-                    raise fault(loaded, "SCRIPT LOAD") from loaded
-            else:
-                # MOVED (the slot map is updated) or a refusal (raised); then sent again.
-                await self._execute(slot, hold, _HOLD)
-                node, asking = None, False
-        else:
-            raise TransportError(f"too many redirections for slot {slot}; the cluster is changing")
+        # HOLD and WAIT adjacent on one connection, to whichever node a redirect names
+        # (issue 8: after an ASK the pair went back to the old owner until the redirect
+        # budget ran out).
+        held, acked = await self._execute(self._slot(stream_id), hold, _HOLD, then=(self._wait,))
         if held == -1:
             raise LeaseLost(stream_id)
         if isinstance(held, list):
