@@ -34,8 +34,8 @@ from resumable_stream.langgraph_api import LangGraphAction, LangGraphRouter, Thr
 from resumable_stream.starlette import error_response
 
 from .answers import NothingToRetry
-from .api.chat import waiter
-from .api.errors import ApiError, storable
+from .api.chat import checked_message, waiter
+from .api.errors import ApiError
 from .api.views import title_for
 from .auth import current_user
 from .events import ChatEvents
@@ -115,21 +115,12 @@ async def ai_chat_send(request: Request) -> Response:
     message: str | None = None
     if body.get("trigger") != "regenerate-message":
         users = [m for m in messages or () if isinstance(m, dict) and m.get("role") == "user"]
-        message = ui_message_text(users[-1]).strip() if users else ""
-        if not message:
-            return _error(422, "empty_message", "the last user message has no text")
-        # The checks of POST /v1/chat/message: text every database stores, within the limit.
-        try:
-            storable(message, "the message")
+        try:  # the checks of POST /v1/chat/message
+            message = checked_message(
+                ui_message_text(users[-1]) if users else "", _runtime(request).settings
+            )
         except ApiError as exc:
             return _error(exc.status, exc.code, exc.message)
-        limit = _runtime(request).settings.max_message_chars
-        if len(message) > limit:
-            return _error(
-                422,
-                "message_too_long",
-                f"the message has {len(message)} characters; the limit is {limit}",
-            )
     if message is None:
         thread = await _owned(request, thread_id)
     else:

@@ -24,6 +24,7 @@ from ..auth import current_user
 from ..events import PRODUCER_LOST, ChatEvents, Mapper, run_error, to_sse
 from ..runs import QueueUnavailable, Submitted, ThreadBusy
 from ..runtime import Runtime
+from ..settings import Settings
 from ..threads import MAX_RUN_SEQ, RunKind, RunRecord
 from .deps import OwnedThread, RuntimeDep, check_model, find_thread, writable
 from .errors import ApiError, storable
@@ -98,20 +99,26 @@ def accepted(submitted: Submitted) -> JSONResponse:
     )
 
 
+def checked_message(text: str, settings: Settings) -> str:
+    """A user's message, stripped: ApiError if empty, too long, or not storable."""
+    message = storable(text, "message").strip()
+    if not message:
+        raise ApiError(422, "empty_message", "message must not be empty")
+    if len(message) > settings.max_message_chars:
+        raise ApiError(
+            422,
+            "message_too_long",
+            f"message has {len(message)} characters; the limit is {settings.max_message_chars}",
+        )
+    return message
+
+
 async def submit(request: Request, runtime: Runtime, body: ChatMessage) -> Submitted:
     """Validate a message and hand it to the run service; ApiError for what it refuses."""
     settings = runtime.settings
     message = None
     if not body.retry:
-        message = storable(body.message or "", "message").strip()
-        if not message:
-            raise ApiError(422, "empty_message", "message must not be empty")
-        if len(message) > settings.max_message_chars:
-            raise ApiError(
-                422,
-                "message_too_long",
-                f"message has {len(message)} characters; the limit is {settings.max_message_chars}",
-            )
+        message = checked_message(body.message or "", settings)
     model = check_model(settings, body.model)
     kind: RunKind = "regenerate" if body.retry else "edit" if body.edit_last else "message"
     if body.thread_id:
