@@ -388,3 +388,48 @@ async def test_a_cancel_sent_while_the_listener_reconnects_still_lands_before_a_
     await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
     assert await StreamProducer(transport).cancel(run.stream_id)  # published to nobody
     assert await run.wait() == "cancelled"
+
+
+async def test_runs_share_one_heartbeat_and_watch_cancels_without_a_task(
+    transport: RedisTransport,
+) -> None:
+    # Issue 8: each run had a heartbeat task and a cancel-watching task besides its own
+    # two, which made starting and ending a run dearer than before the per-stream cancel
+    # channels. Now a producer renews all its runs from one task, and the transport calls
+    # a run back on a cancel.
+    producer = StreamProducer(transport, lease=0.3)
+    gate = asyncio.Event()
+    before = len(asyncio.all_tasks())
+    runs = [await producer.start(tokens(3, pause=gate)) for _ in range(20)]
+    names = [task.get_name() for task in asyncio.all_tasks()]
+    assert names.count("rstream heartbeat") == 1
+    # Per run: its own task, the source's reader and the writer; then the heartbeat and
+    # the connections' tasks (commands, notices and its writer).
+    assert len(names) - before <= 3 * len(runs) + 4, sorted(names)
+
+    renewals: dict[str, int] = {}
+    renew = transport.renew
+
+    async def counted(stream_id: str, owner: str, lease_ms: int) -> bool:
+        renewals[stream_id] = renewals.get(stream_id, 0) + 1
+        return await renew(stream_id, owner, lease_ms)
+
+    transport.renew = counted  # type: ignore[method-assign]
+
+    async def past_a_lease() -> bool:  # four heartbeats (lease / 3 apart) for every run
+        return all(renewals.get(run.stream_id, 0) >= 4 for run in runs)
+
+    await eventually(past_a_lease)
+    assert await runs[0].cancel() == "cancelled"  # a cancel reaches the run
+    assert await StreamProducer(transport).cancel(runs[1].stream_id)  # and from elsewhere
+    assert await runs[1].wait() == "cancelled"
+    gate.set()
+    assert [await run.wait() for run in runs[2:]] == ["completed"] * 18
+    for run in runs[2:]:
+        events = await collect(transport, run.stream_id)
+        assert [e.type for e in events][-1] == "end"
+
+    async def no_heartbeat() -> bool:
+        return all(t.get_name() != "rstream heartbeat" for t in asyncio.all_tasks())
+
+    await eventually(no_heartbeat)

@@ -14,6 +14,7 @@ import uvloop
 from redis.asyncio.connection import Connection
 
 from resumable_stream import TransportError
+from resumable_stream.transports import _redis_pipe
 from resumable_stream.transports._redis_pipe import Pipe, Subscriber, pack
 from resumable_stream.transports.redis import RedisTransport
 from tests._helpers import eventually
@@ -199,5 +200,60 @@ async def test_confirmed_only_while_subscribed(
         sub.remove(b"c")
         sub.add(b"c")
         assert b"c" not in sub.confirmed, "confirmed with no connection"
+    finally:
+        await sub.aclose()
+
+
+async def _shard_subscribers(port: int, channel: bytes) -> int:
+    async with aioredis.Redis(port=port) as admin:
+        reply = await admin.execute_command("PUBSUB", "SHARDNUMSUB", channel)
+    return int(reply[1])
+
+
+async def test_a_left_channel_is_unsubscribed_with_the_next_subscription(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 8: a SUNSUBSCRIBE written as each stream ended cost a write (and a wake-up of
+    # Redis) per run; it now goes out with the next SSUBSCRIBE, or after a short delay.
+    monkeypatch.setattr(_redis_pipe, "UNSUBSCRIBE_DELAY", 3600.0)  # never, in this test
+    sub = _subscriber(redis_server.port)
+    try:
+        sub.add(b"first")
+
+        async def confirmed(channel: bytes) -> bool:
+            return channel in sub.confirmed
+
+        await eventually(lambda: confirmed(b"first"))
+        sub.remove(b"first")
+        assert await _shard_subscribers(redis_server.port, b"first") == 1  # not yet sent
+        sub.add(b"second")
+        await eventually(lambda: confirmed(b"second"))
+
+        async def left() -> bool:
+            return await _shard_subscribers(redis_server.port, b"first") == 0
+
+        await eventually(left)
+        assert await _shard_subscribers(redis_server.port, b"second") == 1
+    finally:
+        await sub.aclose()
+
+
+async def test_a_left_channel_is_unsubscribed_after_a_short_delay(
+    redis_server: RedisServer,
+) -> None:
+    sub = _subscriber(redis_server.port)
+    try:
+        sub.add(b"alone")
+
+        async def confirmed() -> bool:
+            return b"alone" in sub.confirmed
+
+        await eventually(confirmed)
+        sub.remove(b"alone")
+
+        async def left() -> bool:
+            return await _shard_subscribers(redis_server.port, b"alone") == 0
+
+        await eventually(left)  # with no other subscription to carry it
     finally:
         await sub.aclose()

@@ -107,6 +107,10 @@ class Reservation:
         return cls(check_stream_id(stream_id), epoch, token)
 
 
+def _not_watching() -> None:
+    pass
+
+
 class _RolledBack(Exception):
     """The storage lost entries beyond the rollback window: the run ends in error."""
 
@@ -114,10 +118,12 @@ class _RolledBack(Exception):
 class Run:
     """A run started by :meth:`StreamProducer.start`, writing stream ``stream_id``.
 
-    The run is one supervised unit: the task reading the source, the one writing entries,
-    the heartbeat and the cancel watcher live in one task group. Whichever of them fails,
-    the run ends with exactly one terminal event (or, when its lease is lost, is fenced and
-    reported lost to readers), and :meth:`wait` returns.
+    The run is one supervised unit: the task reading the source and the one writing
+    entries live in one task group; the transport calls the run back when a cancel is
+    requested (:meth:`Transport.watch_cancel`), and its producer's heartbeat renews the
+    lease. Whichever of them fails, the run ends with exactly one terminal event (or,
+    when its lease is lost, is fenced and reported lost to readers), and :meth:`wait`
+    returns.
     """
 
     def __init__(
@@ -154,14 +160,17 @@ class Run:
         # The entry being written (re-sent unchanged if its write is interrupted) and the
         # recent entries written, to write again if the storage loses them (issue 8).
         self._inflight: tuple[Entry, int, Status | None] | None = None
-        # (payload, event count) of the entries up to _seq, oldest first: plain bytes and
-        # ints, which the garbage collector stops tracking (issue 11: a window of Entry
-        # objects per run made every full collection walk them).
-        self._window: collections.deque[tuple[bytes, int]] = collections.deque()
+        # The payloads and event counts of the entries up to _seq, oldest first, in two
+        # deques of bytes and ints: objects the garbage collector does not track (issue 11:
+        # an object per entry written made collections more frequent and full ones
+        # slower, tens of ms with many runs).
+        self._window: collections.deque[bytes] = collections.deque()
+        self._window_counts: collections.deque[int] = collections.deque()
         self._window_bytes = 0
         self._pump: asyncio.Task[None] | None = None
-        self._helpers: list[asyncio.Task[None]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._renewing = False  # a renewal of the lease is under way (StreamProducer)
+        self._unwatch: Callable[[], None] = _not_watching  # ends the cancel watch
         self._task = asyncio.create_task(self._main(), name=f"rstream run {stream_id}")
 
     def __repr__(self) -> str:
@@ -201,7 +210,7 @@ class Run:
             self._terminal = terminal
         self._wake.set()
 
-    # -- the four tasks of a run -------------------------------------------------------
+    # -- the two tasks of a run --------------------------------------------------------
 
     async def _main(self) -> None:
         shutting_down = False
@@ -215,15 +224,7 @@ class Run:
                         self._supervised(self._flush_loop), name=f"rstream flush {name}"
                     ),
                 ]
-                self._helpers = [
-                    group.create_task(
-                        self._supervised(self._heartbeat), name=f"rstream lease {name}"
-                    ),
-                    group.create_task(
-                        self._supervised(self._watch_cancel), name=f"rstream cancel {name}"
-                    ),
-                ]
-                self._tasks += self._helpers
+                self._watch_cancel()
         except asyncio.CancelledError:
             shutting_down = True  # the run's task itself was cancelled (shutdown)
         try:
@@ -233,10 +234,13 @@ class Run:
             # A cancelled helper's exception holds its frames, which hold this run, which
             # held the helper: drop the tasks and the window now rather than leave them to
             # a full garbage collection (tens of ms with many runs; issue 11).
+            self._unwatch()
+            self._unwatch = _not_watching
+            self._producer._forget(self)
             self._pump = None
             self._tasks = []
-            self._helpers = []
             self._window.clear()
+            self._window_counts.clear()
         if shutting_down:
             raise asyncio.CancelledError
 
@@ -247,12 +251,16 @@ class Run:
         try:
             await work()
         except Exception as exc:
-            if self._failure is None:
-                self._failure = exc
-            current = asyncio.current_task()
-            for task in self._tasks:
-                if task is not current:
-                    task.cancel()
+            self._fail(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        """End the run on ``exc``: stop its tasks; _salvage() writes what it can."""
+        if self._failure is None:
+            self._failure = exc
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
 
     async def _salvage(self, shutting_down: bool) -> None:
         """End a run whose task group stopped before the terminal event was written."""
@@ -383,39 +391,51 @@ class Run:
             await self._flush_once()
             written_at = clock()
             bursting = bool(self._buffer)
-        for helper in self._helpers:
-            helper.cancel()
 
-    async def _heartbeat(self) -> None:
-        producer = self._producer
-        interval = producer.lease / 3
-        while True:
-            await asyncio.sleep(interval)  # the heartbeat period
-            try:
-                cancel = await self._transport.renew(self.stream_id, self._owner, producer.lease_ms)
-            except LeaseLost:
-                if self._terminal is not None:
-                    # A renewal racing the final write; if the lease is really gone, the
-                    # writes find out themselves.
-                    return
-                raise
-            except TransportError as exc:
-                telemetry.transport_error("renew")
-                logger.warning("run %s: heartbeat failed: %s", self.stream_id, exc)
-                continue
-            if cancel:
-                self._request_cancel("requested")
-
-    async def _watch_cancel(self) -> None:
+    async def _renew(self) -> None:
+        """Renew the lease once (the producer's heartbeat calls it)."""
         try:
-            await self._transport.wait_cancel(self.stream_id, self.epoch)
+            cancel = await self._transport.renew(
+                self.stream_id, self._owner, self._producer.lease_ms
+            )
+        except LeaseLost as exc:
+            # Unless it raced the final write (if the lease is really gone, the writes
+            # find out themselves), the run is fenced.
+            if self._terminal is None and not self._task.done():
+                self._fail(exc)
+            return
         except TransportError as exc:
+            telemetry.transport_error("renew")
+            logger.warning("run %s: heartbeat failed: %s", self.stream_id, exc)
+            return
+        except Exception as exc:  # a bug in the transport
+            if not self._task.done():
+                self._fail(exc)
+            return
+        finally:
+            self._renewing = False
+        if cancel:
+            self._request_cancel("requested")
+
+    def _watch_cancel(self) -> None:
+        # A callback, not a task: the transport calls it when a cancel is requested.
+        try:
+            self._unwatch = self._transport.watch_cancel(
+                self.stream_id, self.epoch, self._on_cancel
+            )
+        except Exception as exc:
+            self._on_cancel(exc)
+
+    def _on_cancel(self, error: Exception | None) -> None:
+        if error is None:
+            self._request_cancel("requested")
+        elif isinstance(error, TransportError):
             telemetry.transport_error("wait_cancel")
             logger.warning(
-                "run %s: cancel watch failed (heartbeat still checks): %s", self.stream_id, exc
+                "run %s: cancel watch failed (heartbeat still checks): %s", self.stream_id, error
             )
-            return
-        self._request_cancel("requested")
+        else:  # a bug in the transport: end the run like a failing task
+            self._fail(error)
 
     # -- writing -----------------------------------------------------------------------
 
@@ -462,11 +482,13 @@ class Run:
             self.status = final
             return
         window = self._window
-        window.append((entry.payload, count))
+        window.append(entry.payload)
+        self._window_counts.append(count)
         self._window_bytes += len(entry.payload)
         limit = self._producer.rollback_window
         while window and (len(window) > limit or self._window_bytes > ROLLBACK_WINDOW_BYTES):
-            self._window_bytes -= len(window.popleft()[0])
+            self._window_bytes -= len(window.popleft())
+            self._window_counts.popleft()
 
     async def _append(self, entry: Entry, count: int, final: Status | None) -> None:
         """Append ``entry``, retrying transient faults within the write-retry budget."""
@@ -500,7 +522,9 @@ class Run:
         first = self._seq - len(self._window) + 1  # the window ends at entry _seq
         kept = {
             first + i: (Entry(self.epoch, first + i, payload), count)
-            for i, (payload, count) in enumerate(self._window)
+            for i, (payload, count) in enumerate(
+                zip(self._window, self._window_counts, strict=True)
+            )
         }
         lost = range(last_seq + 1, seq)
         if all(s in kept for s in lost):
@@ -524,6 +548,7 @@ class Run:
         )
         self._seq = last_seq
         self._window.clear()
+        self._window_counts.clear()
         self._window_bytes = 0
         self._inflight = None
         self._buffer.clear()
@@ -617,6 +642,8 @@ class StreamProducer:
         self.write_retry_budget: float = write_retry_budget
         self.rollback_window = rollback_window
         self._runs: dict[str, Run] = {}
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._renewals: set[asyncio.Task[None]] = set()
 
     @property
     def runs(self) -> dict[str, Run]:
@@ -670,9 +697,28 @@ class StreamProducer:
         with telemetry.run_span(stream_id, epoch) as span:  # the run's tasks inherit it
             run = Run(self, stream_id, epoch, owner, source, seq=seq)
         telemetry.run_started(run, span)
-        self._runs[stream_id] = run
-        run._task.add_done_callback(lambda _: self._forget(run))
+        self._runs[stream_id] = run  # until the run's task ends (_forget)
+        if self._heartbeat_task is None:
+            self._heartbeat_task = asyncio.create_task(self._heartbeat(), name="rstream heartbeat")
         return run
+
+    async def _heartbeat(self) -> None:
+        """Renew the lease of each running run every third of the lease: one task for all
+        of them (issue 8: a task per run made each start and end dearer)."""
+        try:
+            while self._runs:
+                await asyncio.sleep(self.lease / 3)  # the heartbeat period
+                for run in tuple(self._runs.values()):
+                    # A renewal still waiting (a slow server) is not doubled; one run's
+                    # renewal never holds up another's.
+                    if not run._renewing and not run.done():
+                        run._renewing = True
+                        task = asyncio.create_task(run._renew())
+                        self._renewals.add(task)
+                        task.add_done_callback(self._renewals.discard)
+        finally:
+            if self._heartbeat_task is asyncio.current_task():
+                self._heartbeat_task = None
 
     async def reserve(self, stream_id: str | None = None, *, start_timeout: float) -> Reservation:
         """Create a run for another producer (a task queue's worker) to :meth:`start` later.
@@ -720,6 +766,9 @@ class StreamProducer:
     def _forget(self, run: Run) -> None:
         if self._runs.get(run.stream_id) is run:
             del self._runs[run.stream_id]
+        if not self._runs and self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()  # nothing to renew: no task left behind
+            self._heartbeat_task = None
 
     async def cancel(self, stream_id: str) -> bool:
         """Ask the run writing ``stream_id`` to stop, wherever it runs.

@@ -235,6 +235,38 @@ class Transport(ABC):
         cost a backend round trip per call beyond setup.
         """
 
+    def watch_cancel(
+        self,
+        stream_id: str,
+        epoch: int,
+        on_cancel: collections.abc.Callable[[Exception | None], None],
+    ) -> collections.abc.Callable[[], None]:
+        """Call ``on_cancel(None)`` once a cancel of run ``epoch`` is requested, or
+        ``on_cancel(error)`` if the watch fails; return a function that stops watching.
+
+        The producer watches each run through this and stops when the run ends; on a
+        :class:`TransportError` it relies on its heartbeat (:meth:`renew`), any other
+        error ends the run (``producer_failed``). The default runs :meth:`wait_cancel` in
+        a task; a transport that can call back without one overrides this (Redis does).
+        """
+
+        def finished(task: asyncio.Task[None]) -> None:
+            if task.cancelled():
+                return
+            error = task.exception()
+            if error is None or isinstance(error, Exception):
+                on_cancel(error)
+
+        task = asyncio.create_task(
+            self.wait_cancel(stream_id, epoch), name=f"rstream cancel {stream_id}"
+        )
+        task.add_done_callback(finished)
+
+        def unwatch() -> None:
+            task.cancel()
+
+        return unwatch
+
     @abstractmethod
     async def info(self, stream_id: str) -> StreamInfo | None:
         """The stream's metadata, or None if it does not exist (or fully expired)."""

@@ -51,6 +51,10 @@ TRANSIENT_CODES = frozenset({"TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "BUSY"})
 RECONNECT_CODES = frozenset({"READONLY", "LOADING"})
 #: Seconds between reconnection attempts of a subscriber.
 RECONNECT_DELAY = 0.5
+#: Seconds a left channel may stay subscribed: SUNSUBSCRIBEs go out with the next
+#: SSUBSCRIBE, or after this long, in one write (issue 8: a write per stream ended cost a
+#: wake-up of Redis and of this process each, on the path of every run's end).
+UNSUBSCRIBE_DELAY = 0.1
 #: Seconds a discarded connection may take to close (a TLS close_notify round trip)
 #: before it is aborted.
 CLOSE_TIMEOUT = 1.0
@@ -414,6 +418,7 @@ class Subscriber:
         self._unsubscribing: collections.Counter[bytes] = collections.Counter()
         self._acked: set[bytes] = set()  # subscribed, as Redis confirmed
         self._changed = asyncio.Event()
+        self._unsubscribe_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.connects = 0
@@ -436,11 +441,15 @@ class Subscriber:
             self.channels.discard(channel)
             self.confirmed.discard(channel)
             self._to_subscribe.discard(channel)
-            if channel in self._sent:
+            if channel in self._sent and channel not in self._to_unsubscribe:
                 self._to_unsubscribe.add(channel)
-            self._poke()
+                if self._unsubscribe_timer is None:
+                    loop = asyncio.get_running_loop()
+                    self._unsubscribe_timer = loop.call_later(UNSUBSCRIBE_DELAY, self._poke)
 
     def _poke(self) -> None:
+        if self._closed:
+            return
         self._changed.set()
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"rstream redis {self.name}")
@@ -490,6 +499,9 @@ class Subscriber:
         changed = self._changed
         while True:
             changed.clear()
+            if self._unsubscribe_timer is not None:
+                self._unsubscribe_timer.cancel()  # the SUNSUBSCRIBEs go now
+                self._unsubscribe_timer = None
             adding, self._to_subscribe = self._to_subscribe, set()
             dropping, self._to_unsubscribe = self._to_unsubscribe, set()
             self._sent |= adding
@@ -545,6 +557,9 @@ class Subscriber:
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._unsubscribe_timer is not None:
+            self._unsubscribe_timer.cancel()
+            self._unsubscribe_timer = None
         if self._task is not None:
             await stop(self._task)
 

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Self
 from urllib.parse import unquote, urlsplit
 
@@ -121,9 +122,13 @@ class _Feed:
 
     __slots__ = (
         "channel", "cursor", "epoch", "fetching", "key", "loading", "refetch", "subscribers",
+        "transport",
     )  # fmt: skip
 
-    def __init__(self, key: bytes, channel: bytes, epoch: int, after: int) -> None:
+    def __init__(
+        self, transport: RedisTransport, key: bytes, channel: bytes, epoch: int, after: int
+    ) -> None:
+        self.transport = transport
         self.key = key
         self.channel = channel
         self.epoch = epoch
@@ -138,14 +143,42 @@ class _Feed:
         for subscription in tuple(self.subscribers):
             subscription.push([])
 
+    def release(self, subscription: QueueSubscription) -> None:
+        """A reader's subscription closed (a bound method: no closure per reader)."""
+        self.transport._unsubscribe(self, subscription)
+
 
 class _CancelWaiter:
-    __slots__ = ("cancelled", "epoch", "event")
+    """One run's cancel watch: ``on_cancel(None)`` is called once, on a notice or a
+    metadata check showing its epoch cancelled, or ``on_cancel(error)`` if a check
+    fails."""
 
-    def __init__(self, epoch: int) -> None:
+    __slots__ = ("channel", "epoch", "fired", "on_cancel", "on_close", "stream_id", "transport")
+
+    def __init__(
+        self,
+        transport: RedisTransport,
+        stream_id: str,
+        epoch: int,
+        on_cancel: Callable[[Exception | None], None],
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self.transport = transport
+        self.channel = transport._key(stream_id, "c").encode()
+        self.stream_id = stream_id
         self.epoch = epoch
-        self.event = asyncio.Event()
-        self.cancelled = False
+        self.on_cancel = on_cancel
+        self.on_close = on_close  # the transport closed: no cancel will come
+        self.fired = False
+
+    def fire(self, error: Exception | None = None) -> None:
+        if not self.fired:
+            self.fired = True
+            self.on_cancel(error)
+
+    def unwatch(self) -> None:
+        self.fired = True
+        self.transport._unwatch(self)
 
 
 class RedisTransport(Transport):
@@ -247,6 +280,7 @@ class RedisTransport(Transport):
         # Live delivery and cancels: channel -> feed / waiters; channel -> its node.
         self._feeds: dict[bytes, _Feed] = {}
         self._cancel_waiters: dict[bytes, set[_CancelWaiter]] = {}
+        self._checks: set[asyncio.Task[None]] = set()  # cancel checks that were redirected
         self._channel_node: dict[bytes, _Node] = {}
         self._unrouted: set[bytes] = set()
         self._router: asyncio.Task[None] | None = None
@@ -518,32 +552,83 @@ class RedisTransport(Transport):
         return bool(await self._eval(_CANCEL, stream_id))
 
     async def wait_cancel(self, stream_id: str, epoch: int) -> None:
-        channel = self._key(stream_id, "c").encode()
-        waiter = _CancelWaiter(epoch)
-        waiters = self._cancel_waiters.setdefault(channel, set())
-        waiters.add(waiter)
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def wake(error: Exception | None = None) -> None:
+            if woken.done():
+                return
+            if error is None:
+                woken.set_result(None)
+            else:
+                woken.set_exception(error)
+
+        unwatch = self._watch(_CancelWaiter(self, stream_id, epoch, wake, wake))
         try:
-            self._follow(channel)
-            node = self._channel_node.get(channel)
-            if node is not None and channel in node.subscriber.confirmed:
-                waiter.event.set()  # already subscribed: check the metadata once
-            while True:
-                await waiter.event.wait()
-                waiter.event.clear()
-                if waiter.cancelled:
-                    return
-                # (Re)subscribed: a cancel published before that is in the metadata.
-                cancel, current = await self._execute(
-                    self._slot(stream_id),
-                    pack("HMGET", self._key(stream_id, "meta"), "cancel", "epoch"),
-                )
-                if cancel and current == b"%d" % epoch:
-                    return
+            await woken
         finally:
+            unwatch()
+        if self._closed:
+            raise TransportClosed("the Redis transport is closed")
+
+    def watch_cancel(
+        self, stream_id: str, epoch: int, on_cancel: Callable[[Exception | None], None]
+    ) -> Callable[[], None]:
+        # A callback on the stream's cancel channel, no task (issue 8: a task per run, woken
+        # on each subscription, made starting a run cost more than the old broadcast did).
+        return self._watch(_CancelWaiter(self, stream_id, epoch, on_cancel))
+
+    def _watch(self, waiter: _CancelWaiter) -> Callable[[], None]:
+        if self._closed:
+            raise TransportClosed("the Redis transport is closed")
+        channel = waiter.channel
+        self._cancel_waiters.setdefault(channel, set()).add(waiter)
+        self._follow(channel)
+        node = self._channel_node.get(channel)
+        if node is not None and channel in node.subscriber.confirmed:
+            self._check_cancel(waiter, node)  # already subscribed: look at the metadata once
+        return waiter.unwatch
+
+    def _unwatch(self, waiter: _CancelWaiter) -> None:
+        channel = waiter.channel
+        waiters = self._cancel_waiters.get(channel)
+        if waiters is not None and waiter in waiters:
             waiters.discard(waiter)
             if not waiters:
                 del self._cancel_waiters[channel]
                 self._unfollow(channel)
+
+    def _check_cancel(self, waiter: _CancelWaiter, node: _Node) -> None:
+        """(Re)subscribed: a cancel published before that is in the metadata. One HMGET,
+        answered in a callback; a redirect or fault takes the slow path in a task."""
+        if self._closed or waiter.fired:
+            return
+        packed = pack("HMGET", self._key(waiter.stream_id, "meta"), "cancel", "epoch")
+        try:
+            future = node.pipe.submit(packed)[0]
+        except TransportError:
+            return  # closing
+        epoch = b"%d" % waiter.epoch
+
+        def answered(done: asyncio.Future[Any]) -> None:
+            reply = None if done.cancelled() or done.exception() else done.result()
+            if isinstance(reply, list):
+                if reply[0] and reply[1] == epoch:
+                    waiter.fire()
+                return
+            task = asyncio.create_task(self._check_cancel_slowly(waiter, packed))
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+
+        future.add_done_callback(answered)
+
+    async def _check_cancel_slowly(self, waiter: _CancelWaiter, packed: bytes) -> None:
+        try:
+            cancel, current = await self._execute(self._slot(waiter.stream_id), packed)
+        except TransportError as exc:
+            waiter.fire(exc)
+            return
+        if cancel and current == b"%d" % waiter.epoch:
+            waiter.fire()
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         values = await self._execute(
@@ -587,12 +672,12 @@ class RedisTransport(Transport):
             if feed is not None:
                 feed.wake()
             key = self._key(stream_id, "events").encode()
-            feed = self._feeds[channel] = _Feed(key, channel, epoch, after)
+            feed = self._feeds[channel] = _Feed(self, key, channel, epoch, after)
             self._follow(channel)
             node = self._channel_node.get(channel)
             if node is not None and channel in node.subscriber.confirmed:
                 self._fetch(feed)  # subscribed already (another run's readers)
-        subscription = QueueSubscription(lambda sub: self._unsubscribe(feed, sub))
+        subscription = QueueSubscription(feed.release)
         feed.subscribers.add(subscription)
         if feed.cursor > after:
             subscription.push([])  # the feed is past this reader: wake it to read the gap
@@ -629,9 +714,11 @@ class RedisTransport(Transport):
         for feed in self._feeds.values():
             feed.wake()
         self._feeds.clear()
-        for waiters in self._cancel_waiters.values():
-            for waiter in waiters:
-                waiter.event.set()  # they re-check and fail with TransportClosed
+        for waiters in tuple(self._cancel_waiters.values()):
+            for waiter in tuple(waiters):
+                if waiter.on_close is not None:
+                    waiter.on_close()  # wait_cancel() raises TransportClosed
+        await stop(*self._checks)
         if self._router is not None:
             await stop(self._router)
         nodes = [self._single] if self._single is not None else list(self._nodes.values())
@@ -734,16 +821,17 @@ class RedisTransport(Transport):
         if feed is not None:
             feed.refetch = True
             self._fetch(feed)
-        for waiter in self._cancel_waiters.get(channel, ()):
-            waiter.event.set()
+        node = self._channel_node.get(channel)
+        if node is not None:
+            for waiter in tuple(self._cancel_waiters.get(channel, ())):
+                self._check_cancel(waiter, node)
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
         if channel.endswith(b":c"):
             cancelled = int(data) if data.isdigit() else -1
-            for waiter in self._cancel_waiters.get(channel, ()):
+            for waiter in tuple(self._cancel_waiters.get(channel, ())):
                 if waiter.epoch == cancelled:
-                    waiter.cancelled = True
-                    waiter.event.set()
+                    waiter.fire()
             return
         feed = self._feeds.get(channel)
         if feed is None:
