@@ -13,7 +13,7 @@ import redis.asyncio.cluster as redis_py_cluster
 import uvloop
 from redis.asyncio.connection import Connection
 
-from resumable_stream import TransportError
+from resumable_stream import ConfigurationError, TransportError
 from resumable_stream.transports import _redis_pipe
 from resumable_stream.transports._redis_pipe import Pipe, Subscriber, pack
 from resumable_stream.transports.redis import RedisTransport
@@ -202,6 +202,64 @@ async def test_confirmed_only_while_subscribed(
         assert b"c" not in sub.confirmed, "confirmed with no connection"
     finally:
         await sub.aclose()
+
+
+def _count_writes(pipe: Pipe) -> list[int]:
+    """Count the writes on ``pipe``'s current connection (each writelines() call)."""
+    session = pipe._session
+    assert session is not None and session.stream is not None
+    stream = session.stream
+    writes = [0]
+    write_lines = stream.writelines
+
+    def counted(data: Any) -> None:
+        writes[0] += 1
+        write_lines(data)
+
+    stream.writelines = counted  # type: ignore[method-assign]
+    return writes
+
+
+async def test_commands_queued_within_the_write_interval_go_out_in_one_write(
+    redis_server: RedisServer,
+) -> None:
+    # Issue 11: a write per event-loop turn woke Redis (and, with its replies, this
+    # process) once per token; under load that cost more CPU than the commands.
+    pipe = Pipe(
+        lambda: Connection(port=redis_server.port), timeout=5.0, name="t", write_interval=1.0
+    )
+    try:
+        assert await pipe.call(pack("PING")) == b"PONG"  # after a quiet spell: at once
+        writes = _count_writes(pipe)
+        futures = []
+        for i in range(5):  # five commands in five turns of the event loop
+            futures += pipe.submit(pack("ECHO", str(i)))
+            await asyncio.sleep(0)
+        assert await asyncio.gather(*futures) == [b"0", b"1", b"2", b"3", b"4"]
+        assert writes[0] == 1
+    finally:
+        await pipe.aclose()
+
+
+async def test_without_a_write_interval_each_loop_turn_writes(
+    redis_server: RedisServer,
+) -> None:
+    pipe = Pipe(lambda: Connection(port=redis_server.port), timeout=5.0, name="t")
+    try:
+        assert await pipe.call(pack("PING")) == b"PONG"
+        writes = _count_writes(pipe)
+        for i in range(3):
+            assert await pipe.call(pack("ECHO", str(i))) == str(i).encode()
+        assert writes[0] == 3
+    finally:
+        await pipe.aclose()
+
+
+def test_a_write_interval_out_of_range_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="write_interval"):
+        RedisTransport.from_url("redis://localhost:1", write_interval=0.5)
+    with pytest.raises(ConfigurationError, match="write_interval"):
+        RedisTransport.from_url("redis://localhost:1", write_interval=-1)
 
 
 async def _shard_subscribers(port: int, channel: bytes) -> int:

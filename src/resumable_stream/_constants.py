@@ -58,6 +58,12 @@ DEFAULT_REDIS_PREFIX = "rstream"
 #: Seconds Redis may stay silent while replies are owed before the connection is dropped
 #: (``socket_timeout`` in the URL overrides it).
 DEFAULT_REDIS_TIMEOUT = 30.0
+#: Least seconds between two writes on one Redis connection: commands queued meanwhile go
+#: out together in the next write. Each write wakes the Redis server, and its replies wake
+#: this process; under load, batching them halves the client CPU per token (issue 11,
+#: docs/performance.md) for at most this much added latency. A write after a quiet spell
+#: goes out at once.
+DEFAULT_WRITE_INTERVAL = 0.0005
 
 STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@~-]{1,200}")
 STREAM_ID_RULES = "1-200 characters from A-Z a-z 0-9 and _ . : @ ~ -"

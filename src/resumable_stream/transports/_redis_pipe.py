@@ -227,13 +227,14 @@ def _take_over(connection: AbstractConnection, on_reply: Callable[[Any], None]) 
 class _Session:
     """One connection's life: the commands written to it and the replies it owes."""
 
-    __slots__ = ("flushing", "outgoing", "pending", "stream", "task")
+    __slots__ = ("flushed_at", "flushing", "outgoing", "pending", "stream", "task")
 
     def __init__(self) -> None:
         self.pending: collections.deque[asyncio.Future[Any]] = collections.deque()
         self.outgoing: list[bytes] = []
         self.stream: asyncio.WriteTransport | None = None  # set once connected
         self.flushing = False
+        self.flushed_at = -1e9  # loop time of the last write
         self.task: asyncio.Task[None] | None = None
 
     def fail(self, error: TransportError) -> None:
@@ -249,11 +250,16 @@ class Pipe:
 
     ``timeout``: seconds the server may stay silent while replies are owed before the
     connection is dropped (the redis-py ``socket_timeout``, or a default).
+    ``write_interval``: least seconds between two writes; what is queued meanwhile goes
+    out in the next one (0: a write per event-loop turn).
     """
 
-    def __init__(self, make: ConnectionFactory, *, timeout: float, name: str) -> None:
+    def __init__(
+        self, make: ConnectionFactory, *, timeout: float, name: str, write_interval: float = 0.0
+    ) -> None:
         self._make = make
         self._timeout = timeout
+        self._write_interval = write_interval
         self.name = name
         self._session: _Session | None = None  # the one new commands go to
         self._tasks: set[asyncio.Task[None]] = set()
@@ -288,7 +294,11 @@ class Pipe:
         session.pending.extend(futures)
         if not session.flushing and session.stream is not None:
             session.flushing = True
-            loop.call_soon(self._flush, session)
+            due = session.flushed_at + self._write_interval
+            if due > loop.time():
+                loop.call_at(due, self._flush, session)  # batched with what comes meanwhile
+            else:
+                loop.call_soon(self._flush, session)
         return futures
 
     async def call(self, packed: bytes) -> Any:
@@ -336,6 +346,7 @@ class Pipe:
             # (Closing: the connection is going; its commands fail with it.)
             batch, session.outgoing = session.outgoing, []
             stream.writelines(batch)
+            session.flushed_at = asyncio.get_running_loop().time()
 
     def _reply(self, session: _Session, reply: Any) -> None:
         if _PUSH is not None and isinstance(reply, _PUSH):

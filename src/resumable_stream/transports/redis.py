@@ -41,6 +41,7 @@ from .._constants import (
     DEFAULT_RETENTION,
     DEFAULT_RUNNING_TTL,
     DEFAULT_TOMBSTONE,
+    DEFAULT_WRITE_INTERVAL,
 )
 from .._exceptions import (
     BackendRefused,
@@ -102,7 +103,12 @@ class _Node:
 
     def __init__(self, transport: RedisTransport, name: str, make: ConnectionFactory) -> None:
         self.name = name
-        self.pipe = Pipe(make, timeout=transport._timeout, name=f"commands {name}")
+        self.pipe = Pipe(
+            make,
+            timeout=transport._timeout,
+            name=f"commands {name}",
+            write_interval=transport.write_interval,
+        )
         self.subscriber = Subscriber(
             make,
             name=f"notices {name}",
@@ -199,6 +205,12 @@ class RedisTransport(Transport):
     back an event a reader received. An entry not acknowledged in time raises
     :class:`TransportError` (the producer retries it). Costs a round trip to the replicas
     per write and a read per live entry; see docs/transports.md.
+
+    ``write_interval``: least seconds between two writes on a connection; the commands
+    queued meanwhile (every run's appends, every reader's reads) go out together. Each
+    write wakes Redis and each batch of replies wakes this process, which costs more CPU
+    than the commands themselves: see :data:`DEFAULT_WRITE_INTERVAL` and
+    docs/performance.md. ``0`` writes once per event-loop turn (lowest latency).
     """
 
     def __init__(
@@ -213,6 +225,7 @@ class RedisTransport(Transport):
         write_retry_budget: float = DEFAULT_WRITE_RETRY_BUDGET,
         replicas: int = 0,
         replica_timeout: float = 1.0,
+        write_interval: float = DEFAULT_WRITE_INTERVAL,
         owns_client: bool = False,
     ) -> None:
         super().__init__(
@@ -223,6 +236,8 @@ class RedisTransport(Transport):
         )
         if write_retry_budget < 0:
             raise ConfigurationError("write_retry_budget must be >= 0 seconds")
+        if not 0 <= write_interval <= 0.1:
+            raise ConfigurationError("write_interval must be 0-0.1 seconds")
         if replicas < 0 or replica_timeout <= 0:
             raise ConfigurationError("replicas must be >= 0 and replica_timeout > 0 seconds")
         if not prefix or "{" in prefix or "}" in prefix:
@@ -232,6 +247,7 @@ class RedisTransport(Transport):
         self.prefix = prefix
         self.write_retry_budget = write_retry_budget
         self.replicas = replicas
+        self.write_interval = write_interval
         self._wait = pack("WAIT", replicas, max(1, int(replica_timeout * 1000)))
         self._owns_client = owns_client
         self._cluster: RedisCluster | None = None
