@@ -13,7 +13,7 @@ from resumable_stream._constants import CONSUMER_CHECKPOINT
 from resumable_stream.transports import Entry
 from resumable_stream.transports._base import QueueSubscription, Subscription
 from resumable_stream.transports.memory import MemoryTransport
-from tests._helpers import collect, joined, text_of, tokens
+from tests._helpers import collect, eventually, joined, text_of, tokens
 
 
 def token_entry(epoch: int, seq: int, *texts: str) -> Entry:
@@ -205,3 +205,41 @@ async def test_checks_of_a_quiet_stream_work_with_an_unhashable_transport() -> N
     await transport.create("quiet", owner="gone", lease_ms=200)
     events = await collect(transport, "quiet")
     assert [e.data["error"] for e in events] == ["producer_lost"]
+
+
+class CountingReads(MemoryTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    async def read(self, stream_id: str, epoch: int, after: int, limit: int) -> list[Entry]:
+        self.reads += 1
+        return await super().read(stream_id, epoch, after, limit)
+
+
+async def test_a_reader_attaching_as_its_run_starts_follows_it_without_reading_storage() -> None:
+    # Issue 8: a reader attaching to a run with nothing written yet read storage once
+    # before it subscribed: a round trip that only found what the subscription gets.
+    transport = CountingReads()
+    gate = asyncio.Event()
+
+    async def source():  # nothing written until the reader is attached
+        await gate.wait()
+        for i in range(3):
+            yield f"t{i} "
+
+    run = await StreamProducer(transport).start(source())
+    consumer = StreamConsumer(transport, run.stream_id)
+    first = asyncio.ensure_future(consumer.__anext__())
+
+    async def attached() -> bool:  # following the live feed
+        return consumer._subscription is not None
+
+    await eventually(attached)
+    gate.set()
+    events = [await first] + [event async for event in consumer]
+    assert joined(events) == "t0 t1 t2 "
+    assert transport.reads == 0
+    # A reader coming after the run ended replays it from storage as before.
+    assert joined(await collect(transport, run.stream_id)) == "t0 t1 t2 "
+    assert transport.reads > 0

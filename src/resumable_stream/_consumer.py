@@ -285,14 +285,18 @@ class StreamConsumer:
         """Queue at least one entry, or mark the stream finished."""
         fresh = self._info is None
         info = self._info or await self._start()
+        if fresh and info.status == "running" and info.last_seq <= self._seq:
+            # The info, read just now, shows nothing after this reader (a reader attaching
+            # as its run starts): a read would only find what the live subscription's first
+            # fetch does. One round trip less per reader (issue 8).
+            self._caught_up = True
         if (self._subscription is None and not self._caught_up) or self._gap:
             # Replay (or refill a gap in live delivery) from storage, a page at a time.
             entries = await self.transport.read(
                 self.stream_id, self._epoch, self._seq, self._page_size
             )
             if not entries and not (fresh and info.last_seq <= self._seq):
-                # Unless the info, read just before, showed nothing after this reader: a
-                # second look would only find what the live subscription's first fetch does.
+                # Unless the info, read just before, showed nothing after this reader.
                 info = await self._refresh()
             if not entries and self._seq < info.last_seq:
                 # Written since the read, or gone: read again, after the info.
