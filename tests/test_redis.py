@@ -378,16 +378,16 @@ async def test_a_cancel_sent_while_the_listener_reconnects_still_lands_before_a_
     # A lease so long that its heartbeat (lease / 3) comes after the test's timeout: only the
     # listener re-checking after it reconnected can deliver the cancel.
     run = await StreamProducer(transport, lease=3600).start(tokens(10, pause=gate))
-    consumer = StreamConsumer(transport, run.stream_id)
-    await anext(consumer)  # the run is live and its cancel listener subscribed
+    async with StreamConsumer(transport, run.stream_id) as consumer:
+        await anext(consumer)  # the run is live and its cancel listener subscribed
 
-    async def listening() -> bool:
-        return any(c.get("flags") == "P" for c in await admin.client_list())
+        async def listening() -> bool:
+            return any(c.get("flags") == "P" for c in await admin.client_list())
 
-    await eventually(listening)
-    await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-    assert await StreamProducer(transport).cancel(run.stream_id)  # published to nobody
-    assert await run.wait() == "cancelled"
+        await eventually(listening)
+        await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        assert await StreamProducer(transport).cancel(run.stream_id)  # published to nobody
+        assert await run.wait() == "cancelled"
 
 
 async def test_runs_share_one_heartbeat_and_watch_cancels_without_a_task(

@@ -107,7 +107,7 @@ class Reservation:
         return cls(check_stream_id(stream_id), epoch, token)
 
 
-def _not_watching() -> None:
+def _nothing() -> None:  # the default of a run's hooks (cancel watch, telemetry)
     pass
 
 
@@ -170,7 +170,8 @@ class Run:
         self._pump: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._renewing = False  # a renewal of the lease is under way (StreamProducer)
-        self._unwatch: Callable[[], None] = _not_watching  # ends the cancel watch
+        self._unwatch: Callable[[], None] = _nothing  # ends the cancel watch
+        self._report_end: Callable[[], None] = _nothing  # set by telemetry
         self._task = asyncio.create_task(self._main(), name=f"rstream run {stream_id}")
 
     def __repr__(self) -> str:
@@ -235,8 +236,9 @@ class Run:
             # held the helper: drop the tasks and the window now rather than leave them to
             # a full garbage collection (tens of ms with many runs; issue 11).
             self._unwatch()
-            self._unwatch = _not_watching
+            self._unwatch = _nothing
             self._producer._forget(self)
+            self._report_end()
             self._pump = None
             self._tasks = []
             self._window.clear()
@@ -705,6 +707,7 @@ class StreamProducer:
     async def _heartbeat(self) -> None:
         """Renew the lease of each running run every third of the lease: one task for all
         of them (issue 8: a task per run made each start and end dearer)."""
+        this = asyncio.current_task()
         try:
             while self._runs:
                 await asyncio.sleep(self.lease / 3)  # the heartbeat period
@@ -717,7 +720,8 @@ class StreamProducer:
                         self._renewals.add(task)
                         task.add_done_callback(self._renewals.discard)
         finally:
-            if self._heartbeat_task is asyncio.current_task():
+            # (Also reached when the loop closes with this task pending: no current task.)
+            if self._heartbeat_task is this:
                 self._heartbeat_task = None
 
     async def reserve(self, stream_id: str | None = None, *, start_timeout: float) -> Reservation:

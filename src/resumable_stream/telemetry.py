@@ -145,8 +145,15 @@ def run_started(run: Run, span: Any) -> None:
     if i is None:
         return
     i.runs_started.add(1)
+    counted = False
 
-    def ended(_: object) -> None:
+    def ended(_: object = None) -> None:
+        # Called as the run's task ends (so it is counted when wait() returns), and as
+        # its done callback, should the task never have run.
+        nonlocal counted
+        if counted:
+            return
+        counted = True
         status = run.status if run.status != "running" else "failed"
         i.runs_ended.add(1, {"status": status})
         if span is not None:
@@ -155,6 +162,7 @@ def run_started(run: Run, span: Any) -> None:
                 span.set_status(_otel_trace.StatusCode.ERROR, status)
             span.end()
 
+    run._report_end = ended
     run._task.add_done_callback(ended)
 
 
