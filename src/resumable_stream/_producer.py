@@ -239,6 +239,7 @@ class Run:
             self._unwatch = _nothing
             self._producer._forget(self)
             self._report_end()
+            self._report_end = _nothing  # (a closure holding this run: no cycle left)
             self._pump = None
             self._tasks = []
             self._window.clear()
@@ -706,23 +707,18 @@ class StreamProducer:
 
     async def _heartbeat(self) -> None:
         """Renew the lease of each running run every third of the lease: one task for all
-        of them (issue 8: a task per run made each start and end dearer)."""
-        this = asyncio.current_task()
-        try:
-            while self._runs:
-                await asyncio.sleep(self.lease / 3)  # the heartbeat period
-                for run in tuple(self._runs.values()):
-                    # A renewal still waiting (a slow server) is not doubled; one run's
-                    # renewal never holds up another's.
-                    if not run._renewing and not run.done():
-                        run._renewing = True
-                        task = asyncio.create_task(run._renew())
-                        self._renewals.add(task)
-                        task.add_done_callback(self._renewals.discard)
-        finally:
-            # (Also reached when the loop closes with this task pending: no current task.)
-            if self._heartbeat_task is this:
-                self._heartbeat_task = None
+        of them (issue 8: a task per run made each start and end dearer). Cancelled by
+        _forget() when the last run ends; it holds no reference to itself (a cycle)."""
+        while True:
+            await asyncio.sleep(self.lease / 3)  # the heartbeat period
+            for run in tuple(self._runs.values()):
+                # A renewal still waiting (a slow server) is not doubled; one run's renewal
+                # never holds up another's.
+                if not run._renewing and not run.done():
+                    run._renewing = True
+                    task = asyncio.create_task(run._renew())
+                    self._renewals.add(task)
+                    task.add_done_callback(self._renewals.discard)
 
     async def reserve(self, stream_id: str | None = None, *, start_timeout: float) -> Reservation:
         """Create a run for another producer (a task queue's worker) to :meth:`start` later.
