@@ -44,28 +44,32 @@ async def test_loading_is_transient_and_drops_the_connection(
     redis_server_factory: Callable[..., RedisServer],
 ) -> None:
     server = redis_server_factory(extra_args=("--enable-debug-command", "yes"))
-    admin = aioredis.Redis(port=server.port)
+    # DEBUG RELOAD answers once the load is done: about 10 s here, slower on a busy
+    # machine, past redis-py's default 5 s socket timeout.
+    admin = aioredis.Redis(port=server.port, socket_timeout=120)
     watcher = aioredis.Redis(port=server.port)
-    await admin.execute_command("DEBUG", "POPULATE", "200000")
-    await admin.config_set("key-load-delay", 50)  # microseconds per key while loading
-    await admin.config_set("loading-process-events-interval-bytes", 1024)
-    async with RedisTransport.from_url(server.url) as transport:
-        assert await transport.info("s") is None
-        assert transport._node_for_slot(0).pipe.connects == 1
-        reload = asyncio.create_task(admin.execute_command("DEBUG", "RELOAD"))
+    try:
+        await admin.execute_command("DEBUG", "POPULATE", "200000")
+        await admin.config_set("key-load-delay", 50)  # microseconds per key while loading
+        await admin.config_set("loading-process-events-interval-bytes", 1024)
+        async with RedisTransport.from_url(server.url) as transport:
+            assert await transport.info("s") is None
+            assert transport._node_for_slot(0).pipe.connects == 1
+            reload = asyncio.create_task(admin.execute_command("DEBUG", "RELOAD"))
 
-        async def loading() -> bool:
-            return bool((await watcher.info("persistence"))["loading"])
+            async def loading() -> bool:
+                return bool((await watcher.info("persistence"))["loading"])
 
-        await eventually(loading, within=30)
-        with pytest.raises(TransportError, match="LOADING"):
-            await transport.info("s")
-        await reload
-        assert await transport.info("s") is None
-        # The LOADING reply dropped the connection: a new one answered.
-        assert transport._node_for_slot(0).pipe.connects == 2
-    await admin.aclose()
-    await watcher.aclose()
+            await eventually(loading, within=30)
+            with pytest.raises(TransportError, match="LOADING"):
+                await transport.info("s")
+            await reload
+            assert await transport.info("s") is None
+            # The LOADING reply dropped the connection: a new one answered.
+            assert transport._node_for_slot(0).pipe.connects == 2
+    finally:
+        await admin.aclose()
+        await watcher.aclose()
 
 
 async def _flood(port: int, kill: Any) -> list[dict[str, Any]]:
