@@ -186,6 +186,11 @@ class _CancelWaiter:
         self.fired = True
         self.transport._unwatch(self)
 
+    def check(self, cancel: bytes | None, epoch: bytes | None) -> None:
+        """The metadata's ``cancel`` and ``epoch`` fields: fire if they cancel this run."""
+        if cancel and epoch == b"%d" % self.epoch:
+            self.fire()
+
 
 class RedisTransport(Transport):
     """Streams stored in Redis Streams, on one node, a Redis Cluster or behind Sentinel.
@@ -623,13 +628,11 @@ class RedisTransport(Transport):
             future = node.pipe.submit(packed)[0]
         except TransportError:
             return  # closing
-        epoch = b"%d" % waiter.epoch
 
         def answered(done: asyncio.Future[Any]) -> None:
             reply = None if done.cancelled() or done.exception() else done.result()
             if isinstance(reply, list):
-                if reply[0] and reply[1] == epoch:
-                    waiter.fire()
+                waiter.check(*reply)
                 return
             task = asyncio.create_task(self._check_cancel_slowly(waiter, packed))
             self._checks.add(task)
@@ -639,12 +642,11 @@ class RedisTransport(Transport):
 
     async def _check_cancel_slowly(self, waiter: _CancelWaiter, packed: bytes) -> None:
         try:
-            cancel, current = await self._execute(self._slot(waiter.stream_id), packed)
+            reply = await self._execute(self._slot(waiter.stream_id), packed)
         except TransportError as exc:
             waiter.fire(exc)
             return
-        if cancel and current == b"%d" % waiter.epoch:
-            waiter.fire()
+        waiter.check(*reply)
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         values = await self._execute(
