@@ -449,8 +449,11 @@ class Run:
         buffer, sizes = self._buffer, self._sizes
         # The most events that fit: at most max_entry_events, and past the first, no more
         # than max_entry_bytes in all (prefix sums and bisect: no Python loop per event).
-        totals = list(itertools.accumulate(sizes[: producer.max_entry_events]))
-        taken = max(bisect.bisect_right(totals, producer.max_entry_bytes), min(len(buffer), 1))
+        if len(buffer) == 1:  # a paced token: one event, nothing to weigh
+            taken = 1
+        else:
+            totals = list(itertools.accumulate(sizes[: producer.max_entry_events]))
+            taken = max(bisect.bisect_right(totals, producer.max_entry_bytes), min(len(buffer), 1))
         events = buffer[:taken]
         del buffer[:taken]
         del sizes[:taken]
@@ -459,10 +462,14 @@ class Run:
         if not buffer and terminal is not None and taken < producer.max_entry_events:
             events.append(self._encode_terminal(terminal))
             final = _STATUS_OF[terminal[0]]
+        entry = Entry(self.epoch, self._seq + 1, join_entry(events))
+        count = len(events)
+        self._inflight = (entry, count, final)
         try:
-            await self._write(join_entry(events), len(events), final)
+            await self._append(entry, count, final)
         except _RolledBack:
             return  # the terminal event changed to `storage_rollback`: written next
+        self._written(entry, count, final)
         self._space.set()
 
     def _encode_terminal(self, terminal: Item) -> Encoded:
@@ -471,12 +478,6 @@ class Run:
         except Exception as exc:  # a relayed terminal event that cannot be stored
             self._terminal = terminal = (ERROR, error_data(exc))
             return self._encoder.encode(*terminal)
-
-    async def _write(self, payload: bytes, count: int, final: Status | None) -> None:
-        entry = Entry(self.epoch, self._seq + 1, payload)
-        self._inflight = (entry, count, final)
-        await self._append(entry, count, final)
-        self._written(entry, count, final)
 
     def _written(self, entry: Entry, count: int, final: Status | None) -> None:
         self._inflight = None

@@ -274,9 +274,29 @@ class Pipe:
 
         A reply that is an error is the redis-py exception object (not raised).
         """
+        loop = asyncio.get_running_loop()
+        session = self._queue(loop)
+        futures = [loop.create_future() for _ in packed]
+        session.outgoing.extend(packed)
+        session.pending.extend(futures)
+        self._schedule(loop, session)
+        return futures
+
+    def send(self, packed: bytes) -> asyncio.Future[Any]:
+        """Queue one packed command; the future of its reply (as :meth:`submit`, without
+        a list: the hot path of appends and live fetches)."""
+        loop = asyncio.get_running_loop()
+        session = self._queue(loop)
+        future = loop.create_future()
+        session.outgoing.append(packed)
+        session.pending.append(future)
+        self._schedule(loop, session)
+        return future
+
+    def _queue(self, loop: asyncio.AbstractEventLoop) -> _Session:
+        """The session new commands go to (connecting it if need be), its watchdog armed."""
         if self._closed:
             raise TransportClosed("the Redis transport is closed")
-        loop = asyncio.get_running_loop()
         session = self._session
         if session is None:
             session = self._session = _Session()
@@ -289,9 +309,10 @@ class Pipe:
             self._progress = loop.time()
             if self._watchdog is None:
                 self._watchdog = loop.call_at(self._progress + self._timeout, self._check)
-        futures = [loop.create_future() for _ in packed]
-        session.outgoing.extend(packed)
-        session.pending.extend(futures)
+        return session
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop, session: _Session) -> None:
+        """Have what ``session`` queued written, with what comes within the write interval."""
         if not session.flushing and session.stream is not None:
             session.flushing = True
             due = session.flushed_at + self._write_interval
@@ -299,11 +320,10 @@ class Pipe:
                 loop.call_at(due, self._flush, session)  # batched with what comes meanwhile
             else:
                 loop.call_soon(self._flush, session)
-        return futures
 
     async def call(self, packed: bytes) -> Any:
         """Send one packed command; return its reply (an error reply is returned too)."""
-        return await self.submit(packed)[0]
+        return await self.send(packed)
 
     def _end(self, session: _Session, error: TransportError) -> None:
         """Fail what ``session`` owes; commands queued from now on go to a new one."""
