@@ -464,6 +464,7 @@ class Run:
             final = _STATUS_OF[terminal[0]]
         entry = Entry(self.epoch, self._seq + 1, join_entry(events))
         count = len(events)
+        del events  # not held while the write waits
         self._inflight = (entry, count, final)
         try:
             await self._append(entry, count, final)

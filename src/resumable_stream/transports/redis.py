@@ -472,15 +472,17 @@ class RedisTransport(Transport):
 
     def _eval(self, script: _Script, stream_id: str, *args: Any) -> Coroutine[Any, Any, Any]:
         """Run ``script`` on the stream's three keys (``_execute``'s coroutine, returned
-        rather than awaited: one coroutine less per append)."""
+        rather than awaited: one coroutine less in flight)."""
+        return self._execute(self._slot(stream_id), self._evalsha(script, stream_id, args), script)
+
+    def _evalsha(self, script: _Script, stream_id: str, args: tuple[Any, ...]) -> bytes:
         keys = self._keys.get(stream_id)
         if keys is None:
             if len(self._keys) >= 65536:
                 self._keys.clear()
             tag = f"{self.prefix}:{{{stream_id}}}:"
             keys = self._keys[stream_id] = (tag + "meta", tag + "events", tag + "lease")
-        packed = pack("EVALSHA", script.sha, 3, *keys, *args)
-        return self._execute(self._slot(stream_id), packed, script)
+        return pack("EVALSHA", script.sha, 3, *keys, *args)
 
     def _key(self, stream_id: str, kind: str) -> str:
         return f"{self.prefix}:{{{stream_id}}}:{kind}"
@@ -504,19 +506,29 @@ class RedisTransport(Transport):
         if self.replicas:
             await self._append_durably(stream_id, owner, entry, count, final)
             return
-        result = await self._eval(
+        packed = self._evalsha(
             _APPEND,
             stream_id,
-            owner,
-            entry.epoch,
-            entry.seq,
-            entry.payload,
-            count,
-            int(time.time() * 1000),
-            final or "",
-            *self._append_tail,
-            self._meta_ttl_ms,
+            (
+                owner,
+                entry.epoch,
+                entry.seq,
+                entry.payload,
+                count,
+                int(time.time() * 1000),
+                final or "",
+                *self._append_tail,
+                self._meta_ttl_ms,
+            ),
         )
+        node = self._single
+        # One server: the reply is awaited here, with no _execute() coroutine per append in
+        # flight (fewer objects for the garbage collector while writes wait their turn). An
+        # error reply (NOSCRIPT, a refusal) goes through _execute(), which handles it; the
+        # script was not run, or running it again is harmless (an append is idempotent).
+        result = await node.pipe.send(packed) if node is not None else None
+        if node is None or isinstance(result, rex.RedisError):
+            result = await self._execute(self._slot(stream_id), packed, _APPEND)
         if result == -1:
             raise LeaseLost(stream_id)
         if isinstance(result, list):
