@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import statistics
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -269,6 +270,13 @@ def _library_us(library: _PacedRun, passthrough: _PacedRun) -> float:
     return (per_token - passthrough.cpu / max(passthrough.delivered, 1)) * 1e6
 
 
+#: Runs of the steady plan in a full benchmark. Its p99 hangs on how the start burst (200
+#: streams started within one period) and the garbage collector's full collections fall:
+#: 3-20 ms for the same code from one run to the next. The figures are the median run's,
+#: and the p99 row lists every run's.
+STEADY_RUNS = 3
+
+
 def _paced_sizes(quick: bool) -> tuple[int, float, float]:
     """Streams (or churn slots), tokens per second, seconds: 2b's and 2c's sizes."""
     return (50, 50.0, 2.0) if quick else (200, 50.0, 6.0)
@@ -289,23 +297,28 @@ def _run_details(run: _PacedRun) -> dict[str, Any]:
 def paced_latency(server: RedisServer, quick: bool) -> Result:
     """Scenario 2b: 200 streams x 50 tokens/s, latency from append to receipt.
 
-    Run twice: every stream started at once and read live (``steady``), then with streams
-    starting and ending all through the run and readers attaching late or resuming
-    (``churn``). Both plans also run through an in-process pass-through (library CPU is
-    the difference), and the churn plan through vercel's ``resumable-stream`` in Node.
+    Two plans: every stream started at once and read live (``steady``, run
+    :data:`STEADY_RUNS` times), then streams starting and ending all through the run and
+    readers attaching late or resuming (``churn``). Each run of either plan is paired with
+    one through an in-process pass-through (library CPU is the difference), and the churn
+    plan also runs through vercel's ``resumable-stream`` in Node.
     """
     streams, rate, duration = _paced_sizes(quick)
     steady_plan = _shape.steady(streams, rate, duration)
     churn_plan = _shape.churn(streams, rate, duration)
     admin = server.admin()
     details: dict[str, Any] = {"streams": streams, "rate": rate, "seconds": duration}
+    steadies: list[_PacedRun] = []
+    steady_passes: list[_PacedRun] = []
     try:
         admin.flush()
         admin.reset_stats()
         with ConnectionSampler(server, os.getpid()) as sampler:
-            steady = _paced(server.url, steady_plan, rate)
+            for _ in range(1 if quick else STEADY_RUNS):
+                admin.flush()
+                steadies.append(_paced(server.url, steady_plan, rate))
+                steady_passes.append(_paced(None, steady_plan, rate))
         commands, _calls = admin.library_commands()
-        steady_passthrough = _paced(None, steady_plan, rate)
         admin.flush()
         with ConnectionSampler(server, os.getpid()) as churn_sampler:
             churn = _paced(server.url, churn_plan, rate)
@@ -323,6 +336,16 @@ def paced_latency(server: RedisServer, quick: bool) -> Result:
             )
     finally:
         admin.close()
+    # The steady figures are the run with the median p99; CPU is the median of the pairs.
+    p99s = [percentile(run.latencies, 99) for run in steadies]
+    middle = sorted(range(len(steadies)), key=p99s.__getitem__)[len(steadies) // 2]
+    steady, steady_passthrough = steadies[middle], steady_passes[middle]
+    steady_library_us = statistics.median(
+        _library_us(run, passthrough)
+        for run, passthrough in zip(steadies, steady_passes, strict=True)
+    )
+    runs_note = f"median of {len(steadies)} runs: " + ", ".join(f"{p:.1f}" for p in p99s)
+    details["steady_runs"] = [_run_details(run) for run in steadies]
     runs = {
         "steady": steady,
         "steady_pass_through": steady_passthrough,
@@ -341,26 +364,29 @@ def paced_latency(server: RedisServer, quick: bool) -> Result:
     library_us = _library_us(churn, passthrough)
     figures = [
         Figure("2b", "p50 latency", round(p50, 2), "ms", note="info"),
-        Figure("2b", "p99 latency", round(p99, 2), "ms", "<=", 5),
+        Figure("2b", "p99 latency", round(p99, 2), "ms", "<=", 5, note=runs_note),
         Figure("2b", "max latency", round(max(steady.latencies), 2), "ms", note="info"),
         Figure("2b", "Redis connections (peak)", sampler.peak, "", "<=", 4),
         Figure(
             "2b",
             "producer max lag behind schedule",
-            round(steady.max_lag * 1000, 2),
+            round(max(run.max_lag for run in steadies) * 1000, 2),
             "ms",
             "<=",
             20,
             note="one period",
         ),
-        Figure("2b", "consumers missing tokens", steady.short, "", "==", 0),
+        Figure("2b", "consumers missing tokens", sum(run.short for run in steadies), "", "==", 0),
         Figure(
-            "2b", "Redis commands per token", round(commands / steady.delivered, 4), note="info"
+            "2b",
+            "Redis commands per token",
+            round(commands / sum(run.delivered for run in steadies), 4),
+            note="info",
         ),
         Figure(
             "2b",
             "library CPU per token (minus pass-through)",
-            round(_library_us(steady, steady_passthrough), 1),
+            round(steady_library_us, 1),
             "us",
             "<=",
             15,

@@ -27,7 +27,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
 def _table(figures: list[Figure]) -> str:
-    rows = [("#", "figure", "value", "target", "")]
+    rows = [("#", "figure", "value", "target", "", "")]
     for f in figures:
         value = (
             f"{f.value:,}"
@@ -35,8 +35,9 @@ def _table(figures: list[Figure]) -> str:
             else (str(f.value))
         )
         target = "" if f.op is None else f"{f.op} {f.target}"
-        rows.append((f.scenario, f.name, f"{value} {f.unit}".strip(), target, f.verdict))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        note = "" if f.note in ("info", "skipped") else f.note  # those say what the row does
+        rows.append((f.scenario, f.name, f"{value} {f.unit}".strip(), target, f.verdict, note))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
