@@ -60,12 +60,11 @@ DEFAULT_REDIS_PREFIX = "rstream"
 DEFAULT_REDIS_TIMEOUT = 30.0
 #: Least seconds between two writes on one Redis connection: commands queued meanwhile go
 #: out together in the next write. Each write wakes the Redis server, and its replies wake
-#: this process; under load, batching them cuts the client CPU per token by a third (issue
-#: 11, docs/performance.md) for at most this much added latency, which leaves the median
-#: latency where one write per event-loop turn had it before issue 8 (0.2 ms: p50 0.65
-#: ms; 0.5 ms saves a little more CPU for 1.0 ms). A write after a quiet spell goes out at
-#: once.
-DEFAULT_WRITE_INTERVAL = 0.0002
+#: this process; under load, batching them cuts the client CPU per token (issue 11,
+#: docs/performance.md has the trade-off measured: 0.1 ms saves about 15% at a median
+#: latency of 0.4 ms, 0.5 ms about 35% at 1.0 ms) for at most this much added latency. A
+#: write after a quiet spell goes out at once.
+DEFAULT_WRITE_INTERVAL = 0.0001
 
 STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@~-]{1,200}")
 STREAM_ID_RULES = "1-200 characters from A-Z a-z 0-9 and _ . : @ ~ -"
