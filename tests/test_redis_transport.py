@@ -23,6 +23,7 @@ from resumable_stream import (
     StorageRollback,
     StreamConsumer,
     StreamProducer,
+    TransportClosed,
     TransportError,
     from_url,
 )
@@ -56,6 +57,26 @@ async def test_append_past_last_plus_one_writes_nothing_and_reports_the_last_seq
     assert stored is not None and stored.last_seq == 2
     await transport.append("s", "o", Entry(info.epoch, 3, b"[3]"), 1)  # re-append the hole
     assert [e.seq for e in await transport.read("s", info.epoch, 0, 10)] == [1, 2, 3]
+
+
+async def test_an_append_while_the_transport_closes_is_refused_and_not_sent(
+    redis_url: str,
+) -> None:
+    """An append's fast path (one server, no _execute()) refuses once aclose() began, before
+    the connections are down, and writes nothing."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    transport = RedisTransport.from_url(redis_url, prefix=prefix)
+    info = await transport.create("s", owner="o", lease_ms=5000)
+    await transport.append("s", "o", Entry(info.epoch, 1, b"[1]"), 1)
+    closing = asyncio.create_task(transport.aclose())
+    await asyncio.sleep(0)  # aclose() has begun and waits on its connections
+    assert transport._closed and not closing.done()
+    with pytest.raises(TransportClosed):
+        await transport.append("s", "o", Entry(info.epoch, 2, b"[2]"), 1)
+    await closing
+    async with RedisTransport.from_url(redis_url, prefix=prefix) as other:
+        stored = await other.info("s")
+        assert stored is not None and stored.last_seq == 1
 
 
 # -- configuration --------------------------------------------------------------------

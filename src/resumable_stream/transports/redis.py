@@ -521,11 +521,12 @@ class RedisTransport(Transport):
                 self._meta_ttl_ms,
             ),
         )
-        node = self._single
+        node = None if self._closed else self._single
         # One server: the reply is awaited here, with no _execute() coroutine per append in
         # flight (fewer objects for the garbage collector while writes wait their turn). An
         # error reply (NOSCRIPT, a refusal) goes through _execute(), which handles it; the
         # script was not run, or running it again is harmless (an append is idempotent).
+        # Closed: _execute() raises TransportClosed.
         result = await node.pipe.send(packed) if node is not None else None
         if node is None or isinstance(result, rex.RedisError):
             result = await self._execute(self._slot(stream_id), packed, _APPEND)
