@@ -295,8 +295,8 @@ class RedisTransport(Transport):
         # reads as expired (OffsetExpired), not as never created (StreamNotFound).
         self._meta_running_ms = int((running_ttl + tombstone) * 1000)
         self._append_tail = (max_entries, self._running_ttl_ms, self._retention_ms)
-        self._slots: dict[str, int] = {}
-        self._keys: dict[str, tuple[str, str, str]] = {}  # stream id -> meta, events, lease
+        # stream id -> its hash slot and its keys (meta, events, lease), computed once
+        self._streams: dict[str, tuple[int, tuple[str, str, str]]] = {}
         #: Error replies met, by code (MOVED, ASK, NOSCRIPT, READONLY...): for tests, metrics.
         self.redirects: collections.Counter[str] = collections.Counter()
         # Live delivery and cancels: channel -> feed / waiters; channel -> its node.
@@ -360,13 +360,19 @@ class RedisTransport(Transport):
                 with contextlib.suppress(Exception):
                     await cluster_node.disconnect_free_connections()
 
+    def _stream(self, stream_id: str) -> tuple[int, tuple[str, str, str]]:
+        """The stream's hash slot and its meta, events and lease keys (cached)."""
+        known = self._streams.get(stream_id)
+        if known is None:
+            if len(self._streams) >= 65536:
+                self._streams.clear()
+            tag = f"{self.prefix}:{{{stream_id}}}:"
+            keys = (tag + "meta", tag + "events", tag + "lease")
+            known = self._streams[stream_id] = (key_slot(stream_id.encode()), keys)
+        return known
+
     def _slot(self, stream_id: str) -> int:
-        slot = self._slots.get(stream_id)
-        if slot is None:
-            if len(self._slots) >= 65536:
-                self._slots.clear()
-            slot = self._slots[stream_id] = key_slot(stream_id.encode())
-        return slot
+        return self._stream(stream_id)[0]
 
     def _node_for_slot(self, slot: int) -> _Node:
         if self._single is not None:
@@ -476,13 +482,7 @@ class RedisTransport(Transport):
         return self._execute(self._slot(stream_id), self._evalsha(script, stream_id, args), script)
 
     def _evalsha(self, script: _Script, stream_id: str, args: tuple[Any, ...]) -> bytes:
-        keys = self._keys.get(stream_id)
-        if keys is None:
-            if len(self._keys) >= 65536:
-                self._keys.clear()
-            tag = f"{self.prefix}:{{{stream_id}}}:"
-            keys = self._keys[stream_id] = (tag + "meta", tag + "events", tag + "lease")
-        return pack("EVALSHA", script.sha, 3, *keys, *args)
+        return pack("EVALSHA", script.sha, 3, *self._stream(stream_id)[1], *args)
 
     def _key(self, stream_id: str, kind: str) -> str:
         return f"{self.prefix}:{{{stream_id}}}:{kind}"
@@ -538,13 +538,11 @@ class RedisTransport(Transport):
     async def _append_durably(
         self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None
     ) -> None:
-        tag = f"{self.prefix}:{{{stream_id}}}:"
-        keys = (tag + "meta", tag + "events", tag + "lease")
         hold = pack(
             "EVALSHA",
             _HOLD.sha,
             3,
-            *keys,
+            *self._stream(stream_id)[1],
             owner,
             entry.epoch,
             entry.seq,
