@@ -32,7 +32,7 @@ async def written(transport: MemoryTransport, stream_id: str, n: int, lease_ms: 
 def lose_tail(transport: MemoryTransport, stream_id: str, keep: int) -> None:
     """What a failover to a replica that had not caught up does: entries past ``keep`` go."""
     stream = transport._streams[stream_id]
-    del stream.entries[keep - stream.first_seq + 1 :]
+    del stream.payloads[keep - stream.first_seq + 1 :]
 
 
 async def test_reading_one_event_decodes_one_entry_not_a_page() -> None:

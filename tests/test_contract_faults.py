@@ -36,8 +36,8 @@ def lose_tail(transport_kind: str, request: pytest.FixtureRequest) -> LoseTail:
         async def lose_in_memory(transport: Transport, stream_id: str, keep: int) -> None:
             assert isinstance(transport, MemoryTransport)
             stream = transport._streams[stream_id]
-            del stream.entries[keep - stream.first_seq + 1 :]
-            stream.last_count = len(decode_entry(stream.entries[-1].payload, 1, 1))
+            del stream.payloads[keep - stream.first_seq + 1 :]
+            stream.last_count = len(decode_entry(stream.payloads[-1], 1, 1))
 
         return lose_in_memory
 

@@ -19,7 +19,7 @@ import pytest
 from resumable_stream import StreamConsumer, StreamProducer
 from resumable_stream._asgi import StreamEngine
 from resumable_stream._http import SSE
-from resumable_stream.transports import Transport, from_url
+from resumable_stream.transports import Entry, Transport, from_url
 from resumable_stream.transports.memory import MemoryTransport
 
 
@@ -116,3 +116,25 @@ async def test_a_finished_stream_response_leaves_no_cycles(
     assert body.count(b"event: token") == 300 and b"event: end" in body
     del engine, run
     assert _collect(collector) == []
+
+
+async def test_the_memory_transport_stores_entries_as_objects_the_collector_skips() -> None:
+    # Regression (issue 11): an Entry object per stored entry grew the young generation
+    # by one tracked object per token, three times as many young collections as Redis
+    # (and its in-process readers' p99 doubled). A stored entry is bytes now.
+    transport = MemoryTransport()
+    info = await transport.create("s", "owner", 30_000)
+    gc.collect()
+    tracked = len(gc.get_objects())
+    for seq in range(1, 2001):
+        await transport.append("s", "owner", Entry(info.epoch, seq, b'["t"]'), 1)
+    gc.collect()
+    assert len(gc.get_objects()) - tracked < 50
+    # Read back whole, in order, from any offset.
+    stored = await transport.read("s", info.epoch, 1990, 100)
+    assert [(e.epoch, e.seq, e.payload) for e in stored] == [
+        (info.epoch, seq, b'["t"]') for seq in range(1991, 2001)
+    ]
+    subscription = transport.subscribe("s", info.epoch, 1998)
+    assert [e.seq for e in await subscription.get(max_wait=1.0)] == [1999, 2000]
+    subscription.close()

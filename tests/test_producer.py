@@ -219,8 +219,8 @@ async def test_entries_are_capped_in_events_and_bytes() -> None:
     gate.set()
     assert await run.wait() == "completed"
     stream = transport._streams[run.stream_id]
-    assert all(len(decode_entry(e.payload, 1, 1)) <= 10 for e in stream.entries)
-    assert all(len(e.payload) <= 200 + 20 for e in stream.entries)
+    assert all(len(decode_entry(p, 1, 1)) <= 10 for p in stream.payloads)
+    assert all(len(p) <= 200 + 20 for p in stream.payloads)
     assert joined(await collect(transport, run.stream_id)) == text_of(500)
 
 
@@ -345,7 +345,7 @@ async def test_a_rollback_met_while_ending_an_interrupted_run_is_written() -> No
     await transport.held.wait()
     # A failover to a replica that had not caught up: entries 8-10 are gone.
     stream = transport._streams["s"]
-    del stream.entries[8 - stream.first_seq :]
+    del stream.payloads[8 - stream.first_seq :]
     stream.last_count = 1
     run._task.cancel()  # what asyncio.run() does to every task at shutdown...
     transport.release.set()  # ...while entry 11 is being written: it is sent again
