@@ -366,8 +366,8 @@ class RedisTransport(Transport):
         if known is None:
             if len(self._streams) >= 65536:
                 self._streams.clear()
-            tag = f"{self.prefix}:{{{stream_id}}}:"
-            keys = (tag + "meta", tag + "events", tag + "lease")
+            key = self._key
+            keys = (key(stream_id, "meta"), key(stream_id, "events"), key(stream_id, "lease"))
             known = self._streams[stream_id] = (key_slot(stream_id.encode()), keys)
         return known
 
