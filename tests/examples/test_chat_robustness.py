@@ -7,14 +7,18 @@ accepting two messages at once, and the answer cache showing one user's answer t
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from chat_service.runtime import open_runtime
+from chat_service.settings import Settings
 
 from tests.examples._chat import (
     ChatServer,
@@ -191,6 +195,44 @@ def test_reject_policy_is_exact_within_a_process(
     # Issue 12: two concurrent POSTs to an idle thread both got 202 in 5 of 6 trials.
     server = chat_servers(BUSY_POLICY="reject", OFFLINE_TOKENS_PER_SECOND="40", **chat_backend)
     assert reject_trials(server, server) == [[202, 409]] * 6
+
+
+async def test_reject_waits_for_an_unmarked_lock_as_long_as_it_is_held(tmp_path: Path) -> None:
+    # A request that finds the lock held by another still submitting its message (no mark)
+    # waited 0.5 s at most, then answered 409; under load both requests of one trial could
+    # run out of that wait, and a message on an idle thread was rejected.
+    settings = Settings(busy_policy="reject", secret_key="s", data_dir=tmp_path)
+    async with open_runtime(settings) as runtime:
+        runs = runtime.runs
+        thread = await runtime.store.create_thread("ada", "t")
+        submitting = await runs.lock.try_acquire(thread.id)
+        assert submitting is not None
+        waiting = asyncio.create_task(runs._lock_if_idle(thread.id))
+        # A bound, not a wait for readiness: twice the time the old wait gave up after.
+        done, _ = await asyncio.wait({waiting}, timeout=1.0)
+        assert not done, "gave up on a lock whose holder is still there"
+        await submitting.release()  # it queued nothing: the thread is idle
+        held = await waiting
+        assert held is not None and held.thread_id == thread.id
+        await held.release()
+
+
+async def test_reject_answers_at_once_when_the_unmarked_holder_starts_answering(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(busy_policy="reject", secret_key="s", data_dir=tmp_path)
+    async with open_runtime(settings) as runtime:
+        runs, store = runtime.runs, runtime.store
+        thread = await store.create_thread("ada", "t")
+        holder = await runs.lock.try_acquire(thread.id)
+        assert holder is not None
+        waiting = asyncio.create_task(runs._lock_if_idle(thread.id))
+        job = await store.add_run(
+            thread.id, message="hi", model="offline", use_cache=False, human_id=None
+        )
+        await holder.answering(job.seq, runtime.transport)  # a run queued, the lock marked
+        assert await waiting is None  # busy, without waiting for the holder to finish
+        await holder.release()
 
 
 @pytest.mark.redis

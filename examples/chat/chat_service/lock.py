@@ -75,8 +75,11 @@ class HeldLock:
         its message (see RunService._lock_if_idle)."""
         self._hold.mark(str(seq))
         with contextlib.suppress(ResumableStreamError, TimeoutError):
-            async with asyncio.timeout(MARK_TIMEOUT):
-                async for event in StreamConsumer(transport, self.run.stream_id):
+            async with (
+                asyncio.timeout(MARK_TIMEOUT),
+                StreamConsumer(transport, self.run.stream_id) as consumer,
+            ):
+                async for event in consumer:
                     if event.type == "token" and event.data.get("text") == str(seq):
                         break
 
@@ -112,3 +115,12 @@ class ThreadLock:
                 with contextlib.suppress(ResumableStreamError):
                     async for _ in StreamConsumer(self.producer.transport, lock_id_for(thread_id)):
                         pass
+
+    async def marked_or_released(self, thread_id: str) -> None:
+        """Wait until the holder of the thread's lock marks it or lets it go (released, or
+        its lease lapsed after it died), whichever comes first."""
+        with contextlib.suppress(ResumableStreamError):
+            async with StreamConsumer(self.producer.transport, lock_id_for(thread_id)) as lock:
+                async for event in lock:
+                    if event.type == "token":
+                        return

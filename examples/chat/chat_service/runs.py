@@ -54,10 +54,6 @@ class QueueUnavailable(Exception):
     """Worker mode: the task of a run could not be sent (the broker is down)."""
 
 
-#: Seconds a message under ``reject`` waits for a lock whose holder has not marked it.
-UNMARKED_LOCK_WAIT = 0.5
-
-
 # --------------------------------------------------------------------------- runs
 
 
@@ -180,24 +176,21 @@ class RunService:
         Exact within a process and across processes sharing the transport (issue 12): the
         lock is taken atomically, and held until the new run is recorded. A holder that has
         not marked the lock with the answer it started is a request still submitting its
-        message: busy. One whose answer's stream has ended is saving it (a client may see
-        ``end`` first): wait for it rather than reject.
+        message, or a holder about to mark it: wait until it marks the lock or lets it go,
+        then look. One whose answer's stream has ended is saving it (a client may see
+        ``end`` first): wait for it rather than reject. Every wait ends on what the holder
+        does (or on its lease lapsing, if it died), never on a timer that load can outrun.
         """
         seen = await self._run_count(thread_id)
         held = await self.lock.try_acquire(thread_id)
         if held is None:
             lock = await self.transport.info(lock_id_for(thread_id))
             if lock is not None and lock.status == "running" and lock.last_seq == 0:
-                # Unmarked: a request submitting (it releases soon in worker mode), or a
-                # holder whose mark is not written yet. A short wait tells; the run count
-                # below rejects us if the other request added its run.
-                within = UNMARKED_LOCK_WAIT
-            elif await self._answering(thread_id):
+                await self.lock.marked_or_released(thread_id)
+            if await self._answering(thread_id):
                 return None
-            else:
-                within = self.settings.stream_lease * 2
             try:
-                held = await self.lock.acquire(thread_id, within=within)
+                held = await self.lock.acquire(thread_id, within=self.settings.stream_lease * 2)
             except TimeoutError:
                 return None
         # Holding the lock: a queued run waits for a worker (worker mode), or was left by a
