@@ -19,13 +19,15 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from resumable_stream import (
+    LeaseLost,
+    ResumableStreamError,
     StreamAlreadyRunning,
     StreamConsumer,
     StreamProducer,
     TransportError,
     from_url,
 )
-from resumable_stream.transports.redis import RedisTransport
+from resumable_stream.transports.redis import RedisTransport, _CancelWaiter
 from tests._helpers import collect, eventually, joined, text_of, tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,8 +186,11 @@ async def test_many_live_readers_share_a_constant_number_of_connections(
 
     gate = asyncio.Event()
     client = aioredis.Redis.from_url(redis_url, client_name=name)
-    async with RedisTransport(client, prefix=prefix) as transport:
-        producer = StreamProducer(transport)
+    async with (
+        RedisTransport.from_url(redis_url, prefix=prefix) as writer,  # another process
+        RedisTransport(client, prefix=prefix) as transport,
+    ):
+        producer = StreamProducer(writer)
         runs = [await producer.start(tokens(40, pause=gate)) for _ in range(200)]
         readers = [asyncio.create_task(collect(transport, r.stream_id)) for r in runs]
 
@@ -194,8 +199,8 @@ async def test_many_live_readers_share_a_constant_number_of_connections(
             return len(await _notice_channels(admin, prefix)) == 200
 
         await eventually(all_reading)
-        # One pipelined command connection and one sharded pub/sub connection (which
-        # also carries the 200 runs' cancel channels), whatever the number of streams.
+        # One pipelined command connection and one sharded pub/sub connection, whatever
+        # the number of streams.
         assert await connections() == 2
         gate.set()
         results = await asyncio.gather(*readers)
@@ -208,6 +213,61 @@ async def test_many_live_readers_share_a_constant_number_of_connections(
 
     await eventually(all_closed)
     await client.aclose()
+
+
+async def test_readers_of_a_run_written_here_are_fed_by_its_appends_not_by_notices(
+    transport: RedisTransport, admin: aioredis.Redis, prefix: str
+) -> None:
+    # Issue 11: a run's readers in the process writing it got each entry from its notice
+    # (a subscription per stream, a message to receive and parse per entry) although the
+    # process had just written it.
+    gate = asyncio.Event()
+    producer = StreamProducer(transport)
+    runs = [await producer.start(tokens(300, every=1, pause=gate)) for _ in range(20)]
+    readers = [asyncio.create_task(collect(transport, r.stream_id)) for r in runs]
+    consumers = [StreamConsumer(transport, r.stream_id) for r in runs]
+    firsts = [await anext(consumer) for consumer in consumers]  # live, before the pause
+
+    async def all_reading() -> bool:
+        return len(transport._feeds) == len(runs)
+
+    await eventually(all_reading)
+    assert not [c for c in transport._channel_node if c.endswith(b":n")]
+    assert await _notice_channels(admin, prefix) == []
+    gate.set()
+    for run, reader, consumer, first in zip(runs, readers, consumers, firsts, strict=True):
+        assert joined(await reader) == text_of(300)  # no gap, no duplicate
+        assert joined([first, *[event async for event in consumer]]) == text_of(300)
+        assert await run.wait() == "completed"
+
+
+async def test_a_reader_here_learns_at_once_that_another_process_deleted_the_run(
+    transport: RedisTransport, redis_url: str, prefix: str
+) -> None:
+    # Its readers here are not subscribed to the run's notices: the run's cancel watch
+    # stops it, and its readers look at the stream then (not at their next check, half
+    # the lease later: an hour here).
+    gate = asyncio.Event()  # never set: a slow model
+    run = await StreamProducer(transport, lease=7200).start(tokens(10, pause=gate))
+    consumer = StreamConsumer(transport, run.stream_id)
+    await anext(consumer)
+
+    async def following() -> bool:
+        return any(feed.subscribers for feed in transport._feeds.values())
+
+    await eventually(following)  # the reader is live (waits for what comes next)
+    async with RedisTransport.from_url(redis_url, prefix=prefix) as there:
+        assert await there.delete(run.stream_id)
+
+    async def drain() -> None:
+        async with asyncio.timeout(30):  # a bound on a hang, not a wait for readiness
+            async for _ in consumer:
+                pass
+
+    with pytest.raises(ResumableStreamError):
+        await drain()
+    with pytest.raises(LeaseLost):
+        await run.wait()
 
 
 async def test_writes_are_batched_not_one_round_trip_per_token(
@@ -264,26 +324,51 @@ async def test_keys_use_one_hash_tag_per_stream(
     assert len({key_slot(k.encode()) for k in keys}) == 1  # one Redis Cluster slot
 
 
+async def test_a_cancel_watch_stops_a_run_deleted_or_replaced_before_it_was_subscribed(
+    transport: RedisTransport,
+) -> None:
+    # The delete's notice on the cancel channel is lost if it came before the watch was
+    # subscribed; the check made then found no `cancel` field and let the run go on
+    # (its readers in this process, fed by its appends, waited for their next check).
+    fired: list[Exception | None] = []
+    waiter = _CancelWaiter(transport, "s", 1234, fired.append)
+    waiter.check(None, b"1234")
+    assert fired == []  # running, not cancelled
+    waiter.check(None, None)  # deleted
+    assert fired == [None]
+    replaced = _CancelWaiter(transport, "s", 1234, fired.append)
+    replaced.check(None, b"1300")  # another run of the id since
+    assert fired == [None, None]
+
+
 async def test_streams_survive_redis_dropping_every_connection(
-    transport: RedisTransport, admin: aioredis.Redis
+    transport: RedisTransport, admin: aioredis.Redis, redis_url: str
 ) -> None:
     gate = asyncio.Event()
     producer = StreamProducer(transport)
     runs = [await producer.start(tokens(300, every=1, pause=gate)) for _ in range(5)]
-    readers = [asyncio.create_task(collect(transport, r.stream_id)) for r in runs]
+    # Readers here (fed by the runs' appends) and in another process (by notices).
+    async with RedisTransport.from_url(redis_url, prefix=transport.prefix) as there:
+        readers = [
+            asyncio.create_task(collect(reading, r.stream_id))
+            for reading in (transport, there)
+            for r in runs
+        ]
 
-    async def all_live() -> bool:
-        return len(await _notice_channels(admin, transport.prefix)) == len(runs)
+        async def all_live() -> bool:
+            notices = await _notice_channels(admin, transport.prefix)
+            return len(notices) == len(runs) and len(transport._feeds) == len(runs)
 
-    await eventually(all_live)
-    killed = await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-    assert killed == 1  # the pipelined command connection
-    killed = await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-    assert killed == 1  # the sharded pub/sub connection of live notices and cancels
-    gate.set()
-    for run, reader in zip(runs, readers, strict=True):
-        assert joined(await reader) == text_of(300)  # no gap, no duplicate across reconnects
-        assert await run.wait() == "completed"
+        await eventually(all_live)
+        killed = await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        assert killed == 2  # the pipelined command connection of each transport
+        killed = await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        assert killed == 2  # the sharded pub/sub connection of each: notices, cancels
+        gate.set()
+        for reader in readers:
+            assert joined(await reader) == text_of(300)  # no gap, no duplicate
+        for run in runs:
+            assert await run.wait() == "completed"
 
 
 async def test_a_notices_connection_dropped_while_channels_are_added_is_a_transport_error(

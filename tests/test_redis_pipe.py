@@ -259,6 +259,30 @@ async def test_without_a_write_interval_each_loop_turn_writes(
         await pipe.aclose()
 
 
+async def test_a_reply_hook_runs_as_the_reply_is_parsed_and_cannot_break_the_connection(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The Redis transport hands an entry to the readers of a run written in the process
+    # from the append's reply, before the writer's task resumes (issue 11).
+    pipe = Pipe(lambda: Connection(port=redis_server.port), timeout=5.0, name="t")
+    seen: list[tuple[Any, bool]] = []
+    try:
+        echo = pipe.send(pack("ECHO", "a"), lambda reply: seen.append((reply, echo.done())))
+        plain = pipe.send(pack("ECHO", "b"))
+
+        def broken(reply: Any) -> None:
+            raise RuntimeError("a bug in a hook")
+
+        failing = pipe.send(pack("ECHO", "c"), broken)
+        assert await asyncio.gather(echo, plain, failing) == [b"a", b"b", b"c"]
+        assert seen == [(b"a", True)]  # once, for its own command, with the future set
+        assert "a reply hook failed" in caplog.text
+        assert await pipe.call(pack("PING")) == b"PONG"
+        assert pipe.connects == 1  # the same connection: the hook's bug was not its fault
+    finally:
+        await pipe.aclose()
+
+
 def test_a_write_interval_out_of_range_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="write_interval"):
         RedisTransport.from_url("redis://localhost:1", write_interval=0.5)

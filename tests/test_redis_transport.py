@@ -569,9 +569,17 @@ async def test_connections_per_master_stay_at_two_whatever_the_streams(
         assert len({redis_cluster.owner(slot) for slot in slots}) == 3  # every master used
 
         async def all_reading() -> bool:
-            return len(transport._feeds) == 60 and all(
-                channel in transport._channel_node[channel].subscriber.confirmed
-                for channel in transport._feeds
+            # The readers are fed by the runs' appends (written here); each run's cancel
+            # channel is subscribed on its master.
+            cancels = transport._cancel_waiters
+            return (
+                len(transport._feeds) == 60
+                and len(cancels) == 60
+                and all(
+                    channel in transport._channel_node
+                    and channel in transport._channel_node[channel].subscriber.confirmed
+                    for channel in cancels
+                )
             )
 
         await eventually(all_reading)

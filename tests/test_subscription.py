@@ -28,3 +28,17 @@ async def test_close_wakes_a_waiting_get() -> None:
     assert subscription._waiter is not None
     subscription.close()
     assert await asyncio.wait_for(waiting, timeout=1) == []
+
+
+async def test_a_wake_behind_buffered_entries_is_not_lost() -> None:
+    # Regression: the transport wakes readers (push([])) to make them look at the stream,
+    # e.g. once it was deleted; a reader with entries still buffered took them, then
+    # waited out its whole max_wait (half the lease) before looking.
+    subscription = QueueSubscription(lambda sub: None)
+    subscription.push([Entry(1, 1, b"[]")])
+    subscription.push([])
+    assert len(await subscription.get(3600)) == 1
+    # (5 s bounds a hang against the hour it used to wait; no readiness is timed.)
+    assert await asyncio.wait_for(subscription.get(3600), timeout=5) == []
+    subscription.push([Entry(1, 2, b"[]")])
+    assert len(await subscription.get(3600)) == 1  # answered once, not again

@@ -171,11 +171,22 @@ class Run:
         self._tasks: list[asyncio.Task[None]] = []
         self._renewing = False  # a renewal of the lease is under way (StreamProducer)
         self._unwatch: Callable[[], None] = _nothing  # ends the cancel watch
+        self._unwrite: Callable[[], None] = _nothing  # ends Transport.writing()
         self._report_end: Callable[[], None] = _nothing  # set by telemetry
+        try:  # before start() returns: readers that come next find the run written here
+            self._unwrite = self._transport.writing(stream_id, epoch)
+        except Exception:  # a hint: a transport failing at it still stores the run
+            logger.warning("run %s: Transport.writing() failed", stream_id, exc_info=True)
         self._task = asyncio.create_task(self._main(), name=f"rstream run {stream_id}")
+        # (Also if the task is cancelled before it runs, when _main's `finally` does not.)
+        self._task.add_done_callback(self._stopped_writing)
 
     def __repr__(self) -> str:
         return f"<Run stream_id={self.stream_id!r} status={self.status}>"
+
+    def _stopped_writing(self, _task: object = None) -> None:
+        unwrite, self._unwrite = self._unwrite, _nothing
+        unwrite()
 
     def done(self) -> bool:
         """True once the terminal event is written (or the run failed to write it)."""
@@ -237,6 +248,7 @@ class Run:
             # a full garbage collection (tens of ms with many runs; issue 11).
             self._unwatch()
             self._unwatch = _nothing
+            self._stopped_writing()
             self._producer._forget(self)
             self._report_end()
             self._report_end = _nothing  # (a closure holding this run: no cycle left)

@@ -70,7 +70,8 @@ class Subscription(ABC):
 
     @abstractmethod
     async def get(self, max_wait: float) -> list[Entry]:
-        """Wait up to ``max_wait`` seconds for entries; return them (empty on timeout).
+        """Wait up to ``max_wait`` seconds for entries; return them (empty on timeout, or
+        when the transport asks the reader to look at the stream again).
 
         Entries arrive in order. A subscription may repeat entries or skip some (for
         example when its buffer overflows); consumers check ``seq`` and fill gaps with
@@ -82,6 +83,10 @@ class Subscription(ABC):
         """Stop receiving entries. Idempotent; never blocks."""
 
 
+def _nothing() -> None:
+    """What :meth:`Transport.writing` returns by default."""
+
+
 class QueueSubscription(Subscription):
     """A ready-made :class:`Subscription` fed by :meth:`push` (for transport authors)."""
 
@@ -91,10 +96,17 @@ class QueueSubscription(Subscription):
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._on_close = on_close
+        self._woken = False  # an empty push() not yet answered by an empty get()
         self.closed = False
 
     def push(self, entries: list[Entry]) -> None:
-        """Deliver entries; drops the oldest beyond the buffer limit (readers refill gaps)."""
+        """Deliver entries; drops the oldest beyond the buffer limit (readers refill gaps).
+
+        ``push([])`` wakes the reader to look at the stream (its metadata and storage):
+        its next :meth:`get` returns an empty list once the entries buffered are taken.
+        """
+        if not entries:
+            self._woken = True
         self._entries.extend(entries)
         overflow = len(self._entries) - DEFAULT_SUBSCRIPTION_BUFFER
         for _ in range(overflow):
@@ -105,6 +117,9 @@ class QueueSubscription(Subscription):
 
     async def get(self, max_wait: float) -> list[Entry]:
         if not self._entries:
+            if self._woken:
+                self._woken = False
+                return []
             loop = asyncio.get_running_loop()
             self._deadline = loop.time() + max_wait
             waiter = self._waiter = loop.create_future()
@@ -117,6 +132,8 @@ class QueueSubscription(Subscription):
                 await waiter
             finally:
                 self._waiter = None
+            if not self._entries:
+                self._woken = False  # answered now
         entries = list(self._entries)
         self._entries.clear()
         return entries
@@ -234,6 +251,17 @@ class Transport(ABC):
         Called once per run by its producer and cancelled when the run ends; must not
         cost a backend round trip per call beyond setup.
         """
+
+    def writing(self, stream_id: str, epoch: int) -> collections.abc.Callable[[], None]:
+        """Note that this process writes run ``epoch`` of ``stream_id`` from now on; return
+        a function to call when it stops (whatever the ending).
+
+        A hint, not a lock: the producer calls it for each run it writes. A transport may
+        hand the entries it appends for that run to this process's readers directly,
+        rather than through its backend's notifications (Redis does: no notice to receive
+        and parse per entry). The default does nothing.
+        """
+        return _nothing
 
     def watch_cancel(
         self,

@@ -227,10 +227,14 @@ def _take_over(connection: AbstractConnection, on_reply: Callable[[Any], None]) 
 class _Session:
     """One connection's life: the commands written to it and the replies it owes."""
 
-    __slots__ = ("flushed_at", "flushing", "outgoing", "pending", "stream", "task")
+    __slots__ = ("flushed_at", "flushing", "hooks", "outgoing", "pending", "stream", "task")
 
     def __init__(self) -> None:
         self.pending: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # (future, hook) of the pending commands sent with an on_reply hook, in order.
+        self.hooks: collections.deque[tuple[asyncio.Future[Any], Callable[[Any], None]]] = (
+            collections.deque()
+        )
         self.outgoing: list[bytes] = []
         self.stream: asyncio.WriteTransport | None = None  # set once connected
         self.flushing = False
@@ -239,6 +243,7 @@ class _Session:
 
     def fail(self, error: TransportError) -> None:
         self.outgoing.clear()
+        self.hooks.clear()
         while self.pending:
             future = self.pending.popleft()
             if not future.done():
@@ -282,14 +287,22 @@ class Pipe:
         self._schedule(loop, session)
         return futures
 
-    def send(self, packed: bytes) -> asyncio.Future[Any]:
+    def send(
+        self, packed: bytes, on_reply: Callable[[Any], None] | None = None
+    ) -> asyncio.Future[Any]:
         """Queue one packed command; the future of its reply (as :meth:`submit`, without
-        a list: the hot path of appends and live fetches)."""
+        a list: the hot path of appends and live fetches).
+
+        ``on_reply(reply)`` is called as the reply is parsed, before the future's waiter
+        runs (not if the connection fails first).
+        """
         loop = asyncio.get_running_loop()
         session = self._queue(loop)
         future = loop.create_future()
         session.outgoing.append(packed)
         session.pending.append(future)
+        if on_reply is not None:
+            session.hooks.append((future, on_reply))
         self._schedule(loop, session)
         return future
 
@@ -378,6 +391,13 @@ class Pipe:
         future = pending.popleft()
         if not future.done():  # done: its caller was cancelled; the reply is dropped
             future.set_result(reply)  # an error reply is returned too, as an exception
+        hooks = session.hooks
+        if hooks and hooks[0][0] is future:
+            hook = hooks.popleft()[1]
+            try:
+                hook(reply)
+            except Exception:  # a bug in the hook: not this connection's fault
+                logger.exception("%s: a reply hook failed", self.name)
         if isinstance(reply, rex.RedisError) and error_code(reply) in RECONNECT_CODES:
             # A demoted master (READONLY) or a server loading its data (redis-py makes
             # that a ConnectionError): this connection points at the wrong server for now

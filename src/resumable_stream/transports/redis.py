@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import hashlib
 import logging
 import time
@@ -127,8 +128,8 @@ class _Feed:
     """The live entries of one stream followed in this process, fanned out to readers."""
 
     __slots__ = (
-        "channel", "cursor", "epoch", "fetching", "key", "loading", "refetch", "subscribers",
-        "transport",
+        "channel", "cursor", "epoch", "fetching", "key", "loading", "local", "refetch",
+        "subscribers", "transport",
     )  # fmt: skip
 
     def __init__(
@@ -142,6 +143,8 @@ class _Feed:
         self.fetching = False
         self.refetch = False
         self.loading = False  # a SCRIPT LOAD for the fetch is under way
+        # Fed by this process's own appends (the run is written here), not subscribed.
+        self.local = False
         self.subscribers: set[QueueSubscription] = set()
 
     def wake(self) -> None:
@@ -187,8 +190,10 @@ class _CancelWaiter:
         self.transport._unwatch(self)
 
     def check(self, cancel: bytes | None, epoch: bytes | None) -> None:
-        """The metadata's ``cancel`` and ``epoch`` fields: fire if they cancel this run."""
-        if cancel and epoch == b"%d" % self.epoch:
+        """The metadata's ``cancel`` and ``epoch`` fields: fire if they cancel this run,
+        or show it deleted or replaced (a notice of that published before the watch was
+        subscribed is lost; the run could not write anyway)."""
+        if epoch != b"%d" % self.epoch or cancel:
             self.fire()
 
 
@@ -295,12 +300,14 @@ class RedisTransport(Transport):
         # reads as expired (OffsetExpired), not as never created (StreamNotFound).
         self._meta_running_ms = int((running_ttl + tombstone) * 1000)
         self._append_tail = (max_entries, self._running_ttl_ms, self._retention_ms)
-        # stream id -> its hash slot and its keys (meta, events, lease), computed once
-        self._streams: dict[str, tuple[int, tuple[str, str, str]]] = {}
+        # stream id -> its hash slot, its keys (meta, events, lease) and notice channel
+        self._streams: dict[str, tuple[int, tuple[str, str, str], bytes]] = {}
         #: Error replies met, by code (MOVED, ASK, NOSCRIPT, READONLY...): for tests, metrics.
         self.redirects: collections.Counter[str] = collections.Counter()
         # Live delivery and cancels: channel -> feed / waiters; channel -> its node.
         self._feeds: dict[bytes, _Feed] = {}
+        # Notice channel -> epoch of the run written in this process (Transport.writing).
+        self._writing: dict[bytes, int] = {}
         self._cancel_waiters: dict[bytes, set[_CancelWaiter]] = {}
         self._checks: set[asyncio.Task[None]] = set()  # cancel checks that were redirected
         self._channel_node: dict[bytes, _Node] = {}
@@ -360,15 +367,17 @@ class RedisTransport(Transport):
                 with contextlib.suppress(Exception):
                     await cluster_node.disconnect_free_connections()
 
-    def _stream(self, stream_id: str) -> tuple[int, tuple[str, str, str]]:
-        """The stream's hash slot and its meta, events and lease keys (cached)."""
+    def _stream(self, stream_id: str) -> tuple[int, tuple[str, str, str], bytes]:
+        """The stream's hash slot, its meta, events and lease keys, and its notice channel
+        (cached)."""
         known = self._streams.get(stream_id)
         if known is None:
             if len(self._streams) >= 65536:
                 self._streams.clear()
             key = self._key
             keys = (key(stream_id, "meta"), key(stream_id, "events"), key(stream_id, "lease"))
-            known = self._streams[stream_id] = (key_slot(stream_id.encode()), keys)
+            channel = key(stream_id, "n").encode()
+            known = self._streams[stream_id] = (key_slot(stream_id.encode()), keys, channel)
         return known
 
     def _slot(self, stream_id: str) -> int:
@@ -505,6 +514,8 @@ class RedisTransport(Transport):
     ) -> None:
         if self.replicas:
             await self._append_durably(stream_id, owner, entry, count, final)
+            if self._writing:
+                self._appended_here(stream_id, entry, final)
             return
         packed = self._evalsha(
             _APPEND,
@@ -527,13 +538,46 @@ class RedisTransport(Transport):
         # error reply (NOSCRIPT, a refusal) goes through _execute(), which handles it; the
         # script was not run, or running it again is harmless (an append is idempotent).
         # Closed: _execute() raises TransportClosed.
-        result = await node.pipe.send(packed) if node is not None else None
+        result = None
+        if node is not None:
+            # A run written here: its readers here get the entry as the reply is parsed.
+            hook = None
+            if self._writing:
+                hook = functools.partial(self._replied, stream_id, entry, final)
+            result = await node.pipe.send(packed, hook)
         if node is None or isinstance(result, rex.RedisError):
             result = await self._execute(self._slot(stream_id), packed, _APPEND)
+            if self._writing:
+                self._replied(stream_id, entry, final, result)
         if result == -1:
             raise LeaseLost(stream_id)
         if isinstance(result, list):
             raise StorageRollback(stream_id, int(result[0]))
+
+    def _replied(self, stream_id: str, entry: Entry, final: Status | None, reply: Any) -> None:
+        if reply == 1 or reply == 0:  # stored now, or already (a retried write)
+            self._appended_here(stream_id, entry, final)
+
+    def _appended_here(self, stream_id: str, entry: Entry, final: Status | None) -> None:
+        """An entry of a run written in this process is stored: hand it to this process's
+        readers of the run (the notice Redis also publishes goes to other processes)."""
+        channel = self._stream(stream_id)[2]
+        if self._writing.get(channel) != entry.epoch:
+            return
+        if final is not None:
+            del self._writing[channel]  # nothing more is written under this epoch
+        feed = self._feeds.get(channel)
+        if feed is None or not feed.local or feed.epoch != entry.epoch:
+            return
+        if entry.seq == feed.cursor + 1 and not feed.fetching:
+            feed.cursor = entry.seq
+            entries = [entry]
+            for subscription in tuple(feed.subscribers):
+                subscription.push(entries)
+        elif entry.seq > feed.cursor:
+            self._fetch(feed)  # a fetch is under way, or an entry was missed
+        elif final is not None:
+            feed.wake()  # the run ended below the readers (storage_rollback): they look
 
     async def _append_durably(
         self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None
@@ -609,6 +653,26 @@ class RedisTransport(Transport):
             unwatch()
         if self._closed:
             raise TransportClosed("the Redis transport is closed")
+
+    def writing(self, stream_id: str, epoch: int) -> Callable[[], None]:
+        # Readers in this process of a run written here are fed by its appends: no
+        # subscription, no notice to receive and parse per entry (issue 11).
+        channel = self._stream(stream_id)[2]
+        self._writing[channel] = epoch
+        return functools.partial(self._stopped_writing, channel, epoch)
+
+    def _stopped_writing(self, channel: bytes, epoch: int) -> None:
+        if self._writing.get(channel) != epoch:
+            return  # ended with its final entry (or another run of the id took over)
+        # Stopped without its final entry (fenced, or failed): another process may write
+        # the run's end now (a reaper's producer_lost) or delete it. Its readers here
+        # follow the notices from now on, and look at the stream at once.
+        del self._writing[channel]
+        feed = self._feeds.get(channel)
+        if feed is not None and feed.local and not self._closed:
+            feed.local = False
+            self._follow(channel)
+            feed.wake()
 
     def watch_cancel(
         self, stream_id: str, epoch: int, on_cancel: Callable[[Exception | None], None]
@@ -697,7 +761,7 @@ class RedisTransport(Transport):
     def subscribe(self, stream_id: str, epoch: int, after: int) -> Subscription:
         if self._closed:
             raise TransportClosed("the Redis transport is closed")
-        channel = self._key(stream_id, "n").encode()
+        channel = self._stream(stream_id)[2]
         feed = self._feeds.get(channel)
         if feed is not None and feed.epoch > epoch:
             # A reader of an earlier run: it must not take the feed from the current one.
@@ -710,10 +774,16 @@ class RedisTransport(Transport):
                 feed.wake()
             key = self._key(stream_id, "events").encode()
             feed = self._feeds[channel] = _Feed(self, key, channel, epoch, after)
-            self._follow(channel)
-            node = self._channel_node.get(channel)
-            if node is not None and channel in node.subscriber.confirmed:
-                self._fetch(feed)  # subscribed already (another run's readers)
+            if self._writing.get(channel) == epoch:
+                # The run is written in this process: its appends feed the readers. What
+                # it wrote before this reader came is fetched.
+                feed.local = True
+                self._fetch(feed)
+            else:
+                self._follow(channel)
+                node = self._channel_node.get(channel)
+                if node is not None and channel in node.subscriber.confirmed:
+                    self._fetch(feed)  # subscribed already (another run's readers)
         subscription = QueueSubscription(feed.release)
         feed.subscribers.add(subscription)
         if feed.cursor > after:
@@ -728,8 +798,11 @@ class RedisTransport(Transport):
 
     async def delete(self, stream_id: str) -> bool:
         # Deleting the metadata fences the producer: its owner token is gone. The script
-        # notifies the stream's readers and its producer, in every process.
-        return bool(await self._eval(_DELETE, stream_id))
+        # notifies the stream's readers and its producer, in every process (but readers fed
+        # by a run written here are not subscribed: they are woken here).
+        deleted = bool(await self._eval(_DELETE, stream_id))
+        self._wake_local(stream_id)
+        return deleted
 
     async def reap(self, stream_id: str, epoch: int, payload: bytes) -> bool:
         result = await self._eval(
@@ -742,7 +815,13 @@ class RedisTransport(Transport):
             self._retention_ms,
             self._meta_ttl_ms,
         )
+        self._wake_local(stream_id)
         return bool(result)
+
+    def _wake_local(self, stream_id: str) -> None:
+        feed = self._feeds.get(self._stream(stream_id)[2])
+        if feed is not None and feed.local:
+            feed.wake()
 
     async def aclose(self) -> None:
         if self._closed:
@@ -751,6 +830,7 @@ class RedisTransport(Transport):
         for feed in self._feeds.values():
             feed.wake()
         self._feeds.clear()
+        self._writing.clear()
         for waiters in tuple(self._cancel_waiters.values()):
             for waiter in tuple(waiters):
                 if waiter.on_close is not None:
@@ -893,6 +973,12 @@ class RedisTransport(Transport):
             feed.refetch = True
             return
         node = self._channel_node.get(feed.channel)
+        if node is None and feed.local and not self._closed:
+            try:
+                node = self._node_for_slot(key_slot(feed.channel))
+            except TransportError:
+                feed.wake()  # the readers read through the safe path
+                return
         if node is None or self._closed:
             return
         feed.fetching = True
