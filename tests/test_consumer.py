@@ -7,9 +7,10 @@ import tracemalloc
 
 import pytest
 
-from resumable_stream import Event, OffsetExpired, StreamConsumer, StreamProducer
+from resumable_stream import Event, LeaseLost, OffsetExpired, StreamConsumer, StreamProducer
 from resumable_stream._codec import encode_entry, format_offset
 from resumable_stream._constants import CONSUMER_CHECKPOINT
+from resumable_stream._consumer import _Check, _checks_of
 from resumable_stream.transports import Entry
 from resumable_stream.transports._base import QueueSubscription, Subscription
 from resumable_stream.transports.memory import MemoryTransport
@@ -243,3 +244,31 @@ async def test_a_reader_attaching_as_its_run_starts_follows_it_without_reading_s
     # A reader coming after the run ended replays it from storage as before.
     assert joined(await collect(transport, run.stream_id)) == "t0 t1 t2 "
     assert transport.reads > 0
+
+
+async def test_a_woken_reader_looks_afresh_not_at_another_readers_recent_check() -> None:
+    # Found in review: a reader woken by its transport (the stream deleted, restarted, or
+    # stored past the live feed) looked through the quiet-stream check other readers of
+    # the stream share, which answers from a check made up to half a lease ago. With that
+    # check made just before the delete, the reader waited out half the lease.
+    transport = MemoryTransport()
+    gate = asyncio.Event()  # never set: a slow model
+    run = await StreamProducer(transport, lease=7200).start(tokens(4, pause=gate))
+    consumer = StreamConsumer(transport, run.stream_id)
+    await anext(consumer)
+    rest = asyncio.create_task(collect_from(consumer))
+
+    async def following() -> bool:
+        return bool(transport._streams[run.stream_id].subscribers)
+
+    await eventually(following)
+    info = await transport.info(run.stream_id)
+    checks = _checks_of(transport)  # another reader's check, a moment ago: running
+    checks[(run.stream_id, run.epoch)] = _Check(at=asyncio.get_running_loop().time(), info=info)
+    assert await transport.delete(run.stream_id)
+    # (30 s bounds a hang against the hour it used to wait; no readiness is timed.)
+    with pytest.raises(OffsetExpired):
+        await asyncio.wait_for(rest, timeout=30)
+    gate.set()
+    with pytest.raises(LeaseLost):  # deleted: fenced
+        await run.wait()

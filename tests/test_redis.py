@@ -241,24 +241,27 @@ async def test_readers_of_a_run_written_here_are_fed_by_its_appends_not_by_notic
         assert await run.wait() == "completed"
 
 
-async def test_a_reader_here_learns_at_once_that_another_process_deleted_the_run(
-    transport: RedisTransport, redis_url: str, prefix: str
-) -> None:
-    # Its readers here are not subscribed to the run's notices: the run's cancel watch
-    # stops it, and its readers look at the stream then (not at their next check, half
-    # the lease later: an hour here).
-    gate = asyncio.Event()  # never set: a slow model
-    run = await StreamProducer(transport, lease=7200).start(tokens(10, pause=gate))
-    consumer = StreamConsumer(transport, run.stream_id)
+async def _closing_slowly(closed: asyncio.Event) -> AsyncIterator[str]:
+    """A slow model whose stream takes until ``closed`` to close once the run stops."""
+    try:
+        yield "hello "
+        await asyncio.Event().wait()
+    finally:
+        await closed.wait()
+
+
+async def _live_reader(transport: RedisTransport, stream_id: str) -> StreamConsumer:
+    consumer = StreamConsumer(transport, stream_id)
     await anext(consumer)
 
     async def following() -> bool:
         return any(feed.subscribers for feed in transport._feeds.values())
 
     await eventually(following)  # the reader is live (waits for what comes next)
-    async with RedisTransport.from_url(redis_url, prefix=prefix) as there:
-        assert await there.delete(run.stream_id)
+    return consumer
 
+
+async def _ended_in_error(consumer: StreamConsumer) -> None:
     async def drain() -> None:
         async with asyncio.timeout(30):  # a bound on a hang, not a wait for readiness
             async for _ in consumer:
@@ -266,8 +269,42 @@ async def test_a_reader_here_learns_at_once_that_another_process_deleted_the_run
 
     with pytest.raises(ResumableStreamError):
         await drain()
+
+
+async def test_a_reader_here_learns_at_once_that_another_process_deleted_the_run(
+    transport: RedisTransport, redis_url: str, prefix: str
+) -> None:
+    # Its readers here are not subscribed to the run's notices, the delete's among them.
+    # They learnt of it only once the run's task had ended, after its source closed (or at
+    # their next check, half the lease later: an hour here).
+    closed = asyncio.Event()
+    run = await StreamProducer(transport, lease=7200).start(_closing_slowly(closed))
+    consumer = await _live_reader(transport, run.stream_id)
+    async with RedisTransport.from_url(redis_url, prefix=prefix) as there:
+        assert await there.delete(run.stream_id)
+    await _ended_in_error(consumer)
+    closed.set()
     with pytest.raises(LeaseLost):
         await run.wait()
+
+
+async def test_readers_here_of_a_run_restarted_here_learn_it_at_once(
+    transport: RedisTransport, redis_url: str, prefix: str
+) -> None:
+    # Found in review: the id started again here while the old run was still stopping
+    # (its source closing) left the old run's readers waiting for their next check.
+    closed = asyncio.Event()
+    old = await StreamProducer(transport, lease=7200).start(_closing_slowly(closed), stream_id="s")
+    consumer = await _live_reader(transport, "s")
+    async with RedisTransport.from_url(redis_url, prefix=prefix) as there:
+        assert await there.delete("s")
+    new = await StreamProducer(transport, lease=7200).start(tokens(3), stream_id="s")
+    await _ended_in_error(consumer)  # OffsetExpired: restarted
+    assert joined(await collect(transport, "s")) == text_of(3)
+    assert await new.wait() == "completed"
+    closed.set()
+    with pytest.raises(LeaseLost):
+        await old.wait()
 
 
 async def test_writes_are_batched_not_one_round_trip_per_token(

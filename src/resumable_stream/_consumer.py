@@ -47,6 +47,8 @@ _LOST_PAYLOAD = encode_entry(
 # already received holding other data (a reaped run after a failover, a producer whose
 # storage rolled back): resuming after such an offset cannot tell them apart, so it expires.
 _REWRITTEN_ERRORS = frozenset({"producer_lost", "storage_rollback"})
+#: A live wait that returns empty this long before its end was woken, not timed out.
+_WAKE_MARGIN = 0.001
 
 
 @dataclass(eq=False)
@@ -321,15 +323,25 @@ class StreamConsumer:
             self._loop = asyncio.get_running_loop()
             self._subscription = self.transport.subscribe(self.stream_id, self._epoch, self._seq)
             telemetry.live(+1)
-        entries = await self._subscription.get(max_wait=max(info.lease_ms / 2000, 0.05))
+        loop = self._loop or asyncio.get_running_loop()
+        max_wait = max(info.lease_ms / 2000, 0.05)
+        began = loop.time()
+        entries = await self._subscription.get(max_wait=max_wait)
         if self._finished:  # closed by aclose() from another task meanwhile
             return
         if entries:
             self._take(entries, stored=False)
             return
-        # Quiet stream: is its producer still alive? A lapsed lease ends it with an error
-        # event (written once, by whichever reader of the whole process gets there first).
-        info = await self._check_quiet(info)
+        if loop.time() - began < max_wait - _WAKE_MARGIN:
+            # Woken before its time: the transport asks this reader to look at the stream
+            # (deleted, restarted, or stored past the live feed). A fresh look, not the
+            # check another reader made up to half a lease ago.
+            info = await self._refresh()
+        else:
+            # Quiet stream: is its producer still alive? A lapsed lease ends it with an
+            # error event (written once, by whichever reader of the process gets there
+            # first).
+            info = await self._check_quiet(info)
         if info.last_seq > self._seq:
             # Stored entries this subscription never delivered (it joined a feed that had
             # already passed them, or the reaper just wrote one): read them from storage.

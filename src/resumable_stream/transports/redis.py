@@ -658,6 +658,11 @@ class RedisTransport(Transport):
         # Readers in this process of a run written here are fed by its appends: no
         # subscription, no notice to receive and parse per entry (issue 11).
         channel = self._stream(stream_id)[2]
+        feed = self._feeds.get(channel)
+        if feed is not None and feed.local and feed.epoch != epoch:
+            # Readers of an earlier run of the id, written here: that run is over (or
+            # fenced) and nothing of it will come from here; they look at the stream.
+            self._to_notices(feed)
         self._writing[channel] = epoch
         return functools.partial(self._stopped_writing, channel, epoch)
 
@@ -669,10 +674,15 @@ class RedisTransport(Transport):
         # follow the notices from now on, and look at the stream at once.
         del self._writing[channel]
         feed = self._feeds.get(channel)
-        if feed is not None and feed.local and not self._closed:
-            feed.local = False
-            self._follow(channel)
-            feed.wake()
+        if feed is not None and feed.local and feed.epoch == epoch:
+            self._to_notices(feed)
+
+    def _to_notices(self, feed: _Feed) -> None:
+        """A local feed's readers follow the notices from now on, and look at once."""
+        feed.local = False
+        if not self._closed:
+            self._follow(feed.channel)
+        feed.wake()
 
     def watch_cancel(
         self, stream_id: str, epoch: int, on_cancel: Callable[[Exception | None], None]
@@ -815,7 +825,8 @@ class RedisTransport(Transport):
             self._retention_ms,
             self._meta_ttl_ms,
         )
-        self._wake_local(stream_id)
+        if result:
+            self._wake_local(stream_id)
         return bool(result)
 
     def _wake_local(self, stream_id: str) -> None:
@@ -949,6 +960,11 @@ class RedisTransport(Transport):
             for waiter in tuple(self._cancel_waiters.get(channel, ())):
                 if waiter.epoch == cancelled:
                     waiter.fire()
+            # A cancel, or a delete: readers fed by the run's appends are not subscribed
+            # to its notices (a delete's among them). They look at the stream now.
+            feed = self._feeds.get(channel[:-1] + b"n")
+            if feed is not None and feed.local:
+                feed.wake()
             return
         feed = self._feeds.get(channel)
         if feed is None:
