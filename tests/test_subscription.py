@@ -42,3 +42,20 @@ async def test_a_wake_behind_buffered_entries_is_not_lost() -> None:
     assert await asyncio.wait_for(subscription.get(3600), timeout=5) == []
     subscription.push([Entry(1, 2, b"[]")])
     assert len(await subscription.get(3600)) == 1  # answered once, not again
+
+
+async def test_an_empty_get_tells_a_wake_up_from_a_timeout() -> None:
+    # The consumer reads the stream afresh after a wake-up, and makes the shared
+    # quiet-stream check after a timeout; near the end of a wait, or on a late loop, the
+    # time taken could not tell them apart.
+    subscription = QueueSubscription(lambda sub: None)
+    assert await subscription.get(0.01) == []
+    assert subscription.woke is False
+    waiting = asyncio.create_task(subscription.get(3600))
+    await asyncio.sleep(0)  # one loop turn: the task runs to its first await
+    subscription.push([])
+    assert await asyncio.wait_for(waiting, timeout=5) == []
+    assert subscription.woke is True
+    subscription.push([])  # before the wait: answered at once
+    assert await subscription.get(3600) == []
+    assert subscription.woke is True

@@ -323,16 +323,20 @@ class StreamConsumer:
             self._loop = asyncio.get_running_loop()
             self._subscription = self.transport.subscribe(self.stream_id, self._epoch, self._seq)
             telemetry.live(+1)
+        subscription = self._subscription
         loop = self._loop or asyncio.get_running_loop()
         max_wait = max(info.lease_ms / 2000, 0.05)
         began = loop.time()
-        entries = await self._subscription.get(max_wait=max_wait)
+        entries = await subscription.get(max_wait=max_wait)
         if self._finished:  # closed by aclose() from another task meanwhile
             return
         if entries:
             self._take(entries, stored=False)
             return
-        if loop.time() - began < max_wait - _WAKE_MARGIN:
+        woke = subscription.woke
+        if woke is None:  # a subscription that does not tell: returned before its time?
+            woke = loop.time() - began < max_wait - _WAKE_MARGIN
+        if woke:
             # Woken before its time: the transport asks this reader to look at the stream
             # (deleted, restarted, or stored past the live feed). A fresh look, not the
             # check another reader made up to half a lease ago.

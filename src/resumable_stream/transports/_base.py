@@ -68,6 +68,10 @@ class StreamInfo:
 class Subscription(ABC):
     """Live entries of one stream, as returned by :meth:`Transport.subscribe`."""
 
+    #: After an empty :meth:`get`: True if it answered a wake-up, False if it timed out;
+    #: None if the subscription does not tell (the consumer then goes by the time taken).
+    woke: bool | None = None
+
     @abstractmethod
     async def get(self, max_wait: float) -> list[Entry]:
         """Wait up to ``max_wait`` seconds for entries; return them (empty on timeout, or
@@ -119,6 +123,7 @@ class QueueSubscription(Subscription):
         if not self._entries:
             if self._woken:
                 self._woken = False
+                self.woke = True
                 return []
             loop = asyncio.get_running_loop()
             self._deadline = loop.time() + max_wait
@@ -133,7 +138,8 @@ class QueueSubscription(Subscription):
             finally:
                 self._waiter = None
             if not self._entries:
-                self._woken = False  # answered now
+                self.woke = self._woken  # a wake-up answered, or the wait timed out
+                self._woken = False
         entries = list(self._entries)
         self._entries.clear()
         return entries
