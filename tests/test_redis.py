@@ -307,6 +307,25 @@ async def test_readers_here_of_a_run_restarted_here_learn_it_at_once(
         await old.wait()
 
 
+async def test_readers_here_of_a_run_taken_over_here_learn_it_at_once(
+    transport: RedisTransport, admin: aioredis.Redis
+) -> None:
+    # Found in review: a run whose lease lapsed (its process stalled, say) and whose id is
+    # started again here: no notice or cancel tells the old run's readers here, who are
+    # fed by its appends; the new run's writing() must wake them.
+    gate = asyncio.Event()
+    old = await StreamProducer(transport, lease=7200).start(tokens(10, pause=gate), stream_id="s")
+    consumer = await _live_reader(transport, "s")
+    assert await admin.delete(transport._key("s", "lease")) == 1  # the lease lapsed
+    new = await StreamProducer(transport, lease=7200).start(tokens(3), stream_id="s")
+    await _ended_in_error(consumer)  # OffsetExpired: taken over by another run
+    assert joined(await collect(transport, "s")) == text_of(3)
+    assert await new.wait() == "completed"
+    gate.set()
+    with pytest.raises(LeaseLost):  # fenced at its next write
+        await old.wait()
+
+
 async def test_writes_are_batched_not_one_round_trip_per_token(
     transport: RedisTransport, admin: aioredis.Redis
 ) -> None:
