@@ -569,15 +569,10 @@ class RedisTransport(Transport):
         feed = self._feeds.get(channel)
         if feed is None or not feed.local or feed.epoch != entry.epoch:
             return
-        if entry.seq == feed.cursor + 1 and not feed.fetching:
-            feed.cursor = entry.seq
-            entries = [entry]
-            for subscription in tuple(feed.subscribers):
-                subscription.push(entries)
-        elif entry.seq > feed.cursor:
-            self._fetch(feed)  # a fetch is under way, or an entry was missed
-        elif final is not None:
+        if entry.seq <= feed.cursor and final is not None:
             feed.wake()  # the run ended below the readers (storage_rollback): they look
+        else:
+            self._offer(feed, entry.seq, entry)
 
     async def _append_durably(
         self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None
@@ -811,7 +806,7 @@ class RedisTransport(Transport):
         # notifies the stream's readers and its producer, in every process (but readers fed
         # by a run written here are not subscribed: they are woken here).
         deleted = bool(await self._eval(_DELETE, stream_id))
-        self._wake_local(stream_id)
+        self._wake_local(self._stream(stream_id)[2])
         return deleted
 
     async def reap(self, stream_id: str, epoch: int, payload: bytes) -> bool:
@@ -826,11 +821,12 @@ class RedisTransport(Transport):
             self._meta_ttl_ms,
         )
         if result:
-            self._wake_local(stream_id)
+            self._wake_local(self._stream(stream_id)[2])
         return bool(result)
 
-    def _wake_local(self, stream_id: str) -> None:
-        feed = self._feeds.get(self._stream(stream_id)[2])
+    def _wake_local(self, channel: bytes) -> None:
+        """Wake the readers fed by a run written here (not subscribed to its notices)."""
+        feed = self._feeds.get(channel)
         if feed is not None and feed.local:
             feed.wake()
 
@@ -962,9 +958,7 @@ class RedisTransport(Transport):
                     waiter.fire()
             # A cancel, or a delete: readers fed by the run's appends are not subscribed
             # to its notices (a delete's among them). They look at the stream now.
-            feed = self._feeds.get(channel[:-1] + b"n")
-            if feed is not None and feed.local:
-                feed.wake()
+            self._wake_local(channel[:-1] + b"n")
             return
         feed = self._feeds.get(channel)
         if feed is None:
@@ -973,14 +967,23 @@ class RedisTransport(Transport):
         epoch, _, seq = entry_id.partition(b"-")
         if not seq or int(epoch) != feed.epoch:
             feed.wake()  # deleted, or another run: the readers find out from the metadata
-        elif int(seq) == feed.cursor + 1 and carried and not feed.fetching:
-            # The usual case: the next entry, carried by its notice. No fetch.
-            feed.cursor += 1
-            entries = [Entry(feed.epoch, feed.cursor, payload)]
+        else:
+            # The usual case: the next entry, carried by its notice (no fetch). Too large
+            # to carry: fetched.
+            number = int(seq)
+            self._offer(feed, number, Entry(feed.epoch, number, payload) if carried else None)
+
+    def _offer(self, feed: _Feed, seq: int, entry: Entry | None) -> None:
+        """Entry ``seq`` of the feed's run is stored (``entry``, if known): hand it to the
+        readers if it is the next one, else fetch what they miss (a gap, a fetch under
+        way, or an entry not carried)."""
+        if entry is not None and seq == feed.cursor + 1 and not feed.fetching:
+            feed.cursor = seq
+            entries = [entry]
             for subscription in tuple(feed.subscribers):
                 subscription.push(entries)
-        elif int(seq) > feed.cursor:
-            self._fetch(feed)  # too large to carry, or a gap (a notice missed)
+        elif seq > feed.cursor:
+            self._fetch(feed)
 
     def _fetch(self, feed: _Feed) -> None:
         """Read the feed's new entries (one XRANGE in flight per stream; notices that
