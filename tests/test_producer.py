@@ -354,3 +354,147 @@ async def test_a_rollback_met_while_ending_an_interrupted_run_is_written() -> No
     events = await collect(transport, "s")
     assert joined(events) == text_of(7)
     assert events[-1].type == "error" and events[-1].data["error"] == "storage_rollback"
+
+
+# -- the fast path: Transport.append_soon ------------------------------------------------
+
+
+class Posting(MemoryTransport):
+    """Counts the entries posted; can answer a post "not stored", or hold its answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.posted: list[int] = []
+        self.refuse: set[int] = set()  # seqs answered done(False), not stored
+        self.hold: asyncio.Event | None = None  # stores, answers once set
+
+    def append_soon(self, stream_id, owner, entry, count, done) -> bool:  # type: ignore[no-untyped-def]
+        self.posted.append(entry.seq)
+        if entry.seq in self.refuse:
+            asyncio.get_running_loop().call_soon(done, False)
+            return True
+        if self.hold is None:
+            return super().append_soon(stream_id, owner, entry, count, done)
+        self._append(stream_id, owner, entry, count, None)
+        held = self.hold
+
+        async def answer() -> None:
+            await held.wait()
+            done(True)
+
+        task = asyncio.get_running_loop().create_task(answer())
+        self._held = task  # (kept alive)
+        return True
+
+
+async def _paced(
+    transport: Transport, n: int, seen: asyncio.Queue[str], *, stream_id: str = "paced"
+) -> tuple[list[str], object]:
+    """A run whose source yields its next token once a reader has received the last one."""
+
+    async def source():
+        for i in range(n):
+            yield f"t{i} "
+            assert await seen.get() == f"t{i} "
+
+    run = await StreamProducer(transport).start(source(), stream_id=stream_id)
+    got: list[str] = []
+    async for event in StreamConsumer(transport, stream_id):
+        if event.type == "token":
+            got.append(event.data["text"])
+            seen.put_nowait(event.data["text"])
+    return got, await run.wait()
+
+
+@pytest.fixture
+def no_coalescing(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tokens paced by a reader come within COALESCE_GAP of each other here; an LLM's do
+    # not. With no gap every token is written at once, as an LLM's would be.
+    monkeypatch.setattr("resumable_stream._producer.COALESCE_GAP", 0.0)
+
+
+async def test_a_paced_run_posts_each_entry_with_no_task_waiting_on_it(no_coalescing: None) -> None:
+    # Issue 11: awaiting each append woke the writer task twice per token.
+    transport = Posting()
+    got, status = await _paced(transport, 20, asyncio.Queue())
+    assert got == [f"t{i} " for i in range(20)]
+    assert status == "completed"
+    # Each token's entry but the first (the writer's first turn takes what the source
+    # yields at once) is posted; the final entry, the end alone, is awaited.
+    assert transport.posted == list(range(2, 21))
+
+
+async def test_a_post_not_stored_is_written_again_by_append(no_coalescing: None) -> None:
+    transport = Posting()
+    transport.refuse = {3, 7}
+    got, status = await _paced(transport, 10, asyncio.Queue())
+    assert got == [f"t{i} " for i in range(10)]  # each once, in order
+    assert status == "completed"
+    assert transport.posted == list(range(2, 11))  # 3 and 7 then went through append()
+
+
+async def test_a_post_refused_because_the_run_was_fenced_fails_the_run(
+    no_coalescing: None,
+) -> None:
+    transport = MemoryTransport()
+    seen: asyncio.Queue[str] = asyncio.Queue()
+
+    async def source():
+        yield "a "
+        await seen.get()
+        transport._streams["fenced"].owner = "another producer"  # taken over meanwhile
+        yield "b "
+        await asyncio.Event().wait()
+
+    run = await StreamProducer(transport).start(source(), stream_id="fenced")
+    reader = StreamConsumer(transport, "fenced")
+    assert (await anext(reader)).data["text"] == "a "
+    seen.put_nowait("a ")
+    with pytest.raises(LeaseLost):
+        await run.wait()
+    await reader.aclose()
+
+
+async def test_a_run_stopped_while_a_post_is_unanswered_writes_each_entry_once(
+    no_coalescing: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    transport = Posting()
+    transport.hold = asyncio.Event()
+    go = asyncio.Event()
+
+    async def source():
+        yield "a"  # written in the writer's first turn
+        await go.wait()
+        yield "b"  # posted
+        await asyncio.Event().wait()
+
+    run = await StreamProducer(transport).start(source(), stream_id="held")
+    reader = StreamConsumer(transport, "held")
+    assert (await anext(reader)).data["text"] == "a"
+    await reader.aclose()
+    go.set()
+    await eventually(_holds(lambda: bool(transport.posted)))
+    run._task.cancel()  # e.g. the event loop shutting down, the post still unanswered
+    with pytest.raises(asyncio.CancelledError):
+        await run.wait()
+    transport.hold.set()  # the late answer changes nothing
+    await transport._held
+    events = [
+        event
+        for entry in await transport.read("held", run.epoch, 0, 100)
+        for event in decode_entry(entry.payload, entry.epoch, entry.seq)
+    ]
+    assert [(e.type, e.data.get("text", e.data.get("reason"))) for e in events] == [
+        ("token", "a"),
+        ("token", "b"),
+        ("cancelled", "shutdown"),
+    ]
+    assert run._seq == 3 and run.status == "cancelled"
+    assert "Traceback" not in caplog.text
+
+
+def _holds(condition):  # type: ignore[no-untyped-def]
+    async def check() -> bool:
+        return bool(condition())
+
+    return check

@@ -352,6 +352,50 @@ async def test_scripts_survive_a_script_flush(
     assert joined(await collect(transport, run.stream_id)) == text_of(5)
 
 
+@pytest.mark.parametrize("fault", ["script flush", "connections dropped"])
+async def test_a_paced_run_outlives_a_fault_met_by_an_entry_posted(
+    transport: RedisTransport,
+    admin: aioredis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    fault: str,
+) -> None:
+    # Paced entries are posted (Transport.append_soon): an answer that is not "stored"
+    # (NOSCRIPT, or the connection dropped while the reply was owed) sends the entry
+    # again through append(), which recovers; readers get each token once.
+    monkeypatch.setattr("resumable_stream._producer.COALESCE_GAP", 0.0)  # (see test_producer)
+    received: asyncio.Queue[str] = asyncio.Queue()
+
+    async def source() -> AsyncIterator[str]:
+        for i in range(12):
+            yield f"t{i} "
+            assert await received.get() == f"t{i} "
+            if i == 5 and fault == "script flush":
+                await admin.script_flush()
+            elif i == 5:
+                await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+
+    posts: list[int] = []
+    post = transport.append_soon
+
+    def counted(*args: Any) -> bool:
+        posts.append(args[2].seq)
+        return post(*args)
+
+    monkeypatch.setattr(transport, "append_soon", counted)
+    run = await StreamProducer(transport).start(source())
+    got: list[str] = []
+    async with StreamConsumer(transport, run.stream_id) as reader:
+        async for event in reader:
+            if event.type == "token":
+                got.append(event.data["text"])
+                received.put_nowait(event.data["text"])
+    assert got == [f"t{i} " for i in range(12)]
+    assert await run.wait() == "completed"
+    assert posts == list(range(2, 13))  # every token's entry but the first was posted
+    if fault == "script flush":
+        assert transport.redirects["NOSCRIPT"] >= 1  # met by the post, then by append()
+
+
 async def test_unreachable_redis_raises_transport_error() -> None:
     async with from_url("redis://127.0.0.1:1/0") as transport:
         with pytest.raises(TransportError):

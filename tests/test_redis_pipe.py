@@ -4,7 +4,7 @@ Cluster redirects, reconnections, on asyncio and uvloop."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -279,6 +279,49 @@ async def test_a_reply_hook_runs_as_the_reply_is_parsed_and_cannot_break_the_con
         assert "a reply hook failed" in caplog.text
         assert await pipe.call(pack("PING")) == b"PONG"
         assert pipe.connects == 1  # the same connection: the hook's bug was not its fault
+    finally:
+        await pipe.aclose()
+
+
+def _holds(condition: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return condition()
+
+    return check
+
+
+async def test_a_posted_command_answers_its_callback_once_in_order_or_with_the_fault(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The producer's fast path: no future, no task waiting; the callback must hear of a
+    # dropped connection too, or the run would wait for its entry forever.
+    pipe = Pipe(lambda: Connection(port=redis_server.port), timeout=5.0, name="t")
+    answers: list[Any] = []
+    try:
+        pipe.post(pack("ECHO", "a"), answers.append)
+        sent = pipe.send(pack("ECHO", "b"))
+
+        def broken(reply: Any) -> None:
+            raise RuntimeError("a bug in a hook")
+
+        pipe.post(pack("ECHO", "c"), broken)
+        pipe.post(pack("ECHO", "d"), answers.append)
+        assert await sent == b"b"
+        await eventually(_holds(lambda: len(answers) == 2))
+        assert answers == [b"a", b"d"]
+        assert "a reply hook failed" in caplog.text
+        assert pipe.connects == 1
+
+        # The server holds the next reply; the connection drops while it is owed.
+        pipe.post(pack("BLPOP", "nothing", "0"), answers.append)
+        pipe.post(pack("ECHO", "e"), answers.append)
+        async with aioredis.Redis(port=redis_server.port) as admin:
+            await eventually(_holds(lambda: len(pipe._session.pending) == 2))  # type: ignore[union-attr]
+            await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        await eventually(_holds(lambda: len(answers) == 4))
+        assert all(isinstance(a, TransportError) for a in answers[2:]), answers
+        assert await pipe.call(pack("PING")) == b"PONG"  # a new connection
+        assert len(answers) == 4  # each callback was called once
     finally:
         await pipe.aclose()
 

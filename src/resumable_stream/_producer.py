@@ -167,6 +167,15 @@ class Run:
         self._window: collections.deque[bytes] = collections.deque()
         self._window_counts: collections.deque[int] = collections.deque()
         self._window_bytes = 0
+        # The fast path (Transport.append_soon): the entry posted and not yet answered,
+        # when it was posted, and whether the flusher must write it again with append().
+        self._posted: Entry | None = None
+        self._posted_at = 0.0
+        self._redo = False
+        self._can_post = True  # False once the transport declined
+        self._parked = False  # the flusher waits for events, with nothing to write
+        self._clock = asyncio.get_running_loop().time
+        self._written_at = -COALESCE_GAP  # loop time of the last entry written
         self._pump: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._renewing = False  # a renewal of the lease is under way (StreamProducer)
@@ -292,6 +301,8 @@ class Run:
             self._terminal = (ERROR, {"error": "producer_failed", "message": message})
         elif self._terminal is None:
             self._terminal = (CANCELLED, {"reason": "shutdown" if shutting_down else "stopped"})
+        self._posted = None  # an answer still to come is for this: ignored (_on_posted)
+        self._redo = False
         try:
             if self._inflight is not None:  # interrupted mid-write: send it again unchanged
                 entry, count, final = self._inflight
@@ -350,9 +361,10 @@ class Run:
                         encoded = encoder.encode(kind, data)
                         buffer.append(encoded)
                         sizes.append(size_of(encoded))
-                # The flusher needs waking for the first event of a batch and for a full one.
-                if buffered == 0 or len(buffer) >= full:
-                    self._wake.set()
+                # The writer needs waking for the first event of a batch and for a full one
+                # (not while an entry posted is unanswered: its answer wakes the flusher).
+                if (buffered == 0 or len(buffer) >= full) and self._posted is None:
+                    self._kick()
                 while len(buffer) >= buffer_limit:
                     self._space.clear()
                     await self._space.wait()
@@ -380,19 +392,79 @@ class Run:
             if terminal is not None:
                 self._end(terminal)
 
+    def _kick(self) -> None:
+        """Events are waiting: post them now if nothing else is being written and the
+        source is not outrunning the writes (the fast path); else wake the flusher."""
+        if (
+            self._parked
+            and self._can_post
+            and self._inflight is None
+            and self._terminal is None
+            and self._clock() - self._written_at >= COALESCE_GAP
+        ):
+            entry, count, _ = self._inflight = self._next_entry()
+            self._posted, self._posted_at = entry, telemetry.clock()
+            try:
+                posted = self._transport.append_soon(
+                    self.stream_id, self._owner, entry, count, self._on_posted
+                )
+            except Exception:
+                logger.warning("run %s: append_soon() failed", self.stream_id, exc_info=True)
+                posted = False
+            if posted:
+                return
+            self._can_post = False  # declined: this run awaits append() from now on
+            self._posted = None
+            self._redo = True  # the flusher writes the entry taken
+        self._wake.set()
+
+    def _on_posted(self, stored: bool) -> None:
+        """The transport's answer to the entry posted by :meth:`_kick`."""
+        entry = self._posted
+        if entry is None or self._inflight is None or self._inflight[0] is not entry:
+            return  # _salvage() took the entry over
+        self._posted = None
+        if stored:
+            count = self._inflight[1]
+            self._written(entry, count, None)
+            telemetry.appended(count, self._posted_at)
+            self._written_at = self._clock()
+            self._space.set()
+            if self._buffer or self._terminal is not None:
+                self._wake.set()
+        else:
+            self._redo = True  # append() writes it again and reports what went wrong
+            self._wake.set()
+
     async def _flush_loop(self) -> None:
         """Write the buffer, an entry per write, until the terminal event is written."""
-        clock = asyncio.get_running_loop().time
+        clock = self._clock
         coalesce_delay = self._producer.coalesce_delay
         bursting = False
-        written_at = -COALESCE_GAP
         # One turn of the loop for the source: what it yields at once goes in the first entry.
         await asyncio.sleep(0)
         while self.status == "running":
-            if not self._buffer and self._terminal is None:
+            if self._redo and self._inflight is not None:  # a post that was not stored
+                self._redo = False
+                entry, count, final = self._inflight
+                try:
+                    await self._append(entry, count, final)
+                except _RolledBack:
+                    self._inflight = None
+                    continue  # the terminal event is `storage_rollback` now: written next
+                self._written(entry, count, final)
+                self._written_at = clock()
+                self._space.set()
+                bursting = bool(self._buffer)
+                continue
+            if self._posted is not None or (not self._buffer and self._terminal is None):
                 self._wake.clear()
-                await self._wake.wait()
-                bursting = clock() - written_at < COALESCE_GAP
+                self._parked = True
+                try:
+                    await self._wake.wait()
+                finally:
+                    self._parked = False
+                bursting = clock() - self._written_at < COALESCE_GAP
                 continue
             if bursting and self._terminal is None and len(self._buffer) < self._coalesce_events:
                 # Events arrive faster than writes complete: let this entry fill a little
@@ -404,7 +476,7 @@ class Run:
                 except TimeoutError:
                     pass
             await self._flush_once()
-            written_at = clock()
+            self._written_at = clock()
             bursting = bool(self._buffer)
 
     async def _renew(self) -> None:
@@ -457,6 +529,18 @@ class Run:
     async def _flush_once(self) -> None:
         """Write one entry: the next events of the buffer, and the terminal event after
         the last of them."""
+        entry, count, final = self._inflight = self._next_entry()
+        try:
+            await self._append(entry, count, final)
+        except _RolledBack:
+            self._inflight = None
+            return  # the terminal event changed to `storage_rollback`: written next
+        self._written(entry, count, final)
+        self._space.set()
+
+    def _next_entry(self) -> tuple[Entry, int, Status | None]:
+        """Take the next entry's events from the buffer (with the terminal event after
+        the last of them): the entry, its event count and the status it ends the run in."""
         producer = self._producer
         buffer, sizes = self._buffer, self._sizes
         # The most events that fit: at most max_entry_events, and past the first, no more
@@ -474,16 +558,7 @@ class Run:
         if not buffer and terminal is not None and taken < producer.max_entry_events:
             events.append(self._encode_terminal(terminal))
             final = _STATUS_OF[terminal[0]]
-        entry = Entry(self.epoch, self._seq + 1, join_entry(events))
-        count = len(events)
-        del events  # not held while the write waits
-        self._inflight = (entry, count, final)
-        try:
-            await self._append(entry, count, final)
-        except _RolledBack:
-            return  # the terminal event changed to `storage_rollback`: written next
-        self._written(entry, count, final)
-        self._space.set()
+        return Entry(self.epoch, self._seq + 1, join_entry(events)), len(events), final
 
     def _encode_terminal(self, terminal: Item) -> Encoded:
         try:

@@ -236,6 +236,29 @@ class Transport(ABC):
         not (the run fails at once).
         """
 
+    def append_soon(
+        self,
+        stream_id: str,
+        owner: str,
+        entry: Entry,
+        count: int,
+        done: collections.abc.Callable[[bool], None],
+    ) -> bool:
+        """Start appending a non-final ``entry`` without awaiting it; an optional fast path.
+
+        Return False to decline (the default): the producer then awaits :meth:`append`.
+        Having returned True, the transport calls ``done(True)`` once the entry is stored,
+        or ``done(False)`` once, on any other outcome (refused, fenced, a fault, closed).
+        It never calls ``done`` before returning. After ``done(False)`` the producer
+        writes the same entry again with :meth:`append`, which reports the error; appends
+        being idempotent per seq, that is safe whether or not the first one was stored.
+
+        The producer uses it for the common case, one paced entry while nothing else of
+        the run is being written: no task waits on the write (Redis answers it from its
+        reply parser, with no event-loop turn per entry).
+        """
+        return False
+
     @abstractmethod
     async def renew(self, stream_id: str, owner: str, lease_ms: int) -> bool:
         """Extend the owner's lease by ``lease_ms`` (and the running stream's expiry).

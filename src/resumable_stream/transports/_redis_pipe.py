@@ -230,7 +230,11 @@ class _Session:
     __slots__ = ("flushed_at", "flushing", "hooks", "outgoing", "pending", "stream", "task")
 
     def __init__(self) -> None:
-        self.pending: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # What each reply owed goes to, in order: the future of a command sent, or the
+        # callback of one posted.
+        self.pending: collections.deque[asyncio.Future[Any] | Callable[[Any], None]] = (
+            collections.deque()
+        )
         # (future, hook) of the pending commands sent with an on_reply hook, in order.
         self.hooks: collections.deque[tuple[asyncio.Future[Any], Callable[[Any], None]]] = (
             collections.deque()
@@ -245,9 +249,18 @@ class _Session:
         self.outgoing.clear()
         self.hooks.clear()
         while self.pending:
-            future = self.pending.popleft()
-            if not future.done():
-                future.set_exception(error)
+            owed = self.pending.popleft()
+            if not isinstance(owed, asyncio.Future):
+                _call_hook(owed, error)
+            elif not owed.done():
+                owed.set_exception(error)
+
+
+def _call_hook(hook: Callable[[Any], None], reply: Any) -> None:
+    try:
+        hook(reply)
+    except Exception:  # a bug in the hook: not the connection's fault
+        logger.exception("Redis: a reply hook failed")
 
 
 class Pipe:
@@ -305,6 +318,17 @@ class Pipe:
             session.hooks.append((future, on_reply))
         self._schedule(loop, session)
         return future
+
+    def post(self, packed: bytes, on_reply: Callable[[Any], None]) -> None:
+        """Queue one packed command whose reply goes to ``on_reply`` alone, with no future
+        and no task waiting: it is called as the reply is parsed, or with the
+        :class:`TransportError` that ended the connection first (exactly once, either way).
+        """
+        loop = asyncio.get_running_loop()
+        session = self._queue(loop)
+        session.outgoing.append(packed)
+        session.pending.append(on_reply)
+        self._schedule(loop, session)
 
     def _queue(self, loop: asyncio.AbstractEventLoop) -> _Session:
         """The session new commands go to (connecting it if need be), its watchdog armed."""
@@ -389,15 +413,14 @@ class Pipe:
             raise TransportError(f"Redis sent a reply nobody asked for: {reply!r}")
         self._progress = asyncio.get_running_loop().time()
         future = pending.popleft()
-        if not future.done():  # done: its caller was cancelled; the reply is dropped
-            future.set_result(reply)  # an error reply is returned too, as an exception
-        hooks = session.hooks
-        if hooks and hooks[0][0] is future:
-            hook = hooks.popleft()[1]
-            try:
-                hook(reply)
-            except Exception:  # a bug in the hook: not this connection's fault
-                logger.exception("%s: a reply hook failed", self.name)
+        if not isinstance(future, asyncio.Future):  # posted
+            _call_hook(future, reply)
+        else:
+            if not future.done():  # done: its caller was cancelled; the reply is dropped
+                future.set_result(reply)  # an error reply is returned too, as an exception
+            hooks = session.hooks
+            if hooks and hooks[0][0] is future:
+                _call_hook(hooks.popleft()[1], reply)
         if isinstance(reply, rex.RedisError) and error_code(reply) in RECONNECT_CODES:
             # A demoted master (READONLY) or a server loading its data (redis-py makes
             # that a ConnectionError): this connection points at the wrong server for now

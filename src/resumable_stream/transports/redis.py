@@ -293,6 +293,8 @@ class RedisTransport(Transport):
         self._ready = self._cluster is None
         self._init_lock = asyncio.Lock()
         self._closed = False
+        # A subclass's own append() is what it expects to be called: no fast path then.
+        self._own_append = type(self).append is RedisTransport.append
         self._retention_ms = int(retention * 1000)
         self._meta_ttl_ms = int((retention + tombstone) * 1000)
         self._running_ttl_ms = int(running_ttl * 1000)
@@ -553,6 +555,45 @@ class RedisTransport(Transport):
             raise LeaseLost(stream_id)
         if isinstance(result, list):
             raise StorageRollback(stream_id, int(result[0]))
+
+    def append_soon(
+        self, stream_id: str, owner: str, entry: Entry, count: int, done: Callable[[bool], None]
+    ) -> bool:
+        # One server and no WAIT: the reply is handled as it is parsed (see Transport). A
+        # Redis Cluster (redirections) and durable writes (WAIT) take append()'s way.
+        node = self._single
+        if node is None or self.replicas or self._closed or not self._own_append:
+            return False
+        packed = self._evalsha(
+            _APPEND,
+            stream_id,
+            (
+                owner,
+                entry.epoch,
+                entry.seq,
+                entry.payload,
+                count,
+                int(time.time() * 1000),
+                "",
+                *self._append_tail,
+                self._meta_ttl_ms,
+            ),
+        )
+        try:
+            node.pipe.post(packed, functools.partial(self._posted, stream_id, entry, done))
+        except TransportClosed:
+            return False
+        return True
+
+    def _posted(
+        self, stream_id: str, entry: Entry, done: Callable[[bool], None], reply: Any
+    ) -> None:
+        # Anything but "stored" (an error reply such as NOSCRIPT, fenced, a rollback, a
+        # fault) goes to append(), which handles it.
+        stored = reply == 1 or reply == 0
+        if stored and self._writing:
+            self._appended_here(stream_id, entry, None)
+        done(stored)
 
     def _replied(self, stream_id: str, entry: Entry, final: Status | None, reply: Any) -> None:
         if reply == 1 or reply == 0:  # stored now, or already (a retried write)
