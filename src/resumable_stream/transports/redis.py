@@ -519,21 +519,7 @@ class RedisTransport(Transport):
             if self._writing:
                 self._appended_here(stream_id, entry, final)
             return
-        packed = self._evalsha(
-            _APPEND,
-            stream_id,
-            (
-                owner,
-                entry.epoch,
-                entry.seq,
-                entry.payload,
-                count,
-                int(time.time() * 1000),
-                final or "",
-                *self._append_tail,
-                self._meta_ttl_ms,
-            ),
-        )
+        packed = self._append_command(stream_id, owner, entry, count, final)
         node = None if self._closed else self._single
         # One server: the reply is awaited here, with no _execute() coroutine per append in
         # flight (fewer objects for the garbage collector while writes wait their turn). An
@@ -564,7 +550,17 @@ class RedisTransport(Transport):
         node = self._single
         if node is None or self.replicas or self._closed or not self._own_append:
             return False
-        packed = self._evalsha(
+        packed = self._append_command(stream_id, owner, entry, count, None)
+        try:
+            node.pipe.post(packed, functools.partial(self._posted, stream_id, entry, done))
+        except TransportClosed:
+            return False
+        return True
+
+    def _append_command(
+        self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None
+    ) -> bytes:
+        return self._evalsha(
             _APPEND,
             stream_id,
             (
@@ -574,16 +570,11 @@ class RedisTransport(Transport):
                 entry.payload,
                 count,
                 int(time.time() * 1000),
-                "",
+                final or "",
                 *self._append_tail,
                 self._meta_ttl_ms,
             ),
         )
-        try:
-            node.pipe.post(packed, functools.partial(self._posted, stream_id, entry, done))
-        except TransportClosed:
-            return False
-        return True
 
     def _posted(
         self, stream_id: str, entry: Entry, done: Callable[[bool], None], reply: Any
