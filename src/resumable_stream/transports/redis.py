@@ -581,10 +581,9 @@ class RedisTransport(Transport):
     ) -> None:
         # Anything but "stored" (an error reply such as NOSCRIPT, fenced, a rollback, a
         # fault) goes to append(), which handles it.
-        stored = reply == 1 or reply == 0
-        if stored and self._writing:
-            self._appended_here(stream_id, entry, None)
-        done(stored)
+        if self._writing:
+            self._replied(stream_id, entry, None, reply)
+        done(reply == 1 or reply == 0)
 
     def _replied(self, stream_id: str, entry: Entry, final: Status | None, reply: Any) -> None:
         if reply == 1 or reply == 0:  # stored now, or already (a retried write)
