@@ -30,6 +30,7 @@ from resumable_stream import (
     TransportError,
     telemetry,
 )
+from resumable_stream._codec import encode_entry
 from resumable_stream.transports import Entry, Status
 from resumable_stream.transports.memory import MemoryTransport
 from resumable_stream.transports.redis import RedisTransport
@@ -101,6 +102,21 @@ async def test_a_run_and_its_readers_are_counted(transport: Transport, recorded:
     assert len(rest) == 201
     assert recorded.value("resumable_stream.resumes") == 1
     assert recorded.value("resumable_stream.events.delivered") == 301 + 201
+
+
+async def test_a_reader_leaving_inside_an_entry_counts_the_events_it_got(
+    transport: Transport, recorded: Recorded
+) -> None:
+    info = await transport.create("five", owner="me", lease_ms=5000)
+    items = [("token", {"text": t, "message_id": None, "node": None}) for t in "abcde"]
+    entry = Entry(info.epoch, 1, encode_entry([*items, ("end", {})]))
+    await transport.append("five", "me", entry, 6, final="completed")
+
+    async with StreamConsumer(transport, "five") as consumer:
+        assert [(await anext(consumer)).data["text"] for _ in range(2)] == ["a", "b"]
+    assert recorded.value("resumable_stream.events.delivered") == 2
+    assert len(await collect(transport, "five")) == 6
+    assert recorded.value("resumable_stream.events.delivered") == 8
 
 
 async def test_a_reaped_run_is_counted(transport: Transport, recorded: Recorded) -> None:

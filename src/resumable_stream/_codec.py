@@ -22,7 +22,7 @@ padding (by earlier versions) are still accepted.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import orjson
@@ -38,6 +38,9 @@ _NO_META_SIZE = len(b'{"message_id":null,"node":null}')
 # (microsecond clocks until the year 2286), entries below 10**10 and events per entry below
 # 10**5 (MAX_ENTRY_EVENTS_LIMIT).
 _EPOCH_WIDTH, _SEQ_WIDTH, _INDEX_WIDTH = 16, 10, 5
+_ENTRY_PREFIX = f"%0{_EPOCH_WIDTH}d-%0{_SEQ_WIDTH}d-"  # an offset but its index
+_INDEX = f"%0{_INDEX_WIDTH}d"
+_INDEX_TEXT = tuple(_INDEX % index for index in range(1024))  # an entry's usual indexes
 
 
 @dataclasses.dataclass(frozen=True, slots=True, order=True)
@@ -195,25 +198,31 @@ def encode_entry(items: Sequence[Item]) -> bytes:
     return join_entry([encoder.encode(kind, data) for kind, data in items])
 
 
-def iter_entry(payload: bytes, epoch: int, seq: int) -> Iterator[Event]:
-    """Decode an entry payload into events with their offsets, one at a time."""
-    prefix = f"{epoch:0{_EPOCH_WIDTH}d}-{seq:0{_SEQ_WIDTH}d}-"
+def decode_entry(payload: bytes, epoch: int, seq: int) -> list[Event]:
+    """Decode an entry payload into events with their offsets."""
+    prefix = _ENTRY_PREFIX % (epoch, seq)
+    items = orjson.loads(payload)
+    if len(items) == 1 and type(items[0]) is str:  # hot path: one paced token
+        return [
+            Event(
+                TOKEN,
+                {"text": items[0], "message_id": None, "node": None},
+                prefix + "0" * _INDEX_WIDTH,
+            )
+        ]
+    events = []
     message_id: Any = None
     node: Any = None
-    for index, item in enumerate(orjson.loads(payload)):
-        offset = f"{prefix}{index:0{_INDEX_WIDTH}d}"
+    for index, item in enumerate(items):
+        offset = prefix + (_INDEX_TEXT[index] if index < len(_INDEX_TEXT) else _INDEX % index)
         if isinstance(item, str):
             data: dict[str, Any] = {"text": item, "message_id": message_id, "node": node}
-            yield Event(TOKEN, data, offset)
+            events.append(Event(TOKEN, data, offset))
             continue
         kind, data = item
         # Only a string text sets the metadata bare tokens inherit: that is what the
         # encoder remembers too (issue 9: a non-string token shifted the metadata).
         if kind == TOKEN and type(data.get("text")) is str and data.keys() == _TOKEN_KEYS:
             message_id, node = data["message_id"], data["node"]
-        yield Event(kind, data, offset)
-
-
-def decode_entry(payload: bytes, epoch: int, seq: int) -> list[Event]:
-    """Decode an entry payload into events with their offsets."""
-    return list(iter_entry(payload, epoch, seq))
+        events.append(Event(kind, data, offset))
+    return events

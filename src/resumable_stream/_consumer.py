@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
+import operator
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import NoReturn, Self
 
 from . import telemetry
-from ._codec import encode_entry, iter_entry, parse_offset
+from ._codec import decode_entry, encode_entry, parse_offset
 from ._constants import CONSUMER_CHECKPOINT, DEFAULT_PAGE_SIZE
 from ._events import ERROR, Event
 from ._exceptions import ConfigurationError, InvalidOffset, OffsetExpired, StreamNotFound
@@ -119,7 +119,10 @@ class StreamConsumer:
         self._skip_to = -1 if position is None else position.event
         self._page_size = page_size
         self._entries: collections.deque[Entry] = collections.deque()
+        # The events of the entry being handed out, and how many it held (counted as
+        # delivered once it is done).
         self._events: Iterator[Event] | None = None
+        self._opened = 0
         self._budget = CONSUMER_CHECKPOINT
         self._info: StreamInfo | None = None
         self._subscription: Subscription | None = None
@@ -150,6 +153,7 @@ class StreamConsumer:
                 if event is not None:
                     break
                 self._events = None
+                telemetry.delivered(self._opened)
             if self._entries:
                 self._open(self._entries.popleft())
                 continue
@@ -166,7 +170,7 @@ class StreamConsumer:
         if event.terminal:  # nothing follows: release now, even if the caller breaks here
             self._terminal_seen = self._finished = True
             self._entries.clear()
-            self._events = None
+            self._drop_events()
             self._close_subscription()
         return event
 
@@ -174,7 +178,7 @@ class StreamConsumer:
         """Stop reading and release the live subscription."""
         self._finished = True
         self._entries.clear()
-        self._events = None
+        self._drop_events()
         self._close_subscription()
 
     async def __aenter__(self) -> Self:
@@ -211,13 +215,20 @@ class StreamConsumer:
             self._subscription = None
             telemetry.live(-1)
 
+    def _drop_events(self) -> None:
+        """Stop handing out the current entry's events (those handed count as delivered)."""
+        if self._events is not None:
+            telemetry.delivered(self._opened - operator.length_hint(self._events))
+            self._events = None
+
     def _open(self, entry: Entry) -> None:
-        """Start handing out the events of ``entry`` (decoded one at a time)."""
-        events = iter_entry(entry.payload, entry.epoch, entry.seq)
+        """Start handing out the events of ``entry``."""
+        events = decode_entry(entry.payload, entry.epoch, entry.seq)
         skip = self._skip_to
         if skip >= 0:
             self._skip_to = -1
-            skipped = list(itertools.islice(events, skip + 1))
+            skipped = events[: skip + 1]
+            del events[: skip + 1]
             if len(skipped) <= skip:
                 self._expired(
                     f"entry {entry.seq} holds {len(skipped)} events, fewer than this offset "
@@ -233,7 +244,8 @@ class StreamConsumer:
                 self._terminal_seen = self._finished = True
                 self._entries.clear()
                 return
-        self._events = telemetry.delivered(events)
+        self._events = iter(events)
+        self._opened = len(events)
 
     async def _start(self) -> StreamInfo:
         info = await self.transport.info(self.stream_id)
@@ -276,7 +288,8 @@ class StreamConsumer:
         last = await self.transport.read(self.stream_id, info.epoch, info.last_seq - 1, 1)
         if not last:
             return False
-        first = next(iter_entry(last[0].payload, last[0].epoch, last[0].seq), None)
+        events = decode_entry(last[0].payload, last[0].epoch, last[0].seq)
+        first = events[0] if events else None
         return (
             first is not None
             and first.type == ERROR

@@ -40,7 +40,6 @@ from typing import TYPE_CHECKING, Any
 from ._exceptions import ConfigurationError, TransportError
 
 if TYPE_CHECKING:
-    from ._events import Event
     from ._producer import Run
 
 __all__ = ["configure"]
@@ -216,20 +215,8 @@ def reaped() -> None:
         i.reaps.add(1)
 
 
-def delivered(events: Iterator[Event]) -> Iterator[Event]:
-    """``events``, counted as delivered once the entry is done (one add per entry)."""
+def delivered(count: int) -> None:
+    """``count`` events were handed to a consumer."""
     i = _instruments
-    if i is None:
-        return events
-    return _counted(events, i)
-
-
-def _counted(events: Iterator[Event], i: _Instruments) -> Iterator[Event]:
-    count = 0
-    try:
-        for event in events:
-            count += 1
-            yield event
-    finally:
-        if count:
-            i.events_delivered.add(count)
+    if i is not None and count:
+        i.events_delivered.add(count)
