@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -27,7 +28,8 @@ from resumable_stream import (
     TransportError,
     from_url,
 )
-from resumable_stream.transports.redis import RedisTransport, _CancelWaiter
+from resumable_stream.transports import Entry, Status
+from resumable_stream.transports.redis import _APPEND, RedisTransport, _CancelWaiter
 from tests._helpers import collect, eventually, joined, text_of, tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -412,6 +414,26 @@ async def test_user_supplied_client(redis_url: str, prefix: str) -> None:
     await transport.aclose()
     assert await client.ping()  # the caller's client stays open
     await client.aclose()
+
+
+@pytest.mark.parametrize("final", [None, "completed"])
+async def test_the_append_command_is_the_one_hiredis_packs(
+    final: Status | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The append command is formatted from parts packed once per run (_append_command):
+    # byte for byte what packing all of its arguments gives, for any run, entry and end.
+    monkeypatch.setattr(time, "time", lambda: 1764590000.123)
+    transport = from_url("redis://127.0.0.1:1/0", max_entries=777)
+    assert isinstance(transport, RedisTransport)
+    ends = (777, transport._running_ttl_ms, transport._retention_ms, transport._meta_ttl_ms)
+    for owner, epoch, stream_id in [("me", 5, "a"), ("été", 6, "a"), ("me", 10**15, "b:ü")]:
+        for seq, payload, count in [(1, b'["x"]', 1), (12345, b"\r\n" * 300, 99)]:
+            entry = Entry(epoch, seq, payload)
+            arguments = (owner, epoch, seq, payload, count, 1764590000123, final or "", *ends)
+            assert transport._append_command(
+                stream_id, owner, entry, count, final
+            ) == transport._evalsha(_APPEND, stream_id, arguments)
+    await transport.aclose()
 
 
 async def test_keys_use_one_hash_tag_per_stream(
