@@ -546,16 +546,18 @@ class Run:
         # The most events that fit: at most max_entry_events, and past the first, no more
         # than max_entry_bytes in all (prefix sums and bisect: no Python loop per event).
         if len(buffer) == 1:  # a paced token: one event, nothing to weigh
-            taken = 1
+            events = buffer.copy()
+            buffer.clear()
+            sizes.clear()
         else:
             totals = list(itertools.accumulate(sizes[: producer.max_entry_events]))
             taken = max(bisect.bisect_right(totals, producer.max_entry_bytes), min(len(buffer), 1))
-        events = buffer[:taken]
-        del buffer[:taken]
-        del sizes[:taken]
+            events = buffer[:taken]
+            del buffer[:taken]
+            del sizes[:taken]
         final: Status | None = None
         terminal = self._terminal
-        if not buffer and terminal is not None and taken < producer.max_entry_events:
+        if not buffer and terminal is not None and len(events) < producer.max_entry_events:
             events.append(self._encode_terminal(terminal))
             final = _STATUS_OF[terminal[0]]
         return Entry(self.epoch, self._seq + 1, join_entry(events)), len(events), final

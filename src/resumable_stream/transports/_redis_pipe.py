@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -380,7 +381,7 @@ class Pipe:
             self.connects += 1
             if self.connects > 1:
                 telemetry.reconnecting("commands")
-            protocol = _take_over(connection, lambda reply: self._reply(session, reply))
+            protocol = _take_over(connection, functools.partial(self._reply, session))
             session.stream = connection._writer.transport  # type: ignore[union-attr]
             self._flush(session)  # what was queued while connecting
             await protocol.lost  # raises what ended the connection
