@@ -7,11 +7,16 @@ guarantees: any process reads, stops and serializes the answers of any other.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from chat_service.runtime import open_runtime
+from chat_service.settings import Settings
+from chat_service.threads import stream_id_for
 
+from resumable_stream import Run, StreamConsumer
 from tests.examples._chat import (
     ChatServer,
     Sse,
@@ -125,3 +130,30 @@ def test_two_api_processes_never_answer_one_thread_at_once(
 
     assert endings == [{"type": "end"}] * 4
     assert_answered_in_order(thread, runs)
+
+
+async def test_a_stop_landing_as_the_answer_starts_is_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: a stop between the holder's last look at the queue and the start of the
+    # answer marked the run dropped and found nothing started to cancel; the holder then
+    # marked the run started and the answer ran to its end, the thread busy all along
+    # (seen as both messages of a trial rejected in test_reject_policy_is_exact_*).
+    settings = Settings(data_dir=tmp_path, busy_policy="queue", offline_tokens_per_second=400)
+    async with open_runtime(settings) as runtime:
+        runs = runtime.runs
+        thread = await runtime.store.create_thread("ada", "a stopped answer")
+        answer = stream_id_for(thread.id, 1)
+        start = runs.producer.start
+
+        async def stop_lands_first(*args: Any, **kwargs: Any) -> Run:
+            if kwargs.get("stream_id") == answer:
+                assert await runs.stop(thread.id)  # the stop drops the queued run
+            return await start(*args, **kwargs)
+
+        monkeypatch.setattr(runs.producer, "start", stop_lands_first)
+        await runs.submit(thread, message=GENERAL, model="offline")
+        events = [event async for event in StreamConsumer(runtime.transport, answer)]
+        assert events[-1].type == "cancelled"
+        run = await runtime.store.get_run(thread.id, 1)
+        assert run is not None and run.state == "dropped"

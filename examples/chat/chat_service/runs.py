@@ -493,7 +493,13 @@ class RunService:
             logger.exception("could not start answer %s", job.stream_id)
             await self.store.set_run_state(job.thread_id, job.seq, "done")
             return None
-        await self.store.set_run_state(job.thread_id, job.seq, "started")
+        if not await self.store.settle_run(
+            job.thread_id, job.seq, "started", only_from=("queued",)
+        ):
+            # Stopped (dropped) or deleted since we looked: that stop found nothing started
+            # to cancel, so the answer is stopped here (its readers get `cancelled`).
+            await run.cancel()
+            return None
         return _Active(job, run, recorder)
 
     async def _finish(self, active: _Active) -> None:
