@@ -209,7 +209,7 @@ def decode_entry(payload: bytes, epoch: int, seq: int) -> list[Event]:
             Event(
                 TOKEN,
                 {"text": items[0], "message_id": None, "node": None},
-                prefix + "0" * _INDEX_WIDTH,
+                prefix + _INDEX_TEXT[0],
             )
         ]
     events = []
