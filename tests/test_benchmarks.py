@@ -30,8 +30,9 @@ def test_quick_benchmark_runs_and_writes_its_figures(tmp_path: Path) -> None:
 @pytest.mark.timeout(600)
 def test_quick_paced_and_fanout_rows_carry_their_targets(tmp_path: Path) -> None:
     """Issue 11's rows exist with a target and a verdict: the bare Starlette SSE baseline
-    ratio (at full load and below saturation), the churn rows, the pass-through CPU, and vercel's resumable-stream (or a row
-    saying why it was skipped; under CI=true node is required, so it must run)."""
+    ratio (at full load and below saturation), the churn rows, the pass-through CPU, and
+    vercel's resumable-stream (or a row saying why it was skipped; under CI=true node is
+    required, so it must run)."""
     output = tmp_path / "figures.json"
     command = [sys.executable, "-m", "benchmarks", "--quick", "--only", "2b", "--only", "3"]
     result = subprocess.run(
