@@ -1153,9 +1153,22 @@ class RedisSentinelService:
             return None
 
     def failover(self) -> int:
-        """`SENTINEL FAILOVER`: promote the replica. Returns the new master's port once the
-        Sentinels agree on it and the old master replicates from it."""
+        """`SENTINEL FAILOVER`: promote the replica, once it holds every write the master
+        took before the call. Returns the new master's port once the Sentinels agree on it
+        and the old master replicates from it.
+
+        `SENTINEL FAILOVER` does not wait for the replica to catch up (replication is
+        asynchronous): a write acknowledged just before it could be lost, as in a crash.
+        This is the planned failover; `pause_replication()` and
+        `fail_over_to_lagging_replica()` make the lossy one."""
         old = self.master_port()
+        offset = int(_info(self.server(old), "replication")["master_repl_offset"])
+
+        def caught_up() -> bool:
+            replica = _info(self.replica(), "replication")
+            return int(replica.get("slave_repl_offset", -1)) >= offset
+
+        _wait_for(caught_up, what=f"the replica reaches offset {offset}", timeout=30)
 
         def started() -> bool:
             import redis
