@@ -600,12 +600,10 @@ class RedisTransport(Transport):
     ) -> None:
         # Anything but "stored" (an error reply such as NOSCRIPT, fenced, a rollback, a
         # fault) goes to append(), which handles it.
-        if reply == 1 or reply == 0:  # stored now, or already
-            if self._writing:
-                self._appended_here(stream_id, entry, None)
-            done(True)
-        else:
-            done(False)
+        stored = reply == 1 or reply == 0  # stored now, or already
+        if stored and self._writing:
+            self._appended_here(stream_id, entry, None)
+        done(stored)
 
     def _replied(self, stream_id: str, entry: Entry, final: Status | None, reply: Any) -> None:
         if reply == 1 or reply == 0:  # stored now, or already (a retried write)
