@@ -942,6 +942,91 @@ async def test_a_stuck_write_is_cut_without_busy_waiting() -> None:
     assert cpu < 0.15  # pings fall due during the stuck write: no timer may spin
 
 
+async def test_an_event_written_while_the_writer_waits_is_cut_when_stuck(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A live event reaching a response whose writer waits is written by the task reading
+    the stream (one task wake-up less per event). When that write never returns, the send
+    timeout still cuts the response, and the client counts as gone."""
+    caplog.set_level(logging.INFO, logger="resumable_stream.http")
+    transport = from_url("memory://")
+    tokens: asyncio.Queue[str] = asyncio.Queue()
+    first_sent = asyncio.Event()
+    never = asyncio.Event()  # the client stopped reading after the first event
+    bodies: list[tuple[bytes, asyncio.Task[Any] | None]] = []
+    left = asyncio.Event()
+
+    async def source() -> AsyncIterator[str]:
+        while True:
+            yield await tokens.get()
+
+    async def send(message: Message) -> None:
+        if message["type"] != "http.response.body":
+            return
+        bodies.append((message["body"], asyncio.current_task()))
+        if len(bodies) == 1:
+            first_sent.set()
+        else:
+            await never.wait()
+
+    async def receive() -> Message:
+        await never.wait()
+        return {"type": "http.disconnect"}
+
+    async def on_disconnect() -> None:
+        left.set()
+
+    async with transport, StreamProducer(transport) as producer:
+        run = await producer.start(source())
+        tokens.put_nowait("Hello")
+        response = StreamResponse(
+            StreamConsumer(transport, run.stream_id), send_timeout=0.3, on_disconnect=on_disconnect
+        )
+        serving = asyncio.create_task(response({"type": "http", "method": "GET"}, receive, send))
+        await first_sent.wait()  # the writer wrote it and waits for more, in the same step
+        tokens.put_nowait(" world")
+        await asyncio.wait_for(serving, timeout=10)
+        await run.cancel()
+
+    assert left.is_set()
+    assert [b"Hello" in body for body, _ in bodies] == [True, False]
+    assert b" world" in bodies[1][0]
+    assert bodies[1][1] is not bodies[0][1]  # written by the reading task, not the writer
+    assert "the client read nothing for 0.3s" in caplog.text
+
+
+async def test_events_read_together_leave_in_one_write() -> None:
+    """A replay hands the response many events at once: they go out in one body message,
+    not one per event (also once the writer waits, when the reading task writes)."""
+    transport = from_url("memory://")
+    bodies: list[bytes] = []
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body" and message["body"]:
+            bodies.append(message["body"])
+
+    async def receive() -> Message:
+        await asyncio.get_running_loop().create_future()  # the client stays
+        raise AssertionError("unreachable")
+
+    async def serve(after: str | None) -> list[ServerSentEvent]:
+        bodies.clear()
+        consumer = StreamConsumer(transport, run.stream_id, after=after)
+        await StreamResponse(consumer)({"type": "http", "method": "GET"}, receive, send)
+        return await _sse_events(b"".join(bodies))
+
+    async with transport, StreamProducer(transport) as producer:
+        run = await producer.start(paced_tokens(300, 0))
+        await run.wait()
+        events = await serve(None)
+        assert len(events) == 301 and len(bodies) == 1
+        # From the middle: the writer has sent the headers and the first events when the
+        # rest are read.
+        rest = await serve(events[150].id)
+        assert [e.id for e in rest] == [e.id for e in events[151:]]
+        assert len(bodies) <= 2
+
+
 async def test_a_consumer_timing_out_its_own_waits_is_served_as_if_awaited() -> None:
     """The response runs the consumer in its own task: the consumer's asyncio.timeout
     (which cancels the current task) must reach the consumer, not end the response."""

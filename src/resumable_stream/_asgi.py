@@ -120,11 +120,12 @@ class _Connection:
     """One stream response in flight: the events read ahead of the client, and its clock.
 
     The reader task puts encoded events in; the writer takes all that is there in one write
-    (so events that are ready together leave together). One timer per connection makes a
-    keep-alive due after ``ping_interval`` idle seconds, and cancels the writer when one
-    write takes ``send_timeout`` seconds (the client stopped reading). It is re-armed
-    lazily: a timeout around every write or wait would put a timer in the loop's heap per
-    event of every connection.
+    (so events that are ready together leave together). While the writer waits with nothing
+    to write (``idle``), the reader writes the events it has read itself. One timer per
+    connection makes a keep-alive due after ``ping_interval`` idle seconds, and cancels the
+    writer when one write takes ``send_timeout`` seconds (the client stopped reading). It
+    is re-armed lazily: a timeout around every write or wait would put a timer in the
+    loop's heap per event of every connection.
     """
 
     __slots__ = (
@@ -137,6 +138,7 @@ class _Connection:
         "chunks",
         "done",
         "error",
+        "idle",
         "last_write",
         "ping_due",
         "ready",
@@ -160,6 +162,7 @@ class _Connection:
         self.ready = asyncio.Event()
         self.space = asyncio.Event()
         self.stuck = False
+        self.idle = False  # the writer waits, with nothing to write and no one waking it
         self.ping_due = False
         self.last_write = self._loop.time()
         self.sending_since: float | None = None
@@ -167,6 +170,10 @@ class _Connection:
     def put(self, chunk: bytes) -> None:
         self.chunks.append(chunk)
         self.size += len(chunk)
+
+    def wake(self) -> None:
+        """Wake the writer (events to write, the end, or a keep-alive due)."""
+        self.idle = False
         self.ready.set()
 
     def take(self) -> bytes:
@@ -179,7 +186,7 @@ class _Connection:
     def finish(self, error: ResumableStreamError | None = None) -> None:
         self.error = error
         self.done = True
-        self.ready.set()
+        self.wake()
 
     async def write(self, message: Message) -> None:
         self.sending_since = self._loop.time()
@@ -225,7 +232,7 @@ class _Connection:
             idle = 0.0 if self.sending_since is not None else now - self.last_write
             if idle >= ping_interval:
                 self.ping_due = True
-                self.ready.set()
+                self.wake()
                 idle = 0.0
             wait = min(wait, ping_interval - idle)
         self._handle = self._loop.call_later(wait, self._check)
@@ -241,9 +248,10 @@ class StreamEngine:
     """Serve ``consumer``'s events as one ASGI HTTP response, in ``wire`` format.
 
     Three tasks per connection: the one that calls it writes, one reads the consumer ahead
-    of the client, one waits for ``http.disconnect``. The consumer is closed when it
-    returns. ``limit``, if given, is held for as long as the response is served.
-    ``headers`` default to the wire format's stream headers.
+    of the client (and writes what it read itself when the writer waits idle), one waits
+    for ``http.disconnect``. The consumer is closed when it returns. ``limit``, if given,
+    is held for as long as the response is served. ``headers`` default to the wire
+    format's stream headers.
     """
 
     __slots__ = (
@@ -347,12 +355,23 @@ class StreamEngine:
 
     async def _read(self, connection: _Connection) -> None:
         encode = self.wire.encode
+        consumer = self.consumer
         try:
-            async for event in self.consumer:
+            async for event in consumer:
                 connection.put(encode(event))
                 if connection.size >= BUFFER_LIMIT:
                     connection.space.clear()
+                    connection.wake()
                     await connection.space.wait()
+                elif not consumer._at_hand():  # the events ready now are all in
+                    if connection.idle:
+                        # The writer is parked: write them from here, without waking it
+                        # (one task wake-up less per event on a live stream). A client that
+                        # stops reading is cut as before: the clock cancels the writer, and
+                        # the task group this task with it.
+                        await connection.write(_body(connection.take(), more=True))
+                    else:
+                        connection.wake()
         except ResumableStreamError as exc:
             connection.finish(exc)
         else:
@@ -379,6 +398,9 @@ class StreamEngine:
         while True:
             if not connection.chunks and not connection.done and not connection.ping_due:
                 connection.ready.clear()
+                # Parked: the reader may write events itself meanwhile (once the retry
+                # field has gone out in front of the first).
+                connection.idle = not retry_line
                 await connection.ready.wait()
             if connection.ping_due and not connection.chunks and not connection.done:
                 connection.ping_due = False

@@ -137,6 +137,11 @@ class StreamConsumer:
         """Offset of the last event returned (or the ``after`` given, before any)."""
         return self.after
 
+    def _at_hand(self) -> bool:
+        """Whether the next event is read already (``__anext__`` returns it at once)."""
+        events = self._events
+        return bool(self._entries) or (events is not None and operator.length_hint(events) > 0)
+
     def __aiter__(self) -> Self:
         return self
 
