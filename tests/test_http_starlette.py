@@ -996,35 +996,155 @@ async def test_an_event_written_while_the_writer_waits_is_cut_when_stuck(
 
 
 async def test_events_read_together_leave_in_one_write() -> None:
-    """A replay hands the response many events at once: they go out in one body message,
-    not one per event (also once the writer waits, when the reading task writes)."""
+    """Events the response reads together go out in one body message, not one per event:
+    a replay, and live events that arrive together while the writer waits."""
     transport = from_url("memory://")
     bodies: list[bytes] = []
+    tokens: asyncio.Queue[str] = asyncio.Queue()
+    first_sent = asyncio.Event()
+    last_sent = asyncio.Event()
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.body" and message["body"]:
             bodies.append(message["body"])
+            first_sent.set()
+            if b"last" in message["body"]:
+                last_sent.set()
 
     async def receive() -> Message:
         await asyncio.get_running_loop().create_future()  # the client stays
         raise AssertionError("unreachable")
 
-    async def serve(after: str | None) -> list[ServerSentEvent]:
+    async def source() -> AsyncIterator[str]:
+        while True:
+            yield await tokens.get()
+
+    async def serve(stream_id: str, after: str | None = None) -> list[ServerSentEvent]:
         bodies.clear()
-        consumer = StreamConsumer(transport, run.stream_id, after=after)
+        consumer = StreamConsumer(transport, stream_id, after=after)
         await StreamResponse(consumer)({"type": "http", "method": "GET"}, receive, send)
         return await _sse_events(b"".join(bodies))
 
     async with transport, StreamProducer(transport) as producer:
         run = await producer.start(paced_tokens(300, 0))
         await run.wait()
-        events = await serve(None)
-        assert len(events) == 301 and len(bodies) == 1
-        # From the middle: the writer has sent the headers and the first events when the
-        # rest are read.
-        rest = await serve(events[150].id)
+        events = await serve(run.stream_id)
+        # Two: the consumer lets the loop run once per CONSUMER_CHECKPOINT (256) events.
+        assert len(events) == 301 and len(bodies) <= 2
+        rest = await serve(run.stream_id, after=events[150].id)
         assert [e.id for e in rest] == [e.id for e in events[151:]]
-        assert len(bodies) <= 2
+        assert len(bodies) == 1
+
+        live = await producer.start(source())
+        tokens.put_nowait("first")
+        serving = asyncio.create_task(serve(live.stream_id))
+        await first_sent.wait()  # the writer wrote it and waits for more
+        for i in range(50):
+            tokens.put_nowait(f"t{i} ")
+        tokens.put_nowait("last")
+        await last_sent.wait()
+        await live.cancel()
+        streamed = await serving
+    assert "".join(e.data for e in streamed[:-1]).count('"text"') == 52
+    assert len(bodies) <= 5  # "first", then a few writes (as the producer's entries came)
+
+
+async def test_an_event_followed_by_one_the_consumer_skips_is_written_at_once() -> None:
+    """A consumer subclass that leaves events out (the example chat app's does) may wait
+    for the network after an event, with the one it skipped read in the same entry: the
+    event read before it must not wait for the next event."""
+
+    class Skipping(StreamConsumer):
+        async def __anext__(self) -> Event:
+            while True:
+                event = await super().__anext__()
+                if event.type != "custom":
+                    return event
+
+    transport = from_url("memory://")
+    batches: asyncio.Queue[list[Any]] = asyncio.Queue()
+    first_sent = asyncio.Event()
+    hello_sent = asyncio.Event()
+
+    async def source() -> AsyncIterator[Any]:
+        while True:
+            for item in await batches.get():
+                yield item
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body" and message["body"]:
+            first_sent.set()
+            if b"Hello" in message["body"]:
+                hello_sent.set()
+
+    async def receive() -> Message:
+        await asyncio.get_running_loop().create_future()  # the client stays
+        raise AssertionError("unreachable")
+
+    async with transport, StreamProducer(transport) as producer:
+        run = await producer.start(source())
+        batches.put_nowait(["start"])
+        response = StreamResponse(
+            Skipping(transport, run.stream_id), format="ndjson", ping_interval=None
+        )
+        serving = asyncio.create_task(response({"type": "http", "method": "GET"}, receive, send))
+        await first_sent.wait()  # the writer wrote it and waits for more
+        # One entry: a token, then an event the consumer skips; then the model thinks.
+        batches.put_nowait(["Hello", Event("custom", {"name": "skipped", "data": {}}, "")])
+        await asyncio.wait_for(hello_sent.wait(), timeout=10)  # held: never, no pings
+        await run.cancel()
+        await serving
+
+
+@pytest.mark.parametrize("cut_by", ["disconnect", "send_timeout"])
+async def test_a_client_leaving_while_the_end_is_written_is_not_a_disconnect(
+    cut_by: str,
+) -> None:
+    """The end read, the response is done: a client that leaves (or stops reading) while
+    the end is written does not get ``on_disconnect`` (a cancel of the run, with
+    ``cancel_on_disconnect``), also when the end arrives alone while the writer waits."""
+    transport = from_url("memory://")
+    tokens: asyncio.Queue[str | None] = asyncio.Queue()
+    first_sent = asyncio.Event()
+    end_sent = asyncio.Event()
+    never = asyncio.Event()
+    disconnects: list[str] = []
+
+    async def source() -> AsyncIterator[str]:
+        while (token := await tokens.get()) is not None:
+            yield token
+
+    async def send(message: Message) -> None:
+        if message["type"] != "http.response.body" or not message["body"]:
+            return
+        first_sent.set()
+        if b'"type":"end"' in message["body"]:
+            end_sent.set()
+            await never.wait()  # this write never returns
+
+    async def receive() -> Message:
+        await (end_sent if cut_by == "disconnect" else never).wait()
+        return {"type": "http.disconnect"}
+
+    async def on_disconnect() -> None:
+        disconnects.append(cut_by)
+
+    async with transport, StreamProducer(transport) as producer:
+        run = await producer.start(source())
+        tokens.put_nowait("Hello")
+        response = StreamResponse(
+            StreamConsumer(transport, run.stream_id),
+            format="ndjson",
+            ping_interval=None,
+            send_timeout=0.3 if cut_by == "send_timeout" else None,
+            on_disconnect=on_disconnect,
+        )
+        serving = asyncio.create_task(response({"type": "http", "method": "GET"}, receive, send))
+        await first_sent.wait()  # the writer wrote "Hello" and waits for more
+        tokens.put_nowait(None)  # the run ends: its end arrives alone
+        await asyncio.wait_for(serving, timeout=10)
+    assert end_sent.is_set()
+    assert disconnects == []
 
 
 async def test_a_consumer_timing_out_its_own_waits_is_served_as_if_awaited() -> None:

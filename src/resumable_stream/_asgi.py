@@ -363,15 +363,18 @@ class StreamEngine:
                     connection.space.clear()
                     connection.wake()
                     await connection.space.wait()
-                elif not consumer._at_hand():  # the events ready now are all in
-                    if connection.idle:
-                        # The writer is parked: write them from here, without waking it
-                        # (one task wake-up less per event on a live stream). A client that
-                        # stops reading is cut as before: the clock cancels the writer, and
-                        # the task group this task with it.
-                        await connection.write(_body(connection.take(), more=True))
-                    else:
-                        connection.wake()
+                elif connection.idle and not event.terminal and not consumer._at_hand():
+                    # The writer waits and no more events are at hand: write from here,
+                    # without waking it (one task wake-up less per live event). A client
+                    # that stops reading is cut as before: the clock cancels the writer,
+                    # and the task group this task with it. The end stays the writer's
+                    # (it is read before the response counts as done).
+                    await connection.write(_body(connection.take(), more=True))
+                else:
+                    # More at hand (they join this write), a writer already awake, or the
+                    # end. Woken now, not once the rest is read: a consumer that skips
+                    # events may wait for the network before it returns the next one.
+                    connection.wake()
         except ResumableStreamError as exc:
             connection.finish(exc)
         else:
