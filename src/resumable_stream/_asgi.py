@@ -121,7 +121,7 @@ class _Connection:
 
     The reader task puts encoded events in; the writer takes all that is there in one write
     (so events that are ready together leave together). While the writer waits with nothing
-    to write (``idle``), the reader writes the events it has read itself. One timer per
+    to write (``idle``), the reader writes a live event itself (not the end). One timer per
     connection makes a keep-alive due after ``ping_interval`` idle seconds, and cancels the
     writer when one write takes ``send_timeout`` seconds (the client stopped reading). It
     is re-armed lazily: a timeout around every write or wait would put a timer in the
@@ -371,9 +371,10 @@ class StreamEngine:
                     # (it is read before the response counts as done).
                     await connection.write(_body(connection.take(), more=True))
                 else:
-                    # More at hand (they join this write), a writer already awake, or the
-                    # end. Woken now, not once the rest is read: a consumer that skips
-                    # events may wait for the network before it returns the next one.
+                    # More at hand (the writer takes them all in one write), a writer
+                    # already awake, or the end. Woken now, not once the rest is read: a
+                    # consumer that skips events may wait for the network before it
+                    # returns the next one.
                     connection.wake()
         except ResumableStreamError as exc:
             connection.finish(exc)
