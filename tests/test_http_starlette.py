@@ -1096,13 +1096,25 @@ async def test_an_event_followed_by_one_the_consumer_skips_is_written_at_once() 
         await serving
 
 
+class _RenamingEnd(StreamConsumer):
+    """Hands out the end as an event of another type (the chat example's consumer does)."""
+
+    async def __anext__(self) -> Event:
+        event = await super().__anext__()
+        if event.type == "end":
+            return Event("finished", {}, event.offset)
+        return event
+
+
+@pytest.mark.parametrize("consumer_class", [StreamConsumer, _RenamingEnd])
 @pytest.mark.parametrize("cut_by", ["disconnect", "send_timeout"])
 async def test_a_client_leaving_while_the_end_is_written_is_not_a_disconnect(
-    cut_by: str,
+    cut_by: str, consumer_class: type[StreamConsumer]
 ) -> None:
     """The end read, the response is done: a client that leaves (or stops reading) while
     the end is written does not get ``on_disconnect`` (a cancel of the run, with
-    ``cancel_on_disconnect``), also when the end arrives alone while the writer waits."""
+    ``cancel_on_disconnect``), also when the end arrives alone while the writer waits, and
+    when the consumer hands it out under another type."""
     transport = from_url("memory://")
     tokens: asyncio.Queue[str | None] = asyncio.Queue()
     first_sent = asyncio.Event()
@@ -1118,7 +1130,7 @@ async def test_a_client_leaving_while_the_end_is_written_is_not_a_disconnect(
         if message["type"] != "http.response.body" or not message["body"]:
             return
         first_sent.set()
-        if b'"type":"end"' in message["body"]:
+        if b'"type":"end"' in message["body"] or b'"type":"finished"' in message["body"]:
             end_sent.set()
             await never.wait()  # this write never returns
 
@@ -1133,7 +1145,7 @@ async def test_a_client_leaving_while_the_end_is_written_is_not_a_disconnect(
         run = await producer.start(source())
         tokens.put_nowait("Hello")
         response = StreamResponse(
-            StreamConsumer(transport, run.stream_id),
+            consumer_class(transport, run.stream_id),
             format="ndjson",
             ping_interval=None,
             send_timeout=0.3 if cut_by == "send_timeout" else None,

@@ -367,8 +367,10 @@ class StreamEngine:
                     # The writer waits and no more events are at hand: write from here,
                     # without waking it (one task wake-up less per live event). A client
                     # that stops reading is cut as before: the clock cancels the writer,
-                    # and the task group this task with it. The end stays the writer's
-                    # (it is read before the response counts as done).
+                    # and the task group this task with it. The end stays the writer's,
+                    # also renamed by a consumer subclass (the stream has ended, so the
+                    # consumer has its StopAsyncIteration at hand): the response is done
+                    # before the end is written.
                     await connection.write(_body(connection.take(), more=True))
                 else:
                     # More at hand (the writer takes them all in one write), a writer

@@ -138,9 +138,14 @@ class StreamConsumer:
         return self.after
 
     def _at_hand(self) -> bool:
-        """Whether the next event is read already (``__anext__`` returns it at once)."""
+        """Whether ``__anext__`` would return at once: the next event is read already, or
+        the stream has ended (it raises ``StopAsyncIteration``)."""
         events = self._events
-        return bool(self._entries) or (events is not None and operator.length_hint(events) > 0)
+        return (
+            self._finished
+            or bool(self._entries)
+            or (events is not None and operator.length_hint(events) > 0)
+        )
 
     def __aiter__(self) -> Self:
         return self
