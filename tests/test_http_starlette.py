@@ -942,6 +942,20 @@ async def test_a_stuck_write_is_cut_without_busy_waiting() -> None:
     assert cpu < 0.15  # pings fall due during the stuck write: no timer may spin
 
 
+async def fed(batches: asyncio.Queue[list[Any] | None]) -> AsyncIterator[Any]:
+    """A source the test feeds: the items of each list put in ``batches``, until None (a
+    list's items reach the producer in one go, as one entry)."""
+    while (batch := await batches.get()) is not None:
+        for item in batch:
+            yield item
+
+
+async def client_stays() -> Message:
+    """An ASGI ``receive`` whose client never leaves."""
+    await asyncio.get_running_loop().create_future()
+    raise AssertionError("unreachable")
+
+
 async def test_an_event_written_while_the_writer_waits_is_cut_when_stuck(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -950,15 +964,11 @@ async def test_an_event_written_while_the_writer_waits_is_cut_when_stuck(
     timeout still cuts the response, and the client counts as gone."""
     caplog.set_level(logging.INFO, logger="resumable_stream.http")
     transport = from_url("memory://")
-    tokens: asyncio.Queue[str] = asyncio.Queue()
+    tokens: asyncio.Queue[list[Any] | None] = asyncio.Queue()
     first_sent = asyncio.Event()
     never = asyncio.Event()  # the client stopped reading after the first event
     bodies: list[tuple[bytes, asyncio.Task[Any] | None]] = []
     left = asyncio.Event()
-
-    async def source() -> AsyncIterator[str]:
-        while True:
-            yield await tokens.get()
 
     async def send(message: Message) -> None:
         if message["type"] != "http.response.body":
@@ -977,14 +987,14 @@ async def test_an_event_written_while_the_writer_waits_is_cut_when_stuck(
         left.set()
 
     async with transport, StreamProducer(transport) as producer:
-        run = await producer.start(source())
-        tokens.put_nowait("Hello")
+        run = await producer.start(fed(tokens))
+        tokens.put_nowait(["Hello"])
         response = StreamResponse(
             StreamConsumer(transport, run.stream_id), send_timeout=0.3, on_disconnect=on_disconnect
         )
         serving = asyncio.create_task(response({"type": "http", "method": "GET"}, receive, send))
         await first_sent.wait()  # the writer wrote it and waits for more, in the same step
-        tokens.put_nowait(" world")
+        tokens.put_nowait([" world"])
         await asyncio.wait_for(serving, timeout=10)
         await run.cancel()
 
@@ -1000,7 +1010,7 @@ async def test_events_read_together_leave_in_one_write() -> None:
     a replay, and live events that arrive together while the writer waits."""
     transport = from_url("memory://")
     bodies: list[bytes] = []
-    tokens: asyncio.Queue[str] = asyncio.Queue()
+    tokens: asyncio.Queue[list[Any] | None] = asyncio.Queue()
     first_sent = asyncio.Event()
     last_sent = asyncio.Event()
 
@@ -1011,18 +1021,10 @@ async def test_events_read_together_leave_in_one_write() -> None:
             if b"last" in message["body"]:
                 last_sent.set()
 
-    async def receive() -> Message:
-        await asyncio.get_running_loop().create_future()  # the client stays
-        raise AssertionError("unreachable")
-
-    async def source() -> AsyncIterator[str]:
-        while True:
-            yield await tokens.get()
-
     async def serve(stream_id: str, after: str | None = None) -> list[ServerSentEvent]:
         bodies.clear()
         consumer = StreamConsumer(transport, stream_id, after=after)
-        await StreamResponse(consumer)({"type": "http", "method": "GET"}, receive, send)
+        await StreamResponse(consumer)({"type": "http", "method": "GET"}, client_stays, send)
         return await _sse_events(b"".join(bodies))
 
     async with transport, StreamProducer(transport) as producer:
@@ -1035,13 +1037,13 @@ async def test_events_read_together_leave_in_one_write() -> None:
         assert [e.id for e in rest] == [e.id for e in events[151:]]
         assert len(bodies) == 1
 
-        live = await producer.start(source())
-        tokens.put_nowait("first")
+        live = await producer.start(fed(tokens))
+        tokens.put_nowait(["first"])
         serving = asyncio.create_task(serve(live.stream_id))
         await first_sent.wait()  # the writer wrote it and waits for more
         for i in range(50):
-            tokens.put_nowait(f"t{i} ")
-        tokens.put_nowait("last")
+            tokens.put_nowait([f"t{i} "])
+        tokens.put_nowait(["last"])
         await last_sent.wait()
         await live.cancel()
         streamed = await serving
@@ -1062,14 +1064,9 @@ async def test_an_event_followed_by_one_the_consumer_skips_is_written_at_once() 
                     return event
 
     transport = from_url("memory://")
-    batches: asyncio.Queue[list[Any]] = asyncio.Queue()
+    batches: asyncio.Queue[list[Any] | None] = asyncio.Queue()
     first_sent = asyncio.Event()
     hello_sent = asyncio.Event()
-
-    async def source() -> AsyncIterator[Any]:
-        while True:
-            for item in await batches.get():
-                yield item
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.body" and message["body"]:
@@ -1077,17 +1074,15 @@ async def test_an_event_followed_by_one_the_consumer_skips_is_written_at_once() 
             if b"Hello" in message["body"]:
                 hello_sent.set()
 
-    async def receive() -> Message:
-        await asyncio.get_running_loop().create_future()  # the client stays
-        raise AssertionError("unreachable")
-
     async with transport, StreamProducer(transport) as producer:
-        run = await producer.start(source())
+        run = await producer.start(fed(batches))
         batches.put_nowait(["start"])
         response = StreamResponse(
             Skipping(transport, run.stream_id), format="ndjson", ping_interval=None
         )
-        serving = asyncio.create_task(response({"type": "http", "method": "GET"}, receive, send))
+        serving = asyncio.create_task(
+            response({"type": "http", "method": "GET"}, client_stays, send)
+        )
         await first_sent.wait()  # the writer wrote it and waits for more
         # One entry: a token, then an event the consumer skips; then the model thinks.
         batches.put_nowait(["Hello", Event("custom", {"name": "skipped", "data": {}}, "")])
@@ -1116,15 +1111,11 @@ async def test_a_client_leaving_while_the_end_is_written_is_not_a_disconnect(
     ``cancel_on_disconnect``), also when the end arrives alone while the writer waits, and
     when the consumer hands it out under another type."""
     transport = from_url("memory://")
-    tokens: asyncio.Queue[str | None] = asyncio.Queue()
+    tokens: asyncio.Queue[list[Any] | None] = asyncio.Queue()
     first_sent = asyncio.Event()
     end_sent = asyncio.Event()
     never = asyncio.Event()
     disconnects: list[str] = []
-
-    async def source() -> AsyncIterator[str]:
-        while (token := await tokens.get()) is not None:
-            yield token
 
     async def send(message: Message) -> None:
         if message["type"] != "http.response.body" or not message["body"]:
@@ -1142,8 +1133,8 @@ async def test_a_client_leaving_while_the_end_is_written_is_not_a_disconnect(
         disconnects.append(cut_by)
 
     async with transport, StreamProducer(transport) as producer:
-        run = await producer.start(source())
-        tokens.put_nowait("Hello")
+        run = await producer.start(fed(tokens))
+        tokens.put_nowait(["Hello"])
         response = StreamResponse(
             consumer_class(transport, run.stream_id),
             format="ndjson",
