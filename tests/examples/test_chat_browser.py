@@ -698,6 +698,52 @@ def test_enter_twice_while_sending_sends_once_and_keeps_what_was_typed(
     expect(page.locator("#send")).to_be_enabled()
 
 
+def test_a_message_sent_while_the_page_loads_waits_for_it(
+    page: Page, chat_servers: Callable[..., ChatServer]
+) -> None:
+    """Sent before the page knows its models, a message waits for them: it goes with the model
+    chosen on the page, and opening the page's thread afterwards does not replace its answer."""
+    server = chat_servers()
+    held: list[Route] = []
+    released = False
+    posts: list[Any] = []
+
+    def hold_info(route: Route) -> None:
+        if released:
+            route.continue_()
+        else:
+            held.append(route)
+
+    def note_post(request: Any) -> None:
+        if request.url.endswith("/v1/chat/message"):
+            posts.append(request.post_data_json)
+
+    page.route("**/info", hold_info)
+    page.route(
+        "**/v1/chat/stream*",
+        lambda route: route.fulfill(
+            status=200,
+            content_type="text/event-stream",
+            body=sse(("chunk", {"text": "Staged answer."}), ("system", {"type": "end"})),
+        ),
+    )
+    page.on("request", note_post)
+    page.goto(server.url)
+    send(page, "a question")
+    released = True
+    for route in held:
+        route.continue_()
+
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "done")
+    expect(page.locator("#model")).to_have_value("offline")
+    assert posts == [{"message": "a question", "model": "offline"}]
+    # The answer on screen stays the one read from its stream, once the page has loaded.
+    page.wait_for_function("() => document.querySelector('#threads').children.length > 0")
+    expect(page.locator(ANSWER)).to_have_count(1)
+    assert source_of(answer) == "Staged answer."
+
+
 def test_phone_and_desktop_layouts_light_and_dark(
     new_page: PageFactory, paced_server: ChatServer, shots: Path
 ) -> None:

@@ -392,6 +392,7 @@ async function post(path, body) {
 }
 
 async function send(text, { fromInput = false } = {}) {
+  await ready;
   text = text.trim();
   if (!text || state.sending || state.stream) return;
   // The input is emptied at once: what the user types while the POST is in flight is theirs
@@ -701,8 +702,15 @@ document.addEventListener("visibilitychange", () => {
 
 if (matchMedia("(max-width: 760px)").matches) ui.input.placeholder = "Message";
 
-(async () => {
-  await loadInfo();
+// Ready once the page knows the models and shows the thread named in its URL. A message sent
+// before that waits: sent at once, it would go without the model chosen here, and the thread
+// opened afterwards would take its answer off the screen.
+const ready = (async () => {
+  try {
+    await loadInfo();
+  } catch (error) {
+    setStatus(error.message, "warn");
+  }
   await loadThreads();
   const match = location.hash.match(/thread=([A-Za-z0-9_-]{16,64})$/);
   if (match) await openThread(match[1]);
