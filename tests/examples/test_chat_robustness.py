@@ -167,8 +167,10 @@ def reject_trials(first: ChatServer, second: ChatServer, trials: int = 6) -> lis
             started = post_message(a, f"hello {trial}")
             thread_id = started["thread_id"]
             a.post("/v1/chat/stop", params={"thread_id": thread_id})
-            # At once after the end of the answer, while its holder may still be saving it
-            # (both requests then wait for the lock: only one may get through).
+            # At once after the answer's stream has ended (or, in worker mode, when the stop
+            # dropped the run before it started and the read gets 204 at once), while its
+            # holder may still be saving it: both requests then wait for the lock, and only
+            # one may get through.
             read_sse(a, started["stream_url"])
             responses = both(
                 [
