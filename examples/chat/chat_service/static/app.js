@@ -392,7 +392,7 @@ async function post(path, body) {
 }
 
 async function send(text, { fromInput = false } = {}) {
-  await ready;
+  await ready.catch(() => {}); // a start-up that failed must not stop sending too
   text = text.trim();
   if (!text || state.sending || state.stream) return;
   // The input is emptied at once: what the user types while the POST is in flight is theirs
