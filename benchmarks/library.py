@@ -232,14 +232,25 @@ def _paced(
     plan: list[PlannedStream],
     rate: float,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+    *,
+    floor_port: int | None = None,
 ) -> _PacedRun:
-    """One paced run in this process; ``url=None`` runs the in-process pass-through.
+    """One paced run in this process; ``url=None`` runs the in-process pass-through, and
+    ``floor_port`` the minimal Redis client of :mod:`benchmarks.floor` on that port.
 
     CPU is this thread's (the event loop's), so the connection sampler's thread is not
     counted. ``loop_factory``: the event loop to run on (default: asyncio's).
     """
 
     async def main() -> _PacedRun:
+        if floor_port is not None:
+            from .floor import MinimalRedis  # it builds on the pass-through above
+
+            backend, connection = await MinimalRedis.connect(floor_port)
+            try:
+                return await _run_plan(backend, plan, rate)
+            finally:
+                connection.close()
         if url is None:
             return await _run_plan(_PassThrough(), plan, rate)
         async with from_url(url) as transport:
@@ -320,6 +331,8 @@ def paced_latency(server: RedisServer, quick: bool) -> Result:
                 steady_passes.append(_paced(None, steady_plan, rate))
         commands, _calls = admin.library_commands()
         admin.flush()
+        floor = _paced(None, steady_plan, rate, floor_port=server.port)
+        admin.flush()
         with ConnectionSampler(server, os.getpid()) as churn_sampler:
             churn = _paced(server.url, churn_plan, rate)
         passthrough = _paced(None, churn_plan, rate)
@@ -354,6 +367,9 @@ def paced_latency(server: RedisServer, quick: bool) -> Result:
     }
     for name, run in runs.items():
         details[name] = _run_details(run)
+    passthrough_us = statistics.median(run.cpu / max(run.delivered, 1) for run in steady_passes)
+    floor_us = (floor.cpu / max(floor.delivered, 1)) * 1e6 - passthrough_us * 1e6
+    details["floor_minimal_client"] = {**_run_details(floor), "minus_pass_through_us": floor_us}
     details["churn"]["streams_in_plan"] = len(churn_plan)
     details["churn"]["readers"] = {
         kind: sum(1 for p in churn_plan if p.reader == kind) for kind in ("live", "late", "resume")
@@ -390,6 +406,21 @@ def paced_latency(server: RedisServer, quick: bool) -> Result:
             "us",
             "<=",
             15,
+        ),
+        Figure(
+            "2b",
+            "floor: minimal client, one XADD per token, no library (CPU minus pass-through)",
+            round(floor_us, 1),
+            "us",
+            note="steady plan; see docs/performance.md",
+        ),
+        Figure("2b", "floor: readers missing tokens", floor.short, "", "==", 0),
+        Figure(
+            "2b",
+            "library CPU per token / floor's",
+            round(steady_library_us / floor_us, 2) if floor_us > 0 else "n/a",
+            "x",
+            note="info",
         ),
         Figure(
             "2b",

@@ -30,9 +30,9 @@ def test_quick_benchmark_runs_and_writes_its_figures(tmp_path: Path) -> None:
 @pytest.mark.timeout(600)
 def test_quick_paced_and_fanout_rows_carry_their_targets(tmp_path: Path) -> None:
     """Issue 11's rows exist with a target and a verdict: the bare Starlette SSE baseline
-    ratio (at full load and below saturation), the churn rows, the pass-through CPU, and
-    vercel's resumable-stream (or a row saying why it was skipped; under CI=true node is
-    required, so it must run)."""
+    ratio (at full load and below saturation), the churn rows, the pass-through CPU, the
+    minimal Redis client's floor, and vercel's resumable-stream (or a row saying why it was
+    skipped; under CI=true node is required, so it must run)."""
     output = tmp_path / "figures.json"
     command = [sys.executable, "-m", "benchmarks", "--quick", "--only", "2b", "--only", "3"]
     result = subprocess.run(
@@ -54,6 +54,9 @@ def test_quick_paced_and_fanout_rows_carry_their_targets(tmp_path: Path) -> None
     judged("library CPU per token (minus pass-through)", "<= 15")
     judged("churn: library CPU per token (minus pass-through)", "<= 15")
     judged("churn: readers missing tokens", "== 0")
+    judged("floor: readers missing tokens", "== 0")
+    floor = "floor: minimal client, one XADD per token, no library (CPU minus pass-through)"
+    assert isinstance(figures[floor]["value"], int | float)
     for streams in (20, 50):
         churn = [n for n in figures if n.startswith(f"churn, {streams} streams (")]
         assert len(churn) == 1
