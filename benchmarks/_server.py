@@ -7,6 +7,9 @@ Run as ``python -m benchmarks._server REDIS_URL PORT``. Besides ``/streams`` (th
 ``POST /bench/create`` with ``"bare": true`` instead starts the same paced sources
 feeding in-process queues, served by ``/bare/<stream id>``: a plain Starlette SSE
 endpoint with no storage and no resume, the baseline scenario 3's CPU is compared with.
+``"bare": "stored"`` is the floor: the same, but each token is stored first by an
+``XADD`` on one minimal pipelined connection (``benchmarks/floor.py``) and queued when
+Redis replies.
 
 ``POST /bench/plan`` takes a plan (``benchmarks/_shape.py``): after ``POST /bench/go``
 (with the plan's start as ``t0_wall``), each planned stream's producer starts just before
@@ -20,9 +23,11 @@ import contextlib
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
 
+import hiredis
 import orjson
 import uvicorn
 from starlette.applications import Starlette
@@ -33,11 +38,13 @@ from starlette.routing import Mount, Route
 from resumable_stream import Run, StreamProducer, from_url
 from resumable_stream.starlette import StreamRouter, allow_all
 
+from . import floor
 from ._sources import Pacer
 
 
 def build_app(redis_url: str) -> Starlette:
     transport = from_url(redis_url)
+    floor_port = urllib.parse.urlsplit(redis_url).port or 6379
     producer = StreamProducer(transport)
     state: dict[str, Any] = {"runs": [], "pacer": None, "go": asyncio.Event(), "start": 0.0}
     # The bare baseline: one paced pump task and one queue per stream (None ends it).
@@ -54,18 +61,45 @@ def build_app(redis_url: str) -> Starlette:
             queue.put_nowait(item)
         queue.put_nowait(None)
 
+    async def stored_pump(
+        connection: floor.Connection,
+        key: str,
+        source: AsyncIterator[str],
+        queue: asyncio.Queue[str | None],
+    ) -> None:
+        def stored(item: str, reply: Any) -> None:
+            if not isinstance(reply, hiredis.ReplyError):  # else lost: its client ends short
+                queue.put_nowait(item)
+
+        await floor.store(connection, key, source, stored, lambda _: queue.put_nowait(None))
+
+    async def reset() -> None:
+        """Stop what the previous row started; close the floor's connection (the rows
+        after it count the server's Redis connections)."""
+        await _stop(pumps)
+        queues.clear()
+        if "floor" in state:
+            state.pop("floor").close()
+
     async def create(request: Request) -> JSONResponse:
         body = await request.json()
         streams, rate = int(body["streams"]), float(body["rate"])
         pacer = Pacer(rate, float(body["seconds"]), clock="wall")
         state.update(pacer=pacer, go=asyncio.Event())
-        await _stop(pumps)
-        queues.clear()
+        await reset()
         if body.get("bare"):
             state["runs"] = []
+            connection = None
+            if body["bare"] == "stored":
+                connection, state["floor"] = await floor.Connection.open(floor_port)
             for i in range(streams):
-                queue = queues[f"fan-{i}"] = asyncio.Queue()
-                pumps.append(asyncio.create_task(pump(gated(pacer, (i / streams) / rate), queue)))
+                key = f"fan-{i}"
+                queue = queues[key] = asyncio.Queue()
+                source = gated(pacer, (i / streams) / rate)
+                if connection is None:
+                    pumps.append(asyncio.create_task(pump(source, queue)))
+                else:
+                    pumps.append(asyncio.create_task(stored_pump(connection, key, source, queue)))
             return JSONResponse({"streams": streams, "tokens_per_stream": pacer.count})
         state["runs"] = [
             await producer.start(gated(pacer, (i / streams) / rate), stream_id=f"fan-{i}")
@@ -86,8 +120,7 @@ def build_app(redis_url: str) -> Starlette:
         body = await request.json()
         pacer = Pacer(float(body["rate"]), 0.0, clock="wall")
         state.update(pacer=pacer, go=asyncio.Event(), runs=[])
-        await _stop(pumps)
-        queues.clear()
+        await reset()
         for item in body["plan"]:
             task = planned(pacer, item["key"], float(item["start"]), int(item["count"]))
             pumps.append(asyncio.create_task(task))
@@ -134,7 +167,7 @@ def build_app(redis_url: str) -> Starlette:
             try:
                 yield
             finally:
-                await _stop(pumps)
+                await reset()
 
     return Starlette(
         routes=[

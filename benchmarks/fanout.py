@@ -79,14 +79,15 @@ def fanout_row(
     seconds: float,
     producers: HTTPServer | None = None,
     *,
-    bare: bool = False,
+    bare: bool | str = False,
 ) -> dict[str, Any]:
     """``streams`` paced streams, each read by one SSE client in a separate process.
 
     The producers run in ``server`` itself, or in the ``producers`` process (as with
     generation workers), in which case ``server`` only fans the streams out. ``bare``
     serves the same paced tokens from in-process queues through a plain Starlette SSE
-    endpoint instead of the library (the baseline).
+    endpoint instead of the library (the baseline); ``bare="stored"`` stores each token
+    with an ``XADD`` first (the floor, ``benchmarks/floor.py``).
     """
     producers = producers or server
     created = producers.call(
@@ -218,6 +219,7 @@ def live_fanout(server: HTTPServer, quick: bool) -> Result:
     light, light_seconds = (30, 3.0) if quick else (LIGHT_STREAMS, 15.0)
     light_row = fanout_row(server, light, 20.0, light_seconds)
     light_bare = fanout_row(server, light, 20.0, light_seconds, bare=True)
+    light_floor = fanout_row(server, light, 20.0, light_seconds, bare="stored")
     churn_sizes, churn_seconds = ((20, 50), 3.0) if quick else ((100, 500, 1000), 15.0)
     churn = [churn_row(server, n, 20.0, churn_seconds) for n in churn_sizes]
     figures = [
@@ -308,6 +310,38 @@ def live_fanout(server: HTTPServer, quick: bool) -> Result:
             "==",
             0,
         ),
+        *(
+            Figure("3", f"{light:,} streams, floor: {what}", round(value, 2), unit, note=note)
+            for what, value, unit, note in (
+                (
+                    "bare endpoint + one XADD per token, CPU per SSE event",
+                    light_floor["cpu_us_per_event"],
+                    "us",
+                    "see docs/performance.md",
+                ),
+                ("p99 added latency", light_floor["p99_ms"], "ms", "info"),
+                (
+                    "CPU per SSE event / bare",
+                    light_floor["cpu_us_per_event"] / light_bare["cpu_us_per_event"],
+                    "x",
+                    "info",
+                ),
+                (
+                    "router's CPU per SSE event / floor's",
+                    light_row["cpu_us_per_event"] / light_floor["cpu_us_per_event"],
+                    "x",
+                    "info",
+                ),
+            )
+        ),
+        Figure(
+            "3",
+            f"{light:,} streams, floor: clients behind or incomplete",
+            light_floor["behind"],
+            "",
+            "==",
+            0,
+        ),
     ]
     return Result(
         figures=figures
@@ -352,7 +386,11 @@ def live_fanout(server: HTTPServer, quick: bool) -> Result:
             **row,
             "producers_apart": split,
             "bare_starlette_sse": baseline,
-            "below_saturation": {"router": light_row, "bare_starlette_sse": light_bare},
+            "below_saturation": {
+                "router": light_row,
+                "bare_starlette_sse": light_bare,
+                "floor_bare_with_xadd": light_floor,
+            },
             "churn": churn,
         },
     )

@@ -30,8 +30,9 @@ def _pack(*args: bytes | str) -> bytes:
     return packed
 
 
-class _Connection(asyncio.Protocol):
-    """One pipelined connection: commands queued in one turn leave in one write."""
+class Connection(asyncio.Protocol):
+    """One pipelined connection: commands queued in one turn leave in one write, at most
+    one write per ``write_interval``; each reply goes to its command's callback."""
 
     def __init__(self, write_interval: float) -> None:
         self.loop = asyncio.get_running_loop()
@@ -42,6 +43,14 @@ class _Connection(asyncio.Protocol):
         self.flushed_at = 0.0
         self.write_interval = write_interval
         self.transport: asyncio.Transport | None = None
+
+    @classmethod
+    async def open(cls, port: int) -> tuple[Connection, asyncio.Transport]:
+        loop = asyncio.get_running_loop()
+        transport, connection = await loop.create_connection(
+            functools.partial(cls, DEFAULT_WRITE_INTERVAL), "127.0.0.1", port
+        )
+        return connection, transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -75,23 +84,18 @@ class _Connection(asyncio.Protocol):
 class MinimalRedis(_PassThrough):
     """The pass-through, with each token stored by an ``XADD`` before readers get it."""
 
-    def __init__(self, connection: _Connection) -> None:
+    def __init__(self, connection: Connection) -> None:
         super().__init__()
         self.connection = connection
         self.errors: list[hiredis.ReplyError] = []
 
     @classmethod
     async def connect(cls, port: int) -> tuple[MinimalRedis, asyncio.Transport]:
-        loop = asyncio.get_running_loop()
-        transport, connection = await loop.create_connection(
-            functools.partial(_Connection, DEFAULT_WRITE_INTERVAL), "127.0.0.1", port
-        )
+        connection, transport = await Connection.open(port)
         return cls(connection), transport
 
     async def start(self, key: str, source: AsyncIterator[str]) -> None:
         log = self.logs[key] = _Log()
-        send = self.connection.send
-        name = key.encode()
 
         def stored(item: str, reply: Any) -> None:
             if isinstance(reply, hiredis.ReplyError):
@@ -100,17 +104,31 @@ class MinimalRedis(_PassThrough):
             log.items.append(item)
             log.notify()
 
-        async def pump() -> None:
-            async for item in source:
-                send(_pack(b"XADD", name, b"*", b"t", item), functools.partial(stored, item))
-            ended = asyncio.get_running_loop().create_future()
+        def end(reply: Any) -> None:
+            log.done = True
+            log.notify()
 
-            def end(reply: Any) -> None:
-                log.done = True
-                log.notify()
-                ended.set_result(None)
+        self.tasks[key] = asyncio.create_task(store(self.connection, key, source, stored, end))
 
-            send(_pack(b"EXPIRE", name, b"60"), end)
-            await ended
 
-        self.tasks[key] = asyncio.create_task(pump())
+async def store(
+    connection: Connection,
+    key: str,
+    source: AsyncIterator[str],
+    stored: Callable[[str, Any], None],
+    end: Callable[[Any], None],
+) -> None:
+    """``XADD`` each item of ``source`` to ``key``, then ``EXPIRE`` it; ``stored(item,
+    reply)`` as each reply is parsed, ``end(reply)`` after the last; return after that."""
+    send = connection.send
+    name = key.encode()
+    async for item in source:
+        send(_pack(b"XADD", name, b"*", b"t", item), functools.partial(stored, item))
+    ended = asyncio.get_running_loop().create_future()
+
+    def last(reply: Any) -> None:
+        end(reply)
+        ended.set_result(None)
+
+    send(_pack(b"EXPIRE", name, b"60"), last)
+    await ended

@@ -31,8 +31,9 @@ def test_quick_benchmark_runs_and_writes_its_figures(tmp_path: Path) -> None:
 def test_quick_paced_and_fanout_rows_carry_their_targets(tmp_path: Path) -> None:
     """Issue 11's rows exist with a target and a verdict: the bare Starlette SSE baseline
     ratio (at full load and below saturation), the churn rows, the pass-through CPU, the
-    minimal Redis client's floor, and vercel's resumable-stream (or a row saying why it was
-    skipped; under CI=true node is required, so it must run)."""
+    floors (a minimal Redis client in 2b, the bare endpoint storing each token in 3), and
+    vercel's resumable-stream (or a row saying why it was skipped; under CI=true node is
+    required, so it must run)."""
     output = tmp_path / "figures.json"
     command = [sys.executable, "-m", "benchmarks", "--quick", "--only", "2b", "--only", "3"]
     result = subprocess.run(
@@ -51,6 +52,9 @@ def test_quick_paced_and_fanout_rows_carry_their_targets(tmp_path: Path) -> None
     judged("CPU per SSE event, router / bare Starlette SSE", "<= 1.5")
     judged("30 streams (below saturation): CPU per SSE event, router / bare", "<= 1.5")
     judged("30 streams: clients behind or incomplete, router + bare", "== 0")
+    judged("30 streams, floor: clients behind or incomplete", "== 0")
+    sse_floor = "30 streams, floor: bare endpoint + one XADD per token, CPU per SSE event"
+    assert isinstance(figures[sse_floor]["value"], int | float)
     judged("library CPU per token (minus pass-through)", "<= 15")
     judged("churn: library CPU per token (minus pass-through)", "<= 15")
     judged("churn: readers missing tokens", "== 0")
