@@ -702,7 +702,8 @@ def test_a_message_sent_while_the_page_loads_waits_for_it(
     page: Page, chat_servers: Callable[..., ChatServer]
 ) -> None:
     """Sent before the page knows its models, a message waits for them: it goes with the model
-    chosen on the page, and opening the page's thread afterwards does not replace its answer."""
+    chosen on the page, opening the page's thread afterwards does not replace its answer,
+    and what is typed meanwhile stays in the input."""
     server = chat_servers()
     held: list[Route] = []
     released = False
@@ -730,6 +731,9 @@ def test_a_message_sent_while_the_page_loads_waits_for_it(
     page.on("request", note_post)
     page.goto(server.url)
     send(page, "a question")
+    # The message is taken at once: what is typed while the page starts stays.
+    expect(page.locator("#input")).to_have_value("")
+    page.type("#input", "a draft")
     released = True
     for route in held:
         route.continue_()
@@ -742,6 +746,7 @@ def test_a_message_sent_while_the_page_loads_waits_for_it(
     page.wait_for_function("() => document.querySelector('#threads').children.length > 0")
     expect(page.locator(ANSWER)).to_have_count(1)
     assert source_of(answer) == "Staged answer."
+    expect(page.locator("#input")).to_have_value("a draft")
 
 
 def test_phone_and_desktop_layouts_light_and_dark(

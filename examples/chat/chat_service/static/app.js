@@ -392,12 +392,12 @@ async function post(path, body) {
 }
 
 async function send(text, { fromInput = false } = {}) {
-  await ready.catch(() => {}); // a start-up that failed must not stop sending too
   text = text.trim();
   if (!text || state.sending || state.stream) return;
-  // The input is emptied at once: what the user types while the POST is in flight is theirs
-  // to keep. If the POST fails, the message comes back in front of it.
+  // The input is emptied at once: what the user types while the page is starting or the
+  // POST is in flight is theirs to keep. If the message does not go, it comes back in front.
   if (fromInput) ui.input.value = "";
+  await ready.catch(() => {}); // a start-up that failed must not stop sending too
   const body = { message: text, model: ui.model.value };
   if (state.threadId) body.thread_id = state.threadId;
   const started = await post("/v1/chat/message", body);
