@@ -23,7 +23,6 @@ import contextlib
 import os
 import sys
 import time
-import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -44,7 +43,6 @@ from ._sources import Pacer
 
 def build_app(redis_url: str) -> Starlette:
     transport = from_url(redis_url)
-    floor_port = urllib.parse.urlsplit(redis_url).port or 6379
     producer = StreamProducer(transport)
     state: dict[str, Any] = {"runs": [], "pacer": None, "go": asyncio.Event(), "start": 0.0}
     # The bare baseline: one paced pump task and one queue per stream (None ends it).
@@ -91,7 +89,7 @@ def build_app(redis_url: str) -> Starlette:
             state["runs"] = []
             connection = None
             if body["bare"] == "stored":
-                connection, state["floor"] = await floor.Connection.open(floor_port)
+                connection, state["floor"] = await floor.Connection.open(redis_url)
             for i in range(streams):
                 key = f"fan-{i}"
                 queue = queues[key] = asyncio.Queue()

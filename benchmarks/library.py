@@ -233,20 +233,21 @@ def _paced(
     rate: float,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
     *,
-    floor_port: int | None = None,
+    floor: bool = False,
 ) -> _PacedRun:
     """One paced run in this process; ``url=None`` runs the in-process pass-through, and
-    ``floor_port`` the minimal Redis client of :mod:`benchmarks.floor` on that port.
+    ``floor=True`` the minimal Redis client of :mod:`benchmarks.floor` on ``url``.
 
     CPU is this thread's (the event loop's), so the connection sampler's thread is not
     counted. ``loop_factory``: the event loop to run on (default: asyncio's).
     """
 
     async def main() -> _PacedRun:
-        if floor_port is not None:
+        if floor:
             from .floor import MinimalRedis  # it builds on the pass-through above
 
-            backend, connection = await MinimalRedis.connect(floor_port)
+            assert url is not None
+            backend, connection = await MinimalRedis.connect(url)
             try:
                 return await _run_plan(backend, plan, rate)
             finally:
@@ -311,8 +312,10 @@ def paced_latency(server: RedisServer, quick: bool) -> Result:
     Two plans: every stream started at once and read live (``steady``, run
     :data:`STEADY_RUNS` times), then streams starting and ending all through the run and
     readers attaching late or resuming (``churn``). Each run of either plan is paired with
-    one through an in-process pass-through (library CPU is the difference), and the churn
-    plan also runs through vercel's ``resumable-stream`` in Node.
+    one through an in-process pass-through (library CPU is the difference); each steady
+    pair also runs the plan through the minimal Redis client of :mod:`benchmarks.floor`
+    (the floor), and the churn plan also runs through vercel's ``resumable-stream`` in
+    Node.
     """
     streams, rate, duration = _paced_sizes(quick)
     steady_plan = _shape.steady(streams, rate, duration)
@@ -321,17 +324,19 @@ def paced_latency(server: RedisServer, quick: bool) -> Result:
     details: dict[str, Any] = {"streams": streams, "rate": rate, "seconds": duration}
     steadies: list[_PacedRun] = []
     steady_passes: list[_PacedRun] = []
+    floors: list[_PacedRun] = []
+    commands = 0
     try:
-        admin.flush()
-        admin.reset_stats()
         with ConnectionSampler(server, os.getpid()) as sampler:
             for _ in range(1 if quick else STEADY_RUNS):
                 admin.flush()
+                admin.reset_stats()
                 steadies.append(_paced(server.url, steady_plan, rate))
+                commands += admin.library_commands()[0]
                 steady_passes.append(_paced(None, steady_plan, rate))
-        commands, _calls = admin.library_commands()
-        admin.flush()
-        floor = _paced(None, steady_plan, rate, floor_port=server.port)
+                # The floor next to the same pass-through (one connection: the peak stays).
+                admin.flush()
+                floors.append(_paced(server.url, steady_plan, rate, floor=True))
         admin.flush()
         with ConnectionSampler(server, os.getpid()) as churn_sampler:
             churn = _paced(server.url, churn_plan, rate)
@@ -367,9 +372,14 @@ def paced_latency(server: RedisServer, quick: bool) -> Result:
     }
     for name, run in runs.items():
         details[name] = _run_details(run)
-    passthrough_us = statistics.median(run.cpu / max(run.delivered, 1) for run in steady_passes)
-    floor_us = (floor.cpu / max(floor.delivered, 1)) * 1e6 - passthrough_us * 1e6
-    details["floor_minimal_client"] = {**_run_details(floor), "minus_pass_through_us": floor_us}
+    floor_us = statistics.median(
+        _library_us(run, paired) for run, paired in zip(floors, steady_passes, strict=True)
+    )
+    details["floor_minimal_client"] = {
+        "runs": [_run_details(run) for run in floors],
+        "minus_pass_through_us": floor_us,
+    }
+    floor_short = sum(run.short for run in floors)
     details["churn"]["streams_in_plan"] = len(churn_plan)
     details["churn"]["readers"] = {
         kind: sum(1 for p in churn_plan if p.reader == kind) for kind in ("live", "late", "resume")
@@ -412,9 +422,9 @@ def paced_latency(server: RedisServer, quick: bool) -> Result:
             "floor: minimal client, one XADD per token, no library (CPU minus pass-through)",
             round(floor_us, 1),
             "us",
-            note="steady plan; see docs/performance.md",
+            note=f"steady plan, median of {len(floors)} pairs; see docs/performance.md",
         ),
-        Figure("2b", "floor: readers missing tokens", floor.short, "", "==", 0),
+        Figure("2b", "floor: readers missing tokens", floor_short, "", "==", 0),
         Figure(
             "2b",
             "library CPU per token / floor's",
