@@ -46,6 +46,7 @@ class Connection(asyncio.Protocol):
         self.flushed_at = 0.0
         self.write_interval = write_interval
         self.transport: asyncio.Transport | None = None
+        self.lost: hiredis.ReplyError | None = None
 
     @classmethod
     async def open(cls, redis_url: str) -> tuple[Connection, asyncio.Transport]:
@@ -66,6 +67,9 @@ class Connection(asyncio.Protocol):
         self.transport = transport
 
     def send(self, packed: bytes, on_reply: Callable[[Any], None]) -> None:
+        if self.lost is not None:  # gone: answered at once, as the commands it owed were
+            self.loop.call_soon(on_reply, self.lost)
+            return
         self.outgoing.append(packed)
         self.callbacks.append(on_reply)
         if not self.flushing:
@@ -90,9 +94,10 @@ class Connection(asyncio.Protocol):
             pop()(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        # Every command still owed gets an error for its reply: its token is counted lost
-        # (its reader ends short) and its stream still ends, rather than waiting forever.
-        error = hiredis.ReplyError(f"connection lost: {exc!r}")
+        # Every command owed, and every one sent from now on, gets an error for its reply:
+        # its token is counted lost (its reader ends short) and its stream still ends,
+        # rather than waiting forever.
+        error = self.lost = hiredis.ReplyError(f"connection lost: {exc!r}")
         while self.callbacks:
             self.callbacks.popleft()(error)
 
