@@ -163,17 +163,19 @@ _PUSH: type | None = getattr(hiredis, "PushNotification", None)
 
 class _Replies(asyncio.Protocol):
     """Takes over a redis-py connection's socket once it is set up (TLS, AUTH, HELLO,
-    SELECT done) and hands each reply to ``on_reply`` from ``data_received``: replies are
-    parsed where they arrive, with redis-py's error classes, and no task wakes up to read
-    them (one event-loop turn and a few coroutines less per reply; issue 11).
+    SELECT done) and has ``on_data(reader)`` take the replies from ``data_received``:
+    replies are parsed where they arrive, with redis-py's error classes, and no task wakes
+    up to read them (one event-loop turn and a few coroutines less per reply; issue 11).
+    ``on_data`` takes each complete reply with ``reader.gets(False)`` (:data:`_INCOMPLETE`
+    once none is left).
 
-    ``lost`` fails when the connection ends or ``on_reply`` raises.
+    ``lost`` fails when the connection ends or ``on_data`` raises.
     """
 
     def __init__(
         self,
         transport: asyncio.WriteTransport,
-        on_reply: Callable[[Any], None],
+        on_data: Callable[[hiredis.Reader], None],
         parse_error: Callable[[str], Any],
     ) -> None:
         self.transport = transport
@@ -182,7 +184,7 @@ class _Replies(asyncio.Protocol):
             replyError=parse_error,
             notEnoughData=_INCOMPLETE,
         )
-        self._on_reply = on_reply
+        self._on_data = on_data
         loop = asyncio.get_running_loop()
         self.lost: asyncio.Future[None] = loop.create_future()
         #: Done once the socket is closed.
@@ -191,11 +193,9 @@ class _Replies(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.lost.done():
             return
-        reader = self._reader
         try:
-            reader.feed(data)
-            while (reply := reader.gets(False)) is not _INCOMPLETE:
-                self._on_reply(reply)
+            self._reader.feed(data)
+            self._on_data(self._reader)
         except Exception as exc:  # a protocol error, or a reply that makes no sense here
             self._fail(exc)
 
@@ -212,7 +212,19 @@ class _Replies(asyncio.Protocol):
             self.lost.set_exception(exc)
 
 
-def _take_over(connection: AbstractConnection, on_reply: Callable[[Any], None]) -> _Replies:
+def _each(on_reply: Callable[[Any], None]) -> Callable[[hiredis.Reader], None]:
+    """An ``on_data`` for :class:`_Replies` that calls ``on_reply`` with each reply."""
+
+    def take(reader: hiredis.Reader) -> None:
+        while (reply := reader.gets(False)) is not _INCOMPLETE:
+            on_reply(reply)
+
+    return take
+
+
+def _take_over(
+    connection: AbstractConnection, on_data: Callable[[hiredis.Reader], None]
+) -> _Replies:
     """Read ``connection``'s replies with a :class:`_Replies` from now on."""
     writer = connection._writer
     if writer is None:
@@ -220,7 +232,7 @@ def _take_over(connection: AbstractConnection, on_reply: Callable[[Any], None]) 
     # Error replies become the exceptions the connection's own parser makes (a cluster
     # node's parser knows MOVED and ASK on every redis-py version).
     parse_error = getattr(connection._parser, "parse_error", BaseParser.parse_error)
-    protocol = _Replies(writer.transport, on_reply, parse_error)
+    protocol = _Replies(writer.transport, on_data, parse_error)
     writer.transport.set_protocol(protocol)
     return protocol
 
@@ -381,7 +393,7 @@ class Pipe:
             self.connects += 1
             if self.connects > 1:
                 telemetry.reconnecting("commands")
-            protocol = _take_over(connection, functools.partial(self._reply, session))
+            protocol = _take_over(connection, functools.partial(self._replies, session))
             session.stream = connection._writer.transport  # type: ignore[union-attr]
             self._flush(session)  # what was queued while connecting
             await protocol.lost  # raises what ended the connection
@@ -406,27 +418,39 @@ class Pipe:
             stream.writelines(batch)
             session.flushed_at = asyncio.get_running_loop().time()
 
-    def _reply(self, session: _Session, reply: Any) -> None:
-        if _PUSH is not None and isinstance(reply, _PUSH):
-            return  # a RESP3 push (a server notification), not the reply to a command
+    def _replies(self, session: _Session, reader: hiredis.Reader) -> None:
+        """Hand each reply parsed to what it is owed to, in order (one call per read from
+        the socket, not per reply: the hot path of paced appends)."""
         pending = session.pending
-        if not pending:
-            raise TransportError(f"Redis sent a reply nobody asked for: {reply!r}")
-        self._progress = asyncio.get_running_loop().time()
-        future = pending.popleft()
-        if not isinstance(future, asyncio.Future):  # posted
-            _call_hook(future, reply)
-        else:
-            if not future.done():  # done: its caller was cancelled; the reply is dropped
-                future.set_result(reply)  # an error reply is returned too, as an exception
-            hooks = session.hooks
-            if hooks and hooks[0][0] is future:
-                _call_hook(hooks.popleft()[1], reply)
-        if isinstance(reply, rex.RedisError) and error_code(reply) in RECONNECT_CODES:
-            # A demoted master (READONLY) or a server loading its data (redis-py makes
-            # that a ConnectionError): this connection points at the wrong server for now
-            # (issue 8, part 3).
-            raise TransportError(f"Redis answered {error_code(reply)}: reconnecting")
+        gets = reader.gets
+        answered = False
+        try:
+            while (reply := gets(False)) is not _INCOMPLETE:
+                if _PUSH is not None and isinstance(reply, _PUSH):
+                    continue  # a RESP3 push (a server notification), not a command's reply
+                if not pending:
+                    raise TransportError(f"Redis sent a reply nobody asked for: {reply!r}")
+                answered = True
+                owed = pending.popleft()
+                if not isinstance(owed, asyncio.Future):  # posted
+                    try:
+                        owed(reply)
+                    except Exception:  # a bug in the hook: not the connection's fault
+                        logger.exception("Redis: a reply hook failed")
+                else:
+                    if not owed.done():  # done: its caller was cancelled; the reply is dropped
+                        owed.set_result(reply)  # an error reply is returned too, as an exception
+                    hooks = session.hooks
+                    if hooks and hooks[0][0] is owed:
+                        _call_hook(hooks.popleft()[1], reply)
+                if isinstance(reply, rex.RedisError) and error_code(reply) in RECONNECT_CODES:
+                    # A demoted master (READONLY) or a server loading its data (redis-py
+                    # makes that a ConnectionError): this connection points at the wrong
+                    # server for now (issue 8, part 3).
+                    raise TransportError(f"Redis answered {error_code(reply)}: reconnecting")
+        finally:
+            if answered:
+                self._progress = asyncio.get_running_loop().time()
 
     def _check(self) -> None:
         # One timer per connection, re-armed from the last progress (not one per command).
@@ -545,7 +569,7 @@ class Subscriber:
                 try:
                     await connection.connect()  # type: ignore[no-untyped-call]
                     self.connects += 1
-                    protocol = _take_over(connection, self._message)
+                    protocol = _take_over(connection, _each(self._message))
                     writer = asyncio.create_task(
                         self._write(protocol.transport), name=f"{self.name} writer"
                     )
