@@ -151,7 +151,9 @@ class Run:
         self._sizes: list[int] = []  # size_of() each event of _buffer
         self._terminal: Item | None = None
         self._wake = asyncio.Event()
-        self._space = asyncio.Event()
+        # Set while the source waits for the buffer to drain (a future, not an Event: a
+        # write checks an attribute rather than calling set() when nobody waits).
+        self._space: asyncio.Future[None] | None = None
         self._cancel_reason: CancelReason | Literal["stopped"] | None = None
         self._failure: BaseException | None = None
         self._coalesce_events = min(
@@ -174,8 +176,10 @@ class Run:
         self._redo = False
         self._can_post = True  # False once the transport declined
         self._parked = False  # the flusher waits for events, with nothing to write
-        self._clock = asyncio.get_running_loop().time
-        self._written_at = -COALESCE_GAP  # loop time of the last entry written
+        # A gap measured, not a time scheduled on: the monotonic clock itself (one C call;
+        # the loop's time() is a Python method around it).
+        self._clock = time.monotonic
+        self._written_at = -COALESCE_GAP  # time.monotonic() of the last entry written
         self._pump: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._renewing = False  # a renewal of the lease is under way (StreamProducer)
@@ -366,8 +370,8 @@ class Run:
                 if (buffered == 0 or len(buffer) >= full) and self._posted is None:
                     self._kick()
                 while len(buffer) >= buffer_limit:
-                    self._space.clear()
-                    await self._space.wait()
+                    space = self._space = asyncio.get_running_loop().create_future()
+                    await space
         except asyncio.CancelledError:
             reason = self._cancel_reason
             if reason is None:
@@ -402,7 +406,15 @@ class Run:
             and self._terminal is None
             and self._clock() - self._written_at >= COALESCE_GAP
         ):
-            entry, count, _ = self._inflight = self._next_entry()
+            buffer = self._buffer
+            if len(buffer) == 1:  # a paced token (no terminal event: checked above)
+                entry = Entry(self.epoch, self._seq + 1, join_entry(buffer))
+                count = 1
+                self._inflight = (entry, 1, None)
+                buffer.clear()
+                self._sizes.clear()
+            else:
+                entry, count, _ = self._inflight = self._next_entry()
             self._posted, self._posted_at = entry, telemetry.clock()
             try:
                 posted = self._transport.append_soon(
@@ -429,7 +441,8 @@ class Run:
             self._written(entry, count, None)
             telemetry.appended(count, self._posted_at)
             self._written_at = self._clock()
-            self._space.set()
+            if self._space is not None:
+                self._free_space()
             if self._buffer or self._terminal is not None:
                 self._wake.set()
         else:
@@ -454,7 +467,8 @@ class Run:
                     continue  # the terminal event is `storage_rollback` now: written next
                 self._written(entry, count, final)
                 self._written_at = clock()
-                self._space.set()
+                if self._space is not None:
+                    self._free_space()
                 bursting = bool(self._buffer)
                 continue
             if self._posted is not None or (not self._buffer and self._terminal is None):
@@ -536,7 +550,14 @@ class Run:
             self._inflight = None
             return  # the terminal event changed to `storage_rollback`: written next
         self._written(entry, count, final)
-        self._space.set()
+        if self._space is not None:
+            self._free_space()
+
+    def _free_space(self) -> None:
+        """Entries were written: wake the source waiting for room in the buffer."""
+        space, self._space = self._space, None
+        if space is not None and not space.done():
+            space.set_result(None)
 
     def _next_entry(self) -> tuple[Entry, int, Status | None]:
         """Take the next entry's events from the buffer (with the terminal event after
