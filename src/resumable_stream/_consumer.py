@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import operator
+import time
 import warnings
 import weakref
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import NoReturn, Self
@@ -15,7 +14,7 @@ from typing import NoReturn, Self
 from . import telemetry
 from ._codec import decode_entry, encode_entry, parse_offset
 from ._constants import CONSUMER_CHECKPOINT, DEFAULT_PAGE_SIZE
-from ._events import ERROR, Event
+from ._events import ERROR, TERMINAL_TYPES, Event
 from ._exceptions import ConfigurationError, InvalidOffset, OffsetExpired, StreamNotFound
 from ._ids import check_stream_id
 from ._producer import RESERVED_PAYLOAD
@@ -119,9 +118,9 @@ class StreamConsumer:
         self._skip_to = -1 if position is None else position.event
         self._page_size = page_size
         self._entries: collections.deque[Entry] = collections.deque()
-        # The events of the entry being handed out, and how many it held (counted as
-        # delivered once it is done).
-        self._events: Iterator[Event] | None = None
+        # The events of the entry being handed out still to hand out, last first (pop()),
+        # and how many it held (counted as delivered once all are handed out).
+        self._events: list[Event] = []
         self._opened = 0
         self._budget = CONSUMER_CHECKPOINT
         self._info: StreamInfo | None = None
@@ -140,12 +139,7 @@ class StreamConsumer:
     def _at_hand(self) -> bool:
         """Whether ``__anext__`` would return at once: the next event is read already, or
         the stream has ended (it raises ``StopAsyncIteration``)."""
-        events = self._events
-        return (
-            self._finished
-            or bool(self._entries)
-            or (events is not None and operator.length_hint(events) > 0)
-        )
+        return self._finished or bool(self._entries) or bool(self._events)
 
     def __aiter__(self) -> Self:
         return self
@@ -157,15 +151,10 @@ class StreamConsumer:
             # (memory) would otherwise replay a long stream without ever yielding (issue 9).
             self._budget = CONSUMER_CHECKPOINT
             await asyncio.sleep(0)
-        while True:
-            if self._events is not None:
-                event = next(self._events, None)
-                if event is not None:
-                    break
-                self._events = None
-                telemetry.delivered(self._opened)
+        events = self._events
+        while not events:
             if self._entries:
-                self._open(self._entries.popleft())
+                events = self._open(self._entries.popleft())
                 continue
             if self._finished:
                 self._close_subscription()
@@ -176,8 +165,12 @@ class StreamConsumer:
                 telemetry.failed(exc, "read")
                 self._close_subscription()
                 raise
+            events = self._events
+        event = events.pop()
+        if not events:
+            telemetry.delivered(self._opened)  # the entry is handed out
         self.after = event.offset
-        if event.terminal:  # nothing follows: release now, even if the caller breaks here
+        if event.type in TERMINAL_TYPES:  # nothing follows: release now, even on a `break`
             self._terminal_seen = self._finished = True
             self._entries.clear()
             self._drop_events()
@@ -227,12 +220,12 @@ class StreamConsumer:
 
     def _drop_events(self) -> None:
         """Stop handing out the current entry's events (those handed count as delivered)."""
-        if self._events is not None:
-            telemetry.delivered(self._opened - operator.length_hint(self._events))
-            self._events = None
+        if self._events:  # (an entry handed out in full is counted already)
+            telemetry.delivered(self._opened - len(self._events))
+            self._events = []
 
-    def _open(self, entry: Entry) -> None:
-        """Start handing out the events of ``entry``."""
+    def _open(self, entry: Entry) -> list[Event]:
+        """Start handing out the events of ``entry``; return them, last first."""
         events = decode_entry(entry.payload, entry.epoch, entry.seq)
         skip = self._skip_to
         if skip >= 0:
@@ -253,9 +246,11 @@ class StreamConsumer:
             if any(e.terminal for e in skipped):
                 self._terminal_seen = self._finished = True
                 self._entries.clear()
-                return
-        self._events = iter(events)
+                return []
+        events.reverse()
+        self._events = events
         self._opened = len(events)
+        return events
 
     async def _start(self) -> StreamInfo:
         info = await self.transport.info(self.stream_id)
@@ -347,9 +342,8 @@ class StreamConsumer:
             self._subscription = self.transport.subscribe(self.stream_id, self._epoch, self._seq)
             telemetry.live(+1)
         subscription = self._subscription
-        loop = self._loop or asyncio.get_running_loop()
         max_wait = max(info.lease_ms / 2000, 0.05)
-        began = loop.time()
+        began = time.monotonic()  # (a duration: the clock itself, not the loop's method)
         entries = await subscription.get(max_wait=max_wait)
         if self._finished:  # closed by aclose() from another task meanwhile
             return
@@ -358,7 +352,7 @@ class StreamConsumer:
             return
         woke = subscription.woke
         if woke is None:  # a subscription that does not tell: returned before its time?
-            woke = loop.time() - began < max_wait - _WAKE_MARGIN
+            woke = time.monotonic() - began < max_wait - _WAKE_MARGIN
         if woke:
             # Woken before its time: the transport asks this reader to look at the stream
             # (deleted, restarted, or stored past the live feed). A fresh look, not the

@@ -99,6 +99,7 @@ class QueueSubscription(Subscription):
         self._waiter: asyncio.Future[None] | None = None
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_due = 0.0  # when _timer fires (its when(), without the method call)
         self._on_close = on_close
         self._woken = False  # an empty push() not yet answered by an empty get()
         self.closed = False
@@ -113,8 +114,9 @@ class QueueSubscription(Subscription):
             self._woken = True
         self._entries.extend(entries)
         overflow = len(self._entries) - DEFAULT_SUBSCRIPTION_BUFFER
-        for _ in range(overflow):
-            self._entries.popleft()
+        if overflow > 0:
+            for _ in range(overflow):
+                self._entries.popleft()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -126,13 +128,14 @@ class QueueSubscription(Subscription):
                 self.woke = True
                 return []
             loop = asyncio.get_running_loop()
-            self._deadline = loop.time() + max_wait
+            deadline = self._deadline = loop.time() + max_wait
             waiter = self._waiter = loop.create_future()
-            if self._timer is not None and self._timer.when() > self._deadline:
-                self._timer.cancel()  # a shorter wait than the one armed for
-                self._timer = None
-            if self._timer is None:
-                self._timer = loop.call_at(self._deadline, self._on_timer)
+            timer = self._timer
+            if timer is None or self._timer_due > deadline:
+                if timer is not None:
+                    timer.cancel()  # a shorter wait than the one armed for
+                self._timer = loop.call_at(deadline, self._on_timer)
+                self._timer_due = deadline
             try:
                 await waiter
             finally:
@@ -155,6 +158,7 @@ class QueueSubscription(Subscription):
         loop = asyncio.get_running_loop()
         if loop.time() < self._deadline:
             self._timer = loop.call_at(self._deadline, self._on_timer)
+            self._timer_due = self._deadline
         else:
             waiter.set_result(None)
 
