@@ -416,13 +416,13 @@ async def test_user_supplied_client(redis_url: str, prefix: str) -> None:
     await client.aclose()
 
 
-@pytest.mark.parametrize("final", [None, "completed"])
+@pytest.mark.parametrize("final", [None, "completed", "error", "cancelled"])
 async def test_the_append_command_is_the_one_hiredis_packs(
     final: Status | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The append command is formatted from parts packed once per run (_append_command):
     # byte for byte what packing all of its arguments gives, for any run, entry and end.
-    monkeypatch.setattr(time, "time", lambda: 1764590000.123)
+    monkeypatch.setattr(time, "time_ns", lambda: 1764590000123456789)
     transport = from_url("redis://127.0.0.1:1/0", max_entries=777)
     assert isinstance(transport, RedisTransport)
     ends = (777, transport._running_ttl_ms, transport._retention_ms, transport._meta_ttl_ms)

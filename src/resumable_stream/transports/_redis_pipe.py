@@ -337,11 +337,13 @@ class Pipe:
         and no task waiting: it is called as the reply is parsed, or with the
         :class:`TransportError` that ended the connection first (exactly once, either way).
         """
-        loop = asyncio.get_running_loop()
-        session = self._queue(loop)
+        session = self._session
+        if session is None or not session.pending or self._closed:
+            session = self._queue(asyncio.get_running_loop())  # (else it would do nothing)
         session.outgoing.append(packed)
         session.pending.append(on_reply)
-        self._schedule(loop, session)
+        if not session.flushing:
+            self._schedule(asyncio.get_running_loop(), session)
 
     def _queue(self, loop: asyncio.AbstractEventLoop) -> _Session:
         """The session new commands go to (connecting it if need be), its watchdog armed."""

@@ -302,11 +302,18 @@ class RedisTransport(Transport):
         # reads as expired (OffsetExpired), not as never created (StreamNotFound).
         self._meta_running_ms = int((running_ttl + tombstone) * 1000)
         # The append command's last arguments, packed (see _append_command).
-        self._append_end = _with_length(
+        # The append command's last arguments: the final status (none, or one of the three
+        # a run ends in), then the settings.
+        end = _with_length(
             pack(max_entries, self._running_ttl_ms, self._retention_ms, self._meta_ttl_ms), None
         )
-        # stream id -> owner, epoch and the append command's head for that run
-        self._heads: dict[str, tuple[str, int, bytes]] = {}
+        self._append_ends: dict[Status | None, bytes] = {
+            status: b"$%d\r\n%b\r\n%b" % (len(status or ""), (status or "").encode(), end)
+            for status in (None, "completed", "error", "cancelled")
+        }
+        # stream id -> owner, epoch and the append command's head for that run, and the
+        # stream's notice channel
+        self._heads: dict[str, tuple[str, int, bytes, bytes]] = {}
         # stream id -> its hash slot, its keys (meta, events, lease) and notice channel
         self._streams: dict[str, tuple[int, tuple[str, str, str], bytes]] = {}
         #: Error replies met, by code (MOVED, ASK, NOSCRIPT, READONLY...): for tests, metrics.
@@ -522,7 +529,7 @@ class RedisTransport(Transport):
         if self.replicas:
             await self._append_durably(stream_id, owner, entry, count, final)
             if self._writing:
-                self._appended_here(stream_id, entry, final)
+                self._appended_here(self._stream(stream_id)[2], entry, final)
             return
         packed = self._append_command(stream_id, owner, entry, count, final)
         node = None if self._closed else self._single
@@ -556,8 +563,9 @@ class RedisTransport(Transport):
         if node is None or self.replicas or self._closed or not self._own_append:
             return False
         packed = self._append_command(stream_id, owner, entry, count, None)
+        channel = self._heads[stream_id][3]  # (cached by _append_command just now)
         try:
-            node.pipe.post(packed, functools.partial(self._posted, stream_id, entry, done))
+            node.pipe.post(packed, functools.partial(self._posted, channel, entry, done))
         except TransportClosed:
             return False
         return True
@@ -574,13 +582,13 @@ class RedisTransport(Transport):
             if len(self._heads) >= 4096:
                 self._heads.clear()
             packed = self._evalsha(_APPEND, stream_id, (owner, entry.epoch))
-            head = self._heads[stream_id] = (owner, entry.epoch, _with_length(packed, 17))
+            channel = self._stream(stream_id)[2]
+            head = self._heads[stream_id] = (owner, entry.epoch, _with_length(packed, 17), channel)
         seq = b"%d" % entry.seq
         number = b"%d" % count
-        now = b"%d" % int(time.time() * 1000)
-        status = final.encode() if final else b""
+        now = b"%d" % (time.time_ns() // 1_000_000)
         payload = entry.payload
-        return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
+        return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
             head[2],
             len(seq),
             seq,
@@ -590,29 +598,27 @@ class RedisTransport(Transport):
             number,
             len(now),
             now,
-            len(status),
-            status,
-            self._append_end,
+            self._append_ends[final],
         )
 
     def _posted(
-        self, stream_id: str, entry: Entry, done: Callable[[bool], None], reply: Any
+        self, channel: bytes, entry: Entry, done: Callable[[bool], None], reply: Any
     ) -> None:
         # Anything but "stored" (an error reply such as NOSCRIPT, fenced, a rollback, a
         # fault) goes to append(), which handles it.
         stored = reply == 1 or reply == 0  # stored now, or already
         if stored and self._writing:
-            self._appended_here(stream_id, entry, None)
+            self._appended_here(channel, entry, None)
         done(stored)
 
     def _replied(self, stream_id: str, entry: Entry, final: Status | None, reply: Any) -> None:
         if reply == 1 or reply == 0:  # stored now, or already (a retried write)
-            self._appended_here(stream_id, entry, final)
+            self._appended_here(self._stream(stream_id)[2], entry, final)
 
-    def _appended_here(self, stream_id: str, entry: Entry, final: Status | None) -> None:
-        """An entry of a run written in this process is stored: hand it to this process's
-        readers of the run (the notice Redis also publishes goes to other processes)."""
-        channel = self._stream(stream_id)[2]
+    def _appended_here(self, channel: bytes, entry: Entry, final: Status | None) -> None:
+        """An entry of the run with notice channel ``channel``, written in this process, is
+        stored: hand it to this process's readers of the run (the notice Redis also
+        publishes goes to other processes)."""
         if self._writing.get(channel) != entry.epoch:
             return
         if final is not None:
@@ -620,10 +626,16 @@ class RedisTransport(Transport):
         feed = self._feeds.get(channel)
         if feed is None or not feed.local or feed.epoch != entry.epoch:
             return
-        if entry.seq <= feed.cursor and final is not None:
+        seq = entry.seq
+        if seq == feed.cursor + 1 and not feed.fetching:  # the next one (_offer, inlined)
+            feed.cursor = seq
+            entries = [entry]
+            for subscription in tuple(feed.subscribers):
+                subscription.push(entries)
+        elif seq <= feed.cursor and final is not None:
             feed.wake()  # the run ended below the readers (storage_rollback): they look
         else:
-            self._offer(feed, entry.seq, entry)
+            self._offer(feed, seq, entry)
 
     async def _append_durably(
         self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None
