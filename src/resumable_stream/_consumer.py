@@ -160,7 +160,21 @@ class StreamConsumer:
                 self._close_subscription()
                 raise StopAsyncIteration
             try:
-                await self._fill()
+                subscription, info = self._subscription, self._info
+                if subscription is not None and info is not None and not self._gap:
+                    # Following live, the usual wait: _fill()'s last step (_wait_live),
+                    # inlined to save a coroutine per live event.
+                    max_wait = max(info.lease_ms / 2000, 0.05)
+                    began = time.monotonic()
+                    entries = await subscription.get(max_wait=max_wait)
+                    if self._finished:  # closed by aclose() from another task meanwhile
+                        pass
+                    elif entries:
+                        self._take(entries, stored=False)
+                    else:
+                        await self._quiet(subscription, info, began, max_wait)
+                else:
+                    await self._fill()
             except BaseException as exc:
                 telemetry.failed(exc, "read")
                 self._close_subscription()
@@ -341,7 +355,10 @@ class StreamConsumer:
             self._loop = asyncio.get_running_loop()
             self._subscription = self.transport.subscribe(self.stream_id, self._epoch, self._seq)
             telemetry.live(+1)
-        subscription = self._subscription
+        await self._wait_live(self._subscription, info)
+
+    async def _wait_live(self, subscription: Subscription, info: StreamInfo) -> None:
+        """Wait for the live subscription's next entries (inlined in __anext__)."""
         max_wait = max(info.lease_ms / 2000, 0.05)
         began = time.monotonic()  # (a duration: the clock itself, not the loop's method)
         entries = await subscription.get(max_wait=max_wait)
@@ -350,6 +367,13 @@ class StreamConsumer:
         if entries:
             self._take(entries, stored=False)
             return
+        await self._quiet(subscription, info, began, max_wait)
+
+    async def _quiet(
+        self, subscription: Subscription, info: StreamInfo, began: float, max_wait: float
+    ) -> None:
+        """The live subscription's wait returned nothing: woken to look at the stream, or
+        the stream was quiet for ``max_wait`` seconds."""
         woke = subscription.woke
         if woke is None:  # a subscription that does not tell: returned before its time?
             woke = time.monotonic() - began < max_wait - _WAKE_MARGIN
