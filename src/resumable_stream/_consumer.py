@@ -169,6 +169,14 @@ class StreamConsumer:
                     entries = await subscription.get(max_wait=max_wait)
                     if self._finished:  # closed by aclose() from another task meanwhile
                         pass
+                    elif (
+                        len(entries) == 1
+                        and (entry := entries[0]).seq == self._seq + 1
+                        and entry.epoch == self._epoch
+                    ):  # the next entry alone (_take()'s usual case): opened at once
+                        self._seq = entry.seq
+                        self._gap = False
+                        self._open(entry)
                     elif entries:
                         self._take(entries, stored=False)
                     else:
