@@ -74,6 +74,7 @@ class MemoryTransport(Transport):
         self._closed = False
         self._swept_at = 0.0
         self._last_epoch = 0
+        self._own_append = type(self).append is MemoryTransport.append
 
     def _get(self, stream_id: str) -> _Stream | None:
         if self._closed:
@@ -139,8 +140,10 @@ class MemoryTransport(Transport):
         if overflow > 0:
             del stream.payloads[:overflow]
             stream.first_seq += overflow
-        for sub in tuple(stream.subscribers):
-            sub.push([entry])
+        if stream.subscribers:
+            entries = [entry]  # (push() copies it: one list for all)
+            for sub in tuple(stream.subscribers):
+                sub.push(entries)
 
     async def append(
         self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None = None
@@ -150,7 +153,7 @@ class MemoryTransport(Transport):
     def append_soon(
         self, stream_id: str, owner: str, entry: Entry, count: int, done: Callable[[bool], None]
     ) -> bool:
-        if type(self).append is not MemoryTransport.append:
+        if not self._own_append:
             return False  # a subclass's own append() is what it expects to be called
         try:
             self._append(stream_id, owner, entry, count, None)
@@ -167,12 +170,13 @@ class MemoryTransport(Transport):
         stream = self._owned(stream_id, owner)
         if entry.epoch != stream.epoch:
             raise LeaseLost(stream_id)
-        if entry.seq <= stream.last_seq:
+        last_seq = stream.last_seq
+        if entry.seq <= last_seq:
             return
         if stream.status != "running":
             raise LeaseLost(stream_id)
-        if entry.seq != stream.last_seq + 1:
-            raise StorageRollback(stream_id, stream.last_seq)
+        if entry.seq != last_seq + 1:
+            raise StorageRollback(stream_id, last_seq)
         self._store(stream, entry, count)
         if final is not None:
             self._finish(stream, final)
