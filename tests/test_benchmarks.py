@@ -76,6 +76,20 @@ def test_quick_paced_and_fanout_rows_carry_their_targets(tmp_path: Path) -> None
         assert os.environ.get("CI") != "true", skipped["value"]
 
 
+@pytest.mark.timeout(120)
+def test_lockstep_prints_cpu_per_token_for_every_backend() -> None:
+    """The lock-step tool (benchmarks/lockstep.py) runs each backend to the end: every
+    reader gets every tick's token (else the run would not finish), one row per backend."""
+    command = [sys.executable, "-m", "benchmarks.lockstep", "--streams", "5", "--ticks", "20"]
+    result = subprocess.run(
+        [*command, "--rounds", "1"], cwd=ROOT, capture_output=True, text=True, timeout=100
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line.split()[0] for line in result.stdout.splitlines()]
+    assert rows == ["pass", "memory", "redis", "floor"], result.stdout
+    assert all("us CPU per token" in line for line in result.stdout.splitlines())
+
+
 def test_node_row_says_why_it_is_skipped(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,0 +1,166 @@
+"""Lock-step: the work per token of the library's hot path, counted rather than timed.
+
+Every stream gets one token per tick, and the next tick starts once every reader has its
+token: no timers and no pacing, yet each token takes the paced path (an entry of its own,
+the producer's post, the reader's live wait). Run as::
+
+    python -m benchmarks.lockstep                      # CPU per token, each backend
+    python -m benchmarks.lockstep --instructions       # instructions per token (valgrind)
+
+Backends: ``pass`` (the in-process pass-through of scenario 2b), ``memory`` and ``redis``
+(the library on ``memory://`` and on a redis-server started here), ``floor`` (the minimal
+Redis client of :mod:`benchmarks.floor`). CPU per token moves with the machine's load;
+``--instructions`` runs each backend under ``valgrind --tool=callgrind`` at two lengths
+and subtracts (start-up cancels out), which gives the same count from run to run within
+about 1% on Redis and 0.1% on memory: how changes to the hot path are compared. Lock-step
+batches what paced runs do not (every stream's token in one loop turn, one socket write),
+so its figures are below scenario 2b's; compare backends and versions, not scenarios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+
+from resumable_stream import from_url
+
+from ._support import RedisServer
+from .floor import MinimalRedis
+from .library import _Backend, _Library, _PassThrough
+
+BACKENDS = ("pass", "memory", "redis", "floor")
+_WARM_UP = 10  # ticks before the measured ones (connections, caches, first entries)
+_TICK_TIMEOUT = 60.0  # seconds (under valgrind a tick takes about 50 times longer)
+
+
+async def _lockstep(backend: _Backend, streams: int, ticks: int) -> float:
+    """CPU seconds of this thread per token over the ticks after the warm-up."""
+    loop = asyncio.get_running_loop()
+    ticked = [loop.create_future() for _ in range(ticks)]
+    everyone = [loop.create_future() for _ in range(ticks)]
+    received = [0] * ticks
+
+    async def source() -> AsyncIterator[str]:
+        for tick in range(ticks):
+            await ticked[tick]
+            yield f"{tick}"
+
+    async def read(key: str) -> None:
+        async with contextlib.aclosing(backend.read(key, None)) as tokens:
+            async for _, text in tokens:
+                tick = int(text)
+                received[tick] += 1
+                if received[tick] == streams:
+                    everyone[tick].set_result(None)
+
+    keys = [f"lockstep-{time.time_ns()}-{i}" for i in range(streams)]
+    for key in keys:
+        await backend.start(key, source())
+    readers = [asyncio.create_task(read(key)) for key in keys]
+    began = 0.0
+    for tick in range(ticks):
+        if tick == _WARM_UP:
+            began = time.thread_time()
+        ticked[tick].set_result(None)
+        try:
+            await asyncio.wait_for(everyone[tick], _TICK_TIMEOUT)
+        except TimeoutError:
+            raise RuntimeError(
+                f"tick {tick}: {received[tick]} of {streams} readers got their token "
+                f"within {_TICK_TIMEOUT:g} s"
+            ) from None
+    cpu = time.thread_time() - began
+    await asyncio.gather(*readers)
+    for key in keys:
+        await backend.wait(key)
+    return cpu / (streams * (ticks - _WARM_UP))
+
+
+def run(backend: str, streams: int, ticks: int, redis_url: str) -> float:
+    """One lock-step run: CPU seconds per token."""
+
+    async def main() -> float:
+        if backend == "pass":
+            return await _lockstep(_PassThrough(), streams, ticks)
+        if backend == "floor":
+            minimal, connection = await MinimalRedis.connect(redis_url)
+            try:
+                return await _lockstep(minimal, streams, ticks)
+            finally:
+                connection.close()
+        async with from_url("memory://" if backend == "memory" else redis_url) as transport:
+            return await _lockstep(_Library(transport), streams, ticks)
+
+    gc.collect()
+    with asyncio.Runner() as runner:
+        return runner.run(main())
+
+
+def instructions(backend: str, streams: int, ticks: int, redis_url: str) -> float:
+    """Instructions per token under callgrind: a run of ``ticks`` ticks minus one of
+    ``_WARM_UP + 20`` (what both share, start-up and warm-up, cancels out)."""
+    counts = []
+    short = _WARM_UP + 20
+    if ticks <= short:
+        raise ValueError(f"counting instructions needs more than {short} ticks")
+    for length in (short, ticks):
+        command = [
+            "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+            sys.executable, "-m", "benchmarks.lockstep", "--backend", backend,
+            "--streams", str(streams), "--ticks", str(length), "--rounds", "1",
+        ]  # fmt: skip
+        if redis_url:
+            command += ["--redis-url", redis_url]
+        # (A fixed hash seed: set and dict orders, and so the counts, repeat.)
+        environment = {**os.environ, "PYTHONHASHSEED": "0"}
+        done = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
+        found = re.search(r"Collected : ([\d,]+)", done.stderr)
+        if found is None:
+            raise RuntimeError(f"no instruction count from callgrind:\n{done.stderr[-2000:]}")
+        counts.append(int(found.group(1).replace(",", "")))
+    return (counts[1] - counts[0]) / (streams * (ticks - short))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.lockstep", description=__doc__)
+    parser.add_argument("--backend", action="append", choices=BACKENDS)
+    parser.add_argument("--streams", type=int, default=50)
+    parser.add_argument("--ticks", type=int, default=130)
+    parser.add_argument("--rounds", type=int, default=3, help="runs per backend (CPU)")
+    parser.add_argument("--instructions", action="store_true", help="count under valgrind")
+    parser.add_argument("--redis-url", help="a redis-server to use (default: start one)")
+    args = parser.parse_args(argv)
+    if args.ticks <= _WARM_UP + (20 if args.instructions else 0):
+        parser.error(f"--ticks must be above {_WARM_UP + (20 if args.instructions else 0)}")
+    backends = args.backend or list(BACKENDS)
+    with contextlib.ExitStack() as stack:
+        url = args.redis_url
+        if url is None and {"redis", "floor"} & set(backends):
+            server = RedisServer().start()
+            stack.callback(server.stop)
+            url = server.url
+        for backend in backends:
+            if args.instructions:
+                count = instructions(backend, args.streams, args.ticks, url or "")
+                print(f"{backend:7s} {count:10,.0f} instructions per token", flush=True)
+                continue
+            cpu = [run(backend, args.streams, args.ticks, url or "") for _ in range(args.rounds)]
+            runs = ", ".join(f"{c * 1e6:.1f}" for c in cpu)
+            print(
+                f"{backend:7s} {statistics.median(cpu) * 1e6:7.1f} us CPU per token"
+                f" (median of {len(cpu)}: {runs})",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
