@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -165,7 +164,7 @@ class StreamConsumer:
                     # Following live, the usual wait: _fill()'s last step (_wait_live),
                     # inlined to save a coroutine per live event.
                     max_wait = max(info.lease_ms / 2000, 0.05)
-                    began = time.monotonic()
+                    began = (self._loop or asyncio.get_running_loop()).time()
                     entries = await subscription.get(max_wait=max_wait)
                     if self._finished:  # closed by aclose() from another task meanwhile
                         pass
@@ -173,10 +172,10 @@ class StreamConsumer:
                         len(entries) == 1
                         and (entry := entries[0]).seq == self._seq + 1
                         and entry.epoch == self._epoch
-                    ):  # the next entry alone (_take()'s usual case): opened at once
+                    ):  # the next entry alone: _take()'s usual case
                         self._seq = entry.seq
                         self._gap = False
-                        self._open(entry)
+                        self._entries.append(entry)  # (opened above, outside this try)
                     elif entries:
                         self._take(entries, stored=False)
                     else:
@@ -368,7 +367,9 @@ class StreamConsumer:
     async def _wait_live(self, subscription: Subscription, info: StreamInfo) -> None:
         """Wait for the live subscription's next entries (inlined in __anext__)."""
         max_wait = max(info.lease_ms / 2000, 0.05)
-        began = time.monotonic()  # (a duration: the clock itself, not the loop's method)
+        # The loop's clock, as the subscription's timer: uvloop's counts whole milliseconds
+        # and rounds its timers to them; time.monotonic() could take a timeout for a wake.
+        began = (self._loop or asyncio.get_running_loop()).time()
         entries = await subscription.get(max_wait=max_wait)
         if self._finished:  # closed by aclose() from another task meanwhile
             return
@@ -384,7 +385,8 @@ class StreamConsumer:
         the stream was quiet for ``max_wait`` seconds."""
         woke = subscription.woke
         if woke is None:  # a subscription that does not tell: returned before its time?
-            woke = time.monotonic() - began < max_wait - _WAKE_MARGIN
+            loop = self._loop or asyncio.get_running_loop()
+            woke = loop.time() - began < max_wait - _WAKE_MARGIN
         if woke:
             # Woken before its time: the transport asks this reader to look at the stream
             # (deleted, restarted, or stored past the live feed). A fresh look, not the
