@@ -416,7 +416,7 @@ async def test_user_supplied_client(redis_url: str, prefix: str) -> None:
     await client.aclose()
 
 
-@pytest.mark.parametrize("final", [None, "completed", "error", "cancelled"])
+@pytest.mark.parametrize("final", [None, "completed", "error", "cancelled", "running"])
 async def test_the_append_command_is_the_one_hiredis_packs(
     final: Status | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -301,14 +301,13 @@ class RedisTransport(Transport):
         # Metadata outlives data while running too: an abandoned run, never reaped, still
         # reads as expired (OffsetExpired), not as never created (StreamNotFound).
         self._meta_running_ms = int((running_ttl + tombstone) * 1000)
-        # The append command's last arguments, packed (see _append_command).
-        # The append command's last arguments: the final status (none, or one of the three
-        # a run ends in), then the settings.
-        end = _with_length(
+        # The append command's last arguments, packed once (see _append_command): the
+        # final status (none, or one of the three a run ends in), then the settings.
+        self._append_settings = _with_length(
             pack(max_entries, self._running_ttl_ms, self._retention_ms, self._meta_ttl_ms), None
         )
-        self._append_ends: dict[Status | None, bytes] = {
-            status: b"$%d\r\n%b\r\n%b" % (len(status or ""), (status or "").encode(), end)
+        self._append_ends = {
+            status: self._append_end_of(status)
             for status in (None, "completed", "error", "cancelled")
         }
         # stream id -> owner, epoch and the append command's head for that run, and the
@@ -598,8 +597,13 @@ class RedisTransport(Transport):
             number,
             len(now),
             now,
-            self._append_ends[final],
+            self._append_ends.get(final) or self._append_end_of(final),
         )
+
+    def _append_end_of(self, final: str | None) -> bytes:
+        """The append command's end: the final status (empty: none), then the settings."""
+        status = (final or "").encode()
+        return b"$%d\r\n%b\r\n%b" % (len(status), status, self._append_settings)
 
     def _posted(
         self, channel: bytes, entry: Entry, done: Callable[[bool], None], reply: Any
