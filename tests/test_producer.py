@@ -424,6 +424,31 @@ async def test_a_paced_run_posts_each_entry_with_no_task_waiting_on_it(no_coales
     assert transport.posted == list(range(2, 21))
 
 
+async def test_an_item_that_adds_no_event_writes_no_entry(no_coalescing: None) -> None:
+    # An empty token (or any item that comes to no event) woke the writer as if an event
+    # had come: with nothing else being written, it posted an entry holding no event.
+    transport = MemoryTransport()
+    seen: asyncio.Queue[str] = asyncio.Queue()
+
+    async def source():
+        yield "a "
+        await seen.get()  # "a " is stored and read: the writer waits for events
+        yield ""
+        yield "b "
+
+    run = await StreamProducer(transport).start(source(), stream_id="empty")
+    got = []
+    async with StreamConsumer(transport, "empty") as reader:
+        async for event in reader:
+            if event.type == "token":
+                got.append(event.data["text"])
+                seen.put_nowait(event.data["text"])
+    assert got == ["a ", "b "]
+    assert await run.wait() == "completed"
+    entries = [decode_entry(p, 1, 1) for p in transport._streams["empty"].payloads]
+    assert all(entries), entries  # every entry holds an event
+
+
 async def test_a_post_not_stored_is_written_again_by_append(no_coalescing: None) -> None:
     transport = Posting()
     transport.refuse = {3, 7}

@@ -366,8 +366,14 @@ class Run:
                         buffer.append(encoded)
                         sizes.append(size_of(encoded))
                 # The writer needs waking for the first event of a batch and for a full one
-                # (not while an entry posted is unanswered: its answer wakes the flusher).
-                if (buffered == 0 or len(buffer) >= full) and self._posted is None:
+                # (not while an entry posted is unanswered: its answer wakes the flusher),
+                # not for an item that added no event (an empty token): it would post an
+                # entry holding none.
+                if (
+                    len(buffer) > buffered
+                    and (buffered == 0 or len(buffer) >= full)
+                    and self._posted is None
+                ):
                     self._kick()
                 while len(buffer) >= buffer_limit:
                     space = self._space = asyncio.get_running_loop().create_future()
