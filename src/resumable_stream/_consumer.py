@@ -175,7 +175,9 @@ class StreamConsumer:
                     ):  # the next entry alone: _take()'s usual case
                         self._seq = entry.seq
                         self._gap = False
-                        self._entries.append(entry)  # (opened above, outside this try)
+                        # Opened by the loop, outside this `try`: an entry that fails to
+                        # open leaves the subscription as it is.
+                        self._entries.append(entry)
                     elif entries:
                         self._take(entries, stored=False)
                     else:
