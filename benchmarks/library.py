@@ -227,6 +227,27 @@ async def _run_plan(backend: _Backend, plan: list[PlannedStream], rate: float) -
     return run
 
 
+@contextlib.asynccontextmanager
+async def backend_for(url: str | None, *, floor: bool = False) -> AsyncIterator[_Backend]:
+    """What a paced run goes through: the in-process pass-through (``url=None``), the
+    minimal Redis client of :mod:`benchmarks.floor` on ``url`` (``floor=True``), or the
+    library on ``url``'s transport (``memory://`` included)."""
+    if floor:
+        from .floor import MinimalRedis  # it builds on the pass-through above
+
+        assert url is not None
+        minimal, connection = await MinimalRedis.connect(url)
+        try:
+            yield minimal
+        finally:
+            connection.close()
+    elif url is None:
+        yield _PassThrough()
+    else:
+        async with from_url(url) as transport:
+            yield _Library(transport)
+
+
 def _paced(
     url: str | None,
     plan: list[PlannedStream],
@@ -243,19 +264,8 @@ def _paced(
     """
 
     async def main() -> _PacedRun:
-        if floor:
-            from .floor import MinimalRedis  # it builds on the pass-through above
-
-            assert url is not None
-            backend, connection = await MinimalRedis.connect(url)
-            try:
-                return await _run_plan(backend, plan, rate)
-            finally:
-                connection.close()
-        if url is None:
-            return await _run_plan(_PassThrough(), plan, rate)
-        async with from_url(url) as transport:
-            return await _run_plan(_Library(transport), plan, rate)
+        async with backend_for(url, floor=floor) as backend:
+            return await _run_plan(backend, plan, rate)
 
     # Every run starts with the garbage collector in the same phase: a full collection
     # due within the first 100 ms (where 200 streams start) or only later depends on what

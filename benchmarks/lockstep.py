@@ -31,11 +31,8 @@ import sys
 import time
 from collections.abc import AsyncIterator
 
-from resumable_stream import from_url
-
 from ._support import RedisServer
-from .floor import MinimalRedis
-from .library import _Backend, _Library, _PassThrough
+from .library import _Backend, backend_for
 
 BACKENDS = ("pass", "memory", "redis", "floor")
 _WARM_UP = 10  # ticks before the measured ones (connections, caches, first entries)
@@ -87,18 +84,11 @@ async def _lockstep(backend: _Backend, streams: int, ticks: int) -> float:
 
 def run(backend: str, streams: int, ticks: int, redis_url: str) -> float:
     """One lock-step run: CPU seconds per token."""
+    url = {"pass": None, "memory": "memory://"}.get(backend, redis_url)
 
     async def main() -> float:
-        if backend == "pass":
-            return await _lockstep(_PassThrough(), streams, ticks)
-        if backend == "floor":
-            minimal, connection = await MinimalRedis.connect(redis_url)
-            try:
-                return await _lockstep(minimal, streams, ticks)
-            finally:
-                connection.close()
-        async with from_url("memory://" if backend == "memory" else redis_url) as transport:
-            return await _lockstep(_Library(transport), streams, ticks)
+        async with backend_for(url, floor=backend == "floor") as through:
+            return await _lockstep(through, streams, ticks)
 
     gc.collect()
     with asyncio.Runner() as runner:
