@@ -285,6 +285,56 @@ async def test_a_cancelled_run_task_still_writes_its_terminal_event() -> None:
     assert [(e.type, e.data) for e in rest] == [("cancelled", {"reason": "shutdown"})]
 
 
+@pytest.mark.parametrize("stop", ["cancel", "shutdown"])
+async def test_a_stop_that_comes_while_the_source_closes_still_ends_the_run(stop: str) -> None:
+    # Regression: the terminal event was set only after the source's aclose() returned, so
+    # a cancel arriving during that await cancelled the pump mid-close, no terminal event
+    # was ever written, and the run, its readers and producer.aclose() waited for ever.
+    closing, release = asyncio.Event(), asyncio.Event()
+
+    async def source():
+        try:
+            yield "a "
+            yield {"type": "end", "data": {}}
+        finally:
+            closing.set()
+            await release.wait()  # async clean-up (an HTTP response, a graph's stream...)
+
+    transport = MemoryTransport()
+    producer = StreamProducer(transport)
+    run = await producer.start(source())
+    await closing.wait()
+    if stop == "cancel":
+        await producer.cancel(run.stream_id)
+        stopped = asyncio.ensure_future(run.wait())
+    else:
+        stopped = asyncio.ensure_future(producer.aclose())
+    release.set()
+    await asyncio.wait_for(stopped, timeout=10)
+    assert run.status == "completed"  # the source had ended before the stop came
+    events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=10)
+    assert [e.type for e in events] == ["token", "end"]
+
+
+async def test_a_cancelled_error_raised_by_the_source_ends_the_run_with_an_error() -> None:
+    # Regression: taken for the run being stopped, it ended the pump with no terminal
+    # event, and the heartbeat kept the lease (and the readers) waiting for ever.
+    async def source():
+        yield "a "
+        upstream = asyncio.get_running_loop().create_future()
+        upstream.cancel()  # e.g. an upstream call that timed out
+        yield await upstream
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(source())
+    assert await asyncio.wait_for(run.wait(), timeout=10) == "error"
+    events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=10)
+    assert [(e.type, e.data.get("error")) for e in events] == [
+        ("token", None),
+        ("error", "CancelledError"),
+    ]
+
+
 @pytest.mark.parametrize(
     "bad",
     [

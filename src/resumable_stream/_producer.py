@@ -378,19 +378,31 @@ class Run:
                 while len(buffer) >= buffer_limit:
                     space = self._space = asyncio.get_running_loop().create_future()
                     await space
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             reason = self._cancel_reason
-            if reason is None:
+            task = asyncio.current_task()
+            if reason is not None:
+                if task is not None:
+                    task.uncancel()  # our own request: end the stream with `cancelled`
+                terminal = (CANCELLED, {"reason": reason})
+            elif task is None or task.cancelling():
                 terminal = None
                 raise  # the run's task group is stopping: _salvage() ends the stream
-            task = asyncio.current_task()
-            if task is not None:
-                task.uncancel()  # our own request: end the stream with `cancelled`
-            terminal = (CANCELLED, {"reason": reason})
+            else:
+                # Nobody cancelled this task: the source raised it (it awaited something
+                # that was cancelled, such as a timed-out upstream call). An error like any
+                # other; re-raised, it would end the pump with no terminal event.
+                logger.info("run %s: source raised %r", self.stream_id, exc)
+                terminal = (ERROR, error_data(exc))
         except Exception as exc:
             logger.info("run %s: source raised or yielded a bad event: %r", self.stream_id, exc)
             terminal = (ERROR, error_data(exc))
         finally:
+            # The terminal event first: a cancel that comes while the source closes finds
+            # the run ending, rather than cancelling this task mid-close and leaving the
+            # run with no terminal event.
+            if terminal is not None:
+                self._end(terminal)
             aclose = getattr(source, "aclose", None)
             if aclose is not None:
                 try:
@@ -399,8 +411,6 @@ class Run:
                     logger.warning(
                         "run %s: the source's aclose() raised", self.stream_id, exc_info=True
                     )
-            if terminal is not None:
-                self._end(terminal)
 
     def _kick(self) -> None:
         """Events are waiting: post them now if nothing else is being written and the
