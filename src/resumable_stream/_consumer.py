@@ -129,6 +129,7 @@ class StreamConsumer:
         self._terminal_seen = False
         self._gap = False
         self._caught_up = False
+        self._past_end = False  # the offset was past what the running stream had stored
 
     @property
     def last_offset(self) -> str | None:
@@ -304,6 +305,7 @@ class StreamConsumer:
         # this offset came from (a failover to a lagging replica) that the producer is
         # writing again (issue 8). Follow the stream until it reaches the offset; if it
         # ends short of it, _end_of_stream says the storage was rolled back.
+        self._past_end = self._seq > info.last_seq
         self._info = info
         telemetry.consumer_started(resumed=self.after is not None)
         return info
@@ -362,7 +364,13 @@ class StreamConsumer:
                 return
         if self._subscription is None:
             self._loop = asyncio.get_running_loop()
-            self._subscription = self.transport.subscribe(self.stream_id, self._epoch, self._seq)
+            after = self._seq
+            if self._past_end:
+                # Subscribed at what is stored, not past it: a feed shared by the readers
+                # in this process (Redis) starting past it would skip the entries up to
+                # this offset for every one of them (they skip repeats; so does this one).
+                after = min(after, info.last_seq)
+            self._subscription = self.transport.subscribe(self.stream_id, self._epoch, after)
             telemetry.live(+1)
         await self._wait_live(self._subscription, info)
 
