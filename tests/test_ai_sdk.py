@@ -163,6 +163,31 @@ def test_terminal_events_close_the_text_and_end_with_done(
     assert chunker.chunks(token) == []  # nothing after the end
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"text": "hi", "message_id": ["m", 1], "node": None},
+        {"message": {"role": "ai", "id": {"a": 1}, "text": "hi"}},
+        {"message": {"role": "ai", "id": "m1", "text": ["not", "text"]}},
+        {"message": {"role": "ai", "id": "m1", "text": "", "tool_calls": ["x", 3]}},
+        {"message": {"role": "ai", "id": "m1", "text": "", "tool_calls": "calc"}},
+    ],
+)
+def test_odd_values_in_an_apps_own_events_do_not_cut_the_stream(data: dict[str, Any]) -> None:
+    # Regression: an app may write any JSON in its own `token` and `message` events (the
+    # producer stores them as they are); an unhashable message id or tool calls that are
+    # not objects raised in the encoder, and every read of the chat ended mid-stream.
+    kind = "token" if "text" in data else "message"
+    chunker = UIMessageChunks("m")
+    chunks = chunker.chunks(Event(kind, data, "1-1-0"))
+    chunks += chunker.chunks(Event("token", {"text": "bye", "message_id": "z"}, "1-2-0"))
+    chunks += chunker.chunks(Event("end", {}, "1-3-0"))
+    assert all(isinstance(c.get("delta", ""), str) for c in chunks)
+    assert not any(c["type"].startswith("tool-") for c in chunks)
+    assert chunks[-1] == {"type": "finish", "finishReason": "stop"}
+    assert [c for c in chunks if c["type"] == "text-delta"][-1]["delta"] == "bye"
+
+
 def test_custom_events_become_data_parts() -> None:
     chunker = UIMessageChunks(start=False)
     event = Event("custom", {"name": "progress bar!", "data": {"p": 1}}, "1-1-0")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -186,7 +186,7 @@ class UIMessageChunks:
         text = data.get("text")
         if not isinstance(text, str) or not text:
             return
-        key = data.get("message_id")
+        key = _message_key(data.get("message_id"))
         self._streamed.add(key)
         out.append({"type": "text-delta", "id": self._open(key, out), "delta": text})
 
@@ -195,16 +195,20 @@ class UIMessageChunks:
             return
         role = message.get("role")
         if role in _AI_ROLES:
-            key = message.get("id")
+            key = _message_key(message.get("id"))
+            text = message.get("text")
             if key in self._open_text:
                 self._close_text(out, key)
-            elif key not in self._streamed and message.get("text"):
+            elif key not in self._streamed and isinstance(text, str) and text:
                 # A model that does not stream: its text arrives whole.
                 self._streamed.add(key)
                 part = self._open(key, out)
-                out.append({"type": "text-delta", "id": part, "delta": message["text"]})
+                out.append({"type": "text-delta", "id": part, "delta": text})
                 self._close_text(out, key)
-            for call in message.get("tool_calls") or ():
+            calls = message.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
+                if not isinstance(call, Mapping):
+                    continue  # an app's own event may hold anything: only calls are sent
                 call_id, name = call.get("id"), call.get("name")
                 if (
                     isinstance(call_id, str)
@@ -294,6 +298,14 @@ class UIMessageChunks:
         self._announce(call_id, str(data.get("name") or "tool"), None, out)
         error = data.get("error")
         self._output(call_id, output, None if error is None else str(error), out)
+
+
+def _message_key(message_id: Any) -> Hashable:
+    """A message id as a key of the text parts: the events an app writes itself may give
+    any JSON value (a list, an object), which a dict cannot hold as they are."""
+    if message_id is None or isinstance(message_id, str):
+        return message_id
+    return (type(message_id).__name__, repr(message_id))
 
 
 def default_message_id(stream_id: str, epoch: int) -> str:
