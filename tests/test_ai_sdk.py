@@ -18,6 +18,7 @@ from langchain_core.tools import tool
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode
 from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from resumable_stream import Event, StreamConsumer, StreamProducer
 from resumable_stream.ai_sdk import ChatRequest, ChatRouter, UIMessageChunks
@@ -223,6 +224,24 @@ async def test_router_refuses_bad_bodies_with_json_errors(http: httpx.AsyncClien
     response = await http.post("/api/chat", json={"id": "bad id!", "messages": []})
     assert response.status_code == 400
     assert response.json()["code"] == "invalid_stream_id"
+
+
+async def test_the_router_mounted_answers_routing_errors_in_json() -> None:
+    # Regression: mounted as an app, its unknown paths and wrong methods were plain text.
+    async def answer(chat: ChatRequest) -> AsyncIterator[str]:
+        async def tokens() -> AsyncIterator[str]:
+            yield "x"
+
+        return tokens()
+
+    router = ChatRouter(MemoryTransport(), answer, authorize=allow_all)
+    app = Starlette(routes=[Mount("/ai", router)])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        missing = await c.get("/ai/api/nope")
+        wrong = await c.get("/ai/api/chat")
+    assert (missing.status_code, missing.json()["code"]) == (404, "not_found")
+    assert (wrong.status_code, wrong.json()["code"]) == (405, "method_not_allowed")
+    await router.producer.aclose()
 
 
 async def test_router_resume_is_204_without_an_answer_and_stop_is_409(

@@ -127,6 +127,17 @@ async def test_http_errors_are_json_with_codes() -> None:
             (await http.get(f"{runs}/not-a-uuid"), 404, "run_not_found"),
             (await http.get(f"{runs}/{uuid.uuid4()}/stream"), 404, "run_not_found"),
             (await http.post("/threads", json={"thread_id": "bad id!"}), 400, "invalid_stream_id"),
+            # Regressions: a checkpoint id that is not a string reached the checkpointer (500);
+            # the router's own routing errors were plain text.
+            (
+                await http.post(
+                    f"/threads/{thread_id}/history", json={"before": {"checkpoint_id": 5}}
+                ),
+                422,
+                "invalid_request",
+            ),
+            (await http.get("/nope"), 404, "not_found"),
+            (await http.delete(f"/threads/{thread_id}"), 405, "method_not_allowed"),
         ]
         for response, status, code in cases:
             assert (response.status_code, response.json()["code"]) == (status, code)

@@ -31,7 +31,7 @@ import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute, Route, Router
+from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from ._codec import parse_offset
@@ -48,7 +48,7 @@ from ._http import EVENT_STREAM_TYPE, JSON_TYPE, HTTPError, WireFormat, error_fo
 from ._ids import check_stream_id
 from ._producer import StreamProducer
 from ._sse import PING
-from .starlette import StreamResponse
+from .starlette import StreamResponse, json_routing_errors
 from .transports import StreamInfo, Transport
 
 __all__ = [
@@ -284,7 +284,7 @@ class LangGraphRouter:
                 "/threads/{thread_id}/history", self._endpoint(self.get_history), methods=["POST"]
             ),
         ]
-        self._app = Router(self.routes)
+        self._app = json_routing_errors(self.routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._app(scope, receive, send)
@@ -426,8 +426,14 @@ class LangGraphRouter:
         if not isinstance(limit, int) or limit < 1:
             raise _bad("'limit' must be a positive integer")
         before = body.get("before")
+        if isinstance(before, str):  # langgraph-sdk (client.py get_history): an id, or...
+            before = {"checkpoint_id": before}
         kwargs: dict[str, Any] = {"limit": min(limit, 1000)}
-        if isinstance(before, Mapping) and before.get("checkpoint_id"):
+        if isinstance(before, Mapping) and before.get("checkpoint_id"):  # ...a checkpoint
+            if not isinstance(before["checkpoint_id"], str) or not isinstance(
+                before.get("checkpoint_ns", ""), str
+            ):
+                raise _bad("'before' must be a checkpoint id or a checkpoint of string ids")
             kwargs["before"] = self._config(thread_id, {"configurable": dict(before)})
         if isinstance(body.get("metadata"), dict):
             kwargs["filter"] = body["metadata"]

@@ -245,6 +245,12 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return _refusal(request, exc)
 
 
+def json_routing_errors(routes: list[BaseRoute]) -> ExceptionMiddleware:
+    """A router for ``routes`` whose own errors (an unknown path, a wrong method) are JSON
+    ``{code, message}`` bodies like the endpoints' (Starlette's are plain text)."""
+    return ExceptionMiddleware(Router(routes), handlers={HTTPException: _http_exception})
+
+
 class StreamRouter:
     """An ASGI app with the stream endpoints; mount it into a Starlette or FastAPI app.
 
@@ -302,9 +308,7 @@ class StreamRouter:
                 "/{stream_id}/cancel", self.cancel_stream, methods=["POST"], name="cancel_stream"
             ),
         ]
-        self._app = ExceptionMiddleware(
-            Router(self.routes), handlers={HTTPException: _http_exception}
-        )
+        self._app = json_routing_errors(self.routes)
 
     @property
     def connections(self) -> int:

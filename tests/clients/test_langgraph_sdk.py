@@ -114,6 +114,11 @@ async def test_stream_cut_then_join_with_last_id_and_replay(
     history = await other.threads.get_history(thread_id, limit=20)
     assert history[0]["checkpoint"]["checkpoint_id"] == state["checkpoint"]["checkpoint_id"]
     assert len(history) > 2
+    # `before` as the SDK sends it: a checkpoint, or a checkpoint id (that one was ignored).
+    ids = [s["checkpoint"]["checkpoint_id"] for s in history]
+    for before in (history[0]["checkpoint"], ids[0]):
+        older = await other.threads.get_history(thread_id, limit=20, before=before)
+        assert [s["checkpoint"]["checkpoint_id"] for s in older] == ids[1:]
 
 
 async def test_cancel_then_a_new_run_with_type_human_messages(
