@@ -146,6 +146,43 @@ async def test_http_errors_are_json_with_codes() -> None:
     await api.producer.aclose()
 
 
+async def test_a_run_id_is_found_only_in_the_thread_that_ran_it() -> None:
+    # Regression: only the epoch in a run id's high bits was checked, so another thread's
+    # run id, or any UUID with a small enough high half (the nil UUID), was "success".
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    released = {thread: asyncio.Event() for thread in ("a", "b")}
+    for hold in released.values():
+        hold.set()  # the model answers at once
+    api = LangGraphRouter(
+        MemoryTransport(), {"agent": build_graph(released, InMemorySaver())}, authorize=allow_all
+    )
+    app = Starlette(routes=[Mount("/lg", api)])
+    body = {"assistant_id": "agent", "input": {"messages": [("user", "x")]}}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://t/lg"
+    ) as http:
+        ran = {}
+        for thread in ("a", "b"):
+            response = await http.post(f"/threads/{thread}/runs/stream", json=body)
+            ran[thread] = response.headers["content-location"].rsplit("/", 1)[1]
+        assert (await http.get(f"/threads/a/runs/{ran['a']}")).json()["status"] == "success"
+        nil = str(uuid.UUID(int=0))
+        for run_id in (ran["a"], nil):  # thread b's run is later than a's
+            for response in (
+                await http.get(f"/threads/b/runs/{run_id}"),
+                await http.get(f"/threads/b/runs/{run_id}/stream"),
+                await http.post(f"/threads/b/runs/{run_id}/cancel"),
+            ):
+                assert (response.status_code, response.json()["code"]) == (404, "run_not_found")
+    await api.producer.aclose()
+
+
 async def test_an_idle_run_sends_comment_heartbeats() -> None:
     import httpx
     from langgraph.checkpoint.memory import InMemorySaver

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import inspect
-import secrets
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, datetime
@@ -158,16 +158,29 @@ def _bad(message: str, code: str = "invalid_request") -> _Refused:
     return _Refused(HTTPError(422, code, message))
 
 
-def run_id_for(epoch: int) -> str:
-    """A run id (a UUID) naming the run of a thread that started at ``epoch``."""
-    return str(uuid.UUID(int=(epoch << 64) | secrets.randbits(64)))
+def run_id_for(stream_id: str, epoch: int) -> str:
+    """A run id (a UUID) naming the run of a thread's stream that started at ``epoch``: the
+    epoch in the high 64 bits, and in the low ones 64 bits bound to the stream and the epoch,
+    so that an id is checked without being stored (another thread's, or a made-up one, is not
+    found)."""
+    return str(uuid.UUID(int=(epoch << 64) | _run_bits(stream_id, epoch)))
 
 
-def _epoch_of(run_id: str) -> int:
+def _run_bits(stream_id: str, epoch: int) -> int:
+    digest = hashlib.blake2b(f"{stream_id}/{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def _epoch_of(stream_id: str, run_id: str) -> int:
+    """The epoch of the run ``run_id`` names on ``stream_id``; 404 if no run of it could."""
     try:
-        return uuid.UUID(run_id).int >> 64
+        number = uuid.UUID(run_id).int
     except ValueError:
-        raise _Refused(HTTPError(404, "run_not_found", f"no run {run_id!r}")) from None
+        number = -1
+    epoch = number >> 64
+    if number < 0 or number & (2**64 - 1) != _run_bits(stream_id, epoch):
+        raise _Refused(HTTPError(404, "run_not_found", f"no run {run_id!r} in this thread"))
+    return epoch
 
 
 def _encode_part(event: Event) -> bytes:
@@ -499,7 +512,7 @@ class LangGraphRouter:
                     f"thread {thread_id!r} has a run in progress; join it or cancel it first",
                 )
             ) from None
-        run_id = run_id_for(run.epoch)
+        run_id = run_id_for(stream_id, run.epoch)
         started.set_result(run_id)
         on_disconnect = None
         if self.cancel_on_disconnect and body.get("on_disconnect") == "cancel":
@@ -525,7 +538,7 @@ class LangGraphRouter:
         """Thread id, stream id, run id, the run's epoch and the thread stream's info."""
         thread_id, stream_id = await self._thread(request, action)
         run_id = request.path_params["run_id"]
-        epoch = _epoch_of(run_id)
+        epoch = _epoch_of(stream_id, run_id)
         info = await self.transport.info(stream_id)
         if info is None or info.epoch < epoch:
             raise _Refused(HTTPError(404, "run_not_found", f"no run {run_id!r} in this thread"))
