@@ -291,6 +291,8 @@ async def test_a_stop_that_comes_while_the_source_closes_still_ends_the_run(stop
     # a cancel arriving during that await cancelled the pump mid-close, no terminal event
     # was ever written, and the run, its readers and producer.aclose() waited for ever.
     closing, release = asyncio.Event(), asyncio.Event()
+    transport = MemoryTransport()
+    seen_in_cleanup = []
 
     async def source():
         try:
@@ -299,10 +301,11 @@ async def test_a_stop_that_comes_while_the_source_closes_still_ends_the_run(stop
         finally:
             closing.set()
             await release.wait()  # async clean-up (an HTTP response, a graph's stream...)
+            info = await transport.info("closing")
+            seen_in_cleanup.append(info and info.status)
 
-    transport = MemoryTransport()
     producer = StreamProducer(transport)
-    run = await producer.start(source())
+    run = await producer.start(source(), stream_id="closing")
     await closing.wait()
     if stop == "cancel":
         await producer.cancel(run.stream_id)
@@ -312,6 +315,9 @@ async def test_a_stop_that_comes_while_the_source_closes_still_ends_the_run(stop
     release.set()
     await asyncio.wait_for(stopped, timeout=10)
     assert run.status == "completed"  # the source had ended before the stop came
+    # ...but the run ends once the source has closed (a graph's clean-up and checkpoint
+    # writes come before its thread shows idle).
+    assert seen_in_cleanup == ["running"]
     events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=10)
     assert [e.type for e in events] == ["token", "end"]
 
@@ -573,3 +579,29 @@ def _holds(condition):  # type: ignore[no-untyped-def]
         return bool(condition())
 
     return check
+
+
+async def test_a_cancelled_error_from_the_source_after_its_own_task_group_failed() -> None:
+    # On Python 3.11, a TaskGroup whose child fails while it exits leaves the enclosing
+    # task's cancelling() above 0: the pump task's count cannot tell a stop of the run from
+    # a CancelledError the source raised itself.
+    async def fails() -> None:
+        await asyncio.sleep(0)  # fails once the group waits for it, exiting
+        raise ValueError("a helper of the source failed")
+
+    async def source():
+        yield "a "
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(fails())
+        except* ValueError:
+            pass  # handled: the source goes on
+        upstream = asyncio.get_running_loop().create_future()
+        upstream.cancel()
+        yield await upstream
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(source())
+    assert await asyncio.wait_for(run.wait(), timeout=10) == "error"
+    events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=10)
+    assert [e.type for e in events] == ["token", "error"]

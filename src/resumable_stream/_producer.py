@@ -155,6 +155,7 @@ class Run:
         # write checks an attribute rather than calling set() when nobody waits).
         self._space: asyncio.Future[None] | None = None
         self._cancel_reason: CancelReason | Literal["stopped"] | None = None
+        self._closing = False  # the source is closing: a stop waits for it (_read_source)
         self._failure: BaseException | None = None
         self._coalesce_events = min(
             producer.coalesce_events, producer.max_buffer, producer.max_entry_events
@@ -226,7 +227,7 @@ class Run:
     def _request_cancel(self, reason: CancelReason | Literal["stopped"]) -> None:
         if self._cancel_reason is None and self._terminal is None:
             self._cancel_reason = reason
-            if self._pump is not None and not self._pump.done():
+            if self._pump is not None and not self._pump.done() and not self._closing:
                 self._pump.cancel()
 
     def _end(self, terminal: Item) -> None:
@@ -385,24 +386,26 @@ class Run:
                 if task is not None:
                     task.uncancel()  # our own request: end the stream with `cancelled`
                 terminal = (CANCELLED, {"reason": reason})
-            elif task is None or task.cancelling():
+            elif self._failure is not None or self._task.cancelling():
                 terminal = None
                 raise  # the run's task group is stopping: _salvage() ends the stream
             else:
-                # Nobody cancelled this task: the source raised it (it awaited something
-                # that was cancelled, such as a timed-out upstream call). An error like any
-                # other; re-raised, it would end the pump with no terminal event.
+                # Nobody stopped the run: the source raised it (it awaited something that
+                # was cancelled, such as a timed-out upstream call). An error like any
+                # other; re-raised, it would end the pump with no terminal event. (Not
+                # this task's cancelling(): on 3.11 a TaskGroup of the source's own can
+                # leave it above 0.)
                 logger.info("run %s: source raised %r", self.stream_id, exc)
                 terminal = (ERROR, error_data(exc))
         except Exception as exc:
             logger.info("run %s: source raised or yielded a bad event: %r", self.stream_id, exc)
             terminal = (ERROR, error_data(exc))
         finally:
-            # The terminal event first: a cancel that comes while the source closes finds
-            # the run ending, rather than cancelling this task mid-close and leaving the
-            # run with no terminal event.
-            if terminal is not None:
-                self._end(terminal)
+            # The source closes before the terminal event is written (a graph's clean-up
+            # and checkpoint writes end before its thread shows idle). A stop requested
+            # meanwhile lets it finish (_request_cancel): cancelled mid-close, this task
+            # would never set the terminal event.
+            self._closing = True
             aclose = getattr(source, "aclose", None)
             if aclose is not None:
                 try:
@@ -411,6 +414,8 @@ class Run:
                     logger.warning(
                         "run %s: the source's aclose() raised", self.stream_id, exc_info=True
                     )
+            if terminal is not None:
+                self._end(terminal)
 
     def _kick(self) -> None:
         """Events are waiting: post them now if nothing else is being written and the
