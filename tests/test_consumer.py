@@ -272,3 +272,57 @@ async def test_a_woken_reader_looks_afresh_not_at_another_readers_recent_check()
     gate.set()
     with pytest.raises(LeaseLost):  # deleted: fenced
         await run.wait()
+
+
+async def test_a_reader_past_the_end_subscribes_at_what_is_stored_then_where_it_is() -> None:
+    # A reader resuming past the end of a running stream subscribes at what is stored (a
+    # feed shared by the process's readers must not start past it); one that subscribes
+    # again later (its wait was cancelled) does so where it is, not at the end it saw first.
+    class Recording(MemoryTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.afters: list[int] = []
+
+        def subscribe(self, stream_id: str, epoch: int, after: int) -> Subscription:
+            self.afters.append(after)
+            return super().subscribe(stream_id, epoch, after)
+
+    transport = Recording()
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def source():
+        while (item := await queue.get()) is not None:
+            yield item
+
+    async def put(text: str, seq: int) -> None:  # one entry per token
+        await queue.put(text)
+
+        async def stored() -> bool:
+            info = await transport.info("s")
+            return info is not None and info.last_seq == seq
+
+        await eventually(stored)
+
+    run = await StreamProducer(transport).start(source(), stream_id="s")
+    await put("a ", 1)
+    reader = StreamConsumer(transport, "s", after=format_offset(run.epoch, 3, 0))
+    first = asyncio.ensure_future(anext(reader))
+    for seq, text in enumerate(("b ", "c ", "d "), start=2):
+        await put(text, seq)
+    assert (await asyncio.wait_for(first, 10)).data["text"] == "d "
+    waiting = asyncio.ensure_future(anext(reader))
+
+    async def waits_live() -> bool:
+        subscription = reader._subscription
+        return isinstance(subscription, QueueSubscription) and subscription._waiter is not None
+
+    await eventually(waits_live)
+    waiting.cancel()  # e.g. asyncio.wait_for() timing out: the subscription is closed
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    await put("e ", 5)
+    assert (await asyncio.wait_for(anext(reader), 10)).data["text"] == "e "
+    assert transport.afters == [1, 4]
+    await reader.aclose()
+    await queue.put(None)
+    await run.wait()

@@ -363,13 +363,19 @@ class StreamConsumer:
                 self._end_of_stream(info)
                 return
         if self._subscription is None:
-            self._loop = asyncio.get_running_loop()
             after = self._seq
-            if self._past_end:
+            again = self._loop is not None  # subscribing again, after an error
+            if after > info.last_seq and (self._past_end or again):
                 # Subscribed at what is stored, not past it: a feed shared by the readers
                 # in this process (Redis) starting past it would skip the entries up to
                 # this offset for every one of them (they skip repeats; so does this one).
+                # Past the end of a running stream (_start), or so says an info that may
+                # be old by now (subscribing again): a fresh look first.
+                if again:
+                    info = await self._refresh()
                 after = min(after, info.last_seq)
+            self._past_end = False
+            self._loop = asyncio.get_running_loop()
             self._subscription = self.transport.subscribe(self.stream_id, self._epoch, after)
             telemetry.live(+1)
         await self._wait_live(self._subscription, info)
