@@ -441,6 +441,8 @@ class LangGraphRouter:
         before = body.get("before")
         if isinstance(before, str):  # langgraph-sdk (client.py get_history): an id, or...
             before = {"checkpoint_id": before}
+        elif isinstance(before, Mapping) and isinstance(before.get("configurable"), Mapping):
+            before = before["configurable"]  # @langchain/langgraph-sdk (getHistory): a Config
         kwargs: dict[str, Any] = {"limit": min(limit, 1000)}
         if isinstance(before, Mapping) and before.get("checkpoint_id"):  # ...a checkpoint
             if not isinstance(before["checkpoint_id"], str) or not isinstance(

@@ -179,6 +179,8 @@ def test_js_client_stream_cut_join_replay_cancel(
     assert seen["stateTypes"] == ["human", "ai"]
     assert seen["stateText"] == expected
     assert seen["statusEnd"] == "success"
+    assert len(seen["historyIds"]) > 2
+    assert seen["olderIds"] == seen["historyIds"][1:]  # `before` as a Config pages
     assert seen["statusCancelled"] == "interrupted"
 
 

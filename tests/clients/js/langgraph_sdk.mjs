@@ -53,6 +53,16 @@ for await (const part of clientB.runs.joinStream(threadId, cut.runId, { lastEven
 }
 const state = await clientB.threads.getState(threadId);
 const statusEnd = (await clientB.runs.get(threadId, cut.runId)).status;
+// The thread's checkpoints, newest first, then those before the newest (`before` a Config).
+const historyIds = (await clientB.threads.getHistory(threadId, { limit: 20 })).map(
+  (s) => s.checkpoint.checkpoint_id,
+);
+const olderIds = (
+  await clientB.threads.getHistory(threadId, {
+    limit: 20,
+    before: { configurable: { checkpoint_id: historyIds[0] } },
+  })
+).map((s) => s.checkpoint.checkpoint_id);
 
 // 3. A second thread: cut, then cancel from the other server.
 const other = (await clientA.threads.create()).thread_id;
@@ -78,6 +88,8 @@ console.log(
     stateTypes: state.values.messages.map((m) => m.type),
     stateText: state.values.messages.at(-1).content,
     statusEnd,
+    historyIds,
+    olderIds,
     statusCancelled,
   }),
 );
