@@ -52,7 +52,7 @@ from ._http import EVENT_STREAM_TYPE, JSON_TYPE, HTTPError, WireFormat, error_fo
 from ._ids import check_stream_id
 from ._producer import StreamProducer
 from ._sse import PING
-from .starlette import StreamResponse, json_routing_errors
+from .starlette import StreamResponse, _json_routing_errors
 from .transports import Transport
 
 __all__ = [
@@ -466,7 +466,7 @@ class ChatRouter:
             ),
             Route(f"{path}/{{chat_id}}/stop", self.stop, methods=["POST"], name="ai_chat_stop"),
         ]
-        self._app = json_routing_errors(self.routes)
+        self._app = _json_routing_errors(self.routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._app(scope, receive, send)

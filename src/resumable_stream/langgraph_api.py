@@ -48,7 +48,7 @@ from ._http import EVENT_STREAM_TYPE, JSON_TYPE, HTTPError, WireFormat, error_fo
 from ._ids import check_stream_id
 from ._producer import StreamProducer
 from ._sse import PING
-from .starlette import StreamResponse, json_routing_errors
+from .starlette import StreamResponse, _json_routing_errors
 from .transports import StreamInfo, Transport
 
 __all__ = [
@@ -297,7 +297,7 @@ class LangGraphRouter:
                 "/threads/{thread_id}/history", self._endpoint(self.get_history), methods=["POST"]
             ),
         ]
-        self._app = json_routing_errors(self.routes)
+        self._app = _json_routing_errors(self.routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._app(scope, receive, send)

@@ -245,7 +245,7 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return _refusal(request, exc)
 
 
-def json_routing_errors(routes: list[BaseRoute]) -> ExceptionMiddleware:
+def _json_routing_errors(routes: list[BaseRoute]) -> ExceptionMiddleware:
     """A router for ``routes`` whose own errors (an unknown path, a wrong method) are JSON
     ``{code, message}`` bodies like the endpoints' (Starlette's are plain text)."""
     return ExceptionMiddleware(Router(routes), handlers={HTTPException: _http_exception})
@@ -308,7 +308,7 @@ class StreamRouter:
                 "/{stream_id}/cancel", self.cancel_stream, methods=["POST"], name="cancel_stream"
             ),
         ]
-        self._app = json_routing_errors(self.routes)
+        self._app = _json_routing_errors(self.routes)
 
     @property
     def connections(self) -> int:
