@@ -315,9 +315,7 @@ async def test_a_stop_that_comes_while_the_source_closes_still_ends_the_run(stop
     release.set()
     await asyncio.wait_for(stopped, timeout=10)
     assert run.status == "completed"  # the source had ended before the stop came
-    # ...but the run ends once the source has closed (a graph's clean-up and checkpoint
-    # writes come before its thread shows idle).
-    assert seen_in_cleanup == ["running"]
+    assert len(seen_in_cleanup) == 1
     events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=10)
     assert [e.type for e in events] == ["token", "end"]
 
@@ -605,3 +603,76 @@ async def test_a_cancelled_error_from_the_source_after_its_own_task_group_failed
     assert await asyncio.wait_for(run.wait(), timeout=10) == "error"
     events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=10)
     assert [e.type for e in events] == ["token", "error"]
+
+
+async def test_a_clean_up_that_raises_cancelled_error_itself_still_ends_the_run(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Regression: a CancelledError out of the source's aclose() (its clean-up awaited
+    # something that was cancelled), with nobody stopping the run, left the pump before it
+    # set the terminal event: the run, its readers and producer.aclose() waited for ever.
+    async def source():
+        try:
+            yield "a "
+            yield {"type": "end", "data": {}}
+        finally:
+            helper = asyncio.ensure_future(asyncio.Event().wait())
+            helper.cancel()
+            await helper  # raises CancelledError
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(source())
+    assert await asyncio.wait_for(run.wait(), timeout=10) == "completed"
+    events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=10)
+    assert [e.type for e in events] == ["token", "end"]
+    assert "aclose() raised" in caplog.text
+
+
+async def test_a_stop_during_a_long_clean_up_ends_the_stream_at_once() -> None:
+    # The stop does not cut the source's clean-up short, but its readers need not wait for
+    # it: the stream ends with the terminal event the run was ending with; the run itself
+    # (run.wait()) ends once the clean-up returns.
+    closing, release = asyncio.Event(), asyncio.Event()
+
+    async def source():
+        try:
+            yield "a "
+            yield {"type": "end", "data": {}}
+        finally:
+            closing.set()
+            await release.wait()
+
+    transport = MemoryTransport()
+    producer = StreamProducer(transport)
+    run = await producer.start(source())
+    await closing.wait()
+    assert await producer.cancel(run.stream_id)
+    events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=10)
+    assert [e.type for e in events] == ["token", "end"]
+    assert not run.done()  # still closing its source
+    release.set()
+    assert await asyncio.wait_for(run.wait(), timeout=10) == "completed"
+
+
+async def test_the_terminal_event_is_written_once_the_source_has_closed() -> None:
+    # A graph's clean-up and checkpoint writes end before its thread shows idle (a review
+    # of the fix above found the terminal event written while the source still closed).
+    closing, release = asyncio.Event(), asyncio.Event()
+    transport = MemoryTransport()
+    seen_in_cleanup = []
+
+    async def source():
+        try:
+            yield "a "
+            yield {"type": "end", "data": {}}
+        finally:
+            closing.set()
+            await release.wait()
+            info = await transport.info("closing")
+            seen_in_cleanup.append(info and info.status)
+
+    run = await StreamProducer(transport).start(source(), stream_id="closing")
+    await closing.wait()
+    release.set()
+    assert await asyncio.wait_for(run.wait(), timeout=10) == "completed"
+    assert seen_in_cleanup == ["running"]

@@ -155,7 +155,9 @@ class Run:
         # write checks an attribute rather than calling set() when nobody waits).
         self._space: asyncio.Future[None] | None = None
         self._cancel_reason: CancelReason | Literal["stopped"] | None = None
-        self._closing = False  # the source is closing: a stop waits for it (_read_source)
+        # The source is closing (_read_source), and the terminal event the run ends with.
+        self._closing = False
+        self._closing_with: Item | None = None
         self._failure: BaseException | None = None
         self._coalesce_events = min(
             producer.coalesce_events, producer.max_buffer, producer.max_entry_events
@@ -227,7 +229,13 @@ class Run:
     def _request_cancel(self, reason: CancelReason | Literal["stopped"]) -> None:
         if self._cancel_reason is None and self._terminal is None:
             self._cancel_reason = reason
-            if self._pump is not None and not self._pump.done() and not self._closing:
+            if self._closing:
+                # The source has ended and is closing: not cancelled mid-close (that task
+                # sets the terminal event once it is closed), but the stream ends now, with
+                # the terminal event it was ending with, should the clean-up take long.
+                if self._closing_with is not None:
+                    self._end(self._closing_with)
+            elif self._pump is not None and not self._pump.done():
                 self._pump.cancel()
 
     def _end(self, terminal: Item) -> None:
@@ -403,13 +411,20 @@ class Run:
         finally:
             # The source closes before the terminal event is written (a graph's clean-up
             # and checkpoint writes end before its thread shows idle). A stop requested
-            # meanwhile lets it finish (_request_cancel): cancelled mid-close, this task
-            # would never set the terminal event.
-            self._closing = True
+            # meanwhile does not cancel the close (_request_cancel): cancelled mid-close,
+            # this task would never set the terminal event.
+            self._closing, self._closing_with = True, terminal
             aclose = getattr(source, "aclose", None)
             if aclose is not None:
                 try:
                     await aclose()
+                except asyncio.CancelledError:
+                    if self._failure is not None or self._task.cancelling():
+                        raise  # the run is stopping: _salvage() ends the stream
+                    # Not a stop: the clean-up awaited something that was cancelled.
+                    logger.warning(
+                        "run %s: the source's aclose() raised", self.stream_id, exc_info=True
+                    )
                 except Exception:
                     logger.warning(
                         "run %s: the source's aclose() raised", self.stream_id, exc_info=True
