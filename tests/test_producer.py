@@ -285,37 +285,46 @@ async def test_a_cancelled_run_task_still_writes_its_terminal_event() -> None:
     assert [(e.type, e.data) for e in rest] == [("cancelled", {"reason": "shutdown"})]
 
 
+class GatedCleanUp:
+    """A source that ends with an `end` item, then cleans up (as an HTTP response or a
+    graph's stream does in aclose()) until released; the clean-up then notes the stream's
+    stored status."""
+
+    def __init__(self, transport: Transport, stream_id: str = "closing") -> None:
+        self.transport, self.stream_id = transport, stream_id
+        self.closing, self.release = asyncio.Event(), asyncio.Event()
+        self.seen: list[str | None] = []
+
+    async def source(self):  # type: ignore[no-untyped-def]
+        try:
+            yield "a "
+            yield {"type": "end", "data": {}}
+        finally:
+            self.closing.set()
+            await self.release.wait()
+            info = await self.transport.info(self.stream_id)
+            self.seen.append(info and info.status)
+
+
 @pytest.mark.parametrize("stop", ["cancel", "shutdown"])
 async def test_a_stop_that_comes_while_the_source_closes_still_ends_the_run(stop: str) -> None:
     # Regression: the terminal event was set only after the source's aclose() returned, so
     # a cancel arriving during that await cancelled the pump mid-close, no terminal event
     # was ever written, and the run, its readers and producer.aclose() waited for ever.
-    closing, release = asyncio.Event(), asyncio.Event()
     transport = MemoryTransport()
-    seen_in_cleanup = []
-
-    async def source():
-        try:
-            yield "a "
-            yield {"type": "end", "data": {}}
-        finally:
-            closing.set()
-            await release.wait()  # async clean-up (an HTTP response, a graph's stream...)
-            info = await transport.info("closing")
-            seen_in_cleanup.append(info and info.status)
-
+    gated = GatedCleanUp(transport)
     producer = StreamProducer(transport)
-    run = await producer.start(source(), stream_id="closing")
-    await closing.wait()
+    run = await producer.start(gated.source(), stream_id=gated.stream_id)
+    await gated.closing.wait()
     if stop == "cancel":
         await producer.cancel(run.stream_id)
         stopped = asyncio.ensure_future(run.wait())
     else:
         stopped = asyncio.ensure_future(producer.aclose())
-    release.set()
+    gated.release.set()
     await asyncio.wait_for(stopped, timeout=10)
     assert run.status == "completed"  # the source had ended before the stop came
-    assert len(seen_in_cleanup) == 1
+    assert len(gated.seen) == 1  # its clean-up ran to its end
     events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=10)
     assert [e.type for e in events] == ["token", "end"]
 
@@ -632,47 +641,26 @@ async def test_a_stop_during_a_long_clean_up_ends_the_stream_at_once() -> None:
     # The stop does not cut the source's clean-up short, but its readers need not wait for
     # it: the stream ends with the terminal event the run was ending with; the run itself
     # (run.wait()) ends once the clean-up returns.
-    closing, release = asyncio.Event(), asyncio.Event()
-
-    async def source():
-        try:
-            yield "a "
-            yield {"type": "end", "data": {}}
-        finally:
-            closing.set()
-            await release.wait()
-
     transport = MemoryTransport()
+    gated = GatedCleanUp(transport)
     producer = StreamProducer(transport)
-    run = await producer.start(source())
-    await closing.wait()
+    run = await producer.start(gated.source(), stream_id=gated.stream_id)
+    await gated.closing.wait()
     assert await producer.cancel(run.stream_id)
     events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=10)
     assert [e.type for e in events] == ["token", "end"]
     assert not run.done()  # still closing its source
-    release.set()
+    gated.release.set()
     assert await asyncio.wait_for(run.wait(), timeout=10) == "completed"
 
 
 async def test_the_terminal_event_is_written_once_the_source_has_closed() -> None:
     # A graph's clean-up and checkpoint writes end before its thread shows idle (a review
     # of the fix above found the terminal event written while the source still closed).
-    closing, release = asyncio.Event(), asyncio.Event()
     transport = MemoryTransport()
-    seen_in_cleanup = []
-
-    async def source():
-        try:
-            yield "a "
-            yield {"type": "end", "data": {}}
-        finally:
-            closing.set()
-            await release.wait()
-            info = await transport.info("closing")
-            seen_in_cleanup.append(info and info.status)
-
-    run = await StreamProducer(transport).start(source(), stream_id="closing")
-    await closing.wait()
-    release.set()
+    gated = GatedCleanUp(transport)
+    run = await StreamProducer(transport).start(gated.source(), stream_id=gated.stream_id)
+    await gated.closing.wait()
+    gated.release.set()
     assert await asyncio.wait_for(run.wait(), timeout=10) == "completed"
-    assert seen_in_cleanup == ["running"]
+    assert gated.seen == ["running"]
