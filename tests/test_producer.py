@@ -20,7 +20,7 @@ from resumable_stream import (
 from resumable_stream._codec import decode_entry
 from resumable_stream.transports import Entry, Status
 from resumable_stream.transports.memory import MemoryTransport
-from tests._helpers import collect, eventually, joined, text_of, tokens
+from tests._helpers import collect, eventually, holds, joined, text_of, tokens
 
 
 class LateHeartbeat(MemoryTransport):
@@ -561,7 +561,7 @@ async def test_a_run_stopped_while_a_post_is_unanswered_writes_each_entry_once(
     assert (await anext(reader)).data["text"] == "a"
     await reader.aclose()
     go.set()
-    await eventually(_holds(lambda: bool(transport.posted)))
+    await eventually(holds(lambda: bool(transport.posted)))
     run._task.cancel()  # e.g. the event loop shutting down, the post still unanswered
     with pytest.raises(asyncio.CancelledError):
         await run.wait()
@@ -579,13 +579,6 @@ async def test_a_run_stopped_while_a_post_is_unanswered_writes_each_entry_once(
     ]
     assert run._seq == 3 and run.status == "cancelled"
     assert "Traceback" not in caplog.text
-
-
-def _holds(condition):  # type: ignore[no-untyped-def]
-    async def check() -> bool:
-        return bool(condition())
-
-    return check
 
 
 async def test_a_cancelled_error_from_the_source_after_its_own_task_group_failed() -> None:

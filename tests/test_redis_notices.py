@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from resumable_stream import StreamConsumer, StreamProducer, from_url
 from resumable_stream.transports import Entry, QueueSubscription, Subscription
 from resumable_stream.transports.redis import RedisTransport
-from tests._helpers import eventually
+from tests._helpers import eventually, holds
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ async def test_a_reader_resuming_past_the_end_does_not_hold_back_the_others(
         bogus = StreamConsumer(readers, "s", after=ahead)
         waiting = asyncio.ensure_future(anext(bogus))
         channel = readers._stream("s")[2]
-        await eventually(_holds(lambda: channel in readers._feeds))  # its feed is made
+        await eventually(holds(lambda: channel in readers._feeds))  # its feed is made
         reader = StreamConsumer(readers, "s", after=first.last_offset)
         next_event = asyncio.ensure_future(anext(reader))
 
@@ -109,7 +109,7 @@ async def test_a_reader_resuming_past_the_end_does_not_hold_back_the_others(
             subscription = reader._subscription
             return isinstance(subscription, QueueSubscription) and subscription._waiter is not None
 
-        await eventually(_holds(waiting_live))  # caught up, and waiting on the live feed
+        await eventually(holds(waiting_live))  # caught up, and waiting on the live feed
         await queue.put("b ")
         assert (await asyncio.wait_for(next_event, 10)).data["text"] == "b "
         waiting.cancel()
@@ -120,10 +120,3 @@ async def test_a_reader_resuming_past_the_end_does_not_hold_back_the_others(
         await run.wait()
         if readers is not redis_transport:
             await readers.aclose()
-
-
-def _holds(condition: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return condition()
-
-    return check

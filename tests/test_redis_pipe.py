@@ -4,7 +4,7 @@ Cluster redirects, reconnections, on asyncio and uvloop."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,7 +17,7 @@ from resumable_stream import ConfigurationError, TransportError
 from resumable_stream.transports import _redis_pipe
 from resumable_stream.transports._redis_pipe import Pipe, Subscriber, pack
 from resumable_stream.transports.redis import RedisTransport
-from tests._helpers import eventually
+from tests._helpers import eventually, holds
 from tests._services import RedisClusterService, RedisServer
 
 # Connections as the transport makes them for a cluster node: before redis-py 5.1, with
@@ -283,13 +283,6 @@ async def test_a_reply_hook_runs_as_the_reply_is_parsed_and_cannot_break_the_con
         await pipe.aclose()
 
 
-def _holds(condition: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
-    async def check() -> bool:
-        return condition()
-
-    return check
-
-
 async def test_a_posted_command_answers_its_callback_once_in_order_or_with_the_fault(
     redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -307,7 +300,7 @@ async def test_a_posted_command_answers_its_callback_once_in_order_or_with_the_f
         pipe.post(pack("ECHO", "c"), broken)
         pipe.post(pack("ECHO", "d"), answers.append)
         assert await sent == b"b"
-        await eventually(_holds(lambda: len(answers) == 2))
+        await eventually(holds(lambda: len(answers) == 2))
         assert answers == [b"a", b"d"]
         assert "a reply hook failed" in caplog.text
         assert pipe.connects == 1
@@ -316,9 +309,9 @@ async def test_a_posted_command_answers_its_callback_once_in_order_or_with_the_f
         pipe.post(pack("BLPOP", "nothing", "0"), answers.append)
         pipe.post(pack("ECHO", "e"), answers.append)
         async with aioredis.Redis(port=redis_server.port) as admin:
-            await eventually(_holds(lambda: len(pipe._session.pending) == 2))  # type: ignore[union-attr]
+            await eventually(holds(lambda: len(pipe._session.pending) == 2))  # type: ignore[union-attr]
             await admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
-        await eventually(_holds(lambda: len(answers) == 4))
+        await eventually(holds(lambda: len(answers) == 4))
         assert all(isinstance(a, TransportError) for a in answers[2:]), answers
         assert await pipe.call(pack("PING")) == b"PONG"  # a new connection
         assert len(answers) == 4  # each callback was called once

@@ -238,6 +238,12 @@ class Run:
             elif self._pump is not None and not self._pump.done():
                 self._pump.cancel()
 
+    def _stopping(self) -> bool:
+        """The run's task group is stopping its tasks: a task failed (_fail), or the run's
+        own task was cancelled. (Not the pump's cancelling(): on 3.11 a TaskGroup of the
+        source's own can leave it above 0.)"""
+        return self._failure is not None or self._task.cancelling() > 0
+
     def _end(self, terminal: Item) -> None:
         """Set the terminal event (the first one set wins) and wake the writer."""
         if self._terminal is None:
@@ -394,15 +400,13 @@ class Run:
                 if task is not None:
                     task.uncancel()  # our own request: end the stream with `cancelled`
                 terminal = (CANCELLED, {"reason": reason})
-            elif self._failure is not None or self._task.cancelling():
+            elif self._stopping():
                 terminal = None
                 raise  # the run's task group is stopping: _salvage() ends the stream
             else:
                 # Nobody stopped the run: the source raised it (it awaited something that
                 # was cancelled, such as a timed-out upstream call). An error like any
-                # other; re-raised, it would end the pump with no terminal event. (Not
-                # this task's cancelling(): on 3.11 a TaskGroup of the source's own can
-                # leave it above 0.)
+                # other; re-raised, it would end the pump with no terminal event.
                 logger.info("run %s: source raised %r", self.stream_id, exc)
                 terminal = (ERROR, error_data(exc))
         except Exception as exc:
@@ -418,14 +422,11 @@ class Run:
             if aclose is not None:
                 try:
                     await aclose()
-                except asyncio.CancelledError:
-                    if self._failure is not None or self._task.cancelling():
+                except (Exception, asyncio.CancelledError) as exc:
+                    # A CancelledError with nobody stopping the run: the clean-up awaited
+                    # something that was cancelled.
+                    if isinstance(exc, asyncio.CancelledError) and self._stopping():
                         raise  # the run is stopping: _salvage() ends the stream
-                    # Not a stop: the clean-up awaited something that was cancelled.
-                    logger.warning(
-                        "run %s: the source's aclose() raised", self.stream_id, exc_info=True
-                    )
-                except Exception:
                     logger.warning(
                         "run %s: the source's aclose() raised", self.stream_id, exc_info=True
                     )
