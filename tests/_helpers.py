@@ -3,11 +3,16 @@ and one to wait on a condition of this process's state."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
 
 from resumable_stream.testing import collect, eventually, joined, text_of, tokens
+from resumable_stream.transports import Transport
 
-__all__ = ["collect", "eventually", "holds", "joined", "text_of", "tokens"]
+__all__ = ["Later", "collect", "ended", "eventually", "holds", "joined", "text_of", "tokens"]
 
 
 def holds(condition: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
@@ -17,3 +22,49 @@ def holds(condition: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
         return bool(condition())
 
     return check
+
+
+async def ended(transport: Transport, stream_id: str) -> bool:
+    """Whether stream ``stream_id`` holds a run that ended (the async check)."""
+    info = await transport.info(stream_id)
+    return info is not None and info.status != "running"
+
+
+class Later:
+    """A POST whose handler and response run apart: call the handler with
+    :meth:`request`, do what may happen before a response is first read (another run
+    replaces the stream, say), then :meth:`serve` the response it returned."""
+
+    def __init__(self, path: str, body: bytes, path_params: dict[str, str] | None = None) -> None:
+        self.scope: dict[str, Any] = {
+            "type": "http",
+            "method": "POST",
+            "path": path,
+            "headers": [(b"content-type", b"application/json")],
+            "query_string": b"",
+            "path_params": path_params or {},
+        }
+        self.body: bytes | None = body
+        self.sent: list[dict[str, Any]] = []
+        self.gone = asyncio.Event()
+
+    def request(self) -> Request:
+        return Request(self.scope, self.receive)
+
+    async def receive(self) -> dict[str, Any]:
+        if self.body is not None:
+            body, self.body = self.body, None
+            return {"type": "http.request", "body": body, "more_body": False}
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def serve(self, response: Any) -> tuple[int, bytes]:
+        """Run the ASGI ``response`` to its end: its status and body."""
+
+        async def send(message: dict[str, Any]) -> None:
+            self.sent.append(message)
+
+        await response(self.scope, self.receive, send)
+        self.gone.set()
+        status = next(m["status"] for m in self.sent if m["type"] == "http.response.start")
+        return status, b"".join(m.get("body", b"") for m in self.sent)

@@ -24,6 +24,7 @@ from resumable_stream import Event, StreamConsumer, StreamProducer
 from resumable_stream.ai_sdk import ChatRequest, ChatRouter, UIMessageChunks
 from resumable_stream.starlette import allow_all
 from resumable_stream.transports.memory import MemoryTransport
+from tests._helpers import Later, ended, eventually
 
 
 def check_order(chunks: list[dict[str, Any]]) -> None:
@@ -315,3 +316,26 @@ def test_text_after_a_tool_call_is_a_new_text_part() -> None:
         ("text-end", "text-2"),
         ("finish", None),
     ]
+
+
+async def test_an_answer_is_never_a_later_message_s_answer() -> None:
+    # Regression: the response read the chat's stream from whatever run it held at its
+    # first read, so a message answered and replaced in between served the later answer.
+    async def answer(chat: ChatRequest) -> AsyncIterator[str]:
+        return tokens(chat.text.upper())
+
+    async def tokens(text: str) -> AsyncIterator[str]:
+        yield text
+
+    transport = MemoryTransport()
+    router = ChatRouter(transport, answer, authorize=allow_all)
+    message = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "first"}]}
+    later = Later("/api/chat", orjson.dumps({"id": "chat-9", "messages": [message]}))
+    response = await router.send(later.request())
+    await eventually(lambda: ended(transport, "chat-9"))
+    await (await router.producer.start(tokens("SECOND"), stream_id="chat-9")).wait()
+    status, body = await later.serve(response)
+    # Its own answer is gone with its run: the UI stream's "nothing to read" (the SDK
+    # reports an empty body), never the other message's answer.
+    assert (status, body) == (204, b"")
+    await router.producer.aclose()

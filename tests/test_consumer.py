@@ -7,7 +7,14 @@ import tracemalloc
 
 import pytest
 
-from resumable_stream import Event, LeaseLost, OffsetExpired, StreamConsumer, StreamProducer
+from resumable_stream import (
+    ConfigurationError,
+    Event,
+    LeaseLost,
+    OffsetExpired,
+    StreamConsumer,
+    StreamProducer,
+)
 from resumable_stream._codec import encode_entry, format_offset
 from resumable_stream._constants import CONSUMER_CHECKPOINT
 from resumable_stream._consumer import _Check, _checks_of
@@ -326,3 +333,9 @@ async def test_a_reader_past_the_end_subscribes_at_what_is_stored_then_where_it_
     await reader.aclose()
     await queue.put(None)
     await run.wait()
+
+
+@pytest.mark.parametrize("epoch", [0, -1, True, 1.0, "1"])
+def test_an_epoch_that_no_run_has_is_refused(epoch: object) -> None:
+    with pytest.raises(ConfigurationError, match="epoch must be"):
+        StreamConsumer(MemoryTransport(), "s", epoch=epoch)  # type: ignore[arg-type]

@@ -415,3 +415,31 @@ async def test_thread_info_gives_the_apps_thread_record() -> None:
     assert thread.json() == {**thread.json(), **expected}
     assert (missing.status_code, missing.json()["code"]) == (404, "thread_not_found")
     await api.producer.aclose()
+
+
+async def test_a_run_streamed_is_never_a_later_run_of_its_thread() -> None:
+    # Regression: the response read the thread's stream from whatever run it held at its
+    # first read, so a run that ended and was replaced in between served the later run.
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+    from tests._helpers import Later, ended, eventually
+
+    async def later_run() -> AsyncIterator[Any]:
+        yield ("custom", {"later": True})
+
+    released = asyncio.Event()
+    released.set()
+    transport = MemoryTransport()
+    api = LangGraphRouter(
+        transport, {"agent": build_graph({"t9": released}, InMemorySaver())}, authorize=allow_all
+    )
+    body = {"assistant_id": "agent", "input": {"messages": [("user", "x")]}}
+    later = Later("/threads/t9/runs/stream", orjson.dumps(body), {"thread_id": "t9"})
+    response = await api.stream_run(later.request())
+    await eventually(lambda: ended(transport, "langgraph:t9"))
+    await (await api.producer.start(later_run(), stream_id="langgraph:t9")).wait()
+    status, sent = await later.serve(response)
+    assert b"later" not in sent
+    assert (status, orjson.loads(sent)["code"]) == (404, "stream_expired")
+    await api.producer.aclose()

@@ -80,7 +80,11 @@ def _checks_of(transport: Transport) -> dict[tuple[str, int], _Check]:
 class StreamConsumer:
     """Read the events of stream ``stream_id`` that come after offset ``after``.
 
-    ``after=None`` starts at the first event. Iteration follows the stream live and stops
+    ``after=None`` starts at the first event of the stream's current run. ``epoch`` pins
+    the run: ``StreamConsumer(transport, run.stream_id, epoch=run.epoch)`` reads the run
+    just started by :meth:`StreamProducer.start` from its first event, and raises
+    :class:`OffsetExpired` rather than serve a later run that replaced it meanwhile (a
+    stream id used for run after run, such as a chat's). Iteration follows the stream live and stops
     after its terminal event (``end``, ``error`` or ``cancelled``). Raises
     :class:`StreamNotFound` for an unknown stream and :class:`OffsetExpired` when the events
     after ``after`` are no longer all retained, or when the storage lost events this reader
@@ -102,15 +106,22 @@ class StreamConsumer:
         stream_id: str,
         *,
         after: str | None = None,
+        epoch: int | None = None,
         page_size: int = DEFAULT_PAGE_SIZE,
     ) -> None:
         if page_size < 1:
             raise ConfigurationError("page_size must be at least 1")
+        if epoch is not None and (type(epoch) is not int or epoch < 1):
+            raise ConfigurationError(f"epoch must be a run's epoch (an int >= 1), not {epoch!r}")
         self.stream_id = check_stream_id(stream_id)
         self.transport = transport
         self.after = after
         position = None if after is None else parse_offset(after)
-        self._epoch = 0 if position is None else position.epoch
+        if position is not None and epoch is not None and position.epoch != epoch:
+            raise InvalidOffset(f"offset {after!r} is not an event of run {epoch}")
+        # The run to read: the offset's, the one pinned, else the stream's current one.
+        self._any_run = position is None and epoch is None
+        self._epoch = position.epoch if position is not None else epoch or 0
         # Entries up to _seq are taken (queued or consumed); events up to _skip_to of entry
         # _seq + 1 were consumed before this consumer started.
         self._seq = 0 if position is None else position.seq - 1
@@ -280,8 +291,15 @@ class StreamConsumer:
         info = await self.transport.info(self.stream_id)
         if info is None:
             raise StreamNotFound(self.stream_id)
-        if self.after is None:
+        if self._any_run:
             self._epoch = info.epoch
+        elif self.after is None:
+            if self._epoch != info.epoch:
+                raise OffsetExpired(
+                    self.stream_id,
+                    None,
+                    f"it holds run {info.epoch} now, not run {self._epoch} (replaced, or expired)",
+                )
         elif self._epoch > info.epoch:
             # Epochs only grow: no run of this stream issued this offset (issue 9: a
             # malformed offset, not one to reload from).

@@ -51,7 +51,8 @@ class OffsetExpired(ResumableStreamError):
     """
 
     def __init__(self, stream_id: str, offset: str | None, reason: str) -> None:
-        super().__init__(f"cannot resume stream {stream_id!r} after {offset!r}: {reason}")
+        where = "from its start" if offset is None else f"after {offset!r}"
+        super().__init__(f"cannot read stream {stream_id!r} {where}: {reason}")
         self.stream_id = stream_id
         self.offset = offset
         self.reason = reason

@@ -485,9 +485,9 @@ class ChatRouter:
             return _error(HTTPError(403, "forbidden", "not allowed to access this chat"))
         return None
 
-    def _response(self, request: Request, stream_id: str) -> Response:
+    def _response(self, request: Request, stream_id: str, epoch: int | None = None) -> Response:
         return UIMessageStreamResponse(
-            StreamConsumer(self.transport, stream_id),
+            StreamConsumer(self.transport, stream_id, epoch=epoch),
             request,
             ping_interval=self.ping_interval,
             send_timeout=self.send_timeout,
@@ -524,7 +524,7 @@ class ChatRouter:
             source = self.source(chat)
             if inspect.isawaitable(source):
                 source = await source
-            await self.producer.start(source, stream_id=stream_id)
+            run = await self.producer.start(source, stream_id=stream_id)
         except HTTPException as exc:
             return _error(HTTPError(exc.status_code, "http_error", exc.detail))
         except StreamAlreadyRunning:
@@ -533,7 +533,8 @@ class ChatRouter:
             )
         except ResumableStreamError as exc:
             return _error(error_for(exc))
-        return self._response(request, stream_id)
+        # This message's answer, not a later one that replaced it before the first read.
+        return self._response(request, stream_id, run.epoch)
 
     async def resume(self, request: Request) -> Response:
         """``GET {path}/{chat_id}/stream``: the answer in progress from its start, or 204."""

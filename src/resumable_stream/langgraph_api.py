@@ -34,13 +34,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from ._codec import parse_offset
 from ._constants import DEFAULT_PING_INTERVAL, DEFAULT_SEND_TIMEOUT
 from ._consumer import StreamConsumer
 from ._events import CANCELLED, END, ERROR, Event, Item
 from ._exceptions import (
     ConfigurationError,
-    InvalidOffset,
     ResumableStreamError,
     StreamAlreadyRunning,
 )
@@ -524,7 +522,7 @@ class LangGraphRouter:
 
         location = f"/threads/{thread_id}/runs/{run_id}"
         return _PartsResponse(
-            StreamConsumer(self.transport, stream_id),
+            StreamConsumer(self.transport, stream_id, epoch=run.epoch),
             request,
             # langgraph-sdk (client/base.ts getRunMetadataFromResponse) reads the run id
             # from Content-Location; both SDKs reconnect to Location, relative to apiUrl.
@@ -560,12 +558,11 @@ class LangGraphRouter:
         if last_id == "-1":
             after = None
         elif last_id:
-            if parse_offset(last_id).epoch != epoch:
-                raise InvalidOffset(f"Last-Event-ID {last_id!r} is not an event of this run")
-            after = last_id
+            after = last_id  # the consumer refuses an event of another run (400)
         else:
-            after = info.last_offset
-        consumer = StreamConsumer(self.transport, stream_id, after=after)
+            after = info.last_offset if info.epoch == epoch else None
+        # Pinned to the run: a later run that replaces it meanwhile is not served instead.
+        consumer = StreamConsumer(self.transport, stream_id, after=after, epoch=epoch)
         if info.epoch != epoch:
             await consumer.aclose()  # a later run replaced this one's stream: it is over
         on_disconnect = None

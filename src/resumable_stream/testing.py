@@ -194,6 +194,25 @@ class TransportContract:
             await collect(transport, "again", after=old[5].offset)
         assert joined(await collect(transport, "again")) == text_of(30)
 
+    async def test_a_reader_pinned_to_a_run_never_reads_a_later_one(
+        self, transport: Transport
+    ) -> None:
+        producer = StreamProducer(transport)
+        first = await producer.start(tokens(20), stream_id="pinned")
+        # Made for the run just started, and first read once a later run replaced it.
+        late = StreamConsumer(transport, "pinned", epoch=first.epoch)
+        await first.wait()
+        second = await producer.start(tokens(30), stream_id="pinned")
+        await second.wait()
+        with pytest.raises(OffsetExpired, match="from its start"):
+            await collect_from(late)
+        events = await collect_from(StreamConsumer(transport, "pinned", epoch=second.epoch))
+        assert joined(events) == text_of(30)
+        with pytest.raises(InvalidOffset):
+            StreamConsumer(transport, "pinned", after=events[3].offset, epoch=first.epoch)
+        rest = StreamConsumer(transport, "pinned", after=events[3].offset, epoch=second.epoch)
+        assert await collect_from(rest) == events[4:]
+
     async def test_second_start_on_a_live_id_is_refused(
         self, transport: Transport, peer_transport: Transport
     ) -> None:

@@ -77,7 +77,7 @@ class HeldLock:
         with contextlib.suppress(ResumableStreamError, TimeoutError):
             async with (
                 asyncio.timeout(MARK_TIMEOUT),
-                StreamConsumer(transport, self.run.stream_id) as consumer,
+                StreamConsumer(transport, self.run.stream_id, epoch=self.run.epoch) as consumer,
             ):
                 async for event in consumer:
                     if event.type == "token" and event.data.get("text") == str(seq):
