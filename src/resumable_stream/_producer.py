@@ -743,8 +743,8 @@ class StreamProducer:
       which an entry takes no further event; they bound what a reader decodes at once.
     * ``write_retry_budget``: seconds a write failing with a transient
       :class:`TransportError` is retried; None takes the transport's
-      ``write_retry_budget`` (a Redis transport behind Sentinel may suggest one covering a
-      failover), else 5 s. :class:`BackendRefused` is never retried.
+      ``write_retry_budget`` (every Redis transport suggests 30 s, which covers a Sentinel
+      or Cluster failover), else 5 s. :class:`BackendRefused` is never retried.
     * ``rollback_window``: recent entries kept to write again if the storage loses them
       (a failover to a lagging replica); past it the run ends with ``storage_rollback``.
     """
