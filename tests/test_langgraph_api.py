@@ -154,7 +154,7 @@ async def test_a_run_id_is_found_only_in_the_thread_that_ran_it() -> None:
     from starlette.applications import Starlette
     from starlette.routing import Mount
 
-    from resumable_stream.langgraph_api import LangGraphRouter
+    from resumable_stream.langgraph_api import LangGraphRouter, run_id_for
 
     released = {thread: asyncio.Event() for thread in ("a", "b")}
     for hold in released.values():
@@ -173,7 +173,9 @@ async def test_a_run_id_is_found_only_in_the_thread_that_ran_it() -> None:
             ran[thread] = response.headers["content-location"].rsplit("/", 1)[1]
         assert (await http.get(f"/threads/a/runs/{ran['a']}")).json()["status"] == "success"
         nil = str(uuid.UUID(int=0))
-        for run_id in (ran["a"], nil):  # thread b's run is later than a's
+        # An epoch 0 with its bits is no run either (it was a 500 from the join).
+        zero = run_id_for("langgraph:b", 0)
+        for run_id in (ran["a"], nil, zero):  # thread b's run is later than a's
             for response in (
                 await http.get(f"/threads/b/runs/{run_id}"),
                 await http.get(f"/threads/b/runs/{run_id}/stream"),

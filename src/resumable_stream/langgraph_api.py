@@ -176,7 +176,8 @@ def _epoch_of(stream_id: str, run_id: str) -> int:
     except ValueError:
         number = -1
     epoch = number >> 64
-    if number < 0 or number & (2**64 - 1) != _run_bits(stream_id, epoch):
+    # Epochs start at 1: an id of "run 0" is made up, even with the bits of one.
+    if epoch < 1 or number & (2**64 - 1) != _run_bits(stream_id, epoch):
         raise _Refused(HTTPError(404, "run_not_found", f"no run {run_id!r} in this thread"))
     return epoch
 
