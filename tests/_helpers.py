@@ -31,16 +31,25 @@ async def ended(transport: Transport, stream_id: str) -> bool:
 
 
 class Later:
-    """A POST whose handler and response run apart: call the handler with
+    """A request whose handler and response run apart: call the handler with
     :meth:`request`, do what may happen before a response is first read (another run
     replaces the stream, say), then :meth:`serve` the response it returned."""
 
-    def __init__(self, path: str, body: bytes, path_params: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        body: bytes = b"",
+        path_params: dict[str, str] | None = None,
+        *,
+        method: str = "POST",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        fields = {"content-type": "application/json", **(headers or {})}
         self.scope: dict[str, Any] = {
             "type": "http",
-            "method": "POST",
+            "method": method,
             "path": path,
-            "headers": [(b"content-type", b"application/json")],
+            "headers": [(k.encode(), v.encode()) for k, v in fields.items()],
             "query_string": b"",
             "path_params": path_params or {},
         }

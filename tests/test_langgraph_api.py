@@ -445,3 +445,49 @@ async def test_a_run_streamed_is_never_a_later_run_of_its_thread() -> None:
     assert b"later" not in sent
     assert (status, orjson.loads(sent)["code"]) == (404, "stream_expired")
     await api.producer.aclose()
+
+
+@pytest.mark.parametrize("last_event_id", [None, "-1", "first"])
+async def test_a_run_joined_then_replaced_is_over_not_an_error(last_event_id: str | None) -> None:
+    # A join answered while its run was current, and first read once a later run of the
+    # thread replaced it: an empty stream (the run is over), as when the join comes after
+    # the replacement; not a 404/410, and never the later run's parts.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+    from tests._helpers import Later, ended, eventually
+
+    async def later_run() -> AsyncIterator[Any]:
+        yield ("custom", {"later": True})
+
+    released = asyncio.Event()
+    released.set()
+    transport = MemoryTransport()
+    api = LangGraphRouter(
+        transport, {"agent": build_graph({"t8": released}, InMemorySaver())}, authorize=allow_all
+    )
+    app = Starlette(routes=[Mount("/lg", api)])
+    body = {"assistant_id": "agent", "input": {"messages": [("user", "x")]}}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://t/lg"
+    ) as http:
+        streamed = await http.post("/threads/t8/runs/stream", json=body)
+    run_id = streamed.headers["content-location"].rsplit("/", 1)[1]
+    first = streamed.text.split("\n", 1)[0].removeprefix("id: ")
+    await eventually(lambda: ended(transport, "langgraph:t8"))
+    headers = {} if last_event_id is None else {"last-event-id": last_event_id}
+    if last_event_id == "first":
+        headers["last-event-id"] = first
+    later = Later(
+        f"/threads/t8/runs/{run_id}/stream",
+        path_params={"thread_id": "t8", "run_id": run_id},
+        method="GET",
+        headers=headers,
+    )
+    response = await api.join_run(later.request())
+    await (await api.producer.start(later_run(), stream_id="langgraph:t8")).wait()
+    assert await later.serve(response) == (200, b"")
+    await api.producer.aclose()

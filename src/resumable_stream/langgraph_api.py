@@ -39,6 +39,7 @@ from ._consumer import StreamConsumer
 from ._events import CANCELLED, END, ERROR, Event, Item
 from ._exceptions import (
     ConfigurationError,
+    OffsetExpired,
     ResumableStreamError,
     StreamAlreadyRunning,
 )
@@ -200,6 +201,28 @@ def _encode_part(event: Event) -> bytes:
     # Both SDKs end a stream on `end` or `error` without asking the run's status
     # (langgraph-sdk: _async/http.py; @langchain/langgraph-sdk: client/base.ts).
     return b"id: %s\nevent: %s\ndata: %s\n\n" % (event.offset.encode(), kind.encode(), body)
+
+
+class _RunParts(StreamConsumer):
+    """The events of run ``epoch`` of a thread's stream (after ``after``); none once a
+    later run of the thread replaced it: that run is over, not lost."""
+
+    def __init__(self, transport: Transport, stream_id: str, epoch: int, after: str | None):
+        super().__init__(transport, stream_id, after=after, epoch=epoch)
+        self._run_epoch = epoch
+        self._first = True
+
+    async def __anext__(self) -> Event:
+        if not self._first:
+            return await super().__anext__()
+        self._first = False
+        try:
+            return await super().__anext__()
+        except OffsetExpired:
+            info = await self.transport.info(self.stream_id)
+            if info is None or info.epoch <= self._run_epoch:
+                raise  # the run's own events are gone
+            raise StopAsyncIteration from None
 
 
 class _PartsResponse(StreamResponse):
@@ -562,10 +585,9 @@ class LangGraphRouter:
             after = last_id  # the consumer refuses an event of another run (400)
         else:
             after = info.last_offset if info.epoch == epoch else None
-        # Pinned to the run: a later run that replaces it meanwhile is not served instead.
-        consumer = StreamConsumer(self.transport, stream_id, after=after, epoch=epoch)
-        if info.epoch != epoch:
-            await consumer.aclose()  # a later run replaced this one's stream: it is over
+        # This run only: replaced by a later run (now, or before the response first
+        # reads), it is an empty stream, never the later run's parts.
+        consumer = _RunParts(self.transport, stream_id, epoch, after)
         on_disconnect = None
         if self.cancel_on_disconnect and request.query_params.get("cancel_on_disconnect") in (
             "1",
