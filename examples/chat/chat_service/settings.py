@@ -10,7 +10,8 @@ MAX_MESSAGE_CHARS          longer messages get 422
 CORS_ORIGINS               comma-separated origins allowed to call the API (default: none)
 SUMMARIZE_AFTER_TOKENS     history size that triggers a summary (0: never)
 OFFLINE_TOKENS_PER_SECOND  pace of the offline model (0: as fast as possible)
-WORKER_MODE                hand generation to Celery workers (`python -m chat_service worker`)
+WORKER_MODE                chat answers written by Celery workers (`python -m chat_service worker`;
+                           LangGraph SDK runs stay in the API process)
 SECRET_KEY                 signs session cookies (default: made once in DATA_DIR)
 DATA_DIR                   where the SQLite file and the generated secret live
 STREAM_LEASE               seconds after which a dead generator's answer ends with an error
