@@ -15,6 +15,7 @@ from resumable_stream import (
     StreamConsumer,
     StreamProducer,
     Transport,
+    TransportClosed,
     TransportError,
 )
 from resumable_stream._codec import decode_entry
@@ -244,11 +245,17 @@ async def test_exceptions_from_a_sources_aclose_are_logged(
     assert "aclose() raised" in caplog.text and "cleanup failed" in caplog.text
 
 
-async def test_a_refused_write_fails_at_once_without_retries() -> None:
-    # Regression (issue 9): every error reply (OOM, NOAUTH...) was retried for a whole lease.
-    transport = Faulty("append", BackendRefused("OOM command not allowed"), times=1000)
+@pytest.mark.parametrize(
+    "error",
+    [BackendRefused("OOM command not allowed"), TransportClosed("the transport is closed")],
+    ids=["refused", "closed"],
+)
+async def test_a_refused_write_fails_at_once_without_retries(error: TransportError) -> None:
+    # Regressions: every error reply (OOM, NOAUTH...) was retried for a whole lease (issue
+    # 9), and so was every write to a transport closed under the run (30 s on Redis).
+    transport = Faulty("append", error, times=1000)
     run = await StreamProducer(transport, write_retry_budget=60).start(endless(["a"]))
-    with pytest.raises(BackendRefused):
+    with pytest.raises(type(error)):
         await asyncio.wait_for(run.wait(), timeout=10)
     assert transport.calls["append"] == 1
 

@@ -79,6 +79,24 @@ async def test_an_append_while_the_transport_closes_is_refused_and_not_sent(
         assert stored is not None and stored.last_seq == 1
 
 
+async def test_a_run_whose_transport_is_closed_under_it_ends_at_once(redis_url: str) -> None:
+    # Regression: its writes were retried as transient faults for the whole write-retry
+    # budget (30 s on Redis) before the run ended.
+    transport = RedisTransport.from_url(redis_url, prefix=f"t{uuid.uuid4().hex[:12]}")
+    gate = asyncio.Event()
+    run = await StreamProducer(transport).start(tokens(100, every=10, pause=gate))
+    await eventually(lambda: _stored(transport, run.stream_id))
+    await transport.aclose()
+    gate.set()
+    with pytest.raises(TransportClosed):
+        await asyncio.wait_for(run.wait(), timeout=DEFAULT_WRITE_RETRY_BUDGET / 3)
+
+
+async def _stored(transport: RedisTransport, stream_id: str) -> bool:
+    info = await transport.info(stream_id)
+    return info is not None and info.last_seq > 0
+
+
 # -- configuration --------------------------------------------------------------------
 
 

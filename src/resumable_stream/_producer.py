@@ -48,6 +48,7 @@ from ._exceptions import (
     ReservationExpired,
     StorageRollback,
     StreamAlreadyRunning,
+    TransportClosed,
     TransportError,
 )
 from ._ids import check_stream_id, new_stream_id
@@ -656,9 +657,11 @@ class Run:
                 if exc.last_seq + 1 >= entry.seq:
                     raise  # not a rollback: a transport breaking the contract
                 await self._rewrite_lost(exc.last_seq, entry.seq)
-            except BackendRefused:
+            except (BackendRefused, TransportClosed):
                 telemetry.transport_error("append")
-                raise  # a retry will not fix it (out of memory, no permission...)
+                # A retry will not fix it (out of memory, no permission..., or the
+                # transport was closed under the run: shut the producer down first).
+                raise
             except TransportError:
                 telemetry.transport_error("append")
                 # A write whose reply was lost is retried with the same seq; the transport
