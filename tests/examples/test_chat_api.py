@@ -176,6 +176,27 @@ def test_response_cache_replays_the_same_first_question(fast: ChatServer) -> Non
     assert final_answer(replayed_thread) == answer_text(first_events)
 
 
+def test_a_stopped_replay_keeps_its_question_and_what_was_said(paced: ChatServer) -> None:
+    # Regression: a cached answer replayed and stopped saved nothing, neither the question
+    # nor the text the user saw (the replay adds its messages to the thread at its end).
+    question = f"Tell me about cache warming {uuid.uuid4().hex[:6]}"
+    with paced.client() as client:
+        ask(client, question, use_cache=True)
+        started = post_message(client, question, use_cache=True)
+        url, thread_id = started["stream_url"], started["thread_id"]
+        _, first = read_sse(client, url, stop_after=chunks_at_least(3))
+        client.post("/v1/chat/stop", params={"thread_id": thread_id})
+        _, rest = read_sse(client, url, last_event_id=first[-1].id)
+        saved = eventually(lambda: settled(client, thread_id), what="the save")
+
+    said = answer_text(first) + answer_text(rest)
+    assert first[0].data["cached"] is True
+    assert terminal(rest) == {"type": "end", "reason": "stopped"}
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant"]
+    assert saved["messages"][0]["text"] == question
+    assert saved["messages"][1] == {**saved["messages"][1], "text": said, "stopped": True}
+
+
 # --------------------------------------------------------------------------- threads
 
 
@@ -189,12 +210,16 @@ def test_threads_are_listed_newest_first_and_renamed(fast: ChatServer) -> None:
         renamed = client.patch(
             "/v1/thread", params={"thread_id": older}, json={"chat_name": "  My   thread "}
         )
+        blank = client.patch(
+            "/v1/thread", params={"thread_id": older}, json={"chat_name": " \t\n "}
+        )
         titles = {t["thread_id"]: t["title"] for t in client.get("/v1/threads").json()["threads"]}
 
     assert order_before == [newer, older]
     assert order_after == [older, newer]
     assert renamed.json() == {"thread_id": older, "title": "My thread"}
-    assert titles[older] == "My thread"
+    assert (blank.status_code, blank.json()["code"]) == (422, "invalid_request")
+    assert titles[older] == "My thread"  # not blanked
 
 
 def test_each_user_sees_only_their_own_threads(fast: ChatServer) -> None:
@@ -516,7 +541,11 @@ def test_ai_sdk_regenerate_on_a_thread_without_a_question_is_409(fast: ChatServe
         response = client.post(
             "/api/chat", json={"id": thread_id, "messages": [], "trigger": "regenerate-message"}
         )
+        # Regression: the refused request kept the thread's lock (embedded mode, policy
+        # reject), and the thread's next message waited for it for ever.
+        after = client.post("/v1/chat/message", json={"message": "again", "thread_id": thread_id})
     assert (response.status_code, response.json()["code"]) == (409, "nothing_to_retry")
+    assert after.status_code == 202, after.text
 
 
 # --------------------------------------------------------------------------- AI SDK endpoint
@@ -641,10 +670,16 @@ def test_ai_sdk_messages_are_validated_like_the_chat_apis(fast: ChatServer) -> N
             )
             for text in ("nul \x00 here", "lone \ud800 surrogate", "x" * 8001)
         ]
+        # Regression: a number or a boolean for the messages was a plain-text 500.
+        responses += [
+            client.post("/api/chat", json={"id": uuid.uuid4().hex[:16], "messages": value})
+            for value in (5, True, "hi")
+        ]
         threads = client.get("/v1/threads").json()["threads"]
     assert [(r.status_code, r.json()["code"]) for r in responses] == [
         (422, "invalid_text"),
         (422, "invalid_text"),
         (422, "message_too_long"),
+        *[(400, "invalid_request")] * 3,
     ]
     assert threads == []  # no thread was started for a message that was refused

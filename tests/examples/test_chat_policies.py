@@ -6,6 +6,7 @@ guarantees: any process reads, stops and serializes the answers of any other.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 from chat_service.runtime import open_runtime
 from chat_service.settings import Settings
 from chat_service.threads import stream_id_for
+from httpx_sse import connect_sse
 
 from resumable_stream import Run, StreamConsumer
 from tests.examples._chat import (
@@ -86,6 +88,39 @@ def test_queue_policy_answers_one_after_the_other(chat_servers: Callable[..., Ch
 
     assert endings == [{"type": "end"}] * 4
     assert_answered_in_order(thread, runs)
+
+
+def test_queue_policy_refuses_a_retry_behind_a_queued_message_and_ends_dropped_readers(
+    chat_servers: Callable[..., ChatServer],
+) -> None:
+    # Regressions: a regenerate queued behind a message picked the question answered
+    # before it, then rewound the thread past that message's answer (deleting a whole
+    # turn); and a reader of a queued answer that a stop dropped got an empty body.
+    server = chat_servers(BUSY_POLICY="queue", OFFLINE_TOKENS_PER_SECOND="40")
+    with server.client() as client:
+        first = post_message(client, GENERAL)
+        thread_id = first["thread_id"]
+        _, head = read_sse(client, first["stream_url"], stop_after=chunks_at_least(1))
+        queued = post_message(client, "what is 12*7", thread_id=thread_id)
+        retries = [
+            client.post("/v1/chat/regenerate", json={"thread_id": thread_id}),
+            client.post(
+                "/v1/chat/message",
+                json={"message": "edited", "thread_id": thread_id, "edit_last": True},
+            ),
+        ]
+        headers = {"accept": "text/event-stream"}
+        with connect_sse(client, "GET", queued["stream_url"], headers=headers) as waiting:
+            # The headers are out (the response waits for the answer's turn): stop now.
+            assert waiting.response.status_code == 200
+            client.post("/v1/chat/stop", params={"thread_id": thread_id})
+            events = [Sse(e.id, e.event, json.loads(e.data)) for e in waiting.iter_sse()]
+        _, rest = read_sse(client, first["stream_url"], last_event_id=head[-1].id)
+
+    assert queued["status"] == "queued"
+    assert [(r.status_code, r.json()["code"]) for r in retries] == [(409, "thread_busy")] * 2
+    assert terminal(events) == {"type": "end", "reason": "stopped"}
+    assert terminal(rest) == {"type": "end", "reason": "stopped"}
 
 
 @pytest.mark.redis

@@ -4,6 +4,7 @@ stream events to the chat API's names, session signing, and CORS."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -139,3 +140,36 @@ async def test_cors_wildcard_never_allows_credentials(tmp_path: Path) -> None:
         )
     assert response.headers["access-control-allow-origin"] == "*"
     assert "access-control-allow-credentials" not in response.headers
+
+
+@pytest.mark.parametrize(
+    "database", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+)
+async def test_a_run_added_as_its_thread_is_deleted_is_not_left_behind(
+    database: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # Regression: add_run's UPDATE and INSERT are two statements; a delete between them
+    # left a run of a deleted thread, which the service then answered (writing checkpoints
+    # of a thread the user had deleted), and the request got 202.
+    from chat_service.threads import ThreadStore, thread_store_for
+
+    url = str(request.getfixturevalue("postgres_dsn")) if database == "postgres" else None
+    store: ThreadStore = thread_store_for(url, tmp_path / "chat.db")
+    await store.setup()
+    thread = await store.create_thread("u", "t")
+    fetch = store._fetch
+
+    async def deleted_after_the_update(sql: str, params: Any = ()) -> list[Any]:
+        rows = await fetch(sql, params)
+        if sql.startswith("UPDATE chat_threads SET run_seq"):
+            await store.delete_thread(thread.id)
+        return rows
+
+    store._fetch = deleted_after_the_update  # type: ignore[method-assign]
+    try:
+        with pytest.raises(LookupError):
+            await store.add_run(thread.id, message="m", model="x", use_cache=False, human_id="h")
+        left = await fetch("SELECT seq FROM chat_runs WHERE thread_id = ?", (thread.id,))
+    finally:
+        await store.aclose()
+    assert left == []

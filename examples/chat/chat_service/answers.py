@@ -134,7 +134,6 @@ class Answers:
         return None, config
 
     async def source(self, job: RunRecord, recorder: Recorder) -> AsyncIterator[Any]:
-        config = _config(job.thread_id, job.model)
         entry = await self._cache_get(job)
         recorder.cached = entry is not None
         yield {
@@ -149,12 +148,30 @@ class Answers:
                 },
             },
         }
-        if entry is not None:
-            self.stats["cache_hits"] += 1
-            async for item in self._replay(job, entry):
-                yield item
-            return
-        self.stats["model_runs"] += 1
+        try:
+            if entry is not None:
+                self.stats["cache_hits"] += 1
+                async for item in self._replay(job, entry, recorder):
+                    yield item
+            else:
+                self.stats["model_runs"] += 1
+                async for item in self._model(job, recorder):
+                    yield item
+        except asyncio.CancelledError:
+            # Stopped: keep what the user saw, before the library writes `cancelled`, so a
+            # client that reads the thread after the stream's end finds it there. (A replay
+            # has written nothing yet: its question is kept even before its first word.)
+            if recorder.partial or recorder.cached:
+                try:
+                    async with asyncio.timeout(5.0):
+                        await self._save_stopped(job, "".join(recorder.partial))
+                except Exception:
+                    logger.exception("answer %s: could not save the stopped text", job.stream_id)
+            raise
+
+    async def _model(self, job: RunRecord, recorder: Recorder) -> AsyncIterator[Any]:
+        """The agent's answer: its tokens, tool calls and results, finished messages."""
+        config = _config(job.thread_id, job.model)
         inputs: dict[str, Any] | None = None
         if job.kind == "edit":
             inputs, config = await self._edit_plan(job)
@@ -169,39 +186,30 @@ class Answers:
         stream: AsyncIterator[Any] = self.agent.astream(
             cast(Any, inputs), config, stream_mode=["messages", "updates"]
         )
-        try:
-            async for mode, payload in stream:
-                if mode == "messages":
-                    chunk, metadata = payload
-                    if metadata.get("langgraph_node") == "agent" and (text := chunk.text):
-                        recorder.text(text)
-                        yield text
+        async for mode, payload in stream:
+            if mode == "messages":
+                chunk, metadata = payload
+                if metadata.get("langgraph_node") == "agent" and (text := chunk.text):
+                    recorder.text(text)
+                    yield text
+                continue
+            for node, update in (payload or {}).items():
+                if node not in ("agent", "tools") or not update:
                     continue
-                for node, update in (payload or {}).items():
-                    if node not in ("agent", "tools") or not update:
-                        continue
-                    for message in update.get("messages", []):
-                        recorder.messages.append(message)
-                        items = (
-                            _finished_message(message) if node == "agent" else _tool_result(message)
-                        )
-                        for item in items:
-                            recorder.events.append([item["type"], item["data"]])
-                            yield item
-                        if node == "agent":
-                            recorder.partial.clear()
-        except asyncio.CancelledError:
-            # Stopped: keep what the user saw, before the library writes `cancelled`, so a
-            # client that reads the thread after the stream's end finds it there.
-            if recorder.partial:
-                try:
-                    async with asyncio.timeout(5.0):
-                        await self._save_stopped(job, "".join(recorder.partial))
-                except Exception:
-                    logger.exception("answer %s: could not save the stopped text", job.stream_id)
-            raise
+                for message in update.get("messages", []):
+                    recorder.messages.append(message)
+                    items = _finished_message(message) if node == "agent" else _tool_result(message)
+                    for item in items:
+                        recorder.events.append([item["type"], item["data"]])
+                        yield item
+                    if node == "agent":
+                        recorder.partial.clear()
 
-    async def _replay(self, job: RunRecord, entry: dict[str, Any]) -> AsyncIterator[Any]:
+    async def _replay(
+        self, job: RunRecord, entry: dict[str, Any], recorder: Recorder
+    ) -> AsyncIterator[Any]:
+        """A cached answer, paced like the model; its messages join the thread at its end
+        (stopped before, the text it streamed is saved instead: source())."""
         pace = self.settings.offline_tokens_per_second
         for kind, data in entry["events"]:
             if kind != "text":
@@ -210,6 +218,7 @@ class Answers:
             for i, token in enumerate(split_tokens(data)):
                 if i and pace:
                     await asyncio.sleep(1 / pace)  # the replay's pace, like the model's
+                recorder.partial.append(token)
                 yield token
         messages = [
             HumanMessage(job.message or "", id=job.human_id),
@@ -256,10 +265,14 @@ class Answers:
         messages: list[BaseMessage] = []
         if job.message is not None and job.human_id not in ids:
             messages.append(HumanMessage(job.message, id=job.human_id))
-        messages.append(
-            AIMessage(text, id=f"stopped-{uuid.uuid4().hex}", response_metadata={"stopped": True})
-        )
-        await self.agent.aupdate_state(config, {"messages": messages}, as_node="agent")
+        if text:
+            messages.append(
+                AIMessage(
+                    text, id=f"stopped-{uuid.uuid4().hex}", response_metadata={"stopped": True}
+                )
+            )
+        if messages:
+            await self.agent.aupdate_state(config, {"messages": messages}, as_node="agent")
 
 
 def _config(thread_id: str, model: str | None = None) -> Any:

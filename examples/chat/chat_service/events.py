@@ -45,6 +45,12 @@ def run_error(code: str) -> Event:
     return Event("error", {"error": code, "message": _MESSAGES.get(code, code)}, "")
 
 
+def run_dropped() -> Event:
+    """The terminal event of a queued run dropped before its turn (a stop, an interrupting
+    message, a clear or a delete): stopped, like an answer stopped as it streams."""
+    return Event("cancelled", {"reason": "stopped"}, "")
+
+
 Mapper = Callable[[Event], Event | None]
 
 

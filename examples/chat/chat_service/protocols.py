@@ -112,9 +112,13 @@ async def ai_chat_send(request: Request) -> Response:
     if not is_thread_id(thread_id):
         return _invalid_id(thread_id)
     messages = body.get("messages")
+    if messages is None:
+        messages = []
+    elif not isinstance(messages, list):
+        return _error(400, "invalid_request", "'messages' must be a list of UI messages")
     message: str | None = None
     if body.get("trigger") != "regenerate-message":
-        users = [m for m in messages or () if isinstance(m, dict) and m.get("role") == "user"]
+        users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
         try:  # the checks of POST /v1/chat/message
             message = checked_message(
                 ui_message_text(users[-1]) if users else "", _runtime(request).settings
@@ -143,6 +147,8 @@ async def ai_chat_send(request: Request) -> Response:
         return _error(409, "nothing_to_retry", "this thread has no message to answer again")
     except QueueUnavailable:
         return _error(503, "queue_unavailable", "the answer could not be handed to the workers")
+    except LookupError:  # deleted as the message came in
+        return _not_found(thread_id)
     return _answer(request, submitted.run)
 
 

@@ -136,7 +136,8 @@ class RunService:
         ``kind="regenerate"`` (``message=None``) answers the thread's last question again,
         replacing its answer; ``kind="edit"`` replaces the last question (and its answer)
         with ``message``. Both rewind the thread's checkpoints when the run starts. Raises
-        :class:`ThreadBusy` (policy ``reject``) or :class:`NothingToRetry`.
+        :class:`ThreadBusy` (policy ``reject``; or a regenerate or an edit while messages
+        are queued), :class:`NothingToRetry`, or LookupError (the thread was deleted).
         """
         policy = policy or self.settings.busy_policy
         held: HeldLock | None = None
@@ -147,6 +148,13 @@ class RunService:
         elif policy == "interrupt":
             await self.stop(thread.id)
         try:
+            if (kind != "message" or message is None) and await self.store.runs(
+                thread.id, "queued"
+            ):
+                # A regenerate or an edit acts on the last answer, and messages queued
+                # before it have not been answered yet (policy `queue`): refused rather
+                # than rewind the thread past answers still to come.
+                raise ThreadBusy(thread.id)
             message, human_id = await self.answers.question(thread.id, message, kind)
             run = await self.store.add_run(
                 thread.id,
@@ -156,12 +164,15 @@ class RunService:
                 human_id=human_id,
                 kind=kind,
             )
-        finally:
-            if held is not None and self.workers:
-                # Worker mode: a worker takes the lock to answer. Released only now that the
-                # run is queued, so a second message sees it and is rejected.
-                await held.release()
-                held = None
+        except BaseException:
+            if held is not None:
+                await held.release()  # refused (nothing to retry, thread deleted...)
+            raise
+        if held is not None and self.workers:
+            # Worker mode: a worker takes the lock to answer. Released only now that the
+            # run is queued, so a second message sees it and is rejected.
+            await held.release()
+            held = None
         if self.workers:
             await self._enqueue(run)
             return Submitted(run, False)

@@ -208,8 +208,10 @@ class ThreadStore(ABC):
         )
 
     async def delete_thread(self, thread_id: str) -> None:
-        await self._fetch("DELETE FROM chat_runs WHERE thread_id = ?", (thread_id,))
+        # The thread first: a run added meanwhile then finds it gone (add_run), or is
+        # deleted with the others here.
         await self._fetch("DELETE FROM chat_threads WHERE id = ?", (thread_id,))
+        await self._fetch("DELETE FROM chat_runs WHERE thread_id = ?", (thread_id,))
 
     # -- runs ----------------------------------------------------------------------------
 
@@ -224,7 +226,9 @@ class ThreadStore(ABC):
         kind: RunKind = "message",
     ) -> RunRecord:
         """Queue a message; its number comes from one atomic UPDATE ... RETURNING, so two
-        processes adding runs to one thread at once never get the same number."""
+        processes adding runs to one thread at once never get the same number. Raises
+        LookupError if the thread does not exist, or was deleted while the run was added
+        (no run of a deleted thread is left behind to be answered)."""
         now = time.time()
         rows = await self._fetch(
             "UPDATE chat_threads SET run_seq = run_seq + 1, updated_at = ? WHERE id = ? "
@@ -239,6 +243,13 @@ class ThreadStore(ABC):
             f"INSERT INTO chat_runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (thread_id, seq, message, model, use_cache, human_id, "queued", now, kind, None),
         )
+        if await self.get_thread(thread_id) is None:
+            # Deleted between the two statements, maybe after delete_thread removed its
+            # runs: take this one back.
+            await self._fetch(
+                "DELETE FROM chat_runs WHERE thread_id = ? AND seq = ?", (thread_id, seq)
+            )
+            raise LookupError(f"thread {thread_id!r} does not exist")
         return run
 
     async def get_run(self, thread_id: str, seq: int) -> RunRecord | None:

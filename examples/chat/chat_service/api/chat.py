@@ -21,7 +21,7 @@ from resumable_stream.starlette import StreamResponse, error_response, resume_af
 
 from ..answers import NothingToRetry
 from ..auth import current_user
-from ..events import PRODUCER_LOST, ChatEvents, Mapper, run_error, to_sse
+from ..events import PRODUCER_LOST, ChatEvents, Mapper, run_dropped, run_error, to_sse
 from ..runs import QueueUnavailable, Submitted, ThreadBusy
 from ..runtime import Runtime
 from ..settings import Settings
@@ -146,12 +146,15 @@ async def submit(request: Request, runtime: Runtime, body: ChatMessage) -> Submi
         raise ApiError(
             409, "nothing_to_retry", "this thread has no message to answer again"
         ) from None
+    except LookupError:  # deleted as the message came in
+        raise ApiError(404, "thread_not_found", f"no thread {thread.id!r}") from None
     return submitted
 
 
 def waiter(runtime: Runtime, run: RunRecord) -> Callable[[], Awaitable[Event | None]]:
-    """``ready`` for ChatEvents: wait until a queued answer's stream exists; or the error
-    event of an answer that failed without one (its server restarted)."""
+    """``ready`` for ChatEvents: wait until a queued answer's stream exists; or the last
+    event of an answer that will never have one: ``error`` if it failed (its server
+    restarted), ``cancelled`` (stopped) if it was dropped before its turn."""
 
     async def ready() -> Event | None:
         delay = 0.05
@@ -159,7 +162,11 @@ def waiter(runtime: Runtime, run: RunRecord) -> Callable[[], Awaitable[Event | N
             # The answer waits for its thread or for a worker, maybe in another process:
             # there is nothing to subscribe to before its stream exists.
             current = await runtime.store.get_run(run.thread_id, run.seq)
-            if current is None or current.state in ("done", "dropped"):
+            if current is None or current.state == "dropped":
+                # Dropped before its turn, or with its thread: the response may have gone
+                # out already (keep-alives while it waited), so it ends as stopped.
+                return run_dropped()
+            if current.state == "done":
                 raise StreamNotFound(run.stream_id)
             if current.state == "failed":
                 return run_error(current.error or PRODUCER_LOST)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 
 from ..auth import current_user
 from .deps import OwnedThread, RuntimeDep, writable
-from .errors import storable
+from .errors import ApiError, storable
 from .views import Rename, history, thread_view
 
 router = APIRouter(tags=["threads"])
@@ -31,6 +31,8 @@ async def delete_thread(runtime: RuntimeDep, thread: OwnedThread) -> dict[str, A
 async def rename_thread(runtime: RuntimeDep, thread: OwnedThread, body: Rename) -> dict[str, Any]:
     writable(thread)
     title = " ".join(storable(body.chat_name, "chat_name").split())
+    if not title:
+        raise ApiError(422, "invalid_request", "chat_name: must not be blank")
     await runtime.store.update_thread(thread.id, title=title)
     return {"thread_id": thread.id, "title": title}
 
