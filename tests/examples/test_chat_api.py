@@ -162,6 +162,11 @@ def test_response_cache_replays_the_same_first_question(fast: ChatServer) -> Non
         _, uncached_events = ask(client, question)
         replayed_thread = history(client, second["thread_id"])
         after = client.get("/info").json()["stats"]
+        # Regression: a replayed turn left no checkpoint to rewind to, and a regenerate of
+        # it streamed nothing and changed nothing.
+        regenerated = client.post("/v1/chat/regenerate", json={"thread_id": second["thread_id"]})
+        _, again = read_sse(client, regenerated.json()["stream_url"])
+        regenerated_thread = eventually(lambda: settled(client, second["thread_id"]))
 
     assert first_events[0].data["cached"] is False
     assert second_events[0].data["cached"] is True
@@ -174,6 +179,9 @@ def test_response_cache_replays_the_same_first_question(fast: ChatServer) -> Non
     assert roles == [m["role"] for m in first_thread["messages"]]
     assert roles[0] == "user"
     assert final_answer(replayed_thread) == answer_text(first_events)
+    # The offline model answers the same question the same way (this one in capitals).
+    assert answer_text(again).lower() == answer_text(first_events).lower()
+    assert [m["role"] for m in regenerated_thread["messages"]] == roles
 
 
 def test_a_stopped_replay_keeps_its_question_and_what_was_said(paced: ChatServer) -> None:
@@ -188,8 +196,16 @@ def test_a_stopped_replay_keeps_its_question_and_what_was_said(paced: ChatServer
         client.post("/v1/chat/stop", params={"thread_id": thread_id})
         _, rest = read_sse(client, url, last_event_id=first[-1].id)
         saved = eventually(lambda: settled(client, thread_id), what="the save")
+        # And its turn can be answered again, replacing it.
+        regenerated = client.post("/v1/chat/regenerate", json={"thread_id": thread_id})
+        _, again = read_sse(client, regenerated.json()["stream_url"])
+        answered = eventually(lambda: settled(client, thread_id), what="the answer")
 
     said = answer_text(first) + answer_text(rest)
+    assert terminal(again) == {"type": "end"} and len(answer_text(again)) > len(said)
+    assert [m["role"] for m in answered["messages"]][:1] == ["user"]
+    assert sum(m["role"] == "user" for m in answered["messages"]) == 1
+    assert not answered["messages"][-1].get("stopped")
     assert first[0].data["cached"] is True
     assert terminal(rest) == {"type": "end", "reason": "stopped"}
     assert [m["role"] for m in saved["messages"]] == ["user", "assistant"]

@@ -6,6 +6,7 @@ guarantees: any process reads, stops and serializes the answers of any other.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -192,3 +193,46 @@ async def test_a_stop_landing_as_the_answer_starts_is_not_lost(
         assert events[-1].type == "cancelled"
         run = await runtime.store.get_run(thread.id, 1)
         assert run is not None and run.state == "dropped"
+
+
+async def test_a_stop_landing_as_a_replay_saves_it_keeps_one_answer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Regression: a replayed answer stopped while its messages were being added to the
+    # thread was saved again as a stopped answer: the thread showed it twice.
+    from tests._helpers import eventually
+
+    question = "Tell me about cache warming"
+    settings = Settings(data_dir=tmp_path, busy_policy="queue", offline_tokens_per_second=400)
+    async with open_runtime(settings) as runtime:
+        runs, agent, store = runtime.runs, runtime.agent, runtime.store
+        first = await store.create_thread("ada", "cached")
+        await runs.submit(first, message=question, model="offline", use_cache=True)
+
+        async def cached() -> bool:
+            run = await store.get_run(first.id, 1)
+            return run is not None and run.state == "done"
+
+        await eventually(cached)
+        update = agent.aupdate_state
+        written, never = asyncio.Event(), asyncio.Event()
+
+        async def stopped_once_written(*args: Any, **kwargs: Any) -> Any:
+            config = await update(*args, **kwargs)
+            if kwargs.get("as_node") == "agent":
+                written.set()
+                await never.wait()  # the stop lands here, after the write
+            return config
+
+        monkeypatch.setattr(agent, "aupdate_state", stopped_once_written)
+        second = await store.create_thread("ada", "replayed")
+        await runs.submit(second, message=question, model="offline", use_cache=True)
+        await written.wait()
+        monkeypatch.setattr(agent, "aupdate_state", update)
+        assert await runs.stop(second.id)
+        events = [e async for e in StreamConsumer(runtime.transport, stream_id_for(second.id, 1))]
+        assert events[-1].type == "cancelled"
+        state = await agent.aget_state({"configurable": {"thread_id": second.id}})
+        answers = [m for m in state.values["messages"] if m.type == "ai" and m.text]
+        assert len(answers) == 1
+        assert not answers[0].response_metadata.get("stopped")

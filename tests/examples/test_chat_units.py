@@ -173,3 +173,26 @@ async def test_a_run_added_as_its_thread_is_deleted_is_not_left_behind(
     finally:
         await store.aclose()
     assert left == []
+
+
+async def test_a_run_whose_recording_fails_after_its_insert_is_taken_back(tmp_path: Path) -> None:
+    # Regression: an error after the INSERT (the database failing, a shutdown) left the run
+    # queued with nobody to answer it: the thread stayed busy (409) until a restart.
+    from chat_service.threads import SqliteThreadStore
+
+    store = SqliteThreadStore(tmp_path / "chat.db")
+    await store.setup()
+    thread = await store.create_thread("u", "t")
+    get_thread = store.get_thread
+
+    async def failing(thread_id: str) -> Any:
+        raise OSError("disk I/O error")
+
+    store.get_thread = failing  # type: ignore[method-assign]
+    try:
+        with pytest.raises(OSError, match="disk I/O error"):
+            await store.add_run(thread.id, message="m", model="x", use_cache=False, human_id="h")
+        store.get_thread = get_thread  # type: ignore[method-assign]
+        assert await store.runs(thread.id, "queued") == []
+    finally:
+        await store.aclose()

@@ -49,6 +49,8 @@ class Recorder:
     messages: list[BaseMessage] = field(default_factory=list)
     partial: list[str] = field(default_factory=list)
     cached: bool = False
+    #: A replay streamed whole: its messages are being added to the thread.
+    replayed: bool = False
 
     def text(self, text: str) -> None:
         self.partial.append(text)
@@ -164,7 +166,10 @@ class Answers:
             if recorder.partial or recorder.cached:
                 try:
                     async with asyncio.timeout(5.0):
-                        await self._save_stopped(job, "".join(recorder.partial))
+                        if recorder.replayed and entry is not None:  # stopped as it saved
+                            await self._record(job, self._replayed_messages(job, entry))
+                        else:
+                            await self._save_stopped(job, "".join(recorder.partial))
                 except Exception:
                     logger.exception("answer %s: could not save the stopped text", job.stream_id)
             raise
@@ -220,13 +225,24 @@ class Answers:
                     await asyncio.sleep(1 / pace)  # the replay's pace, like the model's
                 recorder.partial.append(token)
                 yield token
-        messages = [
-            HumanMessage(job.message or "", id=job.human_id),
-            *messages_from_dict(entry["messages"]),
-        ]
-        await self.agent.aupdate_state(
-            _config(job.thread_id, job.model), {"messages": messages}, as_node="agent"
-        )
+        recorder.replayed = True
+        await self._record(job, self._replayed_messages(job, entry))
+
+    @staticmethod
+    def _replayed_messages(job: RunRecord, entry: dict[str, Any]) -> list[BaseMessage]:
+        """The question and the cached answer's messages (with their ids: adding them again
+        replaces them rather than add a copy)."""
+        question = HumanMessage(job.message or "", id=job.human_id)
+        return [question, *messages_from_dict(entry["messages"])]
+
+    async def _record(self, job: RunRecord, messages: list[BaseMessage]) -> None:
+        """Add ``messages`` to the thread as the agent's. A thread without a checkpoint
+        gets an empty input checkpoint first, as a run of the graph does: the fork point
+        regenerate and edit rewind to (the question is not in it)."""
+        config = _config(job.thread_id, job.model)
+        if (await self.agent.aget_state(config)).created_at is None:
+            await self.agent.aupdate_state(config, {"messages": []}, as_node="__input__")
+        await self.agent.aupdate_state(config, {"messages": messages}, as_node="agent")
 
     # -- cache and stopped answers --------------------------------------------------------
 
@@ -272,7 +288,7 @@ class Answers:
                 )
             )
         if messages:
-            await self.agent.aupdate_state(config, {"messages": messages}, as_node="agent")
+            await self._record(job, messages)
 
 
 def _config(thread_id: str, model: str | None = None) -> Any:

@@ -42,7 +42,7 @@ from .events import ChatEvents
 from .lock import lock_id_for
 from .runs import QueueUnavailable, ThreadBusy
 from .runtime import Runtime
-from .threads import THREAD_ID_RULES, RunRecord, Thread, is_thread_id
+from .threads import THREAD_ID_RULES, RunRecord, Thread, ThreadGone, is_thread_id
 
 NEW_THREAD_TITLE = "New chat"
 
@@ -71,7 +71,7 @@ async def _own_or_create(request: Request, thread_id: str, title: str) -> Thread
     runtime = _runtime(request)
     try:
         thread = await runtime.store.get_or_create_thread(thread_id, current_user(request), title)
-    except LookupError:  # deleted as it was being created
+    except ThreadGone:  # deleted as it was being created
         return None
     return thread if thread.owner == current_user(request) else None
 
@@ -147,7 +147,7 @@ async def ai_chat_send(request: Request) -> Response:
         return _error(409, "nothing_to_retry", "this thread has no message to answer again")
     except QueueUnavailable:
         return _error(503, "queue_unavailable", "the answer could not be handed to the workers")
-    except LookupError:  # deleted as the message came in
+    except ThreadGone:  # deleted as the message came in
         return _not_found(thread_id)
     return _answer(request, submitted.run)
 

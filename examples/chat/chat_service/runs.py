@@ -137,7 +137,7 @@ class RunService:
         replacing its answer; ``kind="edit"`` replaces the last question (and its answer)
         with ``message``. Both rewind the thread's checkpoints when the run starts. Raises
         :class:`ThreadBusy` (policy ``reject``; or a regenerate or an edit while messages
-        are queued), :class:`NothingToRetry`, or LookupError (the thread was deleted).
+        are queued), :class:`NothingToRetry`, or :class:`ThreadGone` (the thread was deleted).
         """
         policy = policy or self.settings.busy_policy
         held: HeldLock | None = None

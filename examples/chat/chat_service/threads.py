@@ -25,6 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+
+class ThreadGone(LookupError):
+    """The thread does not exist (any more): deleted as a request was using it."""
+
+
 RunState = Literal["queued", "started", "done", "dropped", "failed"]
 #: What a run does: answer a new message, answer the last one again, or replace the last
 #: user message (and its answer) with a new one.
@@ -174,7 +179,7 @@ class ThreadStore(ABC):
         )
         thread = await self.get_thread(thread_id)
         if thread is None:  # deleted in between: the caller's request lost the race
-            raise LookupError(f"thread {thread_id!r} does not exist")
+            raise ThreadGone(f"thread {thread_id!r} does not exist")
         return thread
 
     async def get_thread(self, thread_id: str) -> Thread | None:
@@ -227,8 +232,8 @@ class ThreadStore(ABC):
     ) -> RunRecord:
         """Queue a message; its number comes from one atomic UPDATE ... RETURNING, so two
         processes adding runs to one thread at once never get the same number. Raises
-        LookupError if the thread does not exist, or was deleted while the run was added
-        (no run of a deleted thread is left behind to be answered)."""
+        :class:`ThreadGone` if the thread does not exist, or was deleted while the run was
+        added (no run of a deleted thread is left behind to be answered)."""
         now = time.time()
         rows = await self._fetch(
             "UPDATE chat_threads SET run_seq = run_seq + 1, updated_at = ? WHERE id = ? "
@@ -236,20 +241,24 @@ class ThreadStore(ABC):
             (now, thread_id),
         )
         if not rows:
-            raise LookupError(f"thread {thread_id!r} does not exist")
+            raise ThreadGone(f"thread {thread_id!r} does not exist")
         seq = rows[0][0]
         run = RunRecord(thread_id, seq, message, model, use_cache, human_id, "queued", now, kind)
         await self._fetch(
             f"INSERT INTO chat_runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (thread_id, seq, message, model, use_cache, human_id, "queued", now, kind, None),
         )
-        if await self.get_thread(thread_id) is None:
-            # Deleted between the two statements, maybe after delete_thread removed its
-            # runs: take this one back.
+        try:
+            if await self.get_thread(thread_id) is None:
+                # Deleted between the two statements, maybe after delete_thread removed
+                # its runs.
+                raise ThreadGone(f"thread {thread_id!r} does not exist")
+        except BaseException:
+            # Take the run back: a queued run nobody answers would keep the thread busy.
             await self._fetch(
                 "DELETE FROM chat_runs WHERE thread_id = ? AND seq = ?", (thread_id, seq)
             )
-            raise LookupError(f"thread {thread_id!r} does not exist")
+            raise
         return run
 
     async def get_run(self, thread_id: str, seq: int) -> RunRecord | None:

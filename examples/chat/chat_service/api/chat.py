@@ -25,7 +25,7 @@ from ..events import PRODUCER_LOST, ChatEvents, Mapper, run_dropped, run_error, 
 from ..runs import QueueUnavailable, Submitted, ThreadBusy
 from ..runtime import Runtime
 from ..settings import Settings
-from ..threads import MAX_RUN_SEQ, RunKind, RunRecord
+from ..threads import MAX_RUN_SEQ, RunKind, RunRecord, ThreadGone
 from .deps import OwnedThread, RuntimeDep, check_model, find_thread, writable
 from .errors import ApiError, storable
 from .views import ChatMessage, Regenerate, stream_url, title_for
@@ -146,7 +146,7 @@ async def submit(request: Request, runtime: Runtime, body: ChatMessage) -> Submi
         raise ApiError(
             409, "nothing_to_retry", "this thread has no message to answer again"
         ) from None
-    except LookupError:  # deleted as the message came in
+    except ThreadGone:  # deleted as the message came in
         raise ApiError(404, "thread_not_found", f"no thread {thread.id!r}") from None
     return submitted
 
