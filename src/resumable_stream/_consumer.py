@@ -84,11 +84,13 @@ class StreamConsumer:
     the run: ``StreamConsumer(transport, run.stream_id, epoch=run.epoch)`` reads the run
     just started by :meth:`StreamProducer.start` from its first event, and raises
     :class:`OffsetExpired` rather than serve a later run that replaced it meanwhile (a
-    stream id used for run after run, such as a chat's). Iteration follows the stream live and stops
-    after its terminal event (``end``, ``error`` or ``cancelled``). Raises
-    :class:`StreamNotFound` for an unknown stream and :class:`OffsetExpired` when the events
-    after ``after`` are no longer all retained, or when the storage lost events this reader
-    had already received; nothing is skipped and nothing ends silently.
+    stream id used for run after run, such as a chat's).
+
+    Iteration follows the stream live and stops after its terminal event (``end``,
+    ``error`` or ``cancelled``). Raises :class:`StreamNotFound` for an unknown stream and
+    :class:`OffsetExpired` when the events after ``after`` are no longer all retained, or
+    when the storage lost events this reader had already received; nothing is skipped and
+    nothing ends silently.
 
     ``page_size`` is the number of entries read from storage at once when replaying; they
     are kept encoded and decoded one at a time, and the consumer yields to the event loop

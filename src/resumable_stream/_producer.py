@@ -747,7 +747,8 @@ class StreamProducer:
     * ``write_retry_budget``: seconds a write failing with a transient
       :class:`TransportError` is retried; None takes the transport's
       ``write_retry_budget`` (every Redis transport suggests 30 s, which covers a Sentinel
-      or Cluster failover), else 5 s. :class:`BackendRefused` is never retried.
+      or Cluster failover), else 5 s. :class:`BackendRefused` and :class:`TransportClosed`
+      are never retried.
     * ``rollback_window``: recent entries kept to write again if the storage loses them
       (a failover to a lagging replica); past it the run ends with ``storage_rollback``.
     """

@@ -207,7 +207,7 @@ class _RunParts(StreamConsumer):
     """The events of run ``epoch`` of a thread's stream (after ``after``); none once a
     later run of the thread replaced it: that run is over, not lost."""
 
-    def __init__(self, transport: Transport, stream_id: str, epoch: int, after: str | None):
+    def __init__(self, transport: Transport, stream_id: str, epoch: int, after: str | None) -> None:
         super().__init__(transport, stream_id, after=after, epoch=epoch)
         self._run_epoch = epoch
         self._first = True
