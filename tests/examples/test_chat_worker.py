@@ -10,6 +10,7 @@ answered; an answer no worker starts in time ends with `not_started`.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 
 import pytest
@@ -142,6 +143,12 @@ def test_an_answer_no_worker_starts_in_time_ends_with_not_started(
         status, events = read_sse(client, queued["stream_url"])
         failed = eventually(lambda: settled(client, thread_id), what="the run failed")
         listed = client.get("/v1/threads").json()["threads"]
+        # The same through the AI SDK endpoint: its reader records the run as failed too
+        # (it was left queued, and the thread busy, before).
+        chat_id = uuid.uuid4().hex[:16]
+        message = {"id": "m1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}
+        ui = client.post("/api/chat", json={"id": chat_id, "messages": [message]})
+        ui_failed = eventually(lambda: settled(client, chat_id), what="the AI SDK run failed")
 
         # A worker that comes later skips the stale task, and answers the next message.
         worker = chat_servers("worker", **env)
@@ -160,6 +167,8 @@ def test_an_answer_no_worker_starts_in_time_ends_with_not_started(
     assert "no worker started" in error["message"]
     assert failed["last_error"] == {"run": queued["run"], "code": "not_started"}
     assert [t["streaming"] for t in listed] == [False]
+    assert '"type":"error"' in ui.text and "start timeout" in ui.text
+    assert ui_failed["last_error"] == {"run": 1, "code": "not_started"}
     assert terminal(answer) == {"type": "end"}
     assert "84" in answer_text(answer)
     assert skipped

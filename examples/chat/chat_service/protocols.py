@@ -34,7 +34,7 @@ from resumable_stream.langgraph_api import LangGraphAction, LangGraphRouter, Thr
 from resumable_stream.starlette import error_response
 
 from .answers import NothingToRetry
-from .api.chat import checked_message, waiter
+from .api.chat import checked_message, settler, waiter
 from .api.errors import ApiError
 from .api.views import title_for
 from .auth import current_user
@@ -96,6 +96,7 @@ def _answer(request: Request, run: RunRecord) -> Response:
         run.stream_id,
         lambda event: event,
         ready=waiter(runtime, run),  # as the chat API: failed runs end with their error
+        on_terminal=settler(runtime, run),  # and a run nobody recorded is recorded
     )
     return UIMessageStreamResponse(events, request)
 

@@ -177,6 +177,18 @@ def waiter(runtime: Runtime, run: RunRecord) -> Callable[[], Awaitable[Event | N
     return ready
 
 
+def settler(runtime: Runtime, run: RunRecord) -> Callable[[Event], Awaitable[None]]:
+    """``on_terminal`` for ChatEvents: a reader that sees the end of a run no process
+    recorded (its writer died, or no worker started it) records it, so the thread is not
+    left answering."""
+
+    async def on_terminal(event: Event) -> None:
+        if run.state in ("queued", "started"):
+            await runtime.runs.settle_from_reader(run, event)
+
+    return on_terminal
+
+
 async def stream_response(
     request: Request,
     runtime: Runtime,
@@ -188,11 +200,6 @@ async def stream_response(
     prelude: list[Event] | None = None,
 ) -> Response:
     """The answer of ``run`` as SSE or NDJSON, its events renamed by ``mapper``."""
-
-    async def on_terminal(event: Event) -> None:
-        if run.state in ("queued", "started"):
-            await runtime.runs.settle_from_reader(run, event)
-
     try:
         events = ChatEvents(
             runtime.transport,
@@ -201,7 +208,7 @@ async def stream_response(
             after=after,
             prelude=prelude,
             ready=waiter(runtime, run),
-            on_terminal=on_terminal,
+            on_terminal=settler(runtime, run),
         )
     except ResumableStreamError as exc:
         return await error_response(request, exc)
