@@ -3,6 +3,7 @@ stream events to the chat API's names, session signing, and CORS."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -193,6 +194,37 @@ async def test_a_run_whose_recording_fails_after_its_insert_is_taken_back(tmp_pa
         with pytest.raises(OSError, match="disk I/O error"):
             await store.add_run(thread.id, message="m", model="x", use_cache=False, human_id="h")
         store.get_thread = get_thread  # type: ignore[method-assign]
+        assert await store.runs(thread.id, "queued") == []
+    finally:
+        await store.aclose()
+
+
+async def test_a_run_cancelled_as_it_is_inserted_is_taken_back(tmp_path: Path) -> None:
+    # Regression: cancelled in its INSERT (a shutdown), the statement still ran on the
+    # database's thread and the run stayed queued, the thread busy.
+    from chat_service.threads import SqliteThreadStore
+
+    store = SqliteThreadStore(tmp_path / "chat.db")
+    await store.setup()
+    thread = await store.create_thread("u", "t")
+    fetch = store._fetch
+    inserting = asyncio.Event()
+
+    async def noting(sql: str, params: Any = ()) -> list[Any]:
+        if sql.startswith("INSERT INTO chat_runs"):
+            inserting.set()
+        return await fetch(sql, params)
+
+    store._fetch = noting  # type: ignore[method-assign]
+    try:
+        adding = asyncio.ensure_future(
+            store.add_run(thread.id, message="m", model="x", use_cache=False, human_id="h")
+        )
+        await inserting.wait()
+        adding.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await adding
+        # Statements run one at a time, in order, on the connection's thread.
         assert await store.runs(thread.id, "queued") == []
     finally:
         await store.aclose()

@@ -244,17 +244,18 @@ class ThreadStore(ABC):
             raise ThreadGone(f"thread {thread_id!r} does not exist")
         seq = rows[0][0]
         run = RunRecord(thread_id, seq, message, model, use_cache, human_id, "queued", now, kind)
-        await self._fetch(
-            f"INSERT INTO chat_runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (thread_id, seq, message, model, use_cache, human_id, "queued", now, kind, None),
-        )
         try:
+            await self._fetch(
+                f"INSERT INTO chat_runs ({_RUN_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (thread_id, seq, message, model, use_cache, human_id, "queued", now, kind, None),
+            )
             if await self.get_thread(thread_id) is None:
                 # Deleted between the two statements, maybe after delete_thread removed
                 # its runs.
                 raise ThreadGone(f"thread {thread_id!r} does not exist")
         except BaseException:
-            # Take the run back: a queued run nobody answers would keep the thread busy.
+            # Take the run back (if the INSERT got through, even cancelled: its statement
+            # may have run anyway): a queued run nobody answers would keep the thread busy.
             await self._fetch(
                 "DELETE FROM chat_runs WHERE thread_id = ? AND seq = ?", (thread_id, seq)
             )
