@@ -127,6 +127,8 @@ async def test_http_errors_are_json_with_codes() -> None:
             (await http.get(f"{runs}/not-a-uuid"), 404, "run_not_found"),
             (await http.get(f"{runs}/{uuid.uuid4()}/stream"), 404, "run_not_found"),
             (await http.post("/threads", json={"thread_id": "bad id!"}), 400, "invalid_stream_id"),
+            # Regression: an empty id made a thread no URL could reach (200).
+            (await http.post("/threads", json={"thread_id": ""}), 422, "invalid_request"),
             # Regressions: a checkpoint id that is not a string reached the checkpointer (500);
             # the router's own routing errors were plain text.
             (

@@ -424,8 +424,9 @@ class LangGraphRouter:
         metadata = body.get("metadata")
         if not isinstance(metadata, dict):
             metadata = {}
-        if thread_id is not None and not isinstance(thread_id, str):
-            raise _bad("'thread_id' must be a string")
+        if thread_id is not None and (not isinstance(thread_id, str) or not thread_id):
+            # (An empty id makes a thread no /threads/{thread_id} URL can name.)
+            raise _bad("'thread_id' must be a non-empty string")
         if self.create_thread is not None:
             thread_id = await self.create_thread(request, thread_id, metadata)
         elif thread_id is None:
@@ -608,7 +609,8 @@ class LangGraphRouter:
 
     async def get_run(self, request: Request) -> Response:
         """``GET .../runs/{run_id}``: ``pending``, ``running``, ``success``, ``error`` or
-        ``interrupted``."""
+        ``interrupted``. Only the thread's latest run has its outcome kept: an earlier one,
+        replaced by a later run, reads as ``success``."""
         thread_id, _, run_id, epoch, info = await self._run_info(request, "read")
         status = "success"
         if info.epoch == epoch:
