@@ -664,3 +664,19 @@ async def test_the_terminal_event_is_written_once_the_source_has_closed() -> Non
     gated.release.set()
     assert await asyncio.wait_for(run.wait(), timeout=10) == "completed"
     assert gated.seen == ["running"]
+
+
+async def test_a_run_cancelled_before_its_pump_starts_ends_cancelled() -> None:
+    # Regression: a cancel after start() returned, once the run's task had made the task
+    # reading the source but before that task's first step, cancelled a coroutine that
+    # never ran: no terminal event, and run.cancel(), its readers and producer.aclose()
+    # waited for ever (the heartbeat kept the lease alive).
+    transport = MemoryTransport()
+    producer = StreamProducer(transport)
+    run = await producer.start(tokens(5), stream_id="early")
+    # In a task: it runs after the run's own first step, before the pump's.
+    status = await asyncio.wait_for(asyncio.ensure_future(run.cancel()), timeout=10)
+    events = await asyncio.wait_for(collect(transport, "early"), timeout=10)
+    assert status == "cancelled"
+    assert [e.type for e in events] == ["cancelled"]
+    await asyncio.wait_for(producer.aclose(), timeout=10)

@@ -185,6 +185,9 @@ class Run:
         self._clock = time.monotonic
         self._written_at = -COALESCE_GAP  # time.monotonic() of the last entry written
         self._pump: asyncio.Task[None] | None = None
+        # The pump has taken its first step (_read_source): a task cancelled before that
+        # never runs its coroutine, so it would set no terminal event.
+        self._pumping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._renewing = False  # a renewal of the lease is under way (StreamProducer)
         self._unwatch: Callable[[], None] = _nothing  # ends the cancel watch
@@ -236,8 +239,9 @@ class Run:
                 # the terminal event it was ending with, should the clean-up take long.
                 if self._closing_with is not None:
                     self._end(self._closing_with)
-            elif self._pump is not None and not self._pump.done():
+            elif self._pumping and self._pump is not None and not self._pump.done():
                 self._pump.cancel()
+            # Else the pump has not started: it sees _cancel_reason at its first step.
 
     def _stopping(self) -> bool:
         """The run's task group is stopping its tasks: a task failed (_fail), or the run's
@@ -346,8 +350,9 @@ class Run:
         sizes = self._sizes
         encoder = self._encoder
         terminal: Item | None = (END, {})
+        self._pumping = True
         try:
-            if self._cancel_reason is not None:  # cancelled before the run started
+            if self._cancel_reason is not None:  # cancelled before the pump started
                 raise asyncio.CancelledError
             async for item in source:
                 buffered = len(buffer)

@@ -213,6 +213,15 @@ class TransportContract:
         rest = StreamConsumer(transport, "pinned", after=events[3].offset, epoch=second.epoch)
         assert await collect_from(rest) == events[4:]
 
+    async def test_a_run_cancelled_as_it_starts_ends_cancelled(self, transport: Transport) -> None:
+        producer = StreamProducer(transport)
+        run = await producer.start(tokens(5), stream_id="early")
+        # In a task: between the run's first step and that of the task reading the source.
+        status = await asyncio.wait_for(asyncio.ensure_future(run.cancel()), timeout=10)
+        events = await asyncio.wait_for(collect(transport, "early"), timeout=10)
+        assert (status, [e.type for e in events]) == ("cancelled", ["cancelled"])
+        await asyncio.wait_for(producer.aclose(), timeout=10)
+
     async def test_second_start_on_a_live_id_is_refused(
         self, transport: Transport, peer_transport: Transport
     ) -> None:
