@@ -339,3 +339,28 @@ async def test_a_reader_past_the_end_subscribes_at_what_is_stored_then_where_it_
 def test_an_epoch_that_no_run_has_is_refused(epoch: object) -> None:
     with pytest.raises(ConfigurationError, match="epoch must be"):
         StreamConsumer(MemoryTransport(), "s", epoch=epoch)  # type: ignore[arg-type]
+
+
+async def test_a_consumer_read_from_two_tasks_refuses_the_second_not_hangs_the_first() -> None:
+    # Regression: the second task's wait replaced the first's, which then waited for ever
+    # (the stream had ended).
+    gate = asyncio.Event()
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(tokens(4, pause=gate), stream_id="two")
+    consumer = StreamConsumer(transport, "two")
+
+    async def read() -> list[str]:
+        return [event.type async for event in consumer]
+
+    first = asyncio.ensure_future(read())
+
+    async def waits_live() -> bool:
+        subscription = consumer._subscription
+        return isinstance(subscription, QueueSubscription) and subscription._waiter is not None
+
+    await eventually(waits_live)
+    with pytest.raises(RuntimeError, match="one task at a time"):
+        await asyncio.wait_for(read(), timeout=10)
+    gate.set()
+    assert await asyncio.wait_for(first, timeout=10) == ["token"] * 4 + ["end"]
+    assert await run.wait() == "completed"

@@ -123,6 +123,12 @@ class QueueSubscription(Subscription):
 
     async def get(self, max_wait: float) -> list[Entry]:
         if not self._entries:
+            if self._waiter is not None:
+                # A second waiter would replace the first, which then waits for ever.
+                raise RuntimeError(
+                    "this live subscription is already awaited: read a StreamConsumer from "
+                    "one task at a time"
+                )
             if self._woken:
                 self._woken = False
                 self.woke = True
