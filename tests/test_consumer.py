@@ -364,3 +364,15 @@ async def test_a_consumer_read_from_two_tasks_refuses_the_second_not_hangs_the_f
     gate.set()
     assert await asyncio.wait_for(first, timeout=10) == ["token"] * 4 + ["end"]
     assert await run.wait() == "completed"
+
+
+def test_offsets_and_page_sizes_of_the_wrong_type_are_typed_errors() -> None:
+    # Regression: an int offset was an AttributeError, a float or None page size a
+    # TypeError (the float only once reading began).
+    from resumable_stream import InvalidOffset
+
+    with pytest.raises(InvalidOffset, match="a string"):
+        StreamConsumer(MemoryTransport(), "s", after=5)  # type: ignore[arg-type]
+    for size in (1.5, None, 0, True):
+        with pytest.raises(ConfigurationError, match="page_size"):
+            StreamConsumer(MemoryTransport(), "s", page_size=size)  # type: ignore[arg-type]

@@ -101,6 +101,12 @@ async def test_reservations_are_checked(transport: Transport) -> None:
         await producer.start(tokens(1), stream_id="job-2")
     with pytest.raises(ConfigurationError):
         await producer.reserve(start_timeout=0)
+    # Regression: infinity made the stream, then failed (OverflowError), leaving it behind;
+    # other types were TypeErrors.
+    for bad in (float("inf"), float("nan"), "5", None, True):
+        with pytest.raises(ConfigurationError, match="start_timeout"):
+            await producer.reserve("job-bad", start_timeout=bad)  # type: ignore[arg-type]
+    assert await transport.info("job-bad") is None
     with pytest.raises(ValueError, match="different streams"):
         await producer.start(tokens(1), stream_id="other", reservation=reservation)
     for text in ("", "x:y", ":token:job", "12::job"):

@@ -62,6 +62,8 @@ def format_offset(epoch: int, seq: int, index: int) -> str:
 
 def parse_offset(offset: str) -> Position:
     """Parse an offset string; raise :class:`InvalidOffset` if it is malformed."""
+    if not isinstance(offset, str):
+        raise InvalidOffset(f"an offset is a string such as an event's offset, not {offset!r}")
     parts = offset.split("-")
     if len(parts) != 3 or not all(p.isdigit() and p.isascii() and len(p) <= 20 for p in parts):
         raise InvalidOffset(

@@ -111,8 +111,8 @@ class StreamConsumer:
         epoch: int | None = None,
         page_size: int = DEFAULT_PAGE_SIZE,
     ) -> None:
-        if page_size < 1:
-            raise ConfigurationError("page_size must be at least 1")
+        if type(page_size) is not int or page_size < 1:
+            raise ConfigurationError(f"page_size must be an int >= 1, not {page_size!r}")
         if epoch is not None and (type(epoch) is not int or epoch < 1):
             raise ConfigurationError(f"epoch must be a run's epoch (an int >= 1), not {epoch!r}")
         self.stream_id = check_stream_id(stream_id)

@@ -8,6 +8,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
@@ -887,8 +888,15 @@ class StreamProducer:
         returned :class:`Reservation` with the task (``str(reservation)`` or
         ``reservation.to_dict()``). Raises :class:`StreamAlreadyRunning` like :meth:`start`.
         """
-        if not start_timeout >= 0.1:
-            raise ConfigurationError("start_timeout must be at least 0.1 seconds")
+        # Checked before the stream is made: a bad value must not leave one behind.
+        if (
+            type(start_timeout) not in (int, float)
+            or not math.isfinite(start_timeout)
+            or start_timeout < 0.1
+        ):
+            raise ConfigurationError(
+                f"start_timeout must be a finite number of seconds >= 0.1, not {start_timeout!r}"
+            )
         stream_id = new_stream_id() if stream_id is None else check_stream_id(stream_id)
         token = secrets.token_hex(16)
         # Created with this producer's lease, which sets the pace at which readers check
