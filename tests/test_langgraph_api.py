@@ -421,23 +421,30 @@ async def test_thread_info_gives_the_apps_thread_record() -> None:
     await api.producer.aclose()
 
 
-async def test_a_run_streamed_is_never_a_later_run_of_its_thread() -> None:
-    # Regression: the response read the thread's stream from whatever run it held at its
-    # first read, so a run that ended and was replaced in between served the later run.
+async def later_run() -> AsyncIterator[Any]:
+    """The source of a run that replaces another on its thread's stream."""
+    yield ("custom", {"later": True})
+
+
+def answering_router(thread_id: str) -> tuple[MemoryTransport, Any]:
+    """A LangGraphRouter whose agent answers on thread ``thread_id`` at once."""
     from langgraph.checkpoint.memory import InMemorySaver
 
     from resumable_stream.langgraph_api import LangGraphRouter
-    from tests._helpers import Later, ended, eventually
-
-    async def later_run() -> AsyncIterator[Any]:
-        yield ("custom", {"later": True})
 
     released = asyncio.Event()
     released.set()
     transport = MemoryTransport()
-    api = LangGraphRouter(
-        transport, {"agent": build_graph({"t9": released}, InMemorySaver())}, authorize=allow_all
-    )
+    graphs = {"agent": build_graph({thread_id: released}, InMemorySaver())}
+    return transport, LangGraphRouter(transport, graphs, authorize=allow_all)
+
+
+async def test_a_run_streamed_is_never_a_later_run_of_its_thread() -> None:
+    # Regression: the response read the thread's stream from whatever run it held at its
+    # first read, so a run that ended and was replaced in between served the later run.
+    from tests._helpers import Later, ended, eventually
+
+    transport, api = answering_router("t9")
     body = {"assistant_id": "agent", "input": {"messages": [("user", "x")]}}
     later = Later("/threads/t9/runs/stream", orjson.dumps(body), {"thread_id": "t9"})
     response = await api.stream_run(later.request())
@@ -455,22 +462,12 @@ async def test_a_run_joined_then_replaced_is_over_not_an_error(last_event_id: st
     # thread replaced it: an empty stream (the run is over), as when the join comes after
     # the replacement; not a 404/410, and never the later run's parts.
     import httpx
-    from langgraph.checkpoint.memory import InMemorySaver
     from starlette.applications import Starlette
     from starlette.routing import Mount
 
-    from resumable_stream.langgraph_api import LangGraphRouter
     from tests._helpers import Later, ended, eventually
 
-    async def later_run() -> AsyncIterator[Any]:
-        yield ("custom", {"later": True})
-
-    released = asyncio.Event()
-    released.set()
-    transport = MemoryTransport()
-    api = LangGraphRouter(
-        transport, {"agent": build_graph({"t8": released}, InMemorySaver())}, authorize=allow_all
-    )
+    transport, api = answering_router("t8")
     app = Starlette(routes=[Mount("/lg", api)])
     body = {"assistant_id": "agent", "input": {"messages": [("user", "x")]}}
     async with httpx.AsyncClient(
