@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -21,6 +21,7 @@ from redis.crc import key_slot
 
 from resumable_stream import (
     LeaseLost,
+    OffsetExpired,
     ResumableStreamError,
     StreamAlreadyRunning,
     StreamConsumer,
@@ -170,6 +171,51 @@ async def test_every_key_has_an_expiry(
     assert all(ttl > 0 for ttl in done.values()), done
     retention_ms = transport.retention * 1000
     assert all(ttl <= retention_ms for key, ttl in done.items() if key.endswith(b":events"))
+
+
+async def test_a_reservation_outlasting_running_ttl_keeps_its_entries(
+    redis_url: str, admin: aioredis.Redis, prefix: str
+) -> None:
+    # A start_timeout longer than running_ttl renewed the lease, not the data: the first
+    # entry expired under the reservation, and the worker's first append made the key
+    # again with no expiry.
+    async with RedisTransport.from_url(redis_url, prefix=prefix, running_ttl=1) as transport:
+        await StreamProducer(transport).reserve("queued", start_timeout=30)
+        ttls = await _ttls(admin, prefix)
+        assert len(ttls) == 3 and all(ttl > 25_000 for ttl in ttls.values()), ttls
+
+
+async def test_an_entries_key_gone_under_a_live_run_is_made_again_with_an_expiry(
+    transport: RedisTransport, admin: aioredis.Redis, prefix: str
+) -> None:
+    first, second = asyncio.Event(), asyncio.Event()
+
+    async def source() -> AsyncIterator[str]:
+        yield "a"
+        await first.wait()
+        yield "b"
+        await second.wait()
+        yield "c"
+
+    # A long lease: no heartbeat renews the keys' expiries during the test.
+    run = await StreamProducer(transport, lease=60).start(source(), stream_id="evicted")
+    meta, events = f"{prefix}:{{evicted}}:meta", f"{prefix}:{{evicted}}:events"
+
+    def written(seq: int) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return int(await admin.hget(meta, "last") or 0) >= seq
+
+        return check
+
+    await eventually(written(1))
+    assert await admin.delete(events) == 1  # as maxmemory eviction would
+    first.set()
+    await eventually(written(2))
+    assert await admin.pttl(events) > 0
+    second.set()
+    assert await run.wait() == "completed"
+    with pytest.raises(OffsetExpired):  # entry 1 is lost, and readers are told so
+        await collect(transport, "evicted")
 
 
 async def _notice_channels(admin: aioredis.Redis, prefix: str) -> list[bytes]:

@@ -30,7 +30,7 @@ epoch = string.format('%.0f', epoch)
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('HSET', KEYS[1], 'epoch', epoch, 'status', 'running', 'owner', ARGV[1],
   'lease_ms', ARGV[2], 'created', ARGV[3], 'updated', ARGV[3], 'last', 0, 'count', 0)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], longer(ARGV[4], ARGV[2]))
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
 return epoch
 """
@@ -49,10 +49,10 @@ if m[3] ~= 'running' then return -1 end
 -- A seq past last + 1: the storage lost acknowledged entries (a failover to a lagging
 -- replica). Write nothing; report where the storage ends (issue 8, part 4).
 if tonumber(ARGV[3]) > last + 1 then return {m[2]} end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[8], ARGV[2] .. '-' .. ARGV[3], 'e', ARGV[4])
+local made = add_entry(ARGV[3], ARGV[8], ARGV[2] .. '-' .. ARGV[3], ARGV[4])
 if ARGV[7] == '' then
   redis.call('HSET', KEYS[1], 'last', ARGV[3], 'count', ARGV[5], 'updated', ARGV[6])
-  if ARGV[3] == '1' then redis.call('PEXPIRE', KEYS[2], ARGV[9]) end
+  if made then redis.call('PEXPIRE', KEYS[2], ARGV[9]) end
 else
   redis.call('HSET', KEYS[1], 'last', ARGV[3], 'count', ARGV[5], 'updated', ARGV[6],
     'status', ARGV[7])
@@ -66,13 +66,15 @@ redis.call('SPUBLISH', NOTICES, id)
 return 1
 """
 
+# The data of a running stream expires no sooner than its lease: a lease longer than
+# running_ttl (a reservation's start_timeout) must not see its entries expire under it.
 # ARGV: owner, lease_ms, running_ttl_ms, metadata running_ttl_ms (plus the tombstone)
 RENEW = """
 local m = redis.call('HMGET', KEYS[1], 'owner', 'status', 'cancel')
 if m[1] ~= ARGV[1] or m[2] ~= 'running' then return -1 end
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], longer(ARGV[4], ARGV[2]))
+redis.call('PEXPIRE', KEYS[2], longer(ARGV[3], ARGV[2]))
 if m[3] then return 1 end
 return 0
 """
@@ -130,9 +132,10 @@ if written >= tonumber(ARGV[3]) then
 end
 if m[3] ~= 'running' then return -1 end
 if tonumber(ARGV[3]) > written + 1 then return {string.format('%.0f', written)} end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], ARGV[2] .. '-' .. ARGV[3], 'e', ARGV[4])
+if add_entry(ARGV[3], ARGV[5], ARGV[2] .. '-' .. ARGV[3], ARGV[4]) then
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+end
 redis.call('HSET', KEYS[1], 'written', ARGV[3])
-if ARGV[3] == '1' then redis.call('PEXPIRE', KEYS[2], ARGV[6]) end
 return 1
 """
 
@@ -163,6 +166,32 @@ if not last or tonumber(last) <= tonumber(ARGV[2]) then return {} end
 return redis.call('XRANGE', KEYS[2], ARGV[1] .. '-' .. string.format('%.0f', ARGV[2] + 1),
   ARGV[1] .. '-' .. last, 'COUNT', ARGV[3])
 """
+
+
+# Functions put in front of the scripts that call them.
+_LONGER = """
+local function longer(a, b)  -- the longer of two durations in ms, as given
+  if tonumber(a) >= tonumber(b) then return a end
+  return b
+end
+"""
+
+# XADD entry seq of the stream; true when that made the key, which then needs its expiry.
+# After the first entry, NOMKSTREAM: a key gone under a live run (evicted, or expired
+# while its producer stalled) is made again with an expiry, not left without one.
+_ADD_ENTRY = """
+local function add_entry(seq, max_entries, id, payload)
+  if seq ~= '1' and redis.call('XADD', KEYS[2], 'NOMKSTREAM', 'MAXLEN', '~', max_entries,
+      id, 'e', payload) then
+    return false
+  end
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', max_entries, id, 'e', payload)
+  return true
+end
+"""
+
+CREATE, RENEW = _LONGER + CREATE, _LONGER + RENEW
+APPEND, HOLD = _ADD_ENTRY + APPEND, _ADD_ENTRY + HOLD
 
 
 def _channels(script: str) -> str:
