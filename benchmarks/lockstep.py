@@ -6,6 +6,7 @@ the producer's post, the reader's live wait). Run as::
 
     python -m benchmarks.lockstep                      # CPU per token, each backend
     python -m benchmarks.lockstep --instructions       # instructions per token (valgrind)
+    python -m benchmarks.lockstep --metrics            # with metrics recorded (OpenTelemetry SDK)
 
 Backends: ``pass`` (the in-process pass-through of scenario 2b), ``memory`` and ``redis``
 (the library on ``memory://`` and on a redis-server started here), ``floor`` (the minimal
@@ -15,6 +16,9 @@ and subtracts (start-up cancels out), which gives the same count from run to run
 about 1% on Redis and 0.1% on memory: how changes to the hot path are compared. Lock-step
 batches what paced runs do not (every stream's token in one loop turn, one socket write),
 so its figures are below scenario 2b's; compare backends and versions, not scenarios.
+``--metrics`` records the library's metrics on an OpenTelemetry SDK ``MeterProvider``
+with an in-memory reader, as a service exporting them does (the reference chat service
+serves them to Prometheus); without it they go to OpenTelemetry's no-op global provider.
 """
 
 from __future__ import annotations
@@ -82,6 +86,16 @@ async def _lockstep(backend: _Backend, streams: int, ticks: int) -> float:
     return cpu / (streams * (ticks - _WARM_UP))
 
 
+def record_metrics() -> None:
+    """Record the library's metrics on an SDK provider, as a service exporting them does."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from resumable_stream import telemetry
+
+    telemetry.configure(meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]))
+
+
 def run(backend: str, streams: int, ticks: int, redis_url: str) -> float:
     """One lock-step run: CPU seconds per token."""
     url = {"pass": None, "memory": "memory://"}.get(backend, redis_url)
@@ -95,7 +109,9 @@ def run(backend: str, streams: int, ticks: int, redis_url: str) -> float:
         return runner.run(main())
 
 
-def instructions(backend: str, streams: int, ticks: int, redis_url: str) -> float:
+def instructions(
+    backend: str, streams: int, ticks: int, redis_url: str, metrics: bool = False
+) -> float:
     """Instructions per token under callgrind: a run of ``ticks`` ticks minus one of
     ``_WARM_UP + 20`` (what both share, start-up and warm-up, cancels out)."""
     counts = []
@@ -110,6 +126,8 @@ def instructions(backend: str, streams: int, ticks: int, redis_url: str) -> floa
         ]  # fmt: skip
         if redis_url:
             command += ["--redis-url", redis_url]
+        if metrics:
+            command.append("--metrics")
         # (A fixed hash seed: set and dict orders, and so the counts, repeat.)
         environment = {**os.environ, "PYTHONHASHSEED": "0"}
         done = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
@@ -128,7 +146,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="runs per backend (CPU)")
     parser.add_argument("--instructions", action="store_true", help="count under valgrind")
     parser.add_argument("--redis-url", help="a redis-server to use (default: start one)")
+    parser.add_argument("--metrics", action="store_true", help="record metrics (OpenTelemetry SDK)")
     args = parser.parse_args(argv)
+    if args.metrics and not args.instructions:
+        record_metrics()
     if args.ticks <= _WARM_UP + (20 if args.instructions else 0):
         parser.error(f"--ticks must be above {_WARM_UP + (20 if args.instructions else 0)}")
     backends = args.backend or list(BACKENDS)
@@ -140,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             url = server.url
         for backend in backends:
             if args.instructions:
-                count = instructions(backend, args.streams, args.ticks, url or "")
+                count = instructions(backend, args.streams, args.ticks, url or "", args.metrics)
                 print(f"{backend:7s} {count:10,.0f} instructions per token", flush=True)
                 continue
             cpu = [run(backend, args.streams, args.ticks, url or "") for _ in range(args.rounds)]

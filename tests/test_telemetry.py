@@ -11,7 +11,7 @@ import contextlib
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -37,16 +37,32 @@ from resumable_stream.transports.redis import RedisTransport
 from tests._helpers import collect, eventually, tokens
 from tests._services import RedisServer
 
+Points = dict[tuple[tuple[str, Any], ...], Any]
+
 
 @dataclass
 class Recorded:
+    """What the library recorded since the fixture began.
+
+    The counters of entries and events are the process's totals (observable counters), so
+    their values when the fixture began are subtracted.
+    """
+
+    provider: MeterProvider
     reader: InMemoryMetricReader
     spans: InMemorySpanExporter
     tracer: trace.Tracer
+    before: dict[str, Points] = field(default_factory=dict)
 
-    def points(self, name: str) -> dict[tuple[tuple[str, Any], ...], Any]:
+    def points(self, name: str) -> Points:
         """The data points of metric ``name`` (values, or histogram counts), by attributes."""
-        found: dict[tuple[tuple[str, Any], ...], Any] = {}
+        found = self._read(name)
+        for key, value in self.before.get(name, {}).items():
+            found[key] = found.get(key, 0) - value
+        return found
+
+    def _read(self, name: str) -> Points:
+        found: Points = {}
         data = self.reader.get_metrics_data()
         for resource in data.resource_metrics if data is not None else ():
             for scope in resource.scope_metrics:
@@ -61,16 +77,24 @@ class Recorded:
         return self.points(name).get(tuple(sorted(attributes.items())), 0)
 
 
+PROCESS_TOTALS = (
+    "resumable_stream.events.appended",
+    "resumable_stream.entries.appended",
+    "resumable_stream.events.delivered",
+)
+
+
 @pytest.fixture
 def recorded() -> Iterator[Recorded]:
     reader = InMemoryMetricReader()
     spans = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    telemetry.configure(
-        meter_provider=MeterProvider(metric_readers=[reader]), tracer_provider=tracer_provider
-    )
-    yield Recorded(reader, spans, tracer_provider.get_tracer("tests"))
+    provider = MeterProvider(metric_readers=[reader])
+    telemetry.configure(meter_provider=provider, tracer_provider=tracer_provider)
+    recorded = Recorded(provider, reader, spans, tracer_provider.get_tracer("tests"))
+    recorded.before = {name: recorded._read(name) for name in PROCESS_TOTALS}
+    yield recorded
     telemetry.configure()  # back to the global (no-op) providers
 
 
@@ -93,7 +117,8 @@ async def test_a_run_and_its_readers_are_counted(transport: Transport, recorded:
     assert recorded.points("resumable_stream.runs.ended") == {(("status", "completed"),): 1}
     assert recorded.value("resumable_stream.events.appended") == len(events) == 301
     assert recorded.value("resumable_stream.entries.appended") == info.last_seq
-    assert recorded.value("resumable_stream.append.duration") == info.last_seq  # one per entry
+    # Sampled: every entry's append, but for those that ended within 10 ms of another's.
+    assert 1 <= recorded.value("resumable_stream.append.duration") <= info.last_seq
     assert recorded.value("resumable_stream.consumers.live") == 0
     assert recorded.value("resumable_stream.events.delivered") == 301
     assert recorded.value("resumable_stream.resumes") == 0
@@ -235,3 +260,28 @@ def test_without_opentelemetry_everything_is_a_no_op() -> None:
         "ConfigurationError metrics and traces need OpenTelemetry: "
         "pip install 'resumable-llm-stream[otel]'",
     ]
+
+
+def test_append_durations_are_sampled_not_recorded_per_token(
+    recorded: Recorded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An SDK instrument costs several microseconds a call: a token must not pay for one.
+    now = telemetry.clock() + 1.0
+    monkeypatch.setattr(telemetry, "clock", lambda: now)
+    for _ in range(1000):  # paced tokens of many streams, appended within one instant
+        telemetry.appended(1, now - 0.002)
+        telemetry.delivered(1)
+    assert recorded.value("resumable_stream.append.duration") == 1
+    assert recorded.value("resumable_stream.entries.appended") == 1000
+    assert recorded.value("resumable_stream.events.appended") == 1000
+    assert recorded.value("resumable_stream.events.delivered") == 1000
+
+    # At a low rate, every append is recorded; configuring the same provider again
+    # changes nothing.
+    telemetry.configure(meter_provider=recorded.provider)
+    for _ in range(5):
+        now += 0.01
+        telemetry.appended(3, now - 0.001)
+    assert recorded.value("resumable_stream.append.duration") == 6
+    assert recorded.value("resumable_stream.entries.appended") == 1005
+    assert recorded.value("resumable_stream.events.appended") == 1015

@@ -13,7 +13,9 @@ Metrics (OpenTelemetry names; Prometheus turns the dots into underscores and add
   ``failed`` (the run could not write its terminal event);
 * ``resumable_stream.events.appended`` and ``resumable_stream.entries.appended`` (an entry is
   a batch of events written at once);
-* ``resumable_stream.append.duration`` (histogram, seconds): one append, retries included;
+* ``resumable_stream.append.duration`` (histogram, seconds): one append, retries included,
+  sampled: an append's duration is recorded unless another was in the last 10 ms (all of
+  them at up to a hundred appends a second, about a hundred a second above that);
 * ``resumable_stream.consumers.live`` (up-down counter): consumers following a stream live;
 * ``resumable_stream.events.delivered``: events handed to consumers;
 * ``resumable_stream.resumes``: consumers started after an offset (``after=``,
@@ -23,6 +25,11 @@ Metrics (OpenTelemetry names; Prometheus turns the dots into underscores and add
   producers and consumers;
 * ``resumable_stream.transport.reconnects`` by ``connection``: connections a transport
   re-established.
+
+The three counters of entries and events count in plain integers that OpenTelemetry reads
+when it collects (observable counters): they are the process's totals since it started,
+also on a provider configured later. Recording each token on an SDK instrument would cost
+more CPU than the library's own work on that token.
 
 The span of a run, ``resumable_stream.run``, lives as long as the run; it links to the span
 current when :meth:`~resumable_stream.StreamProducer.start` was called (the request that
@@ -45,14 +52,41 @@ if TYPE_CHECKING:
 __all__ = ["configure"]
 
 _SCOPE = "resumable_stream"
+_SAMPLE_GAP = 0.01  # seconds between two recorded append durations
 _APPEND_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 try:
     from opentelemetry import metrics as _otel_metrics
     from opentelemetry import trace as _otel_trace
+    from opentelemetry.metrics import Observation as _Observation
 except ImportError:  # the otel extra is not installed: every recording call is a no-op
     _otel_metrics = None  # type: ignore[assignment]
     _otel_trace = None  # type: ignore[assignment]
+
+
+class _Counts:
+    """What the library counts per entry and per event, since the process started."""
+
+    __slots__ = ("delivered", "entries", "events", "next_sample")
+
+    def __init__(self) -> None:
+        self.events = self.entries = self.delivered = 0
+        self.next_sample = 0.0  # when the next append's duration is recorded
+
+
+_counts = _Counts()
+
+
+def _observe_events(_: Any) -> list[Any]:
+    return [_Observation(_counts.events)]
+
+
+def _observe_entries(_: Any) -> list[Any]:
+    return [_Observation(_counts.entries)]
+
+
+def _observe_delivered(_: Any) -> list[Any]:
+    return [_Observation(_counts.delivered)]
 
 
 class _Instruments:
@@ -64,24 +98,39 @@ class _Instruments:
         counter = meter.create_counter
         self.runs_started = counter("resumable_stream.runs.started", "{run}", "Runs started")
         self.runs_ended = counter("resumable_stream.runs.ended", "{run}", "Runs ended, by status")
-        self.events_appended = counter(
-            "resumable_stream.events.appended", "{event}", "Events written to streams"
+        # Entries and events are tallied in plain integers (`_counts`) that OpenTelemetry
+        # reads when it collects: an SDK instrument's add() costs several microseconds, more
+        # than the library's own work on a token (docs/performance.md). The callbacks read
+        # the module's tallies, not this object's: a meter that already has these names
+        # (configure() twice with one provider) keeps the callbacks it was first given.
+        observe = meter.create_observable_counter
+        observe(
+            "resumable_stream.events.appended",
+            [_observe_events],
+            "{event}",
+            "Events written to streams",
         )
-        self.entries_appended = counter(
-            "resumable_stream.entries.appended", "{entry}", "Entries (batches) written"
+        observe(
+            "resumable_stream.entries.appended",
+            [_observe_entries],
+            "{entry}",
+            "Entries (batches) written",
         )
         self.append_duration = meter.create_histogram(
             "resumable_stream.append.duration",
             "s",
-            "Time of one append, retries included",
+            "Time of one append, retries included (sampled: at most one per 10 ms)",
             # Appends take about a millisecond; the SDK's default buckets are for milliseconds.
             explicit_bucket_boundaries_advisory=_APPEND_BUCKETS,
         )
         self.consumers_live = meter.create_up_down_counter(
             "resumable_stream.consumers.live", "{consumer}", "Consumers following a stream live"
         )
-        self.events_delivered = counter(
-            "resumable_stream.events.delivered", "{event}", "Events handed to consumers"
+        observe(
+            "resumable_stream.events.delivered",
+            [_observe_delivered],
+            "{event}",
+            "Events handed to consumers",
         )
         self.resumes = counter(
             "resumable_stream.resumes", "{consumer}", "Consumers started after an offset"
@@ -165,17 +214,24 @@ def run_started(run: Run, span: Any) -> None:
     run._task.add_done_callback(ended)
 
 
-def clock() -> float:
-    return time.perf_counter()
+clock = time.perf_counter
 
 
 def appended(events: int, began: float) -> None:
-    """Count one successful append of an entry of ``events`` events begun at ``began``."""
+    """Count one successful append of an entry of ``events`` events begun at ``began``.
+
+    Its duration is recorded if none was in the last ``_SAMPLE_GAP`` seconds: every append
+    at a low rate, about a hundred a second under load, whatever the number of tokens.
+    """
     i = _instruments
     if i is not None:
-        i.append_duration.record(time.perf_counter() - began)
-        i.entries_appended.add(1)
-        i.events_appended.add(events)
+        counts = _counts
+        counts.events += events
+        counts.entries += 1
+        now = clock()
+        if now >= counts.next_sample:
+            counts.next_sample = now + _SAMPLE_GAP
+            i.append_duration.record(now - began)
 
 
 def transport_error(operation: str) -> None:
@@ -217,6 +273,5 @@ def reaped() -> None:
 
 def delivered(count: int) -> None:
     """``count`` events were handed to a consumer."""
-    i = _instruments
-    if i is not None and count:
-        i.events_delivered.add(count)
+    if _instruments is not None:
+        _counts.delivered += count
