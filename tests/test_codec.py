@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 
 from resumable_stream import EventTooLarge, InvalidOffset, Position, parse_offset
@@ -111,8 +112,26 @@ def test_events_encoded_one_at_a_time_join_into_the_same_entry() -> None:
 
 def test_an_event_larger_than_the_cap_is_refused_with_a_typed_error() -> None:
     encoder = EventEncoder(max_event_bytes=100)
-    encoder.encode("token", {"text": "x" * 60, "message_id": None, "node": None})
+    encoder.encode("token", {"text": "x" * 40, "message_id": None, "node": None})
     with pytest.raises(EventTooLarge, match="max_event_bytes"):
         encoder.encode("token", {"text": "x" * 120, "message_id": None, "node": None})
     with pytest.raises(EventTooLarge):
         encoder.encode("custom", {"data": "y" * 100})
+
+
+@pytest.mark.parametrize("meta", [(None, None), ("msg-1", "agent")])
+@pytest.mark.parametrize("char", ["x", "é", "\n"])
+def test_a_token_is_held_to_the_limit_by_its_whole_json_like_any_event(
+    meta: tuple[str | None, str | None], char: str
+) -> None:
+    # The limit counted a token's text and metadata, not the 18 bytes around them: tokens
+    # up to 18 bytes over max_event_bytes were stored.
+    limit = 120
+    for length in range(80):
+        data = {"text": char * length, "message_id": meta[0], "node": meta[1]}
+        size = len(orjson.dumps(["token", data]))
+        if size <= limit:
+            EventEncoder(limit).encode("token", data)
+        else:
+            with pytest.raises(EventTooLarge):
+                EventEncoder(limit).encode("token", data)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from langchain_core.messages import AIMessage, AIMessageChunk, ToolMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessageChunk, ToolMessage
 
 from resumable_stream import Event
-from resumable_stream._events import normalize, text_of
+from resumable_stream._events import message_to_dict, normalize, text_of
 
 
 def test_text_of_content_blocks() -> None:
@@ -69,3 +69,13 @@ def test_langchain_events_that_carry_nothing_are_dropped() -> None:
     assert (
         list(normalize({"event": "on_chain_start", "data": {}, "name": "x", "run_id": "r"})) == []
     )
+
+
+def test_a_message_chunk_has_the_role_of_its_message() -> None:
+    # A chunk's type is its class name: "AIMessageChunk" became the role "AIMessage" (a
+    # node returning the sum of a model's streamed chunks, in `updates` and `values`).
+    summed = AIMessageChunk(content="Hel", id="m") + AIMessageChunk(content="lo", id="m")
+    ((kind, data),) = normalize(("updates", {"agent": {"messages": [summed]}}))
+    assert kind == "update"
+    assert data["data"]["messages"][0]["role"] == "ai"
+    assert message_to_dict(HumanMessageChunk(content="hi"))["role"] == "human"

@@ -12,9 +12,11 @@ from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, AnyMessage, BaseMessage
 from langchain_core.outputs import ChatGenerationChunk, ChatResult
 from langchain_core.tools import tool
+from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.config import get_stream_writer
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
+from langgraph.types import interrupt
 
 from resumable_stream import Event, StreamProducer, Transport
 from tests._helpers import collect
@@ -156,6 +158,30 @@ async def test_astream_v2_stream_parts(transport: Transport) -> None:
     assert text(events) == ANSWER
     assert [e.data["node"] for e in events if e.type == "update"] == ["agent"]
     assert {"data": {"progress": "thinking"}} in [e.data for e in events if e.type == "custom"]
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_an_interrupt_is_kept_in_values_mode(transport: Transport, version: str) -> None:
+    # With version="v2", LangGraph moves a "values" part's interrupts out of its data:
+    # the stream showed the run ending with no sign that it waits for input.
+    class Approval(TypedDict):
+        question: str
+        answer: str
+
+    def ask(state: Approval) -> dict[str, str]:
+        return {"answer": interrupt({"question": state["question"]})}
+
+    builder = StateGraph(Approval)
+    builder.add_node("ask", ask)
+    builder.add_edge(START, "ask")
+    builder.add_edge("ask", END)
+    graph = builder.compile(checkpointer=InMemorySaver())
+    config = {"configurable": {"thread_id": f"approval-{version}"}}
+    source = graph.astream({"question": "approve?"}, config, stream_mode="values", version=version)
+    events = await produce(transport, source)
+    (paused,) = [e.data["data"] for e in events if "__interrupt__" in e.data.get("data", {})]
+    assert [i["value"] for i in paused["__interrupt__"]] == [{"question": "approve?"}]
+    assert events[-1].type == "end"
 
 
 @pytest.mark.parametrize("mode", ["events", "messages"])

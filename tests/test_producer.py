@@ -355,6 +355,55 @@ async def test_a_cancelled_error_raised_by_the_source_ends_the_run_with_an_error
     ]
 
 
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no message")
+
+
+class _TestFailure(BaseException):
+    """What test frameworks raise (pytest's ``Failed``): not an ``Exception``."""
+
+
+@pytest.mark.parametrize("raised", [_Unprintable(), _TestFailure("assertion failed")])
+async def test_a_source_raising_any_error_ends_the_run_with_an_error(
+    raised: BaseException,
+) -> None:
+    # A BaseException that is not an Exception ended the stream with `end` (a failed run
+    # read as a success); an error whose message could not be read left no terminal event
+    # (readers waited for the lease to lapse, then got producer_lost).
+    async def source():
+        yield "kept "
+        raise raised
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(source())
+    assert await asyncio.wait_for(run.wait(), timeout=10) == "error"
+    events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=10)
+    assert [(e.type, e.data.get("error")) for e in events] == [
+        ("token", None),
+        ("error", type(raised).__name__),
+    ]
+    assert events[-1].data["message"]
+
+
+async def test_the_error_about_an_oversized_event_fits_the_smallest_limit() -> None:
+    # At max_event_bytes=100 the error event describing the EventTooLarge was itself too
+    # large: the run failed without a terminal event and its readers waited for the lease.
+    async def source():
+        yield "kept "
+        yield "x" * 200
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport, max_event_bytes=100).start(source())
+    assert await asyncio.wait_for(run.wait(), timeout=10) == "error"
+    events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=10)
+    assert [(e.type, e.data.get("error")) for e in events] == [
+        ("token", None),
+        ("error", "EventTooLarge"),
+    ]
+    assert events[-1].data["message"]  # cut to fit, not dropped
+
+
 @pytest.mark.parametrize(
     "bad",
     [

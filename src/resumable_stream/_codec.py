@@ -34,6 +34,9 @@ _DUMPS_OPTIONS = orjson.OPT_NON_STR_KEYS
 _TOKEN_KEYS = frozenset({"text", "message_id", "node"})
 _NO_META = (None, None)
 _NO_META_SIZE = len(b'{"message_id":null,"node":null}')
+# A token's [type, data] JSON is its text's JSON, its metadata's JSON (whose "{" it shares)
+# and these bytes: ["token",{"text":<text>,<metadata but its "{">]
+_TOKEN_FRAME = len(b'["token",{"text":,]') - 1
 # Widths of an offset's fields: string order is stream order while epochs stay below 10**16
 # (microsecond clocks until the year 2286), entries below 10**10 and events per entry below
 # 10**5 (MAX_ENTRY_EVENTS_LIMIT).
@@ -115,7 +118,7 @@ class EventEncoder:
         self.plain_text_limit = self.text_limit
 
     def _text_limit(self, meta_size: int) -> int:
-        return max((self.max_event_bytes - meta_size - 2) // 6, 0)
+        return max((self.max_event_bytes - _TOKEN_FRAME - meta_size - 2) // 6, 0)
 
     def encode(self, kind: str, data: dict[str, Any]) -> Encoded:
         """Check and encode one event; raise :class:`EventTooLarge` if it is too large.
@@ -147,7 +150,7 @@ class EventEncoder:
     def check_text(self, text: str, meta_size: int, limit: int) -> None:
         """Raise if a token's ``text`` cannot be stored (the cheap checks first)."""
         if len(text) > limit:
-            size = len(orjson.dumps(text)) + meta_size
+            size = len(orjson.dumps(text)) + meta_size + _TOKEN_FRAME
             if size > self.max_event_bytes:
                 self.too_large(TOKEN, size)
         elif not text.isascii():

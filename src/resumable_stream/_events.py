@@ -52,8 +52,12 @@ Item = tuple[str, dict[str, Any]]
 
 
 def error_data(exc: BaseException) -> dict[str, Any]:
-    """The ``data`` of an ``error`` event describing ``exc``."""
-    return {"error": type(exc).__name__, "message": str(exc) or repr(exc)}
+    """The ``data`` of an ``error`` event describing ``exc`` (whose ``__str__`` may fail)."""
+    try:
+        message = str(exc) or repr(exc)
+    except Exception:
+        message = f"{type(exc).__name__} (its message could not be read)"
+    return {"error": type(exc).__name__, "message": message}
 
 
 def text_of(content: Any) -> str:
@@ -77,11 +81,22 @@ def _is_message(obj: Any) -> bool:
     return hasattr(obj, "content") and hasattr(obj, "type") and hasattr(obj, "id")
 
 
+# A message chunk's type is its class name ("AIMessageChunk"), its message's the role ("ai").
+_CHUNK_ROLES = {
+    "AIMessageChunk": "ai",
+    "HumanMessageChunk": "human",
+    "SystemMessageChunk": "system",
+    "ToolMessageChunk": "tool",
+    "FunctionMessageChunk": "function",
+    "ChatMessageChunk": "chat",
+}
+
+
 def message_to_dict(message: Any) -> dict[str, Any]:
     """A compact JSON-safe view of a LangChain message."""
     out: dict[str, Any] = {
         "id": message.id,
-        "role": message.type.removesuffix("Chunk"),
+        "role": _CHUNK_ROLES.get(message.type, message.type),
         "text": text_of(message.content),
         "content": to_jsonable(message.content),
     }
@@ -243,7 +258,13 @@ def normalize(item: Any) -> Iterator[Item]:
     if isinstance(item, Mapping):
         kind = item.get("type")
         if isinstance(kind, str) and "ns" in item and "data" in item and kind in _STREAM_MODES:
-            yield from _from_mode(kind, item["data"], list(item["ns"]) or None)
+            payload = item["data"]
+            interrupts = item.get("interrupts")
+            if interrupts and isinstance(payload, Mapping) and "__interrupt__" not in payload:
+                # version="v2" moves a "values" part's interrupts out of its data: put them
+                # back where every other shape has them.
+                payload = {**payload, "__interrupt__": interrupts}
+            yield from _from_mode(kind, payload, list(item["ns"]) or None)
             return
         if isinstance(kind, str) and kind in EVENT_TYPES and isinstance(item.get("data"), Mapping):
             yield (kind, to_jsonable(item["data"]))

@@ -45,6 +45,7 @@ from ._events import (
 from ._exceptions import (
     BackendRefused,
     ConfigurationError,
+    EventTooLarge,
     LeaseLost,
     ReservationExpired,
     StorageRollback,
@@ -350,7 +351,8 @@ class Run:
         buffer = self._buffer
         sizes = self._sizes
         encoder = self._encoder
-        terminal: Item | None = (END, {})
+        # `end` once the source is exhausted; until then, what a failure here leaves.
+        terminal: Item | None = (ERROR, {"error": "producer_failed", "message": "the run failed"})
         self._pumping = True
         try:
             if self._cancel_reason is not None:  # cancelled before the pump started
@@ -400,6 +402,7 @@ class Run:
                 while len(buffer) >= buffer_limit:
                     space = self._space = asyncio.get_running_loop().create_future()
                     await space
+            terminal = (END, {})
         except asyncio.CancelledError as exc:
             reason = self._cancel_reason
             task = asyncio.current_task()
@@ -416,9 +419,11 @@ class Run:
                 # other; re-raised, it would end the pump with no terminal event.
                 logger.info("run %s: source raised %r", self.stream_id, exc)
                 terminal = (ERROR, error_data(exc))
-        except Exception as exc:
+        except BaseException as exc:  # an Exception, or a BaseException (a test's failure)
             logger.info("run %s: source raised or yielded a bad event: %r", self.stream_id, exc)
             terminal = (ERROR, error_data(exc))
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise  # the process is stopping: asyncio hands these to the loop
         finally:
             # The source closes before the terminal event is written (a graph's clean-up
             # and checkpoint writes end before its thread shows idle). A stop requested
@@ -631,8 +636,17 @@ class Run:
         try:
             return self._encoder.encode(*terminal)
         except Exception as exc:  # a relayed terminal event that cannot be stored
-            self._terminal = terminal = (ERROR, error_data(exc))
-            return self._encoder.encode(*terminal)
+            data = error_data(exc)
+        # An error event always fits: its message is cut to what max_event_bytes leaves.
+        message = data["message"]
+        while True:
+            self._terminal = (ERROR, {**data, "message": message})
+            try:
+                return self._encoder.encode(*self._terminal)
+            except EventTooLarge:
+                if not message:
+                    raise
+                message = message[: len(message) // 2]
 
     def _written(self, entry: Entry, count: int, final: Status | None) -> None:
         self._inflight = None

@@ -69,6 +69,7 @@ __all__ = [
 UI_MESSAGE_STREAM_HEADERS: Mapping[str, str] = {"x-vercel-ai-ui-message-stream": "v1"}
 # @ai-sdk/provider-utils parseJsonEventStream skips it; AI SDK servers end with it.
 _DONE = b"data: [DONE]\n\n"
+# ("AIMessage": the role earlier versions stored for a message chunk.)
 _AI_ROLES = frozenset({"ai", "AIMessage", "assistant"})
 _DATA_NAME = re.compile(r"[^A-Za-z0-9_.:-]+")
 #: Names of the ``custom`` events the library writes itself (StreamProducer.reserve).
