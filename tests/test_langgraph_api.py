@@ -148,6 +148,137 @@ async def test_http_errors_are_json_with_codes() -> None:
     await api.producer.aclose()
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"config": {"recursion_limit": "x"}},
+        {"config": {"recursion_limit": True}},
+        {"config": "fast"},
+        {"config": {"configurable": 5}},
+        {"config": {"tags": "a"}},
+        {"interrupt_before": 5},
+        {"interrupt_after": ["agent", 1]},
+        {"command": {"goto": 5}},
+        {"command": {"update": 5}},
+        {"command": {"update": [["messages"]]}},
+        {"command": {"resume": None}},
+    ],
+)
+async def test_a_run_body_langgraph_would_fail_on_is_refused_before_the_run(
+    extra: dict[str, Any],
+) -> None:
+    # Regression: these started a run (replacing the thread's last one) that then failed
+    # inside LangGraph with a TypeError or an IndexError, where the docs promise a 422.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    transport = MemoryTransport()
+    api = LangGraphRouter(
+        transport, {"agent": build_graph({}, InMemorySaver())}, authorize=allow_all
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(Starlette(routes=[Mount("/lg", api)])), base_url="http://t/lg"
+    ) as http:
+        thread_id = (await http.post("/threads", json={})).json()["thread_id"]
+        response = await http.post(
+            f"/threads/{thread_id}/runs/stream",
+            json={"assistant_id": "agent", "input": {"messages": []}, **extra},
+        )
+        assert (response.status_code, response.json()["code"]) == (422, "invalid_request")
+        assert await transport.info(api.stream_id(thread_id)) is None  # no run started
+    await api.producer.aclose()
+
+
+async def test_a_command_update_given_as_pairs_reaches_the_graph() -> None:
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    holds = {}
+    api = LangGraphRouter(
+        MemoryTransport(), {"agent": build_graph(holds, InMemorySaver())}, authorize=allow_all
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(Starlette(routes=[Mount("/lg", api)])), base_url="http://t/lg"
+    ) as http:
+        thread_id = (await http.post("/threads", json={})).json()["thread_id"]
+        holds.setdefault(thread_id, asyncio.Event()).set()
+        update = [["messages", [{"role": "user", "content": "from a command"}]]]
+        response = await http.post(
+            f"/threads/{thread_id}/runs/stream",
+            json={"assistant_id": "agent", "command": {"update": update, "goto": "agent"}},
+        )
+        assert response.status_code == 200
+        state = (await http.get(f"/threads/{thread_id}/state")).json()
+        assert state["values"]["messages"][0]["content"] == "from a command"
+    await api.producer.aclose()
+
+
+async def _post_and_leave(app: Any, path: str) -> list[dict[str, Any]]:
+    """POST part of a body, then disconnect; what the app sent back."""
+    sent: list[dict[str, Any]] = []
+    parts = [
+        {"type": "http.request", "body": b'{"id"', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return parts.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("t", 80),
+        "client": ("c", 1),
+    }
+    await app(scope, receive, send)
+    return sent
+
+
+async def test_a_client_leaving_before_its_body_arrives_ends_the_request_quietly() -> None:
+    # Regression: Starlette's ClientDisconnect escaped both protocol routers, and the server
+    # logged an error with a traceback for every such request.
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.ai_sdk import ChatRouter
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    async def answer(request: Any) -> AsyncIterator[str]:
+        yield "never"
+
+    transport = MemoryTransport()
+    api = LangGraphRouter(
+        transport, {"agent": build_graph({}, InMemorySaver())}, authorize=allow_all
+    )
+    chat = ChatRouter(transport, answer, authorize=allow_all)
+    app = Starlette(routes=[Mount("/lg", api), Mount("/ai", chat)])
+    for path in ("/lg/threads", "/lg/threads/t1/runs/stream", "/ai/api/chat"):
+        sent = await _post_and_leave(app, path)  # raised ClientDisconnect
+        assert sent[0]["status"] == 400, path
+        assert orjson.loads(sent[1]["body"])["code"] == "client_disconnected"
+    await api.producer.aclose()
+    await chat.producer.aclose()
+
+
 async def test_a_run_id_is_found_only_in_the_thread_that_ran_it() -> None:
     # Regression: only the epoch in a run id's high bits was checked, so another thread's
     # run id, or any UUID with a small enough high half (the nil UUID), was "success".

@@ -196,6 +196,11 @@ def too_many_streams(limit: int) -> HTTPError:
     )
 
 
+#: A client that closed its connection before its request's body arrived (nobody reads the
+#: answer, but it ends the request without an error in the server's log).
+CLIENT_GONE = HTTPError(400, "client_disconnected", "the client left before its request's body")
+
+
 def not_running(stream_id: str, status: str) -> HTTPError:
     return HTTPError(409, "stream_not_running", f"stream {stream_id!r} is {status}, not running")
 

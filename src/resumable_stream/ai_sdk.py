@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import orjson
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
@@ -48,7 +48,15 @@ from ._events import (
     Event,
 )
 from ._exceptions import ConfigurationError, ResumableStreamError, StreamAlreadyRunning
-from ._http import EVENT_STREAM_TYPE, JSON_TYPE, HTTPError, WireFormat, error_for, not_running
+from ._http import (
+    CLIENT_GONE,
+    EVENT_STREAM_TYPE,
+    JSON_TYPE,
+    HTTPError,
+    WireFormat,
+    error_for,
+    not_running,
+)
 from ._ids import check_stream_id
 from ._producer import StreamProducer
 from ._sse import PING
@@ -498,6 +506,8 @@ class ChatRouter:
         """``POST {path}``: answer the chat's new message as a UI message stream."""
         try:
             body = orjson.loads(await request.body())
+        except ClientDisconnect:
+            return _error(CLIENT_GONE)
         except orjson.JSONDecodeError:
             return _bad_request("the body must be JSON: {id, messages, trigger, messageId}")
         if not isinstance(body, dict):

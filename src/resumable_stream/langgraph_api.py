@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import orjson
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
@@ -43,7 +43,7 @@ from ._exceptions import (
     ResumableStreamError,
     StreamAlreadyRunning,
 )
-from ._http import EVENT_STREAM_TYPE, JSON_TYPE, HTTPError, WireFormat, error_for
+from ._http import CLIENT_GONE, EVENT_STREAM_TYPE, JSON_TYPE, HTTPError, WireFormat, error_for
 from ._ids import check_stream_id
 from ._producer import StreamProducer
 from ._sse import PING
@@ -146,6 +146,56 @@ def _iso(timestamp: float) -> str:
 def _aware(value: datetime) -> datetime:
     """``value``, taken as UTC if it is naive."""
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _command(command: Any) -> dict[str, Any]:
+    """The arguments of the ``Command`` a run's ``command`` names, checked (else 422): the
+    graph would otherwise start and fail inside LangGraph, replacing the thread's run."""
+    if not isinstance(command, dict) or not set(command) <= {"resume", "update", "goto"}:
+        raise _bad("'command' must be an object with resume, update and/or goto")
+    given = {key: value for key, value in command.items() if value is not None}
+    if not given:
+        raise _bad("'command' must give resume, update or goto")
+    update = given.get("update")
+    if update is not None and not (
+        isinstance(update, dict)
+        or (
+            isinstance(update, list)
+            and all(
+                isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+                for pair in update
+            )
+        )
+    ):
+        raise _bad("'command.update' must be an object, or a list of [key, value] pairs")
+    if isinstance(update, list):
+        given["update"] = [tuple(pair) for pair in update]  # LangGraph takes tuples only
+    goto = given.get("goto")
+    if goto is not None and not (isinstance(goto, str) or _strings(goto)):
+        raise _bad("'command.goto' must be a node name or a list of node names")
+    return given
+
+
+def _run_config(config: Any) -> dict[str, Any] | None:
+    """A run's ``config``, checked where LangGraph would fail on it inside the run."""
+    if config is None:
+        return None
+    if not isinstance(config, dict):
+        raise _bad("'config' must be an object")
+    limit = config.get("recursion_limit")
+    if limit is not None and (type(limit) is not int or limit < 1):
+        raise _bad("'config.recursion_limit' must be a positive integer")
+    if not isinstance(config.get("configurable", {}), dict):
+        raise _bad("'config.configurable' must be an object")
+    if not _strings(config.get("tags", [])):
+        raise _bad("'config.tags' must be a list of strings")
+    if not isinstance(config.get("metadata", {}), dict):
+        raise _bad("'config.metadata' must be an object")
+    return config
 
 
 class _Refused(Exception):
@@ -360,7 +410,10 @@ class LangGraphRouter:
         return thread_id, check_stream_id(self.stream_id(thread_id))
 
     async def _body(self, request: Request) -> dict[str, Any]:
-        raw = await request.body()
+        try:
+            raw = await request.body()
+        except ClientDisconnect:
+            raise _Refused(CLIENT_GONE) from None
         if not raw:
             return {}
         try:
@@ -506,18 +559,19 @@ class LangGraphRouter:
         if command:
             from langgraph.types import Command
 
-            if not isinstance(command, dict) or not set(command) <= {"resume", "update", "goto"}:
-                raise _bad("'command' must be an object with resume, update and/or goto")
-            inputs = Command(**{k: v for k, v in command.items() if v is not None})
-        config = self._config(thread_id, body.get("config"))
+            inputs = Command(**_command(command))
+        config = self._config(thread_id, _run_config(body.get("config")))
         kwargs: dict[str, Any] = {"stream_mode": graph_modes}
         if body.get("stream_subgraphs"):
             kwargs["subgraphs"] = True
         if isinstance(body.get("context"), dict):
             kwargs["context"] = body["context"]
         for key in ("interrupt_before", "interrupt_after"):
-            if body.get(key):
-                kwargs[key] = body[key]
+            nodes = body.get(key)
+            if nodes:
+                if nodes != "*" and not _strings(nodes):
+                    raise _bad(f'{key!r} must be "*" or a list of node names')
+                kwargs[key] = nodes
         started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         source = _run_source(graph, inputs, config, kwargs, started)
 
