@@ -135,3 +135,10 @@ def test_a_token_is_held_to_the_limit_by_its_whole_json_like_any_event(
         else:
             with pytest.raises(EventTooLarge):
                 EventEncoder(limit).encode("token", data)
+
+
+def test_an_empty_token_is_measured_too() -> None:
+    # Metadata filling the limit left no room for text, and an empty text was not measured.
+    data = {"text": "", "message_id": "m" * 200, "node": None}
+    with pytest.raises(EventTooLarge):
+        EventEncoder(max_event_bytes=64).encode("token", data)

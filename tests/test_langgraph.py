@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, TypedDict
@@ -160,27 +161,58 @@ async def test_astream_v2_stream_parts(transport: Transport) -> None:
     assert {"data": {"progress": "thinking"}} in [e.data for e in events if e.type == "custom"]
 
 
-@pytest.mark.parametrize("version", ["v1", "v2"])
-async def test_an_interrupt_is_kept_in_values_mode(transport: Transport, version: str) -> None:
-    # With version="v2", LangGraph moves a "values" part's interrupts out of its data:
-    # the stream showed the run ending with no sign that it waits for input.
-    class Approval(TypedDict):
-        question: str
-        answer: str
+class Approval(TypedDict):
+    question: str
+    answer: str
 
-    def ask(state: Approval) -> dict[str, str]:
-        return {"answer": interrupt({"question": state["question"]})}
 
-    builder = StateGraph(Approval)
+@dataclasses.dataclass
+class TypedApproval:
+    question: str = ""
+    answer: str = ""
+
+
+def approval_graph(state: type = Approval) -> Any:
+    """A graph that stops at an interrupt() for a person's answer."""
+
+    def ask(state: Any) -> dict[str, str]:
+        question = state["question"] if isinstance(state, dict) else state.question
+        return {"answer": interrupt({"question": question})}
+
+    builder = StateGraph(state)
     builder.add_node("ask", ask)
     builder.add_edge(START, "ask")
     builder.add_edge("ask", END)
-    graph = builder.compile(checkpointer=InMemorySaver())
+    return builder.compile(checkpointer=InMemorySaver())
+
+
+@pytest.mark.parametrize("state", [Approval, TypedApproval])
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_an_interrupt_is_kept_in_values_mode(
+    transport: Transport, version: str, state: type
+) -> None:
+    # With version="v2", LangGraph moves a "values" part's interrupts out of its data (for
+    # a dataclass state, a dataclass): the stream showed the run ending with no sign that
+    # it waits for input.
     config = {"configurable": {"thread_id": f"approval-{version}"}}
-    source = graph.astream({"question": "approve?"}, config, stream_mode="values", version=version)
+    source = approval_graph(state).astream(
+        {"question": "approve?"}, config, stream_mode="values", version=version
+    )
     events = await produce(transport, source)
     (paused,) = [e.data["data"] for e in events if "__interrupt__" in e.data.get("data", {})]
     assert [i["value"] for i in paused["__interrupt__"]] == [{"question": "approve?"}]
+    assert events[-1].type == "end"
+
+
+async def test_an_interrupt_is_kept_in_astream_events(transport: Transport) -> None:
+    # It came only in the graph's own output (the root run's on_chain_stream), which is
+    # dropped: the stream ended with no sign that the graph waits for input.
+    config = {"configurable": {"thread_id": "approval-events"}}
+    source = approval_graph().astream_events({"question": "approve?"}, config, version="v2")
+    events = await produce(transport, source)
+    updates = [e.data for e in events if e.type == "update"]
+    assert [(u["mode"], u["node"]) for u in updates] == [("updates", "__interrupt__")]
+    assert [i["value"] for i in updates[0]["data"]] == [{"question": "approve?"}]
     assert events[-1].type == "end"
 
 

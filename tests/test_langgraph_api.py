@@ -193,6 +193,41 @@ async def test_a_run_body_langgraph_would_fail_on_is_refused_before_the_run(
     await api.producer.aclose()
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"config": {"tags": None, "metadata": None, "configurable": None, "run_name": "x"}},
+        {"command": {"goto": {"node": "agent", "input": {"messages": [("user", "sent")]}}}},
+        {"command": {"goto": [{"node": "agent", "input": {"messages": [("user", "sent")]}}]}},
+    ],
+)
+async def test_run_bodies_the_sdk_sends_run(extra: dict[str, Any]) -> None:
+    # Regressions from the checks above: nulls LangChain leaves out, and the SDK's Send.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    holds: dict[str, asyncio.Event] = {}
+    api = LangGraphRouter(
+        MemoryTransport(), {"agent": build_graph(holds, InMemorySaver())}, authorize=allow_all
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(Starlette(routes=[Mount("/lg", api)])), base_url="http://t/lg"
+    ) as http:
+        thread_id = (await http.post("/threads", json={})).json()["thread_id"]
+        holds.setdefault(thread_id, asyncio.Event()).set()
+        body = {"assistant_id": "agent", "input": {"messages": [("user", "hi")]}, **extra}
+        response = await http.post(f"/threads/{thread_id}/runs/stream", json=body)
+        assert response.status_code == 200
+        assert "event: error" not in response.text
+        messages = (await http.get(f"/threads/{thread_id}/state")).json()["values"]["messages"]
+        assert messages[-1]["type"] == "ai"
+    await api.producer.aclose()
+
+
 async def test_a_command_update_given_as_pairs_reaches_the_graph() -> None:
     import httpx
     from langgraph.checkpoint.memory import InMemorySaver
@@ -621,3 +656,39 @@ async def test_a_run_joined_then_replaced_is_over_not_an_error(last_event_id: st
     await (await api.producer.start(later_run(), stream_id="langgraph:t8")).wait()
     assert await later.serve(response) == (200, b"")
     await api.producer.aclose()
+
+
+async def test_an_http_error_from_authorize_has_the_code_the_stream_router_gives() -> None:
+    # Regression: the protocol routers answered authorize's HTTPException(401) with code
+    # "http_error", where StreamRouter says "unauthorized".
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.routing import Mount
+
+    from resumable_stream.ai_sdk import ChatRouter
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    def authorize(*_: Any) -> bool:
+        raise HTTPException(401, "log in first", headers={"www-authenticate": "Bearer"})
+
+    async def answer(request: Any) -> AsyncIterator[str]:
+        yield "never"
+
+    transport = MemoryTransport()
+    api = LangGraphRouter(
+        transport, {"agent": build_graph({}, InMemorySaver())}, authorize=authorize
+    )
+    chat = ChatRouter(transport, answer, authorize=authorize)
+    app = Starlette(routes=[Mount("/lg", api), Mount("/ai", chat)])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+        for response in (
+            await http.get("/lg/threads/t1"),
+            await http.post("/ai/api/chat", json={"id": "c1", "messages": []}),
+            await http.get("/ai/api/chat/c1/stream"),
+        ):
+            assert (response.status_code, response.json()["code"]) == (401, "unauthorized")
+            assert response.headers["www-authenticate"] == "Bearer"
+    await api.producer.aclose()
+    await chat.producer.aclose()

@@ -285,3 +285,29 @@ def test_append_durations_are_sampled_not_recorded_per_token(
     assert recorded.value("resumable_stream.append.duration") == 6
     assert recorded.value("resumable_stream.entries.appended") == 1005
     assert recorded.value("resumable_stream.events.appended") == 1015
+
+
+def test_the_counters_are_read_by_the_provider_configured_only() -> None:
+    # Observable counters stay on every meter they were made on: a replaced provider, or the
+    # global one, kept reporting appends made after another provider was configured.
+    def appended(reader: InMemoryMetricReader) -> int | None:
+        data = reader.get_metrics_data()
+        for resource in data.resource_metrics if data is not None else ():
+            for scope in resource.scope_metrics:
+                for metric in scope.metrics:
+                    if metric.name == "resumable_stream.events.appended":
+                        return sum(point.value for point in metric.data.data_points)
+        return None
+
+    first, second = InMemoryMetricReader(), InMemoryMetricReader()
+    try:
+        telemetry.configure(meter_provider=MeterProvider(metric_readers=[first]))
+        telemetry.appended(2, telemetry.clock())
+        total = appended(first)
+        assert total is not None
+        telemetry.configure(meter_provider=MeterProvider(metric_readers=[second]))
+        telemetry.appended(3, telemetry.clock())
+        assert appended(second) == total + 3
+        assert appended(first) is None  # no longer configured: reports nothing
+    finally:
+        telemetry.configure()

@@ -149,7 +149,7 @@ class EventEncoder:
 
     def check_text(self, text: str, meta_size: int, limit: int) -> None:
         """Raise if a token's ``text`` cannot be stored (the cheap checks first)."""
-        if len(text) > limit:
+        if len(text) > limit or not limit:  # (no limit left: metadata near max_event_bytes)
             size = len(orjson.dumps(text)) + meta_size + _TOKEN_FRAME
             if size > self.max_event_bytes:
                 self.too_large(TOKEN, size)

@@ -210,6 +210,12 @@ def _from_langchain_event(event: Mapping[str, Any]) -> Item | None:
         return (TOOL_END, out)
     if kind == "on_custom_event":
         return (CUSTOM, {"name": event.get("name"), "data": to_jsonable(data), "node": node})
+    if kind == "on_chain_stream" and event.get("parent_ids") == []:
+        # The graph's own output (v2: the root run) is what astream would yield; of it,
+        # only an interrupt is not shown by the events of the graph's nodes.
+        chunk = data.get("chunk")
+        if isinstance(chunk, Mapping) and "__interrupt__" in chunk:
+            return (UPDATE, _update("updates", "__interrupt__", chunk["__interrupt__"], None))
     return None
 
 
@@ -260,10 +266,13 @@ def normalize(item: Any) -> Iterator[Item]:
         if isinstance(kind, str) and "ns" in item and "data" in item and kind in _STREAM_MODES:
             payload = item["data"]
             interrupts = item.get("interrupts")
-            if interrupts and isinstance(payload, Mapping) and "__interrupt__" not in payload:
-                # version="v2" moves a "values" part's interrupts out of its data: put them
-                # back where every other shape has them.
-                payload = {**payload, "__interrupt__": interrupts}
+            if interrupts and kind == "values":
+                # version="v2" moves a "values" part's interrupts out of its data (a typed
+                # state's model or dataclass): put them back where every other shape has them.
+                if not isinstance(payload, Mapping):
+                    payload = to_jsonable(payload)
+                if isinstance(payload, Mapping) and "__interrupt__" not in payload:
+                    payload = {**payload, "__interrupt__": interrupts}
             yield from _from_mode(kind, payload, list(item["ns"]) or None)
             return
         if isinstance(kind, str) and kind in EVENT_TYPES and isinstance(item.get("data"), Mapping):

@@ -55,6 +55,7 @@ from ._http import (
     HTTPError,
     WireFormat,
     error_for,
+    http_status_error,
     not_running,
 )
 from ._ids import check_stream_id
@@ -486,7 +487,7 @@ class ChatRouter:
             if inspect.isawaitable(allowed):
                 allowed = await allowed
         except HTTPException as exc:
-            response = _error(HTTPError(exc.status_code, "http_error", exc.detail))
+            response = _error(http_status_error(exc.status_code, exc.detail))
             if exc.headers:
                 response.headers.update(exc.headers)
             return response
@@ -537,7 +538,7 @@ class ChatRouter:
                 source = await source
             run = await self.producer.start(source, stream_id=stream_id)
         except HTTPException as exc:
-            return _error(HTTPError(exc.status_code, "http_error", exc.detail))
+            return _error(http_status_error(exc.status_code, exc.detail))
         except StreamAlreadyRunning:
             return _error(
                 HTTPError(409, "answer_in_progress", f"chat {chat_id!r} is answering already")

@@ -43,7 +43,15 @@ from ._exceptions import (
     ResumableStreamError,
     StreamAlreadyRunning,
 )
-from ._http import CLIENT_GONE, EVENT_STREAM_TYPE, JSON_TYPE, HTTPError, WireFormat, error_for
+from ._http import (
+    CLIENT_GONE,
+    EVENT_STREAM_TYPE,
+    JSON_TYPE,
+    HTTPError,
+    WireFormat,
+    error_for,
+    http_status_error,
+)
 from ._ids import check_stream_id
 from ._producer import StreamProducer
 from ._sse import PING
@@ -175,9 +183,24 @@ def _command(command: Any) -> dict[str, Any]:
     if isinstance(update, list):
         given["update"] = [tuple(pair) for pair in update]  # LangGraph takes tuples only
     goto = given.get("goto")
-    if goto is not None and not (isinstance(goto, str) or _strings(goto)):
-        raise _bad("'command.goto' must be a node name or a list of node names")
+    if goto is not None:
+        given["goto"] = [_goto(item) for item in goto] if isinstance(goto, list) else _goto(goto)
     return given
+
+
+def _goto(target: Any) -> Any:
+    """A node name, or a ``Send`` from the SDK's ``{"node", "input"}``."""
+    if isinstance(target, str):
+        return target
+    if (
+        isinstance(target, dict)
+        and set(target) == {"node", "input"}
+        and isinstance(target["node"], str)
+    ):
+        from langgraph.types import Send
+
+        return Send(target["node"], target["input"])
+    raise _bad("'command.goto' must be a node name, a {node, input} Send, or a list of them")
 
 
 def _run_config(config: Any) -> dict[str, Any] | None:
@@ -189,13 +212,14 @@ def _run_config(config: Any) -> dict[str, Any] | None:
     limit = config.get("recursion_limit")
     if limit is not None and (type(limit) is not int or limit < 1):
         raise _bad("'config.recursion_limit' must be a positive integer")
-    if not isinstance(config.get("configurable", {}), dict):
-        raise _bad("'config.configurable' must be an object")
-    if not _strings(config.get("tags", [])):
+    # A key given as null is left out, as LangChain's ensure_config does.
+    given: dict[str, Any] = {key: value for key, value in config.items() if value is not None}
+    for key in ("configurable", "metadata"):
+        if not isinstance(given.get(key, {}), dict):
+            raise _bad(f"'config.{key}' must be an object")
+    if not _strings(given.get("tags", [])):
         raise _bad("'config.tags' must be a list of strings")
-    if not isinstance(config.get("metadata", {}), dict):
-        raise _bad("'config.metadata' must be an object")
-    return config
+    return given
 
 
 class _Refused(Exception):
@@ -385,7 +409,7 @@ class LangGraphRouter:
             except _Refused as exc:
                 return _error(exc.error)
             except HTTPException as exc:
-                response = _error(HTTPError(exc.status_code, "http_error", exc.detail))
+                response = _error(http_status_error(exc.status_code, exc.detail))
                 if exc.headers:
                     response.headers.update(exc.headers)
                 return response

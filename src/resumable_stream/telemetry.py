@@ -28,7 +28,8 @@ Metrics (OpenTelemetry names; Prometheus turns the dots into underscores and add
 
 The three counters of entries and events count in plain integers that OpenTelemetry reads
 when it collects (observable counters): they are the process's totals since it started,
-also on a provider configured later. Recording each token on an SDK instrument would cost
+also on a provider configured later, and a provider reads them while it is the one the
+library records on. Recording each token on an SDK instrument would cost
 more CPU than the library's own work on that token.
 
 The span of a run, ``resumable_stream.run``, lives as long as the run; it links to the span
@@ -77,42 +78,31 @@ class _Counts:
 _counts = _Counts()
 
 
-def _observe_events(_: Any) -> list[Any]:
-    return [_Observation(_counts.events)]
-
-
-def _observe_entries(_: Any) -> list[Any]:
-    return [_Observation(_counts.entries)]
-
-
-def _observe_delivered(_: Any) -> list[Any]:
-    return [_Observation(_counts.delivered)]
-
-
 class _Instruments:
-    def __init__(self, meter_provider: Any = None, tracer_provider: Any = None) -> None:
+    """The instruments on one meter provider; made once per provider (see _instruments_for)."""
+
+    def __init__(self, meter_provider: Any = None) -> None:
         if _otel_metrics is None or _otel_trace is None:  # pragma: no cover - guarded by callers
             raise ConfigurationError("OpenTelemetry is not installed")
         meter = _otel_metrics.get_meter(_SCOPE, meter_provider=meter_provider)
-        self.tracer = _otel_trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
+        self.tracer: Any = None
         counter = meter.create_counter
         self.runs_started = counter("resumable_stream.runs.started", "{run}", "Runs started")
         self.runs_ended = counter("resumable_stream.runs.ended", "{run}", "Runs ended, by status")
         # Entries and events are tallied in plain integers (`_counts`) that OpenTelemetry
         # reads when it collects: an SDK instrument's add() costs several microseconds, more
-        # than the library's own work on a token (docs/performance.md). The callbacks read
-        # the module's tallies, not this object's: a meter that already has these names
-        # (configure() twice with one provider) keeps the callbacks it was first given.
+        # than the library's own work on a token (docs/performance.md). A provider reads
+        # them only while it is the one configured, as its other instruments record only then.
         observe = meter.create_observable_counter
         observe(
             "resumable_stream.events.appended",
-            [_observe_events],
+            [self._observe_events],
             "{event}",
             "Events written to streams",
         )
         observe(
             "resumable_stream.entries.appended",
-            [_observe_entries],
+            [self._observe_entries],
             "{entry}",
             "Entries (batches) written",
         )
@@ -128,7 +118,7 @@ class _Instruments:
         )
         observe(
             "resumable_stream.events.delivered",
-            [_observe_delivered],
+            [self._observe_delivered],
             "{event}",
             "Events handed to consumers",
         )
@@ -147,8 +137,30 @@ class _Instruments:
             "Connections a transport re-established",
         )
 
+    def _observe_events(self, _: Any) -> list[Any]:
+        return [_Observation(_counts.events)] if _instruments is self else []
 
-_instruments: _Instruments | None = None if _otel_metrics is None else _Instruments()
+    def _observe_entries(self, _: Any) -> list[Any]:
+        return [_Observation(_counts.entries)] if _instruments is self else []
+
+    def _observe_delivered(self, _: Any) -> list[Any]:
+        return [_Observation(_counts.delivered)] if _instruments is self else []
+
+
+# By the id of their meter provider (None: the global one). Instruments made again on a
+# meter that has them would keep the first ones' callbacks: each provider gets them once.
+_by_provider: dict[int, _Instruments] = {}
+
+
+def _instruments_for(meter_provider: Any, tracer_provider: Any) -> _Instruments:
+    instruments = _by_provider.get(id(meter_provider))
+    if instruments is None:
+        instruments = _by_provider[id(meter_provider)] = _Instruments(meter_provider)
+    instruments.tracer = _otel_trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
+    return instruments
+
+
+_instruments: _Instruments | None = None if _otel_metrics is None else _instruments_for(None, None)
 
 
 def configure(*, meter_provider: Any = None, tracer_provider: Any = None) -> None:
@@ -162,7 +174,7 @@ def configure(*, meter_provider: Any = None, tracer_provider: Any = None) -> Non
         raise ConfigurationError(
             "metrics and traces need OpenTelemetry: pip install 'resumable-llm-stream[otel]'"
         )
-    _instruments = _Instruments(meter_provider, tracer_provider)
+    _instruments = _instruments_for(meter_provider, tracer_provider)
 
 
 # --- Recording calls: one line at each call site in the library --------------------------
