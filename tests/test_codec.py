@@ -142,3 +142,10 @@ def test_an_empty_token_is_measured_too() -> None:
     data = {"text": "", "message_id": "m" * 200, "node": None}
     with pytest.raises(EventTooLarge):
         EventEncoder(max_event_bytes=64).encode("token", data)
+
+
+def test_a_long_malformed_offset_is_not_echoed_whole() -> None:
+    # Its message is the body of a 400: a 60 KB Last-Event-ID came back in full.
+    with pytest.raises(InvalidOffset) as raised:
+        parse_offset("9" * 60_000)
+    assert len(str(raised.value)) < 300 and "60000 chars" in str(raised.value)

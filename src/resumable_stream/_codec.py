@@ -69,8 +69,9 @@ def parse_offset(offset: str) -> Position:
         raise InvalidOffset(f"an offset is a string such as an event's offset, not {offset!r}")
     parts = offset.split("-")
     if len(parts) != 3 or not all(p.isdigit() and p.isascii() and len(p) <= 20 for p in parts):
+        shown = repr(offset) if len(offset) <= 100 else f"{offset[:100]!r}... ({len(offset)} chars)"
         raise InvalidOffset(
-            f"malformed offset {offset!r}: expected '<epoch>-<seq>-<index>' as given in an "
+            f"malformed offset {shown}: expected '<epoch>-<seq>-<index>' as given in an "
             "event's offset (SSE id)"
         )
     epoch, seq, index = (int(p) for p in parts)
