@@ -9,7 +9,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -353,6 +353,15 @@ def paced_latency(server: RedisServer, quick: bool) -> Result:
         passthrough = _paced(None, churn_plan, rate)
         admin.flush()
         node = vercel.paced(server, churn_plan, rate)
+        # The same churn plan with the library's metrics on an OpenTelemetry SDK provider:
+        # a service that exports them (the reference chat service serves them to Prometheus).
+        with_metrics: _PacedRun | str
+        with _metrics_recorded() as recording:
+            if recording is None:
+                admin.flush()
+                with_metrics = _paced(server.url, churn_plan, rate)
+            else:
+                with_metrics = recording  # why the row is skipped
         # The same churn plan on uvloop (the loop uvicorn[standard] runs), both sides.
         uvloop_factory = _uvloop_factory()
         on_uvloop: tuple[_PacedRun, _PacedRun] | None = None
@@ -471,8 +480,52 @@ def paced_latency(server: RedisServer, quick: bool) -> Result:
         Figure("2b", "churn: pass-through readers missing tokens", passthrough.short, "", "==", 0),
     ]
     figures += vercel.figures(node, churn_p99)
+    figures += _metrics_figures(with_metrics, passthrough, details)
     figures += _uvloop_figures(on_uvloop, node, details)
     return Result(figures=figures, details=details)
+
+
+@contextlib.contextmanager
+def _metrics_recorded() -> Iterator[str | None]:
+    """Record the library's metrics on an SDK provider meanwhile; else yield why not."""
+    try:
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        from resumable_stream import telemetry
+    except ImportError as exc:
+        yield f"skipped: the OpenTelemetry SDK is not installed ({exc})"
+        return
+    telemetry.configure(meter_provider=MeterProvider(metric_readers=[InMemoryMetricReader()]))
+    try:
+        yield None
+    finally:
+        telemetry.configure()
+
+
+def _metrics_figures(
+    run: _PacedRun | str, passthrough: _PacedRun, details: dict[str, Any]
+) -> list[Figure]:
+    if isinstance(run, str):
+        return [Figure("2b", "churn with metrics on (OpenTelemetry SDK)", run, note="skipped")]
+    details["churn_metrics"] = {**_run_details(run), "pass_through_cpu_s": passthrough.cpu}
+    return [
+        Figure(
+            "2b",
+            "churn with metrics on (OpenTelemetry SDK): library CPU per token",
+            round(_library_us(run, passthrough), 1),
+            "us",
+            note="info",
+        ),
+        Figure(
+            "2b",
+            "churn with metrics on: p99",
+            round(percentile(run.latencies, 99), 2),
+            "ms",
+            note="info",
+        ),
+        Figure("2b", "churn with metrics on: readers missing tokens", run.short, "", "==", 0),
+    ]
 
 
 def _uvloop_figures(

@@ -59,6 +59,9 @@ def test_quick_paced_and_fanout_rows_carry_their_targets(tmp_path: Path) -> None
     judged("churn: library CPU per token (minus pass-through)", "<= 15")
     judged("churn: readers missing tokens", "== 0")
     judged("floor: readers missing tokens", "== 0")
+    judged("churn with metrics on: readers missing tokens", "== 0")  # an OpenTelemetry SDK
+    metrics = "churn with metrics on (OpenTelemetry SDK): library CPU per token"
+    assert isinstance(figures[metrics]["value"], int | float)
     floor = "floor: minimal client, one XADD per token, no library (CPU minus pass-through)"
     assert isinstance(figures[floor]["value"], int | float)
     for streams in (20, 50):
