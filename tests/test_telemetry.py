@@ -311,3 +311,35 @@ def test_the_counters_are_read_by_the_provider_configured_only() -> None:
         assert appended(first) is None  # no longer configured: reports nothing
     finally:
         telemetry.configure()
+
+
+@pytest.mark.parametrize("order", ["global first", "configured first"])
+def test_the_global_provider_configured_by_name_reads_the_counters(order: str) -> None:
+    # The provider set as the global one and also given to configure() got the counters
+    # made twice; its meter kept the first callbacks, which then reported nothing.
+    code = (
+        "from opentelemetry import metrics\n"
+        "from opentelemetry.sdk.metrics import MeterProvider\n"
+        "from opentelemetry.sdk.metrics.export import InMemoryMetricReader\n"
+        "reader = InMemoryMetricReader()\n"
+        "provider = MeterProvider(metric_readers=[reader])\n"
+        + (
+            "metrics.set_meter_provider(provider)\n"
+            "from resumable_stream import telemetry\n"
+            "telemetry.configure(meter_provider=provider)\n"
+            if order == "global first"
+            else "from resumable_stream import telemetry\n"
+            "telemetry.configure(meter_provider=provider)\n"
+            "metrics.set_meter_provider(provider)\n"
+            "telemetry.configure()\n"
+        )
+        + "telemetry.appended(5, telemetry.clock())\n"
+        "for resource in reader.get_metrics_data().resource_metrics:\n"
+        "    for scope in resource.scope_metrics:\n"
+        "        for metric in scope.metrics:\n"
+        "            if metric.name == 'resumable_stream.events.appended':\n"
+        "                print([point.value for point in metric.data.data_points])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[5]"]

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._exceptions import ConfigurationError, TransportError
@@ -76,33 +76,52 @@ class _Counts:
 
 
 _counts = _Counts()
+_configured: Any = None  # the meter provider given to configure() (None: the global one)
+
+
+def _provider(given: Any) -> Any:
+    """The meter provider recorded on when ``given`` is configured (None: the global one)."""
+    return given if given is not None else _otel_metrics.get_meter_provider()
+
+
+def _read_while_configured(meter_provider: Any, read: Callable[[], int]) -> list[Any]:
+    """The callbacks of an observable counter made for ``meter_provider``.
+
+    They report only while the library records on that provider, as its other instruments
+    do. A meter keeps the callbacks its instruments were first made with (configure() again
+    with the same provider makes none), so they look up what is configured when called.
+    """
+
+    def observe(_: Any) -> list[Any]:
+        if _provider(_configured) is not _provider(meter_provider):
+            return []
+        return [_Observation(read())]
+
+    return [observe]
 
 
 class _Instruments:
-    """The instruments on one meter provider; made once per provider (see _instruments_for)."""
-
-    def __init__(self, meter_provider: Any = None) -> None:
+    def __init__(self, meter_provider: Any = None, tracer_provider: Any = None) -> None:
         if _otel_metrics is None or _otel_trace is None:  # pragma: no cover - guarded by callers
             raise ConfigurationError("OpenTelemetry is not installed")
         meter = _otel_metrics.get_meter(_SCOPE, meter_provider=meter_provider)
-        self.tracer: Any = None
+        self.tracer = _otel_trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
         counter = meter.create_counter
         self.runs_started = counter("resumable_stream.runs.started", "{run}", "Runs started")
         self.runs_ended = counter("resumable_stream.runs.ended", "{run}", "Runs ended, by status")
         # Entries and events are tallied in plain integers (`_counts`) that OpenTelemetry
         # reads when it collects: an SDK instrument's add() costs several microseconds, more
-        # than the library's own work on a token (docs/performance.md). A provider reads
-        # them only while it is the one configured, as its other instruments record only then.
+        # than the library's own work on a token (docs/performance.md).
         observe = meter.create_observable_counter
         observe(
             "resumable_stream.events.appended",
-            [self._observe_events],
+            _read_while_configured(meter_provider, lambda: _counts.events),
             "{event}",
             "Events written to streams",
         )
         observe(
             "resumable_stream.entries.appended",
-            [self._observe_entries],
+            _read_while_configured(meter_provider, lambda: _counts.entries),
             "{entry}",
             "Entries (batches) written",
         )
@@ -118,7 +137,7 @@ class _Instruments:
         )
         observe(
             "resumable_stream.events.delivered",
-            [self._observe_delivered],
+            _read_while_configured(meter_provider, lambda: _counts.delivered),
             "{event}",
             "Events handed to consumers",
         )
@@ -137,30 +156,8 @@ class _Instruments:
             "Connections a transport re-established",
         )
 
-    def _observe_events(self, _: Any) -> list[Any]:
-        return [_Observation(_counts.events)] if _instruments is self else []
 
-    def _observe_entries(self, _: Any) -> list[Any]:
-        return [_Observation(_counts.entries)] if _instruments is self else []
-
-    def _observe_delivered(self, _: Any) -> list[Any]:
-        return [_Observation(_counts.delivered)] if _instruments is self else []
-
-
-# By the id of their meter provider (None: the global one). Instruments made again on a
-# meter that has them would keep the first ones' callbacks: each provider gets them once.
-_by_provider: dict[int, _Instruments] = {}
-
-
-def _instruments_for(meter_provider: Any, tracer_provider: Any) -> _Instruments:
-    instruments = _by_provider.get(id(meter_provider))
-    if instruments is None:
-        instruments = _by_provider[id(meter_provider)] = _Instruments(meter_provider)
-    instruments.tracer = _otel_trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
-    return instruments
-
-
-_instruments: _Instruments | None = None if _otel_metrics is None else _instruments_for(None, None)
+_instruments: _Instruments | None = None if _otel_metrics is None else _Instruments()
 
 
 def configure(*, meter_provider: Any = None, tracer_provider: Any = None) -> None:
@@ -169,12 +166,13 @@ def configure(*, meter_provider: Any = None, tracer_provider: Any = None) -> Non
     ``configure()`` with no argument goes back to the global providers. Raises
     :class:`ConfigurationError` when OpenTelemetry is not installed.
     """
-    global _instruments
+    global _instruments, _configured
     if _otel_metrics is None:
         raise ConfigurationError(
             "metrics and traces need OpenTelemetry: pip install 'resumable-llm-stream[otel]'"
         )
-    _instruments = _instruments_for(meter_provider, tracer_provider)
+    _configured = meter_provider
+    _instruments = _Instruments(meter_provider, tracer_provider)
 
 
 # --- Recording calls: one line at each call site in the library --------------------------
