@@ -571,6 +571,38 @@ async def test_a_killed_master_is_replaced_and_its_streams_followed_on_the_new_o
         subscription.close()
 
 
+async def test_a_process_that_only_reads_follows_a_killed_master_to_its_replica(
+    redis_cluster: RedisClusterService,
+) -> None:
+    """A transport whose command to a killed master failed read the slot map once, before
+    the replica took over, and kept it until another command failed: a reader attached
+    after the failover failed at once. It reads the map again until the failover shows."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    async with (
+        RedisTransport.from_url(redis_cluster.url, prefix=prefix) as writer,
+        RedisTransport.from_url(redis_cluster.url, prefix=prefix) as reader,
+    ):
+        info = await writer.create("dead", owner="o", lease_ms=600_000)
+        await writer.append("dead", "o", Entry(info.epoch, 1, b"[1]"), 1)
+        assert await reader.info("dead") is not None
+        slot = redis_cluster.slot_of(f"{prefix}:{{dead}}:meta")
+        old = redis_cluster.owner(slot)
+        replica = redis_cluster.replica_of(old)
+        with contextlib.closing(redis_cluster.node(old).client()) as client:
+            assert client.execute_command("WAIT", 1, 5000) == 1  # the replica has it all
+        redis_cluster.kill(old)
+        with pytest.raises(TransportError):
+            await reader.info("dead")  # before the failover: the node is down
+        await asyncio.to_thread(redis_cluster.wait_healthy, replicas=False)
+        assert redis_cluster.owner(slot) == replica
+
+        async def routed_to_replica() -> bool:  # with no command of its own failing again
+            return reader._node_for_slot(slot).name.endswith(f":{replica}")
+
+        await eventually(routed_to_replica, within=30)
+        assert await reader.info("dead") is not None
+
+
 async def test_connections_per_master_stay_at_two_whatever_the_streams(
     redis_cluster: RedisClusterService,
 ) -> None:

@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 from redis import exceptions as rex
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, parse_url
+from redis.cluster import PRIMARY
 from redis.crc import key_slot
 
 from .._constants import (
@@ -76,6 +77,9 @@ DEFAULT_WRITE_RETRY_BUDGET = 30.0
 _FETCH_COUNT = 1024
 #: Seconds between attempts to read a cluster's slot map that failed.
 _ROUTE_RETRY = 0.5
+# How long the slot map is read again while it names a master that failed (a failover
+# takes the cluster's node timeout, 15 s by default, and an election).
+_DOWN_RECHECK_FOR = 60.0
 #: Redirections (MOVED, ASK, NOSCRIPT) one command may follow before failing.
 _MAX_REDIRECTS = 5
 _META_FIELDS = ("epoch", "status", "created", "updated", "last", "count", "lease_ms")
@@ -328,6 +332,10 @@ class RedisTransport(Transport):
         self._router: asyncio.Task[None] | None = None
         self._router_wake = asyncio.Event()
         self._refresh_wanted = False
+        # Nodes a command could not reach -> when: while the slot map still names one as a
+        # master (its replica not yet promoted), the router reads the map again.
+        self._down: dict[str, float] = {}
+        self._recheck: asyncio.TimerHandle | None = None
 
     # -- construction -----------------------------------------------------------------
 
@@ -463,10 +471,13 @@ class RedisTransport(Transport):
                 else:
                     reply = await node.pipe.send(packed)  # the hot path: no gather()
             except TransportError as exc:
-                if not isinstance(exc, BackendRefused):
+                if not isinstance(exc, BackendRefused) and self._cluster is not None:
                     # A node down: its replica may be taking over (the producer retries).
+                    self._down[node.name] = time.monotonic()
                     self._refresh_topology()
                 raise
+            if self._down:
+                self._down.pop(node.name, None)  # it answers
             if not isinstance(reply, rex.RedisError):
                 return replies if then else reply
             code = error_code(reply)
@@ -910,6 +921,9 @@ class RedisTransport(Transport):
                 if waiter.on_close is not None:
                     waiter.on_close()  # wait_cancel() raises TransportClosed
         await stop(*self._checks)
+        if self._recheck is not None:
+            self._recheck.cancel()
+            self._recheck = None
         if self._router is not None:
             await stop(self._router)
         nodes = [self._single] if self._single is not None else list(self._nodes.values())
@@ -977,6 +991,7 @@ class RedisTransport(Transport):
                     await self._cluster.nodes_manager.initialize()
                     await self._release_client_connections()
                     self._replace_subscriptions()
+                    self._recheck_while_down()
             except Exception as exc:
                 logger.warning("cannot read the cluster's slot map: %s; retrying", exc)
                 self._refresh_wanted = self._cluster is not None
@@ -987,6 +1002,28 @@ class RedisTransport(Transport):
                 self._unrouted.discard(channel)
                 if channel in self._feeds or channel in self._cancel_waiters:
                     self._follow(channel)
+
+    def _recheck_while_down(self) -> None:
+        """Read the slot map again soon while it names a master that failed: a process that
+        only reads would otherwise keep the map until its next command to that node fails,
+        long after the replica took over."""
+        cluster = self._cluster
+        if not self._down or cluster is None:
+            return
+        masters = {node.name for node in cluster.nodes_manager.get_nodes_by_server_type(PRIMARY)}
+        now = time.monotonic()
+        self._down = {
+            name: since
+            for name, since in self._down.items()
+            if name in masters and now - since < _DOWN_RECHECK_FOR
+        }
+        if self._down and self._recheck is None:
+
+            def recheck() -> None:
+                self._recheck = None
+                self._refresh_topology()
+
+            self._recheck = asyncio.get_running_loop().call_later(_ROUTE_RETRY, recheck)
 
     def _replace_subscriptions(self) -> None:
         for channel, node in tuple(self._channel_node.items()):
