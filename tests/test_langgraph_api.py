@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -148,6 +149,58 @@ async def test_http_errors_are_json_with_codes() -> None:
     await api.producer.aclose()
 
 
+@contextlib.asynccontextmanager
+async def lg_client(
+    authorize: Any = allow_all,
+) -> AsyncIterator[tuple[Any, Any, dict[str, asyncio.Event]]]:
+    """An HTTP client of a LangGraphRouter mounted at /lg (memory transport), the router,
+    and the holds of its graph (a thread's model answers once its hold is set)."""
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    holds: dict[str, asyncio.Event] = {}
+    api = LangGraphRouter(
+        MemoryTransport(), {"agent": build_graph(holds, InMemorySaver())}, authorize=authorize
+    )
+    try:
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(Starlette(routes=[Mount("/lg", api)])),
+            base_url="http://t/lg",
+        ) as http:
+            yield http, api, holds
+    finally:
+        await api.producer.aclose()
+
+
+@contextlib.asynccontextmanager
+async def both_routers(authorize: Any) -> AsyncIterator[Any]:
+    """An app with a LangGraphRouter at /lg and a ChatRouter at /ai (one memory transport)."""
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.ai_sdk import ChatRouter
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    async def answer(request: Any) -> AsyncIterator[str]:
+        yield "never"
+
+    transport = MemoryTransport()
+    api = LangGraphRouter(
+        transport, {"agent": build_graph({}, InMemorySaver())}, authorize=authorize
+    )
+    chat = ChatRouter(transport, answer, authorize=authorize)
+    try:
+        yield Starlette(routes=[Mount("/lg", api), Mount("/ai", chat)])
+    finally:
+        await api.producer.aclose()
+        await chat.producer.aclose()
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -169,28 +222,14 @@ async def test_a_run_body_langgraph_would_fail_on_is_refused_before_the_run(
 ) -> None:
     # Regression: these started a run (replacing the thread's last one) that then failed
     # inside LangGraph with a TypeError or an IndexError, where the docs promise a 422.
-    import httpx
-    from langgraph.checkpoint.memory import InMemorySaver
-    from starlette.applications import Starlette
-    from starlette.routing import Mount
-
-    from resumable_stream.langgraph_api import LangGraphRouter
-
-    transport = MemoryTransport()
-    api = LangGraphRouter(
-        transport, {"agent": build_graph({}, InMemorySaver())}, authorize=allow_all
-    )
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(Starlette(routes=[Mount("/lg", api)])), base_url="http://t/lg"
-    ) as http:
+    async with lg_client() as (http, api, _):
         thread_id = (await http.post("/threads", json={})).json()["thread_id"]
         response = await http.post(
             f"/threads/{thread_id}/runs/stream",
             json={"assistant_id": "agent", "input": {"messages": []}, **extra},
         )
         assert (response.status_code, response.json()["code"]) == (422, "invalid_request")
-        assert await transport.info(api.stream_id(thread_id)) is None  # no run started
-    await api.producer.aclose()
+        assert await api.transport.info(api.stream_id(thread_id)) is None  # no run started
 
 
 @pytest.mark.parametrize(
@@ -203,20 +242,7 @@ async def test_a_run_body_langgraph_would_fail_on_is_refused_before_the_run(
 )
 async def test_run_bodies_the_sdk_sends_run(extra: dict[str, Any]) -> None:
     # Regressions from the checks above: nulls LangChain leaves out, and the SDK's Send.
-    import httpx
-    from langgraph.checkpoint.memory import InMemorySaver
-    from starlette.applications import Starlette
-    from starlette.routing import Mount
-
-    from resumable_stream.langgraph_api import LangGraphRouter
-
-    holds: dict[str, asyncio.Event] = {}
-    api = LangGraphRouter(
-        MemoryTransport(), {"agent": build_graph(holds, InMemorySaver())}, authorize=allow_all
-    )
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(Starlette(routes=[Mount("/lg", api)])), base_url="http://t/lg"
-    ) as http:
+    async with lg_client() as (http, _, holds):
         thread_id = (await http.post("/threads", json={})).json()["thread_id"]
         holds.setdefault(thread_id, asyncio.Event()).set()
         body = {"assistant_id": "agent", "input": {"messages": [("user", "hi")]}, **extra}
@@ -225,24 +251,10 @@ async def test_run_bodies_the_sdk_sends_run(extra: dict[str, Any]) -> None:
         assert "event: error" not in response.text
         messages = (await http.get(f"/threads/{thread_id}/state")).json()["values"]["messages"]
         assert messages[-1]["type"] == "ai"
-    await api.producer.aclose()
 
 
 async def test_a_command_update_given_as_pairs_reaches_the_graph() -> None:
-    import httpx
-    from langgraph.checkpoint.memory import InMemorySaver
-    from starlette.applications import Starlette
-    from starlette.routing import Mount
-
-    from resumable_stream.langgraph_api import LangGraphRouter
-
-    holds = {}
-    api = LangGraphRouter(
-        MemoryTransport(), {"agent": build_graph(holds, InMemorySaver())}, authorize=allow_all
-    )
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(Starlette(routes=[Mount("/lg", api)])), base_url="http://t/lg"
-    ) as http:
+    async with lg_client() as (http, _, holds):
         thread_id = (await http.post("/threads", json={})).json()["thread_id"]
         holds.setdefault(thread_id, asyncio.Event()).set()
         update = [["messages", [{"role": "user", "content": "from a command"}]]]
@@ -253,7 +265,6 @@ async def test_a_command_update_given_as_pairs_reaches_the_graph() -> None:
         assert response.status_code == 200
         state = (await http.get(f"/threads/{thread_id}/state")).json()
         assert state["values"]["messages"][0]["content"] == "from a command"
-    await api.producer.aclose()
 
 
 async def _post_and_leave(app: Any, path: str) -> list[dict[str, Any]]:
@@ -290,28 +301,11 @@ async def _post_and_leave(app: Any, path: str) -> list[dict[str, Any]]:
 async def test_a_client_leaving_before_its_body_arrives_ends_the_request_quietly() -> None:
     # Regression: Starlette's ClientDisconnect escaped both protocol routers, and the server
     # logged an error with a traceback for every such request.
-    from langgraph.checkpoint.memory import InMemorySaver
-    from starlette.applications import Starlette
-    from starlette.routing import Mount
-
-    from resumable_stream.ai_sdk import ChatRouter
-    from resumable_stream.langgraph_api import LangGraphRouter
-
-    async def answer(request: Any) -> AsyncIterator[str]:
-        yield "never"
-
-    transport = MemoryTransport()
-    api = LangGraphRouter(
-        transport, {"agent": build_graph({}, InMemorySaver())}, authorize=allow_all
-    )
-    chat = ChatRouter(transport, answer, authorize=allow_all)
-    app = Starlette(routes=[Mount("/lg", api), Mount("/ai", chat)])
-    for path in ("/lg/threads", "/lg/threads/t1/runs/stream", "/ai/api/chat"):
-        sent = await _post_and_leave(app, path)  # raised ClientDisconnect
-        assert sent[0]["status"] == 400, path
-        assert orjson.loads(sent[1]["body"])["code"] == "client_disconnected"
-    await api.producer.aclose()
-    await chat.producer.aclose()
+    async with both_routers(allow_all) as app:
+        for path in ("/lg/threads", "/lg/threads/t1/runs/stream", "/ai/api/chat"):
+            sent = await _post_and_leave(app, path)  # raised ClientDisconnect
+            assert sent[0]["status"] == 400, path
+            assert orjson.loads(sent[1]["body"])["code"] == "client_disconnected"
 
 
 async def test_a_run_id_is_found_only_in_the_thread_that_ran_it() -> None:
@@ -662,27 +656,15 @@ async def test_an_http_error_from_authorize_has_the_code_the_stream_router_gives
     # Regression: the protocol routers answered authorize's HTTPException(401) with code
     # "http_error", where StreamRouter says "unauthorized".
     import httpx
-    from langgraph.checkpoint.memory import InMemorySaver
-    from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.routing import Mount
-
-    from resumable_stream.ai_sdk import ChatRouter
-    from resumable_stream.langgraph_api import LangGraphRouter
 
     def authorize(*_: Any) -> bool:
         raise HTTPException(401, "log in first", headers={"www-authenticate": "Bearer"})
 
-    async def answer(request: Any) -> AsyncIterator[str]:
-        yield "never"
-
-    transport = MemoryTransport()
-    api = LangGraphRouter(
-        transport, {"agent": build_graph({}, InMemorySaver())}, authorize=authorize
-    )
-    chat = ChatRouter(transport, answer, authorize=authorize)
-    app = Starlette(routes=[Mount("/lg", api), Mount("/ai", chat)])
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+    async with (
+        both_routers(authorize) as app,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http,
+    ):
         for response in (
             await http.get("/lg/threads/t1"),
             await http.post("/ai/api/chat", json={"id": "c1", "messages": []}),
@@ -690,5 +672,3 @@ async def test_an_http_error_from_authorize_has_the_code_the_stream_router_gives
         ):
             assert (response.status_code, response.json()["code"]) == (401, "unauthorized")
             assert response.headers["www-authenticate"] == "Bearer"
-    await api.producer.aclose()
-    await chat.producer.aclose()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from typing import Any
 
 import pytest
 from langchain_core.messages import AIMessageChunk
 
 from resumable_stream import (
     BackendRefused,
+    Event,
     LeaseLost,
     StorageRollback,
     StreamConsumer,
@@ -336,6 +338,13 @@ async def test_a_stop_that_comes_while_the_source_closes_still_ends_the_run(stop
     assert [e.type for e in events] == ["token", "end"]
 
 
+async def _ended_with_error(producer: StreamProducer, source: Any) -> list[Event]:
+    """Run ``source``; check that it ends as ``error``; return what its readers read."""
+    run = await producer.start(source)
+    assert await asyncio.wait_for(run.wait(), timeout=10) == "error"
+    return await asyncio.wait_for(collect(producer.transport, run.stream_id), timeout=10)
+
+
 async def test_a_cancelled_error_raised_by_the_source_ends_the_run_with_an_error() -> None:
     # Regression: taken for the run being stopped, it ended the pump with no terminal
     # event, and the heartbeat kept the lease (and the readers) waiting for ever.
@@ -345,10 +354,7 @@ async def test_a_cancelled_error_raised_by_the_source_ends_the_run_with_an_error
         upstream.cancel()  # e.g. an upstream call that timed out
         yield await upstream
 
-    transport = MemoryTransport()
-    run = await StreamProducer(transport).start(source())
-    assert await asyncio.wait_for(run.wait(), timeout=10) == "error"
-    events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=10)
+    events = await _ended_with_error(StreamProducer(MemoryTransport()), source())
     assert [(e.type, e.data.get("error")) for e in events] == [
         ("token", None),
         ("error", "CancelledError"),
@@ -375,10 +381,7 @@ async def test_a_source_raising_any_error_ends_the_run_with_an_error(
         yield "kept "
         raise raised
 
-    transport = MemoryTransport()
-    run = await StreamProducer(transport).start(source())
-    assert await asyncio.wait_for(run.wait(), timeout=10) == "error"
-    events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=10)
+    events = await _ended_with_error(StreamProducer(MemoryTransport()), source())
     assert [(e.type, e.data.get("error")) for e in events] == [
         ("token", None),
         ("error", type(raised).__name__),
@@ -393,10 +396,9 @@ async def test_the_error_about_an_oversized_event_fits_the_smallest_limit() -> N
         yield "kept "
         yield "x" * 200
 
-    transport = MemoryTransport()
-    run = await StreamProducer(transport, max_event_bytes=100).start(source())
-    assert await asyncio.wait_for(run.wait(), timeout=10) == "error"
-    events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=10)
+    events = await _ended_with_error(
+        StreamProducer(MemoryTransport(), max_event_bytes=100), source()
+    )
     assert [(e.type, e.data.get("error")) for e in events] == [
         ("token", None),
         ("error", "EventTooLarge"),
