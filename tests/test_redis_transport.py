@@ -603,6 +603,24 @@ async def test_a_process_that_only_reads_follows_a_killed_master_to_its_replica(
         assert await reader.info("dead") is not None
 
 
+async def test_a_slow_master_is_not_taken_for_a_failed_one(
+    redis_cluster: RedisClusterService,
+) -> None:
+    """A command that timed out (the node slow, not gone) does not start the slot-map
+    rechecks a failed master does: every process would poll the cluster for a minute after
+    a latency spike."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    url = f"{redis_cluster.url}?socket_timeout=0.3"
+    async with RedisTransport.from_url(url, prefix=prefix) as transport:
+        assert await transport.info("slow") is None
+        master = redis_cluster.owner(redis_cluster.slot_of(f"{prefix}:{{slow}}:meta"))
+        with contextlib.closing(redis_cluster.node(master).client()) as client:
+            client.execute_command("CLIENT", "PAUSE", 2000, "ALL")
+        with pytest.raises(TransportError, match="did not answer"):
+            await transport.info("slow")
+        assert transport._down == {} and transport._recheck is None
+
+
 async def test_connections_per_master_stay_at_two_whatever_the_streams(
     redis_cluster: RedisClusterService,
 ) -> None:

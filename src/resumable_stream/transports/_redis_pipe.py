@@ -161,6 +161,10 @@ _INCOMPLETE: Any = object()
 _PUSH: type | None = getattr(hiredis, "PushNotification", None)
 
 
+class NoAnswer(TransportError):
+    """The server stayed silent past the timeout while replies were owed: slow, or gone."""
+
+
 class _Replies(asyncio.Protocol):
     """Takes over a redis-py connection's socket once it is set up (TLS, AUTH, HELLO,
     SELECT done) and has ``on_data(reader)`` take the replies from ``data_received``:
@@ -465,7 +469,7 @@ class Pipe:
         if loop.time() < due:
             self._watchdog = loop.call_at(due, self._check)
             return
-        self._end(session, TransportError(f"Redis did not answer within {self._timeout:g} s"))
+        self._end(session, NoAnswer(f"Redis did not answer within {self._timeout:g} s"))
         if session.task is not None:
             session.task.cancel()
 

@@ -58,6 +58,7 @@ from . import _redis_scripts as scripts
 from ._base import Entry, QueueSubscription, Status, StreamInfo, Subscription, Transport
 from ._redis_pipe import (
     ConnectionFactory,
+    NoAnswer,
     Pipe,
     Subscriber,
     describe,
@@ -473,7 +474,8 @@ class RedisTransport(Transport):
             except TransportError as exc:
                 if not isinstance(exc, BackendRefused) and self._cluster is not None:
                     # A node down: its replica may be taking over (the producer retries).
-                    self._down[node.name] = time.monotonic()
+                    if not isinstance(exc, NoAnswer):  # (slow is not gone: no rechecks)
+                        self._down[node.name] = time.monotonic()
                     self._refresh_topology()
                 raise
             if self._down:
@@ -1008,7 +1010,7 @@ class RedisTransport(Transport):
         only reads would otherwise keep the map until its next command to that node fails,
         long after the replica took over."""
         cluster = self._cluster
-        if not self._down or cluster is None:
+        if not self._down or cluster is None or self._closed:
             return
         masters = {node.name for node in cluster.nodes_manager.get_nodes_by_server_type(PRIMARY)}
         now = time.monotonic()
