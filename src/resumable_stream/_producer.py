@@ -422,8 +422,9 @@ class Run:
         except BaseException as exc:  # an Exception, or a BaseException (a test's failure)
             logger.info("run %s: source raised or yielded a bad event: %r", self.stream_id, exc)
             terminal = (ERROR, error_data(exc))
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
-                raise  # the process is stopping: asyncio hands these to the loop
+            if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
+                raise  # the process is stopping (asyncio hands these to the loop), or this
+                # coroutine is being closed: never swallowed
         finally:
             # The source closes before the terminal event is written (a graph's clean-up
             # and checkpoint writes end before its thread shows idle). A stop requested
