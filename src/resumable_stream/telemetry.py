@@ -14,8 +14,8 @@ Metrics (OpenTelemetry names; Prometheus turns the dots into underscores and add
 * ``resumable_stream.events.appended`` and ``resumable_stream.entries.appended`` (an entry is
   a batch of events written at once);
 * ``resumable_stream.append.duration`` (histogram, seconds): one append, retries included,
-  sampled: an append's duration is recorded unless another was in the last 10 ms (all of
-  them at up to a hundred appends a second, about a hundred a second above that);
+  sampled: at most one append's duration per 10 ms is recorded, across the process (every
+  append when they come 10 ms apart or more, about a hundred a second under load);
 * ``resumable_stream.consumers.live`` (up-down counter): consumers following a stream live;
 * ``resumable_stream.events.delivered``: events handed to consumers;
 * ``resumable_stream.resumes``: consumers started after an offset (``after=``,
