@@ -40,6 +40,20 @@ from tests._services import RedisServer
 Points = dict[tuple[tuple[str, Any], ...], Any]
 
 
+def read_points(reader: InMemoryMetricReader, name: str) -> Points:
+    """The data points of metric ``name`` (values, or histogram counts), by attributes."""
+    found: Points = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data is not None else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == name:
+                    for point in metric.data.data_points:
+                        key = tuple(sorted(point.attributes.items()))
+                        found[key] = getattr(point, "value", getattr(point, "count", None))
+    return found
+
+
 @dataclass
 class Recorded:
     """What the library recorded since the fixture began.
@@ -62,16 +76,7 @@ class Recorded:
         return found
 
     def _read(self, name: str) -> Points:
-        found: Points = {}
-        data = self.reader.get_metrics_data()
-        for resource in data.resource_metrics if data is not None else ():
-            for scope in resource.scope_metrics:
-                for metric in scope.metrics:
-                    if metric.name == name:
-                        for point in metric.data.data_points:
-                            key = tuple(sorted(point.attributes.items()))
-                            found[key] = getattr(point, "value", getattr(point, "count", None))
-        return found
+        return read_points(self.reader, name)
 
     def value(self, name: str, **attributes: Any) -> Any:
         return self.points(name).get(tuple(sorted(attributes.items())), 0)
@@ -291,13 +296,8 @@ def test_the_counters_are_read_by_the_provider_configured_only() -> None:
     # Observable counters stay on every meter they were made on: a replaced provider, or the
     # global one, kept reporting appends made after another provider was configured.
     def appended(reader: InMemoryMetricReader) -> int | None:
-        data = reader.get_metrics_data()
-        for resource in data.resource_metrics if data is not None else ():
-            for scope in resource.scope_metrics:
-                for metric in scope.metrics:
-                    if metric.name == "resumable_stream.events.appended":
-                        return sum(point.value for point in metric.data.data_points)
-        return None
+        points = read_points(reader, "resumable_stream.events.appended")
+        return sum(points.values()) if points else None
 
     first, second = InMemoryMetricReader(), InMemoryMetricReader()
     try:
