@@ -308,6 +308,57 @@ async def test_a_client_leaving_before_its_body_arrives_ends_the_request_quietly
             assert orjson.loads(sent[1]["body"])["code"] == "client_disconnected"
 
 
+def test_a_body_over_max_body_bytes_is_413_and_starts_nothing() -> None:
+    # Regression: both protocol routers read any request body whole into memory, however
+    # large (a declared or a chunked one), then parsed it.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.ai_sdk import ChatRouter
+    from resumable_stream.langgraph_api import LangGraphRouter
+    from tests._services import uvicorn_server
+
+    async def answer(request: Any) -> AsyncIterator[str]:
+        yield "small enough"
+
+    transport = MemoryTransport()
+    graph = build_graph({}, InMemorySaver())
+    api = LangGraphRouter(transport, {"agent": graph}, authorize=allow_all, max_body_bytes=1000)
+    chat = ChatRouter(transport, answer, authorize=allow_all, max_body_bytes=1000)
+    app = Starlette(routes=[Mount("/lg", api), Mount("/ai", chat)])
+    text = {"role": "user", "parts": [{"type": "text", "text": "x" * 1500}]}
+    big = orjson.dumps({"id": "c1", "messages": [text], "assistant_id": "agent"})
+    json_type = {"content-type": "application/json"}
+    with uvicorn_server(app) as url, httpx.Client(base_url=url) as client:
+        for path in ("/lg/threads", "/lg/threads/t1/runs/stream", "/ai/api/chat"):
+            declared = client.post(path, content=big, headers=json_type)
+            chunked = client.post(path, content=iter([big[:600], big[600:]]), headers=json_type)
+            for response in (declared, chunked):
+                assert response.status_code == 413, (path, response.text)
+                assert response.json()["code"] == "body_too_large"
+                assert "1000 bytes" in response.json()["message"]
+        assert client.get("/ai/api/chat/c1/stream").status_code == 204  # no answer started
+        small = client.post("/ai/api/chat", json={"id": "c1", "messages": []})
+        assert small.status_code == 200
+        assert "small enough" in small.text
+        thread = client.post("/lg/threads", content=iter([b"{}"]), headers=json_type)
+        assert thread.status_code == 200, thread.text
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1.5, True])
+def test_max_body_bytes_must_be_a_positive_int(limit: Any) -> None:
+    from resumable_stream import ConfigurationError
+    from resumable_stream.ai_sdk import ChatRouter
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    with pytest.raises(ConfigurationError, match="max_body_bytes"):
+        ChatRouter(MemoryTransport(), lambda chat: None, authorize=allow_all, max_body_bytes=limit)
+    with pytest.raises(ConfigurationError, match="max_body_bytes"):
+        LangGraphRouter(MemoryTransport(), {"g": None}, authorize=allow_all, max_body_bytes=limit)
+
+
 async def test_a_run_id_is_found_only_in_the_thread_that_ran_it() -> None:
     # Regression: only the epoch in a run id's high bits was checked, so another thread's
     # run id, or any UUID with a small enough high half (the nil UUID), was "success".

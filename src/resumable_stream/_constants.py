@@ -78,6 +78,9 @@ DEFAULT_RETRY = 1.0
 DEFAULT_SEND_TIMEOUT = 30.0
 #: Stream connections one router serves at once (the library targets 1,000 per worker).
 DEFAULT_MAX_CONNECTIONS = 1000
+#: Largest request body (bytes) the chat and LangGraph routers read: a chat's request holds
+#: its whole history, attachments included, so this is generous; larger bodies get a 413.
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 #: Seconds a stream response waits for its first events before it sends the headers: long
 #: enough for the consumer's first reads, so that their errors still get a status code.
 FIRST_EVENT_WAIT = 0.5

@@ -201,6 +201,14 @@ def too_many_streams(limit: int) -> HTTPError:
 CLIENT_GONE = HTTPError(400, "client_disconnected", "the client left before its request's body")
 
 
+def body_too_large(limit: int) -> HTTPError:
+    return HTTPError(
+        413,
+        "body_too_large",
+        f"the request body is larger than this server's limit of {limit} bytes (max_body_bytes)",
+    )
+
+
 def not_running(stream_id: str, status: str) -> HTTPError:
     return HTTPError(409, "stream_not_running", f"stream {stream_id!r} is {status}, not running")
 

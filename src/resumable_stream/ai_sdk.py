@@ -28,13 +28,13 @@ from typing import Any, Literal
 
 import orjson
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from ._codec import parse_offset
-from ._constants import DEFAULT_PING_INTERVAL, DEFAULT_SEND_TIMEOUT
+from ._constants import DEFAULT_MAX_BODY_BYTES, DEFAULT_PING_INTERVAL, DEFAULT_SEND_TIMEOUT
 from ._consumer import StreamConsumer
 from ._events import (
     CANCELLED,
@@ -49,7 +49,6 @@ from ._events import (
 )
 from ._exceptions import ConfigurationError, ResumableStreamError, StreamAlreadyRunning
 from ._http import (
-    CLIENT_GONE,
     EVENT_STREAM_TYPE,
     JSON_TYPE,
     HTTPError,
@@ -61,7 +60,7 @@ from ._http import (
 from ._ids import check_stream_id
 from ._producer import StreamProducer
 from ._sse import PING
-from .starlette import StreamResponse, _json_routing_errors
+from .starlette import StreamResponse, _check_body_limit, _json_routing_errors, _read_body
 from .transports import Transport
 
 __all__ = [
@@ -438,8 +437,9 @@ class ChatRouter:
 
     ``stream_id(chat_id)`` maps a chat to its stream (the chat id by default); each message
     starts a new run of it (a new epoch). A chat with an answer in progress refuses another
-    with 409. ``authorize(request, chat_id, action)`` may refuse with false (403) or raise
-    Starlette's ``HTTPException``. Add :attr:`routes` to the app, or serve the router itself.
+    with 409, a body over ``max_body_bytes`` with 413. ``authorize(request, chat_id,
+    action)`` may refuse with false (403) or raise Starlette's ``HTTPException``. Add
+    :attr:`routes` to the app, or serve the router itself.
     """
 
     def __init__(
@@ -453,7 +453,9 @@ class ChatRouter:
         stream_id: Callable[[str], str] | None = None,
         ping_interval: float | None = DEFAULT_PING_INTERVAL,
         send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
+        _check_body_limit(max_body_bytes)
         if authorize is None:
             raise ConfigurationError(
                 "ChatRouter needs authorize=: a function (request, chat_id, action) that returns "
@@ -468,6 +470,7 @@ class ChatRouter:
         self.stream_id = stream_id or (lambda chat_id: chat_id)
         self.ping_interval = ping_interval
         self.send_timeout = send_timeout
+        self.max_body_bytes = max_body_bytes
         path = "/" + path.strip("/") if path.strip("/") else ""
         self.routes: list[BaseRoute] = [
             Route(path or "/", self.send, methods=["POST"], name="ai_chat_send"),
@@ -505,10 +508,11 @@ class ChatRouter:
 
     async def send(self, request: Request) -> Response:
         """``POST {path}``: answer the chat's new message as a UI message stream."""
+        raw = await _read_body(request, self.max_body_bytes)
+        if isinstance(raw, HTTPError):
+            return _error(raw)
         try:
-            body = orjson.loads(await request.body())
-        except ClientDisconnect:
-            return _error(CLIENT_GONE)
+            body = orjson.loads(raw)
         except orjson.JSONDecodeError:
             return _bad_request("the body must be JSON: {id, messages, trigger, messageId}")
         if not isinstance(body, dict):

@@ -29,12 +29,12 @@ from typing import Any, Literal
 
 import orjson
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from ._constants import DEFAULT_PING_INTERVAL, DEFAULT_SEND_TIMEOUT
+from ._constants import DEFAULT_MAX_BODY_BYTES, DEFAULT_PING_INTERVAL, DEFAULT_SEND_TIMEOUT
 from ._consumer import StreamConsumer
 from ._events import CANCELLED, END, ERROR, Event, Item
 from ._exceptions import (
@@ -44,7 +44,6 @@ from ._exceptions import (
     StreamAlreadyRunning,
 )
 from ._http import (
-    CLIENT_GONE,
     EVENT_STREAM_TYPE,
     JSON_TYPE,
     HTTPError,
@@ -55,7 +54,7 @@ from ._http import (
 from ._ids import check_stream_id
 from ._producer import StreamProducer
 from ._sse import PING
-from .starlette import StreamResponse, _json_routing_errors
+from .starlette import StreamResponse, _check_body_limit, _json_routing_errors, _read_body
 from .transports import StreamInfo, Transport
 
 __all__ = [
@@ -354,7 +353,9 @@ class LangGraphRouter:
         cancel_on_disconnect: bool = True,
         ping_interval: float | None = DEFAULT_PING_INTERVAL,
         send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
+        _check_body_limit(max_body_bytes)
         if not graphs:
             raise ValueError("graphs must name at least one compiled graph")
         if authorize is None:
@@ -375,6 +376,7 @@ class LangGraphRouter:
         self.cancel_on_disconnect = cancel_on_disconnect
         self.ping_interval = ping_interval
         self.send_timeout = send_timeout
+        self.max_body_bytes = max_body_bytes
         self._state_graph = next(iter(self.graphs.values()))
         run = "/threads/{thread_id}/runs/{run_id}"
         self.routes: list[BaseRoute] = [
@@ -434,10 +436,9 @@ class LangGraphRouter:
         return thread_id, check_stream_id(self.stream_id(thread_id))
 
     async def _body(self, request: Request) -> dict[str, Any]:
-        try:
-            raw = await request.body()
-        except ClientDisconnect:
-            raise _Refused(CLIENT_GONE) from None
+        raw = await _read_body(request, self.max_body_bytes)
+        if isinstance(raw, HTTPError):
+            raise _Refused(raw)
         if not raw:
             return {}
         try:

@@ -30,7 +30,7 @@ import orjson
 try:
     from starlette.exceptions import HTTPException
     from starlette.middleware.exceptions import ExceptionMiddleware
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import Response
     from starlette.routing import BaseRoute, Route, Router
     from starlette.types import Receive, Scope, Send
@@ -49,11 +49,13 @@ from ._constants import (
 from ._consumer import StreamConsumer
 from ._exceptions import ConfigurationError, ResumableStreamError, StreamNotFound
 from ._http import (
+    CLIENT_GONE,
     FORBIDDEN,
     JSON_TYPE,
     NDJSON,
     SSE,
     HTTPError,
+    body_too_large,
     http_status_error,
     negotiate,
     not_running,
@@ -113,6 +115,36 @@ def _json(status: int, content: Any, headers: dict[str, str] | None = None) -> R
     return Response(
         orjson.dumps(content), status, {"cache-control": "no-store", **(headers or {})}, JSON_TYPE
     )
+
+
+def _check_body_limit(max_body_bytes: int) -> None:
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int):
+        raise ConfigurationError(f"max_body_bytes must be an int, not {max_body_bytes!r}")
+    if max_body_bytes <= 0:
+        raise ConfigurationError("max_body_bytes must be > 0 (bytes)")
+
+
+async def _read_body(request: Request, limit: int) -> bytes | HTTPError:
+    """The request's body, or the error to answer: larger than ``limit`` bytes (413, told by
+    its Content-Length before any of it is read), or a client gone before its end (400)."""
+    try:
+        if int(request.headers.get("content-length", 0)) > limit:
+            return body_too_large(limit)
+    except ValueError:
+        return HTTPError(400, "invalid_request", "the Content-Length header must be a number")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:  # a chunked body, or one longer than its Content-Length said
+                return body_too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        return CLIENT_GONE
+    # Kept where Request.body() looks, for a source that reads the request again.
+    request._body = body = b"".join(chunks)
+    return body
 
 
 async def error_response(request: Request, exc: Exception) -> Response:
