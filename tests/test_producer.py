@@ -731,3 +731,90 @@ async def test_a_run_cancelled_before_its_pump_starts_ends_cancelled() -> None:
     assert status == "cancelled"
     assert [e.type for e in events] == ["cancelled"]
     await asyncio.wait_for(producer.aclose(), timeout=10)
+
+
+async def test_a_source_that_yields_after_the_stop_ends_cancelled_without_that_event() -> None:
+    # Regression: a source that caught the CancelledError, yielded once more and returned
+    # had that event written and the stream ended with `end`: the stop was lost.
+    transport = MemoryTransport()
+    first = asyncio.Event()
+
+    async def polite() -> Any:
+        yield "before "
+        first.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            yield "after the stop "
+
+    run = await StreamProducer(transport).start(polite(), stream_id="polite")
+    await first.wait()
+    assert await asyncio.wait_for(run.cancel(), timeout=10) == "cancelled"
+    events = await asyncio.wait_for(collect(transport, "polite"), timeout=10)
+    assert [(e.type, e.data.get("text")) for e in events] == [
+        ("token", "before "),
+        ("cancelled", None),
+    ]
+    assert events[-1].data == {"reason": "requested"}
+
+
+async def test_a_source_that_keeps_yielding_after_the_stop_is_not_written_on() -> None:
+    # Regression: a retry loop that catches CancelledError kept yielding, and its events
+    # kept being written after run.cancel() (which never returned), then after aclose().
+    transport = MemoryTransport()
+    producer = StreamProducer(transport)
+    started = asyncio.Event()
+
+    async def stubborn() -> Any:
+        while True:
+            try:
+                yield "again "
+                started.set()
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:  # the mistake under test
+                continue
+
+    run = await producer.start(stubborn(), stream_id="stubborn")
+    await started.wait()
+    assert await asyncio.wait_for(run.cancel(), timeout=10) == "cancelled"
+    events = await asyncio.wait_for(collect(transport, "stubborn"), timeout=10)
+    assert events[-1].type == "cancelled"
+    info = await transport.info("stubborn")
+    assert info is not None and info.status == "cancelled"
+    await asyncio.wait_for(producer.aclose(), timeout=10)
+
+
+async def test_a_source_that_never_stops_ends_cancelled_after_a_lease() -> None:
+    # Regression: a source whose clean-up hung after the stop (a `finally` awaiting for
+    # ever) kept run.cancel(), its readers and producer.aclose() waiting for ever, and
+    # the heartbeat kept its lease alive, so readers never saw it lost either.
+    transport = MemoryTransport()
+    producer = StreamProducer(transport, lease=0.2)
+    started, cleaning = asyncio.Event(), asyncio.Event()
+    never = asyncio.get_running_loop().create_future()
+
+    async def stuck() -> Any:
+        try:
+            yield "one "
+            started.set()
+            await asyncio.Event().wait()
+        finally:
+            cleaning.set()
+            await asyncio.shield(never)  # its clean-up hangs
+
+    run = await producer.start(stuck(), stream_id="stuck")
+    await started.wait()
+    reader = asyncio.ensure_future(collect(transport, "stuck"))
+    assert await asyncio.wait_for(run.cancel(), timeout=10) == "cancelled"
+    assert cleaning.is_set()  # it was asked, and is still cleaning up
+    events = await asyncio.wait_for(reader, timeout=10)
+    assert [e.type for e in events] == ["token", "cancelled"]
+    assert events[-1].data == {"reason": "requested"}
+    await asyncio.wait_for(producer.aclose(), timeout=10)
+    assert run.done()
+    never.set_result(None)  # the source's clean-up ends: its task too
+    await eventually(
+        holds(
+            lambda: not any(task.get_name() == "rstream pump stuck" for task in asyncio.all_tasks())
+        )
+    )

@@ -187,6 +187,10 @@ class Run:
         self._clock = time.monotonic
         self._written_at = -COALESCE_GAP  # time.monotonic() of the last entry written
         self._pump: asyncio.Task[None] | None = None
+        # Set when the run stops waiting for a source that did not stop (_give_up_on_source),
+        # and the timer that gives up on it.
+        self._abandoned: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._grace: asyncio.TimerHandle | None = None
         # The pump has taken its first step (_read_source): a task cancelled before that
         # never runs its coroutine, so it would set no terminal event.
         self._pumping = False
@@ -235,6 +239,11 @@ class Run:
     def _request_cancel(self, reason: CancelReason | Literal["stopped"]) -> None:
         if self._cancel_reason is None and self._terminal is None:
             self._cancel_reason = reason
+            # A source that does not stop (it swallows the cancellation, or its clean-up
+            # hangs) gets a lease's time; then the stream ends without it.
+            self._grace = self._task.get_loop().call_later(
+                self._producer.lease, self._give_up_on_source
+            )
             if self._closing:
                 # The source has ended and is closing: not cancelled mid-close (that task
                 # sets the terminal event once it is closed), but the stream ends now, with
@@ -244,6 +253,22 @@ class Run:
             elif self._pumping and self._pump is not None and not self._pump.done():
                 self._pump.cancel()
             # Else the pump has not started: it sees _cancel_reason at its first step.
+
+    def _give_up_on_source(self) -> None:
+        """End the stream with ``cancelled`` and stop waiting for the source (_pumped)."""
+        pump = self._pump
+        if self._terminal is not None or self._closing or pump is None or pump.done():
+            return  # it stopped, or it is closing (which ends the stream its own way)
+        logger.warning(
+            "run %s: the source did not stop within %g s of the stop; the stream ends "
+            "without waiting for it",
+            self.stream_id,
+            self._producer.lease,
+        )
+        assert self._cancel_reason is not None
+        self._end((CANCELLED, {"reason": self._cancel_reason}))
+        if not self._abandoned.done():
+            self._abandoned.set_result(None)
 
     def _stopping(self) -> bool:
         """The run's task group is stopping its tasks: a task failed (_fail), or the run's
@@ -261,16 +286,21 @@ class Run:
 
     async def _main(self) -> None:
         shutting_down = False
+        name = self.stream_id
+        # Not in the task group: a source that ignores a stop must not keep the run from
+        # ending (_give_up_on_source). _pumped() waits for it in the group.
+        pump = self._pump = self._task.get_loop().create_task(
+            self._read_source(), name=f"rstream pump {name}"
+        )
         try:
             async with asyncio.TaskGroup() as group:
-                name = self.stream_id
-                self._pump = group.create_task(self._read_source(), name=f"rstream pump {name}")
                 self._tasks = [
-                    self._pump,
+                    pump,
                     group.create_task(
                         self._supervised(self._flush_loop), name=f"rstream flush {name}"
                     ),
                 ]
+                group.create_task(self._pumped(pump), name=f"rstream source {name}")
                 self._watch_cancel()
         except asyncio.CancelledError:
             shutting_down = True  # the run's task itself was cancelled (shutdown)
@@ -283,6 +313,9 @@ class Run:
             # a full garbage collection (tens of ms with many runs; issue 11).
             self._unwatch()
             self._unwatch = _nothing
+            if self._grace is not None:
+                self._grace.cancel()
+                self._grace = None
             self._stopped_writing()
             self._producer._forget(self)
             self._report_end()
@@ -293,6 +326,19 @@ class Run:
             self._window_counts.clear()
         if shutting_down:
             raise asyncio.CancelledError
+
+    async def _pumped(self, pump: asyncio.Task[None]) -> None:
+        """Wait for the pump as a member of the run's task group would, unless the run
+        gives up on its source."""
+        waits = (pump, self._abandoned)
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the group is stopping: the pump stops with it
+            pump.cancel()
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            raise
+        if pump.done():
+            pump.result()  # what it raised, the group sees
 
     async def _supervised(self, work: Callable[[], Awaitable[None]]) -> None:
         # A failing task stops its siblings itself rather than through the task group:
@@ -358,6 +404,8 @@ class Run:
             if self._cancel_reason is not None:  # cancelled before the pump started
                 raise asyncio.CancelledError
             async for item in source:
+                if self._cancel_reason is not None:
+                    raise asyncio.CancelledError  # it yielded after the stop: not written
                 buffered = len(buffer)
                 # Each event is encoded as it arrives: one that cannot be stored ends the
                 # run after the good events before it (issue 9).
@@ -402,6 +450,8 @@ class Run:
                 while len(buffer) >= buffer_limit:
                     space = self._space = asyncio.get_running_loop().create_future()
                     await space
+            if self._cancel_reason is not None:
+                raise asyncio.CancelledError  # it swallowed the stop, then ended
             terminal = (END, {})
         except asyncio.CancelledError as exc:
             reason = self._cancel_reason
