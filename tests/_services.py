@@ -1152,10 +1152,12 @@ class RedisSentinelService:
         except KeyError:
             return None
 
-    def failover(self) -> int:
+    def failover(self, *, demote: bool = True) -> int:
         """`SENTINEL FAILOVER`: promote the replica, once it holds every write the master
         took before the call. Returns the new master's port once the Sentinels agree on it
-        and the old master replicates from it.
+        and the old master replicates from it (with `demote=False`, while the old master
+        still takes writes, as it does until the Sentinels' next look at it: then call
+        `demote(old, new)`).
 
         `SENTINEL FAILOVER` does not wait for the replica to catch up (replication is
         asynchronous): a write acknowledged just before it could be lost, as in a crash.
@@ -1189,12 +1191,17 @@ class RedisSentinelService:
             except AssertionError:
                 if attempt == 2:
                     raise
-        # The Sentinels would turn the old master into a replica at their next INFO, up to
-        # 10 s later (it takes writes meanwhile); do it now, as they will.
+        if demote:
+            self.demote(old, new)
+        return new
+
+    def demote(self, old: int, new: int) -> None:
+        """Turn the old master into a replica of the new one, as the Sentinels do at their
+        next INFO, up to 10 s after a failover (it takes writes meanwhile), and wait until
+        it follows: what only it had is dropped."""
         with contextlib.closing(self.server(old).client()) as client:
             client.execute_command("REPLICAOF", "127.0.0.1", new)
         self.wait_healthy()
-        return new
 
     def _wait_for_new_master(self, old: int, *, timeout: float = 60.0) -> int:
         def moved() -> bool:

@@ -326,6 +326,39 @@ async def test_a_sentinel_failover_mid_stream_loses_nothing(
     assert joined(await collect(sentinel_transport, again.stream_id)) == text_of(20)
 
 
+async def test_writes_leave_the_old_master_of_a_planned_sentinel_failover(
+    redis_sentinel: RedisSentinelService, prefix: str
+) -> None:
+    # Regression: after SENTINEL FAILOVER the old master takes writes until the Sentinels
+    # demote it, up to 10 s later; the transport kept writing there, the demotion dropped
+    # those writes, and a run that "completed" had lost most of its events.
+    name = f"planned-{prefix}"
+    url = f"{redis_sentinel.url}?client_name={name}"
+    async with from_url(url, prefix=prefix) as transport:
+        stages = Stages(N, N // 2, 3 * N // 4)
+        run = await StreamProducer(transport).start(stages.source())
+        reader = Reader(transport, run.stream_id)
+        await reader.reached(N // 2)
+        old = redis_sentinel.master_port()
+        new = await asyncio.to_thread(redis_sentinel.failover, demote=False)
+        stages.release(N // 2)  # the old master still takes writes, for now
+        await reader.reached(3 * N // 4)
+
+        async def left_the_old_master() -> bool:
+            def names() -> list[str]:
+                with contextlib.closing(redis_sentinel.server(old).client()) as client:
+                    return [entry.get("name", "") for entry in client.client_list()]
+
+            return name not in await asyncio.to_thread(names)
+
+        await eventually(left_the_old_master)
+        stages.release(3 * N // 4)
+        assert_whole(await reader.result())
+        assert await run.wait() == "completed"
+        await asyncio.to_thread(redis_sentinel.demote, old, new)
+        assert_whole(await collect(transport, run.stream_id))
+
+
 async def test_a_failover_to_a_lagging_replica_has_no_silent_gap_duplicate_or_end(
     redis_sentinel: RedisSentinelService, sentinel_transport: Transport
 ) -> None:

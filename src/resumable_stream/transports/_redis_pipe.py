@@ -244,7 +244,9 @@ def _take_over(
 class _Session:
     """One connection's life: the commands written to it and the replies it owes."""
 
-    __slots__ = ("flushed_at", "flushing", "hooks", "outgoing", "pending", "stream", "task")
+    __slots__ = (
+        "address", "flushed_at", "flushing", "hooks", "outgoing", "pending", "stream", "task",
+    )  # fmt: skip
 
     def __init__(self) -> None:
         # What each reply owed goes to, in order: the future of a command sent, or the
@@ -261,6 +263,7 @@ class _Session:
         self.flushing = False
         self.flushed_at = -1e9  # loop time of the last write
         self.task: asyncio.Task[None] | None = None
+        self.address: tuple[str, int] | None = None  # the server's, once connected
 
     def fail(self, error: TransportError) -> None:
         self.outgoing.clear()
@@ -290,9 +293,16 @@ class Pipe:
     """
 
     def __init__(
-        self, make: ConnectionFactory, *, timeout: float, name: str, write_interval: float = 0.0
+        self,
+        make: ConnectionFactory,
+        *,
+        timeout: float,
+        name: str,
+        write_interval: float = 0.0,
+        on_connect: Callable[[], None] | None = None,
     ) -> None:
         self._make = make
+        self._on_connect = on_connect
         self._timeout = timeout
         self._write_interval = write_interval
         self.name = name
@@ -400,7 +410,10 @@ class Pipe:
             if self.connects > 1:
                 telemetry.reconnecting("commands")
             protocol = _take_over(connection, functools.partial(self._replies, session))
+            session.address = address_of(connection)
             session.stream = connection._writer.transport  # type: ignore[union-attr]
+            if self._on_connect is not None:
+                self._on_connect()
             self._flush(session)  # what was queued while connecting
             await protocol.lost  # raises what ended the connection
         except asyncio.CancelledError:
@@ -473,6 +486,22 @@ class Pipe:
         if session.task is not None:
             session.task.cancel()
 
+    @property
+    def connected(self) -> bool:
+        session = self._session
+        return session is not None and session.address is not None
+
+    def leave(self, address: tuple[str, int]) -> bool:
+        """Close the connection if it is to a server other than ``address``: commands still
+        owed fail with :class:`TransportError`, and the next ones open a new connection."""
+        session = self._session
+        if session is None or session.address is None or session.address == address:
+            return False
+        self._end(session, TransportError(f"Redis {session.address} is no longer the master"))
+        if session.stream is not None:
+            session.stream.close()  # its task ends on connection_lost
+        return True
+
     async def aclose(self) -> None:
         """Close the connection; calls still waiting fail with :class:`TransportClosed`."""
         self._closed = True
@@ -503,8 +532,10 @@ class Subscriber:
         on_subscribed: Callable[[bytes], None],
         on_moved: Callable[[bytes], None],
         on_fault: Callable[[], None],
+        on_connect: Callable[[], None] | None = None,
     ) -> None:
         self._make = make
+        self._on_connect = on_connect
         self.name = name
         self._on_message = on_message
         self._on_subscribed = on_subscribed
@@ -527,6 +558,20 @@ class Subscriber:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.connects = 0
+        # The server of the current connection and its socket, once connected.
+        self._address: tuple[str, int] | None = None
+        self._socket: asyncio.BaseTransport | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._address is not None
+
+    def leave(self, address: tuple[str, int]) -> bool:
+        """Reconnect if connected to a server other than ``address`` (as :meth:`Pipe.leave`)."""
+        if self._socket is None or self._address is None or self._address == address:
+            return False
+        self._socket.close()  # `lost` fails: the connection is made again
+        return True
 
     def add(self, channel: bytes) -> None:
         if self._closed:
@@ -576,6 +621,10 @@ class Subscriber:
                     await connection.connect()  # type: ignore[no-untyped-call]
                     self.connects += 1
                     protocol = _take_over(connection, _each(self._message))
+                    self._address = address_of(connection)
+                    self._socket = protocol.transport
+                    if self._on_connect is not None:
+                        self._on_connect()
                     writer = asyncio.create_task(
                         self._write(protocol.transport), name=f"{self.name} writer"
                     )
@@ -592,6 +641,7 @@ class Subscriber:
                 telemetry.reconnecting("notices")
                 self._on_fault()
             finally:
+                self._address = self._socket = None
                 # What the dead connection had subscribed is gone with it.
                 self.confirmed.clear()
                 self._acked.clear()
@@ -667,6 +717,12 @@ class Subscriber:
             self._unsubscribe_timer = None
         if self._task is not None:
             await stop(self._task)
+
+
+def address_of(connection: AbstractConnection) -> tuple[str, int] | None:
+    """The (host, port) of a TCP connection (a Sentinel-managed one sets them as it connects)."""
+    host, port = getattr(connection, "host", None), getattr(connection, "port", None)
+    return (host, port) if isinstance(host, str) and isinstance(port, int) else None
 
 
 async def stop(*tasks: asyncio.Task[Any]) -> None:

@@ -81,9 +81,43 @@ _ROUTE_RETRY = 0.5
 # How long the slot map is read again while it names a master that failed (a failover
 # takes the cluster's node timeout, 15 s by default, and an election).
 _DOWN_RECHECK_FOR = 60.0
+#: Seconds between two checks of which server the Sentinels name the master (while
+#: connected to one). After a planned failover (SENTINEL FAILOVER) the old master takes
+#: writes until the Sentinels turn it into a replica, up to 10 s later, which loses them.
+_SENTINEL_CHECK = 1.0
 #: Redirections (MOVED, ASK, NOSCRIPT) one command may follow before failing.
 _MAX_REDIRECTS = 5
 _META_FIELDS = ("epoch", "status", "created", "updated", "last", "count", "lease_ms")
+
+
+async def _newest_master(manager: Any, service: str) -> tuple[str, int] | None:
+    """The master of ``service`` in the Sentinels' newest configuration (the highest
+    config-epoch): for a moment after a failover, some of them still name the old one."""
+    sentinels = list(manager.sentinels)
+    answers = await asyncio.gather(
+        *(asyncio.wait_for(s.sentinel_master(service), _SENTINEL_CHECK) for s in sentinels),
+        return_exceptions=True,
+    )
+    newest: tuple[int, Any, dict[str, Any]] | None = None
+    for sentinel, state in zip(sentinels, answers, strict=True):
+        if not isinstance(state, dict):
+            continue  # the Sentinel did not answer (in time), or does not know the service
+        try:
+            epoch = int(state["config-epoch"]) if manager.check_master_state(state, service) else -1
+        except Exception:  # an answer of an unexpected shape
+            epoch = -1
+        if epoch >= 0 and (newest is None or epoch > newest[0]):
+            newest = (epoch, sentinel, state)
+    if newest is None:
+        return None
+    _, sentinel, state = newest
+    # redis-py looks the master up as each connection opens, taking the first Sentinel's
+    # answer: have it ask this one first.
+    listed = manager.sentinels
+    if sentinel in listed:
+        at = listed.index(sentinel)
+        listed[0], listed[at] = listed[at], listed[0]
+    return (getattr(manager, "_force_master_ip", None) or state["ip"], state["port"])
 
 
 class _Script:
@@ -114,6 +148,7 @@ class _Node:
             timeout=transport._timeout,
             name=f"commands {name}",
             write_interval=transport.write_interval,
+            on_connect=transport._connected,
         )
         self.subscriber = Subscriber(
             make,
@@ -122,6 +157,7 @@ class _Node:
             on_subscribed=transport._on_subscribed,
             on_moved=transport._on_moved,
             on_fault=transport._refresh_topology,
+            on_connect=transport._connected,
         )
 
     async def aclose(self) -> None:
@@ -267,6 +303,10 @@ class RedisTransport(Transport):
         self._owns_client = owns_client
         self._cluster: RedisCluster | None = None
         self._single: _Node | None = None
+        # Behind Sentinel: its client and the master's name, and the task that checks
+        # which server they name the master while connected (_watch_sentinels).
+        self._sentinels: tuple[Any, str] | None = None
+        self._sentinel_watch: asyncio.Task[None] | None = None
         self._nodes: dict[str, _Node] = {}
         if isinstance(client, RedisCluster):
             self._cluster = client
@@ -289,6 +329,10 @@ class RedisTransport(Transport):
             except (rex.RedisError, TypeError, ValueError) as exc:
                 raise ConfigurationError(f"invalid Redis connection settings: {exc}") from exc
             self._timeout = probe.socket_timeout or DEFAULT_REDIS_TIMEOUT
+            manager = getattr(pool, "sentinel_manager", None)
+            service = getattr(pool, "service_name", None)
+            if manager is not None and isinstance(service, str):
+                self._sentinels = (manager, service)
             self._single = _Node(self, "redis", make)
         else:
             raise ConfigurationError(
@@ -923,6 +967,8 @@ class RedisTransport(Transport):
                 if waiter.on_close is not None:
                     waiter.on_close()  # wait_cancel() raises TransportClosed
         await stop(*self._checks)
+        if self._sentinel_watch is not None:
+            await stop(self._sentinel_watch)
         if self._recheck is not None:
             self._recheck.cancel()
             self._recheck = None
@@ -941,6 +987,35 @@ class RedisTransport(Transport):
                     await sentinel.aclose()
             with contextlib.suppress(Exception):
                 await self.client.aclose()
+
+    # -- Sentinel ---------------------------------------------------------------------
+
+    def _connected(self) -> None:
+        """A connection was opened: behind Sentinel, watch which server is the master."""
+        if self._sentinels is not None and self._sentinel_watch is None and not self._closed:
+            self._sentinel_watch = asyncio.get_running_loop().create_task(
+                self._watch_sentinels(self._sentinels), name="rstream redis sentinel watch"
+            )
+
+    async def _watch_sentinels(self, sentinels: tuple[Any, str]) -> None:
+        """Leave a master the Sentinels replaced. A connection asks them for the master as
+        it opens; after a planned failover the old master stays writable, and takes this
+        process's writes, until they turn it into a replica, which drops those writes."""
+        node = self._single
+        try:
+            while node is not None and not self._closed:
+                await asyncio.sleep(_SENTINEL_CHECK)
+                if not node.pipe.connected and not node.subscriber.connected:
+                    return  # nothing to move: the next connection starts this again
+                master = await _newest_master(*sentinels)
+                if master is not None and node.pipe.leave(master) | node.subscriber.leave(master):
+                    logger.warning(
+                        "Redis Sentinel names %s:%s the master of %r now: reconnecting",
+                        *master,
+                        sentinels[1],
+                    )
+        finally:
+            self._sentinel_watch = None
 
     # -- live notices -----------------------------------------------------------------
 
