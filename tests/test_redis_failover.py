@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
@@ -326,40 +326,55 @@ async def test_a_sentinel_failover_mid_stream_loses_nothing(
     assert joined(await collect(sentinel_transport, again.stream_id)) == text_of(20)
 
 
+@contextlib.contextmanager
+def demotion_held(sentinel: RedisSentinelService, port: int) -> Iterator[None]:
+    """Keep the Sentinels from turning the server on ``port`` into a replica (they would at
+    their next look, 0-10 s after a failover): REPLICAOF denied until the block ends."""
+    with contextlib.closing(sentinel.server(port).client()) as client:
+        client.execute_command("ACL", "SETUSER", "default", "-replicaof", "-slaveof")
+        try:
+            yield
+        finally:
+            client.execute_command("ACL", "SETUSER", "default", "+@all")
+
+
 @pytest.mark.parametrize("replicas", [0, 1])
 async def test_writes_leave_the_old_master_of_a_planned_sentinel_failover(
     redis_sentinel: RedisSentinelService, prefix: str, replicas: int
 ) -> None:
     # Regression: after SENTINEL FAILOVER the old master takes writes until the Sentinels
     # demote it, up to 10 s later; the transport kept writing there, the demotion dropped
-    # those writes, and a run that "completed" had lost most of its events. With
-    # replicas=1 its appends waited on the old master (no replica left) while its lease
-    # was renewed there only, and the run was fenced as lost.
+    # those writes, and a run that "completed" meanwhile had lost them. With replicas=1
+    # its appends waited on the old master (no replica left) while its lease was renewed
+    # there only, and the run was fenced as lost.
     name = f"planned-{prefix}"
     url = f"{redis_sentinel.url}?client_name={name}"
-    async with from_url(url, prefix=prefix, replicas=replicas) as transport:
+    old = redis_sentinel.master_port()
+    async with (
+        from_url(url, prefix=prefix, replicas=replicas) as transport,
+        from_url(url, prefix=prefix) as elsewhere,  # a reader in another process
+    ):
         stages = Stages(N, N // 2, 3 * N // 4)
         run = await StreamProducer(transport).start(stages.source())
-        reader = Reader(transport, run.stream_id)
+        reader = Reader(elsewhere, run.stream_id)
         await reader.reached(N // 2)
-        old = redis_sentinel.master_port()
-        new = await asyncio.to_thread(redis_sentinel.failover, demote=False)
-        stages.release(N // 2)  # the old master still takes writes, for now
-        await reader.reached(3 * N // 4)
+        with demotion_held(redis_sentinel, old):
+            new = await asyncio.to_thread(redis_sentinel.failover, demote=False)
+            stages.release(N // 2)  # the old master takes writes
 
-        async def left_the_old_master() -> bool:
-            def names() -> list[str]:
-                with contextlib.closing(redis_sentinel.server(old).client()) as client:
-                    return [entry.get("name", "") for entry in client.client_list()]
+            async def left_the_old_master() -> bool:
+                def names() -> list[str]:
+                    with contextlib.closing(redis_sentinel.server(old).client()) as client:
+                        return [entry.get("name", "") for entry in client.client_list()]
 
-            return name not in await asyncio.to_thread(names)
+                return name not in await asyncio.to_thread(names)
 
-        await eventually(left_the_old_master)
+            await eventually(left_the_old_master)
+        await asyncio.to_thread(redis_sentinel.demote, old, new)  # drops what only it took
         stages.release(3 * N // 4)
-        assert_whole(await reader.result())
         assert await run.wait() == "completed"
-        await asyncio.to_thread(redis_sentinel.demote, old, new)
-        assert_whole(await collect(transport, run.stream_id))
+        assert_whole(await reader.result())
+        assert_whole(await collect(elsewhere, run.stream_id))
 
 
 async def test_a_failover_to_a_lagging_replica_has_no_silent_gap_duplicate_or_end(
