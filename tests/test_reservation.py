@@ -9,6 +9,7 @@ the starting producers use separate transports, like two processes.
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -22,6 +23,7 @@ from resumable_stream import (
     StreamProducer,
     Transport,
 )
+from resumable_stream.transports.memory import MemoryTransport
 from tests._helpers import collect, joined, text_of, tokens
 
 
@@ -116,3 +118,14 @@ async def test_reservations_are_checked(transport: Transport) -> None:
         Reservation.from_dict({"stream_id": "bad id!", "epoch": 1, "token": "t"})
     assert Reservation.from_dict(reservation.to_dict()) == reservation
     assert reservation.token not in repr(reservation)
+
+
+async def test_a_memory_reservation_outlasting_running_ttl_keeps_its_entries() -> None:
+    # As on Redis (test_redis.py): the memory transport renewed the lease, not the data,
+    # so a start_timeout longer than running_ttl saw the reservation's entry expire, and
+    # every reader of the run got OffsetExpired.
+    transport = MemoryTransport(running_ttl=1, tombstone=60)
+    await StreamProducer(transport).reserve("queued", start_timeout=30)
+    stream = transport._streams["queued"]
+    assert stream.data_until - time.monotonic() > 25
+    assert stream.meta_until - stream.data_until == 60  # the tombstone margin on top

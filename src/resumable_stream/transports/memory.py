@@ -126,8 +126,8 @@ class MemoryTransport(Transport):
             lease_until=clock + lease_ms / 1000,
             created_at=created,
             updated_at=created,
-            data_until=clock + self.running_ttl,
-            meta_until=clock + self.running_ttl + self.tombstone,
+            data_until=clock + self._running_for(lease_ms),
+            meta_until=clock + self._running_for(lease_ms) + self.tombstone,
         )
         self._streams[stream_id] = stream
         return _info(stream_id, stream)
@@ -193,9 +193,14 @@ class MemoryTransport(Transport):
             raise LeaseLost(stream_id)
         clock = time.monotonic()
         stream.lease_until = clock + lease_ms / 1000
-        stream.data_until = clock + self.running_ttl
-        stream.meta_until = clock + self.running_ttl + self.tombstone
+        stream.data_until = clock + self._running_for(lease_ms)
+        stream.meta_until = stream.data_until + self.tombstone
         return stream.cancel.is_set()
+
+    def _running_for(self, lease_ms: int) -> float:
+        """Seconds a running stream's data lives: running_ttl, and no less than its lease
+        (a reservation waiting longer than running_ttl must not lose its first entry)."""
+        return max(self.running_ttl, lease_ms / 1000)
 
     async def request_cancel(self, stream_id: str) -> bool:
         stream = self._get(stream_id)
