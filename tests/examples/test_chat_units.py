@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from chat_service.__main__ import main
 from chat_service.app import create_app
 from chat_service.auth import session_value, user_from_session, user_from_token
 from chat_service.cache import MemoryCache, cache_key
@@ -44,11 +45,34 @@ def test_settings_come_from_the_environment() -> None:
         ({"WORKER_MODE": "1"}, "WORKER_MODE needs REDIS_URL"),
         ({"CACHE_TTL": "soon"}, "CACHE_TTL must be a number"),
         ({"CORS_ORIGINS": "*,https://a.example"}, r"either \* or a list"),
+        # Regressions: OverflowError or ValueError, or accepted and failing later (uvicorn
+        # on 99999 mod 65536, the producer's lease at start-up, the model on every answer).
+        ({"PORT": "inf"}, "PORT must be a whole number"),
+        ({"PORT": "nan"}, "PORT must be a whole number"),
+        ({"MAX_MESSAGE_CHARS": "1e400"}, "MAX_MESSAGE_CHARS must be a whole number"),
+        ({"PORT": "99999"}, "PORT must be between 1 and 65535"),
+        ({"STREAM_LEASE": "-1"}, r"STREAM_LEASE must be a finite number >= 0.1"),
+        ({"OFFLINE_TOKENS_PER_SECOND": "-1"}, "OFFLINE_TOKENS_PER_SECOND must be a finite"),
+        ({"CACHE_TTL": "inf"}, "CACHE_TTL must be a finite number"),
+        ({"STREAM_RETENTION": "0"}, "STREAM_RETENTION must be a finite number >= 1"),
+        ({"SUMMARIZE_AFTER_TOKENS": "-1"}, "SUMMARIZE_AFTER_TOKENS must be a finite"),
+        ({"WORKER_CONCURRENCY": "0"}, "WORKER_CONCURRENCY must be a finite number >= 1"),
     ],
 )
 def test_bad_settings_are_refused(env: dict[str, str], message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         Settings.from_env(env)
+
+
+def test_bad_settings_stop_the_service_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Regression: a SettingsError reached the user as a traceback.
+    monkeypatch.setenv("BUSY_POLICY", "wait")
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    assert exited.value.code == 2
+    assert "error: BUSY_POLICY must be one of reject, interrupt, queue" in capsys.readouterr().err
 
 
 def test_cache_key_ignores_case_spacing_and_trailing_punctuation() -> None:

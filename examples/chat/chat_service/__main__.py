@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .settings import Settings
+from .settings import Settings, SettingsError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +23,10 @@ def main(argv: list[str] | None = None) -> None:
         help="serve: the HTTP API and UI (default); worker: a Celery worker (WORKER_MODE)",
     )
     args = parser.parse_args(argv)
-    settings = Settings.from_env()
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "worker":
         from .worker import run_worker

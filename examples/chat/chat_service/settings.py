@@ -27,6 +27,7 @@ The README of the example has the same list with the defaults.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 from collections.abc import Mapping
@@ -75,12 +76,23 @@ class Settings:
             raise SettingsError("WORKER_MODE needs REDIS_URL: workers get their jobs through Redis")
         if "*" in self.cors_origins and len(self.cors_origins) > 1:
             raise SettingsError("CORS_ORIGINS is either * or a list of origins, not both")
-        if self.max_message_chars < 1:
-            raise SettingsError("MAX_MESSAGE_CHARS must be at least 1")
-        if self.worker_start_timeout < 0.1 or self.worker_visibility_timeout < 1:
-            raise SettingsError(
-                "WORKER_START_TIMEOUT must be at least 0.1, WORKER_VISIBILITY_TIMEOUT at least 1"
-            )
+        # The library refuses a lease under 0.1 s and a retention of 0; the offline model a
+        # negative pace. Refused here, they fail at start-up rather than on every answer.
+        for name, value, least in (
+            ("CACHE_TTL", self.cache_ttl, 0),
+            ("MAX_MESSAGE_CHARS", self.max_message_chars, 1),
+            ("SUMMARIZE_AFTER_TOKENS", self.summarize_after_tokens, 0),
+            ("OFFLINE_TOKENS_PER_SECOND", self.offline_tokens_per_second, 0),
+            ("STREAM_LEASE", self.stream_lease, 0.1),
+            ("STREAM_RETENTION", self.stream_retention, 1),
+            ("WORKER_CONCURRENCY", self.worker_concurrency, 1),
+            ("WORKER_START_TIMEOUT", self.worker_start_timeout, 0.1),
+            ("WORKER_VISIBILITY_TIMEOUT", self.worker_visibility_timeout, 1),
+        ):
+            if not math.isfinite(value) or value < least:
+                raise SettingsError(f"{name} must be a finite number >= {least}, not {value}")
+        if not 1 <= self.port <= 65535:
+            raise SettingsError(f"PORT must be between 1 and 65535, not {self.port}")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -94,9 +106,16 @@ class Settings:
         def number(name: str, default: float) -> float:
             value = text(name)
             try:
-                return default if value is None else float(value)
+                return float(default if value is None else value)
             except ValueError:
                 raise SettingsError(f"{name} must be a number, not {value!r}") from None
+
+        def integer(name: str, default: int) -> int:
+            value = number(name, default)
+            # inf and nan are not integers either; int() would raise OverflowError/ValueError.
+            if not value.is_integer():
+                raise SettingsError(f"{name} must be a whole number, not {text(name)!r}")
+            return int(value)
 
         policy = (text("BUSY_POLICY") or "reject").lower()
         if policy not in BUSY_POLICIES:
@@ -108,9 +127,9 @@ class Settings:
             chat_model=text("CHAT_MODEL", "offline") or "offline",
             busy_policy=policy,
             cache_ttl=number("CACHE_TTL", 3600.0),
-            max_message_chars=int(number("MAX_MESSAGE_CHARS", 8000)),
+            max_message_chars=integer("MAX_MESSAGE_CHARS", 8000),
             cors_origins=tuple(o for o in origins if o),
-            summarize_after_tokens=int(number("SUMMARIZE_AFTER_TOKENS", 3000)),
+            summarize_after_tokens=integer("SUMMARIZE_AFTER_TOKENS", 3000),
             offline_tokens_per_second=number("OFFLINE_TOKENS_PER_SECOND", 40.0),
             worker_mode=(text("WORKER_MODE") or "").lower() in {"1", "true", "yes", "on"},
             secret_key=text("SECRET_KEY"),
@@ -118,11 +137,11 @@ class Settings:
             stream_lease=number("STREAM_LEASE", 5.0),
             stream_retention=number("STREAM_RETENTION", 3600.0),
             redis_prefix=text("REDIS_PREFIX", "chat") or "chat",
-            worker_concurrency=int(number("WORKER_CONCURRENCY", 16)),
+            worker_concurrency=integer("WORKER_CONCURRENCY", 16),
             worker_start_timeout=number("WORKER_START_TIMEOUT", 60.0),
             worker_visibility_timeout=number("WORKER_VISIBILITY_TIMEOUT", 3600.0),
             host=text("HOST", "127.0.0.1") or "127.0.0.1",
-            port=int(number("PORT", 8000)),
+            port=integer("PORT", 8000),
         )
 
     @property
