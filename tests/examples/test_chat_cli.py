@@ -8,7 +8,9 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+from starlette.responses import HTMLResponse
 
+from tests._services import free_port, uvicorn_server
 from tests.examples._chat import ChatServer, cli, eventually, final_answer, settled
 from tests.examples.conftest import redis_postgres_env
 
@@ -86,3 +88,34 @@ def test_an_answer_resumes_across_a_server_restart(
         thread = eventually(lambda: settled(http, thread_id[1]), what="the answer saved")
     printed = output.removeprefix("assistant> ").rstrip("\n")
     assert printed == final_answer(thread)  # all of it, nothing twice
+
+
+def test_a_thread_it_cannot_open_ends_the_client_with_a_message(
+    chat_servers: Callable[..., ChatServer],
+) -> None:
+    # Regression: --thread with an unknown thread, or a server down for all of
+    # --reconnect-for, ended the client with a traceback.
+    server = chat_servers()
+    with cli(server.url, TOKEN, "--thread", "nope") as client:
+        assert client.process.wait(timeout=20) == 1
+        client.stderr.wait_for(lambda err: "[error: no thread 'nope']" in err)
+        assert "Traceback" not in client.stderr.text()
+
+    down = f"http://127.0.0.1:{free_port()}"
+    with cli(down, TOKEN, "--thread", "nope", "--reconnect-for", "0.5") as client:
+        assert client.process.wait(timeout=20) == 1
+        client.stderr.wait_for(lambda err: "[error: the server is unreachable]" in err)
+        assert "Traceback" not in client.stderr.text()
+
+
+def test_an_error_page_that_is_not_json_is_an_error_line() -> None:
+    # Regression: a proxy's HTML 502 (or a --url that is not the service) ended the client
+    # with a JSONDecodeError traceback.
+    page = HTMLResponse("<html><body><h1>502 Bad Gateway</h1></body></html>", status_code=502)
+    with uvicorn_server(page, lifespan="off") as url, cli(url, TOKEN) as client:
+        client.type("hello")
+        client.stderr.wait_for(lambda err: "[error: 502 Bad Gateway]" in err)
+        client.type("/threads")
+        client.stderr.wait_for(lambda err: err.count("[error: 502 Bad Gateway]") == 2)
+        assert client.close() == 0
+        assert "Traceback" not in client.stderr.text()

@@ -65,6 +65,17 @@ class ApiError(Exception):
     pass
 
 
+def _error_message(response: httpx.Response) -> str:
+    """The message of an error response: the service's JSON ``message``, else the status
+    (a proxy's HTML error page, or a --url that is not the service)."""
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    message = data.get("message") if isinstance(data, dict) else None
+    return str(message or f"{response.status_code} {response.reason_phrase}")
+
+
 class ChatClient:
     def __init__(
         self, client: httpx.AsyncClient, *, model: str | None, reconnect_for: float
@@ -91,10 +102,12 @@ class ChatClient:
                 continue
             if response.status_code == 204:
                 return None
-            data = response.json() if response.content else {}
             if response.is_error:
-                raise ApiError(data.get("message") or response.reason_phrase)
-            return data
+                raise ApiError(_error_message(response))
+            try:
+                return response.json() if response.content else {}
+            except ValueError:
+                raise ApiError(f"{path} did not answer JSON: is --url the chat service?") from None
 
     # -- commands ------------------------------------------------------------------------
 
@@ -132,7 +145,7 @@ class ChatClient:
                     if status >= 400:
                         await source.response.aread()
                         out("\n")
-                        note(f"[error: {source.response.json().get('message', status)}]")
+                        note(f"[error: {_error_message(source.response)}]")
                         return "error"
                     if outage_since is not None:
                         note("[resumed]")
@@ -262,7 +275,11 @@ async def run(args: argparse.Namespace) -> None:
         lines: asyncio.Queue[str | None] = asyncio.Queue()
         threading.Thread(target=_read_lines, args=(loop, lines), daemon=True).start()
         if args.thread:
-            await chat.use(args.thread)
+            try:
+                await chat.use(args.thread)
+            except ApiError as exc:
+                # Chatting on would start a new thread the user did not ask for.
+                raise SystemExit(f"[error: {exc}]") from None
         if sys.stdin.isatty():
             out(f"Connected to {args.url}. /help for commands.\n")
         held: list[str | None] = []
