@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,25 @@ def test_from_url_options_are_typed(tmp_path: Path) -> None:
 def test_a_redis_option_given_to_memory_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="prefix"):
         from_url("memory://", prefix="chat")
+
+
+NOT_FINITE = [math.nan, math.inf]
+
+
+@pytest.mark.parametrize("value", NOT_FINITE)
+@pytest.mark.parametrize("option", ["lease", "coalesce_delay", "write_retry_budget"])
+def test_a_producer_setting_that_is_not_finite_is_refused(option: str, value: float) -> None:
+    # Regression: nan passed every `< least` check (a write_retry_budget of nan retried for
+    # ever), and a lease of nan or inf raised ValueError / OverflowError.
+    with pytest.raises(ConfigurationError, match=option):
+        StreamProducer(MemoryTransport(), **{option: value})
+
+
+@pytest.mark.parametrize("value", NOT_FINITE)
+@pytest.mark.parametrize("option", ["retention", "tombstone", "running_ttl"])
+def test_a_transport_setting_that_is_not_finite_is_refused(option: str, value: float) -> None:
+    # Regression: retention=nan was taken, and the finished stream never expired.
+    with pytest.raises(ConfigurationError, match=option):
+        from_url("memory://", **{option: value})
+    with pytest.raises(ConfigurationError, match=option):
+        from_url("redis://127.0.0.1:1/0", **{option: value})  # (no connection is made)

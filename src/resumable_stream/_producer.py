@@ -838,12 +838,14 @@ class StreamProducer:
         write_retry_budget: float | None = None,
         rollback_window: int = DEFAULT_ROLLBACK_WINDOW,
     ) -> None:
-        if lease < 0.1:
-            raise ConfigurationError("lease must be at least 0.1 seconds")
+        if not math.isfinite(lease) or lease < 0.1:  # (nan compares false to anything)
+            raise ConfigurationError("lease must be at least 0.1 seconds, and finite")
         if max_buffer < 1:
             raise ConfigurationError("max_buffer must be at least 1")
-        if coalesce_events < 1 or coalesce_delay < 0:
-            raise ConfigurationError("coalesce_events must be >= 1 and coalesce_delay >= 0")
+        if coalesce_events < 1 or not 0 <= coalesce_delay < math.inf:
+            raise ConfigurationError(
+                "coalesce_events must be >= 1 and coalesce_delay >= 0 seconds, and finite"
+            )
         if not 1 <= max_entry_events <= MAX_ENTRY_EVENTS_LIMIT:
             raise ConfigurationError(
                 f"max_entry_events must be between 1 and {MAX_ENTRY_EVENTS_LIMIT}"
@@ -855,8 +857,8 @@ class StreamProducer:
         if write_retry_budget is None:
             suggested = getattr(transport, "write_retry_budget", None)
             write_retry_budget = DEFAULT_WRITE_RETRY_BUDGET if suggested is None else suggested
-        if write_retry_budget < 0:
-            raise ConfigurationError("write_retry_budget must be >= 0 seconds")
+        if not 0 <= write_retry_budget < math.inf:
+            raise ConfigurationError("write_retry_budget must be >= 0 seconds, and finite")
         self.transport = transport
         self.lease = lease
         self.lease_ms = int(lease * 1000)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import math
 import time
 from abc import ABC, abstractmethod
 from types import TracebackType
@@ -208,11 +209,17 @@ class Transport(ABC):
         running_ttl: float,
         max_entries: int,
     ) -> None:
-        if retention <= 0 or tombstone < 0 or running_ttl <= 0 or max_entries < 1:
+        if not (
+            0 < retention < math.inf
+            and 0 <= tombstone < math.inf
+            and 0 < running_ttl < math.inf
+            and max_entries >= 1
+        ):  # (written so that nan fails too)
             from .._exceptions import ConfigurationError
 
             raise ConfigurationError(
-                "retention and running_ttl must be > 0, tombstone >= 0, max_entries >= 1"
+                "retention and running_ttl must be > 0, tombstone >= 0 (seconds, finite), "
+                "max_entries >= 1"
             )
         self.retention = retention
         self.tombstone = tombstone

@@ -24,6 +24,7 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Self
@@ -289,7 +290,7 @@ class RedisTransport(Transport):
             raise ConfigurationError("write_retry_budget must be >= 0 seconds")
         if not 0 <= write_interval <= 0.1:
             raise ConfigurationError("write_interval must be 0-0.1 seconds")
-        if replicas < 0 or replica_timeout <= 0:
+        if replicas < 0 or not 0 < replica_timeout < math.inf:
             raise ConfigurationError("replicas must be >= 0 and replica_timeout > 0 seconds")
         if not prefix or "{" in prefix or "}" in prefix:
             # Keys are hash-tagged by the stream id: a brace in the prefix would move the tag.
