@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -818,3 +820,105 @@ async def test_a_source_that_never_stops_ends_cancelled_after_a_lease() -> None:
             lambda: not any(task.get_name() == "rstream pump stuck" for task in asyncio.all_tasks())
         )
     )
+
+
+class HangingClose:
+    """A source object whose aclose() hangs until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.closing, self.release = asyncio.Event(), asyncio.Event()
+        self.yielded = asyncio.Event()
+
+    def __aiter__(self) -> HangingClose:
+        return self
+
+    async def __anext__(self) -> str:
+        if self.yielded.is_set():
+            await asyncio.Event().wait()  # until cancelled
+        self.yielded.set()
+        return "one "
+
+    async def aclose(self) -> None:
+        self.closing.set()
+        await asyncio.shield(self._released())
+
+    async def _released(self) -> None:
+        await self.release.wait()
+
+
+async def test_a_source_whose_close_hangs_after_the_stop_ends_cancelled_after_a_lease() -> None:
+    # Regression (a review of the fix above): the give-up skipped a source that was
+    # closing, so a clean-up hanging in aclose() after the stop still held the run, its
+    # readers and producer.aclose() for ever.
+    transport = MemoryTransport()
+    producer = StreamProducer(transport, lease=0.2)
+    source = HangingClose()
+    run = await producer.start(source, stream_id="closing")
+    await source.yielded.wait()
+    assert await asyncio.wait_for(run.cancel(), timeout=10) == "cancelled"
+    assert source.closing.is_set() and not source.release.is_set()
+    events = await asyncio.wait_for(collect(transport, "closing"), timeout=10)
+    assert [e.type for e in events] == ["token", "cancelled"]
+    await asyncio.wait_for(producer.aclose(), timeout=10)
+    source.release.set()
+
+
+async def test_a_source_left_behind_is_not_collected_while_it_runs() -> None:
+    # Regression (the same review): once its run gave up on it, the task reading the
+    # source was referenced only weakly by asyncio; collected mid-run ("Task was destroyed
+    # but it is pending!"), it closed its running generator again.
+    transport = MemoryTransport()
+    producer = StreamProducer(transport, lease=0.2)
+    started = asyncio.Event()
+    releases: list[weakref.ref[asyncio.Event]] = []  # (weak: only the source holds it)
+    finished: list[bool] = []
+
+    async def stuck() -> Any:
+        release = asyncio.Event()
+        releases.append(weakref.ref(release))
+        try:
+            yield "one "
+            started.set()
+            await asyncio.Event().wait()
+        finally:
+            await release.wait()  # a clean-up that waits on what only it can reach
+            finished.append(True)
+
+    run = await producer.start(stuck(), stream_id="left")
+    await started.wait()
+    assert await asyncio.wait_for(run.cancel(), timeout=10) == "cancelled"
+    await asyncio.wait_for(producer.aclose(), timeout=10)
+    del run, producer
+    gc.collect()
+    release = releases[0]()
+    assert release is not None  # the task reading the source, and the source, are kept
+    release.set()
+    await eventually(
+        holds(lambda: not [t for t in asyncio.all_tasks() if t.get_name() == "rstream pump left"])
+    )
+    assert finished == [True]
+
+
+async def test_a_run_whose_own_task_is_cancelled_ends_even_if_its_source_never_stops() -> None:
+    # The event loop shutting down without producer.aclose(): the run's task is
+    # cancelled; a source that ignores it no longer holds the run (and the loop) for ever.
+    transport = MemoryTransport()
+    producer = StreamProducer(transport, lease=0.2)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def deaf() -> Any:
+        yield "one "
+        started.set()
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):  # the mistake under test
+                await release.wait()
+
+    run = await producer.start(deaf(), stream_id="deaf")
+    await started.wait()
+    run._task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(asyncio.shield(run._task), timeout=10)
+    events = await asyncio.wait_for(collect(transport, "deaf"), timeout=10)
+    assert [e.type for e in events] == ["token", "cancelled"]
+    assert events[-1].data == {"reason": "shutdown"}
+    release.set()

@@ -777,3 +777,35 @@ async def test_durable_appends_are_readable_only_once_a_replica_holds_them(
         done = await transport.info("d")
         assert done is not None and (done.status, done.last_seq) == ("completed", 4)
         subscription.close()
+
+
+async def test_the_newest_master_is_the_highest_config_epoch_and_the_sentinel_list_is_kept() -> (
+    None
+):
+    # The watcher behind Sentinel takes the newest configuration (some Sentinels name the
+    # old master for a moment after a failover). Regression (review): it reordered
+    # redis-py's list of Sentinels in place, which a look-up under way swaps in too: a
+    # Sentinel could be lost from the list for good and another listed twice.
+    from redis.asyncio.sentinel import Sentinel
+
+    from resumable_stream.transports.redis import _newest_master
+
+    class Answering:
+        def __init__(self, epoch: int, port: int) -> None:
+            self.state = {
+                "ip": "10.0.0.1", "port": port, "config-epoch": epoch, "num-other-sentinels": 3,
+                "is_master": True, "is_sdown": False, "is_odown": False,
+            }  # fmt: skip
+
+        async def sentinel_master(self, service: str) -> dict[str, Any]:
+            return self.state
+
+    class Down:
+        async def sentinel_master(self, service: str) -> dict[str, Any]:
+            raise ConnectionError("down")
+
+    manager = Sentinel([])
+    listed = [Down(), Answering(3, 6379), Answering(4, 6380), Answering(4, 6381)]
+    manager.sentinels = list(listed)  # type: ignore[assignment]
+    assert await _newest_master(manager, "mymaster") == ("10.0.0.1", 6380)
+    assert manager.sentinels == listed

@@ -114,6 +114,18 @@ def _nothing() -> None:  # the default of a run's hooks (cancel watch, telemetry
     pass
 
 
+#: The tasks reading sources that did not stop when their run ended (_give_up_on_source),
+#: kept until they end: asyncio holds tasks weakly, and one collected mid-run would close
+#: its source again from the garbage collector (its run and producer may be gone).
+_LEFT_BEHIND: set[asyncio.Task[None]] = set()
+
+
+def _forget_left_behind(pump: asyncio.Task[None]) -> None:
+    _LEFT_BEHIND.discard(pump)
+    if not pump.cancelled() and pump.exception() is not None:
+        logger.warning("a source left behind raised", exc_info=pump.exception())
+
+
 class _RolledBack(Exception):
     """The storage lost entries beyond the rollback window: the run ends in error."""
 
@@ -239,11 +251,7 @@ class Run:
     def _request_cancel(self, reason: CancelReason | Literal["stopped"]) -> None:
         if self._cancel_reason is None and self._terminal is None:
             self._cancel_reason = reason
-            # A source that does not stop (it swallows the cancellation, or its clean-up
-            # hangs) gets a lease's time; then the stream ends without it.
-            self._grace = self._task.get_loop().call_later(
-                self._producer.lease, self._give_up_on_source
-            )
+            self._arm_grace()
             if self._closing:
                 # The source has ended and is closing: not cancelled mid-close (that task
                 # sets the terminal event once it is closed), but the stream ends now, with
@@ -254,19 +262,32 @@ class Run:
                 self._pump.cancel()
             # Else the pump has not started: it sees _cancel_reason at its first step.
 
+    def _arm_grace(self) -> None:
+        """Give the source a lease to stop (it may swallow the cancellation, or its clean-up
+        may hang); then the stream ends without it (_give_up_on_source)."""
+        if self._grace is None:
+            self._grace = self._task.get_loop().call_later(
+                self._producer.lease, self._give_up_on_source
+            )
+
     def _give_up_on_source(self) -> None:
-        """End the stream with ``cancelled`` and stop waiting for the source (_pumped)."""
+        """End the stream and stop waiting for the source (_pumped): it did not stop within
+        a lease of the stop, or of the run's own cancellation."""
         pump = self._pump
-        if self._terminal is not None or self._closing or pump is None or pump.done():
-            return  # it stopped, or it is closing (which ends the stream its own way)
+        if pump is None or pump.done():
+            return  # it stopped
         logger.warning(
             "run %s: the source did not stop within %g s of the stop; the stream ends "
             "without waiting for it",
             self.stream_id,
             self._producer.lease,
         )
-        assert self._cancel_reason is not None
-        self._end((CANCELLED, {"reason": self._cancel_reason}))
+        if self._closing and self._closing_with is not None:
+            self._end(self._closing_with)  # it had ended, and hangs in its clean-up
+        else:
+            self._end((CANCELLED, {"reason": self._cancel_reason or "shutdown"}))
+        _LEFT_BEHIND.add(pump)
+        pump.add_done_callback(_forget_left_behind)
         if not self._abandoned.done():
             self._abandoned.set_result(None)
 
@@ -335,6 +356,7 @@ class Run:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:  # the group is stopping: the pump stops with it
             pump.cancel()
+            self._arm_grace()
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             raise
         if pump.done():

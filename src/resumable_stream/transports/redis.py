@@ -99,8 +99,8 @@ async def _newest_master(manager: Any, service: str) -> tuple[str, int] | None:
         *(asyncio.wait_for(s.sentinel_master(service), _SENTINEL_CHECK) for s in sentinels),
         return_exceptions=True,
     )
-    newest: tuple[int, Any, dict[str, Any]] | None = None
-    for sentinel, state in zip(sentinels, answers, strict=True):
+    newest: tuple[int, dict[str, Any]] | None = None
+    for state in answers:
         if not isinstance(state, dict):
             continue  # the Sentinel did not answer (in time), or does not know the service
         try:
@@ -108,16 +108,13 @@ async def _newest_master(manager: Any, service: str) -> tuple[str, int] | None:
         except Exception:  # an answer of an unexpected shape
             epoch = -1
         if epoch >= 0 and (newest is None or epoch > newest[0]):
-            newest = (epoch, sentinel, state)
+            newest = (epoch, state)
     if newest is None:
         return None
-    _, sentinel, state = newest
-    # redis-py looks the master up as each connection opens, taking the first Sentinel's
-    # answer: have it ask this one first.
-    listed = manager.sentinels
-    if sentinel in listed:
-        at = listed.index(sentinel)
-        listed[0], listed[at] = listed[at], listed[0]
+    # (redis-py's own look-up, as a connection opens, takes the first Sentinel's answer,
+    # and may still find the old master for a moment: the next check leaves it again. Its
+    # list of Sentinels is not reordered here: a look-up under way swaps in it too.)
+    state = newest[1]
     return (getattr(manager, "_force_master_ip", None) or state["ip"], state["port"])
 
 
