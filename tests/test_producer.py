@@ -922,3 +922,69 @@ async def test_a_run_whose_own_task_is_cancelled_ends_even_if_its_source_never_s
     assert [e.type for e in events] == ["token", "cancelled"]
     assert events[-1].data == {"reason": "shutdown"}
     release.set()
+
+
+async def test_a_run_whose_own_task_is_cancelled_writes_nothing_its_source_yields_after() -> None:
+    # Regression (a second review): with the run's own task cancelled, a source that
+    # swallowed the cancellation and kept yielding had those events written before
+    # `cancelled`, then filled the buffer and waited for ever, keeping the run alive.
+    transport = MemoryTransport()
+    producer = StreamProducer(transport, lease=0.2, max_buffer=8)
+    started = asyncio.Event()
+
+    async def chatty() -> Any:
+        text = "before "
+        while True:
+            yield text
+            started.set()
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:  # the mistake under test: swallowed
+                text = "after "
+
+    run = await producer.start(chatty(), stream_id="chatty")
+    await started.wait()
+    run._task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait_for(asyncio.shield(run._task), timeout=10)
+    events = await asyncio.wait_for(collect(transport, "chatty"), timeout=10)
+    assert events[-1].type == "cancelled" and events[-1].data == {"reason": "shutdown"}
+    assert {e.data["text"] for e in events[:-1]} == {"before "}
+    await eventually(
+        holds(lambda: not [t for t in asyncio.all_tasks() if t.get_name() == "rstream pump chatty"])
+    )
+
+
+async def test_a_failed_run_ends_even_if_its_source_never_stops() -> None:
+    # Regression (the same review): a write failing past its retry budget stopped the
+    # run's tasks, but a source whose clean-up hung kept run.wait() from ever raising.
+    class Failing(MemoryTransport):
+        down = False
+
+        async def append(
+            self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None = None
+        ) -> None:
+            if self.down:
+                raise TransportError("the storage is down")
+            await super().append(stream_id, owner, entry, count, final)
+
+    transport = Failing()
+    producer = StreamProducer(transport, lease=0.2, write_retry_budget=0.1)
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def stuck() -> Any:
+        try:
+            yield "one "
+            started.set()
+            while True:
+                await asyncio.sleep(0.001)
+                transport.down = True
+                yield "more "
+        finally:
+            await asyncio.shield(release.wait())  # its clean-up hangs
+
+    run = await producer.start(stuck(), stream_id="failing")
+    await started.wait()
+    with pytest.raises(TransportError, match="down"):
+        await asyncio.wait_for(run.wait(), timeout=10)
+    release.set()

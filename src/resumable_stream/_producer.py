@@ -203,6 +203,7 @@ class Run:
         # and the timer that gives up on it.
         self._abandoned: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._grace: asyncio.TimerHandle | None = None
+        self._halted = False  # the source is no longer read (_halt)
         # The pump has taken its first step (_read_source): a task cancelled before that
         # never runs its coroutine, so it would set no terminal event.
         self._pumping = False
@@ -251,7 +252,7 @@ class Run:
     def _request_cancel(self, reason: CancelReason | Literal["stopped"]) -> None:
         if self._cancel_reason is None and self._terminal is None:
             self._cancel_reason = reason
-            self._arm_grace()
+            self._halt()
             if self._closing:
                 # The source has ended and is closing: not cancelled mid-close (that task
                 # sets the terminal event once it is closed), but the stream ends now, with
@@ -262,9 +263,12 @@ class Run:
                 self._pump.cancel()
             # Else the pump has not started: it sees _cancel_reason at its first step.
 
-    def _arm_grace(self) -> None:
-        """Give the source a lease to stop (it may swallow the cancellation, or its clean-up
-        may hang); then the stream ends without it (_give_up_on_source)."""
+    def _halt(self) -> None:
+        """Stop reading the source (a stop, a failure, the run's own cancellation): what it
+        yields from now on is not written (_read_source), and it has a lease to stop (it may
+        swallow the cancellation, or its clean-up may hang); then the stream ends without it
+        (_give_up_on_source)."""
+        self._halted = True
         if self._grace is None:
             self._grace = self._task.get_loop().call_later(
                 self._producer.lease, self._give_up_on_source
@@ -356,7 +360,7 @@ class Run:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:  # the group is stopping: the pump stops with it
             pump.cancel()
-            self._arm_grace()
+            self._halt()
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             raise
         if pump.done():
@@ -375,6 +379,7 @@ class Run:
         """End the run on ``exc``: stop its tasks; _salvage() writes what it can."""
         if self._failure is None:
             self._failure = exc
+        self._halt()
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:
@@ -426,7 +431,7 @@ class Run:
             if self._cancel_reason is not None:  # cancelled before the pump started
                 raise asyncio.CancelledError
             async for item in source:
-                if self._cancel_reason is not None:
+                if self._halted:
                     raise asyncio.CancelledError  # it yielded after the stop: not written
                 buffered = len(buffer)
                 # Each event is encoded as it arrives: one that cannot be stored ends the
@@ -472,7 +477,7 @@ class Run:
                 while len(buffer) >= buffer_limit:
                     space = self._space = asyncio.get_running_loop().create_future()
                     await space
-            if self._cancel_reason is not None:
+            if self._halted:
                 raise asyncio.CancelledError  # it swallowed the stop, then ended
             terminal = (END, {})
         except asyncio.CancelledError as exc:
