@@ -16,6 +16,9 @@ run is started once (``StreamAlreadyRunning`` for the second), and an answer cut
 worker's death has already ended with ``producer_lost`` (the library's crash detection). If
 no worker starts an answer within ``WORKER_START_TIMEOUT``, its readers get ``not_started``.
 
+``python -m chat_service worker`` supervises: the Celery worker runs in a child process,
+replaced when it fails (``run_worker``).
+
 Celery tasks are synchronous; the worker runs one asyncio event loop in a thread of its own
 (the chat service's runtime lives there) and each task, on Celery's thread pool, waits for
 its coroutine on that loop.
@@ -26,7 +29,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
+import os
+import signal
+import sys
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -126,11 +134,86 @@ class _Portal:
         self.loop.close()
 
 
+#: Seconds before a failed Celery worker process is replaced; doubled after each failure in a
+#: row (a process that ran ``HEALTHY_RUN`` seconds starts a new row), up to the maximum.
+RESTART_DELAY = 0.5
+RESTART_DELAY_MAX = 30.0
+HEALTHY_RUN = 60.0
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def run_worker(settings: Settings) -> None:
-    """Run a Celery worker (threads pool, ``WORKER_CONCURRENCY`` threads) until stopped."""
+    """Run the Celery worker in a child process; replace it whenever it fails, until stopped.
+
+    Why a child: Celery 5 / kombu 5 treat some broker errors as unrecoverable and stop the
+    worker for good. A Redis restart while an answer is in flight is one: the consumer drops
+    the lost connection, then kombu's Redis channel restores its unacknowledged tasks on a
+    connection already released (``restore_unacked`` -> ``_connparams``: ``AttributeError:
+    'NoneType' object has no attribute 'hostname'``). No setting avoids that path but
+    ``ack_emulation=False``, which gives up the late acknowledgement tasks rely on. So this
+    process only supervises: it starts the worker, and when the worker exits with an error
+    (or dies of a signal) it logs why and starts a new one after a short backoff. SIGTERM or
+    SIGINT stops it: the signal goes on to the worker (Celery's warm shutdown), and the worker
+    is not replaced.
+    """
+    # fork: the child inherits the logging configuration, and this process starts no thread.
+    context = multiprocessing.get_context("fork")
+    stopping = False
+    worker_pid: int | None = None
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        if worker_pid is not None:
+            # A second SIGTERM, if the worker had one from its process group, changes nothing.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker_pid, signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
+    delay = RESTART_DELAY
+    try:
+        while not stopping:
+            worker = context.Process(target=_celery_worker, args=(settings,), name="worker")
+            started = time.monotonic()
+            # The signals wait until the worker's pid is known here, and the worker's own
+            # handlers are in place there (it inherits the mask, not `stop`'s use of it).
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                worker.start()
+                worker_pid = worker.pid
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            worker.join()
+            worker_pid = None
+            code = worker.exitcode
+            if stopping or code == 0:
+                return
+            if time.monotonic() - started >= HEALTHY_RUN:
+                delay = RESTART_DELAY
+            why = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            logger.error(
+                "the Celery worker stopped (%s, its log is above); a new one starts in %.1f s",
+                why,
+                delay,
+            )
+            deadline = time.monotonic() + delay
+            while not stopping and (left := deadline - time.monotonic()) > 0:
+                time.sleep(min(left, 0.1))
+            delay = min(delay * 2, RESTART_DELAY_MAX)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _celery_worker(settings: Settings) -> None:
+    """(The worker process) A Celery worker (threads pool, ``WORKER_CONCURRENCY`` threads)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     portal = _Portal(settings)
     runtime = portal.open()
     app = celery_app(settings)
+    from celery import signals
 
     @app.task(name=ANSWER_TASK)  # type: ignore[untyped-decorator]
     def answer(thread_id: str, seq: int, reservation: str) -> str:
@@ -138,6 +221,15 @@ def run_worker(settings: Settings) -> None:
         return portal.call(
             runtime.runs.answer_reserved(thread_id, seq, Reservation.parse(reservation))
         )
+
+    # worker_main returns nothing, whatever the outcome: the exit code (0 after a warm
+    # shutdown, 1 after an "Unrecoverable error") is the worker's, read as it stops.
+    exitcode = 0
+
+    @signals.worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+    def record_exitcode(sender: Any, **kwargs: Any) -> None:
+        nonlocal exitcode
+        exitcode = sender.exitcode or 0
 
     try:
         app.worker_main(
@@ -154,3 +246,4 @@ def run_worker(settings: Settings) -> None:
     finally:
         # After a warm shutdown (SIGTERM) Celery has let the tasks in flight finish.
         portal.close()
+    sys.exit(exitcode)

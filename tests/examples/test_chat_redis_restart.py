@@ -1,0 +1,66 @@
+"""Redis restarted without persistence in the middle of an answer: a worker (worker mode)
+keeps answering, although Celery gives up on that error.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from tests._services import RedisServer
+from tests.examples._chat import (
+    ChatServer,
+    Sse,
+    answer_text,
+    eventually,
+    history,
+    post_message,
+    read_sse,
+    settled,
+    terminal,
+)
+
+pytestmark = pytest.mark.redis
+
+
+def chunks_at_least(n: int) -> Callable[[list[Sse]], bool]:
+    return lambda events: sum(e.event == "chunk" for e in events) >= n
+
+
+@pytest.mark.postgres
+def test_a_worker_survives_a_redis_restart_in_the_middle_of_an_answer(
+    chat_servers: Callable[..., ChatServer],
+    redis_server_factory: Callable[..., RedisServer],
+    postgres_dsn: str,
+) -> None:
+    redis = redis_server_factory()
+    env = {
+        "REDIS_URL": redis.url,
+        "DATABASE_URL": postgres_dsn,
+        "REDIS_PREFIX": f"chat{uuid.uuid4().hex[:8]}",
+        "WORKER_MODE": "1",
+        "STREAM_LEASE": "1",
+        "WORKER_START_TIMEOUT": "10",
+        "OFFLINE_TOKENS_PER_SECOND": "40",
+    }
+    api = chat_servers(**env)
+    worker = chat_servers("worker", **env)
+    with api.client() as client:
+        first = post_message(client, "search for Redis Streams and explain in detail")
+        thread_id = first["thread_id"]
+        read_sse(client, first["stream_url"], stop_after=chunks_at_least(3))
+        redis.restart()
+        eventually(lambda: settled(client, thread_id), timeout=20, what="the cut run ended")
+        # Celery stopped on that error ("Unrecoverable error": kombu restores the task in
+        # flight on a connection it already let go); a new worker process answers this.
+        second = post_message(client, "what is 12*7", thread_id=thread_id)
+        _, answer = read_sse(client, second["stream_url"])
+        thread = history(client, thread_id)
+
+    assert terminal(answer) == {"type": "end"}
+    assert "84" in answer_text(answer)
+    assert thread["last_error"] is None
+    assert "a new one starts" in worker.output()
+    assert worker.process is not None and worker.process.poll() is None
