@@ -5,7 +5,8 @@ A worker that dies mid-answer (SIGKILL: no cleanup at all) must not leave reader
 the library's crash detection ends the answer's stream with `producer_lost` once the
 worker's lease lapses, and another worker takes the thread over. A task the dead worker had
 received but not started is delivered again (late acknowledgement, visibility timeout) and
-answered; an answer no worker starts in time ends with `not_started`.
+answered, with a WORKER_VISIBILITY_TIMEOUT below WORKER_START_TIMEOUT as here; an answer no
+worker starts in time ends with `not_started`.
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ STREAM_RETENTION           seconds a finished answer stays resumable
 REDIS_PREFIX               prefix of every Redis key the service writes
 WORKER_CONCURRENCY         answers one worker process writes at once (Celery threads)
 WORKER_START_TIMEOUT       seconds a queued answer waits for a worker before it fails
-WORKER_VISIBILITY_TIMEOUT  seconds before the task of a dead worker is delivered again
+WORKER_VISIBILITY_TIMEOUT  seconds before the task of a dead worker is delivered again (in time
+                           to be answered only if below WORKER_START_TIMEOUT)
 HOST, PORT                 where `python -m chat_service` listens
 
 The README of the example has the same list with the defaults.

@@ -11,10 +11,12 @@ with ``StreamProducer.start(..., reservation=...)`` and records the outcome (run
 Delivery is Celery's: ``acks_late`` acknowledges a task when it returns, and
 ``task_reject_on_worker_lost`` puts a task back when its worker process is lost, so the
 task of a dead worker is delivered again (with the Redis broker: once the
-``visibility_timeout`` lapses). A task delivered again does not answer twice: the reserved
-run is started once (``StreamAlreadyRunning`` for the second), and an answer cut by its
-worker's death has already ended with ``producer_lost`` (the library's crash detection). If
-no worker starts an answer within ``WORKER_START_TIMEOUT``, its readers get ``not_started``.
+``visibility_timeout`` lapses, WORKER_VISIBILITY_TIMEOUT). A task delivered again does not
+answer twice: the reserved run is started once (``StreamAlreadyRunning`` for the second),
+and an answer cut by its worker's death has already ended with ``producer_lost`` (the
+library's crash detection). If no worker starts an answer within ``WORKER_START_TIMEOUT``,
+its readers get ``not_started``: on the defaults (visibility 3600 s, start 60 s) that is
+what becomes of a task its dead worker had received but not started (README, worker mode).
 
 ``python -m chat_service worker`` supervises: the Celery worker runs in a child process,
 replaced when it fails (``run_worker``).
