@@ -1,5 +1,6 @@
-"""Redis restarted without persistence in the middle of an answer: a worker (worker mode)
-keeps answering, although Celery gives up on that error.
+"""Redis restarted without persistence in the middle of an answer: its stream is gone, and
+the run writing it is fenced. The answer is recorded as lost (not as stopped by its user),
+and a worker (worker mode) keeps answering, although Celery gives up on that error.
 """
 
 from __future__ import annotations
@@ -27,6 +28,27 @@ pytestmark = pytest.mark.redis
 
 def chunks_at_least(n: int) -> Callable[[list[Sse]], bool]:
     return lambda events: sum(e.event == "chunk" for e in events) >= n
+
+
+def test_an_answer_cut_by_a_redis_restart_is_recorded_as_lost_not_stopped(
+    chat_servers: Callable[..., ChatServer], redis_server_factory: Callable[..., RedisServer]
+) -> None:
+    redis = redis_server_factory()
+    api = chat_servers(REDIS_URL=redis.url, STREAM_LEASE="1", OFFLINE_TOKENS_PER_SECOND="40")
+    with api.client() as client:
+        started = post_message(client, "search for Redis Streams and explain in detail")
+        thread_id = started["thread_id"]
+        read_sse(client, started["stream_url"], stop_after=chunks_at_least(3))
+        redis.restart()
+        thread = eventually(lambda: settled(client, thread_id), timeout=20, what="run ended")
+        # The thread takes the next message, and answers it.
+        again = post_message(client, "what is 12*7", thread_id=thread_id)
+        _, answer = read_sse(client, again["stream_url"])
+
+    assert thread["last_error"] == {"run": started["run"], "code": "producer_lost"}
+    assert not any(m.get("stopped") for m in thread["messages"])
+    assert terminal(answer) == {"type": "end"}
+    assert "84" in answer_text(answer)
 
 
 @pytest.mark.postgres

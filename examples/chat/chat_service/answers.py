@@ -13,7 +13,7 @@ import asyncio
 import logging
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -41,6 +41,10 @@ class NothingToRetry(Exception):
     """A retry was asked on a thread without a question to answer again."""
 
 
+async def _always() -> bool:
+    return True
+
+
 @dataclass
 class Recorder:
     """What a run streamed, for the cache and for saving a stopped answer."""
@@ -51,6 +55,9 @@ class Recorder:
     cached: bool = False
     #: A replay streamed whole: its messages are being added to the thread.
     replayed: bool = False
+    #: Asked when the run is cancelled: True if it was stopped (by a user, or by a shutdown),
+    #: False if it was cut because it lost its stream (runs.py).
+    stopped: Callable[[], Awaitable[bool]] = field(default=_always)
 
     def text(self, text: str) -> None:
         self.partial.append(text)
@@ -163,10 +170,14 @@ class Answers:
             # Stopped: keep what the user saw, before the library writes `cancelled`, so a
             # client that reads the thread after the stream's end finds it there. (A replay
             # has written nothing yet: its question is kept even before its first word.)
+            # A run cut because it lost its stream (fenced: Redis lost its data, say) was not
+            # stopped: nothing is saved as stopped, and runs.py records the run as failed.
             if recorder.partial or recorder.cached:
                 try:
                     async with asyncio.timeout(5.0):
-                        if recorder.replayed and entry is not None:  # stopped as it saved
+                        if not await recorder.stopped():
+                            logger.info("answer %s was cut, not stopped", job.stream_id)
+                        elif recorder.replayed and entry is not None:  # stopped as it saved
                             await self._record(job, self._replayed_messages(job, entry))
                         else:
                             await self._save_stopped(job, "".join(recorder.partial))

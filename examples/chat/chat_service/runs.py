@@ -483,7 +483,7 @@ class RunService:
     async def _start(
         self, job: RunRecord, *, reservation: Reservation | None = None
     ) -> _Active | None:
-        recorder = Recorder()
+        recorder = Recorder(stopped=lambda: self._still_running(job.stream_id))
         source = self.answers.source(job, recorder)
         try:
             if reservation is None:
@@ -518,8 +518,13 @@ class RunService:
         try:
             status = await run.wait()
         except ResumableStreamError as exc:
+            # Fenced (its stream was lost: Redis restarted without its data, or the run was
+            # declared lost), or Redis refused or stayed away: its readers get (or got)
+            # producer_lost, and so does the thread, as after a crash.
             logger.warning("answer %s lost its stream: %s", job.stream_id, exc)
-            status = "error"
+            await self.store.settle_run(job.thread_id, job.seq, "failed", error=PRODUCER_LOST)
+            await self.store.update_thread(job.thread_id)
+            return
         if status == "completed" and job.use_cache and not recorder.cached:
             try:
                 await self.answers.cache_put(job, recorder)
@@ -527,6 +532,15 @@ class RunService:
                 logger.exception("answer %s: could not cache it", job.stream_id)
         await self.store.set_run_state(job.thread_id, job.seq, "done")
         await self.store.update_thread(job.thread_id)
+
+    async def _still_running(self, stream_id: str) -> bool:
+        """(A run being cancelled) True if its stream is still there and running: it was
+        stopped, not cut by the loss of its stream (its terminal event is not written yet)."""
+        try:
+            info = await self.transport.info(stream_id)
+        except ResumableStreamError:
+            return False
+        return info is not None and info.status == "running"
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine)
