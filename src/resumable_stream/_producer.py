@@ -313,7 +313,7 @@ class Run:
         shutting_down = False
         name = self.stream_id
         # Not in the task group: a source that ignores a stop must not keep the run from
-        # ending (_give_up_on_source). _pumped() waits for it in the group.
+        # ending (_give_up_on_source). This task waits for it in the group's body.
         pump = self._pump = self._task.get_loop().create_task(
             self._read_source(), name=f"rstream pump {name}"
         )
@@ -325,8 +325,8 @@ class Run:
                         self._supervised(self._flush_loop), name=f"rstream flush {name}"
                     ),
                 ]
-                group.create_task(self._pumped(pump), name=f"rstream source {name}")
                 self._watch_cancel()
+                await self._pumped(pump)
         except asyncio.CancelledError:
             shutting_down = True  # the run's task itself was cancelled (shutdown)
         try:
@@ -353,18 +353,20 @@ class Run:
             raise asyncio.CancelledError
 
     async def _pumped(self, pump: asyncio.Task[None]) -> None:
-        """Wait for the pump as a member of the run's task group would, unless the run
+        """Wait for the pump as if it were a member of the run's task group, unless the run
         gives up on its source."""
         waits = (pump, self._abandoned)
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:  # the group is stopping: the pump stops with it
+        except asyncio.CancelledError:  # the run's task is cancelled: the pump stops with it
             pump.cancel()
             self._halt()
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             raise
-        if pump.done():
-            pump.result()  # what it raised, the group sees
+        if pump.done() and not pump.cancelled():
+            # What it raised (KeyboardInterrupt, SystemExit), the group sees. (A pump
+            # cancelled by _fail is not: raised here, it would read as this task's own.)
+            pump.result()
 
     async def _supervised(self, work: Callable[[], Awaitable[None]]) -> None:
         # A failing task stops its siblings itself rather than through the task group:
