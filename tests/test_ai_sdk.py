@@ -12,8 +12,8 @@ import httpx
 import orjson
 import pytest
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
-from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.tools import tool
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode
@@ -339,3 +339,56 @@ async def test_an_answer_is_never_a_later_message_s_answer() -> None:
     # reports an empty body), never the other message's answer.
     assert (status, body) == (204, b"")
     await router.producer.aclose()
+
+
+class _ProviderIdModel(BaseChatModel):
+    """Streams as ChatOpenAI's Responses API does: the provider's id on the first chunk
+    only, so the text chunks get LangChain's run id and the whole message the provider's."""
+
+    @property
+    def _llm_type(self) -> str:
+        return "provider-ids"
+
+    def _generate(self, messages: list[BaseMessage], **kwargs: Any) -> ChatResult:
+        raise NotImplementedError
+
+    async def _astream(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> Any:
+        yield ChatGenerationChunk(message=AIMessageChunk(content="", id="resp_1"))
+        for text in ("Hel", "lo"):
+            yield ChatGenerationChunk(message=AIMessageChunk(content=text))
+
+
+async def test_a_message_streamed_under_another_id_is_not_sent_twice() -> None:
+    # Regression: tokens keyed by LangChain's run id ("lc_run--...") and the model's whole
+    # message keyed by the provider's id ("resp_..."): the message's text went out again
+    # as a second text part, and the client showed "HelloHello".
+    model = _ProviderIdModel()
+
+    async def call(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await model.ainvoke(state["messages"])]}
+
+    graph = StateGraph(MessagesState)
+    graph.add_node("model", call)
+    graph.add_edge(START, "model")
+    graph.add_edge("model", END)
+    transport = MemoryTransport()
+    producer = StreamProducer(transport)
+    source = graph.compile().astream_events({"messages": [("user", "hi")]}, version="v2")
+    await (await producer.start(source, stream_id="s")).wait()
+    chunker = UIMessageChunks("m")
+    chunks = [c async for e in StreamConsumer(transport, "s") for c in chunker.chunks(e)]
+    await producer.aclose()
+    check_order(chunks)
+    assert "".join(c["delta"] for c in chunks if c["type"] == "text-delta") == "Hello"
+    assert [c["type"] for c in chunks].count("text-start") == 1
+
+
+def test_a_message_of_another_id_with_other_text_is_still_sent() -> None:
+    chunker = UIMessageChunks("m")
+    token = Event("token", {"text": "Hel", "message_id": "lc_run--1"}, "1-1-0")
+    other = Event("message", {"message": {"role": "ai", "id": "x", "text": "Bye"}}, "1-2-0")
+    chunks = (
+        chunker.chunks(token) + chunker.chunks(other) + chunker.chunks(Event("end", {}, "1-3-0"))
+    )
+    check_order(chunks)
+    assert [c["delta"] for c in chunks if c["type"] == "text-delta"] == ["Hel", "Bye"]

@@ -20,6 +20,7 @@ the ``web`` extra; see docs/ai-sdk.md.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import re
 from collections.abc import AsyncIterable, Awaitable, Callable, Hashable, Mapping
@@ -120,6 +121,8 @@ class UIMessageChunks:
         self._need_start = start
         self._open_text: dict[Any, str] = {}  # LangChain message id (or None) → text part id
         self._streamed: set[Any] = set()  # message ids whose text came as tokens
+        # message id → the digest of its tokens' text, until a message claims it
+        self._token_text: dict[Any, Any] = {}
         self._parts = 0
         self._calls: dict[str, _ToolCall] = {}
         # tool name → the model's calls (id, args) that no tool run has claimed yet
@@ -197,6 +200,10 @@ class UIMessageChunks:
             return
         key = _message_key(data.get("message_id"))
         self._streamed.add(key)
+        digest = self._token_text.get(key)
+        if digest is None:
+            digest = self._token_text[key] = hashlib.blake2b(digest_size=16)
+        digest.update(text.encode("utf-8", "surrogatepass"))
         out.append({"type": "text-delta", "id": self._open(key, out), "delta": text})
 
     def _message(self, message: Any, out: list[dict[str, Any]]) -> None:
@@ -206,6 +213,12 @@ class UIMessageChunks:
         if role in _AI_ROLES:
             key = _message_key(message.get("id"))
             text = message.get("text")
+            if key not in self._streamed and isinstance(text, str) and text:
+                # Its text may have come as tokens of another id: a provider's id on some
+                # chunks only (OpenAI's Responses API), the others get LangChain's run id,
+                # and the whole message the provider's. The same text is that message.
+                key = self._streamed_as(text, key)
+            self._token_text.pop(key, None)
             if key in self._open_text:
                 self._close_text(out, key)
             elif key not in self._streamed and isinstance(text, str) and text:
@@ -234,6 +247,15 @@ class UIMessageChunks:
                     self._output(call_id, None, str(message.get("text")), out)
                 else:
                     self._output(call_id, message.get("content"), None, out)
+
+    def _streamed_as(self, text: str, key: Any) -> Any:
+        """The key of the tokens whose text is ``text`` and no message claimed, else ``key``."""
+        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        for streamed, tokens in self._token_text.items():
+            if tokens.digest() == digest:
+                self._streamed.add(key)
+                return streamed
+        return key
 
     # --- tools --------------------------------------------------------------------------
 
