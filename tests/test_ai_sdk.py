@@ -5,6 +5,7 @@ The client tests (tests/clients/test_ai_sdk.py) run the real `ai` / `@ai-sdk/rea
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,10 +22,11 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from resumable_stream import Event, StreamConsumer, StreamProducer
+from resumable_stream._exceptions import TransportError
 from resumable_stream.ai_sdk import ChatRequest, ChatRouter, UIMessageChunks
 from resumable_stream.starlette import allow_all
 from resumable_stream.transports.memory import MemoryTransport
-from tests._helpers import Later, ended, eventually
+from tests._helpers import Later, ended, eventually, holds
 
 
 def check_order(chunks: list[dict[str, Any]]) -> None:
@@ -392,3 +394,58 @@ def test_a_message_of_another_id_with_other_text_is_still_sent() -> None:
     )
     check_order(chunks)
     assert [c["delta"] for c in chunks if c["type"] == "text-delta"] == ["Hel", "Bye"]
+
+
+class _BreakingTransport(MemoryTransport):
+    """Its live reads fail (storage down) once ``broken`` is set."""
+
+    broken = False
+
+    def subscribe(self, stream_id: str, epoch: int, after: int) -> Any:
+        inner = super().subscribe(stream_id, epoch, after)
+        transport = self
+
+        class Failing:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(inner, name)
+
+            async def get(self, max_wait: float) -> Any:
+                if transport.broken:
+                    raise TransportError("storage down")
+                return await inner.get(max_wait)
+
+        return Failing()
+
+
+async def test_an_answer_cut_by_the_storage_ends_with_an_error_part() -> None:
+    # Regression: a read failing after the headers ended the response as if the answer
+    # were whole: no finish, error or abort part, and useChat showed the cut answer as
+    # done ("ready", no error, its text part still "streaming").
+    release = asyncio.Event()
+
+    async def answer(chat: ChatRequest) -> AsyncIterator[str]:
+        async def tokens() -> AsyncIterator[str]:
+            yield "hello "
+            await release.wait()
+            yield "world"
+
+        return tokens()
+
+    transport = _BreakingTransport()
+    router = ChatRouter(transport, answer, authorize=allow_all, ping_interval=None)
+    message = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "x"}]}
+    later = Later("/api/chat", orjson.dumps({"id": "chat-1", "messages": [message]}))
+    response = await router.send(later.request())
+    serving = asyncio.create_task(later.serve(response))
+    await eventually(holds(lambda: b"hello" in b"".join(m.get("body", b"") for m in later.sent)))
+    transport.broken = True
+    status, body = await asyncio.wait_for(serving, 10)
+    release.set()
+    await router.producer.aclose()
+    blocks = [b for b in body.split(b"\n\n") if b]
+    assert status == 200
+    assert blocks[-1] == b"data: [DONE]"
+    chunks = [orjson.loads(b.removeprefix(b"data: ")) for b in blocks[:-1]]
+    assert chunks[-2] == {"type": "text-end", "id": "text-1"}
+    assert chunks[-1]["type"] == "error"
+    assert "interrupted" in chunks[-1]["errorText"]

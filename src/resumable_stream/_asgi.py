@@ -426,6 +426,8 @@ class StreamEngine:
                         self.consumer.stream_id,
                         connection.error,
                     )
+                    if self.wire.cut is not None:
+                        body += self.wire.cut(connection.error)
                 await connection.write(_body(body, more=False))
                 return
             await connection.write(_body(body, more=True))

@@ -50,6 +50,9 @@ class WireFormat(NamedTuple):
     media_type: str
     encode: Callable[[Event], bytes]
     keepalive: bytes
+    #: What ends a response cut short by a read error once its headers are out; None
+    #: for clients that resume from their last offset (the error answers that).
+    cut: Callable[[BaseException], bytes] | None = None
 
 
 SSE: Final = WireFormat("sse", EVENT_STREAM_TYPE, encode_event, PING)

@@ -170,6 +170,18 @@ class UIMessageChunks:
                 out.append({"type": "abort", "reason": str(data.get("reason") or "cancelled")})
         return out
 
+    def interrupted(self, reason: str) -> bytes:
+        """The SSE bytes that end a stream cut before its terminal event (a read failed):
+        its open text parts closed, an ``error`` (the client would otherwise take the cut
+        answer for a whole one), ``[DONE]``."""
+        if self.finished:
+            return b""
+        self.finished = True
+        out: list[dict[str, Any]] = []
+        self._close_text(out)
+        out.append({"type": "error", "errorText": reason})
+        return b"".join(_sse(chunk) for chunk in out) + _DONE
+
     def encode(self, event: Event) -> bytes:
         """The SSE bytes for ``event``: ``data: <chunk>`` blocks, and ``[DONE]`` at the end."""
         body = b"".join(_sse(chunk) for chunk in self.chunks(event))
@@ -373,12 +385,18 @@ class UIMessageStreamResponse(StreamResponse):
             on_disconnect=on_disconnect,
         )
         self.chunker = UIMessageChunks(message_id, start=consumer.after is None)
-        self.wire = WireFormat("sse", EVENT_STREAM_TYPE, self._encode, PING)
+        self.wire = WireFormat("sse", EVENT_STREAM_TYPE, self._encode, PING, self._cut)
         self.event_stream_client = True  # nothing to send is 204, which the SDK understands
         self.raw_headers = [
             *self.raw_headers,
             *((k.encode(), v.encode()) for k, v in UI_MESSAGE_STREAM_HEADERS.items()),
         ]
+
+    def _cut(self, error: BaseException) -> bytes:
+        # The detail may name the storage's hosts: the client gets what to do, not why.
+        return self.chunker.interrupted(
+            "the answer was interrupted (its stream could not be read); resume to read the rest"
+        )
 
     def _encode(self, event: Event) -> bytes:
         chunker = self.chunker
