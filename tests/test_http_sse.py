@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import httpx
@@ -177,7 +178,18 @@ def test_error_for(exc: Exception, sse_status: int, other_status: int, code: str
 
 @pytest.mark.parametrize(
     "options",
-    [{"ping_interval": 0}, {"send_timeout": -1}, {"max_connections": 0}, {"retry": -0.5}],
+    [
+        {"ping_interval": 0},
+        {"send_timeout": -1},
+        {"max_connections": 0},
+        {"retry": -0.5},
+        # Passed the range checks: every stream response was a 500 (retry nan or inf,
+        # ping_interval nan); send_timeout nan broke the clock of a response at its check.
+        {"retry": math.nan},
+        {"retry": math.inf},
+        {"ping_interval": math.nan},
+        {"send_timeout": math.nan},
+    ],
 )
 def test_router_and_response_reject_bad_options(options: dict[str, Any]) -> None:
     transport = from_url("memory://")

@@ -69,11 +69,14 @@ class ConnectionLimit:
 def check_options(
     retry: float | None, ping_interval: float | None, send_timeout: float | None
 ) -> None:
-    if retry is not None and retry < 0:
-        raise ConfigurationError("retry must be >= 0 seconds (or None)")
-    if ping_interval is not None and ping_interval <= 0:
+    # Written so that nan fails too (it compares false to anything): it passed these checks,
+    # and then failed every response (retry is sent in milliseconds, and the clock's timer
+    # cannot be set to nan).
+    if retry is not None and not 0 <= retry < math.inf:
+        raise ConfigurationError("retry must be a finite number >= 0 seconds (or None)")
+    if ping_interval is not None and not ping_interval > 0:
         raise ConfigurationError("ping_interval must be > 0 seconds (or None for no pings)")
-    if send_timeout is not None and send_timeout <= 0:
+    if send_timeout is not None and not send_timeout > 0:
         raise ConfigurationError("send_timeout must be > 0 seconds (or None for no timeout)")
 
 
