@@ -114,6 +114,21 @@ def test_ndjson_is_one_json_object_per_line_with_the_offset() -> None:
     ]
 
 
+def test_ndjson_lines_stay_whole_for_readers_that_split_on_unicode_line_breaks() -> None:
+    """JSON may hold U+2028, U+2029 and NEL unescaped, but httpx's ``iter_lines()`` and
+    Python's ``str.splitlines()`` end a line at each: escaped, an event stays one line."""
+    events = [
+        Event("token", {"text": "a\u2028b\u2029c\x85d"}, "1-1-0"),
+        Event("odd\u2028type", {"x\u2029": "\x85"}, "1-1-1"),
+    ]
+    body = b"".join(encode_ndjson(e) for e in events)
+    expected = [{"offset": e.offset, "type": e.type, "data": e.data} for e in events]
+
+    lines = list(httpx.Response(200, content=body).iter_lines())
+    assert [orjson.loads(line) for line in lines] == expected
+    assert [orjson.loads(line) for line in body.decode().splitlines()] == expected
+
+
 @pytest.mark.parametrize(
     ("accept", "wire", "event_stream_client"),
     [

@@ -35,12 +35,30 @@ JSON_TYPE: Final = "application/json"
 _NDJSON_TYPES = (NDJSON_TYPE, "application/ndjson", "application/jsonl")
 
 
+# Line breaks to Unicode (and so to httpx's iter_lines() and str.splitlines()) that JSON
+# strings may hold unescaped, in UTF-8: NEL, LINE SEPARATOR, PARAGRAPH SEPARATOR.
+_UNICODE_BREAKS = (
+    (b"\xc2\x85", b"\\u0085"),
+    (b"\xe2\x80\xa8", b"\\u2028"),
+    (b"\xe2\x80\xa9", b"\\u2029"),
+)
+
+
 def encode_ndjson(event: Event) -> bytes:
-    """One JSON object and a newline: ``{"offset": ..., "type": ..., "data": ...}``."""
-    return orjson.dumps(
+    """One JSON object and a newline: ``{"offset": ..., "type": ..., "data": ...}``.
+
+    U+0085, U+2028 and U+2029 are escaped: readers that split lines as Unicode does (httpx's
+    ``iter_lines()``, ``str.splitlines()``) would otherwise cut an event in two.
+    """
+    line = orjson.dumps(
         {"offset": event.offset, "type": event.type, "data": event.data},
         option=orjson.OPT_APPEND_NEWLINE,
     )
+    if not line.isascii():  # the usual event: nothing to scan for
+        for raw, escaped in _UNICODE_BREAKS:
+            if raw in line:  # rare: the usual event is not copied
+                line = line.replace(raw, escaped)
+    return line
 
 
 class WireFormat(NamedTuple):
