@@ -215,6 +215,9 @@ async def both_routers(authorize: Any) -> AsyncIterator[Any]:
         {"command": {"update": 5}},
         {"command": {"update": [["messages"]]}},
         {"command": {"resume": None}},
+        {"checkpoint": "c1"},
+        {"checkpoint": {"checkpoint_id": 5}},
+        {"checkpoint_id": 5},
     ],
 )
 async def test_a_run_body_langgraph_would_fail_on_is_refused_before_the_run(
@@ -265,6 +268,35 @@ async def test_a_command_update_given_as_pairs_reaches_the_graph() -> None:
         assert response.status_code == 200
         state = (await http.get(f"/threads/{thread_id}/state")).json()
         assert state["values"]["messages"][0]["content"] == "from a command"
+
+
+@pytest.mark.parametrize("given", ["checkpoint", "checkpoint_id"])
+async def test_a_run_from_a_checkpoint_forks_the_thread_there(given: str) -> None:
+    # Regression: `checkpoint` and `checkpoint_id` (useStream's branches, edits and
+    # regenerations; the Python SDK's fork) were ignored: the run went on from the latest
+    # checkpoint, adding to the thread where the client meant to replace.
+    async with lg_client() as (http, _, holds):
+        thread_id = (await http.post("/threads", json={})).json()["thread_id"]
+        holds.setdefault(thread_id, asyncio.Event()).set()
+        runs = f"/threads/{thread_id}/runs/stream"
+        body = {"assistant_id": "agent", "input": {"messages": [("user", "one")]}}
+        assert (await http.post(runs, json=body)).status_code == 200
+        history = (await http.post(f"/threads/{thread_id}/history", json={})).json()
+        start = history[-1]["checkpoint"]  # before the first message
+        assert not history[-1]["values"].get("messages")
+        fork = (
+            {"checkpoint": start}
+            if given == "checkpoint"
+            else {"checkpoint_id": start["checkpoint_id"]}
+        )
+        body = {"assistant_id": "agent", "input": {"messages": [("user", "two")]}, **fork}
+        assert (await http.post(runs, json=body)).status_code == 200
+        state = (await http.get(f"/threads/{thread_id}/state")).json()
+        assert [m["content"] for m in state["values"]["messages"]] == ["two", answer_text("two")]
+
+        missing = {**body, "checkpoint_id": str(uuid.uuid4())}
+        response = await http.post(runs, json=missing)
+        assert (response.status_code, response.json()["code"]) == (404, "checkpoint_not_found")
 
 
 async def _post_and_leave(app: Any, path: str) -> list[dict[str, Any]]:

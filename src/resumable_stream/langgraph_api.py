@@ -221,6 +221,27 @@ def _run_config(config: Any) -> dict[str, Any] | None:
     return given
 
 
+def _fork_point(checkpoint: Any, checkpoint_id: Any) -> dict[str, str]:
+    """The checkpoint a run starts from, as ``configurable`` keys: the SDKs send the one
+    their thread view shows (``useStream``'s branches, edits and regenerations) as
+    ``checkpoint`` (a ``Checkpoint``) and/or ``checkpoint_id``; none for the latest."""
+    given: dict[str, str] = {}
+    if checkpoint is not None:
+        if not isinstance(checkpoint, dict):
+            raise _bad("'checkpoint' must be an object")
+        for key in ("checkpoint_id", "checkpoint_ns"):
+            value = checkpoint.get(key)
+            if value is not None and not isinstance(value, str):
+                raise _bad(f"'checkpoint.{key}' must be a string")
+            if value is not None:
+                given[key] = value
+    if checkpoint_id is not None:
+        if not isinstance(checkpoint_id, str):
+            raise _bad("'checkpoint_id' must be a string")
+        given["checkpoint_id"] = checkpoint_id
+    return given if given.get("checkpoint_id") else {}
+
+
 class _Refused(Exception):
     def __init__(self, error: HTTPError) -> None:
         self.error = error
@@ -586,6 +607,19 @@ class LangGraphRouter:
 
             inputs = Command(**_command(command))
         config = self._config(thread_id, _run_config(body.get("config")))
+        fork = _fork_point(body.get("checkpoint"), body.get("checkpoint_id"))
+        if fork:
+            config["configurable"].update(fork)
+            # LangGraph would run a checkpoint it cannot find from an empty state.
+            saver: Any = getattr(graph, "checkpointer", None)
+            if hasattr(saver, "aget_tuple") and await saver.aget_tuple(config) is None:
+                raise _Refused(
+                    HTTPError(
+                        404,
+                        "checkpoint_not_found",
+                        f"no checkpoint {fork['checkpoint_id']!r} in thread {thread_id!r}",
+                    )
+                )
         kwargs: dict[str, Any] = {"stream_mode": graph_modes}
         if body.get("stream_subgraphs"):
             kwargs["subgraphs"] = True
