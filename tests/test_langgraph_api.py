@@ -270,6 +270,23 @@ async def test_a_command_update_given_as_pairs_reaches_the_graph() -> None:
         assert state["values"]["messages"][0]["content"] == "from a command"
 
 
+@pytest.mark.parametrize("mode", ["messages", ["messages-tuple", "messages"]])
+async def test_the_apis_messages_mode_is_refused(mode: Any) -> None:
+    # Regression: the API's "messages" mode (messages/partial, messages/complete and
+    # messages/metadata parts, which the SDKs' callers wait for) was served as
+    # "messages-tuple" parts under its name, where the docs say it is not served.
+    async with lg_client() as (http, api, holds):
+        thread_id = (await http.post("/threads", json={})).json()["thread_id"]
+        holds.setdefault(thread_id, asyncio.Event()).set()
+        response = await http.post(
+            f"/threads/{thread_id}/runs/stream",
+            json={"assistant_id": "agent", "input": {"messages": []}, "stream_mode": mode},
+        )
+        assert (response.status_code, response.json()["code"]) == (422, "invalid_request")
+        assert "messages-tuple" in response.json()["message"]
+        assert await api.transport.info(api.stream_id(thread_id)) is None  # no run started
+
+
 @pytest.mark.parametrize("given", ["checkpoint", "checkpoint_id"])
 async def test_a_run_from_a_checkpoint_forks_the_thread_there(given: str) -> None:
     # Regression: `checkpoint` and `checkpoint_id` (useStream's branches, edits and

@@ -82,12 +82,13 @@ class ThreadInfo:
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
-# The graph's own stream modes; "messages-tuple" is the API's name for "messages"
-# (langgraph-sdk: schema.py StreamMode).
+# The graph's own stream modes; "messages-tuple" is the API's name for the graph's
+# "messages" (langgraph-sdk: schema.py StreamMode). The API's own "messages" is another
+# format (messages/partial, messages/complete, messages/metadata) that is not served.
 _GRAPH_MODES = frozenset(
     {"values", "updates", "messages", "custom", "debug", "tasks", "checkpoints"}
 )
-_API_MODES = _GRAPH_MODES | {"messages-tuple"}
+_API_MODES = (_GRAPH_MODES - {"messages"}) | {"messages-tuple"}
 
 
 def to_wire(obj: Any) -> Any:
