@@ -41,6 +41,33 @@ def test_to_wire_serializes_like_the_api() -> None:
     assert wire["n"] == [1, 2]
 
 
+def test_to_wire_writes_dates_times_and_enums_as_json_does() -> None:
+    # Regression: a date, a time or an enum in a graph's state reached the SDKs as its
+    # Python repr ("datetime.date(2026, 1, 2)", "<Color.RED: 1>"), where the API writes
+    # what orjson makes of it.
+    import datetime as dt
+    import enum
+
+    class Color(enum.Enum):
+        RED = 1
+        BLUE = (2, dt.date(2026, 1, 3))
+
+    value = {
+        "day": dt.date(2026, 1, 2),
+        "at": dt.time(3, 4, 5),
+        "when": dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
+        "color": Color.RED,
+    }
+    assert to_wire(value) == {
+        "day": "2026-01-02",
+        "at": "03:04:05",
+        "when": "2026-01-02T03:04:05+00:00",
+        "color": 1,
+    }
+    assert orjson.loads(orjson.dumps(to_wire(value))) == orjson.loads(orjson.dumps(value))
+    assert to_wire([Color.BLUE]) == [[2, "2026-01-03"]]
+
+
 async def test_producer_events_hook_stores_parts_whole_and_closes_the_source() -> None:
     closed: list[bool] = []
 

@@ -24,7 +24,8 @@ import hashlib
 import inspect
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
+from enum import Enum
 from typing import Any, Literal
 
 import orjson
@@ -96,7 +97,8 @@ def to_wire(obj: Any) -> Any:
 
     Messages are their full LangChain serialization (``type``, ``content``, ``id``,
     ``tool_calls``, ``tool_call_chunks``, ``response_metadata``...), as the SDKs rebuild
-    message objects from it; Pydantic models and dataclasses become dicts.
+    message objects from it; Pydantic models and dataclasses become dicts, dates and times
+    ISO 8601 strings, enums their values (what the API's JSON encoder makes of them).
     """
     if obj is None or isinstance(obj, str | int | float | bool):
         return obj
@@ -109,8 +111,10 @@ def to_wire(obj: Any) -> Any:
         return to_wire(dump())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_wire(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, datetime):
+    if isinstance(obj, datetime | date | time):
         return obj.isoformat()
+    if isinstance(obj, Enum):
+        return to_wire(obj.value)
     if isinstance(obj, uuid.UUID):
         return str(obj)
     return repr(obj)
