@@ -622,6 +622,79 @@ async def test_on_disconnect_cancel(honoured: bool) -> None:
     await api.producer.aclose()
 
 
+async def test_leaving_a_join_cancels_only_for_a_caller_allowed_to_cancel() -> None:
+    # Regression: a join with ?cancel_on_disconnect=1 was authorized to "read" only, and
+    # leaving it cancelled the run anyway: a reader not allowed to cancel (403 at POST
+    # .../cancel) stopped someone else's run by closing its connection (as StreamRouter
+    # did before issue 9).
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+    from tests._helpers import eventually
+    from tests._services import uvicorn_server
+
+    asked: list[str] = []
+
+    def authorize(request: Any, thread_id: str | None, action: str) -> bool:
+        asked.append(action)
+        return action != "cancel" or request.headers.get("x-user") == "owner"
+
+    graph = build_graph({"t1": asyncio.Event()}, InMemorySaver())  # held halfway
+    api = LangGraphRouter(MemoryTransport(), {"agent": graph}, authorize=authorize)
+    app = Starlette(routes=[Mount("/lg", api)])
+    with uvicorn_server(app) as url:
+        async with httpx.AsyncClient(base_url=f"{url}/lg") as http:
+            body = {
+                "assistant_id": "agent",
+                "input": {"messages": [("user", "x")]},
+                "stream_mode": ["messages-tuple"],
+            }
+            async with http.stream("POST", "/threads/t1/runs/stream", json=body) as response:
+                run_url = response.headers["content-location"]
+                async for line in response.aiter_lines():
+                    if "x19 " in line:
+                        break
+            assert (await http.post(f"{run_url}/cancel")).status_code == 403
+
+            async def status() -> str:
+                return str((await http.get(run_url)).json()["status"])
+
+            async def join_and_leave(headers: dict[str, str]) -> None:
+                join = http.stream(
+                    "GET",
+                    f"{run_url}/stream",
+                    params={"cancel_on_disconnect": "1"},
+                    headers={"last-event-id": "-1", **headers},
+                )
+                async with join as joined:
+                    async for line in joined.aiter_lines():
+                        if "x19 " in line:
+                            break  # held halfway: walk away
+
+            await join_and_leave({})
+
+            async def noticed() -> bool:  # asked to cancel (refused), or wrongly cancelled
+                return asked.count("cancel") == 2 or await status() != "running"
+
+            await eventually(noticed)
+            assert await status() == "running"
+
+            await join_and_leave({"x-user": "owner"})
+
+            async def cancelled() -> bool:
+                return await status() == "interrupted"
+
+            await eventually(cancelled)
+
+        async def ended() -> bool:
+            return not api.producer.runs
+
+        await eventually(ended)
+
+
 async def test_threads_have_the_times_of_their_checkpoints() -> None:
     # Issue 10: GET /threads/{id} answered the time of the request as created_at.
     import httpx

@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import hashlib
 import inspect
+import logging
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, date, datetime, time
@@ -65,6 +66,8 @@ __all__ = [
     "stream_parts",
     "to_wire",
 ]
+
+logger = logging.getLogger("resumable_stream.http")
 
 #: What a request wants to do, as passed to ``authorize`` (thread id None for ``create``).
 LangGraphAction = Literal["create", "read", "run", "cancel"]
@@ -661,7 +664,7 @@ class LangGraphRouter:
         if self.cancel_on_disconnect and body.get("on_disconnect") == "cancel":
 
             async def on_disconnect() -> None:
-                await self.producer.cancel(stream_id)
+                await self._cancel_on_disconnect(request, thread_id, stream_id, run.epoch)
 
         location = f"/threads/{thread_id}/runs/{run_id}"
         return _PartsResponse(
@@ -686,6 +689,21 @@ class LangGraphRouter:
         if info is None or info.epoch < epoch:
             raise _Refused(HTTPError(404, "run_not_found", f"no run {run_id!r} in this thread"))
         return thread_id, stream_id, run_id, epoch, info
+
+    async def _cancel_on_disconnect(
+        self, request: Request, thread_id: str, stream_id: str, epoch: int
+    ) -> None:
+        """A client that asked for it left before its run's end: cancel that run, as
+        ``POST .../cancel`` would (a caller allowed to read or run, and not to cancel, must
+        not stop the run by leaving), unless a later run of the thread replaced it."""
+        try:
+            await self._check(request, "cancel", thread_id)
+        except (_Refused, HTTPException):
+            logger.debug("thread %s: the client left; not allowed to cancel", thread_id)
+            return
+        info = await self.transport.info(stream_id)
+        if info is not None and info.epoch == epoch and info.status == "running":
+            await self.producer.cancel(stream_id)
 
     async def join_run(self, request: Request) -> Response:
         """``GET .../runs/{run_id}/stream``: the run's parts after ``Last-Event-ID``.
@@ -714,7 +732,7 @@ class LangGraphRouter:
         ):
 
             async def on_disconnect() -> None:
-                await self.producer.cancel(stream_id)
+                await self._cancel_on_disconnect(request, thread_id, stream_id, epoch)
 
         return _PartsResponse(
             consumer,
