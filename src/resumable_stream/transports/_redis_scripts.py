@@ -49,6 +49,8 @@ if m[3] ~= 'running' then return -1 end
 -- A seq past last + 1: the storage lost acknowledged entries (a failover to a lagging
 -- replica). Write nothing; report where the storage ends (issue 8, part 4).
 if tonumber(ARGV[3]) > last + 1 then return {m[2]} end
+local denied = refused(NOTICES)
+if denied then return denied end
 local made = add_entry(ARGV[3], ARGV[8], ARGV[2] .. '-' .. ARGV[3], ARGV[4])
 if ARGV[7] == '' then
   redis.call('HSET', KEYS[1], 'last', ARGV[3], 'count', ARGV[5], 'updated', ARGV[6])
@@ -83,6 +85,8 @@ return 0
 CANCEL = """
 local m = redis.call('HMGET', KEYS[1], 'status', 'epoch')
 if m[1] ~= 'running' then return 0 end
+local denied = refused(CANCELS)
+if denied then return denied end
 redis.call('HSET', KEYS[1], 'cancel', '1')
 redis.call('SPUBLISH', CANCELS, m[2])
 return 1
@@ -90,6 +94,8 @@ return 1
 
 # No ARGV.
 DELETE = """
+local denied = refused(NOTICES) or refused(CANCELS)
+if denied then return denied end
 local m = redis.call('HMGET', KEYS[1], 'status', 'epoch')
 if m[1] == 'running' then
   redis.call('SPUBLISH', CANCELS, m[2])
@@ -104,6 +110,8 @@ REAP = """
 local m = redis.call('HMGET', KEYS[1], 'status', 'epoch', 'last', 'written')
 if m[1] ~= 'running' or m[2] ~= ARGV[1] then return 0 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local denied = refused(NOTICES)
+if denied then return denied end
 -- After entries held for replicas (HOLD) if any: they become readable with it.
 local seq = string.format('%.0f', math.max(tonumber(m[3]), tonumber(m[4] or 0)) + 1)
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], ARGV[1] .. '-' .. seq, 'e', ARGV[2])
@@ -145,6 +153,8 @@ local m = redis.call('HMGET', KEYS[1], 'owner', 'last', 'status')
 if m[1] ~= ARGV[1] then return -1 end
 if tonumber(m[2]) >= tonumber(ARGV[3]) then return 0 end
 if m[3] ~= 'running' then return -1 end
+local denied = refused(NOTICES)
+if denied then return denied end
 if ARGV[6] == '' then
   redis.call('HSET', KEYS[1], 'last', ARGV[3], 'count', ARGV[4], 'updated', ARGV[5])
 else
@@ -190,8 +200,21 @@ local function add_entry(seq, max_entries, id, payload)
 end
 """
 
+# An error reply if the user may not SPUBLISH to the channel, checked before a script
+# writes: Redis 7 gives an ACL user no channels by default (acl-pubsub-default), and a
+# SPUBLISH refused after the writes left them stored, so the append's retry found its
+# entry "already stored" and the refusal was never reported, nor any notice published.
+_REFUSED = """
+local function refused(channel)
+  if redis.acl_check_cmd('SPUBLISH', channel, '') then return false end
+  return redis.error_reply('NOPERM this user has no permissions to publish to ' .. channel
+    .. ': grant it the channels of the key prefix (&<prefix>:*)')
+end
+"""
+
 CREATE, RENEW = _LONGER + CREATE, _LONGER + RENEW
-APPEND, HOLD = _ADD_ENTRY + APPEND, _ADD_ENTRY + HOLD
+APPEND, HOLD = _REFUSED + _ADD_ENTRY + APPEND, _ADD_ENTRY + HOLD
+CANCEL, DELETE, REAP, RELEASE = (_REFUSED + s for s in (CANCEL, DELETE, REAP, RELEASE))
 
 
 def _channels(script: str) -> str:
