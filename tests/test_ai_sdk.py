@@ -158,10 +158,13 @@ def test_terminal_events_close_the_text_and_end_with_done(
 ) -> None:
     chunker = UIMessageChunks("m")
     token = Event("token", {"text": "hi", "message_id": "a", "node": None}, "1-1-0")
-    assert [c["type"] for c in chunker.chunks(token)] == ["start", "text-start", "text-delta"]
+    first = [c["type"] for c in chunker.chunks(token)]
+    assert first == ["start", "start-step", "text-start", "text-delta"]
     body = chunker.encode(terminal)
     blocks = body.split(b"\n\n")
     assert orjson.loads(blocks[0].removeprefix(b"data: ")) == {"type": "text-end", "id": "text-1"}
+    if terminal.type == "end":  # an answer that ends finishes its step
+        assert orjson.loads(blocks.pop(1).removeprefix(b"data: ")) == {"type": "finish-step"}
     assert orjson.loads(blocks[1].removeprefix(b"data: ")) == chunk
     assert blocks[2] == b"data: [DONE]"
     assert chunker.chunks(token) == []  # nothing after the end
@@ -307,17 +310,62 @@ def test_text_after_a_tool_call_is_a_new_text_part() -> None:
     check_order(chunks)
     assert [(c["type"], c.get("id")) for c in chunks] == [
         ("start", None),
+        ("start-step", None),
         ("text-start", "text-1"),
         ("text-delta", "text-1"),
         ("text-end", "text-1"),
         ("tool-input-start", None),
         ("tool-input-available", None),
         ("tool-output-available", None),
+        ("finish-step", None),  # the model speaks again after the tool: a new step
+        ("start-step", None),
         ("text-start", "text-2"),
         ("text-delta", "text-2"),
         ("text-end", "text-2"),
+        ("finish-step", None),
         ("finish", None),
     ]
+
+
+def last_step_is_complete_with_tool_calls(chunks: list[dict[str, Any]]) -> bool:
+    """ai's lastAssistantMessageIsCompleteWithToolCalls on the message these chunks make:
+    the tool calls after its last step start, all with their output."""
+    last_step = max(i for i, c in enumerate(chunks) if c["type"] == "start-step")
+    step = chunks[last_step:]
+    calls = {c["toolCallId"] for c in step if c["type"] == "tool-input-available"}
+    outputs = {c["toolCallId"] for c in step if c["type"] == "tool-output-available"}
+    return bool(calls) and calls <= outputs
+
+
+def test_an_answer_after_tool_outputs_is_a_new_step() -> None:
+    # Regression: without steps the whole answer was one step, so the client's
+    # `sendAutomaticallyWhen: lastAssistantMessageIsCompleteWithToolCalls` found completed
+    # tool calls in the last step of every answer that ran a tool, and sent it back at once,
+    # again and again (a client-side tool's continuation looped forever).
+    chunker = UIMessageChunks("m")
+    call = {"id": "c1", "name": "calc", "args": {"x": 2}}
+    events = [
+        Event(
+            "message",
+            {"message": {"id": "a", "role": "ai", "text": "", "tool_calls": [call]}},
+            "1-1-0",
+        ),
+        Event(
+            "message", {"message": {"role": "tool", "tool_call_id": "c1", "content": 4}}, "1-1-1"
+        ),
+        Event("token", {"text": "It is 4.", "message_id": "b", "node": None}, "1-1-2"),
+        Event("end", {}, "1-1-3"),
+    ]
+    chunks = [c for e in events for c in chunker.chunks(e)]
+    check_order(chunks)
+    assert [c["type"] for c in chunks].count("start-step") == 2
+    assert not last_step_is_complete_with_tool_calls(chunks)
+    # A call the client runs itself (no output in the stream) is the last step's, complete
+    # once the client adds its output: the client sends the message back, as it should.
+    client_tool = UIMessageChunks("m")
+    chunks = [c for e in (events[0], events[3]) for c in client_tool.chunks(e)]
+    chunks.append({"type": "tool-output-available", "toolCallId": "c1", "output": 4})
+    assert last_step_is_complete_with_tool_calls(chunks)
 
 
 async def test_an_answer_is_never_a_later_message_s_answer() -> None:

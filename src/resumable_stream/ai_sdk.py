@@ -112,8 +112,13 @@ class UIMessageChunks:
       own ``resumable_stream.*`` markers (a reserved run's), which are not sent;
     * ``end`` / ``error`` / ``cancelled`` → ``finish`` / ``error`` / ``abort``, then ``[DONE]``.
 
-    ``start`` (with ``message_id``) comes first when ``start`` is true, as a replay from the
-    beginning needs: the client resets its message on it. ``update`` events are not sent.
+    ``start`` (with ``message_id``) and ``start-step`` come first when ``start`` is true, as a
+    replay from the beginning needs: the client resets its message on it. Model output after
+    a tool's output begins a new step (``finish-step``, ``start-step``), and ``end`` finishes
+    the step, as the AI SDK's own servers send them: the client's
+    ``lastAssistantMessageIsCompleteWithToolCalls`` looks at the last step only, and would
+    otherwise send the answer of a client-side tool back forever. ``update`` events are not
+    sent.
     """
 
     def __init__(self, message_id: str | None = None, *, start: bool = True) -> None:
@@ -128,6 +133,7 @@ class UIMessageChunks:
         # tool name → the model's calls (id, args) that no tool run has claimed yet
         self._announced: dict[str, list[tuple[str, Any]]] = {}
         self._run_calls: dict[str, str] = {}  # tool run id → tool call id
+        self._tool_output_sent = False  # in this step: what the model says next is a new step
         self.finished = False
 
     def chunks(self, event: Event) -> list[dict[str, Any]]:
@@ -143,6 +149,7 @@ class UIMessageChunks:
             if self.message_id is not None:
                 start["messageId"] = self.message_id
             out.append(start)
+            out.append({"type": "start-step"})
         kind, data = event.type, event.data
         if kind == TOKEN:
             self._token(data, out)
@@ -162,6 +169,7 @@ class UIMessageChunks:
             self.finished = True
             self._close_text(out)
             if kind == END:
+                out.append({"type": "finish-step"})
                 out.append({"type": "finish", "finishReason": "stop"})
             elif kind == ERROR:
                 message = data.get("message") or data.get("error") or "the answer failed"
@@ -191,9 +199,18 @@ class UIMessageChunks:
 
     # --- text ---------------------------------------------------------------------------
 
+    def _next_step(self, out: list[dict[str, Any]]) -> None:
+        """Begin a new step if a tool's output was sent in this one: the model speaks again."""
+        if self._tool_output_sent:
+            self._tool_output_sent = False
+            self._close_text(out)
+            out.append({"type": "finish-step"})
+            out.append({"type": "start-step"})
+
     def _open(self, key: Any, out: list[dict[str, Any]]) -> str:
         part = self._open_text.get(key)
         if part is None:
+            self._next_step(out)
             self._parts += 1
             part = self._open_text[key] = f"text-{self._parts}"
             out.append({"type": "text-start", "id": part})
@@ -275,6 +292,7 @@ class UIMessageChunks:
         """Send a tool call's input once; true if it is new."""
         if call_id in self._calls:
             return False
+        self._next_step(out)
         # Text after a tool call is a new text part, as the AI SDK's own servers send it (a
         # text part per step): tokens without a message id would otherwise add it to the
         # text before the call, and the client would show it above the tool.
@@ -298,6 +316,7 @@ class UIMessageChunks:
         if call.output_sent:
             return
         call.output_sent = True
+        self._tool_output_sent = True
         if error is not None:
             out.append({"type": "tool-output-error", "toolCallId": call_id, "errorText": error})
         else:
