@@ -19,11 +19,16 @@ from langchain_core.tools import tool
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode
 from starlette.applications import Starlette
-from starlette.routing import Mount
+from starlette.routing import Mount, Route
 
 from resumable_stream import Event, StreamConsumer, StreamProducer
 from resumable_stream._exceptions import TransportError
-from resumable_stream.ai_sdk import ChatRequest, ChatRouter, UIMessageChunks
+from resumable_stream.ai_sdk import (
+    ChatRequest,
+    ChatRouter,
+    UIMessageChunks,
+    UIMessageStreamResponse,
+)
 from resumable_stream.starlette import allow_all
 from resumable_stream.transports.memory import MemoryTransport
 from tests._helpers import Later, ended, eventually, holds
@@ -366,6 +371,51 @@ def test_an_answer_after_tool_outputs_is_a_new_step() -> None:
     chunks = [c for e in (events[0], events[3]) for c in client_tool.chunks(e)]
     chunks.append({"type": "tool-output-available", "toolCallId": "c1", "output": 4})
     assert last_step_is_complete_with_tool_calls(chunks)
+
+
+def sse_chunks(body: str) -> list[dict[str, Any]]:
+    return [orjson.loads(b[6:]) for b in body.split("\n\n") if b[6:7] == "{"]
+
+
+async def test_a_continuation_is_answered_in_the_message_it_continues() -> None:
+    # Regression: a client that posts with an assistant message last (after a client-side
+    # tool's output or an approval, `sendAutomaticallyWhen`) goes on with that message, and
+    # a `start` naming another (the run's own "<chat>-<epoch>") made it add a second
+    # message with that one's parts again. Every replay of the run must name it too: a
+    # resume (GET, no body) finds it in the run's first event.
+    async def answer(chat: ChatRequest) -> AsyncIterator[str]:
+        async def tokens() -> AsyncIterator[str]:
+            yield f"after {chat.messages[-1]['parts'][0].get('output')}"
+
+        return tokens()
+
+    transport = MemoryTransport()
+    router = ChatRouter(transport, answer, authorize=allow_all)
+
+    async def replay(request: Any) -> Any:
+        return UIMessageStreamResponse(StreamConsumer(transport, "chat-c"), request)
+
+    app = Starlette(routes=[*router.routes, Route("/replay", replay)])
+    user = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "go"}]}
+    tool = {"type": "tool-confirm", "toolCallId": "c1", "state": "output-available"}
+    assistant = {"id": "a1", "role": "assistant", "parts": [{**tool, "input": {}, "output": "yes"}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+        body = {"id": "chat-c", "messages": [user, assistant], "trigger": "submit-message"}
+        continued = sse_chunks((await http.post("/api/chat", json=body)).text)
+        replayed = sse_chunks((await http.get("/replay")).text)
+        body["messages"] = [user, assistant, {**user, "id": "u2"}]
+        answered = sse_chunks((await http.post("/api/chat", json=body)).text)
+    await router.producer.aclose()
+    for chunks in (continued, replayed):
+        check_order(chunks)
+        assert chunks[0] == {"type": "start", "messageId": "a1"}
+        assert [c["delta"] for c in chunks if c["type"] == "text-delta"] == ["after yes"]
+        assert not [c for c in chunks if c["type"].startswith("data-")]  # the marker's not sent
+    assert answered[0]["messageId"].startswith("chat-c-")  # a new message: a new id
+    # An encoder given its own message id keeps it.
+    marker = {"name": "resumable_stream.ui_message_id", "data": {"message_id": "a1"}}
+    first = UIMessageChunks("mine").chunks(Event("custom", marker, "1-1-0"))
+    assert first == [{"type": "start", "messageId": "mine"}, {"type": "start-step"}]
 
 
 async def test_an_answer_is_never_a_later_message_s_answer() -> None:

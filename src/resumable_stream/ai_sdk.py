@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import re
-from collections.abc import AsyncIterable, Awaitable, Callable, Hashable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -83,6 +83,9 @@ _AI_ROLES = frozenset({"ai", "AIMessage", "assistant"})
 _DATA_NAME = re.compile(r"[^A-Za-z0-9_.:-]+")
 #: Names of the ``custom`` events the library writes itself (StreamProducer.reserve).
 _LIFECYCLE_PREFIX = "resumable_stream."
+#: The ``custom`` event a continuation's run begins with (ChatRouter): ``{"message_id"}``,
+#: the assistant message it continues, which the ``start`` of every replay then names.
+_MESSAGE_ID_EVENT = "resumable_stream.ui_message_id"
 
 
 def _sse(chunk: dict[str, Any]) -> bytes:
@@ -109,13 +112,16 @@ class UIMessageChunks:
       ``tool-output-available`` or ``tool-output-error``; a call ends the text parts before
       it, so the text after it is a new part;
     * ``custom`` → ``data-<name>`` (``data-custom`` without a name), except the library's
-      own ``resumable_stream.*`` markers (a reserved run's), which are not sent;
+      own ``resumable_stream.*`` markers (a reserved run's, a continuation's), which are
+      not sent;
     * ``end`` / ``error`` / ``cancelled`` → ``finish`` / ``error`` / ``abort``, then ``[DONE]``.
 
     ``start`` (with ``message_id``) and ``start-step`` come first when ``start`` is true, as a
-    replay from the beginning needs: the client resets its message on it. Model output after
-    a tool's output begins a new step (``finish-step``, ``start-step``), and ``end`` finishes
-    the step, as the AI SDK's own servers send them: the client's
+    replay from the beginning needs: the client resets its message on it. Without
+    ``message_id``, a stream whose first event is ``ChatRouter``'s continuation marker
+    (``resumable_stream.ui_message_id``) names the message that marker gives. Model output
+    after a tool's output begins a new step (``finish-step``, ``start-step``), and ``end``
+    finishes the step, as the AI SDK's own servers send them: the client's
     ``lastAssistantMessageIsCompleteWithToolCalls`` looks at the last step only, and would
     otherwise send the answer of a client-side tool back forever. ``update`` events are not
     sent.
@@ -145,6 +151,8 @@ class UIMessageChunks:
             # ai (src/ui/chat.ts): a resume is a replay (resumeStreamIsReplay); the client
             # resets its message at the first `start` and keeps its id, hence a stable one.
             self._need_start = False
+            if self.message_id is None:
+                self.message_id = _marked_message_id(event)
             start: dict[str, Any] = {"type": "start"}
             if self.message_id is not None:
                 start["messageId"] = self.message_id
@@ -375,12 +383,23 @@ def default_message_id(stream_id: str, epoch: int) -> str:
     return f"{stream_id}-{epoch}"
 
 
+def _marked_message_id(event: Event) -> str | None:
+    """The message id in ``ChatRouter``'s continuation marker, if ``event`` is one."""
+    data = event.data
+    if event.type != CUSTOM or data.get("name") != _MESSAGE_ID_EVENT:
+        return None
+    marked = data.get("data")
+    message_id = marked.get("message_id") if isinstance(marked, Mapping) else None
+    return message_id if isinstance(message_id, str) and message_id else None
+
+
 class UIMessageStreamResponse(StreamResponse):
     """A :class:`~resumable_stream.starlette.StreamResponse` speaking the UI message stream.
 
     Replayed from the start (a consumer without ``after``), it begins with ``start`` and
-    ``message_id`` (by default ``"<stream_id>-<epoch>"``, the same in every replay, so the
-    client replaces its partial message instead of adding one). A stream with nothing to send
+    ``message_id`` (by default the one a continuation's run names in its first event, else
+    ``"<stream_id>-<epoch>"``: the same in every replay, so the client replaces its partial
+    message instead of adding one). A stream with nothing to send
     answers 204, which ``useChat`` reads as "nothing to resume".
     """
 
@@ -420,7 +439,7 @@ class UIMessageStreamResponse(StreamResponse):
     def _encode(self, event: Event) -> bytes:
         chunker = self.chunker
         if chunker.message_id is None:
-            chunker.message_id = default_message_id(
+            chunker.message_id = _marked_message_id(event) or default_message_id(
                 self.consumer.stream_id, parse_offset(event.offset).epoch
             )
         return chunker.encode(event)
@@ -441,7 +460,8 @@ class ChatRequest:
     messages: list[dict[str, Any]]
     #: ``"submit-message"`` or ``"regenerate-message"``.
     trigger: str
-    #: The message to replace (an edit or a regeneration), if any.
+    #: The message to replace (an edit or a regeneration), or the assistant message a
+    #: continuation answers in (``ai`` 7 sends it then), if any.
     message_id: str | None
     #: The whole JSON body, with the fields the app added through the transport's ``body``.
     body: dict[str, Any]
@@ -469,6 +489,31 @@ def ui_message_text(message: Mapping[str, Any]) -> str:
     )
 
 
+def _continued(messages: list[Any]) -> str | None:
+    """The id of the assistant message a continuation goes on with: the last message, when
+    the client posts after a client-side tool's output or an approval
+    (``sendAutomaticallyWhen``). The client goes on with that message, and takes a ``start``
+    naming another for a new one, which it adds with the earlier parts again."""
+    last = messages[-1] if messages else None
+    if isinstance(last, Mapping) and last.get("role") == "assistant":
+        message_id = last.get("id")
+        if isinstance(message_id, str) and message_id:
+            return message_id
+    return None
+
+
+async def _continuing(message_id: str, source: AsyncIterable[Any]) -> AsyncIterator[Any]:
+    """``source`` after the marker that names the message it continues, for every replay."""
+    try:
+        yield Event(CUSTOM, {"name": _MESSAGE_ID_EVENT, "data": {"message_id": message_id}}, "")
+        async for item in source:
+            yield item
+    finally:
+        aclose = getattr(source, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
 ChatSource = Callable[[ChatRequest], AsyncIterable[Any] | Awaitable[AsyncIterable[Any]]]
 
 
@@ -487,7 +532,9 @@ class ChatRouter:
 
     * ``POST {path}``: start a run for chat ``id`` with the source ``source(ChatRequest)``
       returns, and answer it as a UI message stream. A client that goes away does not stop
-      it: the answer finishes and the next resume or reload shows it;
+      it: the answer finishes and the next resume or reload shows it. A continuation (the
+      last message an assistant's: after a client-side tool's output or an approval) is
+      answered in that message: its ``start`` and every replay's name its id;
     * ``GET {path}/{chat_id}/stream``: 204 when no answer is in progress, else the answer
       replayed from its start and followed live (``useChat({resume: true})`` calls it on
       mount);
@@ -557,10 +604,17 @@ class ChatRouter:
             return _error(HTTPError(403, "forbidden", "not allowed to access this chat"))
         return None
 
-    def _response(self, request: Request, stream_id: str, epoch: int | None = None) -> Response:
+    def _response(
+        self,
+        request: Request,
+        stream_id: str,
+        epoch: int | None = None,
+        message_id: str | None = None,
+    ) -> Response:
         return UIMessageStreamResponse(
             StreamConsumer(self.transport, stream_id, epoch=epoch),
             request,
+            message_id=message_id,
             ping_interval=self.ping_interval,
             send_timeout=self.send_timeout,
         )
@@ -599,6 +653,10 @@ class ChatRouter:
             source = self.source(chat)
             if inspect.isawaitable(source):
                 source = await source
+            continued = _continued(messages)
+            if continued is not None and isinstance(source, AsyncIterable):
+                # Stored first, so that a resume (GET, which has no body) names it too.
+                source = _continuing(continued, source)
             run = await self.producer.start(source, stream_id=stream_id)
         except HTTPException as exc:
             return _error(http_status_error(exc.status_code, exc.detail))
@@ -609,7 +667,7 @@ class ChatRouter:
         except ResumableStreamError as exc:
             return _error(error_for(exc))
         # This message's answer, not a later one that replaced it before the first read.
-        return self._response(request, stream_id, run.epoch)
+        return self._response(request, stream_id, run.epoch, continued)
 
     async def resume(self, request: Request) -> Response:
         """``GET {path}/{chat_id}/stream``: the answer in progress from its start, or 204."""
