@@ -5,6 +5,10 @@ Redis. Each answer announces a tool call, runs it, sends a custom event, then st
 ANSWER_TOKENS tokens; it holds after the first HOLD_AT of them until
 `POST /test/release/{chat_id}` is called on the process that runs it, so that a test can
 cut and resume a connection mid-answer without timing anything.
+
+`/api/tools` answers with a call of the client-side tool `confirm` and ends; the client runs
+the tool and posts again with that assistant message last (a continuation), which is
+answered with ANSWER_TOKENS tokens that hold at HOLD_AT the same way.
 """
 
 from __future__ import annotations
@@ -51,6 +55,19 @@ async def scripted_answer(prompt: str, hold: asyncio.Event) -> AsyncIterator[Any
         }
 
 
+async def client_tool_answer(chat: ChatRequest, hold: asyncio.Event) -> AsyncIterator[Any]:
+    last = chat.messages[-1] if chat.messages else {}
+    if last.get("role") != "assistant":
+        call = {"id": "call_confirm", "name": "confirm", "args": {"q": chat.text}}
+        message = {"id": "m0", "role": "ai", "text": "", "tool_calls": [call]}
+        yield {"type": "message", "data": {"message": message}}
+        return
+    for i in range(ANSWER_TOKENS):  # the continuation, once the client ran the tool
+        if i == HOLD_AT:
+            await hold.wait()
+        yield {"type": "token", "data": {"text": f"{chat.text}{i} ", "message_id": "m1"}}
+
+
 def create_app(transport: Transport | None = None) -> Starlette:
     transport = transport or from_url(os.environ.get("RSTREAM_TEST_URL", "memory://"))
     holds: dict[str, asyncio.Event] = {}
@@ -65,8 +82,18 @@ def create_app(transport: Transport | None = None) -> Starlette:
         hold_for(request.path_params["chat_id"]).set()
         return JSONResponse({"released": True})
 
+    async def tool_answer(chat: ChatRequest) -> AsyncIterator[Any]:
+        return client_tool_answer(chat, hold_for(chat.chat_id))
+
     chat = ChatRouter(transport, answer, path="/api/chat", authorize=allow_all)
-    routes = [*chat.routes, Route("/test/release/{chat_id}", release, methods=["POST"])]
+    tools = ChatRouter(
+        transport, tool_answer, path="/api/tools", producer=chat.producer, authorize=allow_all
+    )
+    routes = [
+        *chat.routes,
+        *tools.routes,
+        Route("/test/release/{chat_id}", release, methods=["POST"]),
+    ]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,3 +93,36 @@ def test_use_chat_resume_on_another_process_redis(
     first, second = redis_servers
     seen = run_node(node_modules, "ai_sdk_use_chat.mjs", first, second, "v")
     _check_use_chat_run(seen, "v")
+
+
+def _check_client_tool_run(seen: dict[str, Any], prompt: str) -> None:
+    expected = answer_text(prompt)
+    assert seen["error"] is None
+    # The tool's output sent the assistant message back once (a continuation), not again
+    # after the answer (its text is a new step), and the answer went on in that message.
+    assert seen["postedRoles"] == [["user"], ["user", "assistant"]]
+    continued = seen["continuedId"]
+    for name in ("liveHalf", "live", "reloadedHalf", "reloaded", "after"):
+        messages = seen[name]
+        assert [m["role"] for m in messages] == ["user", "assistant"], name
+        assert messages[1]["id"] == continued, name
+    live = seen["live"][1]
+    assert live["tools"] == ["output-available"]  # the call and its output, once
+    assert live["text"] == expected
+    # The reloaded page's replay is the continuation (the client rebuilds a replayed
+    # message from its `start`): the same message, the answer whole, nothing twice.
+    assert seen["reloaded"][1]["text"] == expected
+    assert seen["resumeStatuses"] == [200, 204]
+
+
+def test_client_tool_continuation_memory(node_modules: Path, memory_server: str) -> None:
+    seen = run_node(node_modules, "ai_sdk_client_tool.mjs", memory_server, memory_server, "t")
+    _check_client_tool_run(seen, "t")
+
+
+def test_client_tool_continuation_resumed_on_another_process_redis(
+    node_modules: Path, redis_servers: tuple[str, str]
+) -> None:
+    first, second = redis_servers
+    seen = run_node(node_modules, "ai_sdk_client_tool.mjs", first, second, "k")
+    _check_client_tool_run(seen, "k")
