@@ -28,7 +28,12 @@ from resumable_stream import (
     from_url,
 )
 from resumable_stream.transports import Entry
-from resumable_stream.transports._redis_pipe import fault
+from resumable_stream.transports._redis_pipe import (
+    RECONNECT_DELAY,
+    REFUSED_DELAY_MAX,
+    fault,
+    refused_delay,
+)
 from resumable_stream.transports._redis_scripts import NOTICE_PAYLOAD_MAX
 from resumable_stream.transports.redis import DEFAULT_WRITE_RETRY_BUDGET, RedisTransport
 from tests._helpers import collect, eventually, joined, text_of, tokens
@@ -335,6 +340,46 @@ async def test_a_user_that_may_not_publish_is_refused_before_anything_is_written
         info = await transport.info("s")
         assert info is not None and info.status == "running" and info.last_seq == 0
         assert await admin.hget("p:{s}:meta", "cancel") is None  # nothing written
+    await admin.aclose()
+
+
+async def test_a_reader_that_may_not_subscribe_is_told_once_and_still_reads(
+    redis_server_factory: Callable[..., RedisServer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A user without SSUBSCRIBE: the notices connection was refused, logged a warning and
+    reconnected (a new connection and AUTH) every half second for as long as anyone read.
+    Now one error says what to grant, the retries back off, and readers still get every
+    event (they read the stream again every half lease instead of being woken)."""
+    server = redis_server_factory()
+    admin = aioredis.Redis(port=server.port)
+    await admin.execute_command(
+        "ACL", "SETUSER", "nosub", "on", ">pw", "~*", "&*", "+@all", "-ssubscribe"
+    )
+    gate = asyncio.Event()
+
+    async def source() -> AsyncIterator[str]:
+        yield "a"
+        await gate.wait()
+        yield "b"
+
+    caplog.set_level("DEBUG", logger="resumable_stream.redis")
+    async with (
+        from_url(server.url, prefix="p") as writer,
+        from_url(f"redis://nosub:pw@127.0.0.1:{server.port}/0", prefix="p") as reader,
+    ):
+        run = await StreamProducer(writer, lease=1.0).start(source(), stream_id="s")
+        texts: list[str] = []
+        async with StreamConsumer(reader, "s") as consumer:
+            async for event in consumer:
+                if event.type == "token":
+                    texts.append(event.data["text"])
+                    gate.set()  # "b" comes while the reader waits live
+        assert texts == ["a", "b"] and await run.wait() == "completed"
+        refused = [r for r in caplog.records if "SSUBSCRIBE" in r.getMessage()]
+        assert len(refused) == 1 and refused[0].levelname == "ERROR", refused
+        assert not [r for r in caplog.records if "reconnecting" in r.getMessage()]
+    assert refused_delay(1) > RECONNECT_DELAY and refused_delay(40) == REFUSED_DELAY_MAX
     await admin.aclose()
 
 

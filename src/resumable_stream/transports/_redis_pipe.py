@@ -52,6 +52,9 @@ TRANSIENT_CODES = frozenset({"TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "BUSY"})
 RECONNECT_CODES = frozenset({"READONLY", "LOADING"})
 #: Seconds between reconnection attempts of a subscriber.
 RECONNECT_DELAY = 0.5
+#: The most a subscriber waits between attempts while Redis refuses it (no permission to
+#: SSUBSCRIBE, a wrong password): the wait doubles from RECONNECT_DELAY up to this.
+REFUSED_DELAY_MAX = 30.0
 #: Seconds a left channel may stay subscribed: SUNSUBSCRIBEs go out with the next
 #: SSUBSCRIBE, or after this long, in one write (issue 8: a write per stream ended cost a
 #: wake-up of Redis and of this process each, on the path of every run's end).
@@ -130,6 +133,13 @@ def fault(error: BaseException, what: str) -> TransportError:
     if isinstance(error, rex.DataError | TypeError | ValueError):
         return BackendRefused(f"Redis refused {what}: {error}")
     return TransportError(f"Redis connection failed during {what}: {error}")
+
+
+def refused_delay(refusals: int) -> float:
+    """Seconds before a subscriber's next attempt after ``refusals`` refusals in a row."""
+    if refusals <= 0:
+        return RECONNECT_DELAY
+    return min(RECONNECT_DELAY * 2.0 ** min(refusals, 16), REFUSED_DELAY_MAX)
 
 
 async def _discard(connection: AbstractConnection, protocol: _Replies | None) -> None:
@@ -605,6 +615,9 @@ class Subscriber:
             self._task = asyncio.create_task(self._run(), name=f"rstream redis {self.name}")
 
     async def _run(self) -> None:
+        # Refusals with no other fault between them: a refusal is not what a quick retry
+        # fixes (an operator changing the ACL or the password does).
+        refusals = 0
         while not self._closed:
             if not self.channels:
                 self._task = None  # nothing to follow: no connection (add() starts again)
@@ -637,7 +650,20 @@ class Subscriber:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                logger.warning("%s: %s; reconnecting", self.name, exc)
+                if isinstance(exc, BackendRefused):
+                    refusals += 1
+                    if refusals == 1:
+                        logger.error(
+                            "%s: %s; live readers read each stream again every half lease "
+                            "instead of being woken, until Redis lets this user SSUBSCRIBE "
+                            "to the streams' channels (ACL: &<prefix>:*); retrying with "
+                            "backoff",
+                            self.name,
+                            exc,
+                        )
+                else:
+                    refusals = 0
+                    logger.warning("%s: %s; reconnecting", self.name, exc)
                 telemetry.reconnecting("notices")
                 self._on_fault()
             finally:
@@ -648,7 +674,7 @@ class Subscriber:
                 self._sent = set()
                 await _discard(connection, protocol)
             if not self._closed:
-                await asyncio.sleep(RECONNECT_DELAY)  # backoff before reconnecting
+                await asyncio.sleep(refused_delay(refusals))  # backoff before reconnecting
 
     async def _write(self, transport: asyncio.WriteTransport) -> None:
         changed = self._changed
