@@ -324,22 +324,24 @@ async def test_a_user_that_may_not_publish_is_refused_before_anything_is_written
     """A user without the channels (Redis 7 gives none by default: acl-pubsub-default
     resetchannels) failed at the scripts' SPUBLISH, after their writes: the append was
     stored, its retry answered "already stored", and the run completed, every error
-    swallowed and no notice ever published. Refused before writing now."""
+    swallowed and no notice ever published. Refused before writing now: a run when it
+    starts, a cancel or a delete when asked."""
     server = redis_server_factory()
     admin = aioredis.Redis(port=server.port)
     await admin.execute_command("ACL", "SETUSER", "nochan", "on", ">pw", "~*", "+@all")
     url = f"redis://nochan:pw@127.0.0.1:{server.port}/0"
     async with from_url(url, prefix="p") as transport:
-        run = await StreamProducer(transport).start(tokens(3), stream_id="s")
         with pytest.raises(BackendRefused, match=r"NOPERM.*p:\{s\}:n"):
-            await run.wait()
+            await StreamProducer(transport).start(tokens(3), stream_id="s")
+        assert await transport.info("s") is None  # the run's start wrote nothing
+        await admin.hset("p:{s}:meta", mapping={"status": "running", "epoch": "1"})
+        await admin.expire("p:{s}:meta", 60)
         with pytest.raises(BackendRefused, match=r"NOPERM.*p:\{s\}:c"):
             await transport.request_cancel("s")
         with pytest.raises(BackendRefused, match=r"NOPERM.*p:\{s\}:n"):
             await transport.delete("s")
-        info = await transport.info("s")
-        assert info is not None and info.status == "running" and info.last_seq == 0
         assert await admin.hget("p:{s}:meta", "cancel") is None  # nothing written
+        assert await admin.exists("p:{s}:meta") == 1
     await admin.aclose()
 
 
