@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import operator
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
 import orjson
 import pytest
@@ -872,3 +873,204 @@ async def test_an_http_error_from_authorize_has_the_code_the_stream_router_gives
         ):
             assert (response.status_code, response.json()["code"]) == (401, "unauthorized")
             assert response.headers["www-authenticate"] == "Bearer"
+
+
+class _Counted(TypedDict):
+    n: Annotated[list[Any], operator.add]
+
+
+def gated_router(**kw: Any) -> tuple[Any, Any, asyncio.Event, asyncio.Event]:
+    """A router over a graph appending to `n`: an input ending with "wait" holds the run
+    (`reached` set) until `hold` is set; one ending with "ask" interrupts; else "done"."""
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import START, StateGraph
+    from langgraph.types import interrupt
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    reached, hold = asyncio.Event(), asyncio.Event()
+
+    async def step(state: _Counted) -> dict[str, Any]:
+        last = state["n"][-1]
+        if last == "wait":
+            reached.set()
+            await hold.wait()
+        if last == "ask":
+            return {"n": [interrupt("q")]}
+        return {"n": ["done"]}
+
+    builder = StateGraph(_Counted)
+    builder.add_node("step", step)
+    builder.add_edge(START, "step")
+    saver = kw.pop("saver", None) or InMemorySaver()
+    graph = builder.compile(checkpointer=saver)
+    api = LangGraphRouter(MemoryTransport(), {"agent": graph}, authorize=allow_all, **kw)
+    return api, graph, reached, hold
+
+
+async def _values(graph: Any, thread_id: str) -> Any:
+    return (await graph.aget_state({"configurable": {"thread_id": thread_id}})).values.get("n")
+
+
+@pytest.mark.parametrize("strategy", [None, "reject", "enqueue", "bogus"])
+async def test_a_run_while_one_is_in_progress_is_refused_without_interrupt(
+    strategy: str | None,
+) -> None:
+    import httpx
+
+    api, graph, reached, hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        first = asyncio.create_task(
+            http.post(
+                "/threads/t1/runs/stream", json={"assistant_id": "agent", "input": {"n": ["wait"]}}
+            )
+        )
+        await reached.wait()
+        body: dict[str, Any] = {"assistant_id": "agent", "input": {"n": ["go"]}}
+        if strategy is not None:
+            body["multitask_strategy"] = strategy
+        response = await http.post("/threads/t1/runs/stream", json=body)
+        if strategy == "bogus":
+            assert (response.status_code, response.json()["code"]) == (422, "invalid_request")
+        else:
+            assert (response.status_code, response.json()["code"]) == (409, "thread_busy")
+            message = response.json()["message"]
+            assert ("'enqueue' is not served" in message) == (strategy == "enqueue")
+        hold.set()
+        assert '"status":"success"' in (await first).text
+    assert await _values(graph, "t1") == ["wait", "done"]
+    await api.producer.aclose()
+
+
+async def test_interrupt_strategy_cancels_the_run_in_progress_then_runs() -> None:
+    # Regression: multitask_strategy "interrupt" (useStream's, for a headless tool's
+    # resume and for a submit while loading) was answered 409 thread_busy.
+    import httpx
+
+    api, graph, reached, _hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        first = asyncio.create_task(
+            http.post(
+                "/threads/t1/runs/stream", json={"assistant_id": "agent", "input": {"n": ["wait"]}}
+            )
+        )
+        await reached.wait()
+        body = {"assistant_id": "agent", "input": {"n": ["go"]}, "multitask_strategy": "interrupt"}
+        second = await http.post("/threads/t1/runs/stream", json=body)
+        assert second.status_code == 200
+        assert second.text.rstrip().endswith('data: {"status":"success"}')
+        assert (await first).text.rstrip().endswith('data: {"status":"interrupted"}')
+        run = second.headers["content-location"]
+        assert (await http.get(run)).json()["status"] == "success"
+    assert await _values(graph, "t1") == ["wait", "go", "done"]  # its partial state kept
+    await api.producer.aclose()
+
+
+@pytest.mark.parametrize("earlier", [False, True])
+async def test_rollback_strategy_starts_from_where_the_cancelled_run_started(
+    earlier: bool,
+) -> None:
+    import httpx
+
+    api, graph, reached, _hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        if earlier:
+            done = await http.post(
+                "/threads/t1/runs/stream", json={"assistant_id": "agent", "input": {"n": ["a"]}}
+            )
+            assert done.status_code == 200
+        first = asyncio.create_task(
+            http.post(
+                "/threads/t1/runs/stream", json={"assistant_id": "agent", "input": {"n": ["wait"]}}
+            )
+        )
+        await reached.wait()
+        body = {"assistant_id": "agent", "input": {"n": ["go"]}, "multitask_strategy": "rollback"}
+        second = await http.post("/threads/t1/runs/stream", json=body)
+        assert second.text.rstrip().endswith('data: {"status":"success"}')
+        assert (await first).text.rstrip().endswith('data: {"status":"interrupted"}')
+    expected = ["a", "done"] if earlier else []
+    assert await _values(graph, "t1") == [*expected, "go", "done"]
+    await api.producer.aclose()
+
+
+async def test_interrupt_strategy_while_the_graph_still_writes_its_interrupt() -> None:
+    # The race useStream runs into: a headless tool's resume is sent with "interrupt" as
+    # soon as the interrupt shows in `values`, while the graph still writes it (here held
+    # in the checkpointer) and the run has not ended. It was 409; now the run is cancelled
+    # and the resume runs.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    writing = asyncio.Event()
+    never = asyncio.Event()
+
+    class Held(InMemorySaver):
+        async def aput_writes(self, config: Any, writes: Any, *args: Any, **kw: Any) -> None:
+            if any(channel == "__interrupt__" for channel, _ in writes):
+                writing.set()
+                await never.wait()  # until cancelled
+            await super().aput_writes(config, writes, *args, **kw)
+
+    api, graph, _reached, _hold = gated_router(saver=Held())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        body: dict[str, Any] = {"assistant_id": "agent", "input": {"n": ["ask"]}}
+        first = asyncio.create_task(http.post("/threads/t1/runs/stream", json=body))
+        await writing.wait()  # the interrupt was streamed; the run goes on
+        resume = {
+            "assistant_id": "agent",
+            "command": {"resume": "answer"},
+            "multitask_strategy": "interrupt",
+        }
+        second = await http.post("/threads/t1/runs/stream", json=resume)
+        assert second.status_code == 200
+        assert second.text.rstrip().endswith('data: {"status":"success"}')
+        assert "__interrupt__" in (await first).text
+    assert await _values(graph, "t1") == ["ask", "answer"]
+    await api.producer.aclose()
+
+
+async def test_interrupt_strategy_gives_up_on_a_run_that_does_not_end() -> None:
+    # A run that does not end within interrupt_timeout of its cancellation: 409, no hang.
+    import httpx
+
+    api, _graph, _reached, _hold = gated_router(interrupt_timeout=0.2)
+    stuck, release = asyncio.Event(), asyncio.Event()
+
+    async def stubborn() -> AsyncIterator[Any]:
+        yield ("custom", {"x": 1})
+        stuck.set()
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await release.wait()
+
+    run = await api.producer.start(stubborn(), stream_id="langgraph:t1")
+    await stuck.wait()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        body = {"assistant_id": "agent", "input": {"n": ["go"]}, "multitask_strategy": "interrupt"}
+        response = await http.post("/threads/t1/runs/stream", json=body)
+        assert (response.status_code, response.json()["code"]) == (409, "thread_busy")
+        assert "did not end within 0.2 s" in response.json()["message"]
+    release.set()
+    assert await run.wait() == "cancelled"
+    await api.producer.aclose()
+
+
+async def test_interrupt_strategy_needs_leave_to_cancel() -> None:
+    import httpx
+
+    api, _graph, reached, hold = gated_router()
+    api.authorize = lambda request, thread_id, action: action != "cancel"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        first = asyncio.create_task(
+            http.post(
+                "/threads/t1/runs/stream", json={"assistant_id": "agent", "input": {"n": ["wait"]}}
+            )
+        )
+        await reached.wait()
+        body = {"assistant_id": "agent", "input": {"n": ["go"]}, "multitask_strategy": "interrupt"}
+        response = await http.post("/threads/t1/runs/stream", json=body)
+        assert (response.status_code, response.json()["code"]) == (403, "forbidden")
+        hold.set()
+        assert '"status":"success"' in (await first).text
+    await api.producer.aclose()

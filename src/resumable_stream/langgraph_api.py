@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import inspect
 import logging
+import math
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from datetime import UTC, date, datetime, time
@@ -351,7 +352,11 @@ class LangGraphRouter:
     a checkpointer; the first one answers thread state and history. Each thread has one
     stream (``stream_id(thread_id)``, by default ``"langgraph:<thread_id>"``), and each run
     of the thread a new epoch of it, so a second run while one is in progress is refused
-    (409, the API's ``reject`` strategy) in every process at once. Runs are detached: they
+    (409, the API's ``reject`` strategy) in every process at once, unless it asks for
+    ``multitask_strategy`` ``"interrupt"`` (the run in progress is cancelled, and the new
+    one starts once that one ended, if it does within ``interrupt_timeout`` seconds; else
+    409) or ``"rollback"`` (the same, and the new run starts from the checkpoint the
+    cancelled one started from). Runs are detached: they
     go on when the client goes away, unless it asked for ``on_disconnect: "cancel"`` (which
     ``useStream`` does unless ``reconnectOnMount`` is set); ``cancel_on_disconnect=False``
     ignores that request, so that only a cancel stops a run.
@@ -380,6 +385,7 @@ class LangGraphRouter:
         thread_info: Callable[[Request, str], Awaitable[ThreadInfo | None]] | None = None,
         stream_id: Callable[[str], str] | None = None,
         cancel_on_disconnect: bool = True,
+        interrupt_timeout: float = 15.0,
         ping_interval: float | None = DEFAULT_PING_INTERVAL,
         send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -403,6 +409,9 @@ class LangGraphRouter:
         self.thread_info = thread_info
         self.stream_id = stream_id or (lambda thread_id: f"langgraph:{thread_id}")
         self.cancel_on_disconnect = cancel_on_disconnect
+        if not 0 < interrupt_timeout < math.inf:
+            raise ConfigurationError("interrupt_timeout must be > 0 seconds, and finite")
+        self.interrupt_timeout = interrupt_timeout
         self.ping_interval = ping_interval
         self.send_timeout = send_timeout
         self.max_body_bytes = max_body_bytes
@@ -639,25 +648,42 @@ class LangGraphRouter:
                 if nodes != "*" and not _strings(nodes):
                     raise _bad(f'{key!r} must be "*" or a list of node names')
                 kwargs[key] = nodes
-        started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        source = _run_source(graph, inputs, config, kwargs, started)
+        strategy = body.get("multitask_strategy")
+        if strategy not in _STRATEGIES:
+            raise _bad(f"'multitask_strategy' must be one of {list(_STRATEGIES[1:])}")
+        if strategy == "rollback" and not hasattr(getattr(graph, "checkpointer", None), "alist"):
+            raise _bad(
+                "multitask_strategy 'rollback' is not served for a graph without a "
+                "checkpointer; use 'interrupt'",
+                "rollback_not_served",
+            )
 
         def parts(item: Any) -> Iterable[Item]:
             if type(item) is Event:
                 return ((item.type, item.data),)
             return stream_parts(item)
 
+        started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        source = _run_source(graph, inputs, config, kwargs, started)
         try:
             run = await self.producer.start(source, stream_id=stream_id, events=parts)
         except StreamAlreadyRunning:
             await source.aclose()
-            raise _Refused(
-                HTTPError(
-                    409,
-                    "thread_busy",
-                    f"thread {thread_id!r} has a run in progress; join it or cancel it first",
-                )
-            ) from None
+            if strategy not in ("interrupt", "rollback"):
+                raise self._busy(thread_id, strategy) from None
+            await self._check(request, "cancel", thread_id)  # it stops the run in progress
+            stopped = await self._stop_current_run(stream_id)
+            if stopped is None:
+                raise self._busy(thread_id, strategy) from None
+            if strategy == "rollback" and not fork and stopped:
+                config["configurable"].update(await self._rollback_point(graph, thread_id, stopped))
+            started = asyncio.get_running_loop().create_future()
+            source = _run_source(graph, inputs, config, kwargs, started)
+            try:
+                run = await self.producer.start(source, stream_id=stream_id, events=parts)
+            except StreamAlreadyRunning:  # another run started first, once that one ended
+                await source.aclose()
+                raise self._busy(thread_id, strategy) from None
         run_id = run_id_for(stream_id, run.epoch)
         started.set_result(run_id)
         on_disconnect = None
@@ -677,6 +703,64 @@ class LangGraphRouter:
             send_timeout=self.send_timeout,
             on_disconnect=on_disconnect,
         )
+
+    def _busy(self, thread_id: str, strategy: Any) -> _Refused:
+        message = f"thread {thread_id!r} has a run in progress; join it or cancel it first"
+        if strategy == "enqueue":
+            message += (
+                " (multitask_strategy 'enqueue' is not served: runs are not queued; use "
+                "'interrupt', or wait for the run to end)"
+            )
+        elif strategy in ("interrupt", "rollback"):
+            message = (
+                f"thread {thread_id!r} has a run in progress that did not end within "
+                f"{self.interrupt_timeout:g} s of its cancellation, or another run started "
+                "first; join it or try again"
+            )
+        else:
+            message += " (or send multitask_strategy 'interrupt')"
+        return _Refused(HTTPError(409, "thread_busy", message))
+
+    async def _stop_current_run(self, stream_id: str) -> str | None:
+        """Cancel the thread's run in progress (as ``POST .../cancel`` does) and wait until
+        its terminal event is written, at most ``interrupt_timeout`` seconds. Returns the run
+        id of the run stopped ("" if none was in progress any more), None if it did not end
+        in time; "" too if it ended otherwise than cancelled (it was closing)."""
+        info = await self.transport.info(stream_id)
+        if info is None or info.status != "running":
+            return ""
+        await self.producer.cancel(stream_id)
+        last = None
+        try:
+            async with asyncio.timeout(self.interrupt_timeout):
+                async with StreamConsumer(
+                    self.transport, stream_id, after=info.last_offset, epoch=info.epoch
+                ) as rest:
+                    async for event in rest:
+                        last = event.type  # until the terminal event
+        except TimeoutError:
+            return None
+        except OffsetExpired:
+            return ""  # a later run replaced it: it ended
+        return run_id_for(stream_id, info.epoch) if last == CANCELLED else ""
+
+    async def _rollback_point(self, graph: Any, thread_id: str, run_id: str) -> dict[str, str]:
+        """Where a run replacing the cancelled run ``run_id`` starts: the checkpoint that
+        run started from (the parent of its first checkpoint); none (the latest) if it wrote
+        no checkpoint. A run that started on an empty thread has the thread's checkpoints
+        deleted: all of them are its own."""
+        saver = graph.checkpointer
+        config = self._config(thread_id, {"configurable": {"checkpoint_ns": ""}})
+        first = None
+        async for item in saver.alist(config, filter={"run_id": run_id}):
+            first = item  # newest first: the last one is the run's first checkpoint
+        if first is None:
+            return {}
+        parent = (first.parent_config or {}).get("configurable", {})
+        if parent.get("checkpoint_id"):
+            return {"checkpoint_id": parent["checkpoint_id"], "checkpoint_ns": ""}
+        await saver.adelete_thread(thread_id)
+        return {}
 
     async def _run_info(
         self, request: Request, action: LangGraphAction
@@ -789,6 +873,10 @@ class LangGraphRouter:
         return Response(status_code=202, headers={"cache-control": "no-store"})
 
 
+#: The API's multitask strategies (None: none given, "reject").
+_STRATEGIES = (None, "reject", "interrupt", "rollback", "enqueue")
+
+
 def _stream_modes(value: Any) -> list[str]:
     if value is None:
         return ["values"]
@@ -812,7 +900,11 @@ async def _run_source(
     run_id = await started
     # langgraph-sdk (ui/manager.ts) expects `metadata` first: it carries the run id.
     yield Event("metadata", {"data": {"run_id": run_id, "attempt": 1}}, "")
-    config = {**config, "run_id": uuid.UUID(run_id)}
+    # The run id in the metadata of each checkpoint the run writes, as the API has it
+    # (multitask_strategy "rollback" finds the checkpoint a run started from by it).
+    metadata = config.get("metadata")
+    metadata = {**(metadata if isinstance(metadata, Mapping) else {}), "run_id": run_id}
+    config = {**config, "run_id": uuid.UUID(run_id), "metadata": metadata}
     # An exception ends the run with an `error` part: {error, message}, the API's shape.
     async for item in graph.astream(inputs, config, **kwargs):
         yield item
