@@ -192,3 +192,22 @@ def test_js_use_stream_reconnects_on_mount(node_modules: Path, servers: tuple[st
     assert seen["types"] == ["human", "ai"]  # the replay did not add a second answer
     assert seen["text"] == answer_text("s")
     assert seen["storedAfter"] is None  # the run finished: nothing left to rejoin
+
+
+def test_js_client_interrupt_strategy_replaces_the_run_in_progress(
+    node_modules: Path, servers: tuple[str, str]
+) -> None:
+    # Regression: runs.stream with multitaskStrategy "interrupt" (useStream sends it) while
+    # a run of the thread was in progress got 409 thread_busy.
+    first, second = servers
+    seen = run_node(node_modules, "langgraph_multitask.mjs", first, second, "m")
+    assert seen["firstEnd"]["event"] == "end"
+    assert seen["firstEnd"]["data"] == {"status": "interrupted"}
+    assert seen["secondEnd"]["event"] == "end"
+    assert seen["secondEnd"]["data"] == {"status": "success"}
+    assert seen["secondText"] == answer_text("m2")
+    assert seen["secondStatus"] == "success"
+    assert seen["distinct"]
+    # The cancelled run's input stays (its partial state), then the second run's turn.
+    assert seen["stateTypes"] == ["human", "human", "ai"]
+    assert seen["stateText"] == answer_text("m2")
