@@ -379,3 +379,62 @@ async def test_a_left_channel_is_unsubscribed_after_a_short_delay(
         await eventually(left)  # with no other subscription to carry it
     finally:
         await sub.aclose()
+
+
+async def test_a_refused_subscriber_logs_once_across_reading_sessions(
+    redis_server_factory: Callable[..., RedisServer],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The refusals were counted by each run of the subscriber's task, which ends when no
+    # channel is left after a fault: every new reading session (every answer, on a quiet
+    # server) logged the error again and retried at once, as if the refusal were news.
+    server = redis_server_factory()
+    admin = aioredis.Redis(port=server.port)
+    await admin.execute_command(
+        "ACL", "SETUSER", "nosub", "on", ">pw", "~*", "&*", "+@all", "-ssubscribe"
+    )
+    sub = _subscriber(server.port, username="nosub", password="pw")
+    delays: list[int] = []
+
+    def delay(refusals: int) -> float:
+        # The session's readers leave while the subscriber waits to retry: its task ends.
+        delays.append(refusals)
+        for channel in tuple(sub.channels):
+            sub.remove(channel)
+        return 0.0
+
+    monkeypatch.setattr(_redis_pipe, "refused_delay", delay)
+    caplog.set_level("DEBUG", logger="resumable_stream.redis")
+
+    def errors() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
+    async def ended() -> bool:
+        return sub._task is None
+
+    try:
+        for channel in (b"c1", b"c2"):
+            sub.add(channel)
+            await eventually(ended)  # refused, and no channel left
+        assert len(errors()) == 1, errors()
+        assert delays == [1, 2]  # the second session's retry waits longer
+        # Allowed again: a confirmed subscription ends the refusals, and the next one is
+        # news again.
+        await admin.execute_command("ACL", "SETUSER", "nosub", "+ssubscribe")
+        sub.add(b"c3")
+
+        async def confirmed() -> bool:
+            return b"c3" in sub.confirmed
+
+        await eventually(confirmed)
+        await admin.execute_command("ACL", "SETUSER", "nosub", "-ssubscribe")
+        sub.add(b"c4")
+
+        async def refused_again() -> bool:
+            return len(errors()) == 2
+
+        await eventually(refused_again)
+    finally:
+        await sub.aclose()
+        await admin.aclose()

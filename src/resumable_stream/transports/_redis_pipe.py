@@ -568,6 +568,11 @@ class Subscriber:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.connects = 0
+        # Refusals with no other fault nor a confirmed subscription between them: a refusal
+        # is not what a quick retry fixes (an operator changing the ACL or the password
+        # does). Kept across runs of the task, which ends when no channel is left: each
+        # new reading session is not news to log again, nor a reason to retry at once.
+        self._refusals = 0
         # The server of the current connection and its socket, once connected.
         self._address: tuple[str, int] | None = None
         self._socket: asyncio.BaseTransport | None = None
@@ -615,9 +620,6 @@ class Subscriber:
             self._task = asyncio.create_task(self._run(), name=f"rstream redis {self.name}")
 
     async def _run(self) -> None:
-        # Refusals with no other fault between them: a refusal is not what a quick retry
-        # fixes (an operator changing the ACL or the password does).
-        refusals = 0
         while not self._closed:
             if not self.channels:
                 self._task = None  # nothing to follow: no connection (add() starts again)
@@ -651,8 +653,8 @@ class Subscriber:
                 raise
             except Exception as exc:
                 if isinstance(exc, BackendRefused):
-                    refusals += 1
-                    if refusals == 1:
+                    self._refusals += 1
+                    if self._refusals == 1:
                         logger.error(
                             "%s: %s; live readers read each stream again every half lease "
                             "instead of being woken, until Redis lets this user SSUBSCRIBE "
@@ -662,7 +664,7 @@ class Subscriber:
                             exc,
                         )
                 else:
-                    refusals = 0
+                    self._refusals = 0
                     logger.warning("%s: %s; reconnecting", self.name, exc)
                 telemetry.reconnecting("notices")
                 self._on_fault()
@@ -674,7 +676,8 @@ class Subscriber:
                 self._sent = set()
                 await _discard(connection, protocol)
             if not self._closed:
-                await asyncio.sleep(refused_delay(refusals))  # backoff before reconnecting
+                # backoff before reconnecting
+                await asyncio.sleep(refused_delay(self._refusals))
 
     async def _write(self, transport: asyncio.WriteTransport) -> None:
         changed = self._changed
@@ -713,6 +716,7 @@ class Subscriber:
         if kind == b"smessage":
             self._on_message(channel, message[2])
         elif kind == b"ssubscribe":
+            self._refusals = 0  # allowed (again): a later refusal is news
             self._acked.add(channel)
             if channel in self.channels:
                 self.confirmed.add(channel)
