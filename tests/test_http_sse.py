@@ -129,6 +129,21 @@ def test_ndjson_lines_stay_whole_for_readers_that_split_on_unicode_line_breaks()
     assert [orjson.loads(line) for line in body.decode().splitlines()] == expected
 
 
+def test_sse_data_stays_one_line_for_readers_that_split_on_unicode_line_breaks() -> None:
+    """The same for SSE: the spec ends lines at CR and LF only, but httpx-sse before 0.4.2
+    read lines with httpx's ``iter_lines()`` and cut an event's data at U+2028."""
+    event = Event("token", {"text": "a\u2028b\u2029c\x85d"}, "1-1-0")
+    body = encode_event(event)
+    assert body.decode().splitlines() == [
+        "id: 1-1-0",
+        "event: token",
+        'data: {"text":"a\\u2028b\\u2029c\\u0085d"}',
+        "",
+    ]
+    data = body.decode().splitlines()[2].removeprefix("data: ")
+    assert orjson.loads(data) == event.data
+
+
 @pytest.mark.parametrize(
     ("accept", "wire", "event_stream_client"),
     [

@@ -25,7 +25,7 @@ from ._exceptions import (
     StreamNotFound,
     TransportError,
 )
-from ._sse import PING, encode_event
+from ._sse import PING, encode_event, escape_line_breaks
 
 # --- wire formats --------------------------------------------------------------------------
 
@@ -33,15 +33,6 @@ EVENT_STREAM_TYPE: Final = "text/event-stream"
 NDJSON_TYPE: Final = "application/x-ndjson"
 JSON_TYPE: Final = "application/json"
 _NDJSON_TYPES = (NDJSON_TYPE, "application/ndjson", "application/jsonl")
-
-
-# Line breaks to Unicode (and so to httpx's iter_lines() and str.splitlines()) that JSON
-# strings may hold unescaped, in UTF-8: NEL, LINE SEPARATOR, PARAGRAPH SEPARATOR.
-_UNICODE_BREAKS = (
-    (b"\xc2\x85", b"\\u0085"),
-    (b"\xe2\x80\xa8", b"\\u2028"),
-    (b"\xe2\x80\xa9", b"\\u2029"),
-)
 
 
 def encode_ndjson(event: Event) -> bytes:
@@ -54,11 +45,7 @@ def encode_ndjson(event: Event) -> bytes:
         {"offset": event.offset, "type": event.type, "data": event.data},
         option=orjson.OPT_APPEND_NEWLINE,
     )
-    if not line.isascii():  # the usual event: nothing to scan for
-        for raw, escaped in _UNICODE_BREAKS:
-            if raw in line:  # rare: the usual event is not copied
-                line = line.replace(raw, escaped)
-    return line
+    return line if line.isascii() else escape_line_breaks(line)
 
 
 class WireFormat(NamedTuple):
