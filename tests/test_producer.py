@@ -988,3 +988,25 @@ async def test_a_failed_run_ends_even_if_its_source_never_stops() -> None:
     with pytest.raises(TransportError, match="down"):
         await asyncio.wait_for(run.wait(), timeout=10)
     release.set()
+
+
+async def test_a_run_whose_stream_is_deleted_as_it_starts_stops_at_once() -> None:
+    # Found by tests/test_model.py: deleted before the run's cancel watch first ran, the
+    # memory transport's watch waited for ever, and the run kept reading its source until
+    # its heartbeat found the lease gone (a third of the lease later).
+    transport = MemoryTransport()
+    closed = asyncio.Event()
+
+    async def source() -> Any:
+        try:
+            await asyncio.Event().wait()  # an upstream call that takes its time
+            yield "never"
+        finally:
+            closed.set()
+
+    run = await StreamProducer(transport, lease=60).start(source(), stream_id="gone")
+    assert await transport.delete("gone")
+    async with asyncio.timeout(5):  # the heartbeat would take 20 s
+        with pytest.raises(LeaseLost):
+            await run.wait()
+    assert closed.is_set()

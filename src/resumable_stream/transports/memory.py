@@ -212,10 +212,11 @@ class MemoryTransport(Transport):
     async def wait_cancel(self, stream_id: str, epoch: int) -> None:
         stream = self._get(stream_id)
         if stream is None or stream.epoch != epoch:
-            # That run was replaced or expired: its writes fail, no cancel will come.
-            await asyncio.get_running_loop().create_future()
-        else:
-            await stream.cancel.wait()
+            # That run was deleted (a stop, as a cancel is), replaced or expired before the
+            # watch began: its writes fail, so it stops now rather than at its heartbeat.
+            # (The Redis transport's watch fires on such metadata too.)
+            return
+        await stream.cancel.wait()
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         stream = self._get(stream_id)
