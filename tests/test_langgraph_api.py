@@ -1025,8 +1025,11 @@ async def test_interrupt_strategy_while_the_graph_still_writes_its_interrupt() -
         second = await http.post("/threads/t1/runs/stream", json=resume)
         assert second.status_code == 200
         assert second.text.rstrip().endswith('data: {"status":"success"}')
-        assert "__interrupt__" in (await first).text
+        # The first run was cancelled while it wrote its interrupt (which langgraph 1.1.5
+        # streams only once written, later releases as soon as it is raised).
+        assert (await first).text.rstrip().endswith('data: {"status":"interrupted"}')
     assert await _values(graph, "t1") == ["ask", "answer"]
+    never.set()  # a write langgraph did not cancel with its run (1.1.5) ends, not left pending
     await api.producer.aclose()
 
 
