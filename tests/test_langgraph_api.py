@@ -908,6 +908,14 @@ def gated_router(**kw: Any) -> tuple[Any, Any, asyncio.Event, asyncio.Event]:
     return api, graph, reached, hold
 
 
+async def _held_run(http: Any, reached: asyncio.Event) -> asyncio.Task[Any]:
+    """A run of thread t1 started through ``http``, once the gated graph holds it."""
+    body = {"assistant_id": "agent", "input": {"n": ["wait"]}}
+    first = asyncio.create_task(http.post("/threads/t1/runs/stream", json=body))
+    await reached.wait()
+    return first
+
+
 async def _values(graph: Any, thread_id: str) -> Any:
     return (await graph.aget_state({"configurable": {"thread_id": thread_id}})).values.get("n")
 
@@ -920,12 +928,7 @@ async def test_a_run_while_one_is_in_progress_is_refused_without_interrupt(
 
     api, graph, reached, hold = gated_router()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
-        first = asyncio.create_task(
-            http.post(
-                "/threads/t1/runs/stream", json={"assistant_id": "agent", "input": {"n": ["wait"]}}
-            )
-        )
-        await reached.wait()
+        first = await _held_run(http, reached)
         body: dict[str, Any] = {"assistant_id": "agent", "input": {"n": ["go"]}}
         if strategy is not None:
             body["multitask_strategy"] = strategy
@@ -949,12 +952,7 @@ async def test_interrupt_strategy_cancels_the_run_in_progress_then_runs() -> Non
 
     api, graph, reached, _hold = gated_router()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
-        first = asyncio.create_task(
-            http.post(
-                "/threads/t1/runs/stream", json={"assistant_id": "agent", "input": {"n": ["wait"]}}
-            )
-        )
-        await reached.wait()
+        first = await _held_run(http, reached)
         body = {"assistant_id": "agent", "input": {"n": ["go"]}, "multitask_strategy": "interrupt"}
         second = await http.post("/threads/t1/runs/stream", json=body)
         assert second.status_code == 200
@@ -979,12 +977,7 @@ async def test_rollback_strategy_starts_from_where_the_cancelled_run_started(
                 "/threads/t1/runs/stream", json={"assistant_id": "agent", "input": {"n": ["a"]}}
             )
             assert done.status_code == 200
-        first = asyncio.create_task(
-            http.post(
-                "/threads/t1/runs/stream", json={"assistant_id": "agent", "input": {"n": ["wait"]}}
-            )
-        )
-        await reached.wait()
+        first = await _held_run(http, reached)
         body = {"assistant_id": "agent", "input": {"n": ["go"]}, "multitask_strategy": "rollback"}
         second = await http.post("/threads/t1/runs/stream", json=body)
         assert second.text.rstrip().endswith('data: {"status":"success"}')
@@ -1065,12 +1058,7 @@ async def test_interrupt_strategy_needs_leave_to_cancel() -> None:
     api, _graph, reached, hold = gated_router()
     api.authorize = lambda request, thread_id, action: action != "cancel"
     async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
-        first = asyncio.create_task(
-            http.post(
-                "/threads/t1/runs/stream", json={"assistant_id": "agent", "input": {"n": ["wait"]}}
-            )
-        )
-        await reached.wait()
+        first = await _held_run(http, reached)
         body = {"assistant_id": "agent", "input": {"n": ["go"]}, "multitask_strategy": "interrupt"}
         response = await http.post("/threads/t1/runs/stream", json=body)
         assert (response.status_code, response.json()["code"]) == (403, "forbidden")

@@ -184,6 +184,15 @@ producer_options = st.fixed_dictionaries(
 )
 picks = st.one_of(st.none(), st.integers(0, 1000), st.just(-1))  # -1: the last offset seen
 streams = st.integers(0, 2)
+reads = st.tuples(
+    st.just("read"),
+    streams,
+    picks,
+    st.integers(1, 6),
+    st.integers(1, 4),
+    st.booleans(),
+    st.booleans(),
+)
 ops = st.one_of(
     st.tuples(st.just("push"), streams, bursts),
     st.tuples(st.just("push"), streams, bursts),
@@ -193,24 +202,8 @@ ops = st.one_of(
     st.tuples(st.just("restart"), streams),
     st.tuples(st.just("delete"), streams),
     st.tuples(st.just("conflict"), streams),
-    st.tuples(
-        st.just("read"),
-        streams,
-        picks,
-        st.integers(1, 6),
-        st.integers(1, 4),
-        st.booleans(),
-        st.booleans(),
-    ),
-    st.tuples(
-        st.just("read"),
-        streams,
-        picks,
-        st.integers(1, 6),
-        st.integers(1, 4),
-        st.booleans(),
-        st.booleans(),
-    ),
+    reads,
+    reads,  # twice: weighted, as pushes are
     st.tuples(st.just("follow"), streams, picks, st.integers(1, 4), st.booleans()),
 )
 scenarios = st.fixed_dictionaries(
