@@ -17,6 +17,7 @@ from resumable_stream import StreamConsumer, StreamProducer
 from resumable_stream.langgraph_api import stream_parts, to_wire
 from resumable_stream.starlette import allow_all
 from resumable_stream.transports.memory import MemoryTransport
+from tests._helpers import eventually, holds
 from tests.clients._graph import answer_text, build_graph
 
 
@@ -920,7 +921,7 @@ async def _values(graph: Any, thread_id: str) -> Any:
     return (await graph.aget_state({"configurable": {"thread_id": thread_id}})).values.get("n")
 
 
-@pytest.mark.parametrize("strategy", [None, "reject", "enqueue", "bogus"])
+@pytest.mark.parametrize("strategy", [None, "reject", "bogus"])
 async def test_a_run_while_one_is_in_progress_is_refused_without_interrupt(
     strategy: str | None,
 ) -> None:
@@ -937,8 +938,7 @@ async def test_a_run_while_one_is_in_progress_is_refused_without_interrupt(
             assert (response.status_code, response.json()["code"]) == (422, "invalid_request")
         else:
             assert (response.status_code, response.json()["code"]) == (409, "thread_busy")
-            message = response.json()["message"]
-            assert ("'enqueue' is not served" in message) == (strategy == "enqueue")
+            assert "'enqueue'" in response.json()["message"]  # says what would wait
         hold.set()
         assert '"status":"success"' in (await first).text
     assert await _values(graph, "t1") == ["wait", "done"]
@@ -1064,4 +1064,129 @@ async def test_interrupt_strategy_needs_leave_to_cancel() -> None:
         assert (response.status_code, response.json()["code"]) == (403, "forbidden")
         hold.set()
         assert '"status":"success"' in (await first).text
+    await api.producer.aclose()
+
+
+async def test_enqueue_strategy_runs_queued_runs_in_order_once_the_run_in_progress_ends() -> None:
+    # Regression: multitask_strategy "enqueue" (useStream's submit while a run streams:
+    # runs.create, then joinStream once the run in progress ends) was refused (409, and
+    # POST /threads/{id}/runs was 404).
+    import httpx
+
+    api, graph, reached, hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        first = await _held_run(http, reached)
+        body = {"assistant_id": "agent", "input": {"n": ["go"]}, "multitask_strategy": "enqueue"}
+        created = await http.post("/threads/t1/runs", json=body)
+        assert created.status_code == 200
+        queued = created.json()
+        assert (queued["status"], queued["multitask_strategy"]) == ("pending", "enqueue")
+        run = f"/threads/t1/runs/{queued['run_id']}"
+        assert (await http.get(run)).json()["status"] == "pending"
+        joined = asyncio.create_task(http.get(f"{run}/stream", headers={"Last-Event-ID": "-1"}))
+        # A second queued run, streamed as it asks: it runs after the first queued one.
+        body = {**body, "input": {"n": ["go2"]}}
+        second = asyncio.create_task(http.post("/threads/t1/runs/stream", json=body))
+        # Both queued before the run in progress ends.
+        await eventually(holds(lambda: sum("~queued~" in s for s in api.producer.runs) == 2))
+        hold.set()
+        assert (await first).text.rstrip().endswith('data: {"status":"success"}')
+        text = (await joined).text
+        assert text.startswith("id: ")
+        assert f'"run_id":"{queued["run_id"]}"' in text  # the metadata part names it
+        assert text.rstrip().endswith('data: {"status":"success"}')
+        streamed = await second
+        assert streamed.status_code == 200
+        assert streamed.text.rstrip().endswith('data: {"status":"success"}')
+        other = streamed.headers["content-location"]
+        assert (await http.get(other)).json()["status"] == "success"
+    assert await _values(graph, "t1") == ["wait", "done", "go", "done", "go2", "done"]
+    assert not api._queues
+    await api.producer.aclose()
+
+
+async def test_a_queued_run_cancelled_before_it_starts_never_runs() -> None:
+    import httpx
+
+    api, graph, reached, hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        first = await _held_run(http, reached)
+        body = {"assistant_id": "agent", "input": {"n": ["go"]}, "multitask_strategy": "enqueue"}
+        run = (
+            f"/threads/t1/runs/{(await http.post('/threads/t1/runs', json=body)).json()['run_id']}"
+        )
+        joined = asyncio.create_task(http.get(f"{run}/stream"))
+        assert (await http.post(f"{run}/cancel?wait=1")).status_code == 202
+        assert (await http.get(run)).json()["status"] == "interrupted"
+        assert (await joined).text.rstrip().endswith('data: {"status":"interrupted"}')
+        # The run in progress goes on, alone.
+        hold.set()
+        assert (await first).text.rstrip().endswith('data: {"status":"success"}')
+        assert (
+            (await http.get(f"{run}/stream"))
+            .text.rstrip()
+            .endswith('data: {"status":"interrupted"}')
+        )
+    assert await _values(graph, "t1") == ["wait", "done"]
+    await api.producer.aclose()
+
+
+async def test_a_queued_run_that_started_is_joined_and_cancelled_as_the_run_it_became() -> None:
+    import httpx
+
+    api, _graph, reached, hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        first = await _held_run(http, reached)
+        reached.clear()
+        body = {"assistant_id": "agent", "input": {"n": ["wait"]}, "multitask_strategy": "enqueue"}
+        run_id = (await http.post("/threads/t1/runs", json=body)).json()["run_id"]
+        run = f"/threads/t1/runs/{run_id}"
+        hold.set()
+        await first
+        hold.clear()
+        await reached.wait()  # the queued run holds in its turn
+        assert (await http.get(run)).json()["status"] == "running"
+        joined = asyncio.create_task(http.get(f"{run}/stream", headers={"Last-Event-ID": "-1"}))
+        assert (await http.post(f"{run}/cancel?wait=1")).status_code == 202
+        text = (await joined).text
+        assert f'"run_id":"{run_id}"' in text
+        assert text.rstrip().endswith('data: {"status":"interrupted"}')
+        assert (await http.get(run)).json()["status"] == "interrupted"
+    await api.producer.aclose()
+
+
+@pytest.mark.parametrize(
+    "run_id",
+    [
+        "00000000-0000-0000-0000-000000000000",
+        str(uuid.uuid4()),
+        "not-a-uuid",
+    ],
+)
+async def test_a_made_up_run_id_is_not_found(run_id: str) -> None:
+    import httpx
+
+    api, _graph, _reached, _hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        for response in (
+            await http.get(f"/threads/t1/runs/{run_id}"),
+            await http.get(f"/threads/t1/runs/{run_id}/stream"),
+            await http.post(f"/threads/t1/runs/{run_id}/cancel"),
+        ):
+            assert (response.status_code, response.json()["code"]) == (404, "run_not_found")
+    await api.producer.aclose()
+
+
+async def test_a_queued_run_id_names_its_own_thread_only() -> None:
+    import httpx
+
+    api, _graph, reached, hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        first = await _held_run(http, reached)
+        body = {"assistant_id": "agent", "input": {"n": ["go"]}, "multitask_strategy": "enqueue"}
+        run_id = (await http.post("/threads/t1/runs", json=body)).json()["run_id"]
+        response = await http.get(f"/threads/t2/runs/{run_id}")
+        assert (response.status_code, response.json()["code"]) == (404, "run_not_found")
+        hold.set()
+        await first
     await api.producer.aclose()

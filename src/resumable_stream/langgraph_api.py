@@ -9,7 +9,7 @@ app.mount("/langgraph", api)  # the SDKs' apiUrl: http://host/langgraph
 ```
 
 A subset of the LangGraph Agent Server API: ``POST /threads``, ``GET /threads/{id}``,
-``POST /threads/{id}/runs/stream``, ``GET /threads/{id}/runs/{run_id}[/stream]``,
+``POST /threads/{id}/runs[/stream]``, ``GET /threads/{id}/runs/{run_id}[/stream]``,
 ``POST /threads/{id}/runs/{run_id}/cancel``, ``GET /threads/{id}/state`` and ``POST
 /threads/{id}/history``. Runs are detached: they go on when the client goes away, and any
 process sharing the transport can join them from any event. Needs the ``web`` and
@@ -24,9 +24,12 @@ import hashlib
 import inspect
 import logging
 import math
+import secrets
+import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
-from datetime import UTC, date, datetime, time
+from datetime import UTC, date, datetime
+from datetime import time as time_of_day
 from enum import Enum
 from typing import Any, Literal
 
@@ -37,6 +40,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
+from ._codec import decode_entry
 from ._constants import DEFAULT_MAX_BODY_BYTES, DEFAULT_PING_INTERVAL, DEFAULT_SEND_TIMEOUT
 from ._consumer import StreamConsumer
 from ._events import CANCELLED, END, ERROR, Event, Item
@@ -115,7 +119,7 @@ def to_wire(obj: Any) -> Any:
         return to_wire(dump())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: to_wire(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, datetime | date | time):
+    if isinstance(obj, datetime | date | time_of_day):
         return obj.isoformat()
     if isinstance(obj, Enum):
         return to_wire(obj.value)
@@ -286,6 +290,80 @@ def _epoch_of(stream_id: str, run_id: str) -> int:
     return epoch
 
 
+#: The part a queued run's waiter writes once it started the run: ``{"epoch": <its epoch>}``.
+_RUN_STARTED = "resumable_stream.run_started"
+#: A queued run's status while it has not started, by its waiter's status.
+_QUEUED_STATUS = {
+    "running": "pending",
+    "cancelled": "interrupted",
+    "error": "error",
+    "completed": "error",  # a waiter ends only by starting the run, or cancelled or lost
+}
+
+
+def _queued_run_id(stream_id: str) -> str:
+    """A new run id (a UUID) for a run queued on ``stream_id``: in the high 64 bits the time
+    it was queued (microseconds) and 8 random bits, in the low ones 64 bits bound to the
+    stream and the high ones (see :func:`run_id_for`; the two kinds never match)."""
+    high = (time.time_ns() // 1000) << 8 | secrets.randbits(8)
+    return str(uuid.UUID(int=(high << 64) | _queued_bits(stream_id, high)))
+
+
+def _queued_bits(stream_id: str, high: int) -> int:
+    digest = hashlib.blake2b(f"{stream_id}/queued/{high}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def _queued_at(stream_id: str, run_id: str) -> float | None:
+    """When the run ``run_id`` was queued on ``stream_id`` (Unix time); None if it is not
+    the id of a queued run of that stream."""
+    try:
+        number = uuid.UUID(run_id).int
+    except ValueError:
+        return None
+    high = number >> 64
+    if number & (2**64 - 1) != _queued_bits(stream_id, high):
+        return None
+    return (high >> 8) / 1_000_000
+
+
+def _waiter_id(stream_id: str, run_id: str) -> str:
+    """The stream of the waiter of the run ``run_id`` queued on ``stream_id``."""
+    return check_stream_id(f"{stream_id}~queued~{run_id}")
+
+
+@dataclasses.dataclass(slots=True)
+class _Plan:
+    """A run as a ``runs`` request asks for it, checked."""
+
+    graph: Any
+    inputs: Any
+    config: dict[str, Any]
+    kwargs: dict[str, Any]
+    strategy: str | None
+    fork: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _RunRef:
+    """A run a path names: its epoch (None for a queued run not started), the thread
+    stream's info, and for a queued run its waiter's."""
+
+    thread_id: str
+    stream_id: str
+    run_id: str
+    epoch: int | None
+    info: StreamInfo | None
+    waiter: StreamInfo | None
+
+
+def _parts(item: Any) -> Iterable[Item]:
+    """The parts to store for one item of a run's source (see :func:`_run_source`)."""
+    if type(item) is Event:
+        return ((item.type, item.data),)
+    return stream_parts(item)
+
+
 def _encode_part(event: Event) -> bytes:
     """One stored part as the SSE block the SDKs read: ``id``, ``event``, ``data``."""
     kind = event.type
@@ -328,6 +406,35 @@ class _RunParts(StreamConsumer):
             raise StopAsyncIteration from None
 
 
+class _QueuedRunParts(StreamConsumer):
+    """The parts of a queued run: none while it waits (its waiter's stream is read), then
+    the run's from its first; the waiter's end (``cancelled``, or ``error`` for a waiter
+    lost with its process) if it never starts."""
+
+    def __init__(self, transport: Transport, stream_id: str, run_id: str) -> None:
+        super().__init__(transport, _waiter_id(stream_id, run_id))
+        self._thread_stream = stream_id
+        self._run: StreamConsumer | None = None
+
+    def _at_hand(self) -> bool:
+        return super()._at_hand() if self._run is None else self._run._at_hand()
+
+    async def __anext__(self) -> Event:
+        if self._run is None:
+            event = await super().__anext__()
+            if event.type != _RUN_STARTED:
+                return event  # the queued run ended before it started
+            await super().aclose()
+            epoch = int(event.data["epoch"])
+            self._run = _RunParts(self.transport, self._thread_stream, epoch, None)
+        return await self._run.__anext__()
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        if self._run is not None:
+            await self._run.aclose()
+
+
 class _PartsResponse(StreamResponse):
     """A stream response writing stored LangGraph parts (see :func:`_encode_part`)."""
 
@@ -353,10 +460,11 @@ class LangGraphRouter:
     stream (``stream_id(thread_id)``, by default ``"langgraph:<thread_id>"``), and each run
     of the thread a new epoch of it, so a second run while one is in progress is refused
     (409, the API's ``reject`` strategy) in every process at once, unless it asks for
-    ``multitask_strategy`` ``"interrupt"`` (the run in progress is cancelled, and the new
-    one starts once that one ended, if it does within ``interrupt_timeout`` seconds; else
-    409) or ``"rollback"`` (the same, and the new run starts from the checkpoint the
-    cancelled one started from). Runs are detached: they
+    ``multitask_strategy`` ``"enqueue"`` (it is queued, and starts once the run in
+    progress ended; see docs/langgraph-sdk.md), ``"interrupt"`` (the run in progress is
+    cancelled, and the new one starts once that one ended, if it does within
+    ``interrupt_timeout`` seconds; else 409) or ``"rollback"`` (the same, and the new run
+    starts from the checkpoint the cancelled one started from). Runs are detached: they
     go on when the client goes away, unless it asked for ``on_disconnect: "cancel"`` (which
     ``useStream`` does unless ``reconnectOnMount`` is set); ``cancel_on_disconnect=False``
     ignores that request, so that only a cancel stops a run.
@@ -416,10 +524,13 @@ class LangGraphRouter:
         self.send_timeout = send_timeout
         self.max_body_bytes = max_body_bytes
         self._state_graph = next(iter(self.graphs.values()))
+        # Per thread stream, the turn of the last run queued in this process (see _enqueue).
+        self._queues: dict[str, asyncio.Future[None]] = {}
         run = "/threads/{thread_id}/runs/{run_id}"
         self.routes: list[BaseRoute] = [
             Route("/threads", self._endpoint(self.post_thread), methods=["POST"]),
             Route("/threads/{thread_id}", self._endpoint(self.get_thread), methods=["GET"]),
+            Route("/threads/{thread_id}/runs", self._endpoint(self.create_run), methods=["POST"]),
             Route(
                 "/threads/{thread_id}/runs/stream",
                 self._endpoint(self.stream_run),
@@ -601,10 +712,8 @@ class LangGraphRouter:
 
     # --- runs ---------------------------------------------------------------------------
 
-    async def stream_run(self, request: Request) -> Response:
-        """``POST /threads/{thread_id}/runs/stream``: start a run and stream it."""
-        thread_id, stream_id = await self._thread(request, "run")
-        body = await self._body(request)
+    async def _plan(self, thread_id: str, body: dict[str, Any]) -> _Plan:
+        """The run a ``runs`` request asks for, checked (else 404 or 422)."""
         assistant_id = body.get("assistant_id")
         graph = self.graphs.get(assistant_id) if isinstance(assistant_id, str) else None
         if graph is None:
@@ -657,44 +766,94 @@ class LangGraphRouter:
                 "checkpointer; use 'interrupt'",
                 "rollback_not_served",
             )
+        return _Plan(graph, inputs, config, kwargs, strategy, bool(fork))
 
-        def parts(item: Any) -> Iterable[Item]:
-            if type(item) is Event:
-                return ((item.type, item.data),)
-            return stream_parts(item)
-
+    async def _start(self, plan: _Plan, stream_id: str, run_id: str | None = None) -> int:
+        """Start the planned run on the thread's stream; return its epoch. Its run id is
+        ``run_id`` (a queued run's), else the one its epoch makes. Raises
+        ``StreamAlreadyRunning`` while another run of the thread is in progress."""
         started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        source = _run_source(graph, inputs, config, kwargs, started)
+        source = _run_source(plan.graph, plan.inputs, plan.config, plan.kwargs, started)
         try:
-            run = await self.producer.start(source, stream_id=stream_id, events=parts)
-        except StreamAlreadyRunning:
+            run = await self.producer.start(source, stream_id=stream_id, events=_parts)
+        except BaseException:
             await source.aclose()
+            raise
+        started.set_result(run_id or run_id_for(stream_id, run.epoch))
+        return run.epoch
+
+    async def _launch(
+        self, request: Request, plan: _Plan, thread_id: str, stream_id: str
+    ) -> tuple[str, int | None]:
+        """Start the run, or queue it (``enqueue`` while the thread is busy): its run id,
+        and its epoch (None while it is queued)."""
+        strategy = plan.strategy
+        try:
+            if strategy == "enqueue" and stream_id in self._queues:
+                raise StreamAlreadyRunning(stream_id)  # runs queued here go first
+            epoch = await self._start(plan, stream_id)
+        except StreamAlreadyRunning:
+            if strategy == "enqueue":
+                return await self._enqueue(plan, stream_id), None
             if strategy not in ("interrupt", "rollback"):
                 raise self._busy(thread_id, strategy) from None
             await self._check(request, "cancel", thread_id)  # it stops the run in progress
             stopped = await self._stop_current_run(stream_id)
             if stopped is None:
                 raise self._busy(thread_id, strategy) from None
-            if strategy == "rollback" and not fork and stopped:
-                config["configurable"].update(await self._rollback_point(graph, thread_id, stopped))
-            started = asyncio.get_running_loop().create_future()
-            source = _run_source(graph, inputs, config, kwargs, started)
+            if strategy == "rollback" and not plan.fork and stopped:
+                point = await self._rollback_point(plan.graph, thread_id, stopped)
+                plan.config["configurable"].update(point)
             try:
-                run = await self.producer.start(source, stream_id=stream_id, events=parts)
+                epoch = await self._start(plan, stream_id)
             except StreamAlreadyRunning:  # another run started first, once that one ended
-                await source.aclose()
                 raise self._busy(thread_id, strategy) from None
-        run_id = run_id_for(stream_id, run.epoch)
-        started.set_result(run_id)
+        return run_id_for(stream_id, epoch), epoch
+
+    async def create_run(self, request: Request) -> Response:
+        """``POST /threads/{thread_id}/runs``: start a run in the background (or queue it,
+        with ``multitask_strategy`` ``"enqueue"``); answer with the run."""
+        thread_id, stream_id = await self._thread(request, "run")
+        body = await self._body(request)
+        plan = await self._plan(thread_id, body)
+        run_id, epoch = await self._launch(request, plan, thread_id, stream_id)
+        now = datetime.now(UTC).isoformat()
+        return _json(
+            200,
+            {
+                "run_id": run_id,
+                "thread_id": thread_id,
+                "assistant_id": body["assistant_id"],
+                "created_at": now,
+                "updated_at": now,
+                "status": "pending" if epoch is None else "running",
+                "metadata": body.get("metadata") or {},
+                "kwargs": {},
+                "multitask_strategy": plan.strategy or "reject",
+            },
+            {"Content-Location": f"/threads/{thread_id}/runs/{run_id}"},
+        )
+
+    async def stream_run(self, request: Request) -> Response:
+        """``POST /threads/{thread_id}/runs/stream``: start a run (or queue it) and stream it."""
+        thread_id, stream_id = await self._thread(request, "run")
+        body = await self._body(request)
+        plan = await self._plan(thread_id, body)
+        run_id, epoch = await self._launch(request, plan, thread_id, stream_id)
+        consumer: StreamConsumer
+        if epoch is None:
+            consumer = _QueuedRunParts(self.transport, stream_id, run_id)
+        else:
+            consumer = StreamConsumer(self.transport, stream_id, epoch=epoch)
         on_disconnect = None
         if self.cancel_on_disconnect and body.get("on_disconnect") == "cancel":
 
             async def on_disconnect() -> None:
-                await self._cancel_on_disconnect(request, thread_id, stream_id, run.epoch)
+                await self._cancel_on_disconnect(request, thread_id, stream_id, run_id)
 
         location = f"/threads/{thread_id}/runs/{run_id}"
         return _PartsResponse(
-            StreamConsumer(self.transport, stream_id, epoch=run.epoch),
+            consumer,
             request,
             # langgraph-sdk (client/base.ts getRunMetadataFromResponse) reads the run id
             # from Content-Location; both SDKs reconnect to Location, relative to apiUrl.
@@ -704,21 +863,97 @@ class LangGraphRouter:
             on_disconnect=on_disconnect,
         )
 
+    async def _enqueue(self, plan: _Plan, stream_id: str) -> str:
+        """Queue the run behind the thread's run in progress: a waiter run on a stream of
+        its own (so that any process can join, read or cancel it, and a waiter whose
+        process is gone ends with an error once its lease lapses) starts it once the run
+        in progress, and the runs queued before it in this process, ended. Returns the
+        queued run's id."""
+        run_id = _queued_run_id(stream_id)
+        ahead = self._queues.get(stream_id)
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queues[stream_id] = turn
+        waiter = self._wait_turn(plan, stream_id, run_id, ahead, turn)
+        try:
+            await self.producer.start(waiter, stream_id=_waiter_id(stream_id, run_id))
+        except BaseException:
+            await waiter.aclose()
+            self._turn_over(stream_id, turn)
+            raise
+        return run_id
+
+    def _turn_over(self, stream_id: str, turn: asyncio.Future[None]) -> None:
+        if not turn.done():
+            turn.set_result(None)
+        if self._queues.get(stream_id) is turn:
+            del self._queues[stream_id]
+
+    async def _wait_turn(
+        self,
+        plan: _Plan,
+        stream_id: str,
+        run_id: str,
+        ahead: asyncio.Future[None] | None,
+        turn: asyncio.Future[None],
+    ) -> AsyncGenerator[Event, None]:
+        """A queued run's waiter (see :meth:`_enqueue`): its one part names the epoch of
+        the run it started. Cancelled (the queued run's cancel), it stops that run too
+        should it have started it already."""
+        epoch = None
+        try:
+            if ahead is not None:
+                await asyncio.wait((ahead,))  # never cancels the turn ahead
+            while epoch is None:
+                await self._until_idle(stream_id)
+                starting = asyncio.ensure_future(self._start(plan, stream_id, run_id))
+                try:
+                    epoch = await asyncio.shield(starting)
+                except StreamAlreadyRunning:
+                    continue  # another run started first: wait for that one too
+                except asyncio.CancelledError:
+                    await asyncio.wait((starting,))
+                    if not starting.cancelled() and starting.exception() is None:
+                        epoch = starting.result()
+                    raise
+            self._turn_over(stream_id, turn)
+            yield Event(_RUN_STARTED, {"epoch": epoch}, "")
+        except BaseException:
+            if epoch is not None:
+                await self._cancel_epoch(stream_id, epoch)
+            raise
+        finally:
+            self._turn_over(stream_id, turn)
+
+    async def _until_idle(self, stream_id: str) -> None:
+        """Return once the thread's stream has no run in progress (in any process)."""
+        info = await self.transport.info(stream_id)
+        while info is not None and info.status == "running":
+            try:
+                async with StreamConsumer(
+                    self.transport, stream_id, after=info.last_offset, epoch=info.epoch
+                ) as rest:
+                    async for _event in rest:
+                        pass  # until the terminal event (a lost producer's is written too)
+            except OffsetExpired:
+                pass  # a later run replaced it
+            info = await self.transport.info(stream_id)
+
+    async def _cancel_epoch(self, stream_id: str, epoch: int) -> None:
+        """Cancel run ``epoch`` of the thread if it is the one in progress."""
+        info = await self.transport.info(stream_id)
+        if info is not None and info.epoch == epoch and info.status == "running":
+            await self.producer.cancel(stream_id)
+
     def _busy(self, thread_id: str, strategy: Any) -> _Refused:
         message = f"thread {thread_id!r} has a run in progress; join it or cancel it first"
-        if strategy == "enqueue":
-            message += (
-                " (multitask_strategy 'enqueue' is not served: runs are not queued; use "
-                "'interrupt', or wait for the run to end)"
-            )
-        elif strategy in ("interrupt", "rollback"):
+        if strategy in ("interrupt", "rollback"):
             message = (
                 f"thread {thread_id!r} has a run in progress that did not end within "
                 f"{self.interrupt_timeout:g} s of its cancellation, or another run started "
                 "first; join it or try again"
             )
         else:
-            message += " (or send multitask_strategy 'interrupt')"
+            message += " (or send multitask_strategy 'enqueue' or 'interrupt')"
         return _Refused(HTTPError(409, "thread_busy", message))
 
     async def _stop_current_run(self, stream_id: str) -> str | None:
@@ -742,7 +977,7 @@ class LangGraphRouter:
             return None
         except OffsetExpired:
             return ""  # a later run replaced it: it ended
-        return run_id_for(stream_id, info.epoch) if last == CANCELLED else ""
+        return await self._run_id_of(stream_id, info.epoch) if last == CANCELLED else ""
 
     async def _rollback_point(self, graph: Any, thread_id: str, run_id: str) -> dict[str, str]:
         """Where a run replacing the cancelled run ``run_id`` starts: the checkpoint that
@@ -762,20 +997,72 @@ class LangGraphRouter:
         await saver.adelete_thread(thread_id)
         return {}
 
-    async def _run_info(
-        self, request: Request, action: LangGraphAction
-    ) -> tuple[str, str, str, int, StreamInfo]:
-        """Thread id, stream id, run id, the run's epoch and the thread stream's info."""
+    async def _run_info(self, request: Request, action: LangGraphAction) -> _RunRef:
+        """The run the path names, in a thread the caller may ``action``; else 404."""
         thread_id, stream_id = await self._thread(request, action)
-        run_id = request.path_params["run_id"]
-        epoch = _epoch_of(stream_id, run_id)
+        return await self._resolve(thread_id, stream_id, request.path_params["run_id"])
+
+    async def _resolve(self, thread_id: str, stream_id: str, run_id: str) -> _RunRef:
         info = await self.transport.info(stream_id)
-        if info is None or info.epoch < epoch:
+        waiter = None
+        if _queued_at(stream_id, run_id) is None:
+            epoch: int | None = _epoch_of(stream_id, run_id)
+        else:
+            waiter = await self.transport.info(_waiter_id(stream_id, run_id))
+            if waiter is None:  # never queued, or gone with its expiry
+                raise _Refused(HTTPError(404, "run_not_found", f"no run {run_id!r} in this thread"))
+            epoch = await self._started_epoch(stream_id, run_id, waiter)
+        if epoch is not None and (info is None or info.epoch < epoch):
             raise _Refused(HTTPError(404, "run_not_found", f"no run {run_id!r} in this thread"))
-        return thread_id, stream_id, run_id, epoch, info
+        return _RunRef(thread_id, stream_id, run_id, epoch, info, waiter)
+
+    async def _started_epoch(self, stream_id: str, run_id: str, waiter: StreamInfo) -> int | None:
+        """The epoch of the run the queued run ``run_id`` became; None while it waits (or if
+        it was cancelled or lost before it started)."""
+        entries = await self.transport.read(_waiter_id(stream_id, run_id), waiter.epoch, 0, 1)
+        for entry in entries:
+            for event in decode_entry(entry.payload, entry.epoch, entry.seq):
+                if event.type == _RUN_STARTED:
+                    return int(event.data["epoch"])
+        return None
+
+    async def _run_id_of(self, stream_id: str, epoch: int) -> str:
+        """The run id run ``epoch`` of the thread was given: its ``metadata`` part's (a run
+        started from the queue keeps the id it was queued with)."""
+        for entry in await self.transport.read(stream_id, epoch, 0, 1):
+            for event in decode_entry(entry.payload, entry.epoch, entry.seq):
+                data = event.data.get("data")
+                if event.type == "metadata" and isinstance(data, dict):
+                    return str(data.get("run_id"))
+        return run_id_for(stream_id, epoch)
+
+    async def _cancel(self, run: _RunRef, *, wait: bool) -> None:
+        """Stop the run: a queued one before it starts, or the run it became; ``wait``:
+        until its terminal event is written."""
+        epoch = run.epoch
+        if epoch is None and run.waiter is not None and run.waiter.status == "running":
+            waiter_id = _waiter_id(run.stream_id, run.run_id)
+            await self.producer.cancel(waiter_id)
+            # Until the waiter's end: it then started the run and named it, or never will.
+            async with StreamConsumer(self.transport, waiter_id, epoch=run.waiter.epoch) as rest:
+                async for event in rest:
+                    if event.type == _RUN_STARTED:
+                        epoch = int(event.data["epoch"])
+        if epoch is None:
+            return
+        info = await self.transport.info(run.stream_id)
+        if info is None or info.epoch != epoch or info.status != "running":
+            return
+        await self.producer.cancel(run.stream_id)
+        if wait:
+            async with StreamConsumer(
+                self.transport, run.stream_id, after=info.last_offset, epoch=epoch
+            ) as rest:
+                async for _event in rest:
+                    pass  # until the terminal event
 
     async def _cancel_on_disconnect(
-        self, request: Request, thread_id: str, stream_id: str, epoch: int
+        self, request: Request, thread_id: str, stream_id: str, run_id: str
     ) -> None:
         """A client that asked for it left before its run's end: cancel that run, as
         ``POST .../cancel`` would (a caller allowed to read or run, and not to cancel, must
@@ -785,30 +1072,40 @@ class LangGraphRouter:
         except (_Refused, HTTPException):
             logger.debug("thread %s: the client left; not allowed to cancel", thread_id)
             return
-        info = await self.transport.info(stream_id)
-        if info is not None and info.epoch == epoch and info.status == "running":
-            await self.producer.cancel(stream_id)
+        try:
+            run = await self._resolve(thread_id, stream_id, run_id)
+        except _Refused:
+            return  # gone with its expiry
+        await self._cancel(run, wait=False)
 
     async def join_run(self, request: Request) -> Response:
         """``GET .../runs/{run_id}/stream``: the run's parts after ``Last-Event-ID``.
 
         ``-1`` replays the run from its first part; without the header the stream starts
-        with the next part (what the SDKs' ``joinStream`` without an id expects).
+        with the next part (what the SDKs' ``joinStream`` without an id expects). A queued
+        run's stream waits for its start, then gives its parts from the first.
         """
-        thread_id, stream_id, run_id, epoch, info = await self._run_info(request, "read")
+        run = await self._run_info(request, "read")
+        thread_id, stream_id, run_id, epoch = run.thread_id, run.stream_id, run.run_id, run.epoch
         location = f"/threads/{thread_id}/runs/{run_id}"
-        last_id = request.headers.get("last-event-id")
-        after: str | None
-        # langgraph-sdk (ui/orchestrator.ts joinStream) sends "-1" to replay a run whole.
-        if last_id == "-1":
-            after = None
-        elif last_id:
-            after = last_id  # the consumer refuses an event of another run (400)
+        consumer: StreamConsumer
+        if epoch is None:
+            # Not started: nothing of it can have been read yet.
+            consumer = _QueuedRunParts(self.transport, stream_id, run_id)
         else:
-            after = info.last_offset if info.epoch == epoch else None
-        # This run only: replaced by a later run (now, or before the response first
-        # reads), it is an empty stream, never the later run's parts.
-        consumer = _RunParts(self.transport, stream_id, epoch, after)
+            last_id = request.headers.get("last-event-id")
+            after: str | None
+            # langgraph-sdk (ui/orchestrator.ts joinStream) sends "-1" to replay a run whole.
+            if last_id == "-1":
+                after = None
+            elif last_id:
+                after = last_id  # the consumer refuses an event of another run (400)
+            else:
+                info = run.info
+                after = info.last_offset if info is not None and info.epoch == epoch else None
+            # This run only: replaced by a later run (now, or before the response first
+            # reads), it is an empty stream, never the later run's parts.
+            consumer = _RunParts(self.transport, stream_id, epoch, after)
         on_disconnect = None
         if self.cancel_on_disconnect and request.query_params.get("cancel_on_disconnect") in (
             "1",
@@ -816,7 +1113,7 @@ class LangGraphRouter:
         ):
 
             async def on_disconnect() -> None:
-                await self._cancel_on_disconnect(request, thread_id, stream_id, epoch)
+                await self._cancel_on_disconnect(request, thread_id, stream_id, run_id)
 
         return _PartsResponse(
             consumer,
@@ -831,45 +1128,48 @@ class LangGraphRouter:
         """``GET .../runs/{run_id}``: ``pending``, ``running``, ``success``, ``error`` or
         ``interrupted``. Only the thread's latest run has its outcome kept: an earlier one,
         replaced by a later run, reads as ``success``."""
-        thread_id, _, run_id, epoch, info = await self._run_info(request, "read")
-        status = "success"
-        if info.epoch == epoch:
-            status = {
-                "running": "running",
-                "completed": "success",
-                "error": "error",
-                "cancelled": "interrupted",
-            }[info.status]
-            if status == "success":
-                state = await self._state_graph.aget_state(self._config(thread_id))
-                if state.next:  # stopped at an interrupt
-                    status = "interrupted"
-        created = epoch / 1_000_000
+        run = await self._run_info(request, "read")
+        epoch, info = run.epoch, run.info
+        if epoch is None:
+            queued = _queued_at(run.stream_id, run.run_id) or 0.0
+            waiter = run.waiter
+            status = "pending" if waiter is None else _QUEUED_STATUS[waiter.status]
+            created, updated = queued, waiter.updated_at if waiter is not None else queued
+        else:
+            status = "success"
+            created = updated = epoch / 1_000_000
+            if info is not None and info.epoch == epoch:
+                updated = info.updated_at
+                status = {
+                    "running": "running",
+                    "completed": "success",
+                    "error": "error",
+                    "cancelled": "interrupted",
+                }[info.status]
+                if status == "success":
+                    state = await self._state_graph.aget_state(self._config(run.thread_id))
+                    if state.next:  # stopped at an interrupt
+                        status = "interrupted"
         return _json(
             200,
             {
-                "run_id": run_id,
-                "thread_id": thread_id,
+                "run_id": run.run_id,
+                "thread_id": run.thread_id,
                 "assistant_id": None,
                 "created_at": _iso(created),
-                "updated_at": _iso(info.updated_at if info.epoch == epoch else created),
+                "updated_at": _iso(updated),
                 "status": status,
                 "metadata": {},
                 "kwargs": {},
-                "multitask_strategy": "reject",
+                "multitask_strategy": "reject" if run.waiter is None else "enqueue",
             },
         )
 
     async def cancel_run(self, request: Request) -> Response:
-        """``POST .../runs/{run_id}/cancel``: stop the run (``?wait=1``: until it stopped)."""
-        _, stream_id, _, epoch, info = await self._run_info(request, "cancel")
-        if info.epoch != epoch or info.status != "running":
-            return Response(status_code=202, headers={"cache-control": "no-store"})
-        await self.producer.cancel(stream_id)
-        if request.query_params.get("wait") in ("1", "true"):
-            async with StreamConsumer(self.transport, stream_id, after=info.last_offset) as rest:
-                async for _event in rest:
-                    pass  # until the terminal event
+        """``POST .../runs/{run_id}/cancel``: stop the run, or a queued run before it starts
+        (``?wait=1``: until it stopped)."""
+        run = await self._run_info(request, "cancel")
+        await self._cancel(run, wait=request.query_params.get("wait") in ("1", "true"))
         return Response(status_code=202, headers={"cache-control": "no-store"})
 
 

@@ -162,6 +162,63 @@ async def test_cancel_then_a_new_run_with_type_human_messages(
     assert parts[-2].data["messages"][-1]["content"] == answer_text("h")
 
 
+async def test_enqueued_runs_wait_their_turn_across_processes(
+    servers: tuple[str, str], client: LangGraphClient, other: LangGraphClient
+) -> None:
+    # Regression: runs.create with multitask_strategy "enqueue" (useStream's submit while a
+    # run streams) was 404: POST /threads/{id}/runs was not served, nor "enqueue".
+    thread_id = (await client.threads.create())["thread_id"]
+    seen: list[Any] = []
+    stream = client.runs.stream(
+        thread_id,
+        "agent",
+        input={"messages": [{"role": "user", "content": "a"}]},
+        stream_mode=MODES,
+    )
+    async for part in stream:
+        seen.append(part)
+        if _text(seen).endswith(f"a{HOLD_AT - 1} "):
+            break  # held mid-answer on the first server
+    await stream.aclose()
+
+    # Queued on the other server; a second one is queued there too, then cancelled here.
+    queued = await other.runs.create(
+        thread_id,
+        "agent",
+        input={"messages": [{"role": "user", "content": "b"}]},
+        stream_mode=MODES,
+        multitask_strategy="enqueue",
+    )
+    dropped = await other.runs.create(
+        thread_id,
+        "agent",
+        input={"messages": [{"role": "user", "content": "x"}]},
+        multitask_strategy="enqueue",
+    )
+    assert (queued["status"], dropped["status"]) == ("pending", "pending")
+    assert (await client.runs.get(thread_id, queued["run_id"]))["status"] == "pending"
+    await client.runs.cancel(thread_id, dropped["run_id"], wait=True)
+    assert (await client.runs.get(thread_id, dropped["run_id"]))["status"] == "interrupted"
+
+    for server in servers:  # the queued run holds halfway too, on the server that runs it
+        await _release(server, thread_id)
+    parts = [
+        p async for p in client.runs.join_stream(thread_id, queued["run_id"], last_event_id="-1")
+    ]
+    assert parts[0].event == "metadata"
+    assert parts[0].data["run_id"] == queued["run_id"]
+    assert _text(parts) == answer_text("b")
+    assert parts[-1].event == "end"
+    assert (await client.runs.get(thread_id, queued["run_id"]))["status"] == "success"
+    state = await other.threads.get_state(thread_id)
+    assert [m["content"] for m in state["values"]["messages"]] == [
+        "a",
+        answer_text("a"),
+        "b",
+        answer_text("b"),
+    ]
+
+
 def test_js_client_stream_cut_join_replay_cancel(
     node_modules: Path, servers: tuple[str, str]
 ) -> None:
@@ -211,3 +268,22 @@ def test_js_client_interrupt_strategy_replaces_the_run_in_progress(
     # The cancelled run's input stays (its partial state), then the second run's turn.
     assert seen["stateTypes"] == ["human", "human", "ai"]
     assert seen["stateText"] == answer_text("m2")
+
+
+def test_js_client_enqueue_strategy_queues_then_joins_the_run(
+    node_modules: Path, servers: tuple[str, str]
+) -> None:
+    # Regression: runs.create with multitaskStrategy "enqueue" (useStream's submit queue)
+    # was 404: POST /threads/{id}/runs was not served.
+    first, second = servers
+    seen = run_node(node_modules, "langgraph_enqueue.mjs", first, second, "q")
+    assert seen["created"] == {"status": "pending", "strategy": "enqueue"}
+    assert seen["createdAt"]
+    assert seen["statusQueued"] == "pending"
+    assert (seen["firstEnd"]["event"], seen["firstEnd"]["data"]) == ("end", {"status": "success"})
+    assert seen["joinedFirst"]["event"] == "metadata"
+    assert (seen["joinedEnd"]["event"], seen["joinedEnd"]["data"]) == ("end", {"status": "success"})
+    assert seen["joinedLast"] == answer_text("q2")
+    assert seen["statusAfter"] == "success"
+    assert seen["stateTypes"] == ["human", "ai", "human", "ai"]
+    assert seen["stateText"] == answer_text("q2")
