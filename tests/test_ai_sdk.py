@@ -6,6 +6,7 @@ The client tests (tests/clients/test_ai_sdk.py) run the real `ai` / `@ai-sdk/rea
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,9 +20,10 @@ from langchain_core.tools import tool
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.routing import Mount, Route
 
-from resumable_stream import Event, StreamConsumer, StreamProducer
+from resumable_stream import Event, StreamConsumer, StreamProducer, from_url
 from resumable_stream._exceptions import TransportError
 from resumable_stream.ai_sdk import (
     ChatRequest,
@@ -547,3 +549,143 @@ async def test_an_answer_cut_by_the_storage_ends_with_an_error_part() -> None:
     assert chunks[-2] == {"type": "text-end", "id": "text-1"}
     assert chunks[-1]["type"] == "error"
     assert "interrupted" in chunks[-1]["errorText"]
+
+
+async def test_a_busy_chat_refuses_before_calling_the_apps_source() -> None:
+    # Regression: send() called the app's source before the busy check (the transport's
+    # create), so a request answered 409 still ran what source() does before its generator
+    # (the app saving the user's message, charging a quota): twice for one answer.
+    calls: list[str] = []
+    release = asyncio.Event()
+
+    async def answer(chat: ChatRequest) -> AsyncIterator[str]:
+        calls.append(chat.text)  # the app's side effect, before its generator starts
+
+        async def tokens() -> AsyncIterator[str]:
+            yield chat.text.upper()
+
+        return tokens()
+
+    async def held() -> AsyncIterator[str]:
+        yield "thinking"
+        await release.wait()
+
+    router = ChatRouter(MemoryTransport(), answer, authorize=allow_all)
+    app = Starlette(routes=router.routes)
+    message = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+        run = await router.producer.start(held(), stream_id="chat-b")
+        busy = await http.post("/api/chat", json={"id": "chat-b", "messages": [message]})
+        assert (busy.status_code, busy.json()["code"]) == (409, "answer_in_progress")
+        assert calls == []
+        release.set()
+        assert await run.wait() == "completed"
+        answered = await http.post("/api/chat", json={"id": "chat-b", "messages": [message]})
+    await router.producer.aclose()
+    assert answered.status_code == 200
+    assert [c["delta"] for c in sse_chunks(answered.text) if c["type"] == "text-delta"] == ["HI"]
+    assert calls == ["hi"]
+
+
+async def test_a_chat_busy_in_another_process_refuses_before_calling_the_source(
+    redis_url: str,
+) -> None:
+    # The same over Redis, with two routers (two workers) on one store: the busy check is
+    # the store's, so the second worker never calls its source.
+    calls: list[str] = []
+
+    async def answer(chat: ChatRequest) -> AsyncIterator[str]:
+        calls.append(chat.text)
+
+        async def tokens() -> AsyncIterator[str]:
+            yield "x"
+
+        return tokens()
+
+    release = asyncio.Event()
+
+    async def held() -> AsyncIterator[str]:
+        yield "thinking"
+        await release.wait()
+
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    first, second = from_url(redis_url, prefix=prefix), from_url(redis_url, prefix=prefix)
+    async with first, second:
+        busy_worker = ChatRouter(first, answer, authorize=allow_all)
+        other_worker = ChatRouter(second, answer, authorize=allow_all)
+        run = await busy_worker.producer.start(held(), stream_id="chat-r")
+        message = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}
+        app = Starlette(routes=other_worker.routes)
+        transport = httpx.ASGITransport(app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            busy = await http.post("/api/chat", json={"id": "chat-r", "messages": [message]})
+        release.set()
+        assert await run.wait() == "completed"
+        await busy_worker.producer.aclose()
+        await other_worker.producer.aclose()
+    assert (busy.status_code, busy.json()["code"]) == (409, "answer_in_progress")
+    assert calls == []
+
+
+async def test_a_source_that_refuses_or_fails_leaves_no_answer_running() -> None:
+    # The source is called once the run holds the chat: its HTTPException is still the
+    # request's answer, and the run it refused ends (the chat can answer the next message).
+    outcomes: list[BaseException | None] = [HTTPException(402, "out of credit"), None]
+
+    async def answer(chat: ChatRequest) -> AsyncIterator[str]:
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+        async def tokens() -> AsyncIterator[str]:
+            yield "fine"
+
+        return tokens()
+
+    transport = MemoryTransport()
+    router = ChatRouter(transport, answer, authorize=allow_all)
+    app = Starlette(routes=router.routes)
+    message = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}
+    body = {"id": "chat-q", "messages": [message]}
+    client = httpx.ASGITransport(app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=client, base_url="http://t") as http:
+        refused = await http.post("/api/chat", json=body)
+        assert (refused.status_code, refused.json()["message"]) == (402, "out of credit")
+        info = await transport.info("chat-q")
+        assert info is not None and info.status == "error"
+        assert (await http.get("/api/chat/chat-q/stream")).status_code == 204
+        answered = await http.post("/api/chat", json=body)
+        outcomes.append(RuntimeError("the database is down"))
+        failed = await http.post("/api/chat", json=body)
+        info = await transport.info("chat-q")
+    await router.producer.aclose()
+    assert [c["delta"] for c in sse_chunks(answered.text) if c["type"] == "text-delta"] == ["fine"]
+    assert failed.status_code == 500  # as an app's own exception always was
+    assert info is not None and info.status == "error"
+
+
+async def test_an_answer_stopped_while_its_source_is_called_ends_aborted() -> None:
+    # The request waits for the source to be called; a stop meanwhile must not leave it
+    # waiting: it answers with the run, which ends `abort`.
+    calling, never = asyncio.Event(), asyncio.Event()
+
+    async def answer(chat: ChatRequest) -> AsyncIterator[str]:
+        calling.set()
+        await never.wait()  # a slow database
+        raise AssertionError("not reached")
+
+    router = ChatRouter(MemoryTransport(), answer, authorize=allow_all)
+    app = Starlette(routes=router.routes)
+    message = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+        sent = asyncio.create_task(
+            http.post("/api/chat", json={"id": "chat-s", "messages": [message]})
+        )
+        await calling.wait()
+        assert (await http.post("/api/chat/chat-s/stop")).status_code == 202
+        response = await asyncio.wait_for(sent, 10)
+    await router.producer.aclose()
+    assert response.status_code == 200
+    chunks = sse_chunks(response.text)
+    check_order(chunks)
+    assert chunks[-1] == {"type": "abort", "reason": "requested"}

@@ -20,10 +20,19 @@ the ``web`` extra; see docs/ai-sdk.md.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import inspect
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Hashable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Hashable,
+    Mapping,
+)
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -59,7 +68,7 @@ from ._http import (
     not_running,
 )
 from ._ids import check_stream_id
-from ._producer import StreamProducer
+from ._producer import Run, StreamProducer
 from ._sse import PING
 from .starlette import StreamResponse, _check_body_limit, _json_routing_errors, _read_body
 from .transports import Transport
@@ -502,16 +511,45 @@ def _continued(messages: list[Any]) -> str | None:
     return None
 
 
-async def _continuing(message_id: str, source: AsyncIterable[Any]) -> AsyncIterator[Any]:
-    """``source`` after the marker that names the message it continues, for every replay."""
+async def _answer(
+    source: ChatSource,
+    chat: ChatRequest,
+    continued: str | None,
+    called: asyncio.Future[BaseException | None],
+) -> AsyncGenerator[Any, None]:
+    """The run of a chat's message: calls the app's ``source`` once the run holds the chat
+    (so a request refused as busy never calls it), and sets ``called`` to what it raised,
+    or None. A continuation's marker comes first, for every replay (``_marked_message_id``)."""
     try:
-        yield Event(CUSTOM, {"name": _MESSAGE_ID_EVENT, "data": {"message_id": message_id}}, "")
-        async for item in source:
+        items = source(chat)
+        if inspect.isawaitable(items):
+            items = await items
+        if not isinstance(items, AsyncIterable):
+            raise TypeError(
+                f"the chat source must return an async iterable (e.g. graph.astream_events"
+                f"(...)), not {type(items).__name__}"
+            )
+    except BaseException as exc:
+        # A result, not set_exception(): a request gone meanwhile leaves nothing unretrieved.
+        if not called.done():
+            called.set_result(None if isinstance(exc, asyncio.CancelledError) else exc)
+        raise
+    called.set_result(None)
+    try:
+        if continued is not None:
+            # Stored first, so that a resume (GET, which has no body) names it too.
+            yield Event(CUSTOM, {"name": _MESSAGE_ID_EVENT, "data": {"message_id": continued}}, "")
+        async for item in items:
             yield item
     finally:
-        aclose = getattr(source, "aclose", None)
+        aclose = getattr(items, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+async def _ended(run: Run) -> None:
+    with contextlib.suppress(Exception):  # how it ended is the stream's to tell
+        await run.wait()
 
 
 ChatSource = Callable[[ChatRequest], AsyncIterable[Any] | Awaitable[AsyncIterable[Any]]]
@@ -543,7 +581,8 @@ class ChatRouter:
 
     ``stream_id(chat_id)`` maps a chat to its stream (the chat id by default); each message
     starts a new run of it (a new epoch). A chat with an answer in progress refuses another
-    with 409, a body over ``max_body_bytes`` with 413. ``authorize(request, chat_id,
+    with 409 (without calling ``source``: the run calls it once it holds the chat), a body
+    over ``max_body_bytes`` with 413. ``authorize(request, chat_id,
     action)`` may refuse with false (403) or raise Starlette's ``HTTPException``. Add
     :attr:`routes` to the app, or serve the router itself.
     """
@@ -648,24 +687,40 @@ class ChatRouter:
             body,
             request,
         )
+        continued = _continued(messages)
+        called: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+        answer = _answer(self.source, chat, continued, called)
         try:
             stream_id = check_stream_id(self.stream_id(chat_id))
-            source = self.source(chat)
-            if inspect.isawaitable(source):
-                source = await source
-            continued = _continued(messages)
-            if continued is not None and isinstance(source, AsyncIterable):
-                # Stored first, so that a resume (GET, which has no body) names it too.
-                source = _continuing(continued, source)
-            run = await self.producer.start(source, stream_id=stream_id)
-        except HTTPException as exc:
+            # The run first, then the app's source, from inside it: the transport's create
+            # is the busy check (across processes), and a request it refuses must not run
+            # what source() does before its generator (saving the message, a quota).
+            run = await self.producer.start(answer, stream_id=stream_id)
+        except HTTPException as exc:  # raised by the app's stream_id()
+            await answer.aclose()
             return _error(http_status_error(exc.status_code, exc.detail))
         except StreamAlreadyRunning:
+            await answer.aclose()
             return _error(
                 HTTPError(409, "answer_in_progress", f"chat {chat_id!r} is answering already")
             )
         except ResumableStreamError as exc:
+            await answer.aclose()
             return _error(error_for(exc))
+        # Until source() is called (or the run ended without calling it: stopped first):
+        # what it raises is this request's answer; the run ends with an `error` event.
+        ended = asyncio.ensure_future(_ended(run))
+        try:
+            await asyncio.wait((called, ended), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()  # (not the run: wait() is shielded)
+        raised = called.result() if called.done() else None
+        if isinstance(raised, HTTPException):
+            return _error(http_status_error(raised.status_code, raised.detail))
+        if isinstance(raised, ResumableStreamError):
+            return _error(error_for(raised))
+        if raised is not None:
+            raise raised
         # This message's answer, not a later one that replaced it before the first read.
         return self._response(request, stream_id, run.epoch, continued)
 
