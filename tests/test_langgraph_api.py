@@ -1190,3 +1190,100 @@ async def test_a_queued_run_id_names_its_own_thread_only() -> None:
         hold.set()
         await first
     await api.producer.aclose()
+
+
+def _tool_router() -> Any:
+    """A router over a graph whose agent calls two tools: `search` (which reports progress
+    and writes a custom part) and `boom` (which raises); tool errors become messages."""
+    from langchain_core.callbacks import adispatch_custom_event
+    from langchain_core.messages import AIMessage
+    from langchain_core.tools import tool
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.config import get_stream_writer
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    @tool
+    async def search(q: str) -> str:
+        """Search."""
+        await adispatch_custom_event("progress", {"done": 0.5})
+        get_stream_writer()({"note": "searching"})
+        return f"found {q}"
+
+    @tool
+    async def boom(q: str) -> str:
+        """Fail."""
+        raise ValueError(f"bad {q}")
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        calls = [
+            {"name": "search", "args": {"q": "x"}, "id": "call_1"},
+            {"name": "boom", "args": {"q": "y"}, "id": "call_2"},
+        ]
+        return {"messages": [AIMessage(content="", tool_calls=calls)]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_node("tools", ToolNode([search, boom], handle_tool_errors=True))
+    builder.add_edge(START, "agent")
+    builder.add_edge("agent", "tools")
+    graph = builder.compile(checkpointer=InMemorySaver())
+    return LangGraphRouter(MemoryTransport(), {"agent": graph}, authorize=allow_all)
+
+
+def _sse_parts(text: str) -> list[tuple[str, Any]]:
+    parts = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "event" in fields:
+            parts.append((fields["event"], orjson.loads(fields["data"])))
+    return parts
+
+
+@pytest.mark.parametrize("modes", [["tools"], ["tools", "custom", "updates"]])
+async def test_tools_stream_mode_gives_each_tool_calls_lifecycle(modes: list[str]) -> None:
+    # Regression: stream_mode "tools" (useStream asks for it once a UI reads toolProgress
+    # or sets onToolEvent) was 422, and so every later submit of that UI failed.
+    import httpx
+
+    api = _tool_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        body = {"assistant_id": "agent", "input": {"messages": []}, "stream_mode": modes}
+        response = await http.post("/threads/t1/runs/stream", json=body)
+    assert response.status_code == 200
+    parts = _sse_parts(response.text)
+    assert parts[0][0] == "metadata"
+    assert parts[-1] == ("end", {"status": "success"})
+    tools = [data for kind, data in parts if kind == "tools"]
+    search = [t for t in tools if t["toolCallId"] == "call_1"]
+    boom = [t for t in tools if t["toolCallId"] == "call_2"]
+    assert [t["event"] for t in search] == ["on_tool_start", "on_tool_event", "on_tool_end"]
+    assert search[0] == {
+        "event": "on_tool_start",
+        "toolCallId": "call_1",
+        "name": "search",
+        "input": {"q": "x"},
+    }
+    assert search[1]["data"] == {"done": 0.5}
+    assert search[2]["output"]["content"] == "found x"
+    assert search[2]["output"]["tool_call_id"] == "call_1"
+    assert boom == [
+        {"event": "on_tool_start", "toolCallId": "call_2", "name": "boom", "input": {"q": "y"}},
+        {
+            "event": "on_tool_error",
+            "toolCallId": "call_2",
+            "name": "boom",
+            "error": {"error": "ValueError", "message": "bad y"},
+        },
+    ]
+    # The custom part the tool wrote is there when asked for, and only then.
+    custom = [data for kind, data in parts if kind == "custom"]
+    assert custom == ([{"note": "searching"}] if "custom" in modes else [])
+    kinds = {kind for kind, _ in parts} - {"metadata", "end"}
+    assert kinds == {"tools", *(m for m in modes if m != "tools")}
+    if "updates" in modes:  # in their place: after the agent's update, before the tools'
+        nodes = [next(iter(data)) if kind == "updates" else kind for kind, data in parts]
+        at = [i for i, (kind, _) in enumerate(parts) if kind == "tools"]
+        assert nodes.index("agent") < at[0] and at[-1] < len(nodes) - 1 - nodes[::-1].index("tools")

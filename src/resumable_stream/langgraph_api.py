@@ -94,10 +94,12 @@ class ThreadInfo:
 # The graph's own stream modes; "messages-tuple" is the API's name for the graph's
 # "messages" (langgraph-sdk: schema.py StreamMode). The API's own "messages" is another
 # format (messages/partial, messages/complete, messages/metadata) that is not served.
+# "tools" (tool calls' lifecycle, useStream's onToolEvent and toolProgress) is made here
+# from LangChain's tool callbacks (see _ToolEvents).
 _GRAPH_MODES = frozenset(
     {"values", "updates", "messages", "custom", "debug", "tasks", "checkpoints"}
 )
-_API_MODES = (_GRAPH_MODES - {"messages"}) | {"messages-tuple"}
+_API_MODES = (_GRAPH_MODES - {"messages"}) | {"messages-tuple", "tools"}
 
 
 def to_wire(obj: Any) -> Any:
@@ -342,6 +344,9 @@ class _Plan:
     kwargs: dict[str, Any]
     strategy: str | None
     fork: bool
+    #: Whether the client asked for the "tools" mode, and for "custom".
+    tools: bool = False
+    custom: bool = True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -725,7 +730,10 @@ class LangGraphRouter:
                 )
             )
         modes = _stream_modes(body.get("stream_mode"))
-        graph_modes = ["messages" if m == "messages-tuple" else m for m in modes]
+        graph_modes = ["messages" if m == "messages-tuple" else m for m in modes if m != "tools"]
+        tools = "tools" in modes
+        if tools and "custom" not in graph_modes:
+            graph_modes.append("custom")  # the tool events' way out (see _ToolEvents)
         inputs = body.get("input")
         command = body.get("command")
         if command:
@@ -766,14 +774,14 @@ class LangGraphRouter:
                 "checkpointer; use 'interrupt'",
                 "rollback_not_served",
             )
-        return _Plan(graph, inputs, config, kwargs, strategy, bool(fork))
+        return _Plan(graph, inputs, config, kwargs, strategy, bool(fork), tools, "custom" in modes)
 
     async def _start(self, plan: _Plan, stream_id: str, run_id: str | None = None) -> int:
         """Start the planned run on the thread's stream; return its epoch. Its run id is
         ``run_id`` (a queued run's), else the one its epoch makes. Raises
         ``StreamAlreadyRunning`` while another run of the thread is in progress."""
         started: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        source = _run_source(plan.graph, plan.inputs, plan.config, plan.kwargs, started)
+        source = _run_source(plan, started)
         try:
             run = await self.producer.start(source, stream_id=stream_id, events=_parts)
         except BaseException:
@@ -1189,25 +1197,102 @@ def _stream_modes(value: Any) -> list[str]:
     return list(dict.fromkeys(modes)) or ["values"]
 
 
-async def _run_source(
-    graph: Any,
-    inputs: Any,
-    config: dict[str, Any],
-    kwargs: dict[str, Any],
-    started: asyncio.Future[str],
-) -> AsyncGenerator[Any, None]:
+async def _run_source(plan: _Plan, started: asyncio.Future[str]) -> AsyncGenerator[Any, None]:
     """The run: its ``metadata`` part (once the run id is known), then the graph's parts."""
     run_id = await started
     # langgraph-sdk (ui/manager.ts) expects `metadata` first: it carries the run id.
     yield Event("metadata", {"data": {"run_id": run_id, "attempt": 1}}, "")
     # The run id in the metadata of each checkpoint the run writes, as the API has it
     # (multitask_strategy "rollback" finds the checkpoint a run started from by it).
+    config = plan.config
     metadata = config.get("metadata")
     metadata = {**(metadata if isinstance(metadata, Mapping) else {}), "run_id": run_id}
     config = {**config, "run_id": uuid.UUID(run_id), "metadata": metadata}
     # An exception ends the run with an `error` part: {error, message}, the API's shape.
-    async for item in graph.astream(inputs, config, **kwargs):
-        yield item
+    if not plan.tools:
+        async for item in plan.graph.astream(plan.inputs, config, **plan.kwargs):
+            yield item
+        return
+    config["callbacks"] = [_tool_events()]
+    async for item in plan.graph.astream(plan.inputs, config, **plan.kwargs):
+        *namespace, mode, payload = item
+        if mode == "custom":
+            if type(payload) is _ToolPart:
+                yield (*namespace, "tools", payload.data)
+            elif plan.custom:
+                yield item
+        else:
+            yield item
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _ToolPart:
+    """A ``tools`` part on its way out through the graph's ``custom`` stream."""
+
+    data: dict[str, Any]
+
+
+def _tool_events() -> Any:
+    """A LangChain callback handler writing the ``tools`` stream mode's parts: the API's
+    ``on_tool_start`` (``toolCallId``, ``name``, ``input``), ``on_tool_event`` (``data``:
+    what the tool dispatched with ``adispatch_custom_event``), ``on_tool_end``
+    (``output``) and ``on_tool_error`` (``error``: ``{error, message}``). They go out
+    through the graph's stream writer, so that they keep their place among the other
+    parts (and their subgraph's namespace)."""
+    from langchain_core.callbacks import AsyncCallbackHandler
+    from langgraph.config import get_stream_writer
+
+    class ToolEvents(AsyncCallbackHandler):
+        run_inline = True  # in the tool's context, where the stream writer is
+
+        def __init__(self) -> None:
+            self.tools: dict[uuid.UUID, tuple[str | None, str]] = {}
+
+        def _write(self, run_id: uuid.UUID, event: str, key: str, value: Any) -> None:
+            tool_call_id, name = self.tools[run_id]
+            try:
+                write = get_stream_writer()
+            except RuntimeError:  # a tool called outside a graph's step
+                return
+            part = {"event": event, "toolCallId": tool_call_id, "name": name, key: value}
+            write(_ToolPart(to_wire(part)))
+
+        async def on_tool_start(
+            self,
+            serialized: dict[str, Any],
+            input_str: str,
+            *,
+            run_id: uuid.UUID,
+            tags: list[str] | None = None,
+            inputs: dict[str, Any] | None = None,
+            **kwargs: Any,
+        ) -> None:
+            if tags and "langsmith:hidden" in tags:
+                return
+            name = kwargs.get("name") or (serialized or {}).get("name") or "unknown"
+            self.tools[run_id] = (kwargs.get("tool_call_id"), str(name))
+            self._write(run_id, "on_tool_start", "input", input_str if inputs is None else inputs)
+
+        async def on_custom_event(
+            self, name: str, data: Any, *, run_id: uuid.UUID, **kwargs: Any
+        ) -> None:
+            if run_id in self.tools:
+                self._write(run_id, "on_tool_event", "data", data)
+
+        async def on_tool_end(self, output: Any, *, run_id: uuid.UUID, **kwargs: Any) -> None:
+            if run_id in self.tools:
+                self._write(run_id, "on_tool_end", "output", output)
+                del self.tools[run_id]
+
+        async def on_tool_error(
+            self, error: BaseException, *, run_id: uuid.UUID, **kwargs: Any
+        ) -> None:
+            if run_id in self.tools:
+                error_data = {"error": type(error).__name__, "message": str(error)}
+                self._write(run_id, "on_tool_error", "error", error_data)
+                del self.tools[run_id]
+
+    return ToolEvents()
 
 
 def _checkpoint(config: Any, thread_id: str) -> dict[str, Any] | None:

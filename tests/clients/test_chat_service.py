@@ -52,8 +52,10 @@ def history(service: AppProcess, headers: dict[str, str], thread_id: str) -> dic
     return dict(response.json())
 
 
-async def test_langgraph_threads_are_the_service_threads(service: AppProcess) -> None:
-    headers = bearer()
+async def langgraph_run(
+    service: AppProcess, headers: dict[str, str], prompt: str, modes: list[str]
+) -> tuple[str, list[Any], dict[str, Any]]:
+    """A new thread's id, the parts of one run of `prompt` on it, and its state after."""
     async with get_client(url=f"{service.url}/langgraph", headers=headers) as client:
         thread_id = (await client.threads.create())["thread_id"]
         parts = [
@@ -61,11 +63,18 @@ async def test_langgraph_threads_are_the_service_threads(service: AppProcess) ->
             async for p in client.runs.stream(
                 thread_id,
                 "agent",
-                input={"messages": [{"type": "human", "content": "hello there"}]},
-                stream_mode=["values", "messages-tuple"],
+                input={"messages": [{"type": "human", "content": prompt}]},
+                stream_mode=modes,
             )
         ]
-        state = await client.threads.get_state(thread_id)
+        return thread_id, parts, dict(await client.threads.get_state(thread_id))
+
+
+async def test_langgraph_threads_are_the_service_threads(service: AppProcess) -> None:
+    headers = bearer()
+    thread_id, parts, state = await langgraph_run(
+        service, headers, "hello there", ["values", "messages-tuple"]
+    )
     assert parts[0].event == "metadata"
     assert parts[-1].event == "end"
     streamed = "".join(
@@ -90,6 +99,34 @@ async def test_langgraph_threads_are_the_service_threads(service: AppProcess) ->
         with pytest.raises(httpx.HTTPStatusError) as missing:
             await stranger.threads.get_state(thread_id)
     assert missing.value.response.status_code == 404
+
+
+async def test_langgraph_tools_mode_follows_the_agents_tool_calls(service: AppProcess) -> None:
+    # Regression: stream_mode "tools" (useStream's toolProgress and onToolEvent) was 422.
+    _, parts, state = await langgraph_run(
+        service, bearer(), "what is 12*7", ["tools", "messages-tuple"]
+    )
+    assert parts[-1].event == "end"
+    [call] = [m for m in state["values"]["messages"] if m["type"] == "ai" and m["tool_calls"]]
+    tools = [p.data for p in parts if p.event == "tools"]
+    assert [t["event"] for t in tools] == ["on_tool_start", "on_tool_end"]
+    assert {t["toolCallId"] for t in tools} == {call["tool_calls"][0]["id"]}
+    assert {t["name"] for t in tools} == {"calculator"}
+    assert tools[0]["input"] == {"expression": "12*7"}
+    assert tools[1]["output"]["content"] == "12*7 = 84"
+    assert {p.event for p in parts} == {"metadata", "tools", "messages", "end"}
+
+
+def test_use_stream_shows_tool_progress(service: AppProcess, node_modules: Path) -> None:
+    # Regression: a UI reading useStream's toolProgress asks for stream_mode "tools", which
+    # was 422: the submit failed (onError) and no answer came.
+    token = bearer()["Authorization"].removeprefix("Bearer ")
+    seen = run_node(node_modules, "langgraph_tool_progress.mjs", service.url, token, "what is 2*21")
+    assert seen["error"] is None
+    assert seen["types"] == ["human", "ai", "tool", "ai"]
+    [call_id] = seen["toolCallIds"]
+    assert seen["states"][-1] == {"name": "calculator", "state": "completed", "toolCallId": call_id}
+    assert seen["events"] == [["on_tool_start", "calculator"], ["on_tool_end", "calculator"]]
 
 
 def test_ai_sdk_on_service_threads(service: AppProcess, node_modules: Path) -> None:
