@@ -882,7 +882,8 @@ class _Counted(TypedDict):
 
 def gated_router(**kw: Any) -> tuple[Any, Any, asyncio.Event, asyncio.Event]:
     """A router over a graph appending to `n`: an input ending with "wait" holds the run
-    (`reached` set) until `hold` is set; one ending with "ask" interrupts; else "done"."""
+    (`reached` set) until `hold` is set; one ending with "ask" interrupts, one ending with
+    "fail" raises; else "done"."""
     from langgraph.checkpoint.memory import InMemorySaver
     from langgraph.graph import START, StateGraph
     from langgraph.types import interrupt
@@ -898,6 +899,8 @@ def gated_router(**kw: Any) -> tuple[Any, Any, asyncio.Event, asyncio.Event]:
             await hold.wait()
         if last == "ask":
             return {"n": [interrupt("q")]}
+        if last == "fail":
+            raise ValueError("failed on purpose")
         return {"n": ["done"]}
 
     builder = StateGraph(_Counted)
@@ -1287,3 +1290,65 @@ async def test_tools_stream_mode_gives_each_tool_calls_lifecycle(modes: list[str
         nodes = [next(iter(data)) if kind == "updates" else kind for kind, data in parts]
         at = [i for i, (kind, _) in enumerate(parts) if kind == "tools"]
         assert nodes.index("agent") < at[0] and at[-1] < len(nodes) - 1 - nodes[::-1].index("tools")
+
+
+@pytest.mark.parametrize(
+    ("last", "answer"),
+    [
+        ("go", {"n": ["go", "done"]}),
+        ("ask", {"n": ["ask"], "__interrupt__": ["q"]}),
+        ("fail", {"__error__": {"error": "ValueError", "message": "failed on purpose"}}),
+    ],
+)
+async def test_runs_wait_answers_with_the_values_the_run_ended_with(
+    last: str, answer: dict[str, Any]
+) -> None:
+    # Regression: runs.wait (POST /threads/{id}/runs/wait) was 404.
+    import httpx
+
+    api, _graph, _reached, _hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        body = {"assistant_id": "agent", "input": {"n": [last]}}
+        response = await http.post("/threads/t1/runs/wait", json=body)
+    assert response.status_code == 200
+    got = response.json()
+    if "__interrupt__" in got:
+        got["__interrupt__"] = [interrupt["value"] for interrupt in got["__interrupt__"]]
+    assert got == answer
+    run = response.headers["content-location"]
+    assert response.headers["location"] == f"{run}/join"
+    await api.producer.aclose()
+
+
+async def test_runs_join_waits_for_the_end_with_heartbeats() -> None:
+    import httpx
+
+    api, _graph, reached, hold = gated_router(ping_interval=0.01)
+    chunks: list[bytes] = []
+    sent = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        async def recorded(message: Any) -> None:
+            body = message.get("body") if scope["path"].endswith("/join") else None
+            if body:
+                chunks.append(body)
+                sent.set()
+            await send(message)
+
+        await api(scope, receive, recorded)
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+        first = await _held_run(http, reached)
+        body = {"assistant_id": "agent", "input": {"n": ["go"]}, "multitask_strategy": "enqueue"}
+        queued = (await http.post("/threads/t1/runs", json=body)).json()["run_id"]
+        joined = asyncio.create_task(http.get(f"/threads/t1/runs/{queued}/join"))
+        await sent.wait()
+        assert chunks == [b"\n"]  # the run in progress holds the queued one
+        hold.set()
+        assert (await joined).json() == {"n": ["wait", "done", "go", "done"]}
+        await first
+        # A run that ended answers at once.
+        assert (await http.get(f"/threads/t1/runs/{queued}/join")).json() == {
+            "n": ["wait", "done", "go", "done"]
+        }
+    await api.producer.aclose()

@@ -9,8 +9,9 @@ app.mount("/langgraph", api)  # the SDKs' apiUrl: http://host/langgraph
 ```
 
 A subset of the LangGraph Agent Server API: ``POST /threads``, ``GET /threads/{id}``,
-``POST /threads/{id}/runs[/stream]``, ``GET /threads/{id}/runs/{run_id}[/stream]``,
-``POST /threads/{id}/runs/{run_id}/cancel``, ``GET /threads/{id}/state`` and ``POST
+``POST /threads/{id}/runs[/stream|/wait]``, ``GET
+/threads/{id}/runs/{run_id}[/stream|/join]``, ``POST /threads/{id}/runs/{run_id}/cancel``,
+``GET /threads/{id}/state`` and ``POST
 /threads/{id}/history``. Runs are detached: they go on when the client goes away, and any
 process sharing the transport can join them from any event. Needs the ``web`` and
 ``langgraph`` extras; see docs/langgraph-sdk.md.
@@ -36,7 +37,7 @@ from typing import Any, Literal
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
@@ -537,12 +538,16 @@ class LangGraphRouter:
             Route("/threads/{thread_id}", self._endpoint(self.get_thread), methods=["GET"]),
             Route("/threads/{thread_id}/runs", self._endpoint(self.create_run), methods=["POST"]),
             Route(
+                "/threads/{thread_id}/runs/wait", self._endpoint(self.wait_run), methods=["POST"]
+            ),
+            Route(
                 "/threads/{thread_id}/runs/stream",
                 self._endpoint(self.stream_run),
                 methods=["POST"],
             ),
             Route(run, self._endpoint(self.get_run), methods=["GET"]),
             Route(f"{run}/stream", self._endpoint(self.join_run), methods=["GET"]),
+            Route(f"{run}/join", self._endpoint(self.wait_for_run), methods=["GET"]),
             Route(f"{run}/cancel", self._endpoint(self.cancel_run), methods=["POST"]),
             Route("/threads/{thread_id}/state", self._endpoint(self.get_state), methods=["GET"]),
             Route(
@@ -870,6 +875,88 @@ class LangGraphRouter:
             send_timeout=self.send_timeout,
             on_disconnect=on_disconnect,
         )
+
+    async def wait_run(self, request: Request) -> Response:
+        """``POST /threads/{thread_id}/runs/wait`` (``runs.wait``): start a run (or queue
+        it) and answer with the thread's values once it ended (see :meth:`_outcome`)."""
+        thread_id, stream_id = await self._thread(request, "run")
+        plan = await self._plan(thread_id, await self._body(request))
+        run_id, _ = await self._launch(request, plan, thread_id, stream_id)
+        run = await self._resolve(thread_id, stream_id, run_id)
+        return self._outcome(run, plan.graph)
+
+    async def wait_for_run(self, request: Request) -> Response:
+        """``GET .../runs/{run_id}/join`` (``runs.join``): the thread's values once the run
+        ended (see :meth:`_outcome`)."""
+        return self._outcome(await self._run_info(request, "read"), self._state_graph)
+
+    def _outcome(self, run: _RunRef, graph: Any) -> Response:
+        """Once the run ended, the thread's values (with ``__interrupt__`` when it stopped
+        at an interrupt), or ``{"__error__": {error, message}}`` if it failed: the API's
+        answer to ``runs.wait`` and ``runs.join``. Until then, a newline every
+        ``ping_interval`` keeps the connection open (the JSON parses with them)."""
+        location = f"/threads/{run.thread_id}/runs/{run.run_id}"
+
+        async def body() -> AsyncGenerator[bytes, None]:
+            ending = asyncio.ensure_future(self._end_of(run))
+            try:
+                while not ending.done():
+                    await asyncio.wait((ending,), timeout=self.ping_interval)
+                    if not ending.done():
+                        yield b"\n"
+            finally:
+                ending.cancel()
+            end = ending.result()
+            if end is not None and end.type == ERROR:
+                error = {"error": end.data.get("error"), "message": end.data.get("message")}
+                yield orjson.dumps({"__error__": error})
+                return
+            state = await graph.aget_state(self._config(run.thread_id))
+            values = to_wire(state.values)
+            interrupts = to_wire(getattr(state, "interrupts", ()))
+            if interrupts and isinstance(values, dict):
+                values["__interrupt__"] = interrupts
+            yield orjson.dumps(values)
+
+        headers = {
+            "cache-control": "no-store",
+            "Content-Location": location,
+            # langgraph-sdk (http.py request_reconnect) rejoins here if the answer is cut.
+            "Location": f"{location}/join",
+        }
+        return StreamingResponse(body(), 200, headers, JSON_TYPE)
+
+    async def _end_of(self, run: _RunRef) -> Event | None:
+        """The run's terminal event, once it is written (a queued run's: the run it became,
+        or its waiter's if it ended before it started); None if a later run of the thread
+        replaced it."""
+        epoch = run.epoch
+        if epoch is None and run.waiter is not None:
+            waiter_id = _waiter_id(run.stream_id, run.run_id)
+            async with StreamConsumer(self.transport, waiter_id, epoch=run.waiter.epoch) as wait:
+                async for event in wait:
+                    if event.type == _RUN_STARTED:
+                        epoch = int(event.data["epoch"])
+                        break
+                    if event.terminal:
+                        return event
+        info = await self.transport.info(run.stream_id)
+        if epoch is None or info is None or info.epoch != epoch:
+            return None
+        if info.status != "running":  # its last entry ends with it
+            entries = await self.transport.read(run.stream_id, epoch, info.last_seq - 1, 1)
+            events = [e for entry in entries for e in decode_entry(entry.payload, epoch, entry.seq)]
+            return events[-1] if events else None
+        end = None
+        try:
+            async with StreamConsumer(
+                self.transport, run.stream_id, after=info.last_offset, epoch=epoch
+            ) as rest:
+                async for event in rest:
+                    end = event
+        except OffsetExpired:
+            return None  # replaced meanwhile
+        return end
 
     async def _enqueue(self, plan: _Plan, stream_id: str) -> str:
         """Queue the run behind the thread's run in progress: a waiter run on a stream of

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,38 @@ async def test_enqueued_runs_wait_their_turn_across_processes(
         "b",
         answer_text("b"),
     ]
+
+
+async def test_runs_join_and_wait_answer_with_the_threads_values(
+    servers: tuple[str, str], client: LangGraphClient, other: LangGraphClient
+) -> None:
+    # Regression: runs.join and runs.wait were 404.
+    thread_id = (await client.threads.create())["thread_id"]
+    created: list[Any] = []
+    seen: list[Any] = []
+    stream = client.runs.stream(
+        thread_id,
+        "agent",
+        input={"messages": [{"role": "user", "content": "w"}]},
+        stream_mode=MODES,
+        on_run_created=created.append,
+    )
+    async for part in stream:
+        seen.append(part)
+        if _text(seen).endswith(f"w{HOLD_AT - 1} "):
+            break  # held mid-answer on the first server
+    await stream.aclose()
+    joined = asyncio.create_task(other.runs.join(thread_id, created[0]["run_id"]))
+    await _release(servers[0], thread_id)
+    values = await joined
+    assert [m["content"] for m in values["messages"]] == ["w", answer_text("w")]
+
+    # runs.wait on the other server: the thread's values once its run ended.
+    await _release(servers[1], thread_id)
+    values = await other.runs.wait(
+        thread_id, "agent", input={"messages": [{"role": "user", "content": "v"}]}
+    )
+    assert [m["content"] for m in values["messages"]][2:] == ["v", answer_text("v")]
 
 
 def test_js_client_stream_cut_join_replay_cancel(
