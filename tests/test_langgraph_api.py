@@ -1195,6 +1195,7 @@ async def test_a_queued_run_id_names_its_own_thread_only() -> None:
     await api.producer.aclose()
 
 
+<<<<<<< HEAD
 def _tool_router() -> Any:
     """A router over a graph whose agent calls two tools: `search` (which reports progress
     and writes a custom part) and `boom` (which raises); tool errors become messages."""
@@ -1351,4 +1352,54 @@ async def test_runs_join_waits_for_the_end_with_heartbeats() -> None:
         assert (await http.get(f"/threads/t1/runs/{queued}/join")).json() == {
             "n": ["wait", "done", "go", "done"]
         }
+=======
+async def test_a_queued_run_cancelled_at_once_lets_the_runs_behind_it_start() -> None:
+    # Regression: a queued run cancelled before its waiter took its first step (a cancel
+    # right after runs.create: useStream's cancelQueueItem) closed the waiter unstarted, so
+    # its turn was never over, and every run queued behind it waited for ever.
+    import httpx
+
+    api, graph, reached, hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        first = await _held_run(http, reached)
+        ids = []
+        for x in ("a", "b"):
+            body = {"assistant_id": "agent", "input": {"n": [x]}, "multitask_strategy": "enqueue"}
+            ids.append((await http.post("/threads/t1/runs", json=body)).json()["run_id"])
+        assert (await http.post(f"/threads/t1/runs/{ids[0]}/cancel?wait=1")).status_code == 202
+        hold.set()
+        await first
+        async with asyncio.timeout(10):  # it hung
+            joined = await http.get(
+                f"/threads/t1/runs/{ids[1]}/stream", headers={"Last-Event-ID": "-1"}
+            )
+        assert joined.text.rstrip().endswith('data: {"status":"success"}')
+    assert await _values(graph, "t1") == ["wait", "done", "b", "done"]
+    assert not api._queues
+    await api.producer.aclose()
+
+
+async def test_a_queued_run_cancelled_in_the_middle_keeps_the_order_of_the_others() -> None:
+    # Regression: cancelling a queued run let the run queued behind it go at once, before
+    # the runs queued ahead of it had started: it could overtake them.
+    import httpx
+
+    api, graph, reached, hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        first = await _held_run(http, reached)
+        ids = []
+        for x in ("a", "b", "c", "d"):
+            body = {"assistant_id": "agent", "input": {"n": [x]}, "multitask_strategy": "enqueue"}
+            ids.append((await http.post("/threads/t1/runs", json=body)).json()["run_id"])
+        # Each waiter waits in its turn (its first step taken) before one is cancelled.
+        await eventually(holds(lambda: all(r._pumping for r in api.producer.runs.values())))
+        assert (await http.post(f"/threads/t1/runs/{ids[2]}/cancel?wait=1")).status_code == 202
+        hold.set()
+        await first
+        async with asyncio.timeout(10):
+            for run_id in (ids[0], ids[1], ids[3]):
+                await http.get(f"/threads/t1/runs/{run_id}/stream", headers={"Last-Event-ID": "-1"})
+    assert await _values(graph, "t1") == ["wait", "done", "a", "done", "b", "done", "d", "done"]
+    assert not api._queues
+>>>>>>> LangGraph API: a queued run cancelled at once, or in the middle of the queue, no longer holds up or lets overtake the runs queued behind it
     await api.producer.aclose()

@@ -412,6 +412,30 @@ class _RunParts(StreamConsumer):
             raise StopAsyncIteration from None
 
 
+class _Closed:
+    """``source``, calling ``on_close`` once it is closed. A run cancelled before its
+    first step closes its source unstarted, and an async generator closed unstarted never
+    runs its ``finally``: a queued run cancelled at once kept the runs behind it waiting."""
+
+    __slots__ = ("_on_close", "_source")
+
+    def __init__(self, source: AsyncGenerator[Event, None], on_close: Callable[[], None]) -> None:
+        self._source = source
+        self._on_close = on_close
+
+    def __aiter__(self) -> _Closed:
+        return self
+
+    async def __anext__(self) -> Event:
+        return await self._source.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._source.aclose()
+        finally:
+            self._on_close()
+
+
 class _QueuedRunParts(StreamConsumer):
     """The parts of a queued run: none while it waits (its waiter's stream is read), then
     the run's from its first; the waiter's end (``cancelled``, or ``error`` for a waiter
@@ -968,16 +992,29 @@ class LangGraphRouter:
         ahead = self._queues.get(stream_id)
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queues[stream_id] = turn
-        waiter = self._wait_turn(plan, stream_id, run_id, ahead, turn)
+        waiter = _Closed(
+            self._wait_turn(plan, stream_id, run_id, ahead, turn),
+            lambda: self._turn_over(stream_id, turn, ahead),
+        )
         try:
             await self.producer.start(waiter, stream_id=_waiter_id(stream_id, run_id))
         except BaseException:
             await waiter.aclose()
-            self._turn_over(stream_id, turn)
             raise
         return run_id
 
-    def _turn_over(self, stream_id: str, turn: asyncio.Future[None]) -> None:
+    def _turn_over(
+        self,
+        stream_id: str,
+        turn: asyncio.Future[None],
+        ahead: asyncio.Future[None] | None = None,
+    ) -> None:
+        """The run queued with ``turn`` started or ended: the next one queued here may go,
+        once the runs ahead of it went (a run cancelled in the middle of the queue must not
+        let the ones behind it overtake those before it)."""
+        if ahead is not None and not ahead.done():
+            ahead.add_done_callback(lambda _ahead: self._turn_over(stream_id, turn))
+            return
         if not turn.done():
             turn.set_result(None)
         if self._queues.get(stream_id) is turn:
@@ -1016,8 +1053,6 @@ class LangGraphRouter:
             if epoch is not None:
                 await self._cancel_epoch(stream_id, epoch)
             raise
-        finally:
-            self._turn_over(stream_id, turn)
 
     async def _until_idle(self, stream_id: str) -> None:
         """Return once the thread's stream has no run in progress (in any process)."""
