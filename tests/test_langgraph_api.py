@@ -1293,6 +1293,7 @@ async def test_tools_stream_mode_gives_each_tool_calls_lifecycle(modes: list[str
         assert nodes.index("agent") < at[0] and at[-1] < len(nodes) - 1 - nodes[::-1].index("tools")
 
 
+<<<<<<< HEAD
 @pytest.mark.parametrize(
     ("last", "answer"),
     [
@@ -1403,3 +1404,51 @@ async def test_a_queued_run_cancelled_in_the_middle_keeps_the_order_of_the_other
     assert not api._queues
 >>>>>>> LangGraph API: a queued run cancelled at once, or in the middle of the queue, no longer holds up or lets overtake the runs queued behind it
     await api.producer.aclose()
+=======
+async def test_tools_stream_mode_shows_an_interrupted_tool_paused_not_failed() -> None:
+    # Regression: a tool that called interrupt() got an `on_tool_error` part (GraphInterrupt,
+    # the interrupt's repr as its message), so useStream's toolProgress showed it failed
+    # while it waited for the answer; on resume it runs again from its start.
+    import httpx
+    from langchain_core.messages import AIMessage
+    from langchain_core.tools import tool
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode
+    from langgraph.types import interrupt
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    @tool
+    async def ask(q: str) -> str:
+        """Ask the user."""
+        return f"answer {interrupt(q)}"
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        call = {"name": "ask", "args": {"q": "sure?"}, "id": "call_1"}
+        return {"messages": [AIMessage(content="", tool_calls=[call])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_node("tools", ToolNode([ask]))
+    builder.add_edge(START, "agent")
+    builder.add_edge("agent", "tools")
+    api = LangGraphRouter(
+        MemoryTransport(),
+        {"agent": builder.compile(checkpointer=InMemorySaver())},
+        authorize=allow_all,
+    )
+    runs = []
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        for given in ({"input": {"messages": []}}, {"command": {"resume": "yes"}}):
+            body = {"assistant_id": "agent", "stream_mode": ["tools", "updates"], **given}
+            response = await http.post("/threads/t1/runs/stream", json=body)
+            assert response.status_code == 200
+            runs.append(_sse_parts(response.text))
+    await api.producer.aclose()
+    first, resumed = ([data for kind, data in parts if kind == "tools"] for parts in runs)
+    assert [t["event"] for t in first] == ["on_tool_start"]
+    assert any(kind == "updates" and "__interrupt__" in data for kind, data in runs[0])
+    assert [t["event"] for t in resumed] == ["on_tool_start", "on_tool_end"]
+    assert resumed[1]["output"]["content"] == "answer yes"
+>>>>>>> LangGraph API tools mode: an interrupted tool is paused, not failed (no on_tool_error)

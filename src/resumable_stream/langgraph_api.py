@@ -1363,6 +1363,7 @@ def _tool_events() -> Any:
     parts (and their subgraph's namespace)."""
     from langchain_core.callbacks import AsyncCallbackHandler
     from langgraph.config import get_stream_writer
+    from langgraph.errors import GraphBubbleUp
 
     class ToolEvents(AsyncCallbackHandler):
         run_inline = True  # in the tool's context, where the stream writer is
@@ -1409,10 +1410,14 @@ def _tool_events() -> Any:
         async def on_tool_error(
             self, error: BaseException, *, run_id: uuid.UUID, **kwargs: Any
         ) -> None:
-            if run_id in self.tools:
+            if run_id not in self.tools:
+                return
+            # An interrupt (or a Command to the parent graph) pauses the tool, it did not
+            # fail: it runs again on resume and reports its start and end then.
+            if not isinstance(error, GraphBubbleUp):
                 error_data = {"error": type(error).__name__, "message": str(error)}
                 self._write(run_id, "on_tool_error", "error", error_data)
-                del self.tools[run_id]
+            del self.tools[run_id]
 
     return ToolEvents()
 
