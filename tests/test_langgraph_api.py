@@ -924,13 +924,15 @@ async def _values(graph: Any, thread_id: str) -> Any:
     return (await graph.aget_state({"configurable": {"thread_id": thread_id}})).values.get("n")
 
 
-@pytest.mark.parametrize("strategy", [None, "reject", "bogus"])
-async def test_a_run_while_one_is_in_progress_is_refused_without_interrupt(
-    strategy: str | None,
+@pytest.mark.parametrize(
+    ("strategy", "default"), [(None, "reject"), ("reject", "enqueue"), ("bogus", "enqueue")]
+)
+async def test_a_run_while_one_is_in_progress_is_refused_with_reject(
+    strategy: str | None, default: str
 ) -> None:
     import httpx
 
-    api, graph, reached, hold = gated_router()
+    api, graph, reached, hold = gated_router(multitask_strategy=default)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
         first = await _held_run(http, reached)
         body: dict[str, Any] = {"assistant_id": "agent", "input": {"n": ["go"]}}
@@ -945,6 +947,61 @@ async def test_a_run_while_one_is_in_progress_is_refused_without_interrupt(
         hold.set()
         assert '"status":"success"' in (await first).text
     assert await _values(graph, "t1") == ["wait", "done"]
+    await api.producer.aclose()
+
+
+async def test_a_run_that_names_no_strategy_is_queued_as_the_api_does() -> None:
+    # The API's default strategy is "enqueue": a second message while a run streams waits
+    # for its turn (it was 409).
+    import httpx
+
+    api, graph, reached, hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        first = await _held_run(http, reached)
+        body = {"assistant_id": "agent", "input": {"n": ["go"]}}
+        second = asyncio.create_task(http.post("/threads/t1/runs/stream", json=body))
+        await eventually(holds(lambda: any("~queued~" in s for s in api.producer.runs)))
+        hold.set()
+        assert (await first).text.rstrip().endswith('data: {"status":"success"}')
+        assert (await second).text.rstrip().endswith('data: {"status":"success"}')
+    assert await _values(graph, "t1") == ["wait", "done", "go", "done"]
+    await api.producer.aclose()
+
+
+@pytest.mark.parametrize("strategy", ["bogus", None, "rollback"])
+def test_the_default_strategy_is_checked(strategy: Any) -> None:
+    from langgraph.graph import START, StateGraph
+
+    from resumable_stream import ConfigurationError
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    builder = StateGraph(_Counted)
+    builder.add_node("step", lambda state: {"n": ["done"]})
+    builder.add_edge(START, "step")
+    graph = builder.compile()  # no checkpointer: no rollback
+    with pytest.raises(ConfigurationError, match="multitask_strategy"):
+        LangGraphRouter(
+            MemoryTransport(), {"agent": graph}, authorize=allow_all, multitask_strategy=strategy
+        )
+
+
+async def test_interrupt_strategy_cancels_the_runs_queued_here_too() -> None:
+    # An interrupt replaces what is pending, as the API's does: a run queued in this
+    # process raced the interrupt's run for the thread, and often won it (then 409).
+    import httpx
+
+    api, graph, reached, _hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        first = await _held_run(http, reached)
+        body = {"assistant_id": "agent", "input": {"n": ["q"]}, "multitask_strategy": "enqueue"}
+        queued = (await http.post("/threads/t1/runs", json=body)).json()["run_id"]
+        body = {"assistant_id": "agent", "input": {"n": ["go"]}, "multitask_strategy": "interrupt"}
+        second = await http.post("/threads/t1/runs/stream", json=body)
+        assert second.status_code == 200
+        assert second.text.rstrip().endswith('data: {"status":"success"}')
+        assert (await first).text.rstrip().endswith('data: {"status":"interrupted"}')
+        assert (await http.get(f"/threads/t1/runs/{queued}")).json()["status"] == "interrupted"
+    assert await _values(graph, "t1") == ["wait", "go", "done"]
     await api.producer.aclose()
 
 
@@ -1195,7 +1252,6 @@ async def test_a_queued_run_id_names_its_own_thread_only() -> None:
     await api.producer.aclose()
 
 
-<<<<<<< HEAD
 def _tool_router() -> Any:
     """A router over a graph whose agent calls two tools: `search` (which reports progress
     and writes a custom part) and `boom` (which raises); tool errors become messages."""
@@ -1293,7 +1349,6 @@ async def test_tools_stream_mode_gives_each_tool_calls_lifecycle(modes: list[str
         assert nodes.index("agent") < at[0] and at[-1] < len(nodes) - 1 - nodes[::-1].index("tools")
 
 
-<<<<<<< HEAD
 @pytest.mark.parametrize(
     ("last", "answer"),
     [
@@ -1353,7 +1408,9 @@ async def test_runs_join_waits_for_the_end_with_heartbeats() -> None:
         assert (await http.get(f"/threads/t1/runs/{queued}/join")).json() == {
             "n": ["wait", "done", "go", "done"]
         }
-=======
+    await api.producer.aclose()
+
+
 async def test_a_queued_run_cancelled_at_once_lets_the_runs_behind_it_start() -> None:
     # Regression: a queued run cancelled before its waiter took its first step (a cancel
     # right after runs.create: useStream's cancelQueueItem) closed the waiter unstarted, so
@@ -1402,9 +1459,9 @@ async def test_a_queued_run_cancelled_in_the_middle_keeps_the_order_of_the_other
                 await http.get(f"/threads/t1/runs/{run_id}/stream", headers={"Last-Event-ID": "-1"})
     assert await _values(graph, "t1") == ["wait", "done", "a", "done", "b", "done", "d", "done"]
     assert not api._queues
->>>>>>> LangGraph API: a queued run cancelled at once, or in the middle of the queue, no longer holds up or lets overtake the runs queued behind it
     await api.producer.aclose()
-=======
+
+
 async def test_tools_stream_mode_shows_an_interrupted_tool_paused_not_failed() -> None:
     # Regression: a tool that called interrupt() got an `on_tool_error` part (GraphInterrupt,
     # the interrupt's repr as its message), so useStream's toolProgress showed it failed
@@ -1451,4 +1508,3 @@ async def test_tools_stream_mode_shows_an_interrupted_tool_paused_not_failed() -
     assert any(kind == "updates" and "__interrupt__" in data for kind, data in runs[0])
     assert [t["event"] for t in resumed] == ["on_tool_start", "on_tool_end"]
     assert resumed[1]["output"]["content"] == "answer yes"
->>>>>>> LangGraph API tools mode: an interrupted tool is paused, not failed (no on_tool_error)

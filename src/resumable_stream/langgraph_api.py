@@ -67,6 +67,7 @@ from .transports import StreamInfo, Transport
 
 __all__ = [
     "LangGraphAction",
+    "MultitaskStrategy",
     "LangGraphRouter",
     "ThreadInfo",
     "stream_parts",
@@ -77,6 +78,8 @@ logger = logging.getLogger("resumable_stream.http")
 
 #: What a request wants to do, as passed to ``authorize`` (thread id None for ``create``).
 LangGraphAction = Literal["create", "read", "run", "cancel"]
+#: What a run asked for while its thread has one in progress does (the API's strategies).
+MultitaskStrategy = Literal["reject", "enqueue", "interrupt", "rollback"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -343,7 +346,7 @@ class _Plan:
     inputs: Any
     config: dict[str, Any]
     kwargs: dict[str, Any]
-    strategy: str | None
+    strategy: str
     fork: bool
     #: Whether the client asked for the "tools" mode, and for "custom".
     tools: bool = False
@@ -488,13 +491,15 @@ class LangGraphRouter:
     ``graphs`` maps assistant ids (the SDKs' ``assistantId``) to compiled graphs that share
     a checkpointer; the first one answers thread state and history. Each thread has one
     stream (``stream_id(thread_id)``, by default ``"langgraph:<thread_id>"``), and each run
-    of the thread a new epoch of it, so a second run while one is in progress is refused
-    (409, the API's ``reject`` strategy) in every process at once, unless it asks for
-    ``multitask_strategy`` ``"enqueue"`` (it is queued, and starts once the run in
-    progress ended; see docs/langgraph-sdk.md), ``"interrupt"`` (the run in progress is
-    cancelled, and the new one starts once that one ended, if it does within
-    ``interrupt_timeout`` seconds; else 409) or ``"rollback"`` (the same, and the new run
-    starts from the checkpoint the cancelled one started from). Runs are detached: they
+    of the thread a new epoch of it, so one run of a thread is in progress at a time, in
+    every process at once. A run asked for meanwhile does what its ``multitask_strategy``
+    says, or ``multitask_strategy=`` for a request that names none (``"enqueue"``, the
+    API's default): ``"enqueue"`` queues it, to start once the run in progress ended (see
+    docs/langgraph-sdk.md); ``"reject"`` refuses it (409); ``"interrupt"`` cancels the run
+    in progress (and the runs queued in this process) and starts the new one once that
+    one ended, if it does within ``interrupt_timeout`` seconds (else 409); ``"rollback"``
+    does the same, and the new run starts from the checkpoint the cancelled one started
+    from. Runs are detached: they
     go on when the client goes away, unless it asked for ``on_disconnect: "cancel"`` (which
     ``useStream`` does unless ``reconnectOnMount`` is set); ``cancel_on_disconnect=False``
     ignores that request, so that only a cancel stops a run.
@@ -523,6 +528,7 @@ class LangGraphRouter:
         thread_info: Callable[[Request, str], Awaitable[ThreadInfo | None]] | None = None,
         stream_id: Callable[[str], str] | None = None,
         cancel_on_disconnect: bool = True,
+        multitask_strategy: MultitaskStrategy = "enqueue",
         interrupt_timeout: float = 15.0,
         ping_interval: float | None = DEFAULT_PING_INTERVAL,
         send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
@@ -547,6 +553,18 @@ class LangGraphRouter:
         self.thread_info = thread_info
         self.stream_id = stream_id or (lambda thread_id: f"langgraph:{thread_id}")
         self.cancel_on_disconnect = cancel_on_disconnect
+        if multitask_strategy not in _STRATEGIES[1:]:
+            raise ConfigurationError(
+                f"multitask_strategy must be one of {list(_STRATEGIES[1:])}, "
+                f"not {multitask_strategy!r}"
+            )
+        if multitask_strategy == "rollback" and not all(
+            hasattr(getattr(graph, "checkpointer", None), "alist") for graph in graphs.values()
+        ):
+            raise ConfigurationError(
+                "multitask_strategy='rollback' needs every graph compiled with a checkpointer"
+            )
+        self.multitask_strategy = multitask_strategy
         if not 0 < interrupt_timeout < math.inf:
             raise ConfigurationError("interrupt_timeout must be > 0 seconds, and finite")
         self.interrupt_timeout = interrupt_timeout
@@ -797,6 +815,8 @@ class LangGraphRouter:
         strategy = body.get("multitask_strategy")
         if strategy not in _STRATEGIES:
             raise _bad(f"'multitask_strategy' must be one of {list(_STRATEGIES[1:])}")
+        if strategy is None:
+            strategy = self.multitask_strategy
         if strategy == "rollback" and not hasattr(getattr(graph, "checkpointer", None), "alist"):
             raise _bad(
                 "multitask_strategy 'rollback' is not served for a graph without a "
@@ -835,17 +855,33 @@ class LangGraphRouter:
             if strategy not in ("interrupt", "rollback"):
                 raise self._busy(thread_id, strategy) from None
             await self._check(request, "cancel", thread_id)  # it stops the run in progress
-            stopped = await self._stop_current_run(stream_id)
+            epoch = await self._replace(plan, thread_id, stream_id)
+        return run_id_for(stream_id, epoch), epoch
+
+    async def _replace(self, plan: _Plan, thread_id: str, stream_id: str) -> int:
+        """``interrupt`` / ``rollback``: cancel the thread's run in progress and the runs
+        queued in this process (as the API's strategies replace what is pending), then
+        start the run once the thread is free; a run queued in another process that takes
+        the thread first is stopped too, until ``interrupt_timeout`` (then 409)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.interrupt_timeout
+        queued = f"{stream_id}~queued~"
+        for waiter_id in [sid for sid in self.producer.runs if sid.startswith(queued)]:
+            await self.producer.cancel(waiter_id)
+        first = True
+        while True:
+            stopped = await self._stop_current_run(stream_id, deadline)
             if stopped is None:
-                raise self._busy(thread_id, strategy) from None
-            if strategy == "rollback" and not plan.fork and stopped:
+                raise self._busy(thread_id, plan.strategy)
+            if first and plan.strategy == "rollback" and not plan.fork and stopped:
                 point = await self._rollback_point(plan.graph, thread_id, stopped)
                 plan.config["configurable"].update(point)
+            first = False
             try:
-                epoch = await self._start(plan, stream_id)
-            except StreamAlreadyRunning:  # another run started first, once that one ended
-                raise self._busy(thread_id, strategy) from None
-        return run_id_for(stream_id, epoch), epoch
+                return await self._start(plan, stream_id)
+            except StreamAlreadyRunning:  # another run took the thread once that one ended
+                if loop.time() >= deadline:
+                    raise self._busy(thread_id, plan.strategy) from None
 
     async def create_run(self, request: Request) -> Response:
         """``POST /threads/{thread_id}/runs``: start a run in the background (or queue it,
@@ -866,7 +902,7 @@ class LangGraphRouter:
                 "status": "pending" if epoch is None else "running",
                 "metadata": body.get("metadata") or {},
                 "kwargs": {},
-                "multitask_strategy": plan.strategy or "reject",
+                "multitask_strategy": plan.strategy,
             },
             {"Content-Location": f"/threads/{thread_id}/runs/{run_id}"},
         )
@@ -1086,9 +1122,9 @@ class LangGraphRouter:
             message += " (or send multitask_strategy 'enqueue' or 'interrupt')"
         return _Refused(HTTPError(409, "thread_busy", message))
 
-    async def _stop_current_run(self, stream_id: str) -> str | None:
+    async def _stop_current_run(self, stream_id: str, deadline: float) -> str | None:
         """Cancel the thread's run in progress (as ``POST .../cancel`` does) and wait until
-        its terminal event is written, at most ``interrupt_timeout`` seconds. Returns the run
+        its terminal event is written, until ``deadline`` (event loop time). Returns the run
         id of the run stopped ("" if none was in progress any more), None if it did not end
         in time; "" too if it ended otherwise than cancelled (it was closing)."""
         info = await self.transport.info(stream_id)
@@ -1097,7 +1133,7 @@ class LangGraphRouter:
         await self.producer.cancel(stream_id)
         last = None
         try:
-            async with asyncio.timeout(self.interrupt_timeout):
+            async with asyncio.timeout_at(deadline):
                 async with StreamConsumer(
                     self.transport, stream_id, after=info.last_offset, epoch=info.epoch
                 ) as rest:
@@ -1291,7 +1327,7 @@ class LangGraphRouter:
                 "status": status,
                 "metadata": {},
                 "kwargs": {},
-                "multitask_strategy": "reject" if run.waiter is None else "enqueue",
+                "multitask_strategy": self.multitask_strategy if run.waiter is None else "enqueue",
             },
         )
 

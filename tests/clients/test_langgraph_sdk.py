@@ -142,7 +142,9 @@ async def test_cancel_then_a_new_run_with_type_human_messages(
     await stream.aclose()
     run_id = created[0]["run_id"]
     with pytest.raises(httpx.HTTPStatusError) as busy:  # one run at a time per thread
-        async for _ in client.runs.stream(thread_id, "agent", input={"messages": []}):
+        async for _ in client.runs.stream(
+            thread_id, "agent", input={"messages": []}, multitask_strategy="reject"
+        ):
             pass
     assert busy.value.response.status_code == 409
     await other.runs.cancel(thread_id, run_id, wait=True)  # from the other process

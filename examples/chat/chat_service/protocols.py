@@ -241,8 +241,9 @@ class LangGraphAPI:
                 create_thread=_create_thread,
                 thread_info=_thread_info,
                 # A run holds the thread's lock: the chat API waits for it, and a LangGraph
-                # run waits for no one (409 while the thread answers).
+                # run that names no strategy waits for no one (409 while the thread answers).
                 stream_id=lock_id_for,
+                multitask_strategy="reject",
                 # An answer whose client went away is finished, not stopped (useStream asks
                 # for on_disconnect "cancel" unless reconnectOnMount is set).
                 cancel_on_disconnect=False,
