@@ -117,6 +117,36 @@ async def test_langgraph_tools_mode_follows_the_agents_tool_calls(service: AppPr
     assert {p.event for p in parts} == {"metadata", "tools", "messages", "end"}
 
 
+async def test_langgraph_runs_while_the_thread_answers_follow_their_strategy(
+    service: AppProcess,
+) -> None:
+    headers = bearer()
+    async with get_client(url=f"{service.url}/langgraph", headers=headers) as client:
+        thread_id = (await client.threads.create())["thread_id"]
+        stream = client.runs.stream(
+            thread_id,
+            "agent",
+            input={"messages": [{"type": "human", "content": "hello"}]},
+            stream_mode="messages-tuple",  # the model streams, at 10 tokens/s in this service
+        )
+        first = [await anext(stream)]
+        with pytest.raises(httpx.HTTPStatusError) as busy:  # no strategy: reject
+            await client.runs.create(thread_id, "agent", input={"messages": []})
+        queued = await client.runs.create(
+            thread_id,
+            "agent",
+            input={"messages": [{"type": "human", "content": "and then"}]},
+            multitask_strategy="enqueue",
+        )
+        first += [part async for part in stream]
+        values = await client.runs.join(thread_id, queued["run_id"])
+    assert busy.value.response.status_code == 409
+    assert queued["status"] == "pending"
+    assert first[-1].event == "end"
+    assert [m["type"] for m in values["messages"]] == ["human", "ai", "human", "ai"]
+    assert values["messages"][2]["content"] == "and then"
+
+
 def test_use_stream_shows_tool_progress(service: AppProcess, node_modules: Path) -> None:
     # Regression: a UI reading useStream's toolProgress asks for stream_mode "tools", which
     # was 422: the submit failed (onError) and no answer came.
