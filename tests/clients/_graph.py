@@ -3,8 +3,10 @@
 The graph writes a custom event, then a chat model streams ANSWER_TOKENS tokens; the model
 holds after HOLD_AT of them until `POST /test/release/{thread_id}` reaches the process that
 runs it, so that a test can cut and join a run mid-answer without timing anything.
-`create_app()` reads RSTREAM_TEST_URL (the transport) and RSTREAM_TEST_SQLITE (a SQLite
-checkpoint file shared by processes; an in-memory saver without it).
+`create_app()` reads RSTREAM_TEST_URL (the transport), RSTREAM_TEST_SQLITE (a SQLite
+checkpoint file shared by processes; an in-memory saver without it) and RSTREAM_TEST_LEASE
+(the producer's lease in seconds, so that a test can kill a process and see its runs lost
+soon; the default lease without it).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
-from resumable_stream import Transport, from_url
+from resumable_stream import StreamProducer, Transport, from_url
 from resumable_stream.langgraph_api import LangGraphRouter
 from resumable_stream.starlette import allow_all
 
@@ -98,6 +100,7 @@ def create_app(transport: Transport | None = None) -> Starlette:
     transport = transport or from_url(os.environ.get("RSTREAM_TEST_URL", "memory://"))
     holds: dict[str, asyncio.Event] = {}
     sqlite_path = os.environ.get("RSTREAM_TEST_SQLITE")
+    lease = os.environ.get("RSTREAM_TEST_LEASE")
     api: LangGraphRouter | None = None
 
     async def release(request: Request) -> JSONResponse:
@@ -116,8 +119,12 @@ def create_app(transport: Transport | None = None) -> Starlette:
                 )
             else:
                 saver = InMemorySaver()
+            producer = None if lease is None else StreamProducer(transport, lease=float(lease))
             api = LangGraphRouter(
-                transport, {"agent": build_graph(holds, saver)}, authorize=allow_all
+                transport,
+                {"agent": build_graph(holds, saver)},
+                producer=producer,
+                authorize=allow_all,
             )
             try:
                 yield

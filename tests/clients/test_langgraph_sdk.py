@@ -12,7 +12,7 @@ import pytest
 from langgraph_sdk import get_client
 from langgraph_sdk.client import LangGraphClient
 
-from tests._services import run_app_subprocess, uvicorn_command, uvicorn_server
+from tests._services import AppProcess, run_app_subprocess, uvicorn_command, uvicorn_server
 from tests.clients._graph import HOLD_AT, answer_text, create_app
 from tests.clients.conftest import run_node
 
@@ -252,6 +252,101 @@ async def test_runs_join_and_wait_answer_with_the_threads_values(
         thread_id, "agent", input={"messages": [{"role": "user", "content": "v"}]}
     )
     assert [m["content"] for m in values["messages"]][2:] == ["v", answer_text("v")]
+
+
+#: The producers' lease (seconds) where a test kills a process: its runs are lost that soon.
+KILL_LEASE = 3.0
+
+
+@pytest.fixture
+def killable(redis_flush: str, tmp_path: Path) -> Iterator[tuple[AppProcess, AppProcess]]:
+    """Two processes sharing Redis + SQLite, with a short lease, for a test to kill one."""
+    env = {
+        "RSTREAM_TEST_URL": redis_flush,
+        "RSTREAM_TEST_SQLITE": str(tmp_path / "cp.sqlite"),
+        "RSTREAM_TEST_LEASE": str(KILL_LEASE),
+    }
+    with (
+        run_app_subprocess(uvicorn_command(APP, "--factory"), env) as first,
+        run_app_subprocess(uvicorn_command(APP, "--factory"), env) as second,
+    ):
+        yield first, second
+
+
+async def _hold_a_run(sdk: LangGraphClient, thread_id: str, prompt: str) -> str:
+    """Start a run and read it until it holds mid-answer; its run id."""
+    created: list[Any] = []
+    seen: list[Any] = []
+    stream = sdk.runs.stream(
+        thread_id,
+        "agent",
+        input={"messages": [{"role": "user", "content": prompt}]},
+        stream_mode=MODES,
+        on_run_created=created.append,
+    )
+    async for part in stream:
+        seen.append(part)
+        if _text(seen).endswith(f"{prompt}{HOLD_AT - 1} "):
+            break
+    await stream.aclose()
+    return str(created[0]["run_id"])
+
+
+async def test_a_run_queued_in_a_killed_process_ends_with_an_error(
+    killable: tuple[AppProcess, AppProcess],
+) -> None:
+    # docs/langgraph-sdk.md: "if that process goes away, the queued run ends with an
+    # `error` once its lease lapses, as any run does".
+    first, second = killable
+    async with (
+        get_client(url=f"{first.url}/langgraph") as client,
+        get_client(url=f"{second.url}/langgraph") as doomed,
+    ):
+        thread_id = (await client.threads.create())["thread_id"]
+        await _hold_a_run(client, thread_id, "a")
+        queued = {"input": {"messages": [{"role": "user", "content": "b"}]}}
+        lost = await doomed.runs.create(thread_id, "agent", **queued, stream_mode=MODES)
+        dropped = await doomed.runs.create(thread_id, "agent", input={"messages": []})
+        behind = await client.runs.create(
+            thread_id, "agent", input={"messages": [{"role": "user", "content": "c"}]}
+        )
+        assert {lost["status"], dropped["status"], behind["status"]} == {"pending"}
+
+        joined = asyncio.create_task(
+            _all(client.runs.join_stream(thread_id, lost["run_id"], last_event_id="-1"))
+        )
+        waited = asyncio.create_task(client.runs.join(thread_id, lost["run_id"]))
+        second.kill()
+
+        await _release(first.url, thread_id)
+        async with asyncio.timeout(10 * KILL_LEASE):  # about a lease; never a hang
+            parts = await joined
+            outcome = await waited
+        assert [p.event for p in parts] == ["error"]
+        assert parts[0].data["error"] == "producer_lost"
+        assert outcome["__error__"]["error"] == "producer_lost"
+        assert (await client.runs.get(thread_id, lost["run_id"]))["status"] == "error"
+
+        # The run queued in the live process started once the held one ended.
+        rest = await _all(client.runs.join_stream(thread_id, behind["run_id"], last_event_id="-1"))
+        assert rest[-1].event == "end"
+        assert (await client.runs.get(thread_id, behind["run_id"]))["status"] == "success"
+        # And the thread takes new runs.
+        values = await client.runs.wait(
+            thread_id, "agent", input={"messages": [{"role": "user", "content": "d"}]}
+        )
+        assert [m["content"] for m in values["messages"]] == [
+            "a",
+            answer_text("a"),
+            "c",
+            answer_text("c"),
+            "d",
+            answer_text("d"),
+        ]
+
+
+async def _all(parts: AsyncIterator[Any]) -> list[Any]:
+    return [part async for part in parts]
 
 
 def test_js_client_stream_cut_join_replay_cancel(
