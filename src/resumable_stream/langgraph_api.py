@@ -1209,11 +1209,21 @@ class LangGraphRouter:
         if epoch is None and run.waiter is not None and run.waiter.status == "running":
             waiter_id = _waiter_id(run.stream_id, run.run_id)
             await self.producer.cancel(waiter_id)
-            # Until the waiter's end: it then started the run and named it, or never will.
-            async with StreamConsumer(self.transport, waiter_id, epoch=run.waiter.epoch) as rest:
-                async for event in rest:
-                    if event.type == _RUN_STARTED:
-                        epoch = int(event.data["epoch"])
+            if wait:
+                # Until the waiter's end: it then started the run and named it, or never
+                # will (one whose process is gone ends once its lease lapsed).
+                async with StreamConsumer(
+                    self.transport, waiter_id, epoch=run.waiter.epoch
+                ) as rest:
+                    async for event in rest:
+                        if event.type == _RUN_STARTED:
+                            epoch = int(event.data["epoch"])
+            else:
+                # Asked only: a waiter cancelled stops the run it started itself (see
+                # _wait_turn), and one whose process is gone never starts it; reading to
+                # its end would wait for its lease to lapse. One look for a run it named
+                # already (its cancel came too late for it).
+                epoch = await self._started_epoch(run.stream_id, run.run_id, run.waiter)
         if epoch is None:
             return
         info = await self.transport.info(run.stream_id)

@@ -318,6 +318,11 @@ async def test_a_run_queued_in_a_killed_process_ends_with_an_error(
         waited = asyncio.create_task(client.runs.join(thread_id, lost["run_id"]))
         second.kill()
 
+        # Cancelling a queued run whose process is gone only asks for it: it does not
+        # wait for the lease to lapse (the run is still pending when the answer comes).
+        await client.runs.cancel(thread_id, dropped["run_id"])
+        assert (await client.runs.get(thread_id, dropped["run_id"]))["status"] == "pending"
+
         await _release(first.url, thread_id)
         async with asyncio.timeout(10 * KILL_LEASE):  # about a lease; never a hang
             parts = await joined
