@@ -1508,3 +1508,34 @@ async def test_tools_stream_mode_shows_an_interrupted_tool_paused_not_failed() -
     assert any(kind == "updates" and "__interrupt__" in data for kind, data in runs[0])
     assert [t["event"] for t in resumed] == ["on_tool_start", "on_tool_end"]
     assert resumed[1]["output"]["content"] == "answer yes"
+
+
+async def test_a_queued_run_that_starts_while_its_id_is_resolved_is_not_run_not_found() -> None:
+    # Regression: the router read the thread stream's info before the waiter's, so a
+    # queued run that started between the two reads (a round trip each on Redis) was
+    # 404 run_not_found: to GET, join, runs.wait and cancel (which then left it running).
+    import httpx
+
+    api, _graph, reached, hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        first = await _held_run(http, reached)
+        body = {"assistant_id": "agent", "input": {"n": ["go"]}, "multitask_strategy": "enqueue"}
+        run_id = (await http.post("/threads/t1/runs", json=body)).json()["run_id"]
+        original = api.transport.info
+        raced = False
+
+        async def info(stream_id: str) -> Any:
+            nonlocal raced
+            if "~queued~" in stream_id and not raced:
+                raced = True  # the queued run starts (and ends) between the reads
+                hold.set()
+                await first
+                await eventually(holds(lambda: not any("~queued~" in s for s in api.producer.runs)))
+            return await original(stream_id)
+
+        api.transport.info = info  # type: ignore[method-assign]
+        response = await http.get(f"/threads/t1/runs/{run_id}")
+        assert raced
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] in ("running", "success")  # the run it became
+    await api.producer.aclose()

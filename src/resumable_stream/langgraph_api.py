@@ -1169,7 +1169,6 @@ class LangGraphRouter:
         return await self._resolve(thread_id, stream_id, request.path_params["run_id"])
 
     async def _resolve(self, thread_id: str, stream_id: str, run_id: str) -> _RunRef:
-        info = await self.transport.info(stream_id)
         waiter = None
         if _queued_at(stream_id, run_id) is None:
             epoch: int | None = _epoch_of(stream_id, run_id)
@@ -1178,6 +1177,8 @@ class LangGraphRouter:
             if waiter is None:  # never queued, or gone with its expiry
                 raise _Refused(HTTPError(404, "run_not_found", f"no run {run_id!r} in this thread"))
             epoch = await self._started_epoch(stream_id, run_id, waiter)
+        # After the waiter's: a queued run that started meanwhile is in the thread's info.
+        info = await self.transport.info(stream_id)
         if epoch is not None and (info is None or info.epoch < epoch):
             raise _Refused(HTTPError(404, "run_not_found", f"no run {run_id!r} in this thread"))
         return _RunRef(thread_id, stream_id, run_id, epoch, info, waiter)
