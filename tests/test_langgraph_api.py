@@ -1539,3 +1539,33 @@ async def test_a_queued_run_that_starts_while_its_id_is_resolved_is_not_run_not_
         assert response.status_code == 200, response.text
         assert response.json()["status"] in ("running", "success")  # the run it became
     await api.producer.aclose()
+
+
+async def test_runs_wait_cancels_the_run_when_its_client_leaves_if_asked() -> None:
+    # Regression: runs.wait ignored on_disconnect "cancel" (both SDKs send it): the run went
+    # on after the client left, although the client asked for it to stop.
+    import httpx
+
+    from tests._services import uvicorn_server
+
+    api, _graph, _reached, _hold = gated_router(ping_interval=0.05)
+    with uvicorn_server(api) as url:
+        async with httpx.AsyncClient(base_url=url) as http:
+            runs = []
+            for thread, leaving in (("t1", "cancel"), ("t2", "continue")):
+                body = {"assistant_id": "agent", "input": {"n": ["wait"]}, "on_disconnect": leaving}
+                async with http.stream("POST", f"/threads/{thread}/runs/wait", json=body) as r:
+                    assert r.headers["content-type"] == "application/json"
+                    assert await anext(r.aiter_bytes()) == b"\n"  # the run holds: a heartbeat
+                    runs.append(r.headers["content-location"])
+            # The client is gone from both.
+
+            async def status(run: str) -> str:
+                return str((await http.get(run)).json()["status"])
+
+            async def cancelled() -> bool:
+                return await status(runs[0]) == "interrupted"
+
+            await eventually(cancelled)
+            assert await status(runs[1]) == "running"
+            assert (await http.post(f"{runs[1]}/cancel?wait=1")).status_code == 202

@@ -37,7 +37,7 @@ from typing import Any, Literal
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
@@ -58,6 +58,7 @@ from ._http import (
     WireFormat,
     error_for,
     http_status_error,
+    stream_headers,
 )
 from ._ids import check_stream_id
 from ._producer import StreamProducer
@@ -468,19 +469,61 @@ class _QueuedRunParts(StreamConsumer):
             await self._run.aclose()
 
 
-class _PartsResponse(StreamResponse):
-    """A stream response writing stored LangGraph parts (see :func:`_encode_part`)."""
+class _Outcome(StreamConsumer):
+    """The answer of ``runs.wait`` and ``runs.join`` as one event: none until ``answer()``
+    returns it (once the run ended), then its JSON body (see ``LangGraphRouter._outcome``)."""
 
     def __init__(
-        self, consumer: StreamConsumer, request: Request, headers: Mapping[str, str], **kw: Any
+        self, transport: Transport, stream_id: str, answer: Callable[[], Awaitable[bytes]]
     ) -> None:
-        # Keep-alive comments feed the SDKs' idle watchdog (3x the heartbeat interval,
-        # 6-30 s: @langchain/langgraph-sdk utils/stream.ts idleReconnectStream).
-        super().__init__(consumer, request, format="sse", retry=None, **kw)
-        self.wire = WireFormat("sse", EVENT_STREAM_TYPE, _encode_part, PING)
+        super().__init__(transport, stream_id)
+        self._answer = answer
+        self._given = False
+
+    def _at_hand(self) -> bool:
+        return self._given
+
+    async def __anext__(self) -> Event:
+        if self._given:
+            raise StopAsyncIteration
+        body = await self._answer()
+        self._given = True
+        return Event(END, {"body": body}, "")
+
+
+def _error_body(error: BaseException) -> bytes:
+    """The API's ``__error__`` answer for ``error``."""
+    name = getattr(error, "code", None) or type(error).__name__
+    return orjson.dumps({"__error__": {"error": name, "message": str(error)}})
+
+
+# Keep-alive comments feed the SDKs' idle watchdog (3x the heartbeat interval, 6-30 s:
+# @langchain/langgraph-sdk utils/stream.ts idleReconnectStream).
+_PARTS_WIRE = WireFormat("sse", EVENT_STREAM_TYPE, _encode_part, PING)
+# Newlines until the answer (JSON allows them in front of it); an error once the headers
+# are out ends the body as the API's __error__ answer.
+_OUTCOME_WIRE = WireFormat("ndjson", JSON_TYPE, lambda e: e.data["body"], b"\n", _error_body)
+
+
+class _PartsResponse(StreamResponse):
+    """A stream response writing stored LangGraph parts (see :func:`_encode_part`), or
+    with ``wire=_OUTCOME_WIRE`` a run's outcome (:class:`_Outcome`)."""
+
+    def __init__(
+        self,
+        consumer: StreamConsumer,
+        request: Request,
+        headers: Mapping[str, str],
+        *,
+        wire: WireFormat = _PARTS_WIRE,
+        **kw: Any,
+    ) -> None:
+        super().__init__(consumer, request, format=wire.name, retry=None, **kw)
+        self.wire = wire
         self.event_stream_client = False  # nothing to send is an empty 200, not a 204
+        self.media_type = wire.media_type
         self.raw_headers = [
-            *self.raw_headers,
+            *stream_headers(wire),
             *((k.lower().encode(), v.encode()) for k, v in headers.items()),
         ]
 
@@ -940,51 +983,63 @@ class LangGraphRouter:
         """``POST /threads/{thread_id}/runs/wait`` (``runs.wait``): start a run (or queue
         it) and answer with the thread's values once it ended (see :meth:`_outcome`)."""
         thread_id, stream_id = await self._thread(request, "run")
-        plan = await self._plan(thread_id, await self._body(request))
+        body = await self._body(request)
+        plan = await self._plan(thread_id, body)
         run_id, _ = await self._launch(request, plan, thread_id, stream_id)
         run = await self._resolve(thread_id, stream_id, run_id)
-        return self._outcome(run, plan.graph)
+        on_disconnect = None
+        if self.cancel_on_disconnect and body.get("on_disconnect") == "cancel":
+
+            async def on_disconnect() -> None:
+                await self._cancel_on_disconnect(request, thread_id, stream_id, run_id)
+
+        return self._outcome(request, run, plan.graph, on_disconnect)
 
     async def wait_for_run(self, request: Request) -> Response:
         """``GET .../runs/{run_id}/join`` (``runs.join``): the thread's values once the run
         ended (see :meth:`_outcome`)."""
-        return self._outcome(await self._run_info(request, "read"), self._state_graph)
+        run = await self._run_info(request, "read")
+        return self._outcome(request, run, self._state_graph, None)
 
-    def _outcome(self, run: _RunRef, graph: Any) -> Response:
+    def _outcome(
+        self,
+        request: Request,
+        run: _RunRef,
+        graph: Any,
+        on_disconnect: Callable[[], Awaitable[None]] | None,
+    ) -> Response:
         """Once the run ended, the thread's values (with ``__interrupt__`` when it stopped
         at an interrupt), or ``{"__error__": {error, message}}`` if it failed: the API's
         answer to ``runs.wait`` and ``runs.join``. Until then, a newline every
         ``ping_interval`` keeps the connection open (the JSON parses with them)."""
-        location = f"/threads/{run.thread_id}/runs/{run.run_id}"
 
-        async def body() -> AsyncGenerator[bytes, None]:
-            ending = asyncio.ensure_future(self._end_of(run))
-            try:
-                while not ending.done():
-                    await asyncio.wait((ending,), timeout=self.ping_interval)
-                    if not ending.done():
-                        yield b"\n"
-            finally:
-                ending.cancel()
-            end = ending.result()
+        async def answer() -> bytes:
+            end = await self._end_of(run)
             if end is not None and end.type == ERROR:
                 error = {"error": end.data.get("error"), "message": end.data.get("message")}
-                yield orjson.dumps({"__error__": error})
-                return
-            state = await graph.aget_state(self._config(run.thread_id))
+                return orjson.dumps({"__error__": error})
+            try:
+                state = await graph.aget_state(self._config(run.thread_id))
+            except Exception as exc:  # the checkpointer's: answered, not a cut response
+                logger.warning("thread %s: reading its state failed", run.thread_id, exc_info=True)
+                return _error_body(exc)
             values = to_wire(state.values)
             interrupts = to_wire(getattr(state, "interrupts", ()))
             if interrupts and isinstance(values, dict):
                 values["__interrupt__"] = interrupts
-            yield orjson.dumps(values)
+            return orjson.dumps(values)
 
-        headers = {
-            "cache-control": "no-store",
-            "Content-Location": location,
-            # langgraph-sdk (http.py request_reconnect) rejoins here if the answer is cut.
-            "Location": f"{location}/join",
-        }
-        return StreamingResponse(body(), 200, headers, JSON_TYPE)
+        location = f"/threads/{run.thread_id}/runs/{run.run_id}"
+        return _PartsResponse(
+            _Outcome(self.transport, run.stream_id, answer),
+            request,
+            # langgraph-sdk (http.py request_reconnect) rejoins Location if the answer is cut.
+            {"Content-Location": location, "Location": f"{location}/join"},
+            wire=_OUTCOME_WIRE,
+            ping_interval=self.ping_interval,
+            send_timeout=self.send_timeout,
+            on_disconnect=on_disconnect,
+        )
 
     async def _end_of(self, run: _RunRef) -> Event | None:
         """The run's terminal event, once it is written (a queued run's: the run it became,
@@ -1007,16 +1062,20 @@ class LangGraphRouter:
             entries = await self.transport.read(run.stream_id, epoch, info.last_seq - 1, 1)
             events = [e for entry in entries for e in decode_entry(entry.payload, epoch, entry.seq)]
             return events[-1] if events else None
-        end = None
+        return await self._read_to_end(run.stream_id, epoch, info.last_offset)
+
+    async def _read_to_end(self, stream_id: str, epoch: int, after: str | None) -> Event | None:
+        """Follow run ``epoch`` of ``stream_id`` after ``after`` to its terminal event (a
+        lost producer's is written too, by the reader that notices); return the last event
+        read: None if there was none, or if a later run replaced that one."""
+        last = None
         try:
-            async with StreamConsumer(
-                self.transport, run.stream_id, after=info.last_offset, epoch=epoch
-            ) as rest:
+            async with StreamConsumer(self.transport, stream_id, after=after, epoch=epoch) as rest:
                 async for event in rest:
-                    end = event
+                    last = event
         except OffsetExpired:
-            return None  # replaced meanwhile
-        return end
+            return None
+        return last
 
     async def _enqueue(self, plan: _Plan, stream_id: str) -> str:
         """Queue the run behind the thread's run in progress: a waiter run on a stream of
@@ -1094,14 +1153,7 @@ class LangGraphRouter:
         """Return once the thread's stream has no run in progress (in any process)."""
         info = await self.transport.info(stream_id)
         while info is not None and info.status == "running":
-            try:
-                async with StreamConsumer(
-                    self.transport, stream_id, after=info.last_offset, epoch=info.epoch
-                ) as rest:
-                    async for _event in rest:
-                        pass  # until the terminal event (a lost producer's is written too)
-            except OffsetExpired:
-                pass  # a later run replaced it
+            await self._read_to_end(stream_id, info.epoch, info.last_offset)
             info = await self.transport.info(stream_id)
 
     async def _cancel_epoch(self, stream_id: str, epoch: int) -> None:
@@ -1131,19 +1183,14 @@ class LangGraphRouter:
         if info is None or info.status != "running":
             return ""
         await self.producer.cancel(stream_id)
-        last = None
         try:
             async with asyncio.timeout_at(deadline):
-                async with StreamConsumer(
-                    self.transport, stream_id, after=info.last_offset, epoch=info.epoch
-                ) as rest:
-                    async for event in rest:
-                        last = event.type  # until the terminal event
+                last = await self._read_to_end(stream_id, info.epoch, info.last_offset)
         except TimeoutError:
             return None
-        except OffsetExpired:
-            return ""  # a later run replaced it: it ended
-        return await self._run_id_of(stream_id, info.epoch) if last == CANCELLED else ""
+        if last is None or last.type != CANCELLED:
+            return ""  # it ended otherwise, or a later run replaced it
+        return await self._run_id_of(stream_id, info.epoch)
 
     async def _rollback_point(self, graph: Any, thread_id: str, run_id: str) -> dict[str, str]:
         """Where a run replacing the cancelled run ``run_id`` starts: the checkpoint that
@@ -1232,11 +1279,7 @@ class LangGraphRouter:
             return
         await self.producer.cancel(run.stream_id)
         if wait:
-            async with StreamConsumer(
-                self.transport, run.stream_id, after=info.last_offset, epoch=epoch
-            ) as rest:
-                async for _event in rest:
-                    pass  # until the terminal event
+            await self._read_to_end(run.stream_id, epoch, info.last_offset)
 
     async def _cancel_on_disconnect(
         self, request: Request, thread_id: str, stream_id: str, run_id: str
@@ -1306,12 +1349,12 @@ class LangGraphRouter:
         ``interrupted``. Only the thread's latest run has its outcome kept: an earlier one,
         replaced by a later run, reads as ``success``."""
         run = await self._run_info(request, "read")
-        epoch, info = run.epoch, run.info
-        if epoch is None:
-            queued = _queued_at(run.stream_id, run.run_id) or 0.0
-            waiter = run.waiter
+        epoch, info, waiter = run.epoch, run.info, run.waiter
+        if epoch is None:  # queued, not started: _resolve found its waiter (else 404)
             status = "pending" if waiter is None else _QUEUED_STATUS[waiter.status]
-            created, updated = queued, waiter.updated_at if waiter is not None else queued
+            created = updated = _queued_at(run.stream_id, run.run_id) or time.time()
+            if waiter is not None:
+                updated = waiter.updated_at
         else:
             status = "success"
             created = updated = epoch / 1_000_000
