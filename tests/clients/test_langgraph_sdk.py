@@ -126,21 +126,7 @@ async def test_cancel_then_a_new_run_with_type_human_messages(
     server: str, client: LangGraphClient, other: LangGraphClient
 ) -> None:
     thread_id = (await client.threads.create())["thread_id"]
-    created: list[Any] = []
-    seen: list[Any] = []
-    stream = client.runs.stream(
-        thread_id,
-        "agent",
-        input={"messages": [{"role": "user", "content": "c"}]},
-        stream_mode=MODES,
-        on_run_created=created.append,
-    )
-    async for part in stream:
-        seen.append(part)
-        if _text(seen).endswith(f"c{HOLD_AT - 1} "):
-            break
-    await stream.aclose()
-    run_id = created[0]["run_id"]
+    run_id = await _hold_a_run(client, thread_id, "c")
     with pytest.raises(httpx.HTTPStatusError) as busy:  # one run at a time per thread
         async for _ in client.runs.stream(
             thread_id, "agent", input={"messages": []}, multitask_strategy="reject"
@@ -171,18 +157,7 @@ async def test_enqueued_runs_wait_their_turn_across_processes(
     # Regression: runs.create with multitask_strategy "enqueue" (useStream's submit while a
     # run streams) was 404: POST /threads/{id}/runs was not served, nor "enqueue".
     thread_id = (await client.threads.create())["thread_id"]
-    seen: list[Any] = []
-    stream = client.runs.stream(
-        thread_id,
-        "agent",
-        input={"messages": [{"role": "user", "content": "a"}]},
-        stream_mode=MODES,
-    )
-    async for part in stream:
-        seen.append(part)
-        if _text(seen).endswith(f"a{HOLD_AT - 1} "):
-            break  # held mid-answer on the first server
-    await stream.aclose()
+    await _hold_a_run(client, thread_id, "a")  # held mid-answer on the first server
 
     # Queued on the other server; a second one is queued there too, then cancelled here.
     queued = await other.runs.create(
@@ -227,21 +202,8 @@ async def test_runs_join_and_wait_answer_with_the_threads_values(
 ) -> None:
     # Regression: runs.join and runs.wait were 404.
     thread_id = (await client.threads.create())["thread_id"]
-    created: list[Any] = []
-    seen: list[Any] = []
-    stream = client.runs.stream(
-        thread_id,
-        "agent",
-        input={"messages": [{"role": "user", "content": "w"}]},
-        stream_mode=MODES,
-        on_run_created=created.append,
-    )
-    async for part in stream:
-        seen.append(part)
-        if _text(seen).endswith(f"w{HOLD_AT - 1} "):
-            break  # held mid-answer on the first server
-    await stream.aclose()
-    joined = asyncio.create_task(other.runs.join(thread_id, created[0]["run_id"]))
+    run_id = await _hold_a_run(client, thread_id, "w")  # held mid-answer on the first server
+    joined = asyncio.create_task(other.runs.join(thread_id, run_id))
     await _release(servers[0], thread_id)
     values = await joined
     assert [m["content"] for m in values["messages"]] == ["w", answer_text("w")]
