@@ -1569,3 +1569,25 @@ async def test_runs_wait_cancels_the_run_when_its_client_leaves_if_asked() -> No
             await eventually(cancelled)
             assert await status(runs[1]) == "running"
             assert (await http.post(f"{runs[1]}/cancel?wait=1")).status_code == 202
+
+
+async def test_runs_wait_names_no_internal_address_when_the_state_cannot_be_read() -> None:
+    # Regression: a failing checkpointer read was answered with str(exc), which may name a
+    # database address, where every other error answer names none.
+    import httpx
+
+    api, graph, _reached, _hold = gated_router()
+
+    async def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("connection to postgres://app:secret@10.0.0.5 failed")
+
+    graph.aget_state = broken
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        body = {"assistant_id": "agent", "input": {"n": ["go"]}}
+        response = await http.post("/threads/t1/runs/wait", json=body)
+    assert response.status_code == 200
+    assert response.json() == {
+        "__error__": {"error": "RuntimeError", "message": "the answer failed; see the server's log"}
+    }
+    assert "10.0.0.5" not in response.text
+    await api.producer.aclose()

@@ -492,9 +492,15 @@ class _Outcome(StreamConsumer):
 
 
 def _error_body(error: BaseException) -> bytes:
-    """The API's ``__error__`` answer for ``error``."""
-    name = getattr(error, "code", None) or type(error).__name__
-    return orjson.dumps({"__error__": {"error": name, "message": str(error)}})
+    """The API's ``__error__`` answer for ``error``: a library error's code and message as
+    its HTTP answer has them (they name no internal address), else its type only (the
+    details are in the server's log)."""
+    if isinstance(error, ResumableStreamError):
+        http = error_for(error)
+        code, message = http.code, http.message
+    else:
+        code, message = type(error).__name__, "the answer failed; see the server's log"
+    return orjson.dumps({"__error__": {"error": code, "message": message}})
 
 
 # Keep-alive comments feed the SDKs' idle watchdog (3x the heartbeat interval, 6-30 s:
