@@ -100,7 +100,7 @@ class ThreadInfo:
 # "messages" (langgraph-sdk: schema.py StreamMode). The API's own "messages" is another
 # format (messages/partial, messages/complete, messages/metadata) that is not served.
 # "tools" (tool calls' lifecycle, useStream's onToolEvent and toolProgress) is made here
-# from LangChain's tool callbacks (see _ToolEvents).
+# from LangChain's tool callbacks (see _tool_events).
 _GRAPH_MODES = frozenset(
     {"values", "updates", "messages", "custom", "debug", "tasks", "checkpoints"}
 )
@@ -829,7 +829,7 @@ class LangGraphRouter:
         graph_modes = ["messages" if m == "messages-tuple" else m for m in modes if m != "tools"]
         tools = "tools" in modes
         if tools and "custom" not in graph_modes:
-            graph_modes.append("custom")  # the tool events' way out (see _ToolEvents)
+            graph_modes.append("custom")  # the tool events' way out (see _tool_events)
         inputs = body.get("input")
         command = body.get("command")
         if command:
@@ -1052,23 +1052,36 @@ class LangGraphRouter:
         or its waiter's if it ended before it started); None if a later run of the thread
         replaced it."""
         epoch = run.epoch
-        if epoch is None and run.waiter is not None:
-            waiter_id = _waiter_id(run.stream_id, run.run_id)
-            async with StreamConsumer(self.transport, waiter_id, epoch=run.waiter.epoch) as wait:
-                async for event in wait:
-                    if event.type == _RUN_STARTED:
-                        epoch = int(event.data["epoch"])
-                        break
-                    if event.terminal:
-                        return event
+        if epoch is None:
+            epoch, end = await self._start_of(run)
+            if end is not None:
+                return end
         info = await self.transport.info(run.stream_id)
         if epoch is None or info is None or info.epoch != epoch:
             return None
         if info.status != "running":  # its last entry ends with it
-            entries = await self.transport.read(run.stream_id, epoch, info.last_seq - 1, 1)
-            events = [e for entry in entries for e in decode_entry(entry.payload, epoch, entry.seq)]
+            events = await self._stored(run.stream_id, epoch, info.last_seq - 1)
             return events[-1] if events else None
         return await self._read_to_end(run.stream_id, epoch, info.last_offset)
+
+    async def _start_of(self, run: _RunRef) -> tuple[int | None, Event | None]:
+        """Follow a queued run's waiter until it names the run it started (its epoch), or
+        ends without (its terminal event: cancelled, or lost with its process)."""
+        if run.waiter is None:
+            return None, None
+        waiter_id = _waiter_id(run.stream_id, run.run_id)
+        async with StreamConsumer(self.transport, waiter_id, epoch=run.waiter.epoch) as waiter:
+            async for event in waiter:
+                if event.type == _RUN_STARTED:
+                    return int(event.data["epoch"]), None
+                if event.terminal:
+                    return None, event
+        return None, None
+
+    async def _stored(self, stream_id: str, epoch: int, after: int) -> list[Event]:
+        """The events of the entry of run ``epoch`` after entry ``after``, if stored."""
+        entries = await self.transport.read(stream_id, epoch, after, 1)
+        return [e for entry in entries for e in decode_entry(entry.payload, epoch, entry.seq)]
 
     async def _read_to_end(self, stream_id: str, epoch: int, after: str | None) -> Event | None:
         """Follow run ``epoch`` of ``stream_id`` after ``after`` to its terminal event (a
@@ -1162,11 +1175,14 @@ class LangGraphRouter:
             await self._read_to_end(stream_id, info.epoch, info.last_offset)
             info = await self.transport.info(stream_id)
 
-    async def _cancel_epoch(self, stream_id: str, epoch: int) -> None:
-        """Cancel run ``epoch`` of the thread if it is the one in progress."""
+    async def _cancel_epoch(self, stream_id: str, epoch: int) -> StreamInfo | None:
+        """Cancel run ``epoch`` of the thread if it is the one in progress; return the
+        thread stream's info then (None if there was nothing to cancel)."""
         info = await self.transport.info(stream_id)
-        if info is not None and info.epoch == epoch and info.status == "running":
-            await self.producer.cancel(stream_id)
+        if info is None or info.epoch != epoch or info.status != "running":
+            return None
+        await self.producer.cancel(stream_id)
+        return info
 
     def _busy(self, thread_id: str, strategy: Any) -> _Refused:
         message = f"thread {thread_id!r} has a run in progress; join it or cancel it first"
@@ -1239,21 +1255,18 @@ class LangGraphRouter:
     async def _started_epoch(self, stream_id: str, run_id: str, waiter: StreamInfo) -> int | None:
         """The epoch of the run the queued run ``run_id`` became; None while it waits (or if
         it was cancelled or lost before it started)."""
-        entries = await self.transport.read(_waiter_id(stream_id, run_id), waiter.epoch, 0, 1)
-        for entry in entries:
-            for event in decode_entry(entry.payload, entry.epoch, entry.seq):
-                if event.type == _RUN_STARTED:
-                    return int(event.data["epoch"])
+        for event in await self._stored(_waiter_id(stream_id, run_id), waiter.epoch, 0):
+            if event.type == _RUN_STARTED:
+                return int(event.data["epoch"])
         return None
 
     async def _run_id_of(self, stream_id: str, epoch: int) -> str:
         """The run id run ``epoch`` of the thread was given: its ``metadata`` part's (a run
         started from the queue keeps the id it was queued with)."""
-        for entry in await self.transport.read(stream_id, epoch, 0, 1):
-            for event in decode_entry(entry.payload, entry.epoch, entry.seq):
-                data = event.data.get("data")
-                if event.type == "metadata" and isinstance(data, dict):
-                    return str(data.get("run_id"))
+        for event in await self._stored(stream_id, epoch, 0):
+            data = event.data.get("data")
+            if event.type == "metadata" and isinstance(data, dict):
+                return str(data.get("run_id"))
         return run_id_for(stream_id, epoch)
 
     async def _cancel(self, run: _RunRef, *, wait: bool) -> None:
@@ -1264,14 +1277,9 @@ class LangGraphRouter:
             waiter_id = _waiter_id(run.stream_id, run.run_id)
             await self.producer.cancel(waiter_id)
             if wait:
-                # Until the waiter's end: it then started the run and named it, or never
-                # will (one whose process is gone ends once its lease lapsed).
-                async with StreamConsumer(
-                    self.transport, waiter_id, epoch=run.waiter.epoch
-                ) as rest:
-                    async for event in rest:
-                        if event.type == _RUN_STARTED:
-                            epoch = int(event.data["epoch"])
+                # Until the waiter names the run it started, or ends without (one whose
+                # process is gone ends once its lease lapsed).
+                epoch, _ = await self._start_of(run)
             else:
                 # Asked only: a waiter cancelled stops the run it started itself (see
                 # _wait_turn), and one whose process is gone never starts it; reading to
@@ -1280,11 +1288,8 @@ class LangGraphRouter:
                 epoch = await self._started_epoch(run.stream_id, run.run_id, run.waiter)
         if epoch is None:
             return
-        info = await self.transport.info(run.stream_id)
-        if info is None or info.epoch != epoch or info.status != "running":
-            return
-        await self.producer.cancel(run.stream_id)
-        if wait:
+        info = await self._cancel_epoch(run.stream_id, epoch)
+        if info is not None and wait:
             await self._read_to_end(run.stream_id, epoch, info.last_offset)
 
     async def _cancel_on_disconnect(
