@@ -1591,3 +1591,79 @@ async def test_runs_wait_names_no_internal_address_when_the_state_cannot_be_read
     }
     assert "10.0.0.5" not in response.text
     await api.producer.aclose()
+
+
+async def test_runs_list_gives_the_threads_runs_newest_first() -> None:
+    # Regression: GET /threads/{id}/runs (the SDKs' runs.list) was 405.
+    import httpx
+
+    api, _graph, reached, hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        assert (await http.get("/threads/t1/runs")).json() == []
+        done = await http.post(
+            "/threads/t1/runs/wait", json={"assistant_id": "agent", "input": {"n": ["a"]}}
+        )
+        failed = await http.post(
+            "/threads/t1/runs/wait", json={"assistant_id": "agent", "input": {"n": ["fail"]}}
+        )
+        assert "__error__" in failed.json()
+        first = await _held_run(http, reached)
+        body = {"assistant_id": "agent", "input": {"n": ["go"]}, "multitask_strategy": "enqueue"}
+        queued = (await http.post("/threads/t1/runs", json=body)).json()["run_id"]
+        runs = (await http.get("/threads/t1/runs")).json()
+        done_id = done.headers["content-location"].rsplit("/", 1)[1]
+        failed_id = failed.headers["content-location"].rsplit("/", 1)[1]
+        running_id = runs[1]["run_id"]
+        assert [(r["run_id"], r["status"]) for r in runs] == [
+            (queued, "pending"),
+            (running_id, "running"),
+            # The failed run wrote its input's checkpoint; earlier outcomes are not kept.
+            (failed_id, "success"),
+            (done_id, "success"),
+        ]
+        assert {r["thread_id"] for r in runs} == {"t1"}
+        for run in runs:  # each as runs.get gives it
+            assert (await http.get(f"/threads/t1/runs/{run['run_id']}")).json() == run
+        pending = await http.get("/threads/t1/runs", params={"status": "pending"})
+        assert [r["run_id"] for r in pending.json()] == [queued]
+        page = await http.get(
+            "/threads/t1/runs", params={"limit": 2, "offset": 1, "select": ["run_id", "status"]}
+        )
+        assert page.json() == [
+            {"run_id": running_id, "status": "running"},
+            {"run_id": failed_id, "status": "success"},
+        ]
+        hold.set()
+        await first
+        await http.get(f"/threads/t1/runs/{queued}/join")
+        runs = (await http.get("/threads/t1/runs")).json()
+        # The queued run is the latest now, under the id it was queued with.
+        assert [(r["run_id"], r["status"]) for r in runs[:2]] == [
+            (queued, "success"),
+            (running_id, "success"),
+        ]
+        assert [r["run_id"] for r in runs[2:]] == [failed_id, done_id]
+        # Another thread's runs are its own.
+        assert (await http.get("/threads/t2/runs")).json() == []
+    await api.producer.aclose()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {"limit": "0"},
+        {"limit": "ten"},
+        {"offset": "-1"},
+        {"status": "done"},
+        {"select": "values"},
+    ],
+)
+async def test_runs_list_refuses_a_bad_query(query: dict[str, str]) -> None:
+    import httpx
+
+    api, _graph, _reached, _hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        response = await http.get("/threads/t1/runs", params=query)
+    assert response.status_code == 422
+    assert response.json()["code"] == "invalid_request"
+    assert next(iter(query)) in response.json()["message"]

@@ -9,7 +9,7 @@ app.mount("/langgraph", api)  # the SDKs' apiUrl: http://host/langgraph
 ```
 
 A subset of the LangGraph Agent Server API: ``POST /threads``, ``GET /threads/{id}``,
-``POST /threads/{id}/runs[/stream|/wait]``, ``GET
+``POST /threads/{id}/runs[/stream|/wait]``, ``GET /threads/{id}/runs``, ``GET
 /threads/{id}/runs/{run_id}[/stream|/join]``, ``POST /threads/{id}/runs/{run_id}/cancel``,
 ``GET /threads/{id}/state`` and ``POST
 /threads/{id}/history``. Runs are detached: they go on when the client goes away, and any
@@ -20,6 +20,7 @@ process sharing the transport can join them from any event. Needs the ``web`` an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -628,6 +629,7 @@ class LangGraphRouter:
             Route("/threads", self._endpoint(self.post_thread), methods=["POST"]),
             Route("/threads/{thread_id}", self._endpoint(self.get_thread), methods=["GET"]),
             Route("/threads/{thread_id}/runs", self._endpoint(self.create_run), methods=["POST"]),
+            Route("/threads/{thread_id}/runs", self._endpoint(self.list_runs), methods=["GET"]),
             Route(
                 "/threads/{thread_id}/runs/wait", self._endpoint(self.wait_run), methods=["POST"]
             ),
@@ -1360,6 +1362,10 @@ class LangGraphRouter:
         ``interrupted``. Only the thread's latest run has its outcome kept: an earlier one,
         replaced by a later run, reads as ``success``."""
         run = await self._run_info(request, "read")
+        return _json(200, await self._run_record(run))
+
+    async def _run_record(self, run: _RunRef) -> dict[str, Any]:
+        """The API's ``Run`` for ``run`` (see :meth:`get_run` for its status)."""
         epoch, info, waiter = run.epoch, run.info, run.waiter
         if epoch is None:  # queued, not started: _resolve found its waiter (else 404)
             status = "pending" if waiter is None else _QUEUED_STATUS[waiter.status]
@@ -1368,7 +1374,7 @@ class LangGraphRouter:
                 updated = waiter.updated_at
         else:
             status = "success"
-            created = updated = epoch / 1_000_000
+            created = updated = _queued_at(run.stream_id, run.run_id) or epoch / 1_000_000
             if info is not None and info.epoch == epoch:
                 updated = info.updated_at
                 status = {
@@ -1381,20 +1387,82 @@ class LangGraphRouter:
                     state = await self._state_graph.aget_state(self._config(run.thread_id))
                     if state.next:  # stopped at an interrupt
                         status = "interrupted"
-        return _json(
-            200,
-            {
-                "run_id": run.run_id,
-                "thread_id": run.thread_id,
-                "assistant_id": None,
-                "created_at": _iso(created),
-                "updated_at": _iso(updated),
-                "status": status,
-                "metadata": {},
-                "kwargs": {},
-                "multitask_strategy": self.multitask_strategy if run.waiter is None else "enqueue",
-            },
-        )
+        return {
+            "run_id": run.run_id,
+            "thread_id": run.thread_id,
+            "assistant_id": None,
+            "created_at": _iso(created),
+            "updated_at": _iso(updated),
+            "status": status,
+            "metadata": {},
+            "kwargs": {},
+            "multitask_strategy": self.multitask_strategy if run.waiter is None else "enqueue",
+        }
+
+    async def list_runs(self, request: Request) -> Response:
+        """``GET /threads/{thread_id}/runs`` (``runs.list``): the thread's runs, newest
+        first, ``limit`` (default 10) after ``offset``, of one ``status`` if given, with the
+        ``select``ed fields only if given.
+
+        The runs are the thread's latest run, the runs queued in this process and not
+        started yet, and the earlier runs its checkpoints name (their outcome is not kept:
+        they read as ``success``, as in :meth:`get_run`). A run queued in another process
+        is listed once it started.
+        """
+        thread_id, stream_id = await self._thread(request, "read")
+        query = request.query_params
+        limit = _query_count(query.get("limit"), "limit", 10, 1)
+        offset = _query_count(query.get("offset"), "offset", 0, 0)
+        wanted = query.get("status")
+        if wanted is not None and wanted not in _RUN_STATUSES:
+            raise _bad(f"'status' must be one of {list(_RUN_STATUSES)}")
+        select = query.getlist("select")
+        if not set(select) <= _RUN_FIELDS:
+            raise _bad(f"'select' fields must be among {sorted(_RUN_FIELDS)}")
+        refs: dict[str, _RunRef] = {}
+        info = await self.transport.info(stream_id)
+        if info is not None:
+            latest = await self._run_id_of(stream_id, info.epoch)
+            refs[latest] = _RunRef(thread_id, stream_id, latest, info.epoch, info, None)
+        queued = f"{stream_id}~queued~"
+        for waiter_id in [sid for sid in self.producer.runs if sid.startswith(queued)]:
+            run_id = waiter_id[len(queued) :]
+            with contextlib.suppress(_Refused):  # ended meanwhile, and gone
+                run = await self._resolve(thread_id, stream_id, run_id)
+                if run.epoch is None:  # one that started is the latest run, or earlier
+                    refs[run_id] = run
+        for run_id in await self._checkpointed_runs(thread_id):
+            if run_id in refs:
+                continue
+            if _queued_at(stream_id, run_id) is not None:
+                epoch = 0  # queued, then started: an earlier run, its epoch not kept
+            else:
+                try:
+                    epoch = _epoch_of(stream_id, run_id)
+                except _Refused:
+                    continue  # not a run of this server's (the graph run by other means)
+            refs[run_id] = _RunRef(thread_id, stream_id, run_id, epoch, info, None)
+        records = [await self._run_record(run) for run in refs.values()]
+        if wanted is not None:
+            records = [record for record in records if record["status"] == wanted]
+        records.sort(key=lambda record: record["created_at"], reverse=True)
+        records = records[offset : offset + limit]
+        if select:
+            records = [{key: record[key] for key in select if key in record} for record in records]
+        return _json(200, records)
+
+    async def _checkpointed_runs(self, thread_id: str) -> list[str]:
+        """The run ids the thread's checkpoints name, newest first (each once)."""
+        saver: Any = getattr(self._state_graph, "checkpointer", None)
+        if not hasattr(saver, "alist"):
+            return []
+        run_ids: dict[str, None] = {}
+        # Every namespace's checkpoints (subgraphs' too), newest first within each.
+        async for item in saver.alist(self._config(thread_id)):
+            run_id = (item.metadata or {}).get("run_id")
+            if isinstance(run_id, str):
+                run_ids.setdefault(run_id)
+        return list(run_ids)
 
     async def cancel_run(self, request: Request) -> Response:
         """``POST .../runs/{run_id}/cancel``: stop the run, or a queued run before it starts
@@ -1406,6 +1474,36 @@ class LangGraphRouter:
 
 #: The API's multitask strategies (None: none given, "reject").
 _STRATEGIES = (None, "reject", "interrupt", "rollback", "enqueue")
+#: A run's statuses, as ``runs.list`` filters on them.
+_RUN_STATUSES = ("pending", "running", "error", "success", "timeout", "interrupted")
+#: The fields of a run ``runs.list`` may ``select``.
+_RUN_FIELDS = frozenset(
+    {
+        "run_id",
+        "thread_id",
+        "assistant_id",
+        "created_at",
+        "updated_at",
+        "status",
+        "metadata",
+        "kwargs",
+        "multitask_strategy",
+        "cancel_reason",
+    }
+)
+
+
+def _query_count(value: str | None, name: str, default: int, minimum: int) -> int:
+    """A whole number from the query string (``limit``, ``offset``), at least ``minimum``."""
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = minimum - 1
+    if number < minimum:
+        raise _bad(f"{name!r} must be a whole number >= {minimum}, not {value!r}")
+    return number
 
 
 def _stream_modes(value: Any) -> list[str]:

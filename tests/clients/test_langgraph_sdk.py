@@ -214,6 +214,12 @@ async def test_runs_join_and_wait_answer_with_the_threads_values(
         thread_id, "agent", input={"messages": [{"role": "user", "content": "v"}]}
     )
     assert [m["content"] for m in values["messages"]][2:] == ["v", answer_text("v")]
+    # runs.list (was 405) from either process: both runs, newest first.
+    for sdk in (client, other):
+        runs = await sdk.runs.list(thread_id)
+        assert [r["status"] for r in runs] == ["success", "success"]
+        assert runs[1]["run_id"] == run_id
+        assert runs[0]["created_at"] > runs[1]["created_at"]
 
 
 #: The producers' lease (seconds) where a test kills a process: its runs are lost that soon.
@@ -384,3 +390,8 @@ def test_js_client_enqueue_strategy_queues_then_joins_the_run(
     assert seen["statusAfter"] == "success"
     assert seen["stateTypes"] == ["human", "ai", "human", "ai"]
     assert seen["stateText"] == answer_text("q2")
+    # runs.list (was 405): the queued run, then the run in progress; both done after.
+    queued, listed = seen["queuedId"], seen["listedQueued"]
+    assert listed[0] == {"run_id": queued, "status": "pending"}
+    assert [run["status"] for run in listed] == ["pending", "running"]
+    assert seen["listedAfter"] == [[queued, "success"], [listed[1]["run_id"], "success"]]

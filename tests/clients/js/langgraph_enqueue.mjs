@@ -2,6 +2,7 @@
 // submit queue does (ui/orchestrator.ts): while a run streams (held mid-answer) on one
 // server, runs.create with multitaskStrategy "enqueue" reaches the other; once the first
 // run ends, joinStream("-1") follows the queued run from its first part to its end.
+// runs.list, on the server that queued the run, names both runs while they wait and run.
 // Prints one JSON line of what it saw.
 // Usage: node langgraph_enqueue.mjs <serverA> <serverB> <prompt>
 import { Client } from "@langchain/langgraph-sdk";
@@ -38,6 +39,7 @@ const queued = await clientB.runs.create(threadId, "agent", {
   streamResumable: true,
 });
 const statusQueued = (await clientA.runs.get(threadId, queued.run_id)).status;
+const listedQueued = await clientB.runs.list(threadId, { select: ["run_id", "status"] });
 await release(serverA, threadId);
 await release(serverB, threadId); // the queued run holds halfway too, where it runs
 await first;
@@ -56,6 +58,9 @@ console.log(
     joinedEnd: joined.at(-1),
     joinedLast: joined.filter((p) => p.event === "values").at(-1)?.data.messages.at(-1).content,
     statusAfter: (await clientB.runs.get(threadId, queued.run_id)).status,
+    queuedId: queued.run_id,
+    listedQueued,
+    listedAfter: (await clientA.runs.list(threadId)).map((r) => [r.run_id, r.status]),
     stateTypes: state.values.messages.map((m) => m.type),
     stateText: state.values.messages.at(-1).content,
   }),
