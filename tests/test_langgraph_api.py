@@ -1667,3 +1667,127 @@ async def test_runs_list_refuses_a_bad_query(query: dict[str, str]) -> None:
     assert response.status_code == 422
     assert response.json()["code"] == "invalid_request"
     assert next(iter(query)) in response.json()["message"]
+
+
+async def test_threads_search_finds_a_graphs_threads_newest_first() -> None:
+    # Regression: POST /threads/search (threads.search, Agent Chat UI's thread list) and
+    # GET /info (its connection check) were 404.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    _api, graph, _reached, _hold = gated_router(saver=InMemorySaver())
+
+    def authorize(request: Any, thread_id: str | None, action: str) -> bool:
+        return not (thread_id == "hidden" and action == "read")
+
+    api = LangGraphRouter(MemoryTransport(), {"agent": graph, "other": graph}, authorize=authorize)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        assert (await http.get("/info")).status_code == 200
+        for thread_id, assistant in [
+            ("a1", "agent"),
+            ("o1", "other"),
+            ("hidden", "agent"),
+            ("a2", "agent"),
+            ("ask", "agent"),
+        ]:
+            word = "ask" if thread_id == "ask" else thread_id
+            body = {"assistant_id": assistant, "input": {"n": [word]}}
+            assert (await http.post(f"/threads/{thread_id}/runs/wait", json=body)).is_success
+        # As Agent Chat UI asks: its graph's threads.
+        found = await http.post(
+            "/threads/search", json={"metadata": {"graph_id": "agent"}, "limit": 100}
+        )
+        records = found.json()
+        assert [r["thread_id"] for r in records] == ["ask", "a2", "a1"]  # not "hidden"
+        assert [r["status"] for r in records] == ["interrupted", "idle", "idle"]
+        assert records[1]["values"] == {"n": ["a2", "done"]}
+        assert records[1] == (await http.get("/threads/a2")).json()
+        other = await http.post("/threads/search", json={"metadata": {"assistant_id": "other"}})
+        assert [r["thread_id"] for r in other.json()] == ["o1"]
+        every = await http.post("/threads/search", json={})
+        assert [r["thread_id"] for r in every.json()] == ["ask", "a2", "o1", "a1"]
+        page = await http.post(
+            "/threads/search",
+            json={
+                "limit": 2,
+                "offset": 1,
+                "sort_by": "thread_id",
+                "sort_order": "asc",
+                "select": ["thread_id", "status"],
+            },
+        )
+        assert page.json() == [
+            {"thread_id": "a2", "status": "idle"},
+            {"thread_id": "ask", "status": "interrupted"},
+        ]
+        some = await http.post("/threads/search", json={"ids": ["a1", "o1", "nope"]})
+        assert [r["thread_id"] for r in some.json()] == ["o1", "a1"]
+        none = await http.post("/threads/search", json={"metadata": {"graph_id": "nope"}})
+        assert none.json() == []
+
+
+async def test_threads_search_asks_search_threads_when_given() -> None:
+    from datetime import UTC, datetime
+
+    import httpx
+
+    from resumable_stream.langgraph_api import LangGraphRouter, ThreadInfo, ThreadSearch
+
+    _api, graph, _reached, _hold = gated_router()
+    asked: list[ThreadSearch] = []
+
+    async def search_threads(request: Any, search: ThreadSearch) -> list[str]:
+        asked.append(search)
+        return ["t2", "gone", "t1"]
+
+    async def thread_info(request: Any, thread_id: str) -> ThreadInfo | None:
+        if thread_id == "gone":
+            return None
+        day = datetime(2026, 1, int(thread_id[1:]), tzinfo=UTC)
+        return ThreadInfo(day, day, {"title": thread_id})
+
+    api = LangGraphRouter(
+        MemoryTransport(),
+        {"agent": graph},
+        authorize=allow_all,
+        thread_info=thread_info,
+        search_threads=search_threads,
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        body = {"metadata": {"graph_id": "agent"}, "limit": 5, "sort_by": "updated_at"}
+        records = (await http.post("/threads/search", json=body)).json()
+    assert asked == [ThreadSearch({"graph_id": "agent"}, None, 5, 0, "updated_at", None)]
+    # In the app's order; a thread it no longer has is left out.
+    assert [(r["thread_id"], r["metadata"]) for r in records] == [
+        ("t2", {"title": "t2"}),
+        ("t1", {"title": "t1"}),
+    ]
+    assert records[0]["created_at"] == "2026-01-02T00:00:00+00:00"
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"metadata": ["graph_id"]}, "metadata"),
+        ({"ids": "t1"}, "ids"),
+        ({"limit": 0}, "limit"),
+        ({"limit": "10"}, "limit"),
+        ({"offset": -1}, "offset"),
+        ({"sort_by": "title"}, "sort_by"),
+        ({"sort_order": "up"}, "sort_order"),
+        ({"select": ["title"]}, "select"),
+        ({"status": "idle"}, "status"),
+        ({"values": {"n": []}}, "values"),
+    ],
+)
+async def test_threads_search_refuses_a_bad_body(body: dict[str, Any], named: str) -> None:
+    import httpx
+
+    api, _graph, _reached, _hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        response = await http.post("/threads/search", json=body)
+    assert response.status_code == 422
+    assert response.json()["code"] in ("invalid_request", "search_not_served")
+    assert named in response.json()["message"]

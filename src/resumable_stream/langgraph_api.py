@@ -29,7 +29,7 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, date, datetime
 from datetime import time as time_of_day
 from enum import Enum
@@ -72,6 +72,7 @@ __all__ = [
     "MultitaskStrategy",
     "LangGraphRouter",
     "ThreadInfo",
+    "ThreadSearch",
     "stream_parts",
     "to_wire",
 ]
@@ -95,6 +96,24 @@ class ThreadInfo:
     updated_at: datetime
     #: The thread's ``metadata`` as the SDKs read it (``Thread.metadata``).
     metadata: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ThreadSearch:
+    """What ``POST /threads/search`` (the SDKs' ``threads.search``) asks for, checked: for
+    ``search_threads``."""
+
+    #: Threads whose metadata has each of these keys with its value (``{}``: any thread).
+    metadata: Mapping[str, Any]
+    #: Only these threads, if given.
+    ids: tuple[str, ...] | None
+    #: At most this many threads (1-1,000), after the first ``offset`` ones.
+    limit: int
+    offset: int
+    #: ``"thread_id"``, ``"created_at"`` or ``"updated_at"``; None: newest first.
+    sort_by: str | None
+    #: ``"asc"`` or ``"desc"``; None: ``"desc"``.
+    sort_order: str | None
 
 
 # The graph's own stream modes; "messages-tuple" is the API's name for the graph's
@@ -353,6 +372,8 @@ class _Plan:
     #: Whether the client asked for the "tools" mode, and for "custom".
     tools: bool = False
     custom: bool = True
+    #: The assistant (graph) it runs, as the SDKs name it.
+    assistant_id: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -563,6 +584,12 @@ class LangGraphRouter:
     thread: 404), which ``GET /threads/{id}`` and ``POST /threads`` answer with. Without it,
     the times are those of the thread's first and latest checkpoints (finding the first walks
     the thread's checkpoints), and the metadata is empty.
+    ``search_threads(request, search)``, if given, answers ``POST /threads/search``: the ids
+    of the threads the caller may see that match the :class:`ThreadSearch`, in its order and
+    page. Without it, the search reads the first graph's checkpointer: every checkpoint of
+    every thread (fine for an embedded app; give ``search_threads`` for many threads), each
+    thread's ``metadata`` being what its runs wrote (``graph_id``, ``assistant_id``, the
+    ``config``'s ``metadata``). Either way a thread ``authorize`` refuses to read is left out.
     """
 
     def __init__(
@@ -576,6 +603,7 @@ class LangGraphRouter:
         create_thread: Callable[[Request, str | None, dict[str, Any]], Awaitable[str]]
         | None = None,
         thread_info: Callable[[Request, str], Awaitable[ThreadInfo | None]] | None = None,
+        search_threads: Callable[[Request, ThreadSearch], Awaitable[Sequence[str]]] | None = None,
         stream_id: Callable[[str], str] | None = None,
         cancel_on_disconnect: bool = True,
         multitask_strategy: MultitaskStrategy = "enqueue",
@@ -601,6 +629,7 @@ class LangGraphRouter:
         self.authorize = authorize
         self.create_thread = create_thread
         self.thread_info = thread_info
+        self.search_threads = search_threads
         self.stream_id = stream_id or (lambda thread_id: f"langgraph:{thread_id}")
         self.cancel_on_disconnect = cancel_on_disconnect
         if multitask_strategy not in _STRATEGIES[1:]:
@@ -626,7 +655,9 @@ class LangGraphRouter:
         self._queues: dict[str, asyncio.Future[None]] = {}
         run = "/threads/{thread_id}/runs/{run_id}"
         self.routes: list[BaseRoute] = [
+            Route("/info", self._endpoint(self.get_info), methods=["GET"]),
             Route("/threads", self._endpoint(self.post_thread), methods=["POST"]),
+            Route("/threads/search", self._endpoint(self.search), methods=["POST"]),
             Route("/threads/{thread_id}", self._endpoint(self.get_thread), methods=["GET"]),
             Route("/threads/{thread_id}/runs", self._endpoint(self.create_run), methods=["POST"]),
             Route("/threads/{thread_id}/runs", self._endpoint(self.list_runs), methods=["GET"]),
@@ -769,14 +800,78 @@ class LangGraphRouter:
 
     async def get_thread(self, request: Request) -> Response:
         """``GET /threads/{thread_id}``: the thread, ``busy`` while a run is in progress."""
-        thread_id, stream_id = await self._thread(request, "read")
-        record = await self._info(request, thread_id)
-        stream = await self.transport.info(stream_id)
+        thread_id, _ = await self._thread(request, "read")
+        return _json(200, await self._thread_json(thread_id, await self._info(request, thread_id)))
+
+    async def _thread_json(self, thread_id: str, record: ThreadInfo) -> dict[str, Any]:
+        """The API's ``Thread``: ``busy`` while a run is in progress, ``interrupted`` at an
+        interrupt, else ``idle``; its values."""
+        stream = await self.transport.info(check_stream_id(self.stream_id(thread_id)))
         state = await self._state_graph.aget_state(self._config(thread_id))
         status = "busy" if stream is not None and stream.status == "running" else "idle"
         if status == "idle" and state.next:
             status = "interrupted"
-        return _json(200, self._thread_record(thread_id, record, status, to_wire(state.values)))
+        return self._thread_record(thread_id, record, status, to_wire(state.values))
+
+    async def get_info(self, request: Request) -> Response:
+        """``GET /info``: what this server serves (Agent Chat UI checks that it answers)."""
+        return _json(200, {"flags": {"assistants": False, "crons": False, "langsmith": False}})
+
+    async def search(self, request: Request) -> Response:
+        """``POST /threads/search`` (``threads.search``): the threads the caller may read
+        that match (see ``search_threads`` in the class's docs), as ``GET /threads/{id}``
+        answers each."""
+        search, select = _thread_search(await self._body(request))
+        found: list[tuple[str, ThreadInfo | None]]
+        if self.search_threads is not None:
+            ids = list(await self.search_threads(request, search))[: search.limit]
+            found = [(thread_id, None) for thread_id in ids]
+        else:
+            found = await self._search_checkpoints(request, search)
+        records = []
+        for thread_id, info in found:
+            try:
+                await self._check(request, "read", thread_id)
+                if info is None:
+                    info = await self._info(request, thread_id)
+            except (_Refused, HTTPException):
+                continue  # not the caller's to read, or gone
+            records.append(await self._thread_json(thread_id, info))
+        if select:
+            records = [{key: record[key] for key in select} for record in records]
+        return _json(200, records)
+
+    async def _search_checkpoints(
+        self, request: Request, search: ThreadSearch
+    ) -> list[tuple[str, ThreadInfo | None]]:
+        """The threads of the first graph's checkpointer that match ``search``, with the
+        times of their first and latest matching checkpoints, sorted and paged."""
+        saver: Any = getattr(self._state_graph, "checkpointer", None)
+        if not hasattr(saver, "alist"):
+            return []
+        times: dict[str, tuple[datetime, datetime]] = {}
+        # Every thread's checkpoints; those of subgraphs (a checkpoint_ns) are left out.
+        async for item in saver.alist(None, filter=dict(search.metadata) or None):
+            configurable = item.config.get("configurable", {})
+            thread_id = configurable.get("thread_id")
+            if configurable.get("checkpoint_ns") or not isinstance(thread_id, str):
+                continue
+            if search.ids is not None and thread_id not in search.ids:
+                continue
+            try:
+                stamp = _aware(datetime.fromisoformat(item.checkpoint["ts"]))
+            except (KeyError, TypeError, ValueError):
+                continue  # a checkpoint without a readable time says nothing
+            first, last = times.get(thread_id, (stamp, stamp))
+            times[thread_id] = (min(first, stamp), max(last, stamp))
+        found = [(thread_id, ThreadInfo(*span)) for thread_id, span in times.items()]
+        if search.sort_by == "thread_id":
+            found.sort(key=lambda pair: pair[0], reverse=search.sort_order != "asc")
+        elif search.sort_by == "created_at":
+            found.sort(key=lambda pair: pair[1].created_at, reverse=search.sort_order != "asc")
+        else:
+            found.sort(key=lambda pair: pair[1].updated_at, reverse=search.sort_order != "asc")
+        return list(found[search.offset : search.offset + search.limit])
 
     async def get_state(self, request: Request) -> Response:
         """``GET /threads/{thread_id}/state``: the thread's latest checkpoint."""
@@ -874,7 +969,17 @@ class LangGraphRouter:
                 "checkpointer; use 'interrupt'",
                 "rollback_not_served",
             )
-        return _Plan(graph, inputs, config, kwargs, strategy, bool(fork), tools, "custom" in modes)
+        return _Plan(
+            graph,
+            inputs,
+            config,
+            kwargs,
+            strategy,
+            bool(fork),
+            tools,
+            "custom" in modes,
+            str(assistant_id),
+        )
 
     async def _start(self, plan: _Plan, stream_id: str, run_id: str | None = None) -> int:
         """Start the planned run on the thread's stream; return its epoch. Its run id is
@@ -1493,6 +1598,52 @@ _RUN_FIELDS = frozenset(
 )
 
 
+#: The fields of a thread ``threads.search`` may ``select``.
+_THREAD_FIELDS = frozenset(
+    {"thread_id", "created_at", "updated_at", "metadata", "status", "values", "interrupts"}
+)
+
+
+def _thread_search(body: dict[str, Any]) -> tuple[ThreadSearch, list[str]]:
+    """The search a ``POST /threads/search`` body asks for, and the fields it selects."""
+    for unserved in ("status", "values", "extract"):
+        if body.get(unserved) is not None:
+            raise _bad(
+                f"threads.search by {unserved!r} is not served: search by metadata or ids",
+                "search_not_served",
+            )
+    metadata = body.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise _bad("'metadata' must be an object")
+    ids = body.get("ids")
+    if ids is not None and not _strings(ids):
+        raise _bad("'ids' must be a list of thread ids")
+    limit, offset = body.get("limit", 10), body.get("offset", 0)
+    if type(limit) is not int or limit < 1:
+        raise _bad("'limit' must be a positive integer")
+    if type(offset) is not int or offset < 0:
+        raise _bad("'offset' must be a whole number >= 0")
+    sort_by, sort_order = body.get("sort_by"), body.get("sort_order")
+    if sort_by == "state_updated_at":
+        sort_by = "updated_at"
+    if sort_by not in (None, "thread_id", "created_at", "updated_at"):
+        raise _bad("'sort_by' must be 'thread_id', 'created_at' or 'updated_at'")
+    if sort_order not in (None, "asc", "desc"):
+        raise _bad("'sort_order' must be 'asc' or 'desc'")
+    select = body.get("select") or []
+    if not _strings(select) or not set(select) <= _THREAD_FIELDS:
+        raise _bad(f"'select' fields must be among {sorted(_THREAD_FIELDS)}")
+    search = ThreadSearch(
+        metadata,
+        None if ids is None else tuple(ids),
+        min(limit, 1000),
+        offset,
+        sort_by,
+        sort_order,
+    )
+    return search, select
+
+
 def _query_count(value: str | None, name: str, default: int, minimum: int) -> int:
     """A whole number from the query string (``limit``, ``offset``), at least ``minimum``."""
     if value is None:
@@ -1524,10 +1675,16 @@ async def _run_source(plan: _Plan, started: asyncio.Future[str]) -> AsyncGenerat
     # langgraph-sdk (ui/manager.ts) expects `metadata` first: it carries the run id.
     yield Event("metadata", {"data": {"run_id": run_id, "attempt": 1}}, "")
     # The run id in the metadata of each checkpoint the run writes, as the API has it
-    # (multitask_strategy "rollback" finds the checkpoint a run started from by it).
+    # (multitask_strategy "rollback" finds the checkpoint a run started from by it), and
+    # the graph's (threads.search finds a graph's threads by them, as Agent Chat UI does).
     config = plan.config
     metadata = config.get("metadata")
-    metadata = {**(metadata if isinstance(metadata, Mapping) else {}), "run_id": run_id}
+    metadata = {
+        **(metadata if isinstance(metadata, Mapping) else {}),
+        "run_id": run_id,
+        "graph_id": plan.assistant_id,
+        "assistant_id": plan.assistant_id,
+    }
     config = {**config, "run_id": uuid.UUID(run_id), "metadata": metadata}
     # An exception ends the run with an `error` part: {error, message}, the API's shape.
     if not plan.tools:

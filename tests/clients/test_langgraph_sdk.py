@@ -395,3 +395,34 @@ def test_js_client_enqueue_strategy_queues_then_joins_the_run(
     assert listed[0] == {"run_id": queued, "status": "pending"}
     assert [run["status"] for run in listed] == ["pending", "running"]
     assert seen["listedAfter"] == [[queued, "success"], [listed[1]["run_id"], "success"]]
+
+
+async def test_threads_search_and_info_as_agent_chat_ui_asks(
+    servers: tuple[str, str], client: LangGraphClient, other: LangGraphClient
+) -> None:
+    # Regression: threads.search (POST /threads/search, Agent Chat UI's thread list) and
+    # GET /info (its connection check) were 404.
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{servers[1]}/langgraph/info")).status_code == 200
+    ids = []
+    for prompt in ("s1", "s2"):
+        thread_id = (await client.threads.create())["thread_id"]
+        await _release(servers[0], thread_id)
+        await client.runs.wait(
+            thread_id, "agent", input={"messages": [{"role": "user", "content": prompt}]}
+        )
+        ids.append(thread_id)
+    found = await other.threads.search(metadata={"graph_id": "agent"}, limit=100)
+    assert [t["thread_id"] for t in found] == ids[::-1]  # newest first
+    assert [t["values"]["messages"][0]["content"] for t in found] == ["s2", "s1"]
+    assert {t["status"] for t in found} == {"idle"}
+    assert await other.threads.search(metadata={"graph_id": "nope"}) == []
+
+
+def test_js_client_threads_search_as_agent_chat_ui_asks(
+    node_modules: Path, servers: tuple[str, str]
+) -> None:
+    seen = run_node(node_modules, "langgraph_threads_search.mjs", *servers, "u")
+    assert seen["infoOk"] is True
+    assert seen["found"] == [{"id": seen["threadId"], "status": "idle", "first": "u"}]
+    assert seen["none"] == 0
