@@ -326,8 +326,39 @@ async def test_langgraph_threads_get_returns_the_thread_record(service: AppProce
     assert stamp(after["created_at"]) == pytest.approx(listed["created_at"], abs=1e-5)
     assert stamp(after["updated_at"]) == pytest.approx(listed["updated_at"], abs=1e-5)
     assert stamp(after["updated_at"]) > stamp(before["updated_at"])  # the run changed it
-    assert after["metadata"] == {"title": "Trip plans", "archived": False}
+    assert after["metadata"] == {
+        "title": "Trip plans",
+        "archived": False,
+        "graph_id": "agent",
+        "assistant_id": "agent",
+    }
     assert after["status"] == "idle"
+
+
+async def test_langgraph_threads_search_lists_the_callers_threads(service: AppProcess) -> None:
+    # Regression: threads.search (Agent Chat UI's thread list) and GET /info were 404.
+    mine, theirs = bearer(), bearer()
+    async with (
+        get_client(url=f"{service.url}/langgraph", headers=mine) as client,
+        get_client(url=f"{service.url}/langgraph", headers=theirs) as other,
+    ):
+        first = (await client.threads.create(metadata={"title": "First"}))["thread_id"]
+        second = (await client.threads.create(metadata={"title": "Second"}))["thread_id"]
+        await other.threads.create(metadata={"title": "Not mine"})
+        async for _ in client.runs.stream(
+            first, "agent", input={"messages": [{"role": "user", "content": "hello"}]}
+        ):
+            pass
+        found = await client.threads.search(metadata={"graph_id": "agent"}, limit=100)
+        titled = await client.threads.search(metadata={"title": "Second"})
+        oldest = await client.threads.search(sort_by="created_at", sort_order="asc", limit=1)
+    async with httpx.AsyncClient(base_url=service.url) as http:
+        assert (await http.get("/langgraph/info")).status_code == 200
+    # Most recently active first: the run made the first thread the latest.
+    assert [t["thread_id"] for t in found] == [first, second]
+    assert found[0]["values"]["messages"][0]["content"] == "hello"
+    assert [t["thread_id"] for t in titled] == [second]
+    assert [t["thread_id"] for t in oldest] == [first]
 
 
 def ui_user_message(text: str) -> dict[str, Any]:

@@ -30,7 +30,12 @@ from starlette.types import Receive, Scope, Send
 
 from resumable_stream import ResumableStreamError, StreamConsumer
 from resumable_stream.ai_sdk import UIMessageStreamResponse, ui_message_text
-from resumable_stream.langgraph_api import LangGraphAction, LangGraphRouter, ThreadInfo
+from resumable_stream.langgraph_api import (
+    LangGraphAction,
+    LangGraphRouter,
+    ThreadInfo,
+    ThreadSearch,
+)
 from resumable_stream.starlette import error_response
 
 from .answers import NothingToRetry
@@ -184,6 +189,9 @@ async def ai_chat_stop(request: Request) -> Response:
 
 # --------------------------------------------------------------------------- LangGraph
 
+#: The assistant id (graph id) the LangGraph API serves the agent under.
+GRAPH_ID = "agent"
+
 
 async def _authorize(request: Request, thread_id: str | None, action: LangGraphAction) -> bool:
     if thread_id is not None and await _owned(request, thread_id) is None:
@@ -212,15 +220,47 @@ async def _create_thread(request: Request, thread_id: str | None, metadata: dict
 
 async def _thread_info(request: Request, thread_id: str) -> ThreadInfo | None:
     """The thread's record for ``GET /langgraph/threads/{id}``: the service's own times and
-    the metadata it keeps (title, archived)."""
+    metadata (see :func:`_metadata`)."""
     thread = await _owned(request, thread_id)
     if thread is None:
         return None
     return ThreadInfo(
         created_at=datetime.fromtimestamp(thread.created_at, UTC),
         updated_at=datetime.fromtimestamp(thread.updated_at, UTC),
-        metadata={"title": thread.title, "archived": thread.archived},
+        metadata=_metadata(thread),
     )
+
+
+def _metadata(thread: Thread) -> dict[str, Any]:
+    """A thread's metadata as the LangGraph API shows it: what the service keeps (title,
+    archived), and the graph every thread runs (Agent Chat UI finds threads by it)."""
+    return {
+        "title": thread.title,
+        "archived": thread.archived,
+        "graph_id": GRAPH_ID,
+        "assistant_id": GRAPH_ID,
+    }
+
+
+async def _search_threads(request: Request, search: ThreadSearch) -> list[str]:
+    """``threads.search`` over the caller's threads (the archived ones if the metadata asks
+    for them), by the metadata :func:`_metadata` gives; most recently active first."""
+    archived = search.metadata.get("archived") is True
+    threads = await _runtime(request).store.list_threads(current_user(request), archived=archived)
+    found = [
+        thread
+        for thread in threads
+        if (search.ids is None or thread.id in search.ids)
+        and all(_metadata(thread).get(key) == value for key, value in search.metadata.items())
+    ]
+    descending = search.sort_order != "asc"
+    if search.sort_by == "thread_id":
+        found.sort(key=lambda thread: thread.id, reverse=descending)
+    elif search.sort_by == "created_at":
+        found.sort(key=lambda thread: thread.created_at, reverse=descending)
+    elif not descending:
+        found.reverse()
+    return [thread.id for thread in found[search.offset : search.offset + search.limit]]
 
 
 class LangGraphAPI:
@@ -235,11 +275,12 @@ class LangGraphAPI:
             runtime: Runtime = scope["app"].state.runtime
             self._router = LangGraphRouter(
                 runtime.transport,
-                {"agent": runtime.agent},
+                {GRAPH_ID: runtime.agent},
                 producer=runtime.producer,
                 authorize=_authorize,
                 create_thread=_create_thread,
                 thread_info=_thread_info,
+                search_threads=_search_threads,
                 # A run holds the thread's lock: the chat API waits for it, and a LangGraph
                 # run that names no strategy waits for no one (409 while the thread answers).
                 stream_id=lock_id_for,
