@@ -1791,3 +1791,21 @@ async def test_threads_search_refuses_a_bad_body(body: dict[str, Any], named: st
     assert response.status_code == 422
     assert response.json()["code"] in ("invalid_request", "search_not_served")
     assert named in response.json()["message"]
+
+
+@pytest.mark.parametrize(
+    ("last", "status"), [("go", "idle"), ("ask", "interrupted"), ("fail", "error")]
+)
+async def test_a_threads_status_tells_a_failed_run_from_an_interrupt(
+    last: str, status: str
+) -> None:
+    # Regression: a thread whose last run failed read as "interrupted" (its failed task is
+    # still next), as if it waited for the user's answer; the API says "error".
+    import httpx
+
+    api, _graph, _reached, _hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        body = {"assistant_id": "agent", "input": {"n": [last]}}
+        await http.post("/threads/t1/runs/wait", json=body)
+        assert (await http.get("/threads/t1")).json()["status"] == status
+    await api.producer.aclose()

@@ -804,12 +804,15 @@ class LangGraphRouter:
         return _json(200, await self._thread_json(thread_id, await self._info(request, thread_id)))
 
     async def _thread_json(self, thread_id: str, record: ThreadInfo) -> dict[str, Any]:
-        """The API's ``Thread``: ``busy`` while a run is in progress, ``interrupted`` at an
-        interrupt, else ``idle``; its values."""
+        """The API's ``Thread``: ``busy`` while a run is in progress, ``error`` once a run
+        failed (its failed task is still next), ``interrupted`` at an interrupt, else
+        ``idle``; its values."""
         stream = await self.transport.info(check_stream_id(self.stream_id(thread_id)))
         state = await self._state_graph.aget_state(self._config(thread_id))
         status = "busy" if stream is not None and stream.status == "running" else "idle"
-        if status == "idle" and state.next:
+        if status == "idle" and any(task.error is not None for task in state.tasks):
+            status = "error"
+        elif status == "idle" and state.next:
             status = "interrupted"
         return self._thread_record(thread_id, record, status, to_wire(state.values))
 
