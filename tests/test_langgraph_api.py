@@ -1809,3 +1809,28 @@ async def test_a_threads_status_tells_a_failed_run_from_an_interrupt(
         await http.post("/threads/t1/runs/wait", json=body)
         assert (await http.get("/threads/t1")).json()["status"] == status
     await api.producer.aclose()
+
+
+async def test_a_cancel_with_an_action_not_served_is_refused_before_it_cancels() -> None:
+    # Regression: runs.cancel(..., action="rollback") was 202 and only interrupted the run:
+    # the thread kept the run's partial state, where the API deletes the run's checkpoints.
+    # Any action but "interrupt" (the SDKs' default) was taken as it.
+    import httpx
+
+    from resumable_stream.langgraph_api import run_id_for
+
+    api, _graph, reached, _hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        first = await _held_run(http, reached)
+        info = await api.transport.info("langgraph:t1")
+        assert info is not None
+        run = f"/threads/t1/runs/{run_id_for('langgraph:t1', info.epoch)}"
+        for action, code in (("rollback", "rollback_not_served"), ("bogus", "invalid_request")):
+            response = await http.post(f"{run}/cancel", params={"wait": 1, "action": action})
+            assert (response.status_code, response.json()["code"]) == (422, code)
+        assert (await http.get(run)).json()["status"] == "running"
+        response = await http.post(f"{run}/cancel", params={"wait": 1, "action": "interrupt"})
+        assert response.status_code == 202
+        assert (await http.get(run)).json()["status"] == "interrupted"
+        await first
+    await api.producer.aclose()

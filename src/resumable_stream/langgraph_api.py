@@ -1574,8 +1574,18 @@ class LangGraphRouter:
 
     async def cancel_run(self, request: Request) -> Response:
         """``POST .../runs/{run_id}/cancel``: stop the run, or a queued run before it starts
-        (``?wait=1``: until it stopped)."""
+        (``?wait=1``: until it stopped). ``action`` ``"interrupt"`` only (the SDKs'
+        default): the API's ``"rollback"`` (delete the run's checkpoints) is not served."""
         run = await self._run_info(request, "cancel")
+        action = request.query_params.get("action", "interrupt")
+        if action == "rollback":
+            raise _bad(
+                "cancel action 'rollback' is not served; cancel with 'interrupt', or start "
+                "the next run with multitask_strategy 'rollback'",
+                "rollback_not_served",
+            )
+        if action != "interrupt":
+            raise _bad("'action' must be 'interrupt'")
         await self._cancel(run, wait=request.query_params.get("wait") in ("1", "true"))
         return Response(status_code=202, headers={"cache-control": "no-store"})
 
