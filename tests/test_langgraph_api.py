@@ -1834,3 +1834,39 @@ async def test_a_cancel_with_an_action_not_served_is_refused_before_it_cancels()
         assert (await http.get(run)).json()["status"] == "interrupted"
         await first
     await api.producer.aclose()
+
+
+async def test_a_checkpoint_named_in_the_config_is_checked_as_checkpoint_id_is() -> None:
+    # Regression: `config.configurable.checkpoint_id` (LangGraph's own way to name one) went
+    # to the graph unchecked: another thread's checkpoint, or a made-up one, started the run
+    # from an empty state, dropping the thread's messages from its latest state.
+    async with lg_client() as (http, _, holds):
+        threads = [(await http.post("/threads", json={})).json()["thread_id"] for _ in "ab"]
+        for thread_id in threads:
+            holds.setdefault(thread_id, asyncio.Event()).set()
+            body = {"assistant_id": "agent", "input": {"messages": [("user", thread_id)]}}
+            assert (await http.post(f"/threads/{thread_id}/runs/wait", json=body)).is_success
+        mine, other = threads
+        history = (await http.post(f"/threads/{other}/history", json={})).json()
+        foreign = history[0]["checkpoint"]["checkpoint_id"]
+        for checkpoint_id in (foreign, str(uuid.uuid4())):
+            body = {
+                "assistant_id": "agent",
+                "input": {"messages": [("user", "two")]},
+                "config": {"configurable": {"checkpoint_id": checkpoint_id}},
+            }
+            response = await http.post(f"/threads/{mine}/runs/wait", json=body)
+            assert (response.status_code, response.json()["code"]) == (404, "checkpoint_not_found")
+        response = await http.post(
+            f"/threads/{mine}/runs/wait",
+            json={**body, "config": {"configurable": {"checkpoint_id": 5}}},
+        )
+        assert (response.status_code, response.json()["code"]) == (422, "invalid_request")
+        state = (await http.get(f"/threads/{mine}/state")).json()
+        assert [m["content"] for m in state["values"]["messages"]] == [mine, answer_text(mine)]
+
+        # One of its own forks there, as checkpoint_id does.
+        start = (await http.post(f"/threads/{mine}/history", json={})).json()[-1]["checkpoint"]
+        body["config"] = {"configurable": {"checkpoint_id": start["checkpoint_id"]}}
+        values = (await http.post(f"/threads/{mine}/runs/wait", json=body)).json()
+        assert [m["content"] for m in values["messages"]] == ["two", answer_text("two")]

@@ -937,9 +937,14 @@ class LangGraphRouter:
 
             inputs = Command(**_command(command))
         config = self._config(thread_id, _run_config(body.get("config")))
-        fork = _fork_point(body.get("checkpoint"), body.get("checkpoint_id"))
-        if fork:
-            config["configurable"].update(fork)
+        config["configurable"].update(
+            _fork_point(body.get("checkpoint"), body.get("checkpoint_id"))
+        )
+        # Named by the fields above, or as LangGraph's own config does.
+        checkpoint_id = config["configurable"].get("checkpoint_id")
+        if checkpoint_id is not None and not isinstance(checkpoint_id, str):
+            raise _bad("'config.configurable.checkpoint_id' must be a string")
+        if checkpoint_id:
             # LangGraph would run a checkpoint it cannot find from an empty state.
             saver: Any = getattr(graph, "checkpointer", None)
             if hasattr(saver, "aget_tuple") and await saver.aget_tuple(config) is None:
@@ -947,7 +952,7 @@ class LangGraphRouter:
                     HTTPError(
                         404,
                         "checkpoint_not_found",
-                        f"no checkpoint {fork['checkpoint_id']!r} in thread {thread_id!r}",
+                        f"no checkpoint {checkpoint_id!r} in thread {thread_id!r}",
                     )
                 )
         kwargs: dict[str, Any] = {"stream_mode": graph_modes}
@@ -978,7 +983,7 @@ class LangGraphRouter:
             config,
             kwargs,
             strategy,
-            bool(fork),
+            bool(checkpoint_id),
             tools,
             "custom" in modes,
             str(assistant_id),
