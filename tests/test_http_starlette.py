@@ -42,6 +42,7 @@ from resumable_stream import (
     Transport,
     from_url,
 )
+from resumable_stream._codec import encode_entry
 from resumable_stream._http import WireFormat
 from resumable_stream.starlette import (
     StreamResponse,
@@ -51,6 +52,7 @@ from resumable_stream.starlette import (
     resume_after,
     start_stream,
 )
+from resumable_stream.transports import Entry
 from resumable_stream.transports.memory import MemoryTransport
 from tests._services import uvicorn_server
 
@@ -790,6 +792,32 @@ async def test_cancel_stops_the_run_and_readers_see_cancelled(server: Server) ->
     assert [e.event for e in events] == ["token", "token", "cancelled"]
     assert_error(again, 409, "stream_not_running")
     assert_error(unknown, 404, "stream_not_found")
+
+
+async def test_status_and_cancel_of_a_run_whose_producer_died_say_it_is_lost() -> None:
+    # What a process killed mid-run leaves: a running stream whose lease lapsed, and no
+    # reader yet to end it. Status said "running" (for the whole running TTL and tombstone)
+    # and cancel answered 202, for a run that would never write anything again.
+    transport = MemoryTransport()
+    token = encode_entry([("token", {"text": "a", "message_id": None, "node": None})])
+    for stream_id in ("dead-status", "dead-cancel"):
+        info = await transport.create(stream_id, owner="killed", lease_ms=50)
+        await transport.append(stream_id, "killed", Entry(info.epoch, 1, token), 1)
+    lapsed_at = time.monotonic() + 0.05
+    await eventually(lambda: time.monotonic() > lapsed_at)  # the lease is a clock: poll it
+
+    with serve(transport) as server:
+        async with server.client() as client:
+            status = await client.get("/streams/dead-status/status")
+            cancel = await client.post("/streams/dead-cancel/cancel")
+            events = await read_sse(client, "/streams/dead-cancel")
+
+    assert status.status_code == 200
+    assert status.json()["status"] == "error"
+    assert status.json()["next_offset"].endswith("-0000000002-00000")  # the error event's
+    assert_error(cancel, 409, "stream_not_running")
+    assert [e.event for e in events] == ["token", "error"]
+    assert orjson.loads(events[-1].data)["error"] == "producer_lost"
 
 
 # --- disconnects, keep-alives, slow clients ----------------------------------------------------

@@ -49,6 +49,29 @@ _REWRITTEN_ERRORS = frozenset({"producer_lost", "storage_rollback"})
 _WAKE_MARGIN = 0.001
 
 
+async def _lost_payload(transport: Transport, stream_id: str, epoch: int, seq: int) -> bytes:
+    """The error a reaper writes: ``not_started`` for a reserved run whose only entry is
+    still the reservation's (StreamProducer.reserve), else ``producer_lost``. ``seq``: an
+    entry known to be stored (past 1, the run had started)."""
+    if seq > 1:
+        return _LOST_PAYLOAD
+    entries = await transport.read(stream_id, epoch, 0, 2)
+    if len(entries) == 1 and entries[0].payload == RESERVED_PAYLOAD:
+        return _NOT_STARTED_PAYLOAD
+    return _LOST_PAYLOAD
+
+
+async def reap(transport: Transport, stream_id: str, epoch: int, seq: int) -> bool:
+    """End run ``epoch`` of ``stream_id`` with its reaper's error if its producer's lease
+    lapsed, as its readers do (see ``seq`` in :func:`_lost_payload`); true if it did."""
+    if await transport.reap(
+        stream_id, epoch, await _lost_payload(transport, stream_id, epoch, seq)
+    ):
+        telemetry.reaped()
+        return True
+    return False
+
+
 @dataclass(eq=False)
 class _Check:
     """The last check of a quiet stream, shared by its readers in this process."""
@@ -440,16 +463,6 @@ class StreamConsumer:
         elif info.status in FINAL_STATUSES:
             self._end_of_stream(info)
 
-    async def _lost_payload(self) -> bytes:
-        """The error a reaper writes: ``not_started`` for a reserved run whose only entry
-        is still the reservation's (StreamProducer.reserve), else ``producer_lost``."""
-        if self._seq > 1:
-            return _LOST_PAYLOAD
-        entries = await self.transport.read(self.stream_id, self._epoch, 0, 2)
-        if len(entries) == 1 and entries[0].payload == RESERVED_PAYLOAD:
-            return _NOT_STARTED_PAYLOAD
-        return _LOST_PAYLOAD
-
     def _end_of_stream(self, info: StreamInfo) -> None:
         """Nothing is stored after this reader's position and the stream ended."""
         if info.last_seq < self._seq:
@@ -495,8 +508,7 @@ class StreamConsumer:
         waiter = loop.create_future()
         check = checks[key] = _Check(waiter=waiter)
         try:
-            if await self.transport.reap(self.stream_id, self._epoch, await self._lost_payload()):
-                telemetry.reaped()
+            await reap(self.transport, self.stream_id, self._epoch, self._seq)
             fresh = await self.transport.info(self.stream_id)
         except BaseException as exc:
             if checks.get(key) is check:
