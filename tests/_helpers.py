@@ -12,7 +12,17 @@ from starlette.requests import Request
 from resumable_stream.testing import collect, eventually, joined, text_of, tokens
 from resumable_stream.transports import Transport
 
-__all__ = ["Later", "collect", "ended", "eventually", "holds", "joined", "text_of", "tokens"]
+__all__ = [
+    "Later",
+    "collect",
+    "dead_run",
+    "ended",
+    "eventually",
+    "holds",
+    "joined",
+    "text_of",
+    "tokens",
+]
 
 
 def holds(condition: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
@@ -28,6 +38,22 @@ async def ended(transport: Transport, stream_id: str) -> bool:
     """Whether stream ``stream_id`` holds a run that ended (the async check)."""
     info = await transport.info(stream_id)
     return info is not None and info.status != "running"
+
+
+async def dead_run(transport: Transport, stream_id: str) -> int:
+    """What a process killed mid-run leaves: a running run of ``stream_id`` with one token
+    stored, whose lease lapsed, and no reader yet to end it. Returns its epoch."""
+    import time
+
+    from resumable_stream._codec import encode_entry
+    from resumable_stream.transports import Entry
+
+    token = encode_entry([("token", {"text": "a", "message_id": None, "node": None})])
+    info = await transport.create(stream_id, owner="killed", lease_ms=50)
+    await transport.append(stream_id, "killed", Entry(info.epoch, 1, token), 1)
+    lapsed_at = time.monotonic() + 0.05
+    await eventually(holds(lambda: time.monotonic() > lapsed_at))  # the lease is a clock
+    return info.epoch
 
 
 class Later:

@@ -33,7 +33,7 @@ from resumable_stream.ai_sdk import (
 )
 from resumable_stream.starlette import allow_all
 from resumable_stream.transports.memory import MemoryTransport
-from tests._helpers import Later, ended, eventually, holds
+from tests._helpers import Later, dead_run, ended, eventually, holds
 
 
 def check_order(chunks: list[dict[str, Any]]) -> None:
@@ -272,6 +272,23 @@ async def test_router_resume_is_204_without_an_answer_and_stop_is_409(
     stop = await http.post("/api/chat/abcdefghijklmnop/stop")
     assert stop.status_code == 409
     assert stop.json()["code"] == "stream_not_running"
+
+
+async def test_router_stop_of_an_answer_whose_producer_died_is_409() -> None:
+    # Regression: stop answered 202 for an answer whose process was killed (its lease
+    # lapsed), which would never write its end: it is ended as producer_lost instead.
+    async def answer(chat: ChatRequest) -> AsyncIterator[str]:
+        raise AssertionError("no answer is asked for")
+
+    transport = MemoryTransport()
+    router = ChatRouter(transport, answer, authorize=allow_all)
+    await dead_run(transport, "chat-dead")
+    app = Starlette(routes=router.routes)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        stop = await c.post("/api/chat/chat-dead/stop")
+    assert (stop.status_code, stop.json()["code"]) == (409, "stream_not_running")
+    assert (await transport.info("chat-dead")).status == "error"  # type: ignore[union-attr]
+    await router.producer.aclose()
 
 
 def test_app_events_naming_the_call_and_its_args() -> None:

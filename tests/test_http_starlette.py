@@ -42,7 +42,6 @@ from resumable_stream import (
     Transport,
     from_url,
 )
-from resumable_stream._codec import encode_entry
 from resumable_stream._http import WireFormat
 from resumable_stream.starlette import (
     StreamResponse,
@@ -52,8 +51,8 @@ from resumable_stream.starlette import (
     resume_after,
     start_stream,
 )
-from resumable_stream.transports import Entry
 from resumable_stream.transports.memory import MemoryTransport
+from tests._helpers import dead_run
 from tests._services import uvicorn_server
 
 SSE_ACCEPT = {"accept": "text/event-stream"}
@@ -799,12 +798,8 @@ async def test_status_and_cancel_of_a_run_whose_producer_died_say_it_is_lost() -
     # reader yet to end it. Status said "running" (for the whole running TTL and tombstone)
     # and cancel answered 202, for a run that would never write anything again.
     transport = MemoryTransport()
-    token = encode_entry([("token", {"text": "a", "message_id": None, "node": None})])
     for stream_id in ("dead-status", "dead-cancel"):
-        info = await transport.create(stream_id, owner="killed", lease_ms=50)
-        await transport.append(stream_id, "killed", Entry(info.epoch, 1, token), 1)
-    lapsed_at = time.monotonic() + 0.05
-    await eventually(lambda: time.monotonic() > lapsed_at)  # the lease is a clock: poll it
+        await dead_run(transport, stream_id)
 
     with serve(transport) as server:
         async with server.client() as client:

@@ -17,7 +17,7 @@ from resumable_stream import StreamConsumer, StreamProducer
 from resumable_stream.langgraph_api import stream_parts, to_wire
 from resumable_stream.starlette import allow_all
 from resumable_stream.transports.memory import MemoryTransport
-from tests._helpers import eventually, holds
+from tests._helpers import dead_run, eventually, holds
 from tests.clients._graph import answer_text, build_graph
 
 
@@ -1870,3 +1870,24 @@ async def test_a_checkpoint_named_in_the_config_is_checked_as_checkpoint_id_is()
         body["config"] = {"configurable": {"checkpoint_id": start["checkpoint_id"]}}
         values = (await http.post(f"/threads/{mine}/runs/wait", json=body)).json()
         assert [m["content"] for m in values["messages"]] == ["two", answer_text("two")]
+
+
+async def test_a_run_whose_producer_died_reads_as_error_not_running() -> None:
+    # Regression: a run whose process was killed (its lease lapsed) with no one reading it
+    # read as "running" (runs.get, runs.list) and its thread as "busy" until the stream's
+    # metadata expired, a day by default.
+    import httpx
+
+    from resumable_stream.langgraph_api import LangGraphRouter, run_id_for
+
+    _api, graph, _reached, _hold = gated_router()
+    transport = MemoryTransport()
+    api = LangGraphRouter(transport, {"agent": graph}, authorize=allow_all)
+    epoch = await dead_run(transport, "langgraph:t1")
+    await dead_run(transport, "langgraph:t2")
+    run = f"/threads/t1/runs/{run_id_for('langgraph:t1', epoch)}"
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        assert (await http.get(run)).json()["status"] == "error"
+        assert [r["status"] for r in (await http.get("/threads/t1/runs")).json()] == ["error"]
+        assert (await http.get("/threads/t2")).json()["status"] == "idle"
+    await api.producer.aclose()

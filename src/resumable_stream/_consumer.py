@@ -72,6 +72,20 @@ async def reap(transport: Transport, stream_id: str, epoch: int, seq: int) -> bo
     return False
 
 
+async def settled_info(transport: Transport, stream_id: str) -> StreamInfo | None:
+    """The stream's info, once a running run whose producer is gone (its lease lapsed:
+    killed, say) is ended as its readers end it (``producer_lost``): else it would read as
+    running until its metadata expires, for a run nobody reads."""
+    info = await transport.info(stream_id)
+    if (
+        info is not None
+        and info.status == "running"
+        and await reap(transport, stream_id, info.epoch, info.last_seq)
+    ):
+        info = await transport.info(stream_id)
+    return info
+
+
 @dataclass(eq=False)
 class _Check:
     """The last check of a quiet stream, shared by its readers in this process."""

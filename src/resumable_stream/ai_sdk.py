@@ -45,7 +45,7 @@ from starlette.types import Receive, Scope, Send
 
 from ._codec import parse_offset
 from ._constants import DEFAULT_MAX_BODY_BYTES, DEFAULT_PING_INTERVAL, DEFAULT_SEND_TIMEOUT
-from ._consumer import StreamConsumer
+from ._consumer import StreamConsumer, settled_info
 from ._events import (
     CANCELLED,
     CUSTOM,
@@ -748,8 +748,9 @@ class ChatRouter:
             return refused
         try:
             stream_id = check_stream_id(self.stream_id(chat_id))
-            # Asked first: a run that wrote its end may linger in the producer a moment.
-            info = await self.transport.info(stream_id)
+            # Asked first: a run that wrote its end may linger in the producer a moment
+            # (and a run whose producer died is ended, not asked to stop).
+            info = await settled_info(self.transport, stream_id)
             if info is None or info.status != "running":
                 status = "unknown" if info is None else info.status
                 return _error(not_running(stream_id, status))

@@ -44,7 +44,7 @@ from starlette.types import Receive, Scope, Send
 
 from ._codec import decode_entry
 from ._constants import DEFAULT_MAX_BODY_BYTES, DEFAULT_PING_INTERVAL, DEFAULT_SEND_TIMEOUT
-from ._consumer import StreamConsumer
+from ._consumer import StreamConsumer, settled_info
 from ._events import CANCELLED, END, ERROR, Event, Item
 from ._exceptions import (
     ConfigurationError,
@@ -807,7 +807,7 @@ class LangGraphRouter:
         """The API's ``Thread``: ``busy`` while a run is in progress, ``error`` once a run
         failed (its failed task is still next), ``interrupted`` at an interrupt, else
         ``idle``; its values."""
-        stream = await self.transport.info(check_stream_id(self.stream_id(thread_id)))
+        stream = await settled_info(self.transport, check_stream_id(self.stream_id(thread_id)))
         state = await self._state_graph.aget_state(self._config(thread_id))
         status = "busy" if stream is not None and stream.status == "running" else "idle"
         if status == "idle" and any(task.error is not None for task in state.tasks):
@@ -1357,12 +1357,12 @@ class LangGraphRouter:
         if _queued_at(stream_id, run_id) is None:
             epoch: int | None = _epoch_of(stream_id, run_id)
         else:
-            waiter = await self.transport.info(_waiter_id(stream_id, run_id))
+            waiter = await settled_info(self.transport, _waiter_id(stream_id, run_id))
             if waiter is None:  # never queued, or gone with its expiry
                 raise _Refused(HTTPError(404, "run_not_found", f"no run {run_id!r} in this thread"))
             epoch = await self._started_epoch(stream_id, run_id, waiter)
         # After the waiter's: a queued run that started meanwhile is in the thread's info.
-        info = await self.transport.info(stream_id)
+        info = await settled_info(self.transport, stream_id)
         if epoch is not None and (info is None or info.epoch < epoch):
             raise _Refused(HTTPError(404, "run_not_found", f"no run {run_id!r} in this thread"))
         return _RunRef(thread_id, stream_id, run_id, epoch, info, waiter)
@@ -1533,7 +1533,7 @@ class LangGraphRouter:
         if not set(select) <= _RUN_FIELDS:
             raise _bad(f"'select' fields must be among {sorted(_RUN_FIELDS)}")
         refs: dict[str, _RunRef] = {}
-        info = await self.transport.info(stream_id)
+        info = await settled_info(self.transport, stream_id)
         if info is not None:
             latest = await self._run_id_of(stream_id, info.epoch)
             refs[latest] = _RunRef(thread_id, stream_id, latest, info.epoch, info, None)

@@ -46,7 +46,7 @@ from ._constants import (
     DEFAULT_RETRY,
     DEFAULT_SEND_TIMEOUT,
 )
-from ._consumer import StreamConsumer, reap
+from ._consumer import StreamConsumer, settled_info
 from ._exceptions import ConfigurationError, ResumableStreamError, StreamNotFound
 from ._http import (
     CLIENT_GONE,
@@ -63,7 +63,7 @@ from ._http import (
 )
 from ._ids import check_stream_id
 from ._producer import StreamProducer
-from .transports import StreamInfo, Transport
+from .transports import Transport
 
 __all__ = [
     "Action",
@@ -362,19 +362,6 @@ class StreamRouter:
             raise _Forbidden
         return stream_id
 
-    async def _info(self, stream_id: str) -> StreamInfo | None:
-        """The stream's info, once a running run whose producer is gone (its lease lapsed:
-        killed, say) is ended as its readers end it (``producer_lost``): else it would be
-        "running" until its metadata expires, for a run nobody reads."""
-        info = await self.transport.info(stream_id)
-        if (
-            info is not None
-            and info.status == "running"
-            and await reap(self.transport, stream_id, info.epoch, info.last_seq)
-        ):
-            info = await self.transport.info(stream_id)
-        return info
-
     async def _cancel_on_disconnect(self, request: Request, stream_id: str) -> None:
         # Leaving is a cancel like POST /cancel: a reader allowed to read, and not to
         # cancel, must not stop someone else's answer by closing its tab (issue 9).
@@ -414,7 +401,7 @@ class StreamRouter:
         """``GET /{stream_id}/status``: status, last offset, created and updated times."""
         try:
             stream_id = await self._check(request, "status")
-            info = await self._info(stream_id)
+            info = await settled_info(self.transport, stream_id)
         except (_Forbidden, HTTPException, ResumableStreamError) as exc:
             return _refusal(request, exc)
         if info is None:
@@ -434,7 +421,7 @@ class StreamRouter:
         """``POST /{stream_id}/cancel``: ask the run to stop; 202 once asked."""
         try:
             stream_id = await self._check(request, "cancel")
-            info = await self._info(stream_id)
+            info = await settled_info(self.transport, stream_id)
             if info is not None and info.status == "running":
                 if await self.producer.cancel(stream_id):
                     return _json(202, {"stream_id": stream_id, "cancel_requested": True})
