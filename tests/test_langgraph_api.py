@@ -168,6 +168,12 @@ async def test_http_errors_are_json_with_codes() -> None:
                 422,
                 "invalid_request",
             ),
+            # Regression: a history limit of true was taken as 1.
+            (
+                await http.post(f"/threads/{thread_id}/history", json={"limit": True}),
+                422,
+                "invalid_request",
+            ),
             (await http.get("/nope"), 404, "not_found"),
             (await http.delete(f"/threads/{thread_id}"), 405, "method_not_allowed"),
         ]

@@ -887,7 +887,7 @@ class LangGraphRouter:
         thread_id, _ = await self._thread(request, "read")
         body = await self._body(request)
         limit = body.get("limit", 10)
-        if not isinstance(limit, int) or limit < 1:
+        if type(limit) is not int or limit < 1:
             raise _bad("'limit' must be a positive integer")
         before = body.get("before")
         if isinstance(before, str):  # langgraph-sdk (client.py get_history): an id, or...
