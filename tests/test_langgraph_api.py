@@ -1253,6 +1253,10 @@ async def test_a_queued_run_id_names_its_own_thread_only() -> None:
         run_id = (await http.post("/threads/t1/runs", json=body)).json()["run_id"]
         response = await http.get(f"/threads/t2/runs/{run_id}")
         assert (response.status_code, response.json()["code"]) == (404, "run_not_found")
+        # Regression: in another spelling of the UUID, it was not found either.
+        for spelling in (run_id.upper(), f"urn:uuid:{run_id}", run_id.replace("-", "")):
+            found = await http.get(f"/threads/t1/runs/{spelling}")
+            assert (found.status_code, found.json()["run_id"]) == (200, run_id)
         hold.set()
         await first
     await api.producer.aclose()

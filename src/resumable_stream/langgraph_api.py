@@ -1353,6 +1353,8 @@ class LangGraphRouter:
         return await self._resolve(thread_id, stream_id, request.path_params["run_id"])
 
     async def _resolve(self, thread_id: str, stream_id: str, run_id: str) -> _RunRef:
+        with contextlib.suppress(ValueError):  # (a run id that is no UUID is not found)
+            run_id = str(uuid.UUID(run_id))  # in any spelling: upper case, {...}, urn:uuid:
         waiter = None
         if _queued_at(stream_id, run_id) is None:
             epoch: int | None = _epoch_of(stream_id, run_id)
