@@ -706,3 +706,33 @@ async def test_an_answer_stopped_while_its_source_is_called_ends_aborted() -> No
     chunks = sse_chunks(response.text)
     check_order(chunks)
     assert chunks[-1] == {"type": "abort", "reason": "requested"}
+
+
+async def test_an_http_exception_of_the_app_keeps_its_headers_and_is_json_everywhere() -> None:
+    # Regression: the source's HTTPException lost its headers (a 429's Retry-After), and one
+    # raised by stream_id() on resume or stop, with the routes in the app, was plain text.
+    async def answer(chat: ChatRequest) -> AsyncIterator[str]:
+        raise HTTPException(429, "slow down", headers={"Retry-After": "30"})
+
+    def stream_id(chat_id: str) -> str:
+        if chat_id == "gone":
+            raise HTTPException(404, "no such chat", headers={"X-Chat": "gone"})
+        return chat_id
+
+    router = ChatRouter(MemoryTransport(), answer, authorize=allow_all, stream_id=stream_id)
+    app = Starlette(routes=router.routes)
+    message = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+        limited = await http.post("/api/chat", json={"id": "chat-l", "messages": [message]})
+        gone = [
+            await http.post("/api/chat", json={"id": "gone", "messages": [message]}),
+            await http.get("/api/chat/gone/stream"),
+            await http.post("/api/chat/gone/stop"),
+        ]
+    await router.producer.aclose()
+    assert (limited.status_code, limited.headers.get("retry-after")) == (429, "30")
+    assert limited.json() == {"code": "http_error", "message": "slow down"}
+    for response in gone:
+        assert response.status_code == 404, response.request.url
+        assert response.json() == {"code": "not_found", "message": "no such chat"}
+        assert response.headers.get("x-chat") == "gone"

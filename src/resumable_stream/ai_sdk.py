@@ -561,6 +561,14 @@ def _error(error: HTTPError) -> Response:
     return Response(error.body(), error.status, error.headers(), JSON_TYPE)
 
 
+def _refused(exc: HTTPException) -> Response:
+    """An app's ``HTTPException`` (authorize, stream_id, the source) as JSON, its headers kept."""
+    response = _error(http_status_error(exc.status_code, exc.detail))
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
 def _bad_request(message: str) -> Response:
     return _error(HTTPError(400, "invalid_request", message))
 
@@ -635,10 +643,7 @@ class ChatRouter:
             if inspect.isawaitable(allowed):
                 allowed = await allowed
         except HTTPException as exc:
-            response = _error(http_status_error(exc.status_code, exc.detail))
-            if exc.headers:
-                response.headers.update(exc.headers)
-            return response
+            return _refused(exc)
         if not allowed:
             return _error(HTTPError(403, "forbidden", "not allowed to access this chat"))
         return None
@@ -698,7 +703,7 @@ class ChatRouter:
             run = await self.producer.start(answer, stream_id=stream_id)
         except HTTPException as exc:  # raised by the app's stream_id()
             await answer.aclose()
-            return _error(http_status_error(exc.status_code, exc.detail))
+            return _refused(exc)
         except StreamAlreadyRunning:
             await answer.aclose()
             return _error(
@@ -716,7 +721,7 @@ class ChatRouter:
             ended.cancel()  # (not the run: wait() is shielded)
         raised = called.result() if called.done() else None
         if isinstance(raised, HTTPException):
-            return _error(http_status_error(raised.status_code, raised.detail))
+            return _refused(raised)
         if isinstance(raised, ResumableStreamError):
             return _error(error_for(raised))
         if raised is not None:
@@ -733,6 +738,8 @@ class ChatRouter:
         try:
             stream_id = check_stream_id(self.stream_id(chat_id))
             info = await self.transport.info(stream_id)
+        except HTTPException as exc:  # raised by the app's stream_id()
+            return _refused(exc)
         except ResumableStreamError as exc:
             return _error(error_for(exc))
         if info is None or info.status != "running":
@@ -755,6 +762,8 @@ class ChatRouter:
                 status = "unknown" if info is None else info.status
                 return _error(not_running(stream_id, status))
             await self.producer.cancel(stream_id)
+        except HTTPException as exc:  # raised by the app's stream_id()
+            return _refused(exc)
         except ResumableStreamError as exc:
             return _error(error_for(exc))
         return Response(
