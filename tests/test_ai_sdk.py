@@ -17,8 +17,10 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.tools import tool
+from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode
+from langgraph.types import interrupt
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Mount, Route
@@ -85,7 +87,7 @@ class ToolCallingModel(BaseChatModel):
         return ChatResult(generations=[ChatGeneration(message=message)])
 
 
-def agent_graph() -> Any:
+def agent_graph(tools: list[Any] | None = None, checkpointer: Any = None) -> Any:
     model = ToolCallingModel()
 
     async def agent(state: MessagesState) -> dict[str, Any]:
@@ -97,11 +99,11 @@ def agent_graph() -> Any:
 
     builder = StateGraph(MessagesState)
     builder.add_node("agent", agent)
-    builder.add_node("tools", ToolNode([search]))
+    builder.add_node("tools", ToolNode(tools or [search]))
     builder.add_edge(START, "agent")
     builder.add_conditional_edges("agent", route, ["tools", END])
     builder.add_edge("tools", "agent")
-    return builder.compile()
+    return builder.compile(checkpointer=checkpointer)
 
 
 async def stored_events(source: Any) -> list[Event]:
@@ -736,3 +738,31 @@ async def test_an_http_exception_of_the_app_keeps_its_headers_and_is_json_everyw
         assert response.status_code == 404, response.request.url
         assert response.json() == {"code": "not_found", "message": "no such chat"}
         assert response.headers.get("x-chat") == "gone"
+
+
+async def test_a_tool_that_interrupts_is_pending_not_failed() -> None:
+    # Regression: a tool that called interrupt() (human in the loop) was sent as
+    # tool-output-error with the Interrupt's repr, and sendAutomaticallyWhen's
+    # lastAssistantMessageIsCompleteWithToolCalls took that failed call as complete and
+    # posted the message back. Paused, it has no output until the graph resumes.
+    @tool("search")
+    def ask_first(q: str) -> str:
+        """Look q up once the human agrees."""
+        return f"found {q} ({interrupt(q)})"
+
+    graph = agent_graph([ask_first], InMemorySaver())
+    config = {"configurable": {"thread_id": "t"}}
+    events = await stored_events(
+        graph.astream_events({"messages": [("user", "go")]}, config, version="v2")
+    )
+    assert "tool_start" in [e.type for e in events]
+    assert "tool_end" not in [e.type for e in events]  # it did not return, nor fail
+    chunker = UIMessageChunks("m")
+    chunks = [c for e in events for c in chunker.chunks(e)]
+    assert [c["type"] for c in chunks] == [
+        "start",
+        "start-step",
+        *(["tool-input-start", "tool-input-available"] * 2),
+        "finish-step",
+        "finish",
+    ]

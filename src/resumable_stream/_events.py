@@ -7,6 +7,7 @@ plain strings, dicts) becomes a sequence of ``(type, data)`` pairs with JSON-saf
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any, Final
 
@@ -176,6 +177,15 @@ def chat_model_text(event: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
     return (text, getattr(chunk, "id", None), node)
 
 
+def _pauses(error: Any) -> bool:
+    """True for LangGraph's ``GraphBubbleUp`` (a tool's ``interrupt()``, a ``Command`` to
+    the parent graph): what a tool raises to hand over, not a failure. Only LangGraph
+    raises it, so its module is loaded then."""
+    errors = sys.modules.get("langgraph.errors")
+    bubble_up = getattr(errors, "GraphBubbleUp", None)
+    return isinstance(bubble_up, type) and isinstance(error, bubble_up)
+
+
 def _from_langchain_event(event: Mapping[str, Any]) -> Item | None:
     kind = event["event"]
     data = event.get("data") or {}
@@ -197,6 +207,8 @@ def _from_langchain_event(event: Mapping[str, Any]) -> Item | None:
                 "node": node,
             },
         )
+    if kind == "on_tool_error" and _pauses(data.get("error")):
+        return None  # paused, not failed: it runs again on resume, and reports its end then
     if kind in ("on_tool_end", "on_tool_error"):
         out: dict[str, Any] = {
             "name": event.get("name"),
