@@ -37,6 +37,9 @@ from resumable_stream.starlette import allow_all
 from resumable_stream.transports.memory import MemoryTransport
 from tests._helpers import Later, dead_run, ended, eventually, holds
 
+#: On every tool output the stream carries: the server ran that tool, not the browser.
+SERVER_RAN = {"providerExecuted": True}
+
 
 def check_order(chunks: list[dict[str, Any]]) -> None:
     """The ordering rules of ai's process-ui-message-stream.ts, as the client enforces them."""
@@ -143,8 +146,8 @@ async def test_tool_runs_without_a_model_message_keep_their_own_call() -> None:
     check_order(chunks)
     ends = [c for c in chunks if c["type"].startswith("tool-output")]
     assert ends == [
-        {"type": "tool-output-available", "toolCallId": "r1", "output": "ok"},
-        {"type": "tool-output-error", "toolCallId": "r2", "errorText": "boom"},
+        {"type": "tool-output-available", "toolCallId": "r1", "output": "ok", **SERVER_RAN},
+        {"type": "tool-output-error", "toolCallId": "r2", "errorText": "boom", **SERVER_RAN},
     ]
 
 
@@ -301,7 +304,7 @@ def test_app_events_naming_the_call_and_its_args() -> None:
     assert chunker.chunks(start) + chunker.chunks(end) == [
         {"type": "tool-input-start", "toolCallId": "c1", "toolName": "calc"},
         {"type": "tool-input-available", "toolCallId": "c1", "toolName": "calc", "input": {"x": 2}},
-        {"type": "tool-output-available", "toolCallId": "c1", "output": 4},
+        {"type": "tool-output-available", "toolCallId": "c1", "output": 4, **SERVER_RAN},
     ]
 
 

@@ -116,7 +116,8 @@ class UIMessageChunks:
     * ``token`` → ``text-start`` (once per LangChain message id), ``text-delta``;
     * ``message`` → ``text-end`` for its streamed text, or its whole text if it was not
       streamed; each tool call → ``tool-input-start`` and ``tool-input-available``; a tool
-      message → ``tool-output-available``;
+      message → ``tool-output-available`` (every tool output with ``providerExecuted``: the
+      server ran it, and the client waits for its own tools only);
     * ``tool_start`` / ``tool_end`` → the call (unless the model's message announced it) and
       ``tool-output-available`` or ``tool-output-error``; a call ends the text parts before
       it, so the text after it is a new part;
@@ -334,10 +335,27 @@ class UIMessageChunks:
             return
         call.output_sent = True
         self._tool_output_sent = True
+        # The server ran it (a client-side tool's output comes from the browser, never from
+        # here): providerExecuted, or lastAssistantMessageIsCompleteWithToolCalls takes an
+        # answer that ends with it for one waiting on the browser, and posts it back.
         if error is not None:
-            out.append({"type": "tool-output-error", "toolCallId": call_id, "errorText": error})
+            out.append(
+                {
+                    "type": "tool-output-error",
+                    "toolCallId": call_id,
+                    "errorText": error,
+                    "providerExecuted": True,
+                }
+            )
         else:
-            out.append({"type": "tool-output-available", "toolCallId": call_id, "output": output})
+            out.append(
+                {
+                    "type": "tool-output-available",
+                    "toolCallId": call_id,
+                    "output": output,
+                    "providerExecuted": True,
+                }
+            )
 
     def _tool_start(self, data: Mapping[str, Any], out: list[dict[str, Any]]) -> None:
         name = str(data.get("name") or "tool")

@@ -9,6 +9,10 @@ cut and resume a connection mid-answer without timing anything.
 `/api/tools` answers with a call of the client-side tool `confirm` and ends; the client runs
 the tool and posts again with that assistant message last (a continuation), which is
 answered with ANSWER_TOKENS tokens that hold at HOLD_AT the same way.
+
+`/api/direct` answers with a tool the server runs, and ends with its output (a LangGraph
+tool with `return_direct`, or a graph interrupted after its tools); a continuation, which
+the client should not post, is answered with "continued".
 """
 
 from __future__ import annotations
@@ -68,6 +72,18 @@ async def client_tool_answer(chat: ChatRequest, hold: asyncio.Event) -> AsyncIte
         yield {"type": "token", "data": {"text": f"{chat.text}{i} ", "message_id": "m1"}}
 
 
+async def direct_answer(chat: ChatRequest) -> AsyncIterator[Any]:
+    last = chat.messages[-1] if chat.messages else {}
+    if last.get("role") == "assistant":
+        yield "continued"
+        return
+    call = {"id": "call_direct", "name": "search", "args": {"q": chat.text}}
+    message = {"id": "m0", "role": "ai", "text": "", "tool_calls": [call]}
+    yield {"type": "message", "data": {"message": message}}
+    yield {"type": "tool_start", "data": {"name": "search", "run_id": "r1", "input": call["args"]}}
+    yield {"type": "tool_end", "data": {"name": "search", "run_id": "r1", "output": "found"}}
+
+
 def create_app(transport: Transport | None = None) -> Starlette:
     transport = transport or from_url(os.environ.get("RSTREAM_TEST_URL", "memory://"))
     holds: dict[str, asyncio.Event] = {}
@@ -89,9 +105,13 @@ def create_app(transport: Transport | None = None) -> Starlette:
     tools = ChatRouter(
         transport, tool_answer, path="/api/tools", producer=chat.producer, authorize=allow_all
     )
+    direct = ChatRouter(
+        transport, direct_answer, path="/api/direct", producer=chat.producer, authorize=allow_all
+    )
     routes = [
         *chat.routes,
         *tools.routes,
+        *direct.routes,
         Route("/test/release/{chat_id}", release, methods=["POST"]),
     ]
 

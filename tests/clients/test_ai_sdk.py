@@ -126,3 +126,19 @@ def test_client_tool_continuation_resumed_on_another_process_redis(
     first, second = redis_servers
     seen = run_node(node_modules, "ai_sdk_client_tool.mjs", first, second, "k")
     _check_client_tool_run(seen, "k")
+
+
+def test_an_answer_ending_with_a_server_tool_is_not_posted_back(
+    node_modules: Path, memory_server: str
+) -> None:
+    # Regression: the outputs of the server's tools were those of client-side tools for
+    # lastAssistantMessageIsCompleteWithToolCalls, so an answer that ended with one (a tool
+    # with return_direct, a graph interrupted after its tools, a stop after a tool) was
+    # posted back at once, and forever by a source that answers it the same way.
+    seen = run_node(node_modules, "ai_sdk_server_tool_end.mjs", memory_server, "d")
+    assert seen["error"] is None
+    assert seen["postedRoles"] == [["user"]]
+    assert [(p["type"], p["state"]) for p in seen["parts"]] == [
+        ("step-start", None),
+        ("tool-search", "output-available"),
+    ]
