@@ -57,6 +57,10 @@ def test_settings_come_from_the_environment() -> None:
         ({"STREAM_RETENTION": "0"}, "STREAM_RETENTION must be a finite number >= 1"),
         ({"SUMMARIZE_AFTER_TOKENS": "-1"}, "SUMMARIZE_AFTER_TOKENS must be a finite"),
         ({"WORKER_CONCURRENCY": "0"}, "WORKER_CONCURRENCY must be a finite number >= 1"),
+        # Regressions: the service started, then every answer ended with UnknownModelError
+        # (CHAT_MODEL), or GET /info and every message naming a model were a 500 (CHAT_MODELS).
+        ({"CHAT_MODEL": "gpt-4o"}, "CHAT_MODEL: unknown model spec 'gpt-4o'"),
+        ({"CHAT_MODELS": "offline, llama3"}, "CHAT_MODELS: unknown model spec 'llama3'"),
     ],
 )
 def test_bad_settings_are_refused(env: dict[str, str], message: str) -> None:

@@ -124,6 +124,12 @@ def _parse(spec: str) -> tuple[str, str]:
     return provider, model
 
 
+def check_spec(spec: str) -> None:
+    """Raise UnknownModelError if `spec` is malformed or names an unknown provider (whether
+    its package and key are there is checked per request: they may come later)."""
+    _parse(spec)
+
+
 def _missing(provider: _Provider) -> str | None:
     """Why the provider cannot be used right now, or None if it can."""
     if find_spec(provider.module) is None:

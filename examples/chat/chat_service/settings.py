@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from .models import UnknownModelError, check_spec
+
 BusyPolicy = Literal["reject", "interrupt", "queue"]
 BUSY_POLICIES: tuple[BusyPolicy, ...] = ("reject", "interrupt", "queue")
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -94,6 +96,7 @@ class Settings:
                 raise SettingsError(f"{name} must be a finite number >= {least}, not {value}")
         if not 1 <= self.port <= 65535:
             raise SettingsError(f"PORT must be between 1 and 65535, not {self.port}")
+        _check_specs("CHAT_MODEL", [self.chat_model])
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -122,6 +125,8 @@ class Settings:
         if policy not in BUSY_POLICIES:
             raise SettingsError(f"BUSY_POLICY must be one of {', '.join(BUSY_POLICIES)}")
         origins = tuple(o.strip().rstrip("/") for o in (text("CORS_ORIGINS") or "").split(","))
+        # models.available_models() reads CHAT_MODELS itself; a bad spec there was a 500.
+        _check_specs("CHAT_MODELS", (text("CHAT_MODELS") or "").split(","))
         return cls(
             redis_url=text("REDIS_URL"),
             database_url=text("DATABASE_URL"),
@@ -187,3 +192,12 @@ class Settings:
                 with os.fdopen(fd, "w") as file:
                     file.write(secrets.token_urlsafe(32))
         return path.read_text().strip().encode()
+
+
+def _check_specs(name: str, specs: list[str]) -> None:
+    for spec in (s.strip() for s in specs):
+        if spec:
+            try:
+                check_spec(spec)
+            except UnknownModelError as exc:
+                raise SettingsError(f"{name}: {exc}") from None
