@@ -95,6 +95,7 @@ class Reservation:
         return cls.from_dict({"stream_id": stream_id, "epoch": epoch, "token": token})
 
     def to_dict(self) -> dict[str, Any]:
+        """The reservation as a JSON-ready dict, for :meth:`from_dict`."""
         return {"stream_id": self.stream_id, "epoch": self.epoch, "token": self.token}
 
     @classmethod
