@@ -61,6 +61,11 @@ def test_settings_come_from_the_environment() -> None:
         # (CHAT_MODEL), or GET /info and every message naming a model were a 500 (CHAT_MODELS).
         ({"CHAT_MODEL": "gpt-4o"}, "CHAT_MODEL: unknown model spec 'gpt-4o'"),
         ({"CHAT_MODELS": "offline, llama3"}, "CHAT_MODELS: unknown model spec 'llama3'"),
+        # Regressions: a URL of another scheme failed the start with a traceback.
+        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL must be a redis://"),
+        ({"REDIS_URL": "http://u:secret@h"}, r"not http://$"),
+        ({"DATABASE_URL": "mysql://u:secret@h/db"}, r"DATABASE_URL must be .* not mysql://$"),
+        ({"DATABASE_URL": "sqlite://relative.db"}, "DATABASE_URL must be"),
     ],
 )
 def test_bad_settings_are_refused(env: dict[str, str], message: str) -> None:

@@ -35,12 +35,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from .models import UnknownModelError, check_spec
 
 BusyPolicy = Literal["reject", "interrupt", "queue"]
 BUSY_POLICIES: tuple[BusyPolicy, ...] = ("reject", "interrupt", "queue")
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+#: The URL schemes resumable_stream.from_url takes for Redis (one server, Cluster, Sentinel).
+REDIS_SCHEMES = (
+    "redis",
+    "rediss",
+    "unix",
+    "redis+cluster",
+    "rediss+cluster",
+    "redis+sentinel",
+    "rediss+sentinel",
+)
+#: The DATABASE_URL schemes the checkpointer and the thread store both take.
+DATABASE_SCHEMES = ("postgres", "postgresql", "sqlite")
 
 
 class SettingsError(ValueError):
@@ -77,6 +90,21 @@ class Settings:
             raise SettingsError(f"BUSY_POLICY must be one of {', '.join(BUSY_POLICIES)}")
         if self.worker_mode and not self.redis_url:
             raise SettingsError("WORKER_MODE needs REDIS_URL: workers get their jobs through Redis")
+        # Checked here, a wrong URL stops the start with one line, not a traceback from the
+        # lifespan (the URL itself is not echoed: it may hold a password).
+        if self.redis_url is not None and _scheme(self.redis_url) not in REDIS_SCHEMES:
+            raise SettingsError(
+                f"REDIS_URL must be a {', '.join(s + '://' for s in REDIS_SCHEMES)} URL, "
+                f"not {_scheme(self.redis_url) or 'no'}://"
+            )
+        if self.database_url is not None and (
+            _scheme(self.database_url) not in DATABASE_SCHEMES
+            or (_scheme(self.database_url) == "sqlite" and "sqlite:///" not in self.database_url)
+        ):
+            raise SettingsError(
+                "DATABASE_URL must be postgresql://user:password@host/db or sqlite:///path, "
+                f"not {_scheme(self.database_url) or 'no'}://"
+            )
         if "*" in self.cors_origins and len(self.cors_origins) > 1:
             raise SettingsError("CORS_ORIGINS is either * or a list of origins, not both")
         # The library refuses a lease under 0.1 s and a retention of 0; the offline model a
@@ -201,3 +229,7 @@ def _check_specs(name: str, specs: list[str]) -> None:
                 check_spec(spec)
             except UnknownModelError as exc:
                 raise SettingsError(f"{name}: {exc}") from None
+
+
+def _scheme(url: str) -> str:
+    return urlsplit(url).scheme.lower()
