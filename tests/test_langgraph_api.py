@@ -1777,6 +1777,34 @@ async def test_threads_search_asks_search_threads_when_given() -> None:
     assert records[0]["created_at"] == "2026-01-02T00:00:00+00:00"
 
 
+async def test_threads_search_pages_the_threads_the_caller_may_read() -> None:
+    # Regression: the search paged the checkpointer's threads before leaving out those
+    # authorize refuses, so that a page of other users' threads came out empty (Agent
+    # Chat UI showed no threads) while the caller's own were further on.
+    import httpx
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    _api, graph, _reached, _hold = gated_router()
+
+    def authorize(request: Any, thread_id: str | None, action: str) -> bool:
+        user = request.headers.get("user", "")
+        return thread_id is None or action != "read" or thread_id.startswith(user)
+
+    api = LangGraphRouter(MemoryTransport(), {"agent": graph}, authorize=authorize)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        for thread_id in ["alice1", "bob1", "alice2", "bob2", "bob3"]:
+            body = {"assistant_id": "agent", "input": {"n": [thread_id]}}
+            assert (await http.post(f"/threads/{thread_id}/runs/wait", json=body)).is_success
+        alice = {"user": "alice"}
+        found = await http.post("/threads/search", json={"limit": 2}, headers=alice)
+        assert [r["thread_id"] for r in found.json()] == ["alice2", "alice1"]
+        page = await http.post("/threads/search", json={"limit": 1, "offset": 1}, headers=alice)
+        assert [r["thread_id"] for r in page.json()] == ["alice1"]
+        bob = await http.post("/threads/search", json={"limit": 2}, headers={"user": "bob"})
+        assert [r["thread_id"] for r in bob.json()] == ["bob3", "bob2"]
+
+
 @pytest.mark.parametrize(
     ("body", "named"),
     [

@@ -828,27 +828,35 @@ class LangGraphRouter:
         found: list[tuple[str, ThreadInfo | None]]
         if self.search_threads is not None:
             ids = list(await self.search_threads(request, search))[: search.limit]
-            found = [(thread_id, None) for thread_id in ids]
+            found, skip = [(thread_id, None) for thread_id in ids], 0
         else:
-            found = await self._search_checkpoints(request, search)
-        records = []
+            # Paged here, over the threads the caller may read: paged before, a page of
+            # other users' threads came out empty while the caller's own were further on.
+            found, skip = await self._search_checkpoints(search), search.offset
+        records: list[dict[str, Any]] = []
         for thread_id, info in found:
+            if len(records) == search.limit:
+                break
             try:
                 await self._check(request, "read", thread_id)
                 if info is None:
                     info = await self._info(request, thread_id)
             except (_Refused, HTTPException):
                 continue  # not the caller's to read, or gone
+            if skip:
+                skip -= 1
+                continue
             records.append(await self._thread_json(thread_id, info))
         if select:
             records = [{key: record[key] for key in select} for record in records]
         return _json(200, records)
 
     async def _search_checkpoints(
-        self, request: Request, search: ThreadSearch
+        self, search: ThreadSearch
     ) -> list[tuple[str, ThreadInfo | None]]:
         """The threads of the first graph's checkpointer that match ``search``, with the
-        times of their first and latest matching checkpoints, sorted and paged."""
+        times of their first and latest matching checkpoints, sorted (not paged: see
+        :meth:`search`)."""
         saver: Any = getattr(self._state_graph, "checkpointer", None)
         if not hasattr(saver, "alist"):
             return []
@@ -874,7 +882,7 @@ class LangGraphRouter:
             found.sort(key=lambda pair: pair[1].created_at, reverse=search.sort_order != "asc")
         else:
             found.sort(key=lambda pair: pair[1].updated_at, reverse=search.sort_order != "asc")
-        return list(found[search.offset : search.offset + search.limit])
+        return list(found)
 
     async def get_state(self, request: Request) -> Response:
         """``GET /threads/{thread_id}/state``: the thread's latest checkpoint."""
