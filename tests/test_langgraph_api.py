@@ -1805,6 +1805,26 @@ async def test_threads_search_pages_the_threads_the_caller_may_read() -> None:
         assert [r["thread_id"] for r in bob.json()] == ["bob3", "bob2"]
 
 
+async def test_threads_search_by_a_key_the_checkpointer_refuses_is_422(tmp_path: Any) -> None:
+    # Regression: AsyncSqliteSaver takes metadata keys of letters, digits, "_", "." and "-"
+    # only, and raises ValueError for others: a search by {"user id": ...} was a 500.
+    import httpx
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    async with AsyncSqliteSaver.from_conn_string(str(tmp_path / "checkpoints.db")) as saver:
+        api, _graph, _reached, _hold = gated_router(saver=saver)
+        transport = httpx.ASGITransport(api, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            body = {"assistant_id": "agent", "input": {"n": ["a"]}}
+            assert (await http.post("/threads/t1/runs/wait", json=body)).is_success
+            found = await http.post("/threads/search", json={"metadata": {"graph_id": "agent"}})
+            assert [r["thread_id"] for r in found.json()] == ["t1"]
+            refused = await http.post("/threads/search", json={"metadata": {"user id": "u"}})
+    assert refused.status_code == 422
+    assert refused.json()["code"] == "search_not_served"
+    assert "'user id'" in refused.json()["message"]
+
+
 @pytest.mark.parametrize(
     ("body", "named"),
     [

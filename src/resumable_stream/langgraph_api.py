@@ -587,9 +587,10 @@ class LangGraphRouter:
     ``search_threads(request, search)``, if given, answers ``POST /threads/search``: the ids
     of the threads the caller may see that match the :class:`ThreadSearch`, in its order and
     page. Without it, the search reads the first graph's checkpointer: every checkpoint of
-    every thread (fine for an embedded app; give ``search_threads`` for many threads), each
-    thread's ``metadata`` being what its runs wrote (``graph_id``, ``assistant_id``, the
-    ``config``'s ``metadata``). Either way a thread ``authorize`` refuses to read is left out.
+    every thread (fine for an embedded app; give ``search_threads`` for many threads), a
+    thread matching by the metadata its runs wrote into their checkpoints (``graph_id``,
+    ``assistant_id``, the string, number and boolean values of the ``config``'s
+    ``metadata``). Either way a thread ``authorize`` refuses to read is left out.
     """
 
     def __init__(
@@ -861,20 +862,30 @@ class LangGraphRouter:
         if not hasattr(saver, "alist"):
             return []
         times: dict[str, tuple[datetime, datetime]] = {}
-        # Every thread's checkpoints; those of subgraphs (a checkpoint_ns) are left out.
-        async for item in saver.alist(None, filter=dict(search.metadata) or None):
-            configurable = item.config.get("configurable", {})
-            thread_id = configurable.get("thread_id")
-            if configurable.get("checkpoint_ns") or not isinstance(thread_id, str):
-                continue
-            if search.ids is not None and thread_id not in search.ids:
-                continue
-            try:
-                stamp = _aware(datetime.fromisoformat(item.checkpoint["ts"]))
-            except (KeyError, TypeError, ValueError):
-                continue  # a checkpoint without a readable time says nothing
-            first, last = times.get(thread_id, (stamp, stamp))
-            times[thread_id] = (min(first, stamp), max(last, stamp))
+        try:
+            # Every thread's checkpoints; those of subgraphs (a checkpoint_ns) are left out.
+            async for item in saver.alist(None, filter=dict(search.metadata) or None):
+                configurable = item.config.get("configurable", {})
+                thread_id = configurable.get("thread_id")
+                if configurable.get("checkpoint_ns") or not isinstance(thread_id, str):
+                    continue
+                if search.ids is not None and thread_id not in search.ids:
+                    continue
+                try:
+                    stamp = _aware(datetime.fromisoformat(item.checkpoint["ts"]))
+                except (KeyError, TypeError, ValueError):
+                    continue  # a checkpoint without a readable time says nothing
+                first, last = times.get(thread_id, (stamp, stamp))
+                times[thread_id] = (min(first, stamp), max(last, stamp))
+        except ValueError:
+            # AsyncSqliteSaver (sqlite/utils.py _validate_filter_key) takes keys of letters,
+            # digits, "_", "." and "-" only.
+            logger.info("threads.search: the checkpointer refused a filter", exc_info=True)
+            raise _bad(
+                f"this server's checkpointer cannot search by the metadata keys "
+                f"{sorted(search.metadata)}",
+                "search_not_served",
+            ) from None
         found = [(thread_id, ThreadInfo(*span)) for thread_id, span in times.items()]
         if search.sort_by == "thread_id":
             found.sort(key=lambda pair: pair[0], reverse=search.sort_order != "asc")
