@@ -1658,6 +1658,50 @@ async def test_runs_list_gives_the_threads_runs_newest_first() -> None:
     await api.producer.aclose()
 
 
+async def test_runs_list_and_get_hold_while_a_run_starts() -> None:
+    # Regression: runs.list read the thread's latest run, then its checkpoints: a run that
+    # started in between was listed as "success" from its checkpoints while it ran, and
+    # the run before it as "interrupted", the state then being the new run's, at its next
+    # step. runs.get, reading the state after the run, said "interrupted" too.
+    import httpx
+
+    api, _graph, reached, hold = gated_router()
+    started: list[asyncio.Task[Any]] = []
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        body = {"assistant_id": "agent", "input": {"n": ["a"]}}
+        done = await http.post("/threads/t1/runs/wait", json=body)
+        done_id = done.headers["content-location"].rsplit("/", 1)[1]
+        resolve, checkpointed_runs = api._resolve, api._checkpointed_runs
+
+        async def resolve_then_start(*args: Any) -> Any:
+            run = await resolve(*args)
+            started.append(await _held_run(http, reached))
+            return run
+
+        api._resolve = resolve_then_start
+        assert (await http.get(f"/threads/t1/runs/{done_id}")).json()["status"] == "success"
+        api._resolve = resolve
+        hold.set()
+        await started.pop()
+        hold.clear()
+        reached.clear()
+        earlier = {r["run_id"] for r in (await http.get("/threads/t1/runs")).json()}
+
+        async def start_then_read(thread_id: str) -> list[str]:
+            started.append(await _held_run(http, reached))
+            return await checkpointed_runs(thread_id)
+
+        api._checkpointed_runs = start_then_read
+        runs = (await http.get("/threads/t1/runs")).json()
+        assert len(earlier) == 2
+        assert {r["status"] for r in runs if r["run_id"] in earlier} == {"success"}
+        # The run that started meanwhile: listed as running, if at all.
+        assert {r["status"] for r in runs if r["run_id"] not in earlier} <= {"running"}
+        hold.set()
+        await started.pop()
+    await api.producer.aclose()
+
+
 @pytest.mark.parametrize(
     "query",
     [

@@ -1519,7 +1519,10 @@ class LangGraphRouter:
                 }[info.status]
                 if status == "success":
                     state = await self._state_graph.aget_state(self._config(run.thread_id))
-                    if state.next:  # stopped at an interrupt
+                    # Stopped at an interrupt; unless that state is a later run's (one
+                    # that started since the info was read, at its next step).
+                    own = (state.metadata or {}).get("run_id") in (None, run.run_id)
+                    if state.next and own:
                         status = "interrupted"
         return {
             "run_id": run.run_id,
@@ -1553,11 +1556,10 @@ class LangGraphRouter:
         select = query.getlist("select")
         if not set(select) <= _RUN_FIELDS:
             raise _bad(f"'select' fields must be among {sorted(_RUN_FIELDS)}")
+        # The checkpoints first, then the runs queued, then the latest run: a run that
+        # starts meanwhile is the latest one, or not listed, never an earlier one.
+        checkpointed = await self._checkpointed_runs(thread_id)
         refs: dict[str, _RunRef] = {}
-        info = await settled_info(self.transport, stream_id)
-        if info is not None:
-            latest = await self._run_id_of(stream_id, info.epoch)
-            refs[latest] = _RunRef(thread_id, stream_id, latest, info.epoch, info, None)
         queued = f"{stream_id}~queued~"
         for waiter_id in [sid for sid in self.producer.runs if sid.startswith(queued)]:
             run_id = waiter_id[len(queued) :]
@@ -1565,7 +1567,11 @@ class LangGraphRouter:
                 run = await self._resolve(thread_id, stream_id, run_id)
                 if run.epoch is None:  # one that started is the latest run, or earlier
                     refs[run_id] = run
-        for run_id in await self._checkpointed_runs(thread_id):
+        info = await settled_info(self.transport, stream_id)
+        if info is not None:
+            latest = await self._run_id_of(stream_id, info.epoch)
+            refs[latest] = _RunRef(thread_id, stream_id, latest, info.epoch, info, None)
+        for run_id in checkpointed:
             if run_id in refs:
                 continue
             if _queued_at(stream_id, run_id) is not None:
