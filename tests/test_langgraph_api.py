@@ -1849,6 +1849,35 @@ async def test_threads_search_pages_the_threads_the_caller_may_read() -> None:
         assert [r["thread_id"] for r in bob.json()] == ["bob3", "bob2"]
 
 
+async def test_threads_search_answers_thread_info_s_record_when_given() -> None:
+    # Regression: without search_threads, the search answered each thread with its
+    # checkpoints' times and no metadata, where threads.get gives thread_info's record.
+    from datetime import UTC, datetime
+
+    import httpx
+
+    from resumable_stream.langgraph_api import LangGraphRouter, ThreadInfo
+
+    _api, graph, _reached, _hold = gated_router()
+
+    async def thread_info(request: Any, thread_id: str) -> ThreadInfo | None:
+        if thread_id == "gone":
+            return None
+        day = datetime(2026, 1, 2, tzinfo=UTC)
+        return ThreadInfo(day, day, {"title": thread_id})
+
+    api = LangGraphRouter(
+        MemoryTransport(), {"agent": graph}, authorize=allow_all, thread_info=thread_info
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        for thread_id in ["t1", "gone"]:
+            body = {"assistant_id": "agent", "input": {"n": [thread_id]}}
+            assert (await http.post(f"/threads/{thread_id}/runs/wait", json=body)).is_success
+        found = (await http.post("/threads/search", json={})).json()
+        assert found == [(await http.get("/threads/t1")).json()]
+        assert found[0]["metadata"] == {"title": "t1"}
+
+
 async def test_threads_search_by_a_key_the_checkpointer_refuses_is_422(tmp_path: Any) -> None:
     # Regression: AsyncSqliteSaver takes metadata keys of letters, digits, "_", "." and "-"
     # only, and raises ValueError for others: a search by {"user id": ...} was a 500.

@@ -840,7 +840,8 @@ class LangGraphRouter:
                 break
             try:
                 await self._check(request, "read", thread_id)
-                if info is None:
+                # The app's record, as threads.get answers (None: one the app dropped).
+                if info is None or self.thread_info is not None:
                     info = await self._info(request, thread_id)
             except (_Refused, HTTPException):
                 continue  # not the caller's to read, or gone
