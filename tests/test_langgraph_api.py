@@ -1780,6 +1780,9 @@ async def test_threads_search_finds_a_graphs_threads_newest_first() -> None:
         assert [r["thread_id"] for r in some.json()] == ["o1", "a1"]
         none = await http.post("/threads/search", json={"metadata": {"graph_id": "nope"}})
         assert none.json() == []
+        # Regression: an empty filter, as the JS SDK sends `values: {}`, was 422.
+        empty = await http.post("/threads/search", json={"values": {}, "status": None})
+        assert [r["thread_id"] for r in empty.json()] == ["ask", "a2", "o1", "a1"]
 
 
 async def test_threads_search_asks_search_threads_when_given() -> None:

@@ -1653,7 +1653,8 @@ _THREAD_FIELDS = frozenset(
 def _thread_search(body: dict[str, Any]) -> tuple[ThreadSearch, list[str]]:
     """The search a ``POST /threads/search`` body asks for, and the fields it selects."""
     for unserved in ("status", "values", "extract"):
-        if body.get(unserved) is not None:
+        # (An empty one filters nothing: the JS SDK sends `values: {}` when given it.)
+        if body.get(unserved) not in (None, {}, [], ""):
             raise _bad(
                 f"threads.search by {unserved!r} is not served: search by metadata or ids",
                 "search_not_served",
