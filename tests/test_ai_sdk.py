@@ -163,6 +163,15 @@ async def test_tool_runs_without_a_model_message_keep_their_own_call() -> None:
             Event("cancelled", {"reason": "requested"}, "1-2-0"),
             {"type": "abort", "reason": "requested"},
         ),
+        (
+            # Cut by the server, not stopped: an error, or the client shows it as whole.
+            Event("cancelled", {"reason": "shutdown"}, "1-2-0"),
+            {
+                "type": "error",
+                "errorText": "the answer was cut short: the server shut down before it "
+                "finished; send the message again",
+            },
+        ),
     ],
 )
 def test_terminal_events_close_the_text_and_end_with_done(

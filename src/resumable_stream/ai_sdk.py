@@ -95,6 +95,10 @@ _LIFECYCLE_PREFIX = "resumable_stream."
 #: The ``custom`` event a continuation's run begins with (ChatRouter): ``{"message_id"}``,
 #: the assistant message it continues, which the ``start`` of every replay then names.
 _MESSAGE_ID_EVENT = "resumable_stream.ui_message_id"
+#: The error part of an answer cancelled by its server's shutdown.
+_SHUTDOWN_TEXT = (
+    "the answer was cut short: the server shut down before it finished; send the message again"
+)
 
 
 def _sse(chunk: dict[str, Any]) -> bytes:
@@ -124,7 +128,8 @@ class UIMessageChunks:
     * ``custom`` → ``data-<name>`` (``data-custom`` without a name), except the library's
       own ``resumable_stream.*`` markers (a reserved run's, a continuation's), which are
       not sent;
-    * ``end`` / ``error`` / ``cancelled`` → ``finish`` / ``error`` / ``abort``, then ``[DONE]``.
+    * ``end`` / ``error`` / ``cancelled`` → ``finish`` / ``error`` / ``abort``, then ``[DONE]``
+      (``error`` for a run cancelled by its server's shutdown: cut, not stopped).
 
     ``start`` (with ``message_id``) and ``start-step`` come first when ``start`` is true, as a
     replay from the beginning needs: the client resets its message on it. Without
@@ -192,6 +197,10 @@ class UIMessageChunks:
             elif kind == ERROR:
                 message = data.get("message") or data.get("error") or "the answer failed"
                 out.append({"type": "error", "errorText": str(message)})
+            elif data.get("reason") == "shutdown":
+                # Cut by the server, not stopped: `ai` takes an `abort` for the end of a
+                # whole answer, and nothing goes on with this one (the run was its process's).
+                out.append({"type": "error", "errorText": _SHUTDOWN_TEXT})
             else:
                 out.append({"type": "abort", "reason": str(data.get("reason") or "cancelled")})
         return out

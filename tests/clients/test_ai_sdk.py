@@ -12,6 +12,8 @@ from typing import Any
 
 import pytest
 
+from resumable_stream import Event
+from resumable_stream.ai_sdk import UIMessageChunks
 from tests._services import run_app_subprocess, uvicorn_command, uvicorn_server
 from tests.clients._app import answer_text, create_app
 from tests.clients.conftest import run_node
@@ -142,3 +144,31 @@ def test_an_answer_ending_with_a_server_tool_is_not_posted_back(
         ("step-start", None),
         ("tool-search", "output-available"),
     ]
+
+
+def read_body(node_modules: Path, tmp_path: Path, events: list[Event]) -> Any:
+    """What the real `ai` Chat shows of an answer whose response is these events, encoded."""
+    chunker = UIMessageChunks("answer-1")
+    body = tmp_path / "body.txt"
+    body.write_bytes(b"".join(chunker.encode(event) for event in events))
+    return run_node(node_modules, "ai_sdk_read_body.mjs", str(body))
+
+
+def _cut(reason: str) -> list[Event]:
+    token = Event("token", {"text": "half an ans", "message_id": "m1", "node": None}, "1-1-0")
+    return [token, Event("cancelled", {"reason": reason}, "1-2-0")]
+
+
+def test_an_answer_cut_by_a_shutdown_is_an_error_not_a_whole_answer(
+    node_modules: Path, tmp_path: Path
+) -> None:
+    # Regression: a shutdown's `cancelled` was an `abort` part, which `ai` 7 takes as the
+    # end of a whole answer ("ready", no error): the user saw half an answer as the answer.
+    # Nothing goes on with it (the run was this process's), so the client must say so.
+    shutdown = read_body(node_modules, tmp_path, _cut("shutdown"))
+    assert shutdown["status"] == "error"
+    assert "server shut down" in shutdown["error"]
+    assert shutdown["parts"][-1]["text"] == "half an ans"
+    # A stop the user asked for is still an abort: the answer ends where it was stopped.
+    stopped = read_body(node_modules, tmp_path, _cut("requested"))
+    assert (stopped["status"], stopped["error"]) == ("ready", None)
