@@ -109,6 +109,49 @@ def agent_graph(tools: list[Any] | None = None, checkpointer: Any = None) -> Any
     return builder.compile(checkpointer=checkpointer)
 
 
+class StreamingToolModel(BaseChatModel):
+    """Streams as chat models do: text, then a call of `search` in tool_call_chunks (its
+    arguments in fragments), then, given the tool's output, an answer."""
+
+    @property
+    def _llm_type(self) -> str:
+        return "streaming-tool-test-model"
+
+    def _generate(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> ChatResult:
+        raise NotImplementedError("streams only")
+
+    async def _astream(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> Any:
+        if isinstance(messages[-1], ToolMessage):
+            for text in ("found ", "it"):
+                yield ChatGenerationChunk(message=AIMessageChunk(content=text))
+            return
+        yield ChatGenerationChunk(message=AIMessageChunk(content="Let me look. "))
+        pieces = [("call_1", "search", ""), (None, None, '{"q": '), (None, None, '"x"}')]
+        for call_id, name, args in pieces:
+            chunk = {"id": call_id, "name": name, "args": args, "index": 0}
+            yield ChatGenerationChunk(message=AIMessageChunk(content="", tool_call_chunks=[chunk]))
+
+
+def streaming_tool_graph(tools: bool = True) -> Any:
+    """An agent on StreamingToolModel; without tools, the call is the browser's to run."""
+    model = StreamingToolModel()
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await model.ainvoke(state["messages"])]}
+
+    def route(state: MessagesState) -> str:
+        last = state["messages"][-1]
+        return "tools" if tools and isinstance(last, AIMessage) and last.tool_calls else END
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_node("tools", ToolNode([search]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", route, ["tools", END])
+    builder.add_edge("tools", "agent")
+    return builder.compile()
+
+
 async def stored_events(source: Any) -> list[Event]:
     transport = MemoryTransport()
     async with StreamProducer(transport) as producer:
@@ -131,6 +174,52 @@ async def test_a_tool_calling_graph_gives_every_call_its_output() -> None:
     text = "".join(c["delta"] for c in chunks if c["type"] == "text-delta")
     assert text == "both found"  # a model that does not stream: its text sent whole
     assert chunks[-1] == {"type": "finish", "finishReason": "stop"}
+
+
+@pytest.mark.parametrize("modes", ["messages", ["messages", "updates"]])
+async def test_a_streamed_tool_call_keeps_its_arguments_in_messages_mode(modes: Any) -> None:
+    # Regression: in `messages` mode a model's tool call comes only as tool_call_chunks,
+    # which gave no event: the call was announced by the tool's output alone, and the UI
+    # showed its input as {} (with "updates" too: the encoder does not send updates).
+    inputs = {"messages": [("user", "look x up")]}
+    events = await stored_events(streaming_tool_graph().astream(inputs, stream_mode=modes))
+    chunker = UIMessageChunks("m")
+    chunks = [c for e in events for c in chunker.chunks(e)]
+    check_order(chunks)
+    tool_chunks = [c for c in chunks if c["type"].startswith("tool-")]
+    assert [c["type"] for c in tool_chunks] == [
+        "tool-input-start",
+        *["tool-input-delta"] * 2,
+        "tool-input-available",
+        "tool-output-available",
+    ]
+    assert "".join(c["inputTextDelta"] for c in tool_chunks[1:3]) == '{"q": "x"}'
+    assert tool_chunks[3]["input"] == {"q": "x"}
+    assert tool_chunks[4]["output"] == "found x"
+    text = [c["delta"] for c in chunks if c["type"] == "text-delta"]
+    assert text == ["Let me look. ", "found ", "it"]
+
+
+async def test_a_streamed_call_of_a_browser_tool_is_available_at_the_end() -> None:
+    # The browser runs it: nothing but the answer's end says the call is whole, and the
+    # client calls onToolCall on tool-input-available only.
+    inputs = {"messages": [("user", "look x up")]}
+    source = streaming_tool_graph(tools=False).astream(inputs, stream_mode="messages")
+    chunker = UIMessageChunks("m")
+    chunks = [c for e in await stored_events(source) for c in chunker.chunks(e)]
+    assert [c["type"] for c in chunks] == [
+        "start",
+        "start-step",
+        "text-start",
+        "text-delta",
+        "text-end",
+        "tool-input-start",
+        *["tool-input-delta"] * 2,
+        "tool-input-available",  # no output: the browser's to give
+        "finish-step",
+        "finish",
+    ]
+    assert chunks[-3]["input"] == {"q": "x"}
 
 
 async def test_tool_runs_without_a_model_message_keep_their_own_call() -> None:

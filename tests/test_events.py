@@ -44,7 +44,19 @@ def test_message_tuples() -> None:
     empty = AIMessageChunk(
         content="", id="m", tool_call_chunks=[{"name": "f", "args": "{", "id": "c", "index": 0}]
     )
-    assert list(normalize((empty, {}))) == []
+    # No text, but a tool call's fragment: a `token` carrying it (no whole message follows).
+    assert list(normalize((empty, {}))) == [
+        (
+            "token",
+            {
+                "text": "",
+                "message_id": "m",
+                "node": None,
+                "tool_call_chunks": [{"id": "c", "name": "f", "args": "{", "index": 0}],
+            },
+        )
+    ]
+    assert list(normalize((AIMessageChunk(content="", id="m"), {}))) == []
 
 
 def test_complete_messages_keep_tool_calls() -> None:

@@ -146,11 +146,31 @@ def _from_message(message: Any, metadata: Mapping[str, Any], ns: list[str] | Non
     node = metadata.get("langgraph_node")
     if type(message).__name__.endswith("Chunk"):
         text = text_of(message.content)
+        calls = _tool_call_chunks(message)
+        if calls:
+            # LangGraph sends no whole message after a streamed one: a tool call's id, name
+            # and arguments come only in these fragments.
+            token = _token(text, message.id, node, ns)
+            token[1]["tool_call_chunks"] = calls
+            return token
         return _token(text, message.id, node, ns) if text else None
     data: dict[str, Any] = {"message": message_to_dict(message), "node": node}
     if ns:
         data["ns"] = ns
     return (MESSAGE, data)
+
+
+def _tool_call_chunks(message: Any) -> list[dict[str, Any]]:
+    """A message chunk's tool call fragments: ``{id, name, args, index}``, ``args`` a piece
+    of the arguments' JSON text."""
+    chunks = getattr(message, "tool_call_chunks", None)
+    if not isinstance(chunks, list):
+        return []
+    return [
+        {key: to_jsonable(chunk.get(key)) for key in ("id", "name", "args", "index")}
+        for chunk in chunks
+        if isinstance(chunk, Mapping)
+    ]
 
 
 def chat_model_token(event: Mapping[str, Any]) -> Item | None:

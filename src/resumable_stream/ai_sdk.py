@@ -111,13 +111,27 @@ class _ToolCall:
     output_sent: bool = False
 
 
+@dataclass(slots=True)
+class _DraftCall:
+    """A tool call a model is streaming (``tool_call_chunks``): its id and name once a
+    fragment gave them, the text of its arguments so far, and how much of it was sent."""
+
+    call_id: str | None = None
+    name: str | None = None
+    args: str = ""
+    sent: int = 0
+
+
 class UIMessageChunks:
     """Turns one stream's events into AI SDK UI message chunks, in an order the client accepts.
 
     The client (ai: ``ui/process-ui-message-stream.ts``) rejects a ``text-delta`` without its
     ``text-start`` and a tool output without its call, so this keeps the parts it opened:
 
-    * ``token`` → ``text-start`` (once per LangChain message id), ``text-delta``;
+    * ``token`` → ``text-start`` (once per LangChain message id), ``text-delta``; its
+      ``tool_call_chunks`` (``messages`` mode) → ``tool-input-start``, ``tool-input-delta``,
+      and ``tool-input-available`` once the call is whole (its output, its run or its
+      message came, or the answer ended);
     * ``message`` → ``text-end`` for its streamed text, or its whole text if it was not
       streamed; each tool call → ``tool-input-start`` and ``tool-input-available``; a tool
       message → ``tool-output-available`` (every tool output with ``providerExecuted``: the
@@ -154,6 +168,10 @@ class UIMessageChunks:
         # tool name → the model's calls (id, args) that no tool run has claimed yet
         self._announced: dict[str, list[tuple[str, Any]]] = {}
         self._run_calls: dict[str, str] = {}  # tool run id → tool call id
+        # (message key, index) → the call its tool_call_chunks stream; index → the latest
+        self._drafts: dict[tuple[Hashable, Hashable], _DraftCall] = {}
+        self._last_draft: dict[Hashable, _DraftCall] = {}
+        self._streaming: dict[str, _DraftCall] = {}  # call id → its input still streaming
         self._tool_output_sent = False  # in this step: what the model says next is a new step
         self.finished = False
 
@@ -190,6 +208,10 @@ class UIMessageChunks:
             out.append({"type": f"data-{suffix}", "data": data.get("data")})
         elif kind in (END, ERROR, CANCELLED):
             self.finished = True
+            if kind == END:
+                # The calls the model streamed are whole: a browser's tool runs on this.
+                for call_id in list(self._streaming):
+                    self._announce(call_id, "tool", None, out)
             self._close_text(out)
             if kind == END:
                 out.append({"type": "finish-step"})
@@ -251,10 +273,16 @@ class UIMessageChunks:
                 out.append({"type": "text-end", "id": part})
 
     def _token(self, data: Mapping[str, Any], out: list[dict[str, Any]]) -> None:
-        text = data.get("text")
-        if not isinstance(text, str) or not text:
-            return
         key = _message_key(data.get("message_id"))
+        text = data.get("text")
+        if isinstance(text, str) and text:
+            self._text(key, text, out)
+        calls = data.get("tool_call_chunks")  # a model's tool calls, streamed
+        for piece in calls if isinstance(calls, list) else ():
+            if isinstance(piece, Mapping):
+                self._call_chunk(key, piece, out)
+
+    def _text(self, key: Hashable, text: str, out: list[dict[str, Any]]) -> None:
         self._streamed.add(key)
         digest = self._token_text.get(key)
         if digest is None:
@@ -316,16 +344,17 @@ class UIMessageChunks:
     # --- tools --------------------------------------------------------------------------
 
     def _announce(self, call_id: str, name: str, args: Any, out: list[dict[str, Any]]) -> bool:
-        """Send a tool call's input once; true if it is new."""
-        if call_id in self._calls:
+        """Send a tool call's input once; true if it is sent now. The input of a call the
+        model streamed is its arguments' text, unless ``args`` gives them."""
+        draft = self._streaming.pop(call_id, None)
+        if draft is not None:
+            name = self._calls[call_id].name
+            if args is None:
+                args = _parsed_args(draft.args)
+        elif call_id in self._calls:
             return False
-        self._next_step(out)
-        # Text after a tool call is a new text part, as the AI SDK's own servers send it (a
-        # text part per step): tokens without a message id would otherwise add it to the
-        # text before the call, and the client would show it above the tool.
-        self._close_text(out)
-        self._calls[call_id] = _ToolCall(name)
-        out.append({"type": "tool-input-start", "toolCallId": call_id, "toolName": name})
+        else:
+            self._start_call(call_id, name, out)
         out.append(
             {
                 "type": "tool-input-available",
@@ -335,6 +364,48 @@ class UIMessageChunks:
             }
         )
         return True
+
+    def _start_call(self, call_id: str, name: str, out: list[dict[str, Any]]) -> None:
+        self._next_step(out)
+        # Text after a tool call is a new text part, as the AI SDK's own servers send it (a
+        # text part per step): tokens without a message id would otherwise add it to the
+        # text before the call, and the client would show it above the tool.
+        self._close_text(out)
+        self._calls[call_id] = _ToolCall(name)
+        out.append({"type": "tool-input-start", "toolCallId": call_id, "toolName": name})
+
+    def _call_chunk(
+        self, key: Hashable, piece: Mapping[str, Any], out: list[dict[str, Any]]
+    ) -> None:
+        """A fragment of a tool call the model streams (``{id, name, args, index}``): the
+        call starts once its id and name are known, its arguments' text follows as deltas,
+        and its input is available once its message, its run or the answer's end says it
+        is whole (:meth:`_announce`)."""
+        index = _message_key(piece.get("index"))
+        call_id = piece.get("id") if isinstance(piece.get("id"), str) and piece["id"] else None
+        name = piece.get("name") if isinstance(piece.get("name"), str) and piece["name"] else None
+        draft = self._drafts.get((key, index))
+        if draft is None and call_id is None:
+            draft = self._last_draft.get(index)  # its chunks changed ids (a provider's id)
+        if draft is None or (call_id is not None and draft.call_id not in (None, call_id)):
+            draft = _DraftCall()
+        self._drafts[(key, index)] = self._last_draft[index] = draft
+        draft.call_id = draft.call_id or call_id
+        draft.name = draft.name or name
+        args = piece.get("args")
+        if isinstance(args, str):
+            draft.args += args
+        if draft.call_id is None or draft.name is None:
+            return  # not known yet: its text waits for the fragment that names the call
+        if draft.call_id not in self._calls:
+            self._start_call(draft.call_id, draft.name, out)
+            self._streaming[draft.call_id] = draft
+        if self._streaming.get(draft.call_id) is draft and len(draft.args) > draft.sent:
+            delta = draft.args[draft.sent :]
+            draft.sent = len(draft.args)
+            out.append(
+                {"type": "tool-input-delta", "toolCallId": draft.call_id, "inputTextDelta": delta}
+            )
 
     def _output(
         self, call_id: str, output: Any, error: str | None, out: list[dict[str, Any]]
@@ -404,6 +475,17 @@ class UIMessageChunks:
         self._announce(call_id, str(data.get("name") or "tool"), None, out)
         error = data.get("error")
         self._output(call_id, output, None if error is None else str(error), out)
+
+
+def _parsed_args(text: str) -> Any:
+    """The arguments of a streamed tool call: its text's JSON (``{}`` for none, the text
+    itself if it is not JSON)."""
+    if not text.strip():
+        return {}
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
 
 
 def _message_key(message_id: Any) -> Hashable:

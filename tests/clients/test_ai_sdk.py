@@ -17,6 +17,7 @@ from resumable_stream.ai_sdk import UIMessageChunks
 from tests._services import run_app_subprocess, uvicorn_command, uvicorn_server
 from tests.clients._app import answer_text, create_app
 from tests.clients.conftest import run_node
+from tests.test_ai_sdk import stored_events, streaming_tool_graph
 
 APP = "tests.clients._app:create_app"
 
@@ -172,3 +173,21 @@ def test_an_answer_cut_by_a_shutdown_is_an_error_not_a_whole_answer(
     # A stop the user asked for is still an abort: the answer ends where it was stopped.
     stopped = read_body(node_modules, tmp_path, _cut("requested"))
     assert (stopped["status"], stopped["error"]) == ("ready", None)
+
+
+async def test_a_tool_call_streamed_in_messages_mode_shows_its_input(
+    node_modules: Path, tmp_path: Path
+) -> None:
+    # Regression: in `messages` mode the UI showed the input of every tool call as {}.
+    inputs = {"messages": [("user", "look x up")]}
+    source = streaming_tool_graph().astream(inputs, stream_mode="messages")
+    seen = read_body(node_modules, tmp_path, await stored_events(source))
+    assert seen["error"] is None
+    tools = [p for p in seen["parts"] if p["type"] == "tool-search"]
+    assert [(p["state"], p["input"], p["output"]) for p in tools] == [
+        ("output-available", {"q": "x"}, "found x")
+    ]
+    browser = streaming_tool_graph(tools=False).astream(inputs, stream_mode="messages")
+    seen = read_body(node_modules, tmp_path, await stored_events(browser))
+    tools = [p for p in seen["parts"] if p["type"] == "tool-search"]
+    assert [(p["state"], p["input"]) for p in tools] == [("input-available", {"q": "x"})]
