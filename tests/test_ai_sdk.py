@@ -867,3 +867,20 @@ async def test_a_tool_that_interrupts_is_pending_not_failed() -> None:
         "finish-step",
         "finish",
     ]
+
+
+async def test_an_http_exception_from_a_generator_s_body_ends_the_answer_with_an_error() -> None:
+    # As docs/ai-sdk.md says: the source's body runs once the answer streams (the response
+    # is sent without waiting for its first item), so what it raises there is an error part.
+    async def answer(chat: ChatRequest) -> AsyncIterator[str]:
+        raise HTTPException(402, "out of credit")
+        yield "never"
+
+    router = ChatRouter(MemoryTransport(), answer, authorize=allow_all)
+    app = Starlette(routes=router.routes)
+    message = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+        response = await http.post("/api/chat", json={"id": "chat-g", "messages": [message]})
+    await router.producer.aclose()
+    assert response.status_code == 200
+    assert sse_chunks(response.text)[-1] == {"type": "error", "errorText": "402: out of credit"}
