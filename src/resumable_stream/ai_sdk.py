@@ -609,9 +609,9 @@ def ui_message_text(message: Mapping[str, Any]) -> str:
 
 def _continued(messages: list[Any]) -> str | None:
     """The id of the assistant message a continuation goes on with: the last message, when
-    the client posts after a client-side tool's output or an approval
-    (``sendAutomaticallyWhen``). The client goes on with that message, and takes a ``start``
-    naming another for a new one, which it adds with the earlier parts again."""
+    the client posts after a client-side tool's output (``sendAutomaticallyWhen``). The
+    client goes on with that message, and takes a ``start`` naming another for a new one,
+    which it adds with the earlier parts again."""
     last = messages[-1] if messages else None
     if isinstance(last, Mapping) and last.get("role") == "assistant":
         message_id = last.get("id")
@@ -688,7 +688,7 @@ class ChatRouter:
     * ``POST {path}``: start a run for chat ``id`` with the source ``source(ChatRequest)``
       returns, and answer it as a UI message stream. A client that goes away does not stop
       it: the answer finishes and the next resume or reload shows it. A continuation (the
-      last message an assistant's: after a client-side tool's output or an approval) is
+      last message an assistant's: after a client-side tool's output) is
       answered in that message: its ``start`` and every replay's name its id;
     * ``GET {path}/{chat_id}/stream``: 204 when no answer is in progress, else the answer
       replayed from its start and followed live (``useChat({resume: true})`` calls it on
