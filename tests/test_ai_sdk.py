@@ -57,7 +57,7 @@ def check_order(chunks: list[dict[str, Any]]) -> None:
             open_text.remove(chunk["id"])
         elif kind in ("tool-input-start", "tool-input-available"):
             calls.add(chunk["toolCallId"])
-        elif kind in ("tool-output-available", "tool-output-error"):
+        elif kind in ("tool-output-available", "tool-output-error", "tool-input-error"):
             assert chunk["toolCallId"] in calls, chunk
             outputs.append(chunk["toolCallId"])
     assert not open_text
@@ -220,6 +220,43 @@ async def test_a_streamed_call_of_a_browser_tool_is_available_at_the_end() -> No
         "finish",
     ]
     assert chunks[-3]["input"] == {"q": "x"}
+
+
+def _half_a_call() -> Event:
+    piece = {"id": "call_1", "name": "search", "args": '{"q": "x', "index": 0}
+    data = {"text": "", "message_id": "m1", "node": "agent", "tool_call_chunks": [piece]}
+    return Event("token", data, "1-1-0")
+
+
+@pytest.mark.parametrize(
+    "terminal",
+    [
+        Event("error", {"message": "boom"}, "1-2-0"),
+        Event("cancelled", {"reason": "requested"}, "1-2-0"),
+        Event("cancelled", {"reason": "shutdown"}, "1-2-0"),
+    ],
+)
+def test_a_call_still_streaming_when_the_answer_fails_or_stops_is_closed(
+    terminal: Event,
+) -> None:
+    # Regression: its part stayed in input-streaming (the UI showed the call as still
+    # being made, forever). It ends as an error the server gives (providerExecuted): the
+    # client must not run it, nor post the answer back for it.
+    chunker = UIMessageChunks("m")
+    chunks = [c for e in (_half_a_call(), terminal) for c in chunker.chunks(e)]
+    check_order(chunks)
+    closed = [c for c in chunks if c["type"] == "tool-input-error"]
+    assert closed == [
+        {
+            "type": "tool-input-error",
+            "toolCallId": "call_1",
+            "toolName": "search",
+            "input": '{"q": "x',
+            "errorText": "the answer ended before this call was complete",
+            "providerExecuted": True,
+        }
+    ]
+    assert chunks[-1]["type"] in ("error", "abort")
 
 
 async def test_tool_runs_without_a_model_message_keep_their_own_call() -> None:

@@ -100,6 +100,9 @@ _SHUTDOWN_TEXT = (
     "the answer was cut short: the server shut down before it finished; send the message again"
 )
 
+#: The error of a tool call the model was still streaming when the answer failed or stopped.
+_UNFINISHED_CALL_TEXT = "the answer ended before this call was complete"
+
 
 def _sse(chunk: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
@@ -143,7 +146,8 @@ class UIMessageChunks:
       own ``resumable_stream.*`` markers (a reserved run's, a continuation's), which are
       not sent;
     * ``end`` / ``error`` / ``cancelled`` → ``finish`` / ``error`` / ``abort``, then ``[DONE]``
-      (``error`` for a run cancelled by its server's shutdown: cut, not stopped).
+      (``error`` for a run cancelled by its server's shutdown: cut, not stopped); a call
+      still streaming then ends with ``tool-input-error`` (``providerExecuted``).
 
     ``start`` (with ``message_id``) and ``start-step`` come first when ``start`` is true, as a
     replay from the beginning needs: the client resets its message on it. Without
@@ -212,6 +216,8 @@ class UIMessageChunks:
                 # The calls the model streamed are whole: a browser's tool runs on this.
                 for call_id in list(self._streaming):
                     self._announce(call_id, "tool", None, out)
+            else:
+                self._drop_drafts(out)
             self._close_text(out)
             if kind == END:
                 out.append({"type": "finish-step"})
@@ -235,6 +241,7 @@ class UIMessageChunks:
             return b""
         self.finished = True
         out: list[dict[str, Any]] = []
+        self._drop_drafts(out)
         self._close_text(out)
         out.append({"type": "error", "errorText": reason})
         return b"".join(_sse(chunk) for chunk in out) + _DONE
@@ -406,6 +413,23 @@ class UIMessageChunks:
             out.append(
                 {"type": "tool-input-delta", "toolCallId": draft.call_id, "inputTextDelta": delta}
             )
+
+    def _drop_drafts(self, out: list[dict[str, Any]]) -> None:
+        """End the calls still streaming when the answer fails or stops: the client would
+        show them as being made. ``providerExecuted``: the browser must not run them, and
+        ``ai`` posts back an answer whose own tools all failed."""
+        for call_id, draft in self._streaming.items():
+            out.append(
+                {
+                    "type": "tool-input-error",
+                    "toolCallId": call_id,
+                    "toolName": self._calls[call_id].name,
+                    "input": _parsed_args(draft.args),
+                    "errorText": _UNFINISHED_CALL_TEXT,
+                    "providerExecuted": True,
+                }
+            )
+        self._streaming.clear()
 
     def _output(
         self, call_id: str, output: Any, error: str | None, out: list[dict[str, Any]]

@@ -191,3 +191,23 @@ async def test_a_tool_call_streamed_in_messages_mode_shows_its_input(
     seen = read_body(node_modules, tmp_path, await stored_events(browser))
     tools = [p for p in seen["parts"] if p["type"] == "tool-search"]
     assert [(p["state"], p["input"]) for p in tools] == [("input-available", {"q": "x"})]
+
+
+@pytest.mark.parametrize(
+    "terminal",
+    [
+        Event("error", {"message": "boom"}, "1-2-0"),
+        Event("cancelled", {"reason": "requested"}, "1-2-0"),
+    ],
+)
+def test_a_call_still_streaming_when_the_answer_ends_is_not_left_streaming(
+    node_modules: Path, tmp_path: Path, terminal: Event
+) -> None:
+    # Regression: the part stayed in input-streaming (the UI showed the call as still
+    # being made). Stopped, `ai` decides whether to post the answer back: not for it.
+    piece = {"id": "call_1", "name": "search", "args": '{"q": "x', "index": 0}
+    data = {"text": "", "message_id": "m1", "node": "agent", "tool_call_chunks": [piece]}
+    seen = read_body(node_modules, tmp_path, [Event("token", data, "1-1-0"), terminal])
+    tools = [p for p in seen["parts"] if p["type"] == "tool-search"]
+    assert [p["state"] for p in tools] == ["output-error"]
+    assert seen["posts"] == 1
