@@ -146,7 +146,8 @@ def _from_message(message: Any, metadata: Mapping[str, Any], ns: list[str] | Non
     node = metadata.get("langgraph_node")
     if type(message).__name__.endswith("Chunk"):
         text = text_of(message.content)
-        calls = _tool_call_chunks(message)
+        # (Most chunks hold none: a text chunk pays for one attribute read.)
+        calls = getattr(message, "tool_call_chunks", None) and _tool_call_chunks(message)
         if calls:
             # LangGraph sends no whole message after a streamed one: a tool call's id, name
             # and arguments come only in these fragments.

@@ -280,22 +280,22 @@ class UIMessageChunks:
                 out.append({"type": "text-end", "id": part})
 
     def _token(self, data: Mapping[str, Any], out: list[dict[str, Any]]) -> None:
-        key = _message_key(data.get("message_id"))
+        # Most events of a stream: a text token pays for no more than its text.
         text = data.get("text")
         if isinstance(text, str) and text:
-            self._text(key, text, out)
+            key = _message_key(data.get("message_id"))
+            self._streamed.add(key)
+            digest = self._token_text.get(key)
+            if digest is None:
+                digest = self._token_text[key] = hashlib.blake2b(digest_size=16)
+            digest.update(text.encode("utf-8", "surrogatepass"))
+            out.append({"type": "text-delta", "id": self._open(key, out), "delta": text})
         calls = data.get("tool_call_chunks")  # a model's tool calls, streamed
-        for piece in calls if isinstance(calls, list) else ():
-            if isinstance(piece, Mapping):
-                self._call_chunk(key, piece, out)
-
-    def _text(self, key: Hashable, text: str, out: list[dict[str, Any]]) -> None:
-        self._streamed.add(key)
-        digest = self._token_text.get(key)
-        if digest is None:
-            digest = self._token_text[key] = hashlib.blake2b(digest_size=16)
-        digest.update(text.encode("utf-8", "surrogatepass"))
-        out.append({"type": "text-delta", "id": self._open(key, out), "delta": text})
+        if calls and isinstance(calls, list):
+            key = _message_key(data.get("message_id"))
+            for piece in calls:
+                if isinstance(piece, Mapping):
+                    self._call_chunk(key, piece, out)
 
     def _message(self, message: Any, out: list[dict[str, Any]]) -> None:
         if not isinstance(message, Mapping):
