@@ -259,6 +259,27 @@ def test_a_call_still_streaming_when_the_answer_fails_or_stops_is_closed(
     assert chunks[-1]["type"] in ("error", "abort")
 
 
+def test_a_streamed_call_whose_arguments_are_not_json_is_an_error_at_the_end() -> None:
+    # Regression: a call cut short (the model's max_tokens) or malformed came as input
+    # its raw text, and a browser's tool ran with a string for its arguments. LangChain
+    # takes it for an invalid call (ToolNode does not run it): the client gets it as one.
+    chunker = UIMessageChunks("m")
+    events = [_half_a_call(), Event("end", {}, "1-2-0")]
+    chunks = [c for e in events for c in chunker.chunks(e)]
+    check_order(chunks)
+    assert [c for c in chunks if c["type"].startswith("tool-input-") and "input" in c] == [
+        {
+            "type": "tool-input-error",
+            "toolCallId": "call_1",
+            "toolName": "search",
+            "input": '{"q": "x',
+            "errorText": "the model's arguments for this call are not valid JSON",
+            "providerExecuted": True,
+        }
+    ]
+    assert chunks[-1] == {"type": "finish", "finishReason": "stop"}
+
+
 async def test_tool_runs_without_a_model_message_keep_their_own_call() -> None:
     async def source() -> AsyncIterator[Any]:
         output = {"role": "tool", "tool_call_id": "c9", "content": "ok"}

@@ -102,6 +102,8 @@ _SHUTDOWN_TEXT = (
 
 #: The error of a tool call the model was still streaming when the answer failed or stopped.
 _UNFINISHED_CALL_TEXT = "the answer ended before this call was complete"
+#: The error of a tool call the model streamed whose arguments are not JSON.
+_INVALID_ARGS_TEXT = "the model's arguments for this call are not valid JSON"
 
 
 def _sse(chunk: dict[str, Any]) -> bytes:
@@ -213,11 +215,17 @@ class UIMessageChunks:
         elif kind in (END, ERROR, CANCELLED):
             self.finished = True
             if kind == END:
-                # The calls the model streamed are whole: a browser's tool runs on this.
-                for call_id in list(self._streaming):
-                    self._announce(call_id, "tool", None, out)
+                # The calls the model streamed are whole: a browser's tool runs on this,
+                # unless its arguments are not JSON (cut by max_tokens): LangChain's
+                # invalid_tool_calls, which nothing runs.
+                for call_id, draft in list(self._streaming.items()):
+                    if _is_json(draft.args):
+                        self._announce(call_id, "tool", None, out)
+                    else:
+                        self._drop_draft(call_id, _INVALID_ARGS_TEXT, out)
             else:
-                self._drop_drafts(out)
+                for call_id in list(self._streaming):
+                    self._drop_draft(call_id, _UNFINISHED_CALL_TEXT, out)
             self._close_text(out)
             if kind == END:
                 out.append({"type": "finish-step"})
@@ -241,7 +249,8 @@ class UIMessageChunks:
             return b""
         self.finished = True
         out: list[dict[str, Any]] = []
-        self._drop_drafts(out)
+        for call_id in list(self._streaming):
+            self._drop_draft(call_id, _UNFINISHED_CALL_TEXT, out)
         self._close_text(out)
         out.append({"type": "error", "errorText": reason})
         return b"".join(_sse(chunk) for chunk in out) + _DONE
@@ -414,22 +423,22 @@ class UIMessageChunks:
                 {"type": "tool-input-delta", "toolCallId": draft.call_id, "inputTextDelta": delta}
             )
 
-    def _drop_drafts(self, out: list[dict[str, Any]]) -> None:
-        """End the calls still streaming when the answer fails or stops: the client would
-        show them as being made. ``providerExecuted``: the browser must not run them, and
-        ``ai`` posts back an answer whose own tools all failed."""
-        for call_id, draft in self._streaming.items():
-            out.append(
-                {
-                    "type": "tool-input-error",
-                    "toolCallId": call_id,
-                    "toolName": self._calls[call_id].name,
-                    "input": _parsed_args(draft.args),
-                    "errorText": _UNFINISHED_CALL_TEXT,
-                    "providerExecuted": True,
-                }
-            )
-        self._streaming.clear()
+    def _drop_draft(self, call_id: str, error: str, out: list[dict[str, Any]]) -> None:
+        """End a streamed call that will not run (the answer failed or stopped before it was
+        whole, or its arguments are not JSON): the client would show it as being made, or
+        run it. ``providerExecuted``: the browser must not run it, and ``ai`` posts back an
+        answer whose own tools all failed."""
+        draft = self._streaming.pop(call_id)
+        out.append(
+            {
+                "type": "tool-input-error",
+                "toolCallId": call_id,
+                "toolName": self._calls[call_id].name,
+                "input": _parsed_args(draft.args),
+                "errorText": error,
+                "providerExecuted": True,
+            }
+        )
 
     def _output(
         self, call_id: str, output: Any, error: str | None, out: list[dict[str, Any]]
@@ -510,6 +519,17 @@ def _parsed_args(text: str) -> Any:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
         return text
+
+
+def _is_json(text: str) -> bool:
+    """True if a streamed call's arguments parse (none is ``{}``)."""
+    if not text.strip():
+        return True
+    try:
+        orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 def _message_key(message_id: Any) -> Hashable:

@@ -211,3 +211,17 @@ def test_a_call_still_streaming_when_the_answer_ends_is_not_left_streaming(
     tools = [p for p in seen["parts"] if p["type"] == "tool-search"]
     assert [p["state"] for p in tools] == ["output-error"]
     assert seen["posts"] == 1
+
+
+def test_a_streamed_call_whose_arguments_are_not_json_is_not_run_by_the_browser(
+    node_modules: Path, tmp_path: Path
+) -> None:
+    # Regression: it was input-available with the arguments' raw text as input, and the
+    # browser's tool ran (onToolCall) with a string for its arguments.
+    piece = {"id": "call_1", "name": "search", "args": '{"q": "x', "index": 0}
+    data = {"text": "", "message_id": "m1", "node": "agent", "tool_call_chunks": [piece]}
+    events = [Event("token", data, "1-1-0"), Event("end", {}, "1-2-0")]
+    seen = read_body(node_modules, tmp_path, events)
+    tools = [p for p in seen["parts"] if p["type"] == "tool-search"]
+    assert [p["state"] for p in tools] == ["output-error"]
+    assert (seen["status"], seen["posts"]) == ("ready", 1)
