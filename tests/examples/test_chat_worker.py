@@ -11,9 +11,12 @@ worker starts in time ends with `not_started`.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from tests.examples._chat import (
@@ -199,3 +202,38 @@ def test_queued_messages_of_a_thread_are_answered_in_order_by_concurrent_workers
 
     assert endings == [{"type": "end"}] * 4
     assert_answered_in_order(thread, runs)
+
+
+def test_stopping_an_answer_no_worker_took_yet_ends_it_as_stopped_at_once(
+    chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest
+) -> None:
+    # The workers are busy (here: none runs): Stop must end the queued answer for its
+    # readers now, as stopped, not after WORKER_START_TIMEOUT with not_started.
+    env = {
+        **redis_postgres_env(request),
+        "WORKER_MODE": "1",
+        "STREAM_LEASE": str(LEASE),
+        "WORKER_START_TIMEOUT": "120",
+    }
+    api = chat_servers(**env)
+    # A short read timeout: an answer left waiting for a worker fails the test at once.
+    opened = threading.Event()
+    hooks = {"response": [lambda response: opened.set()]}
+    with httpx.Client(base_url=api.url, timeout=10.0, event_hooks=hooks) as client:
+        queued = post_message(client, "what is 12*7")
+        thread_id = queued["thread_id"]
+        opened.clear()
+        with ThreadPoolExecutor(1) as pool:
+            # A reader waiting on the answer (the page opens it at once), then Stop.
+            reading = pool.submit(read_sse, client, queued["stream_url"])
+            assert opened.wait(10), "the answer's stream did not open"
+            stopped = client.post("/v1/chat/stop", params={"thread_id": thread_id})
+            assert stopped.status_code == 200, stopped.text
+            status, events = reading.result()
+        thread = eventually(lambda: settled(client, thread_id), what="the thread settles")
+        again = post_message(client, "what is 12*7", thread_id=thread_id)
+
+    assert status == 200
+    assert terminal(events) == {"type": "end", "reason": "stopped"}
+    assert thread["last_error"] is None
+    assert again["status"] == "queued"

@@ -78,7 +78,9 @@ class RunService:
 
     With ``workers`` (worker mode), answers are written by Celery workers, one task per
     run (worker.py): ``enqueue`` (in API processes) reserves the run's stream and sends its
-    task, and :meth:`answer_reserved` (in workers) answers it. Every background task
+    task (the reservation is kept with the run, so that a stop in any API process ends
+    the stream of a run no worker took yet), and :meth:`answer_reserved` (in workers)
+    answers it. Every background task
     belongs to the service; :meth:`aclose` ends them.
     """
 
@@ -92,7 +94,7 @@ class RunService:
         agent: Agent,
         checkpointer: BaseCheckpointSaver[Any],
         cache: AnswerCache | None,
-        enqueue: Callable[[RunRecord], Awaitable[None]] | None = None,
+        enqueue: Callable[[RunRecord, Reservation], Awaitable[None]] | None = None,
         workers: bool = False,
     ) -> None:
         self.settings = settings
@@ -230,7 +232,11 @@ class RunService:
         if self.enqueue is None:
             raise RuntimeError("worker mode needs enqueue (API processes)")
         try:
-            await self.enqueue(run)
+            reservation = await self.producer.reserve(
+                run.stream_id, start_timeout=self.settings.worker_start_timeout
+            )
+            await self.store.set_reservation(run.thread_id, run.seq, str(reservation))
+            await self.enqueue(run, reservation)
         except Exception as exc:
             await self.store.settle_run(run.thread_id, run.seq, "failed", error=QUEUE_DOWN)
             raise QueueUnavailable(str(exc)) from exc
@@ -258,6 +264,12 @@ class RunService:
     async def stop(self, thread_id: str) -> bool:
         """Stop the answer in flight and drop the queued ones; True if there was any."""
         dropped = await self.store.drop_queued(thread_id)
+        for run in dropped:
+            # Worker mode: a run no worker took yet has a reserved stream its readers wait
+            # on. End it as stopped now, not when a worker gets to the task (or never).
+            reservation = await self.store.reservation(thread_id, run.seq)
+            if reservation is not None:
+                await self._end_reserved(Reservation.parse(reservation))
         stopped = False
         for run in await self.store.runs(thread_id, "started"):
             stopped |= await self.producer.cancel(run.stream_id)
@@ -405,12 +417,17 @@ class RunService:
 
     async def _not_answering(self, job: RunRecord | None, reservation: Reservation) -> str:
         if job is not None and job.state == "dropped":
-            # Stopped before a worker got to it: end its reserved stream as stopped, so its
-            # readers do not wait for the start timeout.
-            with contextlib.suppress(ResumableStreamError):
-                run = await self.producer.start(Hold(), reservation=reservation)
-                await run.cancel()
+            # Stopped before a worker got to it (the stop ended its stream, unless it came
+            # before the reservation was recorded): end its reserved stream as stopped.
+            await self._end_reserved(reservation)
         return f"nothing to do: the run is {job.state if job else 'deleted'}"
+
+    async def _end_reserved(self, reservation: Reservation) -> None:
+        """End a reserved run no worker started as stopped (readers get ``cancelled``);
+        nothing if it was started, or has ended."""
+        with contextlib.suppress(ResumableStreamError):
+            run = await self.producer.start(Hold(), reservation=reservation)
+            await run.cancel()
 
     async def _resume_queue(self, thread_id: str) -> None:
         if await self.transport.info(lock_id_for(thread_id)) is None:

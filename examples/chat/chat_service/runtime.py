@@ -84,7 +84,7 @@ async def open_runtime(
         if settings.worker_mode and role == "api":
             from .worker import CeleryQueue
 
-            queue = CeleryQueue(settings, producer)
+            queue = CeleryQueue(settings)
             stack.callback(queue.close)
             enqueue = queue.enqueue
 

@@ -65,7 +65,13 @@ _SCHEMA = (
     """,
 )
 #: Columns added since the first release, for databases created before (name, SQL type).
-_ADDED_RUN_COLUMNS = (("kind", "TEXT NOT NULL DEFAULT 'message'"), ("error", "TEXT"))
+_ADDED_RUN_COLUMNS = (
+    ("kind", "TEXT NOT NULL DEFAULT 'message'"),
+    ("error", "TEXT"),
+    # Worker mode: the run's stream reservation (resumable_stream.Reservation), so that a
+    # stop ends the stream of a run no worker started.
+    ("reservation", "TEXT"),
+)
 _THREAD_COLUMNS = "id, owner, title, archived, created_at, updated_at, run_seq"
 _RUN_COLUMNS = "thread_id, seq, message, model, use_cache, human_id, state, created_at, kind, error"
 
@@ -340,6 +346,20 @@ class ThreadStore(ABC):
             (thread_id,),
         )
         return [_run(row) for row in rows]
+
+    async def set_reservation(self, thread_id: str, seq: int, reservation: str) -> None:
+        """(Worker mode) Keep the reservation of a run's stream with the run."""
+        await self._fetch(
+            "UPDATE chat_runs SET reservation = ? WHERE thread_id = ? AND seq = ?",
+            (reservation, thread_id, seq),
+        )
+
+    async def reservation(self, thread_id: str, seq: int) -> str | None:
+        """(Worker mode) The reservation of a run's stream, if it has one."""
+        rows = await self._fetch(
+            "SELECT reservation FROM chat_runs WHERE thread_id = ? AND seq = ?", (thread_id, seq)
+        )
+        return rows[0][0] if rows and rows[0][0] is not None else None
 
     async def current_run(self, thread_id: str) -> RunRecord | None:
         """The answer a reader of the thread wants: the one being written, else the next

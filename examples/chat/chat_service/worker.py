@@ -40,7 +40,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from resumable_stream import Reservation, StreamProducer
+from resumable_stream import Reservation
 
 from .runtime import Runtime, open_runtime
 from .settings import Settings
@@ -84,17 +84,13 @@ def celery_app(settings: Settings) -> Any:
 
 
 class CeleryQueue:
-    """(API processes) Reserve a run's stream and send its task."""
+    """(API processes) Send the task of a run whose stream is reserved (runs.py)."""
 
-    def __init__(self, settings: Settings, producer: StreamProducer) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.producer = producer
         self.app = celery_app(settings)
 
-    async def enqueue(self, run: RunRecord) -> None:
-        reservation = await self.producer.reserve(
-            run.stream_id, start_timeout=self.settings.worker_start_timeout
-        )
+    async def enqueue(self, run: RunRecord, reservation: Reservation) -> None:
         # kombu's publish is blocking I/O.
         await asyncio.to_thread(
             self.app.send_task, ANSWER_TASK, args=[run.thread_id, run.seq, str(reservation)]
