@@ -816,3 +816,37 @@ def _luminance(css_color: str) -> float:
     """0 (black) to 1 (white) for an `rgb(r, g, b)` computed style."""
     red, green, blue = (int(part) for part in css_color[4:-1].split(",")[:3])
     return (0.2126 * red + 0.7152 * green + 0.0722 * blue) / 255
+
+
+def test_the_thread_clicked_last_is_shown_when_an_earlier_one_loads_late(
+    page: Page, chat_servers: Callable[..., ChatServer]
+) -> None:
+    server = chat_servers()
+    page.goto(server.url)
+    send(page, "what is 12*7")
+    expect(page.locator(ANSWER).last).to_have_attribute("data-state", "done")
+    first = thread_id_of(page)
+    page.click("#new-chat")
+    send(page, "what is 6*7")
+    expect(page.locator(ANSWER).last).to_have_attribute("data-state", "done")
+    second = thread_id_of(page)
+    page.click("#new-chat")
+
+    # The first thread is slow to load (a slow network, a busy server); before it comes,
+    # the user clicks the second one, which loads at once.
+    held: list[Route] = []
+    page.route(f"**/v1/thread?thread_id={first}", lambda route: held.append(route))
+    page.locator(f'.thread[data-thread-id="{first}"] .name').click()
+    eventually(lambda: held or None, what="the first thread is asked for")
+    page.locator(f'.thread[data-thread-id="{second}"] .name').click()
+    expect(page.locator("#title")).to_have_text("what is 6*7")
+    with page.expect_response(lambda response: first in response.url):
+        held[0].continue_()
+    # The page has read that response by the time a request it makes after it returns.
+    page.evaluate("() => fetch('/info').then((response) => response.json())")
+
+    # The late answer does not take the page back to the thread clicked first.
+    expect(page.locator("#title")).to_have_text("what is 6*7")
+    expect(page.locator(".msg.user .bubble")).to_have_text(["what is 6*7"])
+    assert page.evaluate("location.hash") == f"#thread={second}"
+    expect(page.locator(".thread.current")).to_have_attribute("data-thread-id", second)

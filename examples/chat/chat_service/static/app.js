@@ -29,6 +29,7 @@ const state = {
   sending: false, // a POST is in flight: a second Enter must not send again (issue 12)
   follow: true, // the view follows new text: the user is at the bottom
   threadsTimer: 0,
+  opening: 0, // counts openThread and newChat calls: only the latest one shows its thread
 };
 
 // --------------------------------------------------------------------------- HTTP
@@ -510,14 +511,18 @@ async function stopAnswer() {
 async function openThread(threadId, { keepStatus = false } = {}) {
   closeStream();
   closeDrawer();
+  const opening = ++state.opening;
   let thread;
   try {
     thread = await api("GET", "/v1/thread?thread_id=" + encodeURIComponent(threadId));
   } catch (error) {
+    if (opening !== state.opening) return;
     newChat();
     setStatus(error.status === 404 ? "That thread does not exist." : error.message, "warn");
     return;
   }
+  // Another thread (or a new chat) was clicked while this one loaded: that one is shown.
+  if (opening !== state.opening) return;
   if (!keepStatus) setStatus("");
   state.threadId = threadId;
   history.replaceState(null, "", "#thread=" + threadId);
@@ -536,6 +541,7 @@ async function openThread(threadId, { keepStatus = false } = {}) {
 }
 
 function newChat() {
+  state.opening++;
   closeStream();
   closeDrawer();
   setStatus("");
