@@ -319,6 +319,16 @@ async def test_tool_runs_without_a_model_message_keep_their_own_call() -> None:
                 "finished; send the message again",
             },
         ),
+        (
+            # Regression: a run whose task was cancelled in its process (no cancel asked
+            # for, no shutdown) ended with an abort, which `ai` shows as a whole answer.
+            Event("cancelled", {"reason": "stopped"}, "1-2-0"),
+            {
+                "type": "error",
+                "errorText": "the answer was cut short: its run was stopped before it "
+                "finished; send the message again",
+            },
+        ),
     ],
 )
 def test_terminal_events_close_the_text_and_end_with_done(

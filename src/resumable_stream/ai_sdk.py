@@ -99,6 +99,10 @@ _MESSAGE_ID_EVENT = "resumable_stream.ui_message_id"
 _SHUTDOWN_TEXT = (
     "the answer was cut short: the server shut down before it finished; send the message again"
 )
+#: The error part of an answer whose run was stopped in its process, not asked to stop.
+_STOPPED_TEXT = (
+    "the answer was cut short: its run was stopped before it finished; send the message again"
+)
 
 #: The error of a tool call the model was still streaming when the answer failed or stopped.
 _UNFINISHED_CALL_TEXT = "the answer ended before this call was complete"
@@ -233,10 +237,12 @@ class UIMessageChunks:
             elif kind == ERROR:
                 message = data.get("message") or data.get("error") or "the answer failed"
                 out.append({"type": "error", "errorText": str(message)})
-            elif data.get("reason") == "shutdown":
-                # Cut by the server, not stopped: `ai` takes an `abort` for the end of a
-                # whole answer, and nothing goes on with this one (the run was its process's).
-                out.append({"type": "error", "errorText": _SHUTDOWN_TEXT})
+            elif data.get("reason") in ("shutdown", "stopped"):
+                # Cut by the server, not stopped by a request: `ai` takes an `abort` for the
+                # end of a whole answer, and nothing goes on with this one (the run was its
+                # process's; "stopped": its task was cancelled there, with no cancel asked).
+                text = _SHUTDOWN_TEXT if data["reason"] == "shutdown" else _STOPPED_TEXT
+                out.append({"type": "error", "errorText": text})
             else:
                 out.append({"type": "abort", "reason": str(data.get("reason") or "cancelled")})
         return out
