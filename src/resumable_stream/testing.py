@@ -94,6 +94,8 @@ class TransportContract:
 
     @pytest_asyncio.fixture
     async def transport_factory(self) -> AsyncIterator[TransportFactory]:
+        """A fixture: makes transports over one fresh namespace (:meth:`make_transport`),
+        and closes them after the test."""
         namespace = f"rs{uuid.uuid4().hex[:12]}"
         made: list[Transport] = []
 
@@ -108,12 +110,15 @@ class TransportContract:
 
     @pytest.fixture
     def transport(self, transport_factory: TransportFactory) -> Transport:
+        """A fixture: the transport a test writes and reads through."""
         return transport_factory()
 
     @pytest.fixture
     def peer_transport(
         self, transport: Transport, transport_factory: TransportFactory
     ) -> Transport:
+        """A fixture: another process's transport over the same storage (the same one when
+        ``shared_storage`` is false)."""
         return transport_factory() if self.shared_storage else transport
 
     async def test_full_stream_rebuilds_the_text(self, transport: Transport) -> None:
