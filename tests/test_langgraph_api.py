@@ -1762,6 +1762,11 @@ async def test_threads_search_finds_a_graphs_threads_newest_first() -> None:
         assert [r["thread_id"] for r in other.json()] == ["o1"]
         every = await http.post("/threads/search", json={})
         assert [r["thread_id"] for r in every.json()] == ["ask", "a2", "o1", "a1"]
+        oldest = await http.post(
+            "/threads/search", json={"sort_by": "created_at", "sort_order": "asc"}
+        )
+        by_creation = sorted(every.json(), key=lambda r: (r["created_at"], r["thread_id"]))
+        assert [r["thread_id"] for r in oldest.json()] == [r["thread_id"] for r in by_creation]
         page = await http.post(
             "/threads/search",
             json={

@@ -887,14 +887,15 @@ class LangGraphRouter:
                 f"{sorted(search.metadata)}",
                 "search_not_served",
             ) from None
-        found = [(thread_id, ThreadInfo(*span)) for thread_id, span in times.items()]
-        if search.sort_by == "thread_id":
-            found.sort(key=lambda pair: pair[0], reverse=search.sort_order != "asc")
-        elif search.sort_by == "created_at":
-            found.sort(key=lambda pair: pair[1].created_at, reverse=search.sort_order != "asc")
-        else:
-            found.sort(key=lambda pair: pair[1].updated_at, reverse=search.sort_order != "asc")
-        return list(found)
+        found: list[tuple[str, ThreadInfo | None]] = [
+            (thread_id, ThreadInfo(*span)) for thread_id, span in times.items()
+        ]
+        by = search.sort_by or "updated_at"
+        found.sort(
+            key=lambda pair: pair[0] if by == "thread_id" else getattr(pair[1], by),
+            reverse=search.sort_order != "asc",
+        )
+        return found
 
     async def get_state(self, request: Request) -> Response:
         """``GET /threads/{thread_id}/state``: the thread's latest checkpoint."""
