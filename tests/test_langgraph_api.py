@@ -2030,3 +2030,65 @@ async def test_a_run_whose_producer_died_reads_as_error_not_running() -> None:
         assert [r["status"] for r in (await http.get("/threads/t1/runs")).json()] == ["error"]
         assert (await http.get("/threads/t2")).json()["status"] == "idle"
     await api.producer.aclose()
+
+
+async def test_a_threads_state_is_read_with_the_graph_its_runs_ran() -> None:
+    # Regression: with several graphs, a thread's state, history, status, run status and
+    # runs.join were read with the first graph: a thread stopped at an interrupt of another
+    # graph had no next node, no tasks and no interrupts, read as idle and its run as
+    # success, and useStream never showed the interrupt (live or after a reload).
+    import httpx
+    from langchain_core.messages import AIMessage
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.types import interrupt
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    def ask(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [AIMessage(f"hi {interrupt('your name?')}")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("ask", ask)
+    builder.add_edge(START, "ask")
+    saver = InMemorySaver()
+    released = asyncio.Event()
+    released.set()
+    graphs = {"chat": build_graph({"t": released}, saver), "asker": builder.compile(saver)}
+    api = LangGraphRouter(MemoryTransport(), graphs, authorize=allow_all)
+    app = Starlette(routes=[Mount("/lg", api)])
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://t/lg"
+    ) as http:
+        first = await http.post(
+            "/threads/t/runs/wait",
+            json={
+                "assistant_id": "asker",
+                "input": {"messages": [{"role": "user", "content": "x"}]},
+            },
+        )
+        assert first.json()["__interrupt__"][0]["value"] == "your name?"
+        run = first.headers["content-location"]
+        state = (await http.get("/threads/t/state")).json()
+        assert state["next"] == ["ask"]
+        assert state["tasks"][0]["interrupts"][0]["value"] == "your name?"
+        assert state["interrupts"][0]["value"] == "your name?"
+        [head] = (await http.post("/threads/t/history", json={"limit": 1})).json()
+        assert head["tasks"][0]["interrupts"][0]["value"] == "your name?"
+        assert (await http.get("/threads/t")).json()["status"] == "interrupted"
+        assert (await http.get(run)).json()["status"] == "interrupted"
+        joined = (await http.get(f"{run}/join")).json()
+        assert joined["__interrupt__"][0]["value"] == "your name?"
+        # The thread's latest run says which graph it is: the first graph's next.
+        await http.post(
+            "/threads/t/runs/wait",
+            json={
+                "assistant_id": "chat",
+                "input": {"messages": [{"role": "user", "content": "y"}]},
+            },
+        )
+        assert (await http.get("/threads/t/state")).json()["next"] == []
+        assert (await http.get("/threads/t")).json()["status"] == "idle"
+    await api.producer.aclose()

@@ -560,7 +560,8 @@ class LangGraphRouter:
     """An ASGI app with the LangGraph Agent Server endpoints the SDKs use, over your graphs.
 
     ``graphs`` maps assistant ids (the SDKs' ``assistantId``) to compiled graphs that share
-    a checkpointer; the first one answers thread state and history. Each thread has one
+    a checkpointer; a thread's state and history are read with the graph of its latest run
+    (the first graph for a thread that names none). Each thread has one
     stream (``stream_id(thread_id)``, by default ``"langgraph:<thread_id>"``), and each run
     of the thread a new epoch of it, so one run of a thread is in progress at a time, in
     every process at once. A run asked for meanwhile does what its ``multitask_strategy``
@@ -765,6 +766,21 @@ class LangGraphRouter:
             return ThreadInfo(now, now)
         return ThreadInfo(min(stamps), max(stamps))
 
+    async def _graph_of(self, thread_id: str) -> Any:
+        """The graph that reads the thread's state: the one its latest checkpoint names
+        (each run writes its ``graph_id`` there), as the API reads a thread with its own
+        graph (another graph knows none of its nodes: no next step, no interrupt); the
+        first graph for a thread that names none."""
+        if len(self.graphs) == 1:
+            return self._state_graph
+        saver: Any = getattr(self._state_graph, "checkpointer", None)
+        if not hasattr(saver, "aget_tuple"):
+            return self._state_graph
+        latest = await saver.aget_tuple(self._config(thread_id))
+        graph_id = ((latest.metadata if latest is not None else None) or {}).get("graph_id")
+        graph = self.graphs.get(graph_id) if isinstance(graph_id, str) else None
+        return self._state_graph if graph is None else graph
+
     def _thread_record(
         self, thread_id: str, info: ThreadInfo, status: str, values: Any = None
     ) -> dict[str, Any]:
@@ -809,7 +825,8 @@ class LangGraphRouter:
         failed (its failed task is still next), ``interrupted`` at an interrupt, else
         ``idle``; its values."""
         stream = await settled_info(self.transport, check_stream_id(self.stream_id(thread_id)))
-        state = await self._state_graph.aget_state(self._config(thread_id))
+        graph = await self._graph_of(thread_id)
+        state = await graph.aget_state(self._config(thread_id))
         status = "busy" if stream is not None and stream.status == "running" else "idle"
         if status == "idle" and any(task.error is not None for task in state.tasks):
             status = "error"
@@ -900,7 +917,8 @@ class LangGraphRouter:
     async def get_state(self, request: Request) -> Response:
         """``GET /threads/{thread_id}/state``: the thread's latest checkpoint."""
         thread_id, _ = await self._thread(request, "read")
-        state = await self._state_graph.aget_state(self._config(thread_id))
+        graph = await self._graph_of(thread_id)
+        state = await graph.aget_state(self._config(thread_id))
         return _json(200, _state_json(state, thread_id))
 
     async def get_history(self, request: Request) -> Response:
@@ -924,11 +942,10 @@ class LangGraphRouter:
             kwargs["before"] = self._config(thread_id, {"configurable": dict(before)})
         if isinstance(body.get("metadata"), dict):
             kwargs["filter"] = body["metadata"]
+        graph = await self._graph_of(thread_id)
         states = [
             _state_json(state, thread_id)
-            async for state in self._state_graph.aget_state_history(
-                self._config(thread_id), **kwargs
-            )
+            async for state in graph.aget_state_history(self._config(thread_id), **kwargs)
         ]
         return _json(200, states)
 
@@ -1141,7 +1158,7 @@ class LangGraphRouter:
         """``GET .../runs/{run_id}/join`` (``runs.join``): the thread's values once the run
         ended (see :meth:`_outcome`)."""
         run = await self._run_info(request, "read")
-        return self._outcome(request, run, self._state_graph, None)
+        return self._outcome(request, run, await self._graph_of(run.thread_id), None)
 
     def _outcome(
         self,
@@ -1520,7 +1537,8 @@ class LangGraphRouter:
                     "cancelled": "interrupted",
                 }[info.status]
                 if status == "success":
-                    state = await self._state_graph.aget_state(self._config(run.thread_id))
+                    graph = await self._graph_of(run.thread_id)
+                    state = await graph.aget_state(self._config(run.thread_id))
                     # Stopped at an interrupt; unless that state is a later run's (one
                     # that started since the info was read, at its next step).
                     own = (state.metadata or {}).get("run_id") in (None, run.run_id)
