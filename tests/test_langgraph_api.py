@@ -270,6 +270,29 @@ async def test_a_run_body_langgraph_would_fail_on_is_refused_before_the_run(
         assert await api.transport.info(api.stream_id(thread_id)) is None  # no run started
 
 
+@pytest.mark.parametrize("endpoint", ["runs/stream", "runs", "runs/wait"])
+@pytest.mark.parametrize(
+    ("extra", "code"),
+    [
+        ({"webhook": "https://app.example/done"}, "webhook_not_served"),
+        ({"after_seconds": 60}, "after_seconds_not_served"),
+    ],
+)
+async def test_a_run_option_not_served_is_refused_before_the_run(
+    endpoint: str, extra: dict[str, Any], code: str
+) -> None:
+    # Regression: a webhook was never called, and a run asked to start in a minute
+    # started at once, both without a word to the client (the SDKs send them as given).
+    async with lg_client() as (http, api, _):
+        thread_id = (await http.post("/threads", json={})).json()["thread_id"]
+        response = await http.post(
+            f"/threads/{thread_id}/{endpoint}",
+            json={"assistant_id": "agent", "input": {"messages": []}, **extra},
+        )
+        assert (response.status_code, response.json()["code"]) == (422, code)
+        assert await api.transport.info(api.stream_id(thread_id)) is None  # no run started
+
+
 @pytest.mark.parametrize(
     "extra",
     [

@@ -963,6 +963,15 @@ class LangGraphRouter:
                     f"no assistant {assistant_id!r}; this server has {sorted(self.graphs)}",
                 )
             )
+        # The API's options this server does not act on: ignored, the client would wait
+        # for a webhook that never comes, or see a run start before its time.
+        if body.get("webhook"):
+            raise _bad("'webhook' is not served: join or wait for the run", "webhook_not_served")
+        if body.get("after_seconds") not in (None, 0):
+            raise _bad(
+                "'after_seconds' is not served: runs start at once (or in their turn)",
+                "after_seconds_not_served",
+            )
         modes = _stream_modes(body.get("stream_mode"))
         graph_modes = ["messages" if m == "messages-tuple" else m for m in modes if m != "tools"]
         tools = "tools" in modes
