@@ -97,9 +97,14 @@ def test_tutorial_app_survives_a_reload_mid_answer(chromium_path: str, tmp_path:
         server.wait(timeout=10)
 
 
-def test_howto_testing_example_runs() -> None:
-    code = code_block("docs/howto/testing.md", "test_app.py")
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
+def test_howto_testing_example_passes_under_pytest(tmp_path: Path) -> None:
+    # Run as its file name invites: `pytest`, in a project with no pytest settings (an
+    # empty pytest.ini stops pytest from reading this repository's). It used to define an
+    # async test without a mark and run it with asyncio.run at import: under pytest (with
+    # pytest-asyncio in its default strict mode), that test failed.
+    (tmp_path / "test_app.py").write_text(code_block("docs/howto/testing.md", "test_app.py"))
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_app.py"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 passed" in result.stdout
