@@ -91,3 +91,53 @@ def test_a_message_chunk_has_the_role_of_its_message() -> None:
     assert kind == "update"
     assert data["data"]["messages"][0]["role"] == "ai"
     assert message_to_dict(HumanMessageChunk(content="hi"))["role"] == "human"
+
+
+async def test_dates_enums_and_uuids_are_written_as_json_does_not_as_their_repr() -> None:
+    # Regression: a datetime in a graph's state or a custom event (also inside a pydantic
+    # model) reached readers as "datetime.datetime(2026, 1, 2, 3, 4, 5, ...)", an enum as
+    # "<Color.RED: 1>", a UUID as "UUID('...')": Python reprs no client can parse, where
+    # JSON encoders (orjson, pydantic, the LangGraph API) write ISO 8601, the value, the hex.
+    import datetime as dt
+    import enum
+    import uuid
+
+    import pydantic
+
+    from resumable_stream import StreamConsumer, StreamProducer
+    from resumable_stream.transports.memory import MemoryTransport
+
+    class Color(enum.Enum):
+        RED = 1
+
+    class Booking(pydantic.BaseModel):
+        at: dt.datetime
+
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    value = {
+        "when": when,
+        "day": dt.date(2026, 1, 2),
+        "time": dt.time(3, 4, 5),
+        "color": Color.RED,
+        "id": uuid.UUID(int=5),
+        "booking": Booking(at=when),
+    }
+
+    async def source():  # type: ignore[no-untyped-def]
+        yield {"type": "custom", "data": value}
+        yield ("updates", {"agent": {"state": value}})
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(source())
+    assert await run.wait() == "completed"
+    events = [event async for event in StreamConsumer(transport, run.stream_id)]
+    expected = {
+        "when": "2026-01-02T03:04:05+00:00",
+        "day": "2026-01-02",
+        "time": "03:04:05",
+        "color": 1,
+        "id": "00000000-0000-0000-0000-000000000005",
+        "booking": {"at": "2026-01-02T03:04:05+00:00"},
+    }
+    assert events[0].data == expected
+    assert events[1].data["data"] == {"state": expected}

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import uuid
 from collections.abc import Iterator, Mapping
+from datetime import date, time
+from enum import Enum
 from typing import Any, Final
 
 TOKEN: Final = "token"
@@ -118,7 +121,9 @@ def message_to_dict(message: Any) -> dict[str, Any]:
 
 
 def to_jsonable(obj: Any) -> Any:
-    """Convert LangGraph/LangChain values (messages, models, dataclasses) to JSON types."""
+    """Convert LangGraph/LangChain values (messages, models, dataclasses) to JSON types;
+    dates and times become ISO 8601 strings, enums their values and UUIDs their text, as
+    JSON encoders write them; anything else its ``repr``."""
     if obj is None or isinstance(obj, str | int | float | bool):
         return obj
     if isinstance(obj, Mapping):
@@ -132,6 +137,12 @@ def to_jsonable(obj: Any) -> Any:
         return to_jsonable(dump())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return to_jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, date | time):  # (a datetime is a date)
+        return obj.isoformat()
+    if isinstance(obj, Enum):
+        return to_jsonable(obj.value)
+    if isinstance(obj, uuid.UUID):
+        return str(obj)
     return repr(obj)
 
 
