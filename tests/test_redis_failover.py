@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 import pytest
 
 from resumable_stream import (
+    BackendRefused,
     Event,
     OffsetExpired,
     StreamConsumer,
@@ -23,9 +24,10 @@ from resumable_stream import (
     Transport,
     TransportError,
 )
-from resumable_stream.transports import from_url
+from resumable_stream.transports import Entry, from_url
+from resumable_stream.transports import _redis_scripts as scripts
 from tests._helpers import collect, eventually, joined, text_of
-from tests._services import RedisClusterService, RedisSentinelService
+from tests._services import RedisClusterService, RedisSentinelService, RedisServer
 
 N = 300
 
@@ -375,6 +377,39 @@ async def test_writes_leave_the_old_master_of_a_planned_sentinel_failover(
         assert await run.wait() == "completed"
         assert_whole(await reader.result())
         assert_whole(await collect(elsewhere, run.stream_id))
+
+
+async def test_a_durable_append_cut_short_by_the_demotion_of_its_master_is_retried(
+    redis_server_factory: Callable[..., RedisServer], prefix: str
+) -> None:
+    # Regression: a WAIT still waiting for replicas when its master is turned into a replica
+    # (as Sentinel and Redis Cluster demote an old master) is answered UNBLOCKED; the
+    # transport raised BackendRefused, which the producer never retries, and a durable run
+    # failed in the middle of a failover.
+    master, other = redis_server_factory(), redis_server_factory()
+    # No replica yet: the WAIT waits out replica_timeout, unless cut short.
+    url = f"{master.url}?socket_timeout=60"
+    async with from_url(url, prefix=prefix, replicas=1, replica_timeout=30) as transport:
+        info = await transport.create("s", "owner", 60_000)
+        with contextlib.closing(master.client()) as client:
+            client.script_load(scripts.HOLD)  # a NOSCRIPT reply would come before the WAIT's
+        entry = Entry(info.epoch, 1, b'["t0 "]')
+        append = asyncio.create_task(transport.append("s", "owner", entry, 1))
+
+        async def waiting_for_replicas() -> bool:
+            def blocked() -> int:
+                with contextlib.closing(master.client()) as client:
+                    return int(client.info("clients")["blocked_clients"])
+
+            return await asyncio.to_thread(blocked) > 0
+
+        await eventually(waiting_for_replicas)
+        with contextlib.closing(master.client()) as client:
+            client.execute_command("REPLICAOF", "127.0.0.1", other.port)
+        with pytest.raises(TransportError) as caught:
+            await append
+        assert not isinstance(caught.value, BackendRefused), caught.value
+        assert "UNBLOCKED" in str(caught.value)
 
 
 async def test_a_failover_to_a_lagging_replica_has_no_silent_gap_duplicate_or_end(

@@ -48,8 +48,9 @@ ConnectionFactory = Callable[[], AbstractConnection]
 #: Error codes of faults a retry may fix (a failover, a cluster reconfiguring).
 TRANSIENT_CODES = frozenset({"TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "BUSY"})
 #: Error codes meaning "this connection talks to the wrong server now": drop it and
-#: reconnect (Sentinel resolves the master again).
-RECONNECT_CODES = frozenset({"READONLY", "LOADING"})
+#: reconnect (Sentinel resolves the master again). UNBLOCKED: a WAIT cut short as its
+#: master was turned into a replica (a failover); Redis closes the connection after it.
+RECONNECT_CODES = frozenset({"READONLY", "LOADING", "UNBLOCKED"})
 #: Seconds between reconnection attempts of a subscriber.
 RECONNECT_DELAY = 0.5
 #: The most a subscriber waits between attempts while Redis refuses it (no permission to
@@ -473,9 +474,9 @@ class Pipe:
                     if hooks and hooks[0][0] is owed:
                         _call_hook(hooks.popleft()[1], reply)
                 if isinstance(reply, rex.RedisError) and error_code(reply) in RECONNECT_CODES:
-                    # A demoted master (READONLY) or a server loading its data (redis-py
-                    # makes that a ConnectionError): this connection points at the wrong
-                    # server for now (issue 8, part 3).
+                    # A demoted master (READONLY, or UNBLOCKED for a WAIT under way) or a
+                    # server loading its data (redis-py makes that a ConnectionError): this
+                    # connection points at the wrong server for now (issue 8, part 3).
                     raise TransportError(f"Redis answered {error_code(reply)}: reconnecting")
         finally:
             if answered:
