@@ -412,6 +412,22 @@ async def test_a_durable_append_cut_short_by_the_demotion_of_its_master_is_retri
         assert "UNBLOCKED" in str(caught.value)
 
 
+async def test_a_durable_appends_wait_for_replicas_is_not_taken_for_a_silent_server(
+    redis_server: RedisServer, prefix: str
+) -> None:
+    # Regression: the connection watchdog gave the server socket_timeout to answer, while a
+    # WAIT holds its reply up to replica_timeout: with replica_timeout >= socket_timeout (5 s
+    # by default in redis-py 8), every durable append that waited for a slow replica dropped
+    # the connection all the process's streams share, as if Redis were gone.
+    url = f"{redis_server.url}?socket_timeout=0.2"
+    async with from_url(url, prefix=prefix, replicas=1, replica_timeout=0.6) as transport:
+        info = await transport.create("s", "owner", 60_000)
+        entry = Entry(info.epoch, 1, b'["t0 "]')
+        with pytest.raises(TransportError) as caught:  # no replica: it waits, then says so
+            await transport.append("s", "owner", entry, 1)
+        assert "replicas in time" in str(caught.value), caught.value
+
+
 async def test_a_failover_to_a_lagging_replica_has_no_silent_gap_duplicate_or_end(
     redis_sentinel: RedisSentinelService, sentinel_transport: Transport
 ) -> None:

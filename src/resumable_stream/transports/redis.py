@@ -306,9 +306,11 @@ class RedisTransport(Transport):
         self._sentinels: tuple[Any, str] | None = None
         self._sentinel_watch: asyncio.Task[None] | None = None
         self._nodes: dict[str, _Node] = {}
+        # A durable append's WAIT holds its reply up to replica_timeout: not silence.
+        waits = replica_timeout if replicas else 0.0
         if isinstance(client, RedisCluster):
             self._cluster = client
-            self._timeout = _timeout_of(client.get_connection_kwargs())
+            self._timeout = _timeout_of(client.get_connection_kwargs()) + waits
         elif isinstance(client, aioredis.Redis):
             pool = client.connection_pool
             make = getattr(pool, "make_connection", None)
@@ -326,7 +328,7 @@ class RedisTransport(Transport):
                 probe = make()  # checks the options now, not at the first command
             except (rex.RedisError, TypeError, ValueError) as exc:
                 raise ConfigurationError(f"invalid Redis connection settings: {exc}") from exc
-            self._timeout = probe.socket_timeout or DEFAULT_REDIS_TIMEOUT
+            self._timeout = (probe.socket_timeout or DEFAULT_REDIS_TIMEOUT) + waits
             manager = getattr(pool, "sentinel_manager", None)
             service = getattr(pool, "service_name", None)
             if manager is not None and isinstance(service, str):
