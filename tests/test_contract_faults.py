@@ -23,7 +23,7 @@ from resumable_stream._codec import decode_entry, encode_entry, format_offset
 from resumable_stream.transports import Entry
 from resumable_stream.transports.memory import MemoryTransport
 from resumable_stream.transports.redis import RedisTransport
-from tests._helpers import collect, eventually, joined, text_of, tokens
+from tests._helpers import collect, eventually, holds, joined, text_of, tokens
 
 LoseTail = Callable[[Transport, str, int], Awaitable[None]]
 
@@ -166,6 +166,25 @@ async def test_a_rollback_beyond_the_window_ends_with_storage_rollback(
             await collect(transport, "rolled", after=received.offset)
     rest = await collect(transport, "rolled", after=seen[6].offset)
     assert rest == fresh[7:]
+
+
+async def test_a_reader_waiting_past_the_end_learns_at_once_that_the_run_ended_below_it(
+    transport: Transport, lose_tail: LoseTail
+) -> None:
+    # Regression: a reader resuming after a lost offset waits for the run to get there; the
+    # run's storage_rollback, written below its position, came to it as a repeat it
+    # skipped, and it waited half a lease (30 s here) before it looked. The HTTP response
+    # had sent its 200 by then, and was cut instead of answering 410.
+    gate, _ = await half_written(transport, rollback_window=2, lease=60)
+    seen = await collect_first(transport, 10)
+    await lose_tail(transport, "rolled", 7)
+    resumed = StreamConsumer(transport, "rolled", after=seen[-1].offset)
+    first = asyncio.ensure_future(anext(resumed))
+    await eventually(holds(lambda: resumed._subscription is not None))  # waiting, live
+    gate.set()
+    async with asyncio.timeout(5):
+        with pytest.raises(OffsetExpired, match="rolled back"):
+            await first
 
 
 async def test_a_redis_restart_mid_stream_loses_and_repeats_nothing(

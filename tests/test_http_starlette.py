@@ -52,7 +52,7 @@ from resumable_stream.starlette import (
     start_stream,
 )
 from resumable_stream.transports.memory import MemoryTransport
-from tests._helpers import dead_run
+from tests._helpers import dead_run, tokens
 from tests._services import uvicorn_server
 
 SSE_ACCEPT = {"accept": "text/event-stream"}
@@ -540,6 +540,43 @@ async def test_offset_past_the_end_of_its_entry_is_refused() -> None:
         message = assert_error(response, 410, "offset_expired")["message"]
         assert "fewer than this offset names" in message
         assert "reload" in message
+
+
+@pytest.mark.parametrize("accept", [SSE_ACCEPT, NDJSON_ACCEPT])
+async def test_an_offset_lost_in_a_rollback_is_410_while_the_run_is_still_going(
+    accept: dict[str, str],
+) -> None:
+    """Regression: a client resuming after an offset the storage lost (a failover to a
+    lagging replica) while the run went on got a 200 that was cut, unless the run's
+    storage_rollback came within the half second before the headers go out; it came
+    sooner, but the reader noticed only half a lease later (here 30 s).
+
+    In-process (httpx's ASGITransport), to hold the run's source and drop its entries.
+    """
+    transport = MemoryTransport()
+    gate = asyncio.Event()
+    run = await StreamProducer(transport, max_buffer=1, rollback_window=2, lease=60).start(
+        tokens(20, every=1, pause=gate), stream_id="rolled"
+    )
+    async with StreamConsumer(transport, run.stream_id) as reader:
+        seen = [await anext(reader) for _ in range(10)]  # entries 1-10; the run is held
+    stored = transport._streams[run.stream_id]
+    del stored.payloads[7:]  # the storage lost entries 8-10, beyond the rollback window
+    stored.last_count = 1
+    router = StreamRouter(transport, authorize=allow_all)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(router), base_url="http://test"
+    ) as client:
+        request = asyncio.ensure_future(
+            client.get(f"/{run.stream_id}", params={"after": seen[-1].offset}, headers=accept)
+        )
+        await eventually(lambda: bool(stored.subscribers))  # the resume waits, live
+        gate.set()  # the run writes on, finds the rollback, ends with storage_rollback
+        async with asyncio.timeout(5):
+            response = await request
+
+    assert "rolled back" in assert_error(response, 410, "offset_expired")["message"]
+    await run.wait()
 
 
 async def test_offset_from_an_earlier_run_is_410_reload(server: Server) -> None:

@@ -49,6 +49,12 @@ _REWRITTEN_ERRORS = frozenset({"producer_lost", "storage_rollback"})
 _WAKE_MARGIN = 0.001
 
 
+def _ends(entry: Entry) -> bool:
+    """Whether ``entry`` holds its run's terminal event (always an entry's last)."""
+    events = decode_entry(entry.payload, entry.epoch, entry.seq)
+    return bool(events) and events[-1].terminal
+
+
 async def _lost_payload(transport: Transport, stream_id: str, epoch: int, seq: int) -> bytes:
     """The error a reaper writes: ``not_started`` for a reserved run whose only entry is
     still the reservation's (StreamProducer.reserve), else ``producer_lost``. ``seq``: an
@@ -555,7 +561,13 @@ class StreamConsumer:
                     continue  # a late entry of a replaced run (issue 9): not ours
                 self._expired("the stream was restarted since (another run)")
             if entry.seq <= self._seq:
-                continue  # a repeat (subscriptions may overlap reads)
+                # A repeat (subscriptions may overlap reads), unless it ends the run: a
+                # stream that ended below this reader (storage_rollback, producer_lost
+                # after a rollback) is told now, not after a quiet wait of half a lease.
+                if not stored and not self._entries and not self._events and _ends(entry):
+                    self._gap = True  # read on from storage: _fill sees the end
+                    return
+                continue
             if entry.seq != self._seq + 1:
                 if stored and not self._entries:
                     self._expired(
