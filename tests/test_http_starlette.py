@@ -1312,6 +1312,38 @@ async def test_cancel_from_a_second_app_instance_sharing_redis(
 
 
 @pytest.mark.redis
+async def test_cancel_of_a_queued_run_ends_it_when_a_worker_takes_it_without_its_source(
+    redis_url: str,
+) -> None:
+    """Regression: POST /cancel of a reserved run no worker had started answered 202, yet
+    the worker's start ran the source (a model call) and wrote its first token."""
+    prefix = f"http{uuid.uuid4().hex[:8]}"
+    pulled: list[str] = []
+
+    async def answer() -> AsyncIterator[str]:
+        pulled.append("called")
+        yield "first token"
+
+    async with from_url(redis_url, prefix=prefix) as queue_side:
+        reservation = await StreamProducer(queue_side).reserve(start_timeout=30)
+        url = f"/streams/{reservation.stream_id}"
+        with serve(from_url(redis_url, prefix=prefix)) as server:
+            async with server.client() as client:
+                cancel = await client.post(f"{url}/cancel")
+                reader = asyncio.create_task(read_sse(client, url))
+                async with from_url(redis_url, prefix=prefix) as worker_side:
+                    worker = StreamProducer(worker_side)
+                    run = await worker.start(answer(), reservation=reservation)
+                    assert await run.wait() == "cancelled"
+                events = await reader
+
+    assert cancel.status_code == 202 and cancel.json()["cancel_requested"] is True
+    assert pulled == []
+    assert [e.event for e in events] == ["custom", "custom", "cancelled"]
+    assert orjson.loads(events[-1].data)["reason"] == "requested"
+
+
+@pytest.mark.redis
 async def test_reader_resumes_on_another_app_instance(two_instances: tuple[Server, Server]) -> None:
     first, second = two_instances
     async with first.client() as client_a, second.client() as client_b:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -70,6 +71,31 @@ async def test_a_run_nobody_starts_ends_with_not_started(
     assert events[-1].data["error"] == "not_started"
     assert isinstance(raised.value, LeaseLost)
     assert raised.value.stream_id == reservation.stream_id
+
+
+async def test_a_run_cancelled_before_a_worker_starts_it_ends_without_reading_its_source(
+    transport: Transport, peer_transport: Transport
+) -> None:
+    # Regression: a cancel of a queued run (POST /cancel answered 202) was seen only once
+    # the run had started: the worker's source ran, and its first token was written.
+    api = StreamProducer(transport)
+    reservation = await api.reserve("job-stopped", start_timeout=30)
+    assert await api.cancel("job-stopped")
+    pulled: list[str] = []
+
+    async def answer() -> AsyncIterator[str]:
+        pulled.append("called")  # a model call: it must not be made
+        yield "first token"
+
+    run = await StreamProducer(peer_transport).start(answer(), reservation=reservation)
+
+    assert await run.wait() == "cancelled"
+    events = await collect(transport, "job-stopped")
+    assert pulled == []
+    assert [e.type for e in events] == ["custom", "custom", "cancelled"]
+    assert events[-1].data["reason"] == "requested"
+    with pytest.raises(ReservationExpired):  # a redelivered task: nothing left to do
+        await StreamProducer(peer_transport).start(answer(), reservation=reservation)
 
 
 async def test_a_reservation_starts_once(transport: Transport, peer_transport: Transport) -> None:

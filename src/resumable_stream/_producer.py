@@ -151,6 +151,7 @@ class Run:
         source: AsyncIterable[Any],
         *,
         seq: int = 0,
+        cancelled: bool = False,
     ) -> None:
         self.stream_id = stream_id
         self.epoch = epoch
@@ -170,7 +171,11 @@ class Run:
         # Set while the source waits for the buffer to drain (a future, not an Event: a
         # write checks an attribute rather than calling set() when nobody waits).
         self._space: asyncio.Future[None] | None = None
-        self._cancel_reason: CancelReason | Literal["stopped"] | None = None
+        # (A reserved run cancelled before it started: the pump ends it at its first step,
+        # without reading the source.)
+        self._cancel_reason: CancelReason | Literal["stopped"] | None = (
+            "requested" if cancelled else None
+        )
         # The source is closing (_read_source), and the terminal event the run ends with.
         self._closing = False
         self._closing_with: Item | None = None
@@ -945,16 +950,19 @@ class StreamProducer:
         if reservation is not None:
             if stream_id is not None and stream_id != reservation.stream_id:
                 raise ValueError("stream_id and reservation name different streams")
-            await self._claim(reservation)
+            # A cancel requested while the run waited for a worker: it starts and ends
+            # `cancelled` at once, without reading the source.
+            cancelled = await self._claim(reservation)
             stream_id, epoch, owner = reservation.stream_id, reservation.epoch, reservation.token
             seq = 2
         else:
+            cancelled = False
             stream_id = new_stream_id() if stream_id is None else check_stream_id(stream_id)
             owner = secrets.token_hex(16)
             info = await self.transport.create(stream_id, owner, self.lease_ms)
             epoch, seq = info.epoch, 0
         with telemetry.run_span(stream_id, epoch) as span:  # the run's tasks inherit it
-            run = Run(self, stream_id, epoch, owner, source, seq=seq)
+            run = Run(self, stream_id, epoch, owner, source, seq=seq, cancelled=cancelled)
         telemetry.run_started(run, span)
         self._runs[stream_id] = run  # until the run's task ends (_forget)
         if self._heartbeat_task is None:
@@ -1005,9 +1013,10 @@ class StreamProducer:
         await self.transport.renew(stream_id, token, int(start_timeout * 1000))
         return Reservation(stream_id, info.epoch, token)
 
-    async def _claim(self, reservation: Reservation) -> None:
+    async def _claim(self, reservation: Reservation) -> bool:
         """Take a reserved run over, exactly once: entry 2 names the claimant, and appends
-        of a seq already stored are no-ops, so of two claims the one stored wins."""
+        of a seq already stored are no-ops, so of two claims the one stored wins. True if
+        a cancel of the run was requested meanwhile."""
         stream_id, epoch, token = reservation.stream_id, reservation.epoch, reservation.token
         info = await self.transport.info(stream_id)
         if info is None or info.epoch != epoch or info.status != "running":
@@ -1018,13 +1027,14 @@ class StreamProducer:
             [(CUSTOM, {"name": STARTED_EVENT, "data": {"claim": secrets.token_hex(8)}})]
         )
         try:
-            await self.transport.renew(stream_id, token, self.lease_ms)
+            cancelled = await self.transport.renew(stream_id, token, self.lease_ms)
             await self.transport.append(stream_id, token, Entry(epoch, 2, claim), 1)
         except LeaseLost:
             raise ReservationExpired(stream_id) from None
         stored = await self.transport.read(stream_id, epoch, 1, 1)
         if not stored or stored[0].payload != claim:
             raise StreamAlreadyRunning(stream_id)
+        return cancelled
 
     def _forget(self, run: Run) -> None:
         if self._runs.get(run.stream_id) is run:
