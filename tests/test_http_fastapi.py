@@ -37,6 +37,10 @@ def build_fastapi_app(transport: Transport) -> FastAPI:
     def authorize(request: Request, stream_id: str, action: str) -> bool:
         if request.headers.get("x-user") == "anonymous":
             raise HTTPException(401, "log in first")
+        if request.headers.get("x-user") == "expired":  # FastAPI's detail may be any JSON
+            raise HTTPException(
+                401, {"reason": "token_expired"}, headers={"www-authenticate": "Bearer"}
+            )
         return request.headers.get("x-user") != "mallory"
 
     @contextlib.asynccontextmanager
@@ -173,7 +177,7 @@ async def test_fastapi_router_answers_404_and_405_with_code_and_message() -> Non
             ]
             own = await client.get("/streams/app/own-route")
 
-    allowed = [{"GET", "HEAD"}, {"GET", "HEAD"}, {"GET"}, {"POST"}]
+    allowed = [{"GET", "HEAD"}, {"GET", "HEAD"}, {"GET", "HEAD"}, {"POST"}]  # as mounted
     for response, methods in zip(wrong_methods, allowed, strict=True):
         assert_error(response, 405, "method_not_allowed")
         assert set(response.headers["allow"].split(", ")) == methods
@@ -181,3 +185,29 @@ async def test_fastapi_router_answers_404_and_405_with_code_and_message() -> Non
         assert_error(response, 404, "not_found")
     # The fallback never shadows a route of the app under the same prefix.
     assert (own.status_code, own.json()) == (200, {"own": True})
+
+
+async def test_head_of_status_and_a_dict_detail_are_answered_as_the_mounted_router_does() -> None:
+    """Regression: HEAD /{id}/status was 405 (the mounted router answers it), and an
+    HTTPException from authorize with a dict detail gave a JSON object as `message`."""
+    with serve_fastapi() as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            body = {"tokens": 1, "stream_id": "headed"}
+            assert (await client.post("/chat", json=body)).status_code == 202
+            heads = [
+                await client.head(f"{prefix}/headed/status") for prefix in ("/streams", "/mounted")
+            ]
+            expired = {"x-user": "expired"}
+            refusals = [
+                await client.get("/streams/headed/status", headers=expired),
+                await client.get("/streams/headed", headers=expired),
+                await client.post("/streams/headed/cancel", headers=expired),
+            ]
+
+    assert [(r.status_code, r.headers["content-type"]) for r in heads] == [
+        (200, "application/json")
+    ] * 2
+    for response in refusals:
+        message = assert_error(response, 401, "unauthorized")["message"]
+        assert isinstance(message, str) and orjson.loads(message) == {"reason": "token_expired"}
+        assert response.headers["www-authenticate"] == "Bearer"

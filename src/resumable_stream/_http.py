@@ -221,7 +221,11 @@ def not_running(stream_id: str, status: str) -> HTTPError:
     return HTTPError(409, "stream_not_running", f"stream {stream_id!r} is {status}, not running")
 
 
-def http_status_error(status: int, detail: str) -> HTTPError:
-    """Routing errors (unknown path, wrong method) in the same JSON shape."""
+def http_status_error(status: int, detail: object) -> HTTPError:
+    """Routing errors (unknown path, wrong method) and an app's ``HTTPException`` in the
+    same JSON shape. ``message`` stays a string: a detail that is not one (FastAPI's may be
+    any JSON value) is sent as its JSON text."""
     codes = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
+    if not isinstance(detail, str):
+        detail = orjson.dumps(detail, default=str).decode()
     return HTTPError(status, codes.get(status, "http_error"), detail)

@@ -140,7 +140,7 @@ class _StreamRoute(APIRoute):
 
 
 class _ReadRoute(_StreamRoute):
-    also_allowed = frozenset({"HEAD"})  # the HEAD route, kept out of the schema
+    also_allowed = frozenset({"HEAD"})  # the HEAD routes, kept out of the schema
 
 
 class _NotFoundRoute(_StreamRoute):
@@ -226,6 +226,14 @@ class StreamAPIRouter(APIRouter):
             name="stream_status",
             response_model=StreamStatus,
             responses=_errors(400, 403, 404, 503),
+            route_class_override=_ReadRoute,
+        )
+        self.add_api_route(  # HEAD, as the mounted router answers it; not in the schema
+            "/{stream_id}/status",
+            stream_status,
+            methods=["HEAD"],
+            name="stream_status_head",
+            include_in_schema=False,
         )
         self.add_api_route(
             "/{stream_id}/cancel",
