@@ -2115,3 +2115,33 @@ async def test_a_threads_state_is_read_with_the_graph_its_runs_ran() -> None:
         assert (await http.get("/threads/t/state")).json()["next"] == []
         assert (await http.get("/threads/t")).json()["status"] == "idle"
     await api.producer.aclose()
+
+
+async def test_a_thread_reads_error_after_a_failed_run_not_after_a_cancelled_one() -> None:
+    # A cancelled run leaves its thread idle (as the API does), not `error`: LangGraph
+    # records the cancelled task's CancelledError, which is no failure of the run.
+    import httpx
+    from langchain_core.messages import AIMessage
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import START, MessagesState, StateGraph
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    def fail(state: MessagesState) -> dict[str, Any]:
+        if state["messages"][-1].content == "fail":
+            raise ValueError("boom")
+        return {"messages": [AIMessage("ok")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("fail", fail)
+    builder.add_edge(START, "fail")
+    graph = builder.compile(InMemorySaver())
+    api = LangGraphRouter(MemoryTransport(), {"agent": graph}, authorize=allow_all)
+    body = {"assistant_id": "agent", "input": {"messages": [{"role": "user", "content": "fail"}]}}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        answer = (await http.post("/threads/t/runs/wait", json=body)).json()
+        assert answer["__error__"]["error"] == "ValueError"
+        assert (await http.get("/threads/t")).json()["status"] == "error"
+        found = (await http.post("/threads/search", json={"ids": ["t"]})).json()
+        assert [t["status"] for t in found] == ["error"]
+    await api.producer.aclose()

@@ -823,14 +823,19 @@ class LangGraphRouter:
     async def _thread_json(self, thread_id: str, record: ThreadInfo) -> dict[str, Any]:
         """The API's ``Thread``: ``busy`` while a run is in progress, ``error`` once a run
         failed (its failed task is still next), ``interrupted`` at an interrupt, else
-        ``idle``; its values."""
+        ``idle`` (also once a run was cancelled, as the API has it); its values."""
         stream = await settled_info(self.transport, check_stream_id(self.stream_id(thread_id)))
         graph = await self._graph_of(thread_id)
         state = await graph.aget_state(self._config(thread_id))
         status = "busy" if stream is not None and stream.status == "running" else "idle"
-        if status == "idle" and any(task.error is not None for task in state.tasks):
+        errors = [task.error for task in state.tasks if task.error is not None]
+        if status != "idle" or any(map(_cancellation, errors)):
+            # A cancelled run's thread is idle (@langchain/langgraph-api queue.mjs: an
+            # interrupted run sets no exception, and no checkpoint: no next step either).
+            pass
+        elif errors:
             status = "error"
-        elif status == "idle" and state.next:
+        elif state.next:
             status = "interrupted"
         return self._thread_record(thread_id, record, status, to_wire(state.values))
 
@@ -1863,6 +1868,13 @@ def _checkpoint(config: Any, thread_id: str) -> dict[str, Any] | None:
         "checkpoint_id": configurable.get("checkpoint_id"),
         "checkpoint_map": configurable.get("checkpoint_map"),
     }
+
+
+def _cancellation(error: Any) -> bool:
+    """Whether a task's error is its run's cancellation: LangGraph records the
+    ``CancelledError`` of a task it cancelled (pregel/_runner.py ``commit``), which the
+    state gives back as ``"CancelledError()"``."""
+    return isinstance(error, asyncio.CancelledError) or error == "CancelledError()"
 
 
 def _state_json(state: Any, thread_id: str) -> dict[str, Any]:

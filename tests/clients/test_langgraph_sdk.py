@@ -426,3 +426,26 @@ def test_js_client_threads_search_as_agent_chat_ui_asks(
     assert seen["infoOk"] is True
     assert seen["found"] == [{"id": seen["threadId"], "status": "idle", "first": "u"}]
     assert seen["none"] == 0
+
+
+async def test_a_cancelled_run_leaves_the_thread_idle_not_error(
+    server: str, client: LangGraphClient, other: LangGraphClient
+) -> None:
+    # Regression: after runs.cancel of a running run, threads.get and threads.search read
+    # `error` (LangGraph records the CancelledError on the task); the Agent Server reads
+    # `idle` (@langchain/langgraph-api queue.mjs: an interrupted run sets no exception).
+    thread_id = (await client.threads.create())["thread_id"]
+    run_id = await _hold_a_run(client, thread_id, "k")
+    await other.runs.cancel(thread_id, run_id, wait=True)
+    assert (await other.runs.get(thread_id, run_id))["status"] == "interrupted"
+    assert (await other.threads.get(thread_id))["status"] == "idle"
+    found = await other.threads.search(ids=[thread_id])
+    assert [t["status"] for t in found] == ["idle"]
+    # The next run goes on from the cancelled run's partial state, and ends idle too.
+    await _release(server, thread_id)
+    values = await client.runs.wait(
+        thread_id, "agent", input={"messages": [{"role": "user", "content": "l"}]}
+    )
+    assert values["messages"][-1]["content"] == answer_text("l")
+    assert (await other.threads.get(thread_id))["status"] == "idle"
+
