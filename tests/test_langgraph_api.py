@@ -2145,3 +2145,48 @@ async def test_a_thread_reads_error_after_a_failed_run_not_after_a_cancelled_one
         found = (await http.post("/threads/search", json={"ids": ["t"]})).json()
         assert [t["status"] for t in found] == ["error"]
     await api.producer.aclose()
+
+
+async def test_join_with_stream_mode_filters_the_runs_parts() -> None:
+    # Regression: GET .../runs/{run_id}/stream ignored `stream_mode` (the SDKs' joinStream
+    # / join_stream streamMode): every part of the run came. Repeated (as both SDKs send
+    # a list) or a JSON list (as langgraph-api reads it too); metadata and the end stay.
+    async with lg_client() as (http, _api, holds):
+        holds.setdefault("t", asyncio.Event()).set()
+        body = {
+            "assistant_id": "agent",
+            "input": {"messages": [{"role": "user", "content": "a"}]},
+            "stream_mode": ["values", "updates", "messages-tuple", "custom"],
+        }
+        run = (await http.post("/threads/t/runs/stream", json=body)).headers["content-location"]
+
+        async def events(query: str) -> list[str]:
+            response = await http.get(f"{run}/stream{query}", headers={"last-event-id": "-1"})
+            assert response.status_code == 200, response.text
+            return [
+                line.removeprefix("event: ")
+                for line in response.text.splitlines()
+                if line.startswith("event: ")
+            ]
+
+        assert set(await events("")) == {
+            "metadata",
+            "values",
+            "updates",
+            "messages",
+            "custom",
+            "end",
+        }
+        assert await events("?stream_mode=custom") == ["metadata", "custom", "end"]
+        tuples = await events("?stream_mode=messages-tuple&stream_mode=custom")
+        assert set(tuples) == {"metadata", "messages", "custom", "end"}
+        assert set(await events('?stream_mode=["updates","custom"]')) == {
+            "metadata",
+            "updates",
+            "custom",
+            "end",
+        }
+        assert await events("?stream_mode=debug") == ["metadata", "end"]  # not streamed
+        assert await events("?stream_mode=") == await events("")  # langgraph-sdk's "none"
+        refused = await http.get(f"{run}/stream?stream_mode=events")
+        assert (refused.status_code, refused.json()["code"]) == (422, "invalid_request")

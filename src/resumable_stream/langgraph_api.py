@@ -418,14 +418,31 @@ def _encode_part(event: Event) -> bytes:
 
 class _RunParts(StreamConsumer):
     """The events of run ``epoch`` of a thread's stream (after ``after``); none once a
-    later run of the thread replaced it: that run is over, not lost."""
+    later run of the thread replaced it: that run is over, not lost. With ``modes`` (the
+    graph's stream modes), only the parts of those modes, and ``metadata`` and the end."""
 
-    def __init__(self, transport: Transport, stream_id: str, epoch: int, after: str | None) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        stream_id: str,
+        epoch: int,
+        after: str | None,
+        modes: frozenset[str] | None = None,
+    ) -> None:
         super().__init__(transport, stream_id, after=after, epoch=epoch)
         self._run_epoch = epoch
         self._first = True
+        self._modes = modes
 
     async def __anext__(self) -> Event:
+        while True:
+            event = await self._next_part()
+            if self._modes is None or event.terminal or event.type == "metadata":
+                return event
+            if event.type.partition("|")[0] in self._modes:  # a subgraph's: "mode|ns"
+                return event
+
+    async def _next_part(self) -> Event:
         if not self._first:
             return await super().__anext__()
         self._first = False
@@ -467,10 +484,17 @@ class _QueuedRunParts(StreamConsumer):
     the run's from its first; the waiter's end (``cancelled``, or ``error`` for a waiter
     lost with its process) if it never starts."""
 
-    def __init__(self, transport: Transport, stream_id: str, run_id: str) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        stream_id: str,
+        run_id: str,
+        modes: frozenset[str] | None = None,
+    ) -> None:
         super().__init__(transport, _waiter_id(stream_id, run_id))
         self._thread_stream = stream_id
         self._run: StreamConsumer | None = None
+        self._modes = modes
 
     def _at_hand(self) -> bool:
         return super()._at_hand() if self._run is None else self._run._at_hand()
@@ -482,7 +506,7 @@ class _QueuedRunParts(StreamConsumer):
                 return event  # the queued run ended before it started
             await super().aclose()
             epoch = int(event.data["epoch"])
-            self._run = _RunParts(self.transport, self._thread_stream, epoch, None)
+            self._run = _RunParts(self.transport, self._thread_stream, epoch, None, self._modes)
         return await self._run.__anext__()
 
     async def aclose(self) -> None:
@@ -1486,12 +1510,13 @@ class LangGraphRouter:
         run's stream waits for its start, then gives its parts from the first.
         """
         run = await self._run_info(request, "read")
+        modes = _join_modes(request.query_params.getlist("stream_mode"))
         thread_id, stream_id, run_id, epoch = run.thread_id, run.stream_id, run.run_id, run.epoch
         location = f"/threads/{thread_id}/runs/{run_id}"
         consumer: StreamConsumer
         if epoch is None:
             # Not started: nothing of it can have been read yet.
-            consumer = _QueuedRunParts(self.transport, stream_id, run_id)
+            consumer = _QueuedRunParts(self.transport, stream_id, run_id, modes)
         else:
             last_id = request.headers.get("last-event-id")
             after: str | None
@@ -1505,7 +1530,7 @@ class LangGraphRouter:
                 after = info.last_offset if info is not None and info.epoch == epoch else None
             # This run only: replaced by a later run (now, or before the response first
             # reads), it is an empty stream, never the later run's parts.
-            consumer = _RunParts(self.transport, stream_id, epoch, after)
+            consumer = _RunParts(self.transport, stream_id, epoch, after, modes)
         on_disconnect = None
         if self.cancel_on_disconnect and request.query_params.get("cancel_on_disconnect") in (
             "1",
@@ -1747,6 +1772,22 @@ def _stream_modes(value: Any) -> list[str]:
     if unknown:
         raise _bad(f"unsupported stream_mode {unknown}; supported: {sorted(_API_MODES)}")
     return list(dict.fromkeys(modes)) or ["values"]
+
+
+def _join_modes(values: list[str]) -> frozenset[str] | None:
+    """The stream modes a join asks for (``stream_mode``, repeated, or a JSON list as
+    langgraph-api also reads it), as the stored parts name them; None for all of them."""
+    modes: list[Any] = []
+    for value in values:
+        if value.startswith("["):
+            with contextlib.suppress(orjson.JSONDecodeError):
+                value = orjson.loads(value)
+        modes.extend(value if isinstance(value, list) else [value])
+    modes = [mode for mode in modes if mode != ""]  # langgraph-sdk sends "" for none
+    if not modes:
+        return None
+    checked = _stream_modes(modes)
+    return frozenset("messages" if mode == "messages-tuple" else mode for mode in checked)
 
 
 async def _run_source(plan: _Plan, started: asyncio.Future[str]) -> AsyncGenerator[Any, None]:

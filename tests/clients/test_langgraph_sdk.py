@@ -449,3 +449,25 @@ async def test_a_cancelled_run_leaves_the_thread_idle_not_error(
     assert values["messages"][-1]["content"] == answer_text("l")
     assert (await other.threads.get(thread_id))["status"] == "idle"
 
+
+async def test_join_stream_with_stream_mode_gives_those_modes_only(
+    server: str, client: LangGraphClient, other: LangGraphClient
+) -> None:
+    # Regression: join_stream(stream_mode=...) was ignored: every mode of the run came.
+    thread_id = (await client.threads.create())["thread_id"]
+    run_id = await _hold_a_run(client, thread_id, "f")
+    await _release(server, thread_id)
+    parts = await _all(
+        other.runs.join_stream(thread_id, run_id, stream_mode="custom", last_event_id="-1")
+    )
+    assert [p.event for p in parts] == ["metadata", "custom", "end"]
+    both = await _all(
+        other.runs.join_stream(
+            thread_id, run_id, stream_mode=["custom", "values"], last_event_id="-1"
+        )
+    )
+    assert {p.event for p in both} == {"metadata", "custom", "values", "end"}
+    assert _text(both) == ""
+    with pytest.raises(httpx.HTTPStatusError) as unknown:
+        await _all(other.runs.join_stream(thread_id, run_id, stream_mode="nope"))  # type: ignore[arg-type]
+    assert unknown.value.response.status_code == 422
