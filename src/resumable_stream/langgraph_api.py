@@ -319,6 +319,9 @@ def _epoch_of(stream_id: str, run_id: str) -> int:
 
 #: The part a queued run's waiter writes once it started the run: ``{"epoch": <its epoch>}``.
 _RUN_STARTED = "resumable_stream.run_started"
+#: The part a queued run's waiter writes first: ``{"run": <the run's fields>}`` (see
+#: ``_Plan.fields``), so that any process answers ``runs.get`` of the queued run.
+_RUN_QUEUED = "resumable_stream.run_queued"
 #: A queued run's status while it has not started, by its waiter's status.
 _QUEUED_STATUS = {
     "running": "pending",
@@ -374,6 +377,17 @@ class _Plan:
     custom: bool = True
     #: The assistant (graph) it runs, as the SDKs name it.
     assistant_id: str = ""
+    #: The run's ``metadata``, as the request gave it.
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def fields(self) -> dict[str, Any]:
+        """What ``runs.get`` answers of the run that no stream info has: kept with the
+        run's ``metadata`` part (and a queued run's waiter), not sent to the SDKs."""
+        return {
+            "assistant_id": self.assistant_id,
+            "multitask_strategy": self.strategy,
+            "metadata": self.metadata,
+        }
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -502,6 +516,8 @@ class _QueuedRunParts(StreamConsumer):
     async def __anext__(self) -> Event:
         if self._run is None:
             event = await super().__anext__()
+            while event.type == _RUN_QUEUED:
+                event = await super().__anext__()
             if event.type != _RUN_STARTED:
                 return event  # the queued run ended before it started
             await super().aclose()
@@ -1063,6 +1079,7 @@ class LangGraphRouter:
             tools,
             "custom" in modes,
             str(assistant_id),
+            body["metadata"] if isinstance(body.get("metadata"), dict) else {},
         )
 
     async def _start(self, plan: _Plan, stream_id: str, run_id: str | None = None) -> int:
@@ -1269,9 +1286,10 @@ class LangGraphRouter:
                     return None, event
         return None, None
 
-    async def _stored(self, stream_id: str, epoch: int, after: int) -> list[Event]:
-        """The events of the entry of run ``epoch`` after entry ``after``, if stored."""
-        entries = await self.transport.read(stream_id, epoch, after, 1)
+    async def _stored(self, stream_id: str, epoch: int, after: int, count: int = 1) -> list[Event]:
+        """The events of the ``count`` entries of run ``epoch`` after entry ``after``, if
+        stored."""
+        entries = await self.transport.read(stream_id, epoch, after, count)
         return [e for entry in entries for e in decode_entry(entry.payload, epoch, entry.seq)]
 
     async def _read_to_end(self, stream_id: str, epoch: int, after: str | None) -> Event | None:
@@ -1338,6 +1356,7 @@ class LangGraphRouter:
         should it have started it already."""
         epoch = None
         try:
+            yield Event(_RUN_QUEUED, {"run": plan.fields()}, "")
             if ahead is not None:
                 await asyncio.wait((ahead,))  # never cancels the turn ahead
             while epoch is None:
@@ -1448,7 +1467,7 @@ class LangGraphRouter:
     async def _started_epoch(self, stream_id: str, run_id: str, waiter: StreamInfo) -> int | None:
         """The epoch of the run the queued run ``run_id`` became; None while it waits (or if
         it was cancelled or lost before it started)."""
-        for event in await self._stored(_waiter_id(stream_id, run_id), waiter.epoch, 0):
+        for event in await self._stored(_waiter_id(stream_id, run_id), waiter.epoch, 0, 2):
             if event.type == _RUN_STARTED:
                 return int(event.data["epoch"])
         return None
@@ -1556,8 +1575,11 @@ class LangGraphRouter:
         run = await self._run_info(request, "read")
         return _json(200, await self._run_record(run))
 
-    async def _run_record(self, run: _RunRef) -> dict[str, Any]:
-        """The API's ``Run`` for ``run`` (see :meth:`get_run` for its status)."""
+    async def _run_record(
+        self, run: _RunRef, checkpointed: Mapping[str, str | None] | None = None
+    ) -> dict[str, Any]:
+        """The API's ``Run`` for ``run`` (see :meth:`get_run` for its status; with
+        ``checkpointed``, the assistant ids of the runs the thread's checkpoints name)."""
         epoch, info, waiter = run.epoch, run.info, run.waiter
         if epoch is None:  # queued, not started: _resolve found its waiter (else 404)
             status = "pending" if waiter is None else _QUEUED_STATUS[waiter.status]
@@ -1586,13 +1608,42 @@ class LangGraphRouter:
         return {
             "run_id": run.run_id,
             "thread_id": run.thread_id,
-            "assistant_id": None,
             "created_at": _iso(created),
             "updated_at": _iso(updated),
             "status": status,
-            "metadata": {},
             "kwargs": {},
-            "multitask_strategy": self.multitask_strategy if run.waiter is None else "enqueue",
+            **await self._run_fields(run, checkpointed),
+        }
+
+    async def _run_fields(
+        self, run: _RunRef, checkpointed: Mapping[str, str | None] | None
+    ) -> dict[str, Any]:
+        """The run's ``assistant_id``, ``multitask_strategy`` and ``metadata`` as it was
+        created with: kept with its ``metadata`` part (a queued run's: its waiter's first
+        part) while the thread's stream holds it; for an earlier run, the assistant id its
+        checkpoints name, the strategy only if it was queued, no metadata."""
+        stored: list[Event] = []
+        if run.epoch is None and run.waiter is not None:
+            waiter_id = _waiter_id(run.stream_id, run.run_id)
+            stored = await self._stored(waiter_id, run.waiter.epoch, 0)
+        elif run.epoch and run.info is not None and run.info.epoch == run.epoch:
+            stored = await self._stored(run.stream_id, run.epoch, 0)
+        for event in stored:
+            fields = event.data.get("run")
+            if event.type in ("metadata", _RUN_QUEUED) and isinstance(fields, dict):
+                return {
+                    "assistant_id": fields.get("assistant_id"),
+                    "multitask_strategy": fields.get("multitask_strategy"),
+                    "metadata": fields.get("metadata") or {},
+                }
+        if checkpointed is None:
+            checkpointed = await self._checkpointed_runs(run.thread_id, run.run_id)
+        queued = _queued_at(run.stream_id, run.run_id) is not None
+        return {
+            "assistant_id": checkpointed.get(run.run_id),
+            # Not kept for a run the stream no longer holds: the router's default.
+            "multitask_strategy": "enqueue" if queued else self.multitask_strategy,
+            "metadata": {},
         }
 
     async def list_runs(self, request: Request) -> Response:
@@ -1641,7 +1692,7 @@ class LangGraphRouter:
                 except _Refused:
                     continue  # not a run of this server's (the graph run by other means)
             refs[run_id] = _RunRef(thread_id, stream_id, run_id, epoch, info, None)
-        records = [await self._run_record(run) for run in refs.values()]
+        records = [await self._run_record(run, checkpointed) for run in refs.values()]
         if wanted is not None:
             records = [record for record in records if record["status"] == wanted]
         records.sort(key=lambda record: record["created_at"], reverse=True)
@@ -1650,18 +1701,23 @@ class LangGraphRouter:
             records = [{key: record[key] for key in select if key in record} for record in records]
         return _json(200, records)
 
-    async def _checkpointed_runs(self, thread_id: str) -> list[str]:
-        """The run ids the thread's checkpoints name, newest first (each once)."""
+    async def _checkpointed_runs(
+        self, thread_id: str, run_id: str | None = None
+    ) -> dict[str, str | None]:
+        """The run ids the thread's checkpoints name (only ``run_id``, if given), newest
+        first (each once), with the assistant id each run wrote there."""
         saver: Any = getattr(self._state_graph, "checkpointer", None)
         if not hasattr(saver, "alist"):
-            return []
-        run_ids: dict[str, None] = {}
+            return {}
+        runs: dict[str, str | None] = {}
+        kwargs: dict[str, Any] = {} if run_id is None else {"filter": {"run_id": run_id}}
         # Every namespace's checkpoints (subgraphs' too), newest first within each.
-        async for item in saver.alist(self._config(thread_id)):
-            run_id = (item.metadata or {}).get("run_id")
-            if isinstance(run_id, str):
-                run_ids.setdefault(run_id)
-        return list(run_ids)
+        async for item in saver.alist(self._config(thread_id), **kwargs):
+            metadata = item.metadata or {}
+            found, assistant_id = metadata.get("run_id"), metadata.get("assistant_id")
+            if isinstance(found, str) and runs.get(found) is None:
+                runs[found] = assistant_id if isinstance(assistant_id, str) else None
+        return runs
 
     async def cancel_run(self, request: Request) -> Response:
         """``POST .../runs/{run_id}/cancel``: stop the run, or a queued run before it starts
@@ -1793,8 +1849,9 @@ def _join_modes(values: list[str]) -> frozenset[str] | None:
 async def _run_source(plan: _Plan, started: asyncio.Future[str]) -> AsyncGenerator[Any, None]:
     """The run: its ``metadata`` part (once the run id is known), then the graph's parts."""
     run_id = await started
-    # langgraph-sdk (ui/manager.ts) expects `metadata` first: it carries the run id.
-    yield Event("metadata", {"data": {"run_id": run_id, "attempt": 1}}, "")
+    # langgraph-sdk (ui/manager.ts) expects `metadata` first: it carries the run id. The
+    # run's fields ride along for runs.get, in every process (only "data" is sent).
+    yield Event("metadata", {"data": {"run_id": run_id, "attempt": 1}, "run": plan.fields()}, "")
     # The run id in the metadata of each checkpoint the run writes, as the API has it
     # (multitask_strategy "rollback" finds the checkpoint a run started from by it), and
     # the graph's (threads.search finds a graph's threads by them, as Agent Chat UI does).

@@ -471,3 +471,59 @@ async def test_join_stream_with_stream_mode_gives_those_modes_only(
     with pytest.raises(httpx.HTTPStatusError) as unknown:
         await _all(other.runs.join_stream(thread_id, run_id, stream_mode="nope"))  # type: ignore[arg-type]
     assert unknown.value.response.status_code == 422
+
+
+async def test_runs_get_and_list_answer_the_runs_assistant_and_strategy(
+    servers: tuple[str, str], client: LangGraphClient, other: LangGraphClient
+) -> None:
+    # Regression: runs.get and runs.list answered assistant_id None, empty metadata and the
+    # router's default multitask_strategy, not what the run was created with.
+    thread_id = (await client.threads.create())["thread_id"]
+    await _release(servers[0], thread_id)
+    first = await client.runs.create(
+        thread_id,
+        "agent",
+        input={"messages": [{"role": "user", "content": "r"}]},
+        metadata={"source": "test"},
+        multitask_strategy="reject",
+    )
+    await client.runs.join(thread_id, first["run_id"])
+    run = await other.runs.get(thread_id, first["run_id"])
+    assert (run["assistant_id"], run["multitask_strategy"]) == ("agent", "reject")
+    assert run["metadata"] == {"source": "test"}
+    second = await client.runs.create(
+        thread_id,
+        "agent",
+        input={"messages": [{"role": "user", "content": "s"}]},
+        multitask_strategy="interrupt",
+    )
+    await client.runs.join(thread_id, second["run_id"])
+    listed = await other.runs.list(thread_id)
+    assert [(r["run_id"], r["assistant_id"]) for r in listed] == [
+        (second["run_id"], "agent"),
+        (first["run_id"], "agent"),
+    ]
+    assert listed[0]["multitask_strategy"] == "interrupt"
+    # A queued run, read in the process that did not queue it, before and after it starts.
+    busy = (await client.threads.create())["thread_id"]
+    await _hold_a_run(client, busy, "u")
+    queued = await other.runs.create(
+        busy,
+        "agent",
+        input={"messages": [{"role": "user", "content": "v"}]},
+        metadata={"queued": True},
+        multitask_strategy="enqueue",
+    )
+    pending = await client.runs.get(busy, queued["run_id"])
+    assert pending["status"] == "pending"
+    assert (pending["assistant_id"], pending["metadata"]) == ("agent", {"queued": True})
+    for url in servers:
+        await _release(url, busy)
+    await client.runs.join(busy, queued["run_id"])
+    ran = await client.runs.get(busy, queued["run_id"])
+    assert (ran["status"], ran["assistant_id"], ran["multitask_strategy"]) == (
+        "success",
+        "agent",
+        "enqueue",
+    )
+    assert ran["metadata"] == {"queued": True}
