@@ -264,3 +264,27 @@ def test_reject_policy_is_exact_in_worker_mode(
     api, other = chat_servers(**env), chat_servers(**env)
     chat_servers("worker", **env)
     assert reject_trials(api, other) == [[202, 409]] * 6
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    "redis_kind",
+    [
+        pytest.param("redis_sentinel", marks=pytest.mark.redis_sentinel),
+        pytest.param("redis_cluster", marks=pytest.mark.redis_cluster),
+    ],
+)
+def test_sentinel_and_cluster_redis_urls_serve_and_cache_answers(
+    chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest, redis_kind: str
+) -> None:
+    # Regression: the answer cache opened its own client with redis-py's Redis.from_url,
+    # which takes neither redis+sentinel:// nor redis+cluster://: a REDIS_URL the README
+    # lists stopped the service at start-up with a traceback.
+    url = request.getfixturevalue(redis_kind).url
+    server = chat_servers(REDIS_URL=url, REDIS_PREFIX=f"chat{uuid.uuid4().hex[:8]}")
+    question = f"Tell me about cache warming {uuid.uuid4().hex[:6]}"
+    with server.client() as client:
+        _, first = ask(client, question, use_cache=True)
+        _, second = ask(client, question, use_cache=True)
+    assert first[0].data["cached"] is False
+    assert second[0].data["cached"] is True

@@ -64,6 +64,15 @@ def test_settings_come_from_the_environment() -> None:
         # Regressions: a URL of another scheme failed the start with a traceback.
         ({"REDIS_URL": "localhost:6379"}, "REDIS_URL must be a redis://"),
         ({"REDIS_URL": "http://u:secret@h"}, r"not http://$"),
+        # Regression: accepted, then every message was a 503 (Celery's broker takes neither).
+        (
+            {"WORKER_MODE": "1", "REDIS_URL": "redis+sentinel://h:26379/master"},
+            "WORKER_MODE needs a redis://, rediss://, unix:// REDIS_URL",
+        ),
+        (
+            {"WORKER_MODE": "1", "REDIS_URL": "redis+cluster://h:7000"},
+            "Celery's broker",
+        ),
         ({"DATABASE_URL": "mysql://u:secret@h/db"}, r"DATABASE_URL must be .* not mysql://$"),
         ({"DATABASE_URL": "sqlite://relative.db"}, "DATABASE_URL must be"),
     ],

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .settings import Settings, SettingsError
+from .settings import Settings, SettingsError, check_celery_broker
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,6 +33,10 @@ def main(argv: list[str] | None = None) -> None:
 
         if not settings.redis_url:
             parser.error("the worker needs REDIS_URL (and the API WORKER_MODE=1)")
+        try:
+            check_celery_broker(settings.redis_url, "the worker")
+        except SettingsError as exc:
+            parser.error(str(exc))
         run_worker(settings)
         return
 

@@ -30,7 +30,7 @@ class Runtime:
     agent: Agent
     cache: AnswerCache | None
     runs: RunService
-    redis: Any | None  # redis.asyncio.Redis, for the cache
+    redis: Any | None  # the transport's redis-py client (Redis or RedisCluster), for the cache
 
 
 @contextlib.asynccontextmanager
@@ -68,10 +68,12 @@ async def open_runtime(
 
         redis = None
         if settings.redis_url:
-            import redis.asyncio as aioredis
+            from resumable_stream.transports.redis import RedisTransport
 
-            redis = aioredis.Redis.from_url(settings.redis_url)
-            stack.push_async_callback(redis.aclose)
+            # The transport's own client (it closes it): one server, a Cluster or behind
+            # Sentinel, as REDIS_URL says. redis-py's Redis.from_url takes only the first.
+            if isinstance(transport, RedisTransport):
+                redis = transport.client
 
         cache: AnswerCache | None = None
         if settings.cache_ttl > 0:

@@ -52,6 +52,8 @@ REDIS_SCHEMES = (
     "redis+sentinel",
     "rediss+sentinel",
 )
+#: The REDIS_URL schemes Celery's Redis broker takes (worker mode).
+CELERY_SCHEMES = ("redis", "rediss", "unix")
 #: The DATABASE_URL schemes the checkpointer and the thread store both take.
 DATABASE_SCHEMES = ("postgres", "postgresql", "sqlite")
 
@@ -97,6 +99,8 @@ class Settings:
                 f"REDIS_URL must be a {', '.join(s + '://' for s in REDIS_SCHEMES)} URL, "
                 f"not {_scheme(self.redis_url) or 'no'}://"
             )
+        if self.worker_mode:
+            check_celery_broker(self.redis_url, "WORKER_MODE")
         if self.database_url is not None and (
             _scheme(self.database_url) not in DATABASE_SCHEMES
             or (_scheme(self.database_url) == "sqlite" and "sqlite:///" not in self.database_url)
@@ -229,6 +233,15 @@ def _check_specs(name: str, specs: list[str]) -> None:
                 check_spec(spec)
             except UnknownModelError as exc:
                 raise SettingsError(f"{name}: {exc}") from None
+
+
+def check_celery_broker(redis_url: str | None, who: str) -> None:
+    """SettingsError unless Celery's Redis broker takes ``redis_url`` (worker mode)."""
+    if _scheme(redis_url or "") not in CELERY_SCHEMES:
+        raise SettingsError(
+            f"{who} needs a {', '.join(s + '://' for s in CELERY_SCHEMES)} REDIS_URL "
+            "(Celery's broker takes neither Sentinel nor Cluster URLs)"
+        )
 
 
 def _scheme(url: str) -> str:
