@@ -178,6 +178,45 @@ def test_an_answer_no_worker_starts_in_time_ends_with_not_started(
     assert skipped
 
 
+def test_retrying_an_edit_no_worker_started_replaces_the_question(
+    chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest
+) -> None:
+    # Regression: the retry of an edit that failed before it reached the conversation
+    # (not_started, or its server died) asked the edited question after the old turn: the
+    # thread kept the question the user had replaced, and its answer.
+    env = {
+        **redis_postgres_env(request),
+        "WORKER_MODE": "1",
+        "STREAM_LEASE": str(LEASE),
+        "WORKER_START_TIMEOUT": "1",
+    }
+    api = chat_servers(**env)
+    worker = chat_servers("worker", **env)
+    with api.client() as client:
+        first = post_message(client, "what is 12*7")
+        thread_id = first["thread_id"]
+        assert terminal(read_sse(client, first["stream_url"])[1]) == {"type": "end"}
+        eventually(lambda: settled(client, thread_id), what="the answer saved")
+        worker.stop()
+        edit = post_message(client, "what is 6*7", thread_id=thread_id, edit_last=True)
+        _, events = read_sse(client, edit["stream_url"])
+        assert (terminal(events) or {}).get("code") == "not_started"
+        eventually(lambda: settled(client, thread_id), what="the edit failed")
+
+        chat_servers("worker", **env)
+        retried = client.post("/v1/chat/regenerate", json={"thread_id": thread_id})
+        assert retried.status_code == 202, retried.text
+        _, answer = read_sse(client, retried.json()["stream_url"])
+        thread = eventually(lambda: settled(client, thread_id), what="the retry saved")
+
+    assert terminal(answer) == {"type": "end"}
+    assert "42" in answer_text(answer)
+    questions = [m["text"] for m in thread["messages"] if m["role"] == "user"]
+    assert questions == ["what is 6*7"]
+    assert "42" in final_answer(thread)
+    assert thread["last_error"] is None
+
+
 def test_queued_messages_of_a_thread_are_answered_in_order_by_concurrent_workers(
     chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest
 ) -> None:

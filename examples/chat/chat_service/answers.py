@@ -81,8 +81,9 @@ class Answers:
 
     async def question(
         self, thread_id: str, message: str | None, kind: RunKind
-    ) -> tuple[str | None, str]:
-        """(message, id of its HumanMessage); for a retry, the question to answer again."""
+    ) -> tuple[str | None, str, RunKind]:
+        """(message, id of its HumanMessage, kind of the run); for a retry, the question to
+        answer again (and, if it retries an edit that never took effect, kind ``edit``)."""
         if kind == "edit" and not await self._last_question(thread_id):
             raise NothingToRetry(thread_id)
         if kind == "regenerate":
@@ -91,16 +92,18 @@ class Answers:
                 state = await self.agent.aget_state(_config(thread_id))
                 if latest.human_id not in [m.id for m in state.values.get("messages", [])]:
                     # It failed before the question reached the conversation (no worker
-                    # started it, its server died): ask it again.
-                    return latest.message, f"human-{uuid.uuid4().hex}"
+                    # started it, its server died): ask it again, as it was asked. An edit
+                    # still replaces the last question, rather than follow it.
+                    again: RunKind = "edit" if latest.kind == "edit" else kind
+                    return latest.message, f"human-{uuid.uuid4().hex}", again
         if message is not None:
-            return message, f"human-{uuid.uuid4().hex}"
+            return message, f"human-{uuid.uuid4().hex}", kind
         state = await self.agent.aget_state(_config(thread_id))
         messages: list[AnyMessage] = state.values.get("messages", [])
         last = next((m for m in reversed(messages) if isinstance(m, HumanMessage)), None)
         if last is None or last.id is None:
             raise NothingToRetry(thread_id)
-        return None, last.id
+        return None, last.id, kind
 
     async def _last_question(self, thread_id: str) -> HumanMessage | None:
         state = await self.agent.aget_state(_config(thread_id))

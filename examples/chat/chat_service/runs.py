@@ -157,7 +157,7 @@ class RunService:
                 # before it have not been answered yet (policy `queue`): refused rather
                 # than rewind the thread past answers still to come.
                 raise ThreadBusy(thread.id)
-            message, human_id = await self.answers.question(thread.id, message, kind)
+            message, human_id, kind = await self.answers.question(thread.id, message, kind)
             run = await self.store.add_run(
                 thread.id,
                 message=message,
