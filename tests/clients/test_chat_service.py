@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import secrets
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -359,6 +362,56 @@ async def test_langgraph_threads_search_lists_the_callers_threads(service: AppPr
     assert found[0]["values"]["messages"][0]["content"] == "hello"
     assert [t["thread_id"] for t in titled] == [second]
     assert [t["thread_id"] for t in oldest] == [first]
+
+
+@contextlib.contextmanager
+def recording_server() -> Iterator[tuple[str, list[str]]]:
+    """An HTTP server on a loopback port that records the path of every request (and
+    answers 500): its base URL, and the paths it got."""
+    seen: list[str] = []
+
+    class Recorder(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen.append(self.path)
+            self.send_response(500)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_a_langgraph_run_uses_only_the_models_the_service_offers(
+    service: AppProcess,
+) -> None:
+    # Regression: a run's config.configurable.model reached the agent unchecked, so any
+    # caller ran a model the service does not offer, such as an OpenAI-compatible server
+    # at a URL of its choosing: the service sent the conversation there, with its
+    # OPENAI_COMPATIBLE_API_KEY. The chat API refuses such a model (422 unknown_model).
+    with recording_server() as (url, seen):
+        async with get_client(url=f"{service.url}/langgraph", headers=bearer()) as client:
+            thread_id = (await client.threads.create())["thread_id"]
+            parts = [
+                part
+                async for part in client.runs.stream(
+                    thread_id,
+                    "agent",
+                    input={"messages": [{"role": "user", "content": "hello"}]},
+                    config={"configurable": {"model": f"openai-compatible:any@{url}/v1"}},
+                )
+            ]
+    assert parts[-1].event == "error"
+    assert parts[-1].data["error"] == "UnknownModelError"
+    assert "GET /info lists the models" in parts[-1].data["message"]
+    assert seen == []
 
 
 def ui_user_message(text: str) -> dict[str, Any]:

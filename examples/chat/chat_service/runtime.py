@@ -14,7 +14,7 @@ from resumable_stream import StreamProducer, Transport, from_url
 from .agent import Agent, build_agent
 from .cache import AnswerCache, MemoryCache, RedisCache
 from .checkpoint import open_checkpointer
-from .models import make_chat_model
+from .models import UnknownModelError, available_models, make_chat_model
 from .runs import RunService
 from .settings import Settings
 from .threads import SqliteThreadStore, ThreadStore, thread_store_for
@@ -91,6 +91,12 @@ async def open_runtime(
             enqueue = queue.enqueue
 
         def model_factory(spec: str) -> Any:
+            # Only the models the service offers, as the chat API checks them (check_model):
+            # a LangGraph run names its model in its config, and an OpenAI-compatible spec
+            # of the caller's would send the conversation, and the key, to its own URL.
+            offered = {settings.chat_model, *(option["spec"] for option in available_models())}
+            if spec not in offered:
+                raise UnknownModelError(f"unknown model {spec!r}; GET /info lists the models")
             return make_chat_model(spec, tokens_per_second=settings.offline_tokens_per_second)
 
         agent = build_agent(
