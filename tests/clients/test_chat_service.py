@@ -414,5 +414,25 @@ async def test_a_langgraph_run_uses_only_the_models_the_service_offers(
     assert seen == []
 
 
+async def test_a_langgraph_run_on_an_archived_thread_is_refused(service: AppProcess) -> None:
+    # Regression: an archived thread is read-only (the chat API answers 409
+    # thread_archived), but a LangGraph run wrote to it.
+    headers = bearer()
+    async with get_client(url=f"{service.url}/langgraph", headers=headers) as client:
+        thread_id = (await client.threads.create())["thread_id"]
+        async with httpx.AsyncClient(base_url=service.url, headers=headers) as http:
+            assert (await http.put(f"/threads/{thread_id}/archive")).status_code == 200
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            await client.runs.wait(
+                thread_id,
+                "agent",
+                input={"messages": [{"role": "user", "content": "hello"}]},
+            )
+        state = await client.threads.get_state(thread_id)
+    assert refused.value.response.status_code == 409
+    assert "archived" in refused.value.response.json()["message"]
+    assert state["values"] in ({}, None, {"messages": []})
+
+
 def ui_user_message(text: str) -> dict[str, Any]:
     return {"id": secrets.token_hex(8), "role": "user", "parts": [{"type": "text", "text": text}]}

@@ -194,9 +194,15 @@ GRAPH_ID = "agent"
 
 
 async def _authorize(request: Request, thread_id: str | None, action: LangGraphAction) -> bool:
-    if thread_id is not None and await _owned(request, thread_id) is None:
+    if thread_id is None:
+        return True
+    thread = await _owned(request, thread_id)
+    if thread is None:
         raise HTTPException(404, f"no thread {thread_id!r}")
-    if thread_id is not None and action == "run":
+    if action == "run" and thread.archived:
+        # Read-only, as in the chat API (a cancel is fine: archiving stopped its answer).
+        raise HTTPException(409, "this thread is archived: it is read-only")
+    if action == "run":
         # A run is activity, as a message of the chat API is: the thread's updated_at (the
         # order of /v1/threads, the LangGraph thread's updated_at) moves.
         await _runtime(request).store.update_thread(thread_id)
