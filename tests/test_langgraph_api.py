@@ -812,6 +812,55 @@ async def test_thread_info_gives_the_apps_thread_record() -> None:
     await api.producer.aclose()
 
 
+@pytest.mark.parametrize("with_thread_info", [True, False])
+async def test_creating_a_thread_of_another_users_id_tells_nothing_of_it(
+    with_thread_info: bool,
+) -> None:
+    # Regression: POST /threads with a thread_id of the client's asked authorize for
+    # "create" only, and answered that thread's record: another user's thread's metadata
+    # (thread_info's, as docs/langgraph-sdk.md writes it) or its checkpoints' times.
+    from datetime import UTC, datetime
+
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.requests import Request
+
+    from resumable_stream.langgraph_api import LangGraphRouter, ThreadInfo
+
+    owners = {"alices": "alice"}
+
+    def authorize(request: Request, thread_id: str | None, action: str) -> bool:
+        user = request.headers["user"]
+        return thread_id is None or owners.get(thread_id) == user
+
+    async def thread_info(request: Request, thread_id: str) -> ThreadInfo | None:
+        if thread_id not in owners:
+            return None
+        stamp = datetime(2026, 1, 2, tzinfo=UTC)
+        return ThreadInfo(stamp, stamp, {"title": "Alice's secret plans"})
+
+    released = asyncio.Event()
+    released.set()
+    api = LangGraphRouter(
+        MemoryTransport(),
+        {"agent": build_graph({"alices": released}, InMemorySaver())},
+        authorize=authorize,
+        thread_info=thread_info if with_thread_info else None,
+    )
+    alice, bob = {"user": "alice"}, {"user": "bob"}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        body = {"assistant_id": "agent", "input": {"messages": [("user", "hi")]}}
+        assert (await http.post("/threads/alices/runs/wait", json=body, headers=alice)).is_success
+        own = await http.post("/threads", json={"thread_id": "alices"}, headers=alice)
+        taken = await http.post("/threads", json={"thread_id": "alices"}, headers=bob)
+        unknown = await http.post("/threads", json={"thread_id": "nobodys"}, headers=bob)
+    assert own.status_code == 200
+    assert (taken.status_code, taken.json()["code"]) == (403, "forbidden")
+    # The same answer as for a thread that does not exist: nothing tells them apart.
+    assert (unknown.status_code, unknown.json()) == (taken.status_code, taken.json())
+    await api.producer.aclose()
+
+
 async def later_run() -> AsyncIterator[Any]:
     """The source of a run that replaces another on its thread's stream."""
     yield ("custom", {"later": True})

@@ -617,7 +617,8 @@ class LangGraphRouter:
     ignores that request, so that only a cancel stops a run.
 
     ``authorize(request, thread_id, action)`` (``thread_id`` None for ``"create"``) may
-    refuse with false (403) or raise Starlette's ``HTTPException`` (say 401).
+    refuse with false (403) or raise Starlette's ``HTTPException`` (say 401). A thread
+    created with an id of the client's is answered only if the caller may ``"read"`` it.
     ``create_thread(request, thread_id, metadata)``, if given, records a new thread in the
     app (the id is None when the client did not choose one) and returns its id.
     ``thread_info(request, thread_id)``, if given, returns the app's record of a thread
@@ -845,11 +846,16 @@ class LangGraphRouter:
         if thread_id is not None and (not isinstance(thread_id, str) or not thread_id):
             # (An empty id makes a thread no /threads/{thread_id} URL can name.)
             raise _bad("'thread_id' must be a non-empty string")
+        named = thread_id is not None
         if self.create_thread is not None:
             thread_id = await self.create_thread(request, thread_id, metadata)
         elif thread_id is None:
             thread_id = str(uuid.uuid4())
         check_stream_id(self.stream_id(thread_id))
+        if named:
+            # The answer is the thread's record, as GET /threads/{id} gives it: an id of
+            # the client's may name a thread that exists, someone else's.
+            await self._check(request, "read", thread_id)
         info = await self._info(request, thread_id)
         if self.thread_info is None:
             info = dataclasses.replace(info, metadata=metadata)  # kept by no one: echoed
