@@ -112,6 +112,19 @@ async def test_model_is_chosen_per_request_and_built_once() -> None:
     assert turn[-1].response_metadata["model_name"] == "custom:model"
 
 
+async def test_a_run_naming_no_model_uses_the_default_model_given() -> None:
+    built: list[str] = []
+
+    def factory(spec: str) -> BaseChatModel:
+        built.append(spec)
+        return OfflineChatModel(tokens_per_second=0, model_name=spec)
+
+    agent = build_agent(factory, checkpointer=InMemorySaver(), default_model="service:model")
+    turn = await ask(agent, thread(), "Hello")
+    assert built == ["service:model"]
+    assert turn[-1].response_metadata["model_name"] == "service:model"
+
+
 async def test_old_turns_are_replaced_by_a_summary(model_factory: ModelFactory) -> None:
     agent = build_agent(model_factory, checkpointer=InMemorySaver(), summarize_after_tokens=30)
     config = thread()

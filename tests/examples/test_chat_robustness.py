@@ -288,3 +288,17 @@ def test_sentinel_and_cluster_redis_urls_serve_and_cache_answers(
         _, second = ask(client, question, use_cache=True)
     assert first[0].data["cached"] is False
     assert second[0].data["cached"] is True
+
+
+async def test_a_run_naming_no_model_uses_the_services_chat_model(tmp_path: Path) -> None:
+    # Regression: a LangGraph client's run (/langgraph, useStream, Agent Chat UI) names no
+    # model in its config, and the agent answered it with "offline" whatever CHAT_MODEL
+    # said; the chat API used CHAT_MODEL. (No provider package is installed here, so the
+    # service's model fails to build: that it was asked for is the point.)
+    from chat_service.models import ModelUnavailableError
+
+    settings = Settings(chat_model="openai:gpt-4o-mini", secret_key="s", data_dir=tmp_path)
+    async with open_runtime(settings) as runtime:
+        config = {"configurable": {"thread_id": str(uuid.uuid4())}}
+        with pytest.raises(ModelUnavailableError, match="langchain-openai"):
+            await runtime.agent.ainvoke({"messages": [("user", "hello")]}, config)

@@ -3,7 +3,7 @@
     START ─► [summarize] ─► agent ─► tools ─► [summarize] ─► agent ─► ... ─► END
 
 `summarize` runs only when the history exceeds the token budget. The model comes from
-`config["configurable"]["model"]` (a spec such as "openai:gpt-4o-mini"), "offline" by default.
+`config["configurable"]["model"]` (a spec such as "openai:gpt-4o-mini"), else `default_model`.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def build_agent(
     summarize_after_tokens: int | None = 3000,
     tools: Sequence[BaseTool] = TOOLS,
     system_prompt: str = SYSTEM_PROMPT,
+    default_model: str = DEFAULT_MODEL,
 ) -> Agent:
     """Compile the agent graph; its nodes are async, so run it with `ainvoke`/`astream`.
 
@@ -67,11 +68,12 @@ def build_agent(
             None disables it.
         tools: tools bound to the model and run by the `tools` node.
         system_prompt: instructions prepended to every model call (never stored).
+        default_model: the spec of a run whose config names no model.
     """
     models: dict[str, BaseChatModel] = {}
 
     def model_for(config: RunnableConfig) -> BaseChatModel:
-        spec = config.get("configurable", {}).get("model") or DEFAULT_MODEL
+        spec = config.get("configurable", {}).get("model") or default_model
         if spec not in models:
             models[spec] = model_factory(spec)
         return models[spec]

@@ -101,6 +101,8 @@ async def open_runtime(
 
         agent = build_agent(
             model_factory,
+            # A LangGraph client's run names no model: the service's, as the chat API's.
+            default_model=settings.chat_model,
             checkpointer=checkpointer,
             summarize_after_tokens=settings.summarize_after_tokens or None,
         )
