@@ -149,3 +149,21 @@ def test_a_long_malformed_offset_is_not_echoed_whole() -> None:
     with pytest.raises(InvalidOffset) as raised:
         parse_offset("9" * 60_000)
     assert len(str(raised.value)) < 300 and "60000 chars" in str(raised.value)
+
+
+def test_an_entry_payload_holds_no_more_memory_than_its_bytes() -> None:
+    # orjson hands back its whole output buffer (at least 1 KiB, 4 KiB since orjson 3.12)
+    # even for a 20-byte entry; stored payloads (the memory transport, a run's rollback
+    # window) held 100 to 200 times their size.
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        payloads = [join_entry([f"t{i} "]) for i in range(1000)]
+        payloads += [encode_entry([tok("a", "m1", "agent"), ("end", {})]) for _ in range(1000)]
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    size = sum(len(p) for p in payloads)
+    assert held < size + 100 * len(payloads)  # the bytes, a bytes header and the list

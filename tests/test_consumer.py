@@ -376,3 +376,22 @@ def test_offsets_and_page_sizes_of_the_wrong_type_are_typed_errors() -> None:
     for size in (1.5, None, 0, True):
         with pytest.raises(ConfigurationError, match="page_size"):
             StreamConsumer(MemoryTransport(), "s", page_size=size)  # type: ignore[arg-type]
+
+
+async def test_a_finished_stream_kept_by_the_memory_transport_holds_its_bytes_only() -> None:
+    # Regression: each stored entry held orjson's whole output buffer (4 KiB with orjson
+    # 3.12+): a 2,000-token answer written token by token kept 8 MB for the retention
+    # (an hour by default) instead of 80 KB.
+    transport = MemoryTransport()
+    producer = StreamProducer(transport, max_entry_events=1)  # an entry per event
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        run = await producer.start(tokens(2000))
+        assert await run.wait() == "completed"
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    stored = transport._streams[run.stream_id].payloads
+    assert len(stored) == 2001
+    assert held < 2001 * 200  # about 80 bytes an entry, not 4 KiB
