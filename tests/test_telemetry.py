@@ -34,7 +34,7 @@ from resumable_stream._codec import encode_entry
 from resumable_stream.transports import Entry, Status
 from resumable_stream.transports.memory import MemoryTransport
 from resumable_stream.transports.redis import RedisTransport
-from tests._helpers import collect, eventually, tokens
+from tests._helpers import collect, eventually, holds, tokens
 from tests._services import RedisServer
 
 Points = dict[tuple[tuple[str, Any], ...], Any]
@@ -232,6 +232,42 @@ async def test_a_redis_reconnect_is_counted(
             return recorded.value("resumable_stream.transport.reconnects", connection="notices") > 0
 
         await eventually(reconnected)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        await reader.aclose()
+        with contextlib.suppress(LeaseLost):  # the restarted server lost the stream
+            await run.cancel()
+    finally:
+        await transport.aclose()
+
+
+async def test_a_redis_outage_counts_the_connection_re_established_not_each_attempt(
+    redis_server_factory: Callable[..., RedisServer],
+    recorded: Recorded,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Regression: the notices connection counted every failed attempt (one per half second
+    # while Redis was down) as a reconnect; the commands connection counted the one made.
+    server = redis_server_factory()
+    transport = RedisTransport.from_url(server.url)
+    try:
+        gate = asyncio.Event()
+        run = await StreamProducer(transport, lease=60).start(tokens(10, pause=gate))
+        reader = StreamConsumer(transport, run.stream_id)
+        await anext(reader)
+        waiting = asyncio.ensure_future(anext(reader))
+        node = transport._single
+        assert node is not None
+        await eventually(holds(lambda: node.subscriber.connects == 1))
+        server.stop()
+
+        def attempts() -> int:  # each failed attempt logs "...; reconnecting"
+            return sum(r.getMessage().endswith("reconnecting") for r in caplog.records)
+
+        await eventually(holds(lambda: attempts() >= 3))
+        server.start()  # on the same port
+        await eventually(holds(lambda: node.subscriber.connects == 2))
+        assert recorded.value("resumable_stream.transport.reconnects", connection="notices") == 1
         waiting.cancel()
         await asyncio.gather(waiting, return_exceptions=True)
         await reader.aclose()

@@ -636,6 +636,8 @@ class Subscriber:
                 try:
                     await connection.connect()  # type: ignore[no-untyped-call]
                     self.connects += 1
+                    if self.connects > 1:  # made again (not each failed attempt)
+                        telemetry.reconnecting("notices")
                     protocol = _take_over(connection, _each(self._message))
                     self._address = address_of(connection)
                     self._socket = protocol.transport
@@ -667,7 +669,6 @@ class Subscriber:
                 else:
                     self._refusals = 0
                     logger.warning("%s: %s; reconnecting", self.name, exc)
-                telemetry.reconnecting("notices")
                 self._on_fault()
             finally:
                 self._address = self._socket = None
