@@ -49,11 +49,11 @@ def check_order(chunks: list[dict[str, Any]]) -> None:
     outputs: list[str] = []
     for chunk in chunks[1:]:
         kind = chunk["type"]
-        if kind == "text-start":
+        if kind in ("text-start", "reasoning-start"):
             open_text.add(chunk["id"])
-        elif kind == "text-delta":
+        elif kind in ("text-delta", "reasoning-delta"):
             assert chunk["id"] in open_text, chunk
-        elif kind == "text-end":
+        elif kind in ("text-end", "reasoning-end"):
             open_text.remove(chunk["id"])
         elif kind in ("tool-input-start", "tool-input-available"):
             calls.add(chunk["toolCallId"])
@@ -152,12 +152,123 @@ def streaming_tool_graph(tools: bool = True) -> Any:
     return builder.compile()
 
 
+#: How providers' LangChain integrations stream a model's reasoning, then its answer: the
+#: chunks' (content, additional_kwargs).
+REASONING_CHUNKS: dict[str, list[tuple[Any, dict[str, Any]]]] = {
+    # langchain-core 1.x standard blocks (output_version="v1")
+    "standard": [
+        ([{"type": "reasoning", "reasoning": "Let me ", "index": 0}], {}),
+        ([{"type": "reasoning", "reasoning": "think.", "index": 0}], {}),
+        ([{"type": "text", "text": "Hello ", "index": 1}], {}),
+        ([{"type": "text", "text": "there", "index": 1}], {}),
+    ],
+    # ChatAnthropic with thinking: its signature comes in a block of its own
+    "anthropic": [
+        ([{"type": "thinking", "thinking": "Let me ", "index": 0}], {}),
+        ([{"type": "thinking", "thinking": "think.", "index": 0}], {}),
+        ([{"type": "thinking", "signature": "c2ln", "index": 0}], {}),
+        ([{"type": "text", "text": "Hello ", "index": 1}], {}),
+        ([{"type": "text", "text": "there", "index": 1}], {}),
+    ],
+    # ChatOpenAI's Responses API: reasoning summaries, text blocks with annotations
+    "responses": [
+        ([{"type": "reasoning", "id": "rs_1", "summary": [], "index": 0}], {}),
+        ([{"type": "reasoning", "summary": [{"index": 0, "text": "Let me "}], "index": 0}], {}),
+        ([{"type": "reasoning", "summary": [{"index": 0, "text": "think."}], "index": 0}], {}),
+        ([{"type": "text", "text": "Hello ", "annotations": [], "index": 1}], {}),
+        ([{"type": "text", "text": "there", "annotations": [], "index": 1}], {}),
+    ],
+    # DeepSeek, Ollama, xAI, Groq, vLLM: reasoning_content beside an empty content
+    "reasoning_content": [
+        ("", {"reasoning_content": "Let me "}),
+        ("", {"reasoning_content": "think."}),
+        ("Hello ", {}),
+        ("there", {}),
+    ],
+}
+
+
+class ReasoningModel(BaseChatModel):
+    """Reasons, then answers "Hello there", in one provider's shape (REASONING_CHUNKS);
+    ``disable_streaming``: the whole message at once, as a model that does not stream."""
+
+    shape: str
+
+    @property
+    def _llm_type(self) -> str:
+        return "reasoning-test-model"
+
+    def _chunks(self) -> list[AIMessageChunk]:
+        return [
+            AIMessageChunk(content=content, additional_kwargs=kwargs)
+            for content, kwargs in REASONING_CHUNKS[self.shape]
+        ]
+
+    def _generate(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> ChatResult:
+        whole = self._chunks()
+        message = whole[0]
+        for chunk in whole[1:]:
+            message += chunk
+        assert isinstance(message, AIMessageChunk)
+        answer = AIMessage(content=message.content, additional_kwargs=message.additional_kwargs)
+        return ChatResult(generations=[ChatGeneration(message=answer)])
+
+    async def _astream(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> Any:
+        for chunk in self._chunks():
+            yield ChatGenerationChunk(message=chunk)
+
+
+def reasoning_graph(shape: str, stream: bool = True) -> Any:
+    """A one-node graph whose model reasons, then answers."""
+    model = ReasoningModel(shape=shape, disable_streaming=not stream)
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await model.ainvoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_edge(START, "agent")
+    return builder.compile()
+
+
 async def stored_events(source: Any) -> list[Event]:
     transport = MemoryTransport()
     async with StreamProducer(transport) as producer:
         run = await producer.start(source)
         await run.wait()
     return [e async for e in StreamConsumer(transport, run.stream_id)]
+
+
+@pytest.mark.parametrize("mode", ["messages", "events"])
+async def test_a_chunk_of_reasoning_and_text_gives_the_reasoning_first(mode: str) -> None:
+    both = [
+        {"type": "thinking", "thinking": "Hmm.", "index": 0},
+        {"type": "text", "text": "Hi", "index": 1},
+    ]
+    REASONING_CHUNKS["both"] = [(both, {})]
+    try:
+        graph = reasoning_graph("both")
+        inputs = {"messages": [("user", "hi")]}
+        if mode == "messages":
+            source = graph.astream(inputs, stream_mode="messages")
+        else:
+            source = graph.astream_events(inputs, version="v2")
+        events = await stored_events(source)
+    finally:
+        del REASONING_CHUNKS["both"]
+    tokens = [e.data for e in events if e.type == "token"]
+    assert [(t["reasoning"], t["text"]) for t in tokens] == [("Hmm.", "Hi")]
+    chunker = UIMessageChunks("m")
+    chunks = [c for e in events for c in chunker.chunks(e)]
+    check_order(chunks)
+    assert [c["type"] for c in chunks[2:-2]] == [
+        "reasoning-start",
+        "reasoning-delta",
+        "reasoning-end",
+        "text-start",
+        "text-delta",
+        "text-end",
+    ]
 
 
 async def test_a_tool_calling_graph_gives_every_call_its_output() -> None:

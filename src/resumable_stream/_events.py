@@ -81,6 +81,52 @@ def text_of(content: Any) -> str:
     return ""
 
 
+#: The content blocks that hold a model's reasoning, and their text's key: LangChain's
+#: standard block (and OpenAI's Responses API, with a ``summary``), Anthropic's thinking,
+#: Bedrock Converse's.
+_REASONING_BLOCKS: Final = {"reasoning": "reasoning", "thinking": "thinking"}
+
+
+def reasoning_of(content: Any, extra: Any) -> str:
+    """The reasoning a message (or a chunk of one) holds, joined: its reasoning and thinking
+    blocks (and reasoning summaries), else what its provider put in ``additional_kwargs``
+    (``extra``): ``reasoning_content`` (DeepSeek, Ollama, xAI, Groq, vLLM), or the
+    Responses API's ``reasoning`` summary."""
+    parts: list[str] = []
+    if isinstance(content, list):
+        for block in content:
+            if isinstance(block, Mapping):
+                _reasoning_block(block, parts)
+    if not parts and isinstance(extra, Mapping) and extra:
+        found = extra.get("reasoning_content")
+        if isinstance(found, str):
+            parts.append(found)
+        elif isinstance(extra.get("reasoning"), Mapping):
+            _reasoning_block(extra["reasoning"], parts)
+    return "".join(parts)
+
+
+def _reasoning_block(block: Mapping[str, Any], parts: list[str]) -> None:
+    kind = block.get("type", "reasoning")
+    key = _REASONING_BLOCKS.get(kind) if isinstance(kind, str) else None
+    if key is None:
+        if kind == "reasoning_content":  # Bedrock Converse: {"reasoning_content": {"text"}}
+            inner = block.get("reasoning_content")
+            text = inner.get("text") if isinstance(inner, Mapping) else None
+            if isinstance(text, str):
+                parts.append(text)
+        return
+    text = block.get(key)
+    if isinstance(text, str):
+        parts.append(text)
+        return
+    summary = block.get("summary")
+    for part in summary if isinstance(summary, list) else ():
+        text = part.get("text") if isinstance(part, Mapping) else None
+        if isinstance(text, str):
+            parts.append(text)
+
+
 def _is_message(obj: Any) -> bool:
     return hasattr(obj, "content") and hasattr(obj, "type") and hasattr(obj, "id")
 
@@ -104,6 +150,9 @@ def message_to_dict(message: Any) -> dict[str, Any]:
         "text": text_of(message.content),
         "content": to_jsonable(message.content),
     }
+    reasoning = reasoning_of(message.content, getattr(message, "additional_kwargs", None))
+    if reasoning:
+        out["reasoning"] = reasoning
     tool_calls = getattr(message, "tool_calls", None)
     if tool_calls:
         out["tool_calls"] = [
@@ -156,20 +205,40 @@ def _token(text: str, message_id: Any, node: Any, ns: list[str] | None) -> Item:
 def _from_message(message: Any, metadata: Mapping[str, Any], ns: list[str] | None) -> Item | None:
     node = metadata.get("langgraph_node")
     if type(message).__name__.endswith("Chunk"):
-        text = text_of(message.content)
+        content = message.content
         # (Most chunks hold none: a text chunk pays for one attribute read.)
         calls = getattr(message, "tool_call_chunks", None) and _tool_call_chunks(message)
-        if calls:
-            # LangGraph sends no whole message after a streamed one: a tool call's id, name
-            # and arguments come only in these fragments.
-            token = _token(text, message.id, node, ns)
-            token[1]["tool_call_chunks"] = calls
-            return token
-        return _token(text, message.id, node, ns) if text else None
+        if not calls:  # text alone, as most chunks: a string, or one block (Anthropic's)
+            if type(content) is str:
+                if content:
+                    return _token(content, message.id, node, ns)
+            elif type(content) is list and len(content) == 1:
+                text = text_of(content)
+                if text:
+                    return _token(text, message.id, node, ns)
+        return _chunk_token(message, text_of(content), calls, node, ns)
     data: dict[str, Any] = {"message": message_to_dict(message), "node": node}
     if ns:
         data["ns"] = ns
     return (MESSAGE, data)
+
+
+def _chunk_token(
+    message: Any, text: str, calls: list[dict[str, Any]] | None, node: Any, ns: list[str] | None
+) -> Item | None:
+    """The ``token`` of a message chunk that is not text alone: its tool call fragments and
+    its reasoning (a chunk of reasoning has no text; several blocks may hold both), if any."""
+    reasoning = reasoning_of(message.content, getattr(message, "additional_kwargs", None))
+    if not (text or calls or reasoning):
+        return None
+    # LangGraph sends no whole message after a streamed one: a tool call's id, name and
+    # arguments come only in these fragments.
+    token = _token(text, message.id, node, ns)
+    if reasoning:
+        token[1]["reasoning"] = reasoning
+    if calls:
+        token[1]["tool_call_chunks"] = calls
+    return token
 
 
 def _tool_call_chunks(message: Any) -> list[dict[str, Any]]:
@@ -186,22 +255,32 @@ def _tool_call_chunks(message: Any) -> list[dict[str, Any]]:
 
 
 def chat_model_token(event: Mapping[str, Any]) -> Item | None:
-    """The ``token`` of an ``astream_events`` ``on_chat_model_stream`` event, if it has text."""
-    parts = chat_model_text(event)
-    if parts is None:
+    """The ``token`` of an ``astream_events`` ``on_chat_model_stream`` event, if it has text
+    or reasoning."""
+    chunk = (event.get("data") or {}).get("chunk")
+    content = getattr(chunk, "content", "")
+    text = text_of(content)
+    reasoning = reasoning_of(content, getattr(chunk, "additional_kwargs", None))
+    if not text and not reasoning:
         return None
-    text, message_id, node = parts
-    return (TOKEN, {"text": text, "message_id": message_id, "node": node})
+    node = (event.get("metadata") or {}).get("langgraph_node")
+    data = {"text": text, "message_id": getattr(chunk, "id", None), "node": node}
+    if reasoning:
+        data["reasoning"] = reasoning
+    return (TOKEN, data)
 
 
 def chat_model_text(event: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
-    """``(text, message_id, node)`` of an ``on_chat_model_stream`` event, if it has text.
+    """``(text, message_id, node)`` of an ``on_chat_model_stream`` event that holds text
+    only; None for any other (:func:`chat_model_token` reads it: reasoning, or nothing).
 
     Most events of a LangGraph stream are these, so the producer calls this directly.
     """
     chunk = (event.get("data") or {}).get("chunk")
     text = getattr(chunk, "content", "")
     if type(text) is not str:
+        if isinstance(text, list) and len(text) > 1:
+            return None  # blocks of several kinds, reasoning too: not one token's text
         text = text_of(text)
     if not text:
         return None

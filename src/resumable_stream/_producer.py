@@ -39,6 +39,7 @@ from ._events import (
     TERMINAL_TYPES,
     Item,
     chat_model_text,
+    chat_model_token,
     error_data,
     normalize,
 )
@@ -453,7 +454,13 @@ class Run:
                 elif type(item) is dict and item.get("event") == "on_chat_model_stream":
                     # Hot path: most astream_events items; skips normalize()'s shape checks.
                     parts = chat_model_text(item)
-                    if parts is not None:
+                    if parts is None:  # no text, or not text alone: reasoning, several blocks
+                        found = chat_model_token(item)
+                        if found is not None:
+                            encoded = encoder.encode(*found)
+                            buffer.append(encoded)
+                            sizes.append(size_of(encoded))
+                    else:
                         text = parts[0]
                         if (
                             parts[1:] == encoder.meta

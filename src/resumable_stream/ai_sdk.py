@@ -137,14 +137,17 @@ class UIMessageChunks:
     The client (ai: ``ui/process-ui-message-stream.ts``) rejects a ``text-delta`` without its
     ``text-start`` and a tool output without its call, so this keeps the parts it opened:
 
-    * ``token`` → ``text-start`` (once per LangChain message id), ``text-delta``; its
+    * ``token`` → its ``reasoning`` first, as ``reasoning-start`` (once per LangChain message
+      id) and ``reasoning-delta``, ended by the text, a tool call or the message after it;
+      ``text-start`` (once per LangChain message id), ``text-delta``; its
       ``tool_call_chunks`` (``messages`` mode) → ``tool-input-start``, ``tool-input-delta``,
       and ``tool-input-available`` once the call is whole (its output, its run or its
       message came, or the answer ended);
-    * ``message`` → ``text-end`` for its streamed text, or its whole text if it was not
-      streamed; each tool call → ``tool-input-start`` and ``tool-input-available``; a tool
-      message → ``tool-output-available`` (every tool output with ``providerExecuted``: the
-      server ran it, and the client waits for its own tools only);
+    * ``message`` → ``reasoning-end`` and ``text-end`` for its streamed reasoning and text,
+      or its whole reasoning and text if they were not streamed; each tool call →
+      ``tool-input-start`` and ``tool-input-available``; a tool message →
+      ``tool-output-available`` (every tool output with ``providerExecuted``: the server
+      ran it, and the client waits for its own tools only);
     * ``tool_start`` / ``tool_end`` → the call (unless the model's message announced it) and
       ``tool-output-available`` or ``tool-output-error``; a call ends the text parts before
       it, so the text after it is a new part;
@@ -173,6 +176,9 @@ class UIMessageChunks:
         self._streamed: set[Any] = set()  # message ids whose text came as tokens
         # message id → the digest of its tokens' text, until a message claims it
         self._token_text: dict[Any, Any] = {}
+        self._open_reasoning: dict[Any, str] = {}  # message id → reasoning part id
+        # message id → the digest of its streamed reasoning, until a message claims it
+        self._reasoned: dict[Any, Any] = {}
         self._parts = 0
         self._calls: dict[str, _ToolCall] = {}
         # tool name → the model's calls (id, args) that no tool run has claimed yet
@@ -282,20 +288,66 @@ class UIMessageChunks:
         part = self._open_text.get(key)
         if part is None:
             self._next_step(out)
+            if self._open_reasoning:
+                self._close_reasoning(out)  # the answer after its reasoning
             self._parts += 1
             part = self._open_text[key] = f"text-{self._parts}"
             out.append({"type": "text-start", "id": part})
         return part
 
     def _close_text(self, out: list[dict[str, Any]], key: Any = ...) -> None:
+        """End the text parts (all, or ``key``'s), and the reasoning parts with them."""
+        if self._open_reasoning:
+            self._close_reasoning(out, key)
         keys = list(self._open_text) if key is ... else [key]
         for k in keys:
             part = self._open_text.pop(k, None)
             if part is not None:
                 out.append({"type": "text-end", "id": part})
 
+    def _close_reasoning(self, out: list[dict[str, Any]], key: Any = ...) -> None:
+        keys = list(self._open_reasoning) if key is ... else [key]
+        for k in keys:
+            part = self._open_reasoning.pop(k, None)
+            if part is not None:
+                out.append({"type": "reasoning-end", "id": part})
+
+    def _reason(self, key: Any, text: str, out: list[dict[str, Any]]) -> None:
+        """A piece of a model's reasoning: a reasoning part per message, before its text
+        (which it ends) and its tool calls."""
+        part = self._open_reasoning.get(key)
+        if part is None:
+            self._next_step(out)
+            self._close_text(out)  # reasoning after text: a new part, below it
+            self._parts += 1
+            part = self._open_reasoning[key] = f"reasoning-{self._parts}"
+            out.append({"type": "reasoning-start", "id": part})
+        digest = self._reasoned.get(key)
+        if digest is None:
+            digest = self._reasoned[key] = hashlib.blake2b(digest_size=16)
+        digest.update(text.encode("utf-8", "surrogatepass"))
+        out.append({"type": "reasoning-delta", "id": part, "delta": text})
+
+    def _whole_reasoning(self, key: Any, reasoning: Any, out: list[dict[str, Any]]) -> None:
+        """A message's reasoning, unless its tokens streamed it (under its id or another:
+        the same text is that message's), whose part it ends."""
+        claimed = self._reasoned.pop(key, None)
+        if claimed is None and isinstance(reasoning, str) and reasoning:
+            digest = _digest(reasoning)
+            for streamed, tokens in self._reasoned.items():
+                if tokens.digest() == digest:
+                    del self._reasoned[streamed]
+                    self._close_reasoning(out, streamed)
+                    return
+            self._reason(key, reasoning, out)
+            self._reasoned.pop(key, None)
+        self._close_reasoning(out, key)
+
     def _token(self, data: Mapping[str, Any], out: list[dict[str, Any]]) -> None:
         # Most events of a stream: a text token pays for no more than its text.
+        reasoning = data.get("reasoning")  # (before its text: a chunk may hold both)
+        if reasoning and isinstance(reasoning, str):
+            self._reason(_message_key(data.get("message_id")), reasoning, out)
         text = data.get("text")
         if isinstance(text, str) and text:
             key = _message_key(data.get("message_id"))
@@ -325,6 +377,8 @@ class UIMessageChunks:
                 # and the whole message the provider's. The same text is that message.
                 key = self._streamed_as(text, key)
             self._token_text.pop(key, None)
+            if self._reasoned or message.get("reasoning"):
+                self._whole_reasoning(key, message.get("reasoning"), out)
             if key in self._open_text:
                 self._close_text(out, key)
             elif key not in self._streamed and isinstance(text, str) and text:
@@ -356,7 +410,7 @@ class UIMessageChunks:
 
     def _streamed_as(self, text: str, key: Any) -> Any:
         """The key of the tokens whose text is ``text`` and no message claimed, else ``key``."""
-        digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        digest = _digest(text)
         for streamed, tokens in self._token_text.items():
             if tokens.digest() == digest:
                 self._streamed.add(key)
@@ -514,6 +568,10 @@ class UIMessageChunks:
         self._announce(call_id, str(data.get("name") or "tool"), None, out)
         error = data.get("error")
         self._output(call_id, output, None if error is None else str(error), out)
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def _parsed_args(text: str) -> Any:

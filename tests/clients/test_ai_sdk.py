@@ -17,7 +17,7 @@ from resumable_stream.ai_sdk import UIMessageChunks
 from tests._services import run_app_subprocess, uvicorn_command, uvicorn_server
 from tests.clients._app import answer_text, create_app
 from tests.clients.conftest import run_node
-from tests.test_ai_sdk import stored_events, streaming_tool_graph
+from tests.test_ai_sdk import REASONING_CHUNKS, reasoning_graph, stored_events, streaming_tool_graph
 
 APP = "tests.clients._app:create_app"
 
@@ -225,3 +225,26 @@ def test_a_streamed_call_whose_arguments_are_not_json_is_not_run_by_the_browser(
     tools = [p for p in seen["parts"] if p["type"] == "tool-search"]
     assert [p["state"] for p in tools] == ["output-error"]
     assert (seen["status"], seen["posts"]) == ("ready", 1)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+@pytest.mark.parametrize("mode", ["messages", "events"])
+@pytest.mark.parametrize("shape", sorted(REASONING_CHUNKS))
+async def test_a_models_reasoning_shows_as_reasoning_before_its_answer(
+    node_modules: Path, tmp_path: Path, shape: str, mode: str, stream: bool
+) -> None:
+    # Regression: reasoning (thinking blocks, reasoning blocks and summaries,
+    # reasoning_content) was dropped: useChat showed the answer only.
+    graph = reasoning_graph(shape, stream)
+    inputs = {"messages": [("user", "hi")]}
+    if mode == "messages":
+        source = graph.astream(inputs, stream_mode="messages")
+    else:
+        source = graph.astream_events(inputs, version="v2")
+    seen = read_body(node_modules, tmp_path, await stored_events(source))
+    assert seen["error"] is None
+    assert [(p["type"], p["state"], p["text"]) for p in seen["parts"]] == [
+        ("step-start", None, None),
+        ("reasoning", "done", "Let me think."),
+        ("text", "done", "Hello there"),
+    ]
