@@ -3,8 +3,10 @@ answer across a server restart."""
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -119,3 +121,70 @@ def test_an_error_page_that_is_not_json_is_an_error_line() -> None:
         client.stderr.wait_for(lambda err: err.count("[error: 502 Bad Gateway]") == 2)
         assert client.close() == 0
         assert "Traceback" not in client.stderr.text()
+
+
+class FakeService:
+    """A stand-in for the service, for what the offline model never does (text before a
+    tool call) and for a server that dies as it accepts a message."""
+
+    def __init__(self, *, die_after_first_post: bool = False) -> None:
+        self.die_after_first_post = die_after_first_post
+        self.posts = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        if scope["method"] == "POST" and scope["path"] == "/v1/chat/message":
+            self.posts += 1
+            if self.die_after_first_post and self.posts == 1:
+                # The message was taken; the server goes away before the response ends.
+                headers = [(b"content-type", b"application/json"), (b"content-length", b"200")]
+                await send({"type": "http.response.start", "status": 202, "headers": headers})
+                await send(
+                    {"type": "http.response.body", "body": b'{"thread_id"', "more_body": True}
+                )
+                raise ConnectionAbortedError("the server died")
+            started = {"thread_id": "t" * 32, "run": self.posts, "stream_url": "/stream"}
+            await self._send(send, "application/json", json.dumps(started), 202)
+        elif scope["path"] == "/stream":
+            events = [
+                ("system", {"type": "start", "run": 1, "model": "fake", "cached": False}),
+                ("chunk", {"text": "Let me calculate that."}),
+                ("system", {"type": "message_ended", "message_id": "ai-1"}),
+                (
+                    "tool_call",
+                    {"id": "call-1", "name": "calculator", "args": {"expression": "12*7"}},
+                ),
+                ("chunk", {"text": "The answer is 84."}),
+                ("system", {"type": "message_ended", "message_id": "ai-2"}),
+                ("system", {"type": "end"}),
+            ]
+            body = "".join(
+                f"id: 1-{n}-0\nevent: {name}\ndata: {json.dumps(data)}\n\n"
+                for n, (name, data) in enumerate(events, 1)
+            )
+            await self._send(send, "text/event-stream", body)
+        else:
+            await self._send(send, "application/json", '{"code": "not_found"}', 404)
+
+    @staticmethod
+    async def _send(send: Any, content_type: str, body: str, status: int = 200) -> None:
+        headers = [(b"content-type", content_type.encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+
+def test_text_before_a_tool_call_ends_its_line() -> None:
+    # Regression: the client ignored message_ended, so the text a model writes before it
+    # calls a tool ran into the [tool: ...] line.
+    with uvicorn_server(FakeService(), lifespan="off") as url, cli(url, TOKEN) as client:
+        client.type("what is 12*7")
+        output = client.stdout.wait_for(lambda out: "The answer is 84.\n" in out)
+        assert client.close() == 0
+    assert output == (
+        "assistant> Let me calculate that.\n"
+        '[tool: calculator {"expression": "12*7"}]\n'
+        "The answer is 84.\n"
+    )

@@ -85,6 +85,7 @@ class ChatClient:
         self.reconnect_for = reconnect_for
         self.thread_id: str | None = None
         self.listed: list[str] = []
+        self.midline = False  # an answer's text was printed with no newline after it
 
     async def call(self, method: str, path: str, body: Any = None) -> Any:
         """One API call, retried while the server is unreachable (it may be restarting)."""
@@ -130,21 +131,21 @@ class ChatClient:
         last_id: str | None = None
         outage_since: float | None = None
         delay = 0.2
-        out("assistant> ")
+        self._write("assistant> ")
         while True:
             headers = {"Last-Event-ID": last_id} if last_id else {}
             try:
                 async with aconnect_sse(self.http, "GET", url, headers=headers) as source:
                     status = source.response.status_code
                     if status == 204:
-                        out("\n")
+                        self._end_line()
                         note("[this answer is no longer available]")
                         return "lost"
                     if status >= 500:
                         raise httpx.TransportError(f"server answered {status}")
                     if status >= 400:
                         await source.response.aread()
-                        out("\n")
+                        self._end_line()
                         note(f"[error: {_error_message(source.response)}]")
                         return "error"
                     if outage_since is not None:
@@ -164,28 +165,41 @@ class ChatClient:
                 outage_since = now
                 note("\n[connection lost, resuming...]")
             elif now - outage_since > self.reconnect_for:
-                out("\n")
+                self._end_line()
                 note("[gave up: the server did not come back]")
                 return "lost"
             await asyncio.sleep(delay)  # backoff between reconnection attempts
             delay = min(delay * 2, 2.0)
 
-    @staticmethod
-    def _show(kind: str, data: dict[str, Any]) -> str | None:
+    def _show(self, kind: str, data: dict[str, Any]) -> str | None:
         if kind == "chunk":
-            out(data.get("text", ""))
+            self._write(data.get("text", ""))
         elif kind == "tool_call":
-            out(f"[tool: {data.get('name')} {json.dumps(data.get('args', {}))}]\n")
+            self._write(f"[tool: {data.get('name')} {json.dumps(data.get('args', {}))}]\n")
         elif kind == "system":
+            if data.get("type") == "message_ended":
+                self._end_line()  # the model's next message (a tool call) starts a line
             if data.get("type") == "end":
                 stopped = data.get("reason") == "stopped"
-                out("\n[stopped]\n" if stopped else "\n")
+                self._end_line()
+                if stopped:
+                    out("[stopped]\n")
                 return "stopped" if stopped else "end"
             if data.get("type") == "error":
-                out("\n")
+                self._end_line()
                 note(f"[error: {data.get('message')}]")
                 return "error"
         return None
+
+    def _write(self, text: str) -> None:
+        if text:
+            out(text)
+            self.midline = not text.endswith("\n")
+
+    def _end_line(self) -> None:
+        if self.midline:
+            out("\n")
+            self.midline = False
 
     async def threads(self) -> None:
         data = await self.call("GET", "/v1/threads")
