@@ -188,3 +188,18 @@ def test_text_before_a_tool_call_ends_its_line() -> None:
         '[tool: calculator {"expression": "12*7"}]\n'
         "The answer is 84.\n"
     )
+
+
+def test_a_message_the_server_took_is_not_sent_again() -> None:
+    # Regression: the client sent POST /v1/chat/message again after any transport error,
+    # even one after the request had gone out: a server that took the message and died
+    # before it answered (or a dropped response) got the message twice.
+    service = FakeService(die_after_first_post=True)
+    with uvicorn_server(service, lifespan="off") as url, cli(url, TOKEN) as client:
+        client.type("hello")
+        client.stderr.wait_for(lambda err: "[error: " in err or "[thread " in err)
+        assert client.close() == 0
+        error = client.stderr.text()
+    assert service.posts == 1
+    assert "may have arrived" in error
+    assert "Traceback" not in error

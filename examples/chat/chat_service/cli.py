@@ -9,7 +9,9 @@ notices (reconnecting, errors) go to stderr.
 The client identifies itself with a bearer token (``--token``, ``$CHAT_TOKEN``, else one made
 once and kept in ``~/.config/resumable-chat/token``). When the connection drops, or the server
 restarts, it reconnects to the answer's stream with ``Last-Event-ID`` and goes on from the
-next event, so nothing is printed twice.
+next event, so nothing is printed twice. A message is sent again only if it cannot have
+reached the server (no connection); if the connection breaks after it went out, the client
+says so rather than risk sending it twice.
 """
 
 from __future__ import annotations
@@ -65,6 +67,10 @@ class ApiError(Exception):
     pass
 
 
+#: Transport errors raised before a request went out: retrying cannot send it twice.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+
+
 def _error_message(response: httpx.Response) -> str:
     """The message of an error response: the service's JSON ``message``, else the status
     (a proxy's HTML error page, or a --url that is not the service)."""
@@ -87,15 +93,23 @@ class ChatClient:
         self.listed: list[str] = []
         self.midline = False  # an answer's text was printed with no newline after it
 
-    async def call(self, method: str, path: str, body: Any = None) -> Any:
-        """One API call, retried while the server is unreachable (it may be restarting)."""
+    async def call(self, method: str, path: str, body: Any = None, *, once: bool = False) -> Any:
+        """One API call, retried while the server is unreachable (it may be restarting).
+        ``once``: a call that must not be made twice is retried only while it cannot have
+        reached the server (no connection)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.reconnect_for
         delay = 0.2
         while True:
             try:
                 response = await self.http.request(method, path, json=body)
-            except httpx.TransportError:
+            except httpx.TransportError as exc:
+                if once and not isinstance(exc, NOT_SENT):
+                    # Sent, then the connection broke: the server may have taken it.
+                    raise ApiError(
+                        "the connection broke after the message was sent: it may have "
+                        "arrived (/threads, /history)"
+                    ) from None
                 if loop.time() > deadline:
                     raise ApiError("the server is unreachable") from None
                 await asyncio.sleep(delay)  # backoff while the server is down
@@ -118,7 +132,7 @@ class ChatClient:
             body["thread_id"] = self.thread_id
         if self.model:
             body["model"] = self.model
-        started = await self.call("POST", "/v1/chat/message", body)
+        started = await self.call("POST", "/v1/chat/message", body, once=True)
         if self.thread_id != started["thread_id"]:
             self.thread_id = started["thread_id"]
             note(f"[thread {self.thread_id}]")
