@@ -65,3 +65,28 @@ def test_a_crash_mid_answer_ends_every_reader_with_an_error_and_frees_the_thread
     assert [t["streaming"] for t in listed if t["thread_id"] == thread_id] == [False]
     assert again["run"] == started["run"] + 1
     assert "84" in answer_text(answer)
+
+
+def test_a_shutdown_mid_answer_is_saved_as_the_error_its_readers_get(
+    chat_servers: Callable[..., ChatServer], chat_backend: dict[str, str]
+) -> None:
+    # Regression: readers of an answer cut by a clean shutdown (SIGTERM) got an error with
+    # Retry, but the thread saved the text as a stopped answer with no error: after a
+    # reload the page showed Regenerate, as for an answer the user had stopped.
+    # (Slow: the answer must outlast the server's graceful wait for open responses.)
+    server = chat_servers(OFFLINE_TOKENS_PER_SECOND="10", **chat_backend)
+    with server.client() as client:
+        started = post_message(client, "How should I structure a small side project?")
+        thread_id, url = started["thread_id"], started["stream_url"]
+        _, head = read_sse(client, url, stop_after=chunks_at_least(3))
+        server.stop()
+        server.start()
+        status, resumed = read_sse(client, url, last_event_id=head[-1].id)
+        thread = eventually(lambda: settled(client, thread_id), what="the run left `started`")
+
+    assert status == 200
+    told = terminal(resumed)
+    assert told is not None and (told["type"], told.get("code")) == ("error", "shutdown"), told
+    assert "retry" in told["message"]
+    assert thread["last_error"] == {"run": started["run"], "code": "shutdown"}
+    assert not any(m.get("stopped") for m in thread["messages"])

@@ -55,8 +55,8 @@ class Recorder:
     cached: bool = False
     #: A replay streamed whole: its messages are being added to the thread.
     replayed: bool = False
-    #: Asked when the run is cancelled: True if it was stopped (by a user, or by a shutdown),
-    #: False if it was cut because it lost its stream (runs.py).
+    #: Asked when the run is cancelled: True if a user stopped it, False if it was cut by the
+    #: server's shutdown or because it lost its stream (runs.py).
     stopped: Callable[[], Awaitable[bool]] = field(default=_always)
 
     def text(self, text: str) -> None:
@@ -173,8 +173,9 @@ class Answers:
             # Stopped: keep what the user saw, before the library writes `cancelled`, so a
             # client that reads the thread after the stream's end finds it there. (A replay
             # has written nothing yet: its question is kept even before its first word.)
-            # A run cut because it lost its stream (fenced: Redis lost its data, say) was not
-            # stopped: nothing is saved as stopped, and runs.py records the run as failed.
+            # A run cut by the server's shutdown, or because it lost its stream (fenced: Redis
+            # lost its data, say), was not stopped: nothing is saved as stopped, and runs.py
+            # records the run as failed, as its readers are told.
             if recorder.partial or recorder.cached:
                 try:
                     async with asyncio.timeout(5.0):

@@ -29,6 +29,8 @@ PRODUCER_LOST = "producer_lost"
 NOT_STARTED = "not_started"
 #: Worker mode: the answer's task could not be sent to the workers.
 QUEUE_DOWN = "queue_unavailable"
+#: The server shut down (SIGTERM) while it wrote the answer.
+SHUTDOWN = "shutdown"
 
 _MESSAGES = {
     PRODUCER_LOST: "the server generating this answer stopped (crashed or was restarted); retry",
@@ -36,6 +38,7 @@ _MESSAGES = {
     "(on this set-up, answers in progress live in the server's memory); retry",
     NOT_STARTED: "no worker started this answer in time (are workers running?); retry",
     QUEUE_DOWN: "the answer could not be handed to the workers; retry",
+    SHUTDOWN: "the server shut down before the answer was complete; retry",
 }
 
 
@@ -107,11 +110,7 @@ def _error(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _shutdown_error() -> dict[str, Any]:
-    return {
-        "type": "error",
-        "code": "shutdown",
-        "message": "the server shut down before the answer was complete; retry",
-    }
+    return {"type": "error", "code": SHUTDOWN, "message": _MESSAGES[SHUTDOWN]}
 
 
 class ChatEvents(StreamConsumer):

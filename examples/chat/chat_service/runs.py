@@ -38,7 +38,7 @@ from resumable_stream import (
 from .agent import Agent
 from .answers import Answers, Recorder
 from .cache import AnswerCache
-from .events import NOT_STARTED, PRODUCER_LOST, QUEUE_DOWN, SERVER_RESTARTED
+from .events import NOT_STARTED, PRODUCER_LOST, QUEUE_DOWN, SERVER_RESTARTED, SHUTDOWN
 from .lock import HeldLock, Hold, ThreadLock, lock_id_for
 from .settings import BusyPolicy, Settings
 from .threads import RunKind, RunRecord, Thread, ThreadStore
@@ -500,7 +500,7 @@ class RunService:
     async def _start(
         self, job: RunRecord, *, reservation: Reservation | None = None
     ) -> _Active | None:
-        recorder = Recorder(stopped=lambda: self._still_running(job.stream_id))
+        recorder = Recorder(stopped=lambda: self._stopped(job.stream_id))
         source = self.answers.source(job, recorder)
         try:
             if reservation is None:
@@ -542,6 +542,12 @@ class RunService:
             await self.store.settle_run(job.thread_id, job.seq, "failed", error=PRODUCER_LOST)
             await self.store.update_thread(job.thread_id)
             return
+        if status == "cancelled" and self._closing:
+            # Cut by this server's shutdown: its readers get an error (`shutdown`, with
+            # Retry), and so does the thread, rather than a stopped answer.
+            await self.store.settle_run(job.thread_id, job.seq, "failed", error=SHUTDOWN)
+            await self.store.update_thread(job.thread_id)
+            return
         if status == "completed" and job.use_cache and not recorder.cached:
             try:
                 await self.answers.cache_put(job, recorder)
@@ -550,9 +556,12 @@ class RunService:
         await self.store.set_run_state(job.thread_id, job.seq, "done")
         await self.store.update_thread(job.thread_id)
 
-    async def _still_running(self, stream_id: str) -> bool:
-        """(A run being cancelled) True if its stream is still there and running: it was
-        stopped, not cut by the loss of its stream (its terminal event is not written yet)."""
+    async def _stopped(self, stream_id: str) -> bool:
+        """(A run being cancelled) True if it was stopped: not cut by this server's shutdown
+        (_finish records that as an error), nor by the loss of its stream (then it is no
+        longer there and running: its terminal event is not written yet)."""
+        if self._closing:
+            return False
         try:
             info = await self.transport.info(stream_id)
         except ResumableStreamError:

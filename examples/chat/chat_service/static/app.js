@@ -229,6 +229,7 @@ function showError(turn, message, state = "error") {
 const ERRORS = {
   server_restarted: "The server restarted while writing this answer, and it was lost.",
   producer_lost: "The server writing this answer stopped before it was complete.",
+  shutdown: "The server shut down before this answer was complete.",
 };
 
 function renderHistory(messages, active, lastError) {
