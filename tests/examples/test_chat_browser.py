@@ -850,3 +850,30 @@ def test_the_thread_clicked_last_is_shown_when_an_earlier_one_loads_late(
     expect(page.locator(".msg.user .bubble")).to_have_text(["what is 6*7"])
     assert page.evaluate("location.hash") == f"#thread={second}"
     expect(page.locator(".thread.current")).to_have_attribute("data-thread-id", second)
+
+
+def test_an_answer_queued_elsewhere_shows_after_the_one_streaming(
+    page: Page, chat_servers: Callable[..., ChatServer]
+) -> None:
+    # Regression: with BUSY_POLICY=queue, a message queued from another tab or the terminal
+    # client (`queued` in GET /v1/thread) only appeared after a reload: the page stopped
+    # at the end of the answer it was reading.
+    server = chat_servers(OFFLINE_TOKENS_PER_SECOND="20", BUSY_POLICY="queue")
+    page.goto(server.url)
+    send(page, "How should I structure a small side project?")
+    first = page.locator(ANSWER).first
+    expect(first.locator(".text")).not_to_be_empty()
+    thread_id = thread_id_of(page)
+    queued = page.request.post(
+        f"{server.url}/v1/chat/message", data={"message": "what is 12*7", "thread_id": thread_id}
+    )
+    assert queued.status == 202 and queued.json()["status"] == "queued"
+
+    expect(first).to_have_attribute("data-state", "done")
+    expect(page.locator(".msg.user .bubble")).to_have_text(
+        ["How should I structure a small side project?", "what is 12*7"]
+    )
+    expect(page.locator(ANSWER)).to_have_count(2)
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "done")
+    expect(answer.locator(".text")).to_contain_text("The answer is 84")

@@ -25,7 +25,7 @@ const ui = {
 };
 const state = {
   threadId: null,
-  stream: null, // the answer being read: {es, turn, finished}
+  stream: null, // the answer being read: {es, turn, run, finished}
   sending: false, // a POST is in flight: a second Enter must not send again (issue 12)
   follow: true, // the view follows new text: the user is at the bottom
   threadsTimer: 0,
@@ -308,7 +308,9 @@ function closeStream() {
 function attach(url, turn) {
   closeStream();
   const es = new EventSource(url, { withCredentials: true });
-  const stream = { es, turn, finished: false };
+  // The answer's number (stream URLs name it): a later one is an answer queued behind it.
+  const run = Number(new URL(url, location.href).searchParams.get("run")) || 0;
+  const stream = { es, turn, run, finished: false };
   state.stream = stream;
   turn.el.dataset.state = "streaming";
   updateComposer();
@@ -359,19 +361,30 @@ function finish(stream, outcome, message) {
   if (outcome === "error") showError(turn, message || "the answer failed");
   updateComposer();
   loadThreads();
-  if (Object.keys(turn.calls).length) fillToolResults(turn);
+  afterAnswer(turn, stream.run);
 }
 
-// The stream carries tool calls, not their results: those are read from the saved thread.
-async function fillToolResults(turn) {
+// Once an answer ends, the saved thread has its tool results (the stream carries calls, not
+// results); and an answer queued behind it (BUSY_POLICY=queue, from another tab or the
+// terminal client) is in flight now: show the thread as saved, with that answer streaming.
+async function afterAnswer(turn, run) {
   const threadId = state.threadId;
+  const opening = state.opening;
+  let thread;
   try {
-    const thread = await api("GET", "/v1/thread?thread_id=" + encodeURIComponent(threadId));
-    for (const message of thread.messages) {
-      if (message.role === "tool") setToolResult(turn, message);
-    }
+    thread = await api("GET", "/v1/thread?thread_id=" + encodeURIComponent(threadId));
   } catch {
     // Not worth a status line: the results stay "shown when the answer ends" until reload.
+    return;
+  }
+  if (threadId !== state.threadId || opening !== state.opening) return;
+  if (state.stream || state.sending) return;
+  if (thread.active_run && thread.active_run.run > run) {
+    openThread(threadId);
+    return;
+  }
+  for (const message of thread.messages) {
+    if (message.role === "tool") setToolResult(turn, message);
   }
 }
 
