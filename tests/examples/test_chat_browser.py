@@ -17,6 +17,7 @@ from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from tests._services import launch_chromium
 from tests.examples._chat import ChatServer, eventually
+from tests.examples.conftest import redis_postgres_env
 
 TIMEOUT = 20_000  # ms, for expect() and waits
 ANSWER = ".msg.assistant"
@@ -877,3 +878,38 @@ def test_an_answer_queued_elsewhere_shows_after_the_one_streaming(
     answer = page.locator(ANSWER).last
     expect(answer).to_have_attribute("data-state", "done")
     expect(answer.locator(".text")).to_contain_text("The answer is 84")
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_retry_after_a_failed_edit_and_a_reload_shows_the_edited_question(
+    page: Page, chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest
+) -> None:
+    # Regression: an edit that failed before it took effect (no worker started it) leaves
+    # the old question and its answer in the saved thread; after a reload, Retry (which
+    # asks the edited question in its place) left the old question on screen above the new
+    # answer, and did not show the edited one, until the next reload.
+    env = {**redis_postgres_env(request), "WORKER_MODE": "1", "WORKER_START_TIMEOUT": "1"}
+    server = chat_servers(**env)
+    worker = chat_servers("worker", **env)
+    page.goto(server.url)
+    send(page, "what is 12*7")
+    expect(page.locator(ANSWER).last).to_have_attribute("data-state", "done")
+    thread_id = thread_id_of(page)
+    worker.stop()
+    page.locator(".msg.user .edit").click()
+    page.locator(".msg.user .edit-input").fill("what is 6*7")
+    page.locator(".msg.user .edit-input").press("Enter")
+    expect(page.locator(ANSWER).last).to_have_attribute("data-state", "error")
+    eventually(lambda: saved_thread(page, server, thread_id)["active_run"] is None, what="idle")
+    chat_servers("worker", **env)
+
+    page.reload()
+    expect(page.locator(".msg.user .bubble")).to_have_text(["what is 12*7"])
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "error")
+    answer.locator(".retry").click()
+    expect(page.locator(ANSWER).last).to_have_attribute("data-state", "done")
+    expect(page.locator(".msg.user .bubble")).to_have_text(["what is 6*7"])
+    expect(page.locator(ANSWER)).to_have_count(1)
+    expect(page.locator(ANSWER).last.locator(".text")).to_contain_text("The answer is 42")

@@ -103,6 +103,15 @@ async def history(runtime: Runtime, thread: Thread) -> dict[str, Any]:
         ids = [m.id for m in messages]
         if active.human_id in ids:
             messages = messages[: ids.index(active.human_id) + 1]
+        elif active.kind == "edit":
+            # An edit not yet in the conversation (queued, or its fork is still to be
+            # written) replaces the last question and what follows it: `active_run`'s
+            # message takes its place.
+            last = max(
+                (i for i, m in enumerate(messages) if isinstance(m, HumanMessage)), default=None
+            )
+            if last is not None:
+                messages = messages[:last]
     views = [v for v in (message_view(m) for m in messages) if v is not None]
     latest = await runtime.store.current_run(thread.id)
     return {

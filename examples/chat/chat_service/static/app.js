@@ -220,7 +220,7 @@ function showError(turn, message, state = "error") {
   turn.el.dataset.state = state;
   turn.el.querySelector(":scope > .error")?.remove();
   const error = element("div", state === "error" ? "error" : "error notice", message);
-  error.append(button("retry", "Retry", () => retryAnswer(turn)));
+  error.append(button("retry", "Retry", retryAnswer));
   turn.el.append(error);
   contentChanged();
 }
@@ -433,17 +433,16 @@ async function send(text, { fromInput = false } = {}) {
   loadThreads();
 }
 
-async function retryAnswer(turn) {
+async function retryAnswer() {
   const started = await post("/v1/chat/message", {
     thread_id: state.threadId,
     retry: true,
     model: ui.model.value,
   });
   if (!started) return;
-  setStatus("");
-  turn.el.remove();
-  scrollToLatest();
-  attach(started.stream_url, addTurn());
+  // The thread as saved, with the new answer: a retry may ask a question that is not on
+  // screen (an edit that failed before it took effect replaces the question shown).
+  openThread(state.threadId);
   loadThreads();
 }
 
