@@ -819,6 +819,15 @@ def _luminance(css_color: str) -> float:
     return (0.2126 * red + 0.7152 * green + 0.0722 * blue) / 255
 
 
+def routed(page: Page, held: list[Route]) -> list[Route] | None:
+    """`held` once the page's request reached it; for `eventually`.
+
+    The sync API runs route handlers only inside its own calls, so each poll makes one.
+    """
+    page.evaluate("0")
+    return held or None
+
+
 def test_the_thread_clicked_last_is_shown_when_an_earlier_one_loads_late(
     page: Page, chat_servers: Callable[..., ChatServer]
 ) -> None:
@@ -838,7 +847,7 @@ def test_the_thread_clicked_last_is_shown_when_an_earlier_one_loads_late(
     held: list[Route] = []
     page.route(f"**/v1/thread?thread_id={first}", lambda route: held.append(route))
     page.locator(f'.thread[data-thread-id="{first}"] .name').click()
-    eventually(lambda: held or None, what="the first thread is asked for")
+    eventually(lambda: routed(page, held), what="the first thread is asked for")
     page.locator(f'.thread[data-thread-id="{second}"] .name').click()
     expect(page.locator("#title")).to_have_text("what is 6*7")
     with page.expect_response(lambda response: first in response.url):
