@@ -649,6 +649,7 @@ def test_ai_sdk_chat_ids_start_threads_of_their_own(fast: ChatServer) -> None:
             answers.append("".join(c["delta"] for c in chunks if c["type"] == "text-delta"))
         thread = history(owner, chat_id)
         listed = owner.get("/v1/threads").json()["threads"]
+        peek = stranger.get(f"/api/chat/{chat_id}/stream")
         taken = stranger.post("/api/chat", json={"id": chat_id, "messages": [ui_user_message("x")]})
         regenerate = stranger.post(
             "/api/chat",
@@ -657,6 +658,8 @@ def test_ai_sdk_chat_ids_start_threads_of_their_own(fast: ChatServer) -> None:
         unseen = stranger.get("/v1/threads").json()["threads"]
 
     assert before.status_code == 204
+    # Another user's chat answers as one nobody has started: its existence is not told.
+    assert peek.status_code == 204
     assert [t["thread_id"] for t in listed] == [chat_id]
     assert listed[0]["title"] == "hello there"
     messages = thread["messages"]

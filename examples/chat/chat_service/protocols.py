@@ -160,12 +160,13 @@ async def ai_chat_send(request: Request) -> Response:
 
 async def ai_chat_resume(request: Request) -> Response:
     """``GET /api/chat/{thread_id}/stream``: the answer in progress from its start, or 204
-    (also for a chat the client named but has not sent a message to yet)."""
+    (also for a chat the client named but has not sent a message to yet, and for another
+    user's: the answer does not tell whether a thread exists)."""
     thread_id = request.path_params["thread_id"]
     runtime = _runtime(request)
-    if is_thread_id(thread_id) and await runtime.store.get_thread(thread_id) is None:
-        return Response(status_code=204, headers={"cache-control": "no-store"})
     if await _owned(request, thread_id) is None:
+        if is_thread_id(thread_id):
+            return Response(status_code=204, headers={"cache-control": "no-store"})
         return _not_found(thread_id)
     run = await runtime.store.current_run(thread_id)
     info = None if run is None else await runtime.transport.info(run.stream_id)
