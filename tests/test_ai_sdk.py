@@ -16,7 +16,7 @@ import pytest
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.tools import tool
+from langchain_core.tools import ToolException, tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode
@@ -69,6 +69,16 @@ def check_order(chunks: list[dict[str, Any]]) -> None:
 def search(q: str) -> str:
     """Look q up."""
     return f"found {q}"
+
+
+@tool
+def failing_search(q: str) -> str:
+    """Look q up, and fail as a tool that handles its errors does."""
+    raise ToolException(f"nothing found for {q}")
+
+
+failing_search.name = "search"
+failing_search.handle_tool_error = True
 
 
 class ToolCallingModel(BaseChatModel):

@@ -559,14 +559,18 @@ class UIMessageChunks:
         output = data.get("output")
         run_id = str(data.get("run_id") or data.get("id"))
         call_id: Any = self._run_calls.pop(run_id, None) or data.get("id")
+        error = data.get("error")
         if isinstance(output, Mapping) and output.get("role") == "tool":
-            # A ToolMessage: its tool_call_id names the call, unless this run had one.
+            # A ToolMessage: its tool_call_id names the call, unless this run had one. A
+            # tool that handles its own errors (handle_tool_error) ends with one of status
+            # "error", as the tool message in `messages` mode says.
             call_id = call_id or output.get("tool_call_id")
+            if error is None and output.get("status") == "error":
+                error = output.get("text")
             output = output.get("content")
         if not isinstance(call_id, str):
             call_id = run_id
         self._announce(call_id, str(data.get("name") or "tool"), None, out)
-        error = data.get("error")
         self._output(call_id, output, None if error is None else str(error), out)
 
 

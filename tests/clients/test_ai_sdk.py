@@ -17,7 +17,14 @@ from resumable_stream.ai_sdk import UIMessageChunks
 from tests._services import run_app_subprocess, uvicorn_command, uvicorn_server
 from tests.clients._app import answer_text, create_app
 from tests.clients.conftest import run_node
-from tests.test_ai_sdk import REASONING_CHUNKS, reasoning_graph, stored_events, streaming_tool_graph
+from tests.test_ai_sdk import (
+    REASONING_CHUNKS,
+    agent_graph,
+    failing_search,
+    reasoning_graph,
+    stored_events,
+    streaming_tool_graph,
+)
 
 APP = "tests.clients._app:create_app"
 
@@ -247,4 +254,26 @@ async def test_a_models_reasoning_shows_as_reasoning_before_its_answer(
         ("step-start", None, None),
         ("reasoning", "done", "Let me think."),
         ("text", "done", "Hello there"),
+    ]
+
+
+@pytest.mark.parametrize("mode", ["messages", "events"])
+async def test_a_tool_that_handles_its_own_error_shows_as_failed(
+    node_modules: Path, tmp_path: Path, mode: str
+) -> None:
+    # Regression: a tool with handle_tool_error (a ToolException, or bad arguments with
+    # handle_validation_error) ends with a ToolMessage of status "error", not a tool error:
+    # with astream_events the UI showed the error as the tool's output (output-available).
+    graph = agent_graph(tools=[failing_search])
+    inputs = {"messages": [("user", "look up x and y")]}
+    if mode == "messages":
+        source = graph.astream(inputs, stream_mode="messages")
+    else:
+        source = graph.astream_events(inputs, version="v2")
+    seen = read_body(node_modules, tmp_path, await stored_events(source))
+    assert seen["error"] is None
+    tools = [p for p in seen["parts"] if p["type"] == "tool-search"]
+    assert sorted((p["state"], p["errorText"], p["output"]) for p in tools) == [
+        ("output-error", "nothing found for x", None),
+        ("output-error", "nothing found for y", None),
     ]

@@ -41,6 +41,7 @@ console.log(
       text: p.text ?? null,
       input: p.input ?? null,
       output: p.output ?? null,
+      errorText: p.errorText ?? null,
     })),
   }),
 );
