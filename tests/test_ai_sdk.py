@@ -241,6 +241,64 @@ def reasoning_graph(shape: str, stream: bool = True) -> Any:
     return builder.compile()
 
 
+#: How providers' LangChain integrations end a streamed answer: the last chunks' (content,
+#: response_metadata, tool_call_chunks), and the `finishReason` the client should get.
+_CALL = {"id": "call_1", "name": "search", "args": '{"q": "x"}', "index": 0}
+FINISHES: dict[str, tuple[list[tuple[Any, dict[str, Any], list[Any]]], str]] = {
+    "openai-stop": ([("there", {}, []), ("", {"finish_reason": "stop"}, [])], "stop"),
+    "openai-length": ([("there", {}, []), ("", {"finish_reason": "length"}, [])], "length"),
+    "openai-tools": ([("", {}, [_CALL]), ("", {"finish_reason": "tool_calls"}, [])], "tool-calls"),
+    "anthropic": ([("there", {}, []), ([], {"stop_reason": "max_tokens"}, [])], "length"),
+    # Gemini: the last chunk holds text too; STOP with a tool call is a call
+    "gemini-length": ([("there", {"finish_reason": "MAX_TOKENS"}, [])], "length"),
+    "gemini-tools": ([("", {"finish_reason": "STOP"}, [_CALL])], "tool-calls"),
+    "bedrock": (
+        [("there", {}, []), ("", {"stopReason": "guardrail_intervened"}, [])],
+        "content-filter",
+    ),
+    "responses": (
+        [("there", {}, []), ("", {"incomplete_details": {"reason": "max_output_tokens"}}, [])],
+        "length",
+    ),
+    "unknown": ([("there", {}, []), ("", {"finish_reason": "weird"}, [])], "other"),
+}
+
+
+class FinishingModel(BaseChatModel):
+    """Says "Hello ", then ends as one provider does (FINISHES)."""
+
+    shape: str
+
+    @property
+    def _llm_type(self) -> str:
+        return "finishing-test-model"
+
+    def _generate(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> ChatResult:
+        raise NotImplementedError("streams only")
+
+    async def _astream(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> Any:
+        yield ChatGenerationChunk(message=AIMessageChunk(content="Hello "))
+        for content, metadata, calls in FINISHES[self.shape][0]:
+            chunk = AIMessageChunk(
+                content=content, response_metadata=metadata, tool_call_chunks=calls
+            )
+            yield ChatGenerationChunk(message=chunk)
+
+
+def finishing_graph(shape: str) -> Any:
+    """A one-node graph whose model answers and ends as FINISHES[shape] says (its tool calls
+    are the browser's: nothing runs them)."""
+    model = FinishingModel(shape=shape)
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await model.ainvoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_edge(START, "agent")
+    return builder.compile()
+
+
 async def stored_events(source: Any) -> list[Event]:
     transport = MemoryTransport()
     async with StreamProducer(transport) as producer:

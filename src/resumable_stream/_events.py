@@ -127,6 +127,28 @@ def _reasoning_block(block: Mapping[str, Any], parts: list[str]) -> None:
             parts.append(text)
 
 
+#: Where providers' LangChain integrations put why the model stopped (``response_metadata``):
+#: OpenAI, Mistral, Gemini; Anthropic; Bedrock Converse; Ollama.
+_FINISH_KEYS: Final = ("finish_reason", "stop_reason", "stopReason", "done_reason")
+_FINISH_FIELDS: Final = frozenset({*_FINISH_KEYS, "incomplete_details"})
+
+
+def finish_reason_of(metadata: Any) -> str | None:
+    """Why a model stopped, as its provider says it (``"length"``, ``"max_tokens"``,
+    ``"tool_calls"``...), from a message's or a chunk's ``response_metadata``; the Responses
+    API's ``incomplete_details`` reason (``"max_output_tokens"``) for an incomplete answer."""
+    # (Checked for every streamed chunk, most of which say nothing of it: kept cheap.)
+    if not metadata or not isinstance(metadata, dict) or _FINISH_FIELDS.isdisjoint(metadata):
+        return None
+    for key in _FINISH_KEYS:
+        reason = metadata.get(key)
+        if isinstance(reason, str) and reason:
+            return reason
+    details = metadata.get("incomplete_details")
+    reason = details.get("reason") if isinstance(details, Mapping) else None
+    return reason if isinstance(reason, str) and reason else None
+
+
 def _is_message(obj: Any) -> bool:
     return hasattr(obj, "content") and hasattr(obj, "type") and hasattr(obj, "id")
 
@@ -159,6 +181,9 @@ def message_to_dict(message: Any) -> dict[str, Any]:
             {"id": c.get("id"), "name": c.get("name"), "args": to_jsonable(c.get("args"))}
             for c in tool_calls
         ]
+    finish_reason = finish_reason_of(getattr(message, "response_metadata", None))
+    if finish_reason:
+        out["finish_reason"] = finish_reason
     for attr in ("name", "tool_call_id", "status"):
         value = getattr(message, attr, None)
         if value:
@@ -208,7 +233,9 @@ def _from_message(message: Any, metadata: Mapping[str, Any], ns: list[str] | Non
         content = message.content
         # (Most chunks hold none: a text chunk pays for one attribute read.)
         calls = getattr(message, "tool_call_chunks", None) and _tool_call_chunks(message)
-        if not calls:  # text alone, as most chunks: a string, or one block (Anthropic's)
+        # The last chunk of a model's call says why it stopped (the others hold none).
+        finish = finish_reason_of(getattr(message, "response_metadata", None))
+        if not calls and finish is None:  # text alone, as most chunks: a string, or one block
             if type(content) is str:
                 if content:
                     return _token(content, message.id, node, ns)
@@ -216,7 +243,7 @@ def _from_message(message: Any, metadata: Mapping[str, Any], ns: list[str] | Non
                 text = text_of(content)
                 if text:
                     return _token(text, message.id, node, ns)
-        return _chunk_token(message, text_of(content), calls, node, ns)
+        return _chunk_token(message, text_of(content), calls, finish, node, ns)
     data: dict[str, Any] = {"message": message_to_dict(message), "node": node}
     if ns:
         data["ns"] = ns
@@ -224,12 +251,18 @@ def _from_message(message: Any, metadata: Mapping[str, Any], ns: list[str] | Non
 
 
 def _chunk_token(
-    message: Any, text: str, calls: list[dict[str, Any]] | None, node: Any, ns: list[str] | None
+    message: Any,
+    text: str,
+    calls: list[dict[str, Any]] | None,
+    finish: str | None,
+    node: Any,
+    ns: list[str] | None,
 ) -> Item | None:
-    """The ``token`` of a message chunk that is not text alone: its tool call fragments and
-    its reasoning (a chunk of reasoning has no text; several blocks may hold both), if any."""
+    """The ``token`` of a message chunk that is not text alone: its tool call fragments, its
+    reasoning (a chunk of reasoning has no text; several blocks may hold both) and why the
+    model stopped (its last chunk, most often without text), if any."""
     reasoning = reasoning_of(message.content, getattr(message, "additional_kwargs", None))
-    if not (text or calls or reasoning):
+    if not (text or calls or reasoning or finish):
         return None
     # LangGraph sends no whole message after a streamed one: a tool call's id, name and
     # arguments come only in these fragments.
@@ -238,6 +271,8 @@ def _chunk_token(
         token[1]["reasoning"] = reasoning
     if calls:
         token[1]["tool_call_chunks"] = calls
+    if finish:
+        token[1]["finish_reason"] = finish
     return token
 
 

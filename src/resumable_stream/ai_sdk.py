@@ -110,6 +110,42 @@ _UNFINISHED_CALL_TEXT = "the answer ended before this call was complete"
 _INVALID_ARGS_TEXT = "the model's arguments for this call are not valid JSON"
 
 
+#: The ``finishReason`` of a ``finish`` part (ai: ``FinishReason``) for the reasons
+#: providers give (lower-cased): OpenAI, Mistral, Gemini, Anthropic, Bedrock, Ollama, the
+#: Responses API. Any other is ``other``, as the AI SDK's own providers map them.
+_FINISH_REASONS: Mapping[str, str] = {
+    "stop": "stop",
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "length": "length",
+    "max_tokens": "length",
+    "model_length": "length",
+    "max_output_tokens": "length",
+    "tool_calls": "tool-calls",
+    "function_call": "tool-calls",
+    "tool_use": "tool-calls",
+    "content_filter": "content-filter",
+    "content_filtered": "content-filter",
+    "guardrail_intervened": "content-filter",
+    "refusal": "content-filter",
+    "safety": "content-filter",
+    "recitation": "content-filter",
+    "blocklist": "content-filter",
+    "prohibited_content": "content-filter",
+    "spii": "content-filter",
+    "error": "error",
+}
+
+
+def _finish_reason(raw: Any, called_tools: bool) -> str | None:
+    """The ``finishReason`` for a provider's reason; ``stop`` with tool calls (Gemini's)
+    is ``tool-calls``, as the AI SDK's own providers take it."""
+    if not isinstance(raw, str) or not raw:
+        return "tool-calls" if called_tools else None
+    reason = _FINISH_REASONS.get(raw.lower(), "other")
+    return "tool-calls" if reason == "stop" and called_tools else reason
+
+
 def _sse(chunk: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
@@ -154,7 +190,10 @@ class UIMessageChunks:
     * ``custom`` → ``data-<name>`` (``data-custom`` without a name), except the library's
       own ``resumable_stream.*`` markers (a reserved run's, a continuation's), which are
       not sent;
-    * ``end`` / ``error`` / ``cancelled`` → ``finish`` / ``error`` / ``abort``, then ``[DONE]``
+    * ``end`` / ``error`` / ``cancelled`` → ``finish`` (its ``finishReason`` why the model
+      last stopped: the ``finish_reason`` of its last message or chunk, ``tool-calls`` for
+      a message with tool calls that gives none, else ``stop``) / ``error`` / ``abort``,
+      then ``[DONE]``
       (``error`` for a run cancelled by its server's shutdown: cut, not stopped); a call
       still streaming then ends with ``tool-input-error`` (``providerExecuted``).
 
@@ -189,6 +228,9 @@ class UIMessageChunks:
         self._last_draft: dict[Hashable, _DraftCall] = {}
         self._streaming: dict[str, _DraftCall] = {}  # call id → its input still streaming
         self._tool_output_sent = False  # in this step: what the model says next is a new step
+        # Why the model last stopped (its last message's or last chunk's finish reason),
+        # the answer's `finishReason` if it ends then; None: "stop".
+        self._finish_reason: str | None = None
         self.finished = False
 
     def chunks(self, event: Event) -> list[dict[str, Any]]:
@@ -239,7 +281,8 @@ class UIMessageChunks:
             self._close_text(out)
             if kind == END:
                 out.append({"type": "finish-step"})
-                out.append({"type": "finish", "finishReason": "stop"})
+                reason = self._finish_reason or "stop"
+                out.append({"type": "finish", "finishReason": reason})
             elif kind == ERROR:
                 message = data.get("message") or data.get("error") or "the answer failed"
                 out.append({"type": "error", "errorText": str(message)})
@@ -280,6 +323,7 @@ class UIMessageChunks:
         """Begin a new step if a tool's output was sent in this one: the model speaks again."""
         if self._tool_output_sent:
             self._tool_output_sent = False
+            self._finish_reason = None  # the model's next call says why it stopped, if it does
             self._close_text(out)
             out.append({"type": "finish-step"})
             out.append({"type": "start-step"})
@@ -363,6 +407,11 @@ class UIMessageChunks:
             for piece in calls:
                 if isinstance(piece, Mapping):
                     self._call_chunk(key, piece, out)
+        finish = data.get("finish_reason")  # (the model's last chunk)
+        if finish:
+            key = _message_key(data.get("message_id"))
+            called = any(draft[0] == key for draft in self._drafts)
+            self._finish_reason = _finish_reason(finish, called)
 
     def _message(self, message: Any, out: list[dict[str, Any]]) -> None:
         if not isinstance(message, Mapping):
@@ -388,16 +437,16 @@ class UIMessageChunks:
                 out.append({"type": "text-delta", "id": part, "delta": text})
                 self._close_text(out, key)
             calls = message.get("tool_calls")
+            called = False
             for call in calls if isinstance(calls, list) else ():
                 if not isinstance(call, Mapping):
                     continue  # an app's own event may hold anything: only calls are sent
                 call_id, name = call.get("id"), call.get("name")
-                if (
-                    isinstance(call_id, str)
-                    and isinstance(name, str)
-                    and self._announce(call_id, name, call.get("args"), out)
-                ):
-                    self._announced.setdefault(name, []).append((call_id, call.get("args")))
+                if isinstance(call_id, str) and isinstance(name, str):
+                    called = True
+                    if self._announce(call_id, name, call.get("args"), out):
+                        self._announced.setdefault(name, []).append((call_id, call.get("args")))
+            self._finish_reason = _finish_reason(message.get("finish_reason"), called)
         elif role == "tool":
             call_id = message.get("tool_call_id")
             if isinstance(call_id, str):

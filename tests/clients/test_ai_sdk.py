@@ -18,9 +18,11 @@ from tests._services import run_app_subprocess, uvicorn_command, uvicorn_server
 from tests.clients._app import answer_text, create_app
 from tests.clients.conftest import run_node
 from tests.test_ai_sdk import (
+    FINISHES,
     REASONING_CHUNKS,
     agent_graph,
     failing_search,
+    finishing_graph,
     reasoning_graph,
     stored_events,
     streaming_tool_graph,
@@ -277,3 +279,25 @@ async def test_a_tool_that_handles_its_own_error_shows_as_failed(
         ("output-error", "nothing found for x", None),
         ("output-error", "nothing found for y", None),
     ]
+
+
+@pytest.mark.parametrize("mode", ["messages", "events"])
+@pytest.mark.parametrize("shape", sorted(FINISHES))
+async def test_the_finish_reason_is_the_models(
+    node_modules: Path, tmp_path: Path, shape: str, mode: str
+) -> None:
+    # Regression: every answer finished with "stop": useChat's onFinish could not tell an
+    # answer cut by the model's max_tokens (or a content filter) from a whole one.
+    graph = finishing_graph(shape)
+    inputs = {"messages": [("user", "hi")]}
+    if mode == "messages":
+        source = graph.astream(inputs, stream_mode="messages")
+    else:
+        source = graph.astream_events(inputs, version="v2")
+    seen = read_body(node_modules, tmp_path, await stored_events(source))
+    assert seen["error"] is None
+    assert seen["finished"] == {
+        "isAbort": False,
+        "isError": False,
+        "finishReason": FINISHES[shape][1],
+    }
