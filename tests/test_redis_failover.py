@@ -187,6 +187,56 @@ async def test_a_slot_migrated_mid_stream_loses_nothing(
     assert_whole(await collect(cluster_transport, run.stream_id))  # a fresh reader too
 
 
+async def test_a_stream_started_in_a_slot_being_migrated_starts_once_the_slot_moved(
+    redis_cluster: RedisClusterService, cluster_transport: Transport
+) -> None:
+    stream_id = uuid.uuid4().hex
+    slot = redis_cluster.slot_of("{" + stream_id + "}")
+    source = redis_cluster.owner(slot)
+    target = next(port for port in redis_cluster.master_ports() if port != source)
+    migration = redis_cluster.migrating_slot(slot, target)
+    # A new stream's keys are on neither master: the source sends its create script to the
+    # target (ASK), which answers TRYAGAIN (keys missing) until the slot has moved.
+    refused = await asyncio.to_thread(_errorstat, redis_cluster, target, "TRYAGAIN")
+    start = asyncio.create_task(
+        StreamProducer(cluster_transport).start(Stages(N).source(), stream_id=stream_id)
+    )
+
+    async def refused_again() -> bool:
+        count = await asyncio.to_thread(_errorstat, redis_cluster, target, "TRYAGAIN")
+        return start.done() or count > refused
+
+    await eventually(refused_again, within=30)
+    await asyncio.to_thread(migration.finish)
+    run = await start
+    assert await run.wait() == "completed"
+    assert_whole(await collect(cluster_transport, stream_id))
+
+
+async def test_a_finished_stream_in_a_slot_being_migrated_is_deleted_once_the_slot_moved(
+    redis_cluster: RedisClusterService, cluster_transport: Transport
+) -> None:
+    run = await StreamProducer(cluster_transport).start(Stages(3).source())
+    assert await run.wait() == "completed"
+    slot = redis_cluster.slot_of("{" + run.stream_id + "}")
+    source = redis_cluster.owner(slot)
+    target = next(port for port in redis_cluster.master_ports() if port != source)
+    migration = redis_cluster.migrating_slot(slot, target)
+    # A finished stream has no lease key: the source holds some of the delete script's keys,
+    # not all, and answers TRYAGAIN until the slot has moved.
+    refused = await asyncio.to_thread(_errorstat, redis_cluster, source, "TRYAGAIN")
+    delete = asyncio.create_task(cluster_transport.delete(run.stream_id))
+
+    async def refused_again() -> bool:
+        count = await asyncio.to_thread(_errorstat, redis_cluster, source, "TRYAGAIN")
+        return delete.done() or count > refused
+
+    await eventually(refused_again, within=30)
+    await asyncio.to_thread(migration.finish)
+    assert await delete is True
+    assert await cluster_transport.info(run.stream_id) is None
+
+
 async def test_a_cluster_failover_mid_stream_loses_nothing(
     redis_cluster: RedisClusterService, cluster_transport: Transport
 ) -> None:

@@ -88,6 +88,10 @@ _DOWN_RECHECK_FOR = 60.0
 _SENTINEL_CHECK = 1.0
 #: Redirections (MOVED, ASK, NOSCRIPT) one command may follow before failing.
 _MAX_REDIRECTS = 5
+#: Seconds before a command Redis Cluster answered TRYAGAIN is sent again (doubling up to
+#: _TRYAGAIN_DELAY_MAX); it is, for as long as a reply would be waited for.
+_TRYAGAIN_DELAY = 0.02
+_TRYAGAIN_DELAY_MAX = 0.5
 _META_FIELDS = ("epoch", "status", "created", "updated", "last", "count", "lease_ms")
 
 
@@ -506,7 +510,10 @@ class RedisTransport(Transport):
         node = self._node_for_slot(slot)
         asking = False
         replies: list[Any] = []
-        for _ in range(_MAX_REDIRECTS):
+        redirects = 0
+        delay, deadline = _TRYAGAIN_DELAY, math.inf
+        while redirects < _MAX_REDIRECTS:
+            redirects += 1
             try:
                 if asking or then:
                     commands = (pack("ASKING"), packed, *then) if asking else (packed, *then)
@@ -552,6 +559,20 @@ class RedisTransport(Transport):
                 # The slot is migrating and this key already moved: ask the target once.
                 node, asking = self._redirected_node(reply), True
                 continue
+            if code == "TRYAGAIN" and self._cluster is not None:
+                # A script on a slot being migrated whose keys are not all on one master
+                # (split by MIGRATE, or not there yet: a stream created, a finished one
+                # with no lease key): Redis runs it once they are, or once the slot has
+                # moved. It was not run: send it again to the slot's owner, while a slow
+                # reply would still be waited for.
+                now = time.monotonic()
+                if deadline == math.inf:
+                    deadline = now + self._timeout
+                if now < deadline:
+                    await asyncio.sleep(min(delay, deadline - now))
+                    delay = min(delay * 2, _TRYAGAIN_DELAY_MAX)
+                    node, asking, redirects = self._node_for_slot(slot), False, 0
+                    continue
             raise fault(reply, "the command") from reply
         raise TransportError(f"too many redirections for slot {slot}; the cluster is changing")
 
