@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
+from redis.asyncio.cluster import ClusterNode
 
 from resumable_stream import (
     BackendRefused,
@@ -26,6 +28,7 @@ from resumable_stream import (
 )
 from resumable_stream.transports import Entry, from_url
 from resumable_stream.transports import _redis_scripts as scripts
+from resumable_stream.transports.redis import RedisTransport
 from tests._helpers import collect, eventually, joined, text_of
 from tests._services import RedisClusterService, RedisSentinelService, RedisServer
 
@@ -235,6 +238,36 @@ async def test_a_finished_stream_in_a_slot_being_migrated_is_deleted_once_the_sl
     await asyncio.to_thread(migration.finish)
     assert await delete is True
     assert await cluster_transport.info(run.stream_id) is None
+
+
+async def test_a_node_removed_from_the_cluster_is_left_for_the_slot_map_of_today(
+    redis_cluster: RedisClusterService,
+    cluster_transport: Transport,
+    tmp_path: Path,
+) -> None:
+    # `redis-cli --cluster del-node` resets the node it removes (CLUSTER RESET SOFT): it
+    # serves no slot and answers CLUSTERDOWN to a process whose slot map still names it for
+    # a slot that moved away from it since that process last used the slot. A lone cluster
+    # node answers the same.
+    run = await StreamProducer(cluster_transport).start(Stages(3).source())
+    assert await run.wait() == "completed"
+    removed = RedisServer(directory=tmp_path, cluster=True).start()
+    try:
+        await cluster_transport.info(run.stream_id)  # the slot map is known
+        slot = redis_cluster.slot_of("{" + run.stream_id + "}")
+        assert isinstance(cluster_transport, RedisTransport) and cluster_transport._cluster
+        manager = cluster_transport._cluster.nodes_manager
+        stale = ClusterNode("127.0.0.1", removed.port, **manager.connection_kwargs)
+        manager.slots_cache[slot] = [stale]
+
+        async def answered() -> bool:
+            with contextlib.suppress(TransportError):
+                return (await cluster_transport.info(run.stream_id)) is not None
+            return False
+
+        await eventually(answered, within=10)
+    finally:
+        removed.kill()
 
 
 async def test_a_cluster_failover_mid_stream_loses_nothing(

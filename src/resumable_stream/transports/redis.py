@@ -573,6 +573,11 @@ class RedisTransport(Transport):
                     delay = min(delay * 2, _TRYAGAIN_DELAY_MAX)
                     node, asking, redirects = self._node_for_slot(slot), False, 0
                     continue
+            if code == "CLUSTERDOWN" and self._cluster is not None:
+                # The node serves no slot now ("Hash slot not served": it was removed from
+                # the cluster, `del-node` resets it) or the cluster is failing over: the
+                # slot map may name the wrong node. Read it again (the caller retries).
+                self._refresh_topology()
             raise fault(reply, "the command") from reply
         raise TransportError(f"too many redirections for slot {slot}; the cluster is changing")
 
