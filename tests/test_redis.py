@@ -185,6 +185,25 @@ async def test_a_reservation_outlasting_running_ttl_keeps_its_entries(
         assert len(ttls) == 3 and all(ttl > 25_000 for ttl in ttls.values()), ttls
 
 
+@pytest.mark.parametrize("replicas", [0, 1])
+async def test_a_lease_longer_than_running_ttl_keeps_the_first_entries(
+    redis_url: str, admin: aioredis.Redis, prefix: str, replicas: int
+) -> None:
+    # The first append gave the entries key running_ttl, not the lease: with a lease of 3 s
+    # and running_ttl=0.5 the first entry expired before the first heartbeat (a second
+    # later) renewed it, and every reader of the run got OffsetExpired.
+    async with RedisTransport.from_url(
+        redis_url, prefix=prefix, running_ttl=0.5, replicas=replicas, replica_timeout=0.01
+    ) as transport:
+        info = await transport.create("s", "me", 3000)
+        entry = Entry(info.epoch, 1, b'[["token",{"text":"a"}]]')
+        # Durable: HOLD stores the entry, then WAIT finds no replica (not readable yet).
+        with contextlib.suppress(TransportError) if replicas else contextlib.nullcontext():
+            await transport.append("s", "me", entry, 1)
+        assert await admin.xlen(transport._key("s", "events")) == 1
+        assert await admin.pttl(transport._key("s", "events")) > 2500
+
+
 async def test_an_entries_key_gone_under_a_live_run_is_made_again_with_an_expiry(
     transport: RedisTransport, admin: aioredis.Redis, prefix: str
 ) -> None:

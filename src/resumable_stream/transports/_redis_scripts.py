@@ -54,7 +54,7 @@ if tonumber(ARGV[3]) > last + 1 then return {m[2]} end
 local made = add_entry(ARGV[3], ARGV[8], ARGV[2] .. '-' .. ARGV[3], ARGV[4])
 if ARGV[7] == '' then
   redis.call('HSET', KEYS[1], 'last', ARGV[3], 'count', ARGV[5], 'updated', ARGV[6])
-  if made then redis.call('PEXPIRE', KEYS[2], ARGV[9]) end
+  if made then redis.call('PEXPIRE', KEYS[2], running_ttl(ARGV[9])) end
 else
   redis.call('HSET', KEYS[1], 'last', ARGV[3], 'count', ARGV[5], 'updated', ARGV[6],
     'status', ARGV[7])
@@ -141,7 +141,7 @@ end
 if m[3] ~= 'running' then return -1 end
 if tonumber(ARGV[3]) > written + 1 then return {string.format('%.0f', written)} end
 if add_entry(ARGV[3], ARGV[5], ARGV[2] .. '-' .. ARGV[3], ARGV[4]) then
-  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+  redis.call('PEXPIRE', KEYS[2], running_ttl(ARGV[6]))
 end
 redis.call('HSET', KEYS[1], 'written', ARGV[3])
 return 1
@@ -198,6 +198,16 @@ local function add_entry(seq, max_entries, id, payload)
 end
 """
 
+# The expiry of a running stream's entries key, made by an append: running_ttl, and no
+# less than what is left of the lease, as CREATE and RENEW give the metadata. (The key got
+# running_ttl alone: with a lease past running_ttl, the first entries expired before the
+# first heartbeat renewed them.)
+_RUNNING_TTL = """
+local function running_ttl(ms)
+  return longer(ms, redis.call('PTTL', KEYS[3]))
+end
+"""
+
 # An error reply if the user may not SPUBLISH to the channel, checked before a script
 # writes: Redis 7 gives an ACL user no channels by default (acl-pubsub-default), and a
 # SPUBLISH refused after the writes left them stored, so the append's retry found its
@@ -213,7 +223,7 @@ end
 """
 
 CREATE, RENEW = _REFUSED + _LONGER + CREATE, _LONGER + RENEW
-APPEND, HOLD = _ADD_ENTRY + APPEND, _ADD_ENTRY + HOLD
+APPEND, HOLD = (_LONGER + _RUNNING_TTL + _ADD_ENTRY + s for s in (APPEND, HOLD))
 CANCEL, DELETE, REAP = (_REFUSED + s for s in (CANCEL, DELETE, REAP))
 
 
