@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -94,3 +95,48 @@ def test_a_worker_survives_a_redis_restart_in_the_middle_of_an_answer(
     assert thread["last_error"] is None
     assert "a new one starts" in worker.output()
     assert worker.process is not None and worker.process.poll() is None
+
+
+@pytest.mark.postgres
+def test_an_answer_waiting_for_a_worker_when_redis_lost_its_task_fails_and_frees_the_thread(
+    chat_servers: Callable[..., ChatServer],
+    redis_server_factory: Callable[..., RedisServer],
+    postgres_dsn: str,
+) -> None:
+    # Regression: Redis restarted without persistence takes the queued task and the
+    # answer's reserved stream with it. The run stayed queued for good: its readers waited
+    # for a stream that would never come back (WORKER_START_TIMEOUT lived in that stream),
+    # and the thread refused every new message (409 thread_busy) until stopped.
+    redis = redis_server_factory()
+    env = {
+        "REDIS_URL": redis.url,
+        "DATABASE_URL": postgres_dsn,
+        "REDIS_PREFIX": f"chat{uuid.uuid4().hex[:8]}",
+        "WORKER_MODE": "1",
+        "STREAM_LEASE": "1",
+        "WORKER_START_TIMEOUT": "600",
+    }
+    api = chat_servers(**env)
+    with api.client() as client:
+        queued = post_message(client, "what is 12*7")  # no worker runs yet
+        thread_id = queued["thread_id"]
+        other = post_message(client, "what is 6*7")
+        redis.restart()
+        # A new message on a thread whose answer was lost, before anyone read that answer.
+        again = client.post(
+            "/v1/chat/message", json={"message": "hi", "thread_id": other["thread_id"]}
+        )
+        # A reader of the other lost answer.
+        pool = ThreadPoolExecutor(1)
+        try:
+            # Keep-alives keep a waiting response open: bound the wait here.
+            status, events = pool.submit(read_sse, client, queued["stream_url"]).result(10)
+        finally:
+            pool.shutdown(wait=False)  # a reader left waiting ends with the client
+        failed = eventually(lambda: settled(client, thread_id), what="the lost run recorded")
+
+    error = terminal(events)
+    assert again.status_code == 202, again.text
+    assert status == 200
+    assert error is not None and (error["type"], error["code"]) == ("error", "queue_unavailable")
+    assert failed["last_error"] == {"run": queued["run"], "code": "queue_unavailable"}

@@ -194,6 +194,9 @@ class RunService:
         ``end`` first): wait for it rather than reject. Every wait ends on what the holder
         does (or on its lease lapsing, if it died), never on a timer that load can outrun.
         """
+        if self.workers:
+            for run in await self.store.runs(thread_id, "queued"):
+                await self.reservation_lost(run)  # not a message a worker will answer
         seen = await self._run_count(thread_id)
         held = await self.lock.try_acquire(thread_id)
         if held is None:
@@ -391,6 +394,20 @@ class RunService:
             return "answered"
         finally:
             await held.release()
+
+    async def reservation_lost(self, run: RunRecord) -> bool:
+        """(Worker mode) True if queued run ``run`` lost its reserved stream, and its task
+        with it (Redis restarted without its data, say): no worker will start it, and no
+        ``not_started`` will come (its start timeout lived in that stream). Recorded as
+        failed (``queue_unavailable``), as its readers are told, so that the thread does not
+        wait for it."""
+        if not self.workers or await self.store.reservation(run.thread_id, run.seq) is None:
+            return False  # not reserved yet: its stream exists once its reservation is kept
+        if await self.transport.info(run.stream_id) is not None:
+            return False
+        return await self.store.settle_run(
+            run.thread_id, run.seq, "failed", error=QUEUE_DOWN, only_from=("queued",)
+        )
 
     async def _lock_in_turn(self, thread_id: str, seq: int) -> HeldLock:
         """The thread's lock, once the thread's older queued runs were answered: the tasks

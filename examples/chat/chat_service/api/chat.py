@@ -21,7 +21,7 @@ from resumable_stream.starlette import StreamResponse, error_response, resume_af
 
 from ..answers import NothingToRetry
 from ..auth import current_user
-from ..events import PRODUCER_LOST, ChatEvents, Mapper, run_dropped, run_error, to_sse
+from ..events import PRODUCER_LOST, QUEUE_DOWN, ChatEvents, Mapper, run_dropped, run_error, to_sse
 from ..runs import QueueUnavailable, Submitted, ThreadBusy
 from ..runtime import Runtime
 from ..settings import Settings
@@ -154,7 +154,8 @@ async def submit(request: Request, runtime: Runtime, body: ChatMessage) -> Submi
 def waiter(runtime: Runtime, run: RunRecord) -> Callable[[], Awaitable[Event | None]]:
     """``ready`` for ChatEvents: wait until a queued answer's stream exists; or the last
     event of an answer that will never have one: ``error`` if it failed (its server
-    restarted), ``cancelled`` (stopped) if it was dropped before its turn."""
+    restarted; in worker mode, Redis lost its task), ``cancelled`` (stopped) if it was
+    dropped before its turn."""
 
     async def ready() -> Event | None:
         delay = 0.05
@@ -170,6 +171,8 @@ def waiter(runtime: Runtime, run: RunRecord) -> Callable[[], Awaitable[Event | N
                 raise StreamNotFound(run.stream_id)
             if current.state == "failed":
                 return run_error(current.error or PRODUCER_LOST)
+            if await runtime.runs.reservation_lost(current):
+                return run_error(QUEUE_DOWN)  # worker mode: Redis lost its task
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.5)
         return None
