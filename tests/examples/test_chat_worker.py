@@ -276,3 +276,41 @@ def test_stopping_an_answer_no_worker_took_yet_ends_it_as_stopped_at_once(
     assert terminal(events) == {"type": "end", "reason": "stopped"}
     assert thread["last_error"] is None
     assert again["status"] == "queued"
+
+
+def test_the_next_answer_of_a_thread_records_the_one_a_dead_worker_left_unread(
+    chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest
+) -> None:
+    # Regression: a worker killed mid-answer while nobody read that answer (the tab was
+    # closed), and no worker restarted to recover it. Another worker answered the thread's
+    # next message, but the dead answer stayed `started`: GET /v1/thread showed it as the
+    # answer in flight, its history cut after its question (the new answer hidden), and
+    # GET /v1/threads said `streaming` until somebody read the dead answer's stream.
+    env = {
+        **redis_postgres_env(request),
+        "WORKER_MODE": "1",
+        "BUSY_POLICY": "queue",
+        "STREAM_LEASE": str(LEASE),
+        "OFFLINE_TOKENS_PER_SECOND": "40",
+    }
+    api = chat_servers(**env)
+    workers = [chat_servers("worker", **env), chat_servers("worker", **env)]
+    with api.client() as client:
+        first = post_message(client, "How should I design a cache?")
+        thread_id = first["thread_id"]
+        read_sse(client, first["stream_url"], stop_after=chunks_at_least(3))
+        busy = next(w for w in workers if received(w))
+        busy.kill()  # and nobody reads the answer it was writing
+
+        second = post_message(client, "what is 12*7", thread_id=thread_id)
+        _, answer = read_sse(client, second["stream_url"])
+        thread = eventually(lambda: settled(client, thread_id), what="the thread settles")
+        listed = client.get("/v1/threads").json()["threads"]
+
+    assert terminal(answer) == {"type": "end"}
+    assert final_answer(thread) == answer_text(answer)
+    assert [m["text"] for m in thread["messages"] if m["role"] == "user"] == [
+        "How should I design a cache?",
+        "what is 12*7",
+    ]
+    assert [t["streaming"] for t in listed] == [False]

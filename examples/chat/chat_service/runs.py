@@ -384,6 +384,11 @@ class RunService:
         # Marked at once: this holder is not a request still submitting (see submit).
         await held.answering(seq, self.transport)
         try:
+            for lost in await self.store.runs(thread_id, "started"):
+                # We hold the lock: a run still started lost its worker, and nobody read it
+                # to its end (which records it). Recorded here, or the thread would show
+                # it in flight (hiding the answers after it) until somebody reads it.
+                await self._end_lost(lost)
             job = await self.store.get_run(thread_id, seq)  # stopped while waiting?
             if job is None or job.state != "queued":
                 return await self._not_answering(job, reservation)
@@ -431,6 +436,20 @@ class RunService:
                     await self.store.settle_run(
                         thread_id, older[0].seq, "failed", error=NOT_STARTED, only_from=("queued",)
                     )
+
+    async def _end_lost(self, run: RunRecord) -> None:
+        """(Worker mode, holding the lock) Read the run a dead worker left to its end, so
+        that the library ends it with ``producer_lost`` for its readers, and record that."""
+        last = None
+        with contextlib.suppress(ResumableStreamError, TimeoutError):
+            async with asyncio.timeout(self.settings.stream_lease * 3):
+                async for event in StreamConsumer(self.transport, run.stream_id):
+                    last = event
+        if last is not None and last.terminal and last.type != "error":
+            # Its worker died after the end, before recording it.
+            await self.store.settle_run(run.thread_id, run.seq, "done", only_from=("started",))
+            return
+        await self.settle_from_reader(run, last)
 
     async def _not_answering(self, job: RunRecord | None, reservation: Reservation) -> str:
         if job is not None and job.state == "dropped":
