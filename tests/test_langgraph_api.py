@@ -2239,3 +2239,60 @@ async def test_join_with_stream_mode_filters_the_runs_parts() -> None:
         assert await events("?stream_mode=") == await events("")  # langgraph-sdk's "none"
         refused = await http.get(f"{run}/stream?stream_mode=events")
         assert (refused.status_code, refused.json()["code"]) == (422, "invalid_request")
+
+
+async def test_the_documented_drain_lets_a_run_queued_behind_finish() -> None:
+    # Regression: the drain of docs/howto/shutdown.md waited for the runs there were when
+    # it began. A run queued behind one of them (multitask_strategy "enqueue", the
+    # default) starts as that one ends, under a new run; the drain returned then, and
+    # the shutdown cancelled the queued run (cancelled, reason "shutdown") as it began,
+    # with most of the deadline left.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import START, StateGraph
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+    from tests.test_docs import code_block
+
+    namespace: dict[str, Any] = {}
+    exec(code_block("docs/howto/shutdown.md", "drain"), namespace)
+    gates = {"a": asyncio.Event(), "b": asyncio.Event()}
+    reached = {"a": asyncio.Event(), "b": asyncio.Event()}
+
+    async def step(state: _Counted) -> dict[str, Any]:
+        last = state["n"][-1]
+        reached[last].set()
+        await gates[last].wait()
+        return {"n": ["done"]}
+
+    builder = StateGraph(_Counted)
+    builder.add_node("step", step)
+    builder.add_edge(START, "step")
+    graph = builder.compile(checkpointer=InMemorySaver())
+    api = LangGraphRouter(MemoryTransport(), {"agent": graph}, authorize=allow_all)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        first = asyncio.create_task(
+            http.post(
+                "/threads/t1/runs/wait", json={"assistant_id": "agent", "input": {"n": ["a"]}}
+            )
+        )
+        await reached["a"].wait()
+        body = {"assistant_id": "agent", "input": {"n": ["b"]}, "multitask_strategy": "enqueue"}
+        queued = (await http.post("/threads/t1/runs", json=body)).json()
+        [waiter] = [run for stream_id, run in api.producer.runs.items() if "~queued~" in stream_id]
+        draining = asyncio.create_task(namespace["drain"](api.producer, within=30))
+        await asyncio.sleep(0)  # the drain looks at the runs: the one held, and the queued
+        gates["a"].set()
+        await waiter.wait()  # the queued run started as a run of its own: its waiter ended
+        await reached["b"].wait()
+        run = f"/threads/t1/runs/{queued['run_id']}"
+        assert (await http.get(run)).json()["status"] == "running"
+        for _ in range(10):  # turns of the loop: what a drain that is over needs to return
+            await asyncio.sleep(0)
+        assert not draining.done()  # it waits for that run too
+        gates["b"].set()
+        await draining
+        assert not api.producer.runs  # nothing left for the shutdown to cancel
+        await first
+        assert (await http.get(run)).json()["status"] == "success"
+    await api.producer.aclose()
