@@ -498,6 +498,26 @@ class TransportContract:
             await collect(transport, "abandoned", after=offset)
         assert await transport.info("abandoned") is not None
 
+    async def test_a_lease_longer_than_running_ttl_keeps_the_tombstone_margin(
+        self,
+        transport_factory: TransportFactory,
+    ) -> None:
+        # A reservation held (start_timeout) longer than running_ttl + tombstone, abandoned:
+        # its data lives as long as the lease, and its metadata the tombstone longer.
+        transport = transport_factory(running_ttl=0.1, tombstone=1.5)
+        info = await transport.create("held", owner="gone", lease_ms=100)
+        token = ("token", {"text": "a", "message_id": None, "node": None})
+        await transport.append("held", "gone", Entry(info.epoch, 1, encode_entry([token])), 1)
+        await transport.renew("held", "gone", lease_ms=2000)  # as reserve() does
+
+        async def data_gone() -> bool:
+            return await transport.read("held", info.epoch, 0, 10) == []
+
+        await eventually(data_gone)
+        assert await transport.info("held") is not None
+        with pytest.raises(OffsetExpired):
+            await collect(transport, "held", after=f"{info.epoch}-1-0")
+
 
 class _WatchedTransport(Transport):
     """Delegates to ``inner`` and counts the live subscriptions readers hold.

@@ -17,8 +17,8 @@ NOTICE_PAYLOAD_MAX = 8192
 
 # The epoch is the server's clock in microseconds (never the same for two runs of an id,
 # even one deleted and re-created at once), and always above the previous epoch.
-# ARGV: owner, lease_ms, now_ms, metadata running_ttl_ms (the data key gets its expiry
-#       with the first entry)
+# ARGV: owner, lease_ms, now_ms, running_ttl_ms, tombstone_ms (the data key gets its
+#       expiry with the first entry)
 CREATE = """
 redis.replicate_commands()
 local m = redis.call('HMGET', KEYS[1], 'status', 'epoch')
@@ -32,7 +32,7 @@ epoch = string.format('%.0f', epoch)
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('HSET', KEYS[1], 'epoch', epoch, 'status', 'running', 'owner', ARGV[1],
   'lease_ms', ARGV[2], 'created', ARGV[3], 'updated', ARGV[3], 'last', 0, 'count', 0)
-redis.call('PEXPIRE', KEYS[1], longer(ARGV[4], ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], meta_ttl(ARGV[4], ARGV[2], ARGV[5]))
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
 return epoch
 """
@@ -70,12 +70,12 @@ return 1
 
 # The data of a running stream expires no sooner than its lease: a lease longer than
 # running_ttl (a reservation's start_timeout) must not see its entries expire under it.
-# ARGV: owner, lease_ms, running_ttl_ms, metadata running_ttl_ms (plus the tombstone)
+# ARGV: owner, lease_ms, running_ttl_ms, tombstone_ms
 RENEW = """
 local m = redis.call('HMGET', KEYS[1], 'owner', 'status', 'cancel')
 if m[1] ~= ARGV[1] or m[2] ~= 'running' then return -1 end
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], longer(ARGV[4], ARGV[2]))
+redis.call('PEXPIRE', KEYS[1], meta_ttl(ARGV[3], ARGV[2], ARGV[4]))
 redis.call('PEXPIRE', KEYS[2], longer(ARGV[3], ARGV[2]))
 if m[3] then return 1 end
 return 0
@@ -184,6 +184,16 @@ local function longer(a, b)  -- the longer of two durations in ms, as given
 end
 """
 
+# The expiry of a running stream's metadata: the tombstone after its data's (running_ttl,
+# or the lease when longer). (It was the longer of running_ttl + tombstone and the lease: a
+# lease past that, a reservation's start_timeout, left no margin, and a late reader of the
+# abandoned run got StreamNotFound, not OffsetExpired.)
+_META_TTL = """
+local function meta_ttl(running_ttl, lease, tombstone)
+  return string.format('%.0f', tonumber(longer(running_ttl, lease)) + tonumber(tombstone))
+end
+"""
+
 # XADD entry seq of the stream; true when that made the key, which then needs its expiry.
 # After the first entry, NOMKSTREAM: a key gone under a live run (evicted, or expired
 # while its producer stalled) is made again with an expiry, not left without one.
@@ -222,7 +232,7 @@ local function refused(channel)
 end
 """
 
-CREATE, RENEW = _REFUSED + _LONGER + CREATE, _LONGER + RENEW
+CREATE, RENEW = _REFUSED + _LONGER + _META_TTL + CREATE, _LONGER + _META_TTL + RENEW
 APPEND, HOLD = (_LONGER + _RUNNING_TTL + _ADD_ENTRY + s for s in (APPEND, HOLD))
 CANCEL, DELETE, REAP = (_REFUSED + s for s in (CANCEL, DELETE, REAP))
 

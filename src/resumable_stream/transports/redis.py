@@ -351,9 +351,10 @@ class RedisTransport(Transport):
         self._retention_ms = int(retention * 1000)
         self._meta_ttl_ms = int((retention + tombstone) * 1000)
         self._running_ttl_ms = int(running_ttl * 1000)
-        # Metadata outlives data while running too: an abandoned run, never reaped, still
-        # reads as expired (OffsetExpired), not as never created (StreamNotFound).
-        self._meta_running_ms = int((running_ttl + tombstone) * 1000)
+        # Metadata outlives data while running too, by the tombstone: an abandoned run,
+        # never reaped, still reads as expired (OffsetExpired), not as never created
+        # (StreamNotFound), also when its lease (a reservation's) outlasts running_ttl.
+        self._tombstone_ms = int(tombstone * 1000)
         # The append command's last arguments, packed once (see _append_command): the
         # final status (none, or one of the three a run ends in), then the settings.
         self._append_settings = _with_length(
@@ -597,7 +598,7 @@ class RedisTransport(Transport):
     async def create(self, stream_id: str, owner: str, lease_ms: int) -> StreamInfo:
         now_ms = int(time.time() * 1000)
         result = await self._eval(
-            _CREATE, stream_id, owner, lease_ms, now_ms, self._meta_running_ms
+            _CREATE, stream_id, owner, lease_ms, now_ms, self._running_ttl_ms, self._tombstone_ms
         )
         if result == -1:
             raise StreamAlreadyRunning(stream_id)
@@ -771,7 +772,7 @@ class RedisTransport(Transport):
 
     async def renew(self, stream_id: str, owner: str, lease_ms: int) -> bool:
         result = await self._eval(
-            _RENEW, stream_id, owner, lease_ms, self._running_ttl_ms, self._meta_running_ms
+            _RENEW, stream_id, owner, lease_ms, self._running_ttl_ms, self._tombstone_ms
         )
         if result == -1:
             raise LeaseLost(stream_id)
