@@ -190,6 +190,56 @@ async def test_a_slot_migrated_mid_stream_loses_nothing(
     assert_whole(await collect(cluster_transport, run.stream_id))  # a fresh reader too
 
 
+async def test_readers_elsewhere_get_entries_written_through_ask_live(
+    redis_cluster: RedisClusterService, cluster_transport: Transport, prefix: str
+) -> None:
+    # An append answered after ASK runs on the importing node, and so did its notice
+    # (SPUBLISH inside the script); readers in other processes stay subscribed on the
+    # migrating node until the slot has moved. They got the entries only from the check
+    # of a quiet stream, half a lease later (here 15 s), for as long as the migration
+    # lasted.
+    stages = Stages(N, N // 3, 2 * N // 3)
+    producer = StreamProducer(cluster_transport, lease=30)
+    run = await producer.start(stages.source())
+    async with from_url(redis_cluster.url, prefix=prefix) as elsewhere:
+        reader = Reader(elsewhere, run.stream_id)
+        await reader.reached(N // 3)
+        slot = redis_cluster.slot_of("{" + run.stream_id + "}")
+        source = redis_cluster.owner(slot)
+        target = next(port for port in redis_cluster.master_ports() if port != source)
+        migration = redis_cluster.migrating_slot(slot, target)
+        await asyncio.to_thread(migration.move_keys)  # the slot stays MIGRATING: ASK
+        asked = await asyncio.to_thread(_errorstat, redis_cluster, source, "ASK")
+        stages.release(N // 3)
+        await asyncio.wait_for(reader.reached(2 * N // 3), timeout=5)
+        assert await asyncio.to_thread(_errorstat, redis_cluster, source, "ASK") > asked
+        # Moved: Redis drops the subscription from the old owner (sunsubscribe), and the
+        # reader follows the stream on the new one.
+        await asyncio.to_thread(migration.finish)
+        stages.release(2 * N // 3)
+        assert_whole(await asyncio.wait_for(reader.result(), timeout=5))
+    assert await run.wait() == "completed"
+
+
+async def test_a_cancel_written_through_ask_reaches_the_producer_live(
+    redis_cluster: RedisClusterService, cluster_transport: Transport, prefix: str
+) -> None:
+    # As for entries: the cancel's notice went out on the importing node, and the producer
+    # found it only at its next heartbeat.
+    stages = Stages(N, 1)
+    run = await StreamProducer(cluster_transport, lease=30).start(stages.source())
+    await Reader(cluster_transport, run.stream_id).reached(1)
+    slot = redis_cluster.slot_of("{" + run.stream_id + "}")
+    source = redis_cluster.owner(slot)
+    target = next(port for port in redis_cluster.master_ports() if port != source)
+    migration = redis_cluster.migrating_slot(slot, target)
+    await asyncio.to_thread(migration.move_keys)
+    async with from_url(redis_cluster.url, prefix=prefix) as elsewhere:
+        assert await StreamProducer(elsewhere).cancel(run.stream_id)
+    assert await asyncio.wait_for(run.wait(), timeout=5) == "cancelled"
+    await asyncio.to_thread(migration.finish)
+
+
 async def test_a_stream_started_in_a_slot_being_migrated_starts_once_the_slot_moved(
     redis_cluster: RedisClusterService, cluster_transport: Transport
 ) -> None:

@@ -81,7 +81,7 @@ if m[3] then return 1 end
 return 0
 """
 
-# No ARGV.
+# Returns the epoch of the run asked to stop, or 0 (none running). No ARGV.
 CANCEL = """
 local m = redis.call('HMGET', KEYS[1], 'status', 'epoch')
 if m[1] ~= 'running' then return 0 end
@@ -89,7 +89,7 @@ local denied = refused(CANCELS)
 if denied then return denied end
 redis.call('HSET', KEYS[1], 'cancel', '1')
 redis.call('SPUBLISH', CANCELS, m[2])
-return 1
+return m[2]
 """
 
 # No ARGV.

@@ -497,12 +497,16 @@ class RedisTransport(Transport):
         script: _Script | None = None,
         *,
         then: tuple[bytes, ...] = (),
+        notice: Callable[[Any], tuple[bytes, bytes] | None] | None = None,
     ) -> Any:
         """Send a command for ``slot``; follow MOVED / ASK / NOSCRIPT; map errors.
 
         ``then``: commands sent right after it on the same connection, each time it is
         sent (``WAIT`` counts that connection's writes); the result is then the list of
         the command's reply and theirs.
+        ``notice(reply)``: the (channel, message) a script answering ``reply`` published,
+        or None; published again where the readers listen when the script ran on the
+        node importing the slot (see :meth:`_relay`).
         """
         if self._closed:
             raise TransportClosed("the Redis transport is closed")
@@ -533,6 +537,8 @@ class RedisTransport(Transport):
             if self._down:
                 self._down.pop(node.name, None)  # it answers
             if not isinstance(reply, rex.RedisError):
+                if asking and notice is not None:
+                    await self._relay(slot, notice(reply))
                 return replies if then else reply
             code = error_code(reply)
             self.redirects[code] += 1
@@ -582,10 +588,48 @@ class RedisTransport(Transport):
             raise fault(reply, "the command") from reply
         raise TransportError(f"too many redirections for slot {slot}; the cluster is changing")
 
-    def _eval(self, script: _Script, stream_id: str, *args: Any) -> Coroutine[Any, Any, Any]:
+    def _eval(
+        self,
+        script: _Script,
+        stream_id: str,
+        *args: Any,
+        notice: Callable[[Any], tuple[bytes, bytes] | None] | None = None,
+    ) -> Coroutine[Any, Any, Any]:
         """Run ``script`` on the stream's three keys (``_execute``'s coroutine, returned
         rather than awaited: one coroutine less in flight)."""
-        return self._execute(self._slot(stream_id), self._evalsha(script, stream_id, args), script)
+        packed = self._evalsha(script, stream_id, args)
+        return self._execute(self._slot(stream_id), packed, script, notice=notice)
+
+    async def _relay(self, slot: int, published: tuple[bytes, bytes] | None) -> None:
+        """A script that publishes ran on the node a slot is migrating to (after ASK), and
+        so did its ``SPUBLISH``: readers of other processes are subscribed on the node the
+        slot map names until the slot has moved (Redis serves a shard channel there during
+        a migration), and would wait for their check of a quiet stream. Publish it there
+        too. Awaited, so that a process that exits next has sent it; a failure is not the
+        command's (a duplicate notice is harmless, a lost one is what those checks are for).
+        """
+        if published is None or self._closed:
+            return
+        with contextlib.suppress(TransportError):
+            await self._node_for_slot(slot).pipe.send(pack("SPUBLISH", *published))
+
+    def _notice_of(
+        self, stream_id: str, entry: Entry
+    ) -> Callable[[Any], tuple[bytes, bytes] | None] | None:
+        """For ``_execute(notice=...)`` of an append (or a release) of ``entry``: None on
+        one server (no ASK there, no object per append)."""
+        if self._cluster is None:
+            return None
+        return functools.partial(self._entry_notice, stream_id, entry)
+
+    def _entry_notice(self, stream_id: str, entry: Entry, reply: Any) -> tuple[bytes, bytes] | None:
+        """The notice of ``entry`` if the append (or release) answering ``reply`` stored it
+        now (not a retry: 0; nor a refusal)."""
+        if reply != 1:
+            return None
+        payload = entry.payload
+        carried = b" " + payload if len(payload) <= scripts.NOTICE_PAYLOAD_MAX else b""
+        return self._stream(stream_id)[2], b"%d-%d%b" % (entry.epoch, entry.seq, carried)
 
     def _evalsha(self, script: _Script, stream_id: str, args: tuple[Any, ...]) -> bytes:
         return pack("EVALSHA", script.sha, 3, *self._stream(stream_id)[1], *args)
@@ -629,7 +673,8 @@ class RedisTransport(Transport):
                 hook = functools.partial(self._replied, stream_id, entry, final)
             result = await node.pipe.send(packed, hook)
         if node is None or isinstance(result, rex.RedisError):
-            result = await self._execute(self._slot(stream_id), packed, _APPEND)
+            notice = self._notice_of(stream_id, entry)
+            result = await self._execute(self._slot(stream_id), packed, _APPEND, notice=notice)
             if self._writing:
                 self._replied(stream_id, entry, final, result)
         if result == -1:
@@ -766,6 +811,7 @@ class RedisTransport(Transport):
             final or "",
             self._retention_ms,
             self._meta_ttl_ms,
+            notice=self._notice_of(stream_id, entry),
         )
         if released == -1:
             raise LeaseLost(stream_id)
@@ -779,7 +825,12 @@ class RedisTransport(Transport):
         return bool(result)
 
     async def request_cancel(self, stream_id: str) -> bool:
-        return bool(await self._eval(_CANCEL, stream_id))
+        channel = self._key(stream_id, "c").encode()
+
+        def notice(reply: Any) -> tuple[bytes, bytes] | None:
+            return (channel, reply) if isinstance(reply, bytes) else None  # the run's epoch
+
+        return bool(await self._eval(_CANCEL, stream_id, notice=notice))
 
     async def wait_cancel(self, stream_id: str, epoch: int) -> None:
         woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
