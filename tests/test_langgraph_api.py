@@ -2296,3 +2296,38 @@ async def test_the_documented_drain_lets_a_run_queued_behind_finish() -> None:
         await first
         assert (await http.get(run)).json()["status"] == "success"
     await api.producer.aclose()
+
+
+@pytest.mark.parametrize(
+    ("extra", "saved"),
+    [
+        ({}, "every step"),
+        ({"durability": "sync"}, "every step"),
+        ({"durability": "exit"}, "the end"),
+        ({"checkpoint_during": False}, "the end"),  # the SDKs' older name for "exit"
+        ({"checkpoint_during": True}, "every step"),
+    ],
+)
+async def test_a_runs_durability_reaches_the_graph(extra: dict[str, Any], saved: str) -> None:
+    # Regression: `durability` (useStream's submit option, both SDKs' runs.*) and the
+    # older `checkpoint_during` were ignored: a run asked to save only at its end wrote a
+    # checkpoint at every step.
+    async with lg_client() as (http, _, holds):
+        holds.setdefault("t", asyncio.Event()).set()
+        body = {"assistant_id": "agent", "input": {"messages": [("user", "hi")]}, **extra}
+        answer = (await http.post("/threads/t/runs/wait", json=body)).json()
+        assert answer["messages"][-1]["content"] == answer_text("hi")
+        history = (await http.post("/threads/t/history", json={"limit": 100})).json()
+        assert len(history) == (1 if saved == "the end" else 4), history
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"durability": "never"}, {"durability": 1}, {"checkpoint_during": "no"}],
+)
+async def test_a_durability_langgraph_does_not_have_is_refused(extra: dict[str, Any]) -> None:
+    async with lg_client() as (http, api, _):
+        body = {"assistant_id": "agent", "input": {"messages": []}, **extra}
+        response = await http.post("/threads/t/runs/stream", json=body)
+        assert (response.status_code, response.json()["code"]) == (422, "invalid_request")
+        assert await api.transport.info(api.stream_id("t")) is None  # no run started

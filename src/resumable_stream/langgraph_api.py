@@ -261,6 +261,21 @@ def _run_config(config: Any) -> dict[str, Any] | None:
     return given
 
 
+def _durability(durability: Any, checkpoint_during: Any) -> str | None:
+    """When the run saves checkpoints (LangGraph's ``durability``), as ``durability`` or the
+    SDKs' older ``checkpoint_during`` (false: at the end only) names it; None: the graph's
+    default."""
+    if durability is not None:
+        if durability not in ("sync", "async", "exit"):
+            raise _bad("'durability' must be 'sync', 'async' or 'exit'")
+        return str(durability)
+    if checkpoint_during is None:
+        return None
+    if not isinstance(checkpoint_during, bool):
+        raise _bad("'checkpoint_during' must be a boolean")
+    return "async" if checkpoint_during else "exit"
+
+
 def _fork_point(checkpoint: Any, checkpoint_id: Any) -> dict[str, str]:
     """The checkpoint a run starts from, as ``configurable`` keys: the SDKs send the one
     their thread view shows (``useStream``'s branches, edits and regenerations) as
@@ -1058,6 +1073,9 @@ class LangGraphRouter:
             kwargs["subgraphs"] = True
         if isinstance(body.get("context"), dict):
             kwargs["context"] = body["context"]
+        durability = _durability(body.get("durability"), body.get("checkpoint_during"))
+        if durability is not None:
+            kwargs["durability"] = durability
         for key in ("interrupt_before", "interrupt_after"):
             nodes = body.get(key)
             if nodes:
