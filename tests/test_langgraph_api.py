@@ -2331,3 +2331,59 @@ async def test_a_durability_langgraph_does_not_have_is_refused(extra: dict[str, 
         response = await http.post("/threads/t/runs/stream", json=body)
         assert (response.status_code, response.json()["code"]) == (422, "invalid_request")
         assert await api.transport.info(api.stream_id("t")) is None  # no run started
+
+
+async def test_a_threads_state_at_a_checkpoint_and_with_its_subgraphs() -> None:
+    # Regression: `threads.get_state` at a checkpoint (GET /threads/{id}/state/{checkpoint_id},
+    # POST /threads/{id}/state/checkpoint) was `404 not_found` as an unknown path, and
+    # `subgraphs=true` was ignored: an interrupt inside a subgraph showed no subgraph state.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import START, StateGraph
+    from langgraph.types import interrupt
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    class State(TypedDict, total=False):
+        log: Annotated[list[str], operator.add]
+
+    def ask(state: State) -> dict[str, Any]:
+        return {"log": [f"name: {interrupt('your name?')}"]}
+
+    inner = StateGraph(State)
+    inner.add_node("ask", ask)
+    inner.add_edge(START, "ask")
+    outer = StateGraph(State)
+    outer.add_node("first", lambda state: {"log": ["first"]})
+    outer.add_node("sub", inner.compile())
+    outer.add_edge(START, "first")
+    outer.add_edge("first", "sub")
+    api = LangGraphRouter(
+        MemoryTransport(), {"agent": outer.compile(InMemorySaver())}, authorize=allow_all
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        body = {"assistant_id": "agent", "input": {"log": ["in"]}}
+        assert "__interrupt__" in (await http.post("/threads/t/runs/wait", json=body)).json()
+
+        plain = (await http.get("/threads/t/state")).json()
+        assert plain["next"] == ["sub"] and plain["tasks"][0]["state"] is None
+        nested = (await http.get("/threads/t/state", params={"subgraphs": "true"})).json()
+        [task] = nested["tasks"]
+        assert task["name"] == "sub"
+        assert task["state"]["next"] == ["ask"]
+        assert task["state"]["tasks"][0]["interrupts"][0]["value"] == "your name?"
+        assert task["checkpoint"]["checkpoint_ns"].startswith("sub:")
+
+        history = (await http.post("/threads/t/history", json={"limit": 100})).json()
+        first = history[-1]["checkpoint"]  # the input's checkpoint
+        by_id = await http.get(f"/threads/t/state/{first['checkpoint_id']}")
+        assert by_id.status_code == 200, by_id.text
+        assert by_id.json()["checkpoint"] == first and by_id.json()["next"] == ["__start__"]
+        by_checkpoint = await http.post("/threads/t/state/checkpoint", json={"checkpoint": first})
+        assert by_checkpoint.json() == by_id.json()
+
+        missing = await http.get(f"/threads/t/state/{uuid.uuid4()}")
+        assert (missing.status_code, missing.json()["code"]) == (404, "checkpoint_not_found")
+        bad = await http.post("/threads/t/state/checkpoint", json={"checkpoint": "x"})
+        assert (bad.status_code, bad.json()["code"]) == (422, "invalid_request")
+    await api.producer.aclose()

@@ -733,6 +733,16 @@ class LangGraphRouter:
             Route(f"{run}/cancel", self._endpoint(self.cancel_run), methods=["POST"]),
             Route("/threads/{thread_id}/state", self._endpoint(self.get_state), methods=["GET"]),
             Route(
+                "/threads/{thread_id}/state/checkpoint",
+                self._endpoint(self.get_state),
+                methods=["POST"],
+            ),
+            Route(
+                "/threads/{thread_id}/state/{checkpoint_id}",
+                self._endpoint(self.get_state),
+                methods=["GET"],
+            ),
+            Route(
                 "/threads/{thread_id}/history", self._endpoint(self.get_history), methods=["POST"]
             ),
         ]
@@ -981,10 +991,36 @@ class LangGraphRouter:
         return found
 
     async def get_state(self, request: Request) -> Response:
-        """``GET /threads/{thread_id}/state``: the thread's latest checkpoint."""
+        """``GET /threads/{thread_id}/state``: the thread's latest checkpoint; ``GET
+        .../state/{checkpoint_id}`` and ``POST .../state/checkpoint`` (``{"checkpoint"}``):
+        the one named. ``subgraphs`` (a query parameter, or in the body): with the state of
+        each subgraph its tasks are in (their ``state``)."""
         thread_id, _ = await self._thread(request, "read")
+        subgraphs = request.query_params.get("subgraphs", "").lower() in ("1", "true")
+        point: dict[str, str] = {}
+        if "checkpoint_id" in request.path_params:
+            point = _fork_point(None, request.path_params["checkpoint_id"])
+        elif request.method == "POST":
+            body = await self._body(request)
+            checkpoint = body.get("checkpoint")
+            if not isinstance(checkpoint, dict):
+                raise _bad("'checkpoint' must be a checkpoint: {checkpoint_id, ...}")
+            point = _fork_point(checkpoint, None)
+            subgraphs = body.get("subgraphs") is True
         graph = await self._graph_of(thread_id)
-        state = await graph.aget_state(self._config(thread_id))
+        config = self._config(thread_id, {"configurable": point})
+        if point:
+            # LangGraph reads a checkpoint it cannot find as an empty state.
+            saver: Any = getattr(graph, "checkpointer", None)
+            if hasattr(saver, "aget_tuple") and await saver.aget_tuple(config) is None:
+                raise _Refused(
+                    HTTPError(
+                        404,
+                        "checkpoint_not_found",
+                        f"no checkpoint {point['checkpoint_id']!r} in thread {thread_id!r}",
+                    )
+                )
+        state = await graph.aget_state(config, subgraphs=subgraphs)
         return _json(200, _state_json(state, thread_id))
 
     async def get_history(self, request: Request) -> Response:
@@ -2000,19 +2036,25 @@ def _cancellation(error: Any) -> bool:
 
 
 def _state_json(state: Any, thread_id: str) -> dict[str, Any]:
-    """A ``StateSnapshot`` as the API's ``ThreadState``."""
-    tasks = [
-        {
-            "id": task.id,
-            "name": task.name,
-            "error": None if task.error is None else str(task.error),
-            "interrupts": to_wire(task.interrupts),
-            "checkpoint": None,
-            "state": None,
-            "result": to_wire(getattr(task, "result", None)),
-        }
-        for task in state.tasks
-    ]
+    """A ``StateSnapshot`` as the API's ``ThreadState``: a task in a subgraph has the
+    subgraph's ``checkpoint`` (its namespace), and its ``state`` when it was read with
+    ``subgraphs``."""
+    tasks = []
+    for task in state.tasks:
+        # A subgraph's StateSnapshot (read with subgraphs), or its config (without).
+        sub = getattr(task, "state", None)
+        nested = sub is not None and not isinstance(sub, Mapping)
+        tasks.append(
+            {
+                "id": task.id,
+                "name": task.name,
+                "error": None if task.error is None else str(task.error),
+                "interrupts": to_wire(task.interrupts),
+                "checkpoint": _checkpoint(sub.config if nested else sub, thread_id),
+                "state": _state_json(sub, thread_id) if nested else None,
+                "result": to_wire(getattr(task, "result", None)),
+            }
+        )
     return {
         "values": to_wire(state.values),
         "next": list(state.next),

@@ -527,3 +527,35 @@ async def test_runs_get_and_list_answer_the_runs_assistant_and_strategy(
         "enqueue",
     )
     assert ran["metadata"] == {"queued": True}
+
+
+async def test_get_state_at_a_checkpoint_and_a_runs_durability(
+    servers: tuple[str, str], client: LangGraphClient, other: LangGraphClient
+) -> None:
+    # Regression: get_state(checkpoint_id=...) and get_state(checkpoint=...) were 404 (an
+    # unknown path), and a run's `durability` was ignored.
+    thread_id = (await client.threads.create())["thread_id"]
+    await _release(servers[0], thread_id)
+    await client.runs.wait(
+        thread_id, "agent", input={"messages": [{"role": "user", "content": "d"}]}
+    )
+    history = await other.threads.get_history(thread_id, limit=100)
+    assert len(history) == 4  # the input, then each step
+    first = history[-1]
+    by_id = await other.threads.get_state(
+        thread_id, checkpoint_id=first["checkpoint"]["checkpoint_id"]
+    )
+    by_checkpoint = await other.threads.get_state(thread_id, checkpoint=first["checkpoint"])
+    for state in (by_id, by_checkpoint):
+        assert state["checkpoint"] == first["checkpoint"]
+        assert state["next"] == ["__start__"]
+
+    await client.runs.wait(
+        thread_id,
+        "agent",
+        input={"messages": [{"role": "user", "content": "e"}]},
+        durability="exit",
+    )
+    history = await other.threads.get_history(thread_id, limit=100)
+    assert len(history) == 5  # the run saved its end only
+    assert [m["content"] for m in history[0]["values"]["messages"]][2:] == ["e", answer_text("e")]
