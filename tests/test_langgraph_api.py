@@ -1940,8 +1940,10 @@ async def test_threads_search_answers_thread_info_s_record_when_given() -> None:
 
     _api, graph, _reached, _hold = gated_router()
 
+    dropped: set[str] = set()
+
     async def thread_info(request: Any, thread_id: str) -> ThreadInfo | None:
-        if thread_id == "gone":
+        if thread_id in dropped:
             return None
         day = datetime(2026, 1, 2, tzinfo=UTC)
         return ThreadInfo(day, day, {"title": thread_id})
@@ -1953,6 +1955,7 @@ async def test_threads_search_answers_thread_info_s_record_when_given() -> None:
         for thread_id in ["t1", "gone"]:
             body = {"assistant_id": "agent", "input": {"n": [thread_id]}}
             assert (await http.post(f"/threads/{thread_id}/runs/wait", json=body)).is_success
+        dropped.add("gone")  # the app dropped its record; its checkpoints stay
         found = (await http.post("/threads/search", json={})).json()
         assert found == [(await http.get("/threads/t1")).json()]
         assert found[0]["metadata"] == {"title": "t1"}
@@ -2387,3 +2390,76 @@ async def test_a_threads_state_at_a_checkpoint_and_with_its_subgraphs() -> None:
         bad = await http.post("/threads/t/state/checkpoint", json={"checkpoint": "x"})
         assert (bad.status_code, bad.json()["code"]) == (422, "invalid_request")
     await api.producer.aclose()
+
+
+@pytest.mark.parametrize("endpoint", ["runs/stream", "runs", "runs/wait"])
+async def test_if_not_exists_creates_the_thread_in_the_app_or_refuses_a_run(endpoint: str) -> None:
+    # Regression: `if_not_exists` was ignored. A run on a thread the app has no record of
+    # (thread_info None: GET /threads/{id} is 404) ran, leaving state under a thread no one
+    # recorded; with "create" (as the Agent Server creates the thread), create_thread was
+    # never asked, so the thread stayed unknown to the app.
+    from datetime import UTC, datetime
+
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.requests import Request
+
+    from resumable_stream.langgraph_api import LangGraphRouter, ThreadInfo
+
+    records: dict[str, ThreadInfo] = {}
+    created: list[tuple[str | None, dict[str, Any]]] = []
+
+    async def thread_info(request: Request, thread_id: str) -> ThreadInfo | None:
+        return records.get(thread_id)
+
+    async def create_thread(request: Request, thread_id: str | None, metadata: Any) -> str:
+        created.append((thread_id, metadata))
+        thread_id = thread_id or str(uuid.uuid4())
+        records[thread_id] = ThreadInfo(datetime.now(UTC), datetime.now(UTC))
+        return thread_id
+
+    holds = {"new": asyncio.Event(), "kept": asyncio.Event()}
+    for hold in holds.values():
+        hold.set()
+    api = LangGraphRouter(
+        MemoryTransport(),
+        {"agent": build_graph(holds, InMemorySaver())},
+        authorize=allow_all,
+        create_thread=create_thread,
+        thread_info=thread_info,
+    )
+    body = {"assistant_id": "agent", "input": {"messages": [("user", "hi")]}}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        for given in ({}, {"if_not_exists": "reject"}):
+            refused = await http.post(f"/threads/new/{endpoint}", json={**body, **given})
+            assert (refused.status_code, refused.json()["code"]) == (404, "thread_not_found")
+        assert await api.transport.info(api.stream_id("new")) is None  # no run started
+        bad = await http.post(f"/threads/new/{endpoint}", json={**body, "if_not_exists": "yes"})
+        assert (bad.status_code, bad.json()["code"]) == (422, "invalid_request")
+        unknown = {"assistant_id": "nope", "if_not_exists": "create"}
+        assert (await http.post(f"/threads/new/{endpoint}", json=unknown)).status_code == 404
+        assert created == []
+
+        response = await http.post(
+            f"/threads/new/{endpoint}", json={**body, "if_not_exists": "create"}
+        )
+        assert response.status_code == 200, response.text
+        assert created == [("new", {"graph_id": "agent", "assistant_id": "agent"})]
+        assert (await http.get("/threads/new")).status_code == 200
+        await eventually(lambda: _run_over(api, "new"))
+
+        # A thread the app has: run as it is, not created again.
+        await http.post("/threads", json={"thread_id": "kept"})
+        created.clear()
+        response = await http.post(
+            f"/threads/kept/{endpoint}", json={**body, "if_not_exists": "create"}
+        )
+        assert response.status_code == 200, response.text
+        assert created == []
+        await eventually(lambda: _run_over(api, "kept"))
+    await api.producer.aclose()
+
+
+async def _run_over(api: Any, thread_id: str) -> bool:
+    info = await api.transport.info(api.stream_id(thread_id))
+    return info is not None and info.status == "completed"

@@ -638,7 +638,9 @@ class LangGraphRouter:
     app (the id is None when the client did not choose one) and returns its id.
     ``thread_info(request, thread_id)``, if given, returns the app's record of a thread
     (:class:`ThreadInfo`: its creation and update times and metadata; None for no such
-    thread: 404), which ``GET /threads/{id}`` and ``POST /threads`` answer with. Without it,
+    thread: 404), which ``GET /threads/{id}`` and ``POST /threads`` answer with; a run on a
+    thread it has no record of is 404, unless the run asks for ``if_not_exists: "create"``
+    and ``create_thread`` makes it. Without it,
     the times are those of the thread's first and latest checkpoints (finding the first walks
     the thread's checkpoints), and the metadata is empty.
     ``search_threads(request, search)``, if given, answers ``POST /threads/search``: the ids
@@ -1053,6 +1055,31 @@ class LangGraphRouter:
 
     # --- runs ---------------------------------------------------------------------------
 
+    async def _run_thread(self, request: Request) -> tuple[str, str, dict[str, Any]]:
+        """The thread a ``runs`` request names, authorized to ``"run"``, its stream id and
+        the request's body. ``if_not_exists``: with ``thread_info``, a thread the app has
+        no record of is ``404 thread_not_found`` (``"reject"``, the default), or is created
+        with ``create_thread`` first (``"create"``), as the API creates it; without
+        ``thread_info`` every thread exists."""
+        thread_id = request.path_params["thread_id"]
+        body = await self._body(request)
+        if_not_exists = body.get("if_not_exists")
+        if if_not_exists not in (None, "reject", "create"):
+            raise _bad("'if_not_exists' must be 'reject' or 'create'")
+        create = self.create_thread if if_not_exists == "create" else None
+        assistant_id = body.get("assistant_id")
+        # (Not for a run refused below: an unknown assistant creates no thread.)
+        if create is not None and isinstance(assistant_id, str) and assistant_id in self.graphs:
+            await self._check(request, "create")
+            if self.thread_info is None or await self.thread_info(request, thread_id) is None:
+                await create(
+                    request, thread_id, {"graph_id": assistant_id, "assistant_id": assistant_id}
+                )
+        thread_id, stream_id = await self._thread(request, "run")
+        if self.thread_info is not None and await self.thread_info(request, thread_id) is None:
+            raise _Refused(HTTPError(404, "thread_not_found", f"no thread {thread_id!r}"))
+        return thread_id, stream_id, body
+
     async def _plan(self, thread_id: str, body: dict[str, Any]) -> _Plan:
         """The run a ``runs`` request asks for, checked (else 404 or 422)."""
         assistant_id = body.get("assistant_id")
@@ -1203,8 +1230,7 @@ class LangGraphRouter:
     async def create_run(self, request: Request) -> Response:
         """``POST /threads/{thread_id}/runs``: start a run in the background (or queue it,
         with ``multitask_strategy`` ``"enqueue"``); answer with the run."""
-        thread_id, stream_id = await self._thread(request, "run")
-        body = await self._body(request)
+        thread_id, stream_id, body = await self._run_thread(request)
         plan = await self._plan(thread_id, body)
         run_id, epoch = await self._launch(request, plan, thread_id, stream_id)
         now = datetime.now(UTC).isoformat()
@@ -1226,8 +1252,7 @@ class LangGraphRouter:
 
     async def stream_run(self, request: Request) -> Response:
         """``POST /threads/{thread_id}/runs/stream``: start a run (or queue it) and stream it."""
-        thread_id, stream_id = await self._thread(request, "run")
-        body = await self._body(request)
+        thread_id, stream_id, body = await self._run_thread(request)
         plan = await self._plan(thread_id, body)
         run_id, epoch = await self._launch(request, plan, thread_id, stream_id)
         consumer: StreamConsumer
@@ -1256,8 +1281,7 @@ class LangGraphRouter:
     async def wait_run(self, request: Request) -> Response:
         """``POST /threads/{thread_id}/runs/wait`` (``runs.wait``): start a run (or queue
         it) and answer with the thread's values once it ended (see :meth:`_outcome`)."""
-        thread_id, stream_id = await self._thread(request, "run")
-        body = await self._body(request)
+        thread_id, stream_id, body = await self._run_thread(request)
         plan = await self._plan(thread_id, body)
         run_id, _ = await self._launch(request, plan, thread_id, stream_id)
         run = await self._resolve(thread_id, stream_id, run_id)
@@ -2043,15 +2067,15 @@ def _state_json(state: Any, thread_id: str) -> dict[str, Any]:
     for task in state.tasks:
         # A subgraph's StateSnapshot (read with subgraphs), or its config (without).
         sub = getattr(task, "state", None)
-        nested = sub is not None and not isinstance(sub, Mapping)
+        snapshot = None if sub is None or isinstance(sub, Mapping) else sub
         tasks.append(
             {
                 "id": task.id,
                 "name": task.name,
                 "error": None if task.error is None else str(task.error),
                 "interrupts": to_wire(task.interrupts),
-                "checkpoint": _checkpoint(sub.config if nested else sub, thread_id),
-                "state": _state_json(sub, thread_id) if nested else None,
+                "checkpoint": _checkpoint(sub if snapshot is None else snapshot.config, thread_id),
+                "state": None if snapshot is None else _state_json(snapshot, thread_id),
                 "result": to_wire(getattr(task, "result", None)),
             }
         )

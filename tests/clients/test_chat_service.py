@@ -306,6 +306,29 @@ async def test_langgraph_clients_may_name_their_threads(service: AppProcess) -> 
     assert invalid.value.response.status_code == 422
 
 
+async def test_a_langgraph_run_with_if_not_exists_create_makes_the_thread(
+    service: AppProcess,
+) -> None:
+    # Regression: `if_not_exists="create"` was ignored: a run on a thread id the service
+    # had not made was 404, where the Agent Server creates the thread.
+    headers = bearer()
+    thread_id = str(uuid.uuid4())
+    body = {"input": {"messages": [{"type": "human", "content": "hello"}]}}
+    async with get_client(url=f"{service.url}/langgraph", headers=headers) as client:
+        with pytest.raises(httpx.HTTPStatusError) as missing:
+            await client.runs.wait(thread_id, "agent", **body)  # "reject", the default
+        values = await client.runs.wait(thread_id, "agent", **body, if_not_exists="create")
+        thread = await client.threads.get(thread_id)
+    async with get_client(url=f"{service.url}/langgraph", headers=bearer()) as stranger:
+        with pytest.raises(httpx.HTTPStatusError) as taken:
+            await stranger.runs.wait(thread_id, "agent", **body, if_not_exists="create")
+    assert missing.value.response.status_code == 404
+    assert [m["type"] for m in values["messages"]] == ["human", "ai"]
+    assert thread["metadata"]["graph_id"] == "agent"
+    assert len(history(service, headers, thread_id)["messages"]) == 2
+    assert taken.value.response.status_code == 409  # another user's id, as threads.create
+
+
 async def test_langgraph_threads_get_returns_the_thread_record(service: AppProcess) -> None:
     # Issue 10: GET /langgraph/threads/{id} answered the time of the request as created_at,
     # and no metadata.
