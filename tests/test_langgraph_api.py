@@ -253,6 +253,8 @@ async def both_routers(authorize: Any) -> AsyncIterator[Any]:
         {"checkpoint": "c1"},
         {"checkpoint": {"checkpoint_id": 5}},
         {"checkpoint_id": 5},
+        {"context": "fast"},
+        {"context": ["a"]},
     ],
 )
 async def test_a_run_body_langgraph_would_fail_on_is_refused_before_the_run(

@@ -1134,8 +1134,11 @@ class LangGraphRouter:
         kwargs: dict[str, Any] = {"stream_mode": graph_modes}
         if body.get("stream_subgraphs"):
             kwargs["subgraphs"] = True
-        if isinstance(body.get("context"), dict):
-            kwargs["context"] = body["context"]
+        context = body.get("context")
+        if context is not None and not isinstance(context, dict):
+            raise _bad("'context' must be an object")  # (it was dropped, as if not given)
+        if context is not None:
+            kwargs["context"] = context
         durability = _durability(body.get("durability"), body.get("checkpoint_during"))
         if durability is not None:
             kwargs["durability"] = durability
