@@ -2465,3 +2465,30 @@ async def test_if_not_exists_creates_the_thread_in_the_app_or_refuses_a_run(endp
 async def _run_over(api: Any, thread_id: str) -> bool:
     info = await api.transport.info(api.stream_id(thread_id))
     return info is not None and info.status == "completed"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("POST", "/assistants/search", 404),
+        ("GET", "/assistants/agent", 404),
+        ("GET", "/assistants/agent/graph", 404),
+        ("GET", "/assistants/agent/schemas", 404),
+        ("POST", "/threads/t/state", 405),  # threads.update_state
+        ("PATCH", "/threads/t/state", 405),  # threads.patch_state
+        ("PATCH", "/threads/t", 405),  # threads.update
+        ("DELETE", "/threads/t", 405),
+        ("POST", "/threads/t/copy", 404),
+        ("POST", "/threads/count", 405),
+        ("POST", "/threads/prune", 405),
+        ("DELETE", "/threads/t/runs/00000000-0000-0000-0000-000000000000", 405),  # runs.delete
+    ],
+)
+async def test_the_sdk_calls_not_served_are_json_errors(
+    method: str, path: str, status: int
+) -> None:
+    # What docs/langgraph-sdk.md lists as not served answers as it says, and changes nothing.
+    async with lg_client() as (http, _, _holds):
+        response = await http.request(method, path, json={})
+        expected = {404: "not_found", 405: "method_not_allowed"}[status]
+        assert (response.status_code, response.json()["code"]) == (status, expected)

@@ -11,9 +11,9 @@ app.mount("/langgraph", api)  # the SDKs' apiUrl: http://host/langgraph
 A subset of the LangGraph Agent Server API: ``POST /threads``, ``GET /threads/{id}``,
 ``POST /threads/{id}/runs[/stream|/wait]``, ``GET /threads/{id}/runs``, ``GET
 /threads/{id}/runs/{run_id}[/stream|/join]``, ``POST /threads/{id}/runs/{run_id}/cancel``,
-``GET /threads/{id}/state`` and ``POST
-/threads/{id}/history``. Runs are detached: they go on when the client goes away, and any
-process sharing the transport can join them from any event. Needs the ``web`` and
+``GET /threads/{id}/state[/{checkpoint_id}]``, ``POST /threads/{id}/state/checkpoint``
+and ``POST /threads/{id}/history``. Runs are detached: they go on when the client goes
+away, and any process sharing the transport can join them from any event. Needs the ``web`` and
 ``langgraph`` extras; see docs/langgraph-sdk.md.
 """
 
