@@ -134,6 +134,28 @@ async def test_a_run_and_its_readers_are_counted(transport: Transport, recorded:
     assert recorded.value("resumable_stream.events.delivered") == 301 + 201
 
 
+async def test_the_live_consumers_stay_right_on_a_provider_configured_meanwhile(
+    transport: Transport, recorded: Recorded
+) -> None:
+    # Regression: consumers.live was an up-down counter of the provider configured when a
+    # consumer started: one that stopped after configure() took the new provider's below 0.
+    gate = asyncio.Event()
+    run = await StreamProducer(transport).start(tokens(20, pause=gate))
+    reading = asyncio.create_task(collect(transport, run.stream_id))
+
+    async def following_live() -> bool:
+        return recorded.value("resumable_stream.consumers.live") == 1
+
+    await eventually(following_live)
+    reader = InMemoryMetricReader()
+    telemetry.configure(meter_provider=MeterProvider(metric_readers=[reader]))
+    assert read_points(reader, "resumable_stream.consumers.live") == {(): 1}
+    gate.set()
+    await reading
+    assert await run.wait() == "completed"
+    assert read_points(reader, "resumable_stream.consumers.live") == {(): 0}
+
+
 async def test_a_reader_leaving_inside_an_entry_counts_the_events_it_got(
     transport: Transport, recorded: Recorded
 ) -> None:

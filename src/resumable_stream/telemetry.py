@@ -26,11 +26,11 @@ Metrics (OpenTelemetry names; Prometheus turns the dots into underscores and add
 * ``resumable_stream.transport.reconnects`` by ``connection``: connections a transport
   re-established.
 
-The three counters of entries and events count in plain integers that OpenTelemetry reads
-when it collects (observable counters): they are the process's totals since it started,
-also on a provider configured later, and a provider reads them while it is the one the
-library records on. Recording each token on an SDK instrument would cost
-more CPU than the library's own work on that token.
+The three counters of entries and events, and the consumers following live, count in
+plain integers that OpenTelemetry reads when it collects (observable instruments): they are
+the process's figures since it started, also on a provider configured later, and a
+provider reads them while it is the one the library records on. Recording each token on
+an SDK instrument would cost more CPU than the library's own work on that token.
 
 The span of a run, ``resumable_stream.run``, lives as long as the run; it links to the span
 current when :meth:`~resumable_stream.StreamProducer.start` was called (the request that
@@ -68,10 +68,10 @@ except ImportError:  # the otel extra is not installed: every recording call is 
 class _Counts:
     """What the library counts per entry and per event, since the process started."""
 
-    __slots__ = ("delivered", "entries", "events", "next_sample")
+    __slots__ = ("delivered", "entries", "events", "live", "next_sample")
 
     def __init__(self) -> None:
-        self.events = self.entries = self.delivered = 0
+        self.events = self.entries = self.delivered = self.live = 0
         self.next_sample = 0.0  # when the next append's duration is recorded
 
 
@@ -132,8 +132,13 @@ class _Instruments:
             # Appends take about a millisecond; the SDK's default buckets are for milliseconds.
             explicit_bucket_boundaries_advisory=_APPEND_BUCKETS,
         )
-        self.consumers_live = meter.create_up_down_counter(
-            "resumable_stream.consumers.live", "{consumer}", "Consumers following a stream live"
+        # Read, not added to: an up-down counter of the provider configured when a consumer
+        # started went below 0 on the next one when it stopped after configure().
+        meter.create_observable_up_down_counter(
+            "resumable_stream.consumers.live",
+            _read_while_configured(meter_provider, lambda: _counts.live),
+            "{consumer}",
+            "Consumers following a stream live",
         )
         observe(
             "resumable_stream.events.delivered",
@@ -270,9 +275,8 @@ def consumer_started(resumed: bool) -> None:
 
 def live(change: int) -> None:
     """A consumer started (+1) or stopped (-1) following a stream live."""
-    i = _instruments
-    if i is not None:
-        i.consumers_live.add(change)
+    if _instruments is not None:
+        _counts.live += change
 
 
 def reaped() -> None:
