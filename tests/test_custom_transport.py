@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import collections
+import os
 import re
 import subprocess
 import sys
@@ -228,6 +229,52 @@ class TestDictTransport(TransportContract):
         return DictTransport(STORES.setdefault(namespace, Store()), **options)
 
 
+class AcceptsAGap(DictTransport):
+    """Broken: an append past the end is stored, leaving a gap in the offsets (the rollback
+    a failover to a lagging replica causes goes unreported)."""
+
+    async def append(
+        self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None = None
+    ) -> None:
+        run = self._owned(stream_id, owner, entry.epoch)
+        if entry.seq > run.last_seq + 1 and run.status == "running":
+            run.payloads.clear()
+            run.last_seq = entry.seq - 1
+        await super().append(stream_id, owner, entry, count, final)
+
+
+class ReapsALiveRun(DictTransport):
+    """Broken: reap() ends a run whose producer still holds its lease (a quiet model)."""
+
+    async def reap(self, stream_id: str, epoch: int, payload: bytes) -> bool:
+        run = self._run(stream_id)
+        if run is not None:
+            run.lease_until = 0.0
+        return await super().reap(stream_id, epoch, payload)
+
+
+class WritesAfterTheEnd(DictTransport):
+    """Broken: an ended (or reaped) run still takes appends and renewals."""
+
+    async def append(
+        self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None = None
+    ) -> None:
+        run = self._run(stream_id)
+        if run is not None and run.status != "running" and entry.seq == run.last_seq + 1:
+            self._store(run, entry.payload, count)
+        else:
+            await super().append(stream_id, owner, entry, count, final)
+
+    async def renew(self, stream_id: str, owner: str, lease_ms: int) -> bool:
+        run = self._run(stream_id)
+        if run is not None and run.status != "running":
+            return False
+        return await super().renew(stream_id, owner, lease_ms)
+
+
+BROKEN = [AcceptsAGap, ReapsALiveRun, WritesAfterTheEnd]
+
+
 async def test_a_custom_transport_is_used_for_every_write() -> None:
     transport = DictTransport(Store())
     run = await StreamProducer(transport).start(tokens(500))
@@ -294,3 +341,34 @@ def test_the_kit_reads_no_private_attribute() -> None:
         )
     ]
     assert private == []
+
+
+def test_the_kit_fails_transports_that_break_the_contract(tmp_path: Path) -> None:
+    # A suite that passes a broken transport is a bug of the suite: each of these passed it.
+    (tmp_path / "pytest.ini").write_text(
+        "[pytest]\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    lines = [
+        "from typing import Any",
+        "from resumable_stream import Transport",
+        "from resumable_stream.testing import TransportContract",
+        "from tests import test_custom_transport as custom",
+    ]
+    for broken in BROKEN:
+        lines += [
+            f"class Test{broken.__name__}(TransportContract):",
+            "    def make_transport(self, namespace: str, **options: Any) -> Transport:",
+            "        store = custom.STORES.setdefault(namespace, custom.Store())",
+            f"        return custom.{broken.__name__}(store, **options)",
+        ]
+    (tmp_path / "test_broken.py").write_text("\n".join(lines) + "\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    failed = set(re.findall(r"^FAILED test_broken\.py::Test(\w+)::", result.stdout, re.M))
+    assert failed == {broken.__name__ for broken in BROKEN}, result.stdout[-3000:]

@@ -41,6 +41,7 @@ from ._exceptions import (
     InvalidStreamId,
     LeaseLost,
     OffsetExpired,
+    StorageRollback,
     StreamAlreadyRunning,
     StreamNotFound,
 )
@@ -325,6 +326,61 @@ class TransportContract:
         await transport.append("idem", "me", final, 1, final="completed")
         assert [e.type for e in await collect(transport, "idem")] == ["token", "end"]
 
+    async def test_an_append_past_the_end_is_a_rollback(self, transport: Transport) -> None:
+        # What a failover to a lagging replica looks like to the producer: it must be told,
+        # to write the lost entries again, never leave a gap in the offsets.
+        info = await transport.create("behind", owner="me", lease_ms=5000)
+        await transport.append("behind", "me", _token_entry(info.epoch, 1, "a"), 1)
+        for final in (None, "completed"):
+            with pytest.raises(StorageRollback) as caught:
+                await transport.append(
+                    "behind", "me", _token_entry(info.epoch, 3, "c"), 1, final=final
+                )
+            assert caught.value.last_seq == 1  # where the storage ends: the producer goes on
+        assert [e.seq for e in await transport.read("behind", info.epoch, 0, 10)] == [1]
+        stored = await transport.info("behind")
+        assert stored is not None and (stored.status, stored.last_seq) == ("running", 1)
+        end = Entry(info.epoch, 2, encode_entry([("end", {})]))
+        await transport.append("behind", "me", end, 1, final="completed")
+        assert [e.type for e in await collect(transport, "behind")] == ["token", "end"]
+
+    async def test_a_run_whose_lease_holds_is_not_reaped(self, transport: Transport) -> None:
+        # Readers of a quiet stream (a slow model) try reap() every half lease: it must
+        # leave a run whose producer is alive alone.
+        info = await transport.create("alive", owner="me", lease_ms=60_000)
+        await transport.append("alive", "me", _token_entry(info.epoch, 1, "a"), 1)
+        assert await transport.reap("alive", info.epoch, _LOST) is False
+        stored = await transport.info("alive")
+        assert stored is not None and (stored.status, stored.last_seq) == ("running", 1)
+        assert await transport.renew("alive", "me", 60_000) is False
+        end = Entry(info.epoch, 2, encode_entry([("end", {})]))
+        await transport.append("alive", "me", end, 1, final="completed")
+        assert [e.type for e in await collect(transport, "alive")] == ["token", "end"]
+
+    async def test_an_ended_or_reaped_run_takes_no_more_writes(self, transport: Transport) -> None:
+        info = await transport.create("ended", owner="me", lease_ms=5000)
+        end = Entry(info.epoch, 1, encode_entry([("end", {})]))
+        await transport.append("ended", "me", end, 1, final="completed")
+        with pytest.raises(LeaseLost):
+            await transport.append("ended", "me", _token_entry(info.epoch, 2, "late"), 1)
+        with pytest.raises(LeaseLost):
+            await transport.renew("ended", "me", 5000)
+        # A producer presumed dead (a long pause) that wakes after readers reaped its run.
+        info = await transport.create("reaped", owner="old", lease_ms=100)
+        await transport.append("reaped", "old", _token_entry(info.epoch, 1, "a"), 1)
+
+        async def reaped() -> bool:
+            return await transport.reap("reaped", info.epoch, _LOST)
+
+        await eventually(reaped)
+        with pytest.raises(LeaseLost):
+            await transport.append("reaped", "old", _token_entry(info.epoch, 3, "late"), 1)
+        with pytest.raises(LeaseLost):
+            await transport.renew("reaped", "old", 5000)
+        events = await collect(transport, "reaped")
+        assert [e.type for e in events] == ["token", "error"]
+        assert events[-1].data["error"] == "producer_lost"
+
     async def test_expired_data_is_told_apart_from_unknown(
         self,
         transport_factory: TransportFactory,
@@ -604,6 +660,17 @@ async def tokens(
         yield f"t{i} "
         if i % every == 0:
             await asyncio.sleep(0)
+
+
+#: The entry a reaper writes: the one event that ends a run whose producer is gone.
+_LOST = encode_entry([("error", {"error": "producer_lost", "message": "no heartbeat"})])
+
+
+def _token_entry(epoch: int, seq: int, text: str) -> Entry:
+    """An entry holding one token event."""
+    return Entry(
+        epoch, seq, encode_entry([("token", {"text": text, "message_id": None, "node": None})])
+    )
 
 
 def text_of(n: int) -> str:
