@@ -110,7 +110,7 @@ class DictTransport(Transport):
         self.store.last_epoch = epoch
         run = _Run(epoch, owner, lease_ms, created_at=time.time(), updated_at=time.time())
         run.lease_until = time.monotonic() + lease_ms / 1000
-        self._expire_in(run, self.running_ttl)
+        self._expire_in(run, self._running_for(lease_ms))
         self.store.runs[stream_id] = run
         if old is not None:
             old.owner = ""
@@ -146,8 +146,12 @@ class DictTransport(Transport):
         if run.status != "running":
             raise LeaseLost(stream_id)
         run.lease_until = time.monotonic() + lease_ms / 1000
-        self._expire_in(run, self.running_ttl)
+        self._expire_in(run, self._running_for(lease_ms))
         return run.cancelled.is_set()
+
+    def _running_for(self, lease_ms: int) -> float:
+        # running_ttl, but never shorter than the lease: the data must outlive it.
+        return max(self.running_ttl, lease_ms / 1000)
 
     async def request_cancel(self, stream_id: str) -> bool:
         run = self._run(stream_id)
@@ -272,7 +276,15 @@ class WritesAfterTheEnd(DictTransport):
         return await super().renew(stream_id, owner, lease_ms)
 
 
-BROKEN = [AcceptsAGap, ReapsALiveRun, WritesAfterTheEnd]
+class ExpiresBeforeItsLease(DictTransport):
+    """Broken: a running stream's data expires after running_ttl even while its lease,
+    longer, holds."""
+
+    def _running_for(self, lease_ms: int) -> float:
+        return self.running_ttl
+
+
+BROKEN = [AcceptsAGap, ReapsALiveRun, WritesAfterTheEnd, ExpiresBeforeItsLease]
 
 
 async def test_a_custom_transport_is_used_for_every_write() -> None:

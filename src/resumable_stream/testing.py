@@ -535,6 +535,33 @@ class TransportContract:
             with pytest.raises(OffsetExpired):
                 await collect(transport, "again", after=old[1].offset)
 
+    async def test_a_running_stream_lives_at_least_as_long_as_its_lease(
+        self,
+        transport_factory: TransportFactory,
+    ) -> None:
+        # running_ttl is a safety net for a stream nobody renews: a lease longer than it
+        # (a reservation's start_timeout, a lease set for slow tools) keeps the data for the
+        # lease, before the first heartbeat as after each one.
+        transport = transport_factory(running_ttl=0.1, tombstone=0.1)
+        info = await transport.create("long", owner="me", lease_ms=30_000)
+        await transport.append("long", "me", _token_entry(info.epoch, 1, "a"), 1)
+        for renewed in (False, True):
+            if renewed:
+                assert await transport.renew("long", "me", 30_000) is False
+            # Time itself is what is tested: past running_ttl and tombstone together.
+            await asyncio.sleep(0.5)
+            stored = await transport.info("long")
+            assert stored is not None and stored.status == "running", (
+                f"the stream expired while its lease held ({renewed=})"
+            )
+            entries = await transport.read("long", info.epoch, 0, 10)
+            assert [e.seq for e in entries] == [1], (
+                f"the data expired while its lease held ({renewed=})"
+            )
+        end = Entry(info.epoch, 2, encode_entry([("end", {})]))
+        await transport.append("long", "me", end, 1, final="completed")
+        assert [e.type for e in await collect(transport, "long")] == ["token", "end"]
+
     async def test_an_abandoned_run_expires_into_a_tombstone(
         self,
         transport_factory: TransportFactory,

@@ -189,7 +189,8 @@ class Transport(ABC):
     * ``tombstone``: seconds its metadata stays after that, so late readers get
       "expired" (``OffsetExpired``) rather than "not found";
     * ``running_ttl``: seconds a running stream lives without a heartbeat (a safety net
-      against a key left behind; heartbeats extend it);
+      against a key left behind; heartbeats extend it), never less than the run's lease:
+      :meth:`create` and :meth:`renew` keep its data for ``max(running_ttl, lease)``;
     * ``max_entries``: approximate cap on entries kept per stream.
 
     A transport may set ``write_retry_budget`` (seconds) to the time its backend may need to
