@@ -7,6 +7,7 @@ import contextlib
 import operator
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Annotated, Any, TypedDict
 
 import orjson
@@ -175,7 +176,7 @@ async def test_http_errors_are_json_with_codes() -> None:
                 "invalid_request",
             ),
             (await http.get("/nope"), 404, "not_found"),
-            (await http.delete(f"/threads/{thread_id}"), 405, "method_not_allowed"),
+            (await http.patch(f"/threads/{thread_id}"), 405, "method_not_allowed"),
         ]
         for response, status, code in cases:
             assert (response.status_code, response.json()["code"]) == (status, code)
@@ -2474,10 +2475,8 @@ async def _run_over(api: Any, thread_id: str) -> bool:
         ("GET", "/assistants/agent", 404),
         ("GET", "/assistants/agent/graph", 404),
         ("GET", "/assistants/agent/schemas", 404),
-        ("POST", "/threads/t/state", 405),  # threads.update_state
         ("PATCH", "/threads/t/state", 405),  # threads.patch_state
         ("PATCH", "/threads/t", 405),  # threads.update
-        ("DELETE", "/threads/t", 405),
         ("POST", "/threads/t/copy", 404),
         ("POST", "/threads/count", 405),
         ("POST", "/threads/prune", 405),
@@ -2492,3 +2491,287 @@ async def test_the_sdk_calls_not_served_are_json_errors(
         response = await http.request(method, path, json={})
         expected = {404: "not_found", 405: "method_not_allowed"}[status]
         assert (response.status_code, response.json()["code"]) == (status, expected)
+
+
+async def _answered(http: Any, holds: dict[str, asyncio.Event], thread_id: str, text: str) -> Any:
+    """Run the agent on ``thread_id`` to its end (its model answers at once)."""
+    holds.setdefault(thread_id, asyncio.Event()).set()
+    body = {"assistant_id": "agent", "input": {"messages": [{"role": "user", "content": text}]}}
+    response = await http.post(f"/threads/{thread_id}/runs/wait", json=body)
+    assert response.status_code == 200, response.text
+    return response
+
+
+async def test_update_state_writes_a_checkpoint_with_the_threads_graph() -> None:
+    # threads.update_state (POST /threads/{id}/state) was 405.
+    async with lg_client() as (http, _api, holds):
+        await _answered(http, holds, "u", "a")
+        before = (await http.get("/threads/u/state")).json()
+        edit = {"values": {"messages": [{"type": "human", "content": "edited"}]}}
+        response = await http.post("/threads/u/state", json={**edit, "as_node": "agent"})
+        assert response.status_code == 200, response.text
+        checkpoint = response.json()["checkpoint"]
+        state = (await http.get("/threads/u/state")).json()
+        assert state["checkpoint"] == checkpoint
+        assert state["parent_checkpoint"] == before["checkpoint"]
+        assert [m["content"] for m in state["values"]["messages"]] == [
+            "a",
+            answer_text("a"),
+            "edited",
+        ]
+        assert state["next"] == []  # as the agent: its edge to the end follows
+        assert state["metadata"]["source"] == "update"
+        assert state["metadata"]["graph_id"] == "agent"  # read with its graph after
+        # At an earlier checkpoint (checkpoint_id, or checkpoint): a fork from there.
+        for point in (
+            {"checkpoint_id": before["checkpoint"]["checkpoint_id"]},
+            {"checkpoint": before["checkpoint"]},
+        ):
+            response = await http.post("/threads/u/state", json={**edit, **point})
+            assert response.status_code == 200, response.text
+            forked = (await http.get("/threads/u/state")).json()
+            assert forked["parent_checkpoint"] == before["checkpoint"]
+            assert forked["checkpoint"] == response.json()["checkpoint"]
+        missing = {"checkpoint_id": str(uuid.uuid4())}
+        response = await http.post("/threads/u/state", json={**edit, **missing})
+        assert (response.status_code, response.json()["code"]) == (404, "checkpoint_not_found")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"values": 5},
+        {"values": "x"},
+        {"values": {}, "as_node": 5},
+        {"values": {}, "as_node": "nope"},  # LangGraph: no such node
+        {"values": {}, "checkpoint_id": 5},
+        {"values": {}, "checkpoint": "c1"},
+        [],
+    ],
+)
+async def test_update_state_refuses_a_body_langgraph_cannot_take(body: Any) -> None:
+    async with lg_client() as (http, _api, holds):
+        await _answered(http, holds, "u", "a")
+        head = (await http.get("/threads/u/state")).json()["checkpoint"]
+        response = await http.post("/threads/u/state", json=body)
+        assert (response.status_code, response.json()["code"]) == (422, "invalid_request")
+        assert (await http.get("/threads/u/state")).json()["checkpoint"] == head
+
+
+async def test_update_state_is_refused_while_a_run_is_in_progress_or_queued() -> None:
+    # The Agent Server refuses a state update while the thread has a run pending or
+    # running (409): the run would write over it, or start from it unawares.
+    async with lg_client() as (http, _api, holds):
+        holds["u"] = asyncio.Event()
+        body = {"assistant_id": "agent", "input": {"messages": [{"role": "user", "content": "b"}]}}
+        await http.post("/threads/u/runs", json=body)
+        queued = (await http.post("/threads/u/runs", json=body)).json()
+        assert queued["status"] == "pending"
+        edit = {"values": {"messages": [{"type": "human", "content": "edited"}]}}
+        response = await http.post("/threads/u/state", json=edit)
+        assert (response.status_code, response.json()["code"]) == (409, "thread_busy")
+        holds["u"].set()
+        await http.get(f"/threads/u/runs/{queued['run_id']}/join")
+        assert (await http.post("/threads/u/state", json=edit)).status_code == 200
+        messages = (await http.get("/threads/u/state")).json()["values"]["messages"]
+        assert [m["content"] for m in messages][-1] == "edited"
+
+
+async def test_update_state_is_a_write_authorized_as_run_and_needs_the_apps_thread() -> None:
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from resumable_stream.langgraph_api import LangGraphRouter, ThreadInfo
+
+    asked: list[str] = []
+
+    def authorize(request: Any, thread_id: str | None, action: str) -> bool:
+        asked.append(action)
+        return action != "run"
+
+    async def thread_info(request: Any, thread_id: str) -> ThreadInfo | None:
+        stamp = datetime.now(UTC)
+        return ThreadInfo(stamp, stamp) if thread_id == "known" else None
+
+    import httpx
+
+    api = LangGraphRouter(
+        MemoryTransport(),
+        {"agent": build_graph({}, InMemorySaver())},
+        authorize=authorize,
+        thread_info=thread_info,
+    )
+    edit = {"values": {"messages": [{"type": "human", "content": "x"}]}}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        refused = await http.post("/threads/known/state", json=edit)
+        assert (refused.status_code, asked) == (403, ["run"])
+        api.authorize = allow_all
+        unknown = await http.post("/threads/unknown/state", json=edit)
+        assert (unknown.status_code, unknown.json()["code"]) == (404, "thread_not_found")
+        assert (await http.post("/threads/known/state", json=edit)).status_code == 200
+        assert (await http.get("/threads/unknown/state")).json()["values"] == {}
+    await api.producer.aclose()
+
+
+async def test_update_state_keeps_the_thread_on_its_graph() -> None:
+    # A thread run by the second graph is still read with it after a state update: the
+    # update's checkpoint names the graph, as a run's do.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.types import interrupt
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    def ask(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [("ai", f"hi {interrupt('your name?')}")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("ask", ask)
+    builder.add_edge(START, "ask")
+    saver = InMemorySaver()
+    graphs = {"chat": build_graph({}, saver), "asker": builder.compile(saver)}
+    api = LangGraphRouter(MemoryTransport(), graphs, authorize=allow_all)
+    body = {"assistant_id": "asker", "input": {"messages": [{"role": "user", "content": "x"}]}}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        await http.post("/threads/t/runs/wait", json=body)
+        edit = {"values": {"messages": [{"type": "human", "content": "y"}]}, "as_node": "__start__"}
+        assert (await http.post("/threads/t/state", json=edit)).status_code == 200
+        state = (await http.get("/threads/t/state")).json()
+        assert state["next"] == ["ask"]  # the asker's node: read with the asker
+        assert state["metadata"]["graph_id"] == "asker"
+        assert (await http.get("/threads/t")).json()["status"] == "interrupted"
+    await api.producer.aclose()
+
+
+async def test_delete_thread_removes_its_checkpoints_and_runs() -> None:
+    # threads.delete (DELETE /threads/{id}) was 405.
+    async with lg_client() as (http, api, holds):
+        answered = await _answered(http, holds, "d", "a")
+        run = answered.headers["content-location"]
+        await _answered(http, holds, "kept", "k")
+        response = await http.delete("/threads/d")
+        assert (response.status_code, response.content) == (204, b"")
+        state = (await http.get("/threads/d/state")).json()
+        assert (state["values"], state["checkpoint"]["checkpoint_id"]) == ({}, None)
+        assert (await http.post("/threads/d/history", json={})).json() == []
+        assert (await http.get("/threads/d/runs")).json() == []
+        assert (await http.get(run)).status_code == 404
+        assert await api.transport.info(api.stream_id("d")) is None
+        kept = (await http.get("/threads/kept/state")).json()["values"]["messages"]
+        assert len(kept) == 2  # another thread keeps its own
+        # The id is free again: a new run starts from nothing.
+        await _answered(http, holds, "d", "b")
+        messages = (await http.get("/threads/d/state")).json()["values"]["messages"]
+        assert [m["content"] for m in messages] == ["b", answer_text("b")]
+
+
+async def test_delete_thread_stops_its_run_in_progress_and_its_queued_runs() -> None:
+    async with lg_client() as (http, api, holds):
+        holds["d"] = asyncio.Event()
+        body = {"assistant_id": "agent", "input": {"messages": [{"role": "user", "content": "b"}]}}
+        await http.post("/threads/d/runs", json=body)
+        queued = (await http.post("/threads/d/runs", json=body)).json()
+        assert queued["status"] == "pending"
+        await eventually(lambda: _has_messages(http, "d"))
+        response = await http.delete("/threads/d")
+        assert response.status_code == 204, response.text
+        # The run and the queued one stopped.
+        assert all(run.status != "running" for run in api.producer.runs.values())
+        assert await api.transport.info(api.stream_id("d")) is None
+        assert (await http.get("/threads/d/state")).json()["values"] == {}
+        holds["d"].set()
+        assert (await http.get(f"/threads/d/runs/{queued['run_id']}")).status_code == 404
+        assert (await http.get("/threads/d/state")).json()["values"] == {}  # nothing started
+
+
+async def _has_messages(http: Any, thread_id: str) -> bool:
+    state = (await http.get(f"/threads/{thread_id}/state")).json()
+    return bool(state["values"].get("messages"))
+
+
+async def test_delete_thread_is_authorized_as_delete_run_and_cancel() -> None:
+    # "delete" is asked, and "run" and "cancel" too: an authorize written before "delete"
+    # existed, letting anyone do what it does not know of, still lets only those who may
+    # run and stop a thread delete it.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    def authorize(request: Any, thread_id: str | None, action: str) -> bool:
+        return action != "cancel" or request.headers.get("user") == "owner"
+
+    released = asyncio.Event()
+    released.set()
+    api = LangGraphRouter(
+        MemoryTransport(),
+        {"agent": build_graph({"d": released}, InMemorySaver())},
+        authorize=authorize,
+    )
+    body = {"assistant_id": "agent", "input": {"messages": [{"role": "user", "content": "a"}]}}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        await http.post("/threads/d/runs/wait", json=body)
+        refused = await http.delete("/threads/d", headers={"user": "someone"})
+        assert (refused.status_code, refused.json()["code"]) == (403, "forbidden")
+        assert (await http.get("/threads/d/state")).json()["values"]["messages"]
+        api.authorize = lambda request, thread_id, action: action != "delete"
+        assert (await http.delete("/threads/d")).status_code == 403
+        assert (await http.get("/threads/d/state")).json()["values"]["messages"]
+        assert (await http.delete("/threads/d", headers={"user": "owner"})).status_code == 403
+        api.authorize = authorize
+        assert (await http.delete("/threads/d", headers={"user": "owner"})).status_code == 204
+    await api.producer.aclose()
+
+
+async def test_delete_thread_tells_the_app_and_needs_its_record() -> None:
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter, ThreadInfo
+
+    records = {"d": datetime.now(UTC)}
+    deleted: list[str] = []
+
+    async def thread_info(request: Any, thread_id: str) -> ThreadInfo | None:
+        stamp = records.get(thread_id)
+        return None if stamp is None else ThreadInfo(stamp, stamp)
+
+    async def delete_thread(request: Any, thread_id: str) -> None:
+        deleted.append(thread_id)
+        del records[thread_id]
+
+    released = asyncio.Event()
+    released.set()
+    graph = build_graph({"d": released}, InMemorySaver())
+    api = LangGraphRouter(
+        MemoryTransport(),
+        {"agent": graph},
+        authorize=allow_all,
+        thread_info=thread_info,
+        delete_thread=delete_thread,
+    )
+    body = {"assistant_id": "agent", "input": {"messages": [{"role": "user", "content": "a"}]}}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        await http.post("/threads/d/runs/wait", json=body)
+        assert (await http.delete("/threads/d")).status_code == 204
+        assert deleted == ["d"]
+        assert (await http.get("/threads/d")).status_code == 404
+        gone = await http.delete("/threads/d")
+        assert (gone.status_code, gone.json()["code"]) == (404, "thread_not_found")
+        assert deleted == ["d"]
+    await api.producer.aclose()
+    # With the app's records and no delete_thread, the router cannot delete a thread: the
+    # app would keep a record of a thread without its state.
+    records["d"] = datetime.now(UTC)
+    api = LangGraphRouter(
+        MemoryTransport(), {"agent": graph}, authorize=allow_all, thread_info=thread_info
+    )
+    app = Starlette(routes=[Mount("/", api)])  # (its 405 is JSON in an app)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+        await http.post("/threads/d/runs/wait", json=body)
+        response = await http.delete("/threads/d")
+        assert (response.status_code, response.json()["code"]) == (405, "method_not_allowed")
+        assert (await http.get("/threads/d/state")).json()["values"]["messages"]
+    await api.producer.aclose()

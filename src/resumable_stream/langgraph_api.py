@@ -11,10 +11,10 @@ app.mount("/langgraph", api)  # the SDKs' apiUrl: http://host/langgraph
 A subset of the LangGraph Agent Server API: ``POST /threads``, ``GET /threads/{id}``,
 ``POST /threads/{id}/runs[/stream|/wait]``, ``GET /threads/{id}/runs``, ``GET
 /threads/{id}/runs/{run_id}[/stream|/join]``, ``POST /threads/{id}/runs/{run_id}/cancel``,
-``GET /threads/{id}/state[/{checkpoint_id}]``, ``POST /threads/{id}/state/checkpoint``
-and ``POST /threads/{id}/history``. Runs are detached: they go on when the client goes
-away, and any process sharing the transport can join them from any event. Needs the ``web`` and
-``langgraph`` extras; see docs/langgraph-sdk.md.
+``GET /threads/{id}/state[/{checkpoint_id}]``, ``POST /threads/{id}/state[/checkpoint]``,
+``POST /threads/{id}/history`` and ``DELETE /threads/{id}``. Runs are detached: they go on
+when the client goes away, and any process sharing the transport can join them from any
+event. Needs the ``web`` and ``langgraph`` extras; see docs/langgraph-sdk.md.
 """
 
 from __future__ import annotations
@@ -80,7 +80,8 @@ __all__ = [
 logger = logging.getLogger("resumable_stream.http")
 
 #: What a request wants to do, as passed to ``authorize`` (thread id None for ``create``).
-LangGraphAction = Literal["create", "read", "run", "cancel"]
+#: ``"delete"`` is asked with ``"run"`` and ``"cancel"`` (see ``LangGraphRouter``).
+LangGraphAction = Literal["create", "read", "run", "cancel", "delete"]
 #: What a run asked for while its thread has one in progress does (the API's strategies).
 MultitaskStrategy = Literal["reject", "enqueue", "interrupt", "rollback"]
 
@@ -643,6 +644,13 @@ class LangGraphRouter:
     and ``create_thread`` makes it. Without it,
     the times are those of the thread's first and latest checkpoints (finding the first walks
     the thread's checkpoints), and the metadata is empty.
+    ``DELETE /threads/{id}`` (``threads.delete``) stops the thread's run in progress and
+    the runs queued in this process, then deletes its checkpoints and its streams, and
+    calls ``delete_thread(request, thread_id)``, if given, for the app to drop its record;
+    with ``thread_info`` and without ``delete_thread`` it is not served (405): the app
+    would keep a record of a thread without its state. It needs ``authorize`` to allow
+    ``"delete"``, and ``"run"`` and ``"cancel"`` too, so that an ``authorize`` written
+    before ``"delete"`` existed lets only those who may run and stop a thread delete it.
     ``search_threads(request, search)``, if given, answers ``POST /threads/search``: the ids
     of the threads the caller may see that match the :class:`ThreadSearch`, in its order and
     page. Without it, the search reads the first graph's checkpointer: every checkpoint of
@@ -663,6 +671,7 @@ class LangGraphRouter:
         create_thread: Callable[[Request, str | None, dict[str, Any]], Awaitable[str]]
         | None = None,
         thread_info: Callable[[Request, str], Awaitable[ThreadInfo | None]] | None = None,
+        delete_thread: Callable[[Request, str], Awaitable[None]] | None = None,
         search_threads: Callable[[Request, ThreadSearch], Awaitable[Sequence[str]]] | None = None,
         stream_id: Callable[[str], str] | None = None,
         cancel_on_disconnect: bool = True,
@@ -689,6 +698,7 @@ class LangGraphRouter:
         self.authorize = authorize
         self.create_thread = create_thread
         self.thread_info = thread_info
+        self.delete_thread = delete_thread
         self.search_threads = search_threads
         self.stream_id = stream_id or (lambda thread_id: f"langgraph:{thread_id}")
         self.cancel_on_disconnect = cancel_on_disconnect
@@ -719,6 +729,9 @@ class LangGraphRouter:
             Route("/threads", self._endpoint(self.post_thread), methods=["POST"]),
             Route("/threads/search", self._endpoint(self.search), methods=["POST"]),
             Route("/threads/{thread_id}", self._endpoint(self.get_thread), methods=["GET"]),
+            Route(
+                "/threads/{thread_id}/state", self._endpoint(self.update_state), methods=["POST"]
+            ),
             Route("/threads/{thread_id}/runs", self._endpoint(self.create_run), methods=["POST"]),
             Route("/threads/{thread_id}/runs", self._endpoint(self.list_runs), methods=["GET"]),
             Route(
@@ -748,6 +761,12 @@ class LangGraphRouter:
                 "/threads/{thread_id}/history", self._endpoint(self.get_history), methods=["POST"]
             ),
         ]
+        if thread_info is None or delete_thread is not None:
+            self.routes.append(
+                Route(
+                    "/threads/{thread_id}", self._endpoint(self.remove_thread), methods=["DELETE"]
+                )
+            )
         self._app = _json_routing_errors(self.routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -835,19 +854,23 @@ class LangGraphRouter:
         return ThreadInfo(min(stamps), max(stamps))
 
     async def _graph_of(self, thread_id: str) -> Any:
-        """The graph that reads the thread's state: the one its latest checkpoint names
-        (each run writes its ``graph_id`` there), as the API reads a thread with its own
-        graph (another graph knows none of its nodes: no next step, no interrupt); the
-        first graph for a thread that names none."""
-        if len(self.graphs) == 1:
-            return self._state_graph
+        """The graph that reads the thread's state (see :meth:`_thread_graph`)."""
+        return (await self._thread_graph(thread_id))[1]
+
+    async def _thread_graph(self, thread_id: str) -> tuple[str, Any]:
+        """The graph that reads the thread's state, and its id: the one its latest
+        checkpoint names (each run and state update writes its ``graph_id`` there), as the
+        API reads a thread with its own graph (another graph knows none of its nodes: no
+        next step, no interrupt); the first graph for a thread that names none."""
+        first = next(iter(self.graphs))
         saver: Any = getattr(self._state_graph, "checkpointer", None)
-        if not hasattr(saver, "aget_tuple"):
-            return self._state_graph
+        if len(self.graphs) == 1 or not hasattr(saver, "aget_tuple"):
+            return first, self._state_graph
         latest = await saver.aget_tuple(self._config(thread_id))
         graph_id = ((latest.metadata if latest is not None else None) or {}).get("graph_id")
-        graph = self.graphs.get(graph_id) if isinstance(graph_id, str) else None
-        return self._state_graph if graph is None else graph
+        if isinstance(graph_id, str) and graph_id in self.graphs:
+            return graph_id, self.graphs[graph_id]
+        return first, self._state_graph
 
     def _thread_record(
         self, thread_id: str, info: ThreadInfo, status: str, values: Any = None
@@ -1053,6 +1076,100 @@ class LangGraphRouter:
         ]
         return _json(200, states)
 
+    async def update_state(self, request: Request) -> Response:
+        """``POST /threads/{thread_id}/state`` (``threads.update_state``): ``values`` written
+        as if node ``as_node`` returned them (LangGraph's ``aupdate_state``, with the
+        thread's own graph), on the latest checkpoint or the one ``checkpoint`` /
+        ``checkpoint_id`` names (a fork there); answers the new ``{"checkpoint"}``. A
+        write, as a run's: ``authorize`` is asked for ``"run"``, and a thread with a run in
+        progress (or queued here) is ``409 thread_busy``, as in the API."""
+        thread_id, stream_id = await self._thread(request, "run")
+        body = await self._body(request)
+        values, as_node = body.get("values"), body.get("as_node")
+        if values is not None and not isinstance(values, dict | list):
+            raise _bad("'values' must be an object, a list of them, or null")
+        if as_node is not None and not isinstance(as_node, str):
+            raise _bad("'as_node' must be a node name")
+        point = _fork_point(body.get("checkpoint"), body.get("checkpoint_id"))
+        if self.thread_info is not None and await self.thread_info(request, thread_id) is None:
+            raise _Refused(HTTPError(404, "thread_not_found", f"no thread {thread_id!r}"))
+        graph_id, graph = await self._thread_graph(thread_id)
+        saver: Any = getattr(graph, "checkpointer", None)
+        if not hasattr(saver, "aget_tuple"):
+            raise _bad(
+                "this server's graph keeps no state (no checkpointer) to update",
+                "update_not_served",
+            )
+        config = self._config(thread_id, {"configurable": {"checkpoint_ns": "", **point}})
+        if point and await saver.aget_tuple(config) is None:
+            # LangGraph would write on an empty state.
+            raise _Refused(
+                HTTPError(
+                    404,
+                    "checkpoint_not_found",
+                    f"no checkpoint {point['checkpoint_id']!r} in thread {thread_id!r}",
+                )
+            )
+        info = await settled_info(self.transport, stream_id)
+        if (info is not None and info.status == "running") or self._queued_here(stream_id):
+            # langgraph-api (ops Threads.State.post) refuses while a run is pending or
+            # running: the run would write over the update, or start from it unawares.
+            raise _Refused(
+                HTTPError(
+                    409,
+                    "thread_busy",
+                    f"thread {thread_id!r} has a run in progress or queued; update its state "
+                    "once it ended, or cancel it first",
+                )
+            )
+        from langgraph.errors import InvalidUpdateError
+
+        # The graph's id in the update's checkpoint, as in a run's: the thread is read
+        # with its own graph after (see _thread_graph).
+        config["metadata"] = {"graph_id": graph_id, "assistant_id": graph_id}
+        try:
+            written = await graph.aupdate_state(config, values, as_node=as_node)
+        except InvalidUpdateError as exc:  # no such node, an ambiguous update...
+            raise _bad(str(exc).split("\n")[0]) from None
+        return _json(200, {"checkpoint": _checkpoint(written, thread_id)})
+
+    def _queued_here(self, stream_id: str) -> list[str]:
+        """The waiters of the runs queued on ``stream_id`` in this process."""
+        queued = f"{stream_id}~queued~"
+        return [sid for sid in self.producer.runs if sid.startswith(queued)]
+
+    async def remove_thread(self, request: Request) -> Response:
+        """``DELETE /threads/{thread_id}`` (``threads.delete``): stop the thread's run in
+        progress (as ``multitask_strategy`` ``"interrupt"`` does, 409 if it does not end
+        within ``interrupt_timeout``) and its runs queued here, delete its checkpoints and
+        its streams, then call ``delete_thread``. 204."""
+        thread_id, stream_id = await self._thread(request, "delete")
+        await self._check(request, "run", thread_id)
+        await self._check(request, "cancel", thread_id)
+        if self.thread_info is not None and await self.thread_info(request, thread_id) is None:
+            raise _Refused(HTTPError(404, "thread_not_found", f"no thread {thread_id!r}"))
+        deadline = asyncio.get_running_loop().time() + self.interrupt_timeout
+        # The queued runs first, so that none takes the thread once its run stopped.
+        waiters = self._queued_here(stream_id)
+        for waiter_id in waiters:
+            waiter = self.producer.runs.get(waiter_id)
+            await self.producer.cancel(waiter_id)
+            if waiter is not None:
+                with contextlib.suppress(ResumableStreamError):  # it ended, unwritten
+                    await waiter.wait()
+        if await self._stop_current_run(stream_id, deadline) is None:
+            raise self._busy(thread_id, "interrupt")
+        # Graphs may share a checkpointer: each one once.
+        savers: list[Any] = [getattr(graph, "checkpointer", None) for graph in self.graphs.values()]
+        for saver in {id(saver): saver for saver in savers}.values():
+            if hasattr(saver, "adelete_thread"):
+                await saver.adelete_thread(thread_id)
+        for deleted in (stream_id, *waiters):
+            await self.transport.delete(deleted)
+        if self.delete_thread is not None:
+            await self.delete_thread(request, thread_id)
+        return Response(status_code=204, headers={"cache-control": "no-store"})
+
     # --- runs ---------------------------------------------------------------------------
 
     async def _run_thread(self, request: Request) -> tuple[str, str, dict[str, Any]]:
@@ -1212,8 +1329,7 @@ class LangGraphRouter:
         the thread first is stopped too, until ``interrupt_timeout`` (then 409)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.interrupt_timeout
-        queued = f"{stream_id}~queued~"
-        for waiter_id in [sid for sid in self.producer.runs if sid.startswith(queued)]:
+        for waiter_id in self._queued_here(stream_id):
             await self.producer.cancel(waiter_id)
         first = True
         while True:

@@ -452,9 +452,18 @@ async def test_a_langgraph_run_on_an_archived_thread_is_refused(service: AppProc
                 "agent",
                 input={"messages": [{"role": "user", "content": "hello"}]},
             )
+        with pytest.raises(httpx.HTTPStatusError) as edit:  # a write too
+            await client.threads.update_state(
+                thread_id, {"messages": [{"role": "user", "content": "hello"}]}
+            )
+        # Not served: the service keeps its own threads (DELETE /v1/thread deletes them).
+        with pytest.raises(httpx.HTTPStatusError) as delete:
+            await client.threads.delete(thread_id)
         state = await client.threads.get_state(thread_id)
     assert refused.value.response.status_code == 409
     assert "archived" in refused.value.response.json()["message"]
+    assert edit.value.response.status_code == 409
+    assert delete.value.response.status_code == 405
     assert state["values"] in ({}, None, {"messages": []})
 
 

@@ -559,3 +559,60 @@ async def test_get_state_at_a_checkpoint_and_a_runs_durability(
     history = await other.threads.get_history(thread_id, limit=100)
     assert len(history) == 5  # the run saved its end only
     assert [m["content"] for m in history[0]["values"]["messages"]][2:] == ["e", answer_text("e")]
+
+
+async def test_update_state_and_delete_a_thread(
+    servers: tuple[str, str], client: LangGraphClient, other: LangGraphClient
+) -> None:
+    # threads.update_state and threads.delete were 405.
+    thread_id = (await client.threads.create())["thread_id"]
+    await _release(servers[0], thread_id)
+    await client.runs.wait(
+        thread_id, "agent", input={"messages": [{"role": "user", "content": "w"}]}
+    )
+    before = await other.threads.get_state(thread_id)
+    edit = {"messages": [{"role": "user", "content": "edited"}]}
+    updated = await other.threads.update_state(thread_id, edit, as_node="agent")
+    state = await client.threads.get_state(thread_id)
+    assert state["checkpoint"] == updated["checkpoint"]
+    assert state["parent_checkpoint"] == before["checkpoint"]
+    assert [m["content"] for m in state["values"]["messages"]] == ["w", answer_text("w"), "edited"]
+    assert state["next"] == []
+    # At an earlier checkpoint: a fork from there.
+    forked = await client.threads.update_state(
+        thread_id,
+        {"messages": [{"role": "user", "content": "again"}]},
+        checkpoint=before["checkpoint"],
+    )
+    state = await other.threads.get_state(thread_id)
+    assert state["checkpoint"] == forked["checkpoint"]
+    assert state["parent_checkpoint"] == before["checkpoint"]
+    assert [m["content"] for m in state["values"]["messages"]][-1] == "again"
+
+    # A thread with a run in progress (held in the first process): no update; a delete
+    # from the other process stops the run, then deletes the thread.
+    busy = (await client.threads.create())["thread_id"]
+    run_id = await _hold_a_run(client, busy, "b")
+    with pytest.raises(httpx.HTTPStatusError) as refused:
+        await other.threads.update_state(busy, edit)
+    assert refused.value.response.status_code == 409
+    await other.threads.delete(busy)
+    assert (await client.threads.get_state(busy))["values"] == {}
+    assert await client.threads.get_history(busy) == []
+    with pytest.raises(httpx.HTTPStatusError) as gone:
+        await client.runs.get(busy, run_id)
+    assert gone.value.response.status_code == 404
+    await client.threads.delete(thread_id)
+    assert await other.threads.get_history(thread_id) == []
+
+
+def test_js_client_update_state_and_delete_a_thread(
+    node_modules: Path, servers: tuple[str, str]
+) -> None:
+    seen = run_node(node_modules, "langgraph_thread_write.mjs", *servers, "v")
+    assert seen["updatedIsState"] is True
+    assert seen["contents"] == ["v", answer_text("v"), "edited"]
+    assert seen["forkedParent"] == seen["firstCheckpoint"]
+    assert seen["deleted"] is None  # 204: the SDK resolves with nothing
+    assert seen["valuesAfter"] == {}
+    assert seen["historyAfter"] == 0
