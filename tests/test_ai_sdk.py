@@ -24,6 +24,7 @@ from langgraph.types import interrupt
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Mount, Route
+from starlette.types import ASGIApp
 
 from resumable_stream import Event, StreamConsumer, StreamProducer, from_url
 from resumable_stream._exceptions import TransportError
@@ -589,8 +590,10 @@ async def test_router_refuses_bad_bodies_with_json_errors(http: httpx.AsyncClien
     assert response.json()["code"] == "invalid_stream_id"
 
 
-async def test_the_router_mounted_answers_routing_errors_in_json() -> None:
-    # Regression: mounted as an app, its unknown paths and wrong methods were plain text.
+@pytest.mark.parametrize("served", ["mounted", "as the app"])
+async def test_the_router_answers_routing_errors_in_json(served: str) -> None:
+    # Regressions: mounted in an app, its unknown paths and wrong methods were plain text;
+    # served as the app itself (no Starlette app around it), they still were.
     async def answer(chat: ChatRequest) -> AsyncIterator[str]:
         async def tokens() -> AsyncIterator[str]:
             yield "x"
@@ -598,10 +601,11 @@ async def test_the_router_mounted_answers_routing_errors_in_json() -> None:
         return tokens()
 
     router = ChatRouter(MemoryTransport(), answer, authorize=allow_all)
-    app = Starlette(routes=[Mount("/ai", router)])
+    app: ASGIApp = Starlette(routes=[Mount("/ai", router)]) if served == "mounted" else router
+    prefix = "/ai" if served == "mounted" else ""
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
-        missing = await c.get("/ai/api/nope")
-        wrong = await c.get("/ai/api/chat")
+        missing = await c.get(f"{prefix}/api/nope")
+        wrong = await c.get(f"{prefix}/api/chat")
     assert (missing.status_code, missing.json()["code"]) == (404, "not_found")
     assert (wrong.status_code, wrong.json()["code"]) == (405, "method_not_allowed")
     await router.producer.aclose()

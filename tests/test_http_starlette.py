@@ -1392,3 +1392,14 @@ async def test_docs_examples_serve_and_resume_streams(framework: str) -> None:
     assert text(events) == text(replayed) == "You asked: why resume? "
     assert events[-1].event == "end"
     assert_error(malformed, 400, "invalid_offset")
+
+
+async def test_the_router_served_as_the_app_answers_routing_errors_in_json() -> None:
+    # Regression: with no Starlette app around it, its unknown paths and wrong methods were
+    # Starlette's plain text ("Not Found"), not {code, message}.
+    router = StreamRouter(MemoryTransport(), authorize=allow_all)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(router), base_url="http://t") as c:
+        missing = await c.get("/a-stream/nope")
+        wrong = await c.put("/a-stream")
+    assert_error(missing, 404, "not_found")
+    assert_error(wrong, 405, "method_not_allowed")

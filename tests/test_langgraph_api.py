@@ -2775,3 +2775,20 @@ async def test_delete_thread_tells_the_app_and_needs_its_record() -> None:
         assert (response.status_code, response.json()["code"]) == (405, "method_not_allowed")
         assert (await http.get("/threads/d/state")).json()["values"]["messages"]
     await api.producer.aclose()
+
+
+async def test_the_router_served_as_the_app_answers_routing_errors_in_json() -> None:
+    # Regression: with no Starlette app around it, its unknown paths and wrong methods were
+    # Starlette's plain text ("Not Found"), not {code, message}.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    graph = build_graph({}, InMemorySaver())
+    router = LangGraphRouter(MemoryTransport(), {"agent": graph}, authorize=allow_all)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(router), base_url="http://t") as c:
+        missing = await c.get("/nope")
+        wrong = await c.put("/threads/t1")
+    assert (missing.status_code, missing.json()["code"]) == (404, "not_found")
+    assert (wrong.status_code, wrong.json()["code"]) == (405, "method_not_allowed")

@@ -70,7 +70,7 @@ from ._http import (
 from ._ids import check_stream_id
 from ._producer import Run, StreamProducer
 from ._sse import PING
-from .starlette import StreamResponse, _check_body_limit, _json_routing_errors, _read_body
+from .starlette import StreamResponse, _check_body_limit, _JsonRouting, _read_body
 from .transports import Transport
 
 __all__ = [
@@ -902,7 +902,7 @@ class ChatRouter:
             ),
             Route(f"{path}/{{chat_id}}/stop", self.stop, methods=["POST"], name="ai_chat_stop"),
         ]
-        self._app = _json_routing_errors(self.routes)
+        self._app = _JsonRouting(self.routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._app(scope, receive, send)

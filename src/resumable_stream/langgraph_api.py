@@ -64,7 +64,7 @@ from ._http import (
 from ._ids import check_stream_id
 from ._producer import StreamProducer
 from ._sse import PING
-from .starlette import StreamResponse, _check_body_limit, _json_routing_errors, _read_body
+from .starlette import StreamResponse, _check_body_limit, _JsonRouting, _read_body
 from .transports import StreamInfo, Transport
 
 __all__ = [
@@ -767,7 +767,7 @@ class LangGraphRouter:
                     "/threads/{thread_id}", self._endpoint(self.remove_thread), methods=["DELETE"]
                 )
             )
-        self._app = _json_routing_errors(self.routes)
+        self._app = _JsonRouting(self.routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._app(scope, receive, send)

@@ -277,10 +277,23 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return _refusal(request, exc)
 
 
-def _json_routing_errors(routes: list[BaseRoute]) -> ExceptionMiddleware:
+class _JsonRouting:
     """A router for ``routes`` whose own errors (an unknown path, a wrong method) are JSON
-    ``{code, message}`` bodies like the endpoints' (Starlette's are plain text)."""
-    return ExceptionMiddleware(Router(routes), handlers={HTTPException: _http_exception})
+    ``{code, message}`` bodies like the endpoints' (Starlette's are plain text), mounted
+    in an app or served as the app itself."""
+
+    __slots__ = ("_app",)
+
+    def __init__(self, routes: list[BaseRoute]) -> None:
+        self._app = ExceptionMiddleware(Router(routes), handlers={HTTPException: _http_exception})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if "app" not in scope:
+            # Served as the app (no Starlette app around it): Starlette's routing raises
+            # its errors to the handlers above only when the scope names an app; else it
+            # answers them itself, in plain text.
+            scope = {**scope, "app": self}
+        await self._app(scope, receive, send)
 
 
 class StreamRouter:
@@ -340,7 +353,7 @@ class StreamRouter:
                 "/{stream_id}/cancel", self.cancel_stream, methods=["POST"], name="cancel_stream"
             ),
         ]
-        self._app = _json_routing_errors(self.routes)
+        self._app = _JsonRouting(self.routes)
 
     @property
     def connections(self) -> int:
