@@ -2463,6 +2463,86 @@ async def test_if_not_exists_creates_the_thread_in_the_app_or_refuses_a_run(endp
     await api.producer.aclose()
 
 
+async def test_if_not_exists_create_on_a_thread_the_app_has_needs_no_create_right() -> None:
+    # A caller who may run a thread but not create threads (authorize refuses "create")
+    # runs an existing thread with if_not_exists "create": nothing is created, so nothing
+    # asks for that right (it was asked first, and the run was 403).
+    from datetime import UTC, datetime
+
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.requests import Request
+
+    from resumable_stream.langgraph_api import LangGraphAction, LangGraphRouter, ThreadInfo
+
+    records = {"kept": ThreadInfo(datetime.now(UTC), datetime.now(UTC))}
+    created: list[str | None] = []
+
+    async def thread_info(request: Request, thread_id: str) -> ThreadInfo | None:
+        return records.get(thread_id)
+
+    async def create_thread(request: Request, thread_id: str | None, metadata: Any) -> str:
+        created.append(thread_id)
+        return thread_id or str(uuid.uuid4())
+
+    def authorize(request: Request, thread_id: str | None, action: LangGraphAction) -> bool:
+        return action != "create"
+
+    hold = asyncio.Event()
+    hold.set()
+    api = LangGraphRouter(
+        MemoryTransport(),
+        {"agent": build_graph({"kept": hold, "new": hold}, InMemorySaver())},
+        authorize=authorize,
+        create_thread=create_thread,
+        thread_info=thread_info,
+    )
+    body = {"assistant_id": "agent", "input": {"messages": [("user", "hi")]}}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        response = await http.post("/threads/kept/runs", json={**body, "if_not_exists": "create"})
+        assert response.status_code == 200, response.text
+        await eventually(lambda: _run_over(api, "kept"))
+        # A thread to make is still refused to the caller without the right.
+        refused = await http.post("/threads/new/runs", json={**body, "if_not_exists": "create"})
+        assert refused.status_code == 403, refused.text
+        assert created == []
+    await api.producer.aclose()
+
+
+async def test_if_not_exists_create_without_thread_info_creates_nothing() -> None:
+    # Without thread_info every thread id is a thread (docs/langgraph-sdk.md): a run with
+    # if_not_exists "create" runs it, as one without does. create_thread was asked to make
+    # the thread again at each such run.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.requests import Request
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    created: list[str | None] = []
+
+    async def create_thread(request: Request, thread_id: str | None, metadata: Any) -> str:
+        created.append(thread_id)
+        return thread_id or str(uuid.uuid4())
+
+    hold = asyncio.Event()
+    hold.set()
+    api = LangGraphRouter(
+        MemoryTransport(),
+        {"agent": build_graph({"t": hold}, InMemorySaver())},
+        authorize=allow_all,
+        create_thread=create_thread,
+    )
+    body = {"assistant_id": "agent", "input": {"messages": [("user", "hi")]}}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        for _ in range(2):
+            response = await http.post("/threads/t/runs", json={**body, "if_not_exists": "create"})
+            assert response.status_code == 200, response.text
+            await eventually(lambda: _run_over(api, "t"))
+        assert created == []
+    await api.producer.aclose()
+
+
 async def _run_over(api: Any, thread_id: str) -> bool:
     info = await api.transport.info(api.stream_id(thread_id))
     return info is not None and info.status == "completed"

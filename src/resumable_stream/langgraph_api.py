@@ -1185,13 +1185,19 @@ class LangGraphRouter:
             raise _bad("'if_not_exists' must be 'reject' or 'create'")
         create = self.create_thread if if_not_exists == "create" else None
         assistant_id = body.get("assistant_id")
-        # (Not for a run refused below: an unknown assistant creates no thread.)
-        if create is not None and isinstance(assistant_id, str) and assistant_id in self.graphs:
+        # (Not for a run refused below: an unknown assistant creates no thread. The right to
+        # create is asked for a thread to make only: a caller may run one it may not make.)
+        if (
+            create is not None
+            and self.thread_info is not None
+            and isinstance(assistant_id, str)
+            and assistant_id in self.graphs
+            and await self.thread_info(request, thread_id) is None
+        ):
             await self._check(request, "create")
-            if self.thread_info is None or await self.thread_info(request, thread_id) is None:
-                await create(
-                    request, thread_id, {"graph_id": assistant_id, "assistant_id": assistant_id}
-                )
+            await create(
+                request, thread_id, {"graph_id": assistant_id, "assistant_id": assistant_id}
+            )
         thread_id, stream_id = await self._thread(request, "run")
         if self.thread_info is not None and await self.thread_info(request, thread_id) is None:
             raise _Refused(HTTPError(404, "thread_not_found", f"no thread {thread_id!r}"))
