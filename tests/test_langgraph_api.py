@@ -2379,6 +2379,16 @@ async def test_a_threads_state_at_a_checkpoint_and_with_its_subgraphs() -> None:
         assert task["state"]["next"] == ["ask"]
         assert task["state"]["tasks"][0]["interrupts"][0]["value"] == "your name?"
         assert task["checkpoint"]["checkpoint_ns"].startswith("sub:")
+        # A task's checkpoint as the plain state gives it (its subgraph's namespace, no id)
+        # names the subgraph's latest state, as in the Agent Server: it gave the thread's.
+        inside = plain["tasks"][0]["checkpoint"]
+        assert inside["checkpoint_ns"].startswith("sub:") and inside["checkpoint_id"] is None
+        sub = await http.post("/threads/t/state/checkpoint", json={"checkpoint": inside})
+        assert sub.status_code == 200, sub.text
+        assert sub.json()["next"] == ["ask"] and sub.json() == task["state"]
+        elsewhere = {"checkpoint": {"checkpoint_ns": "nope:1"}}
+        nowhere = await http.post("/threads/t/state/checkpoint", json=elsewhere)
+        assert (nowhere.status_code, nowhere.json()["code"]) == (404, "checkpoint_not_found")
 
         history = (await http.post("/threads/t/history", json={"limit": 100})).json()
         first = history[-1]["checkpoint"]  # the input's checkpoint

@@ -1031,6 +1031,10 @@ class LangGraphRouter:
             if not isinstance(checkpoint, dict):
                 raise _bad("'checkpoint' must be a checkpoint: {checkpoint_id, ...}")
             point = _fork_point(checkpoint, None)
+            namespace = checkpoint.get("checkpoint_ns")
+            if not point and isinstance(namespace, str) and namespace:
+                # A task's checkpoint without subgraphs: its subgraph's latest state.
+                point = {"checkpoint_ns": namespace}
             subgraphs = body.get("subgraphs") is True
         graph = await self._graph_of(thread_id)
         config = self._config(thread_id, {"configurable": point})
@@ -1042,7 +1046,8 @@ class LangGraphRouter:
                     HTTPError(
                         404,
                         "checkpoint_not_found",
-                        f"no checkpoint {point['checkpoint_id']!r} in thread {thread_id!r}",
+                        f"no checkpoint {point.get('checkpoint_id') or point['checkpoint_ns']!r} "
+                        f"in thread {thread_id!r}",
                     )
                 )
         state = await graph.aget_state(config, subgraphs=subgraphs)
