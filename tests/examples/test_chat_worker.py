@@ -11,15 +11,19 @@ worker starts in time ends with `not_started`.
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 
 from tests.examples._chat import (
+    CHAT_DIR,
     ChatServer,
     Sse,
     answer_text,
@@ -314,3 +318,91 @@ def test_the_next_answer_of_a_thread_records_the_one_a_dead_worker_left_unread(
         "what is 12*7",
     ]
     assert [t["streaming"] for t in listed] == [False]
+
+
+#: A folder whose sitecustomize makes a worker SIGKILL itself right after it claims a reserved
+#: answer (StreamProducer.start(..., reservation=...)), before it marks the run started.
+DIES_AFTER_CLAIM = Path(__file__).parent / "dies_after_claim"
+
+
+def run_states(dsn: str, thread_id: str) -> list[tuple[str, str | None]]:
+    with psycopg.connect(dsn) as connection:
+        rows = connection.execute(
+            "SELECT state, error FROM chat_runs WHERE thread_id = %s ORDER BY seq", (thread_id,)
+        ).fetchall()
+    return [(state, error) for state, error in rows]
+
+
+@pytest.mark.parametrize("noticed_by", ["reader", "next message", "next worker", "task again"])
+def test_an_answer_whose_worker_died_as_it_claimed_it_is_recorded_as_lost(
+    chat_servers: Callable[..., ChatServer],
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    noticed_by: str,
+) -> None:
+    # Regression: a worker killed after it claimed the reserved stream, before it marked
+    # the run started, left the run queued for good. Its stream ended with producer_lost,
+    # but readers record that only for started runs, and the task delivered again found the
+    # stream claimed (StreamAlreadyRunning) and left it: the thread showed the answer
+    # queued, GET /v1/threads said streaming, and BUSY_POLICY=reject answered 409 to every
+    # message. The queued policy's next answer recorded it as not_started.
+    env = {
+        **redis_postgres_env(request),
+        "WORKER_MODE": "1",
+        "BUSY_POLICY": "queue" if noticed_by in ("next worker", "task again") else "reject",
+        "STREAM_LEASE": str(LEASE),
+        "WORKER_VISIBILITY_TIMEOUT": "3" if noticed_by == "task again" else "3600",
+    }
+    dsn = env["DATABASE_URL"]
+    marker = tmp_path / "claimed"
+    api = chat_servers(**env)
+    worker = chat_servers(
+        "worker",
+        **env,
+        PYTHONPATH=os.pathsep.join([str(DIES_AFTER_CLAIM), str(CHAT_DIR)]),
+        CHAT_TEST_DIE_AFTER_CLAIM=str(marker),
+    )
+    with api.client() as client:
+        first = post_message(client, "what is 12*7")
+        thread_id = first["thread_id"]
+        eventually(
+            lambda: "the Celery worker stopped (signal 9" in worker.output(),
+            what="the worker died after its claim",
+        )
+        assert marker.exists()
+        assert run_states(dsn, thread_id) == [("queued", None)]
+
+        if noticed_by == "reader":
+            _, lost = read_sse(client, first["stream_url"])
+            assert (terminal(lost) or {}).get("code") == "producer_lost"
+            thread = eventually(lambda: settled(client, thread_id), what="the thread settles")
+            assert thread["last_error"] == {"run": first["run"], "code": "producer_lost"}
+        elif noticed_by == "task again":
+            # Nobody reads it, and no message follows: the task, delivered again to the
+            # worker that replaced the dead one, records it.
+            thread = eventually(
+                lambda: settled(client, thread_id), timeout=20, what="the thread settles"
+            )
+            assert thread["last_error"] == {"run": first["run"], "code": "producer_lost"}
+
+        def sent() -> httpx.Response | None:
+            # (Reject: 409 while the dead worker's lease on the thread has not lapsed, as
+            # for a live worker; it was 409 for good.)
+            response = client.post(
+                "/v1/chat/message", json={"message": "what is 6*7", "thread_id": thread_id}
+            )
+            return response if response.status_code != 409 else None
+
+        # The thread takes the next message, and answers it.
+        response = eventually(sent, what="the thread takes a message")
+        assert response.status_code == 202, response.text
+        second = response.json()
+        _, answer = read_sse(client, second["stream_url"])
+        thread = eventually(lambda: settled(client, thread_id), what="the thread settles")
+        _, first_events = read_sse(client, first["stream_url"])
+
+    assert terminal(answer) == {"type": "end"}
+    assert "42" in answer_text(answer)
+    assert final_answer(thread) == answer_text(answer)
+    assert (terminal(first_events) or {}).get("code") == "producer_lost"
+    assert run_states(dsn, thread_id) == [("failed", "producer_lost"), ("done", None)]

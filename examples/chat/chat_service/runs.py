@@ -209,6 +209,12 @@ class RunService:
                 held = await self.lock.acquire(thread_id, within=self.settings.stream_lease * 2)
             except TimeoutError:
                 return None
+        if self.workers:
+            for run in await self.store.runs(thread_id, "queued"):
+                if await self._claimed(run):
+                    # Holding the lock: the worker that started it died before marking it
+                    # started (it held the lock meanwhile). Not a run to wait for.
+                    await self._end_lost(run)
         # Holding the lock: a queued run waits for a worker (worker mode), or was left by a
         # holder that died; either way the thread is not idle. A run added since we looked
         # is another request's that got the lock first (both waited for a holder to finish).
@@ -354,8 +360,14 @@ class RunService:
                 run.thread_id, run.seq, "failed", error=PRODUCER_LOST, only_from=("started",)
             )
         elif terminal.type == "error" and terminal.data.get("error") == PRODUCER_LOST:
+            # Also a run still queued: its writer died after it started (claimed) the
+            # stream, before it marked the run started. Nobody else will record it.
             await self.store.settle_run(
-                run.thread_id, run.seq, "failed", error=PRODUCER_LOST, only_from=("started",)
+                run.thread_id,
+                run.seq,
+                "failed",
+                error=PRODUCER_LOST,
+                only_from=("queued", "started"),
             )
             if not self.workers and not self._closing:
                 await self.kick(run.thread_id)  # messages queued behind it
@@ -372,7 +384,8 @@ class RunService:
 
         Returns what happened, for the worker's log. A task delivered again after its
         worker died finds the run started (or ended) and does nothing: the library has
-        ended that answer with ``producer_lost``.
+        ended that answer with ``producer_lost``. If that worker died as it started the
+        run, before recording it, the run is still queued: this records it as lost.
         """
         job = await self.store.get_run(thread_id, seq)
         if job is None or job.state != "queued":
@@ -426,16 +439,29 @@ class RunService:
                     return held
                 await held.release()
                 # Wait for the oldest to be answered: its reserved stream ends.
+                last: Event | None = None
                 with contextlib.suppress(ResumableStreamError):
-                    async for _ in StreamConsumer(self.transport, older[0].stream_id):
-                        pass
+                    async for event in StreamConsumer(self.transport, older[0].stream_id):
+                        last = event
                 info = await self.transport.info(older[0].stream_id)
                 if info is None or info.status != "running":
-                    # Ended without a worker taking it (not_started), or deleted: record it,
-                    # so that it is not waited for again.
+                    # Ended while still queued: its worker died after starting it, before
+                    # marking it started (producer_lost); or no worker took it (not_started),
+                    # or it was deleted. Recorded, so that it is not waited for again.
+                    await self.settle_from_reader(older[0], last)
                     await self.store.settle_run(
                         thread_id, older[0].seq, "failed", error=NOT_STARTED, only_from=("queued",)
                     )
+
+    async def _claimed(self, run: RunRecord) -> bool:
+        """True if queued run ``run``'s reserved stream was started by a worker and is
+        still running (the worker records the run started right after)."""
+        if await self.store.reservation(run.thread_id, run.seq) is None:
+            return False
+        info = await self.transport.info(run.stream_id)
+        # Entry 1 is the reservation's, entry 2 the claim: an unclaimed run ends (not_started)
+        # rather than gain a second entry while running.
+        return info is not None and info.status == "running" and info.last_seq >= 2
 
     async def _end_lost(self, run: RunRecord) -> None:
         """(Worker mode, holding the lock) Read the run a dead worker left to its end, so
@@ -546,12 +572,18 @@ class RunService:
         except StreamAlreadyRunning:
             if reservation is None:
                 raise
-            return None  # started by another delivery of its task, which records it
+            # Started by another delivery of its task, which held the thread's lock until
+            # it marked the run started, and we hold it now with the run still queued: that
+            # worker died in between. Its stream ends with producer_lost: record that.
+            await self._end_lost(job)
+            return None
         except ReservationExpired:
-            # Its readers were told not_started (or producer_lost, if a dead worker had
-            # started it): record that.
-            error = NOT_STARTED if job.state == "queued" else PRODUCER_LOST
-            await self.store.settle_run(job.thread_id, job.seq, "failed", error=error)
+            # Its readers were told not_started, or producer_lost if a worker that died
+            # had started it (or the stream is gone): record that.
+            await self._end_lost(job)
+            await self.store.settle_run(
+                job.thread_id, job.seq, "failed", error=NOT_STARTED, only_from=("queued",)
+            )
             return None
         except ResumableStreamError:
             logger.exception("could not start answer %s", job.stream_id)
