@@ -182,7 +182,9 @@ class DictTransport(Transport):
         readers = run.readers if run is not None and run.epoch == epoch else set()
         subscription = QueueSubscription(readers.discard)
         readers.add(subscription)
-        if run is not None and run.epoch == epoch:
+        if run is None or run.epoch != epoch:
+            subscription.push([])  # deleted or replaced: the reader looks at the stream
+        else:
             subscription.push(run.entries_after(after))
         return subscription
 

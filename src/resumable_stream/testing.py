@@ -499,6 +499,63 @@ class TransportContract:
         assert await peer_transport.delete("gone") is False
         assert await transport.info("gone") is None
 
+    @pytest.mark.parametrize("change", ["deleted", "replaced", "ended", "reaped"])
+    async def test_a_run_that_changes_before_its_reader_subscribes_is_told_at_once(
+        self, transport: Transport, peer_transport: Transport, change: str
+    ) -> None:
+        # A reader hands out what it read from storage before it follows the live feed; a
+        # run deleted, replaced, ended or reaped meanwhile is told by the subscription (a
+        # wake-up, or the entry), not by the reader's quiet-stream check half a lease later
+        # (30 s here: the bound below fails a transport that leaves it to that check).
+        info = await transport.create("moved", owner="me", lease_ms=60_000)
+        for seq in (1, 2):
+            await transport.append("moved", "me", _token_entry(info.epoch, seq, "a"), 1)
+        watched = _WatchedTransport(transport)
+        reader = StreamConsumer(watched, "moved")
+        await anext(reader)  # both entries read, the second not handed out yet
+        assert watched.open == 0  # not subscribed yet
+        if change == "deleted":
+            assert await peer_transport.delete("moved") is True
+        elif change == "replaced":
+            assert await peer_transport.delete("moved") is True
+            await peer_transport.create("moved", owner="next", lease_ms=60_000)
+        elif change == "ended":
+            end = Entry(info.epoch, 3, encode_entry([("end", {})]))
+            await peer_transport.append("moved", "me", end, 1, final="completed")
+        else:
+            await transport.renew("moved", "me", lease_ms=1)  # the producer is gone
+
+            async def reaped() -> bool:
+                return await peer_transport.reap("moved", info.epoch, _LOST)
+
+            await eventually(reaped)
+        rest = asyncio.wait_for(collect_from(reader), timeout=5)
+        if change in ("deleted", "replaced"):
+            with pytest.raises(OffsetExpired):
+                await rest
+        else:
+            last = "end" if change == "ended" else "error"  # producer_lost
+            assert [e.type for e in await rest] == ["token", last]
+        assert watched.open == 0
+
+    async def test_a_reader_joining_a_feed_after_its_run_was_deleted_is_told_at_once(
+        self, transport: Transport, peer_transport: Transport
+    ) -> None:
+        # As above, while another reader of this process follows the run live: its feed
+        # saw the run go before this reader joined it.
+        info = await transport.create("moved", owner="me", lease_ms=60_000)
+        for seq in (1, 2):
+            await transport.append("moved", "me", _token_entry(info.epoch, seq, "a"), 1)
+        reader = StreamConsumer(transport, "moved")
+        await anext(reader)
+        held = transport.subscribe("moved", info.epoch, 2)  # another reader, following live
+        assert await peer_transport.delete("moved") is True
+        assert await asyncio.wait_for(held.get(max_wait=30), timeout=5) == []
+        assert held.woke is not False  # woken to look at the stream, not timed out
+        with pytest.raises(OffsetExpired):
+            await asyncio.wait_for(collect_from(reader), timeout=5)
+        held.close()
+
     async def test_aclose_from_another_task_ends_a_waiting_iteration(
         self, transport: Transport
     ) -> None:

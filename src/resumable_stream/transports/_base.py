@@ -358,6 +358,11 @@ class Transport(ABC):
     def subscribe(self, stream_id: str, epoch: int, after: int) -> Subscription:
         """Start delivering live entries of run ``epoch`` with ``seq > after``.
 
+        Entries stored before the subscription took effect are delivered too, and a run
+        deleted or replaced by then wakes the subscription (its first :meth:`~Subscription.get`
+        returns empty): the reader read storage some time before subscribing, and no
+        notice of a change made meanwhile will come.
+
         Readers in one process should share backend resources (one blocking read for
         all subscriptions); subscribing must not block.
         """

@@ -233,7 +233,9 @@ class MemoryTransport(Transport):
         subs = stream.subscribers if stream is not None and stream.epoch == epoch else set()
         sub = QueueSubscription(subs.discard)
         subs.add(sub)
-        if stream is not None and stream.epoch == epoch and stream.last_seq > after:
+        if stream is None or stream.epoch != epoch:
+            sub.push([])  # deleted or replaced since the reader looked: it looks again now
+        elif stream.last_seq > after:
             sub.push(stream.entries(after))
         return sub
 

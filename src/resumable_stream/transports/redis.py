@@ -171,8 +171,8 @@ class _Feed:
     """The live entries of one stream followed in this process, fanned out to readers."""
 
     __slots__ = (
-        "channel", "cursor", "epoch", "fetching", "key", "loading", "local", "refetch",
-        "subscribers", "transport",
+        "channel", "checking", "cursor", "epoch", "fetching", "gone", "key", "loading",
+        "local", "refetch", "subscribers", "transport",
     )  # fmt: skip
 
     def __init__(
@@ -188,10 +188,17 @@ class _Feed:
         self.loading = False  # a SCRIPT LOAD for the fetch is under way
         # Fed by this process's own appends (the run is written here), not subscribed.
         self.local = False
+        # The next fetch also reads the run's epoch: the run may have been deleted or
+        # replaced before the feed followed its notices (no notice will come of it).
+        self.checking = True
+        # The run was deleted or replaced: readers joining the feed look at the stream.
+        self.gone = False
         self.subscribers: set[QueueSubscription] = set()
 
-    def wake(self) -> None:
-        """Make the readers look at the stream's metadata (and storage) again."""
+    def wake(self, *, gone: bool = False) -> None:
+        """Make the readers look at the stream's metadata (and storage) again; ``gone``:
+        the run was deleted or replaced, so the readers who join later look too."""
+        self.gone = self.gone or gone
         for subscription in tuple(self.subscribers):
             subscription.push([])
 
@@ -993,8 +1000,10 @@ class RedisTransport(Transport):
                     self._fetch(feed)  # subscribed already (another run's readers)
         subscription = QueueSubscription(feed.release)
         feed.subscribers.add(subscription)
-        if feed.cursor > after:
-            subscription.push([])  # the feed is past this reader: wake it to read the gap
+        if feed.cursor > after or feed.gone:
+            # The feed is past this reader, or its run is gone: wake it to read the gap, or
+            # to find the run deleted or replaced (its notice came before this reader).
+            subscription.push([])
         return subscription
 
     def _unsubscribe(self, feed: _Feed, subscription: QueueSubscription) -> None:
@@ -1008,7 +1017,7 @@ class RedisTransport(Transport):
         # notifies the stream's readers and its producer, in every process (but readers fed
         # by a run written here are not subscribed: they are woken here).
         deleted = bool(await self._eval(_DELETE, stream_id))
-        self._wake_local(self._stream(stream_id)[2])
+        self._wake_local(self._stream(stream_id)[2], gone=True)
         return deleted
 
     async def reap(self, stream_id: str, epoch: int, payload: bytes) -> bool:
@@ -1026,11 +1035,11 @@ class RedisTransport(Transport):
             self._wake_local(self._stream(stream_id)[2])
         return bool(result)
 
-    def _wake_local(self, channel: bytes) -> None:
+    def _wake_local(self, channel: bytes, *, gone: bool = False) -> None:
         """Wake the readers fed by a run written here (not subscribed to its notices)."""
         feed = self._feeds.get(channel)
         if feed is not None and feed.local:
-            feed.wake()
+            feed.wake(gone=gone)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -1199,10 +1208,11 @@ class RedisTransport(Transport):
             self._refresh_topology()
 
     def _on_subscribed(self, channel: bytes) -> None:
-        # Notices sent before this (re)subscription were missed: look again.
+        # Notices sent before this (re)subscription were missed: look again (at the run's
+        # epoch too: a delete's notice has no entry to fetch).
         feed = self._feeds.get(channel)
         if feed is not None:
-            feed.refetch = True
+            feed.refetch = feed.checking = True
             self._fetch(feed)
         node = self._channel_node.get(channel)
         if node is not None:
@@ -1225,7 +1235,8 @@ class RedisTransport(Transport):
         entry_id, carried, payload = data.partition(b" ")
         epoch, _, seq = entry_id.partition(b"-")
         if not seq or int(epoch) != feed.epoch:
-            feed.wake()  # deleted, or another run: the readers find out from the metadata
+            # Deleted, or another run: the readers find out from the metadata.
+            feed.wake(gone=not seq or int(epoch) > feed.epoch)
         else:
             # The usual case: the next entry, carried by its notice (no fetch). Too large
             # to carry: fetched.
@@ -1261,6 +1272,13 @@ class RedisTransport(Transport):
             return
         feed.fetching = True
         feed.refetch = False
+        if feed.checking:
+            # Sent once the feed follows the notices (or is fed here): on the same
+            # connection as the fetch, one round trip for both.
+            feed.checking = False
+            tag = feed.key.removesuffix(b"events")
+            checked = node.pipe.send(pack("HGET", tag + b"meta", "epoch"))
+            checked.add_done_callback(lambda done: self._checked(feed, done))
         if self.replicas:
             tag = feed.key.removesuffix(b"events")
             packed = pack(
@@ -1271,6 +1289,17 @@ class RedisTransport(Transport):
             packed = _xrange(feed.key, feed.epoch, feed.cursor, _FETCH_COUNT)
         future = node.pipe.send(packed)
         future.add_done_callback(lambda done: self._fetched(feed, node, done))
+
+    def _checked(self, feed: _Feed, done: asyncio.Future[Any]) -> None:
+        """The run's epoch, read as the feed started following it: wake its readers if the
+        run is no longer there (deleted or replaced before its notices were followed)."""
+        if done.cancelled() or done.exception():
+            feed.wake()  # a fault: the readers look at the stream (the safe path)
+            return
+        reply = done.result()
+        if reply != b"%d" % feed.epoch:
+            # Deleted or replaced (bytes or None), or a redirect or refusal (an error).
+            feed.wake(gone=reply is None or isinstance(reply, bytes))
 
     def _fetched(self, feed: _Feed, node: _Node, done: asyncio.Future[Any]) -> None:
         feed.fetching = False
