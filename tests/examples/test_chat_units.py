@@ -146,6 +146,13 @@ async def test_memory_cache_expires_and_stays_bounded() -> None:
             None,
             None,
         ),
+        # A model's last chunk says why it stopped and holds no text (reasoning and tool
+        # call fragments neither have text): not an empty chunk.
+        (
+            Event("token", {"text": "", "message_id": "m", "finish_reason": "stop"}, "1-5-0"),
+            None,
+            None,
+        ),
     ],
 )
 def test_stream_events_get_the_chat_api_names_and_keep_their_offsets(

@@ -61,7 +61,9 @@ def to_sse(event: Event) -> Event | None:
     """The ``GET /v1/chat/stream`` view: ``chunk``, ``tool_call`` and ``system``."""
     kind, data, offset = event.type, event.data, event.offset
     if kind == "token":
-        return Event("chunk", {"text": data.get("text", "")}, offset)
+        # (A token without text: the model's last chunk, reasoning, a tool call's fragment.)
+        text = data.get("text")
+        return Event("chunk", {"text": text}, offset) if text else None
     if kind == "tool_start":
         return Event(
             "tool_call", {"id": data.get("id"), "name": data["name"], "args": data["args"]}, offset
@@ -85,7 +87,8 @@ def to_ndjson(event: Event) -> Event | None:
     """The ``POST /chat/stream`` view: ``token``, ``tool_event``, ``error`` and ``metadata``."""
     kind, data, offset = event.type, event.data, event.offset
     if kind == "token":
-        return Event("token", {"content": data.get("text", "")}, offset)
+        text = data.get("text")
+        return Event("token", {"content": text}, offset) if text else None
     if kind == "tool_start":
         return Event(
             "tool_event", {"id": data.get("id"), "name": data["name"], "args": data["args"]}, offset
