@@ -16,7 +16,8 @@ Metrics (OpenTelemetry names; Prometheus turns the dots into underscores and add
 * ``resumable_stream.append.duration`` (histogram, seconds): one append, retries included,
   sampled: at most one append's duration per 10 ms is recorded, across the process (every
   append when they come 10 ms apart or more, about a hundred a second under load);
-* ``resumable_stream.consumers.live`` (up-down counter): consumers following a stream live;
+* ``resumable_stream.consumers.live`` (a gauge: an observable up-down counter): consumers
+  following a stream live;
 * ``resumable_stream.events.delivered``: events handed to consumers;
 * ``resumable_stream.resumes``: consumers started after an offset (``after=``,
   ``Last-Event-ID``);
