@@ -2702,6 +2702,55 @@ async def test_update_state_is_a_write_authorized_as_run_and_needs_the_apps_thre
     await api.producer.aclose()
 
 
+async def test_update_state_at_a_tasks_checkpoint_writes_its_subgraphs_state() -> None:
+    # Regression: a task's `checkpoint` as the plain state gives it (its subgraph's
+    # checkpoint_ns, no id) was dropped, so the update went to the thread's own graph; the
+    # Agent Server passes it to LangGraph, which writes on the subgraph's latest state.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import START, StateGraph
+    from langgraph.types import interrupt
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    class State(TypedDict, total=False):
+        log: Annotated[list[str], operator.add]
+
+    def ask(state: State) -> dict[str, Any]:
+        return {"log": [f"name: {interrupt('your name?')}"]}
+
+    inner = StateGraph(State)
+    inner.add_node("ask", ask)
+    inner.add_edge(START, "ask")
+    outer = StateGraph(State)
+    outer.add_node("first", lambda state: {"log": ["first"]})
+    outer.add_node("sub", inner.compile())
+    outer.add_edge(START, "first")
+    outer.add_edge("first", "sub")
+    api = LangGraphRouter(
+        MemoryTransport(), {"agent": outer.compile(InMemorySaver())}, authorize=allow_all
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        body = {"assistant_id": "agent", "input": {"log": ["in"]}}
+        assert "__interrupt__" in (await http.post("/threads/t/runs/wait", json=body)).json()
+        root = (await http.get("/threads/t/state")).json()
+        inside = root["tasks"][0]["checkpoint"]
+        assert inside["checkpoint_ns"].startswith("sub:") and inside["checkpoint_id"] is None
+        edit = {"values": {"log": ["edited"]}, "checkpoint": inside}
+        response = await http.post("/threads/t/state", json=edit)
+        assert response.status_code == 200, response.text
+        written = response.json()["checkpoint"]
+        assert written["checkpoint_ns"] == inside["checkpoint_ns"]
+        sub = (await http.post("/threads/t/state/checkpoint", json={"checkpoint": inside})).json()
+        assert sub["values"]["log"][-1] == "edited" and sub["checkpoint"] == written
+        after = (await http.get("/threads/t/state")).json()
+        assert (after["values"], after["checkpoint"]) == (root["values"], root["checkpoint"])
+        elsewhere = {"values": {"log": ["x"]}, "checkpoint": {"checkpoint_ns": "nope:1"}}
+        nowhere = await http.post("/threads/t/state", json=elsewhere)
+        assert (nowhere.status_code, nowhere.json()["code"]) == (404, "checkpoint_not_found")
+    await api.producer.aclose()
+
+
 async def test_update_state_keeps_the_thread_on_its_graph() -> None:
     # A thread run by the second graph is still read with it after a state update: the
     # update's checkpoint names the graph, as a run's do.

@@ -1095,7 +1095,13 @@ class LangGraphRouter:
             raise _bad("'values' must be an object, a list of them, or null")
         if as_node is not None and not isinstance(as_node, str):
             raise _bad("'as_node' must be a node name")
-        point = _fork_point(body.get("checkpoint"), body.get("checkpoint_id"))
+        checkpoint = body.get("checkpoint")
+        point = _fork_point(checkpoint, body.get("checkpoint_id"))
+        namespace = checkpoint.get("checkpoint_ns") if isinstance(checkpoint, dict) else None
+        if not point and isinstance(namespace, str) and namespace:
+            # A task's checkpoint without subgraphs: its subgraph's latest state (LangGraph
+            # writes there, as the API passes the checkpoint on).
+            point = {"checkpoint_ns": namespace}
         if self.thread_info is not None and await self.thread_info(request, thread_id) is None:
             raise _Refused(HTTPError(404, "thread_not_found", f"no thread {thread_id!r}"))
         graph_id, graph = await self._thread_graph(thread_id)
@@ -1112,7 +1118,8 @@ class LangGraphRouter:
                 HTTPError(
                     404,
                     "checkpoint_not_found",
-                    f"no checkpoint {point['checkpoint_id']!r} in thread {thread_id!r}",
+                    f"no checkpoint {point.get('checkpoint_id') or point['checkpoint_ns']!r} "
+                    f"in thread {thread_id!r}",
                 )
             )
         info = await settled_info(self.transport, stream_id)
