@@ -2823,6 +2823,59 @@ async def test_delete_thread_stops_its_run_in_progress_and_its_queued_runs() -> 
         assert (await http.get("/threads/d/state")).json()["values"] == {}  # nothing started
 
 
+async def test_a_run_queued_in_another_process_starts_after_the_delete() -> None:
+    # Regression: a delete stopped the thread's run, then deleted its checkpoints and its
+    # streams with the thread free meanwhile. A run queued in another process started as
+    # the run stopped, from the checkpoints being deleted, and the delete of the thread's
+    # stream then cut it (its client got no answer; a checkpoint it wrote could stay).
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    deleting, gate = asyncio.Event(), asyncio.Event()
+
+    class SlowSaver(InMemorySaver):
+        async def adelete_thread(self, thread_id: str) -> None:
+            deleting.set()
+            await gate.wait()  # a database's delete takes its time
+            await super().adelete_thread(thread_id)
+
+    transport = MemoryTransport()
+    holds = {"d": asyncio.Event()}
+    graph = build_graph(holds, SlowSaver())
+    here = LangGraphRouter(transport, {"agent": graph}, authorize=allow_all)
+    there = LangGraphRouter(transport, {"agent": graph}, authorize=allow_all)
+
+    def client(api: Any) -> Any:
+        return httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t")
+
+    body = {"assistant_id": "agent", "input": {"messages": [{"role": "user", "content": "a"}]}}
+    queue = {"assistant_id": "agent", "input": {"messages": [{"role": "user", "content": "b"}]}}
+    async with client(here) as http, client(there) as other:
+        await http.post("/threads/d/runs", json=body)
+        queued = (await other.post("/threads/d/runs", json=queue)).json()
+        assert queued["status"] == "pending"
+        await eventually(lambda: _has_messages(http, "d"))
+        deleted = asyncio.ensure_future(http.delete("/threads/d"))
+        await deleting.wait()
+
+        async def held() -> bool:  # by the delete, or by the queued run (the bug)
+            info = await transport.info(here.stream_id("d"))
+            return info is not None and info.status == "running"
+
+        await eventually(held)
+        gate.set()
+        assert (await deleted).status_code == 204
+        holds["d"].set()
+        joined = await other.get(f"/threads/d/runs/{queued['run_id']}/join")
+        assert joined.status_code == 200, joined.text
+        messages = (await http.get("/threads/d/state")).json()["values"]["messages"]
+        assert [m["content"] for m in messages] == ["b", answer_text("b")]
+    await here.producer.aclose()
+    await there.producer.aclose()
+
+
 async def _has_messages(http: Any, thread_id: str) -> bool:
     state = (await http.get(f"/threads/{thread_id}/state")).json()
     return bool(state["values"].get("messages"))

@@ -645,8 +645,10 @@ class LangGraphRouter:
     the times are those of the thread's first and latest checkpoints (finding the first walks
     the thread's checkpoints), and the metadata is empty.
     ``DELETE /threads/{id}`` (``threads.delete``) stops the thread's run in progress and
-    the runs queued in this process, then deletes its checkpoints and its streams, and
-    calls ``delete_thread(request, thread_id)``, if given, for the app to drop its record;
+    the runs queued in this process, then deletes its checkpoints and its streams (holding
+    the thread meanwhile: a run queued in another process starts after, on the emptied
+    thread), and calls ``delete_thread(request, thread_id)``, if given, for the app to
+    drop its record;
     with ``thread_info`` and without ``delete_thread`` it is not served (405): the app
     would keep a record of a thread without its state. It needs ``authorize`` to allow
     ``"delete"``, and ``"run"`` and ``"cancel"`` too, so that an ``authorize`` written
@@ -1160,7 +1162,8 @@ class LangGraphRouter:
         await self._check(request, "cancel", thread_id)
         if self.thread_info is not None and await self.thread_info(request, thread_id) is None:
             raise _Refused(HTTPError(404, "thread_not_found", f"no thread {thread_id!r}"))
-        deadline = asyncio.get_running_loop().time() + self.interrupt_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.interrupt_timeout
         # The queued runs first, so that none takes the thread once its run stopped.
         waiters = self._queued_here(stream_id)
         for waiter_id in waiters:
@@ -1169,14 +1172,30 @@ class LangGraphRouter:
             if waiter is not None:
                 with contextlib.suppress(ResumableStreamError):  # it ended, unwritten
                     await waiter.wait()
-        if await self._stop_current_run(stream_id, deadline) is None:
-            raise self._busy(thread_id, "interrupt")
-        # Graphs may share a checkpointer: each one once.
-        savers: list[Any] = [getattr(graph, "checkpointer", None) for graph in self.graphs.values()]
-        for saver in {id(saver): saver for saver in savers}.values():
-            if hasattr(saver, "adelete_thread"):
-                await saver.adelete_thread(thread_id)
-        for deleted in (stream_id, *waiters):
+        # The thread is held (a run of no producer on its stream) while its checkpoints go:
+        # a run queued in another process would start from them, and be cut by the delete
+        # of the stream. It starts once the thread is deleted.
+        while True:
+            if await self._stop_current_run(stream_id, deadline) is None:
+                raise self._busy(thread_id, "interrupt")
+            try:
+                await self.transport.create(
+                    stream_id, f"delete-{secrets.token_hex(8)}", self.producer.lease_ms
+                )
+                break
+            except StreamAlreadyRunning:  # another run took the thread once that one ended
+                if loop.time() >= deadline:
+                    raise self._busy(thread_id, "interrupt") from None
+        try:
+            # Graphs may share a checkpointer: each one once.
+            graphs = self.graphs.values()
+            savers: list[Any] = [getattr(graph, "checkpointer", None) for graph in graphs]
+            for saver in {id(saver): saver for saver in savers}.values():
+                if hasattr(saver, "adelete_thread"):
+                    await saver.adelete_thread(thread_id)
+        finally:
+            await self.transport.delete(stream_id)  # the hold, and the thread's runs with it
+        for deleted in waiters:
             await self.transport.delete(deleted)
         if self.delete_thread is not None:
             await self.delete_thread(request, thread_id)
