@@ -2339,11 +2339,9 @@ async def test_a_durability_langgraph_does_not_have_is_refused(extra: dict[str, 
         assert await api.transport.info(api.stream_id("t")) is None  # no run started
 
 
-async def test_a_threads_state_at_a_checkpoint_and_with_its_subgraphs() -> None:
-    # Regression: `threads.get_state` at a checkpoint (GET /threads/{id}/state/{checkpoint_id},
-    # POST /threads/{id}/state/checkpoint) was `404 not_found` as an unknown path, and
-    # `subgraphs=true` was ignored: an interrupt inside a subgraph showed no subgraph state.
-    import httpx
+def subgraph_api() -> Any:
+    """A LangGraphRouter whose graph runs node `first`, then subgraph `sub`, whose node `ask`
+    interrupts with "your name?"; `log` gathers what each node adds."""
     from langgraph.checkpoint.memory import InMemorySaver
     from langgraph.graph import START, StateGraph
     from langgraph.types import interrupt
@@ -2364,9 +2362,18 @@ async def test_a_threads_state_at_a_checkpoint_and_with_its_subgraphs() -> None:
     outer.add_node("sub", inner.compile())
     outer.add_edge(START, "first")
     outer.add_edge("first", "sub")
-    api = LangGraphRouter(
+    return LangGraphRouter(
         MemoryTransport(), {"agent": outer.compile(InMemorySaver())}, authorize=allow_all
     )
+
+
+async def test_a_threads_state_at_a_checkpoint_and_with_its_subgraphs() -> None:
+    # Regression: `threads.get_state` at a checkpoint (GET /threads/{id}/state/{checkpoint_id},
+    # POST /threads/{id}/state/checkpoint) was `404 not_found` as an unknown path, and
+    # `subgraphs=true` was ignored: an interrupt inside a subgraph showed no subgraph state.
+    import httpx
+
+    api = subgraph_api()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
         body = {"assistant_id": "agent", "input": {"log": ["in"]}}
         assert "__interrupt__" in (await http.post("/threads/t/runs/wait", json=body)).json()
@@ -2707,29 +2714,8 @@ async def test_update_state_at_a_tasks_checkpoint_writes_its_subgraphs_state() -
     # checkpoint_ns, no id) was dropped, so the update went to the thread's own graph; the
     # Agent Server passes it to LangGraph, which writes on the subgraph's latest state.
     import httpx
-    from langgraph.checkpoint.memory import InMemorySaver
-    from langgraph.graph import START, StateGraph
-    from langgraph.types import interrupt
 
-    from resumable_stream.langgraph_api import LangGraphRouter
-
-    class State(TypedDict, total=False):
-        log: Annotated[list[str], operator.add]
-
-    def ask(state: State) -> dict[str, Any]:
-        return {"log": [f"name: {interrupt('your name?')}"]}
-
-    inner = StateGraph(State)
-    inner.add_node("ask", ask)
-    inner.add_edge(START, "ask")
-    outer = StateGraph(State)
-    outer.add_node("first", lambda state: {"log": ["first"]})
-    outer.add_node("sub", inner.compile())
-    outer.add_edge(START, "first")
-    outer.add_edge("first", "sub")
-    api = LangGraphRouter(
-        MemoryTransport(), {"agent": outer.compile(InMemorySaver())}, authorize=allow_all
-    )
+    api = subgraph_api()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
         body = {"assistant_id": "agent", "input": {"log": ["in"]}}
         assert "__interrupt__" in (await http.post("/threads/t/runs/wait", json=body)).json()

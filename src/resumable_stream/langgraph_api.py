@@ -277,6 +277,32 @@ def _durability(durability: Any, checkpoint_during: Any) -> str | None:
     return "async" if checkpoint_during else "exit"
 
 
+def _state_point(checkpoint: Any, checkpoint_id: Any) -> dict[str, str]:
+    """The checkpoint a state read or update names (see :func:`_fork_point`); a task's
+    ``checkpoint`` without an id, as the thread's state gives it, names its subgraph's
+    latest state (its ``checkpoint_ns``), as LangGraph reads the API's whole checkpoint."""
+    point = _fork_point(checkpoint, checkpoint_id)
+    namespace = checkpoint.get("checkpoint_ns") if isinstance(checkpoint, dict) else None
+    if not point and isinstance(namespace, str) and namespace:
+        point = {"checkpoint_ns": namespace}
+    return point
+
+
+async def _require_checkpoint(graph: Any, config: dict[str, Any], thread_id: str) -> None:
+    """``404 checkpoint_not_found`` unless the graph's checkpointer has the checkpoint
+    ``config`` names: LangGraph would read, write or run one it cannot find as an empty
+    state."""
+    saver: Any = getattr(graph, "checkpointer", None)
+    if hasattr(saver, "aget_tuple") and await saver.aget_tuple(config) is None:
+        named = config["configurable"]
+        name = named.get("checkpoint_id") or named.get("checkpoint_ns")
+        raise _Refused(
+            HTTPError(
+                404, "checkpoint_not_found", f"no checkpoint {name!r} in thread {thread_id!r}"
+            )
+        )
+
+
 def _fork_point(checkpoint: Any, checkpoint_id: Any) -> dict[str, str]:
     """The checkpoint a run starts from, as ``configurable`` keys: the SDKs send the one
     their thread view shows (``useStream``'s branches, edits and regenerations) as
@@ -1032,26 +1058,12 @@ class LangGraphRouter:
             checkpoint = body.get("checkpoint")
             if not isinstance(checkpoint, dict):
                 raise _bad("'checkpoint' must be a checkpoint: {checkpoint_id, ...}")
-            point = _fork_point(checkpoint, None)
-            namespace = checkpoint.get("checkpoint_ns")
-            if not point and isinstance(namespace, str) and namespace:
-                # A task's checkpoint without subgraphs: its subgraph's latest state.
-                point = {"checkpoint_ns": namespace}
+            point = _state_point(checkpoint, None)
             subgraphs = body.get("subgraphs") is True
         graph = await self._graph_of(thread_id)
         config = self._config(thread_id, {"configurable": point})
         if point:
-            # LangGraph reads a checkpoint it cannot find as an empty state.
-            saver: Any = getattr(graph, "checkpointer", None)
-            if hasattr(saver, "aget_tuple") and await saver.aget_tuple(config) is None:
-                raise _Refused(
-                    HTTPError(
-                        404,
-                        "checkpoint_not_found",
-                        f"no checkpoint {point.get('checkpoint_id') or point['checkpoint_ns']!r} "
-                        f"in thread {thread_id!r}",
-                    )
-                )
+            await _require_checkpoint(graph, config, thread_id)
         state = await graph.aget_state(config, subgraphs=subgraphs)
         return _json(200, _state_json(state, thread_id))
 
@@ -1097,13 +1109,7 @@ class LangGraphRouter:
             raise _bad("'values' must be an object, a list of them, or null")
         if as_node is not None and not isinstance(as_node, str):
             raise _bad("'as_node' must be a node name")
-        checkpoint = body.get("checkpoint")
-        point = _fork_point(checkpoint, body.get("checkpoint_id"))
-        namespace = checkpoint.get("checkpoint_ns") if isinstance(checkpoint, dict) else None
-        if not point and isinstance(namespace, str) and namespace:
-            # A task's checkpoint without subgraphs: its subgraph's latest state (LangGraph
-            # writes there, as the API passes the checkpoint on).
-            point = {"checkpoint_ns": namespace}
+        point = _state_point(body.get("checkpoint"), body.get("checkpoint_id"))
         if self.thread_info is not None and await self.thread_info(request, thread_id) is None:
             raise _Refused(HTTPError(404, "thread_not_found", f"no thread {thread_id!r}"))
         graph_id, graph = await self._thread_graph(thread_id)
@@ -1114,16 +1120,8 @@ class LangGraphRouter:
                 "update_not_served",
             )
         config = self._config(thread_id, {"configurable": {"checkpoint_ns": "", **point}})
-        if point and await saver.aget_tuple(config) is None:
-            # LangGraph would write on an empty state.
-            raise _Refused(
-                HTTPError(
-                    404,
-                    "checkpoint_not_found",
-                    f"no checkpoint {point.get('checkpoint_id') or point['checkpoint_ns']!r} "
-                    f"in thread {thread_id!r}",
-                )
-            )
+        if point:
+            await _require_checkpoint(graph, config, thread_id)
         info = await settled_info(self.transport, stream_id)
         if (info is not None and info.status == "running") or self._queued_here(stream_id):
             # langgraph-api (ops Threads.State.post) refuses while a run is pending or
@@ -1275,16 +1273,7 @@ class LangGraphRouter:
         if checkpoint_id is not None and not isinstance(checkpoint_id, str):
             raise _bad("'config.configurable.checkpoint_id' must be a string")
         if checkpoint_id:
-            # LangGraph would run a checkpoint it cannot find from an empty state.
-            saver: Any = getattr(graph, "checkpointer", None)
-            if hasattr(saver, "aget_tuple") and await saver.aget_tuple(config) is None:
-                raise _Refused(
-                    HTTPError(
-                        404,
-                        "checkpoint_not_found",
-                        f"no checkpoint {checkpoint_id!r} in thread {thread_id!r}",
-                    )
-                )
+            await _require_checkpoint(graph, config, thread_id)
         kwargs: dict[str, Any] = {"stream_mode": graph_modes}
         if body.get("stream_subgraphs"):
             kwargs["subgraphs"] = True

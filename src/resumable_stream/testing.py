@@ -646,8 +646,7 @@ class TransportContract:
         # its data lives as long as the lease, and its metadata the tombstone longer.
         transport = transport_factory(running_ttl=0.1, tombstone=1.5)
         info = await transport.create("held", owner="gone", lease_ms=100)
-        token = ("token", {"text": "a", "message_id": None, "node": None})
-        await transport.append("held", "gone", Entry(info.epoch, 1, encode_entry([token])), 1)
+        await transport.append("held", "gone", _token_entry(info.epoch, 1, "a"), 1)
         await transport.renew("held", "gone", lease_ms=2000)  # as reserve() does
 
         async def data_gone() -> bool:
