@@ -860,6 +860,12 @@ class LangGraphRouter:
 
     # --- threads ------------------------------------------------------------------------
 
+    async def _require_thread(self, request: Request, thread_id: str) -> None:
+        """``404 thread_not_found`` for a thread the app has no record of (``thread_info``);
+        without ``thread_info`` every id is a thread."""
+        if self.thread_info is not None:
+            await self._info(request, thread_id)
+
     async def _info(self, request: Request, thread_id: str) -> ThreadInfo:
         """The app's record of the thread (``thread_info``), else what its checkpoints say."""
         if self.thread_info is not None:
@@ -1110,8 +1116,7 @@ class LangGraphRouter:
         if as_node is not None and not isinstance(as_node, str):
             raise _bad("'as_node' must be a node name")
         point = _state_point(body.get("checkpoint"), body.get("checkpoint_id"))
-        if self.thread_info is not None and await self.thread_info(request, thread_id) is None:
-            raise _Refused(HTTPError(404, "thread_not_found", f"no thread {thread_id!r}"))
+        await self._require_thread(request, thread_id)
         graph_id, graph = await self._thread_graph(thread_id)
         saver: Any = getattr(graph, "checkpointer", None)
         if not hasattr(saver, "aget_tuple"):
@@ -1158,8 +1163,7 @@ class LangGraphRouter:
         thread_id, stream_id = await self._thread(request, "delete")
         await self._check(request, "run", thread_id)
         await self._check(request, "cancel", thread_id)
-        if self.thread_info is not None and await self.thread_info(request, thread_id) is None:
-            raise _Refused(HTTPError(404, "thread_not_found", f"no thread {thread_id!r}"))
+        await self._require_thread(request, thread_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.interrupt_timeout
         # The queued runs first, so that none takes the thread once its run stopped.
@@ -1228,8 +1232,7 @@ class LangGraphRouter:
                 request, thread_id, {"graph_id": assistant_id, "assistant_id": assistant_id}
             )
         thread_id, stream_id = await self._thread(request, "run")
-        if self.thread_info is not None and await self.thread_info(request, thread_id) is None:
-            raise _Refused(HTTPError(404, "thread_not_found", f"no thread {thread_id!r}"))
+        await self._require_thread(request, thread_id)
         return thread_id, stream_id, body
 
     async def _plan(self, thread_id: str, body: dict[str, Any]) -> _Plan:

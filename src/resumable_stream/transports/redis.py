@@ -1272,15 +1272,14 @@ class RedisTransport(Transport):
             return
         feed.fetching = True
         feed.refetch = False
+        tag = feed.key.removesuffix(b"events")
         if feed.checking:
             # Sent once the feed follows the notices (or is fed here): on the same
             # connection as the fetch, one round trip for both.
             feed.checking = False
-            tag = feed.key.removesuffix(b"events")
             checked = node.pipe.send(pack("HGET", tag + b"meta", "epoch"))
             checked.add_done_callback(lambda done: self._checked(feed, done))
         if self.replicas:
-            tag = feed.key.removesuffix(b"events")
             packed = pack(
                 "EVALSHA", _READ.sha, 3, tag + b"meta", feed.key, tag + b"lease",
                 feed.epoch, feed.cursor, _FETCH_COUNT,
