@@ -881,3 +881,36 @@ async def test_the_newest_master_is_the_highest_config_epoch_and_the_sentinel_li
     manager.sentinels = list(listed)  # type: ignore[assignment]
     assert await _newest_master(manager, "mymaster") == ("10.0.0.1", 6380)
     assert manager.sentinels == listed
+
+
+async def test_a_sentinel_watch_stopped_as_it_asks_leaves_no_command_unawaited() -> None:
+    # Regression (seen in CI): the watch made each Sentinel's command up front for
+    # wait_for(); stopped (transport closed) before gather() started them, those commands
+    # were never awaited and Python warned as they were collected.
+    import inspect
+
+    from redis.asyncio.sentinel import Sentinel
+
+    from resumable_stream.transports.redis import _newest_master
+
+    made: list[Any] = []
+
+    async def answer(service: str) -> dict[str, Any]:
+        return {}
+
+    class Asked:
+        def sentinel_master(self, service: str) -> Any:  # as redis-py's: a coroutine made now
+            made.append(answer(service))
+            return made[-1]
+
+    manager = Sentinel([])
+    manager.sentinels = [Asked(), Asked()]  # type: ignore[list-item]
+    watch = asyncio.ensure_future(_newest_master(manager, "mymaster"))
+    await asyncio.sleep(0)  # the watch is in gather(); its children have not run yet
+    watch.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await watch
+    unawaited = [c for c in made if inspect.getcoroutinestate(c) == inspect.CORO_CREATED]
+    for coroutine in unawaited:
+        coroutine.close()  # (no warning from this test's own clean-up)
+    assert unawaited == []

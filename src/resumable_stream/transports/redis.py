@@ -95,13 +95,22 @@ _TRYAGAIN_DELAY_MAX = 0.5
 _META_FIELDS = ("epoch", "status", "created", "updated", "last", "count", "lease_ms")
 
 
+async def _master_of(sentinel: Any, service: str) -> Any:
+    """One Sentinel's state of ``service``'s master, within ``_SENTINEL_CHECK`` seconds.
+
+    Its command is made here, once this runs: made for ``wait_for`` up front, it was never
+    awaited when the watch was stopped before ``gather`` started it (a RuntimeWarning).
+    """
+    async with asyncio.timeout(_SENTINEL_CHECK):
+        return await sentinel.sentinel_master(service)
+
+
 async def _newest_master(manager: Any, service: str) -> tuple[str, int] | None:
     """The master of ``service`` in the Sentinels' newest configuration (the highest
     config-epoch): for a moment after a failover, some of them still name the old one."""
     sentinels = list(manager.sentinels)
     answers = await asyncio.gather(
-        *(asyncio.wait_for(s.sentinel_master(service), _SENTINEL_CHECK) for s in sentinels),
-        return_exceptions=True,
+        *(_master_of(s, service) for s in sentinels), return_exceptions=True
     )
     newest: tuple[int, dict[str, Any]] | None = None
     for state in answers:
