@@ -56,7 +56,21 @@ def test_offsets() -> None:
     assert parse_offset(format_offset(1732170000000, 12, 3)) == Position(1732170000000, 12, 3)
     assert format_offset(1732170000123456, 12, 3) == "1732170000123456-0000000012-00003"
     assert parse_offset("5-1-0") < parse_offset("5-1-1") < parse_offset("5-2-0")
-    for bad in ["", "1-2", "x-1-1", "1-0-1", "1-1-1-1", "1-1-", " 1-1-1", "1" * 21 + "-1-1"]:
+    big = 2**64  # past an unsigned 64-bit number, as Redis entry ids are
+    assert parse_offset(f"{big - 1}-{big - 1}-{big - 1}") == Position(big - 1, big - 1, big - 1)
+    for bad in [
+        "",
+        "1-2",
+        "x-1-1",
+        "1-0-1",
+        "1-1-1-1",
+        "1-1-",
+        " 1-1-1",
+        "1" * 21 + "-1-1",
+        f"1-{big}-0",
+        f"{big}-1-0",
+        f"1-1-{big}",
+    ]:
         with pytest.raises(InvalidOffset):
             parse_offset(bad)
 

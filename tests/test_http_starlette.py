@@ -493,6 +493,29 @@ async def test_offset_past_the_end_is_400(server: Server) -> None:
     assert_error(response, 400, "invalid_offset")
 
 
+@pytest.mark.redis
+async def test_an_entry_number_redis_cannot_hold_is_400_not_503(redis_url: str) -> None:
+    """Regression: past 2**64 - 1 (the largest number of a Redis entry id) an offset of a
+    running stream reached Redis as it was, which refused it: 503 "unavailable" with
+    Retry-After, a retry for ever of an offset no run can issue."""
+    with serve(from_url(redis_url, prefix=f"http{uuid.uuid4().hex[:8]}")) as server:
+        async with server.client() as client:
+            url = await start(client, tokens=1, hold=1)
+            epoch = (await read_sse(client, url, limit=1))[0].id.split("-")[0]
+            reads = [
+                asyncio.create_task(
+                    client.get(url, headers={**NDJSON_ACCEPT, "last-event-id": offset})
+                )
+                for offset in (f"{epoch}-{2**64}-0", f"{epoch}-{10**20 - 1}-0")
+            ]
+            # The run ends while they wait for it to reach their offset: they read storage.
+            await client.post(f"{url}/cancel")
+            responses = await asyncio.gather(*reads)
+
+    for response in responses:
+        assert_error(response, 400, "invalid_offset")
+
+
 async def test_offset_from_a_future_run_is_400_not_410(server: Server) -> None:
     """Regression (issue 9): an epoch newer than the stream's answered 410 "reload"."""
     async with server.client() as client:

@@ -41,6 +41,9 @@ _TOKEN_FRAME = len(b'["token",{"text":,]') - 1
 # (microsecond clocks until the year 2286), entries below 10**10 and events per entry below
 # 10**5 (MAX_ENTRY_EVENTS_LIMIT).
 _EPOCH_WIDTH, _SEQ_WIDTH, _INDEX_WIDTH = 16, 10, 5
+# The largest number of an offset's field: Redis entry ids are two unsigned 64-bit numbers,
+# and a larger entry number reached Redis as it was (which refused it: a 503, not a 400).
+_FIELD_MAX = 2**64 - 1
 _ENTRY_PREFIX = f"%0{_EPOCH_WIDTH}d-%0{_SEQ_WIDTH}d-"  # an offset but its index
 _INDEX = f"%0{_INDEX_WIDTH}d"
 _INDEX_TEXT = tuple(_INDEX % index for index in range(1024))  # an entry's usual indexes
@@ -75,6 +78,11 @@ def parse_offset(offset: str) -> Position:
             "event's offset (SSE id)"
         )
     epoch, seq, index = (int(p) for p in parts)
+    if max(epoch, seq, index) > _FIELD_MAX:
+        raise InvalidOffset(
+            f"malformed offset {offset!r}: its numbers are at most {_FIELD_MAX} (no run "
+            "issues larger ones)"
+        )
     if seq < 1:
         raise InvalidOffset(f"malformed offset {offset!r}: entry numbers start at 1")
     return Position(epoch, seq, index)
