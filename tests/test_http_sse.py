@@ -217,6 +217,7 @@ def test_error_for(exc: Exception, sse_status: int, other_status: int, code: str
         # ping_interval nan); send_timeout nan broke the clock of a response at its check.
         {"retry": math.nan},
         {"retry": math.inf},
+        {"retry": 1e306},  # finite, but its milliseconds overflowed: every response a 500
         {"ping_interval": math.nan},
         {"send_timeout": math.nan},
     ],

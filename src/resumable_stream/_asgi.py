@@ -66,14 +66,20 @@ class ConnectionLimit:
         self._count -= 1
 
 
+#: The longest ``retry`` accepted, in seconds: a client told to wait longer never comes back.
+MAX_RETRY = 86_400
+
+
 def check_options(
     retry: float | None, ping_interval: float | None, send_timeout: float | None
 ) -> None:
     # Written so that nan fails too (it compares false to anything): it passed these checks,
     # and then failed every response (retry is sent in milliseconds, and the clock's timer
-    # cannot be set to nan).
-    if retry is not None and not 0 <= retry < math.inf:
-        raise ConfigurationError("retry must be a finite number >= 0 seconds (or None)")
+    # cannot be set to nan); a retry past a day overflowed its milliseconds (1e306).
+    if retry is not None and not 0 <= retry <= MAX_RETRY:
+        raise ConfigurationError(
+            f"retry must be between 0 and {MAX_RETRY:,} seconds (a day), or None"
+        )
     if ping_interval is not None and not ping_interval > 0:
         raise ConfigurationError("ping_interval must be > 0 seconds (or None for no pings)")
     if send_timeout is not None and not send_timeout > 0:

@@ -199,7 +199,7 @@ def too_many_streams(limit: int) -> HTTPError:
     return HTTPError(
         503,
         "too_many_streams",
-        f"this server already serves {limit} streams; retry later",
+        f"this server is at its limit of {limit} open streams; retry later",
         retry_after=RETRY_AFTER,
     )
 
