@@ -2862,6 +2862,50 @@ async def test_a_run_queued_in_another_process_starts_after_the_delete() -> None
     await there.producer.aclose()
 
 
+async def test_the_delete_holds_the_thread_longer_than_a_lease() -> None:
+    # Regression: the delete held the thread with a placeholder whose lease was never
+    # renewed: a checkpoint delete longer than the lease (5 s by default) let a run start
+    # on the thread mid-delete, from checkpoints being deleted.
+    import time
+
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    deleting, gate = asyncio.Event(), asyncio.Event()
+
+    class SlowSaver(InMemorySaver):
+        async def adelete_thread(self, thread_id: str) -> None:
+            deleting.set()
+            await gate.wait()
+            await super().adelete_thread(thread_id)
+
+    transport = MemoryTransport()
+    released = asyncio.Event()
+    released.set()
+    producer = StreamProducer(transport, lease=0.3)
+    api = LangGraphRouter(
+        transport,
+        {"agent": build_graph({"d": released}, SlowSaver())},
+        producer=producer,
+        authorize=allow_all,
+    )
+    body = {"assistant_id": "agent", "input": {"messages": [{"role": "user", "content": "a"}]}}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        await http.post("/threads/d/runs/wait", json=body)
+        deleted = asyncio.ensure_future(http.delete("/threads/d"))
+        await deleting.wait()
+        lapsed_at = time.monotonic() + producer.lease
+        await eventually(holds(lambda: time.monotonic() > lapsed_at))  # the lease is a clock
+        refused = await http.post("/threads/d/runs", json={**body, "multitask_strategy": "reject"})
+        assert (refused.status_code, refused.json()["code"]) == (409, "thread_busy")
+        gate.set()
+        assert (await deleted).status_code == 204
+        assert (await http.get("/threads/d/state")).json()["values"] == {}
+    await producer.aclose()
+
+
 async def _has_messages(http: Any, thread_id: str) -> bool:
     state = (await http.get(f"/threads/{thread_id}/state")).json()
     return bool(state["values"].get("messages"))

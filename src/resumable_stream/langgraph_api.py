@@ -29,7 +29,15 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from datetime import UTC, date, datetime
 from datetime import time as time_of_day
 from enum import Enum
@@ -1150,6 +1158,27 @@ class LangGraphRouter:
             raise _bad(str(exc).split("\n")[0]) from None
         return _json(200, {"checkpoint": _checkpoint(written, thread_id)})
 
+    @contextlib.asynccontextmanager
+    async def _renewed(self, stream_id: str, owner: str) -> AsyncIterator[None]:
+        """Renew the lease of ``owner``'s hold on the thread's stream (every third of it,
+        as a run's heartbeat does) while the block runs: a hold whose lease lapsed lets a
+        run take the thread, however long the block has still to go."""
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self.producer.lease / 3)
+                try:
+                    await self.transport.renew(stream_id, owner, self.producer.lease_ms)
+                except ResumableStreamError:  # a fault a later renewal may get past
+                    logger.warning("stream %s: renewing a hold failed", stream_id, exc_info=True)
+
+        renewing = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            renewing.cancel()
+            await asyncio.gather(renewing, return_exceptions=True)
+
     def _queued_here(self, stream_id: str) -> list[str]:
         """The waiters of the runs queued on ``stream_id`` in this process."""
         queued = f"{stream_id}~queued~"
@@ -1177,24 +1206,24 @@ class LangGraphRouter:
         # The thread is held (a run of no producer on its stream) while its checkpoints go:
         # a run queued in another process would start from them, and be cut by the delete
         # of the stream. It starts once the thread is deleted.
+        owner = f"delete-{secrets.token_hex(8)}"
         while True:
             if await self._stop_current_run(stream_id, deadline) is None:
                 raise self._busy(thread_id, "interrupt")
             try:
-                await self.transport.create(
-                    stream_id, f"delete-{secrets.token_hex(8)}", self.producer.lease_ms
-                )
+                await self.transport.create(stream_id, owner, self.producer.lease_ms)
                 break
             except StreamAlreadyRunning:  # another run took the thread once that one ended
                 if loop.time() >= deadline:
                     raise self._busy(thread_id, "interrupt") from None
         try:
-            # Graphs may share a checkpointer: each one once.
-            graphs = self.graphs.values()
-            savers: list[Any] = [getattr(graph, "checkpointer", None) for graph in graphs]
-            for saver in {id(saver): saver for saver in savers}.values():
-                if hasattr(saver, "adelete_thread"):
-                    await saver.adelete_thread(thread_id)
+            async with self._renewed(stream_id, owner):
+                # Graphs may share a checkpointer: each one once.
+                graphs = self.graphs.values()
+                savers: list[Any] = [getattr(graph, "checkpointer", None) for graph in graphs]
+                for saver in {id(saver): saver for saver in savers}.values():
+                    if hasattr(saver, "adelete_thread"):
+                        await saver.adelete_thread(thread_id)
         finally:
             await self.transport.delete(stream_id)  # the hold, and the thread's runs with it
         for deleted in waiters:
