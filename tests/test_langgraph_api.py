@@ -2644,6 +2644,10 @@ async def test_update_state_writes_a_checkpoint_with_the_threads_graph() -> None
         {"values": {}, "checkpoint_id": 5},
         {"values": {}, "checkpoint": "c1"},
         [],
+        # Values the messages channel's reducer refuses (they were 500s).
+        {"values": {"messages": [1]}},
+        {"values": {"messages": [{"type": "human"}]}},
+        {"values": {"messages": {"content": "x"}}},
     ],
 )
 async def test_update_state_refuses_a_body_langgraph_cannot_take(body: Any) -> None:
@@ -2653,6 +2657,24 @@ async def test_update_state_refuses_a_body_langgraph_cannot_take(body: Any) -> N
         response = await http.post("/threads/u/state", json=body)
         assert (response.status_code, response.json()["code"]) == (422, "invalid_request")
         assert (await http.get("/threads/u/state")).json()["checkpoint"] == head
+
+
+async def test_update_state_refuses_values_a_reducer_refuses() -> None:
+    # Regression: a value the channel's reducer raised on (operator.add of a list and a
+    # number: TypeError) was a 500; it is the client's bad input, and writes nothing.
+    import httpx
+
+    api = subgraph_api()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        await http.post("/threads/t/runs/wait", json={"assistant_id": "agent", "input": {}})
+        before = (await http.get("/threads/t/state")).json()
+        for values in ({"log": 5}, {"log": {"a": 1}}):
+            response = await http.post("/threads/t/state", json={"values": values})
+            assert (response.status_code, response.json()["code"]) == (422, "invalid_request")
+            assert "log" in response.json()["message"]
+        after = (await http.get("/threads/t/state")).json()
+        assert (after["checkpoint"], after["values"]) == (before["checkpoint"], before["values"])
+    await api.producer.aclose()
 
 
 async def test_update_state_is_refused_while_a_run_is_in_progress_or_queued() -> None:

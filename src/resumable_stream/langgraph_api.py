@@ -1156,6 +1156,16 @@ class LangGraphRouter:
             written = await graph.aupdate_state(config, values, as_node=as_node)
         except InvalidUpdateError as exc:  # no such node, an ambiguous update...
             raise _bad(str(exc).split("\n")[0]) from None
+        except Exception as exc:
+            # A channel's reducer that raised on the value given (add_messages on what is
+            # no message, operator.add of a list and a number): nothing was written.
+            channel = _refusing_channel(exc)
+            if channel is None:
+                raise
+            first_line = str(exc).split("\n")[0]
+            raise _bad(
+                f"'values.{channel}' refused by the graph: {type(exc).__name__}: {first_line}"
+            ) from None
         return _json(200, {"checkpoint": _checkpoint(written, thread_id)})
 
     @contextlib.asynccontextmanager
@@ -2215,6 +2225,18 @@ def _tool_events() -> Any:
             del self.tools[run_id]
 
     return ToolEvents()
+
+
+def _refusing_channel(error: BaseException) -> str | None:
+    """The key of the LangGraph channel whose update (its reducer) raised ``error``; None
+    if it came from elsewhere (a checkpointer's fault is the server's, not the client's)."""
+    trace = error.__traceback__
+    while trace is not None:
+        frame = trace.tb_frame
+        if str(frame.f_globals.get("__name__", "")).startswith("langgraph.channels."):
+            return str(getattr(frame.f_locals.get("self"), "key", "") or "?")
+        trace = trace.tb_next
+    return None
 
 
 def _checkpoint(config: Any, thread_id: str) -> dict[str, Any] | None:
