@@ -2696,6 +2696,59 @@ async def test_update_state_is_refused_while_a_run_is_in_progress_or_queued() ->
         assert [m["content"] for m in messages][-1] == "edited"
 
 
+async def test_a_run_asked_for_during_a_state_update_comes_after_it() -> None:
+    # Regression: update_state checked that the thread was idle, then wrote; a run started
+    # meanwhile (here, or in another process) ran alongside the write, from the state
+    # before it, and its checkpoints went over the update.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    writing, gate = asyncio.Event(), asyncio.Event()
+
+    class SlowSaver(InMemorySaver):
+        async def aput(self, config: Any, *args: Any, **kwargs: Any) -> Any:
+            if not gate.is_set():
+                writing.set()
+                await gate.wait()  # the update's write, in a database's time
+            return await super().aput(config, *args, **kwargs)
+
+    released = asyncio.Event()
+    released.set()
+    gate.set()
+    api = LangGraphRouter(
+        MemoryTransport(), {"agent": build_graph({"u": released}, SlowSaver())}, authorize=allow_all
+    )
+    body = {"assistant_id": "agent", "input": {"messages": [{"role": "user", "content": "b"}]}}
+    edit = {"values": {"messages": [{"type": "human", "content": "edited"}]}}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        await http.post("/threads/u/runs/wait", json={**body, "input": {"messages": "a"}})
+        gate.clear()
+        updated = asyncio.ensure_future(http.post("/threads/u/state", json=edit))
+        await writing.wait()
+        refused = await http.post("/threads/u/runs", json={**body, "multitask_strategy": "reject"})
+        assert (refused.status_code, refused.json()["code"]) == (409, "thread_busy")
+        assert (await http.get("/threads/u")).json()["status"] == "busy"
+        queued = (await http.post("/threads/u/runs", json=body)).json()
+        assert queued["status"] == "pending"
+        gate.set()
+        assert (await updated).status_code == 200
+        await http.get(f"/threads/u/runs/{queued['run_id']}/join")
+        messages = (await http.get("/threads/u/state")).json()["values"]["messages"]
+        assert [m["content"] for m in messages] == [
+            "a",
+            answer_text("a"),
+            "edited",
+            "b",
+            answer_text("b"),
+        ]
+        # The update is no run: the thread lists its two runs only.
+        runs = (await http.get("/threads/u/runs")).json()
+        assert len(runs) == 2 and runs[0]["run_id"] == queued["run_id"]
+    await api.producer.aclose()
+
+
 async def test_update_state_is_a_write_authorized_as_run_and_needs_the_apps_thread() -> None:
     from langgraph.checkpoint.memory import InMemorySaver
 

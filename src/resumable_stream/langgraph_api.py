@@ -50,7 +50,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from ._codec import decode_entry
+from ._codec import decode_entry, encode_entry
 from ._constants import DEFAULT_MAX_BODY_BYTES, DEFAULT_PING_INTERVAL, DEFAULT_SEND_TIMEOUT
 from ._consumer import StreamConsumer, settled_info
 from ._events import CANCELLED, END, ERROR, Event, Item
@@ -73,7 +73,7 @@ from ._ids import check_stream_id
 from ._producer import StreamProducer
 from ._sse import PING
 from .starlette import StreamResponse, _check_body_limit, _JsonRouting, _read_body
-from .transports import StreamInfo, Transport
+from .transports import Entry, StreamInfo, Transport
 
 __all__ = [
     "LangGraphAction",
@@ -372,6 +372,8 @@ _RUN_STARTED = "resumable_stream.run_started"
 #: The part a queued run's waiter writes first: ``{"run": <the run's fields>}`` (see
 #: ``_Plan.fields``), so that any process answers ``runs.get`` of the queued run.
 _RUN_QUEUED = "resumable_stream.run_queued"
+#: The first part of a state update's hold on its thread's stream: no run.
+_STATE_UPDATE = "resumable_stream.state_update"
 #: A queued run's status while it has not started, by its waiter's status.
 _QUEUED_STATUS = {
     "running": "pending",
@@ -1115,7 +1117,8 @@ class LangGraphRouter:
         thread's own graph), on the latest checkpoint or the one ``checkpoint`` /
         ``checkpoint_id`` names (a fork there); answers the new ``{"checkpoint"}``. A
         write, as a run's: ``authorize`` is asked for ``"run"``, and a thread with a run in
-        progress (or queued here) is ``409 thread_busy``, as in the API."""
+        progress (or queued here) is ``409 thread_busy``, as in the API. The thread is held
+        while the update writes: a run asked for meanwhile comes after it, or is refused."""
         thread_id, stream_id = await self._thread(request, "run")
         body = await self._body(request)
         values, as_node = body.get("values"), body.get("as_node")
@@ -1135,25 +1138,32 @@ class LangGraphRouter:
         config = self._config(thread_id, {"configurable": {"checkpoint_ns": "", **point}})
         if point:
             await _require_checkpoint(graph, config, thread_id)
-        info = await settled_info(self.transport, stream_id)
-        if (info is not None and info.status == "running") or self._queued_here(stream_id):
-            # langgraph-api (ops Threads.State.post) refuses while a run is pending or
-            # running: the run would write over the update, or start from it unawares.
-            raise _Refused(
-                HTTPError(
-                    409,
-                    "thread_busy",
-                    f"thread {thread_id!r} has a run in progress or queued; update its state "
-                    "once it ended, or cancel it first",
-                )
+        busy = _Refused(
+            HTTPError(
+                409,
+                "thread_busy",
+                f"thread {thread_id!r} has a run in progress or queued; update its state "
+                "once it ended, or cancel it first",
             )
+        )
+        # langgraph-api (ops Threads.State.post) refuses while a run is pending or running:
+        # the run would write over the update, or start from it unawares. The thread is
+        # held meanwhile (see _held_for_update): a run asked for then comes after.
+        if self._queued_here(stream_id):
+            raise busy
+        owner = f"update-{secrets.token_hex(8)}"
+        try:
+            hold = await self.transport.create(stream_id, owner, self.producer.lease_ms)
+        except StreamAlreadyRunning:
+            raise busy from None
         from langgraph.errors import InvalidUpdateError
 
         # The graph's id in the update's checkpoint, as in a run's: the thread is read
         # with its own graph after (see _thread_graph).
         config["metadata"] = {"graph_id": graph_id, "assistant_id": graph_id}
         try:
-            written = await graph.aupdate_state(config, values, as_node=as_node)
+            async with self._held_for_update(stream_id, owner, hold.epoch):
+                written = await graph.aupdate_state(config, values, as_node=as_node)
         except InvalidUpdateError as exc:  # no such node, an ambiguous update...
             raise _bad(str(exc).split("\n")[0]) from None
         except Exception as exc:
@@ -1167,6 +1177,21 @@ class LangGraphRouter:
                 f"'values.{channel}' refused by the graph: {type(exc).__name__}: {first_line}"
             ) from None
         return _json(200, {"checkpoint": _checkpoint(written, thread_id)})
+
+    @contextlib.asynccontextmanager
+    async def _held_for_update(self, stream_id: str, owner: str, epoch: int) -> AsyncIterator[None]:
+        """Hold the thread for a state update (``owner``'s run ``epoch`` of its stream,
+        created by the caller) while the block writes: its first entry says it is no run
+        (``runs.list`` leaves it out); it ends ``completed`` after the block, whatever the
+        block did."""
+        try:
+            marker = encode_entry([(_STATE_UPDATE, {})])
+            await self.transport.append(stream_id, owner, Entry(epoch, 1, marker), 1)
+            async with self._renewed(stream_id, owner):
+                yield
+        finally:
+            end = encode_entry([(END, {})])
+            await self.transport.append(stream_id, owner, Entry(epoch, 2, end), 1, "completed")
 
     @contextlib.asynccontextmanager
     async def _renewed(self, stream_id: str, owner: str) -> AsyncIterator[None]:
@@ -1693,7 +1718,7 @@ class LangGraphRouter:
             return None
         if last is None or last.type != CANCELLED:
             return ""  # it ended otherwise, or a later run replaced it
-        return await self._run_id_of(stream_id, info.epoch)
+        return await self._run_id_of(stream_id, info.epoch) or ""
 
     async def _rollback_point(self, graph: Any, thread_id: str, run_id: str) -> dict[str, str]:
         """Where a run replacing the cancelled run ``run_id`` starts: the checkpoint that
@@ -1743,10 +1768,13 @@ class LangGraphRouter:
                 return int(event.data["epoch"])
         return None
 
-    async def _run_id_of(self, stream_id: str, epoch: int) -> str:
+    async def _run_id_of(self, stream_id: str, epoch: int) -> str | None:
         """The run id run ``epoch`` of the thread was given: its ``metadata`` part's (a run
-        started from the queue keeps the id it was queued with)."""
+        started from the queue keeps the id it was queued with); None if it is a state
+        update's hold, no run."""
         for event in await self._stored(stream_id, epoch, 0):
+            if event.type == _STATE_UPDATE:
+                return None
             data = event.data.get("data")
             if event.type == "metadata" and isinstance(data, dict):
                 return str(data.get("run_id"))
@@ -1842,7 +1870,7 @@ class LangGraphRouter:
     async def get_run(self, request: Request) -> Response:
         """``GET .../runs/{run_id}``: ``pending``, ``running``, ``success``, ``error`` or
         ``interrupted``. Only the thread's latest run has its outcome kept: an earlier one,
-        replaced by a later run, reads as ``success``."""
+        replaced by a later run (or a state update's hold), reads as ``success``."""
         run = await self._run_info(request, "read")
         return _json(200, await self._run_record(run))
 
@@ -1949,8 +1977,8 @@ class LangGraphRouter:
                 if run.epoch is None:  # one that started is the latest run, or earlier
                     refs[run_id] = run
         info = await settled_info(self.transport, stream_id)
-        if info is not None:
-            latest = await self._run_id_of(stream_id, info.epoch)
+        latest = None if info is None else await self._run_id_of(stream_id, info.epoch)
+        if info is not None and latest is not None:
             refs[latest] = _RunRef(thread_id, stream_id, latest, info.epoch, info, None)
         for run_id in checkpointed:
             if run_id in refs:
