@@ -2480,6 +2480,43 @@ async def test_if_not_exists_creates_the_thread_in_the_app_or_refuses_a_run(endp
     await api.producer.aclose()
 
 
+async def test_a_thread_id_no_url_can_serve_is_refused_before_the_app_records_it() -> None:
+    # Regression: POST /threads with such a thread_id, and a run with if_not_exists
+    # "create" on one, called create_thread (the app recorded the thread), then answered
+    # 400 invalid_stream_id: the app kept a thread the router can never serve.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from resumable_stream.langgraph_api import LangGraphRouter, ThreadInfo
+
+    made: list[str | None] = []
+
+    async def create_thread(request: Any, thread_id: str | None, metadata: Any) -> str:
+        made.append(thread_id)
+        return thread_id or "new"
+
+    async def thread_info(request: Any, thread_id: str) -> ThreadInfo | None:
+        stamp = datetime.now(UTC)
+        return ThreadInfo(stamp, stamp) if thread_id in made else None
+
+    api = LangGraphRouter(
+        MemoryTransport(),
+        {"agent": build_graph({}, InMemorySaver())},
+        authorize=allow_all,
+        create_thread=create_thread,
+        thread_info=thread_info,
+    )
+    run = {"assistant_id": "agent", "if_not_exists": "create", "input": {}}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        for bad in ("a b", "x" * 500):
+            response = await http.post("/threads", json={"thread_id": bad})
+            assert (response.status_code, response.json()["code"]) == (400, "invalid_stream_id")
+        response = await http.post("/threads/a%20b/runs", json=run)
+        assert (response.status_code, response.json()["code"]) == (400, "invalid_stream_id")
+        assert made == []
+    await api.producer.aclose()
+
+
 async def test_if_not_exists_create_on_a_thread_the_app_has_needs_no_create_right() -> None:
     # A caller who may run a thread but not create threads (authorize refuses "create")
     # runs an existing thread with if_not_exists "create": nothing is created, so nothing

@@ -941,6 +941,8 @@ class LangGraphRouter:
             # (An empty id makes a thread no /threads/{thread_id} URL can name.)
             raise _bad("'thread_id' must be a non-empty string")
         named = thread_id is not None
+        if isinstance(thread_id, str):  # refused before the app records a thread no URL serves
+            check_stream_id(self.stream_id(thread_id))
         if self.create_thread is not None:
             thread_id = await self.create_thread(request, thread_id, metadata)
         elif thread_id is None:
@@ -1276,6 +1278,7 @@ class LangGraphRouter:
         with ``create_thread`` first (``"create"``), as the API creates it; without
         ``thread_info`` every thread exists."""
         thread_id = request.path_params["thread_id"]
+        check_stream_id(self.stream_id(thread_id))  # (before create_thread records it)
         body = await self._body(request)
         if_not_exists = body.get("if_not_exists")
         if if_not_exists not in (None, "reject", "create"):
