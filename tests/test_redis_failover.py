@@ -20,6 +20,7 @@ from redis.asyncio.cluster import ClusterNode
 from resumable_stream import (
     BackendRefused,
     Event,
+    LeaseLost,
     OffsetExpired,
     StreamConsumer,
     StreamProducer,
@@ -238,6 +239,41 @@ async def test_a_cancel_written_through_ask_reaches_the_producer_live(
         assert await StreamProducer(elsewhere).cancel(run.stream_id)
     assert await asyncio.wait_for(run.wait(), timeout=5) == "cancelled"
     await asyncio.to_thread(migration.finish)
+
+
+async def test_a_delete_written_through_ask_reaches_readers_and_producer_live(
+    redis_cluster: RedisClusterService, cluster_transport: Transport, prefix: str
+) -> None:
+    # As for entries and cancels: the delete script's notices (the stream gone, to its
+    # readers; stop, to its producer) went out on the importing node only. Readers elsewhere
+    # found the stream gone at their check of a quiet stream, the producer at its heartbeat.
+    closed = asyncio.Event()
+
+    async def source() -> AsyncIterator[str]:
+        try:
+            yield "t0 "
+            await asyncio.Event().wait()  # an upstream call that takes its time
+        finally:
+            closed.set()
+
+    run = await StreamProducer(cluster_transport, lease=30).start(source())
+    async with from_url(redis_cluster.url, prefix=prefix) as elsewhere:
+        reader = Reader(elsewhere, run.stream_id)
+        await reader.reached(1)
+        slot = redis_cluster.slot_of("{" + run.stream_id + "}")
+        source_port = redis_cluster.owner(slot)
+        target = next(port for port in redis_cluster.master_ports() if port != source_port)
+        migration = redis_cluster.migrating_slot(slot, target)
+        await asyncio.to_thread(migration.move_keys)  # the slot stays MIGRATING: ASK
+        try:
+            assert await cluster_transport.delete(run.stream_id)
+            await asyncio.wait_for(reader.result(), timeout=5)
+            assert isinstance(reader.error, OffsetExpired)
+            await asyncio.wait_for(closed.wait(), timeout=5)  # (its heartbeat: 10 s)
+        finally:
+            await asyncio.to_thread(migration.finish)
+    with pytest.raises(LeaseLost):
+        await asyncio.wait_for(run.wait(), timeout=10)
 
 
 async def test_a_stream_started_in_a_slot_being_migrated_starts_once_the_slot_moved(

@@ -92,17 +92,19 @@ redis.call('SPUBLISH', CANCELS, m[2])
 return m[2]
 """
 
-# No ARGV.
+# Returns {keys deleted, epoch of the run asked to stop or ''}. No ARGV.
 DELETE = """
 local denied = refused(NOTICES) or refused(CANCELS)
 if denied then return denied end
 local m = redis.call('HMGET', KEYS[1], 'status', 'epoch')
+local stopped = ''
 if m[1] == 'running' then
-  redis.call('SPUBLISH', CANCELS, m[2])
+  stopped = m[2]
+  redis.call('SPUBLISH', CANCELS, stopped)
 end
 local deleted = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 redis.call('SPUBLISH', NOTICES, '')
-return deleted
+return {deleted, stopped}
 """
 
 # ARGV: epoch, payload, now_ms, max_entries, retention_ms, metadata_ttl_ms

@@ -93,6 +93,8 @@ _MAX_REDIRECTS = 5
 _TRYAGAIN_DELAY = 0.02
 _TRYAGAIN_DELAY_MAX = 0.5
 _META_FIELDS = ("epoch", "status", "created", "updated", "last", "count", "lease_ms")
+#: What a script published, (channel, message) pairs, for :meth:`RedisTransport._relay`.
+_Published = tuple[tuple[bytes, bytes], ...]
 
 
 async def _master_of(sentinel: Any, service: str) -> Any:
@@ -513,15 +515,15 @@ class RedisTransport(Transport):
         script: _Script | None = None,
         *,
         then: tuple[bytes, ...] = (),
-        notice: Callable[[Any], tuple[bytes, bytes] | None] | None = None,
+        notice: Callable[[Any], _Published] | None = None,
     ) -> Any:
         """Send a command for ``slot``; follow MOVED / ASK / NOSCRIPT; map errors.
 
         ``then``: commands sent right after it on the same connection, each time it is
         sent (``WAIT`` counts that connection's writes); the result is then the list of
         the command's reply and theirs.
-        ``notice(reply)``: the (channel, message) a script answering ``reply`` published,
-        or None; published again where the readers listen when the script ran on the
+        ``notice(reply)``: the (channel, message) pairs a script answering ``reply``
+        published; published again where the readers listen when the script ran on the
         node importing the slot (see :meth:`_relay`).
         """
         if self._closed:
@@ -609,14 +611,14 @@ class RedisTransport(Transport):
         script: _Script,
         stream_id: str,
         *args: Any,
-        notice: Callable[[Any], tuple[bytes, bytes] | None] | None = None,
+        notice: Callable[[Any], _Published] | None = None,
     ) -> Coroutine[Any, Any, Any]:
         """Run ``script`` on the stream's three keys (``_execute``'s coroutine, returned
         rather than awaited: one coroutine less in flight)."""
         packed = self._evalsha(script, stream_id, args)
         return self._execute(self._slot(stream_id), packed, script, notice=notice)
 
-    async def _relay(self, slot: int, published: tuple[bytes, bytes] | None) -> None:
+    async def _relay(self, slot: int, published: _Published) -> None:
         """A script that publishes ran on the node a slot is migrating to (after ASK), and
         so did its ``SPUBLISH``: readers of other processes are subscribed on the node the
         slot map names until the slot has moved (Redis serves a shard channel there during
@@ -624,28 +626,27 @@ class RedisTransport(Transport):
         too. Awaited, so that a process that exits next has sent it; a failure is not the
         command's (a duplicate notice is harmless, a lost one is what those checks are for).
         """
-        if published is None or self._closed:
+        if not published or self._closed:
             return
         with contextlib.suppress(TransportError):
-            await self._node_for_slot(slot).pipe.send(pack("SPUBLISH", *published))
+            pipe = self._node_for_slot(slot).pipe
+            await asyncio.gather(*pipe.submit(*(pack("SPUBLISH", *pair) for pair in published)))
 
-    def _notice_of(
-        self, stream_id: str, entry: Entry
-    ) -> Callable[[Any], tuple[bytes, bytes] | None] | None:
+    def _notice_of(self, stream_id: str, entry: Entry) -> Callable[[Any], _Published] | None:
         """For ``_execute(notice=...)`` of an append (or a release) of ``entry``: None on
         one server (no ASK there, no object per append)."""
         if self._cluster is None:
             return None
         return functools.partial(self._entry_notice, stream_id, entry)
 
-    def _entry_notice(self, stream_id: str, entry: Entry, reply: Any) -> tuple[bytes, bytes] | None:
+    def _entry_notice(self, stream_id: str, entry: Entry, reply: Any) -> _Published:
         """The notice of ``entry`` if the append (or release) answering ``reply`` stored it
         now (not a retry: 0; nor a refusal)."""
         if reply != 1:
-            return None
+            return ()
         payload = entry.payload
         carried = b" " + payload if len(payload) <= scripts.NOTICE_PAYLOAD_MAX else b""
-        return self._stream(stream_id)[2], b"%d-%d%b" % (entry.epoch, entry.seq, carried)
+        return ((self._stream(stream_id)[2], b"%d-%d%b" % (entry.epoch, entry.seq, carried)),)
 
     def _evalsha(self, script: _Script, stream_id: str, args: tuple[Any, ...]) -> bytes:
         return pack("EVALSHA", script.sha, 3, *self._stream(stream_id)[1], *args)
@@ -843,8 +844,8 @@ class RedisTransport(Transport):
     async def request_cancel(self, stream_id: str) -> bool:
         channel = self._key(stream_id, "c").encode()
 
-        def notice(reply: Any) -> tuple[bytes, bytes] | None:
-            return (channel, reply) if isinstance(reply, bytes) else None  # the run's epoch
+        def notice(reply: Any) -> _Published:
+            return ((channel, reply),) if isinstance(reply, bytes) else ()  # the run's epoch
 
         return bool(await self._eval(_CANCEL, stream_id, notice=notice))
 
@@ -1025,9 +1026,17 @@ class RedisTransport(Transport):
         # Deleting the metadata fences the producer: its owner token is gone. The script
         # notifies the stream's readers and its producer, in every process (but readers fed
         # by a run written here are not subscribed: they are woken here).
-        deleted = bool(await self._eval(_DELETE, stream_id))
-        self._wake_local(self._stream(stream_id)[2], gone=True)
-        return deleted
+        notices = self._stream(stream_id)[2]
+        cancels = self._key(stream_id, "c").encode()
+
+        def notice(reply: Any) -> _Published:
+            # (the run's epoch, if it was running: its producer is asked to stop)
+            stop = ((cancels, reply[1]),) if reply[1] else ()
+            return (*stop, (notices, b""))
+
+        deleted, _ = await self._eval(_DELETE, stream_id, notice=notice)
+        self._wake_local(notices, gone=True)
+        return bool(deleted)
 
     async def reap(self, stream_id: str, epoch: int, payload: bytes) -> bool:
         result = await self._eval(
