@@ -4,15 +4,17 @@ stream events to the chat API's names, session signing, and CORS."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 from chat_service.__main__ import main
 from chat_service.app import create_app
 from chat_service.auth import session_value, user_from_session, user_from_token
-from chat_service.cache import MemoryCache, cache_key
+from chat_service.cache import MemoryCache, RedisCache, cache_key
 from chat_service.events import RUN_STARTED, to_ndjson, to_sse
 from chat_service.settings import Settings, SettingsError
 
@@ -111,6 +113,18 @@ async def test_memory_cache_expires_and_stays_bounded() -> None:
     expired = MemoryCache(ttl=-1)
     await expired.put("a", {"value": "a"})
     assert await expired.get("a") is None
+
+
+async def test_redis_cache_keeps_a_ttl_under_a_millisecond(redis_url: str) -> None:
+    # CACHE_TTL=0.0005 passes the settings' check (> 0: a cache), and was sent as px=0,
+    # which Redis refuses ("invalid expire time"): every answer's caching failed.
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        cache = RedisCache(client, f"t{uuid.uuid4().hex[:12]}", ttl=0.0005)
+        await cache.put("a", {"value": "a"})
+        assert await client.pttl(f"{cache.prefix}:cache:a") in (1, -2)  # 1 ms, or gone
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ into the new thread's checkpoint).
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import time
 from abc import ABC, abstractmethod
@@ -75,6 +76,6 @@ class RedisCache(AnswerCache):
         return None if value is None else dict(orjson.loads(value))
 
     async def put(self, key: str, value: dict[str, Any]) -> None:
-        await self.client.set(
-            f"{self.prefix}:cache:{key}", orjson.dumps(value), px=int(self.ttl * 1000)
-        )
+        # Rounded up: a TTL under 1 ms made px=0, which Redis refuses.
+        px = max(1, math.ceil(self.ttl * 1000))
+        await self.client.set(f"{self.prefix}:cache:{key}", orjson.dumps(value), px=px)
