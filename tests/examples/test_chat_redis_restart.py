@@ -140,3 +140,38 @@ def test_an_answer_waiting_for_a_worker_when_redis_lost_its_task_fails_and_frees
     assert status == 200
     assert error is not None and (error["type"], error["code"]) == ("error", "queue_unavailable")
     assert failed["last_error"] == {"run": queued["run"], "code": "queue_unavailable"}
+
+
+@pytest.mark.postgres
+def test_a_queued_answer_whose_task_redis_lost_reads_as_lost_after_the_next_is_answered(
+    chat_servers: Callable[..., ChatServer],
+    redis_server_factory: Callable[..., RedisServer],
+    postgres_dsn: str,
+) -> None:
+    # Regression (BUSY_POLICY=queue): the worker answering the next message of the thread
+    # recorded the lost answer as not_started ("are workers running?"), while a reader that
+    # came first was told queue_unavailable. Both now say queue_unavailable.
+    redis = redis_server_factory()
+    env = {
+        "REDIS_URL": redis.url,
+        "DATABASE_URL": postgres_dsn,
+        "REDIS_PREFIX": f"chat{uuid.uuid4().hex[:8]}",
+        "WORKER_MODE": "1",
+        "BUSY_POLICY": "queue",
+        "STREAM_LEASE": "1",
+        "WORKER_START_TIMEOUT": "600",
+    }
+    api = chat_servers(**env)
+    with api.client() as client:
+        lost = post_message(client, "what is 12*7")  # no worker runs yet
+        thread_id = lost["thread_id"]
+        redis.restart()
+        following = post_message(client, "what is 6*7", thread_id=thread_id)
+        chat_servers("worker", **env)
+        _, answer = read_sse(client, following["stream_url"])
+        status, events = read_sse(client, lost["stream_url"])
+
+    assert terminal(answer) == {"type": "end"}
+    assert status == 200
+    error = terminal(events)
+    assert error is not None and (error["type"], error["code"]) == ("error", "queue_unavailable")

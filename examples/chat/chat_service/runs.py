@@ -438,6 +438,8 @@ class RunService:
                 if not older:
                     return held
                 await held.release()
+                if await self.reservation_lost(older[0]):
+                    continue  # Redis lost its task: no worker answers it (as readers are told)
                 # Wait for the oldest to be answered: its reserved stream ends.
                 last: Event | None = None
                 with contextlib.suppress(ResumableStreamError):
