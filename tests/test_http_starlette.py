@@ -1313,6 +1313,69 @@ def two_instances(redis_url: str) -> Iterator[tuple[Server, Server]]:
         yield first, second
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.mark.redis
+async def test_a_graceful_shutdown_ends_open_streams_without_an_error_and_readers_resume(
+    redis_url: str,
+) -> None:
+    # Regression: at the end of uvicorn's --timeout-graceful-shutdown the cancellation of
+    # an open stream response escaped to uvicorn, which logged "Exception in ASGI
+    # application" with a CancelledError traceback on every deploy, and cut the response
+    # mid-body. It now ends the response, and the reader resumes on another instance.
+    prefix = f"http{uuid.uuid4().hex[:8]}"
+    logged = _Records()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(logged)
+    try:
+        async with from_url(redis_url, prefix=prefix) as worker_side:
+            # The run's writer is a worker of its own, which goes on as the server stops.
+            producer = StreamProducer(worker_side)
+            run = await producer.start(paced_tokens(40, 0.1))
+            url = f"/streams/{run.stream_id}"
+            leaving = contextlib.ExitStack()
+            first = leaving.enter_context(serve(from_url(redis_url, prefix=prefix)))
+            with serve(from_url(redis_url, prefix=prefix)) as second:
+                head: list[ServerSentEvent] = []
+                stopping: asyncio.Task[None] | None = None
+                async with first.client() as client, aconnect_sse(client, "GET", url) as source:
+                    async for sse in source.aiter_sse():
+                        head.append(sse)
+                        if len(head) == 3:
+                            stopping = asyncio.create_task(asyncio.to_thread(leaving.close))
+                assert stopping is not None
+                await stopping
+                async with second.client() as client:
+                    tail = await read_sse(client, url, headers={"last-event-id": head[-1].id})
+            await producer.aclose()
+    finally:
+        uvicorn_log.removeHandler(logged)
+
+    errors = [
+        r.getMessage()
+        for r in logged.records
+        if r.levelno >= logging.ERROR
+        # uvicorn's own notice that it cancels what is still open: not the app's error.
+        and "timeout graceful shutdown exceeded" not in r.getMessage()
+    ]
+    assert errors == []
+    assert head[-1].event == "token"  # cut mid-run, not at its end
+    events = head + tail
+    assert [e.event for e in events].count("end") == 1 and events[-1].event == "end"
+    ids = [e.id for e in events]
+    assert len(ids) == len(set(ids))
+    assert [orjson.loads(e.data)["text"] for e in events if e.event == "token"] == [
+        word(i) for i in range(40)
+    ]
+
+
 @pytest.mark.redis
 async def test_cancel_from_a_second_app_instance_sharing_redis(
     two_instances: tuple[Server, Server],

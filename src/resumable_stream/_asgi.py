@@ -15,7 +15,7 @@ import logging
 import math
 from collections.abc import Awaitable, Callable
 
-from ._constants import BUFFER_LIMIT, FIRST_EVENT_WAIT
+from ._constants import BUFFER_LIMIT, FIRST_EVENT_WAIT, SHUTDOWN_WRITE_WAIT
 from ._consumer import StreamConsumer
 from ._exceptions import ConfigurationError, ResumableStreamError
 from ._http import (
@@ -145,6 +145,7 @@ class _Connection:
         "_send_timeout",
         "_writer",
         "chunks",
+        "complete",
         "done",
         "error",
         "idle",
@@ -154,6 +155,7 @@ class _Connection:
         "sending_since",
         "size",
         "space",
+        "started",
         "stuck",
     )
 
@@ -171,6 +173,8 @@ class _Connection:
         self.ready = asyncio.Event()
         self.space = asyncio.Event()
         self.stuck = False
+        self.started = False  # the headers went out
+        self.complete = False  # the last body went out
         self.idle = False  # the writer waits, with nothing to write and no one waking it
         self.ping_due = False
         self.last_write = self._loop.time()
@@ -207,6 +211,10 @@ class _Connection:
             raise _ClientGone from None
         self.sending_since = None
         self.last_write = self._loop.time()
+        if message["type"] == "http.response.start":
+            self.started = True
+        elif not message.get("more_body", False):
+            self.complete = True
 
     def start_clock(
         self, ping_interval: float | None, send_timeout: float | None, writer: asyncio.Task[None]
@@ -336,7 +344,13 @@ class StreamEngine:
                 gone = True
         except asyncio.CancelledError:
             if not connection.stuck or writer.uncancel() > cancelling:
-                raise  # not (only) the clock's: the server is shutting down, say
+                # Not (only) the clock's: the server's, at the end of its graceful shutdown
+                # (uvicorn's --timeout-graceful-shutdown). Raised on, uvicorn logs it as an
+                # error and cuts the body mid-chunk; the response ends instead, as one cut
+                # by a read error (the client resumes elsewhere), and the request is over.
+                if not await self._end_early(connection):
+                    raise
+                return
             gone = True
             logger.info(
                 "stream %s: the client read nothing for %ss; dropping the connection",
@@ -361,6 +375,26 @@ class StreamEngine:
                 logger.warning(
                     "stream %s: on_disconnect failed", self.consumer.stream_id, exc_info=True
                 )
+
+    async def _end_early(self, connection: _Connection) -> bool:
+        """(Cancelled by the server) End the response with what was read, without its end:
+        the client resumes from its last offset. False if the client does not take the
+        last write within SHUTDOWN_WRITE_WAIT."""
+        if connection.complete:
+            return True
+        body = connection.take()
+        if not (connection.done and connection.error is None) and self.wire.cut is not None:
+            body += self.wire.cut(connection.error or ConnectionAbortedError("server shutdown"))
+        try:
+            async with asyncio.timeout(SHUTDOWN_WRITE_WAIT):
+                if not connection.started:
+                    await connection.write(_start(self._headers))
+                await connection.write(_body(body, more=False))
+        except _ClientGone:
+            return True
+        except TimeoutError:
+            return False
+        return True
 
     async def _read(self, connection: _Connection) -> None:
         encode = self.wire.encode

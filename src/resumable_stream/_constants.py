@@ -84,6 +84,9 @@ DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 #: Seconds a stream response waits for its first events before it sends the headers: long
 #: enough for the consumer's first reads, so that their errors still get a status code.
 FIRST_EVENT_WAIT = 0.5
+#: Seconds a stream response cancelled by its server (the end of a graceful shutdown) gives
+#: the client to take its last write, which ends the response so that the client resumes.
+SHUTDOWN_WRITE_WAIT = 1.0
 #: Encoded bytes a response buffers ahead of a slow client before it stops reading.
 BUFFER_LIMIT = 64 * 1024
 #: ``Retry-After`` seconds when the router is full or the transport is down.
