@@ -350,6 +350,7 @@ class StreamEngine:
                 # by a read error (the client resumes elsewhere), and the request is over.
                 if not await self._end_early(connection):
                     raise
+                writer.uncancel()  # taken: the task goes on, and ends with the request
                 return
             gone = True
             logger.info(
