@@ -79,6 +79,7 @@ class DictTransport(Transport):
         super().__init__(**{**settings, "max_entries": 10_000, **options})
         self.store = store
         self.closed = False
+        self.closing = asyncio.Event()  # (the store is shared: its runs' events are not ours)
 
     def _run(self, stream_id: str) -> _Run | None:
         if self.closed:
@@ -162,10 +163,16 @@ class DictTransport(Transport):
 
     async def wait_cancel(self, stream_id: str, epoch: int) -> None:
         run = self._run(stream_id)
-        if run is None or run.epoch != epoch:
-            await asyncio.Event().wait()  # a replaced run: no cancel will come
-        else:
-            await run.cancelled.wait()
+        told = asyncio.Event() if run is None or run.epoch != epoch else run.cancelled
+        # (A replaced run: no cancel will come.) A watch ends when this transport closes.
+        waits = [asyncio.ensure_future(told.wait()), asyncio.ensure_future(self.closing.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if self.closed:
+            raise TransportClosed("closed")
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         run = self._run(stream_id)
@@ -212,6 +219,7 @@ class DictTransport(Transport):
 
     async def aclose(self) -> None:
         self.closed = True
+        self.closing.set()
 
 
 def _info(stream_id: str, run: _Run) -> StreamInfo:

@@ -44,6 +44,7 @@ from ._exceptions import (
     StorageRollback,
     StreamAlreadyRunning,
     StreamNotFound,
+    TransportClosed,
 )
 from ._producer import StreamProducer
 from .transports import Entry, Status, StreamInfo, Subscription, Transport
@@ -578,6 +579,18 @@ class TransportContract:
         assert [e.type for e in first] == ["token"] * 5 and rest == []
         assert (watched.waiting, watched.open) == (0, 0)
         await run.cancel()
+
+    async def test_a_cancel_watch_ends_when_its_transport_closes(
+        self, transport_factory: TransportFactory
+    ) -> None:
+        transport = transport_factory()
+        info = await transport.create("watched", "a-producer", 60_000)
+        watch = asyncio.ensure_future(transport.wait_cancel("watched", info.epoch))
+        for _ in range(10):  # (its first steps: subscribed, or waiting, by then)
+            await asyncio.sleep(0)
+        await transport.aclose()
+        with pytest.raises(TransportClosed):  # regression: memory's waited for ever
+            await asyncio.wait_for(watch, timeout=10)
 
     async def test_a_stream_deleted_and_recreated_at_once_gets_a_new_epoch(
         self,

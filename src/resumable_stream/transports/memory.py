@@ -137,7 +137,9 @@ class MemoryTransport(Transport):
         stream.last_count = count
         stream.updated_at = now()
         overflow = len(stream.payloads) - self.max_entries
-        if overflow > 0:
+        if overflow > self.max_entries >> 4:
+            # Trimmed a sixteenth at a time, as Redis trims (MAXLEN ~): deleting the first
+            # payload of a full list at every append moved the whole list each time.
             del stream.payloads[:overflow]
             stream.first_seq += overflow
         if stream.subscribers:
@@ -217,6 +219,8 @@ class MemoryTransport(Transport):
             # (The Redis transport's watch fires on such metadata too.)
             return
         await stream.cancel.wait()
+        if self._closed:  # (aclose() wakes the watches: none waits on a closed transport)
+            raise TransportClosed("the memory transport is closed")
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         stream = self._get(stream_id)
@@ -267,6 +271,7 @@ class MemoryTransport(Transport):
     async def aclose(self) -> None:
         self._closed = True
         for stream in self._streams.values():
+            stream.cancel.set()
             for sub in tuple(stream.subscribers):
                 sub.push([])
         self._streams.clear()
