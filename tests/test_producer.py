@@ -735,6 +735,45 @@ async def test_a_run_cancelled_before_its_pump_starts_ends_cancelled() -> None:
     await asyncio.wait_for(producer.aclose(), timeout=10)
 
 
+class ClosableSource:
+    """An async iterator with its own clean-up (an HTTP response, an SDK's stream)."""
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    def __aiter__(self) -> ClosableSource:
+        return self
+
+    async def __anext__(self) -> str:
+        await asyncio.sleep(0)
+        return "x"
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+@pytest.mark.parametrize("mapped", [False, True], ids=["items", "events"])
+async def test_a_run_cancelled_before_its_pump_starts_closes_its_source(mapped: bool) -> None:
+    # Regression: with events=, the source was closed by the generator that maps its items,
+    # which never ran: a run stopped before reading (cancelled at once, or a reserved run
+    # cancelled while queued) left the source open.
+    source = ClosableSource()
+    producer = StreamProducer(MemoryTransport())
+    events = (lambda item: [("token", {"text": item})]) if mapped else None
+    run = await producer.start(source, events=events)
+    status = await asyncio.wait_for(asyncio.ensure_future(run.cancel()), timeout=10)
+    assert status == "cancelled"
+    assert source.closed == 1
+
+    reservation = await producer.reserve(start_timeout=10)
+    await producer.cancel(reservation.stream_id)  # cancelled while queued
+    source = ClosableSource()
+    run = await producer.start(source, events=events, reservation=reservation)
+    assert await asyncio.wait_for(run.wait(), timeout=10) == "cancelled"
+    assert source.closed == 1
+    await producer.aclose()
+
+
 async def test_a_source_that_yields_after_the_stop_ends_cancelled_without_that_event() -> None:
     # Regression: a source that caught the CancelledError, yielded once more and returned
     # had that event written and the stream ended with `end`: the stop was lost.

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
-from typing import Any
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+)
+from typing import Any, Self
 
 from ._events import Event, Item
 
@@ -11,14 +18,43 @@ from ._events import Event, Item
 EventsFunction = Callable[[Any], Iterable[Item]]
 
 
-async def mapped(source: AsyncIterable[Any], events: EventsFunction) -> AsyncIterator[Any]:
+async def _events_of(
+    source: AsyncIterable[Any], events: EventsFunction
+) -> AsyncGenerator[Any, None]:
+    async for item in source:
+        for kind, data in events(item):
+            # An Event passes the producer's normalization unchanged.
+            yield Event(kind, data, "")
+
+
+class _Mapped:
+    """``source`` with each item turned into events by ``events``. Closing it closes
+    ``source``, also when it was never read (a run stopped before its first item): a
+    generator's own ``finally`` does not run then."""
+
+    def __init__(self, source: AsyncIterable[Any], events: EventsFunction) -> None:
+        self._source = source
+        self._events = _events_of(source, events)
+        self._closed = False
+
+    def __aiter__(self) -> Self:
+        return self
+
+    def __anext__(self) -> Awaitable[Any]:  # the generator's own: no coroutine around it
+        return self._events.__anext__()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._events.aclose()
+        finally:
+            aclose = getattr(self._source, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def mapped(source: AsyncIterable[Any], events: EventsFunction) -> AsyncIterator[Any]:
     """``source`` with each item turned into events by ``events``."""
-    try:
-        async for item in source:
-            for kind, data in events(item):
-                # An Event passes the producer's normalization unchanged.
-                yield Event(kind, data, "")
-    finally:
-        aclose = getattr(source, "aclose", None)
-        if aclose is not None:
-            await aclose()
+    return _Mapped(source, events)
