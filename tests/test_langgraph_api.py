@@ -256,6 +256,8 @@ async def both_routers(authorize: Any) -> AsyncIterator[Any]:
         {"checkpoint_id": 5},
         {"context": "fast"},
         {"context": ["a"]},
+        {"metadata": "tag"},  # (recorded as {}: the run lost what was sent)
+        {"metadata": [["k", "v"]]},
     ],
 )
 async def test_a_run_body_langgraph_would_fail_on_is_refused_before_the_run(
@@ -2478,6 +2480,19 @@ async def test_if_not_exists_creates_the_thread_in_the_app_or_refuses_a_run(endp
         assert created == []
         await eventually(lambda: _run_over(api, "kept"))
     await api.producer.aclose()
+
+
+@pytest.mark.parametrize("metadata", ["tag", 5, ["k", "v"]])
+async def test_metadata_that_is_no_object_is_422_not_dropped(metadata: Any) -> None:
+    # Regression: POST /threads and a history filter took it as {} (a thread recorded
+    # without the metadata sent, a history unfiltered).
+    async with lg_client() as (http, _api, _):
+        created = await http.post("/threads", json={"metadata": metadata})
+        thread_id = (await http.post("/threads", json={"metadata": None})).json()["thread_id"]
+        history = await http.post(f"/threads/{thread_id}/history", json={"metadata": metadata})
+        for response in (created, history):
+            assert (response.status_code, response.json()["code"]) == (422, "invalid_request")
+            assert "'metadata' must be an object" in response.json()["message"]
 
 
 async def test_a_thread_id_no_url_can_serve_is_refused_before_the_app_records_it() -> None:

@@ -341,6 +341,17 @@ def _bad(message: str, code: str = "invalid_request") -> _Refused:
     return _Refused(HTTPError(422, code, message))
 
 
+def _metadata_of(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The body's ``metadata`` object (``{}`` if absent or null); 422 for any other value,
+    which was taken as ``{}`` (a thread or run recorded without the metadata sent)."""
+    metadata = body.get("metadata")
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise _bad("'metadata' must be an object")
+    return metadata
+
+
 def run_id_for(stream_id: str, epoch: int) -> str:
     """A run id (a UUID) naming the run of a thread's stream that started at ``epoch``: the
     epoch in the high 64 bits, and in the low ones 64 bits bound to the stream and the epoch,
@@ -934,9 +945,7 @@ class LangGraphRouter:
         body = await self._body(request)
         await self._check(request, "create")
         thread_id = body.get("thread_id")
-        metadata = body.get("metadata")
-        if not isinstance(metadata, dict):
-            metadata = {}
+        metadata = _metadata_of(body)
         if thread_id is not None and (not isinstance(thread_id, str) or not thread_id):
             # (An empty id makes a thread no /threads/{thread_id} URL can name.)
             raise _bad("'thread_id' must be a non-empty string")
@@ -1104,8 +1113,8 @@ class LangGraphRouter:
             ):
                 raise _bad("'before' must be a checkpoint id or a checkpoint of string ids")
             kwargs["before"] = self._config(thread_id, {"configurable": dict(before)})
-        if isinstance(body.get("metadata"), dict):
-            kwargs["filter"] = body["metadata"]
+        if metadata := _metadata_of(body):
+            kwargs["filter"] = metadata
         graph = await self._graph_of(thread_id)
         states = [
             _state_json(state, thread_id)
@@ -1347,6 +1356,7 @@ class LangGraphRouter:
         kwargs: dict[str, Any] = {"stream_mode": graph_modes}
         if body.get("stream_subgraphs"):
             kwargs["subgraphs"] = True
+        metadata = _metadata_of(body)
         context = body.get("context")
         if context is not None and not isinstance(context, dict):
             raise _bad("'context' must be an object")  # (it was dropped, as if not given)
@@ -1382,7 +1392,7 @@ class LangGraphRouter:
             tools,
             "custom" in modes,
             str(assistant_id),
-            body["metadata"] if isinstance(body.get("metadata"), dict) else {},
+            metadata,
         )
 
     async def _start(self, plan: _Plan, stream_id: str, run_id: str | None = None) -> int:
@@ -1458,7 +1468,7 @@ class LangGraphRouter:
                 "created_at": now,
                 "updated_at": now,
                 "status": "pending" if epoch is None else "running",
-                "metadata": body.get("metadata") or {},
+                "metadata": plan.metadata,
                 "kwargs": {},
                 "multitask_strategy": plan.strategy,
             },
@@ -2075,9 +2085,7 @@ def _thread_search(body: dict[str, Any]) -> tuple[ThreadSearch, list[str]]:
                 f"threads.search by {unserved!r} is not served: search by metadata or ids",
                 "search_not_served",
             )
-    metadata = body.get("metadata") or {}
-    if not isinstance(metadata, dict):
-        raise _bad("'metadata' must be an object")
+    metadata = _metadata_of(body)
     ids = body.get("ids")
     if ids is not None and not _strings(ids):
         raise _bad("'ids' must be a list of thread ids")
