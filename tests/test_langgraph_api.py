@@ -176,7 +176,7 @@ async def test_http_errors_are_json_with_codes() -> None:
                 "invalid_request",
             ),
             (await http.get("/nope"), 404, "not_found"),
-            (await http.patch(f"/threads/{thread_id}"), 405, "method_not_allowed"),
+            (await http.put(f"/threads/{thread_id}"), 405, "method_not_allowed"),
         ]
         for response, status, code in cases:
             assert (response.status_code, response.json()["code"]) == (status, code)
@@ -2618,28 +2618,26 @@ async def _run_over(api: Any, thread_id: str) -> bool:
 
 
 @pytest.mark.parametrize(
-    ("method", "path", "status"),
+    ("method", "path", "status", "code"),
     [
-        ("POST", "/assistants/search", 404),
-        ("GET", "/assistants/agent", 404),
-        ("GET", "/assistants/agent/graph", 404),
-        ("GET", "/assistants/agent/schemas", 404),
-        ("PATCH", "/threads/t/state", 405),  # threads.patch_state
-        ("PATCH", "/threads/t", 405),  # threads.update
-        ("POST", "/threads/t/copy", 404),
-        ("POST", "/threads/count", 405),
-        ("POST", "/threads/prune", 405),
-        ("DELETE", "/threads/t/runs/00000000-0000-0000-0000-000000000000", 405),  # runs.delete
+        ("POST", "/assistants/search", 404, "not_found"),
+        ("GET", "/assistants/agent", 404, "not_found"),
+        ("GET", "/assistants/agent/graph", 404, "not_found"),
+        ("GET", "/assistants/agent/schemas", 404, "not_found"),
+        ("PATCH", "/threads/t/state", 405, "method_not_allowed"),  # threads.patch_state
+        ("PATCH", "/threads/t", 501, "not_served"),  # threads.update, without update_thread
+        ("POST", "/threads/prune", 405, "method_not_allowed"),
+        # runs.delete: 501 for a run of the thread (see test_runs_delete_is_501_...)
+        ("DELETE", "/threads/t/runs/00000000-0000-0000-0000-000000000000", 404, "run_not_found"),
     ],
 )
 async def test_the_sdk_calls_not_served_are_json_errors(
-    method: str, path: str, status: int
+    method: str, path: str, status: int, code: str
 ) -> None:
     # What docs/langgraph-sdk.md lists as not served answers as it says, and changes nothing.
     async with lg_client() as (http, _, _holds):
         response = await http.request(method, path, json={})
-        expected = {404: "not_found", 405: "method_not_allowed"}[status]
-        assert (response.status_code, response.json()["code"]) == (status, expected)
+        assert (response.status_code, response.json()["code"]) == (status, code)
 
 
 async def _answered(http: Any, holds: dict[str, asyncio.Event], thread_id: str, text: str) -> Any:
@@ -3141,3 +3139,252 @@ async def test_the_router_served_as_the_app_answers_routing_errors_in_json() -> 
         wrong = await c.put("/threads/t1")
     assert (missing.status_code, missing.json()["code"]) == (404, "not_found")
     assert (wrong.status_code, wrong.json()["code"]) == (405, "method_not_allowed")
+
+
+def _records_router(**kw: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """A gated router (see gated_router) whose threads are the app's records: a dict of
+    ThreadInfo that create_thread, thread_info, update_thread and delete_thread keep."""
+    from resumable_stream.langgraph_api import ThreadInfo
+
+    records: dict[str, ThreadInfo] = {}
+
+    async def create_thread(request: Any, thread_id: str | None, metadata: Any) -> str:
+        thread_id = thread_id or f"t{len(records) + 1}"
+        now = datetime.now(UTC)
+        records[thread_id] = ThreadInfo(now, now, dict(metadata))
+        return thread_id
+
+    async def thread_info(request: Any, thread_id: str) -> ThreadInfo | None:
+        return records.get(thread_id)
+
+    async def update_thread(request: Any, thread_id: str, metadata: dict[str, Any]) -> None:
+        record = records[thread_id]
+        merged = {**record.metadata, **metadata}
+        records[thread_id] = ThreadInfo(record.created_at, datetime.now(UTC), merged)
+
+    api, graph, _reached, _hold = gated_router(
+        create_thread=create_thread,
+        thread_info=thread_info,
+        update_thread=update_thread,
+        **kw,
+    )
+    return api, graph, records
+
+
+async def test_threads_update_merges_metadata_into_the_apps_record() -> None:
+    # threads.update (PATCH /threads/{id}) was 405.
+    import httpx
+
+    api, _graph, records = _records_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        thread_id = (await http.post("/threads", json={"metadata": {"a": 1, "b": 2}})).json()[
+            "thread_id"
+        ]
+        patched = await http.patch(f"/threads/{thread_id}", json={"metadata": {"b": 3, "c": 4}})
+        assert patched.status_code == 200
+        thread = patched.json()
+        assert (thread["thread_id"], thread["metadata"]) == (thread_id, {"a": 1, "b": 3, "c": 4})
+        assert thread["status"] == "idle"
+        assert (await http.get(f"/threads/{thread_id}")).json()["metadata"] == thread["metadata"]
+        # Prefer: return=minimal (the SDKs' return_minimal / returnMinimal): 204, no body.
+        minimal = await http.patch(
+            f"/threads/{thread_id}",
+            json={"metadata": {"d": 5}},
+            headers={"prefer": "return=minimal"},
+        )
+        assert (minimal.status_code, minimal.content) == (204, b"")
+        assert records[thread_id].metadata == {"a": 1, "b": 3, "c": 4, "d": 5}
+        refused = [
+            (await http.patch(f"/threads/{thread_id}", json=body), code)
+            for body, code in [
+                ({"metadata": "x"}, "invalid_request"),
+                ({"metadata": {"e": 1}, "ttl": {"ttl": 5, "strategy": "delete"}}, "ttl_not_served"),
+            ]
+        ]
+        for response, code in refused:
+            assert (response.status_code, response.json()["code"]) == (422, code)
+        missing = await http.patch("/threads/nope", json={"metadata": {"e": 1}})
+        assert (missing.status_code, missing.json()["code"]) == (404, "thread_not_found")
+        assert records[thread_id].metadata == {"a": 1, "b": 3, "c": 4, "d": 5}
+        # A write, as update_state: authorize is asked for "run".
+        api.authorize = lambda request, thread_id, action: action != "run"
+        forbidden = await http.patch(f"/threads/{thread_id}", json={"metadata": {"e": 1}})
+        assert (forbidden.status_code, forbidden.json()["code"]) == (403, "forbidden")
+    await api.producer.aclose()
+
+
+async def test_threads_update_without_update_thread_is_501() -> None:
+    import httpx
+
+    from resumable_stream import ConfigurationError
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    api, graph, _reached, _hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        response = await http.patch("/threads/t1", json={"metadata": {"a": 1}})
+        assert (response.status_code, response.json()["code"]) == (501, "not_served")
+        assert "threads.update" in response.json()["message"]
+    await api.producer.aclose()
+
+    async def update_thread(request: Any, thread_id: str, metadata: Any) -> None:
+        pass
+
+    # Without thread_info nothing would read the metadata it keeps.
+    with pytest.raises(ConfigurationError, match="thread_info"):
+        LangGraphRouter(
+            MemoryTransport(), {"agent": graph}, authorize=allow_all, update_thread=update_thread
+        )
+
+
+async def test_threads_count_counts_what_the_search_finds() -> None:
+    # threads.count (POST /threads/count) was 405.
+    import httpx
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    _api, graph, _reached, _hold = gated_router()
+
+    def authorize(request: Any, thread_id: str | None, action: str) -> bool:
+        user = request.headers.get("user", "")
+        return thread_id is None or action != "read" or thread_id.startswith(user)
+
+    api = LangGraphRouter(MemoryTransport(), {"agent": graph}, authorize=authorize)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        for thread_id in ["alice1", "bob1", "alice2", "bob2", "bob3"]:
+            body = {
+                "assistant_id": "agent",
+                "input": {"n": [thread_id]},
+                "config": {"metadata": {"team": thread_id[:-1]}},
+            }
+            assert (await http.post(f"/threads/{thread_id}/runs/wait", json=body)).is_success
+        counted = await http.post("/threads/count", json={}, headers={"user": "alice"})
+        assert (counted.status_code, counted.json()) == (200, 2)
+        assert (await http.post("/threads/count", json={})).json() == 5
+        bobs = await http.post("/threads/count", json={"metadata": {"team": "bob"}})
+        assert bobs.json() == 3
+        none = await http.post("/threads/count", json={"metadata": {"team": "carol"}})
+        assert none.json() == 0
+        for body, code in [
+            ({"status": "idle"}, "search_not_served"),
+            ({"values": {"n": ["x"]}}, "search_not_served"),
+            ({"metadata": "x"}, "invalid_request"),
+        ]:
+            response = await http.post("/threads/count", json=body)
+            assert (response.status_code, response.json()["code"]) == (422, code)
+    await api.producer.aclose()
+
+
+async def test_threads_count_pages_through_search_threads() -> None:
+    import httpx
+
+    from resumable_stream.langgraph_api import LangGraphRouter, ThreadSearch
+
+    _api, graph, _reached, _hold = gated_router()
+    ids = [f"t{i}" for i in range(2345)]
+    asked: list[ThreadSearch] = []
+
+    async def search_threads(request: Any, search: ThreadSearch) -> list[str]:
+        asked.append(search)
+        if request.headers.get("app") == "stuck":
+            return ids[:1000]  # an app that ignores the offset
+        return ids[search.offset : search.offset + search.limit]
+
+    def authorize(request: Any, thread_id: str | None, action: str) -> bool:
+        return thread_id != "t7"
+
+    api = LangGraphRouter(
+        MemoryTransport(), {"agent": graph}, authorize=authorize, search_threads=search_threads
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        counted = await http.post("/threads/count", json={"metadata": {"k": "v"}})
+        assert counted.json() == 2344  # t7 is not the caller's to read
+        assert [(s.metadata, s.offset, s.limit) for s in asked] == [
+            ({"k": "v"}, 0, 1000),
+            ({"k": "v"}, 1000, 1000),
+            ({"k": "v"}, 2000, 1000),
+        ]
+        stuck = await http.post("/threads/count", json={}, headers={"app": "stuck"})
+        assert stuck.json() == 999
+    await api.producer.aclose()
+
+
+async def test_threads_copy_makes_a_thread_with_the_same_checkpoints() -> None:
+    # threads.copy (POST /threads/{id}/copy) was 404.
+    import httpx
+
+    api, graph, records = _records_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        source = (await http.post("/threads", json={"metadata": {"title": "T"}})).json()
+        thread_id = source["thread_id"]
+        for value in ["x", "ask"]:
+            body = {"assistant_id": "agent", "input": {"n": [value]}}
+            assert (await http.post(f"/threads/{thread_id}/runs/wait", json=body)).is_success
+        copied = await http.post(f"/threads/{thread_id}/copy")
+        assert copied.status_code == 200
+        copy = copied.json()
+        copy_id = copy["thread_id"]
+        assert copy_id != thread_id
+        assert copy_id in records  # made with create_thread, with the thread's metadata
+        assert (copy["metadata"], copy["status"]) == ({"title": "T"}, "interrupted")
+        assert copy["values"] == {"n": ["x", "done", "ask"]}
+
+        async def history(thread: str) -> list[Any]:
+            states = (await http.post(f"/threads/{thread}/history", json={"limit": 50})).json()
+            return [(s["checkpoint"]["checkpoint_id"], s["values"], s["next"]) for s in states]
+
+        assert await history(copy_id) == await history(thread_id)
+        # The copy goes on by itself: resuming it leaves the thread as it was.
+        resume = {"assistant_id": "agent", "command": {"resume": "r"}}
+        assert (await http.post(f"/threads/{copy_id}/runs/wait", json=resume)).json() == {
+            "n": ["x", "done", "ask", "r"]
+        }
+        assert await _values(graph, thread_id) == ["x", "done", "ask"]
+        # The thread's runs are its own: the copy lists only its own.
+        assert len((await http.get(f"/threads/{copy_id}/runs")).json()) == 1
+        missing = await http.post("/threads/nope/copy")
+        assert (missing.status_code, missing.json()["code"]) == (404, "thread_not_found")
+        # "read" on the thread, and "create" for the new one.
+        for refused in ("read", "create"):
+            api.authorize = lambda request, thread, action, no=refused: action != no
+            forbidden = await http.post(f"/threads/{thread_id}/copy")
+            assert (forbidden.status_code, forbidden.json()["code"]) == (403, "forbidden")
+        assert len(records) == 2
+    await api.producer.aclose()
+
+
+async def test_threads_copy_of_a_thread_with_a_run_in_progress_is_409() -> None:
+    import httpx
+
+    api, graph, reached, hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        first = await _held_run(http, reached)
+        busy = await http.post("/threads/t1/copy")
+        assert (busy.status_code, busy.json()["code"]) == (409, "thread_busy")
+        hold.set()
+        await first
+        copied = await http.post("/threads/t1/copy")
+        assert copied.status_code == 200
+        assert await _values(graph, copied.json()["thread_id"]) == ["wait", "done"]
+    await api.producer.aclose()
+
+
+async def test_runs_delete_is_501_not_a_routing_error() -> None:
+    # runs.delete (DELETE /threads/{id}/runs/{run_id}) was 405; the API deletes the run's
+    # checkpoints with it, which no checkpointer here can do.
+    import httpx
+
+    api, _graph, _reached, _hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        body = {"assistant_id": "agent", "input": {"n": ["x"]}}
+        ran = await http.post("/threads/t1/runs/wait", json=body)
+        run = ran.headers["content-location"]
+        response = await http.delete(run)
+        assert (response.status_code, response.json()["code"]) == (501, "not_served")
+        assert "runs.delete" in response.json()["message"]
+        assert (await http.get(run)).status_code == 200
+        missing = await http.delete(f"/threads/t1/runs/{uuid.uuid4()}")
+        assert (missing.status_code, missing.json()["code"]) == (404, "run_not_found")
+        api.authorize = lambda request, thread_id, action: action != "delete"
+        forbidden = await http.delete(run)
+        assert (forbidden.status_code, forbidden.json()["code"]) == (403, "forbidden")
+    await api.producer.aclose()

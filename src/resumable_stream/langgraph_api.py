@@ -12,9 +12,11 @@ A subset of the LangGraph Agent Server API: ``POST /threads``, ``GET /threads/{i
 ``POST /threads/{id}/runs[/stream|/wait]``, ``GET /threads/{id}/runs``, ``GET
 /threads/{id}/runs/{run_id}[/stream|/join]``, ``POST /threads/{id}/runs/{run_id}/cancel``,
 ``GET /threads/{id}/state[/{checkpoint_id}]``, ``POST /threads/{id}/state[/checkpoint]``,
-``POST /threads/{id}/history`` and ``DELETE /threads/{id}``. Runs are detached: they go on
-when the client goes away, and any process sharing the transport can join them from any
-event. Needs the ``web`` and ``langgraph`` extras; see docs/langgraph-sdk.md.
+``POST /threads/{id}/history``, ``DELETE /threads/{id}``, ``PATCH /threads/{id}``, ``POST
+/threads/count`` and ``POST /threads/{id}/copy`` (``DELETE .../runs/{run_id}`` is 501).
+Runs are detached: they go on when the client goes away, and any process sharing the
+transport can join them from any event. Needs the ``web`` and ``langgraph`` extras; see
+docs/langgraph-sdk.md.
 """
 
 from __future__ import annotations
@@ -700,6 +702,11 @@ class LangGraphRouter:
     would keep a record of a thread without its state. It needs ``authorize`` to allow
     ``"delete"``, and ``"run"`` and ``"cancel"`` too, so that an ``authorize`` written
     before ``"delete"`` existed lets only those who may run and stop a thread delete it.
+    ``update_thread(request, thread_id, metadata)``, if given (with ``thread_info``), merges
+    the metadata ``PATCH /threads/{id}`` (``threads.update``) sends into the app's record;
+    without it that is ``501 not_served``. ``POST /threads/{id}/copy`` (``threads.copy``)
+    copies the thread's checkpoints into a new thread (``create_thread``'s, given the
+    thread's metadata); ``POST /threads/count`` counts what the search below finds.
     ``search_threads(request, search)``, if given, answers ``POST /threads/search``: the ids
     of the threads the caller may see that match the :class:`ThreadSearch`, in its order and
     page. Without it, the search reads the first graph's checkpointer: every checkpoint of
@@ -721,6 +728,7 @@ class LangGraphRouter:
         | None = None,
         thread_info: Callable[[Request, str], Awaitable[ThreadInfo | None]] | None = None,
         delete_thread: Callable[[Request, str], Awaitable[None]] | None = None,
+        update_thread: Callable[[Request, str, dict[str, Any]], Awaitable[None]] | None = None,
         search_threads: Callable[[Request, ThreadSearch], Awaitable[Sequence[str]]] | None = None,
         stream_id: Callable[[str], str] | None = None,
         cancel_on_disconnect: bool = True,
@@ -748,6 +756,12 @@ class LangGraphRouter:
         self.create_thread = create_thread
         self.thread_info = thread_info
         self.delete_thread = delete_thread
+        if update_thread is not None and thread_info is None:
+            raise ConfigurationError(
+                "update_thread needs thread_info: the metadata it keeps is read from there "
+                "(without thread_info a thread's metadata is always empty)"
+            )
+        self.update_thread = update_thread
         self.search_threads = search_threads
         self.stream_id = stream_id or (lambda thread_id: f"langgraph:{thread_id}")
         self.cancel_on_disconnect = cancel_on_disconnect
@@ -809,6 +823,12 @@ class LangGraphRouter:
             Route(
                 "/threads/{thread_id}/history", self._endpoint(self.get_history), methods=["POST"]
             ),
+        ]
+        self.routes += [
+            Route("/threads/count", self._endpoint(self.count_threads), methods=["POST"]),
+            Route("/threads/{thread_id}", self._endpoint(self.patch_thread), methods=["PATCH"]),
+            Route("/threads/{thread_id}/copy", self._endpoint(self.copy_thread), methods=["POST"]),
+            Route(run, self._endpoint(self.delete_run), methods=["DELETE"]),
         ]
         if thread_info is None or delete_thread is not None:
             self.routes.append(
@@ -2047,6 +2067,167 @@ class LangGraphRouter:
             raise _bad("'action' must be 'interrupt'")
         await self._cancel(run, wait=request.query_params.get("wait") in ("1", "true"))
         return Response(status_code=202, headers={"cache-control": "no-store"})
+
+    # --- threads.update, threads.count, threads.copy, runs.delete -----------------------
+
+    async def patch_thread(self, request: Request) -> Response:
+        """``PATCH /threads/{thread_id}`` (``threads.update``): merge ``metadata`` into the
+        app's record of the thread with ``update_thread``, and answer the thread as ``GET
+        /threads/{id}`` does (``Prefer: return=minimal``: 204). A write, as a state
+        update's: ``authorize`` is asked for ``"run"``. Without ``update_thread``, ``501
+        not_served``: the router keeps no metadata of its own."""
+        thread_id, _ = await self._thread(request, "run")
+        if self.update_thread is None:
+            raise _Refused(
+                HTTPError(
+                    501,
+                    "not_served",
+                    "threads.update is not served: this server keeps no thread metadata "
+                    "it could update",
+                )
+            )
+        body = await self._body(request)
+        metadata = body.get("metadata")
+        if metadata is None:
+            metadata = {}
+        if not isinstance(metadata, dict):
+            raise _bad("'metadata' must be an object")
+        if body.get("ttl") is not None:
+            # Taken and not acted on, the thread the client asked to expire would stay.
+            raise _bad("'ttl' is not served: threads are kept until deleted", "ttl_not_served")
+        await self._require_thread(request, thread_id)
+        await self.update_thread(request, thread_id, metadata)
+        if request.headers.get("prefer") == "return=minimal":
+            return Response(status_code=204, headers={"cache-control": "no-store"})
+        return _json(200, await self._thread_json(thread_id, await self._info(request, thread_id)))
+
+    async def count_threads(self, request: Request) -> Response:
+        """``POST /threads/count`` (``threads.count``): how many threads ``threads.search``
+        finds by ``metadata``, over all its pages: those the caller may read (and
+        ``thread_info`` has, when given). With ``search_threads``, it is asked page after
+        page (1,000 ids each) until a page is short or brings no new id."""
+        body = await self._body(request)
+        given: dict[str, Any] = {
+            key: body[key] for key in ("metadata", "values", "status") if key in body
+        }
+        search, _ = _thread_search(given)
+        search = dataclasses.replace(search, limit=1000, offset=0)
+        ids: list[str]
+        if self.search_threads is None:
+            ids = [thread_id for thread_id, _ in await self._search_checkpoints(search)]
+        else:
+            ids, seen = [], set()
+            while True:
+                page = list(await self.search_threads(request, search))[: search.limit]
+                new = [thread_id for thread_id in page if thread_id not in seen]
+                seen.update(new)
+                ids += new
+                if len(page) < search.limit or not new:
+                    break
+                search = dataclasses.replace(search, offset=search.offset + len(page))
+        count = 0
+        for thread_id in ids:
+            try:
+                await self._check(request, "read", thread_id)
+                await self._require_thread(request, thread_id)
+            except (_Refused, HTTPException):
+                continue  # not the caller's to read, or gone (as threads.search leaves out)
+            count += 1
+        return _json(200, count)
+
+    async def copy_thread(self, request: Request) -> Response:
+        """``POST /threads/{thread_id}/copy`` (``threads.copy``): a new thread (made with
+        ``create_thread``, given the thread's metadata, or a new UUID) holding a copy of
+        each of the thread's checkpoints, in every namespace, with their pending writes;
+        answers it as ``GET /threads/{id}`` does. ``authorize`` is asked for ``"read"``
+        on the thread and ``"create"``. A thread with a run in progress (or queued here)
+        is ``409 thread_busy``: its copy would hold half a step."""
+        thread_id, stream_id = await self._thread(request, "read")
+        await self._check(request, "create")
+        metadata: dict[str, Any] = {}
+        if self.thread_info is not None:
+            metadata = dict((await self._info(request, thread_id)).metadata)
+        savers: list[Any] = [getattr(graph, "checkpointer", None) for graph in self.graphs.values()]
+        distinct = [
+            saver
+            for saver in {id(saver): saver for saver in savers}.values()
+            if all(hasattr(saver, name) for name in ("alist", "aput", "aput_writes"))
+        ]
+        if not distinct:
+            raise _Refused(
+                HTTPError(
+                    501,
+                    "not_served",
+                    "threads.copy is not served: this server's graphs keep no state "
+                    "(no checkpointer) to copy",
+                )
+            )
+        info = await settled_info(self.transport, stream_id)
+        if (info is not None and info.status == "running") or self._queued_here(stream_id):
+            raise _Refused(
+                HTTPError(
+                    409,
+                    "thread_busy",
+                    f"thread {thread_id!r} has a run in progress or queued; copy it once "
+                    "the run ended, or cancel it first",
+                )
+            )
+        if self.create_thread is not None:
+            new_id = await self.create_thread(request, None, metadata)
+        else:
+            new_id = str(uuid.uuid4())
+        check_stream_id(self.stream_id(new_id))
+        try:
+            for saver in distinct:
+                await _copy_checkpoints(saver, thread_id, new_id)
+        except BaseException:
+            for saver in distinct:
+                if hasattr(saver, "adelete_thread"):
+                    with contextlib.suppress(Exception):
+                        await saver.adelete_thread(new_id)
+            raise
+        return _json(200, await self._thread_json(new_id, await self._info(request, new_id)))
+
+    async def delete_run(self, request: Request) -> Response:
+        """``DELETE .../runs/{run_id}`` (``runs.delete``): ``501 not_served``, once the
+        caller may ``"delete"`` in the thread and the run is found (else 403, 404). The
+        API deletes the run's checkpoints with its record; the checkpointers here cannot
+        delete one run's checkpoints, and the router keeps no run records apart from
+        them and the thread's stream."""
+        await self._run_info(request, "delete")
+        raise _Refused(
+            HTTPError(
+                501,
+                "not_served",
+                "runs.delete is not served: this server cannot delete one run's checkpoints; "
+                "cancel the run (runs.cancel) or delete its thread (threads.delete)",
+            )
+        )
+
+
+async def _copy_checkpoints(saver: Any, source: str, target: str) -> None:
+    """Write each checkpoint of thread ``source`` (every namespace's), with its pending
+    writes, into thread ``target`` of ``saver``: the same ids, parents, metadata and
+    values (every channel's, so that the target has all it reads)."""
+    items = [item async for item in saver.alist({"configurable": {"thread_id": source}})]
+    for item in reversed(items):  # oldest first, as they were written
+        configurable = item.config.get("configurable", {})
+        parent = (item.parent_config or {}).get("configurable", {}).get("checkpoint_id")
+        config: dict[str, Any] = {
+            "configurable": {
+                "thread_id": target,
+                "checkpoint_ns": configurable.get("checkpoint_ns", ""),
+            }
+        }
+        if parent:
+            config["configurable"]["checkpoint_id"] = parent  # aput's parent
+        versions = dict(item.checkpoint.get("channel_versions", {}))
+        written = await saver.aput(config, item.checkpoint, item.metadata, versions)
+        tasks: dict[str, list[tuple[str, Any]]] = {}
+        for task_id, channel, value in item.pending_writes or ():
+            tasks.setdefault(task_id, []).append((channel, value))
+        for task_id, writes in tasks.items():
+            await saver.aput_writes(written, writes, task_id)
 
 
 #: The API's multitask strategies (None: none given, "reject").

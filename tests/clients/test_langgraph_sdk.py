@@ -616,3 +616,113 @@ def test_js_client_update_state_and_delete_a_thread(
     assert seen["deleted"] is None  # 204: the SDK resolves with nothing
     assert seen["valuesAfter"] == {}
     assert seen["historyAfter"] == 0
+
+
+async def test_threads_copy_count_and_the_writes_not_served(
+    servers: tuple[str, str], client: LangGraphClient, other: LangGraphClient
+) -> None:
+    # threads.copy and threads.count were 404 and 405; threads.update and runs.delete
+    # were 405 routing errors, now 501 not_served with a message.
+    thread_id = (await client.threads.create())["thread_id"]
+    await _release(servers[0], thread_id)
+    await client.runs.wait(
+        thread_id, "agent", input={"messages": [{"role": "user", "content": "c"}]}
+    )
+    copy = await other.threads.copy(thread_id)
+    assert copy["thread_id"] != thread_id
+    assert copy["status"] == "idle"
+    history = await client.threads.get_history(thread_id)
+    copied = await client.threads.get_history(copy["thread_id"])
+    assert [s["checkpoint"]["checkpoint_id"] for s in copied] == [
+        s["checkpoint"]["checkpoint_id"] for s in history
+    ]
+    assert [m["content"] for m in copied[0]["values"]["messages"]] == ["c", answer_text("c")]
+    # Its own thread from now on: a run on the copy leaves the thread as it was.
+    await _release(servers[0], copy["thread_id"])
+    await client.runs.wait(  # (the first process runs it: the release is its own)
+        copy["thread_id"], "agent", input={"messages": [{"role": "user", "content": "d"}]}
+    )
+    assert len((await client.threads.get_state(copy["thread_id"]))["values"]["messages"]) == 4
+    assert len((await client.threads.get_state(thread_id))["values"]["messages"]) == 2
+
+    assert await client.threads.count(metadata={"graph_id": "agent"}) == 2
+    assert await other.threads.count(metadata={"graph_id": "another"}) == 0
+    with pytest.raises(httpx.HTTPStatusError) as by_status:
+        await client.threads.count(status="idle")
+    assert by_status.value.response.status_code == 422
+
+    run_id = (await client.runs.list(thread_id))[0]["run_id"]
+    for call in (
+        client.threads.update(thread_id, metadata={"title": "t"}),
+        other.runs.delete(thread_id, run_id),
+    ):
+        with pytest.raises(httpx.HTTPStatusError) as refused:
+            await call
+        assert refused.value.response.status_code == 501
+        assert refused.value.response.json()["code"] == "not_served"
+
+
+async def test_threads_update_merges_metadata_through_update_thread() -> None:
+    import contextlib
+    from datetime import UTC, datetime
+
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter, ThreadInfo
+    from resumable_stream.starlette import allow_all
+    from resumable_stream.transports.memory import MemoryTransport
+    from tests._services import uvicorn_server
+    from tests.clients._graph import build_graph
+
+    records: dict[str, ThreadInfo] = {}
+
+    async def create_thread(request: Any, thread_id: str | None, metadata: Any) -> str:
+        thread_id = thread_id or f"t{len(records) + 1}"
+        now = datetime.now(UTC)
+        records[thread_id] = ThreadInfo(now, now, dict(metadata))
+        return thread_id
+
+    async def thread_info(request: Any, thread_id: str) -> ThreadInfo | None:
+        return records.get(thread_id)
+
+    async def update_thread(request: Any, thread_id: str, metadata: dict[str, Any]) -> None:
+        record = records[thread_id]
+        merged = {**record.metadata, **metadata}
+        records[thread_id] = ThreadInfo(record.created_at, datetime.now(UTC), merged)
+
+    api = LangGraphRouter(
+        MemoryTransport(),
+        {"agent": build_graph({}, InMemorySaver())},
+        authorize=allow_all,
+        create_thread=create_thread,
+        thread_info=thread_info,
+        update_thread=update_thread,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with api.producer:
+            yield
+
+    app = Starlette(routes=[Mount("/langgraph", api)], lifespan=lifespan)
+    with uvicorn_server(app) as url:
+        async with get_client(url=f"{url}/langgraph") as sdk:
+            thread = await sdk.threads.create(metadata={"a": 1, "b": 2})
+            updated = await sdk.threads.update(thread["thread_id"], metadata={"b": 3, "c": 4})
+            assert updated is not None
+            assert updated["thread_id"] == thread["thread_id"]
+            assert updated["metadata"] == {"a": 1, "b": 3, "c": 4}
+            minimal = await sdk.threads.update(
+                thread["thread_id"], metadata={"d": 5}, return_minimal=True
+            )
+            assert minimal is None
+            got = await sdk.threads.get(thread["thread_id"])
+            assert got["metadata"] == {"a": 1, "b": 3, "c": 4, "d": 5}
+            with pytest.raises(httpx.HTTPStatusError) as ttl:
+                await sdk.threads.update(thread["thread_id"], metadata={"e": 1}, ttl=5)
+            assert ttl.value.response.json()["code"] == "ttl_not_served"
+            copy = await sdk.threads.copy(thread["thread_id"])
+            assert copy["metadata"] == {"a": 1, "b": 3, "c": 4, "d": 5}
+            assert await sdk.threads.count() == 0  # no checkpoints yet: the search finds none
