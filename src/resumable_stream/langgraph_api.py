@@ -2087,11 +2087,7 @@ class LangGraphRouter:
                 )
             )
         body = await self._body(request)
-        metadata = body.get("metadata")
-        if metadata is None:
-            metadata = {}
-        if not isinstance(metadata, dict):
-            raise _bad("'metadata' must be an object")
+        metadata = _metadata_of(body)
         if body.get("ttl") is not None:
             # Taken and not acted on, the thread the client asked to expire would stay.
             raise _bad("'ttl' is not served: threads are kept until deleted", "ttl_not_served")
