@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import orjson
@@ -16,11 +16,11 @@ import pytest
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.tools import ToolException, tool
+from langchain_core.tools import InjectedToolCallId, ToolException, tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.prebuilt import ToolNode
-from langgraph.types import interrupt
+from langgraph.types import Command, interrupt
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Mount, Route
@@ -354,6 +354,46 @@ async def test_a_tool_calling_graph_gives_every_call_its_output() -> None:
     text = "".join(c["delta"] for c in chunks if c["type"] == "text-delta")
     assert text == "both found"  # a model that does not stream: its text sent whole
     assert chunks[-1] == {"type": "finish", "finishReason": "stop"}
+
+
+@tool("search")
+def command_search(q: str, tool_call_id: Annotated[str, InjectedToolCallId]) -> Command[Any]:
+    """Look q up, and answer as a tool that updates the graph's state does: a Command."""
+    status = "error" if q == "y" else "success"
+    message = ToolMessage(f"found {q}", tool_call_id=tool_call_id, status=status)
+    return Command(update={"messages": [message]})
+
+
+@pytest.mark.parametrize("mode", ["messages", "events"])
+async def test_a_tool_that_returns_a_command_shows_its_tool_message(mode: str) -> None:
+    # Regression: with astream_events a tool's output is what it returned, and a tool that
+    # updates the graph's state (handoffs, InjectedState tools) returns a Command: the UI
+    # showed {graph, update, resume, goto} as the tool's output, and its ToolMessage of
+    # status "error" as a success. In `messages` mode the ToolMessage itself came.
+    graph = agent_graph([command_search])
+    inputs = {"messages": [("user", "look up x and y")]}
+    if mode == "messages":
+        source = graph.astream(inputs, stream_mode="messages")
+    else:
+        source = graph.astream_events(inputs, version="v2")
+    chunker = UIMessageChunks("m")
+    chunks = [c for e in await stored_events(source) for c in chunker.chunks(e)]
+    check_order(chunks)
+    outputs = {c["toolCallId"]: c for c in chunks if c["type"].startswith("tool-output-")}
+    assert outputs == {
+        "c1": {
+            "type": "tool-output-available",
+            "toolCallId": "c1",
+            "output": "found x",
+            **SERVER_RAN,
+        },
+        "c2": {
+            "type": "tool-output-error",
+            "toolCallId": "c2",
+            "errorText": "found y",
+            **SERVER_RAN,
+        },
+    }
 
 
 @pytest.mark.parametrize("modes", ["messages", ["messages", "updates"]])

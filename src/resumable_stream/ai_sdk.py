@@ -609,6 +609,10 @@ class UIMessageChunks:
         run_id = str(data.get("run_id") or data.get("id"))
         call_id: Any = self._run_calls.pop(run_id, None) or data.get("id")
         error = data.get("error")
+        if isinstance(output, Mapping) and "goto" in output and "update" in output:
+            # A Command (a tool that updates the graph's state): its ToolMessage is the
+            # output, as the tool message in `messages` mode says.
+            output = _command_tool_message(output, call_id) or output
         if isinstance(output, Mapping) and output.get("role") == "tool":
             # A ToolMessage: its tool_call_id names the call, unless this run had one. A
             # tool that handles its own errors (handle_tool_error) ends with one of status
@@ -621,6 +625,27 @@ class UIMessageChunks:
             call_id = run_id
         self._announce(call_id, str(data.get("name") or "tool"), None, out)
         self._output(call_id, output, None if error is None else str(error), out)
+
+
+def _command_tool_message(command: Mapping[str, Any], call_id: Any) -> Mapping[str, Any] | None:
+    """The ToolMessage of a tool's ``Command`` (as a dict: ``{graph, update, resume, goto}``)
+    for ``call_id`` (its only one if the call is not known), if its ``update`` holds it."""
+    update = command.get("update")
+    if isinstance(update, Mapping):
+        messages = update.get("messages")
+    elif isinstance(update, list):  # [(key, value), ...]
+        pairs = (p for p in update if isinstance(p, list) and len(p) == 2)
+        messages = next((p[1] for p in pairs if p[0] == "messages"), None)
+    else:
+        return None
+    found = [
+        m
+        for m in (messages if isinstance(messages, list) else ())
+        if isinstance(m, Mapping) and m.get("role") == "tool"
+    ]
+    if call_id is None and len(found) == 1:
+        return found[0]
+    return next((m for m in found if m.get("tool_call_id") == call_id), None)
 
 
 def _digest(text: str) -> bytes:
