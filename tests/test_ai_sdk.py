@@ -420,6 +420,58 @@ async def test_a_streamed_tool_call_keeps_its_arguments_in_messages_mode(modes: 
     assert text == ["Let me look. ", "found ", "it"]
 
 
+def subagent_events() -> list[Event]:
+    """A prebuilt ReAct agent (a task per tool call) in `messages` mode: the model streams two
+    calls; `search` answers at once, then `research`'s own model streams, then it answers."""
+
+    def token(data: dict[str, Any]) -> Event:
+        return Event("token", {"text": "", "message_id": "run-1", "node": "agent", **data}, "")
+
+    def tool_message(call_id: str, name: str, text: str) -> Event:
+        message = {"role": "tool", "tool_call_id": call_id, "name": name, "content": text}
+        return Event("message", {"message": {**message, "text": text, "status": "success"}}, "")
+
+    return [
+        token(
+            {"tool_call_chunks": [{"id": "a", "name": "search", "args": '{"q": "x"}', "index": 0}]}
+        ),
+        token({"tool_call_chunks": [{"id": "b", "name": "research", "args": "{", "index": 1}]}),
+        token({"tool_call_chunks": [{"id": None, "name": None, "args": '"q": "y"}', "index": 1}]}),
+        tool_message("a", "search", "found x"),
+        Event("token", {"text": "deep dive", "message_id": "run-2", "node": "tools"}, ""),
+        tool_message("b", "research", "deep dive"),
+        Event("token", {"text": "Done", "message_id": "run-3", "node": "agent"}, ""),
+        Event("end", {}, ""),
+    ]
+
+
+def test_a_streamed_call_ends_in_its_own_step_when_the_next_one_begins() -> None:
+    # Regression: in `messages` mode a call the model streamed became available with its
+    # output only. When another tool's output came first and a sub-agent's tokens began a
+    # new step, its tool-input-available came in that step, where `ai` looks a call up:
+    # useChat added a second part for it and left the first one streaming for ever.
+    chunker = UIMessageChunks("m")
+    chunks = [c for e in subagent_events() for c in chunker.chunks(e)]
+    check_order(chunks)
+    steps: list[list[str]] = []
+    for chunk in chunks:
+        if chunk["type"] == "start-step":
+            steps.append([])
+        elif "toolCallId" in chunk:
+            steps[-1].append(f"{chunk['type']} {chunk['toolCallId']}")
+    assert steps[0] == [
+        "tool-input-start a",
+        "tool-input-delta a",
+        "tool-input-start b",
+        "tool-input-delta b",
+        "tool-input-delta b",
+        "tool-input-available a",
+        "tool-output-available a",
+        "tool-input-available b",  # whole: the model's message ended before a tool ran
+    ]
+    assert steps[1] == ["tool-output-available b"]
+
+
 async def test_a_streamed_call_of_a_browser_tool_is_available_at_the_end() -> None:
     # The browser runs it: nothing but the answer's end says the call is whole, and the
     # client calls onToolCall on tool-input-available only.

@@ -267,14 +267,7 @@ class UIMessageChunks:
         elif kind in (END, ERROR, CANCELLED):
             self.finished = True
             if kind == END:
-                # The calls the model streamed are whole: a browser's tool runs on this,
-                # unless its arguments are not JSON (cut by max_tokens): LangChain's
-                # invalid_tool_calls, which nothing runs.
-                for call_id, draft in list(self._streaming.items()):
-                    if _is_json(draft.args):
-                        self._announce(call_id, "tool", None, out)
-                    else:
-                        self._drop_draft(call_id, _INVALID_ARGS_TEXT, out)
+                self._settle_drafts(out)  # (a browser's tool runs on this)
             else:
                 for call_id in list(self._streaming):
                     self._drop_draft(call_id, _UNFINISHED_CALL_TEXT, out)
@@ -324,6 +317,10 @@ class UIMessageChunks:
         if self._tool_output_sent:
             self._tool_output_sent = False
             self._finish_reason = None  # the model's next call says why it stopped, if it does
+            if self._streaming:
+                # A tool ran: the calls the model streamed before it are whole, and end in
+                # their step (`ai` looks a call up in the current step, else adds another).
+                self._settle_drafts(out)
             self._close_text(out)
             out.append({"type": "finish-step"})
             out.append({"type": "start-step"})
@@ -531,6 +528,16 @@ class UIMessageChunks:
             out.append(
                 {"type": "tool-input-delta", "toolCallId": draft.call_id, "inputTextDelta": delta}
             )
+
+    def _settle_drafts(self, out: list[dict[str, Any]]) -> None:
+        """The calls the model streamed are whole: their input is available, unless their
+        arguments are not JSON (cut by max_tokens): LangChain's invalid_tool_calls, which
+        nothing runs."""
+        for call_id, draft in list(self._streaming.items()):
+            if _is_json(draft.args):
+                self._announce(call_id, "tool", None, out)
+            else:
+                self._drop_draft(call_id, _INVALID_ARGS_TEXT, out)
 
     def _drop_draft(self, call_id: str, error: str, out: list[dict[str, Any]]) -> None:
         """End a streamed call that will not run (the answer failed or stopped before it was

@@ -26,6 +26,7 @@ from tests.test_ai_sdk import (
     reasoning_graph,
     stored_events,
     streaming_tool_graph,
+    subagent_events,
 )
 
 APP = "tests.clients._app:create_app"
@@ -301,3 +302,19 @@ async def test_the_finish_reason_is_the_models(
         "isError": False,
         "finishReason": FINISHES[shape][1],
     }
+
+
+def test_a_streamed_call_answered_after_a_subagent_s_text_shows_once(
+    node_modules: Path, tmp_path: Path
+) -> None:
+    # Regression: its input came in the step after the sub-agent's text began, and `ai`
+    # added a second part for the call, leaving the first one streaming.
+    seen = read_body(node_modules, tmp_path, subagent_events())
+    assert seen["error"] is None
+    tools = [
+        (p["type"], p["state"], p["output"]) for p in seen["parts"] if p["type"].startswith("tool-")
+    ]
+    assert tools == [
+        ("tool-search", "output-available", "found x"),
+        ("tool-research", "output-available", "deep dive"),
+    ]
