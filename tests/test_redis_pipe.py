@@ -438,3 +438,45 @@ async def test_a_refused_subscriber_logs_once_across_reading_sessions(
     finally:
         await sub.aclose()
         await admin.aclose()
+
+
+async def test_a_pipe_whose_task_the_loop_cancelled_leaves_no_task_behind(
+    redis_server: RedisServer,
+) -> None:
+    # Regression: asyncio.run() cancels every task as it ends, the pipe's with the runs';
+    # a run then writing its terminal event opened a connection in a task made after that,
+    # still pending as the loop closed. Now such a connection closes once it owes nothing,
+    # and its callers hear back once its task has ended.
+    pipe = Pipe(lambda: Connection(port=redis_server.port), timeout=5.0, name="t")
+    try:
+        assert await pipe.call(pack("PING")) == b"PONG"
+        (task,) = pipe._tasks
+        task.cancel()  # as asyncio.run() does
+        await asyncio.wait([task])
+        assert await pipe.call(pack("ECHO", "a")) == b"a"
+        assert all(task.done() for task in pipe._tasks)
+        answers: list[Any] = []
+        pipe.post(pack("ECHO", "b"), answers.append)
+        await eventually(holds(lambda: answers == [b"b"]))
+        assert all(task.done() for task in pipe._tasks)
+        assert pipe.connects == 3  # a connection each
+    finally:
+        await pipe.aclose()
+
+
+async def test_a_pipe_that_timed_out_keeps_its_next_connection(redis_server: RedisServer) -> None:
+    # The watchdog cancels the task of a silent connection itself: the next connection is
+    # an ordinary one, kept for the commands that follow.
+    pipe = Pipe(lambda: Connection(port=redis_server.port), timeout=0.3, name="t")
+    try:
+        assert await pipe.call(pack("PING")) == b"PONG"
+        async with aioredis.Redis(port=redis_server.port) as admin:
+            await admin.execute_command("CLIENT", "PAUSE", 1000, "ALL")
+            with pytest.raises(TransportError, match="did not answer"):
+                await pipe.call(pack("PING"))
+            await admin.ping()  # answered once the pause is over
+        assert await pipe.call(pack("ECHO", "a")) == b"a"
+        assert await pipe.call(pack("ECHO", "b")) == b"b"
+        assert pipe.connects == 2 and len(pipe._tasks) == 1
+    finally:
+        await pipe.aclose()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -914,3 +915,61 @@ async def test_a_sentinel_watch_stopped_as_it_asks_leaves_no_command_unawaited()
     for coroutine in unawaited:
         coroutine.close()  # (no warning from this test's own clean-up)
     assert unawaited == []
+
+
+# -- the event loop ending under the transport ---------------------------------------
+
+_LOOP_ENDS_MID_RUN = """
+import asyncio, sys
+from resumable_stream import StreamConsumer, StreamProducer, from_url
+
+async def tokens():
+    while True:
+        yield "token "
+        await asyncio.sleep(0.01)
+
+async def main():
+    asyncio.get_running_loop().slow_callback_duration = 3600  # no -X dev timing notes
+    transport = from_url(sys.argv[1], prefix=sys.argv[2])
+    run = await StreamProducer(transport).start(tokens())
+    async with StreamConsumer(transport, run.stream_id) as events:
+        seen = 0
+        async for _ in events:
+            seen += 1
+            if seen == 3:
+                break
+    print(run.stream_id)
+    # Returns with the run going and the producer and transport never closed.
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("transport_kind", ["redis", "redis_cluster", "redis_sentinel"])
+async def test_an_event_loop_ending_mid_run_leaves_no_task_pending(
+    transport_kind: str, request: pytest.FixtureRequest
+) -> None:
+    # Regression: asyncio.run() cancelled the connection's task with the run's; the run,
+    # writing its terminal event, opened a connection in a new task, which was still
+    # pending as the loop closed ("Task was destroyed but it is pending!", "coroutine
+    # 'AbstractConnection.disconnect' was never awaited", an unclosed socket).
+    from tests.conftest import _redis_url_of
+
+    url = _redis_url_of(transport_kind, request)
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    script = (sys.executable, "-X", "dev", "-W", "error", "-c", _LOOP_ENDS_MID_RUN, url, prefix)
+    process = await asyncio.create_subprocess_exec(
+        *script, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+    assert process.returncode == 0, err.decode()
+    if transport_kind == "redis":
+        assert err.decode() == ""
+    else:
+        # The Cluster and Sentinel clients the transport holds until aclose() warn as
+        # redis-py's clients do when never closed; nothing of ours is left behind.
+        for left in ("Task was destroyed", "never awaited", "<coroutine", "Event loop is closed"):
+            assert left not in err.decode()
+    async with from_url(url, prefix=prefix) as transport:
+        events = await collect(transport, out.decode().strip())
+    assert (events[-1].type, events[-1].data) == ("cancelled", {"reason": "shutdown"})

@@ -256,10 +256,11 @@ class _Session:
     """One connection's life: the commands written to it and the replies it owes."""
 
     __slots__ = (
-        "address", "flushed_at", "flushing", "hooks", "outgoing", "pending", "stream", "task",
+        "address", "flushed_at", "flushing", "held", "hooks", "last", "outgoing", "pending",
+        "stream", "task", "timed_out",
     )  # fmt: skip
 
-    def __init__(self) -> None:
+    def __init__(self, *, last: bool = False) -> None:
         # What each reply owed goes to, in order: the future of a command sent, or the
         # callback of one posted.
         self.pending: collections.deque[asyncio.Future[Any] | Callable[[Any], None]] = (
@@ -275,16 +276,36 @@ class _Session:
         self.flushed_at = -1e9  # loop time of the last write
         self.task: asyncio.Task[None] | None = None
         self.address: tuple[str, int] | None = None  # the server's, once connected
+        self.timed_out = False  # its task is cancelled by the watchdog
+        # Opened while the event loop shuts down (see Pipe._run): closed once it owes no
+        # reply, and what it owes is handed over once its task has ended, in `held`.
+        self.last = last
+        self.held: list[tuple[asyncio.Future[Any] | Callable[[Any], None], Any]] = []
+
+    def answer(self, owed: asyncio.Future[Any] | Callable[[Any], None], reply: Any) -> None:
+        """Hand ``reply`` (or the TransportError that ended the connection) to ``owed``."""
+        if self.last and self.task is not None and not self.task.done():
+            self.held.append((owed, reply))
+        elif not isinstance(owed, asyncio.Future):  # posted
+            _call_hook(owed, reply)
+        elif owed.done():  # its caller was cancelled; the reply is dropped
+            pass
+        elif isinstance(reply, TransportError):
+            owed.set_exception(reply)
+        else:
+            owed.set_result(reply)  # an error reply is returned too, as an exception
+
+    def hand_over(self) -> None:
+        """Its task has ended: hand what was held to its callers."""
+        held, self.held = self.held, []
+        for owed, reply in held:
+            self.answer(owed, reply)
 
     def fail(self, error: TransportError) -> None:
         self.outgoing.clear()
         self.hooks.clear()
         while self.pending:
-            owed = self.pending.popleft()
-            if not isinstance(owed, asyncio.Future):
-                _call_hook(owed, error)
-            elif not owed.done():
-                owed.set_exception(error)
+            self.answer(self.pending.popleft(), error)
 
 
 def _call_hook(hook: Callable[[Any], None], reply: Any) -> None:
@@ -322,6 +343,8 @@ class Pipe:
         self._progress = 0.0  # when a reply last came, or the first owed one was queued
         self._watchdog: asyncio.TimerHandle | None = None
         self._closed = False
+        # The event loop shutting down: it cancelled our task (see _run).
+        self._shutting_down: asyncio.AbstractEventLoop | None = None
         #: Connections opened so far (tests and metrics).
         self.connects = 0
 
@@ -376,7 +399,7 @@ class Pipe:
             raise TransportClosed("the Redis transport is closed")
         session = self._session
         if session is None:
-            session = self._session = _Session()
+            session = self._session = _Session(last=loop is self._shutting_down)
             task = session.task = loop.create_task(
                 self._run(session), name=f"rstream redis {self.name}"
             )
@@ -423,17 +446,37 @@ class Pipe:
             protocol = _take_over(connection, functools.partial(self._replies, session))
             session.address = address_of(connection)
             session.stream = connection._writer.transport  # type: ignore[union-attr]
-            if self._on_connect is not None:
+            if self._on_connect is not None and not session.last:
                 self._on_connect()
             self._flush(session)  # what was queued while connecting
+            if session.last and not session.pending:
+                self._close_last(session)
             await protocol.lost  # raises what ended the connection
         except asyncio.CancelledError:
+            if not (self._closed or session.timed_out):
+                # Not ours: the event loop is shutting down (asyncio.run() cancels every
+                # task), and a run cancelled with us still writes its terminal event. A
+                # task made from now on would outlive the loop (pending, its socket left
+                # open): each connection opened from now on closes once it owes nothing,
+                # and its callers resume only once its task has ended.
+                self._shutting_down = asyncio.get_running_loop()
             raise
         except Exception as exc:
             error = fault(exc, "the command")
         finally:
             self._end(session, error)
-            await _discard(connection, protocol)
+            try:
+                await _discard(connection, protocol)
+            finally:
+                session.task = None
+                session.hand_over()
+
+    def _close_last(self, session: _Session) -> None:
+        """A connection opened during the loop's shutdown owes nothing more: close it."""
+        if self._session is session:
+            self._session = None  # the next commands open another
+        if session.stream is not None:
+            session.stream.close()  # its task ends on connection_lost
 
     def _flush(self, session: _Session) -> None:
         # Everything queued during one event-loop turn goes out in one write, on the
@@ -462,7 +505,11 @@ class Pipe:
                     raise TransportError(f"Redis sent a reply nobody asked for: {reply!r}")
                 answered = True
                 owed = pending.popleft()
-                if not isinstance(owed, asyncio.Future):  # posted
+                if session.last:
+                    if session.hooks and session.hooks[0][0] is owed:
+                        _call_hook(session.hooks.popleft()[1], reply)
+                    session.answer(owed, reply)  # once the task has ended
+                elif not isinstance(owed, asyncio.Future):  # posted
                     try:
                         owed(reply)
                     except Exception:  # a bug in the hook: not the connection's fault
@@ -478,6 +525,8 @@ class Pipe:
                     # server loading its data (redis-py makes that a ConnectionError): this
                     # connection points at the wrong server for now (issue 8, part 3).
                     raise TransportError(f"Redis answered {error_code(reply)}: reconnecting")
+            if session.last and not pending:
+                self._close_last(session)
         finally:
             if answered:
                 self._progress = asyncio.get_running_loop().time()
@@ -495,6 +544,7 @@ class Pipe:
             return
         self._end(session, NoAnswer(f"Redis did not answer within {self._timeout:g} s"))
         if session.task is not None:
+            session.timed_out = True
             session.task.cancel()
 
     @property
