@@ -37,7 +37,7 @@ from resumable_stream.transports._redis_pipe import (
 )
 from resumable_stream.transports._redis_scripts import NOTICE_PAYLOAD_MAX
 from resumable_stream.transports.redis import DEFAULT_WRITE_RETRY_BUDGET, RedisTransport
-from tests._helpers import collect, eventually, joined, text_of, tokens
+from tests._helpers import collect, eventually, holds, joined, text_of, tokens
 from tests._services import RedisClusterService, RedisSentinelService, RedisServer
 from tests.conftest import TlsRedis
 
@@ -96,6 +96,24 @@ async def test_a_run_whose_transport_is_closed_under_it_ends_at_once(redis_url: 
     gate.set()
     with pytest.raises(TransportClosed):
         await asyncio.wait_for(run.wait(), timeout=DEFAULT_WRITE_RETRY_BUDGET / 3)
+
+
+async def test_a_close_cut_short_still_closes_every_connection(redis_url: str) -> None:
+    # Regression: aclose() cancelled while it stopped the notices connection (a shutdown
+    # under a timeout) left the command connection open for good; a second aclose() did
+    # nothing, the transport being closed already.
+    transport = RedisTransport.from_url(redis_url, prefix=f"t{uuid.uuid4().hex[:12]}")
+    node = transport._node_for_slot(0)
+    subscription = transport.subscribe("s", 1, 0)
+    assert await transport.info("s") is None
+    await eventually(holds(lambda: node.subscriber.connected and node.pipe.connected))
+    closing = asyncio.create_task(transport.aclose())
+    await asyncio.sleep(0)  # aclose() waits for the notices connection to stop
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    assert not node.pipe.connected and all(task.done() for task in node.pipe._tasks)
+    subscription.close()
 
 
 async def _stored(transport: RedisTransport, stream_id: str) -> bool:

@@ -29,7 +29,7 @@ import collections
 import contextlib
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import hiredis
@@ -828,6 +828,20 @@ async def stop(*tasks: asyncio.Task[Any]) -> None:
     for task in tasks:
         if not task.cancelled():
             task.exception()  # retrieved: a failure at shutdown is not worth a warning
+    if interrupted:
+        raise asyncio.CancelledError
+
+
+async def to_the_end(*steps: Callable[[], Awaitable[Any]]) -> None:
+    """Await each of ``steps`` in turn, all of them even if cancelled meanwhile; then pass
+    the cancellation on (a close cut short left connections open for good: closing again
+    does nothing)."""
+    interrupted = False
+    for step in steps:
+        try:
+            await step()
+        except asyncio.CancelledError:
+            interrupted = True
     if interrupted:
         raise asyncio.CancelledError
 

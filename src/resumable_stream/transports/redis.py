@@ -67,6 +67,7 @@ from ._redis_pipe import (
     fault,
     pack,
     stop,
+    to_the_end,
 )
 
 logger = logging.getLogger("resumable_stream.redis")
@@ -174,8 +175,7 @@ class _Node:
         )
 
     async def aclose(self) -> None:
-        await self.subscriber.aclose()
-        await self.pipe.aclose()
+        await to_the_end(self.subscriber.aclose, self.pipe.aclose)
 
 
 class _Feed:
@@ -1071,18 +1071,19 @@ class RedisTransport(Transport):
             for waiter in tuple(waiters):
                 if waiter.on_close is not None:
                     waiter.on_close()  # wait_cancel() raises TransportClosed
-        await stop(*self._checks)
-        if self._sentinel_watch is not None:
-            await stop(self._sentinel_watch)
         if self._recheck is not None:
             self._recheck.cancel()
             self._recheck = None
-        if self._router is not None:
-            await stop(self._router)
+        tasks = [*self._checks, self._sentinel_watch, self._router]
         nodes = [self._single] if self._single is not None else list(self._nodes.values())
-        for node in nodes:
-            if node is not None:
-                await node.aclose()
+        # Closed to the end even if cancelled meanwhile: aclose() only runs once.
+        await to_the_end(
+            functools.partial(stop, *(task for task in tasks if task is not None)),
+            *(node.aclose for node in nodes if node is not None),
+            self._close_client,
+        )
+
+    async def _close_client(self) -> None:
         if self._owns_client:
             # Made by from_url: close it, and the Sentinel clients behind its pool.
             pool = getattr(self.client, "connection_pool", None)
