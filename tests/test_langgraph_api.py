@@ -2627,7 +2627,7 @@ async def _run_over(api: Any, thread_id: str) -> bool:
         ("PATCH", "/threads/t/state", 405, "method_not_allowed"),  # threads.patch_state
         ("PATCH", "/threads/t", 501, "not_served"),  # threads.update, without update_thread
         ("POST", "/threads/prune", 405, "method_not_allowed"),
-        # runs.delete: 501 for a run of the thread (see test_runs_delete_is_501_...)
+        # runs.delete: 405 not_served for a run of the thread (see test_runs_delete_is_405_...)
         ("DELETE", "/threads/t/runs/00000000-0000-0000-0000-000000000000", 404, "run_not_found"),
     ],
 )
@@ -3368,9 +3368,10 @@ async def test_threads_copy_of_a_thread_with_a_run_in_progress_is_409() -> None:
     await api.producer.aclose()
 
 
-async def test_runs_delete_is_501_not_a_routing_error() -> None:
-    # runs.delete (DELETE /threads/{id}/runs/{run_id}) was 405; the API deletes the run's
-    # checkpoints with it, which no checkpointer here can do.
+async def test_runs_delete_is_405_not_served_not_a_routing_error() -> None:
+    # runs.delete (DELETE /threads/{id}/runs/{run_id}) was a 405 routing error; the API
+    # deletes the run's checkpoints with it, which no checkpointer here can do. 405, not
+    # 501: the JS SDK retries a DELETE that is 501 (tests/clients/test_langgraph_sdk.py).
     import httpx
 
     api, _graph, _reached, _hold = gated_router()
@@ -3379,7 +3380,7 @@ async def test_runs_delete_is_501_not_a_routing_error() -> None:
         ran = await http.post("/threads/t1/runs/wait", json=body)
         run = ran.headers["content-location"]
         response = await http.delete(run)
-        assert (response.status_code, response.json()["code"]) == (501, "not_served")
+        assert (response.status_code, response.json()["code"]) == (405, "not_served")
         assert "runs.delete" in response.json()["message"]
         assert (await http.get(run)).status_code == 200
         missing = await http.delete(f"/threads/t1/runs/{uuid.uuid4()}")

@@ -13,7 +13,7 @@ A subset of the LangGraph Agent Server API: ``POST /threads``, ``GET /threads/{i
 /threads/{id}/runs/{run_id}[/stream|/join]``, ``POST /threads/{id}/runs/{run_id}/cancel``,
 ``GET /threads/{id}/state[/{checkpoint_id}]``, ``POST /threads/{id}/state[/checkpoint]``,
 ``POST /threads/{id}/history``, ``DELETE /threads/{id}``, ``PATCH /threads/{id}``, ``POST
-/threads/count`` and ``POST /threads/{id}/copy`` (``DELETE .../runs/{run_id}`` is 501).
+/threads/count`` and ``POST /threads/{id}/copy`` (``DELETE .../runs/{run_id}`` is 405).
 Runs are detached: they go on when the client goes away, and any process sharing the
 transport can join them from any event. Needs the ``web`` and ``langgraph`` extras; see
 docs/langgraph-sdk.md.
@@ -2185,15 +2185,17 @@ class LangGraphRouter:
         return _json(200, await self._thread_json(new_id, await self._info(request, new_id)))
 
     async def delete_run(self, request: Request) -> Response:
-        """``DELETE .../runs/{run_id}`` (``runs.delete``): ``501 not_served``, once the
+        """``DELETE .../runs/{run_id}`` (``runs.delete``): ``405 not_served``, once the
         caller may ``"delete"`` in the thread and the run is found (else 403, 404). The
         API deletes the run's checkpoints with its record; the checkpointers here cannot
         delete one run's checkpoints, and the router keeps no run records apart from
         them and the thread's stream."""
         await self._run_info(request, "delete")
+        # Not 501: the JS SDK retries a DELETE (idempotent) on any status but a few 4xx,
+        # four times with backoff, and gave up some 20 s later.
         raise _Refused(
             HTTPError(
-                501,
+                405,
                 "not_served",
                 "runs.delete is not served: this server cannot delete one run's checkpoints; "
                 "cancel the run (runs.cancel) or delete its thread (threads.delete)",

@@ -652,17 +652,19 @@ async def test_threads_copy_count_and_the_writes_not_served(
     assert by_status.value.response.status_code == 422
 
     run_id = (await client.runs.list(thread_id))[0]["run_id"]
-    for call in (
-        client.threads.update(thread_id, metadata={"title": "t"}),
-        other.runs.delete(thread_id, run_id),
+    for call, status in (
+        (client.threads.update(thread_id, metadata={"title": "t"}), 501),
+        (other.runs.delete(thread_id, run_id), 405),
     ):
         with pytest.raises(httpx.HTTPStatusError) as refused:
             await call
-        assert refused.value.response.status_code == 501
+        assert refused.value.response.status_code == status
         assert refused.value.response.json()["code"] == "not_served"
 
 
-async def test_threads_update_merges_metadata_through_update_thread() -> None:
+def _app_with_update_thread() -> Any:
+    """An app whose threads are records kept by create_thread / thread_info /
+    update_thread hooks (a dict), on one graph with an in-memory checkpointer."""
     import contextlib
     from datetime import UTC, datetime
 
@@ -673,7 +675,6 @@ async def test_threads_update_merges_metadata_through_update_thread() -> None:
     from resumable_stream.langgraph_api import LangGraphRouter, ThreadInfo
     from resumable_stream.starlette import allow_all
     from resumable_stream.transports.memory import MemoryTransport
-    from tests._services import uvicorn_server
     from tests.clients._graph import build_graph
 
     records: dict[str, ThreadInfo] = {}
@@ -706,8 +707,11 @@ async def test_threads_update_merges_metadata_through_update_thread() -> None:
         async with api.producer:
             yield
 
-    app = Starlette(routes=[Mount("/langgraph", api)], lifespan=lifespan)
-    with uvicorn_server(app) as url:
+    return Starlette(routes=[Mount("/langgraph", api)], lifespan=lifespan)
+
+
+async def test_threads_update_merges_metadata_through_update_thread() -> None:
+    with uvicorn_server(_app_with_update_thread()) as url:
         async with get_client(url=f"{url}/langgraph") as sdk:
             thread = await sdk.threads.create(metadata={"a": 1, "b": 2})
             updated = await sdk.threads.update(thread["thread_id"], metadata={"b": 3, "c": 4})
@@ -726,3 +730,35 @@ async def test_threads_update_merges_metadata_through_update_thread() -> None:
             copy = await sdk.threads.copy(thread["thread_id"])
             assert copy["metadata"] == {"a": 1, "b": 3, "c": 4, "d": 5}
             assert await sdk.threads.count() == 0  # no checkpoints yet: the search finds none
+
+
+def test_js_client_threads_copy_count_and_the_writes_not_served(
+    node_modules: Path, servers: tuple[str, str]
+) -> None:
+    seen = run_node(node_modules, "langgraph_thread_admin.mjs", *servers, "x")
+    assert seen["copy"]["distinct"] is True
+    assert seen["copy"]["status"] == "idle"
+    assert seen["copy"]["contents"] == ["x", answer_text("x")]
+    assert (seen["count"], seen["countAll"], seen["countNone"]) == (2, 2, 0)
+    assert seen["update"]["status"] == 501
+    assert seen["update"]["code"] == "not_served"
+    # Regression: runs.delete was 501, which the JS client retries for a DELETE (an
+    # idempotent method) four times with backoff: it gave up after some 20 s, not at once.
+    assert seen["runDelete"]["status"] == 405
+    assert seen["runDelete"]["code"] == "not_served"
+    assert seen["runDelete"]["ms"] < 10_000  # its retries wait 15 s at least
+
+
+def test_js_client_threads_update_through_update_thread(node_modules: Path) -> None:
+    with uvicorn_server(_app_with_update_thread()) as url:
+        seen = run_node(node_modules, "langgraph_thread_update.mjs", url)
+    assert seen["updated"]["thread_id"] == seen["threadId"]
+    assert seen["updated"]["metadata"] == {"a": 1, "b": 3, "c": 4}
+    assert seen["updated"]["status"] == "idle"
+    assert seen["minimal"] is None  # 204: the SDK resolves with nothing
+    assert seen["empty"]["metadata"] == {"a": 1, "b": 3, "c": 4, "d": 5}
+    assert seen["got"] == {"a": 1, "b": 3, "c": 4, "d": 5}
+    assert seen["ttl"] == {"status": 422, "code": "ttl_not_served"}
+    assert seen["copy"]["metadata"] == {"a": 1, "b": 3, "c": 4, "d": 5}
+    assert seen["copy"]["thread_id"] != seen["threadId"]
+    assert seen["count"] == 0  # no checkpoints yet: the search finds none
