@@ -702,3 +702,18 @@ def test_ai_sdk_messages_are_validated_like_the_chat_apis(fast: ChatServer) -> N
         *[(400, "invalid_request")] * 3,
     ]
     assert threads == []  # no thread was started for a message that was refused
+
+
+def test_langgraph_thread_titles_are_checked_as_renames_are(fast: ChatServer) -> None:
+    # A title in POST /langgraph/threads' metadata was stored as given: with a NUL, PostgreSQL
+    # refused it (500), and any length went in (a rename takes 200 characters at most).
+    with fast.client() as client:
+        nul = client.post("/langgraph/threads", json={"metadata": {"title": "a\x00b"}})
+        long = client.post("/langgraph/threads", json={"metadata": {"title": "x" * 201}})
+        spaced = client.post("/langgraph/threads", json={"metadata": {"title": " My  chat "}})
+        titles = [t["title"] for t in client.get("/v1/threads").json()["threads"]]
+    assert (nul.status_code, nul.json()["code"]) == (422, "invalid_text")
+    assert long.status_code == 422
+    assert spaced.status_code == 200
+    assert spaced.json()["metadata"]["title"] == "My chat"
+    assert titles == ["My chat"]

@@ -40,8 +40,8 @@ from resumable_stream.starlette import error_response
 
 from .answers import NothingToRetry
 from .api.chat import checked_message, settler, waiter
-from .api.errors import ApiError
-from .api.views import title_for
+from .api.errors import ApiError, storable
+from .api.views import MAX_TITLE_CHARS, title_for
 from .auth import current_user
 from .events import ChatEvents
 from .lock import lock_id_for
@@ -210,9 +210,21 @@ async def _authorize(request: Request, thread_id: str | None, action: LangGraphA
     return True
 
 
+def _title(given: str) -> str:
+    """A title a LangGraph client gives in ``metadata``, spaced and checked as a rename's
+    ``chat_name`` (``""`` if blank): text no database stores (PostgreSQL refuses NUL) and
+    one too long are 422."""
+    title = " ".join(storable(given, "metadata.title").split())
+    if len(title) > MAX_TITLE_CHARS:
+        raise ApiError(
+            422, "invalid_request", f"metadata.title: at most {MAX_TITLE_CHARS} characters"
+        )
+    return title
+
+
 async def _create_thread(request: Request, thread_id: str | None, metadata: dict[str, Any]) -> str:
     given = metadata.get("title")
-    title = given if isinstance(given, str) and given else NEW_THREAD_TITLE
+    title = (_title(given) if isinstance(given, str) else "") or NEW_THREAD_TITLE
     if thread_id is not None:
         # A client may name the thread (the SDKs' `threadId`); creating one it already has
         # returns it, and another user's id is refused.

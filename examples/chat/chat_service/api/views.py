@@ -11,6 +11,8 @@ from ..runtime import Runtime
 from ..threads import RunRecord, Thread
 
 TITLE_CHARS = 60
+#: The longest title a user may give a thread (a rename, a LangGraph client's metadata).
+MAX_TITLE_CHARS = 200
 
 
 class ChatMessage(BaseModel):
@@ -31,7 +33,7 @@ class Regenerate(BaseModel):
 
 
 class Rename(BaseModel):
-    chat_name: str = Field(min_length=1, max_length=200)
+    chat_name: str = Field(min_length=1, max_length=MAX_TITLE_CHARS)
 
 
 def message_view(message: Any) -> dict[str, Any] | None:
