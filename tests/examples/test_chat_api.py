@@ -704,6 +704,45 @@ def test_ai_sdk_messages_are_validated_like_the_chat_apis(fast: ChatServer) -> N
     assert threads == []  # no thread was started for a message that was refused
 
 
+def test_langgraph_copy_is_a_chat_of_the_caller(fast: ChatServer) -> None:
+    # threads.copy through /langgraph: the copy is one of the caller's chats (listed, with
+    # the thread's title and messages, answering on its own); another user's chat is not
+    # found and copies nothing.
+    with fast.client() as owner, fast.client() as stranger:
+        started, _ = ask(owner, "hello there")
+        thread_id = started["thread_id"]
+        assert (
+            owner.patch(
+                "/v1/thread", params={"thread_id": thread_id}, json={"chat_name": "Sums"}
+            ).status_code
+            == 200
+        )
+        refused = stranger.post(f"/langgraph/threads/{thread_id}/copy")
+        copied = owner.post(f"/langgraph/threads/{thread_id}/copy")
+        assert copied.status_code == 200, copied.text
+        copy_id = copied.json()["thread_id"]
+        listed = {t["thread_id"]: t["title"] for t in owner.get("/v1/threads").json()["threads"]}
+        original, copy = history(owner, thread_id), history(owner, copy_id)
+        counts = [c.post("/langgraph/threads/count", json={}).json() for c in (owner, stranger)]
+        ask(owner, "and goodbye", thread_id=copy_id)
+        after, copy_after = history(owner, thread_id), history(owner, copy_id)
+        unseen = stranger.get("/v1/threads").json()["threads"]
+        delete = owner.delete(f"/langgraph/threads/{copy_id}")
+
+    assert (refused.status_code, refused.json()["code"]) == (404, "not_found")
+    assert copied.json()["metadata"]["title"] == "Sums"
+    assert copy_id != thread_id
+    assert listed == {thread_id: "Sums", copy_id: "Sums"}
+    assert copy["messages"] == original["messages"]
+    assert [m["role"] for m in copy["messages"]] == ["user", "assistant"]
+    assert counts == [2, 0]
+    assert copy_after["messages"][:2] == original["messages"]
+    assert [m["role"] for m in copy_after["messages"][2:]] == ["user", "assistant"]
+    assert after["messages"] == original["messages"]
+    assert unseen == []
+    assert delete.status_code == 405  # the service's record would outlive the thread's state
+
+
 def test_langgraph_thread_titles_are_checked_as_renames_are(fast: ChatServer) -> None:
     # A title in POST /langgraph/threads' metadata was stored as given: with a NUL, PostgreSQL
     # refused it (500), and any length went in (a rename takes 200 characters at most).
@@ -717,3 +756,44 @@ def test_langgraph_thread_titles_are_checked_as_renames_are(fast: ChatServer) ->
     assert spaced.status_code == 200
     assert spaced.json()["metadata"]["title"] == "My chat"
     assert titles == ["My chat"]
+
+
+def test_langgraph_threads_update_renames_the_chat(fast: ChatServer) -> None:
+    # threads.update through /langgraph was 501: a title is the thread's name, as a rename.
+    with fast.client() as owner, fast.client() as stranger:
+        thread_id = owner.post("/langgraph/threads", json={}).json()["thread_id"]
+        url = f"/langgraph/threads/{thread_id}"
+        renamed = owner.patch(url, json={"metadata": {"title": "  Trip   plans "}})
+        listed = [t["title"] for t in owner.get("/v1/threads").json()["threads"]]
+        echoed = owner.patch(
+            url,
+            json={"metadata": {"title": "Trips", "graph_id": "agent", "archived": False}},
+            headers={"Prefer": "return=minimal"},
+        )
+        got = owner.get(url).json()["metadata"]
+        refused = [
+            owner.patch(url, json={"metadata": metadata})
+            for metadata in ({"topic": "x"}, {"archived": True}, {"title": " "}, {"title": 3})
+        ]
+        nul = owner.patch(url, json={"metadata": {"title": "a\x00b"}})
+        theirs = stranger.patch(url, json={"metadata": {"title": "mine"}})
+        owner.put(f"/threads/{thread_id}/archive")
+        archived = owner.patch(url, json={"metadata": {"title": "again"}})
+        final = owner.get(url).json()["metadata"]["title"]
+
+    assert renamed.status_code == 200, renamed.text
+    assert renamed.json()["thread_id"] == thread_id
+    assert renamed.json()["metadata"]["title"] == "Trip plans"
+    assert listed == ["Trip plans"]
+    assert echoed.status_code == 204
+    assert got == {
+        "title": "Trips",
+        "archived": False,
+        "graph_id": "agent",
+        "assistant_id": "agent",
+    }
+    assert [(r.status_code, r.json()["code"]) for r in refused] == [(422, "invalid_request")] * 4
+    assert (nul.status_code, nul.json()["code"]) == (422, "invalid_text")
+    assert theirs.status_code == 404
+    assert archived.status_code == 409
+    assert final == "Trips"

@@ -237,6 +237,33 @@ async def _create_thread(request: Request, thread_id: str | None, metadata: dict
     return thread.id
 
 
+async def _update_thread(request: Request, thread_id: str, metadata: dict[str, Any]) -> None:
+    """``threads.update``: a ``title`` renames the thread, as ``PATCH /v1/thread`` does (an
+    archived thread is read-only: ``authorize`` refused it). The rest of :func:`_metadata`
+    is the service's own: given with the value it has, it changes nothing; any other key
+    or value is 422, as the service keeps no metadata it could store it in."""
+    thread = await _owned(request, thread_id)
+    if thread is None:
+        raise HTTPException(404, f"no thread {thread_id!r}")
+    current = _metadata(thread)
+    fixed = sorted(
+        key for key, value in metadata.items() if key != "title" and current.get(key, ...) != value
+    )
+    if fixed:
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"metadata {fixed}: only 'title' can be updated (archive with PUT "
+            "/threads/{id}/archive)",
+        )
+    if "title" in metadata:
+        given = metadata["title"]
+        title = _title(given) if isinstance(given, str) else ""
+        if not title:
+            raise ApiError(422, "invalid_request", "metadata.title: a non-blank string")
+        await _runtime(request).store.update_thread(thread_id, title=title)
+
+
 async def _thread_info(request: Request, thread_id: str) -> ThreadInfo | None:
     """The thread's record for ``GET /langgraph/threads/{id}``: the service's own times and
     metadata (see :func:`_metadata`)."""
@@ -299,6 +326,7 @@ class LangGraphAPI:
                 authorize=_authorize,
                 create_thread=_create_thread,
                 thread_info=_thread_info,
+                update_thread=_update_thread,
                 search_threads=_search_threads,
                 # A run holds the thread's lock: the chat API waits for it, and a LangGraph
                 # run that names no strategy waits for no one (409 while the thread answers).
