@@ -3382,6 +3382,7 @@ async def test_runs_delete_is_405_not_served_not_a_routing_error() -> None:
         response = await http.delete(run)
         assert (response.status_code, response.json()["code"]) == (405, "not_served")
         assert "runs.delete" in response.json()["message"]
+        assert response.headers["allow"] == "GET"  # (a 405 names what is allowed)
         assert (await http.get(run)).status_code == 200
         missing = await http.delete(f"/threads/t1/runs/{uuid.uuid4()}")
         assert (missing.status_code, missing.json()["code"]) == (404, "run_not_found")

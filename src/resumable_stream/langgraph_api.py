@@ -2192,15 +2192,14 @@ class LangGraphRouter:
         them and the thread's stream."""
         await self._run_info(request, "delete")
         # Not 501: the JS SDK retries a DELETE (idempotent) on any status but a few 4xx,
-        # four times with backoff, and gave up some 20 s later.
-        raise _Refused(
-            HTTPError(
-                405,
-                "not_served",
-                "runs.delete is not served: this server cannot delete one run's checkpoints; "
-                "cancel the run (runs.cancel) or delete its thread (threads.delete)",
-            )
+        # four times with backoff, and gave up some 20 s later. A 405 names what is allowed.
+        error = HTTPError(
+            405,
+            "not_served",
+            "runs.delete is not served: this server cannot delete one run's checkpoints; "
+            "cancel the run (runs.cancel) or delete its thread (threads.delete)",
         )
+        return Response(error.body(), 405, {**error.headers(), "allow": "GET"}, JSON_TYPE)
 
 
 async def _copy_checkpoints(saver: Any, source: str, target: str) -> None:
