@@ -2799,6 +2799,43 @@ async def test_a_run_asked_for_during_a_state_update_comes_after_it() -> None:
     await api.producer.aclose()
 
 
+@pytest.mark.parametrize("fails", ["its first entry", "its end"])
+async def test_a_state_updates_hold_rides_out_a_storage_blip(fails: str) -> None:
+    # Regression: the hold's own writes were not retried as a run's are. A blip on its end
+    # answered 503 "retry later" for an update that was written (a retry wrote it twice)
+    # and left the thread busy until the hold's lease lapsed; one on its first entry
+    # answered 500 (the end, written after an entry that was not, was a StorageRollback)
+    # and listed the hold as a run in progress.
+    import httpx
+
+    from resumable_stream import TransportError
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    blips: list[Any] = []
+
+    class Blipping(MemoryTransport):
+        async def append(self, stream_id: str, owner: str, entry: Any, *args: Any) -> None:
+            if owner.startswith("update-") and entry.seq in blips:
+                blips.remove(entry.seq)
+                raise TransportError("connection reset")
+            await super().append(stream_id, owner, entry, *args)
+
+    _api, graph, _reached, _hold = gated_router()
+    api = LangGraphRouter(Blipping(), {"agent": graph}, authorize=allow_all)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        body = {"assistant_id": "agent", "input": {"n": ["a"]}}
+        assert (await http.post("/threads/t1/runs/wait", json=body)).is_success
+        blips.append(1 if fails == "its first entry" else 2)
+        response = await http.post("/threads/t1/state", json={"values": {"n": ["edited"]}})
+        assert (response.status_code, blips) == (200, []), response.text
+        assert await _values(graph, "t1") == ["a", "done", "edited"]
+        assert (await http.get("/threads/t1")).json()["status"] == "idle"
+        assert [run["status"] for run in (await http.get("/threads/t1/runs")).json()] == [
+            "success"
+        ]
+    await api.producer.aclose()
+
+
 async def test_update_state_is_a_write_authorized_as_run_and_needs_the_apps_thread() -> None:
     from langgraph.checkpoint.memory import InMemorySaver
 

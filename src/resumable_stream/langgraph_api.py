@@ -57,10 +57,13 @@ from ._constants import DEFAULT_MAX_BODY_BYTES, DEFAULT_PING_INTERVAL, DEFAULT_S
 from ._consumer import StreamConsumer, settled_info
 from ._events import CANCELLED, END, ERROR, Event, Item
 from ._exceptions import (
+    BackendRefused,
     ConfigurationError,
     OffsetExpired,
     ResumableStreamError,
     StreamAlreadyRunning,
+    TransportClosed,
+    TransportError,
 )
 from ._http import (
     EVENT_STREAM_TYPE,
@@ -75,7 +78,7 @@ from ._ids import check_stream_id
 from ._producer import StreamProducer
 from ._sse import PING
 from .starlette import StreamResponse, _check_body_limit, _JsonRouting, _read_body
-from .transports import Entry, StreamInfo, Transport
+from .transports import Entry, Status, StreamInfo, Transport
 
 __all__ = [
     "LangGraphAction",
@@ -1214,15 +1217,44 @@ class LangGraphRouter:
         """Hold the thread for a state update (``owner``'s run ``epoch`` of its stream,
         created by the caller) while the block writes: its first entry says it is no run
         (``runs.list`` leaves it out); it ends ``completed`` after the block, whatever the
-        block did."""
+        block did. A storage fault past the write-retry budget on its first entry is raised
+        (nothing was written; the hold lapses with its lease), on its end only logged: the
+        block's outcome stands, and the thread is busy until the lease lapses."""
+        marker = encode_entry([(_STATE_UPDATE, {})])
+        await self._append_retrying(stream_id, owner, Entry(epoch, 1, marker), 1)
         try:
-            marker = encode_entry([(_STATE_UPDATE, {})])
-            await self.transport.append(stream_id, owner, Entry(epoch, 1, marker), 1)
             async with self._renewed(stream_id, owner):
                 yield
         finally:
-            end = encode_entry([(END, {})])
-            await self.transport.append(stream_id, owner, Entry(epoch, 2, end), 1, "completed")
+            end = Entry(epoch, 2, encode_entry([(END, {})]))
+            try:
+                await self._append_retrying(stream_id, owner, end, 1, "completed")
+            except ResumableStreamError:
+                logger.warning(
+                    "stream %s: ending a state update's hold failed; the thread is busy "
+                    "until its lease lapses",
+                    stream_id,
+                    exc_info=True,
+                )
+
+    async def _append_retrying(
+        self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None = None
+    ) -> None:
+        """Append an entry of a hold, retrying a transient fault within the producer's
+        write-retry budget, as a run's writes are (appends are idempotent per seq)."""
+        give_up = time.monotonic() + self.producer.write_retry_budget
+        delay = 0.02
+        while True:
+            try:
+                await self.transport.append(stream_id, owner, entry, count, final)
+                return
+            except (BackendRefused, TransportClosed):
+                raise  # a retry will not fix it
+            except TransportError:
+                if time.monotonic() + delay > give_up:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     @contextlib.asynccontextmanager
     async def _renewed(self, stream_id: str, owner: str) -> AsyncIterator[None]:
