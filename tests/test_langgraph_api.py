@@ -2830,9 +2830,7 @@ async def test_a_state_updates_hold_rides_out_a_storage_blip(fails: str) -> None
         assert (response.status_code, blips) == (200, []), response.text
         assert await _values(graph, "t1") == ["a", "done", "edited"]
         assert (await http.get("/threads/t1")).json()["status"] == "idle"
-        assert [run["status"] for run in (await http.get("/threads/t1/runs")).json()] == [
-            "success"
-        ]
+        assert [run["status"] for run in (await http.get("/threads/t1/runs")).json()] == ["success"]
     await api.producer.aclose()
 
 
@@ -3386,6 +3384,38 @@ async def test_threads_copy_makes_a_thread_with_the_same_checkpoints() -> None:
             forbidden = await http.post(f"/threads/{thread_id}/copy")
             assert (forbidden.status_code, forbidden.json()["code"]) == (403, "forbidden")
         assert len(records) == 2
+    await api.producer.aclose()
+
+
+async def test_threads_copy_without_create_thread_is_not_served_and_writes_nothing() -> None:
+    # Regression: with thread_info and no create_thread (the docs' own example), the copy
+    # went to a new UUID the app has no record of: every checkpoint of the thread was
+    # written there, then the answer was `404 thread_not_found` (for a thread that exists)
+    # and the copy stayed in the checkpointer, where no request could reach or delete it.
+    import httpx
+
+    from resumable_stream.langgraph_api import LangGraphRouter, ThreadInfo
+
+    _api, graph, _reached, _hold = gated_router()
+    now = datetime.now(UTC)
+
+    async def thread_info(request: Any, thread_id: str) -> ThreadInfo | None:
+        return ThreadInfo(now, now) if thread_id == "t1" else None
+
+    api = LangGraphRouter(
+        MemoryTransport(), {"agent": graph}, authorize=allow_all, thread_info=thread_info
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        body = {"assistant_id": "agent", "input": {"n": ["x"]}}
+        assert (await http.post("/threads/t1/runs/wait", json=body)).is_success
+        response = await http.post("/threads/t1/copy")
+        assert (response.status_code, response.json()["code"]) == (501, "not_served")
+        assert "create_thread" in response.json()["message"]
+        threads = {
+            item.config["configurable"]["thread_id"]
+            async for item in graph.checkpointer.alist(None)
+        }
+        assert threads == {"t1"}
     await api.producer.aclose()
 
 

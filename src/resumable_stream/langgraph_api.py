@@ -2169,7 +2169,8 @@ class LangGraphRouter:
         each of the thread's checkpoints, in every namespace, with their pending writes;
         answers it as ``GET /threads/{id}`` does. ``authorize`` is asked for ``"read"``
         on the thread and ``"create"``. A thread with a run in progress (or queued here)
-        is ``409 thread_busy``: its copy would hold half a step."""
+        is ``409 thread_busy``: its copy would hold half a step. With ``thread_info`` and
+        without ``create_thread``, ``501 not_served``."""
         thread_id, stream_id = await self._thread(request, "read")
         await self._check(request, "create")
         metadata: dict[str, Any] = {}
@@ -2188,6 +2189,17 @@ class LangGraphRouter:
                     "not_served",
                     "threads.copy is not served: this server's graphs keep no state "
                     "(no checkpointer) to copy",
+                )
+            )
+        if self.thread_info is not None and self.create_thread is None:
+            # A new UUID would be a thread the app has no record of: written, then 404,
+            # and out of reach of any request (threads.delete included).
+            raise _Refused(
+                HTTPError(
+                    501,
+                    "not_served",
+                    "threads.copy is not served: this server makes no threads "
+                    "(thread_info without create_thread) to copy into",
                 )
             )
         info = await settled_info(self.transport, stream_id)
