@@ -3322,6 +3322,8 @@ async def test_threads_count_pages_through_search_threads() -> None:
         asked.append(search)
         if request.headers.get("app") == "stuck":
             return ids[:1000]  # an app that ignores the offset
+        if request.headers.get("app") == "twice":
+            return ["t1", "t2", "t1"]  # an id twice in a page: one thread
         return ids[search.offset : search.offset + search.limit]
 
     def authorize(request: Any, thread_id: str | None, action: str) -> bool:
@@ -3340,6 +3342,8 @@ async def test_threads_count_pages_through_search_threads() -> None:
         ]
         stuck = await http.post("/threads/count", json={}, headers={"app": "stuck"})
         assert stuck.json() == 999
+        twice = await http.post("/threads/count", json={}, headers={"app": "twice"})
+        assert twice.json() == 2
     await api.producer.aclose()
 
 

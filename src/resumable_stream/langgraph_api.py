@@ -2147,7 +2147,7 @@ class LangGraphRouter:
             ids, seen = [], set()
             while True:
                 page = list(await self.search_threads(request, search))[: search.limit]
-                new = [thread_id for thread_id in page if thread_id not in seen]
+                new = [thread_id for thread_id in dict.fromkeys(page) if thread_id not in seen]
                 seen.update(new)
                 ids += new
                 if len(page) < search.limit or not new:
