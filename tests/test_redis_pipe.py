@@ -13,7 +13,7 @@ import redis.asyncio.cluster as redis_py_cluster
 import uvloop
 from redis.asyncio.connection import Connection
 
-from resumable_stream import ConfigurationError, TransportError
+from resumable_stream import ConfigurationError, TransportClosed, TransportError
 from resumable_stream.transports import _redis_pipe
 from resumable_stream.transports._redis_pipe import Pipe, Subscriber, pack
 from resumable_stream.transports.redis import RedisTransport
@@ -480,3 +480,25 @@ async def test_a_pipe_that_timed_out_keeps_its_next_connection(redis_server: Red
         assert pipe.connects == 2 and len(pipe._tasks) == 1
     finally:
         await pipe.aclose()
+
+
+async def test_a_command_on_a_last_connection_closed_before_it_opened_is_answered(
+    redis_server: RedisServer,
+) -> None:
+    # Regression: once the loop had cancelled the pipe's task, a command's reply waited for
+    # its connection's task to end; closed in the same event-loop turn, that task was
+    # cancelled before it ran (its code, which hands the replies over, never ran), and the
+    # caller waited for ever.
+    pipe = Pipe(lambda: Connection(port=redis_server.port), timeout=5.0, name="t")
+    assert await pipe.call(pack("PING")) == b"PONG"
+    (task,) = pipe._tasks
+    task.cancel()  # as asyncio.run() does
+    await asyncio.wait([task])
+    answers: list[Any] = []
+    reply = pipe.send(pack("ECHO", "a"))  # its connection's task has not started yet
+    pipe.post(pack("ECHO", "b"), answers.append)
+    await pipe.aclose()
+    with pytest.raises(TransportClosed):
+        await asyncio.wait_for(reply, 10)
+    assert [type(answer) for answer in answers] == [TransportClosed]
+

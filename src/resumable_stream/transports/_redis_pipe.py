@@ -405,6 +405,10 @@ class Pipe:
             )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            if session.last:
+                # Also when the task is cancelled before it ran (closed in this event-loop
+                # turn): its own code, which hands the replies over, never runs then.
+                task.add_done_callback(lambda _: session.hand_over())
         if not session.pending:
             self._progress = loop.time()
             if self._watchdog is None:
