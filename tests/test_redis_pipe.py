@@ -502,3 +502,28 @@ async def test_a_command_on_a_last_connection_closed_before_it_opened_is_answere
         await asyncio.wait_for(reply, 10)
     assert [type(answer) for answer in answers] == [TransportClosed]
 
+
+def test_a_pipe_used_on_another_event_loop_keeps_its_timeout(redis_server: RedisServer) -> None:
+    # Regression: the watchdog armed on the first loop, still pending as that loop closed
+    # (a test's loop, with the transport kept for the next test), stayed set for good: on
+    # every later loop a silent server was waited for without end.
+    pipe = Pipe(lambda: Connection(port=redis_server.port), timeout=0.5, name="t")
+
+    async def first() -> None:
+        assert await pipe.call(pack("PING")) == b"PONG"
+
+    async def second() -> None:
+        try:
+            assert await pipe.call(pack("PING")) == b"PONG"
+            async with aioredis.Redis(port=redis_server.port) as admin:
+                await admin.execute_command("CLIENT", "PAUSE", 5000, "WRITE")
+                try:
+                    with pytest.raises(TransportError, match="did not answer"):
+                        await asyncio.wait_for(pipe.call(pack("SET", "k", "v")), 4)
+                finally:
+                    await admin.execute_command("CLIENT", "UNPAUSE")
+        finally:
+            await pipe.aclose()
+
+    asyncio.run(first())  # ends within the timeout: its watchdog had not fired
+    asyncio.run(second())

@@ -342,6 +342,7 @@ class Pipe:
         self._tasks: set[asyncio.Task[None]] = set()
         self._progress = 0.0  # when a reply last came, or the first owed one was queued
         self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         # The event loop shutting down: it cancelled our task (see _run).
         self._shutting_down: asyncio.AbstractEventLoop | None = None
@@ -411,7 +412,10 @@ class Pipe:
                 task.add_done_callback(lambda _: session.hand_over())
         if not session.pending:
             self._progress = loop.time()
-            if self._watchdog is None:
+            if self._watchdog is None or self._watchdog_loop is not loop:
+                # (One armed on an event loop that has ended never fires: a transport kept
+                # from one loop to the next, as by tests, one loop each.)
+                self._watchdog_loop = loop
                 self._watchdog = loop.call_at(self._progress + self._timeout, self._check)
         return session
 
