@@ -66,6 +66,10 @@ class ConnectionLimit:
         self._count -= 1
 
 
+class ServerClosed(ConnectionAbortedError):
+    """What cut a stream response its server cancelled (a shutdown): the run goes on."""
+
+
 #: The longest ``retry`` accepted, in seconds: a client told to wait longer never comes back.
 MAX_RETRY = 86_400
 
@@ -385,7 +389,7 @@ class StreamEngine:
             return True
         body = connection.take()
         if not (connection.done and connection.error is None) and self.wire.cut is not None:
-            body += self.wire.cut(connection.error or ConnectionAbortedError("server shutdown"))
+            body += self.wire.cut(connection.error or ServerClosed("the server closed it"))
         try:
             async with asyncio.timeout(SHUTDOWN_WRITE_WAIT):
                 if not connection.started:

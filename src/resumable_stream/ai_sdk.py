@@ -43,6 +43,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
+from ._asgi import ServerClosed
 from ._codec import parse_offset
 from ._constants import DEFAULT_MAX_BODY_BYTES, DEFAULT_PING_INTERVAL, DEFAULT_SEND_TIMEOUT
 from ._consumer import StreamConsumer, settled_info
@@ -98,6 +99,11 @@ _MESSAGE_ID_EVENT = "resumable_stream.ui_message_id"
 #: The error part of an answer cancelled by its server's shutdown.
 _SHUTDOWN_TEXT = (
     "the answer was cut short: the server shut down before it finished; send the message again"
+)
+#: The error part of a response its server closed (a deploy) while the run goes on.
+_SERVER_CLOSED_TEXT = (
+    "the server closed this connection before the answer ended (a restart or a deploy); "
+    "the answer goes on: resume to read the rest"
 )
 #: The error part of an answer whose run was stopped in its process, not asked to stop.
 _STOPPED_TEXT = (
@@ -743,6 +749,8 @@ class UIMessageStreamResponse(StreamResponse):
 
     def _cut(self, error: BaseException) -> bytes:
         # The detail may name the storage's hosts: the client gets what to do, not why.
+        if isinstance(error, ServerClosed):
+            return self.chunker.interrupted(_SERVER_CLOSED_TEXT)
         return self.chunker.interrupted(
             "the answer was interrupted (its stream could not be read); resume to read the rest"
         )
