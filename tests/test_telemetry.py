@@ -175,7 +175,18 @@ async def test_a_reaped_run_is_counted(transport: Transport, recorded: Recorded)
     await transport.create("orphan", owner="gone", lease_ms=200)  # what a kill -9 leaves
     events = await collect(transport, "orphan")
     assert [e.data.get("error") for e in events] == ["producer_lost"]
-    assert recorded.value("resumable_stream.reaps") == 1
+    assert recorded.points("resumable_stream.reaps") == {(("error", "producer_lost"),): 1}
+
+
+async def test_a_reservation_no_worker_started_is_told_from_a_lost_producer(
+    transport: Transport, recorded: Recorded
+) -> None:
+    # Regression: a run reserved for a task queue that no worker started in time (a backlog)
+    # was counted as a reap like a producer that died mid-answer, the alert's meaning.
+    await StreamProducer(transport).reserve("queued", start_timeout=0.1)
+    events = await collect(transport, "queued")
+    assert events[-1].data.get("error") == "not_started"
+    assert recorded.points("resumable_stream.reaps") == {(("error", "not_started"),): 1}
 
 
 class FlakyTransport(MemoryTransport):

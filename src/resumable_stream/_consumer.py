@@ -70,10 +70,9 @@ async def _lost_payload(transport: Transport, stream_id: str, epoch: int, seq: i
 async def reap(transport: Transport, stream_id: str, epoch: int, seq: int) -> bool:
     """End run ``epoch`` of ``stream_id`` with its reaper's error if its producer's lease
     lapsed, as its readers do (see ``seq`` in :func:`_lost_payload`); true if it did."""
-    if await transport.reap(
-        stream_id, epoch, await _lost_payload(transport, stream_id, epoch, seq)
-    ):
-        telemetry.reaped()
+    payload = await _lost_payload(transport, stream_id, epoch, seq)
+    if await transport.reap(stream_id, epoch, payload):
+        telemetry.reaped("not_started" if payload is _NOT_STARTED_PAYLOAD else "producer_lost")
         return True
     return False
 

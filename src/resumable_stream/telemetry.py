@@ -21,7 +21,9 @@ Metrics (OpenTelemetry names; Prometheus turns the dots into underscores and add
 * ``resumable_stream.events.delivered``: events handed to consumers;
 * ``resumable_stream.resumes``: consumers started after an offset (``after=``,
   ``Last-Event-ID``);
-* ``resumable_stream.reaps``: runs a reader ended as ``producer_lost``;
+* ``resumable_stream.reaps`` by ``error``: runs a reader ended, ``producer_lost`` (its
+  producer stopped renewing its lease: a process died mid-run) or ``not_started`` (a
+  reservation no producer started within its ``start_timeout``);
 * ``resumable_stream.transport.errors`` by ``operation``: transport faults met by
   producers and consumers;
 * ``resumable_stream.transport.reconnects`` by ``connection``: connections a transport
@@ -151,7 +153,9 @@ class _Instruments:
             "resumable_stream.resumes", "{consumer}", "Consumers started after an offset"
         )
         self.reaps = counter(
-            "resumable_stream.reaps", "{run}", "Runs ended as producer_lost by a reader"
+            "resumable_stream.reaps",
+            "{run}",
+            "Runs a reader ended, by error: producer_lost or not_started",
         )
         self.transport_errors = counter(
             "resumable_stream.transport.errors", "{error}", "Transport faults met"
@@ -280,10 +284,11 @@ def live(change: int) -> None:
         _counts.live += change
 
 
-def reaped() -> None:
+def reaped(error: str) -> None:
+    """A reader ended a run with ``error``: ``producer_lost`` or ``not_started``."""
     i = _instruments
     if i is not None:
-        i.reaps.add(1)
+        i.reaps.add(1, {"error": error})
 
 
 def delivered(count: int) -> None:
