@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -169,6 +170,28 @@ async def test_a_reader_leaving_inside_an_entry_counts_the_events_it_got(
     assert recorded.value("resumable_stream.events.delivered") == 2
     assert len(await collect(transport, "five")) == 6
     assert recorded.value("resumable_stream.events.delivered") == 8
+
+
+async def test_a_reader_dropped_inside_an_entry_counts_the_events_it_got(
+    transport: Transport, recorded: Recorded
+) -> None:
+    # Regression: a reader left by `break` without aclose() (the garbage collector ends it)
+    # counted none of the events it had been handed of its last entry.
+    info = await transport.create("five", owner="me", lease_ms=5000)
+    items = [("token", {"text": t, "message_id": None, "node": None}) for t in "abcde"]
+    await transport.append("five", "me", Entry(info.epoch, 1, encode_entry(items)), 5)
+
+    async def first_two() -> list[str]:
+        got = []
+        async for event in StreamConsumer(transport, "five"):
+            got.append(event.data["text"])
+            if len(got) == 2:
+                break
+        return got
+
+    assert await first_two() == ["a", "b"]
+    gc.collect()
+    assert recorded.value("resumable_stream.events.delivered") == 2
 
 
 async def test_a_reaped_run_is_counted(transport: Transport, recorded: Recorded) -> None:

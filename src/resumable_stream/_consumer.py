@@ -275,6 +275,8 @@ class StreamConsumer:
         await self.aclose()
 
     def __del__(self) -> None:
+        if getattr(self, "_events", None):  # left inside an entry (a `break`)
+            self._drop_events()
         subscription = getattr(self, "_subscription", None)
         if subscription is None:
             return
