@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import tracemalloc
 
+import orjson
 import pytest
 
 from resumable_stream import (
@@ -395,3 +396,26 @@ async def test_a_finished_stream_kept_by_the_memory_transport_holds_its_bytes_on
     stored = transport._streams[run.stream_id].payloads
     assert len(stored) == 2001
     assert held < 2001 * 200  # about 80 bytes an entry, not 4 KiB
+
+
+async def test_an_entry_that_fails_to_open_while_following_live_releases_the_subscription() -> None:
+    # Regression: opening a live entry ran outside the read's error handling, so a reader
+    # that raised there (an entry it cannot decode) kept its subscription until collected.
+    transport = MemoryTransport()
+    info = await transport.create("s", "w", 60_000)
+    await transport.append(
+        "s", "w", Entry(info.epoch, 1, encode_entry([("token", {"text": "a"})])), 1
+    )
+    consumer = StreamConsumer(transport, "s")
+    assert (await anext(consumer)).data["text"] == "a"
+    waiting = asyncio.ensure_future(anext(consumer))  # follows live
+    stream = transport._streams["s"]
+
+    async def subscribed() -> bool:
+        return len(stream.subscribers) == 1
+
+    await eventually(subscribed)
+    await transport.append("s", "w", Entry(info.epoch, 2, b"not json"), 1)
+    with pytest.raises(orjson.JSONDecodeError):
+        await waiting
+    assert stream.subscribers == set()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import sys
+import warnings
 import weakref
 from typing import Any
 
@@ -106,6 +108,38 @@ async def test_consumers_dropped_or_broken_release_their_subscription() -> None:
         if event.terminal:
             break
     assert stream.subscribers == set()
+
+
+async def test_a_consumer_dropped_under_warnings_as_errors_still_releases_its_subscription(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Regression: __del__ warned first; under -W error the warning raised (into the
+    # unraisable hook) before the subscription was closed and the live reader counted off.
+    from resumable_stream import telemetry
+
+    transport = MemoryTransport()
+    gate = asyncio.Event()
+    run = await StreamProducer(transport).start(tokens(10, pause=gate))
+    live_before = telemetry._counts.live
+    consumer = StreamConsumer(transport, run.stream_id)
+    await anext(consumer)
+    await anext(consumer)  # now subscribed live
+    stream = transport._streams[run.stream_id]
+    raised: list[BaseException | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: raised.append(info.exc_value))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ResourceWarning)
+        del consumer
+        gc.collect()
+
+    async def released() -> bool:
+        return stream.subscribers == set()
+
+    await eventually(released)
+    assert [type(e) for e in raised] == [ResourceWarning]
+    assert telemetry._counts.live == live_before
+    gate.set()
+    await run.wait()
 
 
 async def test_malformed_chat_model_events_are_skipped_not_fatal() -> None:

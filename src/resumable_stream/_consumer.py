@@ -209,7 +209,11 @@ class StreamConsumer:
         events = self._events
         while not events:
             if self._entries:
-                events = self._open(self._entries.popleft())
+                try:
+                    events = self._open(self._entries.popleft())
+                except BaseException:  # (a rolled-back stream's OffsetExpired)
+                    self._close_subscription()
+                    raise
                 continue
             if self._finished:
                 self._close_subscription()
@@ -280,18 +284,20 @@ class StreamConsumer:
         subscription = getattr(self, "_subscription", None)
         if subscription is None:
             return
-        # Dropped mid-stream without aclose(): say so, and close on the loop's own thread
-        # (the garbage collector may run anywhere, and transports are not thread-safe).
+        # Dropped mid-stream without aclose(): close on the loop's own thread (the garbage
+        # collector may run anywhere, and transports are not thread-safe), then say so
+        # (under -W error the warning raises: what it tells of is released first).
+        self._subscription = None
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(subscription.close)
+        telemetry.live(-1)
         warnings.warn(
             f"StreamConsumer of {self.stream_id!r} was dropped while following the stream: "
             "use 'async with' or call aclose() when leaving the loop early",
             ResourceWarning,
             stacklevel=2,
         )
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(subscription.close)
-        telemetry.live(-1)
 
     def _close_subscription(self) -> None:
         if self._subscription is not None:
