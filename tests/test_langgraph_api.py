@@ -3178,31 +3178,11 @@ async def test_the_router_served_as_the_app_answers_routing_errors_in_json() -> 
 
 def _records_router(**kw: Any) -> tuple[Any, Any, dict[str, Any]]:
     """A gated router (see gated_router) whose threads are the app's records: a dict of
-    ThreadInfo that create_thread, thread_info, update_thread and delete_thread keep."""
-    from resumable_stream.langgraph_api import ThreadInfo
+    ThreadInfo that create_thread, thread_info and update_thread keep."""
+    from tests._thread_records import ThreadRecords
 
-    records: dict[str, ThreadInfo] = {}
-
-    async def create_thread(request: Any, thread_id: str | None, metadata: Any) -> str:
-        thread_id = thread_id or f"t{len(records) + 1}"
-        now = datetime.now(UTC)
-        records[thread_id] = ThreadInfo(now, now, dict(metadata))
-        return thread_id
-
-    async def thread_info(request: Any, thread_id: str) -> ThreadInfo | None:
-        return records.get(thread_id)
-
-    async def update_thread(request: Any, thread_id: str, metadata: dict[str, Any]) -> None:
-        record = records[thread_id]
-        merged = {**record.metadata, **metadata}
-        records[thread_id] = ThreadInfo(record.created_at, datetime.now(UTC), merged)
-
-    api, graph, _reached, _hold = gated_router(
-        create_thread=create_thread,
-        thread_info=thread_info,
-        update_thread=update_thread,
-        **kw,
-    )
+    records = ThreadRecords()
+    api, graph, _reached, _hold = gated_router(**records.hooks(), **kw)
     return api, graph, records
 
 

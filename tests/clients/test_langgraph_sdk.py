@@ -666,40 +666,23 @@ def _app_with_update_thread() -> Any:
     """An app whose threads are records kept by create_thread / thread_info /
     update_thread hooks (a dict), on one graph with an in-memory checkpointer."""
     import contextlib
-    from datetime import UTC, datetime
 
     from langgraph.checkpoint.memory import InMemorySaver
     from starlette.applications import Starlette
     from starlette.routing import Mount
 
-    from resumable_stream.langgraph_api import LangGraphRouter, ThreadInfo
+    from resumable_stream.langgraph_api import LangGraphRouter
     from resumable_stream.starlette import allow_all
     from resumable_stream.transports.memory import MemoryTransport
+    from tests._thread_records import ThreadRecords
     from tests.clients._graph import build_graph
 
-    records: dict[str, ThreadInfo] = {}
-
-    async def create_thread(request: Any, thread_id: str | None, metadata: Any) -> str:
-        thread_id = thread_id or f"t{len(records) + 1}"
-        now = datetime.now(UTC)
-        records[thread_id] = ThreadInfo(now, now, dict(metadata))
-        return thread_id
-
-    async def thread_info(request: Any, thread_id: str) -> ThreadInfo | None:
-        return records.get(thread_id)
-
-    async def update_thread(request: Any, thread_id: str, metadata: dict[str, Any]) -> None:
-        record = records[thread_id]
-        merged = {**record.metadata, **metadata}
-        records[thread_id] = ThreadInfo(record.created_at, datetime.now(UTC), merged)
-
+    records = ThreadRecords()
     api = LangGraphRouter(
         MemoryTransport(),
         {"agent": build_graph({}, InMemorySaver())},
         authorize=allow_all,
-        create_thread=create_thread,
-        thread_info=thread_info,
-        update_thread=update_thread,
+        **records.hooks(),
     )
 
     @contextlib.asynccontextmanager
