@@ -60,6 +60,20 @@ def test_an_answer_cut_by_a_redis_restart_is_recorded_as_lost_not_stopped(
     assert "84" in answer_text(answer)
 
 
+def _worker_mode(redis: RedisServer, postgres_dsn: str, **settings: str) -> dict[str, str]:
+    """The service's settings in worker mode on ``redis``: a lease of 1 s, and workers
+    given 600 s to start an answer unless ``settings`` say otherwise."""
+    return {
+        "REDIS_URL": redis.url,
+        "DATABASE_URL": postgres_dsn,
+        "REDIS_PREFIX": f"chat{uuid.uuid4().hex[:8]}",
+        "WORKER_MODE": "1",
+        "STREAM_LEASE": "1",
+        "WORKER_START_TIMEOUT": "600",
+        **settings,
+    }
+
+
 @pytest.mark.postgres
 def test_a_worker_survives_a_redis_restart_in_the_middle_of_an_answer(
     chat_servers: Callable[..., ChatServer],
@@ -67,15 +81,9 @@ def test_a_worker_survives_a_redis_restart_in_the_middle_of_an_answer(
     postgres_dsn: str,
 ) -> None:
     redis = redis_server_factory()
-    env = {
-        "REDIS_URL": redis.url,
-        "DATABASE_URL": postgres_dsn,
-        "REDIS_PREFIX": f"chat{uuid.uuid4().hex[:8]}",
-        "WORKER_MODE": "1",
-        "STREAM_LEASE": "1",
-        "WORKER_START_TIMEOUT": "10",
-        "OFFLINE_TOKENS_PER_SECOND": "40",
-    }
+    env = _worker_mode(
+        redis, postgres_dsn, WORKER_START_TIMEOUT="10", OFFLINE_TOKENS_PER_SECOND="40"
+    )
     api = chat_servers(**env)
     worker = chat_servers("worker", **env)
     with api.client() as client:
@@ -108,14 +116,7 @@ def test_an_answer_waiting_for_a_worker_when_redis_lost_its_task_fails_and_frees
     # for a stream that would never come back (WORKER_START_TIMEOUT lived in that stream),
     # and the thread refused every new message (409 thread_busy) until stopped.
     redis = redis_server_factory()
-    env = {
-        "REDIS_URL": redis.url,
-        "DATABASE_URL": postgres_dsn,
-        "REDIS_PREFIX": f"chat{uuid.uuid4().hex[:8]}",
-        "WORKER_MODE": "1",
-        "STREAM_LEASE": "1",
-        "WORKER_START_TIMEOUT": "600",
-    }
+    env = _worker_mode(redis, postgres_dsn)
     api = chat_servers(**env)
     with api.client() as client:
         queued = post_message(client, "what is 12*7")  # no worker runs yet
@@ -152,15 +153,7 @@ def test_a_queued_answer_whose_task_redis_lost_reads_as_lost_after_the_next_is_a
     # recorded the lost answer as not_started ("are workers running?"), while a reader that
     # came first was told queue_unavailable. Both now say queue_unavailable.
     redis = redis_server_factory()
-    env = {
-        "REDIS_URL": redis.url,
-        "DATABASE_URL": postgres_dsn,
-        "REDIS_PREFIX": f"chat{uuid.uuid4().hex[:8]}",
-        "WORKER_MODE": "1",
-        "BUSY_POLICY": "queue",
-        "STREAM_LEASE": "1",
-        "WORKER_START_TIMEOUT": "600",
-    }
+    env = _worker_mode(redis, postgres_dsn, BUSY_POLICY="queue")
     api = chat_servers(**env)
     with api.client() as client:
         lost = post_message(client, "what is 12*7")  # no worker runs yet
