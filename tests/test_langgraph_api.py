@@ -1906,10 +1906,9 @@ async def test_threads_search_asks_search_threads_when_given() -> None:
     assert records[0]["created_at"] == "2026-01-02T00:00:00+00:00"
 
 
-async def test_threads_search_pages_the_threads_the_caller_may_read() -> None:
-    # Regression: the search paged the checkpointer's threads before leaving out those
-    # authorize refuses, so that a page of other users' threads came out empty (Agent
-    # Chat UI showed no threads) while the caller's own were further on.
+async def _users_threads() -> Any:
+    """A router whose threads alice1, bob1, alice2, bob2, bob3 (in that order, each with
+    one run, metadata ``team``: alice or bob) are readable by the ``user`` header's user."""
     import httpx
 
     from resumable_stream.langgraph_api import LangGraphRouter
@@ -1923,8 +1922,23 @@ async def test_threads_search_pages_the_threads_the_caller_may_read() -> None:
     api = LangGraphRouter(MemoryTransport(), {"agent": graph}, authorize=authorize)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
         for thread_id in ["alice1", "bob1", "alice2", "bob2", "bob3"]:
-            body = {"assistant_id": "agent", "input": {"n": [thread_id]}}
+            body = {
+                "assistant_id": "agent",
+                "input": {"n": [thread_id]},
+                "config": {"metadata": {"team": thread_id[:-1]}},
+            }
             assert (await http.post(f"/threads/{thread_id}/runs/wait", json=body)).is_success
+    return api
+
+
+async def test_threads_search_pages_the_threads_the_caller_may_read() -> None:
+    # Regression: the search paged the checkpointer's threads before leaving out those
+    # authorize refuses, so that a page of other users' threads came out empty (Agent
+    # Chat UI showed no threads) while the caller's own were further on.
+    import httpx
+
+    api = await _users_threads()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
         alice = {"user": "alice"}
         found = await http.post("/threads/search", json={"limit": 2}, headers=alice)
         assert [r["thread_id"] for r in found.json()] == ["alice2", "alice1"]
@@ -3255,23 +3269,8 @@ async def test_threads_count_counts_what_the_search_finds() -> None:
     # threads.count (POST /threads/count) was 405.
     import httpx
 
-    from resumable_stream.langgraph_api import LangGraphRouter
-
-    _api, graph, _reached, _hold = gated_router()
-
-    def authorize(request: Any, thread_id: str | None, action: str) -> bool:
-        user = request.headers.get("user", "")
-        return thread_id is None or action != "read" or thread_id.startswith(user)
-
-    api = LangGraphRouter(MemoryTransport(), {"agent": graph}, authorize=authorize)
+    api = await _users_threads()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
-        for thread_id in ["alice1", "bob1", "alice2", "bob2", "bob3"]:
-            body = {
-                "assistant_id": "agent",
-                "input": {"n": [thread_id]},
-                "config": {"metadata": {"team": thread_id[:-1]}},
-            }
-            assert (await http.post(f"/threads/{thread_id}/runs/wait", json=body)).is_success
         counted = await http.post("/threads/count", json={}, headers={"user": "alice"})
         assert (counted.status_code, counted.json()) == (200, 2)
         assert (await http.post("/threads/count", json={})).json() == 5
