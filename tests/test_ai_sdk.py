@@ -14,11 +14,18 @@ import httpx
 import orjson
 import pytest
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
+from langchain_core.messages import (
+    AIMessage,
+    AIMessageChunk,
+    AnyMessage,
+    BaseMessage,
+    ToolMessage,
+)
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.tools import InjectedToolCallId, ToolException, tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.graph.message import add_messages
 from langgraph.prebuilt import ToolNode
 from langgraph.types import Command, interrupt
 from starlette.applications import Starlette
@@ -393,6 +400,62 @@ async def test_a_tool_that_returns_a_command_shows_its_tool_message(mode: str) -
             "errorText": "found y",
             **SERVER_RAN,
         },
+    }
+
+
+@tool("search")
+def list_command_search(
+    q: str, tool_call_id: Annotated[str, InjectedToolCallId]
+) -> Command[Any]:
+    """Look q up, answering with a Command whose update is a list of messages (a graph
+    whose state is the list of messages: ToolNode takes no dict from its tools then)."""
+    status = "error" if q == "y" else "success"
+    return Command(update=[ToolMessage(f"found {q}", tool_call_id=tool_call_id, status=status)])
+
+
+def list_state_graph() -> Any:
+    """agent_graph on a state that is the list of messages itself."""
+    model = ToolCallingModel()
+
+    async def agent(state: list[AnyMessage]) -> list[AnyMessage]:
+        return [await model.ainvoke(state)]
+
+    def route(state: list[AnyMessage]) -> str:
+        last = state[-1]
+        return "tools" if isinstance(last, AIMessage) and last.tool_calls else END
+
+    builder = StateGraph(Annotated[list[AnyMessage], add_messages])  # type: ignore[arg-type]
+    builder.add_node("agent", agent)
+    builder.add_node("tools", ToolNode([list_command_search]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", route, ["tools", END])
+    builder.add_edge("tools", "agent")
+    return builder.compile()
+
+
+@pytest.mark.parametrize("mode", ["messages", "events"])
+async def test_a_command_whose_update_is_a_list_of_messages_shows_its_tool_message(
+    mode: str,
+) -> None:
+    # Regression: with astream_events, a Command whose update is the messages themselves
+    # (a ToolNode over a list-of-messages state) was taken for [(key, value), ...] pairs:
+    # the UI showed {graph, update, resume, goto} as the output, and "error" as a success.
+    inputs = [("user", "look up x and y")]
+    if mode == "messages":
+        source = list_state_graph().astream(inputs, stream_mode="messages")
+    else:
+        source = list_state_graph().astream_events(inputs, version="v2")
+    chunker = UIMessageChunks("m")
+    chunks = [c for e in await stored_events(source) for c in chunker.chunks(e)]
+    check_order(chunks)
+    outputs = {
+        c["toolCallId"]: (c["type"], c.get("output", c.get("errorText")))
+        for c in chunks
+        if c["type"].startswith("tool-output-")
+    }
+    assert outputs == {
+        "c1": ("tool-output-available", "found x"),
+        "c2": ("tool-output-error", "found y"),
     }
 
 

@@ -646,9 +646,11 @@ def _command_tool_message(command: Mapping[str, Any], call_id: Any) -> Mapping[s
     update = command.get("update")
     if isinstance(update, Mapping):
         messages = update.get("messages")
-    elif isinstance(update, list):  # [(key, value), ...]
+    elif isinstance(update, list):
+        # [(key, value), ...], or the messages themselves: ToolNode's form for a graph
+        # whose state is the list of messages
         pairs = (p for p in update if isinstance(p, list) and len(p) == 2)
-        messages = next((p[1] for p in pairs if p[0] == "messages"), None)
+        messages = next((p[1] for p in pairs if p[0] == "messages"), update)
     else:
         return None
     found = [
