@@ -404,9 +404,7 @@ async def test_a_tool_that_returns_a_command_shows_its_tool_message(mode: str) -
 
 
 @tool("search")
-def list_command_search(
-    q: str, tool_call_id: Annotated[str, InjectedToolCallId]
-) -> Command[Any]:
+def list_command_search(q: str, tool_call_id: Annotated[str, InjectedToolCallId]) -> Command[Any]:
     """Look q up, answering with a Command whose update is a list of messages (a graph
     whose state is the list of messages: ToolNode takes no dict from its tools then)."""
     status = "error" if q == "y" else "success"
@@ -506,6 +504,84 @@ def subagent_events() -> list[Event]:
         Event("token", {"text": "Done", "message_id": "run-3", "node": "agent"}, ""),
         Event("end", {}, ""),
     ]
+
+
+def parallel_subagent_events() -> list[Event]:
+    """Two sub-agents run at once (`messages` mode): A's tool answers while B's model is
+    half way through its call's arguments, then A's model speaks, then B's call ends."""
+
+    def token(message_id: str, data: dict[str, Any]) -> Event:
+        return Event("token", {"text": "", "message_id": message_id, "node": "agent", **data}, "")
+
+    def piece(call_id: str | None, name: str | None, args: str, index: int = 0) -> Any:
+        return {"tool_call_chunks": [{"id": call_id, "name": name, "args": args, "index": index}]}
+
+    def tool_message(call_id: str, name: str, text: str) -> Event:
+        message = {"role": "tool", "tool_call_id": call_id, "name": name, "content": text}
+        return Event("message", {"message": {**message, "text": text, "status": "success"}}, "")
+
+    return [
+        token("run-1", piece("a", "research_a", '{"q": "x"}')),
+        token("run-1", piece("b", "research_b", '{"q": "y"}', 1)),
+        token("a-1", piece("s1", "lookup", '{"q": "x1"}')),
+        token("b-1", piece("t1", "lookup", '{"q": ')),
+        tool_message("s1", "lookup", "got x1"),
+        token("a-2", {"text": "A done"}),
+        token("b-1", piece(None, None, '"y1"}')),
+        tool_message("t1", "lookup", "got y1"),
+        token("b-2", {"text": "B done"}),
+        tool_message("a", "research_a", "A done"),
+        tool_message("b", "research_b", "B done"),
+        token("run-2", {"text": "Done"}),
+        Event("end", {}, ""),
+    ]
+
+
+def test_a_call_still_streaming_when_a_parallel_agent_begins_a_step_is_not_cut() -> None:
+    # Regression: a new step settled every call still streaming, also one a parallel
+    # agent was half way through: it ended as tool-input-error ("not valid JSON") with
+    # its arguments cut, and the rest of them was dropped. It ends whole, in its step.
+    chunker = UIMessageChunks("m")
+    chunks = [c for e in parallel_subagent_events() for c in chunker.chunks(e)]
+    check_order(chunks)
+    assert not [c for c in chunks if c["type"] == "tool-input-error"]
+    deltas = [
+        c["inputTextDelta"] for c in chunks if c.get("toolCallId") == "t1" and "inputTextDelta" in c
+    ]
+    assert "".join(deltas) == '{"q": "y1"}'
+    inputs = {c["toolCallId"]: c["input"] for c in chunks if c["type"] == "tool-input-available"}
+    assert inputs["t1"] == {"q": "y1"}
+    steps: list[set[str]] = []
+    for chunk in chunks:
+        if chunk["type"] == "start-step":
+            steps.append(set())
+        elif chunk["type"].startswith("tool-input-"):
+            steps[-1].add(chunk["toolCallId"])
+    assert sum("t1" in step for step in steps) == 1  # `ai` adds a part per step it is in
+
+
+def test_a_call_its_model_cut_does_not_hold_the_step() -> None:
+    # Its arguments are not JSON, but its model said why it stopped (max_tokens): nothing
+    # more comes, so the model's next turn is a new step, the cut call ended in its own.
+    def token(data: dict[str, Any]) -> Event:
+        return Event("token", {"text": "", "message_id": "run-1", "node": "agent", **data}, "")
+
+    whole = {"id": "a", "name": "search", "args": '{"q": "x"}', "index": 0}
+    cut = {"id": "b", "name": "search", "args": '{"q": ', "index": 1}
+    message = {"role": "tool", "tool_call_id": "a", "name": "search", "content": "found x"}
+    events = [
+        token({"tool_call_chunks": [whole, cut], "finish_reason": "length"}),
+        Event("message", {"message": {**message, "text": "found x", "status": "success"}}, ""),
+        Event("token", {"text": "Sorry", "message_id": "run-2", "node": "agent"}, ""),
+        Event("end", {}, ""),
+    ]
+    chunker = UIMessageChunks("m")
+    chunks = [c for e in events for c in chunker.chunks(e)]
+    check_order(chunks)
+    kinds = [c["type"] for c in chunks]
+    assert (
+        kinds.index("tool-input-error") < kinds.index("start-step", 2) < kinds.index("text-start")
+    )
 
 
 def test_a_streamed_call_ends_in_its_own_step_when_the_next_one_begins() -> None:

@@ -165,12 +165,18 @@ class _ToolCall:
 @dataclass(slots=True)
 class _DraftCall:
     """A tool call a model is streaming (``tool_call_chunks``): its id and name once a
-    fragment gave them, the text of its arguments so far, and how much of it was sent."""
+    fragment gave them, the text of its arguments so far, how much of it was sent, and
+    whether its model said why it stopped (its last chunk: its arguments are all there)."""
 
     call_id: str | None = None
     name: str | None = None
     args: str = ""
     sent: int = 0
+    ended: bool = False
+
+    def whole(self) -> bool:
+        """True unless more of its arguments may come: their text is not JSON yet."""
+        return self.ended or (bool(self.args.strip()) and _is_json(self.args))
 
 
 class UIMessageChunks:
@@ -321,6 +327,10 @@ class UIMessageChunks:
     def _next_step(self, out: list[dict[str, Any]]) -> None:
         """Begin a new step if a tool's output was sent in this one: the model speaks again."""
         if self._tool_output_sent:
+            if not all(draft.whole() for draft in self._streaming.values()):
+                # A model (a parallel agent's) is half way through a call: it stays in this
+                # step, where `ai` puts the rest of it; the step ends once it is whole.
+                return
             self._tool_output_sent = False
             self._finish_reason = None  # the model's next call says why it stopped, if it does
             if self._streaming:
@@ -413,7 +423,10 @@ class UIMessageChunks:
         finish = data.get("finish_reason")  # (the model's last chunk)
         if finish:
             key = _message_key(data.get("message_id"))
-            called = any(draft[0] == key for draft in self._drafts)
+            called = False
+            for (message, _), draft in self._drafts.items():
+                if message == key:
+                    called = draft.ended = True
             self._finish_reason = _finish_reason(finish, called)
 
     def _message(self, message: Any, out: list[dict[str, Any]]) -> None:

@@ -23,6 +23,7 @@ from tests.test_ai_sdk import (
     agent_graph,
     failing_search,
     finishing_graph,
+    parallel_subagent_events,
     reasoning_graph,
     stored_events,
     streaming_tool_graph,
@@ -317,4 +318,24 @@ def test_a_streamed_call_answered_after_a_subagent_s_text_shows_once(
     assert tools == [
         ("tool-search", "output-available", "found x"),
         ("tool-research", "output-available", "deep dive"),
+    ]
+
+
+def test_a_call_a_parallel_agent_still_streams_at_a_new_step_keeps_its_input(
+    node_modules: Path, tmp_path: Path
+) -> None:
+    # Regression: another agent's new step cut the call half way through its arguments:
+    # useChat showed its input as the text '{"q": ' (and, before, a second part for it).
+    seen = read_body(node_modules, tmp_path, parallel_subagent_events())
+    assert seen["error"] is None
+    tools = [
+        (p["type"], p["state"], p["input"], p["output"])
+        for p in seen["parts"]
+        if p["type"].startswith("tool-")
+    ]
+    assert tools == [
+        ("tool-research_a", "output-available", {"q": "x"}, "A done"),
+        ("tool-research_b", "output-available", {"q": "y"}, "B done"),
+        ("tool-lookup", "output-available", {"q": "x1"}, "got x1"),
+        ("tool-lookup", "output-available", {"q": "y1"}, "got y1"),
     ]
