@@ -100,10 +100,10 @@ _MESSAGE_ID_EVENT = "resumable_stream.ui_message_id"
 _SHUTDOWN_TEXT = (
     "the answer was cut short: the server shut down before it finished; send the message again"
 )
-#: The error part of a response its server closed (a deploy) while the run goes on.
+#: The error part of a response its server closed (a deploy): its run may go on elsewhere.
 _SERVER_CLOSED_TEXT = (
     "the server closed this connection before the answer ended (a restart or a deploy); "
-    "the answer goes on: resume to read the rest"
+    "resume to read the rest"
 )
 #: The error part of an answer whose run was stopped in its process, not asked to stop.
 _STOPPED_TEXT = (
