@@ -273,11 +273,11 @@ class Cli:
 
 
 @contextlib.contextmanager
-def cli(url: str, token: str, *extra: str) -> Iterator[Cli]:
+def cli(url: str, token: str, *extra: str, env: Mapping[str, str] = {}) -> Iterator[Cli]:
     process = subprocess.Popen(
         [sys.executable, "-m", "chat_service.cli", "--url", url, "--token", token, *extra],
         cwd=CHAT_DIR,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(CHAT_DIR)},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(CHAT_DIR), **env},
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -203,3 +203,35 @@ def test_a_message_the_server_took_is_not_sent_again() -> None:
     assert service.posts == 1
     assert "may have arrived" in error
     assert "Traceback" not in error
+
+
+def test_a_terminal_that_is_not_utf8_gets_the_answer_and_keeps_going(
+    chat_servers: Callable[..., ChatServer],
+) -> None:
+    # Regression: in a Latin-1 terminal (or a pipe on a legacy code page) the first character
+    # of an answer it cannot show (the “ ” the search quotes with) ended the client with a
+    # UnicodeEncodeError traceback; a line of bytes the terminal's encoding does not decode
+    # ended it with a traceback too (UTF-8 locales other than C.UTF-8 hung: the thread
+    # reading stdin died, and the client waited for it for ever).
+    server = chat_servers()
+    with cli(server.url, TOKEN, env={"PYTHONIOENCODING": "latin-1"}) as client:
+        client.type("search for Redis Streams")
+        client.stdout.wait_for(lambda out: "Sources:" in out and out.endswith("\n"))
+        client.type("/history")
+        client.stdout.wait_for(lambda out: "you: search for Redis Streams" in out)
+        assert client.close() == 0
+        output, errors = client.stdout.text(), client.stderr.text()
+    assert "According to ?" in output  # what it cannot show is a ?
+    assert "Traceback" not in errors
+
+    for encoding in ("utf-8", "utf-8:strict"):
+        with cli(server.url, TOKEN, env={"PYTHONIOENCODING": encoding}) as client:
+            assert client.process.stdin is not None
+            client.process.stdin.write(b"caf\xe9 au lait\n")  # Latin-1, not UTF-8
+            client.process.stdin.flush()
+            client.stdout.wait_for(lambda out: out.endswith("\n") and "assistant> " in out)
+            client.type("/history")
+            client.stdout.wait_for(lambda out: "you: caf\ufffd au lait" in out)
+            assert client.close() == 0
+            assert "Traceback" not in client.stderr.text()
+

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import os
 import secrets
@@ -351,6 +352,14 @@ async def _guarded(command: Any) -> bool:
         return True
 
 
+def _tolerant_stdio() -> None:
+    """A terminal or pipe whose encoding is not UTF-8 must not end the client: a character
+    it cannot show prints as ``?``, input bytes it cannot decode arrive as U+FFFD."""
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="replace")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m chat_service.cli", description=__doc__)
     parser.add_argument("--url", default=os.environ.get("CHAT_URL", "http://127.0.0.1:8000"))
@@ -364,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         help="seconds to keep trying while the server is unreachable",
     )
     args = parser.parse_args(argv)
+    _tolerant_stdio()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run(args))
 
