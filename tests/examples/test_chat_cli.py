@@ -235,3 +235,16 @@ def test_a_terminal_that_is_not_utf8_gets_the_answer_and_keeps_going(
             assert client.close() == 0
             assert "Traceback" not in client.stderr.text()
 
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8000", "localhost:8000", "ftp://127.0.0.1"])
+def test_a_url_that_is_not_http_is_refused_with_a_message(url: str) -> None:
+    # Regression: --url without http:// was taken; a message then failed with "the connection
+    # broke after the message was sent: it may have arrived", a command after retrying for
+    # --reconnect-for with "the server is unreachable".
+    with cli(url, TOKEN) as client:
+        assert client.close() == 2  # before it reads a line
+        client.stderr.join()
+        errors = client.stderr.text()
+    assert "http://" in errors
+    assert "may have arrived" not in errors
+    assert "Traceback" not in errors

@@ -2,6 +2,8 @@
 
     python -m chat_service.cli [--url http://127.0.0.1:8000] [--token TOKEN] [--thread ID]
 
+``--url`` (or ``$CHAT_URL``) is the service's ``http://`` or ``https://`` URL.
+
 Type a message to send it. Commands: /new, /threads, /use N, /history, /clear, /delete,
 /stop (while an answer streams), /help, /exit. Answers print on stdout as they stream;
 notices (reconnecting, errors) go to stderr.
@@ -373,6 +375,13 @@ def main(argv: list[str] | None = None) -> None:
         help="seconds to keep trying while the server is unreachable",
     )
     args = parser.parse_args(argv)
+    try:
+        url = httpx.URL(args.url)
+    except httpx.InvalidURL:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.host:
+        # httpx would take it and fail each request with an error that blames the network.
+        parser.error(f"--url {args.url!r}: give the service's http:// or https:// URL")
     _tolerant_stdio()
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run(args))
