@@ -922,3 +922,37 @@ def test_retry_after_a_failed_edit_and_a_reload_shows_the_edited_question(
     expect(page.locator(".msg.user .bubble")).to_have_text(["what is 6*7"])
     expect(page.locator(ANSWER)).to_have_count(1)
     expect(page.locator(ANSWER).last.locator(".text")).to_contain_text("The answer is 42")
+
+
+def test_a_message_sent_while_another_tab_streams_shows_that_answer(
+    page: Page, chat_servers: Callable[..., ChatServer]
+) -> None:
+    # Regression: a second tab on the thread (BUSY_POLICY=reject) got "this thread is still
+    # answering; stop it first (POST /v1/chat/stop)", with no Stop button and no sign of the
+    # answer, and kept that line after the answer had ended.
+    server = chat_servers(OFFLINE_TOKENS_PER_SECOND="20")
+    page.goto(server.url)
+    send(page, "what is 12*7")
+    expect(page.locator(ANSWER).last).to_have_attribute("data-state", "done")
+    other = page.context.new_page()  # the same user, in a second tab
+    other.goto(page.url)
+    expect(other.locator(ANSWER)).to_have_count(1)
+
+    send(page, "How should I structure a small side project?")
+    expect(page.locator(ANSWER).last.locator(".text")).not_to_be_empty()
+    send(other, "and 13*7?")
+    expect(other.locator("#status")).to_contain_text("answering")
+    expect(other.locator(".msg.user .bubble")).to_have_text(
+        ["what is 12*7", "How should I structure a small side project?"]
+    )
+    expect(other.locator(ANSWER).last).to_have_attribute("data-state", "streaming")
+    expect(other.locator("#stop")).to_be_visible()
+    expect(other.locator("#input")).to_have_value("and 13*7?")  # kept, to send again
+
+    expect(other.locator(ANSWER).last).to_have_attribute("data-state", "done")
+    expect(other.locator("#status")).to_have_text("")
+    saved = saved_thread(other, server, thread_id_of(other))
+    assert source_of(other.locator(ANSWER).last) == saved["messages"][-1]["text"]
+    other.press("#input", "Enter")
+    expect(other.locator(ANSWER)).to_have_count(3)
+    expect(other.locator(ANSWER).last.locator(".text")).to_contain_text("The answer is 91")

@@ -398,7 +398,14 @@ async function post(path, body) {
   try {
     return await api("POST", path, body);
   } catch (error) {
-    setStatus(error.message, "warn");
+    if (error.code === "thread_busy" && state.threadId) {
+      // Answering for another tab or the terminal client: show that answer, with Stop. The
+      // message stays in the box, to send when the answer ends.
+      setStatus("This thread is answering elsewhere: send again when it ends.", "warn");
+      openThread(state.threadId, { keepStatus: true });
+    } else {
+      setStatus(error.message, "warn");
+    }
     return null;
   } finally {
     state.sending = false;
