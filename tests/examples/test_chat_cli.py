@@ -102,6 +102,10 @@ def test_a_thread_it_cannot_open_ends_the_client_with_a_message(
         assert client.process.wait(timeout=20) == 1
         client.stderr.wait_for(lambda err: "[error: no thread 'nope']" in err)
         assert "Traceback" not in client.stderr.text()
+    # Regression: the id went into the URL unquoted ("#x" a fragment: thread 'nope' asked).
+    with cli(server.url, TOKEN, "--thread", "nope#x") as client:
+        assert client.process.wait(timeout=20) == 1
+        client.stderr.wait_for(lambda err: "[error: no thread 'nope#x']" in err)
 
     down = f"http://127.0.0.1:{free_port()}"
     with cli(down, TOKEN, "--thread", "nope", "--reconnect-for", "0.5") as client:

@@ -29,6 +29,7 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from httpx_sse import aconnect_sse
@@ -96,7 +97,15 @@ class ChatClient:
         self.listed: list[str] = []
         self.midline = False  # an answer's text was printed with no newline after it
 
-    async def call(self, method: str, path: str, body: Any = None, *, once: bool = False) -> Any:
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        once: bool = False,
+        params: dict[str, str | None] | None = None,
+    ) -> Any:
         """One API call, retried while the server is unreachable (it may be restarting).
         ``once``: a call that must not be made twice is retried only while it cannot have
         reached the server (no connection)."""
@@ -105,7 +114,7 @@ class ChatClient:
         delay = 0.2
         while True:
             try:
-                response = await self.http.request(method, path, json=body)
+                response = await self.http.request(method, path, json=body, params=params)
             except httpx.TransportError as exc:
                 if once and not isinstance(exc, NOT_SENT):
                     # Sent, then the connection broke: the server may have taken it.
@@ -230,7 +239,7 @@ class ChatClient:
     async def use(self, arg: str) -> None:
         if arg.isdigit() and 0 < int(arg) <= len(self.listed):
             arg = self.listed[int(arg) - 1]
-        thread = await self.call("GET", f"/v1/thread?thread_id={arg}")
+        thread = await self.call("GET", "/v1/thread", params={"thread_id": arg})
         self.thread_id = thread["thread_id"]
         out(f"[thread {thread['title']}]\n")
         if thread["active_run"]:
@@ -240,7 +249,7 @@ class ChatClient:
         if not self.thread_id:
             out("(new thread: no messages yet)\n")
             return
-        thread = await self.call("GET", f"/v1/thread?thread_id={self.thread_id}")
+        thread = await self.call("GET", "/v1/thread", params={"thread_id": self.thread_id})
         if not thread["messages"]:
             out("(no messages)\n")
         for message in thread["messages"]:
@@ -272,15 +281,15 @@ class ChatClient:
             await self.history()
         elif name in ("/clear", "/delete", "/stop") and not self.thread_id:
             out("(no thread yet)\n")
-        elif name == "/clear":
-            await self.call("PUT", f"/threads/{self.thread_id}/clear")
+        elif name == "/clear" and self.thread_id:
+            await self.call("PUT", f"/threads/{quote(self.thread_id, safe='')}/clear")
             out("[cleared]\n")
         elif name == "/delete":
-            await self.call("DELETE", f"/v1/thread?thread_id={self.thread_id}")
+            await self.call("DELETE", "/v1/thread", params={"thread_id": self.thread_id})
             self.thread_id = None
             out("[deleted]\n")
         elif name == "/stop":
-            stopped = await self.call("POST", f"/v1/chat/stop?thread_id={self.thread_id}")
+            stopped = await self.call("POST", "/v1/chat/stop", params={"thread_id": self.thread_id})
             if not stopped["stopped"]:
                 out("(nothing to stop)\n")
         elif name.startswith("/"):
