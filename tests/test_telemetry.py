@@ -28,6 +28,7 @@ from resumable_stream import (
     StreamConsumer,
     StreamProducer,
     Transport,
+    TransportClosed,
     TransportError,
     telemetry,
 )
@@ -435,3 +436,30 @@ def test_the_global_provider_configured_by_name_reads_the_counters(order: str) -
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["[5]"]
+
+
+async def test_a_transport_closed_on_shutdown_is_not_a_transport_error(
+    recorded: Recorded,
+) -> None:
+    # Regression: closing the transport at shutdown under a running producer and a live
+    # reader counted both in transport.errors, the counter alerts watch, at every deploy.
+    transport = MemoryTransport()
+    gate = asyncio.Event()
+    run = await StreamProducer(transport).start(tokens(10, pause=gate))
+    reader = StreamConsumer(transport, run.stream_id)
+    for _ in range(5):  # the tokens before the pause
+        await anext(reader)
+    waiting = asyncio.ensure_future(anext(reader))
+
+    async def following_live() -> bool:
+        return recorded.value("resumable_stream.consumers.live") == 1
+
+    await eventually(following_live)
+    await transport.aclose()
+    gate.set()
+    with pytest.raises(TransportClosed):
+        await waiting
+    await reader.aclose()
+    with pytest.raises(TransportClosed):
+        await run.wait()
+    assert recorded.points("resumable_stream.transport.errors") == {}

@@ -648,7 +648,7 @@ class Run:
                 self._fail(exc)
             return
         except TransportError as exc:
-            telemetry.transport_error("renew")
+            telemetry.failed(exc, "renew")
             logger.warning("run %s: heartbeat failed: %s", self.stream_id, exc)
             return
         except Exception as exc:  # a bug in the transport
@@ -673,7 +673,7 @@ class Run:
         if error is None:
             self._request_cancel("requested")
         elif isinstance(error, TransportError):
-            telemetry.transport_error("wait_cancel")
+            telemetry.failed(error, "wait_cancel")
             logger.warning(
                 "run %s: cancel watch failed (heartbeat still checks): %s", self.stream_id, error
             )
@@ -770,8 +770,8 @@ class Run:
                 if exc.last_seq + 1 >= entry.seq:
                     raise  # not a rollback: a transport breaking the contract
                 await self._rewrite_lost(exc.last_seq, entry.seq)
-            except (BackendRefused, TransportClosed):
-                telemetry.transport_error("append")
+            except (BackendRefused, TransportClosed) as exc:
+                telemetry.failed(exc, "append")
                 # A retry will not fix it (out of memory, no permission..., or the
                 # transport was closed under the run: shut the producer down first).
                 raise

@@ -25,7 +25,8 @@ Metrics (OpenTelemetry names; Prometheus turns the dots into underscores and add
   producer stopped renewing its lease: a process died mid-run) or ``not_started`` (a
   reservation no producer started within its ``start_timeout``);
 * ``resumable_stream.transport.errors`` by ``operation``: transport faults met by
-  producers and consumers;
+  producers and consumers (not :class:`~resumable_stream.TransportClosed`: the application
+  closed the transport, as at a shutdown);
 * ``resumable_stream.transport.reconnects`` by ``connection``: connections a transport
   re-established.
 
@@ -48,7 +49,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-from ._exceptions import ConfigurationError, TransportError
+from ._exceptions import ConfigurationError, TransportClosed, TransportError
 
 if TYPE_CHECKING:
     from ._producer import Run
@@ -261,8 +262,12 @@ def transport_error(operation: str) -> None:
 
 
 def failed(exc: BaseException, operation: str) -> None:
-    """Count ``exc`` if it is a transport fault."""
-    if isinstance(exc, TransportError):
+    """Count ``exc`` if it is a transport fault.
+
+    :class:`TransportClosed` is not one: the application closed the transport (a shutdown)
+    under the runs and readers still using it.
+    """
+    if isinstance(exc, TransportError) and not isinstance(exc, TransportClosed):
         transport_error(operation)
 
 
