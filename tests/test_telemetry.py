@@ -463,3 +463,33 @@ async def test_a_transport_closed_on_shutdown_is_not_a_transport_error(
     with pytest.raises(TransportClosed):
         await run.wait()
     assert recorded.points("resumable_stream.transport.errors") == {}
+
+
+async def test_entries_written_again_after_a_storage_rollback_are_counted_once(
+    recorded: Recorded, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Regression: the entries a failover lost, written again from the rollback window,
+    # were counted in events.appended and entries.appended a second time.
+    transport = MemoryTransport()
+    gate = asyncio.Event()
+    run = await StreamProducer(transport, max_buffer=1).start(
+        tokens(20, every=1, pause=gate), stream_id="rolled"
+    )
+
+    async def ten_written() -> bool:
+        info = await transport.info("rolled")
+        return info is not None and info.last_seq == 10
+
+    await eventually(ten_written)
+    stream = transport._streams["rolled"]  # a failover to a replica that lacks entries 8-10
+    del stream.payloads[7 - stream.first_seq + 1 :]
+    stream.last_count = 1
+    gate.set()
+    assert await run.wait() == "completed"
+    events = await collect(transport, "rolled")
+    info = await transport.info("rolled")
+    assert info is not None
+    assert len(events) == info.last_seq == 21  # an entry per token (max_buffer=1)
+    assert "writing them again" in caplog.text
+    assert recorded.value("resumable_stream.events.appended") == len(events)
+    assert recorded.value("resumable_stream.entries.appended") == info.last_seq

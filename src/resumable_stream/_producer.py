@@ -756,15 +756,22 @@ class Run:
             self._window_bytes -= len(window.popleft())
             self._window_counts.popleft()
 
-    async def _append(self, entry: Entry, count: int, final: Status | None) -> None:
-        """Append ``entry``, retrying transient faults within the write-retry budget."""
+    async def _append(
+        self, entry: Entry, count: int, final: Status | None, again: bool = False
+    ) -> None:
+        """Append ``entry``, retrying transient faults within the write-retry budget.
+
+        ``again``: the entry was written before and lost by the storage (a rollback): it is
+        not counted in the appended events and entries a second time.
+        """
         give_up = time.monotonic() + self._producer.write_retry_budget
         delay = 0.02
         began = telemetry.clock()
         while True:
             try:
                 await self._transport.append(self.stream_id, self._owner, entry, count, final)
-                telemetry.appended(count, began)
+                if not again:
+                    telemetry.appended(count, began)
                 return
             except StorageRollback as exc:
                 if exc.last_seq + 1 >= entry.seq:
@@ -803,7 +810,7 @@ class Run:
                 seq - 1,
             )
             for s in lost:
-                await self._append(*kept[s], None)
+                await self._append(*kept[s], None, again=True)
             return
         # The lost entries are gone for good. The run ends at once with an error written
         # right after what the storage holds; readers that had received lost entries get

@@ -12,7 +12,8 @@ Metrics (OpenTelemetry names; Prometheus turns the dots into underscores and add
 * ``resumable_stream.runs.ended`` by ``status``: ``completed``, ``error``, ``cancelled``, or
   ``failed`` (the run could not write its terminal event);
 * ``resumable_stream.events.appended`` and ``resumable_stream.entries.appended`` (an entry is
-  a batch of events written at once);
+  a batch of events written at once), each once: not again when a storage rollback made
+  the producer write it again;
 * ``resumable_stream.append.duration`` (histogram, seconds): one append, retries included,
   sampled: at most one append's duration per 10 ms is recorded, across the process (every
   append when they come 10 ms apart or more, about a hundred a second under load);
