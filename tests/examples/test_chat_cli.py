@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -114,6 +115,25 @@ def test_a_thread_it_cannot_open_ends_the_client_with_a_message(
         assert "Traceback" not in client.stderr.text()
 
 
+def test_ctrl_c_ends_the_answer_line_and_exits_130(
+    chat_servers: Callable[..., ChatServer],
+) -> None:
+    # Regression: Ctrl-C exited with code 0, as if all went well, and left the answer's
+    # last line without its newline (the shell prompt came after the half answer).
+    server = chat_servers(OFFLINE_TOKENS_PER_SECOND="20")
+    with cli(server.url, TOKEN) as client:
+        client.type("How should I structure a small side project?")
+        client.stdout.wait_for(lambda out: len(out) > len("assistant> ") + 20)
+        client.process.send_signal(signal.SIGINT)
+        code = client.process.wait(timeout=20)
+        client.stdout.join()
+        client.stderr.join()
+        output, errors = client.stdout.text(), client.stderr.text()
+    assert code == 130
+    assert output.startswith("assistant> ") and output.endswith("\n")
+    assert "Traceback" not in errors
+
+
 def test_an_error_page_that_is_not_json_is_an_error_line() -> None:
     # Regression: a proxy's HTML 502 (or a --url that is not the service) ended the client
     # with a JSONDecodeError traceback.
@@ -123,7 +143,9 @@ def test_an_error_page_that_is_not_json_is_an_error_line() -> None:
         client.stderr.wait_for(lambda err: "[error: 502 Bad Gateway]" in err)
         client.type("/threads")
         client.stderr.wait_for(lambda err: err.count("[error: 502 Bad Gateway]") == 2)
-        assert client.close() == 0
+        # Piped input is a script's: it goes on with the next line, and the exit code says
+        # that a command failed (it was 0, as if all went well).
+        assert client.close() == 1
         assert "Traceback" not in client.stderr.text()
 
 
@@ -202,7 +224,7 @@ def test_a_message_the_server_took_is_not_sent_again() -> None:
     with uvicorn_server(service, lifespan="off") as url, cli(url, TOKEN) as client:
         client.type("hello")
         client.stderr.wait_for(lambda err: "[error: " in err or "[thread " in err)
-        assert client.close() == 0
+        assert client.close() == 1  # a message that may not have gone fails a script
         error = client.stderr.text()
     assert service.posts == 1
     assert "may have arrived" in error

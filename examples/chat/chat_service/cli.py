@@ -6,7 +6,9 @@
 
 Type a message to send it. Commands: /new, /threads, /use N, /history, /clear, /delete,
 /stop (while an answer streams), /help, /exit. Answers print on stdout as they stream;
-notices (reconnecting, errors) go to stderr.
+notices (reconnecting, errors) go to stderr. With input from a pipe (a script), a command
+that fails, or an answer that fails or is lost, does not stop the lines after it, but the
+client then exits with code 1; Ctrl-C quits with code 130.
 
 The client identifies itself with a bearer token (``--token``, ``$CHAT_TOKEN``, else one made
 once and kept in ``~/.config/resumable-chat/token``). When the connection drops, or the server
@@ -96,6 +98,7 @@ class ChatClient:
         self.thread_id: str | None = None
         self.listed: list[str] = []
         self.midline = False  # an answer's text was printed with no newline after it
+        self.failed = False  # a command failed, or an answer failed or was lost
 
     async def call(
         self,
@@ -148,7 +151,12 @@ class ChatClient:
         if self.thread_id != started["thread_id"]:
             self.thread_id = started["thread_id"]
             note(f"[thread {self.thread_id}]")
-        await self.stream(started["stream_url"])
+        await self.answer(started["stream_url"])
+
+    async def answer(self, url: str) -> None:
+        """Print an answer; one that fails, or is lost, fails the command."""
+        if await self.stream(url) in ("error", "lost"):
+            self.failed = True
 
     async def stream(self, url: str) -> str:
         """Print an answer as it streams; resume after ``Last-Event-ID`` when the connection
@@ -243,7 +251,7 @@ class ChatClient:
         self.thread_id = thread["thread_id"]
         out(f"[thread {thread['title']}]\n")
         if thread["active_run"]:
-            await self.stream(thread["active_run"]["stream_url"])
+            await self.answer(thread["active_run"]["stream_url"])
 
     async def history(self) -> None:
         if not self.thread_id:
@@ -306,7 +314,8 @@ def _read_lines(loop: asyncio.AbstractEventLoop, lines: asyncio.Queue[str | None
     loop.call_soon_threadsafe(lines.put_nowait, None)
 
 
-async def run(args: argparse.Namespace) -> None:
+async def run(args: argparse.Namespace) -> int:
+    """The client's exit code: 1 if a command failed with piped input (a script's), else 0."""
     headers = {"Authorization": f"Bearer {_token(args.token)}"}
     timeout = httpx.Timeout(10.0, read=None)  # an answer may be quiet for a while
     async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=timeout) as http:
@@ -322,44 +331,59 @@ async def run(args: argparse.Namespace) -> None:
                 raise SystemExit(f"[error: {exc}]") from None
         if sys.stdin.isatty():
             out(f"Connected to {args.url}. /help for commands.\n")
-        held: list[str | None] = []
-        end_of_input = False
-        while True:
-            line = held.pop(0) if held else await lines.get()
-            if line is None:
-                return
-            line = line.strip()
-            if not line:
+        try:
+            await _loop(chat, lines)
+            return 1 if chat.failed and not sys.stdin.isatty() else 0
+        except asyncio.CancelledError:
+            # Ctrl-C: nothing more is printed, and the shell's prompt starts a line of its own.
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+            chat._end_line()
+            raise
+
+
+async def _loop(chat: ChatClient, lines: asyncio.Queue[str | None]) -> None:
+    """Run the input lines as commands until /exit or the end of the input."""
+    held: list[str | None] = []
+    end_of_input = False
+    while True:
+        line = held.pop(0) if held else await lines.get()
+        if line is None:
+            return
+        line = line.strip()
+        if not line:
+            continue
+        work = asyncio.create_task(_guarded(chat, chat.command(line)))
+        # While a command runs (an answer streams), /stop acts at once; other lines
+        # (and the end of the input) wait for their turn.
+        while not work.done():
+            if end_of_input:
+                await work
+                break
+            reader = asyncio.create_task(lines.get())
+            await asyncio.wait({work, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if not reader.done():
+                reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reader
                 continue
-            work = asyncio.create_task(_guarded(chat.command(line)))
-            # While a command runs (an answer streams), /stop acts at once; other lines
-            # (and the end of the input) wait for their turn.
-            while not work.done():
-                if end_of_input:
-                    await work
-                    break
-                reader = asyncio.create_task(lines.get())
-                await asyncio.wait({work, reader}, return_when=asyncio.FIRST_COMPLETED)
-                if not reader.done():
-                    reader.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await reader
-                    continue
-                extra = reader.result()
-                end_of_input = extra is None
-                if extra is not None and extra.strip() == "/stop":
-                    await _guarded(chat.command("/stop"))
-                else:
-                    held.append(extra)
-            if not work.result():
-                return
+            extra = reader.result()
+            end_of_input = extra is None
+            if extra is not None and extra.strip() == "/stop":
+                await _guarded(chat, chat.command("/stop"))
+            else:
+                held.append(extra)
+        if not work.result():
+            return
 
 
-async def _guarded(command: Any) -> bool:
+async def _guarded(chat: ChatClient, command: Any) -> bool:
     try:
         return bool(await command)
     except ApiError as exc:
         note(f"[error: {exc}]")
+        chat.failed = True
         return True
 
 
@@ -392,8 +416,11 @@ def main(argv: list[str] | None = None) -> None:
         # httpx would take it and fail each request with an error that blames the network.
         parser.error(f"--url {args.url!r}: give the service's http:// or https:// URL")
     _tolerant_stdio()
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(args))
+    try:
+        code = asyncio.run(run(args))
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None  # 128 + SIGINT, as shells report it
+    raise SystemExit(code)
 
 
 if __name__ == "__main__":
