@@ -956,3 +956,28 @@ def test_a_message_sent_while_another_tab_streams_shows_that_answer(
     other.press("#input", "Enter")
     expect(other.locator(ANSWER)).to_have_count(3)
     expect(other.locator(ANSWER).last.locator(".text")).to_contain_text("The answer is 91")
+
+
+def test_a_thread_list_refresh_that_failed_clears_its_status_once_it_works(
+    page: Page, chat_servers: Callable[..., ChatServer]
+) -> None:
+    # Regression: the 3-second refresh of the thread list, offline, put "Failed to fetch" in
+    # the status line and stopped; back online, the line stayed until the answer ended.
+    server = chat_servers(OFFLINE_TOKENS_PER_SECOND="4")  # streams for all of the test
+    page.goto(server.url)
+    send(page, "How should I structure a small side project?")
+    answer = page.locator(ANSWER).last
+    expect(answer.locator(".text")).not_to_be_empty()
+    page.route("**/v1/threads", lambda route: route.abort("internetdisconnected"))
+    expect(page.locator("#status")).to_have_text("Failed to fetch")
+    page.unroute("**/v1/threads")
+    expect(page.locator("#status")).to_have_text("", timeout=8_000)
+    expect(answer).to_have_attribute("data-state", "streaming")  # cleared by the refresh
+
+    # A status line the refresh did not set is not the refresh's to clear.
+    with page.expect_response("**/v1/threads"):
+        page.evaluate("setStatus('Connection lost, reconnecting…', 'warn')")
+    with page.expect_response("**/v1/threads"):
+        pass  # the refresh before it has been handled
+    expect(page.locator("#status")).to_have_text("Connection lost, reconnecting…")
+    expect(answer).to_have_attribute("data-state", "streaming")

@@ -52,9 +52,11 @@ async function api(method, path, body) {
   return data;
 }
 
-function setStatus(text, kind) {
+// `source` names what set the line, for the one that may clear it ("threads": the refresh).
+function setStatus(text, kind, source) {
   ui.status.textContent = text || "";
   ui.status.className = kind || "";
+  ui.status.dataset.source = source || "";
 }
 
 // --------------------------------------------------------------------------- scrolling
@@ -587,9 +589,12 @@ async function loadThreads() {
   try {
     data = await api("GET", "/v1/threads");
   } catch (error) {
-    setStatus(error.message, "warn");
+    setStatus(error.message, "warn", "threads");
+    // Offline for a moment: look again while the list had an answer streaming.
+    if (ui.threads.querySelector(".streaming")) state.threadsTimer = setTimeout(loadThreads, 3000);
     return;
   }
+  if (ui.status.dataset.source === "threads") setStatus(""); // its failure is over
   ui.threads.replaceChildren(...data.threads.map(threadItem));
   markCurrent();
   // Answers end in other tabs and processes too: while one streams, look again now and then.
