@@ -981,3 +981,46 @@ def test_a_thread_list_refresh_that_failed_clears_its_status_once_it_works(
         pass  # the refresh before it has been handled
     expect(page.locator("#status")).to_have_text("Connection lost, reconnecting…")
     expect(answer).to_have_attribute("data-state", "streaming")
+
+
+def test_an_edit_sent_while_another_tab_streams_keeps_its_text(
+    page: Page, chat_servers: Callable[..., ChatServer]
+) -> None:
+    # Regression: Edit sent while another tab had the thread answering (409 thread_busy)
+    # reloaded the thread to show that answer, and what was typed in the edit box was lost.
+    server = chat_servers(OFFLINE_TOKENS_PER_SECOND="10")  # slow: the edit comes mid-answer
+    long_question = "How should I structure a small side project?"
+    page.goto(server.url)
+    send(page, long_question)
+    expect(page.locator(ANSWER).last).to_have_attribute("data-state", "done")
+    other = page.context.new_page()  # the same user, in a second tab
+    other.goto(page.url)
+    expect(other.locator(ANSWER)).to_have_count(1)
+
+    # The other tab answers the same question again: the edit stays open, with its text.
+    other.locator(".msg.user .edit").click()
+    other.locator(".msg.user .edit-input").fill("what is 6*7")
+    page.locator(".regenerate").click()
+    expect(page.locator(ANSWER).last.locator(".text")).not_to_be_empty()
+    other.locator(".msg.user .edit-input").press("Enter")
+    expect(other.locator("#status")).to_contain_text("answering")
+    expect(other.locator(ANSWER).last).to_have_attribute("data-state", "streaming")
+    expect(other.locator(".msg.user .edit-input")).to_have_value("what is 6*7")
+    expect(other.locator(ANSWER).last).to_have_attribute("data-state", "done")
+    other.locator(".msg.user .edit-input").press("Enter")
+    expect(other.locator(ANSWER).last.locator(".text")).to_contain_text("The answer is 42")
+    expect(other.locator(ANSWER).last).to_have_attribute("data-state", "done")
+    page.reload()  # the first tab, with the thread as it is now
+    expect(page.locator(ANSWER).last.locator(".text")).to_contain_text("The answer is 42")
+    expect(page.locator(ANSWER).last).to_have_attribute("data-state", "done")
+
+    # The other tab asks a new question: the edited one is not the last any more, and the
+    # edit's text goes to the message box rather than replace that question.
+    other.locator(".msg.user .edit").click()
+    other.locator(".msg.user .edit-input").fill("what is 2*3")
+    send(page, long_question)
+    expect(page.locator(ANSWER).last.locator(".text")).not_to_be_empty()
+    other.locator(".msg.user .edit-input").press("Enter")
+    expect(other.locator("#status")).to_contain_text("message box")
+    expect(other.locator(".msg.user .bubble")).to_have_text(["what is 6*7", long_question])
+    expect(other.locator("#input")).to_have_value("what is 2*3")
