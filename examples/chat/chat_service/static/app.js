@@ -402,13 +402,9 @@ async function post(path, body) {
   } catch (error) {
     if (error.code === "thread_busy" && state.threadId) {
       // Answering for another tab or the terminal client: show that answer, with Stop. The
-      // message stays in the box, to send when the answer ends; an edit keeps its text too.
+      // message stays in the box, to send when the answer ends.
       setStatus("This thread is answering elsewhere: send again when it ends.", "warn");
-      const editor = ui.messages.querySelector(".editor");
-      const edit = editor && { ...editor.dataset, text: editor.querySelector("textarea").value };
-      const threadId = state.threadId;
-      await openThread(threadId, { keepStatus: true });
-      if (edit && state.threadId === threadId) keepEdit(edit);
+      openThread(state.threadId, { keepStatus: true });
     } else {
       setStatus(error.message, "warn");
     }
@@ -475,14 +471,13 @@ async function regenerate() {
   loadThreads();
 }
 
-function startEdit(message, text) {
+function startEdit(message) {
   const bubble = message.querySelector(".bubble");
   const original = bubble.textContent;
   const editor = element("div", "editor");
-  editor.dataset.original = original;
   const field = element("textarea", "edit-input");
-  field.value = text ?? original;
-  field.rows = Math.min(8, field.value.split("\n").length + 1);
+  field.value = original;
+  field.rows = Math.min(8, original.split("\n").length + 1);
   const save = button("save", "Send", () => saveEdit(message, field.value));
   const cancel = button("cancel", "Cancel", () => {
     editor.replaceWith(bubble);
@@ -501,22 +496,6 @@ function startEdit(message, text) {
   message.querySelector(".actions")?.remove();
   bubble.replaceWith(editor);
   field.focus();
-}
-
-// An edit the thread refused (busy elsewhere), with the thread shown again: open again on its
-// question if that is still the last one; after a newer question, its text goes to the
-// message box (an edit now would replace that question).
-function keepEdit(edit) {
-  const lastUser = [...ui.messages.querySelectorAll(".msg.user")].pop();
-  if (lastUser && lastUser.querySelector(".bubble")?.textContent === edit.original) {
-    startEdit(lastUser, edit.text);
-    return;
-  }
-  ui.input.value = ui.input.value ? edit.text + "\n" + ui.input.value : edit.text;
-  setStatus(
-    "This thread has a newer question from elsewhere: your edit is in the message box.",
-    "warn",
-  );
 }
 
 async function saveEdit(message, text) {
