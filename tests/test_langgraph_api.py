@@ -3418,6 +3418,48 @@ async def test_threads_copy_of_a_thread_with_a_run_in_progress_is_409() -> None:
     await api.producer.aclose()
 
 
+async def test_threads_copy_while_a_run_starts_is_409_and_copies_nothing() -> None:
+    # Regression: the copy looked for a run in progress only before it read the thread's
+    # checkpoints. A run that started meanwhile was copied half-done: 200, and the copy
+    # read "interrupted" at the run's next step, an interrupt no one made.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    reading, go_on = asyncio.Event(), asyncio.Event()
+
+    class PausedSaver(InMemorySaver):
+        paused = False
+
+        async def alist(self, config: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            if self.paused and (config or {}).get("configurable", {}).get("thread_id") == "t1":
+                self.paused = False
+                reading.set()
+                await go_on.wait()
+            async for item in super().alist(config, **kwargs):
+                yield item
+
+    saver = PausedSaver()
+    api, graph, reached, hold = gated_router(saver=saver)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        body = {"assistant_id": "agent", "input": {"n": ["x"]}}
+        assert (await http.post("/threads/t1/runs/wait", json=body)).is_success
+        saver.paused = True
+        copying = asyncio.create_task(http.post("/threads/t1/copy"))
+        await reading.wait()  # the copy found the thread idle, and reads it now
+        first = await _held_run(http, reached)
+        go_on.set()
+        busy = await copying
+        assert (busy.status_code, busy.json()["code"]) == (409, "thread_busy")
+        threads = {item.config["configurable"]["thread_id"] async for item in saver.alist(None)}
+        assert threads == {"t1"}
+        hold.set()
+        await first
+        copied = await http.post("/threads/t1/copy")
+        assert copied.status_code == 200
+        assert await _values(graph, copied.json()["thread_id"]) == ["x", "done", "wait", "done"]
+    await api.producer.aclose()
+
+
 async def test_runs_delete_is_405_not_served_not_a_routing_error() -> None:
     # runs.delete (DELETE /threads/{id}/runs/{run_id}) was a 405 routing error; the API
     # deletes the run's checkpoints with it, which no checkpointer here can do. 405, not

@@ -2168,8 +2168,9 @@ class LangGraphRouter:
         ``create_thread``, given the thread's metadata, or a new UUID) holding a copy of
         each of the thread's checkpoints, in every namespace, with their pending writes;
         answers it as ``GET /threads/{id}`` does. ``authorize`` is asked for ``"read"``
-        on the thread and ``"create"``. A thread with a run in progress (or queued here)
-        is ``409 thread_busy``: its copy would hold half a step. With ``thread_info`` and
+        on the thread and ``"create"``. A thread with a run in progress (or queued here),
+        or one that starts while the copy reads it, is ``409 thread_busy``: its copy would
+        hold half a step. With ``thread_info`` and
         without ``create_thread``, ``501 not_served``."""
         thread_id, stream_id = await self._thread(request, "read")
         await self._check(request, "create")
@@ -2202,24 +2203,32 @@ class LangGraphRouter:
                     "(thread_info without create_thread) to copy into",
                 )
             )
+        busy = _Refused(
+            HTTPError(
+                409,
+                "thread_busy",
+                f"thread {thread_id!r} has a run in progress or queued; copy it once "
+                "the run ended, or cancel it first",
+            )
+        )
         info = await settled_info(self.transport, stream_id)
         if (info is not None and info.status == "running") or self._queued_here(stream_id):
-            raise _Refused(
-                HTTPError(
-                    409,
-                    "thread_busy",
-                    f"thread {thread_id!r} has a run in progress or queued; copy it once "
-                    "the run ended, or cancel it first",
-                )
-            )
+            raise busy
+        items = [await _checkpoints_of(saver, thread_id) for saver in distinct]
+        # Read without holding the thread (a hold would replace its latest run on the
+        # stream): a run or state update that took the thread meanwhile is a new epoch, and
+        # what was read may hold half of its step.
+        now = await self.transport.info(stream_id)
+        if now is not None and (info is None or now.epoch != info.epoch):
+            raise busy
         if self.create_thread is not None:
             new_id = await self.create_thread(request, None, metadata)
         else:
             new_id = str(uuid.uuid4())
         check_stream_id(self.stream_id(new_id))
         try:
-            for saver in distinct:
-                await _copy_checkpoints(saver, thread_id, new_id)
+            for saver, read in zip(distinct, items, strict=True):
+                await _copy_checkpoints(saver, read, new_id)
         except BaseException:
             for saver in distinct:
                 if hasattr(saver, "adelete_thread"):
@@ -2246,11 +2255,15 @@ class LangGraphRouter:
         return Response(error.body(), 405, {**error.headers(), "allow": "GET"}, JSON_TYPE)
 
 
-async def _copy_checkpoints(saver: Any, source: str, target: str) -> None:
-    """Write each checkpoint of thread ``source`` (every namespace's), with its pending
-    writes, into thread ``target`` of ``saver``: the same ids, parents, metadata and
-    values (every channel's, so that the target has all it reads)."""
-    items = [item async for item in saver.alist({"configurable": {"thread_id": source}})]
+async def _checkpoints_of(saver: Any, thread_id: str) -> list[Any]:
+    """Each checkpoint of the thread in ``saver`` (every namespace's), newest first."""
+    return [item async for item in saver.alist({"configurable": {"thread_id": thread_id}})]
+
+
+async def _copy_checkpoints(saver: Any, items: list[Any], target: str) -> None:
+    """Write each checkpoint of ``items`` (a thread's, see :func:`_checkpoints_of`), with
+    its pending writes, into thread ``target`` of ``saver``: the same ids, parents,
+    metadata and values (every channel's, so that the target has all it reads)."""
     for item in reversed(items):  # oldest first, as they were written
         configurable = item.config.get("configurable", {})
         parent = (item.parent_config or {}).get("configurable", {}).get("checkpoint_id")
