@@ -26,7 +26,7 @@ from langchain_core.tools import InjectedToolCallId, ToolException, tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.graph import END, START, MessagesState, StateGraph
 from langgraph.graph.message import add_messages
-from langgraph.prebuilt import ToolNode
+from langgraph.prebuilt import InjectedState, ToolNode
 from langgraph.types import Command, interrupt
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -455,6 +455,136 @@ async def test_a_command_whose_update_is_a_list_of_messages_shows_its_tool_messa
         "c1": ("tool-output-available", "found x"),
         "c2": ("tool-output-error", "found y"),
     }
+
+
+class HandingOffModel(BaseChatModel):
+    """A supervisor's model: hands over to the `math` agent; the agent's: ``answer``."""
+
+    answer: str | None = None
+
+    @property
+    def _llm_type(self) -> str:
+        return "handing-off-test-model"
+
+    def _generate(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> ChatResult:
+        if self.answer is not None:
+            message = AIMessage(content=self.answer, id="math-answer")
+        else:
+            calls = [{"id": "h1", "name": "transfer_to_math", "args": {}}]
+            message = AIMessage(content="", id="supervisor-calls", tool_calls=calls)
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+
+def handoff_graph(with_message: bool = True) -> Any:
+    """A supervisor agent (a subgraph) whose tool hands over to the parent graph's `math`
+    node with ``Command(graph=Command.PARENT, goto=...)``, as langgraph-supervisor's and
+    langgraph-swarm's handoff tools do: with its ToolMessage in the update, or without."""
+
+    @tool("transfer_to_math")
+    def transfer(
+        state: Annotated[dict[str, Any], InjectedState],
+        tool_call_id: Annotated[str, InjectedToolCallId],
+    ) -> Command[Any]:
+        """Hand the conversation over to the math agent."""
+        if not with_message:
+            return Command(graph=Command.PARENT, goto="math")
+        done = ToolMessage(
+            "Transferred to math", name="transfer_to_math", tool_call_id=tool_call_id
+        )
+        update = {"messages": [*state["messages"], done]}
+        return Command(graph=Command.PARENT, goto="math", update=update)
+
+    model = HandingOffModel()
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await model.ainvoke(state["messages"])]}
+
+    def route(state: MessagesState) -> str:
+        last = state["messages"][-1]
+        return "tools" if isinstance(last, AIMessage) and last.tool_calls else END
+
+    supervisor = StateGraph(MessagesState)
+    supervisor.add_node("agent", agent)
+    supervisor.add_node("tools", ToolNode([transfer]))
+    supervisor.add_edge(START, "agent")
+    supervisor.add_conditional_edges("agent", route, ["tools", END])
+    supervisor.add_edge("tools", "agent")
+
+    math_model = HandingOffModel(answer="42")
+
+    async def math(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await math_model.ainvoke(state["messages"])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("supervisor", supervisor.compile(), destinations=("math",))
+    builder.add_node("math", math)
+    builder.add_edge(START, "supervisor")
+    builder.add_edge("math", END)
+    return builder.compile()
+
+
+def handoff_source(mode: str, with_message: bool = True) -> Any:
+    inputs = {"messages": [("user", "what is 6 x 7?")]}
+    graph = handoff_graph(with_message)
+    if mode == "events":
+        return graph.astream_events(inputs, version="v2")
+    return graph.astream(inputs, stream_mode=["messages", "updates"], subgraphs=True)
+
+
+@pytest.mark.parametrize("mode", ["messages", "events"])
+async def test_a_handoff_to_the_parent_graph_shows_its_tool_message(mode: str) -> None:
+    # Regression: a handoff (a tool's Command to the parent graph, as langgraph-supervisor's
+    # and langgraph-swarm's) ends its node with an error, so `messages` mode never streams
+    # its ToolMessage: the call stayed input-available, a browser's tool call (onToolCall)
+    # for good. Its update (the `updates` mode) holds the ToolMessage.
+    chunker = UIMessageChunks("m")
+    events = await stored_events(handoff_source(mode))
+    chunks = [c for e in events for c in chunker.chunks(e)]
+    check_order(chunks)
+    outputs = [c for c in chunks if c["type"].startswith("tool-output-")]
+    assert outputs == [
+        {
+            "type": "tool-output-available",
+            "toolCallId": "h1",
+            "output": "Transferred to math",
+            **SERVER_RAN,
+        }
+    ]
+    kinds = [c["type"] for c in chunks]
+    assert kinds.index("tool-output-available") < kinds.index("finish-step")  # a new step
+    assert "".join(c["delta"] for c in chunks if c["type"] == "text-delta") == "42"
+
+
+async def test_a_command_without_a_tool_message_shows_what_it_does() -> None:
+    # Regression: with astream_events, a handoff whose Command holds no ToolMessage showed
+    # {graph: "__parent__", update: null, resume: null, goto: "math"} as the tool's output.
+    chunker = UIMessageChunks("m")
+    events = await stored_events(handoff_source("events", with_message=False))
+    chunks = [c for e in events for c in chunker.chunks(e)]
+    check_order(chunks)
+    outputs = [c.get("output") for c in chunks if c["type"].startswith("tool-output-")]
+    assert outputs == [{"goto": "math"}]
+
+
+def test_tool_messages_of_a_state_update_answer_only_this_answer_s_calls() -> None:
+    # A values-mode update holds the whole history: its earlier answers' tool messages are
+    # not this answer's calls, and a call answered already is not answered twice.
+    old = {"role": "tool", "tool_call_id": "old", "content": "before", "text": "before"}
+    new = {"role": "tool", "tool_call_id": "c1", "content": "now", "text": "now"}
+    call = {"role": "ai", "id": "m1", "text": "", "tool_calls": [{"id": "c1", "name": "s"}]}
+    values = {"mode": "values", "node": None, "data": {"messages": [old, call, new]}}
+    events = [
+        Event("message", {"message": call}, "1-1-0"),
+        Event("update", values, "1-2-0"),
+        Event("message", {"message": new}, "1-3-0"),
+        Event("update", values, "1-4-0"),
+        Event("end", {}, "1-5-0"),
+    ]
+    chunker = UIMessageChunks("m")
+    chunks = [c for e in events for c in chunker.chunks(e)]
+    check_order(chunks)
+    outputs = [(c["toolCallId"], c["output"]) for c in chunks if c["type"].startswith("tool-out")]
+    assert outputs == [("c1", "now")]
 
 
 @pytest.mark.parametrize("modes", ["messages", ["messages", "updates"]])

@@ -56,6 +56,7 @@ from ._events import (
     TOKEN,
     TOOL_END,
     TOOL_START,
+    UPDATE,
     Event,
 )
 from ._exceptions import ConfigurationError, ResumableStreamError, StreamAlreadyRunning
@@ -217,7 +218,10 @@ class UIMessageChunks:
     finishes the step, as the AI SDK's own servers send them: the client's
     ``lastAssistantMessageIsCompleteWithToolCalls`` looks at the last step only, and would
     otherwise send the answer of a client-side tool back forever. ``update`` events are not
-    sent.
+    sent, but a tool message they hold answers its call if nothing did (a handoff: a tool's
+    ``Command`` to the parent graph, which ``messages`` mode does not stream); a ``Command``
+    without its ToolMessage has its ``goto``, ``update`` and ``resume`` that are set as the
+    tool's output.
     """
 
     def __init__(self, message_id: str | None = None, *, start: bool = True) -> None:
@@ -270,6 +274,8 @@ class UIMessageChunks:
             self._tool_start(data, out)
         elif kind == TOOL_END:
             self._tool_end(data, out)
+        elif kind == UPDATE:
+            self._update(data.get("data"), out)
         elif kind == CUSTOM:
             name = data.get("name")
             if isinstance(name, str) and name.startswith(_LIFECYCLE_PREFIX):
@@ -466,12 +472,32 @@ class UIMessageChunks:
         elif role == "tool":
             call_id = message.get("tool_call_id")
             if isinstance(call_id, str):
-                name = message.get("name") or "tool"
-                self._announce(call_id, str(name), None, out)
-                if message.get("status") == "error":
-                    self._output(call_id, None, str(message.get("text")), out)
-                else:
-                    self._output(call_id, message.get("content"), None, out)
+                self._tool_message(call_id, message, out)
+
+    def _tool_message(
+        self, call_id: str, message: Mapping[str, Any], out: list[dict[str, Any]]
+    ) -> None:
+        self._announce(call_id, str(message.get("name") or "tool"), None, out)
+        if message.get("status") == "error":
+            self._output(call_id, None, str(message.get("text")), out)
+        else:
+            self._output(call_id, message.get("content"), None, out)
+
+    def _update(self, state: Any, out: list[dict[str, Any]]) -> None:
+        """The tool messages of a state update (``updates`` or ``values`` mode) that answer
+        this answer's calls no event answered: a handoff's (a tool's ``Command`` to the
+        parent graph ends its node with an error, so ``messages`` mode never streams it)."""
+        found = state.values() if isinstance(state, Mapping) else (state,)
+        for messages in found:
+            for message in messages if isinstance(messages, list) else ():
+                if not isinstance(message, Mapping) or message.get("role") != "tool":
+                    continue
+                call_id = message.get("tool_call_id")
+                if not isinstance(call_id, str):
+                    continue
+                call = self._calls.get(call_id)
+                if call is not None and not call.output_sent:
+                    self._tool_message(call_id, message, out)
 
     def _streamed_as(self, text: str, key: Any) -> Any:
         """The key of the tokens whose text is ``text`` and no message claimed, else ``key``."""
@@ -638,7 +664,7 @@ class UIMessageChunks:
         if isinstance(output, Mapping) and "goto" in output and "update" in output:
             # A Command (a tool that updates the graph's state): its ToolMessage is the
             # output, as the tool message in `messages` mode says.
-            output = _command_tool_message(output, call_id) or output
+            output = _command_tool_message(output, call_id) or _command_summary(output)
         if isinstance(output, Mapping) and output.get("role") == "tool":
             # A ToolMessage: its tool_call_id names the call, unless this run had one. A
             # tool that handles its own errors (handle_tool_error) ends with one of status
@@ -674,6 +700,16 @@ def _command_tool_message(command: Mapping[str, Any], call_id: Any) -> Mapping[s
     if call_id is None and len(found) == 1:
         return found[0]
     return next((m for m in found if m.get("tool_call_id") == call_id), None)
+
+
+def _command_summary(command: Mapping[str, Any]) -> dict[str, Any]:
+    """What a tool's ``Command`` without its ToolMessage does (as its output): its
+    ``goto``, ``update`` and ``resume`` that are set (a handoff's: ``{"goto": "agent"}``)."""
+    return {
+        key: value
+        for key in ("goto", "update", "resume")
+        if (value := command.get(key)) is not None and value != [] and value != {}
+    }
 
 
 def _digest(text: str) -> bytes:

@@ -23,6 +23,7 @@ from tests.test_ai_sdk import (
     agent_graph,
     failing_search,
     finishing_graph,
+    handoff_source,
     parallel_subagent_events,
     reasoning_graph,
     stored_events,
@@ -339,3 +340,21 @@ def test_a_call_a_parallel_agent_still_streams_at_a_new_step_keeps_its_input(
         ("tool-lookup", "output-available", {"q": "x1"}, "got x1"),
         ("tool-lookup", "output-available", {"q": "y1"}, "got y1"),
     ]
+
+
+@pytest.mark.parametrize("mode", ["messages", "events"])
+async def test_a_handoff_to_another_agent_shows_as_done(
+    node_modules: Path, tmp_path: Path, mode: str
+) -> None:
+    # Regression: in `messages` mode (with `updates`), a supervisor's handoff (a tool's
+    # Command to the parent graph) stayed input-available: useChat showed the call as
+    # still waiting, as a browser tool's call, and the answer after it in the same step.
+    seen = read_body(node_modules, tmp_path, await stored_events(handoff_source(mode)))
+    assert seen["error"] is None
+    assert [(p["type"], p["state"], p["output"], p["text"]) for p in seen["parts"]] == [
+        ("step-start", None, None, None),
+        ("tool-transfer_to_math", "output-available", "Transferred to math", None),
+        ("step-start", None, None, None),
+        ("text", "done", None, "42"),
+    ]
+    assert seen["posts"] == 1
