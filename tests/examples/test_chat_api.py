@@ -797,3 +797,23 @@ def test_langgraph_threads_update_renames_the_chat(fast: ChatServer) -> None:
     assert theirs.status_code == 404
     assert archived.status_code == 409
     assert final == "Trips"
+
+
+def test_langgraph_copy_of_an_archived_chat_is_a_writable_chat(fast: ChatServer) -> None:
+    # An archived chat is read-only; its copy is a fresh chat the user can go on with.
+    with fast.client() as client:
+        started, _ = ask(client, "hello there")
+        thread_id = started["thread_id"]
+        assert client.put(f"/threads/{thread_id}/archive").status_code == 200
+        copied = client.post(f"/langgraph/threads/{thread_id}/copy")
+        assert copied.status_code == 200, copied.text
+        copy_id = copied.json()["thread_id"]
+        listed = [t["thread_id"] for t in client.get("/v1/threads").json()["threads"]]
+        archived = client.get("/v1/threads", params={"archived": "true"}).json()["threads"]
+        answered, _ = ask(client, "and goodbye", thread_id=copy_id)
+        fetched = client.get(f"/langgraph/threads/{copy_id}").json()
+    assert copied.json()["metadata"]["archived"] is False
+    assert fetched["metadata"]["archived"] is False
+    assert listed == [copy_id]
+    assert [t["thread_id"] for t in archived] == [thread_id]
+    assert answered["thread_id"] == copy_id
