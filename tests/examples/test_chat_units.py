@@ -292,3 +292,39 @@ async def test_a_run_cancelled_as_it_is_inserted_is_taken_back(tmp_path: Path) -
         assert await store.runs(thread.id, "queued") == []
     finally:
         await store.aclose()
+
+
+async def test_a_copy_that_fails_leaves_no_thread_behind(tmp_path: Path) -> None:
+    # Regression: threads.copy records the new thread first, then copies the checkpoints;
+    # when the copy failed (the database erring part-way), the request was a 500 and the
+    # user's list kept an empty chat under the thread's title.
+    app = create_app(Settings(secret_key="s", data_dir=tmp_path, offline_tokens_per_second=0))
+    async with app.router.lifespan_context(app):
+        runtime = app.state.runtime
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        headers = {"authorization": "Bearer " + "t" * 16}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers=headers
+        ) as client:
+            sent = await client.post("/v1/chat/message", json={"message": "hello"})
+            thread_id = sent.json()["thread_id"]
+            await asyncio.gather(*runtime.runs._tasks)  # the answer, written and recorded
+            aput = runtime.checkpointer.aput
+            written: list[str] = []
+
+            async def failing(config: Any, *args: Any) -> Any:
+                if written:
+                    raise OSError("disk I/O error")
+                written.append(config["configurable"]["thread_id"])
+                return await aput(config, *args)
+
+            runtime.checkpointer.aput = failing
+            copied = await client.post(f"/langgraph/threads/{thread_id}/copy")
+            runtime.checkpointer.aput = aput
+            listed = (await client.get("/v1/threads")).json()["threads"]
+            config = {"configurable": {"thread_id": written[0]}}
+            left = [c async for c in runtime.checkpointer.alist(config)]
+    assert copied.status_code == 500
+    assert written and written[0] != thread_id  # failed part-way, after one checkpoint
+    assert [t["thread_id"] for t in listed] == [thread_id]
+    assert left == []

@@ -18,6 +18,7 @@ The caller is the service's user (session cookie, or ``Authorization: Bearer`` f
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -234,6 +235,7 @@ async def _create_thread(request: Request, thread_id: str | None, metadata: dict
             raise HTTPException(409, f"thread id {thread_id!r} is taken: choose another or omit it")
         return thread_id
     thread = await _runtime(request).store.create_thread(current_user(request), title)
+    request.state.created_thread = thread.id  # for _ChatLangGraphRouter.copy_thread
     return thread.id
 
 
@@ -309,6 +311,25 @@ async def _search_threads(request: Request, search: ThreadSearch) -> list[str]:
     return [thread.id for thread in found[search.offset : search.offset + search.limit]]
 
 
+class _ChatLangGraphRouter(LangGraphRouter):
+    async def copy_thread(self, request: Request) -> Response:
+        """``threads.copy``, all or nothing: the router records the new thread (with
+        ``_create_thread``) before it copies the checkpoints, and on a failure removes
+        only the checkpoints it wrote. The record goes too, or the user's list would keep
+        an empty chat the copy left."""
+        try:
+            return await super().copy_thread(request)
+        except BaseException:
+            created = getattr(request.state, "created_thread", None)
+            if created is not None:
+                runtime = _runtime(request)
+                with contextlib.suppress(Exception):  # the copy's error is the one to tell
+                    await runtime.checkpointer.adelete_thread(created)
+                with contextlib.suppress(Exception):
+                    await runtime.store.delete_thread(created)
+            raise
+
+
 class LangGraphAPI:
     """``/langgraph``: a :class:`LangGraphRouter` over the runtime, made on first use (the
     runtime exists once the app started)."""
@@ -319,7 +340,7 @@ class LangGraphAPI:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._router is None:
             runtime: Runtime = scope["app"].state.runtime
-            self._router = LangGraphRouter(
+            self._router = _ChatLangGraphRouter(
                 runtime.transport,
                 {GRAPH_ID: runtime.agent},
                 producer=runtime.producer,
