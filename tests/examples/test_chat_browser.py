@@ -958,6 +958,34 @@ def test_a_message_sent_while_another_tab_streams_shows_that_answer(
     expect(other.locator(ANSWER).last.locator(".text")).to_contain_text("The answer is 91")
 
 
+def test_an_idle_tab_shows_an_answer_started_in_another_tab(
+    page: Page, chat_servers: Callable[..., ChatServer]
+) -> None:
+    # Regression: a tab left open on the thread did not show an answer another tab started
+    # (only a reload did), even once the list it refreshed marked the thread answering.
+    server = chat_servers(OFFLINE_TOKENS_PER_SECOND="4")  # streams for all of the test
+    page.goto(server.url)
+    send(page, "what is 12*7")
+    expect(page.locator(ANSWER).last).to_have_attribute("data-state", "done")
+    other = page.context.new_page()  # the same user, in a second tab
+    other.goto(page.url)
+    expect(other.locator(ANSWER)).to_have_count(1)
+
+    send(page, "How should I structure a small side project?")
+    expect(page.locator(ANSWER).last.locator(".text")).not_to_be_empty()
+    # The user comes back to the other tab.
+    other.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+    expect(other.locator(".msg.user .bubble")).to_have_text(
+        ["what is 12*7", "How should I structure a small side project?"]
+    )
+    expect(other.locator(ANSWER).last).to_have_attribute("data-state", "streaming")
+    expect(other.locator(ANSWER).last.locator(".text")).not_to_be_empty()
+    other.locator("#stop").click()
+    expect(other.locator(ANSWER).last).to_have_attribute("data-state", "stopped")
+    expect(page.locator(ANSWER).last).to_have_attribute("data-state", "stopped")
+    expect(other.locator(ANSWER)).to_have_count(2)
+
+
 def test_a_thread_list_refresh_that_failed_clears_its_status_once_it_works(
     page: Page, chat_servers: Callable[..., ChatServer]
 ) -> None:

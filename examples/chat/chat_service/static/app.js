@@ -30,6 +30,7 @@ const state = {
   follow: true, // the view follows new text: the user is at the bottom
   threadsTimer: 0,
   opening: 0, // counts openThread and newChat calls: only the latest one shows its thread
+  shownRun: 0, // the latest answer of the open thread this page has read (0: none)
 };
 
 // --------------------------------------------------------------------------- HTTP
@@ -314,6 +315,7 @@ function attach(url, turn) {
   const run = Number(new URL(url, location.href).searchParams.get("run")) || 0;
   const stream = { es, turn, run, finished: false };
   state.stream = stream;
+  state.shownRun = Math.max(state.shownRun, run);
   turn.el.dataset.state = "streaming";
   updateComposer();
 
@@ -551,6 +553,7 @@ async function openThread(threadId, { keepStatus = false } = {}) {
   ui.title.textContent = thread.title;
   clearMessages();
   const active = thread.active_run;
+  state.shownRun = 0;
   renderHistory(thread.messages, active, thread.last_error);
   if (active) {
     const asked = thread.messages.some((m) => m.id === active.human_id);
@@ -597,9 +600,31 @@ async function loadThreads() {
   if (ui.status.dataset.source === "threads") setStatus(""); // its failure is over
   ui.threads.replaceChildren(...data.threads.map(threadItem));
   markCurrent();
+  const current = data.threads.find((thread) => thread.thread_id === state.threadId);
+  if (current && current.streaming) followAnswerElsewhere();
   // Answers end in other tabs and processes too: while one streams, look again now and then.
   if (data.threads.some((thread) => thread.streaming)) {
     state.threadsTimer = setTimeout(loadThreads, 3000);
+  }
+}
+
+// The open thread answers for another tab or the terminal client, and this page is idle
+// (it learns that from the list: on its refresh, or when the tab is shown again): show that
+// answer streaming, with Stop. Not while the user edits the last question (it would go).
+async function followAnswerElsewhere() {
+  if (state.stream || state.sending || ui.messages.querySelector(".editor")) return;
+  const threadId = state.threadId;
+  const opening = state.opening;
+  let thread;
+  try {
+    thread = await api("GET", "/v1/thread?thread_id=" + encodeURIComponent(threadId));
+  } catch {
+    return; // the next refresh looks again
+  }
+  if (threadId !== state.threadId || opening !== state.opening) return;
+  if (state.stream || state.sending || ui.messages.querySelector(".editor")) return;
+  if (thread.active_run && thread.active_run.run > state.shownRun) {
+    openThread(threadId, { keepStatus: true });
   }
 }
 
