@@ -1088,6 +1088,50 @@ async def test_an_event_written_while_the_writer_waits_is_cut_when_stuck(
     assert "the client read nothing for 0.3s" in caplog.text
 
 
+async def test_a_write_the_server_cancels_at_its_shutdown_is_not_lost() -> None:
+    """Regression: a shutdown (the end of uvicorn's graceful wait) cancelling a write that
+    waited for a slow client lost that write's events, and the response's last write sent
+    the events read after them: the client's last offset was past a gap, and its resume
+    never read the lost events. uvicorn waits for the client before it writes, so a
+    cancelled send wrote nothing."""
+    transport = from_url("memory://")
+    tokens: asyncio.Queue[list[Any] | None] = asyncio.Queue()
+    delivered: list[bytes] = []
+    client_reads = asyncio.Event()
+
+    async def send(message: Message) -> None:
+        if len(delivered) == 2:  # the headers and the first events went out
+            await client_reads.wait()  # as uvicorn's flow control, before it writes
+        delivered.append(message.get("body", b""))
+
+    async with transport, StreamProducer(transport) as producer:
+        run = await producer.start(fed(tokens))
+        tokens.put_nowait([word(i) for i in range(300)])
+        async with StreamConsumer(transport, run.stream_id) as stored:  # all 300 stored
+            async for event in stored:
+                if event.data["text"] == word(299):
+                    break
+        response = StreamResponse(StreamConsumer(transport, run.stream_id), format="ndjson")
+        encode, read = response.wire.encode, []
+        response.wire = response.wire._replace(encode=lambda e: read.append(e) or encode(e))
+        serving = asyncio.create_task(
+            response({"type": "http", "method": "GET"}, client_stays, send)
+        )
+        # A catch-up: the first events leave in one write, the next one waits for the
+        # client, and a live event is read meanwhile.
+        await eventually(lambda: len(read) == 300)
+        tokens.put_nowait(["late"])
+        await eventually(lambda: len(read) == 301)
+        serving.cancel()  # the server's shutdown
+        client_reads.set()  # the client reads again, in time for the last write
+        await serving
+        await run.cancel()
+
+    lines = [orjson.loads(line) for line in b"".join(delivered).splitlines() if line]
+    # Every event up to the last offset the client got: its resume (after it) loses none.
+    assert "".join(line["data"]["text"] for line in lines) == full_text(300) + "late"
+
+
 async def test_events_read_together_leave_in_one_write() -> None:
     """Events the response reads together go out in one body message, not one per event:
     a replay, and live events that arrive together while the writer waits."""

@@ -161,6 +161,7 @@ class _Connection:
         "space",
         "started",
         "stuck",
+        "unsent",
     )
 
     def __init__(self, send: Send) -> None:
@@ -183,6 +184,7 @@ class _Connection:
         self.ping_due = False
         self.last_write = self._loop.time()
         self.sending_since: float | None = None
+        self.unsent: Message | None = None  # the write in progress (cut short: never sent)
 
     def put(self, chunk: bytes) -> None:
         self.chunks.append(chunk)
@@ -207,12 +209,14 @@ class _Connection:
 
     async def write(self, message: Message) -> None:
         self.sending_since = self._loop.time()
+        self.unsent = message
         try:
             await self._send(message)
         except OSError:
             # ASGI 2.4 servers may raise it for a client that is gone (uvicorn drops the
             # message instead, and the disconnect watcher notices).
             raise _ClientGone from None
+        self.unsent = None
         self.sending_since = None
         self.last_write = self._loop.time()
         if message["type"] == "http.response.start":
@@ -387,9 +391,19 @@ class StreamEngine:
         last write within SHUTDOWN_WRITE_WAIT."""
         if connection.complete:
             return True
-        body = connection.take()
-        if not (connection.done and connection.error is None) and self.wire.cut is not None:
-            body += self.wire.cut(connection.error or ServerClosed("the server closed it"))
+        # A write the cancellation cut short goes out first: uvicorn waits for a slow
+        # client before it writes, so that write sent nothing, and the events read after
+        # it alone would leave a gap before the client's last offset (its resume would
+        # never read them).
+        unsent = connection.unsent
+        if unsent is None or unsent["type"] != "http.response.body":
+            unsent = _body(b"", more=True)
+        if unsent.get("more_body", False):
+            body = unsent["body"] + connection.take()
+            if not (connection.done and connection.error is None) and self.wire.cut is not None:
+                body += self.wire.cut(connection.error or ServerClosed("the server closed it"))
+        else:  # the last write, its end (or cut) in it
+            body = unsent["body"]
         try:
             async with asyncio.timeout(SHUTDOWN_WRITE_WAIT):
                 if not connection.started:
