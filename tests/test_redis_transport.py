@@ -28,6 +28,7 @@ from resumable_stream import (
     TransportError,
     from_url,
 )
+from resumable_stream._constants import MAX_DURATION
 from resumable_stream.transports import Entry
 from resumable_stream.transports._redis_pipe import (
     RECONNECT_DELAY,
@@ -151,6 +152,39 @@ def test_a_client_it_cannot_use_is_refused_when_the_transport_is_built() -> None
 def test_a_bad_url_raises_configuration_error_not_a_redis_py_error(url: str) -> None:
     with pytest.raises(ConfigurationError):
         from_url(url)
+
+
+@pytest.mark.parametrize("option", ["retention", "tombstone", "running_ttl", "replica_timeout"])
+def test_a_duration_past_what_redis_takes_raises_configuration_error(option: str) -> None:
+    # Regression: 1e17 seconds passed the checks, and Redis then refused the stream's
+    # PEXPIRE (or WAIT) in milliseconds: runs failed to start, or to write their end.
+    with pytest.raises(ConfigurationError, match=rf"{option} must be .* at most 1e\+12"):
+        from_url("redis://127.0.0.1:1/0", **{option: 1e17})
+    if option != "replica_timeout":  # the memory transport takes the same bounds
+        with pytest.raises(ConfigurationError, match=rf"{option} must be .* at most 1e\+12"):
+            from_url("memory://", **{option: 1e17})
+
+
+async def test_the_longest_durations_accepted_work_on_redis(redis_url: str) -> None:
+    longest = MAX_DURATION
+    async with from_url(
+        redis_url,
+        prefix=f"t{uuid.uuid4().hex[:12]}",
+        retention=longest,
+        tombstone=longest,
+        running_ttl=longest,
+    ) as transport:
+        with pytest.raises(ConfigurationError, match=r"lease must be .* at most 1e\+12"):
+            StreamProducer(transport, lease=longest * 10)
+        async with StreamProducer(transport, lease=longest) as producer:
+            with pytest.raises(ConfigurationError, match=r"start_timeout .* at most 1e\+12"):
+                await producer.reserve("late", start_timeout=longest * 10)
+            reservation = await producer.reserve("queued", start_timeout=longest)
+            run = await producer.start(tokens(3), reservation=reservation)
+            assert await run.wait() == "completed"
+            events = await collect(transport, "queued")
+        assert await transport.info("late") is None  # checked before it was made
+    assert joined(events) == text_of(3)
 
 
 def test_schemes_build_the_matching_redis_py_client() -> None:

@@ -10,6 +10,10 @@ EVENT_SCHEMA_VERSION = 1
 #: Seconds a producer's lease lasts without a heartbeat; consumers report a run whose
 #: lease lapsed as ``error`` / ``producer_lost``.
 DEFAULT_LEASE = 5.0
+#: Longest duration option (retention, tombstone, running_ttl, lease, start_timeout,
+#: replica_timeout) in seconds, about 31,700 years: Redis takes expiries in milliseconds
+#: as integers, which its scripts hold as doubles (exact up to 2**53), and adds several.
+MAX_DURATION = 1e12
 #: Seconds finished streams stay readable.
 DEFAULT_RETENTION = 3600.0
 #: Seconds the stream's metadata outlives its data, so "expired" differs from "never existed".

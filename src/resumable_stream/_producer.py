@@ -28,6 +28,7 @@ from ._constants import (
     DEFAULT_MAX_EVENT_BYTES,
     DEFAULT_ROLLBACK_WINDOW,
     DEFAULT_WRITE_RETRY_BUDGET,
+    MAX_DURATION,
     MAX_ENTRY_EVENTS_LIMIT,
     ROLLBACK_WINDOW_BYTES,
 )
@@ -887,8 +888,10 @@ class StreamProducer:
         write_retry_budget: float | None = None,
         rollback_window: int = DEFAULT_ROLLBACK_WINDOW,
     ) -> None:
-        if not math.isfinite(lease) or lease < 0.1:  # (nan compares false to anything)
-            raise ConfigurationError("lease must be at least 0.1 seconds, and finite")
+        if not 0.1 <= lease <= MAX_DURATION:  # (nan compares false to anything)
+            raise ConfigurationError(
+                f"lease must be at least 0.1 and at most {MAX_DURATION:g} seconds, not {lease!r}"
+            )
         if max_buffer < 1:
             raise ConfigurationError("max_buffer must be at least 1")
         if coalesce_events < 1 or not 0 <= coalesce_delay < math.inf:
@@ -1008,13 +1011,10 @@ class StreamProducer:
         ``reservation.to_dict()``). Raises :class:`StreamAlreadyRunning` like :meth:`start`.
         """
         # Checked before the stream is made: a bad value must not leave one behind.
-        if (
-            type(start_timeout) not in (int, float)
-            or not math.isfinite(start_timeout)
-            or start_timeout < 0.1
-        ):
+        if type(start_timeout) not in (int, float) or not 0.1 <= start_timeout <= MAX_DURATION:
             raise ConfigurationError(
-                f"start_timeout must be a finite number of seconds >= 0.1, not {start_timeout!r}"
+                f"start_timeout must be a number of seconds >= 0.1 and at most "
+                f"{MAX_DURATION:g}, not {start_timeout!r}"
             )
         stream_id = new_stream_id() if stream_id is None else check_stream_id(stream_id)
         token = secrets.token_hex(16)

@@ -16,14 +16,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import math
 import time
 from abc import ABC, abstractmethod
 from types import TracebackType
 from typing import Literal, Self
 
 from .._codec import format_offset
-from .._constants import DEFAULT_SUBSCRIPTION_BUFFER
+from .._constants import DEFAULT_SUBSCRIPTION_BUFFER, MAX_DURATION
 
 Status = Literal["running", "completed", "error", "cancelled"]
 FINAL_STATUSES: frozenset[str] = frozenset({"completed", "error", "cancelled"})
@@ -210,18 +209,21 @@ class Transport(ABC):
         running_ttl: float,
         max_entries: int,
     ) -> None:
-        if not (
-            0 < retention < math.inf
-            and 0 <= tombstone < math.inf
-            and 0 < running_ttl < math.inf
-            and max_entries >= 1
-        ):  # (written so that nan fails too)
-            from .._exceptions import ConfigurationError
+        from .._exceptions import ConfigurationError
 
-            raise ConfigurationError(
-                "retention and running_ttl must be > 0, tombstone >= 0 (seconds, finite), "
-                "max_entries >= 1"
-            )
+        # Written so that nan fails too. Bounded: Redis refused the milliseconds of a
+        # duration of 1e17 seconds, so every run failed to start or to write its end.
+        for name, value, least in (
+            ("retention", retention, "> 0"),
+            ("tombstone", tombstone, ">= 0"),
+            ("running_ttl", running_ttl, "> 0"),
+        ):
+            if not ((value > 0 if least == "> 0" else value >= 0) and value <= MAX_DURATION):
+                raise ConfigurationError(
+                    f"{name} must be {least} and at most {MAX_DURATION:g} seconds, not {value!r}"
+                )
+        if not max_entries >= 1:
+            raise ConfigurationError(f"max_entries must be >= 1, not {max_entries!r}")
         self.retention = retention
         self.tombstone = tombstone
         self.running_ttl = running_ttl

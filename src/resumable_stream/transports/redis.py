@@ -45,6 +45,7 @@ from .._constants import (
     DEFAULT_RUNNING_TTL,
     DEFAULT_TOMBSTONE,
     DEFAULT_WRITE_INTERVAL,
+    MAX_DURATION,
 )
 from .._exceptions import (
     BackendRefused,
@@ -309,8 +310,11 @@ class RedisTransport(Transport):
             raise ConfigurationError("write_retry_budget must be >= 0 seconds")
         if not 0 <= write_interval <= 0.1:
             raise ConfigurationError("write_interval must be 0-0.1 seconds")
-        if replicas < 0 or not 0 < replica_timeout < math.inf:
-            raise ConfigurationError("replicas must be >= 0 and replica_timeout > 0 seconds")
+        if replicas < 0 or not 0 < replica_timeout <= MAX_DURATION:
+            raise ConfigurationError(
+                f"replicas must be >= 0, and replica_timeout must be > 0 and at most "
+                f"{MAX_DURATION:g} seconds (not {replica_timeout!r})"
+            )
         if not prefix or "{" in prefix or "}" in prefix:
             # Keys are hash-tagged by the stream id: a brace in the prefix would move the tag.
             raise ConfigurationError(f"invalid key prefix {prefix!r}: non-empty, no braces")
