@@ -1088,6 +1088,48 @@ async def test_an_event_written_while_the_writer_waits_is_cut_when_stuck(
     assert "the client read nothing for 0.3s" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("format", "method"), [("sse", "GET"), ("ndjson", "GET"), ("ndjson", "POST")]
+)
+async def test_a_read_its_server_cancels_before_its_headers_answers_503(
+    format: str, method: str
+) -> None:
+    """Regression: a server's shutdown (the end of uvicorn's graceful wait) cancelling a
+    read still waiting for its first events answered 200 with an empty body (NDJSON
+    clients read it as a stream with nothing in it); nothing was sent, so the answer is a
+    503 the client retries on, elsewhere. A POST (it started a run, which a retry would
+    start again) ends its response as before."""
+    transport = from_url("memory://")
+    sent: list[Message] = []
+    listening = asyncio.Event()
+
+    async def receive() -> Message:
+        listening.set()  # the response is up, waiting for its first events
+        return await client_stays()
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async with transport, StreamProducer(transport) as producer:
+        live = await producer.start(fed(asyncio.Queue()))  # no event yet
+        response = StreamResponse(StreamConsumer(transport, live.stream_id), format=format)
+        serving = asyncio.create_task(response({"type": "http", "method": method}, receive, send))
+        await listening.wait()
+        serving.cancel()  # the server's shutdown
+        await serving
+        await live.cancel()
+
+    start, body = sent
+    headers = dict(start["headers"])
+    assert body["more_body"] is False
+    if method == "POST":
+        assert start["status"] == 200 and body["body"] == b""
+        return
+    assert start["status"] == 503 and headers[b"retry-after"] == b"1"
+    assert headers[b"content-type"] == b"application/json"
+    assert orjson.loads(body["body"])["code"] == "server_closing"
+
+
 async def test_a_write_the_server_cancels_at_its_shutdown_is_not_lost() -> None:
     """Regression: a shutdown (the end of uvicorn's graceful wait) cancelling a write that
     waited for a slow client lost that write's events, and the response's last write sent

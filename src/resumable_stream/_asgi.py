@@ -20,6 +20,7 @@ from ._consumer import StreamConsumer
 from ._exceptions import ConfigurationError, ResumableStreamError
 from ._http import (
     JSON_TYPE,
+    SERVER_CLOSING,
     HTTPError,
     WireFormat,
     error_for,
@@ -99,6 +100,11 @@ def http_error(exc: BaseException, *, event_stream_client: bool = False) -> HTTP
 
 async def send_error(send: Send, error: HTTPError) -> None:
     """Answer ``error`` as a whole response: JSON ``{code, message}``, or empty for 204."""
+    for message in _error_messages(error):
+        await send(message)
+
+
+def _error_messages(error: HTTPError) -> list[Message]:
     headers = [(name.encode(), value.encode()) for name, value in error.headers().items()]
     body = b""
     if error.status != 204:
@@ -107,8 +113,7 @@ async def send_error(send: Send, error: HTTPError) -> None:
             (b"content-type", JSON_TYPE.encode()),
             (b"content-length", str(len(body)).encode()),
         ]
-    await send(_start(headers, error.status))
-    await send(_body(body, more=False))
+    return [_start(headers, error.status), _body(body, more=False)]
 
 
 def _start(headers: list[tuple[bytes, bytes]], status: int = 200) -> Message:
@@ -356,7 +361,7 @@ class StreamEngine:
                 # (uvicorn's --timeout-graceful-shutdown). Raised on, uvicorn logs it as an
                 # error and cuts the body mid-chunk; the response ends instead, as one cut
                 # by a read error (the client resumes elsewhere), and the request is over.
-                if not await self._end_early(connection):
+                if not await self._end_early(connection, scope):
                     raise
                 writer.uncancel()  # taken: the task goes on, and ends with the request
                 return
@@ -385,30 +390,40 @@ class StreamEngine:
                     "stream %s: on_disconnect failed", self.consumer.stream_id, exc_info=True
                 )
 
-    async def _end_early(self, connection: _Connection) -> bool:
+    async def _end_early(self, connection: _Connection, scope: Scope) -> bool:
         """(Cancelled by the server) End the response with what was read, without its end:
-        the client resumes from its last offset. False if the client does not take the
-        last write within SHUTDOWN_WRITE_WAIT."""
+        the client resumes from its last offset; or, for a read (GET) with nothing read nor
+        sent, answer 503 ``server_closing``. False if the client does not take the last
+        write within SHUTDOWN_WRITE_WAIT."""
         if connection.complete:
             return True
-        # A write the cancellation cut short goes out first: uvicorn waits for a slow
-        # client before it writes, so that write sent nothing, and the events read after
-        # it alone would leave a gap before the client's last offset (its resume would
-        # never read them).
-        unsent = connection.unsent
-        if unsent is None or unsent["type"] != "http.response.body":
-            unsent = _body(b"", more=True)
-        if unsent.get("more_body", False):
-            body = unsent["body"] + connection.take()
-            if not (connection.done and connection.error is None) and self.wire.cut is not None:
-                body += self.wire.cut(connection.error or ServerClosed("the server closed it"))
-        else:  # the last write, its end (or cut) in it
-            body = unsent["body"]
+        if scope.get("method") in ("GET", "HEAD") and not (
+            connection.started or connection.done or connection.chunks or connection.unsent
+        ):
+            # A status the client retries on (elsewhere), not a 200 with nothing in it. Not
+            # for a POST's response: that request started a run, which a retry would repeat.
+            messages = _error_messages(SERVER_CLOSING)
+        else:
+            # A write the cancellation cut short goes out first: uvicorn waits for a slow
+            # client before it writes, so that write sent nothing, and the events read
+            # after it alone would leave a gap before the client's last offset (its resume
+            # would never read them).
+            unsent = connection.unsent
+            if unsent is None or unsent["type"] != "http.response.body":
+                unsent = _body(b"", more=True)
+            if unsent.get("more_body", False):
+                body = unsent["body"] + connection.take()
+                if not (connection.done and connection.error is None) and self.wire.cut:
+                    body += self.wire.cut(connection.error or ServerClosed("the server closed it"))
+            else:  # the last write, its end (or cut) in it
+                body = unsent["body"]
+            messages = [_body(body, more=False)]
+            if not connection.started:
+                messages.insert(0, _start(self._headers))
         try:
             async with asyncio.timeout(SHUTDOWN_WRITE_WAIT):
-                if not connection.started:
-                    await connection.write(_start(self._headers))
-                await connection.write(_body(body, more=False))
+                for message in messages:
+                    await connection.write(message)
         except _ClientGone:
             return True
         except TimeoutError:

@@ -204,6 +204,15 @@ def too_many_streams(limit: int) -> HTTPError:
     )
 
 
+#: A stream response its server cancelled (a shutdown) before it sent anything.
+SERVER_CLOSING = HTTPError(
+    503,
+    "server_closing",
+    "this server is shutting down; retry (another server answers)",
+    retry_after=RETRY_AFTER,
+)
+
+
 #: A client that closed its connection before its request's body arrived (nobody reads the
 #: answer, but it ends the request without an error in the server's log).
 CLIENT_GONE = HTTPError(400, "client_disconnected", "the client left before its request's body")
