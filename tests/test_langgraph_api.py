@@ -3460,6 +3460,45 @@ async def test_threads_copy_while_a_run_starts_is_409_and_copies_nothing() -> No
     await api.producer.aclose()
 
 
+async def test_threads_copy_that_fails_part_way_deletes_the_apps_record_of_it() -> None:
+    # Regression: a copy whose checkpoint writes failed deleted the checkpoints it wrote but
+    # not the record create_thread made: the app listed an empty thread it could not copy.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    class FailingSaver(InMemorySaver):
+        failing = False
+
+        async def aput(self, config: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.failing and config["configurable"]["thread_id"] != "t1":
+                raise OSError("disk full")
+            return await super().aput(config, *args, **kwargs)
+
+    deleted: list[str] = []
+    saver = FailingSaver()
+    api, _graph, records = _records_router(saver=saver)
+
+    async def delete_thread(request: Any, thread_id: str) -> None:
+        deleted.append(thread_id)
+        del records[thread_id]
+
+    api.delete_thread = delete_thread
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(api, raise_app_exceptions=False), base_url="http://t"
+    ) as http:
+        thread_id = (await http.post("/threads", json={"thread_id": "t1"})).json()["thread_id"]
+        body = {"assistant_id": "agent", "input": {"n": ["x"]}}
+        assert (await http.post(f"/threads/{thread_id}/runs/wait", json=body)).is_success
+        saver.failing = True
+        failed = await http.post(f"/threads/{thread_id}/copy")
+        assert failed.status_code == 500
+        assert len(deleted) == 1 and deleted[0] != thread_id
+        assert list(records) == [thread_id]
+        threads = {item.config["configurable"]["thread_id"] async for item in saver.alist(None)}
+        assert threads == {thread_id}
+    await api.producer.aclose()
+
+
 async def test_runs_delete_is_405_not_served_not_a_routing_error() -> None:
     # runs.delete (DELETE /threads/{id}/runs/{run_id}) was a 405 routing error; the API
     # deletes the run's checkpoints with it, which no checkpointer here can do. 405, not

@@ -2170,7 +2170,8 @@ class LangGraphRouter:
         answers it as ``GET /threads/{id}`` does. ``authorize`` is asked for ``"read"``
         on the thread and ``"create"``. A thread with a run in progress (or queued here),
         or one that starts while the copy reads it, is ``409 thread_busy``: its copy would
-        hold half a step. With ``thread_info`` and
+        hold half a step. A copy that fails part-way deletes what it wrote, and the new
+        thread's record with ``delete_thread``, if given. With ``thread_info`` and
         without ``create_thread``, ``501 not_served``."""
         thread_id, stream_id = await self._thread(request, "read")
         await self._check(request, "create")
@@ -2234,6 +2235,10 @@ class LangGraphRouter:
                 if hasattr(saver, "adelete_thread"):
                     with contextlib.suppress(Exception):
                         await saver.adelete_thread(new_id)
+            if self.create_thread is not None and self.delete_thread is not None:
+                # The app's record of the copy goes too (the copy's error is the one told).
+                with contextlib.suppress(Exception):
+                    await self.delete_thread(request, new_id)
             raise
         return _json(200, await self._thread_json(new_id, await self._info(request, new_id)))
 
