@@ -442,6 +442,24 @@ async def test_the_error_about_an_oversized_event_fits_the_smallest_limit() -> N
     assert events[-1].data["message"]  # cut to fit, not dropped
 
 
+async def test_a_source_error_with_a_message_over_the_limit_keeps_its_name() -> None:
+    # Regression: a source error whose message made its event larger than max_event_bytes
+    # ended the stream with `EventTooLarge` ("a 'error' event of ... bytes"): readers lost
+    # the exception's class (docs/events.md: `error` names it). Its message is cut instead.
+    async def source():
+        yield "kept "
+        raise RuntimeError("upstream said: " + "x" * 5000)
+
+    events = await _ended_with_error(
+        StreamProducer(MemoryTransport(), max_event_bytes=4096), source()
+    )
+    assert [(e.type, e.data.get("error")) for e in events] == [
+        ("token", None),
+        ("error", "RuntimeError"),
+    ]
+    assert events[-1].data["message"].startswith("upstream said: xxx")
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -727,10 +727,17 @@ class Run:
         return Entry(self.epoch, self._seq + 1, join_entry(events)), len(events), final
 
     def _encode_terminal(self, terminal: Item) -> Encoded:
+        kind, data = terminal
         try:
-            return self._encoder.encode(*terminal)
+            return self._encoder.encode(kind, data)
+        except EventTooLarge as exc:
+            # An error too long to store (a source's exception with a long message) keeps
+            # its name, cut; the EventTooLarge is told only if cutting cannot make it fit.
+            fallback = error_data(exc)
+            if kind != ERROR or not isinstance(data.get("message"), str):
+                data = fallback
         except Exception as exc:  # a relayed terminal event that cannot be stored
-            data = error_data(exc)
+            data = fallback = error_data(exc)
         # An error event always fits: its message is cut to what max_event_bytes leaves.
         message = data["message"]
         while True:
@@ -738,9 +745,13 @@ class Run:
             try:
                 return self._encoder.encode(*self._terminal)
             except EventTooLarge:
-                if not message:
+                if message:
+                    message = message[: len(message) // 2]
+                elif data is not fallback:  # its other fields are too large
+                    data = fallback
+                    message = data["message"]
+                else:
                     raise
-                message = message[: len(message) // 2]
 
     def _written(self, entry: Entry, count: int, final: Status | None) -> None:
         self._inflight = None
