@@ -461,6 +461,31 @@ async def test_a_source_error_with_a_message_over_the_limit_keeps_its_name() -> 
 
 
 @pytest.mark.parametrize(
+    "terminal",
+    [
+        {"type": "end", "data": {"usage": 2**70}},  # not JSON: an integer beyond 64 bits
+        {"type": "cancelled", "data": {"reason": "x" * 5000}},  # larger than max_event_bytes
+    ],
+)
+async def test_a_relayed_terminal_event_that_cannot_be_stored_ends_the_run_as_error(
+    terminal: dict[str, Any],
+) -> None:
+    # Regression: the stream ended with the `error` written in its place, but the run and
+    # the stream's status said `completed` / `cancelled` (run.wait(), GET .../status).
+    async def source():
+        yield "kept "
+        yield terminal
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport, max_event_bytes=4096).start(source())
+    assert await asyncio.wait_for(run.wait(), timeout=10) == "error"
+    events = await collect(transport, run.stream_id)
+    assert [e.type for e in events] == ["token", "error"]
+    info = await transport.info(run.stream_id)
+    assert info is not None and info.status == "error"
+
+
+@pytest.mark.parametrize(
     "bad",
     [
         "lone surrogate \ud800",  # UTF-8 cannot hold it

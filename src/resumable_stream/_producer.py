@@ -722,14 +722,16 @@ class Run:
         final: Status | None = None
         terminal = self._terminal
         if not buffer and terminal is not None and len(events) < producer.max_entry_events:
-            events.append(self._encode_terminal(terminal))
-            final = _STATUS_OF[terminal[0]]
+            kind, encoded = self._encode_terminal(terminal)
+            events.append(encoded)
+            final = _STATUS_OF[kind]
         return Entry(self.epoch, self._seq + 1, join_entry(events)), len(events), final
 
-    def _encode_terminal(self, terminal: Item) -> Encoded:
+    def _encode_terminal(self, terminal: Item) -> tuple[str, Encoded]:
+        """The terminal event's type and encoding: an ``error`` if it cannot be stored."""
         kind, data = terminal
         try:
-            return self._encoder.encode(kind, data)
+            return kind, self._encoder.encode(kind, data)
         except EventTooLarge as exc:
             # An error too long to store (a source's exception with a long message) keeps
             # its name, cut; the EventTooLarge is told only if cutting cannot make it fit.
@@ -743,7 +745,7 @@ class Run:
         while True:
             self._terminal = (ERROR, {**data, "message": message})
             try:
-                return self._encoder.encode(*self._terminal)
+                return ERROR, self._encoder.encode(*self._terminal)
             except EventTooLarge:
                 if message:
                     message = message[: len(message) // 2]
