@@ -300,7 +300,7 @@ class UIMessageChunks:
             elif data.get("reason") in ("shutdown", "stopped"):
                 # Cut by the server, not stopped by a request: `ai` takes an `abort` for the
                 # end of a whole answer, and nothing goes on with this one (the run was its
-                # process's; "stopped": its task was cancelled there, with no cancel asked).
+                # process's; "stopped": it stopped there, with no cancel asked nor shutdown).
                 text = _SHUTDOWN_TEXT if data["reason"] == "shutdown" else _STOPPED_TEXT
                 out.append({"type": "error", "errorText": text})
             else:
