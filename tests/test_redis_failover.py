@@ -479,6 +479,27 @@ async def test_a_sentinel_managed_client_follows_the_master(
             await node.aclose()
 
 
+async def test_a_hung_sentinel_listed_first_does_not_keep_the_transport_from_the_master(
+    redis_sentinel: RedisSentinelService, prefix: str
+) -> None:
+    # Regression: a Sentinel that accepts connections but answers nothing (a frozen host)
+    # takes socket_timeout to give up on as the master is looked up, and the connection's
+    # watchdog, counting that time as the master's silence, dropped the connection first:
+    # redis-py never got to ask the next Sentinel, and every command failed with "Redis did
+    # not answer" for as long as that Sentinel hung, two healthy ones notwithstanding.
+    hung = redis_sentinel.sentinels[0]  # the first one the URL lists
+    hung.pause()
+    try:
+        url = f"{redis_sentinel.url}?socket_timeout=0.5"
+        async with from_url(url, prefix=prefix) as transport:
+            # (redis-py tries the silent Sentinel again, as its client retries: ~15 s.)
+            async with asyncio.timeout(60):
+                run = await StreamProducer(transport).start(Stages(20).source())
+                assert joined(await collect(transport, run.stream_id)) == text_of(20)
+    finally:
+        hung.resume()
+
+
 async def test_a_sentinel_failover_mid_stream_loses_nothing(
     redis_sentinel: RedisSentinelService, sentinel_transport: Transport
 ) -> None:

@@ -320,6 +320,9 @@ class Pipe:
 
     ``timeout``: seconds the server may stay silent while replies are owed before the
     connection is dropped (the redis-py ``socket_timeout``, or a default).
+    ``setup_timeout``: seconds the connection's set-up may take instead, redis-py's own
+    time-outs bounding each step (default ``timeout``): a Sentinel look-up gives up on a
+    silent Sentinel after its time-out and asks the next.
     ``write_interval``: least seconds between two writes; what is queued meanwhile goes
     out in the next one (0: a write per event-loop turn).
     """
@@ -332,10 +335,12 @@ class Pipe:
         name: str,
         write_interval: float = 0.0,
         on_connect: Callable[[], None] | None = None,
+        setup_timeout: float | None = None,
     ) -> None:
         self._make = make
         self._on_connect = on_connect
         self._timeout = timeout
+        self._setup_timeout = max(timeout, setup_timeout or 0.0)
         self._write_interval = write_interval
         self.name = name
         self._session: _Session | None = None  # the one new commands go to
@@ -454,6 +459,9 @@ class Pipe:
             protocol = _take_over(connection, functools.partial(self._replies, session))
             session.address = address_of(connection)
             session.stream = connection._writer.transport  # type: ignore[union-attr]
+            if self._setup_timeout > self._timeout and self._session is session:
+                self._progress = asyncio.get_running_loop().time()  # silent from now on
+                self._rearm()
             if self._on_connect is not None and not session.last:
                 self._on_connect()
             self._flush(session)  # what was queued while connecting
@@ -546,14 +554,25 @@ class Pipe:
         if session is None or not session.pending:
             return
         loop = asyncio.get_running_loop()
-        due = self._progress + self._timeout
+        connecting = session.stream is None
+        limit = self._setup_timeout if connecting else self._timeout
+        due = self._progress + limit
         if loop.time() < due:
             self._watchdog = loop.call_at(due, self._check)
             return
-        self._end(session, NoAnswer(f"Redis did not answer within {self._timeout:g} s"))
+        what = "connect" if connecting and limit > self._timeout else "answer"
+        self._end(session, NoAnswer(f"Redis did not {what} within {limit:g} s"))
         if session.task is not None:
             session.timed_out = True
             session.task.cancel()
+
+    def _rearm(self) -> None:
+        """Have the watchdog look again ``timeout`` after the last progress."""
+        loop = asyncio.get_running_loop()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watchdog_loop = loop
+        self._watchdog = loop.call_at(self._progress + self._timeout, self._check)
 
     @property
     def connected(self) -> bool:

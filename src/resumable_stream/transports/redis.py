@@ -164,6 +164,7 @@ class _Node:
             name=f"commands {name}",
             write_interval=transport.write_interval,
             on_connect=transport._connected,
+            setup_timeout=transport._setup_timeout,
         )
         self.subscriber = Subscriber(
             make,
@@ -332,6 +333,7 @@ class RedisTransport(Transport):
         self._sentinels: tuple[Any, str] | None = None
         self._sentinel_watch: asyncio.Task[None] | None = None
         self._nodes: dict[str, _Node] = {}
+        self._setup_timeout: float | None = None  # (the default: _timeout)
         # A durable append's WAIT holds its reply up to replica_timeout: not silence.
         waits = replica_timeout if replicas else 0.0
         if isinstance(client, RedisCluster):
@@ -359,6 +361,11 @@ class RedisTransport(Transport):
             service = getattr(pool, "service_name", None)
             if manager is not None and isinstance(service, str):
                 self._sentinels = (manager, service)
+                # Each (re)connection asks the Sentinels for the master, in turn: a silent
+                # one is given up on after its own time-outs, then the next is asked.
+                self._setup_timeout = self._timeout + sum(
+                    _lookup_timeout(sentinel) for sentinel in getattr(manager, "sentinels", ())
+                )
             self._single = _Node(self, "redis", make)
         else:
             raise ConfigurationError(
@@ -1384,6 +1391,21 @@ def _entry(entry_id: bytes, fields: list[bytes]) -> Entry:
 
 def _timeout_of(kwargs: dict[str, Any]) -> float:
     return float(kwargs.get("socket_timeout") or DEFAULT_REDIS_TIMEOUT)
+
+
+def _lookup_timeout(sentinel: Any) -> float:
+    """The longest one Sentinel can keep a master look-up waiting: connecting to it and
+    its reply, on each attempt its redis-py client makes (its ``retry``), with the
+    back-off between them."""
+    kwargs = getattr(getattr(sentinel, "connection_pool", None), "connection_kwargs", {})
+    connect = kwargs.get("socket_connect_timeout") or kwargs.get("socket_timeout")
+    attempt = float(connect or DEFAULT_REDIS_TIMEOUT) + _timeout_of(kwargs)
+    retry = kwargs.get("retry") or getattr(sentinel, "retry", None)
+    retries, backoff = 3, 10.0  # (a Retry of another redis-py: generous)
+    with contextlib.suppress(Exception):
+        retries = max(0, int(retry.get_retries())) if retry is not None else 0
+        backoff = float(retry._backoff._cap)  # type: ignore[union-attr]
+    return (retries + 1) * attempt + retries * backoff
 
 
 def _redact(url: str) -> str:
