@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -406,3 +407,55 @@ def test_an_answer_whose_worker_died_as_it_claimed_it_is_recorded_as_lost(
     assert final_answer(thread) == answer_text(answer)
     assert (terminal(first_events) or {}).get("code") == "producer_lost"
     assert run_states(dsn, thread_id) == [("failed", "producer_lost"), ("done", None)]
+
+
+def test_an_answer_nobody_read_that_no_worker_started_does_not_keep_its_thread_busy(
+    chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest
+) -> None:
+    env = {
+        **redis_postgres_env(request),
+        "WORKER_MODE": "1",
+        "STREAM_LEASE": str(LEASE),
+        "WORKER_START_TIMEOUT": "1",
+    }
+    api = chat_servers(**env)
+    with api.client() as client:
+        # Sent, and its answer never read (its tab closed): no worker starts it in time.
+        # Retry, then a new message, are taken once its start timeout lapsed (they were
+        # refused as busy until somebody read the answer, for ever if nobody did).
+        queued = post_message(client, "what is 12*7")
+        thread_id = queued["thread_id"]
+        retried = eventually(
+            lambda: accepted(client.post("/v1/chat/regenerate", json={"thread_id": thread_id})),
+            what="a retry is accepted",
+        )
+        after_retry = history(client, thread_id)
+        # Nor is the retry's answer read: a new message is taken once it lapsed too.
+        second = eventually(
+            lambda: accepted(
+                client.post(
+                    "/v1/chat/message", json={"message": "what is 12*7", "thread_id": thread_id}
+                )
+            ),
+            what="a new message is accepted",
+        )
+        thread = history(client, thread_id)
+
+    assert retried["run"] == queued["run"] + 1
+    assert after_retry["active_run"]["run"] == retried["run"]
+    assert second["run"] == retried["run"] + 1
+    assert thread["active_run"]["run"] == second["run"]
+    assert run_states(env["DATABASE_URL"], thread_id) == [
+        ("failed", "not_started"),
+        ("failed", "not_started"),
+        ("queued", None),
+    ]
+
+
+def accepted(response: httpx.Response) -> dict[str, Any] | None:
+    """The body of a 202 response, else None (a 409 while the thread is busy)."""
+    assert response.status_code in (202, 409), response.text
+    if response.status_code == 409:
+        return None
+    body: dict[str, Any] = response.json()
+    return body

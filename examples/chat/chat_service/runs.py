@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -143,6 +144,8 @@ class RunService:
         """
         policy = policy or self.settings.busy_policy
         held: HeldLock | None = None
+        if self.workers:
+            await self._settle_unanswered(thread.id)
         if policy == "reject":
             held = await self._lock_if_idle(thread.id)
             if held is None:
@@ -194,9 +197,6 @@ class RunService:
         ``end`` first): wait for it rather than reject. Every wait ends on what the holder
         does (or on its lease lapsing, if it died), never on a timer that load can outrun.
         """
-        if self.workers:
-            for run in await self.store.runs(thread_id, "queued"):
-                await self.reservation_lost(run)  # not a message a worker will answer
         seen = await self._run_count(thread_id)
         held = await self.lock.try_acquire(thread_id)
         if held is None:
@@ -426,6 +426,33 @@ class RunService:
         return await self.store.settle_run(
             run.thread_id, run.seq, "failed", error=QUEUE_DOWN, only_from=("queued",)
         )
+
+    async def _settle_unanswered(self, thread_id: str) -> None:
+        """(Worker mode) Record the thread's queued runs that no worker will answer, as
+        their readers are told: Redis lost their task (:meth:`reservation_lost`), or no
+        worker started them within WORKER_START_TIMEOUT (``not_started``), or the worker
+        that started one died before recording it (``producer_lost``). A reader of the
+        answer records that as it reads the end; with none (its tab closed), the thread
+        showed the run in flight for good, and refused a new message or a retry."""
+        for run in await self.store.runs(thread_id, "queued"):
+            if await self.reservation_lost(run):
+                continue
+            if await self.store.reservation(run.thread_id, run.seq) is None:
+                continue  # not reserved yet: its request is still sending its task
+            info = await self.transport.info(run.stream_id)
+            if info is None or (
+                info.status == "running"
+                # Started by a worker (entry 2 is its claim), or still within its start
+                # timeout: a worker may yet answer it.
+                and (
+                    info.last_seq > 1
+                    or time.time() - info.created_at < self.settings.worker_start_timeout
+                )
+            ):
+                continue
+            # Reading it to its end ends a lapsed reservation with not_started (the
+            # library's crash detection, within half a lease), and records it.
+            await self._end_lost(run)
 
     async def _lock_in_turn(self, thread_id: str, seq: int) -> HeldLock:
         """The thread's lock, once the thread's older queued runs were answered: the tasks
