@@ -20,7 +20,9 @@ from langchain_core.messages import (
     AnyMessage,
     BaseMessage,
     ToolMessage,
+    UsageMetadata,
 )
+from langchain_core.messages.tool import tool_call_chunk
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.tools import InjectedToolCallId, ToolException, tool
 from langgraph.checkpoint.memory import InMemorySaver
@@ -38,6 +40,8 @@ from resumable_stream._exceptions import TransportError
 from resumable_stream.ai_sdk import (
     ChatRequest,
     ChatRouter,
+    MessageMetadataPart,
+    TokenUsage,
     UIMessageChunks,
     UIMessageStreamResponse,
 )
@@ -1509,3 +1513,117 @@ async def test_an_http_exception_from_a_generator_s_body_ends_the_answer_with_an
     await router.producer.aclose()
     assert response.status_code == 200
     assert sse_chunks(response.text)[-1] == {"type": "error", "errorText": "402: out of credit"}
+
+
+#: The usage a MeteredModel reports for each of its two calls (its tool call, its answer).
+CALL_USAGES = (
+    UsageMetadata(input_tokens=12, output_tokens=3, total_tokens=15),
+    UsageMetadata(input_tokens=20, output_tokens=7, total_tokens=27),
+)
+
+
+class MeteredModel(BaseChatModel):
+    """Calls `search`, then answers; each call reports its usage (CALL_USAGES), on its
+    whole message or, streamed, split over its chunks (input on the first, output on
+    the last: Anthropic's shape) unless ``disable_streaming``."""
+
+    @property
+    def _llm_type(self) -> str:
+        return "metered-test-model"
+
+    def _reply(self, messages: list[BaseMessage]) -> tuple[AIMessage, UsageMetadata]:
+        if isinstance(messages[-1], ToolMessage):
+            return AIMessage(content="found it"), CALL_USAGES[1]
+        call = {"id": "c1", "name": "search", "args": {"q": "x"}}
+        return AIMessage(content="", tool_calls=[call]), CALL_USAGES[0]
+
+    def _generate(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> ChatResult:
+        message, usage = self._reply(messages)
+        message.usage_metadata = usage
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    async def _astream(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> Any:
+        message, usage = self._reply(messages)
+        sent, made = usage["input_tokens"], usage["output_tokens"]
+        calls = [
+            tool_call_chunk(
+                id=c["id"], name=c["name"], args=orjson.dumps(c["args"]).decode(), index=0
+            )
+            for c in message.tool_calls
+        ]
+        chunks = [
+            AIMessageChunk(
+                content="",
+                usage_metadata=UsageMetadata(input_tokens=sent, output_tokens=0, total_tokens=sent),
+            ),
+            AIMessageChunk(content=message.content, tool_call_chunks=calls),
+            AIMessageChunk(
+                content="",
+                usage_metadata=UsageMetadata(input_tokens=0, output_tokens=made, total_tokens=made),
+            ),
+        ]
+        for chunk in chunks:
+            yield ChatGenerationChunk(message=chunk)
+
+
+def metered_graph(stream: bool) -> Any:
+    model = MeteredModel(disable_streaming=not stream)
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await model.ainvoke(state["messages"])]}
+
+    def route(state: MessagesState) -> str:
+        last = state["messages"][-1]
+        return "tools" if isinstance(last, AIMessage) and last.tool_calls else END
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_node("tools", ToolNode([search]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", route, ["tools", END])
+    builder.add_edge("tools", "agent")
+    return builder.compile()
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
+@pytest.mark.parametrize("mode", ["messages", "events"])
+async def test_message_metadata_has_the_answer_s_summed_usage(mode: str, stream: bool) -> None:
+    graph = metered_graph(stream)
+    inputs = {"messages": [("user", "look x up")]}
+    if mode == "messages":
+        source = graph.astream(inputs, stream_mode="messages")
+    else:
+        source = graph.astream_events(inputs, version="v2")
+    events = await stored_events(source)
+    parts: list[MessageMetadataPart] = []
+
+    def metadata(part: MessageMetadataPart) -> dict[str, Any]:
+        parts.append(part)
+        return {"part": part.type, "usage": part.usage and part.usage.total_tokens}
+
+    chunker = UIMessageChunks("answer-1", message_metadata=metadata)
+    chunks = [c for e in events for c in chunker.chunks(e)]
+    check_order(chunks)
+    usage = TokenUsage(32, 10, 42)  # both calls' (CALL_USAGES), each counted once
+    assert parts == [
+        MessageMetadataPart("start", "answer-1"),
+        MessageMetadataPart("finish", "answer-1", "stop", usage),
+    ]
+    assert chunks[0] == {
+        "type": "start",
+        "messageId": "answer-1",
+        "messageMetadata": {"part": "start", "usage": None},
+    }
+    assert chunks[-1] == {
+        "type": "finish",
+        "finishReason": "stop",
+        "messageMetadata": {"part": "finish", "usage": 42},
+    }
+    # Nothing by default (an app's strict messageMetadataSchema would refuse it), nor
+    # for a hook that returns None.
+    for chunker in (
+        UIMessageChunks("answer-1"),
+        UIMessageChunks("a", message_metadata=lambda p: None),
+    ):
+        chunks = [c for e in events for c in chunker.chunks(e)]
+        assert not [c for c in chunks if "messageMetadata" in c]

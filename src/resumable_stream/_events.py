@@ -235,7 +235,10 @@ def _from_message(message: Any, metadata: Mapping[str, Any], ns: list[str] | Non
         calls = getattr(message, "tool_call_chunks", None) and _tool_call_chunks(message)
         # The last chunk of a model's call says why it stopped (the others hold none).
         finish = finish_reason_of(getattr(message, "response_metadata", None))
-        if not calls and finish is None:  # text alone, as most chunks: a string, or one block
+        # Usage comes on a chunk or two (OpenAI's last, Anthropic's first and last), and
+        # no whole message follows a streamed one: kept, the answer's usage adds up.
+        usage = getattr(message, "usage_metadata", None)
+        if not calls and finish is None and not usage:  # text alone, as most chunks
             if type(content) is str:
                 if content:
                     return _token(content, message.id, node, ns)
@@ -243,7 +246,7 @@ def _from_message(message: Any, metadata: Mapping[str, Any], ns: list[str] | Non
                 text = text_of(content)
                 if text:
                     return _token(text, message.id, node, ns)
-        return _chunk_token(message, text_of(content), calls, finish, node, ns)
+        return _chunk_token(message, text_of(content), calls, finish, usage, node, ns)
     data: dict[str, Any] = {"message": message_to_dict(message), "node": node}
     if ns:
         data["ns"] = ns
@@ -255,14 +258,15 @@ def _chunk_token(
     text: str,
     calls: list[dict[str, Any]] | None,
     finish: str | None,
+    usage: Any,
     node: Any,
     ns: list[str] | None,
 ) -> Item | None:
     """The ``token`` of a message chunk that is not text alone: its tool call fragments, its
-    reasoning (a chunk of reasoning has no text; several blocks may hold both) and why the
-    model stopped (its last chunk, most often without text), if any."""
+    reasoning (a chunk of reasoning has no text; several blocks may hold both), why the
+    model stopped (its last chunk, most often without text) and its usage, if any."""
     reasoning = reasoning_of(message.content, getattr(message, "additional_kwargs", None))
-    if not (text or calls or reasoning or finish):
+    if not (text or calls or reasoning or finish or usage):
         return None
     # LangGraph sends no whole message after a streamed one: a tool call's id, name and
     # arguments come only in these fragments.
@@ -273,6 +277,8 @@ def _chunk_token(
         token[1]["tool_call_chunks"] = calls
     if finish:
         token[1]["finish_reason"] = finish
+    if usage:
+        token[1]["usage"] = to_jsonable(usage)
     return token
 
 

@@ -79,6 +79,9 @@ __all__ = [
     "ChatAction",
     "ChatRequest",
     "ChatRouter",
+    "MessageMetadata",
+    "MessageMetadataPart",
+    "TokenUsage",
     "UIMessageChunks",
     "UIMessageStreamResponse",
     "UI_MESSAGE_STREAM_HEADERS",
@@ -180,6 +183,35 @@ class _DraftCall:
         return self.ended or (bool(self.args.strip()) and _is_json(self.args))
 
 
+@dataclass(frozen=True, slots=True)
+class TokenUsage:
+    """The tokens of an answer's chat model calls, summed over its messages' LangChain
+    ``usage_metadata`` (``total_tokens``: input and output when a model gives no total)."""
+
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessageMetadataPart:
+    """What a ``message_metadata`` hook is given: the part the metadata goes on, ``start``
+    or ``finish`` (the AI SDK's ``messageMetadata({ part })``). For ``finish``, the answer's
+    ``finish_reason`` and ``usage`` (None when no message of it reported any). Both come from
+    the stored events, so a resumed answer gets the same."""
+
+    type: Literal["start", "finish"]
+    #: The assistant message's id (the ``messageId`` of ``start``), if known.
+    message_id: str | None
+    finish_reason: str | None = None
+    usage: TokenUsage | None = None
+
+
+#: A hook giving an answer's message metadata (``message.metadata`` in ``useChat``): a
+#: JSON-able dict sent on the part, or None for none.
+MessageMetadata = Callable[[MessageMetadataPart], Mapping[str, Any] | None]
+
+
 class UIMessageChunks:
     """Turns one stream's events into AI SDK UI message chunks, in an order the client accepts.
 
@@ -222,11 +254,24 @@ class UIMessageChunks:
     ``Command`` to the parent graph, which ``messages`` mode does not stream); a ``Command``
     without its ToolMessage has its ``goto``, ``update`` and ``resume`` that are set as the
     tool's output.
+
+    ``message_metadata(part)`` (:class:`MessageMetadataPart`), if given, is called for the
+    ``start`` and the ``finish`` part; what it returns, unless None, is sent as the part's
+    ``messageMetadata`` (``message.metadata`` in ``useChat``). ``usage`` sums the ``usage``
+    of the AI messages this encoder read: all of the answer's on a replay from its start.
     """
 
-    def __init__(self, message_id: str | None = None, *, start: bool = True) -> None:
+    def __init__(
+        self,
+        message_id: str | None = None,
+        *,
+        start: bool = True,
+        message_metadata: MessageMetadata | None = None,
+    ) -> None:
         self.message_id = message_id
         self._need_start = start
+        self._message_metadata = message_metadata
+        self._usage: tuple[int, int, int] | None = None  # input, output, total tokens
         self._open_text: dict[Any, str] = {}  # LangChain message id (or None) → text part id
         self._streamed: set[Any] = set()  # message ids whose text came as tokens
         # message id → the digest of its tokens' text, until a message claims it
@@ -263,6 +308,7 @@ class UIMessageChunks:
             start: dict[str, Any] = {"type": "start"}
             if self.message_id is not None:
                 start["messageId"] = self.message_id
+            self._add_metadata(start, MessageMetadataPart("start", self.message_id))
             out.append(start)
             out.append({"type": "start-step"})
         kind, data = event.type, event.data
@@ -293,7 +339,11 @@ class UIMessageChunks:
             if kind == END:
                 out.append({"type": "finish-step"})
                 reason = self._finish_reason or "stop"
-                out.append({"type": "finish", "finishReason": reason})
+                finish: dict[str, Any] = {"type": "finish", "finishReason": reason}
+                usage = None if self._usage is None else TokenUsage(*self._usage)
+                part = MessageMetadataPart("finish", self.message_id, reason, usage)
+                self._add_metadata(finish, part)
+                out.append(finish)
             elif kind == ERROR:
                 message = data.get("message") or data.get("error") or "the answer failed"
                 out.append({"type": "error", "errorText": str(message)})
@@ -306,6 +356,33 @@ class UIMessageChunks:
             else:
                 out.append({"type": "abort", "reason": str(data.get("reason") or "cancelled")})
         return out
+
+    def _add_metadata(self, chunk: dict[str, Any], part: MessageMetadataPart) -> None:
+        if self._message_metadata is None:
+            return  # none by default: an app's strict messageMetadataSchema would refuse it
+        metadata = self._message_metadata(part)
+        if metadata is None:
+            return
+        if not isinstance(metadata, Mapping):
+            raise TypeError(
+                f"message_metadata must return a dict or None, not {type(metadata).__name__}"
+            )
+        # ai (ui-message-chunks.ts): `start` and `finish` carry an optional messageMetadata,
+        # which the client merges into message.metadata.
+        chunk["messageMetadata"] = dict(metadata)
+
+    def _add_usage(self, usage: Any) -> None:
+        """Count a chat model message's ``usage`` (LangChain's ``usage_metadata``)."""
+        if not isinstance(usage, Mapping):
+            return
+        counts = [usage.get(key) for key in ("input_tokens", "output_tokens", "total_tokens")]
+        given = [n if isinstance(n, int) and not isinstance(n, bool) else None for n in counts]
+        if all(n is None for n in given):
+            return
+        input_tokens, output_tokens = given[0] or 0, given[1] or 0
+        total = given[2] if given[2] is not None else input_tokens + output_tokens
+        before = self._usage or (0, 0, 0)
+        self._usage = (before[0] + input_tokens, before[1] + output_tokens, before[2] + total)
 
     def interrupted(self, reason: str) -> bytes:
         """The SSE bytes that end a stream cut before its terminal event (a read failed):
@@ -426,6 +503,9 @@ class UIMessageChunks:
             for piece in calls:
                 if isinstance(piece, Mapping):
                     self._call_chunk(key, piece, out)
+        usage = data.get("usage")  # (`messages` mode: a chunk or two of a model's call)
+        if usage:
+            self._add_usage(usage)
         finish = data.get("finish_reason")  # (the model's last chunk)
         if finish:
             key = _message_key(data.get("message_id"))
@@ -440,6 +520,7 @@ class UIMessageChunks:
             return
         role = message.get("role")
         if role in _AI_ROLES:
+            self._add_usage(message.get("usage"))
             key = _message_key(message.get("id"))
             text = message.get("text")
             if key not in self._streamed and isinstance(text, str) and text:
@@ -768,7 +849,8 @@ class UIMessageStreamResponse(StreamResponse):
     ``message_id`` (by default the one a continuation's run names in its first event, else
     ``"<stream_id>-<epoch>"``: the same in every replay, so the client replaces its partial
     message instead of adding one). A stream with nothing to send
-    answers 204, which ``useChat`` reads as "nothing to resume".
+    answers 204, which ``useChat`` reads as "nothing to resume". ``message_metadata`` is
+    :class:`UIMessageChunks`'s.
     """
 
     def __init__(
@@ -777,6 +859,7 @@ class UIMessageStreamResponse(StreamResponse):
         request: Request | None = None,
         *,
         message_id: str | None = None,
+        message_metadata: MessageMetadata | None = None,
         ping_interval: float | None = DEFAULT_PING_INTERVAL,
         send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
         on_disconnect: Callable[[], Awaitable[object]] | None = None,
@@ -790,7 +873,9 @@ class UIMessageStreamResponse(StreamResponse):
             send_timeout=send_timeout,
             on_disconnect=on_disconnect,
         )
-        self.chunker = UIMessageChunks(message_id, start=consumer.after is None)
+        self.chunker = UIMessageChunks(
+            message_id, start=consumer.after is None, message_metadata=message_metadata
+        )
         self.wire = WireFormat("sse", EVENT_STREAM_TYPE, self._encode, PING, self._cut)
         self.event_stream_client = True  # nothing to send is 204, which the SDK understands
         self.raw_headers = [
@@ -952,7 +1037,9 @@ class ChatRouter:
     starts a new run of it (a new epoch). A chat with an answer in progress refuses another
     with 409 (without calling ``source``: the run calls it once it holds the chat), a body
     over ``max_body_bytes`` with 413. ``authorize(request, chat_id,
-    action)`` may refuse with false (403) or raise Starlette's ``HTTPException``. Add
+    action)`` may refuse with false (403) or raise Starlette's ``HTTPException``.
+    ``message_metadata(part)`` gives the answer's ``message.metadata`` (see
+    :class:`MessageMetadataPart`): on a resume too, from the stored events. Add
     :attr:`routes` to the app, or serve the router itself.
     """
 
@@ -968,6 +1055,7 @@ class ChatRouter:
         ping_interval: float | None = DEFAULT_PING_INTERVAL,
         send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        message_metadata: MessageMetadata | None = None,
     ) -> None:
         _check_body_limit(max_body_bytes)
         if authorize is None:
@@ -985,6 +1073,7 @@ class ChatRouter:
         self.ping_interval = ping_interval
         self.send_timeout = send_timeout
         self.max_body_bytes = max_body_bytes
+        self.message_metadata = message_metadata
         path = "/" + path.strip("/") if path.strip("/") else ""
         self.routes: list[BaseRoute] = [
             Route(path or "/", self.send, methods=["POST"], name="ai_chat_send"),
@@ -1020,6 +1109,7 @@ class ChatRouter:
             StreamConsumer(self.transport, stream_id, epoch=epoch),
             request,
             message_id=message_id,
+            message_metadata=self.message_metadata,
             ping_interval=self.ping_interval,
             send_timeout=self.send_timeout,
         )

@@ -10,6 +10,9 @@ cut and resume a connection mid-answer without timing anything.
 the tool and posts again with that assistant message last (a continuation), which is
 answered with ANSWER_TOKENS tokens that hold at HOLD_AT the same way.
 
+`/api/meta` answers as `/api/chat` does, its model's two messages reporting their usage,
+with a `message_metadata` hook (METADATA_MODEL on `start`, the usage summed on `finish`).
+
 `/api/direct` answers with a tool the server runs, and ends with its output (a LangGraph
 tool with `return_direct`, or a graph interrupted after its tools); a continuation, which
 the client should not post, is answered with "continued".
@@ -29,7 +32,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from resumable_stream import Transport, from_url
-from resumable_stream.ai_sdk import ChatRequest, ChatRouter
+from resumable_stream.ai_sdk import ChatRequest, ChatRouter, MessageMetadataPart
 from resumable_stream.starlette import allow_all
 
 ANSWER_TOKENS = 40
@@ -57,6 +60,40 @@ async def scripted_answer(prompt: str, hold: asyncio.Event) -> AsyncIterator[Any
             "type": "token",
             "data": {"text": f"{prompt}{i} ", "message_id": "m1", "node": "agent"},
         }
+
+
+METADATA_MODEL = "test-model"
+#: The usage each of the metered answer's two model messages reports.
+USAGES = (
+    {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15},
+    {"input_tokens": 30, "output_tokens": 40, "total_tokens": 70},
+)
+
+
+async def metered_answer(prompt: str, hold: asyncio.Event) -> AsyncIterator[Any]:
+    """The scripted answer, its model's messages (the call, then the text) with usage."""
+    async for item in scripted_answer(prompt, hold):
+        if item["type"] == "message":
+            item["data"]["message"]["usage"] = USAGES[0]
+        yield item
+    text = answer_text(prompt)
+    message = {"id": "m1", "role": "ai", "text": text, "content": text, "usage": USAGES[1]}
+    yield {"type": "message", "data": {"message": message}}
+
+
+def answer_metadata(part: MessageMetadataPart) -> dict[str, Any]:
+    """The metadata an app sends as the AI SDK's docs show: the model, then the usage."""
+    if part.type == "start":
+        return {"model": METADATA_MODEL, "messageId": part.message_id}
+    usage = part.usage
+    tokens = None
+    if usage is not None:
+        tokens = {
+            "inputTokens": usage.input_tokens,
+            "outputTokens": usage.output_tokens,
+            "totalTokens": usage.total_tokens,
+        }
+    return {"finishReason": part.finish_reason, "usage": tokens}
 
 
 async def client_tool_answer(chat: ChatRequest, hold: asyncio.Event) -> AsyncIterator[Any]:
@@ -101,7 +138,18 @@ def create_app(transport: Transport | None = None) -> Starlette:
     async def tool_answer(chat: ChatRequest) -> AsyncIterator[Any]:
         return client_tool_answer(chat, hold_for(chat.chat_id))
 
+    async def meta_answer(chat: ChatRequest) -> AsyncIterator[Any]:
+        return metered_answer(chat.text, hold_for(chat.chat_id))
+
     chat = ChatRouter(transport, answer, path="/api/chat", authorize=allow_all)
+    meta = ChatRouter(
+        transport,
+        meta_answer,
+        path="/api/meta",
+        producer=chat.producer,
+        authorize=allow_all,
+        message_metadata=answer_metadata,
+    )
     tools = ChatRouter(
         transport, tool_answer, path="/api/tools", producer=chat.producer, authorize=allow_all
     )
@@ -110,6 +158,7 @@ def create_app(transport: Transport | None = None) -> Starlette:
     )
     routes = [
         *chat.routes,
+        *meta.routes,
         *tools.routes,
         *direct.routes,
         Route("/test/release/{chat_id}", release, methods=["POST"]),

@@ -15,7 +15,7 @@ import pytest
 from resumable_stream import Event
 from resumable_stream.ai_sdk import UIMessageChunks
 from tests._services import run_app_subprocess, uvicorn_command, uvicorn_server
-from tests.clients._app import answer_text, create_app
+from tests.clients._app import METADATA_MODEL, USAGES, answer_text, create_app
 from tests.clients.conftest import run_node
 from tests.test_ai_sdk import (
     FINISHES,
@@ -141,6 +141,46 @@ def test_client_tool_continuation_resumed_on_another_process_redis(
     first, second = redis_servers
     seen = run_node(node_modules, "ai_sdk_client_tool.mjs", first, second, "k")
     _check_client_tool_run(seen, "k")
+
+
+def _check_metadata_run(seen: dict[str, Any], prompt: str) -> None:
+    assert seen["error"] is None
+    assert seen["wholeStatus"] == "ready"
+    usage = {
+        "inputTokens": sum(u["input_tokens"] for u in USAGES),
+        "outputTokens": sum(u["output_tokens"] for u in USAGES),
+        "totalTokens": sum(u["total_tokens"] for u in USAGES),
+    }
+    for name in ("whole", "resumed"):
+        message = seen[name]
+        assert message["text"] == answer_text(prompt), name
+        # `start`'s metadata and `finish`'s, merged by the client
+        assert message["metadata"] == {
+            "model": METADATA_MODEL,
+            "messageId": message["id"],
+            "finishReason": "stop",
+            "usage": usage,
+        }, name
+    # Halfway, the answer has its `start`'s metadata; the replay (another process's, from
+    # storage) gives the same message the same metadata, and the whole usage at its end.
+    assert seen["cut"]["metadata"] == {"model": METADATA_MODEL, "messageId": seen["cut"]["id"]}
+    assert seen["resumed"]["id"] == seen["cut"]["id"]
+    assert seen["resumedRoles"] == ["user", "assistant"]
+
+
+def test_message_metadata_of_a_whole_and_a_resumed_answer_memory(
+    node_modules: Path, memory_server: str
+) -> None:
+    seen = run_node(node_modules, "ai_sdk_metadata.mjs", memory_server, memory_server, "m")
+    _check_metadata_run(seen, "m")
+
+
+def test_message_metadata_of_an_answer_resumed_on_another_process_redis(
+    node_modules: Path, redis_servers: tuple[str, str]
+) -> None:
+    first, second = redis_servers
+    seen = run_node(node_modules, "ai_sdk_metadata.mjs", first, second, "n")
+    _check_metadata_run(seen, "n")
 
 
 def test_an_answer_ending_with_a_server_tool_is_not_posted_back(
