@@ -6,6 +6,7 @@ The client tests (tests/clients/test_ai_sdk.py) run the real `ai` / `@ai-sdk/rea
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -1587,7 +1588,9 @@ def metered_graph(stream: bool) -> Any:
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
 @pytest.mark.parametrize("mode", ["messages", "events"])
-async def test_message_metadata_has_the_answer_s_summed_usage(mode: str, stream: bool) -> None:
+async def test_message_metadata_has_the_answer_s_summed_usage(
+    mode: str, stream: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     graph = metered_graph(stream)
     inputs = {"messages": [("user", "look x up")]}
     if mode == "messages":
@@ -1627,3 +1630,17 @@ async def test_message_metadata_has_the_answer_s_summed_usage(mode: str, stream:
     ):
         chunks = [c for e in events for c in chunker.chunks(e)]
         assert not [c for c in chunks if "messageMetadata" in c]
+    # A hook that raises, or gives what is not a JSON object, costs the answer its metadata
+    # (logged), not the answer.
+
+    def raising(part: MessageMetadataPart) -> dict[str, Any]:
+        raise KeyError("model")
+
+    for hook in (raising, lambda p: ["not", "a", "dict"], lambda p: {"at": object()}):
+        chunker = UIMessageChunks("a", message_metadata=hook)  # type: ignore[arg-type]
+        with caplog.at_level(logging.ERROR, "resumable_stream.http"):
+            chunks = [c for e in events for c in chunker.chunks(e)]
+        check_order(chunks)
+        assert chunks[-1] == {"type": "finish", "finishReason": "stop"}
+        assert "message_metadata failed for the finish part" in caplog.text
+        caplog.clear()

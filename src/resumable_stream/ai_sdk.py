@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import hashlib
 import inspect
+import logging
 import re
 from collections.abc import (
     AsyncGenerator,
@@ -74,6 +75,8 @@ from ._producer import Run, StreamProducer
 from ._sse import PING
 from .starlette import StreamResponse, _check_body_limit, _JsonRouting, _read_body
 from .transports import Transport
+
+logger = logging.getLogger("resumable_stream.http")
 
 __all__ = [
     "ChatAction",
@@ -360,16 +363,25 @@ class UIMessageChunks:
     def _add_metadata(self, chunk: dict[str, Any], part: MessageMetadataPart) -> None:
         if self._message_metadata is None:
             return  # none by default: an app's strict messageMetadataSchema would refuse it
-        metadata = self._message_metadata(part)
-        if metadata is None:
-            return
-        if not isinstance(metadata, Mapping):
-            raise TypeError(
-                f"message_metadata must return a dict or None, not {type(metadata).__name__}"
+        try:
+            metadata = self._message_metadata(part)
+            if metadata is None:
+                return
+            if not isinstance(metadata, Mapping):
+                raise TypeError(f"it returned a {type(metadata).__name__}, not a dict or None")
+            value = dict(metadata)
+            orjson.dumps(value)  # (sent as JSON: checked here, not when the part is written)
+        except Exception:
+            # The app's bug costs the answer its metadata, not the answer.
+            logger.exception(
+                "message_metadata failed for the %s part of message %s: sent without metadata",
+                part.type,
+                self.message_id,
             )
+            return
         # ai (ui-message-chunks.ts): `start` and `finish` carry an optional messageMetadata,
         # which the client merges into message.metadata.
-        chunk["messageMetadata"] = dict(metadata)
+        chunk["messageMetadata"] = value
 
     def _add_usage(self, usage: Any) -> None:
         """Count a chat model message's ``usage`` (LangChain's ``usage_metadata``)."""
