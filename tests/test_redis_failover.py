@@ -492,7 +492,7 @@ async def test_a_hung_sentinel_listed_first_does_not_keep_the_transport_from_the
     try:
         url = f"{redis_sentinel.url}?socket_timeout=0.5"
         async with from_url(url, prefix=prefix) as transport:
-            # (redis-py tries the silent Sentinel again, as its client retries: ~15 s.)
+            # (from_url gives the Sentinels no retries: the silent one costs one time-out.)
             async with asyncio.timeout(60):
                 run = await StreamProducer(transport).start(Stages(20).source())
                 assert joined(await collect(transport, run.stream_id)) == text_of(20)

@@ -34,6 +34,8 @@ import redis.asyncio as aioredis
 from redis import exceptions as rex
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import AbstractConnection, parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.cluster import PRIMARY
 from redis.crc import key_slot
 
@@ -1472,8 +1474,13 @@ def _client_from_url(url: str) -> aioredis.Redis | RedisCluster:
         )
     service = unquote(path[0])
     db = int(path[1]) if len(path) == 2 else 0
+    # The Sentinels get the URL's socket options (redis-py drops them once sentinel_kwargs
+    # holds credentials) and no retries: a master look-up that finds one silent moves on to
+    # the next (redis-py's default retries kept it on that one about ten times as long).
+    sentinel_kwargs.update((k, v) for k, v in kwargs.items() if k.startswith("socket_"))
+    sentinel_kwargs["retry"] = Retry(NoBackoff(), 0)
     sentinel = aioredis.Sentinel(  # type: ignore[no-untyped-call]
-        hosts, sentinel_kwargs=sentinel_kwargs or None, **kwargs
+        hosts, sentinel_kwargs=sentinel_kwargs, **kwargs
     )
     master: aioredis.Redis = sentinel.master_for(service, db=db)
     return master
