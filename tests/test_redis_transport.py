@@ -197,6 +197,19 @@ def test_schemes_build_the_matching_redis_py_client() -> None:
     assert isinstance(pool, SentinelConnectionPool) and pool.service_name == "mymaster"
     assert pool.connection_kwargs["db"] == 2 and pool.connection_kwargs["password"] == "pw"
     assert sentinel.write_retry_budget == DEFAULT_WRITE_RETRY_BUDGET
+    # The Sentinels: the URL's socket options, also beside their own credentials, and no
+    # retries (a look-up that finds one silent asks the next at once; redis-py's default
+    # retry kept it on the silent one about eleven times its socket_timeout).
+    url = "redis+sentinel://h1:26379,h2:26380/m?socket_timeout=2&sentinel_password=sp"
+    for sentinels in (
+        pool.sentinel_manager.sentinels,
+        from_url(url).client.connection_pool.sentinel_manager.sentinels,
+    ):
+        for client in sentinels:
+            assert client.connection_pool.connection_kwargs["retry"].get_retries() == 0
+    for client in from_url(url).client.connection_pool.sentinel_manager.sentinels:
+        kwargs = client.connection_pool.connection_kwargs
+        assert (kwargs["socket_timeout"], kwargs["password"]) == (2.0, "sp")
 
 
 # -- connections go through redis-py -------------------------------------------------
