@@ -430,10 +430,11 @@ class RunService:
     async def _settle_unanswered(self, thread_id: str) -> None:
         """(Worker mode) Record the thread's queued runs that no worker will answer, as
         their readers are told: Redis lost their task (:meth:`reservation_lost`), or no
-        worker started them within WORKER_START_TIMEOUT (``not_started``), or the worker
-        that started one died before recording it (``producer_lost``). A reader of the
-        answer records that as it reads the end; with none (its tab closed), the thread
-        showed the run in flight for good, and refused a new message or a retry."""
+        worker started them within WORKER_START_TIMEOUT (``not_started``). (A run a worker
+        started and died in is the lock's: its lease lapses, see :meth:`_lock_if_idle`.)
+        A reader of the answer records that as it reads the end; with none (its tab
+        closed), the thread showed the run in flight for good, and refused a new message
+        or a retry."""
         for run in await self.store.runs(thread_id, "queued"):
             if await self.reservation_lost(run):
                 continue
