@@ -155,3 +155,28 @@ async def test_a_memory_reservation_outlasting_running_ttl_keeps_its_entries() -
     stream = transport._streams["queued"]
     assert stream.data_until - time.monotonic() > 25
     assert stream.meta_until - stream.data_until == 60  # the tombstone margin on top
+
+
+def test_a_malformed_reservation_is_refused_naming_its_field() -> None:
+    # Regression: int() read an epoch str(reservation) never writes ("1.7" from a dict was
+    # epoch 1, "1_0" was 10, " 12 ", True and -3 passed), so a corrupted task became another
+    # reservation, refused later as expired (ReservationExpired: "too late").
+    good = Reservation("job", 1700000000000000, "0123abcd")
+    assert Reservation.parse(str(good)) == good
+    assert Reservation.from_dict(good.to_dict()) == good
+    assert Reservation.from_dict({**good.to_dict(), "epoch": "1700000000000000"}) == good
+    for epoch in (1.7, 2.0, "1_0", " 12 ", "+12", "١٢", True, 0, -3, "-3", "", None, [1]):
+        with pytest.raises(ConfigurationError, match="epoch") as raised:
+            Reservation.from_dict({**good.to_dict(), "epoch": epoch})
+        assert isinstance(raised.value, ValueError)
+    for text in ("1_0:0123abcd:job", " 12:0123abcd:job", "1.7:0123abcd:job", "-1:0123abcd:job"):
+        with pytest.raises(ConfigurationError, match="epoch"):
+            Reservation.parse(text)
+    for token in ("", None, 5):
+        with pytest.raises(ConfigurationError, match="token"):
+            Reservation.from_dict({**good.to_dict(), "token": token})
+    with pytest.raises(ConfigurationError, match="stream_id"):
+        Reservation.from_dict({"epoch": 1, "token": "t"})
+    with pytest.raises(ConfigurationError, match="not a reservation"):
+        Reservation.from_dict("1:t:job")  # type: ignore[arg-type]
+    assert good.token not in repr(good)

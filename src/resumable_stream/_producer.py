@@ -70,7 +70,7 @@ RESERVED_EVENT = "resumable_stream.reserved"
 STARTED_EVENT = "resumable_stream.started"
 RESERVED_PAYLOAD = encode_entry([(CUSTOM, {"name": RESERVED_EVENT, "data": {}})])
 # Not naming the value: it holds the token that owns the run.
-_NOT_A_RESERVATION = "not a reservation: expected stream_id, epoch and token"
+_NOT_A_RESERVATION = "not a reservation (stream_id, epoch and token)"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,7 +91,10 @@ class Reservation:
 
     @classmethod
     def parse(cls, text: str) -> Reservation:
-        """The reservation ``str(reservation)`` made; ValueError if ``text`` is not one."""
+        """The reservation ``str(reservation)`` made; :class:`ConfigurationError` (a
+        ValueError) naming the part that is wrong if ``text`` is not one."""
+        if not isinstance(text, str):
+            raise ConfigurationError(_NOT_A_RESERVATION)
         epoch, _, rest = text.partition(":")
         token, _, stream_id = rest.partition(":")
         return cls.from_dict({"stream_id": stream_id, "epoch": epoch, "token": token})
@@ -102,14 +105,22 @@ class Reservation:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Reservation:
-        """The reservation :meth:`to_dict` made; ValueError if ``data`` is not one."""
-        try:
-            epoch = int(data["epoch"])
-            token, stream_id = data["token"], data["stream_id"]
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(_NOT_A_RESERVATION) from None
-        if not isinstance(token, str) or not token or not isinstance(stream_id, str):
-            raise ValueError(_NOT_A_RESERVATION)
+        """The reservation :meth:`to_dict` made; :class:`ConfigurationError` (a
+        ValueError) naming the field that is wrong if ``data`` is not one (and
+        :class:`InvalidStreamId` for a malformed stream id)."""
+        if not isinstance(data, Mapping):
+            raise ConfigurationError(_NOT_A_RESERVATION)
+        epoch, token, stream_id = data.get("epoch"), data.get("token"), data.get("stream_id")
+        # Only what to_dict() or str() writes: int() also read "1_0", " 12 " and 1.7 (as
+        # another epoch, refused later as an expired reservation), True and negatives.
+        if isinstance(epoch, str) and epoch.isascii() and epoch.isdigit():
+            epoch = int(epoch)
+        if type(epoch) is not int or epoch < 1:
+            raise ConfigurationError(f"{_NOT_A_RESERVATION}: its epoch is not a positive integer")
+        if not isinstance(token, str) or not token:
+            raise ConfigurationError(f"{_NOT_A_RESERVATION}: its token is missing")
+        if not isinstance(stream_id, str):
+            raise ConfigurationError(f"{_NOT_A_RESERVATION}: its stream_id is missing")
         return cls(check_stream_id(stream_id), epoch, token)
 
 
