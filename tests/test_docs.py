@@ -108,3 +108,85 @@ def test_howto_testing_example_passes_under_pytest(tmp_path: Path) -> None:
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
+
+
+def task_queue_block(first_line: str) -> str:
+    """The python block of docs/task-queues.md that starts with ``first_line``."""
+    text = (ROOT / "docs/task-queues.md").read_text()
+    found = re.search(rf"```python\n({re.escape(first_line)}\n.*?)```", text, re.S)
+    assert found, f"no block starting {first_line!r} in docs/task-queues.md"
+    return found.group(1)
+
+
+async def test_task_queue_api_sample_ends_a_run_whose_task_was_not_sent() -> None:
+    # The API process's sample: a reserved run whose task the broker refused ends
+    # `cancelled` at once (its readers waited start_timeout, 60 s, for `not_started`).
+    import asyncio
+    from collections.abc import AsyncIterator
+
+    from fastapi import FastAPI
+
+    from resumable_stream import (
+        Reservation,
+        ReservationExpired,
+        StreamAlreadyRunning,
+        StreamProducer,
+    )
+    from resumable_stream.testing import collect
+    from resumable_stream.transports.memory import MemoryTransport
+
+    sent: list[str] = []
+    broker_up = True
+    delivered_anyway = False
+    loop = asyncio.get_running_loop()
+    transport = MemoryTransport()
+    worker = StreamProducer(transport)  # a Celery worker's
+
+    async def endless() -> AsyncIterator[str]:
+        while True:
+            yield "token "
+            await asyncio.sleep(0.01)
+
+    class Answer:  # the Celery task
+        @staticmethod
+        def delay(question: str, reservation: str) -> None:
+            sent.append(reservation)
+            if delivered_anyway:  # a worker took it, yet publishing reported an error
+                started = worker.start(endless(), reservation=Reservation.parse(reservation))
+                asyncio.run_coroutine_threadsafe(started, loop).result()
+            if not broker_up:
+                raise ConnectionError("the broker is down")
+
+    namespace = {
+        "app": FastAPI(),
+        "producer": StreamProducer(transport),
+        "answer": Answer,
+        "asyncio": asyncio,
+        "AsyncIterator": AsyncIterator,
+        "Reservation": Reservation,
+        "ReservationExpired": ReservationExpired,
+        "StreamAlreadyRunning": StreamAlreadyRunning,
+    }
+    exec(task_queue_block('@app.post("/ask")'), namespace)
+    ask = namespace["ask"]
+
+    queued = await ask("hello?")
+    assert queued["stream_id"] == Reservation.parse(sent[-1]).stream_id
+    assert (await transport.info(queued["stream_id"])).status == "running"  # type: ignore[union-attr]
+
+    broker_up = False
+    with pytest.raises(ConnectionError):
+        await ask("hello?")
+    unsent = Reservation.parse(sent[-1])
+    events = await asyncio.wait_for(collect(transport, unsent.stream_id), 10)
+    assert [e.type for e in events] == ["custom", "custom", "cancelled"]
+    with pytest.raises(ReservationExpired):  # the task, had it gone out after all
+        await StreamProducer(transport).start(namespace["nothing"](), reservation=unsent)
+
+    delivered_anyway = True
+    with pytest.raises(ConnectionError):
+        await ask("hello?")
+    taken = Reservation.parse(sent[-1])
+    events = await asyncio.wait_for(collect(transport, taken.stream_id), 10)
+    assert [e.type for e in events[:2]] == ["custom", "custom"]
+    assert events[-1].type == "cancelled"  # the worker's run, stopped
