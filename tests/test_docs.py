@@ -190,3 +190,73 @@ async def test_task_queue_api_sample_ends_a_run_whose_task_was_not_sent() -> Non
     events = await asyncio.wait_for(collect(transport, taken.stream_id), 10)
     assert [e.type for e in events[:2]] == ["custom", "custom"]
     assert events[-1].type == "cancelled"  # the worker's run, stopped
+
+
+API_PROCESS = """
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from answers import REDIS_URL, answer
+from resumable_stream import (
+    Reservation, ReservationExpired, StreamAlreadyRunning, StreamProducer, from_url,
+)
+from resumable_stream.testing import collect
+
+app = FastAPI()
+{api}
+
+async def main() -> None:
+    global producer
+    transport = from_url(REDIS_URL)
+    producer = StreamProducer(transport)
+    asked = await ask("Who wrote this?")
+    events = await collect(transport, asked["stream_id"])
+    print([e.type for e in events])
+    print("".join(e.data.get("text", "") for e in events if e.type == "token"))
+    await transport.aclose()
+
+asyncio.run(main())
+"""
+
+
+def test_task_queue_celery_sample_answers_on_a_real_worker(redis_url: str, tmp_path: Path) -> None:
+    # docs/task-queues.md's Celery worker and API process as written, on the session's
+    # Redis (their own Celery keys), with a stand-in for the user's graph.
+    import uuid
+
+    worker_code = task_queue_block(
+        "# answers.py: celery -A answers worker --pool=threads --concurrency=16"
+    )
+    assert 'REDIS_URL = "redis://localhost:6379/0"' in worker_code
+    worker_code = worker_code.replace("redis://localhost:6379/0", redis_url)
+    worker_code += (
+        "\n\nclass Graph:  # the test's stand-in for the app's LangGraph graph\n"
+        "    async def astream_events(self, inputs, version):\n"
+        "        for word in ('Celery ', 'ran ', 'this.'):\n"
+        "            yield word\n\n\n"
+        "graph = Graph()\n"
+        f"app.conf.task_default_queue = 'docs-{uuid.uuid4().hex}'\n"
+    )
+    (tmp_path / "answers.py").write_text(worker_code)
+    (tmp_path / "api.py").write_text(
+        API_PROCESS.replace("{api}", task_queue_block('@app.post("/ask")'))
+    )
+    log = tmp_path / "worker.log"
+    command = [sys.executable, "-m", "celery", "-A", "answers", "worker", "--pool=threads"]
+    command += ["--concurrency=4", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    with log.open("wb") as out:
+        worker = subprocess.Popen(dies_with_us(command), cwd=tmp_path, stdout=out, stderr=out)
+    try:
+        result = subprocess.run(
+            [sys.executable, "api.py"], cwd=tmp_path, capture_output=True, text=True, timeout=90
+        )
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    assert result.returncode == 0, result.stderr + log.read_text()
+    types, text = result.stdout.splitlines()[-2:]
+    assert types == "['custom', 'custom', 'token', 'token', 'token', 'end']", log.read_text()
+    assert text == "Celery ran this."
