@@ -328,3 +328,33 @@ async def test_a_copy_that_fails_leaves_no_thread_behind(tmp_path: Path) -> None
     assert written and written[0] != thread_id  # failed part-way, after one checkpoint
     assert [t["thread_id"] for t in listed] == [thread_id]
     assert left == []
+
+
+async def test_a_reserved_answer_whose_task_was_not_queued_ends_at_once(tmp_path: Path) -> None:
+    # Regression (worker mode): when handing the task to the queue failed after its stream
+    # was reserved, the request was a 503 and the run recorded queue_unavailable, but its
+    # stream stayed reserved: a reader of it waited WORKER_START_TIMEOUT for not_started.
+    from resumable_stream import StreamConsumer
+
+    app = create_app(Settings(secret_key="s", data_dir=tmp_path, offline_tokens_per_second=0))
+    async with app.router.lifespan_context(app):
+        runtime = app.state.runtime
+        handed: list[str] = []
+
+        async def broker_down(run: Any, reservation: Any) -> None:
+            handed.append(run.stream_id)
+            raise ConnectionError("the broker is down")
+
+        runtime.runs.workers, runtime.runs.enqueue = True, broker_down
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        headers = {"authorization": "Bearer " + "t" * 16}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://test", headers=headers
+        ) as client:
+            sent = await client.post("/v1/chat/message", json={"message": "hello"})
+        [stream_id] = handed
+        assert (sent.status_code, sent.json()["code"]) == (503, "queue_unavailable")
+        info = await runtime.transport.info(stream_id)
+        assert info is not None and info.status == "error"  # ended, not waiting for a worker
+        events = [e async for e in StreamConsumer(runtime.transport, stream_id)]
+    assert (events[-1].type, events[-1].data["error"]) == ("error", "queue_unavailable")

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -240,6 +240,7 @@ class RunService:
     async def _enqueue(self, run: RunRecord) -> None:
         if self.enqueue is None:
             raise RuntimeError("worker mode needs enqueue (API processes)")
+        reservation: Reservation | None = None
         try:
             reservation = await self.producer.reserve(
                 run.stream_id, start_timeout=self.settings.worker_start_timeout
@@ -248,6 +249,14 @@ class RunService:
             await self.enqueue(run, reservation)
         except Exception as exc:
             await self.store.settle_run(run.thread_id, run.seq, "failed", error=QUEUE_DOWN)
+            if reservation is not None:
+                # Its readers would wait WORKER_START_TIMEOUT for not_started: end it now,
+                # as the run is recorded (a worker that got the task anyway finds it ended).
+                # Within a lease: with Redis down, the end is written once it is back.
+                with contextlib.suppress(ResumableStreamError, TimeoutError):
+                    ended = await self.producer.start(_queue_down(), reservation=reservation)
+                    async with asyncio.timeout(self.settings.stream_lease):
+                        await ended.wait()
             raise QueueUnavailable(str(exc)) from exc
 
     async def kick(self, thread_id: str) -> bool:
@@ -680,3 +689,8 @@ class RunService:
     async def _wipe_stream(self, stream_id: str) -> None:
         """Delete an answer's stream (a run still writing it is stopped and fenced)."""
         await self.transport.delete(stream_id)
+
+
+async def _queue_down() -> AsyncIterator[dict[str, Any]]:
+    """The source of a reserved run whose task could not be queued: its end."""
+    yield {"type": "error", "data": {"error": QUEUE_DOWN, "message": "the task was not queued"}}
