@@ -1494,9 +1494,59 @@ async def test_a_tool_that_interrupts_is_pending_not_failed() -> None:
         "start",
         "start-step",
         *(["tool-input-start", "tool-input-available"] * 2),
+        *(["data-interrupt"] * len((await graph.aget_state(config)).interrupts)),
         "finish-step",
         "finish",
     ]
+
+
+def asking_graph() -> Any:
+    """A node that asks the human (``interrupt()``), then says what they answered."""
+
+    async def ask(state: MessagesState) -> dict[str, Any]:
+        answer = interrupt({"question": "Book it?"})
+        return {"messages": [AIMessage(content=f"you said {answer}")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("ask", ask)
+    builder.add_edge(START, "ask")
+    builder.add_edge("ask", END)
+    return builder.compile(checkpointer=InMemorySaver())
+
+
+ASKING_MODES: dict[str, Any] = {
+    "events": lambda graph, inputs, config: graph.astream_events(inputs, config, version="v2"),
+    "updates": lambda graph, inputs, config: graph.astream(
+        inputs, config, stream_mode=["messages", "updates"]
+    ),
+    "values": lambda graph, inputs, config: graph.astream(
+        inputs, config, stream_mode="values", version="v2"
+    ),
+    "both": lambda graph, inputs, config: graph.astream(
+        inputs, config, stream_mode=["updates", "values"], subgraphs=True
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(ASKING_MODES))
+async def test_a_graph_s_interrupt_is_sent_as_a_data_part(mode: str) -> None:
+    # Regression: `update` events were not sent, so a graph that stopped at interrupt()
+    # to ask its user gave useChat an empty answer: the question never reached the client.
+    graph = asking_graph()
+    config = {"configurable": {"thread_id": "t"}}
+    inputs = {"messages": [("user", "book it")]}
+    events = await stored_events(ASKING_MODES[mode](graph, inputs, config))
+    (asked,) = (await graph.aget_state(config)).interrupts
+    chunker = UIMessageChunks("m")
+    chunks = [c for e in events for c in chunker.chunks(e)]
+    check_order(chunks)
+    parts = [c for c in chunks if c["type"].startswith("data-")]
+    # Once, also when the stream shows it twice (two modes, a subgraph and its parent).
+    assert [(p["type"], p["id"]) for p in parts] == [("data-interrupt", asked.id)]
+    # The Interrupt as LangGraph gives it (as in the LangGraph API's `__interrupt__`).
+    assert parts[0]["data"]["id"] == asked.id
+    assert parts[0]["data"]["value"] == {"question": "Book it?"}
+    assert chunks[-1] == {"type": "finish", "finishReason": "stop"}
 
 
 async def test_an_http_exception_from_a_generator_s_body_ends_the_answer_with_an_error() -> None:

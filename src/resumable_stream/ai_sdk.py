@@ -238,6 +238,9 @@ class UIMessageChunks:
     * ``custom`` → ``data-<name>`` (``data-custom`` without a name), except the library's
       own ``resumable_stream.*`` markers (a reserved run's, a continuation's), which are
       not sent;
+    * ``update`` holding a graph's interrupt (node ``__interrupt__``'s, or a state's
+      ``__interrupt__``) → ``data-interrupt`` per Interrupt (its ``id`` the Interrupt's, sent
+      once), its ``data`` the Interrupt;
     * ``end`` / ``error`` / ``cancelled`` → ``finish`` (its ``finishReason`` why the model
       last stopped: the ``finish_reason`` of its last message or chunk, ``tool-calls`` for
       a message with tool calls that gives none, else ``stop``) / ``error`` / ``abort``,
@@ -252,11 +255,11 @@ class UIMessageChunks:
     after a tool's output begins a new step (``finish-step``, ``start-step``), and ``end``
     finishes the step, as the AI SDK's own servers send them: the client's
     ``lastAssistantMessageIsCompleteWithToolCalls`` looks at the last step only, and would
-    otherwise send the answer of a client-side tool back forever. ``update`` events are not
-    sent, but a tool message they hold answers its call if nothing did (a handoff: a tool's
-    ``Command`` to the parent graph, which ``messages`` mode does not stream); a ``Command``
-    without its ToolMessage has its ``goto``, ``update`` and ``resume`` that are set as the
-    tool's output.
+    otherwise send the answer of a client-side tool back forever. Other ``update`` events
+    are not sent, but a tool message they hold answers its call if nothing did (a handoff: a
+    tool's ``Command`` to the parent graph, which ``messages`` mode does not stream); a
+    ``Command`` without its ToolMessage has its ``goto``, ``update`` and ``resume`` that are
+    set as the tool's output.
 
     ``message_metadata(part)`` (:class:`MessageMetadataPart`), if given, is called for the
     ``start`` and the ``finish`` part; what it returns, unless None, is sent as the part's
@@ -292,6 +295,7 @@ class UIMessageChunks:
         self._last_draft: dict[Hashable, _DraftCall] = {}
         self._streaming: dict[str, _DraftCall] = {}  # call id → its input still streaming
         self._tool_output_sent = False  # in this step: what the model says next is a new step
+        self._interrupts_sent: set[str] = set()  # the ids of the Interrupts sent
         # Why the model last stopped (its last message's or last chunk's finish reason),
         # the answer's `finishReason` if it ends then; None: "stop".
         self._finish_reason: str | None = None
@@ -325,6 +329,7 @@ class UIMessageChunks:
             self._tool_end(data, out)
         elif kind == UPDATE:
             self._update(data.get("data"), out)
+            self._interrupts(data, out)
         elif kind == CUSTOM:
             name = data.get("name")
             if isinstance(name, str) and name.startswith(_LIFECYCLE_PREFIX):
@@ -591,6 +596,26 @@ class UIMessageChunks:
                 call = self._calls.get(call_id)
                 if call is not None and not call.output_sent:
                     self._tool_message(call_id, message, out)
+
+    def _interrupts(self, update: Mapping[str, Any], out: list[dict[str, Any]]) -> None:
+        """A graph's ``interrupt()`` (the update of node ``__interrupt__``, or a state's
+        ``__interrupt__``) → a ``data-interrupt`` part per Interrupt, named by its id: once,
+        though several modes (or a subgraph and its parent) show it."""
+        state = update.get("data")
+        if update.get("node") == "__interrupt__":
+            found = state
+        else:
+            found = state.get("__interrupt__") if isinstance(state, Mapping) else None
+        for asked in found if isinstance(found, list) else ():
+            part: dict[str, Any] = {"type": "data-interrupt", "data": asked}
+            interrupt_id = asked.get("id") if isinstance(asked, Mapping) else None
+            if isinstance(interrupt_id, str):
+                if interrupt_id in self._interrupts_sent:
+                    continue
+                self._interrupts_sent.add(interrupt_id)
+                # ai: a data part with an id replaces the part of that type and id.
+                part["id"] = interrupt_id
+            out.append(part)
 
     def _streamed_as(self, text: str, key: Any) -> Any:
         """The key of the tokens whose text is ``text`` and no message claimed, else ``key``."""

@@ -21,6 +21,7 @@ from tests.test_ai_sdk import (
     FINISHES,
     REASONING_CHUNKS,
     agent_graph,
+    asking_graph,
     failing_search,
     finishing_graph,
     handoff_source,
@@ -398,3 +399,17 @@ async def test_a_handoff_to_another_agent_shows_as_done(
         ("text", "done", None, "42"),
     ]
     assert seen["posts"] == 1
+
+
+async def test_a_graph_s_interrupt_shows_its_question(node_modules: Path, tmp_path: Path) -> None:
+    # Regression: a graph that stopped at interrupt() to ask its user gave useChat an empty
+    # answer (`update` events were not sent): the question never reached the page.
+    graph = asking_graph()
+    config = {"configurable": {"thread_id": "t"}}
+    inputs = {"messages": [("user", "book it")]}
+    events = await stored_events(graph.astream_events(inputs, config, version="v2"))
+    (asked,) = (await graph.aget_state(config)).interrupts
+    seen = read_body(node_modules, tmp_path, events)
+    assert (seen["status"], seen["error"], seen["posts"]) == ("ready", None, 1)
+    questions = [p["data"] for p in seen["parts"] if p["type"] == "data-interrupt"]
+    assert [(q["id"], q["value"]) for q in questions] == [(asked.id, {"question": "Book it?"})]

@@ -42,6 +42,7 @@ console.log(
       input: p.input ?? null,
       output: p.output ?? null,
       errorText: p.errorText ?? null,
+      data: p.data ?? null,
     })),
   }),
 );
