@@ -16,6 +16,10 @@ with a `message_metadata` hook (METADATA_MODEL on `start`, the usage summed on `
 `/api/direct` answers with a tool the server runs, and ends with its output (a LangGraph
 tool with `return_direct`, or a graph interrupted after its tools); a continuation, which
 the client should not post, is answered with "continued".
+
+`/api/ask` runs a LangGraph agent whose tool `book` asks the user (`interrupt()`) and
+resumes it with the answer as docs/ai-sdk.md shows: a message's text, or a continuation's
+tool output.
 """
 
 from __future__ import annotations
@@ -26,6 +30,14 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
+from langchain_core.tools import tool
+from langgraph.checkpoint.memory import InMemorySaver
+from langgraph.graph import END, START, MessagesState, StateGraph
+from langgraph.prebuilt import ToolNode
+from langgraph.types import Command, interrupt
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -121,6 +133,47 @@ async def direct_answer(chat: ChatRequest) -> AsyncIterator[Any]:
     yield {"type": "tool_end", "data": {"name": "search", "run_id": "r1", "output": "found"}}
 
 
+class BookingModel(BaseChatModel):
+    """Calls `book`, then says what it returned."""
+
+    @property
+    def _llm_type(self) -> str:
+        return "booking-test-model"
+
+    def _generate(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> ChatResult:
+        if isinstance(messages[-1], ToolMessage):
+            message = AIMessage(content=f"done: {messages[-1].content}")
+        else:
+            call = {"id": "call_book", "name": "book", "args": {"q": "x"}}
+            message = AIMessage(content="", tool_calls=[call])
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+
+@tool
+def book(q: str) -> str:
+    """Book q once the user agrees."""
+    return f"booked {q}: {interrupt({'question': 'Book it?'})}"
+
+
+def booking_graph() -> Any:
+    model = BookingModel()
+
+    async def agent(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await model.ainvoke(state["messages"])]}
+
+    def route(state: MessagesState) -> str:
+        last = state["messages"][-1]
+        return "tools" if isinstance(last, AIMessage) and last.tool_calls else END
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_node("tools", ToolNode([book]))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", route, ["tools", END])
+    builder.add_edge("tools", "agent")
+    return builder.compile(checkpointer=InMemorySaver())
+
+
 def create_app(transport: Transport | None = None) -> Starlette:
     transport = transport or from_url(os.environ.get("RSTREAM_TEST_URL", "memory://"))
     holds: dict[str, asyncio.Event] = {}
@@ -141,6 +194,18 @@ def create_app(transport: Transport | None = None) -> Starlette:
     async def meta_answer(chat: ChatRequest) -> AsyncIterator[Any]:
         return metered_answer(chat.text, hold_for(chat.chat_id))
 
+    graph = booking_graph()
+
+    async def ask_answer(chat: ChatRequest) -> Any:  # docs/ai-sdk.md's, as written there
+        config = {"configurable": {"thread_id": chat.chat_id}}
+        if (await graph.aget_state(config)).interrupts:  # it waits: this message answers it
+            resume = chat.text
+            if chat.messages[-1]["role"] == "assistant":  # a continuation: addToolOutput's
+                parts = chat.messages[-1]["parts"]
+                resume = [p["output"] for p in parts if p.get("state") == "output-available"][-1]
+            return graph.astream_events(Command(resume=resume), config, version="v2")
+        return graph.astream_events({"messages": [("user", chat.text)]}, config, version="v2")
+
     chat = ChatRouter(transport, answer, path="/api/chat", authorize=allow_all)
     meta = ChatRouter(
         transport,
@@ -156,8 +221,12 @@ def create_app(transport: Transport | None = None) -> Starlette:
     direct = ChatRouter(
         transport, direct_answer, path="/api/direct", producer=chat.producer, authorize=allow_all
     )
+    ask = ChatRouter(
+        transport, ask_answer, path="/api/ask", producer=chat.producer, authorize=allow_all
+    )
     routes = [
         *chat.routes,
+        *ask.routes,
         *meta.routes,
         *tools.routes,
         *direct.routes,

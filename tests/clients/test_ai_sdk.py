@@ -413,3 +413,36 @@ async def test_a_graph_s_interrupt_shows_its_question(node_modules: Path, tmp_pa
     assert (seen["status"], seen["error"], seen["posts"]) == ("ready", None, 1)
     questions = [p["data"] for p in seen["parts"] if p["type"] == "data-interrupt"]
     assert [(q["id"], q["value"]) for q in questions] == [(asked.id, {"question": "Book it?"})]
+
+
+def test_a_tool_s_interrupt_is_answered_by_a_tool_output(
+    node_modules: Path, memory_server: str
+) -> None:
+    # docs/ai-sdk.md's recipe: the question shows; addToolOutput posts a continuation, whose
+    # answer (the graph resumed with that output) goes on in the same message.
+    seen = run_node(node_modules, "ai_sdk_interrupt.mjs", memory_server, "tool")
+    assert seen["error"] is None
+    assert seen["asked"][-1]["parts"] == [
+        ["tool-book", "input-available", None],
+        ["data-interrupt", None, {"question": "Book it?"}],
+    ]
+    assert seen["postedRoles"] == [["user"], ["user", "assistant"]]
+    assert (seen["finishes"], seen["status"]) == (["tool-calls", "stop"], "ready")
+    assert seen["answered"][-1]["parts"] == [
+        ["tool-book", "output-available", "yes"],
+        ["data-interrupt", None, {"question": "Book it?"}],
+        ["tool-book", "output-available", "booked x: yes"],
+        ["text", "done", "done: booked x: yes"],
+    ]
+
+
+def test_a_tool_s_interrupt_is_answered_by_a_message(
+    node_modules: Path, memory_server: str
+) -> None:
+    seen = run_node(node_modules, "ai_sdk_interrupt.mjs", memory_server, "message")
+    assert seen["error"] is None
+    assert seen["postedRoles"] == [["user"], ["user", "assistant", "user"]]
+    assert seen["answered"][-1]["parts"] == [
+        ["tool-book", "output-available", "booked x: yes"],
+        ["text", "done", "done: booked x: yes"],
+    ]
