@@ -48,6 +48,7 @@ from resumable_stream.ai_sdk import (
 )
 from resumable_stream.starlette import allow_all
 from resumable_stream.transports.memory import MemoryTransport
+from tests._graphs import tool_loop
 from tests._helpers import Later, dead_run, ended, eventually, holds
 
 #: On every tool output the stream carries: the server ran that tool, not the browser.
@@ -114,22 +115,7 @@ class ToolCallingModel(BaseChatModel):
 
 
 def agent_graph(tools: list[Any] | None = None, checkpointer: Any = None) -> Any:
-    model = ToolCallingModel()
-
-    async def agent(state: MessagesState) -> dict[str, Any]:
-        return {"messages": [await model.ainvoke(state["messages"])]}
-
-    def route(state: MessagesState) -> str:
-        last = state["messages"][-1]
-        return "tools" if isinstance(last, AIMessage) and last.tool_calls else END
-
-    builder = StateGraph(MessagesState)
-    builder.add_node("agent", agent)
-    builder.add_node("tools", ToolNode(tools or [search]))
-    builder.add_edge(START, "agent")
-    builder.add_conditional_edges("agent", route, ["tools", END])
-    builder.add_edge("tools", "agent")
-    return builder.compile(checkpointer=checkpointer)
+    return tool_loop(ToolCallingModel(), tools or [search], checkpointer)
 
 
 class StreamingToolModel(BaseChatModel):
@@ -499,29 +485,14 @@ def handoff_graph(with_message: bool = True) -> Any:
         update = {"messages": [*state["messages"], done]}
         return Command(graph=Command.PARENT, goto="math", update=update)
 
-    model = HandingOffModel()
-
-    async def agent(state: MessagesState) -> dict[str, Any]:
-        return {"messages": [await model.ainvoke(state["messages"])]}
-
-    def route(state: MessagesState) -> str:
-        last = state["messages"][-1]
-        return "tools" if isinstance(last, AIMessage) and last.tool_calls else END
-
-    supervisor = StateGraph(MessagesState)
-    supervisor.add_node("agent", agent)
-    supervisor.add_node("tools", ToolNode([transfer]))
-    supervisor.add_edge(START, "agent")
-    supervisor.add_conditional_edges("agent", route, ["tools", END])
-    supervisor.add_edge("tools", "agent")
-
     math_model = HandingOffModel(answer="42")
 
     async def math(state: MessagesState) -> dict[str, Any]:
         return {"messages": [await math_model.ainvoke(state["messages"])]}
 
     builder = StateGraph(MessagesState)
-    builder.add_node("supervisor", supervisor.compile(), destinations=("math",))
+    supervisor = tool_loop(HandingOffModel(), [transfer])
+    builder.add_node("supervisor", supervisor, destinations=("math",))
     builder.add_node("math", math)
     builder.add_edge(START, "supervisor")
     builder.add_edge("math", END)
@@ -1618,22 +1589,7 @@ class MeteredModel(BaseChatModel):
 
 
 def metered_graph(stream: bool) -> Any:
-    model = MeteredModel(disable_streaming=not stream)
-
-    async def agent(state: MessagesState) -> dict[str, Any]:
-        return {"messages": [await model.ainvoke(state["messages"])]}
-
-    def route(state: MessagesState) -> str:
-        last = state["messages"][-1]
-        return "tools" if isinstance(last, AIMessage) and last.tool_calls else END
-
-    builder = StateGraph(MessagesState)
-    builder.add_node("agent", agent)
-    builder.add_node("tools", ToolNode([search]))
-    builder.add_edge(START, "agent")
-    builder.add_conditional_edges("agent", route, ["tools", END])
-    builder.add_edge("tools", "agent")
-    return builder.compile()
+    return tool_loop(MeteredModel(disable_streaming=not stream), [search])
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])

@@ -35,8 +35,6 @@ from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
-from langgraph.graph import END, START, MessagesState, StateGraph
-from langgraph.prebuilt import ToolNode
 from langgraph.types import Command, interrupt
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -46,6 +44,7 @@ from starlette.routing import Route
 from resumable_stream import Transport, from_url
 from resumable_stream.ai_sdk import ChatRequest, ChatRouter, MessageMetadataPart
 from resumable_stream.starlette import allow_all
+from tests._graphs import tool_loop
 
 ANSWER_TOKENS = 40
 HOLD_AT = 20
@@ -156,22 +155,7 @@ def book(q: str) -> str:
 
 
 def booking_graph() -> Any:
-    model = BookingModel()
-
-    async def agent(state: MessagesState) -> dict[str, Any]:
-        return {"messages": [await model.ainvoke(state["messages"])]}
-
-    def route(state: MessagesState) -> str:
-        last = state["messages"][-1]
-        return "tools" if isinstance(last, AIMessage) and last.tool_calls else END
-
-    builder = StateGraph(MessagesState)
-    builder.add_node("agent", agent)
-    builder.add_node("tools", ToolNode([book]))
-    builder.add_edge(START, "agent")
-    builder.add_conditional_edges("agent", route, ["tools", END])
-    builder.add_edge("tools", "agent")
-    return builder.compile(checkpointer=InMemorySaver())
+    return tool_loop(BookingModel(), [book], InMemorySaver())
 
 
 def create_app(transport: Transport | None = None) -> Starlette:
