@@ -1089,16 +1089,23 @@ async def test_an_event_written_while_the_writer_waits_is_cut_when_stuck(
 
 
 @pytest.mark.parametrize(
-    ("format", "method"), [("sse", "GET"), ("ndjson", "GET"), ("ndjson", "POST")]
+    ("format", "method", "accept"),
+    [
+        ("sse", "GET", b"*/*"),
+        ("sse", "GET", b"text/event-stream"),
+        ("ndjson", "GET", b"*/*"),
+        ("ndjson", "POST", b"*/*"),
+    ],
 )
 async def test_a_read_its_server_cancels_before_its_headers_answers_503(
-    format: str, method: str
+    format: str, method: str, accept: bytes
 ) -> None:
     """Regression: a server's shutdown (the end of uvicorn's graceful wait) cancelling a
     read still waiting for its first events answered 200 with an empty body (NDJSON
     clients read it as a stream with nothing in it); nothing was sent, so the answer is a
     503 the client retries on, elsewhere. A POST (it started a run, which a retry would
-    start again) ends its response as before."""
+    start again) ends its response as before, and so does an EventSource's (it reconnects
+    after a 200 that ends, and stops for good on a 503)."""
     transport = from_url("memory://")
     sent: list[Message] = []
     listening = asyncio.Event()
@@ -1112,8 +1119,10 @@ async def test_a_read_its_server_cancels_before_its_headers_answers_503(
 
     async with transport, StreamProducer(transport) as producer:
         live = await producer.start(fed(asyncio.Queue()))  # no event yet
-        response = StreamResponse(StreamConsumer(transport, live.stream_id), format=format)
-        serving = asyncio.create_task(response({"type": "http", "method": method}, receive, send))
+        scope = {"type": "http", "method": method, "headers": [(b"accept", accept)]}
+        consumer = StreamConsumer(transport, live.stream_id)
+        response = StreamResponse(consumer, Request(scope), format=format)
+        serving = asyncio.create_task(response(scope, receive, send))
         await listening.wait()
         serving.cancel()  # the server's shutdown
         await serving
@@ -1122,7 +1131,7 @@ async def test_a_read_its_server_cancels_before_its_headers_answers_503(
     start, body = sent
     headers = dict(start["headers"])
     assert body["more_body"] is False
-    if method == "POST":
+    if method == "POST" or accept == b"text/event-stream":
         assert start["status"] == 200 and body["body"] == b""
         return
     assert start["status"] == 503 and headers[b"retry-after"] == b"1"

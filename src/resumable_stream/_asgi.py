@@ -393,15 +393,22 @@ class StreamEngine:
     async def _end_early(self, connection: _Connection, scope: Scope) -> bool:
         """(Cancelled by the server) End the response with what was read, without its end:
         the client resumes from its last offset; or, for a read (GET) with nothing read nor
-        sent, answer 503 ``server_closing``. False if the client does not take the last
+        sent, answer 503 ``server_closing`` (not to an EventSource: it reconnects after a
+        200 that ends, and stops for good on a 503). False if the client does not take the last
         write within SHUTDOWN_WRITE_WAIT."""
         if connection.complete:
             return True
-        if scope.get("method") in ("GET", "HEAD") and not (
-            connection.started or connection.done or connection.chunks or connection.unsent
+        if (
+            scope.get("method") in ("GET", "HEAD")
+            and not self.event_stream_client
+            and not (
+                connection.started or connection.done or connection.chunks or connection.unsent
+            )
         ):
             # A status the client retries on (elsewhere), not a 200 with nothing in it. Not
-            # for a POST's response: that request started a run, which a retry would repeat.
+            # for a POST's response: that request started a run, which a retry would repeat;
+            # nor for an EventSource, which stops for good on a 503 but reconnects after a
+            # 200 that ends (and the AI SDK's, whose cut says to resume).
             messages = _error_messages(SERVER_CLOSING)
         else:
             # A write the cancellation cut short goes out first: uvicorn waits for a slow
