@@ -314,19 +314,17 @@ async def _search_threads(request: Request, search: ThreadSearch) -> list[str]:
 class _ChatLangGraphRouter(LangGraphRouter):
     async def copy_thread(self, request: Request) -> Response:
         """``threads.copy``, all or nothing: the router records the new thread (with
-        ``_create_thread``) before it copies the checkpoints, and on a failure removes
-        only the checkpoints it wrote. The record goes too, or the user's list would keep
-        an empty chat the copy left."""
+        ``_create_thread``) before it copies the checkpoints, and on a failure deletes the
+        checkpoints it wrote, and the record only through ``delete_thread``, which this
+        service does not give it (``threads.delete`` would be served). The record goes
+        here, or the user's list would keep an empty chat the copy left."""
         try:
             return await super().copy_thread(request)
         except BaseException:
             created = getattr(request.state, "created_thread", None)
             if created is not None:
-                runtime = _runtime(request)
                 with contextlib.suppress(Exception):  # the copy's error is the one to tell
-                    await runtime.checkpointer.adelete_thread(created)
-                with contextlib.suppress(Exception):
-                    await runtime.store.delete_thread(created)
+                    await _runtime(request).store.delete_thread(created)
             raise
 
 
