@@ -4,7 +4,9 @@ stream events to the chat API's names, session signing, and CORS."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -294,36 +296,43 @@ async def test_a_run_cancelled_as_it_is_inserted_is_taken_back(tmp_path: Path) -
         await store.aclose()
 
 
-async def test_a_copy_that_fails_leaves_no_thread_behind(tmp_path: Path) -> None:
-    # Regression: threads.copy records the new thread first, then copies the checkpoints;
-    # when the copy failed (the database erring part-way), the request was a 500 and the
-    # user's list kept an empty chat under the thread's title.
+@contextlib.asynccontextmanager
+async def in_process(tmp_path: Path) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """The service on embedded defaults, started, and a client of one user: its runtime
+    and the client."""
     app = create_app(Settings(secret_key="s", data_dir=tmp_path, offline_tokens_per_second=0))
     async with app.router.lifespan_context(app):
-        runtime = app.state.runtime
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         headers = {"authorization": "Bearer " + "t" * 16}
         async with httpx.AsyncClient(
             transport=transport, base_url="http://test", headers=headers
         ) as client:
-            sent = await client.post("/v1/chat/message", json={"message": "hello"})
-            thread_id = sent.json()["thread_id"]
-            await asyncio.gather(*runtime.runs._tasks)  # the answer, written and recorded
-            aput = runtime.checkpointer.aput
-            written: list[str] = []
+            yield app.state.runtime, client
 
-            async def failing(config: Any, *args: Any) -> Any:
-                if written:
-                    raise OSError("disk I/O error")
-                written.append(config["configurable"]["thread_id"])
-                return await aput(config, *args)
 
-            runtime.checkpointer.aput = failing
-            copied = await client.post(f"/langgraph/threads/{thread_id}/copy")
-            runtime.checkpointer.aput = aput
-            listed = (await client.get("/v1/threads")).json()["threads"]
-            config = {"configurable": {"thread_id": written[0]}}
-            left = [c async for c in runtime.checkpointer.alist(config)]
+async def test_a_copy_that_fails_leaves_no_thread_behind(tmp_path: Path) -> None:
+    # Regression: threads.copy records the new thread first, then copies the checkpoints;
+    # when the copy failed (the database erring part-way), the request was a 500 and the
+    # user's list kept an empty chat under the thread's title.
+    async with in_process(tmp_path) as (runtime, client):
+        sent = await client.post("/v1/chat/message", json={"message": "hello"})
+        thread_id = sent.json()["thread_id"]
+        await asyncio.gather(*runtime.runs._tasks)  # the answer, written and recorded
+        aput = runtime.checkpointer.aput
+        written: list[str] = []
+
+        async def failing(config: Any, *args: Any) -> Any:
+            if written:
+                raise OSError("disk I/O error")
+            written.append(config["configurable"]["thread_id"])
+            return await aput(config, *args)
+
+        runtime.checkpointer.aput = failing
+        copied = await client.post(f"/langgraph/threads/{thread_id}/copy")
+        runtime.checkpointer.aput = aput
+        listed = (await client.get("/v1/threads")).json()["threads"]
+        config = {"configurable": {"thread_id": written[0]}}
+        left = [c async for c in runtime.checkpointer.alist(config)]
     assert copied.status_code == 500
     assert written and written[0] != thread_id  # failed part-way, after one checkpoint
     assert [t["thread_id"] for t in listed] == [thread_id]
@@ -336,22 +345,15 @@ async def test_a_reserved_answer_whose_task_was_not_queued_ends_at_once(tmp_path
     # stream stayed reserved: a reader of it waited WORKER_START_TIMEOUT for not_started.
     from resumable_stream import StreamConsumer
 
-    app = create_app(Settings(secret_key="s", data_dir=tmp_path, offline_tokens_per_second=0))
-    async with app.router.lifespan_context(app):
-        runtime = app.state.runtime
-        handed: list[str] = []
+    handed: list[str] = []
 
-        async def broker_down(run: Any, reservation: Any) -> None:
-            handed.append(run.stream_id)
-            raise ConnectionError("the broker is down")
+    async def broker_down(run: Any, reservation: Any) -> None:
+        handed.append(run.stream_id)
+        raise ConnectionError("the broker is down")
 
+    async with in_process(tmp_path) as (runtime, client):
         runtime.runs.workers, runtime.runs.enqueue = True, broker_down
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        headers = {"authorization": "Bearer " + "t" * 16}
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://test", headers=headers
-        ) as client:
-            sent = await client.post("/v1/chat/message", json={"message": "hello"})
+        sent = await client.post("/v1/chat/message", json={"message": "hello"})
         [stream_id] = handed
         assert (sent.status_code, sent.json()["code"]) == (503, "queue_unavailable")
         info = await runtime.transport.info(stream_id)
