@@ -372,19 +372,12 @@ function finish(stream, outcome, message) {
 // results); and an answer queued behind it (BUSY_POLICY=queue, from another tab or the
 // terminal client) is in flight now: show the thread as saved, with that answer streaming.
 async function afterAnswer(turn, run) {
-  const threadId = state.threadId;
-  const opening = state.opening;
-  let thread;
-  try {
-    thread = await api("GET", "/v1/thread?thread_id=" + encodeURIComponent(threadId));
-  } catch {
-    // Not worth a status line: the results stay "shown when the answer ends" until reload.
-    return;
-  }
-  if (threadId !== state.threadId || opening !== state.opening) return;
-  if (state.stream || state.sending) return;
+  // A failed read is not worth a status line: the results stay "shown when the answer
+  // ends" until reload.
+  const thread = await readOpenThread();
+  if (!thread || state.stream || state.sending) return;
   if (thread.active_run && thread.active_run.run > run) {
-    openThread(threadId);
+    openThread(state.threadId);
     return;
   }
   for (const message of thread.messages) {
@@ -613,19 +606,25 @@ async function loadThreads() {
 // answer streaming, with Stop. Not while the user edits the last question (it would go).
 async function followAnswerElsewhere() {
   if (state.stream || state.sending || ui.messages.querySelector(".editor")) return;
+  const thread = await readOpenThread(); // (failed: the next refresh looks again)
+  if (!thread || state.stream || state.sending || ui.messages.querySelector(".editor")) return;
+  if (thread.active_run && thread.active_run.run > state.shownRun) {
+    openThread(state.threadId, { keepStatus: true });
+  }
+}
+
+// The open thread, read again; null if the read failed or the page opened another (or
+// the same one again) meanwhile.
+async function readOpenThread() {
   const threadId = state.threadId;
   const opening = state.opening;
   let thread;
   try {
     thread = await api("GET", "/v1/thread?thread_id=" + encodeURIComponent(threadId));
   } catch {
-    return; // the next refresh looks again
+    return null;
   }
-  if (threadId !== state.threadId || opening !== state.opening) return;
-  if (state.stream || state.sending || ui.messages.querySelector(".editor")) return;
-  if (thread.active_run && thread.active_run.run > state.shownRun) {
-    openThread(threadId, { keepStatus: true });
-  }
+  return threadId === state.threadId && opening === state.opening ? thread : null;
 }
 
 function threadItem(thread) {
