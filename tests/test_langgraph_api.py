@@ -1305,6 +1305,8 @@ async def test_a_queued_run_that_started_is_joined_and_cancelled_as_the_run_it_b
         str(uuid.uuid4()),
         "not-a-uuid",
     ],
+    # A fixed id per case: the uuid4 differs in each process (pytest-xdist's workers).
+    ids=["nil", "random", "not-a-uuid"],
 )
 async def test_a_made_up_run_id_is_not_found(run_id: str) -> None:
     import httpx
