@@ -776,6 +776,67 @@ def test_a_call_still_streaming_when_the_answer_fails_or_stops_is_closed(
     assert chunks[-1]["type"] in ("error", "abort")
 
 
+async def tools_running_when_the_answer_ends(outcome: str) -> list[Event]:
+    """The stored events of agent_graph's answer (astream_events) that ``outcome`` ends
+    while its two searches run: ``stop`` (the run is cancelled) or ``error`` (the search for
+    y fails, and LangGraph cancels the other)."""
+    both_started = asyncio.Event()
+
+    @tool("search")
+    async def slow_search(q: str) -> str:
+        """Look q up, until the answer ends."""
+        if q == "y" and outcome == "error":
+            await both_started.wait()
+            raise RuntimeError("the index is down")
+        await asyncio.Event().wait()  # cancelled with the answer
+        raise AssertionError("not reached")
+
+    transport = MemoryTransport()
+    async with StreamProducer(transport) as producer:
+        inputs = {"messages": [("user", "look up x and y")]}
+        run = await producer.start(agent_graph([slow_search]).astream_events(inputs, version="v2"))
+        events: list[Event] = []
+        async for event in StreamConsumer(transport, run.stream_id):
+            events.append(event)
+            if event.type == "tool_start" and [e.type for e in events].count("tool_start") == 2:
+                if outcome == "stop":
+                    assert await producer.cancel(run.stream_id)
+                else:
+                    both_started.set()
+    assert events[-1].type == ("cancelled" if outcome == "stop" else "error")
+    return events
+
+
+@pytest.mark.parametrize("outcome", ["stop", "error"])
+async def test_a_tool_still_running_when_the_answer_stops_or_fails_ends_failed(
+    outcome: str,
+) -> None:
+    # Regression: its call stayed input-available (the UI showed the tool running, for good,
+    # and took it for a browser's call it waits on). The stream ends its run: an error the
+    # server gives (providerExecuted), which the client neither runs nor posts back.
+    events = await tools_running_when_the_answer_ends(outcome)
+    chunker = UIMessageChunks("m")
+    chunks = [c for e in events for c in chunker.chunks(e)]
+    check_order(chunks)
+    ended = {c["toolCallId"]: c for c in chunks if c["type"].startswith("tool-output-")}
+    unfinished = {
+        "type": "tool-output-error",
+        "toolCallId": "c1",
+        "errorText": "the answer ended before this tool finished",
+        **SERVER_RAN,
+    }
+    if outcome == "stop":
+        assert ended == {"c1": unfinished, "c2": {**unfinished, "toolCallId": "c2"}}
+        assert chunks[-1] == {"type": "abort", "reason": "requested"}
+    else:
+        assert ended["c1"] == unfinished
+        assert ended["c2"]["errorText"] == "the index is down"  # its own error
+        assert chunks[-1]["type"] == "error"
+    # A replay (a new encoder over the stored events) ends them the same.
+    again = UIMessageChunks("m")
+    assert [c for e in events for c in again.chunks(e)] == chunks
+
+
 def test_a_streamed_call_whose_arguments_are_not_json_is_an_error_at_the_end() -> None:
     # Regression: a call cut short (the model's max_tokens) or malformed came as input
     # its raw text, and a browser's tool ran with a string for its arguments. LangChain

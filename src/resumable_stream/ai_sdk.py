@@ -119,6 +119,8 @@ _STOPPED_TEXT = (
 
 #: The error of a tool call the model was still streaming when the answer failed or stopped.
 _UNFINISHED_CALL_TEXT = "the answer ended before this call was complete"
+#: The error of a call whose tool the server was running when the answer failed or stopped.
+_UNFINISHED_RUN_TEXT = "the answer ended before this tool finished"
 #: The error of a tool call the model streamed whose arguments are not JSON.
 _INVALID_ARGS_TEXT = "the model's arguments for this call are not valid JSON"
 
@@ -167,6 +169,7 @@ def _sse(chunk: dict[str, Any]) -> bytes:
 class _ToolCall:
     name: str
     output_sent: bool = False
+    ran: bool = False  # its tool started on the server (a tool_start event)
 
 
 @dataclass(slots=True)
@@ -245,8 +248,10 @@ class UIMessageChunks:
       last stopped: the ``finish_reason`` of its last message or chunk, ``tool-calls`` for
       a message with tool calls that gives none, else ``stop``) / ``error`` / ``abort``,
       then ``[DONE]``
-      (``error`` for a run cancelled by its server's shutdown: cut, not stopped); a call
-      still streaming then ends with ``tool-input-error`` (``providerExecuted``).
+      (``error`` for a run cancelled by its server's shutdown: cut, not stopped); on
+      ``error`` / ``cancelled``, a call still streaming ends with ``tool-input-error`` and a
+      call whose tool the server started (``tool_start``) and never ended with
+      ``tool-output-error`` (both ``providerExecuted``).
 
     ``start`` (with ``message_id``) and ``start-step`` come first when ``start`` is true, as a
     replay from the beginning needs: the client resets its message on it. Without
@@ -343,6 +348,12 @@ class UIMessageChunks:
             else:
                 for call_id in list(self._streaming):
                     self._drop_draft(call_id, _UNFINISHED_CALL_TEXT, out)
+                # The server's tools still running end with the answer: without an output
+                # the client would show them running for good (`ai` leaves a stopped call
+                # as it was).
+                for call_id, call in self._calls.items():
+                    if call.ran and not call.output_sent:
+                        self._output(call_id, None, _UNFINISHED_RUN_TEXT, out)
             self._close_text(out)
             if kind == END:
                 out.append({"type": "finish-step"})
@@ -773,6 +784,7 @@ class UIMessageChunks:
             call_id = run_id
         self._run_calls[run_id] = call_id
         self._announce(call_id, name, tool_input, out)
+        self._calls[call_id].ran = True
 
     def _tool_end(self, data: Mapping[str, Any], out: list[dict[str, Any]]) -> None:
         output = data.get("output")

@@ -30,6 +30,7 @@ from tests.test_ai_sdk import (
     stored_events,
     streaming_tool_graph,
     subagent_events,
+    tools_running_when_the_answer_ends,
 )
 
 APP = "tests.clients._app:create_app"
@@ -263,6 +264,28 @@ def test_a_call_still_streaming_when_the_answer_ends_is_not_left_streaming(
     seen = read_body(node_modules, tmp_path, [Event("token", data, "1-1-0"), terminal])
     tools = [p for p in seen["parts"] if p["type"] == "tool-search"]
     assert [p["state"] for p in tools] == ["output-error"]
+    assert seen["posts"] == 1
+
+
+@pytest.mark.parametrize("outcome", ["stop", "error"])
+async def test_a_tool_still_running_when_the_answer_ends_shows_as_failed(
+    node_modules: Path, tmp_path: Path, outcome: str
+) -> None:
+    # Regression: a server tool the stop (or the failure) cut stayed input-available: the
+    # UI showed it running for good. It shows failed, and the answer is not posted back.
+    seen = read_body(node_modules, tmp_path, await tools_running_when_the_answer_ends(outcome))
+    tools = {p["input"]["q"]: p for p in seen["parts"] if p["type"] == "tool-search"}
+    unfinished = ("output-error", "the answer ended before this tool finished")
+    assert (tools["x"]["state"], tools["x"]["errorText"]) == unfinished
+    if outcome == "stop":
+        assert (tools["y"]["state"], tools["y"]["errorText"]) == unfinished
+        assert (seen["status"], seen["error"]) == ("ready", None)
+    else:
+        assert (tools["y"]["state"], tools["y"]["errorText"]) == (
+            "output-error",
+            "the index is down",
+        )
+        assert seen["status"] == "error"
     assert seen["posts"] == 1
 
 
