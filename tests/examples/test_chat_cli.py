@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
 from collections.abc import Callable
 from typing import Any
 
@@ -121,11 +122,22 @@ def test_ctrl_c_ends_the_answer_line_and_exits_130(
     # Regression: Ctrl-C exited with code 0, as if all went well, and left the answer's
     # last line without its newline (the shell prompt came after the half answer).
     server = chat_servers(OFFLINE_TOKENS_PER_SECOND="20")
-    with cli(server.url, TOKEN) as client:
+    # PYTHONFAULTHANDLER: a client that does not exit is sent SIGABRT, and prints where
+    # each of its threads was (seen once in CI, under load: the client kept running).
+    with cli(server.url, TOKEN, env={"PYTHONFAULTHANDLER": "1"}) as client:
         client.type("How should I structure a small side project?")
         client.stdout.wait_for(lambda out: len(out) > len("assistant> ") + 20)
         client.process.send_signal(signal.SIGINT)
-        code = client.process.wait(timeout=20)
+        try:
+            code = client.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            client.process.send_signal(signal.SIGABRT)
+            client.process.wait(timeout=20)
+            client.stderr.join()
+            pytest.fail(
+                "the client did not exit within 20 s of Ctrl-C\n"
+                f"--- stdout ---\n{client.stdout.text()}\n--- stderr ---\n{client.stderr.text()}"
+            )
         client.stdout.join()
         client.stderr.join()
         output, errors = client.stdout.text(), client.stderr.text()
