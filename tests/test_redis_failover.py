@@ -371,6 +371,41 @@ async def test_a_cluster_failover_mid_stream_loses_nothing(
     assert_whole(await collect(cluster_transport, run.stream_id))
 
 
+async def test_a_reader_elsewhere_follows_the_replica_of_a_hung_master(
+    redis_cluster: RedisClusterService, prefix: str
+) -> None:
+    # Regression: the notices connection had no watchdog. A master that hangs (SIGSTOP, a
+    # frozen host: the socket stays open, nothing comes) and is replaced by its replica
+    # left a process that only reads subscribed to it: its readers got nothing more until
+    # their quiet check, half a lease later, and then an error.
+    url = f"{redis_cluster.url}?socket_timeout=1"
+    async with from_url(url, prefix=prefix) as here, from_url(url, prefix=prefix) as elsewhere:
+        stages = Stages(N, N // 2)
+        # A long lease: the reader's quiet check (every half lease) cannot rescue it here.
+        run = await StreamProducer(here, lease=120).start(stages.source())
+        reader = Reader(elsewhere, run.stream_id)
+        await reader.reached(N // 2)
+        master = redis_cluster.owner(redis_cluster.slot_of("{" + run.stream_id + "}"))
+        channel = f"{prefix}:{{{run.stream_id}}}:n"
+
+        async def subscribed() -> bool:
+            def count() -> int:
+                with contextlib.closing(redis_cluster.node(master).client()) as client:
+                    return int(client.execute_command("PUBSUB", "SHARDNUMSUB", channel)[1])
+
+            return await asyncio.to_thread(count) == 1
+
+        await eventually(subscribed)  # the reader waits on the master's notices
+        redis_cluster.node(master).pause()
+        try:
+            stages.release(N // 2)  # written to the replica once it took over
+            async with asyncio.timeout(30):
+                assert_whole(await reader.result())
+            assert await run.wait() == "completed"
+        finally:
+            redis_cluster.node(master).resume()
+
+
 async def _connections_per_node(cluster: RedisClusterService, name: str) -> dict[int, int]:
     """Connections named `name` on each node (other tests' clients do not count)."""
 

@@ -28,12 +28,18 @@ _CLUSTER_KW: dict[str, Any] = {"parser_class": _PARSER} if _PARSER is not None e
 
 
 def _subscriber(
-    port: int, *, moved: list[bytes] | None = None, faults: list[int] | None = None, **kw: Any
+    port: int,
+    *,
+    moved: list[bytes] | None = None,
+    faults: list[int] | None = None,
+    timeout: float = 5.0,
+    **kw: Any,
 ) -> Subscriber:
     """A Subscriber on ``port`` recording the channels reported moved and the faults."""
     return Subscriber(
         lambda: Connection(port=port, **kw),
         name="t",
+        timeout=timeout,
         on_message=lambda c, d: None,
         on_subscribed=lambda c: None,
         on_moved=(moved if moved is not None else []).append,
@@ -211,6 +217,58 @@ async def test_confirmed_only_while_subscribed(
         assert b"c" not in sub.confirmed, "confirmed with no connection"
     finally:
         await sub.aclose()
+
+
+async def test_a_subscriber_leaves_a_hung_server_and_subscribes_again_once_it_answers(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    """Regression: a server that hangs keeps the socket open and sends nothing; with no
+    reply owed, the subscriber waited on it for good (and a cluster never moved its
+    channels to the replica taking over). Silent past the timeout, it is pinged, then left."""
+    server = redis_server_factory()
+    faults: list[int] = []
+    sub = _subscriber(server.port, faults=faults, timeout=0.2)
+    try:
+        sub.add(b"c")
+        await eventually(holds(lambda: b"c" in sub.confirmed))
+        server.pause()
+        try:
+            await eventually(holds(lambda: bool(faults)))
+            assert b"c" not in sub.confirmed
+        finally:
+            server.resume()
+        await eventually(holds(lambda: b"c" in sub.confirmed))  # subscribed again
+    finally:
+        await sub.aclose()
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_a_quiet_subscriber_is_pinged_and_keeps_its_connection(
+    redis_server: RedisServer, protocol: int
+) -> None:
+    """The keep-alive PING's answer (``["pong", ""]`` while subscribed on RESP2, ``PONG`` on
+    RESP3) is not taken for a fault."""
+    faults: list[int] = []
+    sub = _subscriber(redis_server.port, faults=faults, timeout=0.1, protocol=protocol)
+    admin = aioredis.Redis(port=redis_server.port)
+
+    async def pings() -> int:
+        stats = await admin.info("commandstats")
+        return int(stats.get("cmdstat_ping", {}).get("calls", 0))
+
+    try:
+        sub.add(b"c")
+        await eventually(holds(lambda: b"c" in sub.confirmed))
+        before = await pings()
+
+        async def pinged_a_few_times() -> bool:
+            return await pings() >= before + 3
+
+        await eventually(pinged_a_few_times)
+        assert (faults, sub.connects, b"c" in sub.confirmed) == ([], 1, True)
+    finally:
+        await sub.aclose()
+        await admin.aclose()
 
 
 def _count_writes(pipe: Pipe) -> list[int]:

@@ -15,7 +15,8 @@ not give is what makes the transport fast:
   leaves the connection in step (its reply is read and dropped).
 * :class:`Subscriber`: one sharded pub/sub connection, ``SSUBSCRIBE`` per channel (Redis
   refuses one ``SSUBSCRIBE`` over channels of several slots), re-subscribed after a
-  reconnection; messages are handed over as they are parsed.
+  reconnection; messages are handed over as they are parsed. Silent for the timeout, it
+  sends a ``PING``, and is dropped if that is not answered either (a hung server).
 
 Replies that are errors are returned as redis-py exception objects (the caller classifies
 them, see :func:`error_code`); a lost connection or a silent server fails the commands in
@@ -168,6 +169,7 @@ async def _discard(connection: AbstractConnection, protocol: _Replies | None) ->
 
 #: What the reply reader gives while a reply is incomplete (False is a RESP3 reply).
 _INCOMPLETE: Any = object()
+_PING = pack("PING")
 #: hiredis' type for RESP3 push messages (pub/sub, invalidations): never a command's reply.
 _PUSH: type | None = getattr(hiredis, "PushNotification", None)
 
@@ -200,6 +202,8 @@ class _Replies(asyncio.Protocol):
             notEnoughData=_INCOMPLETE,
         )
         self._on_data = on_data
+        #: Set whenever data arrives (a keep-alive clears it to see if more comes).
+        self.heard = False
         loop = asyncio.get_running_loop()
         self.lost: asyncio.Future[None] = loop.create_future()
         #: Done once the socket is closed.
@@ -208,6 +212,7 @@ class _Replies(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.lost.done():
             return
+        self.heard = True
         try:
             self._reader.feed(data)
             self._on_data(self._reader)
@@ -225,6 +230,23 @@ class _Replies(asyncio.Protocol):
     def _fail(self, exc: BaseException) -> None:
         if not self.lost.done():
             self.lost.set_exception(exc)
+
+    async def keep_alive(self, silence: float) -> None:
+        """PING the server once the connection was silent for ``silence`` seconds, and end
+        the connection (``lost``) if that brings nothing within as long: a server that
+        hangs, or a host gone without closing the socket, is otherwise waited on for good
+        by a connection that owes no reply (a subscriber's)."""
+        while True:
+            self.heard = False
+            await asyncio.sleep(silence)
+            if self.heard:
+                continue
+            self.transport.write(_PING)
+            await asyncio.sleep(silence)
+            if not self.heard:
+                self._fail(NoAnswer(f"Redis did not answer a PING within {silence:g} s"))
+                self.transport.abort()
+                return
 
 
 def _each(on_reply: Callable[[Any], None]) -> Callable[[hiredis.Reader], None]:
@@ -609,6 +631,8 @@ class Subscriber:
     meanwhile were lost, so look at the state again); ``on_moved(channel)`` runs when the
     channel's slot is served elsewhere now (Redis Cluster), the channel having been
     dropped here; ``on_fault()`` when the connection failed (the node may be gone).
+    ``timeout``: seconds of silence before the server is sent a ``PING``, and before the
+    connection is dropped if that brings no answer either (a hung server or host).
     """
 
     def __init__(
@@ -616,6 +640,7 @@ class Subscriber:
         make: ConnectionFactory,
         *,
         name: str,
+        timeout: float,
         on_message: Callable[[bytes, bytes], None],
         on_subscribed: Callable[[bytes], None],
         on_moved: Callable[[bytes], None],
@@ -624,6 +649,7 @@ class Subscriber:
     ) -> None:
         self._make = make
         self._on_connect = on_connect
+        self._timeout = timeout
         self.name = name
         self._on_message = on_message
         self._on_subscribed = on_subscribed
@@ -723,10 +749,13 @@ class Subscriber:
                     writer = asyncio.create_task(
                         self._write(protocol.transport), name=f"{self.name} writer"
                     )
+                    keeper = asyncio.create_task(
+                        protocol.keep_alive(self._timeout), name=f"{self.name} keep-alive"
+                    )
                     try:
                         await protocol.lost  # raises what ended the connection
                     finally:
-                        await stop(writer)
+                        await stop(writer, keeper)
                 except Exception as exc:  # redis-py's, the socket's, or a bug's: one type
                     raise fault(exc, "the notices connection") from exc
             except asyncio.CancelledError:

@@ -171,6 +171,7 @@ class _Node:
         self.subscriber = Subscriber(
             make,
             name=f"notices {name}",
+            timeout=transport._timeout,
             on_message=transport._on_message,
             on_subscribed=transport._on_subscribed,
             on_moved=transport._on_moved,
