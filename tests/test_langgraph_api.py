@@ -1466,6 +1466,50 @@ async def test_runs_wait_answers_with_the_values_the_run_ended_with(
     await api.producer.aclose()
 
 
+async def test_runs_join_of_an_earlier_run_gives_its_own_outcome() -> None:
+    # Regression: runs.join of a run that a later run (or a state update) had replaced
+    # answered with the thread's latest values: the later run's, its interrupt, or the
+    # update's; a failed run read as the later run's success, and a queued run cancelled
+    # before it started as the values of the run before it.
+    from langgraph_sdk import get_client
+
+    from tests._services import uvicorn_server
+
+    api, _graph, _reached, _hold = gated_router()  # (never released: "wait" holds a run)
+    with uvicorn_server(api) as url:
+        async with get_client(url=url) as sdk:
+            thread_id = (await sdk.threads.create())["thread_id"]
+            first = await sdk.runs.create(thread_id, "agent", input={"n": ["go"]})
+            assert await sdk.runs.join(thread_id, first["run_id"]) == {"n": ["go", "done"]}
+            asked = await sdk.runs.create(thread_id, "agent", input={"n": ["ask"]})
+            await sdk.runs.join(thread_id, asked["run_id"])
+            assert await sdk.runs.join(thread_id, first["run_id"]) == {"n": ["go", "done"]}
+            await sdk.threads.update_state(thread_id, {"n": ["edited"]}, as_node="step")
+            answer = await sdk.runs.join(thread_id, asked["run_id"])
+            assert answer["n"] == ["go", "done", "ask"]
+            assert [i["value"] for i in answer["__interrupt__"]] == ["q"]
+
+            thread_id = (await sdk.threads.create())["thread_id"]
+            failed = await sdk.runs.create(thread_id, "agent", input={"n": ["fail"]})
+            await sdk.runs.join(thread_id, failed["run_id"])
+            await sdk.runs.wait(thread_id, "agent", input={"n": ["go"]})
+            error = {"error": "ValueError", "message": "failed on purpose"}
+            assert await sdk.runs.join(thread_id, failed["run_id"]) == {"__error__": error}
+
+            thread_id = (await sdk.threads.create())["thread_id"]
+            held = await sdk.runs.create(thread_id, "agent", input={"n": ["wait"]})
+            queued = await sdk.runs.create(
+                thread_id, "agent", input={"n": ["go"]}, multitask_strategy="enqueue"
+            )
+            assert queued["status"] == "pending"
+            await sdk.runs.cancel(thread_id, queued["run_id"], wait=True)
+            await sdk.runs.cancel(thread_id, held["run_id"], wait=True)
+            assert await sdk.runs.join(thread_id, held["run_id"]) == {"n": ["wait"]}
+            answer = await sdk.runs.join(thread_id, queued["run_id"])
+            assert answer["__error__"]["error"] == "run_values_gone"
+    await api.producer.aclose()
+
+
 async def test_runs_join_waits_for_the_end_with_heartbeats() -> None:
     import httpx
 

@@ -21,6 +21,7 @@ docs/langgraph-sdk.md.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import dataclasses
@@ -1571,8 +1572,8 @@ class LangGraphRouter:
         return self._outcome(request, run, plan.graph, on_disconnect)
 
     async def wait_for_run(self, request: Request) -> Response:
-        """``GET .../runs/{run_id}/join`` (``runs.join``): the thread's values once the run
-        ended (see :meth:`_outcome`)."""
+        """``GET .../runs/{run_id}/join`` (``runs.join``): the values the run ended with,
+        once it ended (see :meth:`_outcome`)."""
         run = await self._run_info(request, "read")
         return self._outcome(request, run, await self._graph_of(run.thread_id), None)
 
@@ -1583,21 +1584,35 @@ class LangGraphRouter:
         graph: Any,
         on_disconnect: Callable[[], Awaitable[None]] | None,
     ) -> Response:
-        """Once the run ended, the thread's values (with ``__interrupt__`` when it stopped
-        at an interrupt), or ``{"__error__": {error, message}}`` if it failed: the API's
-        answer to ``runs.wait`` and ``runs.join``. Until then, a newline every
+        """Once the run ended, the thread's values as the run left them (at the last
+        checkpoint it wrote, whatever later runs and state updates wrote since; with
+        ``__interrupt__`` when it stopped at an interrupt), or ``{"__error__": {error,
+        message}}`` if it failed (``run_values_gone`` for a run that wrote no checkpoint
+        and is no longer the thread's latest): the API's answer to ``runs.wait`` and
+        ``runs.join``. Until then, a newline every
         ``ping_interval`` keeps the connection open (the JSON parses with them)."""
 
         async def answer() -> bytes:
-            end = await self._end_of(run)
+            epoch, end = await self._end_of(run)
             if end is not None and end.type == ERROR:
                 error = {"error": end.data.get("error"), "message": end.data.get("message")}
                 return orjson.dumps({"__error__": error})
             try:
-                state = await graph.aget_state(self._config(run.thread_id))
+                state, own = await self._final_state(run, graph, epoch if end is not None else None)
             except Exception as exc:  # the checkpointer's: answered, not a cut response
                 logger.warning("thread %s: reading its state failed", run.thread_id, exc_info=True)
                 return _error_body(exc)
+            if state is None:
+                gone = {
+                    "error": "run_values_gone",
+                    "message": f"run {run.run_id!r} wrote no checkpoint (it never started, or "
+                    "stopped before its first step) and is no longer the thread's latest run: "
+                    "the values it ended with are not kept",
+                }
+                return orjson.dumps({"__error__": gone})
+            failed = _failure(state) if own else None
+            if failed is not None:  # an earlier run's failure, as its checkpoint keeps it
+                return orjson.dumps({"__error__": failed})
             values = to_wire(state.values)
             interrupts = to_wire(getattr(state, "interrupts", ()))
             if interrupts and isinstance(values, dict):
@@ -1616,22 +1631,57 @@ class LangGraphRouter:
             on_disconnect=on_disconnect,
         )
 
-    async def _end_of(self, run: _RunRef) -> Event | None:
-        """The run's terminal event, once it is written (a queued run's: the run it became,
-        or its waiter's if it ended before it started); None if a later run of the thread
-        replaced it."""
+    async def _end_of(self, run: _RunRef) -> tuple[int | None, Event | None]:
+        """The run's epoch (None for a queued run that never started) and its terminal
+        event, once it is written (a queued run's: the run it became, or its waiter's if it
+        ended before it started); no event if a later run of the thread replaced it."""
         epoch = run.epoch
         if epoch is None:
             epoch, end = await self._start_of(run)
             if end is not None:
-                return end
+                return epoch, end
         info = await self.transport.info(run.stream_id)
         if epoch is None or info is None or info.epoch != epoch:
-            return None
+            return epoch, None
         if info.status != "running":  # its last entry ends with it
             events = await self._stored(run.stream_id, epoch, info.last_seq - 1)
-            return events[-1] if events else None
-        return await self._read_to_end(run.stream_id, epoch, info.last_offset)
+            return epoch, events[-1] if events else None
+        return epoch, await self._read_to_end(run.stream_id, epoch, info.last_offset)
+
+    async def _final_state(self, run: _RunRef, graph: Any, ended: int | None) -> tuple[Any, bool]:
+        """The state run ``run`` ended with, and whether it is a checkpoint of the run's
+        own: the newest one it wrote (read with the graph that checkpoint names), as later
+        runs and state updates write their own. For a run that wrote none, the thread's
+        latest state if the run is still the thread's latest (``ended``: the epoch of the
+        run, which has ended); else None."""
+        saver: Any = getattr(graph, "checkpointer", None)
+        if hasattr(saver, "alist"):
+            config = self._config(run.thread_id, {"configurable": {"checkpoint_ns": ""}})
+            found = None
+            # Closed once left: AsyncSqliteSaver holds its lock while its listing is open.
+            async with contextlib.aclosing(
+                saver.alist(config, filter={"run_id": run.run_id})
+            ) as listed:
+                async for item in listed:
+                    # (Some checkpointers list every namespace's: a subgraph's is skipped.)
+                    if not item.config.get("configurable", {}).get("checkpoint_ns"):
+                        found = item
+                        break
+            if found is not None:
+                graph_id = (found.metadata or {}).get("graph_id")
+                own = self.graphs.get(graph_id, graph) if isinstance(graph_id, str) else graph
+                point = {
+                    "checkpoint_ns": "",
+                    "checkpoint_id": found.config["configurable"]["checkpoint_id"],
+                }
+                config = self._config(run.thread_id, {"configurable": point})
+                return await own.aget_state(config), True
+        if ended is None:
+            return None, False
+        state = await graph.aget_state(self._config(run.thread_id))
+        # Read before the check: a later run or update takes the thread's stream first.
+        info = await self.transport.info(run.stream_id)
+        return (state if info is not None and info.epoch == ended else None), False
 
     async def _start_of(self, run: _RunRef) -> tuple[int | None, Event | None]:
         """Follow a queued run's waiter until it names the run it started (its epoch), or
@@ -2535,6 +2585,28 @@ def _cancellation(error: Any) -> bool:
     ``CancelledError`` of a task it cancelled (pregel/_runner.py ``commit``), which the
     state gives back as ``"CancelledError()"``."""
     return isinstance(error, asyncio.CancelledError) or error == "CancelledError()"
+
+
+def _failure(state: Any) -> dict[str, Any] | None:
+    """The API's ``{error, message}`` for the failed task of ``state`` (None if none
+    failed; a cancelled task did not): the error's type name, and its message as the
+    checkpointer kept it (``"ValueError('boom')"`` gives ``"boom"``)."""
+    for task in state.tasks:
+        error = task.error
+        if error is None or _cancellation(error):
+            continue
+        if isinstance(error, BaseException):
+            return {"error": type(error).__name__, "message": str(error)}
+        text = str(error)
+        name, _, args = text.partition("(")
+        message: Any = text
+        with contextlib.suppress(ValueError, SyntaxError):
+            message = ast.literal_eval(args[:-1]) if args.endswith(")") else text
+        return {
+            "error": name if name.isidentifier() else "Error",
+            "message": message if isinstance(message, str) else text,
+        }
+    return None
 
 
 def _state_json(state: Any, thread_id: str) -> dict[str, Any]:
