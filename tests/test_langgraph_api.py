@@ -1825,6 +1825,88 @@ async def test_runs_list_and_get_hold_while_a_run_starts() -> None:
     await api.producer.aclose()
 
 
+async def test_runs_list_names_no_made_up_run_while_a_queued_run_starts() -> None:
+    # Regression: between a queued run taking the thread's stream and writing its first
+    # part (which names its run id), runs.list listed a run of a made-up id (the one the
+    # epoch would give a run not queued) as running, beside the queued run.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    class Gated(MemoryTransport):
+        """Holds the thread's appends of runs after ``after`` until ``gate`` is set."""
+
+        after: int | None = None
+        gate, blocked = asyncio.Event(), asyncio.Event()
+
+        async def append(self, stream_id: str, owner: str, entry: Any, *args: Any) -> None:
+            if stream_id == "langgraph:t1" and self.after is not None and entry.epoch > self.after:
+                self.blocked.set()
+                await self.gate.wait()
+            await super().append(stream_id, owner, entry, *args)
+
+    _api, graph, reached, hold = gated_router(saver=InMemorySaver())
+    transport = Gated()
+    api = LangGraphRouter(transport, {"agent": graph}, authorize=allow_all)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        first = await _held_run(http, reached)
+        info = await transport.info("langgraph:t1")
+        assert info is not None
+        transport.after = info.epoch
+        held = (await http.get("/threads/t1/runs")).json()[0]["run_id"]
+        body = {"assistant_id": "agent", "input": {"n": ["go"]}, "multitask_strategy": "enqueue"}
+        queued = (await http.post("/threads/t1/runs", json=body)).json()["run_id"]
+        hold.set()
+        await transport.blocked.wait()  # the queued run took the thread, unwritten
+        try:
+            runs = (await http.get("/threads/t1/runs")).json()
+        finally:
+            transport.gate.set()
+        assert {r["run_id"] for r in runs} <= {held, queued}, runs
+        # Pending, or running once its waiter named the run it started; listed once.
+        assert [r["status"] for r in runs if r["run_id"] == queued] in (["pending"], ["running"])
+        await http.get(f"/threads/t1/runs/{queued}/join")
+        runs = (await http.get("/threads/t1/runs")).json()
+        assert [(r["run_id"], r["status"]) for r in runs] == [
+            (queued, "success"),
+            (held, "success"),
+        ]
+        await first
+    await api.producer.aclose()
+
+
+async def test_runs_list_names_no_run_for_a_thread_deletes_hold() -> None:
+    # Regression: a thread delete holds the thread's stream, writing nothing, while it
+    # deletes the checkpoints; runs.list listed that hold as a run of a made-up id, running.
+    import httpx
+
+    api, graph, _reached, _hold = gated_router()
+    gate, inside = asyncio.Event(), asyncio.Event()
+    delete = graph.checkpointer.adelete_thread
+
+    async def held_delete(thread_id: str) -> None:
+        inside.set()
+        await gate.wait()
+        await delete(thread_id)
+
+    graph.checkpointer.adelete_thread = held_delete
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        done = await http.post(
+            "/threads/t1/runs", json={"assistant_id": "agent", "input": {"n": ["go"]}}
+        )
+        await http.get(f"/threads/t1/runs/{done.json()['run_id']}/join")
+        deleted = asyncio.create_task(http.delete("/threads/t1"))
+        await inside.wait()
+        try:
+            runs = (await http.get("/threads/t1/runs")).json()
+        finally:
+            gate.set()
+        assert [(r["run_id"], r["status"]) for r in runs] == [(done.json()["run_id"], "success")]
+        assert (await deleted).status_code == 204
+    await api.producer.aclose()
+
+
 @pytest.mark.parametrize(
     "query",
     [

@@ -1886,8 +1886,12 @@ class LangGraphRouter:
     async def _run_id_of(self, stream_id: str, epoch: int) -> str | None:
         """The run id run ``epoch`` of the thread was given: its ``metadata`` part's (a run
         started from the queue keeps the id it was queued with); None if it is a state
-        update's hold, no run."""
-        for event in await self._stored(stream_id, epoch, 0):
+        update's hold, no run, or has nothing written yet: a run starting, whose first part
+        names it (a queued run's id is not the one its epoch gives), or a delete's hold."""
+        stored = await self._stored(stream_id, epoch, 0)
+        if not stored:
+            return None
+        for event in stored:
             if event.type == _STATE_UPDATE:
                 return None
             data = event.data.get("data")
@@ -2084,15 +2088,21 @@ class LangGraphRouter:
         # starts meanwhile is the latest one, or not listed, never an earlier one.
         checkpointed = await self._checkpointed_runs(thread_id)
         refs: dict[str, _RunRef] = {}
+        started: dict[int, str] = {}  # the runs queued here that started, by epoch
         queued = f"{stream_id}~queued~"
         for waiter_id in [sid for sid in self.producer.runs if sid.startswith(queued)]:
             run_id = waiter_id[len(queued) :]
             with contextlib.suppress(_Refused):  # ended meanwhile, and gone
                 run = await self._resolve(thread_id, stream_id, run_id)
-                if run.epoch is None:  # one that started is the latest run, or earlier
+                if run.epoch is None:
                     refs[run_id] = run
+                else:  # the latest run, or an earlier one
+                    started[run.epoch] = run_id
         info = await settled_info(self.transport, stream_id)
-        latest = None if info is None else await self._run_id_of(stream_id, info.epoch)
+        latest = None
+        if info is not None:
+            # (One that has written nothing yet is named by its waiter here, if at all.)
+            latest = await self._run_id_of(stream_id, info.epoch) or started.get(info.epoch)
         if info is not None and latest is not None:
             refs[latest] = _RunRef(thread_id, stream_id, latest, info.epoch, info, None)
         for run_id in checkpointed:
