@@ -2976,6 +2976,38 @@ async def test_a_state_updates_hold_rides_out_a_storage_blip(fails: str) -> None
     await api.producer.aclose()
 
 
+async def test_a_state_updates_hold_ends_after_the_storage_lost_its_first_entry() -> None:
+    # Regression: when the storage lost the hold's first entry after acknowledging it (a
+    # failover to a lagging replica), its end was refused as a StorageRollback that was
+    # only logged: the thread read busy, refusing runs, until the hold's lease lapsed.
+    import httpx
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    lost: list[int] = []
+
+    class Losing(MemoryTransport):
+        async def append(self, stream_id: str, owner: str, entry: Any, *args: Any) -> None:
+            if owner.startswith("update-") and entry.seq in lost:
+                lost.remove(entry.seq)
+                return  # acknowledged, never kept
+            await super().append(stream_id, owner, entry, *args)
+
+    _api, graph, _reached, _hold = gated_router()
+    api = LangGraphRouter(Losing(), {"agent": graph}, authorize=allow_all)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        body = {"assistant_id": "agent", "input": {"n": ["a"]}}
+        assert (await http.post("/threads/t1/runs/wait", json=body)).is_success
+        lost.append(1)
+        response = await http.post("/threads/t1/state", json={"values": {"n": ["edited"]}})
+        assert (response.status_code, lost) == (200, []), response.text
+        assert (await http.get("/threads/t1")).json()["status"] == "idle"
+        body["multitask_strategy"] = "reject"
+        assert (await http.post("/threads/t1/runs/wait", json=body)).is_success
+        assert await _values(graph, "t1") == ["a", "done", "edited", "a", "done"]
+    await api.producer.aclose()
+
+
 async def test_update_state_is_a_write_authorized_as_run_and_needs_the_apps_thread() -> None:
     from langgraph.checkpoint.memory import InMemorySaver
 

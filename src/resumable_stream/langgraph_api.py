@@ -62,6 +62,7 @@ from ._exceptions import (
     ConfigurationError,
     OffsetExpired,
     ResumableStreamError,
+    StorageRollback,
     StreamAlreadyRunning,
     TransportClosed,
     TransportError,
@@ -1220,7 +1221,8 @@ class LangGraphRouter:
         (``runs.list`` leaves it out); it ends ``completed`` after the block, whatever the
         block did. A storage fault past the write-retry budget on its first entry is raised
         (nothing was written; the hold lapses with its lease), on its end only logged: the
-        block's outcome stands, and the thread is busy until the lease lapses."""
+        block's outcome stands, and the thread is busy until the lease lapses. A first entry
+        the storage lost after acknowledging it is written again before the end."""
         marker = encode_entry([(_STATE_UPDATE, {})])
         await self._append_retrying(stream_id, owner, Entry(epoch, 1, marker), 1)
         try:
@@ -1229,7 +1231,15 @@ class LangGraphRouter:
         finally:
             end = Entry(epoch, 2, encode_entry([(END, {})]))
             try:
-                await self._append_retrying(stream_id, owner, end, 1, "completed")
+                try:
+                    await self._append_retrying(stream_id, owner, end, 1, "completed")
+                except StorageRollback as exc:
+                    if exc.last_seq != 0:
+                        raise
+                    # The storage lost the first entry it had acknowledged (a failover to
+                    # a lagging replica): written again, then the end.
+                    await self._append_retrying(stream_id, owner, Entry(epoch, 1, marker), 1)
+                    await self._append_retrying(stream_id, owner, end, 1, "completed")
             except ResumableStreamError:
                 logger.warning(
                     "stream %s: ending a state update's hold failed; the thread is busy "
