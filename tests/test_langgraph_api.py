@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypedDict
 
+import httpx
 import orjson
 import pytest
 from langchain_core.messages import AIMessageChunk
 
-from resumable_stream import StreamConsumer, StreamProducer
+from resumable_stream import StreamConsumer, StreamProducer, TransportError
 from resumable_stream.langgraph_api import stream_parts, to_wire
 from resumable_stream.starlette import allow_all
 from resumable_stream.transports.memory import MemoryTransport
@@ -2941,6 +2942,40 @@ async def test_a_run_asked_for_during_a_state_update_comes_after_it() -> None:
     await api.producer.aclose()
 
 
+class _UpdateFaults(MemoryTransport):
+    """Memory storage that fails a state update's append of a ``seq`` in ``blips`` once (a
+    connection reset), and acknowledges one in ``lost`` once without keeping it (a failover
+    to a lagging replica)."""
+
+    blips: list[int]
+    lost: list[int]
+
+    async def append(self, stream_id: str, owner: str, entry: Any, *args: Any) -> None:
+        if owner.startswith("update-") and entry.seq in self.blips:
+            self.blips.remove(entry.seq)
+            raise TransportError("connection reset")
+        if owner.startswith("update-") and entry.seq in self.lost:
+            self.lost.remove(entry.seq)
+            return
+        await super().append(stream_id, owner, entry, *args)
+
+
+@contextlib.asynccontextmanager
+async def _updated_thread() -> AsyncIterator[tuple[_UpdateFaults, Any, httpx.AsyncClient]]:
+    """A router on `_UpdateFaults` storage whose thread ``t1`` holds one finished run."""
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    storage = _UpdateFaults()
+    storage.blips, storage.lost = [], []
+    _api, graph, _reached, _hold = gated_router()
+    api = LangGraphRouter(storage, {"agent": graph}, authorize=allow_all)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        body = {"assistant_id": "agent", "input": {"n": ["a"]}}
+        assert (await http.post("/threads/t1/runs/wait", json=body)).is_success
+        yield storage, graph, http
+    await api.producer.aclose()
+
+
 @pytest.mark.parametrize("fails", ["its first entry", "its end"])
 async def test_a_state_updates_hold_rides_out_a_storage_blip(fails: str) -> None:
     # Regression: the hold's own writes were not retried as a run's are. A blip on its end
@@ -2948,64 +2983,27 @@ async def test_a_state_updates_hold_rides_out_a_storage_blip(fails: str) -> None
     # and left the thread busy until the hold's lease lapsed; one on its first entry
     # answered 500 (the end, written after an entry that was not, was a StorageRollback)
     # and listed the hold as a run in progress.
-    import httpx
-
-    from resumable_stream import TransportError
-    from resumable_stream.langgraph_api import LangGraphRouter
-
-    blips: list[Any] = []
-
-    class Blipping(MemoryTransport):
-        async def append(self, stream_id: str, owner: str, entry: Any, *args: Any) -> None:
-            if owner.startswith("update-") and entry.seq in blips:
-                blips.remove(entry.seq)
-                raise TransportError("connection reset")
-            await super().append(stream_id, owner, entry, *args)
-
-    _api, graph, _reached, _hold = gated_router()
-    api = LangGraphRouter(Blipping(), {"agent": graph}, authorize=allow_all)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
-        body = {"assistant_id": "agent", "input": {"n": ["a"]}}
-        assert (await http.post("/threads/t1/runs/wait", json=body)).is_success
-        blips.append(1 if fails == "its first entry" else 2)
+    async with _updated_thread() as (storage, graph, http):
+        storage.blips.append(1 if fails == "its first entry" else 2)
         response = await http.post("/threads/t1/state", json={"values": {"n": ["edited"]}})
-        assert (response.status_code, blips) == (200, []), response.text
+        assert (response.status_code, storage.blips) == (200, []), response.text
         assert await _values(graph, "t1") == ["a", "done", "edited"]
         assert (await http.get("/threads/t1")).json()["status"] == "idle"
         assert [run["status"] for run in (await http.get("/threads/t1/runs")).json()] == ["success"]
-    await api.producer.aclose()
 
 
 async def test_a_state_updates_hold_ends_after_the_storage_lost_its_first_entry() -> None:
     # Regression: when the storage lost the hold's first entry after acknowledging it (a
     # failover to a lagging replica), its end was refused as a StorageRollback that was
     # only logged: the thread read busy, refusing runs, until the hold's lease lapsed.
-    import httpx
-
-    from resumable_stream.langgraph_api import LangGraphRouter
-
-    lost: list[int] = []
-
-    class Losing(MemoryTransport):
-        async def append(self, stream_id: str, owner: str, entry: Any, *args: Any) -> None:
-            if owner.startswith("update-") and entry.seq in lost:
-                lost.remove(entry.seq)
-                return  # acknowledged, never kept
-            await super().append(stream_id, owner, entry, *args)
-
-    _api, graph, _reached, _hold = gated_router()
-    api = LangGraphRouter(Losing(), {"agent": graph}, authorize=allow_all)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
-        body = {"assistant_id": "agent", "input": {"n": ["a"]}}
-        assert (await http.post("/threads/t1/runs/wait", json=body)).is_success
-        lost.append(1)
+    async with _updated_thread() as (storage, graph, http):
+        storage.lost.append(1)
         response = await http.post("/threads/t1/state", json={"values": {"n": ["edited"]}})
-        assert (response.status_code, lost) == (200, []), response.text
+        assert (response.status_code, storage.lost) == (200, []), response.text
         assert (await http.get("/threads/t1")).json()["status"] == "idle"
-        body["multitask_strategy"] = "reject"
+        body = {"assistant_id": "agent", "input": {"n": ["a"]}, "multitask_strategy": "reject"}
         assert (await http.post("/threads/t1/runs/wait", json=body)).is_success
         assert await _values(graph, "t1") == ["a", "done", "edited", "a", "done"]
-    await api.producer.aclose()
 
 
 async def test_update_state_is_a_write_authorized_as_run_and_needs_the_apps_thread() -> None:
