@@ -605,7 +605,8 @@ async def test_an_interrupt_then_a_resume_command() -> None:
         values = [data for event, data in parts(second.text) if event == "values"]
         assert values[-1]["messages"][-1]["content"] == "hi Bob"
         assert (await http.get(second.headers["content-location"])).json()["status"] == "success"
-        assert (await http.get(run)).json()["status"] == "success"  # replaced by a later run
+        # Replaced by a later run: read from the last checkpoint it wrote, at its interrupt.
+        assert (await http.get(run)).json()["status"] == "interrupted"
     await api.producer.aclose()
 
 
@@ -1511,6 +1512,39 @@ async def test_runs_join_of_an_earlier_run_gives_its_own_outcome() -> None:
     await api.producer.aclose()
 
 
+async def test_runs_get_and_list_of_an_earlier_run_give_its_own_status() -> None:
+    # Regression: runs.get and runs.list read a run that a later run (or a state update)
+    # had replaced as "success", whatever its end: a failed run, or one stopped at an
+    # interrupt, too.
+    from langgraph_sdk import get_client
+
+    from tests._services import uvicorn_server
+
+    api, _graph, _reached, _hold = gated_router()
+    with uvicorn_server(api) as url:
+        async with get_client(url=url) as sdk:
+            thread_id = (await sdk.threads.create())["thread_id"]
+            failed = await sdk.runs.create(thread_id, "agent", input={"n": ["fail"]})
+            await sdk.runs.join(thread_id, failed["run_id"])
+            done = await sdk.runs.create(thread_id, "agent", input={"n": ["go"]})
+            await sdk.runs.join(thread_id, done["run_id"])
+            asked = await sdk.runs.create(thread_id, "agent", input={"n": ["ask"]})
+            await sdk.runs.join(thread_id, asked["run_id"])
+            await sdk.threads.update_state(thread_id, {"n": ["edited"]}, as_node="step")
+            expected = {
+                failed["run_id"]: "error",
+                done["run_id"]: "success",
+                asked["run_id"]: "interrupted",
+            }
+            for run_id, status in expected.items():
+                assert (await sdk.runs.get(thread_id, run_id))["status"] == status
+            listed = await sdk.runs.list(thread_id)
+            assert {run["run_id"]: run["status"] for run in listed} == expected
+            errors = await sdk.runs.list(thread_id, status="error")
+            assert [run["run_id"] for run in errors] == [failed["run_id"]]
+    await api.producer.aclose()
+
+
 async def test_runs_join_waits_for_the_end_with_heartbeats() -> None:
     import httpx
 
@@ -1751,8 +1785,8 @@ async def test_runs_list_gives_the_threads_runs_newest_first() -> None:
         assert [(r["run_id"], r["status"]) for r in runs] == [
             (queued, "pending"),
             (running_id, "running"),
-            # The failed run wrote its input's checkpoint; earlier outcomes are not kept.
-            (failed_id, "success"),
+            # An earlier run's status is read from the last checkpoint it wrote.
+            (failed_id, "error"),
             (done_id, "success"),
         ]
         assert {r["thread_id"] for r in runs} == {"t1"}
@@ -1765,7 +1799,7 @@ async def test_runs_list_gives_the_threads_runs_newest_first() -> None:
         )
         assert page.json() == [
             {"run_id": running_id, "status": "running"},
-            {"run_id": failed_id, "status": "success"},
+            {"run_id": failed_id, "status": "error"},
         ]
         hold.set()
         await first
@@ -1811,9 +1845,9 @@ async def test_runs_list_and_get_hold_while_a_run_starts() -> None:
         reached.clear()
         earlier = {r["run_id"] for r in (await http.get("/threads/t1/runs")).json()}
 
-        async def start_then_read(thread_id: str) -> list[str]:
+        async def start_then_read(thread_id: str, **kwargs: Any) -> Any:
             started.append(await _held_run(http, reached))
-            return await checkpointed_runs(thread_id)
+            return await checkpointed_runs(thread_id, **kwargs)
 
         api._checkpointed_runs = start_then_read
         runs = (await http.get("/threads/t1/runs")).json()

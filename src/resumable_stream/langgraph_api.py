@@ -1664,34 +1664,42 @@ class LangGraphRouter:
         runs and state updates write their own. For a run that wrote none, the thread's
         latest state if the run is still the thread's latest (``ended``: the epoch of the
         run, which has ended); else None."""
-        saver: Any = getattr(graph, "checkpointer", None)
-        if hasattr(saver, "alist"):
-            config = self._config(run.thread_id, {"configurable": {"checkpoint_ns": ""}})
-            found = None
-            # Closed once left: AsyncSqliteSaver holds its lock while its listing is open.
-            async with contextlib.aclosing(
-                saver.alist(config, filter={"run_id": run.run_id})
-            ) as listed:
-                async for item in listed:
-                    # (Some checkpointers list every namespace's: a subgraph's is skipped.)
-                    if not item.config.get("configurable", {}).get("checkpoint_ns"):
-                        found = item
-                        break
-            if found is not None:
-                graph_id = (found.metadata or {}).get("graph_id")
-                own = self.graphs.get(graph_id, graph) if isinstance(graph_id, str) else graph
-                point = {
-                    "checkpoint_ns": "",
-                    "checkpoint_id": found.config["configurable"]["checkpoint_id"],
-                }
-                config = self._config(run.thread_id, {"configurable": point})
-                return await own.aget_state(config), True
+        found = await self._last_checkpoint(run, graph)
+        if found is not None:
+            return await self._state_at(run.thread_id, graph, found), True
         if ended is None:
             return None, False
         state = await graph.aget_state(self._config(run.thread_id))
         # Read before the check: a later run or update takes the thread's stream first.
         info = await self.transport.info(run.stream_id)
         return (state if info is not None and info.epoch == ended else None), False
+
+    async def _last_checkpoint(self, run: _RunRef, graph: Any) -> Any:
+        """The newest checkpoint (of the root namespace) that run ``run`` wrote, or None."""
+        saver: Any = getattr(graph, "checkpointer", None)
+        if not hasattr(saver, "alist"):
+            return None
+        config = self._config(run.thread_id, {"configurable": {"checkpoint_ns": ""}})
+        # Closed once left: AsyncSqliteSaver holds its lock while its listing is open.
+        async with contextlib.aclosing(
+            saver.alist(config, filter={"run_id": run.run_id})
+        ) as listed:
+            async for item in listed:
+                # (Some checkpointers list every namespace's: a subgraph's is skipped.)
+                if not item.config.get("configurable", {}).get("checkpoint_ns"):
+                    return item
+        return None
+
+    async def _state_at(self, thread_id: str, graph: Any, found: Any) -> Any:
+        """The thread's state at checkpoint ``found`` (a ``CheckpointTuple``), read with the
+        graph that checkpoint names."""
+        graph_id = (found.metadata or {}).get("graph_id")
+        own = self.graphs.get(graph_id, graph) if isinstance(graph_id, str) else graph
+        point = {
+            "checkpoint_ns": "",
+            "checkpoint_id": found.config["configurable"]["checkpoint_id"],
+        }
+        return await own.aget_state(self._config(thread_id, {"configurable": point}))
 
     async def _start_of(self, run: _RunRef) -> tuple[int | None, Event | None]:
         """Follow a queued run's waiter until it names the run it started (its epoch), or
@@ -1998,16 +2006,22 @@ class LangGraphRouter:
 
     async def get_run(self, request: Request) -> Response:
         """``GET .../runs/{run_id}``: ``pending``, ``running``, ``success``, ``error`` or
-        ``interrupted``. Only the thread's latest run has its outcome kept: an earlier one,
-        replaced by a later run (or a state update's hold), reads as ``success``."""
+        ``interrupted``. An earlier run, replaced by a later run (or a state update's hold),
+        reads its outcome from the last checkpoint it wrote: ``error`` if a task failed
+        there, ``interrupted`` if it stopped before a next step (at an interrupt, or
+        cancelled), else ``success``."""
         run = await self._run_info(request, "read")
         return _json(200, await self._run_record(run))
 
     async def _run_record(
-        self, run: _RunRef, checkpointed: Mapping[str, str | None] | None = None
+        self,
+        run: _RunRef,
+        checkpointed: Mapping[str, str | None] | None = None,
+        last: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """The API's ``Run`` for ``run`` (see :meth:`get_run` for its status; with
-        ``checkpointed``, the assistant ids of the runs the thread's checkpoints name)."""
+        ``checkpointed``, the assistant ids of the runs the thread's checkpoints name, and
+        ``last``, the newest checkpoint each of them wrote)."""
         epoch, info, waiter = run.epoch, run.info, run.waiter
         if epoch is None:  # queued, not started: _resolve found its waiter (else 404)
             status = "pending" if waiter is None else _QUEUED_STATUS[waiter.status]
@@ -2033,6 +2047,8 @@ class LangGraphRouter:
                     own = (state.metadata or {}).get("run_id") in (None, run.run_id)
                     if state.next and own:
                         status = "interrupted"
+            else:
+                status = await self._earlier_status(run, last)
         return {
             "run_id": run.run_id,
             "thread_id": run.thread_id,
@@ -2042,6 +2058,20 @@ class LangGraphRouter:
             "kwargs": {},
             **await self._run_fields(run, checkpointed),
         }
+
+    async def _earlier_status(self, run: _RunRef, last: Mapping[str, Any] | None) -> str:
+        """The status of a run the thread's stream no longer holds, from the last checkpoint
+        it wrote (``last``: the newest checkpoint of each run, else looked up): ``error``
+        for a failed task there, ``interrupted`` for a next step left (an interrupt, or a
+        cancel), else ``success`` (also for a run that wrote none)."""
+        graph = await self._graph_of(run.thread_id)
+        found = await self._last_checkpoint(run, graph) if last is None else last.get(run.run_id)
+        if found is None:
+            return "success"
+        state = await self._state_at(run.thread_id, graph, found)
+        if _failure(state) is not None:
+            return "error"
+        return "interrupted" if state.next else "success"
 
     async def _run_fields(
         self, run: _RunRef, checkpointed: Mapping[str, str | None] | None
@@ -2080,8 +2110,8 @@ class LangGraphRouter:
         ``select``ed fields only if given.
 
         The runs are the thread's latest run, the runs queued in this process and not
-        started yet, and the earlier runs its checkpoints name (their outcome is not kept:
-        they read as ``success``, as in :meth:`get_run`). A run queued in another process
+        started yet, and the earlier runs its checkpoints name (their status read from the
+        last checkpoint each wrote, as in :meth:`get_run`). A run queued in another process
         is listed once it started.
         """
         thread_id, stream_id = await self._thread(request, "read")
@@ -2096,7 +2126,8 @@ class LangGraphRouter:
             raise _bad(f"'select' fields must be among {sorted(_RUN_FIELDS)}")
         # The checkpoints first, then the runs queued, then the latest run: a run that
         # starts meanwhile is the latest one, or not listed, never an earlier one.
-        checkpointed = await self._checkpointed_runs(thread_id)
+        last: dict[str, Any] = {}
+        checkpointed = await self._checkpointed_runs(thread_id, last=last)
         refs: dict[str, _RunRef] = {}
         started: dict[int, str] = {}  # the runs queued here that started, by epoch
         queued = f"{stream_id}~queued~"
@@ -2126,7 +2157,7 @@ class LangGraphRouter:
                 except _Refused:
                     continue  # not a run of this server's (the graph run by other means)
             refs[run_id] = _RunRef(thread_id, stream_id, run_id, epoch, info, None)
-        records = [await self._run_record(run, checkpointed) for run in refs.values()]
+        records = [await self._run_record(run, checkpointed, last) for run in refs.values()]
         if wanted is not None:
             records = [record for record in records if record["status"] == wanted]
         records.sort(key=lambda record: record["created_at"], reverse=True)
@@ -2136,10 +2167,11 @@ class LangGraphRouter:
         return _json(200, records)
 
     async def _checkpointed_runs(
-        self, thread_id: str, run_id: str | None = None
+        self, thread_id: str, run_id: str | None = None, last: dict[str, Any] | None = None
     ) -> dict[str, str | None]:
         """The run ids the thread's checkpoints name (only ``run_id``, if given), newest
-        first (each once), with the assistant id each run wrote there."""
+        first (each once), with the assistant id each run wrote there; ``last``, if given,
+        gets the newest checkpoint (of the root namespace) of each run."""
         saver: Any = getattr(self._state_graph, "checkpointer", None)
         if not hasattr(saver, "alist"):
             return {}
@@ -2151,6 +2183,9 @@ class LangGraphRouter:
             found, assistant_id = metadata.get("run_id"), metadata.get("assistant_id")
             if isinstance(found, str) and runs.get(found) is None:
                 runs[found] = assistant_id if isinstance(assistant_id, str) else None
+            root = not item.config.get("configurable", {}).get("checkpoint_ns")
+            if last is not None and isinstance(found, str) and root and found not in last:
+                last[found] = item
         return runs
 
     async def cancel_run(self, request: Request) -> Response:
