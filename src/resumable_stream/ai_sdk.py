@@ -169,7 +169,6 @@ def _sse(chunk: dict[str, Any]) -> bytes:
 class _ToolCall:
     name: str
     output_sent: bool = False
-    ran: bool = False  # its tool started on the server (a tool_start event)
 
 
 @dataclass(slots=True)
@@ -348,12 +347,11 @@ class UIMessageChunks:
             else:
                 for call_id in list(self._streaming):
                     self._drop_draft(call_id, _UNFINISHED_CALL_TEXT, out)
-                # The server's tools still running end with the answer: without an output
-                # the client would show them running for good (`ai` leaves a stopped call
-                # as it was).
-                for call_id, call in self._calls.items():
-                    if call.ran and not call.output_sent:
-                        self._output(call_id, None, _UNFINISHED_RUN_TEXT, out)
+                # The server's tools still running (started, not ended) end with the
+                # answer: without an output the client would show them running for good
+                # (`ai` leaves a stopped call as it was).
+                for call_id in self._run_calls.values():
+                    self._output(call_id, None, _UNFINISHED_RUN_TEXT, out)
             self._close_text(out)
             if kind == END:
                 out.append({"type": "finish-step"})
@@ -784,7 +782,6 @@ class UIMessageChunks:
             call_id = run_id
         self._run_calls[run_id] = call_id
         self._announce(call_id, name, tool_input, out)
-        self._calls[call_id].ran = True
 
     def _tool_end(self, data: Mapping[str, Any], out: list[dict[str, Any]]) -> None:
         output = data.get("output")
