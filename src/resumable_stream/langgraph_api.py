@@ -2064,8 +2064,11 @@ class LangGraphRouter:
         it wrote (``last``: the newest checkpoint of each run, else looked up): ``error``
         for a failed task there, ``interrupted`` for a next step left (an interrupt, or a
         cancel), else ``success`` (also for a run that wrote none)."""
-        graph = await self._graph_of(run.thread_id)
-        found = await self._last_checkpoint(run, graph) if last is None else last.get(run.run_id)
+        if last is None:
+            graph = await self._graph_of(run.thread_id)
+            found = await self._last_checkpoint(run, graph)
+        else:  # (no read of the thread's graph per listed run: the checkpoint names its own)
+            graph, found = self._state_graph, last.get(run.run_id)
         if found is None:
             return "success"
         state = await self._state_at(run.thread_id, graph, found)
