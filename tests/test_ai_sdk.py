@@ -1185,8 +1185,17 @@ async def test_a_continuation_is_answered_in_the_message_it_continues() -> None:
     assert answered[0]["messageId"].startswith("chat-c-")  # a new message: a new id
     # An encoder given its own message id keeps it.
     marker = {"name": "resumable_stream.ui_message_id", "data": {"message_id": "a1"}}
-    first = UIMessageChunks("mine").chunks(Event("custom", marker, "1-1-0"))
-    assert first == [{"type": "start", "messageId": "mine"}, {"type": "start-step"}]
+    mine = UIMessageChunks("mine")
+    first = mine.chunks(Event("custom", marker, "1-1-0"))
+    assert first == [{"type": "start", "messageId": "mine"}]
+    # A continuation goes on in the continued message's last step (where a resumed tool's
+    # call is) until it sends something else: an answer that says nothing still ends with
+    # its own step (a last step that holds a browser's tool output would be posted again).
+    assert [c["type"] for c in mine.chunks(Event("end", {}, "1-1-1"))] == [
+        "start-step",
+        "finish-step",
+        "finish",
+    ]
 
 
 async def test_an_answer_is_never_a_later_message_s_answer() -> None:

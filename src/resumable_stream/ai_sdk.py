@@ -255,15 +255,20 @@ class UIMessageChunks:
     ``start`` (with ``message_id``) and ``start-step`` come first when ``start`` is true, as a
     replay from the beginning needs: the client resets its message on it. Without
     ``message_id``, a stream whose first event is ``ChatRouter``'s continuation marker
-    (``resumable_stream.ui_message_id``) names the message that marker gives. Model output
-    after a tool's output begins a new step (``finish-step``, ``start-step``), and ``end``
-    finishes the step, as the AI SDK's own servers send them: the client's
-    ``lastAssistantMessageIsCompleteWithToolCalls`` looks at the last step only, and would
-    otherwise send the answer of a client-side tool back forever. Other ``update`` events
-    are not sent, but a tool message they hold answers its call if nothing did (a handoff: a
-    tool's ``Command`` to the parent graph, which ``messages`` mode does not stream); a
-    ``Command`` without its ToolMessage has its ``goto``, ``update`` and ``resume`` that are
-    set as the tool's output.
+    (``resumable_stream.ui_message_id``) names the message that marker gives. Such a
+    continuation sends no ``start-step`` first: it goes on in the continued message's last
+    step, where the calls its resumed tools answer are (the client looks a call up in the
+    current step, else adds another part), until it sends anything but a server tool's
+    part; a tool run that starts there without naming its call (a LangGraph tool resumed
+    after ``interrupt()``) is announced when it ends, on the call its ToolMessage names.
+    Model output after a tool's output begins a new step (``finish-step``,
+    ``start-step``), and ``end`` finishes the step, as the AI SDK's own servers send them:
+    the client's ``lastAssistantMessageIsCompleteWithToolCalls`` looks at the last step
+    only, and would otherwise send the answer of a client-side tool back forever. Other
+    ``update`` events are not sent, but a tool message they hold answers its call if nothing
+    did (a handoff: a tool's ``Command`` to the parent graph, which ``messages`` mode does
+    not stream); a ``Command`` without its ToolMessage has its ``goto``, ``update`` and
+    ``resume`` that are set as the tool's output.
 
     ``message_metadata(part)`` (:class:`MessageMetadataPart`), if given, is called for the
     ``start`` and the ``finish`` part; what it returns, unless None, is sent as the part's
@@ -294,6 +299,12 @@ class UIMessageChunks:
         # tool name → the model's calls (id, args) that no tool run has claimed yet
         self._announced: dict[str, list[tuple[str, Any]]] = {}
         self._run_calls: dict[str, str] = {}  # tool run id → tool call id
+        # tool run id → (tool name, input): the runs a continuation resumed (their call is
+        # the continued message's), announced by their output, which names their call
+        self._resumed: dict[str, tuple[str, Any]] = {}
+        # In the continued message's last step (a continuation, until it sends anything but
+        # the output of a tool its call there waited for): no `start-step` sent yet.
+        self._continuing = False
         # (message key, index) → the call its tool_call_chunks stream; index → the latest
         self._drafts: dict[tuple[Hashable, Hashable], _DraftCall] = {}
         self._last_draft: dict[Hashable, _DraftCall] = {}
@@ -314,14 +325,21 @@ class UIMessageChunks:
             # ai (src/ui/chat.ts): a resume is a replay (resumeStreamIsReplay); the client
             # resets its message at the first `start` and keeps its id, hence a stable one.
             self._need_start = False
+            marked = _marked_message_id(event)
             if self.message_id is None:
-                self.message_id = _marked_message_id(event)
+                self.message_id = marked
             start: dict[str, Any] = {"type": "start"}
             if self.message_id is not None:
                 start["messageId"] = self.message_id
             self._add_metadata(start, MessageMetadataPart("start", self.message_id))
             out.append(start)
-            out.append({"type": "start-step"})
+            if marked is None:
+                out.append({"type": "start-step"})
+            else:
+                # A continuation goes on in the last step of the message it continues,
+                # where the calls a resumed tool answers are (`ai` looks a call up in the
+                # current step): its own step begins with what is not such an output.
+                self._continuing = True
         kind, data = event.type, event.data
         if kind == TOKEN:
             self._token(data, out)
@@ -339,9 +357,12 @@ class UIMessageChunks:
             if isinstance(name, str) and name.startswith(_LIFECYCLE_PREFIX):
                 return out  # the library's own markers (a reserved run's), not app data
             suffix = _DATA_NAME.sub("-", name) if isinstance(name, str) and name else "custom"
+            self._own_step(out)
             out.append({"type": f"data-{suffix}", "data": data.get("data")})
         elif kind in (END, ERROR, CANCELLED):
             self.finished = True
+            # (A last step that held a browser's tool output would be posted back again.)
+            self._own_step(out)
             if kind == END:
                 self._settle_drafts(out)  # (a browser's tool runs on this)
             else:
@@ -418,6 +439,7 @@ class UIMessageChunks:
             return b""
         self.finished = True
         out: list[dict[str, Any]] = []
+        self._own_step(out)
         for call_id in list(self._streaming):
             self._drop_draft(call_id, _UNFINISHED_CALL_TEXT, out)
         self._close_text(out)
@@ -433,8 +455,22 @@ class UIMessageChunks:
 
     # --- text ---------------------------------------------------------------------------
 
-    def _next_step(self, out: list[dict[str, Any]]) -> None:
-        """Begin a new step if a tool's output was sent in this one: the model speaks again."""
+    def _own_step(self, out: list[dict[str, Any]]) -> None:
+        """Begin the continuation's own step, if it is still in the continued message's."""
+        if self._continuing:
+            self._continuing = False
+            if self._tool_output_sent:
+                out.append({"type": "finish-step"})
+            self._tool_output_sent = False
+            out.append({"type": "start-step"})
+
+    def _next_step(self, out: list[dict[str, Any]], *, tool_run: bool = False) -> None:
+        """Begin a new step if a tool's output was sent in this one: the model speaks again.
+        In a continuation, anything but a server tool's part (``tool_run``) begins its own."""
+        if self._continuing:
+            if not tool_run:
+                self._own_step(out)
+            return
         if self._tool_output_sent:
             if not all(draft.whole() for draft in self._streaming.values()):
                 # A model (a parallel agent's) is half way through a call: it stays in this
@@ -584,7 +620,7 @@ class UIMessageChunks:
     def _tool_message(
         self, call_id: str, message: Mapping[str, Any], out: list[dict[str, Any]]
     ) -> None:
-        self._announce(call_id, str(message.get("name") or "tool"), None, out)
+        self._announce(call_id, str(message.get("name") or "tool"), None, out, tool_run=True)
         if message.get("status") == "error":
             self._output(call_id, None, str(message.get("text")), out)
         else:
@@ -624,6 +660,7 @@ class UIMessageChunks:
                 self._interrupts_sent.add(interrupt_id)
                 # ai: a data part with an id replaces the part of that type and id.
                 part["id"] = interrupt_id
+            self._own_step(out)
             out.append(part)
 
     def _streamed_as(self, text: str, key: Any) -> Any:
@@ -637,9 +674,18 @@ class UIMessageChunks:
 
     # --- tools --------------------------------------------------------------------------
 
-    def _announce(self, call_id: str, name: str, args: Any, out: list[dict[str, Any]]) -> bool:
+    def _announce(
+        self,
+        call_id: str,
+        name: str,
+        args: Any,
+        out: list[dict[str, Any]],
+        *,
+        tool_run: bool = False,
+    ) -> bool:
         """Send a tool call's input once; true if it is sent now. The input of a call the
-        model streamed is its arguments' text, unless ``args`` gives them."""
+        model streamed is its arguments' text, unless ``args`` gives them. ``tool_run``: a
+        server tool's run or output announces it, not the model."""
         draft = self._streaming.pop(call_id, None)
         if draft is not None:
             name = self._calls[call_id].name
@@ -648,7 +694,7 @@ class UIMessageChunks:
         elif call_id in self._calls:
             return False
         else:
-            self._start_call(call_id, name, out)
+            self._start_call(call_id, name, out, tool_run=tool_run)
         out.append(
             {
                 "type": "tool-input-available",
@@ -659,8 +705,10 @@ class UIMessageChunks:
         )
         return True
 
-    def _start_call(self, call_id: str, name: str, out: list[dict[str, Any]]) -> None:
-        self._next_step(out)
+    def _start_call(
+        self, call_id: str, name: str, out: list[dict[str, Any]], *, tool_run: bool = False
+    ) -> None:
+        self._next_step(out, tool_run=tool_run)
         # Text after a tool call is a new text part, as the AI SDK's own servers send it (a
         # text part per step): tokens without a message id would otherwise add it to the
         # text before the call, and the client would show it above the tool.
@@ -778,14 +826,21 @@ class UIMessageChunks:
         if match is not None:
             announced.remove(match)
             call_id = match[0]
+        elif self._continuing and not isinstance(call_id, str):
+            # A tool the continuation resumed (a LangGraph tool that called interrupt()):
+            # its call is the continued message's, which its run does not name and its
+            # output (a ToolMessage) does. It is announced then, on that call's own part.
+            self._resumed[run_id] = (name, tool_input)
+            return
         if not isinstance(call_id, str):
             call_id = run_id
         self._run_calls[run_id] = call_id
-        self._announce(call_id, name, tool_input, out)
+        self._announce(call_id, name, tool_input, out, tool_run=True)
 
     def _tool_end(self, data: Mapping[str, Any], out: list[dict[str, Any]]) -> None:
         output = data.get("output")
         run_id = str(data.get("run_id") or data.get("id"))
+        name, tool_input = self._resumed.pop(run_id, (str(data.get("name") or "tool"), None))
         call_id: Any = self._run_calls.pop(run_id, None) or data.get("id")
         error = data.get("error")
         if isinstance(output, Mapping) and "goto" in output and "update" in output:
@@ -802,7 +857,7 @@ class UIMessageChunks:
             output = output.get("content")
         if not isinstance(call_id, str):
             call_id = run_id
-        self._announce(call_id, str(data.get("name") or "tool"), None, out)
+        self._announce(call_id, name, tool_input, out, tool_run=True)
         self._output(call_id, output, None if error is None else str(error), out)
 
 

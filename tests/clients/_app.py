@@ -19,7 +19,8 @@ the client should not post, is answered with "continued".
 
 `/api/ask` runs a LangGraph agent whose tool `book` asks the user (`interrupt()`) and
 resumes it with the answer as docs/ai-sdk.md shows: a message's text, or a continuation's
-tool output.
+tool output. `GET /test/replay/{chat_id}` replays the chat's last run from its start, ended
+or not, as a reloaded page's resume reads a run in progress.
 """
 
 from __future__ import annotations
@@ -41,8 +42,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from resumable_stream import Transport, from_url
-from resumable_stream.ai_sdk import ChatRequest, ChatRouter, MessageMetadataPart
+from resumable_stream import StreamConsumer, Transport, from_url
+from resumable_stream.ai_sdk import (
+    ChatRequest,
+    ChatRouter,
+    MessageMetadataPart,
+    UIMessageStreamResponse,
+)
 from resumable_stream.starlette import allow_all
 from tests._graphs import tool_loop
 
@@ -172,6 +178,11 @@ def create_app(transport: Transport | None = None) -> Starlette:
         hold_for(request.path_params["chat_id"]).set()
         return JSONResponse({"released": True})
 
+    async def replay(request: Request) -> UIMessageStreamResponse:
+        return UIMessageStreamResponse(
+            StreamConsumer(transport, request.path_params["chat_id"]), request
+        )
+
     async def tool_answer(chat: ChatRequest) -> AsyncIterator[Any]:
         return client_tool_answer(chat, hold_for(chat.chat_id))
 
@@ -215,6 +226,7 @@ def create_app(transport: Transport | None = None) -> Starlette:
         *tools.routes,
         *direct.routes,
         Route("/test/release/{chat_id}", release, methods=["POST"]),
+        Route("/test/replay/{chat_id}", replay),
     ]
 
     @contextlib.asynccontextmanager

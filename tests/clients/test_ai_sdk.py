@@ -443,6 +443,8 @@ def test_a_tool_s_interrupt_is_answered_by_a_tool_output(
 ) -> None:
     # docs/ai-sdk.md's recipe: the question shows; addToolOutput posts a continuation, whose
     # answer (the graph resumed with that output) goes on in the same message.
+    # Regression: the resumed tool's output came as a second part of that tool (its run
+    # does not name its call), so the message showed the tool twice.
     seen = run_node(node_modules, "ai_sdk_interrupt.mjs", memory_server, "tool")
     assert seen["error"] is None
     assert seen["asked"][-1]["parts"] == [
@@ -451,9 +453,16 @@ def test_a_tool_s_interrupt_is_answered_by_a_tool_output(
     ]
     assert seen["postedRoles"] == [["user"], ["user", "assistant"]]
     assert (seen["finishes"], seen["status"]) == (["tool-calls", "stop"], "ready")
+    # The paused call's own part holds the resumed tool's output: the tool shows once.
     assert seen["answered"][-1]["parts"] == [
-        ["tool-book", "output-available", "yes"],
+        ["tool-book", "output-available", "booked x: yes"],
         ["data-interrupt", None, {"question": "Book it?"}],
+        ["text", "done", "done: booked x: yes"],
+    ]
+    # A reloaded page's replay rebuilds the message from the continuation: the tool once
+    # there too, then the answer.
+    assert seen["reloadError"] is None
+    assert seen["reloaded"][-1]["parts"] == [
         ["tool-book", "output-available", "booked x: yes"],
         ["text", "done", "done: booked x: yes"],
     ]
@@ -465,7 +474,10 @@ def test_a_tool_s_interrupt_is_answered_by_a_message(
     seen = run_node(node_modules, "ai_sdk_interrupt.mjs", memory_server, "message")
     assert seen["error"] is None
     assert seen["postedRoles"] == [["user"], ["user", "assistant", "user"]]
-    assert seen["answered"][-1]["parts"] == [
+    # A new message: the resumed tool's call is not in it, so the stream announces it.
+    expected = [
         ["tool-book", "output-available", "booked x: yes"],
         ["text", "done", "done: booked x: yes"],
     ]
+    assert seen["answered"][-1]["parts"] == expected
+    assert (seen["reloadError"], seen["reloaded"][-1]["parts"]) == (None, expected)

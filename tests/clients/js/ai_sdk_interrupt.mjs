@@ -2,6 +2,8 @@
 // shows as a data-interrupt part, and the user answers it either way docs/ai-sdk.md shows:
 // - "tool": addToolOutput on the paused call; sendAutomaticallyWhen posts a continuation;
 // - "message": a new message with the answer as its text.
+// Then a reloaded page, holding the messages the last post sent (the stored history),
+// replays the answer's run from its start (/test/replay: the resume of a run in progress).
 // Usage: node ai_sdk_interrupt.mjs <server> <tool|message>
 import { Chat } from "@ai-sdk/react";
 import { DefaultChatTransport, generateId, lastAssistantMessageIsCompleteWithToolCalls } from "ai";
@@ -19,8 +21,8 @@ const chat = new Chat({
   sendAutomaticallyWhen: lastAssistantMessageIsCompleteWithToolCalls,
   onFinish: ({ finishReason }) => finishes.push(finishReason ?? null),
 });
-const shown = () =>
-  chat.messages.map((m) => ({
+const shown = (of = chat) =>
+  of.messages.map((m) => ({
     role: m.role,
     parts: m.parts
       .filter((p) => p.type !== "step-start")
@@ -47,10 +49,22 @@ if (how === "tool") {
 } else {
   await chat.sendMessage({ text: "yes" });
 }
+const answered = shown();
+const reloaded = new Chat({
+  id: chat.id,
+  messages: posts.at(-1).messages,
+  transport: new DefaultChatTransport({
+    api: `${server}/api/ask`,
+    prepareReconnectToStreamRequest: ({ id }) => ({ api: `${server}/test/replay/${id}` }),
+  }),
+});
+await reloaded.resumeStream();
 console.log(
   JSON.stringify({
     asked,
-    answered: shown(),
+    answered,
+    reloaded: shown(reloaded),
+    reloadError: reloaded.error?.message ?? null,
     postedRoles: posts.map((p) => p.messages.map((m) => m.role)),
     finishes,
     status: chat.status,
