@@ -216,6 +216,31 @@ def test_a_stopped_replay_keeps_its_question_and_what_was_said(paced: ChatServer
 # --------------------------------------------------------------------------- threads
 
 
+def test_an_unchanged_thread_list_is_not_modified(paced: ChatServer) -> None:
+    # The browser UI looks at the list every few seconds: an unchanged one costs no body.
+    with paced.client() as client:
+        thread_id = ask(client, "what is 12*7")[0]["thread_id"]
+        eventually(lambda: idle(client, thread_id), what="idle")
+        first = client.get("/v1/threads")
+        tag = first.headers["etag"]
+        again = client.get("/v1/threads", headers={"if-none-match": tag})
+        other_tags = client.get("/v1/threads", headers={"if-none-match": 'W/"x", ' + tag})
+        post_message(client, "How should I structure a small side project?", thread_id=thread_id)
+        answering = client.get("/v1/threads", headers={"if-none-match": tag})
+        client.post("/v1/chat/stop", params={"thread_id": thread_id})
+        eventually(lambda: idle(client, thread_id), what="stopped")
+        ended = client.get("/v1/threads", headers={"if-none-match": answering.headers["etag"]})
+
+    assert first.status_code == 200 and first.headers["cache-control"] == "private, no-cache"
+    assert (again.status_code, again.content, again.headers["etag"]) == (304, b"", tag)
+    assert other_tags.status_code == 304
+    assert answering.status_code == 200 and answering.headers["etag"] != tag
+    listed = {t["thread_id"]: t for t in answering.json()["threads"]}
+    assert listed[thread_id]["streaming"] is True
+    assert ended.status_code == 200
+    assert {t["thread_id"]: t for t in ended.json()["threads"]}[thread_id]["streaming"] is False
+
+
 def test_threads_are_listed_newest_first_and_renamed(fast: ChatServer) -> None:
     with fast.client() as client:
         older = ask(client, "first thread")[0]["thread_id"]

@@ -937,6 +937,11 @@ def test_a_message_sent_while_another_tab_streams_shows_that_answer(
     other = page.context.new_page()  # the same user, in a second tab
     other.goto(page.url)
     expect(other.locator(ANSWER)).to_have_count(1)
+    # The other tab sends before its thread list looks again (that look would show the
+    # answer): its looks are held until then.
+    held: list[Route] = []
+    other.route("**/v1/threads", lambda route: held.append(route))
+    eventually(lambda: routed(other, held), what="the other tab looks at its thread list")
 
     send(page, "How should I structure a small side project?")
     expect(page.locator(ANSWER).last.locator(".text")).not_to_be_empty()
@@ -948,6 +953,7 @@ def test_a_message_sent_while_another_tab_streams_shows_that_answer(
     expect(other.locator(ANSWER).last).to_have_attribute("data-state", "streaming")
     expect(other.locator("#stop")).to_be_visible()
     expect(other.locator("#input")).to_have_value("and 13*7?")  # kept, to send again
+    other.unroute("**/v1/threads")
 
     expect(other.locator(ANSWER).last).to_have_attribute("data-state", "done")
     expect(other.locator("#status")).to_have_text("")
@@ -984,6 +990,67 @@ def test_an_idle_tab_shows_an_answer_started_in_another_tab(
     expect(other.locator(ANSWER).last).to_have_attribute("data-state", "stopped")
     expect(page.locator(ANSWER).last).to_have_attribute("data-state", "stopped")
     expect(other.locator(ANSWER)).to_have_count(2)
+
+
+def test_an_idle_page_shows_an_answer_started_elsewhere_without_a_tab_switch(
+    page: Page, chat_servers: Callable[..., ChatServer]
+) -> None:
+    # Regression: the thread list looked again only while an answer streamed, so a page left
+    # open (and visible) on an idle thread did not show an answer the terminal client or a
+    # second window started on it until its tab was hidden and shown again, or reloaded.
+    server = chat_servers(OFFLINE_TOKENS_PER_SECOND="10")
+    page.goto(server.url)
+    send(page, "what is 12*7")
+    expect(page.locator(ANSWER).last).to_have_attribute("data-state", "done")
+    thread_id = thread_id_of(page)
+    expect(page.locator(".thread .live")).to_have_count(0)  # nothing streams: the page idles
+
+    # The terminal client asks on the same thread, with the same session.
+    started = page.request.post(
+        f"{server.url}/v1/chat/message",
+        data={"message": "How should I structure a small side project?", "thread_id": thread_id},
+    )
+    assert started.status == 202
+    expect(page.locator(f'.thread[data-thread-id="{thread_id}"] .live')).to_be_visible()
+    expect(page.locator(".msg.user .bubble")).to_have_text(
+        ["what is 12*7", "How should I structure a small side project?"]
+    )
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "streaming")
+    expect(page.locator("#stop")).to_be_visible()
+    expect(answer).to_have_attribute("data-state", "done")
+    saved = saved_thread(page, server, thread_id)
+    assert source_of(answer) == saved["messages"][-1]["text"]
+    expect(page.locator(".thread .live")).to_have_count(0)
+
+
+SET_HIDDEN = """(hidden) => {
+  Object.defineProperty(document, "hidden", { configurable: true, get: () => hidden });
+  document.dispatchEvent(new Event("visibilitychange"));
+}"""
+
+
+def test_a_hidden_page_does_not_look_at_its_thread_list(
+    page: Page, chat_servers: Callable[..., ChatServer]
+) -> None:
+    # The idle page looks at its thread list every few seconds, at the cost of a 304 while
+    # the list is unchanged; hidden, it stops looking until it is shown again.
+    server = chat_servers()
+    page.clock.install()  # timers run as usual, and `run_for` brings the later ones forward
+    page.goto(server.url)
+    send(page, "what is 12*7")
+    expect(page.locator(ANSWER).last).to_have_attribute("data-state", "done")
+    with page.expect_response(lambda r: r.url.endswith("/v1/threads") and r.status == 304):
+        page.clock.run_for(3_000)
+
+    looks: list[str] = []
+    page.on("request", lambda request: looks.append(request.url))
+    page.evaluate(SET_HIDDEN, True)
+    page.clock.run_for(600_000)  # ten minutes
+    with page.expect_response("**/v1/threads") as look:
+        page.evaluate(SET_HIDDEN, False)  # shown again: it looks at once
+    assert look.value.status == 304
+    assert [url for url in looks if url.endswith("/v1/threads")] == [look.value.url]
 
 
 def test_a_thread_list_refresh_that_failed_clears_its_status_once_it_works(

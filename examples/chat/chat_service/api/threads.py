@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
 
 from ..auth import current_user
 from .deps import OwnedThread, RuntimeDep, writable
@@ -37,13 +39,22 @@ async def rename_thread(runtime: RuntimeDep, thread: OwnedThread, body: Rename) 
     return {"thread_id": thread.id, "title": title}
 
 
-@router.get("/v1/threads")
-async def list_threads(
-    request: Request, runtime: RuntimeDep, archived: bool = False
-) -> dict[str, Any]:
+@router.get("/v1/threads", response_class=JSONResponse)
+async def list_threads(request: Request, runtime: RuntimeDep, archived: bool = False) -> Response:
     """The caller's threads, most recently active first; ``streaming`` while an answer is
-    queued or being written."""
+    queued or being written.
+
+    The answer has an ``ETag``: asked again with it in ``If-None-Match``, an unchanged list
+    is ``304 Not Modified`` with no body (the browser UI looks every few seconds)."""
     user = current_user(request)
     threads = await runtime.store.list_threads(user, archived=archived)
     streaming = await runtime.store.streaming_threads(user)
-    return {"threads": [thread_view(t, streaming=t.id in streaming) for t in threads]}
+    headers = {"cache-control": "private, no-cache"}
+    views = [thread_view(t, streaming=t.id in streaming) for t in threads]
+    response = JSONResponse({"threads": views}, headers=headers)
+    etag = f'W/"{hashlib.sha256(response.body).hexdigest()[:32]}"'
+    asked = request.headers.get("if-none-match", "")
+    if etag in (tag.strip() for tag in asked.split(",")):
+        return Response(status_code=304, headers={**headers, "etag": etag})
+    response.headers["etag"] = etag
+    return response

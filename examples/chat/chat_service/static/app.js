@@ -29,6 +29,9 @@ const state = {
   sending: false, // a POST is in flight: a second Enter must not send again (issue 12)
   follow: true, // the view follows new text: the user is at the bottom
   threadsTimer: 0,
+  threadsLook: 0, // counts looks at the thread list: only the latest one shows its answer
+  threadsTag: "", // the ETag of the list shown, to ask with If-None-Match
+  threads: [], // the list shown
   opening: 0, // counts openThread and newChat calls: only the latest one shows its thread
   shownRun: 0, // the latest answer of the open thread this page has read (0: none)
 };
@@ -43,6 +46,11 @@ async function api(method, path, body) {
     body: body === undefined ? undefined : JSON.stringify(body),
   });
   if (response.status === 204) return null;
+  return await readJson(response);
+}
+
+// The body of a response; an error with the API's message and code if it is one.
+async function readJson(response) {
   const data = await response.json().catch(() => ({}));
   if (!response.ok) {
     const error = new Error(data.message || response.statusText);
@@ -579,30 +587,52 @@ function markCurrent() {
   }
 }
 
+// The thread list is looked at again every few seconds while the page is visible, so that
+// an answer started or ended in another tab or the terminal client shows here by itself. An
+// unchanged list costs the server a 304 with no body (If-None-Match); a hidden page does not
+// look until it is shown again. One look at a time: the next is set when the latest ends.
+const LIST_EVERY_MS = 3000;
+
 async function loadThreads() {
   clearTimeout(state.threadsTimer);
-  let data;
+  const look = ++state.threadsLook;
+  let response;
+  let data = null; // null: unchanged
   try {
-    data = await api("GET", "/v1/threads");
+    response = await fetch("/v1/threads", {
+      credentials: "same-origin",
+      cache: "no-store", // the If-None-Match below is this page's own
+      headers: state.threadsTag ? { "if-none-match": state.threadsTag } : {},
+    });
+    if (response.status !== 304) data = await readJson(response);
   } catch (error) {
+    if (look !== state.threadsLook) return;
     setStatus(error.message, "warn", "threads");
-    // Offline for a moment: look again while the list had an answer streaming.
-    if (ui.threads.querySelector(".streaming")) state.threadsTimer = setTimeout(loadThreads, 3000);
+    lookAgainLater(); // offline for a moment: the next look clears the line once it works
     return;
   }
+  if (look !== state.threadsLook) return; // a later look has begun: it shows the list
   if (ui.status.dataset.source === "threads") setStatus(""); // its failure is over
-  ui.threads.replaceChildren(...data.threads.map(threadItem));
-  markCurrent();
-  const current = data.threads.find((thread) => thread.thread_id === state.threadId);
-  if (current && current.streaming) followAnswerElsewhere();
-  // Answers end in other tabs and processes too: while one streams, look again now and then.
-  if (data.threads.some((thread) => thread.streaming)) {
-    state.threadsTimer = setTimeout(loadThreads, 3000);
+  // Not while a thread is being renamed: the name being typed would go.
+  if (data && !ui.threads.querySelector(".rename-input")) {
+    state.threads = data.threads;
+    state.threadsTag = response.headers.get("etag") || "";
+    ui.threads.replaceChildren(...data.threads.map(threadItem));
+    markCurrent();
   }
+  const threads = data ? data.threads : state.threads;
+  const current = threads.find((thread) => thread.thread_id === state.threadId);
+  if (current && current.streaming) followAnswerElsewhere();
+  lookAgainLater();
+}
+
+function lookAgainLater() {
+  clearTimeout(state.threadsTimer);
+  if (!document.hidden) state.threadsTimer = setTimeout(loadThreads, LIST_EVERY_MS);
 }
 
 // The open thread answers for another tab or the terminal client, and this page is idle
-// (it learns that from the list: on its refresh, or when the tab is shown again): show that
+// (it learns that from the list, which it looks at every few seconds): show that
 // answer streaming, with Stop. Not while the user edits the last question (it would go).
 async function followAnswerElsewhere() {
   if (state.stream || state.sending || ui.messages.querySelector(".editor")) return;
@@ -652,21 +682,25 @@ function threadItem(thread) {
 }
 
 function startRename(item, thread) {
+  const name = item.querySelector(".name");
   const input = element("input", "rename-input");
   input.value = thread.title;
-  item.querySelector(".name").replaceWith(input);
+  name.replaceWith(input);
   input.focus();
   input.select();
   const done = async (save) => {
     input.onblur = null;
     if (save && input.value.trim() && input.value !== thread.title) {
       try {
-        await api("PATCH", "/v1/thread?thread_id=" + thread.thread_id, { chat_name: input.value });
-        if (thread.thread_id === state.threadId) ui.title.textContent = input.value.trim();
+        const path = "/v1/thread?thread_id=" + thread.thread_id;
+        const renamed = await api("PATCH", path, { chat_name: input.value });
+        if (thread.thread_id === state.threadId) ui.title.textContent = renamed.title;
+        name.textContent = name.title = renamed.title;
       } catch (error) {
         setStatus(error.message, "warn");
       }
     }
+    input.replaceWith(name); // the list is not drawn again while a name is being typed
     loadThreads();
   };
   input.addEventListener("keydown", (event) => {
@@ -752,7 +786,8 @@ for (const hint of document.querySelectorAll(".hint")) {
   hint.addEventListener("click", () => send(hint.textContent));
 }
 document.addEventListener("visibilitychange", () => {
-  if (!document.hidden) loadThreads();
+  if (document.hidden) clearTimeout(state.threadsTimer);
+  else loadThreads();
 });
 
 if (matchMedia("(max-width: 760px)").matches) ui.input.placeholder = "Message";
