@@ -3,6 +3,7 @@ answer across a server restart."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -12,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+from chat_service.cli import ChatClient, _loop
 from starlette.responses import HTMLResponse
 
 from tests._services import free_port, uvicorn_server
@@ -144,6 +146,35 @@ def test_ctrl_c_ends_the_answer_line_and_exits_130(
     assert code == 130
     assert output.startswith("assistant> ") and output.endswith("\n")
     assert "Traceback" not in errors
+
+
+async def test_ctrl_c_just_as_an_answer_ends_is_not_lost(
+    chat_servers: Callable[..., ChatServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Regression: a Ctrl-C that came as an answer ended, while the client put away its
+    # wait for a line typed meanwhile, was taken for that wait's own cancellation: the
+    # client went on waiting for the next line instead of exiting.
+    server = chat_servers()
+
+    class Lines(asyncio.Queue[str | None]):
+        async def get(self) -> str | None:
+            try:
+                return await super().get()
+            except asyncio.CancelledError:
+                # The answer ended: Ctrl-C now, as asyncio.run's SIGINT handler does it.
+                looping.cancel()
+                raise
+
+    lines = Lines()
+    lines.put_nowait("hello")
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    async with httpx.AsyncClient(base_url=server.url, headers=headers) as http:
+        looping = asyncio.create_task(_loop(ChatClient(http, model=None, reconnect_for=5), lines))
+        done, _ = await asyncio.wait({looping}, timeout=10)
+        looping.cancel()
+    assert done, "Ctrl-C was lost: the client waits for the next line"
+    assert looping.cancelled()
+    assert capsys.readouterr().out.startswith("assistant> ")
 
 
 def test_an_error_page_that_is_not_json_is_an_error_line() -> None:

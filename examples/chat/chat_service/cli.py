@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import io
 import json
 import os
@@ -365,8 +364,10 @@ async def _loop(chat: ChatClient, lines: asyncio.Queue[str | None]) -> None:
             await asyncio.wait({work, reader}, return_when=asyncio.FIRST_COMPLETED)
             if not reader.done():
                 reader.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reader
+                # Not `await reader`: that raises the reader's CancelledError, and one
+                # meant for this task (Ctrl-C, just as the command ended) would be taken
+                # for it and lost, leaving the client waiting for the next line.
+                await asyncio.wait({reader})
                 continue
             extra = reader.result()
             end_of_input = extra is None
