@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +19,7 @@ from chat_service.cli import ChatClient, _loop
 from starlette.responses import HTMLResponse
 
 from tests._services import free_port, uvicorn_server
-from tests.examples._chat import ChatServer, cli, eventually, final_answer, settled
+from tests.examples._chat import CHAT_DIR, ChatServer, cli, eventually, final_answer, settled
 from tests.examples.conftest import redis_postgres_env
 
 TOKEN = "cli-test-token-0123456789"
@@ -317,3 +319,22 @@ def test_a_url_that_is_not_http_is_refused_with_a_message(url: str) -> None:
     assert "http://" in errors
     assert "may have arrived" not in errors
     assert "Traceback" not in errors
+
+
+def test_the_client_starts_without_the_agent_layer() -> None:
+    # The client only speaks HTTP: importing LangChain and LangGraph made it take over a
+    # second to start, a window in which Ctrl-C printed a traceback.
+    probe = (
+        "import sys, chat_service.cli\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('langchain', 'langgraph'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=CHAT_DIR,
+        env={**os.environ, "PYTHONPATH": str(CHAT_DIR)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert done.stdout.strip() == "[]"
