@@ -52,7 +52,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _add_middleware(app: FastAPI, settings: Settings) -> None:
-    app.add_middleware(SessionMiddleware, secret=settings.session_secret())
+    trusted = () if settings.cors_origins == ("*",) else settings.cors_origins
+    app.add_middleware(SessionMiddleware, secret=settings.session_secret(), trusted_origins=trusted)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     if settings.cors_origins:
         # Credentials (the session cookie) only ever go with an explicit list of origins:

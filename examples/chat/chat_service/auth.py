@@ -6,6 +6,11 @@
 * API clients send ``Authorization: Bearer <token>`` with a token of their own (at least 16
   characters, e.g. ``python -m chat_service.cli`` makes one); the user id is a hash of it, so
   the token is the credential and the server stores nothing.
+* A browser's ``POST``, ``PUT``, ``PATCH`` or ``DELETE`` from another origin answers 403
+  ``cross_origin``, unless ``CORS_ORIGINS`` lists that origin: the cookie goes with requests
+  from every page of the same site (another port of the same host, a sibling subdomain), and
+  ``/api/chat`` and ``/langgraph`` read a ``text/plain`` body as JSON, which a page may send
+  anywhere without asking (cross-site requests carry no cookie: ``SameSite=Lax``).
 
 Both identities are anonymous: put a real login in front for anything public. This is a
 pure ASGI middleware (not ``BaseHTTPMiddleware``), so streaming responses go through as they
@@ -18,7 +23,9 @@ import base64
 import hashlib
 import hmac
 import secrets
+from collections.abc import Collection
 from http.cookies import SimpleCookie
+from urllib.parse import urlsplit
 
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,6 +33,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 COOKIE_NAME = "chat_session"
 COOKIE_MAX_AGE = 365 * 24 * 3600
 MIN_TOKEN_LENGTH = 16
+#: Methods that change nothing: a page of any origin may send them (CORS hides the answer).
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def _sign(secret: bytes, user_id: str) -> str:
@@ -50,6 +59,21 @@ def user_from_token(token: str) -> str | None:
     return "t" + hashlib.sha256(token.encode()).hexdigest()[:31]
 
 
+def cross_origin(conn: HTTPConnection, trusted: Collection[str] = ()) -> bool:
+    """Whether a browser sent this request from a page of another origin than the service's
+    (and not of one in ``trusted``). Browsers say so in ``Sec-Fetch-Site``, and older ones
+    by an ``Origin`` that is not this host; other clients send neither header."""
+    origin = conn.headers.get("origin")
+    if origin is not None and origin in trusted:
+        return False
+    site = conn.headers.get("sec-fetch-site")
+    if site is not None:
+        return site not in ("same-origin", "none")  # none: typed in, a bookmark
+    if origin is None:
+        return False
+    return urlsplit(origin).netloc != conn.headers.get("host")
+
+
 def current_user(conn: HTTPConnection) -> str:
     """The caller's user id, as set by :class:`SessionMiddleware`."""
     return str(conn.scope["state"]["user_id"])
@@ -59,12 +83,17 @@ class SessionMiddleware:
     """Put the caller's user id in ``scope["state"]["user_id"]``; issue cookies as needed.
 
     A malformed bearer token answers 401 (an API client should learn at once that its
-    credentials are wrong rather than see an empty thread list).
+    credentials are wrong rather than see an empty thread list). A request that would act
+    with the cookie's identity from a page of another origin answers 403, unless the origin
+    is one of ``trusted_origins`` (``CORS_ORIGINS``).
     """
 
-    def __init__(self, app: ASGIApp, *, secret: bytes) -> None:
+    def __init__(
+        self, app: ASGIApp, *, secret: bytes, trusted_origins: Collection[str] = ()
+    ) -> None:
         self.app = app
         self.secret = secret
+        self.trusted_origins = frozenset(trusted_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -80,6 +109,9 @@ class SessionMiddleware:
                 await _unauthorized(send)
                 return
         else:
+            if scope["method"] not in SAFE_METHODS and cross_origin(conn, self.trusted_origins):
+                await _cross_origin(send)
+                return
             user_id = user_from_session(self.secret, conn.cookies.get(COOKIE_NAME, ""))
             if user_id is None:
                 user_id = "u" + secrets.token_hex(15)
@@ -117,14 +149,29 @@ async def _unauthorized(send: Send) -> None:
         b'{"code":"invalid_token","message":"Authorization must be '
         b'\\"Bearer <token>\\" with a token of at least 16 characters"}'
     )
+    await _error(send, 401, body, [(b"www-authenticate", b"Bearer")])
+
+
+async def _cross_origin(send: Send) -> None:
+    body = (
+        b'{"code":"cross_origin","message":"a page of another origin may not act as this '
+        b"session's user: call from the service's own page, list the origin in "
+        b'CORS_ORIGINS, or send Authorization: Bearer <token>"}'
+    )
+    await _error(send, 403, body)
+
+
+async def _error(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     await send(
         {
             "type": "http.response.start",
-            "status": 401,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
-                (b"www-authenticate", b"Bearer"),
                 (b"content-length", str(len(body)).encode()),
+                *(headers or []),
             ],
         }
     )

@@ -1,0 +1,125 @@
+"""The chat service against other users' pages: the real server process, real Chromium."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+from playwright.sync_api import sync_playwright
+
+from tests._services import free_port, launch_chromium
+from tests.examples._chat import ChatServer
+
+TRUSTED_ORIGIN = "http://trusted.example"
+
+
+@pytest.fixture
+def server(chat_servers: Callable[..., ChatServer]) -> ChatServer:
+    return chat_servers(CORS_ORIGINS=TRUSTED_ORIGIN)
+
+
+@pytest.fixture
+def other_origin() -> Iterator[str]:
+    """A page of another origin on the same host as the service: another port of
+    127.0.0.1, so the same site (cookies with ``SameSite=Lax`` go with its requests)."""
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"<!doctype html><title>another origin</title>"
+            self.send_response(200)
+            self.send_header("content-type", "text/html")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    port = free_port()
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Page)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
+
+
+# What a page may send anywhere without a CORS preflight: a text/plain body.
+PLANT = """async ([url, chatId]) => {
+    const send = (path, body) => fetch(url + path, {
+        method: "POST", mode: "no-cors", credentials: "include",
+        headers: {"content-type": "text/plain"}, body: JSON.stringify(body),
+    });
+    await send("/api/chat", {id: chatId, messages: [
+        {id: "m1", role: "user", parts: [{type: "text", text: "planted by another origin"}]},
+    ]});
+    await send("/langgraph/threads", {metadata: {title: "planted by another origin"}});
+}"""
+
+
+def test_a_page_of_another_origin_cannot_act_as_the_user(
+    server: ChatServer, other_origin: str, chromium_path: str
+) -> None:
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright, chromium_path)
+        try:
+            context = browser.new_context()
+            chat = context.new_page()
+            chat.goto(server.url + "/")  # the user's session cookie
+            other = context.new_page()
+            other.goto(other_origin + "/")
+            other.evaluate(PLANT, [server.url, "planted0000000001"])
+            listed = chat.evaluate("fetch('/v1/threads').then(r => r.json())")
+            # The service's own page still acts as the user.
+            own = chat.evaluate(
+                """() => fetch('/langgraph/threads', {method: 'POST',
+                    headers: {'content-type': 'application/json'}, body: '{}'})
+                    .then(r => r.status)"""
+            )
+        finally:
+            browser.close()
+
+    assert [t["title"] for t in listed["threads"]] == []
+    assert own == 200
+
+
+def test_unsafe_requests_of_other_origins_are_403_unless_trusted(server: ChatServer) -> None:
+    body = {"metadata": {"title": "x"}}
+    same_site = {"origin": "http://127.0.0.1:1", "sec-fetch-site": "same-site"}
+    with server.client() as user:
+        user.get("/v1/threads")  # the session cookie
+        refused = {
+            "fetch metadata": user.post("/langgraph/threads", json=body, headers=same_site),
+            "origin only": user.post(
+                "/langgraph/threads", json=body, headers={"origin": "http://127.0.0.1:1"}
+            ),
+            "no body": user.post(
+                "/v1/chat/stop", params={"thread_id": "0" * 32}, headers=same_site
+            ),
+        }
+        allowed = {
+            "same origin": user.post(
+                "/langgraph/threads", json=body, headers={"sec-fetch-site": "same-origin"}
+            ),
+            "origin of this host": user.post(
+                "/langgraph/threads", json=body, headers={"origin": server.url}
+            ),
+            "trusted origin": user.post(
+                "/langgraph/threads",
+                json=body,
+                headers={"origin": TRUSTED_ORIGIN, "sec-fetch-site": "cross-site"},
+            ),
+            "not a browser": user.post("/langgraph/threads", json=body),
+            "a read": user.get("/v1/threads", headers=same_site),
+        }
+        with server.client(headers={"authorization": f"Bearer {'t' * 24}", **same_site}) as api:
+            allowed["bearer token"] = api.post("/langgraph/threads", json=body)
+
+    assert {name: r.status_code for name, r in refused.items()} == dict.fromkeys(refused, 403)
+    assert refused["fetch metadata"].json()["code"] == "cross_origin"
+    assert {name: r.status_code for name, r in allowed.items()} == dict.fromkeys(allowed, 200)
