@@ -1,12 +1,14 @@
-"""The chat service against other users' pages: the real server process, real Chromium."""
+"""The chat service's defences (sessions, other origins), against the real server process."""
 
 from __future__ import annotations
 
 import http.server
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from chat_service.auth import COOKIE_NAME, session_value
 from playwright.sync_api import sync_playwright
 
 from tests._services import free_port, launch_chromium
@@ -123,3 +125,21 @@ def test_unsafe_requests_of_other_origins_are_403_unless_trusted(server: ChatSer
     assert {name: r.status_code for name, r in refused.items()} == dict.fromkeys(refused, 403)
     assert refused["fetch metadata"].json()["code"] == "cross_origin"
     assert {name: r.status_code for name, r in allowed.items()} == dict.fromkeys(allowed, 200)
+
+
+def test_an_empty_secret_key_file_gets_a_key_rather_than_signing_with_none(
+    chat_servers: Callable[..., ChatServer], tmp_path: Path
+) -> None:
+    # What a process that died as it made the key left: an empty DATA_DIR/secret_key.
+    data = tmp_path / "keyless"
+    data.mkdir()
+    (data / "secret_key").write_bytes(b"")
+    server = chat_servers(SECRET_KEY="", DATA_DIR=str(data))
+    forged = session_value(b"", "u" + "0" * 30)  # signed with the empty key
+    with server.client(cookies={COOKIE_NAME: forged}) as client:
+        response = client.get("/v1/threads")
+
+    assert response.status_code == 200
+    assert COOKIE_NAME in response.cookies  # not trusted: a new identity
+    assert response.cookies[COOKIE_NAME] != forged
+    assert len((data / "secret_key").read_bytes().strip()) >= 32

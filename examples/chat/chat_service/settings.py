@@ -28,6 +28,7 @@ The README of the example has the same list with the defaults.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import secrets
@@ -213,17 +214,39 @@ class Settings:
         if self.secret_key:
             return self.secret_key.encode()
         path = self.data_dir / "secret_key"
-        if not path.exists():
+        key = _read_key(path)
+        if not key:
+            # Missing, or empty (left by a process that died as it made the key): anyone
+            # could sign cookies with an empty key. The new key is written whole under
+            # another name, then put in place, so no process reads it half written.
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            # O_EXCL: two processes starting together keep the first one's key.
+            made = path.with_name(f".secret_key.{secrets.token_hex(8)}")
+            fd = os.open(made, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                pass
-            else:
                 with os.fdopen(fd, "w") as file:
                     file.write(secrets.token_urlsafe(32))
-        return path.read_text().strip().encode()
+                    file.flush()
+                    os.fsync(file.fileno())
+                if key is None:
+                    # Two processes starting together keep the first one's key.
+                    with contextlib.suppress(FileExistsError):
+                        os.link(made, path)
+                else:
+                    os.replace(made, path)
+            finally:
+                made.unlink(missing_ok=True)
+            key = _read_key(path)
+        if not key:
+            raise SettingsError(f"{path} holds no key: delete it, or set SECRET_KEY")
+        return key
+
+
+def _read_key(path: Path) -> bytes | None:
+    """The key kept at ``path``, stripped (``b""`` if the file is empty); None if none."""
+    try:
+        return path.read_bytes().strip()
+    except FileNotFoundError:
+        return None
 
 
 def _check_specs(name: str, specs: list[str]) -> None:
