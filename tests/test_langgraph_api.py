@@ -1816,6 +1816,44 @@ async def test_runs_list_gives_the_threads_runs_newest_first() -> None:
     await api.producer.aclose()
 
 
+async def test_runs_list_reads_only_the_checkpoints_of_the_runs_it_lists() -> None:
+    # Regression: runs.list read every checkpoint of the thread, each with the thread's
+    # values at that point, whatever its limit: seconds on a long conversation.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    class Counted(InMemorySaver):
+        read = 0
+
+        async def alist(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            async for item in super().alist(*args, **kwargs):
+                self.read += 1
+                yield item
+
+    saver = Counted()
+    api, _graph, _reached, _hold = gated_router(saver=saver)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        ids = []
+        for word in ["a", "fail", "b", "ask", "c", "d", "e", "f"]:
+            body = {"assistant_id": "agent", "input": {"n": [word]}}
+            answer = await http.post("/threads/t1/runs/wait", json=body)
+            ids.append(answer.headers["content-location"].rsplit("/", 1)[1])
+        saver.read = 0
+        everything = (await http.get("/threads/t1/runs")).json()
+        all_read = saver.read
+        assert [run["run_id"] for run in everything] == ids[::-1]
+        page = (await http.get("/threads/t1/runs", params={"limit": 2, "offset": 3})).json()
+        assert page == everything[3:5]
+        saver.read = 0
+        newest = (await http.get("/threads/t1/runs", params={"limit": 2})).json()
+        assert newest == everything[:2]
+        assert saver.read < all_read / 2  # the two runs' checkpoints, and the next one's
+        # A status to match reads them all (any run may have it).
+        errors = (await http.get("/threads/t1/runs", params={"status": "error"})).json()
+        assert [run["run_id"] for run in errors] == [ids[1]]
+    await api.producer.aclose()
+
+
 async def test_runs_list_and_get_hold_while_a_run_starts() -> None:
     # Regression: runs.list read the thread's latest run, then its checkpoints: a run that
     # started in between was listed as "success" from its checkpoints while it ran, and

@@ -44,6 +44,7 @@ from collections.abc import (
 from datetime import UTC, date, datetime
 from datetime import time as time_of_day
 from enum import Enum
+from functools import partial
 from typing import Any, Literal
 
 import orjson
@@ -370,6 +371,18 @@ def run_id_for(stream_id: str, epoch: int) -> str:
 def _run_bits(stream_id: str, epoch: int) -> int:
     digest = hashlib.blake2b(f"{stream_id}/{epoch}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
+
+
+def _ours(stream_id: str, run_id: str) -> bool:
+    """Whether ``run_id`` names a run this router started on ``stream_id`` (not the graph
+    run by other means, with a run id of its own)."""
+    if _queued_at(stream_id, run_id) is not None:
+        return True
+    try:
+        _epoch_of(stream_id, run_id)
+    except _Refused:
+        return False
+    return True
 
 
 def _epoch_of(stream_id: str, run_id: str) -> int:
@@ -2130,7 +2143,10 @@ class LangGraphRouter:
         # The checkpoints first, then the runs queued, then the latest run: a run that
         # starts meanwhile is the latest one, or not listed, never an earlier one.
         last: dict[str, Any] = {}
-        checkpointed = await self._checkpointed_runs(thread_id, last=last)
+        # Without a status to match, the newest `offset + limit` of the earlier runs are
+        # all that can be listed (the runs queued and the latest one are newer).
+        enough = None if wanted is not None else (offset + limit, partial(_ours, stream_id))
+        checkpointed = await self._checkpointed_runs(thread_id, last=last, enough=enough)
         refs: dict[str, _RunRef] = {}
         started: dict[int, str] = {}  # the runs queued here that started, by epoch
         queued = f"{stream_id}~queued~"
@@ -2170,25 +2186,45 @@ class LangGraphRouter:
         return _json(200, records)
 
     async def _checkpointed_runs(
-        self, thread_id: str, run_id: str | None = None, last: dict[str, Any] | None = None
+        self,
+        thread_id: str,
+        run_id: str | None = None,
+        last: dict[str, Any] | None = None,
+        enough: tuple[int, Callable[[str], bool]] | None = None,
     ) -> dict[str, str | None]:
         """The run ids the thread's checkpoints name (only ``run_id``, if given), newest
         first (each once), with the assistant id each run wrote there; ``last``, if given,
-        gets the newest checkpoint (of the root namespace) of each run."""
+        gets the newest checkpoint of each run.
+
+        ``enough`` ``(count, counted)``: stop reading once ``count`` runs that ``counted``
+        accepts are found (runs end in the order they started, so these are the newest):
+        each checkpoint read holds the thread's values, and a long thread has thousands."""
         saver: Any = getattr(self._state_graph, "checkpointer", None)
         if not hasattr(saver, "alist"):
             return {}
         runs: dict[str, str | None] = {}
         kwargs: dict[str, Any] = {} if run_id is None else {"filter": {"run_id": run_id}}
-        # Every namespace's checkpoints (subgraphs' too), newest first within each.
-        async for item in saver.alist(self._config(thread_id), **kwargs):
+        # The root namespace's checkpoints, newest first: every run writes some there (its
+        # input's first), and a subgraph's name the run of their parent's.
+        config = self._config(thread_id)
+        config["configurable"]["checkpoint_ns"] = ""
+        counted = 0
+        async for item in saver.alist(config, **kwargs):
+            if item.config.get("configurable", {}).get("checkpoint_ns"):
+                continue
             metadata = item.metadata or {}
             found, assistant_id = metadata.get("run_id"), metadata.get("assistant_id")
-            if isinstance(found, str) and runs.get(found) is None:
+            if not isinstance(found, str):
+                continue
+            if found not in runs:
+                if enough is not None and enough[1](found):
+                    if counted == enough[0]:
+                        break  # (the newest checkpoint of each run listed is read)
+                    counted += 1
+                if last is not None:
+                    last[found] = item
+            if runs.get(found) is None:
                 runs[found] = assistant_id if isinstance(assistant_id, str) else None
-            root = not item.config.get("configurable", {}).get("checkpoint_ns")
-            if last is not None and isinstance(found, str) and root and found not in last:
-                last[found] = item
         return runs
 
     async def cancel_run(self, request: Request) -> Response:
