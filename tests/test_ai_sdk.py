@@ -980,7 +980,9 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 async def test_router_refuses_bad_bodies_with_json_errors(http: httpx.AsyncClient) -> None:
     for body in (b"nope", b"[]", b'{"messages": []}', b'{"id": "c", "messages": 1}'):
-        response = await http.post("/api/chat", content=body)
+        response = await http.post(
+            "/api/chat", content=body, headers={"content-type": "application/json"}
+        )
         assert response.status_code == 400
         assert response.json()["code"] == "invalid_request"
     response = await http.post("/api/chat", json={"id": "bad id!", "messages": []})

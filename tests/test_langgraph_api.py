@@ -148,7 +148,14 @@ async def test_http_errors_are_json_with_codes() -> None:
                 422,
                 "invalid_request",
             ),
-            (await http.post(f"{runs}/stream", content=b"{"), 422, "invalid_request"),
+            (
+                await http.post(
+                    f"{runs}/stream", content=b"{", headers={"content-type": "application/json"}
+                ),
+                422,
+                "invalid_request",
+            ),
+            (await http.post(f"{runs}/stream", content=b"{}"), 415, "unsupported_media_type"),
             (
                 await http.post(
                     f"{runs}/stream", json={"assistant_id": "agent", "command": {"x": 1}}
@@ -458,6 +465,93 @@ def test_a_body_over_max_body_bytes_is_413_and_starts_nothing() -> None:
         assert "small enough" in small.text
         thread = client.post("/lg/threads", content=iter([b"{}"]), headers=json_type)
         assert thread.status_code == 200, thread.text
+
+
+def test_a_body_not_sent_as_json_is_415_and_starts_nothing() -> None:
+    # Regression (CSRF): both protocol routers parsed a body as JSON whatever its
+    # Content-Type. A page of another origin can POST one without a CORS preflight, with
+    # the user's cookies: a text/plain string, a form, or a Blob (sent with no type).
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.routing import Mount
+
+    from resumable_stream.ai_sdk import ChatRequest, ChatRouter
+    from resumable_stream.langgraph_api import LangGraphRouter, ThreadInfo
+    from tests._services import uvicorn_server
+
+    threads: dict[str, ThreadInfo] = {}
+    asked: list[str] = []
+
+    async def create_thread(request: Request, thread_id: str | None, metadata: Any) -> str:
+        thread_id = thread_id or str(uuid.uuid4())
+        threads[thread_id] = ThreadInfo(datetime.now(UTC), datetime.now(UTC))
+        return thread_id
+
+    async def thread_info(request: Request, thread_id: str) -> ThreadInfo | None:
+        return threads.get(thread_id)
+
+    async def answer(chat: ChatRequest) -> AsyncIterator[str]:
+        asked.append(chat.chat_id)
+        yield "answered"
+
+    transport = MemoryTransport()
+    api = LangGraphRouter(
+        transport,
+        {"agent": build_graph({}, InMemorySaver())},
+        authorize=allow_all,
+        create_thread=create_thread,
+        thread_info=thread_info,
+    )
+    chat = ChatRouter(transport, answer, authorize=allow_all)
+    app = Starlette(routes=[Mount("/lg", api), Mount("/ai", chat)])
+    run = {"assistant_id": "agent", "input": {"messages": []}, "if_not_exists": "create"}
+    bodies = {
+        "/lg/threads": orjson.dumps({"thread_id": "t1"}),
+        "/lg/threads/t1/runs": orjson.dumps(run),
+        "/lg/threads/t1/runs/stream": orjson.dumps(run),
+        "/ai/api/chat": orjson.dumps({"id": "c1", "messages": [], "trigger": "submit-message"}),
+    }
+    refused_types = [
+        "text/plain;charset=UTF-8",  # fetch(url, {body: "..."})
+        "application/x-www-form-urlencoded",  # a form; curl --data without -H
+        "multipart/form-data; boundary=x",
+        "application/jsonp",
+        None,  # fetch(url, {body: new Blob([...])}): no Content-Type at all
+    ]
+    with uvicorn_server(app) as url, httpx.Client(base_url=url) as client:
+        for path, body in bodies.items():
+            for content_type in refused_types:
+                headers = {} if content_type is None else {"content-type": content_type}
+                response = client.post(path, content=body, headers=headers)
+                assert response.status_code == 415, (path, content_type, response.text)
+                assert response.headers["content-type"] == "application/json"
+                error = response.json()
+                assert error["code"] == "unsupported_media_type"
+                assert "Content-Type: application/json" in error["message"]
+        assert threads == {}  # no thread created
+        assert asked == []  # no answer started
+        assert client.get("/lg/threads/t1/runs").json() == []  # no run started
+        assert client.get("/ai/api/chat/c1/stream").status_code == 204
+        # A JSON type, with parameters, in any case, is read; so is an empty body of any type.
+        sent = client.post(
+            "/ai/api/chat",
+            content=bodies["/ai/api/chat"],
+            headers={"content-type": "Application/JSON; charset=utf-8"},
+        )
+        assert (sent.status_code, asked) == (200, ["c1"])
+        assert "answered" in sent.text
+        thread = client.post(
+            "/lg/threads",
+            content=bodies["/lg/threads"],
+            headers={"content-type": "application/vnd.example+json"},
+        )
+        assert thread.status_code == 200, thread.text
+        assert list(threads) == ["t1"]
+        empty = client.post("/lg/threads", headers={"content-type": "text/plain"})
+        assert empty.status_code == 200, empty.text
+        assert len(threads) == 2
 
 
 @pytest.mark.parametrize("limit", [0, -1, 1.5, True])

@@ -226,6 +226,25 @@ def body_too_large(limit: int) -> HTTPError:
     )
 
 
+def is_json_type(content_type: str) -> bool:
+    """Whether a Content-Type value is JSON: ``application/json`` or ``application/*+json``,
+    with any parameters (``charset=utf-8``), in any case."""
+    media = content_type.partition(";")[0].strip().lower()
+    return media == JSON_TYPE or (media.startswith("application/") and media.endswith("+json"))
+
+
+def unsupported_media_type(content_type: str | None) -> HTTPError:
+    """A body read as JSON sent with another Content-Type, or none: what a page of another
+    origin can send without a CORS preflight (``text/plain``, a form, a ``Blob``)."""
+    sent = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+    return HTTPError(
+        415,
+        "unsupported_media_type",
+        f"the request body is read as JSON: send it with Content-Type: application/json "
+        f"(this request has {sent})",
+    )
+
+
 def not_running(stream_id: str, status: str) -> HTTPError:
     return HTTPError(409, "stream_not_running", f"stream {stream_id!r} is {status}, not running")
 

@@ -73,7 +73,7 @@ from ._http import (
 from ._ids import check_stream_id
 from ._producer import Run, StreamProducer
 from ._sse import PING
-from .starlette import StreamResponse, _check_body_limit, _JsonRouting, _read_body
+from .starlette import StreamResponse, _check_body_limit, _JsonRouting, _read_json_body
 from .transports import Transport
 
 logger = logging.getLogger("resumable_stream.http")
@@ -1217,7 +1217,7 @@ class ChatRouter:
 
     async def send(self, request: Request) -> Response:
         """``POST {path}``: answer the chat's new message as a UI message stream."""
-        raw = await _read_body(request, self.max_body_bytes)
+        raw = await _read_json_body(request, self.max_body_bytes)
         if isinstance(raw, HTTPError):
             return _error(raw)
         try:

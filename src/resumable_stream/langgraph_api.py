@@ -80,7 +80,7 @@ from ._http import (
 from ._ids import check_stream_id
 from ._producer import StreamProducer
 from ._sse import PING
-from .starlette import StreamResponse, _check_body_limit, _JsonRouting, _read_body
+from .starlette import StreamResponse, _check_body_limit, _JsonRouting, _read_json_body
 from .transports import Entry, Status, StreamInfo, Transport
 
 __all__ = [
@@ -895,7 +895,7 @@ class LangGraphRouter:
         return thread_id, check_stream_id(self.stream_id(thread_id))
 
     async def _body(self, request: Request) -> dict[str, Any]:
-        raw = await _read_body(request, self.max_body_bytes)
+        raw = await _read_json_body(request, self.max_body_bytes)
         if isinstance(raw, HTTPError):
             raise _Refused(raw)
         if not raw:
