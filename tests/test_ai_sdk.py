@@ -1722,3 +1722,81 @@ async def test_message_metadata_has_the_answer_s_summed_usage(
         assert chunks[-1] == {"type": "finish", "finishReason": "stop"}
         assert "message_metadata failed for the finish part" in caplog.text
         caplog.clear()
+
+
+class BookingModel(BaseChatModel):
+    """Calls `book`, then says what it returned."""
+
+    @property
+    def _llm_type(self) -> str:
+        return "booking-test-model"
+
+    def _generate(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> ChatResult:
+        if isinstance(messages[-1], ToolMessage):
+            message = AIMessage(content=f"done: {messages[-1].content}")
+        else:
+            message = AIMessage(
+                content="", tool_calls=[{"id": "call_book", "name": "book", "args": {"q": "x"}}]
+            )
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+
+async def test_a_resumed_tool_that_fails_shows_its_error_on_its_own_call() -> None:
+    # Regression: a tool paused by interrupt() and answered with addToolOutput, that failed
+    # once resumed, had its error sent on a new part named by its run id (its error, unlike
+    # its ToolMessage, does not name its call): the message showed the tool twice, the
+    # paused call with the browser's answer as if it had run.
+    @tool
+    def book(q: str) -> str:
+        """Book q once the user agrees."""
+        interrupt({"question": "Book it?"})
+        raise ValueError(f"no seats for {q}")
+
+    async def model(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [await BookingModel().ainvoke(state["messages"])]}
+
+    def route(state: MessagesState) -> str:
+        last = state["messages"][-1]
+        return "tools" if isinstance(last, AIMessage) and last.tool_calls else END
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", model)
+    builder.add_node("tools", ToolNode([book], handle_tool_errors=True))
+    builder.add_edge(START, "agent")
+    builder.add_conditional_edges("agent", route, ["tools", END])
+    builder.add_edge("tools", "agent")
+    graph = builder.compile(checkpointer=InMemorySaver())
+
+    async def answer(chat: ChatRequest) -> Any:
+        config = {"configurable": {"thread_id": chat.chat_id}}
+        if chat.messages[-1]["role"] == "assistant":
+            resume = chat.messages[-1]["parts"][-1]["output"]
+            return graph.astream_events(Command(resume=resume), config, version="v2")
+        return graph.astream_events({"messages": [("user", chat.text)]}, config, version="v2")
+
+    transport = MemoryTransport()
+    router = ChatRouter(transport, answer, authorize=allow_all)
+
+    async def replay(request: Any) -> Any:
+        return UIMessageStreamResponse(StreamConsumer(transport, "chat-b"), request)
+
+    app = Starlette(routes=[*router.routes, Route("/replay", replay)])
+    user = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "book x"}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+        body = {"id": "chat-b", "messages": [user], "trigger": "submit-message"}
+        asked = sse_chunks((await http.post("/api/chat", json=body)).text)
+        assert [c["toolCallId"] for c in asked if "toolCallId" in c] == ["call_book"] * 2
+        part = {"type": "tool-book", "toolCallId": "call_book", "state": "output-available"}
+        part |= {"input": {"q": "x"}, "output": "yes"}
+        assistant = {"id": "a1", "role": "assistant", "parts": [{"type": "step-start"}, part]}
+        body["messages"] = [user, assistant]
+        continued = sse_chunks((await http.post("/api/chat", json=body)).text)
+        replayed = sse_chunks((await http.get("/replay")).text)
+    await router.producer.aclose()
+    for chunks in (continued, replayed):
+        check_order(chunks)
+        assert {c["toolCallId"] for c in chunks if "toolCallId" in c} == {"call_book"}
+        failed = [c for c in chunks if c["type"] == "tool-output-error"]
+        assert [(c["toolCallId"], c["errorText"]) for c in failed] == [
+            ("call_book", "no seats for x")
+        ]

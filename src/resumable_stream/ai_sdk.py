@@ -260,7 +260,9 @@ class UIMessageChunks:
     step, where the calls its resumed tools answer are (the client looks a call up in the
     current step, else adds another part), until it sends anything but a server tool's
     part; a tool run that starts there without naming its call (a LangGraph tool resumed
-    after ``interrupt()``) is announced when it ends, on the call its ToolMessage names.
+    after ``interrupt()``) is announced when it ends, on the call its ToolMessage names (if
+    it fails, on the continued message's call of its tool with its input, which the marker
+    lists).
     Model output after a tool's output begins a new step (``finish-step``,
     ``start-step``), and ``end`` finishes the step, as the AI SDK's own servers send them:
     the client's ``lastAssistantMessageIsCompleteWithToolCalls`` looks at the last step
@@ -302,6 +304,9 @@ class UIMessageChunks:
         # tool run id → (tool name, input): the runs a continuation resumed (their call is
         # the continued message's), announced by their output, which names their call
         self._resumed: dict[str, tuple[str, Any]] = {}
+        # The continued message's calls the browser answered (id, tool name, input): the
+        # calls a resumed run can be, for one whose end does not name its call (an error).
+        self._waiting: list[tuple[str, str, Any]] = []
         # In the continued message's last step (a continuation, until it sends anything but
         # the output of a tool its call there waited for): no `start-step` sent yet.
         self._continuing = False
@@ -340,6 +345,7 @@ class UIMessageChunks:
                 # where the calls a resumed tool answers are (`ai` looks a call up in the
                 # current step): its own step begins with what is not such an output.
                 self._continuing = True
+                self._waiting = _marked_calls(event)
         kind, data = event.type, event.data
         if kind == TOKEN:
             self._token(data, out)
@@ -837,10 +843,24 @@ class UIMessageChunks:
         self._run_calls[run_id] = call_id
         self._announce(call_id, name, tool_input, out, tool_run=True)
 
+    def _waiting_call(self, call_id: Any, name: str, tool_input: Any) -> Any:
+        """The continued message's call a resumed run answers: ``call_id`` if its output
+        names it, else the first waiting call of its tool with its input, else of its tool."""
+        calls = self._waiting
+        found = next((c for c in calls if c[0] == call_id), None)
+        if found is None and not isinstance(call_id, str):
+            found = next((c for c in calls if c[1] == name and c[2] == tool_input), None)
+            found = found or next((c for c in calls if c[1] == name), None)
+        if found is None:
+            return call_id
+        calls.remove(found)
+        return found[0]
+
     def _tool_end(self, data: Mapping[str, Any], out: list[dict[str, Any]]) -> None:
         output = data.get("output")
         run_id = str(data.get("run_id") or data.get("id"))
-        name, tool_input = self._resumed.pop(run_id, (str(data.get("name") or "tool"), None))
+        resumed = self._resumed.pop(run_id, None)
+        name, tool_input = resumed or (str(data.get("name") or "tool"), None)
         call_id: Any = self._run_calls.pop(run_id, None) or data.get("id")
         error = data.get("error")
         if isinstance(output, Mapping) and "goto" in output and "update" in output:
@@ -855,6 +875,8 @@ class UIMessageChunks:
             if error is None and output.get("status") == "error":
                 error = output.get("text")
             output = output.get("content")
+        if resumed is not None:
+            call_id = self._waiting_call(call_id, name, tool_input)
         if not isinstance(call_id, str):
             call_id = run_id
         self._announce(call_id, name, tool_input, out, tool_run=True)
@@ -931,6 +953,17 @@ def _message_key(message_id: Any) -> Hashable:
 def default_message_id(stream_id: str, epoch: int) -> str:
     """The assistant message id of a run: the same for every replay of it."""
     return f"{stream_id}-{epoch}"
+
+
+def _marked_calls(event: Event) -> list[tuple[str, str, Any]]:
+    """The calls in ``ChatRouter``'s continuation marker (see :func:`_waiting_calls`)."""
+    marked = event.data.get("data")
+    calls = marked.get("calls") if isinstance(marked, Mapping) else None
+    return [
+        (c[0], c[1], c[2])
+        for c in (calls if isinstance(calls, list) else ())
+        if isinstance(c, list) and len(c) == 3 and isinstance(c[0], str) and isinstance(c[1], str)
+    ]
 
 
 def _marked_message_id(event: Event) -> str | None:
@@ -1045,6 +1078,24 @@ def ui_message_text(message: Mapping[str, Any]) -> str:
     )
 
 
+def _waiting_calls(messages: list[Any]) -> list[list[Any]]:
+    """The tool calls of the continued message (the last) the browser answered, not the
+    server: ``[call id, tool name, input]``, the calls the continuation may resume."""
+    last = messages[-1] if messages else None
+    parts = last.get("parts") if isinstance(last, Mapping) else None
+    calls: list[list[Any]] = []
+    for part in parts if isinstance(parts, list) else ():
+        if not isinstance(part, Mapping) or part.get("providerExecuted"):
+            continue
+        kind, call_id = part.get("type"), part.get("toolCallId")
+        if not isinstance(kind, str) or not isinstance(call_id, str):
+            continue
+        name = part.get("toolName") if kind == "dynamic-tool" else kind.removeprefix("tool-")
+        if isinstance(name, str) and name and name != kind:
+            calls.append([call_id, name, part.get("input")])
+    return calls
+
+
 def _continued(messages: list[Any]) -> str | None:
     """The id of the assistant message a continuation goes on with: the last message, when
     the client posts after a client-side tool's output (``sendAutomaticallyWhen``). The
@@ -1085,7 +1136,8 @@ async def _answer(
     try:
         if continued is not None:
             # Stored first, so that a resume (GET, which has no body) names it too.
-            yield Event(CUSTOM, {"name": _MESSAGE_ID_EVENT, "data": {"message_id": continued}}, "")
+            marker = {"message_id": continued, "calls": _waiting_calls(chat.messages)}
+            yield Event(CUSTOM, {"name": _MESSAGE_ID_EVENT, "data": marker}, "")
         async for item in items:
             yield item
     finally:
