@@ -143,3 +143,38 @@ def test_an_empty_secret_key_file_gets_a_key_rather_than_signing_with_none(
     assert COOKIE_NAME in response.cookies  # not trusted: a new identity
     assert response.cookies[COOKIE_NAME] != forged
     assert len((data / "secret_key").read_bytes().strip()) >= 32
+
+
+@pytest.mark.parametrize("left", ["empty", "missing"])
+def test_processes_starting_together_keep_one_secret_key(tmp_path: Path, left: str) -> None:
+    # Regression: each process that found the key file empty made its own key and put it
+    # in place; the one whose key was replaced went on signing with its own, and cookies
+    # one process issued were refused by the other (a new identity: the threads gone).
+    from chat_service.settings import Settings
+
+    for attempt in range(40):
+        data = tmp_path / f"{left}-{attempt}"
+        data.mkdir()
+        if left == "empty":
+            (data / "secret_key").write_bytes(b"")
+        settings = Settings.from_env({"DATA_DIR": str(data), "SECRET_KEY": ""})
+        keys = _together(settings.session_secret, 4)
+        assert len(set(keys)) == 1, f"attempt {attempt}: {len(set(keys))} keys"
+        assert keys[0] == (data / "secret_key").read_bytes().strip()
+
+
+def _together(call: Callable[[], bytes], threads: int) -> list[bytes]:
+    """What ``call`` returns in each of ``threads`` threads, all let go at once."""
+    start = threading.Barrier(threads)
+    found: list[bytes] = []
+
+    def run() -> None:
+        start.wait()
+        found.append(call())
+
+    started = [threading.Thread(target=run) for _ in range(threads)]
+    for thread in started:
+        thread.start()
+    for thread in started:
+        thread.join()
+    return found

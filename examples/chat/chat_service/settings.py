@@ -28,7 +28,7 @@ The README of the example has the same list with the defaults.
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import math
 import os
 import secrets
@@ -217,25 +217,25 @@ class Settings:
         key = _read_key(path)
         if not key:
             # Missing, or empty (left by a process that died as it made the key): anyone
-            # could sign cookies with an empty key. The new key is written whole under
-            # another name, then put in place, so no process reads it half written.
+            # could sign cookies with an empty key. Made under a lock, so that processes
+            # starting together keep one key, and written whole under another name, then
+            # put in place, so that no process reads it half written.
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            made = path.with_name(f".secret_key.{secrets.token_hex(8)}")
-            fd = os.open(made, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                with os.fdopen(fd, "w") as file:
-                    file.write(secrets.token_urlsafe(32))
-                    file.flush()
-                    os.fsync(file.fileno())
-                if key is None:
-                    # Two processes starting together keep the first one's key.
-                    with contextlib.suppress(FileExistsError):
-                        os.link(made, path)
-                else:
-                    os.replace(made, path)
-            finally:
-                made.unlink(missing_ok=True)
-            key = _read_key(path)
+            with open(self.data_dir / ".secret_key.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # (let go when the file closes)
+                key = _read_key(path)
+                if not key:
+                    made = path.with_name(f".secret_key.{secrets.token_hex(8)}")
+                    fd = os.open(made, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    try:
+                        with os.fdopen(fd, "w") as file:
+                            file.write(secrets.token_urlsafe(32))
+                            file.flush()
+                            os.fsync(file.fileno())
+                        os.replace(made, path)
+                    finally:
+                        made.unlink(missing_ok=True)
+                    key = _read_key(path)
         if not key:
             raise SettingsError(f"{path} holds no key: delete it, or set SECRET_KEY")
         return key
