@@ -1275,7 +1275,9 @@ class ChatRouter:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            return _bad_request("the body must be JSON: {id, messages, trigger, messageId}")
+            return _bad_request(
+                "the body must be JSON in UTF-8: {id, messages, trigger, messageId}"
+            )
         if not isinstance(body, dict):
             return _bad_request("the body must be a JSON object: {id, messages, ...}")
         chat_id, messages = body.get("id"), body.get("messages")

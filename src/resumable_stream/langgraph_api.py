@@ -903,7 +903,7 @@ class LangGraphRouter:
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            raise _bad("the body must be JSON") from None
+            raise _bad("the body must be JSON in UTF-8") from None
         if not isinstance(body, dict):
             raise _bad("the body must be a JSON object")
         return body
