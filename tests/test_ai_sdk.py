@@ -48,7 +48,7 @@ from resumable_stream.ai_sdk import (
 )
 from resumable_stream.starlette import allow_all
 from resumable_stream.transports.memory import MemoryTransport
-from tests._graphs import tool_loop
+from tests._graphs import BookingModel, tool_loop
 from tests._helpers import Later, dead_run, ended, eventually, holds
 
 #: On every tool output the stream carries: the server ran that tool, not the browser.
@@ -1724,21 +1724,83 @@ async def test_message_metadata_has_the_answer_s_summed_usage(
         caplog.clear()
 
 
-class BookingModel(BaseChatModel):
-    """Calls `book`, then says what it returned."""
+async def test_a_resumed_tool_still_running_when_the_answer_stops_ends_failed() -> None:
+    # Regression: a tool paused by interrupt(), answered with addToolOutput and stopped
+    # while it ran again kept the browser's answer as its output: its run, held until it
+    # ended to learn its call, never did, so the stop did not end it as it ends the others.
+    running = asyncio.Event()
 
-    @property
-    def _llm_type(self) -> str:
-        return "booking-test-model"
+    @tool
+    async def book(q: str) -> str:
+        """Book q once the user agrees."""
+        interrupt({"question": "Book it?"})
+        running.set()
+        await asyncio.Event().wait()  # until the answer is stopped
+        return "booked"
 
-    def _generate(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> ChatResult:
-        if isinstance(messages[-1], ToolMessage):
-            message = AIMessage(content=f"done: {messages[-1].content}")
-        else:
-            message = AIMessage(
-                content="", tool_calls=[{"id": "call_book", "name": "book", "args": {"q": "x"}}]
-            )
-        return ChatResult(generations=[ChatGeneration(message=message)])
+    router, app = _booking_chat(book, "chat-r")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+        body = {"id": "chat-r", "messages": [_BOOK_X], "trigger": "submit-message"}
+        await http.post("/api/chat", json=body)
+        body["messages"] = [_BOOK_X, _BOOKED_YES]
+        posted = asyncio.create_task(http.post("/api/chat", json=body))
+        await running.wait()
+        assert (await http.post("/api/chat/chat-r/stop")).status_code == 202
+        continued = sse_chunks((await posted).text)
+        replayed = sse_chunks((await http.get("/replay")).text)
+    await router.producer.aclose()
+    for chunks in (continued, replayed):
+        check_order(chunks)
+        assert {c["toolCallId"] for c in chunks if "toolCallId" in c} == {"call_book"}
+        failed = [c for c in chunks if c["type"] == "tool-output-error"]
+        assert [(c["toolCallId"], c["errorText"]) for c in failed] == [
+            ("call_book", "the answer ended before this tool finished")
+        ]
+        assert chunks[-1]["type"] == "abort"
+
+
+_BOOK_X = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "book x"}]}
+# The answer after the browser answered the paused call with addToolOutput("yes").
+_BOOKED_YES = {
+    "id": "a1",
+    "role": "assistant",
+    "parts": [
+        {"type": "step-start"},
+        {
+            "type": "tool-book",
+            "toolCallId": "call_book",
+            "state": "output-available",
+            "input": {"q": "x"},
+            "output": "yes",
+        },
+    ],
+}
+
+
+def _booking_chat(book: Any, chat_id: str) -> tuple[ChatRouter, Starlette]:
+    """A ChatRouter over the booking agent of ``book``, which a continuation resumes with
+    the browser's output, and ``GET /replay`` of chat ``chat_id`` from its start."""
+    graph = _booking_graph(book)
+
+    async def answer(chat: ChatRequest) -> Any:
+        config = {"configurable": {"thread_id": chat.chat_id}}
+        if chat.messages[-1]["role"] == "assistant":
+            resume = chat.messages[-1]["parts"][-1]["output"]
+            return graph.astream_events(Command(resume=resume), config, version="v2")
+        return graph.astream_events({"messages": [("user", chat.text)]}, config, version="v2")
+
+    transport = MemoryTransport()
+    router = ChatRouter(transport, answer, authorize=allow_all)
+
+    async def replay(request: Any) -> Any:
+        return UIMessageStreamResponse(StreamConsumer(transport, chat_id), request)
+
+    return router, Starlette(routes=[*router.routes, Route("/replay", replay)])
+
+
+def _booking_graph(book: Any) -> Any:
+    """The booking model's agent over the tool ``book``, with checkpoints."""
+    return tool_loop(BookingModel(), [book], InMemorySaver(), handle_tool_errors=True)
 
 
 async def test_a_resumed_tool_that_fails_shows_its_error_on_its_own_call() -> None:
@@ -1752,44 +1814,12 @@ async def test_a_resumed_tool_that_fails_shows_its_error_on_its_own_call() -> No
         interrupt({"question": "Book it?"})
         raise ValueError(f"no seats for {q}")
 
-    async def model(state: MessagesState) -> dict[str, Any]:
-        return {"messages": [await BookingModel().ainvoke(state["messages"])]}
-
-    def route(state: MessagesState) -> str:
-        last = state["messages"][-1]
-        return "tools" if isinstance(last, AIMessage) and last.tool_calls else END
-
-    builder = StateGraph(MessagesState)
-    builder.add_node("agent", model)
-    builder.add_node("tools", ToolNode([book], handle_tool_errors=True))
-    builder.add_edge(START, "agent")
-    builder.add_conditional_edges("agent", route, ["tools", END])
-    builder.add_edge("tools", "agent")
-    graph = builder.compile(checkpointer=InMemorySaver())
-
-    async def answer(chat: ChatRequest) -> Any:
-        config = {"configurable": {"thread_id": chat.chat_id}}
-        if chat.messages[-1]["role"] == "assistant":
-            resume = chat.messages[-1]["parts"][-1]["output"]
-            return graph.astream_events(Command(resume=resume), config, version="v2")
-        return graph.astream_events({"messages": [("user", chat.text)]}, config, version="v2")
-
-    transport = MemoryTransport()
-    router = ChatRouter(transport, answer, authorize=allow_all)
-
-    async def replay(request: Any) -> Any:
-        return UIMessageStreamResponse(StreamConsumer(transport, "chat-b"), request)
-
-    app = Starlette(routes=[*router.routes, Route("/replay", replay)])
-    user = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "book x"}]}
+    router, app = _booking_chat(book, "chat-b")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
-        body = {"id": "chat-b", "messages": [user], "trigger": "submit-message"}
+        body = {"id": "chat-b", "messages": [_BOOK_X], "trigger": "submit-message"}
         asked = sse_chunks((await http.post("/api/chat", json=body)).text)
         assert [c["toolCallId"] for c in asked if "toolCallId" in c] == ["call_book"] * 2
-        part = {"type": "tool-book", "toolCallId": "call_book", "state": "output-available"}
-        part |= {"input": {"q": "x"}, "output": "yes"}
-        assistant = {"id": "a1", "role": "assistant", "parts": [{"type": "step-start"}, part]}
-        body["messages"] = [user, assistant]
+        body["messages"] = [_BOOK_X, _BOOKED_YES]
         continued = sse_chunks((await http.post("/api/chat", json=body)).text)
         replayed = sse_chunks((await http.get("/replay")).text)
     await router.producer.aclose()

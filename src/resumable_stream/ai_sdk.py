@@ -367,6 +367,15 @@ class UIMessageChunks:
             out.append({"type": f"data-{suffix}", "data": data.get("data")})
         elif kind in (END, ERROR, CANCELLED):
             self.finished = True
+            if kind != END:
+                # A resumed tool still running ends failed, on its own call: in the
+                # continued message's step, where that call is, before this one's own.
+                for name, tool_input in self._resumed.values():
+                    call_id = self._waiting_call(None, name, tool_input)
+                    if isinstance(call_id, str):
+                        self._announce(call_id, name, tool_input, out, tool_run=True)
+                        self._output(call_id, None, _UNFINISHED_RUN_TEXT, out)
+                self._resumed.clear()
             # (A last step that held a browser's tool output would be posted back again.)
             self._own_step(out)
             if kind == END:

@@ -31,9 +31,6 @@ import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
-from langchain_core.outputs import ChatGeneration, ChatResult
 from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
 from langgraph.types import Command, interrupt
@@ -50,7 +47,7 @@ from resumable_stream.ai_sdk import (
     UIMessageStreamResponse,
 )
 from resumable_stream.starlette import allow_all
-from tests._graphs import tool_loop
+from tests._graphs import BookingModel, tool_loop
 
 ANSWER_TOKENS = 40
 HOLD_AT = 20
@@ -136,22 +133,6 @@ async def direct_answer(chat: ChatRequest) -> AsyncIterator[Any]:
     yield {"type": "message", "data": {"message": message}}
     yield {"type": "tool_start", "data": {"name": "search", "run_id": "r1", "input": call["args"]}}
     yield {"type": "tool_end", "data": {"name": "search", "run_id": "r1", "output": "found"}}
-
-
-class BookingModel(BaseChatModel):
-    """Calls `book`, then says what it returned."""
-
-    @property
-    def _llm_type(self) -> str:
-        return "booking-test-model"
-
-    def _generate(self, messages: list[BaseMessage], *args: Any, **kwargs: Any) -> ChatResult:
-        if isinstance(messages[-1], ToolMessage):
-            message = AIMessage(content=f"done: {messages[-1].content}")
-        else:
-            call = {"id": "call_book", "name": "book", "args": {"q": "x"}}
-            message = AIMessage(content="", tool_calls=[call])
-        return ChatResult(generations=[ChatGeneration(message=message)])
 
 
 @tool
