@@ -44,7 +44,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from ._asgi import ServerClosed
+from ._asgi import ConnectionLimit, ServerClosed
 from ._codec import parse_offset
 from ._constants import DEFAULT_MAX_BODY_BYTES, DEFAULT_PING_INTERVAL, DEFAULT_SEND_TIMEOUT
 from ._consumer import StreamConsumer, settled_info
@@ -993,7 +993,8 @@ class UIMessageStreamResponse(StreamResponse):
     ``"<stream_id>-<epoch>"``: the same in every replay, so the client replaces its partial
     message instead of adding one). A stream with nothing to send
     answers 204, which ``useChat`` reads as "nothing to resume". ``message_metadata`` is
-    :class:`UIMessageChunks`'s.
+    :class:`UIMessageChunks`'s; ``limit`` is :class:`StreamResponse`'s (a
+    :class:`~resumable_stream.starlette.ConnectionLimit`: past it, 503 ``too_many_streams``).
     """
 
     def __init__(
@@ -1006,6 +1007,7 @@ class UIMessageStreamResponse(StreamResponse):
         ping_interval: float | None = DEFAULT_PING_INTERVAL,
         send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
         on_disconnect: Callable[[], Awaitable[object]] | None = None,
+        limit: ConnectionLimit | None = None,
     ) -> None:
         super().__init__(
             consumer,
@@ -1015,6 +1017,7 @@ class UIMessageStreamResponse(StreamResponse):
             ping_interval=ping_interval,
             send_timeout=send_timeout,
             on_disconnect=on_disconnect,
+            limit=limit,
         )
         self.chunker = UIMessageChunks(
             message_id, start=consumer.after is None, message_metadata=message_metadata

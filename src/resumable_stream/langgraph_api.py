@@ -80,7 +80,13 @@ from ._http import (
 from ._ids import check_stream_id
 from ._producer import StreamProducer
 from ._sse import PING
-from .starlette import StreamResponse, _check_body_limit, _JsonRouting, _read_json_body
+from .starlette import (
+    ConnectionLimit,
+    StreamResponse,
+    _check_body_limit,
+    _JsonRouting,
+    _read_json_body,
+)
 from .transports import Entry, Status, StreamInfo, Transport
 
 __all__ = [
@@ -697,7 +703,9 @@ class LangGraphRouter:
     from. Runs are detached: they
     go on when the client goes away, unless it asked for ``on_disconnect: "cancel"`` (which
     ``useStream`` does unless ``reconnectOnMount`` is set); ``cancel_on_disconnect=False``
-    ignores that request, so that only a cancel stops a run.
+    ignores that request, so that only a cancel stops a run. ``limit`` (a
+    :class:`~resumable_stream.starlette.ConnectionLimit`, say a ``StreamRouter``'s ``limit``)
+    caps the run streams and joins served at once: past it, 503 ``too_many_streams``.
 
     ``authorize(request, thread_id, action)`` (``thread_id`` None for ``"create"``) may
     refuse with false (403) or raise Starlette's ``HTTPException`` (say 401). A thread
@@ -755,6 +763,7 @@ class LangGraphRouter:
         ping_interval: float | None = DEFAULT_PING_INTERVAL,
         send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        limit: ConnectionLimit | None = None,
     ) -> None:
         _check_body_limit(max_body_bytes)
         if not graphs:
@@ -801,6 +810,8 @@ class LangGraphRouter:
         self.ping_interval = ping_interval
         self.send_timeout = send_timeout
         self.max_body_bytes = max_body_bytes
+        #: The cap on the stream responses of the router's routes (None: no cap).
+        self.limit = limit
         self._state_graph = next(iter(self.graphs.values()))
         # Per thread stream, the turn of the last run queued in this process (see _enqueue).
         self._queues: dict[str, asyncio.Future[None]] = {}
@@ -1576,6 +1587,7 @@ class LangGraphRouter:
             {"Content-Location": location, "Location": f"{location}/stream"},
             ping_interval=self.ping_interval,
             send_timeout=self.send_timeout,
+            limit=self.limit,
             on_disconnect=on_disconnect,
         )
 
@@ -1651,6 +1663,7 @@ class LangGraphRouter:
             wire=_OUTCOME_WIRE,
             ping_interval=self.ping_interval,
             send_timeout=self.send_timeout,
+            limit=self.limit,
             on_disconnect=on_disconnect,
         )
 
@@ -2014,6 +2027,7 @@ class LangGraphRouter:
             {"Content-Location": location, "Location": f"{location}/stream"},
             ping_interval=self.ping_interval,
             send_timeout=self.send_timeout,
+            limit=self.limit,
             on_disconnect=on_disconnect,
         )
 

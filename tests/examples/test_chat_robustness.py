@@ -40,6 +40,8 @@ def server(
             DATA_DIR=str(directory / "data"),
             BUSY_POLICY="queue",
             OFFLINE_TOKENS_PER_SECOND="400",  # answers write checkpoints while requests come
+            # One user's many concurrent messages are the point here, not the cap on them.
+            MAX_ANSWERS_PER_USER="1000",
             **chat_backend,
         )
 

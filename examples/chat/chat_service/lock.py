@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from resumable_stream import (
@@ -90,15 +91,21 @@ class HeldLock:
 
 
 class ThreadLock:
-    """Per-thread mutual exclusion across processes, on the library's stream leases."""
+    """Per-thread mutual exclusion across processes, on the library's stream leases.
 
-    def __init__(self, producer: StreamProducer) -> None:
+    ``lock_id`` names the lock stream of a key (a thread id by default; quota.py locks
+    users with it too)."""
+
+    def __init__(
+        self, producer: StreamProducer, lock_id: Callable[[str], str] = lock_id_for
+    ) -> None:
         self.producer = producer
+        self.lock_id = lock_id
 
     async def try_acquire(self, thread_id: str) -> HeldLock | None:
         hold = Hold()
         try:
-            run = await self.producer.start(hold, stream_id=lock_id_for(thread_id))
+            run = await self.producer.start(hold, stream_id=self.lock_id(thread_id))
         except StreamAlreadyRunning:
             return None
         return HeldLock(thread_id, run, hold)
@@ -113,14 +120,14 @@ class ThreadLock:
                 # Reading the lock stream to its end waits for the holder to release it, or
                 # (through the library's crash detection) for its lease to lapse.
                 with contextlib.suppress(ResumableStreamError):
-                    async for _ in StreamConsumer(self.producer.transport, lock_id_for(thread_id)):
+                    async for _ in StreamConsumer(self.producer.transport, self.lock_id(thread_id)):
                         pass
 
     async def marked_or_released(self, thread_id: str) -> None:
         """Wait until the holder of the thread's lock marks it or lets it go (released, or
         its lease lapsed after it died), whichever comes first."""
         with contextlib.suppress(ResumableStreamError):
-            async with StreamConsumer(self.producer.transport, lock_id_for(thread_id)) as lock:
+            async with StreamConsumer(self.producer.transport, self.lock_id(thread_id)) as lock:
                 async for event in lock:
                     if event.type == "token":
                         return

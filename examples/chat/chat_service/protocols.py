@@ -41,11 +41,12 @@ from resumable_stream.starlette import error_response
 
 from .answers import NothingToRetry
 from .api.chat import checked_message, settler, waiter
-from .api.errors import ApiError, storable
+from .api.errors import ApiError, storable, too_many_answers
 from .api.views import MAX_TITLE_CHARS, title_for
 from .auth import current_user
 from .events import ChatEvents
 from .lock import lock_id_for
+from .quota import TooManyAnswers
 from .runs import QueueUnavailable, ThreadBusy
 from .runtime import Runtime
 from .threads import THREAD_ID_RULES, RunRecord, Thread, ThreadGone, is_thread_id
@@ -53,8 +54,10 @@ from .threads import THREAD_ID_RULES, RunRecord, Thread, ThreadGone, is_thread_i
 NEW_THREAD_TITLE = "New chat"
 
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"code": code, "message": message}, status_code=status)
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"code": code, "message": message}, status_code=status, headers=headers)
 
 
 def _runtime(request: Request) -> Runtime:
@@ -104,7 +107,7 @@ def _answer(request: Request, run: RunRecord) -> Response:
         ready=waiter(runtime, run),  # as the chat API: failed runs end with their error
         on_terminal=settler(runtime, run),  # and a run nobody recorded is recorded
     )
-    return UIMessageStreamResponse(events, request)
+    return UIMessageStreamResponse(events, request, limit=runtime.streams)
 
 
 async def ai_chat_send(request: Request) -> Response:
@@ -156,6 +159,9 @@ async def ai_chat_send(request: Request) -> Response:
         return _error(503, "queue_unavailable", "the answer could not be handed to the workers")
     except ThreadGone:  # deleted as the message came in
         return _not_found(thread_id)
+    except TooManyAnswers as exc:
+        refused = too_many_answers(exc)
+        return _error(refused.status, refused.code, refused.message, refused.headers)
     return _answer(request, submitted.run)
 
 
@@ -174,7 +180,9 @@ async def ai_chat_resume(request: Request) -> Response:
     if run is None or info is None or info.status != "running":
         return Response(status_code=204, headers={"cache-control": "no-store"})
     try:
-        return UIMessageStreamResponse(StreamConsumer(runtime.transport, run.stream_id), request)
+        return UIMessageStreamResponse(
+            StreamConsumer(runtime.transport, run.stream_id), request, limit=runtime.streams
+        )
     except ResumableStreamError as exc:
         return await error_response(request, exc)
 
@@ -341,7 +349,8 @@ class LangGraphAPI:
             self._router = _ChatLangGraphRouter(
                 runtime.transport,
                 {GRAPH_ID: runtime.agent},
-                producer=runtime.producer,
+                # A run takes one of its user's answers (MAX_ANSWERS_PER_USER: 429 past it).
+                producer=runtime.langgraph_producer,
                 authorize=_authorize,
                 create_thread=_create_thread,
                 thread_info=_thread_info,
@@ -354,6 +363,7 @@ class LangGraphAPI:
                 # An answer whose client went away is finished, not stopped (useStream asks
                 # for on_disconnect "cancel" unless reconnectOnMount is set).
                 cancel_on_disconnect=False,
+                limit=runtime.streams,  # MAX_STREAMS, shared with the chat API's streams
             )
         await self._router(scope, receive, send)
 

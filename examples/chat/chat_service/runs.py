@@ -41,6 +41,7 @@ from .answers import Answers, Recorder
 from .cache import AnswerCache
 from .events import NOT_STARTED, PRODUCER_LOST, QUEUE_DOWN, SERVER_RESTARTED, SHUTDOWN
 from .lock import HeldLock, Hold, ThreadLock, lock_id_for
+from .quota import AnswerQuota
 from .settings import BusyPolicy, Settings
 from .threads import RunKind, RunRecord, Thread, ThreadStore
 
@@ -108,6 +109,7 @@ class RunService:
         self.enqueue = enqueue
         self.workers = workers
         self.lock = ThreadLock(producer)
+        self.quota = AnswerQuota(settings, producer, store)
         self.answers = Answers(settings, store=store, agent=agent, cache=cache)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -140,7 +142,9 @@ class RunService:
         replacing its answer; ``kind="edit"`` replaces the last question (and its answer)
         with ``message``. Both rewind the thread's checkpoints when the run starts. Raises
         :class:`ThreadBusy` (policy ``reject``; or a regenerate or an edit while messages
-        are queued), :class:`NothingToRetry`, or :class:`ThreadGone` (the thread was deleted).
+        are queued), :class:`NothingToRetry`, :class:`ThreadGone` (the thread was deleted),
+        or :class:`~chat_service.quota.TooManyAnswers` (the owner has MAX_ANSWERS_PER_USER
+        answers in flight: nothing is queued).
         """
         policy = policy or self.settings.busy_policy
         held: HeldLock | None = None
@@ -161,14 +165,17 @@ class RunService:
                 # than rewind the thread past answers still to come.
                 raise ThreadBusy(thread.id)
             message, human_id, kind = await self.answers.question(thread.id, message, kind)
-            run = await self.store.add_run(
-                thread.id,
-                message=message,
-                model=model,
-                use_cache=use_cache,
-                human_id=human_id,
-                kind=kind,
-            )
+            # Checked and recorded holding the user's lock: a burst gets exactly the cap.
+            replacing = thread.id if policy == "interrupt" else ""
+            async with self.quota.admit(thread.owner, replacing=replacing):
+                run = await self.store.add_run(
+                    thread.id,
+                    message=message,
+                    model=model,
+                    use_cache=use_cache,
+                    human_id=human_id,
+                    kind=kind,
+                )
         except BaseException:
             if held is not None:
                 await held.release()  # refused (nothing to retry, thread deleted...)

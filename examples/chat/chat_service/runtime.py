@@ -10,11 +10,13 @@ from typing import Any, Literal
 from langgraph.checkpoint.base import BaseCheckpointSaver
 
 from resumable_stream import StreamProducer, Transport, from_url
+from resumable_stream.starlette import ConnectionLimit
 
 from .agent import Agent, build_agent
 from .cache import AnswerCache, MemoryCache, RedisCache
 from .checkpoint import open_checkpointer
 from .models import UnknownModelError, available_models, make_chat_model
+from .quota import LangGraphProducer
 from .runs import RunService
 from .settings import Settings
 from .threads import SqliteThreadStore, ThreadStore, thread_store_for
@@ -31,6 +33,10 @@ class Runtime:
     cache: AnswerCache | None
     runs: RunService
     redis: Any | None  # the transport's redis-py client (Redis or RedisCluster), for the cache
+    #: The producer of LangGraph runs: each takes one of its user's answers (quota.py).
+    langgraph_producer: StreamProducer
+    #: The cap on the answer streams this process serves at once (MAX_STREAMS).
+    streams: ConnectionLimit
 
 
 @contextlib.asynccontextmanager
@@ -117,6 +123,22 @@ async def open_runtime(
             enqueue=enqueue,
             workers=settings.worker_mode or role == "worker",
         )
+        langgraph_producer = LangGraphProducer(
+            transport, lease=settings.stream_lease, quota=runs.quota, store=store
+        )
+        stack.push_async_callback(langgraph_producer.aclose)
         stack.push_async_callback(runs.aclose)  # first out: answers end before storage closes
         await runs.recover()
-        yield Runtime(settings, transport, producer, store, checkpointer, agent, cache, runs, redis)
+        yield Runtime(
+            settings,
+            transport,
+            producer,
+            store,
+            checkpointer,
+            agent,
+            cache,
+            runs,
+            redis,
+            langgraph_producer,
+            ConnectionLimit(settings.max_streams),
+        )

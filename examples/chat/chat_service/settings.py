@@ -7,6 +7,8 @@ CHAT_MODEL                 default model spec, "offline" unless set (see models.
 BUSY_POLICY                a message on a busy thread: reject (409), interrupt or queue
 CACHE_TTL                  seconds a first question's answer is replayed (0: no cache)
 MAX_MESSAGE_CHARS          longer messages get 422
+MAX_ANSWERS_PER_USER       answers one user may have queued or streaming at once (more: 429)
+MAX_STREAMS                answer streams one API process serves at once (more: 503)
 CORS_ORIGINS               comma-separated origins allowed to call the API (default: none)
 SUMMARIZE_AFTER_TOKENS     history size that triggers a summary (0: never)
 OFFLINE_TOKENS_PER_SECOND  pace of the offline model (0: as fast as possible)
@@ -73,6 +75,8 @@ class Settings:
     busy_policy: BusyPolicy = "reject"
     cache_ttl: float = 3600.0
     max_message_chars: int = 8000
+    max_answers_per_user: int = 4
+    max_streams: int = 1000
     cors_origins: tuple[str, ...] = ()
     summarize_after_tokens: int = 3000
     offline_tokens_per_second: float = 40.0
@@ -117,6 +121,8 @@ class Settings:
         for name, value, least in (
             ("CACHE_TTL", self.cache_ttl, 0),
             ("MAX_MESSAGE_CHARS", self.max_message_chars, 1),
+            ("MAX_ANSWERS_PER_USER", self.max_answers_per_user, 1),
+            ("MAX_STREAMS", self.max_streams, 1),
             ("SUMMARIZE_AFTER_TOKENS", self.summarize_after_tokens, 0),
             ("OFFLINE_TOKENS_PER_SECOND", self.offline_tokens_per_second, 0),
             ("STREAM_LEASE", self.stream_lease, 0.1),
@@ -167,6 +173,8 @@ class Settings:
             busy_policy=policy,
             cache_ttl=number("CACHE_TTL", 3600.0),
             max_message_chars=integer("MAX_MESSAGE_CHARS", 8000),
+            max_answers_per_user=integer("MAX_ANSWERS_PER_USER", 4),
+            max_streams=integer("MAX_STREAMS", 1000),
             cors_origins=tuple(o for o in origins if o),
             summarize_after_tokens=integer("SUMMARIZE_AFTER_TOKENS", 3000),
             offline_tokens_per_second=number("OFFLINE_TOKENS_PER_SECOND", 40.0),

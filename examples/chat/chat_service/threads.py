@@ -338,6 +338,16 @@ class ThreadStore(ABC):
         )
         return {row[0] for row in rows}
 
+    async def answers_in_flight(self, owner: str, *, besides: str = "") -> int:
+        """How many answers of the owner's threads (other than thread ``besides``) are
+        queued or being written."""
+        rows = await self._fetch(
+            "SELECT COUNT(*) FROM chat_runs r JOIN chat_threads t ON t.id = r.thread_id "
+            "WHERE t.owner = ? AND r.thread_id <> ? AND r.state IN ('queued', 'started')",
+            (owner, besides),
+        )
+        return int(rows[0][0])
+
     async def drop_queued(self, thread_id: str) -> list[RunRecord]:
         """Mark the thread's queued runs dropped; return them."""
         rows = await self._fetch(

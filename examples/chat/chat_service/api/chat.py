@@ -22,12 +22,13 @@ from resumable_stream.starlette import StreamResponse, error_response, resume_af
 from ..answers import NothingToRetry
 from ..auth import current_user
 from ..events import PRODUCER_LOST, QUEUE_DOWN, ChatEvents, Mapper, run_dropped, run_error, to_sse
+from ..quota import TooManyAnswers
 from ..runs import QueueUnavailable, Submitted, ThreadBusy
 from ..runtime import Runtime
 from ..settings import Settings
 from ..threads import MAX_RUN_SEQ, RunKind, RunRecord, ThreadGone
 from .deps import OwnedThread, RuntimeDep, check_model, find_thread, writable
-from .errors import ApiError, storable
+from .errors import ApiError, storable, too_many_answers
 from .views import ChatMessage, Regenerate, stream_url, title_for
 
 router = APIRouter(tags=["chat"])
@@ -148,6 +149,10 @@ async def submit(request: Request, runtime: Runtime, body: ChatMessage) -> Submi
         ) from None
     except ThreadGone:  # deleted as the message came in
         raise ApiError(404, "thread_not_found", f"no thread {thread.id!r}") from None
+    except TooManyAnswers as exc:
+        if not body.thread_id:  # the thread this request made for it: nothing is kept
+            await runtime.store.delete_thread(thread.id)
+        raise too_many_answers(exc) from None
     return submitted
 
 
@@ -215,4 +220,6 @@ async def stream_response(
         )
     except ResumableStreamError as exc:
         return await error_response(request, exc)
-    return StreamResponse(events, request, format="sse" if format == "sse" else "ndjson")
+    return StreamResponse(
+        events, request, format="sse" if format == "sse" else "ndjson", limit=runtime.streams
+    )

@@ -14,15 +14,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from resumable_stream import ResumableStreamError
 from resumable_stream.starlette import error_response
 
+from ..quota import RETRY_AFTER as QUOTA_RETRY_AFTER
+from ..quota import TooManyAnswers
+
 
 class ApiError(Exception):
     """An error response: ``status`` and ``{"code": ..., "message": ...}``."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers or {}
 
 
 def storable(text: str, field: str) -> str:
@@ -48,7 +54,22 @@ def error_json(status: int, code: str, message: str, **extra: Any) -> JSONRespon
 
 async def _api_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)  # registered for ApiError only
-    return error_json(exc.status, exc.code, exc.message)
+    response = error_json(exc.status, exc.code, exc.message)
+    response.headers.update(exc.headers)
+    return response
+
+
+def too_many_answers(exc: TooManyAnswers) -> ApiError:
+    """429 ``too_many_answers``, with Retry-After: nothing was queued."""
+    return ApiError(
+        429, "too_many_answers", str(exc), headers={"retry-after": str(QUOTA_RETRY_AFTER)}
+    )
+
+
+async def _too_many_answers(request: Request, exc: Exception) -> Response:
+    # A LangGraph run (the /langgraph router lets the app's exceptions through).
+    assert isinstance(exc, TooManyAnswers)
+    return await _api_error(request, too_many_answers(exc))
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
@@ -119,6 +140,7 @@ class BodyLimit:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(TooManyAnswers, _too_many_answers)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(ResumableStreamError, error_response)

@@ -33,6 +33,7 @@ async def info(runtime: RuntimeDep) -> dict[str, Any]:
         "models": available_models(),
         "cache_ttl": settings.cache_ttl,
         "max_message_chars": settings.max_message_chars,
+        "max_answers_per_user": settings.max_answers_per_user,
         "summarize_after_tokens": settings.summarize_after_tokens,
         "offline_tokens_per_second": settings.offline_tokens_per_second,
         "stats": dict(runtime.runs.stats),
