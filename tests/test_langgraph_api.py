@@ -3694,6 +3694,55 @@ async def test_threads_copy_makes_a_thread_with_the_same_checkpoints() -> None:
     await api.producer.aclose()
 
 
+async def test_threads_copy_holds_one_checkpoint_at_a_time(tmp_path: Any) -> None:
+    # Regression: threads.copy read every checkpoint of the thread, each with the thread's
+    # values at that point, into a list before writing any: its memory grew with the square
+    # of a conversation's length (13 MB here, for a thread whose state is 0.6 MB).
+    import tracemalloc
+
+    import httpx
+    from langgraph.checkpoint.sqlite.aio import AsyncSqliteSaver
+
+    posts, size = 12, 50_000
+    api, graph, _reached, _hold = gated_router()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        for post in range(posts):
+            body = {"assistant_id": "agent", "input": {"n": [f"{post}" + "x" * size]}}
+            assert (await http.post("/threads/t1/runs/wait", json=body)).is_success
+        tracing = tracemalloc.is_tracing()
+        if not tracing:
+            tracemalloc.start()
+        tracemalloc.reset_peak()
+        copied = await http.post("/threads/t1/copy")
+        kept, peak = tracemalloc.get_traced_memory()
+        if not tracing:
+            tracemalloc.stop()
+        assert copied.status_code == 200
+        copy_id = copied.json()["thread_id"]
+        assert await _values(graph, copy_id) == await _values(graph, "t1")
+    # What the copy held at once, beyond what it kept: about one state of the thread.
+    assert peak - kept < 2 * posts * size
+    await api.producer.aclose()
+    # A saver that holds its connection while it lists (AsyncSqliteSaver) copies too.
+    async with AsyncSqliteSaver.from_conn_string(str(tmp_path / "checkpoints.db")) as saver:
+        api, graph, _reached, _hold = gated_router(saver=saver)
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(api), base_url="http://t"
+        ) as http:
+            for word in ["a", "ask"]:
+                body = {"assistant_id": "agent", "input": {"n": [word]}}
+                assert (await http.post("/threads/t1/runs/wait", json=body)).is_success
+            copy = (await http.post("/threads/t1/copy")).json()
+            assert (copy["values"], copy["status"]) == ({"n": ["a", "done", "ask"]}, "interrupted")
+
+            async def history(thread: str) -> list[Any]:
+                states = await http.post(f"/threads/{thread}/history", json={"limit": 50})
+                return [(s["checkpoint"]["checkpoint_id"], s["values"]) for s in states.json()]
+
+            assert await history(copy["thread_id"]) == await history("t1")
+        await api.producer.aclose()
+
+
 async def test_threads_copy_without_create_thread_is_not_served_and_writes_nothing() -> None:
     # Regression: with thread_info and no create_thread (the docs' own example), the copy
     # went to a new UUID the app has no record of: every checkpoint of the thread was
@@ -3742,10 +3791,12 @@ async def test_threads_copy_of_a_thread_with_a_run_in_progress_is_409() -> None:
     await api.producer.aclose()
 
 
-async def test_threads_copy_while_a_run_starts_is_409_and_copies_nothing() -> None:
+@pytest.mark.parametrize("paused_in", ["alist", "aget_tuple"])
+async def test_threads_copy_while_a_run_starts_is_409_and_copies_nothing(paused_in: str) -> None:
     # Regression: the copy looked for a run in progress only before it read the thread's
     # checkpoints. A run that started meanwhile was copied half-done: 200, and the copy
-    # read "interrupted" at the run's next step, an interrupt no one made.
+    # read "interrupted" at the run's next step, an interrupt no one made. The copy lists
+    # the checkpoints (alist), then reads each as it writes it (aget_tuple).
     import httpx
     from langgraph.checkpoint.memory import InMemorySaver
 
@@ -3754,13 +3805,21 @@ async def test_threads_copy_while_a_run_starts_is_409_and_copies_nothing() -> No
     class PausedSaver(InMemorySaver):
         paused = False
 
-        async def alist(self, config: Any, **kwargs: Any) -> AsyncIterator[Any]:
-            if self.paused and (config or {}).get("configurable", {}).get("thread_id") == "t1":
+        async def pause(self, config: Any, method: str) -> None:
+            thread_id = (config or {}).get("configurable", {}).get("thread_id")
+            if self.paused and method == paused_in and thread_id == "t1":
                 self.paused = False
                 reading.set()
                 await go_on.wait()
+
+        async def alist(self, config: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            await self.pause(config, "alist")
             async for item in super().alist(config, **kwargs):
                 yield item
+
+        async def aget_tuple(self, config: Any) -> Any:
+            await self.pause(config, "aget_tuple")
+            return await super().aget_tuple(config)
 
     saver = PausedSaver()
     api, graph, reached, hold = gated_router(saver=saver)

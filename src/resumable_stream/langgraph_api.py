@@ -2340,7 +2340,7 @@ class LangGraphRouter:
         distinct = [
             saver
             for saver in {id(saver): saver for saver in savers}.values()
-            if all(hasattr(saver, name) for name in ("alist", "aput", "aput_writes"))
+            if all(hasattr(saver, name) for name in ("alist", "aget_tuple", "aput", "aput_writes"))
         ]
         if not distinct:
             raise _Refused(
@@ -2373,21 +2373,27 @@ class LangGraphRouter:
         info = await settled_info(self.transport, stream_id)
         if (info is not None and info.status == "running") or self._queued_here(stream_id):
             raise busy
-        items = [await _checkpoints_of(saver, thread_id) for saver in distinct]
+        keys = [await _checkpoint_keys(saver, thread_id) for saver in distinct]
+
         # Read without holding the thread (a hold would replace its latest run on the
         # stream): a run or state update that took the thread meanwhile is a new epoch, and
         # what was read may hold half of its step.
-        now = await self.transport.info(stream_id)
-        if now is not None and (info is None or now.epoch != info.epoch):
-            raise busy
+        async def unchanged() -> None:
+            now = await self.transport.info(stream_id)
+            if now is not None and (info is None or now.epoch != info.epoch):
+                raise busy
+
+        await unchanged()
         if self.create_thread is not None:
             new_id = await self.create_thread(request, None, metadata)
         else:
             new_id = str(uuid.uuid4())
         check_stream_id(self.stream_id(new_id))
         try:
-            for saver, read in zip(distinct, items, strict=True):
-                await _copy_checkpoints(saver, read, new_id)
+            for saver, listed in zip(distinct, keys, strict=True):
+                if not await _copy_checkpoints(saver, thread_id, listed, new_id):
+                    raise busy  # a checkpoint listed is gone: the thread changed
+            await unchanged()  # each checkpoint was read again as it was copied
         except BaseException:
             for saver in distinct:
                 if hasattr(saver, "adelete_thread"):
@@ -2418,24 +2424,38 @@ class LangGraphRouter:
         return Response(error.body(), 405, {**error.headers(), "allow": "GET"}, JSON_TYPE)
 
 
-async def _checkpoints_of(saver: Any, thread_id: str) -> list[Any]:
-    """Each checkpoint of the thread in ``saver`` (every namespace's), newest first."""
-    return [item async for item in saver.alist({"configurable": {"thread_id": thread_id}})]
-
-
-async def _copy_checkpoints(saver: Any, items: list[Any], target: str) -> None:
-    """Write each checkpoint of ``items`` (a thread's, see :func:`_checkpoints_of`), with
-    its pending writes, into thread ``target`` of ``saver``: the same ids, parents,
-    metadata and values (every channel's, so that the target has all it reads)."""
-    for item in reversed(items):  # oldest first, as they were written
+async def _checkpoint_keys(saver: Any, thread_id: str) -> list[tuple[str, str]]:
+    """The namespace and id of each checkpoint of the thread in ``saver`` (every
+    namespace's), newest first: only these are kept, as each checkpoint read holds the
+    thread's values at that point (a long thread's would not fit in memory together)."""
+    keys: list[tuple[str, str]] = []
+    async for item in saver.alist({"configurable": {"thread_id": thread_id}}):
         configurable = item.config.get("configurable", {})
-        parent = (item.parent_config or {}).get("configurable", {}).get("checkpoint_id")
-        config: dict[str, Any] = {
-            "configurable": {
-                "thread_id": target,
-                "checkpoint_ns": configurable.get("checkpoint_ns", ""),
+        keys.append((configurable.get("checkpoint_ns", ""), configurable["checkpoint_id"]))
+    return keys
+
+
+async def _copy_checkpoints(
+    saver: Any, thread_id: str, keys: list[tuple[str, str]], target: str
+) -> bool:
+    """Write each checkpoint of thread ``thread_id`` that ``keys`` names (see
+    :func:`_checkpoint_keys`), with its pending writes, into thread ``target`` of
+    ``saver``, read and written one at a time: the same ids, parents, metadata and values
+    (every channel's, so that the target has all it reads). False if one is gone."""
+    for namespace, checkpoint_id in reversed(keys):  # oldest first, as they were written
+        item = await saver.aget_tuple(
+            {
+                "configurable": {
+                    "thread_id": thread_id,
+                    "checkpoint_ns": namespace,
+                    "checkpoint_id": checkpoint_id,
+                }
             }
-        }
+        )
+        if item is None:
+            return False
+        parent = (item.parent_config or {}).get("configurable", {}).get("checkpoint_id")
+        config: dict[str, Any] = {"configurable": {"thread_id": target, "checkpoint_ns": namespace}}
         if parent:
             config["configurable"]["checkpoint_id"] = parent  # aput's parent
         versions = dict(item.checkpoint.get("channel_versions", {}))
@@ -2445,6 +2465,7 @@ async def _copy_checkpoints(saver: Any, items: list[Any], target: str) -> None:
             tasks.setdefault(task_id, []).append((channel, value))
         for task_id, writes in tasks.items():
             await saver.aput_writes(written, writes, task_id)
+    return True
 
 
 #: The API's multitask strategies (None: none given, "reject").
