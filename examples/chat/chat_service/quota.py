@@ -76,31 +76,26 @@ class AnswerQuota:
         ``replacing``: a thread whose answers were just stopped (policy ``interrupt``),
         not counted."""
         async with self._locked(owner):
-            chat = await self.store.answers_in_flight(owner, besides=replacing)
-            if chat + await self._langgraph(owner) >= self.limit:
-                raise TooManyAnswers(self.limit)
+            await self._check(owner, besides=replacing)
             yield
 
     async def take_langgraph_slot(self, owner: str) -> HeldLock:
         """A slot for a LangGraph run of ``owner``, held until the run ends (release it);
         raises :class:`TooManyAnswers` if the user is at the cap."""
         async with self._locked(owner):
-            chat = await self.store.answers_in_flight(owner)
-            taken: HeldLock | None = None
-            live = 0
+            await self._check(owner)
             for slot_id in self._slot_ids(owner):
                 held = await self.slots.try_acquire(slot_id)
-                if held is None:
-                    live += 1
-                elif taken is None:
-                    taken = held
-                else:
-                    await held.release()  # its holder died: free again
-            if taken is None or chat + live >= self.limit:
-                if taken is not None:
-                    await taken.release()
-                raise TooManyAnswers(self.limit)
-            return taken
+                if held is not None:
+                    return held
+            raise TooManyAnswers(self.limit)  # (every slot taken: the cap, counted again)
+
+    async def _check(self, owner: str, *, besides: str = "") -> None:
+        """(Holding the user's lock) raise :class:`TooManyAnswers` if the user's answers in
+        flight, chat answers (but thread ``besides``'s) and LangGraph runs, reach the cap."""
+        chat = await self.store.answers_in_flight(owner, besides=besides)
+        if chat + await self._langgraph(owner) >= self.limit:
+            raise TooManyAnswers(self.limit)
 
     @contextlib.asynccontextmanager
     async def _locked(self, owner: str) -> AsyncIterator[None]:
