@@ -18,6 +18,13 @@ CAP = 3
 BURST = 24
 
 
+#: A LangGraph run of the service's agent.
+_LANGGRAPH_RUN = {
+    "assistant_id": "agent",
+    "input": {"messages": [{"role": "user", "content": "x"}]},
+}
+
+
 def _bearer(server: ChatServer, name: str) -> httpx.Client:
     """A user of this test's own (the databases of other tests may be shared)."""
     return server.client(headers={"authorization": f"Bearer {name}-{uuid.uuid4().hex}"})
@@ -80,10 +87,7 @@ def test_a_burst_of_one_users_messages_gets_exactly_the_cap(
         lg_thread = alice.post("/langgraph/threads", json={}).json()["thread_id"]
         langgraph = alice.post(
             f"/langgraph/threads/{lg_thread}/runs",
-            json={
-                "assistant_id": "agent",
-                "input": {"messages": [{"role": "user", "content": "x"}]},
-            },
+            json=_LANGGRAPH_RUN,
         )
         for name, response in {
             "regenerate": regenerate,
@@ -114,10 +118,7 @@ def test_a_langgraph_run_takes_one_of_the_users_answers(
         thread_id = carol.post("/langgraph/threads", json={}).json()["thread_id"]
         run = carol.post(
             f"/langgraph/threads/{thread_id}/runs",
-            json={
-                "assistant_id": "agent",
-                "input": {"messages": [{"role": "user", "content": "x"}]},
-            },
+            json=_LANGGRAPH_RUN,
         )
         assert run.status_code == 200, run.text
         refused = carol.post("/v1/chat/message", json={"message": "hello"})
