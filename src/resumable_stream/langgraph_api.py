@@ -2220,8 +2220,7 @@ class LangGraphRouter:
         kwargs: dict[str, Any] = {} if run_id is None else {"filter": {"run_id": run_id}}
         # The root namespace's checkpoints, newest first: every run writes some there (its
         # input's first), and a subgraph's name the run of their parent's.
-        config = self._config(thread_id)
-        config["configurable"]["checkpoint_ns"] = ""
+        config = self._config(thread_id, {"configurable": {"checkpoint_ns": ""}})
         counted = 0
         async for item in saver.alist(config, **kwargs):
             if item.config.get("configurable", {}).get("checkpoint_ns"):
