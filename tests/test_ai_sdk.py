@@ -1750,12 +1750,7 @@ async def test_a_resumed_tool_still_running_when_the_answer_stops_ends_failed() 
         replayed = sse_chunks((await http.get("/replay")).text)
     await router.producer.aclose()
     for chunks in (continued, replayed):
-        check_order(chunks)
-        assert {c["toolCallId"] for c in chunks if "toolCallId" in c} == {"call_book"}
-        failed = [c for c in chunks if c["type"] == "tool-output-error"]
-        assert [(c["toolCallId"], c["errorText"]) for c in failed] == [
-            ("call_book", "the answer ended before this tool finished")
-        ]
+        _failed_on_the_paused_call(chunks, "the answer ended before this tool finished")
         assert chunks[-1]["type"] == "abort"
 
 
@@ -1798,6 +1793,15 @@ def _booking_chat(book: Any, chat_id: str) -> tuple[ChatRouter, Starlette]:
     return router, Starlette(routes=[*router.routes, Route("/replay", replay)])
 
 
+def _failed_on_the_paused_call(chunks: list[dict[str, Any]], error: str) -> None:
+    """``chunks`` (a continuation's, or its replay's) name no call but the paused one, on
+    which the resumed tool failed with ``error``."""
+    check_order(chunks)
+    assert {c["toolCallId"] for c in chunks if "toolCallId" in c} == {"call_book"}
+    failed = [c for c in chunks if c["type"] == "tool-output-error"]
+    assert [(c["toolCallId"], c["errorText"]) for c in failed] == [("call_book", error)]
+
+
 def _booking_graph(book: Any) -> Any:
     """The booking model's agent over the tool ``book``, with checkpoints."""
     return tool_loop(BookingModel(), [book], InMemorySaver(), handle_tool_errors=True)
@@ -1824,9 +1828,4 @@ async def test_a_resumed_tool_that_fails_shows_its_error_on_its_own_call() -> No
         replayed = sse_chunks((await http.get("/replay")).text)
     await router.producer.aclose()
     for chunks in (continued, replayed):
-        check_order(chunks)
-        assert {c["toolCallId"] for c in chunks if "toolCallId" in c} == {"call_book"}
-        failed = [c for c in chunks if c["type"] == "tool-output-error"]
-        assert [(c["toolCallId"], c["errorText"]) for c in failed] == [
-            ("call_book", "no seats for x")
-        ]
+        _failed_on_the_paused_call(chunks, "no seats for x")
