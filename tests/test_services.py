@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import signal
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
 
 from tests._services import (
+    html_page,
     launch_chromium,
     launch_chromium_async,
     port_accepts,
@@ -52,27 +51,8 @@ async def endless_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
 @pytest.fixture
 def page_url() -> Iterator[str]:
     """A stdlib HTTP server on a free loopback port that serves PAGE."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(PAGE)))
-            self.end_headers()
-            self.wfile.write(PAGE)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with html_page(PAGE) as url:
+        yield url
 
 
 def test_redis_url_answers_ping(redis_url: str) -> None:

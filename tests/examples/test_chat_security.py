@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 from chat_service.auth import COOKIE_NAME, session_value
 from playwright.sync_api import sync_playwright
 
-from tests._services import free_port, launch_chromium
+from tests._services import html_page, launch_chromium
 from tests.examples._chat import ChatServer
 
 TRUSTED_ORIGIN = "http://trusted.example"
@@ -26,29 +25,8 @@ def server(chat_servers: Callable[..., ChatServer]) -> ChatServer:
 def other_origin() -> Iterator[str]:
     """A page of another origin on the same host as the service: another port of
     127.0.0.1, so the same site (cookies with ``SameSite=Lax`` go with its requests)."""
-
-    class Page(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            body = b"<!doctype html><title>another origin</title>"
-            self.send_response(200)
-            self.send_header("content-type", "text/html")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    port = free_port()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Page)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join()
+    with html_page(b"<!doctype html><title>another origin</title>") as url:
+        yield url.rstrip("/")
 
 
 # What a page may send anywhere without a CORS preflight: a text/plain body.
