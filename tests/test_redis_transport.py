@@ -99,6 +99,23 @@ async def test_a_run_whose_transport_is_closed_under_it_ends_at_once(redis_url: 
         await asyncio.wait_for(run.wait(), timeout=DEFAULT_WRITE_RETRY_BUDGET / 3)
 
 
+async def test_a_run_whose_source_is_idle_ends_when_its_transport_is_closed(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Regression: with the source waiting (a model thinking), nothing of the run was
+    # written after aclose(): its heartbeat took TransportClosed for a transient fault and
+    # logged it every third of a lease, and run.wait() waited until the source yielded again,
+    # maybe for ever.
+    transport = RedisTransport.from_url(redis_url, prefix=f"t{uuid.uuid4().hex[:12]}")
+    gate = asyncio.Event()  # never set: the source stays idle
+    run = await StreamProducer(transport, lease=0.3).start(tokens(10, pause=gate))
+    await eventually(lambda: _stored(transport, run.stream_id))
+    await transport.aclose()
+    with pytest.raises(TransportClosed):
+        await asyncio.wait_for(run.wait(), timeout=10)  # a heartbeat is every 0.1 s
+    assert "heartbeat failed" not in caplog.text
+
+
 async def test_a_close_cut_short_still_closes_every_connection(redis_url: str) -> None:
     # Regression: aclose() cancelled while it stopped the notices connection (a shutdown
     # under a timeout) left the command connection open for good; a second aclose() did

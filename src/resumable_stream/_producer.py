@@ -659,6 +659,12 @@ class Run:
             if self._terminal is None and not self._task.done():
                 self._fail(exc)
             return
+        except TransportClosed as exc:
+            # Closed under the run: nothing of it will be written again. It ends now, as
+            # its writes do, not when an idle source next yields (maybe never).
+            if not self._task.done():
+                self._fail(exc)
+            return
         except TransportError as exc:
             telemetry.failed(exc, "renew")
             logger.warning("run %s: heartbeat failed: %s", self.stream_id, exc)
@@ -684,6 +690,8 @@ class Run:
     def _on_cancel(self, error: Exception | None) -> None:
         if error is None:
             self._request_cancel("requested")
+        elif isinstance(error, TransportClosed):
+            self._fail(error)  # closed under the run, as in _renew()
         elif isinstance(error, TransportError):
             telemetry.failed(error, "wait_cancel")
             logger.warning(
