@@ -15,6 +15,10 @@ import pytest
         ("resumable_stream.fastapi", "fastapi", "fastapi"),
         ("resumable_stream.testing", "pytest", "testing"),
         ("resumable_stream.testing", "pytest_asyncio", "testing"),
+        ("resumable_stream.ai_sdk", "starlette", "web"),
+        ("resumable_stream.langgraph_api", "starlette", "web,langgraph"),
+        ("resumable_stream.transports.redis", "redis", "redis"),
+        ("resumable_stream.transports.redis", "hiredis", "redis"),
     ],
 )
 def test_a_missing_dependency_names_its_extra(module: str, missing: str, extra: str) -> None:

@@ -38,11 +38,17 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import orjson
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
+
+try:
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import BaseRoute, Route
+    from starlette.types import Receive, Scope, Send
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "resumable_stream.ai_sdk needs Starlette: pip install 'resumable-llm-stream[web]'"
+    ) from exc
 
 from ._asgi import ConnectionLimit, ServerClosed
 from ._codec import parse_offset

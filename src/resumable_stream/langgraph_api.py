@@ -48,11 +48,18 @@ from functools import partial
 from typing import Any, Literal
 
 import orjson
-from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
+
+try:
+    from starlette.exceptions import HTTPException
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import BaseRoute, Route
+    from starlette.types import Receive, Scope, Send
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "resumable_stream.langgraph_api needs Starlette and LangGraph: "
+        "pip install 'resumable-llm-stream[web,langgraph]'"
+    ) from exc
 
 from ._codec import decode_entry, encode_entry
 from ._constants import DEFAULT_MAX_BODY_BYTES, DEFAULT_PING_INTERVAL, DEFAULT_SEND_TIMEOUT

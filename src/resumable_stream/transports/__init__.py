@@ -79,7 +79,8 @@ def from_url(url: str, **options: Unpack[RedisOptions]) -> Transport:
             from .redis import RedisTransport
         except ImportError as exc:  # pragma: no cover - depends on the environment
             raise ConfigurationError(
-                "the Redis transport needs redis-py: pip install 'resumable-llm-stream[redis]'"
+                "the Redis transport needs redis-py and hiredis: "
+                "pip install 'resumable-llm-stream[redis]'"
             ) from exc
         return RedisTransport.from_url(url, **options)
     raise ConfigurationError(f"unknown transport URL {url!r}: use one of {', '.join(_SCHEMES)}")

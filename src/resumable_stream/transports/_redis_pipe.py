@@ -33,10 +33,15 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import hiredis
-from redis import exceptions as rex
-from redis._parsers import BaseParser
-from redis.asyncio.connection import AbstractConnection
+try:
+    import hiredis
+    from redis import exceptions as rex
+    from redis._parsers import BaseParser
+    from redis.asyncio.connection import AbstractConnection
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "the Redis transport needs redis-py and hiredis: pip install 'resumable-llm-stream[redis]'"
+    ) from exc
 
 from .. import telemetry
 from .._exceptions import BackendRefused, TransportClosed, TransportError

@@ -30,14 +30,19 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Self
 from urllib.parse import unquote, urlsplit
 
-import redis.asyncio as aioredis
-from redis import exceptions as rex
-from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.asyncio.connection import AbstractConnection, parse_url
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.cluster import PRIMARY
-from redis.crc import key_slot
+try:
+    import redis.asyncio as aioredis
+    from redis import exceptions as rex
+    from redis.asyncio.cluster import ClusterNode, RedisCluster
+    from redis.asyncio.connection import AbstractConnection, parse_url
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.cluster import PRIMARY
+    from redis.crc import key_slot
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "the Redis transport needs redis-py and hiredis: pip install 'resumable-llm-stream[redis]'"
+    ) from exc
 
 from .._constants import (
     DEFAULT_MAX_ENTRIES,
