@@ -1,0 +1,36 @@
+"""The source distribution holds the repository's files and nothing a test run leaves."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_sdist_leaves_out_what_the_tests_leave_behind(tmp_path: Path) -> None:
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode()
+    tree = tmp_path / "tree"
+    files = {name for name in tracked.split("\0") if name}
+    for name in files:
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, tree / name)
+    # What a test run with Hypothesis leaves in the working tree (the suite runs before
+    # .ci/package builds the sdist from the same tree).
+    database = tree / ".hypothesis" / "constants"
+    database.mkdir(parents=True)
+    (tree / ".hypothesis" / ".gitignore").write_text("*\n")
+    (database / "0123456789abcdef").write_bytes(b"cached")
+    subprocess.run(
+        [sys.executable, "-m", "build", "--sdist", "--outdir", str(tmp_path / "dist"), str(tree)],
+        check=True,
+        capture_output=True,
+    )
+    with tarfile.open(next((tmp_path / "dist").glob("*.tar.gz"))) as archive:
+        shipped = {m.name.split("/", 1)[1] for m in archive.getmembers() if m.isfile()}
+    assert shipped - {"PKG-INFO"} == files
