@@ -260,3 +260,84 @@ def test_task_queue_celery_sample_answers_on_a_real_worker(redis_url: str, tmp_p
     types, text = result.stdout.splitlines()[-2:]
     assert types == "['custom', 'custom', 'token', 'token', 'token', 'end']", log.read_text()
     assert text == "Celery ran this."
+
+
+def http_app(flavour: str) -> str:
+    """docs/http.md's complete Starlette app, or its FastAPI variant on the same parts."""
+    blocks: list[str] = re.findall(
+        r"```python\n(.*?)```", (ROOT / "docs/http.md").read_text(), re.S
+    )
+    starlette_app, fastapi_app = blocks[0], blocks[1]
+    assert starlette_app.startswith("import asyncio") and "app = Starlette(" in starlette_app
+    assert "# transport, producer, answer, authorize and lifespan: as above" in fastapi_app
+    if flavour == "starlette":
+        return starlette_app
+    return starlette_app.split("app = Starlette(")[0] + fastapi_app
+
+
+@pytest.mark.parametrize("flavour", ["starlette", "fastapi"])
+def test_http_page_app_serves_a_stream(flavour: str, tmp_path: Path) -> None:
+    import httpx
+
+    (tmp_path / "app.py").write_text(http_app(flavour))
+    port = free_port()
+    log = tmp_path / "uvicorn.log"
+    command = [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port)]
+    with log.open("wb") as out:
+        server = subprocess.Popen(dies_with_us(command), cwd=tmp_path, stdout=out, stderr=out)
+    try:
+        wait_until_ready(
+            lambda: port_accepts(port), what="the http.md app", process=server, log=log
+        )
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            started = client.post("/chat", json={"question": "why resume?"})
+            assert started.status_code == 202, started.text
+            body = started.json()
+            assert body["stream_url"] == f"/streams/{body['stream_id']}"
+            assert started.headers["location"] == body["stream_url"]
+            events = client.get(body["stream_url"])
+            assert events.headers["content-type"].startswith("text/event-stream")
+            assert events.text.startswith("retry: 1000\nid: ")
+            texts = re.findall(r'^data: \{"text":"([^"]*)"', events.text, re.M)
+            assert "".join(texts) == "You asked: why resume? "
+            assert events.text.endswith("event: end\ndata: {}\n\n")
+            status = client.get(body["stream_url"] + "/status").json()
+            assert status["status"] == "completed"
+            cancel = client.post(body["stream_url"] + "/cancel")
+            assert cancel.status_code == 409
+            assert cancel.json()["code"] == "stream_not_running"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_offsets_page_parse_offset_sample_runs() -> None:
+    found = re.search(
+        r"```python\n(from resumable_stream import parse_offset\n.*?)```",
+        (ROOT / "docs/offsets.md").read_text(),
+        re.S,
+    )
+    assert found, "no parse_offset sample in docs/offsets.md"
+    exec(found.group(1), {})
+
+
+async def test_events_page_event_too_large_sample_runs() -> None:
+    # The sample awaits at top level, as in an async function of the reader's app.
+    from resumable_stream import StreamProducer
+    from resumable_stream.testing import collect
+    from resumable_stream.transports.memory import MemoryTransport
+
+    found = re.search(
+        r"```python\n(async def source\(\):\n.*?)```", (ROOT / "docs/events.md").read_text(), re.S
+    )
+    assert found, "no EventTooLarge sample in docs/events.md"
+    body = "".join(f"    {line}\n" for line in found.group(1).splitlines())
+    transport = MemoryTransport()
+    namespace: dict[str, object] = {"transport": transport, "StreamProducer": StreamProducer}
+    exec(f"async def sample():\n{body}    return run\n", namespace)
+    run = await namespace["sample"]()  # type: ignore[operator]
+    events = await collect(transport, run.stream_id)
+    assert [(e.type, e.data.get("error")) for e in events] == [
+        ("token", None),
+        ("error", "EventTooLarge"),
+    ]
