@@ -10,9 +10,10 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 from httpx_sse import connect_sse
 
-from ._chat import ChatServer, eventually, read_sse, terminal
+from ._chat import ChatServer, eventually, history, post_message, read_sse, terminal
 
 CAP = 3
 BURST = 24
@@ -132,6 +133,51 @@ def test_a_langgraph_run_takes_one_of_the_users_answers(
             lambda: carol.post("/v1/chat/message", json={"message": "hello"}).status_code == 202,
             what="a message is accepted once the LangGraph run ended",
         )
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_answers_a_dead_process_left_do_not_hold_their_user_at_the_cap(
+    chat_servers: Callable[..., ChatServer], redis_url: str, postgres_dsn: str
+) -> None:
+    # Regression: an answer whose process died (kill -9, a node lost) stayed `started`
+    # until a reader of it, a submit on its thread or that process's restart settled it.
+    # Meanwhile the other processes counted it: the user got 429 on every other thread.
+    prefix = f"chat{uuid.uuid4().hex[:8]}"
+    env = {
+        "REDIS_URL": redis_url,
+        "DATABASE_URL": postgres_dsn,
+        "REDIS_PREFIX": prefix,
+        "MAX_ANSWERS_PER_USER": "1",
+        "STREAM_LEASE": "1",
+        "OFFLINE_TOKENS_PER_SECOND": "20",
+    }
+    a, b = chat_servers(**env), chat_servers(**env)
+    headers = {"authorization": f"Bearer erin-{uuid.uuid4().hex}"}
+    with a.client(headers=headers) as on_a, b.client(headers=headers) as on_b:
+        started = post_message(on_a, "How should I structure a small side project?")
+        thread_id = started["thread_id"]
+        read_sse(on_a, started["stream_url"], stop_after=lambda events: len(events) >= 3)
+        # Nothing of the user's runs any more once the leases of the answer and of its
+        # thread's lock lapsed (looked at without reading the answer: no reader settles it).
+        leases = [
+            f"{prefix}:{{{stream_id}}}:lease"
+            for stream_id in (f"thread-{thread_id}-{started['run']}", f"thread-{thread_id}-lock")
+        ]
+        with redis.Redis.from_url(redis_url) as admin:
+            assert admin.exists(*leases) == 2
+            a.kill()
+            eventually(lambda: admin.exists(*leases) == 0, what="the dead process's leases lapse")
+        assert history(on_b, thread_id)["active_run"] is not None  # recorded in flight
+
+        other = on_b.post("/v1/chat/message", json={"message": "what is 12*7"})
+        assert other.status_code == 202, other.text
+        # The cut answer is recorded as its readers are told.
+        cut = history(on_b, thread_id)
+        assert cut["active_run"] is None
+        assert cut["last_error"] == {"run": started["run"], "code": "producer_lost"}
+        status, answer = read_sse(on_b, other.json()["stream_url"])
+        assert status == 200 and terminal(answer) == {"type": "end"}, answer[-3:]
 
 
 @pytest.mark.parametrize("route", ["/v1/chat/stream", "/api/chat/{thread_id}/stream"])

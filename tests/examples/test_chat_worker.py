@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import redis
 
 from tests.examples._chat import (
     CHAT_DIR,
@@ -459,3 +460,45 @@ def accepted(response: httpx.Response) -> dict[str, Any] | None:
         return None
     body: dict[str, Any] = response.json()
     return body
+
+
+def test_an_answer_a_dead_worker_left_does_not_hold_its_user_at_the_cap(
+    chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest
+) -> None:
+    # Regression: an answer whose worker was killed stayed `started` while nobody read it,
+    # and counted toward MAX_ANSWERS_PER_USER: its user got 429 on every other thread. An
+    # answer still waiting for a worker counts, though: it is not lost.
+    backend = redis_postgres_env(request)
+    env = {
+        **backend,
+        "WORKER_MODE": "1",
+        "STREAM_LEASE": str(LEASE),
+        "MAX_ANSWERS_PER_USER": "1",
+        "OFFLINE_TOKENS_PER_SECOND": "40",
+    }
+    api = chat_servers(**env)
+    worker = chat_servers("worker", **env)
+    with api.client() as client, redis.Redis.from_url(backend["REDIS_URL"]) as admin:
+        first = post_message(client, "How should I design a cache?")
+        thread_id = first["thread_id"]
+        read_sse(client, first["stream_url"], stop_after=chunks_at_least(3))
+        worker.kill()  # and nobody reads the answer it was writing
+        leases = [
+            f"{backend['REDIS_PREFIX']}:{{{stream_id}}}:lease"
+            for stream_id in (f"thread-{thread_id}-{first['run']}", f"thread-{thread_id}-lock")
+        ]
+        eventually(lambda: admin.exists(*leases) == 0, what="the dead worker's leases lapse")
+
+        waiting = client.post("/v1/chat/message", json={"message": "what is 12*7"})
+        assert waiting.status_code == 202, waiting.text
+        assert history(client, thread_id)["last_error"] == {
+            "run": first["run"],
+            "code": "producer_lost",
+        }
+        # No worker is left to take it: queued, and counted.
+        refused = client.post("/v1/chat/message", json={"message": "and 6*7?"})
+        assert refused.status_code == 429, refused.text
+        chat_servers("worker", **env)
+        _, answer = read_sse(client, waiting.json()["stream_url"])
+    assert terminal(answer) == {"type": "end"}
+    assert "84" in answer_text(answer)

@@ -9,7 +9,8 @@ lock.py: a run of a process that died frees its slot once its lease lapsed).
 The check and the start are one step: both happen holding the user's lock
 (``user-<digest>-lock``, a :class:`~chat_service.lock.ThreadLock` on the transport), so a
 burst of parallel requests gets exactly the cap, in every process sharing the transport
-(Redis) and the database.
+(Redis) and the database. At the cap, the user's chat answers whose writer died are
+recorded as ended first (``reclaim``, RunService.settle_abandoned), then counted again.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 from resumable_stream import (
@@ -59,13 +60,25 @@ def user_lock_id(owner: str) -> str:
 
 
 class AnswerQuota:
-    """Admits a user's new answer while they have fewer than ``MAX_ANSWERS_PER_USER``."""
+    """Admits a user's new answer while they have fewer than ``MAX_ANSWERS_PER_USER``.
 
-    def __init__(self, settings: Settings, producer: StreamProducer, store: ThreadStore) -> None:
+    ``reclaim(owner, besides)``, called at the cap holding the user's lock, records the
+    user's chat answers whose writer is gone as ended (else they count until a reader of
+    each, or a restart of the process that died, does)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        producer: StreamProducer,
+        store: ThreadStore,
+        *,
+        reclaim: Callable[[str, str], Awaitable[None]] | None = None,
+    ) -> None:
         self.limit = settings.max_answers_per_user
         self.wait = settings.stream_lease * 3
         self.transport = producer.transport
         self.store = store
+        self.reclaim = reclaim
         self.lock = ThreadLock(producer, lock_id=user_lock_id)
         self.slots = ThreadLock(producer, lock_id=lambda slot_id: slot_id)
 
@@ -92,10 +105,19 @@ class AnswerQuota:
 
     async def _check(self, owner: str, *, besides: str = "") -> None:
         """(Holding the user's lock) raise :class:`TooManyAnswers` if the user's answers in
-        flight, chat answers (but thread ``besides``'s) and LangGraph runs, reach the cap."""
+        flight, chat answers (but thread ``besides``'s) and LangGraph runs, reach the cap,
+        once those whose writer died are recorded as ended (``reclaim``)."""
+        if await self._in_flight(owner, besides) < self.limit:
+            return
+        if self.reclaim is not None:
+            await self.reclaim(owner, besides)
+            if await self._in_flight(owner, besides) < self.limit:
+                return
+        raise TooManyAnswers(self.limit)
+
+    async def _in_flight(self, owner: str, besides: str) -> int:
         chat = await self.store.answers_in_flight(owner, besides=besides)
-        if chat + await self._langgraph(owner) >= self.limit:
-            raise TooManyAnswers(self.limit)
+        return chat + await self._langgraph(owner)
 
     @contextlib.asynccontextmanager
     async def _locked(self, owner: str) -> AsyncIterator[None]:

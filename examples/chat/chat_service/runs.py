@@ -109,7 +109,7 @@ class RunService:
         self.enqueue = enqueue
         self.workers = workers
         self.lock = ThreadLock(producer)
-        self.quota = AnswerQuota(settings, producer, store)
+        self.quota = AnswerQuota(settings, producer, store, reclaim=self.settle_abandoned)
         self.answers = Answers(settings, store=store, agent=agent, cache=cache)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
@@ -368,6 +368,38 @@ class RunService:
                 last = event
         await self.settle_from_reader(run, last)
 
+    async def settle_abandoned(self, owner: str, besides: str = "") -> None:
+        """(The quota, holding the user's lock at the cap) Record the user's answers in
+        flight (but thread ``besides``'s) whose writer is gone as their readers would: a
+        process that died (killed, its node lost) left them started, counted until a reader,
+        a submit on their thread or its restart settled them. A writer holds its thread's
+        lock until the run is recorded: a run is abandoned once that lock is free (its
+        holder's lease lapsed), never while a live writer holds it. A queued run waiting for
+        its turn (or for a worker) is not, unless a writer started its stream, or (worker
+        mode) no worker took it within WORKER_START_TIMEOUT. Each read to the end is bounded
+        (:meth:`_end_lost`), and the threads are looked at all at once."""
+        threads: dict[str, list[RunRecord]] = {}
+        for run in await self.store.runs_in_flight(owner, besides=besides):
+            threads.setdefault(run.thread_id, []).append(run)
+        await asyncio.gather(*(self._settle_abandoned_of(runs) for runs in threads.values()))
+
+    async def _settle_abandoned_of(self, runs: list[RunRecord]) -> None:
+        """(settle_abandoned) One thread's runs in flight, oldest first."""
+        for run in runs:
+            if run.state == "queued" and not (
+                await self._claimed(run)
+                if self.workers
+                else await self.transport.info(run.stream_id) is not None
+            ):
+                continue  # not started by a writer: waiting for its turn, or for a worker
+            held = await self.lock.try_acquire(run.thread_id)
+            if held is None:
+                break  # a live writer holds the thread's lock
+            await held.release()  # (before settling: a lost run's thread is kicked)
+            await self._end_lost(run)
+        if self.workers and any(run.state == "queued" for run in runs):
+            await self._settle_unanswered(runs[0].thread_id)
+
     async def settle_from_reader(self, run: RunRecord, terminal: Event | None) -> None:
         """A reader saw the run's terminal event (``Event`` or None if it could not read
         one): record a lost run as failed, so the thread shows no answer in progress."""
@@ -510,8 +542,8 @@ class RunService:
         return info is not None and info.status == "running" and info.last_seq >= 2
 
     async def _end_lost(self, run: RunRecord) -> None:
-        """(Worker mode, holding the lock) Read the run a dead worker left to its end, so
-        that the library ends it with ``producer_lost`` for its readers, and record that."""
+        """Read the run a dead writer left to its end, so that the library ends it with
+        ``producer_lost`` for its readers, and record that."""
         last = None
         with contextlib.suppress(ResumableStreamError, TimeoutError):
             async with asyncio.timeout(self.settings.stream_lease * 3):

@@ -348,6 +348,16 @@ class ThreadStore(ABC):
         )
         return int(rows[0][0])
 
+    async def runs_in_flight(self, owner: str, *, besides: str = "") -> list[RunRecord]:
+        """The runs :meth:`answers_in_flight` counts, oldest first."""
+        rows = await self._fetch(
+            f"SELECT {_RUN_COLUMNS} FROM chat_runs WHERE state IN ('queued', 'started') "
+            "AND thread_id <> ? AND thread_id IN (SELECT id FROM chat_threads WHERE owner = ?) "
+            "ORDER BY created_at",
+            (besides, owner),
+        )
+        return [_run(row) for row in rows]
+
     async def drop_queued(self, thread_id: str) -> list[RunRecord]:
         """Mark the thread's queued runs dropped; return them."""
         rows = await self._fetch(
