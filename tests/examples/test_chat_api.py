@@ -33,6 +33,7 @@ from tests.examples._chat import (
 )
 
 ALLOWED_ORIGIN = "http://allowed.example"
+GENERAL = "How should I structure a small side project?"
 
 
 @pytest.fixture(scope="module")
@@ -443,6 +444,26 @@ def test_stop_ends_the_answer_and_keeps_what_was_said(paced: ChatServer) -> None
     assert 0 < len(said) < 300  # the whole answer takes ~100 tokens
     assert saved["messages"][-1] == {**saved["messages"][-1], "text": said, "stopped": True}
     assert again["stopped"] is False
+
+
+def test_a_stop_naming_an_answer_that_ended_leaves_the_next_one(paced: ChatServer) -> None:
+    # Regression: a stop names only the thread. Clicked in one window as its answer ended,
+    # it stopped the answer another window (the same user) had started just after.
+    with paced.client() as client:
+        first, _ = ask(client, "Hi, my name is Ada")
+        thread_id = first["thread_id"]
+        second = post_message(client, GENERAL, thread_id=thread_id)
+        _, head = read_sse(client, second["stream_url"], stop_after=chunks_at_least(1))
+        late = client.post("/v1/chat/stop", params={"thread_id": thread_id, "run": first["run"]})
+        _, rest = read_sse(client, second["stream_url"], last_event_id=head[-1].id)
+        meant = client.post("/v1/chat/stop", params={"thread_id": thread_id, "run": 99})
+        bad = client.post("/v1/chat/stop", params={"thread_id": thread_id, "run": 0})
+
+    assert late.status_code == 200
+    assert late.json() == {"thread_id": thread_id, "run": first["run"], "stopped": False}
+    assert terminal(rest) == {"type": "end"}
+    assert meant.json() == {"thread_id": thread_id, "run": 99, "stopped": False}
+    assert (bad.status_code, bad.json()["code"]) == (422, "invalid_request")
 
 
 def test_reject_policy_answers_409_while_busy(paced: ChatServer) -> None:

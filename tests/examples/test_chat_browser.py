@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
@@ -157,7 +158,11 @@ def test_send_stream_reload_stop_and_switch_threads(
     send(page, "How should I structure a small side project?")
     answer = page.locator(ANSWER).last
     expect(answer.locator(".text")).to_contain_text("structure")
-    page.click("#stop")
+    with page.expect_request("**/v1/chat/stop?*") as stopping:
+        page.click("#stop")
+    # The stop names the answer shown (the thread's second): one clicked as it ends does
+    # not stop an answer started after it elsewhere.
+    assert parse_qs(urlsplit(stopping.value.url).query)["run"] == ["2"]
     expect(answer).to_have_attribute("data-state", "stopped")
     expect(answer.locator(".stopped-tag")).to_be_visible()
     expect(page.locator("#stop")).to_be_hidden()

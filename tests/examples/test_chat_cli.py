@@ -19,7 +19,17 @@ from chat_service.cli import ChatClient, _loop
 from starlette.responses import HTMLResponse
 
 from tests._services import free_port, uvicorn_server
-from tests.examples._chat import CHAT_DIR, ChatServer, cli, eventually, final_answer, settled
+from tests.examples._chat import (
+    CHAT_DIR,
+    ChatServer,
+    cli,
+    eventually,
+    final_answer,
+    post_message,
+    read_sse,
+    settled,
+    terminal,
+)
 from tests.examples.conftest import redis_postgres_env
 
 TOKEN = "cli-test-token-0123456789"
@@ -69,6 +79,32 @@ def test_commands_stream_answers_and_manage_threads(
     with httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {TOKEN}"}) as api:
         threads = api.get("/v1/threads").json()["threads"]
     assert [t["title"] for t in threads] == ["search for Redis Streams"]
+
+
+def test_a_stop_typed_as_its_answer_ends_leaves_the_one_another_window_started(
+    chat_servers: Callable[..., ChatServer],
+) -> None:
+    # Regression: /stop named only the thread, and stopped the answer the same user had
+    # started in another window (a browser tab) just after the one the terminal showed.
+    server = chat_servers(OFFLINE_TOKENS_PER_SECOND="40")
+    headers = {"authorization": f"Bearer {TOKEN}"}
+    with (
+        cli(server.url, TOKEN) as client,
+        httpx.Client(base_url=server.url, headers=headers, timeout=20) as other,
+    ):
+        client.type("Hi, my name is Ada")
+        client.stdout.wait_for(lambda out: "What would you like to talk about?\n" in out)
+        noted = client.stderr.wait_for(lambda err: re.search(r"\[thread \w+\]", err) is not None)
+        thread_id = re.findall(r"\[thread (\w+)\]", noted)[0]
+        started = post_message(
+            other, "How should I structure a small side project?", thread_id=thread_id
+        )
+        _, head = read_sse(other, started["stream_url"], stop_after=lambda events: len(events) > 1)
+        client.type("/stop")
+        client.stdout.wait_for(lambda out: "(nothing to stop)\n" in out)
+        _, rest = read_sse(other, started["stream_url"], last_event_id=head[-1].id)
+
+    assert terminal(rest) == {"type": "end"}
 
 
 @pytest.mark.redis

@@ -124,6 +124,46 @@ def test_queue_policy_refuses_a_retry_behind_a_queued_message_and_ends_dropped_r
     assert terminal(rest) == {"type": "end", "reason": "stopped"}
 
 
+def test_a_stop_naming_an_answer_stops_that_one_only(
+    chat_servers: Callable[..., ChatServer], chat_backend: dict[str, str]
+) -> None:
+    # Regression: a stop names only the thread, and stopped whatever it ran then, and
+    # dropped its whole queue: a Stop clicked as answer 1 ended stopped answer 2 instead.
+    server = chat_servers(BUSY_POLICY="queue", OFFLINE_TOKENS_PER_SECOND="40", **chat_backend)
+    with server.client() as client:
+        first = post_message(client, CONVERSATION[0])
+        thread_id = first["thread_id"]
+        runs = [first] + [
+            post_message(client, text, thread_id=thread_id)
+            for text in (GENERAL, "what is 12*7", "Thanks!")
+        ]
+        _, answered = read_sse(client, first["stream_url"])
+        _, head = read_sse(client, runs[1]["stream_url"], stop_after=chunks_at_least(1))
+
+        def stop(run: dict[str, Any]) -> Any:
+            params = {"thread_id": thread_id, "run": run["run"]}
+            response = client.post("/v1/chat/stop", params=params)
+            assert response.status_code == 200, response.text
+            return response.json()["stopped"]
+
+        # Answer 1 has ended, 2 is in flight, 3 and 4 wait: a stop meant for 1 does nothing.
+        late = stop(first)
+        dropped = stop(runs[2])  # a queued answer: only that one
+        stopped = stop(runs[1])  # the one in flight: 4 is answered next
+        _, rest = read_sse(client, runs[1]["stream_url"], last_event_id=head[-1].id)
+        gone, _ = read_sse(client, runs[2]["stream_url"])
+        _, last = read_sse(client, runs[3]["stream_url"])
+        thread = history(client, thread_id)
+
+    assert terminal(answered) == {"type": "end"}
+    assert (late, dropped, stopped) == (False, True, True)
+    assert terminal(rest) == {"type": "end", "reason": "stopped"}
+    assert gone == 204  # dropped before its turn: never answered
+    assert terminal(last) == {"type": "end"}
+    user = [m["text"] for m in thread["messages"] if m["role"] == "user"]
+    assert user == [CONVERSATION[0], GENERAL, "Thanks!"]
+
+
 @pytest.mark.redis
 @pytest.mark.postgres
 def test_any_api_process_reads_and_stops_an_answer_of_another(

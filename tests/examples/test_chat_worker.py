@@ -272,8 +272,13 @@ def test_stopping_an_answer_no_worker_took_yet_ends_it_as_stopped_at_once(
             # A reader waiting on the answer (the page opens it at once), then Stop.
             reading = pool.submit(read_sse, client, queued["stream_url"])
             assert opened.wait(10), "the answer's stream did not open"
-            stopped = client.post("/v1/chat/stop", params={"thread_id": thread_id})
+            # A stop meant for another answer (one that ended) leaves it queued.
+            other = {"thread_id": thread_id, "run": queued["run"] + 1}
+            assert client.post("/v1/chat/stop", params=other).json()["stopped"] is False
+            params = {"thread_id": thread_id, "run": queued["run"]}
+            stopped = client.post("/v1/chat/stop", params=params)
             assert stopped.status_code == 200, stopped.text
+            assert stopped.json()["stopped"] is True
             status, events = reading.result()
         thread = eventually(lambda: settled(client, thread_id), what="the thread settles")
         again = post_message(client, "what is 12*7", thread_id=thread_id)

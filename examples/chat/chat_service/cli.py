@@ -95,6 +95,7 @@ class ChatClient:
         self.model = model
         self.reconnect_for = reconnect_for
         self.thread_id: str | None = None
+        self.shown_run: str | None = None  # the number of the answer printed last (/stop)
         self.listed: list[str] = []
         self.midline = False  # an answer's text was printed with no newline after it
         self.failed = False  # a command failed, or an answer failed or was lost
@@ -161,6 +162,7 @@ class ChatClient:
         """Print an answer as it streams; resume after ``Last-Event-ID`` when the connection
         drops. Returns how the answer ended: end, stopped, error or lost."""
         loop = asyncio.get_running_loop()
+        self.shown_run = httpx.URL(url).params.get("run")
         last_id: str | None = None
         outage_since: float | None = None
         delay = 0.2
@@ -247,7 +249,7 @@ class ChatClient:
         if arg.isdigit() and 0 < int(arg) <= len(self.listed):
             arg = self.listed[int(arg) - 1]
         thread = await self.call("GET", "/v1/thread", params={"thread_id": arg})
-        self.thread_id = thread["thread_id"]
+        self.thread_id, self.shown_run = thread["thread_id"], None
         out(f"[thread {thread['title']}]\n")
         if thread["active_run"]:
             await self.answer(thread["active_run"]["stream_url"])
@@ -278,7 +280,7 @@ class ChatClient:
         if name == "/help":
             out(HELP + "\n")
         elif name == "/new":
-            self.thread_id = None
+            self.thread_id = self.shown_run = None
             out("[new thread]\n")
         elif name == "/threads":
             await self.threads()
@@ -293,10 +295,15 @@ class ChatClient:
             out("[cleared]\n")
         elif name == "/delete":
             await self.call("DELETE", "/v1/thread", params={"thread_id": self.thread_id})
-            self.thread_id = None
+            self.thread_id = self.shown_run = None
             out("[deleted]\n")
         elif name == "/stop":
-            stopped = await self.call("POST", "/v1/chat/stop", params={"thread_id": self.thread_id})
+            # The answer printed last, by its number: a /stop typed as it ends must not stop
+            # one another window started just after (nor one queued behind it).
+            params = {"thread_id": self.thread_id}
+            if self.shown_run:
+                params["run"] = self.shown_run
+            stopped = await self.call("POST", "/v1/chat/stop", params=params)
             if not stopped["stopped"]:
                 out("(nothing to stop)\n")
         elif name.startswith("/"):

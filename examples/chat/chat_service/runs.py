@@ -286,9 +286,14 @@ class RunService:
             return None
         return await self._begin(held)
 
-    async def stop(self, thread_id: str) -> bool:
-        """Stop the answer in flight and drop the queued ones; True if there was any."""
-        dropped = await self.store.drop_queued(thread_id)
+    async def stop(self, thread_id: str, seq: int | None = None) -> bool:
+        """Stop the answer in flight and drop the queued ones; True if there was any.
+
+        With ``seq``, only answer ``seq``: stopped if in flight, dropped if queued (the
+        answers queued behind it are answered in turn); nothing if it has ended, so a stop
+        meant for an answer that just ended does not stop the next one.
+        """
+        dropped = await self.store.drop_queued(thread_id, seq)
         for run in dropped:
             # Worker mode: a run no worker took yet has a reserved stream its readers wait
             # on. End it as stopped now, not when a worker gets to the task (or never).
@@ -297,7 +302,8 @@ class RunService:
                 await self._end_reserved(Reservation.parse(reservation))
         stopped = False
         for run in await self.store.runs(thread_id, "started"):
-            stopped |= await self.producer.cancel(run.stream_id)
+            if seq is None or run.seq == seq:
+                stopped |= await self.producer.cancel(run.stream_id)
         return stopped or bool(dropped)
 
     async def forget(self, thread_id: str, *, delete_thread: bool) -> None:

@@ -358,12 +358,14 @@ class ThreadStore(ABC):
         )
         return [_run(row) for row in rows]
 
-    async def drop_queued(self, thread_id: str) -> list[RunRecord]:
-        """Mark the thread's queued runs dropped; return them."""
+    async def drop_queued(self, thread_id: str, seq: int | None = None) -> list[RunRecord]:
+        """Mark the thread's queued runs (or only run ``seq``, if queued) dropped; return
+        them."""
+        only = "" if seq is None else " AND seq = ?"
         rows = await self._fetch(
-            "UPDATE chat_runs SET state = 'dropped' WHERE thread_id = ? AND state = 'queued' "
-            f"RETURNING {_RUN_COLUMNS}",
-            (thread_id,),
+            f"UPDATE chat_runs SET state = 'dropped' WHERE thread_id = ? AND state = 'queued'"
+            f"{only} RETURNING {_RUN_COLUMNS}",
+            (thread_id,) if seq is None else (thread_id, seq),
         )
         return [_run(row) for row in rows]
 

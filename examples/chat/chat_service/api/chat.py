@@ -77,10 +77,20 @@ async def get_stream(
 
 
 @router.post("/v1/chat/stop")
-async def stop(runtime: RuntimeDep, thread: OwnedThread) -> dict[str, Any]:
-    """Stop the answer in flight (and drop queued messages)."""
-    stopped = await runtime.runs.stop(thread.id)
-    return {"thread_id": thread.id, "stopped": stopped}
+async def stop(
+    runtime: RuntimeDep,
+    thread: OwnedThread,
+    run: Annotated[
+        int | None,
+        Query(ge=1, le=MAX_RUN_SEQ, description="Answer number (default: whatever is in flight)"),
+    ] = None,
+) -> dict[str, Any]:
+    """Stop answer ``run`` if it is in flight or queued (``stopped: false`` once it has
+    ended: the answers after it go on). Without ``run``: the answer in flight, and the
+    queued messages are dropped."""
+    if run is None:
+        return {"thread_id": thread.id, "stopped": await runtime.runs.stop(thread.id)}
+    return {"thread_id": thread.id, "run": run, "stopped": await runtime.runs.stop(thread.id, run)}
 
 
 def accepted(submitted: Submitted) -> JSONResponse:

@@ -525,9 +525,13 @@ async function saveEdit(message, text) {
 }
 
 async function stopAnswer() {
-  if (!state.threadId) return;
+  // The answer this page shows, by its number: a Stop clicked as it ends must not stop the
+  // answer another tab or the terminal client started just after, nor one queued behind it.
+  const stream = state.stream;
+  if (!state.threadId || !stream) return;
+  const run = stream.run ? "&run=" + stream.run : "";
   try {
-    await api("POST", "/v1/chat/stop?thread_id=" + encodeURIComponent(state.threadId));
+    await api("POST", "/v1/chat/stop?thread_id=" + encodeURIComponent(state.threadId) + run);
   } catch (error) {
     setStatus(error.message, "warn");
   }
