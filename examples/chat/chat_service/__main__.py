@@ -10,6 +10,13 @@ import logging
 
 from .settings import Settings, SettingsError, check_celery_broker
 
+#: Seconds the server keeps an idle keep-alive connection open: longer than clients keep
+#: theirs (httpx 5 s, as uvicorn's default) and than load balancers' idle timeouts (60 s on
+#: AWS), so that the client, not the server, closes it. With equal timeouts a request sent
+#: just as the server closed the connection failed ("Server disconnected without sending a
+#: response").
+KEEP_ALIVE_SECONDS = 75
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
@@ -58,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level="warning",
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
         # Open SSE responses would hold a shutdown for ever; readers resume elsewhere.
         timeout_graceful_shutdown=3,
     )

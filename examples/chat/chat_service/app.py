@@ -1,6 +1,6 @@
 """The chat service's HTTP API and UI: ``create_app(settings)``, and ``app`` for uvicorn.
 
-    uvicorn chat_service.app:app        # or: python -m chat_service
+    uvicorn chat_service.app:app --timeout-keep-alive 75    # or: python -m chat_service
 
 Answers run in the background (runs.py) and are read from their streams with the library's
 ``StreamResponse``: ``GET /v1/chat/stream`` as SSE that resumes with ``Last-Event-ID``,

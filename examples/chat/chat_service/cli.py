@@ -324,7 +324,13 @@ async def run(args: argparse.Namespace) -> int:
     """The client's exit code: 1 if a command failed with piped input (a script's), else 0."""
     headers = {"Authorization": f"Bearer {_token(args.token)}"}
     timeout = httpx.Timeout(10.0, read=None)  # an answer may be quiet for a while
-    async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=timeout) as http:
+    # An idle connection is closed well before servers close theirs (uvicorn after 5 s,
+    # as httpx by default; gunicorn after 2): a command sent as the server closed it would
+    # fail ("Server disconnected without sending a response").
+    limits = httpx.Limits(keepalive_expiry=1.0)
+    async with httpx.AsyncClient(
+        base_url=args.url, headers=headers, timeout=timeout, limits=limits
+    ) as http:
         chat = ChatClient(http, model=args.model, reconnect_for=args.reconnect_for)
         loop = asyncio.get_running_loop()
         lines: asyncio.Queue[str | None] = asyncio.Queue()
