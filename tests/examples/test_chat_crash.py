@@ -9,19 +9,30 @@ crash detection ends it with `producer_lost` once the dead server's lease lapses
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
 
 from tests.examples._chat import (
+    CHAT_DIR,
     ChatServer,
     Sse,
     answer_text,
     ask,
     eventually,
+    history,
     post_message,
     read_sse,
     settled,
     terminal,
 )
+from tests.examples.conftest import redis_postgres_env
+from tests.examples.test_chat_worker import run_states
 
 LEASE = "1"
 
@@ -90,3 +101,71 @@ def test_a_shutdown_mid_answer_is_saved_as_the_error_its_readers_get(
     assert "retry" in told["message"]
     assert thread["last_error"] == {"run": started["run"], "code": "shutdown"}
     assert not any(m.get("stopped") for m in thread["messages"])
+
+
+#: A folder whose sitecustomize makes a process SIGKILL itself right after it starts the
+#: stream of an answer (StreamProducer.start), before it marks the run started.
+DIES_AFTER_START = Path(__file__).parent / "dies_after_start"
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_an_answer_a_dead_process_left_queued_is_recorded_as_lost_at_restart(
+    chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # Regression: the server killed right after it started an answer's stream, before it
+    # marked the run started, left the run queued. At restart the queue's drain read the
+    # stream to its end (its readers got producer_lost and Retry) but recorded the run
+    # `done`: the thread showed the previous answer as the last one, no error, and the
+    # question was gone; Retry answered the previous question again.
+    marker = tmp_path / "died"
+    server = chat_servers(
+        **redis_postgres_env(request),
+        STREAM_LEASE=LEASE,
+        PYTHONPATH=os.pathsep.join([str(DIES_AFTER_START), str(CHAT_DIR)]),
+        CHAT_TEST_DIE_AFTER_START=str(marker),
+        CHAT_TEST_DIE_AFTER_START_RUN="2",
+    )
+    dsn = str(request.getfixturevalue("postgres_dsn"))
+    with server.client() as client:
+        first, _ = ask(client, "what is 12*7")
+        thread_id = first["thread_id"]
+        with pytest.raises(httpx.TransportError):  # the server died answering it
+            client.post("/v1/chat/message", json={"message": "what is 6*7", "thread_id": thread_id})
+        assert marker.exists()
+        assert run_states(dsn, thread_id) == [("done", None), ("queued", None)]
+        server.restart()  # nobody reads the cut answer: the restart's drain records it
+        thread = eventually(lambda: settled(client, thread_id), what="the run left `queued`")
+        retried, answer = ask(client, "", thread_id=thread_id, retry=True)
+
+    assert thread["last_error"] == {"run": 2, "code": "producer_lost"}
+    assert run_states(dsn, thread_id)[:2] == [("done", None), ("failed", "producer_lost")]
+    assert retried["run"] == 3
+    assert "42" in answer_text(answer)  # the lost question, asked again
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_an_answer_a_dead_process_left_started_is_recorded_as_lost_by_the_next_message(
+    chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest, redis_url: str
+) -> None:
+    # Regression: nobody read the answer cut by its server's death (its tab was closed);
+    # the next message on the thread, in another process, recorded it `done`. (No longer
+    # the thread's last answer, it shows only in its run's record.)
+    env = {**redis_postgres_env(request), "STREAM_LEASE": LEASE, "OFFLINE_TOKENS_PER_SECOND": "20"}
+    a, b = chat_servers(**env), chat_servers(**env)
+    dsn = str(request.getfixturevalue("postgres_dsn"))
+    headers = {"authorization": f"Bearer erin-{uuid.uuid4().hex}"}
+    with a.client(headers=headers) as on_a:
+        started = post_message(on_a, "How should I structure a small side project?")
+        thread_id = started["thread_id"]
+        read_sse(on_a, started["stream_url"], stop_after=chunks_at_least(3))
+        lease = f"{env['REDIS_PREFIX']}:{{thread-{thread_id}-lock}}:lease"
+        with redis.Redis.from_url(redis_url) as admin:
+            a.kill()
+            eventually(lambda: not admin.exists(lease), what="the dead holder's lease lapses")
+    with b.client(headers=headers) as on_b:
+        assert history(on_b, thread_id)["active_run"] is not None  # recorded in flight
+        ask(on_b, "what is 6*7", thread_id=thread_id)
+
+    assert run_states(dsn, thread_id) == [("failed", "producer_lost"), ("done", None)]

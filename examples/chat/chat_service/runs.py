@@ -550,11 +550,7 @@ class RunService:
     async def _end_lost(self, run: RunRecord) -> None:
         """Read the run a dead writer left to its end, so that the library ends it with
         ``producer_lost`` for its readers, and record that."""
-        last = None
-        with contextlib.suppress(ResumableStreamError, TimeoutError):
-            async with asyncio.timeout(self.settings.stream_lease * 3):
-                async for event in StreamConsumer(self.transport, run.stream_id):
-                    last = event
+        last = await self._read_to_end(run)
         if last is not None and last.terminal and last.type != "error":
             # Its worker died after the end, before recording it.
             await self.store.settle_run(run.thread_id, run.seq, "done", only_from=("started",))
@@ -617,7 +613,7 @@ class RunService:
 
     async def _start_next(self, held: HeldLock) -> _Active | None:
         """Start the oldest queued message. A run still marked started belongs to a holder
-        that died (we hold the lock now): end its stream and mark it done first."""
+        that died (we hold the lock now): end its stream and record it first."""
         thread_id = held.thread_id
         for stale in await self.store.runs(thread_id, "started"):
             await self._end_orphan(stale)
@@ -632,16 +628,35 @@ class RunService:
         return None
 
     async def _end_orphan(self, job: RunRecord) -> None:
-        info = await self.transport.info(job.stream_id)
-        if info is not None and info.status == "running":
-            # Reading to the end makes the library end it with error/producer_lost once the
-            # dead producer's lease has lapsed, so its readers learn what happened.
-            with contextlib.suppress(ResumableStreamError, TimeoutError):
-                async with asyncio.timeout(self.settings.stream_lease * 3):
-                    consumer = StreamConsumer(self.transport, job.stream_id, after=info.last_offset)
-                    async for _ in consumer:
-                        pass
-        await self.store.set_run_state(job.thread_id, job.seq, "done")
+        """(Holding the thread's lock) Record a run a holder that died left started, or
+        queued with its stream started, as its readers are told: reading its stream to the
+        end makes the library end it with ``producer_lost`` once the dead writer's lease
+        has lapsed. Failed (with Retry) unless it ended normally before its writer could
+        record it. The thread is not kicked: the drain holding its lock goes on."""
+        last = await self._read_to_end(job)
+        error: str | None = None
+        if last is None or not last.terminal or last.data.get("error") == PRODUCER_LOST:
+            error = PRODUCER_LOST  # (or its stream could not be read)
+        elif last.type == "cancelled" and last.data.get("reason") == "shutdown":
+            error = SHUTDOWN  # cut by its server's shutdown, as _finish records it
+        # Not over what a reader recorded meanwhile, nor over a stop (dropped).
+        await self.store.settle_run(
+            job.thread_id,
+            job.seq,
+            "done" if error is None else "failed",
+            error=error,
+            only_from=("queued", "started"),
+        )
+
+    async def _read_to_end(self, run: RunRecord) -> Event | None:
+        """The last event of a run a dead writer left, read to its end (at most three
+        leases); None if its stream could not be read."""
+        last = None
+        with contextlib.suppress(ResumableStreamError, TimeoutError):
+            async with asyncio.timeout(self.settings.stream_lease * 3):
+                async for event in StreamConsumer(self.transport, run.stream_id):
+                    last = event
+        return last
 
     async def _start(
         self, job: RunRecord, *, reservation: Reservation | None = None
