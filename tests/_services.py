@@ -81,6 +81,19 @@ def unavailable(reason: str) -> NoReturn:
     raise pytest.skip.Exception(reason) from None
 
 
+def from_package_index(command: list[str], what: str, *, timeout: float = 300) -> None:
+    """Run ``command``, which downloads from the package index (pip, ``python -m build``);
+    if it fails or hangs, the test is :func:`unavailable` (skipped locally, failed under
+    CI), with pip's own words."""
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        unavailable(f"{what}: no answer within {timeout:g} s (is the package index reachable?)")
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr)[-2000:]
+        unavailable(f"{what} failed (is the package index reachable?):\n{tail}")
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests._services import from_package_index
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -43,10 +45,8 @@ def test_a_missing_dependency_names_its_extra(module: str, missing: str, extra: 
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The package's wheel, built once per session as pip builds it."""
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(ROOT)],
-        check=True,
-    )
+    command = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out)]
+    from_package_index([*command, str(ROOT)], "building the wheel (pip wheel)")
     return next(out.glob("*.whl"))
 
 
@@ -58,8 +58,8 @@ def test_the_redis_extra_upgrades_a_hiredis_too_old_for_the_transport(
     venv.create(tmp_path / "venv", with_pip=True)
     python = str(tmp_path / "venv" / "bin" / "python")
     pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, "redis==5.0.1", "hiredis==2.1.0"], check=True)
-    subprocess.run([*pip, f"resumable-llm-stream[redis] @ {wheel.as_uri()}"], check=True)
+    from_package_index([*pip, "redis==5.0.1", "hiredis==2.1.0"], "pip install redis hiredis")
+    from_package_index([*pip, f"resumable-llm-stream[redis] @ {wheel.as_uri()}"], "pip install")
     code = (
         "import asyncio, sys\n"
         "from resumable_stream import StreamConsumer, StreamProducer, from_url\n"

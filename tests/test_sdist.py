@@ -8,6 +8,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from tests._services import from_package_index
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -26,11 +28,8 @@ def test_the_sdist_leaves_out_what_the_tests_leave_behind(tmp_path: Path) -> Non
     database.mkdir(parents=True)
     (tree / ".hypothesis" / ".gitignore").write_text("*\n")
     (database / "0123456789abcdef").write_bytes(b"cached")
-    subprocess.run(
-        [sys.executable, "-m", "build", "--sdist", "--outdir", str(tmp_path / "dist"), str(tree)],
-        check=True,
-        capture_output=True,
-    )
+    build = [sys.executable, "-m", "build", "--sdist", "--outdir", str(tmp_path / "dist")]
+    from_package_index([*build, str(tree)], "building the sdist (python -m build)")
     with tarfile.open(next((tmp_path / "dist").glob("*.tar.gz"))) as archive:
         shipped = {m.name.split("/", 1)[1] for m in archive.getmembers() if m.isfile()}
     assert shipped - {"PKG-INFO"} == files
