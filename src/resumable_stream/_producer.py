@@ -254,8 +254,9 @@ class Run:
         """Wait for the run to end and return its final status.
 
         Raises what kept the run from writing its terminal event: :class:`LeaseLost` (it
-        was fenced), :class:`BackendRefused`, or a :class:`TransportError` that outlasted
-        the write-retry budget; readers then report ``producer_lost``. Cancelling
+        was fenced), :class:`BackendRefused`, :class:`TransportClosed` (the transport was
+        closed under the run), or a :class:`TransportError` that outlasted the write-retry
+        budget; readers then report ``producer_lost``. Cancelling
         ``wait()`` does not cancel the run.
         """
         await asyncio.shield(self._task)
