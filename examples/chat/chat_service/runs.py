@@ -403,6 +403,10 @@ class RunService:
                 break  # a live writer holds the thread's lock
             await held.release()  # (before settling: a lost run's thread is kicked)
             await self._end_lost(run)
+            if not self.workers and not self._closing:
+                # A writer that ended just as we held its lock found it taken and left the
+                # queue to us: look at it, as a lock holder does once it releases.
+                await self.kick(run.thread_id)
         if self.workers and any(run.state == "queued" for run in runs):
             await self._settle_unanswered(runs[0].thread_id)
 
