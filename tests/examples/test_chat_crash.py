@@ -25,6 +25,7 @@ from tests.examples._chat import (
     answer_text,
     ask,
     eventually,
+    final_answer,
     history,
     post_message,
     read_sse,
@@ -169,3 +170,54 @@ def test_an_answer_a_dead_process_left_started_is_recorded_as_lost_by_the_next_m
         ask(on_b, "what is 6*7", thread_id=thread_id)
 
     assert run_states(dsn, thread_id) == [("failed", "producer_lost"), ("done", None)]
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+@pytest.mark.parametrize("sent", ["once its lease lapsed", "at once"])
+def test_a_message_a_dead_process_left_queued_does_not_keep_the_thread_busy(
+    chat_servers: Callable[..., ChatServer],
+    request: pytest.FixtureRequest,
+    redis_url: str,
+    tmp_path: Path,
+    sent: str,
+) -> None:
+    # Regression: with BUSY_POLICY=reject, a server killed right after it started an
+    # answer's stream, before it marked the run started, left the run queued; every later
+    # message on the thread, in any process, was `409 thread_busy` (the lock was free, but
+    # nobody answered the queue) until that server restarted: for good if it never did.
+    env = {**redis_postgres_env(request), "STREAM_LEASE": LEASE, "BUSY_POLICY": "reject"}
+    marker = tmp_path / "died"
+    dying = chat_servers(
+        **env,
+        PYTHONPATH=os.pathsep.join([str(DIES_AFTER_START), str(CHAT_DIR)]),
+        CHAT_TEST_DIE_AFTER_START=str(marker),
+        CHAT_TEST_DIE_AFTER_START_RUN="2",
+    )
+    other = chat_servers(**env)
+    dsn = str(request.getfixturevalue("postgres_dsn"))
+    headers = {"authorization": f"Bearer erin-{uuid.uuid4().hex}"}
+    with dying.client(headers=headers) as on_a:
+        first, _ = ask(on_a, "what is 12*7")
+        thread_id = first["thread_id"]
+        with pytest.raises(httpx.TransportError):  # the server died answering it
+            on_a.post("/v1/chat/message", json={"message": "what is 6*7", "thread_id": thread_id})
+    assert marker.exists()
+    assert run_states(dsn, thread_id) == [("done", None), ("queued", None)]
+    with other.client(headers=headers) as on_b:
+        if sent == "once its lease lapsed":
+            lease = f"{env['REDIS_PREFIX']}:{{thread-{thread_id}-lock}}:lease"
+            with redis.Redis.from_url(redis_url) as admin:
+                eventually(lambda: not admin.exists(lease), what="the dead holder's lease lapses")
+        again, answer = ask(on_b, "what is 5*5", thread_id=thread_id)
+        thread = eventually(lambda: settled(on_b, thread_id), what="the thread is idle")
+
+    assert again["run"] == 3
+    assert "25" in answer_text(answer)
+    # The lost question is recorded as its readers are told (Retry), not left queued.
+    assert run_states(dsn, thread_id) == [
+        ("done", None),
+        ("failed", "producer_lost"),
+        ("done", None),
+    ]
+    assert "25" in final_answer(thread)

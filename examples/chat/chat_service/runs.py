@@ -203,6 +203,8 @@ class RunService:
         then look. One whose answer's stream has ended is saving it (a client may see
         ``end`` first): wait for it rather than reject. Every wait ends on what the holder
         does (or on its lease lapsing, if it died), never on a timer that load can outrun.
+        Without workers, the holder answers what the thread's queue holds first (a holder
+        that died left it): the thread is busy only if that starts an answer.
         """
         seen = await self._run_count(thread_id)
         held = await self.lock.try_acquire(thread_id)
@@ -210,6 +212,8 @@ class RunService:
             lock = await self.transport.info(lock_id_for(thread_id))
             if lock is not None and lock.status == "running" and lock.last_seq == 0:
                 await self.lock.marked_or_released(thread_id)
+                held = await self.lock.try_acquire(thread_id)  # let go, or its holder died
+        if held is None:
             if await self._answering(thread_id):
                 return None
             try:
@@ -222,9 +226,22 @@ class RunService:
                     # Holding the lock: the worker that started it died before marking it
                     # started (it held the lock meanwhile). Not a run to wait for.
                     await self._end_lost(run)
-        # Holding the lock: a queued run waits for a worker (worker mode), or was left by a
-        # holder that died; either way the thread is not idle. A run added since we looked
-        # is another request's that got the lock first (both waited for a holder to finish).
+        else:
+            # Holding the lock, the queue is ours to answer: a queued run was left by a
+            # holder that died (recorded as lost if it had started it), or by one that let
+            # the lock go as it was queued. The thread is busy only if an answer starts.
+            try:
+                active = await self._start_next(held)
+            except BaseException:
+                await held.release()
+                raise
+            if active is not None:
+                self._spawn(self._drain(held, active))
+                return None
+        # Holding the lock: a queued run waits for a worker (worker mode), or was queued
+        # since we answered the queue; either way the thread is not idle. A run added since
+        # we looked is another request's that got the lock first (both waited for a holder
+        # to finish).
         if await self._run_count(thread_id) != seen or await self.store.runs(thread_id, "queued"):
             await held.release()
             return None
