@@ -117,16 +117,21 @@ def test_a_langgraph_run_takes_one_of_the_users_answers(
     server = chat_servers(MAX_ANSWERS_PER_USER="1", OFFLINE_TOKENS_PER_SECOND="1")
     with _bearer(server, "c") as carol:
         thread_id = carol.post("/langgraph/threads", json={}).json()["thread_id"]
+        # Streamed as messages, the model's answer is paced (1 token a second): the run
+        # lasts until it is cancelled below. (Without a messages mode the offline model
+        # answers at once, and the run could end before the message is sent.)
         run = carol.post(
             f"/langgraph/threads/{thread_id}/runs",
-            json=_LANGGRAPH_RUN,
+            json={**_LANGGRAPH_RUN, "stream_mode": ["messages-tuple"]},
         )
         assert run.status_code == 200, run.text
         refused = carol.post("/v1/chat/message", json={"message": "hello"})
         assert refused.status_code == 429, refused.text
         assert refused.json()["code"] == "too_many_answers"
-        # The run ends (cancelled): its place is free again.
         run_id = run.json()["run_id"]
+        status = carol.get(f"/langgraph/threads/{thread_id}/runs/{run_id}").json()["status"]
+        assert status == "running"  # (the refusal was the cap's, not a late start's)
+        # The run ends (cancelled): its place is free again.
         cancel = carol.post(f"/langgraph/threads/{thread_id}/runs/{run_id}/cancel")
         assert cancel.status_code in (200, 202, 204), cancel.text
         eventually(
