@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -58,22 +60,30 @@ def code_block(path: str, title: str) -> str:
     return found.group(1)
 
 
-def test_tutorial_app_survives_a_reload_mid_answer(chromium_path: str, tmp_path: Path) -> None:
-    from playwright.sync_api import expect, sync_playwright
-
-    (tmp_path / "app.py").write_text(code_block("docs/tutorial.md", "app.py"))
+@contextlib.contextmanager
+def served_app(tmp_path: Path, code: str, what: str) -> Iterator[int]:
+    """``code`` saved as ``app.py`` and served by uvicorn on a free port (yielded) until the
+    block ends."""
+    (tmp_path / "app.py").write_text(code)
     port = free_port()
     log = tmp_path / "uvicorn.log"
     command = [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port)]
     with log.open("wb") as out:
         server = subprocess.Popen(dies_with_us(command), cwd=tmp_path, stdout=out, stderr=out)
     try:
-        wait_until_ready(
-            lambda: port_accepts(port), what="the tutorial app", process=server, log=log
-        )
-        answer = re.search(
-            r'ANSWER = \(\n    "(.*?)"\n    "(.*?)"\n\)', code_block("docs/tutorial.md", "app.py")
-        )
+        wait_until_ready(lambda: port_accepts(port), what=what, process=server, log=log)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_tutorial_app_survives_a_reload_mid_answer(chromium_path: str, tmp_path: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    app = code_block("docs/tutorial.md", "app.py")
+    with served_app(tmp_path, app, "the tutorial app") as port:
+        answer = re.search(r'ANSWER = \(\n    "(.*?)"\n    "(.*?)"\n\)', app)
         assert answer is not None
         expected = answer.group(1) + answer.group(2)
         with sync_playwright() as playwright:
@@ -92,9 +102,6 @@ def test_tutorial_app_survives_a_reload_mid_answer(chromium_path: str, tmp_path:
                 assert page.locator("#answer").text_content() == expected  # whole, once
             finally:
                 browser.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
 
 
 def test_howto_testing_example_passes_under_pytest(tmp_path: Path) -> None:
@@ -279,36 +286,26 @@ def http_app(flavour: str) -> str:
 def test_http_page_app_serves_a_stream(flavour: str, tmp_path: Path) -> None:
     import httpx
 
-    (tmp_path / "app.py").write_text(http_app(flavour))
-    port = free_port()
-    log = tmp_path / "uvicorn.log"
-    command = [sys.executable, "-m", "uvicorn", "app:app", "--port", str(port)]
-    with log.open("wb") as out:
-        server = subprocess.Popen(dies_with_us(command), cwd=tmp_path, stdout=out, stderr=out)
-    try:
-        wait_until_ready(
-            lambda: port_accepts(port), what="the http.md app", process=server, log=log
-        )
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            started = client.post("/chat", json={"question": "why resume?"})
-            assert started.status_code == 202, started.text
-            body = started.json()
-            assert body["stream_url"] == f"/streams/{body['stream_id']}"
-            assert started.headers["location"] == body["stream_url"]
-            events = client.get(body["stream_url"])
-            assert events.headers["content-type"].startswith("text/event-stream")
-            assert events.text.startswith("retry: 1000\nid: ")
-            texts = re.findall(r'^data: \{"text":"([^"]*)"', events.text, re.M)
-            assert "".join(texts) == "You asked: why resume? "
-            assert events.text.endswith("event: end\ndata: {}\n\n")
-            status = client.get(body["stream_url"] + "/status").json()
-            assert status["status"] == "completed"
-            cancel = client.post(body["stream_url"] + "/cancel")
-            assert cancel.status_code == 409
-            assert cancel.json()["code"] == "stream_not_running"
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+    with (
+        served_app(tmp_path, http_app(flavour), "the http.md app") as port,
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client,
+    ):
+        started = client.post("/chat", json={"question": "why resume?"})
+        assert started.status_code == 202, started.text
+        body = started.json()
+        assert body["stream_url"] == f"/streams/{body['stream_id']}"
+        assert started.headers["location"] == body["stream_url"]
+        events = client.get(body["stream_url"])
+        assert events.headers["content-type"].startswith("text/event-stream")
+        assert events.text.startswith("retry: 1000\nid: ")
+        texts = re.findall(r'^data: \{"text":"([^"]*)"', events.text, re.M)
+        assert "".join(texts) == "You asked: why resume? "
+        assert events.text.endswith("event: end\ndata: {}\n\n")
+        status = client.get(body["stream_url"] + "/status").json()
+        assert status["status"] == "completed"
+        cancel = client.post(body["stream_url"] + "/cancel")
+        assert cancel.status_code == 409
+        assert cancel.json()["code"] == "stream_not_running"
 
 
 def test_offsets_page_parse_offset_sample_runs() -> None:
