@@ -208,3 +208,39 @@ def test_streams_past_max_streams_get_503(
             lambda: terminal(read_sse(dave, f"/v1/chat/stream?thread_id={thread_id}")[1]),
             what="the stream is served again once the first one is closed",
         )
+
+
+async def test_a_langgraph_run_queued_at_the_cap_is_refused(
+    chat_servers: Callable[..., ChatServer],
+) -> None:
+    # Regression: at the cap, a run asked for with multitask_strategy "enqueue" on a thread
+    # that already had a run queued (in that process) was queued, not refused: the cap was
+    # only counted once its turn came. The first queued run is counted as it is asked for.
+    from langgraph_sdk import get_client
+    from langgraph_sdk.errors import APIStatusError
+
+    server = chat_servers(MAX_ANSWERS_PER_USER="2", OFFLINE_TOKENS_PER_SECOND="1")
+    headers = {"authorization": f"Bearer d-{uuid.uuid4().hex}"}
+    async with get_client(url=f"{server.url}/langgraph", headers=headers) as client:
+        first, other = [(await client.threads.create())["thread_id"] for _ in range(2)]
+        slow = {**_LANGGRAPH_RUN, "stream_mode": ["messages-tuple"]}  # lasts until cancelled
+        running = await client.runs.create(first, **slow)
+        queued = await client.runs.create(first, **slow, multitask_strategy="enqueue")
+        assert (running["status"], queued["status"]) == ("running", "pending")
+        held = await client.runs.create(other, **slow)  # the user's second answer: the cap
+        with pytest.raises(APIStatusError) as refused:
+            await client.runs.create(first, **slow, multitask_strategy="enqueue")
+        assert refused.value.status_code == 429
+        assert refused.value.response.json()["code"] == "too_many_answers"
+        assert int(refused.value.response.headers["retry-after"]) > 0
+        listed = await client.runs.list(first)
+        assert {run["run_id"] for run in listed} == {running["run_id"], queued["run_id"]}
+
+        # The run queued before the cap takes the place of the one it waited for.
+        await client.runs.cancel(first, running["run_id"], wait=True)
+        parts = client.runs.join_stream(first, queued["run_id"], last_event_id="-1")
+        start = await anext(aiter(parts))  # (from its first part, once it started)
+        assert (start.event, start.data["run_id"]) == ("metadata", queued["run_id"])
+        await parts.aclose()
+        for thread_id, run in ((first, queued), (other, held)):
+            await client.runs.cancel(thread_id, run["run_id"], wait=True)

@@ -38,6 +38,8 @@ from .threads import ThreadStore
 RETRY_AFTER = 5
 #: The lock stream of a thread (lock.py's ``lock_id_for``): the stream of its LangGraph runs.
 _THREAD_LOCK = re.compile(r"thread-(?P<thread_id>[A-Za-z0-9_-]{16,64})-lock")
+#: The stream of a LangGraph run queued on a thread (``multitask_strategy`` ``enqueue``).
+_QUEUED_RUN = re.compile(rf"{_THREAD_LOCK.pattern}~queued~[0-9a-f-]{{36}}")
 
 
 class TooManyAnswers(Exception):
@@ -91,6 +93,11 @@ class AnswerQuota:
         async with self._locked(owner):
             await self._check(owner, besides=replacing)
             yield
+
+    async def check(self, owner: str) -> None:
+        """Raise :class:`TooManyAnswers` if the user is at the cap (taking nothing)."""
+        async with self._locked(owner):
+            await self._check(owner)
 
     async def take_langgraph_slot(self, owner: str) -> HeldLock:
         """A slot for a LangGraph run of ``owner``, held until the run ends (release it);
@@ -153,7 +160,8 @@ class AnswerQuota:
 class LangGraphProducer(StreamProducer):
     """The producer of the ``/langgraph`` routes: a run on a thread's stream (its lock)
     takes one of the owner's LangGraph slots first (:class:`TooManyAnswers` at the cap),
-    and gives it back when the run ends."""
+    and gives it back when the run ends. A run queued on a thread is refused at the cap
+    too, as it is asked for (it takes its slot once its turn comes)."""
 
     def __init__(
         self, transport: Transport, *, lease: float, quota: AnswerQuota, store: ThreadStore
@@ -171,9 +179,12 @@ class LangGraphProducer(StreamProducer):
         events: Callable[[Any], Iterable[Any]] | None = None,
         reservation: Reservation | None = None,
     ) -> Run:
-        found = _THREAD_LOCK.fullmatch(stream_id or "")
+        queued = _QUEUED_RUN.fullmatch(stream_id or "")
+        found = queued or _THREAD_LOCK.fullmatch(stream_id or "")
         thread = None if found is None else await self.store.get_thread(found["thread_id"])
-        if thread is None or reservation is not None:
+        if thread is not None and queued is not None:
+            await self.quota.check(thread.owner)  # nothing is queued at the cap
+        if thread is None or queued is not None or reservation is not None:
             # Not a run (a queued run's waiter), or of no thread the service keeps.
             return await super().start(
                 source, stream_id=stream_id, events=events, reservation=reservation
