@@ -861,6 +861,56 @@ async def test_threads_have_the_times_of_their_checkpoints() -> None:
     await api.producer.aclose()
 
 
+async def test_a_threads_times_read_two_of_its_checkpoints() -> None:
+    # Regression: without thread_info, GET /threads/{id} read every checkpoint of the
+    # thread (every namespace's) to find its first and latest: a cost that grew with its
+    # history. It reads the latest, and the first (LangGraph's step -1) with a filter.
+    import httpx
+    from langgraph.checkpoint.memory import InMemorySaver
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    class CountingSaver(InMemorySaver):
+        read = 0
+
+        async def alist(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            async for item in super().alist(*args, **kwargs):
+                self.read += 1
+                yield item
+
+    released = asyncio.Event()
+    released.set()
+    saver = CountingSaver()
+    graph = build_graph({"t": released, "u": released}, saver)
+    config = {"configurable": {"thread_id": "t"}}
+    for n in range(50):
+        await graph.ainvoke({"messages": [("user", f"question {n}")]}, config)
+    checkpoints = [state.created_at async for state in graph.aget_state_history(config)]
+    assert len(checkpoints) >= 200
+    api = LangGraphRouter(MemoryTransport(), {"agent": graph}, authorize=allow_all)
+    app = Starlette(routes=[Mount("/lg", api)])
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://t/lg"
+    ) as http:
+        saver.read = 0
+        thread = (await http.get("/threads/t")).json()
+        assert saver.read <= 2, saver.read
+        assert (thread["created_at"], thread["updated_at"]) == (checkpoints[-1], checkpoints[0])
+        # A thread whose first checkpoint is a state update's (step 0, not -1).
+        other = {"configurable": {"thread_id": "u"}}
+        await graph.aupdate_state(other, {"messages": [("user", "set")]}, as_node="agent")
+        for n in range(50):
+            await graph.ainvoke({"messages": [("user", f"question {n}")]}, other)
+        updated = [state.created_at async for state in graph.aget_state_history(other)]
+        saver.read = 0
+        thread = (await http.get("/threads/u")).json()
+        assert saver.read <= 2, saver.read
+        assert (thread["created_at"], thread["updated_at"]) == (updated[-1], updated[0])
+    await api.producer.aclose()
+
+
 async def test_thread_info_gives_the_apps_thread_record() -> None:
     from datetime import UTC, datetime
 

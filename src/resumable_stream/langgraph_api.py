@@ -225,6 +225,14 @@ def _aware(value: datetime) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+def _stamp(item: Any) -> datetime | None:
+    """The time of a checkpoint tuple (None for a checkpoint without a readable one)."""
+    try:
+        return _aware(datetime.fromisoformat(item.checkpoint["ts"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _strings(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
@@ -724,8 +732,8 @@ class LangGraphRouter:
     thread: 404), which ``GET /threads/{id}`` and ``POST /threads`` answer with; a run on a
     thread it has no record of is 404, unless the run asks for ``if_not_exists: "create"``
     and ``create_thread`` makes it. Without it,
-    the times are those of the thread's first and latest checkpoints (finding the first walks
-    the thread's checkpoints), and the metadata is empty.
+    the times are those of the thread's first and latest checkpoints (two reads of the
+    checkpointer, whatever the thread's history), and the metadata is empty.
     ``DELETE /threads/{id}`` (``threads.delete``) stops the thread's run in progress and
     the runs queued in this process, then deletes its checkpoints and its streams (holding
     the thread meanwhile: a run queued in another process starts after, on the emptied
@@ -950,17 +958,24 @@ class LangGraphRouter:
             if info is None:
                 raise _Refused(HTTPError(404, "thread_not_found", f"no thread {thread_id!r}"))
             return info
-        stamps: list[datetime] = []
-        checkpointer = getattr(self._state_graph, "checkpointer", None)
-        if checkpointer is not None and hasattr(checkpointer, "alist"):
-            # Every namespace's checkpoints (subgraphs' too), in no order across them.
-            async for checkpoint in checkpointer.alist(self._config(thread_id)):
-                try:
-                    stamps.append(_aware(datetime.fromisoformat(checkpoint.checkpoint["ts"])))
-                except (KeyError, TypeError, ValueError):
-                    continue  # a checkpoint without a readable time says nothing
+        now = datetime.now(UTC)
+        saver: Any = getattr(self._state_graph, "checkpointer", None)
+        if not hasattr(saver, "alist"):
+            return ThreadInfo(now, now)
+        # The thread's own checkpoints (not its subgraphs'): the latest, and the first,
+        # found by the checkpointer rather than by reading them all: LangGraph numbers a
+        # run's input on a new thread step -1, and a state update there step 0 (then -1,
+        # 0... go on from the latest step). All of them only for a thread with neither.
+        root = {"configurable": {"thread_id": thread_id, "checkpoint_ns": ""}}
+        latest = [_stamp(item) async for item in saver.alist(root, limit=1)]
+        first: list[datetime | None] = []
+        for step in (-1, 0, None):
+            found = saver.alist(root, filter=None if step is None else {"step": step})
+            first = [_stamp(item) async for item in found]
+            if any(first):
+                break
+        stamps = [stamp for stamp in (*latest, *first) if stamp is not None]
         if not stamps:
-            now = datetime.now(UTC)
             return ThreadInfo(now, now)
         return ThreadInfo(min(stamps), max(stamps))
 
