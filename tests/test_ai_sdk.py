@@ -1011,6 +1011,38 @@ async def test_the_router_answers_routing_errors_in_json(served: str) -> None:
     await router.producer.aclose()
 
 
+@pytest.mark.parametrize("framework", ["starlette", "fastapi"])
+async def test_its_routes_in_an_app_answer_a_wrong_method_in_json(framework: str) -> None:
+    # Regression: with its routes added to the app (as docs/ai-sdk.md shows), a wrong method
+    # (an OPTIONS preflight, a GET of the send path) got the app's 405: plain text in
+    # Starlette, {"detail"} in FastAPI.
+    from fastapi import FastAPI
+
+    async def answer(chat: ChatRequest) -> AsyncIterator[str]:
+        async def tokens() -> AsyncIterator[str]:
+            yield "x"
+
+        return tokens()
+
+    router = ChatRouter(MemoryTransport(), answer, authorize=allow_all)
+    app: Starlette = Starlette(routes=router.routes) if framework == "starlette" else FastAPI()
+    if framework == "fastapi":
+        app.router.routes.extend(router.routes)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        for method, path, allowed in [
+            ("GET", "/api/chat", "POST"),
+            ("OPTIONS", "/api/chat", "POST"),
+            ("POST", "/api/chat/abc/stream", "GET, HEAD"),
+            ("GET", "/api/chat/abc/stop", "POST"),
+        ]:
+            wrong = await c.request(method, path)
+            assert wrong.status_code == 405
+            assert wrong.json() == {"code": "method_not_allowed", "message": "Method Not Allowed"}
+            assert sorted(wrong.headers["allow"].split(", ")) == sorted(allowed.split(", "))
+        assert (await c.get("/api/chat/abc/stream")).status_code == 204  # the right method
+    await router.producer.aclose()
+
+
 async def test_router_resume_is_204_without_an_answer_and_stop_is_409(
     http: httpx.AsyncClient,
 ) -> None:

@@ -43,7 +43,7 @@ try:
     from starlette.exceptions import HTTPException
     from starlette.requests import Request
     from starlette.responses import Response
-    from starlette.routing import BaseRoute, Route
+    from starlette.routing import BaseRoute
     from starlette.types import Receive, Scope, Send
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -79,7 +79,7 @@ from ._http import (
 from ._ids import check_stream_id
 from ._producer import Run, StreamProducer
 from ._sse import PING
-from .starlette import StreamResponse, _check_body_limit, _JsonRouting, _read_json_body
+from .starlette import StreamResponse, _check_body_limit, _JsonRoute, _JsonRouting, _read_json_body
 from .transports import Transport
 
 logger = logging.getLogger("resumable_stream.http")
@@ -1247,11 +1247,13 @@ class ChatRouter:
         self.message_metadata = message_metadata
         path = "/" + path.strip("/") if path.strip("/") else ""
         self.routes: list[BaseRoute] = [
-            Route(path or "/", self.send, methods=["POST"], name="ai_chat_send"),
-            Route(
+            _JsonRoute(path or "/", self.send, methods=["POST"], name="ai_chat_send"),
+            _JsonRoute(
                 f"{path}/{{chat_id}}/stream", self.resume, methods=["GET"], name="ai_chat_resume"
             ),
-            Route(f"{path}/{{chat_id}}/stop", self.stop, methods=["POST"], name="ai_chat_stop"),
+            _JsonRoute(
+                f"{path}/{{chat_id}}/stop", self.stop, methods=["POST"], name="ai_chat_stop"
+            ),
         ]
         self._app = _JsonRouting(self.routes)
 

@@ -293,6 +293,20 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return _refusal(request, exc)
 
 
+class _JsonRoute(Route):
+    """A route that answers a method it does not serve with the JSON 405 (and ``Allow``)
+    itself: its router's handler would, but once its routes are added to an app's own, the
+    app's answers, in plain text (Starlette) or as ``{"detail"}`` (FastAPI)."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.methods and scope["method"] not in self.methods:
+            response = _render(http_status_error(405, "Method Not Allowed"))
+            response.headers["allow"] = ", ".join(self.methods)
+            await response(scope, receive, send)
+        else:
+            await super().handle(scope, receive, send)
+
+
 class _JsonRouting:
     """A router for ``routes`` whose own errors (an unknown path, a wrong method) are JSON
     ``{code, message}`` bodies like the endpoints' (Starlette's are plain text), mounted
