@@ -511,6 +511,7 @@ def test_a_body_not_sent_as_json_is_415_and_starts_nothing() -> None:
         "/lg/threads": orjson.dumps({"thread_id": "t1"}),
         "/lg/threads/t1/runs": orjson.dumps(run),
         "/lg/threads/t1/runs/stream": orjson.dumps(run),
+        "/lg/threads/t0/copy": b"{}",
         "/ai/api/chat": orjson.dumps({"id": "c1", "messages": [], "trigger": "submit-message"}),
     }
     refused_types = [
@@ -520,6 +521,7 @@ def test_a_body_not_sent_as_json_is_415_and_starts_nothing() -> None:
         "application/jsonp",
         None,  # fetch(url, {body: new Blob([...])}): no Content-Type at all
     ]
+    threads["t0"] = ThreadInfo(datetime.now(UTC), datetime.now(UTC))  # to copy
     with uvicorn_server(app) as url, httpx.Client(base_url=url) as client:
         for path, body in bodies.items():
             for content_type in refused_types:
@@ -530,7 +532,7 @@ def test_a_body_not_sent_as_json_is_415_and_starts_nothing() -> None:
                 error = response.json()
                 assert error["code"] == "unsupported_media_type"
                 assert "Content-Type: application/json" in error["message"]
-        assert threads == {}  # no thread created
+        assert list(threads) == ["t0"]  # no thread created (nor copied)
         assert asked == []  # no answer started
         assert client.get("/lg/threads/t1/runs").json() == []  # no run started
         assert client.get("/ai/api/chat/c1/stream").status_code == 204
@@ -548,10 +550,10 @@ def test_a_body_not_sent_as_json_is_415_and_starts_nothing() -> None:
             headers={"content-type": "application/vnd.example+json"},
         )
         assert thread.status_code == 200, thread.text
-        assert list(threads) == ["t1"]
+        assert list(threads) == ["t0", "t1"]
         empty = client.post("/lg/threads", headers={"content-type": "text/plain"})
         assert empty.status_code == 200, empty.text
-        assert len(threads) == 2
+        assert len(threads) == 3
 
 
 @pytest.mark.parametrize("limit", [0, -1, 1.5, True])

@@ -2354,6 +2354,7 @@ class LangGraphRouter:
         without ``create_thread``, ``501 not_served``."""
         thread_id, stream_id = await self._thread(request, "read")
         await self._check(request, "create")
+        await self._body(request)  # none is read, but one not sent as JSON is refused (415)
         metadata: dict[str, Any] = {}
         if self.thread_info is not None:
             metadata = dict((await self._info(request, thread_id)).metadata)
