@@ -415,6 +415,50 @@ def test_an_answer_whose_worker_died_as_it_claimed_it_is_recorded_as_lost(
     assert run_states(dsn, thread_id) == [("failed", "producer_lost"), ("done", None)]
 
 
+#: A folder whose sitecustomize makes a worker's first claim of a reserved answer fail with
+#: TransportError, as when Redis refuses the connection at that moment.
+FAILS_AT_CLAIM = Path(__file__).parent / "fails_at_claim"
+
+
+def test_an_answer_whose_start_failed_on_redis_is_recorded_as_its_readers_are_told(
+    chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # Regression (chaos soak, a Redis restart): a worker that could not reach Redis as it
+    # started a reserved answer recorded the run as done. Its readers got not_started once
+    # the start timeout lapsed, while the thread showed the question answered, with no
+    # error and no Retry.
+    env = {
+        **redis_postgres_env(request),
+        "WORKER_MODE": "1",
+        "STREAM_LEASE": str(LEASE),
+        "WORKER_START_TIMEOUT": "1",
+    }
+    marker = tmp_path / "refused"
+    api = chat_servers(**env)
+    worker = chat_servers(
+        "worker",
+        **env,
+        PYTHONPATH=os.pathsep.join([str(FAILS_AT_CLAIM), str(CHAT_DIR)]),
+        CHAT_TEST_FAIL_AT_CLAIM=str(marker),
+    )
+    with api.client() as client:
+        first = post_message(client, "what is 12*7")
+        thread_id = first["thread_id"]
+        _, events = read_sse(client, first["stream_url"])
+        thread = eventually(lambda: settled(client, thread_id), what="the thread settles")
+        retried = client.post("/v1/chat/regenerate", json={"thread_id": thread_id})
+        assert retried.status_code == 202, retried.text
+        _, answer = read_sse(client, retried.json()["stream_url"])
+
+    assert marker.exists() and "'not started'" in worker.output()
+    error = terminal(events)
+    assert error is not None and (error["type"], error["code"]) == ("error", "not_started")
+    assert thread["last_error"] == {"run": first["run"], "code": "not_started"}
+    assert terminal(answer) == {"type": "end"}
+    assert "84" in answer_text(answer)
+    assert run_states(env["DATABASE_URL"], thread_id) == [("failed", "not_started"), ("done", None)]
+
+
 def test_an_answer_nobody_read_that_no_worker_started_does_not_keep_its_thread_busy(
     chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest
 ) -> None:

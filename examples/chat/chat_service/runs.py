@@ -707,6 +707,11 @@ class RunService:
             return None
         except ResumableStreamError:
             logger.exception("could not start answer %s", job.stream_id)
+            if reservation is not None:
+                # Redis failed the claim: the run stays queued, and is recorded as its
+                # readers are told once its reservation lapses (not_started; producer_lost
+                # if the claim landed), by a reader, the thread's next message or answer.
+                return None
             await self.store.set_run_state(job.thread_id, job.seq, "done")
             return None
         if not await self.store.settle_run(
