@@ -27,6 +27,10 @@ from httpx_sse import connect_sse
 from tests._services import REPO_ROOT, free_port, port_accepts, wait_until_ready
 
 CHAT_DIR = REPO_ROOT / "examples" / "chat"
+#: A folder whose sitecustomize makes a process's first start of an answer's stream fail with
+#: TransportError, as when Redis refuses the connection at that moment (on its PYTHONPATH,
+#: with CHAT_TEST_FAIL_AT_START naming a marker file).
+FAILS_AT_START = Path(__file__).parent / "fails_at_start"
 T = TypeVar("T")
 
 #: What every test server gets unless the test says otherwise: no inherited service URLs,

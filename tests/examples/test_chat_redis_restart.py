@@ -5,15 +5,19 @@ and a worker (worker mode) keeps answering, although Celery gives up on that err
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests._services import RedisServer
 from tests.examples._chat import (
+    CHAT_DIR,
+    FAILS_AT_START,
     ChatServer,
     Sse,
     answer_text,
@@ -56,6 +60,37 @@ def test_an_answer_cut_by_a_redis_restart_is_recorded_as_lost_not_stopped(
 
     assert thread["last_error"] == {"run": started["run"], "code": "producer_lost"}
     assert not any(m.get("stopped") for m in thread["messages"])
+    assert terminal(answer) == {"type": "end"}
+    assert "84" in answer_text(answer)
+
+
+def test_an_answer_whose_stream_could_not_be_started_fails_with_retry(
+    chat_servers: Callable[..., ChatServer], redis_url: str, tmp_path: Path
+) -> None:
+    # Regression: a server that could not reach Redis as it started an answer's stream
+    # recorded the run as done. Its readers got 404 (no stream, and a done run), and the
+    # thread showed the question answered, with no answer, no error and no Retry
+    # (regenerate: 409 nothing_to_retry).
+    marker = tmp_path / "refused"
+    api = chat_servers(
+        REDIS_URL=redis_url,
+        REDIS_PREFIX=f"chat{uuid.uuid4().hex[:8]}",
+        PYTHONPATH=os.pathsep.join([str(FAILS_AT_START), str(CHAT_DIR)]),
+        CHAT_TEST_FAIL_AT_START=str(marker),
+    )
+    with api.client() as client:
+        first = post_message(client, "what is 12*7")
+        thread_id = first["thread_id"]
+        _, events = read_sse(client, first["stream_url"])
+        thread = eventually(lambda: settled(client, thread_id), what="the thread settles")
+        retried = client.post("/v1/chat/regenerate", json={"thread_id": thread_id})
+        assert retried.status_code == 202, retried.text
+        _, answer = read_sse(client, retried.json()["stream_url"])
+
+    assert marker.exists() and "could not start answer" in api.output()
+    error = terminal(events)
+    assert error is not None and (error["type"], error["code"]) == ("error", "start_failed")
+    assert thread["last_error"] == {"run": first["run"], "code": "start_failed"}
     assert terminal(answer) == {"type": "end"}
     assert "84" in answer_text(answer)
 

@@ -26,6 +26,7 @@ import redis
 
 from tests.examples._chat import (
     CHAT_DIR,
+    FAILS_AT_START,
     ChatServer,
     Sse,
     answer_text,
@@ -415,11 +416,6 @@ def test_an_answer_whose_worker_died_as_it_claimed_it_is_recorded_as_lost(
     assert run_states(dsn, thread_id) == [("failed", "producer_lost"), ("done", None)]
 
 
-#: A folder whose sitecustomize makes a worker's first claim of a reserved answer fail with
-#: TransportError, as when Redis refuses the connection at that moment.
-FAILS_AT_CLAIM = Path(__file__).parent / "fails_at_claim"
-
-
 def test_an_answer_whose_start_failed_on_redis_is_recorded_as_its_readers_are_told(
     chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -438,8 +434,8 @@ def test_an_answer_whose_start_failed_on_redis_is_recorded_as_its_readers_are_to
     worker = chat_servers(
         "worker",
         **env,
-        PYTHONPATH=os.pathsep.join([str(FAILS_AT_CLAIM), str(CHAT_DIR)]),
-        CHAT_TEST_FAIL_AT_CLAIM=str(marker),
+        PYTHONPATH=os.pathsep.join([str(FAILS_AT_START), str(CHAT_DIR)]),
+        CHAT_TEST_FAIL_AT_START=str(marker),
     )
     with api.client() as client:
         first = post_message(client, "what is 12*7")

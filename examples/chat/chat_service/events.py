@@ -31,6 +31,8 @@ NOT_STARTED = "not_started"
 QUEUE_DOWN = "queue_unavailable"
 #: The server shut down (SIGTERM) while it wrote the answer.
 SHUTDOWN = "shutdown"
+#: The answer's stream could not be started (Redis refused the write, or was unreachable).
+START_FAILED = "start_failed"
 
 _MESSAGES = {
     PRODUCER_LOST: "the server generating this answer stopped (crashed or was restarted); retry",
@@ -39,6 +41,7 @@ _MESSAGES = {
     NOT_STARTED: "no worker started this answer in time (are workers running?); retry",
     QUEUE_DOWN: "the answer could not be handed to the workers; retry",
     SHUTDOWN: "the server shut down before the answer was complete; retry",
+    START_FAILED: "the answer could not be started (its stream could not be written); retry",
 }
 
 

@@ -39,7 +39,14 @@ from resumable_stream import (
 from .agent import Agent
 from .answers import Answers, Recorder
 from .cache import AnswerCache
-from .events import NOT_STARTED, PRODUCER_LOST, QUEUE_DOWN, SERVER_RESTARTED, SHUTDOWN
+from .events import (
+    NOT_STARTED,
+    PRODUCER_LOST,
+    QUEUE_DOWN,
+    SERVER_RESTARTED,
+    SHUTDOWN,
+    START_FAILED,
+)
 from .lock import HeldLock, Hold, ThreadLock, lock_id_for
 from .quota import AnswerQuota
 from .settings import BusyPolicy, Settings
@@ -712,7 +719,13 @@ class RunService:
                 # readers are told once its reservation lapses (not_started; producer_lost
                 # if the claim landed), by a reader, the thread's next message or answer.
                 return None
-            await self.store.set_run_state(job.thread_id, job.seq, "done")
+            # Its readers are told start_failed (there is no stream to read), and the
+            # thread shows it with Retry: recorded done, it showed the question answered
+            # with no answer, and Retry was refused (409 nothing_to_retry).
+            await self.store.settle_run(
+                job.thread_id, job.seq, "failed", error=START_FAILED, only_from=("queued",)
+            )
+            await self.store.update_thread(job.thread_id)
             return None
         if not await self.store.settle_run(
             job.thread_id, job.seq, "started", only_from=("queued",)

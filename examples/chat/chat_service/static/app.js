@@ -241,6 +241,7 @@ const ERRORS = {
   server_restarted: "The server restarted while writing this answer, and it was lost.",
   producer_lost: "The server writing this answer stopped before it was complete.",
   shutdown: "The server shut down before this answer was complete.",
+  start_failed: "This answer could not be started: its storage could not be reached.",
 };
 
 function renderHistory(messages, active, lastError) {
