@@ -22,7 +22,7 @@ from resumable_stream._consumer import _Check, _checks_of
 from resumable_stream.transports import Entry
 from resumable_stream.transports._base import QueueSubscription, Subscription
 from resumable_stream.transports.memory import MemoryTransport
-from tests._helpers import collect, eventually, joined, text_of, tokens
+from tests._helpers import collect, eventually, holds, joined, text_of, tokens
 
 
 def token_entry(epoch: int, seq: int, *texts: str) -> Entry:
@@ -203,6 +203,51 @@ async def test_a_quiet_stream_is_checked_once_per_process_not_once_per_reader() 
     # One check per half lease for the whole process (about 3 before the lease lapsed),
     # where each reader used to run its own.
     assert transport.reaps < readers // 4
+
+
+class HeldChecks(MemoryTransport):
+    """Each quiet-stream check (reap) waits at ``gate``; ``checking`` is set by the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checking = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def reap(self, stream_id: str, epoch: int, payload: bytes) -> bool:
+        self.checking.set()
+        await self.gate.wait()
+        return await super().reap(stream_id, epoch, payload)
+
+
+@pytest.mark.parametrize("both", [True, False])
+async def test_a_reader_cancelled_with_the_reader_checking_for_it_stops(both: bool) -> None:
+    # Found in review: a reader waiting for the quiet-stream check another reader makes
+    # took that check's cancellation (its reader was cancelled) for its own cue to check
+    # itself, also when it was cancelled too, at the same moment (a task group stopping
+    # both, a server shutting down): its cancellation was lost, and it read on. Alone,
+    # the first reader's cancellation still leaves the second to check for itself.
+    transport = HeldChecks()
+    epoch = (await transport.create("quiet", owner="gone", lease_ms=100)).epoch
+    checking, waiting = StreamConsumer(transport, "quiet"), StreamConsumer(transport, "quiet")
+    first = asyncio.create_task(anext(checking))
+    await transport.checking.wait()  # the first reader checks the quiet stream
+    second = asyncio.create_task(anext(waiting))
+    waiter = _checks_of(transport)[("quiet", epoch)].waiter
+    assert waiter is not None
+    # The second reader waits for the first one's check.
+    await eventually(holds(lambda: bool(waiter._callbacks)))  # type: ignore[attr-defined]
+    first.cancel()
+    if both:
+        second.cancel()
+    transport.gate.set()
+    await asyncio.wait([first, second])
+    assert first.cancelled()
+    if both:
+        assert second.cancelled()
+    else:
+        assert (await second).data["error"] == "producer_lost"
+    await checking.aclose()
+    await waiting.aclose()
 
 
 class Unhashable(MemoryTransport):

@@ -519,10 +519,14 @@ class StreamConsumer:
         if check is not None:
             waiter = check.waiter
             if waiter is not None:
+                task = asyncio.current_task()
+                cancels = task.cancelling() if task is not None else 0
                 try:
                     shared = await asyncio.shield(waiter)
                 except asyncio.CancelledError:
-                    if not waiter.cancelled():
+                    # The reader checking was cancelled: this one checks itself, unless it
+                    # was cancelled too (both at once: a task group or a server stopping).
+                    if not waiter.cancelled() or (task is not None and task.cancelling() > cancels):
                         raise  # this reader was cancelled
                 else:
                     return self._checked(shared)
