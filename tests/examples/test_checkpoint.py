@@ -55,3 +55,33 @@ async def test_postgres_sets_up_tables_and_persists(postgres_dsn: str) -> None:
         saved = await saver.aget_tuple(config)
     assert saved is not None
     assert saved.checkpoint["channel_values"] == {"messages": ["hello"]}
+
+
+@pytest.mark.parametrize("attempt", range(3))
+async def test_processes_starting_together_on_an_empty_database_all_start(
+    postgres_dsn: str, attempt: int
+) -> None:
+    # Regression (a soak that started two API processes at once): the checkpointer's and the
+    # thread store's set-up ran their migrations concurrently on an empty database, and one
+    # process died at start with UniqueViolation (checkpoint_migrations_pkey, or pg_type for
+    # a table created twice at once).
+    import asyncio
+
+    import psycopg
+    from chat_service.threads import PostgresThreadStore
+
+    database = f"fresh_{uuid.uuid4().hex[:12]}"
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as admin:
+        await admin.execute(f"CREATE DATABASE {database}")
+    url = postgres_dsn.rsplit("/", 1)[0] + "/" + database
+
+    async def start() -> None:  # as open_runtime does, in each process
+        store = PostgresThreadStore(url)
+        try:
+            await store.setup()
+            async with open_checkpointer(url):
+                pass
+        finally:
+            await store.aclose()
+
+    await asyncio.gather(*(start() for _ in range(4)))

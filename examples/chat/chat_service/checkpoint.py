@@ -8,6 +8,7 @@ None                             SQLite at examples/chat/data/checkpoints.sqlite
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +19,8 @@ from langgraph.checkpoint.memory import InMemorySaver
 
 DEFAULT_SQLITE_PATH = Path(__file__).resolve().parent.parent / "data" / "checkpoints.sqlite"
 _POSTGRES_SCHEMES = ("postgres://", "postgresql://")
+#: The key of the advisory lock the service's processes take to set up a PostgreSQL database.
+_SETUP_LOCK = 0x63686174_73657475  # "chatsetu"
 
 
 @asynccontextmanager
@@ -70,8 +73,36 @@ async def _postgres(url: str, pool_size: int) -> AsyncIterator[BaseCheckpointSav
     )
     async with pool:
         saver = AsyncPostgresSaver(pool)
-        await saver.setup()
+        async with postgres_setup_lock(url):
+            await saver.setup()
         yield saver
+
+
+@asynccontextmanager
+async def postgres_setup_lock(url: str) -> AsyncIterator[None]:
+    """Hold the database's set-up lock (a session advisory lock, on a connection of its
+    own): processes starting together on an empty database create its tables one after
+    the other. Concurrent ``CREATE TABLE IF NOT EXISTS`` and migrations fail with
+    ``UniqueViolation`` in all but one of them.
+
+    Tried, not waited for in a statement: a session blocked in ``pg_advisory_lock`` holds a
+    snapshot, which the holder's ``CREATE INDEX CONCURRENTLY`` (a checkpoint migration)
+    waits out: a deadlock PostgreSQL does not detect."""
+    from psycopg import AsyncConnection
+
+    async with await AsyncConnection.connect(url, autocommit=True) as connection:
+        delay = 0.02
+        while True:
+            cursor = await connection.execute("SELECT pg_try_advisory_lock(%s)", (_SETUP_LOCK,))
+            row = await cursor.fetchone()
+            if row is not None and row[0]:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        try:
+            yield
+        finally:
+            await connection.execute("SELECT pg_advisory_unlock(%s)", (_SETUP_LOCK,))
 
 
 @asynccontextmanager

@@ -473,7 +473,10 @@ class PostgresThreadStore(ThreadStore):
             open=False,
         )
         await self._pool.open(wait=True)
-        await super().setup()
+        from .checkpoint import postgres_setup_lock
+
+        async with postgres_setup_lock(self.url):
+            await super().setup()
 
     async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Sequence[Any]]:
         async with self._pool.connection() as conn:
