@@ -308,6 +308,71 @@ def test_http_page_app_serves_a_stream(flavour: str, tmp_path: Path) -> None:
         assert cancel.json()["code"] == "stream_not_running"
 
 
+def installed_with(requirements: list[str]) -> set[str]:
+    """The distributions pip installs for ``requirements``: their dependency closure as this
+    environment has it (extras included), by canonical name."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    found: set[str] = set()
+    seen: set[tuple[str, frozenset[str]]] = set()
+    todo = [Requirement(requirement) for requirement in requirements]
+    while todo:
+        requirement = todo.pop()
+        name = canonicalize_name(requirement.name)
+        if (name, frozenset(requirement.extras)) in seen:
+            continue
+        seen.add((name, frozenset(requirement.extras)))
+        found.add(name)
+        extras = requirement.extras or {""}
+        for line in metadata.requires(name) or []:
+            dependency = Requirement(line)
+            marker = dependency.marker
+            if marker is None or any(marker.evaluate({"extra": extra}) for extra in extras):
+                todo.append(dependency)
+    return found
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "README.md",
+        "docs/index.md",
+        "docs/tutorial.md",
+        "docs/http.md",
+        "docs/ai-sdk.md",
+        "docs/langgraph-sdk.md",
+    ],
+)
+def test_install_lines_cover_what_the_page_runs(path: str) -> None:
+    # A reader who runs only the page's `pip install` lines can import every module its
+    # Python code imports, and run `uvicorn app:app` when the page says to. docs/http.md
+    # used to name the `web` extra only, under its FastAPI app (ModuleNotFoundError:
+    # fastapi), and three pages said to serve the app with uvicorn without installing it.
+    from importlib import metadata
+
+    from packaging.utils import canonicalize_name
+
+    text = (ROOT / path).read_text()
+    installs = [
+        line.split("#")[0].split()[2:] for line in re.findall(r"^pip install .*$", text, re.M)
+    ]
+    assert installs, f"no pip install line in {path}"
+    installed = installed_with([word.strip("\"'") for words in installs for word in words])
+    imports = set()
+    for block in re.findall(r"```python[^\n]*\n(.*?)```", text, re.S):
+        imports |= set(re.findall(r"^\s*(?:from|import) (\w+)", block, re.M))
+    if "uvicorn app:app" in text:
+        imports.add("uvicorn")
+    providers = metadata.packages_distributions()
+    for module in sorted(imports - set(sys.stdlib_module_names) - {"resumable_stream"}):
+        assert module in providers, f"{path} imports {module}, which is not installed here"
+        dists = {canonicalize_name(dist) for dist in providers[module]}
+        assert dists & installed, f"{path}: {module} is not installed by {installs}"
+
+
 def test_offsets_page_parse_offset_sample_runs() -> None:
     found = re.search(
         r"```python\n(from resumable_stream import parse_offset\n.*?)```",
