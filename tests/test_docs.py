@@ -308,6 +308,29 @@ def test_http_page_app_serves_a_stream(flavour: str, tmp_path: Path) -> None:
         assert cancel.json()["code"] == "stream_not_running"
 
 
+def test_langgraph_sdk_page_python_client_runs_against_its_backend(tmp_path: Path) -> None:
+    # Both blocks as a reader saves them: the backend as app.py, served by uvicorn, and the
+    # Python client as a script. The client used to await at top level: run as a script,
+    # it failed with "SyntaxError: 'await' outside function".
+    text = (ROOT / "docs/langgraph-sdk.md").read_text()
+    backend = re.search(r"```python\n(import contextlib\n.*?)```", text, re.S)
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    client = [block for block in blocks if "from langgraph_sdk import get_client" in block]
+    assert backend and len(client) == 1, "no backend or Python client in docs/langgraph-sdk.md"
+    assert "http://localhost:8000/langgraph" in client[0]
+    with served_app(tmp_path, backend.group(1), "the langgraph-sdk.md app") as port:
+        script = client[0].replace("localhost:8000", f"127.0.0.1:{port}")
+        (tmp_path / "client.py").write_text(script)
+        result = subprocess.run(
+            [sys.executable, "client.py"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("metadata ")
+    assert "Hello from the graph!" in [line for line in lines if line.startswith("values ")][-1]
+    assert lines[-1].startswith("end ")
+
+
 def installed_with(requirements: list[str]) -> set[str]:
     """The distributions pip installs for ``requirements``: their dependency closure as this
     environment has it (extras included), by canonical name."""
