@@ -296,14 +296,22 @@ async def test_a_run_cancelled_as_it_is_inserted_is_taken_back(tmp_path: Path) -
         await store.aclose()
 
 
+TOKEN = "t" * 16
+USER = user_from_token(TOKEN)
+
+
 @contextlib.asynccontextmanager
-async def in_process(tmp_path: Path) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
-    """The service on embedded defaults, started, and a client of one user: its runtime
-    and the client."""
-    app = create_app(Settings(secret_key="s", data_dir=tmp_path, offline_tokens_per_second=0))
+async def in_process(
+    tmp_path: Path, **settings: Any
+) -> AsyncIterator[tuple[Any, httpx.AsyncClient]]:
+    """The service on embedded defaults (but ``settings``), started, and a client of one
+    user (:data:`USER`): its runtime and the client."""
+    app = create_app(
+        Settings(secret_key="s", data_dir=tmp_path, offline_tokens_per_second=0, **settings)
+    )
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        headers = {"authorization": "Bearer " + "t" * 16}
+        headers = {"authorization": f"Bearer {TOKEN}"}
         async with httpx.AsyncClient(
             transport=transport, base_url="http://test", headers=headers
         ) as client:
@@ -360,3 +368,117 @@ async def test_a_reserved_answer_whose_task_was_not_queued_ends_at_once(tmp_path
         assert info is not None and info.status == "error"  # ended, not waiting for a worker
         events = [e async for e in StreamConsumer(runtime.transport, stream_id)]
     assert (events[-1].type, events[-1].data["error"]) == ("error", "queue_unavailable")
+
+
+async def _source_ending(end: str) -> AsyncIterator[Any]:
+    """An answer's source: a word, then ``end`` (a model error, or the end as the source
+    ends; a shutdown is the writer's producer closing under it)."""
+    yield "a word"
+    if end == "model error":
+        raise RuntimeError("the model failed")
+    if end == "shutdown":
+        await asyncio.Event().wait()
+
+
+async def _ended_unrecorded(runtime: Any, end: str) -> Any:
+    """A started run of a new thread of :data:`USER` whose writer wrote its end (``end``)
+    and died before recording it: its record says started, its thread's lock is free."""
+    from resumable_stream import StreamProducer
+
+    thread = await runtime.store.create_thread(USER, "t")
+    run = await runtime.store.add_run(
+        thread.id, message="hello", model="offline", use_cache=False, human_id="h"
+    )
+    assert await runtime.store.settle_run(thread.id, run.seq, "started", only_from=("queued",))
+    writer = StreamProducer(runtime.transport, lease=runtime.settings.stream_lease)
+    started = await writer.start(_source_ending(end), stream_id=run.stream_id)
+    if end == "shutdown":
+        await writer.aclose()  # writes `cancelled`, reason shutdown, as a SIGTERM does
+    else:
+        await started.wait()
+    return await runtime.store.get_run(thread.id, run.seq)
+
+
+ENDS = [
+    # (the answer's end, its record: what _finish records for it)
+    ("end", ("done", None)),
+    ("model error", ("done", None)),  # the stream says so, as for a live writer
+    ("shutdown", ("failed", "shutdown")),  # readers got an error with Retry
+]
+
+
+@pytest.mark.parametrize(("end", "record"), ENDS)
+@pytest.mark.parametrize(
+    "noticed_by", ["a reader", "the quota", "the quota, worker mode", "the next message"]
+)
+async def test_an_end_its_writer_died_before_recording_is_recorded_as_the_writer_would(
+    tmp_path: Path, end: str, record: tuple[str, str | None], noticed_by: str
+) -> None:
+    # Regression: a run whose writer died after writing its end, before recording it, was
+    # recorded by whoever noticed it under a rule of their own. A reader (settle_from_reader)
+    # recorded only producer_lost and not_started: after a model error, or a shutdown, the
+    # run stayed started for good, counted against the user's cap. The quota's reclaim
+    # recorded a shutdown `done` (no error, no Retry), and in worker mode (where nothing
+    # then drains the thread) kept a model error at the cap (429) for good. Only the next
+    # message on the thread (_end_orphan) recorded it as the writer (_finish) would have.
+    async def queued(run: Any, reservation: Any) -> None:
+        pass  # (worker mode) the task is with the broker: no worker here
+
+    async with in_process(tmp_path, max_answers_per_user=1) as (runtime, client):
+        if noticed_by == "the quota, worker mode":
+            runtime.runs.workers, runtime.runs.enqueue = True, queued
+        run = await _ended_unrecorded(runtime, end)
+        if noticed_by == "a reader":
+            read = await client.get(f"/v1/chat/stream?thread_id={run.thread_id}&run={run.seq}")
+            assert read.status_code == 200
+        else:
+            sent = await client.post(
+                "/v1/chat/message",
+                json={"message": "what is 6*7"}
+                | ({"thread_id": run.thread_id} if noticed_by == "the next message" else {}),
+            )
+            assert sent.status_code == 202, sent.json()  # not held at the cap
+            await asyncio.gather(*runtime.runs._tasks)
+        recorded = await runtime.store.get_run(run.thread_id, run.seq)
+        thread = (await client.get(f"/v1/thread?thread_id={run.thread_id}")).json()
+    assert (recorded.state, recorded.error) == record
+    if noticed_by != "the next message":  # (else the new answer is the thread's latest)
+        error = {"run": run.seq, "code": record[1]} if record[1] else None
+        assert thread["last_error"] == error
+
+
+async def test_a_live_reader_recording_an_end_first_leaves_its_writer_the_rest(
+    tmp_path: Path,
+) -> None:
+    # A reader records the end it reads (its writer may have died): a live writer, about to
+    # record the same end, still does, and answers the message queued behind it, once (the
+    # reader's kick finds the thread's lock held by that writer).
+    async with in_process(tmp_path, busy_policy="queue") as (runtime, client):
+        set_run_state = runtime.store.set_run_state
+        read = asyncio.Event()
+
+        async def after_the_reader(thread_id: str, seq: int, state: Any) -> None:
+            if seq == 1:
+                await read.wait()
+            await set_run_state(thread_id, seq, state)
+
+        runtime.store.set_run_state = after_the_reader
+        first = (await client.post("/v1/chat/message", json={"message": "what is 6*7"})).json()
+        thread_id = first["thread_id"]
+        second = await client.post(
+            "/v1/chat/message", json={"message": "what is 12*7", "thread_id": thread_id}
+        )
+        assert second.status_code == 202
+        body = (await client.get(first["stream_url"])).text
+        by_the_reader = await runtime.store.get_run(thread_id, 1)
+        read.set()
+        while runtime.runs._tasks:
+            await asyncio.gather(*runtime.runs._tasks)
+        runs = [await runtime.store.get_run(thread_id, seq) for seq in (1, 2)]
+        thread = (await client.get(f"/v1/thread?thread_id={thread_id}")).json()
+    assert "42" in body
+    assert by_the_reader.state == "done"  # recorded by the reader, its writer still saving
+    assert [(r.state, r.error) for r in runs] == [("done", None), ("done", None)]
+    assert runtime.runs.stats["model_runs"] == 2
+    assert thread["active_run"] is None and thread["last_error"] is None
+    assert "84" in thread["messages"][-1]["text"]

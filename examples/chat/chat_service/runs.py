@@ -50,7 +50,7 @@ from .events import (
 from .lock import HeldLock, Hold, ThreadLock, lock_id_for
 from .quota import AnswerQuota
 from .settings import BusyPolicy, Settings
-from .threads import RunKind, RunRecord, Thread, ThreadStore
+from .threads import RunKind, RunRecord, RunState, Thread, ThreadStore
 
 logger = logging.getLogger("chat_service.runs")
 
@@ -436,28 +436,31 @@ class RunService:
 
     async def settle_from_reader(self, run: RunRecord, terminal: Event | None) -> None:
         """A reader saw the run's terminal event (``Event`` or None if it could not read
-        one): record a lost run as failed, so the thread shows no answer in progress."""
-        if terminal is None:
-            await self.store.settle_run(
-                run.thread_id, run.seq, "failed", error=PRODUCER_LOST, only_from=("started",)
-            )
-        elif terminal.type == "error" and terminal.data.get("error") == PRODUCER_LOST:
+        one): record the run as its writer would (:func:`run_end`), in case the writer died
+        before it could, so the thread shows no answer in progress. A live writer records
+        the same end (after the reader, or before: then this records nothing)."""
+        state, error = run_end(terminal)
+        lost = False  # its writer died: kick the thread even if another reader recorded it
+        if terminal is None or not terminal.terminal:
+            only_from: tuple[RunState, ...] = ("started",)  # its stream could not be read
+        elif error in (NOT_STARTED, QUEUE_DOWN):
+            only_from = ("queued",)  # no worker started it
+        elif error == PRODUCER_LOST:
             # Also a run still queued: its writer died after it started (claimed) the
             # stream, before it marked the run started. Nobody else will record it.
-            await self.store.settle_run(
-                run.thread_id,
-                run.seq,
-                "failed",
-                error=PRODUCER_LOST,
-                only_from=("queued", "started"),
-            )
-            if not self.workers and not self._closing:
-                await self.kick(run.thread_id)  # messages queued behind it
-        elif terminal.type == "error" and terminal.data.get("error") == NOT_STARTED:
-            await self.store.settle_run(
-                run.thread_id, run.seq, "failed", error=NOT_STARTED, only_from=("queued",)
-            )
-        # Any other end is recorded by the process that wrote it, or by the next drain.
+            only_from, lost = ("queued", "started"), True
+        else:
+            # Written by its writer, which records it, unless it died. Not from queued: a
+            # writer marks the run started once its stream starts, and would take a run no
+            # longer queued for one stopped meanwhile.
+            only_from = ("started",)
+        recorded = await self.store.settle_run(
+            run.thread_id, run.seq, state, error=error, only_from=only_from
+        )
+        if (recorded or lost) and not self.workers and not self._closing:
+            # Messages queued behind it. (A live writer holds the thread's lock, and answers
+            # them itself: this finds the lock taken.)
+            await self.kick(run.thread_id)
 
     # -- worker mode ---------------------------------------------------------------------
 
@@ -577,13 +580,9 @@ class RunService:
 
     async def _end_lost(self, run: RunRecord) -> None:
         """Read the run a dead writer left to its end, so that the library ends it with
-        ``producer_lost`` for its readers, and record that."""
-        last = await self._read_to_end(run)
-        if last is not None and last.terminal and last.type != "error":
-            # Its worker died after the end, before recording it.
-            await self.store.settle_run(run.thread_id, run.seq, "done", only_from=("started",))
-            return
-        await self.settle_from_reader(run, last)
+        ``producer_lost`` for its readers, and record how it ended (:func:`run_end`: its
+        writer may have died after writing its end, before recording it)."""
+        await self.settle_from_reader(run, await self._read_to_end(run))
 
     async def _not_answering(self, job: RunRecord | None, reservation: Reservation) -> str:
         if job is not None and job.state == "dropped":
@@ -659,21 +658,12 @@ class RunService:
         """(Holding the thread's lock) Record a run a holder that died left started, or
         queued with its stream started, as its readers are told: reading its stream to the
         end makes the library end it with ``producer_lost`` once the dead writer's lease
-        has lapsed. Failed (with Retry) unless it ended normally before its writer could
-        record it. The thread is not kicked: the drain holding its lock goes on."""
-        last = await self._read_to_end(job)
-        error: str | None = None
-        if last is None or not last.terminal or last.data.get("error") == PRODUCER_LOST:
-            error = PRODUCER_LOST  # (or its stream could not be read)
-        elif last.type == "cancelled" and last.data.get("reason") == "shutdown":
-            error = SHUTDOWN  # cut by its server's shutdown, as _finish records it
+        has lapsed; or with the end the writer wrote before it could record it
+        (:func:`run_end`). The thread is not kicked: the drain holding its lock goes on."""
+        state, error = run_end(await self._read_to_end(job))
         # Not over what a reader recorded meanwhile, nor over a stop (dropped).
         await self.store.settle_run(
-            job.thread_id,
-            job.seq,
-            "done" if error is None else "failed",
-            error=error,
-            only_from=("queued", "started"),
+            job.thread_id, job.seq, state, error=error, only_from=("queued", "started")
         )
 
     async def _read_to_end(self, run: RunRecord) -> Event | None:
@@ -788,6 +778,24 @@ class RunService:
     async def _wipe_stream(self, stream_id: str) -> None:
         """Delete an answer's stream (a run still writing it is stopped and fenced)."""
         await self.transport.delete(stream_id)
+
+
+def run_end(last: Event | None) -> tuple[RunState, str | None]:
+    """How a run that ended with ``last`` (its stream's last event, None if it could not be
+    read) is recorded, (state, error), wherever its end is noticed: as its writer records it
+    (``RunService._finish``), and as its readers are told. A run that lost its writer or its
+    stream (``producer_lost``, or no end) fails, as does one cut by its server's shutdown
+    (``shutdown``) and, in worker mode, one no worker started (``not_started``,
+    ``queue_unavailable``): each with Retry. Any other end is ``done``: complete, stopped,
+    or an error of its own (the model's), which its stream holds."""
+    if last is None or not last.terminal:
+        return "failed", PRODUCER_LOST
+    if last.type == "cancelled":
+        return ("failed", SHUTDOWN) if last.data.get("reason") == "shutdown" else ("done", None)
+    code = last.data.get("error") if last.type == "error" else None
+    if code in (PRODUCER_LOST, NOT_STARTED, QUEUE_DOWN):
+        return "failed", code
+    return "done", None
 
 
 async def _queue_down() -> AsyncIterator[dict[str, Any]]:
