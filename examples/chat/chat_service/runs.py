@@ -785,15 +785,16 @@ def run_end(last: Event | None) -> tuple[RunState, str | None]:
     read) is recorded, (state, error), wherever its end is noticed: as its writer records it
     (``RunService._finish``), and as its readers are told. A run that lost its writer or its
     stream (``producer_lost``, or no end) fails, as does one cut by its server's shutdown
-    (``shutdown``) and, in worker mode, one no worker started (``not_started``,
-    ``queue_unavailable``): each with Retry. Any other end is ``done``: complete, stopped,
-    or an error of its own (the model's), which its stream holds."""
+    (``shutdown``), one whose stream could not be started (``start_failed``), one lost with
+    its server's memory (``server_restarted``) and, in worker mode, one no worker started
+    (``not_started``, ``queue_unavailable``): each with Retry. Any other end is ``done``:
+    complete, stopped, or an error of its own (the model's), which its stream holds."""
     if last is None or not last.terminal:
         return "failed", PRODUCER_LOST
     if last.type == "cancelled":
         return ("failed", SHUTDOWN) if last.data.get("reason") == "shutdown" else ("done", None)
     code = last.data.get("error") if last.type == "error" else None
-    if code in (PRODUCER_LOST, NOT_STARTED, QUEUE_DOWN):
+    if code in (PRODUCER_LOST, NOT_STARTED, QUEUE_DOWN, START_FAILED, SERVER_RESTARTED):
         return "failed", code
     return "done", None
 
