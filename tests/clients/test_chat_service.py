@@ -303,7 +303,9 @@ async def test_langgraph_clients_may_name_their_threads(service: AppProcess) -> 
     assert created["thread_id"] == again["thread_id"] == thread_id
     assert [(t["thread_id"], t["title"]) for t in listed] == [(thread_id, "Named")]
     assert taken.value.response.status_code == 409
+    assert taken.value.response.json()["code"] == "thread_id_taken"
     assert invalid.value.response.status_code == 422
+    assert invalid.value.response.json()["code"] == "invalid_request"
 
 
 async def test_a_langgraph_run_with_if_not_exists_create_makes_the_thread(
@@ -327,6 +329,7 @@ async def test_a_langgraph_run_with_if_not_exists_create_makes_the_thread(
     assert thread["metadata"]["graph_id"] == "agent"
     assert len(history(service, headers, thread_id)["messages"]) == 2
     assert taken.value.response.status_code == 409  # another user's id, as threads.create
+    assert taken.value.response.json()["code"] == "thread_id_taken"
 
 
 async def test_langgraph_threads_get_returns_the_thread_record(service: AppProcess) -> None:
@@ -461,6 +464,7 @@ async def test_a_langgraph_run_on_an_archived_thread_is_refused(service: AppProc
             await client.threads.delete(thread_id)
         state = await client.threads.get_state(thread_id)
     assert refused.value.response.status_code == 409
+    assert refused.value.response.json()["code"] == "thread_archived"
     assert "archived" in refused.value.response.json()["message"]
     assert edit.value.response.status_code == 409
     assert delete.value.response.status_code == 405

@@ -775,7 +775,7 @@ def test_langgraph_copy_is_a_chat_of_the_caller(fast: ChatServer) -> None:
         unseen = stranger.get("/v1/threads").json()["threads"]
         delete = owner.delete(f"/langgraph/threads/{copy_id}")
 
-    assert (refused.status_code, refused.json()["code"]) == (404, "not_found")
+    assert (refused.status_code, refused.json()["code"]) == (404, "thread_not_found")
     assert copied.json()["metadata"]["title"] == "Sums"
     assert copy_id != thread_id
     assert listed == {thread_id: "Sums", copy_id: "Sums"}

@@ -23,7 +23,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -208,10 +207,10 @@ async def _authorize(request: Request, thread_id: str | None, action: LangGraphA
         return True
     thread = await _owned(request, thread_id)
     if thread is None:
-        raise HTTPException(404, f"no thread {thread_id!r}")
+        raise ApiError(404, "thread_not_found", f"no thread {thread_id!r}")
     if action == "run" and thread.archived:
         # Read-only, as in the chat API (a cancel is fine: archiving stopped its answer).
-        raise HTTPException(409, "this thread is archived: it is read-only")
+        raise ApiError(409, "thread_archived", "this thread is archived: it is read-only")
     if action == "run":
         # A run is activity, as a message of the chat API is: the thread's updated_at (the
         # order of /v1/threads, the LangGraph thread's updated_at) moves.
@@ -238,9 +237,15 @@ async def _create_thread(request: Request, thread_id: str | None, metadata: dict
         # A client may name the thread (the SDKs' `threadId`); creating one it already has
         # returns it, and another user's id is refused.
         if not is_thread_id(thread_id):
-            raise HTTPException(422, f"invalid thread id {thread_id!r}: use {THREAD_ID_RULES}")
+            raise ApiError(
+                422, "invalid_request", f"invalid thread id {thread_id!r}: use {THREAD_ID_RULES}"
+            )
         if await _own_or_create(request, thread_id, title) is None:
-            raise HTTPException(409, f"thread id {thread_id!r} is taken: choose another or omit it")
+            raise ApiError(
+                409,
+                "thread_id_taken",
+                f"thread id {thread_id!r} is taken: choose another or omit it",
+            )
         return thread_id
     thread = await _runtime(request).store.create_thread(current_user(request), title)
     request.state.created_thread = thread.id  # for _ChatLangGraphRouter.copy_thread
@@ -254,7 +259,7 @@ async def _update_thread(request: Request, thread_id: str, metadata: dict[str, A
     or value is 422, as the service keeps no metadata it could store it in."""
     thread = await _owned(request, thread_id)
     if thread is None:
-        raise HTTPException(404, f"no thread {thread_id!r}")
+        raise ApiError(404, "thread_not_found", f"no thread {thread_id!r}")
     current = _metadata(thread)
     fixed = sorted(
         key for key, value in metadata.items() if key != "title" and current.get(key, ...) != value
