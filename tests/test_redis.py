@@ -30,6 +30,7 @@ from resumable_stream import (
     from_url,
 )
 from resumable_stream.transports import Entry, Status
+from resumable_stream.transports._redis_pipe import pack
 from resumable_stream.transports.redis import _APPEND, RedisTransport, _CancelWaiter
 from tests._helpers import collect, eventually, joined, text_of, tokens
 
@@ -235,6 +236,116 @@ async def test_an_entries_key_gone_under_a_live_run_is_made_again_with_an_expiry
     assert await run.wait() == "completed"
     with pytest.raises(OffsetExpired):  # entry 1 is lost, and readers are told so
         await collect(transport, "evicted")
+
+
+class Staged:
+    """Tokens t0.. of a source that stops before token ``stop`` until released."""
+
+    def __init__(self, n: int, stop: int) -> None:
+        self.n, self.stop, self.gate = n, stop, asyncio.Event()
+
+    async def source(self) -> AsyncIterator[str]:
+        for i in range(self.n):
+            if i == self.stop:
+                await self.gate.wait()
+            yield f"t{i} "
+
+
+def _assert_whole(events: list[Any], first: int, n: int) -> None:
+    """Tokens t<first>..t<n-1>, each once and in order, then `end`."""
+    assert "".join(e.data["text"] for e in events if e.type == "token") == "".join(
+        f"t{i} " for i in range(first, n)
+    )
+    assert [e.type for e in events if e.terminal] == ["end"] and events[-1].type == "end"
+
+
+@pytest.mark.parametrize("idle", [False, True], ids=["writing", "idle"])
+async def test_a_run_the_storage_lost_whole_is_written_again_by_its_producer(
+    transport: RedisTransport, admin: aioredis.Redis, prefix: str, idle: bool
+) -> None:
+    # Regression: a run created on a Sentinel master just before a planned failover
+    # demoted it lost all its keys; its next append found no metadata, took the run for
+    # deleted (LeaseLost), and readers got producer_lost although every entry was in the
+    # producer's window. Idle, its heartbeat found the loss first and fenced it as well.
+    n, stop = 40, 20
+    staged = Staged(n, stop)
+    producer = StreamProducer(transport, lease=0.3 if idle else 60)
+    run = await producer.start(staged.source(), stream_id="lost")
+    reader = StreamConsumer(transport, "lost")
+    read = [await anext(reader) for _ in range(stop)]  # read live, then it goes
+    await reader.aclose()
+    live = None if idle else StreamConsumer(transport, "lost")  # follows through the loss
+    seen = [] if live is None else [await anext(live) for _ in range(stop)]
+    info = await transport.info("lost")
+    assert info is not None and info.last_seq >= 1
+    keys = [f"{prefix}:{{lost}}:{kind}" for kind in ("meta", "events", "lease")]
+    assert await admin.delete(*keys) == 3  # as the demotion of the master drops them
+    if idle:  # the heartbeat finds the loss, and the producer writes the run again
+        meta = keys[0]
+
+        async def restored() -> bool:
+            return await admin.hget(meta, "lease_ms") == b"300"  # and the next one renewed
+
+        await eventually(restored)
+        again = await transport.info("lost")
+        assert again is not None and (again.epoch, again.last_seq) == (info.epoch, info.last_seq)
+        ttls = await _ttls(admin, prefix)
+        assert len(ttls) == 3 and all(ttl > 0 for ttl in ttls.values()), ttls
+    staged.gate.set()
+    assert await run.wait() == "completed"
+    _assert_whole(await collect(transport, "lost"), 0, n)
+    _assert_whole(await collect(transport, "lost", after=read[-1].offset), stop, n)
+    if live is not None:
+        _assert_whole(seen + [event async for event in live], 0, n)
+    ttls = await _ttls(admin, prefix)
+    assert len(ttls) == 2 and all(ttl > 0 for ttl in ttls.values()), ttls
+
+
+async def test_a_run_lost_whole_beyond_the_window_ends_with_storage_rollback(
+    transport: RedisTransport, admin: aioredis.Redis, prefix: str
+) -> None:
+    staged = Staged(40, 20)
+    producer = StreamProducer(transport, lease=60, rollback_window=0)
+    run = await producer.start(staged.source(), stream_id="gone-far")
+    reader = StreamConsumer(transport, "gone-far")
+    read = [await anext(reader) for _ in range(20)]
+    await reader.aclose()
+    keys = [f"{prefix}:{{gone-far}}:{kind}" for kind in ("meta", "events", "lease")]
+    assert await admin.delete(*keys) == 3
+    staged.gate.set()
+    assert await run.wait() == "error"
+    events = await collect(transport, "gone-far")  # the error alone, at entry 1
+    assert [(e.type, e.data.get("error")) for e in events] == [("error", "storage_rollback")]
+    with pytest.raises(OffsetExpired):  # its events are lost, and it is told so
+        await collect(transport, "gone-far", after=read[-1].offset)
+    ttls = await _ttls(admin, prefix)
+    assert len(ttls) == 2 and all(ttl > 0 for ttl in ttls.values()), ttls
+
+
+@pytest.mark.parametrize("lost_first", [False, True], ids=["live", "lost-then-deleted"])
+async def test_a_deleted_run_stays_fenced_and_its_id_can_be_used_again(
+    transport: RedisTransport, admin: aioredis.Redis, prefix: str, lost_first: bool
+) -> None:
+    staged = Staged(40, 20)
+    run = await StreamProducer(transport, lease=60).start(staged.source(), stream_id="del")
+    reader = StreamConsumer(transport, "del")
+    for _ in range(20):
+        await anext(reader)
+    await reader.aclose()
+    keys = [f"{prefix}:{{del}}:{kind}" for kind in ("meta", "events", "lease")]
+    if lost_first:  # lost by the storage, then deleted before its producer wrote again
+        assert await admin.delete(*keys) == 3
+    assert await transport.delete("del") is not lost_first
+    gone = f"{prefix}:{{del}}:gone"
+    assert 0 < await admin.pttl(gone) <= transport._meta_ttl_ms
+    staged.gate.set()
+    with pytest.raises(LeaseLost):
+        await run.wait()
+    assert await transport.info("del") is None
+    again = await StreamProducer(transport).start(tokens(10), stream_id="del")
+    assert await again.wait() == "completed"
+    assert await admin.exists(gone) == 0
+    assert joined(await collect(transport, "del")) == text_of(10)
 
 
 async def _notice_channels(admin: aioredis.Redis, prefix: str) -> list[bytes]:
@@ -490,7 +601,13 @@ async def test_the_append_command_is_the_one_hiredis_packs(
     monkeypatch.setattr(time, "time_ns", lambda: 1764590000123456789)
     transport = from_url("redis://127.0.0.1:1/0", max_entries=777)
     assert isinstance(transport, RedisTransport)
-    ends = (777, transport._running_ttl_ms, transport._retention_ms, transport._meta_ttl_ms)
+    ends = (
+        777,
+        transport._running_ttl_ms,
+        transport._retention_ms,
+        transport._meta_ttl_ms,
+        transport._restored_ttl_ms,
+    )
     for owner, epoch, stream_id in [("me", 5, "a"), ("été", 6, "a"), ("me", 10**15, "b:ü")]:
         for seq, payload, count in [(1, b'["x"]', 1), (12345, b"\r\n" * 300, 99)]:
             entry = Entry(epoch, seq, payload)
@@ -526,6 +643,22 @@ async def test_a_cancel_watch_stops_a_run_deleted_or_replaced_before_it_was_subs
     replaced = _CancelWaiter(transport, "s", 1234, fired.append)
     replaced.check(None, b"1300")  # another run of the id since
     assert fired == [None, None]
+
+
+async def test_a_cancel_watch_lets_a_run_the_storage_lost_whole_go_on(
+    transport: RedisTransport,
+) -> None:
+    # A watch (re)subscribed looks at the metadata: none at all is a deleted run only if
+    # the delete's marker is there; else the storage lost the run (a failover), which its
+    # producer writes again. (It stopped such a run, which wrote `cancelled`.)
+    fired: list[Exception | None] = []
+    waiter = _CancelWaiter(transport, "s", 1234, fired.append)
+    look = pack("HMGET", transport._key("s", "meta"), "cancel", "epoch")
+    await transport._check_cancel_slowly(waiter, look)
+    assert fired == []
+    assert await transport.delete("s") is False
+    await transport._check_cancel_slowly(waiter, look)
+    assert fired == [None]
 
 
 async def test_streams_survive_redis_dropping_every_connection(

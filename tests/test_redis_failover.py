@@ -13,6 +13,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio.cluster import ClusterNode
@@ -29,6 +30,7 @@ from resumable_stream import (
 )
 from resumable_stream.transports import Entry, from_url
 from resumable_stream.transports import _redis_scripts as scripts
+from resumable_stream.transports import redis as redis_module
 from resumable_stream.transports.redis import RedisTransport
 from tests._helpers import collect, eventually, joined, text_of
 from tests._services import RedisClusterService, RedisSentinelService, RedisServer
@@ -602,6 +604,72 @@ async def test_writes_leave_the_old_master_of_a_planned_sentinel_failover(
         assert await run.wait() == "completed"
         assert_whole(await reader.result())
         assert_whole(await collect(elsewhere, run.stream_id))
+
+
+@pytest.mark.parametrize("replicas", [0, 1])
+async def test_a_run_created_on_the_old_master_of_a_planned_failover_is_written_again(
+    redis_sentinel: RedisSentinelService,
+    prefix: str,
+    replicas: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Regression: a run created in the second or so that the old master of a planned
+    # failover still takes writes existed there only; the demotion dropped it whole, and its
+    # next write on the new master found none of its keys: taken for deleted, the producer
+    # was fenced (LeaseLost) and readers got producer_lost, although every entry was in its
+    # window. (With replicas=1 the old master, left with no replica, holds the entries
+    # unreadable: the run is written again from its first one all the same.)
+    moving = asyncio.Event()  # the transport stays on the old master until set
+    newest = redis_module._newest_master
+
+    async def held(*args: Any) -> Any:
+        await moving.wait()
+        return await newest(*args)
+
+    monkeypatch.setattr(redis_module, "_newest_master", held)
+    name = f"lost-{prefix}"
+    url = f"{redis_sentinel.url}?client_name={name}"
+    old = redis_sentinel.master_port()
+    async with from_url(url, prefix=prefix, replicas=replicas) as transport:
+        await transport.info("warm-up")  # connected to the master: the watch runs
+        stages = Stages(N, N // 2)
+        with demotion_held(redis_sentinel, old):
+            new = await asyncio.to_thread(redis_sentinel.failover, demote=False)
+            run = await StreamProducer(transport).start(stages.source())  # on the old master
+            field = "written" if replicas else "last"
+            meta = f"{prefix}:{{{run.stream_id}}}:meta"
+
+            async def written_there() -> bool:
+                def last() -> int:
+                    with contextlib.closing(redis_sentinel.server(old).client()) as client:
+                        return int(client.hget(meta, field) or 0)
+
+                return await asyncio.to_thread(last) >= 1
+
+            await eventually(written_there)
+            offset = None
+            if not replicas:  # read there
+                reader = StreamConsumer(transport, run.stream_id)
+                offset = [await anext(reader) for _ in range(N // 2)][-1].offset
+                await reader.aclose()
+            moving.set()
+
+            async def left_the_old_master() -> bool:
+                def names() -> list[str]:
+                    with contextlib.closing(redis_sentinel.server(old).client()) as client:
+                        return [entry.get("name", "") for entry in client.client_list()]
+
+                return name not in await asyncio.to_thread(names)
+
+            await eventually(left_the_old_master)
+        await asyncio.to_thread(redis_sentinel.demote, old, new)  # drops the run whole
+        stages.release(N // 2)
+        assert await run.wait() == "completed"
+        assert_whole(await collect(transport, run.stream_id))
+        if offset is not None:
+            rest = await collect(transport, run.stream_id, after=offset)
+            assert joined(rest) == "".join(f"t{i} " for i in range(N // 2, N))
+            assert [e.type for e in rest if e.terminal] == ["end"]
 
 
 async def test_a_durable_append_cut_short_by_the_demotion_of_its_master_is_retried(

@@ -93,7 +93,9 @@ class StorageRollback(ResumableStreamError):
     """The storage lost entries it had acknowledged (e.g. a failover to a lagging replica).
 
     Raised by :meth:`Transport.append` when ``entry.seq`` is beyond the stored last seq + 1;
-    ``last_seq`` is what the storage holds now.
+    ``last_seq`` is what the storage holds now. A transport that can tell a run lost whole
+    (all its keys gone in a failover) from a deleted one may also raise it, with
+    ``last_seq`` 0, from :meth:`Transport.renew`: the producer writes the run again.
     """
 
     def __init__(self, stream_id: str, last_seq: int) -> None:

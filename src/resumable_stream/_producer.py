@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -228,6 +229,9 @@ class Run:
         self._pumping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._renewing = False  # a renewal of the lease is under way (StreamProducer)
+        # The heartbeat found the run lost whole by the storage (StorageRollback from
+        # renew): the flusher writes it again, also while the source is idle.
+        self._lost = False
         self._unwatch: Callable[[], None] = _nothing  # ends the cancel watch
         self._unwrite: Callable[[], None] = _nothing  # ends Transport.writing()
         self._report_end: Callable[[], None] = _nothing  # set by telemetry
@@ -626,6 +630,13 @@ class Run:
                     self._free_space()
                 bursting = bool(self._buffer)
                 continue
+            if self._lost:
+                self._lost = False
+                # (An entry posted meanwhile finds the loss itself: its answer says so.)
+                if self._posted is None and self._seq:
+                    with contextlib.suppress(_RolledBack):  # `storage_rollback` written next
+                        await self._rewrite_lost(0, self._seq + 1)
+                    continue
             if self._posted is not None or (not self._buffer and self._terminal is None):
                 self._wake.clear()
                 self._parked = True
@@ -659,6 +670,12 @@ class Run:
             # find out themselves), the run is fenced.
             if self._terminal is None and not self._task.done():
                 self._fail(exc)
+            return
+        except StorageRollback:
+            # The storage lost the whole run (a failover), not deleted: written again now,
+            # not at the next entry (readers would find no stream meanwhile).
+            self._lost = True
+            self._wake.set()
             return
         except TransportClosed as exc:
             # Closed under the run: nothing of it will be written again. It ends now, as
@@ -828,6 +845,8 @@ class Run:
     async def _rewrite_lost(self, last_seq: int, seq: int) -> None:
         """The storage ends at ``last_seq`` although entries up to ``seq - 1`` were written:
         write the lost ones again from the window, or end the run with `storage_rollback`."""
+        if last_seq == 0:
+            self._lost = False  # (what the heartbeat found too, if it did: done here)
         first = self._seq - len(self._window) + 1  # the window ends at entry _seq
         kept = {
             first + i: (Entry(self.epoch, first + i, payload), count)
@@ -1076,7 +1095,7 @@ class StreamProducer:
         try:
             cancelled = await self.transport.renew(stream_id, token, self.lease_ms)
             await self.transport.append(stream_id, token, Entry(epoch, 2, claim), 1)
-        except LeaseLost:
+        except (LeaseLost, StorageRollback):  # fenced, or lost by the storage
             raise ReservationExpired(stream_id) from None
         stored = await self.transport.read(stream_id, epoch, 1, 1)
         if not stored or stored[0].payload != claim:

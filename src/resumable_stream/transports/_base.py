@@ -248,7 +248,10 @@ class Transport(ABC):
         is a no-op, so a write whose reply was lost can be retried. A seq beyond the last
         seq + 1 means the storage lost entries it had acknowledged (a failover to a lagging
         replica): nothing is written and :class:`StorageRollback` is raised with the seq
-        the storage now ends at, so the producer can write the lost entries again. With
+        the storage now ends at, so the producer can write the lost entries again. A
+        transport that can tell a run the storage lost whole from a deleted one (all its
+        data gone) raises it with 0 for a seq past 1, and makes the run again (with this
+        epoch and owner) for seq 1; a deleted run stays fenced (:class:`LeaseLost`). With
         ``final`` set, the run ends with that status: the owner can no longer write and the
         stream expires after ``retention``. Raises :class:`LeaseLost` if ``owner`` no longer
         owns the run, :class:`TransportError` for a fault a retry may fix (the producer
@@ -283,7 +286,10 @@ class Transport(ABC):
     async def renew(self, stream_id: str, owner: str, lease_ms: int) -> bool:
         """Extend the owner's lease by ``lease_ms`` (and the running stream's expiry).
 
-        Returns True if a cancel was requested. Raises :class:`LeaseLost`.
+        Returns True if a cancel was requested. Raises :class:`LeaseLost`, or
+        :class:`StorageRollback` (``last_seq`` 0) if the storage lost the whole run but
+        did not delete it (a failover): the producer then writes the run again, from
+        entry 1, and the first entry makes it again (see :meth:`append`).
         """
 
     @abstractmethod

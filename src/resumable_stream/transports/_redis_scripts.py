@@ -2,7 +2,12 @@
 
 KEYS are always: 1 = metadata hash, 2 = events stream, 3 = lease string.
 Metadata fields: epoch, status, owner, lease_ms, created, updated (ms), last (seq of the
-last entry), count (events in it), cancel ("1" once requested).
+last entry), count (events in it), cancel ("1" once requested), restored ("1" while a run
+made again by its producer waits for its first heartbeat to set lease_ms: see _RESTORE).
+
+A fourth key, in the stream's slot too (``KEYS[1]`` with ``meta`` replaced by ``gone``),
+marks a deleted stream (DELETE sets it with an expiry, CREATE removes it): a run whose
+keys are all missing was deleted if it is there, else lost by the storage (a failover).
 
 Shard channels, in the stream's slot too (``KEYS[1]`` with ``meta`` replaced by ``n`` or
 ``c``): ``...:n`` carries a notice per write to the processes following the stream: the
@@ -10,6 +15,8 @@ entry id ``<epoch>-<seq>``, then a space and the entry itself when it is at most
 NOTICE_PAYLOAD_MAX bytes (larger ones are fetched with ``XRANGE``); an empty notice when
 the stream was deleted. ``...:c`` carries the epoch of a run asked to stop.
 """
+
+from .._constants import DEFAULT_LEASE
 
 #: Entries up to this size travel inside their notice (no fetch); larger ones are fetched,
 #: which keeps pub/sub output buffers small.
@@ -29,7 +36,7 @@ local now = redis.call('TIME')
 local epoch = tonumber(now[1]) * 1000000 + tonumber(now[2])
 if m[2] and tonumber(m[2]) >= epoch then epoch = tonumber(m[2]) + 1 end
 epoch = string.format('%.0f', epoch)
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2], GONE)
 redis.call('HSET', KEYS[1], 'epoch', epoch, 'status', 'running', 'owner', ARGV[1],
   'lease_ms', ARGV[2], 'created', ARGV[3], 'updated', ARGV[3], 'last', 0, 'count', 0)
 redis.call('PEXPIRE', KEYS[1], meta_ttl(ARGV[4], ARGV[2], ARGV[5]))
@@ -41,9 +48,14 @@ return epoch
 # {last seq} (seq past last + 1: nothing written).
 # ARGV: owner, epoch, seq, payload, count, now_ms, final status or '',
 #       then the transport's constants: max_entries, running_ttl_ms, retention_ms,
-#       metadata_ttl_ms
+#       metadata_ttl_ms, running metadata_ttl_ms
 APPEND = """
 local m = redis.call('HMGET', KEYS[1], 'owner', 'last', 'status')
+if not m[1] then
+  local lost = restore(ARGV[1], ARGV[2], ARGV[3], ARGV[9], ARGV[12])
+  if lost then return lost end
+  m = {ARGV[1], '0', 'running'}
+end
 if m[1] ~= ARGV[1] then return -1 end
 local last = tonumber(m[2])
 if last >= tonumber(ARGV[3]) then return 0 end
@@ -70,10 +82,17 @@ return 1
 
 # The data of a running stream expires no sooner than its lease: a lease longer than
 # running_ttl (a reservation's start_timeout) must not see its entries expire under it.
+# Returns 1 (a cancel was requested), 0, -1 (lease lost) or 2 (the storage lost the whole
+# run: its producer writes it again, see _RESTORE).
 # ARGV: owner, lease_ms, running_ttl_ms, tombstone_ms
 RENEW = """
-local m = redis.call('HMGET', KEYS[1], 'owner', 'status', 'cancel')
+local m = redis.call('HMGET', KEYS[1], 'owner', 'status', 'cancel', 'restored')
+if not m[1] and redis.call('EXISTS', GONE) == 0 then return 2 end
 if m[1] ~= ARGV[1] or m[2] ~= 'running' then return -1 end
+if m[4] then
+  redis.call('HSET', KEYS[1], 'lease_ms', ARGV[2])
+  redis.call('HDEL', KEYS[1], 'restored')
+end
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], meta_ttl(ARGV[3], ARGV[2], ARGV[4]))
 redis.call('PEXPIRE', KEYS[2], longer(ARGV[3], ARGV[2]))
@@ -92,7 +111,10 @@ redis.call('SPUBLISH', CANCELS, m[2])
 return m[2]
 """
 
-# Returns {keys deleted, epoch of the run asked to stop or ''}. No ARGV.
+# Returns {keys deleted, epoch of the run asked to stop or ''}. ARGV: metadata_ttl_ms (the
+# marker's expiry: a producer still writing the run meanwhile stays fenced; it is told by
+# the cancel notice too). The marker is set also when nothing was there: a run the storage
+# lost, deleted before its producer made it again, stays deleted.
 DELETE = """
 local denied = refused(NOTICES) or refused(CANCELS)
 if denied then return denied end
@@ -103,6 +125,7 @@ if m[1] == 'running' then
   redis.call('SPUBLISH', CANCELS, stopped)
 end
 local deleted = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('SET', GONE, '1', 'PX', ARGV[1])
 redis.call('SPUBLISH', NOTICES, '')
 return {deleted, stopped}
 """
@@ -131,9 +154,15 @@ return 1
 # readable and notifies. Metadata field 'written' is the last seq stored, 'last' the last
 # seq readable. HOLD always writes (the 'written' field), so that the WAIT that follows it
 # counts this entry even when HOLD is a retry.
-# Returns as APPEND. ARGV: owner, epoch, seq, payload, max_entries, running_ttl_ms
+# Returns as APPEND. ARGV: owner, epoch, seq, payload, max_entries, running_ttl_ms,
+# running metadata_ttl_ms
 HOLD = """
 local m = redis.call('HMGET', KEYS[1], 'owner', 'written', 'status', 'last')
+if not m[1] then
+  local lost = restore(ARGV[1], ARGV[2], ARGV[3], ARGV[6], ARGV[7])
+  if lost then return lost end
+  m = {ARGV[1], '0', 'running', '0'}
+end
 if m[1] ~= ARGV[1] then return -1 end
 local written = tonumber(m[2] or m[4])
 if written >= tonumber(ARGV[3]) then
@@ -152,6 +181,7 @@ return 1
 # ARGV: owner, epoch, seq, count, now_ms, final status or '', retention_ms, metadata_ttl_ms
 RELEASE = """
 local m = redis.call('HMGET', KEYS[1], 'owner', 'last', 'status')
+if not m[1] and redis.call('EXISTS', GONE) == 0 then return {'0'} end  -- lost: see _RESTORE
 if m[1] ~= ARGV[1] then return -1 end
 if tonumber(m[2]) >= tonumber(ARGV[3]) then return 0 end
 if m[3] ~= 'running' then return -1 end
@@ -220,6 +250,29 @@ local function running_ttl(ms)
 end
 """
 
+# The run's keys are all missing. DELETE left a marker: the run was deleted, its producer
+# is fenced (-1). Else the storage lost the whole run (created on a master that a failover
+# demoted before its replica had it): entry 1 makes the run again with the producer's
+# epoch (offsets readers hold stay valid) and owner, and returns false (write it); a later
+# entry is a rollback to 0 ({'0'}), and the producer writes entries 1.. again from its
+# window. The lease key lasts running_ttl and lease_ms is a placeholder until the next
+# heartbeat (RENEW) sets both from the producer's lease.
+_RESTORE = """
+local function restore(owner, epoch, seq, running_ttl, meta_ttl)
+  if redis.call('EXISTS', GONE) == 1 then return -1 end
+  if seq ~= '1' then return {'0'} end
+  local now = redis.call('TIME')
+  now = string.format('%.0f', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000))
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'status', 'running', 'owner', owner,
+    'lease_ms', DEFAULT_LEASE_MS, 'created', now, 'updated', now, 'last', 0, 'count', 0,
+    'restored', '1')
+  redis.call('PEXPIRE', KEYS[1], meta_ttl)
+  redis.call('SET', KEYS[3], owner, 'PX', running_ttl)
+  return false
+end
+"""
+
 # An error reply if the user may not SPUBLISH to the channel, checked before a script
 # writes: Redis 7 gives an ACL user no channels by default (acl-pubsub-default), and a
 # SPUBLISH refused after the writes left them stored, so the append's retry found its
@@ -235,7 +288,7 @@ end
 """
 
 CREATE, RENEW = _REFUSED + _LONGER + _META_TTL + CREATE, _LONGER + _META_TTL + RENEW
-APPEND, HOLD = (_LONGER + _RUNNING_TTL + _ADD_ENTRY + s for s in (APPEND, HOLD))
+APPEND, HOLD = (_LONGER + _RUNNING_TTL + _ADD_ENTRY + _RESTORE + s for s in (APPEND, HOLD))
 CANCEL, DELETE, REAP = (_REFUSED + s for s in (CANCEL, DELETE, REAP))
 
 
@@ -244,10 +297,12 @@ def _channels(script: str) -> str:
     return (
         script.replace("NOTICES", f"{base} .. 'n'")
         .replace("CANCELS", f"{base} .. 'c'")
+        .replace("GONE", f"{base} .. 'gone'")
+        .replace("DEFAULT_LEASE_MS", str(int(DEFAULT_LEASE * 1000)))
         .replace("NOTICE_PAYLOAD_MAX", str(NOTICE_PAYLOAD_MAX))
     )
 
 
-CREATE, APPEND, CANCEL, DELETE, REAP, RELEASE = map(
-    _channels, (CREATE, APPEND, CANCEL, DELETE, REAP, RELEASE)
+CREATE, APPEND, RENEW, CANCEL, DELETE, REAP, HOLD, RELEASE = map(
+    _channels, (CREATE, APPEND, RENEW, CANCEL, DELETE, REAP, HOLD, RELEASE)
 )

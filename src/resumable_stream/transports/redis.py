@@ -392,10 +392,19 @@ class RedisTransport(Transport):
         # never reaped, still reads as expired (OffsetExpired), not as never created
         # (StreamNotFound), also when its lease (a reservation's) outlasts running_ttl.
         self._tombstone_ms = int(tombstone * 1000)
+        # The metadata expiry of a run its producer makes again (the storage lost it whole).
+        self._restored_ttl_ms = self._running_ttl_ms + self._tombstone_ms
         # The append command's last arguments, packed once (see _append_command): the
         # final status (none, or one of the three a run ends in), then the settings.
         self._append_settings = _with_length(
-            pack(max_entries, self._running_ttl_ms, self._retention_ms, self._meta_ttl_ms), None
+            pack(
+                max_entries,
+                self._running_ttl_ms,
+                self._retention_ms,
+                self._meta_ttl_ms,
+                self._restored_ttl_ms,
+            ),
+            None,
         )
         self._append_ends = {
             status: self._append_end_of(status)
@@ -740,14 +749,14 @@ class RedisTransport(Transport):
         # The command changes little from one entry of a run to the next: its head (the
         # script, the keys, the owner and the epoch) is packed by hiredis once per run and
         # its tail once; the rest (seq, payload, count, time, final status) is formatted
-        # here, in a third of the time pack() takes for all 17 arguments (measured).
+        # here, in a third of the time pack() takes for all 18 arguments (measured).
         head = self._heads.get(stream_id)
         if head is None or head[0] != owner or head[1] != entry.epoch:
             if len(self._heads) >= 4096:
                 self._heads.clear()
             packed = self._evalsha(_APPEND, stream_id, (owner, entry.epoch))
             channel = self._stream(stream_id)[2]
-            head = self._heads[stream_id] = (owner, entry.epoch, _with_length(packed, 17), channel)
+            head = self._heads[stream_id] = (owner, entry.epoch, _with_length(packed, 18), channel)
         seq = b"%d" % entry.seq
         number = b"%d" % count
         now = b"%d" % (time.time_ns() // 1_000_000)
@@ -820,6 +829,7 @@ class RedisTransport(Transport):
             entry.payload,
             self.max_entries,
             self._running_ttl_ms,
+            self._restored_ttl_ms,
         )
         # HOLD and WAIT adjacent on one connection, to whichever node a redirect names
         # (issue 8: after an ASK the pair went back to the old owner until the redirect
@@ -851,6 +861,8 @@ class RedisTransport(Transport):
         )
         if released == -1:
             raise LeaseLost(stream_id)
+        if isinstance(released, list):  # the storage lost the run under the entry held
+            raise StorageRollback(stream_id, int(released[0]))
 
     async def renew(self, stream_id: str, owner: str, lease_ms: int) -> bool:
         result = await self._eval(
@@ -858,6 +870,8 @@ class RedisTransport(Transport):
         )
         if result == -1:
             raise LeaseLost(stream_id)
+        if result == 2:  # the storage lost the whole run (a failover): written again
+            raise StorageRollback(stream_id, 0)
         return bool(result)
 
     async def request_cancel(self, stream_id: str) -> bool:
@@ -957,7 +971,7 @@ class RedisTransport(Transport):
 
         def answered(done: asyncio.Future[Any]) -> None:
             reply = None if done.cancelled() or done.exception() else done.result()
-            if isinstance(reply, list):
+            if isinstance(reply, list) and reply[1] is not None:
                 waiter.check(*reply)
                 return
             task = asyncio.create_task(self._check_cancel_slowly(waiter, packed))
@@ -967,8 +981,15 @@ class RedisTransport(Transport):
         future.add_done_callback(answered)
 
     async def _check_cancel_slowly(self, waiter: _CancelWaiter, packed: bytes) -> None:
+        slot = self._slot(waiter.stream_id)
         try:
-            reply = await self._execute(self._slot(waiter.stream_id), packed)
+            reply = await self._execute(slot, packed)
+            if reply[1] is None:
+                # No run: deleted (its marker says so), or lost whole by the storage (a
+                # failover), which its producer writes again: not a reason to stop it.
+                marker = pack("EXISTS", self._key(waiter.stream_id, "gone"))
+                if not await self._execute(slot, marker):
+                    return
         except TransportError as exc:
             waiter.fire(exc)
             return
@@ -1053,7 +1074,7 @@ class RedisTransport(Transport):
             stop = ((cancels, reply[1]),) if reply[1] else ()
             return (*stop, (notices, b""))
 
-        deleted, _ = await self._eval(_DELETE, stream_id, notice=notice)
+        deleted, _ = await self._eval(_DELETE, stream_id, self._meta_ttl_ms, notice=notice)
         self._wake_local(notices, gone=True)
         return bool(deleted)
 
