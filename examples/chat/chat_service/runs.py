@@ -731,9 +731,10 @@ class RunService:
         try:
             status = await run.wait()
         except ResumableStreamError as exc:
-            # Fenced (its stream was lost: Redis restarted without its data, or the run was
-            # declared lost), or Redis refused or stayed away: its readers get (or got)
-            # producer_lost, and so does the thread, as after a crash.
+            # Fenced (its stream was deleted, or the run declared lost while it stalled), or
+            # Redis refused or stayed away: its readers get (or got) producer_lost, and so
+            # does the thread, as after a crash. (A stream Redis lost, restarted without its
+            # data, is written again by the run from its window.)
             logger.warning("answer %s lost its stream: %s", job.stream_id, exc)
             await self.store.settle_run(job.thread_id, job.seq, "failed", error=PRODUCER_LOST)
             await self.store.update_thread(job.thread_id)
