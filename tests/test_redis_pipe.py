@@ -4,6 +4,7 @@ Cluster redirects, reconnections, on asyncio and uvloop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -45,6 +46,65 @@ def _subscriber(
         on_moved=(moved if moved is not None else []).append,
         on_fault=lambda: (faults if faults is not None else []).append(1),
     )
+
+
+class _LosesACancel(Connection):
+    """A connection whose set-up loses the first cancellation thrown into it, as redis-py's
+    connect does on Python 3.11 when a cancellation meets its connect timeout (taken for a
+    timeout, and retried)."""
+
+    entered: asyncio.Event
+
+    async def connect(self) -> None:
+        self.entered.set()
+        with contextlib.suppress(asyncio.CancelledError):  # lost: no uncancel(), no raise
+            await asyncio.Event().wait()
+        await super().connect()
+
+
+@pytest.mark.parametrize("kind", ["pipe", "subscriber"])
+async def test_a_cancel_lost_in_the_connection_set_up_still_ends_the_task(
+    redis_server: RedisServer, kind: str
+) -> None:
+    # Regression (an intermittent hang in CI): asyncio.run() cancels every task once as the
+    # loop ends; a cancellation lost inside redis-py's connect let the connection's task
+    # connect and wait on its socket, and the process never exited.
+    entered = asyncio.Event()
+
+    def make() -> Connection:
+        connection = _LosesACancel(port=redis_server.port)
+        connection.entered = entered
+        return connection
+
+    if kind == "pipe":
+        pipe = Pipe(make, timeout=5.0, name="t")
+        command = asyncio.create_task(pipe.call(pack("PING")))
+        await entered.wait()
+        assert pipe._session is not None and pipe._session.task is not None
+        task = pipe._session.task
+    else:
+        subscriber = Subscriber(
+            make,
+            name="t",
+            timeout=5.0,
+            on_message=lambda c, d: None,
+            on_subscribed=lambda c: None,
+            on_moved=lambda c: None,
+            on_fault=lambda: None,
+        )
+        subscriber.add(b"t:{s}:n")
+        await entered.wait()
+        assert subscriber._task is not None
+        task = subscriber._task
+    task.cancel()  # once, as asyncio.run() does
+    await asyncio.wait({task}, timeout=10)
+    assert task.cancelled()
+    if kind == "pipe":
+        with pytest.raises((TransportError, asyncio.CancelledError)):
+            await command
+        await pipe.aclose()
+    else:
+        await subscriber.aclose()
 
 
 async def test_loading_is_transient_and_drops_the_connection(

@@ -480,6 +480,7 @@ class Pipe:
                 await connection.connect()  # type: ignore[no-untyped-call]
             except (rex.RedisError, OSError) as exc:
                 raise fault(exc, "the connection set-up") from exc
+            _raise_if_cancelled()
             self.connects += 1
             if self.connects > 1:
                 telemetry.reconnecting("commands")
@@ -743,6 +744,7 @@ class Subscriber:
             try:
                 try:
                     await connection.connect()  # type: ignore[no-untyped-call]
+                    _raise_if_cancelled()
                     self.connects += 1
                     if self.connects > 1:  # made again (not each failed attempt)
                         telemetry.reconnecting("notices")
@@ -866,6 +868,17 @@ def address_of(connection: AbstractConnection) -> tuple[str, int] | None:
     """The (host, port) of a TCP connection (a Sentinel-managed one sets them as it connects)."""
     host, port = getattr(connection, "host", None), getattr(connection, "port", None)
     return (host, port) if isinstance(host, str) and isinstance(port, int) else None
+
+
+def _raise_if_cancelled() -> None:
+    """Raise CancelledError if this task was asked to stop while it connected and the
+    request was lost in redis-py's connect (its timeout and retry, on Python 3.11: see
+    :func:`stop`). The task would carry on, connected and waiting on its socket, and
+    ``asyncio.run()``, which cancels every task once as the loop ends, would wait for it
+    for good."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 async def stop(*tasks: asyncio.Task[Any]) -> None:
