@@ -567,6 +567,16 @@ def demotion_held(sentinel: RedisSentinelService, port: int) -> Iterator[None]:
             client.execute_command("ACL", "SETUSER", "default", "+@all")
 
 
+async def left_the_server(sentinel: RedisSentinelService, port: int, name: str) -> bool:
+    """True once no connection named ``name`` is open on the server on ``port``."""
+
+    def names() -> list[str]:
+        with contextlib.closing(sentinel.server(port).client()) as client:
+            return [entry.get("name", "") for entry in client.client_list()]
+
+    return name not in await asyncio.to_thread(names)
+
+
 @pytest.mark.parametrize("replicas", [0, 1])
 async def test_writes_leave_the_old_master_of_a_planned_sentinel_failover(
     redis_sentinel: RedisSentinelService, prefix: str, replicas: int
@@ -590,15 +600,7 @@ async def test_writes_leave_the_old_master_of_a_planned_sentinel_failover(
         with demotion_held(redis_sentinel, old):
             new = await asyncio.to_thread(redis_sentinel.failover, demote=False)
             stages.release(N // 2)  # the old master takes writes
-
-            async def left_the_old_master() -> bool:
-                def names() -> list[str]:
-                    with contextlib.closing(redis_sentinel.server(old).client()) as client:
-                        return [entry.get("name", "") for entry in client.client_list()]
-
-                return name not in await asyncio.to_thread(names)
-
-            await eventually(left_the_old_master)
+            await eventually(lambda: left_the_server(redis_sentinel, old, name))
         await asyncio.to_thread(redis_sentinel.demote, old, new)  # drops what only it took
         stages.release(3 * N // 4)
         assert await run.wait() == "completed"
@@ -653,15 +655,7 @@ async def test_a_run_created_on_the_old_master_of_a_planned_failover_is_written_
                 offset = [await anext(reader) for _ in range(N // 2)][-1].offset
                 await reader.aclose()
             moving.set()
-
-            async def left_the_old_master() -> bool:
-                def names() -> list[str]:
-                    with contextlib.closing(redis_sentinel.server(old).client()) as client:
-                        return [entry.get("name", "") for entry in client.client_list()]
-
-                return name not in await asyncio.to_thread(names)
-
-            await eventually(left_the_old_master)
+            await eventually(lambda: left_the_server(redis_sentinel, old, name))
         await asyncio.to_thread(redis_sentinel.demote, old, new)  # drops the run whole
         stages.release(N // 2)
         assert await run.wait() == "completed"

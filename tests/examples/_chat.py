@@ -209,6 +209,21 @@ def idle(client: httpx.Client, thread_id: str) -> bool:
     return history(client, thread_id)["active_run"] is None
 
 
+def failed_then_retried(
+    client: httpx.Client,
+) -> tuple[dict[str, Any], list[Sse], dict[str, Any], list[Sse]]:
+    """Ask a question whose answer is to fail (a test hook), read it, wait until its thread
+    settles, and Retry: the accepted message, its events, the settled thread, and the
+    retry's events."""
+    first = post_message(client, "what is 12*7")
+    _, events = read_sse(client, first["stream_url"])
+    thread = eventually(lambda: settled(client, first["thread_id"]), what="the thread settles")
+    retried = client.post("/v1/chat/regenerate", json={"thread_id": first["thread_id"]})
+    assert retried.status_code == 202, retried.text
+    _, answer = read_sse(client, retried.json()["stream_url"])
+    return first, events, thread, answer
+
+
 def settled(client: httpx.Client, thread_id: str) -> dict[str, Any] | None:
     """The thread once it has no answer in flight, else None (for `eventually`)."""
     thread = history(client, thread_id)

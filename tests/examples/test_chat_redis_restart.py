@@ -21,6 +21,7 @@ from tests.examples._chat import (
     Sse,
     answer_text,
     eventually,
+    failed_then_retried,
     history,
     post_message,
     read_sse,
@@ -80,13 +81,7 @@ def test_an_answer_whose_stream_could_not_be_started_fails_with_retry(
         CHAT_TEST_FAIL_AT_START=str(marker),
     )
     with api.client() as client:
-        first = post_message(client, "what is 12*7")
-        thread_id = first["thread_id"]
-        _, events = read_sse(client, first["stream_url"])
-        thread = eventually(lambda: settled(client, thread_id), what="the thread settles")
-        retried = client.post("/v1/chat/regenerate", json={"thread_id": thread_id})
-        assert retried.status_code == 202, retried.text
-        _, answer = read_sse(client, retried.json()["stream_url"])
+        first, events, thread, answer = failed_then_retried(client)
 
     assert marker.exists() and "could not start answer" in api.output()
     error = terminal(events)

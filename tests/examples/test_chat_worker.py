@@ -31,6 +31,7 @@ from tests.examples._chat import (
     Sse,
     answer_text,
     eventually,
+    failed_then_retried,
     final_answer,
     history,
     post_message,
@@ -438,13 +439,7 @@ def test_an_answer_whose_start_failed_on_redis_is_recorded_as_its_readers_are_to
         CHAT_TEST_FAIL_AT_START=str(marker),
     )
     with api.client() as client:
-        first = post_message(client, "what is 12*7")
-        thread_id = first["thread_id"]
-        _, events = read_sse(client, first["stream_url"])
-        thread = eventually(lambda: settled(client, thread_id), what="the thread settles")
-        retried = client.post("/v1/chat/regenerate", json={"thread_id": thread_id})
-        assert retried.status_code == 202, retried.text
-        _, answer = read_sse(client, retried.json()["stream_url"])
+        first, events, thread, answer = failed_then_retried(client)
 
     assert marker.exists() and "'not started'" in worker.output()
     error = terminal(events)
@@ -452,7 +447,10 @@ def test_an_answer_whose_start_failed_on_redis_is_recorded_as_its_readers_are_to
     assert thread["last_error"] == {"run": first["run"], "code": "not_started"}
     assert terminal(answer) == {"type": "end"}
     assert "84" in answer_text(answer)
-    assert run_states(env["DATABASE_URL"], thread_id) == [("failed", "not_started"), ("done", None)]
+    assert run_states(env["DATABASE_URL"], first["thread_id"]) == [
+        ("failed", "not_started"),
+        ("done", None),
+    ]
 
 
 def test_an_answer_nobody_read_that_no_worker_started_does_not_keep_its_thread_busy(
