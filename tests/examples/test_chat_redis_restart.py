@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._services import RedisServer
+from tests._services import RedisClusterService, RedisServer
 from tests.examples._chat import (
     CHAT_DIR,
     FAILS_AT_START,
@@ -89,6 +89,82 @@ def test_an_answer_whose_stream_could_not_be_started_fails_with_retry(
     assert thread["last_error"] == {"run": first["run"], "code": "start_failed"}
     assert terminal(answer) == {"type": "end"}
     assert "84" in answer_text(answer)
+
+
+@pytest.mark.redis_cluster
+def test_a_message_whose_thread_lock_master_is_down_fails_with_retry_not_queued_for_ever(
+    chat_servers: Callable[..., ChatServer], redis_cluster: RedisClusterService
+) -> None:
+    # Regression (Redis Cluster, BUSY_POLICY=queue): a message that came as the master of
+    # its thread's lock died was recorded queued, then handing it to a writer failed (503).
+    # Nobody answered it: the thread showed it answering for ever, and it counted against
+    # the user's MAX_ANSWERS_PER_USER for good (429 to every message; found by a soak).
+    api = chat_servers(
+        REDIS_URL=redis_cluster.url,
+        STREAM_LEASE="1",
+        BUSY_POLICY="queue",
+        MAX_ANSWERS_PER_USER="2",
+        OFFLINE_TOKENS_PER_SECOND="0",
+    )
+
+    def master_of(name: str) -> int:
+        return redis_cluster.owner(redis_cluster.slot_of(f"chat:{{{name}}}:meta"))
+
+    def user_locks() -> set[str]:
+        found: set[str] = set()
+        for port in redis_cluster.master_ports():
+            with redis_cluster.node(port).client(decode_responses=True) as redis:
+                found.update(redis.scan_iter("chat:{user-*-lock}:meta"))
+        return found
+
+    # A user whose own keys (its quota's lock and LangGraph slots) are on masters other than
+    # its thread's lock, which is then killed: the message is recorded, not handed over.
+    for _ in range(40):
+        before = user_locks()
+        client = api.client()
+        first = post_message(client, "what is 12*7")
+        thread_id = first["thread_id"]
+        read_sse(client, first["stream_url"])
+        (user_lock,) = user_locks() - before
+        digest = user_lock.split("user-")[1].split("-lock")[0]
+        user = [f"user-{digest}-lock", *(f"user-{digest}-langgraph-{n}" for n in range(2))]
+        thread_lock = master_of(f"thread-{thread_id}-lock")
+        if thread_lock not in {master_of(name) for name in user}:
+            break
+        client.close()
+    try:
+        eventually(lambda: settled(client, thread_id), what="the first answer recorded")
+        redis_cluster.kill(thread_lock)
+        response = client.post(
+            "/v1/chat/message", json={"message": "what is 6*7", "thread_id": thread_id}
+        )
+        redis_cluster.wait_healthy(replicas=False)
+        thread = eventually(lambda: settled(client, thread_id), timeout=20, what="settled")
+        assert response.status_code == 202, response.text
+
+        def read_answer() -> list[Sse] | None:
+            # 503 while the service still routes the run's slot to the dead master.
+            status, events = read_sse(client, response.json()["stream_url"])
+            return events if status == 200 else None
+
+        events = eventually(read_answer, timeout=20, what="the answer read")
+
+        def retry() -> list[Sse] | None:
+            # Retry, as the page offers; again while the service still routes the lock's
+            # slot to the dead master (it reads the slot map every 0.5 s until it moves).
+            retried = client.post("/v1/chat/regenerate", json={"thread_id": thread_id})
+            assert retried.status_code == 202, retried.text
+            _, answer = read_sse(client, retried.json()["stream_url"])
+            return answer if terminal(answer) == {"type": "end"} else None
+
+        answer = eventually(retry, timeout=20, what="a retry answered")
+    finally:
+        client.close()
+
+    error = terminal(events)
+    assert error is not None and (error["type"], error["code"]) == ("error", "start_failed")
+    assert thread["last_error"] == {"run": response.json()["run"], "code": "start_failed"}
+    assert "42" in answer_text(answer)
 
 
 def _worker_mode(redis: RedisServer, postgres_dsn: str, **settings: str) -> dict[str, str]:

@@ -195,9 +195,20 @@ class RunService:
         if self.workers:
             await self._enqueue(run)
             return Submitted(run, False)
-        if held is None:
-            return Submitted(run, await self.kick(thread.id))
-        await self._begin(held)
+        try:
+            if held is None:
+                return Submitted(run, await self.kick(thread.id))
+            await self._begin(held)
+        except ResumableStreamError as exc:
+            # Recorded, but Redis failed as it was handed to a writer (the master of the
+            # thread's lock died, say): nobody would answer it, and the thread would show
+            # it answering for ever. Its readers are told start_failed, with Retry.
+            logger.warning("answer %s could not be started: %s", run.stream_id, exc)
+            if await self.store.settle_run(
+                run.thread_id, run.seq, "failed", error=START_FAILED, only_from=("queued",)
+            ):
+                await self.store.update_thread(run.thread_id)
+            return Submitted(run, False)
         return Submitted(run, True)
 
     async def _lock_if_idle(self, thread_id: str) -> HeldLock | None:
