@@ -204,10 +204,7 @@ class RunService:
             # thread's lock died, say): nobody would answer it, and the thread would show
             # it answering for ever. Its readers are told start_failed, with Retry.
             logger.warning("answer %s could not be started: %s", run.stream_id, exc)
-            if await self.store.settle_run(
-                run.thread_id, run.seq, "failed", error=START_FAILED, only_from=("queued",)
-            ):
-                await self.store.update_thread(run.thread_id)
+            await self._start_failed(run)
             return Submitted(run, False)
         return Submitted(run, True)
 
@@ -595,6 +592,15 @@ class RunService:
         writer may have died after writing its end, before recording it)."""
         await self.settle_from_reader(run, await self._read_to_end(run))
 
+    async def _start_failed(self, run: RunRecord) -> None:
+        """Record queued run ``run``, whose stream could not be started, as failed with
+        ``start_failed``: its readers are told so (there is no stream to read), and the
+        thread shows it with Retry."""
+        if await self.store.settle_run(
+            run.thread_id, run.seq, "failed", error=START_FAILED, only_from=("queued",)
+        ):
+            await self.store.update_thread(run.thread_id)
+
     async def _not_answering(self, job: RunRecord | None, reservation: Reservation) -> str:
         if job is not None and job.state == "dropped":
             # Stopped before a worker got to it (the stop ended its stream, unless it came
@@ -720,13 +726,9 @@ class RunService:
                 # readers are told once its reservation lapses (not_started; producer_lost
                 # if the claim landed), by a reader, the thread's next message or answer.
                 return None
-            # Its readers are told start_failed (there is no stream to read), and the
-            # thread shows it with Retry: recorded done, it showed the question answered
-            # with no answer, and Retry was refused (409 nothing_to_retry).
-            await self.store.settle_run(
-                job.thread_id, job.seq, "failed", error=START_FAILED, only_from=("queued",)
-            )
-            await self.store.update_thread(job.thread_id)
+            # Recorded done, it showed the question answered with no answer, and Retry
+            # was refused (409 nothing_to_retry).
+            await self._start_failed(job)
             return None
         if not await self.store.settle_run(
             job.thread_id, job.seq, "started", only_from=("queued",)
