@@ -1,11 +1,15 @@
 """Check the built sdist and wheel: metadata (name, version, extras, Python versions) and files.
 
+Built from a git clone, the sdist must hold exactly the files git tracks: nothing else lying
+in the work tree.
+
 Usage: python .ci/check_dist.py dist/*.tar.gz dist/*.whl
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 import tarfile
 import tomllib
@@ -55,9 +59,20 @@ def main(paths: list[str]) -> None:
         problems.append("the wheel ships tests, examples or benchmarks")
     with tarfile.open(sdist) as archive:
         members = {m.name.split("/", 1)[1] for m in archive.getmembers() if "/" in m.name}
+        shipped = {m.name.split("/", 1)[1] for m in archive.getmembers() if m.isfile()}
     for needed in ("pyproject.toml", "README.md", "src/resumable_stream/__init__.py"):
         if needed not in members:
             problems.append(f"the sdist lacks {needed}")
+    if (ROOT / ".git").exists():  # built from a clone: exactly the files git tracks
+        tracked = subprocess.run(
+            ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+        ).stdout.decode()
+        files = {name for name in tracked.split("\0") if name}
+        shipped.discard("PKG-INFO")
+        for name in sorted(shipped - files):
+            problems.append(f"the sdist ships {name}, which git does not track")
+        for name in sorted(files - shipped):
+            problems.append(f"the sdist lacks {name}, which git tracks")
     if problems:
         raise SystemExit("\n".join(["dist check failed:", *problems]))
     print(f"{Path(wheel).name}, {Path(sdist).name}: metadata and contents OK")
