@@ -269,6 +269,9 @@ def test_task_queue_celery_sample_answers_on_a_real_worker(redis_url: str, tmp_p
     assert text == "Celery ran this."
 
 
+JSON = "application/json"
+
+
 def http_app(flavour: str) -> str:
     """docs/http.md's complete Starlette app, or its FastAPI variant on the same parts."""
     blocks: list[str] = re.findall(
@@ -306,6 +309,17 @@ def test_http_page_app_serves_a_stream(flavour: str, tmp_path: Path) -> None:
         cancel = client.post(body["stream_url"] + "/cancel")
         assert cancel.status_code == 409
         assert cancel.json()["code"] == "stream_not_running"
+        # A bad body is a 4xx JSON error, not a 500 (Starlette's app read it unguarded).
+        for bad in (b"not json", b"\xff", b"", b"[]", b"{}", b'{"question": 5}'):
+            refused = client.post("/chat", content=bad, headers={"content-type": JSON})
+            assert refused.headers["content-type"] == JSON, (bad, refused.text)
+            if flavour == "starlette":
+                assert refused.status_code == 400, (bad, refused.text)
+                assert set(refused.json()) == {"code", "message"}
+                assert refused.json()["code"] == "invalid_request"
+            else:  # FastAPI checks the body against the page's Question model
+                assert refused.status_code in (400, 422), (bad, refused.text)
+                assert "detail" in refused.json()
 
 
 def test_langgraph_sdk_page_python_client_runs_against_its_backend(tmp_path: Path) -> None:

@@ -1575,6 +1575,43 @@ async def test_docs_examples_serve_and_resume_streams(framework: str) -> None:
     assert_error(malformed, 400, "invalid_offset")
 
 
+async def test_docs_example_chat_answers_a_client_gone_mid_body_in_json() -> None:
+    # Regression: the page's chat read the body unguarded, and a client that left before
+    # sending all of it got Starlette's ClientDisconnect out of the app (a 500, and a
+    # traceback in the server's log).
+    namespace: dict[str, Any] = {"__name__": "docs_http_example"}
+    exec(docs_example("app = Starlette("), namespace)
+    parts: list[Message] = [
+        {"type": "http.request", "body": b'{"quest', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return parts.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"100")]
+    scope: Scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/chat",
+        "raw_path": b"/chat",
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("t", 80),
+        "client": ("c", 1),
+    }
+    await namespace["app"](scope, receive, send)  # raised ClientDisconnect
+    assert sent[0]["status"] == 400
+    assert orjson.loads(sent[1]["body"])["code"] == "invalid_request"
+
+
 async def test_the_router_served_as_the_app_answers_routing_errors_in_json() -> None:
     # Regression: with no Starlette app around it, its unknown paths and wrong methods were
     # Starlette's plain text ("Not Found"), not {code, message}.
