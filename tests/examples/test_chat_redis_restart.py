@@ -66,6 +66,42 @@ def test_an_answer_cut_by_a_redis_restart_is_written_again_by_its_writer(
     assert "84" in answer_text(answer)
 
 
+def test_an_answer_cut_by_a_redis_restart_past_its_writers_window_fails_with_retry(
+    chat_servers: Callable[..., ChatServer], redis_server_factory: Callable[..., RedisServer]
+) -> None:
+    # Regression: an answer longer than its writer's rollback window (256 entries) when
+    # Redis restarted without its data could not be written again: its stream ended with
+    # storage_rollback, but the run was recorded done. The thread showed the question with
+    # "No answer was saved", no error, and GET /v1/thread no last_error.
+    redis = redis_server_factory()
+    api = chat_servers(REDIS_URL=redis.url, OFFLINE_TOKENS_PER_SECOND="100")
+    # About 600 tokens. Redis restarts once the stream holds 300 entries (an event's offset
+    # is epoch-entry-index), past the window.
+    question = "How should I plan " + " ".join(["the garden"] * 250) + "?"
+    with api.client() as client:
+        started = post_message(client, question)
+        thread_id = started["thread_id"]
+        _, before = read_sse(
+            client,
+            started["stream_url"],
+            stop_after=lambda events: int(events[-1].id.split("-")[1]) >= 300,
+        )
+        assert terminal(before) is None  # still being written
+        redis.restart()
+        _, events = read_sse(client, started["stream_url"])
+        thread = eventually(lambda: settled(client, thread_id), timeout=20, what="recorded")
+        retried = client.post("/v1/chat/regenerate", json={"thread_id": thread_id})
+        assert retried.status_code == 202, retried.text
+        _, answer = read_sse(client, retried.json()["stream_url"])
+
+    error = terminal(events)
+    assert error is not None and (error["type"], error.get("code")) == ("error", "storage_rollback")
+    assert thread["last_error"] == {"run": started["run"], "code": "storage_rollback"}
+    assert not any(m.get("stopped") for m in thread["messages"])
+    assert terminal(answer) == {"type": "end"}
+    assert "the garden" in answer_text(answer)
+
+
 def test_an_answer_whose_stream_could_not_be_started_fails_with_retry(
     chat_servers: Callable[..., ChatServer], redis_url: str, tmp_path: Path
 ) -> None:

@@ -33,6 +33,9 @@ QUEUE_DOWN = "queue_unavailable"
 SHUTDOWN = "shutdown"
 #: The answer's stream could not be started (Redis refused the write, or was unreachable).
 START_FAILED = "start_failed"
+#: Redis lost part of the answer's stream (restarted without its data, or a failover to a
+#: replica behind it) beyond what its writer could write again (the library's).
+STORAGE_ROLLBACK = "storage_rollback"
 
 _MESSAGES = {
     PRODUCER_LOST: "the server generating this answer stopped (crashed or was restarted); retry",
@@ -42,6 +45,8 @@ _MESSAGES = {
     QUEUE_DOWN: "the answer could not be handed to the workers; retry",
     SHUTDOWN: "the server shut down before the answer was complete; retry",
     START_FAILED: "the answer could not be started (its stream could not be written); retry",
+    STORAGE_ROLLBACK: "its storage lost part of this answer as it was written (Redis restarted "
+    "without its data, or failed over), and it could not be written again; retry",
 }
 
 

@@ -46,6 +46,7 @@ from .events import (
     SERVER_RESTARTED,
     SHUTDOWN,
     START_FAILED,
+    STORAGE_ROLLBACK,
 )
 from .lock import HeldLock, Hold, ThreadLock, lock_id_for
 from .quota import AnswerQuota
@@ -684,8 +685,8 @@ class RunService:
         )
 
     async def _read_to_end(self, run: RunRecord) -> Event | None:
-        """The last event of a run a dead writer left, read to its end (at most three
-        leases); None if its stream could not be read."""
+        """The last event of a run's stream (one a dead writer left, or one that ended in
+        error), read to its end (at most three leases); None if it could not be read."""
         last = None
         with contextlib.suppress(ResumableStreamError, TimeoutError):
             async with asyncio.timeout(self.settings.stream_lease * 3):
@@ -758,6 +759,15 @@ class RunService:
             await self.store.settle_run(job.thread_id, job.seq, "failed", error=SHUTDOWN)
             await self.store.update_thread(job.thread_id)
             return
+        if status == "error":
+            # The model's error (done: its stream holds it), or the storage's: Redis lost
+            # part of the stream past what the run could write again (storage_rollback).
+            # Recorded as its readers are told, from its end (read only on an error).
+            state, error = run_end(await self._read_to_end(job))
+            if state == "failed":
+                await self.store.settle_run(job.thread_id, job.seq, state, error=error)
+                await self.store.update_thread(job.thread_id)
+                return
         if status == "completed" and job.use_cache and not recorder.cached:
             try:
                 await self.answers.cache_put(job, recorder)
@@ -799,16 +809,25 @@ def run_end(last: Event | None) -> tuple[RunState, str | None]:
     read) is recorded, (state, error), wherever its end is noticed: as its writer records it
     (``RunService._finish``), and as its readers are told. A run that lost its writer or its
     stream (``producer_lost``, or no end) fails, as does one cut by its server's shutdown
-    (``shutdown``), one whose stream could not be started (``start_failed``), one lost with
-    its server's memory (``server_restarted``) and, in worker mode, one no worker started
-    (``not_started``, ``queue_unavailable``): each with Retry. Any other end is ``done``:
-    complete, stopped, or an error of its own (the model's), which its stream holds."""
+    (``shutdown``), one whose stream could not be started (``start_failed``), one whose
+    stream Redis lost beyond what its writer could write again (``storage_rollback``), one
+    lost with its server's memory (``server_restarted``) and, in worker mode, one no worker
+    started (``not_started``, ``queue_unavailable``): each with Retry. Any other end is
+    ``done``: complete, stopped, or an error of its own (the model's), which its stream
+    holds."""
     if last is None or not last.terminal:
         return "failed", PRODUCER_LOST
     if last.type == "cancelled":
         return ("failed", SHUTDOWN) if last.data.get("reason") == "shutdown" else ("done", None)
     code = last.data.get("error") if last.type == "error" else None
-    if code in (PRODUCER_LOST, NOT_STARTED, QUEUE_DOWN, START_FAILED, SERVER_RESTARTED):
+    if code in (
+        PRODUCER_LOST,
+        NOT_STARTED,
+        QUEUE_DOWN,
+        START_FAILED,
+        SERVER_RESTARTED,
+        STORAGE_ROLLBACK,
+    ):
         return "failed", code
     return "done", None
 

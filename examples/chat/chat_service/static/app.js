@@ -242,6 +242,7 @@ const ERRORS = {
   producer_lost: "The server writing this answer stopped before it was complete.",
   shutdown: "The server shut down before this answer was complete.",
   start_failed: "This answer could not be started: its storage could not be reached.",
+  storage_rollback: "Its storage lost part of this answer (Redis restarted or failed over).",
 };
 
 function renderHistory(messages, active, lastError) {
