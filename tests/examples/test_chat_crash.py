@@ -26,7 +26,6 @@ from tests.examples._chat import (
     ask,
     eventually,
     final_answer,
-    history,
     post_message,
     read_sse,
     settled,
@@ -165,11 +164,39 @@ def test_an_answer_a_dead_process_left_started_is_recorded_as_lost_by_the_next_m
         with redis.Redis.from_url(redis_url) as admin:
             a.kill()
             eventually(lambda: not admin.exists(lease), what="the dead holder's lease lapses")
+    assert run_states(dsn, thread_id) == [("started", None)]  # recorded in flight
     with b.client(headers=headers) as on_b:
-        assert history(on_b, thread_id)["active_run"] is not None  # recorded in flight
         ask(on_b, "what is 6*7", thread_id=thread_id)
 
     assert run_states(dsn, thread_id) == [("failed", "producer_lost"), ("done", None)]
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_reading_a_thread_records_an_answer_whose_server_died_for_good_as_lost(
+    chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest, redis_url: str
+) -> None:
+    # Regression: an answer whose server was killed, and never came back, showed as running
+    # in GET /v1/thread for as long as nobody read its stream (which ends it producer_lost)
+    # or sent a message on its thread: a client that only reads the thread waited for good.
+    env = {**redis_postgres_env(request), "STREAM_LEASE": LEASE, "OFFLINE_TOKENS_PER_SECOND": "20"}
+    a, b = chat_servers(**env), chat_servers(**env)
+    dsn = str(request.getfixturevalue("postgres_dsn"))
+    headers = {"authorization": f"Bearer erin-{uuid.uuid4().hex}"}
+    with a.client(headers=headers) as on_a:
+        started = post_message(on_a, "How should I structure a small side project?")
+        thread_id = started["thread_id"]
+        read_sse(on_a, started["stream_url"], stop_after=chunks_at_least(3))
+        lease = f"{env['REDIS_PREFIX']}:{{thread-{thread_id}-lock}}:lease"
+        with redis.Redis.from_url(redis_url) as admin:
+            a.kill()
+            eventually(lambda: not admin.exists(lease), what="the dead holder's lease lapses")
+    with b.client(headers=headers) as on_b:
+        # Ten leases: its stream's readers are told within two.
+        thread = eventually(lambda: settled(on_b, thread_id), what="the answer recorded")
+
+    assert thread["last_error"] == {"run": started["run"], "code": "producer_lost"}
+    assert run_states(dsn, thread_id) == [("failed", "producer_lost")]
 
 
 @pytest.mark.redis

@@ -14,6 +14,7 @@ import redis
 from httpx_sse import connect_sse
 
 from ._chat import ChatServer, eventually, history, post_message, read_sse, terminal
+from .test_chat_worker import run_states
 
 CAP = 3
 BURST = 24
@@ -173,7 +174,7 @@ def test_answers_a_dead_process_left_do_not_hold_their_user_at_the_cap(
             assert admin.exists(*leases) == 2
             a.kill()
             eventually(lambda: admin.exists(*leases) == 0, what="the dead process's leases lapse")
-        assert history(on_b, thread_id)["active_run"] is not None  # recorded in flight
+        assert run_states(postgres_dsn, thread_id) == [("started", None)]  # in flight
 
         other = on_b.post("/v1/chat/message", json={"message": "what is 12*7"})
         assert other.status_code == 202, other.text

@@ -431,17 +431,28 @@ class RunService:
                 else await self.transport.info(run.stream_id) is not None
             ):
                 continue  # not started by a writer: waiting for its turn, or for a worker
-            held = await self.lock.try_acquire(run.thread_id)
-            if held is None:
+            if not await self.settle_if_abandoned(run):
                 break  # a live writer holds the thread's lock
-            await held.release()  # (before settling: a lost run's thread is kicked)
-            await self._end_lost(run)
-            if not self.workers and not self._closing:
-                # A writer that ended just as we held its lock found it taken and left the
-                # queue to us: look at it, as a lock holder does once it releases.
-                await self.kick(run.thread_id)
         if self.workers and any(run.state == "queued" for run in runs):
             await self._settle_unanswered(runs[0].thread_id)
+
+    async def settle_if_abandoned(self, run: RunRecord) -> bool:
+        """Record run ``run``, which its writer started, as its readers are told if that
+        writer is gone (:meth:`settle_abandoned`); True if it was. A writer holds its
+        thread's lock until the run is recorded: while it lives this costs one attempt at
+        that lock. Once the lock is free (its holder died, and its lease lapsed), the run is
+        read to its end (within a lease or so: the library ends it with ``producer_lost``)
+        and recorded."""
+        held = await self.lock.try_acquire(run.thread_id)
+        if held is None:
+            return False
+        await held.release()  # (before settling: a lost run's thread is kicked)
+        await self._end_lost(run)
+        if not self.workers and not self._closing:
+            # A writer that ended just as we held its lock found it taken and left the
+            # queue to us: look at it, as a lock holder does once it releases.
+            await self.kick(run.thread_id)
+        return True
 
     async def settle_from_reader(self, run: RunRecord, terminal: Event | None) -> None:
         """A reader saw the run's terminal event (``Event`` or None if it could not read

@@ -97,6 +97,10 @@ async def history(runtime: Runtime, thread: Thread) -> dict[str, Any]:
             info = await runtime.transport.info(run.stream_id)
             if info is None or info.status != "running":
                 continue  # its stream has ended: the answer is in the checkpoint
+            if await runtime.runs.settle_if_abandoned(run):
+                # Its writer died (and never came back): it is recorded as its readers are
+                # told, rather than shown running until somebody reads it.
+                continue
         pending.append(run)
     active = pending[0] if pending else None
     if active is not None and active.human_id is not None:
