@@ -1055,3 +1055,18 @@ async def test_an_event_loop_ending_mid_run_leaves_no_task_pending(
     async with from_url(url, prefix=prefix) as transport:
         events = await collect(transport, out.decode().strip())
     assert (events[-1].type, events[-1].data) == ("cancelled", {"reason": "shutdown"})
+
+
+async def test_the_key_name_caches_stay_bounded_as_streams_come_and_go(redis_url: str) -> None:
+    # Regression: a server's transport kept the key names of every stream it had written
+    # or been asked about, up to 65,536 of them (34 MB), long after those streams ended.
+    async with RedisTransport.from_url(redis_url, prefix=f"t{uuid.uuid4().hex[:12]}") as transport:
+        producer = StreamProducer(transport)
+        for run in [await producer.start(tokens(2)) for _ in range(20)]:
+            await run.wait()
+        for first in range(0, 6000, 500):  # status reads of streams long gone
+            infos = await asyncio.gather(
+                *(transport.info(f"gone-{i}") for i in range(first, first + 500))
+            )
+            assert infos == [None] * 500
+        assert len(transport._streams) <= 4096 and len(transport._heads) <= 4096
