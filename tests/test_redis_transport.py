@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,6 +36,7 @@ from resumable_stream.transports._redis_pipe import (
     REFUSED_DELAY_MAX,
     fault,
     refused_delay,
+    to_the_end,
 )
 from resumable_stream.transports._redis_scripts import NOTICE_PAYLOAD_MAX
 from resumable_stream.transports.redis import DEFAULT_WRITE_RETRY_BUDGET, RedisTransport
@@ -1070,3 +1072,96 @@ async def test_the_key_name_caches_stay_bounded_as_streams_come_and_go(redis_url
             )
             assert infos == [None] * 500
         assert len(transport._streams) <= 4096 and len(transport._heads) <= 4096
+
+
+async def _one_loop_of_work(writer: RedisTransport, other: RedisTransport) -> None:
+    """A live reader on ``other`` woken by the notices of a run written on ``writer``, and
+    a cancel asked on ``other`` reaching a run on ``writer``. The lease is a minute: the
+    slow paths (a reader's check every half lease, the heartbeat every third) take 20 s
+    and more, past the waits here."""
+    producer = StreamProducer(writer, lease=60)
+    go_on = asyncio.Event()
+
+    async def source() -> AsyncIterator[str]:
+        yield "first "
+        await go_on.wait()
+        yield "second"
+
+    run = await producer.start(source())
+    async with StreamConsumer(other, run.stream_id) as events:
+        first = await asyncio.wait_for(anext(events), 10)
+        go_on.set()  # the reader is caught up, waiting live
+        rest = await asyncio.wait_for(_rest(events), 10)
+    assert [e.data["text"] for e in (first, *rest) if e.type == "token"] == ["first ", "second"]
+    assert rest[-1].type == "end"
+    assert (await other.info(run.stream_id)).status == "completed"  # type: ignore[union-attr]
+    assert await other.delete(run.stream_id)
+
+    forever = await producer.start(tokens(2, pause=asyncio.Event()))  # waits for good
+    assert await StreamProducer(other).cancel(forever.stream_id)
+    assert await asyncio.wait_for(forever.wait(), 10) == "cancelled"
+    await producer.aclose()
+
+
+async def _rest(events: StreamConsumer) -> list[Event]:
+    return [event async for event in events]
+
+
+@pytest.mark.parametrize(
+    "transport_kind",
+    [
+        "redis",
+        "redis_cluster",
+        # redis-py's Sentinel clients keep their connections (the master look-ups') open
+        # until closed: the transport, not closed at the end of a loop, leaves them to the
+        # garbage collector, which reports each as unclosed.
+        pytest.param(
+            "redis_sentinel",
+            marks=pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+        ),
+    ],
+)
+def test_a_transport_kept_from_one_event_loop_to_the_next_works_on_each(
+    transport_kind: str, request: pytest.FixtureRequest
+) -> None:
+    # Regression: transports made once (module level) and used by asyncio.run() after
+    # asyncio.run() (a script, a task queue's task, a loop per test): on the second loop a
+    # live reader was not woken by notices (its pub/sub connection's task had ended with
+    # the first loop and was never made again) and a cancel waited for the heartbeat;
+    # behind Sentinel every command failed ("Event loop is closed": redis-py's Sentinel
+    # clients kept the first loop's connections). The transports are not closed between
+    # the loops; a Runner each, as asyncio.run() (it closes its loop at the end).
+    from tests.conftest import _redis_url_of
+
+    _kept_from_one_event_loop_to_the_next(_redis_url_of(transport_kind, request))
+    gc.collect()  # (what the first loops left to the garbage collector is reported here)
+
+
+def _kept_from_one_event_loop_to_the_next(url: str) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    writer, other = (RedisTransport.from_url(url, prefix=prefix) for _ in range(2))
+    for _ in range(3):
+        with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+            runner.run(_one_loop_of_work(writer, other))
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        runner.run(to_the_end(writer.aclose, other.aclose))
+        with pytest.raises(TransportClosed):  # closed is closed, on any loop
+            runner.run(writer.info("s"))
+
+
+def test_a_transport_in_use_on_another_open_event_loop_is_refused(redis_url: str) -> None:
+    # Two open loops (two threads) would share one connection and its state: the first
+    # call on the second loop says so, rather than failing deep inside asyncio.
+    transport = RedisTransport.from_url(redis_url, prefix=f"t{uuid.uuid4().hex[:12]}")
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as first:
+        assert first.run(transport.info("s")) is None
+        with asyncio.Runner(loop_factory=asyncio.new_event_loop) as second:
+            with pytest.raises(ConfigurationError, match="another event loop"):
+                second.run(transport.info("s"))
+            with pytest.raises(ConfigurationError, match="another event loop"):
+                second.run(_subscribe(transport))
+        first.run(transport.aclose())
+
+
+async def _subscribe(transport: RedisTransport) -> None:
+    transport.subscribe("s", 1, 0).close()

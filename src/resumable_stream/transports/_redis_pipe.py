@@ -602,6 +602,14 @@ class Pipe:
         self._watchdog_loop = loop
         self._watchdog = loop.call_at(self._progress + self._timeout, self._check)
 
+    def restart(self) -> None:
+        """The event loop it ran on is closed: forget its connection, whose task ended
+        with that loop or never runs again (nothing of a closed loop can be touched). The
+        next command connects again, on the running loop."""
+        self._session = None
+        self._tasks = set()
+        self._watchdog = self._watchdog_loop = self._shutting_down = None
+
     @property
     def connected(self) -> bool:
         session = self._session
@@ -686,6 +694,22 @@ class Subscriber:
         # The server of the current connection and its socket, once connected.
         self._address: tuple[str, int] | None = None
         self._socket: asyncio.BaseTransport | None = None
+
+    def restart(self) -> None:
+        """The event loop it ran on is closed: forget its connection and what it followed
+        (the readers and runs of that loop are gone with it; as :meth:`Pipe.restart`).
+        The next :meth:`add` connects again, on the running loop."""
+        self._task = None
+        self._changed = asyncio.Event()
+        self._unsubscribe_timer = None
+        self._address = self._socket = None
+        self.channels.clear()
+        self.confirmed.clear()
+        self._sent = set()
+        self._to_subscribe = set()
+        self._to_unsubscribe = set()
+        self._unsubscribing.clear()
+        self._acked.clear()
 
     @property
     def connected(self) -> bool:

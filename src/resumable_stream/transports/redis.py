@@ -436,6 +436,8 @@ class RedisTransport(Transport):
         # master (its replica not yet promoted), the router reads the map again.
         self._down: dict[str, float] = {}
         self._recheck: asyncio.TimerHandle | None = None
+        # The event loop the transport is used on (see _on_running_loop).
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- construction -----------------------------------------------------------------
 
@@ -560,6 +562,8 @@ class RedisTransport(Transport):
         """
         if self._closed:
             raise TransportClosed("the Redis transport is closed")
+        if asyncio.get_running_loop() is not self._loop:
+            self._on_running_loop()
         if not self._ready:
             await self._ensure_ready()
         node = self._node_for_slot(slot)
@@ -707,6 +711,8 @@ class RedisTransport(Transport):
             if self._writing:
                 self._appended_here(self._stream(stream_id)[2], entry, final)
             return
+        # (No event-loop check here or in append_soon(), the token path: a run starts with
+        # create() and writing(), which move the transport to the running loop.)
         packed = self._append_command(stream_id, owner, entry, count, final)
         node = None if self._closed else self._single
         # One server: the reply is awaited here, with no _execute() coroutine per append in
@@ -908,6 +914,7 @@ class RedisTransport(Transport):
     def writing(self, stream_id: str, epoch: int) -> Callable[[], None]:
         # Readers in this process of a run written here are fed by its appends: no
         # subscription, no notice to receive and parse per entry (issue 11).
+        self._on_running_loop()
         channel = self._stream(stream_id)[2]
         feed = self._feeds.get(channel)
         if feed is not None and feed.local and feed.epoch != epoch:
@@ -945,6 +952,7 @@ class RedisTransport(Transport):
     def _watch(self, waiter: _CancelWaiter) -> Callable[[], None]:
         if self._closed:
             raise TransportClosed("the Redis transport is closed")
+        self._on_running_loop()
         channel = waiter.channel
         self._cancel_waiters.setdefault(channel, set()).add(waiter)
         self._follow(channel)
@@ -1029,6 +1037,7 @@ class RedisTransport(Transport):
     def subscribe(self, stream_id: str, epoch: int, after: int) -> Subscription:
         if self._closed:
             raise TransportClosed("the Redis transport is closed")
+        self._on_running_loop()
         channel = self._stream(stream_id)[2]
         feed = self._feeds.get(channel)
         if feed is not None and feed.epoch > epoch:
@@ -1106,6 +1115,7 @@ class RedisTransport(Transport):
     async def aclose(self) -> None:
         if self._closed:
             return
+        self._on_running_loop()
         self._closed = True
         for feed in self._feeds.values():
             feed.wake()
@@ -1137,6 +1147,48 @@ class RedisTransport(Transport):
                     await sentinel.aclose()
             with contextlib.suppress(Exception):
                 await self.client.aclose()
+
+    # -- event loops ------------------------------------------------------------------
+
+    def _on_running_loop(self) -> None:
+        """Follow the transport to the running event loop once the one it was used on is
+        closed (``asyncio.run()`` called again, a loop per test or per task): the tasks,
+        timers and connections of that loop ended with it, so they are made again here,
+        and nothing of the closed loop is touched. Used from two open loops at once (two
+        threads), the transport would share connections between them: refused."""
+        loop = asyncio.get_running_loop()
+        old = self._loop
+        if loop is old:
+            return
+        if old is not None and not old.is_closed():
+            raise ConfigurationError(
+                "this RedisTransport is in use on another event loop, which is still open: "
+                "make a transport per event loop (thread), or close that loop first "
+                "(asyncio.run() does)"
+            )
+        self._loop = loop
+        if old is None:
+            return
+        # The readers and runs of the closed loop are gone with it.
+        self._feeds.clear()
+        self._writing.clear()
+        self._cancel_waiters.clear()
+        self._channel_node.clear()
+        self._unrouted.clear()
+        self._checks = set()
+        self._router = self._recheck = self._sentinel_watch = None
+        self._router_wake = asyncio.Event()
+        self._init_lock = asyncio.Lock()
+        for node in (self._single, *self._nodes.values()):
+            if node is not None:
+                node.pipe.restart()
+                node.subscriber.restart()
+        if self._sentinels is not None:
+            # redis-py's Sentinel clients keep the closed loop's connections for the
+            # master look-up ("Event loop is closed"): they open new ones.
+            for sentinel in getattr(self._sentinels[0], "sentinels", ()):
+                with contextlib.suppress(Exception):
+                    sentinel.connection_pool.reset()
 
     # -- Sentinel ---------------------------------------------------------------------
 
