@@ -267,6 +267,56 @@ async def test_a_run_has_a_span_linked_to_the_request(recorded: Recorded) -> Non
     assert model_call.parent.span_id == run_span.context.span_id
 
 
+async def test_no_span_is_made_while_no_tracer_provider_is_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Regression (issue 11): every run made a span on the global provider's no-op tracer
+    # and made it current in its tasks, about a tenth of the CPU of starting and reading a
+    # run, for spans nobody records.
+    telemetry.configure()  # the global providers, none set by this process
+    instruments = telemetry._instruments
+    assert instruments is not None
+
+    class Refusing:
+        def start_span(self, *args: object, **kwargs: object) -> Any:
+            raise AssertionError("a span was made with no tracer provider set")
+
+    monkeypatch.setattr(instruments, "tracer", Refusing())
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(tokens(3))
+    assert await run.wait() == "completed"
+    assert [e.type for e in await collect(transport, run.stream_id)][-1] == "end"
+
+
+def test_runs_get_spans_once_the_application_sets_a_global_tracer_provider() -> None:
+    # The other side: a provider set after the import (as applications do at start-up)
+    # gets a span per run, from the next run on.
+    code = (
+        "import asyncio\n"
+        "from opentelemetry import trace\n"
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "from opentelemetry.sdk.trace.export import SimpleSpanProcessor\n"
+        "from opentelemetry.sdk.trace.export.in_memory_span_exporter import (\n"
+        "    InMemorySpanExporter)\n"
+        "from resumable_stream import StreamProducer\n"
+        "from resumable_stream.transports.memory import MemoryTransport\n"
+        "async def source():\n"
+        "    yield 'hello'\n"
+        "async def run():\n"
+        "    await (await StreamProducer(MemoryTransport()).start(source())).wait()\n"
+        "asyncio.run(run())\n"
+        "spans = InMemorySpanExporter()\n"
+        "provider = TracerProvider()\n"
+        "provider.add_span_processor(SimpleSpanProcessor(spans))\n"
+        "trace.set_tracer_provider(provider)\n"
+        "asyncio.run(run())\n"
+        "print([span.name for span in spans.get_finished_spans()])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["['resumable_stream.run']"]
+
+
 async def test_a_redis_reconnect_is_counted(
     redis_server_factory: Callable[..., RedisServer], recorded: Recorded
 ) -> None:

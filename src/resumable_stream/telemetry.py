@@ -40,7 +40,9 @@ an SDK instrument would cost more CPU than the library's own work on that token.
 The span of a run, ``resumable_stream.run``, lives as long as the run; it links to the span
 current when :meth:`~resumable_stream.StreamProducer.start` was called (the request that
 started it) and is current in the run's tasks, so the source's own spans (LangGraph, model
-calls) nest under it.
+calls) nest under it. On the global ``TracerProvider``, runs get spans once the application
+has set one (``trace.set_tracer_provider()``, before or after the import); until then the
+library makes none, where each would be a no-op.
 """
 
 from __future__ import annotations
@@ -111,6 +113,10 @@ class _Instruments:
             raise ConfigurationError("OpenTelemetry is not installed")
         meter = _otel_metrics.get_meter(_SCOPE, meter_provider=meter_provider)
         self.tracer = _otel_trace.get_tracer(_SCOPE, tracer_provider=tracer_provider)
+        # On the global provider, runs get spans once the application has set one: until
+        # then every span would be a no-op, which still cost about a tenth of starting and
+        # reading a run (making it, and making it current in the run's tasks).
+        self.global_tracer = tracer_provider is None
         counter = meter.create_counter
         self.runs_started = counter("resumable_stream.runs.started", "{run}", "Runs started")
         self.runs_ended = counter("resumable_stream.runs.ended", "{run}", "Runs ended, by status")
@@ -170,6 +176,10 @@ class _Instruments:
 
 
 _instruments: _Instruments | None = None if _otel_metrics is None else _Instruments()
+#: What the global tracer provider is while the application has set none.
+_NO_TRACES = (
+    () if _otel_trace is None else (_otel_trace.ProxyTracerProvider, _otel_trace.NoOpTracerProvider)
+)
 
 
 def configure(*, meter_provider: Any = None, tracer_provider: Any = None) -> None:
@@ -194,7 +204,7 @@ def configure(*, meter_provider: Any = None, tracer_provider: Any = None) -> Non
 def run_span(stream_id: str, epoch: int) -> Iterator[Any]:
     """The span of a new run, current while its tasks are created (they inherit it)."""
     i = _instruments
-    if i is None:
+    if i is None or (i.global_tracer and isinstance(_otel_trace.get_tracer_provider(), _NO_TRACES)):
         yield None
         return
     request = _otel_trace.get_current_span().get_span_context()
