@@ -1126,3 +1126,25 @@ async def test_a_run_whose_stream_is_deleted_as_it_starts_stops_at_once() -> Non
         with pytest.raises(LeaseLost):
             await run.wait()
     assert closed.is_set()
+
+
+async def test_runs_on_memory_watch_cancels_without_a_task() -> None:
+    # Issue 11: the memory transport watched each run's cancel from a task of its own (the
+    # default Transport.watch_cancel): a fourth task per run, and about a seventh of what a
+    # live run and its reader keep for the garbage collector.
+    transport = MemoryTransport()
+    producer = StreamProducer(transport)
+    gate = asyncio.Event()
+    runs = [await producer.start(tokens(3, pause=gate)) for _ in range(5)]
+    await asyncio.sleep(0)  # (the runs' tasks have started)
+    names = [task.get_name() for task in asyncio.all_tasks()]
+    assert not [name for name in names if name.startswith("rstream cancel")], names
+    assert await runs[0].cancel() == "cancelled"  # a cancel reaches the run
+    assert await producer.cancel(runs[1].stream_id)  # and one asked of the producer
+    assert await StreamProducer(transport).cancel(runs[2].stream_id)  # or of another
+    assert [await run.wait() for run in runs[1:3]] == ["cancelled", "cancelled"]
+    await transport.delete(runs[3].stream_id)  # a delete stops a run too
+    gate.set()
+    assert await runs[4].wait() == "completed"
+    with pytest.raises(LeaseLost):
+        await runs[3].wait()

@@ -7,6 +7,8 @@ consumers. Expiry follows the same rules as Redis (checked lazily on access).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +40,9 @@ class _Stream:
     payloads: list[bytes] = field(default_factory=list)
     first_seq: int = 1
     last_count: int = 0
-    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled: bool = False
+    # What watch_cancel() calls once a cancel is requested (a callback, not a task per run).
+    watchers: list[Callable[[Exception | None], None]] = field(default_factory=list)
     subscribers: set[QueueSubscription] = field(default_factory=set)
 
     @property
@@ -75,6 +79,7 @@ class MemoryTransport(Transport):
         self._swept_at = 0.0
         self._last_epoch = 0
         self._own_append = type(self).append is MemoryTransport.append
+        self._own_wait_cancel = type(self).wait_cancel is MemoryTransport.wait_cancel
 
     def _get(self, stream_id: str) -> _Stream | None:
         if self._closed:
@@ -197,7 +202,7 @@ class MemoryTransport(Transport):
         stream.lease_until = clock + lease_ms / 1000
         stream.data_until = clock + self._running_for(lease_ms)
         stream.meta_until = stream.data_until + self.tombstone
-        return stream.cancel.is_set()
+        return stream.cancelled
 
     def _running_for(self, lease_ms: int) -> float:
         """Seconds a running stream's data lives: running_ttl, and no less than its lease
@@ -208,19 +213,48 @@ class MemoryTransport(Transport):
         stream = self._get(stream_id)
         if stream is None or stream.status != "running":
             return False
-        stream.cancel.set()
+        _cancel(stream, None)
         return True
 
-    async def wait_cancel(self, stream_id: str, epoch: int) -> None:
-        stream = self._get(stream_id)
-        if stream is None or stream.epoch != epoch:
+    def watch_cancel(
+        self, stream_id: str, epoch: int, on_cancel: Callable[[Exception | None], None]
+    ) -> Callable[[], None]:
+        if not self._own_wait_cancel:  # a subclass's own wait_cancel() is what it expects
+            return super().watch_cancel(stream_id, epoch, on_cancel)
+        return self._watch(stream_id, epoch, on_cancel)
+
+    def _watch(
+        self, stream_id: str, epoch: int, on_cancel: Callable[[Exception | None], None]
+    ) -> Callable[[], None]:
+        loop = asyncio.get_running_loop()
+        try:
+            stream = self._get(stream_id)
+        except TransportClosed as exc:
+            return loop.call_soon(on_cancel, exc).cancel
+        if stream is None or stream.epoch != epoch or stream.cancelled:
             # That run was deleted (a stop, as a cancel is), replaced or expired before the
             # watch began: its writes fail, so it stops now rather than at its heartbeat.
             # (The Redis transport's watch fires on such metadata too.)
-            return
-        await stream.cancel.wait()
-        if self._closed:  # (aclose() wakes the watches: none waits on a closed transport)
-            raise TransportClosed("the memory transport is closed")
+            return loop.call_soon(on_cancel, None).cancel
+        stream.watchers.append(on_cancel)
+        return functools.partial(_unwatch, stream, on_cancel)
+
+    async def wait_cancel(self, stream_id: str, epoch: int) -> None:
+        woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def on_cancel(error: Exception | None) -> None:
+            if woken.done():
+                return
+            if error is None:
+                woken.set_result(None)
+            else:
+                woken.set_exception(error)
+
+        unwatch = self._watch(stream_id, epoch, on_cancel)
+        try:
+            await woken
+        finally:
+            unwatch()
 
     async def info(self, stream_id: str) -> StreamInfo | None:
         stream = self._get(stream_id)
@@ -249,7 +283,7 @@ class MemoryTransport(Transport):
             return False
         del self._streams[stream_id]
         stream.owner = ""
-        stream.cancel.set()
+        _cancel(stream, None)
         for sub in tuple(stream.subscribers):
             sub.push([])  # wake readers so they notice
         return True
@@ -271,10 +305,26 @@ class MemoryTransport(Transport):
     async def aclose(self) -> None:
         self._closed = True
         for stream in self._streams.values():
-            stream.cancel.set()
+            # (No watch waits on a closed transport.)
+            _cancel(stream, TransportClosed("the memory transport is closed"))
             for sub in tuple(stream.subscribers):
                 sub.push([])
         self._streams.clear()
+
+
+def _cancel(stream: _Stream, error: Exception | None) -> None:
+    """A cancel of the stream's run is requested (``error``: its watches fail with it)."""
+    stream.cancelled = True
+    watchers, stream.watchers = stream.watchers, []
+    if watchers:
+        loop = asyncio.get_running_loop()
+        for on_cancel in watchers:
+            loop.call_soon(on_cancel, error)
+
+
+def _unwatch(stream: _Stream, on_cancel: Callable[[Exception | None], None]) -> None:
+    with contextlib.suppress(ValueError):
+        stream.watchers.remove(on_cancel)
 
 
 def _info(stream_id: str, stream: _Stream) -> StreamInfo:
