@@ -12,7 +12,7 @@ import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Literal, Self
 
@@ -148,8 +148,8 @@ class _RolledBack(Exception):
 class Run:
     """A run started by :meth:`StreamProducer.start`, writing stream ``stream_id``.
 
-    The run is one supervised unit: the task reading the source and the one writing
-    entries live in one task group; the transport calls the run back when a cancel is
+    The run is one supervised unit: its own task writes the entries, a second one reads
+    the source; the transport calls the run back when a cancel is
     requested (:meth:`Transport.watch_cancel`), and its producer's heartbeat renews the
     lease. Whichever of them fails, the run ends with exactly one terminal event (or,
     when its lease is lost, is fenced and reported lost to readers), and :meth:`wait`
@@ -219,15 +219,19 @@ class Run:
         self._clock = time.monotonic
         self._written_at = -COALESCE_GAP  # time.monotonic() of the last entry written
         self._pump: asyncio.Task[None] | None = None
-        # Set when the run stops waiting for a source that did not stop (_give_up_on_source),
-        # and the timer that gives up on it.
-        self._abandoned: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Whether the run stopped waiting for a source that did not stop
+        # (_give_up_on_source), the future that tells a task waiting for the source
+        # (_pumped: made when one waits), and the timer that gives up on it.
+        self._gave_up = False
+        self._abandoned: asyncio.Future[None] | None = None
         self._grace: asyncio.TimerHandle | None = None
         self._halted = False  # the source is no longer read (_halt)
         # The pump has taken its first step (_read_source): a task cancelled before that
         # never runs its coroutine, so it would set no terminal event.
         self._pumping = False
-        self._tasks: list[asyncio.Task[None]] = []
+        # The run's task writes (_flush_loop) while this is True: _fail() stops it then.
+        self._flushing = False
+        self._flush_stopped = False  # _fail() cancelled the run's task, in _flush_loop
         self._renewing = False  # a renewal of the lease is under way (StreamProducer)
         # The heartbeat found the run lost whole by the storage (StorageRollback from
         # renew): the flusher writes it again, also while the source is idle.
@@ -316,12 +320,13 @@ class Run:
             self._end((CANCELLED, {"reason": self._cancel_reason or "shutdown"}))
         _LEFT_BEHIND.add(pump)
         pump.add_done_callback(_forget_left_behind)
-        if not self._abandoned.done():
+        self._gave_up = True
+        if self._abandoned is not None and not self._abandoned.done():
             self._abandoned.set_result(None)
 
     def _stopping(self) -> bool:
-        """The run's task group is stopping its tasks: a task failed (_fail), or the run's
-        own task was cancelled. (Not the pump's cancelling(): on 3.11 a TaskGroup of the
+        """The run is stopping its tasks: it failed (_fail), or the run's own task was
+        cancelled. (Not the pump's cancelling(): on 3.11 a TaskGroup of the
         source's own can leave it above 0.)"""
         return self._failure is not None or self._task.cancelling() > 0
 
@@ -334,25 +339,37 @@ class Run:
     # -- the two tasks of a run --------------------------------------------------------
 
     async def _main(self) -> None:
+        """The run's own task: it writes the stream (_flush_loop) while the pump reads the
+        source, then ends the run."""
         shutting_down = False
-        name = self.stream_id
-        # Not in the task group: a source that ignores a stop must not keep the run from
-        # ending (_give_up_on_source). This task waits for it in the group's body.
-        pump = self._pump = self._task.get_loop().create_task(
-            self._read_source(), name=f"rstream pump {name}"
+        task = self._task
+        # The pump is not awaited while it reads: a source that ignores a stop must not
+        # keep the run from ending (_give_up_on_source).
+        pump = self._pump = task.get_loop().create_task(
+            self._read_source(), name=f"rstream pump {self.stream_id}"
         )
         try:
-            async with asyncio.TaskGroup() as group:
-                self._tasks = [
-                    pump,
-                    group.create_task(
-                        self._supervised(self._flush_loop), name=f"rstream flush {name}"
-                    ),
-                ]
-                self._watch_cancel()
-                await self._pumped(pump)
+            self._watch_cancel()
+            self._flushing = True
+            try:
+                await self._flush_loop()
+            except Exception as exc:
+                self._fail(exc)  # (the pump stops; _salvage() writes what it can)
+            except asyncio.CancelledError:
+                # Stopped by _fail() (the heartbeat found the run fenced, say), or the run's
+                # task itself is cancelled (a shutdown): not swallowed.
+                if not (self._flush_stopped and task.uncancel() == 0):
+                    raise
+            finally:
+                self._flushing = False
+            await self._pumped(pump)
         except asyncio.CancelledError:
             shutting_down = True  # the run's task itself was cancelled (shutdown)
+            if not pump.done():
+                pump.cancel()
+                self._halt()
+                with contextlib.suppress(asyncio.CancelledError):  # (cancelled again)
+                    await self._pumped(pump)
         try:
             if self.status == "running":
                 await self._salvage(shutting_down)
@@ -370,49 +387,40 @@ class Run:
             self._report_end()
             self._report_end = _nothing  # (a closure holding this run: no cycle left)
             self._pump = None
-            self._tasks = []
             self._window.clear()
             self._window_counts.clear()
         if shutting_down:
             raise asyncio.CancelledError
 
     async def _pumped(self, pump: asyncio.Task[None]) -> None:
-        """Wait for the pump as if it were a member of the run's task group, unless the run
-        gives up on its source."""
-        waits = (pump, self._abandoned)
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:  # the run's task is cancelled: the pump stops with it
-            pump.cancel()
-            self._halt()
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            raise
+        """Wait for the pump to end, unless the run gives up on its source; raise what it
+        raised that is not the run's (KeyboardInterrupt, SystemExit)."""
+        if not pump.done() and not self._gave_up:
+            # (Usually done already: the pump ends as it sets the terminal event.)
+            if self._abandoned is None:
+                self._abandoned = asyncio.get_running_loop().create_future()
+            await asyncio.wait((pump, self._abandoned), return_when=asyncio.FIRST_COMPLETED)
         if pump.done() and not pump.cancelled():
-            # What it raised (KeyboardInterrupt, SystemExit), the group sees. (A pump
-            # cancelled by _fail is not: raised here, it would read as this task's own.)
+            # (A pump cancelled by _fail is not: raised here, it would read as this task's
+            # own cancellation.)
             pump.result()
 
-    async def _supervised(self, work: Callable[[], Awaitable[None]]) -> None:
-        # A failing task stops its siblings itself rather than through the task group:
-        # Python 3.11's TaskGroup leaves its parent task marked as cancelling when a child
-        # fails while the group is exiting, which would hide a real shutdown.
-        try:
-            await work()
-        except Exception as exc:
-            self._fail(exc)
-
     def _fail(self, exc: Exception) -> None:
-        """End the run on ``exc``: stop its tasks; _salvage() writes what it can."""
+        """End the run on ``exc``: stop the pump, and the writes if they are under way;
+        _salvage() writes what it can."""
         if self._failure is None:
             self._failure = exc
         self._halt()
         current = asyncio.current_task()
-        for task in self._tasks:
-            if task is not current:
-                task.cancel()
+        pump = self._pump
+        if pump is not None and pump is not current:
+            pump.cancel()
+        if self._flushing and not self._flush_stopped and self._task is not current:
+            self._flush_stopped = True
+            self._task.cancel()
 
     async def _salvage(self, shutting_down: bool) -> None:
-        """End a run whose task group stopped before the terminal event was written."""
+        """End a run whose tasks stopped before the terminal event was written."""
         failure = self._failure
         if isinstance(failure, LeaseLost | TransportError):
             # Fenced, refused, or the write-retry budget is spent: readers will report the
@@ -521,7 +529,7 @@ class Run:
                 terminal = (CANCELLED, {"reason": reason})
             elif self._stopping():
                 terminal = None
-                raise  # the run's task group is stopping: _salvage() ends the stream
+                raise  # the run is stopping: _salvage() ends the stream
             else:
                 # Nobody stopped the run: the source raised it (it awaited something that
                 # was cancelled, such as a timed-out upstream call). An error like any
