@@ -8,6 +8,7 @@ import gc
 import sys
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -217,6 +218,39 @@ async def test_an_unexpected_error_in_any_task_of_a_run_ends_it_with_one_error(
     assert [e.type for e in events][-1:] == ["error"] and sum(e.terminal for e in events) == 1
     assert events[-1].data["error"] == "producer_failed"
     assert "RuntimeError: driver bug" in events[-1].data["message"]
+
+
+class WatchRaises(MemoryTransport):
+    """Its ``watch_cancel`` raises at once (a custom transport's bug, or a closed one)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+
+    def watch_cancel(
+        self, stream_id: str, epoch: int, on_cancel: Callable[[Exception | None], None]
+    ) -> Callable[[], None]:
+        raise self.error
+
+
+async def test_a_cancel_watch_failing_at_once_ends_the_run() -> None:
+    # Regression (fbc5d55, the run's own task writing): _fail() found the run before it
+    # wrote, stopped only the pump (before it read, so with no terminal event), and the
+    # run's task then waited for events for ever; readers too. It ends with one error.
+    transport = WatchRaises(RuntimeError("driver bug"))
+    run = await StreamProducer(transport, lease=60).start(endless(["a"]))
+    assert await asyncio.wait_for(run.wait(), timeout=10) == "error"
+    events = await collect(transport, run.stream_id)
+    assert [e.type for e in events] == ["error"]
+    assert events[0].data["error"] == "producer_failed"
+    assert "RuntimeError: driver bug" in events[0].data["message"]
+    assert run._task.cancelling() == 0
+    # Closed under the run: it is lost (readers report producer_lost once its lease
+    # lapses), and wait() says why at once, not at the heartbeat (20 s here).
+    transport = WatchRaises(TransportClosed("closed"))
+    run = await StreamProducer(transport, lease=60).start(endless(["a"]))
+    with pytest.raises(TransportClosed):
+        await asyncio.wait_for(run.wait(), timeout=10)
 
 
 async def test_one_bad_event_ends_the_run_after_every_good_event_before_it() -> None:

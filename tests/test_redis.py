@@ -26,6 +26,7 @@ from resumable_stream import (
     StreamAlreadyRunning,
     StreamConsumer,
     StreamProducer,
+    TransportClosed,
     TransportError,
     from_url,
 )
@@ -580,6 +581,20 @@ async def test_unreachable_redis_raises_transport_error() -> None:
             await StreamProducer(transport).start(tokens(1))
         with pytest.raises(TransportError):
             await collect(transport, "anything")
+
+
+async def test_a_run_whose_transport_closes_before_it_first_runs_ends_at_once(
+    transport: RedisTransport,
+) -> None:
+    # Regression (fbc5d55): closed before the run's task first ran, the transport refused
+    # its cancel watch; the run then waited for events to write until its heartbeat found
+    # the transport closed (a third of the lease: 20 s here), rather than at once.
+    gate = asyncio.Event()
+    run = await StreamProducer(transport, lease=60).start(tokens(3, pause=gate))
+    await transport.aclose()  # (closed before its first await: the run has not run yet)
+    with pytest.raises(TransportClosed):
+        await asyncio.wait_for(run.wait(), timeout=10)
+    assert run._task.cancelling() == 0
 
 
 async def test_user_supplied_client(redis_url: str, prefix: str) -> None:

@@ -352,7 +352,10 @@ class Run:
             self._watch_cancel()
             self._flushing = True
             try:
-                await self._flush_loop()
+                # (Unless the watch failed at once: _fail() found nothing to stop, and the
+                # pump, stopped before its first step, sets no terminal event to write.)
+                if self._failure is None:
+                    await self._flush_loop()
             except Exception as exc:
                 self._fail(exc)  # (the pump stops; _salvage() writes what it can)
             except asyncio.CancelledError:
