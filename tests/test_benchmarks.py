@@ -93,6 +93,18 @@ def test_lockstep_prints_cpu_per_token_for_every_backend() -> None:
     assert all("us CPU per token" in line for line in result.stdout.splitlines())
 
 
+@pytest.mark.timeout(120)
+def test_lifecycle_prints_objects_per_live_stream_for_every_backend() -> None:
+    """The lifecycle tool (benchmarks/lifecycle.py) runs each backend to the end: every
+    reader attaches live and gets its stream's token (else the run would not finish)."""
+    command = [sys.executable, "-m", "benchmarks.lifecycle", "--streams", "20"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=100)
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines()]
+    assert [row[0] for row in rows] == ["pass", "memory", "redis"], result.stdout
+    assert all(float(row[1]) > 0 and "tracked objects" in " ".join(row) for row in rows)
+
+
 def test_node_row_says_why_it_is_skipped(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
