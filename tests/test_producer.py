@@ -1182,3 +1182,59 @@ async def test_runs_on_memory_watch_cancels_without_a_task() -> None:
     assert await runs[4].wait() == "completed"
     with pytest.raises(LeaseLost):
         await runs[3].wait()
+
+
+class SwallowsCancel(MemoryTransport):
+    """Its append(), once held, loses the cancellation it gets (as a driver that catches
+    CancelledError in a connect might) and completes the write; its renew() can break."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = False
+        self.held = asyncio.Event()
+        self.broken = False
+
+    async def append(
+        self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None = None
+    ) -> None:
+        if self.hold and final is None:
+            self.hold = False
+            self.held.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.Event().wait()
+        await super().append(stream_id, owner, entry, count, final)
+
+    async def renew(self, stream_id: str, owner: str, lease_ms: int) -> bool:
+        if self.broken:
+            raise RuntimeError("driver bug")
+        return await super().renew(stream_id, owner, lease_ms)
+
+
+async def test_a_run_whose_write_loses_the_cancel_of_a_failure_still_ends() -> None:
+    # The failure's stop of the writes (the heartbeat failing on a bug) was lost in a
+    # write that went on: the writes went on too, and the run then waited for events its
+    # stopped source would never give, for ever, its task still marked as cancelling.
+    transport = SwallowsCancel()
+    more = asyncio.Event()
+
+    async def source() -> Any:
+        yield "a"
+        await more.wait()
+        yield "b"
+        await asyncio.Event().wait()
+
+    run = await StreamProducer(transport, lease=0.3).start(source())
+    async with StreamConsumer(transport, run.stream_id) as reader:
+        await anext(reader)
+    transport.hold = True
+    more.set()
+    await asyncio.wait_for(transport.held.wait(), 10)
+    transport.broken = True  # the heartbeat fails: the run ends with one error
+    assert await asyncio.wait_for(run.wait(), 10) == "error"
+    assert run._task.cancelling() == 0
+    events = await collect(transport, run.stream_id)
+    assert [(e.type, e.data.get("error")) for e in events] == [
+        ("token", None),
+        ("token", None),
+        ("error", "producer_failed"),
+    ]

@@ -351,6 +351,7 @@ class Run:
         try:
             self._watch_cancel()
             self._flushing = True
+            lost_stop = True  # (a stop by _fail() that never arrived: see below)
             try:
                 # (Unless the watch failed at once: _fail() found nothing to stop, and the
                 # pump, stopped before its first step, sets no terminal event to write.)
@@ -359,12 +360,17 @@ class Run:
             except Exception as exc:
                 self._fail(exc)  # (the pump stops; _salvage() writes what it can)
             except asyncio.CancelledError:
+                lost_stop = False
                 # Stopped by _fail() (the heartbeat found the run fenced, say), or the run's
                 # task itself is cancelled (a shutdown): not swallowed.
                 if not (self._flush_stopped and task.uncancel() == 0):
                     raise
             finally:
                 self._flushing = False
+            if lost_stop and self._flush_stopped and task.cancelling():
+                # _fail()'s cancellation was lost in a write (a driver swallowed it): the
+                # writes ended on the failure anyway. Not left counted as a cancellation.
+                task.uncancel()
             await self._pumped(pump)
         except asyncio.CancelledError:
             shutting_down = True  # the run's task itself was cancelled (shutdown)
@@ -626,7 +632,8 @@ class Run:
         bursting = False
         # One turn of the loop for the source: what it yields at once goes in the first entry.
         await asyncio.sleep(0)
-        while self.status == "running":
+        # (Until the terminal event is written, or the run failed: _salvage() ends it.)
+        while self.status == "running" and self._failure is None:
             if self._redo and self._inflight is not None:  # a post that was not stored
                 self._redo = False
                 entry, count, final = self._inflight
