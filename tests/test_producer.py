@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import subprocess
 import sys
 import warnings
 import weakref
@@ -799,6 +800,110 @@ async def test_a_clean_up_that_raises_cancelled_error_itself_still_ends_the_run(
     events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=10)
     assert [e.type for e in events] == ["token", "end"]
     assert "aclose() raised" in caplog.text
+
+
+def _grouped_source(ending: str, waiting: asyncio.Event) -> Any:
+    """A source suspended at a `yield` inside its own TaskGroup when it is closed: its
+    aclose() raises BaseExceptionGroup([GeneratorExit])."""
+
+    async def source() -> Any:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(asyncio.Event().wait())  # a helper running alongside
+            yield "a "
+            if ending == "end":
+                yield {"type": "end", "data": {}}
+            elif ending == "bad event":
+                yield {"type": "tool_end", "data": {"output": {"id": 2**70}}}
+            else:  # it swallows the stop, then yields
+                waiting.set()
+                try:
+                    await asyncio.Event().wait()
+                except asyncio.CancelledError:
+                    yield "after the stop "
+
+    return source()
+
+
+@pytest.mark.parametrize(
+    ("ending", "status", "last"),
+    [
+        ("end", "completed", "end"),
+        ("bad event", "error", "error"),
+        ("stop", "cancelled", "cancelled"),
+    ],
+)
+async def test_a_source_closed_inside_its_own_task_group_still_ends_the_run(
+    ending: str, status: str, last: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Regression: the group its aclose() raised ended the task reading it before it set the
+    # terminal event: the run and its readers waited for ever ("Task exception was never
+    # retrieved").
+    transport = MemoryTransport()
+    waiting = asyncio.Event()
+    run = await StreamProducer(transport).start(_grouped_source(ending, waiting))
+    if ending == "stop":
+        await waiting.wait()
+        run._request_cancel("requested")
+    assert await asyncio.wait_for(run.wait(), timeout=10) == status
+    events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=10)
+    assert [e.type for e in events] == ["token", last]
+    assert "aclose() raised" in caplog.text and "GeneratorExit" in caplog.text
+
+
+@pytest.mark.parametrize("transport_kind", ["redis"])
+async def test_a_source_closed_inside_its_own_task_group_ends_the_stored_run(
+    transport: Transport,
+) -> None:
+    run = await StreamProducer(transport).start(_grouped_source("end", asyncio.Event()))
+    assert await asyncio.wait_for(run.wait(), timeout=10) == "completed"
+    events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=10)
+    assert [e.type for e in events] == ["token", "end"]
+    info = await transport.info(run.stream_id)
+    assert info is not None and info.status == "completed"
+
+
+_GROUPED_INTERRUPT = """
+import asyncio, sys
+from resumable_stream import StreamProducer
+from resumable_stream.transports.memory import MemoryTransport
+
+class Source:  # raises a KeyboardInterrupt in a group when read, or when closed
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if sys.argv[1] == "read":
+            raise BaseExceptionGroup("the source's tasks", [KeyboardInterrupt()])
+        raise StopAsyncIteration
+
+    async def aclose(self):
+        if sys.argv[1] == "close":
+            raise BaseExceptionGroup("the source's tasks", [KeyboardInterrupt()])
+
+async def main():
+    run = await StreamProducer(MemoryTransport()).start(Source())
+    print(await asyncio.wait_for(run.wait(), timeout=10))
+
+try:
+    asyncio.run(main())
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+@pytest.mark.parametrize("when", ["read", "close"])
+def test_a_keyboard_interrupt_in_a_group_from_the_source_still_stops_the_loop(when: str) -> None:
+    # Regression: in a group, it was taken for the source's error (when read) or ended the
+    # task reading the source with no terminal event (when closed): never the loop's. (In
+    # a process of its own: the interrupt stops its event loop.)
+    done = subprocess.run(
+        [sys.executable, "-c", _GROUPED_INTERRUPT, when],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.stdout.strip() == "interrupted", done.stdout + done.stderr
 
 
 async def test_a_stop_during_a_long_clean_up_ends_the_stream_at_once() -> None:

@@ -141,6 +141,18 @@ def _forget_left_behind(pump: asyncio.Task[None]) -> None:
         logger.warning("a source left behind raised", exc_info=pump.exception())
 
 
+def _held(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
+    """``exc`` if it is one of ``kinds``, else the first of them in the group ``exc`` is (a
+    TaskGroup's, say), else None."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _held(inner, kinds)
+            if found is not None:
+                return found
+        return None
+    return exc if isinstance(exc, kinds) else None
+
+
 class _RolledBack(Exception):
     """The storage lost entries beyond the rollback window: the run ends in error."""
 
@@ -548,9 +560,13 @@ class Run:
         except BaseException as exc:  # an Exception, or a BaseException (a test's failure)
             logger.info("run %s: source raised or yielded a bad event: %r", self.stream_id, exc)
             terminal = (ERROR, error_data(exc))
-            if isinstance(exc, KeyboardInterrupt | SystemExit | GeneratorExit):
-                raise  # the process is stopping (asyncio hands these to the loop), or this
-                # coroutine is being closed: never swallowed
+            if isinstance(exc, GeneratorExit):
+                raise  # this coroutine is being closed: never swallowed
+            stop = _held(exc, (KeyboardInterrupt, SystemExit))
+            if stop is not None:
+                # The process is stopping (asyncio hands these to the loop, bare): never
+                # swallowed, also from a group (the source's own TaskGroup).
+                raise stop from None
         finally:
             # The source closes before the terminal event is written (a graph's clean-up
             # and checkpoint writes end before its thread shows idle). A stop requested
@@ -561,11 +577,17 @@ class Run:
             if aclose is not None:
                 try:
                     await aclose()
-                except (Exception, asyncio.CancelledError) as exc:
-                    # A CancelledError with nobody stopping the run: the clean-up awaited
+                except (Exception, asyncio.CancelledError, BaseExceptionGroup) as exc:
+                    # A group: a TaskGroup of the source's own, open at the `yield` it is
+                    # closed at, raises the GeneratorExit of the close in one. A
+                    # CancelledError with nobody stopping the run: the clean-up awaited
                     # something that was cancelled.
-                    if isinstance(exc, asyncio.CancelledError) and self._stopping():
-                        raise  # the run is stopping: _salvage() ends the stream
+                    stop = _held(exc, (KeyboardInterrupt, SystemExit))
+                    if stop is not None:
+                        raise stop from None  # the process is stopping (see above)
+                    cancelled = _held(exc, (asyncio.CancelledError,))
+                    if cancelled is not None and self._stopping():
+                        raise cancelled from None  # the run is stopping: _salvage() ends it
                     logger.warning(
                         "run %s: the source's aclose() raised", self.stream_id, exc_info=True
                     )
