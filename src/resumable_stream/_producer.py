@@ -161,9 +161,8 @@ class Run:
     """A run started by :meth:`StreamProducer.start`, writing stream ``stream_id``.
 
     The run is one supervised unit: its own task writes the entries, a second one reads
-    the source; the transport calls the run back when a cancel is
-    requested (:meth:`Transport.watch_cancel`), and its producer's heartbeat renews the
-    lease. Whichever of them fails, the run ends with exactly one terminal event (or,
+    the source; the transport calls the run back when a cancel is requested
+    (:meth:`Transport.watch_cancel`), and its producer's heartbeat renews the lease. Whichever of them fails, the run ends with exactly one terminal event (or,
     when its lease is lost, is fenced and reported lost to readers), and :meth:`wait`
     returns.
     """
@@ -338,8 +337,8 @@ class Run:
 
     def _stopping(self) -> bool:
         """The run is stopping its tasks: it failed (_fail), or the run's own task was
-        cancelled. (Not the pump's cancelling(): on 3.11 a TaskGroup of the
-        source's own can leave it above 0.)"""
+        cancelled. (Not the pump's cancelling(): on 3.11 a TaskGroup of the source's own
+        can leave it above 0.)"""
         return self._failure is not None or self._task.cancelling() > 0
 
     def _end(self, terminal: Item) -> None:
