@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -457,3 +459,18 @@ def raise_fd_limit(wanted: int = 65536) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         return target
     return soft
+
+
+def callgrind_instructions(arguments: list[str]) -> int:
+    """Instructions ``python -m <arguments>`` runs under ``valgrind --tool=callgrind``."""
+    command = [
+        "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
+        sys.executable, "-m", *arguments,
+    ]  # fmt: skip
+    # (A fixed hash seed: set and dict orders, and so the counts, repeat.)
+    environment = {**os.environ, "PYTHONHASHSEED": "0"}
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
+    found = re.search(r"Collected : ([\d,]+)", done.stderr)
+    if found is None:
+        raise RuntimeError(f"no instruction count from callgrind:\n{done.stderr[-2000:]}")
+    return int(found.group(1).replace(",", ""))

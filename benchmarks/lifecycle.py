@@ -21,15 +21,11 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import os
-import re
-import subprocess
-import sys
 import time
 
 from resumable_stream import telemetry
 
-from ._support import RedisServer
+from ._support import RedisServer, callgrind_instructions
 from .library import _Backend, backend_for
 
 BACKENDS = ("pass", "memory", "redis")
@@ -96,19 +92,17 @@ def instructions(backend: str, streams: int, redis_url: str) -> float:
     """Instructions per stream under callgrind: ``streams`` streams minus 100."""
     counts = []
     for count in (100, streams):
-        command = [
-            "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-            sys.executable, "-m", "benchmarks.lifecycle", "--backend", backend,
-            "--streams", str(count), "--count-only",
-        ]  # fmt: skip
+        arguments = [
+            "benchmarks.lifecycle",
+            "--backend",
+            backend,
+            "--streams",
+            str(count),
+            "--count-only",
+        ]
         if redis_url:
-            command += ["--redis-url", redis_url]
-        environment = {**os.environ, "PYTHONHASHSEED": "0"}
-        done = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
-        found = re.search(r"Collected : ([\d,]+)", done.stderr)
-        if found is None:
-            raise RuntimeError(f"no instruction count from callgrind:\n{done.stderr[-2000:]}")
-        counts.append(int(found.group(1).replace(",", "")))
+            arguments += ["--redis-url", redis_url]
+        counts.append(callgrind_instructions(arguments))
     return (counts[1] - counts[0]) / (streams - 100)
 
 

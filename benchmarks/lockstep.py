@@ -27,15 +27,11 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import os
-import re
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 
-from ._support import RedisServer
+from ._support import RedisServer, callgrind_instructions
 from .library import _Backend, backend_for
 
 BACKENDS = ("pass", "memory", "redis", "floor")
@@ -119,22 +115,15 @@ def instructions(
     if ticks <= short:
         raise ValueError(f"counting instructions needs more than {short} ticks")
     for length in (short, ticks):
-        command = [
-            "valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null",
-            sys.executable, "-m", "benchmarks.lockstep", "--backend", backend,
+        arguments = [
+            "benchmarks.lockstep", "--backend", backend,
             "--streams", str(streams), "--ticks", str(length), "--rounds", "1",
         ]  # fmt: skip
         if redis_url:
-            command += ["--redis-url", redis_url]
+            arguments += ["--redis-url", redis_url]
         if metrics:
-            command.append("--metrics")
-        # (A fixed hash seed: set and dict orders, and so the counts, repeat.)
-        environment = {**os.environ, "PYTHONHASHSEED": "0"}
-        done = subprocess.run(command, capture_output=True, text=True, check=True, env=environment)
-        found = re.search(r"Collected : ([\d,]+)", done.stderr)
-        if found is None:
-            raise RuntimeError(f"no instruction count from callgrind:\n{done.stderr[-2000:]}")
-        counts.append(int(found.group(1).replace(",", "")))
+            arguments.append("--metrics")
+        counts.append(callgrind_instructions(arguments))
     return (counts[1] - counts[0]) / (streams * (ticks - short))
 
 

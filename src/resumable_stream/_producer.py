@@ -162,9 +162,9 @@ class Run:
 
     The run is one supervised unit: its own task writes the entries, a second one reads
     the source; the transport calls the run back when a cancel is requested
-    (:meth:`Transport.watch_cancel`), and its producer's heartbeat renews the lease. Whichever of them fails, the run ends with exactly one terminal event (or,
-    when its lease is lost, is fenced and reported lost to readers), and :meth:`wait`
-    returns.
+    (:meth:`Transport.watch_cancel`), and its producer's heartbeat renews the lease.
+    Whichever of them fails, the run ends with exactly one terminal event (or, when its
+    lease is lost, is fenced and reported lost to readers), and :meth:`wait` returns.
     """
 
     def __init__(

@@ -91,6 +91,21 @@ def _nothing() -> None:
     """What :meth:`Transport.writing` returns by default."""
 
 
+def resolver(future: asyncio.Future[None]) -> collections.abc.Callable[[Exception | None], None]:
+    """A callback that ends ``future``: with None, or failing with the error given (the
+    first call wins)."""
+
+    def resolve(error: Exception | None = None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+    return resolve
+
+
 class QueueSubscription(Subscription):
     """A ready-made :class:`Subscription` fed by :meth:`push` (for transport authors)."""
 

@@ -20,7 +20,16 @@ from .._constants import (
     DEFAULT_TOMBSTONE,
 )
 from .._exceptions import LeaseLost, StorageRollback, StreamAlreadyRunning, TransportClosed
-from ._base import Entry, QueueSubscription, Status, StreamInfo, Subscription, Transport, now
+from ._base import (
+    Entry,
+    QueueSubscription,
+    Status,
+    StreamInfo,
+    Subscription,
+    Transport,
+    now,
+    resolver,
+)
 
 
 @dataclass(eq=False)
@@ -241,16 +250,7 @@ class MemoryTransport(Transport):
 
     async def wait_cancel(self, stream_id: str, epoch: int) -> None:
         woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def on_cancel(error: Exception | None) -> None:
-            if woken.done():
-                return
-            if error is None:
-                woken.set_result(None)
-            else:
-                woken.set_exception(error)
-
-        unwatch = self._watch(stream_id, epoch, on_cancel)
+        unwatch = self._watch(stream_id, epoch, resolver(woken))
         try:
             await woken
         finally:

@@ -64,7 +64,15 @@ from .._exceptions import (
     TransportError,
 )
 from . import _redis_scripts as scripts
-from ._base import Entry, QueueSubscription, Status, StreamInfo, Subscription, Transport
+from ._base import (
+    Entry,
+    QueueSubscription,
+    Status,
+    StreamInfo,
+    Subscription,
+    Transport,
+    resolver,
+)
 from ._redis_pipe import (
     ConnectionFactory,
     NoAnswer,
@@ -894,16 +902,10 @@ class RedisTransport(Transport):
 
     async def wait_cancel(self, stream_id: str, epoch: int) -> None:
         woken: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def wake(error: Exception | None = None) -> None:
-            if woken.done():
-                return
-            if error is None:
-                woken.set_result(None)
-            else:
-                woken.set_exception(error)
-
-        unwatch = self._watch(_CancelWaiter(self, stream_id, epoch, wake, wake))
+        wake = resolver(woken)
+        unwatch = self._watch(
+            _CancelWaiter(self, stream_id, epoch, wake, functools.partial(wake, None))
+        )
         try:
             await woken
         finally:
