@@ -13,6 +13,7 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -144,6 +145,26 @@ def test_an_answer_a_dead_process_left_queued_is_recorded_as_lost_at_restart(
     assert "42" in answer_text(answer)  # the lost question, asked again
 
 
+def _left_started_by_a_dead_server(
+    chat_servers: Callable[..., ChatServer], request: pytest.FixtureRequest, redis_url: str
+) -> tuple[ChatServer, str, dict[str, str], dict[str, Any]]:
+    """An answer started on a server killed mid-answer, once its thread lock's lease has
+    lapsed: another server (on the same Redis and PostgreSQL), the database, the user's
+    headers and what the message's POST answered."""
+    env = {**redis_postgres_env(request), "STREAM_LEASE": LEASE, "OFFLINE_TOKENS_PER_SECOND": "20"}
+    a, b = chat_servers(**env), chat_servers(**env)
+    dsn = str(request.getfixturevalue("postgres_dsn"))
+    headers = {"authorization": f"Bearer erin-{uuid.uuid4().hex}"}
+    with a.client(headers=headers) as on_a:
+        started = post_message(on_a, "How should I structure a small side project?")
+        read_sse(on_a, started["stream_url"], stop_after=chunks_at_least(3))
+        lease = f"{env['REDIS_PREFIX']}:{{thread-{started['thread_id']}-lock}}:lease"
+        with redis.Redis.from_url(redis_url) as admin:
+            a.kill()
+            eventually(lambda: not admin.exists(lease), what="the dead holder's lease lapses")
+    return b, dsn, headers, started
+
+
 @pytest.mark.redis
 @pytest.mark.postgres
 def test_an_answer_a_dead_process_left_started_is_recorded_as_lost_by_the_next_message(
@@ -152,18 +173,8 @@ def test_an_answer_a_dead_process_left_started_is_recorded_as_lost_by_the_next_m
     # Regression: nobody read the answer cut by its server's death (its tab was closed);
     # the next message on the thread, in another process, recorded it `done`. (No longer
     # the thread's last answer, it shows only in its run's record.)
-    env = {**redis_postgres_env(request), "STREAM_LEASE": LEASE, "OFFLINE_TOKENS_PER_SECOND": "20"}
-    a, b = chat_servers(**env), chat_servers(**env)
-    dsn = str(request.getfixturevalue("postgres_dsn"))
-    headers = {"authorization": f"Bearer erin-{uuid.uuid4().hex}"}
-    with a.client(headers=headers) as on_a:
-        started = post_message(on_a, "How should I structure a small side project?")
-        thread_id = started["thread_id"]
-        read_sse(on_a, started["stream_url"], stop_after=chunks_at_least(3))
-        lease = f"{env['REDIS_PREFIX']}:{{thread-{thread_id}-lock}}:lease"
-        with redis.Redis.from_url(redis_url) as admin:
-            a.kill()
-            eventually(lambda: not admin.exists(lease), what="the dead holder's lease lapses")
+    b, dsn, headers, started = _left_started_by_a_dead_server(chat_servers, request, redis_url)
+    thread_id = started["thread_id"]
     assert run_states(dsn, thread_id) == [("started", None)]  # recorded in flight
     with b.client(headers=headers) as on_b:
         ask(on_b, "what is 6*7", thread_id=thread_id)
@@ -179,18 +190,8 @@ def test_reading_a_thread_records_an_answer_whose_server_died_for_good_as_lost(
     # Regression: an answer whose server was killed, and never came back, showed as running
     # in GET /v1/thread for as long as nobody read its stream (which ends it producer_lost)
     # or sent a message on its thread: a client that only reads the thread waited for good.
-    env = {**redis_postgres_env(request), "STREAM_LEASE": LEASE, "OFFLINE_TOKENS_PER_SECOND": "20"}
-    a, b = chat_servers(**env), chat_servers(**env)
-    dsn = str(request.getfixturevalue("postgres_dsn"))
-    headers = {"authorization": f"Bearer erin-{uuid.uuid4().hex}"}
-    with a.client(headers=headers) as on_a:
-        started = post_message(on_a, "How should I structure a small side project?")
-        thread_id = started["thread_id"]
-        read_sse(on_a, started["stream_url"], stop_after=chunks_at_least(3))
-        lease = f"{env['REDIS_PREFIX']}:{{thread-{thread_id}-lock}}:lease"
-        with redis.Redis.from_url(redis_url) as admin:
-            a.kill()
-            eventually(lambda: not admin.exists(lease), what="the dead holder's lease lapses")
+    b, dsn, headers, started = _left_started_by_a_dead_server(chat_servers, request, redis_url)
+    thread_id = started["thread_id"]
     with b.client(headers=headers) as on_b:
         # Ten leases: its stream's readers are told within two.
         thread = eventually(lambda: settled(on_b, thread_id), what="the answer recorded")
