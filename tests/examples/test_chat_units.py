@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from chat_service.__main__ import main
 from chat_service.app import create_app
 from chat_service.auth import session_value, user_from_session, user_from_token
 from chat_service.cache import MemoryCache, RedisCache, cache_key
-from chat_service.events import RUN_STARTED, to_ndjson, to_sse
+from chat_service.events import LOST, RUN_STARTED, SHUTDOWN, to_ndjson, to_sse
 from chat_service.settings import Settings, SettingsError
 
 from resumable_stream import Event
@@ -482,3 +483,15 @@ async def test_a_live_reader_recording_an_end_first_leaves_its_writer_the_rest(
     assert runtime.runs.stats["model_runs"] == 2
     assert thread["active_run"] is None and thread["last_error"] is None
     assert "84" in thread["messages"][-1]["text"]
+
+
+def test_the_page_says_what_each_lost_answer_lost() -> None:
+    # Regression: an answer no worker started (not_started) or that could not be handed to
+    # the workers (queue_unavailable) showed only "The answer failed (code)" on the page,
+    # where every other failure recorded with Retry says what happened.
+    app_js = (Path(__file__).parents[2] / "examples/chat/chat_service/static/app.js").read_text()
+    table = app_js[
+        app_js.index("const ERRORS = {") : app_js.index("};", app_js.index("const ERRORS"))
+    ]
+    said = set(re.findall(r"^\s+(\w+): \"", table, re.MULTILINE))
+    assert set(LOST) | {SHUTDOWN} <= said, sorted(set(LOST) | {SHUTDOWN} - said)

@@ -37,6 +37,10 @@ START_FAILED = "start_failed"
 #: replica behind it) beyond what its writer could write again (the library's).
 STORAGE_ROLLBACK = "storage_rollback"
 
+#: The error codes of a stream's end that record its run failed, with Retry (run_end):
+#: the answer was lost or never started, not an error of its own (the model's).
+LOST = (PRODUCER_LOST, NOT_STARTED, QUEUE_DOWN, START_FAILED, SERVER_RESTARTED, STORAGE_ROLLBACK)
+
 _MESSAGES = {
     PRODUCER_LOST: "the server generating this answer stopped (crashed or was restarted); retry",
     SERVER_RESTARTED: "the server restarted while writing this answer, and it was lost "

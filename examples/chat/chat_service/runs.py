@@ -40,13 +40,13 @@ from .agent import Agent
 from .answers import Answers, Recorder
 from .cache import AnswerCache
 from .events import (
+    LOST,
     NOT_STARTED,
     PRODUCER_LOST,
     QUEUE_DOWN,
     SERVER_RESTARTED,
     SHUTDOWN,
     START_FAILED,
-    STORAGE_ROLLBACK,
 )
 from .lock import HeldLock, Hold, ThreadLock, lock_id_for
 from .quota import AnswerQuota
@@ -831,14 +831,7 @@ def run_end(last: Event | None) -> tuple[RunState, str | None]:
     if last.type == "cancelled":
         return ("failed", SHUTDOWN) if last.data.get("reason") == "shutdown" else ("done", None)
     code = last.data.get("error") if last.type == "error" else None
-    if code in (
-        PRODUCER_LOST,
-        NOT_STARTED,
-        QUEUE_DOWN,
-        START_FAILED,
-        SERVER_RESTARTED,
-        STORAGE_ROLLBACK,
-    ):
+    if code in LOST:
         return "failed", code
     return "done", None
 

@@ -243,6 +243,8 @@ const ERRORS = {
   shutdown: "The server shut down before this answer was complete.",
   start_failed: "This answer could not be started: its storage could not be reached.",
   storage_rollback: "Its storage lost part of this answer (Redis restarted or failed over).",
+  not_started: "No worker started this answer in time (are the workers running?).",
+  queue_unavailable: "This answer could not be handed to the workers.",
 };
 
 function renderHistory(messages, active, lastError) {
