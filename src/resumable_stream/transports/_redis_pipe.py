@@ -602,6 +602,11 @@ class Pipe:
         self._watchdog_loop = loop
         self._watchdog = loop.call_at(self._progress + self._timeout, self._check)
 
+    def stopping(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether ``loop`` is shutting down (it cancelled this connection's task, as
+        ``asyncio.run()`` does at its end): a task made now would outlive it."""
+        return loop is self._shutting_down
+
     def restart(self) -> None:
         """The event loop it ran on is closed: forget its connection, whose task ended
         with that loop or never runs again (nothing of a closed loop can be touched). The

@@ -1250,7 +1250,12 @@ class RedisTransport(Transport):
     def _start_router(self) -> None:
         self._router_wake.set()
         if self._router is None and not self._closed:
-            self._router = asyncio.create_task(self._route(), name="rstream redis router")
+            loop = asyncio.get_running_loop()
+            if any(node.pipe.stopping(loop) for node in self._nodes.values()):
+                # The event loop is shutting down (a run writing its terminal event met a
+                # connection it cancelled): a router task would be left pending as it closes.
+                return
+            self._router = loop.create_task(self._route(), name="rstream redis router")
 
     def _refresh_topology(self) -> None:
         """A cluster node failed or gave up a slot: ask the cluster for its slot map again,
