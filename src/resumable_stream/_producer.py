@@ -362,23 +362,20 @@ class Run:
         try:
             self._watch_cancel()
             self._flushing = True
-            lost_stop = True  # (a stop by _fail() that never arrived: see below)
             try:
-                # (Unless the watch failed at once: _fail() found nothing to stop, and the
-                # pump, stopped before its first step, sets no terminal event to write.)
-                if self._failure is None:
-                    await self._flush_loop()
+                # (It ends at once if the watch failed already: _fail() found nothing to
+                # stop, and the pump, stopped before its first step, sets no terminal event.)
+                await self._flush_loop()
             except Exception as exc:
                 self._fail(exc)  # (the pump stops; _salvage() writes what it can)
             except asyncio.CancelledError:
-                lost_stop = False
                 # Stopped by _fail() (the heartbeat found the run fenced, say), or the run's
                 # task itself is cancelled (a shutdown): not swallowed.
                 if not (self._flush_stopped and task.uncancel() == 0):
                     raise
             finally:
                 self._flushing = False
-            if lost_stop and self._flush_stopped and task.cancelling():
+            if self._flush_stopped and task.cancelling():
                 # _fail()'s cancellation was lost in a write (a driver swallowed it): the
                 # writes ended on the failure anyway. Not left counted as a cancellation.
                 task.uncancel()

@@ -110,8 +110,9 @@ _MAX_REDIRECTS = 5
 _TRYAGAIN_DELAY = 0.02
 _TRYAGAIN_DELAY_MAX = 0.5
 #: The most streams whose key names (and run command heads) are cached; a full cache is
-#: emptied. About 2 MB each: a cache of 65,536 streams, filled by every stream a
-#: long-running server ever touched, held 34 MB per process (a miss costs microseconds).
+#: emptied. Each cache holds about 2 MB at that size: one of 65,536 streams, filled by every
+#: stream a long-running server ever touched, held 34 MB per process (a miss costs
+#: microseconds).
 _CACHED_STREAMS = 4096
 _META_FIELDS = ("epoch", "status", "created", "updated", "last", "count", "lease_ms")
 #: What a script published, (channel, message) pairs, for :meth:`RedisTransport._relay`.
