@@ -31,7 +31,7 @@ from .library import _Backend, backend_for
 BACKENDS = ("pass", "memory", "redis")
 
 
-async def _live(backend: _Backend, streams: int, readers: int) -> None:
+async def _live(backend: _Backend, readers: int) -> None:
     """Until ``readers`` readers follow their stream live (a few loop turns without the
     library: the pass-through's readers wait at once)."""
     if not hasattr(backend, "transport"):
@@ -66,7 +66,7 @@ async def _streams(backend: _Backend, prefix: str, count: int, measure: bool) ->
     before = len(gc.get_objects())
     already = telemetry._counts.live
     tasks = [asyncio.create_task(one(f"{prefix}-{i}")) for i in range(count)]
-    await _live(backend, count, already + count)
+    await _live(backend, already + count)
     objects = 0.0
     if measure:
         gc.collect()
