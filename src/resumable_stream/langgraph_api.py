@@ -2603,13 +2603,17 @@ async def _run_source(plan: _Plan, started: asyncio.Future[str]) -> AsyncGenerat
     # langgraph-sdk (ui/manager.ts) expects `metadata` first: it carries the run id. The
     # run's fields ride along for runs.get, in every process (only "data" is sent).
     yield Event("metadata", {"data": {"run_id": run_id, "attempt": 1}, "run": plan.fields()}, "")
-    # The run id in the metadata of each checkpoint the run writes, as the API has it
-    # (multitask_strategy "rollback" finds the checkpoint a run started from by it), and
-    # the graph's (threads.search finds a graph's threads by them, as Agent Chat UI does).
+    # The run's metadata in the graph's config, over its config's, as the API merges them
+    # (the graph's nodes and callbacks read it; LangGraph writes its strings, numbers and
+    # booleans into each checkpoint's metadata, where threads.get_history finds them). The
+    # run id too, as the API has it (multitask_strategy "rollback" finds the checkpoint a
+    # run started from by it), and the graph's (threads.search finds a graph's threads by
+    # them, as Agent Chat UI does).
     config = plan.config
     metadata = config.get("metadata")
     metadata = {
         **(metadata if isinstance(metadata, Mapping) else {}),
+        **plan.metadata,
         "run_id": run_id,
         "graph_id": plan.assistant_id,
         "assistant_id": plan.assistant_id,

@@ -529,6 +529,43 @@ async def test_runs_get_and_list_answer_the_runs_assistant_and_strategy(
     assert ran["metadata"] == {"queued": True}
 
 
+async def test_a_runs_metadata_reaches_the_graph_and_its_checkpoints(
+    servers: tuple[str, str], client: LangGraphClient, other: LangGraphClient
+) -> None:
+    # Regression: a run's `metadata` was kept for runs.get only. The Agent Server merges it
+    # into the graph's config metadata: the graph's callbacks (the `messages` tuples'
+    # metadata) did not have it, and get_history(metadata=...) found none of the run's
+    # checkpoints.
+    thread_id = (await client.threads.create())["thread_id"]
+    await _release(servers[0], thread_id)
+    tags = {"origin": "web", "turn": 2}
+    parts = [
+        p
+        async for p in client.runs.stream(
+            thread_id,
+            "agent",
+            input={"messages": [{"role": "user", "content": "m"}]},
+            stream_mode="messages-tuple",
+            metadata=tags,
+            config={"metadata": {"origin": "config", "lang": "en"}},
+        )
+    ]
+    messages = [p.data[1] for p in parts if p.event == "messages"]
+    assert messages
+    for metadata in messages:  # the run's over its config's, as the API merges them
+        assert {key: metadata.get(key) for key in ("origin", "turn", "lang")} == {
+            "origin": "web",
+            "turn": 2,
+            "lang": "en",
+        }
+    history = await other.threads.get_history(thread_id, limit=100)
+    found = await other.threads.get_history(thread_id, limit=100, metadata=tags)
+    assert len(history) == 4  # the input, then each step: all the run's
+    assert [s["checkpoint"] for s in found] == [s["checkpoint"] for s in history]
+    assert found[0]["metadata"]["lang"] == "en"
+    assert found[0]["metadata"]["graph_id"] == "agent"
+
+
 async def test_get_state_at_a_checkpoint_and_a_runs_durability(
     servers: tuple[str, str], client: LangGraphClient, other: LangGraphClient
 ) -> None:
