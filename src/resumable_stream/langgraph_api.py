@@ -999,7 +999,12 @@ class LangGraphRouter:
         return first, self._state_graph
 
     def _thread_record(
-        self, thread_id: str, info: ThreadInfo, status: str, values: Any = None
+        self,
+        thread_id: str,
+        info: ThreadInfo,
+        status: str,
+        values: Any = None,
+        interrupts: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         return {
             "thread_id": thread_id,
@@ -1008,7 +1013,7 @@ class LangGraphRouter:
             "metadata": to_wire(info.metadata),
             "status": status,
             "values": values,
-            "interrupts": {},
+            "interrupts": interrupts or {},
         }
 
     async def post_thread(self, request: Request) -> Response:
@@ -1045,7 +1050,8 @@ class LangGraphRouter:
     async def _thread_json(self, thread_id: str, record: ThreadInfo) -> dict[str, Any]:
         """The API's ``Thread``: ``busy`` while a run is in progress, ``error`` once a run
         failed (its failed task is still next), ``interrupted`` at an interrupt, else
-        ``idle`` (also once a run was cancelled, as the API has it); its values."""
+        ``idle`` (also once a run was cancelled, as the API has it); its values, and the
+        interrupts its next tasks wait at."""
         stream = await settled_info(self.transport, check_stream_id(self.stream_id(thread_id)))
         graph = await self._graph_of(thread_id)
         state = await graph.aget_state(self._config(thread_id))
@@ -1059,7 +1065,9 @@ class LangGraphRouter:
             status = "error"
         elif state.next:
             status = "interrupted"
-        return self._thread_record(thread_id, record, status, to_wire(state.values))
+        # The interrupts its next tasks wait at, by task id, as the API's Thread has them.
+        interrupts = {task.id: to_wire(task.interrupts) for task in state.tasks if task.interrupts}
+        return self._thread_record(thread_id, record, status, to_wire(state.values), interrupts)
 
     async def get_info(self, request: Request) -> Response:
         """``GET /info``: what this server serves (Agent Chat UI checks that it answers)."""

@@ -782,3 +782,59 @@ def test_js_client_threads_update_through_update_thread(node_modules: Path) -> N
     assert seen["copy"]["metadata"] == {"a": 1, "b": 3, "c": 4, "d": 5}
     assert seen["copy"]["thread_id"] != seen["threadId"]
     assert seen["count"] == 0  # no checkpoints yet: the search finds none
+
+
+def _app_with_an_interrupt() -> Any:
+    """An app whose graph `ask` stops at an interrupt, then says what it was answered."""
+    import contextlib
+
+    from langchain_core.messages import AIMessage
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.types import interrupt
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+    from resumable_stream.starlette import allow_all
+    from resumable_stream.transports.memory import MemoryTransport
+
+    async def ask(state: MessagesState) -> dict[str, Any]:
+        return {"messages": [AIMessage(f"got {interrupt({'question': 'Book it?'})}")]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("ask", ask)
+    builder.add_edge(START, "ask")
+    graph = builder.compile(checkpointer=InMemorySaver())
+    api = LangGraphRouter(MemoryTransport(), {"ask": graph}, authorize=allow_all)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with api.producer:
+            yield
+
+    return Starlette(routes=[Mount("/langgraph", api)], lifespan=lifespan)
+
+
+async def test_an_interrupted_thread_names_its_interrupts() -> None:
+    # Regression: a thread's `interrupts` was always {}, also while it waited at one
+    # (status "interrupted"); the Agent Server answers the interrupts of its next tasks,
+    # by task id, which clients read to tell what a thread waits for.
+    with uvicorn_server(_app_with_an_interrupt()) as url:
+        async with get_client(url=f"{url}/langgraph") as sdk:
+            thread_id = (await sdk.threads.create())["thread_id"]
+            hi = {"messages": [{"role": "user", "content": "hi"}]}
+            stopped = await sdk.runs.wait(thread_id, "ask", input=hi)
+            state = await sdk.threads.get_state(thread_id)
+            [task] = state["tasks"]
+            expected = {task["id"]: stopped["__interrupt__"]}
+            assert stopped["__interrupt__"][0]["value"] == {"question": "Book it?"}
+            thread = await sdk.threads.get(thread_id)
+            assert (thread["status"], thread["interrupts"]) == ("interrupted", expected)
+            [found] = await sdk.threads.search(ids=[thread_id])
+            assert found["interrupts"] == expected
+
+            await sdk.runs.wait(thread_id, "ask", command={"resume": "yes"})
+            thread = await sdk.threads.get(thread_id)
+            assert (thread["status"], thread["interrupts"]) == ("idle", {})
+            assert thread["values"]["messages"][-1]["content"] == "got yes"
