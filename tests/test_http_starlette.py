@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -989,6 +990,61 @@ async def test_stuck_client_is_cut_after_the_send_timeout(caplog: pytest.LogCapt
                 stuck.close()
 
     assert "the client read nothing for 0.3s" in caplog.text
+
+
+async def test_a_stalled_reader_replaying_a_long_stream_holds_a_page_not_the_stream(
+    redis_url: str,
+) -> None:
+    """Regression: a replay read 512 entries at once, which for a stream written in bursts
+    (256 events of 1 KB an entry) is the whole stream: each reader that stopped reading held
+    20 MB of it until the send timeout cut it. Pages now hold about 1 MB."""
+
+    class InFlight:
+        """Pass as ``wrap=``: whether a write of the response is waiting for the client."""
+
+        def __init__(self) -> None:
+            self.waiting = False
+
+        def __call__(self, app: ASGIApp) -> ASGIApp:
+            async def watched(scope: Scope, receive: Receive, send: Send) -> None:
+                async def watched_send(message: Message) -> None:
+                    self.waiting = True
+                    await send(message)
+                    self.waiting = False
+
+                await app(scope, receive, watched_send)
+
+            return watched
+
+    in_flight = InFlight()
+    transport = from_url(redis_url, prefix=f"http{uuid.uuid4().hex[:8]}")
+    with serve(transport, wrap=in_flight) as server:
+        async with server.client() as client:
+            url = await start(client, tokens=20_000, size=1000)  # 20 MB, written in bursts
+
+            async def completed() -> bool:
+                return (await client.get(f"{url}/status")).json()["status"] == "completed"
+
+            await eventually(completed)
+            port = int(server.url.rsplit(":", 1)[1])
+            stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                stalled.connect(("127.0.0.1", port))
+                stalled.sendall(f"GET {url} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+
+                def stuck() -> bool:  # a write waits for the client, which reads nothing
+                    return server.router.connections == 1 and in_flight.waiting
+
+                await eventually(stuck)
+                held = tracemalloc.get_traced_memory()[0] - before
+            finally:
+                tracemalloc.stop()
+                stalled.close()
+
+    assert held < 4_000_000  # a page of about 1 MB and the buffers, not the 20 MB stream
 
 
 async def test_a_stuck_write_is_cut_without_busy_waiting() -> None:

@@ -34,6 +34,10 @@ COALESCE_DELAY = 0.05
 COALESCE_GAP = 0.001
 #: Entries a consumer fetches per page when replaying (kept raw: decoded one at a time).
 DEFAULT_PAGE_SIZE = 512
+#: Stored bytes a replaying consumer aims to hold in one page: its first page is a few
+#: entries, and each next one as many as fit, judged by the size of the entries just read
+#: (entries written in bursts are up to DEFAULT_MAX_ENTRY_BYTES each: 512 of them is 128 MB).
+PAGE_BYTES = 1024 * 1024
 #: Events a consumer hands out without awaiting before it yields to the event loop once, so
 #: a replay of a long stream cannot starve the other tasks of the process.
 CONSUMER_CHECKPOINT = 256

@@ -12,7 +12,12 @@ from typing import NoReturn, Self
 
 from . import telemetry
 from ._codec import decode_entry, encode_entry, parse_offset
-from ._constants import CONSUMER_CHECKPOINT, DEFAULT_PAGE_SIZE
+from ._constants import (
+    CONSUMER_CHECKPOINT,
+    DEFAULT_MAX_ENTRY_BYTES,
+    DEFAULT_PAGE_SIZE,
+    PAGE_BYTES,
+)
 from ._events import ERROR, TERMINAL_TYPES, Event
 from ._exceptions import ConfigurationError, InvalidOffset, OffsetExpired, StreamNotFound
 from ._ids import check_stream_id
@@ -134,10 +139,11 @@ class StreamConsumer:
     when the storage lost events this reader had already received; nothing is skipped and
     nothing ends silently.
 
-    ``page_size`` is the number of entries read from storage at once when replaying; they
-    are kept encoded and decoded one at a time, and the consumer yields to the event loop
-    every few hundred events, so a long replay neither holds a whole stream in memory nor
-    starves the other tasks.
+    ``page_size`` is the most entries read from storage at once when replaying; fewer
+    when entries are large, so that a page holds about 1 MB of stored bytes. They are kept
+    encoded and decoded one at a time, and the consumer yields to the event loop every few
+    hundred events, so a long replay neither holds a whole stream in memory nor starves the
+    other tasks.
 
     The terminal event, an error or cancelling the task releases everything at once. To
     stop earlier (``break``), use ``async with`` or call :meth:`aclose`: a consumer dropped
@@ -171,6 +177,9 @@ class StreamConsumer:
         self._seq = 0 if position is None else position.seq - 1
         self._skip_to = -1 if position is None else position.event
         self._page_size = page_size
+        # Entries of the next page: a few first (a page as large as page_size may be the
+        # whole stream), then as many as PAGE_BYTES holds of entries the size of the last.
+        self._page = min(page_size, max(1, PAGE_BYTES // DEFAULT_MAX_ENTRY_BYTES))
         self._entries: collections.deque[Entry] = collections.deque()
         # The events of the entry being handed out still to hand out, last first (pop()),
         # and how many it held (counted as delivered once all are handed out).
@@ -407,24 +416,24 @@ class StreamConsumer:
             self._caught_up = True
         if (self._subscription is None and not self._caught_up) or self._gap:
             # Replay (or refill a gap in live delivery) from storage, a page at a time.
-            entries = await self.transport.read(
-                self.stream_id, self._epoch, self._seq, self._page_size
-            )
+            count = self._page
+            entries = await self.transport.read(self.stream_id, self._epoch, self._seq, count)
             if not entries and not (fresh and info.last_seq <= self._seq):
                 # Unless the info, read just before, showed nothing after this reader.
                 info = await self._refresh()
             if not entries and self._seq < info.last_seq:
                 # Written since the read, or gone: read again, after the info.
-                entries = await self.transport.read(
-                    self.stream_id, self._epoch, self._seq, self._page_size
-                )
+                entries = await self.transport.read(self.stream_id, self._epoch, self._seq, count)
                 if not entries:
                     self._expired("the events were trimmed or expired")
             if entries:
                 self._take(entries, stored=True)
                 # A short page reached the end of what is stored: follow the live feed from
                 # here rather than poll storage once per entry while the producer writes.
-                self._caught_up = len(entries) < self._page_size
+                self._caught_up = len(entries) < count
+                stored = sum(len(entry.payload) for entry in entries)
+                fit = PAGE_BYTES * len(entries) // max(stored, 1)
+                self._page = max(1, min(self._page_size, fit))
                 if not self._caught_up and self._subscription is not None:
                     self._gap = True  # a long gap: read on from storage, not the live feed
                 return
