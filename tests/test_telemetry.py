@@ -341,7 +341,6 @@ async def test_a_redis_reconnect_is_counted(
             return int(reply[1]) == 1
 
         await eventually(watched)
-        await client.aclose()
         server.restart()  # the notices connection drops
 
         async def reconnected() -> bool:

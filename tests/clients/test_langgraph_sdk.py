@@ -699,14 +699,25 @@ async def test_threads_copy_count_and_the_writes_not_served(
         assert refused.value.response.json()["code"] == "not_served"
 
 
+def _mounted(api: Any) -> Any:
+    """A Starlette app serving LangGraphRouter ``api`` at /langgraph (its producer open)."""
+    import contextlib
+
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with api.producer:
+            yield
+
+    return Starlette(routes=[Mount("/langgraph", api)], lifespan=lifespan)
+
+
 def _app_with_update_thread() -> Any:
     """An app whose threads are records kept by create_thread / thread_info /
     update_thread hooks (a dict), on one graph with an in-memory checkpointer."""
-    import contextlib
-
     from langgraph.checkpoint.memory import InMemorySaver
-    from starlette.applications import Starlette
-    from starlette.routing import Mount
 
     from resumable_stream.langgraph_api import LangGraphRouter
     from resumable_stream.starlette import allow_all
@@ -722,12 +733,7 @@ def _app_with_update_thread() -> Any:
         **records.hooks(),
     )
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with api.producer:
-            yield
-
-    return Starlette(routes=[Mount("/langgraph", api)], lifespan=lifespan)
+    return _mounted(api)
 
 
 async def test_threads_update_merges_metadata_through_update_thread() -> None:
@@ -786,14 +792,10 @@ def test_js_client_threads_update_through_update_thread(node_modules: Path) -> N
 
 def _app_with_an_interrupt() -> Any:
     """An app whose graph `ask` stops at an interrupt, then says what it was answered."""
-    import contextlib
-
     from langchain_core.messages import AIMessage
     from langgraph.checkpoint.memory import InMemorySaver
     from langgraph.graph import START, MessagesState, StateGraph
     from langgraph.types import interrupt
-    from starlette.applications import Starlette
-    from starlette.routing import Mount
 
     from resumable_stream.langgraph_api import LangGraphRouter
     from resumable_stream.starlette import allow_all
@@ -808,12 +810,7 @@ def _app_with_an_interrupt() -> Any:
     graph = builder.compile(checkpointer=InMemorySaver())
     api = LangGraphRouter(MemoryTransport(), {"ask": graph}, authorize=allow_all)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with api.producer:
-            yield
-
-    return Starlette(routes=[Mount("/langgraph", api)], lifespan=lifespan)
+    return _mounted(api)
 
 
 async def test_an_interrupted_thread_names_its_interrupts() -> None:
