@@ -370,10 +370,15 @@ class Scenario:
                     terminal = ("error", {"error": "ValueError", "message": item[1]})
                 else:
                     terminal = (item[1], relayed(item[1]))
-                if too_large(*terminal, model.limit):
-                    model.decide([("error", {"error": "EventTooLarge"}, False)])
-                else:
+                if not too_large(*terminal, model.limit):
                     model.decide([(*terminal, True)])
+                elif terminal[0] == "error" and not too_large(
+                    "error", {**terminal[1], "message": ""}, model.limit
+                ):
+                    # A source's error too long to store keeps its class, its message cut.
+                    model.decide([("error", {"error": terminal[1]["error"]}, False)])
+                else:
+                    model.decide([("error", {"error": "EventTooLarge"}, False)])
             else:
                 event = expected(item)
                 if event is not None and too_large(*event, model.limit):
