@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import orjson
 import pytest
 
@@ -181,3 +183,75 @@ def test_an_entry_payload_holds_no_more_memory_than_its_bytes() -> None:
         tracemalloc.stop()
     size = sum(len(p) for p in payloads)
     assert held < size + 100 * len(payloads)  # the bytes, a bytes header and the list
+
+
+def test_lone_surrogates_are_stored_as_u_fffd_in_any_event() -> None:
+    # Regression: a lone UTF-16 surrogate (UTF-8 cannot hold one) raised TypeError, which
+    # ended the run: a provider's "\ud83d" escape cut across two chunks stopped an answer.
+    @dataclasses.dataclass
+    class Note:
+        text: str
+
+    items = [
+        tok("x\ud800y"),
+        tok("\udc00 lone low", "m1", "agent"),
+        ("custom", {"name": "n\ud800", "data": {"k\udfff": ["v\ud800", Note("n\udc00")]}}),
+        ("token", {"text": "a\ud800", "message_id": "m1", "node": "agent", "ns": ["s"]}),
+        ("error", {"error": "RuntimeError", "message": "cut \ud83d"}),
+    ]
+    assert [(e.type, e.data) for e in decode_entry(encode_entry(items), 1, 1)] == [
+        tok("x\ufffdy"),
+        tok("\ufffd lone low", "m1", "agent"),
+        ("custom", {"name": "n\ufffd", "data": {"k\ufffd": ["v\ufffd", {"text": "n\ufffd"}]}}),
+        ("token", {"text": "a\ufffd", "message_id": "m1", "node": "agent", "ns": ["s"]}),
+        ("error", {"error": "RuntimeError", "message": "cut \ufffd"}),
+    ]
+    with pytest.raises(TypeError):  # what JSON cannot hold otherwise still raises
+        encode_entry([("custom", {"name": "n\ud800", "data": 2**70})])
+
+
+def test_a_pair_split_across_two_tokens_of_one_message_is_joined() -> None:
+    # A token ending with the first half of a pair keeps it back for the next token of its
+    # message; anything else (another message, another event, the end) gets U+FFFD for it.
+    items = [
+        tok("a\ud83d", "m1", "agent"),
+        tok("\ude00b", "m1", "agent"),
+        tok("\ud83d"),  # a token of that half alone: nothing written yet
+        tok("\ude00"),
+        tok("c\ud83d", "m1", "agent"),
+        tok("\ude00d", "m2", "agent"),  # another message's: not joined
+        tok("e\ud83d"),
+        ("custom", {"data": 1}),
+        tok("f\ud83d"),
+        tok("g"),
+        tok("h\ud83d", "m1", "agent"),  # the end
+    ]
+    assert [(e.type, e.data) for e in decode_entry(encode_entry(items), 1, 1)] == [
+        tok("a", "m1", "agent"),
+        tok("\U0001f600b", "m1", "agent"),
+        tok("\U0001f600"),
+        tok("c", "m1", "agent"),
+        tok("\ufffd", "m1", "agent"),
+        tok("\ufffdd", "m2", "agent"),
+        tok("e"),
+        tok("\ufffd"),
+        ("custom", {"data": 1}),
+        tok("f"),
+        tok("\ufffdg"),
+        tok("h", "m1", "agent"),
+        tok("\ufffd", "m1", "agent"),
+    ]
+
+
+def test_valid_text_costs_no_copy_and_no_state() -> None:
+    # The fast path stays as it was: valid text comes back as the very object given, and
+    # the fast-path limits are not lowered (only a held half lowers them).
+    encoder = EventEncoder(max_event_bytes=1000)
+    limits = (encoder.plain_text_limit, encoder.text_limit)
+    for text in ("ascii", "héllo \U0001f600", "日本"):
+        assert encoder.token(text, None, None) is text
+    assert (encoder.plain_text_limit, encoder.text_limit) == limits
+    assert encoder.token("x\ud83d", None, None) == "x"
+    assert (encoder.plain_text_limit, encoder.text_limit) == (-1, -1)  # all to the encoder
+    assert encoder.token("\ude00", None, None) == "\U0001f600"
+    assert (encoder.plain_text_limit, encoder.text_limit) == limits

@@ -440,3 +440,27 @@ async def test_events_page_event_too_large_sample_runs() -> None:
         ("token", None),
         ("error", "EventTooLarge"),
     ]
+
+
+async def test_events_page_lone_surrogate_sample_runs() -> None:
+    from resumable_stream import StreamProducer
+    from resumable_stream.testing import collect
+    from resumable_stream.transports.memory import MemoryTransport
+
+    found = re.search(
+        r"```python\n(async def split_pair\(\):\n.*?)```",
+        (ROOT / "docs/events.md").read_text(),
+        re.S,
+    )
+    assert found, "no lone surrogate sample in docs/events.md"
+    body = "".join(f"    {line}\n" for line in found.group(1).splitlines())
+    transport = MemoryTransport()
+    namespace: dict[str, object] = {"transport": transport, "StreamProducer": StreamProducer}
+    exec(f"async def sample():\n{body}    return run\n", namespace)
+    run = await namespace["sample"]()  # type: ignore[operator]
+    events = await collect(transport, run.stream_id)
+    assert [(e.type, e.data.get("text")) for e in events] == [
+        ("token", "a "),
+        ("token", "\U0001f600, lone \ufffd!"),
+        ("end", None),
+    ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import subprocess
 import sys
 import warnings
@@ -25,6 +26,7 @@ from resumable_stream import (
     Transport,
     TransportClosed,
     TransportError,
+    parse_offset,
 )
 from resumable_stream._codec import decode_entry
 from resumable_stream.transports import Entry, Status
@@ -523,9 +525,8 @@ async def test_a_relayed_terminal_event_that_cannot_be_stored_ends_the_run_as_er
 @pytest.mark.parametrize(
     "bad",
     [
-        "lone surrogate \ud800",  # UTF-8 cannot hold it
         "x" * 5000,  # larger than max_event_bytes
-        {"event": "on_chat_model_stream", "data": {"chunk": AIMessageChunk("\ud800", id="m")}},
+        {"event": "on_chat_model_stream", "data": {"chunk": AIMessageChunk("y" * 5000, id="m")}},
     ],
 )
 async def test_a_token_that_cannot_be_stored_ends_the_run_after_the_good_ones(bad: object) -> None:
@@ -541,6 +542,75 @@ async def test_a_token_that_cannot_be_stored_ends_the_run_after_the_good_ones(ba
     events = await collect(transport, run.stream_id)
     assert joined(events) == "kept too"
     assert [e.type for e in events] == ["token", "token", "error"]
+
+
+def model_token(text: str, message_id: str = "m") -> dict[str, Any]:
+    chunk = AIMessageChunk(text, id=message_id)
+    return {"event": "on_chat_model_stream", "data": {"chunk": chunk}, "metadata": {}}
+
+
+async def test_lone_surrogates_are_written_as_u_fffd_and_the_answer_goes_on() -> None:
+    # Regression: a token holding a lone UTF-16 surrogate (a provider's "\ud83d" escape
+    # cut across two stream chunks) ended the whole answer with a TypeError `error`.
+    async def source():
+        yield "plain \ud800 text"
+        yield model_token("model \udc00 text")
+        yield {"type": "custom", "data": {"name": "n", "data": {"k\ud800": "v\udfff"}}}
+        yield "after"
+        raise RuntimeError("the provider said \ud83d")
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(source())
+    assert await asyncio.wait_for(run.wait(), timeout=10) == "error"
+    events = await collect(transport, run.stream_id)
+    assert [(e.type, e.data.get("text")) for e in events if e.type == "token"] == [
+        ("token", "plain \ufffd text"),
+        ("token", "model \ufffd text"),
+        ("token", "after"),
+    ]
+    assert events[2].data == {"name": "n", "data": {"k\ufffd": "v\ufffd"}}
+    assert (events[-1].type, events[-1].data["message"]) == (
+        "error",
+        "the provider said \ufffd",
+    )
+
+
+@pytest.mark.parametrize("shape", ["plain", "model"])
+async def test_a_pair_split_across_tokens_reaches_readers_whole(shape: str) -> None:
+    # The first half of a pair ending a token waits for the next token of its message; a
+    # half nothing continues is U+FFFD, the last one too (written before the `end`). The
+    # events' offsets run on without a gap, however the writes batched them.
+    def token(text: str, message_id: str = "m") -> object:
+        return text if shape == "plain" else model_token(text, message_id)
+
+    pieces = ["a\ud83d", "\ude00b", "\ud83d", "\ude00", "c\ud83d", "d", "e\ud83d"]
+    pieces += ["f\ud83d", "\ude00" * 2]  # (the first continues the pair, the second alone)
+
+    async def source():
+        for piece in pieces:
+            yield token(piece)
+            await asyncio.sleep(0)  # some entries of one token, some of several
+        if shape == "model":
+            yield token("g\ud83d")
+            yield token("\ude00h", "other")  # another message's half: not joined
+        yield token("end\ud83d")
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(source())
+    assert await asyncio.wait_for(run.wait(), timeout=10) == "completed"
+    events = await collect(transport, run.stream_id)
+    text = "a\U0001f600b\U0001f600c\ufffdde\ufffdf\U0001f600\ufffd"
+    if shape == "model":
+        text += "g\ufffd\ufffdh"
+    assert joined(events) == text + "end\ufffd"
+    assert events[-1].type == "end"
+    assert all(e.data["text"] for e in events[:-1])  # no empty token for a held half
+    positions = [parse_offset(e.offset) for e in events]
+    for before, after in itertools.pairwise(positions):
+        assert (after.seq, after.event) in {
+            (before.seq, before.event + 1),
+            (before.seq + 1, 0),
+        }
 
 
 async def test_a_transport_misreporting_a_rollback_fails_the_run_instead_of_looping() -> None:

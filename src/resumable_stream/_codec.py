@@ -11,6 +11,12 @@ The producer encodes each event when it arrives (:class:`EventEncoder`), so an e
 cannot be stored is found before it is batched with good ones, and joins the encoded
 events into an entry when it writes (:func:`join_entry`).
 
+Text UTF-8 cannot hold (a lone UTF-16 surrogate: half of a pair a provider's ``\\ud83d``
+escape or a cut string left) is written as U+FFFD, as a browser's ``TextDecoder`` or any
+UTF-8 pipeline does, rather than ending the run. A token ending with the first half of a
+pair keeps that half back: the next token of the same message starting with the second
+half gets the character whole; anything else gets U+FFFD for it.
+
 An offset names one event: ``"<epoch>-<seq>-<index>"``, where ``epoch`` identifies the run
 that wrote the stream (a new run under the same id gets a new, larger epoch: the time it
 started, in microseconds), ``seq`` the entry (1, 2, 3, ... without gaps) and ``index`` the
@@ -101,6 +107,31 @@ def _dumps(obj: Any) -> bytes:
     return orjson.dumps(obj, default=_default, option=_DUMPS_OPTIONS)
 
 
+def valid_text(text: str) -> str:
+    """``text`` with its lone surrogates replaced by U+FFFD (and a pair written as two
+    code points joined), as a UTF-16 decoder does: text UTF-8 can hold."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def _valid(obj: Any) -> Any:
+    """``obj`` with :func:`valid_text` applied to every string in it, keys too; values that
+    are not JSON are converted first (to_jsonable), as writing them would."""
+    if isinstance(obj, str):
+        return valid_text(obj)
+    if obj is None or isinstance(obj, int | float):
+        return obj
+    if isinstance(obj, dict):
+        return {_valid(key): _valid(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_valid(value) for value in obj]
+    converted = _default(obj)
+    return _valid(converted)
+
+
+def _high_surrogate(char: str) -> bool:
+    return "\ud800" <= char <= "\udbff"
+
+
 #: One event checked and prepared for storage, as :class:`EventEncoder` returns it: a token
 #: without ``message_id``/``node`` (most of a plain-text stream) as its text; another token
 #: as ``(text, (message_id, node))``; any other event as the JSON of its ``[type, data]``
@@ -113,7 +144,9 @@ class EventEncoder:
     """Checks and encodes events one at a time, each against ``max_event_bytes``.
 
     What it returns can always be written: an event that cannot be stored raises here,
-    when it arrives, not when its entry is written.
+    when it arrives, not when its entry is written. Lone surrogates are replaced with
+    U+FFFD (the module's docstring), so the encoder keeps one piece of state across
+    events: the first half of a pair that ended a token, until the next event.
     """
 
     def __init__(self, max_event_bytes: int) -> None:
@@ -123,53 +156,114 @@ class EventEncoder:
         self._meta_size = _NO_META_SIZE
         #: Texts of tokens with ``meta`` (resp. without metadata) up to this many
         #: characters fit in max_event_bytes whatever they hold (6 bytes per escaped char).
-        self.text_limit = self._text_limit(_NO_META_SIZE)
-        self.plain_text_limit = self.text_limit
+        self._limit = self._text_limit(_NO_META_SIZE)
+        self._plain_limit = self._limit
+        #: The same limits for the producer's fast paths (an ASCII token within them needs
+        #: no check): -1 while a half pair is held, so that every token comes here.
+        self.text_limit = self.plain_text_limit = self._limit
+        #: The first half of a pair that ended the last token, and that token's metadata.
+        self._held: tuple[str, tuple[Any, Any]] | None = None
+        #: A held half that the event just encoded does not continue, as a token of
+        #: U+FFFD: it is written *before* that event (the caller takes it).
+        self.released: Encoded | None = None
 
     def _text_limit(self, meta_size: int) -> int:
         return max((self.max_event_bytes - _TOKEN_FRAME - meta_size - 2) // 6, 0)
 
-    def encode(self, kind: str, data: dict[str, Any]) -> Encoded:
+    def encode(self, kind: str, data: dict[str, Any]) -> Encoded | None:
         """Check and encode one event; raise :class:`EventTooLarge` if it is too large.
 
-        An event JSON cannot hold (an integer beyond 64 bits, a lone surrogate...) raises
-        ``TypeError``.
+        An event JSON cannot hold (an integer beyond 64 bits...) raises ``TypeError``. None
+        for a token that holds nothing to write yet (the first half of a pair alone).
         """
         if kind == TOKEN and type(data.get("text")) is str and data.keys() == _TOKEN_KEYS:
             return self.token(data["text"], data["message_id"], data["node"])
-        body = _dumps((kind, data))
+        return self.event(kind, data)
+
+    def event(self, kind: str, data: dict[str, Any]) -> bytes:
+        """:meth:`encode` for an event that is not a token of text alone."""
+        if self._held is not None:
+            self.released = self.flush()
+        try:
+            body = _dumps((kind, data))
+        except TypeError:
+            # A lone surrogate somewhere (keys too), or a value JSON cannot hold, which
+            # raises again: the walk is paid for only here.
+            body = _dumps((kind, _valid(data)))
         if len(body) > self.max_event_bytes:
             self.too_large(kind, len(body))
         return body
 
-    def token(self, text: str, message_id: Any, node: Any) -> Encoded:
-        """Check a ``token`` event with string text."""
+    def token(self, text: str, message_id: Any, node: Any) -> Encoded | None:
+        """Check a ``token`` event with string text (None: nothing to write yet)."""
+        if self._held is not None:
+            text = self._resume(self._held, text, (message_id, node))
         if message_id is None and node is None:
-            self.check_text(text, _NO_META_SIZE, self.plain_text_limit)
-            return text
+            return self.check_text(text, _NO_META_SIZE, self._plain_limit)
         meta = (message_id, node)
         if meta != self.meta:
             # Raises here if the metadata cannot be JSON; join_entry() converts it the same.
             self._meta_size = len(_dumps({"message_id": message_id, "node": node}))
-            self.text_limit = self._text_limit(self._meta_size)
+            self._limit = self.text_limit = self._text_limit(self._meta_size)
             self.meta = meta
-        self.check_text(text, self._meta_size, self.text_limit)
-        return (text, meta)
+        checked = self.check_text(text, self._meta_size, self._limit, meta)
+        return None if checked is None else (checked, meta)
 
-    def check_text(self, text: str, meta_size: int, limit: int) -> None:
-        """Raise if a token's ``text`` cannot be stored (the cheap checks first)."""
-        if len(text) > limit or not limit:  # (no limit left: metadata near max_event_bytes)
-            size = len(orjson.dumps(text)) + meta_size + _TOKEN_FRAME
-            if size > self.max_event_bytes:
-                self.too_large(TOKEN, size)
-        elif not text.isascii():
-            orjson.dumps(text)  # raises for a lone surrogate, which UTF-8 cannot hold
+    def check_text(
+        self, text: str, meta_size: int, limit: int, meta: tuple[Any, Any] = _NO_META
+    ) -> str | None:
+        """The text to store for a token's ``text``: ``text`` itself unless it holds a lone
+        surrogate; raise if it is too large (the cheap checks first)."""
+        try:
+            if len(text) > limit or not limit:  # (no limit left: metadata near max_event_bytes)
+                size = len(orjson.dumps(text)) + meta_size + _TOKEN_FRAME
+                if size > self.max_event_bytes:
+                    self.too_large(TOKEN, size)
+            elif not text.isascii():
+                orjson.dumps(text)  # raises for a lone surrogate, which UTF-8 cannot hold
+        except TypeError:
+            return self._repaired(text, meta_size, limit, meta)
+        return text
+
+    def _repaired(self, text: str, meta_size: int, limit: int, meta: tuple[Any, Any]) -> str | None:
+        half = text[-1] if _high_surrogate(text[-1]) else ""
+        text = valid_text(text[:-1] if half else text)
+        checked = self.check_text(text, meta_size, limit) if text else None
+        if half:  # its second half may start the next token: held (once the rest fits)
+            self._held = (half, meta)
+            self.text_limit = self.plain_text_limit = -1
+        return checked
+
+    def _resume(self, held: tuple[str, tuple[Any, Any]], text: str, meta: tuple[Any, Any]) -> str:
+        """``text`` after the half pair ``held``: joined to it if they are of one message."""
+        half, held_meta = held
+        self._held = None
+        self.text_limit, self.plain_text_limit = self._limit, self._plain_limit
+        if meta == held_meta:
+            return half + text  # a character if text starts with the second half
+        self.released = _released(held_meta)
+        return text
+
+    def flush(self) -> Encoded | None:
+        """The half pair held, as a token of U+FFFD, or None: the run ends, or the next
+        event is not a token that could continue it."""
+        if self._held is None:
+            return None
+        _, meta = self._held
+        self._held = None
+        self.text_limit, self.plain_text_limit = self._limit, self._plain_limit
+        return _released(meta)
 
     def too_large(self, kind: str, size: int) -> NoReturn:
         raise EventTooLarge(
             f"a {kind!r} event of {size} bytes is larger than the limit of "
             f"{self.max_event_bytes} bytes (max_event_bytes)"
         )
+
+
+def _released(meta: tuple[Any, Any]) -> Encoded:
+    """A token of U+FFFD, in place of a half pair nothing continued."""
+    return "\ufffd" if meta == _NO_META else ("\ufffd", meta)
 
 
 def size_of(event: Encoded) -> int:
@@ -219,7 +313,18 @@ def join_entry(events: Sequence[Encoded]) -> bytes:
 def encode_entry(items: Sequence[Item]) -> bytes:
     """Encode a batch of events as one entry payload (no size limit)."""
     encoder = EventEncoder(max_event_bytes=2**63)
-    return join_entry([encoder.encode(kind, data) for kind, data in items])
+    events: list[Encoded] = []
+    for kind, data in items:
+        encoded = encoder.encode(kind, data)
+        if encoder.released is not None:
+            events.append(encoder.released)
+            encoder.released = None
+        if encoded is not None:
+            events.append(encoded)
+    held = encoder.flush()
+    if held is not None:
+        events.append(held)
+    return join_entry(events)
 
 
 def decode_entry(payload: bytes, epoch: int, seq: int) -> list[Event]:

@@ -489,19 +489,22 @@ class Run:
                 # run after the good events before it (issue 9).
                 if type(item) is str:  # hot path: plain token text (encoder.token() inlined)
                     if item:
-                        if len(item) > encoder.plain_text_limit or not item.isascii():
-                            encoder.token(item, None, None)  # the full checks
-                        buffer.append(item)
-                        sizes.append(len(item) + 3)
+                        # (Else the full checks: valid text comes back as it is.)
+                        if (len(item) <= encoder.plain_text_limit and item.isascii()) or (
+                            (encoded := encoder.token(item, None, None)) is item
+                            and encoder.released is None
+                        ):
+                            buffer.append(item)
+                            sizes.append(len(item) + 3)
+                        else:
+                            self._add(encoded)  # a lone surrogate's repair: rare
                 elif type(item) is dict and item.get("event") == "on_chat_model_stream":
                     # Hot path: most astream_events items; skips normalize()'s shape checks.
                     parts = chat_model_text(item)
                     if parts is None:  # no text, or not text alone: reasoning, several blocks
                         found = chat_model_token(item)
                         if found is not None:
-                            encoded = encoder.encode(*found)
-                            buffer.append(encoded)
-                            sizes.append(size_of(encoded))
+                            self._add(encoder.encode(*found))
                     else:
                         text = parts[0]
                         if (
@@ -510,17 +513,20 @@ class Run:
                             and text.isascii()
                         ):  # same message and node as the last token: nothing to check
                             buffer.append((text, encoder.meta))
+                            sizes.append(len(text) + 3)
                         else:
-                            buffer.append(encoder.token(*parts))
-                        sizes.append(len(text) + 3)
+                            encoded = encoder.token(*parts)
+                            if encoded is None or encoder.released is not None:
+                                self._add(encoded)  # a lone surrogate's repair: rare
+                            else:
+                                buffer.append(encoded)
+                                sizes.append(len(text) + 3)
                 else:
                     for kind, data in normalize(item):
                         if kind in TERMINAL_TYPES:
                             terminal = (kind, data)
                             return
-                        encoded = encoder.encode(kind, data)
-                        buffer.append(encoded)
-                        sizes.append(size_of(encoded))
+                        self._add(encoder.encode(kind, data))
                 # The writer needs waking for the first event of a batch and for a full one
                 # (not while an entry posted is unanswered: its answer wakes the flusher),
                 # not for an item that added no event (an empty token): it would post an
@@ -589,6 +595,18 @@ class Run:
                     )
             if terminal is not None:
                 self._end(terminal)
+
+    def _add(self, encoded: Encoded | None) -> None:
+        """Buffer an event the encoder returned (None: nothing yet), after the half pair it
+        released, if it did (see EventEncoder)."""
+        released = self._encoder.released
+        if released is not None:
+            self._encoder.released = None
+            self._buffer.append(released)
+            self._sizes.append(size_of(released))
+        if encoded is not None:
+            self._buffer.append(encoded)
+            self._sizes.append(size_of(encoded))
 
     def _kick(self) -> None:
         """Events are waiting: post them now if nothing else is being written and the
@@ -780,6 +798,10 @@ class Run:
         the last of them): the entry, its event count and the status it ends the run in."""
         producer = self._producer
         buffer, sizes = self._buffer, self._sizes
+        if self._terminal is not None:
+            # The source is done: a half pair still held (or released by an event that
+            # failed) is written as U+FFFD before the terminal event.
+            self._add(self._encoder.flush())
         # The most events that fit: at most max_entry_events, and past the first, no more
         # than max_entry_bytes in all (prefix sums and bisect: no Python loop per event).
         if len(buffer) == 1:  # a paced token: one event, nothing to weigh
@@ -804,7 +826,7 @@ class Run:
         """The terminal event's type and encoding: an ``error`` if it cannot be stored."""
         kind, data = terminal
         try:
-            return kind, self._encoder.encode(kind, data)
+            return kind, self._encoder.event(kind, data)
         except EventTooLarge as exc:
             # An error too long to store (a source's exception with a long message) keeps
             # its name, cut; the EventTooLarge is told only if cutting cannot make it fit.
@@ -818,7 +840,7 @@ class Run:
         while True:
             self._terminal = (ERROR, {**data, "message": message})
             try:
-                return ERROR, self._encoder.encode(*self._terminal)
+                return ERROR, self._encoder.event(*self._terminal)
             except EventTooLarge:
                 if message:
                     message = message[: len(message) // 2]
@@ -917,6 +939,8 @@ class Run:
         self._inflight = None
         self._buffer.clear()
         self._sizes.clear()
+        self._encoder.flush()  # (a half pair held: lost with the events after it)
+        self._encoder.released = None
         self._request_cancel("stopped")  # stop reading the source
         self._terminal = (ERROR, rollback_error(last_seq))
         raise _RolledBack
