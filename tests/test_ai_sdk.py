@@ -6,9 +6,10 @@ The client tests (tests/clients/test_ai_sdk.py) run the real `ai` / `@ai-sdk/rea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import httpx
@@ -50,6 +51,7 @@ from resumable_stream.starlette import allow_all
 from resumable_stream.transports.memory import MemoryTransport
 from tests._graphs import BookingModel, tool_loop
 from tests._helpers import Later, dead_run, ended, eventually, holds
+from tests._services import uvicorn_server
 
 #: On every tool output the stream carries: the server ran that tool, not the browser.
 SERVER_RAN = {"providerExecuted": True}
@@ -979,7 +981,8 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def test_router_refuses_bad_bodies_with_json_errors(http: httpx.AsyncClient) -> None:
-    for body in (b"nope", b"[]", b'{"messages": []}', b'{"id": "c", "messages": 1}'):
+    bodies = (b"nope", b"[]", b'{"messages": []}', b'{"id": "c", "messages": 1}')
+    for body in (*bodies, b'{"id": "c", "messages": ["\\ud83d" x]}'):  # (not JSON either)
         response = await http.post(
             "/api/chat", content=body, headers={"content-type": "application/json"}
         )
@@ -1861,3 +1864,75 @@ async def test_a_resumed_tool_that_fails_shows_its_error_on_its_own_call() -> No
     await router.producer.aclose()
     for chunks in (continued, replayed):
         _failed_on_the_paused_call(chunks, "no seats for x")
+
+
+@contextlib.contextmanager
+def served_chat(redis_url: str, answer: Any) -> Iterator[str]:
+    """A ChatRouter answering with ``answer``, on Redis, served by uvicorn: its base URL."""
+    transport = from_url(redis_url, prefix=f"t{uuid.uuid4().hex[:8]}")
+    router = ChatRouter(transport, answer, authorize=allow_all)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await router.producer.aclose()
+        await transport.aclose()
+
+    with uvicorn_server(Starlette(routes=router.routes, lifespan=lifespan)) as url:
+        yield url
+
+
+async def post_chat(http: httpx.AsyncClient, messages: bytes) -> list[dict[str, Any]]:
+    """POST the UI messages ``messages`` (JSON, comma-separated) to chat "chat-lone"."""
+    body = b'{"id":"chat-lone","trigger":"submit-message","messages":[' + messages + b"]}"
+    response = await http.post(
+        "/api/chat", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 200, response.text
+    return sse_chunks(response.text)
+
+
+async def test_a_chat_holding_a_lone_surrogate_is_still_answered(redis_url: str) -> None:
+    # Regression: JSON.stringify writes "\ud83d" for a string holding half an emoji (a
+    # textarea's maxlength cut one), which the router refused with a 400; and useChat
+    # resends the history with every message: each later message of the chat was refused.
+    async def answer(chat: ChatRequest) -> AsyncIterator[str]:
+        async def tokens() -> AsyncIterator[str]:
+            yield f"to {chat.text}"
+
+        return tokens()
+
+    # The bytes a browser sends: the lone half as its JSON escape.
+    first = b'{"id":"u1","role":"user","parts":[{"type":"text","text":"hi \\ud83d"}]}'
+    reply = b'{"id":"a1","role":"assistant","parts":[{"type":"text","text":"to hi \xef\xbf\xbd"}]}'
+    second = b'{"id":"u2","role":"user","parts":[{"type":"text","text":"more"}]}'
+    with served_chat(redis_url, answer) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            for messages, text in (
+                (first, "to hi \ufffd"),
+                (first + b"," + reply + b"," + second, "to more"),
+            ):
+                chunks = await post_chat(http, messages)
+                assert [c["delta"] for c in chunks if c["type"] == "text-delta"] == [text]
+                assert chunks[-1]["type"] == "finish"
+
+
+async def test_a_pair_split_across_tokens_reaches_the_browser_whole(redis_url: str) -> None:
+    # Regression: a token holding a lone surrogate (a provider's "\ud83d" escape cut across
+    # two chunks) ended the answer with an error. The pair split across two tokens reaches
+    # the reader as one character; a lone half as U+FFFD; the answer completes.
+    async def answer(chat: ChatRequest) -> AsyncIterator[str]:
+        async def tokens() -> AsyncIterator[str]:
+            yield "a \ud83d"
+            yield "\ude00, half \ud83d"
+            yield " done"
+
+        return tokens()
+
+    message = b'{"id":"u1","role":"user","parts":[{"type":"text","text":"hi"}]}'
+    with served_chat(redis_url, answer) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            chunks = await post_chat(http, message)
+    text = "".join(c["delta"] for c in chunks if c["type"] == "text-delta")
+    assert text == "a \U0001f600, half \ufffd done"
+    assert chunks[-1]["type"] == "finish"

@@ -327,6 +327,35 @@ async def test_run_bodies_the_sdk_sends_run(extra: dict[str, Any]) -> None:
         assert messages[-1]["type"] == "ai"
 
 
+async def test_a_body_with_a_lone_surrogate_escape_runs_with_u_fffd_in_its_place() -> None:
+    # Regression: JSON.stringify writes "\ud83d" for a string holding half an emoji, which
+    # orjson refuses: the run (and a thread created with such metadata) was a 400.
+    async with lg_client() as (http, _, holds):
+        json_type = {"content-type": "application/json"}
+        created = await http.post(
+            "/threads", content=b'{"metadata": {"title": "half \\ud83d"}}', headers=json_type
+        )
+        assert created.status_code == 200, created.text
+        assert created.json()["metadata"]["title"] == "half \ufffd"
+        thread_id = created.json()["thread_id"]
+        holds.setdefault(thread_id, asyncio.Event()).set()
+        body = (
+            b'{"assistant_id": "agent", "input": {"messages": [{"role": "user", '
+            b'"content": "cut \\ud83d, whole \\ud83d\\ude00, kept \\\\ud83d"}]}}'
+        )
+        response = await http.post(
+            f"/threads/{thread_id}/runs/stream", content=body, headers=json_type
+        )
+        assert response.status_code == 200, response.text
+        assert "event: error" not in response.text
+        messages = (await http.get(f"/threads/{thread_id}/state")).json()["values"]["messages"]
+        assert messages[0]["content"] == "cut \ufffd, whole \U0001f600, kept \\ud83d"
+        refused = await http.post(
+            f"/threads/{thread_id}/runs/stream", content=b'{"a": "\\ud83d" nope}', headers=json_type
+        )
+        assert (refused.status_code, refused.json()["code"]) == (422, "invalid_request")
+
+
 async def test_a_command_update_given_as_pairs_reaches_the_graph() -> None:
     async with lg_client() as (http, _, holds):
         thread_id = (await http.post("/threads", json={})).json()["thread_id"]

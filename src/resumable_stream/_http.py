@@ -7,9 +7,10 @@ producer/consumer calls and render these values; nothing here does I/O.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 import orjson
 
@@ -33,6 +34,35 @@ EVENT_STREAM_TYPE: Final = "text/event-stream"
 NDJSON_TYPE: Final = "application/x-ndjson"
 JSON_TYPE: Final = "application/json"
 _NDJSON_TYPES = (NDJSON_TYPE, "application/ndjson", "application/jsonl")
+# The escapes of a JSON text: a surrogate pair, a lone surrogate, any other (an escaped
+# backslash is matched whole, so the "\\u" after it is not read as an escape).
+_ESCAPES = re.compile(
+    rb"\\u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+    rb"|(?P<lone>\\u[dD][89a-fA-F][0-9a-fA-F]{2})"
+    rb"|\\.",
+    re.DOTALL,
+)
+
+
+def _lone_replaced(match: re.Match[bytes]) -> bytes:
+    return b"\\ufffd" if match["lone"] else match[0]
+
+
+def loads_json(raw: bytes) -> Any:
+    """A request body's JSON, read as orjson reads it but for the escape of a lone UTF-16
+    surrogate (``"\\ud83d"``), which is read as U+FFFD: JavaScript's ``JSON.stringify``
+    writes one for a string holding half a pair (an emoji a ``maxlength`` cut), and a
+    client that resends its history (the AI SDK's ``useChat``) would be refused on every
+    later request. Raises ``orjson.JSONDecodeError`` for what is not JSON."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        if b"\\u" not in raw:
+            raise
+        repaired = _ESCAPES.sub(_lone_replaced, raw)  # (only here: bodies orjson refused)
+        if repaired == raw:
+            raise
+    return orjson.loads(repaired)
 
 
 def encode_ndjson(event: Event) -> bytes:

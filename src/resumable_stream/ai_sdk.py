@@ -74,6 +74,7 @@ from ._http import (
     WireFormat,
     error_for,
     http_status_error,
+    loads_json,
     not_running,
 )
 from ._ids import check_stream_id
@@ -1293,7 +1294,7 @@ class ChatRouter:
         if isinstance(raw, HTTPError):
             return _error(raw)
         try:
-            body = orjson.loads(raw)
+            body = loads_json(raw)
         except orjson.JSONDecodeError:
             return _bad_request(
                 "the body must be JSON in UTF-8: {id, messages, trigger, messageId}"

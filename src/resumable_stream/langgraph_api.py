@@ -82,6 +82,7 @@ from ._http import (
     WireFormat,
     error_for,
     http_status_error,
+    loads_json,
     stream_headers,
 )
 from ._ids import check_stream_id
@@ -927,7 +928,7 @@ class LangGraphRouter:
         if not raw:
             return {}
         try:
-            body = orjson.loads(raw)
+            body = loads_json(raw)
         except orjson.JSONDecodeError:
             raise _bad("the body must be JSON in UTF-8") from None
         if not isinstance(body, dict):
