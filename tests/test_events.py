@@ -141,3 +141,120 @@ async def test_dates_enums_and_uuids_are_written_as_json_does_not_as_their_repr(
     }
     assert events[0].data == expected
     assert events[1].data["data"] == {"state": expected}
+
+
+async def test_a_dataclass_holding_what_cannot_be_copied_is_written_not_the_end_of_the_run() -> (
+    None
+):
+    # Regression: a dataclass (a graph's typed state, a custom event's payload) was converted
+    # with dataclasses.asdict(), which deep-copies every field: one holding a lock, a client
+    # or a generator raised "cannot pickle" and ended the run with an error, where the same
+    # value yielded as an Event was written (its field as its repr), as the docs promise.
+    import threading
+
+    from resumable_stream import StreamConsumer, StreamProducer
+    from resumable_stream.transports.memory import MemoryTransport
+
+    @dataclass
+    class State:
+        lock: object
+        step: int
+
+    state = State(threading.Lock(), 3)
+
+    async def source():  # type: ignore[no-untyped-def]
+        yield ("values", state)
+        yield {"type": "custom", "data": {"state": state}}
+        yield Event("custom", {"state": state}, "")
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(source())
+    assert await run.wait() == "completed"
+    events = [event async for event in StreamConsumer(transport, run.stream_id)]
+    written = {"lock": repr(state.lock), "step": 3}
+    assert [e.type for e in events] == ["update", "custom", "custom", "end"]
+    assert events[0].data["data"] == written
+    assert events[1].data == events[2].data == {"state": written}
+
+
+async def test_an_object_whose_repr_raises_is_written_as_its_type_not_the_end_of_the_run() -> None:
+    # Regression: to_jsonable() wrote an unknown object as its repr, and a repr that raised
+    # (a half-built client object) ended the run with that object's ValueError.
+    from resumable_stream import StreamConsumer, StreamProducer
+    from resumable_stream.transports.memory import MemoryTransport
+
+    class Broken:
+        def __repr__(self) -> str:
+            raise ValueError("not built yet")
+
+    async def source():  # type: ignore[no-untyped-def]
+        yield {"type": "custom", "data": {"client": Broken()}}
+        yield Event("custom", {"client": Broken()}, "")
+        yield ("updates", {"agent": {"client": Broken()}})
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(source())
+    assert await run.wait() == "completed"
+    events = [event async for event in StreamConsumer(transport, run.stream_id)]
+    shown = "<Broken object (its repr raised ValueError)>"
+    assert [e.data for e in events[:2]] == [{"client": shown}] * 2
+    assert events[2].data["data"] == {"client": shown}
+
+
+async def test_dict_keys_are_written_as_json_encoders_write_them() -> None:
+    # Regression: to_jsonable() wrote every key as its str(): None as "None" (orjson,
+    # json and pydantic write "null"), an enum key as "Color.RED" where its value is
+    # written as 1, a datetime key with a space instead of ISO 8601's "T"; and an Event
+    # whose data had a tuple key (or an integer key beyond 64 bits) ended its run with a
+    # TypeError where the same dict yielded as a dict was written.
+    import datetime as dt
+    import enum
+    import uuid
+
+    from resumable_stream import StreamConsumer, StreamProducer
+    from resumable_stream.transports.memory import MemoryTransport
+
+    class Color(enum.Enum):
+        RED = 1
+
+    class Role(str, enum.Enum):  # noqa: UP042 (not StrEnum: its str() is "Role.USER")
+        USER = "user"
+
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    value = {
+        None: 0,
+        True: 1,
+        Color.RED: 2,
+        Role.USER: 3,
+        when: 4,
+        dt.date(2026, 1, 3): 5,
+        uuid.UUID(int=5): 6,
+        7: 7,
+        1.5: 8,
+        (1, 2): 9,
+        2**70: 10,
+    }
+    expected = {
+        "null": 0,
+        "true": 1,
+        "1": 2,
+        "user": 3,
+        "2026-01-02T03:04:05+00:00": 4,
+        "2026-01-03": 5,
+        "00000000-0000-0000-0000-000000000005": 6,
+        "7": 7,
+        "1.5": 8,
+        "(1, 2)": 9,
+        str(2**70): 10,
+    }
+
+    async def source():  # type: ignore[no-untyped-def]
+        yield {"type": "custom", "data": {"data": value}}
+        yield Event("custom", {"data": value}, "")
+        yield ("updates", {"agent": value})
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(source())
+    assert await run.wait() == "completed"
+    events = [event async for event in StreamConsumer(transport, run.stream_id)]
+    assert [e.data["data"] for e in events[:3]] == [expected] * 3

@@ -72,6 +72,36 @@ def test_to_wire_writes_dates_times_and_enums_as_json_does() -> None:
     assert to_wire([Color.BLUE]) == [[2, "2026-01-03"]]
 
 
+def test_to_wire_writes_dict_keys_as_the_api_does_and_survives_a_repr_that_raises() -> None:
+    # Regression: every key became its str() ("None", "Color.RED", a datetime with a space)
+    # where the API's orjson writes "null", the enum's value, ISO 8601; and an object whose
+    # repr raised (a half-built client in the state) raised out of to_wire, ending the run.
+    import datetime as dt
+    import enum
+    import uuid
+
+    class Color(enum.Enum):
+        RED = 1
+
+    class Broken:
+        def __repr__(self) -> str:
+            raise ValueError("not built yet")
+
+    keys = {
+        None: 0,
+        False: 1,
+        Color.RED: 2,
+        dt.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=dt.UTC): 3,
+        uuid.UUID(int=5): 4,
+        2.5: 5,
+    }
+    wire = to_wire(keys)
+    assert wire == orjson.loads(orjson.dumps(keys, option=orjson.OPT_NON_STR_KEYS))
+    assert to_wire({"client": Broken()}) == {
+        "client": "<Broken object (its repr raised ValueError)>"
+    }
+
+
 async def test_producer_events_hook_stores_parts_whole_and_closes_the_source() -> None:
     closed: list[bool] = []
 

@@ -173,6 +173,36 @@ async def test_an_event_json_cannot_hold_ends_the_run_with_an_error(transport: T
     assert await run.wait() == "error"
 
 
+async def test_a_value_json_cannot_hold_is_refused_with_a_message_naming_the_event() -> None:
+    # Regression: the error said only "Integer exceeds 64-bit range", "Recursion limit
+    # reached" or, for a value holding itself, "maximum recursion depth exceeded in
+    # comparison" (a RecursionError): nothing told which event, or what was wrong with it.
+    loop: list[Any] = []
+    loop.append(loop)
+    deep: Any = 1
+    for _ in range(2000):
+        deep = [deep]
+    bad = [
+        ({"type": "tool_end", "data": {"output": {"id": 2**70}}}, "'tool_end' event", "64-bit"),
+        (Event("custom", {"data": loop}, ""), "'custom' event", "Recursion limit"),
+        ({"type": "custom", "data": {"data": loop}}, "item of the source", "holds itself"),
+        (("updates", {"agent": deep}), "item of the source", "nests deeper"),
+    ]
+    for item, names, says in bad:
+
+        async def source(item: Any = item) -> Any:
+            yield "kept "
+            yield item
+
+        transport = MemoryTransport()
+        run = await StreamProducer(transport).start(source())
+        assert await asyncio.wait_for(run.wait(), timeout=5) == "error"
+        events = await collect(transport, run.stream_id)
+        assert [e.type for e in events] == ["token", "error"]
+        assert events[-1].data["error"] == "TypeError"
+        assert names in events[-1].data["message"] and says in events[-1].data["message"]
+
+
 class Faulty(MemoryTransport):
     """Raises ``error`` from ``method`` the first ``times`` calls (a custom transport's bug)."""
 

@@ -132,6 +132,19 @@ def _high_surrogate(char: str) -> bool:
     return "\ud800" <= char <= "\udbff"
 
 
+def _converted(kind: str, data: dict[str, Any], exc: TypeError) -> bytes:
+    """The JSON of an event orjson refused: converted first, as sources' values are, if
+    that is what it lacked (a dict key it does not take: a tuple, an integer beyond 64
+    bits; a lone surrogate, written as U+FFFD); else ``exc``, naming the event."""
+    from ._events import to_jsonable
+
+    try:
+        return _dumps((kind, _valid(to_jsonable(data))))
+    except Exception:
+        pass
+    raise TypeError(f"a {kind!r} event cannot be written as JSON: {exc}") from exc
+
+
 #: One event checked and prepared for storage, as :class:`EventEncoder` returns it: a token
 #: without ``message_id``/``node`` (most of a plain-text stream) as its text; another token
 #: as ``(text, (message_id, node))``; any other event as the JSON of its ``[type, data]``
@@ -186,10 +199,10 @@ class EventEncoder:
             self.released = self.flush()
         try:
             body = _dumps((kind, data))
-        except TypeError:
-            # A lone surrogate somewhere (keys too), or a value JSON cannot hold, which
-            # raises again: the walk is paid for only here.
-            body = _dumps((kind, _valid(data)))
+        except TypeError as exc:
+            # A lone surrogate somewhere (keys too), a key orjson does not take, or a value
+            # JSON cannot hold, which raises again: the walk is paid for only here.
+            body = _converted(kind, data, exc)
         if len(body) > self.max_event_bytes:
             self.too_large(kind, len(body))
         return body

@@ -14,6 +14,8 @@ from datetime import date, time
 from enum import Enum
 from typing import Any, Final
 
+import orjson
+
 TOKEN: Final = "token"
 MESSAGE: Final = "message"
 TOOL_START: Final = "tool_start"
@@ -197,11 +199,11 @@ def message_to_dict(message: Any) -> dict[str, Any]:
 def to_jsonable(obj: Any) -> Any:
     """Convert LangGraph/LangChain values (messages, models, dataclasses) to JSON types;
     dates and times become ISO 8601 strings, enums their values and UUIDs their text, as
-    JSON encoders write them; anything else its ``repr``."""
+    JSON encoders write them, also as dict keys; anything else its ``repr``."""
     if obj is None or isinstance(obj, str | int | float | bool):
         return obj
     if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
+        return {k if type(k) is str else key_text(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple | set | frozenset):
         return [to_jsonable(v) for v in obj]
     if _is_message(obj):
@@ -210,14 +212,48 @@ def to_jsonable(obj: Any) -> Any:
     if callable(dump):
         return to_jsonable(dump())
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return to_jsonable(dataclasses.asdict(obj))
+        # Field by field, not dataclasses.asdict(): it deep-copies every field, and one
+        # that cannot be copied (a lock, a client) raised.
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, date | time):  # (a datetime is a date)
         return obj.isoformat()
     if isinstance(obj, Enum):
         return to_jsonable(obj.value)
     if isinstance(obj, uuid.UUID):
         return str(obj)
-    return repr(obj)
+    return safe_repr(obj)
+
+
+def key_text(key: Any) -> str:
+    """A dict key as JSON encoders write it (orjson's ``OPT_NON_STR_KEYS``): ``null``,
+    ``true``, numbers, ISO 8601 dates, UUIDs' text, an enum as its value's key; any other
+    as its ``str``."""
+    if isinstance(key, Enum):
+        return key_text(key.value)
+    if isinstance(key, str):
+        return str.__str__(key)
+    if key is None:
+        return "null"
+    if isinstance(key, bool):
+        return "true" if key else "false"
+    if isinstance(key, int):
+        return int.__repr__(key)
+    if isinstance(key, float):
+        return orjson.dumps(key).decode()  # (NaN and infinities as null, as values)
+    if isinstance(key, date | time):
+        return key.isoformat()
+    try:
+        return str(key)
+    except Exception:
+        return safe_repr(key)
+
+
+def safe_repr(obj: Any) -> str:
+    """``repr(obj)``, or its type's name if its ``repr`` raises."""
+    try:
+        return repr(obj)
+    except Exception as exc:
+        return f"<{type(obj).__name__} object (its repr raised {type(exc).__name__})>"
 
 
 def _token(text: str, message_id: Any, node: Any, ns: list[str] | None) -> Item:

@@ -522,11 +522,18 @@ class Run:
                                 buffer.append(encoded)
                                 sizes.append(len(text) + 3)
                 else:
-                    for kind, data in normalize(item):
-                        if kind in TERMINAL_TYPES:
-                            terminal = (kind, data)
-                            return
-                        self._add(encoder.encode(kind, data))
+                    try:
+                        for kind, data in normalize(item):
+                            if kind in TERMINAL_TYPES:
+                                terminal = (kind, data)
+                                return
+                            self._add(encoder.encode(kind, data))
+                    except RecursionError as exc:  # converting the item's values to JSON
+                        raise TypeError(
+                            f"an item of the source ({type(item).__name__}) cannot be "
+                            "converted to JSON: it nests deeper than Python's recursion "
+                            "limit, or holds itself"
+                        ) from exc
                 # The writer needs waking for the first event of a batch and for a full one
                 # (not while an entry posted is unanswered: its answer wakes the flusher),
                 # not for an item that added no event (an empty token): it would post an

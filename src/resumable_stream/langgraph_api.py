@@ -64,7 +64,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ._codec import decode_entry, encode_entry
 from ._constants import DEFAULT_MAX_BODY_BYTES, DEFAULT_PING_INTERVAL, DEFAULT_SEND_TIMEOUT
 from ._consumer import StreamConsumer, settled_info
-from ._events import CANCELLED, END, ERROR, Event, Item
+from ._events import CANCELLED, END, ERROR, Event, Item, key_text, safe_repr
 from ._exceptions import (
     BackendRefused,
     ConfigurationError,
@@ -164,12 +164,13 @@ def to_wire(obj: Any) -> Any:
     Messages are their full LangChain serialization (``type``, ``content``, ``id``,
     ``tool_calls``, ``tool_call_chunks``, ``response_metadata``...), as the SDKs rebuild
     message objects from it; Pydantic models and dataclasses become dicts, dates and times
-    ISO 8601 strings, enums their values (what the API's JSON encoder makes of them).
+    ISO 8601 strings, enums their values (what the API's JSON encoder makes of them, also
+    as dict keys).
     """
     if obj is None or isinstance(obj, str | int | float | bool):
         return obj
     if isinstance(obj, Mapping):
-        return {str(k): to_wire(v) for k, v in obj.items()}
+        return {k if type(k) is str else key_text(k): to_wire(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple | set | frozenset):
         return [to_wire(v) for v in obj]
     dump = getattr(obj, "model_dump", None)
@@ -183,7 +184,7 @@ def to_wire(obj: Any) -> Any:
         return to_wire(obj.value)
     if isinstance(obj, uuid.UUID):
         return str(obj)
-    return repr(obj)
+    return safe_repr(obj)
 
 
 def stream_parts(item: Any) -> Iterable[Item]:
