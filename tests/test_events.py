@@ -258,3 +258,27 @@ async def test_dict_keys_are_written_as_json_encoders_write_them() -> None:
     assert await run.wait() == "completed"
     events = [event async for event in StreamConsumer(transport, run.stream_id)]
     assert [e.data["data"] for e in events[:3]] == [expected] * 3
+
+
+async def test_a_pydantic_model_class_among_values_is_written_as_its_repr() -> None:
+    # Regression: a pydantic model's class (a schema kept in a graph's state, a custom
+    # event naming the model an answer must follow) has a model_dump too, unbound: calling
+    # it raised "missing 1 required positional argument: 'self'" and ended the run.
+    import pydantic
+
+    from resumable_stream import StreamConsumer, StreamProducer
+    from resumable_stream.transports.memory import MemoryTransport
+
+    class Decision(pydantic.BaseModel):
+        approved: bool
+
+    async def source():  # type: ignore[no-untyped-def]
+        yield {"type": "custom", "data": {"schema": Decision}}
+        yield ("values", {"schema": Decision, "decision": Decision(approved=True)})
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(source())
+    assert await run.wait() == "completed"
+    events = [event async for event in StreamConsumer(transport, run.stream_id)]
+    assert events[0].data == {"schema": repr(Decision)}
+    assert events[1].data["data"] == {"schema": repr(Decision), "decision": {"approved": True}}

@@ -80,6 +80,8 @@ def test_to_wire_writes_dict_keys_as_the_api_does_and_survives_a_repr_that_raise
     import enum
     import uuid
 
+    import pydantic
+
     class Color(enum.Enum):
         RED = 1
 
@@ -100,6 +102,8 @@ def test_to_wire_writes_dict_keys_as_the_api_does_and_survives_a_repr_that_raise
     assert to_wire({"client": Broken()}) == {
         "client": "<Broken object (its repr raised ValueError)>"
     }
+    # A pydantic model's class has an unbound model_dump: called, it raised.
+    assert to_wire({"schema": pydantic.BaseModel}) == {"schema": repr(pydantic.BaseModel)}
 
 
 async def test_producer_events_hook_stores_parts_whole_and_closes_the_source() -> None:

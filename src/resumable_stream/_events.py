@@ -206,12 +206,14 @@ def to_jsonable(obj: Any) -> Any:
         return {k if type(k) is str else key_text(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple | set | frozenset):
         return [to_jsonable(v) for v in obj]
+    if isinstance(obj, type):  # a class (a model's: its model_dump is unbound)
+        return safe_repr(obj)
     if _is_message(obj):
         return message_to_dict(obj)
     dump = getattr(obj, "model_dump", None)
     if callable(dump):
         return to_jsonable(dump())
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    if dataclasses.is_dataclass(obj):
         # Field by field, not dataclasses.asdict(): it deep-copies every field, and one
         # that cannot be copied (a lock, a client) raised.
         return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}

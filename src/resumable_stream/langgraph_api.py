@@ -173,10 +173,12 @@ def to_wire(obj: Any) -> Any:
         return {k if type(k) is str else key_text(k): to_wire(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple | set | frozenset):
         return [to_wire(v) for v in obj]
+    if isinstance(obj, type):  # a class (a model's: its model_dump is unbound)
+        return safe_repr(obj)
     dump = getattr(obj, "model_dump", None)
     if callable(dump):
         return to_wire(dump())
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    if dataclasses.is_dataclass(obj):
         return {f.name: to_wire(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, datetime | date | time_of_day):
         return obj.isoformat()
