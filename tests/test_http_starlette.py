@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 import uuid
@@ -439,6 +440,87 @@ async def test_head_of_a_stream_still_thinking_answers_after_the_first_event_wai
         b"",
     )
     assert still == "running"
+
+
+def odd_values() -> list[Any]:
+    """What producers may put into events: sizes and values JSON holds unlike Python."""
+    import enum
+
+    class Color(enum.Enum):
+        RED = 1
+
+    nested: Any = "bottom"
+    for _ in range(250):
+        nested = [nested]
+    return [
+        Event("token", {"text": "", "message_id": None, "node": None}, ""),  # stored, empty
+        "line\nbreak \u2028 \u2029 \x85 \x00 \x1b é 😀",
+        "y" * (1 << 20),  # a 1 MB token
+        {"type": "custom", "data": {"nan": float("nan"), "inf": float("-inf"), Color.RED: None}},
+        {"type": "tool_end", "data": {"name": "dump", "output": "é\u2028" * (5 << 20)}},  # 15 MB
+        {"type": "custom", "data": {"deep": nested}},
+        *("" for _ in range(1000)),  # empty strings: no event
+        "end of it",
+    ]
+
+
+@pytest.mark.parametrize("storage", ["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_odd_and_large_events_reach_live_readers_as_a_replay_reads_them(
+    storage: str, request: pytest.FixtureRequest
+) -> None:
+    """Live SSE and NDJSON readers get, byte for byte, what readers replaying from the start
+    after the end get: escapes, a 1 MB token and a 15 MB tool output (under a raised
+    max_event_bytes), NaN, an enum key, JSON nested 250 deep."""
+    if storage == "redis":
+        url = request.getfixturevalue("redis_url")
+        transport = from_url(url, prefix=f"http{uuid.uuid4().hex[:8]}")
+    else:
+        transport = from_url("memory://")
+    gate = threading.Event()  # set once both readers have the first event: they read live
+
+    async def odd(request: Request) -> Response:
+        async def source() -> AsyncIterator[Any]:
+            yield "first "
+            await asyncio.to_thread(gate.wait, 30)  # set by the test's thread
+            for value in odd_values():
+                yield value
+
+        producer = StreamProducer(transport, max_event_bytes=32 << 20)
+        return await start_stream(producer, source(), stream_url="/streams/{stream_id}")
+
+    async def read(client: httpx.AsyncClient, url: str, accept: dict[str, str]) -> bytes:
+        async with client.stream("GET", url, headers=accept) as response:
+            assert response.status_code == 200
+            body: list[bytes] = []
+            async for chunk in response.aiter_bytes():
+                if not body:
+                    first.append(accept)
+                    if len(first) == 2:
+                        gate.set()
+                body.append(chunk)
+            return b"".join(body)
+
+    first: list[Any] = []
+    with serve(transport, routes=[Route("/odd", odd, methods=["POST"])]) as server:
+        async with server.client() as client:
+            stream_url = (await client.post("/odd")).json()["stream_url"]
+            live = await asyncio.gather(
+                read(client, stream_url, SSE_ACCEPT), read(client, stream_url, NDJSON_ACCEPT)
+            )
+            replayed = [
+                (await client.get(stream_url, headers=accept)).content
+                for accept in (SSE_ACCEPT, NDJSON_ACCEPT)
+            ]
+
+    assert live == replayed
+    lines = [orjson.loads(line) for line in live[1].splitlines()]
+    assert [line["type"] for line in lines] == [
+        *(["token"] * 4),
+        *("custom", "tool_end", "custom", "token", "end"),
+    ]
+    assert lines[4]["data"] == {"nan": None, "inf": None, "1": None}
+    assert lines[5]["data"]["output"] == "é\u2028" * (5 << 20)
+    assert lines[-2]["data"]["text"] == "end of it"
 
 
 # --- errors ----------------------------------------------------------------------------------
