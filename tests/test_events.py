@@ -282,3 +282,67 @@ async def test_a_pydantic_model_class_among_values_is_written_as_its_repr() -> N
     events = [event async for event in StreamConsumer(transport, run.stream_id)]
     assert events[0].data == {"schema": repr(Decision)}
     assert events[1].data["data"] == {"schema": repr(Decision), "decision": {"approved": True}}
+
+
+async def test_values_json_encoders_know_are_written_as_they_write_them() -> None:
+    # Regression: a Decimal was written as "Decimal('1.50')", a timedelta, bytes, a path, an
+    # IP address, a regex, a deque, an exception and a pydantic.v1 model as their repr; JSON
+    # encoders (pydantic's, FastAPI's, the LangGraph API's) write a number, the seconds,
+    # base64, the text, the pattern, a list, {error, message} and the model's fields.
+    import datetime as dt
+    import decimal
+    import ipaddress
+    import pathlib
+    import re
+    from collections import deque
+
+    import pydantic.v1
+
+    from resumable_stream import StreamConsumer, StreamProducer
+    from resumable_stream.transports.memory import MemoryTransport
+
+    class Old(pydantic.v1.BaseModel):
+        name: str
+        size: int
+
+    value = {
+        "price": decimal.Decimal("1.50"),
+        "count": decimal.Decimal("3"),
+        "nan": decimal.Decimal("NaN"),
+        "took": dt.timedelta(minutes=1, milliseconds=500),
+        "raw": b"\x00\xffhi",
+        "path": pathlib.Path("/tmp/report.pdf"),
+        "ip": ipaddress.ip_address("10.0.0.1"),
+        "net": ipaddress.ip_network("10.0.0.0/8"),
+        "pattern": re.compile(r"\d+"),
+        "recent": deque([1, 2]),
+        "failure": ValueError("no such city"),
+        "old": Old(name="tea", size=2),
+    }
+    written = {
+        "price": 1.5,
+        "count": 3,
+        "nan": None,
+        "took": 60.5,
+        "raw": "AP9oaQ==",
+        "path": "/tmp/report.pdf",
+        "ip": "10.0.0.1",
+        "net": "10.0.0.0/8",
+        "pattern": r"\d+",
+        "recent": [1, 2],
+        "failure": {"error": "ValueError", "message": "no such city"},
+        "old": {"name": "tea", "size": 2},
+    }
+
+    async def source():  # type: ignore[no-untyped-def]
+        yield {"type": "custom", "data": value}
+        yield Event("custom", value, "")
+        yield ("updates", {"agent": value})
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(source())
+    assert await run.wait() == "completed"
+    events = [event async for event in StreamConsumer(transport, run.stream_id)]
+    assert [e.type for e in events] == ["custom", "custom", "update", "end"]
+    assert events[0].data == events[1].data == written
+    assert events[2].data["data"] == written

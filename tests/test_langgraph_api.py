@@ -72,6 +72,43 @@ def test_to_wire_writes_dates_times_and_enums_as_json_does() -> None:
     assert to_wire([Color.BLUE]) == [[2, "2026-01-03"]]
 
 
+def test_to_wire_writes_the_values_the_api_encoder_knows_as_it_does() -> None:
+    # Regression: a Decimal, a timedelta, bytes, a path, a regex, a deque and a pydantic.v1
+    # model reached the SDKs as their repr; the Agent Server's encoder writes a number, the
+    # seconds, base64, the text, the pattern, a list and the model's fields.
+    import datetime as dt
+    import decimal
+    import pathlib
+    import re
+    from collections import deque
+
+    import pydantic.v1
+
+    class Old(pydantic.v1.BaseModel):
+        name: str
+
+    value = {
+        "price": decimal.Decimal("1.50"),
+        "count": decimal.Decimal("3"),
+        "took": dt.timedelta(seconds=2),
+        "raw": b"hi",
+        "path": pathlib.PurePosixPath("/a/b"),
+        "pattern": re.compile("x+"),
+        "recent": deque(["a"]),
+        "old": Old(name="tea"),
+    }
+    assert to_wire(value) == {
+        "price": 1.5,
+        "count": 3,
+        "took": 2.0,
+        "raw": "aGk=",
+        "path": "/a/b",
+        "pattern": "x+",
+        "recent": ["a"],
+        "old": {"name": "tea"},
+    }
+
+
 def test_to_wire_writes_dict_keys_as_the_api_does_and_survives_a_repr_that_raises() -> None:
     # Regression: every key became its str() ("None", "Color.RED", a datetime with a space)
     # where the API's orjson writes "null", the enum's value, ISO 8601; and an object whose

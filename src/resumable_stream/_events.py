@@ -6,12 +6,25 @@ plain strings, dicts) becomes a sequence of ``(type, data)`` pairs with JSON-saf
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import sys
 import uuid
+from collections import deque
 from collections.abc import Iterator, Mapping
-from datetime import date, time
+from datetime import date, time, timedelta
+from decimal import Decimal
 from enum import Enum
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
+from pathlib import PurePath
+from re import Pattern
 from typing import Any, Final
 
 import orjson
@@ -198,13 +211,13 @@ def message_to_dict(message: Any) -> dict[str, Any]:
 
 def to_jsonable(obj: Any) -> Any:
     """Convert LangGraph/LangChain values (messages, models, dataclasses) to JSON types;
-    dates and times become ISO 8601 strings, enums their values and UUIDs their text, as
+    enums become their values and other values what :func:`leaf_json` makes of them, as
     JSON encoders write them, also as dict keys; anything else its ``repr``."""
     if obj is None or isinstance(obj, str | int | float | bool):
         return obj
     if isinstance(obj, Mapping):
         return {k if type(k) is str else key_text(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set | frozenset):
+    if isinstance(obj, list | tuple | set | frozenset | deque):
         return [to_jsonable(v) for v in obj]
     if isinstance(obj, type):  # a class (a model's: its model_dump is unbound)
         return safe_repr(obj)
@@ -217,13 +230,54 @@ def to_jsonable(obj: Any) -> Any:
         # Field by field, not dataclasses.asdict(): it deep-copies every field, and one
         # that cannot be copied (a lock, a client) raised.
         return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, date | time):  # (a datetime is a date)
-        return obj.isoformat()
     if isinstance(obj, Enum):
         return to_jsonable(obj.value)
-    if isinstance(obj, uuid.UUID):
+    if is_v1_model(obj):
+        return to_jsonable(obj.dict())
+    return leaf_json(obj)
+
+
+#: Values written as their text, as JSON encoders (and the LangGraph API's) write them.
+_AS_TEXT = (
+    uuid.UUID,
+    PurePath,
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
+
+
+def leaf_json(obj: Any) -> Any:
+    """What JSON encoders, pydantic and the LangGraph API write for a value that holds no
+    others: dates and times as ISO 8601, a ``Decimal`` as a number (an integer when it has
+    no fraction), a ``timedelta`` as its seconds, bytes in base64, UUIDs, paths and IP
+    addresses as their text, a regex as its pattern, an exception as ``{error, message}``;
+    anything else as its ``repr``."""
+    if isinstance(obj, date | time):  # (a datetime is a date)
+        return obj.isoformat()
+    if isinstance(obj, _AS_TEXT):
         return str(obj)
+    if isinstance(obj, Decimal):
+        exponent = obj.as_tuple().exponent
+        return int(obj) if isinstance(exponent, int) and exponent >= 0 else float(obj)
+    if isinstance(obj, timedelta):
+        return obj.total_seconds()
+    if isinstance(obj, bytes | bytearray | memoryview):
+        return base64.b64encode(obj).decode()
+    if isinstance(obj, Pattern):
+        return obj.pattern
+    if isinstance(obj, BaseException):
+        return {"error": type(obj).__name__, "message": safe_str(obj)}
     return safe_repr(obj)
+
+
+def is_v1_model(obj: Any) -> bool:
+    """A pydantic v1 model (``pydantic.v1``, older LangChain objects): ``.dict()``, no
+    ``model_dump()``."""
+    return hasattr(type(obj), "__fields__") and callable(getattr(obj, "dict", None))
 
 
 def key_text(key: Any) -> str:
@@ -248,6 +302,14 @@ def key_text(key: Any) -> str:
         return str(key)
     except Exception:
         return safe_repr(key)
+
+
+def safe_str(obj: Any) -> str:
+    """``str(obj)``, or :func:`safe_repr` if it raises."""
+    try:
+        return str(obj)
+    except Exception:
+        return safe_repr(obj)
 
 
 def safe_repr(obj: Any) -> str:

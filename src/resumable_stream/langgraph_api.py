@@ -32,6 +32,7 @@ import math
 import secrets
 import time
 import uuid
+from collections import deque
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -41,8 +42,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from datetime import UTC, date, datetime
-from datetime import time as time_of_day
+from datetime import UTC, datetime
 from enum import Enum
 from functools import partial
 from typing import Any, Literal
@@ -64,7 +64,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 from ._codec import decode_entry, encode_entry
 from ._constants import DEFAULT_MAX_BODY_BYTES, DEFAULT_PING_INTERVAL, DEFAULT_SEND_TIMEOUT
 from ._consumer import StreamConsumer, settled_info
-from ._events import CANCELLED, END, ERROR, Event, Item, key_text, safe_repr
+from ._events import CANCELLED, END, ERROR, Event, Item, is_v1_model, key_text, leaf_json, safe_repr
 from ._exceptions import (
     BackendRefused,
     ConfigurationError,
@@ -163,15 +163,16 @@ def to_wire(obj: Any) -> Any:
 
     Messages are their full LangChain serialization (``type``, ``content``, ``id``,
     ``tool_calls``, ``tool_call_chunks``, ``response_metadata``...), as the SDKs rebuild
-    message objects from it; Pydantic models and dataclasses become dicts, dates and times
-    ISO 8601 strings, enums their values (what the API's JSON encoder makes of them, also
-    as dict keys).
+    message objects from it; Pydantic models and dataclasses become dicts, enums their
+    values, other values what the API's JSON encoder makes of them (dates and times ISO
+    8601 strings, a ``Decimal`` a number, bytes base64: :func:`leaf_json`), also as dict
+    keys.
     """
     if obj is None or isinstance(obj, str | int | float | bool):
         return obj
     if isinstance(obj, Mapping):
         return {k if type(k) is str else key_text(k): to_wire(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set | frozenset):
+    if isinstance(obj, list | tuple | set | frozenset | deque):
         return [to_wire(v) for v in obj]
     if isinstance(obj, type):  # a class (a model's: its model_dump is unbound)
         return safe_repr(obj)
@@ -180,13 +181,11 @@ def to_wire(obj: Any) -> Any:
         return to_wire(dump())
     if dataclasses.is_dataclass(obj):
         return {f.name: to_wire(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, datetime | date | time_of_day):
-        return obj.isoformat()
     if isinstance(obj, Enum):
         return to_wire(obj.value)
-    if isinstance(obj, uuid.UUID):
-        return str(obj)
-    return safe_repr(obj)
+    if is_v1_model(obj):
+        return to_wire(obj.dict())
+    return leaf_json(obj)
 
 
 def stream_parts(item: Any) -> Iterable[Item]:
