@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -420,22 +421,29 @@ def test_offsets_page_parse_offset_sample_runs() -> None:
     exec(found.group(1), {})
 
 
-async def test_events_page_event_too_large_sample_runs() -> None:
-    # The sample awaits at top level, as in an async function of the reader's app.
+async def _events_page_sample(first_line: str) -> list[Any]:
+    """Run the docs/events.md sample that starts with ``first_line`` (it awaits at top
+    level, as in an async function of the reader's app) and read what its run wrote."""
     from resumable_stream import StreamProducer
     from resumable_stream.testing import collect
     from resumable_stream.transports.memory import MemoryTransport
 
     found = re.search(
-        r"```python\n(async def source\(\):\n.*?)```", (ROOT / "docs/events.md").read_text(), re.S
+        rf"```python\n({re.escape(first_line)}\n.*?)```",
+        (ROOT / "docs/events.md").read_text(),
+        re.S,
     )
-    assert found, "no EventTooLarge sample in docs/events.md"
+    assert found, f"no sample starting with {first_line!r} in docs/events.md"
     body = "".join(f"    {line}\n" for line in found.group(1).splitlines())
     transport = MemoryTransport()
     namespace: dict[str, object] = {"transport": transport, "StreamProducer": StreamProducer}
     exec(f"async def sample():\n{body}    return run\n", namespace)
     run = await namespace["sample"]()  # type: ignore[operator]
-    events = await collect(transport, run.stream_id)
+    return await collect(transport, run.stream_id)
+
+
+async def test_events_page_event_too_large_sample_runs() -> None:
+    events = await _events_page_sample("async def source():")
     assert [(e.type, e.data.get("error")) for e in events] == [
         ("token", None),
         ("error", "EventTooLarge"),
@@ -443,22 +451,7 @@ async def test_events_page_event_too_large_sample_runs() -> None:
 
 
 async def test_events_page_lone_surrogate_sample_runs() -> None:
-    from resumable_stream import StreamProducer
-    from resumable_stream.testing import collect
-    from resumable_stream.transports.memory import MemoryTransport
-
-    found = re.search(
-        r"```python\n(async def split_pair\(\):\n.*?)```",
-        (ROOT / "docs/events.md").read_text(),
-        re.S,
-    )
-    assert found, "no lone surrogate sample in docs/events.md"
-    body = "".join(f"    {line}\n" for line in found.group(1).splitlines())
-    transport = MemoryTransport()
-    namespace: dict[str, object] = {"transport": transport, "StreamProducer": StreamProducer}
-    exec(f"async def sample():\n{body}    return run\n", namespace)
-    run = await namespace["sample"]()  # type: ignore[operator]
-    events = await collect(transport, run.stream_id)
+    events = await _events_page_sample("async def split_pair():")
     assert [(e.type, e.data.get("text")) for e in events] == [
         ("token", "a "),
         ("token", "\U0001f600, lone \ufffd!"),
