@@ -15,14 +15,7 @@ from collections.abc import Iterator, Mapping
 from datetime import date, time, timedelta
 from decimal import Decimal
 from enum import Enum
-from ipaddress import (
-    IPv4Address,
-    IPv4Interface,
-    IPv4Network,
-    IPv6Address,
-    IPv6Interface,
-    IPv6Network,
-)
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import PurePath
 from re import Pattern
 from typing import Any, Final
@@ -238,16 +231,8 @@ def to_jsonable(obj: Any) -> Any:
 
 
 #: Values written as their text, as JSON encoders (and the LangGraph API's) write them.
-_AS_TEXT = (
-    uuid.UUID,
-    PurePath,
-    IPv4Address,
-    IPv4Interface,
-    IPv4Network,
-    IPv6Address,
-    IPv6Interface,
-    IPv6Network,
-)
+# (An interface, IPv4Interface, is an address.)
+_AS_TEXT = (uuid.UUID, PurePath, IPv4Address, IPv6Address, IPv4Network, IPv6Network)
 
 
 def leaf_json(obj: Any) -> Any:
