@@ -430,6 +430,69 @@ async def test_a_user_that_may_not_publish_is_refused_before_anything_is_written
     await admin.aclose()
 
 
+@pytest.mark.parametrize("refusal", ["noperm", "oom"])
+async def test_a_script_refused_names_the_script_and_its_command(
+    redis_server_factory: Callable[..., RedisServer], refusal: str
+) -> None:
+    """A command a script calls refused (the user may not run it, or Redis is out of
+    memory): Redis names only the script's SHA1 and line ("The user executing the script
+    can't run this command or subcommand script: 526f..., on @user_script:12"), so the
+    error named neither the script nor what to grant. It names both now."""
+    server = redis_server_factory()
+    admin = aioredis.Redis(port=server.port)
+    await admin.execute_command("ACL", "SETUSER", "w", "on", ">pw", "~*", "&*", "+@all")
+    async with from_url(f"redis://w:pw@127.0.0.1:{server.port}/0", prefix="p") as transport:
+        info = await transport.create("s", owner="o", lease_ms=60_000)
+        if refusal == "noperm":
+            await admin.execute_command("ACL", "SETUSER", "w", "-xadd")
+        else:
+            await admin.config_set("maxmemory", 1)
+        with pytest.raises(BackendRefused, match=r"the append script's XADD \(line \d+\)"):
+            await transport.append("s", "o", Entry(info.epoch, 1, b'["a"]'), 1)
+    await admin.config_set("maxmemory", 0)
+    await admin.aclose()
+
+
+async def test_a_notices_connection_refused_at_set_up_says_so(
+    redis_server_factory: Callable[..., RedisServer],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The password changed under a live reader and its notices connection was dropped:
+    reconnecting is refused (NOAUTH), and the error told the operator to grant SSUBSCRIBE
+    and the channels, which the user has. It names the connection set-up now."""
+    server = redis_server_factory()
+    admin = aioredis.Redis(port=server.port)
+    gate = asyncio.Event()
+
+    async def source() -> AsyncIterator[str]:
+        yield "a"
+        await gate.wait()
+        yield "b"
+
+    caplog.set_level("DEBUG", logger="resumable_stream.redis")
+    async with from_url(server.url) as writer, from_url(server.url) as reader:
+        run = await StreamProducer(writer, lease=1.0).start(source(), stream_id="s")
+        async with StreamConsumer(reader, "s") as consumer:
+            assert (await anext(consumer)).data["text"] == "a"  # live: subscribed
+            await admin.config_set("requirepass", "new")
+            await admin.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+
+            async def refused() -> bool:
+                return any(r.levelname == "ERROR" for r in caplog.records)
+
+            await eventually(refused)
+            await admin.execute_command("AUTH", "new")
+            await admin.config_set("requirepass", "")
+            gate.set()
+            assert [e.type async for e in consumer] == ["token", "end"]
+        assert await run.wait() == "completed"
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors  # (the writer's notices connection, which watches for cancels, too)
+    for error in errors:
+        assert "NOAUTH" in error and "set-up" in error and "SSUBSCRIBE" not in error, error
+    await admin.aclose()
+
+
 async def test_a_reader_that_may_not_subscribe_is_told_once_and_still_reads(
     redis_server_factory: Callable[..., RedisServer],
     caplog: pytest.LogCaptureFixture,

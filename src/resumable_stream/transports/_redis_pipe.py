@@ -770,9 +770,14 @@ class Subscriber:
             self._to_unsubscribe = set()
             self._unsubscribing.clear()
             self._acked.clear()
+            set_up = False
             try:
                 try:
-                    await connection.connect()  # type: ignore[no-untyped-call]
+                    try:
+                        await connection.connect()  # type: ignore[no-untyped-call]
+                    except (rex.RedisError, OSError) as exc:
+                        raise fault(exc, "the notices connection's set-up") from exc
+                    set_up = True
                     _raise_if_cancelled()
                     self.connects += 1
                     if self.connects > 1:  # made again (not each failed attempt)
@@ -800,13 +805,16 @@ class Subscriber:
                 if isinstance(exc, BackendRefused):
                     self._refusals += 1
                     if self._refusals == 1:
+                        # Refused at the set-up (AUTH or HELLO: a password changed, a
+                        # user disabled), or by SSUBSCRIBE (no channels, no command).
                         logger.error(
                             "%s: %s; live readers read each stream again every half lease "
-                            "instead of being woken, until Redis lets this user SSUBSCRIBE "
-                            "to the streams' channels (ACL: &<prefix>:*); retrying with "
-                            "backoff",
+                            "instead of being woken, until Redis %s; retrying with backoff",
                             self.name,
                             exc,
+                            "lets this user SSUBSCRIBE to the streams' channels (ACL: &<prefix>:*)"
+                            if set_up
+                            else "accepts the connection's credentials and set-up",
                         )
                 else:
                     self._refusals = 0

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Self
@@ -156,21 +157,35 @@ async def _newest_master(manager: Any, service: str) -> tuple[str, int] | None:
 
 
 class _Script:
-    def __init__(self, source: str) -> None:
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
         self.load = pack("SCRIPT", "LOAD", source)
 
+    def what(self, error: BaseException) -> str:
+        """What an error reply of this script refused, for its message: Redis names only
+        the script's SHA1 and the line ("... script: <sha>, on @user_script:12."), not
+        the command it refused (a permission the ACL user lacks, a write out of memory)."""
+        line = _SCRIPT_LINE.search(str(error))
+        lines = self.source.splitlines()
+        if line is None or not 0 < int(line[1]) <= len(lines):
+            return f"the {self.name} script"
+        commands = "/".join(dict.fromkeys(_CALLED.findall(lines[int(line[1]) - 1])))
+        return f"the {self.name} script's {commands or 'command'} (line {line[1]})"
 
-_CREATE = _Script(scripts.CREATE)
-_APPEND = _Script(scripts.APPEND)
-_RENEW = _Script(scripts.RENEW)
-_CANCEL = _Script(scripts.CANCEL)
-_REAP = _Script(scripts.REAP)
-_DELETE = _Script(scripts.DELETE)
-_HOLD = _Script(scripts.HOLD)
-_RELEASE = _Script(scripts.RELEASE)
-_READ = _Script(scripts.READ)
+
+_SCRIPT_LINE = re.compile(r"@user_script:(\d+)")
+_CALLED = re.compile(r"redis\.p?call\(\s*'([A-Za-z]+)'")
+_CREATE = _Script("create", scripts.CREATE)
+_APPEND = _Script("append", scripts.APPEND)
+_RENEW = _Script("renew", scripts.RENEW)
+_CANCEL = _Script("cancel", scripts.CANCEL)
+_REAP = _Script("reap", scripts.REAP)
+_DELETE = _Script("delete", scripts.DELETE)
+_HOLD = _Script("hold", scripts.HOLD)
+_RELEASE = _Script("release", scripts.RELEASE)
+_READ = _Script("read", scripts.READ)
 
 
 class _Node:
@@ -648,7 +663,7 @@ class RedisTransport(Transport):
                 # the cluster, `del-node` resets it) or the cluster is failing over: the
                 # slot map may name the wrong node. Read it again (the caller retries).
                 self._refresh_topology()
-            raise fault(reply, "the command") from reply
+            raise fault(reply, "the command" if script is None else script.what(reply)) from reply
         raise TransportError(f"too many redirections for slot {slot}; the cluster is changing")
 
     def _eval(
