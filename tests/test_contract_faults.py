@@ -16,6 +16,7 @@ from resumable_stream import (
     OffsetExpired,
     StorageRollback,
     StreamConsumer,
+    StreamNotFound,
     StreamProducer,
     Transport,
 )
@@ -203,3 +204,37 @@ async def test_a_redis_restart_mid_stream_loses_and_repeats_nothing(
         assert joined(seen) == text_of(2000) and seen[-1].type == "end"
         assert len({e.offset for e in seen}) == len(seen)
         assert await collect(transport, run.stream_id) == seen
+
+
+async def test_a_redis_restart_without_persistence_is_written_again_or_told(
+    redis_server_factory: Callable[..., object],
+) -> None:
+    """A restart with no persistence loses every key. A live run is written again from
+    its producer's recent window (same epoch: offsets readers hold stay valid), and the
+    readers get every event once; a finished run is gone (`StreamNotFound`), and an offset
+    of it never reads a later run of the same id as if it went on (`OffsetExpired`)."""
+    server = redis_server_factory(extra_args=("--save", "", "--appendonly", "no"))
+    async with (
+        RedisTransport.from_url(server.url) as writer,  # type: ignore[attr-defined]
+        RedisTransport.from_url(server.url) as other,  # type: ignore[attr-defined]
+    ):
+        gate = asyncio.Event()
+        run = await StreamProducer(writer).start(tokens(200, every=10, pause=gate), stream_id="s")
+        here, there = StreamConsumer(writer, "s"), StreamConsumer(other, "s")
+        seen_here = [await anext(here) for _ in range(50)]
+        seen_there = [await anext(there) for _ in range(50)]
+        await asyncio.to_thread(server.restart)  # type: ignore[attr-defined]
+        gate.set()
+        seen_here += [event async for event in here]
+        seen_there += [event async for event in there]
+        assert await run.wait() == "completed"
+        for seen in (seen_here, seen_there):
+            assert joined(seen) == text_of(200) and seen[-1].type == "end"
+        assert await collect(other, "s", after=seen_there[9].offset) == seen_there[10:]
+        await asyncio.to_thread(server.restart)  # type: ignore[attr-defined]
+        with pytest.raises(StreamNotFound):
+            await collect(other, "s", after=seen_there[9].offset)
+        again = await StreamProducer(writer).start(tokens(3), stream_id="s")
+        assert await again.wait() == "completed"
+        with pytest.raises(OffsetExpired, match="another run"):
+            await collect(other, "s", after=seen_there[9].offset)
