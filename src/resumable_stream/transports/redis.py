@@ -1236,6 +1236,13 @@ class RedisTransport(Transport):
                     )
         finally:
             self._sentinel_watch = None
+            # redis-py's Sentinel clients keep their look-up connections: closed with the
+            # watch, also as the event loop ends (asyncio.run() cancels it), or they would
+            # be left open to the garbage collector once it is closed. (In use: a
+            # connection opening looks the master up now, and gives it back after.)
+            for sentinel in getattr(sentinels[0], "sentinels", ()):
+                with contextlib.suppress(Exception):
+                    await sentinel.connection_pool.disconnect(inuse_connections=False)
 
     # -- live notices -----------------------------------------------------------------
 
