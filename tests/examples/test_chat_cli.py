@@ -234,8 +234,16 @@ class FakeService:
     """A stand-in for the service, for what the offline model never does (text before a
     tool call) and for a server that dies as it accepts a message."""
 
-    def __init__(self, *, die_after_first_post: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        die_after_first_post: bool = False,
+        events: list[tuple[str, dict[str, Any]]] | None = None,
+        title: str = "a thread",
+    ) -> None:
         self.die_after_first_post = die_after_first_post
+        self.events = events
+        self.title = title
         self.posts = 0
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -255,8 +263,11 @@ class FakeService:
                 raise ConnectionAbortedError("the server died")
             started = {"thread_id": "t" * 32, "run": self.posts, "stream_url": "/stream"}
             await self._send(send, "application/json", json.dumps(started), 202)
+        elif scope["path"] == "/v1/threads":
+            threads = [{"thread_id": "t" * 32, "title": self.title}]
+            await self._send(send, "application/json", json.dumps({"threads": threads}))
         elif scope["path"] == "/stream":
-            events = [
+            events = self.events or [
                 ("system", {"type": "start", "run": 1, "model": "fake", "cached": False}),
                 ("chunk", {"text": "Let me calculate that."}),
                 ("system", {"type": "message_ended", "message_id": "ai-1"}),
@@ -295,6 +306,44 @@ def test_text_before_a_tool_call_ends_its_line() -> None:
         '[tool: calculator {"expression": "12*7"}]\n'
         "The answer is 84.\n"
     )
+
+
+def test_control_characters_from_the_server_never_reach_the_terminal() -> None:
+    # Regression: the client printed what the server sent as it came, escape sequences
+    # included: a model's answer (prompt injection can make it write anything), a tool's
+    # name, an error message or a thread's title could clear the screen, hide text, retitle
+    # the window, make links or write the user's clipboard (OSC 52).
+    events = [
+        ("system", {"type": "start", "run": 1, "model": "fake", "cached": False}),
+        ("chunk", {"text": "Safe\x1b[2J\x1b[H text"}),
+        # An escape sequence split across chunks, as a model's tokens split it.
+        ("chunk", {"text": " and \x1b]52;c;"}),
+        ("chunk", {"text": "cm0gLXJmIH4=\x07 more\r\n"}),
+        (
+            "chunk",
+            {"text": "\x1b]8;;https://evil.example/\x1b\\link\x1b]8;;\x1b\\ \x9b31m\x08\x7f"},
+        ),
+        ("system", {"type": "message_ended", "message_id": "ai-1"}),
+        ("tool_call", {"id": "call-1", "name": "calc\x1b[8m", "args": {"x": "\x1b[8m"}}),
+        ("system", {"type": "error", "message": "failed\x1b]0;owned\x07 here"}),
+    ]
+    service = FakeService(events=events, title="title\x1b[31m\x1b]0;owned\x07 red")
+    with uvicorn_server(service, lifespan="off") as url, cli(url, TOKEN) as client:
+        client.type("hello")
+        client.stderr.wait_for(lambda err: "[error: " in err)
+        client.type("/threads")
+        client.stdout.wait_for(lambda out: "title" in out)
+        assert client.close() == 1  # the answer failed
+        output, errors = client.stdout.text(), client.stderr.text()
+    for text in (output, errors):
+        assert re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", text) is None, repr(text)
+    assert output == (
+        "assistant> Safe[2J[H text and ]52;c;cm0gLXJmIH4= more\n"
+        "]8;;https://evil.example/\\link]8;;\\ 31m\n"
+        '[tool: calc[8m {"x": "\\u001b[8m"}]\n'
+        "*1. title[31m]0;owned red  [" + "t" * 32 + "]\n"
+    )
+    assert "[error: failed]0;owned here]" in errors
 
 
 def test_a_message_the_server_took_is_not_sent_again() -> None:

@@ -9,6 +9,9 @@ Type a message to send it. Commands: /new, /threads, /use N, /history, /clear, /
 notices (reconnecting, errors) go to stderr. With input from a pipe (a script), a command
 that fails, or an answer that fails or is lost, does not stop the lines after it, but the
 client then exits with code 1; Ctrl-C quits with code 130.
+What it prints comes from the server (a model's answer can be anything): control
+characters other than newline and tab are dropped, so escape sequences cannot drive the
+terminal.
 
 The client identifies itself with a bearer token (``--token``, ``$CHAT_TOKEN``, else one made
 once and kept in ``~/.config/resumable-chat/token``). When the connection drops, or the server
@@ -25,6 +28,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import secrets
 import sys
 import threading
@@ -58,13 +62,26 @@ def _token(explicit: str | None) -> str:
     return token
 
 
+#: Control characters but newline and tab (C0, DEL, C1). What the client prints comes from
+#: the server: a model's answer (which prompt injection can make anything), tool calls,
+#: titles, error messages. Printed raw, escape sequences in them would drive the user's
+#: terminal: clear or hide text, retitle the window, make links, write the clipboard (OSC 52).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` without control characters other than newline and tab. Each one goes on its
+    own, so a sequence split across chunks is as harmless as a whole one."""
+    return _CONTROL.sub("", text)
+
+
 def out(text: str) -> None:
-    sys.stdout.write(text)
+    sys.stdout.write(printable(text))
     sys.stdout.flush()
 
 
 def note(text: str) -> None:
-    sys.stderr.write(text + "\n")
+    sys.stderr.write(printable(text) + "\n")
     sys.stderr.flush()
 
 
@@ -227,6 +244,7 @@ class ChatClient:
         return None
 
     def _write(self, text: str) -> None:
+        text = printable(text)
         if text:
             out(text)
             self.midline = not text.endswith("\n")
