@@ -624,7 +624,11 @@ async def test_the_append_command_is_the_one_hiredis_packs(
         transport._restored_ttl_ms,
     )
     for owner, epoch, stream_id in [("me", 5, "a"), ("été", 6, "a"), ("me", 10**15, "b:ü")]:
-        for seq, payload, count in [(1, b'["x"]', 1), (12345, b"\r\n" * 300, 99)]:
+        for seq, payload, count in [
+            (1, b'["x"]', 1),
+            (12345, b"\r\n" * 300, 99),
+            (10**12, b"y" * 5000, 1500),  # lengths past those whose headers are made once
+        ]:
             entry = Entry(epoch, seq, payload)
             arguments = (owner, epoch, seq, payload, count, 1764590000123, final or "", *ends)
             assert transport._append_command(

@@ -790,22 +790,29 @@ class RedisTransport(Transport):
                 self._heads.clear()
             packed = self._evalsha(_APPEND, stream_id, (owner, entry.epoch))
             channel = self._stream(stream_id)[2]
-            head = self._heads[stream_id] = (owner, entry.epoch, _with_length(packed, 18), channel)
+            # (Without its last CRLF: _BULK_HEADS puts it in front of the next argument.)
+            command = _with_length(packed, 18)[:-2]
+            head = self._heads[stream_id] = (owner, entry.epoch, command, channel)
+        # Joined, not %-formatted: the bulk headers of short lengths and the count are
+        # made once (_BULK_HEADS, _BULK_COUNTS), so only seq, time and, for a long
+        # payload, its length are turned into digits per entry.
         seq = b"%d" % entry.seq
-        number = b"%d" % count
         now = b"%d" % (time.time_ns() // 1_000_000)
         payload = entry.payload
-        return b"%b$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n$%d\r\n%b\r\n%b" % (
-            head[2],
-            len(seq),
-            seq,
-            len(payload),
-            payload,
-            len(number),
-            number,
-            len(now),
-            now,
-            self._append_ends.get(final) or self._append_end_of(final),
+        size = len(payload)
+        return b"".join(
+            (
+                head[2],
+                _BULK_HEADS[len(seq)],
+                seq,
+                _BULK_HEADS[size] if size < _BULK_LENGTHS else b"\r\n$%d\r\n" % size,
+                payload,
+                _BULK_COUNTS[count] if count < _BULK_LENGTHS else _bulk_count(count),
+                _BULK_HEADS[len(now)],
+                now,
+                b"\r\n",
+                self._append_ends.get(final) or self._append_end_of(final),
+            )
         )
 
     def _append_end_of(self, final: str | None) -> bytes:
@@ -1474,6 +1481,19 @@ class RedisTransport(Transport):
                 subscription.push(entries)
         if len(reply) == _FETCH_COUNT:
             feed.refetch = True  # a full page: more may be there
+
+
+#: Lengths whose bulk headers are made once (a paced token's entry is a few dozen bytes).
+_BULK_LENGTHS = 256
+#: ``\r\n$<n>\r\n``: the end of the argument before, then the header of one of n bytes.
+_BULK_HEADS = tuple(b"\r\n$%d\r\n" % n for n in range(_BULK_LENGTHS))
+#: An entry's event count as a whole argument, with the end of the argument before.
+_BULK_COUNTS = tuple(b"\r\n$%d\r\n%d" % (len(b"%d" % n), n) for n in range(_BULK_LENGTHS))
+
+
+def _bulk_count(count: int) -> bytes:
+    number = b"%d" % count
+    return b"\r\n$%d\r\n%b" % (len(number), number)
 
 
 def _with_length(packed: bytes, length: int | None) -> bytes:
