@@ -28,7 +28,7 @@ from resumable_stream import (
     TransportError,
     parse_offset,
 )
-from resumable_stream._codec import decode_entry
+from resumable_stream._codec import decode_entry, encode_entry
 from resumable_stream.transports import Entry, Status
 from resumable_stream.transports.memory import MemoryTransport
 from tests._helpers import collect, eventually, holds, joined, text_of, tokens
@@ -1443,3 +1443,56 @@ async def test_a_run_whose_write_loses_the_cancel_of_a_failure_still_ends() -> N
         ("token", None),
         ("error", "producer_failed"),
     ]
+
+
+def test_memory_answers_given_after_a_loop_closed_with_one_pending() -> None:
+    # The memory transport gives the answers of one loop turn in one callback. A loop that
+    # closed before that callback ran must not leave its answers pending for the next loop:
+    # they would never be given there (a run would wait for its first write forever).
+    transport = MemoryTransport()
+    answered: list[bool] = []
+
+    async def post(stream_id: str) -> None:
+        info = await transport.create(stream_id, "me", 10_000)
+        entry = Entry(info.epoch, 1, encode_entry([("token", {"text": "x"})]))
+        assert transport.append_soon(stream_id, "me", entry, 1, answered.append)
+
+    async def post_and_stop() -> None:
+        await post("a")
+        asyncio.get_running_loop().stop()  # before the turn that would answer
+
+    first = asyncio.new_event_loop()
+    first.run_until_complete(post_and_stop())
+    first.close()
+    assert answered == []  # (the callback was left unrun)
+    answered.clear()
+
+    async def given() -> bool:
+        return answered == [True]
+
+    async def post_and_wait() -> None:
+        await post("b")
+        await eventually(given)
+
+    asyncio.run(post_and_wait())
+
+
+async def test_memory_answers_go_on_past_one_that_raises() -> None:
+    transport = MemoryTransport()
+    answered: list[str] = []
+    reported: list[dict[str, Any]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+
+    def raising(stored: bool) -> None:
+        raise RuntimeError("a done callback's bug")
+
+    for stream_id, done in (("a", raising), ("b", lambda stored: answered.append("b"))):
+        info = await transport.create(stream_id, "me", 10_000)
+        entry = Entry(info.epoch, 1, encode_entry([("token", {"text": "x"})]))
+        assert transport.append_soon(stream_id, "me", entry, 1, done)
+
+    async def given() -> bool:
+        return answered == ["b"]
+
+    await eventually(given)
+    assert [type(c["exception"]) for c in reported] == [RuntimeError]

@@ -89,6 +89,9 @@ class MemoryTransport(Transport):
         self._last_epoch = 0
         self._own_append = type(self).append is MemoryTransport.append
         self._own_wait_cancel = type(self).wait_cancel is MemoryTransport.wait_cancel
+        #: append_soon()'s answers not yet given, and the event loop that will give them.
+        self._answers: list[tuple[Callable[[bool], None], bool]] = []
+        self._answers_loop: asyncio.AbstractEventLoop | None = None
 
     def _get(self, stream_id: str) -> _Stream | None:
         if self._closed:
@@ -177,8 +180,27 @@ class MemoryTransport(Transport):
             stored = False  # append() raises it again, for the producer to handle
         else:
             stored = True
-        asyncio.get_running_loop().call_soon(done, stored)
+        # The answers of one event-loop turn go in one callback, not one each (issue 11:
+        # a handle per token was 6% of the instructions per token on this transport).
+        answers = self._answers
+        loop = asyncio.get_running_loop()
+        if self._answers_loop is not loop:  # (a closed loop never gave its answers)
+            answers.clear()
+            self._answers_loop = loop
+        answers.append((done, stored))
+        if len(answers) == 1:
+            loop.call_soon(self._answer)
         return True
+
+    def _answer(self) -> None:
+        answers, self._answers = self._answers, []
+        for done, stored in answers:
+            try:
+                done(stored)
+            except Exception as exc:  # as the loop would report a callback's (the rest go on)
+                asyncio.get_running_loop().call_exception_handler(
+                    {"message": f"exception in {done!r}", "exception": exc}
+                )
 
     def _append(
         self, stream_id: str, owner: str, entry: Entry, count: int, final: Status | None
