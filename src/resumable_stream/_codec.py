@@ -123,18 +123,15 @@ def valid_text(text: str) -> str:
 
 
 def _valid(obj: Any) -> Any:
-    """``obj`` with :func:`valid_text` applied to every string in it, keys too; values that
-    are not JSON are converted first (to_jsonable), as writing them would."""
+    """``obj`` (JSON values, as ``to_jsonable`` returns) with :func:`valid_text` applied to
+    every string in it, keys too."""
     if isinstance(obj, str):
         return valid_text(obj)
-    if obj is None or isinstance(obj, int | float):
-        return obj
     if isinstance(obj, dict):
-        return {_valid(key): _valid(value) for key, value in obj.items()}
-    if isinstance(obj, list | tuple):
+        return {valid_text(key): _valid(value) for key, value in obj.items()}
+    if isinstance(obj, list):
         return [_valid(value) for value in obj]
-    converted = _default(obj)
-    return _valid(converted)
+    return obj
 
 
 def _high_surrogate(char: str) -> bool:
