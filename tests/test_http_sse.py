@@ -166,7 +166,7 @@ def test_negotiate(accept: str, wire: Any, event_stream_client: bool) -> None:
 def test_stream_headers_are_exact_and_hop_by_hop_free() -> None:
     assert dict(stream_headers(SSE)) == {
         b"content-type": b"text/event-stream",
-        b"cache-control": b"no-store",
+        b"cache-control": b"no-store, no-transform",
         b"x-accel-buffering": b"no",
         b"vary": b"accept",
     }

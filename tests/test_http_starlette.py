@@ -230,7 +230,7 @@ async def test_sse_client_reads_a_running_stream_live(server: Server) -> None:
                 events.append(sse)
 
     assert headers["content-type"] == "text/event-stream"
-    assert headers["cache-control"] == "no-store"
+    assert headers["cache-control"] == "no-store, no-transform"
     assert headers["x-accel-buffering"] == "no"
     assert text(events) == full_text(200)
     assert [e.event for e in events[-1:]] == ["end"]
@@ -415,7 +415,7 @@ async def test_stream_headers_suit_browsers_proxies_and_http2() -> None:
     start_message = next(m for m in recorder.sent if m["type"] == "http.response.start")
     headers = dict(start_message["headers"])
     assert headers[b"content-type"] == b"text/event-stream"  # exactly: no charset
-    assert headers[b"cache-control"] == b"no-store"
+    assert headers[b"cache-control"] == b"no-store, no-transform"
     assert headers[b"x-accel-buffering"] == b"no"
     assert not HOP_BY_HOP & set(headers)  # hop-by-hop headers are illegal in HTTP/2
     assert (head.status_code, head.headers["content-type"], head.content) == (
@@ -423,6 +423,22 @@ async def test_stream_headers_suit_browsers_proxies_and_http2() -> None:
         "text/event-stream",
         b"",
     )
+
+
+async def test_stream_responses_tell_compressing_proxies_not_to_buffer_them(
+    server: Server,
+) -> None:
+    # Regression: a Node proxy in front of the API (Next.js rewrites, a dev server's
+    # proxy, Express's `compression`) gzips text/event-stream and NDJSON and holds the
+    # events in its compressor until the window fills, so nothing arrives live; it
+    # leaves alone a response whose Cache-Control says `no-transform` (RFC 9111 5.2.2.6).
+    async with server.client() as client:
+        for accept in (SSE_ACCEPT, NDJSON_ACCEPT):
+            url = await start(client, tokens=3)
+            response = await client.get(url, headers=accept)
+            assert response.status_code == 200
+            directives = {d.strip() for d in response.headers["cache-control"].split(",")}
+            assert directives == {"no-store", "no-transform"}, accept
 
 
 async def test_head_of_a_stream_still_thinking_answers_after_the_first_event_wait(

@@ -99,12 +99,15 @@ def stream_headers(wire: WireFormat) -> list[tuple[bytes, bytes]]:
     """Headers of a stream response.
 
     The content type carries no charset (SSE is always UTF-8, and some clients compare it
-    exactly). ``X-Accel-Buffering: no`` stops nginx from buffering the stream. There is no
-    ``Connection`` or ``Transfer-Encoding``: hop-by-hop headers are invalid in HTTP/2.
+    exactly). ``X-Accel-Buffering: no`` stops nginx from buffering the stream; ``no-transform``
+    stops the compressing proxies that honour it (Express's ``compression``, so Next.js
+    rewrites and Node dev servers' proxies) from gzipping it, which holds the events back
+    until a compression window fills. There is no ``Connection`` or ``Transfer-Encoding``:
+    hop-by-hop headers are invalid in HTTP/2.
     """
     return [
         (b"content-type", wire.media_type.encode()),
-        (b"cache-control", b"no-store"),
+        (b"cache-control", b"no-store, no-transform"),
         (b"x-accel-buffering", b"no"),
         (b"vary", b"accept"),
     ]
