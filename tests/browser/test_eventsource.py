@@ -169,3 +169,75 @@ async def test_browser_event_source_resumes_by_itself_after_cuts(chromium_path: 
     assert all(cutter.last_event_ids[1:])
     assert len(cutter.last_event_ids) == seen["opens"] >= 7
     assert seen["connectionErrors"] == len(cutter.last_event_ids) - 1
+
+
+# The CORS settings of docs/http.md, "Proxies, load balancers and HTTP/2", as written there.
+CORS = re.search(
+    r'```python title="cors"\n(.*?)```', (REPO_ROOT / "docs/http.md").read_text(), re.S
+)
+# A page of another origin: an EventSource with cookies, and what fetch-based clients (the
+# LangGraph JS SDK) do: read Location, resume with a Last-Event-ID header of their own.
+CROSS_ORIGIN_PAGE = """<!doctype html><script>
+window.probe = async (api) => {
+  const started = await fetch(api + "/runs?tokens=5", {method: "POST", credentials: "include"});
+  const location = started.headers.get("Location");
+  const ndjson = {Accept: "application/x-ndjson"};
+  const first = await (await fetch(api + location, {headers: ndjson})).text();
+  const offsets = first.trim().split("\\n").map((line) => JSON.parse(line).offset);
+  let resumed;
+  try {
+    const response = await fetch(api + location, {
+      headers: {...ndjson, "Last-Event-ID": offsets[1]}, credentials: "include",
+    });
+    resumed = (await response.text()).trim().split("\\n").map((line) => JSON.parse(line).offset);
+  } catch (error) {
+    resumed = String(error);  // the preflight refused the header
+  }
+  const ends = await new Promise((resolve) => {
+    const source = new EventSource(api + location, {withCredentials: true});
+    const ids = [];
+    source.addEventListener("token", (event) => ids.push(event.lastEventId));
+    source.addEventListener("end", (event) => { source.close(); resolve(ids.length); });
+    source.onerror = () => { if (source.readyState === EventSource.CLOSED) resolve("closed"); };
+  });
+  return {location, offsets, resumed, ends};
+};
+</script>"""
+
+
+@pytest.mark.browser
+async def test_a_page_of_another_origin_reads_and_resumes_with_the_documented_cors(
+    chromium_path: str,
+) -> None:
+    from playwright.async_api import async_playwright
+    from starlette.applications import Starlette
+
+    from resumable_stream import from_url
+    from resumable_stream.starlette import StreamRouter, allow_all
+    from tests._services import uvicorn_server
+    from tests.test_http_starlette import build_app
+
+    assert CORS is not None, "no cors block in docs/http.md"
+
+    async def page(request: Request) -> HTMLResponse:
+        return HTMLResponse(CROSS_ORIGIN_PAGE)
+
+    with uvicorn_server(Starlette(routes=[Route("/page", page)])) as page_url:
+        transport = from_url("memory://")
+        app = build_app(transport, StreamRouter(transport, authorize=allow_all))
+        namespace: dict[str, Any] = {"app": app}
+        exec(CORS.group(1).replace("https://app.example.com", page_url), namespace)
+        with uvicorn_server(app, graceful_timeout=2) as api_url:
+            async with async_playwright() as playwright:
+                browser = await launch_chromium_async(playwright, chromium_path)
+                try:
+                    tab = await browser.new_page()
+                    await tab.goto(f"{page_url}/page")
+                    seen: dict[str, Any] = await tab.evaluate("(api) => window.probe(api)", api_url)
+                finally:
+                    await browser.close()
+
+    assert seen["location"] is not None and seen["location"].startswith("/streams/")
+    assert len(seen["offsets"]) == 6  # five tokens and the end
+    assert seen["resumed"] == seen["offsets"][2:]
+    assert seen["ends"] == 5
