@@ -1474,7 +1474,10 @@ def test_memory_answers_given_after_a_loop_closed_with_one_pending() -> None:
         await post("b")
         await eventually(given)
 
-    asyncio.run(post_and_wait())
+    # (A loop_factory: asyncio.run() would leave the thread's current loop unset, and
+    # older pytest-asyncio then makes one it never closes.)
+    with asyncio.Runner(loop_factory=asyncio.new_event_loop) as runner:
+        runner.run(post_and_wait())
 
 
 async def test_memory_answers_go_on_past_one_that_raises() -> None:
