@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -30,6 +31,8 @@ from resumable_stream import (
     TransportError,
     from_url,
 )
+from resumable_stream._codec import encode_entry
+from resumable_stream._events import TOKEN
 from resumable_stream.transports import Entry, Status
 from resumable_stream.transports._redis_pipe import pack
 from resumable_stream.transports.redis import _APPEND, RedisTransport, _CancelWaiter
@@ -573,6 +576,43 @@ async def test_a_paced_run_outlives_a_fault_met_by_an_entry_posted(
     assert posts == list(range(2, 13))  # every token's entry but the first was posted
     if fault == "script flush":
         assert transport.redirects["NOSCRIPT"] >= 1  # met by the post, then by append()
+
+
+async def test_entries_of_one_run_posted_back_to_back_are_answered_each(
+    transport: RedisTransport,
+) -> None:
+    # A run's post is answered through an object kept with its command head (one per run,
+    # not one per entry): a second entry posted before the first is answered (not the
+    # producer's way, which posts one at a time) gets its own, and neither is lost.
+    stream_id = "posted-twice"
+    info = await transport.create(stream_id, "me", 10_000)
+    stop_writing = transport.writing(stream_id, info.epoch)
+    subscription = transport.subscribe(stream_id, info.epoch, 0)
+    entries = [
+        Entry(info.epoch, seq, encode_entry([(TOKEN, {"text": f"t{seq}"})])) for seq in (1, 2, 3, 4)
+    ]
+    await transport.append(stream_id, "me", entries[0], 1)  # (loads the script)
+    answered: list[tuple[int, bool]] = []
+    for entry in entries[1:3]:
+        done = functools.partial(lambda seq, stored: answered.append((seq, stored)), entry.seq)
+        assert transport.append_soon(stream_id, "me", entry, 1, done)
+    got: list[Entry] = []
+
+    def delivered(count: int) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            got.extend(await subscription.get(max_wait=0.05))
+            return len(got) >= count
+
+        return check
+
+    await eventually(delivered(3))
+    assert answered == [(2, True), (3, True)]
+    # The run's own object is free again: the next entry goes through it.
+    assert transport.append_soon(stream_id, "me", entries[3], 1, lambda stored: None)
+    await eventually(delivered(4))
+    assert [entry.seq for entry in got] == [1, 2, 3, 4]
+    subscription.close()
+    stop_writing()
 
 
 async def test_unreachable_redis_raises_transport_error() -> None:

@@ -256,6 +256,35 @@ class _Feed:
         self.transport._unsubscribe(self, subscription)
 
 
+class _Post:
+    """A run's entry posted by :meth:`RedisTransport.append_soon`, answered by the pipe's
+    reply parser through :meth:`answer`: one object per run, its bound method made once
+    (kept with the run's command head), not a ``functools.partial`` and a hop per entry
+    (issue 11). One entry at a time: the producer posts the next once the last is
+    answered (another one posted meanwhile gets a ``_Post`` of its own).
+    """
+
+    __slots__ = ("channel", "done", "entry", "transport")
+
+    def __init__(self, transport: RedisTransport, channel: bytes) -> None:
+        self.transport = transport
+        self.channel = channel
+        self.entry: Entry | None = None  # posted, unanswered
+        self.done: Callable[[bool], None] | None = None
+
+    def answer(self, reply: Any) -> None:
+        # Anything but "stored" (an error reply such as NOSCRIPT, fenced, a rollback, a
+        # fault) goes to append(), which handles it.
+        entry, done = self.entry, self.done
+        self.entry = self.done = None
+        if entry is None or done is None:  # pragma: no cover - answered once (Pipe.post)
+            return
+        stored = reply == 1 or reply == 0  # stored now, or already
+        if stored and self.transport._writing:
+            self.transport._appended_here(self.channel, entry, None)
+        done(stored)
+
+
 class _CancelWaiter:
     """One run's cancel watch: ``on_cancel(None)`` is called once, on a notice or a
     metadata check showing its epoch cancelled, or ``on_cancel(error)`` if a check
@@ -438,9 +467,9 @@ class RedisTransport(Transport):
             status: self._append_end_of(status)
             for status in (None, "completed", "error", "cancelled")
         }
-        # stream id -> owner, epoch and the append command's head for that run, and the
-        # stream's notice channel
-        self._heads: dict[str, tuple[str, int, bytes, bytes]] = {}
+        # stream id -> owner, epoch and the append command's head for that run, the
+        # stream's notice channel, and the run's _Post (with its bound answer method)
+        self._heads: dict[str, tuple[str, int, bytes, bytes, _Post, Callable[[Any], None]]] = {}
         # stream id -> its hash slot, its keys (meta, events, lease) and notice channel
         self._streams: dict[str, tuple[int, tuple[str, str, str], bytes]] = {}
         #: Error replies met, by code (MOVED, ASK, NOSCRIPT, READONLY...): for tests, metrics.
@@ -770,10 +799,16 @@ class RedisTransport(Transport):
         if node is None or self.replicas or self._closed or not self._own_append:
             return False
         packed = self._append_command(stream_id, owner, entry, count, None)
-        channel = self._heads[stream_id][3]  # (cached by _append_command just now)
+        head = self._heads[stream_id]  # (cached by _append_command just now)
+        post, answer = head[4], head[5]
+        if post.entry is not None:  # another entry of the run unanswered: not the producer's way
+            post = _Post(self, head[3])
+            answer = post.answer
+        post.entry, post.done = entry, done
         try:
-            node.pipe.post(packed, functools.partial(self._posted, channel, entry, done))
+            node.pipe.post(packed, answer)
         except TransportClosed:
+            post.entry = post.done = None
             return False
         return True
 
@@ -792,7 +827,9 @@ class RedisTransport(Transport):
             channel = self._stream(stream_id)[2]
             # (Without its last CRLF: _BULK_HEADS puts it in front of the next argument.)
             command = _with_length(packed, 18)[:-2]
-            head = self._heads[stream_id] = (owner, entry.epoch, command, channel)
+            post = _Post(self, channel)
+            head = (owner, entry.epoch, command, channel, post, post.answer)
+            self._heads[stream_id] = head
         # Joined, not %-formatted: the bulk headers of short lengths and the count are
         # made once (_BULK_HEADS, _BULK_COUNTS), so only seq, time and, for a long
         # payload, its length are turned into digits per entry.
@@ -819,16 +856,6 @@ class RedisTransport(Transport):
         """The append command's end: the final status (empty: none), then the settings."""
         status = (final or "").encode()
         return b"$%d\r\n%b\r\n%b" % (len(status), status, self._append_settings)
-
-    def _posted(
-        self, channel: bytes, entry: Entry, done: Callable[[bool], None], reply: Any
-    ) -> None:
-        # Anything but "stored" (an error reply such as NOSCRIPT, fenced, a rollback, a
-        # fault) goes to append(), which handles it.
-        stored = reply == 1 or reply == 0  # stored now, or already
-        if stored and self._writing:
-            self._appended_here(channel, entry, None)
-        done(stored)
 
     def _replied(self, stream_id: str, entry: Entry, final: Status | None, reply: Any) -> None:
         if reply == 1 or reply == 0:  # stored now, or already (a retried write)
