@@ -40,6 +40,23 @@ def test_round_trip_keeps_every_event_and_its_metadata() -> None:
     assert [e.offset for e in events] == [format_offset(17, 4, i) for i in range(len(items))]
 
 
+def test_offsets_of_entries_from_many_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The run part of offsets is kept per epoch (a cache emptied when full): entries of
+    # runs read in turn, past its size, still get their own run's offsets.
+    monkeypatch.setattr("resumable_stream._codec._CACHED_EPOCHS", 3)
+    lone = encode_entry([tok("a")])
+    several = encode_entry([tok("a"), ("end", {})])
+    for epoch in [1, 2, 3, 4, 5, 1, 10**15 + 7, 10**17, 2]:
+        for seq in (1, 12, 10**10):
+            assert [e.offset for e in decode_entry(lone, epoch, seq)] == [
+                format_offset(epoch, seq, 0)
+            ]
+            assert [e.offset for e in decode_entry(several, epoch, seq)] == [
+                format_offset(epoch, seq, 0),
+                format_offset(epoch, seq, 1),
+            ]
+
+
 def test_repeated_token_metadata_is_written_once() -> None:
     payload = encode_entry([tok("abcd", "run-0b6f1d2e-9a7c-4b7e-8c43-5d6e7f8a9b0c", "agent")] * 100)
     assert len(payload) < 100 * 8 + 120

@@ -50,10 +50,15 @@ _EPOCH_WIDTH, _SEQ_WIDTH, _INDEX_WIDTH = 16, 10, 5
 # The largest number of an offset's field: Redis entry ids are two unsigned 64-bit numbers,
 # and a larger entry number reached Redis as it was (which refused it: a 503, not a 400).
 _FIELD_MAX = 2**64 - 1
-_ENTRY_PREFIX = f"%0{_EPOCH_WIDTH}d-%0{_SEQ_WIDTH}d-"  # an offset but its index
+_EPOCH_PREFIX = f"%0{_EPOCH_WIDTH}d-"  # an offset's run part
+_SEQ_PREFIX = f"%0{_SEQ_WIDTH}d-"  # its entry part
 _INDEX = f"%0{_INDEX_WIDTH}d"
 _INDEX_TEXT = tuple(_INDEX % index for index in range(1024))  # an entry's usual indexes
-_FIRST_OFFSET = _ENTRY_PREFIX + _INDEX_TEXT[0]  # the offset of an entry's first event
+_FIRST_EVENT = _SEQ_PREFIX + _INDEX_TEXT[0]  # an offset's entry part and first index
+# The run part of the offsets of the runs read lately, made once per run rather than per
+# entry (a 16-digit field costs about as much as the rest of a lone token's decoding).
+_EPOCH_TEXT: dict[int, str] = {}
+_CACHED_EPOCHS = 4096  # a full cache is emptied
 
 # An entry's lone token is built with the fields' slot setters: Event is frozen, and its
 # __init__ sets each field through object.__setattr__ (a Python call and three lookups,
@@ -349,13 +354,18 @@ def encode_entry(items: Sequence[Item]) -> bytes:
 def decode_entry(payload: bytes, epoch: int, seq: int) -> list[Event]:
     """Decode an entry payload into events with their offsets."""
     items = orjson.loads(payload)
+    run = _EPOCH_TEXT.get(epoch)
+    if run is None:
+        if len(_EPOCH_TEXT) >= _CACHED_EPOCHS:
+            _EPOCH_TEXT.clear()
+        run = _EPOCH_TEXT[epoch] = _EPOCH_PREFIX % epoch
     if len(items) == 1 and type(items[0]) is str:  # hot path: one paced token
         event = _new_event(Event)
         _set_type(event, TOKEN)
         _set_data(event, {"text": items[0], "message_id": None, "node": None})
-        _set_offset(event, _FIRST_OFFSET % (epoch, seq))
+        _set_offset(event, run + _FIRST_EVENT % seq)
         return [event]
-    prefix = _ENTRY_PREFIX % (epoch, seq)
+    prefix = run + _SEQ_PREFIX % seq
     events = []
     message_id: Any = None
     node: Any = None

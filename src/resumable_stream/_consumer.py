@@ -22,6 +22,7 @@ from ._events import ERROR, TERMINAL_TYPES, Event
 from ._exceptions import ConfigurationError, InvalidOffset, OffsetExpired, StreamNotFound
 from ._ids import check_stream_id
 from ._producer import RESERVED_PAYLOAD
+from .telemetry import _counts as _COUNTS
 from .transports._base import FINAL_STATUSES, Entry, StreamInfo, Subscription, Transport
 
 _NOT_STARTED_PAYLOAD = encode_entry(
@@ -187,6 +188,9 @@ class StreamConsumer:
         self._opened = 0
         self._budget = CONSUMER_CHECKPOINT
         self._info: StreamInfo | None = None
+        # Seconds a live wait lasts before the stream is looked at (half the info's lease):
+        # set with _info, not worked out per event.
+        self._max_wait = 0.05
         self._subscription: Subscription | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._finished = False
@@ -232,7 +236,7 @@ class StreamConsumer:
                 if subscription is not None and info is not None and not self._gap:
                     # Following live, the usual wait: _fill()'s last step (_wait_live),
                     # inlined to save a coroutine per live event.
-                    max_wait = max(info.lease_ms / 2000, 0.05)
+                    max_wait = self._max_wait
                     began = (self._loop or asyncio.get_running_loop()).time()
                     entries = await subscription.get(max_wait=max_wait)
                     if self._finished:  # closed by aclose() from another task meanwhile
@@ -244,9 +248,9 @@ class StreamConsumer:
                     ):  # the next entry alone: _take()'s usual case
                         self._seq = entry.seq
                         self._gap = False
-                        # Opened by the loop, outside this `try`: an entry that fails to
-                        # open leaves the subscription as it is.
-                        self._entries.append(entry)
+                        # Opened here, not queued for the loop to open: an entry that
+                        # fails to open closes the subscription either way.
+                        self._open(entry)
                     elif entries:
                         self._take(entries, stored=False)
                     else:
@@ -259,8 +263,8 @@ class StreamConsumer:
                 raise
             events = self._events
         event = events.pop()
-        if not events:
-            telemetry.delivered(self._opened)  # the entry is handed out
+        if not events:  # the entry is handed out: telemetry.delivered(), inlined
+            _COUNTS.delivered += self._opened
         self.after = event.offset
         if event.type in TERMINAL_TYPES:  # nothing follows: release now, even on a `break`
             self._terminal_seen = self._finished = True
@@ -343,9 +347,10 @@ class StreamConsumer:
                 self._terminal_seen = self._finished = True
                 self._entries.clear()
                 return []
-        events.reverse()
+        opened = self._opened = len(events)
+        if opened > 1:
+            events.reverse()
         self._events = events
-        self._opened = len(events)
         return events
 
     async def _start(self) -> StreamInfo:
@@ -386,6 +391,7 @@ class StreamConsumer:
         # ends short of it, _end_of_stream says the storage was rolled back.
         self._past_end = self._seq > info.last_seq
         self._info = info
+        self._max_wait = max(info.lease_ms / 2000, 0.05)
         telemetry.consumer_started(resumed=self.after is not None)
         return info
 
@@ -461,7 +467,7 @@ class StreamConsumer:
 
     async def _wait_live(self, subscription: Subscription, info: StreamInfo) -> None:
         """Wait for the live subscription's next entries (inlined in __anext__)."""
-        max_wait = max(info.lease_ms / 2000, 0.05)
+        max_wait = self._max_wait
         # The loop's clock, as the subscription's timer: uvloop's counts whole milliseconds
         # and rounds its timers to them; time.monotonic() could take a timeout for a wake.
         began = (self._loop or asyncio.get_running_loop()).time()
@@ -568,6 +574,7 @@ class StreamConsumer:
         if info is None or info.epoch != self._epoch:
             self._expired("the stream expired or was restarted")
         self._info = info
+        self._max_wait = max(info.lease_ms / 2000, 0.05)
         return info
 
     async def _refresh(self) -> StreamInfo:
