@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -613,6 +614,31 @@ async def test_entries_of_one_run_posted_back_to_back_are_answered_each(
     assert [entry.seq for entry in got] == [1, 2, 3, 4]
     subscription.close()
     stop_writing()
+
+
+async def test_each_append_writes_its_own_time(
+    transport: RedisTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An append's time (the run's updated_at) is turned into digits once per millisecond:
+    # appends within one get the same, the next millisecond's get theirs.
+    now = [0]
+    clock = types.SimpleNamespace(time_ns=lambda: now[0], time=time.time, monotonic=time.monotonic)
+    monkeypatch.setattr("resumable_stream.transports.redis.time", clock)
+    info = await transport.create("timed", "me", 10_000)
+    payload = encode_entry([(TOKEN, {"text": "x"})])
+    times = [
+        1_900_000_000_123_400_000,
+        1_900_000_000_123_999_999,  # the same millisecond
+        1_900_000_000_124_000_000,
+        1_900_000_001_000_000_001,
+        1_900_000_000_900_000_000,  # the wall clock stepped back
+    ]
+    for seq, ns in enumerate(times, start=1):
+        now[0] = ns
+        await transport.append("timed", "me", Entry(info.epoch, seq, payload), 1)
+        stored = await transport.info("timed")
+        assert stored is not None
+        assert stored.updated_at == ns // 1_000_000 / 1000
 
 
 async def test_unreachable_redis_raises_transport_error() -> None:

@@ -540,10 +540,14 @@ class Pipe:
         the socket, not per reply: the hot path of paced appends)."""
         pending = session.pending
         gets = reader.gets
+        future = asyncio.Future
         answered = False
         try:
             while (reply := gets(False)) is not _INCOMPLETE:
-                if _PUSH is not None and isinstance(reply, _PUSH):
+                # An integer (an append's answer: the hot path) is neither a push nor an
+                # error reply: two isinstance() calls fewer.
+                other = type(reply) is not int
+                if other and _PUSH is not None and isinstance(reply, _PUSH):
                     continue  # a RESP3 push (a server notification), not a command's reply
                 if not pending:
                     raise TransportError(f"Redis sent a reply nobody asked for: {reply!r}")
@@ -553,7 +557,7 @@ class Pipe:
                     if session.hooks and session.hooks[0][0] is owed:
                         _call_hook(session.hooks.popleft()[1], reply)
                     session.answer(owed, reply)  # once the task has ended
-                elif not isinstance(owed, asyncio.Future):  # posted
+                elif not isinstance(owed, future):  # posted
                     try:
                         owed(reply)
                     except Exception:  # a bug in the hook: not the connection's fault
@@ -564,7 +568,11 @@ class Pipe:
                     hooks = session.hooks
                     if hooks and hooks[0][0] is owed:
                         _call_hook(hooks.popleft()[1], reply)
-                if isinstance(reply, rex.RedisError) and error_code(reply) in RECONNECT_CODES:
+                if (
+                    other
+                    and isinstance(reply, rex.RedisError)
+                    and error_code(reply) in RECONNECT_CODES
+                ):
                     # A demoted master (READONLY, or UNBLOCKED for a WAIT under way) or a
                     # server loading its data (redis-py makes that a ConnectionError): this
                     # connection points at the wrong server for now (issue 8, part 3).

@@ -469,6 +469,7 @@ class RedisTransport(Transport):
         }
         # stream id -> owner, epoch and the append command's head for that run, the
         # stream's notice channel, and the run's _Post (with its bound answer method)
+        self._now_ms, self._now = 0, b"0"  # the time in ms, and in digits (_append_command)
         self._heads: dict[str, tuple[str, int, bytes, bytes, _Post, Callable[[Any], None]]] = {}
         # stream id -> its hash slot, its keys (meta, events, lease) and notice channel
         self._streams: dict[str, tuple[int, tuple[str, str, str], bytes]] = {}
@@ -834,7 +835,12 @@ class RedisTransport(Transport):
         # made once (_BULK_HEADS, _BULK_COUNTS), so only seq, time and, for a long
         # payload, its length are turned into digits per entry.
         seq = b"%d" % entry.seq
-        now = b"%d" % (time.time_ns() // 1_000_000)
+        # The time in ms, in digits made once per millisecond (appends come several a
+        # millisecond under load).
+        now_ms = time.time_ns() // 1_000_000
+        if now_ms != self._now_ms:
+            self._now_ms, self._now = now_ms, b"%d" % now_ms
+        now = self._now
         payload = entry.payload
         size = len(payload)
         return b"".join(
@@ -876,7 +882,8 @@ class RedisTransport(Transport):
         if seq == feed.cursor + 1 and not feed.fetching:  # the next one (_offer, inlined)
             feed.cursor = seq
             entries = [entry]
-            for subscription in tuple(feed.subscribers):
+            # (The set itself, not a copy: push() changes no feed's subscribers.)
+            for subscription in feed.subscribers:
                 subscription.push(entries)
         elif seq <= feed.cursor and final is not None:
             feed.wake()  # the run ended below the readers (storage_rollback): they look
