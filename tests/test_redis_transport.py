@@ -453,6 +453,13 @@ async def test_a_script_refused_names_the_script_and_its_command(
     await admin.aclose()
 
 
+async def _a_then_b(gate: asyncio.Event) -> AsyncIterator[str]:
+    """Tokens "a", then "b" once ``gate`` is set."""
+    yield "a"
+    await gate.wait()
+    yield "b"
+
+
 async def test_a_notices_connection_refused_at_set_up_says_so(
     redis_server_factory: Callable[..., RedisServer],
     caplog: pytest.LogCaptureFixture,
@@ -463,15 +470,9 @@ async def test_a_notices_connection_refused_at_set_up_says_so(
     server = redis_server_factory()
     admin = aioredis.Redis(port=server.port)
     gate = asyncio.Event()
-
-    async def source() -> AsyncIterator[str]:
-        yield "a"
-        await gate.wait()
-        yield "b"
-
     caplog.set_level("DEBUG", logger="resumable_stream.redis")
     async with from_url(server.url) as writer, from_url(server.url) as reader:
-        run = await StreamProducer(writer, lease=1.0).start(source(), stream_id="s")
+        run = await StreamProducer(writer, lease=1.0).start(_a_then_b(gate), stream_id="s")
         async with StreamConsumer(reader, "s") as consumer:
             assert (await anext(consumer)).data["text"] == "a"  # live: subscribed
             await admin.config_set("requirepass", "new")
@@ -507,18 +508,12 @@ async def test_a_reader_that_may_not_subscribe_is_told_once_and_still_reads(
         "ACL", "SETUSER", "nosub", "on", ">pw", "~*", "&*", "+@all", "-ssubscribe"
     )
     gate = asyncio.Event()
-
-    async def source() -> AsyncIterator[str]:
-        yield "a"
-        await gate.wait()
-        yield "b"
-
     caplog.set_level("DEBUG", logger="resumable_stream.redis")
     async with (
         from_url(server.url, prefix="p") as writer,
         from_url(f"redis://nosub:pw@127.0.0.1:{server.port}/0", prefix="p") as reader,
     ):
-        run = await StreamProducer(writer, lease=1.0).start(source(), stream_id="s")
+        run = await StreamProducer(writer, lease=1.0).start(_a_then_b(gate), stream_id="s")
         texts: list[str] = []
         async with StreamConsumer(reader, "s") as consumer:
             async for event in consumer:
