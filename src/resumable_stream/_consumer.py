@@ -22,7 +22,6 @@ from ._events import ERROR, TERMINAL_TYPES, Event
 from ._exceptions import ConfigurationError, InvalidOffset, OffsetExpired, StreamNotFound
 from ._ids import check_stream_id
 from ._producer import RESERVED_PAYLOAD
-from .telemetry import _counts as _COUNTS
 from .transports._base import FINAL_STATUSES, Entry, StreamInfo, Subscription, Transport
 
 _NOT_STARTED_PAYLOAD = encode_entry(
@@ -263,8 +262,8 @@ class StreamConsumer:
                 raise
             events = self._events
         event = events.pop()
-        if not events:  # the entry is handed out: telemetry.delivered(), inlined
-            _COUNTS.delivered += self._opened
+        if not events:
+            telemetry.delivered(self._opened)  # the entry is handed out
         self.after = event.offset
         if event.type in TERMINAL_TYPES:  # nothing follows: release now, even on a `break`
             self._terminal_seen = self._finished = True
