@@ -42,10 +42,12 @@ from resumable_stream._exceptions import TransportError
 from resumable_stream.ai_sdk import (
     ChatRequest,
     ChatRouter,
+    ErrorPart,
     MessageMetadataPart,
     TokenUsage,
     UIMessageChunks,
     UIMessageStreamResponse,
+    default_error_text,
 )
 from resumable_stream.starlette import allow_all
 from resumable_stream.transports.memory import MemoryTransport
@@ -832,7 +834,8 @@ async def test_a_tool_still_running_when_the_answer_stops_or_fails_ends_failed(
         assert chunks[-1] == {"type": "abort", "reason": "requested"}
     else:
         assert ended["c1"] == unfinished
-        assert ended["c2"]["errorText"] == "the index is down"  # its own error
+        # Its own error, whose message stays on the server by default (error_text).
+        assert ended["c2"]["errorText"] == "An error occurred."
         assert chunks[-1]["type"] == "error"
     # A replay (a new encoder over the stored events) ends them the same.
     again = UIMessageChunks("m")
@@ -874,7 +877,12 @@ async def test_tool_runs_without_a_model_message_keep_their_own_call() -> None:
     ends = [c for c in chunks if c["type"].startswith("tool-output")]
     assert ends == [
         {"type": "tool-output-available", "toolCallId": "r1", "output": "ok", **SERVER_RAN},
-        {"type": "tool-output-error", "toolCallId": "r2", "errorText": "boom", **SERVER_RAN},
+        {
+            "type": "tool-output-error",
+            "toolCallId": "r2",
+            "errorText": "An error occurred.",  # the tool's message stays on the server
+            **SERVER_RAN,
+        },
     ]
 
 
@@ -883,8 +891,14 @@ async def test_tool_runs_without_a_model_message_keep_their_own_call() -> None:
     [
         (Event("end", {}, "1-2-0"), {"type": "finish", "finishReason": "stop"}),
         (
+            # A source's exception: its message stays on the server (as the AI SDK's).
             Event("error", {"error": "X", "message": "bad"}, "1-2-0"),
-            {"type": "error", "errorText": "bad"},
+            {"type": "error", "errorText": "An error occurred."},
+        ),
+        (
+            # The library's own error: its own words.
+            Event("error", {"error": "producer_lost", "message": "no heartbeats"}, "1-2-0"),
+            {"type": "error", "errorText": "no heartbeats"},
         ),
         (
             Event("cancelled", {"reason": "requested"}, "1-2-0"),
@@ -1644,6 +1658,112 @@ async def test_an_http_exception_from_a_generator_s_body_ends_the_answer_with_an
     assert sse_chunks(response.text)[-1] == {"type": "error", "errorText": "402: out of credit"}
 
 
+async def _failing_chat(
+    error_text: Any = None,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Event]]:
+    """A ChatRouter answer whose tool raises, then whose source raises: its chunks as sent,
+    as a resume replays them, and the events stored."""
+
+    async def answer(chat: ChatRequest) -> AsyncIterator[Any]:
+        yield {"type": "tool_start", "data": {"name": "lookup", "run_id": "r1", "input": {}}}
+        yield {
+            "type": "tool_end",
+            "data": {"name": "lookup", "run_id": "r1", "error": "db at 10.0.0.5 refused"},
+        }
+        raise RuntimeError("Incorrect API key provided: sk-secret")
+
+    transport = MemoryTransport()
+    router = ChatRouter(transport, answer, authorize=allow_all, error_text=error_text)
+    app = Starlette(routes=router.routes)
+    message = {"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as http:
+        sent = await http.post("/api/chat", json={"id": "chat-e", "messages": [message]})
+        stored = [e async for e in StreamConsumer(transport, "chat-e")]
+        replay = UIMessageStreamResponse(StreamConsumer(transport, "chat-e"), error_text=error_text)
+        replayed = [c for e in stored for c in replay.chunker.chunks(e)]
+    await router.producer.aclose()
+    return sse_chunks(sent.text), replayed, stored
+
+
+def _errors(chunks: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(c["type"], c["errorText"]) for c in chunks if "errorText" in c]
+
+
+async def test_an_exception_s_message_stays_on_the_server_by_default() -> None:
+    # Regression: a source's exception message (an API key in a provider's error, a host in
+    # a driver's) went to the browser as the answer's errorText, and a tool's as its
+    # output's: the AI SDK's servers answer "An error occurred." unless told otherwise.
+    sent, replayed, stored = await _failing_chat()
+    masked = [("tool-output-error", "An error occurred."), ("error", "An error occurred.")]
+    assert _errors(sent) == _errors(replayed) == masked
+    assert "sk-secret" not in str(sent) and "10.0.0.5" not in str(sent)
+    # The stored events keep them, for the server's own readers and logs.
+    assert stored[-1].data == {
+        "error": "RuntimeError",
+        "message": "Incorrect API key provided: sk-secret",
+    }
+
+
+async def test_error_text_gives_the_text_of_each_error_on_a_resume_too() -> None:
+    seen: list[ErrorPart] = []
+
+    def error_text(part: ErrorPart) -> str:
+        seen.append(part)
+        return f"{part.type} {part.error} {part.tool_name}: {part.message[:9]}"
+
+    sent, replayed, _ = await _failing_chat(error_text)
+    told = [
+        ("tool-output-error", "tool-output-error None lookup: db at 10."),
+        ("error", "error RuntimeError None: Incorrect"),
+    ]
+    assert _errors(sent) == _errors(replayed) == told
+    assert seen[:2] == [
+        ErrorPart("tool-output-error", None, "db at 10.0.0.5 refused", "lookup"),
+        ErrorPart("error", "RuntimeError", "Incorrect API key provided: sk-secret"),
+    ]
+
+
+async def test_an_error_text_hook_that_fails_costs_the_error_its_text_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def error_text(part: ErrorPart) -> Any:
+        if part.type == "error":
+            return None  # not a str
+        raise KeyError("bug")
+
+    with caplog.at_level(logging.ERROR, "resumable_stream.http"):
+        sent, _, _ = await _failing_chat(error_text)
+    masked = [("tool-output-error", "An error occurred."), ("error", "An error occurred.")]
+    assert _errors(sent) == masked
+    assert sent[-1] == {"type": "error", "errorText": "An error occurred."}  # still ended
+    failures = [r.getMessage() for r in caplog.records if "error_text failed" in r.getMessage()]
+    # (Twice each: the answer sent, then its replay.)
+    assert sorted(failures) == [
+        "error_text failed (error part): the default text is shown",
+        "error_text failed (error part): the default text is shown",
+        "error_text failed (tool-output-error part): the default text is shown",
+        "error_text failed (tool-output-error part): the default text is shown",
+    ]
+
+
+def test_the_default_error_text_shows_the_library_s_own_errors_and_http_exceptions() -> None:
+    shown = {
+        "producer_lost": "the producer stopped sending heartbeats",
+        "storage_rollback": "the storage lost entries",
+        "not_started": "no producer started this reserved run",
+        "HTTPException": "402: out of credit",
+    }
+    for name, message in shown.items():
+        assert default_error_text(ErrorPart("error", name, message)) == message
+    for part in (
+        ErrorPart("error", "ValueError", "SELECT * FROM users"),
+        ErrorPart("error", "producer_failed", "the producer failed: OSError: 10.0.0.5"),
+        ErrorPart("error", None, "x"),
+        ErrorPart("tool-output-error", None, "HTTPException", "t"),
+    ):
+        assert default_error_text(part) == "An error occurred."
+
+
 #: The usage a MeteredModel reports for each of its two calls (its tool call, its answer).
 CALL_USAGES = (
     UsageMetadata(input_tokens=12, output_tokens=3, total_tokens=15),
@@ -1819,11 +1939,16 @@ def _booking_chat(book: Any, chat_id: str) -> tuple[ChatRouter, Starlette]:
             return graph.astream_events(Command(resume=resume), config, version="v2")
         return graph.astream_events({"messages": [("user", chat.text)]}, config, version="v2")
 
+    def shown(part: ErrorPart) -> str:
+        return part.message  # (not the default: the tests check which call shows the error)
+
     transport = MemoryTransport()
-    router = ChatRouter(transport, answer, authorize=allow_all)
+    router = ChatRouter(transport, answer, authorize=allow_all, error_text=shown)
 
     async def replay(request: Any) -> Any:
-        return UIMessageStreamResponse(StreamConsumer(transport, chat_id), request)
+        return UIMessageStreamResponse(
+            StreamConsumer(transport, chat_id), request, error_text=shown
+        )
 
     return router, Starlette(routes=[*router.routes, Route("/replay", replay)])
 

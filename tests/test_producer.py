@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import itertools
+import logging
 import subprocess
 import sys
 import warnings
@@ -490,6 +491,23 @@ async def test_a_source_raising_any_error_ends_the_run_with_an_error(
         ("error", type(raised).__name__),
     ]
     assert events[-1].data["message"]
+
+
+async def test_a_source_s_exception_is_logged_with_its_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # It was logged at INFO as its repr: with the HTTP edge showing clients no more than
+    # "An error occurred." (ai_sdk), the server's log is where its traceback is read.
+    async def source():
+        yield "kept "
+        raise LookupError("the index is down")
+
+    with caplog.at_level(logging.WARNING, logger="resumable_stream"):
+        run = await StreamProducer(MemoryTransport()).start(source(), stream_id="logged")
+        assert await run.wait() == "error"
+    [record] = [r for r in caplog.records if "source raised" in r.getMessage()]
+    assert record.levelno == logging.WARNING and "logged" in record.getMessage()
+    assert record.exc_info is not None and record.exc_info[0] is LookupError
 
 
 async def test_the_error_about_an_oversized_event_fits_the_smallest_limit() -> None:

@@ -574,7 +574,17 @@ class Run:
                 logger.info("run %s: source raised %r", self.stream_id, exc)
                 terminal = (ERROR, error_data(exc))
         except BaseException as exc:  # an Exception, or a BaseException (a test's failure)
-            logger.info("run %s: source raised or yielded a bad event: %r", self.stream_id, exc)
+            if isinstance(exc, Exception):
+                # With its traceback: the stream's error event says what it was, but HTTP
+                # clients may be shown no more than that an error occurred (ai_sdk).
+                logger.warning(
+                    "run %s: the source raised or yielded a bad event; the stream ends with "
+                    "an error event",
+                    self.stream_id,
+                    exc_info=exc,
+                )
+            else:
+                logger.info("run %s: source raised %r", self.stream_id, exc)
             terminal = (ERROR, error_data(exc))
             if isinstance(exc, GeneratorExit):
                 raise  # this coroutine is being closed: never swallowed

@@ -89,12 +89,15 @@ __all__ = [
     "ChatAction",
     "ChatRequest",
     "ChatRouter",
+    "ErrorPart",
+    "ErrorText",
     "MessageMetadata",
     "MessageMetadataPart",
     "TokenUsage",
     "UIMessageChunks",
     "UIMessageStreamResponse",
     "UI_MESSAGE_STREAM_HEADERS",
+    "default_error_text",
     "ui_message_text",
 ]
 
@@ -224,6 +227,44 @@ class MessageMetadataPart:
 MessageMetadata = Callable[[MessageMetadataPart], Mapping[str, Any] | None]
 
 
+@dataclass(frozen=True, slots=True)
+class ErrorPart:
+    """What an ``error_text`` hook is given: an error the answer is about to show (the AI
+    SDK's ``onError``). It comes from the stored events, so a resumed answer gets the same."""
+
+    #: ``error``: the answer failed; ``tool-output-error``: a tool raised.
+    type: Literal["error", "tool-output-error"]
+    #: The error's name: the exception's class (``"RateLimitError"``), or the library's code
+    #: for an error of its own (``"producer_lost"``); None for a tool's exception.
+    error: str | None
+    #: The message as stored: for an exception, its text, which may hold what only the
+    #: server should see (a key, a host name, a query).
+    message: str
+    #: The tool that raised, for ``tool-output-error``.
+    tool_name: str | None = None
+
+
+#: A hook giving the ``errorText`` the client shows for an error.
+ErrorText = Callable[[ErrorPart], str]
+
+#: What ``default_error_text`` shows for an exception: the AI SDK's own default.
+_MASKED_ERROR_TEXT = "An error occurred."
+#: Errors shown as they are: the library's own (their messages are its own words) and an
+#: ``HTTPException`` (raised to answer the client, as ``HTTPException(402, ...)``).
+_SHOWN_ERRORS = frozenset({"not_started", "producer_lost", "storage_rollback", "HTTPException"})
+
+
+def default_error_text(part: ErrorPart) -> str:
+    """The ``errorText`` of an error when no ``error_text`` hook is given: as the AI SDK's
+    servers do by default, "An error occurred." for an exception of the source or of a
+    tool (its message may hold what only the server should see; the stored event keeps
+    it, and the producer logs it); an ``HTTPException`` and the library's own errors (a
+    lost producer, a storage rollback) keep their message."""
+    if part.type == "error" and part.error in _SHOWN_ERRORS:
+        return part.message
+    return _MASKED_ERROR_TEXT
+
+
 class UIMessageChunks:
     """Turns one stream's events into AI SDK UI message chunks, in an order the client accepts.
 
@@ -283,6 +324,10 @@ class UIMessageChunks:
     ``start`` and the ``finish`` part; what it returns, unless None, is sent as the part's
     ``messageMetadata`` (``message.metadata`` in ``useChat``). ``usage`` sums the ``usage``
     of the AI messages this encoder read: all of the answer's on a replay from its start.
+
+    ``error_text(part)`` (:class:`ErrorPart`) gives the ``errorText`` of an ``error`` and
+    of a tool's exception (the AI SDK's ``onError``); by default
+    (:func:`default_error_text`) an exception's message is not shown: "An error occurred.".
     """
 
     def __init__(
@@ -291,10 +336,12 @@ class UIMessageChunks:
         *,
         start: bool = True,
         message_metadata: MessageMetadata | None = None,
+        error_text: ErrorText | None = None,
     ) -> None:
         self.message_id = message_id
         self._need_start = start
         self._message_metadata = message_metadata
+        self._error_text = error_text
         self._usage: tuple[int, int, int] | None = None  # input, output, total tokens
         self._open_text: dict[Any, str] = {}  # LangChain message id (or None) → text part id
         self._streamed: set[Any] = set()  # message ids whose text came as tokens
@@ -405,8 +452,10 @@ class UIMessageChunks:
                 self._add_metadata(finish, part)
                 out.append(finish)
             elif kind == ERROR:
-                message = data.get("message") or data.get("error") or "the answer failed"
-                out.append({"type": "error", "errorText": str(message)})
+                name = data.get("error")
+                message = data.get("message") or name or "the answer failed"
+                failed = ErrorPart("error", None if name is None else str(name), str(message))
+                out.append({"type": "error", "errorText": self._shown_error(failed)})
             elif data.get("reason") in ("shutdown", "stopped"):
                 # Cut by the server, not stopped by a request: `ai` takes an `abort` for the
                 # end of a whole answer, and nothing goes on with this one (the run was its
@@ -416,6 +465,20 @@ class UIMessageChunks:
             else:
                 out.append({"type": "abort", "reason": str(data.get("reason") or "cancelled")})
         return out
+
+    def _shown_error(self, part: ErrorPart) -> str:
+        """The ``errorText`` for ``part``: the ``error_text`` hook's, else the default."""
+        if self._error_text is None:
+            return default_error_text(part)
+        try:
+            text = self._error_text(part)
+            if not isinstance(text, str):
+                raise TypeError(f"it returned a {type(text).__name__}, not a str")
+        except Exception:
+            # The app's bug costs the error its text, not the answer its end.
+            logger.exception("error_text failed (%s part): the default text is shown", part.type)
+            return default_error_text(part)
+        return text
 
     def _add_metadata(self, chunk: dict[str, Any], part: MessageMetadataPart) -> None:
         if self._message_metadata is None:
@@ -879,6 +942,8 @@ class UIMessageChunks:
         name, tool_input = resumed or (str(data.get("name") or "tool"), None)
         call_id: Any = self._run_calls.pop(run_id, None) or data.get("id")
         error = data.get("error")
+        if error is not None:  # the tool raised: its exception's message
+            error = self._shown_error(ErrorPart("tool-output-error", None, str(error), name))
         if isinstance(output, Mapping) and "goto" in output and "update" in output:
             # A Command (a tool that updates the graph's state): its ToolMessage is the
             # output, as the tool message in `messages` mode says.
@@ -999,8 +1064,8 @@ class UIMessageStreamResponse(StreamResponse):
     ``message_id`` (by default the one a continuation's run names in its first event, else
     ``"<stream_id>-<epoch>"``: the same in every replay, so the client replaces its partial
     message instead of adding one). A stream with nothing to send
-    answers 204, which ``useChat`` reads as "nothing to resume". ``message_metadata`` is
-    :class:`UIMessageChunks`'s; ``limit`` is :class:`StreamResponse`'s (a
+    answers 204, which ``useChat`` reads as "nothing to resume". ``message_metadata`` and
+    ``error_text`` are :class:`UIMessageChunks`'s; ``limit`` is :class:`StreamResponse`'s (a
     :class:`~resumable_stream.starlette.ConnectionLimit`: past it, 503 ``too_many_streams``).
     """
 
@@ -1011,6 +1076,7 @@ class UIMessageStreamResponse(StreamResponse):
         *,
         message_id: str | None = None,
         message_metadata: MessageMetadata | None = None,
+        error_text: ErrorText | None = None,
         ping_interval: float | None = DEFAULT_PING_INTERVAL,
         send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
         on_disconnect: Callable[[], Awaitable[object]] | None = None,
@@ -1027,7 +1093,10 @@ class UIMessageStreamResponse(StreamResponse):
             limit=limit,
         )
         self.chunker = UIMessageChunks(
-            message_id, start=consumer.after is None, message_metadata=message_metadata
+            message_id,
+            start=consumer.after is None,
+            message_metadata=message_metadata,
+            error_text=error_text,
         )
         self.wire = WireFormat("sse", EVENT_STREAM_TYPE, self._encode, PING, self._cut)
         self.event_stream_client = True  # nothing to send is 204, which the SDK understands
@@ -1211,8 +1280,11 @@ class ChatRouter:
     over ``max_body_bytes`` with 413. ``authorize(request, chat_id,
     action)`` may refuse with false (403) or raise Starlette's ``HTTPException``.
     ``message_metadata(part)`` gives the answer's ``message.metadata`` (see
-    :class:`MessageMetadataPart`): on a resume too, from the stored events. Add
-    :attr:`routes` to the app, or serve the router itself.
+    :class:`MessageMetadataPart`): on a resume too, from the stored events.
+    ``error_text(part)`` gives the text the client shows for an error (see
+    :class:`ErrorPart`); by default an exception's message stays on the server ("An error
+    occurred.", as the AI SDK's servers answer). Add :attr:`routes` to the app, or serve
+    the router itself.
     """
 
     def __init__(
@@ -1228,6 +1300,7 @@ class ChatRouter:
         send_timeout: float | None = DEFAULT_SEND_TIMEOUT,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         message_metadata: MessageMetadata | None = None,
+        error_text: ErrorText | None = None,
     ) -> None:
         _check_body_limit(max_body_bytes)
         if authorize is None:
@@ -1246,6 +1319,7 @@ class ChatRouter:
         self.send_timeout = send_timeout
         self.max_body_bytes = max_body_bytes
         self.message_metadata = message_metadata
+        self.error_text = error_text
         path = "/" + path.strip("/") if path.strip("/") else ""
         self.routes: list[BaseRoute] = [
             _JsonRoute(path or "/", self.send, methods=["POST"], name="ai_chat_send"),
@@ -1284,6 +1358,7 @@ class ChatRouter:
             request,
             message_id=message_id,
             message_metadata=self.message_metadata,
+            error_text=self.error_text,
             ping_interval=self.ping_interval,
             send_timeout=self.send_timeout,
         )
