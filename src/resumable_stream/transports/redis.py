@@ -1646,7 +1646,7 @@ def _client_from_url(url: str) -> aioredis.Redis | RedisCluster:
     # the next (redis-py's default retries kept it on that one about ten times as long).
     sentinel_kwargs.update((k, v) for k, v in kwargs.items() if k.startswith("socket_"))
     sentinel_kwargs["retry"] = Retry(NoBackoff(), 0)
-    sentinel = aioredis.Sentinel(  # type: ignore[no-untyped-call]
+    sentinel = aioredis.Sentinel(  # type: ignore[no-untyped-call,unused-ignore]
         hosts, sentinel_kwargs=sentinel_kwargs, **kwargs
     )
     master: aioredis.Redis = sentinel.master_for(service, db=db)
