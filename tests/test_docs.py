@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import subprocess
 import sys
@@ -457,3 +458,45 @@ async def test_events_page_lone_surrogate_sample_runs() -> None:
         ("token", "\U0001f600, lone \ufffd!"),
         ("end", None),
     ]
+
+
+@pytest.mark.parametrize(
+    ("raised", "error"),
+    [
+        ("RateLimitError", "the model is busy; try again in a minute"),
+        ("OSError", "the answer failed"),
+    ],
+)
+async def test_events_page_error_masking_sample_runs(
+    raised: str, error: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from resumable_stream import StreamProducer
+    from resumable_stream.transports.memory import MemoryTransport
+    from tests._helpers import collect
+
+    text = (ROOT / "docs/events.md").read_text()
+    found = re.search(r"```python\n(import logging\n\nlog = .*?)```", text, re.S)
+    assert found, "the error sample is gone from docs/events.md"
+
+    class RateLimitError(Exception):
+        pass
+
+    class Graph:  # the sample's graph: a token, then the failure
+        async def astream_events(self, inputs: Any, version: str) -> Any:
+            yield {"event": "on_custom_event", "name": "step", "data": {}}
+            raise RateLimitError("429") if raised == "RateLimitError" else OSError("10.0.0.5")
+
+    namespace: dict[str, Any] = {
+        "graph": Graph(),
+        "openai": type("openai", (), {"RateLimitError": RateLimitError}),
+    }
+    exec(found.group(1), namespace)
+    transport = MemoryTransport()
+    with caplog.at_level(logging.ERROR, logger="my_app"):
+        async with StreamProducer(transport) as producer:
+            run = await producer.start(namespace["answer"]("hi"))
+            assert await run.wait() == "error"
+        events = await collect(transport, run.stream_id)
+    assert events[-1].data == {"error": "RuntimeError", "message": error}
+    logged = [r for r in caplog.records if r.name == "my_app"]
+    assert len(logged) == (raised == "OSError")  # what is not told is logged

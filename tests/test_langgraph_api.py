@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import operator
 import uuid
 from collections.abc import AsyncIterator
@@ -1211,6 +1212,10 @@ class _Counted(TypedDict):
     n: Annotated[list[Any], operator.add]
 
 
+class _ProviderError(Exception):
+    """An exception type outside the API's list of those whose message it sends."""
+
+
 def gated_router(**kw: Any) -> tuple[Any, Any, asyncio.Event, asyncio.Event]:
     """A router over a graph appending to `n`: an input ending with "wait" holds the run
     (`reached` set) until `hold` is set; one ending with "ask" interrupts, one ending with
@@ -1232,6 +1237,8 @@ def gated_router(**kw: Any) -> tuple[Any, Any, asyncio.Event, asyncio.Event]:
             return {"n": [interrupt("q")]}
         if last == "fail":
             raise ValueError("failed on purpose")
+        if last == "leak":  # (a type whose message the API does not send)
+            raise _ProviderError("key sk-123 refused by 10.0.0.5")
         return {"n": ["done"]}
 
     builder = StateGraph(_Counted)
@@ -1630,6 +1637,54 @@ def _tool_router() -> Any:
     return LangGraphRouter(MemoryTransport(), {"agent": graph}, authorize=allow_all)
 
 
+async def test_a_tool_error_s_message_is_sent_only_for_the_api_s_own_list_of_types() -> None:
+    # Regression: a tool's exception went out whole in the `tools` part (a driver's error
+    # naming a host); the Agent Server sends the message of ValueError and the like (and
+    # of their subclasses), "An internal error occurred" for other types.
+    import json
+
+    import httpx
+    from langchain_core.messages import AIMessage
+    from langchain_core.tools import tool
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    @tool
+    async def fetch(q: str) -> str:
+        """Fetch."""
+        if q == "db":
+            raise ConnectionError("db at 10.0.0.5 refused")
+        raise json.JSONDecodeError("bad JSON", q, 0)  # a ValueError
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        calls = [{"name": "fetch", "args": {"q": q}, "id": f"call_{q}"} for q in ("db", "doc")]
+        return {"messages": [AIMessage(content="", tool_calls=calls)]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_node("tools", ToolNode([fetch], handle_tool_errors=True))
+    builder.add_edge(START, "agent")
+    builder.add_edge("agent", "tools")
+    graph = builder.compile(checkpointer=InMemorySaver())
+    api = LangGraphRouter(MemoryTransport(), {"agent": graph}, authorize=allow_all)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        body = {"assistant_id": "agent", "input": {"messages": []}, "stream_mode": ["tools"]}
+        response = await http.post("/threads/t1/runs/stream", json=body)
+    errors = {
+        data["toolCallId"]: data["error"]
+        for kind, data in _sse_parts(response.text)
+        if kind == "tools" and data["event"] == "on_tool_error"
+    }
+    assert errors == {
+        "call_db": {"error": "ConnectionError", "message": "An internal error occurred"},
+        "call_doc": {"error": "JSONDecodeError", "message": "bad JSON: line 1 column 1 (char 0)"},
+    }
+    await api.producer.aclose()
+
+
 def _sse_parts(text: str) -> list[tuple[str, Any]]:
     parts = []
     for block in text.strip().split("\n\n"):
@@ -1712,6 +1767,43 @@ async def test_runs_wait_answers_with_the_values_the_run_ended_with(
     run = response.headers["content-location"]
     assert response.headers["location"] == f"{run}/join"
     await api.producer.aclose()
+
+
+async def test_an_exception_s_message_is_sent_only_for_the_api_s_own_list_of_types(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Regression: the message of any exception a graph raised went to the SDKs as it was
+    # (a provider's error quoting part of a key, a driver's naming a host). The Agent
+    # Server sends it for ValueError, RuntimeError and the like, "An internal error
+    # occurred" for other types: in the stream's error part, runs.wait and runs.join.
+    import httpx
+    from langgraph_sdk import get_client
+
+    from tests._services import uvicorn_server
+
+    hidden = {"error": "_ProviderError", "message": "An internal error occurred"}
+    shown = {"error": "ValueError", "message": "failed on purpose"}
+    api, _graph, _reached, _hold = gated_router()
+    with caplog.at_level(logging.WARNING, "resumable_stream"), uvicorn_server(api) as url:
+        async with get_client(url=url) as sdk:
+            for last, error in (("leak", hidden), ("fail", shown)):
+                thread_id = (await sdk.threads.create())["thread_id"]
+                parts = [
+                    part async for part in sdk.runs.stream(thread_id, "agent", input={"n": [last]})
+                ]
+                assert (parts[-1].event, parts[-1].data) == ("error", error)
+                async with httpx.AsyncClient(base_url=url) as http:
+                    body = {"assistant_id": "agent", "input": {"n": [last]}}
+                    waited = await http.post(f"/threads/{thread_id}/runs/wait", json=body)
+                assert waited.json() == {"__error__": error}
+                # An earlier run, its outcome read from its checkpoint once another ran.
+                failed = await sdk.runs.create(thread_id, "agent", input={"n": [last]})
+                await sdk.runs.join(thread_id, failed["run_id"])
+                await sdk.runs.wait(thread_id, "agent", input={"n": ["go"]})
+                assert await sdk.runs.join(thread_id, failed["run_id"]) == {"__error__": error}
+                assert "sk-123" not in str(parts)
+    # The server's log has what the clients are not told.
+    assert "_ProviderError: key sk-123 refused by 10.0.0.5" in caplog.text
 
 
 async def test_runs_join_of_an_earlier_run_gives_its_own_outcome() -> None:

@@ -510,6 +510,25 @@ async def test_a_source_s_exception_is_logged_with_its_traceback(
     assert record.exc_info is not None and record.exc_info[0] is LookupError
 
 
+async def test_a_source_s_exception_holding_a_lone_surrogate_is_logged_escaped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Its traceback holds the message as it is: a handler writing UTF-8 failed on the
+    # record (pytest-xdist could not send the test's report: its worker crashed).
+    async def source():
+        yield "kept "
+        raise RuntimeError("the provider said \ud83d")
+
+    with caplog.at_level(logging.WARNING, logger="resumable_stream"):
+        run = await StreamProducer(MemoryTransport()).start(source(), stream_id="escaped")
+        assert await run.wait() == "error"
+    [record] = [r for r in caplog.records if "source raised" in r.getMessage()]
+    logged = caplog.text
+    logged.encode()  # (it raised UnicodeEncodeError)
+    assert "RuntimeError: the provider said \\ud83d" in logged
+    assert "Traceback (most recent call last)" in logged and record.exc_info is None
+
+
 async def test_the_error_about_an_oversized_event_fits_the_smallest_limit() -> None:
     # At max_event_bytes=100 the error event describing the EventTooLarge was itself too
     # large: the run failed without a terminal event and its readers waited for the lease.

@@ -12,6 +12,7 @@ import logging
 import math
 import secrets
 import time
+import traceback
 from collections.abc import AsyncIterable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Literal, Self
@@ -158,6 +159,22 @@ def _held(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseExc
                 return found
         return None
     return exc if isinstance(exc, kinds) else None
+
+
+def _log_source_failure(stream_id: str, exc: Exception) -> None:
+    """Log what the source raised, with its traceback: the stream's error event says what
+    it was, but HTTP clients may be shown no more than that an error occurred (ai_sdk)."""
+    message = "run %s: the source raised or yielded a bad event; the stream ends with an error"
+    text = "".join(traceback.format_exception(exc))
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate in a message (half an emoji from a provider): a handler writing
+        # UTF-8 would fail on the record; escaped, it is written.
+        escaped = text.encode("utf-8", "backslashreplace").decode()
+        logger.warning(message + "\n%s", stream_id, escaped.rstrip("\n"))
+        return
+    logger.warning(message, stream_id, exc_info=exc)
 
 
 class _RolledBack(Exception):
@@ -575,14 +592,7 @@ class Run:
                 terminal = (ERROR, error_data(exc))
         except BaseException as exc:  # an Exception, or a BaseException (a test's failure)
             if isinstance(exc, Exception):
-                # With its traceback: the stream's error event says what it was, but HTTP
-                # clients may be shown no more than that an error occurred (ai_sdk).
-                logger.warning(
-                    "run %s: the source raised or yielded a bad event; the stream ends with "
-                    "an error event",
-                    self.stream_id,
-                    exc_info=exc,
-                )
+                _log_source_failure(self.stream_id, exc)
             else:
                 logger.info("run %s: source raised %r", self.stream_id, exc)
             terminal = (ERROR, error_data(exc))

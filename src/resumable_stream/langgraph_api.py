@@ -517,6 +517,44 @@ def _parts(item: Any) -> Iterable[Item]:
     return stream_parts(item)
 
 
+#: The errors whose message the API sends: the Agent Server's serializer keeps the message
+#: of these exception types (and of their subclasses) and sends "An internal error
+#: occurred" for any other, whose message may hold what only the server should see (a
+#: provider's error quoting part of a key, a driver's naming a host). Then the library's
+#: own errors, whose messages are its own words.
+_SHOWN_ERRORS = frozenset(
+    {
+        "ValueError",
+        "TypeError",
+        "KeyError",
+        "AttributeError",
+        "RuntimeError",
+        "RecursionError",
+        "TimeoutError",
+        "InvalidUpdateError",
+        "GraphRecursionError",
+        "GraphBubbleUp",
+        "GraphInterrupt",
+        "NodeInterrupt",
+        "ParentCommand",
+        "EmptyInputError",
+        "TaskNotFound",
+        "HTTPException",
+        "UserInterrupt",
+        "producer_lost",
+        "storage_rollback",
+        "not_started",
+        "run_values_gone",
+    }
+)
+_INTERNAL_ERROR_TEXT = "An internal error occurred"
+
+
+def _shown_error(error: BaseException) -> bool:
+    """Whether the API sends ``error``'s message (see ``_SHOWN_ERRORS``)."""
+    return any(kind.__name__ in _SHOWN_ERRORS for kind in type(error).__mro__)
+
+
 def _encode_part(event: Event) -> bytes:
     """One stored part as the SSE block the SDKs read: ``id``, ``event``, ``data``."""
     kind = event.type
@@ -2630,21 +2668,28 @@ async def _run_source(plan: _Plan, started: asyncio.Future[str]) -> AsyncGenerat
         "assistant_id": plan.assistant_id,
     }
     config = {**config, "run_id": uuid.UUID(run_id), "metadata": metadata}
-    # An exception ends the run with an `error` part: {error, message}, the API's shape.
-    if not plan.tools:
-        async for item in plan.graph.astream(plan.inputs, config, **plan.kwargs):
-            yield item
-        return
-    config["callbacks"] = [_tool_events()]
-    async for item in plan.graph.astream(plan.inputs, config, **plan.kwargs):
-        *namespace, mode, payload = item
-        if mode == "custom":
-            if type(payload) is _ToolPart:
-                yield (*namespace, "tools", payload.data)
-            elif plan.custom:
+    # An exception ends the run with an `error` part: {error, message}, the API's shape,
+    # with the message of the types the API sends it for only (_shown_error).
+    try:
+        if not plan.tools:
+            async for item in plan.graph.astream(plan.inputs, config, **plan.kwargs):
                 yield item
-        else:
-            yield item
+            return
+        config["callbacks"] = [_tool_events()]
+        async for item in plan.graph.astream(plan.inputs, config, **plan.kwargs):
+            *namespace, mode, payload = item
+            if mode == "custom":
+                if type(payload) is _ToolPart:
+                    yield (*namespace, "tools", payload.data)
+                elif plan.custom:
+                    yield item
+            else:
+                yield item
+    except Exception as exc:
+        if _shown_error(exc):
+            raise
+        # Stored under its type's name, with the API's text; the producer logs the cause.
+        raise type(type(exc).__name__, (Exception,), {})(_INTERNAL_ERROR_TEXT) from exc
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -2715,7 +2760,10 @@ def _tool_events() -> Any:
             # An interrupt (or a Command to the parent graph) pauses the tool, it did not
             # fail: it runs again on resume and reports its start and end then.
             if not isinstance(error, GraphBubbleUp):
-                error_data = {"error": type(error).__name__, "message": str(error)}
+                # The message of a type the API sends, or of a subclass of one (the
+                # exception is at hand here, unlike a run's stored error).
+                message = str(error) if _shown_error(error) else _INTERNAL_ERROR_TEXT
+                error_data = {"error": type(error).__name__, "message": message}
                 self._write(run_id, "on_tool_error", "error", error_data)
             del self.tools[run_id]
 
@@ -2762,16 +2810,20 @@ def _failure(state: Any) -> dict[str, Any] | None:
         if error is None or _cancellation(error):
             continue
         if isinstance(error, BaseException):
-            return {"error": type(error).__name__, "message": str(error)}
+            shown = str(error) if _shown_error(error) else _INTERNAL_ERROR_TEXT
+            return {"error": type(error).__name__, "message": shown}
         text = str(error)
         name, _, args = text.partition("(")
         message: Any = text
         with contextlib.suppress(ValueError, SyntaxError):
             message = ast.literal_eval(args[:-1]) if args.endswith(")") else text
-        return {
-            "error": name if name.isidentifier() else "Error",
-            "message": message if isinstance(message, str) else text,
-        }
+        if not name.isidentifier():
+            name = "Error"
+        # (Its type's name is all that is kept: a subclass of the types the API sends the
+        # message of gets the internal-error text.)
+        if name not in _SHOWN_ERRORS:
+            message = _INTERNAL_ERROR_TEXT
+        return {"error": name, "message": message if isinstance(message, str) else text}
     return None
 
 

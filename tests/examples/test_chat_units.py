@@ -18,6 +18,7 @@ from chat_service.__main__ import main
 from chat_service.app import create_app
 from chat_service.auth import session_value, user_from_session, user_from_token
 from chat_service.cache import MemoryCache, RedisCache, cache_key
+from chat_service.events import FAILED_MESSAGE as FAILED
 from chat_service.events import LOST, RUN_STARTED, SHUTDOWN, to_ndjson, to_sse
 from chat_service.settings import Settings, SettingsError
 
@@ -155,9 +156,20 @@ async def test_redis_cache_keeps_a_ttl_under_a_millisecond(redis_url: str) -> No
             Event("metadata", {"status": "stopped"}, "1-3-0"),
         ),
         (
-            Event("error", {"error": "ValueError", "message": "bad"}, "1-3-0"),
-            Event("system", {"type": "error", "code": "ValueError", "message": "bad"}, "1-3-0"),
-            Event("error", {"code": "ValueError", "message": "bad"}, "1-3-0"),
+            # A model's or a tool's exception: its message stays on the server (the log).
+            Event("error", {"error": "ValueError", "message": "key sk-1 bad"}, "1-3-0"),
+            Event("system", {"type": "error", "code": "ValueError", "message": FAILED}, "1-3-0"),
+            Event("error", {"code": "ValueError", "message": FAILED}, "1-3-0"),
+        ),
+        (
+            # The service's own error, written for the user.
+            Event("error", {"error": "UnknownModelError", "message": "unknown x"}, "1-3-0"),
+            Event(
+                "system",
+                {"type": "error", "code": "UnknownModelError", "message": "unknown x"},
+                "1-3-0",
+            ),
+            Event("error", {"code": "UnknownModelError", "message": "unknown x"}, "1-3-0"),
         ),
         (
             Event("update", {"mode": None, "node": None, "data": {}}, "1-4-0"),

@@ -118,9 +118,20 @@ def to_ndjson(event: Event) -> Event | None:
     return None
 
 
+#: Errors of the service's own whose messages are written for the user (a model the run's
+#: config names that this service does not serve, or cannot reach: what to change).
+_OWN_ERRORS = frozenset({"UnknownModelError", "ModelUnavailableError"})
+#: What a reader is told of any other error of the answer (a model provider's, a tool's):
+#: its code (the exception's class) and this, not the exception's message, which may hold
+#: what only the server should see (a key's prefix, a host); the server's log has it.
+FAILED_MESSAGE = "the answer failed; retry"
+
+
 def _error(data: dict[str, Any]) -> dict[str, Any]:
     code = str(data.get("error") or "error")
-    message = _MESSAGES.get(code) or str(data.get("message") or code)
+    message = _MESSAGES.get(code)
+    if message is None:
+        message = str(data.get("message") or code) if code in _OWN_ERRORS else FAILED_MESSAGE
     return {"code": code, "message": message}
 
 
