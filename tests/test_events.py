@@ -68,6 +68,33 @@ def test_complete_messages_keep_tool_calls() -> None:
     assert data["message"]["tool_calls"] == [{"id": "c1", "name": "search", "args": {"q": "x"}}]
 
 
+def test_a_tool_messages_artifact_is_kept_in_message_and_tool_end_events() -> None:
+    # Regression: a tool's artifact (response_format="content_and_artifact": the data for
+    # the app beside the text for the model) was dropped from the `message` event of its
+    # ToolMessage and from its `tool_end` output; the LangGraph API sends it.
+    import datetime as dt
+
+    import pydantic
+
+    class Hit(pydantic.BaseModel):
+        title: str
+        day: dt.date
+
+    artifact = {"hits": [Hit(title="Redis", day=dt.date(2026, 1, 2))], "raw": b"hi"}
+    message = ToolMessage(content="found", tool_call_id="c1", id="t", artifact=artifact)
+    wire = {"hits": [{"title": "Redis", "day": "2026-01-02"}], "raw": "aGk="}
+    ((kind, data),) = normalize((message, {"langgraph_node": "tools"}))
+    assert kind == "message"
+    assert data["message"]["artifact"] == wire
+    event = {"event": "on_tool_end", "name": "search", "run_id": "r", "data": {"output": message}}
+    ((kind, data),) = normalize(event)
+    assert kind == "tool_end"
+    assert data["output"]["artifact"] == wire
+    assert data["output"]["tool_call_id"] == "c1"
+    # No artifact, no key: the compact form stays as it was.
+    assert "artifact" not in message_to_dict(ToolMessage(content="x", tool_call_id="c1"))
+
+
 def test_unknown_objects_become_custom_events() -> None:
     @dataclass
     class Point:

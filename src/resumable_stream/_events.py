@@ -199,6 +199,10 @@ def message_to_dict(message: Any) -> dict[str, Any]:
     usage = getattr(message, "usage_metadata", None)
     if usage:
         out["usage"] = to_jsonable(usage)
+    # A tool's data for the app beside its text for the model (ToolMessage.artifact).
+    artifact = getattr(message, "artifact", None)
+    if artifact is not None:
+        out["artifact"] = to_jsonable(artifact)
     return out
 
 
