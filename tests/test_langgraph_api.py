@@ -1694,6 +1694,63 @@ def _sse_parts(text: str) -> list[tuple[str, Any]]:
     return parts
 
 
+async def test_a_tool_messages_artifact_reaches_the_sdks_wherever_the_message_goes() -> None:
+    # The Agent Server writes a message as its model_dump(), every field: a ToolMessage's
+    # artifact (response_format="content_and_artifact") too, which UIs read for the data
+    # beside the model's text. Kept in every stream mode, in the state and the history.
+    import datetime as dt
+
+    import pydantic
+    from langchain_core.messages import AIMessage
+    from langchain_core.tools import tool
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import START, MessagesState, StateGraph
+    from langgraph.prebuilt import ToolNode
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    class Hit(pydantic.BaseModel):
+        title: str
+        day: dt.date
+
+    @tool(response_format="content_and_artifact")
+    async def search(q: str) -> tuple[str, dict[str, Any]]:
+        """Search."""
+        return f"found {q}", {"hits": [Hit(title="Redis", day=dt.date(2026, 1, 2))], "n": 1}
+
+    def agent(state: MessagesState) -> dict[str, Any]:
+        call = {"name": "search", "args": {"q": "x"}, "id": "call_1"}
+        return {"messages": [AIMessage(content="", id="ai", tool_calls=[call])]}
+
+    builder = StateGraph(MessagesState)
+    builder.add_node("agent", agent)
+    builder.add_node("tools", ToolNode([search]))
+    builder.add_edge(START, "agent")
+    builder.add_edge("agent", "tools")
+    graph = builder.compile(checkpointer=InMemorySaver())
+    api = LangGraphRouter(MemoryTransport(), {"agent": graph}, authorize=allow_all)
+    artifact = {"hits": [{"title": "Redis", "day": "2026-01-02"}], "n": 1}
+    modes = ["values", "messages-tuple", "updates", "tools"]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(api), base_url="http://t") as http:
+        body = {"assistant_id": "agent", "input": {"messages": []}, "stream_mode": modes}
+        parts = _sse_parts((await http.post("/threads/t1/runs/stream", json=body)).text)
+        state = (await http.get("/threads/t1/state")).json()
+        history = (await http.post("/threads/t1/history", json={})).json()
+    found = {
+        "values": parts[-2][1]["messages"][1],
+        "messages": next(d[0] for k, d in parts if k == "messages" and d[0]["type"] == "tool"),
+        "updates": next(d["tools"] for k, d in parts if k == "updates" and "tools" in d),
+        "tools": next(d["output"] for k, d in parts if k == "tools" and "output" in d),
+        "state": state["values"]["messages"][1],
+        "history": history[0]["values"]["messages"][1],
+    }
+    found["updates"] = found["updates"]["messages"][0]
+    for where, message in found.items():
+        assert (where, message["type"], message["tool_call_id"]) == (where, "tool", "call_1")
+        assert (where, message["artifact"], message["status"]) == (where, artifact, "success")
+    await api.producer.aclose()
+
+
 @pytest.mark.parametrize("modes", [["tools"], ["tools", "custom", "updates"]])
 async def test_tools_stream_mode_gives_each_tool_calls_lifecycle(modes: list[str]) -> None:
     # Regression: stream_mode "tools" (useStream asks for it once a UI reads toolProgress

@@ -162,6 +162,25 @@ def test_use_stream_shows_tool_progress(service: AppProcess, node_modules: Path)
     assert seen["events"] == [["on_tool_start", "calculator"], ["on_tool_end", "calculator"]]
 
 
+async def test_use_stream_gives_a_tool_messages_artifact(
+    service: AppProcess, node_modules: Path
+) -> None:
+    # web_search returns its hits as the ToolMessage's artifact: useStream's messages
+    # carry it as the thread's state holds it, as from the Agent Server.
+    headers = bearer()
+    token = headers["Authorization"].removeprefix("Bearer ")
+    seen = run_node(
+        node_modules, "langgraph_tool_progress.mjs", service.url, token, "search redis streams"
+    )
+    assert seen["error"] is None
+    assert seen["types"] == ["human", "ai", "tool", "ai"]
+    [artifact] = seen["artifacts"]
+    assert artifact and set(artifact[0]) == {"title", "snippet", "source"}
+    _, _, state = await langgraph_run(service, headers, "search redis streams", ["values"])
+    [stored] = [m["artifact"] for m in state["values"]["messages"] if m["type"] == "tool"]
+    assert artifact == stored
+
+
 def test_ai_sdk_on_service_threads(service: AppProcess, node_modules: Path) -> None:
     headers = bearer()
     token = headers["Authorization"].removeprefix("Bearer ")

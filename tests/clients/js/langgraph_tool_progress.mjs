@@ -1,7 +1,7 @@
 // `useStream` from the real @langchain/langgraph-sdk/react under jsdom, with a UI that
 // reads `toolProgress` and sets `onToolEvent` (each asks the server for the "tools"
 // stream mode): submit a question the agent answers with a tool, and record each tool
-// event and each tool progress state rendered.
+// event and each tool progress state rendered, and the artifact of each tool message.
 // Prints one JSON line of what it saw.
 // Usage: node langgraph_tool_progress.mjs <service> <token> <prompt>
 import { JSDOM } from "jsdom";
@@ -46,6 +46,7 @@ const error = hook.result.current.error;
 hook.unmount();
 console.log(
   JSON.stringify({
+    artifacts: messages.filter((m) => m.type === "tool").map((m) => m.artifact ?? null),
     error: error ? String(error) : null,
     events,
     states,
