@@ -213,14 +213,14 @@ def test_lone_surrogates_are_stored_as_u_fffd_in_any_event() -> None:
         tok("x\ud800y"),
         tok("\udc00 lone low", "m1", "agent"),
         ("custom", {"name": "n\ud800", "data": {"k\udfff": ["v\ud800", Note("n\udc00")]}}),
-        ("token", {"text": "a\ud800", "message_id": "m1", "node": "agent", "ns": ["s"]}),
+        ("token", {"text": "a\ud800b", "message_id": "m1", "node": "agent", "ns": ["s"]}),
         ("error", {"error": "RuntimeError", "message": "cut \ud83d"}),
     ]
     assert [(e.type, e.data) for e in decode_entry(encode_entry(items), 1, 1)] == [
         tok("x\ufffdy"),
         tok("\ufffd lone low", "m1", "agent"),
         ("custom", {"name": "n\ufffd", "data": {"k\ufffd": ["v\ufffd", {"text": "n\ufffd"}]}}),
-        ("token", {"text": "a\ufffd", "message_id": "m1", "node": "agent", "ns": ["s"]}),
+        ("token", {"text": "a\ufffdb", "message_id": "m1", "node": "agent", "ns": ["s"]}),
         ("error", {"error": "RuntimeError", "message": "cut \ufffd"}),
     ]
     with pytest.raises(TypeError):  # what JSON cannot hold otherwise still raises
@@ -257,6 +257,90 @@ def test_a_pair_split_across_two_tokens_of_one_message_is_joined() -> None:
         tok("\ufffdg"),
         tok("h", "m1", "agent"),
         tok("\ufffd", "m1", "agent"),
+    ]
+
+
+def test_token_metadata_holding_a_lone_surrogate_is_written_as_u_fffd() -> None:
+    # Regression: a token whose message_id or node held a lone surrogate raised TypeError
+    # (orjson refuses it), which ended the whole answer with an `error`.
+    items = [
+        tok("a", "m\ud800", "agent"),
+        tok("b", "m\ud800", "agent"),  # the same metadata: written as a bare string
+        tok("c\ud83d", "m", "node \udc00"),
+        tok("\ude00d", "m", "node \udc00"),  # the pair of that message's tokens, joined
+        ("token", {"text": "e", "message_id": {"k\udfff": "v\ud800"}, "node": None}),
+        tok("f"),
+    ]
+    payload = encode_entry(items)
+    assert payload.count(b'"m\xef\xbf\xbd"') == 1
+    assert [(e.type, e.data) for e in decode_entry(payload, 1, 1)] == [
+        tok("a", "m\ufffd", "agent"),
+        tok("b", "m\ufffd", "agent"),
+        tok("c", "m", "node \ufffd"),
+        tok("\U0001f600d", "m", "node \ufffd"),
+        ("token", {"text": "e", "message_id": {"k\ufffd": "v\ufffd"}, "node": None}),
+        tok("f"),
+    ]
+    with pytest.raises(TypeError, match="'token' event cannot be written"):
+        encode_entry([tok("x", "m\ud800", 2**70)])  # what JSON cannot hold otherwise
+
+
+def sub(text: str, message_id: str = "m", **more: object) -> tuple[str, dict]:
+    """A token with keys besides its text and metadata: a subgraph's (``ns``) by default."""
+    data = {"text": text, "message_id": message_id, "node": "agent", "ns": ["sub:1"]}
+    return ("token", {**data, **more})
+
+
+def test_a_pair_split_across_tokens_with_more_keys_is_joined() -> None:
+    # Regression: a subgraph's token (`ns`) or a reasoning one ending with the first half of
+    # a pair was written with U+FFFD, and so was the second half in the next one: the
+    # character was lost where a plain token's arrives whole.
+    items = [
+        sub("a\ud83d"),
+        sub("\ude00b"),
+        sub("\ud83d"),  # that half alone: nothing written yet
+        sub("\ude00", usage={"output_tokens": 2}),  # more keys: still the message's text
+        sub("c\ud83d"),
+        sub("\ude00d", ns=["other:2"]),  # another subgraph's: not joined
+        sub("e\ud83d"),
+        tok("\ude00f", "m", "agent"),  # the parent graph's: not joined
+        sub("", reasoning="think \ud83d"),
+        sub("", reasoning="\ude00 more"),
+        sub("", reasoning="\ud83d"),  # reasoning's half, then text: not joined
+        sub("\ude00g"),
+        sub("h\ud83d", finish_reason="stop"),  # the end
+    ]
+    assert [(e.type, e.data) for e in decode_entry(encode_entry(items), 1, 1)] == [
+        sub("a"),
+        sub("\U0001f600b"),
+        sub("\U0001f600", usage={"output_tokens": 2}),
+        sub("c"),
+        sub("\ufffd"),
+        sub("\ufffdd", ns=["other:2"]),
+        sub("e"),
+        sub("\ufffd"),
+        tok("\ufffdf", "m", "agent"),
+        sub("", reasoning="think "),
+        sub("", reasoning="\U0001f600 more"),
+        sub("", reasoning="\ufffd"),
+        sub("\ufffdg"),
+        sub("h", finish_reason="stop"),
+        sub("\ufffd"),
+    ]
+
+
+def test_a_half_held_by_a_token_with_more_keys_keeps_the_metadata_of_bare_tokens() -> None:
+    # The U+FFFD of a half pair a reasoning token held is a token of text alone: written
+    # with its metadata as stored (lone surrogates replaced), and the bare tokens after it
+    # keep theirs.
+    more = {"text": "b\ud83d", "message_id": "m\ud800", "node": None, "usage": {"n": 1}}
+    items = [tok("a", "m1"), ("token", more), tok("c", "m1"), tok("d", "m1")]
+    assert [(e.type, e.data) for e in decode_entry(encode_entry(items), 1, 1)] == [
+        tok("a", "m1"),
+        ("token", {**more, "text": "b", "message_id": "m\ufffd"}),
+        tok("\ufffd", "m\ufffd"),
+        tok("c", "m1"),
+        tok("d", "m1"),
     ]
 
 

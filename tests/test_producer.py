@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from langchain_core.messages import AIMessageChunk
+from langchain_core.messages import AIMessage, AIMessageChunk
 
 from resumable_stream import (
     BackendRefused,
@@ -640,6 +640,132 @@ async def test_lone_surrogates_are_written_as_u_fffd_and_the_answer_goes_on() ->
         "error",
         "the provider said \ufffd",
     )
+
+
+def _raised(half: str) -> Any:
+    async def source() -> Any:
+        yield "before"
+        raise RuntimeError(f"the tool said {half}")
+
+    return source()
+
+
+#: A source's item of each kind, holding the lone half given (or U+FFFD) in its strings.
+_ITEMS_WITH: dict[str, Callable[[str], Any]] = {
+    "token-message-id": lambda h: model_token("x", message_id=f"m{h}"),
+    "token-node": lambda h: {
+        "event": "on_chat_model_stream",
+        "data": {"chunk": AIMessageChunk("x", id="m")},
+        "metadata": {"langgraph_node": f"agent {h}"},
+    },
+    "token-ns": lambda h: (
+        (f"sub{h}:1",),
+        "messages",
+        (AIMessageChunk(f"x{h}y", id=f"m{h}"), {"langgraph_node": "agent"}),
+    ),
+    "reasoning": lambda h: {
+        "event": "on_chat_model_stream",
+        "data": {
+            "chunk": AIMessageChunk(
+                [
+                    {"type": "reasoning", "reasoning": f"{h} think"},
+                    {"type": "text", "text": f"{h}!"},
+                ],
+                id=f"m{h}",
+            )
+        },
+        "metadata": {"langgraph_node": "agent"},
+    },
+    "message": lambda h: (AIMessage(f"x{h}", id=f"m{h}"), {"langgraph_node": f"agent{h}"}),
+    "tool-start": lambda h: {
+        "event": "on_tool_start",
+        "name": f"search{h}",
+        "run_id": "r",
+        "data": {"input": {f"q{h}": f"x{h}"}},
+        "metadata": {"langgraph_node": "tools"},
+    },
+    "tool-end": lambda h: {
+        "event": "on_tool_end",
+        "name": "search",
+        "run_id": "r",
+        "data": {"output": f"found {h}"},
+        "metadata": {},
+    },
+    "custom": lambda h: ("custom", {f"k{h}": [f"v{h}", {h: h}]}),
+    "update": lambda h: ("updates", {f"node{h}": {"k": f"v{h}"}}),
+    "interrupt": lambda h: ("updates", {"__interrupt__": [{"value": f"ask {h}", "id": h}]}),
+    "error-relayed": lambda h: {"type": "error", "data": {"error": f"E{h}", "message": h}},
+}
+
+
+@pytest.mark.parametrize("kind", [*_ITEMS_WITH, "error-raised"])
+async def test_a_lone_surrogate_in_any_event_is_written_as_u_fffd(kind: str) -> None:
+    # Regression: a token whose message_id or node held a lone surrogate (orjson refuses
+    # one) ended the whole answer with a TypeError `error`. Any event holding one, in any
+    # string or key, is written as the same event with U+FFFD in its place would be.
+    async def source(half: str) -> Any:
+        if kind == "error-raised":
+            async for item in _raised(half):
+                yield item
+        yield _ITEMS_WITH[kind](half)
+        yield model_token("after")
+
+    written = []
+    for half in ("\ud83d", "\ufffd"):
+        transport = MemoryTransport()
+        run = await StreamProducer(transport).start(source(half))
+        status = await asyncio.wait_for(run.wait(), timeout=10)
+        events = await collect(transport, run.stream_id)
+        written.append((status, [(e.type, e.data) for e in events]))
+    assert written[0] == written[1]
+    assert written[0][0] == ("error" if kind.startswith("error") else "completed")
+    assert "\ufffd" in repr(written[0][1])
+
+
+async def test_a_subgraphs_pair_split_across_tokens_reaches_readers_whole() -> None:
+    # Regression: a subgraph's token (with `ns`) ending with the first half of a pair was
+    # written with U+FFFD, and so was the second half in the next token: the character
+    # was lost where the parent graph's arrives whole. Reasoning the same.
+    def chunk(content: Any) -> Any:
+        return (("sub:1",), "messages", (AIMessageChunk(content, id="m"), {"langgraph_node": "a"}))
+
+    def think(text: str) -> Any:
+        return chunk([{"type": "reasoning", "reasoning": text}])
+
+    async def source() -> Any:
+        for item in (chunk("a\ud83d"), chunk("\ude00b"), think("c\ud83d"), think("\ude00d")):
+            yield item
+        yield chunk("e\ud83d")
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(source())
+    assert await asyncio.wait_for(run.wait(), timeout=10) == "completed"
+    events = await collect(transport, run.stream_id)
+    assert joined(events) == "a\U0001f600be\ufffd"
+    assert "".join(e.data.get("reasoning", "") for e in events) == "c\U0001f600d"
+    assert all(e.data["ns"] == ["sub:1"] for e in events[:-1])
+
+
+@pytest.mark.parametrize("transport_kind", ["redis"])
+async def test_lone_surrogates_in_metadata_and_subgraph_tokens_reach_redis_readers(
+    transport: Transport,
+) -> None:
+    async def source() -> Any:
+        yield model_token("a\ud83d", message_id="m\ud800")
+        yield model_token("\ude00b", message_id="m\ud800")
+        yield (("sub:1",), "messages", (AIMessageChunk("c\ud83d", id="m"), {}))
+        yield (("sub:1",), "messages", (AIMessageChunk("\ude00d", id="m"), {}))
+        yield ("custom", {"k\udfff": "v\ud800"})
+
+    run = await StreamProducer(transport).start(source())
+    assert await asyncio.wait_for(run.wait(), timeout=10) == "completed"
+    events = await asyncio.wait_for(collect(transport, run.stream_id), timeout=10)
+    assert joined(events) == "a\U0001f600bc\U0001f600d"
+    assert [e.data["message_id"] for e in events if e.type == "token"][:2] == ["m\ufffd"] * 2
+    assert [(e.type, e.data) for e in events[-2:]] == [
+        ("custom", {"data": {"k\ufffd": "v\ufffd"}}),
+        ("end", {}),
+    ]
 
 
 @pytest.mark.parametrize("shape", ["plain", "model"])

@@ -13,9 +13,10 @@ events into an entry when it writes (:func:`join_entry`).
 
 Text UTF-8 cannot hold (a lone UTF-16 surrogate: half of a pair a provider's ``\\ud83d``
 escape or a cut string left) is written as U+FFFD, as a browser's ``TextDecoder`` or any
-UTF-8 pipeline does, rather than ending the run. A token ending with the first half of a
-pair keeps that half back: the next token of the same message starting with the second
-half gets the character whole; anything else gets U+FFFD for it.
+UTF-8 pipeline does, rather than ending the run. A token whose text (or ``reasoning``)
+ends with the first half of a pair keeps that half back: the next token of the same
+message (``message_id``, ``node`` and ``ns``) whose text (or reasoning) starts with the
+second half gets the character whole; anything else gets U+FFFD for it.
 
 An offset names one event: ``"<epoch>-<seq>-<index>"``, where ``epoch`` identifies the run
 that wrote the stream (a new run under the same id gets a new, larger epoch: the time it
@@ -38,6 +39,10 @@ from ._exceptions import EventTooLarge, InvalidOffset
 
 _DUMPS_OPTIONS = orjson.OPT_NON_STR_KEYS
 _TOKEN_KEYS = frozenset({"text", "message_id", "node"})
+# The keys of a token that may hold nothing but where it belongs (message_id, node, ns).
+_BARE_KEYS = frozenset({"text", "message_id", "node", "ns", "reasoning"})
+# A token's text fields a half pair may end, and its next one continue.
+_TEXT_FIELDS = ("text", "reasoning")
 _NO_META = (None, None)
 _NO_META_SIZE = len(b'{"message_id":null,"node":null}')
 # A token's [type, data] JSON is its text's JSON, its metadata's JSON (whose "{" it shares)
@@ -147,13 +152,35 @@ def _converted(kind: str, data: dict[str, Any], exc: TypeError) -> bytes:
     """The JSON of an event orjson refused: converted first, as sources' values are, if
     that is what it lacked (a dict key it does not take: a tuple, an integer beyond 64
     bits; a lone surrogate, written as U+FFFD); else ``exc``, naming the event."""
+    return _dumps((kind, _convertible(kind, data, exc)))
+
+
+def _convertible(kind: str, data: dict[str, Any], exc: TypeError) -> dict[str, Any]:
+    """``data`` converted as :func:`_converted` does, checked: JSON orjson writes."""
     from ._events import to_jsonable
 
     try:
-        return _dumps((kind, _valid(to_jsonable(data))))
+        converted: dict[str, Any] = _valid(to_jsonable(data))
+        _dumps(converted)
+        return converted
     except Exception:
         pass
     raise TypeError(f"a {kind!r} event cannot be written as JSON: {exc}") from exc
+
+
+def _holds_nothing(token: dict[str, Any]) -> bool:
+    """True for a token holding only where it belongs (no text, no reasoning): one that
+    held only a half pair writes nothing until the half is continued."""
+    return not token.keys() - _BARE_KEYS and all(
+        type(token.get(field, "")) is str and not token.get(field) for field in _TEXT_FIELDS
+    )
+
+
+def _place(data: dict[str, Any]) -> tuple[Any, ...]:
+    """Where a token belongs: its ``(message_id, node)``, and its ``ns`` if it has one."""
+    ns = data.get("ns")
+    meta = (data.get("message_id"), data.get("node"))
+    return meta if ns is None else (*meta, ns)
 
 
 #: One event checked and prepared for storage, as :class:`EventEncoder` returns it: a token
@@ -185,8 +212,9 @@ class EventEncoder:
         #: The same limits for the producer's fast paths (an ASCII token within them needs
         #: no check): -1 while a half pair is held, so that every token comes here.
         self.text_limit = self.plain_text_limit = self._limit
-        #: The first half of a pair that ended the last token, and that token's metadata.
-        self._held: tuple[str, tuple[Any, Any]] | None = None
+        #: The first half of a pair that ended the last token's text (or reasoning: the
+        #: field), and where that token belongs (:func:`_place`).
+        self._held: tuple[str, tuple[Any, ...], str] | None = None
         #: A held half that the event just encoded does not continue, as a token of
         #: U+FFFD: it is written *before* that event (the caller takes it).
         self.released: Encoded | None = None
@@ -200,8 +228,10 @@ class EventEncoder:
         An event JSON cannot hold (an integer beyond 64 bits...) raises ``TypeError``. None
         for a token that holds nothing to write yet (the first half of a pair alone).
         """
-        if kind == TOKEN and type(data.get("text")) is str and data.keys() == _TOKEN_KEYS:
-            return self.token(data["text"], data["message_id"], data["node"])
+        if kind == TOKEN and type(data.get("text")) is str:
+            if data.keys() == _TOKEN_KEYS:
+                return self.token(data["text"], data["message_id"], data["node"])
+            return self._token_with_keys(data)
         return self.event(kind, data)
 
     def event(self, kind: str, data: dict[str, Any]) -> bytes:
@@ -220,18 +250,78 @@ class EventEncoder:
 
     def token(self, text: str, message_id: Any, node: Any) -> Encoded | None:
         """Check a ``token`` event with string text (None: nothing to write yet)."""
-        if self._held is not None:
-            text = self._resume(self._held, text, (message_id, node))
         if message_id is None and node is None:
+            if self._held is not None:
+                text = self._resume(self._held, text, _NO_META)
             return self.check_text(text, _NO_META_SIZE, self._plain_limit)
         meta = (message_id, node)
         if meta != self.meta:
-            # Raises here if the metadata cannot be JSON; join_entry() converts it the same.
-            self._meta_size = len(_dumps({"message_id": message_id, "node": node}))
-            self._limit = self.text_limit = self._text_limit(self._meta_size)
-            self.meta = meta
+            meta = self._new_meta(meta)
+        if self._held is not None:
+            text = self._resume(self._held, text, meta)
         checked = self.check_text(text, self._meta_size, self._limit, meta)
         return None if checked is None else (checked, meta)
+
+    def _new_meta(self, meta: tuple[Any, Any]) -> tuple[Any, Any]:
+        """Take a token's new ``(message_id, node)`` as :attr:`meta`, as it is written: with
+        its lone surrogates as U+FFFD (a raw one of the tokens after it differs from it,
+        and comes here again: rare). Raises if it cannot be JSON otherwise."""
+        data = {"message_id": meta[0], "node": meta[1]}
+        try:
+            self._meta_size = len(_dumps(data))
+        except TypeError as exc:
+            data = _convertible(TOKEN, data, exc)
+            meta = (data["message_id"], data["node"])
+            self._meta_size = len(_dumps(data))
+        self._limit = self.text_limit = self._text_limit(self._meta_size)
+        self.meta = meta
+        return meta
+
+    def _token_with_keys(self, data: dict[str, Any]) -> bytes | None:
+        """:meth:`encode` for a token of string text with more keys than its metadata
+        (``ns``, ``reasoning``, ``usage``...): its half pairs are kept back as a plain
+        token's are, in its text and its reasoning."""
+        if self._held is not None:
+            data = self._resume_with_keys(self._held, data)
+        try:
+            body = _dumps((TOKEN, data))
+        except TypeError as exc:
+            return self._repaired_with_keys(data, exc)
+        if len(body) > self.max_event_bytes:
+            self.too_large(TOKEN, len(body))
+        return body
+
+    def _repaired_with_keys(self, data: dict[str, Any], exc: TypeError) -> bytes | None:
+        held = None
+        for field in _TEXT_FIELDS:
+            value = data.get(field)
+            if type(value) is str and value and _high_surrogate(value[-1]):
+                data = {**data, field: value[:-1]}
+                held = (value[-1], _place(data), field)
+                break
+        converted = _convertible(TOKEN, data, exc)
+        body = None
+        if held is None or not _holds_nothing(data):
+            body = _dumps((TOKEN, converted))
+            if len(body) > self.max_event_bytes:
+                self.too_large(TOKEN, len(body))
+        if held is not None:  # (once the rest fits)
+            self._held = held
+            self.text_limit = self.plain_text_limit = -1
+        return body
+
+    def _resume_with_keys(
+        self, held: tuple[str, tuple[Any, ...], str], data: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``data`` after the half pair ``held``: joined to its field if of one message."""
+        half, place, field = held
+        self._held = None
+        self.text_limit, self.plain_text_limit = self._limit, self._plain_limit
+        value = data.get(field)
+        if type(value) is str and _place(data) == place:
+            return {**data, field: half + value}
+        self.released = _released(held)
+        return data
 
     def check_text(
         self, text: str, meta_size: int, limit: int, meta: tuple[Any, Any] = _NO_META
@@ -254,29 +344,31 @@ class EventEncoder:
         text = valid_text(text[:-1] if half else text)
         checked = self.check_text(text, meta_size, limit) if text else None
         if half:  # its second half may start the next token: held (once the rest fits)
-            self._held = (half, meta)
+            self._held = (half, meta, "text")
             self.text_limit = self.plain_text_limit = -1
         return checked
 
-    def _resume(self, held: tuple[str, tuple[Any, Any]], text: str, meta: tuple[Any, Any]) -> str:
+    def _resume(
+        self, held: tuple[str, tuple[Any, ...], str], text: str, meta: tuple[Any, Any]
+    ) -> str:
         """``text`` after the half pair ``held``: joined to it if they are of one message."""
-        half, held_meta = held
+        half, place, field = held
         self._held = None
         self.text_limit, self.plain_text_limit = self._limit, self._plain_limit
-        if meta == held_meta:
+        if meta == place and field == "text":
             return half + text  # a character if text starts with the second half
-        self.released = _released(held_meta)
+        self.released = _released(held)
         return text
 
     def flush(self) -> Encoded | None:
         """The half pair held, as a token of U+FFFD, or None: the run ends, or the next
         event is not a token that could continue it."""
-        if self._held is None:
+        held = self._held
+        if held is None:
             return None
-        _, meta = self._held
         self._held = None
         self.text_limit, self.plain_text_limit = self._limit, self._plain_limit
-        return _released(meta)
+        return _released(held)
 
     def too_large(self, kind: str, size: int) -> NoReturn:
         raise EventTooLarge(
@@ -285,9 +377,27 @@ class EventEncoder:
         )
 
 
-def _released(meta: tuple[Any, Any]) -> Encoded:
-    """A token of U+FFFD, in place of a half pair nothing continued."""
-    return "\ufffd" if meta == _NO_META else ("\ufffd", meta)
+def _released(held: tuple[str, tuple[Any, ...], str]) -> Encoded:
+    """A token of U+FFFD, in place of a half pair nothing continued (where it was held)."""
+    _, place, field = held
+    data = {"text": "", "message_id": place[0], "node": place[1]}
+    if field == "text" and len(place) == 2:
+        # A token of text alone: never as bytes (join_entry() keeps track of the metadata
+        # of those it writes, for the bare ones after them), with its metadata as written.
+        if place == _NO_META:
+            return "\ufffd"
+        try:
+            _dumps(data)
+        except TypeError as exc:  # (a lone surrogate: held by a token with more keys)
+            data = _convertible(TOKEN, data, exc)
+        return ("\ufffd", (data["message_id"], data["node"]))
+    if len(place) == 3:
+        data["ns"] = place[2]
+    data[field] = "\ufffd"
+    try:
+        return _dumps((TOKEN, data))
+    except TypeError as exc:  # (a lone surrogate in its ns, say)
+        return _converted(TOKEN, data, exc)
 
 
 def size_of(event: Encoded) -> int:
