@@ -76,19 +76,26 @@ def test_to_wire_writes_dates_times_and_enums_as_json_does() -> None:
 def test_to_wire_writes_the_values_the_api_encoder_knows_as_it_does() -> None:
     # Regression: a Decimal, a timedelta, bytes, a path, a regex, a deque and a pydantic.v1
     # model reached the SDKs as their repr; the Agent Server's encoder writes a number, the
-    # seconds, base64, the text, the pattern, a list and the model's fields.
+    # seconds, base64, the text, the pattern, a list and the model's fields. A named tuple
+    # was a list: the Agent Server's is a dict of its fields (its _asdict()).
     import datetime as dt
     import decimal
     import pathlib
     import re
     from collections import deque
+    from typing import NamedTuple
 
     import pydantic.v1
 
     class Old(pydantic.v1.BaseModel):
         name: str
 
+    class Point(NamedTuple):
+        x: int
+        y: int
+
     value = {
+        "point": Point(1, 2),
         "price": decimal.Decimal("1.50"),
         "count": decimal.Decimal("3"),
         "took": dt.timedelta(seconds=2),
@@ -107,6 +114,7 @@ def test_to_wire_writes_the_values_the_api_encoder_knows_as_it_does() -> None:
         "pattern": "x+",
         "recent": ["a"],
         "old": {"name": "tea"},
+        "point": {"x": 1, "y": 2},
     }
 
 

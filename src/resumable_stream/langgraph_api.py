@@ -164,14 +164,17 @@ def to_wire(obj: Any) -> Any:
     Messages are their full LangChain serialization (``type``, ``content``, ``id``,
     ``tool_calls``, ``tool_call_chunks``, ``response_metadata``...), as the SDKs rebuild
     message objects from it; Pydantic models and dataclasses become dicts, enums their
-    values, other values what the API's JSON encoder makes of them (dates and times ISO
-    8601 strings, a ``Decimal`` a number, bytes base64: :func:`leaf_json`), also as dict
-    keys.
+    values, a named tuple a dict of its fields, other values what the API's JSON encoder
+    makes of them (dates and times ISO 8601 strings, a ``Decimal`` a number, bytes base64:
+    :func:`leaf_json`), also as dict keys.
     """
     if obj is None or isinstance(obj, str | int | float | bool):
         return obj
     if isinstance(obj, Mapping):
         return {k if type(k) is str else key_text(k): to_wire(v) for k, v in obj.items()}
+    if isinstance(obj, tuple) and isinstance(fields := getattr(type(obj), "_fields", None), tuple):
+        # A named tuple: a dict of its fields, as the API's encoder writes it (_asdict()).
+        return {str(k): to_wire(v) for k, v in zip(fields, obj, strict=False)}
     if isinstance(obj, list | tuple | set | frozenset | deque):
         return [to_wire(v) for v in obj]
     if isinstance(obj, type):  # a class (a model's: its model_dump is unbound)
