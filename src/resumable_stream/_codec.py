@@ -37,7 +37,9 @@ import orjson
 from ._events import TOKEN, Event, Item
 from ._exceptions import EventTooLarge, InvalidOffset
 
-_DUMPS_OPTIONS = orjson.OPT_NON_STR_KEYS
+# (numpy arrays and scalars as orjson writes them, as the LangGraph API does: a reranker's
+# np.float64 score in a tool's output ended the run, orjson refusing the float subclass.)
+_DUMPS_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY
 _TOKEN_KEYS = frozenset({"text", "message_id", "node"})
 # The keys of a token that may hold nothing but where it belongs (message_id, node, ns).
 _BARE_KEYS = frozenset({"text", "message_id", "node", "ns", "reasoning"})

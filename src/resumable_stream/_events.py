@@ -211,7 +211,8 @@ def to_jsonable(obj: Any) -> Any:
     enums become their values and other values what :func:`leaf_json` makes of them, as
     JSON encoders write them, also as dict keys; anything else its ``repr``."""
     if obj is None or isinstance(obj, str | int | float | bool):
-        return obj
+        # (A numpy scalar that is a Python one too, np.float64: orjson refuses the subclass.)
+        return obj if type(obj).__module__ != "numpy" else leaf_json(obj)
     if isinstance(obj, Mapping):
         return {k if type(k) is str else key_text(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple | set | frozenset | deque):
@@ -243,8 +244,8 @@ def leaf_json(obj: Any) -> Any:
     """What JSON encoders, pydantic and the LangGraph API write for a value that holds no
     others: dates and times as ISO 8601, a ``Decimal`` as a number (an integer when it has
     no fraction), a ``timedelta`` as its seconds, bytes in base64, UUIDs, paths and IP
-    addresses as their text, a regex as its pattern, an exception as ``{error, message}``;
-    anything else as its ``repr``."""
+    addresses as their text, a regex as its pattern, an exception as ``{error, message}``,
+    a numpy array or scalar as its values; anything else as its ``repr``."""
     if isinstance(obj, date | time):  # (a datetime is a date)
         return obj.isoformat()
     if isinstance(obj, _AS_TEXT):
@@ -260,6 +261,11 @@ def leaf_json(obj: Any) -> Any:
         return obj.pattern
     if isinstance(obj, BaseException):
         return {"error": type(obj).__name__, "message": safe_str(obj)}
+    tolist = getattr(obj, "tolist", None)
+    if callable(tolist) and type(obj).__module__ == "numpy":
+        # A numpy array or scalar: its values (as lists of Python numbers), as orjson's
+        # OPT_SERIALIZE_NUMPY and the LangGraph API write them.
+        return to_jsonable(tolist())
     return safe_repr(obj)
 
 

@@ -169,7 +169,8 @@ def to_wire(obj: Any) -> Any:
     :func:`leaf_json`), also as dict keys.
     """
     if obj is None or isinstance(obj, str | int | float | bool):
-        return obj
+        # (A numpy scalar that is a Python one too, np.float64: orjson refuses the subclass.)
+        return obj if type(obj).__module__ != "numpy" else leaf_json(obj)
     if isinstance(obj, Mapping):
         return {k if type(k) is str else key_text(k): to_wire(v) for k, v in obj.items()}
     if isinstance(obj, tuple) and isinstance(fields := getattr(type(obj), "_fields", None), tuple):
