@@ -210,9 +210,10 @@ def to_jsonable(obj: Any) -> Any:
     """Convert LangGraph/LangChain values (messages, models, dataclasses) to JSON types;
     enums become their values and other values what :func:`leaf_json` makes of them, as
     JSON encoders write them, also as dict keys; anything else its ``repr``."""
-    if obj is None or isinstance(obj, str | int | float | bool):
-        # (A numpy scalar that is a Python one too, np.float64: orjson refuses the subclass.)
-        return obj if type(obj).__module__ != "numpy" else leaf_json(obj)
+    if obj is None or isinstance(obj, str | int | bool):
+        return obj
+    if isinstance(obj, float):  # (a subclass as a float: orjson refuses one, np.float64)
+        return obj if type(obj) is float else float(obj)
     if isinstance(obj, Mapping):
         return {k if type(k) is str else key_text(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple | set | frozenset | deque):

@@ -168,9 +168,10 @@ def to_wire(obj: Any) -> Any:
     makes of them (dates and times ISO 8601 strings, a ``Decimal`` a number, bytes base64:
     :func:`leaf_json`), also as dict keys.
     """
-    if obj is None or isinstance(obj, str | int | float | bool):
-        # (A numpy scalar that is a Python one too, np.float64: orjson refuses the subclass.)
-        return obj if type(obj).__module__ != "numpy" else leaf_json(obj)
+    if obj is None or isinstance(obj, str | int | bool):
+        return obj
+    if isinstance(obj, float):  # (a subclass as a float: orjson refuses one, np.float64)
+        return obj if type(obj) is float else float(obj)
     if isinstance(obj, Mapping):
         return {k if type(k) is str else key_text(k): to_wire(v) for k, v in obj.items()}
     if isinstance(obj, tuple) and isinstance(fields := getattr(type(obj), "_fields", None), tuple):
