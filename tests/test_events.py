@@ -321,6 +321,7 @@ async def test_values_json_encoders_know_are_written_as_they_write_them() -> Non
     import ipaddress
     import pathlib
     import re
+    import zoneinfo
     from collections import deque
 
     import pydantic.v1
@@ -336,6 +337,9 @@ async def test_values_json_encoders_know_are_written_as_they_write_them() -> Non
         pass
 
     value = {
+        "zone": zoneinfo.ZoneInfo("Europe/Paris"),
+        "utc": dt.UTC,
+        "offset": dt.timezone(dt.timedelta(hours=2)),
         "score": Score(0.75),
         "price": decimal.Decimal("1.50"),
         "count": decimal.Decimal("3"),
@@ -351,6 +355,9 @@ async def test_values_json_encoders_know_are_written_as_they_write_them() -> Non
         "old": Old(name="tea", size=2),
     }
     written = {
+        "zone": "Europe/Paris",
+        "utc": "UTC",
+        "offset": "UTC+02:00",
         "score": 0.75,
         "price": 1.5,
         "count": 3,

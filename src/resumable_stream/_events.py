@@ -12,7 +12,7 @@ import sys
 import uuid
 from collections import deque
 from collections.abc import Iterator, Mapping
-from datetime import date, time, timedelta
+from datetime import date, time, timedelta, tzinfo
 from decimal import Decimal
 from enum import Enum
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
@@ -244,9 +244,10 @@ _AS_TEXT = (uuid.UUID, PurePath, IPv4Address, IPv6Address, IPv4Network, IPv6Netw
 def leaf_json(obj: Any) -> Any:
     """What JSON encoders, pydantic and the LangGraph API write for a value that holds no
     others: dates and times as ISO 8601, a ``Decimal`` as a number (an integer when it has
-    no fraction), a ``timedelta`` as its seconds, bytes in base64, UUIDs, paths and IP
-    addresses as their text, a regex as its pattern, an exception as ``{error, message}``,
-    a numpy array or scalar as its values; anything else as its ``repr``."""
+    no fraction), a ``timedelta`` as its seconds, a time zone as its name, bytes in base64,
+    UUIDs, paths and IP addresses as their text, a regex as its pattern, an exception as
+    ``{error, message}``, a numpy array or scalar as its values; anything else as its
+    ``repr``."""
     if isinstance(obj, date | time):  # (a datetime is a date)
         return obj.isoformat()
     if isinstance(obj, _AS_TEXT):
@@ -256,6 +257,9 @@ def leaf_json(obj: Any) -> Any:
         return int(obj) if isinstance(exponent, int) and exponent >= 0 else float(obj)
     if isinstance(obj, timedelta):
         return obj.total_seconds()
+    if isinstance(obj, tzinfo):  # a ZoneInfo's key ("Europe/Paris"), a fixed one's "UTC+02:00"
+        name = getattr(obj, "key", None) or obj.tzname(None)
+        return name if isinstance(name, str) else safe_repr(obj)
     if isinstance(obj, bytes | bytearray | memoryview):
         return base64.b64encode(obj).decode()
     if isinstance(obj, Pattern):
