@@ -493,20 +493,29 @@ async def test_a_source_raising_any_error_ends_the_run_with_an_error(
     assert events[-1].data["message"]
 
 
+async def _logged_failure(
+    caplog: pytest.LogCaptureFixture, raised: Exception, stream_id: str
+) -> logging.LogRecord:
+    """The warning the producer logs for a source that raises ``raised`` after a token."""
+
+    async def source():
+        yield "kept "
+        raise raised
+
+    with caplog.at_level(logging.WARNING, logger="resumable_stream"):
+        run = await StreamProducer(MemoryTransport()).start(source(), stream_id=stream_id)
+        assert await run.wait() == "error"
+    [record] = [r for r in caplog.records if "source raised" in r.getMessage()]
+    assert record.levelno == logging.WARNING and stream_id in record.getMessage()
+    return record
+
+
 async def test_a_source_s_exception_is_logged_with_its_traceback(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # It was logged at INFO as its repr: with the HTTP edge showing clients no more than
     # "An error occurred." (ai_sdk), the server's log is where its traceback is read.
-    async def source():
-        yield "kept "
-        raise LookupError("the index is down")
-
-    with caplog.at_level(logging.WARNING, logger="resumable_stream"):
-        run = await StreamProducer(MemoryTransport()).start(source(), stream_id="logged")
-        assert await run.wait() == "error"
-    [record] = [r for r in caplog.records if "source raised" in r.getMessage()]
-    assert record.levelno == logging.WARNING and "logged" in record.getMessage()
+    record = await _logged_failure(caplog, LookupError("the index is down"), "logged")
     assert record.exc_info is not None and record.exc_info[0] is LookupError
 
 
@@ -515,14 +524,7 @@ async def test_a_source_s_exception_holding_a_lone_surrogate_is_logged_escaped(
 ) -> None:
     # Its traceback holds the message as it is: a handler writing UTF-8 failed on the
     # record (pytest-xdist could not send the test's report: its worker crashed).
-    async def source():
-        yield "kept "
-        raise RuntimeError("the provider said \ud83d")
-
-    with caplog.at_level(logging.WARNING, logger="resumable_stream"):
-        run = await StreamProducer(MemoryTransport()).start(source(), stream_id="escaped")
-        assert await run.wait() == "error"
-    [record] = [r for r in caplog.records if "source raised" in r.getMessage()]
+    record = await _logged_failure(caplog, RuntimeError("the provider said \ud83d"), "escaped")
     logged = caplog.text
     logged.encode()  # (it raised UnicodeEncodeError)
     assert "RuntimeError: the provider said \\ud83d" in logged

@@ -525,8 +525,8 @@ def _parts(item: Any) -> Iterable[Item]:
 #: The errors whose message the API sends: the Agent Server's serializer keeps the message
 #: of these exception types (and of their subclasses) and sends "An internal error
 #: occurred" for any other, whose message may hold what only the server should see (a
-#: provider's error quoting part of a key, a driver's naming a host). Then the library's
-#: own errors, whose messages are its own words.
+#: provider's error quoting part of a key, a driver's naming a host). (The library's own
+#: errors are not exceptions of a run: their stored messages go out as they are.)
 _SHOWN_ERRORS = frozenset(
     {
         "ValueError",
@@ -546,10 +546,6 @@ _SHOWN_ERRORS = frozenset(
         "TaskNotFound",
         "HTTPException",
         "UserInterrupt",
-        "producer_lost",
-        "storage_rollback",
-        "not_started",
-        "run_values_gone",
     }
 )
 _INTERNAL_ERROR_TEXT = "An internal error occurred"
