@@ -7,6 +7,7 @@ import contextlib
 import gc
 import itertools
 import logging
+import math
 import subprocess
 import sys
 import warnings
@@ -888,16 +889,22 @@ class Posting(MemoryTransport):
 
 
 async def _paced(
-    transport: Transport, n: int, seen: asyncio.Queue[str], *, stream_id: str = "paced"
+    transport: Transport,
+    n: int,
+    seen: asyncio.Queue[str],
+    *,
+    stream_id: str = "paced",
+    **options: Any,
 ) -> tuple[list[str], object]:
-    """A run whose source yields its next token once a reader has received the last one."""
+    """A run whose source yields its next token once a reader has received the last one
+    (``options``: the producer's)."""
 
     async def source():
         for i in range(n):
             yield f"t{i} "
             assert await seen.get() == f"t{i} "
 
-    run = await StreamProducer(transport).start(source(), stream_id=stream_id)
+    run = await StreamProducer(transport, **options).start(source(), stream_id=stream_id)
     got: list[str] = []
     async for event in StreamConsumer(transport, stream_id):
         if event.type == "token":
@@ -922,6 +929,41 @@ async def test_a_paced_run_posts_each_entry_with_no_task_waiting_on_it(no_coales
     # Each token's entry but the first (the writer's first turn takes what the source
     # yields at once) is posted; the final entry, the end alone, is awaited.
     assert transport.posted == list(range(2, 21))
+
+
+async def test_a_paced_token_is_not_held_for_the_coalescing_delay(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A token that came while the last entry was being written, or just after, was taken
+    # for a burst: its entry was held open for coalesce_delay (50 ms by default) although
+    # nothing else came. A paced source caught behind a slow write (a loaded server) lost
+    # that much per token. An entry now stays open only while events keep coming.
+    monkeypatch.setattr("resumable_stream._producer.COALESCE_GAP", math.inf)  # all "bursts"
+    transport = MemoryTransport()
+    async with asyncio.timeout(60):  # (before the fix: the second token waited an hour)
+        got, status = await _paced(transport, 5, asyncio.Queue(), coalesce_delay=3600.0)
+    assert got == [f"t{i} " for i in range(5)]
+    assert status == "completed"
+    info = await transport.info("paced")
+    assert info is not None and info.last_seq == 6  # an entry per token, then the end
+
+
+async def test_a_source_that_keeps_yielding_fills_its_entries() -> None:
+    # The other side of the test above: a burst whose source yields to the event loop
+    # after every token (as a real one does) still goes in few, full entries.
+    transport = MemoryTransport()
+
+    async def source():
+        for i in range(2000):
+            yield f"{i} "
+            await asyncio.sleep(0)
+
+    run = await StreamProducer(transport, coalesce_delay=3600.0).start(source())
+    assert joined(await collect(transport, run.stream_id)) == "".join(f"{i} " for i in range(2000))
+    assert await run.wait() == "completed"
+    # 256 events per entry (coalesce_events) but the first and the last few.
+    info = await transport.info(run.stream_id)
+    assert info is not None and info.last_seq <= 20
 
 
 async def test_an_item_that_adds_no_event_writes_no_entry(no_coalescing: None) -> None:

@@ -25,13 +25,15 @@ DEFAULT_MAX_ENTRIES = 100_000
 #: Events a producer buffers before it waits for the transport (backpressure).
 DEFAULT_MAX_BUFFER = 8192
 #: When events arrive while the previous write is in flight, or within COALESCE_GAP seconds
-#: after it (the source outruns the writes), the producer lets the next entry fill up to
-#: COALESCE_EVENTS events or COALESCE_DELAY seconds: bursts then cost a few Redis commands
-#: per hundred events. A source that pauses between events (an LLM at its own pace) is
-#: written at once, without this delay.
+#: after it (the source may outrun the writes), the producer lets the next entry fill while
+#: events keep coming: up to COALESCE_EVENTS events or COALESCE_DELAY seconds, ended by a
+#: first pause of COALESCE_PAUSE seconds (then twice as long each time) in which none came.
+#: Bursts then cost a few Redis commands per hundred events, and a source that pauses
+#: between events (an LLM at its own pace) waits at most that first pause.
 COALESCE_EVENTS = 256
 COALESCE_DELAY = 0.05
 COALESCE_GAP = 0.001
+COALESCE_PAUSE = 0.001
 #: Entries a consumer fetches per page when replaying (kept raw: decoded one at a time).
 DEFAULT_PAGE_SIZE = 512
 #: Stored bytes a replaying consumer aims to hold in one page: its first page is a few

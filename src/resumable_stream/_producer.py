@@ -23,6 +23,7 @@ from ._constants import (
     COALESCE_DELAY,
     COALESCE_EVENTS,
     COALESCE_GAP,
+    COALESCE_PAUSE,
     DEFAULT_LEASE,
     DEFAULT_MAX_BUFFER,
     DEFAULT_MAX_ENTRY_BYTES,
@@ -738,18 +739,41 @@ class Run:
                     self._parked = False
                 bursting = clock() - self._written_at < COALESCE_GAP
                 continue
-            if bursting and self._terminal is None and len(self._buffer) < self._coalesce_events:
-                # Events arrive faster than writes complete: let this entry fill a little
-                # (see docs/performance.md).
-                self._wake.clear()
-                try:
-                    async with asyncio.timeout(coalesce_delay):
-                        await self._wake.wait()
-                except TimeoutError:
-                    pass
+            if bursting:
+                await self._hold(coalesce_delay)
             await self._flush_once()
             self._written_at = clock()
             bursting = bool(self._buffer)
+
+    async def _hold(self, limit: float) -> None:
+        """Events arrive faster than writes complete: let the next entry fill while the
+        source keeps adding to it, until it holds ``coalesce_events`` events, ``limit``
+        seconds have passed or the terminal event comes (see docs/performance.md).
+
+        A first pause of COALESCE_PAUSE in which nothing came ends it, and each next pause
+        is twice the last: a source that paused (an LLM at its own pace, caught behind a slow write)
+        is written after at most that first pause, not after ``limit``.
+        """
+        buffer, wake = self._buffer, self._wake
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        pause = COALESCE_PAUSE
+        held = len(buffer)
+        while self._terminal is None and held < self._coalesce_events:
+            left = deadline - loop.time()
+            if left <= 0:
+                return
+            wake.clear()
+            # (A timer setting the event, not asyncio.timeout(): no exception per pause.)
+            timer = loop.call_later(min(pause, left), wake.set)
+            try:
+                await wake.wait()  # (or the source's full buffer, or its end, sets it)
+            finally:
+                timer.cancel()
+            if len(buffer) == held:
+                return  # nothing came: the source paused
+            held = len(buffer)
+            pause *= 2
 
     async def _renew(self) -> None:
         """Renew the lease once (the producer's heartbeat calls it)."""
@@ -1009,8 +1033,8 @@ class StreamProducer:
     * ``max_buffer``: events read ahead of the writes before the source waits
       (backpressure).
     * ``coalesce_events``, ``coalesce_delay``: when events arrive faster than writes
-      complete, an entry may wait up to ``coalesce_delay`` seconds to hold up to
-      ``coalesce_events`` events (see docs/performance.md).
+      complete, an entry may wait, while more keep coming, up to ``coalesce_delay``
+      seconds to hold up to ``coalesce_events`` events (see docs/performance.md).
     * ``max_event_bytes``: largest encoded event; a larger one ends the run with an
       ``error`` event whose ``error`` is ``EventTooLarge``, after the events before it.
     * ``max_entry_events``, ``max_entry_bytes``: most events per entry, and the size past
