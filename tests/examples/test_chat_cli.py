@@ -346,6 +346,34 @@ def test_control_characters_from_the_server_never_reach_the_terminal() -> None:
     assert "[error: failed]0;owned here]" in errors
 
 
+def test_bidirectional_overrides_from_the_server_never_reach_the_terminal() -> None:
+    # Regression: a right-to-left override or isolate (U+202E, U+2067...) reached the
+    # terminal, which shows the text after it reversed where it lays out right-to-left
+    # text: "rm -rf ~" can read as something else. The marks Arabic and Hebrew text needs
+    # (U+200F, U+200E, U+061C) are kept.
+    events = [
+        ("system", {"type": "start", "run": 1, "model": "fake", "cached": False}),
+        ("chunk", {"text": "run \u202e~ fr- mr\u202c now"}),
+        ("chunk", {"text": " \u2067isolated\u2069 \u202a\u202b\u202d\u2066\u2068"}),
+        ("chunk", {"text": " \u05e9\u05dc\u05d5\u05dd\u200f \u200e\u061c."}),
+        ("system", {"type": "message_ended", "message_id": "ai-1"}),
+        ("system", {"type": "end"}),
+    ]
+    service = FakeService(events=events, title="ti\u202etle")
+    with uvicorn_server(service, lifespan="off") as url, cli(url, TOKEN) as client:
+        client.type("hello")
+        client.stdout.wait_for(lambda out: "\u061c.\n" in out)
+        client.type("/threads")
+        client.stdout.wait_for(lambda out: "t" * 32 in out)  # (the thread's id)
+        assert client.close() == 0
+        output = client.stdout.text()
+    assert re.search("[\u202a-\u202e\u2066-\u2069]", output) is None, repr(output)
+    assert output.startswith(
+        "assistant> run ~ fr- mr now isolated  \u05e9\u05dc\u05d5\u05dd\u200f \u200e\u061c.\n"
+    ), repr(output)
+    assert "*1. title  [" in output
+
+
 def test_a_message_the_server_took_is_not_sent_again() -> None:
     # Regression: the client sent POST /v1/chat/message again after any transport error,
     # even one after the request had gone out: a server that took the message and died

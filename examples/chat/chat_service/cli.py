@@ -11,7 +11,8 @@ that fails, or an answer that fails or is lost, does not stop the lines after it
 client then exits with code 1; Ctrl-C quits with code 130.
 What it prints comes from the server (a model's answer can be anything): control
 characters other than newline and tab are dropped, so escape sequences cannot drive the
-terminal.
+terminal, and so are bidirectional overrides, so text cannot show in another order than
+it is.
 
 The client identifies itself with a bearer token (``--token``, ``$CHAT_TOKEN``, else one made
 once and kept in ``~/.config/resumable-chat/token``). When the connection drops, or the server
@@ -62,16 +63,21 @@ def _token(explicit: str | None) -> str:
     return token
 
 
-#: Control characters but newline and tab (C0, DEL, C1). What the client prints comes from
+#: Control characters but newline and tab (C0, DEL, C1), and the bidirectional embeddings,
+#: overrides and isolates (U+202A-U+202E, U+2066-U+2069). What the client prints comes from
 #: the server: a model's answer (which prompt injection can make anything), tool calls,
 #: titles, error messages. Printed raw, escape sequences in them would drive the user's
-#: terminal: clear or hide text, retitle the window, make links, write the clipboard (OSC 52).
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+#: terminal: clear or hide text, retitle the window, make links, write the clipboard (OSC 52);
+#: and in a terminal that lays out right-to-left text, an override shows characters in
+#: another order than they are (a command to copy that is not the one shown). The marks
+#: right-to-left text needs (U+200E, U+200F, U+061C) are kept.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def printable(text: str) -> str:
-    """``text`` without control characters other than newline and tab. Each one goes on its
-    own, so a sequence split across chunks is as harmless as a whole one."""
+    """``text`` without control characters other than newline and tab, nor bidirectional
+    overrides. Each one goes on its own, so a sequence split across chunks is as harmless
+    as a whole one."""
     return _CONTROL.sub("", text)
 
 
