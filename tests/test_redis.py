@@ -524,6 +524,45 @@ async def test_writes_are_batched_not_one_round_trip_per_token(
     assert commands < 0.1 * 20 * 2000, stats
 
 
+async def test_tokens_that_came_during_a_slow_write_are_not_held_for_the_coalescing_delay(
+    transport: RedisTransport, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tokens that come while an entry is being written (a loaded server) start a hold of
+    # the next entry: it ended only after coalesce_delay, however long, although nothing
+    # more came. A first pause with nothing in it ends it now.
+    release, held, seen = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    append = transport.append
+
+    async def slow_append(stream_id: str, owner: str, entry: Entry, *args: Any) -> None:
+        if entry.seq == 1:
+            held.set()
+            await release.wait()
+        await append(stream_id, owner, entry, *args)
+
+    monkeypatch.setattr(transport, "append", slow_append)
+
+    async def source() -> AsyncIterator[str]:
+        yield "a "
+        await held.wait()  # the first entry is being written
+        yield "b "
+        yield "c "
+        release.set()
+        await seen.wait()  # until a reader received them
+
+    run = await StreamProducer(transport, coalesce_delay=3600.0).start(source())
+    got: list[str] = []
+    async with asyncio.timeout(60):  # (before: held an hour)
+        async for event in StreamConsumer(transport, run.stream_id):
+            if event.type == "token":
+                got.append(event.data["text"])
+                if len(got) == 3:
+                    seen.set()
+        assert await run.wait() == "completed"
+    assert got == ["a ", "b ", "c "]
+    info = await transport.info(run.stream_id)
+    assert info is not None and info.last_seq == 3  # a, then b and c together, then the end
+
+
 async def test_scripts_survive_a_script_flush(
     transport: RedisTransport, admin: aioredis.Redis
 ) -> None:
