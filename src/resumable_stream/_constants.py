@@ -29,7 +29,8 @@ DEFAULT_MAX_BUFFER = 8192
 #: events keep coming: up to COALESCE_EVENTS events or COALESCE_DELAY seconds, ended by a
 #: first pause of COALESCE_PAUSE seconds (then twice as long each time) in which none came.
 #: Bursts then cost a few Redis commands per hundred events, and a source that pauses
-#: between events (an LLM at its own pace) waits at most that first pause.
+#: between events (an LLM at its own pace) waits that first pause (up to COALESCE_DELAY
+#: right after a burst of its own, whose pauses have grown).
 COALESCE_EVENTS = 256
 COALESCE_DELAY = 0.05
 COALESCE_GAP = 0.001

@@ -750,9 +750,11 @@ class Run:
         source keeps adding to it, until it holds ``coalesce_events`` events, ``limit``
         seconds have passed or the terminal event comes (see docs/performance.md).
 
-        A first pause of COALESCE_PAUSE in which nothing came ends it, and each next pause
-        is twice the last: a source that paused (an LLM at its own pace, caught behind a slow write)
-        is written after at most that first pause, not after ``limit``.
+        A pause in which nothing came ends it: the first lasts COALESCE_PAUSE, each next
+        one twice the last. A source that paused (an LLM at its own pace, caught behind a
+        slow write) is written after that first pause, not after ``limit``; one that slows
+        down right after a burst, whose pauses have grown, may still bring an event in
+        each and keep the entry open up to ``limit``.
         """
         buffer, wake = self._buffer, self._wake
         loop = asyncio.get_running_loop()
