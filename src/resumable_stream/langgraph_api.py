@@ -556,6 +556,13 @@ def _shown_error(error: BaseException) -> bool:
     return any(kind.__name__ in _SHOWN_ERRORS for kind in type(error).__mro__)
 
 
+def _error_data(error: BaseException) -> dict[str, str]:
+    """The API's ``{error, message}`` for ``error``: its message if of a type the API sends
+    it for, or of a subclass of one (the exception is at hand, unlike a stored error's)."""
+    message = str(error) if _shown_error(error) else _INTERNAL_ERROR_TEXT
+    return {"error": type(error).__name__, "message": message}
+
+
 def _encode_part(event: Event) -> bytes:
     """One stored part as the SSE block the SDKs read: ``id``, ``event``, ``data``."""
     kind = event.type
@@ -2761,11 +2768,7 @@ def _tool_events() -> Any:
             # An interrupt (or a Command to the parent graph) pauses the tool, it did not
             # fail: it runs again on resume and reports its start and end then.
             if not isinstance(error, GraphBubbleUp):
-                # The message of a type the API sends, or of a subclass of one (the
-                # exception is at hand here, unlike a run's stored error).
-                message = str(error) if _shown_error(error) else _INTERNAL_ERROR_TEXT
-                error_data = {"error": type(error).__name__, "message": message}
-                self._write(run_id, "on_tool_error", "error", error_data)
+                self._write(run_id, "on_tool_error", "error", _error_data(error))
             del self.tools[run_id]
 
     return ToolEvents()
@@ -2811,8 +2814,7 @@ def _failure(state: Any) -> dict[str, Any] | None:
         if error is None or _cancellation(error):
             continue
         if isinstance(error, BaseException):
-            shown = str(error) if _shown_error(error) else _INTERNAL_ERROR_TEXT
-            return {"error": type(error).__name__, "message": shown}
+            return _error_data(error)
         text = str(error)
         name, _, args = text.partition("(")
         message: Any = text
