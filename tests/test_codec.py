@@ -15,6 +15,7 @@ from resumable_stream._codec import (
     format_offset,
     join_entry,
 )
+from resumable_stream._recent import Recent
 
 
 def tok(text: str, message_id: str | None = None, node: str | None = None) -> tuple[str, dict]:
@@ -41,9 +42,9 @@ def test_round_trip_keeps_every_event_and_its_metadata() -> None:
 
 
 def test_offsets_of_entries_from_many_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    # The run part of offsets is kept per epoch (a cache emptied when full): entries of
-    # runs read in turn, past its size, still get their own run's offsets.
-    monkeypatch.setattr("resumable_stream._codec._CACHED_EPOCHS", 3)
+    # The run part of offsets is kept per epoch (a bounded cache): entries of runs read in
+    # turn, past its size, still get their own run's offsets.
+    monkeypatch.setattr("resumable_stream._codec._EPOCH_TEXT", Recent(3, 60.0))
     lone = encode_entry([tok("a")])
     several = encode_entry([tok("a"), ("end", {})])
     for epoch in [1, 2, 3, 4, 5, 1, 10**15 + 7, 10**17, 2]:

@@ -36,6 +36,7 @@ import orjson
 
 from ._events import TOKEN, Event, Item
 from ._exceptions import EventTooLarge, InvalidOffset
+from ._recent import Recent
 
 # (numpy arrays and scalars as orjson writes them, as the LangGraph API does: a reranker's
 # np.float64 score in a tool's output ended the run, orjson refusing the float subclass.)
@@ -64,8 +65,7 @@ _INDEX_TEXT = tuple(_INDEX % index for index in range(1024))  # an entry's usual
 _FIRST_EVENT = _SEQ_PREFIX + _INDEX_TEXT[0]  # an offset's entry part and first index
 # The run part of the offsets of the runs read lately, made once per run rather than per
 # entry (a 16-digit field costs about as much as the rest of a lone token's decoding).
-_EPOCH_TEXT: dict[int, str] = {}
-_CACHED_EPOCHS = 4096  # a full cache is emptied
+_EPOCH_TEXT: Recent[int, str] = Recent(16_384, 60.0)  # the runs read in the last minute
 
 # An entry's lone token is built with the fields' slot setters: Event is frozen, and its
 # __init__ sets each field through object.__setattr__ (a Python call and three lookups,
@@ -466,11 +466,10 @@ def encode_entry(items: Sequence[Item]) -> bytes:
 def decode_entry(payload: bytes, epoch: int, seq: int) -> list[Event]:
     """Decode an entry payload into events with their offsets."""
     items = orjson.loads(payload)
-    run = _EPOCH_TEXT.get(epoch)
+    run = _EPOCH_TEXT.recent.get(epoch) or _EPOCH_TEXT.get(epoch)
     if run is None:
-        if len(_EPOCH_TEXT) >= _CACHED_EPOCHS:
-            _EPOCH_TEXT.clear()
-        run = _EPOCH_TEXT[epoch] = _EPOCH_PREFIX % epoch
+        run = _EPOCH_PREFIX % epoch
+        _EPOCH_TEXT.put(epoch, run)
     if len(items) == 1 and type(items[0]) is str:  # hot path: one paced token
         event = _new_event(Event)
         _set_type(event, TOKEN)

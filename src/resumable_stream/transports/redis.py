@@ -64,6 +64,7 @@ from .._exceptions import (
     TransportClosed,
     TransportError,
 )
+from .._recent import Recent
 from . import _redis_scripts as scripts
 from ._base import (
     Entry,
@@ -110,11 +111,11 @@ _MAX_REDIRECTS = 5
 #: _TRYAGAIN_DELAY_MAX); it is, for as long as a reply would be waited for.
 _TRYAGAIN_DELAY = 0.02
 _TRYAGAIN_DELAY_MAX = 0.5
-#: The most streams whose key names (and run command heads) are cached; a full cache is
-#: emptied. Each cache holds about 2 MB at that size: one of 65,536 streams, filled by every
-#: stream a long-running server ever touched, held 34 MB per process (a miss costs
-#: microseconds).
-_CACHED_STREAMS = 4096
+#: The streams whose key names (and run command heads) are cached: those used in the last
+#: minute, at most 16,384 a generation (see Recent). A cache holds about 0.5 KB a stream:
+#: one kept for every stream a long-running server ever touched held 34 MB per process.
+_CACHED_STREAMS = 16_384
+_CACHE_PERIOD = 60.0
 _META_FIELDS = ("epoch", "status", "created", "updated", "last", "count", "lease_ms")
 #: What a script published, (channel, message) pairs, for :meth:`RedisTransport._relay`.
 _Published = tuple[tuple[bytes, bytes], ...]
@@ -470,9 +471,11 @@ class RedisTransport(Transport):
         # stream id -> owner, epoch and the append command's head for that run, the
         # stream's notice channel, and the run's _Post (with its bound answer method)
         self._now_ms, self._now = 0, b"0"  # the time in ms, and in digits (_append_command)
-        self._heads: dict[str, tuple[str, int, bytes, bytes, _Post, Callable[[Any], None]]] = {}
+        self._heads: Recent[str, tuple[str, int, bytes, bytes, _Post, Callable[[Any], None]]]
+        self._heads = Recent(_CACHED_STREAMS, _CACHE_PERIOD)
         # stream id -> its hash slot, its keys (meta, events, lease) and notice channel
-        self._streams: dict[str, tuple[int, tuple[str, str, str], bytes]] = {}
+        self._streams: Recent[str, tuple[int, tuple[str, str, str], bytes]]
+        self._streams = Recent(_CACHED_STREAMS, _CACHE_PERIOD)
         #: Error replies met, by code (MOVED, ASK, NOSCRIPT, READONLY...): for tests, metrics.
         self.redirects: collections.Counter[str] = collections.Counter()
         # Live delivery and cancels: channel -> feed / waiters; channel -> its node.
@@ -547,14 +550,13 @@ class RedisTransport(Transport):
     def _stream(self, stream_id: str) -> tuple[int, tuple[str, str, str], bytes]:
         """The stream's hash slot, its meta, events and lease keys, and its notice channel
         (cached)."""
-        known = self._streams.get(stream_id)
+        known = self._streams.recent.get(stream_id) or self._streams.get(stream_id)
         if known is None:
-            if len(self._streams) >= _CACHED_STREAMS:
-                self._streams.clear()
             key = self._key
             keys = (key(stream_id, "meta"), key(stream_id, "events"), key(stream_id, "lease"))
             channel = key(stream_id, "n").encode()
-            known = self._streams[stream_id] = (key_slot(stream_id.encode()), keys, channel)
+            known = (key_slot(stream_id.encode()), keys, channel)
+            self._streams.put(stream_id, known)
         return known
 
     def _slot(self, stream_id: str) -> int:
@@ -800,7 +802,7 @@ class RedisTransport(Transport):
         if node is None or self.replicas or self._closed or not self._own_append:
             return False
         packed = self._append_command(stream_id, owner, entry, count, None)
-        head = self._heads[stream_id]  # (cached by _append_command just now)
+        head = self._heads.recent[stream_id]  # (cached by _append_command just now)
         post, answer = head[4], head[5]
         if post.entry is not None:  # another entry of the run unanswered: not the producer's way
             post = _Post(self, head[3])
@@ -820,17 +822,15 @@ class RedisTransport(Transport):
         # script, the keys, the owner and the epoch) is packed by hiredis once per run and
         # its tail once; the rest (seq, payload, count, time, final status) is formatted
         # here, in a third of the time pack() takes for all 18 arguments (measured).
-        head = self._heads.get(stream_id)
+        head = self._heads.recent.get(stream_id) or self._heads.get(stream_id)
         if head is None or head[0] != owner or head[1] != entry.epoch:
-            if len(self._heads) >= _CACHED_STREAMS:
-                self._heads.clear()
             packed = self._evalsha(_APPEND, stream_id, (owner, entry.epoch))
             channel = self._stream(stream_id)[2]
             # (Without its last CRLF: _BULK_HEADS puts it in front of the next argument.)
             command = _with_length(packed, 18)[:-2]
             post = _Post(self, channel)
             head = (owner, entry.epoch, command, channel, post, post.answer)
-            self._heads[stream_id] = head
+            self._heads.put(stream_id, head)
         # Joined, not %-formatted: the bulk headers of short lengths and the count are
         # made once (_BULK_HEADS, _BULK_COUNTS), so only seq, time and, for a long
         # payload, its length are turned into digits per entry.
