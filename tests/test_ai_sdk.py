@@ -9,12 +9,13 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Annotated, Any
 
 import httpx
 import orjson
 import pytest
+import redis.asyncio as aioredis
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import (
     AIMessage,
@@ -53,7 +54,7 @@ from resumable_stream.starlette import allow_all
 from resumable_stream.transports.memory import MemoryTransport
 from tests._graphs import BookingModel, tool_loop
 from tests._helpers import Later, dead_run, ended, eventually, holds
-from tests._services import uvicorn_server
+from tests._services import RedisServer, uvicorn_server
 
 #: On every tool output the stream carries: the server ran that tool, not the browser.
 SERVER_RAN = {"providerExecuted": True}
@@ -2040,6 +2041,39 @@ async def test_a_chat_holding_a_lone_surrogate_is_still_answered(redis_url: str)
                 chunks = await post_chat(http, messages)
                 assert [c["delta"] for c in chunks if c["type"] == "text-delta"] == [text]
                 assert chunks[-1]["type"] == "finish"
+
+
+async def test_a_chat_sent_while_redis_is_out_of_memory_is_503_with_nothing_stored(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    # Regression: Redis out of memory let the run's creation through (its first write was
+    # a DEL) and refused every write after it: the message was taken (200) and its answer
+    # never came, nor ended. Now the start is refused: 503 `unavailable`, nothing stored.
+    async def answer(chat: ChatRequest) -> AsyncIterator[str]:
+        async def tokens() -> AsyncIterator[str]:
+            yield f"to {chat.text}"
+
+        return tokens()
+
+    server = redis_server_factory()
+    admin = aioredis.Redis(port=server.port)
+    message = b'{"id":"u1","role":"user","parts":[{"type":"text","text":"hi"}]}'
+    body = b'{"id":"chat-oom","trigger":"submit-message","messages":[' + message + b"]}"
+    headers = {"content-type": "application/json"}
+    with served_chat(f"redis://127.0.0.1:{server.port}/0", answer) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            await admin.config_set("maxmemory", 1)
+            try:
+                response = await http.post("/api/chat", content=body, headers=headers)
+                assert response.status_code == 503, response.text
+                assert response.json()["code"] == "unavailable"
+                assert await admin.keys("*") == []
+            finally:
+                await admin.config_set("maxmemory", 0)
+            response = await http.post("/api/chat", content=body, headers=headers)
+            chunks = sse_chunks(response.text)
+            assert [c["delta"] for c in chunks if c["type"] == "text-delta"] == ["to hi"]
+    await admin.aclose()
 
 
 async def test_a_pair_split_across_tokens_reaches_the_browser_whole(redis_url: str) -> None:

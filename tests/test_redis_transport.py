@@ -456,6 +456,31 @@ async def test_a_script_refused_names_the_script_and_its_command(
     await admin.aclose()
 
 
+async def test_no_run_starts_while_redis_is_out_of_memory(
+    redis_server_factory: Callable[..., RedisServer],
+) -> None:
+    """Redis out of memory (maxmemory with noeviction, its default) refuses a script's first
+    write when it may use memory, and lets the rest through once it has written. The
+    create script's first write was a DEL: the run was made, its producer started, and
+    every write of the run was refused, its readers waiting on a run that could never end.
+    The start is refused now, with nothing written."""
+    server = redis_server_factory()
+    admin = aioredis.Redis(port=server.port)
+    async with from_url(f"redis://127.0.0.1:{server.port}/0", prefix="p") as transport:
+        await admin.config_set("maxmemory", 1)
+        try:
+            with pytest.raises(BackendRefused, match=r"the create script's SET .*OOM"):
+                await StreamProducer(transport).start(tokens(3), stream_id="s")
+            assert await transport.info("s") is None
+            assert await admin.keys("p:*") == []
+        finally:
+            await admin.config_set("maxmemory", 0)
+        run = await StreamProducer(transport).start(tokens(3), stream_id="s")
+        await run.wait()
+        assert joined(await collect(transport, "s")) == text_of(3)
+    await admin.aclose()
+
+
 async def _a_then_b(gate: asyncio.Event) -> AsyncIterator[str]:
     """Tokens "a", then "b" once ``gate`` is set."""
     yield "a"

@@ -24,6 +24,9 @@ NOTICE_PAYLOAD_MAX = 8192
 
 # The epoch is the server's clock in microseconds (never the same for two runs of an id,
 # even one deleted and re-created at once), and always above the previous epoch.
+# The first write is the lease's SET: Redis out of memory (maxmemory, noeviction) refuses a
+# script's first write if it may use memory, and lets the rest through once it has written
+# (it cannot stop halfway). With the DEL first, a run was made that could write nothing.
 # ARGV: owner, lease_ms, now_ms, running_ttl_ms, tombstone_ms (the data key gets its
 #       expiry with the first entry)
 CREATE = """
@@ -36,11 +39,11 @@ local now = redis.call('TIME')
 local epoch = tonumber(now[1]) * 1000000 + tonumber(now[2])
 if m[2] and tonumber(m[2]) >= epoch then epoch = tonumber(m[2]) + 1 end
 epoch = string.format('%.0f', epoch)
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
 redis.call('DEL', KEYS[1], KEYS[2], GONE)
 redis.call('HSET', KEYS[1], 'epoch', epoch, 'status', 'running', 'owner', ARGV[1],
   'lease_ms', ARGV[2], 'created', ARGV[3], 'updated', ARGV[3], 'last', 0, 'count', 0)
 redis.call('PEXPIRE', KEYS[1], meta_ttl(ARGV[4], ARGV[2], ARGV[5]))
-redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
 return epoch
 """
 
