@@ -19,7 +19,7 @@ import collections
 import functools
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 
@@ -63,8 +63,8 @@ class Connection(asyncio.Protocol):
         return connection, transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # (uvloop's transports do not derive from asyncio.Transport: no isinstance check.)
+        self.transport = cast(asyncio.Transport, transport)
 
     def send(self, packed: bytes, on_reply: Callable[[Any], None]) -> None:
         if self.lost is not None:  # gone: answered at once, as the commands it owed were

@@ -3,12 +3,14 @@ here: timings belong in the benchmark run, not in tests)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -205,3 +207,22 @@ def test_cluster_row_says_why_redis_server_refuses_cluster_mode(
         "Bad directive or wrong number of arguments"
     )
     assert [p.name for p in tmp_path.iterdir()] == ["redis-server"]
+
+
+def test_the_floor_connects_on_uvloop(redis_url: str) -> None:
+    # Regression: scenario 3 with RS_BENCH_LOOP=uvloop stopped at the floor's rows: its
+    # connection asserted an asyncio.Transport, which uvloop's transports do not derive from.
+    import uvloop
+
+    from benchmarks.floor import Connection
+
+    async def main() -> Any:
+        connection, transport = await Connection.open(redis_url)
+        replied: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        connection.send(b"*1\r\n$4\r\nPING\r\n", replied.set_result)
+        try:
+            return await asyncio.wait_for(replied, 10)
+        finally:
+            transport.close()
+
+    assert uvloop.run(main()) == b"PONG"
