@@ -31,7 +31,7 @@ def lookup(cache: Recent[int, str], key: int) -> str:
 
 
 def test_keys_in_use_stay_however_many_there_are(clock: Clock) -> None:
-    # Regression (issue 11): the caches this replaces were emptied when they held 4,096
+    # (Issue 11) the caches this replaces were emptied when they held 4,096
     # keys, so with more in use, taking turns, nearly every lookup missed.
     cache: Recent[int, str] = Recent(limit=100_000, period=60.0)
     for _ in range(3):

@@ -20,8 +20,8 @@ class Recent(Generic[K, V]):
     before, ``older``, and moves a key found there back. A generation ends when a key is
     added ``period`` seconds after it began, or when it holds ``limit`` keys (a burst of
     keys used once, such as status reads of many streams): it becomes ``older``, and the
-    one before is dropped. So a key in use stays, however many are, and one left unused
-    goes within two periods, or two ``limit`` of other keys.
+    one before is dropped. So a key used at least once a period stays, up to ``limit``
+    such keys, and one left unused goes within two periods, or two ``limit`` of others.
 
     A dict emptied whenever it held 4,096 keys, as the caches were before, missed on nearly
     every lookup once more streams than that were in use: with 5,000 streams taking turns,
