@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,11 +30,13 @@ LATE_MS = 1000.0  # a client whose worst token came later than this has fallen b
 class HTTPServer:
     """``python -m benchmarks._server`` in a child process."""
 
-    def __init__(self, redis: RedisServer) -> None:
+    def __init__(self, redis: RedisServer, env: dict[str, str] | None = None) -> None:
         self.redis = redis
         self.port = free_port()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks._server", redis.url, str(self.port)], cwd=ROOT
+            [sys.executable, "-m", "benchmarks._server", redis.url, str(self.port)],
+            cwd=ROOT,
+            env=None if env is None else {**os.environ, **env},
         )
         deadline = time.monotonic() + 30
         while True:
@@ -222,6 +226,7 @@ def live_fanout(server: HTTPServer, quick: bool) -> Result:
     light_floor = fanout_row(server, light, 20.0, light_seconds, bare="stored")
     churn_sizes, churn_seconds = ((20, 50), 3.0) if quick else ((100, 500, 1000), 15.0)
     churn = [churn_row(server, n, 20.0, churn_seconds) for n in churn_sizes]
+    standard = _on_standard(server.redis, streams, seconds, light, light_seconds)
     figures = [
         Figure("3", "p50 added latency", round(row["p50_ms"], 2), "ms", note="info"),
         Figure("3", "p99 added latency", round(row["p99_ms"], 2), "ms", "<=", 25),
@@ -345,6 +350,7 @@ def live_fanout(server: HTTPServer, quick: bool) -> Result:
     ]
     return Result(
         figures=figures
+        + _standard_figures(standard, streams, light)
         + [
             figure
             for c in churn
@@ -392,8 +398,71 @@ def live_fanout(server: HTTPServer, quick: bool) -> Result:
                 "floor_bare_with_xadd": light_floor,
             },
             "churn": churn,
+            "uvicorn_standard": standard,
         },
     )
+
+
+# The server as the docs and the chat example run it: uvicorn[standard] picks uvloop and
+# httptools. The rows with targets keep the stock loop and h11, so that runs compare.
+_STANDARD = {"RS_BENCH_LOOP": "uvloop", "RS_BENCH_HTTP": "httptools"}
+_STANDARD_ROW = "on uvicorn[standard] (uvloop, httptools)"
+
+
+def _on_standard(
+    redis: RedisServer, streams: int, seconds: float, light: int, light_seconds: float
+) -> dict[str, Any]:
+    """The router at ``streams`` and ``light`` streams and the bare endpoint at ``light``,
+    on uvicorn[standard]; ``{"skipped": why}`` without uvloop or httptools."""
+    missing = [name for name in ("uvloop", "httptools") if importlib.util.find_spec(name) is None]
+    if missing:
+        why = f"{' and '.join(missing)} not installed (pip install 'uvicorn[standard]')"
+        return {"skipped": why}
+    server = HTTPServer(redis, env=_STANDARD)
+    try:
+        return {
+            "router": fanout_row(server, streams, 20.0, seconds),
+            "light_router": fanout_row(server, light, 20.0, light_seconds),
+            "light_bare": fanout_row(server, light, 20.0, light_seconds, bare=True),
+        }
+    finally:
+        server.stop()
+
+
+def _standard_figures(standard: dict[str, Any], streams: int, light: int) -> list[Figure]:
+    if "skipped" in standard:
+        return [Figure("3", _STANDARD_ROW, f"skipped: {standard['skipped']}", note="skipped")]
+    router, light_router, light_bare = (
+        standard[k] for k in ("router", "light_router", "light_bare")
+    )
+    rows: list[tuple[str, float, str]] = [
+        (f"{streams:,} streams: p99 added latency", router["p99_ms"], "ms"),
+        (f"{streams:,} streams: server CPU per SSE event", router["cpu_us_per_event"], "us"),
+        (f"{light:,} streams: server CPU per SSE event", light_router["cpu_us_per_event"], "us"),
+        (
+            f"{light:,} streams, bare Starlette SSE: server CPU per SSE event",
+            light_bare["cpu_us_per_event"],
+            "us",
+        ),
+        (
+            f"{light:,} streams: CPU per SSE event, router / bare",
+            light_router["cpu_us_per_event"] / light_bare["cpu_us_per_event"],
+            "x",
+        ),
+    ]
+    return [
+        Figure("3", f"{_STANDARD_ROW}, {name}", round(value, 2), unit, note="info")
+        for name, value, unit in rows
+    ] + [
+        Figure(
+            "3",
+            f"{_STANDARD_ROW}: clients behind or incomplete",
+            router["behind"] + light_router["behind"] + light_bare["behind"],
+            "",
+            "==",
+            0,
+        )
+    ]
 
 
 def _cpu_ratio(name: str, router: dict[str, Any], bare: dict[str, Any]) -> Figure:

@@ -57,6 +57,12 @@ def test_quick_paced_and_fanout_rows_carry_their_targets(tmp_path: Path) -> None
     judged("30 streams, floor: clients behind or incomplete", "== 0")
     sse_floor = "30 streams, floor: bare endpoint + one XADD per token, CPU per SSE event"
     assert isinstance(figures[sse_floor]["value"], int | float)
+    # The server as the docs run it (uvicorn[standard], in the dev extra): information rows.
+    standard = "on uvicorn[standard] (uvloop, httptools)"
+    judged(f"{standard}: clients behind or incomplete", "== 0")
+    ratio = f"{standard}, 30 streams: CPU per SSE event, router / bare"
+    assert isinstance(figures[ratio]["value"], int | float)
+    assert figures[ratio]["target"] is None and ratio in result.stdout
     judged("library CPU per token (minus pass-through)", "<= 15")
     judged("churn: library CPU per token (minus pass-through)", "<= 15")
     judged("churn: readers missing tokens", "== 0")
