@@ -41,7 +41,7 @@ async def _live(backend: _Backend, readers: int) -> None:
     if telemetry._instruments is None:
         raise RuntimeError("the lifecycle count needs OpenTelemetry (pip install -e '.[dev]')")
     # (The library's own tally of live consumers: polled, it has no event to wait on.)
-    while telemetry._counts.live < readers:  # noqa: ASYNC110
+    while telemetry.counts.live < readers:  # noqa: ASYNC110
         await asyncio.sleep(0.001)
 
 
@@ -79,7 +79,7 @@ async def _streams(backend: _Backend, prefix: str, count: int, measure: bool) ->
         await backend.wait(key)
 
     before = await _settled() if measure else 0
-    already = telemetry._counts.live
+    already = telemetry.counts.live
     tasks = [asyncio.create_task(one(f"{prefix}-{i}")) for i in range(count)]
     await _live(backend, already + count)
     objects = 0.0

@@ -126,7 +126,7 @@ async def test_a_consumer_dropped_under_warnings_as_errors_still_releases_its_su
     transport = MemoryTransport()
     gate = asyncio.Event()
     run = await StreamProducer(transport).start(tokens(10, pause=gate))
-    live_before = telemetry._counts.live
+    live_before = telemetry.counts.live
     consumer = StreamConsumer(transport, run.stream_id)
     await anext(consumer)
     await anext(consumer)  # now subscribed live
@@ -143,7 +143,7 @@ async def test_a_consumer_dropped_under_warnings_as_errors_still_releases_its_su
 
     await eventually(released)
     assert [type(e) for e in raised] == [ResourceWarning]
-    assert telemetry._counts.live == live_before
+    assert telemetry.counts.live == live_before
     gate.set()
     await run.wait()
 

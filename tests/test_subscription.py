@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from resumable_stream._constants import DEFAULT_SUBSCRIPTION_BUFFER
 from resumable_stream.transports import Entry, QueueSubscription
 
 
@@ -59,3 +60,25 @@ async def test_an_empty_get_tells_a_wake_up_from_a_timeout() -> None:
     subscription.push([])  # before the wait: answered at once
     assert await subscription.get(3600) == []
     assert subscription.woke is True
+
+
+async def test_entries_beyond_the_buffer_drop_the_oldest() -> None:
+    subscription = QueueSubscription(lambda sub: None)
+    limit = DEFAULT_SUBSCRIPTION_BUFFER
+    subscription.push([Entry(1, seq, b"[]") for seq in range(1, limit)])
+    subscription.push([Entry(1, seq, b"[]") for seq in range(limit, limit + 3)])
+    entries = await subscription.get(3600)
+    # The newest ones (the consumer refills the gap from storage).
+    assert [e.seq for e in entries] == list(range(3, limit + 3))
+
+
+async def test_a_get_hands_over_what_later_pushes_leave_alone() -> None:
+    # get() returns the buffer itself and starts a new one (no copy per live entry).
+    subscription = QueueSubscription(lambda sub: None)
+    pushed = [Entry(1, 1, b"[]")]
+    subscription.push(pushed)
+    entries = await subscription.get(3600)
+    subscription.push([Entry(1, 2, b"[]")])
+    assert [e.seq for e in entries] == [1]
+    assert [e.seq for e in pushed] == [1]  # the caller's list is not the buffer
+    assert [e.seq for e in await subscription.get(3600)] == [2]

@@ -236,7 +236,12 @@ class StreamConsumer:
                     # Following live, the usual wait: _fill()'s last step (_wait_live),
                     # inlined to save a coroutine per live event.
                     max_wait = self._max_wait
-                    began = (self._loop or asyncio.get_running_loop()).time()
+                    # (The time only for a subscription that does not say why it woke.)
+                    began = (
+                        (self._loop or asyncio.get_running_loop()).time()
+                        if subscription.woke is None
+                        else 0.0
+                    )
                     entries = await subscription.get(max_wait=max_wait)
                     if self._finished:  # closed by aclose() from another task meanwhile
                         pass
@@ -263,7 +268,7 @@ class StreamConsumer:
             events = self._events
         event = events.pop()
         if not events:
-            telemetry.delivered(self._opened)  # the entry is handed out
+            telemetry.counts.delivered += self._opened  # the entry is handed out
         self.after = event.offset
         if event.type in TERMINAL_TYPES:  # nothing follows: release now, even on a `break`
             self._terminal_seen = self._finished = True

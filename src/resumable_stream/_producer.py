@@ -250,10 +250,10 @@ class Run:
         self._redo = False
         self._can_post = True  # False once the transport declined
         self._parked = False  # the flusher waits for events, with nothing to write
-        # A gap measured, not a time scheduled on: the monotonic clock itself (one C call;
-        # the loop's time() is a Python method around it).
-        self._clock = time.monotonic
-        self._written_at = -COALESCE_GAP  # time.monotonic() of the last entry written
+        # A gap measured, not a time scheduled on: the clock itself (one C call; the loop's
+        # time() is a Python method around it), telemetry's, so that a reading serves both.
+        self._clock = telemetry.clock
+        self._written_at = -COALESCE_GAP  # when the last entry was written, on _clock
         self._pump: asyncio.Task[None] | None = None
         # Whether the run stopped waiting for a source that did not stop
         # (_give_up_on_source), the future that tells a task waiting for the source
@@ -651,7 +651,7 @@ class Run:
             and self._can_post
             and self._inflight is None
             and self._terminal is None
-            and self._clock() - self._written_at >= COALESCE_GAP
+            and (now := self._clock()) - self._written_at >= COALESCE_GAP
         ):
             buffer = self._buffer
             if len(buffer) == 1:  # a paced token (no terminal event: checked above)
@@ -666,7 +666,7 @@ class Run:
                 self._sizes.clear()
             else:
                 entry, count, _ = self._inflight = self._next_entry()
-            self._posted, self._posted_at = entry, telemetry.clock()
+            self._posted, self._posted_at = entry, now
             try:
                 posted = self._transport.append_soon(
                     self.stream_id, self._owner, entry, count, self._on_posted
@@ -690,8 +690,8 @@ class Run:
         if stored:
             count = self._inflight[1]
             self._written(entry, count, None)
-            telemetry.appended(count, self._posted_at)
-            self._written_at = self._clock()
+            now = self._written_at = self._clock()
+            telemetry.appended(count, self._posted_at, now)
             if self._space is not None:
                 self._free_space()
             if self._buffer or self._terminal is not None:

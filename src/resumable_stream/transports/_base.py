@@ -110,13 +110,14 @@ class QueueSubscription(Subscription):
     """A ready-made :class:`Subscription` fed by :meth:`push` (for transport authors)."""
 
     def __init__(self, on_close: collections.abc.Callable[[QueueSubscription], None]) -> None:
-        self._entries: collections.deque[Entry] = collections.deque()
+        self._entries: list[Entry] = []  # handed over whole by get(), a new one put in
         self._waiter: asyncio.Future[None] | None = None
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_due = 0.0  # when _timer fires (its when(), without the method call)
         self._on_close = on_close
         self._woken = False  # an empty push() not yet answered by an empty get()
+        self.woke = False  # (it tells: set by each empty get())
         self.closed = False
 
     def push(self, entries: list[Entry]) -> None:
@@ -127,11 +128,10 @@ class QueueSubscription(Subscription):
         """
         if not entries:
             self._woken = True
-        self._entries.extend(entries)
-        overflow = len(self._entries) - DEFAULT_SUBSCRIPTION_BUFFER
-        if overflow > 0:
-            for _ in range(overflow):
-                self._entries.popleft()
+        buffered = self._entries
+        buffered += entries
+        if len(buffered) > DEFAULT_SUBSCRIPTION_BUFFER:
+            del buffered[: len(buffered) - DEFAULT_SUBSCRIPTION_BUFFER]
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -164,8 +164,8 @@ class QueueSubscription(Subscription):
             if not self._entries:
                 self.woke = self._woken  # a wake-up answered, or the wait timed out
                 self._woken = False
-        entries = list(self._entries)
-        self._entries.clear()
+        entries = self._entries
+        self._entries = []
         return entries
 
     def _on_timer(self) -> None:
