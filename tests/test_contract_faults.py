@@ -19,6 +19,7 @@ from resumable_stream import (
     StreamNotFound,
     StreamProducer,
     Transport,
+    _producer,
 )
 from resumable_stream._codec import decode_entry, encode_entry, format_offset
 from resumable_stream.transports import Entry
@@ -167,6 +168,35 @@ async def test_a_rollback_beyond_the_window_ends_with_storage_rollback(
             await collect(transport, "rolled", after=received.offset)
     rest = await collect(transport, "rolled", after=seen[6].offset)
     assert rest == fresh[7:]
+
+
+@pytest.mark.parametrize(("window_bytes", "rewritten"), [(24, True), (16, False)])
+async def test_the_window_keeps_no_more_bytes_than_its_bound(
+    transport: Transport,
+    lose_tail: LoseTail,
+    monkeypatch: pytest.MonkeyPatch,
+    window_bytes: int,
+    rewritten: bool,
+) -> None:
+    # Entries 8-10 hold 8 bytes each (`["t7 "]`): 24 bytes keep all three, 16 only 9-10,
+    # whatever number of entries the window may keep.
+    monkeypatch.setattr(_producer, "ROLLBACK_WINDOW_BYTES", window_bytes)
+    gate, epoch = await half_written(transport, rollback_window=100)
+    await lose_tail(transport, "rolled", 7)
+    gate.set()
+
+    async def ended() -> bool:
+        info = await transport.info("rolled")
+        return info is not None and info.status != "running"
+
+    await eventually(ended)
+    events = await collect(transport, "rolled")
+    if rewritten:
+        assert joined(events) == text_of(20) and events[-1].type == "end"
+    else:
+        assert joined(events) == text_of(7)
+        assert events[-1].data["error"] == "storage_rollback"
+        assert events[-1].offset == format_offset(epoch, 8, 0)
 
 
 async def test_a_reader_waiting_past_the_end_learns_at_once_that_the_run_ended_below_it(

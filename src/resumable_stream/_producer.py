@@ -239,9 +239,11 @@ class Run:
         # The payloads and event counts of the entries up to _seq, oldest first, in two
         # deques of bytes and ints: objects the garbage collector does not track (issue 11:
         # an object per entry written made collections more frequent and full ones
-        # slower, tens of ms with many runs).
-        self._window: collections.deque[bytes] = collections.deque()
-        self._window_counts: collections.deque[int] = collections.deque()
+        # slower, tens of ms with many runs). Each holds rollback_window at most: once
+        # full, the append of one more drops the oldest.
+        window = producer.rollback_window
+        self._window: collections.deque[bytes] = collections.deque(maxlen=window)
+        self._window_counts: collections.deque[int] = collections.deque(maxlen=window)
         self._window_bytes = 0
         # The fast path (Transport.append_soon): the entry posted and not yet answered,
         # when it was posted, and whether the flusher must write it again with append().
@@ -921,12 +923,17 @@ class Run:
             self.status = final
             return
         window = self._window
-        window.append(entry.payload)
+        payload = entry.payload
+        size = self._window_bytes + len(payload)
+        if len(window) == window.maxlen:  # full: the append drops the oldest entry
+            if not window:
+                return  # rollback_window=0: none kept
+            size -= len(window[0])
+        window.append(payload)
         self._window_counts.append(count)
-        self._window_bytes += len(entry.payload)
-        limit = self._producer.rollback_window
-        while window and (len(window) > limit or self._window_bytes > ROLLBACK_WINDOW_BYTES):
-            self._window_bytes -= len(window.popleft())
+        self._window_bytes = size
+        while size > ROLLBACK_WINDOW_BYTES and window:
+            size = self._window_bytes = size - len(window.popleft())
             self._window_counts.popleft()
 
     async def _append(
