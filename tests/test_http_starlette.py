@@ -1179,6 +1179,48 @@ async def test_a_stuck_write_is_cut_without_busy_waiting() -> None:
     assert cpu < 0.15  # pings fall due during the stuck write: no timer may spin
 
 
+async def test_a_reader_ahead_of_a_slow_client_waits_for_room_and_then_goes_on() -> None:
+    """ASGI-level: the reader stops at the buffer limit (64 KiB) until the writer takes
+    the buffer, and goes on once it has: a slow client gets the whole stream, in order."""
+    transport = from_url("memory://")
+    bodies: list[bytes] = []
+    turns = asyncio.Semaphore(0)  # one write let through per release
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            await turns.acquire()
+            bodies.append(message["body"])
+
+    async def let_through() -> None:
+        while True:
+            turns.release()
+            await asyncio.sleep(0)  # one write per loop turn: the reader gets ahead
+
+    async with transport, StreamProducer(transport) as producer:
+        run = await producer.start(paced_tokens(400, 0, size=1000))  # 400 KB
+        await run.wait()
+        response = StreamResponse(StreamConsumer(transport, run.stream_id), ping_interval=None)
+        client = asyncio.create_task(let_through())
+        try:
+            await asyncio.wait_for(
+                response({"type": "http", "method": "GET"}, client_stays, send), timeout=30
+            )
+        finally:
+            client.cancel()
+
+    blocks = [
+        dict(line.split(b": ", 1) for line in block.split(b"\n"))
+        for block in b"".join(bodies).split(b"\n\n")
+        if block
+    ]
+    texts = [
+        orjson.loads(block[b"data"])["text"] for block in blocks if block[b"event"] == b"token"
+    ]
+    assert texts == [word(i).ljust(1000, "x") for i in range(400)]
+    assert blocks[-1][b"event"] == b"end"
+    assert len(bodies) > 6  # the reader filled the buffer and waited, again and again
+
+
 async def fed(batches: asyncio.Queue[list[Any] | None]) -> AsyncIterator[Any]:
     """A source the test feeds: the items of each list put in ``batches``, until None (a
     list's items reach the producer in one go, as one entry)."""

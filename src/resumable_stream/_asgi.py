@@ -13,10 +13,12 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 
 from ._constants import BUFFER_LIMIT, FIRST_EVENT_WAIT, SHUTDOWN_WRITE_WAIT
 from ._consumer import StreamConsumer
+from ._events import TERMINAL_TYPES
 from ._exceptions import ConfigurationError, ResumableStreamError
 from ._http import (
     JSON_TYPE,
@@ -187,7 +189,9 @@ class _Connection:
         self.complete = False  # the last body went out
         self.idle = False  # the writer waits, with nothing to write and no one waking it
         self.ping_due = False
-        self.last_write = self._loop.time()
+        # On time.monotonic(), a C call (the stock loop's time() is a Python method around
+        # it): read once per write, when it starts.
+        self.last_write = time.monotonic()  # when the last write that completed started
         self.sending_since: float | None = None
         self.unsent: Message | None = None  # the write in progress (cut short: never sent)
 
@@ -201,10 +205,12 @@ class _Connection:
         self.ready.set()
 
     def take(self) -> bytes:
-        body = b"".join(self.chunks)
-        self.chunks.clear()
+        chunks = self.chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        if self.size >= BUFFER_LIMIT:  # the reader waits for space (only then)
+            self.space.set()
         self.size = 0
-        self.space.set()
         return body
 
     def finish(self, error: ResumableStreamError | None = None) -> None:
@@ -213,7 +219,7 @@ class _Connection:
         self.wake()
 
     async def write(self, message: Message) -> None:
-        self.sending_since = self._loop.time()
+        began = self.sending_since = time.monotonic()
         self.unsent = message
         try:
             await self._send(message)
@@ -223,7 +229,9 @@ class _Connection:
             raise _ClientGone from None
         self.unsent = None
         self.sending_since = None
-        self.last_write = self._loop.time()
+        # (When it began: a keep-alive is due an interval after that, so a write that
+        # took long brings the next one that much earlier.)
+        self.last_write = began
         if message["type"] == "http.response.start":
             self.started = True
         elif not message.get("more_body", False):
@@ -243,7 +251,7 @@ class _Connection:
             )
 
     def _check(self) -> None:
-        now = self._loop.time()
+        now = time.monotonic()
         wait = math.inf
         send_timeout, ping_interval = self._send_timeout, self._ping_interval
         if send_timeout is not None:
@@ -447,7 +455,11 @@ class StreamEngine:
                     connection.space.clear()
                     connection.wake()
                     await connection.space.wait()
-                elif connection.idle and not event.terminal and not consumer._at_hand():
+                elif (
+                    connection.idle
+                    and event.type not in TERMINAL_TYPES  # (event.terminal, without a call)
+                    and not consumer._at_hand()
+                ):
                     # The writer waits and no more events are at hand: write from here,
                     # without waking it (one task wake-up less per live event). A client
                     # that stops reading is cut as before: the clock cancels the writer,
