@@ -20,6 +20,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk
 
 from resumable_stream import (
     BackendRefused,
+    ConfigurationError,
     Event,
     LeaseLost,
     StorageRollback,
@@ -833,6 +834,16 @@ class HeldAppend(MemoryTransport):
             self.held.set()
             await self.release.wait()
         await super().append(stream_id, owner, entry, count, final)
+
+
+async def test_a_rollback_window_that_is_not_an_int_is_refused_when_configured() -> None:
+    # Regression: the window's deques take it as their maxlen: a float (256.0, inf) made
+    # every start() fail with a TypeError, an int past sys.maxsize with an OverflowError.
+    for window in (256.0, math.inf, None, "8"):
+        with pytest.raises(ConfigurationError, match="rollback_window"):
+            StreamProducer(MemoryTransport(), rollback_window=window)  # type: ignore[arg-type]
+    run = await StreamProducer(MemoryTransport(), rollback_window=10**20).start(tokens(5))
+    assert await run.wait() == "completed"
 
 
 async def test_a_rollback_met_while_ending_an_interrupted_run_is_written() -> None:

@@ -10,7 +10,9 @@ import dataclasses
 import itertools
 import logging
 import math
+import operator
 import secrets
+import sys
 import time
 import traceback
 from collections.abc import AsyncIterable, Callable, Mapping
@@ -241,7 +243,7 @@ class Run:
         # an object per entry written made collections more frequent and full ones
         # slower, tens of ms with many runs). Each holds rollback_window at most: once
         # full, the append of one more drops the oldest.
-        window = producer.rollback_window
+        window = min(producer.rollback_window, sys.maxsize)  # (a deque holds no more)
         self._window: collections.deque[bytes] = collections.deque(maxlen=window)
         self._window_counts: collections.deque[int] = collections.deque(maxlen=window)
         self._window_bytes = 0
@@ -1087,8 +1089,11 @@ class StreamProducer:
             )
         if max_event_bytes < 64 or max_entry_bytes < 1:
             raise ConfigurationError("max_event_bytes must be >= 64 and max_entry_bytes >= 1")
-        if rollback_window < 0:
-            raise ConfigurationError("rollback_window must be >= 0")
+        # (An integer: the window's deques take it as their maxlen, once per run.)
+        if not hasattr(rollback_window, "__index__") or rollback_window < 0:
+            raise ConfigurationError(
+                f"rollback_window must be an int >= 0, not {rollback_window!r}"
+            )
         if write_retry_budget is None:
             suggested = getattr(transport, "write_retry_budget", None)
             write_retry_budget = DEFAULT_WRITE_RETRY_BUDGET if suggested is None else suggested
@@ -1104,7 +1109,7 @@ class StreamProducer:
         self.max_entry_events = max_entry_events
         self.max_entry_bytes = max_entry_bytes
         self.write_retry_budget: float = write_retry_budget
-        self.rollback_window = rollback_window
+        self.rollback_window: int = operator.index(rollback_window)
         self._runs: dict[str, Run] = {}
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._renewals: set[asyncio.Task[None]] = set()
