@@ -4,12 +4,18 @@ over its sockets' protocols (plain TCP, TLS, unix socket), which is loop-specifi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
+import pytest
 import uvloop
 
-from resumable_stream import StreamConsumer, StreamProducer, from_url
+from resumable_stream import StreamConsumer, StreamProducer, _asgi, from_url
+from resumable_stream._sse import PING
+from resumable_stream._types import Message
+from resumable_stream.starlette import StreamResponse
 from tests.conftest import TlsRedis
 
 
@@ -47,3 +53,57 @@ def test_redis_round_trip_on_uvloop(redis_url: str) -> None:
 def test_tls_and_unix_socket_on_uvloop(redis_tls: TlsRedis, redis_unix_url: str) -> None:
     _on_uvloop(redis_tls.url)
     _on_uvloop(redis_unix_url)
+
+
+async def _idle_response(pings: int) -> int:
+    """Serve an idle stream with a 20 ms keep-alive until ``pings`` went out; return the
+    pings sent."""
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+    sent: list[bytes] = []
+    enough = asyncio.Event()
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            sent.append(message["body"])
+            if sent.count(PING) >= pings:
+                enough.set()
+
+    async def receive() -> Message:
+        await asyncio.get_running_loop().create_future()
+        raise AssertionError("unreachable")
+
+    async def held() -> AsyncIterator[str]:
+        yield "thinking"
+        await asyncio.get_running_loop().create_future()
+
+    async with from_url("memory://") as transport, StreamProducer(transport) as producer:
+        run = await producer.start(held())
+        response = StreamResponse(StreamConsumer(transport, run.stream_id), ping_interval=0.02)
+        serving = asyncio.ensure_future(response({"type": "http", "method": "GET"}, receive, send))
+        await asyncio.wait_for(enough.wait(), timeout=30)
+        serving.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+        await run.cancel()
+    return sent.count(PING)
+
+
+def test_an_idle_streams_keep_alive_clock_does_not_spin_on_uvloop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Regression: the clock compared the loop's time(), which uvloop keeps in whole
+    # milliseconds as of the loop's last turn, and re-armed itself for what was left of
+    # the interval: it ran about 700 times per keep-alive, re-armed for nothing until the
+    # millisecond changed (36,939 checks for 49 pings in one second, measured).
+    checks: list[None] = []
+    check = _asgi._Connection._check
+
+    def counted(self: Any) -> None:
+        checks.append(None)
+        check(self)
+
+    monkeypatch.setattr(_asgi._Connection, "_check", counted)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        pings = runner.run(_idle_response(10))
+    assert pings >= 10
+    assert len(checks) <= 2 * pings + 5  # one check per keep-alive, and a few more at most
