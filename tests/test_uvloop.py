@@ -16,6 +16,7 @@ from resumable_stream import StreamConsumer, StreamProducer, _asgi, from_url
 from resumable_stream._sse import PING
 from resumable_stream._types import Message
 from resumable_stream.starlette import StreamResponse
+from resumable_stream.transports import QueueSubscription
 from tests.conftest import TlsRedis
 
 
@@ -107,3 +108,31 @@ def test_an_idle_streams_keep_alive_clock_does_not_spin_on_uvloop(
         pings = runner.run(_idle_response(10))
     assert pings >= 10
     assert len(checks) <= 2 * pings + 5  # one check per keep-alive, and a few more at most
+
+
+def test_a_quiet_live_waits_timer_fires_once_per_timeout_on_uvloop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Regression: the live subscription's timer compared the loop's time() with its
+    # deadline and re-armed itself for what was left; on uvloop (time in whole ms as of the
+    # loop's last turn, delays rounded to ms) it fired early and re-armed about 700 times
+    # per timeout: every quiet reader spun for up to a millisecond every half lease.
+    fired: list[None] = []
+    on_timer = QueueSubscription._on_timer
+
+    def counted(self: QueueSubscription) -> None:
+        fired.append(None)
+        on_timer(self)
+
+    monkeypatch.setattr(QueueSubscription, "_on_timer", counted)
+
+    async def quiet_waits() -> None:
+        assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+        subscription = QueueSubscription(lambda sub: None)
+        for _ in range(20):
+            assert await subscription.get(0.0234) == []  # timed out, not woken
+            assert subscription.woke is False
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(quiet_waits())
+    assert len(fired) <= 25  # once per timeout, and a few more at most

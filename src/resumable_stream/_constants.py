@@ -98,6 +98,11 @@ FIRST_EVENT_WAIT = 0.5
 #: Seconds a stream response cancelled by its server (the end of a graceful shutdown) gives
 #: the client to take its last write, which ends the response so that the client resumes.
 SHUTDOWN_WRITE_WAIT = 1.0
+#: Seconds a timer may fire before its deadline by the loop's time(): uvloop keeps that
+#: time in whole milliseconds as of its last turn and rounds delays to them. A timer that
+#: checks its deadline takes one this close as reached, rather than re-arming itself for
+#: what is left until the millisecond passes (hundreds of times, on uvloop).
+TIMER_SLACK = 0.001
 #: Encoded bytes a response buffers ahead of a slow client before it stops reading.
 BUFFER_LIMIT = 64 * 1024
 #: ``Retry-After`` seconds when the router is full or the transport is down.

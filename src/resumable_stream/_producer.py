@@ -36,6 +36,7 @@ from ._constants import (
     MAX_DURATION,
     MAX_ENTRY_EVENTS_LIMIT,
     ROLLBACK_WINDOW_BYTES,
+    TIMER_SLACK,
 )
 from ._events import (
     CANCELLED,
@@ -767,7 +768,7 @@ class Run:
         held = len(buffer)
         while self._terminal is None and held < self._coalesce_events:
             left = deadline - loop.time()
-            if left <= 0:
+            if left <= TIMER_SLACK:
                 return
             wake.clear()
             # (A timer setting the event, not asyncio.timeout(): no exception per pause.)

@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import Literal, Self
 
 from .._codec import format_offset
-from .._constants import DEFAULT_SUBSCRIPTION_BUFFER, MAX_DURATION
+from .._constants import DEFAULT_SUBSCRIPTION_BUFFER, MAX_DURATION, TIMER_SLACK
 
 Status = Literal["running", "completed", "error", "cancelled"]
 FINAL_STATUSES: frozenset[str] = frozenset({"completed", "error", "cancelled"})
@@ -177,7 +177,7 @@ class QueueSubscription(Subscription):
         if waiter is None or waiter.done():
             return
         loop = asyncio.get_running_loop()
-        if loop.time() < self._deadline:
+        if self._deadline - loop.time() > TIMER_SLACK:  # a later wait armed since
             self._timer = loop.call_at(self._deadline, self._on_timer)
             self._timer_due = self._deadline
         else:

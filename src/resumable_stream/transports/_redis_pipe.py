@@ -44,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from .. import telemetry
+from .._constants import TIMER_SLACK
 from .._exceptions import BackendRefused, TransportClosed, TransportError
 
 logger = logging.getLogger("resumable_stream.redis")
@@ -593,7 +594,7 @@ class Pipe:
         connecting = session.stream is None
         limit = self._setup_timeout if connecting else self._timeout
         due = self._progress + limit
-        if loop.time() < due:
+        if due - loop.time() > TIMER_SLACK:  # progress since it was armed
             self._watchdog = loop.call_at(due, self._check)
             return
         what = "connect" if connecting and limit > self._timeout else "answer"
