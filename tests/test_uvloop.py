@@ -56,9 +56,9 @@ def test_tls_and_unix_socket_on_uvloop(redis_tls: TlsRedis, redis_unix_url: str)
     _on_uvloop(redis_unix_url)
 
 
-async def _idle_response(pings: int) -> int:
-    """Serve an idle stream with a 20 ms keep-alive until ``pings`` went out; return the
-    pings sent."""
+async def _idle_response(pings: int, interval: float = 0.02) -> int:
+    """Serve an idle stream with a keep-alive every ``interval`` seconds until ``pings``
+    went out; return the pings sent."""
     assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
     sent: list[bytes] = []
     enough = asyncio.Event()
@@ -79,7 +79,8 @@ async def _idle_response(pings: int) -> int:
 
     async with from_url("memory://") as transport, StreamProducer(transport) as producer:
         run = await producer.start(held())
-        response = StreamResponse(StreamConsumer(transport, run.stream_id), ping_interval=0.02)
+        consumer = StreamConsumer(transport, run.stream_id)
+        response = StreamResponse(consumer, ping_interval=interval)
         serving = asyncio.ensure_future(response({"type": "http", "method": "GET"}, receive, send))
         await asyncio.wait_for(enough.wait(), timeout=30)
         serving.cancel()
@@ -108,6 +109,74 @@ def test_an_idle_streams_keep_alive_clock_does_not_spin_on_uvloop(
         pings = runner.run(_idle_response(10))
     assert pings >= 10
     assert len(checks) <= 2 * pings + 5  # one check per keep-alive, and a few more at most
+
+
+def _counted_checks(monkeypatch: pytest.MonkeyPatch) -> list[None]:
+    """A list that grows by one each time a response's clock checks."""
+    checks: list[None] = []
+    check = _asgi._Connection._check
+
+    def counted(self: Any) -> None:
+        checks.append(None)
+        check(self)
+
+    monkeypatch.setattr(_asgi._Connection, "_check", counted)
+    return checks
+
+
+def test_a_keep_alive_of_no_whole_milliseconds_does_not_spin_on_uvloop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Regression: the clock re-armed itself for what was left of the interval; uvloop
+    # rounds a timer's delay to whole milliseconds (under half of one: the next turn), so
+    # it fired early and re-armed itself for the last fraction of a millisecond, turn after
+    # turn: 5,978 checks for 30 pings 20.3 ms apart, measured.
+    checks = _counted_checks(monkeypatch)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        pings = runner.run(_idle_response(20, interval=0.0203))
+    assert pings >= 20
+    assert len(checks) <= 2 * pings + 5  # one check per keep-alive, and a few more at most
+
+
+async def _stuck_writes(count: int, send_timeout: float) -> None:
+    """Serve ``count`` responses whose client stops reading after the headers: each is cut
+    by the send timeout."""
+    assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+
+    async def receive() -> Message:
+        await asyncio.get_running_loop().create_future()
+        raise AssertionError("unreachable")
+
+    async def held() -> AsyncIterator[str]:
+        yield "thinking"
+        await asyncio.get_running_loop().create_future()
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            await asyncio.get_running_loop().create_future()  # never read
+
+    async with from_url("memory://") as transport, StreamProducer(transport) as producer:
+        run = await producer.start(held())
+        for _ in range(count):
+            sent.clear()
+            consumer = StreamConsumer(transport, run.stream_id)
+            response = StreamResponse(consumer, ping_interval=None, send_timeout=send_timeout)
+            await asyncio.wait_for(response({"type": "http", "method": "GET"}, receive, send), 30)
+            assert sent[0]["type"] == "http.response.start"
+        await run.cancel()
+
+
+def test_a_send_timeout_does_not_spin_on_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Regression: as the keep-alive above, the send timeout's clock re-armed itself for
+    # the last fraction of a millisecond, turn after turn, in about half the writes cut:
+    # up to 680 checks for one stuck write, measured.
+    checks = _counted_checks(monkeypatch)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_stuck_writes(20, send_timeout=0.0203))
+    assert len(checks) <= 3 * 20  # a check or two per write cut, and a third at most
 
 
 def test_a_quiet_live_waits_timer_fires_once_per_timeout_on_uvloop(

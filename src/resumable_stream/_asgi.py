@@ -16,7 +16,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 
-from ._constants import BUFFER_LIMIT, FIRST_EVENT_WAIT, SHUTDOWN_WRITE_WAIT
+from ._constants import BUFFER_LIMIT, FIRST_EVENT_WAIT, SHUTDOWN_WRITE_WAIT, TIMER_SLACK
 from ._consumer import StreamConsumer
 from ._events import TERMINAL_TYPES
 from ._exceptions import ConfigurationError, ResumableStreamError
@@ -251,13 +251,17 @@ class _Connection:
             )
 
     def _check(self) -> None:
+        # A deadline less than TIMER_SLACK away counts as reached: uvloop rounds a timer's
+        # delay to whole milliseconds (it may fire early), and runs one of under half a
+        # millisecond at its next turn: re-armed for what was left, the clock spun until
+        # time.monotonic() got there (hundreds of checks).
         now = time.monotonic()
         wait = math.inf
         send_timeout, ping_interval = self._send_timeout, self._ping_interval
         if send_timeout is not None:
             if self.sending_since is None:
                 wait = send_timeout
-            elif now - self.sending_since >= send_timeout:
+            elif now - self.sending_since >= send_timeout - TIMER_SLACK:
                 # As asyncio.timeout() does, without a timer per write: the writer tells
                 # this cancellation from others by `stuck`.
                 self.stuck = True
@@ -268,7 +272,7 @@ class _Connection:
                 wait = self.sending_since + send_timeout - now
         if ping_interval is not None:
             idle = 0.0 if self.sending_since is not None else now - self.last_write
-            if idle >= ping_interval:
+            if idle >= ping_interval - TIMER_SLACK:
                 self.ping_due = True
                 self.wake()
                 idle = 0.0
