@@ -349,7 +349,9 @@ class RedisTransport(Transport):
     queued meanwhile (every run's appends, every reader's reads) go out together. Each
     write wakes Redis and each batch of replies wakes this process, which costs more CPU
     than the commands themselves: see :data:`DEFAULT_WRITE_INTERVAL` and
-    docs/performance.md. ``0`` writes once per event-loop turn (lowest latency).
+    docs/performance.md. ``0`` writes once per event-loop turn (lowest latency). On uvloop,
+    whose clock and timers count whole milliseconds, an interval below 1 ms writes at the
+    next turn too, and longer ones are kept only roughly.
     """
 
     def __init__(
