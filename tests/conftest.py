@@ -67,6 +67,32 @@ _REDIS_KINDS = {
 }
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--event-loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the loop async tests run on: asyncio's own (default), or uvloop, the loop of "
+        "uvicorn[standard], which the docs deploy on (scripts/test runs the core on both)",
+    )
+
+
+class _OnUvloop:
+    """Runs every async test on uvloop (pytest-asyncio's loop factory hook)."""
+
+    def pytest_asyncio_loop_factories(self, config: pytest.Config, item: pytest.Item) -> Any:
+        import uvloop
+
+        return {"uvloop": uvloop.new_event_loop}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # (Registered only then: a hook implementation must name a loop, and the default one
+    # is left to pytest-asyncio.)
+    if config.getoption("--event-loop") == "uvloop":
+        config.pluginmanager.register(_OnUvloop(), "resumable-stream-uvloop")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         fixturenames = list(getattr(item, "fixturenames", ()))
