@@ -56,6 +56,31 @@ def test_tls_and_unix_socket_on_uvloop(redis_tls: TlsRedis, redis_unix_url: str)
     _on_uvloop(redis_unix_url)
 
 
+async def _client_stays() -> Message:
+    """An ASGI ``receive`` whose client never leaves."""
+    await asyncio.get_running_loop().create_future()
+    raise AssertionError("unreachable")
+
+
+async def _thinking() -> AsyncIterator[str]:
+    """A run that yields one token, then thinks for ever."""
+    yield "thinking"
+    await asyncio.get_running_loop().create_future()
+
+
+def _counted(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> list[None]:
+    """A list that grows by one each time method ``name`` of ``cls`` is called."""
+    calls: list[None] = []
+    method = getattr(cls, name)
+
+    def counted(self: Any) -> None:
+        calls.append(None)
+        method(self)
+
+    monkeypatch.setattr(cls, name, counted)
+    return calls
+
+
 async def _idle_response(pings: int, interval: float = 0.02) -> int:
     """Serve an idle stream with a keep-alive every ``interval`` seconds until ``pings``
     went out; return the pings sent."""
@@ -69,19 +94,12 @@ async def _idle_response(pings: int, interval: float = 0.02) -> int:
             if sent.count(PING) >= pings:
                 enough.set()
 
-    async def receive() -> Message:
-        await asyncio.get_running_loop().create_future()
-        raise AssertionError("unreachable")
-
-    async def held() -> AsyncIterator[str]:
-        yield "thinking"
-        await asyncio.get_running_loop().create_future()
-
     async with from_url("memory://") as transport, StreamProducer(transport) as producer:
-        run = await producer.start(held())
+        run = await producer.start(_thinking())
         consumer = StreamConsumer(transport, run.stream_id)
         response = StreamResponse(consumer, ping_interval=interval)
-        serving = asyncio.ensure_future(response({"type": "http", "method": "GET"}, receive, send))
+        scope = {"type": "http", "method": "GET"}
+        serving = asyncio.ensure_future(response(scope, _client_stays, send))
         await asyncio.wait_for(enough.wait(), timeout=30)
         serving.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -97,31 +115,11 @@ def test_an_idle_streams_keep_alive_clock_does_not_spin_on_uvloop(
     # milliseconds as of the loop's last turn, and re-armed itself for what was left of
     # the interval: it ran about 700 times per keep-alive, re-armed for nothing until the
     # millisecond changed (36,939 checks for 49 pings in one second, measured).
-    checks: list[None] = []
-    check = _asgi._Connection._check
-
-    def counted(self: Any) -> None:
-        checks.append(None)
-        check(self)
-
-    monkeypatch.setattr(_asgi._Connection, "_check", counted)
+    checks = _counted(monkeypatch, _asgi._Connection, "_check")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         pings = runner.run(_idle_response(10))
     assert pings >= 10
     assert len(checks) <= 2 * pings + 5  # one check per keep-alive, and a few more at most
-
-
-def _counted_checks(monkeypatch: pytest.MonkeyPatch) -> list[None]:
-    """A list that grows by one each time a response's clock checks."""
-    checks: list[None] = []
-    check = _asgi._Connection._check
-
-    def counted(self: Any) -> None:
-        checks.append(None)
-        check(self)
-
-    monkeypatch.setattr(_asgi._Connection, "_check", counted)
-    return checks
 
 
 def test_a_keep_alive_of_no_whole_milliseconds_does_not_spin_on_uvloop(
@@ -131,7 +129,7 @@ def test_a_keep_alive_of_no_whole_milliseconds_does_not_spin_on_uvloop(
     # rounds a timer's delay to whole milliseconds (under half of one: the next turn), so
     # it fired early and re-armed itself for the last fraction of a millisecond, turn after
     # turn: 5,978 checks for 30 pings 20.3 ms apart, measured.
-    checks = _counted_checks(monkeypatch)
+    checks = _counted(monkeypatch, _asgi._Connection, "_check")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         pings = runner.run(_idle_response(20, interval=0.0203))
     assert pings >= 20
@@ -142,15 +140,6 @@ async def _stuck_writes(count: int, send_timeout: float) -> None:
     """Serve ``count`` responses whose client stops reading after the headers: each is cut
     by the send timeout."""
     assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
-
-    async def receive() -> Message:
-        await asyncio.get_running_loop().create_future()
-        raise AssertionError("unreachable")
-
-    async def held() -> AsyncIterator[str]:
-        yield "thinking"
-        await asyncio.get_running_loop().create_future()
-
     sent: list[Message] = []
 
     async def send(message: Message) -> None:
@@ -159,12 +148,13 @@ async def _stuck_writes(count: int, send_timeout: float) -> None:
             await asyncio.get_running_loop().create_future()  # never read
 
     async with from_url("memory://") as transport, StreamProducer(transport) as producer:
-        run = await producer.start(held())
+        run = await producer.start(_thinking())
         for _ in range(count):
             sent.clear()
             consumer = StreamConsumer(transport, run.stream_id)
             response = StreamResponse(consumer, ping_interval=None, send_timeout=send_timeout)
-            await asyncio.wait_for(response({"type": "http", "method": "GET"}, receive, send), 30)
+            scope = {"type": "http", "method": "GET"}
+            await asyncio.wait_for(response(scope, _client_stays, send), 30)
             assert sent[0]["type"] == "http.response.start"
         await run.cancel()
 
@@ -173,7 +163,7 @@ def test_a_send_timeout_does_not_spin_on_uvloop(monkeypatch: pytest.MonkeyPatch)
     # Regression: as the keep-alive above, the send timeout's clock re-armed itself for
     # the last fraction of a millisecond, turn after turn, in about half the writes cut:
     # up to 680 checks for one stuck write, measured.
-    checks = _counted_checks(monkeypatch)
+    checks = _counted(monkeypatch, _asgi._Connection, "_check")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(_stuck_writes(20, send_timeout=0.0203))
     assert len(checks) <= 3 * 20  # a check or two per write cut, and a third at most
@@ -186,14 +176,7 @@ def test_a_quiet_live_waits_timer_fires_once_per_timeout_on_uvloop(
     # deadline and re-armed itself for what was left; on uvloop (time in whole ms as of the
     # loop's last turn, delays rounded to ms) it fired early and re-armed about 700 times
     # per timeout: every quiet reader spun for up to a millisecond every half lease.
-    fired: list[None] = []
-    on_timer = QueueSubscription._on_timer
-
-    def counted(self: QueueSubscription) -> None:
-        fired.append(None)
-        on_timer(self)
-
-    monkeypatch.setattr(QueueSubscription, "_on_timer", counted)
+    fired = _counted(monkeypatch, QueueSubscription, "_on_timer")
 
     async def quiet_waits() -> None:
         assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
