@@ -157,6 +157,19 @@ def test_sse_data_stays_one_line_for_readers_that_split_on_unicode_line_breaks()
         ("application/x-ndjson;q=0, text/event-stream;q=0", SSE, False),
         ("application/jsonl", NDJSON, False),
         ("text/event-stream;q=bogus", SSE, False),
+        ("text/event-stream;q=nan, application/x-ndjson;q=0.1", NDJSON, False),
+        # SSE refused: NDJSON, if not refused too (a header refusing both is disregarded).
+        ("text/event-stream;q=0", NDJSON, False),
+        ("text/event-stream;q=0, */*", NDJSON, False),
+        ("text/*;q=0, */*", NDJSON, False),
+        ("text/event-stream;q=0, text/*", NDJSON, False),
+        # The most specific range gives a type its quality.
+        ("application/*", NDJSON, False),
+        ("text/*", SSE, False),
+        ("*/*;q=0.5, application/x-ndjson;q=0.1", SSE, False),
+        ("*/*;q=0.1, text/event-stream", SSE, True),
+        ("application/json", SSE, False),
+        ("application/json, */*;q=0.5", SSE, False),
     ],
 )
 def test_negotiate(accept: str, wire: Any, event_stream_client: bool) -> None:

@@ -291,6 +291,17 @@ async def test_ndjson_for_clients_that_ask_for_it(server: Server) -> None:
     assert [orjson.loads(line) for line in resumed.text.splitlines()] == records[20:]
 
 
+async def test_a_client_refusing_sse_gets_ndjson(server: Server) -> None:
+    async with server.client() as client:
+        url = await start(client, tokens=5)
+        response = await client.get(url, headers={"accept": "text/event-stream;q=0, */*"})
+
+    assert response.headers["content-type"] == "application/x-ndjson"
+    records = [orjson.loads(line) for line in response.text.splitlines()]
+    assert "".join(r["data"]["text"] for r in records if r["type"] == "token") == full_text(5)
+    assert records[-1]["type"] == "end"
+
+
 async def test_resuming_after_the_terminal_event_is_204_for_sse_and_ndjson(server: Server) -> None:
     async with server.client() as client:
         url = await start(client, tokens=5)

@@ -114,6 +114,8 @@ def stream_headers(wire: WireFormat) -> list[tuple[bytes, bytes]]:
 
 
 def _media_ranges(accept: str) -> dict[str, float]:
+    """The media ranges of an ``Accept`` header and their qualities (a range whose ``q`` is
+    not a number from 0 to 1 is left out, as if not sent)."""
     ranges: dict[str, float] = {}
     for part in accept.lower().split(","):
         media, *params = part.split(";")
@@ -124,11 +126,21 @@ def _media_ranges(accept: str) -> dict[str, float]:
                 try:
                     quality = float(value)
                 except ValueError:
-                    quality = 0.0
+                    quality = -1.0
         media = media.strip()
-        if media:
+        if media and 0.0 <= quality <= 1.0:  # (also False for nan)
             ranges[media] = max(quality, ranges.get(media, 0.0))
     return ranges
+
+
+def _quality(ranges: dict[str, float], media: str) -> float | None:
+    """The quality ``ranges`` give ``media``: that of its own range, else of its type's
+    (``text/*``), else of ``*/*`` (the most specific wins); None if none names it."""
+    for candidate in (media, media.partition("/")[0] + "/*", "*/*"):
+        quality = ranges.get(candidate)
+        if quality is not None:
+            return quality
+    return None
 
 
 class Negotiated(NamedTuple):
@@ -138,12 +150,15 @@ class Negotiated(NamedTuple):
 
 
 def negotiate(accept: str) -> Negotiated:
-    """Choose SSE or NDJSON from an ``Accept`` header; SSE unless NDJSON is preferred."""
+    """Choose SSE or NDJSON from an ``Accept`` header: SSE unless the client prefers NDJSON,
+    or refuses SSE (``q=0``) and not NDJSON. A header that accepts neither is disregarded
+    (SSE), as HTTP allows, rather than refused with a 406."""
     ranges = _media_ranges(accept)
-    sse_quality = ranges.get(EVENT_STREAM_TYPE, 0.0)
-    ndjson_quality = max(ranges.get(media, 0.0) for media in _NDJSON_TYPES)
-    wire = NDJSON if ndjson_quality > sse_quality else SSE
-    return Negotiated(wire, sse_quality > 0)
+    sse = _quality(ranges, EVENT_STREAM_TYPE)
+    named = [q for media in _NDJSON_TYPES if (q := _quality(ranges, media)) is not None]
+    ndjson = max(named, default=None)
+    preferred = (ndjson or 0.0) > (sse or 0.0) or (sse == 0.0 and ndjson is None)
+    return Negotiated(NDJSON if preferred else SSE, ranges.get(EVENT_STREAM_TYPE, 0.0) > 0)
 
 
 # --- errors --------------------------------------------------------------------------------

@@ -204,9 +204,10 @@ class StreamResponse(Response):
     """Send a :class:`StreamConsumer`'s events as SSE or NDJSON, live, until the end.
 
     ``format=None`` follows the request's ``Accept`` header: NDJSON if the client prefers
-    ``application/x-ndjson``, else SSE. Before the headers go out the response waits briefly
-    for the first events, so that an unknown stream, an expired or bad offset or a storage
-    failure get a status code (204/404, 410, 400, 503) instead of an empty stream.
+    ``application/x-ndjson`` or refuses ``text/event-stream`` (``q=0``), else SSE. Before
+    the headers go out the response waits briefly for the first events, so that an unknown
+    stream, an expired or bad offset or a storage failure get a status code (204/404, 410,
+    400, 503) instead of an empty stream.
 
     Then it sends events as they come, several per write when several are ready, a
     keep-alive after ``ping_interval`` seconds of silence, and stops after the terminal
