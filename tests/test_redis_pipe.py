@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -348,39 +348,66 @@ def _count_writes(pipe: Pipe) -> list[int]:
     return writes
 
 
+@contextlib.asynccontextmanager
+async def _counted_pipe(
+    redis_server: RedisServer, write_interval: float = 0.0
+) -> AsyncIterator[tuple[Pipe, list[int]]]:
+    """A pipe connected (a PING answered), and the count of its writes from then on."""
+    pipe = Pipe(
+        lambda: Connection(port=redis_server.port),
+        timeout=5.0,
+        name="t",
+        write_interval=write_interval,
+    )
+    try:
+        assert await pipe.call(pack("PING")) == b"PONG"  # after a quiet spell: at once
+        yield pipe, _count_writes(pipe)
+    finally:
+        await pipe.aclose()
+
+
 async def test_commands_queued_within_the_write_interval_go_out_in_one_write(
     redis_server: RedisServer,
 ) -> None:
     # Issue 11: a write per event-loop turn woke Redis (and, with its replies, this
     # process) once per token; under load that cost more CPU than the commands.
-    pipe = Pipe(
-        lambda: Connection(port=redis_server.port), timeout=5.0, name="t", write_interval=1.0
-    )
-    try:
-        assert await pipe.call(pack("PING")) == b"PONG"  # after a quiet spell: at once
-        writes = _count_writes(pipe)
+    async with _counted_pipe(redis_server, write_interval=0.2) as (pipe, writes):
+        # A reply owed for a while (Redis answers a BLPOP on an empty list after its
+        # time-out), so that the next commands find the last write unanswered.
+        (blocked,) = pipe.submit(pack("BLPOP", "rstream-test:empty", "1"))
+        await asyncio.sleep(0)
+        assert writes[0] == 1
         futures = []
         for i in range(5):  # five commands in five turns of the event loop
             futures += pipe.submit(pack("ECHO", str(i)))
             await asyncio.sleep(0)
         assert await asyncio.gather(*futures) == [b"0", b"1", b"2", b"3", b"4"]
-        assert writes[0] == 1
-    finally:
-        await pipe.aclose()
+        assert await blocked is None
+        assert writes[0] == 2
+
+
+async def test_a_command_sent_when_every_reply_has_come_goes_out_at_the_next_turn(
+    redis_server: RedisServer,
+) -> None:
+    # On asyncio's loop a timer less than 1 ms away waits about 1 ms when nothing else
+    # wakes the loop (epoll rounds its wait up), so each of a chain of awaited commands
+    # waited that long at the default interval (1.1 ms each against 0.02 ms): a connection
+    # that owes no reply writes at the next turn, however recent its last write.
+    async with _counted_pipe(redis_server, write_interval=60.0) as (pipe, writes):
+        for i in range(3):
+            echo = pipe.send(pack("ECHO", str(i)))
+            await asyncio.sleep(0)  # one turn: written in it, not a minute after the last
+            assert writes[0] == i + 1
+            assert await echo == str(i).encode()
 
 
 async def test_without_a_write_interval_each_loop_turn_writes(
     redis_server: RedisServer,
 ) -> None:
-    pipe = Pipe(lambda: Connection(port=redis_server.port), timeout=5.0, name="t")
-    try:
-        assert await pipe.call(pack("PING")) == b"PONG"
-        writes = _count_writes(pipe)
+    async with _counted_pipe(redis_server) as (pipe, writes):
         for i in range(3):
             assert await pipe.call(pack("ECHO", str(i))) == str(i).encode()
         assert writes[0] == 3
-    finally:
-        await pipe.aclose()
 
 
 async def test_a_reply_hook_runs_as_the_reply_is_parsed_and_cannot_break_the_connection(

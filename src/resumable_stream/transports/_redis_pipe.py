@@ -351,8 +351,9 @@ class Pipe:
     ``setup_timeout``: seconds the connection's set-up may take instead, redis-py's own
     time-outs bounding each step (default ``timeout``): a Sentinel look-up gives up on a
     silent Sentinel after its time-out and asks the next.
-    ``write_interval``: least seconds between two writes; what is queued meanwhile goes
-    out in the next one (0: a write per event-loop turn).
+    ``write_interval``: least seconds between two writes while replies are owed; what is
+    queued meanwhile goes out in the next one (0: a write per event-loop turn). A command
+    queued when every reply has come goes out at the next turn.
     """
 
     def __init__(
@@ -453,13 +454,17 @@ class Pipe:
         return session
 
     def _schedule(self, loop: asyncio.AbstractEventLoop, session: _Session) -> None:
-        """Have what ``session`` queued written, with what comes within the write interval."""
+        """Have what ``session`` queued written: at the next loop turn, or with what comes
+        within the write interval while replies to the last write are still owed."""
         if not session.flushing and session.stream is not None:
             session.flushing = True
             due = session.flushed_at + self._write_interval
-            if due > loop.time():
+            if due > loop.time() and len(session.pending) > len(session.outgoing):
                 loop.call_at(due, self._flush, session)  # batched with what comes meanwhile
             else:
+                # Redis has answered every write: it is idle, and a timer would wait for
+                # nothing. (Under 1 ms, asyncio's epoll wait rounds up to 1 ms: each of a
+                # chain of awaited commands waited that long on an idle loop.)
                 loop.call_soon(self._flush, session)
 
     async def call(self, packed: bytes) -> Any:
