@@ -4,9 +4,9 @@ A paced run through :class:`MinimalRedis` does what a design that stores each to
 Redis before handing it on must do per token, and nothing else: one ``XADD`` per token on
 one pipelined connection (hiredis packs and parses; an ``asyncio.Protocol`` reads), the
 readers fed as each reply is parsed, and the library's write policy at its default
-interval (at most one socket write per ``write_interval`` while replies are owed: the
-next event-loop turn, or ``write_interval`` after the last write). No entries, offsets,
-leases, fencing, retries, expiries but one per stream, or consumer API. Its CPU per token, minus the
+interval (at most one socket write per ``write_interval``: the next event-loop turn, or
+``write_interval`` after the last write). No entries, offsets, leases, fencing, retries,
+expiries but one per stream, or consumer API. Its CPU per token, minus the
 pass-through's, is the least such a design spends at that write interval, on the machine
 and event loop of the run; a longer interval shares writes among more commands and lowers
 it (and the library's figure), at the cost of latency.
@@ -35,8 +35,7 @@ def _pack(*args: bytes | str) -> bytes:
 
 class Connection(asyncio.Protocol):
     """One pipelined connection: commands queued in one turn leave in one write, at most
-    one write per ``write_interval`` while replies are owed (the next turn once every reply
-    has come); each reply goes to its command's callback."""
+    one write per ``write_interval``; each reply goes to its command's callback."""
 
     def __init__(self, write_interval: float) -> None:
         self.loop = asyncio.get_running_loop()
@@ -76,7 +75,7 @@ class Connection(asyncio.Protocol):
         if not self.flushing:
             self.flushing = True
             due = self.flushed_at + self.write_interval
-            if due > self.loop.time() and len(self.callbacks) > len(self.outgoing):
+            if due > self.loop.time():
                 self.loop.call_at(due, self.flush)
             else:
                 self.loop.call_soon(self.flush)

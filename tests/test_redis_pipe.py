@@ -401,6 +401,22 @@ async def test_a_command_sent_when_every_reply_has_come_goes_out_at_the_next_tur
             assert await echo == str(i).encode()
 
 
+async def test_a_posted_command_waits_for_the_interval_until_an_awaited_one_comes(
+    redis_server: RedisServer,
+) -> None:
+    # Posted appends (the paced token path) keep the interval, which shares their writes
+    # under load; an awaited command behind one does not wait for it.
+    async with _counted_pipe(redis_server, write_interval=60.0) as (pipe, writes):
+        replies: list[Any] = []
+        pipe.post(pack("ECHO", "posted"), replies.append)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert writes[0] == 0  # put off: a minute after the PING's write
+        assert await pipe.call(pack("ECHO", "awaited")) == b"awaited"
+        assert replies == [b"posted"]
+        assert writes[0] == 1  # both in one write
+
+
 async def test_without_a_write_interval_each_loop_turn_writes(
     redis_server: RedisServer,
 ) -> None:

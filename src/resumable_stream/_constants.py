@@ -74,7 +74,8 @@ DEFAULT_REDIS_TIMEOUT = 30.0
 #: this process; under load, batching them cuts the client CPU per token (issue 11,
 #: docs/performance.md has the trade-off measured: 0.1 ms saves about 15% at a median
 #: latency of 0.4 ms, 0.5 ms about 35% at 1.0 ms) for at most this much added latency. A
-#: command sent when every reply has come goes out at the next event-loop turn.
+#: write after a quiet spell goes out at once, and so does a command whose reply someone
+#: awaits when Redis owes no reply.
 DEFAULT_WRITE_INTERVAL = 0.0001
 
 STREAM_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:@~-]{1,200}")

@@ -285,7 +285,7 @@ class _Session:
 
     __slots__ = (
         "address", "flushed_at", "flushing", "held", "hooks", "last", "outgoing", "pending",
-        "stream", "task", "timed_out",
+        "stream", "task", "timed_out", "timer",
     )  # fmt: skip
 
     def __init__(self, *, last: bool = False) -> None:
@@ -302,6 +302,7 @@ class _Session:
         self.stream: asyncio.WriteTransport | None = None  # set once connected
         self.flushing = False
         self.flushed_at = -1e9  # loop time of the last write
+        self.timer: asyncio.TimerHandle | None = None  # the write put off, if it is
         self.task: asyncio.Task[None] | None = None
         self.address: tuple[str, int] | None = None  # the server's, once connected
         self.timed_out = False  # its task is cancelled by the watchdog
@@ -351,9 +352,9 @@ class Pipe:
     ``setup_timeout``: seconds the connection's set-up may take instead, redis-py's own
     time-outs bounding each step (default ``timeout``): a Sentinel look-up gives up on a
     silent Sentinel after its time-out and asks the next.
-    ``write_interval``: least seconds between two writes while replies are owed; what is
-    queued meanwhile goes out in the next one (0: a write per event-loop turn). A command
-    queued when every reply has come goes out at the next turn.
+    ``write_interval``: least seconds between two writes; what is queued meanwhile goes
+    out in the next one (0: a write per event-loop turn). A command whose reply a caller
+    awaits goes out at the next turn when Redis owes no reply (posted ones wait).
     """
 
     def __init__(
@@ -426,7 +427,7 @@ class Pipe:
         session.outgoing.append(packed)
         session.pending.append(on_reply)
         if not session.flushing:
-            self._schedule(asyncio.get_running_loop(), session)
+            self._schedule(asyncio.get_running_loop(), session, awaited=False)
 
     def _queue(self, loop: asyncio.AbstractEventLoop) -> _Session:
         """The session new commands go to (connecting it if need be), its watchdog armed."""
@@ -453,19 +454,32 @@ class Pipe:
                 self._watchdog = loop.call_at(self._progress + self._timeout, self._check)
         return session
 
-    def _schedule(self, loop: asyncio.AbstractEventLoop, session: _Session) -> None:
-        """Have what ``session`` queued written: at the next loop turn, or with what comes
-        within the write interval while replies to the last write are still owed."""
-        if not session.flushing and session.stream is not None:
+    def _schedule(
+        self, loop: asyncio.AbstractEventLoop, session: _Session, awaited: bool = True
+    ) -> None:
+        """Have what ``session`` queued written: with what comes until the write interval
+        has passed since the last write, or at the next loop turn once it has, or if a
+        caller awaits the reply (``awaited``) and Redis owes none."""
+        if session.stream is None:
+            return  # (written once connected)
+        if not session.flushing:
             session.flushing = True
             due = session.flushed_at + self._write_interval
-            if due > loop.time() and len(session.pending) > len(session.outgoing):
-                loop.call_at(due, self._flush, session)  # batched with what comes meanwhile
+            if due > loop.time() and not (
+                awaited and len(session.pending) == len(session.outgoing)
+            ):
+                session.timer = loop.call_at(due, self._flush, session)  # shared with more
             else:
-                # Redis has answered every write: it is idle, and a timer would wait for
-                # nothing. (Under 1 ms, asyncio's epoll wait rounds up to 1 ms: each of a
-                # chain of awaited commands waited that long on an idle loop.)
                 loop.call_soon(self._flush, session)
+        elif (
+            awaited and session.timer is not None and len(session.pending) == len(session.outgoing)
+        ):
+            # A chain of awaited commands (a reader attaching, a run starting) would wait
+            # for the interval at each step, and asyncio's epoll wait rounds a sleep under
+            # 1 ms up to 1 ms when nothing else wakes the loop. Redis is idle: written now.
+            session.timer.cancel()
+            session.timer = None
+            loop.call_soon(self._flush, session)
 
     async def call(self, packed: bytes) -> Any:
         """Send one packed command; return its reply (an error reply is returned too)."""
@@ -534,6 +548,7 @@ class Pipe:
         # (send_packed_command) costs an event-loop turn per round trip. A broken socket
         # shows up on the reading side (connection_lost).
         session.flushing = False
+        session.timer = None
         stream = session.stream
         if session.outgoing and stream is not None and not stream.is_closing():
             # (Closing: the connection is going; its commands fail with it.)

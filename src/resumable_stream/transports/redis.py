@@ -345,10 +345,10 @@ class RedisTransport(Transport):
     :class:`TransportError` (the producer retries it). Costs a round trip to the replicas
     per write and a read per live entry; see docs/transports.md.
 
-    ``write_interval``: least seconds between two writes on a connection while Redis has
-    replies to send for the last one; the commands queued meanwhile (every run's appends,
-    every reader's reads) go out together, and a command sent once every reply has come
-    goes out at the next event-loop turn. Each
+    ``write_interval``: least seconds between two writes on a connection; the commands
+    queued meanwhile (every run's appends, every reader's reads) go out together. A
+    command whose reply someone awaits (a read, a run's start) goes out at the next
+    event-loop turn when Redis owes no reply. Each
     write wakes Redis and each batch of replies wakes this process, which costs more CPU
     than the commands themselves: see :data:`DEFAULT_WRITE_INTERVAL` and
     docs/performance.md. ``0`` writes once per event-loop turn (lowest latency). On
