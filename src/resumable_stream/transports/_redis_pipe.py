@@ -462,21 +462,19 @@ class Pipe:
         caller awaits the reply (``awaited``) and Redis owes none."""
         if session.stream is None:
             return  # (written once connected)
+        # A chain of awaited commands (a reader attaching, a run starting) would wait for
+        # the interval at each step, and asyncio's epoll wait rounds a sleep under 1 ms up
+        # to 1 ms when nothing else wakes the loop: with Redis idle, such a command goes
+        # out now. (Every command queued is owed a reply: none for those written.)
+        now_for_awaited = awaited and len(session.pending) == len(session.outgoing)
         if not session.flushing:
             session.flushing = True
             due = session.flushed_at + self._write_interval
-            if due > loop.time() and not (
-                awaited and len(session.pending) == len(session.outgoing)
-            ):
+            if due > loop.time() and not now_for_awaited:
                 session.timer = loop.call_at(due, self._flush, session)  # shared with more
             else:
                 loop.call_soon(self._flush, session)
-        elif (
-            awaited and session.timer is not None and len(session.pending) == len(session.outgoing)
-        ):
-            # A chain of awaited commands (a reader attaching, a run starting) would wait
-            # for the interval at each step, and asyncio's epoll wait rounds a sleep under
-            # 1 ms up to 1 ms when nothing else wakes the loop. Redis is idle: written now.
+        elif now_for_awaited and session.timer is not None:  # behind a posted command
             session.timer.cancel()
             session.timer = None
             loop.call_soon(self._flush, session)
