@@ -417,6 +417,42 @@ async def test_a_posted_command_waits_for_the_interval_until_an_awaited_one_come
         assert writes[0] == 1  # both in one write
 
 
+async def test_a_task_woken_with_the_write_timer_gets_its_command_into_that_write(
+    redis_server: RedisServer,
+) -> None:
+    # Issue 11: the loop wakes for the write timer together with other work (on asyncio's
+    # loop, the timers due in the same millisecond: paced sources), and the tasks that
+    # work wakes run a turn later. Written as the timer fired, their commands waited for
+    # the next write, a whole millisecond for more than one paced token in ten.
+    async with _counted_pipe(redis_server, write_interval=0.2) as (pipe, writes):
+        loop = asyncio.get_running_loop()
+        session = pipe._session
+        assert session is not None
+        session.flushed_at = loop.time()  # as if just written: the next post is timed
+        replies: list[Any] = []
+        both = asyncio.Event()
+
+        def answered(reply: Any) -> None:
+            replies.append(reply)
+            if len(replies) == 2:
+                both.set()
+
+        pipe.post(pack("ECHO", "timed"), answered)
+        assert session.timer is not None
+        woken = loop.create_future()
+        loop.call_at(session.timer.when(), woken.set_result, None)  # due with the write
+
+        async def paced() -> None:
+            await woken  # (a paced source's sleep)
+            pipe.post(pack("ECHO", "woken"), answered)
+
+        task = asyncio.create_task(paced())
+        await asyncio.wait_for(both.wait(), 5)
+        await task
+        assert replies == [b"timed", b"woken"]
+        assert writes[0] == 1  # one write for both, not the second an interval later
+
+
 async def test_without_a_write_interval_each_loop_turn_writes(
     redis_server: RedisServer,
 ) -> None:

@@ -458,8 +458,9 @@ class Pipe:
         self, loop: asyncio.AbstractEventLoop, session: _Session, awaited: bool = True
     ) -> None:
         """Have what ``session`` queued written: with what comes until the write interval
-        has passed since the last write, or at the next loop turn once it has, or if a
-        caller awaits the reply (``awaited``) and Redis owes none."""
+        has passed since the last write (and two loop turns more, see _timed_out_write),
+        or at the next loop turn once it has, or if a caller awaits the reply
+        (``awaited``) and Redis owes none."""
         if session.stream is None:
             return  # (written once connected)
         # A chain of awaited commands (a reader attaching, a run starting) would wait for
@@ -471,7 +472,7 @@ class Pipe:
             session.flushing = True
             due = session.flushed_at + self._write_interval
             if due > loop.time() and not now_for_awaited:
-                session.timer = loop.call_at(due, self._flush, session)  # shared with more
+                session.timer = loop.call_at(due, self._timed_out_write, loop, session)
             else:
                 loop.call_soon(self._flush, session)
         elif now_for_awaited and session.timer is not None:  # behind a posted command
@@ -539,6 +540,19 @@ class Pipe:
             self._session = None  # the next commands open another
         if session.stream is not None:
             session.stream.close()  # its task ends on connection_lost
+
+    def _timed_out_write(self, loop: asyncio.AbstractEventLoop, session: _Session) -> None:
+        """The write interval has passed: write two loop turns from now, so that the
+        commands of what woke the loop with this timer go in this write too.
+
+        The loop wakes for a timer together with other work (timers due in the same sleep,
+        which asyncio's loop counts in whole milliseconds; sockets ready), and the tasks
+        that work wakes run at the next turn, a callback each: written at once, their
+        commands waited for the next write, an interval and often a whole millisecond
+        later (issue 11: more than one paced token in ten).
+        """
+        session.timer = None
+        loop.call_soon(loop.call_soon, self._flush, session)
 
     def _flush(self, session: _Session) -> None:
         # Everything queued during one event-loop turn goes out in one write, on the

@@ -346,17 +346,17 @@ class RedisTransport(Transport):
     per write and a read per live entry; see docs/transports.md.
 
     ``write_interval``: least seconds between two writes on a connection; the commands
-    queued meanwhile (every run's appends, every reader's reads) go out together. A
-    command whose reply someone awaits (a read, a run's start) goes out at the next
-    event-loop turn when Redis owes no reply. Each write wakes Redis and each batch of
+    queued meanwhile (every run's appends, every reader's reads) go out together, two
+    event-loop turns after the interval has passed (with those of the tasks woken at the
+    same time). A command whose reply someone awaits (a read, a run's start) goes out at the
+    next event-loop turn when Redis owes no reply. Each write wakes Redis and each batch of
     replies wakes this process, which costs more CPU than the commands themselves: see
-    :data:`DEFAULT_WRITE_INTERVAL` and docs/performance.md. ``0`` writes once per
-    event-loop turn (lowest latency). On asyncio's own loop, whose ``epoll`` sleeps whole
-    milliseconds, a write put off by less waits about 1 ms when nothing else wakes the
-    loop (at 10,000 tokens/s, a p99 of 2 ms at the default against 1.1-1.4 ms at ``0``,
-    for 4-5 µs more CPU per token). On uvloop, whose clock and timers count whole
-    milliseconds, an interval below 1 ms writes at the next turn too, and longer ones are
-    kept only roughly.
+    :data:`DEFAULT_WRITE_INTERVAL` and docs/performance.md. ``0`` writes once per event-loop
+    turn (lowest latency). On asyncio's own loop, whose ``epoll`` sleeps whole milliseconds,
+    a write put off by less waits about 1 ms when nothing else wakes the loop (at 10,000
+    tokens/s, a p99 of 2 ms at the default against 1.1-1.4 ms at ``0``, for 4-5 µs more CPU
+    per token). On uvloop, whose clock and timers count whole milliseconds, an interval
+    below 1 ms writes at the next turn too, and longer ones are kept only roughly.
     """
 
     def __init__(
