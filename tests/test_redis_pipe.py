@@ -332,20 +332,29 @@ async def test_a_quiet_subscriber_is_pinged_and_keeps_its_connection(
         await admin.aclose()
 
 
+class _CountedWrites:
+    """A connection's transport that counts its writes (each writelines() call); uvloop's
+    transports take no patched method, hence a stand-in rather than a patch."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.writes = [0]
+
+    def writelines(self, data: Any) -> None:
+        self.writes[0] += 1
+        self._stream.writelines(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 def _count_writes(pipe: Pipe) -> list[int]:
-    """Count the writes on ``pipe``'s current connection (each writelines() call)."""
+    """Count the writes on ``pipe``'s current connection from now on."""
     session = pipe._session
     assert session is not None and session.stream is not None
-    stream = session.stream
-    writes = [0]
-    write_lines = stream.writelines
-
-    def counted(data: Any) -> None:
-        writes[0] += 1
-        write_lines(data)
-
-    stream.writelines = counted  # type: ignore[method-assign]
-    return writes
+    counted = _CountedWrites(session.stream)
+    session.stream = counted
+    return counted.writes
 
 
 @contextlib.asynccontextmanager
