@@ -355,8 +355,9 @@ class RedisTransport(Transport):
     turn (lowest latency). On asyncio's own loop, whose ``epoll`` sleeps whole milliseconds,
     a write put off by less waits about 1 ms when nothing else wakes the loop (at 10,000
     tokens/s, a p99 of 2 ms at the default against 1.1-1.4 ms at ``0``, for 4-5 µs more CPU
-    per token). On uvloop, whose clock and timers count whole milliseconds, an interval
-    below 1 ms writes at the next turn too, and longer ones are kept only roughly.
+    per token). On uvloop, whose clock and timers count whole milliseconds, the timer of an
+    interval below 1 ms fires at the next turn (the write goes two turns later), and
+    longer intervals are kept only roughly.
     """
 
     def __init__(
