@@ -560,7 +560,6 @@ class Pipe:
         # (send_packed_command) costs an event-loop turn per round trip. A broken socket
         # shows up on the reading side (connection_lost).
         session.flushing = False
-        session.timer = None
         stream = session.stream
         if session.outgoing and stream is not None and not stream.is_closing():
             # (Closing: the connection is going; its commands fail with it.)
