@@ -10,6 +10,7 @@ import logging
 import math
 import subprocess
 import sys
+import types
 import warnings
 import weakref
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from resumable_stream import (
     parse_offset,
 )
 from resumable_stream._codec import decode_entry, encode_entry
+from resumable_stream._events import normalize
 from resumable_stream.transports import Entry, Status
 from resumable_stream.transports.memory import MemoryTransport
 from tests._helpers import collect, eventually, holds, joined, text_of, tokens
@@ -618,6 +620,108 @@ async def test_a_token_that_cannot_be_stored_ends_the_run_after_the_good_ones(ba
 def model_token(text: str, message_id: str = "m") -> dict[str, Any]:
     chunk = AIMessageChunk(text, id=message_id)
     return {"event": "on_chat_model_stream", "data": {"chunk": chunk}, "metadata": {}}
+
+
+async def stored_from(items: list[Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The events a run of a source yielding ``items`` stores, as ``(type, data)``."""
+
+    async def source() -> Any:
+        for one in items:
+            yield one
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(source())
+    assert await run.wait() == "completed"
+    return [(e.type, e.data) for e in await collect(transport, run.stream_id)]
+
+
+async def test_chat_model_tokens_are_stored_as_normalize_reads_each_one() -> None:
+    # The producer reads the usual astream_events token (plain text of the last token's
+    # message and node) without normalize(): every other shape, and every change of
+    # message or node, must still come out as normalize() reads it.
+    class Odd:
+        content = "odd chunk"  # not a message chunk, no id
+
+    def item(chunk: Any, node: Any = "agent", **extra: Any) -> dict[str, Any]:
+        return {
+            "event": "on_chat_model_stream",
+            "data": {"chunk": chunk},
+            "metadata": {"langgraph_node": node},
+            **extra,
+        }
+
+    items = [
+        item(AIMessageChunk("Hello", id="m1")),
+        item(AIMessageChunk(", world", id="m1")),  # the usual case
+        item(AIMessageChunk(" again", id="m2")),  # another message
+        item(AIMessageChunk(" and", id="m2"), node="tools"),  # another node
+        item(AIMessageChunk(" no node", id="m2"), node=None),
+        {"event": "on_chat_model_stream", "data": {"chunk": AIMessageChunk(" bare", id="m2")}},
+        item(AIMessageChunk(" café", id="m2"), node=None),  # not ASCII
+        item(AIMessageChunk([{"type": "text", "text": " blocks"}], id="m2"), node=None),
+        item(AIMessageChunk("", id="m2"), node=None),  # no text: nothing stored
+        item(AIMessageChunk(" no id")),
+        item(Odd()),
+        item(AIMessageChunk(" long" * 400, id="m1")),
+        item(AIMessageChunk(" last", id="m1")),
+        item(AIMessageChunk(" half \udc00 more", id="m1")),  # a lone surrogate: U+FFFD
+        {"event": "on_chat_model_stream", "data": None, "metadata": None},
+    ]
+
+    stored = await stored_from(items)
+    expected = [pair for one in items for pair in normalize(one)] + [("end", {})]
+    expected[12][1]["text"] = " half \ufffd more"
+    assert stored == expected
+    assert len(stored) == 14
+
+
+async def test_messages_mode_tokens_are_stored_as_normalize_reads_each_one() -> None:
+    # The same for astream(stream_mode="messages") items, alone, among other modes and
+    # with subgraphs: the usual one skips normalize(), no other may.
+    agent = {"langgraph_node": "agent"}
+
+    def chunk(text: Any, message_id: str | None = "m1", **fields: Any) -> AIMessageChunk:
+        return AIMessageChunk(content=text, id=message_id, **fields)
+
+    items: list[Any] = [
+        (chunk("Hello"), agent),
+        (chunk(", world"), agent),  # the usual case
+        ("messages", (chunk(" among"), agent)),
+        ((), "messages", (chunk(" root"), agent)),
+        (("sub:1",), "messages", (chunk(" sub"), agent)),  # a subgraph's: its namespace
+        (chunk(" named", response_metadata={"model_provider": "openai"}), agent),
+        (chunk(" stop", response_metadata={"finish_reason": "stop"}), agent),
+        (
+            chunk(
+                " used", usage_metadata={"input_tokens": 1, "output_tokens": 2, "total_tokens": 3}
+            ),
+            agent,
+        ),
+        (
+            chunk(
+                " calling", tool_call_chunks=[{"name": "f", "args": "{", "id": "c1", "index": 0}]
+            ),
+            agent,
+        ),
+        (chunk(" tools"), {"langgraph_node": "tools"}),
+        (chunk(" other", message_id="m2"), {"langgraph_node": "tools"}),
+        (chunk(" café", message_id="m2"), {"langgraph_node": "tools"}),
+        (chunk(" proxy", message_id="m2"), types.MappingProxyType({"langgraph_node": "tools"})),
+        (
+            chunk([{"type": "text", "text": " blocks"}], message_id="m2"),
+            {"langgraph_node": "tools"},
+        ),
+        (chunk("", message_id="m2"), {"langgraph_node": "tools"}),  # nothing stored
+        (AIMessage(" whole", id="m3"), agent),  # a message, not a chunk
+        ("updates", {"agent": {"steps": ["one"]}}),
+        ("custom", {"progress": 1}),
+        ("custom", (chunk(" custom", message_id="m2"), {"langgraph_node": "tools"})),
+        ((), "messages", (chunk(" last", message_id="m2"), {"langgraph_node": "tools"})),
+    ]
+
+    stored = await stored_from(items)
+    assert stored == [pair for one in items for pair in normalize(one)] + [("end", {})]
+    assert [kind for kind, _ in stored].count("token") == 15
 
 
 async def test_lone_surrogates_are_written_as_u_fffd_and_the_answer_goes_on() -> None:

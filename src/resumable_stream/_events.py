@@ -429,6 +429,48 @@ def chat_model_text(event: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
     return (text, getattr(chunk, "id", None), node)
 
 
+def messages_text(item: tuple[Any, ...], meta: tuple[Any, Any]) -> str | None:
+    """The text of an ``astream(stream_mode="messages")`` item that holds text alone, of
+    the message and node ``meta`` names (the last token's): ``(chunk, metadata)``, or
+    ``("messages", (chunk, metadata))`` among other modes, or the root graph's
+    ``((), "messages", (chunk, metadata))`` with ``subgraphs=True``. None for any other
+    item: :func:`normalize` reads it (a new message or node, a tool call, why the model
+    stopped, usage, a subgraph's token...).
+
+    Most items of such a stream are these, so the producer calls this directly.
+    """
+    if len(item) == 2:
+        if type(item[0]) is str:
+            if item[0] != "messages":
+                return None
+            item = item[1]
+            if type(item) is not tuple or len(item) != 2:
+                return None
+    elif len(item) == 3 and item[0] == () and item[1] == "messages":
+        item = item[2]
+        if type(item) is not tuple or len(item) != 2:
+            return None
+    else:
+        return None
+    message, metadata = item
+    text = getattr(message, "content", None)
+    if (
+        type(text) is str
+        and text
+        and type(metadata) is dict
+        and type(message).__name__ == "AIMessageChunk"
+        and message.id == meta[0]
+        and metadata.get("langgraph_node") == meta[1]
+        and not message.tool_call_chunks
+        and not message.usage_metadata
+        # (A provider's name, as langchain-openai puts in every chunk, is no finish reason.)
+        and type(response := message.response_metadata) is dict
+        and _FINISH_FIELDS.isdisjoint(response)
+    ):
+        return text
+    return None
+
+
 def _pauses(error: Any) -> bool:
     """True for LangGraph's ``GraphBubbleUp`` (a tool's ``interrupt()``, a ``Command`` to
     the parent graph): what a tool raises to hand over, not a failure. Only LangGraph

@@ -48,6 +48,7 @@ from ._events import (
     chat_model_text,
     chat_model_token,
     error_data,
+    messages_text,
     normalize,
 )
 from ._exceptions import (
@@ -68,6 +69,7 @@ from .transports._base import Entry, Status, Transport
 logger = logging.getLogger("resumable_stream")
 
 _STATUS_OF: dict[str, Status] = {END: "completed", ERROR: "error", CANCELLED: "cancelled"}
+_NO_DATA: Mapping[str, Any] = {}  # an astream_events item's missing `data` or `metadata`
 # A paced token's entry is built with its fields' slot setters: Entry is frozen, and its
 # __init__ sets each field through object.__setattr__ (issue 11: 2% of the instructions
 # per token through Redis, python -m benchmarks.lockstep --instructions).
@@ -530,8 +532,22 @@ class Run:
                             self._add(encoded)  # a lone surrogate's repair: rare
                 elif type(item) is dict and item.get("event") == "on_chat_model_stream":
                     # Hot path: most astream_events items; skips normalize()'s shape checks.
-                    parts = chat_model_text(item)
-                    if parts is None:  # no text, or not text alone: reasoning, several blocks
+                    # Its usual case, chat_model_text() inlined: a chunk of plain text of
+                    # the same message and node as the last token (nothing to check).
+                    chunk = (item.get("data") or _NO_DATA).get("chunk")
+                    text = getattr(chunk, "content", None)
+                    meta = encoder.meta
+                    if (
+                        type(text) is str
+                        and 0 < len(text) <= encoder.text_limit
+                        and getattr(chunk, "id", None) == meta[0]
+                        and (item.get("metadata") or _NO_DATA).get("langgraph_node") == meta[1]
+                        and text.isascii()
+                    ):
+                        buffer.append((text, meta))
+                        sizes.append(len(text) + 3)
+                    elif (parts := chat_model_text(item)) is None:
+                        # No text, or not text alone: reasoning, several blocks.
                         found = chat_model_token(item)
                         if found is not None:
                             self._add(encoder.encode(*found))
@@ -541,7 +557,7 @@ class Run:
                             parts[1:] == encoder.meta
                             and len(text) <= encoder.text_limit
                             and text.isascii()
-                        ):  # same message and node as the last token: nothing to check
+                        ):  # text blocks (a list), same message and node as the last token
                             buffer.append((text, encoder.meta))
                             sizes.append(len(text) + 3)
                         else:
@@ -551,6 +567,14 @@ class Run:
                             else:
                                 buffer.append(encoded)
                                 sizes.append(len(text) + 3)
+                elif (
+                    type(item) is tuple
+                    and (text := messages_text(item, encoder.meta)) is not None
+                    and len(text) <= encoder.text_limit
+                    and text.isascii()
+                ):  # astream(stream_mode="messages"): the same, of the last token's message
+                    buffer.append((text, encoder.meta))
+                    sizes.append(len(text) + 3)
                 else:
                     try:
                         for kind, data in normalize(item):
