@@ -676,8 +676,8 @@ async def test_chat_model_tokens_are_stored_as_normalize_reads_each_one() -> Non
 
 
 async def test_messages_mode_tokens_are_stored_as_normalize_reads_each_one() -> None:
-    # The same for astream(stream_mode="messages") items, alone, among other modes and
-    # with subgraphs: the usual one skips normalize(), no other may.
+    # The same for astream(stream_mode="messages") items, alone, among other modes, with
+    # subgraphs and as version="v2" parts: the usual one skips normalize(), no other may.
     agent = {"langgraph_node": "agent"}
 
     def chunk(text: Any, message_id: str | None = "m1", **fields: Any) -> AIMessageChunk:
@@ -717,11 +717,31 @@ async def test_messages_mode_tokens_are_stored_as_normalize_reads_each_one() -> 
         ("custom", {"progress": 1}),
         ("custom", (chunk(" custom", message_id="m2"), {"langgraph_node": "tools"})),
         ((), "messages", (chunk(" last", message_id="m2"), {"langgraph_node": "tools"})),
+        {
+            "type": "messages",
+            "ns": (),
+            "data": (chunk(" v2", message_id="m2"), {"langgraph_node": "tools"}),
+        },
+        {
+            "type": "messages",
+            "ns": ("sub:1",),
+            "data": (chunk(" v2 sub", message_id="m2"), {"langgraph_node": "tools"}),
+        },
+        {
+            "type": "updates",
+            "ns": (),
+            "data": (chunk(" v2 updates", message_id="m2"), {"langgraph_node": "tools"}),
+        },
+        {
+            "type": "messages",
+            "ns": (),
+            "data": (chunk(" v2 end", message_id="m2"), {"langgraph_node": "tools"}),
+        },
     ]
 
     stored = await stored_from(items)
     assert stored == [pair for one in items for pair in normalize(one)] + [("end", {})]
-    assert [kind for kind, _ in stored].count("token") == 15
+    assert [kind for kind, _ in stored].count("token") == 18
 
 
 async def test_lone_surrogates_are_written_as_u_fffd_and_the_answer_goes_on() -> None:

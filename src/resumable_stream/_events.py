@@ -429,30 +429,36 @@ def chat_model_text(event: Mapping[str, Any]) -> tuple[str, Any, Any] | None:
     return (text, getattr(chunk, "id", None), node)
 
 
-def messages_text(item: tuple[Any, ...], meta: tuple[Any, Any]) -> str | None:
+def messages_text(item: tuple[Any, ...] | dict[str, Any], meta: tuple[Any, Any]) -> str | None:
     """The text of an ``astream(stream_mode="messages")`` item that holds text alone, of
     the message and node ``meta`` names (the last token's): ``(chunk, metadata)``, or
     ``("messages", (chunk, metadata))`` among other modes, or the root graph's
-    ``((), "messages", (chunk, metadata))`` with ``subgraphs=True``. None for any other
-    item: :func:`normalize` reads it (a new message or node, a tool call, why the model
-    stopped, usage, a subgraph's token...).
+    ``((), "messages", (chunk, metadata))`` with ``subgraphs=True``, or the root graph's
+    ``{"type": "messages", "ns": (), "data": (chunk, metadata)}`` with ``version="v2"``.
+    None for any other item: :func:`normalize` reads it (a new message or node, a tool
+    call, why the model stopped, usage, a subgraph's token...).
 
     Most items of such a stream are these, so the producer calls this directly.
     """
-    if len(item) == 2:
-        if type(item[0]) is str:
-            if item[0] != "messages":
-                return None
-            item = item[1]
-            if type(item) is not tuple or len(item) != 2:
-                return None
-    elif len(item) == 3 and item[0] == () and item[1] == "messages":
-        item = item[2]
-        if type(item) is not tuple or len(item) != 2:
+    pair: Any
+    if isinstance(item, dict):
+        if item.get("type") != "messages" or item.get("ns") != ():
             return None
+        pair = item.get("data")
+    elif len(item) == 2:
+        if type(item[0]) is not str:
+            pair = item  # the "messages" mode alone
+        elif item[0] == "messages":
+            pair = item[1]
+        else:
+            return None
+    elif len(item) == 3 and item[0] == () and item[1] == "messages":
+        pair = item[2]
     else:
         return None
-    message, metadata = item
+    if type(pair) is not tuple or len(pair) != 2:
+        return None
+    message, metadata = pair
     text = getattr(message, "content", None)
     if (
         type(text) is str

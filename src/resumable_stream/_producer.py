@@ -568,7 +568,7 @@ class Run:
                                 buffer.append(encoded)
                                 sizes.append(len(text) + 3)
                 elif (
-                    type(item) is tuple
+                    (type(item) is tuple or type(item) is dict)
                     and (text := messages_text(item, encoder.meta)) is not None
                     and len(text) <= encoder.text_limit
                     and text.isascii()
