@@ -16,7 +16,8 @@ import orjson
 import pytest
 from langchain_core.messages import AIMessageChunk
 
-from resumable_stream import StreamConsumer, StreamProducer, TransportError
+from resumable_stream import StreamConsumer, StreamProducer, TransportError, langgraph_api
+from resumable_stream._codec import decode_entry, encode_entry
 from resumable_stream.langgraph_api import stream_parts, to_wire
 from resumable_stream.starlette import allow_all
 from resumable_stream.transports.memory import MemoryTransport
@@ -44,6 +45,85 @@ def test_to_wire_serializes_like_the_api() -> None:
     assert wire["messages"][0]["content"] == "hi"
     assert wire["messages"][0]["response_metadata"] == {}
     assert wire["n"] == [1, 2]
+
+
+def test_a_runs_parts_are_stored_as_to_wire_writes_their_payloads() -> None:
+    # A run's parts are written as JSON by orjson where it writes them as to_wire() would
+    # (a message chunk and its metadata: a tenth of the CPU); any payload holding a value
+    # it would write otherwise, or refuses, goes through to_wire() as before.
+    import dataclasses
+    import datetime as dt
+    import decimal
+    import enum
+    from collections import OrderedDict, deque
+    from typing import NamedTuple
+
+    import pydantic
+
+    class Color(enum.Enum):
+        RED = 1
+        BLUE = (2, dt.date(2026, 1, 3))
+
+    class Mode(enum.StrEnum):
+        FAST = "fast"
+
+    class Point(NamedTuple):
+        x: int
+        y: int
+
+    @dataclasses.dataclass
+    class Box:
+        size: int
+
+    class Share(float):
+        pass
+
+    class Note(pydantic.BaseModel):
+        name: str
+        seen: list[int] = []
+
+    class Item(pydantic.BaseModel):
+        name: str
+        when: dt.datetime | None = None
+        tags: set[str] = set()
+
+    chunk = AIMessageChunk(content="hi", id="m", response_metadata={"model_provider": "x"})
+    plain = [
+        (chunk, {"langgraph_node": "agent", "langgraph_triggers": ("branch:to:agent",)}),
+        {"messages": [chunk], "n": (1, 2), "color": Color.RED, "mode": Mode.FAST},
+        {"id": uuid.UUID(int=7), "nan": float("nan"), "note": Note(name="tea"), "none": None},
+    ]
+    other = [  # one value each: any of them sends the whole payload through to_wire()
+        {"k": value}
+        for value in (
+            dt.date(2026, 1, 2),
+            dt.time(3, 4),
+            dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC),
+            Color.BLUE,
+            Point(1, 2),
+            Box(3),
+            Share(0.5),
+            decimal.Decimal("1.50"),
+            deque(["a"]),
+            b"hi",
+            {"a"},
+            OrderedDict(a=1),
+            {1: "int key", None: "null key"},
+            Item(name="tea", when=dt.datetime(2026, 1, 2, tzinfo=dt.UTC)),
+            Item(name="tea", tags={"x"}),
+            "lone \ud800 half",
+        )
+    ]
+    for payload in plain + other:
+        ((kind, data),) = langgraph_api._parts(("values", payload))
+        assert kind == "values"
+        assert isinstance(data["data"], orjson.Fragment) == (payload in plain)
+        (stored,) = decode_entry(encode_entry([(kind, data)]), 1, 1)
+        (expected,) = decode_entry(encode_entry([(kind, {"data": to_wire(payload)})]), 1, 1)
+        assert stored.data == expected.data, payload
+    # stream_parts() itself still gives the payload as to_wire() makes it.
+    ((_, data),) = stream_parts(("messages", plain[0]))
+    assert data == {"data": to_wire(plain[0])}
 
 
 def test_to_wire_writes_dates_times_and_enums_as_json_does() -> None:

@@ -202,6 +202,41 @@ def stream_parts(item: Any) -> Iterable[Item]:
     the ``[message chunk, metadata]`` tuple. Items are ``(mode, payload)``, or
     ``(namespace, mode, payload)`` with ``subgraphs=True``.
     """
+    return _stream_parts(item, to_wire)
+
+
+#: orjson hands these to _wire_default (which refuses them) instead of writing them in a
+#: way to_wire() does not: datetimes, dataclasses, subclasses of str, int, dict and list.
+_WIRE_OPTIONS = (
+    orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
+_NOT_MODELS = (Mapping, list, tuple, set, frozenset, deque, type, str, int, float)
+
+
+def _wire_default(obj: Any) -> Any:
+    """What orjson does not write itself, as to_wire() has it: a Pydantic model's dump;
+    anything else is refused (the whole payload then goes through to_wire())."""
+    if not isinstance(obj, _NOT_MODELS):
+        dump = getattr(obj, "model_dump", None)
+        if callable(dump):
+            return dump()
+    raise TypeError
+
+
+def _wire_json(payload: Any) -> Any:
+    """``to_wire(payload)``, written as JSON already when orjson writes it the same way
+    (most parts: a message chunk and its metadata, a state of plain values), which costs a
+    tenth of walking it in Python (issue 11: 1.7 against 15 µs for a ``messages`` part)."""
+    try:
+        return orjson.Fragment(orjson.dumps(payload, default=_wire_default, option=_WIRE_OPTIONS))
+    except TypeError:  # a value orjson refuses, or writes otherwise: see _WIRE_OPTIONS
+        return to_wire(payload)
+
+
+def _stream_parts(item: Any, wire: Callable[[Any], Any]) -> Iterable[Item]:
+    """stream_parts(), with each payload converted by ``wire``."""
     if isinstance(item, tuple) and len(item) == 3:
         namespace, mode, payload = item
     elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
@@ -211,7 +246,7 @@ def stream_parts(item: Any) -> Iterable[Item]:
     name = str(mode)
     if namespace:
         name += "|" + "|".join(namespace)
-    yield (name, {"data": to_wire(payload)})
+    yield (name, {"data": wire(payload)})
 
 
 def _json(status: int, content: Any, headers: Mapping[str, str] | None = None) -> Response:
@@ -516,10 +551,11 @@ class _RunRef:
 
 
 def _parts(item: Any) -> Iterable[Item]:
-    """The parts to store for one item of a run's source (see :func:`_run_source`)."""
+    """The parts to store for one item of a run's source (see :func:`_run_source`): their
+    payloads written as JSON already where orjson can (_wire_json)."""
     if type(item) is Event:
         return ((item.type, item.data),)
-    return stream_parts(item)
+    return _stream_parts(item, _wire_json)
 
 
 #: The errors whose message the API sends: the Agent Server's serializer keeps the message
