@@ -2810,6 +2810,68 @@ async def test_a_run_whose_producer_died_reads_as_error_not_running() -> None:
     await api.producer.aclose()
 
 
+async def test_a_threads_values_are_answered_as_to_wire_writes_them() -> None:
+    # The state, history and thread answers write a thread's values with orjson where it
+    # writes them as to_wire() would (a long thread's history: a fifth of the CPU), and
+    # through to_wire() where it would not (a date, a Decimal, a dataclass...).
+    import dataclasses
+    import datetime as dt
+    import decimal
+
+    import httpx
+    from langchain_core.messages import AIMessage, HumanMessage
+    from langgraph.checkpoint.memory import InMemorySaver
+    from langgraph.graph import START, StateGraph
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from resumable_stream.langgraph_api import LangGraphRouter
+
+    @dataclasses.dataclass
+    class Box:
+        size: int
+
+    class State(TypedDict):
+        messages: list[Any]
+        extra: Any
+
+    builder = StateGraph(State)
+    builder.add_node("agent", lambda state: {})
+    builder.add_edge(START, "agent")
+    graph = builder.compile(InMemorySaver())
+    api = LangGraphRouter(MemoryTransport(), {"chat": graph}, authorize=allow_all)
+    app = Starlette(routes=[Mount("/lg", api)])
+    config: Any = {"configurable": {"thread_id": "t"}}
+    messages = [
+        HumanMessage("hi", id="h"),
+        AIMessage(
+            "hello",
+            id="a",
+            response_metadata={"finish_reason": "stop", "model_provider": "openai"},
+            usage_metadata={"input_tokens": 1, "output_tokens": 2, "total_tokens": 3},
+        ),
+    ]
+    extras = [
+        {"n": (1, 2), "f": 0.5, "none": None},
+        {"day": dt.date(2026, 1, 2), "price": decimal.Decimal("1.50"), "box": Box(3)},
+    ]
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app), base_url="http://t/lg"
+    ) as http:
+        for extra in extras:
+            await graph.aupdate_state(
+                config, {"messages": messages, "extra": extra}, as_node="agent"
+            )
+            state = await graph.aget_state(config)
+            expected = orjson.loads(orjson.dumps(to_wire(state.values)))
+            assert expected["extra"] != extra or extra is extras[0]
+            assert (await http.get("/threads/t/state")).json()["values"] == expected
+            [head] = (await http.post("/threads/t/history", json={"limit": 1})).json()
+            assert head["values"] == expected
+            assert head["metadata"] == orjson.loads(orjson.dumps(to_wire(state.metadata)))
+            assert (await http.get("/threads/t")).json()["values"] == expected
+
+
 async def test_a_threads_state_is_read_with_the_graph_its_runs_ran() -> None:
     # Regression: with several graphs, a thread's state, history, status, run status and
     # runs.join were read with the first graph: a thread stopped at an interrupt of another

@@ -1151,8 +1151,10 @@ class LangGraphRouter:
         elif state.next:
             status = "interrupted"
         # The interrupts its next tasks wait at, by task id, as the API's Thread has them.
-        interrupts = {task.id: to_wire(task.interrupts) for task in state.tasks if task.interrupts}
-        return self._thread_record(thread_id, record, status, to_wire(state.values), interrupts)
+        interrupts = {
+            task.id: _wire_json(task.interrupts) for task in state.tasks if task.interrupts
+        }
+        return self._thread_record(thread_id, record, status, _wire_json(state.values), interrupts)
 
     async def get_info(self, request: Request) -> Response:
         """``GET /info``: what this server serves (Agent Chat UI checks that it answers)."""
@@ -2880,19 +2882,19 @@ def _state_json(state: Any, thread_id: str) -> dict[str, Any]:
                 "id": task.id,
                 "name": task.name,
                 "error": None if task.error is None else str(task.error),
-                "interrupts": to_wire(task.interrupts),
+                "interrupts": _wire_json(task.interrupts),
                 "checkpoint": _checkpoint(sub if snapshot is None else snapshot.config, thread_id),
                 "state": None if snapshot is None else _state_json(snapshot, thread_id),
-                "result": to_wire(getattr(task, "result", None)),
+                "result": _wire_json(getattr(task, "result", None)),
             }
         )
     return {
-        "values": to_wire(state.values),
+        "values": _wire_json(state.values),
         "next": list(state.next),
         "tasks": tasks,
         "checkpoint": _checkpoint(state.config, thread_id),
-        "metadata": to_wire(state.metadata),
+        "metadata": _wire_json(state.metadata),
         "created_at": state.created_at,
         "parent_checkpoint": _checkpoint(state.parent_config, thread_id),
-        "interrupts": to_wire(getattr(state, "interrupts", ())),
+        "interrupts": _wire_json(getattr(state, "interrupts", ())),
     }
