@@ -2811,8 +2811,8 @@ async def test_a_run_whose_producer_died_reads_as_error_not_running() -> None:
 
 
 async def test_a_threads_values_are_answered_as_to_wire_writes_them() -> None:
-    # The state, history and thread answers write a thread's values with orjson where it
-    # writes them as to_wire() would (a long thread's history: a fifth of the CPU), and
+    # The state, history, thread and run answers write a thread's values with orjson where it
+    # writes them as to_wire() would (a long thread's values: a fifth of the CPU), and
     # through to_wire() where it would not (a date, a Decimal, a dataclass...).
     import dataclasses
     import datetime as dt
@@ -2870,6 +2870,8 @@ async def test_a_threads_values_are_answered_as_to_wire_writes_them() -> None:
             assert head["values"] == expected
             assert head["metadata"] == orjson.loads(orjson.dumps(to_wire(state.metadata)))
             assert (await http.get("/threads/t")).json()["values"] == expected
+            body = {"assistant_id": "chat", "input": {}}
+            assert (await http.post("/threads/t/runs/wait", json=body)).json() == expected
 
 
 async def test_a_threads_state_is_read_with_the_graph_its_runs_ran() -> None:

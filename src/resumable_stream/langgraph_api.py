@@ -1765,9 +1765,11 @@ class LangGraphRouter:
             failed = _failure(state) if own else None
             if failed is not None:  # an earlier run's failure, as its checkpoint keeps it
                 return orjson.dumps({"__error__": failed})
-            values = to_wire(state.values)
             interrupts = to_wire(getattr(state, "interrupts", ()))
-            if interrupts and isinstance(values, dict):
+            if not interrupts:
+                return orjson.dumps(_wire_json(state.values))
+            values = to_wire(state.values)
+            if isinstance(values, dict):
                 values["__interrupt__"] = interrupts
             return orjson.dumps(values)
 
