@@ -744,6 +744,42 @@ async def test_messages_mode_tokens_are_stored_as_normalize_reads_each_one() -> 
     assert [kind for kind, _ in stored].count("token") == 18
 
 
+async def test_messages_mode_chunks_of_other_classes_are_stored_as_normalize_reads_them() -> None:
+    # Regression: a class named AIMessageChunk that is not LangChain's (a test's double, an
+    # older release's) without tool_call_chunks, usage_metadata or response_metadata ended
+    # the run with an AttributeError at its message's second token; one without `type`
+    # was stored as a token, where normalize() reads a bare (chunk, metadata) pair of it
+    # as a `custom` event.
+    class AIMessageChunk:
+        type = "AIMessageChunk"
+
+        def __init__(self, content: str, id: str) -> None:
+            self.content, self.id = content, id
+
+    class Untyped:
+        def __init__(self, content: str, id: str) -> None:
+            self.content, self.id = content, id
+            self.tool_call_chunks, self.usage_metadata, self.response_metadata = [], None, {}
+
+        def __repr__(self) -> str:
+            return "Untyped()"
+
+    Untyped.__name__ = "AIMessageChunk"
+    agent = {"langgraph_node": "agent"}
+    items: list[Any] = [
+        (AIMessageChunk("Hello", "m1"), agent),
+        (AIMessageChunk(", world", "m1"), agent),
+        ("messages", (AIMessageChunk(" among", "m1"), agent)),
+        ((), "messages", (AIMessageChunk(" root", "m1"), agent)),
+        {"type": "messages", "ns": (), "data": (AIMessageChunk(" v2", "m1"), agent)},
+        (Untyped(" untyped", "m1"), agent),
+    ]
+
+    stored = await stored_from(items)
+    assert stored == [pair for one in items for pair in normalize(one)] + [("end", {})]
+    assert [kind for kind, _ in stored] == ["token"] * 5 + ["custom", "end"]
+
+
 async def test_lone_surrogates_are_written_as_u_fffd_and_the_answer_goes_on() -> None:
     # Regression: a token holding a lone UTF-16 surrogate (a provider's "\ud83d" escape
     # cut across two stream chunks) ended the whole answer with a TypeError `error`.

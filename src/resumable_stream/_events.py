@@ -460,20 +460,26 @@ def messages_text(item: tuple[Any, ...] | dict[str, Any], meta: tuple[Any, Any])
         return None
     message, metadata = pair
     text = getattr(message, "content", None)
-    if (
-        type(text) is str
-        and text
-        and type(metadata) is dict
-        and type(message).__name__ == "AIMessageChunk"
-        and message.id == meta[0]
-        and metadata.get("langgraph_node") == meta[1]
-        and not message.tool_call_chunks
-        and not message.usage_metadata
-        # (A provider's name, as langchain-openai puts in every chunk, is no finish reason.)
-        and type(response := message.response_metadata) is dict
-        and _FINISH_FIELDS.isdisjoint(response)
-    ):
-        return text
+    try:
+        if (
+            type(text) is str
+            and text
+            and type(metadata) is dict
+            and type(message).__name__ == "AIMessageChunk"
+            # (normalize() reads a bare pair as a message's only if it is one: _is_message)
+            and (pair is not item or hasattr(message, "type"))
+            and message.id == meta[0]
+            and metadata.get("langgraph_node") == meta[1]
+            and not message.tool_call_chunks
+            and not message.usage_metadata
+            # (A provider's name, as langchain-openai puts in every chunk, is no finish
+            # reason.)
+            and type(response := message.response_metadata) is dict
+            and _FINISH_FIELDS.isdisjoint(response)
+        ):
+            return text
+    except AttributeError:  # a chunk of another class, without them: normalize() reads it
+        pass
     return None
 
 
