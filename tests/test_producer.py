@@ -780,6 +780,38 @@ async def test_messages_mode_chunks_of_other_classes_are_stored_as_normalize_rea
     assert [kind for kind, _ in stored] == ["token"] * 5 + ["custom", "end"]
 
 
+async def test_a_token_of_the_last_tokens_very_message_id_is_not_compared_to_it() -> None:
+    # Regression: the fast paths compared a chunk's id (and node) to the last token's with
+    # ==, where the encoder's tuple comparison takes the same object as equal first: an id
+    # whose == raises (or says False, as NaN) for itself ended the run at its message's
+    # second token.
+    class Id:
+        def __eq__(self, other: object) -> bool:
+            if other is None:
+                return False
+            raise TypeError("not comparable")
+
+        __hash__ = object.__hash__
+
+        def __repr__(self) -> str:
+            return "Id()"
+
+    class Chunk:
+        def __init__(self, content: str, id: Id) -> None:
+            self.content, self.id = content, id
+
+    same = Id()
+    event = {"event": "on_chat_model_stream", "metadata": {"langgraph_node": "agent"}}
+    node = {"langgraph_node": same}
+    for items in (
+        [{**event, "data": {"chunk": Chunk(text, same)}} for text in ("a", "b", "c")],
+        [("messages", (AIMessageChunk(text, id="m"), node)) for text in ("a", "b", "c")],
+    ):
+        stored = await stored_from(items)
+        assert [kind for kind, _ in stored] == ["token", "token", "token", "end"]
+        assert "".join(data["text"] for _, data in stored[:-1]) == "abc"
+
+
 async def test_lone_surrogates_are_written_as_u_fffd_and_the_answer_goes_on() -> None:
     # Regression: a token holding a lone UTF-16 surrogate (a provider's "\ud83d" escape
     # cut across two stream chunks) ended the whole answer with a TypeError `error`.

@@ -468,8 +468,9 @@ def messages_text(item: tuple[Any, ...] | dict[str, Any], meta: tuple[Any, Any])
             and type(message).__name__ == "AIMessageChunk"
             # (normalize() reads a bare pair as a message's only if it is one: _is_message)
             and (pair is not item or hasattr(message, "type"))
-            and message.id == meta[0]
-            and metadata.get("langgraph_node") == meta[1]
+            # (The same object is equal first, as in the encoder's tuple comparison.)
+            and ((message_id := message.id) is meta[0] or message_id == meta[0])
+            and ((node := metadata.get("langgraph_node")) is meta[1] or node == meta[1])
             and not message.tool_call_chunks
             and not message.usage_metadata
             # (A provider's name, as langchain-openai puts in every chunk, is no finish

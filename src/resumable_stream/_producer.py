@@ -537,11 +537,19 @@ class Run:
                     chunk = (item.get("data") or _NO_DATA).get("chunk")
                     text = getattr(chunk, "content", None)
                     meta = encoder.meta
+                    # (The same object is equal first, as in the encoder's tuple comparison.)
                     if (
                         type(text) is str
                         and 0 < len(text) <= encoder.text_limit
-                        and getattr(chunk, "id", None) == meta[0]
-                        and (item.get("metadata") or _NO_DATA).get("langgraph_node") == meta[1]
+                        and (
+                            (message_id := getattr(chunk, "id", None)) is meta[0]
+                            or message_id == meta[0]
+                        )
+                        and (
+                            (node := (item.get("metadata") or _NO_DATA).get("langgraph_node"))
+                            is meta[1]
+                            or node == meta[1]
+                        )
                         and text.isascii()
                     ):
                         buffer.append((text, meta))
