@@ -812,6 +812,32 @@ async def test_a_token_of_the_last_tokens_very_message_id_is_not_compared_to_it(
         assert "".join(data["text"] for _, data in stored[:-1]) == "abc"
 
 
+async def test_messages_mode_shapes_holding_arrays_are_stored_as_normalize_reads_them() -> None:
+    # Regression: messages_text() compared a namespace or a mode with == (`ns != ()`): a
+    # numpy array there (a source's own shapes) raised "the truth value of an array is
+    # ambiguous" and ended the run, where normalize() reads the item.
+    np = pytest.importorskip("numpy")
+    agent = {"langgraph_node": "agent"}
+
+    def chunk(text: str) -> AIMessageChunk:
+        return AIMessageChunk(content=text, id="m1")
+
+    items: list[Any] = [
+        (chunk("Hello"), agent),
+        {"type": "messages", "ns": np.array([]), "data": (chunk(" ns"), agent)},
+        (np.array([]), "messages", (chunk(" namespace"), agent)),
+        {"type": np.array(["messages", "x"]), "ns": (), "data": (chunk(" type"), agent)},
+        ((), np.array(["messages", "x"]), (chunk(" mode"), agent)),
+        (chunk(" last"), agent),
+    ]
+
+    stored = await stored_from(items)
+    expected = [pair for one in items for pair in normalize(one)] + [("end", {})]
+    assert stored == expected
+    kinds = ["token", "token", "custom", "update", "custom", "token", "end"]
+    assert [kind for kind, _ in stored] == kinds
+
+
 async def test_lone_surrogates_are_written_as_u_fffd_and_the_answer_goes_on() -> None:
     # Regression: a token holding a lone UTF-16 surrogate (a provider's "\ud83d" escape
     # cut across two stream chunks) ended the whole answer with a TypeError `error`.

@@ -440,9 +440,11 @@ def messages_text(item: tuple[Any, ...] | dict[str, Any], meta: tuple[Any, Any])
 
     Most items of such a stream are these, so the producer calls this directly.
     """
+    # (Types first: == of another type's value may raise, as a numpy array's does.)
     pair: Any
     if isinstance(item, dict):
-        if item.get("type") != "messages" or item.get("ns") != ():
+        kind, ns = item.get("type"), item.get("ns")
+        if type(kind) is not str or kind != "messages" or type(ns) is not tuple or ns:
             return None
         pair = item.get("data")
     elif len(item) == 2:
@@ -452,7 +454,13 @@ def messages_text(item: tuple[Any, ...] | dict[str, Any], meta: tuple[Any, Any])
             pair = item[1]
         else:
             return None
-    elif len(item) == 3 and item[0] == () and item[1] == "messages":
+    elif (
+        len(item) == 3
+        and type(item[0]) is tuple
+        and not item[0]
+        and type(item[1]) is str
+        and item[1] == "messages"
+    ):
         pair = item[2]
     else:
         return None
