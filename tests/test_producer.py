@@ -816,7 +816,8 @@ async def test_messages_mode_shapes_holding_arrays_are_stored_as_normalize_reads
     # Regression: messages_text() compared a namespace or a mode with == (`ns != ()`): a
     # numpy array there (a source's own shapes) raised "the truth value of an array is
     # ambiguous" and ended the run, where normalize() reads the item.
-    np = pytest.importorskip("numpy")
+    import numpy as np  # (a test dependency: the dev extra)
+
     agent = {"langgraph_node": "agent"}
 
     def chunk(text: str) -> AIMessageChunk:

@@ -228,7 +228,14 @@ def _wire_default(obj: Any) -> Any:
 def _wire_json(payload: Any) -> Any:
     """``to_wire(payload)``, written as JSON already when orjson writes it the same way
     (most parts: a message chunk and its metadata, a state of plain values), which costs a
-    tenth of walking it in Python (issue 11: 1.7 against 15 µs for a ``messages`` part)."""
+    tenth of walking it in Python (issue 11: 1.7 against 15 µs for a ``messages`` part).
+
+    orjson writes two kinds of values without asking ``default``, otherwise than
+    to_wire(): an enum as its value (to_wire() has a ``str``, ``int`` or ``float`` enum's
+    own text or number, which differs from its value only for an enum that sets it apart
+    in ``__new__``, and an enum's ``model_dump()`` before its value), and an
+    ``orjson.Fragment`` as the JSON it holds (to_wire(): its repr), as orjson, the Agent
+    Server's encoder, writes them."""
     try:
         return orjson.Fragment(orjson.dumps(payload, default=_wire_default, option=_WIRE_OPTIONS))
     except TypeError:  # a value orjson refuses, or writes otherwise: see _WIRE_OPTIONS
