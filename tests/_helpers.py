@@ -20,6 +20,7 @@ __all__ = [
     "eventually",
     "holds",
     "joined",
+    "stored_from",
     "text_of",
     "tokens",
 ]
@@ -32,6 +33,22 @@ def holds(condition: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
         return bool(condition())
 
     return check
+
+
+async def stored_from(items: list[Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The events a run of a source yielding ``items`` stores (memory transport), as
+    ``(type, data)``."""
+    from resumable_stream import StreamProducer
+    from resumable_stream.transports.memory import MemoryTransport
+
+    async def source() -> Any:
+        for one in items:
+            yield one
+
+    transport = MemoryTransport()
+    run = await StreamProducer(transport).start(source())
+    assert await run.wait() == "completed"
+    return [(e.type, e.data) for e in await collect(transport, run.stream_id)]
 
 
 async def ended(transport: Transport, stream_id: str) -> bool:

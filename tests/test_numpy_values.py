@@ -9,10 +9,12 @@ from typing import Any, TypedDict
 
 import numpy as np
 import orjson
+from langchain_core.messages import AIMessageChunk
 
 from resumable_stream import StreamProducer, Transport
+from resumable_stream._events import normalize
 from resumable_stream.langgraph_api import to_wire
-from tests._helpers import collect
+from tests._helpers import collect, stored_from
 
 #: What a retriever or a reranker puts in a tool's output or a graph's state.
 VALUES: dict[str, Any] = {
@@ -94,3 +96,27 @@ async def test_a_graph_state_holding_numpy_values_is_served_by_the_langgraph_rou
     assert (waited.status_code, state.status_code) == (200, 200)
     assert waited.json()["hits"] == {key: WRITTEN[key] for key in kept}
     assert state.json()["values"]["hits"] == {key: WRITTEN[key] for key in kept}
+
+
+async def test_messages_mode_shapes_holding_arrays_are_stored_as_normalize_reads_them() -> None:
+    # Regression: messages_text() compared a namespace or a mode with == (`ns != ()`): a
+    # numpy array there (a source's own shapes) raised "the truth value of an array is
+    # ambiguous" and ended the run, where normalize() reads the item.
+    agent = {"langgraph_node": "agent"}
+
+    def chunk(text: str) -> AIMessageChunk:
+        return AIMessageChunk(content=text, id="m1")
+
+    items: list[Any] = [
+        (chunk("Hello"), agent),
+        {"type": "messages", "ns": np.array([]), "data": (chunk(" ns"), agent)},
+        (np.array([]), "messages", (chunk(" namespace"), agent)),
+        {"type": np.array(["messages", "x"]), "ns": (), "data": (chunk(" type"), agent)},
+        ((), np.array(["messages", "x"]), (chunk(" mode"), agent)),
+        (chunk(" last"), agent),
+    ]
+
+    stored = await stored_from(items)
+    assert stored == [pair for one in items for pair in normalize(one)] + [("end", {})]
+    kinds = ["token", "token", "custom", "update", "custom", "token", "end"]
+    assert [kind for kind, _ in stored] == kinds

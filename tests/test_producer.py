@@ -36,7 +36,7 @@ from resumable_stream._codec import decode_entry, encode_entry
 from resumable_stream._events import normalize
 from resumable_stream.transports import Entry, Status
 from resumable_stream.transports.memory import MemoryTransport
-from tests._helpers import collect, eventually, holds, joined, text_of, tokens
+from tests._helpers import collect, eventually, holds, joined, stored_from, text_of, tokens
 
 
 class LateHeartbeat(MemoryTransport):
@@ -622,19 +622,6 @@ def model_token(text: str, message_id: str = "m") -> dict[str, Any]:
     return {"event": "on_chat_model_stream", "data": {"chunk": chunk}, "metadata": {}}
 
 
-async def stored_from(items: list[Any]) -> list[tuple[str, dict[str, Any]]]:
-    """The events a run of a source yielding ``items`` stores, as ``(type, data)``."""
-
-    async def source() -> Any:
-        for one in items:
-            yield one
-
-    transport = MemoryTransport()
-    run = await StreamProducer(transport).start(source())
-    assert await run.wait() == "completed"
-    return [(e.type, e.data) for e in await collect(transport, run.stream_id)]
-
-
 async def test_chat_model_tokens_are_stored_as_normalize_reads_each_one() -> None:
     # The producer reads the usual astream_events token (plain text of the last token's
     # message and node) without normalize(): every other shape, and every change of
@@ -810,33 +797,6 @@ async def test_a_token_of_the_last_tokens_very_message_id_is_not_compared_to_it(
         stored = await stored_from(items)
         assert [kind for kind, _ in stored] == ["token", "token", "token", "end"]
         assert "".join(data["text"] for _, data in stored[:-1]) == "abc"
-
-
-async def test_messages_mode_shapes_holding_arrays_are_stored_as_normalize_reads_them() -> None:
-    # Regression: messages_text() compared a namespace or a mode with == (`ns != ()`): a
-    # numpy array there (a source's own shapes) raised "the truth value of an array is
-    # ambiguous" and ended the run, where normalize() reads the item.
-    import numpy as np  # (a test dependency: the dev extra)
-
-    agent = {"langgraph_node": "agent"}
-
-    def chunk(text: str) -> AIMessageChunk:
-        return AIMessageChunk(content=text, id="m1")
-
-    items: list[Any] = [
-        (chunk("Hello"), agent),
-        {"type": "messages", "ns": np.array([]), "data": (chunk(" ns"), agent)},
-        (np.array([]), "messages", (chunk(" namespace"), agent)),
-        {"type": np.array(["messages", "x"]), "ns": (), "data": (chunk(" type"), agent)},
-        ((), np.array(["messages", "x"]), (chunk(" mode"), agent)),
-        (chunk(" last"), agent),
-    ]
-
-    stored = await stored_from(items)
-    expected = [pair for one in items for pair in normalize(one)] + [("end", {})]
-    assert stored == expected
-    kinds = ["token", "token", "custom", "update", "custom", "token", "end"]
-    assert [kind for kind, _ in stored] == kinds
 
 
 async def test_lone_surrogates_are_written_as_u_fffd_and_the_answer_goes_on() -> None:
