@@ -9,8 +9,10 @@ from typing import Any
 
 from starlette.requests import Request
 
+from resumable_stream import StreamProducer
 from resumable_stream.testing import collect, eventually, joined, text_of, tokens
 from resumable_stream.transports import Transport
+from resumable_stream.transports.memory import MemoryTransport
 
 __all__ = [
     "Later",
@@ -38,8 +40,6 @@ def holds(condition: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
 async def stored_from(items: list[Any]) -> list[tuple[str, dict[str, Any]]]:
     """The events a run of a source yielding ``items`` stores (memory transport), as
     ``(type, data)``."""
-    from resumable_stream import StreamProducer
-    from resumable_stream.transports.memory import MemoryTransport
 
     async def source() -> Any:
         for one in items:
